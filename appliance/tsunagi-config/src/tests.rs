@@ -1,0 +1,874 @@
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+const MINIMAL: &str = r#"version = 1
+[site]
+facility-code = "0112345678"
+ae-title = "TSUNAGI"
+[paths]
+state-dir = "/var/lib/tsunagi"
+runtime-dir = "/run/tsunagi"
+"#;
+
+fn file() -> &'static Path {
+    Path::new("test.toml")
+}
+
+/// The problems in `text` as `(line, key, reason)`; panics if it parses.
+fn problems(text: &str) -> Vec<(Option<usize>, String, String)> {
+    match parse(text, file()) {
+        Ok(cfg) => panic!("expected problems, got {cfg:?}"),
+        Err(p) => p
+            .problems
+            .into_iter()
+            .map(|p| (p.line, p.key, p.reason))
+            .collect(),
+    }
+}
+
+/// `(line, key)` of each problem.
+fn where_(text: &str) -> Vec<(Option<usize>, String)> {
+    problems(text)
+        .into_iter()
+        .map(|(line, key, _)| (line, key))
+        .collect()
+}
+
+fn reason<T, E: std::fmt::Display>(r: Result<T, E>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn dur(s: &str) -> ConfigDuration {
+    s.parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Newtypes
+
+#[test]
+fn ae_title_good() {
+    assert_eq!(AeTitle::try_from("TSUNAGI").unwrap().as_str(), "TSUNAGI");
+    let sixteen = "A".repeat(16);
+    assert_eq!(
+        AeTitle::try_from(sixteen.as_str()).unwrap().as_str(),
+        sixteen
+    );
+    // Leading/trailing spaces are not significant: stored trimmed, and not counted.
+    assert_eq!(AeTitle::try_from("  PACS 1  ").unwrap().as_str(), "PACS 1");
+    let padded = format!(" {sixteen}  ");
+    assert_eq!(AeTitle::try_from(padded).unwrap().as_str(), sixteen);
+    assert_eq!(
+        "ANY-SCP_1.2".parse::<AeTitle>().unwrap().to_string(),
+        "ANY-SCP_1.2"
+    );
+}
+
+#[test]
+fn ae_title_bad() {
+    assert_eq!(
+        reason(AeTitle::try_from("A".repeat(17))),
+        "an AE title is at most 16 characters (got 17)"
+    );
+    assert!(reason(AeTitle::try_from("AB\\CD")).contains("backslash"));
+    assert!(reason(AeTitle::try_from("")).contains("empty"));
+    assert!(reason(AeTitle::try_from("    ")).contains("all spaces"));
+    assert!(reason(AeTitle::try_from("つなぎ")).contains("ASCII"));
+    assert!(reason(AeTitle::try_from("PACSé")).contains("ASCII"));
+    assert!(reason(AeTitle::try_from("PA\tCS")).contains("control"));
+    assert!(reason(AeTitle::try_from("PACS\n")).contains("control"));
+    assert!(reason(AeTitle::try_from("PACS\u{7f}")).contains("control"));
+}
+
+#[test]
+fn facility_code_good() {
+    let code = FacilityCode::try_from("0112345678").unwrap();
+    assert_eq!(code.as_str(), "0112345678", "leading zero kept");
+    assert_eq!(code.to_string(), "0112345678");
+    assert_eq!(
+        "1312345679".parse::<FacilityCode>().unwrap().as_ref(),
+        "1312345679"
+    );
+}
+
+#[test]
+fn facility_code_bad() {
+    assert_eq!(
+        reason(FacilityCode::try_from("112345678")),
+        "a 医療機関コード is exactly 10 digits (got 9 characters)"
+    );
+    assert_eq!(
+        reason(FacilityCode::try_from("01123456789")),
+        "a 医療機関コード is exactly 10 digits (got 11 characters)"
+    );
+    assert!(reason(FacilityCode::try_from("01123456AB")).contains("not 0-9"));
+    assert!(reason(FacilityCode::try_from("０１１２３４５６７８")).contains("not 0-9"));
+    assert!(reason(FacilityCode::try_from("0112 45678")).contains("not 0-9"));
+    assert!(reason(FacilityCode::try_from("")).contains("got 0 characters"));
+}
+
+#[test]
+fn service_name() {
+    for good in ["a", "crashy", "a1-b", "drill-2", "abcdefghijklmnop"] {
+        assert_eq!(ServiceName::try_from(good).unwrap().as_str(), good);
+    }
+    for bad in [
+        "",
+        "abcdefghijklmnopq",
+        "1abc",
+        "-abc",
+        "Crashy",
+        "a_b",
+        "a.b",
+        "ab-",
+        "a b",
+        "ä",
+    ] {
+        assert!(ServiceName::try_from(bad).is_err(), "{bad:?} accepted");
+    }
+    assert!(reason(ServiceName::try_from("ab-")).contains("must not end with '-'"));
+}
+
+#[test]
+fn abs_path() {
+    let p = AbsPath::try_from("/var/lib/tsunagi").unwrap();
+    assert_eq!(p.as_path(), Path::new("/var/lib/tsunagi"));
+    assert_eq!(p.to_string(), "/var/lib/tsunagi");
+    assert!(reason(AbsPath::try_from("")).contains("empty"));
+    assert!(reason(AbsPath::try_from("var/lib")).contains("absolute"));
+    assert!(reason(AbsPath::try_from("/var/../etc")).contains(".."));
+    assert!(reason(AbsPath::try_from("/var/\0x")).contains("NUL"));
+    // `..` inside a name is fine; only a `..` component is refused.
+    assert!(AbsPath::try_from("/var/lib/a..b").is_ok());
+
+    use std::os::unix::ffi::OsStringExt;
+    let not_utf8 = PathBuf::from(std::ffi::OsString::from_vec(b"/var/\xff".to_vec()));
+    assert!(reason(AbsPath::try_from(not_utf8)).contains("UTF-8"));
+}
+
+#[test]
+fn secret_file_refuses_inline_secrets_without_echoing_them() {
+    let ok = SecretFile::try_from("/etc/tsunagi/secrets/id-hash-key").unwrap();
+    assert_eq!(ok.as_path(), Path::new("/etc/tsunagi/secrets/id-hash-key"));
+    for secret in ["s3cr3t-value", "", "../s3cr3t-value", "c2VjcmV0=="] {
+        let r = reason(SecretFile::try_from(secret));
+        assert_eq!(r, SecretFile::INLINE_REASON);
+        assert_eq!(
+            r,
+            "inline secrets are not accepted: put the secret in a file (mode 0600) and give its absolute path"
+        );
+    }
+    let r = reason(SecretFile::try_from("/x/../s3cr3t-value"));
+    assert!(!r.contains("s3cr3t"), "{r}");
+    assert!(r.contains(".."), "{r}");
+}
+
+#[test]
+fn durations() {
+    assert_eq!(dur("30s").get(), Duration::from_secs(30));
+    assert_eq!(dur("5m").get(), Duration::from_secs(300));
+    assert_eq!(dur("200ms").get(), Duration::from_millis(200));
+    assert_eq!(dur("1h 30m").get(), Duration::from_secs(5400));
+    // Displays in humantime syntax, and round-trips.
+    for s in ["30s", "5m", "200ms", "1h 30m", "1m 30s"] {
+        assert_eq!(dur(s).to_string(), s);
+    }
+    assert_eq!(dur("90s").to_string(), "1m 30s");
+    assert!(reason("0s".parse::<ConfigDuration>()).contains("greater than zero"));
+    assert!(reason("".parse::<ConfigDuration>()).contains("empty"));
+    assert!(reason("abc".parse::<ConfigDuration>()).contains("invalid duration"));
+    assert!(reason("30".parse::<ConfigDuration>()).contains("needs a unit"));
+    assert!(reason("5 parsecs".parse::<ConfigDuration>()).contains("unknown time unit"));
+    assert!(reason("-5s".parse::<ConfigDuration>()).contains("invalid duration"));
+    assert!(ConfigDuration::try_from(Duration::ZERO).is_err());
+    assert_eq!(
+        ConfigDuration::try_from(Duration::from_millis(5))
+            .unwrap()
+            .get(),
+        Duration::from_millis(5)
+    );
+}
+
+#[test]
+fn port() {
+    assert_eq!(Port::try_from(1).unwrap().get(), 1);
+    assert_eq!("65535".parse::<Port>().unwrap().get(), 65535);
+    assert_eq!(Port::try_from(104).unwrap().to_string(), "104");
+    assert!(reason(Port::try_from(0)).contains("port 0"));
+    assert!("0".parse::<Port>().is_err());
+    assert!("65536".parse::<Port>().is_err());
+    assert!("http".parse::<Port>().is_err());
+
+    #[derive(Debug, serde::Deserialize, serde::Serialize)]
+    struct Listener {
+        port: Port,
+    }
+    let l: Listener = toml::from_str("port = 11112").unwrap();
+    assert_eq!(l.port.get(), 11112);
+    assert_eq!(toml::to_string(&l).unwrap().trim(), "port = 11112");
+    assert!(toml::from_str::<Listener>("port = 0").is_err());
+    assert!(toml::from_str::<Listener>("port = 70000").is_err());
+}
+
+#[test]
+fn log_filter() {
+    assert_eq!(LogFilter::default().as_str(), "info");
+    assert!(LogFilter::try_from("info,tsunagi_runtime=debug").is_ok());
+    assert!(LogFilter::try_from("x".repeat(512)).is_ok());
+    assert!(reason(LogFilter::try_from("x".repeat(513))).contains("at most 512"));
+    assert!(reason(LogFilter::try_from("")).contains("empty"));
+    assert!(reason(LogFilter::try_from("  ")).contains("empty"));
+    assert!(reason(LogFilter::try_from("info\ndebug")).contains("one line"));
+}
+
+#[test]
+fn capabilities_case_insensitive() {
+    for s in [
+        "CAP_NET_ADMIN",
+        "cap_net_admin",
+        "net_admin",
+        "NET_ADMIN",
+        "Cap_Net_Admin",
+    ] {
+        assert_eq!(
+            Capability::try_from(s).unwrap().as_str(),
+            "CAP_NET_ADMIN",
+            "{s}"
+        );
+    }
+    assert_eq!(
+        "chown".parse::<Capability>().unwrap().to_string(),
+        "CAP_CHOWN"
+    );
+    for bad in [
+        "CAP_FOO",
+        "",
+        "CAP_",
+        "NET ADMIN",
+        "cap_net_admin ",
+        "ｎｅｔ_admin",
+    ] {
+        assert!(Capability::try_from(bad).is_err(), "{bad:?} accepted");
+    }
+    assert!(reason(Capability::try_from("CAP_FOO")).contains("unknown capability `CAP_FOO`"));
+}
+
+#[test]
+fn capability_names_match_linux() {
+    let names = Capability::NAMES;
+    assert_eq!(names.len(), 41);
+    assert_eq!(names[0], "CAP_CHOWN");
+    assert_eq!(names[10], "CAP_NET_BIND_SERVICE");
+    assert_eq!(names[21], "CAP_SYS_ADMIN");
+    assert_eq!(names[31], "CAP_SETFCAP");
+    assert_eq!(names[40], "CAP_CHECKPOINT_RESTORE");
+    let unique: std::collections::BTreeSet<_> = names.iter().collect();
+    assert_eq!(unique.len(), names.len());
+    for name in names {
+        assert_eq!(Capability::try_from(name).unwrap().as_str(), name);
+        assert_eq!(
+            Capability::try_from(name.to_lowercase().trim_start_matches("cap_"))
+                .unwrap()
+                .as_str(),
+            name
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Parsing
+
+#[test]
+fn minimal_file_gets_defaults() {
+    let cfg = parse(MINIMAL, file()).unwrap();
+    assert_eq!(cfg.version, CURRENT_VERSION);
+    assert_eq!(cfg.site.facility_code.as_str(), "0112345678");
+    assert_eq!(cfg.site.ae_title.as_str(), "TSUNAGI");
+    assert_eq!(cfg.site.name, None);
+    assert_eq!(cfg.paths.state_dir.as_path(), Path::new("/var/lib/tsunagi"));
+    assert_eq!(cfg.paths.runtime_dir.as_path(), Path::new("/run/tsunagi"));
+    assert_eq!(cfg.log.filter.as_str(), "info");
+    assert_eq!(cfg.privacy.id_hash_key_file, None);
+    let s = &cfg.supervisor;
+    assert_eq!(s.stop_timeout.get(), Duration::from_secs(10));
+    assert_eq!(s.ready_timeout.get(), Duration::from_secs(60));
+    assert_eq!(s.backoff_initial.get(), Duration::from_secs(1));
+    assert_eq!(s.backoff_max.get(), Duration::from_secs(60));
+    assert_eq!(s.crash_limit, 5);
+    assert_eq!(s.crash_window.get(), Duration::from_secs(300));
+    assert_eq!(s.failed_retry.get(), Duration::from_secs(600));
+    assert_eq!(s.stable_after.get(), Duration::from_secs(60));
+    assert_eq!(cfg.metrics, None);
+    assert!(cfg.heartbeat.enabled);
+    assert_eq!(cfg.heartbeat.interval.get(), Duration::from_secs(10));
+    assert!(cfg.drill.is_empty());
+    assert_eq!(cfg.supervisor, Supervisor::default());
+    assert_eq!(cfg.heartbeat, Heartbeat::default());
+    assert_eq!(cfg.log, Log::default());
+    assert_eq!(cfg.privacy, Privacy::default());
+    assert!(cfg.validate().is_empty());
+}
+
+#[test]
+fn omitted_keys_in_a_section_get_defaults() {
+    let text = format!(
+        "{MINIMAL}[supervisor]\ncrash-limit = 2\n[heartbeat]\nenabled = false\n[drill.crashy]\nexit-after = \"2s\"\n"
+    );
+    let cfg = parse(&text, file()).unwrap();
+    assert_eq!(cfg.supervisor.crash_limit, 2);
+    assert_eq!(cfg.supervisor.stop_timeout.get(), Duration::from_secs(10));
+    assert!(!cfg.heartbeat.enabled);
+    assert_eq!(cfg.heartbeat.interval.get(), Duration::from_secs(10));
+    let crashy = &cfg.drill[&ServiceName::try_from("crashy").unwrap()];
+    assert_eq!(
+        crashy,
+        &Drill {
+            exit_after: Some(dur("2s")),
+            ..Drill::default()
+        }
+    );
+    assert_eq!(crashy.interval.get(), Duration::from_secs(1));
+    assert_eq!(crashy.exit_code, 1);
+    assert!(!crashy.ignore_sigterm && !crashy.never_ready && !crashy.subprocess);
+    assert!(crashy.capabilities.is_empty());
+}
+
+#[test]
+fn several_problems_reported_at_once() {
+    let text = r#"version = 1
+
+[site]
+facility-code = "112345678"
+ae-title = "TSUNAGI_GATEWAY_0001"
+hostname = "gw01"
+
+[paths]
+state-dir = "/var/lib/tsunagi"
+runtime-dir = "/run/tsunagi"
+
+[privacy]
+id-hash-key = "s3cr3t-value"
+"#;
+    let got = problems(text);
+    assert_eq!(
+        got,
+        vec![
+            (
+                Some(4),
+                "site.facility-code".to_owned(),
+                "a 医療機関コード is exactly 10 digits (got 9 characters)".to_owned()
+            ),
+            (
+                Some(5),
+                "site.ae-title".to_owned(),
+                "an AE title is at most 16 characters (got 20)".to_owned()
+            ),
+            (
+                Some(6),
+                "site.hostname".to_owned(),
+                "unknown key `hostname` (expected one of: facility-code, ae-title, name)".to_owned()
+            ),
+            (
+                Some(13),
+                "privacy.id-hash-key".to_owned(),
+                "inline secrets are not accepted: use `id-hash-key-file` with the path of a file (mode 0600)".to_owned()
+            ),
+        ]
+    );
+    let shown = parse(text, file()).unwrap_err().to_string();
+    assert!(!shown.contains("s3cr3t"), "{shown}");
+}
+
+#[test]
+fn problems_display_one_line_each() {
+    let text = "version = 1\n[site]\nfacility-code = \"0112345678\"\nae-title = \"\"\n";
+    let shown = parse(text, Path::new("/etc/tsunagi/tsunagi.toml"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        shown,
+        "/etc/tsunagi/tsunagi.toml: paths: missing required section [paths]\n\
+         /etc/tsunagi/tsunagi.toml:4: site.ae-title: an AE title must not be empty or all spaces"
+    );
+}
+
+#[test]
+fn missing_required_section() {
+    let text = "version = 1\n[site]\nfacility-code = \"0112345678\"\nae-title = \"A\"\n";
+    assert_eq!(
+        problems(text),
+        vec![(
+            None,
+            "paths".to_owned(),
+            "missing required section [paths]".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn missing_required_keys_all_reported() {
+    // Also keeps `required_keys` in step with the types.
+    assert_eq!(
+        where_(""),
+        vec![
+            (None, "version".to_owned()),
+            (None, "site".to_owned()),
+            (None, "paths".to_owned())
+        ]
+    );
+    assert!(problems("")[0].2.contains("version = 1"));
+    let text = "version = 1\n[site]\n[paths]\n[metrics]\n";
+    assert_eq!(
+        problems(text),
+        vec![
+            (
+                Some(2),
+                "site.facility-code".to_owned(),
+                "missing required key `facility-code`".to_owned()
+            ),
+            (
+                Some(2),
+                "site.ae-title".to_owned(),
+                "missing required key `ae-title`".to_owned()
+            ),
+            (
+                Some(3),
+                "paths.state-dir".to_owned(),
+                "missing required key `state-dir`".to_owned()
+            ),
+            (
+                Some(3),
+                "paths.runtime-dir".to_owned(),
+                "missing required key `runtime-dir`".to_owned()
+            ),
+            (
+                Some(4),
+                "metrics.listen".to_owned(),
+                "missing required key `listen`".to_owned()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_bad_value_is_not_also_reported_as_missing() {
+    let text = MINIMAL.replace("ae-title = \"TSUNAGI\"", "ae-title = \"A\\\\B\"");
+    assert_eq!(where_(&text), vec![(Some(4), "site.ae-title".to_owned())]);
+}
+
+#[test]
+fn syntax_error_gives_one_problem_with_its_line() {
+    let got = problems("version = 1\n[site\nae-title = \"X\"\n");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, Some(2));
+    assert_eq!(got[0].1, "");
+    assert!(!got[0].2.contains('\n'));
+
+    let got = problems("version = 1\nversion = 1\n");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, Some(2));
+    assert!(got[0].2.contains("duplicate"), "{got:?}");
+
+    let got = problems("version = 1\n[site]\nname = \"unterminated\n");
+    assert_eq!(got[0].0, Some(3));
+}
+
+#[test]
+fn other_version_reports_only_the_version() {
+    let text = "# future file\nversion = 2\n[site]\nnew-key = 1\n";
+    assert_eq!(
+        problems(text),
+        vec![(
+            Some(2),
+            "version".to_owned(),
+            "unsupported config version 2; this software reads version 1".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn cross_field_rules_with_lines() {
+    let text = r#"version = 1
+[site]
+facility-code = "0112345678"
+ae-title = "TSUNAGI"
+[paths]
+state-dir = "/var/lib/tsunagi"
+runtime-dir = "/var/lib/tsunagi/run"
+[supervisor]
+backoff-initial = "2m"
+crash-limit = 0
+[metrics]
+listen = "127.0.0.1:0"
+[drill.crashy]
+exit-code = 0
+"#;
+    let got = problems(text);
+    assert_eq!(
+        got.iter()
+            .map(|(l, k, _)| (*l, k.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            (Some(7), "paths.runtime-dir"),
+            (Some(9), "supervisor.backoff-initial"),
+            (Some(10), "supervisor.crash-limit"),
+            (Some(12), "metrics.listen"),
+            (Some(14), "drill.crashy.exit-code"),
+        ]
+    );
+    assert_eq!(
+        got[0].2,
+        "runtime-dir /var/lib/tsunagi/run is inside state-dir /var/lib/tsunagi; they must be separate directories"
+    );
+    assert_eq!(
+        got[1].2,
+        "backoff-initial (2m) must not be longer than backoff-max (1m)"
+    );
+
+    let same = MINIMAL.replace("/run/tsunagi", "/var/lib/tsunagi/");
+    assert_eq!(
+        where_(&same),
+        vec![(Some(7), "paths.runtime-dir".to_owned())]
+    );
+    let inside = MINIMAL.replace("/var/lib/tsunagi", "/run/tsunagi/state");
+    assert_eq!(
+        where_(&inside),
+        vec![(Some(6), "paths.state-dir".to_owned())]
+    );
+    // A sibling with a common string prefix is not "inside".
+    let sibling = MINIMAL.replace("/run/tsunagi", "/var/lib/tsunagi-run");
+    assert!(parse(&sibling, file()).is_ok());
+}
+
+#[test]
+fn validate_on_a_built_config() {
+    let mut cfg = parse(MINIMAL, file()).unwrap();
+    cfg.version = 3;
+    cfg.supervisor.crash_limit = 0;
+    let got = cfg.validate();
+    assert_eq!(
+        got,
+        vec![
+            Problem {
+                line: None,
+                key: "version".into(),
+                reason: "unsupported config version 3; this software reads version 1".into(),
+            },
+            Problem {
+                line: None,
+                key: "supervisor.crash-limit".into(),
+                reason: "crash-limit must be at least 1".into(),
+            },
+        ]
+    );
+}
+
+#[test]
+fn rules_about_a_removed_key_are_not_reported() {
+    // backoff-max is bad and falls back to its default while the rest is checked; that
+    // must not produce a second, misleading "backoff-initial > backoff-max" problem.
+    let text = format!("{MINIMAL}[supervisor]\nbackoff-initial = \"2m\"\nbackoff-max = \"soon\"\n");
+    assert_eq!(
+        where_(&text),
+        vec![(Some(10), "supervisor.backoff-max".to_owned())]
+    );
+}
+
+#[test]
+fn unknown_keys_and_tables() {
+    let text = format!("{MINIMAL}[sitee]\nx = 1\n[log]\nlevel = \"debug\"\n[drill.a]\nfoo = 1\n");
+    let got = problems(&text);
+    assert_eq!(
+        got.iter()
+            .map(|(l, k, _)| (*l, k.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            (Some(8), "sitee"),
+            (Some(11), "log.level"),
+            (Some(13), "drill.a.foo"),
+        ]
+    );
+    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, drill)"), "{}", got[0].2);
+    assert_eq!(got[1].2, "unknown key `level` (expected one of: filter)");
+}
+
+#[test]
+fn bad_drill_name_and_capability() {
+    let text = format!(
+        "{MINIMAL}[drill.Crashy]\nexit-code = 2\n[drill.ok]\ncapabilities = [\n  \"net_admin\",\n  \"cap_flying\",\n]\n[drill.fine]\ncapabilities = [\"NET_BIND_SERVICE\"]\n"
+    );
+    let got = problems(&text);
+    assert_eq!(
+        got.iter()
+            .map(|(l, k, _)| (*l, k.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            (Some(8), "drill.Crashy"),
+            (Some(11), "drill.ok.capabilities")
+        ]
+    );
+    assert!(got[0].2.contains("lowercase"), "{}", got[0].2);
+    assert!(got[1].2.contains("`cap_flying`"), "{}", got[1].2);
+}
+
+#[test]
+fn type_errors_are_short_and_never_echo_values() {
+    let text = format!(
+        "{MINIMAL}[privacy]\nid-hash-key-file = 918273645\n[supervisor]\ncrash-limit = \"five\"\nstop-timeout = 10\n[heartbeat]\nenabled = \"yes\"\n[drill.x]\nexit-code = 300\n"
+    );
+    let got = problems(&text);
+    let reasons: Vec<&str> = got.iter().map(|(_, _, r)| r.as_str()).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "expected a string, found an integer",
+            "expected an integer from 0 to 4294967295, found a string",
+            "expected a string, found an integer",
+            "expected a boolean, found a string",
+            "expected an integer from 0 to 255, found an integer out of range",
+        ]
+    );
+    let shown = parse(&text, file()).unwrap_err().to_string();
+    assert!(!shown.contains("918273645"), "{shown}");
+    assert_eq!(shown.lines().count(), got.len());
+}
+
+#[test]
+fn metrics_listen_must_be_a_socket_address() {
+    let text = format!("{MINIMAL}[metrics]\nlisten = \"localhost\"\n");
+    let got = problems(&text);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0, got[0].1.as_str()), (Some(9), "metrics.listen"));
+    assert!(got[0].2.contains("socket address"), "{}", got[0].2);
+}
+
+#[test]
+fn dotted_and_inline_tables_map_to_lines() {
+    let text = "version = 1\nsite = { facility-code = \"0112345678\", ae-title = \"A\\\\B\" }\npaths.state-dir = \"/var/lib/t\"\npaths.runtime-dir = \"relative\"\n";
+    assert_eq!(
+        where_(text),
+        vec![
+            (Some(2), "site.ae-title".to_owned()),
+            (Some(4), "paths.runtime-dir".to_owned())
+        ]
+    );
+}
+
+#[test]
+fn quoted_keys_are_rendered_unambiguously() {
+    let text = format!("{MINIMAL}[drill.\"a.b\"]\n");
+    assert_eq!(where_(&text), vec![(Some(8), "drill.\"a.b\"".to_owned())]);
+}
+
+#[test]
+fn serialize_round_trip() {
+    let cfg = parse(&example("production.toml"), file()).unwrap();
+    let text = toml::to_string(&cfg).unwrap();
+    assert_eq!(parse(&text, file()).unwrap(), cfg);
+    let cfg = parse(&example("drills.toml"), file()).unwrap();
+    let text = toml::to_string(&cfg).unwrap();
+    assert_eq!(parse(&text, file()).unwrap(), cfg);
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading and secret files
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("tsunagi.toml");
+    fs::write(&path, format!("{MINIMAL}{extra}")).unwrap();
+    path
+}
+
+fn secret(dir: &Path, mode: u32) -> PathBuf {
+    let path = dir.join("id-hash-key");
+    fs::write(&path, "s3cr3t-value").unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+#[test]
+fn secret_file_mode_0600_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = secret(dir.path(), 0o600);
+    let path = write_config(
+        dir.path(),
+        &format!("[privacy]\nid-hash-key-file = \"{}\"\n", key.display()),
+    );
+    let cfg = load(&path).unwrap();
+    assert_eq!(
+        cfg.privacy.id_hash_key_file.unwrap().as_path(),
+        key.as_path()
+    );
+    let key = secret(dir.path(), 0o400);
+    assert!(load(&path).is_ok(), "{}", key.display());
+}
+
+#[test]
+fn secret_file_mode_0640_is_refused_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = secret(dir.path(), 0o640);
+    let path = write_config(
+        dir.path(),
+        &format!("[privacy]\nid-hash-key-file = \"{}\"\n", key.display()),
+    );
+    let Err(LoadError::Invalid(p)) = load(&path) else {
+        panic!("expected a problem");
+    };
+    assert_eq!(p.file, path);
+    assert_eq!(
+        p.problems,
+        vec![Problem {
+            line: Some(9),
+            key: "privacy.id-hash-key-file".into(),
+            reason: format!(
+                "secret file {} is readable or writable by group or others (mode 0640): chmod 600 it",
+                key.display()
+            ),
+        }]
+    );
+    assert!(!p.to_string().contains("s3cr3t"));
+
+    // `parse` does not touch the filesystem; `check_secret_files` does.
+    let text = fs::read_to_string(&path).unwrap();
+    let cfg = parse(&text, &path).unwrap();
+    assert_eq!(check_secret_files(&cfg, &path, &text), p.problems);
+}
+
+#[test]
+fn secret_file_missing_or_not_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    let path = write_config(
+        dir.path(),
+        &format!("[privacy]\nid-hash-key-file = \"{}\"\n", missing.display()),
+    );
+    let Err(LoadError::Invalid(p)) = load(&path) else {
+        panic!("expected a problem");
+    };
+    assert_eq!(
+        p.problems[0].reason,
+        format!("secret file {} does not exist", missing.display())
+    );
+    let path = write_config(
+        dir.path(),
+        &format!(
+            "[privacy]\nid-hash-key-file = \"{}\"\n",
+            dir.path().display()
+        ),
+    );
+    let Err(LoadError::Invalid(p)) = load(&path) else {
+        panic!("expected a problem");
+    };
+    assert!(p.problems[0].reason.contains("not a regular file"));
+}
+
+#[test]
+fn load_reports_parse_and_secret_problems_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = secret(dir.path(), 0o644);
+    let path = write_config(
+        dir.path(),
+        &format!(
+            "[privacy]\nid-hash-key-file = \"{}\"\n[log]\nfilter = \"\"\n",
+            key.display()
+        ),
+    );
+    let Err(LoadError::Invalid(p)) = load(&path) else {
+        panic!("expected problems");
+    };
+    let keys: Vec<_> = p.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, vec!["privacy.id-hash-key-file", "log.filter"]);
+}
+
+#[test]
+fn load_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.toml");
+    let err = load(&path).unwrap_err();
+    assert!(matches!(err, LoadError::Read { .. }));
+    assert_eq!(
+        err.to_string(),
+        format!("cannot read config file {}", path.display())
+    );
+    assert!(std::error::Error::source(&err).is_some());
+}
+
+// ---------------------------------------------------------------------------------------
+// Shipped examples
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn example(name: &str) -> String {
+    fs::read_to_string(examples_dir().join(name)).unwrap()
+}
+
+#[test]
+fn every_example_config_parses() {
+    let mut valid = 0;
+    let mut invalid = 0;
+    for entry in fs::read_dir(examples_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let text = fs::read_to_string(&path).unwrap();
+        let result = parse(&text, Path::new(&name));
+        if name.starts_with("invalid-") {
+            let problems = match result {
+                Ok(_) => panic!("{name} must fail to parse"),
+                Err(p) => p,
+            };
+            // The expected output documented in the file's header is what we print.
+            let documented: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("#   "))
+                .filter(|l| l.starts_with(&format!("{name}:")))
+                .collect();
+            assert!(!documented.is_empty(), "{name} documents no output");
+            assert_eq!(problems.to_string(), documented.join("\n"), "{name}");
+            invalid += 1;
+        } else {
+            if let Err(p) = result {
+                panic!("{p}");
+            }
+            valid += 1;
+        }
+    }
+    assert!(valid >= 1, "no example configs found");
+    assert!(invalid >= 1, "no invalid example configs found");
+}
+
+#[test]
+fn production_example_spells_out_the_defaults() {
+    let cfg = parse(&example("production.toml"), file()).unwrap();
+    assert_eq!(cfg.supervisor, Supervisor::default());
+    assert_eq!(cfg.heartbeat, Heartbeat::default());
+    assert_eq!(cfg.log, Log::default());
+    assert_eq!(cfg.privacy, Privacy::default());
+    assert_eq!(
+        cfg.metrics.unwrap().listen,
+        "127.0.0.1:9464".parse().unwrap()
+    );
+    assert!(cfg.drill.is_empty());
+}
+
+#[test]
+fn drills_example() {
+    let cfg = parse(&example("drills.toml"), file()).unwrap();
+    let names: Vec<&str> = cfg.drill.keys().map(ServiceName::as_str).collect();
+    assert_eq!(names, vec!["crashy", "stubborn"]);
+    let crashy = &cfg.drill[&ServiceName::try_from("crashy").unwrap()];
+    assert_eq!(crashy.exit_after, Some(dur("2s")));
+    let stubborn = &cfg.drill[&ServiceName::try_from("stubborn").unwrap()];
+    assert!(stubborn.ignore_sigterm);
+    assert!(cfg.heartbeat.enabled);
+}

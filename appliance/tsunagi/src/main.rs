@@ -1,0 +1,227 @@
+//! `tsunagi`: the appliance's one binary.
+//!
+//! * `tsunagi run` — the supervisor (what systemd starts);
+//! * `tsunagi service NAME` — one service, started by the supervisor;
+//! * `tsunagi status` — asks the running supervisor;
+//! * `tsunagi config check FILE...` — validates config files;
+//! * `tsunagi sysusers` — prints the system users the services run as.
+//!
+//! `main` only wires: arguments → config → logging → runtime → run, and maps the outcome to
+//! an exit code (see `tsunagi_runtime::exit_code` and `docs/operations.md`).
+#![forbid(unsafe_code)]
+
+mod services;
+mod status_cmd;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tsunagi_config::{Config, LoadError};
+use tsunagi_runtime::exit_code;
+use tsunagi_runtime::supervisor::{self, Launch};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tsunagi",
+    version,
+    about = "Clinic edge appliance for a regional healthcare network"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// The configuration file.
+    #[arg(long, env = "TSUNAGI_CONFIG", default_value = tsunagi_config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the supervisor and every enabled service (systemd starts this).
+    Run(ConfigArg),
+    /// Run one service (started by the supervisor, not by hand).
+    #[command(hide = true)]
+    Service {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show the state of every service of the running supervisor.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The control socket (default: RUNTIME_DIR/control.sock from the config).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print the systemd-sysusers declarations of the services' users.
+    Sysusers,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Check configuration files; print every problem as FILE:LINE: KEY: REASON.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => run(&args.config),
+        Command::Service { name, config } => service(&name, &config.config),
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => status_cmd::status(&config.config, socket.as_deref(), json),
+        Command::Config(ConfigCommand::Check { files }) => config_check(&files),
+        Command::Sysusers => {
+            print!("{}", services::sysusers());
+            exit_code::OK
+        }
+    };
+    ExitCode::from(code)
+}
+
+/// Loads a config, printing its problems on failure.
+fn load(path: &Path) -> Result<Config, u8> {
+    tsunagi_config::load(path).map_err(|e| {
+        report_load_error(&e);
+        exit_code::CONFIG
+    })
+}
+
+fn report_load_error(e: &LoadError) {
+    match e {
+        LoadError::Invalid(problems) => eprint!("{}", with_newline(&problems.to_string())),
+        other => eprintln!("tsunagi: {}", error_chain(other)),
+    }
+}
+
+fn with_newline(s: &str) -> String {
+    if s.ends_with('\n') {
+        s.to_owned()
+    } else {
+        format!("{s}\n")
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    tsunagi_runtime::child::error_chain(e)
+}
+
+fn run(path: &Path) -> u8 {
+    let cfg = match load(path) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    let log = match tsunagi_runtime::logging::init(cfg.log.filter.as_ref()) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("tsunagi: {}", error_chain(&e));
+            return exit_code::CONFIG;
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "cannot find the tsunagi binary"
+            );
+            return exit_code::FAILURE;
+        }
+    };
+    let config_path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let reload_path = config_path.clone();
+    let reload = Box::new(move || {
+        let cfg = tsunagi_config::load(&reload_path).map_err(|e| match e {
+            LoadError::Invalid(problems) => problems.to_string().trim_end().replace('\n', "; "),
+            other => error_chain(&other),
+        })?;
+        tsunagi_runtime::logging::check_filter(cfg.log.filter.as_ref())
+            .map_err(|e| error_chain(&e))?;
+        Ok(services::plan(&cfg))
+    });
+    // One thread: every spawn happens here (see tsunagi_runtime::supervisor).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "cannot start the async runtime"
+            );
+            return exit_code::FAILURE;
+        }
+    };
+    let launch = Launch {
+        exe,
+        config_path,
+        plan: services::plan(&cfg),
+        reload,
+        log: Some(log),
+        shutdown: supervisor::ShutdownToken::new(),
+    };
+    match runtime.block_on(supervisor::run(launch)) {
+        Ok(()) => exit_code::OK,
+        Err(e) => {
+            tracing::error!(error = &e as &dyn std::error::Error, "supervisor failed");
+            exit_code::FAILURE
+        }
+    }
+}
+
+fn service(name: &str, path: &Path) -> u8 {
+    let cfg = match load(path) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    if let Err(e) = tsunagi_runtime::logging::init(cfg.log.filter.as_ref()) {
+        eprintln!("tsunagi: {}", error_chain(&e));
+        return exit_code::CONFIG;
+    }
+    match services::run_child(&cfg, name) {
+        Ok(()) => exit_code::OK,
+        Err(e) => {
+            // A service's own failure was logged and reported by the runtime already.
+            if !matches!(&e, services::ServiceCmdError::Child(c) if !c.is_setup()) {
+                tracing::error!(
+                    service = name,
+                    error = &e as &dyn std::error::Error,
+                    "service could not start"
+                );
+            }
+            e.exit_code()
+        }
+    }
+}
+
+fn config_check(files: &[PathBuf]) -> u8 {
+    let mut worst = exit_code::OK;
+    for file in files {
+        match tsunagi_config::load(file) {
+            Ok(_) => println!("{}: ok", file.display()),
+            Err(e) => {
+                report_load_error(&e);
+                worst = exit_code::CONFIG;
+            }
+        }
+    }
+    worst
+}

@@ -1,0 +1,267 @@
+//! A harness that runs the real `tsunagi` binary as a supervisor in a temporary directory.
+#![allow(dead_code, unreachable_pub)] // Each test file uses a different part of it.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tsunagi");
+
+/// Timings short enough for tests (the defaults are seconds to minutes).
+pub const FAST_SUPERVISOR: &str = r#"
+[supervisor]
+stop-timeout = "2s"
+ready-timeout = "10s"
+backoff-initial = "200ms"
+backoff-max = "5s"
+crash-limit = 4
+crash-window = "1m"
+failed-retry = "10m"
+stable-after = "30s"
+"#;
+
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Whether a root-only test may be skipped here (never in CI, which runs as root).
+pub fn skip_unless_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root and CI must run it"
+    );
+    eprintln!("{test}: skipped, needs root (CI runs it as root)");
+    true
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub child: Option<Child>,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Harness {
+    /// A config with the given extra TOML (sections after `[site]` and `[paths]`).
+    pub fn new(extra: &str) -> Harness {
+        let dir = tempfile::Builder::new()
+            .prefix("tsunagi-test-")
+            .tempdir()
+            .unwrap();
+        // Service users must be able to reach their state directories.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let config = dir.path().join("tsunagi.toml");
+        let h = Harness {
+            dir,
+            config,
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        h.write_config(extra);
+        h
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn config_text(&self, extra: &str) -> String {
+        format!(
+            "version = 1\n\n[site]\nfacility-code = \"1312345678\"\nae-title = \"TSUNAGI-TEST\"\n\n[paths]\nstate-dir = \"{}\"\nruntime-dir = \"{}\"\n{extra}\n",
+            self.state_dir().display(),
+            self.runtime_dir().display()
+        )
+    }
+
+    pub fn write_config(&self, extra: &str) {
+        fs::write(&self.config, self.config_text(extra)).unwrap();
+    }
+
+    /// Starts `tsunagi run`; its stderr is collected into `self.log`.
+    pub fn start(&mut self) {
+        self.start_with(|_| {});
+    }
+
+    pub fn start_with(&mut self, adjust: impl FnOnce(&mut Command)) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        adjust(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                eprint!("  | {line}");
+                log.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.as_ref().unwrap().id()).unwrap()
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// `tsunagi status --json`, parsed; None if the supervisor does not answer (yet).
+    pub fn status(&self) -> Option<Value> {
+        let out = Command::new(BIN)
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// Polls the status until `cond` holds, or panics after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < timeout {
+            if let Some(status) = self.status() {
+                if cond(&status) {
+                    return status;
+                }
+                last = Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out waiting for {what}; last status: {last:#?}");
+    }
+
+    /// Waits for the supervisor to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().unwrap();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if child.try_wait().ok().flatten().is_none() {
+                let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+                let _ = kill(pid, Signal::SIGTERM);
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(10) {
+                    if child.try_wait().ok().flatten().is_some() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                // Children die with the supervisor (parent-death signal).
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// The service named `name` in a status report.
+pub fn service<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no service {name} in {status:#}"))
+}
+
+pub fn state_of<'a>(status: &'a Value, name: &str) -> &'a str {
+    service(status, name)["state"].as_str().unwrap()
+}
+
+pub fn pid_of(status: &Value, name: &str) -> Option<i32> {
+    service(status, name)["pid"]
+        .as_i64()
+        .map(|p| i32::try_from(p).unwrap())
+}
+
+/// Whether a process is alive (zombies count as dead: they run nothing).
+pub fn alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z') && !state.starts_with('X')
+        }
+    }
+}
+
+/// A `key:\tvalue` line of /proc/PID/status.
+pub fn proc_status(pid: i32, key: &str) -> String {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// A free TCP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET a path over plain HTTP on loopback.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,69 @@
+//! Acceptance 1: a crashing service is restarted with growing backoff and marked failed after
+//! N crashes within the window, while the other services keep running.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn crashing_service_backs_off_then_fails_while_others_keep_running() {
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\ninterval = \"1s\"\n\n[drill.crashy]\nexit-after = \"100ms\"\nexit-code = 7\n"
+    ));
+    h.start();
+    let first = h.wait_for("heartbeat ready", Duration::from_secs(30), |s| {
+        state_of(s, "heartbeat") == "ready"
+    });
+    let heartbeat_pid = pid_of(&first, "heartbeat").unwrap();
+
+    // Record when each new crashy process appears.
+    let mut starts: Vec<(i32, Instant)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let failed = loop {
+        assert!(
+            Instant::now() < deadline,
+            "crashy never failed; starts: {starts:?}"
+        );
+        let Some(status) = h.status() else { continue };
+        let crashy = service(&status, "drill-crashy");
+        if let Some(pid) = pid_of(&status, "drill-crashy") {
+            if starts.last().map(|(p, _)| *p) != Some(pid) {
+                starts.push((pid, Instant::now()));
+            }
+        }
+        if crashy["state"] == "failed" {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    let crashy = service(&failed, "drill-crashy");
+    // crash-limit = 4: four runs, so three restarts, then failed.
+    assert_eq!(crashy["restarts"], 3, "{crashy:#}");
+    assert!(crashy["pid"].is_null());
+    let last_error = crashy["last_error"].as_str().unwrap();
+    assert!(last_error.contains("planned crash"), "{last_error}");
+    assert!(last_error.contains("exited with status 7"), "{last_error}");
+
+    // Backoff grows: 200 ms, 400 ms, 800 ms (±20 %), plus 100 ms of run time each.
+    assert!(starts.len() >= 3, "saw too few starts: {starts:?}");
+    let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    for pair in gaps.windows(2) {
+        assert!(pair[1] > pair[0], "backoff did not grow: {gaps:?}");
+    }
+    assert!(gaps[0] >= Duration::from_millis(200), "{gaps:?}");
+
+    // The heartbeat never noticed.
+    let hb = service(&failed, "heartbeat");
+    assert_eq!(hb["state"], "ready");
+    assert_eq!(hb["restarts"], 0);
+    assert_eq!(pid_of(&failed, "heartbeat"), Some(heartbeat_pid));
+    assert!(alive(heartbeat_pid));
+
+    // And the supervisor logged the decision for an operator.
+    assert!(h.log_text().contains("service failed"), "{}", h.log_text());
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}

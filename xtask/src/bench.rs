@@ -1,0 +1,69 @@
+//! `cargo xtask bench [NAME]`: a dispatcher over the registered benchmarks.
+//!
+//! # The contract every benchmark follows
+//!
+//! A benchmark measures one of our components **and a peer** (the off-the-shelf tool or
+//! the naive approach it replaces) in the same run, on the same machine, so that the
+//! result is a ratio that survives slow CI machines rather than an absolute figure that
+//! does not. It:
+//!
+//! 1. prints its figures for humans as it goes (what was measured, how many iterations,
+//!    the units);
+//! 2. prints, as its **last line on stdout**, exactly one JSON object with the figures and
+//!    the ratios against the peer, e.g.
+//!    `{"bench":"NAME","ours_ms":12.5,"peer_ms":30.1,"ratio_vs_peer":0.415}`,
+//!    so that scripts can take the last line and compare it with earlier runs;
+//! 3. returns an error (exit code 1) if it could not measure, never a made-up figure.
+//!
+//! Register a benchmark by adding a [`Bench`] entry to [`BENCHES`].
+
+use std::process::ExitCode;
+
+/// One registered benchmark.
+struct Bench {
+    /// The name given on the command line.
+    name: &'static str,
+    /// One line for the listing.
+    about: &'static str,
+    /// Runs it; see the contract in the module docs.
+    run: fn() -> anyhow::Result<()>,
+}
+
+/// The benchmark table. None are registered yet.
+const BENCHES: &[Bench] = &[];
+
+pub(crate) fn run(args: &[&str]) -> anyhow::Result<ExitCode> {
+    match args {
+        [] => {
+            print!("{}", listing());
+            Ok(ExitCode::SUCCESS)
+        }
+        [name] => match BENCHES.iter().find(|b| b.name == *name) {
+            Some(bench) => {
+                (bench.run)()?;
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                eprintln!("xtask: unknown benchmark `{name}`");
+                eprint!("{}", listing());
+                Ok(ExitCode::from(crate::EXIT_USAGE))
+            }
+        },
+        _ => {
+            eprintln!("usage: cargo xtask bench [NAME]");
+            eprint!("{}", listing());
+            Ok(ExitCode::from(crate::EXIT_USAGE))
+        }
+    }
+}
+
+fn listing() -> String {
+    if BENCHES.is_empty() {
+        return "available benchmarks: (none yet)\n".to_owned();
+    }
+    let mut out = String::from("available benchmarks:\n");
+    for bench in BENCHES {
+        out.push_str(&format!("  {:<24} {}\n", bench.name, bench.about));
+    }
+    out
+}

@@ -1,0 +1,303 @@
+//! `cargo xtask demo`: builds `tsunagi` and runs it in the foreground with a demo config.
+//!
+//! Everything lives under `target/demo/`: the config (`tsunagi.toml`), the state directory
+//! and the runtime directory. The metrics listener uses port 9464 unless
+//! `TSUNAGI_DEMO_METRICS_PORT` says otherwise (tests pass a free port).
+//!
+//! Once the supervisor runs, xtask prints `demo: running (pid N)` and waits. On SIGINT or
+//! SIGTERM it makes sure the supervisor gets SIGTERM (unless a Ctrl-C on the terminal has
+//! already delivered SIGINT to it), waits for it, prints `demo: stopped (...)` and exits 0
+//! if the supervisor exited 0, else 1. A second signal kills the supervisor. If the
+//! supervisor exits on its own, xtask exits with its status.
+//!
+//! Signals are handled without `unsafe`: once the supervisor is running, SIGINT and SIGTERM
+//! are blocked and read from a signalfd in a thread. They are blocked only after spawning
+//! the supervisor because a child inherits the signal mask (the standard library does not
+//! reset it) and a supervisor with SIGTERM blocked would never stop.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus};
+use std::sync::mpsc;
+use std::thread;
+
+use anyhow::{Context as _, bail};
+use nix::errno::Errno;
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::SignalFd;
+use nix::unistd::{Pid, geteuid};
+
+use crate::process::{cargo, display, exit_code_of, status};
+use crate::workspace_root;
+
+const DEFAULT_METRICS_PORT: u16 = 9464;
+const METRICS_PORT_ENV: &str = "TSUNAGI_DEMO_METRICS_PORT";
+
+/// `si_code` of a signal sent by the kernel itself, which is how the terminal driver sends
+/// SIGINT on Ctrl-C to the whole foreground process group (the supervisor included). A
+/// `kill` from a process has `SI_USER` (0) instead.
+const SI_KERNEL: i32 = 0x80;
+
+pub(crate) fn run() -> anyhow::Result<ExitCode> {
+    let port = metrics_port()?;
+    let root = workspace_root();
+
+    let mut build = cargo();
+    build.args(["build", "-p", "tsunagi", "--locked"]);
+    if !status(&mut build)?.success() {
+        bail!("`{}` failed", display(&build));
+    }
+
+    let target = target_dir(&root);
+    let binary = target.join("debug").join("tsunagi");
+    let config = write_config(&target.join("demo"), port)?;
+
+    let mut child = Command::new(&binary)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(&root)
+        .spawn()
+        .with_context(|| format!("failed to start {}", binary.display()))?;
+    let pid = child.id();
+    let child_pid = Pid::from_raw(i32::try_from(pid).context("child pid out of range")?);
+
+    // Block SIGINT and SIGTERM right after spawning the supervisor (a child inherits the
+    // signal mask, and the supervisor must get its signals) and before starting any thread
+    // (threads inherit the mask, so no thread gets them the default way, which would kill
+    // xtask and orphan the supervisor). From here on they are only read from the signalfd.
+    // Until this line, xtask is single-threaded and a signal kills it as usual; we announce
+    // the pid only afterwards, so nobody should be signalling us in between.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    if let Err(error) = signals.thread_block() {
+        send(child_pid, Signal::SIGKILL);
+        let _ = child.wait();
+        return Err(error).context("failed to block SIGINT and SIGTERM");
+    }
+    let signalfd = match SignalFd::new(&signals) {
+        Ok(fd) => fd,
+        Err(error) => {
+            send(child_pid, Signal::SIGKILL);
+            let _ = child.wait();
+            return Err(error).context("failed to create a signalfd");
+        }
+    };
+
+    print!("{}", instructions(&binary, &config, port));
+    println!("demo: running (pid {pid})");
+
+    let (tx, rx) = mpsc::channel();
+    let signal_tx = tx.clone();
+    thread::spawn(move || forward_signals(&signalfd, &signal_tx));
+    thread::spawn(move || {
+        let _ = tx.send(Event::Exited(child.wait()));
+    });
+
+    let mut stopping = false;
+    let exit_status: ExitStatus = loop {
+        match rx.recv().context("lost track of the supervisor")? {
+            Event::Exited(result) => break result.context("failed to wait for tsunagi")?,
+            Event::Signal {
+                signal,
+                from_terminal,
+            } => {
+                let name = signal.as_str();
+                if stopping {
+                    println!("demo: {name} while stopping: killing tsunagi (pid {pid})");
+                    send(child_pid, Signal::SIGKILL);
+                } else if from_terminal && signal == Signal::SIGINT {
+                    // The terminal sent SIGINT to the supervisor too; a second signal could
+                    // cut its shutdown short.
+                    println!("demo: {name} from the terminal: waiting for tsunagi to stop");
+                } else {
+                    println!("demo: {name}: sending SIGTERM to tsunagi (pid {pid})");
+                    send(child_pid, Signal::SIGTERM);
+                }
+                stopping = true;
+            }
+        }
+    };
+
+    if stopping {
+        println!("demo: stopped ({exit_status})");
+        Ok(if exit_status.success() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    } else {
+        println!("demo: tsunagi exited on its own");
+        println!("demo: stopped ({exit_status})");
+        Ok(ExitCode::from(exit_code_of(exit_status)))
+    }
+}
+
+enum Event {
+    Signal { signal: Signal, from_terminal: bool },
+    Exited(std::io::Result<ExitStatus>),
+}
+
+/// Reads signals from `signalfd` and passes them on until the receiver goes away.
+fn forward_signals(signalfd: &SignalFd, tx: &mpsc::Sender<Event>) {
+    loop {
+        let info = match signalfd.read_signal() {
+            Ok(Some(info)) => info,
+            Ok(None) | Err(Errno::EINTR) => continue,
+            Err(error) => {
+                eprintln!("demo: cannot read signals any more: {error}");
+                return;
+            }
+        };
+        let Some(signal) = i32::try_from(info.ssi_signo)
+            .ok()
+            .and_then(|n| Signal::try_from(n).ok())
+        else {
+            continue;
+        };
+        let event = Event::Signal {
+            signal,
+            from_terminal: info.ssi_code == SI_KERNEL,
+        };
+        if tx.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends `signal` to the supervisor; it may have exited already, which is fine.
+fn send(pid: Pid, signal: Signal) {
+    match kill(pid, signal) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(error) => eprintln!(
+            "demo: cannot send {} to pid {pid}: {error}",
+            signal.as_str()
+        ),
+    }
+}
+
+fn metrics_port() -> anyhow::Result<u16> {
+    let Some(value) = std::env::var_os(METRICS_PORT_ENV) else {
+        return Ok(DEFAULT_METRICS_PORT);
+    };
+    let value = value.to_string_lossy();
+    match value.trim().parse::<u16>() {
+        Ok(port) if port != 0 => Ok(port),
+        _ => bail!("{METRICS_PORT_ENV} must be a port number from 1 to 65535, not {value:?}"),
+    }
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` if set, else `<root>/target`.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
+}
+
+/// Creates `demo_dir` with its `state` and `run` directories, writes `tsunagi.toml` in it
+/// and returns the config's path.
+fn write_config(demo_dir: &Path, port: u16) -> anyhow::Result<PathBuf> {
+    let state_dir = demo_dir.join("state");
+    let runtime_dir = demo_dir.join("run");
+    for dir in [&state_dir, &runtime_dir] {
+        fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    if geteuid().is_root() {
+        // The supervisor runs services as per-service users, which must be able to reach
+        // their directories below this one.
+        fs::set_permissions(demo_dir, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("failed to chmod 0755 {}", demo_dir.display()))?;
+    }
+
+    let config = demo_dir.join("tsunagi.toml");
+    let text = config_text(&state_dir, &runtime_dir, port)?;
+    fs::write(&config, text).with_context(|| format!("failed to write {}", config.display()))?;
+    Ok(config)
+}
+
+fn config_text(state_dir: &Path, runtime_dir: &Path, port: u16) -> anyhow::Result<String> {
+    Ok(format!(
+        r#"version = 1
+[site]
+facility-code = "1312345678"
+ae-title = "TSUNAGI-DEMO"
+name = "demo clinic"
+[paths]
+state-dir = {state}
+runtime-dir = {runtime}
+[metrics]
+listen = "127.0.0.1:{port}"
+[heartbeat]
+interval = "2s"
+"#,
+        state = toml_string(state_dir)?,
+        runtime = toml_string(runtime_dir)?,
+    ))
+}
+
+/// `path` as a TOML basic string.
+fn toml_string(path: &Path) -> anyhow::Result<String> {
+    let Some(text) = path.to_str() else {
+        bail!("path {} is not UTF-8", path.display());
+    };
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    Ok(out)
+}
+
+fn instructions(binary: &Path, config: &Path, port: u16) -> String {
+    let (binary, config) = (binary.display(), config.display());
+    format!(
+        "\
+demo: tsunagi is starting with the config {config}
+demo: look at it from another terminal:
+  {binary} status --config {config}
+  {binary} status --config {config} --json
+  curl http://127.0.0.1:{port}/metrics
+demo: Ctrl-C stops it
+"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_has_absolute_quoted_paths_and_port() {
+        let text = config_text(
+            Path::new("/w/target/demo/state"),
+            Path::new("/w/target/demo/run"),
+            18080,
+        )
+        .unwrap();
+        assert!(text.starts_with("version = 1\n[site]\n"));
+        assert!(text.contains("state-dir = \"/w/target/demo/state\"\n"));
+        assert!(text.contains("runtime-dir = \"/w/target/demo/run\"\n"));
+        assert!(text.contains("listen = \"127.0.0.1:18080\"\n"));
+        assert!(text.ends_with("[heartbeat]\ninterval = \"2s\"\n"));
+    }
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        assert_eq!(
+            toml_string(Path::new("/a \"b\"\\c\n")).unwrap(),
+            r#""/a \"b\"\\c\u000A""#
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! `cargo xtask`: the workspace's developer and CI commands, in Rust rather than shell.
+//!
+//! Run through the alias in `.cargo/config.toml` (`cargo xtask <command>`):
+//!
+//! - `test`: installs the system packages and cargo tools the checks need, then runs
+//!   fmt, clippy, cargo-deny and the nextest suite, stopping at the first failure. This is
+//!   what CI runs (`.ci/run`).
+//! - `demo`: builds `tsunagi`, writes a demo config under `target/demo/`, runs the
+//!   supervisor in the foreground and stops it cleanly on Ctrl-C or SIGTERM.
+//! - `bench [NAME]`: runs a registered benchmark, or lists them.
+//!
+//! Exit codes: 0 success; 1 a step or command failed; 2 usage error (unknown command or
+//! benchmark); 3 system packages are missing and we are not root to install them. `demo`
+//! otherwise exits with the supervisor's status when the supervisor stops on its own.
+#![forbid(unsafe_code)]
+
+mod bench;
+mod demo;
+mod process;
+mod test;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  test          install what the checks need, then run fmt, clippy, cargo-deny and the tests
+  demo          build tsunagi and run it with a demo config until Ctrl-C
+  bench [NAME]  run the benchmark NAME; without NAME, list the benchmarks
+  help          print this text
+";
+
+/// Exit code for a usage error.
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let result = match args.as_slice() {
+        ["test"] => test::run(),
+        ["demo"] => demo::run(),
+        ["bench", rest @ ..] => bench::run(rest),
+        ["help" | "--help" | "-h"] => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        [] => {
+            eprint!("{USAGE}");
+            Ok(ExitCode::from(EXIT_USAGE))
+        }
+        [command, ..] => {
+            if matches!(*command, "test" | "demo") {
+                eprintln!("xtask: `{command}` takes no arguments\n");
+            } else {
+                eprintln!("xtask: unknown command `{command}`\n");
+            }
+            eprint!("{USAGE}");
+            Ok(ExitCode::from(EXIT_USAGE))
+        }
+    };
+
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root: xtask lives in `<root>/xtask`.
+fn workspace_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // CARGO_MANIFEST_DIR is an absolute path to `<root>/xtask`, so it has a parent.
+    manifest_dir
+        .parent()
+        .map_or_else(|| manifest_dir.clone(), PathBuf::from)
+}

@@ -1,0 +1,397 @@
+//! `cargo xtask test`: what CI runs.
+//!
+//! 1. Installs the missing [`SYSTEM_PACKAGES`] with apt-get (as root), or exits 3 naming
+//!    them.
+//! 2. Installs `cargo-nextest` and `cargo-deny` if missing.
+//! 3. Runs fmt, clippy, cargo-deny (licenses, bans, sources; then advisories if the
+//!    advisory database is reachable) and the nextest `ci` profile, stopping at the first
+//!    failure, with a `==> command` banner before each and a one-line verdict at the end.
+
+use std::io::{self, BufRead as _, BufReader, Read, Write as _};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::{Pid, geteuid};
+
+use crate::process::{cargo, display, status, succeeds_quietly};
+
+/// A Debian package the tests need.
+struct SystemPackage {
+    /// The package name.
+    name: &'static str,
+    /// What needs it: shown to whoever has to install it by hand.
+    why: &'static str,
+}
+
+/// The Debian packages the test suite needs on the machine running it.
+///
+/// To add one, append an entry saying which tests need it and for what.
+const SYSTEM_PACKAGES: &[SystemPackage] = &[
+    SystemPackage {
+        name: "passwd",
+        why: "useradd, for the per-service users the runtime tests create",
+    },
+    SystemPackage {
+        name: "procps",
+        why: "ps/pgrep, for checking which processes a test left behind",
+    },
+    SystemPackage {
+        name: "iproute2",
+        why: "ip, for inspecting network state in tests",
+    },
+    SystemPackage {
+        name: "sqlite3",
+        why: "the sqlite3 shell, for inspecting state databases in tests",
+    },
+];
+
+/// The cargo-deny release we install. The newest release when this was written; it needs
+/// Rust 1.88 and builds with our pinned toolchain. `deny.toml` uses its config format
+/// (version 2). Bump deliberately: new releases add checks.
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
+/// How long the advisory check may take. Fetching the advisory database is the only slow
+/// part, and on a machine that cannot reach it, git may hang rather than fail.
+const ADVISORIES_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Exit code when packages are missing and we cannot install them.
+const EXIT_MISSING_PACKAGES: u8 = 3;
+
+pub(crate) fn run() -> anyhow::Result<ExitCode> {
+    if let Some(code) = ensure_system_packages()? {
+        return Ok(code);
+    }
+    if let Err(failed) = ensure_cargo_tools()? {
+        return Ok(verdict_failed(&failed));
+    }
+
+    let checks = [
+        {
+            let mut c = cargo();
+            c.args(["fmt", "--all", "--check"]);
+            c
+        },
+        {
+            let mut c = cargo();
+            c.args(["clippy", "--workspace", "--all-targets", "--locked"])
+                .args(["--", "-D", "warnings"]);
+            c
+        },
+        {
+            // --offline: these checks only read Cargo.lock, the manifests and the license
+            // texts in the local registry cache, so they must pass without a network.
+            let mut c = cargo();
+            c.args(["deny", "--offline", "--locked"])
+                .args(["check", "licenses", "bans", "sources"]);
+            c
+        },
+    ];
+    for mut command in checks {
+        if !step(&mut command)? {
+            return Ok(verdict_failed(&display(&command)));
+        }
+    }
+
+    let advisories_skipped = match advisories()? {
+        Advisories::Passed => false,
+        Advisories::Unreachable => {
+            println!("advisories: skipped (advisory database unreachable from this machine)");
+            true
+        }
+        Advisories::Failed(command) => return Ok(verdict_failed(&command)),
+    };
+
+    // nextest prints its own summary line ("N tests run: N passed, N failed, ...") last;
+    // CI reads it from the inherited stderr.
+    let mut nextest = cargo();
+    nextest.args([
+        "nextest",
+        "run",
+        "--workspace",
+        "--locked",
+        "--profile",
+        "ci",
+    ]);
+    if !step(&mut nextest)? {
+        return Ok(verdict_failed(&display(&nextest)));
+    }
+
+    if advisories_skipped {
+        println!("xtask test: all steps passed (advisories skipped)");
+    } else {
+        println!("xtask test: all steps passed");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn banner(text: &str) {
+    println!("==> {text}");
+    // Keep the banner ahead of the child's output in CI logs.
+    let _ = io::stdout().flush();
+}
+
+/// Prints the banner, runs `command` with inherited output; true on success.
+fn step(command: &mut Command) -> anyhow::Result<bool> {
+    banner(&display(command));
+    Ok(status(command)?.success())
+}
+
+fn verdict_failed(step: &str) -> ExitCode {
+    eprintln!("xtask test: FAILED at step `{step}`");
+    ExitCode::FAILURE
+}
+
+/// Installs missing system packages. `Some(code)` means stop with that exit code.
+fn ensure_system_packages() -> anyhow::Result<Option<ExitCode>> {
+    let mut missing = Vec::new();
+    for package in SYSTEM_PACKAGES {
+        if !is_installed(package.name)? {
+            missing.push(package);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    let names: Vec<&str> = missing.iter().map(|p| p.name).collect();
+    let install_line = format!(
+        "apt-get install -y --no-install-recommends {}",
+        names.join(" ")
+    );
+
+    if !geteuid().is_root() {
+        eprintln!("xtask: the tests need system packages that are not installed:");
+        let width = missing.iter().map(|p| p.name.len()).max().unwrap_or(0);
+        for package in &missing {
+            eprintln!("  {:<width$}  {}", package.name, package.why);
+        }
+        eprintln!("xtask: install them as root, then run `cargo xtask test` again:");
+        eprintln!("  sudo apt-get update && sudo {install_line}");
+        return Ok(Some(ExitCode::from(EXIT_MISSING_PACKAGES)));
+    }
+
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        c
+    };
+    let mut install_args = vec!["install", "-y", "--no-install-recommends"];
+    install_args.extend(&names);
+    for mut command in [apt(&["update"]), apt(&install_args)] {
+        if !step(&mut command)? {
+            return Ok(Some(verdict_failed(&display(&command))));
+        }
+    }
+    Ok(None)
+}
+
+/// Asks dpkg whether `package` is installed.
+fn is_installed(package: &str) -> anyhow::Result<bool> {
+    let output = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stdin(Stdio::null())
+        .output();
+    let output = match output {
+        Ok(output) => output,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            bail!("dpkg-query not found: `cargo xtask test` expects a Debian-based system")
+        }
+        Err(e) => return Err(e).context("failed to run dpkg-query"),
+    };
+    // Unknown packages make dpkg-query fail; "install ok installed" (or "hold ok installed")
+    // means installed; anything else ("deinstall ok config-files", ...) does not.
+    let status = String::from_utf8_lossy(&output.stdout);
+    Ok(output.status.success() && status.split_whitespace().last() == Some("installed"))
+}
+
+/// Installs cargo-nextest and cargo-deny if missing. `Err(step)` names a failed install.
+fn ensure_cargo_tools() -> anyhow::Result<Result<(), String>> {
+    if !succeeds_quietly(cargo().args(["nextest", "--version"])) {
+        let mut install = cargo();
+        install.args(["install", "cargo-nextest", "--locked"]);
+        if !step(&mut install)? {
+            return Ok(Err(display(&install)));
+        }
+    }
+
+    let deny_version = cargo()
+        .args(["deny", "--version"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
+    match deny_version {
+        Some(output) => {
+            // "cargo-deny 0.20.2"
+            let found = String::from_utf8_lossy(&output.stdout);
+            let found = found.split_whitespace().last().unwrap_or_default();
+            if found != CARGO_DENY_VERSION {
+                println!(
+                    "xtask: note: using installed cargo-deny {found}; CI pins \
+                     {CARGO_DENY_VERSION} (cargo install cargo-deny --locked --version \
+                     {CARGO_DENY_VERSION})"
+                );
+            }
+        }
+        None => {
+            let mut install = cargo();
+            install.args(["install", "cargo-deny", "--locked", "--version"]);
+            install.arg(CARGO_DENY_VERSION);
+            if !step(&mut install)? {
+                return Ok(Err(display(&install)));
+            }
+        }
+    }
+    Ok(Ok(()))
+}
+
+enum Advisories {
+    Passed,
+    /// The advisory database could not be fetched (or the fetch timed out).
+    Unreachable,
+    /// The check ran and failed; the command line.
+    Failed(String),
+}
+
+/// Runs `cargo deny check advisories` under [`ADVISORIES_TIMEOUT`], echoing its output and
+/// telling a failed fetch apart from findings.
+fn advisories() -> anyhow::Result<Advisories> {
+    let mut command = cargo();
+    command
+        .args(["deny", "--locked", "check", "advisories"])
+        // Never prompt for credentials: there is nobody to answer.
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a timeout kills the git fetch it runs as well. (The
+        // price: a Ctrl-C on the terminal does not reach it; it then ends on its own.)
+        .process_group(0);
+    let line = display(&command);
+    banner(&line);
+
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("failed to run `{line}`"))?;
+    let group = Pid::from_raw(i32::try_from(child.id()).context("child pid out of range")?);
+    let stdout = tee(child.stdout.take(), Echo::Stdout);
+    let stderr = tee(child.stderr.take(), Echo::Stderr);
+
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status: ExitStatus;
+    let timed_out = match rx.recv_timeout(ADVISORIES_TIMEOUT) {
+        Ok(result) => {
+            status = result.with_context(|| format!("failed to wait for `{line}`"))?;
+            false
+        }
+        Err(RecvTimeoutError::Timeout) => {
+            let _ = killpg(group, Signal::SIGKILL);
+            status = rx
+                .recv()
+                .context("waiter thread vanished")?
+                .with_context(|| format!("failed to wait for `{line}`"))?;
+            true
+        }
+        Err(RecvTimeoutError::Disconnected) => bail!("waiter thread vanished"),
+    };
+    let output = join_output(stdout) + &join_output(stderr);
+
+    if timed_out {
+        println!(
+            "advisories: `{line}` did not finish within {} s",
+            ADVISORIES_TIMEOUT.as_secs()
+        );
+        return Ok(Advisories::Unreachable);
+    }
+    if status.success() {
+        return Ok(Advisories::Passed);
+    }
+    if fetch_failed(&output) {
+        return Ok(Advisories::Unreachable);
+    }
+    Ok(Advisories::Failed(line))
+}
+
+/// Whether cargo-deny's output says it could not fetch the advisory database (cargo-deny
+/// 0.20 fetches it with the git CLI and reports "failed to fetch advisory database URL
+/// with cli: ...").
+fn fetch_failed(output: &str) -> bool {
+    output.contains("failed to fetch advisory database") || output.contains("failed to spawn git")
+}
+
+#[derive(Clone, Copy)]
+enum Echo {
+    Stdout,
+    Stderr,
+}
+
+/// Copies `reader` line by line to our stdout or stderr and returns what it read.
+fn tee<R: Read + Send + 'static>(reader: Option<R>, echo: Echo) -> Option<JoinHandle<String>> {
+    let reader = reader?;
+    Some(thread::spawn(move || {
+        let mut reader = BufReader::new(reader);
+        let mut seen = String::new();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let _ = match echo {
+                        Echo::Stdout => io::stdout().write_all(&line),
+                        Echo::Stderr => io::stderr().write_all(&line),
+                    };
+                    seen.push_str(&String::from_utf8_lossy(&line));
+                }
+            }
+        }
+        seen
+    }))
+}
+
+fn join_output(handle: Option<JoinHandle<String>>) -> String {
+    handle.and_then(|h| h.join().ok()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn package_list_is_well_formed() {
+        for (i, package) in SYSTEM_PACKAGES.iter().enumerate() {
+            assert!(!package.name.is_empty() && !package.why.is_empty());
+            assert!(
+                package
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c)),
+                "{}",
+                package.name
+            );
+            assert!(
+                SYSTEM_PACKAGES[..i].iter().all(|p| p.name != package.name),
+                "{} listed twice",
+                package.name
+            );
+        }
+    }
+
+    #[test]
+    fn recognises_an_unreachable_advisory_database() {
+        let output = "2026-01-01 [ERROR] failed to fetch advisory database \
+                      DB-URL with cli: failed to clone: ...";
+        assert!(fetch_failed(output));
+        assert!(!fetch_failed(
+            "error[vulnerability]: something is vulnerable"
+        ));
+    }
+}
