@@ -1,14 +1,21 @@
 //! `cargo xtask demo`: builds `tsunagi` and runs it in the foreground with a demo config.
 //!
 //! Everything lives under `target/demo/`: the config (`tsunagi.toml`), the state directory
-//! and the runtime directory. The metrics listener uses port 9464 unless
-//! `TSUNAGI_DEMO_METRICS_PORT` says otherwise (tests pass a free port).
+//! (`state/`) and the runtime directory (`run/`). Environment overrides, for tests:
+//!
+//! - `TSUNAGI_DEMO_METRICS_PORT`: the metrics port instead of 9464 (tests pass a free one);
+//! - `TSUNAGI_DEMO_DIR`: the directory instead of `target/demo`;
+//! - `TSUNAGI_DEMO_BIN`: run this binary and skip the build (a test runs the binary its own
+//!   build produced rather than rebuilding `target/debug/tsunagi` under other tests).
 //!
 //! Once the supervisor runs, xtask prints `demo: running (pid N)` and waits. On SIGINT or
-//! SIGTERM it makes sure the supervisor gets SIGTERM (unless a Ctrl-C on the terminal has
-//! already delivered SIGINT to it), waits for it, prints `demo: stopped (...)` and exits 0
-//! if the supervisor exited 0, else 1. A second signal kills the supervisor. If the
-//! supervisor exits on its own, xtask exits with its status.
+//! SIGTERM it sends the supervisor SIGTERM, unless the signal is a Ctrl-C on the terminal,
+//! which the kernel has delivered to the supervisor as well (same process group). It then
+//! waits, prints `demo: stopped (...)` and exits 0 if the supervisor exited 0, else 1.
+//! A SIGINT sent to the whole group by a process (`kill -INT -PGID`, as the demo test does)
+//! cannot be told apart from one sent to xtask alone, so the supervisor then gets SIGINT and
+//! SIGTERM; it treats a repeated stop signal as a no-op. A second signal to xtask kills the
+//! supervisor. If the supervisor exits on its own, xtask exits with its status.
 //!
 //! Signals are handled without `unsafe`: once the supervisor is running, SIGINT and SIGTERM
 //! are blocked and read from a signalfd in a thread. They are blocked only after spawning
@@ -34,6 +41,10 @@ use crate::workspace_root;
 
 const DEFAULT_METRICS_PORT: u16 = 9464;
 const METRICS_PORT_ENV: &str = "TSUNAGI_DEMO_METRICS_PORT";
+/// Run this `tsunagi` binary instead of building `target/debug/tsunagi`.
+const BIN_ENV: &str = "TSUNAGI_DEMO_BIN";
+/// Use this directory instead of `target/demo`.
+const DIR_ENV: &str = "TSUNAGI_DEMO_DIR";
 
 /// `si_code` of a signal sent by the kernel itself, which is how the terminal driver sends
 /// SIGINT on Ctrl-C to the whole foreground process group (the supervisor included). A
@@ -43,16 +54,21 @@ const SI_KERNEL: i32 = 0x80;
 pub(crate) fn run() -> anyhow::Result<ExitCode> {
     let port = metrics_port()?;
     let root = workspace_root();
-
-    let mut build = cargo();
-    build.args(["build", "-p", "tsunagi", "--locked"]);
-    if !status(&mut build)?.success() {
-        bail!("`{}` failed", display(&build));
-    }
-
     let target = target_dir(&root);
-    let binary = target.join("debug").join("tsunagi");
-    let config = write_config(&target.join("demo"), port)?;
+
+    let binary = match env_path(BIN_ENV)? {
+        Some(binary) => binary,
+        None => {
+            let mut build = cargo();
+            build.args(["build", "-p", "tsunagi", "--locked"]);
+            if !status(&mut build)?.success() {
+                bail!("`{}` failed", display(&build));
+            }
+            target.join("debug").join("tsunagi")
+        }
+    };
+    let demo_dir = env_path(DIR_ENV)?.unwrap_or_else(|| target.join("demo"));
+    let config = write_config(&demo_dir, port)?;
 
     let mut child = Command::new(&binary)
         .arg("run")
@@ -187,6 +203,17 @@ fn metrics_port() -> anyhow::Result<u16> {
     match value.trim().parse::<u16>() {
         Ok(port) if port != 0 => Ok(port),
         _ => bail!("{METRICS_PORT_ENV} must be a port number from 1 to 65535, not {value:?}"),
+    }
+}
+
+/// The value of the environment variable `name` as an absolute path (relative values are
+/// taken from the current directory), if set and not empty.
+fn env_path(name: &str) -> anyhow::Result<Option<PathBuf>> {
+    match std::env::var_os(name) {
+        Some(value) if !value.is_empty() => std::path::absolute(&value)
+            .map(Some)
+            .with_context(|| format!("{name}: cannot make {value:?} absolute")),
+        _ => Ok(None),
     }
 }
 

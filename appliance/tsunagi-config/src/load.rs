@@ -146,6 +146,8 @@ struct Analysis {
     problems: Vec<Problem>,
     /// Spans of the original text, when it is valid TOML.
     index: Option<SpanIndex>,
+    /// Checking stopped after [`MAX_ROUNDS`]; there may be more problems.
+    truncated: bool,
 }
 
 fn finish(file: &Path, analysis: Analysis) -> Result<Config, Problems> {
@@ -154,6 +156,15 @@ fn finish(file: &Path, analysis: Analysis) -> Result<Config, Problems> {
     problems.retain(|p| seen.insert((p.key.clone(), p.reason.clone())));
     // Stable: problems on the same line keep the order they were found in.
     problems.sort_by_key(|p| (p.line.is_some(), p.line));
+    if analysis.truncated {
+        problems.push(Problem {
+            line: None,
+            key: String::new(),
+            reason: format!(
+                "stopped after {MAX_ROUNDS} rounds of checks; fix the problems above and check again"
+            ),
+        });
+    }
     match analysis.config {
         Some(config) if problems.is_empty() => Ok(config),
         _ => Err(Problems {
@@ -176,6 +187,7 @@ fn analyse(text: &str) -> Analysis {
                     reason: one_line(e.message()),
                 }],
                 index: None,
+                truncated: false,
             };
         }
     };
@@ -197,6 +209,7 @@ fn analyse(text: &str) -> Analysis {
                 reason: version_reason(version),
             }],
             index: Some(index),
+            truncated: false,
         };
     }
 
@@ -207,13 +220,11 @@ fn analyse(text: &str) -> Analysis {
     let mut working: DocumentMut = original.clone().into_mut();
     let mut current = text.to_owned();
     let mut config = None;
+    let mut truncated = false;
 
     for round in 0.. {
         if round == MAX_ROUNDS {
-            findings.push((
-                KeyPath::new(),
-                format!("stopped after {MAX_ROUNDS} rounds of checks; fix the problems above and check again"),
-            ));
+            truncated = true;
             break;
         }
         let err = match toml::from_str::<Config>(&current) {
@@ -298,6 +309,7 @@ fn analyse(text: &str) -> Analysis {
         config,
         problems,
         index: Some(index),
+        truncated,
     }
 }
 
@@ -378,7 +390,8 @@ fn reason_for(message: &str, path: &[String]) -> String {
             .or(names.first().copied())
             .unwrap_or_default();
         let expected = names.get(1..).unwrap_or_default();
-        let file_key = format!("{unknown}-file");
+        // `id_hash_key` is a misspelt `id-hash-key`: still an inline secret.
+        let file_key = format!("{}-file", unknown.replace('_', "-"));
         if expected.contains(&file_key.as_str()) {
             return format!(
                 "inline secrets are not accepted: use `{file_key}` with the path of a file (mode 0600)"

@@ -383,6 +383,12 @@ id-hash-key = "s3cr3t-value"
     );
     let shown = parse(text, file()).unwrap_err().to_string();
     assert!(!shown.contains("s3cr3t"), "{shown}");
+
+    let text = format!("{MINIMAL}[privacy]\nid_hash_key = \"s3cr3t-value\"\n");
+    assert_eq!(
+        problems(&text)[0].2,
+        "inline secrets are not accepted: use `id-hash-key-file` with the path of a file (mode 0600)"
+    );
 }
 
 #[test]
@@ -661,6 +667,21 @@ fn dotted_and_inline_tables_map_to_lines() {
 }
 
 #[test]
+fn a_file_full_of_mistakes_stops_after_a_bound() {
+    let keys: String = (0..100).map(|i| format!("k{i} = 1\n")).collect();
+    let text = format!("{MINIMAL}[log]\n{keys}");
+    let got = problems(&text);
+    assert_eq!(got.len(), 65, "64 unknown keys and a note");
+    assert!(got[..64].iter().all(|(_, k, _)| k.starts_with("log.k")));
+    assert_eq!(got[64].1, "");
+    assert!(
+        got[64].2.starts_with("stopped after 64 rounds"),
+        "{}",
+        got[64].2
+    );
+}
+
+#[test]
 fn quoted_keys_are_rendered_unambiguously() {
     let text = format!("{MINIMAL}[drill.\"a.b\"]\n");
     assert_eq!(where_(&text), vec![(Some(8), "drill.\"a.b\"".to_owned())]);
@@ -845,6 +866,24 @@ fn every_example_config_parses() {
     }
     assert!(valid >= 1, "no example configs found");
     assert!(invalid >= 1, "no invalid example configs found");
+}
+
+/// House style 4.3: the config the image ships with must parse too.
+#[test]
+fn image_config_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../image/overlay/etc/tsunagi");
+    let mut found = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = fs::read_to_string(&path).unwrap();
+            if let Err(p) = parse(&text, &path) {
+                panic!("{p}");
+            }
+            found += 1;
+        }
+    }
+    assert!(found >= 1, "no config under {}", dir.display());
 }
 
 #[test]

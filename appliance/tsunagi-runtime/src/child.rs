@@ -169,7 +169,7 @@ impl std::fmt::Debug for Outgoing {
 impl Reporter {
     /// The service is up and doing its job.
     pub fn ready(&self) {
-        let _ = self.tx.send(Outgoing::Message(ChildMessage::Ready));
+        let _ = self.tx.send(Outgoing::Message(ChildMessage::Ready {}));
     }
 
     /// Current health and a one-line summary (counts and states only, never patient data).

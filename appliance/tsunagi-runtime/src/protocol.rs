@@ -20,7 +20,7 @@ pub const MAX_TEXT: usize = 512;
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ChildMessage {
     /// The service finished starting and does its job.
-    Ready,
+    Ready {},
     /// Current health and a one-line summary (counts and states, never patient data).
     Status { health: Health, summary: String },
     /// The service is about to exit because of this error (the whole chain, one line).
@@ -54,7 +54,7 @@ mod tests {
     #[test]
     fn messages_round_trip_as_lines() {
         for msg in [
-            ChildMessage::Ready,
+            ChildMessage::Ready {},
             ChildMessage::Status {
                 health: Health::Degraded,
                 summary: "queue 3".into(),

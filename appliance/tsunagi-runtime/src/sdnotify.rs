@@ -54,10 +54,10 @@ impl Notifier {
     /// Sends one notification (`READY=1`, `STATUS=...`, `WATCHDOG=1`, `STOPPING=1`).
     /// Failures are logged at debug level: systemd going away must not stop the appliance.
     pub fn notify(&self, state: &str) {
-        if let Some((sock, addr)) = &self.target {
-            if let Err(error) = sock.send_to_addr(state.as_bytes(), addr) {
-                tracing::debug!(error = &error as &dyn std::error::Error, "sd_notify failed");
-            }
+        if let Some((sock, addr)) = &self.target
+            && let Err(error) = sock.send_to_addr(state.as_bytes(), addr)
+        {
+            tracing::debug!(error = &error as &dyn std::error::Error, "sd_notify failed");
         }
     }
 }

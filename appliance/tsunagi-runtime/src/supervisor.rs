@@ -381,11 +381,11 @@ impl Supervisor {
 
     /// Time-driven work: starts that are due, stop deadlines, ready timeouts, the watchdog.
     fn tick(&mut self, now: Instant) {
-        if let (Some(due), Some(every)) = (self.next_watchdog, self.notifier.watchdog_interval()) {
-            if now >= due {
-                self.notifier.notify("WATCHDOG=1");
-                self.next_watchdog = Some(now + every);
-            }
+        if let (Some(due), Some(every)) = (self.next_watchdog, self.notifier.watchdog_interval())
+            && now >= due
+        {
+            self.notifier.notify("WATCHDOG=1");
+            self.next_watchdog = Some(now + every);
         }
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
@@ -397,25 +397,26 @@ impl Supervisor {
                 }
                 continue;
             }
-            if slot.state == ServiceState::Starting && slot.pid.is_some() && !slot.killed {
-                if let Some(started) = slot.started_at {
-                    if now >= started + self.settings.ready_timeout {
-                        let timeout = humantime_secs(self.settings.ready_timeout);
-                        warn!(service = %slot.spec.name, "service not ready in time; killing it");
-                        slot.reported_error = Some(format!("not ready within {timeout}"));
-                        if let Some(pid) = slot.pid {
-                            kill_group(pid);
-                        }
-                        slot.killed = true;
-                    }
+            if slot.state == ServiceState::Starting
+                && slot.pid.is_some()
+                && !slot.killed
+                && let Some(started) = slot.started_at
+                && now >= started + self.settings.ready_timeout
+            {
+                let timeout = humantime_secs(self.settings.ready_timeout);
+                warn!(service = %slot.spec.name, "service not ready in time; killing it");
+                slot.reported_error = Some(format!("not ready within {timeout}"));
+                if let Some(pid) = slot.pid {
+                    kill_group(pid);
                 }
+                slot.killed = true;
             }
-            if self.shutting_down.is_none() && slot.pid.is_none() {
-                if let Some(due) = slot.next_start {
-                    if now >= due {
-                        self.start(i, now);
-                    }
-                }
+            if self.shutting_down.is_none()
+                && slot.pid.is_none()
+                && let Some(due) = slot.next_start
+                && now >= due
+            {
+                self.start(i, now);
             }
         }
         self.check_ready();
@@ -521,7 +522,7 @@ impl Supervisor {
                 };
                 let slot = &mut self.slots[i];
                 match msg {
-                    ChildMessage::Ready => {
+                    ChildMessage::Ready {} => {
                         if slot.state == ServiceState::Starting {
                             slot.state = ServiceState::Ready;
                             slot.settled = true;
@@ -715,15 +716,14 @@ impl Supervisor {
             );
             return;
         }
-        if plan.settings.log_filter != old.log_filter {
-            if let Some(log) = &self.log {
-                if let Err(e) = log.set_filter(&plan.settings.log_filter) {
-                    warn!(
-                        error = &e as &dyn std::error::Error,
-                        "keeping the old log filter"
-                    );
-                }
-            }
+        if plan.settings.log_filter != old.log_filter
+            && let Some(log) = &self.log
+            && let Err(e) = log.set_filter(&plan.settings.log_filter)
+        {
+            warn!(
+                error = &e as &dyn std::error::Error,
+                "keeping the old log filter"
+            );
         }
         let metrics_changed = plan.settings.metrics != old.metrics;
         self.settings = plan.settings.clone();
@@ -731,10 +731,10 @@ impl Supervisor {
             if let Some(cancel) = self.metrics_cancel.take() {
                 cancel.cancel();
             }
-            if let Some(addr) = plan.settings.metrics {
-                if let Err(e) = self.start_metrics(addr).await {
-                    error!(error = &e as &dyn std::error::Error, "metrics stay off");
-                }
+            if let Some(addr) = plan.settings.metrics
+                && let Err(e) = self.start_metrics(addr).await
+            {
+                error!(error = &e as &dyn std::error::Error, "metrics stay off");
             }
         }
 

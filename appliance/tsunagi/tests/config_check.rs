@@ -1,6 +1,10 @@
 //! Acceptance 5: `tsunagi config check` rejects an unknown key, a bad AE title, a bad
 //! 医療機関コード, an inline secret and a group-readable secret file, each with file:line and a
 //! one-line reason, and accepts every shipped example.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "these tests poll real processes from plain threads, not from a tokio runtime"
+)]
 
 mod common;
 

@@ -1,5 +1,9 @@
 //! Acceptance 7: `cargo xtask demo` starts, `tsunagi status` shows `heartbeat` ready, and
 //! Ctrl-C (SIGINT to the foreground process group) stops it cleanly.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "these tests poll real processes from plain threads, not from a tokio runtime"
+)]
 
 mod common;
 

@@ -1,6 +1,10 @@
 //! Acceptance 3: as root, each child runs under its own uid, with no capabilities beyond
 //! those it declares, NoNewPrivs=1 and no supplementary groups; its state directory is its
 //! own, mode 0700.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "these tests poll real processes from plain threads, not from a tokio runtime"
+)]
 
 mod common;
 

@@ -1,5 +1,9 @@
 //! Acceptance 6: SIGHUP with one service's section changed restarts only that service;
 //! SIGHUP with an invalid file keeps the old config running and logs why.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "these tests poll real processes from plain threads, not from a tokio runtime"
+)]
 
 mod common;
 

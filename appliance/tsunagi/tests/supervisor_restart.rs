@@ -1,5 +1,9 @@
 //! Acceptance 1: a crashing service is restarted with growing backoff and marked failed after
 //! N crashes within the window, while the other services keep running.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "these tests poll real processes from plain threads, not from a tokio runtime"
+)]
 
 mod common;
 
@@ -28,10 +32,10 @@ fn crashing_service_backs_off_then_fails_while_others_keep_running() {
         );
         let Some(status) = h.status() else { continue };
         let crashy = service(&status, "drill-crashy");
-        if let Some(pid) = pid_of(&status, "drill-crashy") {
-            if starts.last().map(|(p, _)| *p) != Some(pid) {
-                starts.push((pid, Instant::now()));
-            }
+        if let Some(pid) = pid_of(&status, "drill-crashy")
+            && starts.last().map(|(p, _)| *p) != Some(pid)
+        {
+            starts.push((pid, Instant::now()));
         }
         if crashy["state"] == "failed" {
             break status;

@@ -1,5 +1,9 @@
 //! Acceptance 4: `tsunagi status --json` reports every service with its name, state, pid,
 //! restarts, last error, uptime and summary; the table and the metrics say the same.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "these tests poll real processes from plain threads, not from a tokio runtime"
+)]
 
 mod common;
 

@@ -1,5 +1,9 @@
 //! Acceptance 2: SIGTERM stops everything within the deadline, including a child that ignores
 //! SIGTERM and a helper process it left behind; no process of the tree remains.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "these tests poll real processes from plain threads, not from a tokio runtime"
+)]
 
 mod common;
 

@@ -181,21 +181,21 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if child.try_wait().ok().flatten().is_none() {
-                let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
-                let _ = kill(pid, Signal::SIGTERM);
-                let start = Instant::now();
-                while start.elapsed() < Duration::from_secs(10) {
-                    if child.try_wait().ok().flatten().is_some() {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
+        if let Some(child) = self.child.as_mut()
+            && child.try_wait().ok().flatten().is_none()
+        {
+            let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+            let _ = kill(pid, Signal::SIGTERM);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
                 }
-                // Children die with the supervisor (parent-death signal).
-                let _ = child.kill();
-                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(20));
             }
+            // Children die with the supervisor (parent-death signal).
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
