@@ -34,19 +34,11 @@ struct SystemPackage {
 const SYSTEM_PACKAGES: &[SystemPackage] = &[
     SystemPackage {
         name: "passwd",
-        why: "useradd, for the per-service users the runtime tests create",
+        why: "useradd, for the per-service users the supervisor creates when run as root",
     },
     SystemPackage {
-        name: "procps",
-        why: "ps/pgrep, for checking which processes a test left behind",
-    },
-    SystemPackage {
-        name: "iproute2",
-        why: "ip, for inspecting network state in tests",
-    },
-    SystemPackage {
-        name: "sqlite3",
-        why: "the sqlite3 shell, for inspecting state databases in tests",
+        name: "coreutils",
+        why: "sleep, the helper process the `subprocess` fault drill leaves behind",
     },
 ];
 

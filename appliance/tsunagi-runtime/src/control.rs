@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::status::StatusReport;
@@ -103,25 +103,15 @@ pub(crate) async fn serve(
     snapshot: watch::Receiver<Arc<Snapshot>>,
     cancel: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue; // Too many clients at once: drop this one.
-        };
-        let snapshot = snapshot.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = tokio::time::timeout(IO_TIMEOUT, answer(stream, snapshot)).await;
-        });
-    }
+    let bounds = crate::listen::Bounds {
+        max_clients: MAX_CLIENTS,
+        per_client: IO_TIMEOUT,
+    };
+    let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
+    crate::listen::serve(accept, bounds, cancel, |stream| {
+        answer(stream, snapshot.clone())
+    })
+    .await;
 }
 
 async fn answer(stream: tokio::net::UnixStream, snapshot: watch::Receiver<Arc<Snapshot>>) {

@@ -22,6 +22,7 @@
 pub mod child;
 pub mod control;
 pub mod fd;
+mod listen;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

@@ -9,95 +9,101 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::status::{ServiceState, StatusReport};
+use crate::status::{ServiceState, ServiceStatus, StatusReport};
 use crate::supervisor::Snapshot;
 
 const MAX_HEAD: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CLIENTS: usize = 16;
 
+/// Writes one metric family: its help and type lines, then one sample per entry.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+fn service_label(service: &str) -> String {
+    format!("{{service=\"{service}\"}}")
+}
+
 /// Renders a status report in the Prometheus text exposition format (version 0.0.4).
+/// Service names are validated (`[a-z][a-z0-9-]*`), so labels need no escaping.
 pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
     let services = &report.services;
-    let _ = writeln!(out, "# HELP tsunagi_up Whether the supervisor is running.");
-    let _ = writeln!(out, "# TYPE tsunagi_up gauge\ntsunagi_up 1");
-    let _ = writeln!(
-        out,
-        "# HELP tsunagi_ready Whether every enabled service has been ready or failed since start (READY=1 sent)."
+    let per_service = |value: &dyn Fn(&ServiceStatus) -> String| -> Vec<(String, String)> {
+        services
+            .iter()
+            .map(|s| (service_label(&s.name), value(s)))
+            .collect()
+    };
+    let one = |value: String| vec![(String::new(), value)];
+    family(
+        &mut out,
+        "tsunagi_up",
+        "gauge",
+        "Whether the supervisor is running.",
+        &one("1".into()),
     );
-    let _ = writeln!(
-        out,
-        "# TYPE tsunagi_ready gauge\ntsunagi_ready {}",
-        u8::from(report.supervisor.ready)
+    family(
+        &mut out,
+        "tsunagi_ready",
+        "gauge",
+        "Whether every enabled service has been ready or failed since start (READY=1 sent).",
+        &one(u8::from(report.supervisor.ready).to_string()),
     );
-    let _ = writeln!(
-        out,
-        "# HELP tsunagi_supervisor_uptime_seconds Seconds since the supervisor started."
+    family(
+        &mut out,
+        "tsunagi_supervisor_uptime_seconds",
+        "gauge",
+        "Seconds since the supervisor started.",
+        &one(report.supervisor.uptime_secs.to_string()),
     );
-    let _ = writeln!(out, "# TYPE tsunagi_supervisor_uptime_seconds gauge");
-    let _ = writeln!(
-        out,
-        "tsunagi_supervisor_uptime_seconds {}",
-        report.supervisor.uptime_secs
+    let states: Vec<(String, String)> = services
+        .iter()
+        .flat_map(|s| {
+            ServiceState::ALL.iter().map(move |state| {
+                (
+                    format!("{{service=\"{}\",state=\"{}\"}}", s.name, state.as_str()),
+                    u8::from(s.state == *state).to_string(),
+                )
+            })
+        })
+        .collect();
+    family(
+        &mut out,
+        "tsunagi_service_state",
+        "gauge",
+        "The state of each service (1 for the current state).",
+        &states,
     );
-    let _ = writeln!(
-        out,
-        "# HELP tsunagi_service_state The state of each service (1 for the current state)."
+    family(
+        &mut out,
+        "tsunagi_service_up",
+        "gauge",
+        "Whether the service is running and ready.",
+        &per_service(&|s| u8::from(s.state == ServiceState::Ready).to_string()),
     );
-    let _ = writeln!(out, "# TYPE tsunagi_service_state gauge");
-    for s in services {
-        for state in ServiceState::ALL {
-            let _ = writeln!(
-                out,
-                "tsunagi_service_state{{service=\"{}\",state=\"{}\"}} {}",
-                s.name,
-                state.as_str(),
-                u8::from(s.state == state)
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP tsunagi_service_up Whether the service is running and ready."
+    family(
+        &mut out,
+        "tsunagi_service_restarts_total",
+        "counter",
+        "Restarts of each service since the supervisor started.",
+        &per_service(&|s| s.restarts.to_string()),
     );
-    let _ = writeln!(out, "# TYPE tsunagi_service_up gauge");
-    for s in services {
-        let _ = writeln!(
-            out,
-            "tsunagi_service_up{{service=\"{}\"}} {}",
-            s.name,
-            u8::from(s.state == ServiceState::Ready)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP tsunagi_service_restarts_total Restarts of each service since the supervisor started."
+    family(
+        &mut out,
+        "tsunagi_service_uptime_seconds",
+        "gauge",
+        "Seconds since the service's current process started (0 when not running).",
+        &per_service(&|s| s.uptime_secs.unwrap_or(0).to_string()),
     );
-    let _ = writeln!(out, "# TYPE tsunagi_service_restarts_total counter");
-    for s in services {
-        let _ = writeln!(
-            out,
-            "tsunagi_service_restarts_total{{service=\"{}\"}} {}",
-            s.name, s.restarts
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP tsunagi_service_uptime_seconds Seconds since the service's current process started (0 when not running)."
-    );
-    let _ = writeln!(out, "# TYPE tsunagi_service_uptime_seconds gauge");
-    for s in services {
-        let _ = writeln!(
-            out,
-            "tsunagi_service_uptime_seconds{{service=\"{}\"}} {}",
-            s.name,
-            s.uptime_secs.unwrap_or(0)
-        );
-    }
     out
 }
 
@@ -107,25 +113,15 @@ pub(crate) async fn serve(
     snapshot: watch::Receiver<Arc<Snapshot>>,
     cancel: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let snapshot = snapshot.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = tokio::time::timeout(IO_TIMEOUT, answer(stream, snapshot)).await;
-        });
-    }
+    let bounds = crate::listen::Bounds {
+        max_clients: MAX_CLIENTS,
+        per_client: IO_TIMEOUT,
+    };
+    let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
+    crate::listen::serve(accept, bounds, cancel, |stream| {
+        answer(stream, snapshot.clone())
+    })
+    .await;
 }
 
 async fn answer(mut stream: tokio::net::TcpStream, snapshot: watch::Receiver<Arc<Snapshot>>) {
@@ -198,4 +194,67 @@ async fn respond(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{Health, SupervisorStatus};
+
+    fn report() -> StatusReport {
+        let service = |name: &str, state| ServiceStatus {
+            name: name.into(),
+            state,
+            health: Health::Ok,
+            pid: Some(42),
+            restarts: 3,
+            last_error: None,
+            uptime_secs: Some(7),
+            summary: String::new(),
+            user: None,
+        };
+        StatusReport {
+            supervisor: SupervisorStatus {
+                pid: 1,
+                version: "0.0.0".into(),
+                privileged: true,
+                ready: true,
+                uptime_secs: 9,
+                config: "/etc/tsunagi/tsunagi.toml".into(),
+            },
+            services: vec![
+                service("heartbeat", ServiceState::Ready),
+                service("drill-x", ServiceState::Failed),
+            ],
+        }
+    }
+
+    #[test]
+    fn every_line_is_a_comment_or_a_sample() {
+        let text = render(&report());
+        for line in text.lines() {
+            if line.starts_with('#') {
+                assert!(
+                    line.starts_with("# HELP ") || line.starts_with("# TYPE "),
+                    "{line}"
+                );
+                continue;
+            }
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            assert!(name.starts_with("tsunagi_"), "{line}");
+            let bare = name.split('{').next().unwrap();
+            assert!(
+                bare.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{line}"
+            );
+        }
+        assert!(text.contains("tsunagi_service_state{service=\"drill-x\",state=\"failed\"} 1\n"));
+        assert!(text.contains("tsunagi_service_state{service=\"drill-x\",state=\"ready\"} 0\n"));
+        assert!(text.contains("tsunagi_service_restarts_total{service=\"heartbeat\"} 3\n"));
+        assert!(text.contains("tsunagi_service_up{service=\"heartbeat\"} 1\n"));
+        assert!(text.contains("tsunagi_ready 1\n"));
+        // Each family is declared once.
+        assert_eq!(text.matches("# TYPE tsunagi_service_state ").count(), 1);
+    }
 }
