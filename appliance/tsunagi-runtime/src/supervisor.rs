@@ -784,7 +784,12 @@ impl Supervisor {
                         }
                     }
                 }
-                Some(_) => {}
+                Some(slot) => {
+                    // Removed by an earlier reload and still stopping: keep it after all.
+                    if slot.after_stop == AfterStop::Remove {
+                        slot.after_stop = AfterStop::Restart;
+                    }
+                }
             }
         }
         info!(
