@@ -40,8 +40,8 @@ mod types;
 
 pub use load::{LoadError, Problem, Problems, check_secret_files, load, parse};
 pub use types::{
-    AbsPath, AeTitle, Capability, ConfigDuration, FacilityCode, LogFilter, Port, SecretFile,
-    ServiceName, ValueError,
+    AbsPath, AeTitle, Capability, ConfigDuration, Endpoint, FacilityCode, HealthUrl, IfaceName,
+    Ipv4Cidr, LogFilter, Port, SecretFile, ServiceName, ValueError, WgPublicKey,
 };
 
 /// The config file format version this software reads.
@@ -72,9 +72,12 @@ pub struct Config {
     /// Prometheus metrics endpoint; absent means metrics are off.
     #[serde(default)]
     pub metrics: Option<Metrics>,
-    /// The liveness heartbeat every service sends to the supervisor.
+    /// The built-in diagnostic heartbeat service.
     #[serde(default)]
     pub heartbeat: Heartbeat,
+    /// The WireGuard tunnel to the network hub; absent means no tunnel.
+    #[serde(default)]
+    pub tunnel: Option<Tunnel>,
     /// Fault drills, by name (`[drill.crashy]` runs as service `drill-crashy`).
     #[serde(default)]
     pub drill: BTreeMap<ServiceName, Drill>,
@@ -181,6 +184,116 @@ impl Default for Heartbeat {
             interval: ConfigDuration::secs(10),
         }
     }
+}
+
+/// Which WireGuard implementation the tunnel uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TunnelBackend {
+    /// The kernel module when the kernel has it, else the userspace implementation.
+    #[default]
+    Auto,
+    /// The kernel module only.
+    Kernel,
+    /// The userspace implementation (`wireguard-go`), run and watched by the tunnel service.
+    Userspace,
+}
+
+/// `[tunnel]`: the WireGuard tunnel to the network hub (split tunnel: only `hub-subnets` go
+/// through it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Tunnel {
+    /// Whether the tunnel service runs; default true when the section is present.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The WireGuard interface; default `tsunagi0`.
+    #[serde(default = "default_interface")]
+    pub interface: IfaceName,
+    /// `auto` (default), `kernel` or `userspace`.
+    #[serde(default)]
+    pub backend: TunnelBackend,
+    /// The userspace implementation to run (a command on PATH or an absolute path); default
+    /// `wireguard-go`.
+    #[serde(default = "default_userspace")]
+    pub userspace_implementation: String,
+    /// The box's private key; default `STATE-DIR/tunnel/private.key`. Generated on the box
+    /// when absent (mode 0600); it never leaves the box.
+    #[serde(default)]
+    pub private_key_file: Option<SecretFile>,
+    /// The box's WireGuard UDP port (the only port open on the WAN side); default 51820.
+    #[serde(default = "default_listen_port")]
+    pub listen_port: Port,
+    /// The hub, as host:port (DNS names are re-resolved on failure).
+    pub hub_endpoint: Endpoint,
+    /// Further endpoints of the same hub, tried in order when the first fails (e.g. UDP 443).
+    #[serde(default)]
+    pub alternative_endpoints: Vec<Endpoint>,
+    /// The hub's public key.
+    pub hub_public_key: WgPublicKey,
+    /// Optional preshared key shared with the hub.
+    #[serde(default)]
+    pub preshared_key_file: Option<SecretFile>,
+    /// The box's address inside the tunnel, e.g. `10.99.0.2/24`.
+    pub address: Ipv4Cidr,
+    /// The hub networks routed through the tunnel; nothing else goes there.
+    pub hub_subnets: Vec<Ipv4Cidr>,
+    /// Keepalive towards the hub; default 25s.
+    #[serde(default = "default_keepalive")]
+    pub persistent_keepalive: ConfigDuration,
+    /// Tunnel MTU, 1280–1420; default 1280 (1420 fails behind path-MTU black holes).
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// The hub's health address, probed through the tunnel.
+    pub health_url: HealthUrl,
+    /// Time between health probes; default 5s.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: ConfigDuration,
+    /// Consecutive failed probes before the next recovery step; default 3.
+    #[serde(default = "default_probe_failures")]
+    pub probe_failures: u32,
+    /// Deadline of one probe; default 2s.
+    #[serde(default = "default_short")]
+    pub probe_timeout: ConfigDuration,
+    /// Deadline of every WireGuard control call; default 2s.
+    #[serde(default = "default_short")]
+    pub control_timeout: ConfigDuration,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_interface() -> IfaceName {
+    IfaceName::try_from("tsunagi0").unwrap_or_else(|_| unreachable!("a valid literal"))
+}
+
+fn default_userspace() -> String {
+    "wireguard-go".to_owned()
+}
+
+fn default_listen_port() -> Port {
+    Port::try_from(51820u16).unwrap_or_else(|_| unreachable!("a valid literal"))
+}
+
+fn default_keepalive() -> ConfigDuration {
+    ConfigDuration::secs(25)
+}
+
+fn default_mtu() -> u32 {
+    1280
+}
+
+fn default_probe_interval() -> ConfigDuration {
+    ConfigDuration::secs(5)
+}
+
+fn default_probe_failures() -> u32 {
+    3
+}
+
+fn default_short() -> ConfigDuration {
+    ConfigDuration::secs(2)
 }
 
 /// A fault drill: a diagnostic service that runs the heartbeat loop and misbehaves on
@@ -292,6 +405,56 @@ impl Config {
             );
         }
 
+        if let Some(t) = &self.tunnel {
+            if t.hub_subnets.is_empty() {
+                broken(
+                    "tunnel.hub-subnets",
+                    "at least one hub subnet must be routed through the tunnel".into(),
+                    &["tunnel.hub-subnets"],
+                );
+            }
+            if !(1280..=1420).contains(&t.mtu) {
+                broken(
+                    "tunnel.mtu",
+                    format!("the tunnel MTU must be 1280 to 1420 (got {})", t.mtu),
+                    &["tunnel.mtu"],
+                );
+            }
+            if t.probe_failures == 0 {
+                broken(
+                    "tunnel.probe-failures",
+                    "must be at least 1".into(),
+                    &["tunnel.probe-failures"],
+                );
+            }
+            let probe = *t.health_url.addr().ip();
+            if !t.hub_subnets.iter().any(|net| net.contains(probe)) {
+                broken(
+                    "tunnel.health-url",
+                    format!(
+                        "{probe} is not in any of tunnel.hub-subnets, so it would not be probed through the tunnel"
+                    ),
+                    &["tunnel.health-url", "tunnel.hub-subnets"],
+                );
+            }
+            if t.userspace_implementation.trim().is_empty()
+                || t.userspace_implementation.chars().any(char::is_whitespace)
+            {
+                broken(
+                    "tunnel.userspace-implementation",
+                    "must be a command name or an absolute path, without spaces".into(),
+                    &["tunnel.userspace-implementation"],
+                );
+            }
+            if t.persistent_keepalive.get() > std::time::Duration::from_secs(65535) {
+                broken(
+                    "tunnel.persistent-keepalive",
+                    "must be at most 65535s".into(),
+                    &["tunnel.persistent-keepalive"],
+                );
+            }
+        }
+
         let sup = &self.supervisor;
         if sup.backoff_initial > sup.backoff_max {
             broken(
@@ -340,6 +503,14 @@ impl Config {
         let mut out = Vec::new();
         if let Some(file) = &self.privacy.id_hash_key_file {
             out.push(("privacy.id-hash-key-file", file));
+        }
+        if let Some(tunnel) = &self.tunnel {
+            if let Some(file) = &tunnel.preshared_key_file {
+                out.push(("tunnel.preshared-key-file", file));
+            }
+            if let Some(file) = &tunnel.private_key_file {
+                out.push(("tunnel.private-key-file", file));
+            }
         }
         out
     }

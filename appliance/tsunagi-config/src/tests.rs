@@ -600,7 +600,7 @@ fn unknown_keys_and_tables() {
             (Some(13), "drill.a.foo"),
         ]
     );
-    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, drill)"), "{}", got[0].2);
+    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, tunnel, drill)"), "{}", got[0].2);
     assert_eq!(got[1].2, "unknown key `level` (expected one of: filter)");
 }
 
@@ -910,4 +910,134 @@ fn drills_example() {
     let stubborn = &cfg.drill[&ServiceName::try_from("stubborn").unwrap()];
     assert!(stubborn.ignore_sigterm);
     assert!(cfg.heartbeat.enabled);
+}
+
+// ---------------------------------------------------------------------------------------
+// [tunnel]
+
+const HUB_KEY: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+
+fn tunnel_section(extra: &str) -> String {
+    format!(
+        "{MINIMAL}[tunnel]\nhub-endpoint = \"hub.example.jp:51820\"\nhub-public-key = \"{HUB_KEY}\"\naddress = \"10.99.0.2/24\"\nhub-subnets = [\"10.98.0.0/24\"]\nhealth-url = \"http://10.98.0.1:8080/health\"\n{extra}"
+    )
+}
+
+#[test]
+fn tunnel_section_gets_defaults() {
+    let cfg = parse(&tunnel_section(""), file()).unwrap();
+    let t = cfg.tunnel.unwrap();
+    assert!(t.enabled);
+    assert_eq!(t.interface.as_str(), "tsunagi0");
+    assert_eq!(t.backend, crate::TunnelBackend::Auto);
+    assert_eq!(t.userspace_implementation, "wireguard-go");
+    assert_eq!(t.listen_port.get(), 51820);
+    assert_eq!(t.mtu, 1280);
+    assert_eq!(t.persistent_keepalive.get(), Duration::from_secs(25));
+    assert_eq!(t.probe_interval.get(), Duration::from_secs(5));
+    assert_eq!(t.probe_failures, 3);
+    assert_eq!(t.hub_endpoint.host(), "hub.example.jp");
+    assert_eq!(t.hub_endpoint.port(), 51820);
+    assert_eq!(t.health_url.path(), "/health");
+    assert!(parse(MINIMAL, file()).unwrap().tunnel.is_none());
+}
+
+#[test]
+fn tunnel_values_are_validated_with_lines() {
+    let text = format!(
+        "{MINIMAL}[tunnel]\nhub-endpoint = \"hub example:51820\"\nhub-public-key = \"abc\"\naddress = \"10.99.0.2\"\nhub-subnets = [\"10.98.0.0/24\"]\nhealth-url = \"https://10.98.0.1/health\"\ninterface = \"this-name-is-too-long\"\n"
+    );
+    let got = problems(&text);
+    let keys: Vec<(Option<usize>, &str)> = got.iter().map(|(l, k, _)| (*l, k.as_str())).collect();
+    assert_eq!(
+        keys,
+        vec![
+            (Some(9), "tunnel.hub-endpoint"),
+            (Some(10), "tunnel.hub-public-key"),
+            (Some(11), "tunnel.address"),
+            (Some(13), "tunnel.health-url"),
+            (Some(14), "tunnel.interface"),
+        ]
+    );
+}
+
+#[test]
+fn tunnel_cross_field_rules() {
+    let text = tunnel_section("mtu = 1500\nprobe-failures = 0\n").replace(
+        "http://10.98.0.1:8080/health",
+        "http://10.97.0.1:8080/health",
+    );
+    let got = problems(&text);
+    let keys: Vec<&str> = got.iter().map(|(_, k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["tunnel.health-url", "tunnel.mtu", "tunnel.probe-failures"]
+    );
+    assert!(
+        got[0].2.contains("not in any of tunnel.hub-subnets"),
+        "{}",
+        got[0].2
+    );
+}
+
+#[test]
+fn network_newtypes() {
+    use crate::{Endpoint, HealthUrl, IfaceName, Ipv4Cidr, WgPublicKey};
+    assert!(Endpoint::try_from("10.250.0.1:51820").is_ok());
+    assert!(Endpoint::try_from("[2001:db8::1]:443").is_ok());
+    assert_eq!(
+        Endpoint::try_from("[2001:db8::1]:443").unwrap().to_string(),
+        "[2001:db8::1]:443"
+    );
+    assert!(Endpoint::try_from("Hub.Example.JP:443").unwrap().host() == "hub.example.jp");
+    for bad in [
+        "hub",
+        "hub:0",
+        "hub:70000",
+        ":51820",
+        "-hub:1",
+        "a..b:1",
+        "[::1:1",
+    ] {
+        assert!(Endpoint::try_from(bad).is_err(), "{bad}");
+    }
+    assert!(WgPublicKey::try_from(HUB_KEY).is_ok());
+    for bad in [
+        "",
+        "abc",
+        &HUB_KEY.replace('=', "A"),
+        &HUB_KEY.replace('w', "x"),
+    ] {
+        assert!(WgPublicKey::try_from(bad).is_err(), "{bad}");
+    }
+    let net = Ipv4Cidr::try_from("10.98.0.7/24").unwrap();
+    assert_eq!(net.network().to_string(), "10.98.0.0");
+    assert!(net.contains("10.98.0.200".parse().unwrap()));
+    assert!(!net.contains("10.98.1.1".parse().unwrap()));
+    assert!(
+        Ipv4Cidr::try_from("0.0.0.0/0")
+            .unwrap()
+            .contains("1.2.3.4".parse().unwrap())
+    );
+    assert!(Ipv4Cidr::try_from("10.0.0.1/33").is_err());
+    assert!(IfaceName::try_from("tsunagi0").is_ok());
+    assert!(IfaceName::try_from("a/b").is_err());
+    assert!(IfaceName::try_from("x".repeat(16)).is_err());
+    let url = HealthUrl::try_from("http://10.98.0.1:8080/health").unwrap();
+    assert_eq!(url.addr().port(), 8080);
+    assert_eq!(
+        HealthUrl::try_from("http://10.98.0.1:80").unwrap().path(),
+        "/"
+    );
+    assert!(HealthUrl::try_from("http://hub:80/").is_err());
+}
+
+#[test]
+fn tunnel_secret_files_are_checked() {
+    let text = tunnel_section("preshared-key-file = \"c2VjcmV0\"\n");
+    let got = problems(&text);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, "tunnel.preshared-key-file");
+    assert!(got[0].2.contains("inline secret"));
+    assert!(!got[0].2.contains("c2VjcmV0"));
 }

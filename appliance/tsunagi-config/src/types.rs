@@ -732,3 +732,311 @@ impl From<Capability> for String {
         value.0.to_owned()
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Network values (the tunnel)
+
+/// A Linux network interface name: 1–15 characters of `A–Z a–z 0–9 _ . -`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IfaceName(String);
+
+impl TryFrom<String> for IfaceName {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        let len = value.chars().count();
+        if len == 0 || len > 15 {
+            return Err(ValueError::new(format!(
+                "an interface name is 1 to 15 characters (got {len})"
+            )));
+        }
+        if value == "." || value == ".." {
+            return Err(ValueError::new("an interface name cannot be `.` or `..`"));
+        }
+        if let Some(bad) = value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c)))
+        {
+            return Err(ValueError::new(format!(
+                "an interface name may only contain letters, digits, `_`, `.` and `-` (found {})",
+                quoted(&bad.to_string())
+            )));
+        }
+        Ok(Self(value))
+    }
+}
+
+string_newtype!(IfaceName);
+
+/// A `host:port` endpoint: the host is an IPv4 or IPv6 literal (`[::1]:51820`) or a DNS
+/// name; the port is 1–65535. DNS names are resolved by the user of the value, each time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Endpoint {
+    host: String,
+    port: u16,
+}
+
+impl Endpoint {
+    /// The host: an IP literal (without brackets) or a DNS name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address, when the host is an IP literal.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        self.host.parse().ok()
+    }
+}
+
+fn valid_dns_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+impl TryFrom<String> for Endpoint {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        let shape = || {
+            ValueError::new(format!(
+                "an endpoint is host:port, e.g. hub.example.jp:51820 or [2001:db8::1]:51820 (got {})",
+                quoted(&value)
+            ))
+        };
+        let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+            let (host, port) = rest.split_once("]:").ok_or_else(shape)?;
+            if host.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(shape());
+            }
+            (host, port)
+        } else {
+            let (host, port) = value.rsplit_once(':').ok_or_else(shape)?;
+            if host.parse::<std::net::Ipv4Addr>().is_err() && !valid_dns_name(host) {
+                return Err(ValueError::new(format!(
+                    "{} is neither an IPv4 address nor a DNS name",
+                    quoted(host)
+                )));
+            }
+            (host, port)
+        };
+        let port: u16 =
+            port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+                ValueError::new(format!("{} is not a port (1–65535)", quoted(port)))
+            })?;
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl TryFrom<&str> for Endpoint {
+    type Error = ValueError;
+    fn try_from(value: &str) -> Result<Self, ValueError> {
+        Self::try_from(value.to_owned())
+    }
+}
+
+impl FromStr for Endpoint {
+    type Err = ValueError;
+    fn from_str(value: &str) -> Result<Self, ValueError> {
+        Self::try_from(value.to_owned())
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl From<Endpoint> for String {
+    fn from(value: Endpoint) -> String {
+        value.to_string()
+    }
+}
+
+/// A WireGuard public key: 32 bytes in standard base64 (44 characters ending in `=`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WgPublicKey(String);
+
+impl TryFrom<String> for WgPublicKey {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        let bytes = value.as_bytes();
+        let base64 = |c: &u8| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/';
+        // 32 bytes = 42 full characters + one carrying 4 bits (its low 2 bits are zero) + `=`.
+        let ok = bytes.len() == 44
+            && bytes[..43].iter().all(base64)
+            && bytes[43] == b'='
+            && b"AEIMQUYcgkosw048".contains(&bytes[42]);
+        if !ok {
+            return Err(ValueError::new(
+                "a WireGuard public key is 32 bytes in base64: 44 characters ending in `=` (as `wg pubkey` prints)",
+            ));
+        }
+        Ok(Self(value))
+    }
+}
+
+string_newtype!(WgPublicKey);
+
+/// An IPv4 address with a prefix length, e.g. `10.99.0.2/24` (an interface address) or
+/// `10.98.0.0/24` (a subnet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Ipv4Cidr {
+    addr: std::net::Ipv4Addr,
+    prefix: u8,
+}
+
+impl Ipv4Cidr {
+    /// The address as written.
+    pub fn addr(&self) -> std::net::Ipv4Addr {
+        self.addr
+    }
+
+    /// The prefix length, 0–32.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0)
+    }
+
+    /// The network address (host bits cleared).
+    pub fn network(&self) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+
+    /// Whether `ip` is inside this network.
+    pub fn contains(&self, ip: std::net::Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network())
+    }
+}
+
+impl TryFrom<String> for Ipv4Cidr {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        let shape = || {
+            ValueError::new(format!(
+                "expected an IPv4 address with a prefix length, e.g. 10.98.0.0/24 (got {})",
+                quoted(&value)
+            ))
+        };
+        let (addr, prefix) = value.split_once('/').ok_or_else(shape)?;
+        let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| shape())?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(shape)?;
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl TryFrom<&str> for Ipv4Cidr {
+    type Error = ValueError;
+    fn try_from(value: &str) -> Result<Self, ValueError> {
+        Self::try_from(value.to_owned())
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = ValueError;
+    fn from_str(value: &str) -> Result<Self, ValueError> {
+        Self::try_from(value.to_owned())
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl From<Ipv4Cidr> for String {
+    fn from(value: Ipv4Cidr) -> String {
+        value.to_string()
+    }
+}
+
+/// A plain-HTTP health URL on an IPv4 literal, e.g. `http://10.98.0.1:8080/health`. It is
+/// probed through the tunnel, so it needs no TLS and no DNS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HealthUrl {
+    addr: std::net::SocketAddrV4,
+    path: String,
+}
+
+impl HealthUrl {
+    /// Where to connect.
+    pub fn addr(&self) -> std::net::SocketAddrV4 {
+        self.addr
+    }
+
+    /// The request path, starting with `/`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl TryFrom<String> for HealthUrl {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        let shape = || {
+            ValueError::new(format!(
+                "expected http://IPV4:PORT/PATH, e.g. http://10.98.0.1:8080/health (got {})",
+                quoted(&value)
+            ))
+        };
+        let rest = value.strip_prefix("http://").ok_or_else(shape)?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let addr: std::net::SocketAddrV4 = authority.parse().map_err(|_| shape())?;
+        if addr.port() == 0 || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(shape());
+        }
+        Ok(Self {
+            addr,
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl TryFrom<&str> for HealthUrl {
+    type Error = ValueError;
+    fn try_from(value: &str) -> Result<Self, ValueError> {
+        Self::try_from(value.to_owned())
+    }
+}
+
+impl fmt::Display for HealthUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}{}", self.addr, self.path)
+    }
+}
+
+impl From<HealthUrl> for String {
+    fn from(value: HealthUrl) -> String {
+        value.to_string()
+    }
+}

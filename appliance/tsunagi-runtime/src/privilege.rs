@@ -171,6 +171,33 @@ pub fn ensure_private_dir(dir: &Path, owner: Option<Identity>) -> Result<(), Pri
     })
 }
 
+/// Lets `id`'s group read and write the device node `path`, unless everybody already may.
+///
+/// On a standard Debian system `/dev/net/tun` is 0666 and this does nothing; where it is
+/// 0600 (some containers), the service's group becomes the device's group with mode 0660.
+pub fn grant_device(path: &Path, id: Identity) -> Result<(), PrivilegeError> {
+    let meta = std::fs::metadata(path).map_err(|source| PrivilegeError::Chmod {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o006 == 0o006 || (meta.gid() == id.gid.as_raw() && mode & 0o060 == 0o060) {
+        return Ok(());
+    }
+    chown(path, None, Some(id.gid)).map_err(|source| PrivilegeError::Chown {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o060)).map_err(
+        |source| PrivilegeError::Chmod {
+            path: path.to_owned(),
+            source,
+        },
+    )?;
+    tracing::info!(device = %path.display(), gid = id.gid.as_raw(), "granted a service group access to a device");
+    Ok(())
+}
+
 /// Creates a directory shared by the supervisor and its children (mode 0755, owned by the
 /// supervisor's user) and checks that every ancestor lets other users through.
 pub fn ensure_shared_dir(dir: &Path, check_reachable: bool) -> Result<(), PrivilegeError> {

@@ -47,6 +47,14 @@ pub struct ChildSpec {
     pub user: String,
     /// The capabilities it keeps; every other one is dropped.
     pub capabilities: Vec<Capability>,
+    /// Environment variables set for the process (on top of the supervisor's own).
+    pub env: Vec<(String, String)>,
+    /// Directories outside its state directory that the service owns (mode 0700), such as
+    /// the WireGuard control-socket directory.
+    pub extra_dirs: Vec<PathBuf>,
+    /// Device nodes the service must open (e.g. `/dev/net/tun`). When others may not use
+    /// one, the service's group gets read-write access to it, and nobody else does.
+    pub devices: Vec<PathBuf>,
     /// The part of the configuration the service reads, in a canonical form: when it changes
     /// at reload, the service is restarted.
     pub fingerprint: String,
@@ -465,6 +473,14 @@ impl Supervisor {
             None
         };
         privilege::ensure_private_dir(&self.settings.state_dir.join(&spec.name), identity)?;
+        for dir in &spec.extra_dirs {
+            privilege::ensure_private_dir(dir, identity)?;
+        }
+        if let Some(id) = identity {
+            for device in &spec.devices {
+                privilege::grant_device(device, id)?;
+            }
+        }
         let (ours, theirs) = fd::pair()?;
         let raw = fd::make_inheritable(&theirs)?;
         let mut cmd = tokio::process::Command::new(&self.exe);
@@ -479,6 +495,7 @@ impl Supervisor {
             .env_remove("WATCHDOG_PID")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(true);

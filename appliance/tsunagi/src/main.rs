@@ -66,6 +66,15 @@ enum Command {
     Config(ConfigCommand),
     /// Print the systemd-sysusers declarations of the services' users.
     Sysusers,
+    /// The WireGuard tunnel.
+    #[command(subcommand)]
+    Vpn(VpnCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum VpnCommand {
+    /// Print the box's WireGuard public key for the operator (generated on the box if absent).
+    Pubkey(ConfigArg),
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +97,19 @@ fn main() -> ExitCode {
             json,
         } => status_cmd::status(&config.config, socket.as_deref(), json),
         Command::Config(ConfigCommand::Check { files }) => config_check(&files),
+        Command::Vpn(VpnCommand::Pubkey(args)) => match load(&args.config) {
+            Err(code) => code,
+            Ok(cfg) => match services::vpn_pubkey(&cfg) {
+                Ok(key) => {
+                    println!("{key}");
+                    exit_code::OK
+                }
+                Err(e) => {
+                    eprintln!("tsunagi: {e}");
+                    exit_code::FAILURE
+                }
+            },
+        },
         Command::Sysusers => {
             print!("{}", services::sysusers());
             exit_code::OK

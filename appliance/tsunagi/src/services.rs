@@ -21,12 +21,21 @@ pub(crate) struct Kind {
 }
 
 /// The built-in services, in start order.
-pub(crate) const BUILTIN: &[Kind] = &[Kind {
-    name: heartbeat::NAME,
-    user: "tsunagi-heartbeat",
-    capabilities: &[],
-    description: "tsunagi heartbeat service",
-}];
+pub(crate) const BUILTIN: &[Kind] = &[
+    Kind {
+        name: tunnel::NAME,
+        user: "tsunagi-tunnel",
+        // Interface, addresses, routes and firewall; the userspace daemon inherits it.
+        capabilities: &[Capability::CAP_NET_ADMIN],
+        description: "tsunagi WireGuard tunnel",
+    },
+    Kind {
+        name: heartbeat::NAME,
+        user: "tsunagi-heartbeat",
+        capabilities: &[],
+        description: "tsunagi heartbeat service",
+    },
+];
 
 /// The prefix of fault-drill services (`[drill.NAME]` runs as `drill-NAME`).
 const DRILL_PREFIX: &str = "drill-";
@@ -64,15 +73,40 @@ fn drill_capabilities(drill: &tsunagi_config::Drill) -> Vec<Capability> {
 pub(crate) fn children(cfg: &Config) -> Vec<ChildSpec> {
     let mut out = Vec::new();
     for kind in BUILTIN {
-        let (enabled, fingerprint) = match kind.name {
-            heartbeat::NAME => (cfg.heartbeat.enabled, fingerprint(cfg, &cfg.heartbeat)),
-            _ => (false, String::new()),
+        let (enabled, fingerprint, env, extra_dirs, devices) = match kind.name {
+            heartbeat::NAME => (
+                cfg.heartbeat.enabled,
+                fingerprint(cfg, &cfg.heartbeat),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            ),
+            tunnel::NAME => match &cfg.tunnel {
+                Some(t) => (
+                    t.enabled,
+                    fingerprint(cfg, t),
+                    // wireguard-control must never start a daemon itself: the tunnel service
+                    // runs and watches it.
+                    vec![(
+                        "WG_USERSPACE_IMPLEMENTATION".to_owned(),
+                        "/bin/false".to_owned(),
+                    )],
+                    vec![std::path::PathBuf::from(tunnel::plane::SOCKET_DIR)],
+                    // The userspace daemon creates its interface through the TUN device.
+                    vec![std::path::PathBuf::from("/dev/net/tun")],
+                ),
+                None => (false, String::new(), Vec::new(), Vec::new(), Vec::new()),
+            },
+            _ => (false, String::new(), Vec::new(), Vec::new(), Vec::new()),
         };
         if enabled {
             out.push(ChildSpec {
                 name: kind.name.to_owned(),
                 user: kind.user.to_owned(),
                 capabilities: kind.capabilities.to_vec(),
+                env,
+                extra_dirs,
+                devices,
                 fingerprint,
             });
         }
@@ -82,6 +116,9 @@ pub(crate) fn children(cfg: &Config) -> Vec<ChildSpec> {
             name: format!("{DRILL_PREFIX}{name}"),
             user: format!("tsunagi-{DRILL_PREFIX}{name}"),
             capabilities: drill_capabilities(drill),
+            env: Vec::new(),
+            extra_dirs: Vec::new(),
+            devices: Vec::new(),
             fingerprint: fingerprint(cfg, drill),
         });
     }
@@ -138,6 +175,42 @@ impl ServiceCmdError {
     }
 }
 
+/// `tsunagi vpn pubkey`: the box's WireGuard public key, generating the key pair if absent
+/// (owned by the tunnel's user when run as root, so the service can read it).
+pub(crate) fn vpn_pubkey(cfg: &Config) -> Result<String, String> {
+    let tunnel_cfg = cfg
+        .tunnel
+        .as_ref()
+        .ok_or_else(|| "this config has no [tunnel] section".to_owned())?;
+    let state_dir = cfg.paths.state_dir.as_path().join(tunnel::NAME);
+    let path = tunnel::private_key_path(tunnel_cfg, &state_dir);
+    let identity = if tsunagi_runtime::privilege::is_root() {
+        let kind = BUILTIN
+            .iter()
+            .find(|k| k.name == tunnel::NAME)
+            .ok_or_else(|| "no tunnel service in this build".to_owned())?;
+        Some(
+            tsunagi_runtime::privilege::ensure_user(kind.user)
+                .map_err(|e| child::error_chain(&e))?,
+        )
+    } else {
+        None
+    };
+    if path.starts_with(&state_dir) {
+        tsunagi_runtime::privilege::ensure_private_dir(&state_dir, identity)
+            .map_err(|e| child::error_chain(&e))?;
+    }
+    let (key, origin) = tunnel::key::load_or_generate(&path).map_err(|e| child::error_chain(&e))?;
+    if origin == tunnel::key::Origin::Generated {
+        if let Some(id) = identity {
+            nix::unistd::chown(&path, Some(id.uid), Some(id.gid))
+                .map_err(|e| format!("cannot hand {} to the tunnel user: {e}", path.display()))?;
+        }
+        eprintln!("tsunagi: generated a new key pair in {}", path.display());
+    }
+    Ok(key.public_base64())
+}
+
 /// Runs service `name` in this (child) process.
 pub(crate) fn run_child(cfg: &Config, name: &str) -> Result<(), ServiceCmdError> {
     let unknown = || ServiceCmdError::Unknown {
@@ -153,6 +226,14 @@ pub(crate) fn run_child(cfg: &Config, name: &str) -> Result<(), ServiceCmdError>
         capabilities: spec.capabilities.clone(),
         state_dir: cfg.paths.state_dir.as_path().join(&spec.name),
     };
+    if name == tunnel::NAME {
+        let Some(cfg) = cfg.tunnel.clone() else {
+            return Err(unknown());
+        };
+        let prepared = child::enter(setup)?;
+        child::run_service(prepared, 2, |ctx| tunnel::run(ctx, cfg))?;
+        return Ok(());
+    }
     let behaviour = if name == heartbeat::NAME {
         heartbeat::Behaviour::heartbeat(&cfg.heartbeat)
     } else {

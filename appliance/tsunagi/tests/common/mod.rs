@@ -98,8 +98,18 @@ impl Harness {
         self.start_with(|_| {});
     }
 
+    /// Starts `tsunagi run` inside network namespace `ns` (`ip netns exec` execs it, so the
+    /// pid is the supervisor's).
+    pub fn start_in_netns(&mut self, ns: &str) {
+        let ns = ns.to_owned();
+        self.start_program(Command::new("ip").args(["netns", "exec", &ns, BIN]), |_| {});
+    }
+
     pub fn start_with(&mut self, adjust: impl FnOnce(&mut Command)) {
-        let mut cmd = Command::new(BIN);
+        self.start_program(&mut Command::new(BIN), adjust);
+    }
+
+    fn start_program(&mut self, cmd: &mut Command, adjust: impl FnOnce(&mut Command)) {
         cmd.args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -108,7 +118,7 @@ impl Harness {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0);
-        adjust(&mut cmd);
+        adjust(cmd);
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = self.log.clone();

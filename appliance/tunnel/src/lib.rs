@@ -1,0 +1,401 @@
+//! `tunnel`: the WireGuard tunnel from the box to the network hub.
+//!
+//! One interface, one peer (the hub), split tunnel: only `hub-subnets` are routed through
+//! it. The service brings the interface up ([`plane`] for WireGuard, [`netlink`] for the
+//! address, MTU, link state and routes), then probes the hub's health address through the
+//! tunnel every `probe-interval` and climbs the recovery [`ladder`] when probes fail. The
+//! private key is generated on the box when absent and never leaves it ([`key`]).
+//!
+//! Needs `CAP_NET_ADMIN` (declared in the service registry); the userspace daemon inherits it
+//! as an ambient capability.
+#![forbid(unsafe_code)]
+
+pub mod key;
+pub mod ladder;
+pub mod netlink;
+pub mod plane;
+mod probe;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tsunagi_config::{Endpoint, Tunnel, TunnelBackend};
+use tsunagi_runtime::child::ServiceCtx;
+use tsunagi_runtime::status::Health;
+use wireguard_control::{Backend, DeviceUpdate, Key, PeerConfigBuilder};
+
+use crate::key::{BoxKey, KeyError, Origin};
+use crate::ladder::{Ladder, LadderConfig, Link, Observation, Step};
+use crate::netlink::NetlinkError;
+use crate::plane::{Plane, PlaneError};
+
+/// The service name.
+pub const NAME: &str = "tunnel";
+
+/// Errors that stop the tunnel service (everything else is a recovery step).
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("cannot read the preshared key file {path}")]
+    Psk {
+        path: PathBuf,
+        #[source]
+        source: KeyError,
+    },
+    #[error(transparent)]
+    Plane(#[from] PlaneError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("the kernel has no WireGuard module (tunnel.backend = \"kernel\")")]
+    NoKernelModule,
+}
+
+/// The private key file: configured, or `private.key` in the service's state directory.
+pub fn private_key_path(cfg: &Tunnel, state_dir: &Path) -> PathBuf {
+    cfg.private_key_file
+        .as_ref()
+        .map_or_else(|| state_dir.join("private.key"), |f| f.as_path().to_owned())
+}
+
+fn kernel_has_wireguard() -> bool {
+    Path::new("/sys/module/wireguard").exists()
+}
+
+fn backend(cfg: &Tunnel) -> Result<Backend, TunnelError> {
+    match cfg.backend {
+        TunnelBackend::Userspace => Ok(Backend::Userspace),
+        TunnelBackend::Kernel if kernel_has_wireguard() => Ok(Backend::Kernel),
+        TunnelBackend::Kernel => Err(TunnelError::NoKernelModule),
+        TunnelBackend::Auto if kernel_has_wireguard() => Ok(Backend::Kernel),
+        TunnelBackend::Auto => Ok(Backend::Userspace),
+    }
+}
+
+/// Resolves an endpoint now (DNS names every time: the hub may have moved). IPv4 first.
+async fn resolve(endpoint: &Endpoint, timeout: Duration) -> Option<SocketAddr> {
+    if let Some(ip) = endpoint.ip() {
+        return Some(SocketAddr::new(ip, endpoint.port()));
+    }
+    let lookup = tokio::net::lookup_host((endpoint.host().to_owned(), endpoint.port()));
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(timeout, lookup)
+        .await
+        .ok()?
+        .ok()?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+}
+
+struct Tun<'a> {
+    cfg: &'a Tunnel,
+    key: BoxKey,
+    psk: Option<Key>,
+    hub: Key,
+    plane: Plane,
+    endpoints: Vec<Endpoint>,
+    current: Option<SocketAddr>,
+}
+
+impl Tun<'_> {
+    fn hub_peer(&self, endpoint: Option<SocketAddr>) -> PeerConfigBuilder {
+        let keepalive =
+            u16::try_from(self.cfg.persistent_keepalive.get().as_secs()).unwrap_or(u16::MAX);
+        let mut peer = PeerConfigBuilder::new(&self.hub)
+            .set_persistent_keepalive_interval(keepalive)
+            .replace_allowed_ips();
+        for net in &self.cfg.hub_subnets {
+            peer = peer.add_allowed_ip(net.network().into(), net.prefix());
+        }
+        if let Some(psk) = &self.psk {
+            peer = peer.set_preshared_key(psk.clone());
+        }
+        if let Some(endpoint) = endpoint {
+            peer = peer.set_endpoint(endpoint);
+        }
+        peer
+    }
+
+    /// Sets the hub peer again from scratch: a new session, so the handshake happens now.
+    async fn reconnect(&mut self, endpoint_index: usize) -> Result<(), TunnelError> {
+        let endpoint = &self.endpoints[endpoint_index];
+        let resolved = resolve(endpoint, self.cfg.control_timeout.get()).await;
+        if resolved.is_none() {
+            tracing::warn!(endpoint = %endpoint, "cannot resolve the hub endpoint; keeping the last address");
+        }
+        if resolved.is_some() {
+            self.current = resolved;
+        }
+        let update = DeviceUpdate::new()
+            .replace_peers()
+            .add_peer(self.hub_peer(self.current));
+        self.plane.apply(update).await?;
+        Ok(())
+    }
+
+    /// Everything from nothing: data plane, keys, peer, address, MTU, link, routes.
+    async fn bring_up(&mut self, endpoint_index: usize) -> Result<(), TunnelError> {
+        self.plane.start().await?;
+        let update = DeviceUpdate::new()
+            .set_private_key(self.key.private().clone())
+            .set_listen_port(self.cfg.listen_port.get());
+        self.plane.apply(update).await?;
+        self.reconnect(endpoint_index).await?;
+        let (iface, mtu, address, subnets) = (
+            self.cfg.interface.as_str().to_owned(),
+            self.cfg.mtu,
+            self.cfg.address,
+            self.cfg.hub_subnets.clone(),
+        );
+        tokio::task::spawn_blocking(move || -> Result<(), NetlinkError> {
+            netlink::set_address(&iface, address)?;
+            netlink::link_up(&iface, mtu)?;
+            for net in subnets {
+                netlink::add_route(&iface, net)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|source| PlaneError::Task {
+            call: "netlink",
+            source,
+        })??;
+        Ok(())
+    }
+
+    async fn restart(&mut self, endpoint_index: usize) -> Result<(), TunnelError> {
+        self.plane.stop().await;
+        self.bring_up(endpoint_index).await
+    }
+
+    /// The hub peer's handshake age and counters, if the control socket answers.
+    async fn peer_stats(&self) -> Option<(Option<Duration>, u64, u64)> {
+        let device = self.plane.get().await.ok()?;
+        let peer = device
+            .peers
+            .iter()
+            .find(|p| p.config.public_key == self.hub)?;
+        let age = peer
+            .stats
+            .last_handshake_time
+            .and_then(|t| t.elapsed().ok());
+        Some((age, peer.stats.rx_bytes, peer.stats.tx_bytes))
+    }
+}
+
+fn read_psk(path: &Path) -> Result<Key, TunnelError> {
+    // Same rules as the private key: a file of mode 0600 holding one base64 key.
+    match key::load_or_generate_existing(path) {
+        Ok(k) => Ok(k),
+        Err(source) => Err(TunnelError::Psk {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Runs the tunnel service until shutdown.
+pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
+    let started = Instant::now();
+    let key_path = private_key_path(&cfg, &ctx.state_dir);
+    let (key, origin) = key::load_or_generate(&key_path)?;
+    tracing::info!(
+        public_key = %key.public_base64(),
+        generated = origin == Origin::Generated,
+        "tunnel key ready"
+    );
+    let psk = match &cfg.preshared_key_file {
+        Some(file) => Some(read_psk(file.as_path())?),
+        None => None,
+    };
+    let hub = Key::from_base64(cfg.hub_public_key.as_str()).map_err(|_| KeyError::Invalid {
+        path: PathBuf::from("tunnel.hub-public-key"),
+    })?;
+    let backend = backend(&cfg)?;
+    let plane = Plane::new(
+        cfg.interface.as_str(),
+        backend,
+        &cfg.userspace_implementation,
+        cfg.control_timeout.get(),
+    )?;
+    let mut endpoints = vec![cfg.hub_endpoint.clone()];
+    endpoints.extend(cfg.alternative_endpoints.iter().cloned());
+    let mut ladder = Ladder::new(LadderConfig {
+        probe_failures: cfg.probe_failures,
+        endpoints: endpoints.len(),
+        min_pause: cfg.probe_interval.get(),
+        max_pause: Duration::from_secs(60),
+        failback: Duration::from_secs(600),
+    });
+    let mut tun = Tun {
+        cfg: &cfg,
+        key,
+        psk,
+        hub,
+        plane,
+        endpoints,
+        current: None,
+    };
+    tracing::info!(iface = %cfg.interface, backend = ?backend, "bringing the tunnel up");
+    tun.bring_up(0).await?;
+    ctx.reporter.ready();
+
+    // The first handshake: wait for it briefly so its timing can be reported.
+    let mut first_handshake: Option<Duration> = None;
+    let wait_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < wait_until && !ctx.shutdown.is_cancelled() {
+        if let Some((Some(_), _, _)) = tun.peer_stats().await {
+            first_handshake = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(took) = first_handshake {
+        tracing::info!(ms = took.as_millis(), "first handshake with the hub");
+    }
+
+    let mut last_step: Option<(Step, Instant)> = None;
+    let mut link = Link::Down;
+    let mut ticker = tokio::time::interval(cfg.probe_interval.get());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        if tun.plane.daemon_died() {
+            tracing::warn!("the userspace WireGuard daemon died; restarting the data plane");
+            if let Err(e) = tun.restart(ladder.endpoint()).await {
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "data plane restart failed"
+                );
+            }
+        }
+        let stats = tun.peer_stats().await;
+        let age = stats.and_then(|(age, _, _)| age);
+        if first_handshake.is_none() && age.is_some() {
+            let took = started.elapsed();
+            first_handshake = Some(took);
+            tracing::info!(ms = took.as_millis(), "first handshake with the hub");
+        }
+        let probe_ok = probe::health(&cfg.health_url, cfg.probe_timeout.get()).await;
+        let now = Instant::now();
+        let (state, step) = ladder.observe(
+            Observation {
+                probe_ok,
+                handshake_age: age,
+            },
+            now,
+        );
+        if state != link {
+            match state {
+                Link::Up => tracing::info!(endpoint = ?tun.current, "tunnel up"),
+                Link::Degraded => tracing::warn!("tunnel degraded"),
+                Link::Down => tracing::warn!("tunnel down"),
+            }
+            link = state;
+        }
+        if let Some(step) = step {
+            tracing::info!(step = %step.describe(), "tunnel recovery step");
+            let result = match step {
+                Step::Reconnect => tun.reconnect(ladder.endpoint()).await,
+                Step::RestartDataPlane => tun.restart(ladder.endpoint()).await,
+                Step::UseEndpoint(n) => tun.reconnect(n).await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = &e as &dyn std::error::Error, step = %step.describe(), "recovery step failed");
+            }
+            last_step = Some((step, now));
+        }
+        let summary = summary(
+            &tun,
+            link,
+            stats,
+            first_handshake,
+            &ladder,
+            last_step,
+            probe_ok,
+        );
+        let health = if link == Link::Up {
+            Health::Ok
+        } else {
+            Health::Degraded
+        };
+        ctx.reporter.status(health, &summary);
+    }
+    tracing::info!("stopping the tunnel");
+    tun.plane.stop().await;
+    Ok(())
+}
+
+fn summary(
+    tun: &Tun<'_>,
+    link: Link,
+    stats: Option<(Option<Duration>, u64, u64)>,
+    first_handshake: Option<Duration>,
+    ladder: &Ladder,
+    last_step: Option<(Step, Instant)>,
+    probe_ok: bool,
+) -> String {
+    let endpoint = tun
+        .current
+        .map_or_else(|| "unresolved".to_owned(), |a| a.to_string());
+    let mut parts = Vec::new();
+    match (link, stats) {
+        (Link::Up, _) => parts.push(format!("up via {endpoint}")),
+        (_, None) => parts.push(format!(
+            "down: the WireGuard control socket does not answer (endpoint {endpoint})"
+        )),
+        (_, Some((None, _, _))) => parts.push(format!(
+            "down: no handshake with the hub at {endpoint} (check tunnel.hub-public-key, and that the hub has this box's key: tsunagi vpn pubkey)"
+        )),
+        (_, Some((Some(age), _, _))) if !probe_ok => parts.push(format!(
+            "{}: handshake {}s ago but the hub's health address does not answer (endpoint {endpoint})",
+            if link == Link::Degraded { "degraded" } else { "down" },
+            age.as_secs()
+        )),
+        (_, Some(_)) => parts.push(format!("degraded via {endpoint}")),
+    }
+    if let Some((Some(age), rx, tx)) = stats {
+        parts.push(format!(
+            "handshake {}s ago, rx {} tx {}",
+            age.as_secs(),
+            bytes(rx),
+            bytes(tx)
+        ));
+    }
+    if let Some(took) = first_handshake {
+        parts.push(format!("first handshake after {} ms", took.as_millis()));
+    }
+    if ladder.endpoint() != 0 {
+        parts.push(format!("on alternative endpoint {}", ladder.endpoint()));
+    }
+    if let Some((step, at)) = last_step {
+        parts.push(format!(
+            "last recovery step: {} ({}s ago)",
+            step.describe(),
+            at.elapsed().as_secs()
+        ));
+    }
+    parts.join("; ")
+}
