@@ -8,6 +8,10 @@
 //! 3. UDP 51820 blocked with an alternative endpoint on UDP 443: the box switches;
 //! 5. a wrong hub key: no handshake, a clear reason, no crash loop; a private key file
 //!    readable by others is refused.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "these tests poll real processes from plain threads, not from a tokio runtime"
+)]
 
 mod common;
 
@@ -88,7 +92,7 @@ probe-failures = 2
 probe-timeout = "500ms"
 {extra}
 "#,
-        iface = format!("{}b", net.id()),
+        iface = net.id().to_owned() + "b",
     )
 }
 
@@ -162,7 +166,7 @@ fn tunnel_comes_up_and_the_hub_answers_through_it() {
     println!(
         "tunnel: first handshake {first} ms after the service started; up (probe answered) after {took:?}"
     );
-    assert!(text.contains(&format!("up via 10.250.0.1:51820")), "{text}");
+    assert!(text.contains("up via 10.250.0.1:51820"), "{text}");
     assert_eq!(service(&status, "tunnel")["health"], "ok");
     // The hub sees the handshake too.
     let public = std::process::Command::new(BIN)
