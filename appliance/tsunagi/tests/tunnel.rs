@@ -154,7 +154,7 @@ fn tunnel_comes_up_and_the_hub_answers_through_it() {
         return;
     }
     let mut s = setup(Options::default(), "", false, true);
-    s.h.start_in_netns(&s.net.ns(Host::Box).to_owned());
+    s.h.start_in_netns(s.net.ns(Host::Box));
     let took = wait_up(&s.h, "tunnel up", Duration::from_secs(30));
     let status = s.h.status().unwrap();
     let text = summary(&status);
@@ -197,7 +197,7 @@ fn the_box_reconnects_after_a_hub_restart_and_a_hub_address_change() {
         return;
     }
     let mut s = setup(Options::default(), "", false, true);
-    s.h.start_in_netns(&s.net.ns(Host::Box).to_owned());
+    s.h.start_in_netns(s.net.ns(Host::Box));
     wait_up(&s.h, "tunnel up", Duration::from_secs(30));
 
     // 1. The hub's WireGuard restarts (it forgets the session).
@@ -242,7 +242,7 @@ fn blocked_udp_51820_switches_to_the_alternative_endpoint() {
         false,
         true,
     );
-    s.h.start_in_netns(&s.net.ns(Host::Box).to_owned());
+    s.h.start_in_netns(s.net.ns(Host::Box));
     wait_up(&s.h, "tunnel up", Duration::from_secs(30));
     s.net.block_udp(51820).unwrap();
     let blocked = Instant::now();
@@ -263,7 +263,7 @@ fn a_wrong_hub_key_gives_a_clear_reason_and_no_crash_loop() {
         return;
     }
     let mut s = setup(Options::default(), "", true, false);
-    s.h.start_in_netns(&s.net.ns(Host::Box).to_owned());
+    s.h.start_in_netns(s.net.ns(Host::Box));
     s.h.wait_for("a clear reason", Duration::from_secs(30), |st| {
         state_of(st, "tunnel") == "ready" && summary(st).contains("no handshake with the hub")
     });
@@ -290,7 +290,7 @@ fn a_private_key_readable_by_others_is_refused() {
     let mut s = setup(Options::default(), "", false, true);
     let key = s.h.state_dir().join("tunnel").join("private.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    s.h.start_in_netns(&s.net.ns(Host::Box).to_owned());
+    s.h.start_in_netns(s.net.ns(Host::Box));
     let status = s.h.wait_for("the refusal", Duration::from_secs(30), |st| {
         service(st, "tunnel")["last_error"]
             .as_str()
