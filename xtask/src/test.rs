@@ -40,6 +40,30 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
         name: "coreutils",
         why: "sleep, the helper process the `subprocess` fault drill leaves behind",
     },
+    SystemPackage {
+        name: "wireguard-go",
+        why: "hil-tests test network: the hub's (and the box stand-in's) userspace WireGuard",
+    },
+    SystemPackage {
+        name: "wireguard-tools",
+        why: "hil-tests test network: `wg` configures the hub and reads handshakes",
+    },
+    SystemPackage {
+        name: "iproute2",
+        why: "hil-tests test network: `ip netns`, veth pairs, addresses, routes",
+    },
+    SystemPackage {
+        name: "nftables",
+        why: "hil-tests test network: UDP port redirects and blocks on the hub",
+    },
+    SystemPackage {
+        name: "iperf3",
+        why: "hil-tests test network: throughput through the tunnel (vpn.md §3.3; no test uses it yet)",
+    },
+    SystemPackage {
+        name: "iputils-ping",
+        why: "hil-tests test network: reachability checks between the namespaces",
+    },
 ];
 
 /// The cargo-deny release we install. The newest release when this was written; it needs

@@ -258,6 +258,35 @@ pub struct Tunnel {
     /// Deadline of every WireGuard control call; default 2s.
     #[serde(default = "default_short")]
     pub control_timeout: ConfigDuration,
+    /// The box's firewall, loaded by the tunnel service.
+    #[serde(default)]
+    pub firewall: Firewall,
+}
+
+/// `[tunnel.firewall]`: what may reach the box. Inbound is dropped unless listed here; the
+/// box never forwards (clinic devices reach the network only through the box's services).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Firewall {
+    /// Load the ruleset; default true. Turn off only where another component owns nftables.
+    pub enabled: bool,
+    /// The interfaces facing the clinic's devices.
+    pub lan_interfaces: Vec<IfaceName>,
+    /// TCP ports of the box's own services that clinic devices may use (e.g. DICOM).
+    pub lan_tcp_ports: Vec<Port>,
+    /// TCP ports of the box's own services that the hub subnets may use through the tunnel.
+    pub tunnel_tcp_ports: Vec<Port>,
+}
+
+impl Default for Firewall {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            lan_interfaces: Vec::new(),
+            lan_tcp_ports: Vec::new(),
+            tunnel_tcp_ports: Vec::new(),
+        }
+    }
 }
 
 fn yes() -> bool {

@@ -929,7 +929,7 @@ fn tunnel_section_gets_defaults() {
     let t = cfg.tunnel.unwrap();
     assert!(t.enabled);
     assert_eq!(t.interface.as_str(), "tsunagi0");
-    assert_eq!(t.backend, crate::TunnelBackend::Auto);
+    assert_eq!(t.backend, TunnelBackend::Auto);
     assert_eq!(t.userspace_implementation, "wireguard-go");
     assert_eq!(t.listen_port.get(), 51820);
     assert_eq!(t.mtu, 1280);

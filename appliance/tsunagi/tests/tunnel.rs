@@ -305,3 +305,80 @@ fn a_private_key_readable_by_others_is_refused() {
     s.h.signal(Signal::SIGTERM);
     assert!(s.h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// `testnet get URL` from inside `host`: whether it answered 200.
+fn reachable(net: &TestNet, host: Host, url: &str) -> bool {
+    let bin = hil_tests::testnet::testnet_binary().unwrap();
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(["get", url, "--timeout-ms", "1500"]);
+    net.exec(host, &cmd).unwrap().status.success()
+}
+
+#[test]
+fn firewall_lets_clinic_devices_reach_only_the_box_and_the_wan_only_wireguard() {
+    if skip() {
+        return;
+    }
+    let mut s = setup(Options::default(), "", false, true);
+    let lan = s.net.plan().lan_box_iface.clone();
+    let config = std::fs::read_to_string(&s.h.config).unwrap()
+        + &format!("\n[tunnel.firewall]\nlan-interfaces = [\"{lan}\"]\nlan-tcp-ports = [8443]\n");
+    std::fs::write(&s.h.config, config).unwrap();
+    // Make the firewall, not the routing table, the thing that stops forwarding: turn
+    // forwarding on and give the clinic a route to the hub network through the box.
+    let mut sysctl = std::process::Command::new("sysctl");
+    sysctl.args(["-qw", "net.ipv4.ip_forward=1"]);
+    assert!(s.net.exec(Host::Box, &sysctl).unwrap().status.success());
+    let mut route = std::process::Command::new("ip");
+    route.args(["route", "add", "10.98.0.0/24", "via", "192.168.50.1"]);
+    assert!(s.net.exec(Host::Clinic, &route).unwrap().status.success());
+    // One of the box's own services, listening on every address of the box.
+    let bin = hil_tests::testnet::testnet_binary().unwrap();
+    let mut serve = std::process::Command::new(&bin);
+    serve.args(["serve-health", "0.0.0.0:8443"]);
+    s.net.spawn(Host::Box, &serve).unwrap();
+
+    s.h.start_in_netns(s.net.ns(Host::Box));
+    wait_up(&s.h, "tunnel up", Duration::from_secs(30));
+    assert!(s.h.log_text().contains("firewall loaded"));
+
+    // Clinic devices reach the box's own service, and nothing behind it.
+    assert!(reachable(
+        &s.net,
+        Host::Clinic,
+        "http://192.168.50.1:8443/health"
+    ));
+    assert!(!reachable(
+        &s.net,
+        Host::Clinic,
+        "http://10.98.0.1:8080/health"
+    ));
+    // The WAN side reaches nothing but WireGuard (which is how the tunnel came up).
+    assert!(!reachable(
+        &s.net,
+        Host::Hub,
+        "http://10.250.0.2:8443/health"
+    ));
+    // Through the tunnel, the hub network reaches only the ports listed for it (none here).
+    assert!(!reachable(
+        &s.net,
+        Host::Hub,
+        "http://10.99.0.2:8443/health"
+    ));
+    // And the box itself still reaches the hub through the tunnel.
+    assert!(reachable(&s.net, Host::Box, "http://10.98.0.1:8080/health"));
+    let rules = s
+        .net
+        .exec(
+            Host::Box,
+            std::process::Command::new("nft").args(["list", "table", "inet", "tsunagi"]),
+        )
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    assert!(
+        rules.contains("hook forward priority filter; policy drop;"),
+        "{rules}"
+    );
+    s.h.signal(Signal::SIGTERM);
+    assert!(s.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}

@@ -10,6 +10,7 @@
 //! as an ambient capability.
 #![forbid(unsafe_code)]
 
+pub mod firewall;
 pub mod key;
 pub mod ladder;
 pub mod netlink;
@@ -48,6 +49,8 @@ pub enum TunnelError {
     Plane(#[from] PlaneError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Firewall(#[from] firewall::FirewallError),
     #[error("the kernel has no WireGuard module (tunnel.backend = \"kernel\")")]
     NoKernelModule,
 }
@@ -255,6 +258,10 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
         endpoints,
         current: None,
     };
+    if cfg.firewall.enabled {
+        firewall::load(&firewall::render(&cfg)).await?;
+        tracing::info!(table = firewall::TABLE, "firewall loaded");
+    }
     tracing::info!(iface = %cfg.interface, backend = ?backend, "bringing the tunnel up");
     tun.bring_up(0).await?;
     ctx.reporter.ready();

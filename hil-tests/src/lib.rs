@@ -1,0 +1,23 @@
+//! Test network harness and hardware-in-the-loop tests.
+//!
+//! - [`testnet`]: [`TestNet`](testnet::TestNet), a guard that brings up a hub, the box and
+//!   a clinic LAN device in network namespaces, with a WireGuard hub (wireguard-go) and a
+//!   health endpoint, and tears it all down on drop. Used by this crate's tests
+//!   (`tests/testnet.rs`), by other crates' network tests, and by the `testnet` binary
+//!   (`testnet up` for a shell, `testnet clean`).
+//! - [`health`]: the hub's health server (`testnet serve-health ADDR`) and a tiny HTTP
+//!   client (`testnet get URL`) to probe it from inside a namespace.
+//!
+//! Everything here is test support: it needs root and `/dev/net/tun`, and it runs `ip`,
+//! `nft`, `wg` and `wireguard-go`. See `hil-tests/README.md`.
+
+#![forbid(unsafe_code)]
+// Blocking waits (polling for a socket, a grace period before SIGKILL) on plain threads,
+// never inside an async runtime: this crate has none.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "test harness: waits on processes from plain threads, no async runtime"
+)]
+
+pub mod health;
+pub mod testnet;
