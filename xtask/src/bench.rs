@@ -29,8 +29,12 @@ struct Bench {
     run: fn() -> anyhow::Result<()>,
 }
 
-/// The benchmark table. None are registered yet.
-const BENCHES: &[Bench] = &[];
+/// The benchmark table.
+const BENCHES: &[Bench] = &[Bench {
+    name: "tunnel",
+    about: "TCP throughput through the box's WireGuard tunnel vs the bare veth (iperf3)",
+    run: crate::bench_tunnel::run,
+}];
 
 pub(crate) fn run(args: &[&str]) -> anyhow::Result<ExitCode> {
     match args {
@@ -55,6 +59,11 @@ pub(crate) fn run(args: &[&str]) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(crate::EXIT_USAGE))
         }
     }
+}
+
+/// The names of every registered benchmark.
+pub(crate) fn names() -> impl Iterator<Item = &'static str> {
+    BENCHES.iter().map(|b| b.name)
 }
 
 fn listing() -> String {

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_tunnel;
 mod demo;
 mod process;
 mod test;

@@ -6,6 +6,7 @@
 //! 3. Runs fmt, clippy, cargo-deny (licenses, bans, sources; then advisories if the
 //!    advisory database is reachable) and the nextest `ci` profile, stopping at the first
 //!    failure, with a `==> command` banner before each and a one-line verdict at the end.
+//! 4. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
 
 use std::io::{self, BufRead as _, BufReader, Read, Write as _};
 use std::os::unix::process::CommandExt as _;
@@ -135,6 +136,16 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     ]);
     if !step(&mut nextest)? {
         return Ok(verdict_failed(&display(&nextest)));
+    }
+
+    // Every benchmark once, briefly: a smoke run proving it still measures (its figures on
+    // a shared CI machine are not a verdict).
+    for bench in crate::bench::names() {
+        let mut smoke = Command::new(std::env::current_exe().context("cannot find xtask itself")?);
+        smoke.args(["bench", bench]).env("TSUNAGI_BENCH_SECS", "2");
+        if !step(&mut smoke)? {
+            return Ok(verdict_failed(&display(&smoke)));
+        }
     }
 
     if advisories_skipped {
