@@ -1,5 +1,12 @@
 //! `cargo xtask demo`: builds `tsunagi` and runs it in the foreground with a demo config.
 //!
+//! As root, the demo first brings up the test network (`hil-tests`: hub, box and clinic
+//! network namespaces, the hub running wireguard-go and a health endpoint), generates the
+//! box's key with `tsunagi vpn pubkey`, registers it at the hub, runs the supervisor in the
+//! box namespace with the tunnel service, waits for the tunnel and sends one request through
+//! it, and prints what happened. Without root (or with `TSUNAGI_DEMO_NO_NETWORK`), it runs
+//! the supervisor and heartbeat only, and says so. The namespaces go when the demo stops.
+//!
 //! Everything lives under `target/demo/`: the config (`tsunagi.toml`), the state directory
 //! (`state/`) and the runtime directory (`run/`). Environment overrides, for tests:
 //!
@@ -38,6 +45,7 @@ use nix::unistd::{Pid, geteuid};
 
 use crate::process::{cargo, display, exit_code_of, status};
 use crate::workspace_root;
+use hil_tests::testnet::{Host, Options, TestNet};
 
 const DEFAULT_METRICS_PORT: u16 = 9464;
 const METRICS_PORT_ENV: &str = "TSUNAGI_DEMO_METRICS_PORT";
@@ -45,6 +53,8 @@ const METRICS_PORT_ENV: &str = "TSUNAGI_DEMO_METRICS_PORT";
 const BIN_ENV: &str = "TSUNAGI_DEMO_BIN";
 /// Use this directory instead of `target/demo`.
 const DIR_ENV: &str = "TSUNAGI_DEMO_DIR";
+/// Run without the test network even as root.
+const NO_NETWORK_ENV: &str = "TSUNAGI_DEMO_NO_NETWORK";
 
 /// `si_code` of a signal sent by the kernel itself, which is how the terminal driver sends
 /// SIGINT on Ctrl-C to the whole foreground process group (the supervisor included). A
@@ -68,9 +78,22 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
     };
     let demo_dir = env_path(DIR_ENV)?.unwrap_or_else(|| target.join("demo"));
-    let config = write_config(&demo_dir, port)?;
+    let network = network()?;
+    let config = write_config(&demo_dir, port, network.as_ref())?;
+    if let Some(net) = &network {
+        register_box(net, &binary, &config)?;
+    }
 
-    let mut child = Command::new(&binary)
+    let mut command = match &network {
+        Some(net) => {
+            // `ip netns exec` execs tsunagi, so the pid is the supervisor's.
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", net.ns(Host::Box)]).arg(&binary);
+            c
+        }
+        None => Command::new(&binary),
+    };
+    let mut child = command
         .arg("run")
         .arg("--config")
         .arg(&config)
@@ -103,7 +126,10 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
     };
 
-    print!("{}", instructions(&binary, &config, port));
+    if let Some(net) = &network {
+        show_tunnel(net, &binary, &config);
+    }
+    print!("{}", instructions(&binary, &config, port, network.as_ref()));
     println!("demo: running (pid {pid})");
 
     let (tx, rx) = mpsc::channel();
@@ -227,7 +253,7 @@ fn target_dir(root: &Path) -> PathBuf {
 
 /// Creates `demo_dir` with its `state` and `run` directories, writes `tsunagi.toml` in it
 /// and returns the config's path.
-fn write_config(demo_dir: &Path, port: u16) -> anyhow::Result<PathBuf> {
+fn write_config(demo_dir: &Path, port: u16, network: Option<&TestNet>) -> anyhow::Result<PathBuf> {
     let state_dir = demo_dir.join("state");
     let runtime_dir = demo_dir.join("run");
     for dir in [&state_dir, &runtime_dir] {
@@ -241,7 +267,10 @@ fn write_config(demo_dir: &Path, port: u16) -> anyhow::Result<PathBuf> {
     }
 
     let config = demo_dir.join("tsunagi.toml");
-    let text = config_text(&state_dir, &runtime_dir, port)?;
+    let mut text = config_text(&state_dir, &runtime_dir, port)?;
+    if let Some(net) = network {
+        text.push_str(&tunnel_section(net));
+    }
     fs::write(&config, text).with_context(|| format!("failed to write {}", config.display()))?;
     Ok(config)
 }
@@ -287,18 +316,163 @@ fn toml_string(path: &Path) -> anyhow::Result<String> {
     Ok(out)
 }
 
-fn instructions(binary: &Path, config: &Path, port: u16) -> String {
+fn instructions(binary: &Path, config: &Path, port: u16, network: Option<&TestNet>) -> String {
     let (binary, config) = (binary.display(), config.display());
-    format!(
+    let mut out = format!(
         "\
-demo: tsunagi is starting with the config {config}
+demo: tsunagi is running with the config {config}
 demo: look at it from another terminal:
   {binary} status --config {config}
   {binary} status --config {config} --json
-  curl http://127.0.0.1:{port}/metrics
-demo: Ctrl-C stops it
 "
+    );
+    match network {
+        None => out.push_str(&format!("  curl http://127.0.0.1:{port}/metrics\n")),
+        Some(net) => {
+            let (hub, bx, clinic) = (net.ns(Host::Hub), net.ns(Host::Box), net.ns(Host::Clinic));
+            let lines = [
+                format!("ip netns exec {bx} curl http://127.0.0.1:{port}/metrics"),
+                format!(
+                    "ip netns exec {bx} wg show            # the box's tunnel, as WireGuard sees it"
+                ),
+                format!("ip netns exec {hub} wg show            # the hub's side"),
+                format!(
+                    "ip netns exec {bx} ip route           # only the hub subnet goes through the tunnel"
+                ),
+                format!("ip netns exec {bx} nft list ruleset   # the box's firewall"),
+                format!(
+                    "ip netns exec {clinic} ping 192.168.50.1   # a clinic device reaching the box"
+                ),
+            ];
+            for line in lines {
+                out.push_str("  ");
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+    }
+    out.push_str("demo: Ctrl-C stops it\n");
+    out
+}
+
+/// The hub, box and clinic namespaces, when we may create them (root).
+fn network() -> anyhow::Result<Option<TestNet>> {
+    if std::env::var_os(NO_NETWORK_ENV).is_some() {
+        println!("demo: {NO_NETWORK_ENV} is set: running without the test network");
+        return Ok(None);
+    }
+    if !geteuid().is_root() {
+        println!(
+            "demo: not root, so no test network (hub, box and clinic need network namespaces): running the supervisor and heartbeat only"
+        );
+        return Ok(None);
+    }
+    let net = TestNet::up(Options {
+        hub_extra_udp_ports: vec![443],
+    })
+    .context("cannot bring up the test network")?;
+    println!(
+        "demo: test network up: hub {}, box {}, clinic {} (network namespaces; removed when the demo stops)",
+        net.ns(Host::Hub),
+        net.ns(Host::Box),
+        net.ns(Host::Clinic)
+    );
+    Ok(Some(net))
+}
+
+/// The `[tunnel]` section pointing the box at the test network's hub.
+fn tunnel_section(net: &TestNet) -> String {
+    format!(
+        r#"[tunnel]
+interface = "{id}b"
+hub-endpoint = "10.250.0.1:51820"
+alternative-endpoints = ["10.250.0.1:443"]
+hub-public-key = "{hub}"
+address = "10.99.0.2/24"
+hub-subnets = ["10.98.0.0/24"]
+health-url = "http://10.98.0.1:8080/health"
+probe-interval = "2s"
+[tunnel.firewall]
+lan-interfaces = ["{lan}"]
+"#,
+        id = net.id(),
+        hub = net.hub_public_key(),
+        lan = net.plan().lan_box_iface,
     )
+}
+
+/// Generates the box's key (on the box, as in production) and registers its public half at
+/// the hub, as the operator would.
+fn register_box(net: &TestNet, binary: &Path, config: &Path) -> anyhow::Result<()> {
+    let out = Command::new(binary)
+        .args(["vpn", "pubkey", "--config"])
+        .arg(config)
+        .output()
+        .context("cannot run tsunagi vpn pubkey")?;
+    if !out.status.success() {
+        bail!(
+            "tsunagi vpn pubkey failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    net.hub_add_peer(&public, &["10.99.0.2/32"])
+        .context("cannot register the box at the hub")?;
+    println!("demo: box public key {public} registered at the hub");
+    Ok(())
+}
+
+/// Waits for the tunnel, then sends one request through it and says what happened.
+fn show_tunnel(net: &TestNet, binary: &Path, config: &Path) {
+    let start = std::time::Instant::now();
+    let mut summary = String::new();
+    while start.elapsed() < std::time::Duration::from_secs(30) {
+        let out = Command::new(binary)
+            .args(["status", "--json", "--config"])
+            .arg(config)
+            .output();
+        if let Ok(out) = out {
+            let text = String::from_utf8_lossy(&out.stdout);
+            if let Some(line) = text.lines().find(|l| l.contains("\"summary\": \"up via")) {
+                summary = line
+                    .trim()
+                    .trim_start_matches("\"summary\": ")
+                    .trim_end_matches(',')
+                    .to_owned();
+                break;
+            }
+        }
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "xtask is not async; this polls a process"
+        )]
+        thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if summary.is_empty() {
+        println!("demo: the tunnel is not up yet; `tsunagi status` will say why");
+        return;
+    }
+    println!("demo: tunnel: {summary}");
+    let get = hil_tests::testnet::testnet_binary().map(|bin| {
+        let mut c = Command::new(bin);
+        c.args([
+            "get",
+            "http://10.98.0.1:8080/health",
+            "--timeout-ms",
+            "2000",
+        ]);
+        c
+    });
+    match get.map(|c| net.exec(Host::Box, &c)) {
+        Ok(Ok(out)) if out.status.success() => println!(
+            "demo: box -> hub health check through the tunnel: {}",
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        _ => println!("demo: the request through the tunnel failed"),
+    }
 }
 
 #[cfg(test)]

@@ -92,7 +92,45 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
     };
     let heartbeat = pid_of(&status, "heartbeat").unwrap();
     let supervisor = i32::try_from(status["supervisor"]["pid"].as_i64().unwrap()).unwrap();
-    assert!(http_get(port, "/metrics").contains("tsunagi_service_up{service=\"heartbeat\"} 1"));
+    // As root the demo runs the box in the test network, with the tunnel to the hub.
+    let box_ns = text
+        .lines()
+        .find_map(|l| l.strip_prefix("demo: test network up: "))
+        .and_then(|l| l.split(", box ").nth(1))
+        .and_then(|l| l.split(',').next())
+        .map(str::to_owned);
+    let metrics = match &box_ns {
+        None => {
+            assert!(
+                !is_root(),
+                "as root the demo must bring up the test network:\n{text}"
+            );
+            http_get(port, "/metrics")
+        }
+        Some(ns) => {
+            assert!(
+                text.contains("demo: tunnel: \"up via 10.250.0.1:51820"),
+                "{text}"
+            );
+            assert!(
+                text.contains("demo: box -> hub health check through the tunnel: 200"),
+                "{text}"
+            );
+            assert_eq!(state_of(&status, "tunnel"), "ready");
+            let testnet = hil_tests::testnet::testnet_binary().unwrap();
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(testnet)
+                .args(["get", &format!("http://127.0.0.1:{port}/metrics")])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    assert!(
+        metrics.contains("tsunagi_service_up{service=\"heartbeat\"} 1"),
+        "{metrics}"
+    );
 
     // Ctrl-C.
     killpg(pgid, Signal::SIGINT).unwrap();
@@ -118,4 +156,9 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
     );
     assert!(!alive(supervisor));
     assert!(!alive(heartbeat));
+    if let Some(ns) = box_ns {
+        let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        let list = String::from_utf8_lossy(&list.stdout);
+        assert!(!list.contains(&ns), "the demo left namespace {ns} behind");
+    }
 }
