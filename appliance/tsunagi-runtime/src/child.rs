@@ -174,9 +174,19 @@ impl Reporter {
 
     /// Current health and a one-line summary (counts and states only, never patient data).
     pub fn status(&self, health: Health, summary: &str) {
+        self.status_with_metrics(health, summary, &[]);
+    }
+
+    /// Like [`Reporter::status`], with the service's metrics (see
+    /// [`crate::protocol::valid_metric_name`]; names ending in `_total` are counters).
+    pub fn status_with_metrics(&self, health: Health, summary: &str, metrics: &[(&str, f64)]) {
         let _ = self.tx.send(Outgoing::Message(ChildMessage::Status {
             health,
             summary: one_line(summary),
+            metrics: metrics
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), *value))
+                .collect(),
         }));
     }
 

@@ -104,6 +104,25 @@ pub fn render(report: &StatusReport) -> String {
         "Seconds since the service's current process started (0 when not running).",
         &per_service(&|s| s.uptime_secs.unwrap_or(0).to_string()),
     );
+    // Each service's own metrics: `tsunagi_SERVICE_NAME` (service names are validated, so
+    // replacing `-` gives a valid metric name; metric names were checked on receipt).
+    for s in services {
+        for (name, value) in &s.metrics {
+            let full = format!("tsunagi_{}_{name}", s.name.replace('-', "_"));
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            family(
+                &mut out,
+                &full,
+                kind,
+                &format!("Reported by the {} service.", s.name),
+                &[(String::new(), value.to_string())],
+            );
+        }
+    }
     out
 }
 
@@ -212,6 +231,7 @@ mod tests {
             uptime_secs: Some(7),
             summary: String::new(),
             user: None,
+            metrics: std::collections::BTreeMap::from([("queue_total".to_owned(), 4.0)]),
         };
         StatusReport {
             supervisor: SupervisorStatus {
@@ -254,6 +274,12 @@ mod tests {
         assert!(text.contains("tsunagi_service_restarts_total{service=\"heartbeat\"} 3\n"));
         assert!(text.contains("tsunagi_service_up{service=\"heartbeat\"} 1\n"));
         assert!(text.contains("tsunagi_ready 1\n"));
+        assert!(
+            text.contains(
+                "# TYPE tsunagi_drill_x_queue_total counter\ntsunagi_drill_x_queue_total 4\n"
+            ),
+            "{text}"
+        );
         // Each family is declared once.
         assert_eq!(text.matches("# TYPE tsunagi_service_state ").count(), 1);
     }

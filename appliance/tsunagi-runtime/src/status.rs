@@ -3,6 +3,8 @@
 //! These types are the JSON wire format of the control socket, so they are `Serialize` and
 //! `Deserialize`; field names are part of the contract that scripts depend on.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Where a supervised service is in its life cycle.
@@ -78,6 +80,9 @@ pub struct ServiceStatus {
     pub summary: String,
     /// The system user the process runs as (null when the supervisor is unprivileged).
     pub user: Option<String>,
+    /// The service's own metrics, as last reported (exported as `tsunagi_SERVICE_NAME`).
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// The supervisor itself.

@@ -180,6 +180,7 @@ struct Slot {
     state: ServiceState,
     health: Health,
     summary: String,
+    metrics: std::collections::BTreeMap<String, f64>,
     pid: Option<u32>,
     generation: u64,
     starts: u32,
@@ -201,6 +202,7 @@ impl Slot {
             state: ServiceState::Starting,
             health: Health::Unknown,
             summary: String::new(),
+            metrics: std::collections::BTreeMap::new(),
             pid: None,
             generation: 0,
             starts: 0,
@@ -546,9 +548,14 @@ impl Supervisor {
                             info!(service = %name, "service ready");
                         }
                     }
-                    ChildMessage::Status { health, summary } => {
+                    ChildMessage::Status {
+                        health,
+                        summary,
+                        metrics,
+                    } => {
                         slot.health = health;
                         slot.summary = one_line(&summary);
+                        slot.metrics = crate::protocol::clean_metrics(metrics);
                     }
                     ChildMessage::Error { message } => {
                         slot.reported_error = Some(one_line(&message));
@@ -844,6 +851,7 @@ impl Supervisor {
                             uptime_secs: None,
                             summary: s.summary.clone(),
                             user: user(s),
+                            metrics: s.metrics.clone(),
                         },
                         s.started_at.filter(|_| s.pid.is_some()),
                     )

@@ -71,6 +71,7 @@ struct Setup {
     net: TestNet,
     h: Harness,
     hosts: Hosts,
+    metrics_port: u16,
 }
 
 fn tunnel_config(net: &TestNet, hub_key: &str, extra: &str) -> String {
@@ -107,7 +108,12 @@ fn setup(opts: Options, extra: &str, wrong_hub_key: bool, register: bool) -> Set
     } else {
         net.hub_public_key().to_owned()
     };
-    let h = Harness::new(&tunnel_config(&net, &hub_key, extra));
+    // The metrics endpoint listens in the box namespace (its own loopback).
+    let metrics_port = 9464;
+    let h = Harness::new(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{}",
+        tunnel_config(&net, &hub_key, extra)
+    ));
     if register {
         let out = std::process::Command::new(BIN)
             .args(["vpn", "pubkey", "--config"])
@@ -122,7 +128,12 @@ fn setup(opts: Options, extra: &str, wrong_hub_key: bool, register: bool) -> Set
         let public = String::from_utf8(out.stdout).unwrap().trim().to_owned();
         net.hub_add_peer(&public, &["10.99.0.2/32"]).unwrap();
     }
-    Setup { net, h, hosts }
+    Setup {
+        net,
+        h,
+        hosts,
+        metrics_port,
+    }
 }
 
 fn summary(status: &serde_json::Value) -> String {
@@ -250,9 +261,34 @@ fn blocked_udp_51820_switches_to_the_alternative_endpoint() {
         is_up(st) && summary(st).contains(":443")
     });
     let took = blocked.elapsed();
-    let text = summary(&s.h.status().unwrap());
+    let status = s.h.status().unwrap();
+    let text = summary(&status);
     println!("tunnel: on the alternative endpoint {took:?} after UDP 51820 was blocked: {text}");
     assert!(text.contains("on alternative endpoint 1"), "{text}");
+    // Each step is in the metrics too: in the status JSON and on the metrics endpoint.
+    let metrics = &service(&status, "tunnel")["metrics"];
+    assert_eq!(metrics["endpoint_index"], 1.0, "{metrics}");
+    assert!(
+        metrics["recovery_switch_endpoint_total"].as_f64().unwrap() >= 1.0,
+        "{metrics}"
+    );
+    let bin = hil_tests::testnet::testnet_binary().unwrap();
+    let mut get = std::process::Command::new(bin);
+    get.args([
+        "get",
+        &format!("http://127.0.0.1:{}/metrics", s.metrics_port),
+    ]);
+    let scraped = s.net.exec(Host::Box, &get).unwrap();
+    let scraped = String::from_utf8_lossy(&scraped.stdout);
+    assert!(
+        scraped.contains("tsunagi_tunnel_endpoint_index 1\n"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("# TYPE tsunagi_tunnel_recovery_switch_endpoint_total counter"),
+        "{scraped}"
+    );
+    assert!(scraped.contains("tsunagi_tunnel_up 1\n"), "{scraped}");
     s.h.signal(Signal::SIGTERM);
     assert!(s.h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }

@@ -281,6 +281,7 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
     }
 
     let mut last_step: Option<(Step, Instant)> = None;
+    let mut steps = StepCounts::default();
     let mut link = Link::Down;
     let mut ticker = tokio::time::interval(cfg.probe_interval.get());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -333,6 +334,7 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
                 tracing::warn!(error = &e as &dyn std::error::Error, step = %step.describe(), "recovery step failed");
             }
             last_step = Some((step, now));
+            steps.count(step);
         }
         let summary = summary(
             &tun,
@@ -348,11 +350,47 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
         } else {
             Health::Degraded
         };
-        ctx.reporter.status(health, &summary);
+        let (rx, tx) = stats.map_or((0, 0), |(_, rx, tx)| (rx, tx));
+        let mut metrics = vec![
+            ("up", f64::from(u8::from(link == Link::Up))),
+            ("probe_ok", f64::from(u8::from(probe_ok))),
+            ("consecutive_probe_failures", f64::from(ladder.failures())),
+            ("endpoint_index", ladder.endpoint() as f64),
+            ("rx_bytes_total", rx as f64),
+            ("tx_bytes_total", tx as f64),
+            ("recovery_reconnect_total", steps.reconnect as f64),
+            ("recovery_restart_total", steps.restart as f64),
+            ("recovery_switch_endpoint_total", steps.switch as f64),
+        ];
+        if let Some(age) = age {
+            metrics.push(("handshake_age_seconds", age.as_secs_f64()));
+        }
+        if let Some(took) = first_handshake {
+            metrics.push(("first_handshake_seconds", took.as_secs_f64()));
+        }
+        ctx.reporter.status_with_metrics(health, &summary, &metrics);
     }
     tracing::info!("stopping the tunnel");
     tun.plane.stop().await;
     Ok(())
+}
+
+/// How many recovery steps of each kind were taken since the service started.
+#[derive(Debug, Default)]
+struct StepCounts {
+    reconnect: u64,
+    restart: u64,
+    switch: u64,
+}
+
+impl StepCounts {
+    fn count(&mut self, step: Step) {
+        match step {
+            Step::Reconnect => self.reconnect += 1,
+            Step::RestartDataPlane => self.restart += 1,
+            Step::UseEndpoint(_) => self.switch += 1,
+        }
+    }
 }
 
 fn summary(
