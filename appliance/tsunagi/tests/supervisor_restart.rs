@@ -13,8 +13,12 @@ use common::*;
 
 #[test]
 fn crashing_service_backs_off_then_fails_while_others_keep_running() {
+    // A 500 ms first backoff keeps the doubling clearly visible despite ±20 % jitter and
+    // the polling latency of a loaded machine.
+    let supervisor =
+        FAST_SUPERVISOR.replace("backoff-initial = \"200ms\"", "backoff-initial = \"500ms\"");
     let mut h = Harness::new(&format!(
-        "{FAST_SUPERVISOR}\n[heartbeat]\ninterval = \"1s\"\n\n[drill.crashy]\nexit-after = \"100ms\"\nexit-code = 7\n"
+        "{supervisor}\n[heartbeat]\ninterval = \"1s\"\n\n[drill.crashy]\nexit-after = \"100ms\"\nexit-code = 7\n"
     ));
     h.start();
     let first = h.wait_for("heartbeat ready", Duration::from_secs(30), |s| {
@@ -51,13 +55,13 @@ fn crashing_service_backs_off_then_fails_while_others_keep_running() {
     assert!(last_error.contains("planned crash"), "{last_error}");
     assert!(last_error.contains("exited with status 7"), "{last_error}");
 
-    // Backoff grows: 200 ms, 400 ms, 800 ms (±20 %), plus 100 ms of run time each.
+    // Backoff grows: 500 ms, 1 s, 2 s (±20 %), plus 100 ms of run time each.
     assert!(starts.len() >= 3, "saw too few starts: {starts:?}");
     let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1].1 - w[0].1).collect();
     for pair in gaps.windows(2) {
         assert!(pair[1] > pair[0], "backoff did not grow: {gaps:?}");
     }
-    assert!(gaps[0] >= Duration::from_millis(200), "{gaps:?}");
+    assert!(gaps[0] >= Duration::from_millis(400), "{gaps:?}");
 
     // The heartbeat never noticed.
     let hb = service(&failed, "heartbeat");
