@@ -111,6 +111,14 @@ fn facility_code_bad() {
     assert!(reason(FacilityCode::try_from("０１１２３４５６７８")).contains("not 0-9"));
     assert!(reason(FacilityCode::try_from("0112 45678")).contains("not 0-9"));
     assert!(reason(FacilityCode::try_from("")).contains("got 0 characters"));
+    assert!(reason(FacilityCode::try_from("0012345678")).contains("prefecture number 01–47"));
+    assert!(reason(FacilityCode::try_from("4812345678")).contains("prefecture number 01–47"));
+    assert!(reason(FacilityCode::try_from("1322345678")).contains("point-table number"));
+    assert!(
+        FacilityCode::try_from("4732345678").is_ok(),
+        "dental, Okinawa"
+    );
+    assert!(FacilityCode::try_from("1342345678").is_ok(), "pharmacy");
 }
 
 #[test]

@@ -185,6 +185,21 @@ impl TryFrom<String> for FacilityCode {
                 Self::LEN
             )));
         }
+        // Structure: prefecture (01–47), point-table number (1 medical, 3 dental, 4 pharmacy),
+        // then the 7-digit facility number.
+        let prefecture: u8 = value[..2].parse().unwrap_or(0);
+        if !(1..=47).contains(&prefecture) {
+            return Err(ValueError::new(format!(
+                "a 医療機関コード starts with a prefecture number 01–47 (got {})",
+                &value[..2]
+            )));
+        }
+        if !matches!(&value[2..3], "1" | "3" | "4") {
+            return Err(ValueError::new(format!(
+                "the 3rd digit of a 医療機関コード is the point-table number: 1 (medical), 3 (dental) or 4 (pharmacy) (got {})",
+                &value[2..3]
+            )));
+        }
         Ok(Self(value))
     }
 }

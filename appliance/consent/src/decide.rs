@@ -1,0 +1,168 @@
+//! The decision: may this patient's data of this category go to this recipient now?
+//!
+//! Pure: the caller passes the patient's consent records, the recipient, the category, the
+//! time and the cache's freshness; nothing here does I/O, so it is fast and testable.
+//!
+//! Rules, in order (default deny):
+//! 1. The cache must be fresh: the last successful pull from the network is at most
+//!    `bound` old, else `Deny(CacheStale)` (fail closed: a withdrawal recorded on the network
+//!    may not be known yet). A clock earlier than the last pull by more than
+//!    [`CLOCK_SLACK`] is `Deny(ClockBehind)`: time cannot be trusted.
+//! 2. The patient's effective consent is the consent created last (by the order the box
+//!    learned of it). A consent with any withdrawn version is withdrawn for good: a
+//!    withdrawal wins over every other version of that consent, however it arrived.
+//!    No consent → `Deny(NoConsent)`; withdrawn → `Deny(Withdrawn)`.
+//! 3. Its latest version must be valid at `at`: `NotYetValid`, `Expired`.
+//! 4. Recipient: the hub (the network's central storage) is covered by any active
+//!    participation consent; a facility must not be excluded (`RecipientExcluded`) and must be
+//!    in the scope (`RecipientNotDisclosed`) unless the scope is every participant.
+//! 5. The category must be covered (`CategoryExcluded`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Category, Consent, Recipient, Scope, Status};
+use crate::time::Timestamp;
+
+/// How far the clock may be behind the last pull before decisions stop trusting it.
+pub const CLOCK_SLACK: Duration = Duration::from_secs(300);
+
+/// Why data is held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DenyReason {
+    NoConsent,
+    Withdrawn,
+    RecipientNotDisclosed,
+    RecipientExcluded,
+    CategoryExcluded,
+    Expired,
+    NotYetValid,
+    CacheStale,
+    ClockBehind,
+}
+
+impl DenyReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::NoConsent => "no-consent",
+            DenyReason::Withdrawn => "withdrawn",
+            DenyReason::RecipientNotDisclosed => "recipient-not-disclosed",
+            DenyReason::RecipientExcluded => "recipient-excluded",
+            DenyReason::CategoryExcluded => "category-excluded",
+            DenyReason::Expired => "expired",
+            DenyReason::NotYetValid => "not-yet-valid",
+            DenyReason::CacheStale => "cache-stale",
+            DenyReason::ClockBehind => "clock-behind",
+        }
+    }
+
+    /// A sentence for people (English; the console will add Japanese).
+    pub fn explain(self) -> &'static str {
+        match self {
+            DenyReason::NoConsent => "the patient has no consent to share data",
+            DenyReason::Withdrawn => "the patient withdrew consent",
+            DenyReason::RecipientNotDisclosed => {
+                "the consent does not disclose data to this recipient"
+            }
+            DenyReason::RecipientExcluded => "the consent excludes this recipient",
+            DenyReason::CategoryExcluded => "the consent does not cover this kind of data",
+            DenyReason::Expired => "the consent has expired",
+            DenyReason::NotYetValid => "the consent is not valid yet",
+            DenyReason::CacheStale => {
+                "the consent cache has not been synced with the network recently enough"
+            }
+            DenyReason::ClockBehind => "the clock is behind the last sync; check the time",
+        }
+    }
+}
+
+/// A decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "decision", content = "reason")]
+pub enum Decision {
+    Permit,
+    Deny(DenyReason),
+}
+
+/// What the box knows about how current its cache is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    /// When the last successful pull from the network finished.
+    pub last_pull: Option<Timestamp>,
+    /// How old it may be.
+    pub bound: Duration,
+}
+
+/// A consent record as the store hands it over: the version and the order in which the box
+/// first learned of its consent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    pub consent: Consent,
+    /// Increases with each new consent (not each version) the box learns of.
+    pub created_seq: i64,
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// The patient's effective consent: the latest version of the consent created last, and
+/// whether any version of it was a withdrawal.
+pub fn effective(records: &[Known]) -> Option<(&Consent, bool)> {
+    let newest = records.iter().map(|k| k.created_seq).max()?;
+    let versions: Vec<&Known> = records.iter().filter(|k| k.created_seq == newest).collect();
+    let withdrawn = versions
+        .iter()
+        .any(|k| k.consent.status == Status::Withdrawn);
+    let latest = versions.iter().max_by_key(|k| k.consent.version)?;
+    Some((&latest.consent, withdrawn))
+}
+
+/// Decides for one patient's records (all versions of all their consents).
+pub fn decide(
+    records: &[Known],
+    recipient: &Recipient,
+    category: Category,
+    at: Timestamp,
+    now: Timestamp,
+    freshness: Freshness,
+) -> Decision {
+    use DenyReason::*;
+    match freshness.last_pull {
+        None => return Decision::Deny(CacheStale),
+        Some(pulled) if now < pulled - secs(CLOCK_SLACK) => return Decision::Deny(ClockBehind),
+        Some(pulled) if now - pulled > secs(freshness.bound) => return Decision::Deny(CacheStale),
+        Some(_) => {}
+    }
+    let Some((consent, withdrawn)) = effective(records) else {
+        return Decision::Deny(NoConsent);
+    };
+    if withdrawn || consent.status == Status::Withdrawn {
+        return Decision::Deny(Withdrawn);
+    }
+    if at < consent.valid_from {
+        return Decision::Deny(NotYetValid);
+    }
+    if consent.valid_until.is_some_and(|until| at >= until) {
+        return Decision::Deny(Expired);
+    }
+    if let Recipient::Facility(code) = recipient {
+        if consent.excluded.contains(code) {
+            return Decision::Deny(RecipientExcluded);
+        }
+        if let Scope::Facilities(list) = &consent.scope
+            && !list.contains(code)
+        {
+            return Decision::Deny(RecipientNotDisclosed);
+        }
+    }
+    if !consent.categories.contains(&category) {
+        return Decision::Deny(CategoryExcluded);
+    }
+    Decision::Permit
+}
+
+#[cfg(test)]
+mod tests;

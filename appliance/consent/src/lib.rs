@@ -1,0 +1,18 @@
+//! `consent`: the consent and patient-identity cache (同意・公開設定・名寄せ), and the one
+//! place that decides whether a patient's data may leave the clinic.
+//!
+//! * [`model`]: patients, identifiers, consents (FHIR R4 / JP Core aligned), data categories
+//!   and their mapping from SS-MIX2 data types and DICOM.
+//! * [`decide`]: the decision, pure (default deny; fail closed when the cache is stale).
+//! * [`store`]: the service's SQLite database: patients, links, consent versions, the push
+//!   outbox, the sync state, and the append-only, keyed hash-chained audit trail.
+//! * [`time`]: JST dates and times.
+#![forbid(unsafe_code)]
+
+pub mod decide;
+pub mod model;
+pub mod store;
+pub mod time;
+
+/// The service name (its state directory, user `tsunagi-consent`).
+pub const NAME: &str = "consent";

@@ -1,0 +1,749 @@
+//! The consent service's database (`STATE-DIR/consent/consent.db`, `synchronous=FULL`).
+//!
+//! Consent versions are never updated in place: a change or a withdrawal is a new version.
+//! Every local change also queues an outbox entry for the push to the network, in the same
+//! transaction, so nothing recorded is lost across restarts or power cuts.
+//!
+//! The audit trail is append-only and chained with a keyed MAC (HMAC-SHA-256): each row's MAC
+//! covers the previous row's MAC, and a separate head row records the last sequence number
+//! and its MAC. [`Store::verify_audit`] finds any row changed, removed from the middle or cut
+//! from the end; without the key nobody can forge a consistent chain. Patients appear in the
+//! trail only as a keyed hash of the facility and patient ID.
+
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use sha2::Sha256;
+use tsunagi_config::FacilityCode;
+use tsunagi_state::{Durability, Migration, StateError};
+
+use crate::decide::{self, Decision, Freshness, Known};
+use crate::model::{
+    Category, Consent, Evidence, Link, Patient, PatientId, Recipient, Scope, Sex, Source, Status,
+};
+use crate::time::{self, Timestamp};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The schema.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: "
+        CREATE TABLE patient (
+            id TEXT PRIMARY KEY,
+            family_kanji TEXT NOT NULL, given_kanji TEXT NOT NULL,
+            family_kana TEXT NOT NULL, given_kana TEXT NOT NULL,
+            birth_date TEXT NOT NULL, sex TEXT NOT NULL,
+            network_id TEXT,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE TABLE patient_link (
+            patient_id TEXT NOT NULL REFERENCES patient(id),
+            system TEXT NOT NULL, value TEXT NOT NULL,
+            recorded_at INTEGER NOT NULL,
+            PRIMARY KEY (patient_id, system, value)
+        );
+        CREATE TABLE consent (
+            id TEXT NOT NULL, version INTEGER NOT NULL,
+            patient_id TEXT NOT NULL REFERENCES patient(id),
+            created_seq INTEGER NOT NULL,
+            body TEXT NOT NULL,
+            PRIMARY KEY (id, version)
+        );
+        CREATE INDEX consent_patient ON consent (patient_id);
+        CREATE TABLE outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL, ref TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+            done_at INTEGER
+        );
+        CREATE TABLE sync_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            last_pull_at INTEGER, cursor TEXT
+        );
+        INSERT INTO sync_state (id) VALUES (1);
+        CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY,
+            at TEXT NOT NULL, patient_hash TEXT NOT NULL, recipient TEXT NOT NULL,
+            category TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL,
+            mac TEXT NOT NULL
+        );
+        CREATE TABLE audit_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL, row_mac TEXT NOT NULL, mac TEXT NOT NULL
+        );
+    ",
+}];
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("database operation `{op}` failed")]
+    Sql {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot read or create the audit key {path}")]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the audit key {path} is readable or writable by group or others: chmod 600 it")]
+    KeyPermissions { path: PathBuf },
+    #[error("the audit key {path} must hold at least 32 bytes")]
+    KeyTooShort { path: PathBuf },
+    #[error("unknown patient {patient} (register them first)")]
+    UnknownPatient { patient: String },
+    #[error("patient {patient} has no consent")]
+    NoConsent { patient: String },
+    #[error("consent {id} is withdrawn; record a new consent instead")]
+    AlreadyWithdrawn { id: String },
+    #[error("a stored consent could not be read")]
+    Corrupt(#[source] serde_json::Error),
+}
+
+fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sql { op, source }
+}
+
+/// The secret that keys the audit MACs and the patient hashes.
+pub struct AuditKey(Vec<u8>);
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey(<redacted>)")
+    }
+}
+
+impl AuditKey {
+    /// Loads the key file, or creates one of 32 random bytes (mode 0600) if it is missing.
+    pub fn load_or_create(path: &Path) -> Result<AuditKey, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let err = |source| StoreError::Key {
+            path: path.to_owned(),
+            source,
+        };
+        match std::fs::metadata(path) {
+            Ok(meta) => {
+                if meta.mode() & 0o077 != 0 {
+                    return Err(StoreError::KeyPermissions {
+                        path: path.to_owned(),
+                    });
+                }
+                let bytes = std::fs::read(path).map_err(err)?;
+                if bytes.len() < 32 {
+                    return Err(StoreError::KeyTooShort {
+                        path: path.to_owned(),
+                    });
+                }
+                Ok(AuditKey(bytes))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let bytes = random_bytes(32).map_err(err)?;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(err)?;
+                std::io::Write::write_all(&mut file, &bytes).map_err(err)?;
+                file.sync_all().map_err(err)?;
+                Ok(AuditKey(bytes))
+            }
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    fn mac(&self, parts: &[&str]) -> String {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        for part in parts {
+            mac.update(part.as_bytes());
+            mac.update(b"\x1f");
+        }
+        hex(&mac.finalize().into_bytes())
+    }
+}
+
+fn random_bytes(n: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a file, hex (the evidence of a scanned consent form).
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// A push waiting to reach the network.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Pending {
+    pub seq: i64,
+    pub kind: String,
+    pub reference: String,
+    pub created_at: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+}
+
+/// The result of verifying the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditCheck {
+    /// Every row is present and unchanged.
+    Intact { rows: i64 },
+    /// The first problem found.
+    Broken { row: i64, problem: String },
+}
+
+/// What a new consent says (the store assigns id, version and times).
+#[derive(Debug, Clone)]
+pub struct NewConsent {
+    pub patient: PatientId,
+    pub scope: Scope,
+    pub excluded: std::collections::BTreeSet<FacilityCode>,
+    pub categories: std::collections::BTreeSet<Category>,
+    pub valid_from: Timestamp,
+    pub valid_until: Option<Timestamp>,
+    pub evidence: Option<Evidence>,
+}
+
+/// The consent database.
+pub struct Store {
+    conn: Connection,
+    facility: FacilityCode,
+    key: AuditKey,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("facility", &self.facility)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating or migrating) the database at `path`.
+    pub fn open(path: &Path, facility: FacilityCode, key: AuditKey) -> Result<Store, StoreError> {
+        let conn = tsunagi_state::open(path, Durability::Acknowledging, MIGRATIONS)?;
+        Ok(Store {
+            conn,
+            facility,
+            key,
+        })
+    }
+
+    /// The raw connection (for tests that tamper with the audit trail).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Registers a patient, or updates their demographics.
+    pub fn upsert_patient(&mut self, p: &Patient, now: Timestamp) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        tx.execute(
+            "INSERT INTO patient (id, family_kanji, given_kanji, family_kana, given_kana, birth_date, sex, network_id, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (id) DO UPDATE SET family_kanji = ?2, given_kanji = ?3, family_kana = ?4,
+                given_kana = ?5, birth_date = ?6, sex = ?7, network_id = COALESCE(?8, network_id), updated_at = ?9",
+            params![
+                p.id.as_str(), p.family_kanji, p.given_kanji, p.family_kana, p.given_kana,
+                p.birth_date, serde_json::to_string(&p.sex).unwrap_or_default(), p.network_id, now
+            ],
+        )
+        .map_err(sql("save patient"))?;
+        queue(&tx, "patient", p.id.as_str(), now)?;
+        tx.commit().map_err(sql("commit"))
+    }
+
+    /// A patient, if registered.
+    pub fn patient(&self, id: &PatientId) -> Result<Option<Patient>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT id, family_kanji, given_kanji, family_kana, given_kana, birth_date, sex, network_id FROM patient WHERE id = ?1",
+                [id.as_str()],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?, r.get::<_, String>(4)?, r.get::<_, String>(5)?,
+                        r.get::<_, String>(6)?, r.get::<_, Option<String>>(7)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql("read patient"))?
+            .map(|(pid, fk, gk, fkn, gkn, birth, sex, net)| {
+                Ok(Patient {
+                    id: pid.parse().map_err(|_| StoreError::UnknownPatient { patient: pid.clone() })?,
+                    family_kanji: fk,
+                    given_kanji: gk,
+                    family_kana: fkn,
+                    given_kana: gkn,
+                    birth_date: birth,
+                    sex: serde_json::from_str::<Sex>(&sex).map_err(StoreError::Corrupt)?,
+                    network_id: net,
+                })
+            })
+            .transpose()
+    }
+
+    fn require_patient(&self, id: &PatientId) -> Result<(), StoreError> {
+        match self.patient(id)? {
+            Some(_) => Ok(()),
+            None => Err(StoreError::UnknownPatient {
+                patient: id.to_string(),
+            }),
+        }
+    }
+
+    /// Links another facility's identifier to the patient (名寄せ).
+    pub fn add_link(
+        &mut self,
+        id: &PatientId,
+        facility: &FacilityCode,
+        value: &str,
+        now: Timestamp,
+    ) -> Result<Link, StoreError> {
+        self.require_patient(id)?;
+        let system = crate::model::patient_id_system(facility);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        tx.execute(
+            "INSERT OR IGNORE INTO patient_link (patient_id, system, value, recorded_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id.as_str(), system, value, now],
+        )
+        .map_err(sql("save link"))?;
+        queue(&tx, "patient", id.as_str(), now)?;
+        tx.commit().map_err(sql("commit"))?;
+        Ok(Link {
+            system,
+            value: value.to_owned(),
+            recorded_at: now,
+        })
+    }
+
+    /// The patient's links to other facilities' identifiers.
+    pub fn links(&self, id: &PatientId) -> Result<Vec<Link>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT system, value, recorded_at FROM patient_link WHERE patient_id = ?1 ORDER BY recorded_at, system, value")
+            .map_err(sql("read links"))?;
+        let rows = stmt
+            .query_map([id.as_str()], |r| {
+                Ok(Link {
+                    system: r.get(0)?,
+                    value: r.get(1)?,
+                    recorded_at: r.get(2)?,
+                })
+            })
+            .map_err(sql("read links"))?;
+        rows.collect::<Result<_, _>>().map_err(sql("read links"))
+    }
+
+    /// Records a new consent (version 1) and queues its push.
+    pub fn record_consent(
+        &mut self,
+        new: NewConsent,
+        now: Timestamp,
+    ) -> Result<Consent, StoreError> {
+        self.require_patient(&new.patient)?;
+        let id = format!(
+            "c-{}",
+            hex(&random_bytes(8).map_err(|source| StoreError::Key {
+                path: PathBuf::from("/dev/urandom"),
+                source,
+            })?)
+        );
+        let consent = Consent {
+            id,
+            version: 1,
+            patient: new.patient,
+            status: Status::Active,
+            scope: new.scope,
+            excluded: new.excluded,
+            categories: new.categories,
+            valid_from: new.valid_from,
+            valid_until: new.valid_until,
+            evidence: new.evidence,
+            source: Source::Local,
+            recorded_at: now,
+        };
+        self.insert_version(&consent, None, now)?;
+        Ok(consent)
+    }
+
+    fn insert_version(
+        &mut self,
+        c: &Consent,
+        created_seq: Option<i64>,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        let seq: i64 = match created_seq {
+            Some(s) => s,
+            None => tx
+                .query_row(
+                    "SELECT COALESCE(MAX(created_seq), 0) + 1 FROM consent",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql("next consent"))?,
+        };
+        let body = serde_json::to_string(c).map_err(StoreError::Corrupt)?;
+        tx.execute(
+            "INSERT INTO consent (id, version, patient_id, created_seq, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![c.id, c.version, c.patient.as_str(), seq, body],
+        )
+        .map_err(sql("save consent"))?;
+        if c.source == Source::Local {
+            queue(&tx, "consent", &format!("{}/{}", c.id, c.version), now)?;
+        }
+        tx.commit().map_err(sql("commit"))
+    }
+
+    /// All versions of all the patient's consents.
+    pub fn records(&self, id: &PatientId) -> Result<Vec<Known>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT body, created_seq FROM consent WHERE patient_id = ?1 ORDER BY created_seq, version")
+            .map_err(sql("read consents"))?;
+        let rows = stmt
+            .query_map([id.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
+            .map_err(sql("read consents"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (body, created_seq) = row.map_err(sql("read consents"))?;
+            let consent: Consent = serde_json::from_str(&body).map_err(StoreError::Corrupt)?;
+            out.push(Known {
+                consent,
+                created_seq,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Changes the patient's effective consent: a new version made by `change`.
+    pub fn change_consent(
+        &mut self,
+        id: &PatientId,
+        now: Timestamp,
+        change: impl FnOnce(&mut Consent),
+    ) -> Result<Consent, StoreError> {
+        self.require_patient(id)?;
+        let records = self.records(id)?;
+        let Some((current, withdrawn)) = decide::effective(&records) else {
+            return Err(StoreError::NoConsent {
+                patient: id.to_string(),
+            });
+        };
+        if withdrawn {
+            return Err(StoreError::AlreadyWithdrawn {
+                id: current.id.clone(),
+            });
+        }
+        let created_seq = records
+            .iter()
+            .find(|k| k.consent.id == current.id)
+            .map(|k| k.created_seq);
+        let mut next = current.clone();
+        change(&mut next);
+        next.version = current.version + 1;
+        next.source = Source::Local;
+        next.recorded_at = now;
+        self.insert_version(&next, created_seq, now)?;
+        Ok(next)
+    }
+
+    /// Withdraws the patient's effective consent (takes effect at once, even offline).
+    pub fn withdraw(
+        &mut self,
+        id: &PatientId,
+        by: &str,
+        now: Timestamp,
+    ) -> Result<Consent, StoreError> {
+        let by = by.to_owned();
+        self.change_consent(id, now, |c| {
+            c.status = Status::Withdrawn;
+            c.evidence = Some(Evidence {
+                sha256: c
+                    .evidence
+                    .as_ref()
+                    .map(|e| e.sha256.clone())
+                    .unwrap_or_default(),
+                recorded_by: by,
+                recorded_at: now,
+            });
+        })
+    }
+
+    /// How fresh the cache is.
+    pub fn freshness(&self, bound: Duration) -> Result<Freshness, StoreError> {
+        let last_pull = self
+            .conn
+            .query_row(
+                "SELECT last_pull_at FROM sync_state WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sql("read sync state"))?;
+        Ok(Freshness { last_pull, bound })
+    }
+
+    /// Records a successful pull from the network.
+    pub fn set_last_pull(&mut self, at: Timestamp) -> Result<(), StoreError> {
+        self.conn
+            .execute("UPDATE sync_state SET last_pull_at = ?1 WHERE id = 1", [at])
+            .map_err(sql("save sync state"))?;
+        Ok(())
+    }
+
+    /// Pushes not yet acknowledged by the network.
+    pub fn pending(&self) -> Result<Vec<Pending>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, kind, ref, created_at, attempts, last_error FROM outbox WHERE done_at IS NULL ORDER BY seq")
+            .map_err(sql("read outbox"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Pending {
+                    seq: r.get(0)?,
+                    kind: r.get(1)?,
+                    reference: r.get(2)?,
+                    created_at: time::format(r.get(3)?),
+                    attempts: r.get(4)?,
+                    last_error: r.get(5)?,
+                })
+            })
+            .map_err(sql("read outbox"))?;
+        rows.collect::<Result<_, _>>().map_err(sql("read outbox"))
+    }
+
+    /// The keyed hash that stands for a patient in the audit trail.
+    pub fn patient_hash(&self, id: &PatientId) -> String {
+        let full = self
+            .key
+            .mac(&["patient", self.facility.as_str(), id.as_str()]);
+        full[..32].to_owned()
+    }
+
+    /// Decides, and records the decision in the audit trail.
+    pub fn decide(
+        &mut self,
+        id: &PatientId,
+        recipient: &Recipient,
+        category: Category,
+        at: Timestamp,
+        now: Timestamp,
+        bound: Duration,
+    ) -> Result<Decision, StoreError> {
+        let records = self.records(id)?;
+        let freshness = self.freshness(bound)?;
+        let decision = decide::decide(&records, recipient, category, at, now, freshness);
+        let (verdict, reason) = match decision {
+            Decision::Permit => ("permit", ""),
+            Decision::Deny(r) => ("deny", r.as_str()),
+        };
+        let hash = self.patient_hash(id);
+        self.append_audit(
+            &time::format(now),
+            &hash,
+            &recipient.to_string(),
+            category.as_str(),
+            verdict,
+            reason,
+        )?;
+        Ok(decision)
+    }
+
+    fn append_audit(
+        &mut self,
+        at: &str,
+        patient_hash: &str,
+        recipient: &str,
+        category: &str,
+        decision: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        // Continue from the head, not from the last row present: a tail cut off by someone
+        // must stay visible as a gap.
+        let head: Option<(i64, String)> = tx
+            .query_row(
+                "SELECT seq, row_mac FROM audit_head WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("read audit head"))?;
+        let (seq, prev) = match head {
+            Some((seq, mac)) => (seq + 1, mac),
+            None => (1, "genesis".to_owned()),
+        };
+        let seq_text = seq.to_string();
+        let mac = self.key.mac(&[
+            "row",
+            &prev,
+            &seq_text,
+            at,
+            patient_hash,
+            recipient,
+            category,
+            decision,
+            reason,
+        ]);
+        tx.execute(
+            "INSERT INTO audit (seq, at, patient_hash, recipient, category, decision, reason, mac) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![seq, at, patient_hash, recipient, category, decision, reason, mac],
+        )
+        .map_err(sql("append audit"))?;
+        let head_mac = self.key.mac(&["head", &seq_text, &mac]);
+        tx.execute(
+            "INSERT INTO audit_head (id, seq, row_mac, mac) VALUES (1, ?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET seq = ?1, row_mac = ?2, mac = ?3",
+            params![seq, mac, head_mac],
+        )
+        .map_err(sql("update audit head"))?;
+        tx.commit().map_err(sql("commit"))
+    }
+
+    /// Checks the whole audit trail.
+    pub fn verify_audit(&self) -> Result<AuditCheck, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, at, patient_hash, recipient, category, decision, reason, mac FROM audit ORDER BY seq")
+            .map_err(sql("read audit"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, String>(7)?,
+                ))
+            })
+            .map_err(sql("read audit"))?;
+        let mut prev = "genesis".to_owned();
+        let mut expected = 1i64;
+        for row in rows {
+            let (seq, at, hash, recipient, category, decision, reason, mac) =
+                row.map_err(sql("read audit"))?;
+            if seq != expected {
+                let problem = if expected + 1 == seq {
+                    format!("row {expected} was removed")
+                } else {
+                    format!("rows {expected} to {} were removed", seq - 1)
+                };
+                return Ok(AuditCheck::Broken {
+                    row: expected,
+                    problem,
+                });
+            }
+            let seq_text = seq.to_string();
+            let want = self.key.mac(&[
+                "row", &prev, &seq_text, &at, &hash, &recipient, &category, &decision, &reason,
+            ]);
+            if want != mac {
+                return Ok(AuditCheck::Broken {
+                    row: seq,
+                    problem: format!("row {seq} was altered"),
+                });
+            }
+            prev = mac;
+            expected += 1;
+        }
+        let last = expected - 1;
+        let head: Option<(i64, String, String)> = self
+            .conn
+            .query_row(
+                "SELECT seq, row_mac, mac FROM audit_head WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(sql("read audit head"))?;
+        match head {
+            None if last == 0 => Ok(AuditCheck::Intact { rows: 0 }),
+            None => Ok(AuditCheck::Broken {
+                row: last,
+                problem: "the audit head was removed".into(),
+            }),
+            Some((seq, _, _)) if seq > last => Ok(AuditCheck::Broken {
+                row: last + 1,
+                problem: format!("rows {} to {seq} were removed from the end", last + 1),
+            }),
+            Some((seq, row_mac, mac)) => {
+                if seq != last
+                    || row_mac != prev
+                    || mac != self.key.mac(&["head", &seq.to_string(), &row_mac])
+                {
+                    Ok(AuditCheck::Broken {
+                        row: seq,
+                        problem: "the audit head was altered".into(),
+                    })
+                } else {
+                    Ok(AuditCheck::Intact { rows: last })
+                }
+            }
+        }
+    }
+}
+
+fn queue(
+    tx: &rusqlite::Transaction<'_>,
+    kind: &str,
+    reference: &str,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO outbox (kind, ref, created_at) VALUES (?1, ?2, ?3)",
+        params![kind, reference, now],
+    )
+    .map_err(sql("queue push"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

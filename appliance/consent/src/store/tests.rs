@@ -1,0 +1,242 @@
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use super::*;
+use crate::decide::DenyReason;
+
+const T0: Timestamp = 1_795_273_200;
+
+fn fac(code: &str) -> FacilityCode {
+    FacilityCode::try_from(code).unwrap()
+}
+
+fn store(dir: &Path) -> Store {
+    let key = AuditKey::load_or_create(&dir.join("audit.key")).unwrap();
+    Store::open(&dir.join("consent.db"), fac("1312345678"), key).unwrap()
+}
+
+fn patient(id: &str) -> Patient {
+    Patient {
+        id: id.parse().unwrap(),
+        family_kanji: "山田".into(),
+        given_kanji: "花子".into(),
+        family_kana: "ヤマダ".into(),
+        given_kana: "ハナコ".into(),
+        birth_date: "1950-04-01".into(),
+        sex: Sex::Female,
+        network_id: None,
+    }
+}
+
+fn new_consent(id: &str) -> NewConsent {
+    NewConsent {
+        patient: id.parse().unwrap(),
+        scope: Scope::AllParticipants,
+        excluded: BTreeSet::new(),
+        categories: Category::ALL.into_iter().collect(),
+        valid_from: T0 - 86_400,
+        valid_until: None,
+        evidence: None,
+    }
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+#[test]
+fn record_change_withdraw_and_decide() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(dir.path());
+    let id: PatientId = "0001234".parse().unwrap();
+    let to = Recipient::Facility(fac("1312345679"));
+    assert!(matches!(
+        s.record_consent(new_consent("0001234"), T0),
+        Err(StoreError::UnknownPatient { .. })
+    ));
+    s.upsert_patient(&patient("0001234"), T0).unwrap();
+    s.set_last_pull(T0).unwrap();
+    assert_eq!(
+        s.decide(&id, &to, Category::Images, T0, T0, DAY).unwrap(),
+        Decision::Deny(DenyReason::NoConsent)
+    );
+    s.record_consent(new_consent("0001234"), T0).unwrap();
+    assert_eq!(
+        s.decide(&id, &to, Category::Images, T0, T0, DAY).unwrap(),
+        Decision::Permit
+    );
+    // 公開設定: only facility 1312345678 from now on.
+    s.change_consent(&id, T0 + 1, |c| {
+        c.scope = Scope::Facilities([fac("1312345678")].into());
+    })
+    .unwrap();
+    assert_eq!(
+        s.decide(&id, &to, Category::Images, T0, T0, DAY).unwrap(),
+        Decision::Deny(DenyReason::RecipientNotDisclosed)
+    );
+    s.withdraw(&id, "staff-1", T0 + 2).unwrap();
+    assert_eq!(
+        s.decide(&id, &Recipient::Hub, Category::Images, T0, T0, DAY)
+            .unwrap(),
+        Decision::Deny(DenyReason::Withdrawn)
+    );
+    assert!(matches!(
+        s.withdraw(&id, "staff-1", T0 + 3),
+        Err(StoreError::AlreadyWithdrawn { .. })
+    ));
+    // A new consent after the withdrawal.
+    s.record_consent(new_consent("0001234"), T0 + 4).unwrap();
+    assert_eq!(
+        s.decide(&id, &to, Category::Images, T0, T0, DAY).unwrap(),
+        Decision::Permit
+    );
+    // Everything recorded waits for the push, in order.
+    let pending = s.pending().unwrap();
+    let kinds: Vec<&str> = pending.iter().map(|p| p.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["patient", "consent", "consent", "consent", "consent"]
+    );
+}
+
+#[test]
+fn everything_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let id: PatientId = "0000001".parse().unwrap();
+    {
+        let mut s = store(dir.path());
+        s.upsert_patient(&patient("0000001"), T0).unwrap();
+        s.add_link(&id, &fac("1312345679"), "A-77", T0).unwrap();
+        s.record_consent(new_consent("0000001"), T0).unwrap();
+    }
+    let s = store(dir.path());
+    assert_eq!(s.patient(&id).unwrap().unwrap().family_kana, "ヤマダ");
+    let links = s.links(&id).unwrap();
+    assert_eq!(links.len(), 1);
+    assert_eq!(
+        links[0].system,
+        "urn:oid:1.2.392.100495.20.3.51.11312345679"
+    );
+    assert_eq!(s.records(&id).unwrap().len(), 1);
+    assert_eq!(s.pending().unwrap().len(), 3);
+}
+
+fn audited(dir: &Path, n: usize) -> Store {
+    let mut s = store(dir);
+    s.upsert_patient(&patient("0001234"), T0).unwrap();
+    s.record_consent(new_consent("0001234"), T0).unwrap();
+    s.set_last_pull(T0).unwrap();
+    let id: PatientId = "0001234".parse().unwrap();
+    for i in 0..n {
+        let category = Category::ALL[i % Category::ALL.len()];
+        s.decide(&id, &Recipient::Hub, category, T0, T0, DAY)
+            .unwrap();
+    }
+    s
+}
+
+#[test]
+fn an_untouched_audit_trail_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = audited(dir.path(), 5);
+    assert_eq!(s.verify_audit().unwrap(), AuditCheck::Intact { rows: 5 });
+    // No patient ID in the trail: only a keyed hash.
+    let ids: Vec<String> = s
+        .connection()
+        .prepare("SELECT patient_hash FROM audit")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(ids.iter().all(|h| !h.contains("0001234") && h.len() == 32));
+}
+
+#[test]
+fn an_altered_row_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = audited(dir.path(), 5);
+    s.connection()
+        .execute(
+            "UPDATE audit SET decision = 'deny', reason = 'withdrawn' WHERE seq = 3",
+            [],
+        )
+        .unwrap();
+    assert_eq!(
+        s.verify_audit().unwrap(),
+        AuditCheck::Broken {
+            row: 3,
+            problem: "row 3 was altered".into()
+        }
+    );
+}
+
+#[test]
+fn removed_rows_are_named_in_the_middle_at_the_start_and_at_the_end() {
+    for (delete, row, problem) in [
+        ("seq = 2", 2, "row 2 was removed"),
+        ("seq = 1", 1, "row 1 was removed"),
+        ("seq IN (2, 3)", 2, "rows 2 to 3 were removed"),
+        ("seq = 5", 5, "rows 5 to 5 were removed from the end"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = audited(dir.path(), 5);
+        s.connection()
+            .execute(&format!("DELETE FROM audit WHERE {delete}"), [])
+            .unwrap();
+        assert_eq!(
+            s.verify_audit().unwrap(),
+            AuditCheck::Broken {
+                row,
+                problem: problem.into()
+            },
+            "{delete}"
+        );
+    }
+}
+
+#[test]
+fn a_cut_tail_stays_visible_after_new_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = audited(dir.path(), 5);
+    s.connection()
+        .execute("DELETE FROM audit WHERE seq = 5", [])
+        .unwrap();
+    let id: PatientId = "0001234".parse().unwrap();
+    s.decide(&id, &Recipient::Hub, Category::Images, T0, T0, DAY)
+        .unwrap();
+    assert_eq!(
+        s.verify_audit().unwrap(),
+        AuditCheck::Broken {
+            row: 5,
+            problem: "row 5 was removed".into()
+        }
+    );
+}
+
+#[test]
+fn a_recomputed_chain_without_the_key_does_not_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = audited(dir.path(), 3);
+    drop(s);
+    // Someone with the database but not the key rebuilds the chain with another key.
+    std::fs::remove_file(dir.path().join("audit.key")).unwrap();
+    let forged = audited(tempfile::tempdir().unwrap().path(), 0);
+    drop(forged);
+    let s = store(dir.path());
+    assert!(matches!(
+        s.verify_audit().unwrap(),
+        AuditCheck::Broken { row: 1, .. }
+    ));
+}
+
+#[test]
+fn audit_key_permissions_are_enforced() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.key");
+    AuditKey::load_or_create(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert!(matches!(
+        AuditKey::load_or_create(&path),
+        Err(StoreError::KeyPermissions { .. })
+    ));
+}
