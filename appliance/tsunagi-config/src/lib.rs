@@ -78,6 +78,9 @@ pub struct Config {
     /// The WireGuard tunnel to the network hub; absent means no tunnel.
     #[serde(default)]
     pub tunnel: Option<Tunnel>,
+    /// The consent and patient-identity cache.
+    #[serde(default)]
+    pub consent: ConsentCache,
     /// Fault drills, by name (`[drill.crashy]` runs as service `drill-crashy`).
     #[serde(default)]
     pub drill: BTreeMap<ServiceName, Drill>,
@@ -182,6 +185,23 @@ impl Default for Heartbeat {
         Self {
             enabled: true,
             interval: ConfigDuration::secs(10),
+        }
+    }
+}
+
+/// `[consent]`: the consent and patient-identity cache (同意・公開設定・名寄せ).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ConsentCache {
+    /// How old the last successful pull from the network may be before every decision for
+    /// a recipient outside the clinic is denied as stale (fail closed); default 24h.
+    pub freshness_bound: ConfigDuration,
+}
+
+impl Default for ConsentCache {
+    fn default() -> Self {
+        Self {
+            freshness_bound: ConfigDuration::secs(24 * 3600),
         }
     }
 }

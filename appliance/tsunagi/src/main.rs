@@ -10,6 +10,7 @@
 //! an exit code (see `tsunagi_runtime::exit_code` and `docs/operations.md`).
 #![forbid(unsafe_code)]
 
+mod consent_cmd;
 mod services;
 mod status_cmd;
 
@@ -35,11 +36,13 @@ struct Cli {
 #[derive(Debug, clap::Args)]
 struct ConfigArg {
     /// The configuration file.
-    #[arg(long, env = "TSUNAGI_CONFIG", default_value = tsunagi_config::DEFAULT_CONFIG_PATH)]
+    #[arg(long, global = true, env = "TSUNAGI_CONFIG", default_value = tsunagi_config::DEFAULT_CONFIG_PATH)]
     config: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
+// One value, parsed once at start: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the supervisor and every enabled service (systemd starts this).
     Run(ConfigArg),
@@ -69,6 +72,32 @@ enum Command {
     /// The WireGuard tunnel.
     #[command(subcommand)]
     Vpn(VpnCommand),
+    /// Consent and patient identity (同意・公開設定・名寄せ).
+    Consent {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: consent_cmd::ConsentCommand,
+    },
+    /// The audit trail of consent decisions.
+    Audit {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check that no row of the audit trail was changed or removed.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +138,22 @@ fn main() -> ExitCode {
                     exit_code::FAILURE
                 }
             },
+        },
+        Command::Consent {
+            config,
+            json,
+            command,
+        } => match load(&config.config) {
+            Err(code) => code,
+            Ok(cfg) => consent_cmd::consent(&cfg, command, json),
+        },
+        Command::Audit {
+            config,
+            json,
+            command: AuditCommand::Verify,
+        } => match load(&config.config) {
+            Err(code) => code,
+            Ok(cfg) => consent_cmd::audit_verify(&cfg, json),
         },
         Command::Sysusers => {
             print!("{}", services::sysusers());
@@ -246,4 +291,14 @@ fn config_check(files: &[PathBuf]) -> u8 {
         }
     }
     worst
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,0 +1,308 @@
+//! Issue 4: the clinic's consent workflow on the command line, decisions as the services get
+//! them, and acceptance 6: `tsunagi audit verify` passes on an untouched trail and names the
+//! row after a row is altered or deleted directly in SQLite.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the shared harness polls real processes from plain threads"
+)]
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+struct Clinic {
+    h: Harness,
+    form: std::path::PathBuf,
+}
+
+impl Clinic {
+    fn new() -> Clinic {
+        let h = Harness::new("");
+        let form = h.dir.path().join("consent-form.pdf");
+        std::fs::write(&form, b"%PDF-1.4 scanned consent form").unwrap();
+        Clinic { h, form }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("consent")
+            .args(args)
+            .arg("--config")
+            .arg(&self.h.config)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    fn register(&self, patient: &str, extra: &[&str]) -> String {
+        let form = self.form.display().to_string();
+        let mut args = vec![
+            "register",
+            patient,
+            "--family",
+            "山田",
+            "--given",
+            "花子",
+            "--family-kana",
+            "ヤマダ",
+            "--given-kana",
+            "ハナコ",
+            "--birth-date",
+            "1950-04-01",
+            "--sex",
+            "female",
+            "--evidence",
+            &form,
+            "--recorded-by",
+            "staff-1",
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args)
+    }
+
+    /// Simulates a successful pull from the network (the sync comes with the service).
+    fn synced(&self) {
+        let db = self.h.state_dir().join("consent").join("consent.db");
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap();
+        conn.execute("UPDATE sync_state SET last_pull_at = ?1", [now])
+            .unwrap();
+    }
+
+    fn decide(&self, patient: &str, recipient: &str, category: &str) -> serde_json::Value {
+        self.json(&["decide", patient, recipient, category])
+    }
+
+    fn audit(&self) -> Output {
+        Command::new(BIN)
+            .args(["audit", "verify", "--config"])
+            .arg(&self.h.config)
+            .output()
+            .unwrap()
+    }
+
+    fn tamper(&self, sql: &str) {
+        let db = self.h.state_dir().join("consent").join("consent.db");
+        rusqlite::Connection::open(db)
+            .unwrap()
+            .execute(sql, [])
+            .unwrap();
+    }
+}
+
+#[test]
+fn the_clinic_workflow_from_registration_to_withdrawal() {
+    let c = Clinic::new();
+    let out = c.register(
+        "0001234",
+        &[
+            "--scope",
+            "1312345679",
+            "--categories",
+            "lab-results,images",
+        ],
+    );
+    assert!(out.starts_with("registered consent c-"), "{out}");
+    // Never synced: everything leaving the clinic fails closed.
+    let d = c.decide("0001234", "1312345679", "images");
+    assert_eq!(d["decision"], "deny");
+    assert_eq!(d["reason"], "cache-stale");
+    c.synced();
+    assert_eq!(
+        c.decide("0001234", "1312345679", "images")["decision"],
+        "permit"
+    );
+    assert_eq!(
+        c.decide("0001234", "1312345679", "prescriptions")["reason"],
+        "category-excluded"
+    );
+    assert_eq!(
+        c.decide("0001234", "1312345670", "images")["reason"],
+        "recipient-not-disclosed"
+    );
+    // 名寄せ: the other facility's ID from the referral letter.
+    let link = c.json(&[
+        "link",
+        "0001234",
+        "--facility",
+        "1312345679",
+        "--id",
+        "A-77",
+    ]);
+    assert_eq!(
+        link["link"]["system"],
+        "urn:oid:1.2.392.100495.20.3.51.11312345679"
+    );
+    // 公開設定: disclose to another facility.
+    c.ok(&["disclose", "0001234", "1312345670"]);
+    assert_eq!(
+        c.decide("0001234", "1312345670", "images")["decision"],
+        "permit"
+    );
+    c.ok(&["undisclose", "0001234", "1312345679"]);
+    assert_eq!(
+        c.decide("0001234", "1312345679", "images")["reason"],
+        "recipient-not-disclosed"
+    );
+    // Human-readable decision text, as the services would get it.
+    let text = c.ok(&["decide", "0001234", "1312345679", "images"]);
+    assert_eq!(
+        text.trim(),
+        "deny: recipient-not-disclosed (the consent does not disclose data to this recipient)"
+    );
+    // Show.
+    let show = c.ok(&["show", "0001234"]);
+    assert!(show.contains("山田 花子 (ヤマダ ハナコ)"), "{show}");
+    assert!(show.contains("version 3: active"), "{show}");
+    // Withdraw: effective at once, even offline.
+    c.ok(&["withdraw", "0001234", "--recorded-by", "staff-2"]);
+    assert_eq!(c.decide("0001234", "hub", "images")["reason"], "withdrawn");
+    // Everything waits for the push.
+    let pending = c.json(&["pending"]);
+    assert!(
+        pending["pending"].as_array().unwrap().len() >= 5,
+        "{pending}"
+    );
+    // Validity: a consent that starts tomorrow.
+    c.register("0005678", &["--from", "2099-01-01"]);
+    assert_eq!(
+        c.decide("0005678", "hub", "images")["reason"],
+        "not-yet-valid"
+    );
+    assert_eq!(
+        c.json(&[
+            "decide",
+            "0005678",
+            "hub",
+            "images",
+            "--at",
+            "2099-01-02T09:00:00+09:00"
+        ])["decision"],
+        "permit"
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let c = Clinic::new();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["decide", "0009999", "hub", "images"],
+            "unknown patient 0009999",
+        ),
+        (&["decide", "0009999", "131234567", "images"], "10 digits"),
+        (
+            &["decide", "0009999", "1392345678", "images"],
+            "point-table number",
+        ),
+        (
+            &["decide", "0009999", "hub", "x-rays"],
+            "unknown data category",
+        ),
+        (
+            &["decide", "0009999", "hub", "images", "--at", "2026-02-30"],
+            "has no day 30",
+        ),
+    ];
+    for (args, says) in cases {
+        let out = c.run(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let out = c.run(&["withdraw", "0009999", "--recorded-by", "x"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown patient 0009999"));
+}
+
+#[test]
+fn audit_verify_names_an_altered_or_deleted_row() {
+    let c = Clinic::new();
+    c.register("0001234", &[]);
+    c.synced();
+    for category in [
+        "images",
+        "documents",
+        "lab-results",
+        "problems",
+        "allergies",
+    ] {
+        c.decide("0001234", "hub", category);
+    }
+    let out = c.audit();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "audit trail intact: 5 rows"
+    );
+
+    c.tamper("UPDATE audit SET decision = 'deny', reason = 'withdrawn' WHERE seq = 2");
+    let out = c.audit();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "audit trail BROKEN at row 2: row 2 was altered"
+    );
+
+    let c = Clinic::new();
+    c.register("0001234", &[]);
+    c.synced();
+    for _ in 0..4 {
+        c.decide("0001234", "hub", "images");
+    }
+    c.tamper("DELETE FROM audit WHERE seq = 3");
+    let out = c.audit();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "audit trail BROKEN at row 3: row 3 was removed"
+    );
+}
+
+#[test]
+fn files_belong_to_the_consent_user_when_run_as_root() {
+    if skip_unless_root("files_belong_to_the_consent_user_when_run_as_root") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let c = Clinic::new();
+    c.register("0001234", &[]);
+    let dir = c.h.state_dir().join("consent");
+    let uid = nix::unistd::User::from_name("tsunagi-consent")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    for name in ["consent.db", "audit.key"] {
+        let meta = std::fs::metadata(dir.join(name)).unwrap();
+        assert_eq!(meta.uid(), uid, "{name}");
+        assert_eq!(meta.mode() & 0o077, 0, "{name} must be private");
+    }
+    assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o700);
+}
