@@ -11,8 +11,12 @@
 
 pub mod decide;
 pub mod model;
+pub mod service;
 pub mod store;
 pub mod time;
 
 /// The service name (its state directory, user `tsunagi-consent`).
 pub const NAME: &str = "consent";
+
+/// The service's system user.
+pub const USER: &str = "tsunagi-consent";

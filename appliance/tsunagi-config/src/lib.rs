@@ -193,6 +193,9 @@ impl Default for Heartbeat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ConsentCache {
+    /// Whether the consent service runs (it answers the other services' decisions); default
+    /// false until the services that ask it are enabled.
+    pub enabled: bool,
     /// How old the last successful pull from the network may be before every decision for
     /// a recipient outside the clinic is denied as stale (fail closed); default 24h.
     pub freshness_bound: ConfigDuration,
@@ -201,6 +204,7 @@ pub struct ConsentCache {
 impl Default for ConsentCache {
     fn default() -> Self {
         Self {
+            enabled: false,
             freshness_bound: ConfigDuration::secs(24 * 3600),
         }
     }

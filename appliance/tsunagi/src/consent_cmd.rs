@@ -18,9 +18,6 @@ use tsunagi_config::{Config, FacilityCode};
 use tsunagi_runtime::exit_code;
 use tsunagi_runtime::privilege;
 
-/// The consent service's system user.
-pub(crate) const CONSENT_USER: &str = "tsunagi-consent";
-
 #[derive(Debug, Subcommand)]
 pub(crate) enum ConsentCommand {
     /// Register a patient and their participation consent (参加同意, 公開設定).
@@ -148,10 +145,10 @@ fn parse_categories(text: &str) -> Result<BTreeSet<Category>, String> {
 }
 
 /// Opens the consent database, creating the service's user and directory if needed.
-fn open(cfg: &Config) -> Result<(Store, Ownership), String> {
+pub(crate) fn open(cfg: &Config) -> Result<(Store, Ownership), String> {
     let dir = cfg.paths.state_dir.as_path().join(consent::NAME);
     let identity = if privilege::is_root() {
-        Some(privilege::ensure_user(CONSENT_USER).map_err(|e| crate::error_chain(&e))?)
+        Some(privilege::ensure_user(consent::USER).map_err(|e| crate::error_chain(&e))?)
     } else {
         None
     };
@@ -175,7 +172,7 @@ fn open(cfg: &Config) -> Result<(Store, Ownership), String> {
 }
 
 /// Gives files created by a root-run command back to the service's user.
-struct Ownership {
+pub(crate) struct Ownership {
     dir: PathBuf,
     key: PathBuf,
     identity: Option<privilege::Identity>,

@@ -30,6 +30,12 @@ pub(crate) const BUILTIN: &[Kind] = &[
         description: "tsunagi WireGuard tunnel",
     },
     Kind {
+        name: consent::NAME,
+        user: consent::USER,
+        capabilities: &[],
+        description: "tsunagi consent cache",
+    },
+    Kind {
         name: heartbeat::NAME,
         user: "tsunagi-heartbeat",
         capabilities: &[],
@@ -97,6 +103,14 @@ pub(crate) fn children(cfg: &Config) -> Vec<ChildSpec> {
                 ),
                 None => (false, String::new(), Vec::new(), Vec::new(), Vec::new()),
             },
+            consent::NAME => (
+                cfg.consent.enabled,
+                fingerprint(cfg, &cfg.consent),
+                Vec::new(),
+                // The decision socket's directory.
+                vec![cfg.paths.runtime_dir.as_path().join(consent::NAME)],
+                Vec::new(),
+            ),
             _ => (false, String::new(), Vec::new(), Vec::new(), Vec::new()),
         };
         if enabled {
@@ -147,6 +161,15 @@ pub(crate) fn plan(cfg: &Config) -> Plan {
         },
         children: children(cfg),
     }
+}
+
+/// Errors of the consent service's process.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConsentServiceError {
+    #[error("cannot open the consent database: {0}")]
+    Open(String),
+    #[error(transparent)]
+    Service(consent::service::ServiceError),
 }
 
 /// Errors of `tsunagi service NAME`.
@@ -226,6 +249,24 @@ pub(crate) fn run_child(cfg: &Config, name: &str) -> Result<(), ServiceCmdError>
         capabilities: spec.capabilities.clone(),
         state_dir: cfg.paths.state_dir.as_path().join(&spec.name),
     };
+    if name == consent::NAME {
+        if !cfg.consent.enabled {
+            return Err(unknown());
+        }
+        let prepared = child::enter(setup)?;
+        let settings = consent::service::Settings {
+            freshness_bound: cfg.consent.freshness_bound.get(),
+            runtime_dir: cfg.paths.runtime_dir.as_path().join(consent::NAME),
+        };
+        child::run_service(prepared, 2, |ctx| async move {
+            let (store, _ownership) =
+                crate::consent_cmd::open(cfg).map_err(ConsentServiceError::Open)?;
+            consent::service::run(ctx, store, settings)
+                .await
+                .map_err(ConsentServiceError::Service)
+        })?;
+        return Ok(());
+    }
     if name == tunnel::NAME {
         let Some(cfg) = cfg.tunnel.clone() else {
             return Err(unknown());

@@ -19,7 +19,11 @@ struct Clinic {
 
 impl Clinic {
     fn new() -> Clinic {
-        let h = Harness::new("");
+        Clinic::with("")
+    }
+
+    fn with(extra: &str) -> Clinic {
+        let h = Harness::new(extra);
         let form = h.dir.path().join("consent-form.pdf");
         std::fs::write(&form, b"%PDF-1.4 scanned consent form").unwrap();
         Clinic { h, form }
@@ -305,4 +309,114 @@ fn files_belong_to_the_consent_user_when_run_as_root() {
         assert_eq!(meta.mode() & 0o077, 0, "{name} must be private");
     }
     assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o700);
+}
+
+/// One request on the decision socket.
+fn ask(socket: &std::path::Path, request: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    writeln!(stream, "{request}").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+#[test]
+fn the_consent_service_answers_decisions_over_its_socket() {
+    let mut c = Clinic::with(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n"
+    ));
+    c.register("0001234", &["--categories", "images"]);
+    c.synced();
+    c.h.start();
+    c.h.wait_for("consent ready", std::time::Duration::from_secs(30), |s| {
+        state_of(s, "consent") == "ready"
+    });
+    let socket = c.h.runtime_dir().join("consent").join("decide.sock");
+    let permit = ask(
+        &socket,
+        r#"{"patient":"0001234","recipient":"1312345679","category":"images"}"#,
+    );
+    assert_eq!(permit, serde_json::json!({"decision": "permit"}));
+    let deny = ask(
+        &socket,
+        r#"{"patient":"0001234","recipient":"hub","category":"documents"}"#,
+    );
+    assert_eq!(
+        deny,
+        serde_json::json!({"decision": "deny", "reason": "category-excluded"})
+    );
+    let nobody = ask(
+        &socket,
+        r#"{"patient":"0009999","recipient":"hub","category":"images"}"#,
+    );
+    assert_eq!(
+        nobody,
+        serde_json::json!({"decision": "deny", "reason": "no-consent"})
+    );
+    let bad = ask(
+        &socket,
+        r#"{"patient":"0001234","recipient":"hub","category":"x-rays"}"#,
+    );
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown data category"),
+        "{bad}"
+    );
+    let junk = ask(&socket, "not json");
+    assert!(
+        junk["error"].as_str().unwrap().starts_with("bad request"),
+        "{junk}"
+    );
+
+    // A withdrawal recorded at the desk takes effect for the services at once.
+    c.ok(&["withdraw", "0001234", "--recorded-by", "staff-2"]);
+    let after = ask(
+        &socket,
+        r#"{"patient":"0001234","recipient":"1312345679","category":"images"}"#,
+    );
+    assert_eq!(
+        after,
+        serde_json::json!({"decision": "deny", "reason": "withdrawn"})
+    );
+
+    let status =
+        c.h.wait_for("consent status", std::time::Duration::from_secs(15), |s| {
+            service(s, "consent")["metrics"]["decisions_permit_total"] == 1.0
+        });
+    let consent = service(&status, "consent");
+    assert_eq!(consent["metrics"]["decisions_deny_total"], 3.0);
+    assert_eq!(consent["metrics"]["stale"], 0.0);
+    assert!(
+        consent["summary"]
+            .as_str()
+            .unwrap()
+            .contains("1 permitted, 3 denied"),
+        "{consent}"
+    );
+    assert_eq!(
+        consent["user"],
+        if is_root() {
+            serde_json::json!("tsunagi-consent")
+        } else {
+            serde_json::Value::Null
+        }
+    );
+    // Every decision answered is in the audit trail (errors are not decisions).
+    let out = c.audit();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "audit trail intact: 4 rows"
+    );
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        c.h.wait_exit(std::time::Duration::from_secs(15))
+            .unwrap()
+            .success()
+    );
 }

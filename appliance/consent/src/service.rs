@@ -1,0 +1,318 @@
+//! The consent service: answers decisions for the other services over a Unix socket, and
+//! reports the cache's state.
+//!
+//! Socket: `RUNTIME-DIR/consent/decide.sock` (directory 0750 owned by the service's user;
+//! socket 0660). One JSON request per line, one JSON answer per line:
+//! `{"patient":"0001234","recipient":"hub","category":"images"}` (optional `"at"`, RFC 3339)
+//! → `{"decision":"permit"}` or `{"decision":"deny","reason":"withdrawn"}` or
+//! `{"error":"..."}`. Every decision is written to the audit trail before it is answered.
+//! A decision is a local database lookup; no network call is ever made on this path.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tsunagi_runtime::child::ServiceCtx;
+use tsunagi_runtime::status::Health;
+
+use crate::decide::Decision;
+use crate::model::{Category, PatientId, Recipient};
+use crate::store::{Store, StoreError};
+use crate::time;
+
+/// The socket's file name inside the service's runtime directory.
+pub const SOCKET_NAME: &str = "decide.sock";
+const MAX_REQUEST: usize = 4096;
+const MAX_CLIENTS: usize = 32;
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Errors that stop the service.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the database task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// A decision request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub patient: String,
+    pub recipient: String,
+    pub category: String,
+    #[serde(default)]
+    pub at: Option<String>,
+}
+
+/// A decision answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the service needs to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub freshness_bound: Duration,
+    /// The service's runtime directory (prepared by the supervisor).
+    pub runtime_dir: PathBuf,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    pub permits: u64,
+    pub denies: u64,
+    pub errors: u64,
+}
+
+/// Shared state of the running service.
+#[derive(Debug)]
+pub struct Shared {
+    store: Mutex<Store>,
+    counts: Mutex<Counts>,
+    settings: Settings,
+}
+
+impl Shared {
+    pub fn new(store: Store, settings: Settings) -> Arc<Shared> {
+        Arc::new(Shared {
+            store: Mutex::new(store),
+            counts: Mutex::new(Counts::default()),
+            settings,
+        })
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.counts.lock().map(|c| *c).unwrap_or_default()
+    }
+
+    /// Answers one request (blocking: SQLite).
+    pub fn answer(&self, req: &Request) -> Answer {
+        let err = |message: String| Answer {
+            decision: None,
+            reason: None,
+            error: Some(message),
+        };
+        let parsed =
+            (|| -> Result<(PatientId, Recipient, Category, Option<time::Timestamp>), String> {
+                let patient: PatientId =
+                    req.patient.parse().map_err(|e| format!("patient: {e}"))?;
+                let recipient: Recipient = req.recipient.parse().map_err(|e| format!("{e}"))?;
+                let category: Category = req.category.parse().map_err(|e| format!("{e}"))?;
+                let at = req
+                    .at
+                    .as_deref()
+                    .map(time::parse)
+                    .transpose()
+                    .map_err(|e| format!("at: {e}"))?;
+                Ok((patient, recipient, category, at))
+            })();
+        let answer = match parsed {
+            Err(message) => err(message),
+            Ok((patient, recipient, category, at)) => {
+                let now = time::now();
+                let Ok(mut store) = self.store.lock() else {
+                    return err("internal error: the store lock is poisoned".into());
+                };
+                match store.decide(
+                    &patient,
+                    &recipient,
+                    category,
+                    at.unwrap_or(now),
+                    now,
+                    self.settings.freshness_bound,
+                ) {
+                    Ok(Decision::Permit) => Answer {
+                        decision: Some("permit".into()),
+                        reason: None,
+                        error: None,
+                    },
+                    Ok(Decision::Deny(reason)) => Answer {
+                        decision: Some("deny".into()),
+                        reason: Some(reason.as_str().into()),
+                        error: None,
+                    },
+                    // The error never carries patient data: only the operation that failed.
+                    Err(e) => err(format!("decision failed: {e}")),
+                }
+            }
+        };
+        if let Ok(mut counts) = self.counts.lock() {
+            match answer.decision.as_deref() {
+                Some("permit") => counts.permits += 1,
+                Some(_) => counts.denies += 1,
+                None => counts.errors += 1,
+            }
+        }
+        answer
+    }
+
+    /// A summary line and metrics for the supervisor.
+    pub fn report(&self) -> (bool, String, Vec<(&'static str, f64)>) {
+        let counts = self.counts();
+        let (pending, freshness) = match self.store.lock() {
+            Ok(store) => (
+                store.pending().map(|p| p.len()).unwrap_or(0),
+                store.freshness(self.settings.freshness_bound).ok(),
+            ),
+            Err(_) => (0, None),
+        };
+        let now = time::now();
+        let age = freshness
+            .and_then(|f| f.last_pull)
+            .map(|t| (now - t).max(0));
+        let bound = i64::try_from(self.settings.freshness_bound.as_secs()).unwrap_or(i64::MAX);
+        let stale = age.is_none_or(|a| a > bound);
+        let sync = match age {
+            None => "never synced with the network: decisions for recipients outside the clinic deny (stale)".to_owned(),
+            Some(a) if stale => format!("last synced {a}s ago, beyond the freshness bound: decisions deny (stale)"),
+            Some(a) => format!("last synced {a}s ago"),
+        };
+        let summary = format!(
+            "{} permitted, {} denied; {pending} changes waiting to be pushed; {sync}",
+            counts.permits, counts.denies
+        );
+        let mut metrics = vec![
+            ("decisions_permit_total", counts.permits as f64),
+            ("decisions_deny_total", counts.denies as f64),
+            ("decision_errors_total", counts.errors as f64),
+            ("pending_pushes", pending as f64),
+            ("stale", f64::from(u8::from(stale))),
+        ];
+        if let Some(a) = age {
+            metrics.push(("last_pull_age_seconds", a as f64));
+        }
+        (!stale, summary, metrics)
+    }
+}
+
+/// Binds the decision socket (replacing a stale one).
+pub fn bind(settings: &Settings) -> Result<UnixListener, ServiceError> {
+    let path = settings.runtime_dir.join(SOCKET_NAME);
+    let _ = std::fs::remove_file(&path);
+    let listen_err = |source| ServiceError::Listen {
+        path: path.clone(),
+        source,
+    };
+    let listener = UnixListener::bind(&path).map_err(listen_err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(listen_err)?;
+    Ok(listener)
+}
+
+/// Serves decision requests until `stop` fires.
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = client(stream, shared).await;
+        });
+    }
+}
+
+async fn client(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = match tokio::time::timeout(
+            IDLE,
+            (&mut reader)
+                .take(MAX_REQUEST as u64 + 1)
+                .read_line(&mut line),
+        )
+        .await
+        {
+            Err(_) | Ok(Err(_)) | Ok(Ok(0)) => return Ok(()),
+            Ok(Ok(n)) => n,
+        };
+        let answer = if n > MAX_REQUEST || !line.ends_with('\n') {
+            Answer {
+                decision: None,
+                reason: None,
+                error: Some(format!("request longer than {MAX_REQUEST} bytes")),
+            }
+        } else {
+            match serde_json::from_str::<Request>(line.trim()) {
+                Err(e) => Answer {
+                    decision: None,
+                    reason: None,
+                    error: Some(format!("bad request: {e}")),
+                },
+                Ok(req) => {
+                    let shared = shared.clone();
+                    match tokio::task::spawn_blocking(move || shared.answer(&req)).await {
+                        Ok(a) => a,
+                        Err(_) => Answer {
+                            decision: None,
+                            reason: None,
+                            error: Some("internal error".into()),
+                        },
+                    }
+                }
+            }
+        };
+        let mut out = serde_json::to_string(&answer).unwrap_or_else(|_| "{}".into());
+        out.push('\n');
+        write.write_all(out.as_bytes()).await?;
+        if answer.error.is_some() && n > MAX_REQUEST {
+            return Ok(());
+        }
+    }
+}
+
+/// Runs the consent service until shutdown.
+pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<(), ServiceError> {
+    let listener = bind(&settings)?;
+    let shared = Shared::new(store, settings);
+    tokio::spawn(serve(listener, shared.clone(), ctx.shutdown.clone()));
+    ctx.reporter.ready();
+    tracing::info!("consent decisions served");
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let reporter = shared.clone();
+        let (fresh, summary, metrics) = tokio::task::spawn_blocking(move || reporter.report())
+            .await
+            .map_err(ServiceError::Task)?;
+        let health = if fresh { Health::Ok } else { Health::Degraded };
+        ctx.reporter.status_with_metrics(health, &summary, &metrics);
+    }
+    Ok(())
+}
