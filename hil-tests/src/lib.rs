@@ -7,6 +7,9 @@
 //!   (`testnet up` for a shell, `testnet clean`).
 //! - [`health`]: the hub's health server (`testnet serve-health ADDR`) and a tiny HTTP
 //!   client (`testnet get URL`) to probe it from inside a namespace.
+//! - [`fhir`]: a strict, small FHIR R4 server (Patient, Organization, Consent; validated
+//!   against the FHIR JSON schema), the stand-in for the network's FHIR server
+//!   (`testnet fhir-serve ADDR`).
 //!
 //! Everything here is test support: it needs root and `/dev/net/tun`, and it runs `ip`,
 //! `nft`, `wg` and `wireguard-go`. See `hil-tests/README.md`.
@@ -19,5 +22,6 @@
     reason = "test harness: waits on processes from plain threads, no async runtime"
 )]
 
+pub mod fhir;
 pub mod health;
 pub mod testnet;

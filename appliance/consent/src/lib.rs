@@ -10,9 +10,11 @@
 #![forbid(unsafe_code)]
 
 pub mod decide;
+pub mod fhir;
 pub mod model;
 pub mod service;
 pub mod store;
+pub mod sync;
 pub mod time;
 
 /// The service name (its state directory, user `tsunagi-consent`).

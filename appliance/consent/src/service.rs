@@ -75,6 +75,9 @@ pub struct Settings {
     pub freshness_bound: Duration,
     /// The service's runtime directory (prepared by the supervisor).
     pub runtime_dir: PathBuf,
+    /// The network's FHIR server, if sync is configured.
+    pub fhir: Option<crate::sync::Client>,
+    pub pull_interval: Duration,
 }
 
 /// Counters for status and metrics.
@@ -91,6 +94,7 @@ pub struct Shared {
     store: Mutex<Store>,
     counts: Mutex<Counts>,
     settings: Settings,
+    last_sync_error: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -99,6 +103,7 @@ impl Shared {
             store: Mutex::new(store),
             counts: Mutex::new(Counts::default()),
             settings,
+            last_sync_error: Mutex::new(None),
         })
     }
 
@@ -183,15 +188,20 @@ impl Shared {
             .map(|t| (now - t).max(0));
         let bound = i64::try_from(self.settings.freshness_bound.as_secs()).unwrap_or(i64::MAX);
         let stale = age.is_none_or(|a| a > bound);
+        let sync_error = self.last_sync_error.lock().ok().and_then(|e| e.clone());
         let sync = match age {
+            None if self.settings.fhir.is_none() => "no network sync configured ([consent] fhir-url): decisions for recipients outside the clinic deny (stale)".to_owned(),
             None => "never synced with the network: decisions for recipients outside the clinic deny (stale)".to_owned(),
             Some(a) if stale => format!("last synced {a}s ago, beyond the freshness bound: decisions deny (stale)"),
             Some(a) => format!("last synced {a}s ago"),
         };
-        let summary = format!(
+        let mut summary = format!(
             "{} permitted, {} denied; {pending} changes waiting to be pushed; {sync}",
             counts.permits, counts.denies
         );
+        if let Some(e) = sync_error {
+            summary.push_str(&format!("; last sync failed: {e}"));
+        }
         let mut metrics = vec![
             ("decisions_permit_total", counts.permits as f64),
             ("decisions_deny_total", counts.denies as f64),
@@ -301,6 +311,9 @@ pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<()
     tokio::spawn(serve(listener, shared.clone(), ctx.shutdown.clone()));
     ctx.reporter.ready();
     tracing::info!("consent decisions served");
+    if let Some(client) = shared.settings.fhir.clone() {
+        tokio::spawn(sync_loop(shared.clone(), client, ctx.shutdown.clone()));
+    }
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
@@ -315,4 +328,37 @@ pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<()
         ctx.reporter.status_with_metrics(health, &summary, &metrics);
     }
     Ok(())
+}
+
+async fn sync_loop(shared: Arc<Shared>, client: crate::sync::Client, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(shared.settings.pull_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let result = crate::sync::round(&shared.store, &client).await;
+        let message = match &result {
+            Ok(r) => {
+                tracing::info!(
+                    pushed = r.pushed,
+                    pulled = r.pulled,
+                    changed = r.changed,
+                    "synced with the network"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = e as &dyn std::error::Error,
+                    "sync with the network failed; retrying next round"
+                );
+                Some(tsunagi_runtime::child::error_chain(e))
+            }
+        };
+        if let Ok(mut last) = shared.last_sync_error.lock() {
+            *last = message;
+        }
+    }
 }

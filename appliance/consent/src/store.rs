@@ -221,6 +221,19 @@ pub enum AuditCheck {
     Broken { row: i64, problem: String },
 }
 
+/// What applying a consent from the network did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// A consent the box did not know: recorded.
+    New,
+    /// A change of a known consent: recorded as a new version.
+    Changed,
+    /// Nothing new.
+    Unchanged,
+    /// The box already withdrew this consent; a withdrawal wins over any other change.
+    IgnoredWithdrawn,
+}
+
 /// What a new consent says (the store assigns id, version and times).
 #[derive(Debug, Clone)]
 pub struct NewConsent {
@@ -510,6 +523,122 @@ impl Store {
                 recorded_at: now,
             });
         })
+    }
+
+    /// One version of a consent (for the push).
+    pub fn consent_version(&self, id: &str, version: u32) -> Result<Option<Consent>, StoreError> {
+        let body: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT body FROM consent WHERE id = ?1 AND version = ?2",
+                params![id, version],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("read consent"))?;
+        body.map(|b| serde_json::from_str(&b).map_err(StoreError::Corrupt))
+            .transpose()
+    }
+
+    /// Applies a consent pulled from the network (idempotent; a withdrawal wins).
+    pub fn apply_network_consent(&mut self, mut incoming: Consent) -> Result<Applied, StoreError> {
+        self.require_patient(&incoming.patient)?;
+        let records = self.records(&incoming.patient)?;
+        let versions: Vec<&Known> = records
+            .iter()
+            .filter(|k| k.consent.id == incoming.id)
+            .collect();
+        let now = incoming.recorded_at;
+        if versions.is_empty() {
+            incoming.version = 1;
+            incoming.source = Source::Network;
+            self.insert_version(&incoming, None, now)?;
+            return Ok(Applied::New);
+        }
+        let withdrawn = versions
+            .iter()
+            .any(|k| k.consent.status == Status::Withdrawn);
+        let Some(latest) = versions.iter().max_by_key(|k| k.consent.version) else {
+            return Ok(Applied::Unchanged);
+        };
+        if withdrawn {
+            return Ok(Applied::IgnoredWithdrawn);
+        }
+        if crate::fhir::same_terms(&latest.consent, &incoming) {
+            return Ok(Applied::Unchanged);
+        }
+        let mut next = incoming;
+        next.version = latest.consent.version + 1;
+        next.source = Source::Network;
+        next.evidence = latest.consent.evidence.clone();
+        self.insert_version(&next, Some(latest.created_seq), now)?;
+        Ok(Applied::Changed)
+    }
+
+    /// Adds a link learned from the network (no push: the network already has it).
+    pub fn add_network_link(
+        &mut self,
+        id: &PatientId,
+        system: &str,
+        value: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.require_patient(id)?;
+        let n = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO patient_link (patient_id, system, value, recorded_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id.as_str(), system, value, now],
+            )
+            .map_err(sql("save link"))?;
+        Ok(n > 0)
+    }
+
+    /// Marks a push as acknowledged by the network.
+    pub fn push_done(&mut self, seq: i64, now: Timestamp) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE outbox SET done_at = ?2 WHERE seq = ?1",
+                params![seq, now],
+            )
+            .map_err(sql("update outbox"))?;
+        Ok(())
+    }
+
+    /// Records a failed push attempt (it stays queued).
+    pub fn push_failed(&mut self, seq: i64, error: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE seq = ?1",
+                params![seq, error],
+            )
+            .map_err(sql("update outbox"))?;
+        Ok(())
+    }
+
+    /// The pull cursor (the newest `meta.lastUpdated` seen), if any.
+    pub fn cursor(&self) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT cursor FROM sync_state WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .map_err(sql("read sync state"))
+    }
+
+    /// Records a successful pull: the new cursor and when it finished.
+    pub fn pulled(&mut self, cursor: Option<&str>, at: Timestamp) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE sync_state SET last_pull_at = ?1, cursor = COALESCE(?2, cursor) WHERE id = 1",
+                params![at, cursor],
+            )
+            .map_err(sql("save sync state"))?;
+        Ok(())
+    }
+
+    /// The facility this store belongs to.
+    pub fn facility(&self) -> &FacilityCode {
+        &self.facility
     }
 
     /// How fresh the cache is.

@@ -102,6 +102,16 @@ pub fn parse(text: &str) -> Result<Timestamp, TimeError> {
         if let Some(z) = zone {
             offset = z;
         }
+        // Fractions of a second are accepted and dropped.
+        let clock = match clock.split_once('.') {
+            Some((whole, fraction))
+                if !fraction.is_empty() && fraction.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                whole
+            }
+            Some(_) => return Err(TimeError(format!("{text:?}: bad fraction of a second"))),
+            None => clock,
+        };
         let fields: Vec<&str> = clock.split(':').collect();
         let (h, mi, s) = match fields.as_slice() {
             [h, mi] => (number(h, "hour")?, number(mi, "minute")?, 0),

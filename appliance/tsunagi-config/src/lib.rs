@@ -199,6 +199,12 @@ pub struct ConsentCache {
     /// How old the last successful pull from the network may be before every decision for
     /// a recipient outside the clinic is denied as stale (fail closed); default 24h.
     pub freshness_bound: ConfigDuration,
+    /// The network's FHIR R4 base, plain HTTP on an address in the hub subnet (reached
+    /// through the tunnel), e.g. `http://10.98.0.1:8081/fhir`. Absent: no sync, so every
+    /// decision for a recipient outside the clinic is denied as stale.
+    pub fhir_url: Option<HealthUrl>,
+    /// Time between sync rounds (push, then pull); default 60s.
+    pub pull_interval: ConfigDuration,
 }
 
 impl Default for ConsentCache {
@@ -206,6 +212,8 @@ impl Default for ConsentCache {
         Self {
             enabled: false,
             freshness_bound: ConfigDuration::secs(24 * 3600),
+            fhir_url: None,
+            pull_interval: ConfigDuration::secs(60),
         }
     }
 }

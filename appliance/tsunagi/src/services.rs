@@ -257,6 +257,14 @@ pub(crate) fn run_child(cfg: &Config, name: &str) -> Result<(), ServiceCmdError>
         let settings = consent::service::Settings {
             freshness_bound: cfg.consent.freshness_bound.get(),
             runtime_dir: cfg.paths.runtime_dir.as_path().join(consent::NAME),
+            fhir: cfg.consent.fhir_url.as_ref().map(|url| {
+                consent::sync::Client::new(
+                    std::net::SocketAddr::V4(url.addr()),
+                    url.path(),
+                    std::time::Duration::from_secs(10),
+                )
+            }),
+            pull_interval: cfg.consent.pull_interval.get(),
         };
         child::run_service(prepared, 2, |ctx| async move {
             let (store, _ownership) =

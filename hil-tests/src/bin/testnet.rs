@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hil_tests::health;
 use hil_tests::testnet::{self, Options, TestNet};
+use hil_tests::{fhir, health};
 use nix::sys::signal::{SigSet, Signal};
 
 const USAGE: &str = "\
@@ -22,6 +22,10 @@ usage: testnet up [--udp-port PORT]...   bring a test network up, print it, wait
                                          starts it inside the hub namespace)
        testnet get URL [--timeout-ms N]  GET an http:// URL; prints the status code on the
                                          first line, then the body
+       testnet fhir-serve ADDR [--schema PATH]
+                                         run the strict FHIR R4 test server on ADDR (base
+                                         /fhir, state in memory); the schema defaults to
+                                         $TSUNAGI_FHIR_SCHEMA, else the npm cache
 exit codes: 0 ok; 1 failed; 2 usage error; 3 this machine cannot host a test network
             (not root, or no /dev/net/tun)";
 
@@ -50,6 +54,8 @@ fn run(args: &[String]) -> anyhow::Result<ExitCode> {
         },
         ["clean"] => clean(),
         ["serve-health", addr] => serve_health(addr),
+        ["fhir-serve", addr] => fhir_serve(addr, None),
+        ["fhir-serve", addr, "--schema", schema] => fhir_serve(addr, Some(schema)),
         ["get", url] => get(url, health::IO_TIMEOUT),
         ["get", url, "--timeout-ms", ms] => match ms.parse() {
             Ok(ms) => get(url, Duration::from_millis(ms)),
@@ -174,6 +180,39 @@ fn serve_health(addr: &str) -> anyhow::Result<ExitCode> {
     println!("{} {addr}", health::READY_LINE);
     io::stdout().flush()?;
     health::serve(&listener).with_context(|| format!("failed to serve on {addr}"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fhir_serve(addr: &str, schema: Option<&str>) -> anyhow::Result<ExitCode> {
+    let Ok(addr) = addr.parse::<SocketAddr>() else {
+        return Ok(usage());
+    };
+    // As in `serve_health`: SIGTERM must stop the server even if the parent blocked it.
+    stop_signals()
+        .thread_unblock()
+        .context("failed to unblock SIGINT/SIGTERM/SIGHUP")?;
+    let schema = match schema {
+        Some(path) => std::path::PathBuf::from(path),
+        None => fhir::schema_path()?,
+    };
+    let started = std::time::Instant::now();
+    let validator = fhir::Validator::load(&schema)?;
+    eprintln!(
+        "fhir: schema {} compiled in {} ms",
+        schema.display(),
+        started.elapsed().as_millis()
+    );
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("failed to listen on {addr}"))?;
+    let bound = listener
+        .local_addr()
+        .context("failed to read the bound address")?;
+    // Tests (and the harness) wait for this line; with port 0 it carries the real port.
+    println!("{} {bound}", fhir::READY_LINE);
+    io::stdout().flush()?;
+    std::sync::Arc::new(fhir::Server::new(validator))
+        .serve(&listener)
+        .with_context(|| format!("failed to serve on {bound}"))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,0 +1,415 @@
+//! Sync with the network's FHIR R4 server: push what was recorded on the box, pull what
+//! changed on the network.
+//!
+//! Push: every outbox entry, oldest first, as a conditional update by identifier
+//! (`PUT Patient?identifier=…`, `PUT Consent?identifier=…`), so a push repeated after a
+//! crash never creates a duplicate. An entry is marked done only after the server
+//! acknowledged it; a failure stops the round and the entry is retried next round.
+//!
+//! Pull: `Consent` and `Patient` resources with `_lastUpdated` after the cursor; consents of
+//! this clinic's patients are applied idempotently (a withdrawal wins), and other
+//! facilities' identifiers of this clinic's patients are recorded as links. A successful
+//! pull refreshes the cache (see `decide::Freshness`).
+//!
+//! The client speaks plain HTTP/1.1 to an address inside the hub subnet: the WireGuard
+//! tunnel is the transport security (TLS to the FHIR server is a later step).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::fhir::{self, CONSENT_ID_SYSTEM};
+use crate::model::{PatientId, patient_id_system};
+use crate::store::{Applied, Store, StoreError};
+use crate::time;
+
+const MAX_RESPONSE: usize = 8 * 1024 * 1024;
+
+/// Errors of one sync round.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot reach the FHIR server at {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the FHIR server at {addr} did not answer within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("bad answer from the FHIR server to {what}: {why}")]
+    Protocol { what: String, why: String },
+    #[error("the FHIR server refused {what} with status {status}: {diagnostics}")]
+    Refused {
+        what: String,
+        status: u16,
+        diagnostics: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: the store lock is poisoned")]
+    Poisoned,
+}
+
+/// A FHIR server reached over plain HTTP.
+#[derive(Debug, Clone)]
+pub struct Client {
+    addr: SocketAddr,
+    base: String,
+    timeout: Duration,
+}
+
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Client {
+    /// `base` is the path of the FHIR base, e.g. `/fhir`.
+    pub fn new(addr: SocketAddr, base: &str, timeout: Duration) -> Client {
+        Client {
+            addr,
+            base: base.trim_end_matches('/').to_owned(),
+            timeout,
+        }
+    }
+
+    /// One request; returns the status and the JSON body (`null` when empty).
+    pub async fn call(
+        &self,
+        method: &str,
+        target: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), SyncError> {
+        let what = format!("{method} {target}");
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .map_err(|source| SyncError::Connect {
+                    addr: self.addr,
+                    source,
+                })?;
+            let _ = stream.set_nodelay(true);
+            let payload = body.map(|b| b.to_string()).unwrap_or_default();
+            let mut head = format!(
+                "{method} {}/{target} HTTP/1.1\r\nHost: {}\r\nAccept: application/fhir+json\r\nConnection: close\r\n",
+                self.base, self.addr
+            );
+            if body.is_some() {
+                head.push_str(&format!(
+                    "Content-Type: application/fhir+json\r\nContent-Length: {}\r\n",
+                    payload.len()
+                ));
+            }
+            head.push_str("\r\n");
+            let io = |source| SyncError::Connect {
+                addr: self.addr,
+                source,
+            };
+            stream.write_all(head.as_bytes()).await.map_err(io)?;
+            stream.write_all(payload.as_bytes()).await.map_err(io)?;
+            let mut raw = Vec::new();
+            (&mut stream)
+                .take(MAX_RESPONSE as u64 + 1)
+                .read_to_end(&mut raw)
+                .await
+                .map_err(io)?;
+            if raw.len() > MAX_RESPONSE {
+                return Err(SyncError::Protocol {
+                    what: what.clone(),
+                    why: "response too large".into(),
+                });
+            }
+            parse_response(&raw).map_err(|why| SyncError::Protocol {
+                what: what.clone(),
+                why,
+            })
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| SyncError::Timeout {
+                addr: self.addr,
+                timeout: self.timeout,
+            })?
+    }
+
+    async fn expect_ok(
+        &self,
+        method: &str,
+        target: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, SyncError> {
+        let (status, value) = self.call(method, target, body).await?;
+        if (200..300).contains(&status) {
+            Ok(value)
+        } else {
+            let diagnostics = value["issue"]
+                .as_array()
+                .and_then(|i| i.first())
+                .and_then(|i| i["diagnostics"].as_str())
+                .unwrap_or("")
+                .chars()
+                .take(300)
+                .collect();
+            // The target carries identifiers, never names or bodies; still keep it short.
+            Err(SyncError::Refused {
+                what: format!("{method} {}", target.split('?').next().unwrap_or("")),
+                status,
+                diagnostics,
+            })
+        }
+    }
+}
+
+fn parse_response(raw: &[u8]) -> Result<(u16, Value), String> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no end of headers")?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| "headers are not UTF-8")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status code")?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Err("chunked responses are not supported yet".into());
+    }
+    let body = &raw[split + 4..];
+    let value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?
+    };
+    Ok((status, value))
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Round {
+    pub pushed: usize,
+    pub pulled: usize,
+    pub changed: usize,
+}
+
+fn lock(store: &Mutex<Store>) -> Result<std::sync::MutexGuard<'_, Store>, SyncError> {
+    store.lock().map_err(|_| SyncError::Poisoned)
+}
+
+/// Pushes every pending change, then pulls; records a successful pull.
+pub async fn round(store: &Mutex<Store>, client: &Client) -> Result<Round, SyncError> {
+    let pushed = push(store, client).await?;
+    let (pulled, changed) = pull(store, client).await?;
+    Ok(Round {
+        pushed,
+        pulled,
+        changed,
+    })
+}
+
+async fn server_patient_id(
+    store: &Mutex<Store>,
+    client: &Client,
+    pid: &PatientId,
+) -> Result<String, SyncError> {
+    let (system, resource) = {
+        let s = lock(store)?;
+        let patient = s.patient(pid)?.ok_or_else(|| StoreError::UnknownPatient {
+            patient: pid.to_string(),
+        })?;
+        let links = s.links(pid)?;
+        (
+            patient_id_system(s.facility()),
+            fhir::patient_resource(s.facility(), &patient, &links),
+        )
+    };
+    let target = format!("Patient?identifier={}", encode(&format!("{system}|{pid}")));
+    let stored = client.expect_ok("PUT", &target, Some(&resource)).await?;
+    stored["id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| SyncError::Protocol {
+            what: "PUT Patient".into(),
+            why: "no id in the answer".into(),
+        })
+}
+
+async fn push(store: &Mutex<Store>, client: &Client) -> Result<usize, SyncError> {
+    let pending = lock(store)?.pending()?;
+    let mut done = 0;
+    for entry in pending {
+        let result = push_one(store, client, &entry.kind, &entry.reference).await;
+        match result {
+            Ok(()) => {
+                lock(store)?.push_done(entry.seq, time::now())?;
+                done += 1;
+            }
+            Err(e) => {
+                let message = tsunagi_runtime::child::error_chain(&e);
+                lock(store)?.push_failed(entry.seq, &message)?;
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
+}
+
+async fn push_one(
+    store: &Mutex<Store>,
+    client: &Client,
+    kind: &str,
+    reference: &str,
+) -> Result<(), SyncError> {
+    match kind {
+        "patient" => {
+            let pid: PatientId = reference.parse().map_err(|_| SyncError::Protocol {
+                what: "outbox".into(),
+                why: format!("bad patient reference {reference}"),
+            })?;
+            server_patient_id(store, client, &pid).await.map(|_| ())
+        }
+        "consent" => {
+            let bad = || SyncError::Protocol {
+                what: "outbox".into(),
+                why: format!("bad consent reference {reference}"),
+            };
+            let (id, version) = reference.rsplit_once('/').ok_or_else(bad)?;
+            let version: u32 = version.parse().map_err(|_| bad())?;
+            let consent = lock(store)?.consent_version(id, version)?.ok_or_else(bad)?;
+            let patient_id = server_patient_id(store, client, &consent.patient).await?;
+            let resource = {
+                let s = lock(store)?;
+                fhir::consent_resource(s.facility(), &consent, &format!("Patient/{patient_id}"))
+            };
+            let target = format!(
+                "Consent?identifier={}",
+                encode(&format!("{CONSENT_ID_SYSTEM}|{id}"))
+            );
+            client
+                .expect_ok("PUT", &target, Some(&resource))
+                .await
+                .map(|_| ())
+        }
+        other => Err(SyncError::Protocol {
+            what: "outbox".into(),
+            why: format!("unknown kind {other}"),
+        }),
+    }
+}
+
+fn entries(bundle: &Value) -> Vec<Value> {
+    bundle["entry"]
+        .as_array()
+        .map(|e| e.iter().map(|x| x["resource"].clone()).collect())
+        .unwrap_or_default()
+}
+
+fn newest(resources: &[Value], cursor: Option<String>) -> Option<String> {
+    let mut best = cursor.map(|c| (time::parse(&c).unwrap_or(i64::MIN), c));
+    for r in resources {
+        if let Some(text) = r["meta"]["lastUpdated"].as_str()
+            && let Ok(t) = time::parse(text)
+            && best.as_ref().is_none_or(|(b, _)| t > *b)
+        {
+            best = Some((t, text.to_owned()));
+        }
+    }
+    best.map(|(_, text)| text)
+}
+
+async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), SyncError> {
+    let (cursor, facility) = {
+        let s = lock(store)?;
+        (s.cursor()?, s.facility().clone())
+    };
+    let since = cursor
+        .as_deref()
+        .map(|c| format!("&_lastUpdated={}", encode(&format!("gt{c}"))))
+        .unwrap_or_default();
+    let consents = entries(
+        &client
+            .expect_ok("GET", &format!("Consent?_count=1000{since}"), None)
+            .await?,
+    );
+    let patients = entries(
+        &client
+            .expect_ok("GET", &format!("Patient?_count=1000{since}"), None)
+            .await?,
+    );
+    let mut known: HashMap<String, Option<PatientId>> = HashMap::new();
+    for p in &patients {
+        if let Some(id) = p["id"].as_str() {
+            known.insert(
+                format!("Patient/{id}"),
+                fhir::local_patient_id(&facility, p),
+            );
+        }
+    }
+    let mut changed = 0;
+    let now = time::now();
+    for p in &patients {
+        let Some(pid) = fhir::local_patient_id(&facility, p) else {
+            continue;
+        };
+        let mut s = lock(store)?;
+        if s.patient(&pid)?.is_none() {
+            continue;
+        }
+        for (system, value) in fhir::other_identifiers(&facility, p) {
+            if s.add_network_link(&pid, &system, &value, now)? {
+                changed += 1;
+            }
+        }
+    }
+    for c in &consents {
+        let Some(reference) = c["patient"]["reference"].as_str() else {
+            continue;
+        };
+        if !known.contains_key(reference) {
+            let (status, patient) = client.call("GET", reference, None).await?;
+            let local = (status == 200)
+                .then(|| fhir::local_patient_id(&facility, &patient))
+                .flatten();
+            known.insert(reference.to_owned(), local);
+        }
+        let Some(Some(pid)) = known.get(reference) else {
+            continue;
+        };
+        let mut s = lock(store)?;
+        if s.patient(pid)?.is_none() {
+            continue;
+        }
+        match fhir::consent_from_resource(c, pid.clone()) {
+            Ok(consent) => {
+                if matches!(
+                    s.apply_network_consent(consent)?,
+                    Applied::New | Applied::Changed
+                ) {
+                    changed += 1;
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "skipping a consent from the network"
+            ),
+        }
+    }
+    let mut all = consents;
+    all.extend(patients);
+    let cursor = newest(&all, cursor);
+    lock(store)?.pulled(cursor.as_deref(), time::now())?;
+    Ok((all.len(), changed))
+}

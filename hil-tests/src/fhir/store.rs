@@ -1,0 +1,249 @@
+//! The in-memory resource store: versions, `meta`, identifier matching and search.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher as _, Hasher as _, RandomState};
+
+use serde_json::{Value, json};
+
+use super::ResourceType;
+use super::time::{format_instant, now_micros};
+
+/// One resource with its history (oldest first; the last is current).
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    pub(crate) versions: Vec<Value>,
+    /// When the current version was written (µs since the epoch).
+    pub(crate) last_updated: i64,
+}
+
+impl Entry {
+    pub(crate) fn current(&self) -> &Value {
+        // Invariant: an entry is only ever created with one version and never shrinks.
+        self.versions.last().unwrap_or(&Value::Null)
+    }
+}
+
+/// What a write did.
+#[derive(Clone, Debug)]
+pub(crate) struct Written {
+    pub(crate) created: bool,
+    pub(crate) id: String,
+    pub(crate) version: usize,
+    pub(crate) resource: Value,
+}
+
+/// All resources. Cloned for a transaction, which commits by replacing the original.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Store {
+    resources: BTreeMap<(ResourceType, String), Entry>,
+    /// The last `lastUpdated` handed out: every write gets a later one, so
+    /// `_lastUpdated=gt<last seen>` never misses or repeats a resource.
+    clock: i64,
+}
+
+/// A token search value: `[system]|[value]` or `value`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Token {
+    /// `None`: any system; `Some("")`: no system.
+    pub(crate) system: Option<String>,
+    /// `None`: any value (`system|`).
+    pub(crate) value: Option<String>,
+}
+
+impl Token {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        let token = match s.split_once('|') {
+            Some((system, value)) => Self {
+                system: Some(system.to_owned()),
+                value: (!value.is_empty()).then(|| value.to_owned()),
+            },
+            None => Self {
+                system: None,
+                value: Some(s.to_owned()),
+            },
+        };
+        let empty = token.system.as_deref().is_none_or(str::is_empty) && token.value.is_none();
+        (!s.is_empty()
+            && !s.contains(',')
+            && !empty
+            && !token.value.as_deref().is_some_and(|v| v.contains('|')))
+        .then_some(token)
+    }
+
+    /// Whether any of `resource.identifier[]` matches.
+    pub(crate) fn matches_identifier(&self, resource: &Value) -> bool {
+        let Some(ids) = resource.get("identifier").and_then(Value::as_array) else {
+            return false;
+        };
+        ids.iter().any(|id| {
+            let system = id.get("system").and_then(Value::as_str);
+            let value = id.get("value").and_then(Value::as_str);
+            let system_ok = match self.system.as_deref() {
+                None => true,
+                Some("") => system.is_none(),
+                Some(s) => system == Some(s),
+            };
+            let value_ok = match self.value.as_deref() {
+                None => true,
+                Some(v) => value == Some(v),
+            };
+            system_ok && value_ok
+        })
+    }
+}
+
+/// One search criterion (all given criteria must hold).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Criterion {
+    Identifier(Token),
+    /// `Consent.patient.reference` equals this (`Patient/{id}`).
+    Patient(String),
+    /// `lastUpdated` is within `[from, to)` µs.
+    LastUpdated {
+        from: i64,
+        to: i64,
+    },
+}
+
+impl Store {
+    pub(crate) fn get(&self, ty: ResourceType, id: &str) -> Option<&Entry> {
+        self.resources.get(&(ty, id.to_owned()))
+    }
+
+    /// Resources of `ty` matching every criterion, oldest `lastUpdated` first.
+    pub(crate) fn search(&self, ty: ResourceType, criteria: &[Criterion]) -> Vec<(&str, &Entry)> {
+        let mut hits: Vec<(&str, &Entry)> = self
+            .resources
+            .iter()
+            .filter(|((t, _), _)| *t == ty)
+            .filter(|(_, entry)| criteria.iter().all(|c| matches(c, entry)))
+            .map(|((_, id), entry)| (id.as_str(), entry))
+            .collect();
+        hits.sort_by_key(|(_, e)| e.last_updated);
+        hits
+    }
+
+    /// A new server-assigned id (a random UUID, v4 layout).
+    pub(crate) fn new_id(&self) -> String {
+        loop {
+            let state = RandomState::new();
+            let mut a = state.build_hasher();
+            a.write_i64(now_micros());
+            let mut b = state.build_hasher();
+            b.write_usize(self.resources.len());
+            let bits = (u128::from(a.finish()) << 64) | u128::from(b.finish());
+            let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+            let hex = format!("{bits:032x}");
+            let id = format!(
+                "{}-{}-{}-{}-{}",
+                &hex[..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..]
+            );
+            if !self.resources.keys().any(|(_, existing)| *existing == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Writes `resource` as the next version of `ty/id` (creating it if new), setting
+    /// `id`, `meta.versionId` and `meta.lastUpdated`. The resource must be valid already.
+    pub(crate) fn write(&mut self, ty: ResourceType, id: &str, mut resource: Value) -> Written {
+        self.clock = now_micros().max(self.clock + 1);
+        let key = (ty, id.to_owned());
+        let version = self.resources.get(&key).map_or(1, |e| e.versions.len() + 1);
+        if let Some(obj) = resource.as_object_mut() {
+            obj.insert("id".into(), json!(id));
+            let meta = obj.entry("meta").or_insert_with(|| json!({}));
+            if let Some(meta) = meta.as_object_mut() {
+                meta.insert("versionId".into(), json!(version.to_string()));
+                meta.insert("lastUpdated".into(), json!(format_instant(self.clock)));
+            }
+        }
+        let entry = self.resources.entry(key).or_insert_with(|| Entry {
+            versions: Vec::new(),
+            last_updated: 0,
+        });
+        entry.versions.push(resource.clone());
+        entry.last_updated = self.clock;
+        Written {
+            created: version == 1,
+            id: id.to_owned(),
+            version,
+            resource,
+        }
+    }
+}
+
+fn matches(criterion: &Criterion, entry: &Entry) -> bool {
+    match criterion {
+        Criterion::Identifier(token) => token.matches_identifier(entry.current()),
+        Criterion::Patient(reference) => {
+            entry
+                .current()
+                .get("patient")
+                .and_then(|p| p.get("reference"))
+                .and_then(Value::as_str)
+                == Some(reference)
+        }
+        Criterion::LastUpdated { from, to } => (*from..*to).contains(&entry.last_updated),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        let t = Token::parse("urn:x|1").unwrap();
+        assert!(t.matches_identifier(&json!({"identifier": [{"system": "urn:x", "value": "1"}]})));
+        assert!(!t.matches_identifier(&json!({"identifier": [{"system": "urn:y", "value": "1"}]})));
+        assert!(!t.matches_identifier(&json!({"identifier": [{"value": "1"}]})));
+        let any_system = Token::parse("1").unwrap();
+        assert!(
+            any_system
+                .matches_identifier(&json!({"identifier": [{"system": "urn:y", "value": "1"}]}))
+        );
+        let no_system = Token::parse("|1").unwrap();
+        assert!(no_system.matches_identifier(&json!({"identifier": [{"value": "1"}]})));
+        assert!(
+            !no_system
+                .matches_identifier(&json!({"identifier": [{"system": "urn:y", "value": "1"}]}))
+        );
+        let any_value = Token::parse("urn:x|").unwrap();
+        assert!(
+            any_value
+                .matches_identifier(&json!({"identifier": [{"system": "urn:x", "value": "9"}]}))
+        );
+        for bad in ["", "|", "a,b", "a|b|c"] {
+            assert_eq!(Token::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn writes_set_meta_and_a_strictly_increasing_clock() {
+        let mut store = Store::default();
+        let id = store.new_id();
+        assert_eq!(id.len(), 36);
+        let a = store.write(
+            ResourceType::Patient,
+            &id,
+            json!({"resourceType": "Patient"}),
+        );
+        let b = store.write(
+            ResourceType::Patient,
+            &id,
+            json!({"resourceType": "Patient", "meta": {"tag": []}}),
+        );
+        assert!(a.created && !b.created);
+        assert_eq!(b.resource["meta"]["versionId"], "2");
+        assert_eq!(b.resource["meta"]["tag"], json!([]));
+        assert!(
+            a.resource["meta"]["lastUpdated"].as_str() < b.resource["meta"]["lastUpdated"].as_str()
+        );
+        assert_eq!(store.search(ResourceType::Patient, &[]).len(), 1);
+    }
+}
