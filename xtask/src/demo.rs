@@ -82,6 +82,8 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     let config = write_config(&demo_dir, port, network.as_ref())?;
     if let Some(net) = &network {
         register_box(net, &binary, &config)?;
+        start_fhir_server(net)?;
+        register_sample_patient(&binary, &config, &demo_dir)?;
     }
 
     let mut command = match &network {
@@ -128,6 +130,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
 
     if let Some(net) = &network {
         show_tunnel(net, &binary, &config);
+        show_consent(&binary, &config, &demo_dir);
     }
     print!("{}", instructions(&binary, &config, port, network.as_ref()));
     println!("demo: running (pid {pid})");
@@ -394,6 +397,10 @@ health-url = "http://10.98.0.1:8080/health"
 probe-interval = "2s"
 [tunnel.firewall]
 lan-interfaces = ["{lan}"]
+[consent]
+enabled = true
+fhir-url = "http://10.98.0.1:8081/fhir"
+pull-interval = "5s"
 "#,
         id = net.id(),
         hub = net.hub_public_key(),
@@ -420,6 +427,115 @@ fn register_box(net: &TestNet, binary: &Path, config: &Path) -> anyhow::Result<(
         .context("cannot register the box at the hub")?;
     println!("demo: box public key {public} registered at the hub");
     Ok(())
+}
+
+/// The network's FHIR server (the strict test server) on the hub network, port 8081.
+fn start_fhir_server(net: &TestNet) -> anyhow::Result<()> {
+    let bin = hil_tests::testnet::testnet_binary().context("cannot find the testnet binary")?;
+    let mut serve = Command::new(bin);
+    serve.args(["fhir-serve", "10.98.0.1:8081"]);
+    if let Ok(schema) = hil_tests::fhir::schema_path() {
+        serve.arg("--schema").arg(schema);
+    }
+    net.spawn(Host::Hub, &serve)
+        .context("cannot start the FHIR server in the hub")?;
+    println!("demo: the network's FHIR R4 server runs in the hub at http://10.98.0.1:8081/fhir");
+    Ok(())
+}
+
+/// A sample patient registered at the desk, with a consent that discloses to every
+/// participant: the consent service pushes it to the network once the tunnel is up.
+fn register_sample_patient(binary: &Path, config: &Path, demo_dir: &Path) -> anyhow::Result<()> {
+    let form = demo_dir.join("sample-consent-form.pdf");
+    fs::write(&form, b"%PDF-1.4 sample consent form (demo)")?;
+    let out = Command::new(binary)
+        .args([
+            "consent", "register", "0001234", "--family", "見本", "--given", "花子",
+        ])
+        .args([
+            "--family-kana",
+            "ミホン",
+            "--given-kana",
+            "ハナコ",
+            "--birth-date",
+            "1950-04-01",
+        ])
+        .args([
+            "--sex",
+            "female",
+            "--recorded-by",
+            "demo-desk",
+            "--evidence",
+        ])
+        .arg(&form)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .context("cannot run tsunagi consent register")?;
+    if !out.status.success() {
+        bail!(
+            "tsunagi consent register failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    println!(
+        "demo: sample patient 0001234 registered at the desk with a consent for every network participant"
+    );
+    Ok(())
+}
+
+/// Waits for the consent service to push the sample to the network, then asks it a decision
+/// over its socket, as the DICOM and SS-MIX2 services will.
+fn show_consent(binary: &Path, config: &Path, demo_dir: &Path) {
+    let start = std::time::Instant::now();
+    let mut summary = String::new();
+    while start.elapsed() < std::time::Duration::from_secs(30) {
+        if let Ok(out) = Command::new(binary)
+            .args(["status", "--json", "--config"])
+            .arg(config)
+            .output()
+            && let Ok(status) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        {
+            let consent = status["services"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["name"] == "consent"))
+                .cloned()
+                .unwrap_or_default();
+            if consent["metrics"]["pending_pushes"] == 0.0 && consent["metrics"]["stale"] == 0.0 {
+                summary = consent["summary"].as_str().unwrap_or("").to_owned();
+                break;
+            }
+        }
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "xtask is not async; this polls a process"
+        )]
+        thread::sleep(std::time::Duration::from_millis(200));
+    }
+    if summary.is_empty() {
+        println!("demo: the consent service has not synced yet; `tsunagi status` will say why");
+        return;
+    }
+    println!("demo: consent: pushed to the network's FHIR server and pulled back ({summary})");
+    let socket = demo_dir.join("run").join("consent").join("decide.sock");
+    let answer = (|| -> std::io::Result<String> {
+        use std::io::{BufRead as _, Write as _};
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket)?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        writeln!(
+            stream,
+            r#"{{"patient":"0001234","recipient":"hub","category":"images"}}"#
+        )?;
+        let mut line = String::new();
+        std::io::BufReader::new(stream).read_line(&mut line)?;
+        Ok(line.trim().to_owned())
+    })();
+    match answer {
+        Ok(a) => println!(
+            "demo: may patient 0001234's images go to the hub? the consent service answers {a}"
+        ),
+        Err(e) => println!("demo: cannot ask the consent service: {e}"),
+    }
 }
 
 /// Waits for the tunnel, then sends one request through it and says what happened.

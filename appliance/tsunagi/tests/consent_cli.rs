@@ -420,3 +420,60 @@ fn the_consent_service_answers_decisions_over_its_socket() {
             .success()
     );
 }
+
+#[test]
+fn kill_9_with_a_push_pending_then_the_push_completes_exactly_once() {
+    use hil_tests::fhir::{Server, Validator, http, schema_path};
+    // A port for the network's FHIR server, which is down at first.
+    let port = free_port();
+    let mut c = Clinic::with(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"http://127.0.0.1:{port}/fhir\"\npull-interval = \"1s\"\n"
+    ));
+    c.register("0001234", &[]);
+    c.h.start();
+    let status =
+        c.h.wait_for("a failed push", std::time::Duration::from_secs(30), |s| {
+            service(s, "consent")["summary"]
+                .as_str()
+                .is_some_and(|t| t.contains("last sync failed"))
+        });
+    let pending = c.json(&["pending"]);
+    assert_eq!(pending["pending"].as_array().unwrap().len(), 2, "{pending}");
+    // kill -9 the consent service with its pushes pending; the supervisor restarts it.
+    let pid = pid_of(&status, "consent").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    c.h.wait_for("the restart", std::time::Duration::from_secs(30), |s| {
+        pid_of(s, "consent").is_some_and(|p| p != pid) && state_of(s, "consent") == "ready"
+    });
+    // The network's server comes up: the pushes complete, once.
+    let validator = Validator::load(&schema_path().unwrap()).unwrap();
+    let addr = Server::new(validator)
+        .spawn(format!("127.0.0.1:{port}").parse().unwrap())
+        .unwrap();
+    c.h.wait_for("the push", std::time::Duration::from_secs(30), |s| {
+        service(s, "consent")["metrics"]["pending_pushes"] == 0.0
+    });
+    // A few more rounds: nothing is pushed twice.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    for kind in ["Patient", "Consent"] {
+        let r = http::request(addr, "GET", &format!("/fhir/{kind}?_count=100"), None).unwrap();
+        assert_eq!(
+            r.json()["total"],
+            1,
+            "{kind}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    // The pull refreshed the cache: decisions for the network work now.
+    assert_eq!(c.decide("0001234", "hub", "images")["decision"], "permit");
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        c.h.wait_exit(std::time::Duration::from_secs(15))
+            .unwrap()
+            .success()
+    );
+}

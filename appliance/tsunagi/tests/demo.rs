@@ -117,6 +117,14 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
                 "{text}"
             );
             assert_eq!(state_of(&status, "tunnel"), "ready");
+            assert!(
+                text.contains("demo: consent: pushed to the network's FHIR server"),
+                "{text}"
+            );
+            assert!(
+                text.contains(r#"the consent service answers {"decision":"permit"}"#),
+                "{text}"
+            );
             let testnet = hil_tests::testnet::testnet_binary().unwrap();
             let out = Command::new("ip")
                 .args(["netns", "exec", ns])
