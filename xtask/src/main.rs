@@ -17,6 +17,7 @@
 mod bench;
 mod bench_tunnel;
 mod demo;
+mod fhir_server;
 mod process;
 mod test;
 
@@ -30,6 +31,7 @@ commands:
   test          install what the checks need, then run fmt, clippy, cargo-deny and the tests
   demo          build tsunagi and run it with a demo config until Ctrl-C
   bench [NAME]  run the benchmark NAME; without NAME, list the benchmarks
+  fhir-server   build helios-hfs into a cache (over an hour) for the FHIR interop stage
   help          print this text
 ";
 
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
     let result = match args.as_slice() {
         ["test"] => test::run(),
         ["demo"] => demo::run(),
+        ["fhir-server"] => fhir_server::run(),
         ["bench", rest @ ..] => bench::run(rest),
         ["help" | "--help" | "-h"] => {
             print!("{USAGE}");
@@ -53,7 +56,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::from(EXIT_USAGE))
         }
         [command, ..] => {
-            if matches!(*command, "test" | "demo") {
+            if matches!(*command, "test" | "demo" | "fhir-server") {
                 eprintln!("xtask: `{command}` takes no arguments\n");
             } else {
                 eprintln!("xtask: unknown command `{command}`\n");

@@ -140,6 +140,22 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         "--profile",
         "ci",
     ]);
+    // The consent sync's interop stage against helios-hfs runs only when its (slow to build)
+    // binary is cached; the strict FHIR test server is used every time regardless.
+    match crate::fhir_server::cached() {
+        Some((bin, data)) => {
+            println!(
+                "fhir interop stage (helios-hfs): runs, with {}",
+                bin.display()
+            );
+            nextest
+                .env("TSUNAGI_HELIOS_BIN", bin)
+                .env("TSUNAGI_HELIOS_DATA", data);
+        }
+        None => println!(
+            "fhir interop stage (helios-hfs): skipped (no cached binary; `cargo xtask fhir-server` builds it, which takes over an hour)"
+        ),
+    }
     if !step(&mut nextest)? {
         return Ok(verdict_failed(&display(&nextest)));
     }

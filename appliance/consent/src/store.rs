@@ -540,6 +540,17 @@ impl Store {
             .transpose()
     }
 
+    /// The newest version number of a consent, if known.
+    pub fn latest_version(&self, id: &str) -> Result<Option<u32>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT MAX(version) FROM consent WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .map_err(sql("read consent"))
+    }
+
     /// Applies a consent pulled from the network (idempotent; a withdrawal wins).
     pub fn apply_network_consent(&mut self, mut incoming: Consent) -> Result<Applied, StoreError> {
         self.require_patient(&incoming.patient)?;

@@ -182,19 +182,44 @@ fn parse_response(raw: &[u8]) -> Result<(u16, Value), String> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or("no status code")?;
+    let chunked;
+    let mut body = &raw[split + 4..];
     if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
-        return Err("chunked responses are not supported yet".into());
+        chunked = dechunk(body)?;
+        body = &chunked;
     }
-    let body = &raw[split + 4..];
     let value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
         serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?
     };
     Ok((status, value))
+}
+
+/// Decodes a chunked body (RFC 9112 §7.1; trailers ignored).
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("truncated chunk size")?;
+        let size_text = std::str::from_utf8(&data[..line_end]).map_err(|_| "bad chunk size")?;
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            return Err("truncated chunk".into());
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
 }
 
 /// What one round did.
@@ -288,6 +313,15 @@ async fn push_one(
             };
             let (id, version) = reference.rsplit_once('/').ok_or_else(bad)?;
             let version: u32 = version.parse().map_err(|_| bad())?;
+            // A version superseded since it was queued is not pushed: the newer one came from
+            // the network (which has it) or is queued itself. Replaying an old version after
+            // a restart must never undo a newer change, such as a withdrawal.
+            if lock(store)?
+                .latest_version(id)?
+                .is_some_and(|latest| latest > version)
+            {
+                return Ok(());
+            }
             let consent = lock(store)?.consent_version(id, version)?.ok_or_else(bad)?;
             let patient_id = server_patient_id(store, client, &consent.patient).await?;
             let resource = {
@@ -412,4 +446,37 @@ async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), S
     let cursor = newest(&all, cursor);
     lock(store)?.pulled(cursor.as_deref(), time::now())?;
     Ok((all.len(), changed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_with_length_or_chunks_parse() {
+        let plain = b"HTTP/1.1 201 Created\r\nContent-Length: 11\r\n\r\n{\"id\":\"p\"}";
+        assert_eq!(
+            parse_response(plain).unwrap(),
+            (201, serde_json::json!({"id": "p"}))
+        );
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3;x=y\r\n:1}\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_response(chunked).unwrap(),
+            (200, serde_json::json!({"a": 1}))
+        );
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nab")
+                .is_err()
+        );
+        assert_eq!(
+            parse_response(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap(),
+            (204, Value::Null)
+        );
+        assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(encode("urn:oid:1.2|0001 x"), "urn%3Aoid%3A1.2%7C0001%20x");
+    }
 }

@@ -1,0 +1,119 @@
+//! Helpers shared by the sync tests (strict test server) and the interop stage (helios-hfs).
+#![allow(dead_code, unreachable_pub)] // Each test file uses a different part of it.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use consent::decide::Decision;
+use consent::model::{Category, Patient, PatientId, Recipient, Scope, Sex};
+use consent::store::{AuditKey, NewConsent, Store};
+use consent::sync::Client;
+use consent::time;
+use hil_tests::fhir::http;
+use serde_json::Value;
+use tsunagi_config::FacilityCode;
+
+pub const PATIENT_SYSTEM: &str = "urn:oid:1.2.392.100495.20.3.51.11312345678";
+
+pub fn fac(code: &str) -> FacilityCode {
+    FacilityCode::try_from(code).unwrap()
+}
+
+pub fn strict_server() -> SocketAddr {
+    use hil_tests::fhir::{Server, Validator, schema_path};
+    let schema = schema_path().expect("the FHIR R4 schema (cargo xtask test installs it)");
+    let validator = Validator::load(&schema).unwrap();
+    Server::new(validator)
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .unwrap()
+}
+
+pub fn client(addr: SocketAddr, base: &str) -> Client {
+    Client::new(addr, base, Duration::from_secs(10))
+}
+
+pub fn get(addr: SocketAddr, target: &str) -> Value {
+    let r = http::request(addr, "GET", target, None).unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "{target}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}
+
+pub fn put(addr: SocketAddr, target: &str, body: &Value) {
+    let r = http::request(addr, "PUT", target, Some(body.to_string().as_bytes())).unwrap();
+    assert!(
+        r.status == 200 || r.status == 201,
+        "{target}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
+
+pub fn enc(s: &str) -> String {
+    s.replace(':', "%3A")
+        .replace('|', "%7C")
+        .replace('/', "%2F")
+}
+
+pub fn clinic(dir: &std::path::Path) -> (Mutex<Store>, PatientId, String) {
+    let key = AuditKey::load_or_create(&dir.join("audit.key")).unwrap();
+    let mut store = Store::open(&dir.join("consent.db"), fac("1312345678"), key).unwrap();
+    let pid: PatientId = "0001234".parse().unwrap();
+    let now = time::now();
+    store
+        .upsert_patient(
+            &Patient {
+                id: pid.clone(),
+                family_kanji: "山田".into(),
+                given_kanji: "花子".into(),
+                family_kana: "ヤマダ".into(),
+                given_kana: "ハナコ".into(),
+                birth_date: "1950-04-01".into(),
+                sex: Sex::Female,
+                network_id: None,
+            },
+            now,
+        )
+        .unwrap();
+    store
+        .add_link(&pid, &fac("1312345679"), "A-77", now)
+        .unwrap();
+    let c = store
+        .record_consent(
+            NewConsent {
+                patient: pid.clone(),
+                scope: Scope::Facilities([fac("1312345679")].into()),
+                excluded: BTreeSet::new(),
+                categories: [Category::Images, Category::LabResults].into(),
+                valid_from: now - 86_400,
+                valid_until: None,
+                evidence: None,
+            },
+            now,
+        )
+        .unwrap();
+    (Mutex::new(store), pid, c.id)
+}
+
+pub fn decide(store: &Mutex<Store>, pid: &PatientId, to: &str, bound: Duration) -> Decision {
+    let now = time::now();
+    store
+        .lock()
+        .unwrap()
+        .decide(
+            pid,
+            &to.parse::<Recipient>().unwrap(),
+            Category::Images,
+            now,
+            now,
+            bound,
+        )
+        .unwrap()
+}
+
+pub const DAY: Duration = Duration::from_secs(86_400);
