@@ -125,12 +125,7 @@ async fn round_trip_with_helios_hfs() {
     let id = consent["id"].as_str().unwrap().to_owned();
 
     // Changed on the server: disclosed to one more facility.
-    let mut actors = consent["provision"]["actor"].as_array().unwrap().clone();
-    let mut extra = actors[0].clone();
-    extra["reference"]["identifier"]["value"] = Value::from("1312345670");
-    actors.push(extra);
-    consent["provision"]["actor"] = Value::from(actors);
-    consent.as_object_mut().unwrap().remove("meta");
+    consent = disclosed_to_one_more(&consent, "1312345670");
     put(addr, &format!("/Consent/{id}"), &consent);
     round(&store, &fhir).await.unwrap();
     assert_eq!(decide(&store, &pid, "1312345670", DAY), Decision::Permit);

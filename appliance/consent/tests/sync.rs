@@ -77,15 +77,7 @@ async fn push_read_back_change_and_withdraw_on_the_server() {
         Decision::Deny(DenyReason::RecipientNotDisclosed)
     );
     let id = server_consent["id"].as_str().unwrap().to_owned();
-    let mut actors = server_consent["provision"]["actor"]
-        .as_array()
-        .unwrap()
-        .clone();
-    let mut extra = actors[0].clone();
-    extra["reference"]["identifier"]["value"] = Value::from("1312345670");
-    actors.push(extra);
-    server_consent["provision"]["actor"] = Value::from(actors);
-    server_consent.as_object_mut().unwrap().remove("meta");
+    server_consent = disclosed_to_one_more(&server_consent, "1312345670");
     put(addr, &format!("/fhir/Consent/{id}"), &server_consent);
     let r = round(&store, &client(addr, "/fhir")).await.unwrap();
     assert_eq!(r.changed, 1, "{r:?}");

@@ -323,6 +323,15 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The latest version of consent number `seq`, if any.
+fn latest(records: &[Known], seq: i64) -> Option<Known> {
+    records
+        .iter()
+        .filter(|k| k.created_seq == seq)
+        .max_by_key(|k| k.consent.version)
+        .cloned()
+}
+
 fn apply(ops: &[Op]) -> Vec<Known> {
     let mut records: Vec<Known> = Vec::new();
     let mut seq = 0;
@@ -370,12 +379,7 @@ fn apply(ops: &[Op]) -> Vec<Known> {
                 facilities,
                 categories,
             } => {
-                if let Some(last) = records
-                    .iter()
-                    .filter(|k| k.created_seq == seq)
-                    .max_by_key(|k| k.consent.version)
-                    .cloned()
-                {
+                if let Some(last) = latest(&records, seq) {
                     let mut c = last.consent;
                     c.version += 1;
                     c.scope = Scope::Facilities(
@@ -393,12 +397,7 @@ fn apply(ops: &[Op]) -> Vec<Known> {
                 }
             }
             Op::Withdraw => {
-                if let Some(last) = records
-                    .iter()
-                    .filter(|k| k.created_seq == seq)
-                    .max_by_key(|k| k.consent.version)
-                    .cloned()
-                {
+                if let Some(last) = latest(&records, seq) {
                     let mut c = last.consent;
                     c.version += 1;
                     c.status = Status::Withdrawn;

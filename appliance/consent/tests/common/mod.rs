@@ -117,3 +117,21 @@ pub fn decide(store: &Mutex<Store>, pid: &PatientId, to: &str, bound: Duration) 
 }
 
 pub const DAY: Duration = Duration::from_secs(86_400);
+
+/// A Consent resource as read from a server, changed to disclose to one more facility and
+/// ready to be sent back (without its `meta`).
+pub fn disclosed_to_one_more(consent: &Value, code: &str) -> Value {
+    let mut consent = consent.clone();
+    let mut actors = consent["provision"]["actor"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut extra = actors.first().cloned().unwrap_or_default();
+    extra["reference"]["identifier"]["value"] = Value::from(code);
+    actors.push(extra);
+    consent["provision"]["actor"] = Value::from(actors);
+    if let Some(object) = consent.as_object_mut() {
+        object.remove("meta");
+    }
+    consent
+}
