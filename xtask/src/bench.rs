@@ -30,11 +30,18 @@ struct Bench {
 }
 
 /// The benchmark table.
-const BENCHES: &[Bench] = &[Bench {
-    name: "tunnel",
-    about: "TCP throughput through the box's WireGuard tunnel vs the bare veth (iperf3)",
-    run: crate::bench_tunnel::run,
-}];
+const BENCHES: &[Bench] = &[
+    Bench {
+        name: "tunnel",
+        about: "TCP throughput through the box's WireGuard tunnel vs the bare veth (iperf3)",
+        run: crate::bench_tunnel::run,
+    },
+    Bench {
+        name: "consent",
+        about: "consent decisions over the service's socket vs the pure decision function",
+        run: crate::bench_consent::run,
+    },
+];
 
 pub(crate) fn run(args: &[&str]) -> anyhow::Result<ExitCode> {
     match args {

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_consent;
 mod bench_tunnel;
 mod demo;
 mod fhir_server;
