@@ -4,7 +4,8 @@
 //! * `tsunagi service NAME` — one service, started by the supervisor;
 //! * `tsunagi status` — asks the running supervisor;
 //! * `tsunagi config check FILE...` — validates config files;
-//! * `tsunagi sysusers` — prints the system users the services run as.
+//! * `tsunagi sysusers` — prints the system users the services run as;
+//! * `tsunagi ssmix2 scan|check ROOT` — inventories an SS-MIX2 storage.
 //!
 //! `main` only wires: arguments → config → logging → runtime → run, and maps the outcome to
 //! an exit code (see `tsunagi_runtime::exit_code` and `docs/operations.md`).
@@ -12,6 +13,7 @@
 
 mod consent_cmd;
 mod services;
+mod ssmix2_cmd;
 mod status_cmd;
 
 use std::path::{Path, PathBuf};
@@ -82,6 +84,9 @@ enum Command {
         #[command(subcommand)]
         command: consent_cmd::ConsentCommand,
     },
+    /// SS-MIX2 storages: inventory and conformance (reads only; no service needed).
+    #[command(subcommand)]
+    Ssmix2(ssmix2_cmd::Ssmix2Command),
     /// The audit trail of consent decisions.
     Audit {
         #[command(flatten)]
@@ -155,6 +160,7 @@ fn main() -> ExitCode {
             Err(code) => code,
             Ok(cfg) => consent_cmd::audit_verify(&cfg, json),
         },
+        Command::Ssmix2(command) => ssmix2_cmd::ssmix2(command),
         Command::Sysusers => {
             print!("{}", services::sysusers());
             exit_code::OK

@@ -1,0 +1,19 @@
+//! `ssmix2-sync`: the SS-MIX2 sync service (service `ssmix2`, user `tsunagi-ssmix2`).
+//!
+//! For each patient whose consent permits it, the current state of every key of the clinic's
+//! storage is published to the network as an **SS-MIX2 replica**: a tree that is itself a
+//! conformant standardized storage holding the consented subset.
+//!
+//! * [`replica`]: where the replica lives — the [`replica::Replica`] trait, validated
+//!   relative paths, and the local/mounted directory transport.
+//! * [`webdav`]: the HTTPS WebDAV transport (rustls, client certificate).
+#![forbid(unsafe_code)]
+
+pub mod replica;
+pub mod webdav;
+
+/// The service name (its state directory, user `tsunagi-ssmix2`).
+pub const NAME: &str = "ssmix2";
+
+/// The service's system user.
+pub const USER: &str = "tsunagi-ssmix2";

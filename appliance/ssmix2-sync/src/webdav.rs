@@ -1,0 +1,1 @@
+//! The HTTPS WebDAV transport (to be written).
