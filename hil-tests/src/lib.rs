@@ -10,6 +10,9 @@
 //! - [`fhir`]: a strict, small FHIR R4 server (Patient, Organization, Consent; validated
 //!   against the FHIR JSON schema), the stand-in for the network's FHIR server
 //!   (`testnet fhir-serve ADDR`).
+//! - [`nginx`]: [`Nginx`](nginx::Nginx), a guard running a real nginx WebDAV server over
+//!   HTTPS with client certificates (a test PKI of its own) on a loopback port, for the
+//!   SS-MIX2 replica's WebDAV transport; needs `nginx` and `openssl`, not root.
 //!
 //! Everything here is test support: it needs root and `/dev/net/tun`, and it runs `ip`,
 //! `nft`, `wg` and `wireguard-go`. See `hil-tests/README.md`.
@@ -24,4 +27,5 @@
 
 pub mod fhir;
 pub mod health;
+pub mod nginx;
 pub mod testnet;

@@ -41,6 +41,11 @@ const BENCHES: &[Bench] = &[
         about: "consent decisions over the service's socket vs the pure decision function",
         run: crate::bench_consent::run,
     },
+    Bench {
+        name: "ssmix2",
+        about: "SS-MIX2 inventory of a generated storage (files/s, peak RSS) vs a bare walk (find)",
+        run: crate::bench_ssmix2::run,
+    },
 ];
 
 pub(crate) fn run(args: &[&str]) -> anyhow::Result<ExitCode> {

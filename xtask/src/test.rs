@@ -68,6 +68,18 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
         name: "iputils-ping",
         why: "hil-tests test network: reachability checks between the namespaces",
     },
+    SystemPackage {
+        name: "time",
+        why: "GNU time (`/usr/bin/time -f %M`): the scanner's peak RSS in `cargo xtask bench ssmix2`",
+    },
+    SystemPackage {
+        name: "nginx",
+        why: "hil-tests nginx guard: the real WebDAV server (built-in DAV module) of the ssmix2-sync WebDAV replica tests",
+    },
+    SystemPackage {
+        name: "openssl",
+        why: "hil-tests nginx guard: `openssl req`/`x509` make the test CA, server and client certificates",
+    },
 ];
 
 /// The cargo-deny release we install. The newest release when this was written; it needs

@@ -22,3 +22,6 @@ pub const NAME: &str = "consent";
 
 /// The service's system user.
 pub const USER: &str = "tsunagi-consent";
+
+/// The group whose members may ask for decisions (connect to the decision socket).
+pub const CLIENT_GROUP: &str = "tsunagi-decide";

@@ -7,6 +7,12 @@
 //! → `{"decision":"permit"}` or `{"decision":"deny","reason":"withdrawn"}` or
 //! `{"error":"..."}`. Every decision is written to the audit trail before it is answered.
 //! A decision is a local database lookup; no network call is ever made on this path.
+//!
+//! The change feed: `{"changes_since":N}` → `{"seq":M,"patients":["0001234",...],
+//! "more":false,"fresh":true}`: the patients whose consents changed after change `N` (at most
+//! [`CHANGES_PAGE`] per answer; ask again from `M` while `more`), and whether the cache is
+//! fresh (a stale cache denies every decision for a recipient outside the clinic). The
+//! SS-MIX2 sync uses it to re-ask only about patients whose consent changed.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -29,6 +35,8 @@ use crate::time;
 /// The socket's file name inside the service's runtime directory.
 pub const SOCKET_NAME: &str = "decide.sock";
 const MAX_REQUEST: usize = 4096;
+/// The most patients one change-feed answer lists.
+pub const CHANGES_PAGE: usize = 1000;
 const MAX_CLIENTS: usize = 32;
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -51,15 +59,21 @@ pub enum ServiceError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
+    #[serde(default)]
     pub patient: String,
+    #[serde(default)]
     pub recipient: String,
+    #[serde(default)]
     pub category: String,
     #[serde(default)]
     pub at: Option<String>,
+    /// A change-feed request instead of a decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes_since: Option<i64>,
 }
 
 /// A decision answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Answer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<String>,
@@ -67,6 +81,25 @@ pub struct Answer {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Change feed: the next sequence number, the changed patients, whether there are more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patients: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub more: Option<bool>,
+    /// Change feed: whether decisions for recipients outside the clinic can permit now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fresh: Option<bool>,
+}
+
+impl Answer {
+    fn error(message: String) -> Answer {
+        Answer {
+            error: Some(message),
+            ..Answer::default()
+        }
+    }
 }
 
 /// What the service needs to run.
@@ -111,13 +144,40 @@ impl Shared {
         self.counts.lock().map(|c| *c).unwrap_or_default()
     }
 
+    /// Answers a change-feed request (blocking: SQLite).
+    fn changes(&self, since: i64) -> Answer {
+        let Ok(store) = self.store.lock() else {
+            return Answer::error("internal error: the store lock is poisoned".into());
+        };
+        let changes = store.changes_since(since, CHANGES_PAGE);
+        let freshness = store.freshness(self.settings.freshness_bound);
+        match (changes, freshness) {
+            (Ok((seq, patients, more)), Ok(freshness)) => {
+                let now = time::now();
+                let bound =
+                    i64::try_from(self.settings.freshness_bound.as_secs()).unwrap_or(i64::MAX);
+                let fresh = freshness.last_pull.is_some_and(|t| {
+                    now >= t - i64::try_from(crate::decide::CLOCK_SLACK.as_secs()).unwrap_or(0)
+                        && now - t <= bound
+                });
+                Answer {
+                    seq: Some(seq),
+                    patients: Some(patients.iter().map(ToString::to_string).collect()),
+                    more: Some(more),
+                    fresh: Some(fresh),
+                    ..Answer::default()
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => Answer::error(format!("change feed failed: {e}")),
+        }
+    }
+
     /// Answers one request (blocking: SQLite).
     pub fn answer(&self, req: &Request) -> Answer {
-        let err = |message: String| Answer {
-            decision: None,
-            reason: None,
-            error: Some(message),
-        };
+        if let Some(since) = req.changes_since {
+            return self.changes(since);
+        }
+        let err = Answer::error;
         let parsed =
             (|| -> Result<(PatientId, Recipient, Category, Option<time::Timestamp>), String> {
                 let patient: PatientId =
@@ -149,13 +209,12 @@ impl Shared {
                 ) {
                     Ok(Decision::Permit) => Answer {
                         decision: Some("permit".into()),
-                        reason: None,
-                        error: None,
+                        ..Answer::default()
                     },
                     Ok(Decision::Deny(reason)) => Answer {
                         decision: Some("deny".into()),
                         reason: Some(reason.as_str().into()),
-                        error: None,
+                        ..Answer::default()
                     },
                     // The error never carries patient data: only the operation that failed.
                     Err(e) => err(format!("decision failed: {e}")),
@@ -270,27 +329,15 @@ async fn client(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> 
             Ok(Ok(n)) => n,
         };
         let answer = if n > MAX_REQUEST || !line.ends_with('\n') {
-            Answer {
-                decision: None,
-                reason: None,
-                error: Some(format!("request longer than {MAX_REQUEST} bytes")),
-            }
+            Answer::error(format!("request longer than {MAX_REQUEST} bytes"))
         } else {
             match serde_json::from_str::<Request>(line.trim()) {
-                Err(e) => Answer {
-                    decision: None,
-                    reason: None,
-                    error: Some(format!("bad request: {e}")),
-                },
+                Err(e) => Answer::error(format!("bad request: {e}")),
                 Ok(req) => {
                     let shared = shared.clone();
                     match tokio::task::spawn_blocking(move || shared.answer(&req)).await {
                         Ok(a) => a,
-                        Err(_) => Answer {
-                            decision: None,
-                            reason: None,
-                            error: Some("internal error".into()),
-                        },
+                        Err(_) => Answer::error("internal error".into()),
                     }
                 }
             }

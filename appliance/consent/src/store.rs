@@ -673,6 +673,42 @@ impl Store {
         Ok(())
     }
 
+    /// The patients whose consents changed (a new version recorded here or pulled from the
+    /// network) after change `seq`, at most `limit` of them, oldest first, and the sequence
+    /// number to ask from next time. Other services use it to re-check only what changed.
+    pub fn changes_since(
+        &self,
+        seq: i64,
+        limit: usize,
+    ) -> Result<(i64, Vec<PatientId>, bool), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT rowid, patient_id FROM consent WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+            )
+            .map_err(sql("read changes"))?;
+        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(params![seq, limit_sql.saturating_add(1)], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(sql("read changes"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql("read changes"))?;
+        let more = rows.len() > limit;
+        let mut next = seq;
+        let mut patients = Vec::new();
+        for (rowid, patient) in rows.into_iter().take(limit) {
+            next = rowid;
+            if let Ok(p) = patient.parse::<PatientId>()
+                && !patients.contains(&p)
+            {
+                patients.push(p);
+            }
+        }
+        Ok((next, patients, more))
+    }
+
     /// Pushes not yet acknowledged by the network.
     pub fn pending(&self) -> Result<Vec<Pending>, StoreError> {
         let mut stmt = self

@@ -7,9 +7,17 @@
 //! * [`replica`]: where the replica lives — the [`replica::Replica`] trait, validated
 //!   relative paths, and the local/mounted directory transport.
 //! * [`webdav`]: the HTTPS WebDAV transport (rustls, client certificate).
+//! * [`gate`]: the consent service's decisions and change feed.
+//! * [`sync`]: one sync cycle (index → revocations → publications → deletions → outbox).
+//! * [`watcher`]: inotify on local storages (a trigger; the rescan is the backstop).
+//! * [`service`]: the service loop, status and metrics.
 #![forbid(unsafe_code)]
 
+pub mod gate;
 pub mod replica;
+pub mod service;
+pub mod sync;
+pub mod watcher;
 pub mod webdav;
 
 /// The service name (its state directory, user `tsunagi-ssmix2`).

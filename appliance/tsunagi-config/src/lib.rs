@@ -41,7 +41,7 @@ mod types;
 pub use load::{LoadError, Problem, Problems, check_secret_files, load, parse};
 pub use types::{
     AbsPath, AeTitle, Capability, ConfigDuration, Endpoint, FacilityCode, HealthUrl, IfaceName,
-    Ipv4Cidr, LogFilter, Port, SecretFile, ServiceName, ValueError, WgPublicKey,
+    Ipv4Cidr, LogFilter, Port, ReplicaUrl, SecretFile, ServiceName, ValueError, WgPublicKey,
 };
 
 /// The config file format version this software reads.
@@ -81,6 +81,9 @@ pub struct Config {
     /// The consent and patient-identity cache.
     #[serde(default)]
     pub consent: ConsentCache,
+    /// The SS-MIX2 sync to the network; absent means no sync.
+    #[serde(default)]
+    pub ssmix2: Option<Ssmix2Sync>,
     /// Fault drills, by name (`[drill.crashy]` runs as service `drill-crashy`).
     #[serde(default)]
     pub drill: BTreeMap<ServiceName, Drill>,
@@ -216,6 +219,101 @@ impl Default for ConsentCache {
             pull_interval: ConfigDuration::secs(60),
         }
     }
+}
+
+/// How the SS-MIX2 sync notices changes in the storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WatchMode {
+    /// inotify when the storage is on a local filesystem, polling on network shares.
+    #[default]
+    Auto,
+    /// inotify (plus the periodic rescan): local filesystems only.
+    Inotify,
+    /// Only the periodic rescan (SMB and NFS deliver no inotify events).
+    Poll,
+}
+
+/// What the SS-MIX2 sync does with a patient's files at the hub when permission ends
+/// (withdrawal, disclosure or category change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WithdrawalPolicy {
+    /// Remove the files from the replica.
+    #[default]
+    Delete,
+    /// Remove the data and leave, per key, a `_0` tombstone without clinical content, so
+    /// readers of the replica see the key deleted.
+    Tombstone,
+}
+
+/// `[ssmix2.replica]`: where the consented subset is published (exactly one of `directory`
+/// and `url`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Ssmix2Replica {
+    /// A local or mounted directory (e.g. an NFS export of the hub).
+    #[serde(default)]
+    pub directory: Option<AbsPath>,
+    /// An HTTPS WebDAV collection at the hub, e.g. `https://10.98.0.1:8443/ssmix2/1311234567/`.
+    #[serde(default)]
+    pub url: Option<ReplicaUrl>,
+    /// The CA that signed the hub's server certificate (PEM); required with `url`.
+    #[serde(default)]
+    pub ca_file: Option<AbsPath>,
+    /// The box's client certificate (PEM); required with `url`.
+    #[serde(default)]
+    pub client_cert_file: Option<AbsPath>,
+    /// The box's client key (PEM, mode 0600); required with `url`.
+    #[serde(default)]
+    pub client_key_file: Option<SecretFile>,
+}
+
+/// `[ssmix2]`: the SS-MIX2 sync. The storage is only ever read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Ssmix2Sync {
+    /// Whether the sync service runs; default true when the section is present.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The clinic's standardized storage root (標準化ストレージ), read-only.
+    pub storage: AbsPath,
+    /// The transaction storage (`TR_*.DAT`), used as the change feed when present.
+    #[serde(default)]
+    pub transaction_storage: Option<AbsPath>,
+    /// `auto` (default), `inotify` or `poll`.
+    #[serde(default)]
+    pub watch: WatchMode,
+    /// Time between full rescans (and sync cycles without any change noticed); default 60s.
+    #[serde(default = "default_minute")]
+    pub scan_interval: ConfigDuration,
+    /// A file changed within this time is not read yet (EMRs write in place); default 10s.
+    #[serde(default = "default_settle")]
+    pub settle: ConfigDuration,
+    /// A file that vanished without a rename is removed from the replica only when a later
+    /// scan at least this much later confirms it; default 60s.
+    #[serde(default = "default_minute")]
+    pub confirm_deletion: ConfigDuration,
+    /// How often published patients' permissions are asked again even without a consent
+    /// change (expiry); default 1h.
+    #[serde(default = "default_hour")]
+    pub recheck_interval: ConfigDuration,
+    /// `delete` (default) or `tombstone`.
+    #[serde(default)]
+    pub withdrawal: WithdrawalPolicy,
+    pub replica: Ssmix2Replica,
+}
+
+fn default_minute() -> ConfigDuration {
+    ConfigDuration::secs(60)
+}
+
+fn default_settle() -> ConfigDuration {
+    ConfigDuration::secs(10)
+}
+
+fn default_hour() -> ConfigDuration {
+    ConfigDuration::secs(3600)
 }
 
 /// Which WireGuard implementation the tunnel uses.
@@ -516,6 +614,56 @@ impl Config {
             }
         }
 
+        if let Some(x) = &self.ssmix2 {
+            let r = &x.replica;
+            match (&r.directory, &r.url) {
+                (None, None) | (Some(_), Some(_)) => broken(
+                    "ssmix2.replica",
+                    "set exactly one of directory and url".into(),
+                    &["ssmix2.replica.directory", "ssmix2.replica.url"],
+                ),
+                (None, Some(_)) => {
+                    for (key, missing) in [
+                        ("ssmix2.replica.ca-file", r.ca_file.is_none()),
+                        (
+                            "ssmix2.replica.client-cert-file",
+                            r.client_cert_file.is_none(),
+                        ),
+                        (
+                            "ssmix2.replica.client-key-file",
+                            r.client_key_file.is_none(),
+                        ),
+                    ] {
+                        if missing {
+                            broken(
+                                key,
+                                "required with ssmix2.replica.url".into(),
+                                &[key, "ssmix2.replica.url"],
+                            );
+                        }
+                    }
+                }
+                (Some(dir), None) => {
+                    if dir.as_path().starts_with(x.storage.as_path())
+                        || x.storage.as_path().starts_with(dir.as_path())
+                    {
+                        broken(
+                            "ssmix2.replica.directory",
+                            "the replica must not be inside the storage, nor the storage inside the replica".into(),
+                            &["ssmix2.replica.directory", "ssmix2.storage"],
+                        );
+                    }
+                }
+            }
+            if x.scan_interval.get() < std::time::Duration::from_secs(1) {
+                broken(
+                    "ssmix2.scan-interval",
+                    "must be at least 1s".into(),
+                    &["ssmix2.scan-interval"],
+                );
+            }
+        }
+
         let sup = &self.supervisor;
         if sup.backoff_initial > sup.backoff_max {
             broken(
@@ -564,6 +712,13 @@ impl Config {
         let mut out = Vec::new();
         if let Some(file) = &self.privacy.id_hash_key_file {
             out.push(("privacy.id-hash-key-file", file));
+        }
+        if let Some(file) = self
+            .ssmix2
+            .as_ref()
+            .and_then(|x| x.replica.client_key_file.as_ref())
+        {
+            out.push(("ssmix2.replica.client-key-file", file));
         }
         if let Some(tunnel) = &self.tunnel {
             if let Some(file) = &tunnel.preshared_key_file {

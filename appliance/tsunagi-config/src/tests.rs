@@ -608,7 +608,7 @@ fn unknown_keys_and_tables() {
             (Some(13), "drill.a.foo"),
         ]
     );
-    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, tunnel, consent, drill)"), "{}", got[0].2);
+    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, tunnel, consent, ssmix2, drill)"), "{}", got[0].2);
     assert_eq!(got[1].2, "unknown key `level` (expected one of: filter)");
 }
 
@@ -1048,4 +1048,59 @@ fn tunnel_secret_files_are_checked() {
     assert_eq!(got[0].1, "tunnel.preshared-key-file");
     assert!(got[0].2.contains("inline secret"));
     assert!(!got[0].2.contains("c2VjcmV0"));
+}
+
+// ---------------------------------------------------------------------------------------
+// [ssmix2]
+
+fn ssmix2_config(section: &str) -> String {
+    format!(
+        "version = 1\n[site]\nfacility-code = \"1311234567\"\nae-title = \"T\"\n[paths]\nstate-dir = \"/var/lib/tsunagi\"\nruntime-dir = \"/run/tsunagi\"\n{section}"
+    )
+}
+
+#[test]
+fn ssmix2_example_and_defaults() {
+    let cfg = parse(&example("ssmix2.toml"), file()).unwrap();
+    let x = cfg.ssmix2.unwrap();
+    assert!(x.enabled);
+    assert_eq!(x.watch, WatchMode::Auto);
+    assert_eq!(x.withdrawal, WithdrawalPolicy::Delete);
+    assert_eq!(x.replica.directory.unwrap().as_path(), Path::new("/mnt/hub/ssmix2/1311234567"));
+    let webdav = example("ssmix2.toml")
+        .replace("directory = \"/mnt/hub/ssmix2/1311234567\"", "")
+        .replace("# url", "url")
+        .replace("# ca-file", "ca-file")
+        .replace("# client-", "client-");
+    let x = parse(&webdav, file()).unwrap().ssmix2.unwrap();
+    assert_eq!(x.replica.url.unwrap().as_str(), "https://10.98.0.1:8443/ssmix2/1311234567/");
+    let cfg = parse(
+        &ssmix2_config("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\ndirectory = \"/srv/r\"\n"),
+        file(),
+    )
+    .unwrap();
+    let x = cfg.ssmix2.unwrap();
+    assert_eq!((x.scan_interval, x.settle, x.confirm_deletion), (dur("60s"), dur("10s"), dur("60s")));
+    assert_eq!(x.recheck_interval, dur("1h"));
+}
+
+#[test]
+fn ssmix2_replica_rules() {
+    let problems = |section: &str| match parse(&ssmix2_config(section), file()) {
+        Ok(_) => String::new(),
+        Err(p) => p.to_string(),
+    };
+    let both = problems("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\ndirectory = \"/srv/r\"\nurl = \"https://h:1/x/\"\nca-file = \"/a\"\nclient-cert-file = \"/b\"\nclient-key-file = \"/c\"\n");
+    assert!(both.contains("set exactly one of directory and url"), "{both}");
+    let neither = problems("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\n");
+    assert!(neither.contains("set exactly one"), "{neither}");
+    let no_cert = problems("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\nurl = \"https://10.98.0.1:8443/x/\"\n");
+    assert!(no_cert.contains("ssmix2.replica.ca-file: required with ssmix2.replica.url"), "{no_cert}");
+    assert!(no_cert.contains("client-key-file"), "{no_cert}");
+    let inside = problems("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\ndirectory = \"/srv/s/replica\"\n");
+    assert!(inside.contains("must not be inside the storage"), "{inside}");
+    let bad_url = problems("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\nurl = \"http://10.98.0.1/x/\"\n");
+    assert!(bad_url.contains("expected https://HOST:PORT/PATH/"), "{bad_url}");
+    let unknown = problems("[ssmix2]\nstorage = \"/srv/s\"\nsurprise = 1\n[ssmix2.replica]\ndirectory = \"/srv/r\"\n");
+    assert!(unknown.contains("surprise"), "{unknown}");
 }

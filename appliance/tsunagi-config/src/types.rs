@@ -1055,3 +1055,62 @@ impl From<HealthUrl> for String {
         value.to_string()
     }
 }
+
+/// An HTTPS URL of a WebDAV collection, e.g. `https://10.98.0.1:8443/ssmix2/1311234567/`:
+/// `https://` only, a host (IPv4 literal or DNS name) and port, a path ending in `/`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ReplicaUrl(String);
+
+impl ReplicaUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ReplicaUrl {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        let shape = || {
+            ValueError::new(format!(
+                "expected https://HOST:PORT/PATH/ ending in /, e.g. https://10.98.0.1:8443/ssmix2/ (got {})",
+                quoted(&value)
+            ))
+        };
+        let rest = value.strip_prefix("https://").ok_or_else(shape)?;
+        let (authority, path) = rest.find('/').map(|i| rest.split_at(i)).ok_or_else(shape)?;
+        let (host, port) = authority.rsplit_once(':').ok_or_else(shape)?;
+        let port: u16 = port.parse().map_err(|_| shape())?;
+        let host_ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        if port == 0
+            || !host_ok
+            || !path.ends_with('/')
+            || path.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(shape());
+        }
+        Ok(Self(value))
+    }
+}
+
+impl TryFrom<&str> for ReplicaUrl {
+    type Error = ValueError;
+    fn try_from(value: &str) -> Result<Self, ValueError> {
+        Self::try_from(value.to_owned())
+    }
+}
+
+impl fmt::Display for ReplicaUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<ReplicaUrl> for String {
+    fn from(value: ReplicaUrl) -> String {
+        value.0
+    }
+}

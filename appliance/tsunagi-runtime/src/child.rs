@@ -34,6 +34,9 @@ pub struct ChildSetup {
     pub capabilities: Vec<Capability>,
     /// The service's own state directory (created by the supervisor, mode 0700).
     pub state_dir: PathBuf,
+    /// Supplementary groups it runs with (created by the supervisor), e.g. to reach another
+    /// service's socket.
+    pub groups: Vec<String>,
 }
 
 /// Errors of the child's setup and run.
@@ -45,6 +48,8 @@ pub enum ChildError {
     Privilege(#[from] PrivilegeError),
     #[error("service user {user} does not exist (the supervisor creates it)")]
     NoUser { user: String },
+    #[error("group {group} does not exist (the supervisor creates it)")]
+    NoGroup { group: String },
     #[error("cannot look up service user {user}")]
     UserLookup {
         user: String,
@@ -105,11 +110,20 @@ pub fn enter(setup: ChildSetup) -> Result<Prepared, ChildError> {
             .ok_or_else(|| ChildError::NoUser {
                 user: setup.user.clone(),
             })?;
+        let mut gids = Vec::with_capacity(setup.groups.len());
+        for group in &setup.groups {
+            gids.push(
+                privilege::lookup_group(group)?.ok_or_else(|| ChildError::NoGroup {
+                    group: group.clone(),
+                })?,
+            );
+        }
         privilege::drop_to(
             Identity {
                 uid: user.uid,
                 gid: user.gid,
             },
+            &gids,
             &setup.capabilities,
         )?;
     } else {

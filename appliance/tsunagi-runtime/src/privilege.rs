@@ -72,6 +72,14 @@ pub enum PrivilegeError {
     },
     #[error("unknown capability name {name}")]
     UnknownCapability { name: String },
+    #[error("group {group} does not exist and could not be created: {detail}")]
+    CreateGroup { group: String, detail: String },
+    #[error("cannot look up group {group}")]
+    GroupLookup {
+        group: String,
+        #[source]
+        source: nix::Error,
+    },
 }
 
 /// The identity a service runs under when the supervisor is root.
@@ -144,6 +152,65 @@ pub fn ensure_user(user: &str) -> Result<Identity, PrivilegeError> {
     Err(PrivilegeError::CreateUser {
         user: user.to_owned(),
         detail: last_detail,
+    })
+}
+
+/// Looks up group `group`, creating it as a system group if missing.
+pub fn ensure_group(group: &str) -> Result<Gid, PrivilegeError> {
+    let mut last_detail = String::new();
+    for attempt in 0..10u32 {
+        if let Some(found) = lookup_group(group)? {
+            return Ok(found);
+        }
+        if attempt > 0 {
+            // As in `ensure_user`: only during a spawn, only when the group is missing.
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(50 * u64::from(attempt)));
+        }
+        match Command::new("groupadd").args(["--system", group]).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => last_detail = String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+            Err(e) => last_detail = format!("cannot run groupadd ({e})"),
+        }
+    }
+    Err(PrivilegeError::CreateGroup {
+        group: group.to_owned(),
+        detail: last_detail,
+    })
+}
+
+/// The ID of an existing group.
+pub fn lookup_group(group: &str) -> Result<Option<Gid>, PrivilegeError> {
+    nix::unistd::Group::from_name(group)
+        .map(|g| g.map(|g| g.gid))
+        .map_err(|source| PrivilegeError::GroupLookup {
+            group: group.to_owned(),
+            source,
+        })
+}
+
+/// Creates `dir` if needed, owned by `owner` and group `group`, mode 2750: the owner
+/// writes, members of the group may enter (and connect to sockets of mode 0660 in it, which
+/// inherit the group through the setgid bit), nobody else may. Without `group` (unprivileged
+/// runs), as [`ensure_private_dir`].
+pub fn ensure_group_dir(
+    dir: &Path,
+    owner: Option<Identity>,
+    group: Option<Gid>,
+) -> Result<(), PrivilegeError> {
+    let Some(gid) = group else {
+        return ensure_private_dir(dir, owner);
+    };
+    ensure_private_dir(dir, owner)?;
+    chown(dir, None, Some(gid)).map_err(|source| PrivilegeError::Chown {
+        path: dir.to_owned(),
+        source,
+    })?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o2750)).map_err(|source| {
+        PrivilegeError::Chmod {
+            path: dir.to_owned(),
+            source,
+        }
     })
 }
 
@@ -232,9 +299,10 @@ pub fn ensure_shared_dir(dir: &Path, check_reachable: bool) -> Result<(), Privil
     Ok(())
 }
 
-/// Drops this (single-threaded, root) process to `id` keeping only `keep`, and sets
+/// Drops this (single-threaded, root) process to `id` with exactly the supplementary
+/// `groups`, keeping only `keep`, and sets
 /// `NO_NEW_PRIVS`. Call before any thread exists.
-pub fn drop_to(id: Identity, keep: &[Capability]) -> Result<(), PrivilegeError> {
+pub fn drop_to(id: Identity, groups: &[Gid], keep: &[Capability]) -> Result<(), PrivilegeError> {
     let keep: CapsHashSet = keep.iter().copied().collect();
     let caps_err = |step| move |source| PrivilegeError::Caps { step, source };
     let nix_err = |step| move |source| PrivilegeError::Drop { step, source };
@@ -246,7 +314,9 @@ pub fn drop_to(id: Identity, keep: &[Capability]) -> Result<(), PrivilegeError> 
     }
     // 2. Change identity, keeping the permitted set across setuid for step 3.
     prctl::set_keepcaps(true).map_err(nix_err("set keepcaps"))?;
-    setgroups(&[]).map_err(nix_err("clear supplementary groups"))?;
+    // Only the supplementary groups the service declares (e.g. access to another
+    // service's socket), none inherited from the supervisor.
+    setgroups(groups).map_err(nix_err("set the supplementary groups"))?;
     setresgid(id.gid, id.gid, id.gid).map_err(nix_err("set the group id"))?;
     setresuid(id.uid, id.uid, id.uid).map_err(nix_err("set the user id"))?;
     // 3. Exactly the declared capabilities, in every set that matters.

@@ -55,6 +55,12 @@ pub struct ChildSpec {
     /// Device nodes the service must open (e.g. `/dev/net/tun`). When others may not use
     /// one, the service's group gets read-write access to it, and nobody else does.
     pub devices: Vec<PathBuf>,
+    /// Directories the service owns that members of a group may enter (mode 2750, that
+    /// group), such as the consent service's decision-socket directory.
+    pub shared_dirs: Vec<(PathBuf, String)>,
+    /// Supplementary groups the service runs with (e.g. the group of another service's
+    /// shared directory).
+    pub groups: Vec<String>,
     /// The part of the configuration the service reads, in a canonical form: when it changes
     /// at reload, the service is restarted.
     pub fingerprint: String,
@@ -477,6 +483,19 @@ impl Supervisor {
         privilege::ensure_private_dir(&self.settings.state_dir.join(&spec.name), identity)?;
         for dir in &spec.extra_dirs {
             privilege::ensure_private_dir(dir, identity)?;
+        }
+        for (dir, group) in &spec.shared_dirs {
+            let gid = if self.privileged {
+                Some(privilege::ensure_group(group)?)
+            } else {
+                None
+            };
+            privilege::ensure_group_dir(dir, identity, gid)?;
+        }
+        if self.privileged {
+            for group in &spec.groups {
+                privilege::ensure_group(group)?;
+            }
         }
         if let Some(id) = identity {
             for device in &spec.devices {

@@ -36,6 +36,13 @@ pub(crate) const BUILTIN: &[Kind] = &[
         description: "tsunagi consent cache",
     },
     Kind {
+        name: ssmix2_sync::NAME,
+        user: ssmix2_sync::USER,
+        // Reads the storage (a share readable by this user) and writes the replica.
+        capabilities: &[],
+        description: "tsunagi SS-MIX2 sync",
+    },
+    Kind {
         name: heartbeat::NAME,
         user: "tsunagi-heartbeat",
         capabilities: &[],
@@ -57,6 +64,11 @@ pub(crate) fn sysusers() -> String {
             "u {} - \"{}\" /nonexistent /usr/sbin/nologin\n",
             kind.user, kind.description
         ));
+    }
+    // Who may ask the consent service for decisions.
+    out.push_str(&format!("g {} -\n", consent::CLIENT_GROUP));
+    for kind in BUILTIN.iter().filter(|k| k.name == ssmix2_sync::NAME) {
+        out.push_str(&format!("m {} {}\n", kind.user, consent::CLIENT_GROUP));
     }
     out
 }
@@ -107,11 +119,33 @@ pub(crate) fn children(cfg: &Config) -> Vec<ChildSpec> {
                 cfg.consent.enabled,
                 fingerprint(cfg, &cfg.consent),
                 Vec::new(),
-                // The decision socket's directory.
-                vec![cfg.paths.runtime_dir.as_path().join(consent::NAME)],
+                Vec::new(),
                 Vec::new(),
             ),
+            ssmix2_sync::NAME => match &cfg.ssmix2 {
+                Some(x) => (
+                    x.enabled,
+                    fingerprint(cfg, x),
+                    Vec::new(),
+                    Vec::new(),
+                    Vec::new(),
+                ),
+                None => (false, String::new(), Vec::new(), Vec::new(), Vec::new()),
+            },
             _ => (false, String::new(), Vec::new(), Vec::new(), Vec::new()),
+        };
+        // The decision socket's directory: the consent service owns it; the services that
+        // ask for decisions are members of its group.
+        let (shared_dirs, groups) = match kind.name {
+            consent::NAME => (
+                vec![(
+                    cfg.paths.runtime_dir.as_path().join(consent::NAME),
+                    consent::CLIENT_GROUP.to_owned(),
+                )],
+                Vec::new(),
+            ),
+            ssmix2_sync::NAME => (Vec::new(), vec![consent::CLIENT_GROUP.to_owned()]),
+            _ => (Vec::new(), Vec::new()),
         };
         if enabled {
             out.push(ChildSpec {
@@ -121,6 +155,8 @@ pub(crate) fn children(cfg: &Config) -> Vec<ChildSpec> {
                 env,
                 extra_dirs,
                 devices,
+                shared_dirs,
+                groups,
                 fingerprint,
             });
         }
@@ -133,6 +169,8 @@ pub(crate) fn children(cfg: &Config) -> Vec<ChildSpec> {
             env: Vec::new(),
             extra_dirs: Vec::new(),
             devices: Vec::new(),
+            shared_dirs: Vec::new(),
+            groups: Vec::new(),
             fingerprint: fingerprint(cfg, drill),
         });
     }
@@ -248,6 +286,7 @@ pub(crate) fn run_child(cfg: &Config, name: &str) -> Result<(), ServiceCmdError>
         user: spec.user.clone(),
         capabilities: spec.capabilities.clone(),
         state_dir: cfg.paths.state_dir.as_path().join(&spec.name),
+        groups: spec.groups.clone(),
     };
     if name == consent::NAME {
         if !cfg.consent.enabled {
@@ -275,6 +314,15 @@ pub(crate) fn run_child(cfg: &Config, name: &str) -> Result<(), ServiceCmdError>
         })?;
         return Ok(());
     }
+    if name == ssmix2_sync::NAME {
+        let Some(x) = cfg.ssmix2.clone() else {
+            return Err(unknown());
+        };
+        let settings = ssmix2_settings(cfg, &x);
+        let prepared = child::enter(setup)?;
+        child::run_service(prepared, 2, |ctx| ssmix2_sync::service::run(ctx, settings))?;
+        return Ok(());
+    }
     if name == tunnel::NAME {
         let Some(cfg) = cfg.tunnel.clone() else {
             return Err(unknown());
@@ -296,4 +344,53 @@ pub(crate) fn run_child(cfg: &Config, name: &str) -> Result<(), ServiceCmdError>
     let prepared = child::enter(setup)?;
     child::run_service(prepared, 1, |ctx| heartbeat::run(ctx, behaviour))?;
     Ok(())
+}
+
+/// The sync service's settings from its config section.
+fn ssmix2_settings(cfg: &Config, x: &tsunagi_config::Ssmix2Sync) -> ssmix2_sync::service::Settings {
+    use ssmix2_sync::service::Target;
+    let r = &x.replica;
+    let target = match (&r.directory, &r.url) {
+        (Some(dir), _) => Target::Directory(dir.as_path().to_owned()),
+        (None, Some(url)) => Target::WebDav {
+            url: url.as_str().to_owned(),
+            ca_file: r
+                .ca_file
+                .as_ref()
+                .map(|p| p.as_path().to_owned())
+                .unwrap_or_default(),
+            client_cert_file: r
+                .client_cert_file
+                .as_ref()
+                .map(|p| p.as_path().to_owned())
+                .unwrap_or_default(),
+            client_key_file: r
+                .client_key_file
+                .as_ref()
+                .map(|p| p.as_ref().to_owned())
+                .unwrap_or_default(),
+        },
+        // The config's rules require one of the two.
+        (None, None) => Target::Directory(std::path::PathBuf::new()),
+    };
+    ssmix2_sync::service::Settings {
+        sync: ssmix2_sync::sync::Settings {
+            storage: x.storage.as_path().to_owned(),
+            settle: x.settle.get(),
+            confirm_deletion: x.confirm_deletion.get(),
+            recheck: x.recheck_interval.get(),
+            withdrawal: x.withdrawal,
+            facility: cfg.site.facility_code.to_string(),
+        },
+        state_dir: cfg.paths.state_dir.as_path().join(ssmix2_sync::NAME),
+        consent_socket: cfg
+            .paths
+            .runtime_dir
+            .as_path()
+            .join(consent::NAME)
+            .join(consent::service::SOCKET_NAME),
+        target,
+        scan_interval: x.scan_interval.get(),
+        watch: x.watch,
+    }
 }

@@ -240,3 +240,35 @@ fn audit_key_permissions_are_enforced() {
         Err(StoreError::KeyPermissions { .. })
     ));
 }
+
+#[test]
+fn the_change_feed_lists_patients_whose_consent_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(dir.path());
+    for id in ["0001", "0002", "0003"] {
+        s.upsert_patient(&patient(id), T0).unwrap();
+    }
+    let (seq, patients, more) = s.changes_since(0, 10).unwrap();
+    assert_eq!((seq, patients.len(), more), (0, 0, false));
+    s.record_consent(new_consent("0001"), T0).unwrap();
+    s.record_consent(new_consent("0002"), T0).unwrap();
+    let (seq, patients, more) = s.changes_since(0, 10).unwrap();
+    assert_eq!(
+        patients,
+        vec![
+            "0001".parse().unwrap(),
+            "0002".parse::<PatientId>().unwrap()
+        ]
+    );
+    assert!(!more);
+    // Nothing new since.
+    assert_eq!(s.changes_since(seq, 10).unwrap().1.len(), 0);
+    // A withdrawal is a change; paging stops at the limit.
+    s.withdraw(&"0001".parse().unwrap(), "staff", T0 + 1)
+        .unwrap();
+    s.record_consent(new_consent("0003"), T0 + 1).unwrap();
+    let (next, page, more) = s.changes_since(seq, 1).unwrap();
+    assert_eq!((page, more), (vec!["0001".parse().unwrap()], true));
+    let (_, page, more) = s.changes_since(next, 1).unwrap();
+    assert_eq!((page, more), (vec!["0003".parse().unwrap()], false));
+}

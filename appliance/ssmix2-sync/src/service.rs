@@ -1,0 +1,289 @@
+//! The `ssmix2` service: runs sync cycles on a worker thread — on every change noticed
+//! (inotify, after the settle delay) and at least every `scan-interval` — and reports
+//! status and metrics: files seen, current keys, quarantined files by reason, outbox depth,
+//! age of the oldest unsent change, last success.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tsunagi_config::WatchMode;
+use tsunagi_runtime::child::ServiceCtx;
+use tsunagi_runtime::status::Health;
+
+use crate::gate::SocketGate;
+use crate::replica::{DirReplica, Replica, ReplicaError};
+use crate::sync::{CycleReport, State, SyncError, Syncer};
+use crate::watcher;
+use crate::webdav::{BaseUrl, WebDavReplica, WebDavSettings};
+
+/// Where the replica is.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Directory(PathBuf),
+    WebDav {
+        url: String,
+        ca_file: PathBuf,
+        client_cert_file: PathBuf,
+        client_key_file: PathBuf,
+    },
+}
+
+/// What the service needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub sync: crate::sync::Settings,
+    pub state_dir: PathBuf,
+    pub consent_socket: PathBuf,
+    pub target: Target,
+    pub scan_interval: Duration,
+    pub watch: WatchMode,
+}
+
+/// Errors that stop the service (everything else is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    #[error("cannot set up the replica")]
+    Replica(#[from] ReplicaError),
+    #[error("the sync worker stopped")]
+    Worker,
+    #[error(transparent)]
+    Url(#[from] crate::webdav::BadBaseUrl),
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    last: Option<Result<CycleReport, String>>,
+    state: State,
+    watching: Option<usize>,
+}
+
+fn open_replica(target: &Target) -> Result<Box<dyn Replica>, ServiceError> {
+    Ok(match target {
+        Target::Directory(dir) => Box::new(DirReplica::new(dir)?),
+        Target::WebDav {
+            url,
+            ca_file,
+            client_cert_file,
+            client_key_file,
+        } => Box::new(WebDavReplica::new(&WebDavSettings {
+            base_url: BaseUrl::new(url)?,
+            ca_file: ca_file.clone(),
+            client_cert_file: client_cert_file.clone(),
+            client_key_file: client_key_file.clone(),
+            timeout: Duration::from_secs(30),
+        })?),
+    })
+}
+
+/// Runs the service until shutdown.
+pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError> {
+    let syncer = Syncer::open(&settings.state_dir, settings.sync.clone())?;
+    let replica = open_replica(&settings.target)?;
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let changed = Arc::new(Notify::new());
+    let (trigger_tx, trigger_rx) = mpsc::channel::<()>();
+    if watcher::use_inotify(settings.watch, &settings.sync.storage) {
+        let watching = watcher::spawn(&settings.sync.storage, trigger_tx.clone());
+        if let Ok(mut s) = shared.lock() {
+            s.watching = watching;
+        }
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let (shared, changed, stop, settings) = (
+            shared.clone(),
+            changed.clone(),
+            stop.clone(),
+            settings.clone(),
+        );
+        std::thread::Builder::new()
+            .name("ssmix2-sync".into())
+            .spawn(move || {
+                worker(
+                    syncer,
+                    replica,
+                    &settings,
+                    &trigger_rx,
+                    &shared,
+                    &changed,
+                    &stop,
+                )
+            })
+            .map_err(|_| ServiceError::Worker)?
+    };
+    ctx.reporter.ready();
+    tracing::info!("SS-MIX2 sync started");
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+            _ = changed.notified() => {}
+        }
+        if worker.is_finished() {
+            return Err(ServiceError::Worker);
+        }
+        let (health, summary, metrics) = report(&shared);
+        let metrics: Vec<(&str, f64)> = metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        ctx.reporter.status_with_metrics(health, &summary, &metrics);
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(trigger_tx);
+    // A cycle in progress finishes its current operation; everything is durable, so the
+    // supervisor's deadline may cut it short safely.
+    Ok(())
+}
+
+fn worker(
+    mut syncer: Syncer,
+    mut replica: Box<dyn Replica>,
+    settings: &Settings,
+    triggers: &mpsc::Receiver<()>,
+    shared: &Mutex<Shared>,
+    changed: &Notify,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut gate = SocketGate::new(&settings.consent_socket);
+    let mut failures: u32 = 0;
+    loop {
+        let span = tracing::info_span!("cycle");
+        let _enter = span.enter();
+        let started = Instant::now();
+        let result = syncer.cycle(&mut gate, replica.as_mut());
+        let state = syncer.state().unwrap_or_default();
+        match &result {
+            Ok(r) => {
+                failures = 0;
+                tracing::info!(
+                    files = r.scanned.files,
+                    read = r.files_read,
+                    published = r.published,
+                    renamed = r.renamed,
+                    removed = r.removed,
+                    held = r.held,
+                    fresh = r.fresh,
+                    ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "sync cycle done"
+                );
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(
+                    error = e as &dyn std::error::Error,
+                    "sync cycle failed; retrying"
+                );
+            }
+        }
+        if let Ok(mut s) = shared.lock() {
+            s.last = Some(result.map_err(|e| tsunagi_runtime::child::error_chain(&e)));
+            s.state = state;
+        }
+        changed.notify_one();
+        drop(_enter);
+        // Next cycle: after the scan interval, or sooner when something changed (then after
+        // the settle delay, so a file being written is complete); after failures, back off.
+        let backoff =
+            Duration::from_secs(2u64.saturating_pow(failures.min(6))).min(settings.scan_interval);
+        let wait = if failures > 0 {
+            backoff
+        } else {
+            settings.scan_interval
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match triggers.recv_timeout(left.min(Duration::from_millis(500))) {
+                Ok(()) if failures == 0 => {
+                    // Let a burst of events settle into one cycle.
+                    let settle = settings.sync.settle.max(Duration::from_millis(200));
+                    let until = Instant::now() + settle;
+                    while let Some(left) = until.checked_duration_since(Instant::now()) {
+                        if triggers.recv_timeout(left).is_err() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::park_timeout(left.min(Duration::from_millis(500)));
+                }
+            }
+        }
+    }
+}
+
+fn report(shared: &Mutex<Shared>) -> (Health, String, Vec<(String, f64)>) {
+    let Ok(s) = shared.lock() else {
+        return (Health::Degraded, "internal error".into(), Vec::new());
+    };
+    let st = &s.state;
+    let mut metrics: Vec<(String, f64)> = vec![
+        ("published_files".into(), st.published_files as f64),
+        ("outbox_depth".into(), st.outbox_depth as f64),
+        (
+            "oldest_pending_age_seconds".into(),
+            st.oldest_pending_age.unwrap_or(0) as f64,
+        ),
+    ];
+    if let Some(t) = st.last_success {
+        metrics.push(("last_success_timestamp_seconds".into(), t as f64));
+    }
+    let (health, summary) = match &s.last {
+        None => (Health::Ok, "first sync cycle running".to_owned()),
+        Some(Err(e)) => (
+            Health::Degraded,
+            format!(
+                "last cycle failed: {e}; {} changes waiting",
+                st.outbox_depth
+            ),
+        ),
+        Some(Ok(r)) => {
+            let quarantined = r.scanned.by_status.get("quarantined").copied().unwrap_or(0);
+            metrics.push(("files_seen".into(), r.scanned.files as f64));
+            metrics.push(("current_keys".into(), r.scanned.current_keys as f64));
+            metrics.push(("quarantined_files".into(), quarantined as f64));
+            metrics.push(("held_files".into(), r.held as f64));
+            metrics.push(("stale".into(), f64::from(u8::from(!r.fresh))));
+            for (reason, n) in &r.scanned.by_reason {
+                if ssmix2::reason::Reason::from_code(reason)
+                    .is_some_and(|x| x.severity() == ssmix2::reason::Severity::Quarantine)
+                {
+                    metrics.push((
+                        format!("quarantined_{}", reason.to_ascii_lowercase()),
+                        *n as f64,
+                    ));
+                }
+            }
+            let consent = if r.fresh {
+                "consent fresh"
+            } else {
+                "consent cache stale: holding (nothing new leaves)"
+            };
+            let summary = format!(
+                "{} files, {} current keys, {quarantined} quarantined; {} published at the hub, {} waiting; {consent}",
+                r.scanned.files, r.scanned.current_keys, st.published_files, st.outbox_depth
+            );
+            (
+                if r.fresh {
+                    Health::Ok
+                } else {
+                    Health::Degraded
+                },
+                summary,
+            )
+        }
+    };
+    (health, summary, metrics)
+}

@@ -1,0 +1,812 @@
+//! One sync cycle: inventory the storage, ask the consent gate, plan the replica's changes
+//! into a durable outbox, and carry them out.
+//!
+//! The replica mirrors the storage's relative paths for the files it may hold: every
+//! non-quarantined file (current, superseded, deleted — the flag lifecycle is reproduced by
+//! renames) of a patient whose consent permits the file's category for the hub.
+//!
+//! Order of a cycle:
+//! 1. Update the index (files whose size and mtime are unchanged are not read again).
+//! 2. Finish the outbox left by an earlier cycle (after a crash or a failed transport).
+//! 3. Revocations first: patients whose consent changed (the consent service's change feed)
+//!    and published permissions older than `recheck` are asked again; a definite denial
+//!    removes that patient's files of that category (delete, or tombstone by policy). The
+//!    feed position is saved in the same transaction as the removals it caused.
+//! 4. Publications, in batches: files not yet published with their content hash. A file of
+//!    a key whose published version vanished with the same content is a rename (`_1` →
+//!    `_2`); otherwise a put. Files changed within `settle` wait (E-01).
+//! 5. Files that vanished from the storage without a rename are removed from the replica
+//!    only when a scan at least `confirm_deletion` later confirms it (E-03).
+//!
+//! When the consent cache is stale (fail closed) the sync holds: nothing new is published
+//! and nothing is removed. Every operation is idempotent and recorded in the outbox before
+//! it is carried out, so a crash at any point leaves a replica that converges.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+use sha2::{Digest as _, Sha256};
+use ssmix2::index::{Index, IndexError};
+use ssmix2::scan::{Options, Summary};
+use tsunagi_config::WithdrawalPolicy;
+use tsunagi_state::{Durability, Migration, StateError};
+
+use crate::gate::{Gate, GateError, Verdict};
+use crate::replica::{RelPath, Replica, ReplicaError};
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: "CREATE TABLE published (
+            path TEXT PRIMARY KEY, sha256 TEXT NOT NULL,
+            patient_id TEXT NOT NULL, category TEXT NOT NULL, key TEXT NOT NULL,
+            tombstone INTEGER NOT NULL DEFAULT 0, vanished_at INTEGER,
+            published_at INTEGER NOT NULL
+          ) STRICT;
+          CREATE INDEX published_pair ON published (patient_id, category);
+          CREATE INDEX published_key ON published (key, sha256);
+          CREATE TABLE outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            op TEXT NOT NULL CHECK (op IN ('put', 'rename', 'delete', 'tombstone')),
+            path TEXT NOT NULL, dest TEXT, sha256 TEXT,
+            patient_id TEXT NOT NULL, category TEXT NOT NULL, key TEXT NOT NULL,
+            created_at INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT
+          ) STRICT;
+          CREATE TABLE decisions (
+            patient_id TEXT NOT NULL, category TEXT NOT NULL,
+            verdict TEXT NOT NULL, reason TEXT, decided_at INTEGER NOT NULL,
+            PRIMARY KEY (patient_id, category)
+          ) STRICT;
+          CREATE TABLE meta (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            consent_seq INTEGER NOT NULL, last_success INTEGER
+          ) STRICT;
+          INSERT INTO meta VALUES (1, 0, NULL);",
+}];
+
+/// How many files one publication batch plans before carrying them out.
+const BATCH: i64 = 500;
+
+/// Nanoseconds since the Unix epoch (file times); seconds for everything the sync records.
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn now_nanos() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
+}
+
+/// Sync errors. None is fatal for the service: the cycle is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot open the sync database")]
+    Open(#[source] StateError),
+    #[error("sync database operation `{op}` failed")]
+    Sql {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("the inventory failed")]
+    Index(#[from] IndexError),
+    #[error("the consent service could not answer; holding")]
+    Gate(#[from] GateError),
+    #[error("the replica refused an operation")]
+    Replica(#[from] ReplicaError),
+}
+
+fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> SyncError {
+    move |source| SyncError::Sql { op, source }
+}
+
+/// What the sync needs to know.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub storage: PathBuf,
+    pub settle: Duration,
+    pub confirm_deletion: Duration,
+    pub recheck: Duration,
+    pub withdrawal: WithdrawalPolicy,
+    /// The clinic's 医療機関コード (MSH-4 of tombstones).
+    pub facility: String,
+}
+
+/// What one cycle did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CycleReport {
+    pub scanned: Summary,
+    pub files_read: u64,
+    pub published: u64,
+    pub renamed: u64,
+    pub removed: u64,
+    /// Files waiting: consent denied for now, stale cache, not settled, unknown type.
+    pub held: u64,
+    /// Whether the consent cache was fresh (else the cycle held everything).
+    pub fresh: bool,
+}
+
+/// The state the service reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    pub published_files: u64,
+    pub outbox_depth: u64,
+    /// Seconds since the oldest change waiting in the outbox was planned.
+    pub oldest_pending_age: Option<i64>,
+    /// When the last cycle completed (Unix seconds).
+    pub last_success: Option<i64>,
+}
+
+/// The sync's durable state and the storage's index.
+pub struct Syncer {
+    conn: Connection,
+    index: Index,
+    settings: Settings,
+}
+
+/// One planned operation, as stored in the outbox.
+#[derive(Debug, Clone)]
+struct Op {
+    seq: i64,
+    op: String,
+    path: String,
+    dest: Option<String>,
+    sha256: Option<String>,
+    patient_id: String,
+    category: String,
+    key: String,
+}
+
+/// What carrying out an operation did.
+enum Effect {
+    Published {
+        path: String,
+        sha256: String,
+        tombstone: bool,
+    },
+    Renamed {
+        from: String,
+        to: String,
+    },
+    Removed(String),
+    /// The source changed since the plan (or the replica lost the file): nothing done; the
+    /// next cycle plans again.
+    Dropped {
+        forget: Option<String>,
+    },
+}
+
+fn key_of(patient: &str, date: &str, data_type: &str, order: &str) -> String {
+    format!("{patient}/{date}/{data_type}/{order}")
+}
+
+impl Syncer {
+    /// Opens (creating) `STATE/sync.db` and `STATE/index.db`.
+    pub fn open(state_dir: &Path, settings: Settings) -> Result<Syncer, SyncError> {
+        let index_path = state_dir.join("index.db");
+        let index = Index::open(&index_path)?;
+        let conn = tsunagi_state::open(
+            &state_dir.join("sync.db"),
+            Durability::Acknowledging,
+            MIGRATIONS,
+        )
+        .map_err(SyncError::Open)?;
+        conn.execute("ATTACH DATABASE ?1 AS idx", [index_path.to_string_lossy()])
+            .map_err(sql("attach the index"))?;
+        Ok(Syncer {
+            conn,
+            index,
+            settings,
+        })
+    }
+
+    /// The state for status and metrics.
+    pub fn state(&self) -> Result<State, SyncError> {
+        let now = now_secs();
+        let (depth, oldest): (i64, Option<i64>) = self
+            .conn
+            .query_row("SELECT count(*), min(created_at) FROM outbox", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(sql("read the outbox"))?;
+        let published: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM published", [], |r| r.get(0))
+            .map_err(sql("count published"))?;
+        let last_success: Option<i64> = self
+            .conn
+            .query_row("SELECT last_success FROM meta", [], |r| r.get(0))
+            .map_err(sql("read meta"))?;
+        Ok(State {
+            published_files: u64::try_from(published).unwrap_or(0),
+            outbox_depth: u64::try_from(depth).unwrap_or(0),
+            oldest_pending_age: oldest.map(|t| (now - t).max(0)),
+            last_success,
+        })
+    }
+
+    /// Runs one cycle (blocking).
+    pub fn cycle(
+        &mut self,
+        gate: &mut dyn Gate,
+        replica: &mut dyn Replica,
+    ) -> Result<CycleReport, SyncError> {
+        let mut report = CycleReport::default();
+        let (summary, changes) =
+            self.index
+                .update(&self.settings.storage, &Options::standard(), &mut |_| {})?;
+        report.scanned = summary;
+        report.files_read = changes.read;
+        self.drain(replica, &mut report)?;
+        let seq: i64 = self
+            .conn
+            .query_row("SELECT consent_seq FROM meta", [], |r| r.get(0))
+            .map_err(sql("read meta"))?;
+        let feed = gate.changes(seq)?;
+        report.fresh = feed.fresh;
+        self.revocations(gate, &feed.patients, feed.seq, feed.fresh)?;
+        self.drain(replica, &mut report)?;
+        if feed.fresh {
+            self.publications(gate, replica, &mut report)?;
+        } else {
+            report.held = self.count_unpublished()?;
+        }
+        self.vanished(replica, &mut report)?;
+        self.conn
+            .execute("UPDATE meta SET last_success = ?1", [now_secs()])
+            .map_err(sql("save meta"))?;
+        Ok(report)
+    }
+
+    fn count_unpublished(&self) -> Result<u64, SyncError> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM idx.files f WHERE f.status IN ('current','superseded','deleted') AND f.sha256 IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM published p WHERE p.path = f.path AND p.sha256 = f.sha256)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sql("count unpublished"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// A cached decision, if it is younger than `recheck`.
+    fn cached(
+        &self,
+        patient: &str,
+        category: &str,
+        now: i64,
+    ) -> Result<Option<Verdict>, SyncError> {
+        let recheck = i64::try_from(self.settings.recheck.as_secs()).unwrap_or(i64::MAX);
+        let row: Option<(String, Option<String>, i64)> = self
+            .conn
+            .query_row(
+                "SELECT verdict, reason, decided_at FROM decisions WHERE patient_id = ?1 AND category = ?2",
+                params![patient, category],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(sql("read decisions"))?;
+        Ok(row
+            .filter(|(_, _, at)| now - at < recheck && now >= *at)
+            .map(|(v, reason, _)| {
+                if v == "permit" {
+                    Verdict::Permit
+                } else {
+                    Verdict::Deny(reason.unwrap_or_default())
+                }
+            }))
+    }
+
+    fn remember(
+        conn: &Connection,
+        patient: &str,
+        category: &str,
+        v: &Verdict,
+        now: i64,
+    ) -> Result<(), SyncError> {
+        let (verdict, reason) = match v {
+            Verdict::Permit => ("permit", None),
+            Verdict::Deny(r) => ("deny", Some(r.as_str())),
+        };
+        conn.execute(
+            "INSERT INTO decisions VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (patient_id, category) DO UPDATE SET verdict = excluded.verdict, reason = excluded.reason, decided_at = excluded.decided_at",
+            params![patient, category, verdict, reason, now],
+        )
+        .map_err(sql("save a decision"))?;
+        Ok(())
+    }
+
+    /// Step 3: ask again about changed patients and old permissions; plan removals.
+    fn revocations(
+        &mut self,
+        gate: &mut dyn Gate,
+        changed: &[String],
+        seq: i64,
+        fresh: bool,
+    ) -> Result<(), SyncError> {
+        let now = now_secs();
+        let changed: HashSet<&str> = changed.iter().map(String::as_str).collect();
+        let pairs: Vec<(String, String)> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT DISTINCT patient_id, category FROM published WHERE tombstone = 0 ORDER BY patient_id, category")
+                .map_err(sql("read published"))?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(sql("read published"))?
+                .collect::<Result<_, _>>()
+                .map_err(sql("read published"))?
+        };
+        let tx = self.conn.unchecked_transaction().map_err(sql("begin"))?;
+        // Forget what we knew about changed patients: their next file asks again.
+        for p in &changed {
+            tx.execute("DELETE FROM decisions WHERE patient_id = ?1", [p])
+                .map_err(sql("forget decisions"))?;
+        }
+        for (patient, category) in pairs {
+            let due = changed.contains(patient.as_str())
+                || self.cached_in(&tx, &patient, &category, now)?.is_none();
+            if !due || !fresh {
+                continue;
+            }
+            let verdict = gate.decide(&patient, &category)?;
+            Self::remember(&tx, &patient, &category, &verdict, now)?;
+            if matches!(verdict, Verdict::Deny(_)) && !verdict.is_transient() {
+                self.plan_removal(&tx, &patient, &category, now)?;
+            }
+        }
+        // A stale cache: keep the feed position so nothing it listed is missed.
+        if fresh {
+            tx.execute("UPDATE meta SET consent_seq = ?1", [seq])
+                .map_err(sql("save the feed position"))?;
+        }
+        tx.commit().map_err(sql("commit revocations"))
+    }
+
+    fn cached_in(
+        &self,
+        conn: &Connection,
+        patient: &str,
+        category: &str,
+        now: i64,
+    ) -> Result<Option<Verdict>, SyncError> {
+        let _ = conn;
+        self.cached(patient, category, now)
+    }
+
+    fn plan_removal(
+        &self,
+        tx: &Connection,
+        patient: &str,
+        category: &str,
+        now: i64,
+    ) -> Result<(), SyncError> {
+        let rows: Vec<(String, String)> = {
+            let mut stmt = tx
+                .prepare("SELECT path, key FROM published WHERE patient_id = ?1 AND category = ?2 AND tombstone = 0 ORDER BY key, path")
+                .map_err(sql("read published"))?;
+            stmt.query_map(params![patient, category], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(sql("read published"))?
+                .collect::<Result<_, _>>()
+                .map_err(sql("read published"))?
+        };
+        let mut last_key: Option<String> = None;
+        for (path, key) in &rows {
+            enqueue(tx, "delete", path, None, None, patient, category, key, now)?;
+            if self.settings.withdrawal == WithdrawalPolicy::Tombstone
+                && last_key.as_deref() != Some(key)
+            {
+                if let Some(name) = tombstone_path(path) {
+                    enqueue(
+                        tx,
+                        "tombstone",
+                        &name,
+                        None,
+                        None,
+                        patient,
+                        category,
+                        key,
+                        now,
+                    )?;
+                }
+                last_key = Some(key.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 4: publish what is permitted and not yet published.
+    fn publications(
+        &mut self,
+        gate: &mut dyn Gate,
+        replica: &mut dyn Replica,
+        report: &mut CycleReport,
+    ) -> Result<(), SyncError> {
+        let settle_ns = i128::try_from(self.settings.settle.as_nanos()).unwrap_or(i128::MAX);
+        let mut cursor = String::new();
+        loop {
+            let now = now_secs();
+            let now_ns = now_nanos();
+            type Row = (String, String, String, String, String, String, i64);
+            let batch: Vec<Row> = {
+                let mut stmt = self
+                    .conn
+                    .prepare(
+                        "SELECT f.path, f.sha256, f.patient_id, f.care_date, f.data_type, f.order_no, f.mtime_ns FROM idx.files f
+                         WHERE f.status IN ('current','superseded','deleted') AND f.sha256 IS NOT NULL AND f.patient_id IS NOT NULL
+                           AND f.path > ?1
+                           AND NOT EXISTS (SELECT 1 FROM published p WHERE p.path = f.path AND p.sha256 = f.sha256)
+                         ORDER BY f.path LIMIT ?2",
+                    )
+                    .map_err(sql("read candidates"))?;
+                stmt.query_map(params![cursor, BATCH], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                })
+                .map_err(sql("read candidates"))?
+                .collect::<Result<_, _>>()
+                .map_err(sql("read candidates"))?
+            };
+            let Some(last) = batch.last() else { break };
+            cursor = last.0.clone();
+            let tx = self.conn.unchecked_transaction().map_err(sql("begin"))?;
+            for (path, sha, patient, date, data_type, order, mtime_ns) in batch {
+                let Some(category) = consent::model::Category::for_ssmix2(&data_type) else {
+                    report.held += 1;
+                    continue;
+                };
+                if now_ns.saturating_sub(i128::from(mtime_ns)) < settle_ns
+                    || RelPath::new(&path).is_err()
+                {
+                    report.held += 1;
+                    continue;
+                }
+                let category = category.as_str();
+                let verdict = match self.cached(&patient, category, now)? {
+                    Some(v) => v,
+                    None => {
+                        let v = gate.decide(&patient, category)?;
+                        Self::remember(&tx, &patient, category, &v, now)?;
+                        v
+                    }
+                };
+                if verdict != Verdict::Permit {
+                    report.held += 1;
+                    continue;
+                }
+                let key = key_of(&patient, &date, &data_type, &order);
+                // The same content already published under another name of the key, now
+                // gone from the storage: the EMR renamed it (an update or a delete).
+                let renamed_from: Option<String> = tx
+                    .query_row(
+                        "SELECT p.path FROM published p WHERE p.key = ?1 AND p.sha256 = ?2 AND p.path != ?3 AND p.tombstone = 0
+                           AND NOT EXISTS (SELECT 1 FROM idx.files f WHERE f.path = p.path)
+                           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.path = p.path)
+                         LIMIT 1",
+                        params![key, sha, path],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(sql("find renames"))?;
+                match renamed_from {
+                    Some(from) => enqueue(
+                        &tx,
+                        "rename",
+                        &from,
+                        Some(&path),
+                        Some(&sha),
+                        &patient,
+                        category,
+                        &key,
+                        now,
+                    )?,
+                    None => enqueue(
+                        &tx,
+                        "put",
+                        &path,
+                        None,
+                        Some(&sha),
+                        &patient,
+                        category,
+                        &key,
+                        now,
+                    )?,
+                }
+                // A tombstone we wrote for this key earlier (the patient consented again).
+                let tombstones: Vec<String> = {
+                    let mut stmt = tx
+                        .prepare("SELECT path FROM published WHERE key = ?1 AND tombstone = 1")
+                        .map_err(sql("read tombstones"))?;
+                    stmt.query_map([&key], |r| r.get(0))
+                        .map_err(sql("read tombstones"))?
+                        .collect::<Result<_, _>>()
+                        .map_err(sql("read tombstones"))?
+                };
+                for t in tombstones {
+                    enqueue(&tx, "delete", &t, None, None, &patient, category, &key, now)?;
+                }
+            }
+            tx.commit().map_err(sql("commit a batch"))?;
+            self.drain(replica, report)?;
+        }
+        Ok(())
+    }
+
+    /// Step 5: files gone from the storage (not renamed): remove after confirmation.
+    fn vanished(
+        &mut self,
+        replica: &mut dyn Replica,
+        report: &mut CycleReport,
+    ) -> Result<(), SyncError> {
+        let now = now_secs();
+        let confirm = i64::try_from(self.settings.confirm_deletion.as_secs()).unwrap_or(i64::MAX);
+        let tx = self.conn.unchecked_transaction().map_err(sql("begin"))?;
+        tx.execute(
+            "UPDATE published SET vanished_at = NULL WHERE vanished_at IS NOT NULL AND EXISTS (SELECT 1 FROM idx.files f WHERE f.path = published.path)",
+            [],
+        )
+        .map_err(sql("clear vanished"))?;
+        let gone: Vec<(String, Option<i64>, String, String, String)> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT p.path, p.vanished_at, p.patient_id, p.category, p.key FROM published p
+                     WHERE p.tombstone = 0 AND NOT EXISTS (SELECT 1 FROM idx.files f WHERE f.path = p.path)
+                     ORDER BY p.path",
+                )
+                .map_err(sql("read vanished"))?;
+            stmt.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .map_err(sql("read vanished"))?
+            .collect::<Result<_, _>>()
+            .map_err(sql("read vanished"))?
+        };
+        for (path, since, patient, category, key) in gone {
+            match since {
+                None => {
+                    tx.execute(
+                        "UPDATE published SET vanished_at = ?1 WHERE path = ?2",
+                        params![now, path],
+                    )
+                    .map_err(sql("mark vanished"))?;
+                }
+                Some(t) if now - t >= confirm => enqueue(
+                    &tx, "delete", &path, None, None, &patient, &category, &key, now,
+                )?,
+                Some(_) => {}
+            }
+        }
+        tx.commit().map_err(sql("commit vanished"))?;
+        self.drain(replica, report)
+    }
+
+    /// Carries out the outbox in order; stops at the first failure (retried next cycle).
+    fn drain(
+        &mut self,
+        replica: &mut dyn Replica,
+        report: &mut CycleReport,
+    ) -> Result<(), SyncError> {
+        loop {
+            let op: Option<Op> = self
+                .conn
+                .query_row("SELECT seq, op, path, dest, sha256, patient_id, category, key FROM outbox ORDER BY seq LIMIT 1", [], |r| {
+                    Ok(Op {
+                        seq: r.get(0)?,
+                        op: r.get(1)?,
+                        path: r.get(2)?,
+                        dest: r.get(3)?,
+                        sha256: r.get(4)?,
+                        patient_id: r.get(5)?,
+                        category: r.get(6)?,
+                        key: r.get(7)?,
+                    })
+                })
+                .optional()
+                .map_err(sql("read the outbox"))?;
+            let Some(op) = op else { return Ok(()) };
+            let effect = match self.execute(&op, replica) {
+                Ok(e) => e,
+                Err(e) => {
+                    let message = tsunagi_runtime::child::error_chain(&e);
+                    self.conn
+                        .execute("UPDATE outbox SET attempts = attempts + 1, last_error = ?1 WHERE seq = ?2", params![message, op.seq])
+                        .map_err(sql("save the failure"))?;
+                    return Err(e);
+                }
+            };
+            let now = now_secs();
+            let tx = self.conn.unchecked_transaction().map_err(sql("begin"))?;
+            tx.execute("DELETE FROM outbox WHERE seq = ?1", [op.seq])
+                .map_err(sql("done"))?;
+            match effect {
+                Effect::Published {
+                    path,
+                    sha256,
+                    tombstone,
+                } => {
+                    tx.execute(
+                        "INSERT INTO published (path, sha256, patient_id, category, key, tombstone, vanished_at, published_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7)
+                         ON CONFLICT (path) DO UPDATE SET sha256 = excluded.sha256, tombstone = excluded.tombstone, vanished_at = NULL,
+                           published_at = excluded.published_at",
+                        params![path, sha256, op.patient_id, op.category, op.key, tombstone, now],
+                    )
+                    .map_err(sql("record a put"))?;
+                    if tombstone {
+                        report.removed += 0;
+                    } else {
+                        report.published += 1;
+                    }
+                }
+                Effect::Renamed { from, to } => {
+                    tx.execute("DELETE FROM published WHERE path = ?1", [&to])
+                        .map_err(sql("record a rename"))?;
+                    tx.execute("UPDATE published SET path = ?1, vanished_at = NULL, published_at = ?2 WHERE path = ?3", params![to, now, from])
+                        .map_err(sql("record a rename"))?;
+                    report.renamed += 1;
+                }
+                Effect::Removed(path) => {
+                    tx.execute("DELETE FROM published WHERE path = ?1", [&path])
+                        .map_err(sql("record a delete"))?;
+                    report.removed += 1;
+                }
+                Effect::Dropped { forget } => {
+                    if let Some(path) = forget {
+                        tx.execute("DELETE FROM published WHERE path = ?1", [&path])
+                            .map_err(sql("forget"))?;
+                    }
+                }
+            }
+            tx.commit().map_err(sql("commit an operation"))?;
+        }
+    }
+
+    fn execute(&self, op: &Op, replica: &mut dyn Replica) -> Result<Effect, SyncError> {
+        let path = RelPath::new(&op.path).map_err(|e| ReplicaError::Io {
+            path: e.0.clone(),
+            source: std::io::Error::other("invalid path"),
+        })?;
+        match op.op.as_str() {
+            "put" => {
+                let mut abs = self.settings.storage.clone();
+                abs.extend(path.components());
+                let bytes = match std::fs::read(&abs) {
+                    Ok(b) => b,
+                    Err(_) => return Ok(Effect::Dropped { forget: None }),
+                };
+                let sha = ssmix2_hex(&Sha256::digest(&bytes));
+                if Some(sha.as_str()) != op.sha256.as_deref() {
+                    // Changed since the plan: never publish unverified content.
+                    replica.delete(&path.part_name())?;
+                    return Ok(Effect::Dropped { forget: None });
+                }
+                replica.put(&path, &bytes)?;
+                Ok(Effect::Published {
+                    path: op.path.clone(),
+                    sha256: sha,
+                    tombstone: false,
+                })
+            }
+            "tombstone" => {
+                let bytes = tombstone_bytes(&path, &self.settings.facility);
+                replica.put(&path, &bytes)?;
+                Ok(Effect::Published {
+                    path: op.path.clone(),
+                    sha256: ssmix2_hex(&Sha256::digest(&bytes)),
+                    tombstone: true,
+                })
+            }
+            "rename" => {
+                let dest = op.dest.as_deref().unwrap_or_default();
+                let to = RelPath::new(dest).map_err(|e| ReplicaError::Io {
+                    path: e.0.clone(),
+                    source: std::io::Error::other("invalid path"),
+                })?;
+                if replica.rename(&path, &to)? || replica.stat(&to)?.is_some() {
+                    Ok(Effect::Renamed {
+                        from: op.path.clone(),
+                        to: dest.to_owned(),
+                    })
+                } else {
+                    // Neither name exists at the replica: forget it; the next cycle puts it.
+                    Ok(Effect::Dropped {
+                        forget: Some(op.path.clone()),
+                    })
+                }
+            }
+            _ => {
+                replica.delete(&path)?;
+                Ok(Effect::Removed(op.path.clone()))
+            }
+        }
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "one outbox row's columns")]
+fn enqueue(
+    tx: &Connection,
+    op: &str,
+    path: &str,
+    dest: Option<&str>,
+    sha256: Option<&str>,
+    patient: &str,
+    category: &str,
+    key: &str,
+    now: i64,
+) -> Result<(), SyncError> {
+    tx.execute(
+        "INSERT INTO outbox (op, path, dest, sha256, patient_id, category, key, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![op, path, dest, sha256, patient, category, key, now],
+    )
+    .map_err(sql("plan an operation"))?;
+    Ok(())
+}
+
+fn ssmix2_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The tombstone's name for a published file: its name with the time of now and flag `0`.
+fn tombstone_path(path: &str) -> Option<String> {
+    let (dir, name) = path.rsplit_once('/')?;
+    let parsed = ssmix2::name::parse_file_name(name).ok()?;
+    let stamp = jst_stamp();
+    let k = &parsed.key;
+    let dept = parsed.department.unwrap_or_else(|| "-".into());
+    Some(format!(
+        "{dir}/{}_{}_{}_{}_{stamp}_{dept}_0",
+        k.patient_id, k.care_date, k.data_type, k.order_no
+    ))
+}
+
+/// Now in Japan local time as a 17-digit 発生日時.
+fn jst_stamp() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = i64::try_from(d.as_secs()).unwrap_or(0);
+    let rfc = consent::time::format(secs);
+    let digits: String = rfc.chars().take(19).filter(char::is_ascii_digit).collect();
+    format!("{digits}{:03}", d.subsec_millis())
+}
+
+/// A tombstone: a deletion message without clinical content (MSH, EVN, PID-3 only; the
+/// data type's cancel event, or an order cancel).
+fn tombstone_bytes(path: &RelPath, facility: &str) -> Vec<u8> {
+    let parsed = ssmix2::name::parse_file_name(path.file_name()).ok();
+    let (pid, data_type, order) = parsed.as_ref().map_or(("", "", ""), |n| {
+        (
+            n.key.patient_id.as_str(),
+            n.key.data_type.as_str(),
+            n.key.order_no.as_str(),
+        )
+    });
+    let stamp = jst_stamp();
+    let now14 = &stamp[..14];
+    let table = ssmix2::datatype::lookup(data_type);
+    let message_type = table
+        .and_then(|t| t.cancels.first().copied())
+        .or_else(|| table.map(|t| t.messages[0]))
+        .unwrap_or("ADT^A08");
+    let (code, event) = message_type.split_once('^').unwrap_or((message_type, ""));
+    let mut text = format!(
+        "MSH|^~\\&|TSUNAGI|{facility}|||{now14}||{code}^{event}^{code}_{event}|{stamp}|P|2.5||||||~ISO IR87||ISO 2022-1994\rEVN||{now14}\rPID|||{pid}^^^^PI\r"
+    );
+    if code != "ADT" {
+        text.push_str(&format!("ORC|CA|{order}\r"));
+    }
+    ssmix2::encode::encode(&text).bytes
+}

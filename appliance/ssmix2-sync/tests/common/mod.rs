@@ -1,0 +1,130 @@
+//! Shared helpers of the sync tests: a consent gate with scripted answers, and the tree a
+//! replica must converge to.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use sha2::{Digest as _, Sha256};
+use ssmix2::resolve::Status;
+use ssmix2::scan::{Options, scan_all};
+use ssmix2_sync::gate::{Changes, Gate, GateError, Verdict};
+
+/// A consent gate whose answers the test sets: permitted patients (all categories), a
+/// change sequence, and freshness.
+#[derive(Debug, Default)]
+pub struct ScriptedGate {
+    pub permitted: BTreeSet<String>,
+    pub withdrawn: BTreeSet<String>,
+    pub fresh: bool,
+    /// (seq, patient) of every change.
+    pub log: Vec<(i64, String)>,
+    pub asked: u64,
+}
+
+impl ScriptedGate {
+    pub fn new(permitted: &[&str]) -> ScriptedGate {
+        let mut g = ScriptedGate {
+            fresh: true,
+            ..ScriptedGate::default()
+        };
+        for p in permitted {
+            g.permit(p);
+        }
+        g
+    }
+
+    fn bump(&mut self, patient: &str) {
+        let seq = self.log.last().map_or(1, |(s, _)| s + 1);
+        self.log.push((seq, patient.to_owned()));
+    }
+
+    pub fn permit(&mut self, patient: &str) {
+        self.withdrawn.remove(patient);
+        self.permitted.insert(patient.to_owned());
+        self.bump(patient);
+    }
+
+    pub fn withdraw(&mut self, patient: &str) {
+        self.permitted.remove(patient);
+        self.withdrawn.insert(patient.to_owned());
+        self.bump(patient);
+    }
+}
+
+impl Gate for ScriptedGate {
+    fn decide(&mut self, patient: &str, _category: &str) -> Result<Verdict, GateError> {
+        self.asked += 1;
+        Ok(if !self.fresh {
+            Verdict::Deny("cache-stale".into())
+        } else if self.permitted.contains(patient) {
+            Verdict::Permit
+        } else if self.withdrawn.contains(patient) {
+            Verdict::Deny("withdrawn".into())
+        } else {
+            Verdict::Deny("no-consent".into())
+        })
+    }
+
+    fn changes(&mut self, since: i64) -> Result<Changes, GateError> {
+        let patients: Vec<String> = self
+            .log
+            .iter()
+            .filter(|(s, _)| *s > since)
+            .map(|(_, p)| p.clone())
+            .collect();
+        Ok(Changes {
+            seq: self.log.last().map_or(since, |(s, _)| (*s).max(since)),
+            patients,
+            fresh: self.fresh,
+        })
+    }
+}
+
+/// Every file under `root` (relative path → SHA-256), hidden temporaries included.
+pub fn tree(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                let bytes = std::fs::read(&path).unwrap();
+                out.insert(rel, hex(&Sha256::digest(&bytes)));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the replica must hold: every non-quarantined file of a permitted patient whose data
+/// type is shared.
+pub fn expected(storage: &Path, permitted: &BTreeSet<String>) -> BTreeMap<String, String> {
+    let (entries, _) = scan_all(storage, &Options::standard()).unwrap();
+    entries
+        .into_iter()
+        .filter(|e| e.status != Status::Quarantined)
+        .filter(|e| e.patient_id.as_ref().is_some_and(|p| permitted.contains(p)))
+        .filter(|e| {
+            e.data_type
+                .as_deref()
+                .and_then(consent::model::Category::for_ssmix2)
+                .is_some()
+        })
+        .map(|e| (e.path, e.sha256.unwrap()))
+        .collect()
+}

@@ -1,0 +1,244 @@
+//! The sync engine against a directory replica and a scripted consent gate: what appears at
+//! the hub, what never does, and how updates, deletions, withdrawals and a stale cache are
+//! reproduced.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ScriptedGate, expected, tree};
+use ssmix2::build::{Patient, Record, Storage};
+use ssmix2::datatype::DUMMY_ORDER_NO;
+use ssmix2_sync::replica::DirReplica;
+use ssmix2_sync::sync::{Settings, Syncer};
+use tsunagi_config::WithdrawalPolicy;
+
+struct World {
+    _dir: tempfile::TempDir,
+    storage: Storage,
+    replica_root: std::path::PathBuf,
+    replica: DirReplica,
+    syncer: Syncer,
+}
+
+fn world(policy: WithdrawalPolicy) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::create(&dir.path().join("storage")).unwrap();
+    let replica_root = dir.path().join("replica");
+    std::fs::create_dir_all(&replica_root).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let settings = Settings {
+        storage: storage.root().to_owned(),
+        settle: Duration::ZERO,
+        confirm_deletion: Duration::ZERO,
+        recheck: Duration::from_secs(3600),
+        withdrawal: policy,
+        facility: "1311234567".into(),
+    };
+    World {
+        replica: DirReplica::new(&replica_root).unwrap(),
+        syncer: Syncer::open(&state, settings).unwrap(),
+        replica_root,
+        storage,
+        _dir: dir,
+    }
+}
+
+fn patient(n: u32) -> Patient {
+    Patient::sample(&format!("{n:010}"))
+}
+
+fn records(s: &mut Storage, p: &Patient) {
+    s.put(
+        p,
+        &Record::new("ADT-00", "-", DUMMY_ORDER_NO, "20261120093000000"),
+    )
+    .unwrap();
+    s.put(
+        p,
+        &Record::new("OMP-01", "20261120", "000000000000001", "20261120103000000"),
+    )
+    .unwrap();
+    s.put(
+        p,
+        &Record::new("OML-11", "20261120", "000000000000002", "20261120113000000"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn only_consented_patients_reach_the_hub_and_changes_follow() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let (a, b, c) = (patient(1), patient(2), patient(3));
+    for p in [&a, &b, &c] {
+        records(&mut w.storage, p);
+    }
+    // A diet order (OMD) is not a shared category: held even for a consented patient.
+    w.storage
+        .put(
+            &a,
+            &Record::new("OMD", "20261120", "000000000000009", "20261120120000000"),
+        )
+        .unwrap();
+    let mut gate = ScriptedGate::new(&[&a.id, &c.id]);
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.published, 6, "{report:?}");
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+    assert!(
+        tree(&w.replica_root)
+            .keys()
+            .all(|p| p.split('/').nth(2) != Some(b.id.as_str())),
+        "no file of a patient without consent"
+    );
+
+    // Nothing changed: nothing is read, asked or written.
+    let asked = gate.asked;
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(
+        (
+            report.files_read,
+            report.published,
+            report.renamed,
+            report.removed
+        ),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(
+        gate.asked, asked,
+        "decisions are reused until a consent changes"
+    );
+
+    // An update of A's demographics: _1 → _2 at the hub, the new _1 put.
+    let old = Record::new("ADT-00", "-", DUMMY_ORDER_NO, "20261120093000000");
+    let new = Record::new("ADT-00", "-", DUMMY_ORDER_NO, "20261121093000000").with_note("住所変更");
+    w.storage.update(&a, &old, &new, false).unwrap();
+    // A deletion of C's prescription: every version → _0, plus the tombstone.
+    let rx = Record::new("OMP-01", "20261120", "000000000000001", "20261120103000000");
+    let tomb = Record::new("OMP-01", "20261120", "000000000000001", "20261122103000000");
+    w.storage.delete(&c, &rx, &tomb).unwrap();
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!((report.renamed, report.published), (2, 2), "{report:?}");
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+
+    // B consents: B's files appear.
+    gate.permit(&b.id);
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+
+    // A withdraws: every file of A leaves the hub within one cycle.
+    gate.withdraw(&a.id);
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert!(report.removed >= 4, "{report:?}");
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+    assert!(
+        tree(&w.replica_root)
+            .keys()
+            .all(|p| p.split('/').nth(2) != Some(a.id.as_str()))
+    );
+    let state = w.syncer.state().unwrap();
+    assert_eq!(state.outbox_depth, 0);
+    assert!(state.last_success.is_some());
+}
+
+#[test]
+fn a_stale_cache_holds_everything_and_removes_nothing() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    let before = tree(&w.replica_root);
+    assert_eq!(before.len(), 3);
+    gate.fresh = false;
+    w.storage
+        .put(
+            &a,
+            &Record::new("OMP-01", "20261121", "000000000000003", "20261121103000000"),
+        )
+        .unwrap();
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert!(!report.fresh);
+    assert_eq!(report.published, 0);
+    assert_eq!(
+        tree(&w.replica_root),
+        before,
+        "fail closed: nothing new, nothing removed"
+    );
+    gate.fresh = true;
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+}
+
+#[test]
+fn a_vanished_file_is_removed_only_after_a_second_scan() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    let victim = tree(w.storage.root())
+        .into_keys()
+        .find(|p| p.contains("OML-11"))
+        .unwrap();
+    std::fs::remove_file(w.storage.root().join(&victim)).unwrap();
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.removed, 0, "one scan never deletes");
+    assert!(tree(&w.replica_root).contains_key(&victim));
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.removed, 1);
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+}
+
+#[test]
+fn tombstone_policy_leaves_content_free_deletions() {
+    let mut w = world(WithdrawalPolicy::Tombstone);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    gate.withdraw(&a.id);
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    let left = tree(&w.replica_root);
+    assert_eq!(left.len(), 3, "one tombstone per key: {left:?}");
+    for path in left.keys() {
+        assert!(path.ends_with("_0"), "{path}");
+        let bytes = std::fs::read(w.replica_root.join(path)).unwrap();
+        let text = ssmix2::decode::decode(&bytes).text;
+        assert!(!text.contains("東京"), "no clinical content in a tombstone");
+    }
+    // The replica is still a conformant storage: every key reads as deleted.
+    let (entries, _) =
+        ssmix2::scan::scan_all(&w.replica_root, &ssmix2::scan::Options::standard()).unwrap();
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.status == ssmix2::resolve::Status::Deleted),
+        "{entries:#?}"
+    );
+    // Consent again: the data returns and the tombstones go.
+    gate.permit(&a.id);
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+}

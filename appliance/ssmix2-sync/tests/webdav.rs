@@ -1,0 +1,350 @@
+//! The WebDAV replica against a real nginx (`hil_tests::nginx`): every operation is checked
+//! on nginx's own disk. Needs the Debian packages `nginx` and `openssl` (`cargo xtask test`
+//! installs them); without them these tests fail, they never skip.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hil_tests::nginx::{Nginx, Options, Pki};
+use ssmix2_sync::replica::{RelPath, Replica, ReplicaError};
+use ssmix2_sync::webdav::{BaseUrl, WebDavReplica, WebDavSettings};
+
+fn settings(nginx: &Nginx) -> WebDavSettings {
+    WebDavSettings {
+        base_url: BaseUrl::new(&nginx.base_url()).unwrap(),
+        ca_file: nginx.ca_file(),
+        client_cert_file: nginx.client_cert_file(),
+        client_key_file: nginx.client_key_file(),
+        timeout: Duration::from_secs(10),
+    }
+}
+
+fn replica(nginx: &Nginx) -> WebDavReplica {
+    WebDavReplica::new(&settings(nginx)).unwrap()
+}
+
+fn rel(path: &str) -> RelPath {
+    RelPath::new(path).unwrap()
+}
+
+/// Every file under `dir`, as `/`-separated relative paths, sorted.
+fn files(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap();
+                out.push(rel.to_str().unwrap().to_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn put_rename_delete_stat_on_nginx_disk() {
+    let nginx = Nginx::start_for_test();
+    let mut r = replica(&nginx);
+    let root = nginx.data_root();
+    let a = rel(
+        "000/012/0000123456/-/ADT-00/0000123456_-_ADT-00_000000000000001_20261120101500000_01_1",
+    );
+    let b = rel(
+        "000/012/0000123456/-/ADT-00/0000123456_-_ADT-00_000000000000001_20261120101500000_01_2",
+    );
+
+    assert_eq!(r.stat(&a).unwrap(), None);
+    r.put(&a, b"MSH|first").unwrap();
+    assert_eq!(fs::read(root.join(a.as_str())).unwrap(), b"MSH|first");
+    assert_eq!(r.stat(&a).unwrap(), Some(9));
+
+    // Put twice replaces.
+    r.put(&a, b"MSH|second version").unwrap();
+    assert_eq!(
+        fs::read(root.join(a.as_str())).unwrap(),
+        b"MSH|second version"
+    );
+    assert_eq!(r.stat(&a).unwrap(), Some(18));
+
+    // Rename, then the same rename again: the source is gone.
+    assert!(r.rename(&a, &b).unwrap());
+    assert!(!root.join(a.as_str()).exists());
+    assert_eq!(
+        fs::read(root.join(b.as_str())).unwrap(),
+        b"MSH|second version"
+    );
+    assert!(!r.rename(&a, &b).unwrap(), "already renamed");
+    assert_eq!(r.stat(&a).unwrap(), None);
+
+    // Rename replaces an existing target.
+    r.put(&a, b"newer").unwrap();
+    assert!(r.rename(&a, &b).unwrap());
+    assert_eq!(fs::read(root.join(b.as_str())).unwrap(), b"newer");
+
+    // Delete, and delete again.
+    r.delete(&b).unwrap();
+    assert!(!root.join(b.as_str()).exists());
+    r.delete(&b).unwrap();
+    assert_eq!(r.stat(&b).unwrap(), None);
+
+    assert_eq!(
+        files(root),
+        Vec::<String>::new(),
+        "no temporary left behind"
+    );
+}
+
+#[test]
+fn japanese_and_caret_paths_round_trip() {
+    let nginx = Nginx::start_for_test();
+    let mut r = replica(&nginx);
+    let root = nginx.data_root();
+    let name = "000/012/0000123456/20261120/^経過記録^^11506-3^経過記録^LN/\
+                0000123456_20261120_^経過記録^^11506-3^経過記録^LN_000000000000002_20261120101500000_01_1";
+    let p = rel(name);
+    let body = "経過記録 テスト\r".as_bytes();
+    r.put(&p, body).unwrap();
+    assert_eq!(fs::read(root.join(name)).unwrap(), body);
+    assert_eq!(
+        r.stat(&p).unwrap(),
+        Some(u64::try_from(body.len()).unwrap())
+    );
+    assert_eq!(files(root), vec![name.to_owned()], "only the final name");
+
+    // Rename into a folder that does not exist yet: nginx's MOVE makes it
+    // (create_full_put_path), no MKCOL needed.
+    let q = rel("999/999/9999999999/-/ADT-00/名前 with space & %25 + ;=,@'!()*");
+    assert!(r.rename(&p, &q).unwrap());
+    assert_eq!(fs::read(root.join(q.as_str())).unwrap(), body);
+    assert_eq!(files(root), vec![q.as_str().to_owned()]);
+    r.delete(&q).unwrap();
+    assert_eq!(files(root), Vec::<String>::new());
+    assert!(
+        !nginx.access_log().contains("MKCOL"),
+        "{}",
+        nginx.access_log()
+    );
+}
+
+#[test]
+fn folders_are_made_with_mkcol_when_the_server_does_not() {
+    let nginx = Nginx::start_for_test_with(&Options {
+        create_full_put_path: false,
+    });
+    let mut r = replica(&nginx);
+    let root = nginx.data_root();
+    let a = rel("000/012/0000123456/-/ADT-00/a_1");
+    r.put(&a, b"one").unwrap();
+    assert_eq!(fs::read(root.join(a.as_str())).unwrap(), b"one");
+    // A second file in the same folder needs no MKCOL; another folder below the patient
+    // needs only the missing ones (the others answer 405).
+    r.put(&rel("000/012/0000123456/-/ADT-00/a_2"), b"two")
+        .unwrap();
+    let c = rel("000/012/0000123456/20261120/OMP-01/c_1");
+    r.put(&c, b"three").unwrap();
+    // nginx's MOVE makes the destination's folders even without create_full_put_path.
+    let b = rel("000/012/0000123456/-/OMP-01/b_1");
+    assert!(r.rename(&a, &b).unwrap());
+    assert_eq!(fs::read(root.join(b.as_str())).unwrap(), b"one");
+    assert_eq!(
+        files(root),
+        vec![
+            "000/012/0000123456/-/ADT-00/a_2".to_owned(),
+            "000/012/0000123456/-/OMP-01/b_1".to_owned(),
+            "000/012/0000123456/20261120/OMP-01/c_1".to_owned(),
+        ]
+    );
+    let log = nginx.access_log();
+    // `"MKCOL /ssmix2/FOLDER/ HTTP/1.1" STATUS ...` → `FOLDER/ STATUS`
+    let mkcols: Vec<String> = log
+        .lines()
+        .filter_map(|line| line.split_once("\"MKCOL /ssmix2/"))
+        .map(|(_, rest)| {
+            let words: Vec<&str> = rest.split(' ').collect();
+            format!("{} {}", words[0], words[2])
+        })
+        .collect();
+    assert_eq!(
+        mkcols,
+        [
+            "000/ 201",
+            "000/012/ 201",
+            "000/012/0000123456/ 201",
+            "000/012/0000123456/-/ 201",
+            "000/012/0000123456/-/ADT-00/ 201",
+            "000/ 405",
+            "000/012/ 405",
+            "000/012/0000123456/ 405",
+            "000/012/0000123456/20261120/ 201",
+            "000/012/0000123456/20261120/OMP-01/ 201",
+        ],
+        "{log}"
+    );
+}
+
+#[test]
+fn top_level_files_and_missing_ones() {
+    let nginx = Nginx::start_for_test();
+    let mut r = replica(&nginx);
+    let root = nginx.data_root();
+    let top = rel("ssmix2-top");
+    r.put(&top, b"").unwrap();
+    assert_eq!(r.stat(&top).unwrap(), Some(0));
+    assert_eq!(files(root), vec!["ssmix2-top".to_owned()]);
+    assert!(!r.rename(&rel("no/such/file"), &rel("x/y")).unwrap());
+    r.delete(&rel("no/such/file")).unwrap();
+    assert_eq!(r.stat(&rel("no/such/file")).unwrap(), None);
+    assert_eq!(files(root), vec!["ssmix2-top".to_owned()]);
+}
+
+#[test]
+fn a_large_file_is_written_whole() {
+    let nginx = Nginx::start_for_test();
+    let mut r = replica(&nginx);
+    let p = rel("000/001/0000000001/-/OMP-01/big");
+    let body: Vec<u8> = (0..3_000_000u32)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
+    r.put(&p, &body).unwrap();
+    assert_eq!(fs::read(nginx.data_root().join(p.as_str())).unwrap(), body);
+    assert_eq!(r.stat(&p).unwrap(), Some(3_000_000));
+}
+
+#[test]
+fn a_failed_put_leaves_no_final_name() {
+    let nginx = Nginx::start_for_test();
+    let mut r = replica(&nginx);
+    let root = nginx.data_root();
+    // A file where the file's folder should be: the PUT of the temporary fails (nginx
+    // cannot create `blocker/...` under a file), so the final name never appears.
+    fs::write(root.join("blocker"), b"a file").unwrap();
+    let p = rel("blocker/a_1");
+    let err = r.put(&p, b"data").unwrap_err();
+    assert!(
+        matches!(err, ReplicaError::Status { method: "PUT", .. }),
+        "{err:?}"
+    );
+    assert_eq!(files(root), vec!["blocker".to_owned()]);
+}
+
+#[test]
+fn a_client_without_a_certificate_is_refused_by_nginx() {
+    let nginx = Nginx::start_for_test();
+    // A plain rustls/ureq client that trusts the server but presents no certificate.
+    let ca = fs::read(nginx.ca_file()).unwrap();
+    let ca = ureq::tls::Certificate::from_pem(&ca).unwrap();
+    let agent = ureq::Agent::config_builder()
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::Rustls)
+                .unversioned_rustls_crypto_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&[ca]))
+                .build(),
+        )
+        .http_status_as_error(false)
+        .proxy(None)
+        .build()
+        .new_agent();
+    let url = format!("{}a/b", nginx.base_url());
+    let response = agent.put(&url).send(&b"data"[..]).unwrap();
+    // nginx completes the handshake and answers 400 "No required SSL certificate was sent".
+    assert_eq!(response.status().as_u16(), 400);
+    assert_eq!(files(nginx.data_root()), Vec::<String>::new());
+    assert!(
+        nginx
+            .error_log()
+            .contains("client sent no required SSL certificate"),
+        "{}",
+        nginx.error_log()
+    );
+}
+
+#[test]
+fn a_client_certificate_from_another_ca_is_refused_by_nginx() {
+    let nginx = Nginx::start_for_test();
+    let other = tempfile::tempdir().unwrap();
+    let other = Pki::generate(other.path()).unwrap();
+    let mut r = WebDavReplica::new(&WebDavSettings {
+        client_cert_file: other.client_cert(),
+        client_key_file: other.client_key(),
+        ..settings(&nginx)
+    })
+    .unwrap();
+    let err = r.put(&rel("a/b"), b"data").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ReplicaError::Status {
+                method: "PUT",
+                status: 400,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(files(nginx.data_root()), Vec::<String>::new());
+}
+
+#[test]
+fn a_server_certificate_from_another_ca_is_refused_by_our_client() {
+    let nginx = Nginx::start_for_test();
+    let other = tempfile::tempdir().unwrap();
+    let other = Pki::generate(other.path()).unwrap();
+    let mut r = WebDavReplica::new(&WebDavSettings {
+        ca_file: other.ca_cert(),
+        ..settings(&nginx)
+    })
+    .unwrap();
+    for result in [
+        r.put(&rel("a/b"), b"data").map(|()| None),
+        r.stat(&rel("a/b")),
+    ] {
+        let err = result.unwrap_err();
+        assert!(matches!(err, ReplicaError::Connect(_)), "{err:?}");
+    }
+    assert_eq!(files(nginx.data_root()), Vec::<String>::new());
+}
+
+#[test]
+fn bad_tls_files_are_refused_at_construction() {
+    let nginx = Nginx::start_for_test();
+    let other = tempfile::tempdir().unwrap();
+    let other = Pki::generate(other.path()).unwrap();
+    // The key of another certificate.
+    let err = WebDavReplica::new(&WebDavSettings {
+        client_key_file: other.client_key(),
+        ..settings(&nginx)
+    })
+    .unwrap_err();
+    assert!(matches!(err, ReplicaError::Tls(_)), "{err:?}");
+    // A key where the certificate belongs.
+    let err = WebDavReplica::new(&WebDavSettings {
+        client_cert_file: nginx.client_key_file(),
+        ..settings(&nginx)
+    })
+    .unwrap_err();
+    assert!(matches!(err, ReplicaError::Tls(_)), "{err:?}");
+}
+
+#[test]
+fn stop_ends_nginx_and_removes_its_directory() {
+    let nginx = Nginx::start_for_test();
+    let mut r = replica(&nginx);
+    r.put(&rel("a/b"), b"data").unwrap();
+    let pid = nginx.pid().unwrap();
+    let dir = nginx.dir().to_owned();
+    nginx.stop().unwrap();
+    assert!(!dir.exists());
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    let err = r.stat(&rel("a/b")).unwrap_err();
+    assert!(matches!(err, ReplicaError::Connect(_)), "{err:?}");
+}

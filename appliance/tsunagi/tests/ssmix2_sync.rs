@@ -1,0 +1,301 @@
+//! Issue 5, acceptance 3 and 4: the SS-MIX2 sync service under the supervisor, with the
+//! consent service deciding and a real nginx (HTTPS WebDAV, client certificate required) as
+//! the hub's replica, verified on nginx's own disk.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the shared harness polls real processes from plain threads"
+)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hil_tests::nginx::Nginx;
+use sha2::{Digest as _, Sha256};
+use ssmix2::build::{Patient, Record, Storage};
+use ssmix2::datatype::DUMMY_ORDER_NO;
+
+/// A clinic: a storage, the consent service, the sync service, and the hub's nginx.
+struct Clinic {
+    h: Harness,
+    nginx: Nginx,
+    storage: Storage,
+    form: PathBuf,
+}
+
+fn sha(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every file under `root`: relative path → SHA-256.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                out.insert(path.strip_prefix(root).unwrap().to_string_lossy().into_owned(), sha(&bytes));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// What the hub must hold: the storage's non-quarantined files of permitted patients in a
+/// shared category.
+fn expected(storage: &Path, permitted: &BTreeSet<String>) -> BTreeMap<String, String> {
+    let (entries, _) = ssmix2::scan::scan_all(storage, &ssmix2::scan::Options::standard()).unwrap();
+    entries
+        .into_iter()
+        .filter(|e| e.status != ssmix2::resolve::Status::Quarantined)
+        .filter(|e| e.patient_id.as_ref().is_some_and(|p| permitted.contains(p)))
+        .filter(|e| e.data_type.as_deref().and_then(consent::model::Category::for_ssmix2).is_some())
+        .map(|e| (e.path, e.sha256.unwrap()))
+        .collect()
+}
+
+fn patient_of(path: &str) -> Option<&str> {
+    path.split('/').nth(2)
+}
+
+impl Clinic {
+    fn new(supervisor: &str) -> Clinic {
+        let nginx = Nginx::start_for_test();
+        let h = Harness::new("");
+        let storage = Storage::create(&h.dir.path().join("ssmix2").join("1312345678")).unwrap();
+        // The box's client certificate and key, readable by the sync service's user only.
+        let tls = h.dir.path().join("tls");
+        std::fs::create_dir_all(&tls).unwrap();
+        for (from, name) in [(nginx.ca_file(), "hub-ca.pem"), (nginx.client_cert_file(), "box.pem"), (nginx.client_key_file(), "box.key")] {
+            std::fs::copy(&from, tls.join(name)).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(tls.join("box.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        if is_root() {
+            let id = tsunagi_runtime::privilege::ensure_user(ssmix2_sync::USER).unwrap();
+            for name in ["hub-ca.pem", "box.pem", "box.key"] {
+                nix::unistd::chown(&tls.join(name), Some(id.uid), Some(id.gid)).unwrap();
+            }
+        }
+        let config = format!(
+            "{supervisor}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[ssmix2]\nstorage = \"{}\"\nwatch = \"poll\"\nscan-interval = \"1s\"\nsettle = \"1s\"\nconfirm-deletion = \"1s\"\n\n[ssmix2.replica]\nurl = \"{}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\n",
+            storage.root().display(),
+            nginx.base_url(),
+            tls.join("hub-ca.pem").display(),
+            tls.join("box.pem").display(),
+            tls.join("box.key").display(),
+        );
+        h.write_config(&config);
+        let form = h.dir.path().join("consent-form.pdf");
+        std::fs::write(&form, b"%PDF-1.4 scanned consent form").unwrap();
+        Clinic { h, nginx, storage, form }
+    }
+
+    fn consent(&self, args: &[&str]) {
+        let out = Command::new(BIN).arg("consent").args(args).arg("--config").arg(&self.h.config).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn register(&self, patient: &str) {
+        let form = self.form.display().to_string();
+        self.consent(&[
+            "register", patient, "--family", "東京", "--given", "時日", "--family-kana", "トウキョウ", "--given-kana", "ジニチ",
+            "--birth-date", "1948-04-05", "--sex", "male", "--evidence", &form, "--recorded-by", "staff-1",
+        ]);
+    }
+
+    /// As if the consent service had just pulled from the network: the cache is fresh.
+    fn synced(&self) {
+        let db = self.h.state_dir().join("consent").join("consent.db");
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap();
+        conn.execute("UPDATE sync_state SET last_pull_at = ?1", [now]).unwrap();
+    }
+
+    fn hub(&self) -> BTreeMap<String, String> {
+        tree(self.nginx.data_root())
+    }
+
+    /// Waits until the hub holds exactly `want`; fails with the difference.
+    fn wait_for_hub(&self, what: &str, want: &BTreeMap<String, String>, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let got = self.hub();
+            if &got == want {
+                return;
+            }
+            if start.elapsed() > timeout {
+                let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+                let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+                let differ: Vec<_> = want.iter().filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v)).map(|(k, _)| k).collect();
+                panic!(
+                    "{what}: the hub did not converge within {timeout:?}\nmissing {missing:?}\nextra {extra:?}\ndiffer {differ:?}\n{}",
+                    self.h.log_text().lines().rev().take(40).collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn records(s: &mut Storage, p: &Patient) {
+    s.put(p, &Record::new("ADT-00", "-", DUMMY_ORDER_NO, "20261120093000000")).unwrap();
+    s.put(p, &Record::new("ADT-22", "20261120", DUMMY_ORDER_NO, "20261120100000000")).unwrap();
+    s.put(p, &Record::new("OMP-01", "20261120", "000000000000001", "20261120103000000")).unwrap();
+    s.put(p, &Record::new("OML-11", "20261120", "000000000000002", "20261120113000000")).unwrap();
+}
+
+#[test]
+fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
+    let mut c = Clinic::new(FAST_SUPERVISOR);
+    let (a, b, cc) = (Patient::sample("0000000001"), Patient::sample("0000000002"), Patient::sample("0000000003"));
+    for p in [&a, &b, &cc] {
+        records(&mut c.storage, p);
+    }
+    // A and C consent; B does not.
+    c.register(&a.id);
+    c.register(&cc.id);
+    c.synced();
+    let mut permitted: BTreeSet<String> = [a.id.clone(), cc.id.clone()].into();
+    c.h.start();
+    let watching = Arc::new(AtomicBool::new(true));
+    // B's files must never appear on nginx's disk, at any moment.
+    let leak = {
+        let (root, b_id, watching) = (c.nginx.data_root().to_owned(), b.id.clone(), watching.clone());
+        std::thread::spawn(move || {
+            while watching.load(Ordering::SeqCst) {
+                if tree(&root).keys().any(|k| patient_of(k) == Some(b_id.as_str())) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        })
+    };
+    c.wait_for_hub("first sync", &expected(c.storage.root(), &permitted), Duration::from_secs(60));
+
+    // Creates, an update (_1 → _2 plus a new _1) and a delete (_0 plus the tombstone).
+    c.storage.put(&a, &Record::new("OMP-01", "20261121", "000000000000003", "20261121103000000")).unwrap();
+    let old = Record::new("ADT-00", "-", DUMMY_ORDER_NO, "20261120093000000");
+    let new = Record::new("ADT-00", "-", DUMMY_ORDER_NO, "20261121093000000").with_note("住所変更");
+    c.storage.update(&cc, &old, &new, false).unwrap();
+    let rx = Record::new("OMP-01", "20261120", "000000000000001", "20261120103000000");
+    let tomb = Record::new("OMP-01", "20261120", "000000000000001", "20261122103000000");
+    c.storage.delete(&a, &rx, &tomb).unwrap();
+    c.wait_for_hub("changes", &expected(c.storage.root(), &permitted), Duration::from_secs(60));
+    let hub = c.hub();
+    assert!(hub.keys().any(|k| k.ends_with("_2") && k.contains("ADT-00")), "the update's history is at the hub");
+    assert!(hub.keys().filter(|k| k.contains("/OMP-01/") && patient_of(k) == Some(a.id.as_str()) && k.ends_with("_0")).count() >= 2);
+
+    // A withdraws at the desk: A's files leave the hub within a cycle or two.
+    c.consent(&["withdraw", &a.id, "--recorded-by", "staff-1"]);
+    permitted.remove(&a.id);
+    c.wait_for_hub("withdrawal", &expected(c.storage.root(), &permitted), Duration::from_secs(30));
+    assert!(c.hub().keys().all(|k| patient_of(k) != Some(a.id.as_str())));
+
+    watching.store(false, Ordering::SeqCst);
+    assert!(!leak.join().unwrap(), "a file of the patient without consent appeared at the hub");
+    let status = c.h.status().unwrap();
+    let metrics = &service(&status, "ssmix2")["metrics"];
+    assert_eq!(metrics["outbox_depth"], 0.0, "{status}");
+    assert!(metrics["files_seen"].as_f64().unwrap() >= 12.0, "{status}");
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+const KILLABLE_SUPERVISOR: &str = r#"
+[supervisor]
+stop-timeout = "2s"
+ready-timeout = "10s"
+backoff-initial = "100ms"
+backoff-max = "500ms"
+crash-limit = 100
+crash-window = "1m"
+failed-retry = "10m"
+stable-after = "30s"
+"#;
+
+#[test]
+fn kill_9_twenty_times_during_a_1000_file_sync_converges_without_partial_files() {
+    let mut c = Clinic::new(KILLABLE_SUPERVISOR);
+    let mut permitted = BTreeSet::new();
+    // 100 patients × 10 files; 80 of them consent.
+    for i in 1..=100u32 {
+        let p = Patient::sample(&format!("{i:010}"));
+        records(&mut c.storage, &p);
+        for k in 0..6u32 {
+            let order = format!("{:015}", 100 + k);
+            c.storage.put(&p, &Record::new("OMP-01", "20261121", &order, "20261121103000000")).unwrap();
+        }
+        if i <= 80 {
+            c.register(&p.id);
+            permitted.insert(p.id.clone());
+        }
+    }
+    c.synced();
+    let want = expected(c.storage.root(), &permitted);
+    assert_eq!(want.len(), 800);
+    let source = tree(c.storage.root());
+    assert_eq!(source.len(), 1000);
+    c.h.start();
+
+    // Watch nginx's disk all along: a file under a final name is always complete.
+    let watching = Arc::new(AtomicBool::new(true));
+    let checker = {
+        let (root, watching, source) = (c.nginx.data_root().to_owned(), watching.clone(), source.clone());
+        std::thread::spawn(move || {
+            let mut violations = Vec::new();
+            let mut looks = 0u64;
+            while watching.load(Ordering::SeqCst) {
+                for (path, digest) in tree(&root) {
+                    let name = path.rsplit('/').next().unwrap_or("");
+                    if ssmix2_sync::replica::RelPath::is_part_name(name) {
+                        continue;
+                    }
+                    if source.get(&path) != Some(&digest) {
+                        violations.push(path);
+                    }
+                }
+                looks += 1;
+            }
+            (violations, looks)
+        })
+    };
+
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut kills = 0;
+    let mut mid_sync = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while kills < 20 && Instant::now() < deadline {
+        let status = c.h.wait_for("the sync service", Duration::from_secs(30), |s| state_of(s, "ssmix2") == "ready");
+        let Some(pid) = pid_of(&status, "ssmix2") else { continue };
+        std::thread::sleep(Duration::from_millis(rng.u64(50..600)));
+        let published = c.hub().len();
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
+            kills += 1;
+            if published < want.len() {
+                mid_sync += 1;
+            }
+        }
+        c.h.wait_for("the restart", Duration::from_secs(30), |s| pid_of(s, "ssmix2").is_some_and(|p| p != pid));
+    }
+    assert_eq!(kills, 20, "could not kill the service 20 times");
+    assert!(mid_sync >= 5, "only {mid_sync} kills hit the sync while it was still publishing");
+    c.wait_for_hub("convergence after 20 kills", &want, Duration::from_secs(120));
+    watching.store(false, Ordering::SeqCst);
+    let (violations, looks) = checker.join().unwrap();
+    assert!(looks > 10, "the checker looked only {looks} times");
+    assert!(violations.is_empty(), "files under final names that were not complete: {violations:?}");
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}

@@ -1,0 +1,719 @@
+//! A real nginx WebDAV server over HTTPS with client certificates, for tests of the
+//! SS-MIX2 replica's WebDAV transport.
+//!
+//! [`Nginx::start`] makes a temporary directory it owns and, in it:
+//!
+//! - a test PKI ([`Pki`], made with the `openssl` command line): a CA, a server
+//!   certificate for `127.0.0.1` and `localhost`, and a client certificate, both signed by
+//!   the CA (P-256 keys, valid for 7 days);
+//! - `nginx.conf`: `daemon off`, one worker, pid file, logs and temp paths in the
+//!   directory; `listen 127.0.0.1:PORT ssl` on a free loopback port; `ssl_verify_client
+//!   on` against the CA; WebDAV (`dav_methods PUT DELETE MKCOL COPY MOVE`,
+//!   `create_full_put_path on` unless [`Options`] say otherwise) under [`LOCATION`],
+//!   stored in `www/ssmix2/`
+//!   ([`Nginx::data_root`]); `client_max_body_size 64m`. As root, `user root;` lets the
+//!   worker write the data root (the directory is mode 0700).
+//!
+//! It then runs `nginx -p DIR -c DIR/nginx.conf -e DIR/error.log` as a child in its own
+//! process group and waits until a TLS handshake with the client certificate succeeds.
+//! Dropping the guard sends SIGTERM to that nginx master (by pid), waits up to 5 s, then
+//! SIGKILLs its process group, and removes the directory.
+//!
+//! Needs the Debian packages `nginx` (its DAV module is built in) and `openssl`; no root
+//! and no network beyond loopback.
+
+use std::fs;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::{Pid, geteuid};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::testnet::error_chain;
+
+/// The URL path under which nginx serves WebDAV.
+pub const LOCATION: &str = "/ssmix2/";
+
+/// Where the tools are looked up (and the only `PATH` they get).
+const TOOL_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long nginx may take to serve after it was started.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long nginx may take to stop after SIGTERM before its group is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Start attempts (a new port each) when the free port was taken in the meantime.
+const START_ATTEMPTS: usize = 5;
+
+/// How much of nginx's error log goes into an error.
+const LOG_IN_ERROR: usize = 2000;
+
+/// Why the nginx guard could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum NginxError {
+    #[error(
+        "{program} is not installed: not found in {TOOL_PATH} (Debian package `{package}`; \
+         `cargo xtask test` installs it, or: apt-get install -y --no-install-recommends {package})"
+    )]
+    Missing {
+        program: &'static str,
+        package: &'static str,
+    },
+    #[error("{nginx} has no WebDAV module (`nginx -V` lacks --with-http_dav_module)")]
+    NoDav { nginx: PathBuf },
+    #[error("cannot set up {what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot run {command}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error("the path {0} is not plain enough for nginx.conf (use letters, digits, `/._-`)")]
+    OddPath(PathBuf),
+    #[error("nginx exited while starting ({status}); error log: {log}")]
+    Exited { status: ExitStatus, log: String },
+    #[error("nginx did not accept a TLS connection within {timeout:?}; error log: {log}")]
+    NotReady { timeout: Duration, log: String },
+    #[error("cannot load the test client certificate for the readiness check")]
+    Tls(#[source] rustls::Error),
+    #[error("cannot stop nginx (pid {pid})")]
+    Stop {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A test PKI in a directory: a CA and two certificates it signed (PEM files).
+#[derive(Debug, Clone)]
+pub struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// Generates, in `dir` (created if missing): `ca.pem`/`ca.key`, `server.pem`/
+    /// `server.key` (SAN `IP:127.0.0.1`, `DNS:localhost`; serverAuth) and `client.pem`/
+    /// `client.key` (clientAuth). Every call makes a new CA.
+    pub fn generate(dir: &Path) -> Result<Pki, NginxError> {
+        let openssl = find_tool("openssl", "openssl")?;
+        fs::create_dir_all(dir).map_err(io_err("the PKI directory", dir))?;
+        let cnf = dir.join("openssl.cnf");
+        fs::write(&cnf, OPENSSL_CNF).map_err(io_err("the OpenSSL configuration", &cnf))?;
+        let pki = Pki {
+            dir: dir.to_owned(),
+        };
+        let run = |args: &[&str]| -> Result<(), NginxError> {
+            let mut command = Command::new(&openssl);
+            command
+                .env_clear()
+                .env("PATH", TOOL_PATH)
+                .env("OPENSSL_CONF", &cnf)
+                .current_dir(dir)
+                .args(args);
+            run_quietly(&mut command)
+        };
+        let new_key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let cnf_arg = ["-config", "openssl.cnf"];
+        run(&[
+            &["req", "-x509", "-new"][..],
+            &new_key,
+            &cnf_arg,
+            &["-extensions", "ca", "-subj", "/CN=tsunagi test CA"],
+            &["-days", "7", "-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat())?;
+        for (name, cn, serial) in [
+            ("server", "localhost", "0x5e11"),
+            ("client", "tsunagi test client", "0xc11e"),
+        ] {
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            let subject = format!("/CN={cn}");
+            run(&[
+                &["req", "-new"][..],
+                &new_key,
+                &cnf_arg,
+                &["-subj", &subject, "-keyout", &key, "-out", &csr],
+            ]
+            .concat())?;
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-set_serial",
+                serial,
+                "-days",
+                "7",
+                "-extfile",
+                "openssl.cnf",
+                "-extensions",
+                name,
+                "-out",
+                &pem,
+            ])?;
+        }
+        Ok(pki)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// The CA certificate (PEM): what clients and nginx trust.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+    pub fn client_cert(&self) -> PathBuf {
+        self.dir.join("client.pem")
+    }
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.join("client.key")
+    }
+}
+
+/// The OpenSSL configuration of [`Pki::generate`]: no dependence on the system's file.
+const OPENSSL_CNF: &str = "\
+[req]
+distinguished_name = dn
+[dn]
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+";
+
+/// How the server behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// `create_full_put_path on` (the default): a `PUT` makes missing folders. Off: a
+    /// `PUT` into a missing folder fails (nginx 1.22 answers `500`), so a client must
+    /// `MKCOL` first. nginx's `MOVE` makes the destination's folders either way.
+    pub create_full_put_path: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            create_full_put_path: true,
+        }
+    }
+}
+
+/// A running nginx WebDAV server (see the module docs). Stops on drop.
+#[derive(Debug)]
+pub struct Nginx {
+    child: Option<Child>,
+    port: u16,
+    pki: Pki,
+    data_root: PathBuf,
+    path: PathBuf,
+    /// Removes the directory on drop (after the process is stopped); taken by `stop`.
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Nginx {
+    /// [`Nginx::start_with`] the default [`Options`].
+    pub fn start() -> Result<Nginx, NginxError> {
+        Nginx::start_with(&Options::default())
+    }
+
+    /// Generates the PKI, writes the configuration, starts nginx on a free loopback port
+    /// and waits until it serves TLS (at most 10 s).
+    pub fn start_with(options: &Options) -> Result<Nginx, NginxError> {
+        let nginx = find_tool("nginx", "nginx")?;
+        check_dav_module(&nginx)?;
+        let dir = tempfile::Builder::new()
+            .prefix("tsunagi-nginx-")
+            .tempdir()
+            .map_err(io_err("the temporary directory", &std::env::temp_dir()))?;
+        let path = dir.path().to_owned();
+        plain(&path)?;
+        let pki = Pki::generate(&path.join("pki"))?;
+        let data_root = path.join("www").join(LOCATION.trim_matches('/'));
+        for sub in [data_root.clone(), path.join("tmp")] {
+            fs::create_dir_all(&sub).map_err(io_err("a directory for nginx", &sub))?;
+        }
+        let client = readiness_client(&pki)?;
+        let conf = path.join("nginx.conf");
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = free_port().map_err(io_err("a free port on", Path::new("127.0.0.1")))?;
+            fs::write(&conf, render_conf(&path, &pki, port, options))
+                .map_err(io_err("the nginx configuration", &conf))?;
+            // A fresh error log per attempt: a clash is recognised by its message.
+            let log = path.join("error.log");
+            fs::write(&log, "").map_err(io_err("nginx's error log", &log))?;
+            let mut child = spawn_nginx(&nginx, &path, &conf)?;
+            match wait_ready(&mut child, &path, port, &client) {
+                Ok(()) => {
+                    return Ok(Nginx {
+                        child: Some(child),
+                        port,
+                        pki,
+                        data_root,
+                        path,
+                        dir: Some(dir),
+                    });
+                }
+                // Someone took the port between our probe and nginx's bind: a new one.
+                Err(NginxError::Exited { log, .. })
+                    if attempt < START_ATTEMPTS && log.contains("Address already in use") => {}
+                Err(e) => {
+                    let _ = stop_child(child);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// [`Nginx::start`], panicking with the whole error chain (for tests: a missing nginx
+    /// is a failure, never a skip).
+    pub fn start_for_test() -> Nginx {
+        Nginx::start_for_test_with(&Options::default())
+    }
+
+    /// [`Nginx::start_with`], panicking like [`Nginx::start_for_test`].
+    pub fn start_for_test_with(options: &Options) -> Nginx {
+        match Nginx::start_with(options) {
+            Ok(nginx) => nginx,
+            Err(e) => panic!(
+                "the nginx WebDAV test server did not start: {}",
+                error_chain(&e)
+            ),
+        }
+    }
+
+    /// `https://127.0.0.1:PORT/ssmix2/`: the WebDAV root, backed by [`Nginx::data_root`].
+    pub fn base_url(&self) -> String {
+        format!("https://127.0.0.1:{}{LOCATION}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The directory on nginx's disk where a request to `base_url() + "a/b"` lands
+    /// (`data_root()/a/b`).
+    pub fn data_root(&self) -> &Path {
+        &self.data_root
+    }
+
+    /// The CA that signed the server and client certificates (PEM).
+    pub fn ca_file(&self) -> PathBuf {
+        self.pki.ca_cert()
+    }
+
+    /// A client certificate nginx accepts (PEM).
+    pub fn client_cert_file(&self) -> PathBuf {
+        self.pki.client_cert()
+    }
+
+    /// The key of [`Nginx::client_cert_file`] (PEM, PKCS#8).
+    pub fn client_key_file(&self) -> PathBuf {
+        self.pki.client_key()
+    }
+
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    /// The guard's directory (configuration, PKI, data, logs).
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// The nginx master's pid (`None` once stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// nginx's access log so far: one line per request (`"METHOD URI HTTP/1.1" STATUS`).
+    pub fn access_log(&self) -> String {
+        fs::read_to_string(self.path.join("access.log")).unwrap_or_default()
+    }
+
+    /// nginx's error log so far (for messages when a test fails).
+    pub fn error_log(&self) -> String {
+        read_log(&self.path)
+    }
+
+    /// Stops nginx and removes the directory, reporting problems (drop does the same and
+    /// ignores them).
+    pub fn stop(mut self) -> Result<(), NginxError> {
+        if let Some(child) = self.child.take() {
+            stop_child(child)?;
+        }
+        match self.dir.take() {
+            Some(dir) => dir.close().map_err(io_err("the removal of", &self.path)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            let log = self.error_log();
+            if !log.is_empty() {
+                eprintln!("nginx error log ({}):\n{}", self.path.display(), tail(&log));
+            }
+        }
+        if let Some(child) = self.child.take() {
+            let _ = stop_child(child);
+        }
+        // Then the TempDir field removes the directory.
+    }
+}
+
+fn read_log(dir: &Path) -> String {
+    fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+}
+
+/// Polls until a TLS handshake (with the client certificate) succeeds.
+fn wait_ready(
+    child: &mut Child,
+    dir: &Path,
+    port: u16,
+    client: &Arc<rustls::ClientConfig>,
+) -> Result<(), NginxError> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(NginxError::Exited {
+                status,
+                log: tail(&read_log(dir)),
+            });
+        }
+        if handshake(addr, client).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(NginxError::NotReady {
+                timeout: START_TIMEOUT,
+                log: tail(&read_log(dir)),
+            });
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM to the master, wait; SIGKILL its process group at the deadline; reap.
+fn stop_child(mut child: Child) -> Result<(), NginxError> {
+    let pid = child.id();
+    let stop_err = |source| NginxError::Stop { pid, source };
+    if matches!(child.try_wait(), Ok(None)) {
+        // Not reaped yet, so the pid (and the group id: nginx leads its own group) still
+        // name this nginx.
+        let raw = i32::try_from(pid).map_err(|_| stop_err(io::Error::other("pid out of range")))?;
+        let raw = Pid::from_raw(raw);
+        let _ = kill(raw, Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = killpg(raw, Signal::SIGKILL);
+        }
+    }
+    child.wait().map(drop).map_err(stop_err)
+}
+
+/// `program` in [`TOOL_PATH`], or [`NginxError::Missing`].
+fn find_tool(program: &'static str, package: &'static str) -> Result<PathBuf, NginxError> {
+    TOOL_PATH
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|path| path.is_file())
+        .ok_or(NginxError::Missing { program, package })
+}
+
+fn check_dav_module(nginx: &Path) -> Result<(), NginxError> {
+    let mut command = Command::new(nginx);
+    command.env_clear().env("PATH", TOOL_PATH).arg("-V");
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| NginxError::Spawn {
+            command: format!("{} -V", nginx.display()),
+            source,
+        })?;
+    // nginx -V prints to stderr.
+    let text = String::from_utf8_lossy(&output.stderr);
+    if text.contains("--with-http_dav_module") {
+        Ok(())
+    } else {
+        Err(NginxError::NoDav {
+            nginx: nginx.to_owned(),
+        })
+    }
+}
+
+/// Runs a command to completion with stdin closed; a failure carries its stderr.
+fn run_quietly(command: &mut Command) -> Result<(), NginxError> {
+    let line = display(command);
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| NginxError::Spawn {
+            command: line.clone(),
+            source,
+        })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(NginxError::Command {
+        command: line,
+        status: output.status,
+        stderr: tail(String::from_utf8_lossy(&output.stderr).trim()),
+    })
+}
+
+fn display(command: &Command) -> String {
+    let mut text = command.get_program().to_string_lossy().into_owned();
+    for arg in command.get_args() {
+        text.push(' ');
+        text.push_str(&arg.to_string_lossy());
+    }
+    text
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> NginxError + 'a {
+    move |source| NginxError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Paths go into nginx.conf unquoted-safe: only letters, digits and `/._-` (nginx would
+/// expand `$` as a variable, and quotes or spaces would need escaping).
+fn plain(path: &Path) -> Result<(), NginxError> {
+    let ok = path.to_str().is_some_and(|s| {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-'))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(NginxError::OddPath(path.to_owned()))
+    }
+}
+
+/// The last [`LOG_IN_ERROR`] bytes of `text` (cut at a character boundary).
+fn tail(text: &str) -> String {
+    if text.len() <= LOG_IN_ERROR {
+        return text.to_owned();
+    }
+    let mut start = text.len() - LOG_IN_ERROR;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{}", &text[start..])
+}
+
+/// A port that was free a moment ago (nginx binds it itself; a clash is retried).
+fn free_port() -> io::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn render_conf(dir: &Path, pki: &Pki, port: u16, options: &Options) -> String {
+    let d = dir.display();
+    let full_path = if options.create_full_put_path {
+        "on"
+    } else {
+        "off"
+    };
+    // As root, nginx's workers would run as `nobody`, who cannot enter the 0700 directory.
+    let user = if geteuid().is_root() {
+        "user root root;\n"
+    } else {
+        ""
+    };
+    format!(
+        "# Written by hil_tests::nginx for one test run.
+{user}daemon off;
+master_process on;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+
+events {{
+    worker_connections 64;
+}}
+
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    default_type application/octet-stream;
+    client_max_body_size 64m;
+
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name localhost 127.0.0.1;
+
+        ssl_certificate {server_cert};
+        ssl_certificate_key {server_key};
+        ssl_client_certificate {ca};
+        ssl_verify_client on;
+        ssl_verify_depth 2;
+        ssl_protocols TLSv1.2 TLSv1.3;
+
+        root {d}/www;
+
+        location {LOCATION} {{
+            dav_methods PUT DELETE MKCOL COPY MOVE;
+            create_full_put_path {full_path};
+            dav_access user:rw;
+        }}
+    }}
+}}
+",
+        server_cert = pki.server_cert().display(),
+        server_key = pki.server_key().display(),
+        ca = pki.ca_cert().display(),
+    )
+}
+
+fn spawn_nginx(nginx: &Path, dir: &Path, conf: &Path) -> Result<Child, NginxError> {
+    let stderr_path = dir.join("nginx.stderr");
+    let stderr = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&stderr_path)
+        .map_err(io_err("nginx's stderr file", &stderr_path))?;
+    let mut command = Command::new(nginx);
+    command
+        .env_clear()
+        .env("PATH", TOOL_PATH)
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(conf)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        // Its own process group (master and workers), so a stuck nginx can be killed as a
+        // whole without touching anything else.
+        .process_group(0);
+    let line = display(&command);
+    command.spawn().map_err(|source| NginxError::Spawn {
+        command: line,
+        source,
+    })
+}
+
+/// The rustls client the readiness check uses: the guard's CA and client certificate.
+fn readiness_client(pki: &Pki) -> Result<Arc<rustls::ClientConfig>, NginxError> {
+    let read = |path: PathBuf| fs::read(&path).map_err(io_err("a PKI file", &path));
+    let ca = read(pki.ca_cert())?;
+    let cert = read(pki.client_cert())?;
+    let key = read(pki.client_key())?;
+    let pem_err = |path: PathBuf| {
+        move |e: rustls::pki_types::pem::Error| NginxError::Io {
+            what: "a PEM file",
+            path,
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        roots
+            .add(c.map_err(pem_err(pki.ca_cert()))?)
+            .map_err(NginxError::Tls)?;
+    }
+    let chain = CertificateDer::pem_slice_iter(&cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err(pki.client_cert()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(pem_err(pki.client_key()))?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(NginxError::Tls)?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .map_err(NginxError::Tls)?;
+    Ok(Arc::new(config))
+}
+
+/// One TLS handshake with `addr`, then a close_notify.
+fn handshake(addr: SocketAddr, client: &Arc<rustls::ClientConfig>) -> io::Result<()> {
+    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(1)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+    let mut tls =
+        rustls::ClientConnection::new(Arc::clone(client), name).map_err(io::Error::other)?;
+    while tls.is_handshaking() {
+        tls.complete_io(&mut tcp)?;
+    }
+    tls.send_close_notify();
+    let _ = tls.complete_io(&mut tcp);
+    Ok(())
+}
