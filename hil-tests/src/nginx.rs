@@ -4,13 +4,13 @@
 //! [`Nginx::start`] makes a temporary directory it owns and, in it:
 //!
 //! - a test PKI ([`Pki`], made with the `openssl` command line): a CA, a server
-//!   certificate for `127.0.0.1` and `localhost`, and a client certificate, both signed by
-//!   the CA (P-256 keys, valid for 7 days);
+//!   certificate for `127.0.0.1` and `localhost` (and the [`Options::listen`] address),
+//!   and a client certificate, both signed by the CA (P-256 keys, valid for 7 days);
 //! - `nginx.conf`: `daemon off`, one worker, pid file, logs and temp paths in the
-//!   directory; `listen 127.0.0.1:PORT ssl` on a free loopback port; `ssl_verify_client
-//!   on` against the CA; WebDAV (`dav_methods PUT DELETE MKCOL COPY MOVE`,
-//!   `create_full_put_path on` unless [`Options`] say otherwise) under [`LOCATION`],
-//!   stored in `www/ssmix2/`
+//!   directory; `listen 127.0.0.1:PORT ssl` on a free loopback port (or `listen ADDR ssl`
+//!   for [`Options::listen`]); `ssl_verify_client on` against the CA; WebDAV
+//!   (`dav_methods PUT DELETE MKCOL COPY MOVE`, `create_full_put_path on` unless
+//!   [`Options`] say otherwise) under [`LOCATION`], stored in `www/ssmix2/`
 //!   ([`Nginx::data_root`]); `client_max_body_size 64m`. As root, `user root;` lets the
 //!   worker write the data root (the directory is mode 0700).
 //!
@@ -19,12 +19,29 @@
 //! Dropping the guard sends SIGTERM to that nginx master (by pid), waits up to 5 s, then
 //! SIGKILLs its process group, and removes the directory.
 //!
+//! With [`Options::netns`] nginx runs inside a named network namespace (`ip netns exec
+//! NAME nginx ...`; `ip` execs, so the child is nginx's master), typically the test
+//! network's hub on the hub network's address, so the box reaches it through the tunnel:
+//!
+//! ```ignore
+//! let nginx = Nginx::start_with(&Options {
+//!     listen: Some(SocketAddrV4::new(net.plan().hub_net_addr.addr, 8443)),
+//!     netns: Some(net.ns(Host::Hub).to_owned()),
+//!     ..Options::default()
+//! })?;
+//! // nginx.base_url() == "https://10.98.0.1:8443/ssmix2/"
+//! ```
+//!
+//! The readiness handshake then runs on a short-lived thread that joined that namespace
+//! (`setns`), and the free-port probe too when no address is given. The test network does
+//! not track this nginx: declare the guard after the `TestNet`, so it is dropped first.
+//!
 //! Needs the Debian packages `nginx` (its DAV module is built in) and `openssl`; no root
-//! and no network beyond loopback.
+//! and no network beyond loopback, except for [`Options::netns`] (root and `ip`).
 
-use std::fs;
+use std::fs::{self, File};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -32,6 +49,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::{Pid, geteuid};
 use rustls::pki_types::pem::PemObject as _;
@@ -91,10 +109,29 @@ pub enum NginxError {
     },
     #[error("the path {0} is not plain enough for nginx.conf (use letters, digits, `/._-`)")]
     OddPath(PathBuf),
-    #[error("nginx exited while starting ({status}); error log: {log}")]
+    #[error("bad nginx option {option} = {value}: {reason}")]
+    BadOption {
+        option: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("cannot enter the network namespace {name}")]
+    Netns {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("nginx exited while starting ({status}); error log and stderr: {log}")]
     Exited { status: ExitStatus, log: String },
-    #[error("nginx did not accept a TLS connection within {timeout:?}; error log: {log}")]
-    NotReady { timeout: Duration, log: String },
+    #[error(
+        "nginx did not accept a TLS connection within {timeout:?} (last attempt: {last}); \
+         error log: {log}"
+    )]
+    NotReady {
+        timeout: Duration,
+        last: String,
+        log: String,
+    },
     #[error("cannot load the test client certificate for the readiness check")]
     Tls(#[source] rustls::Error),
     #[error("cannot stop nginx (pid {pid})")]
@@ -116,10 +153,17 @@ impl Pki {
     /// `server.key` (SAN `IP:127.0.0.1`, `DNS:localhost`; serverAuth) and `client.pem`/
     /// `client.key` (clientAuth). Every call makes a new CA.
     pub fn generate(dir: &Path) -> Result<Pki, NginxError> {
+        Pki::generate_for(dir, &[])
+    }
+
+    /// [`Pki::generate`] with `server_ips` in the server certificate's SAN too (after
+    /// `IP:127.0.0.1, DNS:localhost`; 127.0.0.1 and duplicates are left out).
+    pub fn generate_for(dir: &Path, server_ips: &[Ipv4Addr]) -> Result<Pki, NginxError> {
         let openssl = find_tool("openssl", "openssl")?;
         fs::create_dir_all(dir).map_err(io_err("the PKI directory", dir))?;
         let cnf = dir.join("openssl.cnf");
-        fs::write(&cnf, OPENSSL_CNF).map_err(io_err("the OpenSSL configuration", &cnf))?;
+        fs::write(&cnf, openssl_cnf(server_ips))
+            .map_err(io_err("the OpenSSL configuration", &cnf))?;
         let pki = Pki {
             dir: dir.to_owned(),
         };
@@ -214,7 +258,21 @@ impl Pki {
     }
 }
 
-/// The OpenSSL configuration of [`Pki::generate`]: no dependence on the system's file.
+/// The OpenSSL configuration of [`Pki::generate_for`] (the server's SAN: 127.0.0.1,
+/// localhost and `server_ips`): no dependence on the system's file.
+fn openssl_cnf(server_ips: &[Ipv4Addr]) -> String {
+    let mut san = String::from("IP:127.0.0.1, DNS:localhost");
+    let mut seen = vec![Ipv4Addr::LOCALHOST];
+    for &ip in server_ips {
+        if !seen.contains(&ip) {
+            seen.push(ip);
+            san.push_str(&format!(", IP:{ip}"));
+        }
+    }
+    OPENSSL_CNF.replace("@SAN@", &san)
+}
+
+/// [`openssl_cnf`] before the SAN is filled in.
 const OPENSSL_CNF: &str = "\
 [req]
 distinguished_name = dn
@@ -227,7 +285,7 @@ subjectKeyIdentifier = hash
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
 extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectAltName = @SAN@
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 [client]
@@ -245,12 +303,26 @@ pub struct Options {
     /// `PUT` into a missing folder fails (nginx 1.22 answers `500`), so a client must
     /// `MKCOL` first. nginx's `MOVE` makes the destination's folders either way.
     pub create_full_put_path: bool,
+    /// Where nginx listens. `None` (the default): `127.0.0.1` on a free port, probed
+    /// first and retried with a new one if it was taken meanwhile. `Some(addr)`: exactly
+    /// there, no probe and no retry (a taken port is an error, [`NginxError::Exited`]
+    /// with "Address already in use" in its log); the port must not be 0. The address
+    /// goes into the server certificate's SAN, [`Nginx::base_url`] and the readiness
+    /// check (for `0.0.0.0` those use `127.0.0.1`).
+    pub listen: Option<SocketAddrV4>,
+    /// The named network namespace (`/run/netns/NAME`, as `ip netns add` makes them) to
+    /// run nginx in: `ip netns exec NAME nginx ...` (needs root and `ip`). The readiness
+    /// check (and the free-port probe) run inside it too. `None` (the default): the
+    /// current namespace.
+    pub netns: Option<String>,
 }
 
 impl Default for Options {
     fn default() -> Options {
         Options {
             create_full_put_path: true,
+            listen: None,
+            netns: None,
         }
     }
 }
@@ -259,7 +331,9 @@ impl Default for Options {
 #[derive(Debug)]
 pub struct Nginx {
     child: Option<Child>,
-    port: u16,
+    /// Where clients connect: the listen address (`127.0.0.1` for `0.0.0.0`).
+    addr: SocketAddrV4,
+    netns: Option<String>,
     pki: Pki,
     data_root: PathBuf,
     path: PathBuf,
@@ -274,17 +348,37 @@ impl Nginx {
     }
 
     /// Generates the PKI, writes the configuration, starts nginx on a free loopback port
-    /// and waits until it serves TLS (at most 10 s).
+    /// (or [`Options::listen`], in [`Options::netns`]) and waits until it serves TLS (at
+    /// most 10 s).
     pub fn start_with(options: &Options) -> Result<Nginx, NginxError> {
         let nginx = find_tool("nginx", "nginx")?;
         check_dav_module(&nginx)?;
+        if let Some(listen) = options.listen
+            && listen.port() == 0
+        {
+            return Err(NginxError::BadOption {
+                option: "listen",
+                value: listen.to_string(),
+                reason: "the port must not be 0 (leave `listen` unset for a free port)",
+            });
+        }
+        let netns = match &options.netns {
+            Some(name) => Some(Netns::open(name, find_tool("ip", "iproute2")?)?),
+            None => None,
+        };
         let dir = tempfile::Builder::new()
             .prefix("tsunagi-nginx-")
             .tempdir()
             .map_err(io_err("the temporary directory", &std::env::temp_dir()))?;
         let path = dir.path().to_owned();
         plain(&path)?;
-        let pki = Pki::generate(&path.join("pki"))?;
+        let server_ips: Vec<Ipv4Addr> = options
+            .listen
+            .map(|listen| *listen.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .into_iter()
+            .collect();
+        let pki = Pki::generate_for(&path.join("pki"), &server_ips)?;
         let data_root = path.join("www").join(LOCATION.trim_matches('/'));
         for sub in [data_root.clone(), path.join("tmp")] {
             fs::create_dir_all(&sub).map_err(io_err("a directory for nginx", &sub))?;
@@ -295,18 +389,35 @@ impl Nginx {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let port = free_port().map_err(io_err("a free port on", Path::new("127.0.0.1")))?;
-            fs::write(&conf, render_conf(&path, &pki, port, options))
+            let listen = match options.listen {
+                Some(listen) => listen,
+                None => {
+                    let port = in_netns(netns.as_ref(), free_port)?
+                        .map_err(io_err("a free port on", Path::new("127.0.0.1")))?;
+                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)
+                }
+            };
+            let addr = if listen.ip().is_unspecified() {
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, listen.port())
+            } else {
+                listen
+            };
+            fs::write(&conf, render_conf(&path, &pki, listen, options))
                 .map_err(io_err("the nginx configuration", &conf))?;
             // A fresh error log per attempt: a clash is recognised by its message.
             let log = path.join("error.log");
             fs::write(&log, "").map_err(io_err("nginx's error log", &log))?;
-            let mut child = spawn_nginx(&nginx, &path, &conf)?;
-            match wait_ready(&mut child, &path, port, &client) {
+            let mut child = spawn_nginx(&nginx, &path, &conf, netns.as_ref())?;
+            let ready = in_netns(netns.as_ref(), || {
+                wait_ready(&mut child, &path, addr, &client)
+            })
+            .and_then(|ready| ready);
+            match ready {
                 Ok(()) => {
                     return Ok(Nginx {
                         child: Some(child),
-                        port,
+                        addr,
+                        netns: options.netns.clone(),
                         pki,
                         data_root,
                         path,
@@ -315,7 +426,9 @@ impl Nginx {
                 }
                 // Someone took the port between our probe and nginx's bind: a new one.
                 Err(NginxError::Exited { log, .. })
-                    if attempt < START_ATTEMPTS && log.contains("Address already in use") => {}
+                    if options.listen.is_none()
+                        && attempt < START_ATTEMPTS
+                        && log.contains("Address already in use") => {}
                 Err(e) => {
                     let _ = stop_child(child);
                     return Err(e);
@@ -341,13 +454,24 @@ impl Nginx {
         }
     }
 
-    /// `https://127.0.0.1:PORT/ssmix2/`: the WebDAV root, backed by [`Nginx::data_root`].
+    /// `https://ADDR:PORT/ssmix2/` (`https://127.0.0.1:PORT/ssmix2/` by default, else
+    /// the [`Options::listen`] address): the WebDAV root, backed by [`Nginx::data_root`].
     pub fn base_url(&self) -> String {
-        format!("https://127.0.0.1:{}{LOCATION}", self.port)
+        format!("https://{}{LOCATION}", self.addr)
+    }
+
+    /// Where clients connect (the listen address; `127.0.0.1` for `0.0.0.0`).
+    pub fn addr(&self) -> SocketAddrV4 {
+        self.addr
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.addr.port()
+    }
+
+    /// The network namespace nginx runs in ([`Options::netns`]), `None` for the current.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     /// The directory on nginx's disk where a request to `base_url() + "a/b"` lands
@@ -427,29 +551,103 @@ fn read_log(dir: &Path) -> String {
     fs::read_to_string(dir.join("error.log")).unwrap_or_default()
 }
 
-/// Polls until a TLS handshake (with the client certificate) succeeds.
+/// The error log, then what nginx (or `ip netns exec`) wrote to stderr: why a start
+/// failed.
+fn startup_log(dir: &Path) -> String {
+    let mut log = read_log(dir);
+    let stderr = fs::read_to_string(dir.join("nginx.stderr")).unwrap_or_default();
+    if !stderr.trim().is_empty() {
+        log.push_str("stderr: ");
+        log.push_str(&stderr);
+    }
+    log
+}
+
+/// A named network namespace to run nginx and its readiness check in.
+struct Netns {
+    name: String,
+    /// `/run/netns/NAME`, open for `setns`.
+    file: File,
+    /// The `ip` tool, for `ip netns exec`.
+    ip: PathBuf,
+}
+
+impl Netns {
+    fn open(name: &str, ip: PathBuf) -> Result<Netns, NginxError> {
+        let plain = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !plain {
+            return Err(NginxError::BadOption {
+                option: "netns",
+                value: name.to_owned(),
+                reason: "not a namespace name (letters, digits, `._-`)",
+            });
+        }
+        let path = Path::new("/run/netns").join(name);
+        let file = File::open(&path).map_err(|source| NginxError::Netns {
+            name: name.to_owned(),
+            source,
+        })?;
+        Ok(Netns {
+            name: name.to_owned(),
+            file,
+            ip,
+        })
+    }
+}
+
+/// Runs `f` here (`netns` is `None`), or on a short-lived thread that first joins the
+/// network namespace (`setns` with `CLONE_NEWNET` moves only that thread, and it ends
+/// with `f`).
+fn in_netns<T: Send>(netns: Option<&Netns>, f: impl FnOnce() -> T + Send) -> Result<T, NginxError> {
+    let Some(netns) = netns else {
+        return Ok(f());
+    };
+    let joined = thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                setns(&netns.file, CloneFlags::CLONE_NEWNET).map_err(|errno| {
+                    NginxError::Netns {
+                        name: netns.name.clone(),
+                        source: io::Error::from(errno),
+                    }
+                })?;
+                Ok(f())
+            })
+            .join()
+    });
+    joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Polls until a TLS handshake (with the client certificate, checking the server
+/// certificate for `addr`'s IP) succeeds.
 fn wait_ready(
     child: &mut Child,
     dir: &Path,
-    port: u16,
+    addr: SocketAddrV4,
     client: &Arc<rustls::ClientConfig>,
 ) -> Result<(), NginxError> {
     let deadline = Instant::now() + START_TIMEOUT;
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(NginxError::Exited {
                 status,
-                log: tail(&read_log(dir)),
+                log: tail(&startup_log(dir)),
             });
         }
-        if handshake(addr, client).is_ok() {
-            return Ok(());
-        }
+        let last = match handshake(addr, client) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
         if Instant::now() >= deadline {
             return Err(NginxError::NotReady {
                 timeout: START_TIMEOUT,
-                log: tail(&read_log(dir)),
+                last: format!("{addr}: {last}"),
+                log: tail(&startup_log(dir)),
             });
         }
         thread::sleep(Duration::from_millis(20));
@@ -576,8 +774,13 @@ fn free_port() -> io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn render_conf(dir: &Path, pki: &Pki, port: u16, options: &Options) -> String {
+fn render_conf(dir: &Path, pki: &Pki, listen: SocketAddrV4, options: &Options) -> String {
     let d = dir.display();
+    let mut server_names = String::from("localhost 127.0.0.1");
+    let ip = *listen.ip();
+    if ip != Ipv4Addr::LOCALHOST && !ip.is_unspecified() {
+        server_names.push_str(&format!(" {ip}"));
+    }
     let full_path = if options.create_full_put_path {
         "on"
     } else {
@@ -612,8 +815,8 @@ http {{
     client_max_body_size 64m;
 
     server {{
-        listen 127.0.0.1:{port} ssl;
-        server_name localhost 127.0.0.1;
+        listen {listen} ssl;
+        server_name {server_names};
 
         ssl_certificate {server_cert};
         ssl_certificate_key {server_key};
@@ -638,14 +841,28 @@ http {{
     )
 }
 
-fn spawn_nginx(nginx: &Path, dir: &Path, conf: &Path) -> Result<Child, NginxError> {
+/// nginx in the foreground, in `netns` if given (`ip netns exec` execs nginx, so the
+/// child's pid is nginx's master).
+fn spawn_nginx(
+    nginx: &Path,
+    dir: &Path,
+    conf: &Path,
+    netns: Option<&Netns>,
+) -> Result<Child, NginxError> {
     let stderr_path = dir.join("nginx.stderr");
     let stderr = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&stderr_path)
         .map_err(io_err("nginx's stderr file", &stderr_path))?;
-    let mut command = Command::new(nginx);
+    let mut command = match netns {
+        Some(netns) => {
+            let mut command = Command::new(&netns.ip);
+            command.args(["netns", "exec", &netns.name]).arg(nginx);
+            command
+        }
+        None => Command::new(nginx),
+    };
     command
         .env_clear()
         .env("PATH", TOOL_PATH)
@@ -702,12 +919,13 @@ fn readiness_client(pki: &Pki) -> Result<Arc<rustls::ClientConfig>, NginxError> 
     Ok(Arc::new(config))
 }
 
-/// One TLS handshake with `addr`, then a close_notify.
-fn handshake(addr: SocketAddr, client: &Arc<rustls::ClientConfig>) -> io::Result<()> {
-    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+/// One TLS handshake with `addr` (the server certificate must name its IP), then a
+/// close_notify.
+fn handshake(addr: SocketAddrV4, client: &Arc<rustls::ClientConfig>) -> io::Result<()> {
+    let mut tcp = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(1))?;
     tcp.set_read_timeout(Some(Duration::from_secs(1)))?;
     tcp.set_write_timeout(Some(Duration::from_secs(1)))?;
-    let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+    let name = ServerName::IpAddress((*addr.ip()).into());
     let mut tls =
         rustls::ClientConnection::new(Arc::clone(client), name).map_err(io::Error::other)?;
     while tls.is_handshaking() {

@@ -80,10 +80,13 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     let demo_dir = env_path(DIR_ENV)?.unwrap_or_else(|| target.join("demo"));
     let network = network()?;
     let config = write_config(&demo_dir, port, network.as_ref())?;
+    // The hub's WebDAV server for the SS-MIX2 replica; stops when the demo ends.
+    let mut hub_webdav = None;
     if let Some(net) = &network {
         register_box(net, &binary, &config)?;
         start_fhir_server(net)?;
         register_sample_patient(&binary, &config, &demo_dir)?;
+        hub_webdav = Some(start_ssmix2(net, &config, &demo_dir)?);
     }
 
     let mut command = match &network {
@@ -131,6 +134,9 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     if let Some(net) = &network {
         show_tunnel(net, &binary, &config);
         show_consent(&binary, &config, &demo_dir);
+        if let Some(hub) = &hub_webdav {
+            show_ssmix2(hub);
+        }
     }
     print!("{}", instructions(&binary, &config, port, network.as_ref()));
     println!("demo: running (pid {pid})");
@@ -482,6 +488,134 @@ fn register_sample_patient(binary: &Path, config: &Path, demo_dir: &Path) -> any
         "demo: sample patient 0001234 registered at the desk with a consent for every network participant"
     );
     Ok(())
+}
+
+/// The demo's patients in the clinic's SS-MIX2 storage: the registered sample patient (who
+/// consented) and one who did not.
+const SSMIX2_CONSENTED: &str = "0001234";
+const SSMIX2_NOT_CONSENTED: &str = "0005678";
+
+/// Writes a sample SS-MIX2 storage on the clinic side, starts the hub's WebDAV server (nginx,
+/// client certificate required) inside the hub namespace, hands the box its certificate, and
+/// adds the `[ssmix2]` section to the config.
+fn start_ssmix2(
+    net: &TestNet,
+    config: &Path,
+    demo_dir: &Path,
+) -> anyhow::Result<hil_tests::nginx::Nginx> {
+    use ssmix2::build::{Patient, Record, Storage};
+    let root = demo_dir.join("clinic").join("ssmix2").join("1312345678");
+    let _ = fs::remove_dir_all(&root);
+    let mut storage = Storage::create(&root)?;
+    for (id, family, given) in [
+        (SSMIX2_CONSENTED, "見本", "花子"),
+        (SSMIX2_NOT_CONSENTED, "東京", "時日"),
+    ] {
+        let p = Patient {
+            family: family.into(),
+            given: given.into(),
+            ..Patient::sample(id)
+        };
+        let dummy = ssmix2::datatype::DUMMY_ORDER_NO;
+        storage.put(&p, &Record::new("ADT-00", "-", dummy, "20261120093000000"))?;
+        storage.put(
+            &p,
+            &Record::new("ADT-22", "20261120", dummy, "20261120100000000"),
+        )?;
+        storage.put(
+            &p,
+            &Record::new("OMP-01", "20261120", "000000000000001", "20261120103000000"),
+        )?;
+        storage.put(
+            &p,
+            &Record::new("OML-11", "20261120", "000000000000002", "20261120113000000"),
+        )?;
+    }
+    let hub = hil_tests::nginx::Nginx::start_with(&hil_tests::nginx::Options {
+        listen: Some("10.98.0.1:8443".parse()?),
+        netns: Some(net.ns(Host::Hub).to_owned()),
+        ..hil_tests::nginx::Options::default()
+    })
+    .context("cannot start the hub's WebDAV server (nginx)")?;
+    // The box's certificate and key, readable by the sync service's user only.
+    let tls = demo_dir.join("tls");
+    fs::create_dir_all(&tls)?;
+    for (from, name) in [
+        (hub.ca_file(), "hub-ca.pem"),
+        (hub.client_cert_file(), "box.pem"),
+        (hub.client_key_file(), "box.key"),
+    ] {
+        fs::copy(&from, tls.join(name))
+            .with_context(|| format!("cannot copy {}", from.display()))?;
+    }
+    fs::set_permissions(tls.join("box.key"), fs::Permissions::from_mode(0o600))?;
+    if geteuid().is_root() {
+        let id = tsunagi_runtime::privilege::ensure_user(ssmix2_sync::USER)?;
+        for name in ["hub-ca.pem", "box.pem", "box.key"] {
+            nix::unistd::chown(&tls.join(name), Some(id.uid), Some(id.gid))?;
+        }
+    }
+    let section = format!(
+        "[ssmix2]\nstorage = {}\nwatch = \"auto\"\nscan-interval = \"5s\"\nsettle = \"1s\"\n[ssmix2.replica]\nurl = \"{}\"\nca-file = {}\nclient-cert-file = {}\nclient-key-file = {}\n",
+        toml_string(&root)?,
+        hub.base_url(),
+        toml_string(&tls.join("hub-ca.pem"))?,
+        toml_string(&tls.join("box.pem"))?,
+        toml_string(&tls.join("box.key"))?,
+    );
+    let mut text = fs::read_to_string(config)?;
+    text.push_str(&section);
+    fs::write(config, text)?;
+    println!(
+        "demo: SS-MIX2 storage on the clinic side at {} (patients {SSMIX2_CONSENTED}, who consented, and {SSMIX2_NOT_CONSENTED}, who did not); the hub's replica is WebDAV at {}",
+        root.display(),
+        hub.base_url()
+    );
+    Ok(hub)
+}
+
+/// Waits for the consented part of the storage to appear on the hub's disk and says what is
+/// there.
+fn show_ssmix2(hub: &hil_tests::nginx::Nginx) {
+    fn files(dir: &Path, out: &mut Vec<String>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                files(&path, out);
+            } else {
+                out.push(path.to_string_lossy().into_owned());
+            }
+        }
+    }
+    let start = std::time::Instant::now();
+    let mut found = Vec::new();
+    while start.elapsed() < std::time::Duration::from_secs(60) {
+        found.clear();
+        files(hub.data_root(), &mut found);
+        if found.len() >= 4 {
+            break;
+        }
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "xtask is not async; this polls a directory"
+        )]
+        thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let of = |id: &str| {
+        found
+            .iter()
+            .filter(|f| f.split('/').any(|c| c == id))
+            .count()
+    };
+    println!(
+        "demo: SS-MIX2 at the hub (through the tunnel): {} files of patient {SSMIX2_CONSENTED}, {} of {SSMIX2_NOT_CONSENTED} (no consent), in {}",
+        of(SSMIX2_CONSENTED),
+        of(SSMIX2_NOT_CONSENTED),
+        hub.data_root().display()
+    );
 }
 
 /// Waits for the consent service to push the sample to the network, then asks it a decision

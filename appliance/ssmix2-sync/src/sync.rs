@@ -36,9 +36,10 @@ use tsunagi_state::{Durability, Migration, StateError};
 use crate::gate::{Gate, GateError, Verdict};
 use crate::replica::{RelPath, Replica, ReplicaError};
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: "CREATE TABLE published (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: "CREATE TABLE published (
             path TEXT PRIMARY KEY, sha256 TEXT NOT NULL,
             patient_id TEXT NOT NULL, category TEXT NOT NULL, key TEXT NOT NULL,
             tombstone INTEGER NOT NULL DEFAULT 0, vanished_at INTEGER,
@@ -63,7 +64,19 @@ const MIGRATIONS: &[Migration] = &[Migration {
             consent_seq INTEGER NOT NULL, last_success INTEGER
           ) STRICT;
           INSERT INTO meta VALUES (1, 0, NULL);",
-}];
+    },
+    Migration {
+        version: 2,
+        // Where the transaction storage's change feed was read up to.
+        sql: "ALTER TABLE meta ADD COLUMN tr_file TEXT NOT NULL DEFAULT '';
+          ALTER TABLE meta ADD COLUMN tr_offset INTEGER NOT NULL DEFAULT 0;
+          ALTER TABLE meta ADD COLUMN cycles INTEGER NOT NULL DEFAULT 0;",
+    },
+];
+
+/// With a transaction storage, every this many cycles is a full rescan anyway (the feed is
+/// trusted for speed, never for completeness).
+const FULL_RESCAN_EVERY: i64 = 30;
 
 /// How many files one publication batch plans before carrying them out.
 const BATCH: i64 = 500;
@@ -114,6 +127,8 @@ pub struct Settings {
     pub withdrawal: WithdrawalPolicy,
     /// The clinic's 医療機関コード (MSH-4 of tombstones).
     pub facility: String,
+    /// The transaction storage (`TR_*.DAT`): the change feed, when configured.
+    pub transaction_storage: Option<PathBuf>,
 }
 
 /// What one cycle did.
@@ -236,10 +251,73 @@ impl Syncer {
         replica: &mut dyn Replica,
     ) -> Result<CycleReport, SyncError> {
         let mut report = CycleReport::default();
-        let (summary, changes) =
-            self.index
-                .update(&self.settings.storage, &Options::standard(), &mut |_| {})?;
-        report.scanned = summary;
+        let (cycles, tr_file, tr_offset): (i64, String, i64) = self
+            .conn
+            .query_row("SELECT cycles, tr_file, tr_offset FROM meta", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(sql("read meta"))?;
+        // The transaction storage, if any, says which folders changed and which keys were
+        // deleted (a DEL record confirms a deletion at once, E-03).
+        let mut feed_cursor = None;
+        let mut deleted_keys = HashSet::new();
+        let mut folders = None;
+        if let Some(tr_root) = &self.settings.transaction_storage {
+            let cursor = ssmix2::transaction::Cursor {
+                file: tr_file,
+                offset: u64::try_from(tr_offset).unwrap_or(0),
+            };
+            match ssmix2::transaction::read_since(tr_root, &cursor) {
+                Ok(batch) => {
+                    let mut changed = std::collections::BTreeSet::new();
+                    for h in &batch.headers {
+                        let k = &h.key;
+                        let (l1, l2) = ssmix2::build::hash_folders(&k.patient_id);
+                        changed.insert(format!(
+                            "{l1}/{l2}/{}/{}/{}",
+                            k.patient_id, k.care_date, k.data_type
+                        ));
+                        if h.operation == ssmix2::transaction::Operation::Delete {
+                            deleted_keys.insert(key_of(
+                                &k.patient_id,
+                                &k.care_date,
+                                &k.data_type,
+                                &k.order_no,
+                            ));
+                        }
+                    }
+                    if !batch.errors.is_empty() {
+                        tracing::warn!(
+                            errors = batch.errors.len(),
+                            "malformed #SSMIX headers in the transaction storage (skipped)"
+                        );
+                    }
+                    if cycles % FULL_RESCAN_EVERY != 0 {
+                        folders = Some(changed.into_iter().collect::<Vec<_>>());
+                    }
+                    feed_cursor = Some(batch.cursor);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "cannot read the transaction storage; rescanning the whole storage"
+                    );
+                }
+            }
+        }
+        let changes = match &folders {
+            Some(f) => {
+                self.index
+                    .update_folders(&self.settings.storage, &Options::standard(), f, &mut |_| {})?
+                    .1
+            }
+            None => {
+                self.index
+                    .update(&self.settings.storage, &Options::standard(), &mut |_| {})?
+                    .1
+            }
+        };
+        report.scanned = self.index.summary()?;
         report.files_read = changes.read;
         self.drain(replica, &mut report)?;
         let seq: i64 = self
@@ -255,10 +333,21 @@ impl Syncer {
         } else {
             report.held = self.count_unpublished()?;
         }
-        self.vanished(replica, &mut report)?;
+        self.vanished(replica, &deleted_keys, &mut report)?;
         self.conn
-            .execute("UPDATE meta SET last_success = ?1", [now_secs()])
+            .execute(
+                "UPDATE meta SET last_success = ?1, cycles = cycles + 1",
+                [now_secs()],
+            )
             .map_err(sql("save meta"))?;
+        if let Some(c) = feed_cursor {
+            self.conn
+                .execute(
+                    "UPDATE meta SET tr_file = ?1, tr_offset = ?2",
+                    params![c.file, i64::try_from(c.offset).unwrap_or(i64::MAX)],
+                )
+                .map_err(sql("save the feed position"))?;
+        }
         Ok(report)
     }
 
@@ -549,6 +638,7 @@ impl Syncer {
     fn vanished(
         &mut self,
         replica: &mut dyn Replica,
+        deleted_keys: &HashSet<String>,
         report: &mut CycleReport,
     ) -> Result<(), SyncError> {
         let now = now_secs();
@@ -576,6 +666,11 @@ impl Syncer {
         };
         for (path, since, patient, category, key) in gone {
             match since {
+                None if deleted_keys.contains(&key) => {
+                    enqueue(
+                        &tx, "delete", &path, None, None, &patient, &category, &key, now,
+                    )?;
+                }
                 None => {
                     tx.execute(
                         "UPDATE published SET vanished_at = ?1 WHERE path = ?2",
@@ -583,7 +678,7 @@ impl Syncer {
                     )
                     .map_err(sql("mark vanished"))?;
                 }
-                Some(t) if now - t >= confirm => enqueue(
+                Some(t) if now - t >= confirm || deleted_keys.contains(&key) => enqueue(
                     &tx, "delete", &path, None, None, &patient, &category, &key, now,
                 )?,
                 Some(_) => {}

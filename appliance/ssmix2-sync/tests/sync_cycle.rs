@@ -35,6 +35,7 @@ fn world(policy: WithdrawalPolicy) -> World {
         recheck: Duration::from_secs(3600),
         withdrawal: policy,
         facility: "1311234567".into(),
+        transaction_storage: None,
     };
     World {
         replica: DirReplica::new(&replica_root).unwrap(),
@@ -237,6 +238,94 @@ fn tombstone_policy_leaves_content_free_deletions() {
     // Consent again: the data returns and the tombstones go.
     gate.permit(&a.id);
     w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+}
+
+#[test]
+fn the_transaction_storage_is_the_change_feed() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let tr = w._dir.path().join("transaction");
+    std::fs::create_dir_all(tr.join("2026")).unwrap();
+    let settings = Settings {
+        storage: w.storage.root().to_owned(),
+        settle: Duration::ZERO,
+        // Without a DEL record, a vanished file would wait an hour.
+        confirm_deletion: Duration::from_secs(3600),
+        recheck: Duration::from_secs(3600),
+        withdrawal: WithdrawalPolicy::Delete,
+        facility: "1311234567".into(),
+        transaction_storage: Some(tr.clone()),
+    };
+    let state = w._dir.path().join("state-tr");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut syncer = Syncer::open(&state, settings).unwrap();
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+    let header = |op: &str, date: &str, t: &str, order: &str| {
+        format!(
+            "#SSMIX,2.00,1311234567,{},{date},{t},{order},{op},01,20261121103000000\r",
+            a.id
+        )
+    };
+    // A new prescription, announced by an INS record: the next (partial) cycle reads only
+    // that folder and publishes it.
+    w.storage
+        .put(
+            &a,
+            &Record::new("OMP-01", "20261121", "000000000000005", "20261121103000000"),
+        )
+        .unwrap();
+    let file = tr.join("2026").join("TR_20261121000000000_00001.DAT");
+    std::fs::write(
+        &file,
+        header("INS", "20261121", "OMP-01", "000000000000005"),
+    )
+    .unwrap();
+    let report = syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!((report.published, report.files_read), (1, 1), "{report:?}");
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+    // A file the feed does not mention waits for the periodic full rescan: the partial
+    // cycle did not walk the tree.
+    w.storage
+        .put(
+            &a,
+            &Record::new("OMP-01", "20261122", "000000000000006", "20261122103000000"),
+        )
+        .unwrap();
+    let report = syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.published, 0, "{report:?}");
+    std::fs::remove_file(
+        w.storage.root().join(
+            tree(w.storage.root())
+                .into_keys()
+                .find(|p| p.contains("/20261122/"))
+                .unwrap(),
+        ),
+    )
+    .unwrap();
+    // A file removed outright with a DEL record: deleted at the hub at once (E-03).
+    let victim = tree(w.storage.root())
+        .into_keys()
+        .find(|p| p.contains("/OML-11/"))
+        .unwrap();
+    std::fs::remove_file(w.storage.root().join(&victim)).unwrap();
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str(&header("DEL", "20261120", "OML-11", "000000000000002"));
+    std::fs::write(&file, text).unwrap();
+    let report = syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.removed, 1, "{report:?}");
     assert_eq!(
         tree(&w.replica_root),
         expected(w.storage.root(), &gate.permitted)

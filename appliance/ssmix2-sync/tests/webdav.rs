@@ -137,6 +137,7 @@ fn japanese_and_caret_paths_round_trip() {
 fn folders_are_made_with_mkcol_when_the_server_does_not() {
     let nginx = Nginx::start_for_test_with(&Options {
         create_full_put_path: false,
+        ..Options::default()
     });
     let mut r = replica(&nginx);
     let root = nginx.data_root();

@@ -160,6 +160,28 @@ impl Index {
         opts: &Options,
         sink: &mut dyn FnMut(&Entry),
     ) -> Result<(Summary, Changes), IndexError> {
+        self.update_in(root, opts, None, sink)
+    }
+
+    /// Like [`Index::update`] for the given data-type folders only (`L1/L2/PID/DATE/TYPE`):
+    /// files elsewhere keep their rows; files gone from these folders are removed.
+    pub fn update_folders(
+        &mut self,
+        root: &Path,
+        opts: &Options,
+        folders: &[String],
+        sink: &mut dyn FnMut(&Entry),
+    ) -> Result<(Summary, Changes), IndexError> {
+        self.update_in(root, opts, Some(folders), sink)
+    }
+
+    fn update_in(
+        &mut self,
+        root: &Path,
+        opts: &Options,
+        folders: Option<&[String]>,
+        sink: &mut dyn FnMut(&Entry),
+    ) -> Result<(Summary, Changes), IndexError> {
         let generation: i64 = self
             .conn
             .query_row("SELECT generation FROM meta", [], |r| r.get::<_, i64>(0))?
@@ -188,20 +210,41 @@ impl Index {
                 }
                 sink(&e);
             };
-            summary = scan::scan(root, opts, &mut cache, &mut on_entry)?;
+            summary = match folders {
+                None => scan::scan(root, opts, &mut cache, &mut on_entry)?,
+                Some(f) => scan::scan_folders(root, opts, f, &mut cache, &mut on_entry)?,
+            };
             changes.read = cache.misses;
         }
         if let Some(e) = failure {
             return Err(e.into());
         }
-        {
-            let mut stmt =
-                tx.prepare("SELECT path FROM files WHERE generation < ?1 ORDER BY path")?;
-            changes.removed = stmt
-                .query_map([generation], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
+        match folders {
+            None => {
+                {
+                    let mut stmt =
+                        tx.prepare("SELECT path FROM files WHERE generation < ?1 ORDER BY path")?;
+                    changes.removed = stmt
+                        .query_map([generation], |r| r.get(0))?
+                        .collect::<Result<_, _>>()?;
+                }
+                tx.execute("DELETE FROM files WHERE generation < ?1", [generation])?;
+            }
+            Some(folders) => {
+                for folder in folders {
+                    let prefix = format!("{folder}/");
+                    let mut stmt =
+                        tx.prepare("SELECT path FROM files WHERE generation < ?1 AND substr(path, 1, length(?2)) = ?2 ORDER BY path")?;
+                    let gone: Vec<String> = stmt
+                        .query_map(params![generation, prefix], |r| r.get(0))?
+                        .collect::<Result<_, _>>()?;
+                    for path in &gone {
+                        tx.execute("DELETE FROM files WHERE path = ?1", [path])?;
+                    }
+                    changes.removed.extend(gone);
+                }
+            }
         }
-        tx.execute("DELETE FROM files WHERE generation < ?1", [generation])?;
         tx.execute("UPDATE meta SET generation = ?1", [generation])?;
         tx.commit()?;
         Ok((summary, changes))
@@ -223,6 +266,36 @@ impl Index {
                 },
             )
             .optional()?)
+    }
+
+    /// Counts of the whole index by status and by reason (what a full scan's summary says).
+    pub fn summary(&self) -> Result<Summary, IndexError> {
+        let mut s = Summary::default();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT status, reason, count(*) FROM files GROUP BY status, reason")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (status, reason, n) = row?;
+            let n = u64::try_from(n).unwrap_or(0);
+            s.files += n;
+            if let Some(st) = crate::resolve::Status::parse(&status) {
+                *s.by_status.entry(st.as_str()).or_default() += n;
+                if st == crate::resolve::Status::Current {
+                    s.current_keys += n;
+                }
+            }
+            if let Some(r) = reason.as_deref().and_then(Reason::from_code) {
+                *s.by_reason.entry(r.code()).or_default() += n;
+            }
+        }
+        Ok(s)
     }
 
     /// Number of rows.

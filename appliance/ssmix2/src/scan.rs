@@ -360,6 +360,41 @@ pub fn scan(
     Ok(w.summary)
 }
 
+/// Scans only the given data-type folders (each `L1/L2/PID/DATE/TYPE`, `/`-separated),
+/// e.g. those a transaction storage named. A folder that does not exist yields nothing.
+pub fn scan_folders(
+    root: &Path,
+    opts: &Options,
+    folders: &[String],
+    cache: &mut dyn ContentCache,
+    sink: &mut dyn FnMut(Entry),
+) -> Result<Summary, ScanError> {
+    let md = fs::metadata(root).map_err(|source| ScanError::Root {
+        path: root.to_owned(),
+        source,
+    })?;
+    if !md.is_dir() {
+        return Err(ScanError::NotADirectory(root.to_owned()));
+    }
+    let mut w = Walker {
+        root: root.to_owned(),
+        opts: opts.clone(),
+        cache,
+        sink,
+        summary: Summary::default(),
+    };
+    for folder in folders {
+        let rel: Vec<String> = folder.split('/').map(str::to_owned).collect();
+        if rel.len() != 5 || rel.iter().any(|c| c.is_empty() || c == "." || c == "..") {
+            continue;
+        }
+        if w.abs(&rel).is_dir() {
+            w.key_folder(&rel, false);
+        }
+    }
+    Ok(w.summary)
+}
+
 struct Walker<'c, 's> {
     root: PathBuf,
     opts: Options,

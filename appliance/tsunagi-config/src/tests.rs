@@ -1066,21 +1066,32 @@ fn ssmix2_example_and_defaults() {
     assert!(x.enabled);
     assert_eq!(x.watch, WatchMode::Auto);
     assert_eq!(x.withdrawal, WithdrawalPolicy::Delete);
-    assert_eq!(x.replica.directory.unwrap().as_path(), Path::new("/mnt/hub/ssmix2/1311234567"));
+    assert_eq!(
+        x.replica.directory.unwrap().as_path(),
+        Path::new("/mnt/hub/ssmix2/1311234567")
+    );
     let webdav = example("ssmix2.toml")
         .replace("directory = \"/mnt/hub/ssmix2/1311234567\"", "")
         .replace("# url", "url")
         .replace("# ca-file", "ca-file")
         .replace("# client-", "client-");
     let x = parse(&webdav, file()).unwrap().ssmix2.unwrap();
-    assert_eq!(x.replica.url.unwrap().as_str(), "https://10.98.0.1:8443/ssmix2/1311234567/");
+    assert_eq!(
+        x.replica.url.unwrap().as_str(),
+        "https://10.98.0.1:8443/ssmix2/1311234567/"
+    );
     let cfg = parse(
-        &ssmix2_config("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\ndirectory = \"/srv/r\"\n"),
+        &ssmix2_config(
+            "[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\ndirectory = \"/srv/r\"\n",
+        ),
         file(),
     )
     .unwrap();
     let x = cfg.ssmix2.unwrap();
-    assert_eq!((x.scan_interval, x.settle, x.confirm_deletion), (dur("60s"), dur("10s"), dur("60s")));
+    assert_eq!(
+        (x.scan_interval, x.settle, x.confirm_deletion),
+        (dur("60s"), dur("10s"), dur("60s"))
+    );
     assert_eq!(x.recheck_interval, dur("1h"));
 }
 
@@ -1090,17 +1101,39 @@ fn ssmix2_replica_rules() {
         Ok(_) => String::new(),
         Err(p) => p.to_string(),
     };
-    let both = problems("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\ndirectory = \"/srv/r\"\nurl = \"https://h:1/x/\"\nca-file = \"/a\"\nclient-cert-file = \"/b\"\nclient-key-file = \"/c\"\n");
-    assert!(both.contains("set exactly one of directory and url"), "{both}");
+    let both = problems(
+        "[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\ndirectory = \"/srv/r\"\nurl = \"https://h:1/x/\"\nca-file = \"/a\"\nclient-cert-file = \"/b\"\nclient-key-file = \"/c\"\n",
+    );
+    assert!(
+        both.contains("set exactly one of directory and url"),
+        "{both}"
+    );
     let neither = problems("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\n");
     assert!(neither.contains("set exactly one"), "{neither}");
-    let no_cert = problems("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\nurl = \"https://10.98.0.1:8443/x/\"\n");
-    assert!(no_cert.contains("ssmix2.replica.ca-file: required with ssmix2.replica.url"), "{no_cert}");
+    let no_cert = problems(
+        "[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\nurl = \"https://10.98.0.1:8443/x/\"\n",
+    );
+    assert!(
+        no_cert.contains("ssmix2.replica.ca-file: required with ssmix2.replica.url"),
+        "{no_cert}"
+    );
     assert!(no_cert.contains("client-key-file"), "{no_cert}");
-    let inside = problems("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\ndirectory = \"/srv/s/replica\"\n");
-    assert!(inside.contains("must not be inside the storage"), "{inside}");
-    let bad_url = problems("[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\nurl = \"http://10.98.0.1/x/\"\n");
-    assert!(bad_url.contains("expected https://HOST:PORT/PATH/"), "{bad_url}");
-    let unknown = problems("[ssmix2]\nstorage = \"/srv/s\"\nsurprise = 1\n[ssmix2.replica]\ndirectory = \"/srv/r\"\n");
+    let inside = problems(
+        "[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\ndirectory = \"/srv/s/replica\"\n",
+    );
+    assert!(
+        inside.contains("must not be inside the storage"),
+        "{inside}"
+    );
+    let bad_url = problems(
+        "[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\nurl = \"http://10.98.0.1/x/\"\n",
+    );
+    assert!(
+        bad_url.contains("expected https://HOST:PORT/PATH/"),
+        "{bad_url}"
+    );
+    let unknown = problems(
+        "[ssmix2]\nstorage = \"/srv/s\"\nsurprise = 1\n[ssmix2.replica]\ndirectory = \"/srv/r\"\n",
+    );
     assert!(unknown.contains("surprise"), "{unknown}");
 }

@@ -381,6 +381,10 @@ fn ssmix2_settings(cfg: &Config, x: &tsunagi_config::Ssmix2Sync) -> ssmix2_sync:
             recheck: x.recheck_interval.get(),
             withdrawal: x.withdrawal,
             facility: cfg.site.facility_code.to_string(),
+            transaction_storage: x
+                .transaction_storage
+                .as_ref()
+                .map(|p| p.as_path().to_owned()),
         },
         state_dir: cfg.paths.state_dir.as_path().join(ssmix2_sync::NAME),
         consent_socket: cfg

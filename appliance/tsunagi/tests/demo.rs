@@ -116,6 +116,11 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
                 text.contains("demo: box -> hub health check through the tunnel: 200"),
                 "{text}"
             );
+            // Issue 5: the consented part of the clinic's SS-MIX2 storage is at the hub.
+            assert!(
+                text.contains("demo: SS-MIX2 at the hub (through the tunnel): 4 files of patient 0001234, 0 of 0005678"),
+                "{text}"
+            );
             assert_eq!(state_of(&status, "tunnel"), "ready");
             assert!(
                 text.contains("demo: consent: pushed to the network's FHIR server"),

@@ -30,19 +30,30 @@ struct Clinic {
 }
 
 fn sha(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Every file under `root`: relative path → SHA-256.
 fn tree(root: &Path) -> BTreeMap<String, String> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let path = e.path();
             if path.is_dir() {
                 walk(root, &path, out);
             } else if let Ok(bytes) = std::fs::read(&path) {
-                out.insert(path.strip_prefix(root).unwrap().to_string_lossy().into_owned(), sha(&bytes));
+                out.insert(
+                    path.strip_prefix(root)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                    sha(&bytes),
+                );
             }
         }
     }
@@ -59,7 +70,12 @@ fn expected(storage: &Path, permitted: &BTreeSet<String>) -> BTreeMap<String, St
         .into_iter()
         .filter(|e| e.status != ssmix2::resolve::Status::Quarantined)
         .filter(|e| e.patient_id.as_ref().is_some_and(|p| permitted.contains(p)))
-        .filter(|e| e.data_type.as_deref().and_then(consent::model::Category::for_ssmix2).is_some())
+        .filter(|e| {
+            e.data_type
+                .as_deref()
+                .and_then(consent::model::Category::for_ssmix2)
+                .is_some()
+        })
         .map(|e| (e.path, e.sha256.unwrap()))
         .collect()
 }
@@ -76,11 +92,16 @@ impl Clinic {
         // The box's client certificate and key, readable by the sync service's user only.
         let tls = h.dir.path().join("tls");
         std::fs::create_dir_all(&tls).unwrap();
-        for (from, name) in [(nginx.ca_file(), "hub-ca.pem"), (nginx.client_cert_file(), "box.pem"), (nginx.client_key_file(), "box.key")] {
+        for (from, name) in [
+            (nginx.ca_file(), "hub-ca.pem"),
+            (nginx.client_cert_file(), "box.pem"),
+            (nginx.client_key_file(), "box.key"),
+        ] {
             std::fs::copy(&from, tls.join(name)).unwrap();
         }
         use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(tls.join("box.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(tls.join("box.key"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
         if is_root() {
             let id = tsunagi_runtime::privilege::ensure_user(ssmix2_sync::USER).unwrap();
             for name in ["hub-ca.pem", "box.pem", "box.key"] {
@@ -98,19 +119,50 @@ impl Clinic {
         h.write_config(&config);
         let form = h.dir.path().join("consent-form.pdf");
         std::fs::write(&form, b"%PDF-1.4 scanned consent form").unwrap();
-        Clinic { h, nginx, storage, form }
+        Clinic {
+            h,
+            nginx,
+            storage,
+            form,
+        }
     }
 
     fn consent(&self, args: &[&str]) {
-        let out = Command::new(BIN).arg("consent").args(args).arg("--config").arg(&self.h.config).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(BIN)
+            .arg("consent")
+            .args(args)
+            .arg("--config")
+            .arg(&self.h.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn register(&self, patient: &str) {
         let form = self.form.display().to_string();
         self.consent(&[
-            "register", patient, "--family", "東京", "--given", "時日", "--family-kana", "トウキョウ", "--given-kana", "ジニチ",
-            "--birth-date", "1948-04-05", "--sex", "male", "--evidence", &form, "--recorded-by", "staff-1",
+            "register",
+            patient,
+            "--family",
+            "東京",
+            "--given",
+            "時日",
+            "--family-kana",
+            "トウキョウ",
+            "--given-kana",
+            "ジニチ",
+            "--birth-date",
+            "1948-04-05",
+            "--sex",
+            "male",
+            "--evidence",
+            &form,
+            "--recorded-by",
+            "staff-1",
         ]);
     }
 
@@ -118,8 +170,15 @@ impl Clinic {
     fn synced(&self) {
         let db = self.h.state_dir().join("consent").join("consent.db");
         let conn = rusqlite::Connection::open(db).unwrap();
-        let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap();
-        conn.execute("UPDATE sync_state SET last_pull_at = ?1", [now]).unwrap();
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap();
+        conn.execute("UPDATE sync_state SET last_pull_at = ?1", [now])
+            .unwrap();
     }
 
     fn hub(&self) -> BTreeMap<String, String> {
@@ -137,10 +196,20 @@ impl Clinic {
             if start.elapsed() > timeout {
                 let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
                 let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-                let differ: Vec<_> = want.iter().filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v)).map(|(k, _)| k).collect();
+                let differ: Vec<_> = want
+                    .iter()
+                    .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+                    .map(|(k, _)| k)
+                    .collect();
                 panic!(
                     "{what}: the hub did not converge within {timeout:?}\nmissing {missing:?}\nextra {extra:?}\ndiffer {differ:?}\n{}",
-                    self.h.log_text().lines().rev().take(40).collect::<Vec<_>>().join("\n")
+                    self.h
+                        .log_text()
+                        .lines()
+                        .rev()
+                        .take(40)
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -149,16 +218,36 @@ impl Clinic {
 }
 
 fn records(s: &mut Storage, p: &Patient) {
-    s.put(p, &Record::new("ADT-00", "-", DUMMY_ORDER_NO, "20261120093000000")).unwrap();
-    s.put(p, &Record::new("ADT-22", "20261120", DUMMY_ORDER_NO, "20261120100000000")).unwrap();
-    s.put(p, &Record::new("OMP-01", "20261120", "000000000000001", "20261120103000000")).unwrap();
-    s.put(p, &Record::new("OML-11", "20261120", "000000000000002", "20261120113000000")).unwrap();
+    s.put(
+        p,
+        &Record::new("ADT-00", "-", DUMMY_ORDER_NO, "20261120093000000"),
+    )
+    .unwrap();
+    s.put(
+        p,
+        &Record::new("ADT-22", "20261120", DUMMY_ORDER_NO, "20261120100000000"),
+    )
+    .unwrap();
+    s.put(
+        p,
+        &Record::new("OMP-01", "20261120", "000000000000001", "20261120103000000"),
+    )
+    .unwrap();
+    s.put(
+        p,
+        &Record::new("OML-11", "20261120", "000000000000002", "20261120113000000"),
+    )
+    .unwrap();
 }
 
 #[test]
 fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
     let mut c = Clinic::new(FAST_SUPERVISOR);
-    let (a, b, cc) = (Patient::sample("0000000001"), Patient::sample("0000000002"), Patient::sample("0000000003"));
+    let (a, b, cc) = (
+        Patient::sample("0000000001"),
+        Patient::sample("0000000002"),
+        Patient::sample("0000000003"),
+    );
     for p in [&a, &b, &cc] {
         records(&mut c.storage, p);
     }
@@ -171,10 +260,17 @@ fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
     let watching = Arc::new(AtomicBool::new(true));
     // B's files must never appear on nginx's disk, at any moment.
     let leak = {
-        let (root, b_id, watching) = (c.nginx.data_root().to_owned(), b.id.clone(), watching.clone());
+        let (root, b_id, watching) = (
+            c.nginx.data_root().to_owned(),
+            b.id.clone(),
+            watching.clone(),
+        );
         std::thread::spawn(move || {
             while watching.load(Ordering::SeqCst) {
-                if tree(&root).keys().any(|k| patient_of(k) == Some(b_id.as_str())) {
+                if tree(&root)
+                    .keys()
+                    .any(|k| patient_of(k) == Some(b_id.as_str()))
+                {
                     return true;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -182,29 +278,60 @@ fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
             false
         })
     };
-    c.wait_for_hub("first sync", &expected(c.storage.root(), &permitted), Duration::from_secs(60));
+    c.wait_for_hub(
+        "first sync",
+        &expected(c.storage.root(), &permitted),
+        Duration::from_secs(60),
+    );
 
     // Creates, an update (_1 → _2 plus a new _1) and a delete (_0 plus the tombstone).
-    c.storage.put(&a, &Record::new("OMP-01", "20261121", "000000000000003", "20261121103000000")).unwrap();
+    c.storage
+        .put(
+            &a,
+            &Record::new("OMP-01", "20261121", "000000000000003", "20261121103000000"),
+        )
+        .unwrap();
     let old = Record::new("ADT-00", "-", DUMMY_ORDER_NO, "20261120093000000");
     let new = Record::new("ADT-00", "-", DUMMY_ORDER_NO, "20261121093000000").with_note("住所変更");
     c.storage.update(&cc, &old, &new, false).unwrap();
     let rx = Record::new("OMP-01", "20261120", "000000000000001", "20261120103000000");
     let tomb = Record::new("OMP-01", "20261120", "000000000000001", "20261122103000000");
     c.storage.delete(&a, &rx, &tomb).unwrap();
-    c.wait_for_hub("changes", &expected(c.storage.root(), &permitted), Duration::from_secs(60));
+    c.wait_for_hub(
+        "changes",
+        &expected(c.storage.root(), &permitted),
+        Duration::from_secs(60),
+    );
     let hub = c.hub();
-    assert!(hub.keys().any(|k| k.ends_with("_2") && k.contains("ADT-00")), "the update's history is at the hub");
-    assert!(hub.keys().filter(|k| k.contains("/OMP-01/") && patient_of(k) == Some(a.id.as_str()) && k.ends_with("_0")).count() >= 2);
+    assert!(
+        hub.keys()
+            .any(|k| k.ends_with("_2") && k.contains("ADT-00")),
+        "the update's history is at the hub"
+    );
+    assert!(
+        hub.keys()
+            .filter(|k| k.contains("/OMP-01/")
+                && patient_of(k) == Some(a.id.as_str())
+                && k.ends_with("_0"))
+            .count()
+            >= 2
+    );
 
     // A withdraws at the desk: A's files leave the hub within a cycle or two.
     c.consent(&["withdraw", &a.id, "--recorded-by", "staff-1"]);
     permitted.remove(&a.id);
-    c.wait_for_hub("withdrawal", &expected(c.storage.root(), &permitted), Duration::from_secs(30));
+    c.wait_for_hub(
+        "withdrawal",
+        &expected(c.storage.root(), &permitted),
+        Duration::from_secs(30),
+    );
     assert!(c.hub().keys().all(|k| patient_of(k) != Some(a.id.as_str())));
 
     watching.store(false, Ordering::SeqCst);
-    assert!(!leak.join().unwrap(), "a file of the patient without consent appeared at the hub");
+    assert!(
+        !leak.join().unwrap(),
+        "a file of the patient without consent appeared at the hub"
+    );
     let status = c.h.status().unwrap();
     let metrics = &service(&status, "ssmix2")["metrics"];
     assert_eq!(metrics["outbox_depth"], 0.0, "{status}");
@@ -235,7 +362,12 @@ fn kill_9_twenty_times_during_a_1000_file_sync_converges_without_partial_files()
         records(&mut c.storage, &p);
         for k in 0..6u32 {
             let order = format!("{:015}", 100 + k);
-            c.storage.put(&p, &Record::new("OMP-01", "20261121", &order, "20261121103000000")).unwrap();
+            c.storage
+                .put(
+                    &p,
+                    &Record::new("OMP-01", "20261121", &order, "20261121103000000"),
+                )
+                .unwrap();
         }
         if i <= 80 {
             c.register(&p.id);
@@ -252,7 +384,11 @@ fn kill_9_twenty_times_during_a_1000_file_sync_converges_without_partial_files()
     // Watch nginx's disk all along: a file under a final name is always complete.
     let watching = Arc::new(AtomicBool::new(true));
     let checker = {
-        let (root, watching, source) = (c.nginx.data_root().to_owned(), watching.clone(), source.clone());
+        let (root, watching, source) = (
+            c.nginx.data_root().to_owned(),
+            watching.clone(),
+            source.clone(),
+        );
         std::thread::spawn(move || {
             let mut violations = Vec::new();
             let mut looks = 0u64;
@@ -277,25 +413,47 @@ fn kill_9_twenty_times_during_a_1000_file_sync_converges_without_partial_files()
     let mut mid_sync = 0;
     let deadline = Instant::now() + Duration::from_secs(240);
     while kills < 20 && Instant::now() < deadline {
-        let status = c.h.wait_for("the sync service", Duration::from_secs(30), |s| state_of(s, "ssmix2") == "ready");
-        let Some(pid) = pid_of(&status, "ssmix2") else { continue };
+        let status =
+            c.h.wait_for("the sync service", Duration::from_secs(30), |s| {
+                state_of(s, "ssmix2") == "ready"
+            });
+        let Some(pid) = pid_of(&status, "ssmix2") else {
+            continue;
+        };
         std::thread::sleep(Duration::from_millis(rng.u64(50..600)));
         let published = c.hub().len();
-        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
+        if nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok()
+        {
             kills += 1;
             if published < want.len() {
                 mid_sync += 1;
             }
         }
-        c.h.wait_for("the restart", Duration::from_secs(30), |s| pid_of(s, "ssmix2").is_some_and(|p| p != pid));
+        c.h.wait_for("the restart", Duration::from_secs(30), |s| {
+            pid_of(s, "ssmix2").is_some_and(|p| p != pid)
+        });
     }
     assert_eq!(kills, 20, "could not kill the service 20 times");
-    assert!(mid_sync >= 5, "only {mid_sync} kills hit the sync while it was still publishing");
-    c.wait_for_hub("convergence after 20 kills", &want, Duration::from_secs(120));
+    assert!(
+        mid_sync >= 5,
+        "only {mid_sync} kills hit the sync while it was still publishing"
+    );
+    c.wait_for_hub(
+        "convergence after 20 kills",
+        &want,
+        Duration::from_secs(120),
+    );
     watching.store(false, Ordering::SeqCst);
     let (violations, looks) = checker.join().unwrap();
     assert!(looks > 10, "the checker looked only {looks} times");
-    assert!(violations.is_empty(), "files under final names that were not complete: {violations:?}");
+    assert!(
+        violations.is_empty(),
+        "files under final names that were not complete: {violations:?}"
+    );
     c.h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
