@@ -189,8 +189,11 @@ fn worker(
         // the settle delay, so a file being written is complete); after failures, back off.
         let backoff =
             Duration::from_secs(2u64.saturating_pow(failures.min(6))).min(settings.scan_interval);
+        let unsettled = result_unsettled(shared);
         let wait = if failures > 0 {
             backoff
+        } else if unsettled {
+            settings.sync.settle.max(Duration::from_millis(200))
         } else {
             settings.scan_interval
         };
@@ -222,6 +225,13 @@ fn worker(
             }
         }
     }
+}
+
+/// Whether the last cycle left files that had not settled yet.
+fn result_unsettled(shared: &Mutex<Shared>) -> bool {
+    shared
+        .lock()
+        .is_ok_and(|s| matches!(&s.last, Some(Ok(r)) if r.unsettled > 0))
 }
 
 fn report(shared: &Mutex<Shared>) -> (Health, String, Vec<(String, f64)>) {

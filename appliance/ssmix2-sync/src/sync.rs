@@ -141,6 +141,9 @@ pub struct CycleReport {
     pub removed: u64,
     /// Files waiting: consent denied for now, stale cache, not settled, unknown type.
     pub held: u64,
+    /// Of those, files changed within the settle delay: the service runs the next cycle as
+    /// soon as they have settled.
+    pub unsettled: u64,
     /// Whether the consent cache was fresh (else the cycle held everything).
     pub fresh: bool,
 }
@@ -557,9 +560,13 @@ impl Syncer {
                     report.held += 1;
                     continue;
                 };
-                if now_ns.saturating_sub(i128::from(mtime_ns)) < settle_ns
-                    || RelPath::new(&path).is_err()
-                {
+                if now_ns.saturating_sub(i128::from(mtime_ns)) < settle_ns {
+                    // Written moments ago (EMRs write in place): the next cycle, soon.
+                    report.held += 1;
+                    report.unsettled += 1;
+                    continue;
+                }
+                if RelPath::new(&path).is_err() {
                     report.held += 1;
                     continue;
                 }

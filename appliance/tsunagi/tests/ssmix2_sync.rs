@@ -86,6 +86,10 @@ fn patient_of(path: &str) -> Option<&str> {
 
 impl Clinic {
     fn new(supervisor: &str) -> Clinic {
+        Clinic::with(supervisor, "poll", "1s")
+    }
+
+    fn with(supervisor: &str, watch: &str, scan_interval: &str) -> Clinic {
         let nginx = Nginx::start_for_test();
         let h = Harness::new("");
         let storage = Storage::create(&h.dir.path().join("ssmix2").join("1312345678")).unwrap();
@@ -109,7 +113,7 @@ impl Clinic {
             }
         }
         let config = format!(
-            "{supervisor}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[ssmix2]\nstorage = \"{}\"\nwatch = \"poll\"\nscan-interval = \"1s\"\nsettle = \"1s\"\nconfirm-deletion = \"1s\"\n\n[ssmix2.replica]\nurl = \"{}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\n",
+            "{supervisor}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[ssmix2]\nstorage = \"{}\"\nwatch = \"{watch}\"\nscan-interval = \"{scan_interval}\"\nsettle = \"1s\"\nconfirm-deletion = \"1s\"\n\n[ssmix2.replica]\nurl = \"{}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\n",
             storage.root().display(),
             nginx.base_url(),
             tls.join("hub-ca.pem").display(),
@@ -453,6 +457,36 @@ fn kill_9_twenty_times_during_a_1000_file_sync_converges_without_partial_files()
     assert!(
         violations.is_empty(),
         "files under final names that were not complete: {violations:?}"
+    );
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+#[test]
+fn inotify_notices_a_new_file_long_before_the_rescan() {
+    let mut c = Clinic::with(FAST_SUPERVISOR, "inotify", "1h");
+    let a = Patient::sample("0000000001");
+    records(&mut c.storage, &a);
+    c.register(&a.id);
+    c.synced();
+    let permitted: BTreeSet<String> = [a.id.clone()].into();
+    c.h.start();
+    c.wait_for_hub(
+        "first sync",
+        &expected(c.storage.root(), &permitted),
+        Duration::from_secs(60),
+    );
+    // The rescan is an hour away: only an inotify event can bring this file to the hub.
+    c.storage
+        .put(
+            &a,
+            &Record::new("OMP-01", "20261121", "000000000000009", "20261121103000000"),
+        )
+        .unwrap();
+    c.wait_for_hub(
+        "the change noticed by inotify",
+        &expected(c.storage.root(), &permitted),
+        Duration::from_secs(20),
     );
     c.h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
