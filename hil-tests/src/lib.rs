@@ -11,8 +11,9 @@
 //!   against the FHIR JSON schema), the stand-in for the network's FHIR server
 //!   (`testnet fhir-serve ADDR`).
 //! - [`nginx`]: [`Nginx`](nginx::Nginx), a guard running a real nginx WebDAV server over
-//!   HTTPS with client certificates (a test PKI of its own) on a loopback port, for the
-//!   SS-MIX2 replica's WebDAV transport; needs `nginx` and `openssl`, not root.
+//!   HTTPS with client certificates (a test PKI of its own) on a loopback port, or on a
+//!   given address inside a network namespace (the demo's hub; root), for the SS-MIX2
+//!   replica's WebDAV transport; needs `nginx` and `openssl`.
 //!
 //! Everything here is test support: it needs root and `/dev/net/tun`, and it runs `ip`,
 //! `nft`, `wg` and `wireguard-go`. See `hil-tests/README.md`.

@@ -442,3 +442,30 @@ pub fn sample_storage(root: &Path, first_id: u64, patients: u64) -> io::Result<V
     }
     Ok(out)
 }
+
+/// Every file under `root`, hidden ones included: relative path (`/`-separated) → SHA-256
+/// (hex). For tests that compare a replica with what it must hold.
+pub fn digests(root: &Path) -> std::collections::BTreeMap<String, String> {
+    use sha2::{Digest as _, Sha256};
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, String>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else if let (Ok(rel), Ok(bytes)) = (path.strip_prefix(root), fs::read(&path)) {
+                let rel = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                out.insert(rel, crate::scan::hex(&Sha256::digest(&bytes)));
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}

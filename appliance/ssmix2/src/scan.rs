@@ -622,25 +622,7 @@ impl Walker<'_, '_> {
                     if unknown_type {
                         findings.add(Reason::UnknownDataType);
                     }
-                    let sent_raw = match content {
-                        Ok(c) => {
-                            for r in &c.findings {
-                                findings.add(*r);
-                            }
-                            e.sha256 = Some(c.sha256);
-                            e.message_type = c.message_type;
-                            e.patient_name = c.patient_name;
-                            e.cancels = c.cancels;
-                            c.sent_raw
-                        }
-                        Err(r) => {
-                            findings.add(r);
-                            String::new()
-                        }
-                    };
-                    if collision {
-                        findings.add(Reason::CaseCollision);
-                    }
+                    let sent_raw = apply_content(&mut e, content, &mut findings, collision);
                     pending.push(Pending {
                         entry: e,
                         name: n,
@@ -748,23 +730,7 @@ impl Walker<'_, '_> {
                         e.size = size;
                         e.mtime_ns = mt;
                         let mut findings = Findings::default();
-                        let sent_raw = match content {
-                            Ok(c) => {
-                                for r in &c.findings {
-                                    findings.add(*r);
-                                }
-                                e.sha256 = Some(c.sha256);
-                                e.message_type = c.message_type;
-                                c.sent_raw
-                            }
-                            Err(r) => {
-                                findings.add(r);
-                                String::new()
-                            }
-                        };
-                        if collision {
-                            findings.add(Reason::CaseCollision);
-                        }
+                        let sent_raw = apply_content(&mut e, content, &mut findings, collision);
                         pendings.push(Pending {
                             entry: e,
                             name: n.clone(),
@@ -822,6 +788,35 @@ impl Walker<'_, '_> {
             }
         }
     }
+}
+
+/// Puts what was read from a file into its entry and findings; returns MSH-7 as written.
+fn apply_content(
+    e: &mut Entry,
+    content: Result<Content, Reason>,
+    findings: &mut Findings,
+    collision: bool,
+) -> String {
+    let sent_raw = match content {
+        Ok(c) => {
+            for r in &c.findings {
+                findings.add(*r);
+            }
+            e.sha256 = Some(c.sha256);
+            e.message_type = c.message_type;
+            e.patient_name = c.patient_name;
+            e.cancels = c.cancels;
+            c.sent_raw
+        }
+        Err(r) => {
+            findings.add(r);
+            String::new()
+        }
+    };
+    if collision {
+        findings.add(Reason::CaseCollision);
+    }
+    sent_raw
 }
 
 fn looks_like_hl7(bytes: &[u8]) -> bool {

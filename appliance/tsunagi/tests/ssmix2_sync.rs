@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hil_tests::nginx::Nginx;
-use sha2::{Digest as _, Sha256};
 use ssmix2::build::{Patient, Record, Storage};
 use ssmix2::datatype::DUMMY_ORDER_NO;
 
@@ -29,37 +28,9 @@ struct Clinic {
     form: PathBuf,
 }
 
-fn sha(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// Every file under `root`: relative path → SHA-256.
 fn tree(root: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                walk(root, &path, out);
-            } else if let Ok(bytes) = std::fs::read(&path) {
-                out.insert(
-                    path.strip_prefix(root)
-                        .unwrap()
-                        .to_string_lossy()
-                        .into_owned(),
-                    sha(&bytes),
-                );
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
+    ssmix2::build::digests(root)
 }
 
 /// What the hub must hold: the storage's non-quarantined files of permitted patients in a

@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use sha2::{Digest as _, Sha256};
 use ssmix2::resolve::Status;
 use ssmix2::scan::{Options, scan_all};
 use ssmix2_sync::gate::{Changes, Gate, GateError, Verdict};
@@ -83,32 +82,7 @@ impl Gate for ScriptedGate {
 
 /// Every file under `root` (relative path → SHA-256), hidden temporaries included.
 pub fn tree(root: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                walk(root, &path, out);
-            } else {
-                let rel = path
-                    .strip_prefix(root)
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned();
-                let bytes = std::fs::read(&path).unwrap();
-                out.insert(rel, hex(&Sha256::digest(&bytes)));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    ssmix2::build::digests(root)
 }
 
 /// What the replica must hold: every non-quarantined file of a permitted patient whose data
