@@ -9,10 +9,11 @@
 //!
 //! The storage is generated with the engine's test-data builder (`ssmix2::build`) and
 //! cached under `target/bench-ssmix2/<N>/` (a `complete` marker next to the storage says
-//! it was written to the end), so only the first run pays for it (minutes and ~4–5 GB at
-//! 1,000,000 files). Every file is valid: the unmeasured warm-up run checks that the scan
-//! reports exactly the generated files, with the statuses the generator expects and no
-//! finding at all.
+//! it was written to the end), so only the first run pays for it (about 2 minutes and 9 GB
+//! at 1,000,000 files on a 2-core VM: the folders take as much disk as the files). Every
+//! file is valid: the unmeasured warm-up run checks that the scan reports exactly the
+//! generated files, with the statuses the generator expects and no finding at all. The smoke
+//! run measures once after the warm-up; the others measure three times.
 //!
 //! Size: `TSUNAGI_BENCH_FILES` if set; else 20,000 when `TSUNAGI_BENCH_SECS` is set (the
 //! smoke run of `cargo xtask test`), else 1,000,000. Our memory is also measured on a tree

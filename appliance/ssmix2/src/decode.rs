@@ -112,6 +112,56 @@ fn prepare(bytes: &[u8], findings: &mut Findings) -> (Vec<u8>, bool) {
     (out, any_escape)
 }
 
+/// The mode an escape sequence at the start of `seq` (after ESC) switches to.
+fn escape(seq: &[u8]) -> Option<Mode> {
+    if seq.starts_with(b"(B") {
+        Some(Mode::Ascii)
+    } else if seq.starts_with(b"(J") {
+        Some(Mode::Roman)
+    } else if seq.starts_with(b"(I") {
+        Some(Mode::Katakana)
+    } else if seq.starts_with(b"$B") || seq.starts_with(b"$@") {
+        Some(Mode::TwoByte)
+    } else if seq.starts_with(b"$(D") {
+        Some(Mode::Jis0212)
+    } else {
+        None
+    }
+}
+
+fn multi_byte(mode: Mode) -> bool {
+    matches!(mode, Mode::TwoByte | Mode::Jis0212 | Mode::Katakana)
+}
+
+/// Whether a line or the whole input ends in a mode other than ASCII/Roman.
+fn needs_closing(bytes: &[u8]) -> bool {
+    let mut mode = Mode::Ascii;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == ESC {
+            if let Some(m) = escape(&bytes[i + 1..]) {
+                mode = m;
+            }
+        } else if (b == b'\r' || b == b'\n') && multi_byte(mode) {
+            return true;
+        }
+    }
+    multi_byte(mode)
+}
+
+/// Records which non-standard modes occur (without copying).
+fn note_modes(bytes: &[u8], findings: &mut Findings) {
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == ESC {
+            match escape(&bytes[i + 1..]) {
+                Some(Mode::Roman) => findings.add(Reason::JisRoman),
+                Some(Mode::Katakana) => findings.add(Reason::HalfWidthKana),
+                Some(Mode::Jis0212) => findings.add(Reason::JisX0212),
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Decodes a file's bytes (see the module documentation).
 pub fn decode(bytes: &[u8]) -> Decoded {
     let mut findings = Findings::default();
@@ -136,17 +186,25 @@ pub fn decode(bytes: &[u8]) -> Decoded {
             }
         };
     }
-    let (prepared, any_escape) = prepare(bytes, &mut findings);
-    if !any_escape {
+    if !bytes.contains(&ESC) {
         // Pure ASCII: no decoder needed (and none could fail).
-        let text = String::from_utf8_lossy(&prepared).into_owned();
+        let text = String::from_utf8_lossy(bytes).into_owned();
         return Decoded {
             text,
             charset: Charset::Ascii,
             findings,
         };
     }
-    let (text, errors) = encoding_rs::ISO_2022_JP.decode_without_bom_handling(&prepared);
+    // Copy only when a line or the file ends in a non-ASCII mode and must be closed.
+    let prepared;
+    let input = if needs_closing(bytes) {
+        prepared = prepare(bytes, &mut findings).0;
+        &prepared[..]
+    } else {
+        note_modes(bytes, &mut findings);
+        bytes
+    };
+    let (text, errors) = encoding_rs::ISO_2022_JP.decode_without_bom_handling(input);
     if errors && !findings.contains(Reason::JisX0212) {
         findings.add(Reason::DecodeErrors);
     }

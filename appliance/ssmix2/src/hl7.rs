@@ -58,6 +58,33 @@ fn unframe(text: &str) -> &str {
     text.trim_end_matches(['\u{1C}', '\r', '\n', '\u{0B}'])
 }
 
+/// The lines of a text split at CR and LF (each one a terminator), by bytes: both are ASCII,
+/// so every piece is a whole `str`.
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        match bytes[start..]
+            .iter()
+            .position(|&b| b == b'\r' || b == b'\n')
+        {
+            Some(i) => {
+                let line = &text[start..start + i];
+                start += i + 1;
+                Some(line)
+            }
+            None => {
+                done = true;
+                Some(&text[start..])
+            }
+        }
+    })
+}
+
 fn valid_segment_id(id: &str) -> bool {
     let b = id.as_bytes();
     b.len() == 3
@@ -80,26 +107,31 @@ pub fn parse(text: &str) -> Result<Message<'_>, Reason> {
     if field.is_alphanumeric() || field.is_control() || field.is_whitespace() {
         return Err(Reason::NotHl7);
     }
-    let enc: String = rest[field.len_utf8()..]
+    // MSH-2: two to four encoding characters, up to the next field separator.
+    let mut enc = ['\0'; 4];
+    let mut n = 0;
+    for c in rest[field.len_utf8()..]
         .chars()
         .take_while(|&c| c != field && c != '\r' && c != '\n')
-        .collect();
-    let enc_chars: Vec<char> = enc.chars().collect();
-    if enc_chars.len() < 2
-        || enc_chars.len() > 4
-        || enc_chars.iter().any(|c| c.is_alphanumeric() || *c == field)
     {
+        if n == 4 || c.is_alphanumeric() {
+            return Err(Reason::NotHl7);
+        }
+        enc[n] = c;
+        n += 1;
+    }
+    if n < 2 {
         return Err(Reason::NotHl7);
     }
     let delimiters = Delimiters {
         field,
-        component: enc_chars[0],
-        repetition: enc_chars[1],
-        escape: enc_chars.get(2).copied(),
-        subcomponent: enc_chars.get(3).copied(),
+        component: enc[0],
+        repetition: enc[1],
+        escape: (n > 2).then_some(enc[2]),
+        subcomponent: (n > 3).then_some(enc[3]),
     };
-    let mut segments = Vec::new();
-    for line in text.split(['\r', '\n']) {
+    let mut segments = Vec::with_capacity(8);
+    for line in lines(text) {
         if line.is_empty() {
             continue;
         }
@@ -118,7 +150,7 @@ pub fn parse(text: &str) -> Result<Message<'_>, Reason> {
         let Some(body) = body else {
             return Err(Reason::Truncated);
         };
-        let mut fields = Vec::with_capacity(32);
+        let mut fields = Vec::with_capacity(16);
         fields.push(id);
         if id == "MSH" {
             // MSH-1 is the separator itself; MSH-2 onwards follow it.

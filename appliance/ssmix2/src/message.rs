@@ -179,7 +179,7 @@ pub fn parse_file(bytes: &[u8], key: Option<&Key>) -> Parsed {
                 findings.add(Reason::Truncated);
             }
             if let Some(key) = key {
-                check_against_key(&m, &f, key, &mut findings);
+                check_against_key(&m, &f.message_type, &f.patient_id, key, &mut findings);
             }
             Some(f)
         }
@@ -191,19 +191,25 @@ pub fn parse_file(bytes: &[u8], key: Option<&Key>) -> Parsed {
     }
 }
 
-fn check_against_key(m: &Message<'_>, f: &Fields, key: &Key, findings: &mut Findings) {
-    if m.segment("PID").is_some() && f.patient_id != key.patient_id {
+fn check_against_key(
+    m: &Message<'_>,
+    message_type: &str,
+    patient_id: &str,
+    key: &Key,
+    findings: &mut Findings,
+) {
+    if m.segment("PID").is_some() && patient_id != key.patient_id {
         findings.add(Reason::PatientMismatch);
     }
     let Some(t) = datatype::lookup(&key.data_type) else {
         findings.add(Reason::UnknownDataType);
         return;
     };
-    if !t.messages.contains(&f.message_type.as_str()) {
+    if !t.messages.contains(&message_type) {
         findings.add(Reason::MessageMismatch);
         return;
     }
-    let expected = match datatype::care_date_source(&f.message_type) {
+    let expected = match datatype::care_date_source(message_type) {
         Some(CareDateSource::None) => Some("-".to_owned()),
         Some(CareDateSource::Field(seg, n)) => {
             let v = m.value(seg, n, 1);
@@ -215,6 +221,83 @@ fn check_against_key(m: &Message<'_>, f: &Fields, key: &Key, findings: &mut Find
         && expected != key.care_date
     {
         findings.add(Reason::CareDateMismatch);
+    }
+}
+
+/// What the inventory needs of a message: less than [`Fields`], for speed (no times are
+/// parsed, no values copied that are not used).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyFields {
+    /// `MSH-9.1^MSH-9.2`.
+    pub message_type: String,
+    /// MSH-7 as written.
+    pub sent_raw: String,
+    /// PID-3.1 (the `PI` repetition, else the first).
+    pub patient_id: String,
+    /// PID-5, when asked for.
+    pub name: Option<PatientName>,
+    pub cancels: bool,
+}
+
+/// Like [`parse_file`], extracting only [`KeyFields`] (the name only when `want_name`). The
+/// findings are the same.
+pub fn parse_key_fields(
+    bytes: &[u8],
+    key: Option<&Key>,
+    want_name: bool,
+) -> (Option<KeyFields>, Findings) {
+    let mut decoded = decode(bytes);
+    let mut findings = std::mem::take(&mut decoded.findings);
+    if bytes.is_empty() {
+        findings.add(Reason::EmptyFile);
+        return (None, findings);
+    }
+    match hl7::parse(&decoded.text) {
+        Err(reason) => {
+            findings.add(reason);
+            (None, findings)
+        }
+        Ok(m) => {
+            let message_type = match m.segment("MSH") {
+                Some(msh) => {
+                    let first = m.repetitions(msh.field(9)).next().unwrap_or("");
+                    format!("{}^{}", m.component(first, 1), m.component(first, 2))
+                }
+                None => String::new(),
+            };
+            if required_segments(&message_type)
+                .iter()
+                .any(|s| m.segment(s).is_none())
+            {
+                findings.add(Reason::Truncated);
+            }
+            let patient_id = patient_id(&m);
+            if let Some(key) = key {
+                check_against_key(&m, &message_type, &patient_id, key, &mut findings);
+            }
+            let order_cancel = m
+                .segment("ORC")
+                .is_some_and(|orc| m.component(orc.field(1), 1) == "CA");
+            let cancels = order_cancel
+                || datatype::TABLE
+                    .iter()
+                    .any(|t| t.cancels.contains(&message_type.as_str()));
+            let sent_raw = m
+                .segment("MSH")
+                .map(|msh| m.component(msh.field(7), 1).to_owned())
+                .unwrap_or_default();
+            let name = want_name.then(|| patient_name(&m));
+            (
+                Some(KeyFields {
+                    message_type,
+                    sent_raw,
+                    patient_id,
+                    name,
+                    cancels,
+                }),
+                findings,
+            )
+        }
     }
 }
 
@@ -283,6 +366,31 @@ mod tests {
             assert_eq!(
                 p.fields.unwrap().name.ideographic.as_deref(),
                 Some("東京\u{3000}時日")
+            );
+        }
+    }
+
+    #[test]
+    fn key_fields_agree_with_fields() {
+        for text in [
+            ADT.to_owned(),
+            ADT.replace("ADT^A08^ADT_A01", "ADT^A23^ADT_A21"),
+        ] {
+            let bytes = encode(&text).bytes;
+            let k = key("0009013", "-", "ADT-00");
+            let full = parse_file(&bytes, Some(&k));
+            let (light, findings) = parse_key_fields(&bytes, Some(&k), true);
+            let (f, l) = (full.fields.unwrap(), light.unwrap());
+            assert_eq!(full.findings, findings);
+            assert_eq!(
+                (
+                    l.message_type,
+                    l.sent_raw,
+                    l.patient_id,
+                    l.name.unwrap(),
+                    l.cancels
+                ),
+                (f.message_type, f.sent_raw, f.patient_id, f.name, f.cancels)
             );
         }
     }

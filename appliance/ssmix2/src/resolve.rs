@@ -65,8 +65,8 @@ pub enum KeyState {
 }
 
 /// Resolves one key: a status (and an anomaly, if any) per version, in input order.
-pub fn resolve(versions: &[Version<'_>]) -> (KeyState, Vec<(Status, Option<Reason>)>) {
-    let rank = |v: &Version<'_>| (v.occurred, v.sent.to_owned(), v.mtime_ns, v.name.to_owned());
+pub fn resolve<'a>(versions: &[Version<'a>]) -> (KeyState, Vec<(Status, Option<Reason>)>) {
+    let rank = |v: &Version<'a>| (v.occurred, v.sent, v.mtime_ns, v.name);
     let newest_with = |flag: Flag| {
         versions
             .iter()

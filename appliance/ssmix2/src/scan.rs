@@ -20,7 +20,7 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::datatype;
-use crate::message::{PatientName, parse_file};
+use crate::message::{PatientName, parse_key_fields};
 use crate::name::{self, Folders, Key, Name};
 use crate::reason::{Findings, Reason};
 use crate::resolve::{self, Status, Version};
@@ -76,6 +76,12 @@ pub struct Content {
 /// Looks up what is known of a file that has not changed (same size and mtime).
 pub trait ContentCache {
     fn lookup(&mut self, path: &str, size: u64, mtime_ns: i128) -> Option<Content>;
+
+    /// Whether [`ContentCache::lookup`] can ever answer (else the scan does not stat files
+    /// before reading them).
+    fn active(&self) -> bool {
+        true
+    }
 }
 
 /// No cache: every file is read.
@@ -84,6 +90,10 @@ pub struct NoCache;
 impl ContentCache for NoCache {
     fn lookup(&mut self, _: &str, _: u64, _: i128) -> Option<Content> {
         None
+    }
+
+    fn active(&self) -> bool {
+        false
     }
 }
 
@@ -521,7 +531,8 @@ impl Walker<'_, '_> {
         extended: bool,
     ) -> Option<(u64, i128, Result<Content, Reason>)> {
         let abs = self.root.join(path);
-        if let Ok(md) = fs::symlink_metadata(&abs)
+        if self.cache.active()
+            && let Ok(md) = fs::symlink_metadata(&abs)
             && let Some(c) = self.cache.lookup(path, md.len(), mtime_ns(&md))
         {
             return Some((md.len(), mtime_ns(&md), Ok(c)));
@@ -538,31 +549,30 @@ impl Walker<'_, '_> {
                         ..Content::default()
                     }
                 } else {
-                    let parsed = parse_file(&bytes, if extended { None } else { key });
-                    let mut findings = parsed.findings;
+                    let is_adt00 = key.is_some_and(|k| k.data_type == "ADT-00");
+                    let (fields, mut findings) =
+                        parse_key_fields(&bytes, if extended { None } else { key }, is_adt00);
                     if extended
-                        && let (Some(f), Some(k)) = (&parsed.fields, key)
+                        && let (Some(f), Some(k)) = (&fields, key)
                         && !f.patient_id.is_empty()
                         && f.patient_id != k.patient_id
                     {
                         findings.add(Reason::PatientMismatch);
                     }
-                    let is_adt00 = key.is_some_and(|k| k.data_type == "ADT-00");
-                    Content {
-                        sha256,
-                        findings: findings.all().to_vec(),
-                        message_type: parsed.fields.as_ref().map(|f| f.message_type.clone()),
-                        sent_raw: parsed
-                            .fields
-                            .as_ref()
-                            .map(|f| f.sent_raw.clone())
-                            .unwrap_or_default(),
-                        patient_name: parsed
-                            .fields
-                            .as_ref()
-                            .filter(|_| is_adt00)
-                            .map(|f| f.name.clone()),
-                        cancels: parsed.fields.as_ref().is_some_and(|f| f.cancels),
+                    match fields {
+                        Some(f) => Content {
+                            sha256,
+                            findings: findings.all().to_vec(),
+                            message_type: Some(f.message_type),
+                            sent_raw: f.sent_raw,
+                            patient_name: f.name,
+                            cancels: f.cancels,
+                        },
+                        None => Content {
+                            sha256,
+                            findings: findings.all().to_vec(),
+                            ..Content::default()
+                        },
                     }
                 };
                 Some((size, mt, Ok(content)))
