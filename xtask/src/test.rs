@@ -175,7 +175,14 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     // Every benchmark once, briefly: a smoke run proving it still measures (its figures on
     // a shared CI machine are not a verdict).
     for bench in crate::bench::names() {
-        let mut smoke = Command::new(std::env::current_exe().context("cannot find xtask itself")?);
+        // `/proc/self/exe`, not `current_exe()`: the workspace build above may have replaced
+        // target/debug/xtask (features unify differently across the workspace), and the
+        // running binary's inode stays executable through /proc even when its path is gone.
+        let myself = std::path::Path::new("/proc/self/exe");
+        if !myself.exists() {
+            bail!("cannot find xtask itself (/proc/self/exe)");
+        }
+        let mut smoke = Command::new(myself);
         smoke.args(["bench", bench]).env("TSUNAGI_BENCH_SECS", "2");
         if !step(&mut smoke)? {
             return Ok(verdict_failed(&display(&smoke)));
