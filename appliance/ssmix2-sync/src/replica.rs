@@ -19,7 +19,7 @@ pub struct RelPath(String);
 
 /// Why a relative path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a relative path inside the replica")]
+#[error("not a relative path inside the replica")]
 pub struct BadPath(pub String);
 
 impl RelPath {
@@ -79,17 +79,24 @@ impl fmt::Display for RelPath {
     }
 }
 
-/// A transport failure. `Transient` ones are retried with backoff; `Permanent` ones (the
-/// server refuses the request itself) are retried too, but reported as errors.
+/// A transport failure; every one is retried with backoff. Messages never name the file:
+/// replica paths contain patient IDs, and errors reach logs and `tsunagi status` (the path
+/// stays in the value for the program).
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
-    #[error("replica I/O failed on {path}")]
+    #[error("the replica directory {path} cannot be used")]
+    Root {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("replica I/O failed")]
     Io {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("the replica server answered {status} to {method} {path}")]
+    #[error("the replica server answered {status} to {method}")]
     Status {
         method: &'static str,
         path: String,
@@ -124,12 +131,12 @@ pub struct DirReplica {
 impl DirReplica {
     /// A replica rooted at `root`, which must exist.
     pub fn new(root: &Path) -> Result<DirReplica, ReplicaError> {
-        let md = fs::metadata(root).map_err(|source| ReplicaError::Io {
+        let md = fs::metadata(root).map_err(|source| ReplicaError::Root {
             path: root.display().to_string(),
             source,
         })?;
         if !md.is_dir() {
-            return Err(ReplicaError::Io {
+            return Err(ReplicaError::Root {
                 path: root.display().to_string(),
                 source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
             });
