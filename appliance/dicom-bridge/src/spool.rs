@@ -1,0 +1,524 @@
+//! The spool: `DIR/incoming/*.part` (instances being received), `DIR/objects/N.dcm`
+//! (received, acknowledged, waiting to be forwarded) and `DIR/queue.db` (the queue,
+//! `synchronous=FULL`). File names come from queue ids, never from UIDs.
+//!
+//! **Invariants.** A file under `objects/` is complete: it was fsynced under a temporary
+//! name first. [`Incoming::commit`] returns only after the file and its queue row are durable,
+//! so a success status sent after it survives `kill -9` and power loss. An instance that is
+//! not committed (abort, error, crash) leaves nothing: `Incoming` removes its temporary file
+//! on drop, and [`Spool::open`] removes what a crash left (temporary files, and objects
+//! without a queue row, which were never acknowledged).
+//!
+//! **Duplicates** (same SOP Instance UID while an earlier copy is still queued): identical
+//! bytes are stored once; different bytes replace the earlier copy (the newest wins), and the
+//! event is recorded in the `duplicates` table. Never silent.
+
+use std::fs::{self, File};
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+use sha2::{Digest as _, Sha256};
+use tsunagi_state::{Durability, Migration, StateError};
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: "CREATE TABLE queue (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            sop_class TEXT NOT NULL, sop_instance TEXT NOT NULL, transfer_syntax TEXT NOT NULL,
+            calling_ae TEXT NOT NULL, patient_id TEXT,
+            size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'held', 'dead')),
+            reason TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+            received_at INTEGER NOT NULL, next_attempt_at INTEGER NOT NULL
+          ) STRICT;
+          CREATE INDEX queue_instance ON queue (sop_instance);
+          CREATE INDEX queue_ready ON queue (state, next_attempt_at, id);
+          CREATE INDEX queue_patient ON queue (patient_id, state);
+          CREATE TABLE duplicates (
+            at INTEGER NOT NULL, sop_instance TEXT NOT NULL, kept INTEGER NOT NULL,
+            replaced INTEGER, identical INTEGER NOT NULL
+          ) STRICT;
+          CREATE TABLE counters (id INTEGER PRIMARY KEY CHECK (id = 1), delivered INTEGER NOT NULL) STRICT;
+          INSERT INTO counters VALUES (1, 0);",
+}];
+
+/// Spool errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The quota is reached or the disk is full: answer A700 and keep serving.
+    #[error("the spool is out of space (quota or disk full)")]
+    OutOfResources,
+    #[error("spool I/O failed")]
+    Io(#[source] io::Error),
+    #[error("cannot open the spool's queue")]
+    Open(#[source] StateError),
+    #[error("spool queue operation `{op}` failed")]
+    Sql {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> SpoolError {
+    move |source| SpoolError::Sql { op, source }
+}
+
+fn io_or_full(e: io::Error) -> SpoolError {
+    // ENOSPC and EDQUOT: out of resources, not a failure of the spool.
+    if matches!(e.raw_os_error(), Some(28) | Some(122)) {
+        SpoolError::OutOfResources
+    } else {
+        SpoolError::Io(e)
+    }
+}
+
+/// What the queue knows about an instance (from the C-STORE request and its data set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub sop_class: String,
+    pub sop_instance: String,
+    pub transfer_syntax: String,
+    pub calling_ae: String,
+    /// (0010,0020), for the consent gate; `None` if the data set has none.
+    pub patient_id: Option<String>,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// Queued under this id.
+    Queued(i64),
+    /// Identical to a copy already queued under this id: stored once.
+    Identical(i64),
+    /// Queued under `id`, replacing the earlier, different copy `replaced`.
+    Replaced { id: i64, replaced: i64 },
+}
+
+/// An instance waiting to be forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub id: i64,
+    pub path: PathBuf,
+    pub meta: Meta,
+    pub size: u64,
+    pub attempts: u32,
+}
+
+/// Counts for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub pending: u64,
+    pub held: u64,
+    pub dead: u64,
+    pub bytes: u64,
+    pub delivered: u64,
+    pub duplicates: u64,
+}
+
+struct Inner {
+    dir: PathBuf,
+    conn: Mutex<Connection>,
+    quota: u64,
+    /// Bytes of queued objects plus bytes being received.
+    used: AtomicU64,
+}
+
+/// The spool (cheap to clone: shared by every association).
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(SpoolError::Io)
+}
+
+impl Spool {
+    /// Opens (creating) a spool in `dir` with a quota in bytes, and removes what a crash left.
+    pub fn open(dir: &Path, quota: u64) -> Result<Spool, SpoolError> {
+        for sub in ["incoming", "objects"] {
+            fs::create_dir_all(dir.join(sub)).map_err(SpoolError::Io)?;
+        }
+        let conn =
+            tsunagi_state::open(&dir.join("queue.db"), Durability::Acknowledging, MIGRATIONS)
+                .map_err(SpoolError::Open)?;
+        // Recovery: nothing in incoming/ was acknowledged.
+        for e in fs::read_dir(dir.join("incoming")).map_err(SpoolError::Io)? {
+            let _ = fs::remove_file(e.map_err(SpoolError::Io)?.path());
+        }
+        // Objects without a queue row: renamed but the row's transaction did not commit, so
+        // never acknowledged.
+        let mut used = 0u64;
+        for e in fs::read_dir(dir.join("objects")).map_err(SpoolError::Io)? {
+            let path = e.map_err(SpoolError::Io)?.path();
+            let id = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<i64>().ok());
+            let known: Option<i64> = match id {
+                Some(id) => conn
+                    .query_row("SELECT size FROM queue WHERE id = ?1", [id], |r| r.get(0))
+                    .optional()
+                    .map_err(sql("recover"))?,
+                None => None,
+            };
+            match known {
+                Some(size) => used += u64::try_from(size).unwrap_or(0),
+                None => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                dir: dir.to_owned(),
+                conn: Mutex::new(conn),
+                quota,
+                used: AtomicU64::new(used),
+            }),
+        })
+    }
+
+    fn object_path(&self, id: i64) -> PathBuf {
+        self.inner.dir.join("objects").join(format!("{id}.dcm"))
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions).
+        self.inner
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts receiving an instance.
+    pub fn begin(&self) -> Result<Incoming, SpoolError> {
+        let name = format!("{:016x}.part", fastrand::u64(..));
+        let path = self.inner.dir.join("incoming").join(name);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_or_full)?;
+        Ok(Incoming {
+            spool: self.clone(),
+            path,
+            file: Some(file),
+            written: 0,
+            hash: Sha256::new(),
+        })
+    }
+
+    /// Instances ready to forward at `now` (Unix seconds), oldest first.
+    pub fn ready(&self, now: i64, limit: usize) -> Result<Vec<Queued>, SpoolError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, attempts FROM queue
+                 WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(sql("read the queue"))?;
+        let rows = stmt
+            .query_map(
+                params![now, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        Meta {
+                            sop_class: r.get(1)?,
+                            sop_instance: r.get(2)?,
+                            transfer_syntax: r.get(3)?,
+                            calling_ae: r.get(4)?,
+                            patient_id: r.get(5)?,
+                        },
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, i64>(7)?,
+                    ))
+                },
+            )
+            .map_err(sql("read the queue"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, meta, size, attempts) = row.map_err(sql("read the queue"))?;
+            out.push(Queued {
+                id,
+                path: self.object_path(id),
+                meta,
+                size: u64::try_from(size).unwrap_or(0),
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The network acknowledged it: the object leaves the spool.
+    pub fn delivered(&self, id: i64) -> Result<(), SpoolError> {
+        let size = self.remove_row(id, "delivered")?;
+        self.conn()
+            .execute("UPDATE counters SET delivered = delivered + 1", [])
+            .map_err(sql("count"))?;
+        self.release(size);
+        Ok(())
+    }
+
+    fn remove_row(&self, id: i64, op: &'static str) -> Result<u64, SpoolError> {
+        let size: Option<i64> = {
+            let conn = self.conn();
+            let size = conn
+                .query_row("SELECT size FROM queue WHERE id = ?1", [id], |r| r.get(0))
+                .optional()
+                .map_err(sql(op))?;
+            conn.execute("DELETE FROM queue WHERE id = ?1", [id])
+                .map_err(sql(op))?;
+            size
+        };
+        let _ = fs::remove_file(self.object_path(id));
+        Ok(size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+    }
+
+    fn release(&self, bytes: u64) {
+        let _ = self
+            .inner
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                Some(u.saturating_sub(bytes))
+            });
+    }
+
+    /// A transient failure: try again at `next_attempt_at`.
+    pub fn retry_later(
+        &self,
+        id: i64,
+        error: &str,
+        next_attempt_at: i64,
+    ) -> Result<(), SpoolError> {
+        self.conn()
+            .execute(
+                "UPDATE queue SET attempts = attempts + 1, last_error = ?1, next_attempt_at = ?2 WHERE id = ?3",
+                params![error, next_attempt_at, id],
+            )
+            .map_err(sql("retry"))?;
+        Ok(())
+    }
+
+    /// Held in the clinic (e.g. the consent denies it), with the reason; never sent while held.
+    pub fn hold(&self, id: i64, reason: &str) -> Result<(), SpoolError> {
+        self.conn()
+            .execute(
+                "UPDATE queue SET state = 'held', reason = ?1 WHERE id = ?2",
+                params![reason, id],
+            )
+            .map_err(sql("hold"))?;
+        Ok(())
+    }
+
+    /// A patient's consent changed: their held instances are evaluated again.
+    pub fn release_patient(&self, patient_id: &str) -> Result<u64, SpoolError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE queue SET state = 'pending', reason = NULL, next_attempt_at = 0 WHERE state = 'held' AND patient_id = ?1",
+                [patient_id],
+            )
+            .map_err(sql("release"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Pending instances received before `before` become dead letters (with an alert).
+    pub fn dead_letters(&self, before: i64) -> Result<u64, SpoolError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE queue SET state = 'dead' WHERE state = 'pending' AND received_at < ?1",
+                [before],
+            )
+            .map_err(sql("dead letters"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    pub fn counts(&self) -> Result<Counts, SpoolError> {
+        let conn = self.conn();
+        let mut c = Counts::default();
+        let mut stmt = conn
+            .prepare("SELECT state, count(*), COALESCE(sum(size), 0) FROM queue GROUP BY state")
+            .map_err(sql("count"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(sql("count"))?;
+        for row in rows {
+            let (state, n, bytes) = row.map_err(sql("count"))?;
+            let n = u64::try_from(n).unwrap_or(0);
+            match state.as_str() {
+                "pending" => c.pending = n,
+                "held" => c.held = n,
+                _ => c.dead = n,
+            }
+            c.bytes += u64::try_from(bytes).unwrap_or(0);
+        }
+        c.delivered = conn
+            .query_row("SELECT delivered FROM counters", [], |r| r.get::<_, i64>(0))
+            .map_err(sql("count"))?
+            .try_into()
+            .unwrap_or(0);
+        c.duplicates = conn
+            .query_row("SELECT count(*) FROM duplicates", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(sql("count"))?
+            .try_into()
+            .unwrap_or(0);
+        Ok(c)
+    }
+}
+
+/// An instance being received. Dropped without [`Incoming::commit`], it leaves nothing.
+pub struct Incoming {
+    spool: Spool,
+    path: PathBuf,
+    file: Option<File>,
+    written: u64,
+    hash: Sha256,
+}
+
+impl Incoming {
+    /// Appends bytes (a P-DATA fragment). `OutOfResources` when the quota or the disk is
+    /// full: drop this `Incoming` and answer A700.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+        let n = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        let inner = &self.spool.inner;
+        let reserved = inner
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                let next = u.checked_add(n)?;
+                (next <= inner.quota).then_some(next)
+            });
+        if reserved.is_err() {
+            return Err(SpoolError::OutOfResources);
+        }
+        self.written += n;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or(SpoolError::Io(io::Error::other("already committed")))?;
+        file.write_all(bytes).map_err(io_or_full)?;
+        self.hash.update(bytes);
+        Ok(())
+    }
+
+    /// Bytes received so far.
+    pub fn len(&self) -> u64 {
+        self.written
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.written == 0
+    }
+
+    /// Makes the instance durable and queued; only then may success be answered.
+    pub fn commit(mut self, meta: &Meta, now: i64) -> Result<Committed, SpoolError> {
+        let file = self
+            .file
+            .take()
+            .ok_or(SpoolError::Io(io::Error::other("already committed")))?;
+        file.sync_all().map_err(io_or_full)?;
+        drop(file);
+        let sha = self
+            .hash
+            .clone()
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        let spool = self.spool.clone();
+        let objects = spool.inner.dir.join("objects");
+        let mut conn = spool.conn();
+        let earlier: Option<(i64, String)> = conn
+            .query_row(
+                "SELECT id, sha256 FROM queue WHERE sop_instance = ?1 ORDER BY id DESC LIMIT 1",
+                [&meta.sop_instance],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("find duplicates"))?;
+        if let Some((id, earlier_sha)) = &earlier
+            && *earlier_sha == sha
+        {
+            conn.execute(
+                "INSERT INTO duplicates VALUES (?1, ?2, ?3, NULL, 1)",
+                params![now, meta.sop_instance, id],
+            )
+            .map_err(sql("record a duplicate"))?;
+            drop(conn);
+            // Stored once: this copy goes (Drop removes the file and releases its bytes).
+            return Ok(Committed::Identical(*id));
+        }
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        tx.execute(
+            "INSERT INTO queue (sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, sha256, state, received_at, next_attempt_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, 0)",
+            params![meta.sop_class, meta.sop_instance, meta.transfer_syntax, meta.calling_ae, meta.patient_id, i64::try_from(self.written).unwrap_or(i64::MAX), sha, now],
+        )
+        .map_err(sql("queue"))?;
+        let id = tx.last_insert_rowid();
+        let target = objects.join(format!("{id}.dcm"));
+        fs::rename(&self.path, &target).map_err(io_or_full)?;
+        sync_dir(&objects)?;
+        let mut replaced = None;
+        if let Some((old, _)) = earlier {
+            tx.execute("DELETE FROM queue WHERE id = ?1", [old])
+                .map_err(sql("replace"))?;
+            tx.execute(
+                "INSERT INTO duplicates VALUES (?1, ?2, ?3, ?4, 0)",
+                params![now, meta.sop_instance, id, old],
+            )
+            .map_err(sql("record a duplicate"))?;
+            replaced = Some(old);
+        }
+        tx.commit().map_err(sql("commit"))?;
+        drop(conn);
+        // Committed: the file is the queue's now; its bytes stay counted.
+        self.written = 0;
+        self.path = PathBuf::new();
+        if let Some(old) = replaced {
+            let old_path = spool.object_path(old);
+            let size = fs::metadata(&old_path).map(|m| m.len()).unwrap_or(0);
+            let _ = fs::remove_file(old_path);
+            spool.release(size);
+            return Ok(Committed::Replaced { id, replaced: old });
+        }
+        Ok(Committed::Queued(id))
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            self.file.take();
+            let _ = fs::remove_file(&self.path);
+        }
+        self.spool.release(self.written);
+    }
+}
+
+#[cfg(test)]
+mod tests;

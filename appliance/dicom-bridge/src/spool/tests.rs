@@ -1,0 +1,156 @@
+use super::*;
+
+fn meta(uid: &str, patient: &str) -> Meta {
+    Meta {
+        sop_class: "1.2.840.10008.5.1.4.1.1.2".into(),
+        sop_instance: uid.into(),
+        transfer_syntax: "1.2.840.10008.1.2.1".into(),
+        calling_ae: "MODALITY".into(),
+        patient_id: Some(patient.into()),
+    }
+}
+
+fn files(dir: &Path, sub: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir.join(sub))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn receive(spool: &Spool, bytes: &[u8], m: &Meta) -> Committed {
+    let mut inc = spool.begin().unwrap();
+    for chunk in bytes.chunks(7) {
+        inc.write(chunk).unwrap();
+    }
+    inc.commit(m, 100).unwrap()
+}
+
+#[test]
+fn committed_instances_are_queued_durably_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let Committed::Queued(id) = receive(&spool, b"DICM instance one", &meta("1.2.3.1", "0001"))
+    else {
+        panic!()
+    };
+    assert_eq!(files(dir.path(), "objects"), vec![format!("{id}.dcm")]);
+    assert!(files(dir.path(), "incoming").is_empty());
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let ready = spool.ready(100, 10).unwrap();
+    assert_eq!(ready.len(), 1);
+    assert_eq!(fs::read(&ready[0].path).unwrap(), b"DICM instance one");
+    assert_eq!(ready[0].meta, meta("1.2.3.1", "0001"));
+    spool.delivered(id).unwrap();
+    assert!(files(dir.path(), "objects").is_empty());
+    assert_eq!(spool.counts().unwrap().delivered, 1);
+}
+
+#[test]
+fn an_aborted_transfer_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let mut inc = spool.begin().unwrap();
+    inc.write(b"half an instance").unwrap();
+    assert_eq!(files(dir.path(), "incoming").len(), 1);
+    drop(inc);
+    assert!(files(dir.path(), "incoming").is_empty());
+    assert!(files(dir.path(), "objects").is_empty());
+    assert_eq!(spool.counts().unwrap(), Counts::default());
+}
+
+#[test]
+fn the_quota_answers_out_of_resources_and_frees_up_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 20).unwrap();
+    receive(&spool, b"0123456789", &meta("1.2.3.1", "0001"));
+    let mut inc = spool.begin().unwrap();
+    inc.write(b"0123456789").unwrap();
+    assert!(matches!(inc.write(b"x"), Err(SpoolError::OutOfResources)));
+    drop(inc);
+    assert!(files(dir.path(), "incoming").is_empty(), "no partial file");
+    // Another association is refused too while full; after delivery there is room again.
+    let mut inc = spool.begin().unwrap();
+    assert!(matches!(
+        inc.write(&[0; 11]),
+        Err(SpoolError::OutOfResources)
+    ));
+    drop(inc);
+    let id = spool.ready(100, 1).unwrap()[0].id;
+    spool.delivered(id).unwrap();
+    receive(&spool, &[1; 20], &meta("1.2.3.2", "0001"));
+}
+
+#[test]
+fn duplicates_follow_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let Committed::Queued(first) = receive(&spool, b"version one", &meta("1.2.3.1", "0001")) else {
+        panic!()
+    };
+    // Identical bytes: stored once.
+    assert_eq!(
+        receive(&spool, b"version one", &meta("1.2.3.1", "0001")),
+        Committed::Identical(first)
+    );
+    assert_eq!(files(dir.path(), "objects").len(), 1);
+    // Different bytes: the newest replaces it, recorded.
+    let Committed::Replaced { id, replaced } =
+        receive(&spool, b"version two", &meta("1.2.3.1", "0001"))
+    else {
+        panic!()
+    };
+    assert_eq!(replaced, first);
+    assert_eq!(files(dir.path(), "objects"), vec![format!("{id}.dcm")]);
+    let c = spool.counts().unwrap();
+    assert_eq!((c.pending, c.duplicates, c.bytes), (1, 2, 11));
+}
+
+#[test]
+fn held_instances_are_never_ready_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let Committed::Queued(a) = receive(&spool, b"a", &meta("1.2.3.1", "0001")) else {
+        panic!()
+    };
+    let Committed::Queued(b) = receive(&spool, b"b", &meta("1.2.3.2", "0002")) else {
+        panic!()
+    };
+    spool.hold(a, "no-consent").unwrap();
+    assert_eq!(
+        spool
+            .ready(100, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.id)
+            .collect::<Vec<_>>(),
+        vec![b]
+    );
+    spool.retry_later(b, "connection refused", 160).unwrap();
+    assert!(spool.ready(100, 10).unwrap().is_empty());
+    assert_eq!(spool.ready(160, 10).unwrap()[0].attempts, 1);
+    assert_eq!(spool.release_patient("0001").unwrap(), 1);
+    assert_eq!(spool.ready(160, 10).unwrap().len(), 2);
+    assert_eq!(spool.dead_letters(101).unwrap(), 2);
+    assert_eq!(spool.counts().unwrap().dead, 2);
+}
+
+#[test]
+fn opening_removes_what_a_crash_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let Committed::Queued(id) = receive(&spool, b"kept", &meta("1.2.3.1", "0001")) else {
+        panic!()
+    };
+    drop(spool);
+    // A temporary file of a transfer cut by kill -9, and an object renamed into place whose
+    // queue row never committed (so its success was never sent).
+    fs::write(dir.path().join("incoming").join("deadbeef.part"), b"half").unwrap();
+    fs::write(dir.path().join("objects").join("999.dcm"), b"orphan").unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    assert!(files(dir.path(), "incoming").is_empty());
+    assert_eq!(files(dir.path(), "objects"), vec![format!("{id}.dcm")]);
+    assert_eq!(spool.counts().unwrap().bytes, 4);
+}
