@@ -1,10 +1,13 @@
 //! `dicom-bridge`: the DICOM bridge between the clinic's modalities and viewers and the
 //! network PACS (issue 6, in progress).
 //!
+//! * [`header`]: the routing elements (SOP class and instance, patient ID, the raw patient
+//!   name, study) from the start of a data set, without decoding the rest.
 //! * [`spool`]: the durable spool and store-and-forward queue. An instance is streamed into
 //!   a temporary file, fsynced, renamed into place and recorded in the queue **before** its
 //!   C-STORE success is sent; a quota or a full disk is `OutOfResources` (A700) with nothing
 //!   left behind; duplicates of a SOP Instance UID follow a stated policy.
 #![forbid(unsafe_code)]
 
+pub mod header;
 pub mod spool;
