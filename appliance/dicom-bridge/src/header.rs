@@ -42,6 +42,10 @@ fn tag_of(g: u16, e: u16) -> u32 {
     (u32::from(g) << 16) | u32::from(e)
 }
 
+/// An element's header: group, element, VR (blank where the encoding has none), value
+/// length, and the header's own length.
+type ElementHeader = (u16, u16, [u8; 2], u32, usize);
+
 struct Reader<'a> {
     b: &'a [u8],
     pos: usize,
@@ -64,7 +68,7 @@ impl<'a> Reader<'a> {
 
     /// The next element's (group, element, VR, value length, header length); `None` at the
     /// end of the input.
-    fn element(&self) -> Result<Option<(u16, u16, [u8; 2], u32, usize)>, HeaderError> {
+    fn element(&self) -> Result<Option<ElementHeader>, HeaderError> {
         if self.pos >= self.b.len() {
             return Ok(None);
         }
