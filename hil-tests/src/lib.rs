@@ -14,6 +14,12 @@
 //!   HTTPS with client certificates (a test PKI of its own) on a loopback port, or on a
 //!   given address inside a network namespace (the demo's hub; root), for the SS-MIX2
 //!   replica's WebDAV transport; needs `nginx` and `openssl`.
+//! - [`orthanc`]: [`Orthanc`](orthanc::Orthanc), a guard running a real Orthanc PACS in a
+//!   network namespace of its own (root), with a REST helper and commands for dcmtk's
+//!   tools as modality or viewer inside it, for the DICOM bridge; needs `orthanc`, `dcmtk`.
+//! - [`dicom_files`]: DICOM test files: pydicom's (a pinned pip install in a cache outside
+//!   the repository) and instances generated with dcmtk (a Japanese `\ISO 2022 IR 87`
+//!   CT, a multi-frame instance of a requested size), and a reader of raw element bytes.
 //!
 //! Everything here is test support: it needs root and `/dev/net/tun`, and it runs `ip`,
 //! `nft`, `wg` and `wireguard-go`. See `hil-tests/README.md`.
@@ -26,7 +32,9 @@
     reason = "test harness: waits on processes from plain threads, no async runtime"
 )]
 
+pub mod dicom_files;
 pub mod fhir;
 pub mod health;
 pub mod nginx;
+pub mod orthanc;
 pub mod testnet;

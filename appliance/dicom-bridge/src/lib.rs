@@ -3,6 +3,7 @@
 //!
 //! * [`header`]: the routing elements (SOP class and instance, patient ID, the raw patient
 //!   name, study) from the start of a data set, without decoding the rest.
+//! * [`scp`]: the clinic-side SCP (C-ECHO; C-STORE of any SOP class into the spool).
 //! * [`spool`]: the durable spool and store-and-forward queue. An instance is streamed into
 //!   a temporary file, fsynced, renamed into place and recorded in the queue **before** its
 //!   C-STORE success is sent; a quota or a full disk is `OutOfResources` (A700) with nothing
@@ -10,4 +11,5 @@
 #![forbid(unsafe_code)]
 
 pub mod header;
+pub mod scp;
 pub mod spool;

@@ -1,0 +1,339 @@
+//! The clinic-side SCP: C-ECHO, and C-STORE of any SOP class into the spool.
+//!
+//! One tokio task per association, at most `max_associations` at a time (beyond that a
+//! connection is closed at once). `TCP_NODELAY` on every socket; read and write timeouts on
+//! every PDU; strict PDU lengths. The called AE title must be ours; with an allow-list, the
+//! calling AE title must be listed for the peer's address (else A-ASSOCIATE-RJ "calling AE
+//! title not recognized"). Every abstract syntax is accepted (every storage SOP class,
+//! private ones included) with the transfer syntaxes as proposed: nothing is transcoded.
+//!
+//! A data set is streamed PDU by PDU into the spool; the C-STORE-RSP success is sent only
+//! after [`crate::spool::Incoming::commit`] returned. The spool full: A700, and the
+//! association goes on. The command's Affected SOP Instance UID must match (0008,0018) in the
+//! data set, else A900 and nothing is stored. An abort or a dropped connection mid-transfer
+//! leaves nothing. Other commands are answered "unrecognized operation" (0211H).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_ul::association::server::AccessControl;
+use dicom_ul::pdu::{AssociationRJServiceUserReason, PDataValue, PDataValueType, UserIdentity};
+use dicom_ul::{Pdu, ServerAssociationOptions};
+use dimse::command::{Command, CommandField};
+use dimse::status::Status;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::header;
+use crate::spool::{Incoming, Meta, Spool, SpoolError};
+
+/// What the SCP needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub ae_title: String,
+    pub max_pdu: u32,
+    pub timeout: Duration,
+    pub max_associations: usize,
+    /// Calling AE titles and the addresses they may come from; `None`: anyone.
+    pub allowed: Option<Vec<(String, IpAddr)>>,
+}
+
+/// How the data set's first bytes are kept for the header (the routing elements are near
+/// the start).
+const HEADER_PREFIX: usize = 64 * 1024;
+
+/// The implicit VR little endian transfer syntax (every other one in use encodes the data set
+/// as explicit VR little endian).
+const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+
+struct Access {
+    peer: IpAddr,
+    allowed: Option<Vec<(String, IpAddr)>>,
+}
+
+impl AccessControl for Access {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        if this_ae_title != called_ae_title.trim() {
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        match &self.allowed {
+            Some(list)
+                if !list
+                    .iter()
+                    .any(|(ae, ip)| ae == calling_ae_title.trim() && *ip == self.peer) =>
+            {
+                Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Accepts associations until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    settings: Arc<Settings>,
+    spool: Spool,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(settings.max_associations.max(1)));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((socket, peer)) = accepted else {
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer.ip(), "too many associations; connection closed");
+            continue;
+        };
+        let (settings, spool, stop) = (settings.clone(), spool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let span = tracing::info_span!("association", peer = %peer.ip());
+            let _ = tracing::Instrument::instrument(
+                association(socket, peer.ip(), &settings, &spool, &stop),
+                span,
+            )
+            .await;
+        });
+    }
+}
+
+/// The data set being received for a C-STORE.
+struct Receiving {
+    pc_id: u8,
+    command: Command,
+    transfer_syntax: String,
+    incoming: Option<Incoming>,
+    prefix: Vec<u8>,
+    failure: Option<Status>,
+}
+
+async fn send_command(
+    assoc: &mut dicom_ul::association::AsyncServerAssociation<TcpStream>,
+    pc_id: u8,
+    c: &Command,
+) -> Result<(), dicom_ul::association::Error> {
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: c.encode(),
+            }],
+        })
+        .await
+}
+
+async fn association(
+    socket: TcpStream,
+    peer: IpAddr,
+    settings: &Settings,
+    spool: &Spool,
+    stop: &CancellationToken,
+) -> Result<(), dicom_ul::association::Error> {
+    let _ = socket.set_nodelay(true);
+    let options = ServerAssociationOptions::new()
+        .ae_access_control(Access {
+            peer,
+            allowed: settings.allowed.clone(),
+        })
+        .ae_title(settings.ae_title.clone())
+        .promiscuous(true)
+        .max_pdu_length(settings.max_pdu)
+        .strict(true)
+        .read_timeout(settings.timeout)
+        .write_timeout(settings.timeout);
+    let mut assoc = options.establish_async(socket).await?;
+    let calling = dicom_ul::association::Association::peer_ae_title(&assoc)
+        .trim()
+        .to_owned();
+    tracing::debug!(calling = %calling, "association established");
+    let mut command_buf: Vec<u8> = Vec::new();
+    let mut receiving: Option<Receiving> = None;
+    loop {
+        let pdu = tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = assoc.abort().await;
+                return Ok(());
+            }
+            pdu = assoc.receive() => pdu?,
+        };
+        match pdu {
+            Pdu::PData { data } => {
+                for pdv in data {
+                    match pdv.value_type {
+                        PDataValueType::Command => {
+                            if command_buf.len() + pdv.data.len() > dimse::command::MAX_COMMAND_SET
+                            {
+                                let _ = assoc.abort().await;
+                                return Ok(());
+                            }
+                            command_buf.extend_from_slice(&pdv.data);
+                            if !pdv.is_last {
+                                continue;
+                            }
+                            let Ok(command) = Command::decode(&command_buf) else {
+                                tracing::warn!("undecodable command set; aborting");
+                                let _ = assoc.abort().await;
+                                return Ok(());
+                            };
+                            command_buf.clear();
+                            let transfer_syntax = assoc
+                                .presentation_contexts()
+                                .iter()
+                                .find(|pc| pc.id == pdv.presentation_context_id)
+                                .map(|pc| pc.transfer_syntax.trim_end_matches('\0').to_owned());
+                            let Some(transfer_syntax) = transfer_syntax else {
+                                let _ = assoc.abort().await;
+                                return Ok(());
+                            };
+                            match command.field {
+                                CommandField::CEchoRq => {
+                                    if let Some(rsp) = command.respond(Status::SUCCESS) {
+                                        send_command(&mut assoc, pdv.presentation_context_id, &rsp)
+                                            .await?;
+                                    }
+                                }
+                                CommandField::CStoreRq if command.has_dataset => {
+                                    let (incoming, failure) = match spool.begin() {
+                                        Ok(i) => (Some(i), None),
+                                        Err(SpoolError::OutOfResources) => {
+                                            (None, Some(Status::OUT_OF_RESOURCES))
+                                        }
+                                        Err(_) => (None, Some(Status::PROCESSING_FAILURE)),
+                                    };
+                                    receiving = Some(Receiving {
+                                        pc_id: pdv.presentation_context_id,
+                                        command,
+                                        transfer_syntax,
+                                        incoming,
+                                        prefix: Vec::new(),
+                                        failure,
+                                    });
+                                }
+                                _ if command.field.is_response() => {}
+                                _ => {
+                                    if let Some(rsp) =
+                                        command.respond(Status::UNRECOGNIZED_OPERATION)
+                                    {
+                                        send_command(&mut assoc, pdv.presentation_context_id, &rsp)
+                                            .await?;
+                                    }
+                                }
+                            }
+                        }
+                        PDataValueType::Data => {
+                            let Some(r) = receiving.as_mut() else {
+                                tracing::warn!("a data set without a command; aborting");
+                                let _ = assoc.abort().await;
+                                return Ok(());
+                            };
+                            if r.pc_id != pdv.presentation_context_id {
+                                let _ = assoc.abort().await;
+                                return Ok(());
+                            }
+                            if r.prefix.len() < HEADER_PREFIX {
+                                let take = (HEADER_PREFIX - r.prefix.len()).min(pdv.data.len());
+                                r.prefix.extend_from_slice(&pdv.data[..take]);
+                            }
+                            if let Some(inc) = r.incoming.as_mut()
+                                && let Err(e) = inc.write(&pdv.data)
+                            {
+                                r.failure = Some(match e {
+                                    SpoolError::OutOfResources => Status::OUT_OF_RESOURCES,
+                                    _ => Status::PROCESSING_FAILURE,
+                                });
+                                // Nothing partial stays: the rest is read and discarded.
+                                r.incoming = None;
+                            }
+                            if pdv.is_last {
+                                let done = receiving.take();
+                                if let Some(r) = done {
+                                    let status = finish(
+                                        r.incoming,
+                                        r.failure,
+                                        &r.prefix,
+                                        &r.command,
+                                        &r.transfer_syntax,
+                                        &calling,
+                                    )
+                                    .await;
+                                    if let Some(rsp) = r.command.respond(status) {
+                                        send_command(&mut assoc, r.pc_id, &rsp).await?;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Pdu::ReleaseRQ => {
+                assoc.send(&Pdu::ReleaseRP).await?;
+                return Ok(());
+            }
+            Pdu::AbortRQ { .. } => return Ok(()),
+            _ => {
+                let _ = assoc.abort().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Commits a received data set (or not) and says which status to answer.
+async fn finish(
+    incoming: Option<Incoming>,
+    failure: Option<Status>,
+    prefix: &[u8],
+    command: &Command,
+    transfer_syntax: &str,
+    calling: &str,
+) -> Status {
+    if let Some(f) = failure {
+        return f;
+    }
+    let Some(incoming) = incoming else {
+        return Status::PROCESSING_FAILURE;
+    };
+    let explicit = transfer_syntax != IMPLICIT_VR_LE;
+    let head = header::read(prefix, explicit).ok();
+    let sop_instance = command.affected_sop_instance.clone().unwrap_or_default();
+    if sop_instance.is_empty()
+        || head
+            .as_ref()
+            .and_then(|h| h.sop_instance.as_deref())
+            .is_some_and(|uid| uid != sop_instance)
+    {
+        // The command and the data set disagree: store nothing.
+        return Status::DATASET_MISMATCH;
+    }
+    let meta = Meta {
+        sop_class: command.affected_sop_class.clone().unwrap_or_default(),
+        sop_instance,
+        transfer_syntax: transfer_syntax.to_owned(),
+        calling_ae: calling.to_owned(),
+        patient_id: head.and_then(|h| h.patient_id).filter(|p| !p.is_empty()),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    // fsync and SQLite: off the async threads.
+    match tokio::task::spawn_blocking(move || incoming.commit(&meta, now)).await {
+        Ok(Ok(_)) => Status::SUCCESS,
+        Ok(Err(SpoolError::OutOfResources)) => Status::OUT_OF_RESOURCES,
+        _ => Status::PROCESSING_FAILURE,
+    }
+}

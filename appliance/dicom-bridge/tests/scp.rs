@@ -1,0 +1,150 @@
+//! The SCP against dcmtk as the modality: C-ECHO, C-STORE into the spool (bytes as sent, a
+//! Japanese name byte for byte), a wrong called AE title, a full spool (A700).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_bridge::scp::{Settings, serve};
+use dicom_bridge::spool::Spool;
+use tokio_util::sync::CancellationToken;
+
+/// `Yamada^Tarou=山田^太郎` in ISO 2022 IR 87.
+const NAME: &[u8] = b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B";
+
+fn generate(dir: &Path, uid: &str, patient: &str) -> PathBuf {
+    let dump = dir.join(format!("{uid}.dump"));
+    let mut text = Vec::new();
+    text.extend_from_slice(b"(0008,0005) CS [\\ISO 2022 IR 87]\n(0008,0016) UI =CTImageStorage\n");
+    text.extend_from_slice(format!("(0008,0018) UI [{uid}]\n(0010,0010) PN [").as_bytes());
+    text.extend_from_slice(NAME);
+    text.extend_from_slice(format!("]\n(0010,0020) LO [{patient}]\n(0020,000d) UI [1.2.826.0.1.3680043.9.7777.1]\n(0028,0010) US 4\n(0028,0011) US 4\n(7fe0,0010) OW 0001\\0002\\0003\\0004\\0005\\0006\\0007\\0008\\0009\\000a\\000b\\000c\\000d\\000e\\000f\\0010\n").as_bytes());
+    std::fs::write(&dump, text).unwrap();
+    let out = dir.join(format!("{uid}.dcm"));
+    let status = Command::new("dump2dcm")
+        .arg("-q")
+        .arg(&dump)
+        .arg(&out)
+        .status()
+        .expect("dump2dcm (Debian package dcmtk) must be installed");
+    assert!(status.success());
+    out
+}
+
+/// The data set of a Part 10 file: what follows the file meta group.
+fn data_set(file: &[u8]) -> &[u8] {
+    assert_eq!(&file[128..132], b"DICM");
+    let group_len = u32::from_le_bytes(file[140..144].try_into().unwrap());
+    &file[144 + usize::try_from(group_len).unwrap()..]
+}
+
+async fn start(spool: Spool) -> (u16, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let settings = Arc::new(Settings {
+        ae_title: "TSUNAGI".into(),
+        max_pdu: 16384,
+        timeout: Duration::from_secs(10),
+        max_associations: 8,
+        allowed: None,
+    });
+    tokio::spawn(serve(listener, settings, spool, stop.clone()));
+    (port, stop)
+}
+
+async fn run(cmd: &mut Command) -> std::process::Output {
+    let mut cmd = std::mem::replace(cmd, Command::new("true"));
+    tokio::task::spawn_blocking(move || cmd.env("TCP_NODELAY", "1").output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_and_store_into_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let (port, stop) = start(spool.clone()).await;
+    let out =
+        run(Command::new("echoscu").args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()]))
+            .await;
+    assert!(
+        out.status.success(),
+        "echoscu: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = generate(dir.path(), "1.2.826.0.1.3680043.9.7777.1.1", "0001234");
+    let out = run(Command::new("storescu")
+        .args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()])
+        .arg(&file))
+    .await;
+    assert!(
+        out.status.success(),
+        "storescu: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ready = spool.ready(i64::MAX, 10).unwrap();
+    assert_eq!(ready.len(), 1);
+    let q = &ready[0];
+    assert_eq!(q.meta.sop_instance, "1.2.826.0.1.3680043.9.7777.1.1");
+    assert_eq!(q.meta.sop_class, "1.2.840.10008.5.1.4.1.1.2");
+    assert_eq!(q.meta.patient_id.as_deref(), Some("0001234"));
+    assert_eq!(q.meta.calling_ae, "STORESCU");
+    // The data set as sent, byte for byte (the Japanese name included).
+    let sent = std::fs::read(&file).unwrap();
+    let stored = std::fs::read(&q.path).unwrap();
+    assert_eq!(stored, data_set(&sent));
+    assert!(stored.windows(NAME.len()).any(|w| w == NAME));
+    // The same instance again, identical: stored once.
+    let out = run(Command::new("storescu")
+        .args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()])
+        .arg(&file))
+    .await;
+    assert!(out.status.success());
+    assert_eq!(spool.counts().unwrap().pending, 1);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_called_ae_and_a_full_spool_are_refused_and_service_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for less than one instance.
+    let spool = Spool::open(&dir.path().join("spool"), 100).unwrap();
+    let (port, stop) = start(spool.clone()).await;
+    let out =
+        run(Command::new("echoscu").args(["-aec", "SOMEONE", "127.0.0.1", &port.to_string()]))
+            .await;
+    assert!(
+        !out.status.success(),
+        "a wrong called AE title must be rejected"
+    );
+    let file = generate(dir.path(), "1.2.826.0.1.3680043.9.7777.1.2", "0001234");
+    let out = run(Command::new("storescu")
+        .args(["-v", "-aec", "TSUNAGI", "127.0.0.1", &port.to_string()])
+        .arg(&file))
+    .await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("a700") || text.contains("A700") || text.contains("OutOfResources"),
+        "{text}"
+    );
+    assert_eq!(spool.counts().unwrap().pending, 0);
+    assert!(
+        std::fs::read_dir(dir.path().join("spool/incoming"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no partial file"
+    );
+    // Still serving.
+    let out =
+        run(Command::new("echoscu").args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()]))
+            .await;
+    assert!(out.status.success());
+    stop.cancel();
+}
