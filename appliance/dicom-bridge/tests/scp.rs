@@ -148,3 +148,113 @@ async fn wrong_called_ae_and_a_full_spool_are_refused_and_service_goes_on() {
     assert!(out.status.success());
     stop.cancel();
 }
+
+/// A hand-driven SCU (dicom-ul's client), to send what dcmtk would not.
+async fn client(port: u16) -> dicom_ul::association::AsyncClientAssociation<tokio::net::TcpStream> {
+    dicom_ul::ClientAssociationOptions::new()
+        .calling_ae_title("PROBE")
+        .called_ae_title("TSUNAGI")
+        .with_presentation_context("1.2.840.10008.5.1.4.1.1.2", vec!["1.2.840.10008.1.2.1"])
+        .establish_async(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap()
+}
+
+fn pdata(pc: u8, command: bool, last: bool, data: Vec<u8>) -> dicom_ul::Pdu {
+    use dicom_ul::pdu::{PDataValue, PDataValueType};
+    dicom_ul::Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id: pc,
+            value_type: if command {
+                PDataValueType::Command
+            } else {
+                PDataValueType::Data
+            },
+            is_last: last,
+            data,
+        }],
+    }
+}
+
+fn spool_is_empty(dir: &Path, spool: &Spool) -> bool {
+    spool.counts().unwrap().pending == 0
+        && std::fs::read_dir(dir.join("spool/incoming"))
+            .unwrap()
+            .next()
+            .is_none()
+        && std::fs::read_dir(dir.join("spool/objects"))
+            .unwrap()
+            .next()
+            .is_none()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mismatched_instance_uid_and_an_abort_mid_transfer_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let (port, stop) = start(spool.clone()).await;
+    let file = generate(dir.path(), "1.2.826.0.1.3680043.9.7777.1.3", "0001234");
+    let ds = data_set(&std::fs::read(&file).unwrap()).to_vec();
+
+    // The command names another instance than the data set: A900, nothing stored.
+    let mut a = client(port).await;
+    let pc = a.presentation_contexts()[0].id;
+    let rq = dimse::command::Command::store(
+        1,
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.826.0.1.3680043.9.7777.1.999",
+    );
+    a.send(&pdata(pc, true, true, rq.encode())).await.unwrap();
+    a.send(&pdata(pc, false, true, ds.clone())).await.unwrap();
+    let dicom_ul::Pdu::PData { data } = a.receive().await.unwrap() else {
+        panic!("no response")
+    };
+    let rsp = dimse::command::Command::decode(&data[0].data).unwrap();
+    assert_eq!(rsp.status, Some(dimse::status::Status::DATASET_MISMATCH));
+    assert!(spool_is_empty(dir.path(), &spool));
+    // An unsupported operation on the same association: 0211H, and the association goes on.
+    let mut find = dimse::command::Command::new(dimse::command::CommandField::CFindRq);
+    find.message_id = Some(2);
+    find.affected_sop_class = Some("1.2.840.10008.5.1.4.1.1.2".into());
+    a.send(&pdata(pc, true, true, find.encode())).await.unwrap();
+    let dicom_ul::Pdu::PData { data } = a.receive().await.unwrap() else {
+        panic!("no response")
+    };
+    assert_eq!(
+        dimse::command::Command::decode(&data[0].data)
+            .unwrap()
+            .status,
+        Some(dimse::status::Status::UNRECOGNIZED_OPERATION)
+    );
+    a.release().await.unwrap();
+
+    // Half a data set, then an abort: nothing partial anywhere.
+    let mut b = client(port).await;
+    let rq = dimse::command::Command::store(
+        1,
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.826.0.1.3680043.9.7777.1.3",
+    );
+    b.send(&pdata(pc, true, true, rq.encode())).await.unwrap();
+    b.send(&pdata(pc, false, false, ds[..ds.len() / 2].to_vec()))
+        .await
+        .unwrap();
+    b.abort().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(spool_is_empty(dir.path(), &spool));
+    // Garbage instead of an association: the service keeps serving.
+    {
+        use tokio::io::AsyncWriteExt as _;
+        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+    }
+    let out =
+        run(Command::new("echoscu").args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()]))
+            .await;
+    assert!(out.status.success());
+    stop.cancel();
+}
