@@ -1,6 +1,7 @@
 //! `dicom-bridge`: the DICOM bridge between the clinic's modalities and viewers and the
 //! network PACS (issue 6, in progress).
 //!
+//! * [`forward`]: C-STORE of queued instances to the network PACS, bytes as received.
 //! * [`header`]: the routing elements (SOP class and instance, patient ID, the raw patient
 //!   name, study) from the start of a data set, without decoding the rest.
 //! * [`scp`]: the clinic-side SCP (C-ECHO; C-STORE of any SOP class into the spool).
@@ -10,6 +11,7 @@
 //!   left behind; duplicates of a SOP Instance UID follow a stated policy.
 #![forbid(unsafe_code)]
 
+pub mod forward;
 pub mod header;
 pub mod scp;
 pub mod spool;

@@ -338,6 +338,18 @@ impl Spool {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// The network refused it for good (e.g. A9xxH, C0xxH, SOP class not supported): it
+    /// stays in the clinic, visible, with the reason, until an operator resubmits it.
+    pub fn fail(&self, id: i64, reason: &str) -> Result<(), SpoolError> {
+        self.conn()
+            .execute(
+                "UPDATE queue SET state = 'dead', reason = ?1 WHERE id = ?2",
+                params![reason, id],
+            )
+            .map_err(sql("fail"))?;
+        Ok(())
+    }
+
     /// Pending instances received before `before` become dead letters (with an alert).
     pub fn dead_letters(&self, before: i64) -> Result<u64, SpoolError> {
         let n = self

@@ -1,0 +1,214 @@
+//! The forwarder: C-STORE of queued instances to the network PACS, the bytes as received
+//! (the data set in the transfer syntax it came in; nothing is transcoded).
+//!
+//! One association carries a batch: it proposes one presentation context per (SOP class,
+//! transfer syntax) of the batch, `TCP_NODELAY` on, timeouts on every PDU, and streams each
+//! file in P-DATA fragments of the PACS's maximum length. Success and warning statuses are
+//! delivered; failures that say the instance itself is refused (A9xxH, Cxxx, 0122H, ...)
+//! mark it failed with the reason; a connection or association failure leaves the rest of
+//! the batch for a retry with backoff.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use dicom_ul::ClientAssociationOptions;
+use dicom_ul::Pdu;
+use dicom_ul::association::AsyncClientAssociation;
+use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dimse::command::Command;
+use dimse::status::{Class, Status};
+use tokio::io::AsyncReadExt as _;
+use tokio::net::TcpStream;
+
+use crate::spool::{Queued, Spool};
+
+/// The network PACS.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub ae_title: String,
+    pub addr: SocketAddr,
+    /// Our AE title towards it.
+    pub calling_ae: String,
+    pub timeout: Duration,
+}
+
+/// What sending one instance came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered(Status),
+    /// The PACS refused this instance (the status says why); retrying will not help.
+    Refused(Status),
+    /// No presentation context was accepted for its SOP class and transfer syntax.
+    NotAccepted,
+}
+
+/// Forwarding errors: the association itself failed (the batch is retried later).
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("cannot associate with the network PACS")]
+    Associate(#[source] dicom_ul::association::Error),
+    #[error("the association with the network PACS failed")]
+    Association(#[source] dicom_ul::association::Error),
+    #[error("cannot read a spooled instance")]
+    Read(#[source] std::io::Error),
+    #[error("the network PACS answered something that is not a C-STORE response")]
+    Protocol,
+}
+
+/// Sends a batch over one association; returns each instance's outcome, in order, as far as
+/// the association lasted (an error ends the batch: the rest stays queued).
+pub async fn send_batch(
+    dest: &Destination,
+    batch: &[Queued],
+) -> (Vec<(i64, Outcome)>, Option<ForwardError>) {
+    let mut outcomes = Vec::new();
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for q in batch {
+        let pair = (q.meta.sop_class.clone(), q.meta.transfer_syntax.clone());
+        if !pairs.contains(&pair) && pairs.len() < 127 {
+            pairs.push(pair);
+        }
+    }
+    let mut options = ClientAssociationOptions::new()
+        .calling_ae_title(dest.calling_ae.clone())
+        .called_ae_title(dest.ae_title.clone())
+        .read_timeout(dest.timeout)
+        .write_timeout(dest.timeout)
+        .connection_timeout(dest.timeout);
+    for (class, ts) in &pairs {
+        options = options.with_presentation_context(class.clone(), vec![ts.clone()]);
+    }
+    let mut assoc = match options.establish_async(dest.addr).await {
+        Ok(a) => a,
+        Err(e) => return (outcomes, Some(ForwardError::Associate(e))),
+    };
+    let _ = assoc.inner_stream().set_nodelay(true);
+    let mut message_id: u16 = 0;
+    for q in batch {
+        let pc = assoc.presentation_contexts().iter().find(|pc| {
+            pc.reason == PresentationContextResultReason::Acceptance
+                && pc.abstract_syntax.trim_end_matches('\0') == q.meta.sop_class
+                && pc.transfer_syntax.trim_end_matches('\0') == q.meta.transfer_syntax
+        });
+        let Some(pc_id) = pc.map(|pc| pc.id) else {
+            outcomes.push((q.id, Outcome::NotAccepted));
+            continue;
+        };
+        message_id = message_id.wrapping_add(1);
+        match store_one(&mut assoc, pc_id, message_id, q).await {
+            Ok(status) if matches!(status.class(), Class::Success | Class::Warning) => {
+                outcomes.push((q.id, Outcome::Delivered(status)))
+            }
+            Ok(status) => outcomes.push((q.id, Outcome::Refused(status))),
+            Err(e) => {
+                let _ = assoc.abort().await;
+                return (outcomes, Some(e));
+            }
+        }
+    }
+    let _ = assoc.release().await;
+    (outcomes, None)
+}
+
+async fn store_one(
+    assoc: &mut AsyncClientAssociation<TcpStream>,
+    pc_id: u8,
+    message_id: u16,
+    q: &Queued,
+) -> Result<Status, ForwardError> {
+    let rq = Command::store(message_id, &q.meta.sop_class, &q.meta.sop_instance);
+    send(assoc, pc_id, PDataValueType::Command, true, rq.encode()).await?;
+    let max = match dicom_ul::association::Association::acceptor_max_pdu_length(assoc) {
+        0 => 64 * 1024,
+        n => n.min(1 << 20),
+    };
+    let chunk = usize::try_from(max.saturating_sub(6))
+        .unwrap_or(16 * 1024)
+        .max(1024);
+    let mut file = tokio::fs::File::open(&q.path)
+        .await
+        .map_err(ForwardError::Read)?;
+    let mut left = q.size;
+    let mut buf = vec![0u8; chunk];
+    loop {
+        let want = usize::try_from(left.min(chunk as u64)).unwrap_or(chunk);
+        file.read_exact(&mut buf[..want])
+            .await
+            .map_err(ForwardError::Read)?;
+        left -= want as u64;
+        send(
+            assoc,
+            pc_id,
+            PDataValueType::Data,
+            left == 0,
+            buf[..want].to_vec(),
+        )
+        .await?;
+        if left == 0 {
+            break;
+        }
+    }
+    // The response (its command may come in fragments).
+    let mut command = Vec::new();
+    loop {
+        match assoc.receive().await.map_err(ForwardError::Association)? {
+            Pdu::PData { data } => {
+                for pdv in data {
+                    if pdv.value_type == PDataValueType::Command {
+                        command.extend_from_slice(&pdv.data);
+                        if pdv.is_last {
+                            let rsp =
+                                Command::decode(&command).map_err(|_| ForwardError::Protocol)?;
+                            return rsp.status.ok_or(ForwardError::Protocol);
+                        }
+                    }
+                }
+            }
+            _ => return Err(ForwardError::Protocol),
+        }
+    }
+}
+
+async fn send(
+    assoc: &mut AsyncClientAssociation<TcpStream>,
+    pc_id: u8,
+    kind: PDataValueType,
+    last: bool,
+    data: Vec<u8>,
+) -> Result<(), ForwardError> {
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc_id,
+                value_type: kind,
+                is_last: last,
+                data,
+            }],
+        })
+        .await
+        .map_err(ForwardError::Association)
+}
+
+/// Applies a batch's outcomes to the spool; returns how many were delivered.
+pub fn record(
+    spool: &Spool,
+    outcomes: &[(i64, Outcome)],
+) -> Result<usize, crate::spool::SpoolError> {
+    let mut delivered = 0;
+    for (id, outcome) in outcomes {
+        match outcome {
+            Outcome::Delivered(_) => {
+                spool.delivered(*id)?;
+                delivered += 1;
+            }
+            Outcome::Refused(status) => {
+                spool.fail(*id, &format!("refused by the network PACS: {status}"))?
+            }
+            Outcome::NotAccepted => spool.fail(
+                *id,
+                "the network PACS accepts neither this SOP class nor its transfer syntax",
+            )?,
+        }
+    }
+    Ok(delivered)
+}

@@ -1,0 +1,168 @@
+//! The forwarder against dcmtk's storescp as the network side: storescu → the box's SCP →
+//! spool → C-STORE → storescp, the data set arriving byte for byte; a PACS that is down
+//! leaves everything queued; a refusal marks the instance failed.
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dicom_bridge::forward::{Destination, record, send_batch};
+use dicom_bridge::scp::{Settings, serve};
+use dicom_bridge::spool::Spool;
+use tokio_util::sync::CancellationToken;
+
+const NAME: &[u8] = b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B";
+
+fn generate(dir: &Path, uid: &str, patient: &str) -> PathBuf {
+    let dump = dir.join(format!("{uid}.dump"));
+    let mut text = Vec::new();
+    text.extend_from_slice(b"(0008,0005) CS [\\ISO 2022 IR 87]\n(0008,0016) UI =CTImageStorage\n");
+    text.extend_from_slice(format!("(0008,0018) UI [{uid}]\n(0010,0010) PN [").as_bytes());
+    text.extend_from_slice(NAME);
+    text.extend_from_slice(format!("]\n(0010,0020) LO [{patient}]\n(0020,000d) UI [1.2.826.0.1.3680043.9.7777.2]\n(7fe0,0010) OW 0001\\0002\\0003\\0004\n").as_bytes());
+    std::fs::write(&dump, text).unwrap();
+    let out = dir.join(format!("{uid}.dcm"));
+    assert!(
+        Command::new("dump2dcm")
+            .arg("-q")
+            .arg(&dump)
+            .arg(&out)
+            .status()
+            .unwrap()
+            .success()
+    );
+    out
+}
+
+fn data_set(file: &[u8]) -> &[u8] {
+    let group_len = u32::from_le_bytes(file[140..144].try_into().unwrap());
+    &file[144 + usize::try_from(group_len).unwrap()..]
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct StoreScp {
+    child: Child,
+}
+
+impl Drop for StoreScp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn storescp(port: u16, out: &Path) -> StoreScp {
+    std::fs::create_dir_all(out).unwrap();
+    let child = Command::new("storescp")
+        .args(["-aet", "PACS", "-od"])
+        .arg(out)
+        .arg(port.to_string())
+        .env("TCP_NODELAY", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("storescp (Debian package dcmtk) must be installed");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "storescp did not start"
+        );
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "waits for a child process before the runtime uses it"
+        )]
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    StoreScp { child }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let settings = Arc::new(Settings {
+        ae_title: "TSUNAGI".into(),
+        max_pdu: 16384,
+        timeout: Duration::from_secs(10),
+        max_associations: 4,
+        allowed: None,
+    });
+    tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
+    let files: Vec<PathBuf> = (1..=3)
+        .map(|i| {
+            generate(
+                dir.path(),
+                &format!("1.2.826.0.1.3680043.9.7777.2.{i}"),
+                "0001234",
+            )
+        })
+        .collect();
+    let mut storescu = Command::new("storescu");
+    storescu
+        .args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()])
+        .args(&files)
+        .env("TCP_NODELAY", "1");
+    let out = tokio::task::spawn_blocking(move || storescu.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(spool.counts().unwrap().pending, 3);
+
+    // The PACS is down: nothing is lost, the batch is retried later.
+    let pacs_port = free_port();
+    let dest = Destination {
+        ae_title: "PACS".into(),
+        addr: format!("127.0.0.1:{pacs_port}").parse().unwrap(),
+        calling_ae: "TSUNAGI".into(),
+        timeout: Duration::from_secs(5),
+    };
+    let batch = spool.ready(i64::MAX, 10).unwrap();
+    let (outcomes, error) = send_batch(&dest, &batch).await;
+    assert!(outcomes.is_empty() && error.is_some());
+    assert_eq!(spool.counts().unwrap().pending, 3);
+
+    // Up: each arrives once, the data set byte for byte.
+    let received = dir.path().join("received");
+    let _pacs = storescp(pacs_port, &received);
+    let (outcomes, error) = send_batch(&dest, &batch).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(record(&spool, &outcomes).unwrap(), 3);
+    assert_eq!(spool.counts().unwrap().pending, 0);
+    let mut got: Vec<PathBuf> = std::fs::read_dir(&received)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    got.sort();
+    assert_eq!(got.len(), 3);
+    for f in &files {
+        let sent = std::fs::read(f).unwrap();
+        let uid = f.file_stem().unwrap().to_str().unwrap();
+        let arrived = got
+            .iter()
+            .find(|g| g.file_name().unwrap().to_str().unwrap().contains(uid))
+            .unwrap_or_else(|| panic!("{uid} not received: {got:?}"));
+        assert_eq!(
+            data_set(&std::fs::read(arrived).unwrap()),
+            data_set(&sent),
+            "{uid}"
+        );
+    }
+    stop.cancel();
+}
