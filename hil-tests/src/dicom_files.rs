@@ -2,20 +2,20 @@
 //! the repository) and instances generated with dcmtk's `dump2dcm` for the DICOM bridge's
 //! tests, plus a small reader that finds top-level elements' raw bytes for assertions.
 //!
-//! - [`pydicom_test_files`]: `pydicom/data/test_files` (e.g. `CT_small.dcm`, `MR_small.dcm`)
-//!   of pydicom [`PYDICOM_VERSION`], installed by `cargo xtask test` with `pip install
-//!   --target` into [`pypi_target`] (`$XDG_CACHE_HOME/tsunagi/pypi`, default
-//!   `~/.cache/tsunagi/pypi`); [`pydicom_charset_files`] for its character set files.
-//! - [`japanese_ct`]: a small CT Image Storage instance with `SpecificCharacterSet`
+//! - [`pydicom_test_files`] gives `pydicom/data/test_files` (e.g. `CT_small.dcm`,
+//!   `MR_small.dcm`) of pydicom [`PYDICOM_VERSION`], installed by `cargo xtask test` with
+//!   `pip install --target` into [`pypi_target`] (`$XDG_CACHE_HOME/tsunagi/pypi`, default
+//!   `~/.cache/tsunagi/pypi`); [`pydicom_charset_files`] its character set files.
+//! - [`japanese_ct`] gives a small CT Image Storage instance with `SpecificCharacterSet`
 //!   `\ISO 2022 IR 87` and a Japanese `PatientName` encoded as DICOM requires (PS3.5 §6.1.2.5
 //!   and Annex H: each component group that is not ASCII switches to JIS X 0208 with
 //!   `ESC $ B` and back with `ESC ( B` before every `^` and `=` and at the end).
-//! - [`multi_frame`]: a Multi-frame Grayscale Word Secondary Capture instance of a requested
-//!   size; the pixel data is streamed to the file one frame at a time.
-//! - [`DicomFile`]: the raw value bytes of top-level elements (explicit or implicit VR
+//! - [`multi_frame`] gives a Multi-frame Grayscale Word Secondary Capture instance of a
+//!   requested size; the pixel data is streamed to the file one frame at a time.
+//! - [`DicomFile`] reads the raw value bytes of top-level elements (explicit or implicit VR
 //!   little endian), to compare a file with what a PACS returns byte for byte.
 //!
-//! Every generated file goes into a directory the caller owns, named `<SOPInstanceUID>.dcm`.
+//! Every generated file goes into a directory the caller owns, as `<SOPInstanceUID>.dcm`.
 //! Generators need the Debian package `dcmtk` (`dump2dcm`); [`encode_iso_2022_ir_87`] uses
 //! glibc's `iconv` (package `libc-bin`, always installed).
 

@@ -689,14 +689,22 @@ fn kill_netns_processes(ip: &Path, name: &str) -> Vec<String> {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(3);
-    while pids
-        .iter()
-        .any(|pid| Path::new("/proc").join(pid.to_string()).exists())
-        && Instant::now() < deadline
-    {
+    while pids.iter().any(|&pid| running(pid)) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
     problems
+}
+
+/// Whether process `pid` exists and is not a zombie (a zombie has left the namespace).
+fn running(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name.
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X"))
 }
 
 /// Creates `tsu-pacs-<pid>-<n>` (the first free `<n>`) with loopback up.
@@ -1065,7 +1073,7 @@ mod tests {
             format!("{NETNS_PREFIX}{dead}-"),
             format!("{NETNS_PREFIX}{dead}-x"),
             format!("{NETNS_PREFIX}-{dead}-1"),
-            format!("tn123456-hub"),
+            "tn123456-hub".to_owned(),
             format!("tsu-pac-{dead}-1"),
         ] {
             assert!(!owner_is_dead(&other), "{other}");

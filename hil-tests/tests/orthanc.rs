@@ -6,7 +6,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hil_tests::dicom_files::{
     self, DicomFile, Ids, MultiFrame, YAMADA_TAROU, YAMADA_TAROU_ISO_2022_IR_87,
@@ -173,20 +173,34 @@ fn stop_reports_and_a_stale_namespace_is_cleaned() {
     if !can_run() {
         return;
     }
-    // A namespace of a dead owner, with a process in it.
-    let mut dead = Command::new("true").spawn().unwrap();
-    let dead_pid = dead.id();
-    dead.wait().unwrap();
-    let stale = format!("{}{dead_pid}-0", orthanc::NETNS_PREFIX);
+    // A namespace with a process in it, whose owner then dies. The owner lives until the
+    // process is inside, so no concurrent cleaner (another test's start) sees it stale
+    // before then.
+    let mut owner = Command::new("sleep").arg("60").spawn().unwrap();
+    let stale = format!("{}{}-0", orthanc::NETNS_PREFIX, owner.id());
     let ip = |args: &[&str]| {
-        let status = Command::new("ip").args(args).status().unwrap();
-        assert!(status.success(), "ip {args:?}");
+        let output = Command::new("ip").args(args).output().unwrap();
+        assert!(output.status.success(), "ip {args:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
     };
     ip(&["netns", "add", &stale]);
     let mut sleeper = Command::new("ip")
         .args(["netns", "exec", &stale, "sleep", "60"])
         .spawn()
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ip(&["netns", "pids", &stale])
+        .split_whitespace()
+        .any(|pid| pid == sleeper.id().to_string())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sleeper never entered {stale}"
+        );
+        std::thread::yield_now();
+    }
+    owner.kill().unwrap();
+    owner.wait().unwrap();
 
     // (Another test's start may have cleaned it first: then it is gone all the same.)
     let removed = orthanc::clean_stale().unwrap();
@@ -212,7 +226,7 @@ fn multi_frame_generator_makes_the_requested_size() {
     let ids = Ids::new("TSU-MF-0001");
     let size = MultiFrame::at_least((100 << 20) + 1);
     assert_eq!(size.frames, 201);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let path = dicom_files::multi_frame(work.path(), &ids, size).unwrap();
     eprintln!(
         "multi-frame: {} bytes in {:?}",
@@ -239,7 +253,7 @@ fn multi_frame_generator_makes_the_requested_size() {
     );
     assert!(dump.contains("(0028,0008) IS [201]"), "{dump}");
     assert!(
-        dump.contains(&format!("(7fe0,0010) OW")) && dump.contains(&size.pixel_bytes().to_string()),
+        dump.contains("(7fe0,0010) OW") && dump.contains(&size.pixel_bytes().to_string()),
         "{dump}"
     );
 

