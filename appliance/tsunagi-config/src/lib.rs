@@ -84,6 +84,9 @@ pub struct Config {
     /// The SS-MIX2 sync to the network; absent means no sync.
     #[serde(default)]
     pub ssmix2: Option<Ssmix2Sync>,
+    /// The DICOM bridge; absent means no bridge.
+    #[serde(default)]
+    pub dicom: Option<DicomBridge>,
     /// Fault drills, by name (`[drill.crashy]` runs as service `drill-crashy`).
     #[serde(default)]
     pub drill: BTreeMap<ServiceName, Drill>,
@@ -219,6 +222,74 @@ impl Default for ConsentCache {
             pull_interval: ConfigDuration::secs(60),
         }
     }
+}
+
+/// A calling AE title the DICOM bridge accepts, and the address it must come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DicomCaller {
+    pub ae_title: AeTitle,
+    pub address: std::net::IpAddr,
+}
+
+/// `[dicom.pacs]`: the network PACS (reached through the tunnel in production).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DicomPacs {
+    pub ae_title: AeTitle,
+    /// `IPV4:PORT`, e.g. `10.98.0.1:4242`.
+    pub address: SocketAddr,
+}
+
+/// `[dicom]`: the DICOM bridge (issue 6, in progress: store-and-forward with the consent
+/// gate; no patient-ID translation and no query/retrieve yet).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DicomBridge {
+    /// Whether the service runs; default true when the section is present.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Where the SCP listens for the clinic's modalities, e.g. `0.0.0.0:104`.
+    pub listen: SocketAddr,
+    /// Calling AE titles with their addresses; absent: any caller (that calls our AE title).
+    #[serde(default)]
+    pub allowed_callers: Option<Vec<DicomCaller>>,
+    /// The largest PDU we accept, 16384–1048576 bytes; default 65536.
+    #[serde(default = "default_max_pdu")]
+    pub max_pdu: u32,
+    /// Deadline of every read and write; default 30s.
+    #[serde(default = "default_dicom_timeout")]
+    pub timeout: ConfigDuration,
+    /// Concurrent associations at most; default 16.
+    #[serde(default = "default_max_associations")]
+    pub max_associations: u32,
+    /// The spool's quota in MiB; default 10240 (beyond it, C-STORE answers A700).
+    #[serde(default = "default_spool_quota")]
+    pub spool_quota_mib: u64,
+    /// Instances not delivered after this long become dead letters (an alert); default 168h.
+    #[serde(default = "default_dead_letter")]
+    pub dead_letter_after: ConfigDuration,
+    pub pacs: DicomPacs,
+}
+
+fn default_max_pdu() -> u32 {
+    65536
+}
+
+fn default_dicom_timeout() -> ConfigDuration {
+    ConfigDuration::secs(30)
+}
+
+fn default_max_associations() -> u32 {
+    16
+}
+
+fn default_spool_quota() -> u64 {
+    10240
+}
+
+fn default_dead_letter() -> ConfigDuration {
+    ConfigDuration::secs(7 * 24 * 3600)
 }
 
 /// How the SS-MIX2 sync notices changes in the storage.
@@ -660,6 +731,30 @@ impl Config {
                     "ssmix2.scan-interval",
                     "must be at least 1s".into(),
                     &["ssmix2.scan-interval"],
+                );
+            }
+        }
+
+        if let Some(d) = &self.dicom {
+            if !(16384..=1_048_576).contains(&d.max_pdu) {
+                broken(
+                    "dicom.max-pdu",
+                    "must be 16384 to 1048576".into(),
+                    &["dicom.max-pdu"],
+                );
+            }
+            if d.max_associations == 0 {
+                broken(
+                    "dicom.max-associations",
+                    "must be at least 1".into(),
+                    &["dicom.max-associations"],
+                );
+            }
+            if d.listen.port() == 0 || d.pacs.address.port() == 0 {
+                broken(
+                    "dicom.listen",
+                    "ports must not be 0".into(),
+                    &["dicom.listen", "dicom.pacs.address"],
                 );
             }
         }

@@ -608,7 +608,7 @@ fn unknown_keys_and_tables() {
             (Some(13), "drill.a.foo"),
         ]
     );
-    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, tunnel, consent, ssmix2, drill)"), "{}", got[0].2);
+    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, tunnel, consent, ssmix2, dicom, drill)"), "{}", got[0].2);
     assert_eq!(got[1].2, "unknown key `level` (expected one of: filter)");
 }
 
@@ -1136,4 +1136,35 @@ fn ssmix2_replica_rules() {
         "[ssmix2]\nstorage = \"/srv/s\"\nsurprise = 1\n[ssmix2.replica]\ndirectory = \"/srv/r\"\n",
     );
     assert!(unknown.contains("surprise"), "{unknown}");
+}
+
+// ---------------------------------------------------------------------------------------
+// [dicom]
+
+#[test]
+fn dicom_section_defaults_and_rules() {
+    let cfg = parse(
+        &ssmix2_config("[dicom]\nlisten = \"0.0.0.0:104\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n"),
+        file(),
+    )
+    .unwrap();
+    let d = cfg.dicom.unwrap();
+    assert!(d.enabled);
+    assert_eq!(
+        (d.max_pdu, d.max_associations, d.spool_quota_mib),
+        (65536, 16, 10240)
+    );
+    assert_eq!(d.timeout, dur("30s"));
+    assert_eq!(d.dead_letter_after, dur("168h"));
+    assert!(d.allowed_callers.is_none());
+    let bad = parse(
+        &ssmix2_config("[dicom]\nlisten = \"0.0.0.0:104\"\nmax-pdu = 100\n[[dicom.allowed-callers]]\nae-title = \"CT01\"\naddress = \"192.168.1.20\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n"),
+        file(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("dicom.max-pdu: must be 16384 to 1048576"),
+        "{bad}"
+    );
 }

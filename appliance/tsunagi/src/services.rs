@@ -43,6 +43,13 @@ pub(crate) const BUILTIN: &[Kind] = &[
         description: "tsunagi SS-MIX2 sync",
     },
     Kind {
+        name: dicom_bridge::NAME,
+        user: dicom_bridge::USER,
+        // The standard DICOM port is 104.
+        capabilities: &[Capability::CAP_NET_BIND_SERVICE],
+        description: "tsunagi DICOM bridge",
+    },
+    Kind {
         name: heartbeat::NAME,
         user: "tsunagi-heartbeat",
         capabilities: &[],
@@ -67,7 +74,10 @@ pub(crate) fn sysusers() -> String {
     }
     // Who may ask the consent service for decisions.
     out.push_str(&format!("g {} -\n", consent::CLIENT_GROUP));
-    for kind in BUILTIN.iter().filter(|k| k.name == ssmix2_sync::NAME) {
+    for kind in BUILTIN
+        .iter()
+        .filter(|k| k.name == ssmix2_sync::NAME || k.name == dicom_bridge::NAME)
+    {
         out.push_str(&format!("m {} {}\n", kind.user, consent::CLIENT_GROUP));
     }
     out
@@ -132,6 +142,16 @@ pub(crate) fn children(cfg: &Config) -> Vec<ChildSpec> {
                 ),
                 None => (false, String::new(), Vec::new(), Vec::new(), Vec::new()),
             },
+            dicom_bridge::NAME => match &cfg.dicom {
+                Some(d) => (
+                    d.enabled,
+                    fingerprint(cfg, d),
+                    Vec::new(),
+                    Vec::new(),
+                    Vec::new(),
+                ),
+                None => (false, String::new(), Vec::new(), Vec::new(), Vec::new()),
+            },
             _ => (false, String::new(), Vec::new(), Vec::new(), Vec::new()),
         };
         // The decision socket's directory: the consent service owns it; the services that
@@ -144,7 +164,9 @@ pub(crate) fn children(cfg: &Config) -> Vec<ChildSpec> {
                 )],
                 Vec::new(),
             ),
-            ssmix2_sync::NAME => (Vec::new(), vec![consent::CLIENT_GROUP.to_owned()]),
+            ssmix2_sync::NAME | dicom_bridge::NAME => {
+                (Vec::new(), vec![consent::CLIENT_GROUP.to_owned()])
+            }
             _ => (Vec::new(), Vec::new()),
         };
         if enabled {
@@ -323,6 +345,15 @@ pub(crate) fn run_child(cfg: &Config, name: &str) -> Result<(), ServiceCmdError>
         child::run_service(prepared, 2, |ctx| ssmix2_sync::service::run(ctx, settings))?;
         return Ok(());
     }
+    if name == dicom_bridge::NAME {
+        let Some(d) = cfg.dicom.clone() else {
+            return Err(unknown());
+        };
+        let settings = dicom_settings(cfg, &d);
+        let prepared = child::enter(setup)?;
+        child::run_service(prepared, 2, |ctx| dicom_bridge::service::run(ctx, settings))?;
+        return Ok(());
+    }
     if name == tunnel::NAME {
         let Some(cfg) = cfg.tunnel.clone() else {
             return Err(unknown());
@@ -396,5 +427,42 @@ fn ssmix2_settings(cfg: &Config, x: &tsunagi_config::Ssmix2Sync) -> ssmix2_sync:
         target,
         scan_interval: x.scan_interval.get(),
         watch: x.watch,
+    }
+}
+
+/// The DICOM bridge's settings from its config section.
+fn dicom_settings(
+    cfg: &Config,
+    d: &tsunagi_config::DicomBridge,
+) -> dicom_bridge::service::Settings {
+    let ae = cfg.site.ae_title.as_ref().to_owned();
+    dicom_bridge::service::Settings {
+        scp: dicom_bridge::scp::Settings {
+            ae_title: ae.clone(),
+            max_pdu: d.max_pdu,
+            timeout: d.timeout.get(),
+            max_associations: usize::try_from(d.max_associations).unwrap_or(16),
+            allowed: d.allowed_callers.as_ref().map(|list| {
+                list.iter()
+                    .map(|c| (c.ae_title.as_ref().to_owned(), c.address))
+                    .collect()
+            }),
+        },
+        listen: d.listen,
+        state_dir: cfg.paths.state_dir.as_path().join(dicom_bridge::NAME),
+        quota: d.spool_quota_mib.saturating_mul(1 << 20),
+        pacs: dicom_bridge::forward::Destination {
+            ae_title: d.pacs.ae_title.as_ref().to_owned(),
+            addr: d.pacs.address,
+            calling_ae: ae,
+            timeout: d.timeout.get(),
+        },
+        consent_socket: cfg
+            .paths
+            .runtime_dir
+            .as_path()
+            .join(consent::NAME)
+            .join(consent::service::SOCKET_NAME),
+        dead_letter_after: d.dead_letter_after.get(),
     }
 }

@@ -1,0 +1,160 @@
+//! Issue 6 (in progress), acceptance 1 and 4 as far as the bridge goes today: storescu → the
+//! box's `dicom` service → Orthanc, all inside Orthanc's own network namespace; a consented
+//! patient's instance arrives with its data set byte for byte (the Japanese name unchanged);
+//! a patient without consent reaches nothing until the consent is recorded, then arrives.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the shared harness polls real processes from plain threads"
+)]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hil_tests::dicom_files::{DicomFile, Ids, japanese_ct};
+use hil_tests::orthanc::Orthanc;
+
+fn register(h: &Harness, form: &std::path::Path, patient: &str) {
+    let out = Command::new(BIN)
+        .args([
+            "consent",
+            "register",
+            patient,
+            "--family",
+            "山田",
+            "--given",
+            "太郎",
+            "--family-kana",
+            "ヤマダ",
+            "--given-kana",
+            "タロウ",
+        ])
+        .args([
+            "--birth-date",
+            "1950-04-01",
+            "--sex",
+            "male",
+            "--recorded-by",
+            "staff-1",
+            "--evidence",
+        ])
+        .arg(form)
+        .arg("--config")
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn synced(h: &Harness) {
+    let db = h.state_dir().join("consent").join("consent.db");
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap();
+    conn.execute("UPDATE sync_state SET last_pull_at = ?1", [now])
+        .unwrap();
+}
+
+fn wait_for_instances(pacs: &Orthanc, n: usize, h: &Harness) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let ids = pacs.instances().unwrap();
+        if ids.len() >= n {
+            return ids;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} of {n} instances at the PACS\n{}",
+            ids.len(),
+            h.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn consented_instances_reach_orthanc_byte_for_byte_and_others_wait_for_consent() {
+    if skip_unless_root(
+        "consented_instances_reach_orthanc_byte_for_byte_and_others_wait_for_consent",
+    ) {
+        return;
+    }
+    let pacs = Orthanc::start_for_test();
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"10s\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n",
+        pacs.ae_title(),
+        pacs.dicom_addr()
+    ));
+    let form = h.dir.path().join("form.pdf");
+    std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
+    register(&h, &form, "0001234");
+    synced(&h);
+    h.start_in_netns(pacs.netns());
+    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    });
+
+    let files = tempfile::tempdir().unwrap();
+    let consented = japanese_ct(files.path(), &Ids::new("0001234")).unwrap();
+    let waiting = japanese_ct(files.path(), &Ids::new("0005678")).unwrap();
+    let mut storescu = pacs.command("storescu");
+    storescu
+        .args(["-v", "-aec", "TSUNAGI-TEST", "127.0.0.1", "11112"])
+        .arg(&consented)
+        .arg(&waiting);
+    let out = pacs.output(&mut storescu, Duration::from_secs(30)).unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("Received Store Response (Success)").count(),
+        2,
+        "{text}"
+    );
+
+    // The consented instance arrives, its data set unchanged.
+    let ids = wait_for_instances(&pacs, 1, &h);
+    let arrived = DicomFile::parse(pacs.instance_file(&ids[0]).unwrap()).unwrap();
+    let sent = DicomFile::read(&consented).unwrap();
+    assert_eq!(
+        arrived.element(0x0010, 0x0020),
+        sent.element(0x0010, 0x0020)
+    );
+    assert_eq!(
+        arrived.element(0x0010, 0x0010),
+        sent.element(0x0010, 0x0010),
+        "the Japanese name byte for byte"
+    );
+    assert_eq!(
+        arrived.element(0x7FE0, 0x0010),
+        sent.element(0x7FE0, 0x0010)
+    );
+    assert_eq!(
+        arrived.data_set_without_padding(),
+        sent.data_set_without_padding()
+    );
+    // The other patient's instance stays in the clinic, held.
+    let status = h.wait_for("the hold", Duration::from_secs(30), |s| {
+        service(s, "dicom")["metrics"]["spool_held"] == 1.0
+    });
+    assert_eq!(pacs.instances().unwrap().len(), 1, "{status}");
+    // Consent recorded: the held instance goes.
+    register(&h, &form, "0005678");
+    wait_for_instances(&pacs, 2, &h);
+    h.wait_for("an empty spool", Duration::from_secs(30), |s| {
+        service(s, "dicom")["metrics"]["spool_held"] == 0.0
+            && service(s, "dicom")["metrics"]["spool_pending"] == 0.0
+    });
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
