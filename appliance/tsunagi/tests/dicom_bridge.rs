@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -155,6 +156,113 @@ fn consented_instances_reach_orthanc_byte_for_byte_and_others_wait_for_consent()
         service(s, "dicom")["metrics"]["spool_held"] == 0.0
             && service(s, "dicom")["metrics"]["spool_pending"] == 0.0
     });
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// The SOP Instance UIDs Orthanc holds.
+fn uids_at(pacs: &Orthanc) -> BTreeSet<String> {
+    pacs.instances()
+        .unwrap()
+        .iter()
+        .filter_map(|id| pacs.get(&format!("/instances/{id}/simplified-tags")).ok())
+        .filter_map(|r| r.json()["SOPInstanceUID"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Issue 6, acceptance 3: kill -9 of the DICOM service at random points during ingest, 20
+/// times: every instance that got a success status reaches Orthanc.
+#[test]
+fn kill_9_during_ingest_loses_no_acknowledged_instance() {
+    if skip_unless_root("kill_9_during_ingest_loses_no_acknowledged_instance") {
+        return;
+    }
+    let pacs = Orthanc::start_for_test();
+    let supervisor = "[supervisor]\nstop-timeout = \"2s\"\nready-timeout = \"10s\"\nbackoff-initial = \"100ms\"\nbackoff-max = \"500ms\"\ncrash-limit = 100\ncrash-window = \"1m\"\nfailed-retry = \"10m\"\nstable-after = \"30s\"\n";
+    let mut h = Harness::new(&format!(
+        "{supervisor}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"10s\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n",
+        pacs.ae_title(),
+        pacs.dicom_addr()
+    ));
+    let form = h.dir.path().join("form.pdf");
+    std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
+    register(&h, &form, "0001234");
+    synced(&h);
+    h.start_in_netns(pacs.netns());
+    let files = tempfile::tempdir().unwrap();
+    let base = Ids::new("0001234");
+    let all: Vec<std::path::PathBuf> = (0..200)
+        .map(|_| japanese_ct(files.path(), &base.next_instance()).unwrap())
+        .collect();
+    let mut acknowledged = BTreeSet::new();
+    let mut rng = fastrand::Rng::with_seed(6);
+    let mut kills = 0;
+    let mut next = 0;
+    while kills < 20 {
+        let status = h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+            state_of(s, "dicom") == "ready"
+        });
+        let pid = pid_of(&status, "dicom").unwrap();
+        // A storescu run of 10 instances, and a kill -9 somewhere in it.
+        let batch: Vec<std::path::PathBuf> = (0..10)
+            .map(|i| all[(next + i) % all.len()].clone())
+            .collect();
+        next += 10;
+        let mut storescu = pacs.command("storescu");
+        storescu
+            .args(["-v", "-aec", "TSUNAGI-TEST", "127.0.0.1", "11112"])
+            .args(&batch);
+        let sender = {
+            let mut cmd = storescu;
+            std::thread::spawn(move || cmd.output().unwrap())
+        };
+        std::thread::sleep(Duration::from_millis(rng.u64(5..150)));
+        if nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok()
+        {
+            kills += 1;
+        }
+        let out = sender.join().unwrap();
+        // Which files got a success: a "Sending file" line, then the response.
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            if let Some(path) = line.split("Sending file: ").nth(1) {
+                current = std::path::Path::new(path.trim())
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned());
+            } else if line.contains("Received Store Response (Success)")
+                && let Some(uid) = current.take()
+            {
+                acknowledged.insert(uid);
+            }
+        }
+        h.wait_for("the restart", Duration::from_secs(30), |s| {
+            pid_of(s, "dicom").is_some_and(|p| p != pid)
+        });
+    }
+    assert!(
+        !acknowledged.is_empty(),
+        "no instance was acknowledged at all"
+    );
+    let start = Instant::now();
+    loop {
+        let at = uids_at(&pacs);
+        let missing: Vec<&String> = acknowledged.iter().filter(|u| !at.contains(*u)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "{} acknowledged instances never reached the PACS: {missing:?}",
+            missing.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
