@@ -266,3 +266,83 @@ fn kill_9_during_ingest_loses_no_acknowledged_instance() {
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// Runs `nft` inside the PACS's namespace.
+fn nft(pacs: &Orthanc, script: &str) {
+    let mut cmd = pacs.command("nft");
+    cmd.args(["-f", "-"]);
+    cmd.stdin(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "nft: {script}");
+}
+
+/// Issue 6, acceptance 2: the network PACS unreachable while 200 instances arrive; back, all
+/// are delivered, exactly once.
+#[test]
+fn pacs_down_while_200_instances_arrive_then_all_delivered_once() {
+    if skip_unless_root("pacs_down_while_200_instances_arrive_then_all_delivered_once") {
+        return;
+    }
+    let pacs = Orthanc::start_for_test();
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"5s\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n",
+        pacs.ae_title(),
+        pacs.dicom_addr()
+    ));
+    let form = h.dir.path().join("form.pdf");
+    std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
+    register(&h, &form, "0001234");
+    synced(&h);
+    // The PACS is down: connections to it are refused.
+    nft(
+        &pacs,
+        &format!(
+            "table inet pacsdown {{\n chain input {{\n type filter hook input priority 0;\n tcp dport {} reject with tcp reset\n }}\n}}\n",
+            pacs.dicom_addr().port()
+        ),
+    );
+    h.start_in_netns(pacs.netns());
+    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    });
+    let files = tempfile::tempdir().unwrap();
+    let base = Ids::new("0001234");
+    let all: Vec<std::path::PathBuf> = (0..200)
+        .map(|_| japanese_ct(files.path(), &base.next_instance()).unwrap())
+        .collect();
+    let mut storescu = pacs.command("storescu");
+    storescu
+        .args(["-v", "-aec", "TSUNAGI-TEST", "127.0.0.1", "11112"])
+        .args(&all);
+    let out = pacs
+        .output(&mut storescu, Duration::from_secs(120))
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("Received Store Response (Success)").count(),
+        200
+    );
+    h.wait_for("a failed forward", Duration::from_secs(30), |s| {
+        service(s, "dicom")["summary"]
+            .as_str()
+            .is_some_and(|t| t.contains("last forward failed"))
+    });
+    assert!(pacs.instances().unwrap().is_empty());
+    // Back up: everything goes, once.
+    nft(&pacs, "delete table inet pacsdown\n");
+    let status = h.wait_for("delivery", Duration::from_secs(120), |s| {
+        service(s, "dicom")["metrics"]["delivered_total"] == 200.0
+    });
+    assert_eq!(
+        service(&status, "dicom")["metrics"]["spool_pending"],
+        0.0,
+        "{status}"
+    );
+    let stats = pacs.get("/statistics").unwrap().json();
+    assert_eq!(stats["CountInstances"], 200, "{stats}");
+    assert_eq!(uids_at(&pacs).len(), 200);
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
