@@ -186,6 +186,10 @@ pub struct Options {
     /// `StableAge`, `OverwriteInstances`, `UnknownSopClassAccepted`), set over the
     /// defaults.
     pub extra: serde_json::Map<String, Value>,
+    /// Run inside this existing network namespace (e.g. the test network's hub, for the
+    /// demo) instead of one of its own; the caller owns it, so it is neither created nor
+    /// removed here. Orthanc listens on every address of that namespace.
+    pub netns: Option<String>,
 }
 
 impl Default for Options {
@@ -194,6 +198,7 @@ impl Default for Options {
             ae_title: DEFAULT_AE_TITLE.to_owned(),
             modalities: Vec::new(),
             extra: serde_json::Map::new(),
+            netns: None,
         }
     }
 }
@@ -232,6 +237,8 @@ impl RestResponse {
 pub struct Orthanc {
     child: Option<Child>,
     netns: String,
+    /// Whether the namespace is ours to remove.
+    owns_netns: bool,
     /// `/run/netns/NAME`, open for `setns`.
     netns_file: File,
     ae_title: String,
@@ -260,13 +267,19 @@ impl Orthanc {
         // Problems with someone else's leftovers do not stop this start.
         let _ = clean_stale();
 
-        let netns = create_netns(&ip)?;
+        let (netns, owned) = match &options.netns {
+            Some(name) => (name.clone(), false),
+            None => (create_netns(&ip)?, true),
+        };
         let mut guard = Orthanc {
+            owns_netns: owned,
             child: None,
             netns_file: match File::open(Path::new(NETNS_DIR).join(&netns)) {
                 Ok(file) => file,
                 Err(source) => {
-                    let _ = delete_netns(&ip, &netns);
+                    if owned {
+                        let _ = delete_netns(&ip, &netns);
+                    }
                     return Err(OrthancError::Netns {
                         name: netns,
                         source,
@@ -521,7 +534,8 @@ impl Orthanc {
         {
             problems.push(error_chain(&e));
         }
-        if !self.netns.is_empty()
+        if self.owns_netns
+            && !self.netns.is_empty()
             && Path::new(NETNS_DIR).join(&self.netns).exists()
             && let Err(e) = delete_netns(&self.ip, &self.netns)
         {

@@ -82,11 +82,21 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     let config = write_config(&demo_dir, port, network.as_ref())?;
     // The hub's WebDAV server for the SS-MIX2 replica; stops when the demo ends.
     let mut hub_webdav = None;
+    // The network PACS in the hub; stops when the demo ends.
+    let mut hub_pacs = None;
     if let Some(net) = &network {
         register_box(net, &binary, &config)?;
         start_fhir_server(net)?;
         register_sample_patient(&binary, &config, &demo_dir)?;
         hub_webdav = Some(start_ssmix2(net, &config, &demo_dir)?);
+        hub_pacs = Some(
+            hil_tests::orthanc::Orthanc::start_with(&hil_tests::orthanc::Options {
+                netns: Some(net.ns(Host::Hub).to_owned()),
+                ..hil_tests::orthanc::Options::default()
+            })
+            .context("cannot start the hub's PACS (Orthanc)")?,
+        );
+        println!("demo: the network PACS (Orthanc, AE ORTHANC) runs in the hub at 10.98.0.1:4242");
     }
 
     let mut command = match &network {
@@ -136,6 +146,9 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         show_consent(&binary, &config, &demo_dir);
         if let Some(hub) = &hub_webdav {
             show_ssmix2(hub);
+        }
+        if let Some(pacs) = &hub_pacs {
+            show_dicom(net, pacs, &demo_dir);
         }
     }
     print!("{}", instructions(&binary, &config, port, network.as_ref()));
@@ -403,11 +416,18 @@ health-url = "http://10.98.0.1:8080/health"
 probe-interval = "2s"
 [tunnel.firewall]
 lan-interfaces = ["{lan}"]
+lan-tcp-ports = [11112]
 [consent]
 enabled = true
 fhir-url = "http://10.98.0.1:8081/fhir"
 pull-interval = "5s"
+[dicom]
+listen = "{lan_addr}:11112"
+[dicom.pacs]
+ae-title = "ORTHANC"
+address = "10.98.0.1:4242"
 "#,
+        lan_addr = net.plan().lan_box_addr.addr,
         id = net.id(),
         hub = net.hub_public_key(),
         lan = net.plan().lan_box_iface,
@@ -615,6 +635,64 @@ fn show_ssmix2(hub: &hil_tests::nginx::Nginx) {
         of(SSMIX2_CONSENTED),
         of(SSMIX2_NOT_CONSENTED),
         hub.data_root().display()
+    );
+}
+
+/// Sends a sample study from the clinic LAN (dcmtk storescu in the clinic namespace) to the
+/// box's DICOM bridge and waits for it in the hub's Orthanc.
+fn show_dicom(net: &TestNet, pacs: &hil_tests::orthanc::Orthanc, demo_dir: &Path) {
+    let dir = demo_dir.join("clinic").join("dicom");
+    let _ = fs::remove_dir_all(&dir);
+    if let Err(e) = fs::create_dir_all(&dir) {
+        println!("demo: DICOM: cannot prepare the sample study: {e}");
+        return;
+    }
+    let ids = hil_tests::dicom_files::Ids::new(SSMIX2_CONSENTED);
+    let file = match hil_tests::dicom_files::japanese_ct(&dir, &ids) {
+        Ok(f) => f,
+        Err(e) => {
+            println!("demo: DICOM: cannot generate the sample study: {e}");
+            return;
+        }
+    };
+    let box_addr = net.plan().lan_box_addr.addr.to_string();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            net.ns(Host::Clinic),
+            "storescu",
+            "-aec",
+            "TSUNAGI-DEMO",
+            &box_addr,
+            "11112",
+        ])
+        .arg(&file)
+        .env("TCP_NODELAY", "1")
+        .output();
+    if !out.as_ref().is_ok_and(|o| o.status.success()) {
+        println!("demo: DICOM: storescu from the clinic failed: {out:?}");
+        return;
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(60) {
+        if let Ok(found) = pacs.instances()
+            && !found.is_empty()
+        {
+            println!(
+                "demo: DICOM: a sample study sent from the clinic (storescu) arrived in the hub's Orthanc through the tunnel ({} instance, patient {SSMIX2_CONSENTED})",
+                found.len()
+            );
+            return;
+        }
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "xtask is not async; this polls the PACS"
+        )]
+        thread::sleep(std::time::Duration::from_millis(300));
+    }
+    println!(
+        "demo: DICOM: the sample study has not reached the hub yet; `tsunagi status` will say why"
     );
 }
 

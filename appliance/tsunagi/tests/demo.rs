@@ -116,6 +116,11 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
                 text.contains("demo: box -> hub health check through the tunnel: 200"),
                 "{text}"
             );
+            // Issue 6: a sample study from the clinic LAN reaches the hub's Orthanc.
+            assert!(
+                text.contains("demo: DICOM: a sample study sent from the clinic (storescu) arrived in the hub's Orthanc through the tunnel (1 instance"),
+                "{text}"
+            );
             // Issue 5: the consented part of the clinic's SS-MIX2 storage is at the hub.
             assert!(
                 text.contains("demo: SS-MIX2 at the hub (through the tunnel): 4 files of patient 0001234, 0 of 0005678"),
