@@ -1100,6 +1100,7 @@ mod tests {
             ae_title: "TESTPACS".to_owned(),
             modalities: vec![Modality::local("MOVESCU", 11113)],
             extra: serde_json::Map::from_iter([("MaximumPduLength".to_owned(), json!(16384))]),
+            netns: None,
         };
         check_options(&options).unwrap();
         let config = config(Path::new("/tmp/x"), &options);
