@@ -258,3 +258,55 @@ async fn a_mismatched_instance_uid_and_an_abort_mid_transfer_store_nothing() {
     assert!(out.status.success());
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_and_oversized_pdus_do_not_hold_the_service() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let settings = Arc::new(Settings {
+        ae_title: "TSUNAGI".into(),
+        max_pdu: 16384,
+        timeout: Duration::from_secs(2),
+        max_associations: 8,
+        allowed: None,
+    });
+    tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
+    // An idle client that sends nothing: others are served meanwhile, and it is closed
+    // after the timeout.
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let out =
+        run(Command::new("echoscu").args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()]))
+            .await;
+    assert!(out.status.success(), "an idle client must not block others");
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+        "the idle connection was not closed after the timeout"
+    );
+    // A PDU that announces 4 GiB: refused without buffering it.
+    let mut big = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    big.write_all(&[0x01, 0x00, 0xFF, 0xFF, 0xFF, 0xFF])
+        .await
+        .unwrap();
+    big.write_all(&[0u8; 1024]).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), big.read(&mut buf)).await;
+    assert!(
+        answer.is_ok(),
+        "an oversized PDU must be refused or the connection closed"
+    );
+    // Still serving.
+    let out =
+        run(Command::new("echoscu").args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()]))
+            .await;
+    assert!(out.status.success());
+    stop.cancel();
+}
