@@ -19,6 +19,7 @@
 //! Generators need the Debian package `dcmtk` (`dump2dcm`); [`encode_iso_2022_ir_87`] uses
 //! glibc's `iconv` (package `libc-bin`, always installed).
 
+use crate::testnet::cmd::display;
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher as _, Hasher as _};
@@ -52,7 +53,7 @@ pub const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";
 pub const IMPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2";
 
 /// Where the tools are looked up (and the only `PATH` they get).
-const TOOL_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const TOOL_PATH: &str = crate::testnet::cmd::CLEAN_PATH;
 
 /// Why a test file could not be found, made or read.
 #[derive(Debug, thiserror::Error)]
@@ -771,20 +772,8 @@ fn run_with_input(command: &mut Command, input: &[u8]) -> Result<Vec<u8>, DicomF
 }
 
 fn find_tool(program: &'static str, package: &'static str) -> Result<PathBuf, DicomFilesError> {
-    TOOL_PATH
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|path| path.is_file())
+    crate::testnet::cmd::find_in_clean_path(program)
         .ok_or(DicomFilesError::Missing { program, package })
-}
-
-fn display(command: &Command) -> String {
-    let mut text = command.get_program().to_string_lossy().into_owned();
-    for arg in command.get_args() {
-        text.push(' ');
-        text.push_str(&arg.to_string_lossy());
-    }
-    text
 }
 
 fn io_err<'a>(

@@ -39,6 +39,7 @@
 //! Needs the Debian packages `nginx` (its DAV module is built in) and `openssl`; no root
 //! and no network beyond loopback, except for [`Options::netns`] (root and `ip`).
 
+use crate::testnet::cmd::display;
 use std::fs::{self, File};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
@@ -50,8 +51,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::{Pid, geteuid};
+use nix::unistd::geteuid;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
@@ -61,7 +61,7 @@ use crate::testnet::error_chain;
 pub const LOCATION: &str = "/ssmix2/";
 
 /// Where the tools are looked up (and the only `PATH` they get).
-const TOOL_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const TOOL_PATH: &str = crate::testnet::cmd::CLEAN_PATH;
 
 /// How long nginx may take to serve after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -537,7 +537,11 @@ impl Drop for Nginx {
         if thread::panicking() {
             let log = self.error_log();
             if !log.is_empty() {
-                eprintln!("nginx error log ({}):\n{}", self.path.display(), tail(&log));
+                eprintln!(
+                    "nginx error log ({}):\n{}",
+                    self.path.display(),
+                    crate::testnet::cmd::tail(&log, LOG_IN_ERROR)
+                );
             }
         }
         if let Some(child) = self.child.take() {
@@ -636,7 +640,7 @@ fn wait_ready(
         if let Ok(Some(status)) = child.try_wait() {
             return Err(NginxError::Exited {
                 status,
-                log: tail(&startup_log(dir)),
+                log: crate::testnet::cmd::tail(&startup_log(dir), LOG_IN_ERROR),
             });
         }
         let last = match handshake(addr, client) {
@@ -647,7 +651,7 @@ fn wait_ready(
             return Err(NginxError::NotReady {
                 timeout: START_TIMEOUT,
                 last: format!("{addr}: {last}"),
-                log: tail(&startup_log(dir)),
+                log: crate::testnet::cmd::tail(&startup_log(dir), LOG_IN_ERROR),
             });
         }
         thread::sleep(Duration::from_millis(20));
@@ -655,33 +659,15 @@ fn wait_ready(
 }
 
 /// SIGTERM to the master, wait; SIGKILL its process group at the deadline; reap.
-fn stop_child(mut child: Child) -> Result<(), NginxError> {
+fn stop_child(child: Child) -> Result<(), NginxError> {
     let pid = child.id();
-    let stop_err = |source| NginxError::Stop { pid, source };
-    if matches!(child.try_wait(), Ok(None)) {
-        // Not reaped yet, so the pid (and the group id: nginx leads its own group) still
-        // name this nginx.
-        let raw = i32::try_from(pid).map_err(|_| stop_err(io::Error::other("pid out of range")))?;
-        let raw = Pid::from_raw(raw);
-        let _ = kill(raw, Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        if matches!(child.try_wait(), Ok(None)) {
-            let _ = killpg(raw, Signal::SIGKILL);
-        }
-    }
-    child.wait().map(drop).map_err(stop_err)
+    crate::testnet::cmd::stop_child(child, STOP_TIMEOUT, true)
+        .map_err(|source| NginxError::Stop { pid, source })
 }
 
 /// `program` in [`TOOL_PATH`], or [`NginxError::Missing`].
 fn find_tool(program: &'static str, package: &'static str) -> Result<PathBuf, NginxError> {
-    TOOL_PATH
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|path| path.is_file())
-        .ok_or(NginxError::Missing { program, package })
+    crate::testnet::cmd::find_in_clean_path(program).ok_or(NginxError::Missing { program, package })
 }
 
 fn check_dav_module(nginx: &Path) -> Result<(), NginxError> {
@@ -721,17 +707,11 @@ fn run_quietly(command: &mut Command) -> Result<(), NginxError> {
     Err(NginxError::Command {
         command: line,
         status: output.status,
-        stderr: tail(String::from_utf8_lossy(&output.stderr).trim()),
+        stderr: crate::testnet::cmd::tail(
+            String::from_utf8_lossy(&output.stderr).trim(),
+            LOG_IN_ERROR,
+        ),
     })
-}
-
-fn display(command: &Command) -> String {
-    let mut text = command.get_program().to_string_lossy().into_owned();
-    for arg in command.get_args() {
-        text.push(' ');
-        text.push_str(&arg.to_string_lossy());
-    }
-    text
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> NginxError + 'a {
@@ -754,18 +734,6 @@ fn plain(path: &Path) -> Result<(), NginxError> {
     } else {
         Err(NginxError::OddPath(path.to_owned()))
     }
-}
-
-/// The last [`LOG_IN_ERROR`] bytes of `text` (cut at a character boundary).
-fn tail(text: &str) -> String {
-    if text.len() <= LOG_IN_ERROR {
-        return text.to_owned();
-    }
-    let mut start = text.len() - LOG_IN_ERROR;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("...{}", &text[start..])
 }
 
 /// A port that was free a moment ago (nginx binds it itself; a clash is retried).

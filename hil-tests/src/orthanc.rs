@@ -38,6 +38,7 @@
 //! Needs root, `ip` (Debian `iproute2`), `Orthanc` (`orthanc`) and, for the tests, the
 //! dcmtk tools (`dcmtk`).
 
+use crate::testnet::cmd::display;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -74,7 +75,7 @@ pub const STOP_GRACE: Duration = Duration::from_secs(10);
 pub const REST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the tools are looked up (and the only `PATH` they get).
-const TOOL_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const TOOL_PATH: &str = crate::testnet::cmd::CLEAN_PATH;
 /// Where `ip netns` keeps its named namespaces.
 const NETNS_DIR: &str = "/run/netns";
 /// Deadline of the module's own `ip` calls.
@@ -578,7 +579,7 @@ impl Orthanc {
             {
                 return Err(OrthancError::Exited {
                     status,
-                    log: tail(&self.log()),
+                    log: crate::testnet::cmd::tail(&self.log(), LOG_IN_ERROR),
                 });
             }
             let last = match self.in_netns(|| http_request(addr, "GET", "/system", None))? {
@@ -590,7 +591,7 @@ impl Orthanc {
                 return Err(OrthancError::NotReady {
                     timeout: START_TIMEOUT,
                     last,
-                    log: tail(&self.log()),
+                    log: crate::testnet::cmd::tail(&self.log(), LOG_IN_ERROR),
                 });
             }
             thread::sleep(Duration::from_millis(50));
@@ -606,7 +607,7 @@ impl Drop for Orthanc {
                 eprintln!(
                     "Orthanc log ({}):\n{}",
                     self.log_file().display(),
-                    tail(&log)
+                    crate::testnet::cmd::tail(&log, LOG_IN_ERROR)
                 );
             }
         }
@@ -998,40 +999,16 @@ fn output_with_timeout(command: &mut Command, timeout: Duration) -> Result<Outpu
 }
 
 /// SIGTERM to the pid, up to [`STOP_GRACE`], then SIGKILL; reap.
-fn stop_child(mut child: Child) -> Result<(), OrthancError> {
+fn stop_child(child: Child) -> Result<(), OrthancError> {
     let pid = child.id();
-    let stop_err = |source| OrthancError::Stop { pid, source };
-    if matches!(child.try_wait(), Ok(None)) {
-        // Not reaped yet, so the pid still names this Orthanc.
-        let raw = i32::try_from(pid).map_err(|_| stop_err(io::Error::other("pid out of range")))?;
-        let _ = kill(Pid::from_raw(raw), Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_GRACE;
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        if matches!(child.try_wait(), Ok(None)) {
-            let _ = child.kill();
-        }
-    }
-    child.wait().map(drop).map_err(stop_err)
+    crate::testnet::cmd::stop_child(child, STOP_GRACE, false)
+        .map_err(|source| OrthancError::Stop { pid, source })
 }
 
 /// `program` in [`TOOL_PATH`], or [`OrthancError::Missing`].
 fn find_tool(program: &'static str, package: &'static str) -> Result<PathBuf, OrthancError> {
-    TOOL_PATH
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|path| path.is_file())
+    crate::testnet::cmd::find_in_clean_path(program)
         .ok_or(OrthancError::Missing { program, package })
-}
-
-fn display(command: &Command) -> String {
-    let mut text = command.get_program().to_string_lossy().into_owned();
-    for arg in command.get_args() {
-        text.push(' ');
-        text.push_str(&arg.to_string_lossy());
-    }
-    text
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> OrthancError + 'a {
@@ -1040,18 +1017,6 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
         path: path.to_owned(),
         source,
     }
-}
-
-/// The last [`LOG_IN_ERROR`] bytes of `text` (cut at a character boundary).
-fn tail(text: &str) -> String {
-    if text.len() <= LOG_IN_ERROR {
-        return text.to_owned();
-    }
-    let mut start = text.len() - LOG_IN_ERROR;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("...{}", &text[start..])
 }
 
 /// At most 600 bytes of `text`, for error messages.

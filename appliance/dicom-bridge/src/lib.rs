@@ -23,3 +23,10 @@ pub mod header;
 pub mod scp;
 pub mod service;
 pub mod spool;
+
+/// Now, in Unix seconds (what the spool records).
+pub(crate) fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

@@ -327,9 +327,7 @@ async fn finish(
         calling_ae: calling.to_owned(),
         patient_id: head.and_then(|h| h.patient_id).filter(|p| !p.is_empty()),
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now = crate::now();
     // fsync and SQLite: off the async threads.
     match tokio::task::spawn_blocking(move || incoming.commit(&meta, now)).await {
         Ok(Ok(_)) => Status::SUCCESS,

@@ -17,6 +17,7 @@ use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
 
 use crate::forward::{Destination, record, send_batch};
+use crate::now;
 use crate::scp;
 use crate::spool::{Spool, SpoolError};
 
@@ -43,12 +44,6 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Runs the service until shutdown.

@@ -7,13 +7,12 @@
 //! * [`replica`]: where the replica lives — the [`replica::Replica`] trait, validated
 //!   relative paths, and the local/mounted directory transport.
 //! * [`webdav`]: the HTTPS WebDAV transport (rustls, client certificate).
-//! * [`gate`]: the consent service's decisions and change feed.
+//! The consent service is asked through [`consent::client`] (decisions and its change feed).
 //! * [`sync`]: one sync cycle (index → revocations → publications → deletions → outbox).
 //! * [`watcher`]: inotify on local storages (a trigger; the rescan is the backstop).
 //! * [`service`]: the service loop, status and metrics.
 #![forbid(unsafe_code)]
 
-pub mod gate;
 pub mod replica;
 pub mod service;
 pub mod sync;

@@ -13,11 +13,11 @@ use tsunagi_config::WatchMode;
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
 
-use crate::gate::SocketGate;
 use crate::replica::{DirReplica, Replica, ReplicaError};
 use crate::sync::{CycleReport, State, SyncError, Syncer};
 use crate::watcher;
 use crate::webdav::{BaseUrl, WebDavReplica, WebDavSettings};
+use consent::client::SocketGate;
 
 /// Where the replica is.
 #[derive(Debug, Clone)]

@@ -33,8 +33,8 @@ use ssmix2::scan::{Options, Summary};
 use tsunagi_config::WithdrawalPolicy;
 use tsunagi_state::{Durability, Migration, StateError};
 
-use crate::gate::{Gate, GateError, Verdict};
 use crate::replica::{RelPath, Replica, ReplicaError};
+use consent::client::{Gate, GateError, Verdict};
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -275,7 +275,7 @@ impl Syncer {
                     let mut changed = std::collections::BTreeSet::new();
                     for h in &batch.headers {
                         let k = &h.key;
-                        let (l1, l2) = ssmix2::build::hash_folders(&k.patient_id);
+                        let (l1, l2) = ssmix2::name::hash_folders(&k.patient_id);
                         changed.insert(format!(
                             "{l1}/{l2}/{}/{}/{}",
                             k.patient_id, k.care_date, k.data_type
@@ -443,7 +443,7 @@ impl Syncer {
         }
         for (patient, category) in pairs {
             let due = changed.contains(patient.as_str())
-                || self.cached_in(&tx, &patient, &category, now)?.is_none();
+                || self.cached(&patient, &category, now)?.is_none();
             if !due || !fresh {
                 continue;
             }
@@ -459,17 +459,6 @@ impl Syncer {
                 .map_err(sql("save the feed position"))?;
         }
         tx.commit().map_err(sql("commit revocations"))
-    }
-
-    fn cached_in(
-        &self,
-        conn: &Connection,
-        patient: &str,
-        category: &str,
-        now: i64,
-    ) -> Result<Option<Verdict>, SyncError> {
-        let _ = conn;
-        self.cached(patient, category, now)
     }
 
     fn plan_removal(
@@ -555,6 +544,18 @@ impl Syncer {
             let Some(last) = batch.last() else { break };
             cursor = last.0.clone();
             let tx = self.conn.unchecked_transaction().map_err(sql("begin"))?;
+            // Prepared once per batch, used for every candidate.
+            let mut renames = tx
+                .prepare(
+                    "SELECT p.path FROM published p WHERE p.key = ?1 AND p.sha256 = ?2 AND p.path != ?3 AND p.tombstone = 0
+                       AND NOT EXISTS (SELECT 1 FROM idx.files f WHERE f.path = p.path)
+                       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.path = p.path)
+                     LIMIT 1",
+                )
+                .map_err(sql("find renames"))?;
+            let mut tombstone_rows = tx
+                .prepare("SELECT path FROM published WHERE key = ?1 AND tombstone = 1")
+                .map_err(sql("read tombstones"))?;
             for (path, sha, patient, date, data_type, order, mtime_ns) in batch {
                 let Some(category) = consent::model::Category::for_ssmix2(&data_type) else {
                     report.held += 1;
@@ -586,15 +587,8 @@ impl Syncer {
                 let key = key_of(&patient, &date, &data_type, &order);
                 // The same content already published under another name of the key, now
                 // gone from the storage: the EMR renamed it (an update or a delete).
-                let renamed_from: Option<String> = tx
-                    .query_row(
-                        "SELECT p.path FROM published p WHERE p.key = ?1 AND p.sha256 = ?2 AND p.path != ?3 AND p.tombstone = 0
-                           AND NOT EXISTS (SELECT 1 FROM idx.files f WHERE f.path = p.path)
-                           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.path = p.path)
-                         LIMIT 1",
-                        params![key, sha, path],
-                        |r| r.get(0),
-                    )
+                let renamed_from: Option<String> = renames
+                    .query_row(params![key, sha, path], |r| r.get(0))
                     .optional()
                     .map_err(sql("find renames"))?;
                 match renamed_from {
@@ -622,19 +616,16 @@ impl Syncer {
                     )?,
                 }
                 // A tombstone we wrote for this key earlier (the patient consented again).
-                let tombstones: Vec<String> = {
-                    let mut stmt = tx
-                        .prepare("SELECT path FROM published WHERE key = ?1 AND tombstone = 1")
-                        .map_err(sql("read tombstones"))?;
-                    stmt.query_map([&key], |r| r.get(0))
-                        .map_err(sql("read tombstones"))?
-                        .collect::<Result<_, _>>()
-                        .map_err(sql("read tombstones"))?
-                };
+                let tombstones: Vec<String> = tombstone_rows
+                    .query_map([&key], |r| r.get(0))
+                    .map_err(sql("read tombstones"))?
+                    .collect::<Result<_, _>>()
+                    .map_err(sql("read tombstones"))?;
                 for t in tombstones {
                     enqueue(&tx, "delete", &t, None, None, &patient, category, &key, now)?;
                 }
             }
+            drop((renames, tombstone_rows));
             tx.commit().map_err(sql("commit a batch"))?;
             self.drain(replica, report)?;
         }
@@ -747,9 +738,7 @@ impl Syncer {
                         params![path, sha256, op.patient_id, op.category, op.key, tombstone, now],
                     )
                     .map_err(sql("record a put"))?;
-                    if tombstone {
-                        report.removed += 0;
-                    } else {
+                    if !tombstone {
                         report.published += 1;
                     }
                 }
@@ -789,7 +778,7 @@ impl Syncer {
                     Ok(b) => b,
                     Err(_) => return Ok(Effect::Dropped { forget: None }),
                 };
-                let sha = ssmix2_hex(&Sha256::digest(&bytes));
+                let sha = ssmix2::scan::hex(&Sha256::digest(&bytes));
                 if Some(sha.as_str()) != op.sha256.as_deref() {
                     // Changed since the plan: never publish unverified content.
                     replica.delete(&path.part_name())?;
@@ -807,7 +796,7 @@ impl Syncer {
                 replica.put(&path, &bytes)?;
                 Ok(Effect::Published {
                     path: op.path.clone(),
-                    sha256: ssmix2_hex(&Sha256::digest(&bytes)),
+                    sha256: ssmix2::scan::hex(&Sha256::digest(&bytes)),
                     tombstone: true,
                 })
             }
@@ -855,10 +844,6 @@ fn enqueue(
     )
     .map_err(sql("plan an operation"))?;
     Ok(())
-}
-
-fn ssmix2_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The tombstone's name for a published file: its name with the time of now and flag `0`.

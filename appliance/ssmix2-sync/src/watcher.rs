@@ -1,14 +1,15 @@
 //! Noticing changes in the storage: inotify on local filesystems, nothing on network shares
 //! (SMB and NFS deliver no inotify events; the periodic rescan covers them).
 //!
-//! inotify only *triggers* an early cycle; the index and the rescan decide what changed, so a
+//! Each watch is mapped to its folder, so a new folder is watched on its own (not by walking
+//! the tree again). inotify only *triggers* an early cycle; the index and the rescan decide what changed, so a
 //! lost event (queue overflow, a watch limit) costs latency, never data.
 
-use std::os::fd::AsFd as _;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::statfs::statfs;
 use tsunagi_config::WatchMode;
 
@@ -52,19 +53,24 @@ fn flags() -> AddWatchFlags {
         | AddWatchFlags::IN_ONLYDIR
 }
 
-fn add_tree(inotify: &Inotify, dir: &Path, watches: &mut usize) -> bool {
-    if inotify.add_watch(dir, flags()).is_err() {
-        // ENOSPC (fs.inotify.max_user_watches) or the folder vanished.
+/// Watches `dir` and every folder below it, remembering which watch is which folder.
+/// `false` if some folder could not be watched (ENOSPC: fs.inotify.max_user_watches).
+fn add_tree(
+    inotify: &Inotify,
+    dir: &Path,
+    folders: &mut HashMap<WatchDescriptor, PathBuf>,
+) -> bool {
+    let Ok(wd) = inotify.add_watch(dir, flags()) else {
         return false;
-    }
-    *watches += 1;
+    };
+    folders.insert(wd, dir.to_owned());
     let Ok(entries) = std::fs::read_dir(dir) else {
         return true;
     };
     let mut ok = true;
     for e in entries.flatten() {
         if e.file_type().is_ok_and(|t| t.is_dir()) {
-            ok &= add_tree(inotify, &e.path(), watches);
+            ok &= add_tree(inotify, &e.path(), folders);
         }
     }
     ok
@@ -75,32 +81,30 @@ fn add_tree(inotify: &Inotify, dir: &Path, watches: &mut usize) -> bool {
 /// then relies on the rescan).
 pub fn spawn(root: &Path, trigger: Sender<()>) -> Option<usize> {
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC).ok()?;
-    let mut watches = 0;
-    let complete = add_tree(&inotify, root, &mut watches);
-    if !complete {
+    let mut folders = HashMap::new();
+    if !add_tree(&inotify, root, &mut folders) {
         tracing::warn!(
-            watches,
+            watches = folders.len(),
             "not every folder could be watched (inotify limit); the periodic rescan covers the rest"
         );
     }
-    let root: PathBuf = root.to_owned();
+    let watches = folders.len();
     std::thread::Builder::new()
         .name("ssmix2-inotify".into())
         .spawn(move || {
-            let _ = inotify.as_fd();
             loop {
                 let Ok(events) = inotify.read_events() else {
                     return;
                 };
                 for ev in &events {
-                    if ev.mask.contains(AddWatchFlags::IN_ISDIR)
-                        && ev.mask.contains(AddWatchFlags::IN_CREATE)
+                    // A new folder: watch it and whatever was created in it meanwhile.
+                    if ev
+                        .mask
+                        .contains(AddWatchFlags::IN_ISDIR | AddWatchFlags::IN_CREATE)
+                        && let (Some(parent), Some(name)) = (folders.get(&ev.wd), &ev.name)
                     {
-                        // A new folder: watch it (and anything created in it meanwhile). The
-                        // event names it relative to a watch we cannot map back cheaply, so
-                        // rewatch the tree; existing watches are reused by the kernel.
-                        let mut n = 0;
-                        add_tree(&inotify, &root, &mut n);
+                        let dir = parent.join(name);
+                        add_tree(&inotify, &dir, &mut folders);
                     }
                 }
                 if trigger.send(()).is_err() {

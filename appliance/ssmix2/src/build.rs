@@ -130,12 +130,7 @@ impl Record {
     }
 }
 
-/// The two hash folders of a patient ID: its characters 1–3 and 4–6.
-pub fn hash_folders(id: &str) -> (&str, &str) {
-    let a = id.get(..3).unwrap_or(id);
-    let b = id.get(3..6).or_else(|| id.get(3..)).unwrap_or("");
-    (a, if b.is_empty() { "_" } else { b })
-}
+pub use crate::name::hash_folders;
 
 fn seg(id: &str, fields: &[(usize, &str)]) -> String {
     let last = fields.iter().map(|(n, _)| *n).max().unwrap_or(0);

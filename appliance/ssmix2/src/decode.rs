@@ -67,19 +67,11 @@ fn prepare(bytes: &[u8], findings: &mut Findings) -> (Vec<u8>, bool) {
         let b = bytes[i];
         if b == ESC {
             any_escape = true;
-            let seq = &bytes[i + 1..];
-            let (next, len) = if seq.starts_with(b"(B") {
-                (Some(Mode::Ascii), 3)
-            } else if seq.starts_with(b"(J") {
-                (Some(Mode::Roman), 3)
-            } else if seq.starts_with(b"(I") {
-                (Some(Mode::Katakana), 3)
-            } else if seq.starts_with(b"$B") || seq.starts_with(b"$@") {
-                (Some(Mode::TwoByte), 3)
-            } else if seq.starts_with(b"$(D") {
-                (Some(Mode::Jis0212), 4)
-            } else {
-                (None, 1)
+            let next = escape(&bytes[i + 1..]);
+            let len = match next {
+                Some(Mode::Jis0212) => 4,
+                Some(_) => 3,
+                None => 1,
             };
             if let Some(m) = next {
                 match m {
@@ -95,9 +87,7 @@ fn prepare(bytes: &[u8], findings: &mut Findings) -> (Vec<u8>, bool) {
             i = end;
             continue;
         }
-        if (b == b'\r' || b == b'\n')
-            && matches!(mode, Mode::TwoByte | Mode::Jis0212 | Mode::Katakana)
-        {
+        if (b == b'\r' || b == b'\n') && multi_byte(mode) {
             findings.add(Reason::UnterminatedJis);
             out.extend_from_slice(b"\x1b(B");
             mode = Mode::Ascii;
@@ -105,7 +95,7 @@ fn prepare(bytes: &[u8], findings: &mut Findings) -> (Vec<u8>, bool) {
         out.push(b);
         i += 1;
     }
-    if matches!(mode, Mode::TwoByte | Mode::Jis0212 | Mode::Katakana) {
+    if multi_byte(mode) {
         findings.add(Reason::UnterminatedJis);
         out.extend_from_slice(b"\x1b(B");
     }

@@ -73,7 +73,6 @@ fn mtime_i64(ns: i128) -> i64 {
 
 struct Cache<'a> {
     lookup: rusqlite::Statement<'a>,
-    hits: u64,
     misses: u64,
 }
 
@@ -116,9 +115,7 @@ impl ContentCache for Cache<'_> {
             .optional()
             .ok()
             .flatten();
-        if found.is_some() {
-            self.hits += 1;
-        } else {
+        if found.is_none() {
             self.misses += 1;
         }
         found
@@ -193,7 +190,6 @@ impl Index {
         {
             let mut cache = Cache {
                 lookup: tx.prepare(LOOKUP)?,
-                hits: 0,
                 misses: 0,
             };
             let mut before = tx.prepare(BEFORE)?;

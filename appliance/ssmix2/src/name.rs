@@ -54,6 +54,14 @@ pub fn check_patient_id(id: &str) -> Result<(), Reason> {
     }
 }
 
+/// The two hash folders of a patient ID: its characters 1–3 and 4–6 (for IDs shorter than
+/// 6, what there is, or `_`).
+pub fn hash_folders(id: &str) -> (&str, &str) {
+    let a = id.get(..3).unwrap_or(id);
+    let b = id.get(3..6).or_else(|| id.get(3..)).unwrap_or("");
+    (a, if b.is_empty() { "_" } else { b })
+}
+
 /// The key of a record: every version of it lives in the same data-type folder.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key {

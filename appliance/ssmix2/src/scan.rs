@@ -488,37 +488,22 @@ impl Walker<'_, '_> {
     /// A data-type folder: read every file, resolve each key, emit in name order.
     fn key_folder(&mut self, rel: &[String], collision: bool) {
         let dir = self.abs(rel);
-        for _attempt in 0..3 {
-            let listed = match list(&dir) {
-                Ok(l) => l,
-                Err(_) => {
-                    self.emit(bare_entry(rel.join("/"), Reason::Unreadable, 0, 0));
-                    return;
-                }
+        // A file that vanishes between listing and reading makes the folder be listed again
+        // (E-02); after four listings, whatever is still moving waits for the next scan.
+        for _attempt in 0..4 {
+            let Ok(listed) = list(&dir) else {
+                self.emit(bare_entry(rel.join("/"), Reason::Unreadable, 0, 0));
+                return;
             };
             let result = match self.opts.kind {
                 Kind::Standard => self.standard_folder(rel, &listed, collision),
                 Kind::Extended => self.extended_folder(rel, &listed, collision),
             };
-            match result {
-                Some(entries) => {
-                    for e in entries {
-                        self.emit(e);
-                    }
-                    return;
+            if let Some(entries) = result {
+                for e in entries {
+                    self.emit(e);
                 }
-                // A file vanished between listing and reading: list again (E-02).
-                None => continue,
-            }
-        }
-        // Still changing after three listings: report what is there now, without retrying.
-        if let Ok(listed) = list(&dir) {
-            let entries = match self.opts.kind {
-                Kind::Standard => self.standard_folder(rel, &listed, collision),
-                Kind::Extended => self.extended_folder(rel, &listed, collision),
-            };
-            for e in entries.unwrap_or_default() {
-                self.emit(e);
+                return;
             }
         }
     }
@@ -876,7 +861,8 @@ fn resolve_pending(pending: Vec<Pending>) -> Vec<Entry> {
     out
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
+/// Lower-case hexadecimal (of a digest).
+pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {

@@ -195,6 +195,42 @@ pub(crate) fn shorten(text: &str, max: usize) -> String {
     format!("{}...", &text[..end])
 }
 
+/// The last `max` bytes of `text` (cut at a character boundary), marked when cut.
+pub(crate) fn tail(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{}", &text[start..])
+}
+
+/// Stops a child the harness started: SIGTERM to its pid, up to `grace`, then SIGKILL (to
+/// its process group when `group`, for a server that leads one), and reaps it.
+pub(crate) fn stop_child(mut child: Child, grace: Duration, group: bool) -> std::io::Result<()> {
+    if matches!(child.try_wait(), Ok(None)) {
+        // Not reaped yet, so the pid (and, for a group leader, the group id) still names it.
+        let pid = Pid::from_raw(
+            i32::try_from(child.id()).map_err(|_| std::io::Error::other("pid out of range"))?,
+        );
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + grace;
+        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            if group {
+                let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+            } else {
+                let _ = child.kill();
+            }
+        }
+    }
+    child.wait().map(drop)
+}
+
 /// Looks `program` up in [`CLEAN_PATH`], the PATH every harness command runs with.
 pub(crate) fn find_in_clean_path(program: &str) -> Option<PathBuf> {
     CLEAN_PATH

@@ -9,7 +9,7 @@
 //! [`TestNet::exec`] / [`TestNet::spawn`] run) get a clean environment: `PATH` plus the
 //! variables the caller set explicitly on the `Command`.
 
-mod cmd;
+pub(crate) mod cmd;
 mod error;
 mod plan;
 mod stale;

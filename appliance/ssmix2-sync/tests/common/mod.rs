@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use consent::client::{Changes, Gate, GateError, Verdict};
 use ssmix2::resolve::Status;
 use ssmix2::scan::{Options, scan_all};
-use ssmix2_sync::gate::{Changes, Gate, GateError, Verdict};
 
 /// A consent gate whose answers the test sets: permitted patients (all categories), a
 /// change sequence, and freshness.
