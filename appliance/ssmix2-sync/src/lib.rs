@@ -7,10 +7,11 @@
 //! * [`replica`]: where the replica lives — the [`replica::Replica`] trait, validated
 //!   relative paths, and the local/mounted directory transport.
 //! * [`webdav`]: the HTTPS WebDAV transport (rustls, client certificate).
-//! The consent service is asked through [`consent::client`] (decisions and its change feed).
 //! * [`sync`]: one sync cycle (index → revocations → publications → deletions → outbox).
 //! * [`watcher`]: inotify on local storages (a trigger; the rescan is the backstop).
 //! * [`service`]: the service loop, status and metrics.
+//!
+//! The consent service is asked through [`consent::client`] (decisions and its change feed).
 #![forbid(unsafe_code)]
 
 pub mod replica;
