@@ -11,34 +11,19 @@ use std::time::{Duration, Instant};
 use dicom_bridge::forward::{Destination, record, send_batch};
 use dicom_bridge::scp::{Settings, serve};
 use dicom_bridge::spool::Spool;
+use hil_tests::dicom_files::{DicomFile, Ids, japanese_ct};
 use tokio_util::sync::CancellationToken;
 
-const NAME: &[u8] = b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B";
-
+/// A Japanese-named CT instance (`\\ISO 2022 IR 87`) with this SOP Instance UID and patient.
 fn generate(dir: &Path, uid: &str, patient: &str) -> PathBuf {
-    let dump = dir.join(format!("{uid}.dump"));
-    let mut text = Vec::new();
-    text.extend_from_slice(b"(0008,0005) CS [\\ISO 2022 IR 87]\n(0008,0016) UI =CTImageStorage\n");
-    text.extend_from_slice(format!("(0008,0018) UI [{uid}]\n(0010,0010) PN [").as_bytes());
-    text.extend_from_slice(NAME);
-    text.extend_from_slice(format!("]\n(0010,0020) LO [{patient}]\n(0020,000d) UI [1.2.826.0.1.3680043.9.7777.2]\n(7fe0,0010) OW 0001\\0002\\0003\\0004\n").as_bytes());
-    std::fs::write(&dump, text).unwrap();
-    let out = dir.join(format!("{uid}.dcm"));
-    assert!(
-        Command::new("dump2dcm")
-            .arg("-q")
-            .arg(&dump)
-            .arg(&out)
-            .status()
-            .unwrap()
-            .success()
-    );
-    out
+    let mut ids = Ids::new(patient);
+    ids.sop_instance_uid = uid.to_owned();
+    japanese_ct(dir, &ids).expect("dcmtk (Debian package dcmtk) must be installed")
 }
 
-fn data_set(file: &[u8]) -> &[u8] {
-    let group_len = u32::from_le_bytes(file[140..144].try_into().unwrap());
-    &file[144 + usize::try_from(group_len).unwrap()..]
+/// The data set of a Part 10 file: what follows the file meta group.
+fn data_set(file: &[u8]) -> Vec<u8> {
+    DicomFile::parse(file.to_vec()).unwrap().data_set().to_vec()
 }
 
 fn free_port() -> u16 {

@@ -8,35 +8,19 @@ use std::time::Duration;
 
 use dicom_bridge::scp::{Settings, serve};
 use dicom_bridge::spool::Spool;
+use hil_tests::dicom_files::{DicomFile, Ids, japanese_ct};
 use tokio_util::sync::CancellationToken;
 
-/// `Yamada^Tarou=山田^太郎` in ISO 2022 IR 87.
-const NAME: &[u8] = b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B";
-
+/// A Japanese-named CT instance (`\\ISO 2022 IR 87`) with this SOP Instance UID and patient.
 fn generate(dir: &Path, uid: &str, patient: &str) -> PathBuf {
-    let dump = dir.join(format!("{uid}.dump"));
-    let mut text = Vec::new();
-    text.extend_from_slice(b"(0008,0005) CS [\\ISO 2022 IR 87]\n(0008,0016) UI =CTImageStorage\n");
-    text.extend_from_slice(format!("(0008,0018) UI [{uid}]\n(0010,0010) PN [").as_bytes());
-    text.extend_from_slice(NAME);
-    text.extend_from_slice(format!("]\n(0010,0020) LO [{patient}]\n(0020,000d) UI [1.2.826.0.1.3680043.9.7777.1]\n(0028,0010) US 4\n(0028,0011) US 4\n(7fe0,0010) OW 0001\\0002\\0003\\0004\\0005\\0006\\0007\\0008\\0009\\000a\\000b\\000c\\000d\\000e\\000f\\0010\n").as_bytes());
-    std::fs::write(&dump, text).unwrap();
-    let out = dir.join(format!("{uid}.dcm"));
-    let status = Command::new("dump2dcm")
-        .arg("-q")
-        .arg(&dump)
-        .arg(&out)
-        .status()
-        .expect("dump2dcm (Debian package dcmtk) must be installed");
-    assert!(status.success());
-    out
+    let mut ids = Ids::new(patient);
+    ids.sop_instance_uid = uid.to_owned();
+    japanese_ct(dir, &ids).expect("dcmtk (Debian package dcmtk) must be installed")
 }
 
 /// The data set of a Part 10 file: what follows the file meta group.
-fn data_set(file: &[u8]) -> &[u8] {
-    assert_eq!(&file[128..132], b"DICM");
-    let group_len = u32::from_le_bytes(file[140..144].try_into().unwrap());
-    &file[144 + usize::try_from(group_len).unwrap()..]
+fn data_set(file: &[u8]) -> Vec<u8> {
+    DicomFile::parse(file.to_vec()).unwrap().data_set().to_vec()
 }
 
 async fn start(spool: Spool) -> (u16, CancellationToken) {
@@ -95,7 +79,13 @@ async fn echo_and_store_into_the_spool() {
     let sent = std::fs::read(&file).unwrap();
     let stored = std::fs::read(&q.path).unwrap();
     assert_eq!(stored, data_set(&sent));
-    assert!(stored.windows(NAME.len()).any(|w| w == NAME));
+    let name = DicomFile::read(&file)
+        .unwrap()
+        .element(0x0010, 0x0010)
+        .unwrap()
+        .to_vec();
+    assert!(name.contains(&0x1b), "the name is in ISO 2022 IR 87");
+    assert!(stored.windows(name.len()).any(|w| w == name));
     // The same instance again, identical: stored once.
     let out = run(Command::new("storescu")
         .args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()])
@@ -194,7 +184,7 @@ async fn a_mismatched_instance_uid_and_an_abort_mid_transfer_store_nothing() {
     let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
     let (port, stop) = start(spool.clone()).await;
     let file = generate(dir.path(), "1.2.826.0.1.3680043.9.7777.1.3", "0001234");
-    let ds = data_set(&std::fs::read(&file).unwrap()).to_vec();
+    let ds = data_set(&std::fs::read(&file).unwrap());
 
     // The command names another instance than the data set: A900, nothing stored.
     let mut a = client(port).await;

@@ -826,6 +826,28 @@ impl Syncer {
     }
 }
 
+/// What a replica holds once it has converged, when the patients for whom `permits` is
+/// true consent to every category: relative path → SHA-256 of every non-quarantined file of
+/// theirs whose data type maps to a category. For checking a replica (tests, audits).
+pub fn expected_replica(
+    storage: &Path,
+    permits: impl Fn(&str) -> bool,
+) -> Result<std::collections::BTreeMap<String, String>, ssmix2::scan::ScanError> {
+    let (entries, _) = ssmix2::scan::scan_all(storage, &Options::standard())?;
+    Ok(entries
+        .into_iter()
+        .filter(|e| e.status != ssmix2::resolve::Status::Quarantined)
+        .filter(|e| e.patient_id.as_deref().is_some_and(&permits))
+        .filter(|e| {
+            e.data_type
+                .as_deref()
+                .and_then(consent::model::Category::for_ssmix2)
+                .is_some()
+        })
+        .filter_map(|e| Some((e.path, e.sha256?)))
+        .collect())
+}
+
 #[expect(clippy::too_many_arguments, reason = "one outbox row's columns")]
 fn enqueue(
     tx: &Connection,

@@ -22,21 +22,28 @@ struct World {
 }
 
 fn world(policy: WithdrawalPolicy) -> World {
+    world_with(|s| s.withdrawal = policy)
+}
+
+/// A storage, a directory replica and a syncer whose settings `adjust` may change (the
+/// defaults: nothing to settle, deletions confirmed by the next scan, the delete policy).
+fn world_with(adjust: impl FnOnce(&mut Settings)) -> World {
     let dir = tempfile::tempdir().unwrap();
     let storage = Storage::create(&dir.path().join("storage")).unwrap();
     let replica_root = dir.path().join("replica");
     std::fs::create_dir_all(&replica_root).unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let settings = Settings {
+    let mut settings = Settings {
         storage: storage.root().to_owned(),
         settle: Duration::ZERO,
         confirm_deletion: Duration::ZERO,
         recheck: Duration::from_secs(3600),
-        withdrawal: policy,
+        withdrawal: WithdrawalPolicy::Delete,
         facility: "1311234567".into(),
         transaction_storage: None,
     };
+    adjust(&mut settings);
     World {
         replica: DirReplica::new(&replica_root).unwrap(),
         syncer: Syncer::open(&state, settings).unwrap(),
@@ -246,26 +253,18 @@ fn tombstone_policy_leaves_content_free_deletions() {
 
 #[test]
 fn the_transaction_storage_is_the_change_feed() {
-    let mut w = world(WithdrawalPolicy::Delete);
-    let tr = w._dir.path().join("transaction");
-    std::fs::create_dir_all(tr.join("2026")).unwrap();
-    let settings = Settings {
-        storage: w.storage.root().to_owned(),
-        settle: Duration::ZERO,
+    let mut tr = std::path::PathBuf::new();
+    let mut w = world_with(|s| {
+        tr = s.storage.with_file_name("transaction");
         // Without a DEL record, a vanished file would wait an hour.
-        confirm_deletion: Duration::from_secs(3600),
-        recheck: Duration::from_secs(3600),
-        withdrawal: WithdrawalPolicy::Delete,
-        facility: "1311234567".into(),
-        transaction_storage: Some(tr.clone()),
-    };
-    let state = w._dir.path().join("state-tr");
-    std::fs::create_dir_all(&state).unwrap();
-    let mut syncer = Syncer::open(&state, settings).unwrap();
+        s.confirm_deletion = Duration::from_secs(3600);
+        s.transaction_storage = Some(tr.clone());
+    });
+    std::fs::create_dir_all(tr.join("2026")).unwrap();
     let a = patient(1);
     records(&mut w.storage, &a);
     let mut gate = ScriptedGate::new(&[&a.id]);
-    syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
     assert_eq!(
         tree(&w.replica_root),
         expected(w.storage.root(), &gate.permitted)
@@ -290,7 +289,7 @@ fn the_transaction_storage_is_the_change_feed() {
         header("INS", "20261121", "OMP-01", "000000000000005"),
     )
     .unwrap();
-    let report = syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
     assert_eq!((report.published, report.files_read), (1, 1), "{report:?}");
     assert_eq!(
         tree(&w.replica_root),
@@ -304,7 +303,7 @@ fn the_transaction_storage_is_the_change_feed() {
             &Record::new("OMP-01", "20261122", "000000000000006", "20261122103000000"),
         )
         .unwrap();
-    let report = syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
     assert_eq!(report.published, 0, "{report:?}");
     std::fs::remove_file(
         w.storage.root().join(
@@ -324,7 +323,7 @@ fn the_transaction_storage_is_the_change_feed() {
     let mut text = std::fs::read_to_string(&file).unwrap();
     text.push_str(&header("DEL", "20261120", "OML-11", "000000000000002"));
     std::fs::write(&file, text).unwrap();
-    let report = syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
     assert_eq!(report.removed, 1, "{report:?}");
     assert_eq!(
         tree(&w.replica_root),

@@ -83,17 +83,7 @@ impl Clinic {
 
     /// Simulates a successful pull from the network (the sync comes with the service).
     fn synced(&self) {
-        let db = self.h.state_dir().join("consent").join("consent.db");
-        let conn = rusqlite::Connection::open(db).unwrap();
-        let now = i64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs(),
-        )
-        .unwrap();
-        conn.execute("UPDATE sync_state SET last_pull_at = ?1", [now])
-            .unwrap();
+        mark_consent_synced(&self.h);
     }
 
     fn decide(&self, patient: &str, recipient: &str, category: &str) -> serde_json::Value {

@@ -10,61 +10,25 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use hil_tests::dicom_files::{DicomFile, Ids, japanese_ct};
 use hil_tests::orthanc::Orthanc;
 
-fn register(h: &Harness, form: &std::path::Path, patient: &str) {
-    let out = Command::new(BIN)
-        .args([
-            "consent",
-            "register",
-            patient,
-            "--family",
-            "山田",
-            "--given",
-            "太郎",
-            "--family-kana",
-            "ヤマダ",
-            "--given-kana",
-            "タロウ",
-        ])
-        .args([
-            "--birth-date",
-            "1950-04-01",
-            "--sex",
-            "male",
-            "--recorded-by",
-            "staff-1",
-            "--evidence",
-        ])
-        .arg(form)
-        .arg("--config")
-        .arg(&h.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn synced(h: &Harness) {
-    let db = h.state_dir().join("consent").join("consent.db");
-    let conn = rusqlite::Connection::open(db).unwrap();
-    let now = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-    )
-    .unwrap();
-    conn.execute("UPDATE sync_state SET last_pull_at = ?1", [now])
-        .unwrap();
+/// A box whose DICOM bridge forwards to `pacs`, with patient 0001234's consent recorded
+/// and the consent cache fresh; not started yet. Also returns the consent form's path.
+fn clinic(pacs: &Orthanc, supervisor: &str, timeout: &str) -> (Harness, std::path::PathBuf) {
+    let h = Harness::new(&format!(
+        "{supervisor}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"{timeout}\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n",
+        pacs.ae_title(),
+        pacs.dicom_addr()
+    ));
+    let form = h.dir.path().join("form.pdf");
+    std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
+    register_consent(&h, &form, "0001234", &[]);
+    mark_consent_synced(&h);
+    (h, form)
 }
 
 fn wait_for_instances(pacs: &Orthanc, n: usize, h: &Harness) -> Vec<String> {
@@ -92,15 +56,7 @@ fn consented_instances_reach_orthanc_byte_for_byte_and_others_wait_for_consent()
         return;
     }
     let pacs = Orthanc::start_for_test();
-    let mut h = Harness::new(&format!(
-        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"10s\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n",
-        pacs.ae_title(),
-        pacs.dicom_addr()
-    ));
-    let form = h.dir.path().join("form.pdf");
-    std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
-    register(&h, &form, "0001234");
-    synced(&h);
+    let (mut h, form) = clinic(&pacs, FAST_SUPERVISOR, "10s");
     h.start_in_netns(pacs.netns());
     h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
         state_of(s, "dicom") == "ready"
@@ -150,7 +106,7 @@ fn consented_instances_reach_orthanc_byte_for_byte_and_others_wait_for_consent()
     });
     assert_eq!(pacs.instances().unwrap().len(), 1, "{status}");
     // Consent recorded: the held instance goes.
-    register(&h, &form, "0005678");
+    register_consent(&h, &form, "0005678", &[]);
     wait_for_instances(&pacs, 2, &h);
     h.wait_for("an empty spool", Duration::from_secs(30), |s| {
         service(s, "dicom")["metrics"]["spool_held"] == 0.0
@@ -179,15 +135,7 @@ fn kill_9_during_ingest_loses_no_acknowledged_instance() {
     }
     let pacs = Orthanc::start_for_test();
     let supervisor = "[supervisor]\nstop-timeout = \"2s\"\nready-timeout = \"10s\"\nbackoff-initial = \"100ms\"\nbackoff-max = \"500ms\"\ncrash-limit = 100\ncrash-window = \"1m\"\nfailed-retry = \"10m\"\nstable-after = \"30s\"\n";
-    let mut h = Harness::new(&format!(
-        "{supervisor}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"10s\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n",
-        pacs.ae_title(),
-        pacs.dicom_addr()
-    ));
-    let form = h.dir.path().join("form.pdf");
-    std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
-    register(&h, &form, "0001234");
-    synced(&h);
+    let (mut h, _) = clinic(&pacs, supervisor, "10s");
     h.start_in_netns(pacs.netns());
     let files = tempfile::tempdir().unwrap();
     let base = Ids::new("0001234");
@@ -285,15 +233,7 @@ fn pacs_down_while_200_instances_arrive_then_all_delivered_once() {
         return;
     }
     let pacs = Orthanc::start_for_test();
-    let mut h = Harness::new(&format!(
-        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"5s\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n",
-        pacs.ae_title(),
-        pacs.dicom_addr()
-    ));
-    let form = h.dir.path().join("form.pdf");
-    std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
-    register(&h, &form, "0001234");
-    synced(&h);
+    let (mut h, _) = clinic(&pacs, FAST_SUPERVISOR, "5s");
     // The PACS is down: connections to it are refused.
     nft(
         &pacs,

@@ -36,19 +36,7 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
 /// What the hub must hold: the storage's non-quarantined files of permitted patients in a
 /// shared category.
 fn expected(storage: &Path, permitted: &BTreeSet<String>) -> BTreeMap<String, String> {
-    let (entries, _) = ssmix2::scan::scan_all(storage, &ssmix2::scan::Options::standard()).unwrap();
-    entries
-        .into_iter()
-        .filter(|e| e.status != ssmix2::resolve::Status::Quarantined)
-        .filter(|e| e.patient_id.as_ref().is_some_and(|p| permitted.contains(p)))
-        .filter(|e| {
-            e.data_type
-                .as_deref()
-                .and_then(consent::model::Category::for_ssmix2)
-                .is_some()
-        })
-        .map(|e| (e.path, e.sha256.unwrap()))
-        .collect()
+    ssmix2_sync::sync::expected_replica(storage, |p| permitted.contains(p)).unwrap()
 }
 
 fn patient_of(path: &str) -> Option<&str> {
@@ -118,42 +106,11 @@ impl Clinic {
     }
 
     fn register(&self, patient: &str) {
-        let form = self.form.display().to_string();
-        self.consent(&[
-            "register",
-            patient,
-            "--family",
-            "東京",
-            "--given",
-            "時日",
-            "--family-kana",
-            "トウキョウ",
-            "--given-kana",
-            "ジニチ",
-            "--birth-date",
-            "1948-04-05",
-            "--sex",
-            "male",
-            "--evidence",
-            &form,
-            "--recorded-by",
-            "staff-1",
-        ]);
+        register_consent(&self.h, &self.form, patient, &[]);
     }
 
-    /// As if the consent service had just pulled from the network: the cache is fresh.
     fn synced(&self) {
-        let db = self.h.state_dir().join("consent").join("consent.db");
-        let conn = rusqlite::Connection::open(db).unwrap();
-        let now = i64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs(),
-        )
-        .unwrap();
-        conn.execute("UPDATE sync_state SET last_pull_at = ?1", [now])
-            .unwrap();
+        mark_consent_synced(&self.h);
     }
 
     fn hub(&self) -> BTreeMap<String, String> {

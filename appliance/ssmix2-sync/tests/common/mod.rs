@@ -6,8 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use consent::client::{Changes, Gate, GateError, Verdict};
-use ssmix2::resolve::Status;
-use ssmix2::scan::{Options, scan_all};
 
 /// A consent gate whose answers the test sets: permitted patients (all categories), a
 /// change sequence, and freshness.
@@ -85,20 +83,7 @@ pub fn tree(root: &Path) -> BTreeMap<String, String> {
     ssmix2::build::digests(root)
 }
 
-/// What the replica must hold: every non-quarantined file of a permitted patient whose data
-/// type is shared.
+/// What the replica must hold (see [`ssmix2_sync::sync::expected_replica`]).
 pub fn expected(storage: &Path, permitted: &BTreeSet<String>) -> BTreeMap<String, String> {
-    let (entries, _) = scan_all(storage, &Options::standard()).unwrap();
-    entries
-        .into_iter()
-        .filter(|e| e.status != Status::Quarantined)
-        .filter(|e| e.patient_id.as_ref().is_some_and(|p| permitted.contains(p)))
-        .filter(|e| {
-            e.data_type
-                .as_deref()
-                .and_then(consent::model::Category::for_ssmix2)
-                .is_some()
-        })
-        .map(|e| (e.path, e.sha256.unwrap()))
-        .collect()
+    ssmix2_sync::sync::expected_replica(storage, |p| permitted.contains(p)).unwrap()
 }

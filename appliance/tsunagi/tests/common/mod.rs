@@ -275,3 +275,47 @@ pub fn http_get(port: u16, path: &str) -> String {
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// As if the consent service had just pulled from the network: the cache is fresh.
+pub fn mark_consent_synced(h: &Harness) {
+    let db = h.state_dir().join("consent").join("consent.db");
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap();
+    conn.execute("UPDATE sync_state SET last_pull_at = ?1", [now])
+        .unwrap();
+}
+
+/// `tsunagi consent register PATIENT` (every category, every participant) with a sample
+/// name, `form` as the evidence, plus `extra` arguments.
+pub fn register_consent(h: &Harness, form: &Path, patient: &str, extra: &[&str]) {
+    let out = Command::new(BIN)
+        .args([
+            "consent", "register", patient, "--family", "山田", "--given", "花子",
+        ])
+        .args([
+            "--family-kana",
+            "ヤマダ",
+            "--given-kana",
+            "ハナコ",
+            "--birth-date",
+            "1950-04-01",
+        ])
+        .args(["--sex", "female", "--recorded-by", "staff-1", "--evidence"])
+        .arg(form)
+        .args(extra)
+        .arg("--config")
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "register {patient}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
