@@ -233,6 +233,62 @@ impl RestResponse {
     }
 }
 
+/// A bare network namespace of this module's shape (`tsu-pacs-<pid>-<n>`, loopback up),
+/// for peers that are not Orthanc (e.g. dcmtk's `storescp` in `cargo xtask bench dicom`):
+/// whatever listens in it is reachable from nowhere else. Deleted on drop; left behind by a
+/// dead process, [`clean_stale`] removes it.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    ip: PathBuf,
+}
+
+impl Netns {
+    /// Cleans stale sets and creates the namespace (needs root).
+    pub fn create() -> Result<Netns, OrthancError> {
+        let uid = geteuid();
+        if !uid.is_root() {
+            return Err(OrthancError::NotRoot { uid: uid.as_raw() });
+        }
+        let ip = find_tool("ip", "iproute2")?;
+        let _ = clean_stale();
+        let name = create_netns(&ip)?;
+        Ok(Netns { name, ip })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip netns exec NS PROGRAM` with a clean environment (`PATH`, `TCP_NODELAY=1`), as
+    /// [`Orthanc::command`].
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        netns_command(&self.ip, &self.name, program.as_ref())
+    }
+
+    /// Runs `command` with stdin closed, capturing its output; kills it after `timeout`.
+    pub fn output(&self, command: &mut Command, timeout: Duration) -> Result<Output, OrthancError> {
+        output_with_timeout(command, timeout)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = delete_netns(&self.ip, &self.name);
+    }
+}
+
+fn netns_command(ip: &Path, netns: &str, program: &OsStr) -> Command {
+    let mut command = Command::new(ip);
+    command
+        .env_clear()
+        .env("PATH", TOOL_PATH)
+        .env("TCP_NODELAY", "1")
+        .args(["netns", "exec", netns])
+        .arg(program);
+    command
+}
+
 /// A running Orthanc in its own network namespace (see the module docs). Stops on drop.
 #[derive(Debug)]
 pub struct Orthanc {
@@ -391,14 +447,7 @@ impl Orthanc {
     /// environment (`PATH` and `TCP_NODELAY=1`). Add arguments, stdio and more variables
     /// as usual; `ip netns exec` execs, so the child's pid is the program's.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut command = Command::new(&self.ip);
-        command
-            .env_clear()
-            .env("PATH", TOOL_PATH)
-            .env("TCP_NODELAY", "1")
-            .args(["netns", "exec", &self.netns])
-            .arg(program);
-        command
+        netns_command(&self.ip, &self.netns, program.as_ref())
     }
 
     /// Runs `command` (e.g. from [`Orthanc::command`]) with stdin closed, capturing its

@@ -46,6 +46,11 @@ const BENCHES: &[Bench] = &[
         about: "SS-MIX2 inventory of a generated storage (files/s, peak RSS) vs a bare walk (find)",
         run: crate::bench_ssmix2::run,
     },
+    Bench {
+        name: "dicom",
+        about: "DICOM ingest (500 small, 4 large multi-frame) files/s, MB/s, peak RSS vs dcmtk storescp",
+        run: crate::bench_dicom::run,
+    },
 ];
 
 pub(crate) fn run(args: &[&str]) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,509 @@
+//! `cargo xtask bench dicom`: how fast the box's DICOM SCP takes in instances, and how much
+//! memory the DICOM service needs, against dcmtk's `storescp` on the same files in the same
+//! run (issue 6, acceptance 7).
+//!
+//! - Ours: the real `tsunagi run` with only the `dicom` service, its spool in a fresh state
+//!   directory: every instance streamed to disk, fsync'ed and queued before its C-STORE-RSP.
+//!   The forwarder has no consent service to ask, so it forwards nothing and stays idle.
+//! - Peer: `storescp --output-directory OUT` (dcmtk, one association at a time, no fsync).
+//! - Both advertise the same maximum PDU ([`PDU`]) and run with `TCP_NODELAY=1` in a network
+//!   namespace of their own (loopback only); the sender is dcmtk's `storescu +sd` over one
+//!   association, timed from start to exit. A fresh receiver per run; every run checks that
+//!   every instance was stored, and the spool or output is removed afterwards.
+//! - Workloads (as in `../shared/reference/dicom.md` §3): 500 copies of pydicom's
+//!   `CT_small.dcm`, each with its own SOP Instance UID (dcmtk `dcmodify -gin`), and 4
+//!   Multi-frame Grayscale Word Secondary Capture instances of 100/200/300/400 frames of
+//!   512×512×16 bits (about 524 MB). Generated once into `target/bench-dicom/`.
+//! - Peak RSS: ours is the DICOM service process's `VmHWM` (after both workloads), the
+//!   peer's is GNU time's `%M`.
+//! - Targets: ≥ 1.5× storescp's files/s, ≥ 1.0× its MB/s, peak RSS ≤ 64 MiB.
+//!
+//! The smoke run of `cargo xtask test` (`TSUNAGI_BENCH_SECS` set) uses 50 small files, one
+//! 20-frame instance, one measured run and the debug build; its figures are not a verdict.
+//! Needs root (network namespaces), dcmtk, GNU time and pydicom's test files (all installed
+//! by `cargo xtask test`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use hil_tests::dicom_files::{Ids, MultiFrame, multi_frame, pydicom_test_files};
+use hil_tests::orthanc::Netns;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::process::{cargo, display, status};
+use crate::workspace_root;
+
+/// Changes whenever the generated files change, so a stale cache is rebuilt.
+const GENERATOR: &str = "dicom-bench-v1";
+const GNU_TIME: &str = "/usr/bin/time";
+/// The maximum PDU both receivers advertise (the box's default).
+const PDU: u32 = 65536;
+const PEER_PORT: u16 = 11113;
+const OUR_PORT: u16 = 11112;
+const OUR_AE: &str = "TSUNAGI-BENCH";
+const PEER_AE: &str = "DCMTKSCP";
+/// Measured runs of each receiver and workload (alternating); the median is reported.
+const RUNS: usize = 3;
+const SEND_TIMEOUT: Duration = Duration::from_secs(600);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One set of files sent in one association.
+struct Workload {
+    name: &'static str,
+    dir: PathBuf,
+    files: usize,
+    bytes: u64,
+}
+
+/// One measured run.
+struct Run {
+    secs: f64,
+    rss_kib: u64,
+}
+
+pub(crate) fn run() -> anyhow::Result<()> {
+    let smoke = std::env::var_os("TSUNAGI_BENCH_SECS").is_some();
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the DICOM benchmark needs root (a network namespace of its own)"
+    );
+    for (tool, package) in [
+        (GNU_TIME, "time"),
+        ("/usr/bin/storescp", "dcmtk"),
+        ("/usr/bin/storescu", "dcmtk"),
+        ("/usr/bin/dcmodify", "dcmtk"),
+    ] {
+        ensure!(
+            Path::new(tool).exists(),
+            "{tool} is missing: install the Debian package `{package}` (cargo xtask test does)"
+        );
+    }
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), |t| root.join(PathBuf::from(t)));
+    let profile = if smoke { "debug" } else { "release" };
+    let mut build = cargo();
+    build.args(["build", "--locked", "-p", "tsunagi"]);
+    if !smoke {
+        build.arg("--release");
+    }
+    if !status(&mut build)?.success() {
+        bail!("`{}` failed", display(&build));
+    }
+    let tsunagi = target.join(profile).join("tsunagi");
+
+    let cache = target.join("bench-dicom");
+    let (small, large) = ensure_data(&cache, smoke)?;
+    let work = cache.join(format!("run-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    // The service's user must reach its state directory.
+    set_mode(&work, 0o755)?;
+    let ns = Netns::create().context("create the benchmark's network namespace")?;
+    let result = measure(&ns, &tsunagi, profile, smoke, &small, &large, &work);
+    drop(ns);
+    let _ = fs::remove_dir_all(&work);
+    result
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+fn measure(
+    ns: &Netns,
+    tsunagi: &Path,
+    profile: &str,
+    smoke: bool,
+    small: &Workload,
+    large: &Workload,
+    work: &Path,
+) -> anyhow::Result<()> {
+    let runs = if smoke { 1 } else { RUNS };
+    println!(
+        "DICOM ingest: the box's SCP (tsunagi run, {profile} build{}) vs dcmtk storescp, \
+         max PDU {PDU} both, TCP_NODELAY=1, one storescu association, {runs} measured run(s) \
+         each after one unmeasured warm-up, medians",
+        if smoke {
+            ": smoke run, the figures are not a verdict"
+        } else {
+            ""
+        }
+    );
+    let mut ours_rss = 0u64;
+    let mut peer_rss = 0u64;
+    let mut figures = Vec::new();
+    for w in [small, large] {
+        println!(
+            "workload {}: {} files, {:.1} MB in {}",
+            w.name,
+            w.files,
+            mb(w.bytes),
+            w.dir.display()
+        );
+        let mut ours = Vec::new();
+        let mut peer = Vec::new();
+        for rep in 0..=runs {
+            let p = run_peer(ns, w, work)?;
+            let o = run_ours(ns, tsunagi, w, work)?;
+            let label = if rep == 0 {
+                "warm-up".to_owned()
+            } else {
+                format!("run {rep}")
+            };
+            println!(
+                "  {label}: ours {:.3} s ({:.1} MiB), storescp {:.3} s ({:.1} MiB)",
+                o.secs,
+                mib(o.rss_kib),
+                p.secs,
+                mib(p.rss_kib)
+            );
+            ours_rss = ours_rss.max(o.rss_kib);
+            peer_rss = peer_rss.max(p.rss_kib);
+            if rep > 0 {
+                ours.push(o.secs);
+                peer.push(p.secs);
+            }
+        }
+        figures.push((median(&mut ours), median(&mut peer)));
+    }
+    let (small_ours, small_peer) = figures[0];
+    let (large_ours, large_peer) = figures[1];
+    let small_fps = small.files as f64 / small_ours;
+    let small_peer_fps = small.files as f64 / small_peer;
+    let large_mbps = mb(large.bytes) / large_ours;
+    let large_peer_mbps = mb(large.bytes) / large_peer;
+    let small_ratio = small_fps / small_peer_fps;
+    let large_ratio = large_mbps / large_peer_mbps;
+    let rss_mib = mib(ours_rss);
+    let verdict = |met: bool| {
+        if smoke {
+            "not judged in a smoke run"
+        } else if met {
+            "met"
+        } else {
+            "NOT met"
+        }
+    };
+    println!("result:");
+    println!(
+        "  small: {small_fps:.0} files/s, storescp {small_peer_fps:.0} files/s: {small_ratio:.2}x (target ≥ 1.5: {})",
+        verdict(small_ratio >= 1.5)
+    );
+    println!(
+        "  large: {large_mbps:.0} MB/s, storescp {large_peer_mbps:.0} MB/s: {large_ratio:.2}x (target ≥ 1.0: {})",
+        verdict(large_ratio >= 1.0)
+    );
+    println!(
+        "  peak RSS of the DICOM service: {rss_mib:.1} MiB (target ≤ 64: {}); storescp {:.1} MiB",
+        verdict(rss_mib <= 64.0),
+        mib(peer_rss)
+    );
+    println!(
+        "{{\"bench\":\"dicom\",\"small_files_per_s\":{small_fps:.1},\"small_ratio_vs_storescp\":{small_ratio:.3},\"large_mb_per_s\":{large_mbps:.1},\"large_ratio_vs_storescp\":{large_ratio:.3},\"peak_rss_mib\":{rss_mib:.1},\"storescp_small_files_per_s\":{small_peer_fps:.1},\"storescp_large_mb_per_s\":{large_peer_mbps:.1},\"storescp_peak_rss_mib\":{:.1},\"small_files\":{},\"large_mb\":{:.1},\"max_pdu\":{PDU},\"profile\":\"{profile}\"}}",
+        mib(peer_rss),
+        small.files,
+        mb(large.bytes),
+    );
+    Ok(())
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The generated files, written once into `cache` (a `complete` marker says a set was
+/// written to the end).
+fn ensure_data(cache: &Path, smoke: bool) -> anyhow::Result<(Workload, Workload)> {
+    let base = cache.join(GENERATOR).join(if smoke { "smoke" } else { "full" });
+    let (copies, frames): (usize, &[u32]) = if smoke {
+        (50, &[20])
+    } else {
+        (500, &[100, 200, 300, 400])
+    };
+    let small_dir = base.join("small");
+    if !base.join("small.complete").exists() {
+        let _ = fs::remove_dir_all(&small_dir);
+        fs::create_dir_all(&small_dir)?;
+        let ct = pydicom_test_files()?.join("CT_small.dcm");
+        let mut files = Vec::new();
+        for n in 0..copies {
+            let file = small_dir.join(format!("ct{n:04}.dcm"));
+            fs::copy(&ct, &file).with_context(|| format!("copy {}", ct.display()))?;
+            files.push(file);
+        }
+        // A new SOP Instance UID in each copy (the meta header follows).
+        let mut modify = Command::new("dcmodify");
+        modify.args(["-nb", "-gin"]).args(&files);
+        let out = modify
+            .output()
+            .with_context(|| format!("run {}", display(&modify)))?;
+        ensure!(
+            out.status.success(),
+            "dcmodify failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fs::write(base.join("small.complete"), b"")?;
+    }
+    let large_dir = base.join("large");
+    if !base.join("large.complete").exists() {
+        let _ = fs::remove_dir_all(&large_dir);
+        fs::create_dir_all(&large_dir)?;
+        let ids = Ids::new("BENCH001");
+        let mut next = ids.clone();
+        for &f in frames {
+            multi_frame(
+                &large_dir,
+                &next,
+                MultiFrame {
+                    rows: 512,
+                    columns: 512,
+                    frames: f,
+                },
+            )?;
+            next = next.next_instance();
+        }
+        fs::write(base.join("large.complete"), b"")?;
+    }
+    let measure = |name, dir: PathBuf| -> anyhow::Result<Workload> {
+        let mut files = 0;
+        let mut bytes = 0;
+        for e in fs::read_dir(&dir)? {
+            let m = e?.metadata()?;
+            files += 1;
+            bytes += m.len();
+        }
+        Ok(Workload {
+            name,
+            dir,
+            files,
+            bytes,
+        })
+    };
+    Ok((measure("small", small_dir)?, measure("large", large_dir)?))
+}
+
+/// `storescu +sd` of the workload's folder to `port` in the namespace; its wall time.
+fn send(ns: &Netns, called: &str, port: u16, w: &Workload) -> anyhow::Result<f64> {
+    let mut storescu = ns.command("storescu");
+    storescu
+        .args(["-aet", "BENCHSCU", "-aec", called, "+sd", "127.0.0.1"])
+        .arg(port.to_string())
+        .arg(&w.dir)
+        .stdin(Stdio::null());
+    let start = Instant::now();
+    let out = ns
+        .output(&mut storescu, SEND_TIMEOUT)
+        .with_context(|| format!("run {}", display(&storescu)))?;
+    let secs = start.elapsed().as_secs_f64();
+    ensure!(
+        out.status.success(),
+        "{} failed ({}): {}",
+        display(&storescu),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(secs)
+}
+
+/// Waits until something answers a C-ECHO on `port` with AE title `called`.
+fn wait_for_echo(
+    ns: &Netns,
+    called: &str,
+    port: u16,
+    child: &mut Child,
+    what: &str,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let mut echo = ns.command("echoscu");
+        echo.args(["-aec", called, "127.0.0.1"])
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if echo.status().is_ok_and(|s| s.success()) {
+            return Ok(());
+        }
+        if let Some(s) = child.try_wait()? {
+            bail!("{what} ended before it answered ({s})");
+        }
+        ensure!(
+            start.elapsed() < START_TIMEOUT,
+            "{what} did not answer a C-ECHO within {START_TIMEOUT:?}"
+        );
+        pause(Duration::from_millis(100));
+    }
+}
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the benchmark polls external processes"
+)]
+fn pause(d: Duration) {
+    std::thread::sleep(d);
+}
+
+fn count_files(dir: &Path) -> usize {
+    fs::read_dir(dir).map_or(0, |d| d.flatten().count())
+}
+
+fn run_peer(ns: &Netns, w: &Workload, work: &Path) -> anyhow::Result<Run> {
+    let out = work.join("storescp");
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out)?;
+    let rss = work.join("storescp.rss");
+    let _ = fs::remove_file(&rss);
+    let mut cmd = ns.command(GNU_TIME);
+    cmd.arg("-o")
+        .arg(&rss)
+        .args(["-f", "%M", "storescp", "-aet", PEER_AE, "--max-pdu"])
+        .arg(PDU.to_string())
+        .arg("--output-directory")
+        .arg(&out)
+        .arg(PEER_PORT.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("start {}", display(&cmd)))?;
+    let result = (|| {
+        wait_for_echo(ns, PEER_AE, PEER_PORT, &mut child, "storescp")?;
+        let secs = send(ns, PEER_AE, PEER_PORT, w)?;
+        let stored = count_files(&out);
+        ensure!(
+            stored == w.files,
+            "storescp stored {stored} of {} files",
+            w.files
+        );
+        Ok(secs)
+    })();
+    // GNU time waits for storescp and then writes its figure: stop storescp, not time.
+    stop_children_of(&child);
+    let _ = child.wait();
+    let _ = fs::remove_dir_all(&out);
+    let secs = result?;
+    let rss_kib = fs::read_to_string(&rss)
+        .ok()
+        .and_then(|t| t.lines().last().and_then(|l| l.trim().parse().ok()))
+        .with_context(|| format!("no peak RSS in {}", rss.display()))?;
+    Ok(Run { secs, rss_kib })
+}
+
+/// SIGTERM to the direct children of `child` (GNU time's one child).
+fn stop_children_of(child: &Child) {
+    let pid = child.id();
+    let list = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for c in list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        let _ = kill(Pid::from_raw(c), Signal::SIGTERM);
+    }
+}
+
+fn run_ours(ns: &Netns, tsunagi: &Path, w: &Workload, work: &Path) -> anyhow::Result<Run> {
+    let dir = work.join("box");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    set_mode(&dir, 0o755)?;
+    let config = dir.join("tsunagi.toml");
+    fs::write(
+        &config,
+        format!(
+            "version = 1\n\n[site]\nfacility-code = \"1312345678\"\nae-title = \"{OUR_AE}\"\n\n\
+             [paths]\nstate-dir = \"{state}\"\nruntime-dir = \"{run}\"\n\n\
+             [heartbeat]\nenabled = false\n\n\
+             [dicom]\nlisten = \"127.0.0.1:{OUR_PORT}\"\nmax-pdu = {PDU}\n\
+             [dicom.pacs]\nae-title = \"NETWORK-PACS\"\naddress = \"127.0.0.1:9\"\n",
+            state = dir.join("state").display(),
+            run = dir.join("run").display(),
+        ),
+    )?;
+    let log = fs::File::create(dir.join("tsunagi.log"))?;
+    let mut cmd = ns.command(tsunagi);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("start {}", display(&cmd)))?;
+    let result = (|| {
+        wait_for_echo(ns, OUR_AE, OUR_PORT, &mut child, "tsunagi")?;
+        let pid = dicom_pid(tsunagi, &config)?;
+        let secs = send(ns, OUR_AE, OUR_PORT, w)?;
+        let objects = dir.join("state/dicom/spool/objects");
+        let stored = count_files(&objects);
+        ensure!(
+            stored == w.files,
+            "the box spooled {stored} of {} files",
+            w.files
+        );
+        let rss_kib = vm_hwm(pid)?;
+        Ok(Run { secs, rss_kib })
+    })();
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    let _ = child.wait();
+    let outcome = result.map_err(|e| {
+        let log = fs::read_to_string(dir.join("tsunagi.log")).unwrap_or_default();
+        let tail: String = log
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        e.context(format!("tsunagi's log ends:\n{tail}"))
+    });
+    let _ = fs::remove_dir_all(&dir);
+    outcome
+}
+
+/// The DICOM service's pid, from `tsunagi status --json`.
+fn dicom_pid(tsunagi: &Path, config: &Path) -> anyhow::Result<u32> {
+    let mut cmd = Command::new(tsunagi);
+    cmd.args(["status", "--json", "--config"]).arg(config);
+    let out = cmd
+        .output()
+        .with_context(|| format!("run {}", display(&cmd)))?;
+    let status: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{} printed no JSON", display(&cmd)))?;
+    status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "dicom"))
+        .and_then(|s| s["pid"].as_u64())
+        .and_then(|p| u32::try_from(p).ok())
+        .context("the supervisor reports no pid for the dicom service")
+}
+
+/// A process's peak resident set (`VmHWM`), KiB.
+fn vm_hwm(pid: u32) -> anyhow::Result<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/PID/status")
+}
