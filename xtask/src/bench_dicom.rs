@@ -39,7 +39,7 @@ use crate::process::{cargo, display, status};
 use crate::workspace_root;
 
 /// Changes whenever the generated files change, so a stale cache is rebuilt.
-const GENERATOR: &str = "dicom-bench-v1";
+const GENERATOR: &str = "dicom-bench-v2";
 const GNU_TIME: &str = "/usr/bin/time";
 /// The maximum PDU both receivers advertise (the box's default).
 const PDU: u32 = 65536;
@@ -52,10 +52,10 @@ const RUNS: usize = 3;
 const SEND_TIMEOUT: Duration = Duration::from_secs(600);
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One set of files sent in one association.
+/// One set of files, sent by one `storescu` (one association) per folder, in parallel.
 struct Workload {
     name: &'static str,
-    dir: PathBuf,
+    dirs: Vec<PathBuf>,
     files: usize,
     bytes: u64,
 }
@@ -98,14 +98,14 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let tsunagi = target.join(profile).join("tsunagi");
 
     let cache = target.join("bench-dicom");
-    let (small, large) = ensure_data(&cache, smoke)?;
+    let workloads = ensure_data(&cache, smoke)?;
     let work = cache.join(format!("run-{}", std::process::id()));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
     // The service's user must reach its state directory.
     set_mode(&work, 0o755)?;
     let ns = Netns::create().context("create the benchmark's network namespace")?;
-    let result = measure(&ns, &tsunagi, profile, smoke, &small, &large, &work);
+    let result = measure(&ns, &tsunagi, profile, smoke, &workloads, &work);
     drop(ns);
     let _ = fs::remove_dir_all(&work);
     result
@@ -122,15 +122,14 @@ fn measure(
     tsunagi: &Path,
     profile: &str,
     smoke: bool,
-    small: &Workload,
-    large: &Workload,
+    workloads: &Workloads,
     work: &Path,
 ) -> anyhow::Result<()> {
     let runs = if smoke { 1 } else { RUNS };
     println!(
         "DICOM ingest: the box's SCP (tsunagi run, {profile} build{}) vs dcmtk storescp, \
-         max PDU {PDU} both, TCP_NODELAY=1, one storescu association, {runs} measured run(s) \
-         each after one unmeasured warm-up, medians",
+         max PDU {PDU} both, TCP_NODELAY=1, {runs} measured run(s) each after one unmeasured \
+         warm-up, medians",
         if smoke {
             ": smoke run, the figures are not a verdict"
         } else {
@@ -140,18 +139,18 @@ fn measure(
     let mut ours_rss = 0u64;
     let mut peer_rss = 0u64;
     let mut figures = Vec::new();
-    for w in [small, large] {
+    for w in [&workloads.small, &workloads.small4, &workloads.large] {
         println!(
-            "workload {}: {} files, {:.1} MB in {}",
+            "workload {}: {} files, {:.1} MB, {} storescu association(s) in parallel",
             w.name,
             w.files,
             mb(w.bytes),
-            w.dir.display()
+            w.dirs.len()
         );
         let mut ours = Vec::new();
         let mut peer = Vec::new();
         for rep in 0..=runs {
-            let p = run_peer(ns, w, work)?;
+            let p = run_peer(ns, w, work, false)?;
             let o = run_ours(ns, tsunagi, w, work)?;
             let label = if rep == 0 {
                 "warm-up".to_owned()
@@ -174,12 +173,24 @@ fn measure(
         }
         figures.push((median(&mut ours), median(&mut peer)));
     }
+    // The sender's own limit: storescp receiving and discarding (--ignore), one association.
+    let mut null = Vec::new();
+    for _ in 0..runs {
+        null.push(run_peer(ns, &workloads.small, work, true)?.secs);
+    }
+    let null_fps = workloads.small.files as f64 / median(&mut null);
+
+    let fps = |w: &Workload, secs: f64| w.files as f64 / secs;
     let (small_ours, small_peer) = figures[0];
-    let (large_ours, large_peer) = figures[1];
-    let small_fps = small.files as f64 / small_ours;
-    let small_peer_fps = small.files as f64 / small_peer;
-    let large_mbps = mb(large.bytes) / large_ours;
-    let large_peer_mbps = mb(large.bytes) / large_peer;
+    let (small4_ours, small4_peer) = figures[1];
+    let (large_ours, large_peer) = figures[2];
+    let small1_fps = fps(&workloads.small, small_ours);
+    let small1_peer_fps = fps(&workloads.small, small_peer);
+    let small_fps = fps(&workloads.small4, small4_ours);
+    let small_peer_fps = fps(&workloads.small4, small4_peer);
+    let large_mbps = mb(workloads.large.bytes) / large_ours;
+    let large_peer_mbps = mb(workloads.large.bytes) / large_peer;
+    let small1_ratio = small1_fps / small1_peer_fps;
     let small_ratio = small_fps / small_peer_fps;
     let large_ratio = large_mbps / large_peer_mbps;
     let rss_mib = mib(ours_rss);
@@ -194,8 +205,13 @@ fn measure(
     };
     println!("result:");
     println!(
-        "  small: {small_fps:.0} files/s, storescp {small_peer_fps:.0} files/s: {small_ratio:.2}x (target ≥ 1.5: {})",
+        "  500 small, 4 associations: {small_fps:.0} files/s, storescp {small_peer_fps:.0} files/s: {small_ratio:.2}x (target ≥ 1.5: {})",
         verdict(small_ratio >= 1.5)
+    );
+    println!(
+        "  500 small, 1 association: {small1_fps:.0} files/s, storescp {small1_peer_fps:.0} files/s: {small1_ratio:.2}x; \
+         the sender's own limit (storescp --ignore, storing nothing): {null_fps:.0} files/s, {:.2}x storescp",
+        null_fps / small1_peer_fps
     );
     println!(
         "  large: {large_mbps:.0} MB/s, storescp {large_peer_mbps:.0} MB/s: {large_ratio:.2}x (target ≥ 1.0: {})",
@@ -207,10 +223,10 @@ fn measure(
         mib(peer_rss)
     );
     println!(
-        "{{\"bench\":\"dicom\",\"small_files_per_s\":{small_fps:.1},\"small_ratio_vs_storescp\":{small_ratio:.3},\"large_mb_per_s\":{large_mbps:.1},\"large_ratio_vs_storescp\":{large_ratio:.3},\"peak_rss_mib\":{rss_mib:.1},\"storescp_small_files_per_s\":{small_peer_fps:.1},\"storescp_large_mb_per_s\":{large_peer_mbps:.1},\"storescp_peak_rss_mib\":{:.1},\"small_files\":{},\"large_mb\":{:.1},\"max_pdu\":{PDU},\"profile\":\"{profile}\"}}",
+        "{{\"bench\":\"dicom\",\"small_files_per_s\":{small_fps:.1},\"small_ratio_vs_storescp\":{small_ratio:.3},\"large_mb_per_s\":{large_mbps:.1},\"large_ratio_vs_storescp\":{large_ratio:.3},\"peak_rss_mib\":{rss_mib:.1},\"small_associations\":4,\"small_1assoc_files_per_s\":{small1_fps:.1},\"small_1assoc_ratio_vs_storescp\":{small1_ratio:.3},\"sender_limit_1assoc_files_per_s\":{null_fps:.1},\"storescp_small_files_per_s\":{small_peer_fps:.1},\"storescp_large_mb_per_s\":{large_peer_mbps:.1},\"storescp_peak_rss_mib\":{:.1},\"small_files\":{},\"large_mb\":{:.1},\"max_pdu\":{PDU},\"profile\":\"{profile}\"}}",
         mib(peer_rss),
-        small.files,
-        mb(large.bytes),
+        workloads.small.files,
+        mb(workloads.large.bytes),
     );
     Ok(())
 }
@@ -228,19 +244,34 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// The three workloads: the small files over one association, the same files split into
+/// four folders (hard links) for four parallel associations, the large files.
+struct Workloads {
+    small: Workload,
+    small4: Workload,
+    large: Workload,
+}
+
 /// The generated files, written once into `cache` (a `complete` marker says a set was
 /// written to the end).
-fn ensure_data(cache: &Path, smoke: bool) -> anyhow::Result<(Workload, Workload)> {
-    let base = cache.join(GENERATOR).join(if smoke { "smoke" } else { "full" });
+fn ensure_data(cache: &Path, smoke: bool) -> anyhow::Result<Workloads> {
+    let base = cache
+        .join(GENERATOR)
+        .join(if smoke { "smoke" } else { "full" });
     let (copies, frames): (usize, &[u32]) = if smoke {
-        (50, &[20])
+        (48, &[20])
     } else {
         (500, &[100, 200, 300, 400])
     };
     let small_dir = base.join("small");
+    let split: Vec<PathBuf> = (0..4).map(|n| base.join(format!("small4/{n}"))).collect();
     if !base.join("small.complete").exists() {
         let _ = fs::remove_dir_all(&small_dir);
+        let _ = fs::remove_dir_all(base.join("small4"));
         fs::create_dir_all(&small_dir)?;
+        for d in &split {
+            fs::create_dir_all(d)?;
+        }
         let ct = pydicom_test_files()?.join("CT_small.dcm");
         let mut files = Vec::new();
         for n in 0..copies {
@@ -259,66 +290,96 @@ fn ensure_data(cache: &Path, smoke: bool) -> anyhow::Result<(Workload, Workload)
             "dcmodify failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        for (n, file) in files.iter().enumerate() {
+            let name = file.file_name().context("a generated file has no name")?;
+            fs::hard_link(file, split[n % split.len()].join(name))?;
+        }
         fs::write(base.join("small.complete"), b"")?;
     }
     let large_dir = base.join("large");
     if !base.join("large.complete").exists() {
         let _ = fs::remove_dir_all(&large_dir);
         fs::create_dir_all(&large_dir)?;
-        let ids = Ids::new("BENCH001");
-        let mut next = ids.clone();
+        let mut ids = Ids::new("BENCH001");
         for &f in frames {
             multi_frame(
                 &large_dir,
-                &next,
+                &ids,
                 MultiFrame {
                     rows: 512,
                     columns: 512,
                     frames: f,
                 },
             )?;
-            next = next.next_instance();
+            ids = ids.next_instance();
         }
         fs::write(base.join("large.complete"), b"")?;
     }
-    let measure = |name, dir: PathBuf| -> anyhow::Result<Workload> {
+    let workload = |name, dirs: Vec<PathBuf>| -> anyhow::Result<Workload> {
         let mut files = 0;
         let mut bytes = 0;
-        for e in fs::read_dir(&dir)? {
-            let m = e?.metadata()?;
-            files += 1;
-            bytes += m.len();
+        for dir in &dirs {
+            for e in fs::read_dir(dir)? {
+                files += 1;
+                bytes += e?.metadata()?.len();
+            }
         }
         Ok(Workload {
             name,
-            dir,
+            dirs,
             files,
             bytes,
         })
     };
-    Ok((measure("small", small_dir)?, measure("large", large_dir)?))
+    Ok(Workloads {
+        small: workload("small", vec![small_dir])?,
+        small4: workload("small, 4 associations", split)?,
+        large: workload("large", vec![large_dir])?,
+    })
 }
 
-/// `storescu +sd` of the workload's folder to `port` in the namespace; its wall time.
+/// `storescu +sd` of each of the workload's folders to `port` in the namespace, all at
+/// once; the wall time from the first start to the last exit.
 fn send(ns: &Netns, called: &str, port: u16, w: &Workload) -> anyhow::Result<f64> {
-    let mut storescu = ns.command("storescu");
-    storescu
-        .args(["-aet", "BENCHSCU", "-aec", called, "+sd", "127.0.0.1"])
-        .arg(port.to_string())
-        .arg(&w.dir)
-        .stdin(Stdio::null());
     let start = Instant::now();
-    let out = ns
-        .output(&mut storescu, SEND_TIMEOUT)
-        .with_context(|| format!("run {}", display(&storescu)))?;
+    let results: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
+        let senders: Vec<_> = w
+            .dirs
+            .iter()
+            .map(|dir| {
+                scope.spawn(move || {
+                    let mut storescu = ns.command("storescu");
+                    storescu
+                        .args(["-aet", "BENCHSCU", "-aec", called, "+sd", "127.0.0.1"])
+                        .arg(port.to_string())
+                        .arg(dir)
+                        .stdin(Stdio::null());
+                    let out = ns
+                        .output(&mut storescu, SEND_TIMEOUT)
+                        .with_context(|| format!("run {}", display(&storescu)))?;
+                    ensure!(
+                        out.status.success(),
+                        "{} failed ({}): {}",
+                        display(&storescu),
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    Ok(())
+                })
+            })
+            .collect();
+        senders
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a sender thread panicked")))
+            })
+            .collect()
+    });
     let secs = start.elapsed().as_secs_f64();
-    ensure!(
-        out.status.success(),
-        "{} failed ({}): {}",
-        display(&storescu),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for r in results {
+        r?;
+    }
     Ok(secs)
 }
 
@@ -364,7 +425,8 @@ fn count_files(dir: &Path) -> usize {
     fs::read_dir(dir).map_or(0, |d| d.flatten().count())
 }
 
-fn run_peer(ns: &Netns, w: &Workload, work: &Path) -> anyhow::Result<Run> {
+/// A fresh storescp (`ignore`: receiving and discarding, `--ignore`) for one run.
+fn run_peer(ns: &Netns, w: &Workload, work: &Path, ignore: bool) -> anyhow::Result<Run> {
     let out = work.join("storescp");
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
@@ -377,6 +439,7 @@ fn run_peer(ns: &Netns, w: &Workload, work: &Path) -> anyhow::Result<Run> {
         .arg(PDU.to_string())
         .arg("--output-directory")
         .arg(&out)
+        .args(ignore.then_some("--ignore"))
         .arg(PEER_PORT.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -387,7 +450,7 @@ fn run_peer(ns: &Netns, w: &Workload, work: &Path) -> anyhow::Result<Run> {
     let result = (|| {
         wait_for_echo(ns, PEER_AE, PEER_PORT, &mut child, "storescp")?;
         let secs = send(ns, PEER_AE, PEER_PORT, w)?;
-        let stored = count_files(&out);
+        let stored = if ignore { w.files } else { count_files(&out) };
         ensure!(
             stored == w.files,
             "storescp stored {stored} of {} files",
@@ -411,7 +474,10 @@ fn run_peer(ns: &Netns, w: &Workload, work: &Path) -> anyhow::Result<Run> {
 fn stop_children_of(child: &Child) {
     let pid = child.id();
     let list = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    for c in list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+    for c in list
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
         let _ = kill(Pid::from_raw(c), Signal::SIGTERM);
     }
 }
@@ -428,7 +494,7 @@ fn run_ours(ns: &Netns, tsunagi: &Path, w: &Workload, work: &Path) -> anyhow::Re
             "version = 1\n\n[site]\nfacility-code = \"1312345678\"\nae-title = \"{OUR_AE}\"\n\n\
              [paths]\nstate-dir = \"{state}\"\nruntime-dir = \"{run}\"\n\n\
              [heartbeat]\nenabled = false\n\n\
-             [dicom]\nlisten = \"127.0.0.1:{OUR_PORT}\"\nmax-pdu = {PDU}\n\
+             [dicom]\nlisten = \"127.0.0.1:{OUR_PORT}\"\nmax-pdu = {PDU}\npatient-ids = \"as-is\"\n\
              [dicom.pacs]\nae-title = \"NETWORK-PACS\"\naddress = \"127.0.0.1:9\"\n",
             state = dir.join("state").display(),
             run = dir.join("run").display(),

@@ -421,6 +421,9 @@ lan-tcp-ports = [11112]
 enabled = true
 fhir-url = "http://10.98.0.1:8081/fhir"
 pull-interval = "5s"
+[site.network-ids]
+issuer = "TSUNAGI-DEMO-NET"
+oid = "{network_oid}"
 [dicom]
 listen = "{lan_addr}:11112"
 [dicom.pacs]
@@ -428,6 +431,7 @@ ae-title = "ORTHANC"
 address = "10.98.0.1:4242"
 "#,
         lan_addr = net.plan().lan_box_addr.addr,
+        network_oid = DEMO_NETWORK_OID,
         id = net.id(),
         hub = net.hub_public_key(),
         lan = net.plan().lan_box_iface,
@@ -507,8 +511,32 @@ fn register_sample_patient(binary: &Path, config: &Path, demo_dir: &Path) -> any
     println!(
         "demo: sample patient 0001234 registered at the desk with a consent for every network participant"
     );
+    // The network's index gives the patient a network ID (名寄せ); images go under it.
+    let out = Command::new(binary)
+        .args([
+            "consent",
+            "network-id",
+            "0001234",
+            DEMO_NETWORK_ID,
+            "--config",
+        ])
+        .arg(config)
+        .output()
+        .context("cannot run tsunagi consent network-id")?;
+    if !out.status.success() {
+        bail!(
+            "tsunagi consent network-id failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    println!("demo: sample patient 0001234 has network ID {DEMO_NETWORK_ID}");
     Ok(())
 }
+
+/// The demo network's patient-ID domain (an OID under the ITU-T/ISO example arc 2.999).
+const DEMO_NETWORK_OID: &str = "2.999.392.1";
+/// The sample patient's network ID.
+const DEMO_NETWORK_ID: &str = "DEMO-NET-0000001";
 
 /// The demo's patients in the clinic's SS-MIX2 storage: the registered sample patient (who
 /// consented) and one who did not.
@@ -679,8 +707,13 @@ fn show_dicom(net: &TestNet, pacs: &hil_tests::orthanc::Orthanc, demo_dir: &Path
         if let Ok(found) = pacs.instances()
             && !found.is_empty()
         {
+            let under = pacs
+                .get(&format!("/instances/{}/simplified-tags", found[0]))
+                .ok()
+                .and_then(|r| r.json()["PatientID"].as_str().map(str::to_owned))
+                .unwrap_or_default();
             println!(
-                "demo: DICOM: a sample study sent from the clinic (storescu) arrived in the hub's Orthanc through the tunnel ({} instance, patient {SSMIX2_CONSENTED})",
+                "demo: DICOM: a sample study sent from the clinic (storescu) arrived in the hub's Orthanc through the tunnel ({} instance, patient {SSMIX2_CONSENTED}, stored under network ID {under})",
                 found.len()
             );
             return;

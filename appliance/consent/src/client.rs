@@ -62,6 +62,14 @@ pub trait Gate {
     fn changes(&mut self, since: i64) -> Result<Changes, GateError>;
 }
 
+/// The patient-identity cache (名寄せ), as the DICOM bridge asks it.
+pub trait Identities {
+    /// The network ID of a local patient, once the network gave one.
+    fn network_id(&mut self, patient: &str) -> Result<Option<String>, GateError>;
+    /// The local patient with this network ID, if any.
+    fn local_id(&mut self, network_id: &str) -> Result<Option<String>, GateError>;
+}
+
 #[derive(Debug, Deserialize)]
 struct Answer {
     decision: Option<String>,
@@ -71,6 +79,9 @@ struct Answer {
     patients: Option<Vec<String>>,
     more: Option<bool>,
     fresh: Option<bool>,
+    known: Option<bool>,
+    network_id: Option<String>,
+    patient: Option<String>,
 }
 
 /// The consent service over its Unix socket; one connection, reopened when it breaks.
@@ -175,6 +186,24 @@ impl Gate for SocketGate {
             if !a.more.unwrap_or(false) || !progressed {
                 return Ok(out);
             }
+        }
+    }
+}
+
+impl Identities for SocketGate {
+    fn network_id(&mut self, patient: &str) -> Result<Option<String>, GateError> {
+        let a = self.ask(&serde_json::json!({ "network_id_of": patient }))?;
+        match a.known {
+            Some(_) => Ok(a.network_id),
+            None => Err(GateError::Refused("no identity in the answer".into())),
+        }
+    }
+
+    fn local_id(&mut self, network_id: &str) -> Result<Option<String>, GateError> {
+        let a = self.ask(&serde_json::json!({ "local_id_of": network_id }))?;
+        match a.known {
+            Some(_) => Ok(a.patient),
+            None => Err(GateError::Refused("no identity in the answer".into())),
         }
     }
 }

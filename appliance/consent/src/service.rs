@@ -13,6 +13,10 @@
 //! [`CHANGES_PAGE`] per answer; ask again from `M` while `more`), and whether the cache is
 //! fresh (a stale cache denies every decision for a recipient outside the clinic). The
 //! SS-MIX2 sync uses it to re-ask only about patients whose consent changed.
+//!
+//! Identity (名寄せ): `{"network_id_of":"0001234"}` → `{"known":true,"network_id":"..."}`
+//! (no `network_id` while the network has not given one); `{"local_id_of":"NETWORK-ID"}` →
+//! `{"known":true,"patient":"0001234"}`. The DICOM bridge translates patient IDs with it.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -70,6 +74,12 @@ pub struct Request {
     /// A change-feed request instead of a decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes_since: Option<i64>,
+    /// An identity request: the network ID of this local patient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_id_of: Option<String>,
+    /// An identity request: the local patient with this network ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_id_of: Option<String>,
 }
 
 /// A decision answer.
@@ -91,6 +101,15 @@ pub struct Answer {
     /// Change feed: whether decisions for recipients outside the clinic can permit now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fresh: Option<bool>,
+    /// Identity: whether the patient asked about is known at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known: Option<bool>,
+    /// Identity: the network ID (absent: not known yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_id: Option<String>,
+    /// Identity: the local patient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
 }
 
 impl Answer {
@@ -145,6 +164,36 @@ impl Shared {
     }
 
     /// Answers a change-feed request (blocking: SQLite).
+    /// An identity lookup (no audit record: no data is released by it).
+    fn identity(&self, req: &Request) -> Answer {
+        let Ok(store) = self.store.lock() else {
+            return Answer::error("internal error: the store lock is poisoned".into());
+        };
+        if let Some(local) = &req.network_id_of {
+            let patient: PatientId = match local.parse() {
+                Ok(p) => p,
+                Err(e) => return Answer::error(format!("network_id_of: {e}")),
+            };
+            return match store.patient(&patient) {
+                Ok(p) => Answer {
+                    known: Some(p.is_some()),
+                    network_id: p.and_then(|p| p.network_id),
+                    ..Answer::default()
+                },
+                Err(e) => Answer::error(e.to_string()),
+            };
+        }
+        let network = req.local_id_of.as_deref().unwrap_or_default();
+        match store.patient_by_network_id(network) {
+            Ok(p) => Answer {
+                known: Some(p.is_some()),
+                patient: p.map(|p| p.to_string()),
+                ..Answer::default()
+            },
+            Err(e) => Answer::error(e.to_string()),
+        }
+    }
+
     fn changes(&self, since: i64) -> Answer {
         let Ok(store) = self.store.lock() else {
             return Answer::error("internal error: the store lock is poisoned".into());
@@ -176,6 +225,9 @@ impl Shared {
     pub fn answer(&self, req: &Request) -> Answer {
         if let Some(since) = req.changes_since {
             return self.changes(since);
+        }
+        if req.network_id_of.is_some() || req.local_id_of.is_some() {
+            return self.identity(req);
         }
         let err = Answer::error;
         let parsed =

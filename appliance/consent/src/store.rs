@@ -338,6 +338,45 @@ impl Store {
         }
     }
 
+    /// Records the patient's network ID (名寄せ: the ID the network's patient index gave
+    /// them). Returns whether it changed.
+    pub fn set_network_id(
+        &mut self,
+        id: &PatientId,
+        network_id: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.require_patient(id)?;
+        let n = self
+            .conn
+            .execute(
+                "UPDATE patient SET network_id = ?2, updated_at = ?3
+                 WHERE id = ?1 AND (network_id IS NULL OR network_id <> ?2)",
+                params![id.as_str(), network_id, now],
+            )
+            .map_err(sql("save the network ID"))?;
+        Ok(n > 0)
+    }
+
+    /// The patient's network ID, if known.
+    pub fn network_id(&self, id: &PatientId) -> Result<Option<String>, StoreError> {
+        Ok(self.patient(id)?.and_then(|p| p.network_id))
+    }
+
+    /// The local patient whose network ID this is.
+    pub fn patient_by_network_id(&self, network_id: &str) -> Result<Option<PatientId>, StoreError> {
+        let id: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT id FROM patient WHERE network_id = ?1 ORDER BY id LIMIT 1",
+                [network_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("find by network ID"))?;
+        Ok(id.and_then(|v| v.parse().ok()))
+    }
+
     /// Links another facility's identifier to the patient (名寄せ).
     pub fn add_link(
         &mut self,

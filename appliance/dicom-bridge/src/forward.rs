@@ -32,6 +32,19 @@ pub struct Destination {
     pub timeout: Duration,
 }
 
+/// An instance to send: as spooled, or with a rewritten start ([`crate::translate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub queued: Queued,
+    pub head: Option<crate::translate::Rewritten>,
+}
+
+impl From<Queued> for Outgoing {
+    fn from(queued: Queued) -> Outgoing {
+        Outgoing { queued, head: None }
+    }
+}
+
 /// What sending one instance came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -59,11 +72,11 @@ pub enum ForwardError {
 /// the association lasted (an error ends the batch: the rest stays queued).
 pub async fn send_batch(
     dest: &Destination,
-    batch: &[Queued],
+    batch: &[Outgoing],
 ) -> (Vec<(i64, Outcome)>, Option<ForwardError>) {
     let mut outcomes = Vec::new();
     let mut pairs: Vec<(String, String)> = Vec::new();
-    for q in batch {
+    for q in batch.iter().map(|o| &o.queued) {
         let pair = (q.meta.sop_class.clone(), q.meta.transfer_syntax.clone());
         if !pairs.contains(&pair) && pairs.len() < 127 {
             pairs.push(pair);
@@ -84,7 +97,8 @@ pub async fn send_batch(
     };
     let _ = assoc.inner_stream().set_nodelay(true);
     let mut message_id: u16 = 0;
-    for q in batch {
+    for out in batch {
+        let q = &out.queued;
         let pc = assoc.presentation_contexts().iter().find(|pc| {
             pc.reason == PresentationContextResultReason::Acceptance
                 && pc.abstract_syntax.trim_end_matches('\0') == q.meta.sop_class
@@ -95,7 +109,7 @@ pub async fn send_batch(
             continue;
         };
         message_id = message_id.wrapping_add(1);
-        match store_one(&mut assoc, pc_id, message_id, q).await {
+        match store_one(&mut assoc, pc_id, message_id, out).await {
             Ok(status) if matches!(status.class(), Class::Success | Class::Warning) => {
                 outcomes.push((q.id, Outcome::Delivered(status)))
             }
@@ -114,8 +128,9 @@ async fn store_one(
     assoc: &mut AsyncClientAssociation<TcpStream>,
     pc_id: u8,
     message_id: u16,
-    q: &Queued,
+    out: &Outgoing,
 ) -> Result<Status, ForwardError> {
+    let q = &out.queued;
     let rq = Command::store(message_id, &q.meta.sop_class, &q.meta.sop_instance);
     send(assoc, pc_id, PDataValueType::Command, true, rq.encode()).await?;
     let max = match dicom_ul::association::Association::acceptor_max_pdu_length(assoc) {
@@ -128,11 +143,31 @@ async fn store_one(
     let mut file = tokio::fs::File::open(&q.path)
         .await
         .map_err(ForwardError::Read)?;
-    let mut left = q.size;
+    // The rewritten start first, then the spooled bytes from where it ends.
+    let (head, from): (&[u8], u64) = match &out.head {
+        Some(r) if r.rest_from <= q.size => (&r.head, r.rest_from),
+        Some(_) => {
+            return Err(ForwardError::Read(std::io::Error::other(
+                "rewrite past the end",
+            )));
+        }
+        None => (&[], 0),
+    };
+    if from > 0 {
+        use tokio::io::AsyncSeekExt as _;
+        file.seek(std::io::SeekFrom::Start(from))
+            .await
+            .map_err(ForwardError::Read)?;
+    }
+    let mut head = head;
+    let mut left = head.len() as u64 + (q.size - from);
     let mut buf = vec![0u8; chunk];
     loop {
         let want = usize::try_from(left.min(chunk as u64)).unwrap_or(chunk);
-        file.read_exact(&mut buf[..want])
+        let from_head = want.min(head.len());
+        buf[..from_head].copy_from_slice(&head[..from_head]);
+        head = &head[from_head..];
+        file.read_exact(&mut buf[from_head..want])
             .await
             .map_err(ForwardError::Read)?;
         left -= want as u64;

@@ -226,6 +226,74 @@ pub fn read(data_set: &[u8], explicit: bool) -> Result<Header, HeaderError> {
     }
 }
 
+/// A top-level element: its tag, where it starts, where its value starts and where it ends
+/// (a sequence of undefined length ends after its delimiter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Element {
+    pub tag: u32,
+    pub vr: [u8; 2],
+    pub start: usize,
+    pub value_start: usize,
+    pub end: usize,
+    /// The value length was undefined (0xFFFFFFFF).
+    pub undefined_length: bool,
+}
+
+/// The top-level elements with tags up to `last` (inclusive), and the offset where the
+/// first element after `last` starts (the length of the input when the data set ends
+/// before). `Incomplete` when the input ends inside an element or before an element after
+/// `last` shows that nothing up to `last` remains.
+pub fn elements_until(
+    data_set: &[u8],
+    explicit: bool,
+    last: u32,
+    complete: bool,
+) -> Result<(Vec<Element>, usize), HeaderError> {
+    let mut r = Reader {
+        b: data_set,
+        pos: 0,
+        explicit,
+    };
+    let mut out = Vec::new();
+    let mut last_tag = 0u32;
+    loop {
+        let start = r.pos;
+        let Some((g, e, vr, len, hl)) = r.element()? else {
+            return if complete {
+                Ok((out, start))
+            } else {
+                Err(HeaderError::Incomplete)
+            };
+        };
+        let tag = tag_of(g, e);
+        if tag > last {
+            return Ok((out, start));
+        }
+        if tag < last_tag || g == 0xFFFE {
+            return Err(HeaderError::OutOfOrder(g, e));
+        }
+        last_tag = tag;
+        r.pos += hl;
+        let value_start = r.pos;
+        let undefined = len == u32::MAX;
+        if undefined && (&vr == b"SQ" || !explicit || &vr == b"UN") {
+            r.skip_undefined_sequence(0)?;
+        } else if undefined {
+            return Err(HeaderError::Malformed(g, e));
+        } else {
+            r.advance(len)?;
+        }
+        out.push(Element {
+            tag,
+            vr,
+            start,
+            value_start,
+            end: r.pos,
+            undefined_length: undefined,
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

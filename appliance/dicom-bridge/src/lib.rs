@@ -23,6 +23,7 @@ pub mod header;
 pub mod scp;
 pub mod service;
 pub mod spool;
+pub mod translate;
 
 /// Now, in Unix seconds (what the spool records).
 pub(crate) fn now() -> i64 {

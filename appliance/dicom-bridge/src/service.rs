@@ -12,11 +12,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use consent::client::{Gate, SocketGate, Verdict};
+use consent::client::{Gate, Identities as _, SocketGate, Verdict};
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
 
-use crate::forward::{Destination, record, send_batch};
+use crate::forward::{Destination, Outgoing, record, send_batch};
 use crate::now;
 use crate::scp;
 use crate::spool::{Spool, SpoolError};
@@ -31,7 +31,22 @@ pub struct Settings {
     pub pacs: Destination,
     pub consent_socket: PathBuf,
     pub dead_letter_after: Duration,
+    /// Patient-ID translation on the way out; `None`: sent as received.
+    pub translation: Option<Translation>,
 }
+
+/// The network's patient-identity domain and the clinic's, for [`crate::translate`].
+#[derive(Debug, Clone)]
+pub struct Translation {
+    pub network_issuer: String,
+    pub network_oid: String,
+    pub facility_code: String,
+}
+
+/// How much of a spooled data set is read to find its patient elements.
+const TRANSLATE_PREFIX: usize = 1 << 20;
+/// How long an instance waits before its patient's network ID is asked for again.
+const IDENTITY_RETRY: i64 = 10;
 
 /// Errors that stop the service.
 #[derive(Debug, thiserror::Error)]
@@ -80,8 +95,9 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             let spool = spool.clone();
             let dead_after =
                 i64::try_from(settings.dead_letter_after.as_secs()).unwrap_or(i64::MAX);
+            let translation = settings.translation.clone();
             match tokio::task::spawn_blocking(move || {
-                let r = gate_round(&mut g, &spool, seq, dead_after);
+                let r = gate_round(&mut g, &spool, seq, dead_after, translation.as_ref());
                 (g, r)
             })
             .await
@@ -112,7 +128,11 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 tracing::warn!(error = %message, "cannot forward to the network PACS; retrying");
                 let later = now() + i64::try_from(backoff.as_secs()).unwrap_or(1);
                 let done: Vec<i64> = outcomes.iter().map(|(id, _)| *id).collect();
-                for q in permitted.iter().filter(|q| !done.contains(&q.id)) {
+                for q in permitted
+                    .iter()
+                    .map(|o| &o.queued)
+                    .filter(|q| !done.contains(&q.id))
+                {
                     let _ = spool.retry_later(q.id, &message, later);
                 }
                 last_error = Some(message);
@@ -167,7 +187,8 @@ fn gate_round(
     spool: &Spool,
     seq: i64,
     dead_after: i64,
-) -> Result<(i64, Vec<crate::spool::Queued>), String> {
+    translation: Option<&Translation>,
+) -> Result<(i64, Vec<Outgoing>), String> {
     let changes = gate
         .changes(seq)
         .map_err(|e| tsunagi_runtime::child::error_chain(&e))?;
@@ -178,6 +199,7 @@ fn gate_round(
     let _ = spool.dead_letters(now.saturating_sub(dead_after));
     let mut permitted = Vec::new();
     let mut decided: Vec<(String, Verdict)> = Vec::new();
+    let mut identities: Vec<(String, Option<String>)> = Vec::new();
     for q in spool.ready(now, 64).map_err(|e| e.to_string())? {
         let Some(patient) = q.meta.patient_id.clone() else {
             spool
@@ -196,7 +218,40 @@ fn gate_round(
             }
         };
         match verdict {
-            Verdict::Permit => permitted.push(q),
+            Verdict::Permit => {
+                let Some(t) = translation else {
+                    permitted.push(Outgoing::from(q));
+                    continue;
+                };
+                let network_id = match identities.iter().find(|(p, _)| *p == patient) {
+                    Some((_, n)) => n.clone(),
+                    None => {
+                        let n = gate
+                            .network_id(&patient)
+                            .map_err(|e| tsunagi_runtime::child::error_chain(&e))?;
+                        identities.push((patient.clone(), n.clone()));
+                        n
+                    }
+                };
+                let Some(network_id) = network_id else {
+                    // Every instance of the patient goes under the same ID: wait for it.
+                    spool
+                        .retry_later(
+                            q.id,
+                            "waiting for the patient's network ID",
+                            now + IDENTITY_RETRY,
+                        )
+                        .map_err(|e| e.to_string())?;
+                    continue;
+                };
+                match translated(&q, t, &patient, &network_id) {
+                    Ok(head) => permitted.push(Outgoing {
+                        queued: q,
+                        head: Some(head),
+                    }),
+                    Err(reason) => spool.hold(q.id, &reason).map_err(|e| e.to_string())?,
+                }
+            }
             v if v.is_transient() => {
                 spool
                     .retry_later(q.id, "consent cache stale", now + 30)
@@ -206,4 +261,38 @@ fn gate_round(
         }
     }
     Ok((changes.seq, permitted))
+}
+
+/// The rewritten start of a spooled instance, or why it cannot be translated (a reason for
+/// the held state; never patient data).
+fn translated(
+    q: &crate::spool::Queued,
+    t: &Translation,
+    local_id: &str,
+    network_id: &str,
+) -> Result<crate::translate::Rewritten, String> {
+    use std::io::Read as _;
+    let Some(explicit) = crate::translate::data_set_is_explicit(&q.meta.transfer_syntax) else {
+        return Err(format!(
+            "cannot translate patient IDs in transfer syntax {}",
+            q.meta.transfer_syntax
+        ));
+    };
+    let mut prefix = Vec::new();
+    std::fs::File::open(&q.path)
+        .and_then(|f| {
+            f.take(TRANSLATE_PREFIX as u64)
+                .read_to_end(&mut prefix)
+                .map(|_| ())
+        })
+        .map_err(|e| format!("cannot read the spooled instance: {}", e.kind()))?;
+    let ids = crate::translate::Identity {
+        network_id: network_id.to_owned(),
+        network_issuer: t.network_issuer.clone(),
+        network_oid: t.network_oid.clone(),
+        local_id: local_id.to_owned(),
+        facility_code: t.facility_code.clone(),
+    };
+    crate::translate::rewrite(&prefix, explicit, prefix.len() as u64 >= q.size, &ids)
+        .map_err(|e| format!("cannot translate patient IDs: {e}"))
 }

@@ -119,14 +119,22 @@ async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
         timeout: Duration::from_secs(5),
     };
     let batch = spool.ready(i64::MAX, 10).unwrap();
-    let (outcomes, error) = send_batch(&dest, &batch).await;
+    let (outcomes, error) = send_batch(
+        &dest,
+        &batch.iter().cloned().map(Into::into).collect::<Vec<_>>(),
+    )
+    .await;
     assert!(outcomes.is_empty() && error.is_some());
     assert_eq!(spool.counts().unwrap().pending, 3);
 
     // Up: each arrives once, the data set byte for byte.
     let received = dir.path().join("received");
     let _pacs = storescp(pacs_port, &received);
-    let (outcomes, error) = send_batch(&dest, &batch).await;
+    let (outcomes, error) = send_batch(
+        &dest,
+        &batch.iter().cloned().map(Into::into).collect::<Vec<_>>(),
+    )
+    .await;
     assert!(error.is_none(), "{error:?}");
     assert_eq!(record(&spool, &outcomes).unwrap(), 3);
     assert_eq!(spool.counts().unwrap().pending, 0);

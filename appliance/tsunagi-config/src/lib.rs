@@ -41,7 +41,8 @@ mod types;
 pub use load::{LoadError, Problem, Problems, check_secret_files, load, parse};
 pub use types::{
     AbsPath, AeTitle, Capability, ConfigDuration, Endpoint, FacilityCode, HealthUrl, IfaceName,
-    Ipv4Cidr, LogFilter, Port, ReplicaUrl, SecretFile, ServiceName, ValueError, WgPublicKey,
+    Ipv4Cidr, IssuerName, LogFilter, Oid, Port, ReplicaUrl, SecretFile, ServiceName, ValueError,
+    WgPublicKey,
 };
 
 /// The config file format version this software reads.
@@ -103,6 +104,35 @@ pub struct Site {
     /// A human-readable name for the site, shown in status output.
     #[serde(default)]
     pub name: Option<String>,
+    /// The network's patient-identity domain (名寄せ); needed to translate patient IDs.
+    #[serde(default)]
+    pub network_ids: Option<NetworkIds>,
+}
+
+/// `[site.network-ids]`: the domain of the network's patient IDs (the regional ID the
+/// network's index assigns). The consent sync learns a patient's network ID from the
+/// identifier with system `urn:oid:OID` in the network's Patient resource; the DICOM bridge
+/// writes it as PatientID with IssuerOfPatientID `issuer` and the OID as its qualifier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NetworkIds {
+    /// IssuerOfPatientID (0010,0021) of network IDs, e.g. `TOKYO-NET`.
+    pub issuer: IssuerName,
+    /// The domain's ISO OID: Universal Entity ID (0040,0032), and the FHIR identifier system
+    /// `urn:oid:OID`.
+    pub oid: Oid,
+}
+
+/// What the DICOM bridge does with PatientID on the way to the network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PatientIdPolicy {
+    /// PatientID becomes the network ID (with its issuer); the clinic's ID travels in
+    /// OtherPatientIDsSequence. An instance waits until the patient's network ID is known.
+    #[default]
+    Translate,
+    /// Sent as received.
+    AsIs,
 }
 
 /// `[paths]`: directories owned by the appliance.
@@ -242,7 +272,7 @@ pub struct DicomPacs {
 }
 
 /// `[dicom]`: the DICOM bridge (issue 6, in progress: store-and-forward with the consent
-/// gate; no patient-ID translation and no query/retrieve yet).
+/// gate and patient-ID translation; no query/retrieve yet).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DicomBridge {
@@ -269,6 +299,9 @@ pub struct DicomBridge {
     /// Instances not delivered after this long become dead letters (an alert); default 168h.
     #[serde(default = "default_dead_letter")]
     pub dead_letter_after: ConfigDuration,
+    /// `translate` (default: needs `[site.network-ids]`) or `as-is`.
+    #[serde(default)]
+    pub patient_ids: PatientIdPolicy,
     pub pacs: DicomPacs,
 }
 
@@ -683,6 +716,17 @@ impl Config {
                     &["tunnel.persistent-keepalive"],
                 );
             }
+        }
+
+        if let Some(d) = &self.dicom
+            && d.patient_ids == PatientIdPolicy::Translate
+            && self.site.network_ids.is_none()
+        {
+            broken(
+                "dicom.patient-ids",
+                "translating patient IDs needs [site.network-ids] (the network's issuer and OID); set it, or patient-ids = \"as-is\"".into(),
+                &["dicom.patient-ids", "site.network-ids"],
+            );
         }
 
         if let Some(x) = &self.ssmix2 {

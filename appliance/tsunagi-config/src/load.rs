@@ -319,6 +319,7 @@ fn required_keys(table: &[String]) -> &'static [&'static str] {
     match table {
         [] => &["version", "site", "paths"],
         [t] if t == "site" => &["facility-code", "ae-title"],
+        [t, u] if t == "site" && u == "network-ids" => &["issuer", "oid"],
         [t] if t == "paths" => &["state-dir", "runtime-dir"],
         [t] if t == "metrics" => &["listen"],
         _ => &[],

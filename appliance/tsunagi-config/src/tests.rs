@@ -1143,12 +1143,48 @@ fn ssmix2_replica_rules() {
 
 #[test]
 fn dicom_section_defaults_and_rules() {
-    let cfg = parse(
-        &ssmix2_config("[dicom]\nlisten = \"0.0.0.0:104\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n"),
+    let dicom = "[dicom]\nlisten = \"0.0.0.0:104\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n";
+    let ids = "[site.network-ids]\nissuer = \"TOKYO-NET\"\noid = \"1.2.392.999.1\"\n";
+    let cfg = parse(&ssmix2_config(&format!("{ids}{dicom}")), file()).unwrap();
+    let n = cfg.site.network_ids.clone().unwrap();
+    assert_eq!(
+        (n.issuer.as_str(), n.oid.as_str()),
+        ("TOKYO-NET", "1.2.392.999.1")
+    );
+    let d = cfg.dicom.unwrap();
+    assert_eq!(d.patient_ids, PatientIdPolicy::Translate);
+    // Translating needs the network's domain; as-is does not.
+    let missing = parse(&ssmix2_config(dicom), file())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("dicom.patient-ids: translating patient IDs needs [site.network-ids]"),
+        "{missing}"
+    );
+    let as_is = parse(
+        &ssmix2_config(&dicom.replace("[dicom.pacs]", "patient-ids = \"as-is\"\n[dicom.pacs]")),
         file(),
     )
     .unwrap();
-    let d = cfg.dicom.unwrap();
+    assert_eq!(as_is.dicom.unwrap().patient_ids, PatientIdPolicy::AsIs);
+    for (bad, reason) in [
+        ("oid = \"1.2.03\"", "no leading zero"),
+        ("oid = \"1\"", "at least two arcs"),
+        ("oid = \"1..2\"", "digits separated by single dots"),
+    ] {
+        let text = ids.replace("oid = \"1.2.392.999.1\"", bad);
+        let e = parse(&ssmix2_config(&format!("{text}{dicom}")), file())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(reason), "{bad}: {e}");
+    }
+    let e = parse(
+        &ssmix2_config(&format!("{}{dicom}", ids.replace("TOKYO-NET", "A\\\\B"))),
+        file(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("without a backslash"), "{e}");
     assert!(d.enabled);
     assert_eq!(
         (d.max_pdu, d.max_associations, d.spool_quota_mib),
@@ -1158,7 +1194,7 @@ fn dicom_section_defaults_and_rules() {
     assert_eq!(d.dead_letter_after, dur("168h"));
     assert!(d.allowed_callers.is_none());
     let bad = parse(
-        &ssmix2_config("[dicom]\nlisten = \"0.0.0.0:104\"\nmax-pdu = 100\n[[dicom.allowed-callers]]\nae-title = \"CT01\"\naddress = \"192.168.1.20\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n"),
+        &ssmix2_config("[dicom]\nlisten = \"0.0.0.0:104\"\nmax-pdu = 100\npatient-ids = \"as-is\"\n[[dicom.allowed-callers]]\nae-title = \"CT01\"\naddress = \"192.168.1.20\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n"),
         file(),
     )
     .unwrap_err()

@@ -207,6 +207,101 @@ impl TryFrom<String> for FacilityCode {
 string_newtype!(FacilityCode);
 
 // ---------------------------------------------------------------------------------------
+// Oid, IssuerName
+
+/// An ISO object identifier in dotted decimal form (`1.2.392.100495`): at least two arcs,
+/// digits and dots, no arc with a leading zero, at most 64 characters (it travels as a DICOM
+/// UI value, and as `urn:oid:` in FHIR).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Oid(String);
+
+impl Oid {
+    /// The longest OID (a DICOM UI value).
+    pub const MAX_LEN: usize = 64;
+}
+
+impl TryFrom<String> for Oid {
+    type Error = ValueError;
+
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        if value.len() > Self::MAX_LEN {
+            return Err(ValueError::new(format!(
+                "an OID is at most {} characters (got {})",
+                Self::MAX_LEN,
+                value.len()
+            )));
+        }
+        let arcs: Vec<&str> = value.split('.').collect();
+        if arcs.len() < 2 {
+            return Err(ValueError::new(format!(
+                "an OID has at least two arcs separated by dots, like 1.2.392 (got {})",
+                quoted(&value)
+            )));
+        }
+        for arc in arcs {
+            if arc.is_empty() || !arc.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(ValueError::new(format!(
+                    "an OID is digits separated by single dots (got {})",
+                    quoted(&value)
+                )));
+            }
+            if arc.len() > 1 && arc.starts_with('0') {
+                return Err(ValueError::new(format!(
+                    "an OID arc has no leading zero (got {})",
+                    quoted(&value)
+                )));
+            }
+        }
+        Ok(Self(value))
+    }
+}
+
+string_newtype!(Oid);
+
+/// The name of an assigning authority as DICOM writes it in Issuer of Patient ID (LO):
+/// 1–64 characters of the default repertoire (printable ASCII), no backslash, no leading or
+/// trailing space.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IssuerName(String);
+
+impl IssuerName {
+    /// The longest issuer name (a DICOM LO value).
+    pub const MAX_LEN: usize = 64;
+}
+
+impl TryFrom<String> for IssuerName {
+    type Error = ValueError;
+
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        if value.is_empty() || value.len() > Self::MAX_LEN {
+            return Err(ValueError::new(format!(
+                "an issuer name is 1 to {} characters (got {})",
+                Self::MAX_LEN,
+                value.chars().count()
+            )));
+        }
+        if !value
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'\\')
+        {
+            return Err(ValueError::new(
+                "an issuer name may only contain printable ASCII characters, without a backslash",
+            ));
+        }
+        if value.starts_with(' ') || value.ends_with(' ') {
+            return Err(ValueError::new(
+                "an issuer name has no leading or trailing space",
+            ));
+        }
+        Ok(Self(value))
+    }
+}
+
+string_newtype!(IssuerName);
+
+// ---------------------------------------------------------------------------------------
 // ServiceName
 
 /// The name of a service managed by the supervisor: `[a-z][a-z0-9-]{0,15}`, not ending in

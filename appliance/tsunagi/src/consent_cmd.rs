@@ -32,6 +32,13 @@ pub(crate) enum ConsentCommand {
         #[arg(long)]
         id: String,
     },
+    /// Record the patient's network ID (名寄せ: the ID the network's patient index gave
+    /// them; the sync also learns it from the network). The DICOM bridge sends images under it.
+    NetworkId {
+        patient: PatientId,
+        /// The network ID: 1–64 printable ASCII characters, no backslash.
+        id: String,
+    },
     /// Disclose the patient's data to a facility (公開設定).
     Disclose {
         patient: PatientId,
@@ -288,6 +295,29 @@ fn run(cfg: &Config, command: ConsentCommand, json: bool) -> Result<(), String> 
                 print_json(&serde_json::json!({ "patient": patient, "link": link }));
             } else {
                 println!("linked patient {patient} to {}|{}", link.system, link.value);
+            }
+        }
+        ConsentCommand::NetworkId { patient, id } => {
+            if id.is_empty()
+                || id.len() > 64
+                || !id.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'\\')
+                || id.starts_with(' ')
+                || id.ends_with(' ')
+            {
+                return Err(
+                    "a network ID is 1 to 64 printable ASCII characters, without a backslash or surrounding spaces"
+                        .to_owned(),
+                );
+            }
+            let changed = store.set_network_id(&patient, &id, now).map_err(chain)?;
+            if json {
+                print_json(
+                    &serde_json::json!({ "patient": patient, "network_id": id, "changed": changed }),
+                );
+            } else if changed {
+                println!("patient {patient} has network ID {id}");
+            } else {
+                println!("patient {patient} already had network ID {id}");
             }
         }
         ConsentCommand::Disclose { patient, facility } => {

@@ -464,5 +464,16 @@ fn dicom_settings(
             .join(consent::NAME)
             .join(consent::service::SOCKET_NAME),
         dead_letter_after: d.dead_letter_after.get(),
+        // Config validation makes `translate` come with [site.network-ids].
+        translation: match (&d.patient_ids, &cfg.site.network_ids) {
+            (tsunagi_config::PatientIdPolicy::Translate, Some(n)) => {
+                Some(dicom_bridge::service::Translation {
+                    network_issuer: n.issuer.as_str().to_owned(),
+                    network_oid: n.oid.as_str().to_owned(),
+                    facility_code: cfg.site.facility_code.as_str().to_owned(),
+                })
+            }
+            _ => None,
+        },
     }
 }

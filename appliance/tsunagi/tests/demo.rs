@@ -116,9 +116,14 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
                 text.contains("demo: box -> hub health check through the tunnel: 200"),
                 "{text}"
             );
-            // Issue 6: a sample study from the clinic LAN reaches the hub's Orthanc.
+            // Issue 6: a sample study from the clinic LAN reaches the hub's Orthanc, under the
+            // patient's network ID.
             assert!(
                 text.contains("demo: DICOM: a sample study sent from the clinic (storescu) arrived in the hub's Orthanc through the tunnel (1 instance"),
+                "{text}"
+            );
+            assert!(
+                text.contains("stored under network ID DEMO-NET-0000001)"),
                 "{text}"
             );
             // Issue 5: the consented part of the clinic's SS-MIX2 storage is at the hub.

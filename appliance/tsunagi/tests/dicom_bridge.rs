@@ -20,15 +20,28 @@ use hil_tests::orthanc::Orthanc;
 /// and the consent cache fresh; not started yet. Also returns the consent form's path.
 fn clinic(pacs: &Orthanc, supervisor: &str, timeout: &str) -> (Harness, std::path::PathBuf) {
     let h = Harness::new(&format!(
-        "{supervisor}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"{timeout}\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n",
+        "{supervisor}\n[site.network-ids]\nissuer = \"{NETWORK_ISSUER}\"\noid = \"{NETWORK_OID}\"\n\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"{timeout}\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n",
         pacs.ae_title(),
         pacs.dicom_addr()
     ));
     let form = h.dir.path().join("form.pdf");
     std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
     register_consent(&h, &form, "0001234", &[]);
+    set_network_id(&h, "0001234", &network_id("0001234"));
     mark_consent_synced(&h);
     (h, form)
+}
+
+const NETWORK_ISSUER: &str = "TSUNAGI-NET";
+const NETWORK_OID: &str = "2.999.392.1";
+
+/// The network ID the tests give a clinic patient.
+fn network_id(local: &str) -> String {
+    format!("NET-{local}")
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 fn wait_for_instances(pacs: &Orthanc, n: usize, h: &Harness) -> Vec<String> {
@@ -79,35 +92,71 @@ fn consented_instances_reach_orthanc_byte_for_byte_and_others_wait_for_consent()
         "{text}"
     );
 
-    // The consented instance arrives, its data set unchanged.
+    // The consented instance arrives under the patient's network ID (issuer-qualified, the
+    // clinic's ID in OtherPatientIDsSequence); every other element byte for byte.
     let ids = wait_for_instances(&pacs, 1, &h);
     let arrived = DicomFile::parse(pacs.instance_file(&ids[0]).unwrap()).unwrap();
     let sent = DicomFile::read(&consented).unwrap();
     assert_eq!(
-        arrived.element(0x0010, 0x0020),
-        sent.element(0x0010, 0x0020)
+        arrived.string(0x0010, 0x0020).as_deref(),
+        Some(network_id("0001234").as_str())
     );
+    assert_eq!(
+        arrived.string(0x0010, 0x0021).as_deref(),
+        Some(NETWORK_ISSUER)
+    );
+    let qualifiers = arrived.element(0x0010, 0x0024).unwrap();
+    assert!(contains(qualifiers, NETWORK_OID.as_bytes()));
+    let other = arrived.element(0x0010, 0x1002).unwrap();
+    assert!(contains(other, b"0001234"), "the clinic's ID travels along");
+    assert!(contains(other, b"1312345678"), "issued by the clinic");
     assert_eq!(
         arrived.element(0x0010, 0x0010),
         sent.element(0x0010, 0x0010),
         "the Japanese name byte for byte"
     );
-    assert_eq!(
-        arrived.element(0x7FE0, 0x0010),
-        sent.element(0x7FE0, 0x0010)
-    );
-    assert_eq!(
-        arrived.data_set_without_padding(),
-        sent.data_set_without_padding()
-    );
+    let rewritten = [
+        (0x0010, 0x0020),
+        (0x0010, 0x0021),
+        (0x0010, 0x0024),
+        (0x0010, 0x1002),
+    ];
+    for (g, e) in sent.tags().filter(|t| !rewritten.contains(t)) {
+        assert_eq!(
+            arrived.element(g, e),
+            sent.element(g, e),
+            "({g:04X},{e:04X}) byte for byte"
+        );
+    }
+    for (g, e) in arrived.tags().filter(|t| !rewritten.contains(t)) {
+        assert!(sent.element(g, e).is_some(), "({g:04X},{e:04X}) added");
+    }
     // The other patient's instance stays in the clinic, held.
     let status = h.wait_for("the hold", Duration::from_secs(30), |s| {
         service(s, "dicom")["metrics"]["spool_held"] == 1.0
     });
     assert_eq!(pacs.instances().unwrap().len(), 1, "{status}");
-    // Consent recorded: the held instance goes.
+    // Consent recorded: the held instance waits for the patient's network ID, then goes.
     register_consent(&h, &form, "0005678", &[]);
-    wait_for_instances(&pacs, 2, &h);
+    h.wait_for("the wait for a network ID", Duration::from_secs(30), |s| {
+        service(s, "dicom")["metrics"]["spool_held"] == 0.0
+    });
+    assert_eq!(pacs.instances().unwrap().len(), 1);
+    set_network_id(&h, "0005678", &network_id("0005678"));
+    let ids = wait_for_instances(&pacs, 2, &h);
+    let patients: BTreeSet<String> = ids
+        .iter()
+        .map(|id| {
+            DicomFile::parse(pacs.instance_file(id).unwrap())
+                .unwrap()
+                .string(0x0010, 0x0020)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        patients,
+        BTreeSet::from([network_id("0001234"), network_id("0005678")])
+    );
     h.wait_for("an empty spool", Duration::from_secs(30), |s| {
         service(s, "dicom")["metrics"]["spool_held"] == 0.0
             && service(s, "dicom")["metrics"]["spool_pending"] == 0.0

@@ -153,4 +153,20 @@ fn opening_removes_what_a_crash_left() {
     assert!(files(dir.path(), "incoming").is_empty());
     assert_eq!(files(dir.path(), "objects"), vec![format!("{id}.dcm")]);
     assert_eq!(spool.counts().unwrap().bytes, 4);
+    // Ids go on after the rows (and after delivered ones): never an existing object's name.
+    let Committed::Queued(next) = receive(&spool, b"next", &meta("1.2.3.2", "0001")) else {
+        panic!()
+    };
+    assert!(next > id);
+    spool.delivered(next).unwrap();
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let Committed::Queued(after) = receive(&spool, b"after", &meta("1.2.3.3", "0001")) else {
+        panic!()
+    };
+    assert!(after > next, "{after} after {next}");
+    assert_eq!(
+        files(dir.path(), "objects"),
+        vec![format!("{id}.dcm"), format!("{after}.dcm")]
+    );
 }

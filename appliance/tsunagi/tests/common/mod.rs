@@ -293,6 +293,20 @@ pub fn mark_consent_synced(h: &Harness) {
 
 /// `tsunagi consent register PATIENT` (every category, every participant) with a sample
 /// name, `form` as the evidence, plus `extra` arguments.
+/// `tsunagi consent network-id PATIENT ID` (名寄せ: the network's ID for the patient).
+pub fn set_network_id(h: &Harness, patient: &str, id: &str) {
+    let out = Command::new(BIN)
+        .args(["consent", "network-id", patient, id, "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "network-id {patient}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn register_consent(h: &Harness, form: &Path, patient: &str, extra: &[&str]) {
     let out = Command::new(BIN)
         .args([
