@@ -380,7 +380,7 @@ id-hash-key = "s3cr3t-value"
             (
                 Some(6),
                 "site.hostname".to_owned(),
-                "unknown key `hostname` (expected one of: facility-code, ae-title, name)".to_owned()
+                "unknown key `hostname` (expected one of: facility-code, ae-title, name, network-ids)".to_owned()
             ),
             (
                 Some(13),
