@@ -152,16 +152,29 @@ impl SocketGate {
     }
 }
 
-impl Gate for SocketGate {
-    fn decide(&mut self, patient: &str, category: &str) -> Result<Verdict, GateError> {
+impl SocketGate {
+    /// Whether `patient`'s `category` data may go to `recipient` (`hub` or a facility's
+    /// 医療機関コード, e.g. this clinic's own for what its viewers see).
+    pub fn decide_for(
+        &mut self,
+        patient: &str,
+        recipient: &str,
+        category: &str,
+    ) -> Result<Verdict, GateError> {
         let a = self.ask(
-            &serde_json::json!({"patient": patient, "recipient": "hub", "category": category}),
+            &serde_json::json!({"patient": patient, "recipient": recipient, "category": category}),
         )?;
         match a.decision.as_deref() {
             Some("permit") => Ok(Verdict::Permit),
             Some("deny") => Ok(Verdict::Deny(a.reason.unwrap_or_else(|| "unknown".into()))),
             _ => Err(GateError::Refused("no decision in the answer".into())),
         }
+    }
+}
+
+impl Gate for SocketGate {
+    fn decide(&mut self, patient: &str, category: &str) -> Result<Verdict, GateError> {
+        self.decide_for(patient, "hub", category)
     }
 
     fn changes(&mut self, since: i64) -> Result<Changes, GateError> {

@@ -20,6 +20,7 @@ pub const USER: &str = "tsunagi-dicom";
 
 pub mod forward;
 pub mod header;
+pub mod qr;
 pub mod scp;
 pub mod service;
 pub mod spool;

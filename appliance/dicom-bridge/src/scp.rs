@@ -38,6 +38,8 @@ pub struct Settings {
     pub max_associations: usize,
     /// Calling AE titles and the addresses they may come from; `None`: anyone.
     pub allowed: Option<Vec<(String, IpAddr)>>,
+    /// The query proxy for viewers; `None`: C-FIND is an unrecognized operation.
+    pub proxy: Option<Arc<crate::qr::Proxy>>,
 }
 
 /// How the data set's first bytes are kept for the header (the routing elements are near
@@ -110,6 +112,14 @@ pub async fn serve(
     }
 }
 
+/// A query identifier being received for a C-FIND.
+struct Querying {
+    pc_id: u8,
+    command: Command,
+    transfer_syntax: String,
+    identifier: Vec<u8>,
+}
+
 /// The data set being received for a C-STORE.
 struct Receiving {
     pc_id: u8,
@@ -163,6 +173,7 @@ async fn association(
     tracing::debug!(calling = %calling, "association established");
     let mut command_buf: Vec<u8> = Vec::new();
     let mut receiving: Option<Receiving> = None;
+    let mut querying: Option<Querying> = None;
     loop {
         let pdu = tokio::select! {
             _ = stop.cancelled() => {
@@ -224,6 +235,16 @@ async fn association(
                                         failure,
                                     });
                                 }
+                                CommandField::CFindRq
+                                    if command.has_dataset && settings.proxy.is_some() =>
+                                {
+                                    querying = Some(Querying {
+                                        pc_id: pdv.presentation_context_id,
+                                        command,
+                                        transfer_syntax,
+                                        identifier: Vec::new(),
+                                    });
+                                }
                                 _ if command.field.is_response() => {}
                                 _ => {
                                     if let Some(rsp) =
@@ -233,6 +254,23 @@ async fn association(
                                             .await?;
                                     }
                                 }
+                            }
+                        }
+                        PDataValueType::Data if querying.is_some() => {
+                            let Some(q) = querying.as_mut() else {
+                                continue;
+                            };
+                            if q.pc_id != pdv.presentation_context_id
+                                || q.identifier.len() + pdv.data.len() > crate::qr::MAX_IDENTIFIER
+                            {
+                                let _ = assoc.abort().await;
+                                return Ok(());
+                            }
+                            q.identifier.extend_from_slice(&pdv.data);
+                            if pdv.is_last
+                                && let (Some(q), Some(proxy)) = (querying.take(), &settings.proxy)
+                            {
+                                answer_find(&mut assoc, proxy.clone(), q).await?;
                             }
                         }
                         PDataValueType::Data => {
@@ -291,6 +329,58 @@ async fn association(
             }
         }
     }
+}
+
+/// Relays a C-FIND through the query proxy: every pending answer with its identifier, then
+/// the final status.
+async fn answer_find(
+    assoc: &mut dicom_ul::association::AsyncServerAssociation<TcpStream>,
+    proxy: Arc<crate::qr::Proxy>,
+    q: Querying,
+) -> Result<(), dicom_ul::association::Error> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let task = tokio::spawn(crate::qr::find(
+        proxy,
+        q.command.clone(),
+        q.transfer_syntax.clone(),
+        q.identifier,
+        tx,
+    ));
+    let max = match dicom_ul::association::Association::peer_max_pdu_length(assoc) {
+        0 => 16 * 1024,
+        n => n.min(1 << 20),
+    };
+    let chunk = usize::try_from(max.saturating_sub(6))
+        .unwrap_or(16 * 1024)
+        .max(1024);
+    while let Some(reply) = rx.recv().await {
+        let Some(mut rsp) = q.command.respond(reply.status) else {
+            break;
+        };
+        rsp.error_comment = reply.comment;
+        rsp.has_dataset = reply.identifier.is_some();
+        send_command(assoc, q.pc_id, &rsp).await?;
+        if let Some(data) = reply.identifier {
+            let mut pieces: Vec<&[u8]> = data.chunks(chunk).collect();
+            if pieces.is_empty() {
+                pieces.push(&[]);
+            }
+            for (i, piece) in pieces.iter().enumerate() {
+                assoc
+                    .send(&Pdu::PData {
+                        data: vec![PDataValue {
+                            presentation_context_id: q.pc_id,
+                            value_type: PDataValueType::Data,
+                            is_last: i + 1 == pieces.len(),
+                            data: piece.to_vec(),
+                        }],
+                    })
+                    .await?;
+            }
+        }
+    }
+    let _ = task.await;
+    Ok(())
 }
 
 /// Commits a received data set (or not) and says which status to answer.

@@ -140,6 +140,55 @@ pub fn rewrite(
     })
 }
 
+/// A top-level text value of a whole (small) data set, trimmed; `None` when absent.
+pub fn text_value(
+    data_set: &[u8],
+    explicit: bool,
+    tag: u32,
+) -> Result<Option<String>, TranslateError> {
+    let (elements, _) =
+        header::elements_until(data_set, explicit, tag, true).map_err(TranslateError::Malformed)?;
+    Ok(elements.iter().find(|x| x.tag == tag).map(|x| {
+        String::from_utf8_lossy(&data_set[x.value_start..x.end])
+            .trim_matches([' ', '\0'])
+            .to_owned()
+    }))
+}
+
+/// A whole (small) data set, such as a query identifier, with top-level text elements set
+/// (`Some`: replaced or added) or removed (`None`); every other element byte for byte.
+pub fn with_elements(
+    data_set: &[u8],
+    explicit: bool,
+    set: &[(u32, [u8; 2], Option<&str>)],
+) -> Result<Vec<u8>, TranslateError> {
+    for (_, _, v) in set {
+        if let Some(v) = v
+            && (v.len() > 64 || !v.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'\\'))
+        {
+            return Err(TranslateError::BadValue("a query key"));
+        }
+    }
+    let (elements, _) = header::elements_until(data_set, explicit, u32::MAX, true)
+        .map_err(TranslateError::Malformed)?;
+    let e = Encoder { explicit };
+    let new: Vec<(u32, Vec<u8>)> = set
+        .iter()
+        .filter_map(|(t, vr, v)| v.map(|v| (*t, e.text(*t, vr, v))))
+        .collect();
+    let mut all: Vec<(u32, &[u8])> = elements
+        .iter()
+        .filter(|x| !set.iter().any(|(t, _, _)| *t == x.tag))
+        .map(|x| (x.tag, &data_set[x.start..x.end]))
+        .collect();
+    all.extend(new.iter().map(|(t, b)| (*t, b.as_slice())));
+    all.sort_by_key(|(t, _)| *t);
+    Ok(all
+        .into_iter()
+        .flat_map(|(_, b)| b.iter().copied())
+        .collect())
+}
+
 struct Encoder {
     explicit: bool,
 }

@@ -33,6 +33,7 @@ async fn start(spool: Spool) -> (u16, CancellationToken) {
         timeout: Duration::from_secs(10),
         max_associations: 8,
         allowed: None,
+        proxy: None,
     });
     tokio::spawn(serve(listener, settings, spool, stop.clone()));
     (port, stop)
@@ -263,6 +264,7 @@ async fn idle_clients_and_oversized_pdus_do_not_hold_the_service() {
         timeout: Duration::from_secs(2),
         max_associations: 8,
         allowed: None,
+        proxy: None,
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     // An idle client that sends nothing: others are served meanwhile, and it is closed

@@ -436,6 +436,18 @@ fn dicom_settings(
     d: &tsunagi_config::DicomBridge,
 ) -> dicom_bridge::service::Settings {
     let ae = cfg.site.ae_title.as_ref().to_owned();
+    let pacs = dicom_bridge::forward::Destination {
+        ae_title: d.pacs.ae_title.as_ref().to_owned(),
+        addr: d.pacs.address,
+        calling_ae: ae.clone(),
+        timeout: d.timeout.get(),
+    };
+    let consent_socket = cfg
+        .paths
+        .runtime_dir
+        .as_path()
+        .join(consent::NAME)
+        .join(consent::service::SOCKET_NAME);
     dicom_bridge::service::Settings {
         scp: dicom_bridge::scp::Settings {
             ae_title: ae.clone(),
@@ -447,22 +459,18 @@ fn dicom_settings(
                     .map(|c| (c.ae_title.as_ref().to_owned(), c.address))
                     .collect()
             }),
+            proxy: Some(std::sync::Arc::new(dicom_bridge::qr::Proxy {
+                pacs: pacs.clone(),
+                facility_code: cfg.site.facility_code.as_str().to_owned(),
+                translate: d.patient_ids == tsunagi_config::PatientIdPolicy::Translate,
+                consent_socket: consent_socket.clone(),
+            })),
         },
         listen: d.listen,
         state_dir: cfg.paths.state_dir.as_path().join(dicom_bridge::NAME),
         quota: d.spool_quota_mib.saturating_mul(1 << 20),
-        pacs: dicom_bridge::forward::Destination {
-            ae_title: d.pacs.ae_title.as_ref().to_owned(),
-            addr: d.pacs.address,
-            calling_ae: ae,
-            timeout: d.timeout.get(),
-        },
-        consent_socket: cfg
-            .paths
-            .runtime_dir
-            .as_path()
-            .join(consent::NAME)
-            .join(consent::service::SOCKET_NAME),
+        pacs,
+        consent_socket,
         dead_letter_after: d.dead_letter_after.get(),
         // Config validation makes `translate` come with [site.network-ids].
         translation: match (&d.patient_ids, &cfg.site.network_ids) {

@@ -335,3 +335,107 @@ fn pacs_down_while_200_instances_arrive_then_all_delivered_once() {
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// The study-level answers of `findscu` through the box: (PatientID, StudyInstanceUID).
+fn find_through_box(pacs: &Orthanc, keys: &[&str]) -> BTreeSet<(String, String)> {
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut findscu = pacs.command("findscu");
+    findscu.args(["-S", "-aet", "VIEWER", "-aec", "TSUNAGI-TEST"]);
+    for k in keys {
+        findscu.args(["-k", k]);
+    }
+    findscu
+        .args(["-X", "--output-directory"])
+        .arg(out_dir.path())
+        .args(["127.0.0.1", "11112"]);
+    let out = pacs.output(&mut findscu, Duration::from_secs(60)).unwrap();
+    assert!(
+        out.status.success(),
+        "findscu: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| {
+            let f = DicomFile::read(&e.unwrap().path()).unwrap();
+            (
+                f.string(0x0010, 0x0020).unwrap_or_default(),
+                f.string(0x0020, 0x000D).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 6, acceptance 5 (C-FIND): a viewer's query through the box finds, under the
+/// clinic's local ID, a study the network holds under the network ID; studies of patients
+/// the clinic does not know, or who did not disclose to this clinic, are not shown.
+#[test]
+fn findscu_through_the_box_sees_local_ids_and_only_what_consent_allows() {
+    if skip_unless_root("findscu_through_the_box_sees_local_ids_and_only_what_consent_allows") {
+        return;
+    }
+    let pacs = Orthanc::start_for_test();
+    let (mut h, form) = clinic(&pacs, FAST_SUPERVISOR, "10s");
+    // 0005678 discloses to another facility only.
+    register_consent(&h, &form, "0005678", &["--scope", "1319999999"]);
+    set_network_id(&h, "0005678", &network_id("0005678"));
+    mark_consent_synced(&h);
+    h.start_in_netns(pacs.netns());
+    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    });
+    // The network holds three studies under network IDs (stored there directly).
+    let files = tempfile::tempdir().unwrap();
+    let ours = Ids::new(&network_id("0001234"));
+    let hidden = Ids::new(&network_id("0005678"));
+    let stranger = Ids::new("NET-9999999");
+    let sent: Vec<_> = [&ours, &hidden, &stranger]
+        .iter()
+        .map(|ids| japanese_ct(files.path(), ids).unwrap())
+        .collect();
+    let mut storescu = pacs.command("storescu");
+    storescu
+        .args(["-aec", pacs.ae_title(), "127.0.0.1"])
+        .arg(pacs.dicom_addr().port().to_string())
+        .args(&sent);
+    let out = pacs.output(&mut storescu, Duration::from_secs(30)).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(pacs.instances().unwrap().len(), 3);
+
+    let study = |ids: &Ids| ids.study_instance_uid.clone();
+    // Every study: only ours, under the local ID.
+    let all = find_through_box(
+        &pacs,
+        &["QueryRetrieveLevel=STUDY", "PatientID", "StudyInstanceUID"],
+    );
+    assert_eq!(
+        all,
+        BTreeSet::from([("0001234".to_owned(), study(&ours))]),
+        "{}",
+        h.log_text()
+    );
+    // By local ID.
+    let by_id = find_through_box(
+        &pacs,
+        &[
+            "QueryRetrieveLevel=STUDY",
+            "PatientID=0001234",
+            "StudyInstanceUID",
+        ],
+    );
+    assert_eq!(
+        by_id,
+        BTreeSet::from([("0001234".to_owned(), study(&ours))])
+    );
+    // A patient who did not disclose to this clinic, and one without a network ID.
+    for id in ["PatientID=0005678", "PatientID=0007777"] {
+        let none = find_through_box(&pacs, &["QueryRetrieveLevel=STUDY", id, "StudyInstanceUID"]);
+        assert!(none.is_empty(), "{id}: {none:?}");
+    }
+    // Without PatientID among the keys the answer has none either (the box asked for it).
+    let no_key = find_through_box(&pacs, &["QueryRetrieveLevel=STUDY", "StudyInstanceUID"]);
+    assert_eq!(no_key, BTreeSet::from([(String::new(), study(&ours))]));
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
