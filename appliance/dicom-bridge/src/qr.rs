@@ -39,13 +39,15 @@ const PATIENT_ID: u32 = 0x0010_0020;
 const ISSUER: u32 = 0x0010_0021;
 /// The largest identifier a viewer or the network may send (they are a few hundred bytes).
 pub const MAX_IDENTIFIER: usize = 1 << 20;
-/// "Unable to process" (C001H): the network could not be asked.
-pub const UNABLE_TO_PROCESS: Status = Status(0xC001);
 
 /// What the proxy needs.
 #[derive(Debug, Clone)]
 pub struct Proxy {
     pub pacs: Destination,
+    /// The clinic's C-MOVE destinations (AE title, address of its storage SCP).
+    pub destinations: Vec<(String, std::net::SocketAddr)>,
+    /// Where retrieved instances wait until the viewer has them.
+    pub work_dir: PathBuf,
     /// This clinic's 医療機関コード: the recipient of what a viewer sees.
     pub facility_code: String,
     /// Whether patient IDs are translated (`patient-ids = "translate"`).
@@ -59,6 +61,8 @@ pub struct Reply {
     pub status: Status,
     pub identifier: Option<Vec<u8>>,
     pub comment: Option<String>,
+    /// C-MOVE: sub-operations completed and failed.
+    pub counts: Option<(u16, u16)>,
 }
 
 impl Reply {
@@ -67,6 +71,7 @@ impl Reply {
             status,
             identifier: None,
             comment,
+            counts: None,
         }
     }
 }
@@ -88,6 +93,8 @@ pub enum QueryError {
     Consent(#[source] consent::client::GateError),
     #[error("internal error")]
     Internal,
+    #[error("cannot store to the viewer")]
+    Relay(#[source] Box<crate::forward::ForwardError>),
 }
 
 /// The identity and consent questions of one query, answered by the consent service (each
@@ -147,7 +154,7 @@ pub async fn find(
         Err(e) => {
             let message = tsunagi_runtime::child::error_chain(&e);
             tracing::warn!(error = %message, "C-FIND through the network failed");
-            Reply::last(UNABLE_TO_PROCESS, Some(e.to_string()))
+            Reply::last(Status::UNABLE_TO_PROCESS, Some(e.to_string()))
         }
     };
     let _ = replies.send(last).await;
@@ -232,7 +239,7 @@ async fn find_inner(
     send(&mut assoc, pc_id, PDataValueType::Command, rq.encode()).await?;
     send(&mut assoc, pc_id, PDataValueType::Data, query).await?;
     loop {
-        let (rsp, data) = receive(&mut assoc).await?;
+        let (rsp, data) = receive(&mut assoc, CommandField::CFindRsp).await?;
         let status = rsp.status.ok_or(QueryError::Protocol)?;
         if status.class() != dimse::status::Class::Pending {
             let _ = assoc.release().await;
@@ -276,6 +283,7 @@ async fn find_inner(
                 status,
                 identifier: Some(answer),
                 comment: None,
+                counts: None,
             })
             .await
             .is_err()
@@ -309,6 +317,7 @@ async fn send(
 /// One response: its command and, when it has one, its data set.
 async fn receive(
     assoc: &mut AsyncClientAssociation<TcpStream>,
+    expected: CommandField,
 ) -> Result<(Command, Option<Vec<u8>>), QueryError> {
     let mut command_buf = Vec::new();
     let mut command: Option<Command> = None;
@@ -327,7 +336,7 @@ async fn receive(
                     }
                     if pdv.is_last {
                         let c = Command::decode(&command_buf).map_err(|_| QueryError::Protocol)?;
-                        if c.field != CommandField::CFindRsp {
+                        if c.field != expected {
                             return Err(QueryError::Protocol);
                         }
                         if !c.has_dataset {
@@ -343,6 +352,504 @@ async fn receive(
                     data.extend_from_slice(&pdv.data);
                     if pdv.is_last {
                         return Ok((command.take().ok_or(QueryError::Protocol)?, Some(data)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// C-MOVE: retrieve from the network (C-GET), store to the clinic's viewer.
+
+const QR_LEVEL: u32 = 0x0008_0052;
+const SOP_CLASS: u32 = 0x0008_0016;
+const SOP_INSTANCE: u32 = 0x0008_0018;
+const STUDY: u32 = 0x0020_000D;
+const SERIES: u32 = 0x0020_000E;
+/// The most instances one C-MOVE retrieves.
+const MAX_INSTANCES: usize = 10_000;
+
+/// The FIND and GET models that go with a MOVE model (study root, patient root).
+fn models(move_model: &str) -> Option<(&'static str, &'static str)> {
+    match move_model {
+        "1.2.840.10008.5.1.4.1.2.2.2" => {
+            Some(("1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.2.3"))
+        }
+        "1.2.840.10008.5.1.4.1.2.1.2" => {
+            Some(("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.3"))
+        }
+        _ => None,
+    }
+}
+
+/// The transfer syntaxes offered for each retrieved SOP class, one presentation context
+/// each, so that the network sends every instance as it holds it (nothing transcoded).
+const STORAGE_SYNTAXES: &[&str] = &[
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5",
+];
+
+/// One instance the viewer may have.
+#[derive(Debug, Clone)]
+struct Wanted {
+    sop_class: String,
+    sop_instance: String,
+    study: String,
+    series: String,
+    network_id: String,
+    local_id: String,
+}
+
+/// Answers one C-MOVE: the matching instances this clinic may see are retrieved from the
+/// network PACS (C-GET on the box's own association: the network never connects to the
+/// box) and stored to the destination viewer with the clinic's patient IDs. Unknown
+/// destination: A801H. The final reply carries the sub-operation counts.
+pub async fn retrieve(
+    proxy: Arc<Proxy>,
+    command: Command,
+    transfer_syntax: String,
+    identifier: Vec<u8>,
+    replies: mpsc::Sender<Reply>,
+) {
+    let last = match retrieve_inner(&proxy, &command, &transfer_syntax, &identifier).await {
+        Ok(r) => r,
+        Err(e) => {
+            let message = tsunagi_runtime::child::error_chain(&e);
+            tracing::warn!(error = %message, "C-MOVE through the network failed");
+            Reply::last(Status::UNABLE_TO_PROCESS, Some(e.to_string()))
+        }
+    };
+    let _ = replies.send(last).await;
+}
+
+async fn retrieve_inner(
+    proxy: &Proxy,
+    command: &Command,
+    transfer_syntax: &str,
+    identifier: &[u8],
+) -> Result<Reply, QueryError> {
+    let destination = command
+        .move_destination
+        .as_deref()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let Some((_, viewer)) = proxy.destinations.iter().find(|(ae, _)| *ae == destination) else {
+        return Ok(Reply::last(
+            Status::MOVE_DESTINATION_UNKNOWN,
+            Some("the move destination is not one of the clinic's".into()),
+        ));
+    };
+    let move_model = command.affected_sop_class.clone().unwrap_or_default();
+    let Some((find_model, get_model)) = models(&move_model) else {
+        return Ok(Reply::last(Status::SOP_CLASS_NOT_SUPPORTED, None));
+    };
+    let explicit = translate::data_set_is_explicit(transfer_syntax)
+        .ok_or(QueryError::Identifier(TranslateError::Encoding))?;
+    let asked_id =
+        translate::text_value(identifier, explicit, PATIENT_ID).map_err(QueryError::Identifier)?;
+    let mut checks = Checks {
+        gate: SocketGate::new(&proxy.consent_socket),
+        facility: proxy.facility_code.clone(),
+        locals: Vec::new(),
+        verdicts: Vec::new(),
+    };
+    let network_key: String = match asked_id.as_deref() {
+        Some(local) if proxy.translate && !local.is_empty() && !has_wildcard(local) => {
+            let local = local.to_owned();
+            let (c, r) = blocking(checks, move |c| c.network_id(&local)).await?;
+            checks = c;
+            match r {
+                Some(n) => n,
+                None => return Ok(done(0, 0, 0)),
+            }
+        }
+        Some(v) => v.to_owned(),
+        None => String::new(),
+    };
+    // Which instances match, and whose they are.
+    let mut keys: Vec<(u32, [u8; 2], Option<&str>)> = vec![
+        (QR_LEVEL, *b"CS", Some("IMAGE")),
+        (PATIENT_ID, *b"LO", Some(network_key.as_str())),
+    ];
+    for tag in [SOP_CLASS, SOP_INSTANCE, STUDY, SERIES] {
+        if translate::text_value(identifier, explicit, tag)
+            .map_err(QueryError::Identifier)?
+            .is_none()
+        {
+            keys.push((tag, *b"UI", Some("")));
+        }
+    }
+    let query =
+        translate::with_elements(identifier, explicit, &keys).map_err(QueryError::Identifier)?;
+    let answers = query_all(proxy, find_model, transfer_syntax, query).await?;
+    let mut wanted = Vec::new();
+    let mut refused = 0u16;
+    for a in &answers {
+        let v = |tag| {
+            translate::text_value(a, explicit, tag)
+                .map_err(QueryError::Identifier)
+                .map(Option::unwrap_or_default)
+        };
+        let network = v(PATIENT_ID)?;
+        let (c, local) = if proxy.translate {
+            let n = network.clone();
+            blocking(checks, move |c| c.local_id(&n)).await?
+        } else {
+            (checks, Some(network.clone()))
+        };
+        checks = c;
+        let visible = match local.clone().filter(|l| !l.is_empty()) {
+            Some(l) => {
+                let (c, v) = blocking(checks, move |c| c.visible(&l)).await?;
+                checks = c;
+                v
+            }
+            None => false,
+        };
+        if !visible {
+            refused = refused.saturating_add(1);
+            continue;
+        }
+        wanted.push(Wanted {
+            sop_class: v(SOP_CLASS)?,
+            sop_instance: v(SOP_INSTANCE)?,
+            study: v(STUDY)?,
+            series: v(SERIES)?,
+            network_id: network,
+            local_id: local.unwrap_or_default(),
+        });
+    }
+    if wanted.is_empty() {
+        return Ok(if refused > 0 {
+            done(0, refused, 0)
+        } else {
+            done(0, 0, 0)
+        });
+    }
+    let _ = std::fs::create_dir_all(&proxy.work_dir);
+    let retrieved = get_all(proxy, get_model, &wanted).await;
+    let (got, error) = match retrieved {
+        Ok(got) => (got, None),
+        Err((got, e)) => (got, Some(e)),
+    };
+    let dest = Destination {
+        ae_title: destination,
+        addr: *viewer,
+        calling_ae: proxy.pacs.calling_ae.clone(),
+        timeout: proxy.pacs.timeout,
+    };
+    let mut outgoing = Vec::new();
+    for (n, (w, path, ts)) in got.iter().enumerate() {
+        if let Ok(o) = outgoing_for(n, w, path, ts) {
+            outgoing.push(o);
+        }
+    }
+    let (outcomes, relay_error) = crate::forward::send_batch(&dest, &outgoing).await;
+    for (_, path, _) in &got {
+        let _ = std::fs::remove_file(path);
+    }
+    let completed = outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, crate::forward::Outcome::Delivered(_)))
+        .count();
+    let completed = u16::try_from(completed).unwrap_or(u16::MAX);
+    let failed = u16::try_from(wanted.len())
+        .unwrap_or(u16::MAX)
+        .saturating_sub(completed)
+        .saturating_add(refused);
+    if let Some(e) = error.or(relay_error.map(|e| QueryError::Relay(Box::new(e)))) {
+        tracing::warn!(error = %tsunagi_runtime::child::error_chain(&e), "C-MOVE incomplete");
+    }
+    Ok(done(completed, failed, 0))
+}
+
+/// The final C-MOVE reply for these counts.
+fn done(completed: u16, failed: u16, _warning: u16) -> Reply {
+    let status = match (completed, failed) {
+        (_, 0) => Status::SUCCESS,
+        (0, _) => Status::OUT_OF_RESOURCES_SUBOPERATIONS,
+        _ => Status::WARNING_SUBOPERATIONS_FAILED,
+    };
+    Reply {
+        status,
+        identifier: None,
+        comment: (failed > 0)
+            .then(|| "some instances are not disclosed to this clinic or failed".to_owned()),
+        counts: Some((completed, failed)),
+    }
+}
+
+/// A retrieved instance as an outgoing C-STORE to the viewer, with the clinic's ID.
+fn outgoing_for(
+    n: usize,
+    w: &Wanted,
+    path: &std::path::Path,
+    ts: &str,
+) -> Result<crate::forward::Outgoing, QueryError> {
+    use std::io::Read as _;
+    let size = std::fs::metadata(path)
+        .map_err(|_| QueryError::Internal)?
+        .len();
+    let mut prefix = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(1 << 20).read_to_end(&mut prefix))
+        .map_err(|_| QueryError::Internal)?;
+    let explicit = translate::data_set_is_explicit(ts)
+        .ok_or(QueryError::Identifier(TranslateError::Encoding))?;
+    let head = if w.local_id == w.network_id {
+        None
+    } else {
+        Some(
+            translate::restore(&prefix, explicit, prefix.len() as u64 >= size, &w.local_id)
+                .map_err(QueryError::Identifier)?,
+        )
+    };
+    Ok(crate::forward::Outgoing {
+        queued: crate::spool::Queued {
+            id: i64::try_from(n).unwrap_or(i64::MAX),
+            path: path.to_owned(),
+            meta: crate::spool::Meta {
+                sop_class: w.sop_class.clone(),
+                sop_instance: w.sop_instance.clone(),
+                transfer_syntax: ts.to_owned(),
+                calling_ae: String::new(),
+                patient_id: Some(w.local_id.clone()),
+            },
+            size,
+            attempts: 0,
+        },
+        head,
+    })
+}
+
+async fn associate(
+    proxy: &Proxy,
+    contexts: Vec<(String, Vec<String>)>,
+    scp_roles: &[String],
+) -> Result<AsyncClientAssociation<TcpStream>, QueryError> {
+    let mut options = ClientAssociationOptions::new()
+        .calling_ae_title(proxy.pacs.calling_ae.clone())
+        .called_ae_title(proxy.pacs.ae_title.clone())
+        .read_timeout(proxy.pacs.timeout)
+        .write_timeout(proxy.pacs.timeout)
+        .connection_timeout(proxy.pacs.timeout);
+    for (class, syntaxes) in contexts {
+        options = options.with_presentation_context(class, syntaxes);
+    }
+    for class in scp_roles {
+        options = options.with_role_selection(class.clone(), false, true);
+    }
+    let mut assoc = options
+        .establish_async(proxy.pacs.addr)
+        .await
+        .map_err(QueryError::Associate)?;
+    let _ = assoc.inner_stream().set_nodelay(true);
+    Ok(assoc)
+}
+
+/// Every answer of a C-FIND at the network (at most [`MAX_INSTANCES`]).
+async fn query_all(
+    proxy: &Proxy,
+    find_model: &str,
+    transfer_syntax: &str,
+    query: Vec<u8>,
+) -> Result<Vec<Vec<u8>>, QueryError> {
+    let mut assoc = associate(
+        proxy,
+        vec![(find_model.to_owned(), vec![transfer_syntax.to_owned()])],
+        &[],
+    )
+    .await?;
+    let pc_id = accepted(&assoc, find_model).ok_or(QueryError::NotAccepted)?;
+    let mut rq = Command::new(CommandField::CFindRq);
+    rq.affected_sop_class = Some(find_model.to_owned());
+    rq.message_id = Some(1);
+    rq.priority = Some(0);
+    rq.has_dataset = true;
+    send(&mut assoc, pc_id, PDataValueType::Command, rq.encode()).await?;
+    send(&mut assoc, pc_id, PDataValueType::Data, query).await?;
+    let mut out = Vec::new();
+    loop {
+        let (rsp, data) = receive(&mut assoc, CommandField::CFindRsp).await?;
+        let status = rsp.status.ok_or(QueryError::Protocol)?;
+        if status.class() != dimse::status::Class::Pending {
+            let _ = assoc.release().await;
+            return Ok(out);
+        }
+        if let Some(d) = data
+            && out.len() < MAX_INSTANCES
+        {
+            out.push(d);
+        }
+    }
+}
+
+fn accepted(assoc: &AsyncClientAssociation<TcpStream>, class: &str) -> Option<u8> {
+    accepted_with(assoc, class, None)
+}
+
+fn accepted_with(
+    assoc: &AsyncClientAssociation<TcpStream>,
+    class: &str,
+    ts: Option<&str>,
+) -> Option<u8> {
+    assoc
+        .presentation_contexts()
+        .iter()
+        .find(|pc| {
+            pc.reason == PresentationContextResultReason::Acceptance
+                && pc.abstract_syntax.trim_end_matches('\0') == class
+                && ts.is_none_or(|t| pc.transfer_syntax.trim_end_matches('\0') == t)
+        })
+        .map(|pc| pc.id)
+}
+
+type Got = Vec<(Wanted, PathBuf, String)>;
+
+/// C-GET of each wanted instance on one association; the files received, with their transfer
+/// syntax. An error keeps what was received before it.
+async fn get_all(
+    proxy: &Proxy,
+    get_model: &str,
+    wanted: &[Wanted],
+) -> Result<Got, (Got, QueryError)> {
+    let mut classes: Vec<String> = Vec::new();
+    for w in wanted {
+        if !classes.contains(&w.sop_class) && classes.len() < 11 {
+            classes.push(w.sop_class.clone());
+        }
+    }
+    let mut contexts = vec![(get_model.to_owned(), vec![STORAGE_SYNTAXES[1].to_owned()])];
+    for c in &classes {
+        for ts in STORAGE_SYNTAXES {
+            contexts.push((c.clone(), vec![(*ts).to_owned()]));
+        }
+    }
+    let mut got: Got = Vec::new();
+    let mut assoc = match associate(proxy, contexts, &classes).await {
+        Ok(a) => a,
+        Err(e) => return Err((got, e)),
+    };
+    let Some(pc_id) = accepted(&assoc, get_model) else {
+        return Err((got, QueryError::NotAccepted));
+    };
+    for (n, w) in wanted.iter().enumerate() {
+        let ids: Vec<(u32, [u8; 2], Option<&str>)> = vec![
+            (QR_LEVEL, *b"CS", Some("IMAGE")),
+            (PATIENT_ID, *b"LO", Some(w.network_id.as_str())),
+            (STUDY, *b"UI", Some(w.study.as_str())),
+            (SERIES, *b"UI", Some(w.series.as_str())),
+            (SOP_INSTANCE, *b"UI", Some(w.sop_instance.as_str())),
+        ];
+        // The identifier in implicit VR LE (the GET context's transfer syntax).
+        let identifier = match translate::with_elements(&[], false, &ids) {
+            Ok(i) => i,
+            Err(e) => return Err((got, QueryError::Identifier(e))),
+        };
+        let mut rq = Command::new(CommandField::CGetRq);
+        rq.affected_sop_class = Some(get_model.to_owned());
+        rq.message_id = Some(u16::try_from(n % 60_000).unwrap_or(0) + 1);
+        rq.priority = Some(0);
+        rq.has_dataset = true;
+        let sent = async {
+            send(&mut assoc, pc_id, PDataValueType::Command, rq.encode()).await?;
+            send(&mut assoc, pc_id, PDataValueType::Data, identifier).await
+        };
+        if let Err(e) = sent.await {
+            return Err((got, e));
+        }
+        if let Err(e) = receive_stores(&mut assoc, proxy, w, &mut got).await {
+            let _ = assoc.abort().await;
+            return Err((got, e));
+        }
+    }
+    let _ = assoc.release().await;
+    Ok(got)
+}
+
+/// Receives the C-STOREs of one C-GET, until its final C-GET-RSP.
+async fn receive_stores(
+    assoc: &mut AsyncClientAssociation<TcpStream>,
+    proxy: &Proxy,
+    w: &Wanted,
+    got: &mut Got,
+) -> Result<(), QueryError> {
+    use std::io::Write as _;
+    let mut command_buf = Vec::new();
+    let mut storing: Option<(Command, u8, std::fs::File, PathBuf)> = None;
+    loop {
+        let Pdu::PData { data: pdvs } = assoc.receive().await.map_err(QueryError::Association)?
+        else {
+            return Err(QueryError::Protocol);
+        };
+        for pdv in pdvs {
+            match pdv.value_type {
+                PDataValueType::Command => {
+                    command_buf.extend_from_slice(&pdv.data);
+                    if command_buf.len() > dimse::command::MAX_COMMAND_SET {
+                        return Err(QueryError::Protocol);
+                    }
+                    if !pdv.is_last {
+                        continue;
+                    }
+                    let c = Command::decode(&command_buf).map_err(|_| QueryError::Protocol)?;
+                    command_buf.clear();
+                    match c.field {
+                        CommandField::CGetRsp => {
+                            let status = c.status.ok_or(QueryError::Protocol)?;
+                            if status.class() != dimse::status::Class::Pending {
+                                return Ok(());
+                            }
+                        }
+                        CommandField::CStoreRq if c.has_dataset => {
+                            let path = proxy
+                                .work_dir
+                                .join(format!("{:016x}.dcm", fastrand::u64(..)));
+                            let file =
+                                std::fs::File::create(&path).map_err(|_| QueryError::Internal)?;
+                            storing = Some((c, pdv.presentation_context_id, file, path));
+                        }
+                        _ => return Err(QueryError::Protocol),
+                    }
+                }
+                PDataValueType::Data => {
+                    let Some((_, _, file, _)) = storing.as_mut() else {
+                        return Err(QueryError::Protocol);
+                    };
+                    file.write_all(&pdv.data)
+                        .map_err(|_| QueryError::Internal)?;
+                    if pdv.is_last {
+                        let Some((c, pc, file, path)) = storing.take() else {
+                            return Err(QueryError::Protocol);
+                        };
+                        drop(file);
+                        let ts = assoc
+                            .presentation_contexts()
+                            .iter()
+                            .find(|p| p.id == pc)
+                            .map(|p| p.transfer_syntax.trim_end_matches('\0').to_owned())
+                            .unwrap_or_default();
+                        let mut item = w.clone();
+                        if let Some(class) = &c.affected_sop_class {
+                            item.sop_class.clone_from(class);
+                        }
+                        if let Some(uid) = &c.affected_sop_instance {
+                            item.sop_instance.clone_from(uid);
+                        }
+                        got.push((item, path, ts));
+                        let rsp = c.respond(Status::SUCCESS).ok_or(QueryError::Protocol)?;
+                        send(assoc, pc, PDataValueType::Command, rsp.encode()).await?;
                     }
                 }
             }

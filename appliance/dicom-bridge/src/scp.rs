@@ -235,7 +235,7 @@ async fn association(
                                         failure,
                                     });
                                 }
-                                CommandField::CFindRq
+                                CommandField::CFindRq | CommandField::CMoveRq
                                     if command.has_dataset && settings.proxy.is_some() =>
                                 {
                                     querying = Some(Querying {
@@ -270,7 +270,7 @@ async fn association(
                             if pdv.is_last
                                 && let (Some(q), Some(proxy)) = (querying.take(), &settings.proxy)
                             {
-                                answer_find(&mut assoc, proxy.clone(), q).await?;
+                                answer_query(&mut assoc, proxy.clone(), q).await?;
                             }
                         }
                         PDataValueType::Data => {
@@ -331,21 +331,31 @@ async fn association(
     }
 }
 
-/// Relays a C-FIND through the query proxy: every pending answer with its identifier, then
-/// the final status.
-async fn answer_find(
+/// Relays a C-FIND or a C-MOVE through the query proxy: every pending answer with its
+/// identifier, then the final status (with the sub-operation counts of a C-MOVE).
+async fn answer_query(
     assoc: &mut dicom_ul::association::AsyncServerAssociation<TcpStream>,
     proxy: Arc<crate::qr::Proxy>,
     q: Querying,
 ) -> Result<(), dicom_ul::association::Error> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let task = tokio::spawn(crate::qr::find(
-        proxy,
-        q.command.clone(),
-        q.transfer_syntax.clone(),
-        q.identifier,
-        tx,
-    ));
+    let task = if q.command.field == CommandField::CMoveRq {
+        tokio::spawn(crate::qr::retrieve(
+            proxy,
+            q.command.clone(),
+            q.transfer_syntax.clone(),
+            q.identifier,
+            tx,
+        ))
+    } else {
+        tokio::spawn(crate::qr::find(
+            proxy,
+            q.command.clone(),
+            q.transfer_syntax.clone(),
+            q.identifier,
+            tx,
+        ))
+    };
     let max = match dicom_ul::association::Association::peer_max_pdu_length(assoc) {
         0 => 16 * 1024,
         n => n.min(1 << 20),
@@ -359,6 +369,12 @@ async fn answer_find(
         };
         rsp.error_comment = reply.comment;
         rsp.has_dataset = reply.identifier.is_some();
+        if let Some((completed, failed)) = reply.counts {
+            rsp.completed = Some(completed);
+            rsp.failed = Some(failed);
+            rsp.warning = Some(0);
+            rsp.remaining = Some(0);
+        }
         send_command(assoc, q.pc_id, &rsp).await?;
         if let Some(data) = reply.identifier {
             let mut pieces: Vec<&[u8]> = data.chunks(chunk).collect();

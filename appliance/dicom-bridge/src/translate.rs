@@ -140,6 +140,48 @@ pub fn rewrite(
     })
 }
 
+/// The way back, for what a clinic viewer retrieves: PatientID becomes the clinic's ID, and
+/// the network's IssuerOfPatientID and its qualifiers go; OtherPatientIDsSequence and every
+/// other byte stay as they are.
+pub fn restore(
+    prefix: &[u8],
+    explicit: bool,
+    complete: bool,
+    local_id: &str,
+) -> Result<Rewritten, TranslateError> {
+    if local_id.is_empty()
+        || local_id.len() > 64
+        || !local_id
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'\\')
+    {
+        return Err(TranslateError::BadValue("the clinic's ID"));
+    }
+    let (elements, boundary) = match header::elements_until(prefix, explicit, QUALIFIERS, complete)
+    {
+        Ok(v) => v,
+        Err(HeaderError::Incomplete) => return Err(TranslateError::TooFar(prefix.len())),
+        Err(e) => return Err(TranslateError::Malformed(e)),
+    };
+    let e = Encoder { explicit };
+    let ours = e.text(PATIENT_ID, b"LO", local_id);
+    let replaced = [GROUP_LENGTH, PATIENT_ID, ISSUER, QUALIFIERS];
+    let mut all: Vec<(u32, &[u8])> = elements
+        .iter()
+        .filter(|x| !replaced.contains(&x.tag))
+        .map(|x| (x.tag, &prefix[x.start..x.end]))
+        .collect();
+    all.push((PATIENT_ID, &ours));
+    all.sort_by_key(|(t, _)| *t);
+    Ok(Rewritten {
+        head: all
+            .into_iter()
+            .flat_map(|(_, b)| b.iter().copied())
+            .collect(),
+        rest_from: boundary as u64,
+    })
+}
+
 /// A top-level text value of a whole (small) data set, trimmed; `None` when absent.
 pub fn text_value(
     data_set: &[u8],

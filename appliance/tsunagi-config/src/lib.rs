@@ -262,6 +262,15 @@ pub struct DicomCaller {
     pub address: std::net::IpAddr,
 }
 
+/// `[[dicom.move-destinations]]`: a clinic viewer's storage SCP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DicomDestination {
+    pub ae_title: AeTitle,
+    /// `IPV4:PORT` on the clinic LAN.
+    pub address: SocketAddr,
+}
+
 /// `[dicom.pacs]`: the network PACS (reached through the tunnel in production).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -302,6 +311,9 @@ pub struct DicomBridge {
     /// `translate` (default: needs `[site.network-ids]`) or `as-is`.
     #[serde(default)]
     pub patient_ids: PatientIdPolicy,
+    /// The clinic's viewers a C-MOVE may name as destination (their storage SCPs).
+    #[serde(default)]
+    pub move_destinations: Vec<DicomDestination>,
     pub pacs: DicomPacs,
 }
 

@@ -20,7 +20,7 @@ use hil_tests::orthanc::Orthanc;
 /// and the consent cache fresh; not started yet. Also returns the consent form's path.
 fn clinic(pacs: &Orthanc, supervisor: &str, timeout: &str) -> (Harness, std::path::PathBuf) {
     let h = Harness::new(&format!(
-        "{supervisor}\n[site.network-ids]\nissuer = \"{NETWORK_ISSUER}\"\noid = \"{NETWORK_OID}\"\n\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"{timeout}\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n",
+        "{supervisor}\n[site.network-ids]\nissuer = \"{NETWORK_ISSUER}\"\noid = \"{NETWORK_OID}\"\n\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"{timeout}\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n[[dicom.move-destinations]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1:{VIEWER_PORT}\"\n",
         pacs.ae_title(),
         pacs.dicom_addr()
     ));
@@ -33,6 +33,8 @@ fn clinic(pacs: &Orthanc, supervisor: &str, timeout: &str) -> (Harness, std::pat
 }
 
 const NETWORK_ISSUER: &str = "TSUNAGI-NET";
+/// The clinic viewer's storage SCP (movescu's own, in the tests).
+const VIEWER_PORT: u16 = 11113;
 const NETWORK_OID: &str = "2.999.392.1";
 
 /// The network ID the tests give a clinic patient.
@@ -367,12 +369,56 @@ fn find_through_box(pacs: &Orthanc, keys: &[&str]) -> BTreeSet<(String, String)>
         .collect()
 }
 
-/// Issue 6, acceptance 5 (C-FIND): a viewer's query through the box finds, under the
+/// `movescu` of a study through the box to `destination` (movescu itself listens as the
+/// viewer's storage SCP); the instances it received and its output.
+fn move_through_box(pacs: &Orthanc, destination: &str, study: &str) -> (Vec<DicomFile>, String) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut movescu = pacs.command("movescu");
+    movescu
+        .args([
+            "-d",
+            "-S",
+            "-aet",
+            "VIEWER",
+            "-aem",
+            destination,
+            "-aec",
+            "TSUNAGI-TEST",
+        ])
+        .args(["--port", &VIEWER_PORT.to_string(), "-od"])
+        .arg(out_dir.path())
+        .args(["-k", "QueryRetrieveLevel=STUDY"])
+        .args(["-k", &format!("StudyInstanceUID={study}")])
+        .args(["127.0.0.1", "11112"]);
+    let out = pacs.output(&mut movescu, Duration::from_secs(60)).unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let files = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| DicomFile::read(&e.unwrap().path()).unwrap())
+        .collect();
+    (files, text)
+}
+
+/// A sub-operation count of movescu's final response (its debug output: `D: Completed
+/// Suboperations       : 1`).
+fn last_count(text: &str, name: &str) -> Option<u16> {
+    text.lines()
+        .rev()
+        .find(|l| l.contains(&format!("{name} Suboperations")))
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Issue 6, acceptance 5: a viewer's query (findscu) through the box finds, under the
 /// clinic's local ID, a study the network holds under the network ID; studies of patients
-/// the clinic does not know, or who did not disclose to this clinic, are not shown.
+/// the clinic does not know, or who did not disclose to this clinic, are not shown. movescu
+/// through the box retrieves the study to the viewer with the local ID.
 #[test]
-fn findscu_through_the_box_sees_local_ids_and_only_what_consent_allows() {
-    if skip_unless_root("findscu_through_the_box_sees_local_ids_and_only_what_consent_allows") {
+fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allows() {
+    if skip_unless_root(
+        "findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allows",
+    ) {
         return;
     }
     let pacs = Orthanc::start_for_test();
@@ -436,6 +482,34 @@ fn findscu_through_the_box_sees_local_ids_and_only_what_consent_allows() {
     // Without PatientID among the keys the answer has none either (the box asked for it).
     let no_key = find_through_box(&pacs, &["QueryRetrieveLevel=STUDY", "StudyInstanceUID"]);
     assert_eq!(no_key, BTreeSet::from([(String::new(), study(&ours))]));
+
+    // C-MOVE to the clinic's viewer: the study arrives with the local ID, every other
+    // element as the network holds it.
+    let (moved, text) = move_through_box(&pacs, "VIEWER", &study(&ours));
+    assert_eq!(moved.len(), 1, "{text}\n{}", h.log_text());
+    let got = &moved[0];
+    let held = DicomFile::read(&sent[0]).unwrap();
+    assert_eq!(got.string(0x0010, 0x0020).as_deref(), Some("0001234"));
+    assert_eq!(
+        got.element(0x0010, 0x0021),
+        None,
+        "the network's issuer is gone"
+    );
+    assert_eq!(got.element(0x0010, 0x0010), held.element(0x0010, 0x0010));
+    assert_eq!(got.element(0x7FE0, 0x0010), held.element(0x7FE0, 0x0010));
+    assert_eq!(got.element(0x0008, 0x0018), held.element(0x0008, 0x0018));
+    assert_eq!(last_count(&text, "Completed"), Some(1), "{text}");
+    // A study of a patient who did not disclose to this clinic: nothing arrives.
+    let (moved, text) = move_through_box(&pacs, "VIEWER", &study(&hidden));
+    assert!(moved.is_empty(), "{text}");
+    assert_eq!(last_count(&text, "Failed"), Some(1), "{text}");
+    // A destination the clinic does not have: A801.
+    let (moved, text) = move_through_box(&pacs, "ELSEWHERE", &study(&ours));
+    assert!(moved.is_empty());
+    assert!(
+        text.contains("0xa801") || text.contains("Move Destination Unknown"),
+        "{text}"
+    );
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }

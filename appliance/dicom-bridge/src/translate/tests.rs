@@ -188,3 +188,26 @@ fn a_data_set_without_a_patient_id_gets_one() {
     let all = translated(&original, true);
     assert_eq!(value(&all, true, PATIENT_ID), b"TKY0000042");
 }
+
+#[test]
+fn the_way_back_gives_the_clinic_its_id_and_keeps_the_rest() {
+    for explicit in [true, false] {
+        let original = data_set(explicit, &[]);
+        let there = translated(&original, explicit);
+        let r = restore(&there, explicit, true, "0001234").unwrap();
+        let mut back = r.head.clone();
+        back.extend_from_slice(&there[usize::try_from(r.rest_from).unwrap()..]);
+        assert_eq!(value(&back, explicit, PATIENT_ID), b"0001234 ");
+        let (els, _) = elements_until(&back, explicit, u32::MAX, true).unwrap();
+        assert!(!els.iter().any(|x| x.tag == ISSUER || x.tag == QUALIFIERS));
+        assert_eq!(value(&back, explicit, 0x0010_0010), NAME);
+        assert_eq!(
+            value(&back, explicit, OTHER_IDS),
+            value(&there, explicit, OTHER_IDS)
+        );
+        assert_eq!(
+            value(&back, explicit, 0x7FE0_0010),
+            value(&original, explicit, 0x7FE0_0010)
+        );
+    }
+}
