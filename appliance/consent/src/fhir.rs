@@ -49,7 +49,14 @@ fn bad(what: &'static str, why: impl Into<String>) -> FhirError {
 
 /// The Patient resource for a local patient. (`name.text` joins family and given name with
 /// an ASCII space: the R4 schema's string pattern rejects the ideographic space U+3000.)
-pub fn patient_resource(facility: &FacilityCode, p: &Patient, links: &[Link]) -> Value {
+/// `network_id_system`: the network's patient-ID system; the patient's network ID (once
+/// known) is kept in the resource under it.
+pub fn patient_resource(
+    facility: &FacilityCode,
+    p: &Patient,
+    links: &[Link],
+    network_id_system: Option<&str>,
+) -> Value {
     let mut identifiers = vec![json!({
         "use": "usual",
         "system": patient_id_system(facility),
@@ -57,6 +64,9 @@ pub fn patient_resource(facility: &FacilityCode, p: &Patient, links: &[Link]) ->
     })];
     for link in links {
         identifiers.push(json!({ "system": link.system, "value": link.value }));
+    }
+    if let (Some(system), Some(id)) = (network_id_system, &p.network_id) {
+        identifiers.push(json!({ "system": system, "value": id }));
     }
     let gender = match p.sex {
         Sex::Male => "male",
@@ -147,6 +157,28 @@ pub fn local_patient_id(facility: &FacilityCode, patient: &Value) -> Option<Pati
         .find(|i| i["system"] == system.as_str())
         .and_then(|i| i["value"].as_str())
         .and_then(|v| v.parse().ok())
+}
+
+/// The value of the identifier with this system in a Patient resource.
+pub fn identifier(patient: &Value, system: &str) -> Option<String> {
+    patient["identifier"]
+        .as_array()?
+        .iter()
+        .find(|i| i["system"] == system)
+        .and_then(|i| i["value"].as_str())
+        .map(str::to_owned)
+}
+
+/// Whether a network ID can be carried as a DICOM PatientID (LO): 1–64 printable ASCII
+/// characters, no backslash, no surrounding space.
+pub fn is_network_id(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'\\')
+        && !value.starts_with(' ')
+        && !value.ends_with(' ')
 }
 
 /// Other facilities' identifiers in a Patient resource (名寄せ links).

@@ -60,6 +60,8 @@ pub struct Client {
     addr: SocketAddr,
     base: String,
     timeout: Duration,
+    /// The FHIR identifier system of the network's patient IDs (`urn:oid:OID`), if any.
+    network_id_system: Option<String>,
 }
 
 fn encode(value: &str) -> String {
@@ -81,7 +83,15 @@ impl Client {
             addr,
             base: base.trim_end_matches('/').to_owned(),
             timeout,
+            network_id_system: None,
         }
+    }
+
+    /// Learns patients' network IDs (名寄せ) from the identifier with this system in the
+    /// network's Patient resources (and keeps it in what the box pushes).
+    pub fn with_network_id_system(mut self, system: impl Into<String>) -> Client {
+        self.network_id_system = Some(system.into());
+        self
     }
 
     /// One request; returns the status and the JSON body (`null` when empty).
@@ -258,7 +268,12 @@ async fn server_patient_id(
         let links = s.links(pid)?;
         (
             patient_id_system(s.facility()),
-            fhir::patient_resource(s.facility(), &patient, &links),
+            fhir::patient_resource(
+                s.facility(),
+                &patient,
+                &links,
+                client.network_id_system.as_deref(),
+            ),
         )
     };
     let target = format!("Patient?identifier={}", encode(&format!("{system}|{pid}")));
@@ -405,6 +420,19 @@ async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), S
         for (system, value) in fhir::other_identifiers(&facility, p) {
             if s.add_network_link(&pid, &system, &value, now)? {
                 changed += 1;
+            }
+        }
+        if let Some(system) = &client.network_id_system
+            && let Some(value) = fhir::identifier(p, system)
+        {
+            if fhir::is_network_id(&value) {
+                if s.set_network_id(&pid, &value, now)? {
+                    changed += 1;
+                }
+            } else {
+                tracing::warn!(
+                    "the network's patient ID of a patient is not usable (1-64 printable ASCII, no backslash); ignored"
+                );
             }
         }
     }

@@ -194,3 +194,62 @@ async fn a_server_down_beyond_the_bound_fails_closed_and_recovers() {
     round(&store, &client(addr, "/fhir")).await.unwrap();
     assert_eq!(decide(&store, &pid, "1312345679", bound), Decision::Permit);
 }
+
+/// The network's patient index gives the patient a network ID (名寄せ): one pull later the
+/// box knows it, and what the box pushes afterwards keeps it.
+#[tokio::test]
+async fn the_network_id_is_learned_from_the_network_and_kept_in_pushes() {
+    const SYSTEM: &str = "urn:oid:2.999.392.1";
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, _cid) = clinic(dir.path());
+    let c = client(addr, "/fhir").with_network_id_system(SYSTEM);
+    round(&store, &c).await.unwrap();
+    assert_eq!(store.lock().unwrap().network_id(&pid).unwrap(), None);
+
+    let found = get(
+        addr,
+        &format!(
+            "/fhir/Patient?identifier={}",
+            enc(&format!("{PATIENT_SYSTEM}|0001234"))
+        ),
+    );
+    let mut patient = found["entry"][0]["resource"].clone();
+    let id = patient["id"].as_str().unwrap().to_owned();
+    patient["identifier"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({ "system": SYSTEM, "value": "NET-0000042" }));
+    put(addr, &format!("/fhir/Patient/{id}"), &patient);
+    let r = round(&store, &c).await.unwrap();
+    assert!(r.changed >= 1, "{r:?}");
+    assert_eq!(
+        store.lock().unwrap().network_id(&pid).unwrap().as_deref(),
+        Some("NET-0000042")
+    );
+    assert_eq!(
+        store
+            .lock()
+            .unwrap()
+            .patient_by_network_id("NET-0000042")
+            .unwrap(),
+        Some(pid.clone())
+    );
+
+    // A new link makes the box push the patient again: the network ID stays on the server.
+    store
+        .lock()
+        .unwrap()
+        .add_link(&pid, &fac("1312345679"), "B-5", consent::time::now())
+        .unwrap();
+    round(&store, &c).await.unwrap();
+    let again = get(addr, &format!("/fhir/Patient/{id}"));
+    let values: Vec<&str> = again["identifier"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["system"] == SYSTEM)
+        .map(|i| i["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(values, ["NET-0000042"], "{again}");
+}

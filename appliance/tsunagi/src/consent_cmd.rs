@@ -298,12 +298,7 @@ fn run(cfg: &Config, command: ConsentCommand, json: bool) -> Result<(), String> 
             }
         }
         ConsentCommand::NetworkId { patient, id } => {
-            if id.is_empty()
-                || id.len() > 64
-                || !id.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'\\')
-                || id.starts_with(' ')
-                || id.ends_with(' ')
-            {
+            if !consent::fhir::is_network_id(&id) {
                 return Err(
                     "a network ID is 1 to 64 printable ASCII characters, without a backslash or surrounding spaces"
                         .to_owned(),

@@ -319,11 +319,15 @@ pub(crate) fn run_child(cfg: &Config, name: &str) -> Result<(), ServiceCmdError>
             freshness_bound: cfg.consent.freshness_bound.get(),
             runtime_dir: cfg.paths.runtime_dir.as_path().join(consent::NAME),
             fhir: cfg.consent.fhir_url.as_ref().map(|url| {
-                consent::sync::Client::new(
+                let client = consent::sync::Client::new(
                     std::net::SocketAddr::V4(url.addr()),
                     url.path(),
                     std::time::Duration::from_secs(10),
-                )
+                );
+                match &cfg.site.network_ids {
+                    Some(n) => client.with_network_id_system(format!("urn:oid:{}", n.oid)),
+                    None => client,
+                }
             }),
             pull_interval: cfg.consent.pull_interval.get(),
         };
