@@ -7,13 +7,19 @@
 //!   The forwarder has no consent service to ask, so it forwards nothing and stays idle.
 //! - Peer: `storescp --output-directory OUT` (dcmtk, one association at a time, no fsync).
 //! - Both advertise the same maximum PDU ([`PDU`]) and run with `TCP_NODELAY=1` in a network
-//!   namespace of their own (loopback only); the sender is dcmtk's `storescu +sd` over one
-//!   association, timed from start to exit. A fresh receiver per run; every run checks that
-//!   every instance was stored, and the spool or output is removed afterwards.
+//!   namespace of their own (loopback only); the sender is dcmtk's `storescu +sd` (one
+//!   process and association per folder), timed from the first start to the last exit. A
+//!   fresh receiver per run, after a `sync` (storescp's writeback must not land in the next
+//!   run); every run checks that every instance was stored, and the spool or output is
+//!   removed afterwards.
 //! - Workloads (as in `../shared/reference/dicom.md` §3): 500 copies of pydicom's
 //!   `CT_small.dcm`, each with its own SOP Instance UID (dcmtk `dcmodify -gin`), and 4
 //!   Multi-frame Grayscale Word Secondary Capture instances of 100/200/300/400 frames of
-//!   512×512×16 bits (about 524 MB). Generated once into `target/bench-dicom/`.
+//!   512×512×16 bits (about 524 MB). Generated once into `target/bench-dicom/`. The small
+//!   files are sent over 4 parallel associations (the headline figure: a clinic's modalities
+//!   send at once, and storescp serves one association at a time) and over one; a storescp
+//!   `--ignore` run (receiving, storing nothing) shows the sender's own limit on one
+//!   association.
 //! - Peak RSS: ours is the DICOM service process's `VmHWM` (after both workloads), the
 //!   peer's is GNU time's `%M`.
 //! - Targets: ≥ 1.5× storescp's files/s, ≥ 1.0× its MB/s, peak RSS ≤ 64 MiB.
@@ -150,7 +156,11 @@ fn measure(
         let mut ours = Vec::new();
         let mut peer = Vec::new();
         for rep in 0..=runs {
+            // Each run starts with nothing dirty in the page cache: storescp does not fsync,
+            // and its writeback must not land in the next run's figures.
+            sync();
             let p = run_peer(ns, w, work, false)?;
+            sync();
             let o = run_ours(ns, tsunagi, w, work)?;
             let label = if rep == 0 {
                 "warm-up".to_owned()
@@ -176,6 +186,7 @@ fn measure(
     // The sender's own limit: storescp receiving and discarding (--ignore), one association.
     let mut null = Vec::new();
     for _ in 0..runs {
+        sync();
         null.push(run_peer(ns, &workloads.small, work, true)?.secs);
     }
     let null_fps = workloads.small.files as f64 / median(&mut null);
@@ -419,6 +430,11 @@ fn wait_for_echo(
 )]
 fn pause(d: Duration) {
     std::thread::sleep(d);
+}
+
+/// `sync`: writes back everything dirty (the previous run's output is removed first).
+fn sync() {
+    let _ = Command::new("sync").status();
 }
 
 fn count_files(dir: &Path) -> usize {

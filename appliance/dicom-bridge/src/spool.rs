@@ -491,7 +491,9 @@ impl Incoming {
             .file
             .take()
             .ok_or(SpoolError::Io(io::Error::other("already committed")))?;
-        file.sync_all().map_err(io_or_full)?;
+        // Data and size (what reading it back needs); the rename below is made durable by
+        // the directory's fsync.
+        file.sync_data().map_err(io_or_full)?;
         drop(file);
         let digest = self.hash.finalize().to_hex().to_string();
         let spool = self.spool.clone();
@@ -506,12 +508,13 @@ impl Incoming {
         spool.inner.objects.sync_all().map_err(SpoolError::Io)?;
         let mut conn = spool.conn();
         let earlier: Option<(i64, String)> = conn
-            .query_row(
+            .prepare(
                 "SELECT id, digest FROM queue WHERE sop_instance = ?1 ORDER BY id DESC LIMIT 1",
-                [&meta.sop_instance],
-                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()
+            .and_then(|mut st| {
+                st.query_row([&meta.sop_instance], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
             .map_err(sql("find duplicates"))?;
         if let Some((id, earlier_digest)) = &earlier
             && *earlier_digest == digest
@@ -526,11 +529,11 @@ impl Incoming {
             return Ok(Committed::Identical(*id));
         }
         let tx = conn.transaction().map_err(sql("begin"))?;
-        tx.execute(
+        tx.prepare(
             "INSERT INTO queue (id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, digest, state, received_at, next_attempt_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0)",
-            params![id, meta.sop_class, meta.sop_instance, meta.transfer_syntax, meta.calling_ae, meta.patient_id, i64::try_from(self.written).unwrap_or(i64::MAX), digest, now],
         )
+        .and_then(|mut st| st.execute(params![id, meta.sop_class, meta.sop_instance, meta.transfer_syntax, meta.calling_ae, meta.patient_id, i64::try_from(self.written).unwrap_or(i64::MAX), digest, now]))
         .map_err(sql("queue"))?;
         let mut replaced = None;
         if let Some((old, _)) = earlier {
