@@ -1,11 +1,14 @@
-//! The clinic-side SCP: C-ECHO, and C-STORE of any SOP class into the spool.
+//! The clinic-side SCP: C-ECHO, C-STORE of every storage SOP class into the spool, and
+//! C-FIND / C-MOVE through the query proxy ([`crate::qr`]).
 //!
-//! One tokio task per association, at most `max_associations` at a time (beyond that a
-//! connection is closed at once). `TCP_NODELAY` on every socket; read and write timeouts on
-//! every PDU; strict PDU lengths. The called AE title must be ours; with an allow-list, the
+//! One tokio task per association, at most `max_associations` at a time (beyond that the
+//! caller gets A-ASSOCIATE-RJ "local limit exceeded"). `TCP_NODELAY` on every socket; read
+//! and write timeouts on every PDU; strict PDU lengths. The called AE title must be ours; with an allow-list, the
 //! calling AE title must be listed for the peer's address (else A-ASSOCIATE-RJ "calling AE
-//! title not recognized"). Every abstract syntax is accepted (every storage SOP class,
-//! private ones included) with the transfer syntaxes as proposed: nothing is transcoded.
+//! title not recognized"). Presentation contexts are accepted with the transfer syntaxes as
+//! proposed (nothing is transcoded); a C-STORE of a SOP class that is neither a standard
+//! storage SOP class ([`is_standard_storage`]) nor configured (`extra-sop-classes`) is
+//! answered 0122H "SOP class not supported" and nothing is stored.
 //!
 //! A data set is streamed PDU by PDU into the spool; the C-STORE-RSP success is sent only
 //! after [`crate::spool::Incoming::commit`] returned. The spool full: A700, and the
@@ -40,7 +43,36 @@ pub struct Settings {
     pub allowed: Option<Vec<(String, IpAddr)>>,
     /// The query proxy for viewers; `None`: C-FIND is an unrecognized operation.
     pub proxy: Option<Arc<crate::qr::Proxy>>,
+    /// SOP classes stored besides the standard storage SOP classes (e.g. a vendor's private
+    /// ones).
+    pub extra_sop_classes: Vec<String>,
 }
+
+/// The DICOMDIR's SOP class: a file-set directory, never sent over the network.
+const MEDIA_STORAGE_DIRECTORY: &str = "1.2.840.10008.1.3.10";
+
+/// Whether `uid` is a standard storage SOP class: every SOP class the standard's registry
+/// (PS3.6 Annex A, as dicom-rs carries it) names "... Storage" (retired, trial and "For
+/// Processing" ones included), but not Storage Commitment, the DICOMDIR, or the retired print
+/// "Storage SOP Class"es.
+pub fn is_standard_storage(uid: &str) -> bool {
+    use dicom_core::dictionary::UidDictionary as _;
+    dicom_dictionary_std::StandardSopClassDictionary
+        .by_uid(uid)
+        .is_some_and(|e| {
+            e.name.contains("Storage")
+                && !e.name.contains("SOP Class")
+                && !e.name.starts_with("Storage Commitment")
+                && e.uid != MEDIA_STORAGE_DIRECTORY
+        })
+}
+
+/// The A-ASSOCIATE-RJ sent at the association cap: rejected-transient (2), by the service
+/// provider, presentation related (3), local limit exceeded (2) (PS3.8 §9.3.4).
+const REJECT_LOCAL_LIMIT: [u8; 10] = [0x03, 0, 0, 0, 0, 4, 0, 2, 3, 2];
+/// At most this many callers beyond the cap are answered A-ASSOCIATE-RJ at once; the others
+/// are closed.
+const MAX_REJECTING: usize = 8;
 
 /// How the data set's first bytes are kept for the header (the routing elements are near
 /// the start).
@@ -87,6 +119,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(settings.max_associations.max(1)));
+    let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -96,7 +129,14 @@ pub async fn serve(
             continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %peer.ip(), "too many associations; connection closed");
+            tracing::warn!(peer = %peer.ip(), "too many associations; rejected (local limit exceeded)");
+            if let Ok(permit) = rejecting.clone().try_acquire_owned() {
+                let timeout = settings.timeout.min(Duration::from_secs(5));
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _ = tokio::time::timeout(timeout, reject(socket)).await;
+                });
+            }
             continue;
         };
         let (settings, spool, stop) = (settings.clone(), spool.clone(), stop.clone());
@@ -110,6 +150,27 @@ pub async fn serve(
             .await;
         });
     }
+}
+
+/// Reads the caller's A-ASSOCIATE-RQ (bounded) and answers A-ASSOCIATE-RJ "local limit
+/// exceeded", so that the caller learns why and may retry later.
+async fn reject(mut socket: TcpStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = socket.set_nodelay(true);
+    let mut header = [0u8; 6];
+    socket.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+    if header[0] != 0x01 || len > 64 * 1024 {
+        return Ok(());
+    }
+    let mut body = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    socket.read_exact(&mut body).await?;
+    socket.write_all(&REJECT_LOCAL_LIMIT).await?;
+    socket.shutdown().await?;
+    // Let the caller read it before the socket goes.
+    let mut rest = [0u8; 256];
+    while socket.read(&mut rest).await? > 0 {}
+    Ok(())
 }
 
 /// A query identifier being received for a C-FIND.
@@ -219,12 +280,22 @@ async fn association(
                                     }
                                 }
                                 CommandField::CStoreRq if command.has_dataset => {
-                                    let (incoming, failure) = match spool.begin() {
-                                        Ok(i) => (Some(i), None),
-                                        Err(SpoolError::OutOfResources) => {
-                                            (None, Some(Status::OUT_OF_RESOURCES))
+                                    let class =
+                                        command.affected_sop_class.as_deref().unwrap_or_default();
+                                    let known = is_standard_storage(class)
+                                        || settings.extra_sop_classes.iter().any(|c| c == class);
+                                    let (incoming, failure) = if !known {
+                                        // Read and discarded: nothing is stored.
+                                        tracing::warn!(sop_class = %class, "not a storage SOP class; refused (0122H)");
+                                        (None, Some(Status::SOP_CLASS_NOT_SUPPORTED))
+                                    } else {
+                                        match spool.begin() {
+                                            Ok(i) => (Some(i), None),
+                                            Err(SpoolError::OutOfResources) => {
+                                                (None, Some(Status::OUT_OF_RESOURCES))
+                                            }
+                                            Err(_) => (None, Some(Status::PROCESSING_FAILURE)),
                                         }
-                                        Err(_) => (None, Some(Status::PROCESSING_FAILURE)),
                                     };
                                     receiving = Some(Receiving {
                                         pc_id: pdv.presentation_context_id,

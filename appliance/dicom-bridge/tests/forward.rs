@@ -85,6 +85,7 @@ async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
         max_associations: 4,
         allowed: None,
         proxy: None,
+        extra_sop_classes: Vec::new(),
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     let files: Vec<PathBuf> = (1..=3)

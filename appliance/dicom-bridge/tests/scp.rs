@@ -34,6 +34,7 @@ async fn start(spool: Spool) -> (u16, CancellationToken) {
         max_associations: 8,
         allowed: None,
         proxy: None,
+        extra_sop_classes: Vec::new(),
     });
     tokio::spawn(serve(listener, settings, spool, stop.clone()));
     (port, stop)
@@ -265,6 +266,7 @@ async fn idle_clients_and_oversized_pdus_do_not_hold_the_service() {
         max_associations: 8,
         allowed: None,
         proxy: None,
+        extra_sop_classes: Vec::new(),
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     // An idle client that sends nothing: others are served meanwhile, and it is closed
@@ -296,6 +298,140 @@ async fn idle_clients_and_oversized_pdus_do_not_hold_the_service() {
         "an oversized PDU must be refused or the connection closed"
     );
     // Still serving.
+    let out =
+        run(Command::new("echoscu").args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()]))
+            .await;
+    assert!(out.status.success());
+    stop.cancel();
+}
+
+#[test]
+fn the_standard_storage_sop_classes_and_nothing_else() {
+    use dicom_bridge::scp::is_standard_storage;
+    for storage in [
+        "1.2.840.10008.5.1.4.1.1.2",     // CT
+        "1.2.840.10008.5.1.4.1.1.6.1",   // US
+        "1.2.840.10008.5.1.4.1.1.481.5", // RT Plan
+        "1.2.840.10008.5.1.4.1.1.9.1.1", // 12-lead ECG
+        "1.2.840.10008.5.1.4.1.1.1.2",   // MG, for presentation
+        "1.2.840.10008.5.1.4.1.1.1.2.1", // MG, for processing
+        "1.2.840.10008.5.1.4.1.1.88.11", // Basic Text SR
+        "1.2.840.10008.5.1.4.1.1.88.59", // KOS
+        "1.2.840.10008.5.1.4.1.1.104.1", // Encapsulated PDF
+        "1.2.840.10008.5.1.4.1.1.7.3",   // multi-frame SC
+        "1.2.840.10008.5.1.4.1.1.5",     // NM (retired)
+    ] {
+        assert!(is_standard_storage(storage), "{storage}");
+    }
+    for other in [
+        "1.2.840.10008.1.1",               // Verification
+        "1.2.840.10008.1.20.1",            // Storage Commitment
+        "1.2.840.10008.1.3.10",            // DICOMDIR
+        "1.2.840.10008.5.1.4.1.2.2.1",     // Study Root FIND
+        "1.2.840.10008.5.1.1.29",          // retired print "Storage SOP Class"
+        "1.2.826.0.1.3680043.9.7777.99.1", // not in the standard
+        "",
+    ] {
+        assert!(!is_standard_storage(other), "{other}");
+    }
+}
+
+/// Issue 6, acceptance 6: an unknown SOP class is refused (0122H) and nothing is stored; a
+/// configured one is stored; beyond the association cap a caller gets A-ASSOCIATE-RJ "local
+/// limit exceeded" and the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_sop_class_and_the_association_cap_get_the_right_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    const PRIVATE: &str = "1.2.826.0.1.3680043.9.7777.99.2";
+    let settings = Arc::new(Settings {
+        ae_title: "TSUNAGI".into(),
+        max_pdu: 16384,
+        timeout: Duration::from_secs(10),
+        max_associations: 1,
+        allowed: None,
+        proxy: None,
+        extra_sop_classes: vec![PRIVATE.into()],
+    });
+    tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
+    let file = generate(dir.path(), "1.2.826.0.1.3680043.9.7777.1.5", "0001234");
+    let ds = data_set(&std::fs::read(&file).unwrap());
+
+    let mut a = dicom_ul::ClientAssociationOptions::new()
+        .calling_ae_title("PROBE")
+        .called_ae_title("TSUNAGI")
+        .with_presentation_context(
+            "1.2.826.0.1.3680043.9.7777.99.1",
+            vec!["1.2.840.10008.1.2.1"],
+        )
+        .with_presentation_context(PRIVATE, vec!["1.2.840.10008.1.2.1"])
+        .establish_async(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let pcs: Vec<u8> = a.presentation_contexts().iter().map(|p| p.id).collect();
+    let store = |class: &str| {
+        dimse::command::Command::store(1, class, "1.2.826.0.1.3680043.9.7777.1.5").encode()
+    };
+    a.send(&pdata(
+        pcs[0],
+        true,
+        true,
+        store("1.2.826.0.1.3680043.9.7777.99.1"),
+    ))
+    .await
+    .unwrap();
+    a.send(&pdata(pcs[0], false, true, ds.clone()))
+        .await
+        .unwrap();
+    let dicom_ul::Pdu::PData { data } = a.receive().await.unwrap() else {
+        panic!("no response")
+    };
+    assert_eq!(
+        dimse::command::Command::decode(&data[0].data)
+            .unwrap()
+            .status,
+        Some(dimse::status::Status::SOP_CLASS_NOT_SUPPORTED)
+    );
+    assert!(spool_is_empty(dir.path(), &spool));
+
+    // The association is held: one more caller is beyond the cap.
+    let out = run(Command::new("echoscu").args([
+        "-v",
+        "-aec",
+        "TSUNAGI",
+        "127.0.0.1",
+        &port.to_string(),
+    ]))
+    .await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success());
+    assert!(text.contains("Local Limit Exceeded"), "{text}");
+
+    // The configured private class is stored, on the association that was served all along.
+    a.send(&pdata(pcs[1], true, true, store(PRIVATE)))
+        .await
+        .unwrap();
+    a.send(&pdata(pcs[1], false, true, ds)).await.unwrap();
+    let dicom_ul::Pdu::PData { data } = a.receive().await.unwrap() else {
+        panic!("no response")
+    };
+    assert_eq!(
+        dimse::command::Command::decode(&data[0].data)
+            .unwrap()
+            .status,
+        Some(dimse::status::Status::SUCCESS)
+    );
+    a.release().await.unwrap();
+    assert_eq!(spool.counts().unwrap().pending, 1);
+    // The slot is free again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let out =
         run(Command::new("echoscu").args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()]))
             .await;

@@ -311,6 +311,10 @@ pub struct DicomBridge {
     /// `translate` (default: needs `[site.network-ids]`) or `as-is`.
     #[serde(default)]
     pub patient_ids: PatientIdPolicy,
+    /// SOP classes stored besides the standard storage SOP classes (e.g. a vendor's
+    /// private ones); any other C-STORE is refused (0122H).
+    #[serde(default)]
+    pub extra_sop_classes: Vec<Oid>,
     /// The clinic's viewers a C-MOVE may name as destination (their storage SCPs).
     #[serde(default)]
     pub move_destinations: Vec<DicomDestination>,

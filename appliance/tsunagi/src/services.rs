@@ -463,6 +463,11 @@ fn dicom_settings(
                     .map(|c| (c.ae_title.as_ref().to_owned(), c.address))
                     .collect()
             }),
+            extra_sop_classes: d
+                .extra_sop_classes
+                .iter()
+                .map(|c| c.as_str().to_owned())
+                .collect(),
             proxy: Some(std::sync::Arc::new(dicom_bridge::qr::Proxy {
                 pacs: pacs.clone(),
                 destinations: d
