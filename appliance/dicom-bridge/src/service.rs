@@ -4,7 +4,7 @@
 //! Forwarding: every cycle the consent service's change feed releases the held instances of
 //! patients whose consent changed; ready instances are asked about (per patient), held with
 //! the reason when denied (a stale cache or a clock behind: retried later, not held), and the
-//! permitted ones sent in one association. Failures to reach the PACS back off (up to 5
+//! permitted ones sent over `associations` associations at once (up to 64 instances each). Failures to reach the PACS back off (up to 5
 //! minutes); instances not delivered within `dead_letter_after` become dead letters.
 
 use std::net::SocketAddr;
@@ -33,7 +33,12 @@ pub struct Settings {
     pub dead_letter_after: Duration,
     /// Patient-ID translation on the way out; `None`: sent as received.
     pub translation: Option<Translation>,
+    /// Associations to the network PACS at once (each carries a share of a round's batch).
+    pub associations: usize,
 }
+
+/// Instances one association carries per round.
+const PER_ASSOCIATION: usize = 64;
 
 /// The network's patient-identity domain and the clinic's, for [`crate::translate`].
 #[derive(Debug, Clone)]
@@ -96,8 +101,9 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             let dead_after =
                 i64::try_from(settings.dead_letter_after.as_secs()).unwrap_or(i64::MAX);
             let translation = settings.translation.clone();
+            let limit = PER_ASSOCIATION * settings.associations.max(1);
             match tokio::task::spawn_blocking(move || {
-                let r = gate_round(&mut g, &spool, seq, dead_after, translation.as_ref());
+                let r = gate_round(&mut g, &spool, seq, dead_after, translation.as_ref(), limit);
                 (g, r)
             })
             .await
@@ -121,7 +127,8 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             }
         };
         if !permitted.is_empty() {
-            let (outcomes, error) = send_batch(&settings.pacs, &permitted).await;
+            let (outcomes, error) =
+                send_parallel(&settings.pacs, &permitted, settings.associations).await;
             let delivered = record(&spool, &outcomes).unwrap_or(0);
             if let Some(e) = error {
                 let message = tsunagi_runtime::child::error_chain(&e);
@@ -180,6 +187,42 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     }
 }
 
+/// Sends `batch` over up to `n` associations at once (instance `i` on association `i % n`);
+/// the outcomes of all, and the first error.
+async fn send_parallel(
+    dest: &Destination,
+    batch: &[Outgoing],
+    n: usize,
+) -> (
+    Vec<(i64, crate::forward::Outcome)>,
+    Option<crate::forward::ForwardError>,
+) {
+    let n = n.clamp(1, batch.len().max(1));
+    if n == 1 {
+        return send_batch(dest, batch).await;
+    }
+    let mut shares: Vec<Vec<Outgoing>> = vec![Vec::new(); n];
+    for (i, o) in batch.iter().enumerate() {
+        shares[i % n].push(o.clone());
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for share in shares {
+        let dest = dest.clone();
+        tasks.spawn(async move { send_batch(&dest, &share).await });
+    }
+    let mut outcomes = Vec::new();
+    let mut error = None;
+    while let Some(done) = tasks.join_next().await {
+        if let Ok((o, e)) = done {
+            outcomes.extend(o);
+            if error.is_none() {
+                error = e;
+            }
+        }
+    }
+    (outcomes, error)
+}
+
 /// One round with the consent service (blocking): releases held instances of changed
 /// patients, marks dead letters, and returns the ready instances that may be sent.
 fn gate_round(
@@ -188,6 +231,7 @@ fn gate_round(
     seq: i64,
     dead_after: i64,
     translation: Option<&Translation>,
+    limit: usize,
 ) -> Result<(i64, Vec<Outgoing>), String> {
     let changes = gate
         .changes(seq)
@@ -196,11 +240,19 @@ fn gate_round(
         spool.release_patient(p).map_err(|e| e.to_string())?;
     }
     let now = now();
-    let _ = spool.dead_letters(now.saturating_sub(dead_after));
+    if let Ok(n) = spool.dead_letters(now.saturating_sub(dead_after))
+        && n > 0
+    {
+        // The alert: also in the status (degraded) and the spool_dead metric.
+        tracing::error!(
+            count = n,
+            "instances not delivered within dead-letter-after are dead letters now; they stay in the clinic until an operator acts"
+        );
+    }
     let mut permitted = Vec::new();
     let mut decided: Vec<(String, Verdict)> = Vec::new();
     let mut identities: Vec<(String, Option<String>)> = Vec::new();
-    for q in spool.ready(now, 64).map_err(|e| e.to_string())? {
+    for q in spool.ready(now, limit).map_err(|e| e.to_string())? {
         let Some(patient) = q.meta.patient_id.clone() else {
             spool
                 .hold(q.id, "no PatientID in the data set")

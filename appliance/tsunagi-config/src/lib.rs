@@ -308,6 +308,9 @@ pub struct DicomBridge {
     /// Instances not delivered after this long become dead letters (an alert); default 168h.
     #[serde(default = "default_dead_letter")]
     pub dead_letter_after: ConfigDuration,
+    /// Associations to the network PACS at once, 1–8; default 2.
+    #[serde(default = "default_forward_associations")]
+    pub forward_associations: u32,
     /// `translate` (default: needs `[site.network-ids]`) or `as-is`.
     #[serde(default)]
     pub patient_ids: PatientIdPolicy,
@@ -319,6 +322,10 @@ pub struct DicomBridge {
     #[serde(default)]
     pub move_destinations: Vec<DicomDestination>,
     pub pacs: DicomPacs,
+}
+
+fn default_forward_associations() -> u32 {
+    2
 }
 
 fn default_max_pdu() -> u32 {
@@ -734,6 +741,15 @@ impl Config {
             }
         }
 
+        if let Some(d) = &self.dicom
+            && !(1..=8).contains(&d.forward_associations)
+        {
+            broken(
+                "dicom.forward-associations",
+                format!("must be 1 to 8 (got {})", d.forward_associations),
+                &["dicom.forward-associations"],
+            );
+        }
         if let Some(d) = &self.dicom
             && d.patient_ids == PatientIdPolicy::Translate
             && self.site.network_ids.is_none()

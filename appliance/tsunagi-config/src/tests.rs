@@ -1153,6 +1153,21 @@ fn dicom_section_defaults_and_rules() {
     );
     let d = cfg.dicom.unwrap();
     assert_eq!(d.patient_ids, PatientIdPolicy::Translate);
+    assert_eq!(d.forward_associations, 2);
+    assert!(d.move_destinations.is_empty() && d.extra_sop_classes.is_empty());
+    let nine = parse(
+        &ssmix2_config(&format!(
+            "{ids}{}",
+            dicom.replace("[dicom.pacs]", "forward-associations = 9\n[dicom.pacs]")
+        )),
+        file(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        nine.contains("dicom.forward-associations: must be 1 to 8 (got 9)"),
+        "{nine}"
+    );
     // Translating needs the network's domain; as-is does not.
     let missing = parse(&ssmix2_config(dicom), file())
         .unwrap_err()

@@ -492,6 +492,7 @@ fn dicom_settings(
         pacs,
         consent_socket,
         dead_letter_after: d.dead_letter_after.get(),
+        associations: usize::try_from(d.forward_associations).unwrap_or(1),
         // Config validation makes `translate` come with [site.network-ids].
         translation: match (&d.patient_ids, &cfg.site.network_ids) {
             (tsunagi_config::PatientIdPolicy::Translate, Some(n)) => {
