@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::Pdu;
-use dicom_ul::association::AsyncClientAssociation;
+use dicom_ul::association::{Association, AsyncAssociation};
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dimse::command::Command;
 use dimse::status::{Class, Status};
@@ -124,16 +124,22 @@ pub async fn send_batch(
     (outcomes, None)
 }
 
-async fn store_one(
-    assoc: &mut AsyncClientAssociation<TcpStream>,
+/// One C-STORE on an association: the instance (its rewritten start, if any, then the
+/// spooled bytes) in P-DATA fragments of the peer's maximum length; returns the status the
+/// peer answered. On the box's own associations and on a viewer's (C-GET).
+pub async fn store_one<A>(
+    assoc: &mut A,
     pc_id: u8,
     message_id: u16,
     out: &Outgoing,
-) -> Result<Status, ForwardError> {
+) -> Result<Status, ForwardError>
+where
+    A: AsyncAssociation<TcpStream> + Association + Send,
+{
     let q = &out.queued;
     let rq = Command::store(message_id, &q.meta.sop_class, &q.meta.sop_instance);
     send(assoc, pc_id, PDataValueType::Command, true, rq.encode()).await?;
-    let max = match dicom_ul::association::Association::acceptor_max_pdu_length(assoc) {
+    let max = match Association::peer_max_pdu_length(assoc) {
         0 => 64 * 1024,
         n => n.min(1 << 20),
     };
@@ -186,7 +192,10 @@ async fn store_one(
     // The response (its command may come in fragments).
     let mut command = Vec::new();
     loop {
-        match assoc.receive().await.map_err(ForwardError::Association)? {
+        match AsyncAssociation::receive(assoc)
+            .await
+            .map_err(ForwardError::Association)?
+        {
             Pdu::PData { data } => {
                 for pdv in data {
                     if pdv.value_type == PDataValueType::Command {
@@ -204,24 +213,26 @@ async fn store_one(
     }
 }
 
-async fn send(
-    assoc: &mut AsyncClientAssociation<TcpStream>,
+async fn send<A: AsyncAssociation<TcpStream> + Send>(
+    assoc: &mut A,
     pc_id: u8,
     kind: PDataValueType,
     last: bool,
     data: Vec<u8>,
 ) -> Result<(), ForwardError> {
-    assoc
-        .send(&Pdu::PData {
+    AsyncAssociation::send(
+        assoc,
+        &Pdu::PData {
             data: vec![PDataValue {
                 presentation_context_id: pc_id,
                 value_type: kind,
                 is_last: last,
                 data,
             }],
-        })
-        .await
-        .map_err(ForwardError::Association)
+        },
+    )
+    .await
+    .map_err(ForwardError::Association)
 }
 
 /// Applies a batch's outcomes to the spool; returns how many were delivered.

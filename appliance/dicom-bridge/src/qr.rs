@@ -370,17 +370,44 @@ const SERIES: u32 = 0x0020_000E;
 /// The most instances one C-MOVE retrieves.
 const MAX_INSTANCES: usize = 10_000;
 
-/// The FIND and GET models that go with a MOVE model (study root, patient root).
-fn models(move_model: &str) -> Option<(&'static str, &'static str)> {
-    match move_model {
-        "1.2.840.10008.5.1.4.1.2.2.2" => {
+/// The FIND and GET models that go with a MOVE or GET model (study root, patient root).
+fn models(model: &str) -> Option<(&'static str, &'static str)> {
+    match model {
+        "1.2.840.10008.5.1.4.1.2.2.2" | "1.2.840.10008.5.1.4.1.2.2.3" => {
             Some(("1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.2.3"))
         }
-        "1.2.840.10008.5.1.4.1.2.1.2" => {
+        "1.2.840.10008.5.1.4.1.2.1.2" | "1.2.840.10008.5.1.4.1.2.1.3" => {
             Some(("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.3"))
         }
         _ => None,
     }
+}
+
+/// What a retrieve from the network came to: the instances to deliver (files in the work
+/// directory, removed on drop, with the clinic's IDs written at their start), and how many
+/// matching instances this clinic may not have or could not be retrieved.
+#[derive(Debug, Default)]
+pub struct Retrieved {
+    pub outgoing: Vec<crate::forward::Outgoing>,
+    pub failed: u16,
+}
+
+impl Drop for Retrieved {
+    fn drop(&mut self) {
+        for o in &self.outgoing {
+            let _ = std::fs::remove_file(&o.queued.path);
+        }
+    }
+}
+
+/// The final reply of a retrieve that could not ask the network.
+pub fn retrieve_failed(comment: String) -> Reply {
+    Reply::last(Status::UNABLE_TO_PROCESS, Some(comment))
+}
+
+/// The final reply of a retrieve (C-MOVE or C-GET) for these counts.
+pub fn retrieve_done(completed: u16, failed: u16) -> Reply {
+    done(completed, failed, 0)
 }
 
 /// The transfer syntaxes offered for each retrieved SOP class, one presentation context
@@ -450,9 +477,47 @@ async fn retrieve_inner(
             Some("the move destination is not one of the clinic's".into()),
         ));
     };
-    let move_model = command.affected_sop_class.clone().unwrap_or_default();
-    let Some((find_model, get_model)) = models(&move_model) else {
-        return Ok(Reply::last(Status::SOP_CLASS_NOT_SUPPORTED, None));
+    let retrieved = match collect(proxy, command, transfer_syntax, identifier).await? {
+        Ok(r) => r,
+        Err(reply) => return Ok(reply),
+    };
+    if retrieved.outgoing.is_empty() {
+        return Ok(done(0, retrieved.failed, 0));
+    }
+    let dest = Destination {
+        ae_title: destination,
+        addr: *viewer,
+        calling_ae: proxy.pacs.calling_ae.clone(),
+        timeout: proxy.pacs.timeout,
+    };
+    let (outcomes, relay_error) = crate::forward::send_batch(&dest, &retrieved.outgoing).await;
+    let completed = outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, crate::forward::Outcome::Delivered(_)))
+        .count();
+    let completed = u16::try_from(completed).unwrap_or(u16::MAX);
+    let failed = u16::try_from(retrieved.outgoing.len())
+        .unwrap_or(u16::MAX)
+        .saturating_sub(completed)
+        .saturating_add(retrieved.failed);
+    if let Some(e) = relay_error {
+        tracing::warn!(error = %tsunagi_runtime::child::error_chain(&e), "C-MOVE: cannot store to the viewer");
+    }
+    Ok(done(completed, failed, 0))
+}
+
+/// The matching instances this clinic may see, retrieved from the network PACS into the work
+/// directory with the clinic's IDs (C-MOVE and C-GET); `Err(reply)`: the final answer
+/// already.
+pub async fn collect(
+    proxy: &Proxy,
+    command: &Command,
+    transfer_syntax: &str,
+    identifier: &[u8],
+) -> Result<Result<Retrieved, Reply>, QueryError> {
+    let model = command.affected_sop_class.clone().unwrap_or_default();
+    let Some((find_model, get_model)) = models(&model) else {
+        return Ok(Err(Reply::last(Status::SOP_CLASS_NOT_SUPPORTED, None)));
     };
     let explicit = translate::data_set_is_explicit(transfer_syntax)
         .ok_or(QueryError::Identifier(TranslateError::Encoding))?;
@@ -471,7 +536,7 @@ async fn retrieve_inner(
             checks = c;
             match r {
                 Some(n) => n,
-                None => return Ok(done(0, 0, 0)),
+                None => return Ok(Err(done(0, 0, 0))),
             }
         }
         Some(v) => v.to_owned(),
@@ -531,11 +596,7 @@ async fn retrieve_inner(
         });
     }
     if wanted.is_empty() {
-        return Ok(if refused > 0 {
-            done(0, refused, 0)
-        } else {
-            done(0, 0, 0)
-        });
+        return Ok(Err(done(0, refused, 0)));
     }
     let _ = std::fs::create_dir_all(&proxy.work_dir);
     let retrieved = get_all(proxy, get_model, &wanted).await;
@@ -543,35 +604,26 @@ async fn retrieve_inner(
         Ok(got) => (got, None),
         Err((got, e)) => (got, Some(e)),
     };
-    let dest = Destination {
-        ae_title: destination,
-        addr: *viewer,
-        calling_ae: proxy.pacs.calling_ae.clone(),
-        timeout: proxy.pacs.timeout,
+    let mut retrieved = Retrieved {
+        outgoing: Vec::new(),
+        failed: refused,
     };
-    let mut outgoing = Vec::new();
     for (n, (w, path, ts)) in got.iter().enumerate() {
-        if let Ok(o) = outgoing_for(n, w, path, ts) {
-            outgoing.push(o);
+        match outgoing_for(n, w, path, ts) {
+            Ok(o) => retrieved.outgoing.push(o),
+            Err(_) => {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
-    let (outcomes, relay_error) = crate::forward::send_batch(&dest, &outgoing).await;
-    for (_, path, _) in &got {
-        let _ = std::fs::remove_file(path);
+    let missing = wanted.len().saturating_sub(retrieved.outgoing.len());
+    retrieved.failed = retrieved
+        .failed
+        .saturating_add(u16::try_from(missing).unwrap_or(u16::MAX));
+    if let Some(e) = error {
+        tracing::warn!(error = %tsunagi_runtime::child::error_chain(&e), "retrieve from the network incomplete");
     }
-    let completed = outcomes
-        .iter()
-        .filter(|(_, o)| matches!(o, crate::forward::Outcome::Delivered(_)))
-        .count();
-    let completed = u16::try_from(completed).unwrap_or(u16::MAX);
-    let failed = u16::try_from(wanted.len())
-        .unwrap_or(u16::MAX)
-        .saturating_sub(completed)
-        .saturating_add(refused);
-    if let Some(e) = error.or(relay_error.map(|e| QueryError::Relay(Box::new(e)))) {
-        tracing::warn!(error = %tsunagi_runtime::child::error_chain(&e), "C-MOVE incomplete");
-    }
-    Ok(done(completed, failed, 0))
+    Ok(Ok(retrieved))
 }
 
 /// The final C-MOVE reply for these counts.

@@ -222,6 +222,9 @@ async fn association(
             allowed: settings.allowed.clone(),
         })
         .ae_title(settings.ae_title.clone())
+        .with_negotiation(StorageRoles {
+            extra: settings.extra_sop_classes.clone(),
+        })
         .promiscuous(true)
         .max_pdu_length(settings.max_pdu)
         .strict(true)
@@ -306,7 +309,9 @@ async fn association(
                                         failure,
                                     });
                                 }
-                                CommandField::CFindRq | CommandField::CMoveRq
+                                CommandField::CFindRq
+                                | CommandField::CMoveRq
+                                | CommandField::CGetRq
                                     if command.has_dataset && settings.proxy.is_some() =>
                                 {
                                     querying = Some(Querying {
@@ -341,7 +346,14 @@ async fn association(
                             if pdv.is_last
                                 && let (Some(q), Some(proxy)) = (querying.take(), &settings.proxy)
                             {
-                                answer_query(&mut assoc, proxy.clone(), q).await?;
+                                if q.command.field == CommandField::CGetRq {
+                                    if !answer_get(&mut assoc, proxy.clone(), q).await? {
+                                        let _ = assoc.abort().await;
+                                        return Ok(());
+                                    }
+                                } else {
+                                    answer_query(&mut assoc, proxy.clone(), q).await?;
+                                }
                             }
                         }
                         PDataValueType::Data => {
@@ -468,6 +480,99 @@ async fn answer_query(
     }
     let _ = task.await;
     Ok(())
+}
+
+/// Answers a C-GET on the viewer's own association: the instances this clinic may see are
+/// retrieved from the network ([`crate::qr::collect`]) and sent to the viewer as C-STORE
+/// sub-operations, then the final C-GET-RSP with the counts. `false`: the association failed
+/// (the caller aborts it).
+async fn answer_get(
+    assoc: &mut dicom_ul::association::AsyncServerAssociation<TcpStream>,
+    proxy: Arc<crate::qr::Proxy>,
+    q: Querying,
+) -> Result<bool, dicom_ul::association::Error> {
+    use dicom_ul::association::Association as _;
+    let reply = match crate::qr::collect(&proxy, &q.command, &q.transfer_syntax, &q.identifier)
+        .await
+    {
+        Err(e) => {
+            let message = tsunagi_runtime::child::error_chain(&e);
+            tracing::warn!(error = %message, "C-GET through the network failed");
+            crate::qr::retrieve_failed(e.to_string())
+        }
+        Ok(Err(reply)) => reply,
+        Ok(Ok(retrieved)) => {
+            let (mut completed, mut failed) = (0u16, retrieved.failed);
+            for (i, out) in retrieved.outgoing.iter().enumerate() {
+                let meta = &out.queued.meta;
+                let pc = assoc
+                    .presentation_contexts()
+                    .iter()
+                    .find(|pc| {
+                        pc.reason == dicom_ul::pdu::PresentationContextResultReason::Acceptance
+                            && pc.abstract_syntax.trim_end_matches('\0') == meta.sop_class
+                            && pc.transfer_syntax.trim_end_matches('\0') == meta.transfer_syntax
+                    })
+                    .map(|pc| pc.id);
+                let Some(pc) = pc.filter(|_| assoc.requestor_roles_for(&meta.sop_class).scp) else {
+                    failed = failed.saturating_add(1);
+                    continue;
+                };
+                let id = u16::try_from(i % 60_000).unwrap_or(0) + 1;
+                match crate::forward::store_one(assoc, pc, id, out).await {
+                    Ok(status)
+                        if matches!(
+                            status.class(),
+                            dimse::status::Class::Success | dimse::status::Class::Warning
+                        ) =>
+                    {
+                        completed = completed.saturating_add(1);
+                    }
+                    Ok(_) => failed = failed.saturating_add(1),
+                    Err(e) => {
+                        tracing::warn!(error = %tsunagi_runtime::child::error_chain(&e), "C-GET: the viewer's association failed");
+                        return Ok(false);
+                    }
+                }
+            }
+            crate::qr::retrieve_done(completed, failed)
+        }
+    };
+    let Some(mut rsp) = q.command.respond(reply.status) else {
+        return Ok(true);
+    };
+    rsp.error_comment = reply.comment;
+    if let Some((completed, failed)) = reply.counts {
+        rsp.completed = Some(completed);
+        rsp.failed = Some(failed);
+        rsp.warning = Some(0);
+        rsp.remaining = Some(0);
+    }
+    send_command(assoc, q.pc_id, &rsp).await?;
+    Ok(true)
+}
+
+/// Lets a viewer take the SCP role for storage SOP classes (C-GET delivers on its own
+/// association).
+struct StorageRoles {
+    extra: Vec<String>,
+}
+
+impl dicom_ul::association::server::Negotiation for StorageRoles {
+    fn negotiate_roles(
+        &self,
+        sop_class_uid: &str,
+        scu_role: bool,
+        scp_role: bool,
+    ) -> Option<dicom_ul::pdu::RequestorRoles> {
+        let class = sop_class_uid.trim_end_matches('\0');
+        (is_standard_storage(class) || self.extra.iter().any(|c| c == class)).then_some(
+            dicom_ul::pdu::RequestorRoles {
+                scu: scu_role,
+                scp: scp_role,
+            },
+        )
+    }
 }
 
 /// Commits a received data set (or not) and says which status to answer.

@@ -400,6 +400,26 @@ fn move_through_box(pacs: &Orthanc, destination: &str, study: &str) -> (Vec<Dico
     (files, text)
 }
 
+/// `getscu` of a study through the box; the instances it received and its output.
+fn get_through_box(pacs: &Orthanc, study: &str) -> (Vec<DicomFile>, String) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut getscu = pacs.command("getscu");
+    getscu
+        .args(["-d", "-S", "-aet", "VIEWER", "-aec", "TSUNAGI-TEST", "-od"])
+        .arg(out_dir.path())
+        .args(["-k", "QueryRetrieveLevel=STUDY"])
+        .args(["-k", &format!("StudyInstanceUID={study}")])
+        .args(["127.0.0.1", "11112"]);
+    let out = pacs.output(&mut getscu, Duration::from_secs(60)).unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let files = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| DicomFile::read(&e.unwrap().path()).unwrap())
+        .collect();
+    (files, text)
+}
+
 /// A sub-operation count of movescu's final response (its debug output: `D: Completed
 /// Suboperations       : 1`).
 fn last_count(text: &str, name: &str) -> Option<u16> {
@@ -413,7 +433,7 @@ fn last_count(text: &str, name: &str) -> Option<u16> {
 /// Issue 6, acceptance 5: a viewer's query (findscu) through the box finds, under the
 /// clinic's local ID, a study the network holds under the network ID; studies of patients
 /// the clinic does not know, or who did not disclose to this clinic, are not shown. movescu
-/// through the box retrieves the study to the viewer with the local ID.
+/// and getscu through the box retrieve the study to the viewer with the local ID.
 #[test]
 fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allows() {
     if skip_unless_root(
@@ -503,6 +523,13 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
     let (moved, text) = move_through_box(&pacs, "VIEWER", &study(&hidden));
     assert!(moved.is_empty(), "{text}");
     assert_eq!(last_count(&text, "Failed"), Some(1), "{text}");
+    // C-GET on the viewer's own association: the same study, the same local ID.
+    let (got, text) = get_through_box(&pacs, &study(&ours));
+    assert_eq!(got.len(), 1, "{text}\n{}", h.log_text());
+    assert_eq!(got[0].string(0x0010, 0x0020).as_deref(), Some("0001234"));
+    assert_eq!(got[0].element(0x7FE0, 0x0010), held.element(0x7FE0, 0x0010));
+    let (got, text) = get_through_box(&pacs, &study(&hidden));
+    assert!(got.is_empty(), "{text}");
     // A destination the clinic does not have: A801.
     let (moved, text) = move_through_box(&pacs, "ELSEWHERE", &study(&ours));
     assert!(moved.is_empty());
