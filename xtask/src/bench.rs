@@ -53,6 +53,30 @@ const BENCHES: &[Bench] = &[
     },
 ];
 
+/// Builds `tsunagi` (`--release`, or the debug build for a smoke run: a debug build's
+/// figures mean nothing, and a smoke run must stay short); returns the binary, the target
+/// directory and the profile's name.
+pub(crate) fn build_tsunagi(
+    smoke: bool,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, &'static str)> {
+    use crate::process::{cargo, display, status};
+    let root = crate::workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || root.join("target"),
+        |t| root.join(std::path::PathBuf::from(t)),
+    );
+    let profile = if smoke { "debug" } else { "release" };
+    let mut build = cargo();
+    build.args(["build", "--locked", "-p", "tsunagi"]);
+    if !smoke {
+        build.arg("--release");
+    }
+    if !status(&mut build)?.success() {
+        anyhow::bail!("`{}` failed", display(&build));
+    }
+    Ok((target.join(profile).join("tsunagi"), target, profile))
+}
+
 pub(crate) fn run(args: &[&str]) -> anyhow::Result<ExitCode> {
     match args {
         [] => {

@@ -41,8 +41,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::process::{cargo, display, status};
-use crate::workspace_root;
+use crate::process::display;
 
 /// Changes whenever the generated files change, so a stale cache is rebuilt.
 const GENERATOR: &str = "dicom-bench-v2";
@@ -89,19 +88,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
             "{tool} is missing: install the Debian package `{package}` (cargo xtask test does)"
         );
     }
-    let root = workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), |t| root.join(PathBuf::from(t)));
-    let profile = if smoke { "debug" } else { "release" };
-    let mut build = cargo();
-    build.args(["build", "--locked", "-p", "tsunagi"]);
-    if !smoke {
-        build.arg("--release");
-    }
-    if !status(&mut build)?.success() {
-        bail!("`{}` failed", display(&build));
-    }
-    let tsunagi = target.join(profile).join("tsunagi");
+    let (tsunagi, target, profile) = crate::bench::build_tsunagi(smoke)?;
 
     let cache = target.join("bench-dicom");
     let workloads = ensure_data(&cache, smoke)?;

@@ -37,8 +37,7 @@ use ssmix2::build::{Patient, Record, Storage, message};
 use ssmix2::datatype::DUMMY_ORDER_NO;
 use ssmix2::name::Flag;
 
-use crate::process::{cargo, display, status};
-use crate::workspace_root;
+use crate::process::{display, status};
 
 /// Changes whenever the generator writes a different storage, so a stale cache is rebuilt.
 const GENERATOR: &str = "ssmix2-bench-v2";
@@ -77,19 +76,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         "{GNU_TIME} is missing: install the Debian package `time` (cargo xtask test does)"
     );
 
-    let root = workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), |t| root.join(PathBuf::from(t)));
-    let profile = if smoke { "debug" } else { "release" };
-    let mut build = cargo();
-    build.args(["build", "--locked", "-p", "tsunagi"]);
-    if !smoke {
-        build.arg("--release");
-    }
-    if !status(&mut build)?.success() {
-        bail!("`{}` failed", display(&build));
-    }
-    let tsunagi = target.join(profile).join("tsunagi");
+    let (tsunagi, target, profile) = crate::bench::build_tsunagi(smoke)?;
 
     let cache = target.join("bench-ssmix2");
     let full = ensure_storage(&cache, files)?;

@@ -174,13 +174,21 @@ async fn blocking<T: Send + 'static>(
     Ok((checks, r?))
 }
 
-async fn find_inner(
+/// A viewer's identifier, read: its encoding, the PatientID it asked with, and that ID as
+/// the network knows it.
+struct Key {
+    explicit: bool,
+    asked_id: Option<String>,
+    checks: Checks,
+    network_key: String,
+}
+
+/// `None`: the viewer asked for a local patient the network has no ID for (no match).
+async fn viewer_key(
     proxy: &Proxy,
-    command: &Command,
     transfer_syntax: &str,
     identifier: &[u8],
-    replies: &mpsc::Sender<Reply>,
-) -> Result<Status, QueryError> {
+) -> Result<Option<Key>, QueryError> {
     let explicit = translate::data_set_is_explicit(transfer_syntax)
         .ok_or(QueryError::Identifier(TranslateError::Encoding))?;
     let asked_id =
@@ -191,20 +199,43 @@ async fn find_inner(
         locals: Vec::new(),
         verdicts: Vec::new(),
     };
-    // The viewer's PatientID, as the network knows it.
-    let network_key: String = match asked_id.as_deref() {
+    let network_key = match asked_id.as_deref() {
         Some(local) if proxy.translate && !local.is_empty() && !has_wildcard(local) => {
             let local = local.to_owned();
             let (c, r) = blocking(checks, move |c| c.network_id(&local)).await?;
             checks = c;
             match r {
                 Some(n) => n,
-                // Nothing was ever sent under a network ID for this patient.
-                None => return Ok(Status::SUCCESS),
+                None => return Ok(None),
             }
         }
         Some(v) => v.to_owned(),
         None => String::new(),
+    };
+    Ok(Some(Key {
+        explicit,
+        asked_id,
+        checks,
+        network_key,
+    }))
+}
+
+async fn find_inner(
+    proxy: &Proxy,
+    command: &Command,
+    transfer_syntax: &str,
+    identifier: &[u8],
+    replies: &mpsc::Sender<Reply>,
+) -> Result<Status, QueryError> {
+    let Some(Key {
+        explicit,
+        asked_id,
+        mut checks,
+        network_key,
+    }) = viewer_key(proxy, transfer_syntax, identifier).await?
+    else {
+        // Nothing was ever sent under a network ID for this patient.
+        return Ok(Status::SUCCESS);
     };
     let query = translate::with_elements(
         identifier,
@@ -519,28 +550,14 @@ pub async fn collect(
     let Some((find_model, get_model)) = models(&model) else {
         return Ok(Err(Reply::last(Status::SOP_CLASS_NOT_SUPPORTED, None)));
     };
-    let explicit = translate::data_set_is_explicit(transfer_syntax)
-        .ok_or(QueryError::Identifier(TranslateError::Encoding))?;
-    let asked_id =
-        translate::text_value(identifier, explicit, PATIENT_ID).map_err(QueryError::Identifier)?;
-    let mut checks = Checks {
-        gate: SocketGate::new(&proxy.consent_socket),
-        facility: proxy.facility_code.clone(),
-        locals: Vec::new(),
-        verdicts: Vec::new(),
-    };
-    let network_key: String = match asked_id.as_deref() {
-        Some(local) if proxy.translate && !local.is_empty() && !has_wildcard(local) => {
-            let local = local.to_owned();
-            let (c, r) = blocking(checks, move |c| c.network_id(&local)).await?;
-            checks = c;
-            match r {
-                Some(n) => n,
-                None => return Ok(Err(done(0, 0, 0))),
-            }
-        }
-        Some(v) => v.to_owned(),
-        None => String::new(),
+    let Some(Key {
+        explicit,
+        mut checks,
+        network_key,
+        ..
+    }) = viewer_key(proxy, transfer_syntax, identifier).await?
+    else {
+        return Ok(Err(done(0, 0, 0)));
     };
     // Which instances match, and whose they are.
     let mut keys: Vec<(u32, [u8; 2], Option<&str>)> = vec![

@@ -447,17 +447,9 @@ async fn answer_query(
         .unwrap_or(16 * 1024)
         .max(1024);
     while let Some(reply) = rx.recv().await {
-        let Some(mut rsp) = q.command.respond(reply.status) else {
+        let Some(rsp) = response(&q.command, &reply) else {
             break;
         };
-        rsp.error_comment = reply.comment;
-        rsp.has_dataset = reply.identifier.is_some();
-        if let Some((completed, failed)) = reply.counts {
-            rsp.completed = Some(completed);
-            rsp.failed = Some(failed);
-            rsp.warning = Some(0);
-            rsp.remaining = Some(0);
-        }
         send_command(assoc, q.pc_id, &rsp).await?;
         if let Some(data) = reply.identifier {
             let mut pieces: Vec<&[u8]> = data.chunks(chunk).collect();
@@ -538,18 +530,25 @@ async fn answer_get(
             crate::qr::retrieve_done(completed, failed)
         }
     };
-    let Some(mut rsp) = q.command.respond(reply.status) else {
-        return Ok(true);
-    };
-    rsp.error_comment = reply.comment;
+    if let Some(rsp) = response(&q.command, &reply) {
+        send_command(assoc, q.pc_id, &rsp).await?;
+    }
+    Ok(true)
+}
+
+/// The response command for a proxy's reply: its status, comment, whether an identifier
+/// follows, and a retrieve's sub-operation counts.
+fn response(request: &Command, reply: &crate::qr::Reply) -> Option<Command> {
+    let mut rsp = request.respond(reply.status)?;
+    rsp.error_comment.clone_from(&reply.comment);
+    rsp.has_dataset = reply.identifier.is_some();
     if let Some((completed, failed)) = reply.counts {
         rsp.completed = Some(completed);
         rsp.failed = Some(failed);
         rsp.warning = Some(0);
         rsp.remaining = Some(0);
     }
-    send_command(assoc, q.pc_id, &rsp).await?;
-    Ok(true)
+    Some(rsp)
 }
 
 /// Lets a viewer take the SCP role for storage SOP classes (C-GET delivers on its own
