@@ -17,7 +17,7 @@ use std::fs::{self, File};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 use tsunagi_state::{Durability, Migration, StateError};
@@ -69,6 +69,106 @@ pub enum SpoolError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The group commit this instance was part of failed (the reason is the first error's).
+    #[error("the queue commit failed: {0}")]
+    GroupCommit(String),
+}
+
+/// A queue row waiting for the next group commit ([`Incoming::commit`]).
+struct Pending {
+    id: i64,
+    meta: Meta,
+    digest: String,
+    size: i64,
+    now: i64,
+    reply: mpsc::SyncSender<Result<Landed, SpoolError>>,
+}
+
+/// What committing one row came to.
+#[derive(Debug, Clone, Copy)]
+enum Landed {
+    Queued,
+    Identical(i64),
+    Replaced(i64),
+}
+
+/// Commits a batch of rows in one transaction (one WAL fsync for all) and answers each.
+fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
+    let result = (|| -> Result<Vec<Landed>, SpoolError> {
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        let mut landed = Vec::with_capacity(batch.len());
+        {
+            let mut find = tx
+                .prepare(
+                    "SELECT id, digest FROM queue WHERE sop_instance = ?1 ORDER BY id DESC LIMIT 1",
+                )
+                .map_err(sql("find duplicates"))?;
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO queue (id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, digest, state, received_at, next_attempt_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0)",
+                )
+                .map_err(sql("queue"))?;
+            let mut duplicate = tx
+                .prepare("INSERT INTO duplicates VALUES (?1, ?2, ?3, ?4, ?5)")
+                .map_err(sql("record a duplicate"))?;
+            for p in &batch {
+                let m = &p.meta;
+                let earlier: Option<(i64, String)> = find
+                    .query_row([&m.sop_instance], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                    .map_err(sql("find duplicates"))?;
+                match earlier {
+                    Some((old, d)) if d == p.digest => {
+                        duplicate
+                            .execute(params![p.now, m.sop_instance, old, None::<i64>, 1])
+                            .map_err(sql("record a duplicate"))?;
+                        landed.push(Landed::Identical(old));
+                    }
+                    earlier => {
+                        insert
+                            .execute(params![
+                                p.id,
+                                m.sop_class,
+                                m.sop_instance,
+                                m.transfer_syntax,
+                                m.calling_ae,
+                                m.patient_id,
+                                p.size,
+                                p.digest,
+                                p.now
+                            ])
+                            .map_err(sql("queue"))?;
+                        if let Some((old, _)) = earlier {
+                            tx.execute("DELETE FROM queue WHERE id = ?1", [old])
+                                .map_err(sql("replace"))?;
+                            duplicate
+                                .execute(params![p.now, m.sop_instance, p.id, old, 0])
+                                .map_err(sql("record a duplicate"))?;
+                            landed.push(Landed::Replaced(old));
+                        } else {
+                            landed.push(Landed::Queued);
+                        }
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(sql("commit"))?;
+        Ok(landed)
+    })();
+    match result {
+        Ok(landed) => {
+            for (p, l) in batch.into_iter().zip(landed) {
+                let _ = p.reply.send(Ok(l));
+            }
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            for p in batch {
+                let _ = p.reply.send(Err(SpoolError::GroupCommit(reason.clone())));
+            }
+        }
+    }
 }
 
 fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> SpoolError {
@@ -134,6 +234,8 @@ struct Inner {
     /// The next queue id: objects are named before their row exists (see
     /// [`Incoming::commit`]).
     next_id: AtomicI64,
+    /// Rows waiting for the next group commit.
+    pending: Mutex<Vec<Pending>>,
     conn: Mutex<Connection>,
     quota: u64,
     /// Bytes of queued objects plus bytes being received.
@@ -152,6 +254,11 @@ impl std::fmt::Debug for Spool {
             .field("dir", &self.inner.dir)
             .finish_non_exhaustive()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data behind it: a panic elsewhere cannot leave it half-changed.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Spool {
@@ -204,6 +311,7 @@ impl Spool {
         Ok(Spool {
             inner: Arc::new(Inner {
                 next_id: AtomicI64::new(last.max(sequence) + 1),
+                pending: Mutex::new(Vec::new()),
                 objects,
                 dir: dir.to_owned(),
                 conn: Mutex::new(conn),
@@ -506,48 +614,33 @@ impl Incoming {
         fs::rename(&self.path, &target).map_err(io_or_full)?;
         self.path = target;
         spool.inner.objects.sync_all().map_err(SpoolError::Io)?;
-        let mut conn = spool.conn();
-        let earlier: Option<(i64, String)> = conn
-            .prepare(
-                "SELECT id, digest FROM queue WHERE sop_instance = ?1 ORDER BY id DESC LIMIT 1",
-            )
-            .and_then(|mut st| {
-                st.query_row([&meta.sop_instance], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-            })
-            .map_err(sql("find duplicates"))?;
-        if let Some((id, earlier_digest)) = &earlier
-            && *earlier_digest == digest
+        // Group commit: the row joins the pending ones; whoever holds the queue next commits
+        // all of them in one transaction (concurrent associations share one WAL fsync).
+        let (reply, landed) = mpsc::sync_channel(1);
+        lock(&spool.inner.pending).push(Pending {
+            id,
+            meta: meta.clone(),
+            digest,
+            size: i64::try_from(self.written).unwrap_or(i64::MAX),
+            now,
+            reply,
+        });
         {
-            conn.execute(
-                "INSERT INTO duplicates VALUES (?1, ?2, ?3, NULL, 1)",
-                params![now, meta.sop_instance, id],
-            )
-            .map_err(sql("record a duplicate"))?;
-            drop(conn);
+            let mut conn = spool.conn();
+            let batch = std::mem::take(&mut *lock(&spool.inner.pending));
+            if !batch.is_empty() {
+                commit_batch(&mut conn, batch);
+            }
+        }
+        let landed = landed
+            .recv()
+            .map_err(|_| SpoolError::GroupCommit("no answer".into()))??;
+        let replaced = match landed {
             // Stored once: this copy goes (Drop removes the file and releases its bytes).
-            return Ok(Committed::Identical(*id));
-        }
-        let tx = conn.transaction().map_err(sql("begin"))?;
-        tx.prepare(
-            "INSERT INTO queue (id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, digest, state, received_at, next_attempt_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0)",
-        )
-        .and_then(|mut st| st.execute(params![id, meta.sop_class, meta.sop_instance, meta.transfer_syntax, meta.calling_ae, meta.patient_id, i64::try_from(self.written).unwrap_or(i64::MAX), digest, now]))
-        .map_err(sql("queue"))?;
-        let mut replaced = None;
-        if let Some((old, _)) = earlier {
-            tx.execute("DELETE FROM queue WHERE id = ?1", [old])
-                .map_err(sql("replace"))?;
-            tx.execute(
-                "INSERT INTO duplicates VALUES (?1, ?2, ?3, ?4, 0)",
-                params![now, meta.sop_instance, id, old],
-            )
-            .map_err(sql("record a duplicate"))?;
-            replaced = Some(old);
-        }
-        tx.commit().map_err(sql("commit"))?;
-        drop(conn);
+            Landed::Identical(earlier) => return Ok(Committed::Identical(earlier)),
+            Landed::Replaced(old) => Some(old),
+            Landed::Queued => None,
+        };
         // Committed: the file is the queue's now; its bytes stay counted.
         self.written = 0;
         self.path = PathBuf::new();

@@ -170,3 +170,60 @@ fn opening_removes_what_a_crash_left() {
         vec![format!("{id}.dcm"), format!("{after}.dcm")]
     );
 }
+
+#[test]
+fn concurrent_commits_share_transactions_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let results: Vec<Committed> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let spool = spool.clone();
+                scope.spawn(move || {
+                    (0..25)
+                        .map(|i| {
+                            let uid = format!("1.2.3.{t}.{i}");
+                            receive(&spool, uid.as_bytes(), &meta(&uid, "0001"))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let mut ids: Vec<i64> = results
+        .iter()
+        .map(|c| match c {
+            Committed::Queued(id) => *id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 200);
+    assert_eq!(spool.counts().unwrap().pending, 200);
+    assert_eq!(files(dir.path(), "objects").len(), 200);
+    // Every row's object holds its own bytes.
+    for q in spool.ready(100, 1000).unwrap() {
+        assert_eq!(fs::read(&q.path).unwrap(), q.meta.sop_instance.as_bytes());
+    }
+    // The same instance from two threads at once: stored once, the other recorded.
+    let twice: Vec<Committed> = std::thread::scope(|scope| {
+        let a = scope.spawn(|| receive(&spool, b"same bytes", &meta("1.2.3.99", "0001")));
+        let b = scope.spawn(|| receive(&spool, b"same bytes", &meta("1.2.3.99", "0001")));
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    assert_eq!(
+        twice
+            .iter()
+            .filter(|c| matches!(c, Committed::Identical(_)))
+            .count(),
+        1,
+        "{twice:?}"
+    );
+    assert_eq!(spool.counts().unwrap().pending, 201);
+    assert_eq!(files(dir.path(), "objects").len(), 201);
+}
