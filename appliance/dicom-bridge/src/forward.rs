@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::Pdu;
-use dicom_ul::association::{Association, AsyncAssociation};
+use dicom_ul::association::{Association, AsyncAssociation, AsyncClientAssociation};
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dimse::command::Command;
 use dimse::status::{Class, Status};
@@ -68,20 +68,47 @@ pub enum ForwardError {
     Protocol,
 }
 
-/// Sends a batch over one association; returns each instance's outcome, in order, as far as
-/// the association lasted (an error ends the batch: the rest stays queued).
-pub async fn send_batch(
-    dest: &Destination,
-    batch: &[Outgoing],
-) -> (Vec<(i64, Outcome)>, Option<ForwardError>) {
-    let mut outcomes = Vec::new();
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    for q in batch.iter().map(|o| &o.queued) {
-        let pair = (q.meta.sop_class.clone(), q.meta.transfer_syntax.clone());
-        if !pairs.contains(&pair) && pairs.len() < 127 {
-            pairs.push(pair);
-        }
+/// An open association to the network PACS, kept between rounds for reuse.
+pub struct Link {
+    assoc: AsyncClientAssociation<TcpStream>,
+    /// The (SOP class, transfer syntax) pairs it proposed.
+    pairs: Vec<(String, String)>,
+    idle_since: std::time::Instant,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("pairs", &self.pairs.len())
+            .finish_non_exhaustive()
     }
+}
+
+impl Link {
+    /// How long it has been unused.
+    pub fn idle(&self) -> Duration {
+        self.idle_since.elapsed()
+    }
+
+    /// Releases the association.
+    pub async fn close(self) {
+        let _ = self.assoc.release().await;
+    }
+
+    fn accepted(&self, class: &str, ts: &str) -> Option<u8> {
+        self.assoc
+            .presentation_contexts()
+            .iter()
+            .find(|pc| {
+                pc.reason == PresentationContextResultReason::Acceptance
+                    && pc.abstract_syntax.trim_end_matches('\0') == class
+                    && pc.transfer_syntax.trim_end_matches('\0') == ts
+            })
+            .map(|pc| pc.id)
+    }
+}
+
+async fn open(dest: &Destination, pairs: Vec<(String, String)>) -> Result<Link, ForwardError> {
     let mut options = ClientAssociationOptions::new()
         .calling_ae_title(dest.calling_ae.clone())
         .called_ae_title(dest.ae_title.clone())
@@ -91,37 +118,97 @@ pub async fn send_batch(
     for (class, ts) in &pairs {
         options = options.with_presentation_context(class.clone(), vec![ts.clone()]);
     }
-    let mut assoc = match options.establish_async(dest.addr).await {
-        Ok(a) => a,
-        Err(e) => return (outcomes, Some(ForwardError::Associate(e))),
-    };
+    let mut assoc = options
+        .establish_async(dest.addr)
+        .await
+        .map_err(ForwardError::Associate)?;
     let _ = assoc.inner_stream().set_nodelay(true);
+    Ok(Link {
+        assoc,
+        pairs,
+        idle_since: std::time::Instant::now(),
+    })
+}
+
+/// Sends a batch over one association and releases it; returns each instance's outcome, in
+/// order, as far as the association lasted (an error ends the batch: the rest stays queued).
+pub async fn send_batch(
+    dest: &Destination,
+    batch: &[Outgoing],
+) -> (Vec<(i64, Outcome)>, Option<ForwardError>) {
+    let (outcomes, error, link, _) = send_on(dest, batch, None).await;
+    if let Some(link) = link {
+        link.close().await;
+    }
+    (outcomes, error)
+}
+
+/// What [`send_on`] came to: each instance's outcome as far as it went, the error that ended
+/// it, the association (still open) unless it failed, and how many were opened.
+pub type Sent = (Vec<(i64, Outcome)>, Option<ForwardError>, Option<Link>, u32);
+
+/// As [`send_batch`], on `link` when it was negotiated for every (SOP class, transfer
+/// syntax) of the batch (else on a new association); the association stays open for the
+/// next batch. A reused association that fails before the first instance went (the PACS
+/// closed it while idle) is replaced by a new one once.
+pub async fn send_on(dest: &Destination, batch: &[Outgoing], link: Option<Link>) -> Sent {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for q in batch.iter().map(|o| &o.queued) {
+        let pair = (q.meta.sop_class.clone(), q.meta.transfer_syntax.clone());
+        if !pairs.contains(&pair) {
+            pairs.push(pair);
+        }
+    }
+    pairs.truncate(127);
+    let reusable = link.filter(|l| pairs.iter().all(|p| l.pairs.contains(p)));
+    let (link, mut opened) = match reusable {
+        Some(l) => (l, 0),
+        None => match open(dest, pairs.clone()).await {
+            Ok(l) => (l, 1),
+            Err(e) => return (Vec::new(), Some(e), None, 1),
+        },
+    };
+    let reused = opened == 0;
+    let (outcomes, error, link) = send_all(link, batch).await;
+    if reused && outcomes.is_empty() && error.is_some() {
+        opened += 1;
+        return match open(dest, pairs).await {
+            Ok(l) => {
+                let (o, e, l) = send_all(l, batch).await;
+                (o, e, l, opened)
+            }
+            Err(e) => (Vec::new(), Some(e), None, opened),
+        };
+    }
+    (outcomes, error, link, opened)
+}
+
+async fn send_all(
+    mut link: Link,
+    batch: &[Outgoing],
+) -> (Vec<(i64, Outcome)>, Option<ForwardError>, Option<Link>) {
+    let mut outcomes = Vec::new();
     let mut message_id: u16 = 0;
     for out in batch {
         let q = &out.queued;
-        let pc = assoc.presentation_contexts().iter().find(|pc| {
-            pc.reason == PresentationContextResultReason::Acceptance
-                && pc.abstract_syntax.trim_end_matches('\0') == q.meta.sop_class
-                && pc.transfer_syntax.trim_end_matches('\0') == q.meta.transfer_syntax
-        });
-        let Some(pc_id) = pc.map(|pc| pc.id) else {
+        let Some(pc_id) = link.accepted(&q.meta.sop_class, &q.meta.transfer_syntax) else {
             outcomes.push((q.id, Outcome::NotAccepted));
             continue;
         };
         message_id = message_id.wrapping_add(1);
-        match store_one(&mut assoc, pc_id, message_id, out).await {
+        match store_one(&mut link.assoc, pc_id, message_id, out).await {
             Ok(status) if matches!(status.class(), Class::Success | Class::Warning) => {
                 outcomes.push((q.id, Outcome::Delivered(status)))
             }
             Ok(status) => outcomes.push((q.id, Outcome::Refused(status))),
             Err(e) => {
-                let _ = assoc.abort().await;
-                return (outcomes, Some(e));
+                let _ = link.assoc.abort().await;
+                return (outcomes, Some(e), None);
             }
         }
     }
-    let _ = assoc.release().await;
-    (outcomes, None)
+    link.idle_since = std::time::Instant::now();
+    (outcomes, None, Some(link))
 }
 
 /// One C-STORE on an association: the instance (its rewritten start, if any, then the

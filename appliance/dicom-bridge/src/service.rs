@@ -16,7 +16,7 @@ use consent::client::{Gate, Identities as _, SocketGate, Verdict};
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
 
-use crate::forward::{Destination, Outgoing, record, send_batch};
+use crate::forward::{Destination, Outgoing, record};
 use crate::now;
 use crate::scp;
 use crate::spool::{Spool, SpoolError};
@@ -39,6 +39,9 @@ pub struct Settings {
 
 /// Instances one association carries per round.
 const PER_ASSOCIATION: usize = 64;
+/// An association to the network PACS unused this long is released (PACS commonly close
+/// idle associations after 30 s or more).
+const LINK_IDLE: Duration = Duration::from_secs(10);
 
 /// The network's patient-identity domain and the clinic's, for [`crate::translate`].
 #[derive(Debug, Clone)]
@@ -87,10 +90,23 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     let mut seq = 0i64;
     let mut backoff = Duration::from_secs(1);
     let mut last_error: Option<String> = None;
+    // Associations kept open between rounds (reused while they cover what is sent).
+    let mut links: Vec<crate::forward::Link> = Vec::new();
+    let mut opened_total = 0u64;
     loop {
+        let (stale, fresh): (Vec<_>, Vec<_>) = links.drain(..).partition(|l| l.idle() > LINK_IDLE);
+        links = fresh;
+        for l in stale {
+            l.close().await;
+        }
         let wait = tokio::time::sleep(backoff);
         tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Ok(()),
+            _ = ctx.shutdown.cancelled() => {
+                for l in links {
+                    l.close().await;
+                }
+                return Ok(());
+            }
             _ = wait => {}
         }
         let (g, result) = {
@@ -127,8 +143,14 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             }
         };
         if !permitted.is_empty() {
-            let (outcomes, error) =
-                send_parallel(&settings.pacs, &permitted, settings.associations).await;
+            let (outcomes, error, opened) = send_parallel(
+                &settings.pacs,
+                &permitted,
+                settings.associations,
+                &mut links,
+            )
+            .await;
+            opened_total += opened;
             let delivered = record(&spool, &outcomes).unwrap_or(0);
             if let Some(e) = error {
                 let message = tsunagi_runtime::child::error_chain(&e);
@@ -182,25 +204,26 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 ("spool_bytes", counts.bytes as f64),
                 ("delivered_total", counts.delivered as f64),
                 ("duplicates_total", counts.duplicates as f64),
+                ("associations_opened_total", opened_total as f64),
             ],
         );
     }
 }
 
-/// Sends `batch` over up to `n` associations at once (instance `i` on association `i % n`);
-/// the outcomes of all, and the first error.
+/// Sends `batch` over up to `n` associations at once (instance `i` on association `i % n`),
+/// reusing the open ones in `links` and keeping them there afterwards; the outcomes of all,
+/// the first error, and how many associations were opened.
 async fn send_parallel(
     dest: &Destination,
     batch: &[Outgoing],
     n: usize,
+    links: &mut Vec<crate::forward::Link>,
 ) -> (
     Vec<(i64, crate::forward::Outcome)>,
     Option<crate::forward::ForwardError>,
+    u64,
 ) {
     let n = n.clamp(1, batch.len().max(1));
-    if n == 1 {
-        return send_batch(dest, batch).await;
-    }
     let mut shares: Vec<Vec<Outgoing>> = vec![Vec::new(); n];
     for (i, o) in batch.iter().enumerate() {
         shares[i % n].push(o.clone());
@@ -208,19 +231,23 @@ async fn send_parallel(
     let mut tasks = tokio::task::JoinSet::new();
     for share in shares {
         let dest = dest.clone();
-        tasks.spawn(async move { send_batch(&dest, &share).await });
+        let link = links.pop();
+        tasks.spawn(async move { crate::forward::send_on(&dest, &share, link).await });
     }
     let mut outcomes = Vec::new();
     let mut error = None;
+    let mut opened = 0u64;
     while let Some(done) = tasks.join_next().await {
-        if let Ok((o, e)) = done {
+        if let Ok((o, e, l, n)) = done {
             outcomes.extend(o);
             if error.is_none() {
                 error = e;
             }
+            links.extend(l);
+            opened += u64::from(n);
         }
     }
-    (outcomes, error)
+    (outcomes, error, opened)
 }
 
 /// One round with the consent service (blocking): releases held instances of changed

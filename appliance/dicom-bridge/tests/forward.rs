@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dicom_bridge::forward::{Destination, record, send_batch};
+use dicom_bridge::forward::{Destination, record, send_batch, send_on};
 use dicom_bridge::scp::{Settings, serve};
 use dicom_bridge::spool::Spool;
 use hil_tests::dicom_files::{DicomFile, Ids, japanese_ct};
@@ -46,14 +46,30 @@ impl Drop for StoreScp {
 }
 
 fn storescp(port: u16, out: &Path) -> StoreScp {
+    storescp_logging(port, out, None)
+}
+
+/// storescp, its verbose log into `log` if given.
+fn storescp_logging(port: u16, out: &Path, log: Option<&Path>) -> StoreScp {
     std::fs::create_dir_all(out).unwrap();
+    // dcmtk logs to stderr.
+    let stderr = match log {
+        Some(p) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .unwrap(),
+        ),
+        None => Stdio::null(),
+    };
     let child = Command::new("storescp")
-        .args(["-aet", "PACS", "-od"])
+        .args(["-v", "-aet", "PACS", "-od"])
         .arg(out)
         .arg(port.to_string())
         .env("TCP_NODELAY", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("storescp (Debian package dcmtk) must be installed");
     let start = Instant::now();
@@ -160,4 +176,70 @@ async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
         );
     }
     stop.cancel();
+}
+
+/// Association reuse: a second batch goes on the association the first one opened; a kept
+/// association the PACS dropped meanwhile is replaced, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_association_is_reused_and_replaced_when_the_pacs_dropped_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    for i in 1..=4 {
+        let file = generate(
+            dir.path(),
+            &format!("1.2.826.0.1.3680043.9.7777.3.{i}"),
+            "0001234",
+        );
+        let bytes = data_set(&std::fs::read(file).unwrap());
+        let mut inc = spool.begin().unwrap();
+        inc.write(&bytes).unwrap();
+        inc.commit(
+            &dicom_bridge::spool::Meta {
+                sop_class: "1.2.840.10008.5.1.4.1.1.2".into(),
+                sop_instance: format!("1.2.826.0.1.3680043.9.7777.3.{i}"),
+                transfer_syntax: "1.2.840.10008.1.2.1".into(),
+                calling_ae: "CT".into(),
+                patient_id: Some("0001234".into()),
+            },
+            1,
+        )
+        .unwrap();
+    }
+    let queued: Vec<dicom_bridge::forward::Outgoing> = spool
+        .ready(i64::MAX, 10)
+        .unwrap()
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let port = free_port();
+    let dest = Destination {
+        ae_title: "PACS".into(),
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        calling_ae: "TSUNAGI".into(),
+        timeout: Duration::from_secs(5),
+    };
+    let received = dir.path().join("received");
+    let log = dir.path().join("storescp.log");
+    let pacs = storescp_logging(port, &received, Some(&log));
+    let (o1, e1, link, opened1) = send_on(&dest, &queued[..1], None).await;
+    assert!(e1.is_none() && o1.len() == 1 && opened1 == 1, "{e1:?}");
+    let (o2, e2, link, opened2) = send_on(&dest, &queued[1..3], link).await;
+    assert!(e2.is_none() && o2.len() == 2, "{e2:?}");
+    assert_eq!(opened2, 0, "the second batch reuses the association");
+    let associations = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("Association Acknowledged")
+            .count()
+    };
+    assert_eq!(associations(), 1);
+    // The PACS goes away and comes back: the kept association is dead.
+    drop(pacs);
+    let _pacs = storescp_logging(port, &received, Some(&log));
+    let (o3, e3, link, opened3) = send_on(&dest, &queued[3..], link).await;
+    assert!(e3.is_none(), "{e3:?}");
+    assert_eq!(o3.len(), 1);
+    assert_eq!(opened3, 1, "replaced once");
+    link.unwrap().close().await;
+    assert_eq!(std::fs::read_dir(&received).unwrap().count(), 4);
 }
