@@ -40,6 +40,21 @@ const ISSUER: u32 = 0x0010_0021;
 /// The largest identifier a viewer or the network may send (they are a few hundred bytes).
 pub const MAX_IDENTIFIER: usize = 1 << 20;
 
+/// Empties the work directory: what a C-MOVE or C-GET left there when the service stopped
+/// in the middle (never acknowledged to anyone; the viewer asks again). Returns how many
+/// files went.
+pub fn clean_work_dir(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .filter(|e| std::fs::remove_file(e.path()).is_ok())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// What the proxy needs.
 #[derive(Debug, Clone)]
 pub struct Proxy {
@@ -923,5 +938,46 @@ async fn receive_stores(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_work_dir_is_emptied_and_a_missing_one_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in 0..3 {
+            std::fs::write(dir.path().join(format!("{n}.dcm")), b"half").unwrap();
+        }
+        assert_eq!(clean_work_dir(dir.path()), 3);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(clean_work_dir(&dir.path().join("absent")), 0);
+    }
+
+    #[test]
+    fn move_and_get_models_map_to_their_find_and_get_models() {
+        let study = ("1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.2.3");
+        let patient = ("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.3");
+        assert_eq!(models("1.2.840.10008.5.1.4.1.2.2.2"), Some(study));
+        assert_eq!(models("1.2.840.10008.5.1.4.1.2.2.3"), Some(study));
+        assert_eq!(models("1.2.840.10008.5.1.4.1.2.1.2"), Some(patient));
+        assert_eq!(models("1.2.840.10008.5.1.4.1.2.1.3"), Some(patient));
+        assert_eq!(models("1.2.840.10008.5.1.4.1.1.2"), None);
+    }
+
+    #[test]
+    fn retrieve_statuses_follow_the_counts() {
+        assert_eq!(retrieve_done(3, 0).status, Status::SUCCESS);
+        assert_eq!(
+            retrieve_done(2, 1).status,
+            Status::WARNING_SUBOPERATIONS_FAILED
+        );
+        assert_eq!(
+            retrieve_done(0, 2).status,
+            Status::OUT_OF_RESOURCES_SUBOPERATIONS
+        );
+        assert_eq!(retrieve_done(0, 0).counts, Some((0, 0)));
     }
 }

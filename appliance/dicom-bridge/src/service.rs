@@ -72,6 +72,12 @@ pub enum ServiceError {
 /// Runs the service until shutdown.
 pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError> {
     let spool = Spool::open(&settings.state_dir.join("spool"), settings.quota)?;
+    if let Some(proxy) = &settings.scp.proxy {
+        let left = crate::qr::clean_work_dir(&proxy.work_dir);
+        if left > 0 {
+            tracing::info!(files = left, "removed what an interrupted retrieve left");
+        }
+    }
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| ServiceError::Listen {
