@@ -1,10 +1,15 @@
 //! `dicom-bridge`: the DICOM bridge between the clinic's modalities and viewers and the
-//! network PACS (issue 6, in progress).
+//! network PACS (issue 6).
 //!
-//! * [`forward`]: C-STORE of queued instances to the network PACS, bytes as received.
+//! * [`forward`]: C-STORE of queued instances to the network PACS (bytes as received, or
+//!   with a rewritten start), on associations kept for reuse.
 //! * [`header`]: the routing elements (SOP class and instance, patient ID, the raw patient
 //!   name, study) from the start of a data set, without decoding the rest.
-//! * [`scp`]: the clinic-side SCP (C-ECHO; C-STORE of any SOP class into the spool).
+//! * [`translate`]: patient-ID translation (network ID with its issuer; the clinic's ID in
+//!   OtherPatientIDsSequence), every other byte carried as is.
+//! * [`qr`]: the query/retrieve proxy for the clinic's viewers (C-FIND, C-MOVE, C-GET).
+//! * [`scp`]: the clinic-side SCP (C-ECHO; C-STORE of the storage SOP classes into the spool;
+//!   C-FIND, C-MOVE and C-GET through the proxy).
 //! * [`service`]: the `dicom` service: the SCP, and the consent-gated forwarder.
 //! * [`spool`]: the durable spool and store-and-forward queue. An instance is streamed into
 //!   a temporary file, fsynced, renamed into place and recorded in the queue **before** its

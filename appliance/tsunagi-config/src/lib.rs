@@ -280,8 +280,8 @@ pub struct DicomPacs {
     pub address: SocketAddr,
 }
 
-/// `[dicom]`: the DICOM bridge (issue 6, in progress: store-and-forward with the consent
-/// gate and patient-ID translation; no query/retrieve yet).
+/// `[dicom]`: the DICOM bridge (issue 6): store-and-forward with the consent gate and
+/// patient-ID translation, and the query/retrieve proxy for the clinic's viewers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DicomBridge {
