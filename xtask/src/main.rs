@@ -8,6 +8,7 @@
 //! - `demo`: builds `tsunagi`, writes a demo config under `target/demo/`, runs the
 //!   supervisor in the foreground and stops it cleanly on Ctrl-C or SIGTERM.
 //! - `bench [NAME]`: runs a registered benchmark, or lists them.
+//! - `image [--check]`: builds the appliance image (cached by input hash), and checks it.
 //!
 //! Exit codes: 0 success; 1 a step or command failed; 2 usage error (unknown command or
 //! benchmark); 3 system packages are missing and we are not root to install them. `demo`
@@ -21,6 +22,7 @@ mod bench_ssmix2;
 mod bench_tunnel;
 mod demo;
 mod fhir_server;
+mod image;
 mod process;
 mod test;
 
@@ -35,6 +37,7 @@ commands:
   demo          build tsunagi and run it with a demo config until Ctrl-C
   bench [NAME]  run the benchmark NAME; without NAME, list the benchmarks
   fhir-server   build helios-hfs into a cache (over an hour) for the FHIR interop stage
+  image [--check]  build the appliance image into target/image (cached by input hash)
   help          print this text
 ";
 
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         ["demo"] => demo::run(),
         ["fhir-server"] => fhir_server::run(),
         ["bench", rest @ ..] => bench::run(rest),
+        ["image", rest @ ..] => image::run(rest).map(|()| ExitCode::SUCCESS),
         ["help" | "--help" | "-h"] => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -10,6 +10,8 @@
 //!    advisory database is reachable) and the nextest `ci` profile, stopping at the first
 //!    failure, with a `==> command` banner before each and a one-line verdict at the end.
 //! 5. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
+//! 6. Builds the appliance image (or reuses it while its inputs are unchanged) and checks it
+//!    (`cargo xtask image --check`).
 
 use std::io::{self, BufRead as _, BufReader, Read, Write as _};
 use std::os::unix::process::CommandExt as _;
@@ -83,6 +85,46 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
     SystemPackage {
         name: "orthanc",
         why: "hil-tests Orthanc guard: the real PACS (in a network namespace of its own) of the DICOM bridge tests",
+    },
+    SystemPackage {
+        name: "mmdebstrap",
+        why: "cargo xtask image: the image's Debian root filesystem, from this machine's apt sources",
+    },
+    SystemPackage {
+        name: "squashfs-tools",
+        why: "cargo xtask image: the read-only root (mksquashfs) and its check (unsquashfs)",
+    },
+    SystemPackage {
+        name: "cryptsetup-bin",
+        why: "cargo xtask image: veritysetup, the root's dm-verity hash tree",
+    },
+    SystemPackage {
+        name: "dosfstools",
+        why: "cargo xtask image: the ESP (mkfs.vfat)",
+    },
+    SystemPackage {
+        name: "mtools",
+        why: "cargo xtask image: filling the ESP without a loop device (mmd, mcopy)",
+    },
+    SystemPackage {
+        name: "fdisk",
+        why: "cargo xtask image: the GPT (sfdisk)",
+    },
+    SystemPackage {
+        name: "systemd-boot-efi",
+        why: "cargo xtask image: systemd-boot and the UKI stub",
+    },
+    SystemPackage {
+        name: "sbsigntool",
+        why: "cargo xtask image: signing the UKIs (sbsign)",
+    },
+    SystemPackage {
+        name: "binutils",
+        why: "cargo xtask image: objcopy assembles the UKIs",
+    },
+    SystemPackage {
+        name: "qemu-utils",
+        why: "cargo xtask image: qemu-img writes tsunagi.qcow2",
     },
     SystemPackage {
         name: "dcmtk",
@@ -200,6 +242,14 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
     }
 
+    // The appliance image: built (or reused while its inputs are unchanged) and checked.
+    let myself = std::path::Path::new("/proc/self/exe");
+    let mut image = Command::new(myself);
+    image.args(["image", "--check"]);
+    if !step(&mut image)? {
+        return Ok(verdict_failed(&display(&image)));
+    }
+
     if advisories_skipped {
         println!("xtask test: all steps passed (advisories skipped)");
     } else {
@@ -223,6 +273,15 @@ fn step(command: &mut Command) -> anyhow::Result<bool> {
 fn verdict_failed(step: &str) -> ExitCode {
     eprintln!("xtask test: FAILED at step `{step}`");
     ExitCode::FAILURE
+}
+
+/// Installs missing system packages for `what` (another xtask command); an error if they
+/// are missing and cannot be installed.
+pub(crate) fn ensure_packages_for(what: &str) -> anyhow::Result<()> {
+    match ensure_system_packages()? {
+        None => Ok(()),
+        Some(_) => bail!("{what}: system packages are missing (see above)"),
+    }
 }
 
 /// Installs missing system packages. `Some(code)` means stop with that exit code.

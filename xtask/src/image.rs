@@ -1,0 +1,324 @@
+//! `cargo xtask image [--check]`: the appliance image (issue 7, first part).
+//!
+//! Builds the release `tsunagi`, then runs `image/build.sh` (mmdebstrap from the machine's
+//! own apt sources, a squashfs root with dm-verity, one signed UKI per slot, systemd-boot, a
+//! GPT disk) into `target/image/`: `tsunagi.raw`, `tsunagi.qcow2`, `roothash`,
+//! `build.json`. The result is cached by input hash (every file under `image/` and the
+//! release binary): `target/image/input-hash` names the inputs of the image there, and an
+//! unchanged hash reuses it. Prints the build time (or that it was reused) and the size.
+//! `SOURCE_DATE_EPOCH` is the commit's time unless set.
+//!
+//! `--check` then checks the built image itself (acceptance 4 of issue 7): its root
+//! partition (read from the disk's GPT) holds no login program, no sshd, no getty, no
+//! emergency or rescue shell, no package manager, and `/etc/shadow` holds no password hash.
+
+use std::fs;
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail, ensure};
+use sha2::{Digest as _, Sha256};
+
+use crate::process::{display, status};
+use crate::workspace_root;
+
+/// Changes when the build's own logic changes in a way the hashed files do not show.
+const GENERATOR: &str = "tsunagi-image-v1";
+
+pub(crate) fn run(args: &[&str]) -> anyhow::Result<()> {
+    let check = match args {
+        [] => false,
+        ["--check"] => true,
+        _ => bail!("usage: cargo xtask image [--check]"),
+    };
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "building the image needs root (mmdebstrap, chroot)"
+    );
+    crate::test::ensure_packages_for("cargo xtask image")?;
+    let (tsunagi, target, _) = crate::bench::build_tsunagi(false)?;
+    let root = workspace_root();
+    let out = target.join("image");
+    fs::create_dir_all(&out)?;
+    let hash = input_hash(&root.join("image"), &tsunagi)?;
+    let raw = out.join("tsunagi.raw");
+    let recorded = fs::read_to_string(out.join("input-hash")).unwrap_or_default();
+    if recorded.trim() == hash && raw.exists() {
+        println!("image: reused {} (inputs unchanged, {hash})", raw.display());
+    } else {
+        let _ = fs::remove_file(out.join("input-hash"));
+        let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) => v,
+            Err(_) => commit_time(&root)?,
+        };
+        let work = target.join("image-work");
+        let mut build = Command::new(root.join("image/build.sh"));
+        build
+            .env("OUT", &out)
+            .env("WORK", &work)
+            .env("TSUNAGI_BIN", &tsunagi)
+            .env("SOURCE_DATE_EPOCH", epoch);
+        let start = Instant::now();
+        if !status(&mut build)?.success() {
+            bail!("`{}` failed", display(&build));
+        }
+        let _ = fs::remove_dir_all(&work);
+        fs::write(out.join("input-hash"), format!("{hash}\n"))?;
+        println!(
+            "image: built in {:.0} s ({hash})",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let used = Command::new("du")
+        .args(["-B1", "--"])
+        .arg(&raw)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let qcow = fs::metadata(out.join("tsunagi.qcow2")).map_or(0, |m| m.len());
+    println!(
+        "image: {} ({:.0} MiB allocated of {:.0} MiB), qcow2 {:.0} MiB, root hash {}",
+        raw.display(),
+        used as f64 / 1048576.0,
+        fs::metadata(&raw)?.len() as f64 / 1048576.0,
+        qcow as f64 / 1048576.0,
+        fs::read_to_string(out.join("roothash"))
+            .unwrap_or_default()
+            .trim()
+    );
+    if check {
+        let problems = check_no_login(&raw, &target.join("image-check"))?;
+        if !problems.is_empty() {
+            bail!("the image offers a way in:\n  {}", problems.join("\n  "));
+        }
+        println!(
+            "image check: no login program, getty, sshd, shell unit or package manager; every account locked"
+        );
+    }
+    Ok(())
+}
+
+/// SHA-256 over the generator's name, every file under `dir` (path and content, in path
+/// order) and the binary.
+fn input_hash(dir: &Path, binary: &Path) -> anyhow::Result<String> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
+            let e = e?;
+            let t = e.file_type()?;
+            if t.is_dir() {
+                stack.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    files.sort();
+    let mut h = Sha256::new();
+    h.update(GENERATOR.as_bytes());
+    for f in &files {
+        h.update(
+            f.strip_prefix(dir)
+                .unwrap_or(f)
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        h.update([0]);
+        h.update(fs::read(f).with_context(|| format!("read {}", f.display()))?);
+    }
+    h.update(fs::read(binary).with_context(|| format!("read {}", binary.display()))?);
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn commit_time(root: &Path) -> anyhow::Result<String> {
+    let out = Command::new("git")
+        .args(["log", "-1", "--format=%ct"])
+        .current_dir(root)
+        .output()
+        .context("run git log")?;
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    ensure!(
+        out.status.success() && !t.is_empty(),
+        "no commit time (set SOURCE_DATE_EPOCH)"
+    );
+    Ok(t)
+}
+
+/// The root A partition of `raw` copied into `dir/root-a.img` (found by its GPT name).
+fn root_partition(raw: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let out = Command::new("sfdisk")
+        .arg("-J")
+        .arg(raw)
+        .output()
+        .context("run sfdisk -J")?;
+    ensure!(out.status.success(), "sfdisk -J {} failed", raw.display());
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let part = table["partitiontable"]["partitions"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "root-a"))
+        .context("no root-a partition in the image")?;
+    let sector = table["partitiontable"]["sectorsize"]
+        .as_u64()
+        .unwrap_or(512);
+    let start = part["start"].as_u64().context("no start")? * sector;
+    let size = part["size"].as_u64().context("no size")? * sector;
+    fs::create_dir_all(dir)?;
+    let path = dir.join("root-a.img");
+    let mut src = fs::File::open(raw)?;
+    src.seek(SeekFrom::Start(start))?;
+    let mut dst = fs::File::create(&path)?;
+    std::io::copy(&mut src.take(size), &mut dst)?;
+    Ok(path)
+}
+
+/// What in the image would let someone log in, or change it at run time.
+fn check_no_login(raw: &Path, dir: &Path) -> anyhow::Result<Vec<String>> {
+    let root = root_partition(raw, dir)?;
+    let listing = Command::new("unsquashfs")
+        .args(["-lls", "-d", ""])
+        .arg(&root)
+        .output()
+        .context("run unsquashfs (Debian package squashfs-tools)")?;
+    ensure!(
+        listing.status.success(),
+        "unsquashfs -lls failed: {}",
+        String::from_utf8_lossy(&listing.stderr)
+    );
+    let text = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let shadow = Command::new("unsquashfs")
+        .arg("-cat")
+        .arg(&root)
+        .arg("etc/shadow")
+        .output()
+        .context("run unsquashfs -cat")?;
+    let _ = fs::remove_dir_all(dir);
+    Ok(login_problems(
+        &text,
+        &String::from_utf8_lossy(&shadow.stdout),
+    ))
+}
+
+/// The problems in an `unsquashfs -lls` listing and the image's `/etc/shadow`.
+fn login_problems(listing: &str, shadow: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    // path → the rest of its line (a symlink shows "-> TARGET").
+    let entries: Vec<(&str, &str)> = listing
+        .lines()
+        .filter_map(|l| {
+            let i = l.find(" /")?;
+            let rest = &l[i + 1..];
+            Some(match rest.split_once(" -> ") {
+                Some((p, t)) => (p, t),
+                None => (rest, ""),
+            })
+        })
+        .collect();
+    let exists = |p: &str| entries.iter().any(|(path, _)| *path == p);
+    for program in [
+        "/usr/sbin/sshd",
+        "/usr/bin/login",
+        "/bin/login",
+        "/usr/sbin/agetty",
+        "/sbin/agetty",
+        "/usr/sbin/sulogin",
+        "/sbin/sulogin",
+        "/usr/bin/su",
+        "/usr/bin/sudo",
+        "/usr/bin/apt",
+        "/usr/bin/apt-get",
+        "/usr/bin/dpkg",
+        "/usr/bin/gcc",
+        "/usr/bin/cc",
+    ] {
+        if exists(program) {
+            problems.push(format!("{program} is in the image"));
+        }
+    }
+    for unit in [
+        "getty@.service",
+        "serial-getty@.service",
+        "console-getty.service",
+        "container-getty@.service",
+        "autovt@.service",
+        "emergency.service",
+        "rescue.service",
+        "debug-shell.service",
+    ] {
+        let mask = format!("/etc/systemd/system/{unit}");
+        if !entries
+            .iter()
+            .any(|(p, t)| *p == mask && t.trim() == "/dev/null")
+        {
+            problems.push(format!("{unit} is not masked"));
+        }
+    }
+    if entries
+        .iter()
+        .any(|(p, _)| p.starts_with("/etc/systemd/system/getty.target.wants/") && p.len() > 40)
+    {
+        problems.push("a getty is enabled (getty.target.wants)".into());
+    }
+    if shadow.trim().is_empty() {
+        problems.push("/etc/shadow is missing or empty".into());
+    }
+    for line in shadow.lines().filter(|l| !l.trim().is_empty()) {
+        let mut f = line.split(':');
+        let (user, password) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
+        if !(password.starts_with('!') || password.starts_with('*')) {
+            problems.push(format!("account {user} can log in with a password"));
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::login_problems;
+
+    const MASKS: &str =
+        "lrwxrwxrwx root/root 9 2026-01-01 00:00 /etc/systemd/system/getty@.service -> /dev/null
+lrwxrwxrwx root/root 9 2026-01-01 00:00 /etc/systemd/system/serial-getty@.service -> /dev/null
+lrwxrwxrwx root/root 9 2026-01-01 00:00 /etc/systemd/system/console-getty.service -> /dev/null
+lrwxrwxrwx root/root 9 2026-01-01 00:00 /etc/systemd/system/container-getty@.service -> /dev/null
+lrwxrwxrwx root/root 9 2026-01-01 00:00 /etc/systemd/system/autovt@.service -> /dev/null
+lrwxrwxrwx root/root 9 2026-01-01 00:00 /etc/systemd/system/emergency.service -> /dev/null
+lrwxrwxrwx root/root 9 2026-01-01 00:00 /etc/systemd/system/rescue.service -> /dev/null
+lrwxrwxrwx root/root 9 2026-01-01 00:00 /etc/systemd/system/debug-shell.service -> /dev/null
+";
+
+    #[test]
+    fn a_locked_image_passes_and_each_way_in_is_named() {
+        let shadow = "root:!*:20000:0:99999:7:::\ntsunagi-dicom:!:20000::::::\n";
+        assert_eq!(login_problems(MASKS, shadow), Vec::<String>::new());
+        let with_sshd = format!("{MASKS}-rwxr-xr-x root/root 1 2026-01-01 00:00 /usr/sbin/sshd\n");
+        assert_eq!(
+            login_problems(&with_sshd, shadow),
+            ["/usr/sbin/sshd is in the image"]
+        );
+        let unmasked = MASKS.replace(
+            "/etc/systemd/system/serial-getty@.service -> /dev/null",
+            "/etc/systemd/system/serial-getty@.service -> /lib/systemd/system/serial-getty@.service",
+        );
+        assert_eq!(
+            login_problems(&unmasked, shadow),
+            ["serial-getty@.service is not masked"]
+        );
+        assert_eq!(
+            login_problems(MASKS, "root:$6$salt$hash:20000:0:99999:7:::\n"),
+            ["account root can log in with a password"]
+        );
+        assert_eq!(
+            login_problems(MASKS, ""),
+            ["/etc/shadow is missing or empty"]
+        );
+    }
+}
