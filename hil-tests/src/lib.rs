@@ -37,4 +37,5 @@ pub mod fhir;
 pub mod health;
 pub mod nginx;
 pub mod orthanc;
+pub mod qemu;
 pub mod testnet;

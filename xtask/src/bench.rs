@@ -53,6 +53,16 @@ const BENCHES: &[Bench] = &[
     },
 ];
 
+/// The workspace root and its target directory (`CARGO_TARGET_DIR` if set).
+pub(crate) fn target_dir() -> (std::path::PathBuf, std::path::PathBuf) {
+    let root = crate::workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || root.join("target"),
+        |t| root.join(std::path::PathBuf::from(t)),
+    );
+    (root, target)
+}
+
 /// Builds `tsunagi` (`--release`, or the debug build for a smoke run: a debug build's
 /// figures mean nothing, and a smoke run must stay short); returns the binary, the target
 /// directory and the profile's name.
@@ -60,11 +70,7 @@ pub(crate) fn build_tsunagi(
     smoke: bool,
 ) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, &'static str)> {
     use crate::process::{cargo, display, status};
-    let root = crate::workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || root.join("target"),
-        |t| root.join(std::path::PathBuf::from(t)),
-    );
+    let (_, target) = target_dir();
     let profile = if smoke { "debug" } else { "release" };
     let mut build = cargo();
     build.args(["build", "--locked", "-p", "tsunagi"]);

@@ -9,9 +9,9 @@
 //! 4. Runs fmt, clippy, cargo-deny (licenses, bans, sources; then advisories if the
 //!    advisory database is reachable) and the nextest `ci` profile, stopping at the first
 //!    failure, with a `==> command` banner before each and a one-line verdict at the end.
-//! 5. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
-//! 6. Builds the appliance image (or reuses it while its inputs are unchanged) and checks it
-//!    (`cargo xtask image --check`).
+//! 5. Builds the appliance image (or reuses it while its inputs are unchanged) and checks it
+//!    (`cargo xtask image --check`) before the tests, which boot it (`TSUNAGI_IMAGE`).
+//! 6. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
 
 use std::io::{self, BufRead as _, BufReader, Read, Write as _};
 use std::os::unix::process::CommandExt as _;
@@ -127,6 +127,14 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
         why: "cargo xtask image: qemu-img writes tsunagi.qcow2",
     },
     SystemPackage {
+        name: "qemu-system-x86",
+        why: "hil-tests QEMU harness: boots the appliance image (TCG)",
+    },
+    SystemPackage {
+        name: "ovmf",
+        why: "hil-tests QEMU harness: the UEFI firmware the image boots with",
+    },
+    SystemPackage {
         name: "dcmtk",
         why: "hil-tests DICOM tests: echoscu/storescu/findscu/movescu as modality and viewer, dump2dcm and dcmdump for the test files",
     },
@@ -194,9 +202,19 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Advisories::Failed(command) => return Ok(verdict_failed(&command)),
     };
 
+    // The appliance image: built (or reused while its inputs are unchanged) and checked,
+    // before the tests, which boot it (hil-tests `boot`).
+    let mut image = Command::new("/proc/self/exe");
+    image.args(["image", "--check"]);
+    if !step(&mut image)? {
+        return Ok(verdict_failed(&display(&image)));
+    }
+    let (_, target) = crate::bench::target_dir();
+
     // nextest prints its own summary line ("N tests run: N passed, N failed, ...") last;
     // CI reads it from the inherited stderr.
     let mut nextest = cargo();
+    nextest.env("TSUNAGI_IMAGE", target.join("image").join("tsunagi.raw"));
     nextest.args([
         "nextest",
         "run",
@@ -240,14 +258,6 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         if !step(&mut smoke)? {
             return Ok(verdict_failed(&display(&smoke)));
         }
-    }
-
-    // The appliance image: built (or reused while its inputs are unchanged) and checked.
-    let myself = std::path::Path::new("/proc/self/exe");
-    let mut image = Command::new(myself);
-    image.args(["image", "--check"]);
-    if !step(&mut image)? {
-        return Ok(verdict_failed(&display(&image)));
     }
 
     if advisories_skipped {
