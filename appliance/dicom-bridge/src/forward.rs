@@ -14,7 +14,7 @@ use std::time::Duration;
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::Pdu;
 use dicom_ul::association::{Association, AsyncAssociation, AsyncClientAssociation};
-use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
 use dimse::command::Command;
 use dimse::status::{Class, Status};
 use tokio::io::AsyncReadExt as _;
@@ -225,7 +225,9 @@ where
 {
     let q = &out.queued;
     let rq = Command::store(message_id, &q.meta.sop_class, &q.meta.sop_instance);
-    send(assoc, pc_id, PDataValueType::Command, true, rq.encode()).await?;
+    send(assoc, pc_id, PDataValueType::Command, true, rq.encode())
+        .await
+        .map_err(ForwardError::Association)?;
     let max = match Association::peer_max_pdu_length(assoc) {
         0 => 64 * 1024,
         n => n.min(1 << 20),
@@ -271,13 +273,14 @@ where
             left == 0,
             buf[..want].to_vec(),
         )
-        .await?;
+        .await
+        .map_err(ForwardError::Association)?;
         if left == 0 {
             break;
         }
     }
     // The response (its command may come in fragments).
-    let mut command = Vec::new();
+    let mut command = crate::CommandBuf::default();
     loop {
         match AsyncAssociation::receive(assoc)
             .await
@@ -285,13 +288,11 @@ where
         {
             Pdu::PData { data } => {
                 for pdv in data {
-                    if pdv.value_type == PDataValueType::Command {
-                        command.extend_from_slice(&pdv.data);
-                        if pdv.is_last {
-                            let rsp =
-                                Command::decode(&command).map_err(|_| ForwardError::Protocol)?;
-                            return rsp.status.ok_or(ForwardError::Protocol);
-                        }
+                    if pdv.value_type == PDataValueType::Command
+                        && let Some(rsp) =
+                            command.push(&pdv).map_err(|()| ForwardError::Protocol)?
+                    {
+                        return rsp.status.ok_or(ForwardError::Protocol);
                     }
                 }
             }
@@ -300,26 +301,14 @@ where
     }
 }
 
-async fn send<A: AsyncAssociation<TcpStream> + Send>(
+pub(crate) async fn send<A: AsyncAssociation<TcpStream> + Send>(
     assoc: &mut A,
     pc_id: u8,
     kind: PDataValueType,
     last: bool,
     data: Vec<u8>,
-) -> Result<(), ForwardError> {
-    AsyncAssociation::send(
-        assoc,
-        &Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc_id,
-                value_type: kind,
-                is_last: last,
-                data,
-            }],
-        },
-    )
-    .await
-    .map_err(ForwardError::Association)
+) -> Result<(), dicom_ul::association::Error> {
+    AsyncAssociation::send(assoc, &crate::pdata(pc_id, kind, last, data)).await
 }
 
 /// Applies a batch's outcomes to the spool; returns how many were delivered.

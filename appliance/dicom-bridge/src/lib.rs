@@ -37,3 +37,46 @@ pub(crate) fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
+
+/// A command set arriving in P-DATA fragments: bounded by
+/// [`dimse::command::MAX_COMMAND_SET`], decoded once its last fragment came. The one way
+/// every association of the bridge reads commands.
+#[derive(Debug, Default)]
+pub(crate) struct CommandBuf(Vec<u8>);
+
+impl CommandBuf {
+    /// Adds a command fragment; the command once it is complete. `Err`: too long or not a
+    /// command set (the association is to be ended).
+    pub(crate) fn push(
+        &mut self,
+        pdv: &dicom_ul::pdu::PDataValue,
+    ) -> Result<Option<dimse::command::Command>, ()> {
+        if self.0.len() + pdv.data.len() > dimse::command::MAX_COMMAND_SET {
+            return Err(());
+        }
+        self.0.extend_from_slice(&pdv.data);
+        if !pdv.is_last {
+            return Ok(None);
+        }
+        let command = dimse::command::Command::decode(&self.0).map_err(|_| ());
+        self.0.clear();
+        command.map(Some)
+    }
+}
+
+/// One P-DATA PDU with one value.
+pub(crate) fn pdata(
+    pc_id: u8,
+    kind: dicom_ul::pdu::PDataValueType,
+    is_last: bool,
+    data: Vec<u8>,
+) -> dicom_ul::Pdu {
+    dicom_ul::Pdu::PData {
+        data: vec![dicom_ul::pdu::PDataValue {
+            presentation_context_id: pc_id,
+            value_type: kind,
+            is_last,
+            data,
+        }],
+    }
+}

@@ -26,7 +26,7 @@ use consent::client::{Identities as _, SocketGate, Verdict};
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::Pdu;
 use dicom_ul::association::AsyncClientAssociation;
-use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
 use dimse::command::{Command, CommandField};
 use dimse::status::Status;
 use tokio::net::TcpStream;
@@ -347,15 +347,7 @@ async fn send(
     kind: PDataValueType,
     data: Vec<u8>,
 ) -> Result<(), QueryError> {
-    assoc
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc_id,
-                value_type: kind,
-                is_last: true,
-                data,
-            }],
-        })
+    crate::forward::send(assoc, pc_id, kind, true, data)
         .await
         .map_err(QueryError::Association)
 }
@@ -365,7 +357,7 @@ async fn receive(
     assoc: &mut AsyncClientAssociation<TcpStream>,
     expected: CommandField,
 ) -> Result<(Command, Option<Vec<u8>>), QueryError> {
-    let mut command_buf = Vec::new();
+    let mut command_buf = crate::CommandBuf::default();
     let mut command: Option<Command> = None;
     let mut data = Vec::new();
     loop {
@@ -376,12 +368,7 @@ async fn receive(
         for pdv in pdvs {
             match pdv.value_type {
                 PDataValueType::Command => {
-                    command_buf.extend_from_slice(&pdv.data);
-                    if command_buf.len() > dimse::command::MAX_COMMAND_SET {
-                        return Err(QueryError::Protocol);
-                    }
-                    if pdv.is_last {
-                        let c = Command::decode(&command_buf).map_err(|_| QueryError::Protocol)?;
+                    if let Some(c) = command_buf.push(&pdv).map_err(|()| QueryError::Protocol)? {
                         if c.field != expected {
                             return Err(QueryError::Protocol);
                         }
@@ -870,7 +857,7 @@ async fn receive_stores(
     got: &mut Got,
 ) -> Result<(), QueryError> {
     use std::io::Write as _;
-    let mut command_buf = Vec::new();
+    let mut command_buf = crate::CommandBuf::default();
     let mut storing: Option<(Command, u8, std::fs::File, PathBuf)> = None;
     loop {
         let Pdu::PData { data: pdvs } = assoc.receive().await.map_err(QueryError::Association)?
@@ -880,15 +867,9 @@ async fn receive_stores(
         for pdv in pdvs {
             match pdv.value_type {
                 PDataValueType::Command => {
-                    command_buf.extend_from_slice(&pdv.data);
-                    if command_buf.len() > dimse::command::MAX_COMMAND_SET {
-                        return Err(QueryError::Protocol);
-                    }
-                    if !pdv.is_last {
+                    let Some(c) = command_buf.push(&pdv).map_err(|()| QueryError::Protocol)? else {
                         continue;
-                    }
-                    let c = Command::decode(&command_buf).map_err(|_| QueryError::Protocol)?;
-                    command_buf.clear();
+                    };
                     match c.field {
                         CommandField::CGetRsp => {
                             let status = c.status.ok_or(QueryError::Protocol)?;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_ul::association::server::AccessControl;
-use dicom_ul::pdu::{AssociationRJServiceUserReason, PDataValue, PDataValueType, UserIdentity};
+use dicom_ul::pdu::{AssociationRJServiceUserReason, PDataValueType, UserIdentity};
 use dicom_ul::{Pdu, ServerAssociationOptions};
 use dimse::command::{Command, CommandField};
 use dimse::status::Status;
@@ -197,14 +197,12 @@ async fn send_command(
     c: &Command,
 ) -> Result<(), dicom_ul::association::Error> {
     assoc
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc_id,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: c.encode(),
-            }],
-        })
+        .send(&crate::pdata(
+            pc_id,
+            PDataValueType::Command,
+            true,
+            c.encode(),
+        ))
         .await
 }
 
@@ -235,7 +233,7 @@ async fn association(
         .trim()
         .to_owned();
     tracing::debug!(calling = %calling, "association established");
-    let mut command_buf: Vec<u8> = Vec::new();
+    let mut command_buf = crate::CommandBuf::default();
     let mut receiving: Option<Receiving> = None;
     let mut querying: Option<Querying> = None;
     loop {
@@ -251,21 +249,17 @@ async fn association(
                 for pdv in data {
                     match pdv.value_type {
                         PDataValueType::Command => {
-                            if command_buf.len() + pdv.data.len() > dimse::command::MAX_COMMAND_SET
-                            {
-                                let _ = assoc.abort().await;
-                                return Ok(());
-                            }
-                            command_buf.extend_from_slice(&pdv.data);
-                            if !pdv.is_last {
-                                continue;
-                            }
-                            let Ok(command) = Command::decode(&command_buf) else {
-                                tracing::warn!("undecodable command set; aborting");
-                                let _ = assoc.abort().await;
-                                return Ok(());
+                            let command = match command_buf.push(&pdv) {
+                                Ok(Some(c)) => c,
+                                Ok(None) => continue,
+                                Err(()) => {
+                                    tracing::warn!(
+                                        "oversized or undecodable command set; aborting"
+                                    );
+                                    let _ = assoc.abort().await;
+                                    return Ok(());
+                                }
                             };
-                            command_buf.clear();
                             let transfer_syntax = assoc
                                 .presentation_contexts()
                                 .iter()
@@ -457,15 +451,14 @@ async fn answer_query(
                 pieces.push(&[]);
             }
             for (i, piece) in pieces.iter().enumerate() {
+                let last = i + 1 == pieces.len();
                 assoc
-                    .send(&Pdu::PData {
-                        data: vec![PDataValue {
-                            presentation_context_id: q.pc_id,
-                            value_type: PDataValueType::Data,
-                            is_last: i + 1 == pieces.len(),
-                            data: piece.to_vec(),
-                        }],
-                    })
+                    .send(&crate::pdata(
+                        q.pc_id,
+                        PDataValueType::Data,
+                        last,
+                        piece.to_vec(),
+                    ))
                     .await?;
             }
         }

@@ -123,19 +123,8 @@ pub fn rewrite(
     ours.push((OTHER_IDS, e.sequence(OTHER_IDS, &items)));
 
     let replaced = [GROUP_LENGTH, PATIENT_ID, ISSUER, QUALIFIERS, OTHER_IDS];
-    let mut all: Vec<(u32, &[u8])> = elements
-        .iter()
-        .filter(|x| !replaced.contains(&x.tag))
-        .map(|x: &Element| (x.tag, &prefix[x.start..x.end]))
-        .collect();
-    all.extend(ours.iter().map(|(t, b)| (*t, b.as_slice())));
-    all.sort_by_key(|(t, _)| *t);
-    let head: Vec<u8> = all
-        .into_iter()
-        .flat_map(|(_, b)| b.iter().copied())
-        .collect();
     Ok(Rewritten {
-        head,
+        head: assemble(prefix, &elements, &replaced, ours),
         rest_from: boundary as u64,
     })
 }
@@ -166,18 +155,8 @@ pub fn restore(
     let e = Encoder { explicit };
     let ours = e.text(PATIENT_ID, b"LO", local_id);
     let replaced = [GROUP_LENGTH, PATIENT_ID, ISSUER, QUALIFIERS];
-    let mut all: Vec<(u32, &[u8])> = elements
-        .iter()
-        .filter(|x| !replaced.contains(&x.tag))
-        .map(|x| (x.tag, &prefix[x.start..x.end]))
-        .collect();
-    all.push((PATIENT_ID, &ours));
-    all.sort_by_key(|(t, _)| *t);
     Ok(Rewritten {
-        head: all
-            .into_iter()
-            .flat_map(|(_, b)| b.iter().copied())
-            .collect(),
+        head: assemble(prefix, &elements, &replaced, vec![(PATIENT_ID, ours)]),
         rest_from: boundary as u64,
     })
 }
@@ -218,17 +197,28 @@ pub fn with_elements(
         .iter()
         .filter_map(|(t, vr, v)| v.map(|v| (*t, e.text(*t, vr, v))))
         .collect();
+    let replaced: Vec<u32> = set.iter().map(|(t, _, _)| *t).collect();
+    Ok(assemble(data_set, &elements, &replaced, new))
+}
+
+/// The elements of `data` without the `replaced` tags, with `ours` (encoded), in ascending
+/// tag order: the one way the bridge reassembles a data set's start.
+fn assemble(
+    data: &[u8],
+    elements: &[Element],
+    replaced: &[u32],
+    ours: Vec<(u32, Vec<u8>)>,
+) -> Vec<u8> {
     let mut all: Vec<(u32, &[u8])> = elements
         .iter()
-        .filter(|x| !set.iter().any(|(t, _, _)| *t == x.tag))
-        .map(|x| (x.tag, &data_set[x.start..x.end]))
+        .filter(|x| !replaced.contains(&x.tag))
+        .map(|x| (x.tag, &data[x.start..x.end]))
         .collect();
-    all.extend(new.iter().map(|(t, b)| (*t, b.as_slice())));
+    all.extend(ours.iter().map(|(t, b)| (*t, b.as_slice())));
     all.sort_by_key(|(t, _)| *t);
-    Ok(all
-        .into_iter()
+    all.into_iter()
         .flat_map(|(_, b)| b.iter().copied())
-        .collect())
+        .collect()
 }
 
 struct Encoder {

@@ -338,29 +338,35 @@ fn pacs_down_while_200_instances_arrive_then_all_delivered_once() {
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
 
+/// Runs a dcmtk viewer tool (`findscu`, `movescu`, `getscu`) with `args`, writing what it
+/// receives into a fresh directory (`-od DIR`); the files it received, its output and
+/// whether it succeeded.
+fn viewer_tool(pacs: &Orthanc, tool: &str, args: &[&str]) -> (Vec<DicomFile>, String, bool) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut command = pacs.command(tool);
+    command.arg("-od").arg(out_dir.path()).args(args);
+    let out = pacs.output(&mut command, Duration::from_secs(60)).unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let files = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| DicomFile::read(&e.unwrap().path()).unwrap())
+        .collect();
+    (files, text, out.status.success())
+}
+
 /// The study-level answers of `findscu` through the box: (PatientID, StudyInstanceUID).
 fn find_through_box(pacs: &Orthanc, keys: &[&str]) -> BTreeSet<(String, String)> {
-    let out_dir = tempfile::tempdir().unwrap();
-    let mut findscu = pacs.command("findscu");
-    findscu.args(["-S", "-aet", "VIEWER", "-aec", "TSUNAGI-TEST"]);
+    let mut args = vec!["-S", "-aet", "VIEWER", "-aec", "TSUNAGI-TEST", "-X"];
     for k in keys {
-        findscu.args(["-k", k]);
+        args.extend(["-k", k]);
     }
-    findscu
-        .args(["-X", "--output-directory"])
-        .arg(out_dir.path())
-        .args(["127.0.0.1", "11112"]);
-    let out = pacs.output(&mut findscu, Duration::from_secs(60)).unwrap();
-    assert!(
-        out.status.success(),
-        "findscu: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read_dir(out_dir.path())
-        .unwrap()
-        .map(|e| {
-            let f = DicomFile::read(&e.unwrap().path()).unwrap();
+    args.extend(["127.0.0.1", "11112"]);
+    let (files, text, ok) = viewer_tool(pacs, "findscu", &args);
+    assert!(ok, "findscu: {text}");
+    files
+        .iter()
+        .map(|f| {
             (
                 f.string(0x0010, 0x0020).unwrap_or_default(),
                 f.string(0x0020, 0x000D).unwrap_or_default(),
@@ -372,51 +378,48 @@ fn find_through_box(pacs: &Orthanc, keys: &[&str]) -> BTreeSet<(String, String)>
 /// `movescu` of a study through the box to `destination` (movescu itself listens as the
 /// viewer's storage SCP); the instances it received and its output.
 fn move_through_box(pacs: &Orthanc, destination: &str, study: &str) -> (Vec<DicomFile>, String) {
-    let out_dir = tempfile::tempdir().unwrap();
-    let mut movescu = pacs.command("movescu");
-    movescu
-        .args([
-            "-d",
-            "-S",
-            "-aet",
-            "VIEWER",
-            "-aem",
-            destination,
-            "-aec",
-            "TSUNAGI-TEST",
-        ])
-        .args(["--port", &VIEWER_PORT.to_string(), "-od"])
-        .arg(out_dir.path())
-        .args(["-k", "QueryRetrieveLevel=STUDY"])
-        .args(["-k", &format!("StudyInstanceUID={study}")])
-        .args(["127.0.0.1", "11112"]);
-    let out = pacs.output(&mut movescu, Duration::from_secs(60)).unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let files = std::fs::read_dir(out_dir.path())
-        .unwrap()
-        .map(|e| DicomFile::read(&e.unwrap().path()).unwrap())
-        .collect();
+    let port = VIEWER_PORT.to_string();
+    let uid = format!("StudyInstanceUID={study}");
+    let args = [
+        "-d",
+        "-S",
+        "-aet",
+        "VIEWER",
+        "-aem",
+        destination,
+        "-aec",
+        "TSUNAGI-TEST",
+        "--port",
+        &port,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        &uid,
+        "127.0.0.1",
+        "11112",
+    ];
+    let (files, text, _) = viewer_tool(pacs, "movescu", &args);
     (files, text)
 }
 
 /// `getscu` of a study through the box; the instances it received and its output.
 fn get_through_box(pacs: &Orthanc, study: &str) -> (Vec<DicomFile>, String) {
-    let out_dir = tempfile::tempdir().unwrap();
-    let mut getscu = pacs.command("getscu");
-    getscu
-        .args(["-d", "-S", "-aet", "VIEWER", "-aec", "TSUNAGI-TEST", "-od"])
-        .arg(out_dir.path())
-        .args(["-k", "QueryRetrieveLevel=STUDY"])
-        .args(["-k", &format!("StudyInstanceUID={study}")])
-        .args(["127.0.0.1", "11112"]);
-    let out = pacs.output(&mut getscu, Duration::from_secs(60)).unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let files = std::fs::read_dir(out_dir.path())
-        .unwrap()
-        .map(|e| DicomFile::read(&e.unwrap().path()).unwrap())
-        .collect();
+    let uid = format!("StudyInstanceUID={study}");
+    let args = [
+        "-d",
+        "-S",
+        "-aet",
+        "VIEWER",
+        "-aec",
+        "TSUNAGI-TEST",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        &uid,
+        "127.0.0.1",
+        "11112",
+    ];
+    let (files, text, _) = viewer_tool(pacs, "getscu", &args);
     (files, text)
 }
 
