@@ -92,7 +92,7 @@ step "UKIs: slot A and B, signed"
 cp "$R/usr/lib/os-release" "$WORK/os-release"
 for SLOT in a b; do
   S=${SLOT^^}
-  printf '%s' "roothash=$ROOTHASH systemd.verity_root_data=/dev/disk/by-partlabel/root-$SLOT systemd.verity_root_hash=/dev/disk/by-partlabel/root-$SLOT-verity systemd.verity_root_options=panic-on-corruption root=/dev/mapper/root rootfstype=squashfs ro console=ttyS0,115200 loglevel=4 lockdown=integrity panic=10 rauc.slot=$S" \
+  printf '%s' "roothash=$ROOTHASH systemd.verity_root_data=/dev/disk/by-partlabel/root-$SLOT systemd.verity_root_hash=/dev/disk/by-partlabel/root-$SLOT-verity systemd.verity_root_options=panic-on-corruption root=/dev/mapper/root rootfstype=squashfs ro console=ttyS0,115200 loglevel=4 lockdown=integrity panic=10 rd.shell=0 rd.emergency=reboot rauc.slot=$S" \
     > "$WORK/cmdline-$S.txt"
   objcopy \
     --add-section .osrel="$WORK/os-release"       --change-section-vma .osrel=0x20000 \

@@ -8,18 +8,32 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 # The product: the release binary, its unit, its users, the default configuration.
 install -m 0755 "$TSUNAGI_BIN" "$R/usr/bin/tsunagi"
 cp -a "$HERE/overlay/." "$R/"
-chroot "$R" systemctl enable tsunagi.service systemd-networkd.service chrony.service
+# Users at build time (static ids, the same on every box of a version): /etc is read-only.
+chroot "$R" systemd-sysusers
+chroot "$R" systemctl enable tsunagi.service tsunagi-provision.service tsunagi-check.service \
+  systemd-networkd.service nftables.service chrony.service
 
-# Identity comes at first boot: an empty machine-id (the root is read-only).
+# Identity comes at first boot: the machine-id is generated then, into the data partition
+# (the root is read-only; the initrd has mounted /var already).
 echo tsunagi > "$R/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 tsunagi\n::1 localhost ip6-localhost\n' > "$R/etc/hosts"
-: > "$R/etc/machine-id"; rm -f "$R/var/lib/dbus/machine-id"
+rm -f "$R/etc/machine-id" "$R/var/lib/dbus/machine-id" "$R/var/etc/machine-id"
+ln -s ../var/etc/machine-id "$R/etc/machine-id"
 
-# Read-only root (dm-verity); the state lives on the data partition.
+# Read-only root (dm-verity); the state lives on the data partition, mounted by the initrd
+# already (x-initrd.mount) so that everything after the switch to the root finds it.
 cat > "$R/etc/fstab" <<'FSTAB'
-PARTLABEL=data  /var  ext4   defaults,nodev,nosuid,commit=30  0 2
+PARTLABEL=data  /var  ext4   defaults,nodev,nosuid,commit=30,x-initrd.mount  0 2
 tmpfs           /tmp  tmpfs  nodev,nosuid,mode=1777,size=64M  0 0
 FSTAB
+# What a box changes of /etc lives on the data partition (/var/etc), reached through links;
+# tmpfiles copies the factory defaults there until provisioning writes the clinic's own.
+mkdir -p "$R/var/etc/systemd" "$R/var/log/journal"
+rm -rf "$R/etc/tsunagi" "$R/etc/systemd/network"
+ln -s ../var/etc/tsunagi "$R/etc/tsunagi"
+ln -s ../../var/etc/systemd/network "$R/etc/systemd/network"
+cp -a "$R/usr/share/tsunagi/factory/tsunagi" "$R/var/etc/tsunagi"
+cp -a "$R/usr/share/tsunagi/factory/network" "$R/var/etc/systemd/network"
 
 KVER=$(ls "$R/lib/modules" | sort -V | tail -1)
 [ -s "$R/boot/initrd.img-$KVER" ] || chroot "$R" dracut --force /boot/initrd.img-"$KVER" "$KVER"

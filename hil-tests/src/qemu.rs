@@ -1,20 +1,28 @@
-//! Boots the appliance image in QEMU (issue 7, first part of the harness).
+//! Boots the appliance image in QEMU (issue 7).
 //!
-//! [`Vm::boot`] copies the disk (sparse) into a temporary directory, so that a test never
+//! [`Vm::start`] copies the disk (sparse) into a temporary directory, so that a test never
 //! changes the built image, and starts `qemu-system-x86_64` with OVMF (UEFI: systemd-boot
-//! loads slot A's UKI), the serial console into `serial.log` in that directory, and a QMP
-//! socket. Under TCG (this machine kind cannot run ordinary KVM guests,
-//! `../shared/reference/image.md` §2.0), a boot takes 1–3 minutes. [`Vm::wait_for`] watches the
-//! serial log for a line; [`Vm::power_down`] asks for an ACPI power-down over QMP and waits
-//! for QEMU to exit. Dropping the guard kills QEMU by its pid.
+//! loads slot A's UKI), the serial console into `serial.log` in that directory, a QMP
+//! socket, optionally a provisioning medium ([`provisioning_disk`]) as a second disk, and
+//! virtio NICs on tap devices (`TestNet::box_to_vm` makes them in the box namespace, and
+//! QEMU then runs there).
+//!
+//! KVM is used only when [`kvm_works`] (a probe boot of the firmware alone, at most 10 s)
+//! says so; on this machine kind `/dev/kvm` cannot run ordinary guests
+//! (`../shared/reference/image.md` §2.0), so it is TCG, and a boot takes 1–3 minutes.
+//! [`Vm::wait_for`] watches the serial log for a line; [`Vm::power_down`] asks for an ACPI
+//! power-down over QMP and waits for QEMU to exit. Dropping the guard kills QEMU by its pid,
+//! copies the serial log to [`Spec::keep_log`] and, while a test panics, prints it, so it
+//! is kept with the test's output.
 //!
 //! Needs `qemu-system-x86_64` (Debian `qemu-system-x86`) and OVMF (`ovmf`).
 
 use std::fs;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader, Seek as _, SeekFrom, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::testnet::cmd::find_in_clean_path;
@@ -57,19 +65,135 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> QemuError {
     move |source| QemuError::Io { what, source }
 }
 
+/// A virtio NIC on a tap device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nic {
+    /// The tap device (in the namespace QEMU runs in).
+    pub tap: String,
+    /// The guest's MAC address, `52:54:00:..` (QEMU's range).
+    pub mac: String,
+}
+
+/// What to boot, and with what.
+#[derive(Clone, Debug, Default)]
+pub struct Spec {
+    /// The disk image; the guest gets a sparse copy.
+    pub disk: PathBuf,
+    /// Change the copy before the boot: `(offset, byte)` pairs written into it.
+    pub patch: Vec<(u64, u8)>,
+    /// A provisioning medium ([`provisioning_disk`]), attached as a second disk.
+    pub provisioning: Option<PathBuf>,
+    /// The network namespace QEMU runs in (where the taps are).
+    pub netns: Option<String>,
+    /// The guest's NICs, in PCI order (slots 0x10, 0x11, ...).
+    pub nics: Vec<Nic>,
+    /// Where the serial log is copied when the guest goes.
+    pub keep_log: Option<PathBuf>,
+}
+
 /// A running guest. Killed on drop.
 #[derive(Debug)]
 pub struct Vm {
     child: Option<Child>,
     dir: tempfile::TempDir,
     started: Instant,
-    /// Whether QEMU runs under TCG (always, for now).
+    keep_log: Option<PathBuf>,
+    /// Whether QEMU runs under TCG (else KVM; see [`kvm_works`]).
     pub tcg: bool,
 }
 
+/// Whether KVM can run an ordinary guest here: OVMF alone, under KVM, must print its boot
+/// manager's first line on the serial console within 10 s (under working KVM it takes
+/// about a second; on this machine kind the first instruction fails). Probed once per
+/// process; `TSUNAGI_QEMU_ACCEL=tcg` skips the probe.
+pub fn kvm_works() -> bool {
+    static KVM: OnceLock<bool> = OnceLock::new();
+    *KVM.get_or_init(|| {
+        if std::env::var("TSUNAGI_QEMU_ACCEL").is_ok_and(|v| v == "tcg") {
+            return false;
+        }
+        probe_kvm().unwrap_or(false)
+    })
+}
+
+fn probe_kvm() -> Result<bool, QemuError> {
+    if !Path::new("/dev/kvm").exists() {
+        return Ok(false);
+    }
+    let qemu = find_in_clean_path("qemu-system-x86_64")
+        .ok_or_else(|| QemuError::Missing("qemu-system-x86_64".into()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("tsu-kvm-probe-")
+        .tempdir()
+        .map_err(io("create a directory for the KVM probe"))?;
+    let vars = dir.path().join("vars.fd");
+    fs::copy(OVMF_VARS, &vars).map_err(io("copy the OVMF variables"))?;
+    let serial = dir.path().join("serial.log");
+    let mut child = Command::new(qemu)
+        .args(["-machine", "q35", "-accel", "kvm", "-m", "256"])
+        .args(["-display", "none", "-nodefaults", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io("start the KVM probe"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut works = false;
+    while Instant::now() < deadline {
+        if fs::read(&serial).is_ok_and(|b| b.windows(6).any(|w| w == b"BdsDxe")) {
+            works = true;
+            break;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        pause(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(works)
+}
+
+/// Makes a provisioning medium: an ext4 image at `out`, labelled `TSUNAGI-PROV`, holding
+/// the tree `dir` (layout: `image/overlay/usr/lib/tsunagi/provision`). The image applies it
+/// at boot.
+pub fn provisioning_disk(dir: &Path, out: &Path) -> Result<(), QemuError> {
+    let mkfs =
+        find_in_clean_path("mkfs.ext4").ok_or_else(|| QemuError::Missing("mkfs.ext4".into()))?;
+    let output = Command::new(mkfs)
+        .args(["-q", "-F", "-L", "TSUNAGI-PROV", "-d"])
+        .arg(dir)
+        .arg(out)
+        .arg("16M")
+        .output()
+        .map_err(io("run mkfs.ext4"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(QemuError::Io {
+            what: format!("mkfs.ext4 -d {}", dir.display()),
+            source: std::io::Error::other(String::from_utf8_lossy(&output.stderr).into_owned()),
+        })
+    }
+}
+
 impl Vm {
-    /// Boots a copy of `disk`.
+    /// Boots a copy of `disk`, without NICs.
     pub fn boot(disk: &Path) -> Result<Vm, QemuError> {
+        Vm::start(&Spec {
+            disk: disk.to_owned(),
+            ..Spec::default()
+        })
+    }
+
+    /// Boots what `spec` says.
+    pub fn start(spec: &Spec) -> Result<Vm, QemuError> {
         let qemu = find_in_clean_path("qemu-system-x86_64")
             .ok_or_else(|| QemuError::Missing("qemu-system-x86_64".into()))?;
         for f in [OVMF_CODE, OVMF_VARS] {
@@ -84,24 +208,67 @@ impl Vm {
         let copy = dir.path().join("disk.raw");
         let status = Command::new("cp")
             .args(["--sparse=always", "--"])
-            .arg(disk)
+            .arg(&spec.disk)
             .arg(&copy)
             .status()
             .map_err(io("copy the disk"))?;
         if !status.success() {
             return Err(QemuError::Io {
-                what: format!("copy {}", disk.display()),
+                what: format!("copy {}", spec.disk.display()),
                 source: std::io::Error::other(status.to_string()),
             });
+        }
+        if !spec.patch.is_empty() {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .open(&copy)
+                .map_err(io("open the disk copy"))?;
+            for &(offset, byte) in &spec.patch {
+                f.seek(SeekFrom::Start(offset))
+                    .and_then(|_| f.write_all(&[byte]))
+                    .map_err(io("patch the disk copy"))?;
+            }
         }
         let vars = dir.path().join("vars.fd");
         fs::copy(OVMF_VARS, &vars).map_err(io("copy the OVMF variables"))?;
         let serial = dir.path().join("serial.log");
-        let mut cmd = Command::new(qemu);
+        let tcg = !kvm_works();
+        let mut cmd = match &spec.netns {
+            // `ip netns exec` execs QEMU: the pid is QEMU's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&qemu);
+                c
+            }
+            None => Command::new(&qemu),
+        };
         cmd.args(["-machine", "q35", "-m", "1024", "-smp", "2"])
-            .args(["-display", "none", "-nodefaults", "-no-reboot"])
-            .args(["-accel", "tcg,thread=multi", "-cpu", "max"])
-            .arg("-chardev")
+            .args(["-display", "none", "-nodefaults", "-no-reboot"]);
+        if tcg {
+            cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+        } else {
+            cmd.args(["-accel", "kvm", "-cpu", "host"]);
+        }
+        if let Some(medium) = &spec.provisioning {
+            cmd.arg("-drive").arg(format!(
+                "if=virtio,format=raw,readonly=on,file={}",
+                medium.display()
+            ));
+        }
+        for (i, nic) in spec.nics.iter().enumerate() {
+            cmd.arg("-netdev")
+                .arg(format!(
+                    "tap,id=n{i},ifname={},script=no,downscript=no",
+                    nic.tap
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-net-pci,netdev=n{i},mac={},addr={:#x}",
+                    nic.mac,
+                    0x10 + i
+                ));
+        }
+        cmd.arg("-chardev")
             .arg(format!("file,id=ser0,path={}", serial.display()))
             .args(["-serial", "chardev:ser0"])
             .arg("-qmp")
@@ -131,7 +298,8 @@ impl Vm {
             child: Some(child),
             dir,
             started: Instant::now(),
-            tcg: true,
+            keep_log: spec.keep_log.clone(),
+            tcg,
         })
     }
 
@@ -148,6 +316,18 @@ impl Vm {
         let text = self.serial();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Whether QEMU still runs.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The time since QEMU was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Where the guest's files are (the serial log stays there until drop).
@@ -216,7 +396,8 @@ impl Vm {
     }
 }
 
-/// Text without `\r` and without CSI escape sequences (`ESC [ ... final-byte`).
+/// Text without `\r` and without escape sequences: CSI (`ESC [ ... final-byte`) and the
+/// two-character ones (`ESC M`, reverse index, which systemd's progress spinner uses).
 fn strip_escapes(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
@@ -224,8 +405,7 @@ fn strip_escapes(text: &str) -> String {
         match c {
             '\r' => {}
             '\u{1b}' => {
-                if chars.peek() == Some(&'[') {
-                    chars.next();
+                if chars.next() == Some('[') {
                     for d in chars.by_ref() {
                         if ('@'..='~').contains(&d) {
                             break;
@@ -253,6 +433,20 @@ impl Drop for Vm {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let serial = self.serial();
+        if let Some(keep) = &self.keep_log {
+            if let Some(parent) = keep.parent() {
+                let _ = fs::create_dir_all(parent);
+            }
+            if fs::write(keep, &serial).is_ok() {
+                eprintln!("qemu: the serial log is kept in {}", keep.display());
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "qemu: the guest's serial console:\n{serial}\nqemu: end of the serial console"
+            );
+        }
     }
 }
 
@@ -265,6 +459,10 @@ mod tests {
                 "[\u{1b}[0;32m  OK  \u{1b}[0m] Started \u{1b}[0;1;39mtsunagi.service\u{1b}[0m - x\r\n"
             ),
             "[  OK  ] Started tsunagi.service - x\n"
+        );
+        assert_eq!(
+            super::strip_escapes("\u{1b}M[ ***  ] Job tsunagi.service/start running\n"),
+            "[ ***  ] Job tsunagi.service/start running\n"
         );
     }
 }

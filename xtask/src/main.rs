@@ -34,6 +34,7 @@ usage: cargo xtask <command>
 
 commands:
   test          install what the checks need, then run fmt, clippy, cargo-deny and the tests
+  test --stage image  only the image stage: build the image and run the tests that boot it
   demo          build tsunagi and run it with a demo config until Ctrl-C
   bench [NAME]  run the benchmark NAME; without NAME, list the benchmarks
   fhir-server   build helios-hfs into a cache (over an hour) for the FHIR interop stage
@@ -49,7 +50,8 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
 
     let result = match args.as_slice() {
-        ["test"] => test::run(),
+        ["test"] => test::run(test::Stages::All),
+        ["test", "--stage", "image"] => test::run(test::Stages::Image),
         ["demo"] => demo::run(),
         ["fhir-server"] => fhir_server::run(),
         ["bench", rest @ ..] => bench::run(rest),
@@ -63,7 +65,9 @@ fn main() -> ExitCode {
             Ok(ExitCode::from(EXIT_USAGE))
         }
         [command, ..] => {
-            if matches!(*command, "test" | "demo" | "fhir-server") {
+            if *command == "test" {
+                eprintln!("xtask: `test` takes no arguments but `--stage image`\n");
+            } else if matches!(*command, "demo" | "fhir-server") {
                 eprintln!("xtask: `{command}` takes no arguments\n");
             } else {
                 eprintln!("xtask: unknown command `{command}`\n");

@@ -10,8 +10,12 @@
 //!    advisory database is reachable) and the nextest `ci` profile, stopping at the first
 //!    failure, with a `==> command` banner before each and a one-line verdict at the end.
 //! 5. Builds the appliance image (or reuses it while its inputs are unchanged) and checks it
-//!    (`cargo xtask image --check`) before the tests, which boot it (`TSUNAGI_IMAGE`).
-//! 6. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
+//!    (`cargo xtask image --check`).
+//! 6. The image stage: the tests that boot the image in QEMU (hil-tests `image`, with
+//!    `TSUNAGI_IMAGE` and `TSUNAGI_IMAGE_BIN`), in a nextest run of their own after the
+//!    others. `cargo xtask test --stage image` runs only this stage (and what it needs:
+//!    packages, pydicom, the image); long scenarios such as the A/B update cycle go here.
+//! 7. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
 
 use std::io::{self, BufRead as _, BufReader, Read, Write as _};
 use std::os::unix::process::CommandExt as _;
@@ -131,6 +135,10 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
         why: "hil-tests QEMU harness: boots the appliance image (TCG)",
     },
     SystemPackage {
+        name: "nmap",
+        why: "hil-tests image stage: scans every TCP port of the booted box from the hub and the clinic",
+    },
+    SystemPackage {
         name: "ovmf",
         why: "hil-tests QEMU harness: the UEFI firmware the image boots with",
     },
@@ -152,9 +160,34 @@ const ADVISORIES_TIMEOUT: Duration = Duration::from_secs(60);
 /// Exit code when packages are missing and we cannot install them.
 const EXIT_MISSING_PACKAGES: u8 = 3;
 
-pub(crate) fn run() -> anyhow::Result<ExitCode> {
+/// The nextest filter of the image stage: the tests that boot the appliance image.
+const IMAGE_STAGE: &str = "package(hil-tests) & binary(image)";
+
+/// Which stages `cargo xtask test` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stages {
+    /// Everything (CI).
+    All,
+    /// Only the image stage.
+    Image,
+}
+
+pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
     if let Some(code) = ensure_system_packages()? {
         return Ok(code);
+    }
+    if stages == Stages::Image {
+        if let Err(failed) = ensure_pydicom()? {
+            return Ok(verdict_failed(&failed));
+        }
+        if let Err(failed) = ensure_cargo_tools()? {
+            return Ok(verdict_failed(&failed));
+        }
+        if let Err(failed) = image_stage()? {
+            return Ok(verdict_failed(&failed));
+        }
+        println!("xtask test: the image stage passed");
+        return Ok(ExitCode::SUCCESS);
     }
     if let Err(failed) = ensure_fhir_schema()? {
         return Ok(verdict_failed(&failed));
@@ -202,19 +235,9 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Advisories::Failed(command) => return Ok(verdict_failed(&command)),
     };
 
-    // The appliance image: built (or reused while its inputs are unchanged) and checked,
-    // before the tests, which boot it (hil-tests `boot`).
-    let mut image = Command::new("/proc/self/exe");
-    image.args(["image", "--check"]);
-    if !step(&mut image)? {
-        return Ok(verdict_failed(&display(&image)));
-    }
-    let (_, target) = crate::bench::target_dir();
-
     // nextest prints its own summary line ("N tests run: N passed, N failed, ...") last;
     // CI reads it from the inherited stderr.
     let mut nextest = cargo();
-    nextest.env("TSUNAGI_IMAGE", target.join("image").join("tsunagi.raw"));
     nextest.args([
         "nextest",
         "run",
@@ -222,7 +245,9 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         "--locked",
         "--profile",
         "ci",
+        "-E",
     ]);
+    nextest.arg(format!("not ({IMAGE_STAGE})"));
     // The consent sync's interop stage against helios-hfs runs only when its (slow to build)
     // binary is cached; the strict FHIR test server is used every time regardless.
     match crate::fhir_server::cached() {
@@ -241,6 +266,9 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     }
     if !step(&mut nextest)? {
         return Ok(verdict_failed(&display(&nextest)));
+    }
+    if let Err(failed) = image_stage()? {
+        return Ok(verdict_failed(&failed));
     }
 
     // Every benchmark once, briefly: a smoke run proving it still measures (its figures on
@@ -266,6 +294,34 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         println!("xtask test: all steps passed");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Builds (or reuses) and checks the appliance image, then runs the tests that boot it.
+/// `Err(step)` names the step that failed.
+fn image_stage() -> anyhow::Result<Result<(), String>> {
+    let mut image = Command::new("/proc/self/exe");
+    image.args(["image", "--check"]);
+    if !step(&mut image)? {
+        return Ok(Err(display(&image)));
+    }
+    let (_, target) = crate::bench::target_dir();
+    let mut nextest = cargo();
+    nextest
+        .env("TSUNAGI_IMAGE", target.join("image").join("tsunagi.raw"))
+        .env("TSUNAGI_IMAGE_BIN", target.join("release").join("tsunagi"))
+        .args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--locked",
+            "--profile",
+            "ci",
+        ])
+        .args(["-E", IMAGE_STAGE]);
+    if !step(&mut nextest)? {
+        return Ok(Err(display(&nextest)));
+    }
+    Ok(Ok(()))
 }
 
 fn banner(text: &str) {

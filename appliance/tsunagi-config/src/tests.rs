@@ -879,7 +879,8 @@ fn every_example_config_parses() {
 /// House style 4.3: the config the image ships with must parse too.
 #[test]
 fn image_config_parses() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../image/overlay/etc/tsunagi");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../image/overlay/usr/share/tsunagi/factory/tsunagi");
     let mut found = 0;
     for entry in fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

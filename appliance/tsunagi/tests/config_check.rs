@@ -125,7 +125,10 @@ fn a_secret_file_readable_by_group_is_refused() {
 fn shipped_configs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut files = Vec::new();
-    for dir in ["appliance/examples", "image/overlay/etc/tsunagi"] {
+    for dir in [
+        "appliance/examples",
+        "image/overlay/usr/share/tsunagi/factory/tsunagi",
+    ] {
         for entry in std::fs::read_dir(root.join(dir)).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {

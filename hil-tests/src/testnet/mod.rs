@@ -66,6 +66,15 @@ pub struct Options {
     pub hub_extra_udp_ports: Vec<u16>,
 }
 
+/// The tap devices [`TestNet::box_to_vm`] made in the box namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmLinks {
+    /// The guest's WAN link (bridged to the hub).
+    pub wan_tap: String,
+    /// The guest's clinic-LAN link (bridged to the clinic device).
+    pub lan_tap: String,
+}
+
 /// A WireGuard key pair from `wg genkey` / `wg pubkey`. `Debug` hides the private key.
 #[derive(Clone)]
 pub struct KeyPair {
@@ -597,6 +606,36 @@ impl TestNet {
         }
         let mut inner = self.lock();
         self.start_wireguard_go_locked(&mut inner, host, iface)
+    }
+
+    /// Hands the box's two links to a virtual machine (the QEMU harness, issue 7). In the
+    /// box namespace the box's addresses go, and each veth end joins a bridge with a tap
+    /// device: WAN `<id>tw` on bridge `<id>bw`, LAN `<id>tl` on bridge `<id>bl`. QEMU,
+    /// started in the box namespace, opens the taps; the guest then takes the box's
+    /// addresses (10.250.0.2/24, 192.168.50.1/24), so the rest of the plan holds as it is.
+    /// Nothing of the product may run in the box namespace afterwards. Bridges and taps go
+    /// with the namespace at teardown.
+    pub fn box_to_vm(&self) -> Result<VmLinks, TestNetError> {
+        let id = &self.plan.id;
+        let ns = self.ns(Host::Box);
+        let links = VmLinks {
+            wan_tap: format!("{id}tw"),
+            lan_tap: format!("{id}tl"),
+        };
+        for (veth, bridge, tap) in [
+            (&self.plan.wan_box_iface, format!("{id}bw"), &links.wan_tap),
+            (&self.plan.lan_box_iface, format!("{id}bl"), &links.lan_tap),
+        ] {
+            self.ip(&["-n", ns, "addr", "flush", "dev", veth])?;
+            self.ip(&["-n", ns, "link", "add", &bridge, "type", "bridge"])?;
+            self.ip(&["-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"])?;
+            for port in [veth.as_str(), tap.as_str()] {
+                self.ip(&["-n", ns, "link", "set", port, "master", &bridge])?;
+                self.ip(&["-n", ns, "link", "set", port, "up"])?;
+            }
+            self.ip(&["-n", ns, "link", "set", &bridge, "up"])?;
+        }
+        Ok(links)
     }
 
     /// Tears down now and reports what could not be removed (drop does the same and
