@@ -23,6 +23,9 @@ mkdir -p "$OUT" "$WORK"
 step() { printf 'image: %s\n' "$*" >&2; }
 
 # --- keys: test keys at build time unless real ones are passed in by path ---------------
+# The keys are an input like the packages: the update CA's certificate is in the root, so
+# two builds give the same root hash only with the same keys. `cargo xtask image` keeps its
+# test keys in target/image-keys across builds. `build.sh keys` only makes them.
 KEYS=${KEYS:-$WORK/keys}
 if [ ! -s "$KEYS/db.key" ]; then
   step "generating TEST keys into $KEYS (never use them for a real fleet)"
@@ -37,6 +40,8 @@ if [ ! -s "$KEYS/db.key" ]; then
       -subj "$subj/CN=test secure boot db" 2>/dev/null
   )
 fi
+
+[ "${1:-}" = keys ] && exit 0
 
 # --- root filesystem -------------------------------------------------------------------
 SOURCES=
@@ -75,11 +80,16 @@ cp "$R/boot/initrd.img-$KVER" "$WORK/initrd.img"
 sed -i '/^IMAGE_ID=/d; /^IMAGE_VERSION=/d' "$R/usr/lib/os-release"
 printf 'IMAGE_ID=tsunagi\nIMAGE_VERSION=%s\n' "$VERSION" >> "$R/usr/lib/os-release"
 
+# Nothing in the image is newer than SOURCE_DATE_EPOCH (dpkg, ldconfig, the certificate
+# links and every directory carry the build's own time otherwise).
+find "$R" -newermt "@$SOURCE_DATE_EPOCH" -print0 | xargs -0r touch -h -d "@$SOURCE_DATE_EPOCH"
+
 # --- read-only root and its dm-verity hash tree -----------------------------------------
+# /var is only a mount point in the root: the data partition is mounted there.
 step "root: squashfs (timestamps from SOURCE_DATE_EPOCH) and dm-verity"
 rm -f "$WORK/root.img"
 mksquashfs "$R" "$WORK/root.img" -comp zstd -b 128K -noappend -no-progress \
-  -wildcards -e 'boot/*' -processors "$(nproc)" >/dev/null
+  -wildcards -e 'boot/*' -e 'var/*' -processors "$(nproc)" >/dev/null
 SALT=$(printf 'tsunagi-%s' "$VERSION" | sha256sum | cut -c1-64)
 VUUID=$(printf 'tsunagi-verity-%s' "$VERSION" | sha256sum | sed -E 's/^(.{8})(.{4})(.{4})(.{4})(.{12}).*/\1-\2-\3-\4-\5/')
 veritysetup format "$WORK/root.img" "$WORK/root.verity" --salt="$SALT" --uuid="$VUUID" \

@@ -36,7 +36,27 @@ cp -a "$R/usr/share/tsunagi/factory/tsunagi" "$R/var/etc/tsunagi"
 cp -a "$R/usr/share/tsunagi/factory/network" "$R/var/etc/systemd/network"
 
 KVER=$(ls "$R/lib/modules" | sort -V | tail -1)
-[ -s "$R/boot/initrd.img-$KVER" ] || chroot "$R" dracut --force /boot/initrd.img-"$KVER" "$KVER"
+# Lean: kernel modules for hardware and protocols a clinic box does not have or speak
+# (sound, graphics, cameras, radios, InfiniBand, industrial I/O, staging drivers, cluster
+# and network file systems but SMB), then the module index and the initrd again. Kept:
+# Ethernet, storage (SATA, NVMe, USB sticks, virtio), ext4/vfat/squashfs/erofs/SMB,
+# netfilter, WireGuard, dm-verity/crypt, TPM, watchdogs, HID.
+MODS=$R/usr/lib/modules/$KVER/kernel
+for d in sound drivers/gpu drivers/media drivers/infiniband drivers/iio drivers/staging \
+         drivers/isdn drivers/comedi drivers/net/wireless drivers/net/wwan drivers/net/can \
+         drivers/bluetooth drivers/nfc drivers/atm drivers/target drivers/mtd \
+         drivers/input/joystick drivers/input/touchscreen drivers/input/tablet \
+         net/wireless net/mac80211 net/bluetooth net/can net/nfc net/atm net/9p net/ceph \
+         net/rds net/tipc net/sunrpc net/appletalk net/x25 net/rxrpc net/6lowpan net/ieee802154 \
+         net/mac802154 net/l2tp \
+         fs/xfs fs/ocfs2 fs/nfs fs/nfsd fs/btrfs fs/gfs2 fs/f2fs fs/ceph fs/zonefs fs/jfs \
+         fs/reiserfs fs/nilfs2 fs/ubifs fs/orangefs fs/afs fs/coda fs/9p fs/ntfs3 fs/hfs \
+         fs/hfsplus fs/ufs fs/minix fs/omfs fs/qnx4 fs/qnx6 fs/befs fs/efs fs/hpfs fs/sysv \
+         fs/adfs fs/affs fs/freevxfs fs/jffs2 fs/dlm fs/lockd fs/nfs_common fs/cramfs fs/romfs; do
+  rm -rf "${MODS:?}/$d"
+done
+chroot "$R" depmod "$KVER"
+chroot "$R" dracut --force --quiet /boot/initrd.img-"$KVER" "$KVER"
 chroot "$R" systemctl set-default multi-user.target
 
 # RAUC: the A/B slots, and the update CA (test keys unless real ones were passed in).
@@ -52,6 +72,14 @@ for unit in getty@.service serial-getty@.service console-getty.service container
   ln -sf /dev/null "$R/etc/systemd/system/$unit"
 done
 rm -f "$R/etc/systemd/system/getty.target.wants/"*
+# Units a box has no use for: no logins (user sessions, utmp), no dpkg (its backup timer),
+# no e2scrub (no LVM), no graphics (modprobe@drm). logind stays: it turns the power button
+# (and QEMU's ACPI power-down) into a clean shutdown.
+for unit in systemd-user-sessions.service systemd-update-utmp.service \
+            systemd-update-utmp-runlevel.service dpkg-db-backup.timer dpkg-db-backup.service \
+            e2scrub_all.timer e2scrub_all.service e2scrub_reap.service modprobe@drm.service; do
+  ln -sf /dev/null "$R/etc/systemd/system/$unit"
+done
 passwd -R "$R" -l root >/dev/null
 rm -f "$R/usr/bin/login" "$R/bin/login" "$R/usr/sbin/agetty" "$R/sbin/agetty" \
       "$R/usr/sbin/sulogin" "$R/sbin/sulogin" "$R/usr/bin/su" "$R/bin/su"

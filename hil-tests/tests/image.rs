@@ -6,8 +6,9 @@
 //!   clinic desk's consent record for patient 0001234). `tsunagi` becomes ready, the tunnel
 //!   comes up (kernel WireGuard in the guest, wireguard-go at the hub), a storescu in the
 //!   clinic namespace sends a study to the box, and it arrives in the hub's Orthanc under the
-//!   patient's network ID. From the hub the box answers on no TCP port and no ping; from the
-//!   clinic, only on the DICOM port the config enables (nmap, every TCP port). The self-check
+//!   patient's network ID. From the hub the box answers on no TCP port, to no ping and on
+//!   no UDP port (WireGuard, UDP 51820, answers only its peer, and the tunnel is up); from
+//!   the clinic, only on the DICOM port the config enables (nmap, every TCP port). The self-check
 //!   unit reports no failed unit at the end of the boot and again at a clean ACPI poweroff.
 //!   It prints boot-to-ready, boot-to-tunnel-up and whether QEMU ran under TCG or KVM.
 //! - `a_tampered_root_does_not_boot`: one flipped byte in root A of a copy of the image;
@@ -60,6 +61,22 @@ fn image() -> Option<(PathBuf, PathBuf)> {
             None
         }
     }
+}
+
+/// The image's build time (recorded by `cargo xtask image` when it built it) and size.
+fn image_figures(image: &Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(image).unwrap();
+    let mib = |bytes: u64| bytes / (1024 * 1024);
+    let build = image
+        .parent()
+        .and_then(|d| fs::read_to_string(d.join("build-seconds")).ok())
+        .map_or_else(|| "not recorded".to_owned(), |s| format!("{} s", s.trim()));
+    format!(
+        "image: build time {build}; size {} MiB allocated of {} MiB",
+        mib(meta.blocks() * 512),
+        mib(meta.len())
+    )
 }
 
 /// Where a test keeps the guest's serial log: beside the other test output.
@@ -218,10 +235,27 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The ports nmap finds `open` and `closed` on `addr`, scanning every TCP port from `host`.
-fn tcp_scan(net: &TestNet, host: Host, addr: &str) -> (BTreeSet<u16>, BTreeSet<u16>, String) {
+/// Every TCP port.
+const ALL_TCP: &[&str] = &["-sS", "-p-"];
+/// UDP ports a box could plausibly answer on: DNS, DHCP, TFTP, NTP and chrony's command
+/// port, NetBIOS, SNMP, IKE, syslog, SSDP, mDNS, DICOM, WireGuard.
+const SOME_UDP: &[&str] = &[
+    "-sU",
+    "-p",
+    "53,67,68,69,123,137,161,323,500,514,1900,4500,5353,11112,51820",
+];
+
+/// The ports nmap finds `open` and `closed` on `addr` from `host` (`scan`: the nmap scan
+/// type and ports). A dropped probe is `filtered` (TCP) or `open|filtered` (UDP): no answer.
+fn scan(
+    net: &TestNet,
+    host: Host,
+    addr: &str,
+    scan: &[&str],
+) -> (BTreeSet<u16>, BTreeSet<u16>, String) {
     let mut nmap = Command::new("nmap");
-    nmap.args(["-Pn", "-n", "-sS", "-p-", "--max-retries", "1"])
+    nmap.args(["-Pn", "-n", "--max-retries", "1"])
+        .args(scan)
         .args(["--min-rate", "4000", "-T4", "-oG", "-", addr]);
     let out = net
         .exec_timeout(host, &nmap, Duration::from_secs(300))
@@ -308,6 +342,7 @@ fn the_booted_image_links_the_clinic_to_the_hub_end_to_end() {
         ..orthanc::Options::default()
     });
 
+    let spec_disk = image.clone();
     let mut vm = Vm::start(&Spec {
         disk: image,
         provisioning: Some(medium),
@@ -327,6 +362,7 @@ fn the_booted_image_links_the_clinic_to_the_hub_end_to_end() {
     })
     .unwrap();
     let accel = if vm.tcg { "TCG" } else { "KVM" };
+    println!("{}", image_figures(&spec_disk));
 
     // Both clocks at once: systemd's console status line once the unit (Type=notify) sent
     // READY=1, and the hub's first handshake with the box's key.
@@ -347,8 +383,8 @@ fn the_booted_image_links_the_clinic_to_the_hub_end_to_end() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let secs = |d: Option<Duration>| d.unwrap_or_default().as_secs_f64();
-    println!("boot-to-ready: {:.0} s ({accel})", secs(ready));
-    println!("boot-to-tunnel-up: {:.0} s ({accel})", secs(tunnel));
+    println!("boot-to-ready: {:.1} s ({accel})", secs(ready));
+    println!("boot-to-tunnel-up: {:.1} s ({accel})", secs(tunnel));
     let serial = vm.serial();
     assert!(
         serial.contains("Local Verity Protected Volumes"),
@@ -438,7 +474,9 @@ fn the_booted_image_links_the_clinic_to_the_hub_end_to_end() {
     println!("study of 3 instances: clinic → box → tunnel → hub PACS, under the network ID");
 
     // Acceptance 3: what the box answers on.
-    let (open, closed, text) = tcp_scan(&net, Host::Hub, "10.250.0.2");
+    let (open, closed, text) = scan(&net, Host::Hub, "10.250.0.2", ALL_TCP);
+    assert!(open.is_empty() && closed.is_empty(), "from the hub: {text}");
+    let (open, closed, text) = scan(&net, Host::Hub, "10.250.0.2", SOME_UDP);
     assert!(open.is_empty() && closed.is_empty(), "from the hub: {text}");
     let ping = net
         .exec(
@@ -447,11 +485,16 @@ fn the_booted_image_links_the_clinic_to_the_hub_end_to_end() {
         )
         .unwrap();
     assert!(!ping.status.success(), "the box answers ping from the hub");
-    let (open, closed, text) = tcp_scan(&net, Host::Clinic, "192.168.50.1");
+    let (open, closed, text) = scan(&net, Host::Clinic, "192.168.50.1", ALL_TCP);
     assert_eq!(open, BTreeSet::from([11112]), "from the clinic: {text}");
     assert!(closed.is_empty(), "from the clinic: {text}");
+    let (open, closed, text) = scan(&net, Host::Clinic, "192.168.50.1", SOME_UDP);
+    assert!(
+        open.is_empty() && closed.is_empty(),
+        "from the clinic: {text}"
+    );
     println!(
-        "ports: from the hub no TCP port and no ping (only the WireGuard port, UDP 51820); from the clinic only TCP 11112"
+        "ports: from the hub no TCP port, no ping, and no UDP answer to a stranger (WireGuard on UDP 51820 answers only its peer's handshakes); from the clinic only TCP 11112 and no UDP"
     );
 
     assert!(
@@ -463,6 +506,11 @@ fn the_booted_image_links_the_clinic_to_the_hub_end_to_end() {
     assert!(
         stop.iter().any(|l| l == "failed units: none"),
         "failed units at shutdown:\n{}",
+        stop.join("\n")
+    );
+    assert!(
+        stop.iter().any(|l| l == "machine-id: persistent"),
+        "the machine-id was not committed to the data partition:\n{}",
         stop.join("\n")
     );
     let serial = vm.serial();

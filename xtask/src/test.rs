@@ -14,7 +14,8 @@
 //! 6. The image stage: the tests that boot the image in QEMU (hil-tests `image`, with
 //!    `TSUNAGI_IMAGE` and `TSUNAGI_IMAGE_BIN`), in a nextest run of their own after the
 //!    others. `cargo xtask test --stage image` runs only this stage (and what it needs:
-//!    packages, pydicom, the image); long scenarios such as the A/B update cycle go here.
+//!    packages, the FHIR schema, pydicom, the image); long scenarios such as the A/B update
+//!    cycle go here.
 //! 7. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
 
 use std::io::{self, BufRead as _, BufReader, Read, Write as _};
@@ -177,6 +178,9 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     if stages == Stages::Image {
+        if let Err(failed) = ensure_fhir_schema()? {
+            return Ok(verdict_failed(&failed));
+        }
         if let Err(failed) = ensure_pydicom()? {
             return Ok(verdict_failed(&failed));
         }
