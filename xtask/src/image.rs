@@ -110,15 +110,76 @@ pub(crate) fn run(args: &[&str]) -> anyhow::Result<()> {
             .trim()
     );
     if check {
-        let problems = check_no_login(&raw, &target.join("image-check"))?;
+        let dir = target.join("image-check");
+        let root = root_partition(&raw, &dir)?;
+        let problems = check_no_login(&root)?;
         if !problems.is_empty() {
+            let _ = fs::remove_dir_all(&dir);
             bail!("the image offers a way in:\n  {}", problems.join("\n  "));
         }
         println!(
             "image check: no login program, getty, sshd, shell unit or package manager; every account locked"
         );
+        let sandbox = check_sandbox(&root, &dir);
+        let _ = fs::remove_dir_all(&dir);
+        println!("image check: the supervisor's sandbox: {}", sandbox?);
     }
     Ok(())
+}
+
+/// The highest `systemd-analyze security` exposure the supervisor's unit may have, in its
+/// tenths (the unit is at 3.7 of 10; without a sandbox it would be 9.6).
+const SANDBOX_THRESHOLD: u32 = 45;
+
+/// Rates the image's own `tsunagi.service` with `systemd-analyze security --offline`; an
+/// error if its exposure is above [`SANDBOX_THRESHOLD`]. Returns systemd's verdict line.
+fn check_sandbox(root: &Path, dir: &Path) -> anyhow::Result<String> {
+    let unit = Command::new("unsquashfs")
+        .arg("-cat")
+        .arg(root)
+        .arg("usr/lib/systemd/system/tsunagi.service")
+        .output()
+        .context("run unsquashfs -cat")?;
+    ensure!(
+        unit.status.success() && !unit.stdout.is_empty(),
+        "the image has no usr/lib/systemd/system/tsunagi.service"
+    );
+    let path = dir.join("tsunagi.service");
+    fs::write(&path, &unit.stdout)?;
+    rate_unit(&path)
+}
+
+/// `systemd-analyze security --offline` of the unit file `path` against
+/// [`SANDBOX_THRESHOLD`].
+fn rate_unit(path: &Path) -> anyhow::Result<String> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(format!("--threshold={SANDBOX_THRESHOLD}"))
+        .arg(path)
+        .output()
+        .context("run systemd-analyze security")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let verdict = text
+        .lines()
+        .find_map(|l| l.split_once(&format!("Overall exposure level for {name}: ")))
+        .map(|(_, v)| v.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    ensure!(
+        out.status.success() && !verdict.is_empty(),
+        "the supervisor's sandbox is weaker than allowed (exposure above {}.{}): {verdict}{}",
+        SANDBOX_THRESHOLD / 10,
+        SANDBOX_THRESHOLD % 10,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(format!(
+        "exposure {verdict} (systemd-analyze security; at most {}.{})",
+        SANDBOX_THRESHOLD / 10,
+        SANDBOX_THRESHOLD % 10
+    ))
 }
 
 /// SHA-256 over the generator's name, every file under `dir` (path and content, in path
@@ -198,12 +259,12 @@ fn root_partition(raw: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// What in the image would let someone log in, or change it at run time.
-fn check_no_login(raw: &Path, dir: &Path) -> anyhow::Result<Vec<String>> {
-    let root = root_partition(raw, dir)?;
+/// What in the image's root (`root`: its squashfs) would let someone log in, or change it
+/// at run time.
+fn check_no_login(root: &Path) -> anyhow::Result<Vec<String>> {
     let listing = Command::new("unsquashfs")
         .args(["-lls", "-d", ""])
-        .arg(&root)
+        .arg(root)
         .output()
         .context("run unsquashfs (Debian package squashfs-tools)")?;
     ensure!(
@@ -214,11 +275,10 @@ fn check_no_login(raw: &Path, dir: &Path) -> anyhow::Result<Vec<String>> {
     let text = String::from_utf8_lossy(&listing.stdout).into_owned();
     let shadow = Command::new("unsquashfs")
         .arg("-cat")
-        .arg(&root)
+        .arg(root)
         .arg("etc/shadow")
         .output()
         .context("run unsquashfs -cat")?;
-    let _ = fs::remove_dir_all(dir);
     Ok(login_problems(
         &text,
         &String::from_utf8_lossy(&shadow.stdout),
@@ -312,6 +372,25 @@ lrwxrwxrwx root/root 9 2026-01-01 00:00 /etc/systemd/system/emergency.service ->
 lrwxrwxrwx root/root 9 2026-01-01 00:00 /etc/systemd/system/rescue.service -> /dev/null
 lrwxrwxrwx root/root 9 2026-01-01 00:00 /etc/systemd/system/debug-shell.service -> /dev/null
 ";
+
+    #[test]
+    fn the_shipped_unit_is_sandboxed_and_an_unsandboxed_one_fails() {
+        let overlay = crate::workspace_root().join("image/overlay/usr/lib/systemd/system");
+        let verdict = super::rate_unit(&overlay.join("tsunagi.service")).unwrap();
+        assert!(
+            verdict.starts_with("exposure ") && verdict.contains(" OK "),
+            "{verdict}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let bare = dir.path().join("tsunagi.service");
+        std::fs::write(
+            &bare,
+            "[Service]\nType=notify\nExecStart=/usr/bin/tsunagi run\n",
+        )
+        .unwrap();
+        let error = super::rate_unit(&bare).unwrap_err().to_string();
+        assert!(error.contains("weaker than allowed"), "{error}");
+    }
 
     #[test]
     fn a_locked_image_passes_and_each_way_in_is_named() {
