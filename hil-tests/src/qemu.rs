@@ -18,7 +18,7 @@
 //! Needs `qemu-system-x86_64` (Debian `qemu-system-x86`) and OVMF (`ovmf`).
 
 use std::fs;
-use std::io::{BufRead as _, BufReader, Seek as _, SeekFrom, Write as _};
+use std::io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -79,8 +79,9 @@ pub struct Nic {
 pub struct Spec {
     /// The disk image; the guest gets a sparse copy.
     pub disk: PathBuf,
-    /// Change the copy before the boot: `(offset, byte)` pairs written into it.
-    pub patch: Vec<(u64, u8)>,
+    /// Tamper with the copy before the boot: `(offset, mask)`, the byte at `offset` XORed
+    /// with `mask`.
+    pub flip: Vec<(u64, u8)>,
     /// A provisioning medium ([`provisioning_disk`]), attached as a second disk.
     pub provisioning: Option<PathBuf>,
     /// The network namespace QEMU runs in (where the taps are).
@@ -116,28 +117,46 @@ pub fn kvm_works() -> bool {
     })
 }
 
+/// `qemu-system-x86_64`, once it and OVMF are known to be installed.
+fn qemu_binary() -> Result<PathBuf, QemuError> {
+    let qemu = find_in_clean_path("qemu-system-x86_64")
+        .ok_or_else(|| QemuError::Missing("qemu-system-x86_64".into()))?;
+    for f in [OVMF_CODE, OVMF_VARS] {
+        if !Path::new(f).exists() {
+            return Err(QemuError::Missing(f.into()));
+        }
+    }
+    Ok(qemu)
+}
+
+/// The UEFI firmware for a guest whose files are in `dir`: OVMF's code, read-only, and a
+/// fresh copy of its variable store.
+fn add_firmware(cmd: &mut Command, dir: &Path) -> Result<(), QemuError> {
+    let vars = dir.join("vars.fd");
+    fs::copy(OVMF_VARS, &vars).map_err(io("copy the OVMF variables"))?;
+    cmd.arg("-drive")
+        .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+    Ok(())
+}
+
 fn probe_kvm() -> Result<bool, QemuError> {
     if !Path::new("/dev/kvm").exists() {
         return Ok(false);
     }
-    let qemu = find_in_clean_path("qemu-system-x86_64")
-        .ok_or_else(|| QemuError::Missing("qemu-system-x86_64".into()))?;
+    let mut cmd = Command::new(qemu_binary()?);
     let dir = tempfile::Builder::new()
         .prefix("tsu-kvm-probe-")
         .tempdir()
         .map_err(io("create a directory for the KVM probe"))?;
-    let vars = dir.path().join("vars.fd");
-    fs::copy(OVMF_VARS, &vars).map_err(io("copy the OVMF variables"))?;
     let serial = dir.path().join("serial.log");
-    let mut child = Command::new(qemu)
+    add_firmware(&mut cmd, dir.path())?;
+    let mut child = cmd
         .args(["-machine", "q35", "-accel", "kvm", "-m", "256"])
         .args(["-display", "none", "-nodefaults", "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -158,6 +177,37 @@ fn probe_kvm() -> Result<bool, QemuError> {
     let _ = child.kill();
     let _ = child.wait();
     Ok(works)
+}
+
+/// Where GPT partition `name` (its partition label) lies in the disk image `raw`: byte
+/// offset and length, from `sfdisk -J`.
+pub fn partition(raw: &Path, name: &str) -> Result<(u64, u64), QemuError> {
+    let sfdisk = find_in_clean_path("sfdisk").ok_or_else(|| QemuError::Missing("sfdisk".into()))?;
+    let out = Command::new(sfdisk)
+        .arg("-J")
+        .arg(raw)
+        .output()
+        .map_err(io("run sfdisk -J"))?;
+    let bad = |detail: String| QemuError::Io {
+        what: format!("the partition table of {}", raw.display()),
+        source: std::io::Error::other(detail),
+    };
+    if !out.status.success() {
+        return Err(bad(String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    let table: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| bad(e.to_string()))?;
+    let sector = table["partitiontable"]["sectorsize"]
+        .as_u64()
+        .unwrap_or(512);
+    let part = table["partitiontable"]["partitions"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == name))
+        .ok_or_else(|| bad(format!("no partition {name}")))?;
+    match (part["start"].as_u64(), part["size"].as_u64()) {
+        (Some(start), Some(size)) => Ok((start * sector, size * sector)),
+        _ => Err(bad(format!("partition {name} without start or size"))),
+    }
 }
 
 /// Makes a provisioning medium: an ext4 image at `out`, labelled `TSUNAGI-PROV`, holding
@@ -184,23 +234,9 @@ pub fn provisioning_disk(dir: &Path, out: &Path) -> Result<(), QemuError> {
 }
 
 impl Vm {
-    /// Boots a copy of `disk`, without NICs.
-    pub fn boot(disk: &Path) -> Result<Vm, QemuError> {
-        Vm::start(&Spec {
-            disk: disk.to_owned(),
-            ..Spec::default()
-        })
-    }
-
     /// Boots what `spec` says.
     pub fn start(spec: &Spec) -> Result<Vm, QemuError> {
-        let qemu = find_in_clean_path("qemu-system-x86_64")
-            .ok_or_else(|| QemuError::Missing("qemu-system-x86_64".into()))?;
-        for f in [OVMF_CODE, OVMF_VARS] {
-            if !Path::new(f).exists() {
-                return Err(QemuError::Missing(f.into()));
-            }
-        }
+        let qemu = qemu_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("tsu-vm-")
             .tempdir()
@@ -218,19 +254,21 @@ impl Vm {
                 source: std::io::Error::other(status.to_string()),
             });
         }
-        if !spec.patch.is_empty() {
+        if !spec.flip.is_empty() {
             let mut f = fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .open(&copy)
                 .map_err(io("open the disk copy"))?;
-            for &(offset, byte) in &spec.patch {
+            for &(offset, mask) in &spec.flip {
+                let mut byte = [0u8];
                 f.seek(SeekFrom::Start(offset))
-                    .and_then(|_| f.write_all(&[byte]))
-                    .map_err(io("patch the disk copy"))?;
+                    .and_then(|_| f.read_exact(&mut byte))
+                    .and_then(|()| f.seek(SeekFrom::Start(offset)))
+                    .and_then(|_| f.write_all(&[byte[0] ^ mask]))
+                    .map_err(io("flip bits in the disk copy"))?;
             }
         }
-        let vars = dir.path().join("vars.fd");
-        fs::copy(OVMF_VARS, &vars).map_err(io("copy the OVMF variables"))?;
         let serial = dir.path().join("serial.log");
         let tcg = !kvm_works();
         let mut cmd = match &spec.netns {
@@ -281,18 +319,13 @@ impl Vm {
                 "if=virtio,format=raw,file={},cache=unsafe",
                 copy.display()
             ))
-            .args(["-device", "virtio-rng-pci"])
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(
-                fs::File::create(dir.path().join("qemu.err"))
-                    .map(Stdio::from)
-                    .unwrap_or_else(|_| Stdio::null()),
-            );
+            .args(["-device", "virtio-rng-pci"]);
+        add_firmware(&mut cmd, dir.path())?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(
+            fs::File::create(dir.path().join("qemu.err"))
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+        );
         let child = cmd.spawn().map_err(io("start qemu-system-x86_64"))?;
         Ok(Vm {
             child: Some(child),

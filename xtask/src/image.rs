@@ -234,22 +234,7 @@ fn commit_time(root: &Path) -> anyhow::Result<String> {
 
 /// The root A partition of `raw` copied into `dir/root-a.img` (found by its GPT name).
 fn root_partition(raw: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
-    let out = Command::new("sfdisk")
-        .arg("-J")
-        .arg(raw)
-        .output()
-        .context("run sfdisk -J")?;
-    ensure!(out.status.success(), "sfdisk -J {} failed", raw.display());
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let part = table["partitiontable"]["partitions"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["name"] == "root-a"))
-        .context("no root-a partition in the image")?;
-    let sector = table["partitiontable"]["sectorsize"]
-        .as_u64()
-        .unwrap_or(512);
-    let start = part["start"].as_u64().context("no start")? * sector;
-    let size = part["size"].as_u64().context("no size")? * sector;
+    let (start, size) = hil_tests::qemu::partition(raw, "root-a")?;
     fs::create_dir_all(dir)?;
     let path = dir.join("root-a.img");
     let mut src = fs::File::open(raw)?;

@@ -164,6 +164,10 @@ const EXIT_MISSING_PACKAGES: u8 = 3;
 /// The nextest filter of the image stage: the tests that boot the appliance image.
 const IMAGE_STAGE: &str = "package(hil-tests) & binary(image)";
 
+/// What a step of `cargo xtask test` comes to: `Ok(Err(step))` names the step that failed;
+/// `Err` is an error running it at all.
+type Step = anyhow::Result<Result<(), String>>;
+
 /// Which stages `cargo xtask test` runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Stages {
@@ -177,30 +181,18 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
     if let Some(code) = ensure_system_packages()? {
         return Ok(code);
     }
+    let prerequisites: [fn() -> Step; 3] = [ensure_fhir_schema, ensure_pydicom, ensure_cargo_tools];
+    for ensure in prerequisites {
+        if let Err(failed) = ensure()? {
+            return Ok(verdict_failed(&failed));
+        }
+    }
     if stages == Stages::Image {
-        if let Err(failed) = ensure_fhir_schema()? {
-            return Ok(verdict_failed(&failed));
-        }
-        if let Err(failed) = ensure_pydicom()? {
-            return Ok(verdict_failed(&failed));
-        }
-        if let Err(failed) = ensure_cargo_tools()? {
-            return Ok(verdict_failed(&failed));
-        }
         if let Err(failed) = image_stage()? {
             return Ok(verdict_failed(&failed));
         }
         println!("xtask test: the image stage passed");
         return Ok(ExitCode::SUCCESS);
-    }
-    if let Err(failed) = ensure_fhir_schema()? {
-        return Ok(verdict_failed(&failed));
-    }
-    if let Err(failed) = ensure_pydicom()? {
-        return Ok(verdict_failed(&failed));
-    }
-    if let Err(failed) = ensure_cargo_tools()? {
-        return Ok(verdict_failed(&failed));
     }
 
     let checks = [
@@ -302,7 +294,7 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
 
 /// Builds (or reuses) and checks the appliance image, then runs the tests that boot it.
 /// `Err(step)` names the step that failed.
-fn image_stage() -> anyhow::Result<Result<(), String>> {
+fn image_stage() -> Step {
     let mut image = Command::new("/proc/self/exe");
     image.args(["image", "--check"]);
     if !step(&mut image)? {
@@ -420,7 +412,7 @@ fn is_installed(package: &str) -> anyhow::Result<bool> {
 /// cache (`hil_tests::fhir::npm_prefix()`, outside the repository) unless that version is
 /// already there or `TSUNAGI_FHIR_SCHEMA` names an existing file. `Err(step)` names the
 /// failed step.
-fn ensure_fhir_schema() -> anyhow::Result<Result<(), String>> {
+fn ensure_fhir_schema() -> Step {
     use hil_tests::fhir;
 
     if let Some(path) = std::env::var_os(fhir::SCHEMA_ENV).filter(|p| !p.is_empty()) {
@@ -496,7 +488,7 @@ fn ensure_fhir_schema() -> anyhow::Result<Result<(), String>> {
 /// Installs the pinned pydicom (for its test files, `pydicom/data/test_files`) with pip
 /// into the cache (`hil_tests::dicom_files::pypi_target()`, outside the repository) unless
 /// that version is already there. `Err(step)` names the failed step.
-fn ensure_pydicom() -> anyhow::Result<Result<(), String>> {
+fn ensure_pydicom() -> Step {
     use hil_tests::dicom_files;
 
     let target = dicom_files::pypi_target().context("cannot place the pip cache")?;
@@ -553,7 +545,7 @@ fn ensure_pydicom() -> anyhow::Result<Result<(), String>> {
 }
 
 /// Installs cargo-nextest and cargo-deny if missing. `Err(step)` names a failed install.
-fn ensure_cargo_tools() -> anyhow::Result<Result<(), String>> {
+fn ensure_cargo_tools() -> Step {
     if !succeeds_quietly(cargo().args(["nextest", "--version"])) {
         let mut install = cargo();
         install.args(["install", "cargo-nextest", "--locked"]);
