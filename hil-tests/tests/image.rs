@@ -174,6 +174,7 @@ fn provisioning_tree(net: &TestNet, bin: &Path, dir: &Path) -> String {
             .args(["--given-kana", "タロウ", "--birth-date", "1950-04-01"])
             .args(["--sex", "male", "--recorded-by", "desk-1", "--evidence"])
             .arg(&form)
+            .args(["--scope", "all", "--categories", "all"])
             .arg("--config")
             .arg(&desk_config),
     );

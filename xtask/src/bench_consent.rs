@@ -71,6 +71,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         ])
         .args(["--sex", "female", "--recorded-by", "bench", "--evidence"])
         .arg(&form)
+        .args(["--scope", "all", "--categories", "all"])
         .arg("--config")
         .arg(&config)
         .output()?;
@@ -126,8 +127,13 @@ fn measure(
     let mut stream = std::os::unix::net::UnixStream::connect(&socket)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let request =
-        b"{\"patient\":\"0001234\",\"recipient\":\"1312345679\",\"category\":\"images\"}\n";
+    let request = consent::protocol::to_line(&consent::protocol::Request::Decide {
+        patient: "0001234".into(),
+        recipient: "1312345679".parse()?,
+        category: consent::protocol::Category::Images,
+        at: None,
+    });
+    let request = request.as_bytes();
     let mut line = String::new();
     let (mut n, run) = (0u64, Instant::now());
     while run.elapsed() < Duration::from_secs(secs) && n < 1_000_000 {

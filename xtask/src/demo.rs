@@ -498,6 +498,7 @@ fn register_sample_patient(binary: &Path, config: &Path, demo_dir: &Path) -> any
             "--evidence",
         ])
         .arg(&form)
+        .args(["--scope", "all", "--categories", "all"])
         .arg("--config")
         .arg(config)
         .output()
@@ -763,18 +764,13 @@ fn show_consent(binary: &Path, config: &Path, demo_dir: &Path) {
     }
     println!("demo: consent: pushed to the network's FHIR server and pulled back ({summary})");
     let socket = demo_dir.join("run").join("consent").join("decide.sock");
-    let answer = (|| -> std::io::Result<String> {
-        use std::io::{BufRead as _, Write as _};
-        let mut stream = std::os::unix::net::UnixStream::connect(&socket)?;
-        stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-        writeln!(
-            stream,
-            r#"{{"patient":"0001234","recipient":"hub","category":"images"}}"#
-        )?;
-        let mut line = String::new();
-        std::io::BufReader::new(stream).read_line(&mut line)?;
-        Ok(line.trim().to_owned())
-    })();
+    let answer = consent::client::SocketGate::new(&socket)
+        .decide_for(
+            "0001234",
+            consent::protocol::Recipient::Hub,
+            consent::protocol::Category::Images,
+        )
+        .map(|d| serde_json::to_string(&d).unwrap_or_default());
     match answer {
         Ok(a) => println!(
             "demo: may patient 0001234's images go to the hub? the consent service answers {a}"

@@ -10,23 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
-/// The answer to "may this leave?".
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Permit,
-    /// Denied, with the consent service's reason (`withdrawn`, `cache-stale`, ...).
-    Deny(String),
-}
-
-impl Verdict {
-    /// A denial that says nothing about the consent itself (the cache is stale, the clock is
-    /// behind): hold — publish nothing new, remove nothing.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Verdict::Deny(r) if r == "cache-stale" || r == "clock-behind")
-    }
-}
+use consent_protocol::{Answer, Request};
+pub use consent_protocol::{Category, Decision, DenyReason, Recipient};
 
 /// Patients whose consent changed since a sequence number.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,7 +34,12 @@ pub enum GateError {
     #[error("the consent service connection failed")]
     Io(#[source] std::io::Error),
     #[error("the consent service answered something unexpected")]
-    Protocol(#[source] serde_json::Error),
+    Protocol(#[source] consent_protocol::LineError),
+    #[error("the consent service answered {got} to a {asked} request")]
+    Mismatch {
+        asked: &'static str,
+        got: &'static str,
+    },
     #[error("the consent service refused the request: {0}")]
     Refused(String),
 }
@@ -57,7 +47,7 @@ pub enum GateError {
 /// What the sync needs from the consent service.
 pub trait Gate {
     /// May `patient`'s `category` data go to the hub now?
-    fn decide(&mut self, patient: &str, category: &str) -> Result<Verdict, GateError>;
+    fn decide(&mut self, patient: &str, category: Category) -> Result<Decision, GateError>;
     /// The patients whose consents changed after `since` (all pages).
     fn changes(&mut self, since: i64) -> Result<Changes, GateError>;
 }
@@ -68,20 +58,6 @@ pub trait Identities {
     fn network_id(&mut self, patient: &str) -> Result<Option<String>, GateError>;
     /// The local patient with this network ID, if any.
     fn local_id(&mut self, network_id: &str) -> Result<Option<String>, GateError>;
-}
-
-#[derive(Debug, Deserialize)]
-struct Answer {
-    decision: Option<String>,
-    reason: Option<String>,
-    error: Option<String>,
-    seq: Option<i64>,
-    patients: Option<Vec<String>>,
-    more: Option<bool>,
-    fresh: Option<bool>,
-    known: Option<bool>,
-    network_id: Option<String>,
-    patient: Option<String>,
 }
 
 /// The consent service over its Unix socket; one connection, reopened when it breaks.
@@ -101,7 +77,7 @@ impl SocketGate {
         }
     }
 
-    fn ask(&mut self, request: &serde_json::Value) -> Result<Answer, GateError> {
+    fn ask(&mut self, request: &Request) -> Result<Answer, GateError> {
         // One retry on a fresh connection: the service may have restarted.
         let mut last = None;
         for _ in 0..2 {
@@ -117,7 +93,7 @@ impl SocketGate {
         Err(last.unwrap_or_else(|| GateError::Io(std::io::Error::other("no answer"))))
     }
 
-    fn ask_once(&mut self, request: &serde_json::Value) -> Result<Answer, GateError> {
+    fn ask_once(&mut self, request: &Request) -> Result<Answer, GateError> {
         if self.conn.is_none() {
             let stream = UnixStream::connect(&self.path).map_err(|source| GateError::Connect {
                 path: self.path.clone(),
@@ -135,8 +111,7 @@ impl SocketGate {
         let Some((reader, writer)) = self.conn.as_mut() else {
             return Err(GateError::Io(std::io::Error::other("not connected")));
         };
-        let mut line = serde_json::to_string(request).map_err(GateError::Protocol)?;
-        line.push('\n');
+        let line = consent_protocol::to_line(request);
         writer.write_all(line.as_bytes()).map_err(GateError::Io)?;
         let mut answer = String::new();
         if reader.read_line(&mut answer).map_err(GateError::Io)? == 0 {
@@ -144,37 +119,65 @@ impl SocketGate {
                 std::io::ErrorKind::UnexpectedEof,
             )));
         }
-        let answer: Answer = serde_json::from_str(answer.trim()).map_err(GateError::Protocol)?;
-        if let Some(e) = answer.error {
-            return Err(GateError::Refused(e));
+        match consent_protocol::from_line::<Answer>(&answer).map_err(GateError::Protocol)? {
+            Answer::Error(e) => Err(GateError::Refused(e)),
+            answer => Ok(answer),
         }
-        Ok(answer)
+    }
+}
+
+fn kind(answer: &Answer) -> &'static str {
+    match answer {
+        Answer::Decided(_) => "decision",
+        Answer::Changes(_) => "change feed",
+        Answer::Identity(_) => "identity",
+        Answer::Error(_) => "error",
     }
 }
 
 impl SocketGate {
-    /// Whether `patient`'s `category` data may go to `recipient` (`hub` or a facility's
-    /// 医療機関コード, e.g. this clinic's own for what its viewers see).
+    /// Whether `patient`'s `category` data may go to `recipient`: the hub, another facility,
+    /// or this clinic's own viewers ([`Recipient::Clinic`]: participation at this clinic).
     pub fn decide_for(
         &mut self,
         patient: &str,
-        recipient: &str,
-        category: &str,
-    ) -> Result<Verdict, GateError> {
-        let a = self.ask(
-            &serde_json::json!({"patient": patient, "recipient": recipient, "category": category}),
-        )?;
-        match a.decision.as_deref() {
-            Some("permit") => Ok(Verdict::Permit),
-            Some("deny") => Ok(Verdict::Deny(a.reason.unwrap_or_else(|| "unknown".into()))),
-            _ => Err(GateError::Refused("no decision in the answer".into())),
+        recipient: Recipient,
+        category: Category,
+    ) -> Result<Decision, GateError> {
+        let answer = self.ask(&Request::Decide {
+            patient: patient.to_owned(),
+            recipient,
+            category,
+            at: None,
+        })?;
+        match answer {
+            Answer::Decided(d) => Ok(d),
+            other => Err(GateError::Mismatch {
+                asked: "decision",
+                got: kind(&other),
+            }),
+        }
+    }
+}
+
+impl SocketGate {
+    /// Whether the patient participates: an active, valid consent (for this clinic's viewers).
+    pub fn participates(&mut self, patient: &str) -> Result<Decision, GateError> {
+        match self.ask(&Request::Participates {
+            patient: patient.to_owned(),
+        })? {
+            Answer::Decided(d) => Ok(d),
+            other => Err(GateError::Mismatch {
+                asked: "participation",
+                got: kind(&other),
+            }),
         }
     }
 }
 
 impl Gate for SocketGate {
-    fn decide(&mut self, patient: &str, category: &str) -> Result<Verdict, GateError> {
-        self.decide_for(patient, "hub", category)
+    fn decide(&mut self, patient: &str, category: Category) -> Result<Decision, GateError> {
+        self.decide_for(patient, Recipient::Hub, category)
     }
 
     fn changes(&mut self, since: i64) -> Result<Changes, GateError> {
@@ -184,39 +187,56 @@ impl Gate for SocketGate {
         };
         let mut seen = std::collections::HashSet::new();
         loop {
-            let a = self.ask(&serde_json::json!({"changes_since": out.seq}))?;
-            let (Some(seq), Some(patients), Some(fresh)) = (a.seq, a.patients, a.fresh) else {
-                return Err(GateError::Refused("no change feed in the answer".into()));
+            let page = match self.ask(&Request::Changes { since: out.seq })? {
+                Answer::Changes(page) => page,
+                other => {
+                    return Err(GateError::Mismatch {
+                        asked: "change feed",
+                        got: kind(&other),
+                    });
+                }
             };
-            out.fresh = fresh;
-            let progressed = seq > out.seq;
-            out.seq = seq;
-            for p in patients {
+            out.fresh = page.fresh;
+            let progressed = page.seq > out.seq;
+            out.seq = page.seq;
+            for p in page.patients {
                 if seen.insert(p.clone()) {
                     out.patients.push(p);
                 }
             }
-            if !a.more.unwrap_or(false) || !progressed {
+            if !page.more || !progressed {
                 return Ok(out);
             }
         }
     }
 }
 
+impl SocketGate {
+    fn identity(&mut self, request: Request) -> Result<consent_protocol::Identity, GateError> {
+        match self.ask(&request)? {
+            Answer::Identity(i) => Ok(i),
+            other => Err(GateError::Mismatch {
+                asked: "identity",
+                got: kind(&other),
+            }),
+        }
+    }
+}
+
 impl Identities for SocketGate {
     fn network_id(&mut self, patient: &str) -> Result<Option<String>, GateError> {
-        let a = self.ask(&serde_json::json!({ "network_id_of": patient }))?;
-        match a.known {
-            Some(_) => Ok(a.network_id),
-            None => Err(GateError::Refused("no identity in the answer".into())),
-        }
+        Ok(self
+            .identity(Request::NetworkIdOf {
+                patient: patient.to_owned(),
+            })?
+            .network_id)
     }
 
     fn local_id(&mut self, network_id: &str) -> Result<Option<String>, GateError> {
-        let a = self.ask(&serde_json::json!({ "local_id_of": network_id }))?;
-        match a.known {
-            Some(_) => Ok(a.patient),
-            None => Err(GateError::Refused("no identity in the answer".into())),
-        }
+        Ok(self
+            .identity(Request::LocalIdOf {
+                network_id: network_id.to_owned(),
+            })?
+            .patient)
     }
 }

@@ -20,71 +20,13 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::model::{Category, Consent, Recipient, Scope, Status};
 use crate::time::Timestamp;
 
 /// How far the clock may be behind the last pull before decisions stop trusting it.
 pub const CLOCK_SLACK: Duration = Duration::from_secs(300);
 
-/// Why data is held back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DenyReason {
-    NoConsent,
-    Withdrawn,
-    RecipientNotDisclosed,
-    RecipientExcluded,
-    CategoryExcluded,
-    Expired,
-    NotYetValid,
-    CacheStale,
-    ClockBehind,
-}
-
-impl DenyReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DenyReason::NoConsent => "no-consent",
-            DenyReason::Withdrawn => "withdrawn",
-            DenyReason::RecipientNotDisclosed => "recipient-not-disclosed",
-            DenyReason::RecipientExcluded => "recipient-excluded",
-            DenyReason::CategoryExcluded => "category-excluded",
-            DenyReason::Expired => "expired",
-            DenyReason::NotYetValid => "not-yet-valid",
-            DenyReason::CacheStale => "cache-stale",
-            DenyReason::ClockBehind => "clock-behind",
-        }
-    }
-
-    /// A sentence for people (English; the console will add Japanese).
-    pub fn explain(self) -> &'static str {
-        match self {
-            DenyReason::NoConsent => "the patient has no consent to share data",
-            DenyReason::Withdrawn => "the patient withdrew consent",
-            DenyReason::RecipientNotDisclosed => {
-                "the consent does not disclose data to this recipient"
-            }
-            DenyReason::RecipientExcluded => "the consent excludes this recipient",
-            DenyReason::CategoryExcluded => "the consent does not cover this kind of data",
-            DenyReason::Expired => "the consent has expired",
-            DenyReason::NotYetValid => "the consent is not valid yet",
-            DenyReason::CacheStale => {
-                "the consent cache has not been synced with the network recently enough"
-            }
-            DenyReason::ClockBehind => "the clock is behind the last sync; check the time",
-        }
-    }
-}
-
-/// A decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "decision", content = "reason")]
-pub enum Decision {
-    Permit,
-    Deny(DenyReason),
-}
+pub use consent_protocol::{Decision, DenyReason};
 
 /// What the box knows about how current its cache is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +62,49 @@ pub fn effective(records: &[Known]) -> Option<(&Consent, bool)> {
     Some((&latest.consent, withdrawn))
 }
 
+/// The patient's active participation consent at `at`: rules 1 to 3.
+fn active(
+    records: &[Known],
+    at: Timestamp,
+    now: Timestamp,
+    freshness: Freshness,
+) -> Result<&Consent, DenyReason> {
+    use DenyReason::*;
+    match freshness.last_pull {
+        None => return Err(CacheStale),
+        Some(pulled) if now < pulled - secs(CLOCK_SLACK) => return Err(ClockBehind),
+        Some(pulled) if now - pulled > secs(freshness.bound) => return Err(CacheStale),
+        Some(_) => {}
+    }
+    let Some((consent, withdrawn)) = effective(records) else {
+        return Err(NoConsent);
+    };
+    if withdrawn || consent.status == Status::Withdrawn {
+        return Err(Withdrawn);
+    }
+    if at < consent.valid_from {
+        return Err(NotYetValid);
+    }
+    if consent.valid_until.is_some_and(|until| at >= until) {
+        return Err(Expired);
+    }
+    Ok(consent)
+}
+
+/// Whether the patient participates (an active, valid consent) at `at`, whatever it covers:
+/// what this clinic's viewers need to see the network's studies of the patient at all.
+pub fn participation(
+    records: &[Known],
+    at: Timestamp,
+    now: Timestamp,
+    freshness: Freshness,
+) -> Decision {
+    match active(records, at, now, freshness) {
+        Ok(_) => Decision::Permit,
+        Err(reason) => Decision::Deny(reason),
+    }
+}
+
 /// Decides for one patient's records (all versions of all their consents).
 pub fn decide(
     records: &[Known],
@@ -130,24 +115,10 @@ pub fn decide(
     freshness: Freshness,
 ) -> Decision {
     use DenyReason::*;
-    match freshness.last_pull {
-        None => return Decision::Deny(CacheStale),
-        Some(pulled) if now < pulled - secs(CLOCK_SLACK) => return Decision::Deny(ClockBehind),
-        Some(pulled) if now - pulled > secs(freshness.bound) => return Decision::Deny(CacheStale),
-        Some(_) => {}
-    }
-    let Some((consent, withdrawn)) = effective(records) else {
-        return Decision::Deny(NoConsent);
+    let consent = match active(records, at, now, freshness) {
+        Ok(c) => c,
+        Err(reason) => return Decision::Deny(reason),
     };
-    if withdrawn || consent.status == Status::Withdrawn {
-        return Decision::Deny(Withdrawn);
-    }
-    if at < consent.valid_from {
-        return Decision::Deny(NotYetValid);
-    }
-    if consent.valid_until.is_some_and(|until| at >= until) {
-        return Decision::Deny(Expired);
-    }
     if let Recipient::Facility(code) = recipient {
         if consent.excluded.contains(code) {
             return Decision::Deny(RecipientExcluded);

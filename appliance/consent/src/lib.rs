@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+/// The typed protocol of the decision socket (the `consent-protocol` crate).
+pub use consent_protocol as protocol;
 pub mod decide;
 pub mod fhir;
 pub mod model;

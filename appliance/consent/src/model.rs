@@ -65,133 +65,19 @@ impl fmt::Display for PatientId {
     }
 }
 
+impl From<consent_protocol::ParseError> for ModelError {
+    fn from(e: consent_protocol::ParseError) -> ModelError {
+        ModelError(e.0)
+    }
+}
+
 impl From<PatientId> for String {
     fn from(p: PatientId) -> String {
         p.0
     }
 }
 
-/// The kinds of data a consent can cover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Category {
-    Demographics,
-    Problems,
-    Allergies,
-    Prescriptions,
-    Injections,
-    LabResults,
-    Orders,
-    Images,
-    Documents,
-}
-
-impl Category {
-    pub const ALL: [Category; 9] = [
-        Category::Demographics,
-        Category::Problems,
-        Category::Allergies,
-        Category::Prescriptions,
-        Category::Injections,
-        Category::LabResults,
-        Category::Orders,
-        Category::Images,
-        Category::Documents,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Category::Demographics => "demographics",
-            Category::Problems => "problems",
-            Category::Allergies => "allergies",
-            Category::Prescriptions => "prescriptions",
-            Category::Injections => "injections",
-            Category::LabResults => "lab-results",
-            Category::Orders => "orders",
-            Category::Images => "images",
-            Category::Documents => "documents",
-        }
-    }
-
-    /// The category of an SS-MIX2 data type (standardized storage), or `None` for a type
-    /// that is not shared (unknown types are never released). The mapping is documented in
-    /// `docs/consent.md`.
-    pub fn for_ssmix2(data_type: &str) -> Option<Category> {
-        Some(match data_type {
-            // Patient demographics and encounter events (admissions, transfers, discharges).
-            "ADT-00" | "ADT-01" | "ADT-12" | "ADT-21" | "ADT-22" | "ADT-31" | "ADT-32"
-            | "ADT-41" | "ADT-42" | "ADT-51" | "ADT-52" => Category::Demographics,
-            "ADT-61" => Category::Allergies,
-            "PPR-01" => Category::Problems,
-            "OMP-01" | "OMP-11" => Category::Prescriptions,
-            "OMP-02" | "OMP-12" => Category::Injections,
-            "OML-11" => Category::LabResults,
-            // Orders for lab, radiology, endoscopy and physiology tests, and their
-            // performed-notifications (the results of physiology tests are lab results).
-            "OML-01" | "OMG-01" | "OMG-02" | "OMG-03" | "OMG-11" | "OMG-12" => Category::Orders,
-            "OMG-13" => Category::LabResults,
-            _ => return None,
-        })
-    }
-
-    /// DICOM instances (any SOP class) are images; encapsulated PDF and structured reports
-    /// count as documents.
-    pub fn for_dicom_sop_class(sop_class_uid: &str) -> Category {
-        const ENCAPSULATED_PDF: &str = "1.2.840.10008.5.1.4.1.1.104.1";
-        const SR_PREFIX: &str = "1.2.840.10008.5.1.4.1.1.88.";
-        if sop_class_uid == ENCAPSULATED_PDF || sop_class_uid.starts_with(SR_PREFIX) {
-            Category::Documents
-        } else {
-            Category::Images
-        }
-    }
-}
-
-impl FromStr for Category {
-    type Err = ModelError;
-    fn from_str(s: &str) -> Result<Self, ModelError> {
-        Category::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| {
-                ModelError(format!(
-                    "unknown data category {s:?} (one of: {})",
-                    Category::ALL.map(Category::as_str).join(", ")
-                ))
-            })
-    }
-}
-
-/// Who would receive data.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Recipient {
-    /// The network's central storage (the hub).
-    Hub,
-    /// Another facility, by 医療機関コード.
-    Facility(FacilityCode),
-}
-
-impl FromStr for Recipient {
-    type Err = ModelError;
-    fn from_str(s: &str) -> Result<Self, ModelError> {
-        if s == "hub" {
-            return Ok(Recipient::Hub);
-        }
-        FacilityCode::try_from(s)
-            .map(Recipient::Facility)
-            .map_err(|e| ModelError(format!("recipient {s:?}: `hub` or a 医療機関コード: {e}")))
-    }
-}
-
-impl fmt::Display for Recipient {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Recipient::Hub => f.write_str("hub"),
-            Recipient::Facility(code) => write!(f, "{code}"),
-        }
-    }
-}
+pub use consent_protocol::{Category, Recipient};
 
 /// To whom a consent discloses data (公開設定).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

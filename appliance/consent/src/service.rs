@@ -2,28 +2,23 @@
 //! reports the cache's state.
 //!
 //! Socket: `RUNTIME-DIR/consent/decide.sock` (directory 0750 owned by the service's user;
-//! socket 0660). One JSON request per line, one JSON answer per line:
-//! `{"patient":"0001234","recipient":"hub","category":"images"}` (optional `"at"`, RFC 3339)
-//! → `{"decision":"permit"}` or `{"decision":"deny","reason":"withdrawn"}` or
-//! `{"error":"..."}`. Every decision is written to the audit trail before it is answered.
-//! A decision is a local database lookup; no network call is ever made on this path.
+//! socket 0660). One request per line, one answer per line, in the typed protocol of the
+//! `consent-protocol` crate ([`Request`], [`Answer`]; wire shapes there). Every decision is
+//! written to the audit trail before it is answered. A decision is a local database lookup;
+//! no network call is ever made on this path.
 //!
-//! The change feed: `{"changes_since":N}` → `{"seq":M,"patients":["0001234",...],
-//! "more":false,"fresh":true}`: the patients whose consents changed after change `N` (at most
-//! [`CHANGES_PAGE`] per answer; ask again from `M` while `more`), and whether the cache is
-//! fresh (a stale cache denies every decision for a recipient outside the clinic). The
-//! SS-MIX2 sync uses it to re-ask only about patients whose consent changed.
-//!
-//! Identity (名寄せ): `{"network_id_of":"0001234"}` → `{"known":true,"network_id":"..."}`
-//! (no `network_id` while the network has not given one); `{"local_id_of":"NETWORK-ID"}` →
-//! `{"known":true,"patient":"0001234"}`. The DICOM bridge translates patient IDs with it.
+//! The change feed ([`Request::Changes`]) lists the patients whose consents changed after a
+//! change number (at most [`CHANGES_PAGE`] per answer; ask again from `seq` while `more`),
+//! and whether the cache is fresh (a stale cache denies every decision for a recipient
+//! outside the clinic). The SS-MIX2 sync and the DICOM forwarder use it to re-ask only about
+//! patients whose consent changed. Identity (名寄せ): [`Request::NetworkIdOf`] and
+//! [`Request::LocalIdOf`]; the DICOM bridge translates patient IDs with them.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -32,7 +27,7 @@ use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
 
 use crate::decide::Decision;
-use crate::model::{Category, PatientId, Recipient};
+use crate::model::PatientId;
 use crate::store::{Store, StoreError};
 use crate::time;
 
@@ -59,66 +54,10 @@ pub enum ServiceError {
     Task(#[source] tokio::task::JoinError),
 }
 
-/// A decision request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Request {
-    #[serde(default)]
-    pub patient: String,
-    #[serde(default)]
-    pub recipient: String,
-    #[serde(default)]
-    pub category: String,
-    #[serde(default)]
-    pub at: Option<String>,
-    /// A change-feed request instead of a decision.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub changes_since: Option<i64>,
-    /// An identity request: the network ID of this local patient.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network_id_of: Option<String>,
-    /// An identity request: the local patient with this network ID.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub local_id_of: Option<String>,
-}
+pub use consent_protocol::{Answer, Changes, Identity, Request};
 
-/// A decision answer.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Answer {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub decision: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Change feed: the next sequence number, the changed patients, whether there are more.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seq: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub patients: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub more: Option<bool>,
-    /// Change feed: whether decisions for recipients outside the clinic can permit now.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fresh: Option<bool>,
-    /// Identity: whether the patient asked about is known at all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub known: Option<bool>,
-    /// Identity: the network ID (absent: not known yet).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network_id: Option<String>,
-    /// Identity: the local patient.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub patient: Option<String>,
-}
-
-impl Answer {
-    fn error(message: String) -> Answer {
-        Answer {
-            error: Some(message),
-            ..Answer::default()
-        }
-    }
+fn error(message: String) -> Answer {
+    Answer::Error(message)
 }
 
 /// What the service needs to run.
@@ -163,40 +102,39 @@ impl Shared {
         self.counts.lock().map(|c| *c).unwrap_or_default()
     }
 
-    /// Answers a change-feed request (blocking: SQLite).
     /// An identity lookup (no audit record: no data is released by it).
-    fn identity(&self, req: &Request) -> Answer {
+    fn identity(&self, network_id_of: Option<&str>, local_id_of: Option<&str>) -> Answer {
         let Ok(store) = self.store.lock() else {
-            return Answer::error("internal error: the store lock is poisoned".into());
+            return error("internal error: the store lock is poisoned".into());
         };
-        if let Some(local) = &req.network_id_of {
+        if let Some(local) = network_id_of {
             let patient: PatientId = match local.parse() {
                 Ok(p) => p,
-                Err(e) => return Answer::error(format!("network_id_of: {e}")),
+                Err(e) => return error(format!("network-id-of: {e}")),
             };
             return match store.patient(&patient) {
-                Ok(p) => Answer {
-                    known: Some(p.is_some()),
+                Ok(p) => Answer::Identity(Identity {
+                    known: p.is_some(),
                     network_id: p.and_then(|p| p.network_id),
-                    ..Answer::default()
-                },
-                Err(e) => Answer::error(e.to_string()),
+                    patient: None,
+                }),
+                Err(e) => error(e.to_string()),
             };
         }
-        let network = req.local_id_of.as_deref().unwrap_or_default();
-        match store.patient_by_network_id(network) {
-            Ok(p) => Answer {
-                known: Some(p.is_some()),
+        match store.patient_by_network_id(local_id_of.unwrap_or_default()) {
+            Ok(p) => Answer::Identity(Identity {
+                known: p.is_some(),
+                network_id: None,
                 patient: p.map(|p| p.to_string()),
-                ..Answer::default()
-            },
-            Err(e) => Answer::error(e.to_string()),
+            }),
+            Err(e) => error(e.to_string()),
         }
     }
 
+    /// Answers a change-feed request (blocking: SQLite).
     fn changes(&self, since: i64) -> Answer {
         let Ok(store) = self.store.lock() else {
-            return Answer::error("internal error: the store lock is poisoned".into());
+            return error("internal error: the store lock is poisoned".into());
         };
         let changes = store.changes_since(since, CHANGES_PAGE);
         let freshness = store.freshness(self.settings.freshness_bound);
@@ -209,75 +147,66 @@ impl Shared {
                     now >= t - i64::try_from(crate::decide::CLOCK_SLACK.as_secs()).unwrap_or(0)
                         && now - t <= bound
                 });
-                Answer {
-                    seq: Some(seq),
-                    patients: Some(patients.iter().map(ToString::to_string).collect()),
-                    more: Some(more),
-                    fresh: Some(fresh),
-                    ..Answer::default()
-                }
+                Answer::Changes(Changes {
+                    seq,
+                    patients: patients.iter().map(ToString::to_string).collect(),
+                    more,
+                    fresh,
+                })
             }
-            (Err(e), _) | (_, Err(e)) => Answer::error(format!("change feed failed: {e}")),
+            (Err(e), _) | (_, Err(e)) => error(format!("change feed failed: {e}")),
         }
     }
 
     /// Answers one request (blocking: SQLite).
     pub fn answer(&self, req: &Request) -> Answer {
-        if let Some(since) = req.changes_since {
-            return self.changes(since);
-        }
-        if req.network_id_of.is_some() || req.local_id_of.is_some() {
-            return self.identity(req);
-        }
-        let err = Answer::error;
-        let parsed =
-            (|| -> Result<(PatientId, Recipient, Category, Option<time::Timestamp>), String> {
-                let patient: PatientId =
-                    req.patient.parse().map_err(|e| format!("patient: {e}"))?;
-                let recipient: Recipient = req.recipient.parse().map_err(|e| format!("{e}"))?;
-                let category: Category = req.category.parse().map_err(|e| format!("{e}"))?;
-                let at = req
-                    .at
-                    .as_deref()
-                    .map(time::parse)
-                    .transpose()
-                    .map_err(|e| format!("at: {e}"))?;
-                Ok((patient, recipient, category, at))
-            })();
+        let (patient, question, at) = match req {
+            Request::Changes { since } => return self.changes(*since),
+            Request::NetworkIdOf { patient } => return self.identity(Some(patient), None),
+            Request::LocalIdOf { network_id } => return self.identity(None, Some(network_id)),
+            Request::Decide {
+                patient,
+                recipient,
+                category,
+                at,
+            } => (patient, Some((recipient, *category)), at),
+            Request::Participates { patient } => (patient, None, &None),
+        };
+        let parsed = (|| -> Result<(PatientId, Option<time::Timestamp>), String> {
+            let patient: PatientId = patient.parse().map_err(|e| format!("patient: {e}"))?;
+            let at = at
+                .as_deref()
+                .map(time::parse)
+                .transpose()
+                .map_err(|e| format!("at: {e}"))?;
+            Ok((patient, at))
+        })();
         let answer = match parsed {
-            Err(message) => err(message),
-            Ok((patient, recipient, category, at)) => {
+            Err(message) => error(message),
+            Ok((patient, at)) => {
                 let now = time::now();
                 let Ok(mut store) = self.store.lock() else {
-                    return err("internal error: the store lock is poisoned".into());
+                    return error("internal error: the store lock is poisoned".into());
                 };
-                match store.decide(
-                    &patient,
-                    &recipient,
-                    category,
-                    at.unwrap_or(now),
-                    now,
-                    self.settings.freshness_bound,
-                ) {
-                    Ok(Decision::Permit) => Answer {
-                        decision: Some("permit".into()),
-                        ..Answer::default()
-                    },
-                    Ok(Decision::Deny(reason)) => Answer {
-                        decision: Some("deny".into()),
-                        reason: Some(reason.as_str().into()),
-                        ..Answer::default()
-                    },
+                let bound = self.settings.freshness_bound;
+                let decided = match question {
+                    Some((recipient, category)) => {
+                        store.decide(&patient, recipient, category, at.unwrap_or(now), now, bound)
+                    }
+                    None => store.participation(&patient, now, bound),
+                };
+                match decided {
+                    Ok(decision) => Answer::Decided(decision),
                     // The error never carries patient data: only the operation that failed.
-                    Err(e) => err(format!("decision failed: {e}")),
+                    Err(e) => error(format!("decision failed: {e}")),
                 }
             }
         };
         if let Ok(mut counts) = self.counts.lock() {
-            match answer.decision.as_deref() {
-                Some("permit") => counts.permits += 1,
-                Some(_) => counts.denies += 1,
-                None => counts.errors += 1,
+            match answer {
+                Answer::Decided(Decision::Permit) => counts.permits += 1,
+                Answer::Decided(Decision::Deny(_)) => counts.denies += 1,
+                _ => counts.errors += 1,
             }
         }
         answer
@@ -380,24 +309,28 @@ async fn client(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> 
             Err(_) | Ok(Err(_)) | Ok(Ok(0)) => return Ok(()),
             Ok(Ok(n)) => n,
         };
-        let answer = if n > MAX_REQUEST || !line.ends_with('\n') {
-            Answer::error(format!("request longer than {MAX_REQUEST} bytes"))
+        let too_long = n > MAX_REQUEST || !line.ends_with('\n');
+        let answer = if too_long {
+            error(format!("request longer than {MAX_REQUEST} bytes"))
         } else {
-            match serde_json::from_str::<Request>(line.trim()) {
-                Err(e) => Answer::error(format!("bad request: {e}")),
+            match consent_protocol::from_line::<Request>(&line) {
+                Err(e) => error(format!(
+                    "bad request: {}",
+                    tsunagi_runtime::child::error_chain(&e)
+                )),
                 Ok(req) => {
                     let shared = shared.clone();
                     match tokio::task::spawn_blocking(move || shared.answer(&req)).await {
                         Ok(a) => a,
-                        Err(_) => Answer::error("internal error".into()),
+                        Err(_) => error("internal error".into()),
                     }
                 }
             }
         };
-        let mut out = serde_json::to_string(&answer).unwrap_or_else(|_| "{}".into());
-        out.push('\n');
-        write.write_all(out.as_bytes()).await?;
-        if answer.error.is_some() && n > MAX_REQUEST {
+        write
+            .write_all(consent_protocol::to_line(&answer).as_bytes())
+            .await?;
+        if too_long {
             return Ok(());
         }
     }

@@ -806,6 +806,34 @@ impl Store {
         Ok(decision)
     }
 
+    /// Decides whether the patient participates (active, valid consent; see
+    /// [`decide::participation`]), and records it in the audit trail (recipient `clinic`,
+    /// category `participation`).
+    pub fn participation(
+        &mut self,
+        id: &PatientId,
+        now: Timestamp,
+        bound: Duration,
+    ) -> Result<Decision, StoreError> {
+        let records = self.records(id)?;
+        let freshness = self.freshness(bound)?;
+        let decision = decide::participation(&records, now, now, freshness);
+        let (verdict, reason) = match decision {
+            Decision::Permit => ("permit", ""),
+            Decision::Deny(r) => ("deny", r.as_str()),
+        };
+        let hash = self.patient_hash(id);
+        self.append_audit(
+            &time::format(now),
+            &hash,
+            &Recipient::Clinic.to_string(),
+            "participation",
+            verdict,
+            reason,
+        )?;
+        Ok(decision)
+    }
+
     fn append_audit(
         &mut self,
         at: &str,

@@ -22,7 +22,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use consent::client::{Identities as _, SocketGate, Verdict};
+use consent::client::{Category, Identities as _, Recipient, SocketGate};
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::Pdu;
 use dicom_ul::association::AsyncClientAssociation;
@@ -108,6 +108,8 @@ pub enum QueryError {
     Consent(#[source] consent::client::GateError),
     #[error("internal error")]
     Internal,
+    #[error("the network sent an instance of another patient")]
+    WrongPatient,
     #[error("cannot store to the viewer")]
     Relay(#[source] Box<crate::forward::ForwardError>),
 }
@@ -116,9 +118,8 @@ pub enum QueryError {
 /// asked once per query).
 struct Checks {
     gate: SocketGate,
-    facility: String,
     locals: Vec<(String, Option<String>)>,
-    verdicts: Vec<(String, bool)>,
+    verdicts: Vec<((String, Option<Category>), bool)>,
 }
 
 impl Checks {
@@ -135,19 +136,24 @@ impl Checks {
         Ok(l)
     }
 
-    /// Whether this clinic may see images of the local patient.
-    fn visible(&mut self, local: &str) -> Result<bool, QueryError> {
-        if let Some((_, v)) = self.verdicts.iter().find(|(p, _)| p == local) {
+    /// Whether this clinic's viewers may see the network's data of the local patient: the
+    /// patient's active participation consent at this clinic ([`Recipient::Clinic`]),
+    /// covering `category` when the data is one object (a retrieved instance, by its SOP
+    /// class); for a C-FIND match, participation alone (`category` none). Who else may see
+    /// the data (other facilities' 公開設定) is the network's to enforce, not this box's.
+    /// An instance whose SOP class has no category is never shown (`visible` is not asked).
+    fn visible(&mut self, local: &str, category: Option<Category>) -> Result<bool, QueryError> {
+        let key = (local.to_owned(), category);
+        if let Some((_, v)) = self.verdicts.iter().find(|(k, _)| *k == key) {
             return Ok(*v);
         }
-        let v = matches!(
-            self.gate
-                .decide_for(local, &self.facility, "images")
-                .map_err(QueryError::Consent)?,
-            Verdict::Permit
-        );
-        self.verdicts.push((local.to_owned(), v));
-        Ok(v)
+        let decision = match category {
+            Some(c) => self.gate.decide_for(local, Recipient::Clinic, c),
+            None => self.gate.participates(local),
+        }
+        .map_err(QueryError::Consent)?;
+        self.verdicts.push((key, decision.is_permit()));
+        Ok(decision.is_permit())
     }
 }
 
@@ -210,7 +216,6 @@ async fn viewer_key(
         translate::text_value(identifier, explicit, PATIENT_ID).map_err(QueryError::Identifier)?;
     let mut checks = Checks {
         gate: SocketGate::new(&proxy.consent_socket),
-        facility: proxy.facility_code.clone(),
         locals: Vec::new(),
         verdicts: Vec::new(),
     };
@@ -308,7 +313,7 @@ async fn find_inner(
             continue;
         };
         let l = local.clone();
-        let (c, visible) = blocking(checks, move |c| c.visible(&l)).await?;
+        let (c, visible) = blocking(checks, move |c| c.visible(&l, None)).await?;
         checks = c;
         if !visible {
             continue;
@@ -593,13 +598,14 @@ pub async fn collect(
             (checks, Some(network.clone()))
         };
         checks = c;
-        let visible = match local.clone().filter(|l| !l.is_empty()) {
-            Some(l) => {
-                let (c, v) = blocking(checks, move |c| c.visible(&l)).await?;
+        let category = Category::for_dicom_sop_class(&v(SOP_CLASS)?);
+        let visible = match (local.clone().filter(|l| !l.is_empty()), category) {
+            (Some(l), Some(category)) => {
+                let (c, v) = blocking(checks, move |c| c.visible(&l, Some(category))).await?;
                 checks = c;
                 v
             }
-            None => false,
+            _ => false,
         };
         if !visible {
             refused = refused.saturating_add(1);
@@ -678,6 +684,17 @@ fn outgoing_for(
         .map_err(|_| QueryError::Internal)?;
     let explicit = translate::data_set_is_explicit(ts)
         .ok_or(QueryError::Identifier(TranslateError::Encoding))?;
+    // The data set must be of the patient it was asked for, whatever the PACS answered to
+    // the query: an instance of another patient is discarded, never shown.
+    let patient = translate::text_value(&prefix, explicit, PATIENT_ID)
+        .map_err(QueryError::Identifier)?
+        .unwrap_or_default();
+    if patient != w.network_id {
+        tracing::warn!(
+            "the network sent an instance of another patient than the one requested; discarded"
+        );
+        return Err(QueryError::WrongPatient);
+    }
     let head = if w.local_id == w.network_id {
         None
     } else {
@@ -905,14 +922,23 @@ async fn receive_stores(
                             .find(|p| p.id == pc)
                             .map(|p| p.transfer_syntax.trim_end_matches('\0').to_owned())
                             .unwrap_or_default();
-                        let mut item = w.clone();
-                        if let Some(class) = &c.affected_sop_class {
-                            item.sop_class.clone_from(class);
+                        // Only the instance asked for is kept: another one (another class,
+                        // UID, or patient, see `outgoing_for`) is discarded, never shown.
+                        let uid = |v: &Option<String>| {
+                            v.as_deref()
+                                .map(|u| u.trim_end_matches(['\0', ' ']).to_owned())
+                        };
+                        if uid(&c.affected_sop_class).as_deref() == Some(w.sop_class.as_str())
+                            && uid(&c.affected_sop_instance).as_deref()
+                                == Some(w.sop_instance.as_str())
+                        {
+                            got.push((w.clone(), path, ts));
+                        } else {
+                            let _ = std::fs::remove_file(&path);
+                            tracing::warn!(
+                                "the network sent an instance that was not the one requested; discarded"
+                            );
                         }
-                        if let Some(uid) = &c.affected_sop_instance {
-                            item.sop_instance.clone_from(uid);
-                        }
-                        got.push((item, path, ts));
                         let rsp = c.respond(Status::SUCCESS).ok_or(QueryError::Protocol)?;
                         send(assoc, pc, PDataValueType::Command, rsp.encode()).await?;
                     }

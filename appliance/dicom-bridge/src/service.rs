@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use consent::client::{Gate, Identities as _, SocketGate, Verdict};
+use consent::client::{Category, Decision, Gate, Identities as _, SocketGate};
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
 
@@ -283,7 +283,7 @@ fn gate_round(
         );
     }
     let mut permitted = Vec::new();
-    let mut decided: Vec<(String, Verdict)> = Vec::new();
+    let mut decided: Vec<((String, Category), Decision)> = Vec::new();
     let mut identities: Vec<(String, Option<String>)> = Vec::new();
     for q in spool.ready(now, limit).map_err(|e| e.to_string())? {
         let Some(patient) = q.meta.patient_id.clone() else {
@@ -292,18 +292,28 @@ fn gate_round(
                 .map_err(|e| e.to_string())?;
             continue;
         };
-        let verdict = match decided.iter().find(|(p, _)| *p == patient) {
-            Some((_, v)) => v.clone(),
+        // The question is asked with the category of this exact object: a structured report
+        // or an encapsulated PDF is a document, not an image. A class no category covers is
+        // held, never sent.
+        let Some(category) = Category::for_dicom_sop_class(&q.meta.sop_class) else {
+            spool
+                .hold(q.id, "no data category covers this SOP class")
+                .map_err(|e| e.to_string())?;
+            continue;
+        };
+        let key = (patient.clone(), category);
+        let verdict = match decided.iter().find(|(k, _)| *k == key) {
+            Some((_, v)) => *v,
             None => {
                 let v = gate
-                    .decide(&patient, "images")
+                    .decide(&patient, category)
                     .map_err(|e| tsunagi_runtime::child::error_chain(&e))?;
-                decided.push((patient.clone(), v.clone()));
+                decided.push((key, v));
                 v
             }
         };
         match verdict {
-            Verdict::Permit => {
+            Decision::Permit => {
                 let Some(t) = translation else {
                     permitted.push(Outgoing::from(q));
                     continue;
@@ -342,7 +352,9 @@ fn gate_round(
                     .retry_later(q.id, "consent cache stale", now + 30)
                     .map_err(|e| e.to_string())?;
             }
-            Verdict::Deny(reason) => spool.hold(q.id, &reason).map_err(|e| e.to_string())?,
+            Decision::Deny(reason) => spool
+                .hold(q.id, reason.as_str())
+                .map_err(|e| e.to_string())?,
         }
     }
     Ok((changes.seq, permitted))

@@ -34,7 +34,7 @@ use tsunagi_config::WithdrawalPolicy;
 use tsunagi_state::{Durability, Migration, StateError};
 
 use crate::replica::{RelPath, Replica, ReplicaError};
-use consent::client::{Gate, GateError, Verdict};
+use consent::client::{Category, Decision, DenyReason, Gate, GateError};
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -373,7 +373,7 @@ impl Syncer {
         patient: &str,
         category: &str,
         now: i64,
-    ) -> Result<Option<Verdict>, SyncError> {
+    ) -> Result<Option<Decision>, SyncError> {
         let recheck = i64::try_from(self.settings.recheck.as_secs()).unwrap_or(i64::MAX);
         let row: Option<(String, Option<String>, i64)> = self
             .conn
@@ -384,14 +384,13 @@ impl Syncer {
             )
             .optional()
             .map_err(sql("read decisions"))?;
+        // A row that does not read back as a decision is no cached decision: ask again.
         Ok(row
             .filter(|(_, _, at)| now - at < recheck && now >= *at)
-            .map(|(v, reason, _)| {
-                if v == "permit" {
-                    Verdict::Permit
-                } else {
-                    Verdict::Deny(reason.unwrap_or_default())
-                }
+            .and_then(|(v, reason, _)| match (v.as_str(), reason) {
+                ("permit", _) => Some(Decision::Permit),
+                ("deny", Some(r)) => r.parse::<DenyReason>().ok().map(Decision::Deny),
+                _ => None,
             }))
     }
 
@@ -399,12 +398,12 @@ impl Syncer {
         conn: &Connection,
         patient: &str,
         category: &str,
-        v: &Verdict,
+        v: &Decision,
         now: i64,
     ) -> Result<(), SyncError> {
         let (verdict, reason) = match v {
-            Verdict::Permit => ("permit", None),
-            Verdict::Deny(r) => ("deny", Some(r.as_str())),
+            Decision::Permit => ("permit", None),
+            Decision::Deny(r) => ("deny", Some(r.as_str())),
         };
         conn.execute(
             "INSERT INTO decisions VALUES (?1, ?2, ?3, ?4, ?5)
@@ -447,9 +446,13 @@ impl Syncer {
             if !due || !fresh {
                 continue;
             }
-            let verdict = gate.decide(&patient, &category)?;
+            // A category this version cannot read back is treated as denied: removed.
+            let verdict = match category.parse::<Category>() {
+                Ok(c) => gate.decide(&patient, c)?,
+                Err(_) => Decision::Deny(DenyReason::CategoryExcluded),
+            };
             Self::remember(&tx, &patient, &category, &verdict, now)?;
-            if matches!(verdict, Verdict::Deny(_)) && !verdict.is_transient() {
+            if matches!(verdict, Decision::Deny(_)) && !verdict.is_transient() {
                 self.plan_removal(&tx, &patient, &category, now)?;
             }
         }
@@ -557,7 +560,7 @@ impl Syncer {
                 .prepare("SELECT path FROM published WHERE key = ?1 AND tombstone = 1")
                 .map_err(sql("read tombstones"))?;
             for (path, sha, patient, date, data_type, order, mtime_ns) in batch {
-                let Some(category) = consent::model::Category::for_ssmix2(&data_type) else {
+                let Some(category) = Category::for_ssmix2(&data_type) else {
                     report.held += 1;
                     continue;
                 };
@@ -571,16 +574,16 @@ impl Syncer {
                     report.held += 1;
                     continue;
                 }
-                let category = category.as_str();
-                let verdict = match self.cached(&patient, category, now)? {
+                let verdict = match self.cached(&patient, category.as_str(), now)? {
                     Some(v) => v,
                     None => {
                         let v = gate.decide(&patient, category)?;
-                        Self::remember(&tx, &patient, category, &v, now)?;
+                        Self::remember(&tx, &patient, category.as_str(), &v, now)?;
                         v
                     }
                 };
-                if verdict != Verdict::Permit {
+                let category = category.as_str();
+                if verdict != Decision::Permit {
                     report.held += 1;
                     continue;
                 }
@@ -841,7 +844,7 @@ pub fn expected_replica(
         .filter(|e| {
             e.data_type
                 .as_deref()
-                .and_then(consent::model::Category::for_ssmix2)
+                .and_then(Category::for_ssmix2)
                 .is_some()
         })
         .filter_map(|e| Some((e.path, e.sha256?)))

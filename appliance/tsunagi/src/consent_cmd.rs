@@ -95,14 +95,16 @@ pub(crate) struct Register {
     /// male, female, other or unknown.
     #[arg(long)]
     sex: Sex,
-    /// `all` (every network participant) or a comma-separated list of 医療機関コード.
-    #[arg(long, default_value = "all")]
+    /// `all` (every network participant) or a comma-separated list of 医療機関コード, as
+    /// ticked on the paper form. Required: there is no silent "all".
+    #[arg(long)]
     scope: String,
     /// Facilities never disclosed to (comma-separated 医療機関コード).
     #[arg(long, value_delimiter = ',')]
     exclude: Vec<FacilityCode>,
-    /// `all` or a comma-separated list of data categories.
-    #[arg(long, default_value = "all")]
+    /// `all` or a comma-separated list of data categories, as ticked on the paper form.
+    /// Required: there is no silent "all".
+    #[arg(long)]
     categories: String,
     /// Valid from (default now).
     #[arg(long, value_parser = parse_time)]

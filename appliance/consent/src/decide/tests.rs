@@ -452,7 +452,8 @@ fn covers(ops: &[Op], recipient: &Recipient, category: Category, at: Timestamp) 
         return false;
     }
     match recipient {
-        Recipient::Hub => true,
+        // The hub and this clinic's own viewers: any active participation consent.
+        Recipient::Hub | Recipient::Clinic => true,
         Recipient::Facility(code) => {
             let is = |list: &Vec<u8>| {
                 list.iter()
@@ -468,12 +469,16 @@ proptest! {
     #[test]
     fn permit_only_when_the_last_effective_consent_covers_it(
         ops in prop::collection::vec(op(), 0..12),
-        recipient in prop_oneof![Just(None), (0usize..4).prop_map(Some)],
+        recipient in prop_oneof![Just(None), Just(Some(None)), (0usize..4).prop_map(|i| Some(Some(i)))],
         category in 0usize..9,
         day in -6i64..12,
     ) {
         let records = apply(&ops);
-        let recipient = recipient.map_or(Recipient::Hub, |i| Recipient::Facility(fac(FACILITIES[i])));
+        let recipient = match recipient {
+            None => Recipient::Hub,
+            Some(None) => Recipient::Clinic,
+            Some(Some(i)) => Recipient::Facility(fac(FACILITIES[i])),
+        };
         let category = Category::ALL[category];
         let at = T0 + day * DAY;
         let got = decide(&records, &recipient, category, at, at, Freshness { last_pull: Some(at), bound: 24 * HOUR });

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use consent::client::{Changes, Gate, GateError, Verdict};
+use consent::client::{Category, Changes, Decision, DenyReason, Gate, GateError};
 
 /// A consent gate whose answers the test sets: permitted patients (all categories), a
 /// change sequence, and freshness.
@@ -50,16 +50,16 @@ impl ScriptedGate {
 }
 
 impl Gate for ScriptedGate {
-    fn decide(&mut self, patient: &str, _category: &str) -> Result<Verdict, GateError> {
+    fn decide(&mut self, patient: &str, _category: Category) -> Result<Decision, GateError> {
         self.asked += 1;
         Ok(if !self.fresh {
-            Verdict::Deny("cache-stale".into())
+            Decision::Deny(DenyReason::CacheStale)
         } else if self.permitted.contains(patient) {
-            Verdict::Permit
+            Decision::Permit
         } else if self.withdrawn.contains(patient) {
-            Verdict::Deny("withdrawn".into())
+            Decision::Deny(DenyReason::Withdrawn)
         } else {
-            Verdict::Deny("no-consent".into())
+            Decision::Deny(DenyReason::NoConsent)
         })
     }
 

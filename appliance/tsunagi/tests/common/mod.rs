@@ -323,6 +323,12 @@ pub fn register_consent(h: &Harness, form: &Path, patient: &str, extra: &[&str])
         .args(["--sex", "female", "--recorded-by", "staff-1", "--evidence"])
         .arg(form)
         .args(extra)
+        .args(
+            ["--scope", "--categories"]
+                .into_iter()
+                .filter(|flag| !extra.contains(flag))
+                .flat_map(|flag| [flag, "all"]),
+        )
         .arg("--config")
         .arg(&h.config)
         .output()
