@@ -9,6 +9,10 @@
 //!   role (IRCP) referencing Organizations by 医療機関コード (none listed = every participant),
 //!   the categories as `code`s (system [`CATEGORY_SYSTEM`]), and each excluded facility as a
 //!   nested provision of type deny.
+//!
+//! Reading the network's consents fails closed ([`consent_from_resource`]): every R4 way of
+//! saying "no" becomes a deny, and a resource with anything the box does not understand is
+//! an error, which the sync records as unreadable (the patient is denied).
 
 use std::collections::BTreeSet;
 
@@ -196,72 +200,363 @@ pub fn other_identifiers(facility: &FacilityCode, patient: &Value) -> Vec<(Strin
         .unwrap_or_default()
 }
 
-fn facility_of(actor: &Value) -> Option<FacilityCode> {
-    let id = &actor["reference"]["identifier"];
-    (id["system"] == INSTITUTION_SYSTEM)
-        .then(|| id["value"].as_str())
-        .flatten()
-        .and_then(|v| FacilityCode::try_from(v).ok())
+/// The instant a draft or proposed consent (or one whose permitted time is denied entirely)
+/// starts and ends: 9999-12-31 00:00 JST, an empty validity window that never begins.
+/// Such a version denies (`not-yet-valid`) without being final: a later `active` version
+/// of the same consent is applied as usual (unlike a withdrawal, which is final).
+pub const NOT_IN_FORCE: Timestamp = 253_402_182_000;
+
+/// The start of an unbounded validity (a permit without `period.start`).
+const UNBOUNDED_START: Timestamp = i64::MIN / 2;
+
+fn unreadable(why: &'static str) -> FhirError {
+    bad("Consent", why)
 }
 
-/// The consent a Consent resource describes, for `patient`.
+/// Whether a `modifierExtension` (an extension that changes the meaning of what contains
+/// it) appears anywhere in `value`.
+fn has_modifier_extension(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .any(|(k, v)| k == "modifierExtension" || has_modifier_extension(v)),
+        Value::Array(items) => items.iter().any(has_modifier_extension),
+        _ => false,
+    }
+}
+
+/// The facility an actor names, if it is an information recipient (role IRCP) referenced by
+/// 医療機関コード; anything else is not understood.
+fn recipient_facility(actor: &Value) -> Result<FacilityCode, FhirError> {
+    let Some(actor) = actor.as_object() else {
+        return Err(unreadable("an actor is not an object"));
+    };
+    if actor
+        .keys()
+        .any(|k| !matches!(k.as_str(), "role" | "reference" | "extension" | "id"))
+    {
+        return Err(unreadable(
+            "an actor has elements the box does not understand",
+        ));
+    }
+    let codings = actor
+        .get("role")
+        .and_then(|r| r["coding"].as_array())
+        .ok_or_else(|| unreadable("an actor has no coded role"))?;
+    let ircp = !codings.is_empty()
+        && codings
+            .iter()
+            .all(|c| c["system"] == PARTICIPATION && c["code"] == "IRCP");
+    if !ircp {
+        return Err(unreadable(
+            "an actor's role is not information recipient (IRCP)",
+        ));
+    }
+    let reference = actor
+        .get("reference")
+        .and_then(Value::as_object)
+        .ok_or_else(|| unreadable("an actor has no reference"))?;
+    if reference.contains_key("reference") {
+        return Err(unreadable(
+            "an actor is referenced by a literal reference, not by 医療機関コード",
+        ));
+    }
+    let id = &reference.get("identifier").cloned().unwrap_or(Value::Null);
+    if id["system"] != INSTITUTION_SYSTEM {
+        return Err(unreadable("an actor is not identified by 医療機関コード"));
+    }
+    id["value"]
+        .as_str()
+        .and_then(|v| FacilityCode::try_from(v).ok())
+        .ok_or_else(|| unreadable("an actor's 医療機関コード is not valid"))
+}
+
+/// The categories a deny provision's `code`s name; every coding must be a known category.
+fn denied_categories(codes: &[Value]) -> Result<BTreeSet<Category>, FhirError> {
+    let mut out = BTreeSet::new();
+    for concept in codes {
+        let codings = concept["coding"]
+            .as_array()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| unreadable("a deny provision has a code without coding"))?;
+        for coding in codings {
+            if coding["system"] != CATEGORY_SYSTEM {
+                return Err(unreadable(
+                    "a deny provision has a code of a system the box does not know",
+                ));
+            }
+            let category = coding["code"]
+                .as_str()
+                .and_then(|k| k.parse::<Category>().ok())
+                .ok_or_else(|| unreadable("a deny provision names an unknown data category"))?;
+            out.insert(category);
+        }
+    }
+    Ok(out)
+}
+
+/// A `dateTime` of a period, as its first second.
+fn instant(v: &Value) -> Result<Option<Timestamp>, FhirError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(t) => time::parse(t)
+            .map(Some)
+            .map_err(|_| unreadable("a period has a time the box cannot read")),
+        _ => Err(unreadable("a period has a time that is not a string")),
+    }
+}
+
+/// The first second after a `dateTime` taken at its precision (a date covers its whole day,
+/// `HH:MM` its whole minute): where a deny period ends at the earliest.
+fn instant_end(v: &Value) -> Result<Option<Timestamp>, FhirError> {
+    let Some(start) = instant(v)? else {
+        return Ok(None);
+    };
+    let text = v.as_str().unwrap_or_default();
+    let step = match text.split_once('T') {
+        None => 86_400,
+        Some((_, clock)) if clock.as_bytes().get(5) == Some(&b':') => 1,
+        Some(_) => 60,
+    };
+    Ok(Some(start.saturating_add(step)))
+}
+
+/// Checks that a provision has only the elements the box understands.
+fn only_known_elements(p: &serde_json::Map<String, Value>, deny: bool) -> Result<(), FhirError> {
+    for key in p.keys() {
+        match key.as_str() {
+            "id" | "extension" | "type" | "period" | "actor" | "code" | "provision" => {}
+            _ if deny => {
+                return Err(unreadable(
+                    "a deny provision is restricted by something the box does not understand (data, class, action, purpose, securityLabel, dataPeriod...)",
+                ));
+            }
+            _ => {
+                return Err(unreadable(
+                    "the permit is restricted by something the box does not understand (data, class, action, purpose, securityLabel, dataPeriod...)",
+                ));
+            }
+        }
+    }
+    if let Some(period) = p.get("period") {
+        let Some(period) = period.as_object() else {
+            return Err(unreadable("a period is not an object"));
+        };
+        if period
+            .keys()
+            .any(|k| !matches!(k.as_str(), "start" | "end" | "id" | "extension"))
+        {
+            return Err(unreadable(
+                "a period has elements the box does not understand",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The permitted time `[from, until)` minus the denied `[start, end)`, narrowed to one
+/// interval: a deny inside the permitted time keeps only the part before it (narrower than
+/// the truth, never wider).
+fn narrow(
+    from: Timestamp,
+    until: Option<Timestamp>,
+    start: Option<Timestamp>,
+    end: Option<Timestamp>,
+) -> (Timestamp, Option<Timestamp>) {
+    let start = start.unwrap_or(i64::MIN);
+    let until_or_max = until.unwrap_or(i64::MAX);
+    match end {
+        // The deny does not overlap the permitted time.
+        Some(end) if end <= from => (from, until),
+        _ if start >= until_or_max => (from, until),
+        // The deny covers the start: permitted only from its end.
+        Some(end) if start <= from => {
+            if end >= until_or_max {
+                (NOT_IN_FORCE, Some(NOT_IN_FORCE))
+            } else {
+                (end, until)
+            }
+        }
+        None if start <= from => (NOT_IN_FORCE, Some(NOT_IN_FORCE)),
+        // The deny starts inside: permitted only until its start.
+        _ => (from, Some(start)),
+    }
+}
+
+/// The consent a Consent resource describes, for `patient`. Fail closed: every valid R4
+/// way of saying "no" becomes a deny, and anything the box does not fully understand is an
+/// error (the caller records the resource as unreadable, which denies the patient).
+///
+/// | resource | consent |
+/// |---|---|
+/// | `status` inactive, rejected, entered-in-error (with or without `provision`) | withdrawn (final) |
+/// | `status` draft, proposed | not in force: validity [`NOT_IN_FORCE`] (`not-yet-valid`), not final |
+/// | other or missing `status` | unreadable |
+/// | `policyRule` OPTOUT / OPTOUTE | withdrawn |
+/// | `provision.type` deny (top level) | withdrawn (its exceptions are not granted) |
+/// | nested deny by `actor` (IRCP, 医療機関コード) | that facility excluded |
+/// | nested deny by `code` (only [`CATEGORY_SYSTEM`]) | those categories removed |
+/// | nested deny by `period` | validity narrowed so the period is never permitted |
+/// | nested deny by actor and code or period | the actor excluded altogether |
+/// | nested deny by code and period | the categories removed altogether |
+/// | nested deny with no restriction | not in force |
+/// | anything else in a provision, a nested permit, `modifierExtension`, `implicitRules`, `policy`, an unreadable period or actor | unreadable |
 pub fn consent_from_resource(r: &Value, patient: PatientId) -> Result<Consent, FhirError> {
+    if r["resourceType"] != "Consent" {
+        return Err(unreadable("not a Consent"));
+    }
     let id = r["identifier"]
         .as_array()
         .and_then(|ids| ids.iter().find(|i| i["system"] == CONSENT_ID_SYSTEM))
         .and_then(|i| i["value"].as_str())
         .or_else(|| r["id"].as_str())
-        .ok_or_else(|| bad("Consent", "no identifier"))?
+        .ok_or_else(|| unreadable("no identifier"))?
         .to_owned();
-    let status = match r["status"].as_str() {
-        Some("active") => Status::Active,
-        Some("inactive" | "rejected" | "entered-in-error") => Status::Withdrawn,
-        other => return Err(bad("Consent", format!("status {other:?}"))),
-    };
-    let provision = &r["provision"];
-    if provision["type"] != "permit" {
-        return Err(bad("Consent", "the top provision is not a permit"));
+    if has_modifier_extension(r) {
+        return Err(unreadable(
+            "a modifierExtension the box does not understand",
+        ));
     }
-    let when = |v: &Value| -> Result<Option<Timestamp>, FhirError> {
-        v.as_str()
-            .map(|t| time::parse(t).map_err(|e| bad("Consent", e.to_string())))
-            .transpose()
+    if r.get("implicitRules").is_some() {
+        return Err(unreadable("implicitRules the box does not understand"));
+    }
+    if r.get("policy").is_some() {
+        return Err(unreadable("a policy the box does not understand"));
+    }
+    let recorded_at = instant(&r["meta"]["lastUpdated"])
+        .map_err(|_| unreadable("meta.lastUpdated is not a time"))?
+        .unwrap_or_else(time::now);
+    let nothing = |status: Status, from: Timestamp, until: Option<Timestamp>| Consent {
+        id: id.clone(),
+        version: 0,
+        patient: patient.clone(),
+        status,
+        scope: Scope::Facilities(BTreeSet::new()),
+        excluded: BTreeSet::new(),
+        categories: BTreeSet::new(),
+        valid_from: from,
+        valid_until: until,
+        evidence: None,
+        source: Source::Network,
+        recorded_at,
     };
-    let valid_from = when(&provision["period"]["start"])?.unwrap_or(i64::MIN / 2);
-    let valid_until = when(&provision["period"]["end"])?;
-    let scope = match provision["actor"].as_array() {
+    match r["status"].as_str() {
+        Some("active") => {}
+        Some("inactive" | "rejected" | "entered-in-error") => {
+            return Ok(nothing(Status::Withdrawn, UNBOUNDED_START, None));
+        }
+        Some("draft" | "proposed") => {
+            return Ok(nothing(Status::Active, NOT_IN_FORCE, Some(NOT_IN_FORCE)));
+        }
+        _ => return Err(unreadable("status is missing or not an R4 consent status")),
+    }
+    let opt_out = r["policyRule"]["coding"].as_array().is_some_and(|codings| {
+        codings
+            .iter()
+            .any(|c| matches!(c["code"].as_str(), Some("OPTOUT" | "OPTOUTE")))
+    });
+    if opt_out {
+        return Ok(nothing(Status::Withdrawn, UNBOUNDED_START, None));
+    }
+    let Some(provision) = r.get("provision").and_then(Value::as_object) else {
+        return Err(unreadable("an active consent without a provision"));
+    };
+    match provision.get("type").and_then(Value::as_str) {
+        Some("permit") => {}
+        Some("deny") => return Ok(nothing(Status::Withdrawn, UNBOUNDED_START, None)),
+        _ => {
+            return Err(unreadable(
+                "the provision's type is neither permit nor deny",
+            ));
+        }
+    }
+    only_known_elements(provision, false)?;
+    let period = provision.get("period").unwrap_or(&Value::Null);
+    let mut valid_from = instant(&period["start"])?.unwrap_or(UNBOUNDED_START);
+    let mut valid_until = instant(&period["end"])?;
+    let scope = match provision.get("actor") {
         None => Scope::AllParticipants,
-        Some(actors) if actors.is_empty() => Scope::AllParticipants,
-        Some(actors) => Scope::Facilities(actors.iter().filter_map(facility_of).collect()),
+        Some(Value::Array(actors)) if actors.is_empty() => Scope::AllParticipants,
+        Some(Value::Array(actors)) => Scope::Facilities(
+            actors
+                .iter()
+                .map(recipient_facility)
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(_) => return Err(unreadable("provision.actor is not a list")),
     };
-    let excluded: BTreeSet<FacilityCode> = provision["provision"]
-        .as_array()
-        .map(|nested| {
-            nested
-                .iter()
-                .filter(|p| p["type"] == "deny")
-                .flat_map(|p| p["actor"].as_array().cloned().unwrap_or_default())
-                .filter_map(|a| facility_of(&a))
-                .collect()
-        })
-        .unwrap_or_default();
-    let categories: BTreeSet<Category> = provision["code"]
-        .as_array()
-        .map(|codes| {
-            codes
-                .iter()
-                .flat_map(|c| c["coding"].as_array().cloned().unwrap_or_default())
-                .filter(|c| c["system"] == CATEGORY_SYSTEM)
-                .filter_map(|c| c["code"].as_str().and_then(|k| k.parse().ok()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let recorded_at = when(&r["meta"]["lastUpdated"])?.unwrap_or_else(time::now);
+    let mut categories: BTreeSet<Category> = match provision.get("code") {
+        None => BTreeSet::new(),
+        Some(Value::Array(codes)) => codes
+            .iter()
+            .flat_map(|c| c["coding"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c["system"] == CATEGORY_SYSTEM)
+            .filter_map(|c| c["code"].as_str().and_then(|k| k.parse().ok()))
+            .collect(),
+        Some(_) => return Err(unreadable("provision.code is not a list")),
+    };
+    let mut excluded = BTreeSet::new();
+    let nested = match provision.get("provision") {
+        None => Vec::new(),
+        Some(Value::Array(nested)) => nested.clone(),
+        Some(_) => return Err(unreadable("provision.provision is not a list")),
+    };
+    for p in &nested {
+        let Some(p) = p.as_object() else {
+            return Err(unreadable("a nested provision is not an object"));
+        };
+        match p.get("type").and_then(Value::as_str) {
+            Some("deny") => {}
+            Some("permit") => {
+                return Err(unreadable(
+                    "a nested permit (its meaning under a permit is not defined well enough)",
+                ));
+            }
+            _ => {
+                return Err(unreadable(
+                    "a nested provision's type is neither permit nor deny",
+                ));
+            }
+        }
+        only_known_elements(p, true)?;
+        let actors = match p.get("actor") {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a.clone(),
+            Some(_) => return Err(unreadable("a deny provision's actor is not a list")),
+        };
+        let codes = match p.get("code") {
+            None => Vec::new(),
+            Some(Value::Array(c)) => c.clone(),
+            Some(_) => return Err(unreadable("a deny provision's code is not a list")),
+        };
+        let period = p.get("period").unwrap_or(&Value::Null);
+        let (start, end) = (instant(&period["start"])?, instant_end(&period["end"])?);
+        let has_period = start.is_some() || end.is_some() || p.contains_key("period");
+        // Each deny is represented by the broadest of its restrictions the box can express,
+        // which covers at least what the deny covers: the actor (for every category and
+        // time), else the categories (for all time), else the period.
+        if !actors.is_empty() {
+            for actor in &actors {
+                excluded.insert(recipient_facility(actor)?);
+            }
+            // Still check the codes: a deny the box cannot read is unreadable as a whole.
+            denied_categories(&codes)?;
+        } else if !codes.is_empty() {
+            for category in denied_categories(&codes)? {
+                categories.remove(&category);
+            }
+        } else if has_period {
+            (valid_from, valid_until) = narrow(valid_from, valid_until, start, end);
+        } else {
+            // A deny with no restriction denies everything.
+            (valid_from, valid_until) = (NOT_IN_FORCE, Some(NOT_IN_FORCE));
+        }
+    }
     Ok(Consent {
         id,
         version: 0, // the store assigns the local version
         patient,
-        status,
+        status: Status::Active,
         scope,
         excluded,
         categories,
@@ -289,7 +584,6 @@ mod tests {
 
     #[test]
     fn a_consent_survives_the_round_trip_through_fhir() {
-        let fac = |c: &str| FacilityCode::try_from(c).unwrap();
         let c = Consent {
             id: "c-0123".into(),
             version: 3,
@@ -317,9 +611,252 @@ mod tests {
         let r = consent_resource(&fac("1312345678"), &withdrawn, "Patient/p1");
         assert_eq!(r["status"], "inactive");
         assert!(r["provision"].get("actor").is_none());
-        assert!(same_terms(
-            &withdrawn,
-            &consent_from_resource(&r, withdrawn.patient.clone()).unwrap()
-        ));
+        let back = consent_from_resource(&r, withdrawn.patient.clone()).unwrap();
+        assert_eq!(back.status, Status::Withdrawn);
+        assert_eq!(back.id, "c-0123");
+    }
+
+    fn fac(c: &str) -> FacilityCode {
+        FacilityCode::try_from(c).unwrap()
+    }
+
+    /// A network consent: permit from 2026-11-01 to all participants for images and lab
+    /// results, with `change` applied.
+    fn network(change: impl FnOnce(&mut Value)) -> Result<Consent, FhirError> {
+        let mut r = json!({
+            "resourceType": "Consent",
+            "id": "srv-1",
+            "meta": { "versionId": "3", "lastUpdated": "2026-11-22T04:05:00.123456Z" },
+            "status": "active",
+            "patient": { "reference": "Patient/p1" },
+            "policyRule": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN" }] },
+            "provision": {
+                "type": "permit",
+                "period": { "start": "2026-11-01" },
+                "code": [{ "coding": [
+                    { "system": CATEGORY_SYSTEM, "code": "images" },
+                    { "system": CATEGORY_SYSTEM, "code": "lab-results" }
+                ] }]
+            }
+        });
+        change(&mut r);
+        consent_from_resource(&r, "0001234".parse().unwrap())
+    }
+
+    fn deny(extra: Value) -> impl FnOnce(&mut Value) {
+        move |r: &mut Value| {
+            let mut p = json!({ "type": "deny" });
+            if let (Some(p), Some(extra)) = (p.as_object_mut(), extra.as_object()) {
+                p.extend(extra.clone());
+            }
+            r["provision"]["provision"] = json!([p]);
+        }
+    }
+
+    fn ircp(code: &str) -> Value {
+        recipient_actor(&fac(code))
+    }
+
+    fn t(text: &str) -> Timestamp {
+        time::parse(text).unwrap()
+    }
+
+    #[test]
+    fn an_active_permit_maps_to_its_terms() {
+        let c = network(|_| {}).unwrap();
+        assert_eq!(c.status, Status::Active);
+        assert_eq!(c.id, "srv-1");
+        assert_eq!(c.scope, Scope::AllParticipants);
+        assert_eq!(
+            c.categories,
+            [Category::Images, Category::LabResults].into()
+        );
+        assert_eq!((c.valid_from, c.valid_until), (t("2026-11-01"), None));
+    }
+
+    #[test]
+    fn inactive_rejected_and_entered_in_error_are_withdrawals_with_or_without_provision() {
+        for status in ["inactive", "rejected", "entered-in-error"] {
+            for keep_provision in [true, false] {
+                let c = network(|r| {
+                    r["status"] = json!(status);
+                    if !keep_provision {
+                        r.as_object_mut().unwrap().remove("provision");
+                    }
+                })
+                .unwrap();
+                assert_eq!(c.status, Status::Withdrawn, "{status} {keep_provision}");
+                assert!(c.categories.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn draft_and_proposed_are_not_in_force_but_not_final() {
+        for status in ["draft", "proposed"] {
+            let c = network(|r| r["status"] = json!(status)).unwrap();
+            assert_eq!(c.status, Status::Active, "not a withdrawal: not final");
+            assert_eq!(
+                (c.valid_from, c.valid_until),
+                (NOT_IN_FORCE, Some(NOT_IN_FORCE))
+            );
+            assert!(c.categories.is_empty());
+        }
+        assert_eq!(time::format(NOT_IN_FORCE), "9999-12-31T00:00:00+09:00");
+    }
+
+    #[test]
+    fn unknown_or_missing_status_is_unreadable() {
+        assert!(network(|r| r["status"] = json!("revoked")).is_err());
+        assert!(
+            network(|r| {
+                r.as_object_mut().unwrap().remove("status");
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_top_level_deny_and_an_opt_out_are_withdrawals() {
+        let c = network(|r| r["provision"]["type"] = json!("deny")).unwrap();
+        assert_eq!(c.status, Status::Withdrawn);
+        let c = network(|r| r["policyRule"]["coding"][0]["code"] = json!("OPTOUT")).unwrap();
+        assert_eq!(c.status, Status::Withdrawn);
+        assert!(network(|r| r["provision"]["type"] = json!("maybe")).is_err());
+    }
+
+    #[test]
+    fn a_nested_deny_by_category_removes_it() {
+        let c = network(deny(
+            json!({ "code": [{ "coding": [{ "system": CATEGORY_SYSTEM, "code": "images" }] }] }),
+        ))
+        .unwrap();
+        assert_eq!(c.categories, [Category::LabResults].into());
+        // A code of another system, or an unknown category: unreadable.
+        assert!(network(deny(json!({ "code": [{ "coding": [{ "system": "http://loinc.org", "code": "18748-4" }] }] }))).is_err());
+        assert!(
+            network(deny(
+                json!({ "code": [{ "coding": [{ "system": CATEGORY_SYSTEM, "code": "genome" }] }] })
+            ))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_nested_deny_by_period_is_never_permitted() {
+        // Covering the start: permitted from the end of the deny (a date covers its day).
+        let c = network(deny(
+            json!({ "period": { "start": "2026-10-01", "end": "2026-11-30" } }),
+        ))
+        .unwrap();
+        assert_eq!((c.valid_from, c.valid_until), (t("2026-12-01"), None));
+        // Inside: only the part before it stays permitted (narrower, never wider).
+        let c = network(deny(
+            json!({ "period": { "start": "2026-12-01T10:00:00+09:00", "end": "2026-12-02" } }),
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.valid_from, c.valid_until),
+            (t("2026-11-01"), Some(t("2026-12-01T10:00:00+09:00")))
+        );
+        // Open-ended from before the start: never in force.
+        let c = network(deny(json!({ "period": { "start": "2026-01-01" } }))).unwrap();
+        assert_eq!(
+            (c.valid_from, c.valid_until),
+            (NOT_IN_FORCE, Some(NOT_IN_FORCE))
+        );
+        // Entirely before: nothing changes.
+        let c = network(deny(json!({ "period": { "end": "2026-10-01T12:30" } }))).unwrap();
+        assert_eq!((c.valid_from, c.valid_until), (t("2026-11-01"), None));
+        // A minute-precision end covers the whole minute.
+        let c = network(deny(json!({ "period": { "end": "2026-11-01T12:30" } }))).unwrap();
+        assert_eq!(c.valid_from, t("2026-11-01T12:31"));
+        // Unreadable times: the whole resource is unreadable.
+        assert!(network(deny(json!({ "period": { "start": "2026" } }))).is_err());
+        assert!(network(|r| r["provision"]["period"]["end"] = json!("soon")).is_err());
+    }
+
+    #[test]
+    fn a_nested_deny_by_actor_and_code_excludes_the_actor() {
+        let c = network(deny(json!({
+            "actor": [ircp("1312345679")],
+            "code": [{ "coding": [{ "system": CATEGORY_SYSTEM, "code": "images" }] }]
+        })))
+        .unwrap();
+        assert_eq!(c.excluded, [fac("1312345679")].into());
+        assert_eq!(
+            c.categories,
+            [Category::Images, Category::LabResults].into()
+        );
+        let c = network(deny(
+            json!({ "actor": [ircp("1312345679")], "period": { "start": "2026-12-01" } }),
+        ))
+        .unwrap();
+        assert_eq!(c.excluded, [fac("1312345679")].into());
+        assert_eq!(c.valid_until, None);
+    }
+
+    #[test]
+    fn anything_not_understood_is_unreadable() {
+        for element in [
+            "data",
+            "class",
+            "action",
+            "purpose",
+            "securityLabel",
+            "dataPeriod",
+        ] {
+            let value = json!([{}]);
+            assert!(
+                network(deny(json!({ element: value.clone() }))).is_err(),
+                "deny {element}"
+            );
+            assert!(
+                network(|r| r["provision"][element] = value).is_err(),
+                "permit {element}"
+            );
+        }
+        assert!(
+            network(|r| r["modifierExtension"] = json!([{ "url": "urn:x", "valueBoolean": true }]))
+                .is_err()
+        );
+        assert!(
+            network(|r| r["provision"]["modifierExtension"] =
+                json!([{ "url": "urn:x", "valueBoolean": true }]))
+            .is_err()
+        );
+        assert!(network(|r| r["implicitRules"] = json!("urn:rules")).is_err());
+        // A permit to an actor the box cannot name, or in another role.
+        let mut org = ircp("1312345679");
+        org["reference"] = json!({ "reference": "Organization/7" });
+        assert!(network(|r| r["provision"]["actor"] = json!([org])).is_err());
+        let mut author = ircp("1312345679");
+        author["role"]["coding"][0]["code"] = json!("AUT");
+        assert!(network(|r| r["provision"]["actor"] = json!([author])).is_err());
+        let mut bad_code = ircp("1312345679");
+        bad_code["reference"]["identifier"]["value"] = json!("12345");
+        assert!(network(deny(json!({ "actor": [bad_code] }))).is_err());
+        // A nested permit.
+        assert!(
+            network(|r| r["provision"]["provision"] =
+                json!([{ "type": "permit", "actor": [ircp("1312345679")] }]))
+            .is_err()
+        );
+        // An active consent without a provision.
+        assert!(
+            network(|r| {
+                r.as_object_mut().unwrap().remove("provision");
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_nested_deny_without_restriction_denies_everything() {
+        let c = network(deny(json!({}))).unwrap();
+        assert_eq!(
+            (c.valid_from, c.valid_until),
+            (NOT_IN_FORCE, Some(NOT_IN_FORCE))
+        );
     }
 }
