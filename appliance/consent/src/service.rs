@@ -98,6 +98,11 @@ impl Shared {
         })
     }
 
+    /// The store (the sync runs its rounds on it).
+    pub fn store(&self) -> &Mutex<Store> {
+        &self.store
+    }
+
     pub fn counts(&self) -> Counts {
         self.counts.lock().map(|c| *c).unwrap_or_default()
     }
@@ -212,15 +217,17 @@ impl Shared {
         answer
     }
 
-    /// A summary line and metrics for the supervisor.
+    /// A summary line and metrics for the supervisor: healthy while the cache is fresh and no
+    /// patient is denied for an unreadable network consent.
     pub fn report(&self) -> (bool, String, Vec<(&'static str, f64)>) {
         let counts = self.counts();
-        let (pending, freshness) = match self.store.lock() {
+        let (pending, freshness, unreadable) = match self.store.lock() {
             Ok(store) => (
                 store.pending().map(|p| p.len()).unwrap_or(0),
                 store.freshness(self.settings.freshness_bound).ok(),
+                store.unreadable_patients().unwrap_or(0),
             ),
-            Err(_) => (0, None),
+            Err(_) => (0, None, 0),
         };
         let now = time::now();
         let age = freshness
@@ -239,6 +246,11 @@ impl Shared {
             "{} permitted, {} denied; {pending} changes waiting to be pushed; {sync}",
             counts.permits, counts.denies
         );
+        if unreadable > 0 {
+            summary.push_str(&format!(
+                "; {unreadable} patients denied: a consent from the network could not be understood (unreadable-network-consent)"
+            ));
+        }
         if let Some(e) = sync_error {
             summary.push_str(&format!("; last sync failed: {e}"));
         }
@@ -248,11 +260,13 @@ impl Shared {
             ("decision_errors_total", counts.errors as f64),
             ("pending_pushes", pending as f64),
             ("stale", f64::from(u8::from(stale))),
+            ("unreadable_network_consent_patients", unreadable as f64),
         ];
         if let Some(a) = age {
             metrics.push(("last_pull_age_seconds", a as f64));
         }
-        (!stale, summary, metrics)
+        // Patients denied for an unreadable consent need someone to look: degraded.
+        (!stale && unreadable == 0, summary, metrics)
     }
 }
 

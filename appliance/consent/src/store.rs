@@ -21,7 +21,7 @@ use sha2::Sha256;
 use tsunagi_config::FacilityCode;
 use tsunagi_state::{Durability, Migration, StateError};
 
-use crate::decide::{self, Decision, Freshness, Known};
+use crate::decide::{self, Decision, DenyReason, Freshness, Known};
 use crate::model::{
     Category, Consent, Evidence, Link, Patient, PatientId, Recipient, Scope, Sex, Source, Status,
 };
@@ -30,9 +30,10 @@ use crate::time::{self, Timestamp};
 type HmacSha256 = Hmac<Sha256>;
 
 /// The schema.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: "
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: "
         CREATE TABLE patient (
             id TEXT PRIMARY KEY,
             family_kanji TEXT NOT NULL, given_kanji TEXT NOT NULL,
@@ -78,7 +79,67 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             seq INTEGER NOT NULL, row_mac TEXT NOT NULL, mac TEXT NOT NULL
         );
     ",
-}];
+    },
+    Migration {
+        version: 2,
+        // The change feed gets its own table, so that more than a new consent version can be a
+        // change (a network consent found unreadable, or read again). It is seeded from the
+        // consent rowids, which were the feed's sequence numbers: a client's saved number keeps
+        // its meaning. Unreadable network consents deny their patient until a readable version
+        // of the same resource replaces them. The pull keeps one cursor per resource type: the
+        // newest `lastUpdated` applied and the versions applied at exactly that instant.
+        sql: "
+        CREATE TABLE changes (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            patient_id TEXT NOT NULL
+        );
+        INSERT INTO changes (seq, patient_id) SELECT rowid, patient_id FROM consent ORDER BY rowid;
+        CREATE TRIGGER consent_is_a_change AFTER INSERT ON consent
+        BEGIN
+            INSERT INTO changes (patient_id) VALUES (NEW.patient_id);
+        END;
+        CREATE TABLE unreadable (
+            resource TEXT PRIMARY KEY,
+            patient_id TEXT NOT NULL,
+            version_id TEXT, last_updated TEXT,
+            why TEXT NOT NULL,
+            recorded_at INTEGER NOT NULL
+        );
+        CREATE INDEX unreadable_patient ON unreadable (patient_id);
+        CREATE TABLE pull_cursor (
+            kind TEXT PRIMARY KEY,
+            last_updated TEXT NOT NULL,
+            seen TEXT NOT NULL
+        );
+        INSERT INTO pull_cursor (kind, last_updated, seen)
+            SELECT 'Patient', cursor, '[]' FROM sync_state WHERE cursor IS NOT NULL;
+        INSERT INTO pull_cursor (kind, last_updated, seen)
+            SELECT 'Consent', cursor, '[]' FROM sync_state WHERE cursor IS NOT NULL;
+    ",
+    },
+];
+
+/// Where the pull of one resource type stands: the newest `meta.lastUpdated` applied (as the
+/// server wrote it) and the resources (`id/versionId`) applied at exactly that instant. The
+/// next pull asks `_lastUpdated=ge` it and skips those, so a resource sharing the instant is
+/// never skipped and none is applied twice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PullCursor {
+    pub last_updated: Option<String>,
+    pub seen: std::collections::BTreeSet<String>,
+}
+
+/// A network consent the box could not understand, about one of this clinic's patients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// The server's resource (`Consent/ID`).
+    pub resource: String,
+    pub patient: PatientId,
+    pub version_id: Option<String>,
+    pub last_updated: Option<String>,
+    /// What was not understood (never patient data).
+    pub why: String,
+}
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -666,24 +727,149 @@ impl Store {
         Ok(())
     }
 
-    /// The pull cursor (the newest `meta.lastUpdated` seen), if any.
-    pub fn cursor(&self) -> Result<Option<String>, StoreError> {
-        self.conn
-            .query_row("SELECT cursor FROM sync_state WHERE id = 1", [], |r| {
-                r.get(0)
-            })
-            .map_err(sql("read sync state"))
+    /// Where the pull of resource type `kind` stands.
+    pub fn pull_cursor(&self, kind: &str) -> Result<PullCursor, StoreError> {
+        let row: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT last_updated, seen FROM pull_cursor WHERE kind = ?1",
+                [kind],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("read pull cursor"))?;
+        match row {
+            None => Ok(PullCursor::default()),
+            Some((last_updated, seen)) => Ok(PullCursor {
+                last_updated: Some(last_updated),
+                seen: serde_json::from_str(&seen).map_err(StoreError::Corrupt)?,
+            }),
+        }
     }
 
-    /// Records a successful pull: the new cursor and when it finished.
-    pub fn pulled(&mut self, cursor: Option<&str>, at: Timestamp) -> Result<(), StoreError> {
+    /// Saves where the pull of `kind` stands (after the resources up to it were applied).
+    /// It does not make the cache fresh: only [`Store::set_last_pull`] after a complete pull
+    /// does.
+    pub fn save_pull_cursor(&mut self, kind: &str, cursor: &PullCursor) -> Result<(), StoreError> {
+        let Some(last_updated) = &cursor.last_updated else {
+            return Ok(());
+        };
+        let seen = serde_json::to_string(&cursor.seen).map_err(StoreError::Corrupt)?;
         self.conn
             .execute(
-                "UPDATE sync_state SET last_pull_at = ?1, cursor = COALESCE(?2, cursor) WHERE id = 1",
-                params![at, cursor],
+                "INSERT INTO pull_cursor (kind, last_updated, seen) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (kind) DO UPDATE SET last_updated = ?2, seen = ?3",
+                params![kind, last_updated, seen],
             )
-            .map_err(sql("save sync state"))?;
+            .map_err(sql("save pull cursor"))?;
         Ok(())
+    }
+
+    /// Records a network consent about `u.patient` that the box could not understand: every
+    /// decision for the patient denies (`unreadable-network-consent`) until a readable
+    /// version of the same resource replaces it. A change in the feed, and a row in the
+    /// audit trail. Returns whether it was new (not the same version again).
+    pub fn record_unreadable(
+        &mut self,
+        u: &Unreadable,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let hash = self.patient_hash(&u.patient);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        let same: bool = tx
+            .query_row(
+                "SELECT COUNT(*) > 0 FROM unreadable WHERE resource = ?1 AND patient_id = ?2
+                    AND version_id IS ?3 AND last_updated IS ?4",
+                params![u.resource, u.patient.as_str(), u.version_id, u.last_updated],
+                |r| r.get(0),
+            )
+            .map_err(sql("read unreadable"))?;
+        if same {
+            return Ok(false);
+        }
+        // The same resource about another patient before: that patient is a change too.
+        let before: Option<String> = tx
+            .query_row(
+                "SELECT patient_id FROM unreadable WHERE resource = ?1",
+                [&u.resource],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("read unreadable"))?;
+        tx.execute(
+            "INSERT INTO unreadable (resource, patient_id, version_id, last_updated, why, recorded_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (resource) DO UPDATE SET patient_id = ?2, version_id = ?3,
+                last_updated = ?4, why = ?5, recorded_at = ?6",
+            params![u.resource, u.patient.as_str(), u.version_id, u.last_updated, u.why, now],
+        )
+        .map_err(sql("save unreadable"))?;
+        for patient in before
+            .iter()
+            .map(String::as_str)
+            .chain([u.patient.as_str()])
+        {
+            tx.execute("INSERT INTO changes (patient_id) VALUES (?1)", [patient])
+                .map_err(sql("save change"))?;
+        }
+        tx.commit().map_err(sql("commit"))?;
+        self.append_audit(
+            &time::format(now),
+            &hash,
+            "network",
+            "consent",
+            "unreadable",
+            DenyReason::UnreadableNetworkConsent.as_str(),
+        )?;
+        Ok(true)
+    }
+
+    /// A readable version of `resource` arrived: it no longer denies its patient. Returns
+    /// whether it did.
+    pub fn clear_unreadable(&mut self, resource: &str) -> Result<bool, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        let patient: Option<String> = tx
+            .query_row(
+                "DELETE FROM unreadable WHERE resource = ?1 RETURNING patient_id",
+                [resource],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("clear unreadable"))?;
+        if let Some(patient) = &patient {
+            tx.execute("INSERT INTO changes (patient_id) VALUES (?1)", [patient])
+                .map_err(sql("save change"))?;
+        }
+        tx.commit().map_err(sql("commit"))?;
+        Ok(patient.is_some())
+    }
+
+    /// Whether an unreadable network consent denies the patient.
+    pub fn is_unreadable(&self, id: &PatientId) -> Result<bool, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) > 0 FROM unreadable WHERE patient_id = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .map_err(sql("read unreadable"))
+    }
+
+    /// How many patients an unreadable network consent denies.
+    pub fn unreadable_patients(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(DISTINCT patient_id) FROM unreadable",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sql("read unreadable"))
     }
 
     /// The facility this store belongs to.
@@ -713,7 +899,7 @@ impl Store {
     }
 
     /// The patients whose consents changed (a new version recorded here or pulled from the
-    /// network) after change `seq`, at most `limit` of them, oldest first, and the sequence
+    /// network, a network consent found unreadable or read again) after change `seq`, at most `limit` of them, oldest first, and the sequence
     /// number to ask from next time. Other services use it to re-check only what changed.
     pub fn changes_since(
         &self,
@@ -722,9 +908,7 @@ impl Store {
     ) -> Result<(i64, Vec<PatientId>, bool), StoreError> {
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT rowid, patient_id FROM consent WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
-            )
+            .prepare("SELECT seq, patient_id FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")
             .map_err(sql("read changes"))?;
         let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
@@ -777,7 +961,8 @@ impl Store {
         full[..32].to_owned()
     }
 
-    /// Decides, and records the decision in the audit trail.
+    /// Decides, and records the decision in the audit trail. A patient with an unreadable
+    /// network consent is denied (`unreadable-network-consent`) whatever else is known.
     pub fn decide(
         &mut self,
         id: &PatientId,
@@ -787,9 +972,13 @@ impl Store {
         now: Timestamp,
         bound: Duration,
     ) -> Result<Decision, StoreError> {
-        let records = self.records(id)?;
-        let freshness = self.freshness(bound)?;
-        let decision = decide::decide(&records, recipient, category, at, now, freshness);
+        let decision = if self.is_unreadable(id)? {
+            Decision::Deny(DenyReason::UnreadableNetworkConsent)
+        } else {
+            let records = self.records(id)?;
+            let freshness = self.freshness(bound)?;
+            decide::decide(&records, recipient, category, at, now, freshness)
+        };
         let (verdict, reason) = match decision {
             Decision::Permit => ("permit", ""),
             Decision::Deny(r) => ("deny", r.as_str()),
@@ -815,9 +1004,13 @@ impl Store {
         now: Timestamp,
         bound: Duration,
     ) -> Result<Decision, StoreError> {
-        let records = self.records(id)?;
-        let freshness = self.freshness(bound)?;
-        let decision = decide::participation(&records, now, now, freshness);
+        let decision = if self.is_unreadable(id)? {
+            Decision::Deny(DenyReason::UnreadableNetworkConsent)
+        } else {
+            let records = self.records(id)?;
+            let freshness = self.freshness(bound)?;
+            decide::participation(&records, now, now, freshness)
+        };
         let (verdict, reason) = match decision {
             Decision::Permit => ("permit", ""),
             Decision::Deny(r) => ("deny", r.as_str()),

@@ -6,10 +6,16 @@
 //! crash never creates a duplicate. An entry is marked done only after the server
 //! acknowledged it; a failure stops the round and the entry is retried next round.
 //!
-//! Pull: `Consent` and `Patient` resources with `_lastUpdated` after the cursor; consents of
-//! this clinic's patients are applied idempotently (a withdrawal wins), and other
-//! facilities' identifiers of this clinic's patients are recorded as links. A successful
-//! pull refreshes the cache (see `decide::Freshness`).
+//! Pull: only this clinic's patients (`Patient?identifier=SYSTEM|`, a token search by
+//! system) and their consents (`Consent?patient:Patient.identifier=SYSTEM|`, a chained
+//! search), each `_sort=_lastUpdated`, every page (`link[next]`, only on the configured
+//! server and base, at most [`MAX_PAGES`] per round), from a cursor per resource type that
+//! cannot skip: `_lastUpdated=ge` the newest instant applied, skipping the `id/versionId`s
+//! already applied at that instant (see [`PullCursor`]); it is saved after each page.
+//! Consents are applied idempotently (a withdrawal wins); one the box cannot understand is
+//! recorded as unreadable, which denies its patient; other facilities' identifiers of this
+//! clinic's patients are recorded as links. Only a pull that read every page and applied or
+//! recorded every resource refreshes the cache (see `decide::Freshness`).
 //!
 //! The client speaks plain HTTP/1.1 to an address inside the hub subnet: the WireGuard
 //! tunnel is the transport security (TLS to the FHIR server is a later step).
@@ -24,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::fhir::{self, CONSENT_ID_SYSTEM};
 use crate::model::{PatientId, patient_id_system};
-use crate::store::{Applied, Store, StoreError};
+use crate::store::{Applied, PullCursor, Store, StoreError, Unreadable};
 use crate::time;
 
 const MAX_RESPONSE: usize = 8 * 1024 * 1024;
@@ -48,6 +54,10 @@ pub enum SyncError {
         status: u16,
         diagnostics: String,
     },
+    #[error(
+        "the {what} search has more than {pages} pages in one round; the rest is read next round"
+    )]
+    TooManyPages { what: &'static str, pages: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: the store lock is poisoned")]
@@ -62,7 +72,17 @@ pub struct Client {
     timeout: Duration,
     /// The FHIR identifier system of the network's patient IDs (`urn:oid:OID`), if any.
     network_id_system: Option<String>,
+    /// `_count` of the pull's searches.
+    page_size: usize,
+    /// The most pages of one search read in one round.
+    max_pages: usize,
 }
+
+/// The pull's default `_count` (a server may answer fewer per page; every page is read).
+pub const PAGE_SIZE: usize = 1000;
+/// The most pages of one search read in one round: beyond, the round fails (what was read
+/// is kept, the cache is not refreshed) and the next round goes on from there.
+pub const MAX_PAGES: usize = 200;
 
 fn encode(value: &str) -> String {
     value
@@ -84,7 +104,58 @@ impl Client {
             base: base.trim_end_matches('/').to_owned(),
             timeout,
             network_id_system: None,
+            page_size: PAGE_SIZE,
+            max_pages: MAX_PAGES,
         }
+    }
+
+    /// The pull's `_count` (at least 1).
+    pub fn with_page_size(mut self, size: usize) -> Client {
+        self.page_size = size.max(1);
+        self
+    }
+
+    /// The most pages of one search read in one round (at least 1).
+    pub fn with_max_pages(mut self, pages: usize) -> Client {
+        self.max_pages = pages.max(1);
+        self
+    }
+
+    /// The request target (relative to the base) of a URL the server handed out, such as a
+    /// search's `next` link: only on this server, under its base, as an absolute URL
+    /// (`http://HOST:PORT/BASE/…`) or an absolute path (`/BASE/…`). Anything else is refused.
+    fn target_of(&self, url: &str) -> Result<String, SyncError> {
+        let refuse = |why: &str| SyncError::Protocol {
+            what: "a URL from the server".into(),
+            why: why.to_owned(),
+        };
+        let path = if let Some(rest) = url.strip_prefix("http://") {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let ours = self.addr.to_string();
+            let default_port =
+                self.addr.port() == 80 && authority == ours.strip_suffix(":80").unwrap_or_default();
+            if authority != ours && !default_port {
+                return Err(refuse("not on the configured FHIR server"));
+            }
+            path
+        } else if url.starts_with('/') && !url.starts_with("//") {
+            url
+        } else {
+            return Err(refuse("not on the configured FHIR server"));
+        };
+        let rest = path
+            .strip_prefix(&format!("{}/", self.base))
+            .ok_or_else(|| refuse("not under the configured FHIR base"))?;
+        let path_part = rest.split('?').next().unwrap_or_default();
+        if rest.is_empty()
+            || !rest.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'#')
+            || path_part
+                .split('/')
+                .any(|seg| seg == ".." || seg == "." || seg.is_empty())
+        {
+            return Err(refuse("not a plain path under the FHIR base"));
+        }
+        Ok(rest.to_owned())
     }
 
     /// Learns patients' network IDs (名寄せ) from the identifier with this system in the
@@ -359,121 +430,356 @@ async fn push_one(
     }
 }
 
-fn entries(bundle: &Value) -> Vec<Value> {
-    bundle["entry"]
-        .as_array()
-        .map(|e| e.iter().map(|x| x["resource"].clone()).collect())
-        .unwrap_or_default()
-}
-
-fn newest(resources: &[Value], cursor: Option<String>) -> Option<String> {
-    let mut best = cursor.map(|c| (time::parse(&c).unwrap_or(i64::MIN), c));
-    for r in resources {
-        if let Some(text) = r["meta"]["lastUpdated"].as_str()
-            && let Ok(t) = time::parse(text)
-            && best.as_ref().is_none_or(|(b, _)| t > *b)
-        {
-            best = Some((t, text.to_owned()));
+/// The server's instant `meta.lastUpdated` in nanoseconds since the epoch (ordering and
+/// equality at the precision the server wrote).
+fn instant_nanos(text: &str) -> Option<i128> {
+    let (_, clock) = text.split_once('T')?;
+    let secs = time::parse(text).ok()?;
+    let nanos = match clock.split_once('.') {
+        None => 0,
+        Some((_, rest)) => {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if digits.is_empty() || digits.len() > 9 {
+                return None;
+            }
+            let scale = 10i128.pow(9 - u32::try_from(digits.len()).ok()?);
+            digits.parse::<i128>().ok()? * scale
         }
-    }
-    best.map(|(_, text)| text)
-}
-
-async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), SyncError> {
-    let (cursor, facility) = {
-        let s = lock(store)?;
-        (s.cursor()?, s.facility().clone())
     };
-    let since = cursor
-        .as_deref()
-        .map(|c| format!("&_lastUpdated={}", encode(&format!("gt{c}"))))
-        .unwrap_or_default();
-    let consents = entries(
-        &client
-            .expect_ok("GET", &format!("Consent?_count=1000{since}"), None)
-            .await?,
-    );
-    let patients = entries(
-        &client
-            .expect_ok("GET", &format!("Patient?_count=1000{since}"), None)
-            .await?,
-    );
-    let mut known: HashMap<String, Option<PatientId>> = HashMap::new();
-    for p in &patients {
-        if let Some(id) = p["id"].as_str() {
-            known.insert(
-                format!("Patient/{id}"),
-                fhir::local_patient_id(&facility, p),
-            );
-        }
-    }
-    let mut changed = 0;
-    let now = time::now();
-    for p in &patients {
-        let Some(pid) = fhir::local_patient_id(&facility, p) else {
-            continue;
+    Some(i128::from(secs) * 1_000_000_000 + nanos)
+}
+
+/// A resource of a search page, with what the cursor needs.
+struct Found {
+    resource: Value,
+    /// `Type/id`.
+    reference: String,
+    version_id: String,
+    last_updated: String,
+}
+
+/// Reads a search of one resource type page by page (`_sort=_lastUpdated`, following
+/// `link[next]`), from the stored cursor on; hands out each resource not applied before, once.
+struct Pager {
+    kind: &'static str,
+    next: Option<String>,
+    pages: usize,
+    /// Where the resources handed out so far end (saved once they are applied).
+    cursor: PullCursor,
+    cursor_at: Option<i128>,
+    /// The newest instant seen in this pull: results must not go back in time.
+    latest: Option<i128>,
+}
+
+impl Pager {
+    fn start(
+        kind: &'static str,
+        criteria: &str,
+        cursor: PullCursor,
+        page_size: usize,
+    ) -> Result<Pager, SyncError> {
+        let cursor_at = match &cursor.last_updated {
+            None => None,
+            Some(text) => Some(instant_nanos(text).ok_or_else(|| SyncError::Protocol {
+                what: format!("the {kind} pull cursor"),
+                why: "not an instant".into(),
+            })?),
         };
-        let mut s = lock(store)?;
-        if s.patient(&pid)?.is_none() {
-            continue;
+        let since = cursor
+            .last_updated
+            .as_deref()
+            .map(|c| format!("&_lastUpdated={}", encode(&format!("ge{c}"))))
+            .unwrap_or_default();
+        Ok(Pager {
+            kind,
+            next: Some(format!(
+                "{kind}?{criteria}&_sort=_lastUpdated&_count={page_size}{since}"
+            )),
+            pages: 0,
+            cursor,
+            cursor_at,
+            latest: None,
+        })
+    }
+
+    /// The next page's resources not applied before; `None` when every page was read.
+    async fn page(&mut self, client: &Client) -> Result<Option<Vec<Found>>, SyncError> {
+        let Some(target) = self.next.take() else {
+            return Ok(None);
+        };
+        if self.pages >= client.max_pages {
+            return Err(SyncError::TooManyPages {
+                what: self.kind,
+                pages: client.max_pages,
+            });
         }
-        for (system, value) in fhir::other_identifiers(&facility, p) {
-            if s.add_network_link(&pid, &system, &value, now)? {
+        self.pages += 1;
+        let what = format!("GET {} (page {})", self.kind, self.pages);
+        let protocol = |why: &str| SyncError::Protocol {
+            what: what.clone(),
+            why: why.to_owned(),
+        };
+        let bundle = client.expect_ok("GET", &target, None).await?;
+        if bundle["resourceType"] != "Bundle" || bundle["type"] != "searchset" {
+            return Err(protocol("the answer is not a searchset Bundle"));
+        }
+        let next = match bundle["link"].as_array() {
+            None => None,
+            Some(links) => {
+                let mut next = links.iter().filter(|l| l["relation"] == "next");
+                let found = next.next();
+                if next.next().is_some() {
+                    return Err(protocol("more than one next link"));
+                }
+                found
+                    .map(|l| {
+                        l["url"]
+                            .as_str()
+                            .ok_or_else(|| protocol("a next link without url"))
+                    })
+                    .transpose()?
+                    .map(|url| client.target_of(url))
+                    .transpose()?
+            }
+        };
+        let entries = match &bundle["entry"] {
+            Value::Null => Vec::new(),
+            Value::Array(e) => e.clone(),
+            _ => return Err(protocol("entry is not a list")),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            // Included resources and outcomes are not results of the search.
+            if !matches!(entry["search"]["mode"].as_str(), None | Some("match")) {
+                continue;
+            }
+            let resource = entry["resource"].clone();
+            if resource["resourceType"] != self.kind {
+                return Err(protocol("a result of another resource type"));
+            }
+            let (Some(id), Some(version_id), Some(last_updated)) = (
+                resource["id"].as_str(),
+                resource["meta"]["versionId"].as_str(),
+                resource["meta"]["lastUpdated"].as_str(),
+            ) else {
+                return Err(protocol(
+                    "a result without id, meta.versionId or meta.lastUpdated",
+                ));
+            };
+            let at = instant_nanos(last_updated)
+                .ok_or_else(|| protocol("meta.lastUpdated is not an instant"))?;
+            if self.latest.is_some_and(|latest| at < latest) {
+                // The cursor relies on the order: never guess past a server that breaks it.
+                return Err(protocol("the results are not sorted by _lastUpdated"));
+            }
+            self.latest = Some(at);
+            let key = format!("{id}/{version_id}");
+            if let Some(cursor_at) = self.cursor_at
+                && (at < cursor_at || (at == cursor_at && self.cursor.seen.contains(&key)))
+            {
+                // Applied before (the cursor asks `ge` its instant), or repeated by the server.
+                continue;
+            }
+            if self.cursor_at == Some(at) {
+                self.cursor.seen.insert(key);
+            } else {
+                self.cursor_at = Some(at);
+                self.cursor.last_updated = Some(last_updated.to_owned());
+                self.cursor.seen = [key].into();
+            }
+            out.push(Found {
+                reference: format!("{}/{id}", self.kind),
+                version_id: version_id.to_owned(),
+                last_updated: last_updated.to_owned(),
+                resource,
+            });
+        }
+        self.next = next;
+        Ok(Some(out))
+    }
+
+    /// Saves where the pull stands, once the resources handed out were applied.
+    fn save(&self, store: &Mutex<Store>) -> Result<(), SyncError> {
+        lock(store)?.save_pull_cursor(self.kind, &self.cursor)?;
+        Ok(())
+    }
+}
+
+/// Pulls this clinic's patients and their consents, every page. Counts as a successful pull
+/// (fresh cache) only when every page was read and every consent of this clinic's patients
+/// was applied or recorded as unreadable.
+async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), SyncError> {
+    let facility = lock(store)?.facility().clone();
+    // Token search by system only: every patient with an identifier of this clinic.
+    let ours = encode(&format!("{}|", patient_id_system(&facility)));
+    let mut known: HashMap<String, Option<PatientId>> = HashMap::new();
+    let mut pulled = 0;
+    let mut changed = 0;
+
+    let cursor = lock(store)?.pull_cursor("Patient")?;
+    let mut pager = Pager::start(
+        "Patient",
+        &format!("identifier={ours}"),
+        cursor,
+        client.page_size,
+    )?;
+    while let Some(page) = pager.page(client).await? {
+        pulled += page.len();
+        let now = time::now();
+        for found in &page {
+            let p = &found.resource;
+            let local = fhir::local_patient_id(&facility, p);
+            known.insert(found.reference.clone(), local.clone());
+            let Some(pid) = local else {
+                continue;
+            };
+            let mut s = lock(store)?;
+            if s.patient(&pid)?.is_none() {
+                continue;
+            }
+            for (system, value) in fhir::other_identifiers(&facility, p) {
+                if s.add_network_link(&pid, &system, &value, now)? {
+                    changed += 1;
+                }
+            }
+            if let Some(system) = &client.network_id_system
+                && let Some(value) = fhir::identifier(p, system)
+            {
+                if fhir::is_network_id(&value) {
+                    if s.set_network_id(&pid, &value, now)? {
+                        changed += 1;
+                    }
+                } else {
+                    tracing::warn!(
+                        "the network's patient ID of a patient is not usable (1-64 printable ASCII, no backslash); ignored"
+                    );
+                }
+            }
+        }
+        pager.save(store)?;
+    }
+
+    // Chained search: the consents whose patient has an identifier of this clinic.
+    let cursor = lock(store)?.pull_cursor("Consent")?;
+    let mut pager = Pager::start(
+        "Consent",
+        &format!("patient:Patient.identifier={ours}"),
+        cursor,
+        client.page_size,
+    )?;
+    while let Some(page) = pager.page(client).await? {
+        pulled += page.len();
+        for found in &page {
+            if apply_consent(store, client, &facility, &mut known, found).await? {
                 changed += 1;
             }
         }
-        if let Some(system) = &client.network_id_system
-            && let Some(value) = fhir::identifier(p, system)
-        {
-            if fhir::is_network_id(&value) {
-                if s.set_network_id(&pid, &value, now)? {
-                    changed += 1;
-                }
-            } else {
-                tracing::warn!(
-                    "the network's patient ID of a patient is not usable (1-64 printable ASCII, no backslash); ignored"
-                );
-            }
-        }
+        pager.save(store)?;
     }
-    for c in &consents {
-        let Some(reference) = c["patient"]["reference"].as_str() else {
-            continue;
-        };
-        if !known.contains_key(reference) {
-            let (status, patient) = client.call("GET", reference, None).await?;
-            let local = (status == 200)
-                .then(|| fhir::local_patient_id(&facility, &patient))
-                .flatten();
-            known.insert(reference.to_owned(), local);
+    lock(store)?.set_last_pull(time::now())?;
+    Ok((pulled, changed))
+}
+
+/// The local patient a Consent's `patient` reference names: from this pull's patients, else
+/// read from the server (404 or 410: gone, not this clinic's). Any other failure fails the
+/// pull: the cache must not stay fresh on a partial read.
+async fn consent_patient(
+    client: &Client,
+    facility: &tsunagi_config::FacilityCode,
+    known: &mut HashMap<String, Option<PatientId>>,
+    consent: &Value,
+) -> Result<Option<PatientId>, SyncError> {
+    let protocol = |why: &str| SyncError::Protocol {
+        what: "a Consent's patient".into(),
+        why: why.to_owned(),
+    };
+    let text = consent["patient"]["reference"]
+        .as_str()
+        .ok_or_else(|| protocol("a Consent of this clinic's patients without patient.reference"))?;
+    // `Patient/ID`, `Patient/ID/_history/N`, or an absolute URL on this server.
+    let relative = if text.contains("://") {
+        client.target_of(text)?
+    } else {
+        text.to_owned()
+    };
+    let segments: Vec<&str> = relative.split('/').collect();
+    let id = match segments.as_slice() {
+        ["Patient", id] | ["Patient", id, "_history", _] if is_fhir_id(id) => *id,
+        _ => {
+            return Err(protocol(
+                "patient.reference is not a Patient on this server",
+            ));
         }
-        let Some(Some(pid)) = known.get(reference) else {
-            continue;
-        };
-        let mut s = lock(store)?;
-        if s.patient(pid)?.is_none() {
-            continue;
+    };
+    let reference = format!("Patient/{id}");
+    if let Some(local) = known.get(&reference) {
+        return Ok(local.clone());
+    }
+    let (status, patient) = client.call("GET", &reference, None).await?;
+    let local = match status {
+        200 if patient["resourceType"] == "Patient" => fhir::local_patient_id(facility, &patient),
+        200 => return Err(protocol("reading the patient did not answer a Patient")),
+        404 | 410 => None,
+        status => {
+            return Err(SyncError::Refused {
+                what: "GET Patient".into(),
+                status,
+                diagnostics: String::new(),
+            });
         }
-        match fhir::consent_from_resource(c, pid.clone()) {
-            Ok(consent) => {
-                if matches!(
+    };
+    known.insert(reference, local.clone());
+    Ok(local)
+}
+
+fn is_fhir_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// Applies one Consent of this clinic's patients, or records it as unreadable (which denies
+/// the patient). Returns whether anything changed.
+async fn apply_consent(
+    store: &Mutex<Store>,
+    client: &Client,
+    facility: &tsunagi_config::FacilityCode,
+    known: &mut HashMap<String, Option<PatientId>>,
+    found: &Found,
+) -> Result<bool, SyncError> {
+    let Some(pid) = consent_patient(client, facility, known, &found.resource).await? else {
+        return Ok(false);
+    };
+    let mut s = lock(store)?;
+    match fhir::consent_from_resource(&found.resource, pid.clone()) {
+        Ok(consent) => {
+            let lifted = s.clear_unreadable(&found.reference)?;
+            let applied = if s.patient(&pid)?.is_some() {
+                matches!(
                     s.apply_network_consent(consent)?,
                     Applied::New | Applied::Changed
-                ) {
-                    changed += 1;
-                }
-            }
-            Err(e) => tracing::warn!(
+                )
+            } else {
+                false
+            };
+            Ok(lifted || applied)
+        }
+        Err(e) => {
+            tracing::warn!(
                 error = &e as &dyn std::error::Error,
-                "skipping a consent from the network"
-            ),
+                "a consent from the network about one of this clinic's patients could not be understood; the patient is denied (unreadable-network-consent) until a readable version arrives"
+            );
+            let unreadable = Unreadable {
+                resource: found.reference.clone(),
+                patient: pid,
+                version_id: Some(found.version_id.clone()),
+                last_updated: Some(found.last_updated.clone()),
+                why: e.why,
+            };
+            Ok(s.record_unreadable(&unreadable, time::now())?)
         }
     }
-    let mut all = consents;
-    all.extend(patients);
-    let cursor = newest(&all, cursor);
-    lock(store)?.pulled(cursor.as_deref(), time::now())?;
-    Ok((all.len(), changed))
 }
 
 #[cfg(test)]
@@ -501,6 +807,53 @@ mod tests {
             (204, Value::Null)
         );
         assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn next_links_must_stay_on_the_configured_server_and_base() {
+        let c = Client::new(
+            "10.0.0.5:8080".parse().unwrap(),
+            "/fhir",
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            c.target_of("http://10.0.0.5:8080/fhir/Consent?_continue=1_a&_count=5")
+                .unwrap(),
+            "Consent?_continue=1_a&_count=5"
+        );
+        assert_eq!(c.target_of("/fhir/Patient?x=1").unwrap(), "Patient?x=1");
+        for bad in [
+            "http://10.0.0.6:8080/fhir/Consent",
+            "http://10.0.0.5:8080.evil/fhir/Consent",
+            "https://10.0.0.5:8080/fhir/Consent",
+            "http://10.0.0.5:8080/other/Consent",
+            "http://10.0.0.5:8080/fhirx/Consent",
+            "//10.0.0.5:8080/fhir/Consent",
+            "Consent?x=1",
+            "/fhir/../admin",
+            "/fhir/Consent?a=1 HTTP/1.1\r\nHost: x",
+            "/fhir/",
+        ] {
+            assert!(c.target_of(bad).is_err(), "{bad}");
+        }
+        let root = Client::new("10.0.0.5:80".parse().unwrap(), "", Duration::from_secs(1));
+        assert_eq!(
+            root.target_of("http://10.0.0.5/Consent?a").unwrap(),
+            "Consent?a"
+        );
+    }
+
+    #[test]
+    fn instants_order_below_the_second() {
+        let a = instant_nanos("2026-11-22T04:05:00.000001Z").unwrap();
+        let b = instant_nanos("2026-11-22T13:05:00.000002+09:00").unwrap();
+        assert_eq!(b - a, 1000);
+        assert_eq!(
+            instant_nanos("2026-11-22T04:05:00Z").unwrap(),
+            instant_nanos("2026-11-22T04:05:00.000Z").unwrap()
+        );
+        assert!(instant_nanos("2026-11-22").is_none());
+        assert!(instant_nanos("2026-11-22T04:05:00.1234567890Z").is_none());
     }
 
     #[test]

@@ -272,3 +272,113 @@ fn the_change_feed_lists_patients_whose_consent_changed() {
     let (_, page, more) = s.changes_since(next, 1).unwrap();
     assert_eq!((page, more), (vec!["0003".parse().unwrap()], false));
 }
+
+fn unreadable(resource: &str, patient: &str, version: &str) -> Unreadable {
+    Unreadable {
+        resource: resource.into(),
+        patient: patient.parse().unwrap(),
+        version_id: Some(version.into()),
+        last_updated: Some("2026-11-22T04:05:00.000001Z".into()),
+        why: "a modifierExtension the box does not understand".into(),
+    }
+}
+
+#[test]
+fn an_unreadable_network_consent_denies_until_a_readable_version_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(dir.path());
+    let id: PatientId = "0001234".parse().unwrap();
+    let to = Recipient::Facility(fac("1312345679"));
+    s.upsert_patient(&patient("0001234"), T0).unwrap();
+    s.upsert_patient(&patient("0005678"), T0).unwrap();
+    s.record_consent(new_consent("0001234"), T0).unwrap();
+    s.set_last_pull(T0).unwrap();
+    assert_eq!(
+        s.decide(&id, &to, Category::Images, T0, T0, DAY).unwrap(),
+        Decision::Permit
+    );
+    let (seq, _, _) = s.changes_since(0, 10).unwrap();
+    assert!(
+        s.record_unreadable(&unreadable("Consent/a", "0001234", "1"), T0)
+            .unwrap()
+    );
+    let denied = Decision::Deny(DenyReason::UnreadableNetworkConsent);
+    assert_eq!(
+        s.decide(&id, &to, Category::Images, T0, T0, DAY).unwrap(),
+        denied
+    );
+    assert_eq!(s.participation(&id, T0, DAY).unwrap(), denied);
+    assert_eq!(s.unreadable_patients().unwrap(), 1);
+    let (seq2, patients, _) = s.changes_since(seq, 10).unwrap();
+    assert_eq!(
+        patients,
+        vec![id.clone()],
+        "the change feed lists the patient"
+    );
+    // The same version again is nothing new; the other patient is not affected.
+    assert!(
+        !s.record_unreadable(&unreadable("Consent/a", "0001234", "1"), T0)
+            .unwrap()
+    );
+    assert_eq!(
+        s.changes_since(seq2, 10).unwrap().1,
+        Vec::<PatientId>::new()
+    );
+    // A readable version of the same resource lifts it, and is a change.
+    assert!(s.clear_unreadable("Consent/a").unwrap());
+    assert!(!s.clear_unreadable("Consent/a").unwrap());
+    assert_eq!(
+        s.decide(&id, &to, Category::Images, T0, T0, DAY).unwrap(),
+        Decision::Permit
+    );
+    assert_eq!(s.unreadable_patients().unwrap(), 0);
+    assert_eq!(s.changes_since(seq2, 10).unwrap().1, vec![id]);
+    // It is in the audit trail (as the patient's hash), and the trail verifies.
+    let rows: i64 = s
+        .connection()
+        .query_row(
+            "SELECT COUNT(*) FROM audit WHERE decision = 'unreadable'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 1);
+    assert!(matches!(
+        s.verify_audit().unwrap(),
+        AuditCheck::Intact { .. }
+    ));
+}
+
+#[test]
+fn the_change_feed_keeps_its_sequence_numbers_across_the_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("consent.db");
+    {
+        // A database of the first schema, with two consent versions.
+        let conn = tsunagi_state::open(&path, Durability::Acknowledging, &MIGRATIONS[..1]).unwrap();
+        conn.execute_batch(
+            "INSERT INTO patient (id, family_kanji, given_kanji, family_kana, given_kana, birth_date, sex, updated_at)
+                VALUES ('0001', 'a', 'b', 'c', 'd', '1950-01-01', '\"female\"', 0);
+             INSERT INTO consent (id, version, patient_id, created_seq, body) VALUES ('c1', 1, '0001', 1, '{}');
+             INSERT INTO consent (id, version, patient_id, created_seq, body) VALUES ('c1', 2, '0001', 1, '{}');
+             UPDATE sync_state SET cursor = '2026-11-22T04:05:00Z';",
+        )
+        .unwrap();
+    }
+    let mut s = store(dir.path());
+    let (seq, patients, _) = s.changes_since(0, 10).unwrap();
+    assert_eq!(
+        (seq, patients.len()),
+        (2, 1),
+        "the old rowids are the numbers"
+    );
+    assert_eq!(s.changes_since(1, 10).unwrap().0, 2);
+    assert_eq!(
+        s.pull_cursor("Consent").unwrap().last_updated.as_deref(),
+        Some("2026-11-22T04:05:00Z")
+    );
+    s.upsert_patient(&patient("0002"), T0).unwrap();
+    s.record_consent(new_consent("0002"), T0).unwrap();
+    let (next, patients, _) = s.changes_since(2, 10).unwrap();
+    assert_eq!((next, patients), (3, vec!["0002".parse().unwrap()]));
+}
