@@ -6,6 +6,11 @@
 //!    or the server was unreachable) completes exactly once: no duplicate resources;
 //! 5. server down for longer than the freshness bound: decisions become Deny(stale); server
 //!    back: they recover without a restart.
+//!
+//! Issue 13: every way the network says "no" is a deny on the box, an unreadable consent
+//! denies its patient (status, change feed) until a readable version arrives (item 2); the
+//! pull reads every page, only about this clinic's patients, with a cursor that skips
+//! nothing (item 3).
 
 mod common;
 
@@ -14,10 +19,11 @@ use std::time::Duration;
 
 use common::*;
 use consent::decide::{Decision, DenyReason};
-use consent::fhir::CONSENT_ID_SYSTEM;
+use consent::fhir::{CATEGORY_SYSTEM, CONSENT_ID_SYSTEM};
+use consent::model::Category;
 use consent::store::{AuditKey, Store};
 use consent::sync::round;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn push_read_back_change_and_withdraw_on_the_server() {
@@ -252,4 +258,427 @@ async fn the_network_id_is_learned_from_the_network_and_kept_in_pushes() {
         .map(|i| i["value"].as_str().unwrap())
         .collect();
     assert_eq!(values, ["NET-0000042"], "{again}");
+}
+
+// Issue 13, item 2: every way the network can say "no" is a deny on the box.
+
+/// The clinic's consent, pushed and pulled once; the server's copy (without `meta`) and id.
+async fn on_the_network(
+    addr: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> (Mutex<Store>, consent::model::PatientId, Value, String) {
+    let (store, pid, cid) = clinic(dir);
+    round(&store, &client(addr, "/fhir")).await.unwrap();
+    assert_eq!(decide(&store, &pid, "1312345679", DAY), Decision::Permit);
+    let found = get(
+        addr,
+        &format!(
+            "/fhir/Consent?identifier={}",
+            enc(&format!("{CONSENT_ID_SYSTEM}|{cid}"))
+        ),
+    );
+    let mut consent = found["entry"][0]["resource"].clone();
+    consent.as_object_mut().unwrap().remove("meta");
+    let id = consent["id"].as_str().unwrap().to_owned();
+    (store, pid, consent, id)
+}
+
+/// The network changes the consent to `consent`; the box pulls.
+async fn network_says(addr: std::net::SocketAddr, store: &Mutex<Store>, id: &str, consent: &Value) {
+    put(addr, &format!("/fhir/Consent/{id}"), consent);
+    round(store, &client(addr, "/fhir")).await.unwrap();
+}
+
+async fn a_status_withdraws(status: &str, keep_provision: bool) {
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, mut consent, id) = on_the_network(addr, dir.path()).await;
+    consent["status"] = Value::from(status);
+    if !keep_provision {
+        consent.as_object_mut().unwrap().remove("provision");
+    }
+    network_says(addr, &store, &id, &consent).await;
+    for category in [Category::Images, Category::LabResults] {
+        assert_eq!(
+            decide_category(&store, &pid, "1312345679", category),
+            Decision::Deny(DenyReason::Withdrawn),
+            "{status}"
+        );
+    }
+    assert_eq!(
+        store
+            .lock()
+            .unwrap()
+            .participation(&pid, consent::time::now(), DAY)
+            .unwrap(),
+        Decision::Deny(DenyReason::Withdrawn)
+    );
+}
+
+#[tokio::test]
+async fn an_inactive_consent_without_provision_on_the_network_withdraws() {
+    a_status_withdraws("inactive", false).await;
+}
+
+#[tokio::test]
+async fn a_rejected_consent_on_the_network_withdraws() {
+    a_status_withdraws("rejected", true).await;
+}
+
+#[tokio::test]
+async fn an_entered_in_error_consent_on_the_network_withdraws() {
+    a_status_withdraws("entered-in-error", false).await;
+}
+
+#[tokio::test]
+async fn a_top_level_deny_provision_on_the_network_withdraws() {
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, mut consent, id) = on_the_network(addr, dir.path()).await;
+    consent["provision"]["type"] = Value::from("deny");
+    network_says(addr, &store, &id, &consent).await;
+    assert_eq!(
+        decide(&store, &pid, "1312345679", DAY),
+        Decision::Deny(DenyReason::Withdrawn)
+    );
+}
+
+#[tokio::test]
+async fn a_nested_deny_by_category_on_the_network_removes_the_category() {
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, mut consent, id) = on_the_network(addr, dir.path()).await;
+    consent["provision"]["provision"] = json!([{
+        "type": "deny",
+        "code": [{"coding": [{"system": CATEGORY_SYSTEM, "code": "images"}]}]
+    }]);
+    network_says(addr, &store, &id, &consent).await;
+    assert_eq!(
+        decide_category(&store, &pid, "1312345679", Category::Images),
+        Decision::Deny(DenyReason::CategoryExcluded)
+    );
+    assert_eq!(
+        decide_category(&store, &pid, "1312345679", Category::LabResults),
+        Decision::Permit
+    );
+}
+
+#[tokio::test]
+async fn a_nested_deny_by_period_on_the_network_is_never_permitted() {
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, mut consent, id) = on_the_network(addr, dir.path()).await;
+    let now = consent::time::now();
+    consent["provision"]["provision"] = json!([{
+        "type": "deny",
+        "period": {
+            "start": consent::time::format(now - 3600),
+            "end": consent::time::format(now + 3600),
+        }
+    }]);
+    network_says(addr, &store, &id, &consent).await;
+    let denied = decide(&store, &pid, "1312345679", DAY);
+    assert!(
+        matches!(
+            denied,
+            Decision::Deny(DenyReason::Expired | DenyReason::NotYetValid)
+        ),
+        "{denied:?}"
+    );
+    // Nor two hours later (the deny sits inside the permitted time: only the part before
+    // it stays permitted).
+    let later = now + 7200;
+    assert_eq!(
+        store
+            .lock()
+            .unwrap()
+            .decide(
+                &pid,
+                &"1312345679".parse().unwrap(),
+                Category::Images,
+                later,
+                now,
+                DAY
+            )
+            .unwrap(),
+        Decision::Deny(DenyReason::Expired)
+    );
+}
+
+#[tokio::test]
+async fn a_nested_deny_by_actor_and_code_on_the_network_excludes_the_actor() {
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, mut consent, id) = on_the_network(addr, dir.path()).await;
+    let actor = consent["provision"]["actor"][0].clone();
+    consent["provision"]["provision"] = json!([{
+        "type": "deny",
+        "actor": [actor],
+        "code": [{"coding": [{"system": CATEGORY_SYSTEM, "code": "lab-results"}]}]
+    }]);
+    network_says(addr, &store, &id, &consent).await;
+    for category in [Category::Images, Category::LabResults] {
+        assert_eq!(
+            decide_category(&store, &pid, "1312345679", category),
+            Decision::Deny(DenyReason::RecipientExcluded)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_draft_on_the_network_denies_until_it_is_active_again() {
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, mut consent, id) = on_the_network(addr, dir.path()).await;
+    consent["status"] = Value::from("draft");
+    network_says(addr, &store, &id, &consent).await;
+    assert_eq!(
+        decide(&store, &pid, "1312345679", DAY),
+        Decision::Deny(DenyReason::NotYetValid)
+    );
+    assert_eq!(
+        store
+            .lock()
+            .unwrap()
+            .participation(&pid, consent::time::now(), DAY)
+            .unwrap(),
+        Decision::Deny(DenyReason::NotYetValid)
+    );
+    // Not final, unlike a withdrawal.
+    consent["status"] = Value::from("active");
+    network_says(addr, &store, &id, &consent).await;
+    assert_eq!(decide(&store, &pid, "1312345679", DAY), Decision::Permit);
+}
+
+#[tokio::test]
+async fn an_unreadable_network_consent_denies_its_patient_in_status_and_feed_until_read() {
+    use consent::service::{Settings, Shared};
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, consent, id) = on_the_network(addr, dir.path()).await;
+    let shared = Shared::new(
+        store.into_inner().unwrap(),
+        Settings {
+            freshness_bound: DAY,
+            runtime_dir: dir.path().to_owned(),
+            fhir: None,
+            pull_interval: Duration::from_secs(60),
+        },
+    );
+    let store = shared.store();
+    let (seq, _, _) = store.lock().unwrap().changes_since(0, 100).unwrap();
+    let unreadable = Decision::Deny(DenyReason::UnreadableNetworkConsent);
+
+    // A modifierExtension the box does not know: the patient is denied, whatever else.
+    let mut modified = consent.clone();
+    modified["modifierExtension"] =
+        json!([{"url": "urn:example:only-on-tuesdays", "valueBoolean": true}]);
+    network_says(addr, store, &id, &modified).await;
+    assert_eq!(decide(store, &pid, "1312345679", DAY), unreadable);
+    assert_eq!(
+        store
+            .lock()
+            .unwrap()
+            .participation(&pid, consent::time::now(), DAY)
+            .unwrap(),
+        unreadable
+    );
+    let (fresh, summary, metrics) = shared.report();
+    assert!(!fresh, "degraded: someone has to look");
+    assert!(
+        summary.contains("1 patients denied") && summary.contains("unreadable-network-consent"),
+        "{summary}"
+    );
+    assert!(
+        !summary.contains("0001234"),
+        "no patient IDs in status: {summary}"
+    );
+    assert!(metrics.contains(&("unreadable_network_consent_patients", 1.0)));
+    let (seq, patients, _) = store.lock().unwrap().changes_since(seq, 100).unwrap();
+    assert_eq!(
+        patients,
+        vec![pid.clone()],
+        "the change feed lists the patient"
+    );
+
+    // A restriction the box does not understand (a purpose): still unreadable.
+    let mut purpose = consent.clone();
+    purpose["provision"]["purpose"] = json!([{
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+        "code": "HMARKT"
+    }]);
+    network_says(addr, store, &id, &purpose).await;
+    assert_eq!(decide(store, &pid, "1312345679", DAY), unreadable);
+
+    // A later readable version lifts it, and is a change again.
+    network_says(addr, store, &id, &consent).await;
+    assert_eq!(decide(store, &pid, "1312345679", DAY), Decision::Permit);
+    let (_, patients, _) = store.lock().unwrap().changes_since(seq, 100).unwrap();
+    assert!(patients.contains(&pid));
+    let (fresh, summary, _) = shared.report();
+    assert!(fresh && !summary.contains("patients denied"), "{summary}");
+}
+
+// Issue 13, item 3: the pull reads every page, asks only about this clinic's patients, and
+// its cursor skips nothing.
+
+/// `n` patients of the system `system` with one network consent each, created in
+/// transactions of 50 pairs (the pairs of one transaction share one `lastUpdated`).
+fn network_patients_with_consents(
+    addr: std::net::SocketAddr,
+    system: &str,
+    first: usize,
+    n: usize,
+) {
+    let ids: Vec<usize> = (first..first + n).collect();
+    for chunk in ids.chunks(50) {
+        let mut entries = Vec::new();
+        for i in chunk {
+            let url = format!("urn:uuid:00000000-0000-4000-8000-{i:012}");
+            entries.push(create_entry(
+                &url,
+                network_patient(system, &format!("N{i:05}")),
+            ));
+            entries.push(create_entry(
+                &format!("urn:uuid:00000000-0000-4000-9000-{i:012}"),
+                network_consent(&url, &format!("net-{i}")),
+            ));
+        }
+        transaction(addr, entries);
+    }
+}
+
+#[tokio::test]
+async fn more_than_a_thousand_changes_are_all_pulled_and_a_withdrawal_on_the_third_page_applies() {
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, mut consent, id) = on_the_network(addr, dir.path()).await;
+    let paged = client(addr, "/fhir").with_page_size(500);
+    // 1,100 of this clinic's patients with a consent each (25, then transactions of 50, so
+    // that page boundaries fall inside a transaction), then the withdrawal of the box's
+    // patient's consent, then 100 more; and 30 of another clinic, which the box never asks
+    // about.
+    network_patients_with_consents(addr, PATIENT_SYSTEM, 0, 25);
+    network_patients_with_consents(addr, PATIENT_SYSTEM, 25, 1075);
+    consent["status"] = Value::from("inactive");
+    put(addr, &format!("/fhir/Consent/{id}"), &consent);
+    network_patients_with_consents(addr, PATIENT_SYSTEM, 1100, 100);
+    network_patients_with_consents(addr, "urn:oid:1.2.392.100495.20.3.51.11399999999", 5000, 30);
+    // The box knows the patients of the transactions that straddle the page boundaries.
+    let straddling: Vec<_> = (475..525)
+        .chain(975..1025)
+        .map(|i| register(&store, &format!("N{i:05}")))
+        .collect();
+    store
+        .lock()
+        .unwrap()
+        .connection()
+        .execute("UPDATE outbox SET done_at = 0 WHERE done_at IS NULL", [])
+        .unwrap();
+
+    // The pages the box will read: each page boundary falls inside a transaction, between
+    // resources of one lastUpdated.
+    let cursor = store.lock().unwrap().pull_cursor("Consent").unwrap();
+    let query = format!(
+        "/fhir/Consent?patient:Patient.identifier={}&_sort=_lastUpdated&_count=500&_lastUpdated=ge{}",
+        enc(&format!("{PATIENT_SYSTEM}|")),
+        cursor.last_updated.unwrap().replace('+', "%2B")
+    );
+    let next = |page: &Value| -> String {
+        let url = page["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .unwrap()["url"]
+            .as_str()
+            .unwrap();
+        format!("/fhir/{}", url.split_once("/fhir/").unwrap().1)
+    };
+    let page1 = get(addr, &query);
+    let page2 = get(addr, &next(&page1));
+    let page3 = get(addr, &next(&page2));
+    assert!(
+        page3["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["resource"]["id"] == id.as_str() && e["resource"]["status"] == "inactive"),
+        "the withdrawal is on the third page"
+    );
+    let last_of_1 = &page1["entry"][499]["resource"]["meta"]["lastUpdated"];
+    assert_eq!(
+        last_of_1, &page2["entry"][0]["resource"]["meta"]["lastUpdated"],
+        "a lastUpdated shared across the page boundary"
+    );
+    assert_eq!(page1["total"], 1200 + 1);
+
+    let r = round(&store, &paged).await.unwrap();
+    // Only this clinic's: 1,200 patients, 1,200 consents and the withdrawal.
+    assert_eq!(r.pulled, 1200 + 1200 + 1, "{r:?}");
+    assert_eq!(
+        decide(&store, &pid, "1312345679", DAY),
+        Decision::Deny(DenyReason::Withdrawn),
+        "the withdrawal on the third page"
+    );
+    for p in &straddling {
+        assert_eq!(
+            decide(&store, p, "1312345679", DAY),
+            Decision::Permit,
+            "{p}"
+        );
+    }
+    // Nothing is read twice.
+    let again = round(&store, &paged).await.unwrap();
+    assert_eq!((again.pulled, again.changed), (0, 0), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_round_cut_short_by_the_page_cap_goes_on_without_skipping_shared_instants() {
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _pid, _consent, _id) = on_the_network(addr, dir.path()).await;
+    // 20 patients with three consents each, all in one transaction: one lastUpdated.
+    let mut entries = Vec::new();
+    for i in 0..20 {
+        let url = format!("urn:uuid:00000000-0000-4000-8000-{i:012}");
+        entries.push(create_entry(
+            &url,
+            network_patient(PATIENT_SYSTEM, &format!("T{i:03}")),
+        ));
+        for k in 0..3 {
+            entries.push(create_entry(
+                &format!("urn:uuid:00000000-0000-4000-9000-{:012}", i * 10 + k),
+                network_consent(&url, &format!("tie-{i}-{k}")),
+            ));
+        }
+    }
+    transaction(addr, entries);
+    let patients: Vec<_> = (0..20)
+        .map(|i| register(&store, &format!("T{i:03}")))
+        .collect();
+    store
+        .lock()
+        .unwrap()
+        .connection()
+        .execute("UPDATE outbox SET done_at = 0 WHERE done_at IS NULL", [])
+        .unwrap();
+    // One page of 25 per round: the patients fit, the 60 consents do not.
+    let capped = client(addr, "/fhir").with_page_size(25).with_max_pages(1);
+    let cut = round(&store, &capped).await.unwrap_err();
+    assert!(cut.to_string().contains("pages"), "{cut}");
+    let cursor = store.lock().unwrap().pull_cursor("Consent").unwrap();
+    // The first page held the box's own consent (applied before) and 24 of the 60.
+    assert_eq!(
+        cursor.seen.len(),
+        24,
+        "the cursor stops inside the shared instant"
+    );
+    // The next round goes on from there: every consent is applied once.
+    let r = round(&store, &client(addr, "/fhir")).await.unwrap();
+    assert_eq!(r.pulled, 36, "{r:?}");
+    for p in &patients {
+        let records = store.lock().unwrap().records(p).unwrap();
+        assert_eq!(records.len(), 3, "{p}");
+    }
 }

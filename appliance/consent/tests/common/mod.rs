@@ -135,3 +135,90 @@ pub fn disclosed_to_one_more(consent: &Value, code: &str) -> Value {
     }
     consent
 }
+
+/// Posts a transaction Bundle; returns the response Bundle.
+pub fn transaction(addr: SocketAddr, entries: Vec<Value>) -> Value {
+    let bundle =
+        serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    let r = http::request(addr, "POST", "/fhir", Some(bundle.to_string().as_bytes())).unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+/// A Patient of the network with one identifier.
+pub fn network_patient(system: &str, value: &str) -> Value {
+    serde_json::json!({
+        "resourceType": "Patient",
+        "identifier": [{"system": system, "value": value}],
+        "gender": "unknown",
+    })
+}
+
+/// A Consent recorded on the network: permit to every participant, images, since 2020.
+pub fn network_consent(patient_reference: &str, id: &str) -> Value {
+    serde_json::json!({
+        "resourceType": "Consent",
+        "identifier": [{"system": consent::fhir::CONSENT_ID_SYSTEM, "value": id}],
+        "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": patient_reference},
+        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+        "provision": {
+            "type": "permit",
+            "period": {"start": "2020-01-01"},
+            "code": [{"coding": [{"system": consent::fhir::CATEGORY_SYSTEM, "code": "images"}]}],
+        },
+    })
+}
+
+/// A transaction entry that creates `resource` under the bundle-local `full_url`.
+pub fn create_entry(full_url: &str, resource: Value) -> Value {
+    let ty = resource["resourceType"].as_str().unwrap().to_owned();
+    serde_json::json!({"fullUrl": full_url, "resource": resource, "request": {"method": "POST", "url": ty}})
+}
+
+/// Registers a patient on the box (demographics as in `clinic`).
+pub fn register(store: &Mutex<Store>, id: &str) -> PatientId {
+    let pid: PatientId = id.parse().unwrap();
+    store
+        .lock()
+        .unwrap()
+        .upsert_patient(
+            &Patient {
+                id: pid.clone(),
+                family_kanji: "山田".into(),
+                given_kanji: "花子".into(),
+                family_kana: "ヤマダ".into(),
+                given_kana: "ハナコ".into(),
+                birth_date: "1950-04-01".into(),
+                sex: Sex::Female,
+                network_id: None,
+            },
+            time::now(),
+        )
+        .unwrap();
+    pid
+}
+
+/// A decision for images or another category to a facility, now.
+pub fn decide_category(
+    store: &Mutex<Store>,
+    pid: &PatientId,
+    to: &str,
+    category: Category,
+) -> Decision {
+    let now = time::now();
+    store
+        .lock()
+        .unwrap()
+        .decide(
+            pid,
+            &to.parse::<Recipient>().unwrap(),
+            category,
+            now,
+            now,
+            DAY,
+        )
+        .unwrap()
+}
