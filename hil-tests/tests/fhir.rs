@@ -448,6 +448,102 @@ fn unknown_search_parameters_are_rejected() {
     assert_eq!(search(addr, "/fhir/Patient?_count=0")["total"], 0);
 }
 
+#[test]
+fn searches_page_with_next_links_sort_by_last_updated_and_chain_to_the_patient() {
+    let addr = server();
+    // Two of this clinic's patients and one of another clinic, with two consents each, all
+    // in one transaction: every entry shares one lastUpdated.
+    let mut entries = Vec::new();
+    for (i, system) in [
+        JP_PATIENT_ID_SYSTEM,
+        JP_PATIENT_ID_SYSTEM,
+        "urn:oid:1.2.392.100495.20.3.51.11399999999",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let url = format!("urn:uuid:6f1c6a52-8d0e-4a51-9a55-0f3c1f1e2b{i:02}");
+        let mut p = patient(&format!("000{i}"));
+        p["identifier"][0]["system"] = json!(system);
+        entries.push(post_entry(&url, p));
+        for k in 0..2 {
+            entries.push(post_entry(
+                &format!("urn:uuid:6f1c6a52-8d0e-4a51-9a55-0f3c1f1e2c{i}{k}"),
+                consent(&url, "1312345678"),
+            ));
+        }
+    }
+    let (status, response) = call(addr, "POST", "/fhir", Some(&transaction(entries)));
+    assert_eq!(status, 200, "{response}");
+    let stamps: std::collections::BTreeSet<&str> = response["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["lastModified"].as_str().unwrap())
+        .collect();
+    assert_eq!(stamps.len(), 1, "one lastUpdated per transaction");
+
+    // Token search by system only.
+    let system_only = format!("identifier={}%7C", JP_PATIENT_ID_SYSTEM.replace(':', "%3A"));
+    assert_eq!(
+        search(addr, &format!("/fhir/Patient?{system_only}"))["total"],
+        2
+    );
+
+    // The chain, in pages of three, oldest first (ties by id), with a next link that
+    // carries the continuation and is absolute on this server.
+    let first = search(
+        addr,
+        &format!("/fhir/Consent?patient:Patient.{system_only}&_sort=_lastUpdated&_count=3"),
+    );
+    assert_eq!(first["total"], 4);
+    assert_eq!(first["entry"].as_array().unwrap().len(), 3);
+    let next = first["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = next
+        .strip_prefix(&format!("http://{addr}"))
+        .unwrap_or_else(|| panic!("{next}"));
+    assert!(path.contains("_continue="), "{path}");
+    let second = search(addr, path);
+    assert_eq!(second["entry"].as_array().unwrap().len(), 1);
+    assert!(
+        !second["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["relation"] == "next")
+    );
+    let ids: Vec<&str> = first["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["entry"].as_array().unwrap())
+        .map(|e| e["resource"]["id"].as_str().unwrap())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(ids, sorted, "ties in id order, none twice");
+
+    // Still strict.
+    for target in [
+        "/fhir/Consent?_continue=x".to_owned(),
+        "/fhir/Consent?_sort=_lastUpdated&_sort=_lastUpdated".to_owned(),
+        format!("/fhir/Patient?patient:Patient.{system_only}"),
+        format!("/fhir/Consent?patient.{system_only}"),
+    ] {
+        let (status, body) = call(addr, "GET", &target, None);
+        assert_eq!(status, 400, "{target}: {body}");
+    }
+}
+
 /// Kills the child on drop.
 struct Killed(Child);
 

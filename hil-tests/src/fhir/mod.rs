@@ -924,6 +924,15 @@ mod tests {
         assert!(parse_search(ResourceType::Patient, "_lastUpdated=gt2026-01-01").is_err());
         assert!(parse_search(ResourceType::Patient, "_lastUpdated=gt2026-01-01T00:00:00Z").is_ok());
         assert!(parse_search(ResourceType::Patient, "identifier=").is_err());
+        assert!(parse_search(ResourceType::Patient, "identifier=urn:x|").is_ok());
+        assert!(parse_search(ResourceType::Consent, "_sort=_lastUpdated").is_ok());
+        assert!(parse_search(ResourceType::Consent, "_sort=-_lastUpdated").is_err());
+        assert!(parse_search(ResourceType::Consent, "_sort=_id").is_err());
+        assert!(parse_search(ResourceType::Consent, "patient:Patient.identifier=urn:x|").is_ok());
+        assert!(parse_search(ResourceType::Patient, "patient:Patient.identifier=urn:x|").is_err());
+        assert!(parse_search(ResourceType::Consent, "_continue=12_a-b").is_ok());
+        assert!(parse_search(ResourceType::Consent, "_continue=12").is_err());
+        assert!(parse_search(ResourceType::Consent, "_continue=1_a&_continue=2_b").is_err());
     }
 
     #[test]
