@@ -682,3 +682,127 @@ async fn a_round_cut_short_by_the_page_cap_goes_on_without_skipping_shared_insta
         assert_eq!(records.len(), 3, "{p}");
     }
 }
+
+/// A FHIR server that answers every request with `answer(path_and_query)`.
+fn scripted_server(answer: fn(&str) -> (u16, Value)) -> std::net::SocketAddr {
+    use std::io::Write as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let Ok(Ok(request)) = hil_tests::fhir::http::read_request(&mut stream) else {
+                continue;
+            };
+            let target = match &request.query {
+                Some(q) => format!("{}?{q}", request.path),
+                None => request.path.clone(),
+            };
+            let (status, body) = answer(&target);
+            let body = body.to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+fn searchset(entries: Vec<Value>, next: Option<&str>) -> Value {
+    let mut links = vec![json!({"relation": "self", "url": "/fhir/x"})];
+    if let Some(url) = next {
+        links.push(json!({"relation": "next", "url": url}));
+    }
+    json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": links,
+        "entry": entries.into_iter().map(|r| json!({"resource": r, "search": {"mode": "match"}})).collect::<Vec<_>>(),
+    })
+}
+
+fn scripted_consent() -> Value {
+    let mut c = network_consent("Patient/p1", "net-1");
+    c["id"] = json!("c1");
+    c["meta"] = json!({"versionId": "1", "lastUpdated": "2026-11-22T04:05:00.000001Z"});
+    c
+}
+
+/// A fresh cache of the clinic's patient, with its pushes done.
+fn fresh_clinic(dir: &std::path::Path) -> (Mutex<Store>, consent::model::PatientId) {
+    let (store, pid, _) = clinic(dir);
+    {
+        let s = store.lock().unwrap();
+        s.connection()
+            .execute("UPDATE outbox SET done_at = 0 WHERE done_at IS NULL", [])
+            .unwrap();
+    }
+    (store, pid)
+}
+
+#[tokio::test]
+async fn a_consent_whose_patient_cannot_be_read_fails_the_pull() {
+    let addr = scripted_server(|target| {
+        if target.starts_with("/fhir/Patient?") {
+            (200, searchset(vec![], None))
+        } else if target.starts_with("/fhir/Consent?") {
+            (200, searchset(vec![scripted_consent()], None))
+        } else {
+            (
+                500,
+                json!({"resourceType": "OperationOutcome", "issue": []}),
+            )
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid) = fresh_clinic(dir.path());
+    let err = round(&store, &client(addr, "/fhir")).await.unwrap_err();
+    assert!(err.to_string().contains("500"), "{err}");
+    assert_eq!(
+        decide(&store, &pid, "1312345679", DAY),
+        Decision::Deny(DenyReason::CacheStale),
+        "not fresh on a partial read"
+    );
+}
+
+#[tokio::test]
+async fn a_next_link_to_another_server_fails_the_pull() {
+    let addr = scripted_server(|target| {
+        if target.starts_with("/fhir/Patient?") {
+            (
+                200,
+                searchset(vec![], Some("http://192.0.2.1/fhir/Patient?page=2")),
+            )
+        } else {
+            (200, searchset(vec![], None))
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid) = fresh_clinic(dir.path());
+    let err = round(&store, &client(addr, "/fhir")).await.unwrap_err();
+    assert!(err.to_string().contains("configured FHIR server"), "{err}");
+    assert_eq!(
+        decide(&store, &pid, "1312345679", DAY),
+        Decision::Deny(DenyReason::CacheStale)
+    );
+}
+
+#[tokio::test]
+async fn results_out_of_lastupdated_order_fail_the_pull() {
+    let addr = scripted_server(|target| {
+        if target.starts_with("/fhir/Consent?") {
+            let mut older = scripted_consent();
+            older["id"] = json!("c0");
+            older["meta"]["lastUpdated"] = json!("2026-11-22T04:04:59Z");
+            (200, searchset(vec![scripted_consent(), older], None))
+        } else {
+            (200, searchset(vec![], None))
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _pid) = fresh_clinic(dir.path());
+    let err = round(&store, &client(addr, "/fhir")).await.unwrap_err();
+    assert!(err.to_string().contains("sorted"), "{err}");
+}
