@@ -33,6 +33,7 @@ pub const CATEGORY_SYSTEM: &str = "urn:tsunagi:data-category";
 pub const INSTITUTION_SYSTEM: &str =
     "http://jpfhir.jp/fhir/core/IdSystem/insurance-medical-institution-no";
 const PARTICIPATION: &str = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType";
+const CONSENT_SCOPE: &str = "http://terminology.hl7.org/CodeSystem/consentscope";
 const EN_REPRESENTATION: &str =
     "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation";
 
@@ -142,7 +143,7 @@ pub fn consent_resource(facility: &FacilityCode, c: &Consent, patient_reference:
         "resourceType": "Consent",
         "identifier": [{ "system": CONSENT_ID_SYSTEM, "value": c.id }],
         "status": if c.status == Status::Withdrawn { "inactive" } else { "active" },
-        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
+        "scope": { "coding": [{ "system": CONSENT_SCOPE, "code": "patient-privacy" }] },
         "category": [{ "coding": [{ "system": "http://loinc.org", "code": "59284-0" }] }],
         "patient": { "reference": patient_reference },
         "dateTime": time::format(c.recorded_at),
@@ -400,7 +401,7 @@ fn narrow(
 /// | nested deny by actor and code or period | the actor excluded altogether |
 /// | nested deny by code and period | the categories removed altogether |
 /// | nested deny with no restriction | not in force |
-/// | anything else in a provision, a nested permit, `modifierExtension`, `implicitRules`, `policy`, an unreadable period or actor | unreadable |
+/// | `scope` other than patient-privacy; anything else in a provision, a nested permit, `modifierExtension`, `implicitRules`, `policy`, an unreadable period or actor | unreadable |
 pub fn consent_from_resource(r: &Value, patient: PatientId) -> Result<Consent, FhirError> {
     if r["resourceType"] != "Consent" {
         return Err(unreadable("not a Consent"));
@@ -422,6 +423,16 @@ pub fn consent_from_resource(r: &Value, patient: PatientId) -> Result<Consent, F
     }
     if r.get("policy").is_some() {
         return Err(unreadable("a policy the box does not understand"));
+    }
+    // Only a privacy consent (data sharing) is the box's business; another kind (research,
+    // treatment, advance directive) would otherwise become the patient's latest consent.
+    let privacy = r["scope"]["coding"].as_array().is_some_and(|codings| {
+        codings
+            .iter()
+            .any(|c| c["system"] == CONSENT_SCOPE && c["code"] == "patient-privacy")
+    });
+    if !privacy {
+        return Err(unreadable("scope is not patient-privacy"));
     }
     let recorded_at = instant(&r["meta"]["lastUpdated"])
         .map_err(|_| unreadable("meta.lastUpdated is not a time"))?
@@ -628,6 +639,7 @@ mod tests {
             "id": "srv-1",
             "meta": { "versionId": "3", "lastUpdated": "2026-11-22T04:05:00.123456Z" },
             "status": "active",
+            "scope": { "coding": [{ "system": CONSENT_SCOPE, "code": "patient-privacy" }] },
             "patient": { "reference": "Patient/p1" },
             "policyRule": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN" }] },
             "provision": {
@@ -826,6 +838,14 @@ mod tests {
             .is_err()
         );
         assert!(network(|r| r["implicitRules"] = json!("urn:rules")).is_err());
+        // A consent of another kind (research) is not the box's: unreadable, not a permit.
+        assert!(network(|r| r["scope"]["coding"][0]["code"] = json!("research")).is_err());
+        assert!(
+            network(|r| {
+                r.as_object_mut().unwrap().remove("scope");
+            })
+            .is_err()
+        );
         // A permit to an actor the box cannot name, or in another role.
         let mut org = ircp("1312345679");
         org["reference"] = json!({ "reference": "Organization/7" });
