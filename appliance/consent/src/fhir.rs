@@ -871,6 +871,77 @@ mod tests {
         );
     }
 
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            prop_oneof![
+                Just("deny".to_owned()),
+                Just("permit".to_owned()),
+                Just("2026-11-22".to_owned()),
+                Just("2026-11-22T04:05".to_owned()),
+                Just("9999-12-31T23:59:59+14:00".to_owned()),
+                Just("0000-01-01T00:00:00-14:00".to_owned()),
+                Just(CATEGORY_SYSTEM.to_owned()),
+                Just(INSTITUTION_SYSTEM.to_owned()),
+                Just("IRCP".to_owned()),
+                "\\PC{0,12}",
+            ]
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            let key = prop_oneof![
+                Just("type"),
+                Just("period"),
+                Just("start"),
+                Just("end"),
+                Just("actor"),
+                Just("code"),
+                Just("coding"),
+                Just("system"),
+                Just("role"),
+                Just("reference"),
+                Just("identifier"),
+                Just("value"),
+                Just("provision"),
+                Just("status"),
+                Just("scope"),
+                Just("policyRule"),
+                Just("meta"),
+                Just("lastUpdated"),
+                Just("data"),
+            ];
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map(key.prop_map(str::to_owned), inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+        /// Whatever the network sends, the mapping answers (a consent or an error) and
+        /// never panics.
+        #[test]
+        fn any_provision_or_resource_maps_or_is_refused_without_panicking(
+            provision in any_json(),
+            period in any_json(),
+            status in any_json(),
+            resource in any_json(),
+        ) {
+            let _ = network(|r| {
+                r["provision"] = provision;
+                r["status"] = status;
+            });
+            let _ = network(|r| r["provision"]["provision"] = serde_json::json!([{"type": "deny", "period": period}]));
+            let _ = consent_from_resource(&resource, "0001234".parse().unwrap());
+        }
+    }
+
     #[test]
     fn a_nested_deny_without_restriction_denies_everything() {
         let c = network(deny(json!({}))).unwrap();
