@@ -9,6 +9,12 @@
 //! and its MAC. [`Store::verify_audit`] finds any row changed, removed from the middle or cut
 //! from the end; without the key nobody can forge a consistent chain. Patients appear in the
 //! trail only as a keyed hash of the facility and patient ID.
+//!
+//! A network consent the sync could not understand is recorded in `unreadable` and denies
+//! its patient (`unreadable-network-consent`) until a readable version of the same resource
+//! replaces it. The change feed ([`Store::changes_since`]) is the `changes` table: every new
+//! consent version (a trigger) and every unreadable consent recorded or lifted. The pull's
+//! cursors ([`PullCursor`]) are in `pull_cursor`.
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
