@@ -103,6 +103,11 @@ pub enum StoreError {
     KeyTooShort { path: PathBuf },
     #[error("unknown patient {patient} (register them first)")]
     UnknownPatient { patient: String },
+    /// Carries patient IDs: for the desk's command line, never for a log line.
+    #[error(
+        "network ID {network_id} already belongs to patient {holder}; one network ID is one patient"
+    )]
+    NetworkIdTaken { network_id: String, holder: String },
     #[error("patient {patient} has no consent")]
     NoConsent { patient: String },
     #[error("consent {id} is withdrawn; record a new consent instead")]
@@ -347,14 +352,35 @@ impl Store {
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         self.require_patient(id)?;
-        let n = self
+        // One network ID belongs to one local patient at most: two local patients under one
+        // network identity would send one person's data under another's name. The check and
+        // the write are one transaction (SQLite serialises writers).
+        let tx = self
             .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        let holder: Option<String> = tx
+            .query_row(
+                "SELECT id FROM patient WHERE network_id = ?1 AND id <> ?2 ORDER BY id LIMIT 1",
+                params![network_id, id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("find by network ID"))?;
+        if let Some(holder) = holder {
+            return Err(StoreError::NetworkIdTaken {
+                network_id: network_id.to_owned(),
+                holder,
+            });
+        }
+        let n = tx
             .execute(
                 "UPDATE patient SET network_id = ?2, updated_at = ?3
                  WHERE id = ?1 AND (network_id IS NULL OR network_id <> ?2)",
                 params![id.as_str(), network_id, now],
             )
             .map_err(sql("save the network ID"))?;
+        tx.commit().map_err(sql("commit"))?;
         Ok(n > 0)
     }
 

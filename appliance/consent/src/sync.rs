@@ -426,8 +426,14 @@ async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), S
             && let Some(value) = fhir::identifier(p, system)
         {
             if fhir::is_network_id(&value) {
-                if s.set_network_id(&pid, &value, now)? {
-                    changed += 1;
+                match s.set_network_id(&pid, &value, now) {
+                    Ok(true) => changed += 1,
+                    Ok(false) => {}
+                    // Not assigned: the patient's instances keep waiting for a network ID.
+                    Err(StoreError::NetworkIdTaken { .. }) => tracing::warn!(
+                        "the network gave a patient a network ID another local patient holds; not assigned (check 名寄せ)"
+                    ),
+                    Err(e) => return Err(e.into()),
                 }
             } else {
                 tracing::warn!(

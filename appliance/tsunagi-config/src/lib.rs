@@ -321,6 +321,11 @@ pub struct DicomBridge {
     /// The clinic's viewers a C-MOVE may name as destination (their storage SCPs).
     #[serde(default)]
     pub move_destinations: Vec<DicomDestination>,
+    /// Whether the clinic's viewers may query and retrieve from the network through the box
+    /// (C-FIND, C-MOVE, C-GET); default false. Needs `allowed-callers`: only listed viewers
+    /// may see what the network holds about the clinic's patients.
+    #[serde(default)]
+    pub query_retrieve: bool,
     pub pacs: DicomPacs,
 }
 
@@ -748,6 +753,16 @@ impl Config {
                 "dicom.forward-associations",
                 format!("must be 1 to 8 (got {})", d.forward_associations),
                 &["dicom.forward-associations"],
+            );
+        }
+        if let Some(d) = &self.dicom
+            && d.query_retrieve
+            && d.allowed_callers.as_ref().is_none_or(Vec::is_empty)
+        {
+            broken(
+                "dicom.query-retrieve",
+                "query/retrieve shows the network's data of the clinic's patients: it needs [[dicom.allowed-callers]] (the viewers allowed to ask), or query-retrieve = false".into(),
+                &["dicom.query-retrieve", "dicom.allowed-callers"],
             );
         }
         if let Some(d) = &self.dicom
