@@ -114,7 +114,11 @@ fn why_not_joined(e: JoinError) -> String {
     if !e.is_panic() {
         return "was cancelled".to_owned();
     }
-    let payload = e.into_panic();
+    panicked(&*e.into_panic())
+}
+
+/// [`TaskEnded::why`] for a panic (of a task, or of a thread from `JoinHandle::join`).
+pub fn panicked(payload: &(dyn std::any::Any + Send)) -> String {
     let message = payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
@@ -233,6 +237,14 @@ mod tests {
         let started = std::time::Instant::now();
         tasks.join(Duration::from_millis(100)).await;
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_thread_that_panicked_reads_the_same() {
+        let payload = std::thread::spawn(|| panic!("worker {}", 1))
+            .join()
+            .unwrap_err();
+        assert_eq!(panicked(&*payload), "panicked: worker 1");
     }
 
     #[test]
