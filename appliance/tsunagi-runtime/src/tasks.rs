@@ -170,10 +170,7 @@ mod tests {
     #[tokio::test]
     async fn a_task_that_panics_carries_its_message() {
         let mut tasks = Tasks::new(CancellationToken::new());
-        tasks.spawn("server", async {
-            let size: Option<usize> = None;
-            size.expect("chunk size overflow");
-        });
+        tasks.spawn("server", async { panic!("chunk size overflow") });
         let ended = failed_within(&mut tasks, Duration::from_secs(5))
             .await
             .unwrap();
