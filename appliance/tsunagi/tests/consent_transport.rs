@@ -80,3 +80,41 @@ fn an_overflowing_chunk_size_is_a_sync_failure_in_status_not_a_dead_task() {
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+#[test]
+fn sigterm_during_a_hanging_pull_stops_the_consent_service_within_2_s() {
+    // The network's FHIR server accepts and never answers: a round waits for its timeout.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    // A stop deadline well beyond 2 s, so a service that hangs shows as a slow exit.
+    let supervisor = FAST_SUPERVISOR.replace("stop-timeout = \"2s\"", "stop-timeout = \"8s\"");
+    let mut h = Harness::new(&format!(
+        "{supervisor}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"http://127.0.0.1:{port}/fhir\"\npull-interval = \"1s\"\n"
+    ));
+    h.start();
+    h.wait_for("consent ready", Duration::from_secs(30), |s| {
+        state_of(s, "consent") == "ready"
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no pull started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "stopping took {took:?}");
+    let log = h.log.lock().unwrap();
+    assert!(!log.contains("did not stop in time"), "{log}");
+}
