@@ -599,6 +599,9 @@ pub struct Drill {
     pub exit_after: Option<ConfigDuration>,
     /// Exit code used by `exit_after`; default 1, must not be 0.
     pub exit_code: u8,
+    /// A background task of the drill panics this long after it starts; default: never.
+    /// The service must end with the panic as its error (status shows it).
+    pub panic_task_after: Option<ConfigDuration>,
     /// Ignore SIGTERM, so the supervisor has to SIGKILL it; default false.
     pub ignore_sigterm: bool,
     /// Never report ready, so the ready timeout fires; default false.
@@ -615,6 +618,7 @@ impl Default for Drill {
             interval: ConfigDuration::secs(1),
             exit_after: None,
             exit_code: 1,
+            panic_task_after: None,
             ignore_sigterm: false,
             never_ready: false,
             subprocess: false,

@@ -913,9 +913,11 @@ fn production_example_spells_out_the_defaults() {
 fn drills_example() {
     let cfg = parse(&example("drills.toml"), file()).unwrap();
     let names: Vec<&str> = cfg.drill.keys().map(ServiceName::as_str).collect();
-    assert_eq!(names, vec!["crashy", "stubborn"]);
+    assert_eq!(names, vec!["crashy", "panicky", "stubborn"]);
     let crashy = &cfg.drill[&ServiceName::try_from("crashy").unwrap()];
     assert_eq!(crashy.exit_after, Some(dur("2s")));
+    let panicky = &cfg.drill[&ServiceName::try_from("panicky").unwrap()];
+    assert_eq!(panicky.panic_task_after, Some(dur("3s")));
     let stubborn = &cfg.drill[&ServiceName::try_from("stubborn").unwrap()];
     assert!(stubborn.ignore_sigterm);
     assert!(cfg.heartbeat.enabled);
