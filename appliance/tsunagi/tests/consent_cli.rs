@@ -518,3 +518,25 @@ fn kill_9_with_a_push_pending_then_the_push_completes_exactly_once() {
             .success()
     );
 }
+
+#[test]
+fn one_network_id_belongs_to_one_local_patient() {
+    let c = Clinic::new();
+    c.register("0001234", &[]);
+    c.register("0005678", &[]);
+    c.ok(&["network-id", "0001234", "NET-1"]);
+    // Again for the same patient: fine, nothing changes.
+    c.ok(&["network-id", "0001234", "NET-1"]);
+    let out = c.run(&["network-id", "0005678", "NET-1"]);
+    assert!(!out.status.success(), "a second holder must be refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NET-1") && err.contains("already belongs to patient 0001234"),
+        "{err}"
+    );
+    // The first holder keeps it; the second has none.
+    let shown = c.json(&["show", "0005678"]);
+    assert!(shown["patient"]["network_id"].is_null(), "{shown}");
+    let shown = c.json(&["show", "0001234"]);
+    assert_eq!(shown["patient"]["network_id"], "NET-1", "{shown}");
+}
