@@ -99,6 +99,10 @@ pub enum StoreError {
     },
     #[error("the audit key {path} is readable or writable by group or others: chmod 600 it")]
     KeyPermissions { path: PathBuf },
+    #[error(
+        "the audit key {path} is missing: without it the trail cannot be verified (a new key would not verify the old rows)"
+    )]
+    KeyMissing { path: PathBuf },
     #[error("the audit key {path} must hold at least 32 bytes")]
     KeyTooShort { path: PathBuf },
     #[error("unknown patient {patient} (register them first)")]
@@ -130,6 +134,17 @@ impl std::fmt::Debug for AuditKey {
 }
 
 impl AuditKey {
+    /// Loads the key file; a missing key is an error (what verifies never makes a key).
+    pub fn load(path: &Path) -> Result<AuditKey, StoreError> {
+        if std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        {
+            return Err(StoreError::KeyMissing {
+                path: path.to_owned(),
+            });
+        }
+        Self::load_or_create(path)
+    }
+
     /// Loads the key file, or creates one of 32 random bytes (mode 0600) if it is missing.
     pub fn load_or_create(path: &Path) -> Result<AuditKey, StoreError> {
         use std::os::unix::fs::MetadataExt;
