@@ -45,6 +45,8 @@ pub const YAMADA_TAROU_ISO_2022_IR_87: &[u8] =
 
 /// CT Image Storage.
 pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
+/// Comprehensive SR Storage: a structured report, a document (not an image).
+pub const COMPREHENSIVE_SR_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.88.33";
 /// Multi-frame Grayscale Word Secondary Capture Image Storage.
 pub const MULTI_FRAME_GRAYSCALE_WORD_SC: &str = "1.2.840.10008.5.1.4.1.1.7.3";
 /// Explicit VR Little Endian.
@@ -289,6 +291,54 @@ pub fn japanese_ct(dir: &Path, ids: &Ids) -> Result<PathBuf, DicomFilesError> {
     write_instance(dir, ids, &dump, frame.len() as u64, |out| {
         out.write_all(&frame)
     })
+}
+
+/// Writes a small Comprehensive SR instance (a report: a titled container with one text
+/// item, no pixel data) with the Japanese name as [`japanese_ct`] does, Explicit VR Little
+/// Endian, into `dir`. Returns the file.
+pub fn comprehensive_sr(dir: &Path, ids: &Ids) -> Result<PathBuf, DicomFilesError> {
+    let name = encode_iso_2022_ir_87(&ids.patient_name)?;
+    let mut dump = header_dump(ids, COMPREHENSIVE_SR_STORAGE, "SR", &name)?;
+    dump.extend_from_slice(
+        b"(0040,a040) CS [CONTAINER]\n\
+          (0040,a043) SQ (Sequence with undefined length)\n\
+          (fffe,e000) na (Item with undefined length)\n\
+          (0008,0100) SH [18748-4]\n\
+          (0008,0102) SH [LN]\n\
+          (0008,0104) LO [Diagnostic imaging report]\n\
+          (fffe,e00d) na (ItemDelimitationItem)\n\
+          (fffe,e0dd) na (SequenceDelimitationItem)\n\
+          (0040,a050) CS [SEPARATE]\n\
+          (0040,a491) CS [COMPLETE]\n\
+          (0040,a493) CS [UNVERIFIED]\n\
+          (0040,a730) SQ (Sequence with undefined length)\n\
+          (fffe,e000) na (Item with undefined length)\n\
+          (0040,a010) CS [CONTAINS]\n\
+          (0040,a040) CS [TEXT]\n\
+          (0040,a043) SQ (Sequence with undefined length)\n\
+          (fffe,e000) na (Item with undefined length)\n\
+          (0008,0100) SH [121071]\n\
+          (0008,0102) SH [DCM]\n\
+          (0008,0104) LO [Finding]\n\
+          (fffe,e00d) na (ItemDelimitationItem)\n\
+          (fffe,e0dd) na (SequenceDelimitationItem)\n\
+          (0040,a160) UT [No acute findings.]\n\
+          (fffe,e00d) na (ItemDelimitationItem)\n\
+          (fffe,e0dd) na (SequenceDelimitationItem)\n",
+    );
+    let dump2dcm = find_tool("dump2dcm", "dcmtk")?;
+    let file = dir.join(format!("{}.dcm", ids.sop_instance_uid));
+    let dump_path = dir.join(format!("{}.dump", ids.sop_instance_uid));
+    fs::write(&dump_path, &dump).map_err(io_err("write", &dump_path))?;
+    let mut command = Command::new(&dump2dcm);
+    command
+        .args(["--quiet", "--write-xfer-little", "--group-length-remove"])
+        .arg(&dump_path)
+        .arg(&file);
+    let result = run_with_input(&mut command, b"");
+    let _ = fs::remove_file(&dump_path);
+    result?;
+    Ok(file)
 }
 
 /// The size of a [`multi_frame`] instance's pixel data.

@@ -2,9 +2,10 @@
 //! between the same namespaces, in the same run.
 //!
 //! Brings up the test network (hub, box, clinic), runs the real `tsunagi` supervisor with
-//! the tunnel service in the box namespace against the hub's wireguard-go, then runs one
-//! iperf3 client in the box twice: to the hub network through the tunnel, and to the hub's
-//! WAN address over the bare veth. There is no target yet: the ratio is a baseline.
+//! the tunnel service in the box namespace against the hub's wireguard-go, and runs one
+//! iperf3 client in the box twice: to the hub's WAN address over the bare veth (before the
+//! service starts: its firewall lets nothing but WireGuard out on the WAN), and to the hub
+//! network through the tunnel. There is no target yet: the ratio is a baseline.
 //! `TSUNAGI_BENCH_SECS` sets the length of each run (default 5).
 
 use std::os::unix::fs::PermissionsExt as _;
@@ -169,6 +170,15 @@ health-url = "http://10.98.0.1:8080/health"
     let public = String::from_utf8(out.stdout)?.trim().to_owned();
     net.hub_add_peer(&public, &["10.99.0.2/32"])?;
 
+    // The bare veth first: once the tunnel service has loaded the box's firewall, the box
+    // sends nothing on the WAN but WireGuard.
+    let mut server = Command::new("iperf3");
+    server.args(["-s", "-p", IPERF_PORT]);
+    net.spawn(Host::Hub, &server)?;
+    println!("iperf3, one TCP stream, {secs} s, box -> hub:");
+    let veth = iperf(&net, "10.250.0.1", secs)?;
+    println!("  bare veth (10.250.0.1):      {veth:>10.1} Mbit/s");
+
     let mut run = Command::new(&tsunagi);
     run.args(["run", "--config"]).arg(&config);
     let supervisor = net.spawn(Host::Box, &run)?;
@@ -194,12 +204,6 @@ health-url = "http://10.98.0.1:8080/health"
         tunnel_summary(&status_json(&tsunagi, &config).unwrap_or_default())
     );
 
-    let mut server = Command::new("iperf3");
-    server.args(["-s", "-p", IPERF_PORT]);
-    net.spawn(Host::Hub, &server)?;
-    println!("iperf3, one TCP stream, {secs} s, box -> hub:");
-    let veth = iperf(&net, "10.250.0.1", secs)?;
-    println!("  bare veth (10.250.0.1):      {veth:>10.1} Mbit/s");
     let tunnel = iperf(&net, "10.98.0.1", secs)?;
     println!("  through the tunnel (10.98.0.1): {tunnel:>7.1} Mbit/s");
     let ratio = if veth > 0.0 { tunnel / veth } else { 0.0 };

@@ -69,7 +69,7 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
     },
     SystemPackage {
         name: "iperf3",
-        why: "hil-tests test network: throughput through the tunnel (vpn.md §3.3; no test uses it yet)",
+        why: "hil-tests test network: throughput through the tunnel (vpn.md §3.3), and the connection through it that the egress kill-switch test keeps open",
     },
     SystemPackage {
         name: "iputils-ping",
@@ -146,6 +146,10 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
     SystemPackage {
         name: "dcmtk",
         why: "hil-tests DICOM tests: echoscu/storescu/findscu/movescu as modality and viewer, dump2dcm and dcmdump for the test files",
+    },
+    SystemPackage {
+        name: "tcpdump",
+        why: "tunnel tests: captures the box's WAN veth to prove no hub-subnet packet leaves outside the tunnel (issue 13, egress kill switch)",
     },
 ];
 

@@ -4,14 +4,16 @@
 //! time and the cache's freshness; nothing here does I/O, so it is fast and testable.
 //!
 //! Rules, in order (default deny):
-//! 1. The cache must be fresh: the last successful pull from the network is at most
-//!    `bound` old, else `Deny(CacheStale)` (fail closed: a withdrawal recorded on the network
-//!    may not be known yet). A clock earlier than the last pull by more than
-//!    [`CLOCK_SLACK`] is `Deny(ClockBehind)`: time cannot be trusted.
+//! 1. A clock earlier than the last pull by more than [`CLOCK_SLACK`] is
+//!    `Deny(ClockBehind)`: time cannot be trusted.
 //! 2. The patient's effective consent is the consent created last (by the order the box
 //!    learned of it). A consent with any withdrawn version is withdrawn for good: a
 //!    withdrawal wins over every other version of that consent, however it arrived.
-//!    No consent → `Deny(NoConsent)`; withdrawn → `Deny(Withdrawn)`.
+//!    No consent → `Deny(NoConsent)`; withdrawn → `Deny(Withdrawn)`. These are answered
+//!    even from a stale cache (a definite "no" the box knows itself).
+//!    Then the cache must be fresh: the last successful pull from the network is at most
+//!    `bound` old, else `Deny(CacheStale)` (fail closed: a withdrawal recorded on the
+//!    network may not be known yet).
 //! 3. Its latest version must be valid at `at`: `NotYetValid`, `Expired`.
 //! 4. Recipient: the hub (the network's central storage) is covered by any active
 //!    participation consent; a facility must not be excluded (`RecipientExcluded`) and must be
@@ -70,17 +72,24 @@ fn active(
     freshness: Freshness,
 ) -> Result<&Consent, DenyReason> {
     use DenyReason::*;
-    match freshness.last_pull {
-        None => return Err(CacheStale),
-        Some(pulled) if now < pulled - secs(CLOCK_SLACK) => return Err(ClockBehind),
-        Some(pulled) if now - pulled > secs(freshness.bound) => return Err(CacheStale),
-        Some(_) => {}
+    if freshness
+        .last_pull
+        .is_some_and(|pulled| now < pulled - secs(CLOCK_SLACK))
+    {
+        return Err(ClockBehind);
     }
+    // What the box itself knows to be "no" (no consent, a withdrawal recorded here or
+    // pulled earlier) is answered as such even from a stale cache: a stale cache can only
+    // miss a newer "no", never turn this one into a "yes". Revocations act on it offline.
     let Some((consent, withdrawn)) = effective(records) else {
         return Err(NoConsent);
     };
     if withdrawn || consent.status == Status::Withdrawn {
         return Err(Withdrawn);
+    }
+    match freshness.last_pull {
+        Some(pulled) if now - pulled <= secs(freshness.bound) => {}
+        _ => return Err(CacheStale),
     }
     if at < consent.valid_from {
         return Err(NotYetValid);

@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
+use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 
 use crate::decide::Decision;
 use crate::model::PatientId;
@@ -52,6 +53,8 @@ pub enum ServiceError {
     },
     #[error("the database task failed")]
     Task(#[source] tokio::task::JoinError),
+    #[error("the consent service cannot go on")]
+    Background(#[source] TaskEnded),
 }
 
 pub use consent_protocol::{Answer, Changes, Identity, Request};
@@ -354,16 +357,26 @@ async fn client(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> 
 pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<(), ServiceError> {
     let listener = bind(&settings)?;
     let shared = Shared::new(store, settings);
-    tokio::spawn(serve(listener, shared.clone(), ctx.shutdown.clone()));
+    // A task that ends or panics ends the service with the reason (status shows it, the
+    // supervisor restarts it): decisions must not go unanswered, nor the cache stale, silently.
+    let mut tasks = Tasks::new(ctx.shutdown.clone());
+    tasks.spawn(
+        "decision-socket",
+        serve(listener, shared.clone(), ctx.shutdown.clone()),
+    );
     ctx.reporter.ready();
     tracing::info!("consent decisions served");
     if let Some(client) = shared.settings.fhir.clone() {
-        tokio::spawn(sync_loop(shared.clone(), client, ctx.shutdown.clone()));
+        tasks.spawn(
+            "network-sync",
+            sync_loop(shared.clone(), client, ctx.shutdown.clone()),
+        );
     }
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
+            ended = tasks.failed() => return Err(ServiceError::Background(ended)),
             _ = ticker.tick() => {}
         }
         let reporter = shared.clone();
@@ -373,8 +386,12 @@ pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<()
         let health = if fresh { Health::Ok } else { Health::Degraded };
         ctx.reporter.status_with_metrics(health, &summary, &metrics);
     }
+    tasks.join(STOP_TASKS).await;
     Ok(())
 }
+
+/// How long the service waits for its tasks to finish after a stop.
+const STOP_TASKS: Duration = Duration::from_secs(1);
 
 async fn sync_loop(shared: Arc<Shared>, client: crate::sync::Client, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(shared.settings.pull_interval);
@@ -384,7 +401,12 @@ async fn sync_loop(shared: Arc<Shared>, client: crate::sync::Client, stop: Cance
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let result = crate::sync::round(&shared.store, &client).await;
+        // A stop cancels a round in flight: whatever it stored is durable, and a push not
+        // yet acknowledged is repeated next time (a conditional update, so never twice).
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            result = crate::sync::round(&shared.store, &client) => result,
+        };
         let message = match &result {
             Ok(r) => {
                 tracing::info!(

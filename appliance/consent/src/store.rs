@@ -166,10 +166,19 @@ pub enum StoreError {
     },
     #[error("the audit key {path} is readable or writable by group or others: chmod 600 it")]
     KeyPermissions { path: PathBuf },
+    #[error(
+        "the audit key {path} is missing: without it the trail cannot be verified (a new key would not verify the old rows)"
+    )]
+    KeyMissing { path: PathBuf },
     #[error("the audit key {path} must hold at least 32 bytes")]
     KeyTooShort { path: PathBuf },
     #[error("unknown patient {patient} (register them first)")]
     UnknownPatient { patient: String },
+    /// Carries patient IDs: for the desk's command line, never for a log line.
+    #[error(
+        "network ID {network_id} already belongs to patient {holder}; one network ID is one patient"
+    )]
+    NetworkIdTaken { network_id: String, holder: String },
     #[error("patient {patient} has no consent")]
     NoConsent { patient: String },
     #[error("consent {id} is withdrawn; record a new consent instead")]
@@ -192,6 +201,17 @@ impl std::fmt::Debug for AuditKey {
 }
 
 impl AuditKey {
+    /// Loads the key file; a missing key is an error (what verifies never makes a key).
+    pub fn load(path: &Path) -> Result<AuditKey, StoreError> {
+        if std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        {
+            return Err(StoreError::KeyMissing {
+                path: path.to_owned(),
+            });
+        }
+        Self::load_or_create(path)
+    }
+
     /// Loads the key file, or creates one of 32 random bytes (mode 0600) if it is missing.
     pub fn load_or_create(path: &Path) -> Result<AuditKey, StoreError> {
         use std::os::unix::fs::MetadataExt;
@@ -414,14 +434,35 @@ impl Store {
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         self.require_patient(id)?;
-        let n = self
+        // One network ID belongs to one local patient at most: two local patients under one
+        // network identity would send one person's data under another's name. The check and
+        // the write are one transaction (SQLite serialises writers).
+        let tx = self
             .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        let holder: Option<String> = tx
+            .query_row(
+                "SELECT id FROM patient WHERE network_id = ?1 AND id <> ?2 ORDER BY id LIMIT 1",
+                params![network_id, id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("find by network ID"))?;
+        if let Some(holder) = holder {
+            return Err(StoreError::NetworkIdTaken {
+                network_id: network_id.to_owned(),
+                holder,
+            });
+        }
+        let n = tx
             .execute(
                 "UPDATE patient SET network_id = ?2, updated_at = ?3
                  WHERE id = ?1 AND (network_id IS NULL OR network_id <> ?2)",
                 params![id.as_str(), network_id, now],
             )
             .map_err(sql("save the network ID"))?;
+        tx.commit().map_err(sql("commit"))?;
         Ok(n > 0)
     }
 

@@ -18,15 +18,16 @@
 //! recorded every resource refreshes the cache (see `decide::Freshness`).
 //!
 //! The client speaks plain HTTP/1.1 to an address inside the hub subnet: the WireGuard
-//! tunnel is the transport security (TLS to the FHIR server is a later step).
+//! tunnel is the transport security (TLS to the FHIR server is a later step). The transport
+//! is the appliance's one HTTP stack ([`tsunagi_runtime::http`], reqwest on hyper).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tsunagi_runtime::http::ClientError;
 
 use crate::fhir::{self, CONSENT_ID_SYSTEM};
 use crate::model::{PatientId, patient_id_system};
@@ -34,6 +35,8 @@ use crate::store::{Applied, PullCursor, Store, StoreError, Unreadable};
 use crate::time;
 
 const MAX_RESPONSE: usize = 8 * 1024 * 1024;
+/// How long an idle connection to the FHIR server is kept for the next request.
+const IDLE_CONNECTION: Duration = Duration::from_secs(30);
 
 /// Errors of one sync round.
 #[derive(Debug, thiserror::Error)]
@@ -42,10 +45,20 @@ pub enum SyncError {
     Connect {
         addr: SocketAddr,
         #[source]
-        source: std::io::Error,
+        source: reqwest::Error,
     },
     #[error("the FHIR server at {addr} did not answer within {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
+    /// The exchange broke off or the answer was not valid HTTP (e.g. a bad chunk size).
+    #[error("the exchange {what} with the FHIR server at {addr} failed")]
+    Exchange {
+        addr: SocketAddr,
+        what: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("cannot set up the FHIR client")]
+    Client(#[source] Arc<ClientError>),
     #[error("bad answer from the FHIR server to {what}: {why}")]
     Protocol { what: String, why: String },
     #[error("the FHIR server refused {what} with status {status}: {diagnostics}")]
@@ -70,6 +83,8 @@ pub struct Client {
     addr: SocketAddr,
     base: String,
     timeout: Duration,
+    /// Built once (connections are reused between requests); an error is reported by `call`.
+    http: Result<reqwest::Client, Arc<ClientError>>,
     /// The FHIR identifier system of the network's patient IDs (`urn:oid:OID`), if any.
     network_id_system: Option<String>,
     /// `_count` of the pull's searches.
@@ -99,10 +114,18 @@ fn encode(value: &str) -> String {
 impl Client {
     /// `base` is the path of the FHIR base, e.g. `/fhir`.
     pub fn new(addr: SocketAddr, base: &str, timeout: Duration) -> Client {
+        let http = tsunagi_runtime::http::client(tsunagi_runtime::http::ClientSettings {
+            // Plain HTTP inside the tunnel for now: no CA, so no https.
+            roots: rustls::RootCertStore::empty(),
+            connect_timeout: timeout,
+            keep_idle: Some(IDLE_CONNECTION),
+        })
+        .map_err(Arc::new);
         Client {
             addr,
             base: base.trim_end_matches('/').to_owned(),
             timeout,
+            http,
             network_id_system: None,
             page_size: PAGE_SIZE,
             max_pages: MAX_PAGES,
@@ -165,56 +188,81 @@ impl Client {
         self
     }
 
-    /// One request; returns the status and the JSON body (`null` when empty).
+    /// One request; returns the status and the JSON body (`null` when empty). The whole
+    /// exchange is bounded by the client's timeout and the answer by 8 MiB; dropping the
+    /// future cancels it.
     pub async fn call(
         &self,
         method: &str,
         target: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), SyncError> {
-        let what = format!("{method} {target}");
-        let exchange = async {
-            let mut stream = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .map_err(|source| SyncError::Connect {
-                    addr: self.addr,
-                    source,
-                })?;
-            let _ = stream.set_nodelay(true);
-            let payload = body.map(|b| b.to_string()).unwrap_or_default();
-            let mut head = format!(
-                "{method} {}/{target} HTTP/1.1\r\nHost: {}\r\nAccept: application/fhir+json\r\nConnection: close\r\n",
-                self.base, self.addr
-            );
-            if body.is_some() {
-                head.push_str(&format!(
-                    "Content-Type: application/fhir+json\r\nContent-Length: {}\r\n",
-                    payload.len()
-                ));
-            }
-            head.push_str("\r\n");
-            let io = |source| SyncError::Connect {
-                addr: self.addr,
-                source,
-            };
-            stream.write_all(head.as_bytes()).await.map_err(io)?;
-            stream.write_all(payload.as_bytes()).await.map_err(io)?;
-            let mut raw = Vec::new();
-            (&mut stream)
-                .take(MAX_RESPONSE as u64 + 1)
-                .read_to_end(&mut raw)
-                .await
-                .map_err(io)?;
-            if raw.len() > MAX_RESPONSE {
-                return Err(SyncError::Protocol {
-                    what: what.clone(),
-                    why: "response too large".into(),
-                });
-            }
-            parse_response(&raw).map_err(|why| SyncError::Protocol {
+        // Errors name the method and path only: a query may carry a patient's identifier.
+        let what = format!("{method} {}", target.split('?').next().unwrap_or(""));
+        let http = self
+            .http
+            .as_ref()
+            .map_err(|e| SyncError::Client(e.clone()))?;
+        let method =
+            reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| SyncError::Protocol {
                 what: what.clone(),
-                why,
-            })
+                why: "not an HTTP method".into(),
+            })?;
+        let mut request = http
+            .request(
+                method,
+                format!("http://{}{}/{target}", self.addr, self.base),
+            )
+            .header(reqwest::header::ACCEPT, "application/fhir+json");
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/fhir+json")
+                .body(body.to_string());
+        }
+        // reqwest's errors carry the URL, and with it the query: never shown.
+        let exchange_err = |source: reqwest::Error| SyncError::Exchange {
+            addr: self.addr,
+            what: what.clone(),
+            source: source.without_url(),
+        };
+        let exchange = async {
+            let mut response = request.send().await.map_err(|source| {
+                if source.is_connect() {
+                    SyncError::Connect {
+                        addr: self.addr,
+                        source: source.without_url(),
+                    }
+                } else {
+                    exchange_err(source)
+                }
+            })?;
+            let status = response.status().as_u16();
+            let too_large = || SyncError::Protocol {
+                what: what.clone(),
+                why: "response too large".into(),
+            };
+            if response
+                .content_length()
+                .is_some_and(|n| n > MAX_RESPONSE as u64)
+            {
+                return Err(too_large());
+            }
+            let mut raw = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(exchange_err)? {
+                if raw.len() + chunk.len() > MAX_RESPONSE {
+                    return Err(too_large());
+                }
+                raw.extend_from_slice(&chunk);
+            }
+            let value = if raw.iter().all(u8::is_ascii_whitespace) {
+                Value::Null
+            } else {
+                serde_json::from_slice(&raw).map_err(|e| SyncError::Protocol {
+                    what: what.clone(),
+                    why: format!("body is not JSON: {e}"),
+                })?
+            };
+            Ok((status, value))
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
@@ -249,57 +297,6 @@ impl Client {
                 diagnostics,
             })
         }
-    }
-}
-
-fn parse_response(raw: &[u8]) -> Result<(u16, Value), String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no end of headers")?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| "headers are not UTF-8")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("no status code")?;
-    let chunked;
-    let mut body = &raw[split + 4..];
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        chunked = dechunk(body)?;
-        body = &chunked;
-    }
-    let value = if body.iter().all(u8::is_ascii_whitespace) {
-        Value::Null
-    } else {
-        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?
-    };
-    Ok((status, value))
-}
-
-/// Decodes a chunked body (RFC 9112 §7.1; trailers ignored).
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("truncated chunk size")?;
-        let size_text = std::str::from_utf8(&data[..line_end]).map_err(|_| "bad chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size + 2 {
-            return Err("truncated chunk".into());
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
     }
 }
 
@@ -646,8 +643,14 @@ async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), S
                 && let Some(value) = fhir::identifier(p, system)
             {
                 if fhir::is_network_id(&value) {
-                    if s.set_network_id(&pid, &value, now)? {
-                        changed += 1;
+                    match s.set_network_id(&pid, &value, now) {
+                        Ok(true) => changed += 1,
+                        Ok(false) => {}
+                        // Not assigned: the patient's instances keep waiting for a network ID.
+                        Err(StoreError::NetworkIdTaken { .. }) => tracing::warn!(
+                            "the network gave a patient a network ID another local patient holds; not assigned (check 名寄せ)"
+                        ),
+                        Err(e) => return Err(e.into()),
                     }
                 } else {
                     tracing::warn!(
@@ -785,29 +788,6 @@ async fn apply_consent(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn responses_with_length_or_chunks_parse() {
-        let plain = b"HTTP/1.1 201 Created\r\nContent-Length: 11\r\n\r\n{\"id\":\"p\"}";
-        assert_eq!(
-            parse_response(plain).unwrap(),
-            (201, serde_json::json!({"id": "p"}))
-        );
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3;x=y\r\n:1}\r\n0\r\n\r\n";
-        assert_eq!(
-            parse_response(chunked).unwrap(),
-            (200, serde_json::json!({"a": 1}))
-        );
-        assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nab")
-                .is_err()
-        );
-        assert_eq!(
-            parse_response(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap(),
-            (204, Value::Null)
-        );
-        assert!(parse_response(b"garbage").is_err());
-    }
 
     #[test]
     fn next_links_must_stay_on_the_configured_server_and_base() {

@@ -110,6 +110,8 @@ pub enum QueryError {
     Internal,
     #[error("the network sent an instance of another patient")]
     WrongPatient,
+    #[error("a query must name one patient by PatientID (no name or wildcard searches)")]
+    NoPatientId,
     #[error("cannot store to the viewer")]
     Relay(#[source] Box<crate::forward::ForwardError>),
 }
@@ -172,6 +174,10 @@ pub async fn find(
 ) {
     let last = match find_inner(&proxy, &command, &transfer_syntax, &identifier, &replies).await {
         Ok(status) => Reply::last(status, None),
+        Err(e @ QueryError::NoPatientId) => {
+            tracing::info!("a C-FIND without a patient ID was refused");
+            Reply::last(Status::DATASET_MISMATCH, Some(e.to_string()))
+        }
         Err(e) => {
             let message = tsunagi_runtime::child::error_chain(&e);
             tracing::warn!(error = %message, "C-FIND through the network failed");
@@ -247,6 +253,18 @@ async fn find_inner(
     identifier: &[u8],
     replies: &mpsc::Sender<Reply>,
 ) -> Result<Status, QueryError> {
+    // A query names one patient: searches by name or by wildcard would show the viewer the
+    // network's matches across patients, which no single consent covers.
+    let explicit = translate::data_set_is_explicit(transfer_syntax)
+        .ok_or(QueryError::Identifier(TranslateError::Encoding))?;
+    let named =
+        translate::text_value(identifier, explicit, PATIENT_ID).map_err(QueryError::Identifier)?;
+    if named
+        .as_deref()
+        .is_none_or(|id| id.is_empty() || has_wildcard(id))
+    {
+        return Err(QueryError::NoPatientId);
+    }
     let Some(Key {
         explicit,
         asked_id,

@@ -15,6 +15,7 @@ use std::time::Duration;
 use consent::client::{Category, Decision, Gate, Identities as _, SocketGate};
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
+use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 
 use crate::forward::{Destination, Outgoing, record};
 use crate::now;
@@ -67,6 +68,8 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the DICOM bridge cannot go on")]
+    Background(#[source] TaskEnded),
 }
 
 /// Runs the service until shutdown.
@@ -84,12 +87,18 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             addr: settings.listen,
             source,
         })?;
-    tokio::spawn(scp::serve(
-        listener,
-        Arc::new(settings.scp.clone()),
-        spool.clone(),
-        ctx.shutdown.clone(),
-    ));
+    // The SCP ending or panicking ends the service with the reason (status shows it, the
+    // supervisor restarts it), instead of the clinic's devices finding the port dead.
+    let mut tasks = Tasks::new(ctx.shutdown.clone());
+    tasks.spawn(
+        "dicom-scp",
+        scp::serve(
+            listener,
+            Arc::new(settings.scp.clone()),
+            spool.clone(),
+            ctx.shutdown.clone(),
+        ),
+    );
     ctx.reporter.ready();
     tracing::info!(listen = %settings.listen, "DICOM bridge listening");
     let mut gate = Some(SocketGate::new(&settings.consent_socket));
@@ -111,7 +120,14 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 for l in links {
                     l.close().await;
                 }
+                tasks.join(Duration::from_secs(1)).await;
                 return Ok(());
+            }
+            ended = tasks.failed() => {
+                for l in links {
+                    l.close().await;
+                }
+                return Err(ServiceError::Background(ended));
             }
             _ = wait => {}
         }

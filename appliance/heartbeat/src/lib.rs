@@ -6,7 +6,8 @@
 //!
 //! A drill (`[drill.NAME]` in the config, service `drill-NAME`) runs the same loop and
 //! misbehaves on purpose, so operators and tests can exercise the supervisor: crash after a
-//! while, ignore SIGTERM, never become ready, keep a helper process, or hold capabilities.
+//! while, panic in a background task, ignore SIGTERM, never become ready, keep a helper
+//! process, or hold capabilities.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use rusqlite::Connection;
 use tokio::time::Instant;
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
+use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 use tsunagi_state::{Durability, Migration, StateError};
 
 /// The heartbeat's service name.
@@ -50,6 +52,8 @@ pub enum HeartbeatError {
     /// A drill's planned crash; the process exits with `code`.
     #[error("drill: planned crash with exit status {code}")]
     PlannedCrash { code: u8 },
+    #[error("the heartbeat cannot go on")]
+    Background(#[source] TaskEnded),
 }
 
 /// How the loop behaves: the heartbeat uses the defaults, drills set their faults.
@@ -57,6 +61,7 @@ pub enum HeartbeatError {
 pub struct Behaviour {
     pub interval: Duration,
     pub exit_after: Option<(Duration, u8)>,
+    pub panic_task_after: Option<Duration>,
     pub ignore_sigterm: bool,
     pub never_ready: bool,
     pub subprocess: bool,
@@ -76,6 +81,7 @@ impl Behaviour {
         Behaviour {
             interval: cfg.interval.get(),
             exit_after: cfg.exit_after.as_ref().map(|d| (d.get(), cfg.exit_code)),
+            panic_task_after: cfg.panic_task_after.as_ref().map(|d| d.get()),
             ignore_sigterm: cfg.ignore_sigterm,
             never_ready: cfg.never_ready,
             subprocess: cfg.subprocess,
@@ -152,6 +158,13 @@ pub async fn run(ctx: ServiceCtx, behaviour: Behaviour) -> Result<(), HeartbeatE
     } else {
         ctx.reporter.ready();
     }
+    let mut tasks = Tasks::new(ctx.shutdown.clone());
+    if let Some(after) = behaviour.panic_task_after {
+        tasks.spawn("drill-panic", async move {
+            tokio::time::sleep(after).await;
+            panic!("drill: planned panic in a background task");
+        });
+    }
     let crash_at = behaviour
         .exit_after
         .map(|(after, code)| (Instant::now() + after, code));
@@ -162,6 +175,7 @@ pub async fn run(ctx: ServiceCtx, behaviour: Behaviour) -> Result<(), HeartbeatE
     loop {
         tokio::select! {
             _ = stop.cancelled(), if !behaviour.ignore_sigterm => break,
+            ended = tasks.failed() => return Err(HeartbeatError::Background(ended)),
             _ = async {
                 match crash_at {
                     Some((at, _)) => tokio::time::sleep_until(at).await,

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tsunagi_config::WatchMode;
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
+use tsunagi_runtime::tasks::TaskEnded;
 
 use crate::replica::{DirReplica, Replica, ReplicaError};
 use crate::sync::{CycleReport, State, SyncError, Syncer};
@@ -49,8 +50,10 @@ pub enum ServiceError {
     Sync(#[from] SyncError),
     #[error("cannot set up the replica")]
     Replica(#[from] ReplicaError),
+    #[error("cannot start the sync worker")]
+    WorkerStart(#[source] std::io::Error),
     #[error("the sync worker stopped")]
-    Worker,
+    Worker(#[source] TaskEnded),
     #[error(transparent)]
     Url(#[from] crate::webdav::BadBaseUrl),
 }
@@ -114,7 +117,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                     &stop,
                 )
             })
-            .map_err(|_| ServiceError::Worker)?
+            .map_err(ServiceError::WorkerStart)?
     };
     ctx.reporter.ready();
     tracing::info!("SS-MIX2 sync started");
@@ -126,7 +129,12 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             _ = changed.notified() => {}
         }
         if worker.is_finished() {
-            return Err(ServiceError::Worker);
+            let why = match worker.join() {
+                Ok(()) => "ended unexpectedly".to_owned(),
+                Err(payload) => tsunagi_runtime::tasks::panicked(&*payload),
+            };
+            let task = "ssmix2-sync";
+            return Err(ServiceError::Worker(TaskEnded { task, why }));
         }
         let (health, summary, metrics) = report(&shared);
         let metrics: Vec<(&str, f64)> = metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();

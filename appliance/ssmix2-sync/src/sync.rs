@@ -322,7 +322,7 @@ impl Syncer {
         };
         report.scanned = self.index.summary()?;
         report.files_read = changes.read;
-        self.drain(replica, &mut report)?;
+        self.drain(gate, replica, &mut report)?;
         let seq: i64 = self
             .conn
             .query_row("SELECT consent_seq FROM meta", [], |r| r.get(0))
@@ -330,13 +330,13 @@ impl Syncer {
         let feed = gate.changes(seq)?;
         report.fresh = feed.fresh;
         self.revocations(gate, &feed.patients, feed.seq, feed.fresh)?;
-        self.drain(replica, &mut report)?;
+        self.drain(gate, replica, &mut report)?;
         if feed.fresh {
             self.publications(gate, replica, &mut report)?;
         } else {
             report.held = self.count_unpublished()?;
         }
-        self.vanished(replica, &deleted_keys, &mut report)?;
+        self.vanished(gate, replica, &deleted_keys, &mut report)?;
         self.conn
             .execute(
                 "UPDATE meta SET last_success = ?1, cycles = cycles + 1",
@@ -441,9 +441,12 @@ impl Syncer {
                 .map_err(sql("forget decisions"))?;
         }
         for (patient, category) in pairs {
+            // Revocation never needs a fresh cache: a withdrawal recorded at the desk while
+            // the network is unreachable is a definite answer (the consent service answers
+            // it before staleness), and removes the files at the hub once it is reachable.
             let due = changed.contains(patient.as_str())
                 || self.cached(&patient, &category, now)?.is_none();
-            if !due || !fresh {
+            if !due {
                 continue;
             }
             // A category this version cannot read back is treated as denied: removed.
@@ -451,7 +454,10 @@ impl Syncer {
                 Ok(c) => gate.decide(&patient, c)?,
                 Err(_) => Decision::Deny(DenyReason::CategoryExcluded),
             };
-            Self::remember(&tx, &patient, &category, &verdict, now)?;
+            // A transient answer (stale cache) is not remembered: it says nothing of consent.
+            if !verdict.is_transient() {
+                Self::remember(&tx, &patient, &category, &verdict, now)?;
+            }
             if matches!(verdict, Decision::Deny(_)) && !verdict.is_transient() {
                 self.plan_removal(&tx, &patient, &category, now)?;
             }
@@ -630,7 +636,7 @@ impl Syncer {
             }
             drop((renames, tombstone_rows));
             tx.commit().map_err(sql("commit a batch"))?;
-            self.drain(replica, report)?;
+            self.drain(gate, replica, report)?;
         }
         Ok(())
     }
@@ -638,6 +644,7 @@ impl Syncer {
     /// Step 5: files gone from the storage (not renamed): remove after confirmation.
     fn vanished(
         &mut self,
+        gate: &mut dyn Gate,
         replica: &mut dyn Replica,
         deleted_keys: &HashSet<String>,
         report: &mut CycleReport,
@@ -686,12 +693,20 @@ impl Syncer {
             }
         }
         tx.commit().map_err(sql("commit vanished"))?;
-        self.drain(replica, report)
+        self.drain(gate, replica, report)
     }
 
     /// Carries out the outbox in order; stops at the first failure (retried next cycle).
+    ///
+    /// What sends a patient's data (a put, or a rename that shows published content under a
+    /// new name) is decided again immediately before it is carried out, with the category
+    /// of that exact file: a plan made earlier, or a cached permit, is not a decision. A
+    /// denied one is dropped from the outbox (publications plans it again once permitted;
+    /// revocations remove what is already published). Deletions and tombstones release
+    /// nothing and are never held back.
     fn drain(
         &mut self,
+        gate: &mut dyn Gate,
         replica: &mut dyn Replica,
         report: &mut CycleReport,
     ) -> Result<(), SyncError> {
@@ -713,7 +728,30 @@ impl Syncer {
                 .optional()
                 .map_err(sql("read the outbox"))?;
             let Some(op) = op else { return Ok(()) };
-            let effect = match self.execute(&op, replica) {
+            let releases = matches!(op.op.as_str(), "put" | "rename");
+            let decision = if releases {
+                // A category this version cannot read back is never released.
+                match op.category.parse::<Category>() {
+                    Ok(c) => gate.decide(&op.patient_id, c)?,
+                    Err(_) => Decision::Deny(DenyReason::CategoryExcluded),
+                }
+            } else {
+                Decision::Permit
+            };
+            let effect = if decision.is_permit() {
+                self.execute(&op, replica)
+            } else {
+                // Forget the cached answer too: the next plan asks again.
+                self.conn
+                    .execute(
+                        "DELETE FROM decisions WHERE patient_id = ?1",
+                        [&op.patient_id],
+                    )
+                    .map_err(sql("forget decisions"))?;
+                report.held += 1;
+                Ok(Effect::Dropped { forget: None })
+            };
+            let effect = match effect {
                 Ok(e) => e,
                 Err(e) => {
                     let message = tsunagi_runtime::child::error_chain(&e);

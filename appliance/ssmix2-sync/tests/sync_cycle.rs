@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{ScriptedGate, expected, tree};
 use ssmix2::build::{Patient, Record, Storage};
 use ssmix2::datatype::DUMMY_ORDER_NO;
-use ssmix2_sync::replica::DirReplica;
+use ssmix2_sync::replica::{DirReplica, RelPath, Replica, ReplicaError};
 use ssmix2_sync::sync::{Settings, Syncer};
 use tsunagi_config::WithdrawalPolicy;
 
@@ -328,5 +328,121 @@ fn the_transaction_storage_is_the_change_feed() {
     assert_eq!(
         tree(&w.replica_root),
         expected(w.storage.root(), &gate.permitted)
+    );
+}
+
+/// A replica that is unreachable while `down` (every operation fails).
+struct Outage<'a> {
+    inner: &'a mut DirReplica,
+    down: bool,
+}
+
+impl Outage<'_> {
+    fn check(&self) -> Result<(), ReplicaError> {
+        if self.down {
+            Err(ReplicaError::Io {
+                path: "hub".into(),
+                source: std::io::Error::other("the hub is unreachable"),
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Replica for Outage<'_> {
+    fn put(&mut self, path: &RelPath, bytes: &[u8]) -> Result<(), ReplicaError> {
+        self.check()?;
+        self.inner.put(path, bytes)
+    }
+    fn rename(&mut self, from: &RelPath, to: &RelPath) -> Result<bool, ReplicaError> {
+        self.check()?;
+        self.inner.rename(from, to)
+    }
+    fn delete(&mut self, path: &RelPath) -> Result<(), ReplicaError> {
+        self.check()?;
+        self.inner.delete(path)
+    }
+    fn stat(&mut self, path: &RelPath) -> Result<Option<u64>, ReplicaError> {
+        self.check()?;
+        self.inner.stat(path)
+    }
+}
+
+#[test]
+fn an_upload_planned_before_a_withdrawal_is_decided_again_and_never_sent() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    // The uploads are planned while permitted, but the hub is down: they stay queued.
+    let mut down = Outage {
+        inner: &mut w.replica,
+        down: true,
+    };
+    assert!(w.syncer.cycle(&mut gate, &mut down).is_err());
+    assert!(w.syncer.state().unwrap().outbox_depth > 0);
+    // The patient withdraws; the hub comes back. Nothing planned earlier is sent.
+    gate.withdraw(&a.id);
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.published, 0, "{report:?}");
+    assert!(
+        tree(&w.replica_root).is_empty(),
+        "{:?}",
+        tree(&w.replica_root)
+    );
+    assert_eq!(w.syncer.state().unwrap().outbox_depth, 0);
+}
+
+#[test]
+fn an_upload_planned_while_fresh_is_held_once_the_cache_went_stale() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    let mut down = Outage {
+        inner: &mut w.replica,
+        down: true,
+    };
+    assert!(w.syncer.cycle(&mut gate, &mut down).is_err());
+    // The cache went stale meanwhile: the queued uploads are not sent on the old permit.
+    gate.fresh = false;
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.published, 0, "{report:?}");
+    assert!(tree(&w.replica_root).is_empty());
+    // Fresh again: planned and sent anew.
+    gate.fresh = true;
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.published, 3, "{report:?}");
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+}
+
+#[test]
+fn a_withdrawal_recorded_offline_removes_the_files_at_the_hub_within_one_cycle_of_its_return() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(tree(&w.replica_root).len(), 3);
+    // The network is unreachable: the cache goes stale, the hub cannot be reached, and the
+    // desk records the withdrawal.
+    gate.fresh = false;
+    gate.withdraw(&a.id);
+    let mut down = Outage {
+        inner: &mut w.replica,
+        down: true,
+    };
+    assert!(w.syncer.cycle(&mut gate, &mut down).is_err());
+    // The hub is back (the cache still stale): one cycle removes every file.
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.removed, 3, "{report:?}");
+    assert!(
+        tree(&w.replica_root).is_empty(),
+        "{:?}",
+        tree(&w.replica_root)
     );
 }

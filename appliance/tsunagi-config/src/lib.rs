@@ -321,6 +321,11 @@ pub struct DicomBridge {
     /// The clinic's viewers a C-MOVE may name as destination (their storage SCPs).
     #[serde(default)]
     pub move_destinations: Vec<DicomDestination>,
+    /// Whether the clinic's viewers may query and retrieve from the network through the box
+    /// (C-FIND, C-MOVE, C-GET); default false. Needs `allowed-callers`: only listed viewers
+    /// may see what the network holds about the clinic's patients.
+    #[serde(default)]
+    pub query_retrieve: bool,
     pub pacs: DicomPacs,
 }
 
@@ -520,8 +525,11 @@ pub struct Tunnel {
     pub firewall: Firewall,
 }
 
-/// `[tunnel.firewall]`: what may reach the box. Inbound is dropped unless listed here; the
-/// box never forwards (clinic devices reach the network only through the box's services).
+/// `[tunnel.firewall]`: what may reach the box, and what the box may send. Inbound is
+/// dropped unless listed here; the box never forwards (clinic devices reach the network only
+/// through the box's services). Outbound, the hub subnets are reached only through the
+/// tunnel (the kill switch), the LAN interfaces are open, and on the WAN (every other
+/// interface) the box sends only WireGuard to the hub, DHCP, and DNS and NTP as below.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct Firewall {
@@ -533,6 +541,13 @@ pub struct Firewall {
     pub lan_tcp_ports: Vec<Port>,
     /// TCP ports of the box's own services that the hub subnets may use through the tunnel.
     pub tunnel_tcp_ports: Vec<Port>,
+    /// DNS resolvers the box may ask on the WAN (UDP and TCP 53). Empty (the default): DNS
+    /// to any address on the WAN when a hub endpoint is a DNS name (the box must resolve its
+    /// hub, and resolvers usually come from DHCP), else no DNS on the WAN.
+    pub dns_servers: Vec<std::net::IpAddr>,
+    /// NTP servers the box may ask on the WAN (UDP 123). Empty (the default): no NTP on the
+    /// WAN; a hub subnet's time server is reached through the tunnel like any hub address.
+    pub ntp_servers: Vec<std::net::IpAddr>,
 }
 
 impl Default for Firewall {
@@ -542,6 +557,8 @@ impl Default for Firewall {
             lan_interfaces: Vec::new(),
             lan_tcp_ports: Vec::new(),
             tunnel_tcp_ports: Vec::new(),
+            dns_servers: Vec::new(),
+            ntp_servers: Vec::new(),
         }
     }
 }
@@ -594,6 +611,9 @@ pub struct Drill {
     pub exit_after: Option<ConfigDuration>,
     /// Exit code used by `exit_after`; default 1, must not be 0.
     pub exit_code: u8,
+    /// A background task of the drill panics this long after it starts; default: never.
+    /// The service must end with the panic as its error (status shows it).
+    pub panic_task_after: Option<ConfigDuration>,
     /// Ignore SIGTERM, so the supervisor has to SIGKILL it; default false.
     pub ignore_sigterm: bool,
     /// Never report ready, so the ready timeout fires; default false.
@@ -610,6 +630,7 @@ impl Default for Drill {
             interval: ConfigDuration::secs(1),
             exit_after: None,
             exit_code: 1,
+            panic_task_after: None,
             ignore_sigterm: false,
             never_ready: false,
             subprocess: false,
@@ -739,6 +760,60 @@ impl Config {
                     &["tunnel.persistent-keepalive"],
                 );
             }
+            // The egress kill switch (issue 13): patient data goes to the network only
+            // through the tunnel, so every address it goes to must be in the hub subnets
+            // (the firewall lets hub subnets out only by the tunnel interface). A DNS name is
+            // refused: it could resolve outside them at run time, and a check of it here
+            // would prove nothing.
+            let in_hub = |ip: std::net::Ipv4Addr| t.hub_subnets.iter().any(|n| n.contains(ip));
+            let outside = |what: &str| {
+                format!(
+                    "{what} is not in any of tunnel.hub-subnets: with a tunnel, patient data goes to the network only through it"
+                )
+            };
+            if let Some(url) = &self.consent.fhir_url {
+                let ip = *url.addr().ip();
+                if !in_hub(ip) {
+                    broken(
+                        "consent.fhir-url",
+                        outside(&ip.to_string()),
+                        &["consent.fhir-url", "tunnel.hub-subnets"],
+                    );
+                }
+            }
+            if let Some(d) = &self.dicom {
+                let ip = d.pacs.address.ip();
+                let inside = match ip {
+                    std::net::IpAddr::V4(v4) => in_hub(v4),
+                    // The hub subnets are IPv4.
+                    std::net::IpAddr::V6(_) => false,
+                };
+                if !inside {
+                    broken(
+                        "dicom.pacs.address",
+                        outside(&ip.to_string()),
+                        &["dicom.pacs.address", "tunnel.hub-subnets"],
+                    );
+                }
+            }
+            if let Some(url) = self.ssmix2.as_ref().and_then(|x| x.replica.url.as_ref()) {
+                let host = url.host();
+                match host.parse::<std::net::Ipv4Addr>() {
+                    Ok(ip) if in_hub(ip) => {}
+                    Ok(ip) => broken(
+                        "ssmix2.replica.url",
+                        outside(&ip.to_string()),
+                        &["ssmix2.replica.url", "tunnel.hub-subnets"],
+                    ),
+                    Err(_) => broken(
+                        "ssmix2.replica.url",
+                        format!(
+                            "{host} is a DNS name: with a tunnel, the replica must be an IPv4 address in tunnel.hub-subnets (a name could resolve outside the tunnel)"
+                        ),
+                        &["ssmix2.replica.url", "tunnel.hub-subnets"],
+                    ),
+                }
+            }
         }
 
         if let Some(d) = &self.dicom
@@ -748,6 +823,16 @@ impl Config {
                 "dicom.forward-associations",
                 format!("must be 1 to 8 (got {})", d.forward_associations),
                 &["dicom.forward-associations"],
+            );
+        }
+        if let Some(d) = &self.dicom
+            && d.query_retrieve
+            && d.allowed_callers.as_ref().is_none_or(Vec::is_empty)
+        {
+            broken(
+                "dicom.query-retrieve",
+                "query/retrieve shows the network's data of the clinic's patients: it needs [[dicom.allowed-callers]] (the viewers allowed to ask), or query-retrieve = false".into(),
+                &["dicom.query-retrieve", "dicom.allowed-callers"],
             );
         }
         if let Some(d) = &self.dicom

@@ -913,9 +913,11 @@ fn production_example_spells_out_the_defaults() {
 fn drills_example() {
     let cfg = parse(&example("drills.toml"), file()).unwrap();
     let names: Vec<&str> = cfg.drill.keys().map(ServiceName::as_str).collect();
-    assert_eq!(names, vec!["crashy", "stubborn"]);
+    assert_eq!(names, vec!["crashy", "panicky", "stubborn"]);
     let crashy = &cfg.drill[&ServiceName::try_from("crashy").unwrap()];
     assert_eq!(crashy.exit_after, Some(dur("2s")));
+    let panicky = &cfg.drill[&ServiceName::try_from("panicky").unwrap()];
+    assert_eq!(panicky.panic_task_after, Some(dur("3s")));
     let stubborn = &cfg.drill[&ServiceName::try_from("stubborn").unwrap()];
     assert!(stubborn.ignore_sigterm);
     assert!(cfg.heartbeat.enabled);
@@ -987,6 +989,128 @@ fn tunnel_cross_field_rules() {
         "{}",
         got[0].2
     );
+}
+
+/// Sections that send to the network: the consent sync, the DICOM bridge's PACS and the
+/// SS-MIX2 WebDAV replica, at `fhir`, `pacs` and `replica` (hosts or addresses).
+fn senders(fhir: &str, pacs: &str, replica: &str) -> String {
+    format!(
+        "[consent]\nenabled = true\nfhir-url = \"http://{fhir}:8081/fhir\"\n[dicom]\nlisten = \"0.0.0.0:104\"\npatient-ids = \"as-is\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"{pacs}\"\n[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\nurl = \"https://{replica}:8443/ssmix2/\"\nca-file = \"/etc/ca.pem\"\nclient-cert-file = \"/etc/box.pem\"\nclient-key-file = \"/etc/box.key\"\n"
+    )
+}
+
+#[test]
+fn with_a_tunnel_patient_data_goes_only_to_hub_subnet_addresses() {
+    let inside = senders("10.98.0.1", "10.98.0.2:4242", "10.98.0.3");
+    let cfg = parse(&tunnel_section(&inside), file()).unwrap();
+    assert_eq!(cfg.ssmix2.unwrap().replica.url.unwrap().host(), "10.98.0.3");
+
+    // Each sender outside the hub subnets is refused at its own line.
+    let text = tunnel_section(&senders("192.0.2.1", "192.0.2.2:4242", "192.0.2.3"));
+    let got = problems(&text);
+    let line_of = |needle: &str| {
+        text.lines()
+            .position(|l| l.starts_with(needle))
+            .map(|i| i + 1)
+    };
+    let keys: Vec<(Option<usize>, &str)> = got.iter().map(|(l, k, _)| (*l, k.as_str())).collect();
+    assert_eq!(
+        keys,
+        [
+            (line_of("fhir-url"), "consent.fhir-url"),
+            (line_of("address = \"192.0.2.2"), "dicom.pacs.address"),
+            (line_of("url = \"https"), "ssmix2.replica.url"),
+        ]
+    );
+    assert_eq!(
+        got[0].2,
+        "192.0.2.1 is not in any of tunnel.hub-subnets: with a tunnel, patient data goes to the network only through it"
+    );
+    assert!(
+        got[1].2.starts_with("192.0.2.2 is not in any"),
+        "{}",
+        got[1].2
+    );
+    assert!(
+        got[2].2.starts_with("192.0.2.3 is not in any"),
+        "{}",
+        got[2].2
+    );
+    let printed = parse(&text, file()).unwrap_err().to_string();
+    assert!(
+        printed.contains(&format!(
+            "test.toml:{}: consent.fhir-url: 192.0.2.1 is not in any of tunnel.hub-subnets",
+            line_of("fhir-url").unwrap()
+        )),
+        "{printed}"
+    );
+
+    // A DNS name cannot be checked, so it is refused; so is an IPv6 PACS (hub subnets are
+    // IPv4).
+    let text = tunnel_section(&senders(
+        "10.98.0.1",
+        "[2001:db8::1]:4242",
+        "hub.example.jp",
+    ));
+    let got = problems(&text);
+    let keys: Vec<&str> = got.iter().map(|(_, k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["dicom.pacs.address", "ssmix2.replica.url"]);
+    assert!(
+        got[0].2.starts_with("2001:db8::1 is not in any"),
+        "{}",
+        got[0].2
+    );
+    assert!(
+        got[1].2.starts_with("hub.example.jp is a DNS name: with a tunnel, the replica must be an IPv4 address in tunnel.hub-subnets"),
+        "{}",
+        got[1].2
+    );
+
+    // A second hub subnet counts; without a tunnel there is nothing to check against.
+    let two = tunnel_section(&senders("10.97.5.1", "10.98.0.2:4242", "10.98.0.3"))
+        .replace("[\"10.98.0.0/24\"]", "[\"10.98.0.0/24\", \"10.97.0.0/16\"]");
+    assert!(parse(&two, file()).is_ok());
+    let without = ssmix2_config(&senders("192.0.2.1", "192.0.2.2:4242", "hub.example.jp"));
+    assert!(parse(&without, file()).is_ok());
+    // A hub-subnets value that is itself wrong is reported once, not again for each sender.
+    let bad_subnets = tunnel_section(&senders("192.0.2.1", "192.0.2.2:4242", "192.0.2.3"))
+        .replace("[\"10.98.0.0/24\"]", "[\"10.98.0.0\"]");
+    let keys: Vec<String> = problems(&bad_subnets)
+        .into_iter()
+        .map(|(_, k, _)| k)
+        .collect();
+    assert_eq!(keys, ["tunnel.hub-subnets"]);
+}
+
+#[test]
+fn firewall_dns_and_ntp_servers_are_addresses() {
+    let cfg = parse(&tunnel_section(""), file()).unwrap();
+    let fw = cfg.tunnel.unwrap().firewall;
+    assert!(fw.dns_servers.is_empty() && fw.ntp_servers.is_empty());
+    let cfg = parse(
+        &tunnel_section(
+            "[tunnel.firewall]\ndns-servers = [\"192.0.2.53\", \"2001:db8::53\"]\nntp-servers = [\"192.0.2.123\"]\n",
+        ),
+        file(),
+    )
+    .unwrap();
+    let fw = cfg.tunnel.unwrap().firewall;
+    assert_eq!(
+        fw.dns_servers,
+        [
+            "192.0.2.53".parse::<std::net::IpAddr>().unwrap(),
+            "2001:db8::53".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        fw.ntp_servers,
+        ["192.0.2.123".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let got = problems(&tunnel_section(
+        "[tunnel.firewall]\nntp-servers = [\"ntp.example.jp\"]\n",
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].1, "tunnel.firewall.ntp-servers");
 }
 
 #[test]

@@ -1161,6 +1161,15 @@ impl ReplicaUrl {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The host as written: an IPv4 literal or a DNS name.
+    pub fn host(&self) -> &str {
+        let rest = self.0.strip_prefix("https://").unwrap_or(&self.0);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _port)| host)
+    }
 }
 
 impl TryFrom<String> for ReplicaUrl {

@@ -13,7 +13,8 @@
 //!
 //! Children report to the supervisor over a socket pair the supervisor creates and the child
 //! inherits ([`protocol`], [`fd`]): readiness, health and a short status summary, one JSON
-//! object per line.
+//! object per line. A service's background tasks run in [`tasks::Tasks`], so one that ends or
+//! panics ends the service with an error instead of dying unnoticed.
 //!
 //! This is the only crate of the workspace with `unsafe` code: one block in [`fd`] that adopts
 //! the inherited file descriptor. Everything else goes through `nix` and `caps`.
@@ -22,6 +23,7 @@
 pub mod child;
 pub mod control;
 pub mod fd;
+pub mod http;
 mod listen;
 pub mod logging;
 pub mod metrics;
@@ -31,6 +33,7 @@ pub mod protocol;
 pub mod sdnotify;
 pub mod status;
 pub mod supervisor;
+pub mod tasks;
 
 /// Exit codes of the `tsunagi` binary, in both roles. They are API: the systemd unit lists
 /// [`exit_code::CONFIG`] in `RestartPreventExitStatus=`, and the supervisor reports them.

@@ -1,14 +1,22 @@
-//! Prometheus text-format metrics over a minimal HTTP/1.1 endpoint (`GET /metrics`).
+//! Prometheus text-format metrics over HTTP/1.1 (`GET /metrics`), served by hyper.
 //!
 //! Off unless `[metrics] listen` is configured. Requests are bounded (8 KiB head, 5 s,
 //! 16 clients at once) and answered with `Connection: close`.
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -138,81 +146,64 @@ pub(crate) async fn serve(
     };
     let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
     crate::listen::serve(accept, bounds, cancel, |stream| {
-        answer(stream, snapshot.clone())
+        let snapshot = snapshot.clone();
+        exchange(stream, move || render(&snapshot.borrow().report()))
     })
     .await;
 }
 
-async fn answer(mut stream: tokio::net::TcpStream, snapshot: watch::Receiver<Arc<Snapshot>>) {
+/// One connection: one request (hyper's HTTP/1.1 server, no keep-alive), answered with
+/// [`respond`]. A head larger than [`MAX_HEAD`] is answered `431` by hyper.
+async fn exchange<R>(stream: TcpStream, render: R)
+where
+    R: Fn() -> String + Send + Sync + 'static,
+{
     let _ = stream.set_nodelay(true);
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-        if head.len() > MAX_HEAD {
-            let _ = respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "",
-            )
-            .await;
-            return;
-        }
-    }
-    let request_line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let mut parts = request_line.split(|b| *b == b' ');
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    if method != b"GET" && method != b"HEAD" {
-        let _ = respond(
-            &mut stream,
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n",
-        )
+    let render = Arc::new(render);
+    let service = service_fn(move |request: Request<Incoming>| {
+        let render = render.clone();
+        async move { Ok::<_, Infallible>(respond(request.method(), request.uri().path(), &*render)) }
+    });
+    // A client that goes away or sends garbage is its own problem; nothing to report.
+    let _ = http1::Builder::new()
+        .keep_alive(false)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(stream), service)
         .await;
-        return;
-    }
-    let body = match target {
-        b"/metrics" => render(&snapshot.borrow().report()),
-        _ => {
-            let _ = respond(&mut stream, "404 Not Found", "text/plain", "see /metrics\n").await;
-            return;
-        }
-    };
-    let body = if method == b"HEAD" {
-        String::new()
-    } else {
-        body
-    };
-    let _ = respond(
-        &mut stream,
-        "200 OK",
-        "text/plain; version=0.0.4; charset=utf-8",
-        &body,
-    )
-    .await;
 }
 
-async fn respond(
-    stream: &mut tokio::net::TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+/// The answer to a request: `GET` (or `HEAD`) `/metrics` renders the metrics.
+fn respond(method: &Method, path: &str, render: &dyn Fn() -> String) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = if method != Method::GET && method != Method::HEAD {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".to_owned(),
+        )
+    } else if path != "/metrics" {
+        (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "see /metrics\n".to_owned(),
+        )
+    } else {
+        (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(),
+        )
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    response
 }
 
 #[cfg(test)]
@@ -247,6 +238,62 @@ mod tests {
                 service("drill-x", ServiceState::Failed),
             ],
         }
+    }
+
+    /// One connection to [`exchange`] on loopback: sends `raw`, returns all it answered.
+    async fn ask(raw: Vec<u8>) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            exchange(stream, || "tsunagi_up 1\n".to_owned()).await;
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(&raw).await.unwrap();
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        server.await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_answers_get_metrics_and_refuses_the_rest() {
+        let ok = ask(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(
+            ok.contains("content-type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+            "{ok}"
+        );
+        assert!(ok.contains("connection: close\r\n"), "{ok}");
+        assert!(ok.ends_with("\r\n\r\ntsunagi_up 1\n"), "{ok}");
+        let head = ask(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
+        let other = ask(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await;
+        assert!(other.starts_with("HTTP/1.1 404 Not Found\r\n"), "{other}");
+        let post =
+            ask(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_vec()).await;
+        assert!(
+            post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{post}"
+        );
+        let garbage = ask(b"\x00\x01 not http\r\n\r\n".to_vec()).await;
+        assert!(
+            garbage.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{garbage}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_head_beyond_8_kib_is_refused() {
+        let mut raw = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
+        raw.resize(MAX_HEAD, b'a');
+        let answer = ask(raw).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{answer}"
+        );
     }
 
     #[test]

@@ -153,8 +153,17 @@ fn parse_categories(text: &str) -> Result<BTreeSet<Category>, String> {
         .collect()
 }
 
-/// Opens the consent database, creating the service's user and directory if needed.
+/// Opens the consent database, creating the service's user, directory and audit key if
+/// needed.
 pub(crate) fn open(cfg: &Config) -> Result<(Store, Ownership), String> {
+    open_with(cfg, true)
+}
+
+/// Opens the consent database; `create_key`: make the audit key when there is none (never
+/// for `audit verify`). The audit key is the trail's own secret, `STATE-DIR/consent/audit.key`,
+/// never `privacy.id-hash-key-file`: whoever may hash IDs for logs must not be able to forge
+/// the trail.
+fn open_with(cfg: &Config, create_key: bool) -> Result<(Store, Ownership), String> {
     let dir = cfg.paths.state_dir.as_path().join(consent::NAME);
     let identity = if privilege::is_root() {
         Some(privilege::ensure_user(consent::USER).map_err(|e| crate::error_chain(&e))?)
@@ -162,12 +171,13 @@ pub(crate) fn open(cfg: &Config) -> Result<(Store, Ownership), String> {
         None
     };
     privilege::ensure_private_dir(&dir, identity).map_err(|e| crate::error_chain(&e))?;
-    let key_path = cfg
-        .privacy
-        .id_hash_key_file
-        .as_ref()
-        .map_or_else(|| dir.join("audit.key"), |f| f.as_path().to_owned());
-    let key = AuditKey::load_or_create(&key_path).map_err(|e| crate::error_chain(&e))?;
+    let key_path = dir.join("audit.key");
+    let key = if create_key {
+        AuditKey::load_or_create(&key_path)
+    } else {
+        AuditKey::load(&key_path)
+    }
+    .map_err(|e| crate::error_chain(&e))?;
     let store = Store::open(&dir.join("consent.db"), cfg.site.facility_code.clone(), key)
         .map_err(|e| crate::error_chain(&e))?;
     Ok((
@@ -509,7 +519,7 @@ fn report_change(c: &consent::model::Consent, json: bool) {
 
 /// `tsunagi audit verify`.
 pub(crate) fn audit_verify(cfg: &Config, json: bool) -> u8 {
-    let (store, _ownership) = match open(cfg) {
+    let (store, _ownership) = match open_with(cfg, false) {
         Ok(s) => s,
         Err(message) => {
             eprintln!("tsunagi: {message}");

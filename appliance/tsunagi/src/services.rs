@@ -468,23 +468,26 @@ fn dicom_settings(
                 .iter()
                 .map(|c| c.as_str().to_owned())
                 .collect(),
-            proxy: Some(std::sync::Arc::new(dicom_bridge::qr::Proxy {
-                pacs: pacs.clone(),
-                destinations: d
-                    .move_destinations
-                    .iter()
-                    .map(|m| (m.ae_title.as_ref().to_owned(), m.address))
-                    .collect(),
-                work_dir: cfg
-                    .paths
-                    .state_dir
-                    .as_path()
-                    .join(dicom_bridge::NAME)
-                    .join("retrieve"),
-                facility_code: cfg.site.facility_code.as_str().to_owned(),
-                translate: d.patient_ids == tsunagi_config::PatientIdPolicy::Translate,
-                consent_socket: consent_socket.clone(),
-            })),
+            // Config validation makes query/retrieve come with an allowed-callers list.
+            proxy: d.query_retrieve.then(|| {
+                std::sync::Arc::new(dicom_bridge::qr::Proxy {
+                    pacs: pacs.clone(),
+                    destinations: d
+                        .move_destinations
+                        .iter()
+                        .map(|m| (m.ae_title.as_ref().to_owned(), m.address))
+                        .collect(),
+                    work_dir: cfg
+                        .paths
+                        .state_dir
+                        .as_path()
+                        .join(dicom_bridge::NAME)
+                        .join("retrieve"),
+                    facility_code: cfg.site.facility_code.as_str().to_owned(),
+                    translate: d.patient_ids == tsunagi_config::PatientIdPolicy::Translate,
+                    consent_socket: consent_socket.clone(),
+                })
+            }),
         },
         listen: d.listen,
         state_dir: cfg.paths.state_dir.as_path().join(dicom_bridge::NAME),

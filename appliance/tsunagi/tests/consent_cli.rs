@@ -518,3 +518,50 @@ fn kill_9_with_a_push_pending_then_the_push_completes_exactly_once() {
             .success()
     );
 }
+
+#[test]
+fn one_network_id_belongs_to_one_local_patient() {
+    let c = Clinic::new();
+    c.register("0001234", &[]);
+    c.register("0005678", &[]);
+    c.ok(&["network-id", "0001234", "NET-1"]);
+    // Again for the same patient: fine, nothing changes.
+    c.ok(&["network-id", "0001234", "NET-1"]);
+    let out = c.run(&["network-id", "0005678", "NET-1"]);
+    assert!(!out.status.success(), "a second holder must be refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NET-1") && err.contains("already belongs to patient 0001234"),
+        "{err}"
+    );
+    // The first holder keeps it; the second has none.
+    let shown = c.json(&["show", "0005678"]);
+    assert!(shown["patient"]["network_id"].is_null(), "{shown}");
+    let shown = c.json(&["show", "0001234"]);
+    assert_eq!(shown["patient"]["network_id"], "NET-1", "{shown}");
+}
+
+#[test]
+fn audit_verify_never_creates_a_key_and_a_missing_key_is_an_error() {
+    let c = Clinic::new();
+    let key = c.h.state_dir().join("consent").join("audit.key");
+    let out = c.audit();
+    assert!(
+        !out.status.success(),
+        "a trail without its key cannot be verified"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("audit key") && err.contains("missing"),
+        "{err}"
+    );
+    assert!(!key.exists(), "verify must not make a key");
+    // Once the box has recorded something (and so made its key), verify works; removing
+    // the key afterwards is an error again, not a fresh trail.
+    c.register("0001234", &[]);
+    assert!(c.audit().status.success());
+    std::fs::remove_file(&key).unwrap();
+    let out = c.audit();
+    assert!(!out.status.success());
+    assert!(!key.exists());
+}

@@ -13,14 +13,24 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hil_tests::dicom_files::{DicomFile, Ids, japanese_ct};
+use hil_tests::dicom_files::{DicomFile, Ids, comprehensive_sr, japanese_ct};
 use hil_tests::orthanc::Orthanc;
 
 /// A box whose DICOM bridge forwards to `pacs`, with patient 0001234's consent recorded
 /// and the consent cache fresh; not started yet. Also returns the consent form's path.
 fn clinic(pacs: &Orthanc, supervisor: &str, timeout: &str) -> (Harness, std::path::PathBuf) {
+    clinic_with(pacs, supervisor, timeout, "")
+}
+
+/// [`clinic`] with more `[dicom]` settings (`dicom`: lines of that section).
+fn clinic_with(
+    pacs: &Orthanc,
+    supervisor: &str,
+    timeout: &str,
+    dicom: &str,
+) -> (Harness, std::path::PathBuf) {
     let h = Harness::new(&format!(
-        "{supervisor}\n[site.network-ids]\nissuer = \"{NETWORK_ISSUER}\"\noid = \"{NETWORK_OID}\"\n\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"{timeout}\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n[[dicom.move-destinations]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1:{VIEWER_PORT}\"\n",
+        "{supervisor}\n[site.network-ids]\nissuer = \"{NETWORK_ISSUER}\"\noid = \"{NETWORK_OID}\"\n\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"{timeout}\"\n{dicom}[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n[[dicom.move-destinations]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1:{VIEWER_PORT}\"\n",
         pacs.ae_title(),
         pacs.dicom_addr()
     ));
@@ -163,6 +173,59 @@ fn consented_instances_reach_orthanc_byte_for_byte_and_others_wait_for_consent()
         service(s, "dicom")["metrics"]["spool_held"] == 0.0
             && service(s, "dicom")["metrics"]["spool_pending"] == 0.0
     });
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+#[test]
+fn a_structured_report_of_a_patient_whose_consent_covers_only_images_never_reaches_orthanc() {
+    if skip_unless_root(
+        "a_structured_report_of_a_patient_whose_consent_covers_only_images_never_reaches_orthanc",
+    ) {
+        return;
+    }
+    let pacs = Orthanc::start_for_test();
+    let (mut h, form) = clinic(&pacs, FAST_SUPERVISOR, "10s");
+    register_consent(&h, &form, "0002222", &["--categories", "images"]);
+    set_network_id(&h, "0002222", &network_id("0002222"));
+    mark_consent_synced(&h);
+    h.start_in_netns(pacs.netns());
+    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    });
+    let files = tempfile::tempdir().unwrap();
+    let ids = Ids::new("0002222");
+    let report = comprehensive_sr(files.path(), &ids.next_instance()).unwrap();
+    let image = japanese_ct(files.path(), &ids).unwrap();
+    let mut storescu = pacs.command("storescu");
+    storescu
+        .args(["-v", "-aec", "TSUNAGI-TEST", "127.0.0.1", "11112"])
+        .arg(&report)
+        .arg(&image);
+    let out = pacs.output(&mut storescu, Duration::from_secs(30)).unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("Received Store Response (Success)").count(),
+        2,
+        "both are stored in the clinic: {text}"
+    );
+    // The image goes; the report (a document) is held in the clinic with the reason.
+    wait_for_instances(&pacs, 1, &h);
+    let status = h.wait_for("the report held", Duration::from_secs(30), |s| {
+        service(s, "dicom")["metrics"]["spool_held"] == 1.0
+            && service(s, "dicom")["metrics"]["spool_pending"] == 0.0
+    });
+    // Counted on Orthanc's side: exactly the image, never the report.
+    let at_orthanc = uids_at(&pacs);
+    assert_eq!(
+        at_orthanc,
+        BTreeSet::from([ids.sop_instance_uid.clone()]),
+        "{status}"
+    );
+    // Later rounds do not send it either.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(uids_at(&pacs), at_orthanc);
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
@@ -355,6 +418,21 @@ fn viewer_tool(pacs: &Orthanc, tool: &str, args: &[&str]) -> (Vec<DicomFile>, St
     (files, text, out.status.success())
 }
 
+/// The output of a `findscu` through the box that must be refused (no answers).
+fn find_refused(pacs: &Orthanc, keys: &[&str]) -> String {
+    let mut args = vec!["-S", "-aet", "VIEWER", "-aec", "TSUNAGI-TEST", "-X", "-d"];
+    for k in keys {
+        args.extend(["-k", k]);
+    }
+    args.extend(["127.0.0.1", "11112"]);
+    let (files, text, _) = viewer_tool(pacs, "findscu", &args);
+    assert!(
+        files.is_empty(),
+        "{keys:?}: answers to a refused query: {text}"
+    );
+    text
+}
+
 /// The study-level answers of `findscu` through the box: (PatientID, StudyInstanceUID).
 fn find_through_box(pacs: &Orthanc, keys: &[&str]) -> BTreeSet<(String, String)> {
     let mut args = vec!["-S", "-aet", "VIEWER", "-aec", "TSUNAGI-TEST", "-X"];
@@ -445,10 +523,22 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
         return;
     }
     let pacs = Orthanc::start_for_test();
-    let (mut h, form) = clinic(&pacs, FAST_SUPERVISOR, "10s");
-    // 0005678 discloses to another facility only.
+    // Query/retrieve is on, for the listed viewer (and storescu, which fills nothing here).
+    let (mut h, form) = clinic_with(
+        &pacs,
+        FAST_SUPERVISOR,
+        "10s",
+        "query-retrieve = true\n[[dicom.allowed-callers]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1\"\n",
+    );
+    // 0005678 discloses to another facility only: this clinic's viewers still see what the
+    // network holds of them (participation at this clinic is the question; the network
+    // enforces the disclosure to other facilities).
     register_consent(&h, &form, "0005678", &["--scope", "1319999999"]);
     set_network_id(&h, "0005678", &network_id("0005678"));
+    // 0004321 withdrew: not shown.
+    register_consent(&h, &form, "0004321", &[]);
+    set_network_id(&h, "0004321", &network_id("0004321"));
+    withdraw_consent(&h, "0004321");
     mark_consent_synced(&h);
     h.start_in_netns(pacs.netns());
     h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
@@ -457,9 +547,10 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
     // The network holds three studies under network IDs (stored there directly).
     let files = tempfile::tempdir().unwrap();
     let ours = Ids::new(&network_id("0001234"));
-    let hidden = Ids::new(&network_id("0005678"));
+    let elsewhere = Ids::new(&network_id("0005678"));
+    let hidden = Ids::new(&network_id("0004321"));
     let stranger = Ids::new("NET-9999999");
-    let sent: Vec<_> = [&ours, &hidden, &stranger]
+    let sent: Vec<_> = [&ours, &elsewhere, &hidden, &stranger]
         .iter()
         .map(|ids| japanese_ct(files.path(), ids).unwrap())
         .collect();
@@ -470,17 +561,42 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
         .args(&sent);
     let out = pacs.output(&mut storescu, Duration::from_secs(30)).unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(pacs.instances().unwrap().len(), 3);
+    assert_eq!(pacs.instances().unwrap().len(), 4);
 
     let study = |ids: &Ids| ids.study_instance_uid.clone();
-    // Every study: only ours, under the local ID.
-    let all = find_through_box(
+    // A query must name one patient: no universal, wildcard or missing PatientID (A900).
+    for keys in [
+        &["QueryRetrieveLevel=STUDY", "PatientID", "StudyInstanceUID"][..],
+        &[
+            "QueryRetrieveLevel=STUDY",
+            "PatientID=000*",
+            "StudyInstanceUID",
+        ][..],
+        &[
+            "QueryRetrieveLevel=STUDY",
+            "PatientName=*",
+            "StudyInstanceUID",
+        ][..],
+        &["QueryRetrieveLevel=STUDY", "StudyInstanceUID"][..],
+    ] {
+        let text = find_refused(&pacs, keys);
+        assert!(
+            text.contains("0xa900") || text.contains("Identifier does not match"),
+            "{keys:?}: {text}"
+        );
+    }
+    // A patient who disclosed to another facility only is this clinic's patient still.
+    let by_elsewhere = find_through_box(
         &pacs,
-        &["QueryRetrieveLevel=STUDY", "PatientID", "StudyInstanceUID"],
+        &[
+            "QueryRetrieveLevel=STUDY",
+            "PatientID=0005678",
+            "StudyInstanceUID",
+        ],
     );
     assert_eq!(
-        all,
-        BTreeSet::from([("0001234".to_owned(), study(&ours))]),
+        by_elsewhere,
+        BTreeSet::from([("0005678".to_owned(), study(&elsewhere))]),
         "{}",
         h.log_text()
     );
@@ -497,14 +613,11 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
         by_id,
         BTreeSet::from([("0001234".to_owned(), study(&ours))])
     );
-    // A patient who did not disclose to this clinic, and one without a network ID.
-    for id in ["PatientID=0005678", "PatientID=0007777"] {
+    // A patient who withdrew, and one without a network ID.
+    for id in ["PatientID=0004321", "PatientID=0007777"] {
         let none = find_through_box(&pacs, &["QueryRetrieveLevel=STUDY", id, "StudyInstanceUID"]);
         assert!(none.is_empty(), "{id}: {none:?}");
     }
-    // Without PatientID among the keys the answer has none either (the box asked for it).
-    let no_key = find_through_box(&pacs, &["QueryRetrieveLevel=STUDY", "StudyInstanceUID"]);
-    assert_eq!(no_key, BTreeSet::from([(String::new(), study(&ours))]));
 
     // C-MOVE to the clinic's viewer: the study arrives with the local ID, every other
     // element as the network holds it.
@@ -522,7 +635,7 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
     assert_eq!(got.element(0x7FE0, 0x0010), held.element(0x7FE0, 0x0010));
     assert_eq!(got.element(0x0008, 0x0018), held.element(0x0008, 0x0018));
     assert_eq!(last_count(&text, "Completed"), Some(1), "{text}");
-    // A study of a patient who did not disclose to this clinic: nothing arrives.
+    // A study of a patient who withdrew: nothing arrives.
     let (moved, text) = move_through_box(&pacs, "VIEWER", &study(&hidden));
     assert!(moved.is_empty(), "{text}");
     assert_eq!(last_count(&text, "Failed"), Some(1), "{text}");

@@ -75,3 +75,31 @@ fn crashing_service_backs_off_then_fails_while_others_keep_running() {
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+#[test]
+fn a_background_task_that_panics_ends_its_service_with_the_panic_in_status() {
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[drill.panicky]\ninterval = \"200ms\"\npanic-task-after = \"500ms\"\n"
+    ));
+    h.start();
+    let first = h.wait_for("panicky ready", Duration::from_secs(30), |s| {
+        pid_of(s, "drill-panicky").is_some()
+    });
+    let pid = pid_of(&first, "drill-panicky").unwrap();
+    // The task panics; the service ends with it as its error and is started again.
+    let restarted = h.wait_for("the restart", Duration::from_secs(30), |s| {
+        service(s, "drill-panicky")["restarts"].as_u64() >= Some(1)
+    });
+    let panicky = service(&restarted, "drill-panicky");
+    let last_error = panicky["last_error"].as_str().unwrap();
+    assert!(
+        last_error.contains(
+            "the heartbeat cannot go on: background task drill-panic panicked: drill: planned panic in a background task"
+        ),
+        "{panicky:#}"
+    );
+    assert!(last_error.contains("exited with status 1"), "{last_error}");
+    assert_ne!(pid_of(&restarted, "drill-panicky"), Some(pid));
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}

@@ -8,6 +8,10 @@
 //! 3. UDP 51820 blocked with an alternative endpoint on UDP 443: the box switches;
 //! 5. a wrong hub key: no handshake, a clear reason, no crash loop; a private key file
 //!    readable by others is refused.
+//!
+//! Issue 13, the egress kill switch: with the tunnel interface gone (and a default route on
+//! the WAN), no packet for a hub subnet leaves by the WAN veth while the services keep
+//! trying, connections established through the tunnel included.
 #![expect(
     clippy::disallowed_methods,
     reason = "these tests poll real processes from plain threads, not from a tokio runtime"
@@ -417,4 +421,324 @@ fn firewall_lets_clinic_devices_reach_only_the_box_and_the_wan_only_wireguard() 
     );
     s.h.signal(Signal::SIGTERM);
     assert!(s.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// `tcpdump -nn -l` on `iface` in `ns`: one line per packet, collected until [`Capture::stop`].
+struct Capture {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Capture {
+    /// Starts capturing and returns once tcpdump says it is listening.
+    fn start(ns: &str, iface: &str) -> Capture {
+        use std::io::BufRead;
+        // `ip netns exec` execs tcpdump, so the pid is tcpdump's own.
+        let mut child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "tcpdump",
+                "-i",
+                iface,
+                "-nn",
+                "-l",
+                "-t",
+                "--immediate-mode",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tcpdump (cargo xtask test installs it)");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let into = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !line.is_empty() {
+                    into.lock().unwrap().push(line);
+                }
+            }
+        });
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut said = String::new();
+        loop {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+                panic!("tcpdump on {iface} did not start: {said}");
+            }
+            said.push_str(&line);
+            if line.contains("listening on") {
+                break;
+            }
+        }
+        // Keep draining stderr (the packet count at the end), so tcpdump never blocks on it.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+        });
+        Capture {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// Stops tcpdump (SIGINT, by its pid: it flushes and exits) and returns its lines.
+    fn stop(mut self) -> Vec<String> {
+        // Immediate mode hands packets over as they come; this covers the last ones in
+        // flight.
+        std::thread::sleep(Duration::from_millis(300));
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, Signal::SIGINT).unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "tcpdump: {status}");
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        std::mem::take(&mut *self.lines.lock().unwrap())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        // A failed test: end tcpdump by its pid, nothing else.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The IPv4 destination of a `tcpdump -nn -t` line (`IP SRC > DST: ...`), without its port.
+fn destination(line: &str) -> Option<std::net::Ipv4Addr> {
+    let mut words = line.split_whitespace();
+    if words.next()? != "IP" {
+        return None;
+    }
+    let _src = words.next()?;
+    if words.next()? != ">" {
+        return None;
+    }
+    let dst = words.next()?.trim_end_matches(':');
+    dst.parse()
+        .ok()
+        .or_else(|| dst.rsplit_once('.').and_then(|(ip, _port)| ip.parse().ok()))
+}
+
+/// The captured packets bound for the hub network.
+fn to_hub(lines: &[String]) -> Vec<&String> {
+    let hub: tsunagi_config::Ipv4Cidr = "10.98.0.0/24".parse().unwrap();
+    lines
+        .iter()
+        .filter(|l| destination(l).is_some_and(|ip| hub.contains(ip)))
+        .collect()
+}
+
+/// What the kill switch (the first rule of the box's output chain) has dropped so far.
+fn kill_switch_drops(net: &TestNet) -> u64 {
+    let out = net
+        .exec(
+            Host::Box,
+            std::process::Command::new("nft").args(["list", "chain", "inet", "tsunagi", "output"]),
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rule = text
+        .lines()
+        .find(|l| l.contains("oifname != ") && l.contains("drop"))
+        .unwrap_or_else(|| panic!("no kill switch in the output chain:\n{text}"));
+    rule.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter on the kill switch: {rule}"))
+}
+
+/// Polls `cond` every 50 ms for up to 15 s.
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn parses_tcpdump_destinations() {
+    assert_eq!(
+        destination("IP 10.250.0.2.40512 > 10.98.0.1.8080: Flags [S], seq 1, length 0"),
+        Some("10.98.0.1".parse().unwrap())
+    );
+    assert_eq!(
+        destination("IP 10.250.0.2 > 10.98.0.1: ICMP echo request, id 1, seq 1, length 64"),
+        Some("10.98.0.1".parse().unwrap())
+    );
+    assert_eq!(
+        destination("IP 10.250.0.2.51820 > 10.250.0.1.51820: UDP, length 148"),
+        Some("10.250.0.1".parse().unwrap())
+    );
+    assert_eq!(
+        destination("ARP, Request who-has 10.98.0.1 tell 10.250.0.2, length 28"),
+        None
+    );
+    let lines = [
+        "IP 10.250.0.2.40512 > 10.98.0.1.8080: Flags [S]".to_owned(),
+        "IP 10.250.0.2.51820 > 10.250.0.1.51820: UDP, length 148".to_owned(),
+    ];
+    assert_eq!(to_hub(&lines), [&lines[0]]);
+}
+
+#[test]
+fn hub_traffic_never_leaves_by_the_wan_when_the_tunnel_interface_is_gone() {
+    if skip() {
+        return;
+    }
+    let mut s = setup(Options::default(), "", false, true);
+    let box_ns = s.net.ns(Host::Box).to_owned();
+    let wan = s.net.plan().wan_box_iface.clone();
+    let iface = s.net.id().to_owned() + "b";
+    // Besides the tunnel's health probe, the consent service keeps asking the network's
+    // FHIR server (in the hub subnet) every second; nothing answers there, so it keeps trying.
+    let config = std::fs::read_to_string(&s.h.config).unwrap()
+        + "\n[consent]\nenabled = true\nfhir-url = \"http://10.98.0.1:8081/fhir\"\npull-interval = \"1s\"\n";
+    std::fs::write(&s.h.config, config).unwrap();
+    // A clinic router's default route on the WAN: without the tunnel's routes, hub traffic
+    // follows it (without one it would have no route at all, and the test would prove
+    // nothing).
+    let mut route = std::process::Command::new("ip");
+    route.args(["route", "add", "default", "via", "10.250.0.1"]);
+    assert!(s.net.exec(Host::Box, &route).unwrap().status.success());
+
+    // The control, before the box has any firewall: the same capture does see hub traffic
+    // leave by the WAN, in cleartext.
+    let capture = Capture::start(&box_ns, &wan);
+    let answered = reachable(&s.net, Host::Box, "http://10.98.0.1:8080/health");
+    let lines = capture.stop();
+    let leaked = to_hub(&lines).len();
+    println!(
+        "egress: without the firewall, {leaked} packets for the hub network on the WAN veth (the hub answered: {answered})"
+    );
+    assert!(leaked > 0, "the capture saw nothing: {lines:#?}");
+
+    s.h.start_in_netns(&box_ns);
+    wait_up(&s.h, "tunnel up", Duration::from_secs(30));
+    s.h.wait_for("consent running", Duration::from_secs(30), |st| {
+        state_of(st, "consent") == "ready"
+    });
+
+    // Deleted: the interface, its address and its routes are gone.
+    kill_switch_holds(&s, 5201, &["link", "del", &iface]);
+    // Down: the box keeps the tunnel address but loses the routes, so a connection made
+    // through the tunnel would carry on over the WAN if an established accept came first.
+    kill_switch_holds(&s, 5202, &["link", "set", &iface, "down"]);
+
+    s.h.signal(Signal::SIGTERM);
+    assert!(s.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// With the tunnel up, opens a connection through it that keeps sending (as the DICOM
+/// forwarder's kept-open associations do; iperf3 to the hub on `port`), then for 8 s of
+/// capture on the WAN veth takes the tunnel interface away with `ip ACTION` (every 100 ms:
+/// the tunnel service brings it back). Asserts that no packet for the hub network was seen,
+/// that the kill switch did drop some (so the services kept trying by the WAN), and that the
+/// tunnel comes back afterwards.
+fn kill_switch_holds(s: &Setup, port: u16, action: &[&str]) {
+    let box_ns = s.net.ns(Host::Box);
+    let wan = &s.net.plan().wan_box_iface;
+    let port = port.to_string();
+    let mut server = std::process::Command::new("iperf3");
+    server.args(["-s", "-p", &port]);
+    s.net.spawn(Host::Hub, &server).unwrap();
+    let ss = |host: Host, filter: &[&str]| {
+        let mut ss = std::process::Command::new("ss");
+        ss.arg("-Htn").args(filter);
+        let out = s.net.exec(host, &ss).unwrap();
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    };
+    let sport = format!(":{port}");
+    wait_until("iperf3 listening in the hub", || {
+        ss(Host::Hub, &["state", "listening", "sport", "=", &sport])
+    });
+    let mut client = std::process::Command::new("iperf3");
+    // Small writes, so it sends all the time (about 20 a second).
+    client.args([
+        "-c",
+        "10.98.0.1",
+        "-p",
+        &port,
+        "-t",
+        "120",
+        "-b",
+        "200K",
+        "-l",
+        "1200",
+    ]);
+    s.net.spawn(Host::Box, &client).unwrap();
+    let dst = format!("10.98.0.1:{port}");
+    wait_until("iperf3 connected through the tunnel", || {
+        ss(Host::Box, &["state", "established", "dst", &dst])
+    });
+    let dropped_before = kill_switch_drops(&s.net);
+
+    let capture = Capture::start(box_ns, wan);
+    let mut take_away = std::process::Command::new("ip");
+    take_away.args(action);
+    assert!(s.net.exec(Host::Box, &take_away).unwrap().status.success());
+    // Hub traffic now follows the default route: only the firewall stands in its way.
+    let mut get_route = std::process::Command::new("ip");
+    get_route.args(["route", "get", "10.98.0.1"]);
+    let via = s.net.exec(Host::Box, &get_route).unwrap();
+    let via = String::from_utf8_lossy(&via.stdout).into_owned();
+    assert!(via.contains(&format!("dev {wan}")), "{via}");
+    let mut taken = 1;
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(8) {
+        std::thread::sleep(Duration::from_millis(100));
+        if s.net.exec(Host::Box, &take_away).unwrap().status.success() {
+            taken += 1;
+        }
+    }
+    let lines = capture.stop();
+    // A restarted tunnel service reloads the table, and its counter starts again.
+    let after = kill_switch_drops(&s.net);
+    let dropped = after.checked_sub(dropped_before).unwrap_or(after);
+    let wireguard = lines
+        .iter()
+        .filter(|l| l.contains(".51820 > 10.250.0.1.51820: UDP"))
+        .count();
+    println!(
+        "egress: `ip {}` {taken} times in 8 s; on the WAN veth {} packets, {wireguard} of them WireGuard; the kill switch dropped {dropped}",
+        action.join(" "),
+        lines.len()
+    );
+    let leaked = to_hub(&lines);
+    assert!(
+        leaked.is_empty(),
+        "hub traffic left by the WAN veth: {leaked:#?}"
+    );
+    // Not vacuous: something did send towards the hub network by the WAN, and the firewall
+    // dropped it.
+    assert!(dropped > 0, "nothing tried to reach the hub by the WAN");
+
+    // The kill switch does not keep the tunnel down: left alone, it comes back (the status
+    // may still say "up" from before the last change, so ask the hub itself).
+    let back = Instant::now();
+    while !reachable(&s.net, Host::Box, "http://10.98.0.1:8080/health") {
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "the tunnel did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "egress: the hub answered through the tunnel again after {:?}",
+        back.elapsed()
+    );
 }

@@ -5,17 +5,42 @@
 //! image loads a fail-closed baseline at boot; this service replaces the `inet tsunagi` table
 //! atomically (one `nft -f` transaction) when it starts, and leaves it in place when it stops.
 //!
-//! Policy: inbound is dropped except established traffic, loopback, the WireGuard port (from
+//! Inbound is dropped except established traffic, loopback, the WireGuard port (from
 //! anywhere but the tunnel), ICMP errors (path MTU discovery) and IPv6 neighbour discovery,
 //! the listed LAN ports on the LAN interfaces, and the listed tunnel ports from the hub
 //! subnets. Forwarding is dropped: the box is never a router between the clinic and the
 //! network.
+//!
+//! Outbound is the egress kill switch (issue 13). The first rule drops every packet to a hub
+//! subnet that would leave by any interface but the tunnel (or loopback), before any
+//! `ct state established` accept: when the tunnel interface goes away, hub-subnet traffic
+//! (FHIR, DICOM, WebDAV) would otherwise follow the default route in cleartext, connections
+//! established through the tunnel included. Matching is by interface *name*, so the rule
+//! holds while the interface is absent or being recreated. Then loopback, the tunnel and the
+//! LAN interfaces are open. On every other interface (the WAN) the box sends only:
+//! - WireGuard to the hub: UDP from the box's WireGuard port to each endpoint. For an IP
+//!   endpoint, to that address and port. A DNS-name endpoint cannot be matched by address
+//!   when the rules are rendered (and the service re-resolves it on failure), so it is
+//!   allowed to its port at any address; that is safe because only WireGuard owns the
+//!   source port, so whatever leaves from it is encrypted.
+//! - DHCP and DHCPv6 client traffic, IPv6 router and neighbour solicitations and
+//!   advertisements (and MLD reports, which neighbour discovery needs on snooping
+//!   switches), and ICMP errors.
+//! - DNS to `dns-servers`, or, when none are listed and an endpoint is a DNS name, DNS to any
+//!   address (the box must resolve its hub; resolvers usually come from DHCP). NTP only to
+//!   `ntp-servers`.
+//! - Replies within connections already accepted (the hub answering from another address,
+//!   after a roaming handshake that came in on the WireGuard port).
+//!
+//! Everything else is dropped, so a service misconfigured to an address outside the hub
+//! subnets cannot reach it by the WAN either (`config check` refuses that too).
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::process::Stdio;
 
 use tokio::io::AsyncWriteExt;
-use tsunagi_config::{Firewall, Tunnel};
+use tsunagi_config::{Firewall, Ipv4Cidr, Tunnel};
 
 /// The table this service owns.
 pub const TABLE: &str = "tsunagi";
@@ -43,6 +68,14 @@ fn set<T: std::fmt::Display>(items: &[T], quote: bool) -> String {
     format!("{{ {} }}", items.join(", "))
 }
 
+fn cidrs(nets: &[Ipv4Cidr]) -> String {
+    let nets: Vec<String> = nets
+        .iter()
+        .map(|n| format!("{}/{}", n.network(), n.prefix()))
+        .collect();
+    set(&nets, false)
+}
+
 /// Renders the ruleset for a tunnel configuration.
 pub fn render(tunnel: &Tunnel) -> String {
     let fw: &Firewall = &tunnel.firewall;
@@ -52,6 +85,21 @@ pub fn render(tunnel: &Tunnel) -> String {
     // transaction, so there is no moment without rules.
     let _ = writeln!(out, "table inet {TABLE}\ndelete table inet {TABLE}");
     let _ = writeln!(out, "table inet {TABLE} {{");
+    input(&mut out, tunnel);
+    let _ = writeln!(out, "  chain forward {{");
+    let _ = writeln!(
+        out,
+        "    type filter hook forward priority filter; policy drop;"
+    );
+    let _ = writeln!(out, "  }}");
+    output(&mut out, tunnel, fw, iface);
+    let _ = writeln!(out, "}}");
+    out
+}
+
+fn input(out: &mut String, tunnel: &Tunnel) {
+    let fw = &tunnel.firewall;
+    let iface = tunnel.interface.as_str();
     let _ = writeln!(out, "  chain input {{");
     let _ = writeln!(
         out,
@@ -94,28 +142,130 @@ pub fn render(tunnel: &Tunnel) -> String {
         );
     }
     if !fw.tunnel_tcp_ports.is_empty() && !tunnel.hub_subnets.is_empty() {
-        let nets: Vec<String> = tunnel
-            .hub_subnets
-            .iter()
-            .map(|n| format!("{}/{}", n.network(), n.prefix()))
-            .collect();
         let _ = writeln!(out, "    # the box's own services, for the hub networks");
         let _ = writeln!(
             out,
             "    iifname \"{iface}\" ip saddr {} tcp dport {} accept",
-            set(&nets, false),
+            cidrs(&tunnel.hub_subnets),
             set(&fw.tunnel_tcp_ports, false)
         );
     }
     let _ = writeln!(out, "  }}");
-    let _ = writeln!(out, "  chain forward {{");
+}
+
+/// `ip daddr` or `ip6 daddr`, for one address or a set of them.
+fn daddr(addrs: &[IpAddr]) -> Vec<String> {
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = addrs.iter().partition(|a| a.is_ipv4());
+    let mut out = Vec::new();
+    if !v4.is_empty() {
+        out.push(format!("ip daddr {}", set(&v4, false)));
+    }
+    if !v6.is_empty() {
+        out.push(format!("ip6 daddr {}", set(&v6, false)));
+    }
+    out
+}
+
+fn output(out: &mut String, tunnel: &Tunnel, fw: &Firewall, iface: &str) {
+    let wg = tunnel.listen_port;
+    let _ = writeln!(out, "  chain output {{");
     let _ = writeln!(
         out,
-        "    type filter hook forward priority filter; policy drop;"
+        "    type filter hook output priority filter; policy drop;"
+    );
+    if !tunnel.hub_subnets.is_empty() {
+        // First, before any established accept: a connection made through the tunnel must
+        // not carry on over the WAN once the tunnel interface is gone. By name, so it holds
+        // while the interface is absent.
+        let _ = writeln!(
+            out,
+            "    # the kill switch: the hub networks only through the tunnel, never in cleartext"
+        );
+        let _ = writeln!(
+            out,
+            "    ip daddr {} oifname != {{ \"lo\", \"{iface}\" }} counter drop",
+            cidrs(&tunnel.hub_subnets)
+        );
+    }
+    let _ = writeln!(out, "    oif \"lo\" accept");
+    let _ = writeln!(out, "    oifname \"{iface}\" accept");
+    if !fw.lan_interfaces.is_empty() {
+        let _ = writeln!(out, "    # the clinic's devices");
+        let _ = writeln!(out, "    oifname {} accept", set(&fw.lan_interfaces, true));
+    }
+    let _ = writeln!(out, "    # the WAN: nothing but what follows");
+    let _ = writeln!(out, "    ct state established,related accept");
+    let _ = writeln!(
+        out,
+        "    # WireGuard to the hub, only from the WireGuard port (encrypted by construction)"
+    );
+    let mut endpoints = vec![&tunnel.hub_endpoint];
+    endpoints.extend(&tunnel.alternative_endpoints);
+    let mut any_name = false;
+    let mut rendered = Vec::new();
+    for endpoint in endpoints {
+        let rule = match endpoint.ip() {
+            Some(ip) => {
+                let family = if ip.is_ipv4() { "ip" } else { "ip6" };
+                format!(
+                    "    {family} daddr {ip} udp sport {wg} udp dport {} accept",
+                    endpoint.port()
+                )
+            }
+            None => {
+                // A name: its address is known only when it is resolved, and it changes.
+                any_name = true;
+                format!(
+                    "    # {}: any address, it is resolved at run time\n    udp sport {wg} udp dport {} accept",
+                    endpoint.host(),
+                    endpoint.port()
+                )
+            }
+        };
+        if !rendered.contains(&rule) {
+            rendered.push(rule);
+        }
+    }
+    for rule in rendered {
+        let _ = writeln!(out, "{rule}");
+    }
+    let _ = writeln!(out, "    # DHCP and DHCPv6 clients");
+    let _ = writeln!(out, "    udp sport 68 udp dport 67 accept");
+    let _ = writeln!(out, "    udp sport 546 udp dport 547 accept");
+    if !fw.dns_servers.is_empty() {
+        let _ = writeln!(out, "    # DNS, to the configured resolvers");
+        for to in daddr(&fw.dns_servers) {
+            let _ = writeln!(
+                out,
+                "    {to} meta l4proto {{ udp, tcp }} th dport 53 accept"
+            );
+        }
+    } else if any_name {
+        let _ = writeln!(
+            out,
+            "    # DNS: a hub endpoint is a name, and no resolvers are listed (DHCP's)"
+        );
+        let _ = writeln!(out, "    meta l4proto {{ udp, tcp }} th dport 53 accept");
+    }
+    if !fw.ntp_servers.is_empty() {
+        let _ = writeln!(out, "    # NTP, to the configured servers");
+        for to in daddr(&fw.ntp_servers) {
+            let _ = writeln!(out, "    {to} udp dport 123 accept");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "    # ICMP errors, IPv6 router and neighbour discovery (with the MLD reports it needs)"
+    );
+    let _ = writeln!(
+        out,
+        "    icmp type {{ destination-unreachable, time-exceeded, parameter-problem }} accept"
+    );
+    let _ = writeln!(
+        out,
+        "    icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded, parameter-problem, nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld2-listener-report }} accept"
     );
     let _ = writeln!(out, "  }}");
-    let _ = writeln!(out, "}}");
-    out
 }
 
 /// Loads `ruleset` with `nft -f -` (one atomic transaction).
@@ -156,8 +306,12 @@ mod tests {
     use super::*;
 
     fn tunnel(extra: &str) -> Tunnel {
+        tunnel_at("10.250.0.1:51820", extra)
+    }
+
+    fn tunnel_at(endpoint: &str, extra: &str) -> Tunnel {
         let text = format!(
-            "version = 1\n[site]\nfacility-code = \"1312345678\"\nae-title = \"T\"\n[paths]\nstate-dir = \"/s\"\nruntime-dir = \"/r\"\n[tunnel]\ninterface = \"wg9\"\nhub-endpoint = \"10.250.0.1:51820\"\nhub-public-key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\naddress = \"10.99.0.2/24\"\nhub-subnets = [\"10.98.0.0/24\", \"10.97.1.7/16\"]\nhealth-url = \"http://10.98.0.1:8080/health\"\n{extra}"
+            "version = 1\n[site]\nfacility-code = \"1312345678\"\nae-title = \"T\"\n[paths]\nstate-dir = \"/s\"\nruntime-dir = \"/r\"\n[tunnel]\ninterface = \"wg9\"\nhub-endpoint = \"{endpoint}\"\nhub-public-key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\naddress = \"10.99.0.2/24\"\nhub-subnets = [\"10.98.0.0/24\", \"10.97.1.7/16\"]\nhealth-url = \"http://10.98.0.1:8080/health\"\n{extra}"
         );
         tsunagi_config::parse(&text, std::path::Path::new("t.toml"))
             .unwrap()
@@ -192,5 +346,161 @@ mod tests {
             ),
             "{rules}"
         );
+    }
+
+    /// The rules of one chain, without its type line and comments.
+    fn chain<'a>(rules: &'a str, name: &str) -> Vec<&'a str> {
+        let start = format!("  chain {name} {{");
+        rules
+            .lines()
+            .skip_while(|l| *l != start)
+            .skip(2)
+            .take_while(|l| *l != "  }")
+            .map(str::trim)
+            .filter(|l| !l.starts_with('#'))
+            .collect()
+    }
+
+    #[test]
+    fn hub_subnets_leave_only_by_the_tunnel_before_any_established_accept() {
+        let rules = render(&tunnel("[tunnel.firewall]\nlan-interfaces = [\"eth1\"]\n"));
+        assert!(
+            rules.contains(
+                "chain output {\n    type filter hook output priority filter; policy drop;\n"
+            ),
+            "{rules}"
+        );
+        let output = chain(&rules, "output");
+        // The very first rule: nothing is accepted before it, established traffic included,
+        // and it matches the tunnel by name (it holds while the interface is gone).
+        assert_eq!(
+            output[0],
+            "ip daddr { 10.98.0.0/24, 10.97.0.0/16 } oifname != { \"lo\", \"wg9\" } counter drop"
+        );
+        assert_eq!(
+            output[1..4],
+            [
+                "oif \"lo\" accept",
+                "oifname \"wg9\" accept",
+                "oifname { \"eth1\" } accept"
+            ]
+        );
+        let established = output
+            .iter()
+            .position(|r| r.contains("ct state established"))
+            .unwrap();
+        assert!(established > 0);
+    }
+
+    #[test]
+    fn the_wan_gets_only_wireguard_dhcp_and_icmp_by_default() {
+        let rules = render(&tunnel(""));
+        assert_eq!(
+            chain(&rules, "output"),
+            [
+                "ip daddr { 10.98.0.0/24, 10.97.0.0/16 } oifname != { \"lo\", \"wg9\" } counter drop",
+                "oif \"lo\" accept",
+                "oifname \"wg9\" accept",
+                "ct state established,related accept",
+                "ip daddr 10.250.0.1 udp sport 51820 udp dport 51820 accept",
+                "udp sport 68 udp dport 67 accept",
+                "udp sport 546 udp dport 547 accept",
+                "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
+                "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem, nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld2-listener-report } accept",
+            ],
+            "{rules}"
+        );
+        // No DNS and no NTP: the only endpoint is an address, and no servers are listed.
+        assert!(!rules.contains("dport 53") && !rules.contains("dport 123"));
+    }
+
+    #[test]
+    fn a_dns_name_endpoint_is_allowed_by_port_from_the_wireguard_port_with_dns() {
+        let rules = render(&tunnel(
+            "alternative-endpoints = [\"hub.example.jp:443\", \"[2001:db8::1]:51820\", \"10.250.0.1:51820\"]\n",
+        ));
+        let output = chain(&rules, "output");
+        let wireguard: Vec<&str> = output
+            .iter()
+            .copied()
+            .filter(|r| r.contains("udp sport 51820"))
+            .collect();
+        // The duplicate literal is rendered once.
+        assert_eq!(
+            wireguard,
+            [
+                "ip daddr 10.250.0.1 udp sport 51820 udp dport 51820 accept",
+                "udp sport 51820 udp dport 443 accept",
+                "ip6 daddr 2001:db8::1 udp sport 51820 udp dport 51820 accept",
+            ]
+        );
+        assert!(rules.contains("# hub.example.jp: any address"), "{rules}");
+        assert!(
+            output.contains(&"meta l4proto { udp, tcp } th dport 53 accept"),
+            "{rules}"
+        );
+    }
+
+    #[test]
+    fn listed_dns_and_ntp_servers_are_the_only_ones() {
+        let rules = render(&tunnel_at(
+            "hub.example.jp:51820",
+            "[tunnel.firewall]\ndns-servers = [\"192.0.2.53\", \"2001:db8::53\"]\nntp-servers = [\"192.0.2.123\"]\n",
+        ));
+        let output = chain(&rules, "output");
+        let named: Vec<&str> = output
+            .iter()
+            .copied()
+            .filter(|r| r.contains("dport 53") || r.contains("dport 123"))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                "ip daddr { 192.0.2.53 } meta l4proto { udp, tcp } th dport 53 accept",
+                "ip6 daddr { 2001:db8::53 } meta l4proto { udp, tcp } th dport 53 accept",
+                "ip daddr { 192.0.2.123 } udp dport 123 accept",
+            ],
+            "{rules}"
+        );
+    }
+
+    /// nft itself accepts every shape of the ruleset (checked in a network namespace of the
+    /// test's own, `unshare -n`, which goes when nft exits). Needs root: CI runs it.
+    #[test]
+    fn nft_accepts_every_shape_of_the_ruleset() {
+        if !nix::unistd::Uid::effective().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "this test needs root and CI must run it"
+            );
+            eprintln!("skipped: needs root (CI runs it as root)");
+            return;
+        }
+        let shapes = [
+            tunnel(""),
+            tunnel(
+                "alternative-endpoints = [\"hub.example.jp:443\", \"[2001:db8::1]:51820\"]\n[tunnel.firewall]\nlan-interfaces = [\"eth1\", \"eth2\"]\nlan-tcp-ports = [104]\ntunnel-tcp-ports = [8443]\n",
+            ),
+            tunnel_at(
+                "hub.example.jp:51820",
+                "[tunnel.firewall]\ndns-servers = [\"192.0.2.53\", \"2001:db8::53\"]\nntp-servers = [\"192.0.2.123\", \"2001:db8::123\"]\n",
+            ),
+        ];
+        for shape in &shapes {
+            let rules = render(shape);
+            let mut child = std::process::Command::new("unshare")
+                .args(["--net", "nft", "-f", "-"])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(&mut child.stdin.take().unwrap(), rules.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}\n{rules}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }

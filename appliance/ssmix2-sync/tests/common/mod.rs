@@ -52,12 +52,14 @@ impl ScriptedGate {
 impl Gate for ScriptedGate {
     fn decide(&mut self, patient: &str, _category: Category) -> Result<Decision, GateError> {
         self.asked += 1;
-        Ok(if !self.fresh {
+        // As the consent service: a withdrawal known here is answered even from a stale
+        // cache; anything else waits for a fresh one.
+        Ok(if self.withdrawn.contains(patient) {
+            Decision::Deny(DenyReason::Withdrawn)
+        } else if !self.fresh {
             Decision::Deny(DenyReason::CacheStale)
         } else if self.permitted.contains(patient) {
             Decision::Permit
-        } else if self.withdrawn.contains(patient) {
-            Decision::Deny(DenyReason::Withdrawn)
         } else {
             Decision::Deny(DenyReason::NoConsent)
         })

@@ -307,6 +307,21 @@ pub fn set_network_id(h: &Harness, patient: &str, id: &str) {
     );
 }
 
+/// `tsunagi consent withdraw PATIENT` (recorded at the desk).
+pub fn withdraw_consent(h: &Harness, patient: &str) {
+    let out = Command::new(BIN)
+        .args(["consent", "withdraw", patient, "--recorded-by", "staff-2"])
+        .arg("--config")
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "withdraw {patient}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn register_consent(h: &Harness, form: &Path, patient: &str, extra: &[&str]) {
     let out = Command::new(BIN)
         .args([

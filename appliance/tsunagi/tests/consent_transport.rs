@@ -1,0 +1,120 @@
+//! Issue 13, item 4, through the real supervisor: a FHIR answer that overflowed the old
+//! hand-written chunk parser (a chunk size of `ffffffffffffffff`) panicked the consent
+//! service's sync task, which died silently while the cache went stale. Now the round fails,
+//! `tsunagi status` shows why, and the service keeps running and retrying.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the shared harness polls real processes from plain threads"
+)]
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::time::Duration;
+
+use common::*;
+
+/// A raw TCP server that answers every request with `answer` (after reading its head).
+fn raw_server(answer: &'static [u8]) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(answer);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn an_overflowing_chunk_size_is_a_sync_failure_in_status_not_a_dead_task() {
+    let port = raw_server(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\n\r\n\
+          ffffffffffffffff\r\n{\"resourceType\":\"Bundle\"}\r\n0\r\n\r\n",
+    );
+    // No patient registered: nothing to push, so every round starts with the pull.
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"http://127.0.0.1:{port}/fhir\"\npull-interval = \"1s\"\n"
+    ));
+    h.start();
+    let failed = format!(
+        "last sync failed: the exchange GET Patient with the FHIR server at 127.0.0.1:{port} failed: "
+    );
+    let status = h.wait_for("the failed pull in status", Duration::from_secs(30), |s| {
+        service(s, "consent")["summary"]
+            .as_str()
+            .is_some_and(|t| t.contains(&failed))
+    });
+    let pid = pid_of(&status, "consent").unwrap();
+    // Rounds go on failing the same way, in the same process: nothing died.
+    std::thread::sleep(Duration::from_secs(3));
+    let later = h.status().unwrap();
+    let consent = service(&later, "consent");
+    assert_eq!(state_of(&later, "consent"), "ready", "{consent:#}");
+    assert_eq!(pid_of(&later, "consent"), Some(pid), "{consent:#}");
+    assert_eq!(consent["restarts"], 0, "{consent:#}");
+    assert_eq!(consent["health"], "degraded", "{consent:#}");
+    let summary = consent["summary"].as_str().unwrap();
+    assert!(summary.contains(&failed), "{summary}");
+    assert!(
+        summary.contains("never synced with the network"),
+        "{summary}"
+    );
+    assert!(
+        !h.log.lock().unwrap().contains("panicked"),
+        "{}",
+        h.log.lock().unwrap()
+    );
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+#[test]
+fn sigterm_during_a_hanging_pull_stops_the_consent_service_within_2_s() {
+    // The network's FHIR server accepts and never answers: a round waits for its timeout.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    // A stop deadline well beyond 2 s, so a service that hangs shows as a slow exit.
+    let supervisor = FAST_SUPERVISOR.replace("stop-timeout = \"2s\"", "stop-timeout = \"8s\"");
+    let mut h = Harness::new(&format!(
+        "{supervisor}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"http://127.0.0.1:{port}/fhir\"\npull-interval = \"1s\"\n"
+    ));
+    h.start();
+    h.wait_for("consent ready", Duration::from_secs(30), |s| {
+        state_of(s, "consent") == "ready"
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no pull started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "stopping took {took:?}");
+    let log = h.log.lock().unwrap();
+    assert!(!log.contains("did not stop in time"), "{log}");
+}
