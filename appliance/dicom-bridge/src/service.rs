@@ -1,11 +1,21 @@
 //! The `dicom` service: the SCP on the clinic LAN, and the forwarder that sends what the
-//! consent service permits (category images, recipient the network) to the network PACS.
+//! consent service permits (recipient the hub, the category of each instance's SOP class) to
+//! the network PACS.
 //!
-//! Forwarding: every cycle the consent service's change feed releases the held instances of
-//! patients whose consent changed; ready instances are asked about (per patient), held with
-//! the reason when denied (a stale cache or a clock behind: retried later, not held), and the
-//! permitted ones sent over `associations` associations at once (up to 64 instances each). Failures to reach the PACS back off (up to 5
-//! minutes); instances not delivered within `dead_letter_after` become dead letters.
+//! Forwarding, every cycle:
+//! 1. [`gate_round`] (blocking, through the [`Consent`] traits): the consent service's
+//!    change feed releases the held instances of patients whose consent changed; ready
+//!    instances are asked about (once per patient and category), held with the reason when
+//!    denied (a stale cache or a clock behind: retried later, not held);
+//! 2. the permitted ones are sent over `associations` associations at once (up to 64
+//!    instances each) while a watcher reads the change feed every 100 ms
+//!    ([`crate::inflight`]): nothing is sent before its first answer, nothing of a patient
+//!    whose consent changed since the round's decisions, and a transfer of such a patient's
+//!    instance under way is aborted, so nothing of a patient leaves more than 1 s after
+//!    their withdrawal is recorded locally.
+//!
+//! Failures to reach the PACS back off (up to 5 minutes); instances not delivered within
+//! `dead_letter_after` become dead letters.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +28,7 @@ use tsunagi_runtime::status::Health;
 use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 
 use crate::forward::{Destination, Outgoing, record};
+use crate::inflight::{self, Stop};
 use crate::now;
 use crate::scp;
 use crate::spool::{Spool, SpoolError};
@@ -177,15 +188,36 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         };
         let permitted = round.permitted;
         if !permitted.is_empty() {
-            let sent = send_parallel(
+            let g = gate
+                .take()
+                .unwrap_or_else(|| SocketGate::new(&settings.consent_socket));
+            let (g, sent) = send_watched(
+                g,
+                &settings.consent_socket,
+                round.seq,
                 &settings.pacs,
                 &permitted,
                 settings.associations,
                 &mut links,
             )
             .await;
+            gate = Some(g);
             opened_total += sent.opened;
             let delivered = record(&spool, &sent.outcomes).unwrap_or(0);
+            let stopped = sent
+                .outcomes
+                .iter()
+                .filter(|(_, o)| *o == crate::forward::Outcome::Stopped)
+                .count();
+            let unsent = permitted.len() - sent.outcomes.len();
+            if stopped > 0 {
+                // Counts only: which patient is not logged.
+                tracing::info!(
+                    stopped,
+                    unsent,
+                    "a consent changed while its patient's instances were being sent: they were not sent (a transfer under way was aborted) and are decided again"
+                );
+            }
             if let Some(message) = sent.error {
                 tracing::warn!(error = %message, "cannot forward to the network PACS; retrying");
                 let later = now() + i64::try_from(backoff.as_secs()).unwrap_or(1);
@@ -254,13 +286,47 @@ struct Sent {
     opened: u64,
 }
 
+/// Sends `batch` while a watcher reads the consent change feed from `since`
+/// ([`crate::inflight`]): nothing is sent before its first answer, and nothing of a patient
+/// whose consent changed after it; the gate comes back when the batch is over.
+async fn send_watched(
+    mut gate: SocketGate,
+    socket: &std::path::Path,
+    since: i64,
+    dest: &Destination,
+    batch: &[Outgoing],
+    n: usize,
+    links: &mut Vec<crate::forward::Link>,
+) -> (SocketGate, Sent) {
+    let (watch, stop) = inflight::channel(inflight::MAX_AGE);
+    let (done, done_rx) = std::sync::mpsc::channel();
+    let watcher = tokio::task::spawn_blocking(move || {
+        inflight::watch_feed(&mut gate, since, &watch, &done_rx);
+        gate
+    });
+    let sent = if stop.first_confirmation().await {
+        send_parallel(dest, batch, n, links, &stop).await
+    } else {
+        // Nothing went: the instances stay queued for the next round.
+        Sent {
+            error: Some("cannot read the consent service's change feed".to_owned()),
+            ..Sent::default()
+        }
+    };
+    let _ = done.send(());
+    let gate = watcher.await.unwrap_or_else(|_| SocketGate::new(socket));
+    (gate, sent)
+}
+
 /// Sends `batch` over up to `n` associations at once (instance `i` on association `i % n`),
-/// reusing the open ones in `links` and keeping them there afterwards.
+/// reusing the open ones in `links` and keeping them there afterwards, each watched by
+/// `stop`.
 async fn send_parallel(
     dest: &Destination,
     batch: &[Outgoing],
     n: usize,
     links: &mut Vec<crate::forward::Link>,
+    stop: &Stop,
 ) -> Sent {
     let n = n.clamp(1, batch.len().max(1));
     let mut shares: Vec<Vec<Outgoing>> = vec![Vec::new(); n];
@@ -271,7 +337,8 @@ async fn send_parallel(
     for share in shares {
         let dest = dest.clone();
         let link = links.pop();
-        tasks.spawn(async move { crate::forward::send_on(&dest, &share, link).await });
+        let stop = stop.clone();
+        tasks.spawn(async move { crate::forward::send_on(&dest, &share, link, &stop).await });
     }
     let mut sent = Sent::default();
     while let Some(done) = tasks.join_next().await {
@@ -306,7 +373,8 @@ pub enum RoundError {
 /// What a round decided.
 #[derive(Debug, Default)]
 pub struct Round {
-    /// The change feed's position before the round's decisions.
+    /// The change feed's position before the round's decisions: the watcher of the batch
+    /// reads on from here ([`crate::inflight`]).
     pub seq: i64,
     /// The instances that may be sent, in queue order.
     pub permitted: Vec<Outgoing>,
