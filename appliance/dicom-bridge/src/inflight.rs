@@ -23,7 +23,7 @@
 //!   Once the last fragment has gone, the instance has left: its response is awaited.
 //! - **Fail closed**: a confirmation older than [`MAX_AGE`] (500 ms: the consent service
 //!   is slow or gone) counts as a change of every patient, and so does a feed that cannot
-//!   be read.
+//!   be read or says the cache went stale (the decisions would no longer permit).
 //!
 //! The bound: a withdrawal recorded at `t` is in the feed at once; the next poll starts
 //! before `t + POLL` (plus the time of one poll), and the senders act on its answer at their
@@ -167,7 +167,7 @@ impl Stop {
 
 /// The watcher (blocking): reads the change feed from `since` every [`POLL`] and publishes
 /// each answer to `watch`, until `done` says the batch is over (or is dropped). A feed that
-/// cannot be read stops everything and ends the watch. Returns the feed position it reached.
+/// cannot be read, or says the cache is stale, stops everything and ends the watch. Returns the feed position it reached.
 pub fn watch_feed(
     gate: &mut dyn Gate,
     since: i64,
@@ -188,9 +188,17 @@ pub fn watch_feed_every(
     loop {
         let asked = Instant::now();
         match gate.changes(since) {
-            Ok(changes) => {
+            Ok(changes) if changes.fresh => {
                 since = changes.seq.max(since);
                 watch.confirm(changes.patients, asked);
+            }
+            Ok(_) => {
+                // The cache went stale since the decisions: they would not permit now.
+                tracing::info!(
+                    "the consent cache went stale while sending; the batch stops and is decided again"
+                );
+                watch.stop_all();
+                return since;
             }
             Err(e) => {
                 tracing::warn!(

@@ -78,6 +78,7 @@ async fn a_feed_that_cannot_be_read_stops_everything_before_anything_is_sent() {
 struct Feed {
     log: Arc<Mutex<Vec<String>>>,
     broken: Arc<Mutex<bool>>,
+    stale: Arc<Mutex<bool>>,
     reads: Arc<Mutex<Vec<i64>>>,
 }
 
@@ -96,7 +97,7 @@ impl Gate for Feed {
         Ok(Changes {
             seq: i64::try_from(log.len()).unwrap(),
             patients: log[from..].to_vec(),
-            fresh: true,
+            fresh: !*self.stale.lock().unwrap(),
         })
     }
 }
@@ -149,5 +150,22 @@ fn a_broken_feed_stops_everything_and_ends_the_watch() {
     }
     *feed.broken.lock().unwrap() = true;
     assert_eq!(watcher.join().unwrap(), 0);
+    assert!(stop.stopped("0001"));
+}
+
+#[test]
+fn a_cache_gone_stale_while_sending_stops_everything() {
+    let feed = Feed::default();
+    let (watch, stop) = channel(MAX_AGE);
+    let (_done, done_rx) = mpsc::channel();
+    let watcher = std::thread::spawn({
+        let mut feed = feed.clone();
+        move || watch_feed_every(&mut feed, 0, &watch, &done_rx, Duration::from_millis(20))
+    });
+    while stop.stopped("0001") {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    *feed.stale.lock().unwrap() = true;
+    watcher.join().unwrap();
     assert!(stop.stopped("0001"));
 }
