@@ -7,6 +7,11 @@
 //! delivered; failures that say the instance itself is refused (A9xxH, Cxxx, 0122H, ...)
 //! mark it failed with the reason; a connection or association failure leaves the rest of
 //! the batch for a retry with backoff.
+//!
+//! Every send is watched ([`crate::inflight`]): an instance whose patient's consent changed
+//! while the batch is being sent is not sent (it stays queued, [`Outcome::Stopped`]), and one
+//! being transferred at that moment ends its association with an A-ABORT (a TCP reset in the
+//! middle of a PDU), so the PACS discards the partial instance.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,6 +25,7 @@ use dimse::status::{Class, Status};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 
+use crate::inflight::Stop;
 use crate::spool::{Queued, Spool};
 
 /// The network PACS.
@@ -53,6 +59,9 @@ pub enum Outcome {
     Refused(Status),
     /// No presentation context was accepted for its SOP class and transfer syntax.
     NotAccepted,
+    /// Not sent, or its transfer aborted: its patient's consent changed while the batch was
+    /// being sent ([`crate::inflight`]). It stays queued, to be decided again.
+    Stopped,
 }
 
 /// Forwarding errors: the association itself failed (the batch is retried later).
@@ -132,11 +141,12 @@ async fn open(dest: &Destination, pairs: Vec<(String, String)>) -> Result<Link, 
 
 /// Sends a batch over one association and releases it; returns each instance's outcome, in
 /// order, as far as the association lasted (an error ends the batch: the rest stays queued).
+/// Unwatched: see [`send_on`] for the forwarder's sends.
 pub async fn send_batch(
     dest: &Destination,
     batch: &[Outgoing],
 ) -> (Vec<(i64, Outcome)>, Option<ForwardError>) {
-    let (outcomes, error, link, _) = send_on(dest, batch, None).await;
+    let (outcomes, error, link, _) = send_on(dest, batch, None, &Stop::never()).await;
     if let Some(link) = link {
         link.close().await;
     }
@@ -151,7 +161,16 @@ pub type Sent = (Vec<(i64, Outcome)>, Option<ForwardError>, Option<Link>, u32);
 /// syntax) of the batch (else on a new association); the association stays open for the
 /// next batch. A reused association that fails before the first instance went (the PACS
 /// closed it while idle) is replaced by a new one once.
-pub async fn send_on(dest: &Destination, batch: &[Outgoing], link: Option<Link>) -> Sent {
+///
+/// `stop` says whose instances may no longer be sent: those are skipped
+/// ([`Outcome::Stopped`]); when one is being transferred, the association is aborted and
+/// the rest of the batch stays queued (no outcome, no error).
+pub async fn send_on(
+    dest: &Destination,
+    batch: &[Outgoing],
+    link: Option<Link>,
+    stop: &Stop,
+) -> Sent {
     let mut pairs: Vec<(String, String)> = Vec::new();
     for q in batch.iter().map(|o| &o.queued) {
         let pair = (q.meta.sop_class.clone(), q.meta.transfer_syntax.clone());
@@ -169,12 +188,12 @@ pub async fn send_on(dest: &Destination, batch: &[Outgoing], link: Option<Link>)
         },
     };
     let reused = opened == 0;
-    let (outcomes, error, link) = send_all(link, batch).await;
+    let (outcomes, error, link) = send_all(link, batch, stop).await;
     if reused && outcomes.is_empty() && error.is_some() {
         opened += 1;
         return match open(dest, pairs).await {
             Ok(l) => {
-                let (o, e, l) = send_all(l, batch).await;
+                let (o, e, l) = send_all(l, batch, stop).await;
                 (o, e, l, opened)
             }
             Err(e) => (Vec::new(), Some(e), None, opened),
@@ -186,17 +205,49 @@ pub async fn send_on(dest: &Destination, batch: &[Outgoing], link: Option<Link>)
 async fn send_all(
     mut link: Link,
     batch: &[Outgoing],
+    stop: &Stop,
 ) -> (Vec<(i64, Outcome)>, Option<ForwardError>, Option<Link>) {
     let mut outcomes = Vec::new();
     let mut message_id: u16 = 0;
     for out in batch {
         let q = &out.queued;
+        let patient = q.meta.patient_id.as_deref().unwrap_or_default();
+        if stop.stopped(patient) {
+            outcomes.push((q.id, Outcome::Stopped));
+            continue;
+        }
         let Some(pc_id) = link.accepted(&q.meta.sop_class, &q.meta.transfer_syntax) else {
             outcomes.push((q.id, Outcome::NotAccepted));
             continue;
         };
         message_id = message_id.wrapping_add(1);
-        match store_one(&mut link.assoc, pc_id, message_id, out).await {
+        let sent = send_instance(
+            &mut link.assoc,
+            pc_id,
+            message_id,
+            out,
+            Some((stop, patient)),
+        )
+        .await;
+        let result = match sent {
+            Ok(Sending::Sent) => read_status(&mut link.assoc).await,
+            Ok(Sending::StoppedBetween) => {
+                // Part of the instance went: the PACS discards it with the association.
+                outcomes.push((q.id, Outcome::Stopped));
+                let _ = link.assoc.abort().await;
+                return (outcomes, None, None);
+            }
+            Ok(Sending::StoppedWithin) => {
+                // In the middle of a PDU: no other PDU may follow (its bytes could complete
+                // this one). A reset ends the connection without another byte.
+                outcomes.push((q.id, Outcome::Stopped));
+                let _ = link.assoc.inner_stream().set_zero_linger();
+                drop(link);
+                return (outcomes, None, None);
+            }
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(status) if matches!(status.class(), Class::Success | Class::Warning) => {
                 outcomes.push((q.id, Outcome::Delivered(status)))
             }
@@ -220,6 +271,33 @@ pub async fn store_one<A>(
     message_id: u16,
     out: &Outgoing,
 ) -> Result<Status, ForwardError>
+where
+    A: AsyncAssociation<TcpStream> + Association + Send,
+{
+    send_instance(assoc, pc_id, message_id, out, None).await?;
+    read_status(assoc).await
+}
+
+/// How far sending one instance went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    /// All of it: the response follows.
+    Sent,
+    /// Stopped between two PDUs, after some of it went.
+    StoppedBetween,
+    /// Stopped while a PDU was being written (part of it went).
+    StoppedWithin,
+}
+
+/// Sends the C-STORE request and the instance; with `watch`, stops as soon as that patient
+/// may no longer be sent (checked before every PDU, and while one is being written).
+async fn send_instance<A>(
+    assoc: &mut A,
+    pc_id: u8,
+    message_id: u16,
+    out: &Outgoing,
+    watch: Option<(&Stop, &str)>,
+) -> Result<Sending, ForwardError>
 where
     A: AsyncAssociation<TcpStream> + Association + Send,
 {
@@ -266,19 +344,39 @@ where
             .await
             .map_err(ForwardError::Read)?;
         left -= want as u64;
-        send(
+        let fragment = send(
             assoc,
             pc_id,
             PDataValueType::Data,
             left == 0,
             buf[..want].to_vec(),
-        )
-        .await
-        .map_err(ForwardError::Association)?;
+        );
+        match watch {
+            None => fragment.await.map_err(ForwardError::Association)?,
+            Some((stop, patient)) => {
+                if stop.stopped(patient) {
+                    return Ok(Sending::StoppedBetween);
+                }
+                // The write first: when both are ready, the fragment that went is not undone.
+                tokio::select! {
+                    biased;
+                    sent = fragment => sent.map_err(ForwardError::Association)?,
+                    () = stop.until_stopped(patient) => return Ok(Sending::StoppedWithin),
+                }
+            }
+        }
         if left == 0 {
             break;
         }
     }
+    Ok(Sending::Sent)
+}
+
+/// Reads a C-STORE response; its status.
+async fn read_status<A>(assoc: &mut A) -> Result<Status, ForwardError>
+where
+    A: AsyncAssociation<TcpStream> + Association + Send,
+{
     // The response (its command may come in fragments).
     let mut command = crate::CommandBuf::default();
     loop {
@@ -330,6 +428,8 @@ pub fn record(
                 *id,
                 "the network PACS accepts neither this SOP class nor its transfer syntax",
             )?,
+            // Still queued as it was: the next round decides it again.
+            Outcome::Stopped => {}
         }
     }
     Ok(delivered)

@@ -3,6 +3,9 @@
 //!
 //! * [`forward`]: C-STORE of queued instances to the network PACS (bytes as received, or
 //!   with a rewritten start), on associations kept for reuse.
+//! * [`inflight`]: the in-flight bound: while a batch is being sent, the consent change
+//!   feed is read every 100 ms, and nothing of a patient leaves more than 1 s after their
+//!   withdrawal is recorded locally.
 //! * [`header`]: the routing elements (SOP class and instance, patient ID, the raw patient
 //!   name, study) from the start of a data set, without decoding the rest.
 //! * [`translate`]: patient-ID translation (network ID with its issuer; the clinic's ID in
@@ -25,6 +28,7 @@ pub const USER: &str = "tsunagi-dicom";
 
 pub mod forward;
 pub mod header;
+pub mod inflight;
 pub mod qr;
 pub mod scp;
 pub mod service;

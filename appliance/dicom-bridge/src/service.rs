@@ -1,23 +1,34 @@
 //! The `dicom` service: the SCP on the clinic LAN, and the forwarder that sends what the
-//! consent service permits (category images, recipient the network) to the network PACS.
+//! consent service permits (recipient the hub, the category of each instance's SOP class) to
+//! the network PACS.
 //!
-//! Forwarding: every cycle the consent service's change feed releases the held instances of
-//! patients whose consent changed; ready instances are asked about (per patient), held with
-//! the reason when denied (a stale cache or a clock behind: retried later, not held), and the
-//! permitted ones sent over `associations` associations at once (up to 64 instances each). Failures to reach the PACS back off (up to 5
-//! minutes); instances not delivered within `dead_letter_after` become dead letters.
+//! Forwarding, every cycle:
+//! 1. [`gate_round`] (blocking, through the [`Consent`] traits): the consent service's
+//!    change feed releases the held instances of patients whose consent changed; ready
+//!    instances are asked about (once per patient and category), held with the reason when
+//!    denied (a stale cache or a clock behind: retried later, not held);
+//! 2. the permitted ones are sent over `associations` associations at once (up to 64
+//!    instances each) while a watcher reads the change feed every 100 ms
+//!    ([`crate::inflight`]): nothing is sent before its first answer, nothing of a patient
+//!    whose consent changed since the round's decisions, and a transfer of such a patient's
+//!    instance under way is aborted, so nothing of a patient leaves more than 1 s after
+//!    their withdrawal is recorded locally.
+//!
+//! Failures to reach the PACS back off (up to 5 minutes); instances not delivered within
+//! `dead_letter_after` become dead letters.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use consent::client::{Category, Decision, Gate, Identities as _, SocketGate};
+use consent::client::{Category, Decision, Gate, Identities, SocketGate};
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
 use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 
 use crate::forward::{Destination, Outgoing, record};
+use crate::inflight::{self, Stop};
 use crate::now;
 use crate::scp;
 use crate::spool::{Spool, SpoolError};
@@ -56,6 +67,8 @@ pub struct Translation {
 const TRANSLATE_PREFIX: usize = 1 << 20;
 /// How long an instance waits before its patient's network ID is asked for again.
 const IDENTITY_RETRY: i64 = 10;
+/// How long an instance waits after a transient deny (a stale cache, a clock behind).
+const TRANSIENT_RETRY: i64 = 30;
 
 /// Errors that stop the service.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +154,16 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             let translation = settings.translation.clone();
             let limit = PER_ASSOCIATION * settings.associations.max(1);
             match tokio::task::spawn_blocking(move || {
-                let r = gate_round(&mut g, &spool, seq, dead_after, translation.as_ref(), limit);
+                let r = gate_round(
+                    &mut g,
+                    &spool,
+                    seq,
+                    dead_after,
+                    translation.as_ref(),
+                    limit,
+                    now(),
+                )
+                .map_err(|e| tsunagi_runtime::child::error_chain(&e));
                 (g, r)
             })
             .await
@@ -154,31 +176,52 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             }
         };
         gate = Some(g);
-        let permitted = match result {
-            Ok((next, permitted)) => {
-                seq = next;
-                permitted
+        let round = match result {
+            Ok(round) => {
+                seq = round.seq;
+                round
             }
             Err(e) => {
                 last_error = Some(e);
-                Vec::new()
+                Round::default()
             }
         };
+        let permitted = round.permitted;
         if !permitted.is_empty() {
-            let (outcomes, error, opened) = send_parallel(
+            let g = gate
+                .take()
+                .unwrap_or_else(|| SocketGate::new(&settings.consent_socket));
+            let (g, sent) = send_watched(
+                g,
+                &settings.consent_socket,
+                round.seq,
                 &settings.pacs,
                 &permitted,
                 settings.associations,
                 &mut links,
             )
             .await;
-            opened_total += opened;
-            let delivered = record(&spool, &outcomes).unwrap_or(0);
-            if let Some(e) = error {
-                let message = tsunagi_runtime::child::error_chain(&e);
+            gate = Some(g);
+            opened_total += sent.opened;
+            let delivered = record(&spool, &sent.outcomes).unwrap_or(0);
+            let stopped = sent
+                .outcomes
+                .iter()
+                .filter(|(_, o)| *o == crate::forward::Outcome::Stopped)
+                .count();
+            let unsent = permitted.len() - sent.outcomes.len();
+            if stopped > 0 {
+                // Counts only: which patient is not logged.
+                tracing::info!(
+                    stopped,
+                    unsent,
+                    "a consent changed while its patient's instances were being sent: they were not sent (a transfer under way was aborted) and are decided again"
+                );
+            }
+            if let Some(message) = sent.error {
                 tracing::warn!(error = %message, "cannot forward to the network PACS; retrying");
                 let later = now() + i64::try_from(backoff.as_secs()).unwrap_or(1);
-                let done: Vec<i64> = outcomes.iter().map(|(id, _)| *id).collect();
+                let done: Vec<i64> = sent.outcomes.iter().map(|(id, _)| *id).collect();
                 for q in permitted
                     .iter()
                     .map(|o| &o.queued)
@@ -232,19 +275,59 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     }
 }
 
+/// What sending a round's batch came to.
+#[derive(Debug, Default)]
+struct Sent {
+    /// Each instance's outcome, as far as its association went (the others stay queued).
+    outcomes: Vec<(i64, crate::forward::Outcome)>,
+    /// The first error (its chain), if any: the instances without an outcome are retried later.
+    error: Option<String>,
+    /// Associations opened.
+    opened: u64,
+}
+
+/// Sends `batch` while a watcher reads the consent change feed from `since`
+/// ([`crate::inflight`]): nothing is sent before its first answer, and nothing of a patient
+/// whose consent changed after it; the gate comes back when the batch is over.
+async fn send_watched(
+    mut gate: SocketGate,
+    socket: &std::path::Path,
+    since: i64,
+    dest: &Destination,
+    batch: &[Outgoing],
+    n: usize,
+    links: &mut Vec<crate::forward::Link>,
+) -> (SocketGate, Sent) {
+    let (watch, stop) = inflight::channel(inflight::MAX_AGE);
+    let (done, done_rx) = std::sync::mpsc::channel();
+    let watcher = tokio::task::spawn_blocking(move || {
+        inflight::watch_feed(&mut gate, since, &watch, &done_rx);
+        gate
+    });
+    let sent = if stop.first_confirmation().await {
+        send_parallel(dest, batch, n, links, &stop).await
+    } else {
+        // Nothing went: the instances stay queued for the next round.
+        Sent {
+            error: Some("cannot read the consent service's change feed".to_owned()),
+            ..Sent::default()
+        }
+    };
+    let _ = done.send(());
+    let gate = watcher.await.unwrap_or_else(|_| SocketGate::new(socket));
+    (gate, sent)
+}
+
 /// Sends `batch` over up to `n` associations at once (instance `i` on association `i % n`),
-/// reusing the open ones in `links` and keeping them there afterwards; the outcomes of all,
-/// the first error, and how many associations were opened.
+/// reusing the open ones in `links` and keeping them there afterwards, each watched by
+/// `stop`.
 async fn send_parallel(
     dest: &Destination,
     batch: &[Outgoing],
     n: usize,
     links: &mut Vec<crate::forward::Link>,
-) -> (
-    Vec<(i64, crate::forward::Outcome)>,
-    Option<crate::forward::ForwardError>,
-    u64,
-) {
+    stop: &Stop,
+) -> Sent {
     let n = n.clamp(1, batch.len().max(1));
     let mut shares: Vec<Vec<Outgoing>> = vec![Vec::new(); n];
     for (i, o) in batch.iter().enumerate() {
@@ -254,41 +337,72 @@ async fn send_parallel(
     for share in shares {
         let dest = dest.clone();
         let link = links.pop();
-        tasks.spawn(async move { crate::forward::send_on(&dest, &share, link).await });
+        let stop = stop.clone();
+        tasks.spawn(async move { crate::forward::send_on(&dest, &share, link, &stop).await });
     }
-    let mut outcomes = Vec::new();
-    let mut error = None;
-    let mut opened = 0u64;
+    let mut sent = Sent::default();
     while let Some(done) = tasks.join_next().await {
         if let Ok((o, e, l, n)) = done {
-            outcomes.extend(o);
-            if error.is_none() {
-                error = e;
+            sent.outcomes.extend(o);
+            if sent.error.is_none() {
+                sent.error = e.map(|e| tsunagi_runtime::child::error_chain(&e));
             }
             links.extend(l);
-            opened += u64::from(n);
+            sent.opened += u64::from(n);
         }
     }
-    (outcomes, error, opened)
+    sent
 }
 
-/// One round with the consent service (blocking): releases held instances of changed
-/// patients, marks dead letters, and returns the ready instances that may be sent.
-fn gate_round(
-    gate: &mut SocketGate,
+/// What the forwarder asks the consent service: decisions and the change feed ([`Gate`]),
+/// and patients' network IDs ([`Identities`]). [`SocketGate`] in the service; a scripted gate
+/// in the tests.
+pub trait Consent: Gate + Identities {}
+
+impl<T: Gate + Identities + ?Sized> Consent for T {}
+
+/// Why a round with the consent service ended early (its instances stay queued).
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    #[error(transparent)]
+    Gate(#[from] consent::client::GateError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+/// What a round decided.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// The change feed's position before the round's decisions: the watcher of the batch
+    /// reads on from here ([`crate::inflight`]).
+    pub seq: i64,
+    /// The instances that may be sent, in queue order.
+    pub permitted: Vec<Outgoing>,
+}
+
+/// One round with the consent service (blocking): releases held instances of patients whose
+/// consent changed since `seq`, marks dead letters, and decides up to `limit` ready instances.
+///
+/// Each instance is asked about with the category of its own SOP class (a report or an
+/// encapsulated PDF is `documents`, an image `images`); a class no category covers, and an
+/// instance without a PatientID, is held without asking. One question per (patient,
+/// category) per round. A deny is held with its reason (released by the change feed); a
+/// transient one (a stale cache, a clock behind) is retried later, not held. With
+/// `translation`, a permitted instance also needs its patient's network ID (asked once per
+/// patient per round), else it waits.
+pub fn gate_round(
+    gate: &mut dyn Consent,
     spool: &Spool,
     seq: i64,
     dead_after: i64,
     translation: Option<&Translation>,
     limit: usize,
-) -> Result<(i64, Vec<Outgoing>), String> {
-    let changes = gate
-        .changes(seq)
-        .map_err(|e| tsunagi_runtime::child::error_chain(&e))?;
+    now: i64,
+) -> Result<Round, RoundError> {
+    let changes = gate.changes(seq)?;
     for p in &changes.patients {
-        spool.release_patient(p).map_err(|e| e.to_string())?;
+        spool.release_patient(p)?;
     }
-    let now = now();
     if let Ok(n) = spool.dead_letters(now.saturating_sub(dead_after))
         && n > 0
     {
@@ -301,29 +415,23 @@ fn gate_round(
     let mut permitted = Vec::new();
     let mut decided: Vec<((String, Category), Decision)> = Vec::new();
     let mut identities: Vec<(String, Option<String>)> = Vec::new();
-    for q in spool.ready(now, limit).map_err(|e| e.to_string())? {
+    for q in spool.ready(now, limit)? {
         let Some(patient) = q.meta.patient_id.clone() else {
-            spool
-                .hold(q.id, "no PatientID in the data set")
-                .map_err(|e| e.to_string())?;
+            spool.hold(q.id, "no PatientID in the data set")?;
             continue;
         };
         // The question is asked with the category of this exact object: a structured report
         // or an encapsulated PDF is a document, not an image. A class no category covers is
         // held, never sent.
         let Some(category) = Category::for_dicom_sop_class(&q.meta.sop_class) else {
-            spool
-                .hold(q.id, "no data category covers this SOP class")
-                .map_err(|e| e.to_string())?;
+            spool.hold(q.id, "no data category covers this SOP class")?;
             continue;
         };
         let key = (patient.clone(), category);
         let verdict = match decided.iter().find(|(k, _)| *k == key) {
             Some((_, v)) => *v,
             None => {
-                let v = gate
-                    .decide(&patient, category)
-                    .map_err(|e| tsunagi_runtime::child::error_chain(&e))?;
+                let v = gate.decide(&patient, category)?;
                 decided.push((key, v));
                 v
             }
@@ -337,22 +445,18 @@ fn gate_round(
                 let network_id = match identities.iter().find(|(p, _)| *p == patient) {
                     Some((_, n)) => n.clone(),
                     None => {
-                        let n = gate
-                            .network_id(&patient)
-                            .map_err(|e| tsunagi_runtime::child::error_chain(&e))?;
+                        let n = gate.network_id(&patient)?;
                         identities.push((patient.clone(), n.clone()));
                         n
                     }
                 };
                 let Some(network_id) = network_id else {
                     // Every instance of the patient goes under the same ID: wait for it.
-                    spool
-                        .retry_later(
-                            q.id,
-                            "waiting for the patient's network ID",
-                            now + IDENTITY_RETRY,
-                        )
-                        .map_err(|e| e.to_string())?;
+                    spool.retry_later(
+                        q.id,
+                        "waiting for the patient's network ID",
+                        now + IDENTITY_RETRY,
+                    )?;
                     continue;
                 };
                 match translated(&q, t, &patient, &network_id) {
@@ -360,20 +464,23 @@ fn gate_round(
                         queued: q,
                         head: Some(head),
                     }),
-                    Err(reason) => spool.hold(q.id, &reason).map_err(|e| e.to_string())?,
+                    Err(reason) => spool.hold(q.id, &reason)?,
                 }
             }
-            v if v.is_transient() => {
-                spool
-                    .retry_later(q.id, "consent cache stale", now + 30)
-                    .map_err(|e| e.to_string())?;
+            Decision::Deny(reason) if reason.is_transient() => {
+                spool.retry_later(
+                    q.id,
+                    &format!("the consent service answered {reason}; asked again later"),
+                    now + TRANSIENT_RETRY,
+                )?;
             }
-            Decision::Deny(reason) => spool
-                .hold(q.id, reason.as_str())
-                .map_err(|e| e.to_string())?,
+            Decision::Deny(reason) => spool.hold(q.id, reason.as_str())?,
         }
     }
-    Ok((changes.seq, permitted))
+    Ok(Round {
+        seq: changes.seq,
+        permitted,
+    })
 }
 
 /// The rewritten start of a spooled instance, or why it cannot be translated (a reason for
@@ -409,3 +516,6 @@ fn translated(
     crate::translate::rewrite(&prefix, explicit, prefix.len() as u64 >= q.size, &ids)
         .map_err(|e| format!("cannot translate patient IDs: {e}"))
 }
+
+#[cfg(test)]
+mod tests;

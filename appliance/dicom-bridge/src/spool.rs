@@ -455,6 +455,19 @@ impl Spool {
         Ok(())
     }
 
+    /// The held instances and why each is held, by queue id.
+    pub fn held_reasons(&self) -> Result<Vec<(i64, String)>, SpoolError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, COALESCE(reason, '') FROM queue WHERE state = 'held' ORDER BY id")
+            .map_err(sql("read the held instances"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .map_err(sql("read the held instances"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("read the held instances"))
+    }
+
     /// A patient's consent changed: their held instances are evaluated again.
     pub fn release_patient(&self, patient_id: &str) -> Result<u64, SpoolError> {
         let n = self

@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dicom_bridge::forward::{Destination, record, send_batch, send_on};
+use dicom_bridge::forward::{Destination, Outcome, Outgoing, record, send_batch, send_on};
+use dicom_bridge::inflight::{Stop, Watch};
 use dicom_bridge::scp::{Settings, serve};
 use dicom_bridge::spool::Spool;
 use hil_tests::dicom_files::{DicomFile, Ids, japanese_ct};
@@ -205,7 +206,7 @@ async fn a_kept_association_is_reused_and_replaced_when_the_pacs_dropped_it() {
         )
         .unwrap();
     }
-    let queued: Vec<dicom_bridge::forward::Outgoing> = spool
+    let queued: Vec<Outgoing> = spool
         .ready(i64::MAX, 10)
         .unwrap()
         .into_iter()
@@ -221,9 +222,9 @@ async fn a_kept_association_is_reused_and_replaced_when_the_pacs_dropped_it() {
     let received = dir.path().join("received");
     let log = dir.path().join("storescp.log");
     let pacs = storescp_logging(port, &received, Some(&log));
-    let (o1, e1, link, opened1) = send_on(&dest, &queued[..1], None).await;
+    let (o1, e1, link, opened1) = send_on(&dest, &queued[..1], None, &Stop::never()).await;
     assert!(e1.is_none() && o1.len() == 1 && opened1 == 1, "{e1:?}");
-    let (o2, e2, link, opened2) = send_on(&dest, &queued[1..3], link).await;
+    let (o2, e2, link, opened2) = send_on(&dest, &queued[1..3], link, &Stop::never()).await;
     assert!(e2.is_none() && o2.len() == 2, "{e2:?}");
     assert_eq!(opened2, 0, "the second batch reuses the association");
     let associations = || {
@@ -236,10 +237,213 @@ async fn a_kept_association_is_reused_and_replaced_when_the_pacs_dropped_it() {
     // The PACS goes away and comes back: the kept association is dead.
     drop(pacs);
     let _pacs = storescp_logging(port, &received, Some(&log));
-    let (o3, e3, link, opened3) = send_on(&dest, &queued[3..], link).await;
+    let (o3, e3, link, opened3) = send_on(&dest, &queued[3..], link, &Stop::never()).await;
     assert!(e3.is_none(), "{e3:?}");
     assert_eq!(o3.len(), 1);
     assert_eq!(opened3, 1, "replaced once");
     link.unwrap().close().await;
     assert_eq!(std::fs::read_dir(&received).unwrap().count(), 4);
+}
+
+/// Spools a CT data set of `patient` (padded with `padding` bytes of trailing padding, to
+/// make it long to send); its queue row.
+fn spool_ct(spool: &Spool, dir: &Path, uid: &str, patient: &str, padding: u32) -> Outgoing {
+    let file = generate(dir, uid, patient);
+    let mut bytes = data_set(&std::fs::read(file).unwrap());
+    if padding > 0 {
+        // (FFFC,FFFC) Data Set Trailing Padding, OB, explicit VR little endian.
+        bytes.extend_from_slice(&[0xFC, 0xFF, 0xFC, 0xFF, b'O', b'B', 0, 0]);
+        bytes.extend_from_slice(&padding.to_le_bytes());
+        bytes.resize(bytes.len() + padding as usize, 0);
+    }
+    let mut inc = spool.begin().unwrap();
+    inc.write(&bytes).unwrap();
+    inc.commit(
+        &dicom_bridge::spool::Meta {
+            sop_class: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance: uid.to_owned(),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            calling_ae: "CT".into(),
+            patient_id: Some(patient.into()),
+        },
+        1,
+    )
+    .unwrap();
+    let queued = spool.ready(i64::MAX, 1000).unwrap();
+    queued
+        .into_iter()
+        .find(|q| q.meta.sop_instance == uid)
+        .unwrap()
+        .into()
+}
+
+/// The files storescp wrote.
+fn received(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+/// A watch whose confirmations a task keeps fresh (as the watcher of the service does)
+/// until the returned token is cancelled.
+fn watched() -> (Arc<Watch>, Stop, CancellationToken) {
+    let (watch, stop) = dicom_bridge::inflight::channel(dicom_bridge::inflight::MAX_AGE);
+    let watch = Arc::new(watch);
+    let done = CancellationToken::new();
+    tokio::spawn({
+        let watch = watch.clone();
+        let done = done.clone();
+        async move {
+            while !done.is_cancelled() {
+                watch.confirm(Vec::new(), Instant::now());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    (watch, stop, done)
+}
+
+/// Issue 13 item 6: a patient whose consent changed before the batch's instances of them
+/// start is skipped; the other patient's instances go on the same association, which is
+/// kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_a_changed_patient_are_skipped_and_the_others_still_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let batch: Vec<Outgoing> = [("1", "0001"), ("2", "0002"), ("3", "0001"), ("4", "0002")]
+        .iter()
+        .map(|(n, p)| {
+            spool_ct(
+                &spool,
+                dir.path(),
+                &format!("1.2.826.0.1.3680043.9.7777.4.{n}"),
+                p,
+                0,
+            )
+        })
+        .collect();
+    let port = free_port();
+    let out = dir.path().join("received");
+    let _pacs = storescp(port, &out);
+    let dest = Destination {
+        ae_title: "PACS".into(),
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        calling_ae: "TSUNAGI".into(),
+        timeout: Duration::from_secs(5),
+    };
+    let (watch, stop, done) = watched();
+    watch.confirm(vec!["0001".to_owned()], Instant::now());
+    let (outcomes, error, link, _) = send_on(&dest, &batch, None, &stop).await;
+    done.cancel();
+    assert!(error.is_none(), "{error:?}");
+    let kinds: Vec<bool> = outcomes
+        .iter()
+        .map(|(_, o)| *o == Outcome::Stopped)
+        .collect();
+    assert_eq!(kinds, vec![true, false, true, false], "{outcomes:?}");
+    assert_eq!(record(&spool, &outcomes).unwrap(), 2);
+    // The skipped ones are still queued, as they were, for the next round to decide.
+    let left: Vec<i64> = spool
+        .ready(i64::MAX, 10)
+        .unwrap()
+        .iter()
+        .map(|q| q.id)
+        .collect();
+    assert_eq!(left, vec![batch[0].queued.id, batch[2].queued.id]);
+    link.expect("the association is kept").close().await;
+    assert_eq!(received(&out), 2);
+}
+
+/// Relays a connection to `to`, the box's side slowed down to about 3 MB/s (the PACS far
+/// away), so an instance takes long to send.
+async fn slow_relay(listener: tokio::net::TcpListener, to: u16) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    while let Ok((client, _)) = listener.accept().await {
+        let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+            return;
+        };
+        let _ = client.set_nodelay(true);
+        let _ = server.set_nodelay(true);
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        });
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match cr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let _ = sw.shutdown().await;
+        });
+    }
+}
+
+/// Issue 13 item 6: the patient's consent changes while their instance is being
+/// transferred: the association is aborted within well under a second, the PACS never
+/// stores that instance, and it and the rest of the batch stay queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_during_an_instances_transfer_aborts_the_association_and_the_pacs_discards_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let uid = |n: u32| format!("1.2.826.0.1.3680043.9.7777.5.{n}");
+    let batch = vec![
+        spool_ct(&spool, dir.path(), &uid(1), "0001", 0),
+        // About 3 s to send through the relay.
+        spool_ct(&spool, dir.path(), &uid(2), "0001", 8 << 20),
+        spool_ct(&spool, dir.path(), &uid(3), "0002", 0),
+        spool_ct(&spool, dir.path(), &uid(4), "0001", 0),
+    ];
+    let pacs_port = free_port();
+    let out = dir.path().join("received");
+    let _pacs = storescp(pacs_port, &out);
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = relay.local_addr().unwrap().port();
+    tokio::spawn(slow_relay(relay, pacs_port));
+    let dest = Destination {
+        ae_title: "PACS".into(),
+        addr: format!("127.0.0.1:{relay_port}").parse().unwrap(),
+        calling_ae: "TSUNAGI".into(),
+        timeout: Duration::from_secs(20),
+    };
+    let (watch, stop, done) = watched();
+    let sending = tokio::spawn({
+        let batch = batch.clone();
+        async move { send_on(&dest, &batch, None, &stop).await }
+    });
+    // The first instance arrived: the big one is on its way. The withdrawal.
+    let start = Instant::now();
+    while received(&out) < 1 {
+        assert!(start.elapsed() < Duration::from_secs(20), "nothing arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let withdrawn = Instant::now();
+    watch.confirm(vec!["0001".to_owned()], withdrawn);
+    let (outcomes, error, link, _) = sending.await.unwrap();
+    let reacted = withdrawn.elapsed();
+    done.cancel();
+    assert!(reacted < Duration::from_millis(500), "{reacted:?}");
+    assert!(error.is_none(), "{error:?}");
+    assert!(link.is_none(), "the association was aborted");
+    assert_eq!(
+        outcomes.iter().map(|(_, o)| o.clone()).collect::<Vec<_>>()[1..],
+        [Outcome::Stopped],
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[0].1, Outcome::Delivered(_)),
+        "{outcomes:?}"
+    );
+    assert_eq!(record(&spool, &outcomes).unwrap(), 1);
+    // The PACS discarded the partial instance; the other three wait in the queue.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(received(&out), 1);
+    assert_eq!(spool.ready(i64::MAX, 10).unwrap().len(), 3);
 }

@@ -712,3 +712,222 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// Runs `tc` inside the PACS's namespace.
+fn tc(pacs: &Orthanc, args: &[&str]) {
+    let mut cmd = pacs.command("tc");
+    cmd.args(args);
+    let out = pacs.output(&mut cmd, Duration::from_secs(10)).unwrap();
+    assert!(out.status.success(), "tc {args:?}: {out:?}");
+}
+
+/// Seconds since the Unix epoch, with the fraction.
+fn unix(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Orthanc's `ReceptionDate` of an instance (UTC, `YYYYMMDDTHHMMSS`, whole seconds) in Unix
+/// seconds.
+fn reception(pacs: &Orthanc, id: &str) -> i64 {
+    let text = pacs
+        .get(&format!("/instances/{id}/metadata/ReceptionDate"))
+        .unwrap()
+        .text();
+    let t = text.trim();
+    let num = |r: std::ops::Range<usize>| -> i64 { t[r].parse().unwrap() };
+    assert!(t.len() >= 15 && &t[8..9] == "T", "ReceptionDate {t:?}");
+    let (y, m, d) = (num(0..4), num(4..6), num(6..8));
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    days * 86_400 + num(9..11) * 3600 + num(11..13) * 60 + num(13..15)
+}
+
+/// Issue 13 item 6: the in-flight window. 500 instances of one patient are forwarded to
+/// Orthanc over a slow link; once some have arrived and the transfer is going on (a batch
+/// that takes longer than the bound), the patient's consent is
+/// withdrawn at the desk (the CLI). Nothing of the patient is stored at Orthanc later than
+/// the withdrawal + 1 s (a listing asked 1 s after the withdrawal began already holds every
+/// instance Orthanc ever gets, and no `ReceptionDate` is later); the rest stays in the
+/// clinic, held with reason `withdrawn`; nothing acknowledged is lost.
+#[test]
+fn a_withdrawal_during_a_500_instance_transfer_stops_the_patient_within_1_s_at_orthanc() {
+    if skip_unless_root(
+        "a_withdrawal_during_a_500_instance_transfer_stops_the_patient_within_1_s_at_orthanc",
+    ) {
+        return;
+    }
+    const N: usize = 500;
+    const PATIENT: &str = "0003333";
+    // Slowed down so that the withdrawal lands in the middle of the transfer even on a
+    // loaded machine (unslowed, 500 instances take about a second), and in the middle of a
+    // batch that takes longer than the bound to send (as large instances or a slow link
+    // would): one association (64 instances a round), Orthanc's smallest PDU (each instance
+    // in several fragments), and the link throttled to 250 kB/s once the instances are in
+    // the clinic (a round's batch then takes over 2 s).
+    let pacs = Orthanc::start_for_test_with(&hil_tests::orthanc::Options {
+        extra: serde_json::Map::from_iter([(
+            "MaximumPduLength".to_owned(),
+            serde_json::json!(4096),
+        )]),
+        ..hil_tests::orthanc::Options::default()
+    });
+    let (mut h, form) = clinic_with(&pacs, FAST_SUPERVISOR, "10s", "forward-associations = 1\n");
+    // First a consent for documents only: the CTs wait in the clinic until it covers images,
+    // so the whole transfer is the bridge's (full batches), not paced by storescu.
+    register_consent(&h, &form, PATIENT, &["--categories", "documents"]);
+    set_network_id(&h, PATIENT, &network_id(PATIENT));
+    mark_consent_synced(&h);
+    h.start_in_netns(pacs.netns());
+    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    });
+    let files = tempfile::tempdir().unwrap();
+    let base = Ids::new(PATIENT);
+    let all: Vec<std::path::PathBuf> = (0..N)
+        .map(|_| japanese_ct(files.path(), &base.next_instance()).unwrap())
+        .collect();
+    let sent: BTreeSet<String> = all
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let mut storescu = pacs.command("storescu");
+    storescu
+        .args(["-aec", "TSUNAGI-TEST", "127.0.0.1", "11112"])
+        .args(&all);
+    let out = pacs
+        .output(&mut storescu, Duration::from_secs(300))
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    h.wait_for("all held", Duration::from_secs(60), |s| {
+        service(s, "dicom")["metrics"]["spool_held"] == N as f64
+    });
+    assert!(pacs.instances().unwrap().is_empty());
+
+    // The link to the PACS (loopback of its namespace, where the box runs) is slow now.
+    tc(
+        &pacs,
+        &[
+            "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "2mbit", "burst", "70kb",
+            "latency", "2s",
+        ],
+    );
+    // The consent now covers images: the transfer starts.
+    register_consent(&h, &form, PATIENT, &[]);
+    let start = Instant::now();
+    let mut first = None;
+    let before = loop {
+        let n = pacs.instances().unwrap().len();
+        if n > 0 && first.is_none() {
+            first = Some(start.elapsed());
+        }
+        if n >= 10 {
+            break n;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{n} instances at Orthanc\n{}",
+            h.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let ramp = start.elapsed();
+    let withdrawn_at = std::time::SystemTime::now();
+    withdraw_consent(&h, PATIENT);
+    let recorded = withdrawn_at.elapsed().unwrap();
+    let bound = withdrawn_at + Duration::from_secs(1);
+    // Watch Orthanc fill up after the withdrawal: when each instance was first listed.
+    let mut first_seen: std::collections::BTreeMap<String, std::time::SystemTime> =
+        Default::default();
+    let at_bound = loop {
+        let asked = std::time::SystemTime::now();
+        let listed = pacs.instances().unwrap();
+        if asked >= bound {
+            break listed;
+        }
+        for id in listed {
+            first_seen.entry(id).or_insert(asked);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let at_bound: BTreeSet<String> = at_bound.into_iter().collect();
+    tc(&pacs, &["qdisc", "del", "dev", "lo", "root"]);
+    assert!(
+        at_bound.len() < N,
+        "the transfer was over within a second of the withdrawal ({before} before it)"
+    );
+    // The rest stays in the clinic, held as withdrawn; nothing else goes, later either.
+    let status = h.wait_for("the rest held", Duration::from_secs(60), |s| {
+        let m = &service(s, "dicom")["metrics"];
+        m["spool_pending"] == 0.0
+            && m["delivered_total"].as_f64().unwrap_or(0.0)
+                + m["spool_held"].as_f64().unwrap_or(0.0)
+                == N as f64
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let at_end: BTreeSet<String> = pacs.instances().unwrap().into_iter().collect();
+    assert_eq!(
+        at_end.difference(&at_bound).count(),
+        0,
+        "instances stored at Orthanc more than 1 s after the withdrawal\n{}",
+        h.log_text()
+    );
+    let latest = at_end.iter().map(|id| reception(&pacs, id)).max().unwrap();
+    let bound_s = i64::try_from(
+        bound
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap();
+    assert!(
+        latest <= bound_s,
+        "ReceptionDate {latest} later than the withdrawal + 1 s ({bound_s})"
+    );
+    let held = service(&status, "dicom")["metrics"]["spool_held"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        held > 0.0,
+        "some instances were still to go at the withdrawal"
+    );
+    let queue = rusqlite::Connection::open(h.state_dir().join("dicom/spool/queue.db")).unwrap();
+    let reasons: Vec<(String, i64)> = queue
+        .prepare("SELECT reason, count(*) FROM queue WHERE state = 'held' GROUP BY reason")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert_eq!(reasons[0].0, "withdrawn");
+    assert_eq!(held, reasons[0].1 as f64, "{reasons:?}");
+    // Nothing acknowledged is lost: each instance is at Orthanc or held in the clinic.
+    let held_uids: BTreeSet<String> = queue
+        .prepare("SELECT sop_instance FROM queue WHERE state = 'held'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let stored = uids_at(&pacs);
+    assert_eq!(
+        stored.union(&held_uids).cloned().collect::<BTreeSet<_>>(),
+        sent
+    );
+    let last_seen = first_seen
+        .values()
+        .max()
+        .map(|t| unix(*t) - unix(withdrawn_at));
+    eprintln!(
+        "in-flight: the first instance at Orthanc {first:?} after the consent covered images, {before} at {ramp:?}, when the withdrawal began; {} after; the CLI took {recorded:?}; the last new instance listed {last_seen:?} s after the withdrawal began; {held} held",
+        at_end.len()
+    );
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
