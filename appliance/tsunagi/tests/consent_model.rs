@@ -1,18 +1,23 @@
-//! Issue 13, acceptance: a model-based property test of the release path to the hub.
+//! Issue 13, acceptance: a model-based property test of the release paths to the hub.
 //!
 //! Random interleavings of local consent changes (registration with any categories,
 //! withdrawal), network-side consent changes in every shape the network can say yes or no
 //! (active permits, inactive, rejected, entered-in-error, draft, a top-level deny, nested
 //! denies by category and by period, an unreadable resource), pulls that succeed or fail,
-//! time passing (the cache going stale), new SS-MIX2 files of every data type, and the hub
-//! being reachable or not (so uploads are planned at one moment and carried out at another).
+//! time passing (the cache going stale), new SS-MIX2 files of every data type and DICOM
+//! instances of every kind of SOP class (an image, a report, a PDF, a private class), and
+//! the timing of sending: the hub unreachable (SS-MIX2 uploads planned at one moment and
+//! carried out at another) and consent changes between a DICOM round's decisions and each
+//! instance of its batch leaving.
 //!
 //! The real pieces run: the consent store and its decision (`consent::store::Store`, the
-//! FHIR mapping through `consent::sync::apply_network_resource`), and the SS-MIX2 sync
-//! (`Syncer::cycle`). The replica is the witness: at the moment a file reaches it, it
-//! decides again from the store with the pure decision function (recipient hub, the
-//! category of that file's data type), and records a violation when that decision is a
-//! deny. Invariant: no violation, ever.
+//! FHIR mapping through `consent::sync::apply_network_resource`), the SS-MIX2 sync
+//! (`Syncer::cycle`), and the DICOM forwarder's round (`dicom_bridge::service::gate_round`)
+//! with its in-flight rule (`dicom_bridge::inflight`: before each instance, the change feed
+//! since the round's decisions, and a stale cache stops everything). The hub is the witness:
+//! at the moment a file or an instance reaches it, it decides again from the store with the
+//! pure decision function (recipient hub, the category of that exact object), and records a
+//! violation when that decision is a deny. Invariant: no violation, ever.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
