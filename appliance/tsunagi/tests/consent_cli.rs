@@ -377,9 +377,11 @@ fn the_consent_service_answers_decisions_over_its_socket() {
         &socket,
         r#"{"decide":{"patient":"0001234","recipient":{"facility":"1312345679"},"category":"images"}}"#,
     );
+    // Each answer carries its decision's row in the audit trail.
+    let audit = permit["decided"]["audit"].as_i64().unwrap();
     assert_eq!(
         permit,
-        serde_json::json!({"decided": {"decision": "permit"}})
+        serde_json::json!({"decided": {"decision": "permit", "audit": audit}})
     );
     let deny = ask(
         &socket,
@@ -387,7 +389,7 @@ fn the_consent_service_answers_decisions_over_its_socket() {
     );
     assert_eq!(
         deny,
-        serde_json::json!({"decided": {"decision": "deny", "reason": "category-excluded"}})
+        serde_json::json!({"decided": {"decision": "deny", "reason": "category-excluded", "audit": audit + 1}})
     );
     let nobody = ask(
         &socket,
@@ -395,7 +397,33 @@ fn the_consent_service_answers_decisions_over_its_socket() {
     );
     assert_eq!(
         nobody,
-        serde_json::json!({"decided": {"decision": "deny", "reason": "no-consent"}})
+        serde_json::json!({"decided": {"decision": "deny", "reason": "no-consent", "audit": audit + 2}})
+    );
+    // A release refers to the permit it was sent under: one chained row per object.
+    let hub = ask(
+        &socket,
+        r#"{"decide":{"patient":"0001234","recipient":"hub","category":"images"}}"#,
+    );
+    let hub_permit = hub["decided"]["audit"].as_i64().unwrap();
+    assert_eq!(hub["decided"]["decision"], "permit");
+    let recorded = ask(
+        &socket,
+        &format!(
+            r#"{{"released":{{"patient":"0001234","recipient":"hub","category":"images","kind":"sent","objects":[{{"dicom-instance":"1.2.3.1"}},{{"dicom-instance":"1.2.3.2"}}],"decision":{hub_permit}}}}}"#
+        ),
+    );
+    assert_eq!(
+        recorded,
+        serde_json::json!({"recorded": {"audit": hub_permit + 2}})
+    );
+    // What left is named without patient data: a path carrying the patient ID is refused.
+    let path = ask(
+        &socket,
+        r#"{"released":{"patient":"0001234","recipient":"hub","category":"images","kind":"sent","objects":[{"dicom-instance":"000/12/0001234"}],"decision":1}}"#,
+    );
+    assert!(
+        path["error"].as_str().unwrap().starts_with("objects"),
+        "{path}"
     );
     // A category, a reason or a request shape that is not in the protocol is refused, never
     // guessed at (the old untyped request shape included).
@@ -421,23 +449,26 @@ fn the_consent_service_answers_decisions_over_its_socket() {
         &socket,
         r#"{"decide":{"patient":"0001234","recipient":{"facility":"1312345679"},"category":"images"}}"#,
     );
-    assert_eq!(
-        after,
-        serde_json::json!({"decided": {"decision": "deny", "reason": "withdrawn"}})
-    );
+    assert_eq!(after["decided"]["decision"], "deny");
+    assert_eq!(after["decided"]["reason"], "withdrawn");
 
     let status =
         c.h.wait_for("consent status", std::time::Duration::from_secs(15), |s| {
-            service(s, "consent")["metrics"]["decisions_permit_total"] == 1.0
+            service(s, "consent")["metrics"]["decisions_deny_total"] == 3.0
         });
     let consent = service(&status, "consent");
-    assert_eq!(consent["metrics"]["decisions_deny_total"], 3.0);
+    assert_eq!(consent["metrics"]["decisions_permit_total"], 2.0);
     assert_eq!(consent["metrics"]["stale"], 0.0);
+    assert_eq!(consent["metrics"]["releases_recorded_total"], 2.0);
+    // The head of the trail, to compare with a copy kept elsewhere.
+    assert_eq!(
+        consent["metrics"]["audit_head_seq"],
+        serde_json::json!((audit + 6) as f64)
+    );
+    let summary = consent["summary"].as_str().unwrap();
+    assert!(summary.contains("2 permitted, 3 denied"), "{consent}");
     assert!(
-        consent["summary"]
-            .as_str()
-            .unwrap()
-            .contains("1 permitted, 3 denied"),
+        summary.contains(&format!("audit trail head {}", audit + 6)),
         "{consent}"
     );
     assert_eq!(
@@ -452,7 +483,8 @@ fn the_consent_service_answers_decisions_over_its_socket() {
     let out = c.audit();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "audit trail intact: 4 rows"
+        format!("audit trail intact: {} rows", audit + 6),
+        "every decision and release is a row"
     );
     c.h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(
