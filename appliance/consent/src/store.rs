@@ -10,6 +10,12 @@
 //! from the end; without the key nobody can forge a consistent chain. Patients appear in the
 //! trail only as a keyed hash of the facility and patient ID.
 //!
+//! Rows are decisions and releases ([`Store::record_release`]: what left, never patient
+//! data, and the decision row that allowed it). A trail deleted whole has nothing left to
+//! verify against locally: the sync anchors the head at the network each round, keeps the
+//! checkpoint it acknowledged in `audit_anchor`, and records there a local trail that does
+//! not continue it (a reset), which [`Store::verify_audit`] then reports.
+//!
 //! A network consent the sync could not understand is recorded in `unreadable` and denies
 //! its patient (`unreadable-network-consent`) until a readable version of the same resource
 //! replaces it. The change feed ([`Store::changes_since`]) is the `changes` table: every new
