@@ -439,12 +439,24 @@ fn record_releases(gate: &mut SocketGate, spool: &Spool) {
                     .collect(),
                 decision,
             };
-            if let Err(e) = gate.released(&release) {
-                tracing::warn!(
-                    error = &e as &dyn std::error::Error,
-                    "cannot record releases in the audit trail yet; they stay queued"
-                );
-                return;
+            match gate.released(&release) {
+                Ok(()) => {}
+                // This request was refused (e.g. a malformed SOP Instance UID): it stays
+                // queued and counted, and does not hold back the others.
+                Err(e @ consent::client::GateError::Refused(_)) => {
+                    tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "the consent service refused a release record; it stays queued"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "cannot record releases in the audit trail yet; they stay queued"
+                    );
+                    return;
+                }
             }
         }
         if let Err(e) = spool.releases_recorded(&ids) {

@@ -943,8 +943,16 @@ impl Syncer {
                     .collect(),
                 decision: *decision,
             };
-            gate.released(&release)?;
-            self.forget_releases(&seqs)?;
+            match gate.released(&release) {
+                Ok(()) => self.forget_releases(&seqs)?,
+                // This request was refused: it stays queued and counted, and does not hold
+                // back the others.
+                Err(e @ GateError::Refused(_)) => tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "the consent service refused a release record; it stays queued"
+                ),
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }
