@@ -597,3 +597,94 @@ fn audit_verify_never_creates_a_key_and_a_missing_key_is_an_error() {
     assert!(!out.status.success());
     assert!(!key.exists());
 }
+
+/// Issue 13 item 10: deleting the whole audit trail (rows and head, the whole database
+/// even) used to verify as intact. With the trail anchored at the network, the real
+/// service finds it at its next round: status degraded with the reason, `audit verify`
+/// fails, and the network's checkpoint (validated by the strict server) keeps the head.
+#[test]
+fn deleting_the_whole_audit_trail_is_detected_against_the_networks_checkpoint() {
+    use hil_tests::fhir::{Server, Validator, http, schema_path};
+    let validator = Validator::load(&schema_path().unwrap()).unwrap();
+    let addr = Server::new(validator)
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    let mut c = Clinic::with(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"http://{addr}/fhir\"\npull-interval = \"1s\"\n"
+    ));
+    c.register("0001234", &[]);
+    for _ in 0..3 {
+        c.decide("0001234", "hub", "images");
+    }
+    c.h.start();
+    let status =
+        c.h.wait_for("the checkpoint", std::time::Duration::from_secs(30), |s| {
+            service(s, "consent")["metrics"]["audit_checkpoint_seq"] == 3.0
+        });
+    let consent = service(&status, "consent");
+    assert_eq!(consent["health"], "ok", "{consent}");
+    assert!(
+        consent["summary"]
+            .as_str()
+            .unwrap()
+            .contains("the network holds checkpoint 3"),
+        "{consent}"
+    );
+    let checkpoint = http::request(
+        addr,
+        "GET",
+        "/fhir/AuditEvent/tsunagi-audit-1312345678",
+        None,
+    )
+    .unwrap();
+    assert_eq!(checkpoint.status, 200);
+    assert_eq!(
+        checkpoint.json()["entity"][0]["detail"][0]["valueString"],
+        "3"
+    );
+
+    // Someone deletes the whole trail, head and local anchor included, while the service
+    // runs; locally it looks intact.
+    let db =
+        rusqlite::Connection::open(c.h.state_dir().join("consent").join("consent.db")).unwrap();
+    db.execute_batch("DELETE FROM audit; DELETE FROM audit_head; DELETE FROM audit_anchor;")
+        .unwrap();
+    drop(db);
+    let status =
+        c.h.wait_for("the reset", std::time::Duration::from_secs(30), |s| {
+            service(s, "consent")["metrics"]["audit_reset"] == 1.0
+        });
+    let consent = service(&status, "consent");
+    assert_eq!(consent["health"], "degraded", "{consent}");
+    let summary = consent["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("AUDIT TRAIL RESET") && summary.contains("behind the checkpoint"),
+        "{summary}"
+    );
+    let out = c.audit();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("BROKEN") && text.contains("reset or cut"),
+        "{text}"
+    );
+    // The network's checkpoint stays as the evidence.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let checkpoint = http::request(
+        addr,
+        "GET",
+        "/fhir/AuditEvent/tsunagi-audit-1312345678",
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        checkpoint.json()["entity"][0]["detail"][0]["valueString"],
+        "3"
+    );
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        c.h.wait_exit(std::time::Duration::from_secs(15))
+            .unwrap()
+            .success()
+    );
+}
