@@ -4,7 +4,9 @@
 //! Socket: `RUNTIME-DIR/consent/decide.sock` (directory 0750 owned by the service's user;
 //! socket 0660). One request per line, one answer per line, in the typed protocol of the
 //! `consent-protocol` crate ([`Request`], [`Answer`]; wire shapes there). Every decision is
-//! written to the audit trail before it is answered. A decision is a local database lookup;
+//! written to the audit trail before it is answered, and the answer carries its row's
+//! number; a release ([`Request::Released`]: what reached, or was removed at, a recipient)
+//! is one row per object referring to that number. A decision is a local database lookup;
 //! no network call is ever made on this path.
 //!
 //! The change feed ([`Request::Changes`]) lists the patients whose consents changed after a
