@@ -326,10 +326,16 @@ pub fn comprehensive_sr(dir: &Path, ids: &Ids) -> Result<PathBuf, DicomFilesErro
           (fffe,e00d) na (ItemDelimitationItem)\n\
           (fffe,e0dd) na (SequenceDelimitationItem)\n",
     );
+    dump_to_file(dir, ids, &dump)
+}
+
+/// `dump2dcm`: `dump` into `<SOP UID>.dcm` in `dir` (Explicit VR Little Endian, no group
+/// lengths in the data set).
+fn dump_to_file(dir: &Path, ids: &Ids, dump: &[u8]) -> Result<PathBuf, DicomFilesError> {
     let dump2dcm = find_tool("dump2dcm", "dcmtk")?;
     let file = dir.join(format!("{}.dcm", ids.sop_instance_uid));
     let dump_path = dir.join(format!("{}.dump", ids.sop_instance_uid));
-    fs::write(&dump_path, &dump).map_err(io_err("write", &dump_path))?;
+    fs::write(&dump_path, dump).map_err(io_err("write", &dump_path))?;
     let mut command = Command::new(&dump2dcm);
     command
         .args(["--quiet", "--write-xfer-little", "--group-length-remove"])
@@ -532,7 +538,6 @@ fn write_instance(
     pixel_bytes: u64,
     pixels: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
 ) -> Result<PathBuf, DicomFilesError> {
-    let dump2dcm = find_tool("dump2dcm", "dcmtk")?;
     let length = u32::try_from(pixel_bytes)
         .ok()
         .filter(|len| len % 2 == 0 && *len != u32::MAX)
@@ -541,17 +546,7 @@ fn write_instance(
             value: pixel_bytes.to_string(),
             reason: "even and below 4 GiB",
         })?;
-    let file = dir.join(format!("{}.dcm", ids.sop_instance_uid));
-    let dump_path = dir.join(format!("{}.dump", ids.sop_instance_uid));
-    fs::write(&dump_path, dump).map_err(io_err("write", &dump_path))?;
-    let mut command = Command::new(&dump2dcm);
-    command
-        .args(["--quiet", "--write-xfer-little", "--group-length-remove"])
-        .arg(&dump_path)
-        .arg(&file);
-    let result = run_with_input(&mut command, b"");
-    let _ = fs::remove_file(&dump_path);
-    result?;
+    let file = dump_to_file(dir, ids, dump)?;
 
     let out = OpenOptions::new()
         .append(true)

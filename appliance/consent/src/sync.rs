@@ -833,9 +833,34 @@ async fn apply_consent(
         return Ok(false);
     };
     let mut s = lock(store)?;
-    match fhir::consent_from_resource(&found.resource, pid.clone()) {
+    Ok(apply_network_resource(
+        &mut s,
+        &found.resource,
+        &found.reference,
+        &found.version_id,
+        &found.last_updated,
+        pid,
+        time::now(),
+    )?)
+}
+
+/// Applies one Consent resource pulled from the network about the clinic's patient `pid`
+/// (`reference` is `Consent/ID`): a readable one becomes a consent version (and lifts an
+/// earlier unreadable version of the same resource); one that cannot be understood denies
+/// the patient (`unreadable-network-consent`) until a readable version arrives. Returns
+/// whether anything changed.
+pub fn apply_network_resource(
+    s: &mut Store,
+    resource: &Value,
+    reference: &str,
+    version_id: &str,
+    last_updated: &str,
+    pid: PatientId,
+    now: time::Timestamp,
+) -> Result<bool, StoreError> {
+    match fhir::consent_from_resource(resource, pid.clone()) {
         Ok(consent) => {
-            let lifted = s.clear_unreadable(&found.reference)?;
+            let lifted = s.clear_unreadable(reference)?;
             let applied = if s.patient(&pid)?.is_some() {
                 matches!(
                     s.apply_network_consent(consent)?,
@@ -852,13 +877,13 @@ async fn apply_consent(
                 "a consent from the network about one of this clinic's patients could not be understood; the patient is denied (unreadable-network-consent) until a readable version arrives"
             );
             let unreadable = Unreadable {
-                resource: found.reference.clone(),
+                resource: reference.to_owned(),
                 patient: pid,
-                version_id: Some(found.version_id.clone()),
-                last_updated: Some(found.last_updated.clone()),
+                version_id: Some(version_id.to_owned()),
+                last_updated: Some(last_updated.to_owned()),
                 why: e.why,
             };
-            Ok(s.record_unreadable(&unreadable, time::now())?)
+            s.record_unreadable(&unreadable, now)
         }
     }
 }

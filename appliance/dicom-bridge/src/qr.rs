@@ -617,10 +617,18 @@ pub async fn collect(
             (checks, Some(network.clone()))
         };
         checks = c;
-        let category = Category::for_dicom_sop_class(&v(SOP_CLASS)?);
+        // Before fetching: the category of the SOP class the PACS reports, or (a PACS that
+        // does not report it at IMAGE level) participation alone; the category of what
+        // actually arrives is decided again before it goes to the viewer.
+        let class = v(SOP_CLASS)?;
+        let category = if class.is_empty() {
+            Ok(None)
+        } else {
+            Category::for_dicom_sop_class(&class).map(Some).ok_or(())
+        };
         let visible = match (local.clone().filter(|l| !l.is_empty()), category) {
-            (Some(l), Some(category)) => {
-                let (c, v) = blocking(checks, move |c| c.visible(&l, Some(category))).await?;
+            (Some(l), Ok(category)) => {
+                let (c, v) = blocking(checks, move |c| c.visible(&l, category)).await?;
                 checks = c;
                 v
             }
@@ -653,9 +661,19 @@ pub async fn collect(
         failed: refused,
     };
     for (n, (w, path, ts)) in got.iter().enumerate() {
-        match outgoing_for(n, w, path, ts) {
-            Ok(o) => retrieved.outgoing.push(o),
-            Err(_) => {
+        // The decision for this exact object, with the category of the class it came as.
+        let shown = match Category::for_dicom_sop_class(&w.sop_class) {
+            Some(category) => {
+                let local = w.local_id.clone();
+                let (c, v) = blocking(checks, move |c| c.visible(&local, Some(category))).await?;
+                checks = c;
+                v
+            }
+            None => false,
+        };
+        match shown.then(|| outgoing_for(n, w, path, ts)) {
+            Some(Ok(o)) => retrieved.outgoing.push(o),
+            _ => {
                 let _ = std::fs::remove_file(path);
             }
         }
@@ -947,11 +965,16 @@ async fn receive_stores(
                             v.as_deref()
                                 .map(|u| u.trim_end_matches(['\0', ' ']).to_owned())
                         };
-                        if uid(&c.affected_sop_class).as_deref() == Some(w.sop_class.as_str())
+                        let class = uid(&c.affected_sop_class).unwrap_or_default();
+                        let same_class = w.sop_class.is_empty() || class == w.sop_class;
+                        if same_class
+                            && !class.is_empty()
                             && uid(&c.affected_sop_instance).as_deref()
                                 == Some(w.sop_instance.as_str())
                         {
-                            got.push((w.clone(), path, ts));
+                            let mut item = w.clone();
+                            item.sop_class = class;
+                            got.push((item, path, ts));
                         } else {
                             let _ = std::fs::remove_file(&path);
                             tracing::warn!(
@@ -980,6 +1003,42 @@ mod tests {
         assert_eq!(clean_work_dir(dir.path()), 3);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         assert_eq!(clean_work_dir(&dir.path().join("absent")), 0);
+    }
+
+    #[test]
+    fn a_retrieved_instance_of_another_patient_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ct = "1.2.840.10008.5.1.4.1.1.2";
+        // What the PACS sent: a data set (explicit VR LE) of NET-9999999.
+        let data = translate::with_elements(
+            &[],
+            true,
+            &[
+                (SOP_CLASS, *b"UI", Some(ct)),
+                (SOP_INSTANCE, *b"UI", Some("1.2.3.4")),
+                (PATIENT_ID, *b"LO", Some("NET-9999999")),
+            ],
+        )
+        .unwrap();
+        let path = dir.path().join("got.dcm");
+        std::fs::write(&path, &data).unwrap();
+        let wanted = |network: &str| Wanted {
+            sop_class: ct.into(),
+            sop_instance: "1.2.3.4".into(),
+            study: "1.2.3".into(),
+            series: "1.2.3.1".into(),
+            network_id: network.into(),
+            local_id: "0001234".into(),
+        };
+        let explicit_le = "1.2.840.10008.1.2.1";
+        assert!(matches!(
+            outgoing_for(0, &wanted("NET-0001234"), &path, explicit_le),
+            Err(QueryError::WrongPatient)
+        ));
+        // The patient asked for: accepted, with the clinic's ID restored.
+        let o = outgoing_for(0, &wanted("NET-9999999"), &path, explicit_le).unwrap();
+        assert_eq!(o.queued.meta.patient_id.as_deref(), Some("0001234"));
+        assert!(o.head.is_some());
     }
 
     #[test]

@@ -468,8 +468,10 @@ impl Syncer {
             // Revocation never needs a fresh cache: a withdrawal recorded at the desk while
             // the network is unreachable is a definite answer (the consent service answers
             // it before staleness), and removes the files at the hub once it is reachable.
+            // While stale, only the patients whose consent changed here are asked: nobody
+            // else can have a new "no" the box knows of, and every answer is an audit row.
             let due = changed.contains(patient.as_str())
-                || self.cached(&patient, &category, now)?.is_none();
+                || (fresh && self.cached(&patient, &category, now)?.is_none());
             if !due {
                 continue;
             }

@@ -1344,3 +1344,32 @@ fn dicom_section_defaults_and_rules() {
         "{bad}"
     );
 }
+
+#[test]
+fn query_retrieve_needs_an_allowed_callers_list() {
+    let dicom = |extra: &str| {
+        ssmix2_config(&format!(
+            "[dicom]\nlisten = \"0.0.0.0:104\"\npatient-ids = \"as-is\"\n{extra}[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n"
+        ))
+    };
+    // Off by default: no viewer may query.
+    let cfg = parse(&dicom(""), file()).unwrap();
+    assert!(!cfg.dicom.unwrap().query_retrieve);
+    // On without callers: refused, naming both keys.
+    let p = problems(&dicom("query-retrieve = true\n"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].1, "dicom.query-retrieve");
+    assert!(p[0].2.contains("allowed-callers"), "{p:?}");
+    // An empty list is no list.
+    assert_eq!(
+        problems(&dicom("query-retrieve = true\nallowed-callers = []\n")).len(),
+        1
+    );
+    // On with the viewers listed: accepted.
+    let cfg = parse(
+        &dicom("query-retrieve = true\n[[dicom.allowed-callers]]\nae-title = \"VIEWER\"\naddress = \"192.168.1.30\"\n"),
+        file(),
+    )
+    .unwrap();
+    assert!(cfg.dicom.unwrap().query_retrieve);
+}

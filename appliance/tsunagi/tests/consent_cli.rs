@@ -55,9 +55,9 @@ impl Clinic {
         serde_json::from_str(&self.ok(&all)).unwrap()
     }
 
-    fn register(&self, patient: &str, extra: &[&str]) -> String {
-        let form = self.form.display().to_string();
-        let mut args = vec![
+    /// `register PATIENT` with the desk's answers but the form's two questions.
+    fn register_args<'a>(&self, patient: &'a str, form: &'a str) -> Vec<&'a str> {
+        vec![
             "register",
             patient,
             "--family",
@@ -73,10 +73,15 @@ impl Clinic {
             "--sex",
             "female",
             "--evidence",
-            &form,
+            form,
             "--recorded-by",
             "staff-1",
-        ];
+        ]
+    }
+
+    fn register(&self, patient: &str, extra: &[&str]) -> String {
+        let form = self.form.display().to_string();
+        let mut args = self.register_args(patient, &form);
         args.extend_from_slice(extra);
         // The form's two questions are always answered on the command line.
         for flag in ["--scope", "--categories"] {
@@ -241,32 +246,13 @@ fn bad_input_gets_a_clear_error() {
 fn register_requires_the_scope_and_the_categories_of_the_paper_form() {
     let c = Clinic::new();
     let form = c.form.display().to_string();
-    let base = [
-        "register",
-        "0001234",
-        "--family",
-        "山田",
-        "--given",
-        "花子",
-        "--family-kana",
-        "ヤマダ",
-        "--given-kana",
-        "ハナコ",
-        "--birth-date",
-        "1950-04-01",
-        "--sex",
-        "female",
-        "--evidence",
-        &form,
-        "--recorded-by",
-        "staff-1",
-    ];
+    let base = c.register_args("0001234", &form);
     for (given, missing) in [
         (&["--categories", "images"][..], "--scope"),
         (&["--scope", "all"][..], "--categories"),
         (&[][..], "--scope"),
     ] {
-        let mut args = base.to_vec();
+        let mut args = base.clone();
         args.extend_from_slice(given);
         let out = c.run(&args);
         assert!(!out.status.success(), "{given:?} must not register");

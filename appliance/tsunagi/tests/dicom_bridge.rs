@@ -561,8 +561,13 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
     ) {
         return;
     }
-    let pacs = Orthanc::start_for_test();
-    // Query/retrieve is on, for the listed viewer (and storescu, which fills nothing here).
+    // The last part forges a stored file: Orthanc must read it (no storage cache).
+    let mut options = hil_tests::orthanc::Options::default();
+    options
+        .extra
+        .insert("MaximumStorageCacheSize".into(), serde_json::json!(0));
+    let pacs = Orthanc::start_for_test_with(&options);
+    // Query/retrieve is on, for the listed viewer.
     let (mut h, form) = clinic_with(
         &pacs,
         FAST_SUPERVISOR,
@@ -691,6 +696,57 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
     assert!(
         text.contains("0xa801") || text.contains("Move Destination Unknown"),
         "{text}"
+    );
+
+    // A PACS whose stored file of our study is someone else's (same UIDs, another
+    // PatientID): nothing of it reaches the viewer. (Orthanc reads the file to answer the
+    // query too, so the box already sees the other patient there; the check of what
+    // arrives against the patient asked for is `qr`'s unit test.)
+    let orthanc_id = pacs
+        .instances()
+        .unwrap()
+        .into_iter()
+        .find(|id| {
+            pacs.get(&format!("/instances/{id}/simplified-tags"))
+                .unwrap()
+                .json()["SOPInstanceUID"]
+                == ours.sop_instance_uid.as_str()
+        })
+        .unwrap();
+    let uuid = pacs
+        .get(&format!("/instances/{orthanc_id}/attachments/dicom/info"))
+        .unwrap()
+        .json()["Uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stored = pacs
+        .dir()
+        .join("storage")
+        .join(&uuid[0..2])
+        .join(&uuid[2..4])
+        .join(&uuid);
+    assert!(stored.is_file(), "{}", stored.display());
+    let forged_dir = tempfile::tempdir().unwrap();
+    let forged = japanese_ct(
+        forged_dir.path(),
+        &Ids {
+            patient_id: "NET-9999999".into(),
+            ..ours.clone()
+        },
+    )
+    .unwrap();
+    std::fs::copy(&forged, &stored).unwrap();
+    let (moved, text) = move_through_box(&pacs, "VIEWER", &study(&ours));
+    assert!(
+        moved.is_empty(),
+        "another patient's instance reached the viewer: {text}"
+    );
+    assert_eq!(last_count(&text, "Failed"), Some(1), "{text}");
+    let (got, text) = get_through_box(&pacs, &study(&ours));
+    assert!(
+        got.is_empty(),
+        "another patient's instance reached the viewer: {text}"
     );
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());

@@ -463,3 +463,53 @@ fn inotify_notices_a_new_file_long_before_the_rescan() {
     c.h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// Issue 13, item 5: a withdrawal recorded at the desk while the network's consent service
+/// cannot be reached (the cache stale, nothing new published) still removes the patient's
+/// files from the hub's WebDAV server within a cycle; the other patient's files stay.
+#[test]
+fn a_withdrawal_recorded_while_the_cache_is_stale_removes_the_files_at_nginx() {
+    let mut c = Clinic::new(FAST_SUPERVISOR);
+    let (a, b) = (Patient::sample("0000000001"), Patient::sample("0000000002"));
+    for p in [&a, &b] {
+        records(&mut c.storage, p);
+    }
+    c.register(&a.id);
+    c.register(&b.id);
+    c.synced();
+    let both: BTreeSet<String> = [a.id.clone(), b.id.clone()].into();
+    c.h.start();
+    c.wait_for_hub(
+        "first sync",
+        &expected(c.storage.root(), &both),
+        Duration::from_secs(60),
+    );
+    // The network has not been reached for three days: decisions are stale.
+    let db = c.h.state_dir().join("consent").join("consent.db");
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .execute(
+            "UPDATE sync_state SET last_pull_at = last_pull_at - 3 * 86400",
+            [],
+        )
+        .unwrap();
+    // A new file of B is not published from a stale cache...
+    c.storage
+        .put(
+            &b,
+            &Record::new("OMP-01", "20261121", "000000000000007", "20261121103000000"),
+        )
+        .unwrap();
+    // ...and A's withdrawal at the desk removes A's files all the same.
+    c.consent(&["withdraw", &a.id, "--recorded-by", "desk-1"]);
+    let only_b: BTreeMap<String, String> = expected(c.storage.root(), &[b.id.clone()].into())
+        .into_iter()
+        .filter(|(k, _)| !k.contains("000000000000007"))
+        .collect();
+    c.wait_for_hub("the withdrawal", &only_b, Duration::from_secs(60));
+    // And it stays so: the stale cache publishes nothing new.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.hub(), only_b);
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}

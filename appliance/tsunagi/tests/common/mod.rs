@@ -295,31 +295,28 @@ pub fn mark_consent_synced(h: &Harness) {
 /// name, `form` as the evidence, plus `extra` arguments.
 /// `tsunagi consent network-id PATIENT ID` (名寄せ: the network's ID for the patient).
 pub fn set_network_id(h: &Harness, patient: &str, id: &str) {
-    let out = Command::new(BIN)
-        .args(["consent", "network-id", patient, id, "--config"])
-        .arg(&h.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "network-id {patient}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    consent_ok(h, &["network-id", patient, id]);
 }
 
-/// `tsunagi consent withdraw PATIENT` (recorded at the desk).
-pub fn withdraw_consent(h: &Harness, patient: &str) {
+/// `tsunagi consent ARGS --config ...`, which must succeed.
+pub fn consent_ok(h: &Harness, args: &[&str]) {
     let out = Command::new(BIN)
-        .args(["consent", "withdraw", patient, "--recorded-by", "staff-2"])
+        .arg("consent")
+        .args(args)
         .arg("--config")
         .arg(&h.config)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "withdraw {patient}: {}",
+        "consent {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `tsunagi consent withdraw PATIENT` (recorded at the desk).
+pub fn withdraw_consent(h: &Harness, patient: &str) {
+    consent_ok(h, &["withdraw", patient, "--recorded-by", "staff-2"]);
 }
 
 pub fn register_consent(h: &Harness, form: &Path, patient: &str, extra: &[&str]) {
