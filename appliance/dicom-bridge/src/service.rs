@@ -393,7 +393,7 @@ const RELEASES_PER_ROUND: usize = 4096;
 /// (what left: the SOP Instance UID; under which permit), grouped by patient, category and
 /// permit. A failure keeps them in the spool's database for the next round and holds nothing
 /// back (status shows how many wait).
-fn record_releases(gate: &mut SocketGate, spool: &Spool) {
+fn record_releases(gate: &mut dyn Gate, spool: &Spool) {
     let pending = match spool.pending_releases(RELEASES_PER_ROUND) {
         Ok(p) => p,
         Err(e) => {
