@@ -1227,8 +1227,9 @@ impl Store {
 
     /// Records that objects of a patient's data left for (or were removed at) a recipient:
     /// one audit row each (decision column `sent` or `deleted`), in one transaction,
-    /// referring to the decision row that allowed it. A reference that is not a permit for
-    /// this patient, recipient and category (or a missing one for `sent`) is still recorded
+    /// referring to the decision row that allowed it (a removal: the denial that caused it,
+    /// if any). A reference that is not such a decision for this patient, recipient and
+    /// category (or a missing one for `sent`) is still recorded
     /// (the data did leave) and flagged in the row's reason (`unverified-decision`), so the
     /// trail shows it. Returns the last row's sequence number.
     pub fn record_release(
@@ -1250,11 +1251,16 @@ impl Store {
                     )
                     .optional()
                     .map_err(sql("read audit"))?;
+                // What sends refers to a permit; a removal, to the denial that caused it.
+                let want = match release.kind {
+                    consent_protocol::ReleaseKind::Sent => "permit",
+                    consent_protocol::ReleaseKind::Deleted => "deny",
+                };
                 row.is_some_and(|(h, r, c, d, o)| {
                     h == hash
                         && r == recipient
                         && c == release.category.as_str()
-                        && d == "permit"
+                        && d == want
                         && o.is_empty()
                 })
             }

@@ -77,8 +77,10 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 3,
         // Release records waiting for the consent service's audit trail: written in the
-        // same transaction that marks the operation done, sent (and removed) afterwards.
-        sql: "CREATE TABLE releases (
+        // same transaction that marks the operation done, sent (and removed) afterwards. A
+        // planned removal keeps the audit row of the denial that planned it.
+        sql: "ALTER TABLE outbox ADD COLUMN decision INTEGER;
+          CREATE TABLE releases (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             patient_id TEXT NOT NULL, category TEXT NOT NULL,
             kind TEXT NOT NULL CHECK (kind IN ('sent', 'deleted')),
@@ -196,6 +198,8 @@ struct Op {
     patient_id: String,
     category: String,
     key: String,
+    /// The audit row of the decision that planned it (a removal's denial).
+    decision: Option<i64>,
 }
 
 /// What carrying out an operation did.
@@ -476,16 +480,19 @@ impl Syncer {
                 continue;
             }
             // A category this version cannot read back is treated as denied: removed.
-            let verdict = match category.parse::<Category>() {
-                Ok(c) => gate.decide(&patient, c)?.decision,
-                Err(_) => Decision::Deny(DenyReason::CategoryExcluded),
+            let (verdict, audit) = match category.parse::<Category>() {
+                Ok(c) => {
+                    let d = gate.decide(&patient, c)?;
+                    (d.decision, Some(d.audit))
+                }
+                Err(_) => (Decision::Deny(DenyReason::CategoryExcluded), None),
             };
             // A transient answer (stale cache) is not remembered: it says nothing of consent.
             if !verdict.is_transient() {
                 Self::remember(&tx, &patient, &category, &verdict, now)?;
             }
             if matches!(verdict, Decision::Deny(_)) && !verdict.is_transient() {
-                self.plan_removal(&tx, &patient, &category, now)?;
+                self.plan_removal(&tx, &patient, &category, now, audit)?;
             }
         }
         // A stale cache: keep the feed position so nothing it listed is missed.
@@ -502,7 +509,17 @@ impl Syncer {
         patient: &str,
         category: &str,
         now: i64,
+        denial: Option<i64>,
     ) -> Result<(), SyncError> {
+        // Each removal keeps the denial that planned it, for its release record.
+        let decided_by = || {
+            tx.execute(
+                "UPDATE outbox SET decision = ?1 WHERE seq = ?2",
+                params![denial, tx.last_insert_rowid()],
+            )
+            .map(|_| ())
+            .map_err(sql("plan an operation"))
+        };
         let rows: Vec<(String, String)> = {
             let mut stmt = tx
                 .prepare("SELECT path, key FROM published WHERE patient_id = ?1 AND category = ?2 AND tombstone = 0 ORDER BY key, path")
@@ -515,6 +532,7 @@ impl Syncer {
         let mut last_key: Option<String> = None;
         for (path, key) in &rows {
             enqueue(tx, "delete", path, None, None, patient, category, key, now)?;
+            decided_by()?;
             if self.settings.withdrawal == WithdrawalPolicy::Tombstone
                 && last_key.as_deref() != Some(key)
             {
@@ -530,6 +548,7 @@ impl Syncer {
                         key,
                         now,
                     )?;
+                    decided_by()?;
                 }
                 last_key = Some(key.clone());
             }
@@ -739,7 +758,7 @@ impl Syncer {
         loop {
             let op: Option<Op> = self
                 .conn
-                .query_row("SELECT seq, op, path, dest, sha256, patient_id, category, key FROM outbox ORDER BY seq LIMIT 1", [], |r| {
+                .query_row("SELECT seq, op, path, dest, sha256, patient_id, category, key, decision FROM outbox ORDER BY seq LIMIT 1", [], |r| {
                     Ok(Op {
                         seq: r.get(0)?,
                         op: r.get(1)?,
@@ -749,6 +768,7 @@ impl Syncer {
                         patient_id: r.get(5)?,
                         category: r.get(6)?,
                         key: r.get(7)?,
+                        decision: r.get(8)?,
                     })
                 })
                 .optional()
@@ -814,7 +834,7 @@ impl Syncer {
                     sha256, tombstone, ..
                 } => {
                     if *tombstone {
-                        release("deleted", sha256, None)?;
+                        release("deleted", sha256, op.decision)?;
                     } else {
                         release("sent", sha256, audit)?;
                     }
@@ -832,7 +852,7 @@ impl Syncer {
                         .optional()
                         .map_err(sql("read published"))?;
                     if let Some(sha256) = sha256 {
-                        release("deleted", &sha256, None)?;
+                        release("deleted", &sha256, op.decision)?;
                     }
                 }
                 Effect::Dropped { .. } => {}

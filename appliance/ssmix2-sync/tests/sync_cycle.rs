@@ -492,12 +492,19 @@ fn a_published_and_a_deleted_file_each_leave_a_release_record_referring_to_its_d
     gate.releases.clear();
     w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
     assert!(tree(&w.replica_root).is_empty());
-    let deleted: Vec<&Object> = gate
+    let removals: Vec<_> = gate
         .releases
         .iter()
         .filter(|r| r.kind == ReleaseKind::Deleted && r.patient == a.id)
-        .flat_map(|r| &r.objects)
         .collect();
+    for release in &removals {
+        // Each refers to the denial that caused it.
+        let audit = release.decision.expect("a revocation refers to its denial");
+        let (patient, category, decision) = &gate.decisions[usize::try_from(audit - 1).unwrap()];
+        assert_eq!((patient, *category), (&a.id, release.category));
+        assert!(matches!(decision, Decision::Deny(_)), "{decision:?}");
+    }
+    let deleted: Vec<&Object> = removals.iter().flat_map(|r| &r.objects).collect();
     assert_eq!(deleted.len(), 3, "{:?}", gate.releases);
     for object in deleted {
         let Object::Ssmix2File { sha256, .. } = object else {

@@ -472,21 +472,32 @@ fn a_release_without_a_permit_for_it_is_recorded_as_unverified() {
             .unwrap();
         assert_eq!(reason, "unverified-decision", "{decision:?}");
     }
-    // A deletion needs no decision.
-    let deleted = Release {
-        kind: consent_protocol::ReleaseKind::Deleted,
-        ..sent_images(&id, &objects, None)
-    };
-    let seq = s.record_release(&deleted, T0).unwrap();
-    let (kind, reason): (String, String) = s
-        .connection()
-        .query_row(
-            "SELECT decision, reason FROM audit WHERE seq = ?1",
-            [seq],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    assert_eq!((kind.as_str(), reason.as_str()), ("deleted", ""));
+    // A deletion refers to the denial that caused it, or to nothing (a file gone from the
+    // storage); never to a permit.
+    for (decision, want) in [
+        (None, ""),
+        (Some(deny), ""),
+        (Some(other), "unverified-decision"),
+    ] {
+        let deleted = Release {
+            kind: consent_protocol::ReleaseKind::Deleted,
+            ..sent_images(&id, &objects, decision)
+        };
+        let seq = s.record_release(&deleted, T0).unwrap();
+        let (kind, reason): (String, String) = s
+            .connection()
+            .query_row(
+                "SELECT decision, reason FROM audit WHERE seq = ?1",
+                [seq],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (kind.as_str(), reason.as_str()),
+            ("deleted", want),
+            "{decision:?}"
+        );
+    }
     assert!(matches!(
         s.verify_audit().unwrap(),
         AuditCheck::Intact { .. }
