@@ -7,8 +7,8 @@
 //!   (`testnet up` for a shell, `testnet clean`).
 //! - [`health`]: the hub's health server (`testnet serve-health ADDR`) and a tiny HTTP
 //!   client (`testnet get URL`) to probe it from inside a namespace.
-//! - [`fhir`]: a strict, small FHIR R4 server (Patient, Organization, Consent; validated
-//!   against the FHIR JSON schema), the stand-in for the network's FHIR server
+//! - [`fhir`]: a strict, small FHIR R4 server (Patient, Organization, Consent, AuditEvent;
+//!   validated against the FHIR JSON schema), the stand-in for the network's FHIR server
 //!   (`testnet fhir-serve ADDR`).
 //! - [`nginx`]: [`Nginx`](nginx::Nginx), a guard running a real nginx WebDAV server over
 //!   HTTPS with client certificates (a test PKI of its own) on a loopback port, or on a

@@ -8,8 +8,12 @@
 //!
 //! Wire shapes (serde's external tagging, kebab-case):
 //! - `{"decide":{"patient":"0001234","recipient":"hub","category":"images"}}` →
-//!   `{"decided":{"decision":"permit"}}` or
-//!   `{"decided":{"decision":"deny","reason":"withdrawn"}}`;
+//!   `{"decided":{"decision":"permit","audit":41}}` or
+//!   `{"decided":{"decision":"deny","reason":"withdrawn","audit":42}}` (`audit`: the
+//!   decision's row in the audit trail, which a release record refers to);
+//! - `{"released":{"patient":"0001234","recipient":"hub","category":"images","kind":"sent",
+//!   "objects":[{"dicom-instance":"1.2.3"}],"decision":41}}` → `{"recorded":{"audit":43}}`
+//!   (one audit row per object; `audit` is the last one's);
 //! - `{"participates":{"patient":"0001234"}}` → `{"decided":…}` as above;
 //! - `{"changes":{"since":0}}` → `{"changes":{"seq":7,"patients":["0001234"],"more":false,"fresh":true}}`;
 //! - `{"network-id-of":{"patient":"0001234"}}` and `{"local-id-of":{"network_id":"N-1"}}` →
@@ -295,6 +299,138 @@ impl Decision {
     }
 }
 
+/// A decision and its row in the audit trail.
+///
+/// Wire shape: `{"decision":"permit","audit":41}` or
+/// `{"decision":"deny","reason":"withdrawn","audit":42}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "DecidedWire", into = "DecidedWire")]
+pub struct Decided {
+    pub decision: Decision,
+    /// The sequence number of the decision's row in the audit trail.
+    pub audit: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Verdict {
+    Permit,
+    Deny,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecidedWire {
+    decision: Verdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<DenyReason>,
+    audit: i64,
+}
+
+impl TryFrom<DecidedWire> for Decided {
+    type Error = ParseError;
+    fn try_from(w: DecidedWire) -> Result<Decided, ParseError> {
+        let decision = match (w.decision, w.reason) {
+            (Verdict::Permit, None) => Decision::Permit,
+            (Verdict::Deny, Some(r)) => Decision::Deny(r),
+            (Verdict::Permit, Some(_)) => return Err(ParseError("a permit with a reason".into())),
+            (Verdict::Deny, None) => return Err(ParseError("a deny without a reason".into())),
+        };
+        Ok(Decided {
+            decision,
+            audit: w.audit,
+        })
+    }
+}
+
+impl From<Decided> for DecidedWire {
+    fn from(d: Decided) -> DecidedWire {
+        let (decision, reason) = match d.decision {
+            Decision::Permit => (Verdict::Permit, None),
+            Decision::Deny(r) => (Verdict::Deny, Some(r)),
+        };
+        DecidedWire {
+            decision,
+            reason,
+            audit: d.audit,
+        }
+    }
+}
+
+/// What happened at the recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReleaseKind {
+    /// The object reached the recipient (a DICOM instance stored, an SS-MIX2 file put or
+    /// renamed into place): needs the permit that allowed it.
+    Sent,
+    /// The object was removed at the recipient (an SS-MIX2 file deleted, or a tombstone
+    /// written in its place).
+    Deleted,
+}
+
+impl ReleaseKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseKind::Sent => "sent",
+            ReleaseKind::Deleted => "deleted",
+        }
+    }
+}
+
+/// What left, named without patient data: never a path or a name that carries a patient ID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Object {
+    /// A DICOM instance, by its SOP Instance UID.
+    DicomInstance(String),
+    /// An SS-MIX2 file, by the SHA-256 of its bytes (hex) and its data type (e.g. `OMP-01`).
+    Ssmix2File { sha256: String, data_type: String },
+}
+
+impl Object {
+    /// The object as the audit trail records it (`dicom:UID`, `ssmix2:TYPE:SHA256`), or why
+    /// it is not acceptable (it could carry something other than an identifier).
+    pub fn audit_text(&self) -> Result<String, ParseError> {
+        match self {
+            Object::DicomInstance(uid) => {
+                let ok = (1..=64).contains(&uid.len())
+                    && uid.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+                if !ok {
+                    return Err(ParseError(
+                        "a SOP Instance UID is 1-64 digits and dots".into(),
+                    ));
+                }
+                Ok(format!("dicom:{uid}"))
+            }
+            Object::Ssmix2File { sha256, data_type } => {
+                let hex = sha256.len() == 64
+                    && sha256
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                if !hex {
+                    return Err(ParseError("a SHA-256 is 64 lowercase hex digits".into()));
+                }
+                let t = data_type.as_bytes();
+                let typed = t.len() == 6
+                    && t[..3].iter().all(u8::is_ascii_uppercase)
+                    && t[3] == b'-'
+                    && t[4..].iter().all(u8::is_ascii_digit);
+                if !typed {
+                    return Err(ParseError("an SS-MIX2 data type is like OMP-01".into()));
+                }
+                Ok(format!("ssmix2:{data_type}:{sha256}"))
+            }
+        }
+    }
+}
+
+/// The most objects one release request may carry (the request line stays well under
+/// [`MAX_LINE`]).
+pub const MAX_RELEASE_OBJECTS: usize = 256;
+/// The longest request line the consent service reads.
+pub const MAX_LINE: usize = 64 * 1024;
+
 /// A request to the consent service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -318,6 +454,19 @@ pub enum Request {
     NetworkIdOf { patient: String },
     /// The local patient with this network ID.
     LocalIdOf { network_id: String },
+    /// Objects of the patient's data of this category reached (or were removed at) the
+    /// recipient: one audit row each, referring to the decision that allowed it
+    /// ([`Decided::audit`]; required for [`ReleaseKind::Sent`]). At most
+    /// [`MAX_RELEASE_OBJECTS`] objects.
+    Released {
+        patient: String,
+        recipient: Recipient,
+        category: Category,
+        kind: ReleaseKind,
+        objects: Vec<Object>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decision: Option<i64>,
+    },
 }
 
 /// A page of the change feed.
@@ -351,7 +500,11 @@ pub struct Identity {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Answer {
-    Decided(Decision),
+    Decided(Decided),
+    /// A release was recorded; `audit` is the last of its rows.
+    Recorded {
+        audit: i64,
+    },
     Changes(Changes),
     Identity(Identity),
     /// The request could not be answered (never carries patient data).
@@ -451,11 +604,49 @@ mod tests {
             to_line(&req),
             "{\"decide\":{\"patient\":\"0001234\",\"recipient\":\"hub\",\"category\":\"images\"}}\n"
         );
-        let deny = Answer::Decided(Decision::Deny(DenyReason::Withdrawn));
+        let deny = Answer::Decided(Decided {
+            decision: Decision::Deny(DenyReason::Withdrawn),
+            audit: 42,
+        });
         assert_eq!(
             to_line(&deny),
-            "{\"decided\":{\"decision\":\"deny\",\"reason\":\"withdrawn\"}}\n"
+            "{\"decided\":{\"decision\":\"deny\",\"reason\":\"withdrawn\",\"audit\":42}}\n"
         );
+        let permit = Answer::Decided(Decided {
+            decision: Decision::Permit,
+            audit: 41,
+        });
+        assert_eq!(
+            to_line(&permit),
+            "{\"decided\":{\"decision\":\"permit\",\"audit\":41}}\n"
+        );
+        assert_eq!(from_line::<Answer>(&to_line(&permit)).unwrap(), permit);
+        let released = Request::Released {
+            patient: "0001234".into(),
+            recipient: Recipient::Hub,
+            category: Category::Images,
+            kind: ReleaseKind::Sent,
+            objects: vec![Object::DicomInstance("1.2.3".into())],
+            decision: Some(41),
+        };
+        assert_eq!(
+            to_line(&released),
+            "{\"released\":{\"patient\":\"0001234\",\"recipient\":\"hub\",\"category\":\"images\",\"kind\":\"sent\",\"objects\":[{\"dicom-instance\":\"1.2.3\"}],\"decision\":41}}\n"
+        );
+        assert_eq!(from_line::<Request>(&to_line(&released)).unwrap(), released);
+        assert_eq!(
+            to_line(&Answer::Recorded { audit: 43 }),
+            "{\"recorded\":{\"audit\":43}}\n"
+        );
+        // A decision without its audit row, a permit with a reason, a deny without one.
+        assert!(from_line::<Answer>(r#"{"decided":{"decision":"permit"}}"#).is_err());
+        assert!(
+            from_line::<Answer>(
+                r#"{"decided":{"decision":"permit","reason":"withdrawn","audit":1}}"#
+            )
+            .is_err()
+        );
+        assert!(from_line::<Answer>(r#"{"decided":{"decision":"deny","audit":1}}"#).is_err());
         assert_eq!(from_line::<Answer>(&to_line(&deny)).unwrap(), deny);
         let facility = Request::Decide {
             patient: "1".into(),
@@ -465,8 +656,11 @@ mod tests {
         };
         assert_eq!(from_line::<Request>(&to_line(&facility)).unwrap(), facility);
         // Strings that are not the enums' names are refused, never guessed.
-        assert!(from_line::<Answer>(r#"{"decided":{"decision":"deny","reason":"busy"}}"#).is_err());
-        assert!(from_line::<Answer>(r#"{"decided":{"decision":"maybe"}}"#).is_err());
+        assert!(
+            from_line::<Answer>(r#"{"decided":{"decision":"deny","reason":"busy","audit":1}}"#)
+                .is_err()
+        );
+        assert!(from_line::<Answer>(r#"{"decided":{"decision":"maybe","audit":1}}"#).is_err());
         assert!(
             from_line::<Request>(
                 r#"{"decide":{"patient":"1","recipient":"hub","category":"image"}}"#
@@ -478,5 +672,40 @@ mod tests {
             from_line::<Request>(r#"{"patient":"1","recipient":"hub","category":"images"}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn release_objects_name_what_left_without_patient_data() {
+        let sha = "ab".repeat(32);
+        assert_eq!(
+            Object::DicomInstance("1.2.840.1.5".into())
+                .audit_text()
+                .unwrap(),
+            "dicom:1.2.840.1.5"
+        );
+        assert_eq!(
+            Object::Ssmix2File {
+                sha256: sha.clone(),
+                data_type: "OMP-01".into()
+            }
+            .audit_text()
+            .unwrap(),
+            format!("ssmix2:OMP-01:{sha}")
+        );
+        for bad in [
+            Object::DicomInstance("0001234/x".into()),
+            Object::DicomInstance(String::new()),
+            Object::DicomInstance("1".repeat(65)),
+            Object::Ssmix2File {
+                sha256: "0001234".into(),
+                data_type: "OMP-01".into(),
+            },
+            Object::Ssmix2File {
+                sha256: sha.clone(),
+                data_type: "000/12/0001234_OMP-01".into(),
+            },
+        ] {
+            assert!(bad.audit_text().is_err(), "{bad:?}");
+        }
     }
 }

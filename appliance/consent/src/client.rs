@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use consent_protocol::{Answer, Request};
-pub use consent_protocol::{Category, Decision, DenyReason, Recipient};
+pub use consent_protocol::{
+    Category, Decided, Decision, DenyReason, MAX_RELEASE_OBJECTS, Object, Recipient, ReleaseKind,
+};
 
 /// Patients whose consent changed since a sequence number.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -44,12 +46,28 @@ pub enum GateError {
     Refused(String),
 }
 
+/// Objects of one patient's data that reached the hub (or were removed there), for the
+/// audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    pub patient: String,
+    pub category: Category,
+    pub kind: ReleaseKind,
+    pub objects: Vec<Object>,
+    /// The audit row of the decision that allowed it ([`Decided::audit`]); required for
+    /// [`ReleaseKind::Sent`].
+    pub decision: Option<i64>,
+}
+
 /// What the sync needs from the consent service.
 pub trait Gate {
-    /// May `patient`'s `category` data go to the hub now?
-    fn decide(&mut self, patient: &str, category: Category) -> Result<Decision, GateError>;
+    /// May `patient`'s `category` data go to the hub now? With the decision's audit row.
+    fn decide(&mut self, patient: &str, category: Category) -> Result<Decided, GateError>;
     /// The patients whose consents changed after `since` (all pages).
     fn changes(&mut self, since: i64) -> Result<Changes, GateError>;
+    /// Records a release at the hub in the audit trail (one row per object; more than
+    /// [`MAX_RELEASE_OBJECTS`] objects go in several requests).
+    fn released(&mut self, release: &Release) -> Result<(), GateError>;
 }
 
 /// The patient-identity cache (名寄せ), as the DICOM bridge asks it.
@@ -129,6 +147,7 @@ impl SocketGate {
 fn kind(answer: &Answer) -> &'static str {
     match answer {
         Answer::Decided(_) => "decision",
+        Answer::Recorded { .. } => "release record",
         Answer::Changes(_) => "change feed",
         Answer::Identity(_) => "identity",
         Answer::Error(_) => "error",
@@ -143,7 +162,7 @@ impl SocketGate {
         patient: &str,
         recipient: Recipient,
         category: Category,
-    ) -> Result<Decision, GateError> {
+    ) -> Result<Decided, GateError> {
         let answer = self.ask(&Request::Decide {
             patient: patient.to_owned(),
             recipient,
@@ -162,7 +181,7 @@ impl SocketGate {
 
 impl SocketGate {
     /// Whether the patient participates: an active, valid consent (for this clinic's viewers).
-    pub fn participates(&mut self, patient: &str) -> Result<Decision, GateError> {
+    pub fn participates(&mut self, patient: &str) -> Result<Decided, GateError> {
         match self.ask(&Request::Participates {
             patient: patient.to_owned(),
         })? {
@@ -176,8 +195,30 @@ impl SocketGate {
 }
 
 impl Gate for SocketGate {
-    fn decide(&mut self, patient: &str, category: Category) -> Result<Decision, GateError> {
+    fn decide(&mut self, patient: &str, category: Category) -> Result<Decided, GateError> {
         self.decide_for(patient, Recipient::Hub, category)
+    }
+
+    fn released(&mut self, release: &Release) -> Result<(), GateError> {
+        for objects in release.objects.chunks(MAX_RELEASE_OBJECTS) {
+            match self.ask(&Request::Released {
+                patient: release.patient.clone(),
+                recipient: Recipient::Hub,
+                category: release.category,
+                kind: release.kind,
+                objects: objects.to_vec(),
+                decision: release.decision,
+            })? {
+                Answer::Recorded { .. } => {}
+                other => {
+                    return Err(GateError::Mismatch {
+                        asked: "release record",
+                        got: kind(&other),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn changes(&mut self, since: i64) -> Result<Changes, GateError> {

@@ -103,6 +103,82 @@ pub fn patient_resource(
     })
 }
 
+/// The code system of tsunagi's audit events (the checkpoint's `type`) and the identifier
+/// system of a box's audit trail (the checkpoint's entity, by 医療機関コード).
+pub const AUDIT_SYSTEM: &str = "urn:tsunagi:audit";
+/// The identifier system of a box's audit trail.
+pub const AUDIT_TRAIL_SYSTEM: &str = "urn:tsunagi:audit-trail";
+
+/// The id of the box's audit checkpoint on the network's server (one per box: a client-given
+/// id from the 医療機関コード, written with update-as-create; R4 `AuditEvent` has no
+/// `identifier` to update conditionally by).
+pub fn checkpoint_id(facility: &FacilityCode) -> String {
+    format!("tsunagi-audit-{facility}")
+}
+
+/// The checkpoint of the box's audit trail: an R4 `AuditEvent` whose entity is the trail
+/// (identifier [`AUDIT_TRAIL_SYSTEM`] | 医療機関コード) with details `head-seq` and
+/// `head-mac` (the last row's sequence number and MAC; neither carries patient data).
+pub fn checkpoint_resource(
+    facility: &FacilityCode,
+    head: &crate::store::AuditHead,
+    now: Timestamp,
+) -> Value {
+    json!({
+        "resourceType": "AuditEvent",
+        "id": checkpoint_id(facility),
+        "type": { "system": AUDIT_SYSTEM, "code": "checkpoint", "display": "audit trail checkpoint" },
+        "action": "E",
+        "recorded": time::format(now),
+        "outcome": "0",
+        "agent": [{ "who": institution(facility), "requestor": false }],
+        "source": { "observer": institution(facility) },
+        "entity": [{
+            "what": { "identifier": { "system": AUDIT_TRAIL_SYSTEM, "value": facility.as_str() } },
+            "detail": [
+                { "type": "head-seq", "valueString": head.seq.to_string() },
+                { "type": "head-mac", "valueString": head.row_mac },
+            ],
+        }],
+    })
+}
+
+/// The head a checkpoint of this box's trail holds, or why it cannot be read.
+pub fn checkpoint_from_resource(
+    facility: &FacilityCode,
+    resource: &Value,
+) -> Result<crate::store::AuditHead, String> {
+    if resource["resourceType"] != "AuditEvent" {
+        return Err("not an AuditEvent".into());
+    }
+    let entity = resource["entity"]
+        .as_array()
+        .and_then(|e| {
+            e.iter().find(|e| {
+                e["what"]["identifier"]["system"] == AUDIT_TRAIL_SYSTEM
+                    && e["what"]["identifier"]["value"] == facility.as_str()
+            })
+        })
+        .ok_or("no entity naming this box's audit trail")?;
+    let detail = |name: &str| {
+        entity["detail"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["type"] == name))
+            .and_then(|d| d["valueString"].as_str())
+    };
+    let seq = detail("head-seq")
+        .and_then(|s| s.parse::<i64>().ok())
+        .filter(|s| *s >= 0)
+        .ok_or("no readable head-seq")?;
+    let row_mac = detail("head-mac")
+        .filter(|m| m.len() == 64 && m.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or("no readable head-mac")?;
+    Ok(crate::store::AuditHead {
+        seq,
+        row_mac: row_mac.to_owned(),
+    })
+}
+
 fn institution(code: &FacilityCode) -> Value {
     json!({ "identifier": { "system": INSTITUTION_SYSTEM, "value": code.as_str() } })
 }

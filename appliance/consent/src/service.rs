@@ -4,7 +4,9 @@
 //! Socket: `RUNTIME-DIR/consent/decide.sock` (directory 0750 owned by the service's user;
 //! socket 0660). One request per line, one answer per line, in the typed protocol of the
 //! `consent-protocol` crate ([`Request`], [`Answer`]; wire shapes there). Every decision is
-//! written to the audit trail before it is answered. A decision is a local database lookup;
+//! written to the audit trail before it is answered, and the answer carries its row's
+//! number; a release ([`Request::Released`]: what reached, or was removed at, a recipient)
+//! is one row per object referring to that number. A decision is a local database lookup;
 //! no network call is ever made on this path.
 //!
 //! The change feed ([`Request::Changes`]) lists the patients whose consents changed after a
@@ -34,7 +36,9 @@ use crate::time;
 
 /// The socket's file name inside the service's runtime directory.
 pub const SOCKET_NAME: &str = "decide.sock";
-const MAX_REQUEST: usize = 4096;
+/// The longest request line (a release request carries up to
+/// [`consent_protocol::MAX_RELEASE_OBJECTS`] objects).
+const MAX_REQUEST: usize = consent_protocol::MAX_LINE;
 /// The most patients one change-feed answer lists.
 pub const CHANGES_PAGE: usize = 1000;
 const MAX_CLIENTS: usize = 32;
@@ -80,6 +84,8 @@ pub struct Counts {
     pub permits: u64,
     pub denies: u64,
     pub errors: u64,
+    /// Release rows recorded (objects that left or were removed at a recipient).
+    pub releases: u64,
 }
 
 /// Shared state of the running service.
@@ -166,9 +172,69 @@ impl Shared {
         }
     }
 
+    /// Records a release (blocking: SQLite): one audit row per object.
+    fn released(
+        &self,
+        patient: &str,
+        recipient: &consent_protocol::Recipient,
+        category: consent_protocol::Category,
+        kind: consent_protocol::ReleaseKind,
+        objects: &[consent_protocol::Object],
+        decision: Option<i64>,
+    ) -> Answer {
+        let patient: PatientId = match patient.parse() {
+            Ok(p) => p,
+            Err(e) => return error(format!("patient: {e}")),
+        };
+        if objects.is_empty() || objects.len() > consent_protocol::MAX_RELEASE_OBJECTS {
+            return error(format!(
+                "a release names 1 to {} objects",
+                consent_protocol::MAX_RELEASE_OBJECTS
+            ));
+        }
+        let texts = match objects
+            .iter()
+            .map(consent_protocol::Object::audit_text)
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(t) => t,
+            Err(e) => return error(format!("objects: {e}")),
+        };
+        let Ok(mut store) = self.store.lock() else {
+            return error("internal error: the store lock is poisoned".into());
+        };
+        let release = crate::store::Release {
+            patient: &patient,
+            recipient,
+            category,
+            kind,
+            objects: &texts,
+            decision,
+        };
+        match store.record_release(&release, time::now()) {
+            Ok(audit) => {
+                if let Ok(mut counts) = self.counts.lock() {
+                    counts.releases += texts.len() as u64;
+                }
+                Answer::Recorded { audit }
+            }
+            Err(e) => error(format!("recording the release failed: {e}")),
+        }
+    }
+
     /// Answers one request (blocking: SQLite).
     pub fn answer(&self, req: &Request) -> Answer {
         let (patient, question, at) = match req {
+            Request::Released {
+                patient,
+                recipient,
+                category,
+                kind,
+                objects,
+                decision,
+            } => {
+                return self.released(patient, recipient, *category, *kind, objects, *decision);
+            }
             Request::Changes { since } => return self.changes(*since),
             Request::NetworkIdOf { patient } => return self.identity(Some(patient), None),
             Request::LocalIdOf { network_id } => return self.identity(None, Some(network_id)),
@@ -198,13 +264,20 @@ impl Shared {
                 };
                 let bound = self.settings.freshness_bound;
                 let decided = match question {
-                    Some((recipient, category)) => {
-                        store.decide(&patient, recipient, category, at.unwrap_or(now), now, bound)
-                    }
-                    None => store.participation(&patient, now, bound),
+                    Some((recipient, category)) => store.decide_audited(
+                        &patient,
+                        recipient,
+                        category,
+                        at.unwrap_or(now),
+                        now,
+                        bound,
+                    ),
+                    None => store.participation_audited(&patient, now, bound),
                 };
                 match decided {
-                    Ok(decision) => Answer::Decided(decision),
+                    Ok((decision, audit)) => {
+                        Answer::Decided(consent_protocol::Decided { decision, audit })
+                    }
                     // The error never carries patient data: only the operation that failed.
                     Err(e) => error(format!("decision failed: {e}")),
                 }
@@ -212,25 +285,28 @@ impl Shared {
         };
         if let Ok(mut counts) = self.counts.lock() {
             match answer {
-                Answer::Decided(Decision::Permit) => counts.permits += 1,
-                Answer::Decided(Decision::Deny(_)) => counts.denies += 1,
+                Answer::Decided(d) if d.decision == Decision::Permit => counts.permits += 1,
+                Answer::Decided(_) => counts.denies += 1,
                 _ => counts.errors += 1,
             }
         }
         answer
     }
 
-    /// A summary line and metrics for the supervisor: healthy while the cache is fresh and no
-    /// patient is denied for an unreadable network consent.
+    /// A summary line and metrics for the supervisor: healthy while the cache is fresh, no
+    /// patient is denied for an unreadable network consent, and the audit trail continues
+    /// the checkpoint the network holds.
     pub fn report(&self) -> (bool, String, Vec<(&'static str, f64)>) {
         let counts = self.counts();
-        let (pending, freshness, unreadable) = match self.store.lock() {
+        let (pending, freshness, unreadable, head, anchor) = match self.store.lock() {
             Ok(store) => (
                 store.pending().map(|p| p.len()).unwrap_or(0),
                 store.freshness(self.settings.freshness_bound).ok(),
                 store.unreadable_patients().unwrap_or(0),
+                store.audit_head().ok().flatten(),
+                store.audit_anchor().ok().flatten(),
             ),
-            Err(_) => (0, None, 0),
+            Err(_) => (0, None, 0, None, None),
         };
         let now = time::now();
         let age = freshness
@@ -254,6 +330,20 @@ impl Shared {
                 "; {unreadable} patients denied: a consent from the network could not be understood (unreadable-network-consent)"
             ));
         }
+        match &head {
+            Some(h) => {
+                summary.push_str(&format!("; audit trail head {} ({})", h.seq, h.short_mac()))
+            }
+            None => summary.push_str("; audit trail empty"),
+        }
+        match &anchor {
+            Some(a) if a.reset.is_some() => summary.push_str(&format!(
+                "; AUDIT TRAIL RESET: {} (an operator must look)",
+                a.reset.as_deref().unwrap_or_default()
+            )),
+            Some(a) => summary.push_str(&format!("; the network holds checkpoint {}", a.seq)),
+            None => {}
+        }
         if let Some(e) = sync_error {
             summary.push_str(&format!("; last sync failed: {e}"));
         }
@@ -264,12 +354,26 @@ impl Shared {
             ("pending_pushes", pending as f64),
             ("stale", f64::from(u8::from(stale))),
             ("unreadable_network_consent_patients", unreadable as f64),
+            ("releases_recorded_total", counts.releases as f64),
+            (
+                "audit_head_seq",
+                head.as_ref().map_or(0.0, |h| h.seq as f64),
+            ),
+            (
+                "audit_reset",
+                f64::from(u8::from(anchor.as_ref().is_some_and(|a| a.reset.is_some()))),
+            ),
         ];
+        if let Some(a) = &anchor {
+            metrics.push(("audit_checkpoint_seq", a.seq as f64));
+        }
         if let Some(a) = age {
             metrics.push(("last_pull_age_seconds", a as f64));
         }
-        // Patients denied for an unreadable consent need someone to look: degraded.
-        (!stale && unreadable == 0, summary, metrics)
+        // Patients denied for an unreadable consent, or a trail reset, need someone to look:
+        // degraded.
+        let reset = anchor.is_some_and(|a| a.reset.is_some());
+        (!stale && unreadable == 0 && !reset, summary, metrics)
     }
 }
 

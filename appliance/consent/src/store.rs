@@ -10,6 +10,12 @@
 //! from the end; without the key nobody can forge a consistent chain. Patients appear in the
 //! trail only as a keyed hash of the facility and patient ID.
 //!
+//! Rows are decisions and releases ([`Store::record_release`]: what left, never patient
+//! data, and the decision row that allowed it). A trail deleted whole has nothing left to
+//! verify against locally: the sync anchors the head at the network each round, keeps the
+//! checkpoint it acknowledged in `audit_anchor`, and records there a local trail that does
+//! not continue it (a reset), which [`Store::verify_audit`] then reports.
+//!
 //! A network consent the sync could not understand is recorded in `unreadable` and denies
 //! its patient (`unreadable-network-consent`) until a readable version of the same resource
 //! replaces it. The change feed ([`Store::changes_since`]) is the `changes` table: every new
@@ -123,7 +129,60 @@ pub const MIGRATIONS: &[Migration] = &[
             SELECT 'Consent', cursor, '[]' FROM sync_state WHERE cursor IS NOT NULL;
     ",
     },
+    Migration {
+        version: 3,
+        // Release rows: what left (`object`, never patient data) and the decision row that
+        // allowed it (`decision_seq`); their MAC covers both. Decision rows keep both empty
+        // and their MAC as before. `audit_anchor`: the checkpoint the network acknowledged
+        // last (the trail's copy outside the box), and a reset found against it.
+        sql: "
+        ALTER TABLE audit ADD COLUMN object TEXT NOT NULL DEFAULT '';
+        ALTER TABLE audit ADD COLUMN decision_seq INTEGER;
+        CREATE TABLE audit_anchor (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL, row_mac TEXT NOT NULL,
+            acknowledged_at INTEGER NOT NULL,
+            reset TEXT
+        );
+    ",
+    },
 ];
+
+/// The head of the audit trail: the last row's sequence number and MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditHead {
+    pub seq: i64,
+    pub row_mac: String,
+}
+
+impl AuditHead {
+    /// The first 12 hex digits of the MAC, for status lines.
+    pub fn short_mac(&self) -> &str {
+        self.row_mac.get(..12).unwrap_or(&self.row_mac)
+    }
+}
+
+/// The checkpoint the network acknowledged last, and a reset found against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditAnchor {
+    pub seq: i64,
+    pub row_mac: String,
+    pub acknowledged_at: Timestamp,
+    /// Why the local trail does not continue the network's checkpoint, once found.
+    pub reset: Option<String>,
+}
+
+/// One release row to append (see [`Store::record_release`]).
+#[derive(Debug, Clone)]
+pub struct Release<'a> {
+    pub patient: &'a PatientId,
+    pub recipient: &'a Recipient,
+    pub category: Category,
+    pub kind: consent_protocol::ReleaseKind,
+    /// What left, as [`consent_protocol::Object::audit_text`] names it.
+    pub objects: &'a [String],
+    pub decision: Option<i64>,
+}
 
 /// Where the pull of one resource type stands: the newest `meta.lastUpdated` applied (as the
 /// server wrote it) and the resources (`id/versionId`) applied at exactly that instant. The
@@ -1008,8 +1067,7 @@ impl Store {
         full[..32].to_owned()
     }
 
-    /// Decides, and records the decision in the audit trail. A patient with an unreadable
-    /// network consent is denied (`unreadable-network-consent`) whatever else is known.
+    /// Decides, and records the decision in the audit trail (see [`Store::decide_audited`]).
     pub fn decide(
         &mut self,
         id: &PatientId,
@@ -1019,6 +1077,22 @@ impl Store {
         now: Timestamp,
         bound: Duration,
     ) -> Result<Decision, StoreError> {
+        self.decide_audited(id, recipient, category, at, now, bound)
+            .map(|(d, _)| d)
+    }
+
+    /// Decides, and records the decision in the audit trail; returns it with its row's
+    /// sequence number. A patient with an unreadable network consent is denied
+    /// (`unreadable-network-consent`) whatever else is known.
+    pub fn decide_audited(
+        &mut self,
+        id: &PatientId,
+        recipient: &Recipient,
+        category: Category,
+        at: Timestamp,
+        now: Timestamp,
+        bound: Duration,
+    ) -> Result<(Decision, i64), StoreError> {
         let decision = if self.is_unreadable(id)? {
             Decision::Deny(DenyReason::UnreadableNetworkConsent)
         } else {
@@ -1031,7 +1105,7 @@ impl Store {
             Decision::Deny(r) => ("deny", r.as_str()),
         };
         let hash = self.patient_hash(id);
-        self.append_audit(
+        let seq = self.append_audit(
             &time::format(now),
             &hash,
             &recipient.to_string(),
@@ -1039,7 +1113,7 @@ impl Store {
             verdict,
             reason,
         )?;
-        Ok(decision)
+        Ok((decision, seq))
     }
 
     /// Decides whether the patient participates (active, valid consent; see
@@ -1051,6 +1125,16 @@ impl Store {
         now: Timestamp,
         bound: Duration,
     ) -> Result<Decision, StoreError> {
+        self.participation_audited(id, now, bound).map(|(d, _)| d)
+    }
+
+    /// [`Store::participation`], with the decision's audit row.
+    pub fn participation_audited(
+        &mut self,
+        id: &PatientId,
+        now: Timestamp,
+        bound: Duration,
+    ) -> Result<(Decision, i64), StoreError> {
         let decision = if self.is_unreadable(id)? {
             Decision::Deny(DenyReason::UnreadableNetworkConsent)
         } else {
@@ -1063,7 +1147,7 @@ impl Store {
             Decision::Deny(r) => ("deny", r.as_str()),
         };
         let hash = self.patient_hash(id);
-        self.append_audit(
+        let seq = self.append_audit(
             &time::format(now),
             &hash,
             &Recipient::Clinic.to_string(),
@@ -1071,7 +1155,7 @@ impl Store {
             verdict,
             reason,
         )?;
-        Ok(decision)
+        Ok((decision, seq))
     }
 
     fn append_audit(
@@ -1082,7 +1166,22 @@ impl Store {
         category: &str,
         decision: &str,
         reason: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
+        let row = AuditRow {
+            at,
+            patient_hash,
+            recipient,
+            category,
+            decision,
+            reason,
+            object: "",
+            decision_seq: None,
+        };
+        self.append_rows(&[row])
+    }
+
+    /// Appends rows in one transaction; returns the last one's sequence number.
+    fn append_rows(&mut self, rows: &[AuditRow<'_>]) -> Result<i64, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -1097,42 +1196,207 @@ impl Store {
             )
             .optional()
             .map_err(sql("read audit head"))?;
-        let (seq, prev) = match head {
-            Some((seq, mac)) => (seq + 1, mac),
-            None => (1, "genesis".to_owned()),
+        let (mut seq, mut prev) = match head {
+            Some((seq, mac)) => (seq, mac),
+            None => (0, "genesis".to_owned()),
         };
-        let seq_text = seq.to_string();
-        let mac = self.key.mac(&[
-            "row",
-            &prev,
-            &seq_text,
-            at,
-            patient_hash,
-            recipient,
-            category,
-            decision,
-            reason,
-        ]);
-        tx.execute(
-            "INSERT INTO audit (seq, at, patient_hash, recipient, category, decision, reason, mac) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![seq, at, patient_hash, recipient, category, decision, reason, mac],
-        )
-        .map_err(sql("append audit"))?;
-        let head_mac = self.key.mac(&["head", &seq_text, &mac]);
+        for row in rows {
+            seq += 1;
+            let mac = row.mac(&self.key, &prev, seq);
+            tx.execute(
+                "INSERT INTO audit (seq, at, patient_hash, recipient, category, decision, reason, object, decision_seq, mac)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    seq, row.at, row.patient_hash, row.recipient, row.category, row.decision,
+                    row.reason, row.object, row.decision_seq, mac
+                ],
+            )
+            .map_err(sql("append audit"))?;
+            prev = mac;
+        }
+        let head_mac = self.key.mac(&["head", &seq.to_string(), &prev]);
         tx.execute(
             "INSERT INTO audit_head (id, seq, row_mac, mac) VALUES (1, ?1, ?2, ?3)
              ON CONFLICT (id) DO UPDATE SET seq = ?1, row_mac = ?2, mac = ?3",
-            params![seq, mac, head_mac],
+            params![seq, prev, head_mac],
         )
         .map_err(sql("update audit head"))?;
-        tx.commit().map_err(sql("commit"))
+        tx.commit().map_err(sql("commit"))?;
+        Ok(seq)
+    }
+
+    /// Records that objects of a patient's data left for (or were removed at) a recipient:
+    /// one audit row each (decision column `sent` or `deleted`), in one transaction,
+    /// referring to the decision row that allowed it (a removal: the denial that caused it,
+    /// if any). A reference that is not such a decision for this patient, recipient and
+    /// category (or a missing one for `sent`) is still recorded
+    /// (the data did leave) and flagged in the row's reason (`unverified-decision`), so the
+    /// trail shows it. Returns the last row's sequence number.
+    pub fn record_release(
+        &mut self,
+        release: &Release<'_>,
+        now: Timestamp,
+    ) -> Result<i64, StoreError> {
+        let hash = self.patient_hash(release.patient);
+        let recipient = release.recipient.to_string();
+        let verified = match release.decision {
+            None => release.kind == consent_protocol::ReleaseKind::Deleted,
+            Some(seq) => {
+                let row: Option<(String, String, String, String, String)> = self
+                    .conn
+                    .query_row(
+                        "SELECT patient_hash, recipient, category, decision, object FROM audit WHERE seq = ?1",
+                        [seq],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                    )
+                    .optional()
+                    .map_err(sql("read audit"))?;
+                // What sends refers to a permit; a removal, to the denial that caused it.
+                let want = match release.kind {
+                    consent_protocol::ReleaseKind::Sent => "permit",
+                    consent_protocol::ReleaseKind::Deleted => "deny",
+                };
+                row.is_some_and(|(h, r, c, d, o)| {
+                    h == hash
+                        && r == recipient
+                        && c == release.category.as_str()
+                        && d == want
+                        && o.is_empty()
+                })
+            }
+        };
+        let reason = if verified { "" } else { "unverified-decision" };
+        let at = time::format(now);
+        let rows: Vec<AuditRow<'_>> = release
+            .objects
+            .iter()
+            .map(|object| AuditRow {
+                at: &at,
+                patient_hash: &hash,
+                recipient: &recipient,
+                category: release.category.as_str(),
+                decision: release.kind.as_str(),
+                reason,
+                object,
+                decision_seq: release.decision,
+            })
+            .collect();
+        if !verified {
+            tracing::warn!(
+                decision = ?release.decision,
+                "a release refers to no permit for its patient, recipient and category; recorded as unverified-decision"
+            );
+        }
+        self.append_rows(&rows)
+    }
+
+    /// The head of the audit trail, if anything was recorded.
+    pub fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT seq, row_mac FROM audit_head WHERE id = 1",
+                [],
+                |r| {
+                    Ok(AuditHead {
+                        seq: r.get(0)?,
+                        row_mac: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql("read audit head"))
+    }
+
+    /// The MAC of row `seq`, if it is there.
+    pub fn audit_row_mac(&self, seq: i64) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT mac FROM audit WHERE seq = ?1", [seq], |r| r.get(0))
+            .optional()
+            .map_err(sql("read audit"))
+    }
+
+    /// The checkpoint the network acknowledged last, and any reset found against it.
+    pub fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT seq, row_mac, acknowledged_at, reset FROM audit_anchor WHERE id = 1",
+                [],
+                |r| {
+                    Ok(AuditAnchor {
+                        seq: r.get(0)?,
+                        row_mac: r.get(1)?,
+                        acknowledged_at: r.get(2)?,
+                        reset: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql("read audit anchor"))
+    }
+
+    /// The network acknowledged a checkpoint of the trail at `head`.
+    pub fn set_audit_anchor(&mut self, head: &AuditHead, now: Timestamp) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO audit_anchor (id, seq, row_mac, acknowledged_at, reset) VALUES (1, ?1, ?2, ?3, NULL)
+                 ON CONFLICT (id) DO UPDATE SET seq = ?1, row_mac = ?2, acknowledged_at = ?3
+                 WHERE reset IS NULL",
+                params![head.seq, head.row_mac, now],
+            )
+            .map_err(sql("save audit anchor"))?;
+        Ok(())
+    }
+
+    /// The local trail does not continue the network's checkpoint (`network`): recorded
+    /// (kept until an operator acts), so status and `audit verify` report it.
+    pub fn set_audit_reset(
+        &mut self,
+        network: &AuditHead,
+        why: &str,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO audit_anchor (id, seq, row_mac, acknowledged_at, reset) VALUES (1, ?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET seq = ?1, row_mac = ?2, acknowledged_at = ?3, reset = ?4
+                 WHERE reset IS NULL",
+                params![network.seq, network.row_mac, now, why],
+            )
+            .map_err(sql("save audit reset"))?;
+        Ok(())
+    }
+
+    /// Whether the local trail continues `checkpoint` (a head the network holds): `None`
+    /// when it does, else why not (the trail was reset, cut or rewritten).
+    pub fn audit_diverges_from(
+        &self,
+        checkpoint: &AuditHead,
+    ) -> Result<Option<String>, StoreError> {
+        let local = self.audit_head()?.map_or(0, |h| h.seq);
+        if local < checkpoint.seq {
+            return Ok(Some(format!(
+                "the audit trail ends at row {local}, behind the checkpoint the network holds (row {}): the trail was reset or cut",
+                checkpoint.seq
+            )));
+        }
+        match self.audit_row_mac(checkpoint.seq)? {
+            Some(mac) if mac == checkpoint.row_mac => Ok(None),
+            Some(_) => Ok(Some(format!(
+                "row {} of the audit trail is not the one the network's checkpoint holds: the trail was rewritten",
+                checkpoint.seq
+            ))),
+            None => Ok(Some(format!(
+                "row {} of the audit trail, which the network's checkpoint holds, is missing",
+                checkpoint.seq
+            ))),
+        }
     }
 
     /// Checks the whole audit trail.
     pub fn verify_audit(&self) -> Result<AuditCheck, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT seq, at, patient_hash, recipient, category, decision, reason, mac FROM audit ORDER BY seq")
+            .prepare("SELECT seq, at, patient_hash, recipient, category, decision, reason, object, decision_seq, mac FROM audit ORDER BY seq")
             .map_err(sql("read audit"))?;
         let rows = stmt
             .query_map([], |r| {
@@ -1144,14 +1408,15 @@ impl Store {
                     r.get::<_, String>(4)?,
                     r.get::<_, String>(5)?,
                     r.get::<_, String>(6)?,
-                    r.get::<_, String>(7)?,
+                    (r.get::<_, String>(7)?, r.get::<_, Option<i64>>(8)?),
+                    r.get::<_, String>(9)?,
                 ))
             })
             .map_err(sql("read audit"))?;
         let mut prev = "genesis".to_owned();
         let mut expected = 1i64;
         for row in rows {
-            let (seq, at, hash, recipient, category, decision, reason, mac) =
+            let (seq, at, hash, recipient, category, decision, reason, (object, decision_seq), mac) =
                 row.map_err(sql("read audit"))?;
             if seq != expected {
                 let problem = if expected + 1 == seq {
@@ -1164,10 +1429,17 @@ impl Store {
                     problem,
                 });
             }
-            let seq_text = seq.to_string();
-            let want = self.key.mac(&[
-                "row", &prev, &seq_text, &at, &hash, &recipient, &category, &decision, &reason,
-            ]);
+            let want = AuditRow {
+                at: &at,
+                patient_hash: &hash,
+                recipient: &recipient,
+                category: &category,
+                decision: &decision,
+                reason: &reason,
+                object: &object,
+                decision_seq,
+            }
+            .mac(&self.key, &prev, seq);
             if want != mac {
                 return Ok(AuditCheck::Broken {
                     row: seq,
@@ -1188,7 +1460,8 @@ impl Store {
             .optional()
             .map_err(sql("read audit head"))?;
         match head {
-            None if last == 0 => Ok(AuditCheck::Intact { rows: 0 }),
+            // Empty: intact only if the network never acknowledged a checkpoint of it.
+            None if last == 0 => self.verify_anchor(0),
             None => Ok(AuditCheck::Broken {
                 row: last,
                 problem: "the audit head was removed".into(),
@@ -1207,10 +1480,73 @@ impl Store {
                         problem: "the audit head was altered".into(),
                     })
                 } else {
-                    Ok(AuditCheck::Intact { rows: last })
+                    self.verify_anchor(last)
                 }
             }
         }
+    }
+
+    /// The part of verification that needs the network's copy: a reset the sync found, or
+    /// a trail behind (or beside) the checkpoint the network acknowledged.
+    fn verify_anchor(&self, last: i64) -> Result<AuditCheck, StoreError> {
+        let Some(anchor) = self.audit_anchor()? else {
+            return Ok(AuditCheck::Intact { rows: last });
+        };
+        if let Some(why) = anchor.reset {
+            return Ok(AuditCheck::Broken {
+                row: anchor.seq,
+                problem: why,
+            });
+        }
+        let checkpoint = AuditHead {
+            seq: anchor.seq,
+            row_mac: anchor.row_mac,
+        };
+        match self.audit_diverges_from(&checkpoint)? {
+            Some(problem) => Ok(AuditCheck::Broken {
+                row: anchor.seq,
+                problem,
+            }),
+            None => Ok(AuditCheck::Intact { rows: last }),
+        }
+    }
+}
+
+/// One row of the audit trail, as its MAC covers it.
+struct AuditRow<'a> {
+    at: &'a str,
+    patient_hash: &'a str,
+    recipient: &'a str,
+    category: &'a str,
+    decision: &'a str,
+    reason: &'a str,
+    /// What left (release rows only; empty for a decision).
+    object: &'a str,
+    /// The decision a release refers to.
+    decision_seq: Option<i64>,
+}
+
+impl AuditRow<'_> {
+    /// The row's MAC, chained to the previous row's. A decision row's MAC is the one it has
+    /// always been; a release row's also covers what left and the decision it refers to.
+    fn mac(&self, key: &AuditKey, prev: &str, seq: i64) -> String {
+        let seq_text = seq.to_string();
+        let mut parts = vec![
+            "row",
+            prev,
+            &seq_text,
+            self.at,
+            self.patient_hash,
+            self.recipient,
+            self.category,
+            self.decision,
+            self.reason,
+        ];
+        let decision_text = self.decision_seq.map(|d| d.to_string()).unwrap_or_default();
+        if !self.object.is_empty() || self.decision_seq.is_some() {
+            parts.extend(["release", self.object, &decision_text]);
+        }
+        key.mac(&parts)
     }
 }
 

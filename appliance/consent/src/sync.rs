@@ -301,26 +301,104 @@ impl Client {
 }
 
 /// What one round did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Round {
     pub pushed: usize,
     pub pulled: usize,
     pub changed: usize,
+    /// The audit checkpoint the network holds after the round.
+    pub checkpoint: Checkpoint,
+}
+
+/// What the round's audit checkpoint came to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Nothing recorded yet, nothing at the network: nothing to anchor.
+    #[default]
+    Empty,
+    /// The network acknowledged the local head at this sequence number.
+    Acknowledged(i64),
+    /// The local trail does not continue the network's checkpoint: the trail was reset,
+    /// cut or rewritten. Recorded; the network's checkpoint is left as it is.
+    Reset(String),
 }
 
 fn lock(store: &Mutex<Store>) -> Result<std::sync::MutexGuard<'_, Store>, SyncError> {
     store.lock().map_err(|_| SyncError::Poisoned)
 }
 
-/// Pushes every pending change, then pulls; records a successful pull.
+/// Pushes every pending change, then pulls (recording a successful pull), then anchors
+/// the audit trail at the network ([`checkpoint`]), whether or not the pull succeeded.
 pub async fn round(store: &Mutex<Store>, client: &Client) -> Result<Round, SyncError> {
     let pushed = push(store, client).await?;
-    let (pulled, changed) = pull(store, client).await?;
+    let pulled = pull(store, client).await;
+    let checkpoint = checkpoint(store, client).await;
+    let (pulled, changed) = pulled?;
     Ok(Round {
         pushed,
         pulled,
         changed,
+        checkpoint: checkpoint?,
     })
+}
+
+/// Anchors the audit trail outside the box. Reads the box's checkpoint at the network
+/// (`GET AuditEvent/tsunagi-audit-CODE`); if the local trail does not contain it (a head
+/// behind it: reset or cut; another MAC at its row: rewritten), that is recorded as a reset
+/// (status degraded, `audit verify` fails) and the network's checkpoint is left untouched
+/// as the evidence. Otherwise the local head is written (`PUT`, update-as-create, one per
+/// box) and, once acknowledged, saved as the anchor.
+pub async fn checkpoint(store: &Mutex<Store>, client: &Client) -> Result<Checkpoint, SyncError> {
+    let (facility, already) = {
+        let s = lock(store)?;
+        (s.facility().clone(), s.audit_anchor()?)
+    };
+    if let Some(reset) = already.and_then(|a| a.reset) {
+        return Ok(Checkpoint::Reset(reset));
+    }
+    let target = format!("AuditEvent/{}", fhir::checkpoint_id(&facility));
+    let (status, found) = client.call("GET", &target, None).await?;
+    let network = match status {
+        200 => Some(
+            fhir::checkpoint_from_resource(&facility, &found).map_err(|why| {
+                SyncError::Protocol {
+                    what: "GET AuditEvent (the audit checkpoint)".into(),
+                    why,
+                }
+            })?,
+        ),
+        404 | 410 => None,
+        status => {
+            return Err(SyncError::Refused {
+                what: "GET AuditEvent".into(),
+                status,
+                diagnostics: String::new(),
+            });
+        }
+    };
+    let head = {
+        let mut s = lock(store)?;
+        if let Some(network) = &network
+            && let Some(why) = s.audit_diverges_from(network)?
+        {
+            tracing::error!(
+                reason = %why,
+                "the audit trail does not continue the checkpoint the network holds; an operator must look"
+            );
+            s.set_audit_reset(network, &why, time::now())?;
+            return Ok(Checkpoint::Reset(why));
+        }
+        s.audit_head()?
+    };
+    let Some(head) = head else {
+        return Ok(Checkpoint::Empty);
+    };
+    if network.as_ref() != Some(&head) {
+        let resource = fhir::checkpoint_resource(&facility, &head, time::now());
+        client.expect_ok("PUT", &target, Some(&resource)).await?;
+    }
+    lock(store)?.set_audit_anchor(&head, time::now())?;
+    Ok(Checkpoint::Acknowledged(head.seq))
 }
 
 async fn server_patient_id(

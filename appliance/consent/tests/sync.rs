@@ -806,3 +806,115 @@ async fn results_out_of_lastupdated_order_fail_the_pull() {
     let err = round(&store, &client(addr, "/fhir")).await.unwrap_err();
     assert!(err.to_string().contains("sorted"), "{err}");
 }
+
+/// Issue 13 item 10: the audit trail is anchored at the network. Each round writes the
+/// box's checkpoint (an AuditEvent the strict server validates against the R4 schema, one
+/// per box); deleting the whole trail, head included, is then found: status degraded with
+/// the reason, `audit verify` fails, and the network's checkpoint is kept as the evidence.
+#[tokio::test]
+async fn deleting_the_whole_audit_trail_is_detected_once_the_network_has_a_checkpoint() {
+    use consent::service::{Settings, Shared};
+    use consent::store::AuditCheck;
+    use consent::sync::Checkpoint;
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, _) = clinic(dir.path());
+    let c = client(addr, "/fhir");
+    // Nothing recorded yet: nothing to anchor, nothing written.
+    let r = round(&store, &c).await.unwrap();
+    assert_eq!(r.checkpoint, Checkpoint::Empty);
+    for _ in 0..3 {
+        decide(&store, &pid, "hub", DAY);
+    }
+    let r = round(&store, &c).await.unwrap();
+    assert_eq!(r.checkpoint, Checkpoint::Acknowledged(3));
+    let event = get(addr, "/fhir/AuditEvent/tsunagi-audit-1312345678");
+    assert_eq!(event["resourceType"], "AuditEvent");
+    let head = store.lock().unwrap().audit_head().unwrap().unwrap();
+    let details = &event["entity"][0]["detail"];
+    assert_eq!(details[0], json!({"type": "head-seq", "valueString": "3"}));
+    assert_eq!(details[1]["valueString"], head.row_mac.as_str());
+    assert!(!event.to_string().contains("0001234"), "no patient data");
+    // The next round updates the same resource: one per box.
+    decide(&store, &pid, "hub", DAY);
+    let r = round(&store, &c).await.unwrap();
+    assert_eq!(r.checkpoint, Checkpoint::Acknowledged(4));
+    let event = get(addr, "/fhir/AuditEvent/tsunagi-audit-1312345678");
+    assert_eq!(event["meta"]["versionId"], "2");
+
+    let shared = Shared::new(
+        store.into_inner().unwrap(),
+        Settings {
+            freshness_bound: DAY,
+            runtime_dir: dir.path().to_owned(),
+            fhir: None,
+            pull_interval: Duration::from_secs(60),
+        },
+    );
+    let (healthy, summary, metrics) = shared.report();
+    assert!(healthy, "{summary}");
+    assert!(summary.contains("audit trail head 4"), "{summary}");
+    assert!(metrics.contains(&("audit_head_seq", 4.0)), "{metrics:?}");
+
+    // Someone deletes the whole trail, head and local anchor included.
+    let store = shared.store();
+    store
+        .lock()
+        .unwrap()
+        .connection()
+        .execute_batch("DELETE FROM audit; DELETE FROM audit_head; DELETE FROM audit_anchor;")
+        .unwrap();
+    assert_eq!(
+        store.lock().unwrap().verify_audit().unwrap(),
+        AuditCheck::Intact { rows: 0 },
+        "locally, an empty trail looks intact"
+    );
+    // The network's copy finds it at the next round.
+    let r = round(store, &c).await.unwrap();
+    let Checkpoint::Reset(why) = r.checkpoint else {
+        panic!("not detected: {:?}", r.checkpoint);
+    };
+    assert!(why.contains("reset or cut"), "{why}");
+    let (healthy, summary, metrics) = shared.report();
+    assert!(!healthy, "degraded");
+    assert!(
+        summary.contains("AUDIT TRAIL RESET") && summary.contains(&why),
+        "{summary}"
+    );
+    assert!(metrics.contains(&("audit_reset", 1.0)), "{metrics:?}");
+    assert_eq!(
+        store.lock().unwrap().verify_audit().unwrap(),
+        AuditCheck::Broken {
+            row: 4,
+            problem: why.clone()
+        }
+    );
+    // New decisions do not overwrite the evidence at the network.
+    decide(store, &pid, "hub", DAY);
+    let r = round(store, &c).await.unwrap();
+    assert_eq!(r.checkpoint, Checkpoint::Reset(why));
+    let event = get(addr, "/fhir/AuditEvent/tsunagi-audit-1312345678");
+    assert_eq!(event["entity"][0]["detail"][0]["valueString"], "4");
+}
+
+#[test]
+fn the_strict_server_serves_audit_events_by_id_only() {
+    let addr = strict_server();
+    let r = hil_tests::fhir::http::request(
+        addr,
+        "GET",
+        "/fhir/AuditEvent?identifier=urn%3Ax%7C1",
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 405);
+    let bad = json!({"resourceType": "AuditEvent", "id": "a1", "recorded": "2026-12-01T00:00:00Z"});
+    let r = hil_tests::fhir::http::request(
+        addr,
+        "PUT",
+        "/fhir/AuditEvent/a1",
+        Some(bad.to_string().as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "type, agent and source are required in R4");
+}

@@ -153,7 +153,8 @@ impl Checks {
             Some(c) => self.gate.decide_for(local, Recipient::Clinic, c),
             None => self.gate.participates(local),
         }
-        .map_err(QueryError::Consent)?;
+        .map_err(QueryError::Consent)?
+        .decision;
         self.verdicts.push((key, decision.is_permit()));
         Ok(decision.is_permit())
     }

@@ -22,7 +22,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use consent::client::{Category, Decision, Gate, Identities, SocketGate};
+use consent::client::{
+    Category, Decided, Decision, Gate, Identities, Object, Release, ReleaseKind, SocketGate,
+};
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
 use tsunagi_runtime::tasks::{TaskEnded, Tasks};
@@ -270,6 +272,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 ("delivered_total", counts.delivered as f64),
                 ("duplicates_total", counts.duplicates as f64),
                 ("associations_opened_total", opened_total as f64),
+                ("release_records_waiting", counts.releases_waiting as f64),
             ],
         );
     }
@@ -399,6 +402,7 @@ pub fn gate_round(
     limit: usize,
     now: i64,
 ) -> Result<Round, RoundError> {
+    record_releases(gate, spool);
     let changes = gate.changes(seq)?;
     for p in &changes.patients {
         spool.release_patient(p)?;
@@ -413,7 +417,9 @@ pub fn gate_round(
         );
     }
     let mut permitted = Vec::new();
-    let mut decided: Vec<((String, Category), Decision)> = Vec::new();
+    let mut decided: Vec<((String, Category), Decided)> = Vec::new();
+    // The permit each instance is sent under (its audit row), for its release record.
+    let mut sent_under: Vec<(i64, i64)> = Vec::new();
     let mut identities: Vec<(String, Option<String>)> = Vec::new();
     for q in spool.ready(now, limit)? {
         let Some(patient) = q.meta.patient_id.clone() else {
@@ -436,8 +442,9 @@ pub fn gate_round(
                 v
             }
         };
-        match verdict {
+        match verdict.decision {
             Decision::Permit => {
+                sent_under.push((q.id, verdict.audit));
                 let Some(t) = translation else {
                     permitted.push(Outgoing::from(q));
                     continue;
@@ -477,10 +484,94 @@ pub fn gate_round(
             Decision::Deny(reason) => spool.hold(q.id, reason.as_str())?,
         }
     }
+    spool.set_decisions(&sent_under)?;
     Ok(Round {
         seq: changes.seq,
         permitted,
     })
+}
+
+/// How many release records one round sends to the consent service at most.
+const RELEASES_PER_ROUND: usize = 4096;
+
+/// Sends the release records of delivered instances to the consent service's audit trail
+/// (what left: the SOP Instance UID; under which permit), grouped by patient, category and
+/// permit. A failure keeps them in the spool's database for the next round and holds nothing
+/// back (status shows how many wait).
+fn record_releases(gate: &mut dyn Gate, spool: &Spool) {
+    let pending = match spool.pending_releases(RELEASES_PER_ROUND) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "cannot read the release records"
+            );
+            return;
+        }
+    };
+    // (patient, category, permit) → the instances released under it.
+    type Group<'a> = (
+        (String, Option<Category>, Option<i64>),
+        Vec<&'a crate::spool::PendingRelease>,
+    );
+    let mut groups: Vec<Group<'_>> = Vec::new();
+    for r in &pending {
+        let key = (
+            r.patient_id.clone(),
+            Category::for_dicom_sop_class(&r.sop_class),
+            r.decision,
+        );
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, rows)) => rows.push(r),
+            None => groups.push((key, vec![r])),
+        }
+    }
+    for ((patient, category, decision), rows) in groups {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        // Only instances of a category were ever permitted; anything else is no release.
+        if let Some(category) = category {
+            let release = Release {
+                patient,
+                category,
+                kind: ReleaseKind::Sent,
+                objects: rows
+                    .iter()
+                    .map(|r| {
+                        Object::DicomInstance(
+                            r.sop_instance.trim_end_matches(['\0', ' ']).to_owned(),
+                        )
+                    })
+                    .collect(),
+                decision,
+            };
+            match gate.released(&release) {
+                Ok(()) => {}
+                // This request was refused (e.g. a malformed SOP Instance UID): it stays
+                // queued and counted, and does not hold back the others.
+                Err(e @ consent::client::GateError::Refused(_)) => {
+                    tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "the consent service refused a release record; it stays queued"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "cannot record releases in the audit trail yet; they stay queued"
+                    );
+                    return;
+                }
+            }
+        }
+        if let Err(e) = spool.releases_recorded(&ids) {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "cannot mark release records as recorded; they may be recorded twice"
+            );
+            return;
+        }
+    }
 }
 
 /// The rewritten start of a spooled instance, or why it cannot be translated (a reason for
@@ -517,5 +608,7 @@ fn translated(
         .map_err(|e| format!("cannot translate patient IDs: {e}"))
 }
 
+#[cfg(test)]
+mod release_tests;
 #[cfg(test)]
 mod tests;

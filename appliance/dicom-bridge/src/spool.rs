@@ -51,7 +51,30 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: "ALTER TABLE queue RENAME COLUMN sha256 TO digest;",
     },
+    // The audit row of the permit an instance is sent under (set each round it is
+    // permitted), and the release records of delivered instances waiting for the consent
+    // service's audit trail: written in the transaction that removes the delivered row.
+    Migration {
+        version: 3,
+        sql: "ALTER TABLE queue ADD COLUMN decision INTEGER;
+          CREATE TABLE releases (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            patient_id TEXT NOT NULL, sop_class TEXT NOT NULL, sop_instance TEXT NOT NULL,
+            decision INTEGER, delivered_at INTEGER NOT NULL
+          ) STRICT;",
+    },
 ];
+
+/// A delivered instance whose release is not yet in the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRelease {
+    pub id: i64,
+    pub patient_id: String,
+    pub sop_class: String,
+    pub sop_instance: String,
+    /// The audit row of the permit it was sent under.
+    pub decision: Option<i64>,
+}
 
 /// Spool errors.
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +248,8 @@ pub struct Counts {
     pub bytes: u64,
     pub delivered: u64,
     pub duplicates: u64,
+    /// Delivered instances whose release is not yet in the audit trail.
+    pub releases_waiting: u64,
 }
 
 struct Inner {
@@ -394,29 +419,87 @@ impl Spool {
         Ok(out)
     }
 
-    /// The network acknowledged it: the object leaves the spool.
+    /// The network acknowledged it: the object leaves the spool, and its release record
+    /// (what left, under which permit) is queued for the audit trail, in one transaction.
     pub fn delivered(&self, id: i64) -> Result<(), SpoolError> {
-        let size = self.remove_row(id, "delivered")?;
-        self.conn()
-            .execute("UPDATE counters SET delivered = delivered + 1", [])
-            .map_err(sql("count"))?;
-        self.release(size);
-        Ok(())
-    }
-
-    fn remove_row(&self, id: i64, op: &'static str) -> Result<u64, SpoolError> {
         let size: Option<i64> = {
-            let conn = self.conn();
-            let size = conn
+            let mut conn = self.conn();
+            let tx = conn.transaction().map_err(sql("delivered"))?;
+            let size = tx
                 .query_row("SELECT size FROM queue WHERE id = ?1", [id], |r| r.get(0))
                 .optional()
-                .map_err(sql(op))?;
-            conn.execute("DELETE FROM queue WHERE id = ?1", [id])
-                .map_err(sql(op))?;
+                .map_err(sql("delivered"))?;
+            tx.execute(
+                "INSERT INTO releases (patient_id, sop_class, sop_instance, decision, delivered_at)
+                 SELECT patient_id, sop_class, sop_instance, decision, ?2 FROM queue
+                 WHERE id = ?1 AND patient_id IS NOT NULL",
+                params![id, crate::now()],
+            )
+            .map_err(sql("queue a release record"))?;
+            tx.execute("DELETE FROM queue WHERE id = ?1", [id])
+                .map_err(sql("delivered"))?;
+            tx.execute("UPDATE counters SET delivered = delivered + 1", [])
+                .map_err(sql("count"))?;
+            tx.commit().map_err(sql("delivered"))?;
             size
         };
         let _ = fs::remove_file(self.object_path(id));
-        Ok(size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+        self.release(size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0));
+        Ok(())
+    }
+
+    /// Records the permits (their audit rows) that instances are about to be sent under:
+    /// `(queue id, audit row)`, in one transaction.
+    pub fn set_decisions(&self, decisions: &[(i64, i64)]) -> Result<(), SpoolError> {
+        if decisions.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("save decisions"))?;
+        {
+            let mut stmt = tx
+                .prepare("UPDATE queue SET decision = ?2 WHERE id = ?1")
+                .map_err(sql("save decisions"))?;
+            for (id, audit) in decisions {
+                stmt.execute(params![id, audit])
+                    .map_err(sql("save decisions"))?;
+            }
+        }
+        tx.commit().map_err(sql("save decisions"))
+    }
+
+    /// Release records of delivered instances not yet in the audit trail, oldest first.
+    pub fn pending_releases(&self, limit: usize) -> Result<Vec<PendingRelease>, SpoolError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, patient_id, sop_class, sop_instance, decision FROM releases ORDER BY id LIMIT ?1",
+            )
+            .map_err(sql("read release records"))?;
+        let rows = stmt
+            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                Ok(PendingRelease {
+                    id: r.get(0)?,
+                    patient_id: r.get(1)?,
+                    sop_class: r.get(2)?,
+                    sop_instance: r.get(3)?,
+                    decision: r.get(4)?,
+                })
+            })
+            .map_err(sql("read release records"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("read release records"))
+    }
+
+    /// These release records are in the audit trail now.
+    pub fn releases_recorded(&self, ids: &[i64]) -> Result<(), SpoolError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("forget release records"))?;
+        for id in ids {
+            tx.execute("DELETE FROM releases WHERE id = ?1", [id])
+                .map_err(sql("forget release records"))?;
+        }
+        tx.commit().map_err(sql("forget release records"))
     }
 
     fn release(&self, bytes: u64) {
@@ -538,6 +621,11 @@ impl Spool {
             .query_row("SELECT count(*) FROM duplicates", [], |r| {
                 r.get::<_, i64>(0)
             })
+            .map_err(sql("count"))?
+            .try_into()
+            .unwrap_or(0);
+        c.releases_waiting = conn
+            .query_row("SELECT count(*) FROM releases", [], |r| r.get::<_, i64>(0))
             .map_err(sql("count"))?
             .try_into()
             .unwrap_or(0);

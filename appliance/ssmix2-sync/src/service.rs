@@ -254,6 +254,7 @@ fn report(shared: &Mutex<Shared>) -> (Health, String, Vec<(String, f64)>) {
             "oldest_pending_age_seconds".into(),
             st.oldest_pending_age.unwrap_or(0) as f64,
         ),
+        ("release_records_waiting".into(), st.releases_waiting as f64),
     ];
     if let Some(t) = st.last_success {
         metrics.push(("last_success_timestamp_seconds".into(), t as f64));
@@ -289,10 +290,16 @@ fn report(shared: &Mutex<Shared>) -> (Health, String, Vec<(String, f64)>) {
             } else {
                 "consent cache stale: holding (nothing new leaves)"
             };
-            let summary = format!(
+            let mut summary = format!(
                 "{} files, {} current keys, {quarantined} quarantined; {} published at the hub, {} waiting; {consent}",
                 r.scanned.files, r.scanned.current_keys, st.published_files, st.outbox_depth
             );
+            if st.releases_waiting > 0 {
+                summary.push_str(&format!(
+                    "; {} release records waiting for the audit trail",
+                    st.releases_waiting
+                ));
+            }
             (
                 if r.fresh {
                     Health::Ok

@@ -34,7 +34,9 @@ use tsunagi_config::WithdrawalPolicy;
 use tsunagi_state::{Durability, Migration, StateError};
 
 use crate::replica::{RelPath, Replica, ReplicaError};
-use consent::client::{Category, Decision, DenyReason, Gate, GateError};
+use consent::client::{
+    Category, Decision, DenyReason, Gate, GateError, Object, Release, ReleaseKind,
+};
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -72,7 +74,24 @@ const MIGRATIONS: &[Migration] = &[
           ALTER TABLE meta ADD COLUMN tr_offset INTEGER NOT NULL DEFAULT 0;
           ALTER TABLE meta ADD COLUMN cycles INTEGER NOT NULL DEFAULT 0;",
     },
+    Migration {
+        version: 3,
+        // Release records waiting for the consent service's audit trail: written in the
+        // same transaction that marks the operation done, sent (and removed) afterwards. A
+        // planned removal keeps the audit row of the denial that planned it.
+        sql: "ALTER TABLE outbox ADD COLUMN decision INTEGER;
+          CREATE TABLE releases (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            patient_id TEXT NOT NULL, category TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('sent', 'deleted')),
+            sha256 TEXT NOT NULL, data_type TEXT NOT NULL,
+            decision INTEGER
+          ) STRICT;",
+    },
 ];
+
+/// The most release records sent to the consent service per drain (the rest next time).
+const RELEASES_PER_FLUSH: i64 = 2000;
 
 /// With a transaction storage, every this many cycles is a full rescan anyway (the feed is
 /// trusted for speed, never for completeness).
@@ -157,6 +176,8 @@ pub struct State {
     pub oldest_pending_age: Option<i64>,
     /// When the last cycle completed (Unix seconds).
     pub last_success: Option<i64>,
+    /// Release records not yet in the consent service's audit trail.
+    pub releases_waiting: u64,
 }
 
 /// The sync's durable state and the storage's index.
@@ -177,6 +198,8 @@ struct Op {
     patient_id: String,
     category: String,
     key: String,
+    /// The audit row of the decision that planned it (a removal's denial).
+    decision: Option<i64>,
 }
 
 /// What carrying out an operation did.
@@ -239,7 +262,12 @@ impl Syncer {
             .conn
             .query_row("SELECT last_success FROM meta", [], |r| r.get(0))
             .map_err(sql("read meta"))?;
+        let releases: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM releases", [], |r| r.get(0))
+            .map_err(sql("count release records"))?;
         Ok(State {
+            releases_waiting: u64::try_from(releases).unwrap_or(0),
             published_files: u64::try_from(published).unwrap_or(0),
             outbox_depth: u64::try_from(depth).unwrap_or(0),
             oldest_pending_age: oldest.map(|t| (now - t).max(0)),
@@ -452,16 +480,19 @@ impl Syncer {
                 continue;
             }
             // A category this version cannot read back is treated as denied: removed.
-            let verdict = match category.parse::<Category>() {
-                Ok(c) => gate.decide(&patient, c)?,
-                Err(_) => Decision::Deny(DenyReason::CategoryExcluded),
+            let (verdict, audit) = match category.parse::<Category>() {
+                Ok(c) => {
+                    let d = gate.decide(&patient, c)?;
+                    (d.decision, Some(d.audit))
+                }
+                Err(_) => (Decision::Deny(DenyReason::CategoryExcluded), None),
             };
             // A transient answer (stale cache) is not remembered: it says nothing of consent.
             if !verdict.is_transient() {
                 Self::remember(&tx, &patient, &category, &verdict, now)?;
             }
             if matches!(verdict, Decision::Deny(_)) && !verdict.is_transient() {
-                self.plan_removal(&tx, &patient, &category, now)?;
+                self.plan_removal(&tx, &patient, &category, now, audit)?;
             }
         }
         // A stale cache: keep the feed position so nothing it listed is missed.
@@ -478,7 +509,17 @@ impl Syncer {
         patient: &str,
         category: &str,
         now: i64,
+        denial: Option<i64>,
     ) -> Result<(), SyncError> {
+        // Each removal keeps the denial that planned it, for its release record.
+        let decided_by = || {
+            tx.execute(
+                "UPDATE outbox SET decision = ?1 WHERE seq = ?2",
+                params![denial, tx.last_insert_rowid()],
+            )
+            .map(|_| ())
+            .map_err(sql("plan an operation"))
+        };
         let rows: Vec<(String, String)> = {
             let mut stmt = tx
                 .prepare("SELECT path, key FROM published WHERE patient_id = ?1 AND category = ?2 AND tombstone = 0 ORDER BY key, path")
@@ -491,6 +532,7 @@ impl Syncer {
         let mut last_key: Option<String> = None;
         for (path, key) in &rows {
             enqueue(tx, "delete", path, None, None, patient, category, key, now)?;
+            decided_by()?;
             if self.settings.withdrawal == WithdrawalPolicy::Tombstone
                 && last_key.as_deref() != Some(key)
             {
@@ -506,6 +548,7 @@ impl Syncer {
                         key,
                         now,
                     )?;
+                    decided_by()?;
                 }
                 last_key = Some(key.clone());
             }
@@ -585,7 +628,7 @@ impl Syncer {
                 let verdict = match self.cached(&patient, category.as_str(), now)? {
                     Some(v) => v,
                     None => {
-                        let v = gate.decide(&patient, category)?;
+                        let v = gate.decide(&patient, category)?.decision;
                         Self::remember(&tx, &patient, category.as_str(), &v, now)?;
                         v
                     }
@@ -715,7 +758,7 @@ impl Syncer {
         loop {
             let op: Option<Op> = self
                 .conn
-                .query_row("SELECT seq, op, path, dest, sha256, patient_id, category, key FROM outbox ORDER BY seq LIMIT 1", [], |r| {
+                .query_row("SELECT seq, op, path, dest, sha256, patient_id, category, key, decision FROM outbox ORDER BY seq LIMIT 1", [], |r| {
                     Ok(Op {
                         seq: r.get(0)?,
                         op: r.get(1)?,
@@ -725,20 +768,28 @@ impl Syncer {
                         patient_id: r.get(5)?,
                         category: r.get(6)?,
                         key: r.get(7)?,
+                        decision: r.get(8)?,
                     })
                 })
                 .optional()
                 .map_err(sql("read the outbox"))?;
-            let Some(op) = op else { return Ok(()) };
+            let Some(op) = op else {
+                self.flush_releases(gate);
+                return Ok(());
+            };
             let releases = matches!(op.op.as_str(), "put" | "rename");
-            let decision = if releases {
+            // The decision and its audit row, which the release record refers to.
+            let (decision, audit) = if releases {
                 // A category this version cannot read back is never released.
                 match op.category.parse::<Category>() {
-                    Ok(c) => gate.decide(&op.patient_id, c)?,
-                    Err(_) => Decision::Deny(DenyReason::CategoryExcluded),
+                    Ok(c) => {
+                        let d = gate.decide(&op.patient_id, c)?;
+                        (d.decision, Some(d.audit))
+                    }
+                    Err(_) => (Decision::Deny(DenyReason::CategoryExcluded), None),
                 }
             } else {
-                Decision::Permit
+                (Decision::Permit, None)
             };
             let effect = if decision.is_permit() {
                 self.execute(&op, replica)
@@ -767,6 +818,45 @@ impl Syncer {
             let tx = self.conn.unchecked_transaction().map_err(sql("begin"))?;
             tx.execute("DELETE FROM outbox WHERE seq = ?1", [op.seq])
                 .map_err(sql("done"))?;
+            // What reached (or left) the hub, for the audit trail: queued in the same
+            // transaction, so the operation is done only with its release record.
+            let data_type = op.key.split('/').nth(2).unwrap_or_default();
+            let release = |kind: &str, sha256: &str, decision: Option<i64>| {
+                tx.execute(
+                    "INSERT INTO releases (patient_id, category, kind, sha256, data_type, decision) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![op.patient_id, op.category, kind, sha256, data_type, decision],
+                )
+                .map(|_| ())
+                .map_err(sql("queue a release record"))
+            };
+            match &effect {
+                Effect::Published {
+                    sha256, tombstone, ..
+                } => {
+                    if *tombstone {
+                        release("deleted", sha256, op.decision)?;
+                    } else {
+                        release("sent", sha256, audit)?;
+                    }
+                }
+                Effect::Renamed { .. } => {
+                    release("sent", op.sha256.as_deref().unwrap_or_default(), audit)?;
+                }
+                Effect::Removed(path) => {
+                    let sha256: Option<String> = tx
+                        .query_row(
+                            "SELECT sha256 FROM published WHERE path = ?1",
+                            [path],
+                            |r| r.get(0),
+                        )
+                        .optional()
+                        .map_err(sql("read published"))?;
+                    if let Some(sha256) = sha256 {
+                        release("deleted", &sha256, op.decision)?;
+                    }
+                }
+                Effect::Dropped { .. } => {}
+            }
             match effect {
                 Effect::Published {
                     path,
@@ -806,6 +896,96 @@ impl Syncer {
             }
             tx.commit().map_err(sql("commit an operation"))?;
         }
+    }
+
+    /// Sends the queued release records to the consent service's audit trail (grouped by
+    /// patient, category, kind and decision), removing each group once recorded. A failure
+    /// keeps them queued for the next drain, and holds nothing back: the operations are done,
+    /// the records are durable here, and status shows how many wait.
+    fn flush_releases(&mut self, gate: &mut dyn Gate) {
+        if let Err(e) = self.try_flush_releases(gate) {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "cannot record releases in the audit trail yet; they stay queued"
+            );
+        }
+    }
+
+    fn try_flush_releases(&mut self, gate: &mut dyn Gate) -> Result<(), SyncError> {
+        type Row = (i64, String, String, String, String, String, Option<i64>);
+        let rows: Vec<Row> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT seq, patient_id, category, kind, sha256, data_type, decision FROM releases ORDER BY seq LIMIT ?1")
+                .map_err(sql("read release records"))?;
+            stmt.query_map([RELEASES_PER_FLUSH], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
+            .map_err(sql("read release records"))?
+            .collect::<Result<_, _>>()
+            .map_err(sql("read release records"))?
+        };
+        // Consecutive rows of one group go in one request.
+        let mut i = 0;
+        while i < rows.len() {
+            let (_, patient, category, kind, _, _, decision) = &rows[i];
+            let group: Vec<&Row> = rows[i..]
+                .iter()
+                .take_while(|r| (&r.1, &r.2, &r.3, &r.6) == (patient, category, kind, decision))
+                .collect();
+            i += group.len();
+            let seqs: Vec<i64> = group.iter().map(|r| r.0).collect();
+            let Ok(category) = category.parse::<Category>() else {
+                // Never planned (unknown categories are not published): nothing to record.
+                self.forget_releases(&seqs)?;
+                continue;
+            };
+            let release = Release {
+                patient: patient.clone(),
+                category,
+                kind: if kind == "sent" {
+                    ReleaseKind::Sent
+                } else {
+                    ReleaseKind::Deleted
+                },
+                objects: group
+                    .iter()
+                    .map(|r| Object::Ssmix2File {
+                        sha256: r.4.clone(),
+                        data_type: r.5.clone(),
+                    })
+                    .collect(),
+                decision: *decision,
+            };
+            match gate.released(&release) {
+                Ok(()) => self.forget_releases(&seqs)?,
+                // This request was refused: it stays queued and counted, and does not hold
+                // back the others.
+                Err(e @ GateError::Refused(_)) => tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "the consent service refused a release record; it stays queued"
+                ),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn forget_releases(&self, seqs: &[i64]) -> Result<(), SyncError> {
+        let tx = self.conn.unchecked_transaction().map_err(sql("begin"))?;
+        for seq in seqs {
+            tx.execute("DELETE FROM releases WHERE seq = ?1", [seq])
+                .map_err(sql("forget a release record"))?;
+        }
+        tx.commit().map_err(sql("commit release records"))
     }
 
     fn execute(&self, op: &Op, replica: &mut dyn Replica) -> Result<Effect, SyncError> {

@@ -446,3 +446,93 @@ fn a_withdrawal_recorded_offline_removes_the_files_at_the_hub_within_one_cycle_o
         tree(&w.replica_root)
     );
 }
+
+/// Issue 13 item 10: every file that reaches the hub, and every deletion there, is a release
+/// record for the audit trail: what left (its SHA-256 and data type, never its path, which
+/// carries the patient ID), and the decision that allowed it.
+#[test]
+fn a_published_and_a_deleted_file_each_leave_a_release_record_referring_to_its_decision() {
+    use consent::client::{Category, Decision, Object, ReleaseKind};
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    let published = tree(&w.replica_root);
+    assert_eq!(published.len(), 3);
+    let sent: Vec<_> = gate
+        .releases
+        .iter()
+        .filter(|r| r.kind == ReleaseKind::Sent)
+        .collect();
+    let objects: Vec<&Object> = sent.iter().flat_map(|r| &r.objects).collect();
+    assert_eq!(objects.len(), 3, "{:?}", gate.releases);
+    for release in &sent {
+        assert_eq!(release.patient, a.id);
+        let audit = release.decision.expect("a send refers to its decision");
+        // The decision it refers to is the permit for this patient and category.
+        let (patient, category, decision) = &gate.decisions[usize::try_from(audit - 1).unwrap()];
+        assert_eq!(
+            (patient, *category, *decision),
+            (&a.id, release.category, Decision::Permit)
+        );
+        for object in &release.objects {
+            let Object::Ssmix2File { sha256, data_type } = object else {
+                panic!("{object:?}");
+            };
+            assert_eq!(Category::for_ssmix2(data_type), Some(release.category));
+            assert!(published.values().any(|s| s == sha256), "{sha256}");
+            assert!(!format!("{object:?}").contains(&a.id), "no patient ID");
+        }
+    }
+    assert_eq!(w.syncer.state().unwrap().releases_waiting, 0);
+
+    // Withdrawn: the deletions at the hub are release records too (kind deleted).
+    gate.withdraw(&a.id);
+    gate.releases.clear();
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert!(tree(&w.replica_root).is_empty());
+    let removals: Vec<_> = gate
+        .releases
+        .iter()
+        .filter(|r| r.kind == ReleaseKind::Deleted && r.patient == a.id)
+        .collect();
+    for release in &removals {
+        // Each refers to the denial that caused it.
+        let audit = release.decision.expect("a revocation refers to its denial");
+        let (patient, category, decision) = &gate.decisions[usize::try_from(audit - 1).unwrap()];
+        assert_eq!((patient, *category), (&a.id, release.category));
+        assert!(matches!(decision, Decision::Deny(_)), "{decision:?}");
+    }
+    let deleted: Vec<&Object> = removals.iter().flat_map(|r| &r.objects).collect();
+    assert_eq!(deleted.len(), 3, "{:?}", gate.releases);
+    for object in deleted {
+        let Object::Ssmix2File { sha256, .. } = object else {
+            panic!("{object:?}");
+        };
+        assert!(published.values().any(|s| s == sha256));
+    }
+}
+
+#[test]
+fn release_records_the_consent_service_cannot_take_wait_durably_and_nothing_is_held() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    gate.releases_fail = true;
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    // The files are at the hub; their records wait in the sync's database.
+    assert_eq!(tree(&w.replica_root).len(), 3);
+    assert_eq!(w.syncer.state().unwrap().releases_waiting, 3);
+    assert!(gate.releases.is_empty());
+    // The consent service is back: the next cycle records them, once.
+    gate.releases_fail = false;
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(w.syncer.state().unwrap().releases_waiting, 0);
+    let n: usize = gate.releases.iter().map(|r| r.objects.len()).sum();
+    assert_eq!(n, 3, "{:?}", gate.releases);
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    let n: usize = gate.releases.iter().map(|r| r.objects.len()).sum();
+    assert_eq!(n, 3, "nothing recorded twice");
+}

@@ -468,8 +468,8 @@ fn run(cfg: &Config, command: ConsentCommand, json: bool) -> Result<(), String> 
             }
             let at = at.unwrap_or(now);
             let bound = cfg.consent.freshness_bound.get();
-            let decision = store
-                .decide(&patient, &recipient, category, at, now, bound)
+            let (decision, audit) = store
+                .decide_audited(&patient, &recipient, category, at, now, bound)
                 .map_err(chain)?;
             let (verdict, reason, explain) = match decision {
                 Decision::Permit => ("permit", None, None),
@@ -480,6 +480,7 @@ fn run(cfg: &Config, command: ConsentCommand, json: bool) -> Result<(), String> 
                     "decision": verdict, "reason": reason, "explain": explain,
                     "patient": patient, "recipient": recipient.to_string(),
                     "category": category.as_str(), "at": time::format(at),
+                    "audit": audit,
                 }));
             } else {
                 match (reason, explain) {

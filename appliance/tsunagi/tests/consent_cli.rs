@@ -363,9 +363,11 @@ fn the_consent_service_answers_decisions_over_its_socket() {
         &socket,
         r#"{"decide":{"patient":"0001234","recipient":{"facility":"1312345679"},"category":"images"}}"#,
     );
+    // Each answer carries its decision's row in the audit trail.
+    let audit = permit["decided"]["audit"].as_i64().unwrap();
     assert_eq!(
         permit,
-        serde_json::json!({"decided": {"decision": "permit"}})
+        serde_json::json!({"decided": {"decision": "permit", "audit": audit}})
     );
     let deny = ask(
         &socket,
@@ -373,7 +375,7 @@ fn the_consent_service_answers_decisions_over_its_socket() {
     );
     assert_eq!(
         deny,
-        serde_json::json!({"decided": {"decision": "deny", "reason": "category-excluded"}})
+        serde_json::json!({"decided": {"decision": "deny", "reason": "category-excluded", "audit": audit + 1}})
     );
     let nobody = ask(
         &socket,
@@ -381,7 +383,33 @@ fn the_consent_service_answers_decisions_over_its_socket() {
     );
     assert_eq!(
         nobody,
-        serde_json::json!({"decided": {"decision": "deny", "reason": "no-consent"}})
+        serde_json::json!({"decided": {"decision": "deny", "reason": "no-consent", "audit": audit + 2}})
+    );
+    // A release refers to the permit it was sent under: one chained row per object.
+    let hub = ask(
+        &socket,
+        r#"{"decide":{"patient":"0001234","recipient":"hub","category":"images"}}"#,
+    );
+    let hub_permit = hub["decided"]["audit"].as_i64().unwrap();
+    assert_eq!(hub["decided"]["decision"], "permit");
+    let recorded = ask(
+        &socket,
+        &format!(
+            r#"{{"released":{{"patient":"0001234","recipient":"hub","category":"images","kind":"sent","objects":[{{"dicom-instance":"1.2.3.1"}},{{"dicom-instance":"1.2.3.2"}}],"decision":{hub_permit}}}}}"#
+        ),
+    );
+    assert_eq!(
+        recorded,
+        serde_json::json!({"recorded": {"audit": hub_permit + 2}})
+    );
+    // What left is named without patient data: a path carrying the patient ID is refused.
+    let path = ask(
+        &socket,
+        r#"{"released":{"patient":"0001234","recipient":"hub","category":"images","kind":"sent","objects":[{"dicom-instance":"000/12/0001234"}],"decision":1}}"#,
+    );
+    assert!(
+        path["error"].as_str().unwrap().starts_with("objects"),
+        "{path}"
     );
     // A category, a reason or a request shape that is not in the protocol is refused, never
     // guessed at (the old untyped request shape included).
@@ -407,23 +435,26 @@ fn the_consent_service_answers_decisions_over_its_socket() {
         &socket,
         r#"{"decide":{"patient":"0001234","recipient":{"facility":"1312345679"},"category":"images"}}"#,
     );
-    assert_eq!(
-        after,
-        serde_json::json!({"decided": {"decision": "deny", "reason": "withdrawn"}})
-    );
+    assert_eq!(after["decided"]["decision"], "deny");
+    assert_eq!(after["decided"]["reason"], "withdrawn");
 
     let status =
         c.h.wait_for("consent status", std::time::Duration::from_secs(15), |s| {
-            service(s, "consent")["metrics"]["decisions_permit_total"] == 1.0
+            service(s, "consent")["metrics"]["decisions_deny_total"] == 3.0
         });
     let consent = service(&status, "consent");
-    assert_eq!(consent["metrics"]["decisions_deny_total"], 3.0);
+    assert_eq!(consent["metrics"]["decisions_permit_total"], 2.0);
     assert_eq!(consent["metrics"]["stale"], 0.0);
+    assert_eq!(consent["metrics"]["releases_recorded_total"], 2.0);
+    // The head of the trail, to compare with a copy kept elsewhere.
+    assert_eq!(
+        consent["metrics"]["audit_head_seq"],
+        serde_json::json!((audit + 6) as f64)
+    );
+    let summary = consent["summary"].as_str().unwrap();
+    assert!(summary.contains("2 permitted, 3 denied"), "{consent}");
     assert!(
-        consent["summary"]
-            .as_str()
-            .unwrap()
-            .contains("1 permitted, 3 denied"),
+        summary.contains(&format!("audit trail head {}", audit + 6)),
         "{consent}"
     );
     assert_eq!(
@@ -438,7 +469,8 @@ fn the_consent_service_answers_decisions_over_its_socket() {
     let out = c.audit();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "audit trail intact: 4 rows"
+        format!("audit trail intact: {} rows", audit + 6),
+        "every decision and release is a row"
     );
     c.h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(
@@ -550,4 +582,95 @@ fn audit_verify_never_creates_a_key_and_a_missing_key_is_an_error() {
     let out = c.audit();
     assert!(!out.status.success());
     assert!(!key.exists());
+}
+
+/// Issue 13 item 10: deleting the whole audit trail (rows and head, the whole database
+/// even) used to verify as intact. With the trail anchored at the network, the real
+/// service finds it at its next round: status degraded with the reason, `audit verify`
+/// fails, and the network's checkpoint (validated by the strict server) keeps the head.
+#[test]
+fn deleting_the_whole_audit_trail_is_detected_against_the_networks_checkpoint() {
+    use hil_tests::fhir::{Server, Validator, http, schema_path};
+    let validator = Validator::load(&schema_path().unwrap()).unwrap();
+    let addr = Server::new(validator)
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    let mut c = Clinic::with(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"http://{addr}/fhir\"\npull-interval = \"1s\"\n"
+    ));
+    c.register("0001234", &[]);
+    for _ in 0..3 {
+        c.decide("0001234", "hub", "images");
+    }
+    c.h.start();
+    let status =
+        c.h.wait_for("the checkpoint", std::time::Duration::from_secs(30), |s| {
+            service(s, "consent")["metrics"]["audit_checkpoint_seq"] == 3.0
+        });
+    let consent = service(&status, "consent");
+    assert_eq!(consent["health"], "ok", "{consent}");
+    assert!(
+        consent["summary"]
+            .as_str()
+            .unwrap()
+            .contains("the network holds checkpoint 3"),
+        "{consent}"
+    );
+    let checkpoint = http::request(
+        addr,
+        "GET",
+        "/fhir/AuditEvent/tsunagi-audit-1312345678",
+        None,
+    )
+    .unwrap();
+    assert_eq!(checkpoint.status, 200);
+    assert_eq!(
+        checkpoint.json()["entity"][0]["detail"][0]["valueString"],
+        "3"
+    );
+
+    // Someone deletes the whole trail, head and local anchor included, while the service
+    // runs; locally it looks intact.
+    let db =
+        rusqlite::Connection::open(c.h.state_dir().join("consent").join("consent.db")).unwrap();
+    db.execute_batch("DELETE FROM audit; DELETE FROM audit_head; DELETE FROM audit_anchor;")
+        .unwrap();
+    drop(db);
+    let status =
+        c.h.wait_for("the reset", std::time::Duration::from_secs(30), |s| {
+            service(s, "consent")["metrics"]["audit_reset"] == 1.0
+        });
+    let consent = service(&status, "consent");
+    assert_eq!(consent["health"], "degraded", "{consent}");
+    let summary = consent["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("AUDIT TRAIL RESET") && summary.contains("behind the checkpoint"),
+        "{summary}"
+    );
+    let out = c.audit();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("BROKEN") && text.contains("reset or cut"),
+        "{text}"
+    );
+    // The network's checkpoint stays as the evidence.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let checkpoint = http::request(
+        addr,
+        "GET",
+        "/fhir/AuditEvent/tsunagi-audit-1312345678",
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        checkpoint.json()["entity"][0]["detail"][0]["valueString"],
+        "3"
+    );
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        c.h.wait_exit(std::time::Duration::from_secs(15))
+            .unwrap()
+            .success()
+    );
 }

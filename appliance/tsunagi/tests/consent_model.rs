@@ -24,10 +24,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use consent::client::{Category, Changes, Decision, Gate, GateError, Recipient};
+use consent::client::{Category, Changes, Decided, Decision, Gate, GateError, Recipient, Release};
 use consent::decide;
 use consent::model::{Consent, Patient as ConsentPatient, PatientId, Scope, Sex, Source, Status};
-use consent::store::{AuditKey, NewConsent, Store};
+use consent::store::{AuditCheck, AuditKey, NewConsent, Store};
 use proptest::prelude::*;
 use ssmix2::build::{Patient, Record, Storage};
 use ssmix2_sync::replica::{RelPath, Replica, ReplicaError};
@@ -133,7 +133,7 @@ struct StoreGate {
 }
 
 impl Gate for StoreGate {
-    fn decide(&mut self, patient: &str, category: Category) -> Result<Decision, GateError> {
+    fn decide(&mut self, patient: &str, category: Category) -> Result<Decided, GateError> {
         let now = self.clock.load(Ordering::SeqCst);
         let patient: PatientId = patient
             .parse()
@@ -141,7 +141,37 @@ impl Gate for StoreGate {
         self.store
             .lock()
             .unwrap()
-            .decide(&patient, &Recipient::Hub, category, now, now, BOUND)
+            .decide_audited(&patient, &Recipient::Hub, category, now, now, BOUND)
+            .map(|(decision, audit)| Decided { decision, audit })
+            .map_err(|e| GateError::Refused(e.to_string()))
+    }
+
+    fn released(&mut self, release: &Release) -> Result<(), GateError> {
+        let now = self.clock.load(Ordering::SeqCst);
+        let patient: PatientId = release
+            .patient
+            .parse()
+            .map_err(|e: consent::model::ModelError| GateError::Refused(e.0))?;
+        let objects = release
+            .objects
+            .iter()
+            .map(|o| o.audit_text().map_err(|e| GateError::Refused(e.0)))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.store
+            .lock()
+            .unwrap()
+            .record_release(
+                &consent::store::Release {
+                    patient: &patient,
+                    recipient: &Recipient::Hub,
+                    category: release.category,
+                    kind: release.kind,
+                    objects: &objects,
+                    decision: release.decision,
+                },
+                now,
+            )
+            .map(|_| ())
             .map_err(|e| GateError::Refused(e.to_string()))
     }
 
@@ -330,8 +360,9 @@ fn categories_or_one(bits: u16) -> std::collections::BTreeSet<Category> {
     }
 }
 
-/// Runs one interleaving; the violations the hub witnessed.
-fn run(ops: &[Op]) -> (Vec<String>, u64) {
+/// Runs one interleaving; the violations the hub witnessed (and the audit trail shows), the
+/// releases it saw, and the release rows in the audit trail.
+fn run(ops: &[Op]) -> (Vec<String>, u64, u64) {
     let base = if std::path::Path::new("/dev/shm").is_dir() {
         tempfile::tempdir_in("/dev/shm")
     } else {
@@ -463,8 +494,22 @@ fn run(ops: &[Op]) -> (Vec<String>, u64) {
     // A last cycle with the hub up carries out whatever is still planned.
     hub.up = true;
     let _ = syncer.cycle(&mut gate, &mut hub);
-    let v = violations.lock().unwrap().clone();
-    (v, hub.releases)
+    let mut v = violations.lock().unwrap().clone();
+    // Every release is in the audit trail, which verifies, and refers to a permit for its
+    // patient, recipient and category (issue 13 item 10).
+    let s = store.lock().unwrap();
+    if !matches!(s.verify_audit().unwrap(), AuditCheck::Intact { .. }) {
+        v.push("the audit trail does not verify".into());
+    }
+    let count = |sql: &str| -> u64 {
+        let n: i64 = s.connection().query_row(sql, [], |r| r.get(0)).unwrap();
+        u64::try_from(n).unwrap()
+    };
+    if count("SELECT count(*) FROM audit WHERE object <> '' AND reason <> ''") > 0 {
+        v.push("a release in the audit trail refers to no decision for it".into());
+    }
+    let recorded = count("SELECT count(*) FROM audit WHERE decision = 'sent'");
+    (v, hub.releases, recorded)
 }
 
 fn cases() -> u32 {
@@ -480,7 +525,7 @@ proptest! {
     fn nothing_reaches_the_hub_whose_decision_at_that_moment_is_deny(
         ops in prop::collection::vec(op(), 1..24),
     ) {
-        let (violations, _) = run(&ops);
+        let (violations, _, _) = run(&ops);
         prop_assert!(violations.is_empty(), "{violations:?}");
     }
 }
@@ -505,7 +550,8 @@ fn the_model_releases_what_consent_permits() {
         },
         Op::Cycle { hub_up: true },
     ];
-    let (violations, releases) = run(&ops);
+    let (violations, releases, recorded) = run(&ops);
     assert!(violations.is_empty(), "{violations:?}");
     assert_eq!(releases, 1, "the consented patient's file, and only it");
+    assert_eq!(recorded, 1, "its release row in the audit trail");
 }

@@ -173,8 +173,47 @@ fn consented_instances_reach_orthanc_byte_for_byte_and_others_wait_for_consent()
         service(s, "dicom")["metrics"]["spool_held"] == 0.0
             && service(s, "dicom")["metrics"]["spool_pending"] == 0.0
     });
+    // Each delivered instance is a release row in the consent service's audit trail: its
+    // SOP Instance UID, the hub, and the permit it was sent under (issue 13 item 10).
+    h.wait_for("the release records", Duration::from_secs(30), |s| {
+        service(s, "dicom")["metrics"]["release_records_waiting"] == 0.0
+            && service(s, "consent")["metrics"]["releases_recorded_total"] == 2.0
+    });
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+    let db = rusqlite::Connection::open(h.state_dir().join("consent").join("consent.db")).unwrap();
+    for file in [&consented, &waiting] {
+        let uid = DicomFile::read(file)
+            .unwrap()
+            .string(0x0008, 0x0018)
+            .unwrap();
+        let (recipient, category, decision): (String, String, i64) = db
+            .query_row(
+                "SELECT recipient, category, decision_seq FROM audit WHERE decision = 'sent' AND object = ?1 AND reason = ''",
+                [format!("dicom:{uid}")],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((recipient.as_str(), category.as_str()), ("hub", "images"));
+        let permit: String = db
+            .query_row(
+                "SELECT decision FROM audit WHERE seq = ?1 AND recipient = 'hub' AND category = 'images'",
+                [decision],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(permit, "permit");
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["audit", "verify", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]

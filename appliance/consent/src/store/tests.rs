@@ -382,3 +382,167 @@ fn the_change_feed_keeps_its_sequence_numbers_across_the_migration() {
     let (next, patients, _) = s.changes_since(2, 10).unwrap();
     assert_eq!((next, patients), (3, vec!["0002".parse().unwrap()]));
 }
+
+fn sent_images<'a>(id: &'a PatientId, objects: &'a [String], decision: Option<i64>) -> Release<'a> {
+    Release {
+        patient: id,
+        recipient: &Recipient::Hub,
+        category: Category::Images,
+        kind: consent_protocol::ReleaseKind::Sent,
+        objects,
+        decision,
+    }
+}
+
+#[test]
+fn a_release_is_one_chained_row_per_object_referring_to_its_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = audited(dir.path(), 0);
+    let id: PatientId = "0001234".parse().unwrap();
+    let (decision, permit) = s
+        .decide_audited(&id, &Recipient::Hub, Category::Images, T0, T0, DAY)
+        .unwrap();
+    assert_eq!(decision, Decision::Permit);
+    let objects = ["dicom:1.2.3.1".to_owned(), "dicom:1.2.3.2".to_owned()];
+    let last = s
+        .record_release(&sent_images(&id, &objects, Some(permit)), T0)
+        .unwrap();
+    assert_eq!(last, permit + 2);
+    let rows: Vec<(i64, String, String, String, Option<i64>, String)> = s
+        .connection()
+        .prepare("SELECT seq, decision, reason, object, decision_seq, patient_hash FROM audit WHERE seq > ?1 ORDER BY seq")
+        .unwrap()
+        .query_map([permit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, object) in rows.iter().zip(&objects) {
+        assert_eq!(row.1, "sent");
+        assert_eq!(row.2, "", "a verified decision");
+        assert_eq!(&row.3, object);
+        assert_eq!(row.4, Some(permit));
+        assert_eq!(row.5, s.patient_hash(&id));
+    }
+    assert_eq!(
+        s.verify_audit().unwrap(),
+        AuditCheck::Intact { rows: permit + 2 }
+    );
+    // What left, or the decision it refers to, cannot be changed unnoticed.
+    s.connection()
+        .execute(
+            "UPDATE audit SET object = 'dicom:9.9' WHERE seq = ?1",
+            [permit + 1],
+        )
+        .unwrap();
+    assert_eq!(
+        s.verify_audit().unwrap(),
+        AuditCheck::Broken {
+            row: permit + 1,
+            problem: format!("row {} was altered", permit + 1)
+        }
+    );
+}
+
+#[test]
+fn a_release_without_a_permit_for_it_is_recorded_as_unverified() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = audited(dir.path(), 0);
+    let id: PatientId = "0001234".parse().unwrap();
+    // A permit for another category, a deny, a release row, no decision at all.
+    let (_, other) = s
+        .decide_audited(&id, &Recipient::Hub, Category::Orders, T0, T0, DAY)
+        .unwrap();
+    s.withdraw(&id, "desk", T0).unwrap();
+    let (_, deny) = s
+        .decide_audited(&id, &Recipient::Hub, Category::Images, T0, T0, DAY)
+        .unwrap();
+    let objects = ["dicom:1.2.3".to_owned()];
+    for decision in [Some(other), Some(deny), Some(999), None] {
+        let seq = s
+            .record_release(&sent_images(&id, &objects, decision), T0)
+            .unwrap();
+        let reason: String = s
+            .connection()
+            .query_row("SELECT reason FROM audit WHERE seq = ?1", [seq], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(reason, "unverified-decision", "{decision:?}");
+    }
+    // A deletion refers to the denial that caused it, or to nothing (a file gone from the
+    // storage); never to a permit.
+    for (decision, want) in [
+        (None, ""),
+        (Some(deny), ""),
+        (Some(other), "unverified-decision"),
+    ] {
+        let deleted = Release {
+            kind: consent_protocol::ReleaseKind::Deleted,
+            ..sent_images(&id, &objects, decision)
+        };
+        let seq = s.record_release(&deleted, T0).unwrap();
+        let (kind, reason): (String, String) = s
+            .connection()
+            .query_row(
+                "SELECT decision, reason FROM audit WHERE seq = ?1",
+                [seq],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (kind.as_str(), reason.as_str()),
+            ("deleted", want),
+            "{decision:?}"
+        );
+    }
+    assert!(matches!(
+        s.verify_audit().unwrap(),
+        AuditCheck::Intact { .. }
+    ));
+}
+
+#[test]
+fn deleting_the_whole_trail_and_head_is_found_against_the_acknowledged_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = audited(dir.path(), 5);
+    let head = s.audit_head().unwrap().unwrap();
+    assert_eq!(head.seq, 5);
+    s.set_audit_anchor(&head, T0).unwrap();
+    assert_eq!(s.audit_diverges_from(&head).unwrap(), None);
+    s.connection()
+        .execute_batch("DELETE FROM audit; DELETE FROM audit_head;")
+        .unwrap();
+    // Without the anchor this verified as intact (zero rows).
+    let check = s.verify_audit().unwrap();
+    assert!(
+        matches!(&check, AuditCheck::Broken { row: 5, problem } if problem.contains("reset or cut")),
+        "{check:?}"
+    );
+    assert!(s.audit_diverges_from(&head).unwrap().is_some());
+    // Growing a new trail past the checkpoint does not hide it: row 5 is another row.
+    let id: PatientId = "0001234".parse().unwrap();
+    for _ in 0..6 {
+        s.decide(&id, &Recipient::Hub, Category::Images, T0, T0, DAY)
+            .unwrap();
+    }
+    let why = s.audit_diverges_from(&head).unwrap().unwrap();
+    assert!(why.contains("rewritten"), "{why}");
+    // Recorded as a reset, it stays (a later anchor does not clear it).
+    s.set_audit_reset(&head, &why, T0).unwrap();
+    let new_head = s.audit_head().unwrap().unwrap();
+    s.set_audit_anchor(&new_head, T0).unwrap();
+    assert_eq!(
+        s.audit_anchor().unwrap().unwrap().reset.as_deref(),
+        Some(why.as_str())
+    );
+    assert_eq!(
+        s.verify_audit().unwrap(),
+        AuditCheck::Broken {
+            row: 5,
+            problem: why
+        }
+    );
+}

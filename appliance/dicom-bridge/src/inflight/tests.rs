@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use consent::client::{Category, Changes, Decision, GateError};
+use consent::client::{Category, Changes, Decided, GateError, Release};
 
 use super::*;
 
@@ -83,8 +83,12 @@ struct Feed {
 }
 
 impl Gate for Feed {
-    fn decide(&mut self, _: &str, _: Category) -> Result<Decision, GateError> {
+    fn decide(&mut self, _: &str, _: Category) -> Result<Decided, GateError> {
         panic!("the watcher never decides (no audit rows while sending)")
+    }
+
+    fn released(&mut self, _: &Release) -> Result<(), GateError> {
+        panic!("the watcher records no releases")
     }
 
     fn changes(&mut self, since: i64) -> Result<Changes, GateError> {

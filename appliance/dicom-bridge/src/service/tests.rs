@@ -24,6 +24,7 @@ struct ScriptedGate {
     log: Vec<(i64, String)>,
     asked: Vec<(String, Category)>,
     identities_asked: Vec<String>,
+    released: Vec<Release>,
 }
 
 impl ScriptedGate {
@@ -39,13 +40,17 @@ impl ScriptedGate {
 }
 
 impl Gate for ScriptedGate {
-    fn decide(&mut self, patient: &str, category: Category) -> Result<Decision, GateError> {
+    fn decide(&mut self, patient: &str, category: Category) -> Result<Decided, GateError> {
         self.asked.push((patient.to_owned(), category));
-        Ok(self
+        let decision = self
             .answers
             .get(&(patient.to_owned(), category))
             .copied()
-            .unwrap_or(Decision::Deny(DenyReason::NoConsent)))
+            .unwrap_or(Decision::Deny(DenyReason::NoConsent));
+        Ok(Decided {
+            decision,
+            audit: i64::try_from(self.asked.len()).unwrap_or(i64::MAX),
+        })
     }
 
     fn changes(&mut self, since: i64) -> Result<Changes, GateError> {
@@ -59,6 +64,11 @@ impl Gate for ScriptedGate {
                 .collect(),
             fresh: true,
         })
+    }
+
+    fn released(&mut self, release: &Release) -> Result<(), GateError> {
+        self.released.push(release.clone());
+        Ok(())
     }
 }
 

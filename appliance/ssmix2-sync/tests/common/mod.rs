@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use consent::client::{Category, Changes, Decision, DenyReason, Gate, GateError};
+use consent::client::{Category, Changes, Decided, Decision, DenyReason, Gate, GateError, Release};
 
 /// A consent gate whose answers the test sets: permitted patients (all categories), a
 /// change sequence, and freshness.
@@ -17,6 +17,12 @@ pub struct ScriptedGate {
     /// (seq, patient) of every change.
     pub log: Vec<(i64, String)>,
     pub asked: u64,
+    /// Every decision answered, by its audit number (1, 2, ...): patient, category, decision.
+    pub decisions: Vec<(String, Category, Decision)>,
+    /// Every release recorded.
+    pub releases: Vec<Release>,
+    /// While set, recording a release fails (the consent service is unreachable).
+    pub releases_fail: bool,
 }
 
 impl ScriptedGate {
@@ -50,11 +56,11 @@ impl ScriptedGate {
 }
 
 impl Gate for ScriptedGate {
-    fn decide(&mut self, patient: &str, _category: Category) -> Result<Decision, GateError> {
+    fn decide(&mut self, patient: &str, category: Category) -> Result<Decided, GateError> {
         self.asked += 1;
         // As the consent service: a withdrawal known here is answered even from a stale
         // cache; anything else waits for a fresh one.
-        Ok(if self.withdrawn.contains(patient) {
+        let decision = if self.withdrawn.contains(patient) {
             Decision::Deny(DenyReason::Withdrawn)
         } else if !self.fresh {
             Decision::Deny(DenyReason::CacheStale)
@@ -62,7 +68,23 @@ impl Gate for ScriptedGate {
             Decision::Permit
         } else {
             Decision::Deny(DenyReason::NoConsent)
+        };
+        self.decisions
+            .push((patient.to_owned(), category, decision));
+        Ok(Decided {
+            decision,
+            audit: i64::try_from(self.decisions.len()).unwrap(),
         })
+    }
+
+    fn released(&mut self, release: &Release) -> Result<(), GateError> {
+        if self.releases_fail {
+            return Err(GateError::Io(std::io::Error::other(
+                "scripted: unreachable",
+            )));
+        }
+        self.releases.push(release.clone());
+        Ok(())
     }
 
     fn changes(&mut self, since: i64) -> Result<Changes, GateError> {
