@@ -770,7 +770,7 @@ fn show_consent(binary: &Path, config: &Path, demo_dir: &Path) {
             consent::protocol::Recipient::Hub,
             consent::protocol::Category::Images,
         )
-        .map(|d| serde_json::to_string(&d).unwrap_or_default());
+        .map(|d| serde_json::to_string(&d.decision).unwrap_or_default());
     match answer {
         Ok(a) => println!(
             "demo: may patient 0001234's images go to the hub? the consent service answers {a}"
