@@ -24,10 +24,15 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use consent::client::{Category, Changes, Decided, Decision, Gate, GateError, Recipient, Release};
+use consent::client::{
+    Category, Changes, Decided, Decision, Gate, GateError, Identities, Recipient, Release,
+};
 use consent::decide;
 use consent::model::{Consent, Patient as ConsentPatient, PatientId, Scope, Sex, Source, Status};
 use consent::store::{AuditCheck, AuditKey, NewConsent, Store};
+use dicom_bridge::forward::Outgoing;
+use dicom_bridge::inflight;
+use dicom_bridge::spool::{Meta, Spool};
 use proptest::prelude::*;
 use ssmix2::build::{Patient, Record, Storage};
 use ssmix2_sync::replica::{RelPath, Replica, ReplicaError};
@@ -85,7 +90,24 @@ enum Op {
     Cycle {
         hub_up: bool,
     },
+    /// A DICOM instance of the patient, of one of [`SOP_CLASSES`], into the spool.
+    Instance {
+        patient: usize,
+        class: usize,
+    },
+    /// The forwarder's round: decisions for up to a batch of ready instances.
+    Round,
+    /// The next instance of the batch leaves (after the in-flight watcher's poll).
+    SendOne,
 }
+
+/// An image, a report, a PDF, a vendor's private class.
+const SOP_CLASSES: [&str; 4] = [
+    "1.2.840.10008.5.1.4.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.840.10008.5.1.4.1.1.104.1",
+    "1.2.392.200036.9116.7.8.1.1.1",
+];
 
 fn shape() -> impl Strategy<Value = Shape> {
     prop_oneof![
@@ -110,6 +132,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => prop_oneof![Just(1i64), Just(12), Just(25)].prop_map(|hours| Op::Advance { hours }),
         3 => (0usize..3, 0usize..DATA_TYPES.len()).prop_map(|(patient, data_type)| Op::File { patient, data_type }),
         3 => any::<bool>().prop_map(|hub_up| Op::Cycle { hub_up }),
+        3 => (0usize..3, 0usize..SOP_CLASSES.len()).prop_map(|(patient, class)| Op::Instance { patient, class }),
+        2 => Just(Op::Round),
+        4 => Just(Op::SendOne),
     ]
 }
 
@@ -204,6 +229,28 @@ impl Gate for StoreGate {
     }
 }
 
+impl Identities for StoreGate {
+    fn network_id(&mut self, patient: &str) -> Result<Option<String>, GateError> {
+        let patient: PatientId = patient
+            .parse()
+            .map_err(|e: consent::model::ModelError| GateError::Refused(e.0))?;
+        self.store
+            .lock()
+            .unwrap()
+            .network_id(&patient)
+            .map_err(|e| GateError::Refused(e.to_string()))
+    }
+
+    fn local_id(&mut self, network_id: &str) -> Result<Option<String>, GateError> {
+        self.store
+            .lock()
+            .unwrap()
+            .patient_by_network_id(network_id)
+            .map(|p| p.map(|p| p.to_string()))
+            .map_err(|e| GateError::Refused(e.to_string()))
+    }
+}
+
 /// The hub: files by path; the witness of every release.
 struct Hub {
     store: Arc<Mutex<Store>>,
@@ -245,6 +292,25 @@ impl Hub {
                 .push(format!("{path}: a data type with no category left"));
             return;
         };
+        self.check(path, patient, category);
+    }
+
+    /// A DICOM instance of `patient` and SOP class `class` reaches the network PACS.
+    fn witness_instance(&mut self, patient: &str, class: &str) {
+        self.releases += 1;
+        let what = format!("an instance of class {class} of {patient}");
+        match Category::for_dicom_sop_class(class) {
+            Some(category) => self.check(&what, patient, category),
+            None => self
+                .violations
+                .lock()
+                .unwrap()
+                .push(format!("{what}: a class with no category left")),
+        }
+    }
+
+    /// The decision at this moment, from the store, with the pure decision function.
+    fn check(&self, what: &str, patient: &str, category: Category) {
         let now = self.clock.load(Ordering::SeqCst);
         let store = self.store.lock().unwrap();
         let patient: PatientId = patient.parse().unwrap();
@@ -264,7 +330,7 @@ impl Hub {
             self.violations
                 .lock()
                 .unwrap()
-                .push(format!("{path} left while the decision was {decision:?}"));
+                .push(format!("{what} left while the decision was {decision:?}"));
         }
     }
 }
@@ -420,6 +486,11 @@ fn run(ops: &[Op]) -> (Vec<String>, u64, u64) {
         violations: violations.clone(),
         releases: 0,
     };
+    let spool = Spool::open(&base.path().join("spool"), 1 << 30).unwrap();
+    // The forwarder's feed position, and the batch being sent: its instances, how many have
+    // been sent, and the in-flight watch over it.
+    let mut dicom_seq = 0i64;
+    let mut batch: Option<(i64, Vec<Outgoing>, usize, inflight::Watch, inflight::Stop)> = None;
     let mut order = 0u64;
     let mut version = 0u64;
     for op in ops {
@@ -489,8 +560,69 @@ fn run(ops: &[Op]) -> (Vec<String>, u64, u64) {
                 // A failed cycle (the hub unreachable) leaves its plan in the outbox.
                 let _ = syncer.cycle(&mut gate, &mut hub);
             }
+            Op::Instance { patient, class } => {
+                order += 1;
+                let mut incoming = spool.begin().unwrap();
+                incoming.write(b"a data set").unwrap();
+                let meta = Meta {
+                    sop_class: SOP_CLASSES[*class].to_owned(),
+                    sop_instance: format!("1.2.826.0.1.3680043.9.7777.{order}"),
+                    transfer_syntax: "1.2.840.10008.1.2.1".to_owned(),
+                    calling_ae: "CT".to_owned(),
+                    patient_id: Some(PATIENTS[*patient].to_owned()),
+                };
+                incoming.commit(&meta, now).unwrap();
+            }
+            Op::Round => {
+                // A new round: what is left of the last batch stays queued (as after an
+                // abort), to be decided again.
+                if let Ok(round) = dicom_bridge::service::gate_round(
+                    &mut gate,
+                    &spool,
+                    dicom_seq,
+                    i64::MAX,
+                    None,
+                    64,
+                    now,
+                ) {
+                    dicom_seq = round.seq;
+                    let (watch, stop) = inflight::channel(inflight::MAX_AGE);
+                    batch = Some((round.seq, round.permitted, 0, watch, stop));
+                }
+            }
+            Op::SendOne => {
+                let Some((since, permitted, next, watch, stop)) = batch.as_mut() else {
+                    continue;
+                };
+                let Some(o) = permitted.get(*next) else {
+                    continue;
+                };
+                *next += 1;
+                // One poll of the real watcher (its `done` already said), then the sender's
+                // rule before the instance.
+                let (done, done_rx) = std::sync::mpsc::channel();
+                done.send(()).unwrap();
+                *since =
+                    inflight::watch_feed_every(&mut gate, *since, watch, &done_rx, Duration::ZERO);
+                let patient = o.queued.meta.patient_id.clone().unwrap_or_default();
+                if stop.stopped(&patient) {
+                    continue;
+                }
+                hub.witness_instance(&patient, &o.queued.meta.sop_class);
+                spool.delivered(o.queued.id).unwrap();
+            }
         }
     }
+    // A last round records the delivered instances' releases in the trail.
+    let _ = dicom_bridge::service::gate_round(
+        &mut gate,
+        &spool,
+        dicom_seq,
+        i64::MAX,
+        None,
+        64,
+        clock.load(Ordering::SeqCst),
+    );
     // A last cycle with the hub up carries out whatever is still planned.
     hub.up = true;
     let _ = syncer.cycle(&mut gate, &mut hub);
@@ -549,9 +681,28 @@ fn the_model_releases_what_consent_permits() {
             data_type: 3,
         },
         Op::Cycle { hub_up: true },
+        Op::Instance {
+            patient: 0,
+            class: 0,
+        },
+        Op::Instance {
+            patient: 1,
+            class: 0,
+        },
+        Op::Instance {
+            patient: 0,
+            class: 3,
+        },
+        Op::Round,
+        Op::SendOne,
+        Op::SendOne,
+        Op::SendOne,
     ];
     let (violations, releases, recorded) = run(&ops);
     assert!(violations.is_empty(), "{violations:?}");
-    assert_eq!(releases, 1, "the consented patient's file, and only it");
-    assert_eq!(recorded, 1, "its release row in the audit trail");
+    assert_eq!(
+        releases, 2,
+        "the consented patient's file and image, and nothing else"
+    );
+    assert_eq!(recorded, 2, "their release rows in the audit trail");
 }
