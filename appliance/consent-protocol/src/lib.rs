@@ -367,6 +367,10 @@ pub enum ReleaseKind {
     /// The object was removed at the recipient (an SS-MIX2 file deleted, or a tombstone
     /// written in its place).
     Deleted,
+    /// The network sent this object for the patient, but it was not what was asked for
+    /// (another patient's data, another instance): kept from the recipient and removed. A
+    /// security event; it refers to no decision.
+    Discarded,
 }
 
 impl ReleaseKind {
@@ -374,6 +378,7 @@ impl ReleaseKind {
         match self {
             ReleaseKind::Sent => "sent",
             ReleaseKind::Deleted => "deleted",
+            ReleaseKind::Discarded => "discarded",
         }
     }
 }

@@ -194,16 +194,18 @@ impl SocketGate {
     }
 }
 
-impl Gate for SocketGate {
-    fn decide(&mut self, patient: &str, category: Category) -> Result<Decided, GateError> {
-        self.decide_for(patient, Recipient::Hub, category)
-    }
-
-    fn released(&mut self, release: &Release) -> Result<(), GateError> {
+impl SocketGate {
+    /// Records what left for (or was removed at, or discarded before reaching) `recipient`
+    /// in the audit trail: this clinic's viewers ([`Recipient::Clinic`]) or the hub.
+    pub fn released_to(
+        &mut self,
+        recipient: Recipient,
+        release: &Release,
+    ) -> Result<(), GateError> {
         for objects in release.objects.chunks(MAX_RELEASE_OBJECTS) {
             match self.ask(&Request::Released {
                 patient: release.patient.clone(),
-                recipient: Recipient::Hub,
+                recipient: recipient.clone(),
                 category: release.category,
                 kind: release.kind,
                 objects: objects.to_vec(),
@@ -219,6 +221,16 @@ impl Gate for SocketGate {
             }
         }
         Ok(())
+    }
+}
+
+impl Gate for SocketGate {
+    fn decide(&mut self, patient: &str, category: Category) -> Result<Decided, GateError> {
+        self.decide_for(patient, Recipient::Hub, category)
+    }
+
+    fn released(&mut self, release: &Release) -> Result<(), GateError> {
+        self.released_to(Recipient::Hub, release)
     }
 
     fn changes(&mut self, since: i64) -> Result<Changes, GateError> {

@@ -1240,7 +1240,10 @@ impl Store {
         let hash = self.patient_hash(release.patient);
         let recipient = release.recipient.to_string();
         let verified = match release.decision {
-            None => release.kind == consent_protocol::ReleaseKind::Deleted,
+            None => matches!(
+                release.kind,
+                consent_protocol::ReleaseKind::Deleted | consent_protocol::ReleaseKind::Discarded
+            ),
             Some(seq) => {
                 let row: Option<(String, String, String, String, String)> = self
                     .conn
@@ -1255,6 +1258,8 @@ impl Store {
                 let want = match release.kind {
                     consent_protocol::ReleaseKind::Sent => "permit",
                     consent_protocol::ReleaseKind::Deleted => "deny",
+                    // What was discarded refers to no decision.
+                    consent_protocol::ReleaseKind::Discarded => "",
                 };
                 row.is_some_and(|(h, r, c, d, o)| {
                     h == hash

@@ -108,8 +108,10 @@ pub enum QueryError {
     Consent(#[source] consent::client::GateError),
     #[error("internal error")]
     Internal,
-    #[error("the network sent an instance of another patient")]
+    #[error("the network sent an instance of another patient than the one asked for")]
     WrongPatient,
+    #[error("the network sent another instance than the one asked for")]
+    NotRequested,
     #[error("a query must name one patient by PatientID (no name or wildcard searches)")]
     NoPatientId,
     #[error("cannot store to the viewer")]
@@ -157,6 +159,25 @@ impl Checks {
         .decision;
         self.verdicts.push((key, decision.is_permit()));
         Ok(decision.is_permit())
+    }
+}
+
+impl Checks {
+    /// Records in the audit trail that what the network sent for `local`'s retrieve was
+    /// discarded (`object`: the SOP Instance UID it came as). A record that cannot be
+    /// written is logged: the instance is discarded all the same.
+    fn discarded(&mut self, local: &str, category: Category, object: &str) {
+        let object = if object.is_empty() { "0" } else { object };
+        let release = consent::client::Release {
+            patient: local.to_owned(),
+            category,
+            kind: consent::client::ReleaseKind::Discarded,
+            objects: vec![consent::client::Object::DicomInstance(object.to_owned())],
+            decision: None,
+        };
+        if let Err(e) = self.gate.released_to(Recipient::Clinic, &release) {
+            tracing::warn!(error = %tsunagi_runtime::child::error_chain(&e), "cannot record a discarded retrieve in the audit trail");
+        }
     }
 }
 
@@ -469,6 +490,20 @@ pub fn retrieve_done(completed: u16, failed: u16) -> Reply {
 
 /// The transfer syntaxes offered for each retrieved SOP class, one presentation context
 /// each, so that the network sends every instance as it holds it (nothing transcoded).
+/// The storage classes offered for a retrieve whose SOP class the PACS did not report: CT,
+/// MR, CR, DX, US, secondary capture, VL endoscopic, comprehensive SR, encapsulated PDF.
+const COMMON_STORAGE_CLASSES: &[&str] = &[
+    "1.2.840.10008.5.1.4.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.4",
+    "1.2.840.10008.5.1.4.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.6.1",
+    "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.77.1.1",
+    "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.840.10008.5.1.4.1.1.104.1",
+];
+
 const STORAGE_SYNTAXES: &[&str] = &[
     "1.2.840.10008.1.2.1",
     "1.2.840.10008.1.2",
@@ -492,6 +527,8 @@ struct Wanted {
     series: String,
     network_id: String,
     local_id: String,
+    /// What the network actually sent for it: its SOP class and instance UID.
+    arrived: Option<(String, String)>,
 }
 
 /// Answers one C-MOVE: the matching instances this clinic may see are retrieved from the
@@ -645,6 +682,7 @@ pub async fn collect(
             series: v(SERIES)?,
             network_id: network,
             local_id: local.unwrap_or_default(),
+            arrived: None,
         });
     }
     if wanted.is_empty() {
@@ -661,8 +699,41 @@ pub async fn collect(
         failed: refused,
     };
     for (n, (w, path, ts)) in got.iter().enumerate() {
-        // The decision for this exact object, with the category of the class it came as.
-        let shown = match Category::for_dicom_sop_class(&w.sop_class) {
+        let (class, uid) = w.arrived.clone().unwrap_or_default();
+        let category = Category::for_dicom_sop_class(&class);
+        // Only the instance asked for (and of the class the query reported, when it did)...
+        let asked_for = !class.is_empty()
+            && uid == w.sop_instance
+            && (w.sop_class.is_empty() || class == w.sop_class);
+        // ...of the patient asked for (`outgoing_for` reads its PatientID)...
+        let outgoing = if asked_for {
+            outgoing_for(n, w, path, ts)
+        } else {
+            Err(QueryError::NotRequested)
+        };
+        let outgoing = match outgoing {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                if matches!(e, QueryError::NotRequested | QueryError::WrongPatient) {
+                    // A security event: in the audit trail, under the patient asked for.
+                    tracing::warn!(error = %e, "discarded what the network sent for a retrieve");
+                    let (local, object) = (w.local_id.clone(), uid.clone());
+                    let label = category
+                        .or_else(|| Category::for_dicom_sop_class(&w.sop_class))
+                        .unwrap_or(Category::Images);
+                    let (c, ()) = blocking(checks, move |c| {
+                        c.discarded(&local, label, &object);
+                        Ok(())
+                    })
+                    .await?;
+                    checks = c;
+                }
+                continue;
+            }
+        };
+        // ...and the decision for this exact object, with the category of its class.
+        let shown = match category {
             Some(category) => {
                 let local = w.local_id.clone();
                 let (c, v) = blocking(checks, move |c| c.visible(&local, Some(category))).await?;
@@ -671,11 +742,10 @@ pub async fn collect(
             }
             None => false,
         };
-        match shown.then(|| outgoing_for(n, w, path, ts)) {
-            Some(Ok(o)) => retrieved.outgoing.push(o),
-            _ => {
-                let _ = std::fs::remove_file(path);
-            }
+        if shown {
+            retrieved.outgoing.push(outgoing);
+        } else {
+            let _ = std::fs::remove_file(path);
         }
     }
     let missing = wanted.len().saturating_sub(retrieved.outgoing.len());
@@ -745,7 +815,10 @@ fn outgoing_for(
             id: i64::try_from(n).unwrap_or(i64::MAX),
             path: path.to_owned(),
             meta: crate::spool::Meta {
-                sop_class: w.sop_class.clone(),
+                sop_class: w
+                    .arrived
+                    .as_ref()
+                    .map_or_else(|| w.sop_class.clone(), |(class, _)| class.clone()),
                 sop_instance: w.sop_instance.clone(),
                 transfer_syntax: ts.to_owned(),
                 calling_ae: String::new(),
@@ -851,8 +924,16 @@ async fn get_all(
 ) -> Result<Got, (Got, QueryError)> {
     let mut classes: Vec<String> = Vec::new();
     for w in wanted {
-        if !classes.contains(&w.sop_class) && classes.len() < 11 {
-            classes.push(w.sop_class.clone());
+        // A PACS that does not report SOPClassUID at IMAGE level: offer the common classes.
+        let offer: Vec<&str> = if w.sop_class.is_empty() {
+            COMMON_STORAGE_CLASSES.to_vec()
+        } else {
+            vec![w.sop_class.as_str()]
+        };
+        for class in offer {
+            if !classes.iter().any(|c| c == class) && classes.len() < 11 {
+                classes.push(class.to_owned());
+            }
         }
     }
     let mut contexts = vec![(get_model.to_owned(), vec![STORAGE_SYNTAXES[1].to_owned()])];
@@ -959,28 +1040,17 @@ async fn receive_stores(
                             .find(|p| p.id == pc)
                             .map(|p| p.transfer_syntax.trim_end_matches('\0').to_owned())
                             .unwrap_or_default();
-                        // Only the instance asked for is kept: another one (another class,
-                        // UID, or patient, see `outgoing_for`) is discarded, never shown.
+                        // What arrived is judged in `collect`: only the instance asked for, of
+                        // the patient asked for, is kept.
                         let uid = |v: &Option<String>| {
                             v.as_deref()
                                 .map(|u| u.trim_end_matches(['\0', ' ']).to_owned())
+                                .unwrap_or_default()
                         };
-                        let class = uid(&c.affected_sop_class).unwrap_or_default();
-                        let same_class = w.sop_class.is_empty() || class == w.sop_class;
-                        if same_class
-                            && !class.is_empty()
-                            && uid(&c.affected_sop_instance).as_deref()
-                                == Some(w.sop_instance.as_str())
-                        {
-                            let mut item = w.clone();
-                            item.sop_class = class;
-                            got.push((item, path, ts));
-                        } else {
-                            let _ = std::fs::remove_file(&path);
-                            tracing::warn!(
-                                "the network sent an instance that was not the one requested; discarded"
-                            );
-                        }
+                        let mut item = w.clone();
+                        item.arrived =
+                            Some((uid(&c.affected_sop_class), uid(&c.affected_sop_instance)));
+                        got.push((item, path, ts));
                         let rsp = c.respond(Status::SUCCESS).ok_or(QueryError::Protocol)?;
                         send(assoc, pc, PDataValueType::Command, rsp.encode()).await?;
                     }
@@ -1029,6 +1099,7 @@ mod tests {
             series: "1.2.3.1".into(),
             network_id: network.into(),
             local_id: "0001234".into(),
+            arrived: Some((ct.into(), "1.2.3.4".into())),
         };
         let explicit_le = "1.2.840.10008.1.2.1";
         assert!(matches!(

@@ -269,6 +269,122 @@ fn a_structured_report_of_a_patient_whose_consent_covers_only_images_never_reach
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
 
+/// Issue 13, item 7: a PACS that answers queries from its index but sends another
+/// patient's data for a retrieve (its stored file was replaced: same UIDs, another
+/// PatientID). Orthanc answers from its index only (`StorageAccessOnFind: Never`, so it does
+/// not report SOPClassUID either: the box offers the common storage classes) and keeps no
+/// storage cache. What it sends is checked against the patient asked for: discarded, and a
+/// `discarded` row in the audit trail; a genuine study still arrives.
+#[test]
+fn a_retrieve_answered_with_another_patients_data_is_discarded_and_audited() {
+    if skip_unless_root("a_retrieve_answered_with_another_patients_data_is_discarded_and_audited") {
+        return;
+    }
+    let mut options = hil_tests::orthanc::Options::default();
+    options
+        .extra
+        .insert("MaximumStorageCacheSize".into(), serde_json::json!(0));
+    options
+        .extra
+        .insert("StorageAccessOnFind".into(), serde_json::json!("Never"));
+    let pacs = Orthanc::start_for_test_with(&options);
+    let (mut h, _form) = clinic_with(
+        &pacs,
+        FAST_SUPERVISOR,
+        "10s",
+        "query-retrieve = true\n[[dicom.allowed-callers]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1\"\n",
+    );
+    h.start_in_netns(pacs.netns());
+    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    });
+    let files = tempfile::tempdir().unwrap();
+    let genuine = Ids::new(&network_id("0001234"));
+    let forged = Ids::new(&network_id("0001234"));
+    let sent: Vec<_> = [&genuine, &forged]
+        .iter()
+        .map(|ids| japanese_ct(files.path(), ids).unwrap())
+        .collect();
+    let mut storescu = pacs.command("storescu");
+    storescu
+        .args(["-aec", pacs.ae_title(), "127.0.0.1"])
+        .arg(pacs.dicom_addr().port().to_string())
+        .args(&sent);
+    let out = pacs.output(&mut storescu, Duration::from_secs(30)).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Replace the stored file of the second study with another patient's instance.
+    let orthanc_id = pacs
+        .instances()
+        .unwrap()
+        .into_iter()
+        .find(|id| {
+            pacs.get(&format!("/instances/{id}/simplified-tags"))
+                .unwrap()
+                .json()["SOPInstanceUID"]
+                == forged.sop_instance_uid.as_str()
+        })
+        .unwrap();
+    let uuid = pacs
+        .get(&format!("/instances/{orthanc_id}/attachments/dicom/info"))
+        .unwrap()
+        .json()["Uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stored = pacs
+        .dir()
+        .join("storage")
+        .join(&uuid[0..2])
+        .join(&uuid[2..4])
+        .join(&uuid);
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = japanese_ct(
+        other_dir.path(),
+        &Ids {
+            patient_id: "NET-9999999".into(),
+            ..forged.clone()
+        },
+    )
+    .unwrap();
+    std::fs::copy(&other, &stored).unwrap();
+
+    // The genuine study arrives, under the local ID, though the PACS reported no class.
+    let (moved, text) = move_through_box(&pacs, "VIEWER", &genuine.study_instance_uid);
+    assert_eq!(moved.len(), 1, "{text}\n{}", h.log_text());
+    assert_eq!(moved[0].string(0x0010, 0x0020).as_deref(), Some("0001234"));
+    // The forged one: nothing reaches the viewer, by C-MOVE or C-GET.
+    let (moved, text) = move_through_box(&pacs, "VIEWER", &forged.study_instance_uid);
+    assert!(
+        moved.is_empty(),
+        "another patient's instance reached the viewer: {text}"
+    );
+    assert_eq!(last_count(&text, "Failed"), Some(1), "{text}");
+    let (got, text) = get_through_box(&pacs, &forged.study_instance_uid);
+    assert!(
+        got.is_empty(),
+        "another patient's instance reached the viewer: {text}"
+    );
+    // Audited, twice (the move and the get), under the patient asked for; the trail verifies.
+    let db = h.state_dir().join("consent").join("consent.db");
+    let discarded: i64 = rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM audit WHERE decision = 'discarded' AND recipient = 'clinic'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(discarded, 2, "{}", h.log_text());
+    let verify = std::process::Command::new(BIN)
+        .args(["audit", "verify", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
 /// The SOP Instance UIDs Orthanc holds.
 fn uids_at(pacs: &Orthanc) -> BTreeSet<String> {
     pacs.instances()
