@@ -117,7 +117,9 @@ impl Client {
         let http = tsunagi_runtime::http::client(tsunagi_runtime::http::ClientSettings {
             // Plain HTTP inside the tunnel for now: no CA, so no https.
             roots: rustls::RootCertStore::empty(),
+            identity: None,
             connect_timeout: timeout,
+            timeout: None,
             keep_idle: Some(IDLE_CONNECTION),
         })
         .map_err(Arc::new);

@@ -86,7 +86,20 @@ fn open_replica(target: &Target) -> Result<Box<dyn Replica>, ServiceError> {
 /// Runs the service until shutdown.
 pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError> {
     let syncer = Syncer::open(&settings.state_dir, settings.sync.clone())?;
-    let replica = open_replica(&settings.target)?;
+    // Blocking (reqwest's blocking client starts its thread): not on the async task.
+    let target = settings.target.clone();
+    let replica = tokio::task::spawn_blocking(move || open_replica(&target))
+        .await
+        .map_err(|e| {
+            let why = match e.try_into_panic() {
+                Ok(payload) => tsunagi_runtime::tasks::panicked(&*payload),
+                Err(_) => "was cancelled".to_owned(),
+            };
+            ServiceError::Worker(TaskEnded {
+                task: "ssmix2-replica-setup",
+                why,
+            })
+        })??;
     let shared = Arc::new(Mutex::new(Shared::default()));
     let changed = Arc::new(Notify::new());
     let (trigger_tx, trigger_rx) = mpsc::channel::<()>();

@@ -12,27 +12,28 @@
 //!   `create_full_put_path`), the folders are made by `MKCOL`, top down (`405`: already
 //!   there), and the request is sent once more; its second answer is final.
 //!
-//! TLS: rustls with the ring provider; the server is verified against the configured CA
-//! file only (no system or built-in roots), and the client certificate is always
-//! presented. HTTP: ureq 3 (blocking, like the [`Replica`] trait), without proxies from
-//! the environment, redirects or status-as-error handling.
+//! TLS and HTTP: the appliance's one HTTP stack, [`tsunagi_runtime::http`] (reqwest's
+//! blocking client, like the [`Replica`] trait; rustls with the ring provider). The server
+//! is verified against the configured CA file only (no system or built-in roots), and the
+//! client certificate is always presented. No proxies from the environment, no redirects,
+//! `https` only; a status is an answer, not an error.
 //!
 //! Paths are patient data (they hold patient IDs): they appear in errors, which the caller
-//! handles, but never in this module's logs, which record the method and status only.
-//! ureq logs through the `log` crate, which the appliance does not forward.
+//! handles, but never in this module's logs, which record the method and status only, nor
+//! in the transport errors (reqwest's URL is removed from them). reqwest and hyper log
+//! through the `log` crate, which the appliance does not forward.
 
 use std::fmt;
 use std::fs;
-use std::io;
+use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Method, header};
 use rustls::RootCertStore;
 use rustls::pki_types::pem::{self, PemObject as _};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use ureq::http::{self, Method, header};
-use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
+use tsunagi_runtime::http::{ClientError, ClientIdentity, ClientSettings};
 
 use crate::replica::{RelPath, Replica, ReplicaError};
 
@@ -153,10 +154,13 @@ impl From<TlsFileError> for ReplicaError {
     }
 }
 
+/// How long an idle connection to the server is kept for the next request.
+const KEEP_IDLE: Duration = Duration::from_secs(15);
+
 /// The replica on an HTTPS WebDAV server.
 pub struct WebDavReplica {
     base: BaseUrl,
-    agent: ureq::Agent,
+    client: reqwest::blocking::Client,
 }
 
 impl fmt::Debug for WebDavReplica {
@@ -209,66 +213,42 @@ struct Answer {
 
 impl WebDavReplica {
     /// Loads the CA, the client certificate and its key (errors: [`ReplicaError::Tls`]).
-    /// Does not connect: the first request does.
+    /// Does not connect: the first request does. Blocking, like the requests: not to be
+    /// called inside an async task (see [`tsunagi_runtime::http::blocking_client_builder`]).
     pub fn new(settings: &WebDavSettings) -> Result<WebDavReplica, ReplicaError> {
         let roots = load_certs("CA", &settings.ca_file)?;
         let chain = load_certs("client certificate", &settings.client_cert_file)?;
-        let (key, ureq_key) = load_key(&settings.client_key_file)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-
-        // Build the rustls configuration the agent will build, to report unusable files
-        // now, with their names (ureq would only find out at the first request, and panic).
+        let key = load_key(&settings.client_key_file)?;
         let mut store = RootCertStore::empty();
-        for cert in &roots {
-            store
-                .add(cert.clone())
-                .map_err(|source| TlsFileError::Anchor {
-                    path: settings.ca_file.clone(),
-                    source,
-                })?;
+        for cert in roots {
+            store.add(cert).map_err(|source| TlsFileError::Anchor {
+                path: settings.ca_file.clone(),
+                source,
+            })?;
         }
-        rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ReplicaError::Tls(Box::new(e)))?
-            .with_root_certificates(store)
-            .with_client_auth_cert(chain.clone(), key.clone_key())
-            .map_err(|source| TlsFileError::ClientAuth {
+        let builder = tsunagi_runtime::http::blocking_client_builder(ClientSettings {
+            roots: store,
+            identity: Some(ClientIdentity { chain, key }),
+            connect_timeout: settings.timeout,
+            timeout: Some(settings.timeout),
+            keep_idle: Some(KEEP_IDLE),
+        })
+        .map_err(|e| match e {
+            ClientError::ClientAuth(source) => ReplicaError::from(TlsFileError::ClientAuth {
                 cert: settings.client_cert_file.clone(),
                 key: settings.client_key_file.clone(),
                 source,
-            })?;
-
-        let roots: Vec<Certificate<'static>> = roots
-            .iter()
-            .map(|c| Certificate::from_der(c).to_owned())
-            .collect();
-        let chain: Vec<Certificate<'static>> = chain
-            .iter()
-            .map(|c| Certificate::from_der(c).to_owned())
-            .collect();
-        let tls = TlsConfig::builder()
-            .provider(TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(provider)
-            .root_certs(RootCerts::new_with_certs(&roots))
-            .client_cert(Some(ClientCert::new_with_certs(&chain, ureq_key)))
-            .build();
-        let agent = ureq::Agent::config_builder()
-            .tls_config(tls)
+            }),
+            e => ReplicaError::Tls(Box::new(e)),
+        })?;
+        let client = builder
             .https_only(true)
-            // The replica server is reached directly (through the tunnel), never through a
-            // proxy named in the environment.
-            .proxy(None)
-            // MOVE and MKCOL (WebDAV) are not in ureq's list of HTTP/1.1 methods.
-            .allow_non_standard_methods(true)
-            .max_redirects(0)
-            .http_status_as_error(false)
-            .timeout_global(Some(settings.timeout))
-            .user_agent("tsunagi-ssmix2-sync")
+            .redirect(reqwest::redirect::Policy::none())
             .build()
-            .new_agent();
+            .map_err(|e| ReplicaError::Tls(Box::new(e)))?;
         Ok(WebDavReplica {
             base: settings.base_url.clone(),
-            agent,
+            client,
         })
     }
 
@@ -291,27 +271,25 @@ impl WebDavReplica {
         destination: Option<&str>,
         body: Option<&[u8]>,
     ) -> Result<Answer, ReplicaError> {
-        let mut request = http::Request::builder().method(dav.method()).uri(url);
+        let mut request = self.client.request(dav.method(), url);
         if let Some(destination) = destination {
             request = request
                 .header("Destination", destination)
                 .header("Overwrite", "T");
         }
-        // Building cannot fail (the base URL is validated, the path percent-encoded); if it
-        // did, the request never left, as with a connection failure.
-        let response = match body {
-            Some(bytes) => request.body(bytes).map(|r| self.agent.run(r)),
-            None => request.body(()).map(|r| self.agent.run(r)),
+        if let Some(bytes) = body {
+            request = request.body(bytes.to_vec());
         }
-        .map_err(|e| ReplicaError::Connect(Box::new(e)))?;
-        let mut response = match response {
+        let mut response = match request.send() {
             Ok(response) => response,
             Err(e) => {
                 tracing::debug!(method = dav.name(), "webdav request failed");
-                return Err(ReplicaError::Connect(Box::new(e)));
+                // reqwest's errors name the URL, which holds patient IDs.
+                return Err(ReplicaError::Connect(Box::new(e.without_url())));
             }
         };
         let status = response.status().as_u16();
+        // The header itself: reqwest's `content_length` is the body's, none for `HEAD`.
         let content_length = response
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -320,11 +298,7 @@ impl WebDavReplica {
         tracing::debug!(method = dav.name(), status, "webdav request");
         if dav != Dav::Head {
             // Only to reuse the connection; a failure here says nothing about the request.
-            let _ = response
-                .body_mut()
-                .with_config()
-                .limit(DRAIN_LIMIT)
-                .read_to_vec();
+            let _ = io::copy(&mut (&mut response).take(DRAIN_LIMIT), &mut io::sink());
         }
         Ok(Answer {
             status,
@@ -491,19 +465,14 @@ fn load_certs(
     Ok(certs)
 }
 
-/// The first private key in a PEM file, for rustls and for ureq (which takes its own type,
-/// parsed from the same PEM).
-fn load_key(path: &Path) -> Result<(PrivateKeyDer<'static>, PrivateKey<'static>), TlsFileError> {
+/// The first private key in a PEM file.
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
     let what = "client key";
     let mut bytes = read_file(what, path)?;
-    let keys = PrivateKeyDer::from_pem_slice(&bytes).and_then(|key| {
-        // ureq parses with the same PEM reader, so this only fails if the first did.
-        let ureq_key = PrivateKey::from_pem(&bytes).map_err(|_| pem::Error::NoItemsFound)?;
-        Ok((key, ureq_key))
-    });
+    let key = PrivateKeyDer::from_pem_slice(&bytes);
     // The file's copy of the key does not outlive the parse.
     bytes.fill(0);
-    keys.map_err(|source| TlsFileError::Pem {
+    key.map_err(|source| TlsFileError::Pem {
         what,
         path: path.to_owned(),
         item: "private key",

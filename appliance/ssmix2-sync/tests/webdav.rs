@@ -4,12 +4,13 @@
 
 use std::fs;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use hil_tests::nginx::{Nginx, Options, Pki};
+use rustls::pki_types::pem::PemObject as _;
 use ssmix2_sync::replica::{RelPath, Replica, ReplicaError};
 use ssmix2_sync::webdav::{BaseUrl, WebDavReplica, WebDavSettings};
+use tsunagi_runtime::http::ClientSettings;
 
 fn settings(nginx: &Nginx) -> WebDavSettings {
     WebDavSettings {
@@ -238,25 +239,24 @@ fn a_failed_put_leaves_no_final_name() {
 #[test]
 fn a_client_without_a_certificate_is_refused_by_nginx() {
     let nginx = Nginx::start_for_test();
-    // A plain rustls/ureq client that trusts the server but presents no certificate.
+    // The appliance's HTTP client, trusting the server but presenting no certificate.
     let ca = fs::read(nginx.ca_file()).unwrap();
-    let ca = ureq::tls::Certificate::from_pem(&ca).unwrap();
-    let agent = ureq::Agent::config_builder()
-        .tls_config(
-            ureq::tls::TlsConfig::builder()
-                .provider(ureq::tls::TlsProvider::Rustls)
-                .unversioned_rustls_crypto_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .root_certs(ureq::tls::RootCerts::new_with_certs(&[ca]))
-                .build(),
-        )
-        .http_status_as_error(false)
-        .proxy(None)
-        .build()
-        .new_agent();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = tsunagi_runtime::http::blocking_client_builder(ClientSettings {
+        roots,
+        identity: None,
+        connect_timeout: Duration::from_secs(10),
+        timeout: Some(Duration::from_secs(10)),
+        keep_idle: None,
+    })
+    .unwrap()
+    .build()
+    .unwrap();
     let url = format!("{}a/b", nginx.base_url());
-    let response = agent.put(&url).send(&b"data"[..]).unwrap();
+    let response = client.put(&url).body(&b"data"[..]).send().unwrap();
     // nginx completes the handshake and answers 400 "No required SSL certificate was sent".
     assert_eq!(response.status().as_u16(), 400);
     assert_eq!(files(nginx.data_root()), Vec::<String>::new());

@@ -10,7 +10,9 @@ use tsunagi_config::HealthUrl;
 pub(crate) async fn health(url: &HealthUrl, timeout: Duration) -> bool {
     let client = match tsunagi_runtime::http::client(tsunagi_runtime::http::ClientSettings {
         roots: rustls::RootCertStore::empty(),
+        identity: None,
         connect_timeout: timeout,
+        timeout: None,
         keep_idle: None,
     }) {
         Ok(client) => client,
