@@ -1093,27 +1093,14 @@ impl Store {
         now: Timestamp,
         bound: Duration,
     ) -> Result<(Decision, i64), StoreError> {
-        let decision = if self.is_unreadable(id)? {
-            Decision::Deny(DenyReason::UnreadableNetworkConsent)
-        } else {
-            let records = self.records(id)?;
-            let freshness = self.freshness(bound)?;
-            decide::decide(&records, recipient, category, at, now, freshness)
-        };
-        let (verdict, reason) = match decision {
-            Decision::Permit => ("permit", ""),
-            Decision::Deny(r) => ("deny", r.as_str()),
-        };
-        let hash = self.patient_hash(id);
-        let seq = self.append_audit(
-            &time::format(now),
-            &hash,
+        self.audited(
+            id,
             &recipient.to_string(),
             category.as_str(),
-            verdict,
-            reason,
-        )?;
-        Ok((decision, seq))
+            now,
+            bound,
+            |records, f| decide::decide(records, recipient, category, at, now, f),
+        )
     }
 
     /// Decides whether the patient participates (active, valid consent; see
@@ -1135,12 +1122,34 @@ impl Store {
         now: Timestamp,
         bound: Duration,
     ) -> Result<(Decision, i64), StoreError> {
+        self.audited(
+            id,
+            &Recipient::Clinic.to_string(),
+            "participation",
+            now,
+            bound,
+            |records, f| decide::participation(records, now, now, f),
+        )
+    }
+
+    /// One audited decision: an unreadable network consent denies whatever else is known;
+    /// otherwise `decide` over the patient's records and the cache's freshness. The answer
+    /// is in the audit trail (with its sequence number) before it is returned.
+    fn audited(
+        &mut self,
+        id: &PatientId,
+        recipient: &str,
+        category: &str,
+        now: Timestamp,
+        bound: Duration,
+        decide: impl FnOnce(&[Known], Freshness) -> Decision,
+    ) -> Result<(Decision, i64), StoreError> {
         let decision = if self.is_unreadable(id)? {
             Decision::Deny(DenyReason::UnreadableNetworkConsent)
         } else {
             let records = self.records(id)?;
             let freshness = self.freshness(bound)?;
-            decide::participation(&records, now, now, freshness)
+            decide(&records, freshness)
         };
         let (verdict, reason) = match decision {
             Decision::Permit => ("permit", ""),
@@ -1150,8 +1159,8 @@ impl Store {
         let seq = self.append_audit(
             &time::format(now),
             &hash,
-            &Recipient::Clinic.to_string(),
-            "participation",
+            recipient,
+            category,
             verdict,
             reason,
         )?;

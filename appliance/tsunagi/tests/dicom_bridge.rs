@@ -313,40 +313,7 @@ fn a_retrieve_answered_with_another_patients_data_is_discarded_and_audited() {
     let out = pacs.output(&mut storescu, Duration::from_secs(30)).unwrap();
     assert!(out.status.success(), "{out:?}");
     // Replace the stored file of the second study with another patient's instance.
-    let orthanc_id = pacs
-        .instances()
-        .unwrap()
-        .into_iter()
-        .find(|id| {
-            pacs.get(&format!("/instances/{id}/simplified-tags"))
-                .unwrap()
-                .json()["SOPInstanceUID"]
-                == forged.sop_instance_uid.as_str()
-        })
-        .unwrap();
-    let uuid = pacs
-        .get(&format!("/instances/{orthanc_id}/attachments/dicom/info"))
-        .unwrap()
-        .json()["Uuid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let stored = pacs
-        .dir()
-        .join("storage")
-        .join(&uuid[0..2])
-        .join(&uuid[2..4])
-        .join(&uuid);
-    let other_dir = tempfile::tempdir().unwrap();
-    let other = japanese_ct(
-        other_dir.path(),
-        &Ids {
-            patient_id: "NET-9999999".into(),
-            ..forged.clone()
-        },
-    )
-    .unwrap();
-    std::fs::copy(&other, &stored).unwrap();
+    forge_stored_file(&pacs, &forged, "NET-9999999");
 
     // The genuine study arrives, under the local ID, though the PACS reported no class.
     let (moved, text) = move_through_box(&pacs, "VIEWER", &genuine.study_instance_uid);
@@ -383,6 +350,46 @@ fn a_retrieve_answered_with_another_patients_data_is_discarded_and_audited() {
     assert!(verify.status.success(), "{verify:?}");
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// Replaces the file Orthanc stored for the instance `ids` with an instance of the same
+/// UIDs but another patient (`patient_id`): Orthanc's index still names the first patient.
+fn forge_stored_file(pacs: &Orthanc, ids: &Ids, patient_id: &str) {
+    let orthanc_id = pacs
+        .instances()
+        .unwrap()
+        .into_iter()
+        .find(|id| {
+            pacs.get(&format!("/instances/{id}/simplified-tags"))
+                .unwrap()
+                .json()["SOPInstanceUID"]
+                == ids.sop_instance_uid.as_str()
+        })
+        .unwrap();
+    let uuid = pacs
+        .get(&format!("/instances/{orthanc_id}/attachments/dicom/info"))
+        .unwrap()
+        .json()["Uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stored = pacs
+        .dir()
+        .join("storage")
+        .join(&uuid[0..2])
+        .join(&uuid[2..4])
+        .join(&uuid);
+    assert!(stored.is_file(), "{}", stored.display());
+    let dir = tempfile::tempdir().unwrap();
+    let other = japanese_ct(
+        dir.path(),
+        &Ids {
+            patient_id: patient_id.into(),
+            ..ids.clone()
+        },
+    )
+    .unwrap();
+    std::fs::copy(&other, &stored).unwrap();
 }
 
 /// The SOP Instance UIDs Orthanc holds.
@@ -817,42 +824,9 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
     // A PACS whose stored file of our study is someone else's (same UIDs, another
     // PatientID): nothing of it reaches the viewer. (Orthanc reads the file to answer the
     // query too, so the box already sees the other patient there; the check of what
-    // arrives against the patient asked for is `qr`'s unit test.)
-    let orthanc_id = pacs
-        .instances()
-        .unwrap()
-        .into_iter()
-        .find(|id| {
-            pacs.get(&format!("/instances/{id}/simplified-tags"))
-                .unwrap()
-                .json()["SOPInstanceUID"]
-                == ours.sop_instance_uid.as_str()
-        })
-        .unwrap();
-    let uuid = pacs
-        .get(&format!("/instances/{orthanc_id}/attachments/dicom/info"))
-        .unwrap()
-        .json()["Uuid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let stored = pacs
-        .dir()
-        .join("storage")
-        .join(&uuid[0..2])
-        .join(&uuid[2..4])
-        .join(&uuid);
-    assert!(stored.is_file(), "{}", stored.display());
-    let forged_dir = tempfile::tempdir().unwrap();
-    let forged = japanese_ct(
-        forged_dir.path(),
-        &Ids {
-            patient_id: "NET-9999999".into(),
-            ..ours.clone()
-        },
-    )
-    .unwrap();
-    std::fs::copy(&forged, &stored).unwrap();
+    // arrives against the patient asked for is the next test's, with an Orthanc that
+    // answers queries from its index.)
+    forge_stored_file(&pacs, &ours, "NET-9999999");
     let (moved, text) = move_through_box(&pacs, "VIEWER", &study(&ours));
     assert!(
         moved.is_empty(),
