@@ -369,19 +369,24 @@ impl Replica for Outage<'_> {
     }
 }
 
-#[test]
-fn an_upload_planned_before_a_withdrawal_is_decided_again_and_never_sent() {
+/// A permitted patient's uploads, planned while the hub is down: they stay queued.
+fn planned_while_the_hub_is_down() -> (World, Patient, ScriptedGate) {
     let mut w = world(WithdrawalPolicy::Delete);
     let a = patient(1);
     records(&mut w.storage, &a);
     let mut gate = ScriptedGate::new(&[&a.id]);
-    // The uploads are planned while permitted, but the hub is down: they stay queued.
     let mut down = Outage {
         inner: &mut w.replica,
         down: true,
     };
     assert!(w.syncer.cycle(&mut gate, &mut down).is_err());
     assert!(w.syncer.state().unwrap().outbox_depth > 0);
+    (w, a, gate)
+}
+
+#[test]
+fn an_upload_planned_before_a_withdrawal_is_decided_again_and_never_sent() {
+    let (mut w, a, mut gate) = planned_while_the_hub_is_down();
     // The patient withdraws; the hub comes back. Nothing planned earlier is sent.
     gate.withdraw(&a.id);
     let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
@@ -396,15 +401,7 @@ fn an_upload_planned_before_a_withdrawal_is_decided_again_and_never_sent() {
 
 #[test]
 fn an_upload_planned_while_fresh_is_held_once_the_cache_went_stale() {
-    let mut w = world(WithdrawalPolicy::Delete);
-    let a = patient(1);
-    records(&mut w.storage, &a);
-    let mut gate = ScriptedGate::new(&[&a.id]);
-    let mut down = Outage {
-        inner: &mut w.replica,
-        down: true,
-    };
-    assert!(w.syncer.cycle(&mut gate, &mut down).is_err());
+    let (mut w, _, mut gate) = planned_while_the_hub_is_down();
     // The cache went stale meanwhile: the queued uploads are not sent on the old permit.
     gate.fresh = false;
     let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();

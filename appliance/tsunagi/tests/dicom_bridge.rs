@@ -90,19 +90,7 @@ fn consented_instances_reach_orthanc_byte_for_byte_and_others_wait_for_consent()
     let files = tempfile::tempdir().unwrap();
     let consented = japanese_ct(files.path(), &Ids::new("0001234")).unwrap();
     let waiting = japanese_ct(files.path(), &Ids::new("0005678")).unwrap();
-    let mut storescu = pacs.command("storescu");
-    storescu
-        .args(["-v", "-aec", "TSUNAGI-TEST", "127.0.0.1", "11112"])
-        .arg(&consented)
-        .arg(&waiting);
-    let out = pacs.output(&mut storescu, Duration::from_secs(30)).unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        text.matches("Received Store Response (Success)").count(),
-        2,
-        "{text}"
-    );
+    store_through_box(&pacs, &[&consented, &waiting], Duration::from_secs(30));
 
     // The consented instance arrives under the patient's network ID (issuer-qualified, the
     // clinic's ID in OtherPatientIDsSequence); every other element byte for byte.
@@ -236,19 +224,8 @@ fn a_structured_report_of_a_patient_whose_consent_covers_only_images_never_reach
     let ids = Ids::new("0002222");
     let report = comprehensive_sr(files.path(), &ids.next_instance()).unwrap();
     let image = japanese_ct(files.path(), &ids).unwrap();
-    let mut storescu = pacs.command("storescu");
-    storescu
-        .args(["-v", "-aec", "TSUNAGI-TEST", "127.0.0.1", "11112"])
-        .arg(&report)
-        .arg(&image);
-    let out = pacs.output(&mut storescu, Duration::from_secs(30)).unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        text.matches("Received Store Response (Success)").count(),
-        2,
-        "both are stored in the clinic: {text}"
-    );
+    // Both are stored in the clinic.
+    store_through_box(&pacs, &[&report, &image], Duration::from_secs(30));
     // The image goes; the report (a document) is held in the clinic with the reason.
     wait_for_instances(&pacs, 1, &h);
     let status = h.wait_for("the report held", Duration::from_secs(30), |s| {
@@ -350,6 +327,23 @@ fn a_retrieve_answered_with_another_patients_data_is_discarded_and_audited() {
     assert!(verify.status.success(), "{verify:?}");
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// `storescu` of `files` from the PACS namespace to the box; every one must be answered
+/// with success (stored in the clinic's spool).
+fn store_through_box(pacs: &Orthanc, files: &[&std::path::Path], timeout: Duration) {
+    let mut storescu = pacs.command("storescu");
+    storescu
+        .args(["-v", "-aec", "TSUNAGI-TEST", "127.0.0.1", "11112"])
+        .args(files);
+    let out = pacs.output(&mut storescu, timeout).unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("Received Store Response (Success)").count(),
+        files.len(),
+        "{text}"
+    );
 }
 
 /// Replaces the file Orthanc stored for the instance `ids` with an instance of the same
@@ -527,19 +521,8 @@ fn pacs_down_while_200_instances_arrive_then_all_delivered_once() {
     let all: Vec<std::path::PathBuf> = (0..200)
         .map(|_| japanese_ct(files.path(), &base.next_instance()).unwrap())
         .collect();
-    let mut storescu = pacs.command("storescu");
-    storescu
-        .args(["-v", "-aec", "TSUNAGI-TEST", "127.0.0.1", "11112"])
-        .args(&all);
-    let out = pacs
-        .output(&mut storescu, Duration::from_secs(120))
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        text.matches("Received Store Response (Success)").count(),
-        200
-    );
+    let all: Vec<&std::path::Path> = all.iter().map(std::path::PathBuf::as_path).collect();
+    store_through_box(&pacs, &all, Duration::from_secs(120));
     h.wait_for("a failed forward", Duration::from_secs(30), |s| {
         service(s, "dicom")["summary"]
             .as_str()

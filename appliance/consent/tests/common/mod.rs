@@ -65,21 +65,7 @@ pub fn clinic(dir: &std::path::Path) -> (Mutex<Store>, PatientId, String) {
     let mut store = Store::open(&dir.join("consent.db"), fac("1312345678"), key).unwrap();
     let pid: PatientId = "0001234".parse().unwrap();
     let now = time::now();
-    store
-        .upsert_patient(
-            &Patient {
-                id: pid.clone(),
-                family_kanji: "山田".into(),
-                given_kanji: "花子".into(),
-                family_kana: "ヤマダ".into(),
-                given_kana: "ハナコ".into(),
-                birth_date: "1950-04-01".into(),
-                sex: Sex::Female,
-                network_id: None,
-            },
-            now,
-        )
-        .unwrap();
+    store.upsert_patient(&sample_patient(&pid), now).unwrap();
     store
         .add_link(&pid, &fac("1312345679"), "A-77", now)
         .unwrap();
@@ -184,21 +170,23 @@ pub fn register(store: &Mutex<Store>, id: &str) -> PatientId {
     store
         .lock()
         .unwrap()
-        .upsert_patient(
-            &Patient {
-                id: pid.clone(),
-                family_kanji: "山田".into(),
-                given_kanji: "花子".into(),
-                family_kana: "ヤマダ".into(),
-                given_kana: "ハナコ".into(),
-                birth_date: "1950-04-01".into(),
-                sex: Sex::Female,
-                network_id: None,
-            },
-            time::now(),
-        )
+        .upsert_patient(&sample_patient(&pid), time::now())
         .unwrap();
     pid
+}
+
+/// The sample demographics every test patient has.
+pub fn sample_patient(id: &PatientId) -> Patient {
+    Patient {
+        id: id.clone(),
+        family_kanji: "山田".into(),
+        given_kanji: "花子".into(),
+        family_kana: "ヤマダ".into(),
+        given_kana: "ハナコ".into(),
+        birth_date: "1950-04-01".into(),
+        sex: Sex::Female,
+        network_id: None,
+    }
 }
 
 /// A decision for images or another category to a facility, now.
