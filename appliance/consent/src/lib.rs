@@ -28,3 +28,27 @@ pub const USER: &str = "tsunagi-consent";
 
 /// The group whose members may ask for decisions (connect to the decision socket).
 pub const CLIENT_GROUP: &str = "tsunagi-decide";
+
+/// The consent service as the binary lists it.
+pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service::Service {
+    name: NAME,
+    user: USER,
+    description: "tsunagi consent cache",
+    capabilities: &[],
+    groups: &[],
+    worker_threads: 2,
+    launch: |cfg| {
+        cfg.consent
+            .enabled
+            .then(|| tsunagi_runtime::service::Launch {
+                // The decision socket's directory: this service owns it; the services that ask
+                // for decisions are members of its group.
+                shared_dirs: vec![(
+                    cfg.paths.runtime_dir.as_path().join(NAME),
+                    CLIENT_GROUP.to_owned(),
+                )],
+                ..tsunagi_runtime::service::Launch::reading(cfg, &cfg.consent)
+            })
+    },
+    main: |cfg, ctx| tsunagi_runtime::service::boxed(service::main(cfg, ctx)),
+};

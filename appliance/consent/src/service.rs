@@ -23,9 +23,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tsunagi_runtime::child::ServiceCtx;
+use tsunagi_runtime::listen::{self, Limits, STOP_DRAIN, ServeError};
 use tsunagi_runtime::status::Health;
 use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 
@@ -76,6 +76,37 @@ pub struct Settings {
     /// The network's FHIR server, if sync is configured.
     pub fhir: Option<crate::sync::Client>,
     pub pull_interval: Duration,
+}
+
+impl Settings {
+    /// The service's settings from the validated config.
+    pub fn from_config(cfg: &tsunagi_config::Config) -> Settings {
+        Settings {
+            freshness_bound: cfg.consent.freshness_bound.get(),
+            runtime_dir: cfg.paths.runtime_dir.as_path().join(crate::NAME),
+            fhir: cfg.consent.fhir_url.as_ref().map(|url| {
+                let client = crate::sync::Client::new(
+                    std::net::SocketAddr::V4(url.addr()),
+                    url.path(),
+                    Duration::from_secs(10),
+                );
+                match &cfg.site.network_ids {
+                    Some(n) => client.with_network_id_system(format!("urn:oid:{}", n.oid)),
+                    None => client,
+                }
+            }),
+            pull_interval: cfg.consent.pull_interval.get(),
+        }
+    }
+}
+
+/// The decision socket's path for a config (what the other services connect to).
+pub fn socket_path(cfg: &tsunagi_config::Config) -> PathBuf {
+    cfg.paths
+        .runtime_dir
+        .as_path()
+        .join(crate::NAME)
+        .join(SOCKET_NAME)
 }
 
 /// Counters for status and metrics.
@@ -390,27 +421,28 @@ pub fn bind(settings: &Settings) -> Result<UnixListener, ServiceError> {
     Ok(listener)
 }
 
-/// Serves decision requests until `stop` fires.
-pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
+/// Serves decision requests until `stop` fires (the runtime's one accept loop: bounded,
+/// backing off on accept errors, connections owned and ended at stop).
+pub async fn serve(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Result<(), ServeError> {
+    let limits = Limits {
+        max_connections: MAX_CLIENTS,
+        max_overflow: 0,
+        // Each connection has its idle bound; a client may keep asking.
+        per_connection: None,
+        drain: STOP_DRAIN,
+    };
+    let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
+    listen::serve(accept, limits, stop, |stream, _| {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             let _ = client(stream, shared).await;
-        });
-    }
+        }
+    })
+    .await
 }
 
 async fn client(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> {
@@ -457,6 +489,15 @@ async fn client(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> 
     }
 }
 
+/// The service's run in its child process: opens its database, then [`run`].
+pub(crate) async fn main(
+    cfg: &tsunagi_config::Config,
+    ctx: ServiceCtx,
+) -> Result<(), ServiceError> {
+    let store = Store::open_in(&ctx.state_dir, cfg.site.facility_code.clone(), true)?;
+    run(ctx, store, Settings::from_config(cfg)).await
+}
+
 /// Runs the consent service until shutdown.
 pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<(), ServiceError> {
     let listener = bind(&settings)?;
@@ -464,7 +505,7 @@ pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<()
     // A task that ends or panics ends the service with the reason (status shows it, the
     // supervisor restarts it): decisions must not go unanswered, nor the cache stale, silently.
     let mut tasks = Tasks::new(ctx.shutdown.clone());
-    tasks.spawn(
+    tasks.spawn_fallible(
         "decision-socket",
         serve(listener, shared.clone(), ctx.shutdown.clone()),
     );

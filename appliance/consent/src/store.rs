@@ -408,6 +408,29 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// The audit key's file in the service's state directory. It is the trail's own secret,
+    /// never `privacy.id-hash-key-file`: whoever may hash IDs for logs must not be able to
+    /// forge the trail.
+    pub const AUDIT_KEY_FILE: &'static str = "audit.key";
+    /// The database's file in the service's state directory.
+    pub const DATABASE_FILE: &'static str = "consent.db";
+
+    /// Opens the service's database in its state directory `dir` with its audit key;
+    /// `create_key`: make the key when there is none (never for `audit verify`).
+    pub fn open_in(
+        dir: &Path,
+        facility: FacilityCode,
+        create_key: bool,
+    ) -> Result<Store, StoreError> {
+        let key_path = dir.join(Self::AUDIT_KEY_FILE);
+        let key = if create_key {
+            AuditKey::load_or_create(&key_path)
+        } else {
+            AuditKey::load(&key_path)
+        }?;
+        Store::open(&dir.join(Self::DATABASE_FILE), facility, key)
+    }
+
     /// Opens (creating or migrating) the database at `path`.
     pub fn open(path: &Path, facility: FacilityCode, key: AuditKey) -> Result<Store, StoreError> {
         let conn = tsunagi_state::open(path, Durability::Acknowledging, MIGRATIONS)?;

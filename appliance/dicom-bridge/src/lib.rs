@@ -26,6 +26,31 @@ pub const NAME: &str = "dicom";
 /// The service's system user.
 pub const USER: &str = "tsunagi-dicom";
 
+/// The DICOM bridge as the binary lists it.
+pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service::Service {
+    name: NAME,
+    user: USER,
+    description: "tsunagi DICOM bridge",
+    // The standard DICOM port is 104.
+    capabilities: &[tsunagi_runtime::service::Capability::CAP_NET_BIND_SERVICE],
+    // Asks the consent service for decisions.
+    groups: &[consent::CLIENT_GROUP],
+    worker_threads: 2,
+    launch: |cfg| {
+        let d = cfg.dicom.as_ref().filter(|d| d.enabled)?;
+        Some(tsunagi_runtime::service::Launch::reading(cfg, d))
+    },
+    main: |cfg, ctx| match &cfg.dicom {
+        Some(d) => tsunagi_runtime::service::boxed(service::run(
+            ctx,
+            service::Settings::from_config(cfg, d),
+        )),
+        None => tsunagi_runtime::service::boxed(std::future::ready(Err(
+            tsunagi_runtime::service::NotEnabled { service: NAME },
+        ))),
+    },
+};
+
 pub mod forward;
 pub mod header;
 pub mod inflight;

@@ -16,7 +16,7 @@
 //! data set, else A900 and nothing is stored. An abort or a dropped connection mid-transfer
 //! leaves nothing. Other commands are answered "unrecognized operation" (0211H).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +26,8 @@ use dicom_ul::{Pdu, ServerAssociationOptions};
 use dimse::command::{Command, CommandField};
 use dimse::status::Status;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tsunagi_runtime::listen::{self, Admission, Limits, STOP_DRAIN, ServeError};
 
 use crate::header;
 use crate::spool::{Incoming, Meta, Spool, SpoolError};
@@ -111,45 +111,46 @@ impl AccessControl for Access {
     }
 }
 
-/// Accepts associations until `stop` fires.
+/// Accepts associations until `stop` fires (the runtime's one accept loop: it backs off on
+/// accept errors such as EMFILE, owns every association's task, and aborts those still open
+/// shortly after a stop). Beyond `max-associations`, a caller is answered A-ASSOCIATE-RJ
+/// "local limit exceeded" (at most [`MAX_REJECTING`] such answers at once).
 pub async fn serve(
     listener: TcpListener,
     settings: Arc<Settings>,
     spool: Spool,
     stop: CancellationToken,
-) {
-    let slots = Arc::new(Semaphore::new(settings.max_associations.max(1)));
-    let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((socket, peer)) = accepted else {
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %peer.ip(), "too many associations; rejected (local limit exceeded)");
-            if let Ok(permit) = rejecting.clone().try_acquire_owned() {
-                let timeout = settings.timeout.min(Duration::from_secs(5));
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let _ = tokio::time::timeout(timeout, reject(socket)).await;
-                });
-            }
-            continue;
-        };
+) -> Result<(), ServeError> {
+    let limits = Limits {
+        max_connections: settings.max_associations.max(1),
+        max_overflow: MAX_REJECTING,
+        // Each association has its own per-PDU timeouts; a long study may take long.
+        per_connection: None,
+        drain: STOP_DRAIN,
+    };
+    let accept = || listener.accept();
+    listen::serve(accept, limits, stop.clone(), |(socket, peer), admission| {
         let (settings, spool, stop) = (settings.clone(), spool.clone(), stop.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let span = tracing::info_span!("association", peer = %peer.ip());
-            let _ = tracing::Instrument::instrument(
-                association(socket, peer.ip(), &settings, &spool, &stop),
-                span,
-            )
-            .await;
-        });
-    }
+        async move {
+            let peer: SocketAddr = peer;
+            match admission {
+                Admission::Overflow => {
+                    tracing::warn!(peer = %peer.ip(), "too many associations; rejected (local limit exceeded)");
+                    let timeout = settings.timeout.min(Duration::from_secs(5));
+                    let _ = tokio::time::timeout(timeout, reject(socket)).await;
+                }
+                Admission::Admitted => {
+                    let span = tracing::info_span!("association", peer = %peer.ip());
+                    let _ = tracing::Instrument::instrument(
+                        association(socket, peer.ip(), &settings, &spool, &stop),
+                        span,
+                    )
+                    .await;
+                }
+            }
+        }
+    })
+    .await
 }
 
 /// Reads the caller's A-ASSOCIATE-RQ (bounded) and answers A-ASSOCIATE-RJ "local limit
@@ -416,7 +417,8 @@ async fn answer_query(
     q: Querying,
 ) -> Result<(), dicom_ul::association::Error> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let task = if q.command.field == CommandField::CMoveRq {
+    // Owned by this association: ended with it (a stop, an abort), never left running.
+    let mut task = AbortOnDrop(if q.command.field == CommandField::CMoveRq {
         tokio::spawn(crate::qr::retrieve(
             proxy,
             q.command.clone(),
@@ -432,7 +434,7 @@ async fn answer_query(
             q.identifier,
             tx,
         ))
-    };
+    });
     let max = match dicom_ul::association::Association::peer_max_pdu_length(assoc) {
         0 => 16 * 1024,
         n => n.min(1 << 20),
@@ -463,8 +465,22 @@ async fn answer_query(
             }
         }
     }
-    let _ = task.await;
+    if let Err(e) = (&mut task.0).await
+        && e.is_panic()
+    {
+        // A bug: end the association's task the same way, so that the service ends with it.
+        std::panic::resume_unwind(e.into_panic());
+    }
     Ok(())
+}
+
+/// A task that is aborted when its handle goes (with the association that started it).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Answers a C-GET on the viewer's own association: the instances this clinic may see are

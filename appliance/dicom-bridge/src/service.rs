@@ -51,6 +51,74 @@ pub struct Settings {
     pub associations: usize,
 }
 
+impl Settings {
+    /// The service's settings from the validated config and its `[dicom]` section.
+    pub fn from_config(cfg: &tsunagi_config::Config, d: &tsunagi_config::DicomBridge) -> Settings {
+        let ae = cfg.site.ae_title.as_ref().to_owned();
+        let pacs = Destination {
+            ae_title: d.pacs.ae_title.as_ref().to_owned(),
+            addr: d.pacs.address,
+            calling_ae: ae.clone(),
+            timeout: d.timeout.get(),
+        };
+        let consent_socket = consent::service::socket_path(cfg);
+        Settings {
+            scp: scp::Settings {
+                ae_title: ae.clone(),
+                max_pdu: d.max_pdu,
+                timeout: d.timeout.get(),
+                max_associations: usize::try_from(d.max_associations).unwrap_or(16),
+                allowed: d.allowed_callers.as_ref().map(|list| {
+                    list.iter()
+                        .map(|c| (c.ae_title.as_ref().to_owned(), c.address))
+                        .collect()
+                }),
+                extra_sop_classes: d
+                    .extra_sop_classes
+                    .iter()
+                    .map(|c| c.as_str().to_owned())
+                    .collect(),
+                // tsunagi_config::Config validation makes query/retrieve come with an allowed-callers list.
+                proxy: d.query_retrieve.then(|| {
+                    Arc::new(crate::qr::Proxy {
+                        pacs: pacs.clone(),
+                        destinations: d
+                            .move_destinations
+                            .iter()
+                            .map(|m| (m.ae_title.as_ref().to_owned(), m.address))
+                            .collect(),
+                        work_dir: cfg
+                            .paths
+                            .state_dir
+                            .as_path()
+                            .join(crate::NAME)
+                            .join("retrieve"),
+                        facility_code: cfg.site.facility_code.as_str().to_owned(),
+                        translate: d.patient_ids == tsunagi_config::PatientIdPolicy::Translate,
+                        consent_socket: consent_socket.clone(),
+                    })
+                }),
+            },
+            listen: d.listen,
+            state_dir: cfg.paths.state_dir.as_path().join(crate::NAME),
+            quota: d.spool_quota_mib.saturating_mul(1 << 20),
+            pacs,
+            consent_socket,
+            dead_letter_after: d.dead_letter_after.get(),
+            associations: usize::try_from(d.forward_associations).unwrap_or(1),
+            // tsunagi_config::Config validation makes `translate` come with [site.network-ids].
+            translation: match (&d.patient_ids, &cfg.site.network_ids) {
+                (tsunagi_config::PatientIdPolicy::Translate, Some(n)) => Some(Translation {
+                    network_issuer: n.issuer.as_str().to_owned(),
+                    network_oid: n.oid.as_str().to_owned(),
+                    facility_code: cfg.site.facility_code.as_str().to_owned(),
+                }),
+                _ => None,
+            },
+        }
+    }
+}
+
 /// Instances one association carries per round.
 const PER_ASSOCIATION: usize = 64;
 /// An association to the network PACS unused this long is released (PACS commonly close
@@ -105,7 +173,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     // The SCP ending or panicking ends the service with the reason (status shows it, the
     // supervisor restarts it), instead of the clinic's devices finding the port dead.
     let mut tasks = Tasks::new(ctx.shutdown.clone());
-    tasks.spawn(
+    tasks.spawn_fallible(
         "dicom-scp",
         scp::serve(
             listener,

@@ -16,12 +16,29 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::Connection;
 use tokio::time::Instant;
 use tsunagi_runtime::child::ServiceCtx;
+use tsunagi_runtime::service::{self, Launch, Service};
 use tsunagi_runtime::status::Health;
 use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 use tsunagi_state::{Durability, Migration, StateError};
 
 /// The heartbeat's service name.
 pub const NAME: &str = "heartbeat";
+
+/// The heartbeat as the binary lists it.
+pub const SERVICE: Service = Service {
+    name: NAME,
+    user: "tsunagi-heartbeat",
+    description: "tsunagi heartbeat service",
+    capabilities: &[],
+    groups: &[],
+    worker_threads: 1,
+    launch: |cfg| {
+        cfg.heartbeat
+            .enabled
+            .then(|| Launch::reading(cfg, &cfg.heartbeat))
+    },
+    main: |cfg, ctx| service::boxed(run(ctx, Behaviour::heartbeat(&cfg.heartbeat))),
+};
 
 /// The schema of `heartbeat.db`.
 pub const MIGRATIONS: &[Migration] = &[Migration {

@@ -25,3 +25,28 @@ pub const NAME: &str = "ssmix2";
 
 /// The service's system user.
 pub const USER: &str = "tsunagi-ssmix2";
+
+/// The SS-MIX2 sync as the binary lists it.
+pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service::Service {
+    name: NAME,
+    user: USER,
+    description: "tsunagi SS-MIX2 sync",
+    // Reads the storage (a share readable by this user) and writes the replica.
+    capabilities: &[],
+    // Asks the consent service for decisions.
+    groups: &[consent::CLIENT_GROUP],
+    worker_threads: 2,
+    launch: |cfg| {
+        let x = cfg.ssmix2.as_ref().filter(|x| x.enabled)?;
+        Some(tsunagi_runtime::service::Launch::reading(cfg, x))
+    },
+    main: |cfg, ctx| match &cfg.ssmix2 {
+        Some(x) => tsunagi_runtime::service::boxed(service::run(
+            ctx,
+            service::Settings::from_config(cfg, x),
+        )),
+        None => tsunagi_runtime::service::boxed(std::future::ready(Err(
+            tsunagi_runtime::service::NotEnabled { service: NAME },
+        ))),
+    },
+};

@@ -43,6 +43,55 @@ pub struct Settings {
     pub watch: WatchMode,
 }
 
+impl Settings {
+    /// The service's settings from the validated config and its `[ssmix2]` section.
+    pub fn from_config(cfg: &tsunagi_config::Config, x: &tsunagi_config::Ssmix2Sync) -> Settings {
+        let r = &x.replica;
+        let target = match (&r.directory, &r.url) {
+            (Some(dir), _) => Target::Directory(dir.as_path().to_owned()),
+            (None, Some(url)) => Target::WebDav {
+                url: url.as_str().to_owned(),
+                ca_file: r
+                    .ca_file
+                    .as_ref()
+                    .map(|p| p.as_path().to_owned())
+                    .unwrap_or_default(),
+                client_cert_file: r
+                    .client_cert_file
+                    .as_ref()
+                    .map(|p| p.as_path().to_owned())
+                    .unwrap_or_default(),
+                client_key_file: r
+                    .client_key_file
+                    .as_ref()
+                    .map(|p| p.as_ref().to_owned())
+                    .unwrap_or_default(),
+            },
+            // The config's rules require one of the two.
+            (None, None) => Target::Directory(PathBuf::new()),
+        };
+        Settings {
+            sync: crate::sync::Settings {
+                storage: x.storage.as_path().to_owned(),
+                settle: x.settle.get(),
+                confirm_deletion: x.confirm_deletion.get(),
+                recheck: x.recheck_interval.get(),
+                withdrawal: x.withdrawal,
+                facility: cfg.site.facility_code.to_string(),
+                transaction_storage: x
+                    .transaction_storage
+                    .as_ref()
+                    .map(|p| p.as_path().to_owned()),
+            },
+            state_dir: cfg.paths.state_dir.as_path().join(crate::NAME),
+            consent_socket: consent::service::socket_path(cfg),
+            target,
+            scan_interval: x.scan_interval.get(),
+            watch: x.watch,
+        }
+    }
+}
+
 /// Errors that stop the service (everything else is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {

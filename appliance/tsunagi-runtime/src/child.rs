@@ -239,7 +239,7 @@ pub fn run_service<F, Fut, E>(
 where
     F: FnOnce(ServiceCtx) -> Fut,
     Fut: Future<Output = Result<(), E>>,
-    E: std::error::Error + Send + Sync + 'static,
+    E: Into<crate::service::ServiceError>,
 {
     let Prepared {
         setup,
@@ -338,13 +338,14 @@ where
                     Ok(())
                 }
                 Err(error) => {
-                    let chain = error_chain(&error);
-                    tracing::error!(error = &error as &dyn std::error::Error, "service failed");
+                    let error: crate::service::ServiceError = error.into();
+                    let chain = error_chain(&*error);
+                    tracing::error!(error = &*error as &dyn std::error::Error, "service failed");
                     reporter.error(&chain);
                     reporter.flush().await;
                     Err(ChildError::Service {
                         service: name.clone(),
-                        source: Box::new(error),
+                        source: error,
                     })
                 }
             }

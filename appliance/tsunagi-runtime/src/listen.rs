@@ -1,51 +1,312 @@
-//! The bounded accept loop shared by the control socket and the metrics endpoint.
+//! The one accept loop, used by every listener of the box: the supervisor's control socket
+//! and metrics endpoint, the consent service's decision socket, the DICOM SCP (and later the
+//! clinic console).
+//!
+//! [`serve`] accepts until the stop token fires and runs the handler of each connection as a
+//! task it owns (a [`JoinSet`]): never detached. It bounds the connections served at once;
+//! a connection beyond the bound is still handed to the handler as
+//! [`Admission::Overflow`] (so a DICOM SCP can answer "local limit exceeded") while a few of
+//! those are pending, and closed at once beyond that. An accept error (out of descriptors,
+//! out of memory, a connection reset before it was accepted) backs off, from 10 ms doubling
+//! to 1 s, instead of spinning. A connection task that panics ends the loop with
+//! [`ServeError::ConnectionPanicked`], so that the service ends with the reason rather than
+//! carrying on with a bug nobody sees. At stop, connections get [`Limits::drain`] to end
+//! (each sees the same stop token) and are then aborted.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 /// Bounds for one listener.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Bounds {
-    /// Connections served at once; further ones are closed at once.
-    pub(crate) max_clients: usize,
-    /// The whole exchange with one client must finish within this.
-    pub(crate) per_client: Duration,
+pub struct Limits {
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Connections beyond [`Limits::max_connections`] handed to the handler as
+    /// [`Admission::Overflow`] at once; further ones are closed at once.
+    pub max_overflow: usize,
+    /// The whole exchange with one connection must finish within this (if set).
+    pub per_connection: Option<Duration>,
+    /// After stop, how long connections may take to end before they are aborted.
+    pub drain: Duration,
 }
 
-/// Accepts connections until `cancel` fires and runs `handle` on each, within `bounds`.
-pub(crate) async fn serve<S, A, AFut, H, HFut>(
+/// Whether a connection is within the bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Serve it.
+    Admitted,
+    /// Over the bound: say so if the protocol can (briefly), then close.
+    Overflow,
+}
+
+/// Why the accept loop ended before its stop.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServeError {
+    #[error("a connection's task {0}")]
+    ConnectionPanicked(String),
+}
+
+/// A drain that fits the stop budget (every service stops within 2 s of SIGTERM): what
+/// listeners use unless their protocol needs less.
+pub const STOP_DRAIN: Duration = Duration::from_millis(500);
+
+/// The first pause after an accept error, doubled for each further one.
+const BACKOFF_FIRST: Duration = Duration::from_millis(10);
+/// The longest pause after an accept error.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts connections until `stop` fires and runs `handle` on each; see the module docs.
+/// Returns `Ok` after a stop, once every connection task has ended or been aborted.
+pub async fn serve<S, A, AFut, H, HFut>(
     mut accept: A,
-    bounds: Bounds,
-    cancel: CancellationToken,
-    handle: H,
-) where
+    limits: Limits,
+    stop: CancellationToken,
+    mut handle: H,
+) -> Result<(), ServeError>
+where
     A: FnMut() -> AFut,
     AFut: Future<Output = std::io::Result<S>>,
-    H: Fn(S) -> HFut,
+    H: FnMut(S, Admission) -> HFut,
     HFut: Future<Output = ()> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(bounds.max_clients));
-    loop {
+    let admitted = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let overflow = Arc::new(Semaphore::new(limits.max_overflow));
+    let mut connections = JoinSet::new();
+    let mut pause = BACKOFF_FIRST;
+    let mut failing = false;
+    let result = loop {
         let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
+            biased;
+            _ = stop.cancelled() => break Ok(()),
+            Some(joined) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(e) = joined
+                    && e.is_panic()
+                {
+                    break Err(ServeError::ConnectionPanicked(crate::tasks::panicked(
+                        &*e.into_panic(),
+                    )));
+                }
+                continue;
+            }
             accepted = accept() => accepted,
         };
-        let Ok(stream) = accepted else {
-            // Out of descriptors or similar: back off instead of spinning.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let stream = match accepted {
+            Ok(stream) => {
+                if failing {
+                    tracing::info!("accepting connections again");
+                }
+                failing = false;
+                pause = BACKOFF_FIRST;
+                stream
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "cannot accept a connection; backing off");
+                }
+                failing = true;
+                tokio::select! {
+                    _ = stop.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(BACKOFF_MAX);
+                continue;
+            }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue; // Too many clients at once: this one is dropped (closed).
+        let (permit, admission) = match admitted.clone().try_acquire_owned() {
+            Ok(permit) => (permit, Admission::Admitted),
+            Err(_) => match overflow.clone().try_acquire_owned() {
+                Ok(permit) => (permit, Admission::Overflow),
+                Err(_) => continue, // Dropped: closed at once.
+            },
         };
-        let exchange = handle(stream);
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = tokio::time::timeout(bounds.per_client, exchange).await;
-        });
+        let exchange = handle(stream, admission);
+        let per_connection = limits.per_connection;
+        connections.spawn(
+            async move {
+                let _permit = permit;
+                match per_connection {
+                    Some(within) => {
+                        let _ = tokio::time::timeout(within, exchange).await;
+                    }
+                    None => exchange.await,
+                }
+            }
+            .in_current_span(),
+        );
+    };
+    let drained = tokio::time::timeout(limits.drain, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::debug!(
+            left = connections.len(),
+            "connections still open at stop; aborted"
+        );
+        connections.shutdown().await;
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn limits(max_connections: usize, max_overflow: usize) -> Limits {
+        Limits {
+            max_connections,
+            max_overflow,
+            per_connection: None,
+            drain: Duration::from_millis(200),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_back_off_instead_of_spinning() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let counted = calls.clone();
+        let accept = move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+            // EMFILE: out of file descriptors.
+            std::future::ready(Err::<(), _>(std::io::Error::from_raw_os_error(24)))
+        };
+        let server = tokio::spawn(serve(accept, limits(4, 0), stop.clone(), |(), _| async {}));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        stop.cancel();
+        assert_eq!(server.await.unwrap(), Ok(()));
+        let calls = calls.load(Ordering::Relaxed);
+        // 10 ms doubling to 1 s: 7 attempts in the first 1.27 s, then one a second.
+        assert!((10..=20).contains(&calls), "{calls} accepts in 10 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_backoff_resets_after_a_connection_is_accepted() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let counted = calls.clone();
+        let accept = move || {
+            let n = counted.fetch_add(1, Ordering::Relaxed);
+            // Ten failures, one success, then failures again: the pauses start again at 10 ms.
+            std::future::ready(match n {
+                10 => Ok(()),
+                _ if n > 30 => Err(std::io::Error::other("done")),
+                _ => Err(std::io::Error::from_raw_os_error(24)),
+            })
+        };
+        let server = tokio::spawn(serve(accept, limits(4, 0), stop.clone(), |(), _| async {}));
+        // Ten failures take 10+20+…+1000+1000+1000 ms ≈ 4.3 s; after the success, the next
+        // seven take 1.27 s.
+        tokio::time::sleep(Duration::from_millis(5_700)).await;
+        assert!(calls.load(Ordering::Relaxed) >= 17);
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_bound_overflow_then_close() {
+        let stop = CancellationToken::new();
+        let mut n = 0;
+        let accept = move || {
+            n += 1;
+            let stream = n;
+            async move {
+                if stream > 5 {
+                    std::future::pending::<()>().await;
+                }
+                Ok(stream)
+            }
+        };
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let server = tokio::spawn(serve(accept, limits(2, 1), stop.clone(), move |n, a| {
+            record.lock().unwrap().push((n, a));
+            std::future::pending()
+        }));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.cancel();
+        server.await.unwrap().unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                (1, Admission::Admitted),
+                (2, Admission::Admitted),
+                (3, Admission::Overflow)
+            ],
+            "4 and 5 are closed unseen"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_panics_ends_the_loop_with_its_message() {
+        let stop = CancellationToken::new();
+        let mut first = true;
+        let accept = move || {
+            let go = std::mem::take(&mut first);
+            async move {
+                if !go {
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
+            }
+        };
+        let ended = tokio::time::timeout(
+            Duration::from_secs(5),
+            serve(accept, limits(2, 0), stop, |(), _| async {
+                panic!("bad length")
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            ended,
+            Err(ServeError::ConnectionPanicked(
+                "panicked: bad length".into()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn at_stop_connections_that_do_not_end_are_aborted_after_the_drain() {
+        struct Dropped(Arc<AtomicUsize>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let mut n = 0;
+        let accept = move || {
+            n += 1;
+            let more = n <= 3;
+            async move {
+                if !more {
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
+            }
+        };
+        let counter = dropped.clone();
+        let server = tokio::spawn(serve(accept, limits(8, 0), stop.clone(), move |(), _| {
+            let guard = Dropped(counter.clone());
+            async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let asked = std::time::Instant::now();
+        stop.cancel();
+        server.await.unwrap().unwrap();
+        assert!(asked.elapsed() < Duration::from_secs(1));
+        assert_eq!(dropped.load(Ordering::Relaxed), 3);
     }
 }

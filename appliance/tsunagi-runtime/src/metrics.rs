@@ -139,17 +139,19 @@ pub(crate) async fn serve(
     listener: TcpListener,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     cancel: CancellationToken,
-) {
-    let bounds = crate::listen::Bounds {
-        max_clients: MAX_CLIENTS,
-        per_client: IO_TIMEOUT,
+) -> Result<(), crate::listen::ServeError> {
+    let limits = crate::listen::Limits {
+        max_connections: MAX_CLIENTS,
+        max_overflow: 0,
+        per_connection: Some(IO_TIMEOUT),
+        drain: crate::listen::STOP_DRAIN,
     };
     let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
-    crate::listen::serve(accept, bounds, cancel, |stream| {
+    crate::listen::serve(accept, limits, cancel, |stream, _| {
         let snapshot = snapshot.clone();
         exchange(stream, move || render(&snapshot.borrow().report()))
     })
-    .await;
+    .await
 }
 
 /// One connection: one request (hyper's HTTP/1.1 server, no keep-alive), answered with

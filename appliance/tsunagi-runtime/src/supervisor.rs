@@ -11,6 +11,7 @@
 //! stop deadline, SIGKILL goes to the whole group; after any exit, the group is killed so that
 //! no helper process outlives the service.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
@@ -122,6 +124,22 @@ pub enum SupervisorError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the supervisor's {task} {why}")]
+    TaskEnded { task: &'static str, why: String },
+}
+
+/// The task that watches one child process (its reports and its exit).
+type Watcher = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A task of the supervisor's own (none is detached).
+#[derive(Debug, Clone)]
+enum OwnTask {
+    /// The control socket's server; ending while not stopping is fatal.
+    Control,
+    /// The metrics endpoint's server (replaced at reload when its address changes).
+    Metrics(CancellationToken),
+    /// The watcher of one child process: it ends when the child has exited.
+    Child { name: String, generation: u64 },
 }
 
 /// What the status socket and the metrics endpoint read.
@@ -243,6 +261,11 @@ struct Supervisor {
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
     metrics_cancel: Option<CancellationToken>,
     root_cancel: CancellationToken,
+    /// Every task the supervisor runs (servers and child watchers), with what each is.
+    tasks: JoinSet<Result<(), String>>,
+    task_kinds: HashMap<tokio::task::Id, OwnTask>,
+    /// Set when one of the supervisor's own servers ended: it stops everything and fails.
+    fatal: Option<SupervisorError>,
 }
 
 /// Runs the supervisor until SIGTERM, SIGINT or `launch.shutdown`. Returns once every child
@@ -300,11 +323,11 @@ pub async fn run(launch: Launch) -> Result<(), SupervisorError> {
         services: Vec::new(),
     }));
     let root_cancel = CancellationToken::new();
-    tokio::spawn(control::serve(
-        listener,
-        snapshot_rx,
-        root_cancel.child_token(),
-    ));
+    let mut tasks = JoinSet::new();
+    let mut task_kinds = HashMap::new();
+    let control = control::serve(listener, snapshot_rx, root_cancel.child_token());
+    let control = tasks.spawn(async move { control.await.map_err(|e| e.to_string()) });
+    task_kinds.insert(control.id(), OwnTask::Control);
 
     let mut sup = Supervisor {
         exe,
@@ -324,6 +347,9 @@ pub async fn run(launch: Launch) -> Result<(), SupervisorError> {
         snapshot_tx,
         metrics_cancel: None,
         root_cancel,
+        tasks,
+        task_kinds,
+        fatal: None,
     };
     if let Some(addr) = sup.settings.metrics {
         sup.start_metrics(addr).await?;
@@ -347,13 +373,28 @@ pub async fn run(launch: Launch) -> Result<(), SupervisorError> {
             _ = sigint.recv() => sup.begin_shutdown("SIGINT"),
             _ = shutdown.cancelled(), if sup.shutting_down.is_none() => sup.begin_shutdown("request"),
             _ = sighup.recv() => sup.on_reload().await,
+            Some(joined) = sup.tasks.join_next_with_id(), if !sup.tasks.is_empty() => {
+                sup.on_task_end(joined);
+            }
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
     }
     sup.notifier.notify("STATUS=stopped");
     sup.root_cancel.cancel();
+    let tasks = std::mem::take(&mut sup.tasks);
+    let stopped = tokio::time::timeout(Duration::from_secs(1), tasks.join_all()).await;
+    if stopped.is_err() {
+        warn!("the supervisor's servers did not stop in time");
+    }
     let socket = sup.settings.runtime_dir.join(control::SOCKET_NAME);
     let _ = std::fs::remove_file(socket);
+    if let Some(fatal) = sup.fatal {
+        error!(
+            error = &fatal as &dyn std::error::Error,
+            "supervisor stopped after a failure"
+        );
+        return Err(fatal);
+    }
     info!("supervisor stopped");
     Ok(())
 }
@@ -364,11 +405,12 @@ impl Supervisor {
             .await
             .map_err(|source| SupervisorError::Metrics { addr, source })?;
         let cancel = self.root_cancel.child_token();
-        tokio::spawn(metrics::serve(
-            listener,
-            self.snapshot_tx.subscribe(),
-            cancel.clone(),
-        ));
+        let server = metrics::serve(listener, self.snapshot_tx.subscribe(), cancel.clone());
+        let server = self
+            .tasks
+            .spawn(async move { server.await.map_err(|e| e.to_string()) });
+        self.task_kinds
+            .insert(server.id(), OwnTask::Metrics(cancel.clone()));
         self.metrics_cancel = Some(cancel);
         info!(%addr, "metrics listening");
         Ok(())
@@ -440,7 +482,22 @@ impl Supervisor {
 
     fn start(&mut self, i: usize, now: Instant) {
         let generation = self.slots[i].generation + 1;
-        let spawned = self.spawn(&self.slots[i].spec, generation);
+        let spawned = self
+            .spawn(&self.slots[i].spec, generation)
+            .map(|(pid, watcher)| {
+                let handle = self.tasks.spawn(async move {
+                    watcher.await;
+                    Ok(())
+                });
+                self.task_kinds.insert(
+                    handle.id(),
+                    OwnTask::Child {
+                        name: self.slots[i].spec.name.clone(),
+                        generation,
+                    },
+                );
+                pid
+            });
         let slot = &mut self.slots[i];
         slot.generation = generation;
         slot.next_start = None;
@@ -474,7 +531,7 @@ impl Supervisor {
         &self,
         spec: &ChildSpec,
         generation: u64,
-    ) -> Result<u32, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<(u32, Watcher), Box<dyn std::error::Error + Send + Sync>> {
         let identity = if self.privileged {
             Some(privilege::ensure_user(&spec.user)?)
         } else {
@@ -528,17 +585,14 @@ impl Supervisor {
         ours.set_nonblocking(true)?;
         let stream = UnixStream::from_std(ours)?;
         let span = tracing::info_span!("service", name = %spec.name);
-        tokio::spawn(
-            watch_child(
-                spec.name.clone(),
-                generation,
-                child,
-                stream,
-                self.events_tx.clone(),
-            )
-            .instrument(span),
+        let watcher = watch_child(
+            spec.name.clone(),
+            generation,
+            child,
+            stream,
+            self.events_tx.clone(),
         );
-        Ok(pid)
+        Ok((pid, Box::pin(watcher.instrument(span))))
     }
 
     fn slot_index(&self, name: &str, generation: u64) -> Option<usize> {
@@ -705,6 +759,56 @@ impl Supervisor {
                 ready,
                 failed, "all services ready or failed; supervisor ready"
             );
+        }
+    }
+
+    /// One of the supervisor's own tasks ended. A child's watcher ends after its child; one
+    /// that panicked counts as the child's exit (its process is killed with the watcher). A
+    /// server that ends while the supervisor is not stopping stops everything, and the
+    /// supervisor exits with the reason (systemd restarts it).
+    fn on_task_end(
+        &mut self,
+        joined: Result<(tokio::task::Id, Result<(), String>), tokio::task::JoinError>,
+    ) {
+        let (id, outcome) = match joined {
+            Ok((id, result)) => (id, result.err()),
+            Err(e) => (
+                e.id(),
+                Some(if e.is_panic() {
+                    crate::tasks::panicked(&*e.into_panic())
+                } else {
+                    "was cancelled".to_owned()
+                }),
+            ),
+        };
+        let Some(kind) = self.task_kinds.remove(&id) else {
+            return;
+        };
+        match kind {
+            OwnTask::Child { name, generation } => {
+                if let Some(why) = outcome {
+                    error!(service = %name, why = %why, "the watcher of a service ended; treating it as the service's exit");
+                    self.on_event(Event::Exited {
+                        name,
+                        generation,
+                        status: None,
+                    });
+                }
+            }
+            OwnTask::Metrics(cancel) if cancel.is_cancelled() => {}
+            OwnTask::Control | OwnTask::Metrics(_) if self.root_cancel.is_cancelled() => {}
+            OwnTask::Control | OwnTask::Metrics(_) => {
+                let task = match kind {
+                    OwnTask::Control => "control socket",
+                    _ => "metrics endpoint",
+                };
+                let why = outcome.unwrap_or_else(|| "ended unexpectedly".to_owned());
+                error!(task, why = %why, "a server of the supervisor ended; stopping");
+                if self.fatal.is_none() {
+                    self.fatal = Some(SupervisorError::TaskEnded { task, why });
+                }
+                self.begin_shutdown("a server of the supervisor ended");
+            }
         }
     }
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use consent::decide::{Decision, effective};
 use consent::model::{Category, Evidence, Patient, PatientId, Recipient, Scope, Sex, Status};
-use consent::store::{AuditCheck, AuditKey, NewConsent, Store, sha256_file};
+use consent::store::{AuditCheck, NewConsent, Store, sha256_file};
 use consent::time;
 use tsunagi_config::{Config, FacilityCode};
 use tsunagi_runtime::exit_code;
@@ -171,15 +171,9 @@ fn open_with(cfg: &Config, create_key: bool) -> Result<(Store, Ownership), Strin
         None
     };
     privilege::ensure_private_dir(&dir, identity).map_err(|e| crate::error_chain(&e))?;
-    let key_path = dir.join("audit.key");
-    let key = if create_key {
-        AuditKey::load_or_create(&key_path)
-    } else {
-        AuditKey::load(&key_path)
-    }
-    .map_err(|e| crate::error_chain(&e))?;
-    let store = Store::open(&dir.join("consent.db"), cfg.site.facility_code.clone(), key)
+    let store = Store::open_in(&dir, cfg.site.facility_code.clone(), create_key)
         .map_err(|e| crate::error_chain(&e))?;
+    let key_path = dir.join(Store::AUDIT_KEY_FILE);
     Ok((
         store,
         Ownership {

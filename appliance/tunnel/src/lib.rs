@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tsunagi_config::{Endpoint, Tunnel, TunnelBackend};
 use tsunagi_runtime::child::ServiceCtx;
+use tsunagi_runtime::service::{self, Capability, Launch, NotEnabled, Service};
 use tsunagi_runtime::status::Health;
 use wireguard_control::{Backend, DeviceUpdate, Key, PeerConfigBuilder};
 
@@ -33,6 +34,36 @@ use crate::plane::{Plane, PlaneError};
 
 /// The service name.
 pub const NAME: &str = "tunnel";
+
+/// The tunnel as the binary lists it.
+pub const SERVICE: Service = Service {
+    name: NAME,
+    user: "tsunagi-tunnel",
+    description: "tsunagi WireGuard tunnel",
+    // Interface, addresses, routes and firewall; the userspace daemon inherits it.
+    capabilities: &[Capability::CAP_NET_ADMIN],
+    groups: &[],
+    worker_threads: 2,
+    launch: |cfg| {
+        let t = cfg.tunnel.as_ref().filter(|t| t.enabled)?;
+        Some(Launch {
+            // wireguard-control must never start a daemon itself: this service runs and
+            // watches it.
+            env: vec![(
+                "WG_USERSPACE_IMPLEMENTATION".to_owned(),
+                "/bin/false".to_owned(),
+            )],
+            extra_dirs: vec![PathBuf::from(plane::SOCKET_DIR)],
+            // The userspace daemon creates its interface through the TUN device.
+            devices: vec![PathBuf::from("/dev/net/tun")],
+            ..Launch::reading(cfg, t)
+        })
+    },
+    main: |cfg, ctx| match cfg.tunnel.clone() {
+        Some(t) => service::boxed(run(ctx, t)),
+        None => service::boxed(std::future::ready(Err(NotEnabled { service: NAME }))),
+    },
+};
 
 /// Errors that stop the tunnel service (everything else is a recovery step).
 #[derive(Debug, thiserror::Error)]
