@@ -239,10 +239,9 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             .await
             {
                 Ok(v) => v,
-                Err(_) => (
-                    SocketGate::new(&settings.consent_socket),
-                    Err("internal error".to_owned()),
-                ),
+                // A bug: the service ends with it (status shows why), rather than retrying a
+                // round that panics again.
+                Err(e) => return Err(ServiceError::Background(ended("consent-round", e))),
             }
         };
         gate = Some(g);
@@ -272,6 +271,14 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             )
             .await;
             gate = Some(g);
+            if let Some(why) = sent.panicked {
+                // What the panicked share sent is not recorded: end the service (its restart
+                // sends those instances again, which the PACS stores once) rather than go on.
+                return Err(ServiceError::Background(TaskEnded {
+                    task: "forward",
+                    why,
+                }));
+            }
             opened_total += sent.opened;
             let delivered = record(&spool, &sent.outcomes).unwrap_or(0);
             let stopped = sent
@@ -355,6 +362,20 @@ struct Sent {
     error: Option<String>,
     /// Associations opened.
     opened: u64,
+    /// A share's task panicked (a bug): how.
+    panicked: Option<String>,
+}
+
+/// A blocking task of the forwarder that did not finish, as the error that ends the service.
+fn ended(task: &'static str, e: tokio::task::JoinError) -> TaskEnded {
+    TaskEnded {
+        task,
+        why: if e.is_panic() {
+            tsunagi_runtime::tasks::panicked(&*e.into_panic())
+        } else {
+            "was cancelled".to_owned()
+        },
+    }
 }
 
 /// Sends `batch` while a watcher reads the consent change feed from `since`
@@ -413,13 +434,16 @@ async fn send_parallel(
     }
     let mut sent = Sent::default();
     while let Some(done) = tasks.join_next().await {
-        if let Ok((o, e, l, n)) = done {
-            sent.outcomes.extend(o);
-            if sent.error.is_none() {
-                sent.error = e.map(|e| tsunagi_runtime::child::error_chain(&e));
+        match done {
+            Ok((o, e, l, n)) => {
+                sent.outcomes.extend(o);
+                if sent.error.is_none() {
+                    sent.error = e.map(|e| tsunagi_runtime::child::error_chain(&e));
+                }
+                links.extend(l);
+                sent.opened += u64::from(n);
             }
-            links.extend(l);
-            sent.opened += u64::from(n);
+            Err(e) => sent.panicked = Some(ended("forward", e).why),
         }
     }
     sent

@@ -70,6 +70,8 @@ pub enum ChildError {
     Runtime(#[source] std::io::Error),
     #[error("cannot prepare the status socket")]
     Socket(#[source] std::io::Error),
+    #[error("cannot install the handlers of SIGTERM and SIGINT")]
+    Signals(#[source] std::io::Error),
     #[error("service {service} failed")]
     Service {
         service: String,
@@ -302,18 +304,13 @@ where
                 }
                 .in_current_span(),
             );
-            // Signals.
+            // Signals: installed before the service runs, or it could not be stopped.
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).map_err(ChildError::Signals)?;
+            let mut int = signal(SignalKind::interrupt()).map_err(ChildError::Signals)?;
             let on_signal = shutdown.clone();
             tokio::spawn(
                 async move {
-                    use tokio::signal::unix::{SignalKind, signal};
-                    let (Ok(mut term), Ok(mut int)) = (
-                        signal(SignalKind::terminate()),
-                        signal(SignalKind::interrupt()),
-                    ) else {
-                        tracing::error!("cannot install signal handlers");
-                        return;
-                    };
                     tokio::select! {
                         _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
                         _ = int.recv() => tracing::info!("SIGINT received; stopping"),
