@@ -553,6 +553,11 @@ async fn sync_loop(shared: Arc<Shared>, client: crate::sync::Client, stop: Cance
             result = crate::sync::round(&shared.store, &client) => result,
         };
         let message = match &result {
+            Ok(r) if r.pushed + r.pulled + r.changed == 0 => {
+                // Nothing changed: the log stays quiet (info is for what moved).
+                tracing::debug!("synced with the network, nothing changed");
+                None
+            }
             Ok(r) => {
                 tracing::info!(
                     pushed = r.pushed,

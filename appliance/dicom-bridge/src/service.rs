@@ -119,6 +119,11 @@ impl Settings {
     }
 }
 
+/// How long a stop waits for the open associations to the PACS to be released.
+const STOP_RELEASE: Duration = Duration::from_millis(500);
+/// How long a stop waits for the service's tasks (the SCP's drain is 500 ms).
+const STOP_TASKS: Duration = Duration::from_millis(800);
+
 /// Instances one association carries per round.
 const PER_ASSOCIATION: usize = 64;
 /// An association to the network PACS unused this long is released (PACS commonly close
@@ -200,10 +205,15 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         let wait = tokio::time::sleep(backoff);
         tokio::select! {
             _ = ctx.shutdown.cancelled() => {
-                for l in links {
-                    l.close().await;
-                }
-                tasks.join(Duration::from_secs(1)).await;
+                // A-RELEASE each open association, but never wait on a PACS that does not
+                // answer: the stop must finish within 2 s.
+                let release = async {
+                    for l in links {
+                        l.close().await;
+                    }
+                };
+                let _ = tokio::time::timeout(STOP_RELEASE, release).await;
+                tasks.join(STOP_TASKS).await;
                 return Ok(());
             }
             ended = tasks.failed() => {

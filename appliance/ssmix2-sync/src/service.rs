@@ -229,17 +229,29 @@ fn worker(
         match &result {
             Ok(r) => {
                 failures = 0;
-                tracing::info!(
-                    files = r.scanned.files,
-                    read = r.files_read,
-                    published = r.published,
-                    renamed = r.renamed,
-                    removed = r.removed,
-                    held = r.held,
-                    fresh = r.fresh,
-                    ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    "sync cycle done"
-                );
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                if r.files_read + r.published + r.renamed + r.removed == 0 {
+                    // Nothing changed: the log stays quiet (info is for what moved).
+                    tracing::debug!(
+                        files = r.scanned.files,
+                        held = r.held,
+                        fresh = r.fresh,
+                        ms,
+                        "sync cycle done, nothing changed"
+                    );
+                } else {
+                    tracing::info!(
+                        files = r.scanned.files,
+                        read = r.files_read,
+                        published = r.published,
+                        renamed = r.renamed,
+                        removed = r.removed,
+                        held = r.held,
+                        fresh = r.fresh,
+                        ms,
+                        "sync cycle done"
+                    );
+                }
             }
             Err(e) => {
                 failures = failures.saturating_add(1);

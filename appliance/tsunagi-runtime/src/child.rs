@@ -256,7 +256,7 @@ where
         .build()
         .map_err(ChildError::Runtime)?;
     let span = tracing::info_span!("service", name = %name);
-    runtime.block_on(
+    let outcome = runtime.block_on(
         async move {
             stream.set_nonblocking(true).map_err(ChildError::Socket)?;
             let stream = UnixStream::from_std(stream).map_err(ChildError::Socket)?;
@@ -348,5 +348,12 @@ where
             }
         }
         .instrument(span),
-    )
+    );
+    // Dropping a runtime waits for every blocking task without bound; a service has
+    // returned, so what is left (a blocking call on a wedged peer) must not hold the stop.
+    runtime.shutdown_timeout(STOP_LEFTOVERS);
+    outcome
 }
+
+/// How long a stopped service's leftover blocking tasks may delay its process's exit.
+const STOP_LEFTOVERS: std::time::Duration = std::time::Duration::from_millis(200);

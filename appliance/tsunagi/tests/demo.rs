@@ -1,5 +1,9 @@
 //! Acceptance 7: `cargo xtask demo` starts, `tsunagi status` shows `heartbeat` ready, and
-//! Ctrl-C (SIGINT to the foreground process group) stops it cleanly.
+//! Ctrl-C stops it cleanly. The demo runs in a real terminal (a pseudo-terminal from
+//! util-linux `script`), and Ctrl-C is the byte 0x03 typed into it: the terminal driver
+//! sends SIGINT to the whole foreground process group (cargo, xtask and tsunagi), as a
+//! developer's Ctrl-C does. Issue 14: nothing is killed (no service outlives its stop, xtask
+//! does not escalate) and no process of the demo's session is left.
 #![expect(
     clippy::disallowed_methods,
     reason = "these tests poll real processes from plain threads, not from a tokio runtime"
@@ -7,7 +11,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -25,25 +29,31 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
         .tempdir()
         .unwrap();
     let port = free_port();
-    let mut child = Command::new(env!("CARGO"))
-        .args(["xtask", "demo"])
+    // `script` gives the demo a terminal of its own (a new session whose foreground group is
+    // the demo's) and copies our writes to it: 0x03 there is a Ctrl-C.
+    let mut child = Command::new("script")
+        .args(["--quiet", "--return", "--command"])
+        .arg(format!("exec {} xtask demo", env!("CARGO")))
+        .arg("/dev/null")
         .current_dir(&workspace)
         // Use the binary this test run built, rather than rebuilding target/debug/tsunagi
         // while other tests execute it.
         .env("TSUNAGI_DEMO_BIN", BIN)
         .env("TSUNAGI_DEMO_DIR", demo_dir.path())
         .env("TSUNAGI_DEMO_METRICS_PORT", port.to_string())
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .process_group(0) // Like a shell job: Ctrl-C goes to the whole group.
+        .process_group(0)
         .spawn()
         .unwrap();
+    let mut terminal = child.stdin.take().unwrap();
     let pgid = Pid::from_raw(i32::try_from(child.id()).unwrap());
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let line = line.trim_end_matches('\r').to_owned();
             eprintln!("  demo| {line}");
             let _ = tx.send(line);
         }
@@ -58,7 +68,7 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
         match rx.recv_timeout(left) {
             Ok(line) => output.push(line),
             Err(_) => {
-                let _ = killpg(pgid, Signal::SIGKILL);
+                kill_demo(pgid);
                 panic!("demo did not start: {output:#?}");
             }
         }
@@ -85,7 +95,7 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
             }
         }
         if start.elapsed() > Duration::from_secs(60) {
-            let _ = killpg(pgid, Signal::SIGKILL);
+            kill_demo(pgid);
             panic!("heartbeat never ready in the demo");
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -155,15 +165,41 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
         "{metrics}"
     );
 
-    // Ctrl-C.
-    killpg(pgid, Signal::SIGINT).unwrap();
+    // Every process of the demo's terminal session: cargo, xtask, tsunagi and its services,
+    // and what the demo started in the test network.
+    let session = session_of(supervisor);
+    assert_ne!(
+        session,
+        session_of(i32::try_from(std::process::id()).unwrap())
+    );
+
+    // A quiet log once it runs: sync cycles and rounds that change nothing log at debug.
+    std::thread::sleep(Duration::from_secs(3));
+    while let Ok(line) = rx.try_recv() {
+        output.push(line);
+    }
+    let running = output
+        .iter()
+        .position(|l| l.starts_with("demo: running"))
+        .unwrap();
+    for noise in ["sync cycle done", "synced with the network"] {
+        assert!(
+            !output[running..].iter().any(|l| l.contains(noise)),
+            "{noise:?} logged while nothing changed: {:#?}",
+            &output[running..]
+        );
+    }
+
+    // Ctrl-C, typed into the demo's terminal.
+    terminal.write_all(b"\x03").unwrap();
+    terminal.flush().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let exit = loop {
         if let Some(exit) = child.try_wait().unwrap() {
             break exit;
         }
         if Instant::now() > deadline {
-            let _ = killpg(pgid, Signal::SIGKILL);
+            kill_demo(pgid);
             panic!("demo did not stop after Ctrl-C");
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -177,11 +213,91 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
         output.iter().any(|l| l.starts_with("demo: stopped")),
         "{output:#?}"
     );
+    // One Ctrl-C stops everything without a kill: xtask waits, and every service stops
+    // within its deadline.
+    for sign in [
+        "killing tsunagi",
+        "did not stop in time",
+        "killed by SIGKILL",
+        "while stopping",
+    ] {
+        assert!(
+            !output.iter().any(|l| l.contains(sign)),
+            "{sign:?} in {output:#?}"
+        );
+    }
     assert!(!alive(supervisor));
     assert!(!alive(heartbeat));
+    let left = in_session(session);
+    assert!(left.is_empty(), "left behind: {left:#?}");
     if let Some(ns) = box_ns {
         let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
         let list = String::from_utf8_lossy(&list.stdout);
         assert!(!list.contains(&ns), "the demo left namespace {ns} behind");
     }
+}
+
+/// The session id of a process (field 6 of `/proc/PID/stat`).
+fn session_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    after.split(' ').nth(3).unwrap().parse().unwrap()
+}
+
+/// The processes still in `session`, with their command lines.
+fn in_session(session: i32) -> Vec<String> {
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().map_while(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // A zombie is already gone; only its parent has to reap it.
+        if fields.first() == Some(&"Z") {
+            continue;
+        }
+        if fields.get(3).and_then(|s| s.parse::<i32>().ok()) == Some(session) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            left.push(format!(
+                "{pid}: {}",
+                String::from_utf8_lossy(&cmdline).replace('\0', " ")
+            ));
+        }
+    }
+    left
+}
+
+/// After a failure: kills every process of the demo's terminal session, then `script`.
+fn kill_demo(script: Pid) {
+    for entry in std::fs::read_dir("/proc").unwrap().map_while(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        // Field 4 is the parent: the session leader is script's child.
+        let ppid = stat[close + 2..]
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(script.as_raw()) {
+            for line in in_session(pid) {
+                if let Some(Ok(p)) = line.split(':').next().map(str::parse::<i32>) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+    let _ = killpg(script, Signal::SIGKILL);
 }
