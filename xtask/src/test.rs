@@ -157,6 +157,8 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
 /// Rust 1.88 and builds with our pinned toolchain. `deny.toml` uses its config format
 /// (version 2). Bump deliberately: new releases add checks.
 const CARGO_DENY_VERSION: &str = "0.20.2";
+/// The cargo-machete that `cargo xtask test` installs when it is missing.
+const CARGO_MACHETE_VERSION: &str = "0.9.2";
 
 /// How long the advisory check may take. Fetching the advisory database is the only slow
 /// part, and on a machine that cannot reach it, git may hang rather than fail.
@@ -217,6 +219,13 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
             let mut c = cargo();
             c.args(["deny", "--offline", "--locked"])
                 .args(["check", "licenses", "bans", "sources"]);
+            c
+        },
+        {
+            // Dependencies declared but not used (cargo-udeps needs a nightly toolchain;
+            // cargo-machete reads the sources, so it runs on the pinned stable one).
+            let mut c = cargo();
+            c.arg("machete");
             c
         },
     ];
@@ -553,6 +562,15 @@ fn ensure_cargo_tools() -> Step {
     if !succeeds_quietly(cargo().args(["nextest", "--version"])) {
         let mut install = cargo();
         install.args(["install", "cargo-nextest", "--locked"]);
+        if !step(&mut install)? {
+            return Ok(Err(display(&install)));
+        }
+    }
+
+    if !succeeds_quietly(cargo().args(["machete", "--version"])) {
+        let mut install = cargo();
+        install.args(["install", "cargo-machete", "--locked", "--version"]);
+        install.arg(CARGO_MACHETE_VERSION);
         if !step(&mut install)? {
             return Ok(Err(display(&install)));
         }
