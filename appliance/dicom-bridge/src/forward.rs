@@ -12,6 +12,12 @@
 //! while the batch is being sent is not sent (it stays queued, [`Outcome::Stopped`]), and one
 //! being transferred at that moment ends its association with an A-ABORT (a TCP reset in the
 //! middle of a PDU), so the PACS discards the partial instance.
+//!
+//! A stop of the service ([`Stop::with_shutdown`]) ends a send at once wherever it waits on
+//! the PACS (a connect, an A-ASSOCIATE-AC, a fragment's write, a C-STORE response): the
+//! association is reset and every instance without a response stays queued, to be sent
+//! again after the restart (the PACS de-duplicates by SOP Instance UID). Between two
+//! instances the association is kept for an orderly release.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -182,24 +188,45 @@ pub async fn send_on(
     let reusable = link.filter(|l| pairs.iter().all(|p| l.pairs.contains(p)));
     let (link, mut opened) = match reusable {
         Some(l) => (l, 0),
-        None => match open(dest, pairs.clone()).await {
-            Ok(l) => (l, 1),
-            Err(e) => return (Vec::new(), Some(e), None, 1),
+        None => match unless_shutdown(stop, open(dest, pairs.clone())).await {
+            Some(Ok(l)) => (l, 1),
+            Some(Err(e)) => return (Vec::new(), Some(e), None, 1),
+            // The service is stopping (a connect or an A-ASSOCIATE-AC pending): it all stays
+            // queued.
+            None => return (Vec::new(), None, None, 1),
         },
     };
     let reused = opened == 0;
     let (outcomes, error, link) = send_all(link, batch, stop).await;
-    if reused && outcomes.is_empty() && error.is_some() {
+    if reused && outcomes.is_empty() && error.is_some() && !stop.shutting_down() {
         opened += 1;
-        return match open(dest, pairs).await {
-            Ok(l) => {
+        return match unless_shutdown(stop, open(dest, pairs)).await {
+            Some(Ok(l)) => {
                 let (o, e, l) = send_all(l, batch, stop).await;
                 (o, e, l, opened)
             }
-            Err(e) => (Vec::new(), Some(e), None, opened),
+            Some(Err(e)) => (Vec::new(), Some(e), None, opened),
+            None => (Vec::new(), None, None, opened),
         };
     }
     (outcomes, error, link, opened)
+}
+
+/// `work`, unless the service stops first (`None`: it was dropped where it was waiting).
+async fn unless_shutdown<F: Future>(stop: &Stop, work: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        () = stop.until_shutdown() => None,
+        done = work => Some(done),
+    }
+}
+
+/// Ends an association at a stop without waiting for the peer: a TCP reset (no A-ABORT,
+/// whose write could wait on a peer that reads nothing). A partial instance is discarded by
+/// the PACS with the association.
+fn reset(mut link: Link) {
+    let _ = link.assoc.inner_stream().set_zero_linger();
+    drop(link);
 }
 
 async fn send_all(
@@ -211,6 +238,10 @@ async fn send_all(
     let mut message_id: u16 = 0;
     for out in batch {
         let q = &out.queued;
+        if stop.shutting_down() {
+            // Between two instances: the rest stays queued; the association is intact.
+            break;
+        }
         let patient = q.meta.patient_id.as_deref().unwrap_or_default();
         if stop.stopped(patient) {
             outcomes.push((q.id, Outcome::Stopped));
@@ -230,11 +261,26 @@ async fn send_all(
         )
         .await;
         let result = match sent {
-            Ok(Sending::Sent) => read_status(&mut link.assoc).await,
+            Ok(Sending::Sent) => {
+                let status = unless_shutdown(stop, read_status(&mut link.assoc)).await;
+                let Some(status) = status else {
+                    // The response is pending: whether the PACS stored it is unknown, so it
+                    // stays queued (sent again later; the PACS de-duplicates by SOP
+                    // Instance UID).
+                    reset(link);
+                    return (outcomes, None, None);
+                };
+                status
+            }
+            Ok(Sending::ShutDown) => {
+                // Part of the instance went: it stays queued.
+                reset(link);
+                return (outcomes, None, None);
+            }
             Ok(Sending::StoppedBetween) => {
                 // Part of the instance went: the PACS discards it with the association.
                 outcomes.push((q.id, Outcome::Stopped));
-                let _ = link.assoc.abort().await;
+                let _ = unless_shutdown(stop, link.assoc.abort()).await;
                 return (outcomes, None, None);
             }
             Ok(Sending::StoppedWithin) => {
@@ -253,7 +299,7 @@ async fn send_all(
             }
             Ok(status) => outcomes.push((q.id, Outcome::Refused(status))),
             Err(e) => {
-                let _ = link.assoc.abort().await;
+                let _ = unless_shutdown(stop, link.assoc.abort()).await;
                 return (outcomes, Some(e), None);
             }
         }
@@ -287,6 +333,8 @@ enum Sending {
     StoppedBetween,
     /// Stopped while a PDU was being written (part of it went).
     StoppedWithin,
+    /// The service is stopping: between or during its PDUs (part of it may have gone).
+    ShutDown,
 }
 
 /// Sends the C-STORE request and the instance; with `watch`, stops as soon as that patient
@@ -303,9 +351,15 @@ where
 {
     let q = &out.queued;
     let rq = Command::store(message_id, &q.meta.sop_class, &q.meta.sop_instance);
-    send(assoc, pc_id, PDataValueType::Command, true, rq.encode())
-        .await
-        .map_err(ForwardError::Association)?;
+    let command = send(assoc, pc_id, PDataValueType::Command, true, rq.encode());
+    match watch {
+        Some((stop, _)) => tokio::select! {
+            biased;
+            sent = command => sent.map_err(ForwardError::Association)?,
+            () = stop.until_shutdown() => return Ok(Sending::ShutDown),
+        },
+        None => command.await.map_err(ForwardError::Association)?,
+    }
     let max = match Association::peer_max_pdu_length(assoc) {
         0 => 64 * 1024,
         n => n.min(1 << 20),
@@ -354,6 +408,9 @@ where
         match watch {
             None => fragment.await.map_err(ForwardError::Association)?,
             Some((stop, patient)) => {
+                if stop.shutting_down() {
+                    return Ok(Sending::ShutDown);
+                }
                 if stop.stopped(patient) {
                     return Ok(Sending::StoppedBetween);
                 }
@@ -362,6 +419,7 @@ where
                     biased;
                     sent = fragment => sent.map_err(ForwardError::Association)?,
                     () = stop.until_stopped(patient) => return Ok(Sending::StoppedWithin),
+                    () = stop.until_shutdown() => return Ok(Sending::ShutDown),
                 }
             }
         }

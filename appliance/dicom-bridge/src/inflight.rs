@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use consent::client::Gate;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// The promise: nothing of a patient leaves more than this after their withdrawal is
 /// recorded locally.
@@ -77,6 +78,9 @@ pub struct Stop {
     /// `None`: not watched (tests; never stops).
     rx: Option<watch::Receiver<State>>,
     max_age: Duration,
+    /// The service's stop: once cancelled, nothing more is sent and nothing is waited for
+    /// ([`Stop::with_shutdown`]).
+    shutdown: Option<CancellationToken>,
 }
 
 /// The watcher's side (see [`watch_feed`]).
@@ -93,6 +97,7 @@ pub fn channel(max_age: Duration) -> (Watch, Stop) {
         Stop {
             rx: Some(rx),
             max_age,
+            shutdown: None,
         },
     )
 }
@@ -118,6 +123,30 @@ impl Stop {
         Stop {
             rx: None,
             max_age: MAX_AGE,
+            shutdown: None,
+        }
+    }
+
+    /// The same, ended by `shutdown` too (the service's stop token): once it is cancelled the
+    /// sender sends nothing more and waits for nothing (a connect, an A-ASSOCIATE-AC, a
+    /// C-STORE response); what it had not finished stays queued.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Stop {
+        self.shutdown = Some(shutdown);
+        self
+    }
+
+    /// Whether the service is stopping.
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+    }
+
+    /// Resolves once the service is stopping (never without a shutdown token).
+    pub async fn until_shutdown(&self) {
+        match &self.shutdown {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
         }
     }
 

@@ -25,6 +25,7 @@ use std::time::Duration;
 use consent::client::{
     Category, Decided, Decision, Gate, Identities, Object, Release, ReleaseKind, SocketGate,
 };
+use tokio_util::sync::CancellationToken;
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
 use tsunagi_runtime::tasks::{TaskEnded, Tasks};
@@ -199,27 +200,18 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     loop {
         let (stale, fresh): (Vec<_>, Vec<_>) = links.drain(..).partition(|l| l.idle() > LINK_IDLE);
         links = fresh;
-        for l in stale {
-            l.close().await;
-        }
+        close_links(stale, LINK_CLOSE, &ctx.shutdown).await;
         let wait = tokio::time::sleep(backoff);
         tokio::select! {
             _ = ctx.shutdown.cancelled() => {
-                // A-RELEASE each open association, but never wait on a PACS that does not
-                // answer: the stop must finish within 2 s.
-                let release = async {
-                    for l in links {
-                        l.close().await;
-                    }
-                };
-                let _ = tokio::time::timeout(STOP_RELEASE, release).await;
+                // A-RELEASE each open association (all at once), but never wait on a PACS
+                // that does not answer: the stop must finish within 2 s.
+                close_links(std::mem::take(&mut links), STOP_RELEASE, &CancellationToken::new()).await;
                 tasks.join(STOP_TASKS).await;
                 return Ok(());
             }
             ended = tasks.failed() => {
-                for l in links {
-                    l.close().await;
-                }
+                close_links(std::mem::take(&mut links), LINK_CLOSE, &ctx.shutdown).await;
                 return Err(ServiceError::Background(ended));
             }
             _ = wait => {}
@@ -278,6 +270,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 &permitted,
                 settings.associations,
                 &mut links,
+                &ctx.shutdown,
             )
             .await;
             gate = Some(g);
@@ -318,6 +311,12 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 }
                 last_error = Some(message);
                 backoff = (backoff * 2).min(Duration::from_secs(300));
+            } else if ctx.shutdown.is_cancelled() {
+                tracing::info!(
+                    delivered,
+                    unsent,
+                    "stopping: what the network PACS has not answered stays queued"
+                );
             } else {
                 tracing::info!(delivered, "forwarded to the network PACS");
                 last_error = None;
@@ -391,6 +390,13 @@ fn ended(task: &'static str, e: tokio::task::JoinError) -> TaskEnded {
 /// Sends `batch` while a watcher reads the consent change feed from `since`
 /// ([`crate::inflight`]): nothing is sent before its first answer, and nothing of a patient
 /// whose consent changed after it; the gate comes back when the batch is over.
+///
+/// `shutdown` (the service's stop) ends the batch at once wherever it waits on the PACS;
+/// what has no response yet stays queued ([`crate::forward`]), and no error is reported.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one round's batch and where it goes"
+)]
 async fn send_watched(
     mut gate: SocketGate,
     socket: &std::path::Path,
@@ -399,14 +405,23 @@ async fn send_watched(
     batch: &[Outgoing],
     n: usize,
     links: &mut Vec<crate::forward::Link>,
+    shutdown: &CancellationToken,
 ) -> (SocketGate, Sent) {
     let (watch, stop) = inflight::channel(inflight::MAX_AGE);
+    let stop = stop.with_shutdown(shutdown.clone());
     let (done, done_rx) = std::sync::mpsc::channel();
     let watcher = tokio::task::spawn_blocking(move || {
         inflight::watch_feed(&mut gate, since, &watch, &done_rx);
         gate
     });
-    let sent = if stop.first_confirmation().await {
+    let confirmed = tokio::select! {
+        confirmed = stop.first_confirmation() => Some(confirmed),
+        () = shutdown.cancelled() => None,
+    };
+    let sent = if confirmed.is_none() {
+        // Stopping: nothing went, the instances stay queued.
+        Sent::default()
+    } else if confirmed == Some(true) {
         send_parallel(dest, batch, n, links, &stop).await
     } else {
         // Nothing went: the instances stay queued for the next round.
@@ -418,6 +433,28 @@ async fn send_watched(
     let _ = done.send(());
     let gate = watcher.await.unwrap_or_else(|_| SocketGate::new(socket));
     (gate, sent)
+}
+
+/// How long releasing idle associations may take while the service runs (a PACS that does
+/// not answer A-RELEASE-RQ: the connection is closed).
+const LINK_CLOSE: Duration = Duration::from_secs(2);
+
+/// Releases `links` (all at once), for at most `within` or until `stop`; what is not
+/// released by then is closed.
+async fn close_links(links: Vec<crate::forward::Link>, within: Duration, stop: &CancellationToken) {
+    if links.is_empty() {
+        return;
+    }
+    let mut closing = tokio::task::JoinSet::new();
+    for l in links {
+        closing.spawn(l.close());
+    }
+    let all = async { while closing.join_next().await.is_some() {} };
+    tokio::select! {
+        _ = tokio::time::timeout(within, all) => {}
+        () = stop.cancelled() => {}
+    }
+    // Dropping the set aborts the releases still waiting: their connections close.
 }
 
 /// Sends `batch` over up to `n` associations at once (instance `i` on association `i % n`),

@@ -447,3 +447,152 @@ async fn a_change_during_an_instances_transfer_aborts_the_association_and_the_pa
     assert_eq!(received(&out), 1);
     assert_eq!(spool.ready(i64::MAX, 10).unwrap().len(), 3);
 }
+
+/// Accepts connections on loopback and holds them open, never sending a byte (a PACS that
+/// accepts TCP but never answers A-ASSOCIATE-RQ); counts the connections accepted.
+async fn silent_peer() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(socket);
+            }
+        }
+    });
+    (port, accepted)
+}
+
+/// Relays a connection to `to`, passing the PACS's first PDU (the A-ASSOCIATE-AC) and
+/// swallowing everything after it: the C-STORE responses never arrive.
+async fn withholding_relay(listener: tokio::net::TcpListener, to: u16) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    while let Ok((client, _)) = listener.accept().await {
+        let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+            return;
+        };
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut cr, &mut sw).await;
+        });
+        tokio::spawn(async move {
+            let mut header = [0u8; 6];
+            if sr.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+            let mut body = vec![0u8; len as usize];
+            if sr.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let _ = cw.write_all(&header).await;
+            let _ = cw.write_all(&body).await;
+            // Keep the box's side open, and read (and drop) what the PACS says.
+            let _ = tokio::io::copy(&mut sr, &mut tokio::io::sink()).await;
+            drop(cw);
+        });
+    }
+}
+
+/// Issue 14: a stop of the service ends a forward to a PACS that accepts TCP but never
+/// answers A-ASSOCIATE promptly, not after the association timeout; the instance stays
+/// queued and nothing is reported as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_a_forward_waiting_for_a_silent_pacs_to_associate() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let uid = "1.2.826.0.1.3680043.9.7777.14.1";
+    let batch = vec![spool_ct(&spool, dir.path(), uid, "0001", 0)];
+    let (port, accepted) = silent_peer().await;
+    let dest = Destination {
+        ae_title: "PACS".into(),
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        calling_ae: "TSUNAGI".into(),
+        timeout: Duration::from_secs(30),
+    };
+    let shutdown = CancellationToken::new();
+    let stop = Stop::never().with_shutdown(shutdown.clone());
+    let sending = tokio::spawn({
+        let batch = batch.clone();
+        async move { send_on(&dest, &batch, None, &stop).await }
+    });
+    let start = Instant::now();
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no connection");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The A-ASSOCIATE-RQ went; no answer comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!sending.is_finished());
+    let stopped = Instant::now();
+    shutdown.cancel();
+    let (outcomes, error, link, _) = tokio::time::timeout(Duration::from_secs(5), sending)
+        .await
+        .expect("the forward did not end at the stop")
+        .unwrap();
+    let took = stopped.elapsed();
+    println!("forward waiting for A-ASSOCIATE-AC: ended {took:?} after the stop");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(outcomes.is_empty(), "{outcomes:?}");
+    assert!(error.is_none(), "a stop is not a failure: {error:?}");
+    assert!(link.is_none());
+    assert_eq!(record(&spool, &outcomes).unwrap(), 0);
+    let queued = spool.ready(i64::MAX, 10).unwrap();
+    assert_eq!(queued.len(), 1, "the instance stays queued");
+    assert_eq!(queued[0].meta.sop_instance, uid);
+}
+
+/// Issue 14: a stop while a C-STORE response is pending (the instance went, the PACS does not
+/// answer) ends the forward at once; the instance stays queued, since whether it was stored
+/// is unknown (sent again later; the PACS de-duplicates by SOP Instance UID).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_a_forward_waiting_for_a_c_store_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let uid = "1.2.826.0.1.3680043.9.7777.14.2";
+    let batch = vec![spool_ct(&spool, dir.path(), uid, "0001", 0)];
+    let pacs_port = free_port();
+    let out = dir.path().join("received");
+    let _pacs = storescp(pacs_port, &out);
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = relay.local_addr().unwrap().port();
+    tokio::spawn(withholding_relay(relay, pacs_port));
+    let dest = Destination {
+        ae_title: "PACS".into(),
+        addr: format!("127.0.0.1:{relay_port}").parse().unwrap(),
+        calling_ae: "TSUNAGI".into(),
+        timeout: Duration::from_secs(30),
+    };
+    let shutdown = CancellationToken::new();
+    let stop = Stop::never().with_shutdown(shutdown.clone());
+    let sending = tokio::spawn({
+        let batch = batch.clone();
+        async move { send_on(&dest, &batch, None, &stop).await }
+    });
+    let start = Instant::now();
+    while received(&out) < 1 {
+        assert!(start.elapsed() < Duration::from_secs(20), "nothing arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!sending.is_finished(), "the response should be pending");
+    let stopped = Instant::now();
+    shutdown.cancel();
+    let (outcomes, error, link, _) = tokio::time::timeout(Duration::from_secs(5), sending)
+        .await
+        .expect("the forward did not end at the stop")
+        .unwrap();
+    let took = stopped.elapsed();
+    println!("forward waiting for a C-STORE response: ended {took:?} after the stop");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(outcomes.is_empty(), "{outcomes:?}");
+    assert!(error.is_none(), "a stop is not a failure: {error:?}");
+    assert!(link.is_none(), "the association was reset");
+    assert_eq!(record(&spool, &outcomes).unwrap(), 0);
+    assert_eq!(spool.ready(i64::MAX, 10).unwrap().len(), 1);
+}

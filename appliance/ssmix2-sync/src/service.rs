@@ -134,7 +134,7 @@ fn open_replica(target: &Target) -> Result<Box<dyn Replica>, ServiceError> {
 
 /// Runs the service until shutdown.
 pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError> {
-    let syncer = Syncer::open(&settings.state_dir, settings.sync.clone())?;
+    let mut syncer = Syncer::open(&settings.state_dir, settings.sync.clone())?;
     // Blocking (reqwest's blocking client starts its thread): not on the async task.
     let target = settings.target.clone();
     let replica = tokio::task::spawn_blocking(move || open_replica(&target))
@@ -159,6 +159,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         }
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    syncer.stop_on(stop.clone());
     let worker = {
         let (shared, changed, stop, settings) = (
             shared.clone(),
@@ -204,10 +205,27 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     drop(trigger_tx);
-    // A cycle in progress finishes its current operation; everything is durable, so the
-    // supervisor's deadline may cut it short safely.
+    // The worker finishes the operation under way and starts no other. A replica operation
+    // blocks up to its timeout (a hub that does not answer, a TLS handshake that hangs), so
+    // the service waits for it only briefly: one left unfinished is in the outbox and is
+    // carried out again by the next cycle ([`Syncer::stop_on`]), and the thread ends with
+    // the process.
+    let deadline = tokio::time::Instant::now() + WORKER_STOP;
+    while !worker.is_finished() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !worker.is_finished() {
+        tracing::info!(
+            "a replica operation is still under way at the stop; it is left to end with the process and is repeated after the restart"
+        );
+    }
     Ok(())
 }
+
+/// How long a stop waits for the worker to finish the replica operation under way.
+const WORKER_STOP: Duration = Duration::from_secs(1);
+/// How often the idle worker looks whether the service is stopping.
+const STOP_POLL: Duration = Duration::from_millis(100);
 
 fn worker(
     mut syncer: Syncer,
@@ -253,6 +271,7 @@ fn worker(
                     );
                 }
             }
+            Err(SyncError::Stopped) => return,
             Err(e) => {
                 failures = failures.saturating_add(1);
                 tracing::warn!(
@@ -288,7 +307,7 @@ fn worker(
             if left.is_zero() {
                 break;
             }
-            match triggers.recv_timeout(left.min(Duration::from_millis(500))) {
+            match triggers.recv_timeout(left.min(STOP_POLL)) {
                 Ok(()) if failures == 0 => {
                     // Let a burst of events settle into one cycle.
                     let settle = settings.sync.settle.max(Duration::from_millis(200));
@@ -302,7 +321,7 @@ fn worker(
                 }
                 Ok(()) | Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    std::thread::park_timeout(left.min(Duration::from_millis(500)));
+                    std::thread::park_timeout(left.min(STOP_POLL));
                 }
             }
         }

@@ -24,6 +24,8 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, params};
@@ -130,6 +132,8 @@ pub enum SyncError {
     Gate(#[from] GateError),
     #[error("the replica refused an operation")]
     Replica(#[from] ReplicaError),
+    #[error("the service is stopping; the rest of the outbox waits for the next cycle")]
+    Stopped,
 }
 
 fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> SyncError {
@@ -185,6 +189,8 @@ pub struct Syncer {
     conn: Connection,
     index: Index,
     settings: Settings,
+    /// Set when the service stops: the outbox is not drained further ([`Syncer::stop_on`]).
+    stop: Option<Arc<AtomicBool>>,
 }
 
 /// One planned operation, as stored in the outbox.
@@ -242,7 +248,21 @@ impl Syncer {
             conn,
             index,
             settings,
+            stop: None,
         })
+    }
+
+    /// Once `stop` is set, a cycle carries out no further outbox operation: the one under way
+    /// finishes (or is cut short with the process) and the cycle ends with
+    /// [`SyncError::Stopped`]. Safe at any point: every operation is in the outbox before it
+    /// is carried out, idempotent, and marked done (with its release record) only after it
+    /// succeeded, so whatever a stop interrupts is carried out again by the next cycle.
+    pub fn stop_on(&mut self, stop: Arc<AtomicBool>) {
+        self.stop = Some(stop);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
     }
 
     /// The state for status and metrics.
@@ -756,6 +776,9 @@ impl Syncer {
         report: &mut CycleReport,
     ) -> Result<(), SyncError> {
         loop {
+            if self.stopping() {
+                return Err(SyncError::Stopped);
+            }
             let op: Option<Op> = self
                 .conn
                 .query_row("SELECT seq, op, path, dest, sha256, patient_id, category, key, decision FROM outbox ORDER BY seq LIMIT 1", [], |r| {

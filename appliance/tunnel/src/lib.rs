@@ -321,23 +321,35 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
             _ = ctx.shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
+        // Every step below may wait on the hub or the data plane: a stop cancels it where it
+        // waits (the data plane is stopped below in any case).
         if tun.plane.daemon_died() {
             tracing::warn!("the userspace WireGuard daemon died; restarting the data plane");
-            if let Err(e) = tun.restart(ladder.endpoint()).await {
+            let restart = tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                r = tun.restart(ladder.endpoint()) => r,
+            };
+            if let Err(e) = restart {
                 tracing::warn!(
                     error = &e as &dyn std::error::Error,
                     "data plane restart failed"
                 );
             }
         }
-        let stats = tun.peer_stats().await;
+        let stats = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            stats = tun.peer_stats() => stats,
+        };
         let age = stats.and_then(|(age, _, _)| age);
         if first_handshake.is_none() && age.is_some() {
             let took = started.elapsed();
             first_handshake = Some(took);
             tracing::info!(ms = took.as_millis(), "first handshake with the hub");
         }
-        let probe_ok = probe::health(&cfg.health_url, cfg.probe_timeout.get()).await;
+        let probe_ok = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            ok = probe::health(&cfg.health_url, cfg.probe_timeout.get()) => ok,
+        };
         let now = Instant::now();
         let (state, step) = ladder.observe(
             Observation {
@@ -356,10 +368,17 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
         }
         if let Some(step) = step {
             tracing::info!(step = %step.describe(), "tunnel recovery step");
-            let result = match step {
-                Step::Reconnect => tun.reconnect(ladder.endpoint()).await,
-                Step::RestartDataPlane => tun.restart(ladder.endpoint()).await,
-                Step::UseEndpoint(n) => tun.reconnect(n).await,
+            let endpoint = ladder.endpoint();
+            let taken = async {
+                match step {
+                    Step::Reconnect => tun.reconnect(endpoint).await,
+                    Step::RestartDataPlane => tun.restart(endpoint).await,
+                    Step::UseEndpoint(n) => tun.reconnect(n).await,
+                }
+            };
+            let result = tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                r = taken => r,
             };
             if let Err(e) = result {
                 tracing::warn!(error = &e as &dyn std::error::Error, step = %step.describe(), "recovery step failed");
