@@ -234,6 +234,13 @@ fn ssmix2_stops_within_2_s_in_a_tls_handshake_with_a_silent_replica() {
     wait_wedged(&accepted, &h, "ssmix2");
     let took = stop_measuring(&mut h, "ssmix2");
     assert!(took < STOP_BOUND, "ssmix2 took {took:?}");
+    // The stop came in the middle of the upload: the service did not wait for it.
+    assert!(
+        h.log_text()
+            .contains("a replica operation is still under way at the stop"),
+        "{}",
+        h.log_text()
+    );
     let db = h.state_dir().join("ssmix2").join("sync.db");
     assert!(
         count(&db, "SELECT count(*) FROM outbox WHERE op = 'put'") >= 1,
