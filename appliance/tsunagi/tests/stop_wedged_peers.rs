@@ -154,6 +154,40 @@ fn dicom_stops_within_2_s_while_the_pacs_never_answers_a_associate() {
     );
 }
 
+/// The DICOM service stops while a viewer's C-FIND is being asked of a PACS that accepts
+/// TCP but never answers A-ASSOCIATE (the query/retrieve proxy's own association).
+#[test]
+fn dicom_stops_within_2_s_while_a_viewers_query_waits_on_a_silent_pacs() {
+    let (pacs, accepted) = wedged_on_loopback();
+    let listen = free_port();
+    let mut h = Harness::new(&format!(
+        "{}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:{listen}\"\ntimeout = \"30s\"\npatient-ids = \"as-is\"\nquery-retrieve = true\n[[dicom.allowed-callers]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"127.0.0.1:{pacs}\"\n",
+        supervisor()
+    ));
+    let form = h.dir.path().join("form.pdf");
+    std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
+    register_consent(&h, &form, "0001234", &[]);
+    mark_consent_synced(&h);
+    h.start();
+    h.wait_for("dicom and consent ready", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready" && state_of(s, "consent") == "ready"
+    });
+    let mut findscu = std::process::Command::new("findscu")
+        .args(["-S", "-aet", "VIEWER", "-aec", "TSUNAGI-TEST"])
+        .args(["-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=0001234"])
+        .args(["-k", "StudyInstanceUID"])
+        .args(["127.0.0.1", &listen.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("findscu (Debian package dcmtk) must be installed");
+    wait_wedged(&accepted, &h, "dicom query");
+    let took = stop_measuring(&mut h, "dicom");
+    let _ = findscu.kill();
+    let _ = findscu.wait();
+    assert!(took < STOP_BOUND, "dicom took {took:?}");
+}
+
 /// The consent service stops in the middle of a sync round (pushing a registration) with a
 /// FHIR server that accepts TCP but never answers; the push stays in the outbox.
 #[test]
