@@ -112,12 +112,24 @@ async fn resolve(endpoint: &Endpoint, timeout: Duration) -> Option<SocketAddr> {
     if let Some(ip) = endpoint.ip() {
         return Some(SocketAddr::new(ip, endpoint.port()));
     }
-    let lookup = tokio::net::lookup_host((endpoint.host().to_owned(), endpoint.port()));
-    let addrs: Vec<SocketAddr> = tokio::time::timeout(timeout, lookup)
-        .await
-        .ok()?
-        .ok()?
-        .collect();
+    // getaddrinfo cannot be cancelled, and a DNS server that does not answer keeps it for
+    // the resolver's own timeouts (seconds each). On the runtime's blocking pool it would hold
+    // the service's stop, since the runtime waits for that pool when it shuts down; on a
+    // thread of its own it is left behind (and ends with the process).
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (host, port) = (endpoint.host().to_owned(), endpoint.port());
+    std::thread::Builder::new()
+        .name("resolve".into())
+        .spawn(move || {
+            use std::net::ToSocketAddrs as _;
+            let _ = tx.send(
+                (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map(Iterator::collect::<Vec<SocketAddr>>),
+            );
+        })
+        .ok()?;
+    let addrs = tokio::time::timeout(timeout, rx).await.ok()?.ok()?.ok()?;
     addrs
         .iter()
         .find(|a| a.is_ipv4())
@@ -294,7 +306,15 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
         tracing::info!(table = firewall::TABLE, "firewall loaded");
     }
     tracing::info!(iface = %cfg.interface, backend = ?backend, "bringing the tunnel up");
-    tun.bring_up(0).await?;
+    // A stop cancels the bring-up too (it resolves the hub's name, waits for the data plane).
+    tokio::select! {
+        _ = ctx.shutdown.cancelled() => {
+            tracing::info!("stopping the tunnel before it was up");
+            tun.plane.stop().await;
+            return Ok(());
+        }
+        up = tun.bring_up(0) => up?,
+    }
     ctx.reporter.ready();
 
     // The first handshake: wait for it briefly so its timing can be reported.
