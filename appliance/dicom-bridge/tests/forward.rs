@@ -596,3 +596,55 @@ async fn a_stop_ends_a_forward_waiting_for_a_c_store_response() {
     assert_eq!(record(&spool, &outcomes).unwrap(), 0);
     assert_eq!(spool.ready(i64::MAX, 10).unwrap().len(), 1);
 }
+
+/// Issue 14: a stop ends a forward whose TCP connect is pending (a PACS whose accept queue
+/// is full drops the SYN; the connect would wait for the association timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_a_forward_waiting_for_its_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let uid = "1.2.826.0.1.3680043.9.7777.14.3";
+    let batch = vec![spool_ct(&spool, dir.path(), uid, "0001", 0)];
+    // A listener that never accepts, its queue filled until a connect no longer completes.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let _listener = socket.listen(0).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+        match tokio::time::timeout(Duration::from_millis(300), connect).await {
+            Ok(Ok(s)) => queued.push(s),
+            Ok(Err(e)) => panic!("connect: {e}"),
+            Err(_) => break,
+        }
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    let dest = Destination {
+        ae_title: "PACS".into(),
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        calling_ae: "TSUNAGI".into(),
+        timeout: Duration::from_secs(30),
+    };
+    let shutdown = CancellationToken::new();
+    let stop = Stop::never().with_shutdown(shutdown.clone());
+    let sending = tokio::spawn({
+        let batch = batch.clone();
+        async move { send_on(&dest, &batch, None, &stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!sending.is_finished(), "the connect should be pending");
+    let stopped = Instant::now();
+    shutdown.cancel();
+    let (outcomes, error, link, _) = tokio::time::timeout(Duration::from_secs(5), sending)
+        .await
+        .expect("the forward did not end at the stop")
+        .unwrap();
+    let took = stopped.elapsed();
+    println!("forward waiting for its connect: ended {took:?} after the stop");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(outcomes.is_empty(), "{outcomes:?}");
+    assert!(error.is_none(), "a stop is not a failure: {error:?}");
+    assert!(link.is_none());
+    assert_eq!(spool.ready(i64::MAX, 10).unwrap().len(), 1);
+}
