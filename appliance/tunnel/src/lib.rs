@@ -112,24 +112,12 @@ async fn resolve(endpoint: &Endpoint, timeout: Duration) -> Option<SocketAddr> {
     if let Some(ip) = endpoint.ip() {
         return Some(SocketAddr::new(ip, endpoint.port()));
     }
-    // getaddrinfo cannot be cancelled, and a DNS server that does not answer keeps it for
-    // the resolver's own timeouts (seconds each). On the runtime's blocking pool it would hold
-    // the service's stop, since the runtime waits for that pool when it shuts down; on a
-    // thread of its own it is left behind (and ends with the process).
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (host, port) = (endpoint.host().to_owned(), endpoint.port());
-    std::thread::Builder::new()
-        .name("resolve".into())
-        .spawn(move || {
-            use std::net::ToSocketAddrs as _;
-            let _ = tx.send(
-                (host.as_str(), port)
-                    .to_socket_addrs()
-                    .map(Iterator::collect::<Vec<SocketAddr>>),
-            );
-        })
-        .ok()?;
-    let addrs = tokio::time::timeout(timeout, rx).await.ok()?.ok()?.ok()?;
+    let lookup = tokio::net::lookup_host((endpoint.host().to_owned(), endpoint.port()));
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(timeout, lookup)
+        .await
+        .ok()?
+        .ok()?
+        .collect();
     addrs
         .iter()
         .find(|a| a.is_ipv4())
