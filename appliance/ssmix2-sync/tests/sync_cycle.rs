@@ -533,3 +533,59 @@ fn release_records_the_consent_service_cannot_take_wait_durably_and_nothing_is_h
     let n: usize = gate.releases.iter().map(|r| r.objects.len()).sum();
     assert_eq!(n, 3, "nothing recorded twice");
 }
+
+/// A replica during whose first upload the service is told to stop.
+struct StopDuringPut<'a> {
+    inner: &'a mut DirReplica,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Replica for StopDuringPut<'_> {
+    fn put(&mut self, path: &RelPath, bytes: &[u8]) -> Result<(), ReplicaError> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.put(path, bytes)
+    }
+    fn rename(&mut self, from: &RelPath, to: &RelPath) -> Result<bool, ReplicaError> {
+        self.inner.rename(from, to)
+    }
+    fn delete(&mut self, path: &RelPath) -> Result<(), ReplicaError> {
+        self.inner.delete(path)
+    }
+    fn stat(&mut self, path: &RelPath) -> Result<Option<u64>, ReplicaError> {
+        self.inner.stat(path)
+    }
+}
+
+/// Issue 14: a stop during an upload lets it finish and starts no other; the rest stays in
+/// the outbox and the next cycle (after the restart) carries it out.
+#[test]
+fn a_stop_finishes_the_operation_under_way_and_leaves_the_rest_in_the_outbox() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    w.syncer.stop_on(stop.clone());
+    let mut stopping = StopDuringPut {
+        inner: &mut w.replica,
+        stop: stop.clone(),
+    };
+    let result = w.syncer.cycle(&mut gate, &mut stopping);
+    assert!(
+        matches!(result, Err(ssmix2_sync::sync::SyncError::Stopped)),
+        "{result:?}"
+    );
+    assert_eq!(tree(&w.replica_root).len(), 1, "only the upload under way");
+    let state = w.syncer.state().unwrap();
+    assert_eq!(state.published_files, 1);
+    assert_eq!(state.outbox_depth, 2, "the others stay planned");
+    // After the restart.
+    stop.store(false, std::sync::atomic::Ordering::SeqCst);
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.published, 2, "{report:?}");
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+    assert_eq!(w.syncer.state().unwrap().outbox_depth, 0);
+}
