@@ -1,8 +1,10 @@
 //! Issue 14: every service stops within 2 s of SIGTERM with its peer wedged, in the middle of
-//! whatever it waits for: the DICOM forwarder on an A-ASSOCIATE the PACS never answers, the
-//! consent sync on a FHIR server that never answers, the SS-MIX2 sync in a TLS handshake with
-//! a WebDAV replica that never answers, the tunnel on a health probe that never gets an
-//! answer. The peer is a TCP listener that accepts and never sends a byte.
+//! whatever it waits for: the DICOM forwarder on an A-ASSOCIATE the PACS never answers (and
+//! the query proxy on a viewer's C-FIND), the consent sync on a FHIR server that never
+//! answers, the SS-MIX2 sync in a TLS handshake with a WebDAV replica that never answers, the
+//! tunnel on a health probe that never gets an answer (and on a DNS server that never
+//! answers, while it comes up). The peer is a listener that takes connections (or queries)
+//! and never sends a byte.
 //!
 //! Each test measures from the SIGTERM to the disappearance of the service's process (the
 //! supervisor's stop deadline is 5 s, so the bound is the service's, not the deadline's) and
@@ -29,7 +31,9 @@ const STOP_BOUND: Duration = Duration::from_secs(2);
 
 /// The supervisor's settings with a stop deadline well beyond [`STOP_BOUND`].
 fn supervisor() -> String {
-    FAST_SUPERVISOR.replace("stop-timeout = \"2s\"", "stop-timeout = \"5s\"")
+    let settings = FAST_SUPERVISOR.replace("stop-timeout = \"2s\"", "stop-timeout = \"5s\"");
+    assert!(settings.contains("stop-timeout = \"5s\""), "{settings}");
+    settings
 }
 
 /// A peer that accepts TCP connections on `listener` and never sends a byte; counts them.
