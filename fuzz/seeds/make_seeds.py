@@ -262,6 +262,13 @@ for name, line in [
 for name, line in [
     ("status-request", {"request": "status"}),
     ("refused", {"ok": False, "error": "unknown request"}),
+    ("status-response", {"ok": True, "status": {
+        "supervisor": {"pid": 1, "version": "0.0.0", "privileged": True, "ready": True,
+                       "uptime_secs": 60, "config": "/etc/tsunagi/tsunagi.toml"},
+        "services": [{"name": "dicom", "state": "ready", "health": "ok", "pid": 42,
+                      "restarts": 0, "last_error": None, "uptime_secs": 59,
+                      "summary": "3 queued", "user": "tsunagi-dicom",
+                      "metrics": {"queued": 3}}]}}),
 ]:
     seed("control_request", name, json.dumps(line) + "\n")
 
