@@ -9,6 +9,8 @@
 //!   supervisor in the foreground and stops it cleanly on Ctrl-C or SIGTERM.
 //! - `bench [NAME]`: runs a registered benchmark, or lists them.
 //! - `image [--check]`: builds the appliance image (cached by input hash), and checks it.
+//! - `fuzz [NAME] [--time DURATION]`: builds the fuzz targets in `fuzz/` and runs each (or
+//!   NAME) for a while, two at a time; fails on any crash (`docs/fuzzing.md`).
 //!
 //! Exit codes: 0 success; 1 a step or command failed; 2 usage error (unknown command or
 //! benchmark); 3 system packages are missing and we are not root to install them. `demo`
@@ -22,6 +24,7 @@ mod bench_ssmix2;
 mod bench_tunnel;
 mod demo;
 mod fhir_server;
+mod fuzz;
 mod image;
 mod process;
 mod test;
@@ -39,6 +42,8 @@ commands:
   bench [NAME]  run the benchmark NAME; without NAME, list the benchmarks
   fhir-server   build helios-hfs into a cache (over an hour) for the FHIR interop stage
   image [--check]  build the appliance image into target/image (cached by input hash)
+  fuzz [NAME] [--time DURATION]  build the fuzz targets and run each (or NAME) for 30s
+                (or DURATION: 10m, 1h), two at a time; fails on a crash
   help          print this text
 ";
 
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
         ["fhir-server"] => fhir_server::run(),
         ["bench", rest @ ..] => bench::run(rest),
         ["image", rest @ ..] => image::run(rest).map(|()| ExitCode::SUCCESS),
+        ["fuzz", rest @ ..] => fuzz::run(rest),
         ["help" | "--help" | "-h"] => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -9,14 +9,16 @@
 //! 4. Runs fmt, clippy, cargo-deny (licenses, bans, sources; then advisories if the
 //!    advisory database is reachable) and the nextest `ci` profile, stopping at the first
 //!    failure, with a `==> command` banner before each and a one-line verdict at the end.
-//! 5. Builds the appliance image (or reuses it while its inputs are unchanged) and checks it
+//! 5. Fuzzes: builds the fuzz targets in `fuzz/` and runs each for 30 s, two at a time
+//!    (`cargo xtask fuzz`); a crash fails the run.
+//! 6. Builds the appliance image (or reuses it while its inputs are unchanged) and checks it
 //!    (`cargo xtask image --check`).
-//! 6. The image stage: the tests that boot the image in QEMU (hil-tests `image`, with
+//! 7. The image stage: the tests that boot the image in QEMU (hil-tests `image`, with
 //!    `TSUNAGI_IMAGE` and `TSUNAGI_IMAGE_BIN`), in a nextest run of their own after the
 //!    others. `cargo xtask test --stage image` runs only this stage (and what it needs:
 //!    packages, the FHIR schema, pydicom, the image); long scenarios such as the A/B update
 //!    cycle go here.
-//! 7. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
+//! 8. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
 
 use std::io::{self, BufRead as _, BufReader, Read, Write as _};
 use std::os::unix::process::CommandExt as _;
@@ -275,6 +277,13 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
     }
     if !step(&mut nextest)? {
         return Ok(verdict_failed(&display(&nextest)));
+    }
+    // Every parser of untrusted bytes, fuzzed briefly from the committed corpus (the long
+    // runs are manual: `cargo xtask fuzz NAME --time 1h`).
+    let mut fuzz = Command::new("/proc/self/exe");
+    fuzz.arg("fuzz");
+    if !step(&mut fuzz)? {
+        return Ok(verdict_failed(&display(&fuzz)));
     }
     if let Err(failed) = image_stage()? {
         return Ok(verdict_failed(&failed));

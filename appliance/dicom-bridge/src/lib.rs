@@ -69,14 +69,15 @@ pub(crate) fn now() -> i64 {
 
 /// A command set arriving in P-DATA fragments: bounded by
 /// [`dimse::command::MAX_COMMAND_SET`], decoded once its last fragment came. The one way
-/// every association of the bridge reads commands.
+/// every association of the bridge reads commands. (Public for the fuzz targets.)
 #[derive(Debug, Default)]
-pub(crate) struct CommandBuf(Vec<u8>);
+pub struct CommandBuf(Vec<u8>);
 
 impl CommandBuf {
     /// Adds a command fragment; the command once it is complete. `Err`: too long or not a
     /// command set (the association is to be ended).
-    pub(crate) fn push(
+    #[allow(clippy::result_unit_err)] // the caller ends the association either way
+    pub fn push(
         &mut self,
         pdv: &dicom_ul::pdu::PDataValue,
     ) -> Result<Option<dimse::command::Command>, ()> {
@@ -90,6 +91,16 @@ impl CommandBuf {
         let command = dimse::command::Command::decode(&self.0).map_err(|_| ());
         self.0.clear();
         command.map(Some)
+    }
+}
+
+/// Keeps the start of a data set arriving in P-DATA fragments: appends what of `data` still
+/// fits in `limit` bytes (the rest of the data set streams to the spool unread). The one way
+/// the SCP gathers the bytes it reads the routing header from.
+pub fn keep_prefix(prefix: &mut Vec<u8>, data: &[u8], limit: usize) {
+    if prefix.len() < limit {
+        let take = (limit - prefix.len()).min(data.len());
+        prefix.extend_from_slice(&data[..take]);
     }
 }
 
@@ -107,5 +118,50 @@ pub(crate) fn pdata(
             is_last,
             data,
         }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_ul::pdu::{PDataValue, PDataValueType};
+
+    fn pdv(data: &[u8], is_last: bool) -> PDataValue {
+        PDataValue {
+            presentation_context_id: 1,
+            value_type: PDataValueType::Command,
+            is_last,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn command_fragments_reassemble() {
+        let bytes = dimse::command::Command::echo(7).encode();
+        let (a, b) = bytes.split_at(5);
+        let mut buf = CommandBuf::default();
+        assert_eq!(buf.push(&pdv(a, false)), Ok(None));
+        let command = buf.push(&pdv(b, true)).unwrap().unwrap();
+        assert_eq!(command, dimse::command::Command::echo(7));
+        // The buffer is empty again: the next command starts afresh.
+        assert_eq!(buf.push(&pdv(&bytes, true)).unwrap(), Some(command));
+    }
+
+    #[test]
+    fn oversized_or_garbled_commands_are_errors() {
+        let mut buf = CommandBuf::default();
+        let big = vec![0u8; dimse::command::MAX_COMMAND_SET + 1];
+        assert_eq!(buf.push(&pdv(&big, false)), Err(()));
+        let mut buf = CommandBuf::default();
+        assert_eq!(buf.push(&pdv(&[1, 2, 3], true)), Err(()));
+    }
+
+    #[test]
+    fn the_prefix_stops_at_its_limit() {
+        let mut prefix = Vec::new();
+        keep_prefix(&mut prefix, &[1, 2, 3], 5);
+        keep_prefix(&mut prefix, &[4, 5, 6], 5);
+        keep_prefix(&mut prefix, &[7], 5);
+        assert_eq!(prefix, [1, 2, 3, 4, 5]);
     }
 }

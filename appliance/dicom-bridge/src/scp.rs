@@ -76,7 +76,7 @@ const MAX_REJECTING: usize = 8;
 
 /// How the data set's first bytes are kept for the header (the routing elements are near
 /// the start).
-const HEADER_PREFIX: usize = 64 * 1024;
+pub const HEADER_PREFIX: usize = 64 * 1024;
 
 /// The implicit VR little endian transfer syntax (every other one in use encodes the data set
 /// as explicit VR little endian).
@@ -361,10 +361,7 @@ async fn association(
                                 let _ = assoc.abort().await;
                                 return Ok(());
                             }
-                            if r.prefix.len() < HEADER_PREFIX {
-                                let take = (HEADER_PREFIX - r.prefix.len()).min(pdv.data.len());
-                                r.prefix.extend_from_slice(&pdv.data[..take]);
-                            }
+                            crate::keep_prefix(&mut r.prefix, &pdv.data, HEADER_PREFIX);
                             if let Some(inc) = r.incoming.as_mut()
                                 && let Err(e) = inc.write(&pdv.data)
                             {
