@@ -333,8 +333,10 @@ impl Vm {
                     nic.tap
                 ))
                 .arg("-device")
+                // No option ROM: the box never boots from the network, and the firmware
+                // would load and start iPXE for every NIC.
                 .arg(format!(
-                    "virtio-net-pci,netdev=n{i},mac={},addr={:#x}",
+                    "virtio-net-pci,netdev=n{i},mac={},addr={:#x},romfile=",
                     nic.mac,
                     0x10 + i
                 ));
