@@ -11,7 +11,9 @@
 //! says so; on this machine kind `/dev/kvm` cannot run ordinary guests
 //! (`../shared/reference/image.md` §2.0), so it is TCG, and a boot takes 1–3 minutes.
 //! [`Vm::wait_for`] watches the serial log for a line; [`Vm::power_down`] asks for an ACPI
-//! power-down over QMP and waits for QEMU to exit. Dropping the guard kills QEMU by its pid,
+//! power-down over QMP and waits for QEMU to exit; [`Vm::power_cut`] kills QEMU (SIGKILL)
+//! and [`Vm::boot_again`] boots the same disk copy in a new QEMU process (the power-cut
+//! test, `docs/image.md`). Dropping the guard kills QEMU by its pid,
 //! copies the serial log to [`Spec::keep_log`] and, while a test panics, prints it, so it
 //! is kept with the test's output.
 //!
@@ -99,6 +101,10 @@ pub struct Vm {
     dir: tempfile::TempDir,
     started: Instant,
     keep_log: Option<PathBuf>,
+    /// What was booted (for [`Vm::boot_again`]).
+    spec: Spec,
+    /// The serial consoles of the earlier boots of this disk, in order.
+    earlier: String,
     /// Whether QEMU runs under TCG (else KVM; see [`kvm_works`]).
     pub tcg: bool,
 }
@@ -131,14 +137,21 @@ fn qemu_binary() -> Result<PathBuf, QemuError> {
 
 /// The UEFI firmware for a guest whose files are in `dir`: OVMF's code, read-only, and a
 /// fresh copy of its variable store.
-fn add_firmware(cmd: &mut Command, dir: &Path) -> Result<(), QemuError> {
+fn add_firmware(dir: &Path) -> Result<(), QemuError> {
     let vars = dir.join("vars.fd");
     fs::copy(OVMF_VARS, &vars).map_err(io("copy the OVMF variables"))?;
+    Ok(())
+}
+
+/// The firmware drives for a guest whose files are in `dir` ([`add_firmware`]).
+fn firmware_args(cmd: &mut Command, dir: &Path) {
     cmd.arg("-drive")
         .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
         .arg("-drive")
-        .arg(format!("if=pflash,format=raw,file={}", vars.display()));
-    Ok(())
+        .arg(format!(
+            "if=pflash,format=raw,file={}",
+            dir.join("vars.fd").display()
+        ));
 }
 
 fn probe_kvm() -> Result<bool, QemuError> {
@@ -151,7 +164,8 @@ fn probe_kvm() -> Result<bool, QemuError> {
         .tempdir()
         .map_err(io("create a directory for the KVM probe"))?;
     let serial = dir.path().join("serial.log");
-    add_firmware(&mut cmd, dir.path())?;
+    add_firmware(dir.path())?;
+    firmware_args(&mut cmd, dir.path());
     let mut child = cmd
         .args(["-machine", "q35", "-accel", "kvm", "-m", "256"])
         .args(["-display", "none", "-nodefaults", "-no-reboot"])
@@ -269,20 +283,39 @@ impl Vm {
                     .map_err(io("flip bits in the disk copy"))?;
             }
         }
-        let serial = dir.path().join("serial.log");
         let tcg = !kvm_works();
+        add_firmware(dir.path())?;
+        let mut vm = Vm {
+            child: None,
+            dir,
+            started: Instant::now(),
+            keep_log: spec.keep_log.clone(),
+            spec: spec.clone(),
+            earlier: String::new(),
+            tcg,
+        };
+        vm.spawn(&qemu)?;
+        Ok(vm)
+    }
+
+    /// Starts QEMU on the guest's disk copy and firmware variables.
+    fn spawn(&mut self, qemu: &Path) -> Result<(), QemuError> {
+        let dir = self.dir.path();
+        let spec = &self.spec;
+        let serial = dir.join("serial.log");
+        let copy = dir.join("disk.raw");
         let mut cmd = match &spec.netns {
             // `ip netns exec` execs QEMU: the pid is QEMU's.
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&qemu);
+                c.args(["netns", "exec", ns]).arg(qemu);
                 c
             }
-            None => Command::new(&qemu),
+            None => Command::new(qemu),
         };
         cmd.args(["-machine", "q35", "-m", "1024", "-smp", "2"])
             .args(["-display", "none", "-nodefaults", "-no-reboot"]);
-        if tcg {
+        if self.tcg {
             cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
         } else {
             cmd.args(["-accel", "kvm", "-cpu", "host"]);
@@ -300,19 +333,25 @@ impl Vm {
                     nic.tap
                 ))
                 .arg("-device")
+                // No option ROM: the box never boots from the network, and the firmware
+                // would load and start iPXE for every NIC.
                 .arg(format!(
-                    "virtio-net-pci,netdev=n{i},mac={},addr={:#x}",
+                    "virtio-net-pci,netdev=n{i},mac={},addr={:#x},romfile=",
                     nic.mac,
                     0x10 + i
                 ));
         }
+        // cache=unsafe: QEMU ignores the guest's flushes. For a QEMU that is killed
+        // ([`Vm::power_cut`]) it keeps exactly what cache=writeback would: every write
+        // QEMU passed to the host file is in the host's page cache, which outlives QEMU;
+        // what was only in the guest's memory is lost. See `docs/image.md` (power cuts).
         cmd.arg("-chardev")
             .arg(format!("file,id=ser0,path={}", serial.display()))
             .args(["-serial", "chardev:ser0"])
             .arg("-qmp")
             .arg(format!(
                 "unix:{},server=on,wait=off",
-                dir.path().join("qmp.sock").display()
+                dir.join("qmp.sock").display()
             ))
             .arg("-drive")
             .arg(format!(
@@ -320,20 +359,54 @@ impl Vm {
                 copy.display()
             ))
             .args(["-device", "virtio-rng-pci"]);
-        add_firmware(&mut cmd, dir.path())?;
+        firmware_args(&mut cmd, dir);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(
-            fs::File::create(dir.path().join("qemu.err"))
+            fs::File::create(dir.join("qemu.err"))
                 .map(Stdio::from)
                 .unwrap_or_else(|_| Stdio::null()),
         );
         let child = cmd.spawn().map_err(io("start qemu-system-x86_64"))?;
-        Ok(Vm {
-            child: Some(child),
-            dir,
-            started: Instant::now(),
-            keep_log: spec.keep_log.clone(),
-            tcg,
-        })
+        self.child = Some(child);
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    /// Cuts the power: SIGKILL to QEMU, by its pid, and waits for it. What QEMU had
+    /// written to the disk file stays; the guest's memory (its page cache included) is
+    /// gone, as in a power cut.
+    pub fn power_cut(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Boots the same disk (and firmware variables) again in a new QEMU process, once the
+    /// last one has ended ([`Vm::power_cut`], [`Vm::power_down`]). The serial console
+    /// starts afresh; the earlier ones are kept for the log ([`Spec::keep_log`]).
+    pub fn boot_again(&mut self) -> Result<(), QemuError> {
+        self.power_cut();
+        let boot = self.earlier.matches("==== boot ").count() + 1;
+        self.earlier.push_str(&format!(
+            "==== boot {boot} (power cut or power-down) ====\n"
+        ));
+        self.earlier.push_str(&self.serial());
+        fs::remove_file(self.dir.path().join("serial.log"))
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(io("remove the serial log"))?;
+        let qemu = qemu_binary()?;
+        self.spawn(&qemu)
+    }
+
+    /// The guest's disk (the copy it boots), to inspect once QEMU has ended.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.path().join("disk.raw")
     }
 
     /// The serial console so far, without carriage returns and terminal escape sequences
@@ -466,7 +539,7 @@ impl Drop for Vm {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let serial = self.serial();
+        let serial = format!("{}{}", self.earlier, self.serial());
         if let Some(keep) = &self.keep_log {
             if let Some(parent) = keep.parent() {
                 let _ = fs::create_dir_all(parent);

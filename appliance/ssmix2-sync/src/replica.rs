@@ -6,11 +6,25 @@
 //! time for the same final name, so a retry after a crash overwrites it), then renames it
 //! into place (a WebDAV `MOVE`). Every operation is idempotent, so the service can replay
 //! its outbox after a crash at any point.
+//!
+//! The directory transport makes every step durable before it returns: the file's data
+//! before its rename, and the directory entry of every folder it creates, every rename
+//! (both folders) and every removal, so a power cut after an operation returned never
+//! takes it back. Its files are mode 0640 and its folders 0750 (less where the umask says
+//! so): the paths and the contents name patients, so nothing is world-readable; a reader
+//! of the replica (the hub's export, a web server) reads through the owner or the group.
 
 use std::fmt;
 use std::fs;
 use std::io::{self, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+
+/// The mode of the directory replica's files (before the umask): owner and group read,
+/// no one else.
+pub const FILE_MODE: u32 = 0o640;
+/// The mode of the folders the directory replica creates (before the umask).
+pub const DIR_MODE: u32 = 0o750;
 
 /// A `/`-separated path relative to the replica's root: no empty, `.` or `..` components,
 /// no leading `/`, no NUL or control characters, components of at most 255 bytes.
@@ -164,30 +178,61 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
+impl DirReplica {
+    /// Creates the folders down to `dir` (mode [`DIR_MODE`]), each one durable: a new
+    /// folder's entry is synced in its parent.
+    fn create_dirs(&self, dir: &Path) -> io::Result<()> {
+        if dir == self.root || dir.is_dir() {
+            return Ok(());
+        }
+        let parent = dir.parent().unwrap_or(&self.root);
+        self.create_dirs(parent)?;
+        match fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
+            Ok(()) => sync_dir(parent),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Writes `bytes` to `part` (created mode [`FILE_MODE`], or truncated; a part left by an
+/// older version loses any world permission) and syncs them.
+fn write_part(part: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(part)?;
+    let mode = f.metadata()?.permissions().mode() & 0o7777;
+    if mode & !FILE_MODE != 0 {
+        f.set_permissions(fs::Permissions::from_mode(mode & FILE_MODE))?;
+    }
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 impl Replica for DirReplica {
     fn put(&mut self, path: &RelPath, bytes: &[u8]) -> Result<(), ReplicaError> {
         let target = self.abs(path);
         let part = self.abs(&path.part_name());
         let dir = target.parent().unwrap_or(&self.root).to_owned();
-        fs::create_dir_all(&dir).map_err(io_err(path))?;
-        {
-            let mut f = fs::File::create(&part).map_err(io_err(path))?;
-            f.write_all(bytes).map_err(io_err(path))?;
-            f.sync_all().map_err(io_err(path))?;
-        }
+        self.create_dirs(&dir).map_err(io_err(path))?;
+        write_part(&part, bytes).map_err(io_err(path))?;
         fs::rename(&part, &target).map_err(io_err(path))?;
         sync_dir(&dir).map_err(io_err(path))
     }
 
     fn rename(&mut self, from: &RelPath, to: &RelPath) -> Result<bool, ReplicaError> {
         let (a, b) = (self.abs(from), self.abs(to));
-        if let Some(dir) = b.parent() {
-            fs::create_dir_all(dir).map_err(io_err(to))?;
-        }
+        let to_dir = b.parent().unwrap_or(&self.root).to_owned();
+        let from_dir = a.parent().unwrap_or(&self.root).to_owned();
+        self.create_dirs(&to_dir).map_err(io_err(to))?;
         match fs::rename(&a, &b) {
             Ok(()) => {
-                if let Some(dir) = b.parent() {
-                    sync_dir(dir).map_err(io_err(to))?;
+                sync_dir(&to_dir).map_err(io_err(to))?;
+                if from_dir != to_dir {
+                    sync_dir(&from_dir).map_err(io_err(from))?;
                 }
                 Ok(true)
             }
@@ -197,8 +242,9 @@ impl Replica for DirReplica {
     }
 
     fn delete(&mut self, path: &RelPath) -> Result<(), ReplicaError> {
-        match fs::remove_file(self.abs(path)) {
-            Ok(()) => Ok(()),
+        let file = self.abs(path);
+        match fs::remove_file(&file) {
+            Ok(()) => sync_dir(file.parent().unwrap_or(&self.root)).map_err(io_err(path)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(path)(e)),
         }
@@ -246,5 +292,59 @@ mod tests {
         assert_eq!(r.stat(&b).unwrap(), None);
         let names: Vec<_> = fs::read_dir(dir.path().join("x/y")).unwrap().collect();
         assert!(names.is_empty(), "no temporary left behind");
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn dir_replica_files_and_folders_are_not_world_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = DirReplica::new(dir.path()).unwrap();
+        let a = RelPath::new("000/012/0001234/a_1").unwrap();
+        r.put(&a, b"one").unwrap();
+        let umask = {
+            // What the umask leaves of a plain 0777 folder: the tests' umask, not ours.
+            let probe = dir.path().join("probe");
+            fs::create_dir(&probe).unwrap();
+            0o777 & !mode(&probe)
+        };
+        assert_eq!(
+            mode(&dir.path().join("000/012/0001234/a_1")),
+            FILE_MODE & !umask
+        );
+        for folder in ["000", "000/012", "000/012/0001234"] {
+            assert_eq!(
+                mode(&dir.path().join(folder)),
+                DIR_MODE & !umask,
+                "{folder}"
+            );
+        }
+        // Renamed into a new folder: the file keeps its mode, the new folder has the
+        // folders' mode.
+        let b = RelPath::new("000/013/0001234/a_1").unwrap();
+        assert!(r.rename(&a, &b).unwrap());
+        assert_eq!(
+            mode(&dir.path().join("000/013/0001234/a_1")),
+            FILE_MODE & !umask
+        );
+        assert_eq!(mode(&dir.path().join("000/013")), DIR_MODE & !umask);
+    }
+
+    #[test]
+    fn a_world_readable_part_left_behind_is_not_published_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = DirReplica::new(dir.path()).unwrap();
+        let a = RelPath::new("x/a_1").unwrap();
+        fs::create_dir(dir.path().join("x")).unwrap();
+        let part = dir.path().join("x/.a_1.tsunagi-part");
+        fs::write(&part, b"stale, from an older version").unwrap();
+        fs::set_permissions(&part, fs::Permissions::from_mode(0o666)).unwrap();
+        r.put(&a, b"new").unwrap();
+        let published = dir.path().join("x/a_1");
+        assert_eq!(fs::read(&published).unwrap(), b"new");
+        assert_eq!(mode(&published) & 0o007, 0, "{:o}", mode(&published));
+        assert_eq!(mode(&published) & !FILE_MODE, 0, "{:o}", mode(&published));
     }
 }
