@@ -227,7 +227,9 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
             // Dependencies declared but not used (cargo-udeps needs a nightly toolchain;
             // cargo-machete reads the sources, so it runs on the pinned stable one).
             let mut c = cargo();
-            c.arg("machete");
+            // cargo-machete takes itself for `cargo run -- ...` (and its first argument,
+            // `machete`, for a path) while CARGO_PKG_NAME is set, as it is for xtask.
+            c.arg("machete").env_remove("CARGO_PKG_NAME");
             c
         },
     ];
