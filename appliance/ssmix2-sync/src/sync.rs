@@ -90,6 +90,15 @@ const MIGRATIONS: &[Migration] = &[
             decision INTEGER
           ) STRICT;",
     },
+    Migration {
+        version: 4,
+        // The audit row of the permit under which a put or rename was started: written
+        // durably before it is carried out, so that an operation cut short after the hub got
+        // the file (a lost response, a power cut before the local commit) is never simply
+        // dropped when it is denied later: it is undone at the hub, and both the release it
+        // may have been and the removal are recorded.
+        sql: "ALTER TABLE outbox ADD COLUMN started INTEGER;",
+    },
 ];
 
 /// The most release records sent to the consent service per drain (the rest next time).
@@ -206,6 +215,8 @@ struct Op {
     key: String,
     /// The audit row of the decision that planned it (a removal's denial).
     decision: Option<i64>,
+    /// The audit row of the permit under which it was started, if it was (see migration 4).
+    started: Option<i64>,
 }
 
 /// What carrying out an operation did.
@@ -220,6 +231,16 @@ enum Effect {
         to: String,
     },
     Removed(String),
+    /// A put or rename that had been started, and then was denied or found its source gone
+    /// or changed: every name it may have written at the hub is deleted again.
+    Undone {
+        /// Whether a name it writes was found at the hub (so it may have left the box).
+        reached: bool,
+        /// The SHA-256 of the content it carried.
+        sha256: String,
+        /// Published rows of those names, now deleted at the hub: (path, SHA-256).
+        forget: Vec<(String, String)>,
+    },
     /// The source changed since the plan (or the replica lost the file): nothing done; the
     /// next cycle plans again.
     Dropped {
@@ -767,8 +788,11 @@ impl Syncer {
     /// new name) is decided again immediately before it is carried out, with the category
     /// of that exact file: a plan made earlier, or a cached permit, is not a decision. A
     /// denied one is dropped from the outbox (publications plans it again once permitted;
-    /// revocations remove what is already published). Deletions and tombstones release
-    /// nothing and are never held back.
+    /// revocations remove what is already published), unless it had been started: an
+    /// operation cut short after the hub may have got the file (a lost response, a crash or
+    /// power cut before the local commit) is undone at the hub instead, with a release
+    /// record for what may have left and one for its removal, so that nothing stays at the
+    /// hub unrecorded. Deletions and tombstones release nothing and are never held back.
     fn drain(
         &mut self,
         gate: &mut dyn Gate,
@@ -781,7 +805,7 @@ impl Syncer {
             }
             let op: Option<Op> = self
                 .conn
-                .query_row("SELECT seq, op, path, dest, sha256, patient_id, category, key, decision FROM outbox ORDER BY seq LIMIT 1", [], |r| {
+                .query_row("SELECT seq, op, path, dest, sha256, patient_id, category, key, decision, started FROM outbox ORDER BY seq LIMIT 1", [], |r| {
                     Ok(Op {
                         seq: r.get(0)?,
                         op: r.get(1)?,
@@ -792,6 +816,7 @@ impl Syncer {
                         category: r.get(6)?,
                         key: r.get(7)?,
                         decision: r.get(8)?,
+                        started: r.get(9)?,
                     })
                 })
                 .optional()
@@ -815,7 +840,34 @@ impl Syncer {
                 (Decision::Permit, None)
             };
             let effect = if decision.is_permit() {
-                self.execute(&op, replica)
+                if releases && op.started.is_none() {
+                    // Durable before anything reaches the hub (see migration 4).
+                    self.conn
+                        .execute(
+                            "UPDATE outbox SET started = ?1 WHERE seq = ?2",
+                            params![audit, op.seq],
+                        )
+                        .map_err(sql("mark an operation started"))?;
+                }
+                match self.execute(&op, replica) {
+                    // Started earlier, and its source is gone or changed since: what an
+                    // earlier attempt may have put at the hub goes again.
+                    Ok(Effect::Dropped { .. }) if op.started.is_some() && op.op == "put" => {
+                        self.undo(&op, replica)
+                    }
+                    other => other,
+                }
+            } else if op.started.is_some() {
+                // Started under an earlier permit, and denied now: whatever may have reached
+                // the hub is removed, and recorded; never simply dropped.
+                self.conn
+                    .execute(
+                        "DELETE FROM decisions WHERE patient_id = ?1",
+                        [&op.patient_id],
+                    )
+                    .map_err(sql("forget decisions"))?;
+                report.held += 1;
+                self.undo(&op, replica)
             } else {
                 // Forget the cached answer too: the next plan asks again.
                 self.conn
@@ -878,6 +930,23 @@ impl Syncer {
                         release("deleted", &sha256, op.decision)?;
                     }
                 }
+                Effect::Undone {
+                    reached,
+                    sha256,
+                    forget,
+                } => {
+                    // What may have left under the permit it was started with, then its
+                    // removal under the decision that undid it (none when the source
+                    // changed or went away).
+                    let removal = if decision.is_permit() { None } else { audit };
+                    if *reached {
+                        release("sent", sha256, op.started)?;
+                        release("deleted", sha256, removal)?;
+                    }
+                    for (_, old) in forget.iter().filter(|(_, old)| !*reached || old != sha256) {
+                        release("deleted", old, removal)?;
+                    }
+                }
                 Effect::Dropped { .. } => {}
             }
             match effect {
@@ -909,6 +978,12 @@ impl Syncer {
                     tx.execute("DELETE FROM published WHERE path = ?1", [&path])
                         .map_err(sql("record a delete"))?;
                     report.removed += 1;
+                }
+                Effect::Undone { forget, .. } => {
+                    for (path, _) in forget {
+                        tx.execute("DELETE FROM published WHERE path = ?1", [&path])
+                            .map_err(sql("forget"))?;
+                    }
                 }
                 Effect::Dropped { forget } => {
                     if let Some(path) = forget {
@@ -1009,6 +1084,48 @@ impl Syncer {
                 .map_err(sql("forget a release record"))?;
         }
         tx.commit().map_err(sql("commit release records"))
+    }
+
+    /// Undoes a started put or rename at the hub: deletes its final name and its
+    /// temporary (a put), or both names (a rename, whose content was published under the
+    /// old one), noting whether either was there and which published rows they were.
+    fn undo(&self, op: &Op, replica: &mut dyn Replica) -> Result<Effect, SyncError> {
+        let mut names = vec![op.path.clone()];
+        names.extend(op.dest.clone());
+        let mut reached = false;
+        let mut forget = Vec::new();
+        for name in &names {
+            let path = RelPath::new(name).map_err(|e| ReplicaError::Io {
+                path: e.0.clone(),
+                source: std::io::Error::other("invalid path"),
+            })?;
+            // A rename's old name is the published content itself, not what it sent.
+            let written = op.op == "put" || Some(name) == op.dest.as_ref();
+            if written && replica.stat(&path)?.is_some() {
+                reached = true;
+            }
+            replica.delete(&path)?;
+            if op.op == "put" {
+                replica.delete(&path.part_name())?;
+            }
+            let published: Option<String> = self
+                .conn
+                .query_row(
+                    "SELECT sha256 FROM published WHERE path = ?1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql("read published"))?;
+            if let Some(sha256) = published {
+                forget.push((name.clone(), sha256));
+            }
+        }
+        Ok(Effect::Undone {
+            reached,
+            sha256: op.sha256.clone().unwrap_or_default(),
+            forget,
+        })
     }
 
     fn execute(&self, op: &Op, replica: &mut dyn Replica) -> Result<Effect, SyncError> {

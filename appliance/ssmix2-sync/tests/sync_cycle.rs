@@ -589,3 +589,118 @@ fn a_stop_finishes_the_operation_under_way_and_leaves_the_rest_in_the_outbox() {
     );
     assert_eq!(w.syncer.state().unwrap().outbox_depth, 0);
 }
+
+/// A replica that carries out every put and then fails it, as a hub whose response is
+/// lost (or a box whose power is cut before its local commit): the file is at the hub, and
+/// the sync cannot know it.
+struct LostResponse<'a> {
+    inner: &'a mut DirReplica,
+}
+
+impl Replica for LostResponse<'_> {
+    fn put(&mut self, path: &RelPath, bytes: &[u8]) -> Result<(), ReplicaError> {
+        self.inner.put(path, bytes)?;
+        Err(ReplicaError::Io {
+            path: path.to_string(),
+            source: std::io::Error::other("scripted: the response was lost"),
+        })
+    }
+    fn rename(&mut self, from: &RelPath, to: &RelPath) -> Result<bool, ReplicaError> {
+        self.inner.rename(from, to)
+    }
+    fn delete(&mut self, path: &RelPath) -> Result<(), ReplicaError> {
+        self.inner.delete(path)
+    }
+    fn stat(&mut self, path: &RelPath) -> Result<Option<u64>, ReplicaError> {
+        self.inner.stat(path)
+    }
+}
+
+/// Issue 14: an upload whose outcome is unknown (the hub got the file; the box did not
+/// record it) and that is denied before its retry is undone at the hub, never dropped: the
+/// file does not stay there unrecorded. The release records say what may have left, under
+/// the permit it was started with, and that it was removed, under the withdrawal.
+#[test]
+fn an_upload_cut_short_after_the_hub_got_it_and_then_withdrawn_is_removed_and_recorded() {
+    use consent::client::{Decision, ReleaseKind};
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    let mut lost = LostResponse {
+        inner: &mut w.replica,
+    };
+    assert!(w.syncer.cycle(&mut gate, &mut lost).is_err());
+    let at_hub = tree(&w.replica_root);
+    assert_eq!(
+        at_hub.len(),
+        1,
+        "the first upload reached the hub: {at_hub:?}"
+    );
+    assert_eq!(w.syncer.state().unwrap().published_files, 0);
+    // The patient withdraws before the retry.
+    gate.withdraw(&a.id);
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert!(
+        tree(&w.replica_root).is_empty(),
+        "{:?}",
+        tree(&w.replica_root)
+    );
+    assert_eq!(w.syncer.state().unwrap().outbox_depth, 0);
+    let sha = at_hub.values().next().unwrap();
+    let of = |kind: ReleaseKind| -> Vec<i64> {
+        gate.releases
+            .iter()
+            .filter(|r| r.kind == kind && r.patient == a.id)
+            .filter(|r| {
+                r.objects.iter().any(|o| {
+                    matches!(o, consent::client::Object::Ssmix2File { sha256, .. } if sha256 == sha)
+                })
+            })
+            .map(|r| r.decision.expect("a release refers to its decision"))
+            .collect()
+    };
+    let decision = |audit: i64| gate.decisions[usize::try_from(audit - 1).unwrap()].2;
+    let sent = of(ReleaseKind::Sent);
+    assert_eq!(sent.len(), 1, "{:?}", gate.releases);
+    assert_eq!(decision(sent[0]), Decision::Permit);
+    let deleted = of(ReleaseKind::Deleted);
+    assert_eq!(deleted.len(), 1, "{:?}", gate.releases);
+    assert!(matches!(decision(deleted[0]), Decision::Deny(_)));
+
+    // Consent again: published anew, as any other file.
+    gate.permit(&a.id);
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+}
+
+/// Issue 14: an upload cut short after the hub got it, whose source then disappears from
+/// the storage, does not leave its copy at the hub.
+#[test]
+fn an_upload_cut_short_whose_source_is_gone_at_the_retry_is_removed_at_the_hub() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    let mut lost = LostResponse {
+        inner: &mut w.replica,
+    };
+    assert!(w.syncer.cycle(&mut gate, &mut lost).is_err());
+    let at_hub = tree(&w.replica_root);
+    assert_eq!(at_hub.len(), 1);
+    let path = at_hub.keys().next().unwrap().clone();
+    std::fs::remove_file(w.storage.root().join(&path)).unwrap();
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert!(
+        !tree(&w.replica_root).contains_key(&path),
+        "{:?}",
+        tree(&w.replica_root)
+    );
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+}
