@@ -1,6 +1,7 @@
 //! `cargo xtask fuzz [NAME] [--time DURATION]`: the fuzz targets in `fuzz/` (issue 14).
 //!
-//! 1. Installs cargo-fuzz if missing (`cargo install cargo-fuzz --locked`).
+//! 1. Installs cargo-fuzz if missing (`cargo install cargo-fuzz --locked --version`
+//!    [`CARGO_FUZZ_VERSION`]).
 //! 2. Builds every target once on the pinned stable toolchain, without sanitizers
 //!    (`cargo fuzz build --sanitizer none --debug-assertions`), into `TARGET/fuzz`.
 //! 3. Runs every target (or only NAME) for the given time (30 s by default; humantime:
@@ -54,6 +55,10 @@ struct Outcome {
     log: PathBuf,
 }
 
+/// The cargo-fuzz that `cargo xtask fuzz` installs when it is missing (pinned, like every
+/// tool CI installs, so that a new release cannot change a run).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 pub(crate) fn run(args: &[&str]) -> anyhow::Result<ExitCode> {
     let (only, time) = match parse_args(args) {
         Ok(v) => v,
@@ -66,7 +71,9 @@ pub(crate) fn run(args: &[&str]) -> anyhow::Result<ExitCode> {
 
     if !succeeds_quietly(cargo().args(["fuzz", "--version"])) {
         let mut install = cargo();
-        install.args(["install", "cargo-fuzz", "--locked"]);
+        install
+            .args(["install", "cargo-fuzz", "--locked", "--version"])
+            .arg(CARGO_FUZZ_VERSION);
         println!("==> {}", display(&install));
         if !status(&mut install)?.success() {
             bail!("`{}` failed", display(&install));
