@@ -193,7 +193,11 @@ fn recipient_actor(code: &FacilityCode) -> Value {
 /// The Consent resource for one consent version, about the Patient `patient_reference`.
 pub fn consent_resource(facility: &FacilityCode, c: &Consent, patient_reference: &str) -> Value {
     let mut period = serde_json::Map::new();
-    period.insert("start".into(), json!(time::format(c.valid_from)));
+    // An unbounded start is written as no start (it is read back as unbounded): it has no
+    // RFC 3339 form.
+    if c.valid_from > UNBOUNDED_START {
+        period.insert("start".into(), json!(time::format(c.valid_from)));
+    }
     if let Some(until) = c.valid_until {
         period.insert("end".into(), json!(time::format(until)));
     }
@@ -701,6 +705,32 @@ mod tests {
         let back = consent_from_resource(&r, withdrawn.patient.clone()).unwrap();
         assert_eq!(back.status, Status::Withdrawn);
         assert_eq!(back.id, "c-0123");
+    }
+
+    /// Found by the `fhir_resource` fuzz target (issue 14): a network permit without
+    /// `period.start` is valid from the unbounded start, which the box wrote back as a year
+    /// of twelve digits that nobody (the box included) can read. It is written as no start.
+    #[test]
+    fn a_permit_without_a_start_is_written_without_one_and_reads_back_the_same() {
+        let resource = json!({
+            "resourceType": "Consent", "id": "srv-1",
+            "meta": { "versionId": "3", "lastUpdated": "2026-11-22T04:05:00Z" },
+            "status": "active",
+            "scope": { "coding": [{ "system": CONSENT_SCOPE, "code": "patient-privacy" }] },
+            "patient": { "reference": "Patient/p1" },
+            "policyRule": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN" }] },
+            "provision": { "type": "permit", "code": [{ "coding": [{ "system": CATEGORY_SYSTEM, "code": "images" }] }] },
+        });
+        let patient: PatientId = "0000012345".parse().unwrap();
+        let c = consent_from_resource(&resource, patient.clone()).unwrap();
+        assert_eq!(c.valid_from, UNBOUNDED_START);
+        let written = consent_resource(&fac("1312345678"), &c, "Patient/p1");
+        assert!(
+            written["provision"]["period"].get("start").is_none(),
+            "{written}"
+        );
+        let back = consent_from_resource(&written, patient).unwrap();
+        assert!(same_terms(&c, &back), "{back:?}");
     }
 
     fn fac(c: &str) -> FacilityCode {

@@ -89,6 +89,7 @@ pub fn parse(text: &str) -> Result<Timestamp, TimeError> {
             let sign = if z.starts_with('-') { -1 } else { 1 };
             let (zh, zm) = z[1..]
                 .split_once(':')
+                .filter(|(h, m)| h.len() == 2 && m.len() == 2)
                 .ok_or_else(|| TimeError(format!("{text:?}: bad offset {z:?}")))?;
             (
                 c,
@@ -113,6 +114,11 @@ pub fn parse(text: &str) -> Result<Timestamp, TimeError> {
             None => clock,
         };
         let fields: Vec<&str> = clock.split(':').collect();
+        // Two digits each, as RFC 3339 and FHIR's dateTime have them: `04:000:5` is not a
+        // time (the fuzzer's `fhir_resource` found it read as 04:00:05).
+        if fields.iter().any(|f| f.len() != 2) {
+            return Err(TimeError(format!("{text:?}: expected HH:MM or HH:MM:SS")));
+        }
         let (h, mi, s) = match fields.as_slice() {
             [h, mi] => (number(h, "hour")?, number(mi, "minute")?, 0),
             [h, mi, s] => (
@@ -187,6 +193,9 @@ mod tests {
             ("2026-1-01", "expected YYYY-MM-DD"),
             ("yesterday", "not a date"),
             ("2026-11-22T24:00", "not a time of day"),
+            ("2026-11-22T04:000:5Z", "expected HH:MM or HH:MM:SS"),
+            ("2026-11-22T4:05", "expected HH:MM or HH:MM:SS"),
+            ("2026-11-22T04:05:00+9:00", "bad offset"),
         ] {
             let err = parse(bad).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
