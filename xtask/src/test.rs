@@ -578,7 +578,11 @@ fn ensure_cargo_tools() -> Step {
         }
     }
 
-    if !succeeds_quietly(cargo().args(["machete", "--version"])) {
+    if !succeeds_quietly(
+        cargo()
+            .args(["machete", "--version"])
+            .env_remove("CARGO_PKG_NAME"),
+    ) {
         let mut install = cargo();
         install.args(["install", "cargo-machete", "--locked", "--version"]);
         install.arg(CARGO_MACHETE_VERSION);
