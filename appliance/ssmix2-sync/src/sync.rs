@@ -1095,10 +1095,7 @@ impl Syncer {
         let mut reached = false;
         let mut forget = Vec::new();
         for name in &names {
-            let path = RelPath::new(name).map_err(|e| ReplicaError::Io {
-                path: e.0.clone(),
-                source: std::io::Error::other("invalid path"),
-            })?;
+            let path = outbox_path(name)?;
             // A rename's old name is the published content itself, not what it sent.
             let written = op.op == "put" || Some(name) == op.dest.as_ref();
             if written && replica.stat(&path)?.is_some() {
@@ -1129,10 +1126,7 @@ impl Syncer {
     }
 
     fn execute(&self, op: &Op, replica: &mut dyn Replica) -> Result<Effect, SyncError> {
-        let path = RelPath::new(&op.path).map_err(|e| ReplicaError::Io {
-            path: e.0.clone(),
-            source: std::io::Error::other("invalid path"),
-        })?;
+        let path = outbox_path(&op.path)?;
         match op.op.as_str() {
             "put" => {
                 let mut abs = self.settings.storage.clone();
@@ -1165,10 +1159,7 @@ impl Syncer {
             }
             "rename" => {
                 let dest = op.dest.as_deref().unwrap_or_default();
-                let to = RelPath::new(dest).map_err(|e| ReplicaError::Io {
-                    path: e.0.clone(),
-                    source: std::io::Error::other("invalid path"),
-                })?;
+                let to = outbox_path(dest)?;
                 if replica.rename(&path, &to)? || replica.stat(&to)?.is_some() {
                     Ok(Effect::Renamed {
                         from: op.path.clone(),
@@ -1187,6 +1178,15 @@ impl Syncer {
             }
         }
     }
+}
+
+/// A path from the outbox as a replica path (the planner only stores valid ones; a row
+/// that is not is an error of that operation, not a panic).
+fn outbox_path(path: &str) -> Result<RelPath, ReplicaError> {
+    RelPath::new(path).map_err(|e| ReplicaError::Io {
+        path: e.0.clone(),
+        source: std::io::Error::other("invalid path"),
+    })
 }
 
 /// What a replica holds once it has converged, when the patients for whom `permits` is
