@@ -918,15 +918,7 @@ impl Syncer {
                     release("sent", op.sha256.as_deref().unwrap_or_default(), audit)?;
                 }
                 Effect::Removed(path) => {
-                    let sha256: Option<String> = tx
-                        .query_row(
-                            "SELECT sha256 FROM published WHERE path = ?1",
-                            [path],
-                            |r| r.get(0),
-                        )
-                        .optional()
-                        .map_err(sql("read published"))?;
-                    if let Some(sha256) = sha256 {
+                    if let Some(sha256) = published_sha256(&tx, path)? {
                         release("deleted", &sha256, op.decision)?;
                     }
                 }
@@ -1105,16 +1097,7 @@ impl Syncer {
             if op.op == "put" {
                 replica.delete(&path.part_name())?;
             }
-            let published: Option<String> = self
-                .conn
-                .query_row(
-                    "SELECT sha256 FROM published WHERE path = ?1",
-                    [name],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(sql("read published"))?;
-            if let Some(sha256) = published {
+            if let Some(sha256) = published_sha256(&self.conn, name)? {
                 forget.push((name.clone(), sha256));
             }
         }
@@ -1178,6 +1161,17 @@ impl Syncer {
             }
         }
     }
+}
+
+/// The SHA-256 the `published` table records for `path` at the hub, if it has a row.
+fn published_sha256(conn: &Connection, path: &str) -> Result<Option<String>, SyncError> {
+    conn.query_row(
+        "SELECT sha256 FROM published WHERE path = ?1",
+        [path],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(sql("read published"))
 }
 
 /// A path from the outbox as a replica path (the planner only stores valid ones; a row
