@@ -534,16 +534,19 @@ fn release_records_the_consent_service_cannot_take_wait_durably_and_nothing_is_h
     assert_eq!(n, 3, "nothing recorded twice");
 }
 
-/// A replica during whose first upload the service is told to stop.
-struct StopDuringPut<'a> {
+/// A directory replica whose puts go through `put` (which gets the inner replica): a
+/// replica that misbehaves on uploads only.
+struct OnPut<'a, F> {
     inner: &'a mut DirReplica,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    put: F,
 }
 
-impl Replica for StopDuringPut<'_> {
+impl<F> Replica for OnPut<'_, F>
+where
+    F: FnMut(&mut DirReplica, &RelPath, &[u8]) -> Result<(), ReplicaError> + Send,
+{
     fn put(&mut self, path: &RelPath, bytes: &[u8]) -> Result<(), ReplicaError> {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.inner.put(path, bytes)
+        (self.put)(self.inner, path, bytes)
     }
     fn rename(&mut self, from: &RelPath, to: &RelPath) -> Result<bool, ReplicaError> {
         self.inner.rename(from, to)
@@ -566,9 +569,14 @@ fn a_stop_finishes_the_operation_under_way_and_leaves_the_rest_in_the_outbox() {
     let mut gate = ScriptedGate::new(&[&a.id]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     w.syncer.stop_on(stop.clone());
-    let mut stopping = StopDuringPut {
+    // The service is told to stop during the first upload.
+    let stop_now = stop.clone();
+    let mut stopping = OnPut {
         inner: &mut w.replica,
-        stop: stop.clone(),
+        put: |inner: &mut DirReplica, path: &RelPath, bytes: &[u8]| {
+            stop_now.store(true, std::sync::atomic::Ordering::SeqCst);
+            inner.put(path, bytes)
+        },
     };
     let result = w.syncer.cycle(&mut gate, &mut stopping);
     assert!(
@@ -590,30 +598,15 @@ fn a_stop_finishes_the_operation_under_way_and_leaves_the_rest_in_the_outbox() {
     assert_eq!(w.syncer.state().unwrap().outbox_depth, 0);
 }
 
-/// A replica that carries out every put and then fails it, as a hub whose response is
-/// lost (or a box whose power is cut before its local commit): the file is at the hub, and
-/// the sync cannot know it.
-struct LostResponse<'a> {
-    inner: &'a mut DirReplica,
-}
-
-impl Replica for LostResponse<'_> {
-    fn put(&mut self, path: &RelPath, bytes: &[u8]) -> Result<(), ReplicaError> {
-        self.inner.put(path, bytes)?;
-        Err(ReplicaError::Io {
-            path: path.to_string(),
-            source: std::io::Error::other("scripted: the response was lost"),
-        })
-    }
-    fn rename(&mut self, from: &RelPath, to: &RelPath) -> Result<bool, ReplicaError> {
-        self.inner.rename(from, to)
-    }
-    fn delete(&mut self, path: &RelPath) -> Result<(), ReplicaError> {
-        self.inner.delete(path)
-    }
-    fn stat(&mut self, path: &RelPath) -> Result<Option<u64>, ReplicaError> {
-        self.inner.stat(path)
-    }
+/// Carries out a put and then fails it, as a hub whose response is lost (or a box whose
+/// power is cut before its local commit): the file is at the hub, and the sync cannot know
+/// it.
+fn lost_response(inner: &mut DirReplica, path: &RelPath, bytes: &[u8]) -> Result<(), ReplicaError> {
+    inner.put(path, bytes)?;
+    Err(ReplicaError::Io {
+        path: path.to_string(),
+        source: std::io::Error::other("scripted: the response was lost"),
+    })
 }
 
 /// Issue 14: an upload whose outcome is unknown (the hub got the file; the box did not
@@ -627,8 +620,9 @@ fn an_upload_cut_short_after_the_hub_got_it_and_then_withdrawn_is_removed_and_re
     let a = patient(1);
     records(&mut w.storage, &a);
     let mut gate = ScriptedGate::new(&[&a.id]);
-    let mut lost = LostResponse {
+    let mut lost = OnPut {
         inner: &mut w.replica,
+        put: lost_response,
     };
     assert!(w.syncer.cycle(&mut gate, &mut lost).is_err());
     let at_hub = tree(&w.replica_root);
@@ -685,8 +679,9 @@ fn an_upload_cut_short_whose_source_is_gone_at_the_retry_is_removed_at_the_hub()
     let a = patient(1);
     records(&mut w.storage, &a);
     let mut gate = ScriptedGate::new(&[&a.id]);
-    let mut lost = LostResponse {
+    let mut lost = OnPut {
         inner: &mut w.replica,
+        put: lost_response,
     };
     assert!(w.syncer.cycle(&mut gate, &mut lost).is_err());
     let at_hub = tree(&w.replica_root);
