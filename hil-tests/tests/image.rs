@@ -583,24 +583,8 @@ fn replica_files(hub: &Nginx) -> BTreeMap<String, String> {
     ssmix2::build::digests(hub.data_root())
 }
 
-/// SOP Instance UIDs of every instance in Orthanc (one per stored instance).
-fn orthanc_sop_uids(pacs: &Orthanc) -> Vec<String> {
-    let response = pacs.get("/instances?expand").unwrap();
-    assert_eq!(response.status, 200, "{}", response.text());
-    response
-        .json()
-        .as_array()
-        .map(|all| {
-            all.iter()
-                .filter_map(|i| i["MainDicomTags"]["SOPInstanceUID"].as_str())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Orthanc's ID of each instance it stores, by SOP Instance UID.
-fn orthanc_ids_by_sop_uid(pacs: &Orthanc) -> BTreeMap<String, String> {
+/// Every instance Orthanc stores: its SOP Instance UID and Orthanc's ID for it.
+fn orthanc_instances(pacs: &Orthanc) -> Vec<(String, String)> {
     let response = pacs.get("/instances?expand").unwrap();
     assert_eq!(response.status, 200, "{}", response.text());
     response
@@ -617,6 +601,19 @@ fn orthanc_ids_by_sop_uid(pacs: &Orthanc) -> BTreeMap<String, String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// SOP Instance UIDs of every instance in Orthanc (one per stored instance).
+fn orthanc_sop_uids(pacs: &Orthanc) -> Vec<String> {
+    orthanc_instances(pacs)
+        .into_iter()
+        .map(|(uid, _)| uid)
+        .collect()
+}
+
+/// Orthanc's ID of each instance it stores, by SOP Instance UID.
+fn orthanc_ids_by_sop_uid(pacs: &Orthanc) -> BTreeMap<String, String> {
+    orthanc_instances(pacs).into_iter().collect()
 }
 
 /// Milestones of a boot on the serial console, in order: a name, and the text that marks
