@@ -433,15 +433,14 @@ fn end_to_end(vm: &mut Vm, net: &TestNet, pacs: &Orthanc, dir: &Path) -> Vec<Str
     let text =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert_eq!(acknowledged(&text).len(), 3, "{text}\n{}", vm.serial_tail());
-    let sent: BTreeSet<&String> = uids.values().collect();
     let stored = wait_until(
         "the study at the hub's PACS",
         Duration::from_secs(300),
         vm,
         || {
             let ids = orthanc_ids_by_sop_uid(pacs);
-            sent.iter()
-                .map(|uid| ids.get(*uid).cloned())
+            uids.values()
+                .map(|uid| ids.get(uid).cloned())
                 .collect::<Option<Vec<String>>>()
         },
     );
