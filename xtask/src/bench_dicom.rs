@@ -5,7 +5,9 @@
 //! - Ours: the real `tsunagi run` with only the `dicom` service, its spool in a fresh state
 //!   directory: every instance streamed to disk, fsync'ed and queued before its C-STORE-RSP.
 //!   The forwarder has no consent service to ask, so it forwards nothing and stays idle.
-//! - Peer: `storescp --output-directory OUT` (dcmtk, one association at a time, no fsync).
+//! - Peer: `storescp --output-directory OUT` (dcmtk, one association at a time, no fsync);
+//!   for the 4-association workload also `storescp --fork` (a process per association), and
+//!   the faster of the two is the peer (issue 15).
 //! - Both advertise the same maximum PDU ([`PDU`]) and run with `TCP_NODELAY=1` in a network
 //!   namespace of their own (loopback only); the sender is dcmtk's `storescu +sd` (one
 //!   process and association per folder), timed from the first start to the last exit. A
@@ -22,7 +24,8 @@
 //!   association.
 //! - Peak RSS: ours is the DICOM service process's `VmHWM` (after both workloads), the
 //!   peer's is GNU time's `%M`.
-//! - Targets: ≥ 1.5× storescp's files/s, ≥ 1.0× its MB/s, peak RSS ≤ 64 MiB.
+//! - Targets (issue 15): ≥ 1.5× the faster storescp's files/s over 4 associations, ≥ 1.0×
+//!   storescp's over one, ≥ 2.0× its MB/s for the large files, peak RSS ≤ 32 MiB.
 //!
 //! The smoke run of `cargo xtask test` (`TSUNAGI_BENCH_SECS` set) uses 50 small files, one
 //! 20-frame instance, one measured run and the debug build; its figures are not a verdict.
@@ -140,13 +143,23 @@ fn measure(
             mb(w.bytes),
             w.dirs.len()
         );
+        // Over several associations the peer also runs with --fork (a process per
+        // association, as a PACS would serve them), and the faster of the two is the peer.
+        let fork = w.dirs.len() > 1;
         let mut ours = Vec::new();
         let mut peer = Vec::new();
+        let mut forked = Vec::new();
         for rep in 0..=runs {
             // Each run starts with nothing dirty in the page cache: storescp does not fsync,
             // and its writeback must not land in the next run's figures.
             sync();
-            let p = run_peer(ns, w, work, false)?;
+            let p = run_peer(ns, w, work, Peer::Plain)?;
+            let f = if fork {
+                sync();
+                Some(run_peer(ns, w, work, Peer::Fork)?)
+            } else {
+                None
+            };
             sync();
             let o = run_ours(ns, tsunagi, w, work)?;
             let label = if rep == 0 {
@@ -155,37 +168,48 @@ fn measure(
                 format!("run {rep}")
             };
             println!(
-                "  {label}: ours {:.3} s ({:.1} MiB), storescp {:.3} s ({:.1} MiB)",
+                "  {label}: ours {:.3} s ({:.1} MiB), storescp {:.3} s ({:.1} MiB){}",
                 o.secs,
                 mib(o.rss_kib),
                 p.secs,
-                mib(p.rss_kib)
+                mib(p.rss_kib),
+                f.as_ref()
+                    .map(|f| format!(", storescp --fork {:.3} s", f.secs))
+                    .unwrap_or_default()
             );
             ours_rss = ours_rss.max(o.rss_kib);
             peer_rss = peer_rss.max(p.rss_kib);
             if rep > 0 {
                 ours.push(o.secs);
                 peer.push(p.secs);
+                forked.extend(f.map(|f| f.secs));
             }
         }
-        figures.push((median(&mut ours), median(&mut peer)));
+        figures.push((
+            median(&mut ours),
+            median(&mut peer),
+            (!forked.is_empty()).then(|| median(&mut forked)),
+        ));
     }
     // The sender's own limit: storescp receiving and discarding (--ignore), one association.
     let mut null = Vec::new();
     for _ in 0..runs {
         sync();
-        null.push(run_peer(ns, &workloads.small, work, true)?.secs);
+        null.push(run_peer(ns, &workloads.small, work, Peer::Ignore)?.secs);
     }
     let null_fps = workloads.small.files as f64 / median(&mut null);
 
     let fps = |w: &Workload, secs: f64| w.files as f64 / secs;
-    let (small_ours, small_peer) = figures[0];
-    let (small4_ours, small4_peer) = figures[1];
-    let (large_ours, large_peer) = figures[2];
+    let (small_ours, small_peer, _) = figures[0];
+    let (small4_ours, small4_plain, small4_fork) = figures[1];
+    let (large_ours, large_peer, _) = figures[2];
     let small1_fps = fps(&workloads.small, small_ours);
     let small1_peer_fps = fps(&workloads.small, small_peer);
     let small_fps = fps(&workloads.small4, small4_ours);
-    let small_peer_fps = fps(&workloads.small4, small4_peer);
+    let small_plain_fps = fps(&workloads.small4, small4_plain);
+    let small_fork_fps = small4_fork.map_or(0.0, |secs| fps(&workloads.small4, secs));
+    // The target is against the faster peer.
+    let small_peer_fps = small_plain_fps.max(small_fork_fps);
     let large_mbps = mb(workloads.large.bytes) / large_ours;
     let large_peer_mbps = mb(workloads.large.bytes) / large_peer;
     let small1_ratio = small1_fps / small1_peer_fps;
@@ -203,25 +227,27 @@ fn measure(
     };
     println!("result:");
     println!(
-        "  500 small, 4 associations: {small_fps:.0} files/s, storescp {small_peer_fps:.0} files/s: {small_ratio:.2}x (target ≥ 1.5: {})",
+        "  500 small, 4 associations: {small_fps:.0} files/s; storescp {small_plain_fps:.0} files/s, \
+         storescp --fork {small_fork_fps:.0} files/s; against the faster: {small_ratio:.2}x (target ≥ 1.5: {})",
         verdict(small_ratio >= 1.5)
     );
     println!(
         "  500 small, 1 association: {small1_fps:.0} files/s, storescp {small1_peer_fps:.0} files/s: {small1_ratio:.2}x; \
-         the sender's own limit (storescp --ignore, storing nothing): {null_fps:.0} files/s, {:.2}x storescp",
+         (target ≥ 1.0: {}); the sender's own limit (storescp --ignore, storing nothing): {null_fps:.0} files/s, {:.2}x storescp",
+        verdict(small1_ratio >= 1.0),
         null_fps / small1_peer_fps
     );
     println!(
-        "  large: {large_mbps:.0} MB/s, storescp {large_peer_mbps:.0} MB/s: {large_ratio:.2}x (target ≥ 1.0: {})",
-        verdict(large_ratio >= 1.0)
+        "  large: {large_mbps:.0} MB/s, storescp {large_peer_mbps:.0} MB/s: {large_ratio:.2}x (target ≥ 2.0: {})",
+        verdict(large_ratio >= 2.0)
     );
     println!(
-        "  peak RSS of the DICOM service: {rss_mib:.1} MiB (target ≤ 64: {}); storescp {:.1} MiB",
-        verdict(rss_mib <= 64.0),
+        "  peak RSS of the DICOM service: {rss_mib:.1} MiB (target ≤ 32: {}); storescp {:.1} MiB",
+        verdict(rss_mib <= 32.0),
         mib(peer_rss)
     );
     println!(
-        "{{\"bench\":\"dicom\",\"small_files_per_s\":{small_fps:.1},\"small_ratio_vs_storescp\":{small_ratio:.3},\"large_mb_per_s\":{large_mbps:.1},\"large_ratio_vs_storescp\":{large_ratio:.3},\"peak_rss_mib\":{rss_mib:.1},\"small_associations\":4,\"small_1assoc_files_per_s\":{small1_fps:.1},\"small_1assoc_ratio_vs_storescp\":{small1_ratio:.3},\"sender_limit_1assoc_files_per_s\":{null_fps:.1},\"storescp_small_files_per_s\":{small_peer_fps:.1},\"storescp_large_mb_per_s\":{large_peer_mbps:.1},\"storescp_peak_rss_mib\":{:.1},\"small_files\":{},\"large_mb\":{:.1},\"max_pdu\":{PDU},\"profile\":\"{profile}\"}}",
+        "{{\"bench\":\"dicom\",\"small_files_per_s\":{small_fps:.1},\"small_ratio_vs_storescp\":{small_ratio:.3},\"large_mb_per_s\":{large_mbps:.1},\"large_ratio_vs_storescp\":{large_ratio:.3},\"peak_rss_mib\":{rss_mib:.1},\"small_associations\":4,\"small_1assoc_files_per_s\":{small1_fps:.1},\"small_1assoc_ratio_vs_storescp\":{small1_ratio:.3},\"sender_limit_1assoc_files_per_s\":{null_fps:.1},\"storescp_small_files_per_s\":{small_plain_fps:.1},\"storescp_fork_small_files_per_s\":{small_fork_fps:.1},\"storescp_large_mb_per_s\":{large_peer_mbps:.1},\"storescp_peak_rss_mib\":{:.1},\"small_files\":{},\"large_mb\":{:.1},\"max_pdu\":{PDU},\"profile\":\"{profile}\"}}",
         mib(peer_rss),
         workloads.small.files,
         mb(workloads.large.bytes),
@@ -428,8 +454,20 @@ fn count_files(dir: &Path) -> usize {
     fs::read_dir(dir).map_or(0, |d| d.flatten().count())
 }
 
-/// A fresh storescp (`ignore`: receiving and discarding, `--ignore`) for one run.
-fn run_peer(ns: &Netns, w: &Workload, work: &Path, ignore: bool) -> anyhow::Result<Run> {
+/// How the peer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// `storescp`: one association at a time.
+    Plain,
+    /// `storescp --fork`: a process per association.
+    Fork,
+    /// `storescp --ignore`: receiving and discarding (the sender's own limit).
+    Ignore,
+}
+
+/// A fresh storescp for one run.
+fn run_peer(ns: &Netns, w: &Workload, work: &Path, peer: Peer) -> anyhow::Result<Run> {
+    let ignore = peer == Peer::Ignore;
     let out = work.join("storescp");
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
@@ -443,6 +481,7 @@ fn run_peer(ns: &Netns, w: &Workload, work: &Path, ignore: bool) -> anyhow::Resu
         .arg("--output-directory")
         .arg(&out)
         .args(ignore.then_some("--ignore"))
+        .args((peer == Peer::Fork).then_some("--fork"))
         .arg(PEER_PORT.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -461,7 +500,9 @@ fn run_peer(ns: &Netns, w: &Workload, work: &Path, ignore: bool) -> anyhow::Resu
         );
         Ok(secs)
     })();
-    // GNU time waits for storescp and then writes its figure: stop storescp, not time.
+    // GNU time waits for storescp and then writes its figure: stop storescp, not time
+    // (with --fork, each association's process has answered its last instance and exits
+    // with it).
     stop_children_of(&child);
     let _ = child.wait();
     let _ = fs::remove_dir_all(&out);
