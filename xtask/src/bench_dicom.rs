@@ -232,7 +232,7 @@ fn measure(
         verdict(small_ratio >= 1.5)
     );
     println!(
-        "  500 small, 1 association: {small1_fps:.0} files/s, storescp {small1_peer_fps:.0} files/s: {small1_ratio:.2}x; \
+        "  500 small, 1 association: {small1_fps:.0} files/s, storescp {small1_peer_fps:.0} files/s: {small1_ratio:.2}x \
          (target ≥ 1.0: {}); the sender's own limit (storescp --ignore, storing nothing): {null_fps:.0} files/s, {:.2}x storescp",
         verdict(small1_ratio >= 1.0),
         null_fps / small1_peer_fps

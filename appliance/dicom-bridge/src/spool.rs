@@ -1,13 +1,21 @@
-//! The spool: `DIR/incoming/*.part` (instances being received), `DIR/objects/N.dcm`
-//! (received, acknowledged, waiting to be forwarded) and `DIR/queue.db` (the queue,
-//! `synchronous=FULL`). File names come from queue ids, never from UIDs.
+//! The spool: `DIR/objects/N.dcm` (instances being received, and received, acknowledged and
+//! waiting to be forwarded) and `DIR/queue.db` (the queue, `synchronous=FULL`). File names
+//! come from queue ids (taken when an instance starts), never from UIDs.
 //!
-//! **Invariants.** A file under `objects/` is complete: it was fsynced under a temporary
-//! name first. [`Incoming::commit`] returns only after the file and its queue row are durable,
-//! so a success status sent after it survives `kill -9` and power loss. An instance that is
-//! not committed (abort, error, crash) leaves nothing: `Incoming` removes its temporary file
-//! on drop, and [`Spool::open`] removes what a crash left (temporary files, and objects
-//! without a queue row, which were never acknowledged).
+//! **Invariants.** The queue row is the commit point: an object with a row is complete and
+//! durable, an object without one was never acknowledged. [`Incoming::commit`] makes the file
+//! durable (its data, size and directory entry) before its row commits, and returns only
+//! after both, so a success status sent after it survives `kill -9` and power loss. An
+//! instance that is not committed (abort, error, crash) leaves nothing: `Incoming` removes
+//! its file on drop, and [`Spool::open`] removes what a crash left (objects without a queue
+//! row, and the `incoming/` folder of earlier versions).
+//!
+//! **One flush per instance** on ext4 (the appliance's data partition): an instance is
+//! written under its final name from the start (no rename), and ext4 writes a new file's
+//! directory entry with the file's `fdatasync` (with a journal, the entry is in the same or
+//! an earlier transaction, which the flush commits; without one, ext4 syncs the parent of a
+//! new inode itself). On any other file system the folder is fsynced as well. The queue rows
+//! of concurrent associations share one WAL flush ([`Incoming::commit`]'s group commit).
 //!
 //! **Duplicates** (same SOP Instance UID while an earlier copy is still queued): identical
 //! bytes are stored once; different bytes replace the earlier copy (the newest wins), and the
@@ -256,7 +264,9 @@ struct Inner {
     dir: PathBuf,
     /// `objects/`, open for fsync.
     objects: File,
-    /// The next queue id: objects are named before their row exists (see
+    /// Whether a new object's directory entry needs the folder's fsync (not on ext4).
+    sync_folder: bool,
+    /// The next queue id: objects are named when they start, before their row exists (see
     /// [`Incoming::commit`]).
     next_id: AtomicI64,
     /// Rows waiting for the next group commit.
@@ -289,18 +299,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Spool {
     /// Opens (creating) a spool in `dir` with a quota in bytes, and removes what a crash left.
     pub fn open(dir: &Path, quota: u64) -> Result<Spool, SpoolError> {
-        for sub in ["incoming", "objects"] {
-            fs::create_dir_all(dir.join(sub)).map_err(SpoolError::Io)?;
-        }
+        fs::create_dir_all(dir.join("objects")).map_err(SpoolError::Io)?;
         let conn =
             tsunagi_state::open(&dir.join("queue.db"), Durability::Acknowledging, MIGRATIONS)
                 .map_err(SpoolError::Open)?;
-        // Recovery: nothing in incoming/ was acknowledged.
-        for e in fs::read_dir(dir.join("incoming")).map_err(SpoolError::Io)? {
-            let _ = fs::remove_file(e.map_err(SpoolError::Io)?.path());
-        }
-        // Objects without a queue row: renamed but the row's transaction did not commit, so
-        // never acknowledged.
+        // Recovery: earlier versions received into incoming/; nothing there was acknowledged.
+        let _ = fs::remove_dir_all(dir.join("incoming"));
+        // Objects without a queue row: being received, or whose row's transaction did not
+        // commit, so never acknowledged.
         let mut used = 0u64;
         for e in fs::read_dir(dir.join("objects")).map_err(SpoolError::Io)? {
             let path = e.map_err(SpoolError::Io)?.path();
@@ -333,8 +339,11 @@ impl Spool {
             )
             .map_err(sql("recover"))?;
         let objects = File::open(dir.join("objects")).map_err(SpoolError::Io)?;
+        let ext4 = nix::sys::statfs::fstatfs(&objects)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC);
         Ok(Spool {
             inner: Arc::new(Inner {
+                sync_folder: !ext4,
                 next_id: AtomicI64::new(last.max(sequence) + 1),
                 pending: Mutex::new(Vec::new()),
                 objects,
@@ -358,10 +367,10 @@ impl Spool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts receiving an instance.
+    /// Starts receiving an instance, under its final name (see [`Incoming::commit`]).
     pub fn begin(&self) -> Result<Incoming, SpoolError> {
-        let name = format!("{:016x}.part", fastrand::u64(..));
-        let path = self.inner.dir.join("incoming").join(name);
+        let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
+        let path = self.object_path(id);
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -369,6 +378,7 @@ impl Spool {
             .map_err(io_or_full)?;
         Ok(Incoming {
             spool: self.clone(),
+            id,
             path,
             file: Some(file),
             written: 0,
@@ -639,6 +649,9 @@ const WRITEBACK_CHUNK: u64 = 8 << 20;
 /// An instance being received. Dropped without [`Incoming::commit`], it leaves nothing.
 pub struct Incoming {
     spool: Spool,
+    /// Its queue id, and the name of its object.
+    id: i64,
+    /// Its object; empty once committed (the queue's then).
     path: PathBuf,
     file: Option<File>,
     written: u64,
@@ -700,21 +713,19 @@ impl Incoming {
             .file
             .take()
             .ok_or(SpoolError::Io(io::Error::other("already committed")))?;
-        // Data and size (what reading it back needs); the rename below is made durable by
-        // the directory's fsync.
+        // Data, size and (on ext4) the directory entry: what reading it back needs. Made
+        // durable before the queue's lock is taken, so that concurrent associations wait
+        // for each other's queue commits only. A crash before the row commits leaves an
+        // object without a row: never acknowledged, and [`Spool::open`] removes it (and the
+        // next id counts from the rows again).
         file.sync_data().map_err(io_or_full)?;
         drop(file);
-        let digest = self.hash.finalize().to_hex().to_string();
         let spool = self.spool.clone();
-        // The object's final name, made durable before the queue's lock is taken, so that
-        // concurrent associations wait for each other's queue commits only. A crash before
-        // the row commits leaves an object without a row: never acknowledged, and
-        // [`Spool::open`] removes it (and the next id counts from the rows again).
-        let id = spool.inner.next_id.fetch_add(1, Ordering::SeqCst);
-        let target = spool.object_path(id);
-        fs::rename(&self.path, &target).map_err(io_or_full)?;
-        self.path = target;
-        spool.inner.objects.sync_all().map_err(SpoolError::Io)?;
+        if spool.inner.sync_folder {
+            spool.inner.objects.sync_all().map_err(SpoolError::Io)?;
+        }
+        let digest = self.hash.finalize().to_hex().to_string();
+        let id = self.id;
         // Group commit: the row joins the pending ones; whoever holds the queue next commits
         // all of them in one transaction (concurrent associations share one WAL fsync).
         let (reply, landed) = mpsc::sync_channel(1);

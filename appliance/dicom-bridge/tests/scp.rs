@@ -127,7 +127,7 @@ async fn wrong_called_ae_and_a_full_spool_are_refused_and_service_goes_on() {
     );
     assert_eq!(spool.counts().unwrap().pending, 0);
     assert!(
-        std::fs::read_dir(dir.path().join("spool/incoming"))
+        std::fs::read_dir(dir.path().join("spool/objects"))
             .unwrap()
             .next()
             .is_none(),
@@ -170,10 +170,6 @@ fn pdata(pc: u8, command: bool, last: bool, data: Vec<u8>) -> dicom_ul::Pdu {
 
 fn spool_is_empty(dir: &Path, spool: &Spool) -> bool {
     spool.counts().unwrap().pending == 0
-        && std::fs::read_dir(dir.join("spool/incoming"))
-            .unwrap()
-            .next()
-            .is_none()
         && std::fs::read_dir(dir.join("spool/objects"))
             .unwrap()
             .next()

@@ -36,7 +36,6 @@ fn committed_instances_are_queued_durably_and_survive_reopening() {
         panic!()
     };
     assert_eq!(files(dir.path(), "objects"), vec![format!("{id}.dcm")]);
-    assert!(files(dir.path(), "incoming").is_empty());
     drop(spool);
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
     let ready = spool.ready(100, 10).unwrap();
@@ -54,9 +53,8 @@ fn an_aborted_transfer_leaves_nothing() {
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
     let mut inc = spool.begin().unwrap();
     inc.write(b"half an instance").unwrap();
-    assert_eq!(files(dir.path(), "incoming").len(), 1);
+    assert_eq!(files(dir.path(), "objects").len(), 1);
     drop(inc);
-    assert!(files(dir.path(), "incoming").is_empty());
     assert!(files(dir.path(), "objects").is_empty());
     assert_eq!(spool.counts().unwrap(), Counts::default());
 }
@@ -70,7 +68,7 @@ fn the_quota_answers_out_of_resources_and_frees_up_again() {
     inc.write(b"0123456789").unwrap();
     assert!(matches!(inc.write(b"x"), Err(SpoolError::OutOfResources)));
     drop(inc);
-    assert!(files(dir.path(), "incoming").is_empty(), "no partial file");
+    assert_eq!(files(dir.path(), "objects").len(), 1, "no partial file");
     // Another association is refused too while full; after delivery there is room again.
     let mut inc = spool.begin().unwrap();
     assert!(matches!(
@@ -145,12 +143,14 @@ fn opening_removes_what_a_crash_left() {
         panic!()
     };
     drop(spool);
-    // A temporary file of a transfer cut by kill -9, and an object renamed into place whose
-    // queue row never committed (so its success was never sent).
-    fs::write(dir.path().join("incoming").join("deadbeef.part"), b"half").unwrap();
+    // A transfer cut by kill -9 (an object without a row, its success never sent), a
+    // complete object whose row never committed, and an earlier version's temporary file.
+    fs::write(dir.path().join("objects").join("998.dcm"), b"half").unwrap();
     fs::write(dir.path().join("objects").join("999.dcm"), b"orphan").unwrap();
+    fs::create_dir_all(dir.path().join("incoming")).unwrap();
+    fs::write(dir.path().join("incoming").join("deadbeef.part"), b"half").unwrap();
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-    assert!(files(dir.path(), "incoming").is_empty());
+    assert!(!dir.path().join("incoming").exists());
     assert_eq!(files(dir.path(), "objects"), vec![format!("{id}.dcm")]);
     assert_eq!(spool.counts().unwrap().bytes, 4);
     // Ids go on after the rows (and after delivered ones): never an existing object's name.
