@@ -556,10 +556,12 @@ pub fn gate_round(
         );
     }
     let mut permitted = Vec::new();
-    let mut decided: Vec<((String, Category), Decided)> = Vec::new();
+    // Each (patient, category) asked once a round: its answer, or why the consent service
+    // refused the question.
+    let mut decided: Vec<((String, Category), Result<Decided, String>)> = Vec::new();
     // The permit each instance is sent under (its audit row), for its release record.
     let mut sent_under: Vec<(i64, i64)> = Vec::new();
-    let mut identities: Vec<(String, Option<String>)> = Vec::new();
+    let mut identities: Vec<(String, Result<Option<String>, String>)> = Vec::new();
     for q in spool.ready(now, limit)? {
         let Some(patient) = q.meta.patient_id.clone() else {
             spool.hold(q.id, "no PatientID in the data set")?;
@@ -573,12 +575,22 @@ pub fn gate_round(
             continue;
         };
         let key = (patient.clone(), category);
-        let verdict = match decided.iter().find(|(k, _)| *k == key) {
-            Some((_, v)) => *v,
+        let answer = match decided.iter().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.clone(),
             None => {
-                let v = gate.decide(&patient, category)?;
-                decided.push((key, v));
+                let v = refused_or(gate.decide(&patient, category))?;
+                decided.push((key, v.clone()));
                 v
+            }
+        };
+        // The consent service refused the question itself (e.g. an ID its model does not
+        // take): this instance is held with the reason, and the round goes on for the
+        // others; never a round that stops at it (head-of-line blocking).
+        let verdict = match answer {
+            Ok(v) => v,
+            Err(why) => {
+                spool.hold(q.id, &why)?;
+                continue;
             }
         };
         match verdict.decision {
@@ -591,9 +603,16 @@ pub fn gate_round(
                 let network_id = match identities.iter().find(|(p, _)| *p == patient) {
                     Some((_, n)) => n.clone(),
                     None => {
-                        let n = gate.network_id(&patient)?;
+                        let n = refused_or(gate.network_id(&patient))?;
                         identities.push((patient.clone(), n.clone()));
                         n
+                    }
+                };
+                let network_id = match network_id {
+                    Ok(n) => n,
+                    Err(why) => {
+                        spool.hold(q.id, &why)?;
+                        continue;
                     }
                 };
                 let Some(network_id) = network_id else {
@@ -628,6 +647,21 @@ pub fn gate_round(
         seq: changes.seq,
         permitted,
     })
+}
+
+/// A refusal of the consent service (it answered, and said no to the question itself) as the
+/// reason an instance is held; any other failure (it cannot be reached, or answered nonsense)
+/// ends the round: nothing is sent without an answer.
+fn refused_or<T>(
+    answer: Result<T, consent::client::GateError>,
+) -> Result<Result<T, String>, RoundError> {
+    match answer {
+        Ok(v) => Ok(Ok(v)),
+        Err(consent::client::GateError::Refused(why)) => Ok(Err(format!(
+            "the consent service refused the question: {why}"
+        ))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// How many release records one round sends to the consent service at most.

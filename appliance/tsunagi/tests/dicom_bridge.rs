@@ -546,6 +546,57 @@ fn pacs_down_while_200_instances_arrive_then_all_delivered_once() {
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
 
+/// Issue 15, head-of-line blocking: instances with PatientIDs the consent service refuses
+/// to be asked about (`AB_01`, `AB 01`) or has no consent for (64 characters) come first,
+/// oldest in the queue; the 50 instances of a consented patient behind them all arrive,
+/// and the odd ones stay held in the clinic, with their reason in the status.
+#[test]
+fn odd_patient_ids_first_do_not_stop_the_50_instances_behind_them() {
+    if skip_unless_root("odd_patient_ids_first_do_not_stop_the_50_instances_behind_them") {
+        return;
+    }
+    let pacs = Orthanc::start_for_test();
+    let (mut h, _) = clinic(&pacs, FAST_SUPERVISOR, "5s");
+    h.start_in_netns(pacs.netns());
+    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    });
+    let files = tempfile::tempdir().unwrap();
+    let long = "1234567890".repeat(6) + "1234";
+    let odd: Vec<std::path::PathBuf> = ["AB_01", "AB 01", long.as_str()]
+        .iter()
+        .map(|id| japanese_ct(files.path(), &Ids::new(id)).unwrap())
+        .collect();
+    let odd: Vec<&std::path::Path> = odd.iter().map(std::path::PathBuf::as_path).collect();
+    store_through_box(&pacs, &odd, Duration::from_secs(30));
+    let base = Ids::new("0001234");
+    let normal: Vec<std::path::PathBuf> = (0..50)
+        .map(|_| japanese_ct(files.path(), &base.next_instance()).unwrap())
+        .collect();
+    let normal: Vec<&std::path::Path> = normal.iter().map(std::path::PathBuf::as_path).collect();
+    store_through_box(&pacs, &normal, Duration::from_secs(60));
+    let status = h.wait_for("delivery", Duration::from_secs(60), |s| {
+        service(s, "dicom")["metrics"]["delivered_total"] == 50.0
+    });
+    assert_eq!(
+        service(&status, "dicom")["metrics"]["spool_held"],
+        3.0,
+        "{status}"
+    );
+    // Counted at Orthanc: the 50, all of the consented patient's network ID.
+    let ids = wait_for_instances(&pacs, 50, &h);
+    assert_eq!(ids.len(), 50);
+    for id in &ids {
+        let arrived = DicomFile::parse(pacs.instance_file(id).unwrap()).unwrap();
+        assert_eq!(
+            arrived.string(0x0010, 0x0020).as_deref(),
+            Some(network_id("0001234").as_str())
+        );
+    }
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
 /// Runs a dcmtk viewer tool (`findscu`, `movescu`, `getscu`) with `args`, writing what it
 /// receives into a fresh directory (`-od DIR`); the files it received, its output and
 /// whether it succeeded.

@@ -25,6 +25,13 @@ struct ScriptedGate {
     asked: Vec<(String, Category)>,
     identities_asked: Vec<String>,
     released: Vec<Release>,
+    /// Patient IDs the service refuses decisions about (as it does an ID its model does not
+    /// take).
+    refused: Vec<String>,
+    /// Patient IDs the service refuses identity lookups of.
+    refused_identities: Vec<String>,
+    /// Whether the service is unreachable.
+    down: bool,
 }
 
 impl ScriptedGate {
@@ -42,6 +49,14 @@ impl ScriptedGate {
 impl Gate for ScriptedGate {
     fn decide(&mut self, patient: &str, category: Category) -> Result<Decided, GateError> {
         self.asked.push((patient.to_owned(), category));
+        if self.down {
+            return Err(GateError::Io(std::io::ErrorKind::ConnectionReset.into()));
+        }
+        if self.refused.iter().any(|p| p == patient) {
+            return Err(GateError::Refused(
+                "patient: a patient ID may only contain letters, digits, `-` and `.`".into(),
+            ));
+        }
         let decision = self
             .answers
             .get(&(patient.to_owned(), category))
@@ -75,6 +90,11 @@ impl Gate for ScriptedGate {
 impl Identities for ScriptedGate {
     fn network_id(&mut self, patient: &str) -> Result<Option<String>, GateError> {
         self.identities_asked.push(patient.to_owned());
+        if self.refused_identities.iter().any(|p| p == patient) {
+            return Err(GateError::Refused(
+                "network-id-of: a patient ID may only contain letters, digits, `-` and `.`".into(),
+            ));
+        }
         Ok(self.network_ids.get(patient).cloned())
     }
 
@@ -332,4 +352,71 @@ fn the_round_reports_the_feed_position_its_decisions_were_made_after() {
     let r = round(&mut gate, &spool, 0);
     assert_eq!(r.seq, 2);
     assert_eq!(round(&mut gate, &spool, r.seq).seq, 2);
+}
+
+#[test]
+fn an_id_the_consent_service_refuses_is_held_and_the_round_goes_on_for_the_others() {
+    let (_dir, spool) = spool();
+    let mut gate = ScriptedGate::default();
+    gate.refused.push("AB_01".to_owned());
+    gate.answer("0001", Category::Images, Decision::Permit);
+    // The odd ID first, as the oldest in the queue (head of the line), then 50 others.
+    let odd = queue(&spool, CT, Some("AB_01"));
+    let odd_again = queue(&spool, CT, Some("AB_01"));
+    let others: Vec<i64> = (0..50).map(|_| queue(&spool, CT, Some("0001"))).collect();
+    let r = round(&mut gate, &spool, 0);
+    assert_eq!(ids(&r), others);
+    let why = "the consent service refused the question: patient: a patient ID may only contain letters, digits, `-` and `.`";
+    assert_eq!(
+        held(&spool),
+        BTreeMap::from([(odd, why.to_owned()), (odd_again, why.to_owned())])
+    );
+    // Asked once for the refused ID in the round, not once per instance.
+    assert_eq!(gate.asked.iter().filter(|(p, _)| p == "AB_01").count(), 1);
+}
+
+#[test]
+fn an_identity_the_consent_service_refuses_is_held_and_the_round_goes_on() {
+    let (_dir, spool) = spool();
+    let mut gate = ScriptedGate::default();
+    gate.answer("0001", Category::Images, Decision::Permit);
+    gate.answer("0002", Category::Images, Decision::Permit);
+    gate.refused_identities.push("0001".to_owned());
+    let t = Translation {
+        network_issuer: "NET".to_owned(),
+        network_oid: "2.999.1".to_owned(),
+        facility_code: "1312345678".to_owned(),
+    };
+    let first = queue(&spool, CT, Some("0001"));
+    let second = queue(&spool, CT, Some("0002"));
+    gate_round(&mut gate, &spool, 0, 86_400, Some(&t), 1000, NOW).unwrap();
+    // 0001 held with the refusal; 0002 was asked about after it (it waits for its ID).
+    assert_eq!(
+        held(&spool),
+        BTreeMap::from([(
+            first,
+            "the consent service refused the question: network-id-of: a patient ID may only contain letters, digits, `-` and `.`".to_owned()
+        )])
+    );
+    assert_eq!(
+        gate.identities_asked,
+        vec!["0001".to_owned(), "0002".to_owned()]
+    );
+    assert_eq!(spool.ready(NOW + IDENTITY_RETRY, 10).unwrap()[0].id, second);
+}
+
+#[test]
+fn an_unreachable_consent_service_ends_the_round_and_sends_nothing() {
+    let (_dir, spool) = spool();
+    let mut gate = ScriptedGate {
+        down: true,
+        ..ScriptedGate::default()
+    };
+    let id = queue(&spool, CT, Some("0001"));
+    assert!(matches!(
+        gate_round(&mut gate, &spool, 0, 86_400, None, 1000, NOW),
+        Err(RoundError::Gate(GateError::Io(_)))
+    ));
+    assert!(held(&spool).is_empty(), "nothing held on a failure to ask");
+    assert_eq!(spool.ready(NOW, 10).unwrap()[0].id, id);
 }
