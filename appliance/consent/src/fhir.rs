@@ -257,13 +257,7 @@ pub fn identifier(patient: &Value, system: &str) -> Option<String> {
 /// Whether a network ID can be carried as a DICOM PatientID (LO): 1–64 printable ASCII
 /// characters, no backslash, no surrounding space.
 pub fn is_network_id(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= 64
-        && value
-            .bytes()
-            .all(|b| (b' '..=b'~').contains(&b) && b != b'\\')
-        && !value.starts_with(' ')
-        && !value.ends_with(' ')
+    crate::model::is_dicom_id(value)
 }
 
 /// Other facilities' identifiers in a Patient resource (名寄せ links).

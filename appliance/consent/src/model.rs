@@ -23,23 +23,34 @@ pub fn patient_id_system(facility: &FacilityCode) -> String {
 #[error("{0}")]
 pub struct ModelError(pub String);
 
-/// A patient's ID in this clinic's EMR / SS-MIX2 storage. Leading zeros are significant.
+/// A patient's ID in this clinic's EMR / SS-MIX2 storage, or as a modality sends it. Leading
+/// zeros are significant. Any valid DICOM PatientID is one (LO, PS3.5 6.2: 1 to 64
+/// characters of the default repertoire, printable ASCII, without a backslash; the padding
+/// spaces around it are not part of it), so that no instance a modality sends is refused for
+/// its ID's form: `AB_01`, `AB 01` and `A|B,C$` are IDs.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct PatientId(String);
 
+/// Whether `value` is a DICOM LO value as an ID carries it: 1-64 printable ASCII
+/// characters, no backslash, no leading or trailing space.
+pub fn is_dicom_id(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'\\')
+        && !value.starts_with(' ')
+        && !value.ends_with(' ')
+}
+
 impl TryFrom<String> for PatientId {
     type Error = ModelError;
     fn try_from(value: String) -> Result<Self, ModelError> {
-        if value.is_empty() || value.len() > 64 {
-            return Err(ModelError("a patient ID is 1 to 64 characters".into()));
-        }
-        if !value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        {
+        if !is_dicom_id(&value) {
             return Err(ModelError(
-                "a patient ID may only contain letters, digits, `-` and `.`".into(),
+                "a patient ID is a DICOM PatientID: 1 to 64 printable ASCII characters, no backslash, no leading or trailing space"
+                    .into(),
             ));
         }
         Ok(Self(value))

@@ -99,6 +99,20 @@ pub const PAGE_SIZE: usize = 1000;
 /// is kept, the cache is not refreshed) and the next round goes on from there.
 pub const MAX_PAGES: usize = 200;
 
+/// A token search's value or system with FHIR's search escapes: `\\`, `|`, `,` and `$`
+/// are preceded by a backslash (FHIR R4 search, 3.1.1.4.7), so an ID such as `A|B` is
+/// searched as itself.
+fn token_escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if matches!(c, '\\' | '|' | ',' | '$') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn encode(value: &str) -> String {
     value
         .bytes()
@@ -424,7 +438,14 @@ async fn server_patient_id(
             ),
         )
     };
-    let target = format!("Patient?identifier={}", encode(&format!("{system}|{pid}")));
+    let target = format!(
+        "Patient?identifier={}",
+        encode(&format!(
+            "{}|{}",
+            token_escape(&system),
+            token_escape(pid.as_str())
+        ))
+    );
     let stored = client.expect_ok("PUT", &target, Some(&resource)).await?;
     stored["id"]
         .as_str()
@@ -493,7 +514,11 @@ async fn push_one(
             };
             let target = format!(
                 "Consent?identifier={}",
-                encode(&format!("{CONSENT_ID_SYSTEM}|{id}"))
+                encode(&format!(
+                    "{}|{}",
+                    token_escape(CONSENT_ID_SYSTEM),
+                    token_escape(id)
+                ))
             );
             client
                 .expect_ok("PUT", &target, Some(&resource))
@@ -688,7 +713,7 @@ impl Pager {
 async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), SyncError> {
     let facility = lock(store)?.facility().clone();
     // Token search by system only: every patient with an identifier of this clinic.
-    let ours = encode(&format!("{}|", patient_id_system(&facility)));
+    let ours = encode(&format!("{}|", token_escape(&patient_id_system(&facility))));
     let mut known: HashMap<String, Option<PatientId>> = HashMap::new();
     let mut pulled = 0;
     let mut changed = 0;

@@ -123,6 +123,42 @@ async fn push_read_back_change_and_withdraw_on_the_server() {
     assert_eq!(all["total"], 1);
 }
 
+/// Issue 15: any DICOM PatientID is a patient ID, those with FHIR's search delimiters too
+/// (escaped in every token search): pushed once, found again by the next rounds (no second
+/// Patient or Consent), and permitted after the pull.
+#[tokio::test]
+async fn a_patient_id_with_spaces_and_search_delimiters_syncs_once() {
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, _) = clinic_with_id(dir.path(), "AB_01 A|B,C$");
+    let r = round(&store, &client(addr, "/fhir")).await.unwrap();
+    assert_eq!(r.pushed, 3, "patient, link, consent");
+    assert_eq!(decide(&store, &pid, "1312345679", DAY), Decision::Permit);
+    let patients = get(
+        addr,
+        &format!(
+            "/fhir/Patient?identifier={}",
+            enc(&format!("{PATIENT_SYSTEM}|AB_01 A\\|B\\,C\\$"))
+        ),
+    );
+    assert_eq!(patients["total"], 1, "{patients}");
+    assert_eq!(
+        patients["entry"][0]["resource"]["identifier"][0]["value"],
+        "AB_01 A|B,C$"
+    );
+    // Pushed again from the outbox: found by its escaped identifier, never a second copy.
+    store
+        .lock()
+        .unwrap()
+        .connection()
+        .execute("UPDATE outbox SET done_at = NULL", [])
+        .unwrap();
+    round(&store, &client(addr, "/fhir")).await.unwrap();
+    assert_eq!(get(addr, "/fhir/Patient?_count=100")["total"], 1);
+    assert_eq!(get(addr, "/fhir/Consent?_count=100")["total"], 1);
+    assert_eq!(decide(&store, &pid, "1312345679", DAY), Decision::Permit);
+}
+
 #[tokio::test]
 async fn an_interrupted_push_completes_exactly_once() {
     let addr = strict_server();

@@ -52,23 +52,37 @@ pub(crate) struct Token {
 }
 
 impl Token {
+    /// Parses `[system]|[value]` or `value` with FHIR's search escapes (`\\`, `\|`, `\,`,
+    /// `\$`: R4 search 3.1.1.4.7). Refused: an empty token, an unescaped `,` (a list of
+    /// values, not served here), a second unescaped `|`, a lone or unknown escape.
     pub(crate) fn parse(s: &str) -> Option<Self> {
-        let token = match s.split_once('|') {
-            Some((system, value)) => Self {
-                system: Some(system.to_owned()),
-                value: (!value.is_empty()).then(|| value.to_owned()),
-            },
-            None => Self {
+        // The parts between unescaped `|`, unescaped.
+        let mut parts = vec![String::new()];
+        let mut chars = s.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some(e @ ('\\' | '|' | ',' | '$')) => parts.last_mut()?.push(e),
+                    _ => return None,
+                },
+                ',' => return None,
+                '|' => parts.push(String::new()),
+                c => parts.last_mut()?.push(c),
+            }
+        }
+        let token = match parts.as_slice() {
+            [value] => Self {
                 system: None,
-                value: Some(s.to_owned()),
+                value: Some(value.clone()),
             },
+            [system, value] => Self {
+                system: Some(system.clone()),
+                value: (!value.is_empty()).then(|| value.clone()),
+            },
+            _ => return None,
         };
         let empty = token.system.as_deref().is_none_or(str::is_empty) && token.value.is_none();
-        (!s.is_empty()
-            && !s.contains(',')
-            && !empty
-            && !token.value.as_deref().is_some_and(|v| v.contains('|')))
-        .then_some(token)
+        (!s.is_empty() && !empty).then_some(token)
     }
 
     /// Whether any of `resource.identifier[]` matches.
@@ -258,9 +272,16 @@ mod tests {
             any_value
                 .matches_identifier(&json!({"identifier": [{"system": "urn:x", "value": "9"}]}))
         );
-        for bad in ["", "|", "a,b", "a|b|c"] {
+        for bad in ["", "|", "a,b", "a|b|c", "a\\", "a\\x", "urn:x|a\\"] {
             assert_eq!(Token::parse(bad), None, "{bad}");
         }
+        // FHIR's escapes: an ID with `|`, `,`, `$` and a space is searched as itself.
+        let escaped = Token::parse("urn:x|A\\|B\\,C\\$ D").unwrap();
+        assert_eq!(escaped.system.as_deref(), Some("urn:x"));
+        assert_eq!(escaped.value.as_deref(), Some("A|B,C$ D"));
+        assert!(escaped.matches_identifier(
+            &json!({"identifier": [{"system": "urn:x", "value": "A|B,C$ D"}]})
+        ));
     }
 
     #[test]

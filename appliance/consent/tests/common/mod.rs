@@ -54,16 +54,27 @@ pub fn put(addr: SocketAddr, target: &str, body: &Value) {
     );
 }
 
+/// Percent-encodes everything but unreserved characters (RFC 3986).
 pub fn enc(s: &str) -> String {
-    s.replace(':', "%3A")
-        .replace('|', "%7C")
-        .replace('/', "%2F")
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 pub fn clinic(dir: &std::path::Path) -> (Mutex<Store>, PatientId, String) {
+    clinic_with_id(dir, "0001234")
+}
+
+/// [`clinic`] with another patient ID.
+pub fn clinic_with_id(dir: &std::path::Path, id: &str) -> (Mutex<Store>, PatientId, String) {
     let key = AuditKey::load_or_create(&dir.join("audit.key")).unwrap();
     let mut store = Store::open(&dir.join("consent.db"), fac("1312345678"), key).unwrap();
-    let pid: PatientId = "0001234".parse().unwrap();
+    let pid: PatientId = id.parse().unwrap();
     let now = time::now();
     store.upsert_patient(&sample_patient(&pid), now).unwrap();
     store
