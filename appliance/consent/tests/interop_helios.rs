@@ -140,12 +140,7 @@ async fn round_trip_with_helios_hfs() {
     );
 
     // Pushing again creates nothing new.
-    store
-        .lock()
-        .unwrap()
-        .connection()
-        .execute("UPDATE outbox SET done_at = NULL", [])
-        .unwrap();
+    replay_outbox(&store);
     round(&store, &fhir).await.unwrap();
     assert_eq!(get(addr, &format!("/Consent/{id}"))["status"], "inactive");
     assert_eq!(entries(&get(addr, "/Patient?_count=100")).len(), 1);

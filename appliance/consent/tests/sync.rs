@@ -99,12 +99,7 @@ async fn push_read_back_change_and_withdraw_on_the_server() {
     );
 
     // A restart replays the outbox: old versions must not undo the network's withdrawal.
-    store
-        .lock()
-        .unwrap()
-        .connection()
-        .execute("UPDATE outbox SET done_at = NULL", [])
-        .unwrap();
+    replay_outbox(&store);
     round(&store, &client(addr, "/fhir")).await.unwrap();
     let again = get(addr, &format!("/fhir/Consent/{id}"));
     assert_eq!(
@@ -147,12 +142,7 @@ async fn a_patient_id_with_spaces_and_search_delimiters_syncs_once() {
         "AB_01 A|B,C$"
     );
     // Pushed again from the outbox: found by its escaped identifier, never a second copy.
-    store
-        .lock()
-        .unwrap()
-        .connection()
-        .execute("UPDATE outbox SET done_at = NULL", [])
-        .unwrap();
+    replay_outbox(&store);
     round(&store, &client(addr, "/fhir")).await.unwrap();
     assert_eq!(get(addr, "/fhir/Patient?_count=100")["total"], 1);
     assert_eq!(get(addr, "/fhir/Consent?_count=100")["total"], 1);
@@ -182,12 +172,7 @@ async fn an_interrupted_push_completes_exactly_once() {
     // 2. The server stores everything, but the box dies before recording the
     //    acknowledgements (as after kill -9 between the answer and the commit).
     round(&store, &client(addr, "/fhir")).await.unwrap();
-    store
-        .lock()
-        .unwrap()
-        .connection()
-        .execute("UPDATE outbox SET done_at = NULL", [])
-        .unwrap();
+    replay_outbox(&store);
     drop(store);
 
     // 3. After the restart the same pushes go out again: conditional updates, no duplicates.

@@ -66,6 +66,17 @@ pub fn enc(s: &str) -> String {
         .collect()
 }
 
+/// Marks every outbox entry as not yet pushed, as a restart that lost the acknowledgements
+/// would find them: the next round pushes them all again.
+pub fn replay_outbox(store: &Mutex<Store>) {
+    store
+        .lock()
+        .unwrap()
+        .connection()
+        .execute("UPDATE outbox SET done_at = NULL", [])
+        .unwrap();
+}
+
 pub fn clinic(dir: &std::path::Path) -> (Mutex<Store>, PatientId, String) {
     clinic_with_id(dir, "0001234")
 }
