@@ -1327,6 +1327,48 @@ impl Store {
         self.append_rows(&rows)
     }
 
+    /// Records that an operator put objects held in the clinic back in the way out (e.g.
+    /// `tsunagi dicom requeue` of dead letters): one audit row per object, decision
+    /// `requeued`, reason `by:WHO` (WHO is the operator's name as given, up to 64 printable
+    /// characters). `patient` is the spool's raw patient ID (hashed like every other row; an
+    /// instance without one is recorded under an empty hash). Returns the last row's sequence
+    /// number. Nothing leaves by this: each object is decided again before it is sent.
+    pub fn record_requeue(
+        &mut self,
+        patient: Option<&str>,
+        recipient: &Recipient,
+        category: Category,
+        objects: &[String],
+        by: &str,
+        now: Timestamp,
+    ) -> Result<i64, StoreError> {
+        let hash = match patient {
+            Some(id) => {
+                let full = self.key.mac(&["patient", self.facility.as_str(), id]);
+                full[..32].to_owned()
+            }
+            None => String::new(),
+        };
+        let by: String = by.chars().filter(|c| !c.is_control()).take(64).collect();
+        let reason = format!("by:{by}");
+        let recipient = recipient.to_string();
+        let at = time::format(now);
+        let rows: Vec<AuditRow<'_>> = objects
+            .iter()
+            .map(|object| AuditRow {
+                at: &at,
+                patient_hash: &hash,
+                recipient: &recipient,
+                category: category.as_str(),
+                decision: "requeued",
+                reason: &reason,
+                object,
+                decision_seq: None,
+            })
+            .collect();
+        self.append_rows(&rows)
+    }
+
     /// The head of the audit trail, if anything was recorded.
     pub fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
         self.conn

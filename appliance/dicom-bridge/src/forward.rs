@@ -4,9 +4,19 @@
 //! One association carries a batch: it proposes one presentation context per (SOP class,
 //! transfer syntax) of the batch, `TCP_NODELAY` on, timeouts on every PDU, and streams each
 //! file in P-DATA fragments of the PACS's maximum length. Success and warning statuses are
-//! delivered; failures that say the instance itself is refused (A9xxH, Cxxx, 0122H, ...)
-//! mark it failed with the reason; a connection or association failure leaves the rest of
-//! the batch for a retry with backoff.
+//! delivered. A failure that says the PACS cannot store it *now* (A7xxH out of resources,
+//! 0110H processing failure, 0213H; [`Status::is_transient`]) is sent again later with a
+//! backoff of its own (A7xxH also pauses the association's share: the PACS is full). Only
+//! a failure that refuses the instance itself (A9xxH, Cxxx, 0122H, 0124H, ...) holds it as
+//! a dead letter with the reason, until an operator requeues it (`tsunagi dicom requeue`).
+//! A connection or association failure (refused, A-ASSOCIATE-RJ, aborted, timed out)
+//! leaves the rest of the batch queued, for a retry with the forwarder's backoff.
+//!
+//! A round's associations share its work ([`Work`], [`send_parallel`]): each takes the next
+//! instance when it is free, so one that is slow to open, or refused, holds nothing back.
+//! One still opening when the others have sent everything is given up [`OPEN_GRACE`]
+//! later; the service lowers the destination's parallelism when that happens (a PACS that
+//! serves fewer associations at a time than configured) and tries a higher one again later.
 //!
 //! Every send is watched ([`crate::inflight`]): an instance whose patient's consent changed
 //! while the batch is being sent is not sent (it stays queued, [`Outcome::Stopped`]), and one
@@ -19,6 +29,7 @@
 //! again after the restart (the PACS de-duplicates by SOP Instance UID). Between two
 //! instances the association is kept for an orderly release.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -61,8 +72,12 @@ impl From<Queued> for Outgoing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Delivered(Status),
-    /// The PACS refused this instance (the status says why); retrying will not help.
+    /// The PACS refused this instance for good (the status says why): retrying will not
+    /// help. It is held as a dead letter, with the status, until an operator requeues it.
     Refused(Status),
+    /// The PACS cannot store it now (out of resources, a processing failure,
+    /// [`Status::is_transient`]): sent again later, with a backoff.
+    Busy(Status),
     /// No presentation context was accepted for its SOP class and transfer syntax.
     NotAccepted,
     /// Not sent, or its transfer aborted: its patient's consent changed while the batch was
@@ -81,6 +96,8 @@ pub enum ForwardError {
     Read(#[source] std::io::Error),
     #[error("the network PACS answered something that is not a C-STORE response")]
     Protocol,
+    #[error("the network PACS cannot store now: {0}")]
+    Busy(Status),
 }
 
 /// An open association to the network PACS, kept between rounds for reuse.
@@ -163,6 +180,100 @@ pub async fn send_batch(
 /// it, the association (still open) unless it failed, and how many were opened.
 pub type Sent = (Vec<(i64, Outcome)>, Option<ForwardError>, Option<Link>, u32);
 
+/// The (SOP class, transfer syntax) pairs of `batch`, in order, at most 127 (the most one
+/// association can propose).
+fn pairs_of(batch: &[Outgoing]) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for q in batch.iter().map(|o| &o.queued) {
+        let pair = (q.meta.sop_class.clone(), q.meta.transfer_syntax.clone());
+        if !pairs.contains(&pair) {
+            pairs.push(pair);
+        }
+    }
+    pairs.truncate(127);
+    pairs
+}
+
+/// A round's instances, shared by its associations: each association takes the next one
+/// when it is free. An association that is slow to open, or refused, leaves its share to
+/// the others instead of holding it.
+#[derive(Debug)]
+pub struct Work {
+    queue: std::sync::Mutex<VecDeque<Outgoing>>,
+    pairs: Vec<(String, String)>,
+    /// How many associations are sending (established, taking work).
+    sending: tokio::sync::watch::Sender<usize>,
+}
+
+impl Work {
+    pub fn new(batch: &[Outgoing]) -> Work {
+        Work {
+            queue: std::sync::Mutex::new(batch.iter().cloned().collect()),
+            pairs: pairs_of(batch),
+            sending: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Outgoing>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self) -> Option<Outgoing> {
+        self.queue().pop_front()
+    }
+
+    fn put_back(&self, out: Outgoing) {
+        self.queue().push_front(out);
+    }
+
+    /// Resolves once every instance was taken and no association is sending any more (the
+    /// others did the work), then `grace` later.
+    async fn done_then(&self, grace: Duration) {
+        let mut rx = self.sending.subscribe();
+        loop {
+            let idle = *rx.borrow_and_update() == 0;
+            if idle && self.queue().is_empty() {
+                break;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+        tokio::time::sleep(grace).await;
+    }
+}
+
+/// How long an association still opening may wait once the others have sent everything: a
+/// PACS answers an A-ASSOCIATE-RQ in milliseconds, one serving a single association at a
+/// time (dcmtk storescp without `--fork`) never does while ours is open.
+pub const OPEN_GRACE: Duration = Duration::from_secs(2);
+
+/// How an association of a round came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// An association kept from an earlier round.
+    Reused,
+    /// A new association.
+    Opened,
+    /// Refused (TCP or A-ASSOCIATE-RJ), aborted or timed out while opening.
+    Failed,
+    /// Still waiting for the A-ASSOCIATE-AC when the others had sent everything
+    /// ([`OPEN_GRACE`] later): given up.
+    Abandoned,
+    /// The service stopped while it was opening.
+    Stopped,
+}
+
+/// What one association of a round came to.
+#[derive(Debug)]
+pub struct Share {
+    pub outcomes: Vec<(i64, Outcome)>,
+    pub error: Option<ForwardError>,
+    pub link: Option<Link>,
+    pub opened: u32,
+    pub opening: Opening,
+}
+
 /// As [`send_batch`], on `link` when it was negotiated for every (SOP class, transfer
 /// syntax) of the batch (else on a new association); the association stays open for the
 /// next batch. A reused association that fails before the first instance went (the PACS
@@ -177,39 +288,97 @@ pub async fn send_on(
     link: Option<Link>,
     stop: &Stop,
 ) -> Sent {
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    for q in batch.iter().map(|o| &o.queued) {
-        let pair = (q.meta.sop_class.clone(), q.meta.transfer_syntax.clone());
-        if !pairs.contains(&pair) {
-            pairs.push(pair);
-        }
-    }
-    pairs.truncate(127);
-    let reusable = link.filter(|l| pairs.iter().all(|p| l.pairs.contains(p)));
-    let (link, mut opened) = match reusable {
-        Some(l) => (l, 0),
-        None => match unless_shutdown(stop, open(dest, pairs.clone())).await {
-            Some(Ok(l)) => (l, 1),
-            Some(Err(e)) => return (Vec::new(), Some(e), None, 1),
-            // The service is stopping (a connect or an A-ASSOCIATE-AC pending): it all stays
-            // queued.
-            None => return (Vec::new(), None, None, 1),
+    let share = send_share(dest, &Work::new(batch), link, stop, false).await;
+    (share.outcomes, share.error, share.link, share.opened)
+}
+
+/// One association's part of `work`: on `link` if it covers the work's pairs, else on a
+/// new association. With `extra` (other associations take the same work), an association
+/// still opening when the work is done is given up [`OPEN_GRACE`] later.
+pub async fn send_share(
+    dest: &Destination,
+    work: &Work,
+    link: Option<Link>,
+    stop: &Stop,
+    extra: bool,
+) -> Share {
+    let mut share = Share {
+        outcomes: Vec::new(),
+        error: None,
+        link: None,
+        opened: 0,
+        opening: Opening::Reused,
+    };
+    let reusable = link.filter(|l| work.pairs.iter().all(|p| l.pairs.contains(p)));
+    let link = match reusable {
+        Some(l) => l,
+        None => match open_for(dest, work, stop, extra, &mut share).await {
+            Some(l) => l,
+            None => return share,
         },
     };
-    let reused = opened == 0;
-    let (outcomes, error, link) = send_all(link, batch, stop).await;
+    let reused = share.opening == Opening::Reused;
+    let (outcomes, error, link, unfinished) = send_all(link, work, stop).await;
     if reused && outcomes.is_empty() && error.is_some() && !stop.shutting_down() {
-        opened += 1;
-        return match unless_shutdown(stop, open(dest, pairs)).await {
-            Some(Ok(l)) => {
-                let (o, e, l) = send_all(l, batch, stop).await;
-                (o, e, l, opened)
-            }
-            Some(Err(e)) => (Vec::new(), Some(e), None, opened),
-            None => (Vec::new(), None, None, opened),
+        // The PACS closed the kept association while it was idle: once more, on a new one.
+        if let Some(out) = unfinished {
+            work.put_back(out);
+        }
+        let Some(l) = open_for(dest, work, stop, extra, &mut share).await else {
+            return share;
         };
+        let (o, e, l, _) = send_all(l, work, stop).await;
+        share.outcomes = o;
+        share.error = e;
+        share.link = l;
+        return share;
     }
-    (outcomes, error, link, opened)
+    share.outcomes = outcomes;
+    share.error = error;
+    share.link = link;
+    share
+}
+
+/// Opens an association for `work`, recording how in `share`; `None` when it did not open.
+async fn open_for(
+    dest: &Destination,
+    work: &Work,
+    stop: &Stop,
+    extra: bool,
+    share: &mut Share,
+) -> Option<Link> {
+    share.opened += 1;
+    let given_up = async {
+        if extra {
+            work.done_then(OPEN_GRACE).await
+        } else {
+            std::future::pending().await
+        }
+    };
+    let opened = tokio::select! {
+        biased;
+        () = stop.until_shutdown() => {
+            // A connect or an A-ASSOCIATE-AC pending: it all stays queued.
+            share.opening = Opening::Stopped;
+            return None;
+        }
+        () = given_up => {
+            share.opening = Opening::Abandoned;
+            return None;
+        }
+        opened = open(dest, work.pairs.clone()) => opened,
+    };
+    match opened {
+        Ok(l) => {
+            share.opening = Opening::Opened;
+            Some(l)
+        }
+        Err(e) => {
+            share.opening = Opening::Failed;
+            share.error = Some(e);
+            None
+        }
+    }
 }
 
 /// `work`, unless the service stops first (`None`: it was dropped where it was waiting).
@@ -229,26 +398,57 @@ fn reset(mut link: Link) {
     drop(link);
 }
 
+/// Counts an association as sending while it lives.
+struct Sending<'a>(&'a Work);
+
+impl<'a> Sending<'a> {
+    fn new(work: &'a Work) -> Sending<'a> {
+        work.sending.send_modify(|n| *n += 1);
+        Sending(work)
+    }
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.0.sending.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Sends what `work` holds on `link` until it is empty; returns the outcomes, the error that
+/// ended the association, the association (still open) unless it ended, and the instance
+/// taken but left without an outcome by an error.
 async fn send_all(
     mut link: Link,
-    batch: &[Outgoing],
+    work: &Work,
     stop: &Stop,
-) -> (Vec<(i64, Outcome)>, Option<ForwardError>, Option<Link>) {
+) -> (
+    Vec<(i64, Outcome)>,
+    Option<ForwardError>,
+    Option<Link>,
+    Option<Outgoing>,
+) {
+    let _sending = Sending::new(work);
     let mut outcomes = Vec::new();
     let mut message_id: u16 = 0;
-    for out in batch {
-        let q = &out.queued;
+    loop {
         if stop.shutting_down() {
             // Between two instances: the rest stays queued; the association is intact.
             break;
         }
+        let Some(out) = work.take() else { break };
+        let q = &out.queued;
         let patient = q.meta.patient_id.as_deref().unwrap_or_default();
         if stop.stopped(patient) {
             outcomes.push((q.id, Outcome::Stopped));
             continue;
         }
-        let Some(pc_id) = link.accepted(&q.meta.sop_class, &q.meta.transfer_syntax) else {
-            outcomes.push((q.id, Outcome::NotAccepted));
+        let pair = (q.meta.sop_class.clone(), q.meta.transfer_syntax.clone());
+        let Some(pc_id) = link.accepted(&pair.0, &pair.1) else {
+            if link.pairs.contains(&pair) {
+                outcomes.push((q.id, Outcome::NotAccepted));
+            }
+            // Else not proposed (more than 127 pairs in the round): it stays queued for a
+            // later round.
             continue;
         };
         message_id = message_id.wrapping_add(1);
@@ -256,40 +456,40 @@ async fn send_all(
             &mut link.assoc,
             pc_id,
             message_id,
-            out,
+            &out,
             Some((stop, patient)),
         )
         .await;
         let result = match sent {
-            Ok(Sending::Sent) => {
+            Ok(Progress::Sent) => {
                 let status = unless_shutdown(stop, read_status(&mut link.assoc)).await;
                 let Some(status) = status else {
                     // The response is pending: whether the PACS stored it is unknown, so it
                     // stays queued (sent again later; the PACS de-duplicates by SOP
                     // Instance UID).
                     reset(link);
-                    return (outcomes, None, None);
+                    return (outcomes, None, None, None);
                 };
                 status
             }
-            Ok(Sending::ShutDown) => {
+            Ok(Progress::ShutDown) => {
                 // Part of the instance went: it stays queued.
                 reset(link);
-                return (outcomes, None, None);
+                return (outcomes, None, None, None);
             }
-            Ok(Sending::StoppedBetween) => {
+            Ok(Progress::StoppedBetween) => {
                 // Part of the instance went: the PACS discards it with the association.
                 outcomes.push((q.id, Outcome::Stopped));
                 let _ = unless_shutdown(stop, link.assoc.abort()).await;
-                return (outcomes, None, None);
+                return (outcomes, None, None, None);
             }
-            Ok(Sending::StoppedWithin) => {
+            Ok(Progress::StoppedWithin) => {
                 // In the middle of a PDU: no other PDU may follow (its bytes could complete
                 // this one). A reset ends the connection without another byte.
                 outcomes.push((q.id, Outcome::Stopped));
                 let _ = link.assoc.inner_stream().set_zero_linger();
                 drop(link);
-                return (outcomes, None, None);
+                return (outcomes, None, None, None);
             }
             Err(e) => Err(e),
         };
@@ -297,15 +497,112 @@ async fn send_all(
             Ok(status) if matches!(status.class(), Class::Success | Class::Warning) => {
                 outcomes.push((q.id, Outcome::Delivered(status)))
             }
+            Ok(status) if status.is_transient() => {
+                outcomes.push((q.id, Outcome::Busy(status)));
+                if matches!(status.0, 0xA700..=0xA7FF) {
+                    // The PACS is out of resources: this association takes no more; the
+                    // rest waits (with the forwarder's backoff).
+                    link.idle_since = std::time::Instant::now();
+                    return (outcomes, Some(ForwardError::Busy(status)), Some(link), None);
+                }
+            }
             Ok(status) => outcomes.push((q.id, Outcome::Refused(status))),
             Err(e) => {
                 let _ = unless_shutdown(stop, link.assoc.abort()).await;
-                return (outcomes, Some(e), None);
+                return (outcomes, Some(e), None, Some(out));
             }
         }
     }
     link.idle_since = std::time::Instant::now();
-    (outcomes, None, Some(link))
+    (outcomes, None, Some(link), None)
+}
+
+/// What a round's associations came to ([`send_parallel`]).
+#[derive(Debug, Default)]
+pub struct Spread {
+    /// Each instance's outcome, as far as its association went (the others stay queued).
+    pub outcomes: Vec<(i64, Outcome)>,
+    /// The first error (its chain), if any: the instances without an outcome are retried
+    /// later. An association that failed to open while another one sent is not an error
+    /// here (it is counted in `failed`).
+    pub error: Option<String>,
+    /// Associations opened (tried).
+    pub opened: u64,
+    /// Associations that sent (reused or opened).
+    pub worked: usize,
+    /// Associations that failed to open, or were given up, while another one sent.
+    pub failed: usize,
+    /// A share's task panicked (a bug): how.
+    pub panicked: Option<String>,
+}
+
+/// Sends `batch` over up to `n` associations at once, each taking the next instance when it
+/// is free, reusing the open ones in `links` and keeping them there afterwards, each
+/// watched by `stop`.
+pub async fn send_parallel(
+    dest: &Destination,
+    batch: &[Outgoing],
+    n: usize,
+    links: &mut Vec<Link>,
+    stop: &Stop,
+) -> Spread {
+    let n = n.clamp(1, batch.len().max(1));
+    let work = std::sync::Arc::new(Work::new(batch));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let dest = dest.clone();
+        let link = links.pop();
+        let stop = stop.clone();
+        let work = work.clone();
+        tasks.spawn(async move { send_share(&dest, &work, link, &stop, n > 1).await });
+    }
+    let mut spread = Spread::default();
+    let mut open_errors = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(share) => {
+                spread.outcomes.extend(share.outcomes);
+                spread.opened += u64::from(share.opened);
+                match share.opening {
+                    Opening::Reused | Opening::Opened => spread.worked += 1,
+                    Opening::Failed => {
+                        if let Some(e) = share.error {
+                            open_errors.push(e);
+                        }
+                        spread.failed += 1;
+                        continue;
+                    }
+                    Opening::Abandoned => {
+                        spread.failed += 1;
+                        continue;
+                    }
+                    Opening::Stopped => {}
+                }
+                if spread.error.is_none() {
+                    spread.error = share.error.map(|e| tsunagi_runtime::child::error_chain(&e));
+                }
+                links.extend(share.link);
+            }
+            Err(e) => {
+                spread.panicked = Some(if e.is_panic() {
+                    tsunagi_runtime::tasks::panicked(&*e.into_panic())
+                } else {
+                    "was cancelled".to_owned()
+                })
+            }
+        }
+    }
+    if spread.worked == 0 {
+        // None opened: that is the round's error (the PACS is down or refuses us), not a
+        // lower parallelism.
+        spread.failed = 0;
+        if spread.error.is_none() {
+            spread.error = open_errors
+                .first()
+                .map(|e| tsunagi_runtime::child::error_chain(e));
+        }
+    }
+    spread
 }
 
 /// One C-STORE on an association: the instance (its rewritten start, if any, then the
@@ -326,7 +623,7 @@ where
 
 /// How far sending one instance went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sending {
+enum Progress {
     /// All of it: the response follows.
     Sent,
     /// Stopped between two PDUs, after some of it went.
@@ -345,7 +642,7 @@ async fn send_instance<A>(
     message_id: u16,
     out: &Outgoing,
     watch: Option<(&Stop, &str)>,
-) -> Result<Sending, ForwardError>
+) -> Result<Progress, ForwardError>
 where
     A: AsyncAssociation<TcpStream> + Association + Send,
 {
@@ -356,7 +653,7 @@ where
         Some((stop, _)) => tokio::select! {
             biased;
             sent = command => sent.map_err(ForwardError::Association)?,
-            () = stop.until_shutdown() => return Ok(Sending::ShutDown),
+            () = stop.until_shutdown() => return Ok(Progress::ShutDown),
         },
         None => command.await.map_err(ForwardError::Association)?,
     }
@@ -409,17 +706,17 @@ where
             None => fragment.await.map_err(ForwardError::Association)?,
             Some((stop, patient)) => {
                 if stop.shutting_down() {
-                    return Ok(Sending::ShutDown);
+                    return Ok(Progress::ShutDown);
                 }
                 if stop.stopped(patient) {
-                    return Ok(Sending::StoppedBetween);
+                    return Ok(Progress::StoppedBetween);
                 }
                 // The write first: when both are ready, the fragment that went is not undone.
                 tokio::select! {
                     biased;
                     sent = fragment => sent.map_err(ForwardError::Association)?,
-                    () = stop.until_stopped(patient) => return Ok(Sending::StoppedWithin),
-                    () = stop.until_shutdown() => return Ok(Sending::ShutDown),
+                    () = stop.until_stopped(patient) => return Ok(Progress::StoppedWithin),
+                    () = stop.until_shutdown() => return Ok(Progress::ShutDown),
                 }
             }
         }
@@ -427,7 +724,7 @@ where
             break;
         }
     }
-    Ok(Sending::Sent)
+    Ok(Progress::Sent)
 }
 
 /// Reads a C-STORE response; its status.
@@ -467,10 +764,12 @@ pub(crate) async fn send<A: AsyncAssociation<TcpStream> + Send>(
     AsyncAssociation::send(assoc, &crate::pdata(pc_id, kind, last, data)).await
 }
 
-/// Applies a batch's outcomes to the spool; returns how many were delivered.
+/// Applies a batch's outcomes to the spool at `now` (Unix seconds); returns how many were
+/// delivered.
 pub fn record(
     spool: &Spool,
     outcomes: &[(i64, Outcome)],
+    now: i64,
 ) -> Result<usize, crate::spool::SpoolError> {
     let mut delivered = 0;
     for (id, outcome) in outcomes {
@@ -482,6 +781,11 @@ pub fn record(
             Outcome::Refused(status) => {
                 spool.fail(*id, &format!("refused by the network PACS: {status}"))?
             }
+            Outcome::Busy(status) => spool.retry_backoff(
+                *id,
+                &format!("the network PACS cannot store it now: {status}"),
+                now,
+            )?,
             Outcome::NotAccepted => spool.fail(
                 *id,
                 "the network PACS accepts neither this SOP class nor its transfer syntax",

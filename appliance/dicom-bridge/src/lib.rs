@@ -61,7 +61,7 @@ pub mod spool;
 pub mod translate;
 
 /// Now, in Unix seconds (what the spool records).
-pub(crate) fn now() -> i64 {
+pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

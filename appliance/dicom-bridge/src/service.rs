@@ -30,8 +30,8 @@ use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
 use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 
-use crate::forward::{Destination, Outgoing, record};
-use crate::inflight::{self, Stop};
+use crate::forward::{Destination, Outgoing, Spread, record};
+use crate::inflight;
 use crate::now;
 use crate::scp;
 use crate::spool::{Spool, SpoolError};
@@ -197,6 +197,8 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     // Associations kept open between rounds (reused while they cover what is sent).
     let mut links: Vec<crate::forward::Link> = Vec::new();
     let mut opened_total = 0u64;
+    let mut failed_total = 0u64;
+    let mut parallelism = Parallelism::new(settings.associations);
     loop {
         let (stale, fresh): (Vec<_>, Vec<_>) = links.drain(..).partition(|l| l.idle() > LINK_IDLE);
         links = fresh;
@@ -224,7 +226,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             let dead_after =
                 i64::try_from(settings.dead_letter_after.as_secs()).unwrap_or(i64::MAX);
             let translation = settings.translation.clone();
-            let limit = PER_ASSOCIATION * settings.associations.max(1);
+            let limit = PER_ASSOCIATION * parallelism.now();
             match tokio::task::spawn_blocking(move || {
                 let r = gate_round(
                     &mut g,
@@ -262,13 +264,19 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             let g = gate
                 .take()
                 .unwrap_or_else(|| SocketGate::new(&settings.consent_socket));
+            let n = parallelism.now();
+            // No more associations kept than the destination takes now.
+            if links.len() > n {
+                let extra = links.split_off(n);
+                close_links(extra, LINK_CLOSE, &ctx.shutdown).await;
+            }
             let (g, sent) = send_watched(
                 g,
                 &settings.consent_socket,
                 round.seq,
                 &settings.pacs,
                 &permitted,
-                settings.associations,
+                n,
                 &mut links,
                 &ctx.shutdown,
             )
@@ -283,7 +291,15 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 }));
             }
             opened_total += sent.opened;
-            let delivered = record(&spool, &sent.outcomes).unwrap_or(0);
+            failed_total += sent.failed as u64;
+            if let Some(lowered) = parallelism.observe(sent.worked, sent.failed) {
+                tracing::warn!(
+                    associations = lowered,
+                    configured = settings.associations,
+                    "the network PACS did not take every association at once; sending over fewer (tried again later)"
+                );
+            }
+            let delivered = record(&spool, &sent.outcomes, now()).unwrap_or(0);
             let stopped = sent
                 .outcomes
                 .iter()
@@ -329,12 +345,21 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         }
         let counts = spool.counts().unwrap_or_default();
         let summary = format!(
-            "{} waiting, {} held in the clinic, {} dead letters, {} delivered, {} duplicates{}",
+            "{} waiting, {} held in the clinic, {} dead letters, {} delivered, {} duplicates{}{}",
             counts.pending,
             counts.held,
             counts.dead,
             counts.delivered,
             counts.duplicates,
+            if parallelism.now() < settings.associations.max(1) {
+                format!(
+                    "; {} of {} associations (the network PACS takes no more at once)",
+                    parallelism.now(),
+                    settings.associations.max(1)
+                )
+            } else {
+                String::new()
+            },
             last_error
                 .as_ref()
                 .map(|e| format!("; last forward failed: {e}"))
@@ -356,23 +381,12 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 ("delivered_total", counts.delivered as f64),
                 ("duplicates_total", counts.duplicates as f64),
                 ("associations_opened_total", opened_total as f64),
+                ("associations_failed_total", failed_total as f64),
+                ("associations_parallel", parallelism.now() as f64),
                 ("release_records_waiting", counts.releases_waiting as f64),
             ],
         );
     }
-}
-
-/// What sending a round's batch came to.
-#[derive(Debug, Default)]
-struct Sent {
-    /// Each instance's outcome, as far as its association went (the others stay queued).
-    outcomes: Vec<(i64, crate::forward::Outcome)>,
-    /// The first error (its chain), if any: the instances without an outcome are retried later.
-    error: Option<String>,
-    /// Associations opened.
-    opened: u64,
-    /// A share's task panicked (a bug): how.
-    panicked: Option<String>,
 }
 
 /// A blocking task of the forwarder that did not finish, as the error that ends the service.
@@ -406,7 +420,7 @@ async fn send_watched(
     n: usize,
     links: &mut Vec<crate::forward::Link>,
     shutdown: &CancellationToken,
-) -> (SocketGate, Sent) {
+) -> (SocketGate, Spread) {
     let (watch, stop) = inflight::channel(inflight::MAX_AGE);
     let stop = stop.with_shutdown(shutdown.clone());
     let (done, done_rx) = std::sync::mpsc::channel();
@@ -420,14 +434,14 @@ async fn send_watched(
     };
     let sent = if confirmed.is_none() {
         // Stopping: nothing went, the instances stay queued.
-        Sent::default()
+        Spread::default()
     } else if confirmed == Some(true) {
-        send_parallel(dest, batch, n, links, &stop).await
+        crate::forward::send_parallel(dest, batch, n, links, &stop).await
     } else {
         // Nothing went: the instances stay queued for the next round.
-        Sent {
+        Spread {
             error: Some("cannot read the consent service's change feed".to_owned()),
-            ..Sent::default()
+            ..Spread::default()
         }
     };
     let _ = done.send(());
@@ -457,43 +471,68 @@ async fn close_links(links: Vec<crate::forward::Link>, within: Duration, stop: &
     // Dropping the set aborts the releases still waiting: their connections close.
 }
 
-/// Sends `batch` over up to `n` associations at once (instance `i` on association `i % n`),
-/// reusing the open ones in `links` and keeping them there afterwards, each watched by
-/// `stop`.
-async fn send_parallel(
-    dest: &Destination,
-    batch: &[Outgoing],
-    n: usize,
-    links: &mut Vec<crate::forward::Link>,
-    stop: &Stop,
-) -> Sent {
-    let n = n.clamp(1, batch.len().max(1));
-    let mut shares: Vec<Vec<Outgoing>> = vec![Vec::new(); n];
-    for (i, o) in batch.iter().enumerate() {
-        shares[i % n].push(o.clone());
-    }
-    let mut tasks = tokio::task::JoinSet::new();
-    for share in shares {
-        let dest = dest.clone();
-        let link = links.pop();
-        let stop = stop.clone();
-        tasks.spawn(async move { crate::forward::send_on(&dest, &share, link, &stop).await });
-    }
-    let mut sent = Sent::default();
-    while let Some(done) = tasks.join_next().await {
-        match done {
-            Ok((o, e, l, n)) => {
-                sent.outcomes.extend(o);
-                if sent.error.is_none() {
-                    sent.error = e.map(|e| tsunagi_runtime::child::error_chain(&e));
-                }
-                links.extend(l);
-                sent.opened += u64::from(n);
-            }
-            Err(e) => sent.panicked = Some(ended("forward", e).why),
+/// How many associations a round opens to the destination at once: the configured number,
+/// lowered to what worked when an association failed to open (refused, rejected, timed out
+/// or given up) while another one sent; raised by one again every [`PARALLELISM_RECOVERY`]
+/// (a probe: if it fails, it costs at most [`crate::forward::OPEN_GRACE`], or the
+/// association timeout while the others are still sending, and lowers it again). A round
+/// in which none opened is an outage, not a limit: it changes nothing.
+#[derive(Debug)]
+pub struct Parallelism {
+    max: usize,
+    now: usize,
+    since: std::time::Instant,
+}
+
+/// How long a lowered parallelism holds before one more association is tried.
+pub const PARALLELISM_RECOVERY: Duration = Duration::from_secs(300);
+
+impl Parallelism {
+    pub fn new(max: usize) -> Parallelism {
+        let max = max.max(1);
+        Parallelism {
+            max,
+            now: max,
+            since: std::time::Instant::now(),
         }
     }
-    sent
+
+    /// The number for the next round (one more, when lowered long enough ago).
+    pub fn now(&mut self) -> usize {
+        self.now_at(std::time::Instant::now())
+    }
+
+    fn now_at(&mut self, at: std::time::Instant) -> usize {
+        if self.now < self.max && at.saturating_duration_since(self.since) >= PARALLELISM_RECOVERY {
+            self.now += 1;
+            self.since = at;
+        }
+        self.now
+    }
+
+    /// After a round: `worked` associations sent, `failed` did not open. Returns the new
+    /// number when it was lowered.
+    pub fn observe(&mut self, worked: usize, failed: usize) -> Option<usize> {
+        self.observe_at(worked, failed, std::time::Instant::now())
+    }
+
+    fn observe_at(
+        &mut self,
+        worked: usize,
+        failed: usize,
+        at: std::time::Instant,
+    ) -> Option<usize> {
+        if failed == 0 || worked == 0 {
+            return None;
+        }
+        self.since = at;
+        let lowered = worked.min(self.now).max(1);
+        if lowered < self.now {
+            self.now = lowered;
+            return Some(lowered);
+        }
+        None
+    }
 }
 
 /// What the forwarder asks the consent service: decisions and the change feed ([`Gate`]),

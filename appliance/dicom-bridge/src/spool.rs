@@ -537,6 +537,19 @@ impl Spool {
         Ok(())
     }
 
+    /// The PACS could not store it now (a transient status): try again after a backoff
+    /// that doubles with each attempt, from 30 s up to an hour.
+    pub fn retry_backoff(&self, id: i64, error: &str, now: i64) -> Result<(), SpoolError> {
+        self.conn()
+            .execute(
+                "UPDATE queue SET attempts = attempts + 1, last_error = ?1,
+                   next_attempt_at = ?2 + min(3600, 30 << min(attempts, 7)) WHERE id = ?3",
+                params![error, now, id],
+            )
+            .map_err(sql("retry"))?;
+        Ok(())
+    }
+
     /// Held in the clinic (e.g. the consent denies it), with the reason; never sent while held.
     pub fn hold(&self, id: i64, reason: &str) -> Result<(), SpoolError> {
         self.conn()
@@ -583,6 +596,16 @@ impl Spool {
             )
             .map_err(sql("fail"))?;
         Ok(())
+    }
+
+    /// The queue's entries in `state` (see [`Admin::entries`]).
+    pub fn entries(&self, state: &str, limit: usize) -> Result<Vec<Entry>, SpoolError> {
+        entries(&self.conn(), state, limit)
+    }
+
+    /// Puts dead letters back in the queue (see [`Admin::requeue`]).
+    pub fn requeue(&self, ids: Option<&[i64]>, now: i64) -> Result<Vec<Requeued>, SpoolError> {
+        requeue(&mut self.conn(), ids, now)
     }
 
     /// Pending instances received before `before` become dead letters (with an alert).
@@ -645,6 +668,145 @@ impl Spool {
 
 /// How much of an instance is written before its writeback is started.
 const WRITEBACK_CHUNK: u64 = 8 << 20;
+
+/// The spool's queue opened by an operator's command while the service may be running
+/// (`tsunagi dicom list`, `tsunagi dicom requeue`): only the queue database, no recovery
+/// (which would take the instances being received for a crash's leftovers).
+#[derive(Debug)]
+pub struct Admin {
+    conn: Connection,
+}
+
+impl Admin {
+    /// Opens the queue of the spool in `dir`; it must exist (the service created it).
+    pub fn open(dir: &Path) -> Result<Admin, SpoolError> {
+        let db = dir.join("queue.db");
+        if !db.exists() {
+            return Err(SpoolError::Io(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "no spool queue at {} (has the DICOM service run?)",
+                    db.display()
+                ),
+            )));
+        }
+        let conn = tsunagi_state::open(&db, Durability::Acknowledging, MIGRATIONS)
+            .map_err(SpoolError::Open)?;
+        Ok(Admin { conn })
+    }
+
+    /// The queue's entries in `state` (`pending`, `held` or `dead`), oldest first, at most
+    /// `limit`: what an operator sees (no patient data).
+    pub fn entries(&self, state: &str, limit: usize) -> Result<Vec<Entry>, SpoolError> {
+        entries(&self.conn, state, limit)
+    }
+
+    /// Puts dead letters back in the queue (`ids`, or every one when `None`): pending again,
+    /// attempts and backoff reset, and the dead-letter clock restarted at `now`. They are
+    /// decided again (consent, identity) before anything is sent. Returns those put back
+    /// (the rows that were dead letters; other ids are ignored), for the audit trail.
+    pub fn requeue(&mut self, ids: Option<&[i64]>, now: i64) -> Result<Vec<Requeued>, SpoolError> {
+        requeue(&mut self.conn, ids, now)
+    }
+}
+
+fn entries(conn: &Connection, state: &str, limit: usize) -> Result<Vec<Entry>, SpoolError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, state, sop_class, size, received_at, attempts,
+                    COALESCE(reason, last_error, '')
+             FROM queue WHERE state = ?1 ORDER BY id LIMIT ?2",
+        )
+        .map_err(sql("list the queue"))?;
+    let rows = stmt
+        .query_map(
+            params![state, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                Ok(Entry {
+                    id: r.get(0)?,
+                    state: r.get(1)?,
+                    sop_class: r.get(2)?,
+                    size: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                    received_at: r.get(4)?,
+                    attempts: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX),
+                    reason: r.get(6)?,
+                })
+            },
+        )
+        .map_err(sql("list the queue"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(sql("list the queue"))
+}
+
+fn requeue(
+    conn: &mut Connection,
+    ids: Option<&[i64]>,
+    now: i64,
+) -> Result<Vec<Requeued>, SpoolError> {
+    let tx = conn.transaction().map_err(sql("requeue"))?;
+    let mut out = Vec::new();
+    {
+        let mut pick = tx
+            .prepare(
+                "SELECT id, patient_id, sop_class, sop_instance FROM queue
+                 WHERE state = 'dead' AND (?1 IS NULL OR id = ?1) ORDER BY id",
+            )
+            .map_err(sql("requeue"))?;
+        let wanted: Vec<Option<i64>> = match ids {
+            None => vec![None],
+            Some(ids) => ids.iter().copied().map(Some).collect(),
+        };
+        for id in wanted {
+            let rows = pick
+                .query_map([id], |r| {
+                    Ok(Requeued {
+                        id: r.get(0)?,
+                        patient_id: r.get(1)?,
+                        sop_class: r.get(2)?,
+                        sop_instance: r.get(3)?,
+                    })
+                })
+                .map_err(sql("requeue"))?;
+            for row in rows {
+                out.push(row.map_err(sql("requeue"))?);
+            }
+        }
+        let mut put = tx
+            .prepare(
+                "UPDATE queue SET state = 'pending', reason = NULL, attempts = 0,
+                   next_attempt_at = 0, received_at = ?1 WHERE id = ?2 AND state = 'dead'",
+            )
+            .map_err(sql("requeue"))?;
+        for r in &out {
+            put.execute(params![now, r.id]).map_err(sql("requeue"))?;
+        }
+    }
+    tx.commit().map_err(sql("requeue"))?;
+    Ok(out)
+}
+
+/// A queue entry as an operator sees it ([`Spool::entries`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: i64,
+    pub state: String,
+    pub sop_class: String,
+    pub size: u64,
+    /// Unix seconds (when the dead-letter clock started).
+    pub received_at: i64,
+    pub attempts: u32,
+    /// Why it is held or dead, or the last forwarding error.
+    pub reason: String,
+}
+
+/// A dead letter put back in the queue ([`Spool::requeue`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requeued {
+    pub id: i64,
+    pub patient_id: Option<String>,
+    pub sop_class: String,
+    pub sop_instance: String,
+}
 
 /// An instance being received. Dropped without [`Incoming::commit`], it leaves nothing.
 pub struct Incoming {

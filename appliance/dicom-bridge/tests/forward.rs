@@ -50,8 +50,18 @@ fn storescp(port: u16, out: &Path) -> StoreScp {
     storescp_logging(port, out, None)
 }
 
+/// storescp with `--fork`: a process per association (many at once).
+fn storescp_fork(port: u16, out: &Path, log: &Path) -> StoreScp {
+    storescp_with(port, out, Some(log), &["--fork"])
+}
+
 /// storescp, its verbose log into `log` if given.
 fn storescp_logging(port: u16, out: &Path, log: Option<&Path>) -> StoreScp {
+    storescp_with(port, out, log, &[])
+}
+
+/// storescp with more options.
+fn storescp_with(port: u16, out: &Path, log: Option<&Path>, options: &[&str]) -> StoreScp {
     std::fs::create_dir_all(out).unwrap();
     // dcmtk logs to stderr.
     let stderr = match log {
@@ -65,7 +75,9 @@ fn storescp_logging(port: u16, out: &Path, log: Option<&Path>) -> StoreScp {
         None => Stdio::null(),
     };
     let child = Command::new("storescp")
-        .args(["-v", "-aet", "PACS", "-od"])
+        .args(["-v", "-aet", "PACS"])
+        .args(options)
+        .arg("-od")
         .arg(out)
         .arg(port.to_string())
         .env("TCP_NODELAY", "1")
@@ -155,7 +167,7 @@ async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
     )
     .await;
     assert!(error.is_none(), "{error:?}");
-    assert_eq!(record(&spool, &outcomes).unwrap(), 3);
+    assert_eq!(record(&spool, &outcomes, dicom_bridge::now()).unwrap(), 3);
     assert_eq!(spool.counts().unwrap().pending, 0);
     let mut got: Vec<PathBuf> = std::fs::read_dir(&received)
         .unwrap()
@@ -339,7 +351,7 @@ async fn instances_of_a_changed_patient_are_skipped_and_the_others_still_go() {
         .map(|(_, o)| *o == Outcome::Stopped)
         .collect();
     assert_eq!(kinds, vec![true, false, true, false], "{outcomes:?}");
-    assert_eq!(record(&spool, &outcomes).unwrap(), 2);
+    assert_eq!(record(&spool, &outcomes, dicom_bridge::now()).unwrap(), 2);
     // The skipped ones are still queued, as they were, for the next round to decide.
     let left: Vec<i64> = spool
         .ready(i64::MAX, 10)
@@ -441,7 +453,7 @@ async fn a_change_during_an_instances_transfer_aborts_the_association_and_the_pa
         matches!(outcomes[0].1, Outcome::Delivered(_)),
         "{outcomes:?}"
     );
-    assert_eq!(record(&spool, &outcomes).unwrap(), 1);
+    assert_eq!(record(&spool, &outcomes, dicom_bridge::now()).unwrap(), 1);
     // The PACS discarded the partial instance; the other three wait in the queue.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(received(&out), 1);
@@ -541,7 +553,7 @@ async fn a_stop_ends_a_forward_waiting_for_a_silent_pacs_to_associate() {
     assert!(outcomes.is_empty(), "{outcomes:?}");
     assert!(error.is_none(), "a stop is not a failure: {error:?}");
     assert!(link.is_none());
-    assert_eq!(record(&spool, &outcomes).unwrap(), 0);
+    assert_eq!(record(&spool, &outcomes, dicom_bridge::now()).unwrap(), 0);
     let queued = spool.ready(i64::MAX, 10).unwrap();
     assert_eq!(queued.len(), 1, "the instance stays queued");
     assert_eq!(queued[0].meta.sop_instance, uid);
@@ -593,7 +605,7 @@ async fn a_stop_ends_a_forward_waiting_for_a_c_store_response() {
     assert!(outcomes.is_empty(), "{outcomes:?}");
     assert!(error.is_none(), "a stop is not a failure: {error:?}");
     assert!(link.is_none(), "the association was reset");
-    assert_eq!(record(&spool, &outcomes).unwrap(), 0);
+    assert_eq!(record(&spool, &outcomes, dicom_bridge::now()).unwrap(), 0);
     assert_eq!(spool.ready(i64::MAX, 10).unwrap().len(), 1);
 }
 
@@ -647,4 +659,125 @@ async fn a_stop_ends_a_forward_waiting_for_its_connect() {
     assert!(error.is_none(), "a stop is not a failure: {error:?}");
     assert!(link.is_none());
     assert_eq!(spool.ready(i64::MAX, 10).unwrap().len(), 1);
+}
+
+/// `n` CT instances of patient 0001234 in `spool`, ready to send.
+fn spool_many(spool: &Spool, dir: &Path, tag: u32, n: u32) -> Vec<Outgoing> {
+    (1..=n)
+        .map(|i| {
+            spool_ct(
+                spool,
+                dir,
+                &format!("1.2.826.0.1.3680043.9.7777.{tag}.{i}"),
+                "0001234",
+                0,
+            )
+        })
+        .collect()
+}
+
+fn pacs_at(port: u16, timeout: Duration) -> Destination {
+    Destination {
+        ae_title: "PACS".into(),
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        calling_ae: "TSUNAGI".into(),
+        timeout,
+    }
+}
+
+/// Issue 15, a PACS that serves one association at a time (dcmtk storescp without
+/// `--fork`): it answers the first A-ASSOCIATE-RQ and leaves the others waiting. Four
+/// associations are asked for; the one served sends everything, the three waiting are given
+/// up once it is done (not after the 30 s association timeout), and the round says so, so
+/// the service sends over one from then on. The next round, on the kept association,
+/// opens nothing and waits for nothing. Counted at storescp: every instance, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pacs_that_serves_one_association_at_a_time_gets_everything_over_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let first = spool_many(&spool, dir.path(), 11, 20);
+    let port = free_port();
+    let out = dir.path().join("received");
+    let log = dir.path().join("storescp.log");
+    let _pacs = storescp_logging(port, &out, Some(&log));
+    let dest = pacs_at(port, Duration::from_secs(30));
+    let mut links = Vec::new();
+    let started = Instant::now();
+    let spread =
+        dicom_bridge::forward::send_parallel(&dest, &first, 4, &mut links, &Stop::never()).await;
+    let took = started.elapsed();
+    assert!(spread.error.is_none(), "{:?}", spread.error);
+    assert_eq!(spread.outcomes.len(), 20);
+    assert!(
+        spread
+            .outcomes
+            .iter()
+            .all(|(_, o)| matches!(o, Outcome::Delivered(_)))
+    );
+    assert_eq!((spread.worked, spread.failed), (1, 3), "{spread:?}");
+    assert!(
+        took < Duration::from_secs(20),
+        "the waiting associations were given up when the work was done, not after the 30 s timeout: {took:?}"
+    );
+    assert_eq!(links.len(), 1, "the association that worked is kept");
+    let mut parallelism = dicom_bridge::service::Parallelism::new(4);
+    assert_eq!(parallelism.observe(spread.worked, spread.failed), Some(1));
+    assert_eq!(
+        record(&spool, &spread.outcomes, dicom_bridge::now()).unwrap(),
+        20
+    );
+
+    let second = spool_many(&spool, dir.path(), 12, 10);
+    let n = parallelism.now();
+    assert_eq!(n, 1);
+    let spread =
+        dicom_bridge::forward::send_parallel(&dest, &second, n, &mut links, &Stop::never()).await;
+    assert!(spread.error.is_none(), "{:?}", spread.error);
+    assert_eq!((spread.opened, spread.worked, spread.failed), (0, 1, 0));
+    assert_eq!(
+        record(&spool, &spread.outcomes, dicom_bridge::now()).unwrap(),
+        10
+    );
+    for l in links {
+        l.close().await;
+    }
+    assert_eq!(received(&out), 30);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("Association Acknowledged").count(),
+        1,
+        "{text}"
+    );
+}
+
+/// The same four associations against storescp `--fork` (a process per association): all
+/// four open and share the work; nothing is lowered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pacs_that_serves_many_associations_gets_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let batch = spool_many(&spool, dir.path(), 13, 40);
+    let port = free_port();
+    let out = dir.path().join("received");
+    let log = dir.path().join("storescp.log");
+    let _pacs = storescp_fork(port, &out, &log);
+    let dest = pacs_at(port, Duration::from_secs(30));
+    let mut links = Vec::new();
+    let spread =
+        dicom_bridge::forward::send_parallel(&dest, &batch, 4, &mut links, &Stop::never()).await;
+    assert!(spread.error.is_none(), "{:?}", spread.error);
+    assert_eq!((spread.opened, spread.worked, spread.failed), (4, 4, 0));
+    assert_eq!(spread.outcomes.len(), 40);
+    let mut parallelism = dicom_bridge::service::Parallelism::new(4);
+    assert_eq!(parallelism.observe(spread.worked, spread.failed), None);
+    assert_eq!(parallelism.now(), 4);
+    assert_eq!(
+        record(&spool, &spread.outcomes, dicom_bridge::now()).unwrap(),
+        40
+    );
+    assert_eq!(links.len(), 4);
+    for l in links {
+        l.close().await;
+    }
+    assert_eq!(received(&out), 40);
 }

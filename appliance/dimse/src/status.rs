@@ -50,6 +50,8 @@ impl Status {
     pub const DUPLICATE_INVOCATION: Status = Status(0x0210);
     pub const UNRECOGNIZED_OPERATION: Status = Status(0x0211);
     pub const MISTYPED_ARGUMENT: Status = Status(0x0212);
+    /// Resource limitation (PS3.7 C.5.13).
+    pub const RESOURCE_LIMITATION: Status = Status(0x0213);
 
     /// The class of a status code (PS3.7 C.1–C.5, with the service-specific ranges).
     pub fn class(self) -> Class {
@@ -64,6 +66,14 @@ impl Status {
 
     pub fn is_success(self) -> bool {
         self.class() == Class::Success
+    }
+
+    /// A failure that says the peer cannot do it *now*, not that it never will: out of
+    /// resources (A7xxH), a processing failure (0110H), a resource limitation (0213H). The
+    /// same request may succeed later; every other failure is permanent (a refusal of the
+    /// object itself: its SOP class, its content, our authorisation).
+    pub fn is_transient(self) -> bool {
+        matches!(self.0, 0xA700..=0xA7FF | 0x0110 | 0x0213)
     }
 
     /// A short English name for logs and status lines.
@@ -84,6 +94,7 @@ impl Status {
             0x0210 => "duplicate invocation",
             0x0211 => "unrecognized operation",
             0x0212 => "mistyped argument",
+            0x0213 => "resource limitation",
             _ => "failure",
         }
     }
@@ -113,5 +124,17 @@ mod tests {
             Status::OUT_OF_RESOURCES.to_string(),
             "A700H (refused: out of resources)"
         );
+    }
+
+    #[test]
+    fn only_a_failure_for_now_is_transient() {
+        for s in [0xA700, 0xA7FF, 0x0110, 0x0213] {
+            assert!(Status(s).is_transient(), "{:04X}", s);
+        }
+        for s in [
+            0x0000, 0xB000, 0xFF00, 0x0122, 0x0124, 0xA900, 0xC000, 0x0211, 0xA801,
+        ] {
+            assert!(!Status(s).is_transient(), "{:04X}", s);
+        }
     }
 }

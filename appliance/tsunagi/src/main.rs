@@ -5,13 +5,15 @@
 //! * `tsunagi status` — asks the running supervisor;
 //! * `tsunagi config check FILE...` — validates config files;
 //! * `tsunagi sysusers` — prints the system users the services run as;
-//! * `tsunagi ssmix2 scan|check ROOT` — inventories an SS-MIX2 storage.
+//! * `tsunagi ssmix2 scan|check ROOT` — inventories an SS-MIX2 storage;
+//! * `tsunagi dicom list|requeue` — the DICOM spool's waiting and dead instances.
 //!
 //! `main` only wires: arguments → config → logging → runtime → run, and maps the outcome to
 //! an exit code (see `tsunagi_runtime::exit_code` and `docs/operations.md`).
 #![forbid(unsafe_code)]
 
 mod consent_cmd;
+mod dicom_cmd;
 mod services;
 mod ssmix2_cmd;
 mod status_cmd;
@@ -84,6 +86,16 @@ enum Command {
         #[command(subcommand)]
         command: consent_cmd::ConsentCommand,
     },
+    /// The DICOM bridge's spool: list what waits and why; requeue dead letters (audited).
+    Dicom {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: dicom_cmd::DicomCommand,
+    },
     /// SS-MIX2 storages: inventory and conformance (reads only; no service needed).
     #[command(subcommand)]
     Ssmix2(ssmix2_cmd::Ssmix2Command),
@@ -151,6 +163,14 @@ fn main() -> ExitCode {
         } => match load(&config.config) {
             Err(code) => code,
             Ok(cfg) => consent_cmd::consent(&cfg, command, json),
+        },
+        Command::Dicom {
+            config,
+            json,
+            command,
+        } => match load(&config.config) {
+            Err(code) => code,
+            Ok(cfg) => dicom_cmd::dicom(&cfg, command, json),
         },
         Command::Audit {
             config,

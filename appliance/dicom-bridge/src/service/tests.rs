@@ -420,3 +420,31 @@ fn an_unreachable_consent_service_ends_the_round_and_sends_nothing() {
     assert!(held(&spool).is_empty(), "nothing held on a failure to ask");
     assert_eq!(spool.ready(NOW, 10).unwrap()[0].id, id);
 }
+
+#[test]
+fn a_refused_association_lowers_the_parallelism_and_it_recovers_one_at_a_time() {
+    let t0 = std::time::Instant::now();
+    let mut p = Parallelism::new(4);
+    assert_eq!(p.now_at(t0), 4);
+    // Every association opened: nothing changes.
+    assert_eq!(p.observe_at(4, 0, t0), None);
+    // None opened: an outage, not a limit.
+    assert_eq!(p.observe_at(0, 4, t0), None);
+    assert_eq!(p.now_at(t0), 4);
+    // One worked, three did not: one from now on.
+    assert_eq!(p.observe_at(1, 3, t0), Some(1));
+    assert_eq!(p.now_at(t0 + PARALLELISM_RECOVERY / 2), 1);
+    // Later, one more is tried; it fails again: back to one, and the next try as much later.
+    let t1 = t0 + PARALLELISM_RECOVERY;
+    assert_eq!(p.now_at(t1), 2);
+    assert_eq!(p.observe_at(1, 1, t1), Some(1));
+    assert_eq!(p.now_at(t1 + PARALLELISM_RECOVERY / 2), 1);
+    // Tries that succeed climb back to the configured number, and not beyond.
+    let mut t = t1;
+    for want in [2, 3, 4, 4] {
+        t += PARALLELISM_RECOVERY;
+        assert_eq!(p.now_at(t), want);
+        assert_eq!(p.observe_at(want, 0, t), None);
+    }
+    assert_eq!(Parallelism::new(0).now_at(t0), 1);
+}

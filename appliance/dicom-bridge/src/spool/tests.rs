@@ -227,3 +227,102 @@ fn concurrent_commits_share_transactions_and_lose_nothing() {
     assert_eq!(spool.counts().unwrap().pending, 201);
     assert_eq!(files(dir.path(), "objects").len(), 201);
 }
+
+#[test]
+fn a_busy_pacs_backs_each_instance_off_on_its_own_up_to_an_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let Committed::Queued(id) = receive(&spool, b"DICM busy", &meta("1.2.3.9", "0001")) else {
+        panic!()
+    };
+    let mut at = 1_000;
+    let mut waits = Vec::new();
+    for _ in 0..9 {
+        spool.retry_backoff(id, "A700H", at).unwrap();
+        let next: i64 = spool
+            .conn()
+            .query_row(
+                "SELECT next_attempt_at FROM queue WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        waits.push(next - at);
+        // Not ready before its time, ready at it: never a dead letter.
+        assert!(spool.ready(next - 1, 10).unwrap().is_empty());
+        assert_eq!(spool.ready(next, 10).unwrap().len(), 1);
+        at = next;
+    }
+    assert_eq!(waits, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
+    assert_eq!(spool.counts().unwrap().dead, 0);
+}
+
+#[test]
+fn dead_letters_are_listed_and_requeued_with_a_fresh_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let mut ids = Vec::new();
+    for (i, uid) in ["1.2.3.21", "1.2.3.22", "1.2.3.23"].iter().enumerate() {
+        let Committed::Queued(id) =
+            receive(&spool, format!("DICM {i}").as_bytes(), &meta(uid, "0001"))
+        else {
+            panic!()
+        };
+        ids.push(id);
+    }
+    spool
+        .fail(
+            ids[0],
+            "refused by the network PACS: 0122H (SOP class not supported)",
+        )
+        .unwrap();
+    spool
+        .retry_later(ids[1], "connection refused", 500)
+        .unwrap();
+    // Not delivered within the dead-letter time: dead, like the refused one.
+    assert_eq!(spool.dead_letters(101).unwrap(), 2);
+    spool.hold(ids[2], "no-consent").unwrap();
+    let dead = spool.entries("dead", 10).unwrap();
+    assert_eq!(dead.iter().map(|e| e.id).collect::<Vec<_>>(), ids[..2]);
+    assert_eq!(
+        dead[0].reason,
+        "refused by the network PACS: 0122H (SOP class not supported)"
+    );
+    assert_eq!(dead[1].reason, "connection refused");
+    assert_eq!(dead[1].attempts, 1);
+    assert_eq!(spool.entries("held", 10).unwrap()[0].reason, "no-consent");
+
+    // By id: only a dead letter moves (the held one stays held).
+    let mut admin = Admin::open(dir.path()).unwrap();
+    let put = admin.requeue(Some(&[ids[0], ids[2]]), 10_000).unwrap();
+    assert_eq!(put.len(), 1);
+    assert_eq!(put[0].id, ids[0]);
+    assert_eq!(put[0].sop_instance, "1.2.3.21");
+    assert_eq!(put[0].patient_id.as_deref(), Some("0001"));
+    assert_eq!(spool.entries("held", 10).unwrap().len(), 1);
+    // Pending at once, and the dead-letter clock starts again from the requeue.
+    let ready = spool.ready(10_000, 10).unwrap();
+    assert_eq!(ready.iter().map(|q| q.id).collect::<Vec<_>>(), [ids[0]]);
+    assert_eq!(ready[0].attempts, 0);
+    assert_eq!(spool.dead_letters(9_000).unwrap(), 0);
+    // All of them.
+    let put = admin.requeue(None, 10_000).unwrap();
+    assert_eq!(put.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[1]]);
+    assert!(spool.entries("dead", 10).unwrap().is_empty());
+    assert_eq!(spool.counts().unwrap().pending, 2);
+}
+
+#[test]
+fn the_admin_view_needs_a_spool_and_removes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Admin::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("spool"), "{err}");
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    // An instance being received (no queue row yet) survives an operator's command.
+    let mut inc = spool.begin().unwrap();
+    inc.write(b"half").unwrap();
+    let admin = Admin::open(dir.path()).unwrap();
+    assert!(admin.entries("pending", 10).unwrap().is_empty());
+    assert_eq!(files(dir.path(), "objects").len(), 1);
+    drop(inc);
+}
