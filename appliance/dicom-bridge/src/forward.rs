@@ -274,8 +274,8 @@ pub struct Share {
     pub opening: Opening,
 }
 
-/// As [`send_batch`], on `link` when it was negotiated for every (SOP class, transfer
-/// syntax) of the batch (else on a new association); the association stays open for the
+/// As [`send_batch`], on `link` when it accepted every (SOP class, transfer syntax) of the
+/// batch (else on a new association); the association stays open for the
 /// next batch. A reused association that fails before the first instance went (the PACS
 /// closed it while idle) is replaced by a new one once.
 ///
@@ -309,7 +309,9 @@ pub async fn send_share(
         opened: 0,
         opening: Opening::Reused,
     };
-    let reusable = link.filter(|l| work.pairs.iter().all(|p| l.pairs.contains(p)));
+    // Reused only where every pair was accepted: a refusal is only ever taken from a fresh
+    // negotiation (the PACS's configuration may have changed since).
+    let reusable = link.filter(|l| work.pairs.iter().all(|p| l.accepted(&p.0, &p.1).is_some()));
     let link = match reusable {
         Some(l) => l,
         None => match open_for(dest, work, stop, extra, &mut share).await {

@@ -332,9 +332,21 @@ fn a_retrieve_answered_with_another_patients_data_is_discarded_and_audited() {
 /// `storescu` of `files` from the PACS namespace to the box; every one must be answered
 /// with success (stored in the clinic's spool).
 fn store_through_box(pacs: &Orthanc, files: &[&std::path::Path], timeout: Duration) {
+    store_through_box_with(pacs, &[], files, timeout);
+}
+
+/// [`store_through_box`] with more storescu options (e.g. `-xr`: propose RLE Lossless).
+fn store_through_box_with(
+    pacs: &Orthanc,
+    options: &[&str],
+    files: &[&std::path::Path],
+    timeout: Duration,
+) {
     let mut storescu = pacs.command("storescu");
     storescu
-        .args(["-v", "-aec", "TSUNAGI-TEST", "127.0.0.1", "11112"])
+        .args(["-v", "-aec", "TSUNAGI-TEST"])
+        .args(options)
+        .args(["127.0.0.1", "11112"])
         .args(files);
     let out = pacs.output(&mut storescu, timeout).unwrap();
     let text =
@@ -1109,4 +1121,261 @@ fn a_withdrawal_during_a_500_instance_transfer_stops_the_patient_within_1_s_at_o
     );
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// A small tmpfs the test mounts (a PACS's storage it can fill) and unmounts.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn new() -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        Tmpfs::mount(&["-t", "tmpfs", "-o", "size=16m", "tmpfs"], dir.path());
+        Tmpfs(dir)
+    }
+
+    fn mount(args: &[&str], at: &std::path::Path) {
+        let out = std::process::Command::new("mount")
+            .args(args)
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// Issue 15, transient failures: Orthanc whose storage is full answers C-STORE with A700H
+/// (out of resources). The instances wait in the clinic, none becomes a dead
+/// letter, the status says why; once Orthanc can write again they all arrive (counted at
+/// Orthanc). Orthanc takes the four associations configured: the parallelism stays at four.
+#[test]
+fn an_orthanc_that_cannot_store_answers_a700_and_the_instances_wait_then_arrive() {
+    if skip_unless_root(
+        "an_orthanc_that_cannot_store_answers_a700_and_the_instances_wait_then_arrive",
+    ) {
+        return;
+    }
+    // Declared first, dropped last: Orthanc stops before its storage is unmounted.
+    let storage = Tmpfs::new();
+    let pacs = Orthanc::start_for_test_with(&hil_tests::orthanc::Options {
+        extra: serde_json::Map::from_iter([(
+            "StorageDirectory".to_owned(),
+            serde_json::json!(storage.path()),
+        )]),
+        ..hil_tests::orthanc::Options::default()
+    });
+    // The disk fills up.
+    let ballast = storage.path().join("ballast");
+    let fill = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M"])
+        .arg(format!("of={}", ballast.display()))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&fill.stderr).contains("No space left"),
+        "{fill:?}"
+    );
+    let (mut h, _) = clinic_with(&pacs, FAST_SUPERVISOR, "5s", "forward-associations = 4\n");
+    h.start_in_netns(pacs.netns());
+    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    });
+    let files = tempfile::tempdir().unwrap();
+    let base = Ids::new("0001234");
+    let all: Vec<std::path::PathBuf> = (0..8)
+        .map(|_| japanese_ct(files.path(), &base.next_instance()).unwrap())
+        .collect();
+    let all: Vec<&std::path::Path> = all.iter().map(std::path::PathBuf::as_path).collect();
+    store_through_box(&pacs, &all, Duration::from_secs(30));
+    let status = h.wait_for("an A700 answer", Duration::from_secs(30), |s| {
+        service(s, "dicom")["summary"]
+            .as_str()
+            .is_some_and(|t| t.contains("A700H"))
+    });
+    let metrics = &service(&status, "dicom")["metrics"];
+    assert_eq!(metrics["spool_dead"], 0.0, "{status}");
+    assert_eq!(metrics["spool_pending"], 8.0, "{status}");
+    assert!(pacs.instances().unwrap().is_empty());
+    assert!(
+        pacs.log().contains("Cannot write to file"),
+        "Orthanc's own reason: {}",
+        pacs.log()
+    );
+    // Space again: every instance arrives (the first retry is 30 s after A700).
+    std::fs::remove_file(&ballast).unwrap();
+    let status = h.wait_for("delivery", Duration::from_secs(150), |s| {
+        service(s, "dicom")["metrics"]["delivered_total"] == 8.0
+    });
+    let metrics = &service(&status, "dicom")["metrics"];
+    assert_eq!(metrics["spool_dead"], 0.0, "{status}");
+    assert_eq!(metrics["associations_failed_total"], 0.0, "{status}");
+    assert_eq!(metrics["associations_parallel"], 4.0, "{status}");
+    assert_eq!(uids_at(&pacs).len(), 8);
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// `tsunagi dicom ARGS --json --config ...`: its output and whether it succeeded.
+fn dicom_cli(h: &Harness, args: &[&str]) -> (String, bool) {
+    let out = std::process::Command::new(BIN)
+        .arg("dicom")
+        .args(args)
+        .arg("--config")
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        out.status.success(),
+    )
+}
+
+/// Issue 15, dead letters: Orthanc refuses RLE Lossless (`RleTransferSyntaxAccepted`
+/// false), a permanent refusal, so an RLE instance becomes a dead letter with the reason
+/// (`tsunagi dicom list`) while an uncompressed one arrives. Once the PACS takes RLE
+/// (Orthanc restarted with its default), the operator requeues it (`tsunagi dicom requeue
+/// --all --by NAME`): the requeue is in the audit trail (decision `requeued`, the
+/// operator's name), the instance is decided again and arrives, counted at Orthanc.
+#[test]
+fn a_dead_letter_requeued_by_the_operator_is_audited_and_arrives() {
+    if skip_unless_root("a_dead_letter_requeued_by_the_operator_is_audited_and_arrives") {
+        return;
+    }
+    let ns = hil_tests::orthanc::Netns::create().unwrap();
+    let refusing = Orthanc::start_for_test_with(&hil_tests::orthanc::Options {
+        netns: Some(ns.name().to_owned()),
+        extra: serde_json::Map::from_iter([(
+            "RleTransferSyntaxAccepted".to_owned(),
+            serde_json::json!(false),
+        )]),
+        ..hil_tests::orthanc::Options::default()
+    });
+    let (mut h, _) = clinic(&refusing, FAST_SUPERVISOR, "5s");
+    h.start_in_netns(ns.name());
+    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    });
+    let files = tempfile::tempdir().unwrap();
+    let base = Ids::new("0001234");
+    let plain = japanese_ct(files.path(), &base).unwrap();
+    let rle_ids = base.next_instance();
+    let uncompressed = japanese_ct(files.path(), &rle_ids).unwrap();
+    let rle = files.path().join("rle.dcm");
+    let out = std::process::Command::new("dcmcrle")
+        .arg(&uncompressed)
+        .arg(&rle)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    store_through_box(&refusing, &[&plain], Duration::from_secs(30));
+    store_through_box_with(&refusing, &["-xr"], &[&rle], Duration::from_secs(30));
+    let status = h.wait_for(
+        "one delivered, one dead letter",
+        Duration::from_secs(60),
+        |s| {
+            let m = &service(s, "dicom")["metrics"];
+            m["delivered_total"] == 1.0 && m["spool_dead"] == 1.0
+        },
+    );
+    assert_eq!(service(&status, "dicom")["health"], "degraded", "{status}");
+    let (listed, ok) = dicom_cli(&h, &["list", "--json"]);
+    assert!(ok, "{listed}");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert!(
+        listed[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("accepts neither this SOP class nor its transfer syntax"),
+        "{listed}"
+    );
+    assert!(
+        !listed.to_string().contains("0001234"),
+        "no patient ID: {listed}"
+    );
+    // Requeueing needs a name, and ids that are dead letters.
+    let (text, ok) = dicom_cli(&h, &["requeue", "--all", "--by", " "]);
+    assert!(!ok && text.contains("--by"), "{text}");
+    let (text, ok) = dicom_cli(&h, &["requeue", "999999", "--by", "受付 山田"]);
+    assert!(!ok && text.contains("not dead letters"), "{text}");
+
+    // The PACS takes RLE now.
+    refusing.stop().unwrap();
+    let pacs = Orthanc::start_for_test_with(&hil_tests::orthanc::Options {
+        netns: Some(ns.name().to_owned()),
+        ..hil_tests::orthanc::Options::default()
+    });
+    let (text, ok) = dicom_cli(&h, &["requeue", "--all", "--by", "受付 山田"]);
+    assert!(ok && text.contains("requeued 1"), "{text}");
+    let status = h.wait_for(
+        "the requeued instance delivered",
+        Duration::from_secs(90),
+        |s| {
+            let m = &service(s, "dicom")["metrics"];
+            m["delivered_total"] == 2.0
+                && m["spool_dead"] == 0.0
+                && m["release_records_waiting"] == 0.0
+        },
+    );
+    assert_eq!(
+        service(&status, "dicom")["metrics"]["spool_pending"],
+        0.0,
+        "{status}"
+    );
+    let ids = wait_for_instances(&pacs, 1, &h);
+    let arrived = DicomFile::parse(pacs.instance_file(&ids[0]).unwrap()).unwrap();
+    assert_eq!(
+        arrived.string(0x0008, 0x0018).as_deref(),
+        Some(rle_ids.sop_instance_uid.as_str())
+    );
+    assert_eq!(
+        arrived.transfer_syntax(),
+        "1.2.840.10008.1.2.5",
+        "sent as it came (RLE)"
+    );
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+    // The requeue in the audit trail, then the release it led to; the trail verifies.
+    let db = rusqlite::Connection::open(h.state_dir().join("consent/consent.db")).unwrap();
+    let rows: Vec<(String, String, String)> = db
+        .prepare("SELECT decision, reason, object FROM audit WHERE object <> '' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let object = format!("dicom:{}", rle_ids.sop_instance_uid);
+    let of_it: Vec<(&str, &str)> = rows
+        .iter()
+        .filter(|(_, _, o)| *o == object)
+        .map(|(d, r, _)| (d.as_str(), r.as_str()))
+        .collect();
+    assert_eq!(
+        of_it,
+        [("requeued", "by:受付 山田"), ("sent", "")],
+        "{rows:?}"
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["audit", "verify", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    drop(pacs);
+    drop(ns);
 }
