@@ -781,3 +781,33 @@ async fn a_pacs_that_serves_many_associations_gets_them_all() {
     }
     assert_eq!(received(&out), 40);
 }
+
+/// A PACS that rejects the association (storescp `--refuse`: A-ASSOCIATE-RJ): the round
+/// fails with the reason, nothing is delivered or made a dead letter (the instances are
+/// retried later), and it is an outage, not a lower parallelism.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_association_leaves_everything_queued_for_a_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let batch = spool_many(&spool, dir.path(), 14, 6);
+    let port = free_port();
+    let out = dir.path().join("received");
+    let log = dir.path().join("storescp.log");
+    let _pacs = storescp_with(port, &out, Some(&log), &["--refuse"]);
+    let dest = pacs_at(port, Duration::from_secs(5));
+    let mut links = Vec::new();
+    let spread =
+        dicom_bridge::forward::send_parallel(&dest, &batch, 2, &mut links, &Stop::never()).await;
+    let error = spread.error.expect("the round failed");
+    assert!(error.contains("rejected"), "{error}");
+    assert!(spread.outcomes.is_empty());
+    assert_eq!((spread.worked, spread.failed), (0, 0));
+    assert!(links.is_empty());
+    assert_eq!(
+        record(&spool, &spread.outcomes, dicom_bridge::now()).unwrap(),
+        0
+    );
+    let counts = spool.counts().unwrap();
+    assert_eq!((counts.pending, counts.dead), (6, 0));
+    assert_eq!(received(&out), 0);
+}
