@@ -1,14 +1,14 @@
 //! What the bridge does with the bytes of an association after it is established: dicom-ul
 //! reads PDUs from the stream (`read_pdu`, strict, the default maximum length), and the
 //! P-DATA values are reassembled as the SCP does it: command fragments through
-//! `CommandBuf` (bounded, then decoded), data-set fragments through `keep_prefix` (the
-//! first `HEADER_PREFIX` bytes), whose routing header is read once the last fragment came.
+//! `CommandBuf` (bounded, then decoded), data-set fragments through the streaming
+//! `walk::Walker` (structure and routing elements), finished once the last fragment came.
 //!
 //! Input: one flag byte (bit 0: the data set is explicit VR), then the PDU stream.
 #![no_main]
 
-use dicom_bridge::scp::HEADER_PREFIX;
-use dicom_bridge::{CommandBuf, header, keep_prefix};
+use dicom_bridge::CommandBuf;
+use dicom_bridge::walk::{MAX_ROUTING_VALUE, Walker};
 use dicom_ul::pdu::{DEFAULT_MAX_PDU, PDataValueType, Pdu, read_pdu};
 use libfuzzer_sys::fuzz_target;
 
@@ -18,7 +18,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let explicit = flags & 1 == 1;
     let mut commands = CommandBuf::default();
-    let mut prefix = Vec::new();
+    // The SCP's default limit.
+    let limit = 1024 * 1024;
+    let mut walker = Walker::new(explicit, limit);
     loop {
         let before = stream.len();
         let pdu = match read_pdu(&mut stream, DEFAULT_MAX_PDU, true) {
@@ -44,11 +46,20 @@ fuzz_target!(|data: &[u8]| {
                     Err(()) => return,
                 },
                 PDataValueType::Data => {
-                    keep_prefix(&mut prefix, &pdv.data, HEADER_PREFIX);
-                    assert!(prefix.len() <= HEADER_PREFIX);
+                    walker.push(&pdv.data);
                     if pdv.is_last {
-                        let _ = header::read(&prefix, explicit);
-                        prefix.clear();
+                        let done = std::mem::replace(&mut walker, Walker::new(explicit, limit));
+                        if let Ok(h) = done.finish() {
+                            // What is kept of an accepted data set is bounded.
+                            for v in [&h.patient_id, &h.sop_instance, &h.sop_class] {
+                                assert!(v.as_ref().is_none_or(|v| v.len() <= MAX_ROUTING_VALUE));
+                            }
+                            assert!(
+                                h.patient_name_raw
+                                    .as_ref()
+                                    .is_none_or(|v| v.len() <= MAX_ROUTING_VALUE)
+                            );
+                        }
                     }
                 }
             }

@@ -171,7 +171,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn text(value: &[u8]) -> String {
+/// A text value without its padding (spaces, NULs) at either end.
+pub(crate) fn text(value: &[u8]) -> String {
     let end = value
         .iter()
         .rposition(|&b| b != 0 && b != b' ')

@@ -6,6 +6,8 @@
 //! * [`inflight`]: the in-flight bound: while a batch is being sent, the consent change
 //!   feed is read every 100 ms, and nothing of a patient leaves more than 1 s after their
 //!   withdrawal is recorded locally.
+//! * [`walk`]: the data set's structure, checked as it streams in (duplicates, undefined
+//!   lengths that cannot be walked); the routing elements on the way.
 //! * [`header`]: the routing elements (SOP class and instance, patient ID, the raw patient
 //!   name, study) from the start of a data set, without decoding the rest.
 //! * [`translate`]: patient-ID translation (network ID with its issuer; the clinic's ID in
@@ -59,6 +61,7 @@ pub mod scp;
 pub mod service;
 pub mod spool;
 pub mod translate;
+pub mod walk;
 
 /// Now, in Unix seconds (what the spool records).
 pub fn now() -> i64 {
@@ -91,16 +94,6 @@ impl CommandBuf {
         let command = dimse::command::Command::decode(&self.0).map_err(|_| ());
         self.0.clear();
         command.map(Some)
-    }
-}
-
-/// Keeps the start of a data set arriving in P-DATA fragments: appends what of `data` still
-/// fits in `limit` bytes (the rest of the data set streams to the spool unread). The one way
-/// the SCP gathers the bytes it reads the routing header from.
-pub fn keep_prefix(prefix: &mut Vec<u8>, data: &[u8], limit: usize) {
-    if prefix.len() < limit {
-        let take = (limit - prefix.len()).min(data.len());
-        prefix.extend_from_slice(&data[..take]);
     }
 }
 
@@ -154,14 +147,5 @@ mod tests {
         assert_eq!(buf.push(&pdv(&big, false)), Err(()));
         let mut buf = CommandBuf::default();
         assert_eq!(buf.push(&pdv(&[1, 2, 3], true)), Err(()));
-    }
-
-    #[test]
-    fn the_prefix_stops_at_its_limit() {
-        let mut prefix = Vec::new();
-        keep_prefix(&mut prefix, &[1, 2, 3], 5);
-        keep_prefix(&mut prefix, &[4, 5, 6], 5);
-        keep_prefix(&mut prefix, &[7], 5);
-        assert_eq!(prefix, [1, 2, 3, 4, 5]);
     }
 }

@@ -29,7 +29,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tsunagi_runtime::listen::{self, Admission, Limits, STOP_DRAIN, ServeError};
 
-use crate::header;
 use crate::spool::{Incoming, Meta, Spool, SpoolError};
 
 /// What the SCP needs.
@@ -46,6 +45,9 @@ pub struct Settings {
     /// SOP classes stored besides the standard storage SOP classes (e.g. a vendor's private
     /// ones).
     pub extra_sop_classes: Vec<String>,
+    /// How far into a data set its patient elements may lie, in bytes
+    /// ([`crate::walk::Walker`]).
+    pub header_limit: u64,
 }
 
 /// The DICOMDIR's SOP class: a file-set directory, never sent over the network.
@@ -73,14 +75,6 @@ const REJECT_LOCAL_LIMIT: [u8; 10] = [0x03, 0, 0, 0, 0, 4, 0, 2, 3, 2];
 /// At most this many callers beyond the cap are answered A-ASSOCIATE-RJ at once; the others
 /// are closed.
 const MAX_REJECTING: usize = 8;
-
-/// How the data set's first bytes are kept for the header (the routing elements are near
-/// the start).
-pub const HEADER_PREFIX: usize = 64 * 1024;
-
-/// The implicit VR little endian transfer syntax (every other one in use encodes the data set
-/// as explicit VR little endian).
-const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 
 struct Access {
     peer: IpAddr,
@@ -188,7 +182,9 @@ struct Receiving {
     command: Command,
     transfer_syntax: String,
     incoming: Option<Incoming>,
-    prefix: Vec<u8>,
+    /// The data set's structure and routing elements, as it streams in; `None` for a
+    /// transfer syntax whose data set is not little endian VR (deflated, big endian).
+    walker: Option<crate::walk::Walker>,
     failure: Option<Status>,
 }
 
@@ -298,9 +294,17 @@ async fn association(
                                     receiving = Some(Receiving {
                                         pc_id: pdv.presentation_context_id,
                                         command,
+                                        walker: crate::translate::data_set_is_explicit(
+                                            &transfer_syntax,
+                                        )
+                                        .map(|explicit| {
+                                            crate::walk::Walker::new(
+                                                explicit,
+                                                settings.header_limit,
+                                            )
+                                        }),
                                         transfer_syntax,
                                         incoming,
-                                        prefix: Vec::new(),
                                         failure,
                                     });
                                 }
@@ -361,7 +365,9 @@ async fn association(
                                 let _ = assoc.abort().await;
                                 return Ok(());
                             }
-                            crate::keep_prefix(&mut r.prefix, &pdv.data, HEADER_PREFIX);
+                            if let Some(w) = r.walker.as_mut() {
+                                w.push(&pdv.data);
+                            }
                             if let Some(inc) = r.incoming.as_mut()
                                 && let Err(e) = inc.write(&pdv.data)
                             {
@@ -378,7 +384,7 @@ async fn association(
                                     let status = finish(
                                         r.incoming,
                                         r.failure,
-                                        &r.prefix,
+                                        r.walker,
                                         &r.command,
                                         &r.transfer_syntax,
                                         &calling,
@@ -584,7 +590,7 @@ impl dicom_ul::association::server::Negotiation for StorageRoles {
 async fn finish(
     incoming: Option<Incoming>,
     failure: Option<Status>,
-    prefix: &[u8],
+    walker: Option<crate::walk::Walker>,
     command: &Command,
     transfer_syntax: &str,
     calling: &str,
@@ -595,8 +601,22 @@ async fn finish(
     let Some(incoming) = incoming else {
         return Status::PROCESSING_FAILURE;
     };
-    let explicit = transfer_syntax != IMPLICIT_VR_LE;
-    let head = header::read(prefix, explicit).ok();
+    // A data set the bridge cannot walk the way a PACS will read it is refused: never
+    // forwarded to be read differently there. (Tags only in the log: no patient data.)
+    let Some(walker) = walker else {
+        tracing::warn!(
+            transfer_syntax,
+            "a data set in a transfer syntax the bridge cannot read; refused (C000H)"
+        );
+        return Status::CANNOT_UNDERSTAND;
+    };
+    let head = match walker.finish() {
+        Ok(head) => Some(head),
+        Err(e) => {
+            tracing::warn!(reason = %e, "a malformed data set; refused (C000H)");
+            return Status::CANNOT_UNDERSTAND;
+        }
+    };
     let sop_instance = command.affected_sop_instance.clone().unwrap_or_default();
     if sop_instance.is_empty()
         || head

@@ -79,6 +79,7 @@ impl Settings {
                     .iter()
                     .map(|c| c.as_str().to_owned())
                     .collect(),
+                header_limit: u64::from(d.header_limit_kib) * 1024,
                 // tsunagi_config::Config validation makes query/retrieve come with an allowed-callers list.
                 proxy: d.query_retrieve.then(|| {
                     Arc::new(crate::qr::Proxy {
@@ -113,6 +114,7 @@ impl Settings {
                     network_issuer: n.issuer.as_str().to_owned(),
                     network_oid: n.oid.as_str().to_owned(),
                     facility_code: cfg.site.facility_code.as_str().to_owned(),
+                    header_limit: u64::from(d.header_limit_kib) * 1024,
                 }),
                 _ => None,
             },
@@ -137,10 +139,10 @@ pub struct Translation {
     pub network_issuer: String,
     pub network_oid: String,
     pub facility_code: String,
+    /// How much of a spooled data set is read to find its patient elements (the SCP refused
+    /// any whose lie further: [`crate::walk::Walker`]).
+    pub header_limit: u64,
 }
-
-/// How much of a spooled data set is read to find its patient elements.
-const TRANSLATE_PREFIX: usize = 1 << 20;
 /// How long an instance waits before its patient's network ID is asked for again.
 const IDENTITY_RETRY: i64 = 10;
 /// How long an instance waits after a transient deny (a stale cache, a clock behind).
@@ -803,11 +805,7 @@ fn translated(
     };
     let mut prefix = Vec::new();
     std::fs::File::open(&q.path)
-        .and_then(|f| {
-            f.take(TRANSLATE_PREFIX as u64)
-                .read_to_end(&mut prefix)
-                .map(|_| ())
-        })
+        .and_then(|f| f.take(t.header_limit).read_to_end(&mut prefix).map(|_| ()))
         .map_err(|e| format!("cannot read the spooled instance: {}", e.kind()))?;
     let ids = crate::translate::Identity {
         network_id: network_id.to_owned(),

@@ -35,6 +35,7 @@ async fn start(spool: Spool) -> (u16, CancellationToken) {
         allowed: None,
         proxy: None,
         extra_sop_classes: Vec::new(),
+        header_limit: 1 << 20,
     });
     tokio::spawn(serve(listener, settings, spool, stop.clone()));
     (port, stop)
@@ -263,6 +264,7 @@ async fn idle_clients_and_oversized_pdus_do_not_hold_the_service() {
         allowed: None,
         proxy: None,
         extra_sop_classes: Vec::new(),
+        header_limit: 1 << 20,
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     // An idle client that sends nothing: others are served meanwhile, and it is closed
@@ -351,6 +353,7 @@ async fn an_unknown_sop_class_and_the_association_cap_get_the_right_answers() {
         allowed: None,
         proxy: None,
         extra_sop_classes: vec![PRIVATE.into()],
+        header_limit: 1 << 20,
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     let file = generate(dir.path(), "1.2.826.0.1.3680043.9.7777.1.5", "0001234");
@@ -432,5 +435,121 @@ async fn an_unknown_sop_class_and_the_association_cap_get_the_right_answers() {
         run(Command::new("echoscu").args(["-aec", "TSUNAGI", "127.0.0.1", &port.to_string()]))
             .await;
     assert!(out.status.success());
+    stop.cancel();
+}
+
+/// The data set `ds` with `insert` put where the first top-level element after `after`
+/// starts.
+fn insert_after(ds: &[u8], after: u32, insert: &[u8]) -> Vec<u8> {
+    let (_, at) = dicom_bridge::header::elements_until(ds, true, after, true).unwrap();
+    [&ds[..at], insert, &ds[at..]].concat()
+}
+
+/// An explicit VR little endian element with a 4-byte length (OB, UN).
+fn long_element(g: u16, e: u16, vr: &[u8; 2], len: u32, value: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&g.to_le_bytes());
+    v.extend_from_slice(&e.to_le_bytes());
+    v.extend_from_slice(vr);
+    v.extend_from_slice(&[0, 0]);
+    v.extend_from_slice(&len.to_le_bytes());
+    v.extend_from_slice(value);
+    v
+}
+
+/// Sends `ds` as one C-STORE of a CT on a raw association; the status answered.
+async fn store_raw(port: u16, uid: &str, ds: Vec<u8>) -> dimse::status::Status {
+    let mut a = client(port).await;
+    let pc = a.presentation_contexts()[0].id;
+    let rq = dimse::command::Command::store(1, "1.2.840.10008.5.1.4.1.1.2", uid).encode();
+    a.send(&pdata(pc, true, true, rq)).await.unwrap();
+    for (i, chunk) in ds.chunks(8000).enumerate() {
+        let last = (i + 1) * 8000 >= ds.len();
+        a.send(&pdata(pc, false, last, chunk.to_vec()))
+            .await
+            .unwrap();
+    }
+    let dicom_ul::Pdu::PData { data } = a.receive().await.unwrap() else {
+        panic!("no response")
+    };
+    let _ = a.release().await;
+    dimse::command::Command::decode(&data[0].data)
+        .unwrap()
+        .status
+        .unwrap()
+}
+
+/// Issue 15: the SCP reads a data set the way a PACS will, as it streams in. A PatientID
+/// after 200 KiB of a private element (sent by dcmtk's storescu) is found, within the
+/// header limit. A data set with PatientID twice (a PACS might file it under the second
+/// while the bridge routes on the first), or an UN of undefined length whose content is
+/// not the implicit VR items it must hold, is refused with C000H and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_patient_id_is_found_and_data_sets_read_two_ways_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let (port, stop) = start(spool.clone()).await;
+    let uid = "1.2.826.0.1.3680043.9.7777.1.21";
+    let file = generate(dir.path(), uid, "0001234");
+    let bytes = std::fs::read(&file).unwrap();
+    let ds = data_set(&bytes);
+    let meta = &bytes[..bytes.len() - ds.len()];
+
+    // 200 KiB of a private element before the patient group.
+    let mut private = Vec::new();
+    private.extend_from_slice(&[0x09, 0x00, 0x10, 0x00, b'L', b'O', 12, 0]);
+    private.extend_from_slice(b"TSUNAGI TEST");
+    private.extend(long_element(
+        0x0009,
+        0x1010,
+        b"OB",
+        200 * 1024,
+        &vec![0x5A; 200 * 1024],
+    ));
+    let late = dir.path().join("late.dcm");
+    std::fs::write(
+        &late,
+        [meta, &insert_after(&ds, 0x0008_FFFF, &private)].concat(),
+    )
+    .unwrap();
+    let out = run(Command::new("storescu")
+        .args(["-v", "-aec", "TSUNAGI", "127.0.0.1"])
+        .arg(port.to_string())
+        .arg(&late))
+    .await;
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Received Store Response (Success)"), "{text}");
+    let ready = spool.ready(i64::MAX, 10).unwrap();
+    assert_eq!(ready.len(), 1);
+    assert_eq!(ready[0].meta.patient_id.as_deref(), Some("0001234"));
+    spool.delivered(ready[0].id).unwrap();
+
+    // PatientID twice.
+    let mut second = Vec::new();
+    second.extend_from_slice(&[0x10, 0x00, 0x20, 0x00, b'L', b'O', 8, 0]);
+    second.extend_from_slice(b"0009999 ");
+    let twice = insert_after(&ds, 0x0010_0020, &second);
+    assert_eq!(
+        store_raw(port, uid, twice).await,
+        dimse::status::Status::CANNOT_UNDERSTAND
+    );
+    // An UN of undefined length holding an explicit VR element instead of items.
+    let mut un = long_element(0x0009, 0x1010, b"UN", u32::MAX, &[]);
+    un.extend_from_slice(&[0x09, 0x00, 0x11, 0x10, b'L', b'O', 2, 0, b'x', b' ']);
+    un.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    let mut creator = vec![0x09, 0x00, 0x10, 0x00, b'L', b'O', 12, 0];
+    creator.extend_from_slice(b"TSUNAGI TEST");
+    let unwalkable = insert_after(&ds, 0x0008_FFFF, &[creator, un].concat());
+    assert_eq!(
+        store_raw(port, uid, unwalkable).await,
+        dimse::status::Status::CANNOT_UNDERSTAND
+    );
+    assert!(spool_is_empty(dir.path(), &spool));
+    // The well-formed data set still goes in.
+    assert_eq!(
+        store_raw(port, uid, ds).await,
+        dimse::status::Status::SUCCESS
+    );
+    assert_eq!(spool.counts().unwrap().pending, 1);
     stop.cancel();
 }

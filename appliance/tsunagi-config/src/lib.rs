@@ -311,6 +311,12 @@ pub struct DicomBridge {
     /// Associations to the network PACS at once, 1–8; default 2.
     #[serde(default = "default_forward_associations")]
     pub forward_associations: u32,
+    /// How far into a data set its patient elements (up to OtherPatientIDsSequence) may
+    /// lie, in KiB, 64–16384; default 1024. Large private groups before them push them
+    /// back; an instance whose are further is refused (C000H), because the forwarder reads
+    /// this much of it to translate its patient IDs.
+    #[serde(default = "default_header_limit")]
+    pub header_limit_kib: u32,
     /// `translate` (default: needs `[site.network-ids]`) or `as-is`.
     #[serde(default)]
     pub patient_ids: PatientIdPolicy,
@@ -331,6 +337,10 @@ pub struct DicomBridge {
 
 fn default_forward_associations() -> u32 {
     2
+}
+
+fn default_header_limit() -> u32 {
+    1024
 }
 
 fn default_max_pdu() -> u32 {
@@ -902,6 +912,13 @@ impl Config {
                     "dicom.max-pdu",
                     "must be 16384 to 1048576".into(),
                     &["dicom.max-pdu"],
+                );
+            }
+            if !(64..=16384).contains(&d.header_limit_kib) {
+                broken(
+                    "dicom.header-limit-kib",
+                    format!("must be 64 to 16384 (got {})", d.header_limit_kib),
+                    &["dicom.header-limit-kib"],
                 );
             }
             if d.max_associations == 0 {

@@ -1279,7 +1279,21 @@ fn dicom_section_defaults_and_rules() {
     let d = cfg.dicom.unwrap();
     assert_eq!(d.patient_ids, PatientIdPolicy::Translate);
     assert_eq!(d.forward_associations, 2);
+    assert_eq!(d.header_limit_kib, 1024);
     assert!(d.move_destinations.is_empty() && d.extra_sop_classes.is_empty());
+    let small = parse(
+        &ssmix2_config(&format!(
+            "{ids}{}",
+            dicom.replace("[dicom.pacs]", "header-limit-kib = 32\n[dicom.pacs]")
+        )),
+        file(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        small.contains("dicom.header-limit-kib: must be 64 to 16384 (got 32)"),
+        "{small}"
+    );
     let nine = parse(
         &ssmix2_config(&format!(
             "{ids}{}",

@@ -313,6 +313,7 @@ fn a_permitted_instance_waits_for_its_patients_network_id_asked_once_per_round()
         network_issuer: "NET".to_owned(),
         network_oid: "2.999.1".to_owned(),
         facility_code: "1312345678".to_owned(),
+        header_limit: 1 << 20,
     };
     let r = gate_round(&mut gate, &spool, 0, 86_400, Some(&t), 1000, NOW).unwrap();
     assert!(r.permitted.is_empty());
@@ -386,6 +387,7 @@ fn an_identity_the_consent_service_refuses_is_held_and_the_round_goes_on() {
         network_issuer: "NET".to_owned(),
         network_oid: "2.999.1".to_owned(),
         facility_code: "1312345678".to_owned(),
+        header_limit: 1 << 20,
     };
     let first = queue(&spool, CT, Some("0001"));
     let second = queue(&spool, CT, Some("0002"));
