@@ -49,6 +49,12 @@ pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
 pub const COMPREHENSIVE_SR_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.88.33";
 /// Multi-frame Grayscale Word Secondary Capture Image Storage.
 pub const MULTI_FRAME_GRAYSCALE_WORD_SC: &str = "1.2.840.10008.5.1.4.1.1.7.3";
+/// VL Endoscopic Image Storage.
+pub const VL_ENDOSCOPIC_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.77.1.1";
+/// VL Whole Slide Microscopy Image Storage.
+pub const VL_WHOLE_SLIDE_MICROSCOPY_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.77.1.6";
+/// JPEG Baseline (Process 1).
+pub const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
 /// Explicit VR Little Endian.
 pub const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";
 /// Implicit VR Little Endian.
@@ -439,6 +445,130 @@ pub fn multi_frame(dir: &Path, ids: &Ids, size: MultiFrame) -> Result<PathBuf, D
     })
 }
 
+/// The attributes of an 8-bit RGB image of `rows` × `columns` (uncompressed, interleaved).
+fn rgb_lines(rows: u32, columns: u32) -> String {
+    format!(
+        "(0028,0002) US 3\n\
+         (0028,0004) CS [RGB]\n\
+         (0028,0006) US 0\n\
+         (0028,0010) US {rows}\n\
+         (0028,0011) US {columns}\n\
+         (0028,0100) US 8\n\
+         (0028,0101) US 8\n\
+         (0028,0102) US 7\n\
+         (0028,0103) US 0\n"
+    )
+}
+
+/// An RGB picture of `rows` × `columns`: colour gradients with `seed` mixed in, smooth
+/// enough for JPEG to compress the way it does photographs.
+fn rgb_picture(rows: u32, columns: u32, seed: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity((rows * columns * 3) as usize);
+    for y in 0..rows {
+        for x in 0..columns {
+            v.push(((x + seed * 13) % 256) as u8);
+            v.push(((y + seed * 7) % 256) as u8);
+            v.push((((x + y) / 2 + seed) % 256) as u8);
+        }
+    }
+    v
+}
+
+/// Compresses `file` to JPEG Baseline with dcmtk's `dcmcjpeg +eb` (8-bit, lossy, colour
+/// as YBR_FULL_422, as endoscopes and slide scanners write it); returns the new file
+/// (`<SOP UID>.jpeg.dcm`) and removes the uncompressed one.
+fn to_jpeg_baseline(dir: &Path, ids: &Ids, file: PathBuf) -> Result<PathBuf, DicomFilesError> {
+    let dcmcjpeg = find_tool("dcmcjpeg", "dcmtk")?;
+    let out = dir.join(format!("{}.jpeg.dcm", ids.sop_instance_uid));
+    let mut command = Command::new(&dcmcjpeg);
+    // +un: keep the SOP Instance UID (dcmcjpeg gives lossy results a new one by default).
+    command.args(["--quiet", "+eb", "+un"]).arg(&file).arg(&out);
+    run_with_input(&mut command, b"")?;
+    let _ = fs::remove_file(&file);
+    Ok(out)
+}
+
+/// Writes a VL Endoscopic Image Storage instance (modality ES): one 640×480 RGB frame,
+/// compressed to JPEG Baseline by dcmtk ([`JPEG_BASELINE`]), with the Japanese name as
+/// [`japanese_ct`] has it. Returns the file.
+pub fn vl_endoscopic(dir: &Path, ids: &Ids) -> Result<PathBuf, DicomFilesError> {
+    let name = encode_iso_2022_ir_87(&ids.patient_name)?;
+    let (rows, columns) = (480u32, 640u32);
+    let mut dump = header_dump(ids, VL_ENDOSCOPIC_IMAGE_STORAGE, "ES", &name)?;
+    dump.extend_from_slice(b"(0008,0008) CS [ORIGINAL\\PRIMARY]\n");
+    dump.extend_from_slice(rgb_lines(rows, columns).as_bytes());
+    let picture = rgb_picture(rows, columns, 1);
+    let file = write_pixels(dir, ids, &dump, b"OB", picture.len() as u64, |out| {
+        out.write_all(&picture)
+    })?;
+    to_jpeg_baseline(dir, ids, file)
+}
+
+/// The size of a [`whole_slide`] instance: tiles of 256×256 RGB pixels, `across` × `down`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slide {
+    pub across: u32,
+    pub down: u32,
+}
+
+impl Slide {
+    pub const TILE: u32 = 256;
+
+    /// The uncompressed pixel data's length.
+    pub fn pixel_bytes(&self) -> u64 {
+        u64::from(Slide::TILE * Slide::TILE * 3) * u64::from(self.across) * u64::from(self.down)
+    }
+}
+
+/// Writes a VL Whole Slide Microscopy Image Storage instance (modality SM, a volume image
+/// of `slide`'s tiles, TILED_FULL, one frame per tile) with the Japanese name as
+/// [`japanese_ct`] has it; with `jpeg`, its tiles compressed to JPEG Baseline by dcmtk,
+/// else uncompressed (Explicit VR Little Endian). One tile is in memory at a time.
+pub fn whole_slide(
+    dir: &Path,
+    ids: &Ids,
+    slide: Slide,
+    jpeg: bool,
+) -> Result<PathBuf, DicomFilesError> {
+    let name = encode_iso_2022_ir_87(&ids.patient_name)?;
+    let frames = slide.across * slide.down;
+    if frames == 0 || slide.pixel_bytes() >= u64::from(u32::MAX) {
+        return Err(DicomFilesError::BadValue {
+            what: "slide size",
+            value: format!("{slide:?}"),
+            reason: "at least one tile, and the pixel data < 4 GiB",
+        });
+    }
+    let tile = Slide::TILE;
+    let mut dump = header_dump(ids, VL_WHOLE_SLIDE_MICROSCOPY_IMAGE_STORAGE, "SM", &name)?;
+    dump.extend_from_slice(
+        format!(
+            "(0008,0008) CS [ORIGINAL\\PRIMARY\\VOLUME\\NONE]\n\
+             (0020,9311) CS [TILED_FULL]\n\
+             (0028,0008) IS [{frames}]\n\
+             (0048,0001) FL 25.0\n\
+             (0048,0002) FL 25.0\n\
+             (0048,0006) UL {}\n\
+             (0048,0007) UL {}\n",
+            slide.across * tile,
+            slide.down * tile,
+        )
+        .as_bytes(),
+    );
+    dump.extend_from_slice(rgb_lines(tile, tile).as_bytes());
+    let file = write_pixels(dir, ids, &dump, b"OB", slide.pixel_bytes(), |out| {
+        for n in 0..frames {
+            out.write_all(&rgb_picture(tile, tile, n))?;
+        }
+        Ok(())
+    })?;
+    if jpeg {
+        to_jpeg_baseline(dir, ids, file)
+    } else {
+        Ok(file)
+    }
+}
+
 /// The dump2dcm lines every generated instance has, `\ISO 2022 IR 87`.
 fn header_dump(
     ids: &Ids,
@@ -538,6 +668,18 @@ fn write_instance(
     pixel_bytes: u64,
     pixels: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
 ) -> Result<PathBuf, DicomFilesError> {
+    write_pixels(dir, ids, dump, b"OW", pixel_bytes, pixels)
+}
+
+/// [`write_instance`] with the Pixel Data's VR (`OB` for 8-bit pixels).
+fn write_pixels(
+    dir: &Path,
+    ids: &Ids,
+    dump: &[u8],
+    vr: &[u8; 2],
+    pixel_bytes: u64,
+    pixels: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
+) -> Result<PathBuf, DicomFilesError> {
     let length = u32::try_from(pixel_bytes)
         .ok()
         .filter(|len| len % 2 == 0 && *len != u32::MAX)
@@ -555,7 +697,8 @@ fn write_instance(
     let mut out = BufWriter::with_capacity(1 << 20, out);
     let mut element = Vec::with_capacity(12);
     element.extend_from_slice(&[0xe0, 0x7f, 0x10, 0x00]);
-    element.extend_from_slice(b"OW\0\0");
+    element.extend_from_slice(vr);
+    element.extend_from_slice(b"\0\0");
     element.extend_from_slice(&length.to_le_bytes());
     out.write_all(&element)
         .and_then(|()| pixels(&mut out))

@@ -566,6 +566,32 @@ impl Orthanc {
         Ok(response.body)
     }
 
+    /// Where Orthanc stored the file of instance `id` on its disk (its `dicom` attachment;
+    /// `StorageCompression` is off, so the file is as received): for instances too large to
+    /// fetch whole over REST.
+    pub fn stored_file(&self, id: &str) -> Result<PathBuf, OrthancError> {
+        let path = format!("/instances/{id}/attachments/dicom/info");
+        let response = self.get(&path)?;
+        let uuid = response.json()["Uuid"].as_str().map(str::to_owned);
+        match uuid {
+            Some(u) if response.status == 200 && u.len() > 4 && u.is_ascii() => Ok(self
+                .path
+                .join("storage")
+                .join(&u[..2])
+                .join(&u[2..4])
+                .join(&u)),
+            _ => Err(OrthancError::Rest {
+                method: "GET".to_owned(),
+                path,
+                source: io::Error::other(format!(
+                    "status {}: {}",
+                    response.status,
+                    shorten(&response.text())
+                )),
+            }),
+        }
+    }
+
     /// Stops Orthanc, deletes the namespace and the directory, reporting problems (drop
     /// does the same and ignores them).
     pub fn stop(mut self) -> Result<(), OrthancError> {

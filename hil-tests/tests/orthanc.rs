@@ -272,3 +272,67 @@ fn multi_frame_generator_makes_the_requested_size() {
     assert_eq!(&pixels[200 * frame..200 * frame + 4], &200u32.to_le_bytes());
     assert_eq!(&pixels[frame + 4..2 * frame], &pixels[4..frame]);
 }
+
+#[test]
+fn endoscopy_and_slide_generators_make_jpeg_instances_dcmtk_reads() {
+    let work = tempfile::tempdir().unwrap();
+    let ids = Ids::new("TSU-ES-0001");
+    let endo = dicom_files::vl_endoscopic(work.path(), &ids).unwrap();
+    let slide_ids = ids.next_series();
+    let slide = dicom_files::Slide { across: 4, down: 3 };
+    let wsi = dicom_files::whole_slide(work.path(), &slide_ids, slide, true).unwrap();
+    let raw_ids = ids.next_series();
+    let raw = dicom_files::whole_slide(work.path(), &raw_ids, slide, false).unwrap();
+    for (path, class, ts, frames) in [
+        (
+            &endo,
+            dicom_files::VL_ENDOSCOPIC_IMAGE_STORAGE,
+            dicom_files::JPEG_BASELINE,
+            None,
+        ),
+        (
+            &wsi,
+            dicom_files::VL_WHOLE_SLIDE_MICROSCOPY_IMAGE_STORAGE,
+            dicom_files::JPEG_BASELINE,
+            Some("12"),
+        ),
+        (
+            &raw,
+            dicom_files::VL_WHOLE_SLIDE_MICROSCOPY_IMAGE_STORAGE,
+            dicom_files::EXPLICIT_VR_LITTLE_ENDIAN,
+            Some("12"),
+        ),
+    ] {
+        let file = DicomFile::read(path).unwrap();
+        assert_eq!(file.transfer_syntax(), ts, "{}", path.display());
+        assert_eq!(file.string(0x0008, 0x0016).as_deref(), Some(class));
+        assert!(
+            [&ids, &slide_ids, &raw_ids].iter().any(
+                |i| file.string(0x0008, 0x0018).as_deref() == Some(i.sop_instance_uid.as_str())
+            ),
+            "the SOP Instance UID given"
+        );
+        assert_eq!(file.string(0x0028, 0x0008).as_deref(), frames);
+        // dcmdump parses it whole, and dcmdjpeg decodes the JPEG frames.
+        let output = Command::new("dcmdump")
+            .args(["+E", "+L", "-q"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        if ts == dicom_files::JPEG_BASELINE {
+            let out = work.path().join("decoded.dcm");
+            let output = Command::new("dcmdjpeg")
+                .arg(path)
+                .arg(&out)
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{output:?}");
+        }
+    }
+    let len = std::fs::metadata(&raw).unwrap().len();
+    assert!(
+        len > slide.pixel_bytes() && len < slide.pixel_bytes() + 4096,
+        "the uncompressed slide is its pixel data and a header: {len}"
+    );
+}

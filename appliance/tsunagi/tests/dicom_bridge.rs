@@ -1379,3 +1379,131 @@ fn a_dead_letter_requeued_by_the_operator_is_audited_and_arrives() {
     drop(pacs);
     drop(ns);
 }
+
+/// Whether the files' last `n` bytes are equal (read in 1 MiB pieces).
+fn same_tail(a: &std::path::Path, b: &std::path::Path, n: u64) -> bool {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let open = |p: &std::path::Path| {
+        let mut f = std::fs::File::open(p).unwrap();
+        let len = f.metadata().unwrap().len();
+        assert!(len >= n, "{} is {len} bytes", p.display());
+        f.seek(SeekFrom::Start(len - n)).unwrap();
+        f
+    };
+    let (mut fa, mut fb) = (open(a), open(b));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut left = n;
+    while left > 0 {
+        let k = usize::try_from(left.min(1 << 20)).unwrap();
+        fa.read_exact(&mut ba[..k]).unwrap();
+        fb.read_exact(&mut bb[..k]).unwrap();
+        if ba[..k] != bb[..k] {
+            return false;
+        }
+        left -= k as u64;
+    }
+    true
+}
+
+/// The peak resident memory (VmHWM) of process `pid`, in KiB.
+fn peak_rss_kib(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Issue 15, endoscopy and pathology: a VL Endoscopic Image (JPEG Baseline, from dcmtk's
+/// encoder), a VL Whole Slide Microscopy image (64 JPEG tiles) and a 2 GiB multi-frame
+/// instance go through the box to Orthanc. Each arrives in its transfer syntax with its
+/// pixel data byte for byte (the 2 GiB one compared on Orthanc's disk), and the DICOM
+/// service's peak resident memory stays within 32 MiB.
+#[test]
+fn endoscopy_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte() {
+    if skip_unless_root("endoscopy_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte") {
+        return;
+    }
+    let pacs = Orthanc::start_for_test();
+    // Orthanc answers a 2 GiB C-STORE once it has parsed and written it: give it time.
+    let (mut h, _) = clinic(&pacs, FAST_SUPERVISOR, "120s");
+    h.start_in_netns(pacs.netns());
+    let status = h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    });
+    let pid = service(&status, "dicom")["pid"].as_u64().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let base = Ids::new("0001234");
+    let endo_ids = base.next_series();
+    let endo = hil_tests::dicom_files::vl_endoscopic(files.path(), &endo_ids).unwrap();
+    let slide_ids = base.next_series();
+    let slide = hil_tests::dicom_files::whole_slide(
+        files.path(),
+        &slide_ids,
+        hil_tests::dicom_files::Slide { across: 8, down: 8 },
+        true,
+    )
+    .unwrap();
+    let big_ids = base.next_series();
+    let size = hil_tests::dicom_files::MultiFrame::at_least(2 << 30);
+    let big = hil_tests::dicom_files::multi_frame(files.path(), &big_ids, size).unwrap();
+    // storescu proposes JPEG Baseline for the JPEG files (-xy), so they go as they are, and
+    // only the files' SOP classes (-R: its default list leaves no room for the slide's).
+    store_through_box_with(
+        &pacs,
+        &["-xy", "-R"],
+        &[&endo, &slide],
+        Duration::from_secs(60),
+    );
+    store_through_box(&pacs, &[&big], Duration::from_secs(600));
+    h.wait_for("delivery", Duration::from_secs(600), |s| {
+        service(s, "dicom")["metrics"]["delivered_total"] == 3.0
+    });
+    let ids = wait_for_instances(&pacs, 3, &h);
+    let arrived = |uid: &str| {
+        ids.iter()
+            .find(|id| {
+                pacs.get(&format!("/instances/{id}"))
+                    .unwrap()
+                    .json()["MainDicomTags"]["SOPInstanceUID"]
+                    .as_str()
+                    == Some(uid)
+            })
+            .unwrap_or_else(|| panic!("{uid} is not at Orthanc"))
+            .clone()
+    };
+    for (sent, uid) in [
+        (&endo, &endo_ids.sop_instance_uid),
+        (&slide, &slide_ids.sop_instance_uid),
+    ] {
+        let original = DicomFile::read(sent).unwrap();
+        let got = DicomFile::parse(pacs.instance_file(&arrived(uid)).unwrap()).unwrap();
+        assert_eq!(got.transfer_syntax(), original.transfer_syntax());
+        assert_eq!(got.transfer_syntax(), hil_tests::dicom_files::JPEG_BASELINE);
+        assert_eq!(
+            got.element(0x7FE0, 0x0010),
+            original.element(0x7FE0, 0x0010)
+        );
+        assert_eq!(
+            got.string(0x0010, 0x0020).as_deref(),
+            Some(network_id("0001234").as_str())
+        );
+    }
+    // The 2 GiB one, on Orthanc's disk: the pixel data is the file's tail in both.
+    let stored = pacs
+        .stored_file(&arrived(&big_ids.sop_instance_uid))
+        .unwrap();
+    assert!(
+        same_tail(&big, &stored, size.pixel_bytes()),
+        "the 2 GiB instance's pixel data differs at Orthanc"
+    );
+    let rss = peak_rss_kib(pid);
+    assert!(
+        rss <= 32 * 1024,
+        "the DICOM service's peak RSS was {rss} KiB (2 GiB instance)"
+    );
+    eprintln!("DICOM service peak RSS with a 2 GiB instance: {rss} KiB");
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
