@@ -463,12 +463,13 @@ fn rgb_lines(rows: u32, columns: u32) -> String {
 /// An RGB picture of `rows` × `columns`: colour gradients with `seed` mixed in, smooth
 /// enough for JPEG to compress the way it does photographs.
 fn rgb_picture(rows: u32, columns: u32, seed: u32) -> Vec<u8> {
-    let mut v = Vec::with_capacity((rows * columns * 3) as usize);
+    let byte = |v: u32| v.to_le_bytes()[0];
+    let mut v = Vec::with_capacity(usize::try_from(rows * columns * 3).unwrap_or(0));
     for y in 0..rows {
         for x in 0..columns {
-            v.push(((x + seed * 13) % 256) as u8);
-            v.push(((y + seed * 7) % 256) as u8);
-            v.push((((x + y) / 2 + seed) % 256) as u8);
+            v.push(byte(x.wrapping_add(seed.wrapping_mul(13))));
+            v.push(byte(y.wrapping_add(seed.wrapping_mul(7))));
+            v.push(byte(((x + y) / 2).wrapping_add(seed)));
         }
     }
     v
