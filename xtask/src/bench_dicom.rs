@@ -17,7 +17,9 @@
 //! - Workloads (as in `../shared/reference/dicom.md` §3): 500 copies of pydicom's
 //!   `CT_small.dcm`, each with its own SOP Instance UID (dcmtk `dcmodify -gin`), and 4
 //!   Multi-frame Grayscale Word Secondary Capture instances of 100/200/300/400 frames of
-//!   512×512×16 bits (about 524 MB). Generated once into `target/bench-dicom/`. The small
+//!   512×512×16 bits (about 524 MB); and 2 VL Whole Slide Microscopy instances of 24×24
+//!   uncompressed 256×256 RGB tiles (about 226 MB; sent with `storescu -R`, whose default
+//!   proposals have no room for that SOP class). Generated once into `target/bench-dicom/`. The small
 //!   files are sent over 4 parallel associations (the headline figure: a clinic's modalities
 //!   send at once, and storescp serves one association at a time) and over one; a storescp
 //!   `--ignore` run (receiving, storing nothing) shows the sender's own limit on one
@@ -38,7 +40,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use hil_tests::dicom_files::{Ids, MultiFrame, multi_frame, pydicom_test_files};
+use hil_tests::dicom_files::{
+    Ids, MultiFrame, Slide, multi_frame, pydicom_test_files, whole_slide,
+};
 use hil_tests::orthanc::Netns;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -63,6 +67,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// One set of files, sent by one `storescu` (one association) per folder, in parallel.
 struct Workload {
     name: &'static str,
+    /// More `storescu` options (e.g. `-R`: propose only the files' SOP classes).
+    options: &'static [&'static str],
     dirs: Vec<PathBuf>,
     files: usize,
     bytes: u64,
@@ -135,7 +141,12 @@ fn measure(
     let mut ours_rss = 0u64;
     let mut peer_rss = 0u64;
     let mut figures = Vec::new();
-    for w in [&workloads.small, &workloads.small4, &workloads.large] {
+    for w in [
+        &workloads.small,
+        &workloads.small4,
+        &workloads.large,
+        &workloads.wsi,
+    ] {
         println!(
             "workload {}: {} files, {:.1} MB, {} storescu association(s) in parallel",
             w.name,
@@ -203,6 +214,10 @@ fn measure(
     let (small_ours, small_peer, _) = figures[0];
     let (small4_ours, small4_plain, small4_fork) = figures[1];
     let (large_ours, large_peer, _) = figures[2];
+    let (wsi_ours, wsi_peer, _) = figures[3];
+    let wsi_mbps = mb(workloads.wsi.bytes) / wsi_ours;
+    let wsi_peer_mbps = mb(workloads.wsi.bytes) / wsi_peer;
+    let wsi_ratio = wsi_mbps / wsi_peer_mbps;
     let small1_fps = fps(&workloads.small, small_ours);
     let small1_peer_fps = fps(&workloads.small, small_peer);
     let small_fps = fps(&workloads.small4, small4_ours);
@@ -242,12 +257,17 @@ fn measure(
         verdict(large_ratio >= 2.0)
     );
     println!(
+        "  whole-slide ({} files, {:.0} MB): {wsi_mbps:.0} MB/s, storescp {wsi_peer_mbps:.0} MB/s: {wsi_ratio:.2}x",
+        workloads.wsi.files,
+        mb(workloads.wsi.bytes)
+    );
+    println!(
         "  peak RSS of the DICOM service: {rss_mib:.1} MiB (target ≤ 32: {}); storescp {:.1} MiB",
         verdict(rss_mib <= 32.0),
         mib(peer_rss)
     );
     println!(
-        "{{\"bench\":\"dicom\",\"small_files_per_s\":{small_fps:.1},\"small_ratio_vs_storescp\":{small_ratio:.3},\"large_mb_per_s\":{large_mbps:.1},\"large_ratio_vs_storescp\":{large_ratio:.3},\"peak_rss_mib\":{rss_mib:.1},\"small_associations\":4,\"small_1assoc_files_per_s\":{small1_fps:.1},\"small_1assoc_ratio_vs_storescp\":{small1_ratio:.3},\"sender_limit_1assoc_files_per_s\":{null_fps:.1},\"storescp_small_files_per_s\":{small_plain_fps:.1},\"storescp_fork_small_files_per_s\":{small_fork_fps:.1},\"storescp_large_mb_per_s\":{large_peer_mbps:.1},\"storescp_peak_rss_mib\":{:.1},\"small_files\":{},\"large_mb\":{:.1},\"max_pdu\":{PDU},\"profile\":\"{profile}\"}}",
+        "{{\"bench\":\"dicom\",\"small_files_per_s\":{small_fps:.1},\"small_ratio_vs_storescp\":{small_ratio:.3},\"large_mb_per_s\":{large_mbps:.1},\"large_ratio_vs_storescp\":{large_ratio:.3},\"peak_rss_mib\":{rss_mib:.1},\"small_associations\":4,\"small_1assoc_files_per_s\":{small1_fps:.1},\"small_1assoc_ratio_vs_storescp\":{small1_ratio:.3},\"sender_limit_1assoc_files_per_s\":{null_fps:.1},\"storescp_small_files_per_s\":{small_plain_fps:.1},\"storescp_fork_small_files_per_s\":{small_fork_fps:.1},\"storescp_large_mb_per_s\":{large_peer_mbps:.1},\"wsi_mb_per_s\":{wsi_mbps:.1},\"storescp_wsi_mb_per_s\":{wsi_peer_mbps:.1},\"wsi_ratio_vs_storescp\":{wsi_ratio:.3},\"storescp_peak_rss_mib\":{:.1},\"small_files\":{},\"large_mb\":{:.1},\"max_pdu\":{PDU},\"profile\":\"{profile}\"}}",
         mib(peer_rss),
         workloads.small.files,
         mb(workloads.large.bytes),
@@ -274,6 +294,7 @@ struct Workloads {
     small: Workload,
     small4: Workload,
     large: Workload,
+    wsi: Workload,
 }
 
 /// The generated files, written once into `cache` (a `complete` marker says a set was
@@ -339,6 +360,28 @@ fn ensure_data(cache: &Path, smoke: bool) -> anyhow::Result<Workloads> {
         }
         fs::write(base.join("large.complete"), b"")?;
     }
+    // Whole-slide images (pathology): uncompressed 256×256 RGB tiles, so the figure is
+    // about moving a scanner's volume, not a codec.
+    let wsi_dir = base.join("wsi");
+    if !base.join("wsi.complete").exists() {
+        let _ = fs::remove_dir_all(&wsi_dir);
+        fs::create_dir_all(&wsi_dir)?;
+        let (count, side) = if smoke { (1, 4) } else { (2, 24) };
+        let mut ids = Ids::new("BENCH002");
+        for _ in 0..count {
+            whole_slide(
+                &wsi_dir,
+                &ids,
+                Slide {
+                    across: side,
+                    down: side,
+                },
+                false,
+            )?;
+            ids = ids.next_instance();
+        }
+        fs::write(base.join("wsi.complete"), b"")?;
+    }
     let workload = |name, dirs: Vec<PathBuf>| -> anyhow::Result<Workload> {
         let mut files = 0;
         let mut bytes = 0;
@@ -350,6 +393,7 @@ fn ensure_data(cache: &Path, smoke: bool) -> anyhow::Result<Workloads> {
         }
         Ok(Workload {
             name,
+            options: &[],
             dirs,
             files,
             bytes,
@@ -359,6 +403,11 @@ fn ensure_data(cache: &Path, smoke: bool) -> anyhow::Result<Workloads> {
         small: workload("small", vec![small_dir])?,
         small4: workload("small, 4 associations", split)?,
         large: workload("large", vec![large_dir])?,
+        // storescu's default proposals leave no room for the slide's SOP class.
+        wsi: Workload {
+            options: &["-R"],
+            ..workload("whole-slide", vec![wsi_dir])?
+        },
     })
 }
 
@@ -374,7 +423,9 @@ fn send(ns: &Netns, called: &str, port: u16, w: &Workload) -> anyhow::Result<f64
                 scope.spawn(move || {
                     let mut storescu = ns.command("storescu");
                     storescu
-                        .args(["-aet", "BENCHSCU", "-aec", called, "+sd", "127.0.0.1"])
+                        .args(["-aet", "BENCHSCU", "-aec", called, "+sd"])
+                        .args(w.options)
+                        .arg("127.0.0.1")
                         .arg(port.to_string())
                         .arg(dir)
                         .stdin(Stdio::null());
