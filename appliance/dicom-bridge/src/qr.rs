@@ -68,6 +68,19 @@ pub struct Proxy {
     /// Whether patient IDs are translated (`patient-ids = "translate"`).
     pub translate: bool,
     pub consent_socket: PathBuf,
+    /// The spool whose quota counts the working files (set by the service once the spool
+    /// is open; `None`: not counted).
+    pub spool: Option<crate::spool::Spool>,
+}
+
+/// Removes a working file of a retrieve and gives its bytes back to the quota.
+fn remove_work_file(spool: Option<&crate::spool::Spool>, path: &std::path::Path) {
+    let size = std::fs::metadata(path).map_or(0, |m| m.len());
+    if std::fs::remove_file(path).is_ok()
+        && let Some(s) = spool
+    {
+        s.unreserve(size);
+    }
 }
 
 /// One answer to the viewer: a status and, for a pending one, an identifier.
@@ -116,6 +129,23 @@ pub enum QueryError {
     NoPatientId,
     #[error("cannot store to the viewer")]
     Relay(#[source] Box<crate::forward::ForwardError>),
+    #[error("the spool's quota is reached (a retrieve's working files count in it)")]
+    Full,
+}
+
+/// A retrieve's working file being received: removed, with its bytes given back to the
+/// quota, unless it was completed (`path` taken).
+struct WorkFile {
+    path: Option<PathBuf>,
+    spool: Option<crate::spool::Spool>,
+}
+
+impl Drop for WorkFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            remove_work_file(self.spool.as_ref(), &path);
+        }
+    }
 }
 
 /// The identity and consent questions of one query, answered by the consent service (each
@@ -468,12 +498,14 @@ fn models(model: &str) -> Option<(&'static str, &'static str)> {
 pub struct Retrieved {
     pub outgoing: Vec<crate::forward::Outgoing>,
     pub failed: u16,
+    /// Whose quota counts the files.
+    pub spool: Option<crate::spool::Spool>,
 }
 
 impl Drop for Retrieved {
     fn drop(&mut self) {
         for o in &self.outgoing {
-            let _ = std::fs::remove_file(&o.queued.path);
+            remove_work_file(self.spool.as_ref(), &o.queued.path);
         }
     }
 }
@@ -697,6 +729,7 @@ pub async fn collect(
     let mut retrieved = Retrieved {
         outgoing: Vec::new(),
         failed: refused,
+        spool: proxy.spool.clone(),
     };
     for (n, (w, path, ts)) in got.iter().enumerate() {
         let (class, uid) = w.arrived.clone().unwrap_or_default();
@@ -714,7 +747,7 @@ pub async fn collect(
         let outgoing = match outgoing {
             Ok(o) => o,
             Err(e) => {
-                let _ = std::fs::remove_file(path);
+                remove_work_file(proxy.spool.as_ref(), path);
                 if matches!(e, QueryError::NotRequested | QueryError::WrongPatient) {
                     // A security event: in the audit trail, under the patient asked for.
                     tracing::warn!(error = %e, "discarded what the network sent for a retrieve");
@@ -745,7 +778,7 @@ pub async fn collect(
         if shown {
             retrieved.outgoing.push(outgoing);
         } else {
-            let _ = std::fs::remove_file(path);
+            remove_work_file(proxy.spool.as_ref(), path);
         }
     }
     let missing = wanted.len().saturating_sub(retrieved.outgoing.len());
@@ -993,7 +1026,7 @@ async fn receive_stores(
 ) -> Result<(), QueryError> {
     use std::io::Write as _;
     let mut command_buf = crate::CommandBuf::default();
-    let mut storing: Option<(Command, u8, std::fs::File, PathBuf)> = None;
+    let mut storing: Option<(Command, u8, std::fs::File, WorkFile)> = None;
     loop {
         let Pdu::PData { data: pdvs } = assoc.receive().await.map_err(QueryError::Association)?
         else {
@@ -1018,22 +1051,35 @@ async fn receive_stores(
                                 .join(format!("{:016x}.dcm", fastrand::u64(..)));
                             let file =
                                 std::fs::File::create(&path).map_err(|_| QueryError::Internal)?;
-                            storing = Some((c, pdv.presentation_context_id, file, path));
+                            let work = WorkFile {
+                                path: Some(path),
+                                spool: proxy.spool.clone(),
+                            };
+                            storing = Some((c, pdv.presentation_context_id, file, work));
                         }
                         _ => return Err(QueryError::Protocol),
                     }
                 }
                 PDataValueType::Data => {
-                    let Some((_, _, file, _)) = storing.as_mut() else {
+                    let Some((_, _, file, work)) = storing.as_mut() else {
                         return Err(QueryError::Protocol);
                     };
+                    // Counted in the spool's quota before it is written (a full quota ends
+                    // the retrieve: what did not come counts as failed).
+                    if let Some(s) = &work.spool {
+                        s.reserve(pdv.data.len() as u64)
+                            .map_err(|_| QueryError::Full)?;
+                    }
                     file.write_all(&pdv.data)
                         .map_err(|_| QueryError::Internal)?;
                     if pdv.is_last {
-                        let Some((c, pc, file, path)) = storing.take() else {
+                        let Some((c, pc, file, mut work)) = storing.take() else {
                             return Err(QueryError::Protocol);
                         };
                         drop(file);
+                        let Some(path) = work.path.take() else {
+                            return Err(QueryError::Internal);
+                        };
                         let ts = assoc
                             .presentation_contexts()
                             .iter()

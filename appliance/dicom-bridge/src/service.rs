@@ -98,6 +98,7 @@ impl Settings {
                         facility_code: cfg.site.facility_code.as_str().to_owned(),
                         translate: d.patient_ids == tsunagi_config::PatientIdPolicy::Translate,
                         consent_socket: consent_socket.clone(),
+                        spool: None,
                     })
                 }),
             },
@@ -166,11 +167,17 @@ pub enum ServiceError {
 /// Runs the service until shutdown.
 pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError> {
     let spool = Spool::open(&settings.state_dir.join("spool"), settings.quota)?;
+    let mut scp_settings = settings.scp.clone();
     if let Some(proxy) = &settings.scp.proxy {
         let left = crate::qr::clean_work_dir(&proxy.work_dir);
         if left > 0 {
             tracing::info!(files = left, "removed what an interrupted retrieve left");
         }
+        // A retrieve's working files count in the spool's quota.
+        scp_settings.proxy = Some(Arc::new(crate::qr::Proxy {
+            spool: Some(spool.clone()),
+            ..(**proxy).clone()
+        }));
     }
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -185,7 +192,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         "dicom-scp",
         scp::serve(
             listener,
-            Arc::new(settings.scp.clone()),
+            Arc::new(scp_settings),
             spool.clone(),
             ctx.shutdown.clone(),
         ),

@@ -512,6 +512,31 @@ impl Spool {
         tx.commit().map_err(sql("forget release records"))
     }
 
+    /// Counts `bytes` kept outside the queue (a retrieve's working files) in the quota;
+    /// `OutOfResources` when they do not fit. [`Spool::unreserve`] gives them back.
+    pub fn reserve(&self, bytes: u64) -> Result<(), SpoolError> {
+        let inner = &self.inner;
+        inner
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                let next = u.checked_add(bytes)?;
+                (next <= inner.quota).then_some(next)
+            })
+            .map(|_| ())
+            .map_err(|_| SpoolError::OutOfResources)
+    }
+
+    /// Gives back bytes counted by [`Spool::reserve`].
+    pub fn unreserve(&self, bytes: u64) {
+        self.release(bytes);
+    }
+
+    /// Bytes counted in the quota: the queue's instances, those being received, and what
+    /// [`Spool::reserve`] holds.
+    pub fn used(&self) -> u64 {
+        self.inner.used.load(Ordering::SeqCst)
+    }
+
     fn release(&self, bytes: u64) {
         let _ = self
             .inner

@@ -1507,3 +1507,59 @@ fn endoscopy_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte() {
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// Issue 15: a retrieve's working files count in the spool's quota. With a 1 MiB spool, a
+/// viewer's C-GET of a small study goes through; one of a 3 MiB instance does not fit
+/// while it is being retrieved from the network: nothing arrives, the sub-operation
+/// counts as failed, and nothing is left in the working directory.
+#[test]
+fn a_retrieve_counts_in_the_spool_quota() {
+    if skip_unless_root("a_retrieve_counts_in_the_spool_quota") {
+        return;
+    }
+    let pacs = Orthanc::start_for_test();
+    let (mut h, _) = clinic_with(
+        &pacs,
+        FAST_SUPERVISOR,
+        "10s",
+        "spool-quota-mib = 1\nquery-retrieve = true\n[[dicom.allowed-callers]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1\"\n",
+    );
+    h.start_in_netns(pacs.netns());
+    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    });
+    let files = tempfile::tempdir().unwrap();
+    let small = Ids::new(&network_id("0001234"));
+    let large = Ids::new(&network_id("0001234"));
+    let sent = [
+        japanese_ct(files.path(), &small).unwrap(),
+        hil_tests::dicom_files::multi_frame(
+            files.path(),
+            &large,
+            hil_tests::dicom_files::MultiFrame::at_least(3 << 20),
+        )
+        .unwrap(),
+    ];
+    let mut storescu = pacs.command("storescu");
+    storescu
+        .args(["-aec", pacs.ae_title(), "127.0.0.1"])
+        .arg(pacs.dicom_addr().port().to_string())
+        .args(&sent);
+    let out = pacs.output(&mut storescu, Duration::from_secs(30)).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (got, text) = get_through_box(&pacs, &small.study_instance_uid);
+    assert_eq!(got.len(), 1, "{text}\n{}", h.log_text());
+    let (got, text) = get_through_box(&pacs, &large.study_instance_uid);
+    assert!(got.is_empty(), "{text}");
+    assert_eq!(last_count(&text, "Failed"), Some(1), "{text}");
+    let work = h.state_dir().join("dicom/retrieve");
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    // The quota is whole again: the small study still goes through.
+    let (got, text) = get_through_box(&pacs, &small.study_instance_uid);
+    assert_eq!(got.len(), 1, "{text}");
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
