@@ -98,11 +98,29 @@ pub enum ForwardError {
     Protocol,
     #[error("the network PACS cannot store now: {0}")]
     Busy(Status),
+    #[error("the network PACS did not accept the association within {0:?}")]
+    AssociateTimeout(Duration),
+    #[error("the network PACS did not answer a C-STORE within {0:?}")]
+    ResponseTimeout(Duration),
 }
+
+/// How long a PACS may take to answer a C-STORE once it has the whole instance: the
+/// destination's `timeout`, plus a second per 10 MB of it (a PACS parses and writes a large
+/// instance before it answers: a 2 GiB one may take minutes).
+pub fn response_budget(timeout: Duration, size: u64) -> Duration {
+    timeout + Duration::from_secs(size / 10_000_000)
+}
+
+/// The read timeout of the forwarder's associations: long, because the forwarder bounds
+/// each wait itself (the A-ASSOCIATE-AC by the destination's timeout, each C-STORE
+/// response by [`response_budget`]).
+const READ_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// An open association to the network PACS, kept between rounds for reuse.
 pub struct Link {
     assoc: AsyncClientAssociation<TcpStream>,
+    /// The destination's timeout.
+    timeout: Duration,
     /// The (SOP class, transfer syntax) pairs it proposed.
     pairs: Vec<(String, String)>,
     idle_since: std::time::Instant,
@@ -122,9 +140,10 @@ impl Link {
         self.idle_since.elapsed()
     }
 
-    /// Releases the association.
+    /// Releases the association (the A-RELEASE-RP waited for within the destination's
+    /// timeout; then the connection is closed).
     pub async fn close(self) {
-        let _ = self.assoc.release().await;
+        let _ = tokio::time::timeout(self.timeout, self.assoc.release()).await;
     }
 
     fn accepted(&self, class: &str, ts: &str) -> Option<u8> {
@@ -144,19 +163,22 @@ async fn open(dest: &Destination, pairs: Vec<(String, String)>) -> Result<Link, 
     let mut options = ClientAssociationOptions::new()
         .calling_ae_title(dest.calling_ae.clone())
         .called_ae_title(dest.ae_title.clone())
-        .read_timeout(dest.timeout)
+        .read_timeout(READ_TIMEOUT)
         .write_timeout(dest.timeout)
         .connection_timeout(dest.timeout);
     for (class, ts) in &pairs {
         options = options.with_presentation_context(class.clone(), vec![ts.clone()]);
     }
-    let mut assoc = options
-        .establish_async(dest.addr)
+    // The connect within the timeout, then the A-ASSOCIATE-AC within the timeout.
+    let within = dest.timeout * 2;
+    let mut assoc = tokio::time::timeout(within, options.establish_async(dest.addr))
         .await
+        .map_err(|_| ForwardError::AssociateTimeout(within))?
         .map_err(ForwardError::Associate)?;
     let _ = assoc.inner_stream().set_nodelay(true);
     Ok(Link {
         assoc,
+        timeout: dest.timeout,
         pairs,
         idle_since: std::time::Instant::now(),
     })
@@ -464,7 +486,13 @@ async fn send_all(
         .await;
         let result = match sent {
             Ok(Progress::Sent) => {
-                let status = unless_shutdown(stop, read_status(&mut link.assoc)).await;
+                let budget = response_budget(link.timeout, q.size);
+                let response = async {
+                    tokio::time::timeout(budget, read_status(&mut link.assoc))
+                        .await
+                        .unwrap_or(Err(ForwardError::ResponseTimeout(budget)))
+                };
+                let status = unless_shutdown(stop, response).await;
                 let Some(status) = status else {
                     // The response is pending: whether the PACS stored it is unknown, so it
                     // stays queued (sent again later; the PACS de-duplicates by SOP

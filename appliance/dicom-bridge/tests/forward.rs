@@ -739,16 +739,19 @@ async fn a_pacs_that_serves_one_association_at_a_time_gets_everything_over_one()
         record(&spool, &spread.outcomes, dicom_bridge::now()).unwrap(),
         10
     );
-    for l in links {
-        l.close().await;
-    }
-    assert_eq!(received(&out), 30);
+    // While the one association is open, storescp has served no other. (Once it is
+    // released, storescp takes the given-up connections from its backlog, and finds them
+    // closed.)
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(
         text.matches("Association Acknowledged").count(),
         1,
         "{text}"
     );
+    for l in links {
+        l.close().await;
+    }
+    assert_eq!(received(&out), 30);
 }
 
 /// The same four associations against storescp `--fork` (a process per association): all
@@ -811,4 +814,93 @@ async fn a_rejected_association_leaves_everything_queued_for_a_retry() {
     let counts = spool.counts().unwrap();
     assert_eq!((counts.pending, counts.dead), (6, 0));
     assert_eq!(received(&out), 0);
+}
+
+/// Relays connections to `to`; what the PACS sends after its A-ASSOCIATE-AC (C-STORE
+/// responses, the A-RELEASE-RP) reaches the box `delay` late (a PACS that takes long to
+/// answer).
+async fn late_answering_relay(listener: tokio::net::TcpListener, to: u16, delay: Duration) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    while let Ok((client, _)) = listener.accept().await {
+        let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+            return;
+        };
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut cr, &mut sw).await;
+            let _ = sw.shutdown().await;
+        });
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut first = true;
+            loop {
+                match sr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if !first {
+                            tokio::time::sleep(delay).await;
+                        }
+                        first = false;
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A large instance may take the PACS longer to answer: the wait for a C-STORE response is
+/// the destination's timeout plus a second per 10 MB (`response_budget`). With a 2 s
+/// timeout and every answer 3 s late (a relay in front of storescp): a small instance
+/// times out (the association fails, it stays queued), a 60 MB one is answered within its
+/// budget of 8 s and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_for_a_c_store_response_grows_with_the_instance() {
+    assert_eq!(
+        dicom_bridge::forward::response_budget(Duration::from_secs(30), 2 << 30),
+        Duration::from_secs(30 + 214)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let small = spool_ct(
+        &spool,
+        dir.path(),
+        "1.2.826.0.1.3680043.9.7777.15.1",
+        "0001234",
+        0,
+    );
+    let large = spool_ct(
+        &spool,
+        dir.path(),
+        "1.2.826.0.1.3680043.9.7777.15.2",
+        "0001234",
+        60_000_000,
+    );
+    let pacs_port = free_port();
+    let out = dir.path().join("received");
+    let _pacs = storescp_fork(pacs_port, &out, &dir.path().join("storescp.log"));
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = relay.local_addr().unwrap().port();
+    tokio::spawn(late_answering_relay(
+        relay,
+        pacs_port,
+        Duration::from_secs(3),
+    ));
+    let dest = pacs_at(port, Duration::from_secs(2));
+    let (outcomes, error) = send_batch(&dest, std::slice::from_ref(&small)).await;
+    assert!(outcomes.is_empty(), "{outcomes:?}");
+    let error = error.expect("no answer within 2 s");
+    assert!(
+        tsunagi_runtime::child::error_chain(&error).contains("did not answer a C-STORE"),
+        "{error:?}"
+    );
+    let (outcomes, error) = send_batch(&dest, std::slice::from_ref(&large)).await;
+    assert!(error.is_none(), "{error:?}");
+    assert!(
+        matches!(outcomes[..], [(_, Outcome::Delivered(_))]),
+        "{outcomes:?}"
+    );
 }

@@ -1426,8 +1426,9 @@ fn endoscopy_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte() {
         return;
     }
     let pacs = Orthanc::start_for_test();
-    // Orthanc answers a 2 GiB C-STORE once it has parsed and written it: give it time.
-    let (mut h, _) = clinic(&pacs, FAST_SUPERVISOR, "120s");
+    // Orthanc answers a 2 GiB C-STORE once it has parsed and written it: the forwarder
+    // waits the timeout plus a second per 10 MB for that answer (`response_budget`).
+    let (mut h, _) = clinic(&pacs, FAST_SUPERVISOR, "10s");
     h.start_in_netns(pacs.netns());
     let status = h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
         state_of(s, "dicom") == "ready"
