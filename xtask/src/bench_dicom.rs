@@ -106,8 +106,18 @@ pub(crate) fn run() -> anyhow::Result<()> {
     fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
     // The service's user must reach its state directory.
     set_mode(&work, 0o755)?;
+    // The delivery latency through the tunnel first (its own test network).
+    let latency = crate::bench_dicom_latency::measure(&tsunagi, &work, if smoke { 3 } else { 30 })
+        .context("the delivery-latency run");
+    let latency = match latency {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&work);
+            return Err(e);
+        }
+    };
     let ns = Netns::create().context("create the benchmark's network namespace")?;
-    let result = measure(&ns, &tsunagi, profile, smoke, &workloads, &work);
+    let result = measure(&ns, &tsunagi, profile, smoke, &workloads, &work, &latency);
     drop(ns);
     let _ = fs::remove_dir_all(&work);
     result
@@ -126,6 +136,7 @@ fn measure(
     smoke: bool,
     workloads: &Workloads,
     work: &Path,
+    latency: &crate::bench_dicom_latency::Latency,
 ) -> anyhow::Result<()> {
     let runs = if smoke { 1 } else { RUNS };
     println!(
@@ -262,12 +273,25 @@ fn measure(
         mb(workloads.wsi.bytes)
     );
     println!(
+        "  delivery latency through the tunnel, {} instances at {}/s: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (C-STORE response at the box to stored at Orthanc)",
+        latency.instances,
+        crate::bench_dicom_latency::RATE,
+        latency.p50_ms,
+        latency.p99_ms,
+        latency.max_ms
+    );
+    println!(
         "  peak RSS of the DICOM service: {rss_mib:.1} MiB (target ≤ 32: {}); storescp {:.1} MiB",
         verdict(rss_mib <= 32.0),
         mib(peer_rss)
     );
     println!(
-        "{{\"bench\":\"dicom\",\"small_files_per_s\":{small_fps:.1},\"small_ratio_vs_storescp\":{small_ratio:.3},\"large_mb_per_s\":{large_mbps:.1},\"large_ratio_vs_storescp\":{large_ratio:.3},\"peak_rss_mib\":{rss_mib:.1},\"small_associations\":4,\"small_1assoc_files_per_s\":{small1_fps:.1},\"small_1assoc_ratio_vs_storescp\":{small1_ratio:.3},\"sender_limit_1assoc_files_per_s\":{null_fps:.1},\"storescp_small_files_per_s\":{small_plain_fps:.1},\"storescp_fork_small_files_per_s\":{small_fork_fps:.1},\"storescp_large_mb_per_s\":{large_peer_mbps:.1},\"wsi_mb_per_s\":{wsi_mbps:.1},\"storescp_wsi_mb_per_s\":{wsi_peer_mbps:.1},\"wsi_ratio_vs_storescp\":{wsi_ratio:.3},\"storescp_peak_rss_mib\":{:.1},\"small_files\":{},\"large_mb\":{:.1},\"max_pdu\":{PDU},\"profile\":\"{profile}\"}}",
+        "{{\"bench\":\"dicom\",\"small_files_per_s\":{small_fps:.1},\"small_ratio_vs_storescp\":{small_ratio:.3},\"large_mb_per_s\":{large_mbps:.1},\"large_ratio_vs_storescp\":{large_ratio:.3},\"peak_rss_mib\":{rss_mib:.1},\"small_associations\":4,\"small_1assoc_files_per_s\":{small1_fps:.1},\"small_1assoc_ratio_vs_storescp\":{small1_ratio:.3},\"sender_limit_1assoc_files_per_s\":{null_fps:.1},\"storescp_small_files_per_s\":{small_plain_fps:.1},\"storescp_fork_small_files_per_s\":{small_fork_fps:.1},\"storescp_large_mb_per_s\":{large_peer_mbps:.1},\"wsi_mb_per_s\":{wsi_mbps:.1},\"storescp_wsi_mb_per_s\":{wsi_peer_mbps:.1},\"wsi_ratio_vs_storescp\":{wsi_ratio:.3},\"delivery_latency_p50_ms\":{:.1},\"delivery_latency_p99_ms\":{:.1},\"delivery_latency_max_ms\":{:.1},\"delivery_latency_instances\":{},\"delivery_rate_per_s\":{},\"storescp_peak_rss_mib\":{:.1},\"small_files\":{},\"large_mb\":{:.1},\"max_pdu\":{PDU},\"profile\":\"{profile}\"}}",
+        latency.p50_ms,
+        latency.p99_ms,
+        latency.max_ms,
+        latency.instances,
+        crate::bench_dicom_latency::RATE,
         mib(peer_rss),
         workloads.small.files,
         mb(workloads.large.bytes),

@@ -297,7 +297,11 @@ fn write_config(demo_dir: &Path, port: u16, network: Option<&TestNet>) -> anyhow
     Ok(config)
 }
 
-fn config_text(state_dir: &Path, runtime_dir: &Path, port: u16) -> anyhow::Result<String> {
+pub(crate) fn config_text(
+    state_dir: &Path,
+    runtime_dir: &Path,
+    port: u16,
+) -> anyhow::Result<String> {
     Ok(format!(
         r#"version = 1
 [site]
@@ -403,7 +407,7 @@ fn network() -> anyhow::Result<Option<TestNet>> {
 }
 
 /// The `[tunnel]` section pointing the box at the test network's hub.
-fn tunnel_section(net: &TestNet) -> String {
+pub(crate) fn tunnel_section(net: &TestNet) -> String {
     format!(
         r#"[tunnel]
 interface = "{id}b"
@@ -440,7 +444,7 @@ address = "10.98.0.1:4242"
 
 /// Generates the box's key (on the box, as in production) and registers its public half at
 /// the hub, as the operator would.
-fn register_box(net: &TestNet, binary: &Path, config: &Path) -> anyhow::Result<()> {
+pub(crate) fn register_box(net: &TestNet, binary: &Path, config: &Path) -> anyhow::Result<()> {
     let out = Command::new(binary)
         .args(["vpn", "pubkey", "--config"])
         .arg(config)
@@ -460,7 +464,7 @@ fn register_box(net: &TestNet, binary: &Path, config: &Path) -> anyhow::Result<(
 }
 
 /// The network's FHIR server (the strict test server) on the hub network, port 8081.
-fn start_fhir_server(net: &TestNet) -> anyhow::Result<()> {
+pub(crate) fn start_fhir_server(net: &TestNet) -> anyhow::Result<()> {
     let bin = hil_tests::testnet::testnet_binary().context("cannot find the testnet binary")?;
     let mut serve = Command::new(bin);
     serve.args(["fhir-serve", "10.98.0.1:8081"]);
@@ -475,7 +479,11 @@ fn start_fhir_server(net: &TestNet) -> anyhow::Result<()> {
 
 /// A sample patient registered at the desk, with a consent that discloses to every
 /// participant: the consent service pushes it to the network once the tunnel is up.
-fn register_sample_patient(binary: &Path, config: &Path, demo_dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn register_sample_patient(
+    binary: &Path,
+    config: &Path,
+    demo_dir: &Path,
+) -> anyhow::Result<()> {
     let form = demo_dir.join("sample-consent-form.pdf");
     fs::write(&form, b"%PDF-1.4 sample consent form (demo)")?;
     let out = Command::new(binary)
@@ -541,7 +549,7 @@ const DEMO_NETWORK_ID: &str = "DEMO-NET-0000001";
 
 /// The demo's patients in the clinic's SS-MIX2 storage: the registered sample patient (who
 /// consented) and one who did not.
-const SSMIX2_CONSENTED: &str = "0001234";
+pub(crate) const SSMIX2_CONSENTED: &str = "0001234";
 const SSMIX2_NOT_CONSENTED: &str = "0005678";
 
 /// Writes a sample SS-MIX2 storage on the clinic side, starts the hub's WebDAV server (nginx,

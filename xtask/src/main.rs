@@ -20,6 +20,7 @@
 mod bench;
 mod bench_consent;
 mod bench_dicom;
+mod bench_dicom_latency;
 mod bench_ssmix2;
 mod bench_tunnel;
 mod demo;

@@ -397,6 +397,21 @@ async fn open_for(
             share.opening = Opening::Opened;
             Some(l)
         }
+        Err(ForwardError::Associate(
+            dicom_ul::association::Error::NoAcceptedPresentationContexts { .. },
+        )) => {
+            // An answer, not a failure: the PACS takes none of the round's (SOP class,
+            // transfer syntax) pairs, so each of those instances is refused.
+            share.opening = Opening::Opened;
+            while let Some(out) = work.take() {
+                let q = &out.queued;
+                let pair = (q.meta.sop_class.clone(), q.meta.transfer_syntax.clone());
+                if work.pairs.contains(&pair) {
+                    share.outcomes.push((q.id, Outcome::NotAccepted));
+                }
+            }
+            None
+        }
         Err(e) => {
             share.opening = Opening::Failed;
             share.error = Some(e);

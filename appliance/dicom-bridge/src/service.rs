@@ -144,6 +144,9 @@ pub struct Translation {
     /// any whose lie further: [`crate::walk::Walker`]).
     pub header_limit: u64,
 }
+/// How long the forwarder waits after an instance arrives before its round starts (what
+/// arrives meanwhile goes in the same round).
+const GATHER: Duration = Duration::from_millis(20);
 /// How long an instance waits before its patient's network ID is asked for again.
 const IDENTITY_RETRY: i64 = 10;
 /// How long an instance waits after a transient deny (a stale cache, a clock behind).
@@ -213,6 +216,16 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         links = fresh;
         close_links(stale, LINK_CLOSE, &ctx.shutdown).await;
         let wait = tokio::time::sleep(backoff);
+        // A new instance starts a round at once (after a moment that gathers what arrives
+        // with it), unless the last one failed: then the backoff holds.
+        let arrived = async {
+            if last_error.is_none() {
+                spool.arrived().await;
+                tokio::time::sleep(GATHER).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             _ = ctx.shutdown.cancelled() => {
                 // A-RELEASE each open association (all at once), but never wait on a PACS
@@ -226,6 +239,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 return Err(ServiceError::Background(ended));
             }
             _ = wait => {}
+            () = arrived => {}
         }
         let (g, result) = {
             let mut g = gate

@@ -275,6 +275,8 @@ struct Inner {
     quota: u64,
     /// Bytes of queued objects plus bytes being received.
     used: AtomicU64,
+    /// Told when an instance is queued ([`Spool::arrived`]).
+    arrived: tokio::sync::Notify,
 }
 
 /// The spool (cheap to clone: shared by every association).
@@ -351,8 +353,15 @@ impl Spool {
                 conn: Mutex::new(conn),
                 quota,
                 used: AtomicU64::new(used),
+                arrived: tokio::sync::Notify::new(),
             }),
         })
+    }
+
+    /// Resolves when an instance was queued since the last call returned (for the one
+    /// forwarder that waits on it: a new instance is sent at once, not at the next round).
+    pub async fn arrived(&self) {
+        self.inner.arrived.notified().await;
     }
 
     fn object_path(&self, id: i64) -> PathBuf {
@@ -948,8 +957,10 @@ impl Incoming {
             let size = fs::metadata(&old_path).map(|m| m.len()).unwrap_or(0);
             let _ = fs::remove_file(old_path);
             spool.release(size);
+            spool.inner.arrived.notify_one();
             return Ok(Committed::Replaced { id, replaced: old });
         }
+        spool.inner.arrived.notify_one();
         Ok(Committed::Queued(id))
     }
 }
