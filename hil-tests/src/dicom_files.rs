@@ -55,6 +55,10 @@ pub const VL_ENDOSCOPIC_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.77.1.1";
 pub const VL_WHOLE_SLIDE_MICROSCOPY_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.77.1.6";
 /// JPEG Baseline (Process 1).
 pub const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+/// Video Endoscopic Image Storage.
+pub const VIDEO_ENDOSCOPIC_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.77.1.1.1";
+/// MPEG-4 AVC/H.264 High Profile / Level 4.1.
+pub const MPEG4_AVC_HP41: &str = "1.2.840.10008.1.2.4.102";
 /// Explicit VR Little Endian.
 pub const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";
 /// Implicit VR Little Endian.
@@ -503,6 +507,131 @@ pub fn vl_endoscopic(dir: &Path, ids: &Ids) -> Result<PathBuf, DicomFilesError> 
         out.write_all(&picture)
     })?;
     to_jpeg_baseline(dir, ids, file)
+}
+
+/// Writes a Video Endoscopic Image Storage instance (modality ES): `frames` frames of
+/// 320×240 at 25 frames/s, a moving colour gradient encoded by x264 (H.264 High Profile,
+/// level 4.1, an Annex B byte stream, as PS3.5 §8.2.8 wants it), in encapsulated pixel
+/// data (an empty offset table, the stream in one fragment) under [`MPEG4_AVC_HP41`], with
+/// the Japanese name as [`japanese_ct`] has it. Returns the file.
+pub fn video_endoscopic(dir: &Path, ids: &Ids, frames: u32) -> Result<PathBuf, DicomFilesError> {
+    let x264 = find_tool("x264", "x264")?;
+    let name = encode_iso_2022_ir_87(&ids.patient_name)?;
+    let (w, h) = (320u32, 240u32);
+    // The raw video (YUV 4:2:0) for x264.
+    let y4m = dir.join(format!("{}.y4m", ids.sop_instance_uid));
+    {
+        let out = File::create(&y4m).map_err(io_err("create", &y4m))?;
+        let mut out = BufWriter::new(out);
+        let byte = |v: u32| v.to_le_bytes()[0];
+        let mut write = || -> io::Result<()> {
+            writeln!(out, "YUV4MPEG2 W{w} H{h} F25:1 Ip A1:1 C420jpeg")?;
+            for f in 0..frames {
+                out.write_all(b"FRAME\n")?;
+                for y in 0..h {
+                    for x in 0..w {
+                        out.write_all(&[byte(x + y + f * 4)])?;
+                    }
+                }
+                for plane in 0..2u32 {
+                    for y in 0..h / 2 {
+                        for x in 0..w / 2 {
+                            out.write_all(&[byte(x * (plane + 1) + y + f)])?;
+                        }
+                    }
+                }
+            }
+            out.flush()
+        };
+        write().map_err(io_err("write", &y4m))?;
+    }
+    let stream_path = dir.join(format!("{}.264", ids.sop_instance_uid));
+    let mut command = Command::new(&x264);
+    command
+        .args([
+            "--quiet",
+            "--profile",
+            "high",
+            "--level",
+            "4.1",
+            "--preset",
+            "veryfast",
+        ])
+        .args(["--demuxer", "y4m", "-o"])
+        .arg(&stream_path)
+        .arg(&y4m);
+    let done = run_with_input(&mut command, b"");
+    let _ = fs::remove_file(&y4m);
+    done?;
+    let mut stream = fs::read(&stream_path).map_err(io_err("read", &stream_path))?;
+    let _ = fs::remove_file(&stream_path);
+    if stream.len() % 2 == 1 {
+        stream.push(0);
+    }
+    let mut dump = header_dump(ids, VIDEO_ENDOSCOPIC_IMAGE_STORAGE, "ES", &name)?;
+    dump.extend_from_slice(
+        format!(
+            "(0008,0008) CS [ORIGINAL\\PRIMARY]\n\
+             (0018,0040) IS [25]\n\
+             (0018,1063) DS [40]\n\
+             (0028,0002) US 3\n\
+             (0028,0004) CS [YBR_PARTIAL_420]\n\
+             (0028,0006) US 0\n\
+             (0028,0008) IS [{frames}]\n\
+             (0028,0009) AT (0018,1063)\n\
+             (0028,0010) US {h}\n\
+             (0028,0011) US {w}\n\
+             (0028,0100) US 8\n\
+             (0028,0101) US 8\n\
+             (0028,0102) US 7\n\
+             (0028,0103) US 0\n"
+        )
+        .as_bytes(),
+    );
+    // dump2dcm writes the header (Explicit VR Little Endian, which encapsulated transfer
+    // syntaxes use for the data set too); the file meta then names MPEG-4, and the pixel
+    // data follows, encapsulated.
+    let header = dump_to_file(dir, ids, &dump)?;
+    let parsed = DicomFile::read(&header)?;
+    let mut out = vec![0u8; 128];
+    out.extend_from_slice(b"DICM");
+    let mut meta = Vec::new();
+    let ui = |meta: &mut Vec<u8>, element: u16, value: &str| {
+        let mut v = value.as_bytes().to_vec();
+        if v.len() % 2 == 1 {
+            v.push(0);
+        }
+        meta.extend_from_slice(&2u16.to_le_bytes());
+        meta.extend_from_slice(&element.to_le_bytes());
+        meta.extend_from_slice(b"UI");
+        meta.extend_from_slice(&u16::try_from(v.len()).unwrap_or(0).to_le_bytes());
+        meta.extend_from_slice(&v);
+    };
+    meta.extend_from_slice(&[0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1]);
+    ui(&mut meta, 0x0002, VIDEO_ENDOSCOPIC_IMAGE_STORAGE);
+    ui(&mut meta, 0x0003, &ids.sop_instance_uid);
+    ui(&mut meta, 0x0010, MPEG4_AVC_HP41);
+    ui(
+        &mut meta,
+        0x0012,
+        "2.25.310427758932212837913389447283719583725",
+    );
+    out.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]);
+    out.extend_from_slice(&u32::try_from(meta.len()).unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(parsed.data_set());
+    out.extend_from_slice(&[
+        0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+    ]);
+    out.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0]);
+    out.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
+    out.extend_from_slice(&u32::try_from(stream.len()).unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&stream);
+    out.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    let _ = fs::remove_file(&header);
+    let file = dir.join(format!("{}.mp4.dcm", ids.sop_instance_uid));
+    fs::write(&file, out).map_err(io_err("write", &file))?;
+    Ok(file)
 }
 
 /// The size of a [`whole_slide`] instance: tiles of 256×256 RGB pixels, `across` × `down`.

@@ -274,7 +274,7 @@ fn multi_frame_generator_makes_the_requested_size() {
 }
 
 #[test]
-fn endoscopy_and_slide_generators_make_jpeg_instances_dcmtk_reads() {
+fn endoscopy_video_and_slide_generators_make_instances_dcmtk_reads() {
     let work = tempfile::tempdir().unwrap();
     let ids = Ids::new("TSU-ES-0001");
     let endo = dicom_files::vl_endoscopic(work.path(), &ids).unwrap();
@@ -283,7 +283,15 @@ fn endoscopy_and_slide_generators_make_jpeg_instances_dcmtk_reads() {
     let wsi = dicom_files::whole_slide(work.path(), &slide_ids, slide, true).unwrap();
     let raw_ids = ids.next_series();
     let raw = dicom_files::whole_slide(work.path(), &raw_ids, slide, false).unwrap();
+    let video_ids = ids.next_series();
+    let video = dicom_files::video_endoscopic(work.path(), &video_ids, 50).unwrap();
     for (path, class, ts, frames) in [
+        (
+            &video,
+            dicom_files::VIDEO_ENDOSCOPIC_IMAGE_STORAGE,
+            dicom_files::MPEG4_AVC_HP41,
+            Some("50"),
+        ),
         (
             &endo,
             dicom_files::VL_ENDOSCOPIC_IMAGE_STORAGE,
@@ -307,9 +315,11 @@ fn endoscopy_and_slide_generators_make_jpeg_instances_dcmtk_reads() {
         assert_eq!(file.transfer_syntax(), ts, "{}", path.display());
         assert_eq!(file.string(0x0008, 0x0016).as_deref(), Some(class));
         assert!(
-            [&ids, &slide_ids, &raw_ids].iter().any(
-                |i| file.string(0x0008, 0x0018).as_deref() == Some(i.sop_instance_uid.as_str())
-            ),
+            [&ids, &slide_ids, &raw_ids, &video_ids]
+                .iter()
+                .any(
+                    |i| file.string(0x0008, 0x0018).as_deref() == Some(i.sop_instance_uid.as_str())
+                ),
             "the SOP Instance UID given"
         );
         assert_eq!(file.string(0x0028, 0x0008).as_deref(), frames);
@@ -330,6 +340,11 @@ fn endoscopy_and_slide_generators_make_jpeg_instances_dcmtk_reads() {
             assert!(output.status.success(), "{output:?}");
         }
     }
+    // The video is x264's H.264 byte stream (Annex B: it starts with a start code).
+    let file = DicomFile::read(&video).unwrap();
+    let pixels = file.element(0x7FE0, 0x0010).unwrap();
+    let stream = &pixels[16..];
+    assert!(stream.starts_with(&[0, 0, 0, 1]), "{:?}", &stream[..8]);
     let len = std::fs::metadata(&raw).unwrap().len();
     assert!(
         len > slide.pixel_bytes() && len < slide.pixel_bytes() + 4096,

@@ -151,6 +151,10 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
         why: "hil-tests DICOM tests: echoscu/storescu/findscu/movescu as modality and viewer, dump2dcm and dcmdump for the test files",
     },
     SystemPackage {
+        name: "x264",
+        why: "hil-tests DICOM tests: encodes the H.264 stream of a Video Endoscopic Image (issue 15)",
+    },
+    SystemPackage {
         name: "tcpdump",
         why: "tunnel tests: captures the box's WAN veth to prove no hub-subnet packet leaves outside the tunnel (issue 13, egress kill switch)",
     },

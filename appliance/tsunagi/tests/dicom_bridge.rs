@@ -1416,13 +1416,14 @@ fn peak_rss_kib(pid: u64) -> u64 {
 }
 
 /// Issue 15, endoscopy and pathology: a VL Endoscopic Image (JPEG Baseline, from dcmtk's
-/// encoder), a VL Whole Slide Microscopy image (64 JPEG tiles) and a 2 GiB multi-frame
-/// instance go through the box to Orthanc. Each arrives in its transfer syntax with its
+/// encoder), a Video Endoscopic Image (3 s of H.264 from x264, MPEG-4 AVC High Profile),
+/// a VL Whole Slide Microscopy image (64 JPEG tiles) and a 2 GiB multi-frame instance go
+/// through the box to Orthanc. Each arrives in its transfer syntax with its
 /// pixel data byte for byte (the 2 GiB one compared on Orthanc's disk), and the DICOM
 /// service's peak resident memory stays within 32 MiB.
 #[test]
-fn endoscopy_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte() {
-    if skip_unless_root("endoscopy_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte") {
+fn endoscopy_video_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte() {
+    if skip_unless_root("endoscopy_video_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte") {
         return;
     }
     let pacs = Orthanc::start_for_test();
@@ -1446,6 +1447,8 @@ fn endoscopy_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte() {
         true,
     )
     .unwrap();
+    let video_ids = base.next_series();
+    let video = hil_tests::dicom_files::video_endoscopic(files.path(), &video_ids, 75).unwrap();
     let big_ids = base.next_series();
     let size = hil_tests::dicom_files::MultiFrame::at_least(2 << 30);
     let big = hil_tests::dicom_files::multi_frame(files.path(), &big_ids, size).unwrap();
@@ -1457,11 +1460,12 @@ fn endoscopy_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte() {
         &[&endo, &slide],
         Duration::from_secs(60),
     );
+    store_through_box_with(&pacs, &["-xn", "-R"], &[&video], Duration::from_secs(60));
     store_through_box(&pacs, &[&big], Duration::from_secs(600));
     h.wait_for("delivery", Duration::from_secs(600), |s| {
-        service(s, "dicom")["metrics"]["delivered_total"] == 3.0
+        service(s, "dicom")["metrics"]["delivered_total"] == 4.0
     });
-    let ids = wait_for_instances(&pacs, 3, &h);
+    let ids = wait_for_instances(&pacs, 4, &h);
     let arrived = |uid: &str| {
         ids.iter()
             .find(|id| {
@@ -1474,14 +1478,27 @@ fn endoscopy_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte() {
             .unwrap_or_else(|| panic!("{uid} is not at Orthanc"))
             .clone()
     };
-    for (sent, uid) in [
-        (&endo, &endo_ids.sop_instance_uid),
-        (&slide, &slide_ids.sop_instance_uid),
+    for (sent, uid, ts) in [
+        (
+            &endo,
+            &endo_ids.sop_instance_uid,
+            hil_tests::dicom_files::JPEG_BASELINE,
+        ),
+        (
+            &slide,
+            &slide_ids.sop_instance_uid,
+            hil_tests::dicom_files::JPEG_BASELINE,
+        ),
+        (
+            &video,
+            &video_ids.sop_instance_uid,
+            hil_tests::dicom_files::MPEG4_AVC_HP41,
+        ),
     ] {
         let original = DicomFile::read(sent).unwrap();
         let got = DicomFile::parse(pacs.instance_file(&arrived(uid)).unwrap()).unwrap();
         assert_eq!(got.transfer_syntax(), original.transfer_syntax());
-        assert_eq!(got.transfer_syntax(), hil_tests::dicom_files::JPEG_BASELINE);
+        assert_eq!(got.transfer_syntax(), ts);
         assert_eq!(
             got.element(0x7FE0, 0x0010),
             original.element(0x7FE0, 0x0010)
