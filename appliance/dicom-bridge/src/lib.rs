@@ -1,6 +1,7 @@
 //! `dicom-bridge`: the DICOM bridge between the clinic's modalities and viewers and the
 //! network PACS (issue 6).
 //!
+//! * [`admin`]: what an operator does with the spool (requeue dead letters), audited.
 //! * [`forward`]: C-STORE of queued instances to the network PACS (bytes as received, or
 //!   with a rewritten start), on associations kept for reuse.
 //! * [`inflight`]: the in-flight bound: while a batch is being sent, the consent change
@@ -53,6 +54,7 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
     },
 };
 
+pub mod admin;
 pub mod forward;
 pub mod header;
 pub mod inflight;

@@ -735,6 +735,12 @@ impl Admin {
         entries(&self.conn, state, limit)
     }
 
+    /// The dead letters among `ids` (every one when `None`), as [`Admin::requeue`] would
+    /// put them back; nothing changes.
+    pub fn dead(&self, ids: Option<&[i64]>) -> Result<Vec<Requeued>, SpoolError> {
+        dead(&self.conn, ids)
+    }
+
     /// Puts dead letters back in the queue (`ids`, or every one when `None`): pending again,
     /// attempts and backoff reset, and the dead-letter clock restarted at `now`. They are
     /// decided again (consent, identity) before anything is sent. Returns those put back
@@ -772,39 +778,44 @@ fn entries(conn: &Connection, state: &str, limit: usize) -> Result<Vec<Entry>, S
         .map_err(sql("list the queue"))
 }
 
+fn dead(conn: &Connection, ids: Option<&[i64]>) -> Result<Vec<Requeued>, SpoolError> {
+    let mut pick = conn
+        .prepare(
+            "SELECT id, patient_id, sop_class, sop_instance FROM queue
+             WHERE state = 'dead' AND (?1 IS NULL OR id = ?1) ORDER BY id",
+        )
+        .map_err(sql("read the dead letters"))?;
+    let wanted: Vec<Option<i64>> = match ids {
+        None => vec![None],
+        Some(ids) => ids.iter().copied().map(Some).collect(),
+    };
+    let mut out = Vec::new();
+    for id in wanted {
+        let rows = pick
+            .query_map([id], |r| {
+                Ok(Requeued {
+                    id: r.get(0)?,
+                    patient_id: r.get(1)?,
+                    sop_class: r.get(2)?,
+                    sop_instance: r.get(3)?,
+                })
+            })
+            .map_err(sql("read the dead letters"))?;
+        for row in rows {
+            out.push(row.map_err(sql("read the dead letters"))?);
+        }
+    }
+    Ok(out)
+}
+
 fn requeue(
     conn: &mut Connection,
     ids: Option<&[i64]>,
     now: i64,
 ) -> Result<Vec<Requeued>, SpoolError> {
     let tx = conn.transaction().map_err(sql("requeue"))?;
-    let mut out = Vec::new();
+    let out = dead(&tx, ids)?;
     {
-        let mut pick = tx
-            .prepare(
-                "SELECT id, patient_id, sop_class, sop_instance FROM queue
-                 WHERE state = 'dead' AND (?1 IS NULL OR id = ?1) ORDER BY id",
-            )
-            .map_err(sql("requeue"))?;
-        let wanted: Vec<Option<i64>> = match ids {
-            None => vec![None],
-            Some(ids) => ids.iter().copied().map(Some).collect(),
-        };
-        for id in wanted {
-            let rows = pick
-                .query_map([id], |r| {
-                    Ok(Requeued {
-                        id: r.get(0)?,
-                        patient_id: r.get(1)?,
-                        sop_class: r.get(2)?,
-                        sop_instance: r.get(3)?,
-                    })
-                })
-                .map_err(sql("requeue"))?;
-            for row in rows {
-                out.push(row.map_err(sql("requeue"))?);
-            }
-        }
         let mut put = tx
             .prepare(
                 "UPDATE queue SET state = 'pending', reason = NULL, attempts = 0,

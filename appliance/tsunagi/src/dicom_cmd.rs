@@ -4,15 +4,15 @@
 //!
 //! The commands open the spool's queue database directly ([`dicom_bridge::spool::Admin`]:
 //! no recovery, so they are safe while the service runs; SQLite serialises writers) and,
-//! run as root, give any file they create back to the service's user. A requeue is
-//! recorded in the consent service's audit trail (decision `requeued`, one row per
-//! instance, the operator's name as given), and puts nothing on the wire by itself: the
-//! service decides each instance again (consent, network ID) before it is sent.
+//! run as root, give any file they create back to the service's user. A requeue
+//! (`dicom_bridge::admin::requeue`, what the console will call) is recorded in the consent
+//! service's audit trail first (decision `requeued`, one row per instance, the operator's
+//! name as given), and puts nothing on the wire by itself: the service decides each
+//! instance again (consent, network ID) before it is sent.
 
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use consent::model::{Category, Recipient};
 use dicom_bridge::spool::{Admin, Entry};
 use tsunagi_config::Config;
 use tsunagi_runtime::exit_code;
@@ -94,43 +94,18 @@ fn run(cfg: &Config, command: DicomCommand, json: bool) -> Result<(), String> {
             }
         }
         DicomCommand::Requeue { ids, all, by } => {
-            let by = by.trim();
-            if by.is_empty() {
+            if by.trim().is_empty() {
                 return Err("--by: say who requeues (recorded in the audit trail)".to_owned());
             }
-            // The audit trail first opened: a requeue that cannot be audited is not made.
             let (mut store, _consent_files) = crate::consent_cmd::open(cfg)?;
-            let now = consent::time::now();
-            let put = admin
-                .requeue(if all { None } else { Some(&ids) }, now)
-                .map_err(|e| crate::error_chain(&e))?;
-            // One audit transaction per patient (rows hash the patient, never name them).
-            let mut by_patient: std::collections::BTreeMap<Option<String>, Vec<String>> =
-                std::collections::BTreeMap::new();
-            for r in &put {
-                by_patient
-                    .entry(r.patient_id.clone())
-                    .or_default()
-                    .push(format!("dicom:{}", r.sop_instance));
-            }
-            for (patient, objects) in &by_patient {
-                store
-                    .record_requeue(
-                        patient.as_deref(),
-                        &Recipient::Hub,
-                        Category::Images,
-                        objects,
-                        by,
-                        now,
-                    )
-                    .map_err(|e| {
-                        format!(
-                            "requeued {} instance(s), but the audit trail could not record it: {}",
-                            put.len(),
-                            crate::error_chain(&e)
-                        )
-                    })?;
-            }
+            let put = dicom_bridge::admin::requeue(
+                &mut admin,
+                &mut store,
+                if all { None } else { Some(&ids) },
+                &by,
+                consent::time::now(),
+            )
+            .map_err(|e| crate::error_chain(&e))?;
             let missing: Vec<i64> = ids
                 .iter()
                 .copied()
