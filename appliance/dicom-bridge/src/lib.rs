@@ -65,6 +65,9 @@ pub mod spool;
 pub mod translate;
 pub mod walk;
 
+#[cfg(test)]
+mod testdata;
+
 /// Now, in Unix seconds (what the spool records).
 pub fn now() -> i64 {
     std::time::SystemTime::now()

@@ -212,30 +212,18 @@ impl Walker {
         let tag = (u32::from(g) << 16) | u32::from(e);
         let undefined = |len: u32| len == u32::MAX;
         match self.stack.last().copied() {
-            Some(Frame::Sequence { explicit }) => {
+            Some(frame @ (Frame::Sequence { .. } | Frame::Fragments)) => {
+                // Items (of undefined length only in a sequence) until the delimiter.
                 let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-                match tag {
-                    0xFFFE_E000 if undefined(len) => self.open(Frame::Item { explicit }),
-                    0xFFFE_E000 => {
+                match (tag, frame) {
+                    (0xFFFE_E000, Frame::Sequence { explicit }) if undefined(len) => {
+                        self.open(Frame::Item { explicit })
+                    }
+                    (0xFFFE_E000, _) if !undefined(len) => {
                         self.skip = u64::from(len);
                         Ok(())
                     }
-                    0xFFFE_E0DD if len == 0 => {
-                        self.stack.pop();
-                        self.closed();
-                        Ok(())
-                    }
-                    _ => Err(WalkError::Malformed(g, e)),
-                }
-            }
-            Some(Frame::Fragments) => {
-                let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-                match tag {
-                    0xFFFE_E000 if !undefined(len) => {
-                        self.skip = u64::from(len);
-                        Ok(())
-                    }
-                    0xFFFE_E0DD if len == 0 => {
+                    (0xFFFE_E0DD, _) if len == 0 => {
                         self.stack.pop();
                         self.closed();
                         Ok(())

@@ -52,6 +52,15 @@ fn network_id(local: &str) -> String {
     format!("NET-{local}")
 }
 
+/// Starts the box in network namespace `ns` and waits until its DICOM service is ready;
+/// the status then.
+fn start_ready(h: &mut Harness, ns: &str) -> serde_json::Value {
+    h.start_in_netns(ns);
+    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
+        state_of(s, "dicom") == "ready"
+    })
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -82,10 +91,7 @@ fn consented_instances_reach_orthanc_byte_for_byte_and_others_wait_for_consent()
     }
     let pacs = Orthanc::start_for_test();
     let (mut h, form) = clinic(&pacs, FAST_SUPERVISOR, "10s");
-    h.start_in_netns(pacs.netns());
-    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
-        state_of(s, "dicom") == "ready"
-    });
+    start_ready(&mut h, pacs.netns());
 
     let files = tempfile::tempdir().unwrap();
     let consented = japanese_ct(files.path(), &Ids::new("0001234")).unwrap();
@@ -216,10 +222,7 @@ fn a_structured_report_of_a_patient_whose_consent_covers_only_images_never_reach
     register_consent(&h, &form, "0002222", &["--categories", "images"]);
     set_network_id(&h, "0002222", &network_id("0002222"));
     mark_consent_synced(&h);
-    h.start_in_netns(pacs.netns());
-    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
-        state_of(s, "dicom") == "ready"
-    });
+    start_ready(&mut h, pacs.netns());
     let files = tempfile::tempdir().unwrap();
     let ids = Ids::new("0002222");
     let report = comprehensive_sr(files.path(), &ids.next_instance()).unwrap();
@@ -271,10 +274,7 @@ fn a_retrieve_answered_with_another_patients_data_is_discarded_and_audited() {
         "10s",
         "query-retrieve = true\n[[dicom.allowed-callers]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1\"\n",
     );
-    h.start_in_netns(pacs.netns());
-    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
-        state_of(s, "dicom") == "ready"
-    });
+    start_ready(&mut h, pacs.netns());
     let files = tempfile::tempdir().unwrap();
     let genuine = Ids::new(&network_id("0001234"));
     let forged = Ids::new(&network_id("0001234"));
@@ -524,10 +524,7 @@ fn pacs_down_while_200_instances_arrive_then_all_delivered_once() {
             pacs.dicom_addr().port()
         ),
     );
-    h.start_in_netns(pacs.netns());
-    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
-        state_of(s, "dicom") == "ready"
-    });
+    start_ready(&mut h, pacs.netns());
     let files = tempfile::tempdir().unwrap();
     let base = Ids::new("0001234");
     let all: Vec<std::path::PathBuf> = (0..200)
@@ -570,10 +567,7 @@ fn odd_patient_ids_first_do_not_stop_the_50_instances_behind_them() {
     }
     let pacs = Orthanc::start_for_test();
     let (mut h, _) = clinic(&pacs, FAST_SUPERVISOR, "5s");
-    h.start_in_netns(pacs.netns());
-    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
-        state_of(s, "dicom") == "ready"
-    });
+    start_ready(&mut h, pacs.netns());
     let files = tempfile::tempdir().unwrap();
     let long = "1234567890".repeat(6) + "1234";
     let odd: Vec<std::path::PathBuf> = ["AB_01", "AB 01", long.as_str()]
@@ -769,10 +763,7 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
     set_network_id(&h, "0004321", &network_id("0004321"));
     withdraw_consent(&h, "0004321");
     mark_consent_synced(&h);
-    h.start_in_netns(pacs.netns());
-    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
-        state_of(s, "dicom") == "ready"
-    });
+    start_ready(&mut h, pacs.netns());
     // The network holds three studies under network IDs (stored there directly).
     let files = tempfile::tempdir().unwrap();
     let ours = Ids::new(&network_id("0001234"));
@@ -974,10 +965,7 @@ fn a_withdrawal_during_a_500_instance_transfer_stops_the_patient_within_1_s_at_o
     register_consent(&h, &form, PATIENT, &["--categories", "documents"]);
     set_network_id(&h, PATIENT, &network_id(PATIENT));
     mark_consent_synced(&h);
-    h.start_in_netns(pacs.netns());
-    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
-        state_of(s, "dicom") == "ready"
-    });
+    start_ready(&mut h, pacs.netns());
     let files = tempfile::tempdir().unwrap();
     let base = Ids::new(PATIENT);
     let all: Vec<std::path::PathBuf> = (0..N)
@@ -1191,10 +1179,7 @@ fn an_orthanc_that_cannot_store_answers_a700_and_the_instances_wait_then_arrive(
         "{fill:?}"
     );
     let (mut h, _) = clinic_with(&pacs, FAST_SUPERVISOR, "5s", "forward-associations = 4\n");
-    h.start_in_netns(pacs.netns());
-    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
-        state_of(s, "dicom") == "ready"
-    });
+    start_ready(&mut h, pacs.netns());
     let files = tempfile::tempdir().unwrap();
     let base = Ids::new("0001234");
     let all: Vec<std::path::PathBuf> = (0..8)
@@ -1266,10 +1251,7 @@ fn a_dead_letter_requeued_by_the_operator_is_audited_and_arrives() {
         ..hil_tests::orthanc::Options::default()
     });
     let (mut h, _) = clinic(&refusing, FAST_SUPERVISOR, "5s");
-    h.start_in_netns(ns.name());
-    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
-        state_of(s, "dicom") == "ready"
-    });
+    start_ready(&mut h, ns.name());
     let files = tempfile::tempdir().unwrap();
     let base = Ids::new("0001234");
     let plain = japanese_ct(files.path(), &base).unwrap();
@@ -1430,10 +1412,7 @@ fn endoscopy_video_slides_and_a_2_gib_instance_reach_orthanc_byte_for_byte() {
     // Orthanc answers a 2 GiB C-STORE once it has parsed and written it: the forwarder
     // waits the timeout plus a second per 10 MB for that answer (`response_budget`).
     let (mut h, _) = clinic(&pacs, FAST_SUPERVISOR, "10s");
-    h.start_in_netns(pacs.netns());
-    let status = h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
-        state_of(s, "dicom") == "ready"
-    });
+    let status = start_ready(&mut h, pacs.netns());
     let pid = service(&status, "dicom")["pid"].as_u64().unwrap();
     let files = tempfile::tempdir().unwrap();
     let base = Ids::new("0001234");
@@ -1542,10 +1521,7 @@ fn a_retrieve_counts_in_the_spool_quota() {
         "10s",
         "spool-quota-mib = 1\nquery-retrieve = true\n[[dicom.allowed-callers]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1\"\n",
     );
-    h.start_in_netns(pacs.netns());
-    h.wait_for("the DICOM service", Duration::from_secs(30), |s| {
-        state_of(s, "dicom") == "ready"
-    });
+    start_ready(&mut h, pacs.netns());
     let files = tempfile::tempdir().unwrap();
     let small = Ids::new(&network_id("0001234"));
     let large = Ids::new(&network_id("0001234"));
