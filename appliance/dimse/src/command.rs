@@ -17,6 +17,12 @@ pub enum CommandField {
     CEchoRq,
     CEchoRsp,
     CCancelRq,
+    /// N-EVENT-REPORT (e.g. a storage commitment result, PS3.4 J.3.3).
+    NEventReportRq,
+    NEventReportRsp,
+    /// N-ACTION (e.g. a storage commitment request, PS3.4 J.3.2).
+    NActionRq,
+    NActionRsp,
 }
 
 impl CommandField {
@@ -33,6 +39,10 @@ impl CommandField {
             CommandField::CEchoRq => 0x0030,
             CommandField::CEchoRsp => 0x8030,
             CommandField::CCancelRq => 0x0FFF,
+            CommandField::NEventReportRq => 0x0100,
+            CommandField::NEventReportRsp => 0x8100,
+            CommandField::NActionRq => 0x0130,
+            CommandField::NActionRsp => 0x8130,
         }
     }
 
@@ -49,6 +59,10 @@ impl CommandField {
             0x0030 => CommandField::CEchoRq,
             0x8030 => CommandField::CEchoRsp,
             0x0FFF => CommandField::CCancelRq,
+            0x0100 => CommandField::NEventReportRq,
+            0x8100 => CommandField::NEventReportRsp,
+            0x0130 => CommandField::NActionRq,
+            0x8130 => CommandField::NActionRsp,
             _ => return None,
         })
     }
@@ -66,6 +80,8 @@ impl CommandField {
             CommandField::CFindRq => CommandField::CFindRsp,
             CommandField::CMoveRq => CommandField::CMoveRsp,
             CommandField::CEchoRq => CommandField::CEchoRsp,
+            CommandField::NEventReportRq => CommandField::NEventReportRsp,
+            CommandField::NActionRq => CommandField::NActionRsp,
             _ => return None,
         })
     }
@@ -106,6 +122,10 @@ pub struct Command {
     pub affected_sop_instance: Option<String>,
     /// (0000,1001)
     pub requested_sop_instance: Option<String>,
+    /// (0000,1002) N-EVENT-REPORT
+    pub event_type: Option<u16>,
+    /// (0000,1008) N-ACTION
+    pub action_type: Option<u16>,
     /// (0000,1020), (0000,1021), (0000,1022), (0000,1023)
     pub remaining: Option<u16>,
     pub completed: Option<u16>,
@@ -132,6 +152,8 @@ impl Command {
             error_comment: None,
             affected_sop_instance: None,
             requested_sop_instance: None,
+            event_type: None,
+            action_type: None,
             remaining: None,
             completed: None,
             failed: None,
@@ -162,6 +184,25 @@ impl Command {
         }
     }
 
+    /// N-ACTION-RQ of `action_type` on a SOP instance (e.g. a storage commitment request:
+    /// [`STORAGE_COMMITMENT_PUSH`], [`STORAGE_COMMITMENT_PUSH_INSTANCE`], action 1); its data
+    /// set follows.
+    pub fn n_action(
+        message_id: u16,
+        sop_class: &str,
+        sop_instance: &str,
+        action_type: u16,
+    ) -> Command {
+        Command {
+            requested_sop_class: Some(sop_class.to_owned()),
+            requested_sop_instance: Some(sop_instance.to_owned()),
+            message_id: Some(message_id),
+            action_type: Some(action_type),
+            has_dataset: true,
+            ..Command::new(CommandField::NActionRq)
+        }
+    }
+
     /// The response to this request with `status` (no data set). `None` for a response or
     /// a C-CANCEL.
     pub fn respond(&self, status: Status) -> Option<Command> {
@@ -172,9 +213,14 @@ impl Command {
                 .clone()
                 .or_else(|| self.requested_sop_class.clone()),
             affected_sop_instance: match field {
-                CommandField::CStoreRsp => self.affected_sop_instance.clone(),
+                CommandField::CStoreRsp | CommandField::NEventReportRsp => {
+                    self.affected_sop_instance.clone()
+                }
+                CommandField::NActionRsp => self.requested_sop_instance.clone(),
                 _ => None,
             },
+            event_type: self.event_type,
+            action_type: self.action_type,
             responding_to: self.message_id,
             status: Some(status),
             ..Command::new(field)
@@ -184,6 +230,10 @@ impl Command {
 
 /// The Verification SOP Class.
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";
+/// The Storage Commitment Push Model SOP Class (PS3.4 Annex J).
+pub const STORAGE_COMMITMENT_PUSH: &str = "1.2.840.10008.1.20.1";
+/// Its well-known SOP instance.
+pub const STORAGE_COMMITMENT_PUSH_INSTANCE: &str = "1.2.840.10008.1.20.1.1";
 
 /// Why bytes are not a command set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -223,6 +273,8 @@ const STATUS: u16 = 0x0900;
 const ERROR_COMMENT: u16 = 0x0902;
 const AFFECTED_SOP_INSTANCE: u16 = 0x1000;
 const REQUESTED_SOP_INSTANCE: u16 = 0x1001;
+const EVENT_TYPE: u16 = 0x1002;
+const ACTION_TYPE: u16 = 0x1008;
 const REMAINING: u16 = 0x1020;
 const COMPLETED: u16 = 0x1021;
 const FAILED: u16 = 0x1022;
@@ -294,6 +346,11 @@ impl Command {
         }
         if let Some(s) = &self.requested_sop_instance {
             list.push((REQUESTED_SOP_INSTANCE, Value::Uid(s)));
+        }
+        for (e, v) in [(EVENT_TYPE, self.event_type), (ACTION_TYPE, self.action_type)] {
+            if let Some(v) = v {
+                list.push((e, Value::Us(v)));
+            }
         }
         for (e, v) in [
             (REMAINING, self.remaining),
@@ -384,6 +441,8 @@ impl Command {
                 ERROR_COMMENT => c.error_comment = Some(text(value, element, 64)?),
                 AFFECTED_SOP_INSTANCE => c.affected_sop_instance = Some(uid(value, element)?),
                 REQUESTED_SOP_INSTANCE => c.requested_sop_instance = Some(uid(value, element)?),
+                EVENT_TYPE => c.event_type = Some(us()?),
+                ACTION_TYPE => c.action_type = Some(us()?),
                 REMAINING => c.remaining = Some(us()?),
                 COMPLETED => c.completed = Some(us()?),
                 FAILED => c.failed = Some(us()?),
@@ -463,6 +522,43 @@ mod tests {
         assert!(back.has_dataset);
         // An odd-length UID is padded with NUL and read back without it.
         assert_eq!(back.affected_sop_instance.as_deref(), Some("1.2.3.4.5"));
+    }
+
+    #[test]
+    fn storage_commitment_action_and_report_round_trip() {
+        let rq = Command::n_action(
+            9,
+            STORAGE_COMMITMENT_PUSH,
+            STORAGE_COMMITMENT_PUSH_INSTANCE,
+            1,
+        );
+        let back = Command::decode(&rq.encode()).unwrap();
+        assert_eq!(back, rq);
+        assert_eq!(back.field.code(), 0x0130);
+        let rsp = rq.respond(Status::SUCCESS).unwrap();
+        assert_eq!(rsp.field, CommandField::NActionRsp);
+        assert_eq!(rsp.affected_sop_class.as_deref(), Some(STORAGE_COMMITMENT_PUSH));
+        assert_eq!(
+            rsp.affected_sop_instance.as_deref(),
+            Some(STORAGE_COMMITMENT_PUSH_INSTANCE)
+        );
+        assert_eq!(rsp.action_type, Some(1));
+        assert_eq!(Command::decode(&rsp.encode()).unwrap(), rsp);
+        // The PACS's report (event 1: all committed; 2: some failed), and our answer.
+        let report = Command {
+            affected_sop_class: Some(STORAGE_COMMITMENT_PUSH.to_owned()),
+            affected_sop_instance: Some(STORAGE_COMMITMENT_PUSH_INSTANCE.to_owned()),
+            message_id: Some(4),
+            event_type: Some(2),
+            has_dataset: true,
+            ..Command::new(CommandField::NEventReportRq)
+        };
+        let back = Command::decode(&report.encode()).unwrap();
+        assert_eq!(back, report);
+        let answer = back.respond(Status::SUCCESS).unwrap();
+        assert_eq!(answer.field.code(), 0x8100);
+        assert_eq!(answer.event_type, Some(2));
+        assert_eq!(answer.responding_to, Some(4));
     }
 
     #[test]
