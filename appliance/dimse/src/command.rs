@@ -347,7 +347,10 @@ impl Command {
         if let Some(s) = &self.requested_sop_instance {
             list.push((REQUESTED_SOP_INSTANCE, Value::Uid(s)));
         }
-        for (e, v) in [(EVENT_TYPE, self.event_type), (ACTION_TYPE, self.action_type)] {
+        for (e, v) in [
+            (EVENT_TYPE, self.event_type),
+            (ACTION_TYPE, self.action_type),
+        ] {
             if let Some(v) = v {
                 list.push((e, Value::Us(v)));
             }
@@ -537,7 +540,10 @@ mod tests {
         assert_eq!(back.field.code(), 0x0130);
         let rsp = rq.respond(Status::SUCCESS).unwrap();
         assert_eq!(rsp.field, CommandField::NActionRsp);
-        assert_eq!(rsp.affected_sop_class.as_deref(), Some(STORAGE_COMMITMENT_PUSH));
+        assert_eq!(
+            rsp.affected_sop_class.as_deref(),
+            Some(STORAGE_COMMITMENT_PUSH)
+        );
         assert_eq!(
             rsp.affected_sop_instance.as_deref(),
             Some(STORAGE_COMMITMENT_PUSH_INSTANCE)
