@@ -540,12 +540,6 @@ impl Spool {
         self.release(bytes);
     }
 
-    /// Bytes counted in the quota: the queue's instances, those being received, and what
-    /// [`Spool::reserve`] holds.
-    pub fn used(&self) -> u64 {
-        self.inner.used.load(Ordering::SeqCst)
-    }
-
     fn release(&self, bytes: u64) {
         let _ = self
             .inner
@@ -635,11 +629,6 @@ impl Spool {
     /// The queue's entries in `state` (see [`Admin::entries`]).
     pub fn entries(&self, state: &str, limit: usize) -> Result<Vec<Entry>, SpoolError> {
         entries(&self.conn(), state, limit)
-    }
-
-    /// Puts dead letters back in the queue (see [`Admin::requeue`]).
-    pub fn requeue(&self, ids: Option<&[i64]>, now: i64) -> Result<Vec<Requeued>, SpoolError> {
-        requeue(&mut self.conn(), ids, now)
     }
 
     /// Pending instances received before `before` become dead letters (with an alert).
