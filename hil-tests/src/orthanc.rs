@@ -154,6 +154,19 @@ pub enum OrthancError {
     Cleanup { problems: Vec<String> },
 }
 
+/// A `GET path` that Orthanc answered with something else than expected.
+fn unexpected(path: String, response: &RestResponse) -> OrthancError {
+    OrthancError::Rest {
+        method: "GET".to_owned(),
+        path,
+        source: io::Error::other(format!(
+            "status {}: {}",
+            response.status,
+            shorten(&response.text())
+        )),
+    }
+}
+
 /// A DICOM peer Orthanc knows (`DicomModalities`): where it sends C-STORE and C-MOVE
 /// sub-operations for this AE title. The host is as seen from inside the namespace
 /// (`127.0.0.1` for a dcmtk tool or a bridge running in it).
@@ -553,15 +566,7 @@ impl Orthanc {
         let path = format!("/instances/{id}/file");
         let response = self.get(&path)?;
         if response.status != 200 {
-            return Err(OrthancError::Rest {
-                method: "GET".to_owned(),
-                path,
-                source: io::Error::other(format!(
-                    "status {}: {}",
-                    response.status,
-                    shorten(&response.text())
-                )),
-            });
+            return Err(unexpected(path, &response));
         }
         Ok(response.body)
     }
@@ -580,15 +585,7 @@ impl Orthanc {
                 .join(&u[..2])
                 .join(&u[2..4])
                 .join(&u)),
-            _ => Err(OrthancError::Rest {
-                method: "GET".to_owned(),
-                path,
-                source: io::Error::other(format!(
-                    "status {}: {}",
-                    response.status,
-                    shorten(&response.text())
-                )),
-            }),
+            _ => Err(unexpected(path, &response)),
         }
     }
 
