@@ -55,6 +55,7 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
 };
 
 pub mod admin;
+pub mod commitment;
 pub mod forward;
 pub mod header;
 pub mod inflight;

@@ -71,7 +71,31 @@ const MIGRATIONS: &[Migration] = &[
             decision INTEGER, delivered_at INTEGER NOT NULL
           ) STRICT;",
     },
+    // Storage commitment: an instance the PACS stored, waiting for the PACS to commit it
+    // (its queue row stays 'pending', with `next_attempt_at` when it is sent again if the
+    // commitment has not come). `transaction_uid` NULL: stored, but no commitment could be
+    // asked for (it is sent again at that time).
+    Migration {
+        version: 4,
+        sql: "CREATE TABLE commitments (
+            queue_id INTEGER PRIMARY KEY, transaction_uid TEXT, sop_instance TEXT NOT NULL,
+            stored_at INTEGER NOT NULL
+          ) STRICT;
+          CREATE INDEX commitments_transaction ON commitments (transaction_uid, sop_instance);",
+    },
 ];
+
+/// What a storage commitment report did to the spool ([`Spool::commitment_report`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitmentApplied {
+    /// Committed: they left the spool.
+    pub committed: u64,
+    /// Not committed: sent again after a backoff.
+    pub failed: u64,
+    /// Named in the report but not waiting under its transaction (already committed, sent
+    /// again under a newer transaction since, or never asked for): nothing changed.
+    pub unknown: u64,
+}
 
 /// A delivered instance whose release is not yet in the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +197,8 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
                         if let Some((old, _)) = earlier {
                             tx.execute("DELETE FROM queue WHERE id = ?1", [old])
                                 .map_err(sql("replace"))?;
+                            tx.execute("DELETE FROM commitments WHERE queue_id = ?1", [old])
+                                .map_err(sql("replace"))?;
                             duplicate
                                 .execute(params![p.now, m.sop_instance, p.id, old, 0])
                                 .map_err(sql("record a duplicate"))?;
@@ -258,6 +284,8 @@ pub struct Counts {
     pub duplicates: u64,
     /// Delivered instances whose release is not yet in the audit trail.
     pub releases_waiting: u64,
+    /// Stored at the PACS, waiting for its storage commitment (not in `pending`).
+    pub awaiting_commitment: u64,
 }
 
 struct Inner {
@@ -457,6 +485,9 @@ impl Spool {
             .map_err(sql("queue a release record"))?;
             tx.execute("DELETE FROM queue WHERE id = ?1", [id])
                 .map_err(sql("delivered"))?;
+            // Asked for a commitment before `storage-commitment` was turned off.
+            tx.execute("DELETE FROM commitments WHERE queue_id = ?1", [id])
+                .map_err(sql("delivered"))?;
             tx.execute("UPDATE counters SET delivered = delivered + 1", [])
                 .map_err(sql("count"))?;
             tx.commit().map_err(sql("delivered"))?;
@@ -465,6 +496,127 @@ impl Spool {
         let _ = fs::remove_file(self.object_path(id));
         self.release(size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0));
         Ok(())
+    }
+
+    /// The PACS stored it, and its commitment is asked for under `transaction` (`None`: it
+    /// could not be asked for): the release (what left, under which permit) is queued for
+    /// the audit trail, and the instance stays in the spool, sent again at `resend_at` unless
+    /// the PACS commits it first ([`Spool::commitment_report`]). In one transaction.
+    pub fn stored(
+        &self,
+        id: i64,
+        transaction: Option<&str>,
+        now: i64,
+        resend_at: i64,
+    ) -> Result<(), SpoolError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("stored"))?;
+        tx.execute(
+            "INSERT INTO releases (patient_id, sop_class, sop_instance, decision, delivered_at)
+             SELECT patient_id, sop_class, sop_instance, decision, ?2 FROM queue
+             WHERE id = ?1 AND patient_id IS NOT NULL",
+            params![id, now],
+        )
+        .map_err(sql("queue a release record"))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO commitments (queue_id, transaction_uid, sop_instance, stored_at)
+             SELECT id, ?2, sop_instance, ?3 FROM queue WHERE id = ?1",
+            params![id, transaction, now],
+        )
+        .map_err(sql("stored"))?;
+        tx.execute(
+            "UPDATE queue SET next_attempt_at = ?2, last_error = NULL WHERE id = ?1",
+            params![id, resend_at],
+        )
+        .map_err(sql("stored"))?;
+        tx.commit().map_err(sql("stored"))
+    }
+
+    /// A storage commitment report from the PACS for `transaction`: each committed instance
+    /// waiting under it leaves the spool (counted as delivered); each failed one is sent
+    /// again after a backoff, with the PACS's reason. Instances the transaction does not
+    /// name, or whose SOP class differs, are left as they are. In one transaction.
+    pub fn commitment_report(
+        &self,
+        transaction: &str,
+        committed: &[(String, String)],
+        failed: &[(String, String, String)],
+        now: i64,
+    ) -> Result<CommitmentApplied, SpoolError> {
+        let mut applied = CommitmentApplied::default();
+        let mut gone: Vec<(i64, i64)> = Vec::new();
+        {
+            let mut conn = self.conn();
+            let tx = conn.transaction().map_err(sql("commitment"))?;
+            {
+                let mut find = tx
+                    .prepare(
+                        "SELECT q.id, q.size, q.sop_class FROM commitments c JOIN queue q ON q.id = c.queue_id
+                         WHERE c.transaction_uid = ?1 AND c.sop_instance = ?2 AND q.state = 'pending'",
+                    )
+                    .map_err(sql("commitment"))?;
+                let mut waiting = |class: &str, instance: &str| {
+                    find.query_row(params![transaction, instance], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, String>(2)?,
+                        ))
+                    })
+                    .optional()
+                    .map(|row| {
+                        row.filter(|(_, _, c)| c == class)
+                            .map(|(id, size, _)| (id, size))
+                    })
+                    .map_err(sql("commitment"))
+                };
+                let mut found = Vec::new();
+                for (class, instance) in committed {
+                    match waiting(class, instance)? {
+                        Some(row) => found.push(row),
+                        None => applied.unknown += 1,
+                    }
+                }
+                let mut refused = Vec::new();
+                for (class, instance, reason) in failed {
+                    match waiting(class, instance)? {
+                        Some((id, _)) => refused.push((id, reason)),
+                        None => applied.unknown += 1,
+                    }
+                }
+                for (id, size) in found {
+                    tx.execute("DELETE FROM queue WHERE id = ?1", [id])
+                        .map_err(sql("commitment"))?;
+                    tx.execute("DELETE FROM commitments WHERE queue_id = ?1", [id])
+                        .map_err(sql("commitment"))?;
+                    tx.execute("UPDATE counters SET delivered = delivered + 1", [])
+                        .map_err(sql("count"))?;
+                    gone.push((id, size));
+                    applied.committed += 1;
+                }
+                for (id, reason) in refused {
+                    tx.execute("DELETE FROM commitments WHERE queue_id = ?1", [id])
+                        .map_err(sql("commitment"))?;
+                    tx.execute(
+                        "UPDATE queue SET attempts = attempts + 1, last_error = ?1,
+                           next_attempt_at = ?2 + min(3600, 30 << min(attempts, 7)) WHERE id = ?3",
+                        params![
+                            format!("the network PACS did not commit it: {reason}"),
+                            now,
+                            id
+                        ],
+                    )
+                    .map_err(sql("commitment"))?;
+                    applied.failed += 1;
+                }
+            }
+            tx.commit().map_err(sql("commitment"))?;
+        }
+        for (id, size) in gone {
+            let _ = fs::remove_file(self.object_path(id));
+            self.release(u64::try_from(size).unwrap_or(0));
+        }
+        Ok(applied)
     }
 
     /// Records the permits (their audit rows) that instances are about to be sent under:
@@ -685,6 +837,16 @@ impl Spool {
             .map_err(sql("count"))?
             .try_into()
             .unwrap_or(0);
+        c.awaiting_commitment = conn
+            .query_row(
+                "SELECT count(*) FROM commitments c JOIN queue q ON q.id = c.queue_id WHERE q.state = 'pending'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(sql("count"))?
+            .try_into()
+            .unwrap_or(0);
+        c.pending = c.pending.saturating_sub(c.awaiting_commitment);
         Ok(c)
     }
 }

@@ -32,6 +32,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -278,6 +279,19 @@ pub struct DicomPacs {
     pub ae_title: AeTitle,
     /// `IPV4:PORT`, e.g. `10.98.0.1:4242`.
     pub address: SocketAddr,
+    /// Storage commitment (PS3.4 Annex J, Push Model); default false. When true, an
+    /// instance stays in the spool after the PACS stored it until the PACS commits it
+    /// (N-ACTION, then its N-EVENT-REPORT to our SCP: the PACS must know our AE title and
+    /// address); one not committed within `commitment-timeout` is sent again.
+    #[serde(default)]
+    pub storage_commitment: bool,
+    /// How long to wait for the commitment before sending again, 1s to 7 days; default 1h.
+    #[serde(default = "default_commitment_timeout")]
+    pub commitment_timeout: ConfigDuration,
+}
+
+fn default_commitment_timeout() -> ConfigDuration {
+    ConfigDuration::secs(3600)
 }
 
 /// `[dicom]`: the DICOM bridge (issue 6): store-and-forward with the consent gate and
@@ -763,7 +777,7 @@ impl Config {
                     &["tunnel.userspace-implementation"],
                 );
             }
-            if t.persistent_keepalive.get() > std::time::Duration::from_secs(65535) {
+            if t.persistent_keepalive.get() > Duration::from_secs(65535) {
                 broken(
                     "tunnel.persistent-keepalive",
                     "must be at most 65535s".into(),
@@ -836,6 +850,17 @@ impl Config {
             );
         }
         if let Some(d) = &self.dicom
+            && d.pacs.storage_commitment
+            && !(Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600))
+                .contains(&d.pacs.commitment_timeout.get())
+        {
+            broken(
+                "dicom.pacs.commitment-timeout",
+                "must be 1s to 7 days".into(),
+                &["dicom.pacs.commitment-timeout"],
+            );
+        }
+        if let Some(d) = &self.dicom
             && d.query_retrieve
             && d.allowed_callers.as_ref().is_none_or(Vec::is_empty)
         {
@@ -897,7 +922,7 @@ impl Config {
                     }
                 }
             }
-            if x.scan_interval.get() < std::time::Duration::from_secs(1) {
+            if x.scan_interval.get() < Duration::from_secs(1) {
                 broken(
                     "ssmix2.scan-interval",
                     "must be at least 1s".into(),

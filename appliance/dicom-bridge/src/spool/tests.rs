@@ -326,3 +326,119 @@ fn the_admin_view_needs_a_spool_and_removes_nothing() {
     assert_eq!(files(dir.path(), "objects").len(), 1);
     drop(inc);
 }
+
+/// `(SOP class, SOP instance)` of [`meta`]'s instance `uid`.
+fn named(uid: &str) -> (String, String) {
+    ("1.2.840.10008.5.1.4.1.1.2".to_owned(), uid.to_owned())
+}
+
+#[test]
+fn a_stored_instance_stays_until_the_pacs_commits_it_and_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let mut ids = Vec::new();
+    for uid in ["1.2.3.1", "1.2.3.2", "1.2.3.3"] {
+        let Committed::Queued(id) = receive(&spool, b"DICM stored", &meta(uid, "0001")) else {
+            panic!()
+        };
+        ids.push(id);
+    }
+    for id in &ids {
+        spool.stored(*id, Some("2.25.7"), 200, 260).unwrap();
+    }
+    // Released (audited) at the C-STORE, kept until committed, not sent again before 260.
+    let c = spool.counts().unwrap();
+    assert_eq!((c.pending, c.awaiting_commitment, c.delivered), (0, 3, 0));
+    assert_eq!(c.releases_waiting, 3);
+    assert!(spool.ready(259, 10).unwrap().is_empty());
+    assert_eq!(files(dir.path(), "objects").len(), 3);
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(spool.counts().unwrap().awaiting_commitment, 3);
+    // A report naming another transaction, a wrong SOP class or an unknown instance
+    // changes nothing.
+    let other = spool
+        .commitment_report("2.25.8", &[named("1.2.3.1")], &[], 210)
+        .unwrap();
+    assert_eq!(other.unknown, 1);
+    let wrong_class = spool
+        .commitment_report(
+            "2.25.7",
+            &[("1.2.840.10008.5.1.4.1.1.7".into(), "1.2.3.1".into())],
+            &[],
+            210,
+        )
+        .unwrap();
+    assert_eq!(wrong_class.unknown, 1);
+    assert_eq!(spool.counts().unwrap().awaiting_commitment, 3);
+    // Two committed, one failed (0112H): the two leave, the third is sent again later.
+    let applied = spool
+        .commitment_report(
+            "2.25.7",
+            &[named("1.2.3.1"), named("1.2.3.2"), named("1.2.3.99")],
+            &[(named("1.2.3.3").0, named("1.2.3.3").1, "0112H".to_owned())],
+            220,
+        )
+        .unwrap();
+    assert_eq!(
+        applied,
+        CommitmentApplied {
+            committed: 2,
+            failed: 1,
+            unknown: 1
+        }
+    );
+    assert_eq!(
+        files(dir.path(), "objects"),
+        vec![format!("{}.dcm", ids[2])]
+    );
+    let c = spool.counts().unwrap();
+    assert_eq!((c.pending, c.awaiting_commitment, c.delivered), (1, 0, 2));
+    assert!(spool.ready(249, 10).unwrap().is_empty());
+    let again = spool.ready(250, 10).unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 1);
+    // The same report again commits nothing more.
+    let twice = spool
+        .commitment_report("2.25.7", &[named("1.2.3.1")], &[], 230)
+        .unwrap();
+    assert_eq!(twice.unknown, 1);
+}
+
+#[test]
+fn an_instance_whose_commitment_does_not_come_is_sent_again_under_a_new_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let Committed::Queued(id) = receive(&spool, b"DICM late", &meta("1.2.3.1", "0001")) else {
+        panic!()
+    };
+    spool.stored(id, Some("2.25.1"), 100, 160).unwrap();
+    assert!(spool.ready(159, 10).unwrap().is_empty());
+    assert_eq!(spool.ready(160, 10).unwrap().len(), 1);
+    // Sent again, under a new transaction: a late report of the first one is ignored.
+    spool.stored(id, Some("2.25.2"), 160, 220).unwrap();
+    let late = spool
+        .commitment_report("2.25.1", &[named("1.2.3.1")], &[], 170)
+        .unwrap();
+    assert_eq!(late.unknown, 1);
+    assert_eq!(spool.counts().unwrap().awaiting_commitment, 1);
+    // Stored without a commitment asked for (None): sent again at its time too.
+    spool.stored(id, None, 170, 230).unwrap();
+    assert_eq!(spool.ready(230, 10).unwrap().len(), 1);
+    assert_eq!(spool.counts().unwrap().releases_waiting, 3);
+    // A different copy of the same instance replaces it: the old commitment goes with it.
+    let Committed::Replaced { id: newer, .. } =
+        receive(&spool, b"DICM newer", &meta("1.2.3.1", "0001"))
+    else {
+        panic!()
+    };
+    let c = spool.counts().unwrap();
+    assert_eq!((c.pending, c.awaiting_commitment), (1, 0));
+    spool.stored(newer, Some("2.25.3"), 240, 300).unwrap();
+    let done = spool
+        .commitment_report("2.25.3", &[named("1.2.3.1")], &[], 250)
+        .unwrap();
+    assert_eq!(done.committed, 1);
+    assert!(files(dir.path(), "objects").is_empty());
+    assert_eq!(spool.counts().unwrap().bytes, 0);
+}
