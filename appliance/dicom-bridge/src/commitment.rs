@@ -253,6 +253,9 @@ pub fn check_structure(bytes: &[u8], explicit: bool) -> Result<(), CommitmentErr
     c.elements(bytes.len(), 0, false)
 }
 
+/// An element's (group, element), VR (explicit VR only) and value length.
+type Header = ((u16, u16), Option<[u8; 2]>, u32);
+
 struct Cursor<'a> {
     b: &'a [u8],
     pos: usize,
@@ -281,7 +284,7 @@ impl Cursor<'_> {
     fn header(
         &mut self,
         end: usize,
-    ) -> Result<((u16, u16), Option<[u8; 2]>, u32), CommitmentError> {
+    ) -> Result<Header, CommitmentError> {
         let p = self.pos;
         let tag = (
             self.u16_at(p).ok_or_else(|| self.malformed())?,
