@@ -281,10 +281,7 @@ impl Cursor<'_> {
     }
 
     /// The next header: (tag, VR if explicit, length), the cursor moved past it.
-    fn header(
-        &mut self,
-        end: usize,
-    ) -> Result<Header, CommitmentError> {
+    fn header(&mut self, end: usize) -> Result<Header, CommitmentError> {
         let p = self.pos;
         let tag = (
             self.u16_at(p).ok_or_else(|| self.malformed())?,

@@ -37,11 +37,14 @@ use dicom_ul::ClientAssociationOptions;
 use dicom_ul::Pdu;
 use dicom_ul::association::{Association, AsyncAssociation, AsyncClientAssociation};
 use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
-use dimse::command::Command;
+use dimse::command::{
+    Command, CommandField, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE,
+};
 use dimse::status::{Class, Status};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 
+use crate::commitment::Reference;
 use crate::inflight::Stop;
 use crate::spool::{Queued, Spool};
 
@@ -53,6 +56,10 @@ pub struct Destination {
     /// Our AE title towards it.
     pub calling_ae: String,
     pub timeout: Duration,
+    /// Ask the PACS for storage commitment of what it stored ([`crate::commitment`]): each
+    /// association also proposes the Storage Commitment Push Model, and sends one
+    /// N-ACTION-RQ for its share once it has sent it.
+    pub storage_commitment: bool,
 }
 
 /// An instance to send: as spooled, or with a rewritten start ([`crate::translate`]).
@@ -146,6 +153,18 @@ impl Link {
         let _ = tokio::time::timeout(self.timeout, self.assoc.release()).await;
     }
 
+    /// The accepted Storage Commitment Push Model context: its id and transfer syntax.
+    fn commitment_context(&self) -> Option<(u8, String)> {
+        self.assoc
+            .presentation_contexts()
+            .iter()
+            .find(|pc| {
+                pc.reason == PresentationContextResultReason::Acceptance
+                    && pc.abstract_syntax.trim_end_matches('\0') == STORAGE_COMMITMENT_PUSH
+            })
+            .map(|pc| (pc.id, pc.transfer_syntax.trim_end_matches('\0').to_owned()))
+    }
+
     fn accepted(&self, class: &str, ts: &str) -> Option<u8> {
         self.assoc
             .presentation_contexts()
@@ -168,6 +187,15 @@ async fn open(dest: &Destination, pairs: Vec<(String, String)>) -> Result<Link, 
         .connection_timeout(dest.timeout);
     for (class, ts) in &pairs {
         options = options.with_presentation_context(class.clone(), vec![ts.clone()]);
+    }
+    if dest.storage_commitment {
+        options = options.with_presentation_context(
+            STORAGE_COMMITMENT_PUSH,
+            vec![
+                crate::commitment::EXPLICIT_VR_LE,
+                crate::commitment::IMPLICIT_VR_LE,
+            ],
+        );
     }
     // The connect within the timeout, then the A-ASSOCIATE-AC within the timeout.
     let within = dest.timeout * 2;
@@ -222,6 +250,8 @@ fn pairs_of(batch: &[Outgoing]) -> Vec<(String, String)> {
 #[derive(Debug)]
 pub struct Work {
     queue: std::sync::Mutex<VecDeque<Outgoing>>,
+    /// Each instance's SOP class and instance, by queue id (for a commitment request).
+    references: std::collections::HashMap<i64, Reference>,
     pairs: Vec<(String, String)>,
     /// How many associations are sending (established, taking work).
     sending: tokio::sync::watch::Sender<usize>,
@@ -231,6 +261,19 @@ impl Work {
     pub fn new(batch: &[Outgoing]) -> Work {
         Work {
             queue: std::sync::Mutex::new(batch.iter().cloned().collect()),
+            references: batch
+                .iter()
+                .map(|o| {
+                    let m = &o.queued.meta;
+                    (
+                        o.queued.id,
+                        Reference {
+                            sop_class: m.sop_class.clone(),
+                            sop_instance: m.sop_instance.clone(),
+                        },
+                    )
+                })
+                .collect(),
             pairs: pairs_of(batch),
             sending: tokio::sync::watch::Sender::new(0),
         }
@@ -290,6 +333,9 @@ pub enum Opening {
 #[derive(Debug)]
 pub struct Share {
     pub outcomes: Vec<(i64, Outcome)>,
+    /// The storage commitment asked for what this association delivered (with a
+    /// commitment destination).
+    pub commitment: Option<Requested>,
     pub error: Option<ForwardError>,
     pub link: Option<Link>,
     pub opened: u32,
@@ -326,6 +372,7 @@ pub async fn send_share(
 ) -> Share {
     let mut share = Share {
         outcomes: Vec::new(),
+        commitment: None,
         error: None,
         link: None,
         opened: 0,
@@ -355,12 +402,176 @@ pub async fn send_share(
         share.outcomes = o;
         share.error = e;
         share.link = l;
+        ask_commitment(dest, work, stop, &mut share).await;
         return share;
     }
     share.outcomes = outcomes;
     share.error = error;
     share.link = link;
+    ask_commitment(dest, work, stop, &mut share).await;
     share
+}
+
+/// A storage commitment asked for (or not) by one association.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requested {
+    /// The queue ids of the instances it delivered.
+    pub ids: Vec<i64>,
+    /// The transaction the PACS accepted, or why none was asked for (they are sent again
+    /// when the commitment timeout runs out).
+    pub transaction: Result<String, String>,
+}
+
+/// With a commitment destination: asks the PACS, on the share's association, to commit
+/// what the share delivered (one N-ACTION-RQ). An association that fails doing so is
+/// dropped.
+async fn ask_commitment(dest: &Destination, work: &Work, stop: &Stop, share: &mut Share) {
+    if !dest.storage_commitment || stop.shutting_down() {
+        return;
+    }
+    let ids: Vec<i64> = share
+        .outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Delivered(_)))
+        .map(|(id, _)| *id)
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    let refs: Vec<Reference> = ids
+        .iter()
+        .filter_map(|id| work.references.get(id).cloned())
+        .collect();
+    let transaction = match share.link.as_mut() {
+        None => Err(match &share.error {
+            Some(e) => format!(
+                "the association ended before the commitment was asked for: {}",
+                tsunagi_runtime::child::error_chain(e)
+            ),
+            None => "the association ended before the commitment was asked for".to_owned(),
+        }),
+        Some(link) => match unless_shutdown(stop, request_commitment(link, &refs)).await {
+            Some(Ok(t)) => Ok(t),
+            Some(Err(why)) => {
+                if why.dropped
+                    && let Some(l) = share.link.take()
+                {
+                    reset(l);
+                }
+                Err(why.reason)
+            }
+            None => {
+                if let Some(l) = share.link.take() {
+                    reset(l);
+                }
+                Err("the service stopped while the commitment was asked for".to_owned())
+            }
+        },
+    };
+    share.commitment = Some(Requested { ids, transaction });
+}
+
+/// Why a commitment request failed, and whether the association is unusable after it.
+struct NotAsked {
+    reason: String,
+    dropped: bool,
+}
+
+/// The message ID of a commitment request (C-STOREs count up from 1 on each association).
+const COMMITMENT_MESSAGE_ID: u16 = 0xFFFF;
+
+/// Sends the N-ACTION-RQ (Request Storage Commitment) for `refs` and reads its response;
+/// the transaction UID, once the PACS answered success.
+async fn request_commitment(link: &mut Link, refs: &[Reference]) -> Result<String, NotAsked> {
+    let Some((pc_id, ts)) = link.commitment_context() else {
+        return Err(NotAsked {
+            reason: "the network PACS does not accept storage commitment (Storage Commitment Push Model not accepted)".to_owned(),
+            dropped: false,
+        });
+    };
+    let transaction = crate::commitment::new_transaction_uid();
+    let data = crate::commitment::request(&transaction, refs, &ts).map_err(|e| NotAsked {
+        reason: e.to_string(),
+        dropped: false,
+    })?;
+    let failed = |e: ForwardError| NotAsked {
+        reason: format!(
+            "the storage commitment request failed: {}",
+            tsunagi_runtime::child::error_chain(&e)
+        ),
+        dropped: true,
+    };
+    let rq = Command::n_action(
+        COMMITMENT_MESSAGE_ID,
+        STORAGE_COMMITMENT_PUSH,
+        STORAGE_COMMITMENT_PUSH_INSTANCE,
+        1,
+    );
+    let timeout = link.timeout;
+    let exchange = async {
+        send(
+            &mut link.assoc,
+            pc_id,
+            PDataValueType::Command,
+            true,
+            rq.encode(),
+        )
+        .await
+        .map_err(ForwardError::Association)?;
+        send_fragments(&mut link.assoc, pc_id, &data).await?;
+        read_response(&mut link.assoc).await
+    };
+    let rsp = tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or(Err(ForwardError::ResponseTimeout(timeout)))
+        .map_err(failed)?;
+    link.idle_since = std::time::Instant::now();
+    match rsp.status {
+        Some(status)
+            if rsp.field == CommandField::NActionRsp
+                && rsp.responding_to == Some(COMMITMENT_MESSAGE_ID)
+                && matches!(status.class(), Class::Success | Class::Warning) =>
+        {
+            Ok(transaction)
+        }
+        Some(status) if rsp.field == CommandField::NActionRsp => Err(NotAsked {
+            reason: format!("the network PACS refused the storage commitment request: {status}"),
+            dropped: false,
+        }),
+        _ => Err(failed(ForwardError::Protocol)),
+    }
+}
+
+/// Sends `data` as one message's data set, in P-DATA fragments of the peer's maximum length.
+async fn send_fragments<A>(assoc: &mut A, pc_id: u8, data: &[u8]) -> Result<(), ForwardError>
+where
+    A: AsyncAssociation<TcpStream> + Association + Send,
+{
+    let chunk = fragment_size(Association::peer_max_pdu_length(assoc));
+    let mut pieces = data.chunks(chunk).peekable();
+    if pieces.peek().is_none() {
+        return send(assoc, pc_id, PDataValueType::Data, true, Vec::new())
+            .await
+            .map_err(ForwardError::Association);
+    }
+    while let Some(piece) = pieces.next() {
+        let last = pieces.peek().is_none();
+        send(assoc, pc_id, PDataValueType::Data, last, piece.to_vec())
+            .await
+            .map_err(ForwardError::Association)?;
+    }
+    Ok(())
+}
+
+/// A fragment's size for a peer's maximum PDU length (0: unlimited, taken as 64 KiB).
+fn fragment_size(max_pdu: u32) -> usize {
+    let max = match max_pdu {
+        0 => 64 * 1024,
+        n => n.min(1 << 20),
+    };
+    usize::try_from(max.saturating_sub(6))
+        .unwrap_or(16 * 1024)
+        .max(1024)
 }
 
 /// Opens an association for `work`, recording how in `share`; `None` when it did not open.
@@ -579,6 +790,8 @@ pub struct Spread {
     pub failed: usize,
     /// A share's task panicked (a bug): how.
     pub panicked: Option<String>,
+    /// The storage commitments asked for (or not), one per association that delivered.
+    pub commitments: Vec<Requested>,
 }
 
 /// Sends `batch` over up to `n` associations at once, each taking the next instance when it
@@ -607,6 +820,7 @@ pub async fn send_parallel(
         match done {
             Ok(share) => {
                 spread.outcomes.extend(share.outcomes);
+                spread.commitments.extend(share.commitment);
                 spread.opened += u64::from(share.opened);
                 match share.opening {
                     Opening::Reused | Opening::Opened => spread.worked += 1,
@@ -702,13 +916,7 @@ where
         },
         None => command.await.map_err(ForwardError::Association)?,
     }
-    let max = match Association::peer_max_pdu_length(assoc) {
-        0 => 64 * 1024,
-        n => n.min(1 << 20),
-    };
-    let chunk = usize::try_from(max.saturating_sub(6))
-        .unwrap_or(16 * 1024)
-        .max(1024);
+    let chunk = fragment_size(Association::peer_max_pdu_length(assoc));
     let mut file = tokio::fs::File::open(&q.path)
         .await
         .map_err(ForwardError::Read)?;
@@ -777,6 +985,15 @@ async fn read_status<A>(assoc: &mut A) -> Result<Status, ForwardError>
 where
     A: AsyncAssociation<TcpStream> + Association + Send,
 {
+    let rsp = read_response(assoc).await?;
+    rsp.status.ok_or(ForwardError::Protocol)
+}
+
+/// Reads a response command (without a data set).
+async fn read_response<A>(assoc: &mut A) -> Result<Command, ForwardError>
+where
+    A: AsyncAssociation<TcpStream> + Association + Send,
+{
     // The response (its command may come in fragments).
     let mut command = crate::CommandBuf::default();
     loop {
@@ -790,7 +1007,10 @@ where
                         && let Some(rsp) =
                             command.push(&pdv).map_err(|()| ForwardError::Protocol)?
                     {
-                        return rsp.status.ok_or(ForwardError::Protocol);
+                        if !rsp.field.is_response() || rsp.has_dataset {
+                            return Err(ForwardError::Protocol);
+                        }
+                        return Ok(rsp);
                     }
                 }
             }
@@ -809,18 +1029,38 @@ pub(crate) async fn send<A: AsyncAssociation<TcpStream> + Send>(
     AsyncAssociation::send(assoc, &crate::pdata(pc_id, kind, last, data)).await
 }
 
+/// With storage commitment: the commitments asked for, and how long to wait for one
+/// before an instance is sent again (seconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Committing<'a> {
+    pub requested: &'a [Requested],
+    pub resend_after: i64,
+}
+
 /// Applies a batch's outcomes to the spool at `now` (Unix seconds); returns how many were
-/// delivered.
+/// delivered (stored at the PACS). With `committing`, a delivered instance stays in the
+/// spool until the PACS commits it ([`Spool::stored`]); else it leaves at once.
 pub fn record(
     spool: &Spool,
     outcomes: &[(i64, Outcome)],
     now: i64,
+    committing: Option<Committing<'_>>,
 ) -> Result<usize, crate::spool::SpoolError> {
     let mut delivered = 0;
     for (id, outcome) in outcomes {
         match outcome {
             Outcome::Delivered(_) => {
-                spool.delivered(*id)?;
+                match committing {
+                    None => spool.delivered(*id)?,
+                    Some(c) => {
+                        let transaction = c
+                            .requested
+                            .iter()
+                            .find(|r| r.ids.contains(id))
+                            .and_then(|r| r.transaction.as_deref().ok());
+                        spool.stored(*id, transaction, now, now.saturating_add(c.resend_after))?;
+                    }
+                }
                 delivered += 1;
             }
             Outcome::Refused(status) => {

@@ -615,6 +615,7 @@ async fn retrieve_inner(
         addr: *viewer,
         calling_ae: proxy.pacs.calling_ae.clone(),
         timeout: proxy.pacs.timeout,
+        storage_commitment: false,
     };
     let (outcomes, relay_error) = crate::forward::send_batch(&dest, &retrieved.outgoing).await;
     let completed = outcomes

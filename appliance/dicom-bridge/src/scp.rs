@@ -48,6 +48,10 @@ pub struct Settings {
     /// How far into a data set its patient elements may lie, in bytes
     /// ([`crate::walk::Walker`]).
     pub header_limit: u64,
+    /// With storage commitment: the network PACS's AE title and address, the only caller
+    /// whose N-EVENT-REPORT (a commitment report) is taken. It may associate even when it
+    /// is not in `allowed`, for that and C-ECHO only.
+    pub commitment_from: Option<(String, IpAddr)>,
 }
 
 /// The DICOMDIR's SOP class: a file-set directory, never sent over the network.
@@ -79,6 +83,17 @@ const MAX_REJECTING: usize = 8;
 struct Access {
     peer: IpAddr,
     allowed: Option<Vec<(String, IpAddr)>>,
+    commitment_from: Option<(String, IpAddr)>,
+}
+
+/// Whether `calling` from `peer` is in the allow-list (or there is none).
+fn listed(allowed: Option<&[(String, IpAddr)]>, calling: &str, peer: IpAddr) -> bool {
+    allowed.is_none_or(|list| list.iter().any(|(ae, ip)| ae == calling && *ip == peer))
+}
+
+/// Whether `calling` from `peer` is the network PACS sending commitment reports.
+fn is_pacs(from: Option<&(String, IpAddr)>, calling: &str, peer: IpAddr) -> bool {
+    from.is_some_and(|(ae, ip)| ae == calling && *ip == peer)
 }
 
 impl AccessControl for Access {
@@ -92,15 +107,13 @@ impl AccessControl for Access {
         if this_ae_title != called_ae_title.trim() {
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
-        match &self.allowed {
-            Some(list)
-                if !list
-                    .iter()
-                    .any(|(ae, ip)| ae == calling_ae_title.trim() && *ip == self.peer) =>
-            {
-                Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
-            }
-            _ => Ok(()),
+        let calling = calling_ae_title.trim();
+        if listed(self.allowed.as_deref(), calling, self.peer)
+            || is_pacs(self.commitment_from.as_ref(), calling, self.peer)
+        {
+            Ok(())
+        } else {
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
         }
     }
 }
@@ -215,6 +228,7 @@ async fn association(
         .ae_access_control(Access {
             peer,
             allowed: settings.allowed.clone(),
+            commitment_from: settings.commitment_from.clone(),
         })
         .ae_title(settings.ae_title.clone())
         .with_negotiation(StorageRoles {
@@ -230,9 +244,14 @@ async fn association(
         .trim()
         .to_owned();
     tracing::debug!(calling = %calling, "association established");
+    // Admitted only as the network PACS (not in the allow-list): commitment reports and
+    // C-ECHO, nothing else.
+    let from_pacs = is_pacs(settings.commitment_from.as_ref(), &calling, peer);
+    let pacs_only = !listed(settings.allowed.as_deref(), &calling, peer);
     let mut command_buf = crate::CommandBuf::default();
     let mut receiving: Option<Receiving> = None;
     let mut querying: Option<Querying> = None;
+    let mut reporting: Option<Querying> = None;
     loop {
         let pdu = tokio::select! {
             _ = stop.cancelled() => {
@@ -278,7 +297,9 @@ async fn association(
                                         command.affected_sop_class.as_deref().unwrap_or_default();
                                     let known = is_standard_storage(class)
                                         || settings.extra_sop_classes.iter().any(|c| c == class);
-                                    let (incoming, failure) = if !known {
+                                    let (incoming, failure) = if pacs_only {
+                                        (None, Some(Status::NOT_AUTHORIZED))
+                                    } else if !known {
                                         // Read and discarded: nothing is stored.
                                         tracing::warn!(sop_class = %class, "not a storage SOP class; refused (0122H)");
                                         (None, Some(Status::SOP_CLASS_NOT_SUPPORTED))
@@ -311,9 +332,19 @@ async fn association(
                                 CommandField::CFindRq
                                 | CommandField::CMoveRq
                                 | CommandField::CGetRq
-                                    if command.has_dataset && settings.proxy.is_some() =>
+                                    if command.has_dataset
+                                        && settings.proxy.is_some()
+                                        && !pacs_only =>
                                 {
                                     querying = Some(Querying {
+                                        pc_id: pdv.presentation_context_id,
+                                        command,
+                                        transfer_syntax,
+                                        identifier: Vec::new(),
+                                    });
+                                }
+                                CommandField::NEventReportRq if command.has_dataset => {
+                                    reporting = Some(Querying {
                                         pc_id: pdv.presentation_context_id,
                                         command,
                                         transfer_syntax,
@@ -328,6 +359,28 @@ async fn association(
                                         send_command(&mut assoc, pdv.presentation_context_id, &rsp)
                                             .await?;
                                     }
+                                }
+                            }
+                        }
+                        PDataValueType::Data if reporting.is_some() => {
+                            let Some(r) = reporting.as_mut() else {
+                                continue;
+                            };
+                            if r.pc_id != pdv.presentation_context_id
+                                || r.identifier.len() + pdv.data.len()
+                                    > crate::commitment::MAX_REPORT
+                            {
+                                tracing::warn!("an oversized N-EVENT-REPORT; aborting");
+                                let _ = assoc.abort().await;
+                                return Ok(());
+                            }
+                            r.identifier.extend_from_slice(&pdv.data);
+                            if pdv.is_last
+                                && let Some(r) = reporting.take()
+                            {
+                                let status = commitment_report(&r, from_pacs, spool).await;
+                                if let Some(rsp) = r.command.respond(status) {
+                                    send_command(&mut assoc, r.pc_id, &rsp).await?;
                                 }
                             }
                         }
@@ -409,6 +462,77 @@ async fn association(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Takes a storage commitment report (N-EVENT-REPORT-RQ of the Storage Commitment Push
+/// Model) from the network PACS: the committed instances leave the spool, the failed ones
+/// are sent again later ([`Spool::commitment_report`]). Only from the PACS configured;
+/// only instances waiting under the transaction it names. The status to answer.
+async fn commitment_report(r: &Querying, from_pacs: bool, spool: &Spool) -> Status {
+    use dimse::command::{STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE};
+    if !from_pacs {
+        tracing::warn!(
+            "an N-EVENT-REPORT from a caller that is not the network PACS; refused (0124H)"
+        );
+        return Status::NOT_AUTHORIZED;
+    }
+    let c = &r.command;
+    if c.affected_sop_class.as_deref() != Some(STORAGE_COMMITMENT_PUSH) {
+        return Status::NO_SUCH_SOP_CLASS;
+    }
+    if c.affected_sop_instance.as_deref() != Some(STORAGE_COMMITMENT_PUSH_INSTANCE) {
+        return Status::NO_SUCH_SOP_INSTANCE;
+    }
+    if !matches!(c.event_type, Some(1 | 2)) {
+        return Status::NO_SUCH_EVENT_TYPE;
+    }
+    let report = match crate::commitment::read_report(&r.identifier, &r.transfer_syntax) {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::warn!(reason = %e, "a storage commitment report that cannot be read; refused (nothing committed)");
+            return Status::MISTYPED_ARGUMENT;
+        }
+    };
+    let pair = |x: &crate::commitment::Reference| (x.sop_class.clone(), x.sop_instance.clone());
+    let committed: Vec<(String, String)> = report.committed.iter().map(pair).collect();
+    let failed: Vec<(String, String, String)> = report
+        .failed
+        .iter()
+        .map(|(x, reason)| {
+            (
+                x.sop_class.clone(),
+                x.sop_instance.clone(),
+                Status(*reason).to_string(),
+            )
+        })
+        .collect();
+    let spool = spool.clone();
+    let transaction = report.transaction.clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        spool.commitment_report(&transaction, &committed, &failed, crate::now())
+    })
+    .await;
+    match applied {
+        Ok(Ok(a)) => {
+            // Counts only: which instances is not logged.
+            tracing::info!(
+                transaction = %report.transaction,
+                committed = a.committed,
+                failed = a.failed,
+                unknown = a.unknown,
+                "storage commitment report from the network PACS"
+            );
+            if a.failed > 0 {
+                tracing::warn!(
+                    failed = a.failed,
+                    "the network PACS did not commit some instances; they are sent again"
+                );
+            }
+            Status::SUCCESS
+        }
+        // The PACS may send the report again.
+        _ => Status::PROCESSING_FAILURE,
     }
 }
 
@@ -577,12 +701,14 @@ impl dicom_ul::association::server::Negotiation for StorageRoles {
         scp_role: bool,
     ) -> Option<dicom_ul::pdu::RequestorRoles> {
         let class = sop_class_uid.trim_end_matches('\0');
-        (is_standard_storage(class) || self.extra.iter().any(|c| c == class)).then_some(
-            dicom_ul::pdu::RequestorRoles {
+        // The PACS reports storage commitment as the SCP of the Push Model.
+        (is_standard_storage(class)
+            || self.extra.iter().any(|c| c == class)
+            || class == dimse::command::STORAGE_COMMITMENT_PUSH)
+            .then_some(dicom_ul::pdu::RequestorRoles {
                 scu: scu_role,
                 scp: scp_role,
-            },
-        )
+            })
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Settings {
     pub translation: Option<Translation>,
     /// Associations to the network PACS at once (each carries a share of a round's batch).
     pub associations: usize,
+    /// With storage commitment: how long to wait for the PACS to commit an instance before
+    /// it is sent again.
+    pub commitment_timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -61,6 +64,7 @@ impl Settings {
             addr: d.pacs.address,
             calling_ae: ae.clone(),
             timeout: d.timeout.get(),
+            storage_commitment: d.pacs.storage_commitment,
         };
         let consent_socket = consent::service::socket_path(cfg);
         Settings {
@@ -80,6 +84,10 @@ impl Settings {
                     .map(|c| c.as_str().to_owned())
                     .collect(),
                 header_limit: u64::from(d.header_limit_kib) * 1024,
+                commitment_from: d
+                    .pacs
+                    .storage_commitment
+                    .then(|| (d.pacs.ae_title.as_ref().to_owned(), d.pacs.address.ip())),
                 // tsunagi_config::Config validation makes query/retrieve come with an allowed-callers list.
                 proxy: d.query_retrieve.then(|| {
                     Arc::new(crate::qr::Proxy {
@@ -109,6 +117,10 @@ impl Settings {
             consent_socket,
             dead_letter_after: d.dead_letter_after.get(),
             associations: usize::try_from(d.forward_associations).unwrap_or(1),
+            commitment_timeout: d
+                .pacs
+                .storage_commitment
+                .then(|| d.pacs.commitment_timeout.get()),
             // tsunagi_config::Config validation makes `translate` come with [site.network-ids].
             translation: match (&d.patient_ids, &cfg.site.network_ids) {
                 (tsunagi_config::PatientIdPolicy::Translate, Some(n)) => Some(Translation {
@@ -211,6 +223,8 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     let mut opened_total = 0u64;
     let mut failed_total = 0u64;
     let mut parallelism = Parallelism::new(settings.associations);
+    // Why the last storage commitment request was not made, until one is.
+    let mut commitment_error: Option<String> = None;
     loop {
         let (stale, fresh): (Vec<_>, Vec<_>) = links.drain(..).partition(|l| l.idle() > LINK_IDLE);
         links = fresh;
@@ -322,7 +336,26 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                     "the network PACS did not take every association at once; sending over fewer (tried again later)"
                 );
             }
-            let delivered = record(&spool, &sent.outcomes, now()).unwrap_or(0);
+            for asked in &sent.commitments {
+                match &asked.transaction {
+                    Ok(_) => commitment_error = None,
+                    Err(why) => {
+                        tracing::warn!(
+                            instances = asked.ids.len(),
+                            reason = %why,
+                            "no storage commitment asked for; these instances are sent again when the commitment timeout runs out"
+                        );
+                        commitment_error = Some(why.clone());
+                    }
+                }
+            }
+            let committing = settings
+                .commitment_timeout
+                .map(|t| crate::forward::Committing {
+                    requested: &sent.commitments,
+                    resend_after: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+                });
+            let delivered = record(&spool, &sent.outcomes, now(), committing).unwrap_or(0);
             let stopped = sent
                 .outcomes
                 .iter()
@@ -368,8 +401,16 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         }
         let counts = spool.counts().unwrap_or_default();
         let summary = format!(
-            "{} waiting, {} held in the clinic, {} dead letters, {} delivered, {} duplicates{}{}",
+            "{} waiting, {}{} held in the clinic, {} dead letters, {} delivered, {} duplicates{}{}{}",
             counts.pending,
+            if settings.commitment_timeout.is_some() {
+                format!(
+                    "{} stored at the network PACS awaiting its storage commitment, ",
+                    counts.awaiting_commitment
+                )
+            } else {
+                String::new()
+            },
             counts.held,
             counts.dead,
             counts.delivered,
@@ -386,9 +427,13 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             last_error
                 .as_ref()
                 .map(|e| format!("; last forward failed: {e}"))
+                .unwrap_or_default(),
+            commitment_error
+                .as_ref()
+                .map(|e| format!("; storage commitment: {e}"))
                 .unwrap_or_default()
         );
-        let health = if last_error.is_some() || counts.dead > 0 {
+        let health = if last_error.is_some() || commitment_error.is_some() || counts.dead > 0 {
             Health::Degraded
         } else {
             Health::Ok
@@ -407,6 +452,10 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 ("associations_failed_total", failed_total as f64),
                 ("associations_parallel", parallelism.now() as f64),
                 ("release_records_waiting", counts.releases_waiting as f64),
+                (
+                    "spool_awaiting_commitment",
+                    counts.awaiting_commitment as f64,
+                ),
             ],
         );
     }

@@ -116,6 +116,7 @@ async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
         proxy: None,
         extra_sop_classes: Vec::new(),
         header_limit: 1 << 20,
+        commitment_from: None,
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     let files: Vec<PathBuf> = (1..=3)
@@ -149,6 +150,7 @@ async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
         addr: format!("127.0.0.1:{pacs_port}").parse().unwrap(),
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(5),
+        storage_commitment: false,
     };
     let batch = spool.ready(i64::MAX, 10).unwrap();
     let (outcomes, error) = send_batch(
@@ -168,7 +170,10 @@ async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
     )
     .await;
     assert!(error.is_none(), "{error:?}");
-    assert_eq!(record(&spool, &outcomes, dicom_bridge::now()).unwrap(), 3);
+    assert_eq!(
+        record(&spool, &outcomes, dicom_bridge::now(), None).unwrap(),
+        3
+    );
     assert_eq!(spool.counts().unwrap().pending, 0);
     let mut got: Vec<PathBuf> = std::fs::read_dir(&received)
         .unwrap()
@@ -231,6 +236,7 @@ async fn a_kept_association_is_reused_and_replaced_when_the_pacs_dropped_it() {
         addr: format!("127.0.0.1:{port}").parse().unwrap(),
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(5),
+        storage_commitment: false,
     };
     let received = dir.path().join("received");
     let log = dir.path().join("storescp.log");
@@ -341,6 +347,7 @@ async fn instances_of_a_changed_patient_are_skipped_and_the_others_still_go() {
         addr: format!("127.0.0.1:{port}").parse().unwrap(),
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(5),
+        storage_commitment: false,
     };
     let (watch, stop, done) = watched();
     watch.confirm(vec!["0001".to_owned()], Instant::now());
@@ -352,7 +359,10 @@ async fn instances_of_a_changed_patient_are_skipped_and_the_others_still_go() {
         .map(|(_, o)| *o == Outcome::Stopped)
         .collect();
     assert_eq!(kinds, vec![true, false, true, false], "{outcomes:?}");
-    assert_eq!(record(&spool, &outcomes, dicom_bridge::now()).unwrap(), 2);
+    assert_eq!(
+        record(&spool, &outcomes, dicom_bridge::now(), None).unwrap(),
+        2
+    );
     // The skipped ones are still queued, as they were, for the next round to decide.
     let left: Vec<i64> = spool
         .ready(i64::MAX, 10)
@@ -424,6 +434,7 @@ async fn a_change_during_an_instances_transfer_aborts_the_association_and_the_pa
         addr: format!("127.0.0.1:{relay_port}").parse().unwrap(),
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(20),
+        storage_commitment: false,
     };
     let (watch, stop, done) = watched();
     let sending = tokio::spawn({
@@ -454,7 +465,10 @@ async fn a_change_during_an_instances_transfer_aborts_the_association_and_the_pa
         matches!(outcomes[0].1, Outcome::Delivered(_)),
         "{outcomes:?}"
     );
-    assert_eq!(record(&spool, &outcomes, dicom_bridge::now()).unwrap(), 1);
+    assert_eq!(
+        record(&spool, &outcomes, dicom_bridge::now(), None).unwrap(),
+        1
+    );
     // The PACS discarded the partial instance; the other three wait in the queue.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(received(&out), 1);
@@ -527,6 +541,7 @@ async fn a_stop_ends_a_forward_waiting_for_a_silent_pacs_to_associate() {
         addr: format!("127.0.0.1:{port}").parse().unwrap(),
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(30),
+        storage_commitment: false,
     };
     let shutdown = CancellationToken::new();
     let stop = Stop::never().with_shutdown(shutdown.clone());
@@ -554,7 +569,10 @@ async fn a_stop_ends_a_forward_waiting_for_a_silent_pacs_to_associate() {
     assert!(outcomes.is_empty(), "{outcomes:?}");
     assert!(error.is_none(), "a stop is not a failure: {error:?}");
     assert!(link.is_none());
-    assert_eq!(record(&spool, &outcomes, dicom_bridge::now()).unwrap(), 0);
+    assert_eq!(
+        record(&spool, &outcomes, dicom_bridge::now(), None).unwrap(),
+        0
+    );
     let queued = spool.ready(i64::MAX, 10).unwrap();
     assert_eq!(queued.len(), 1, "the instance stays queued");
     assert_eq!(queued[0].meta.sop_instance, uid);
@@ -580,6 +598,7 @@ async fn a_stop_ends_a_forward_waiting_for_a_c_store_response() {
         addr: format!("127.0.0.1:{relay_port}").parse().unwrap(),
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(30),
+        storage_commitment: false,
     };
     let shutdown = CancellationToken::new();
     let stop = Stop::never().with_shutdown(shutdown.clone());
@@ -606,7 +625,10 @@ async fn a_stop_ends_a_forward_waiting_for_a_c_store_response() {
     assert!(outcomes.is_empty(), "{outcomes:?}");
     assert!(error.is_none(), "a stop is not a failure: {error:?}");
     assert!(link.is_none(), "the association was reset");
-    assert_eq!(record(&spool, &outcomes, dicom_bridge::now()).unwrap(), 0);
+    assert_eq!(
+        record(&spool, &outcomes, dicom_bridge::now(), None).unwrap(),
+        0
+    );
     assert_eq!(spool.ready(i64::MAX, 10).unwrap().len(), 1);
 }
 
@@ -638,6 +660,7 @@ async fn a_stop_ends_a_forward_waiting_for_its_connect() {
         addr: format!("127.0.0.1:{port}").parse().unwrap(),
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(30),
+        storage_commitment: false,
     };
     let shutdown = CancellationToken::new();
     let stop = Stop::never().with_shutdown(shutdown.clone());
@@ -683,6 +706,7 @@ fn pacs_at(port: u16, timeout: Duration) -> Destination {
         addr: format!("127.0.0.1:{port}").parse().unwrap(),
         calling_ae: "TSUNAGI".into(),
         timeout,
+        storage_commitment: false,
     }
 }
 
@@ -724,7 +748,7 @@ async fn a_pacs_that_serves_one_association_at_a_time_gets_everything_over_one()
     let mut parallelism = dicom_bridge::service::Parallelism::new(4);
     assert_eq!(parallelism.observe(spread.worked, spread.failed), Some(1));
     assert_eq!(
-        record(&spool, &spread.outcomes, dicom_bridge::now()).unwrap(),
+        record(&spool, &spread.outcomes, dicom_bridge::now(), None).unwrap(),
         20
     );
 
@@ -736,7 +760,7 @@ async fn a_pacs_that_serves_one_association_at_a_time_gets_everything_over_one()
     assert!(spread.error.is_none(), "{:?}", spread.error);
     assert_eq!((spread.opened, spread.worked, spread.failed), (0, 1, 0));
     assert_eq!(
-        record(&spool, &spread.outcomes, dicom_bridge::now()).unwrap(),
+        record(&spool, &spread.outcomes, dicom_bridge::now(), None).unwrap(),
         10
     );
     // While the one association is open, storescp has served no other. (Once it is
@@ -776,7 +800,7 @@ async fn a_pacs_that_serves_many_associations_gets_them_all() {
     assert_eq!(parallelism.observe(spread.worked, spread.failed), None);
     assert_eq!(parallelism.now(), 4);
     assert_eq!(
-        record(&spool, &spread.outcomes, dicom_bridge::now()).unwrap(),
+        record(&spool, &spread.outcomes, dicom_bridge::now(), None).unwrap(),
         40
     );
     assert_eq!(links.len(), 4);
@@ -808,7 +832,7 @@ async fn a_rejected_association_leaves_everything_queued_for_a_retry() {
     assert_eq!((spread.worked, spread.failed), (0, 0));
     assert!(links.is_empty());
     assert_eq!(
-        record(&spool, &spread.outcomes, dicom_bridge::now()).unwrap(),
+        record(&spool, &spread.outcomes, dicom_bridge::now(), None).unwrap(),
         0
     );
     let counts = spool.counts().unwrap();
@@ -903,4 +927,49 @@ async fn the_wait_for_a_c_store_response_grows_with_the_instance() {
         matches!(outcomes[..], [(_, Outcome::Delivered(_))]),
         "{outcomes:?}"
     );
+}
+
+/// Issue 15, storage commitment with a PACS that does not offer it (dcmtk storescp accepts
+/// only storage SOP classes): the instances are stored (counted at storescp), but no
+/// commitment can be asked for, so each stays in the spool with the reason, to be sent again
+/// when the commitment timeout runs out; none leaves on the C-STORE response alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pacs_without_storage_commitment_stores_but_nothing_leaves_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let batch = spool_many(&spool, dir.path(), 15, 6);
+    let port = free_port();
+    let out = dir.path().join("received");
+    let _pacs = storescp(port, &out);
+    let dest = Destination {
+        storage_commitment: true,
+        ..pacs_at(port, Duration::from_secs(10))
+    };
+    let mut links = Vec::new();
+    let spread =
+        dicom_bridge::forward::send_parallel(&dest, &batch, 1, &mut links, &Stop::never()).await;
+    assert!(spread.error.is_none(), "{:?}", spread.error);
+    assert_eq!(spread.outcomes.len(), 6);
+    assert_eq!(spread.commitments.len(), 1, "{spread:?}");
+    let asked = &spread.commitments[0];
+    assert_eq!(asked.ids.len(), 6);
+    let why = asked.transaction.as_ref().unwrap_err();
+    assert!(why.contains("does not accept storage commitment"), "{why}");
+    let now = dicom_bridge::now();
+    let committing = dicom_bridge::forward::Committing {
+        requested: &spread.commitments,
+        resend_after: 60,
+    };
+    assert_eq!(
+        record(&spool, &spread.outcomes, now, Some(committing)).unwrap(),
+        6
+    );
+    let c = spool.counts().unwrap();
+    assert_eq!((c.pending, c.awaiting_commitment, c.delivered), (0, 6, 0));
+    assert!(spool.ready(now + 59, 10).unwrap().is_empty());
+    assert_eq!(spool.ready(now + 60, 10).unwrap().len(), 6);
+    assert_eq!(received(&out), 6);
+    for l in links {
+        l.close().await;
+    }
 }

@@ -36,6 +36,7 @@ async fn start(spool: Spool) -> (u16, CancellationToken) {
         proxy: None,
         extra_sop_classes: Vec::new(),
         header_limit: 1 << 20,
+        commitment_from: None,
     });
     tokio::spawn(serve(listener, settings, spool, stop.clone()));
     (port, stop)
@@ -265,6 +266,7 @@ async fn idle_clients_and_oversized_pdus_do_not_hold_the_service() {
         proxy: None,
         extra_sop_classes: Vec::new(),
         header_limit: 1 << 20,
+        commitment_from: None,
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     // An idle client that sends nothing: others are served meanwhile, and it is closed
@@ -354,6 +356,7 @@ async fn an_unknown_sop_class_and_the_association_cap_get_the_right_answers() {
         proxy: None,
         extra_sop_classes: vec![PRIVATE.into()],
         header_limit: 1 << 20,
+        commitment_from: None,
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     let file = generate(dir.path(), "1.2.826.0.1.3680043.9.7777.1.5", "0001234");
@@ -551,5 +554,196 @@ async fn a_late_patient_id_is_found_and_data_sets_read_two_ways_are_refused() {
         dimse::status::Status::SUCCESS
     );
     assert_eq!(spool.counts().unwrap().pending, 1);
+    stop.cancel();
+}
+
+/// An association as `calling` proposing the Storage Commitment Push Model in the SCP
+/// role (as a PACS reporting does); `None` when it is rejected.
+async fn reporter(
+    port: u16,
+    calling: &str,
+) -> Option<dicom_ul::association::AsyncClientAssociation<tokio::net::TcpStream>> {
+    dicom_ul::ClientAssociationOptions::new()
+        .calling_ae_title(calling.to_owned())
+        .called_ae_title("TSUNAGI")
+        .with_presentation_context(
+            dimse::command::STORAGE_COMMITMENT_PUSH,
+            vec![dicom_bridge::commitment::IMPLICIT_VR_LE],
+        )
+        .with_presentation_context("1.2.840.10008.5.1.4.1.1.2", vec!["1.2.840.10008.1.2.1"])
+        .with_role_selection(dimse::command::STORAGE_COMMITMENT_PUSH, false, true)
+        .establish_async(format!("127.0.0.1:{port}"))
+        .await
+        .ok()
+}
+
+/// Sends an N-EVENT-REPORT-RQ (event `event`) with `data` as its data set; the status
+/// answered.
+async fn report(
+    a: &mut dicom_ul::association::AsyncClientAssociation<tokio::net::TcpStream>,
+    event: u16,
+    data: Vec<u8>,
+) -> dimse::status::Status {
+    use dimse::command::{Command, CommandField};
+    let pc = a.presentation_contexts()[0].id;
+    let mut rq = Command::new(CommandField::NEventReportRq);
+    rq.message_id = Some(7);
+    rq.affected_sop_class = Some(dimse::command::STORAGE_COMMITMENT_PUSH.into());
+    rq.affected_sop_instance = Some(dimse::command::STORAGE_COMMITMENT_PUSH_INSTANCE.into());
+    rq.event_type = Some(event);
+    rq.has_dataset = true;
+    a.send(&pdata(pc, true, true, rq.encode())).await.unwrap();
+    a.send(&pdata(pc, false, true, data)).await.unwrap();
+    let dicom_ul::Pdu::PData { data } = a.receive().await.unwrap() else {
+        panic!("no response")
+    };
+    let rsp = Command::decode(&data[0].data).unwrap();
+    assert_eq!(rsp.field, CommandField::NEventReportRsp);
+    assert_eq!(
+        rsp.affected_sop_instance.as_deref(),
+        Some(dimse::command::STORAGE_COMMITMENT_PUSH_INSTANCE)
+    );
+    rsp.status.unwrap()
+}
+
+/// Issue 15, storage commitment: the N-EVENT-REPORT that takes instances out of the spool
+/// is taken only from the network PACS (its AE title from its address), and only for
+/// instances waiting under the transaction it names. The PACS may associate even though the
+/// allow-list names only the modality, but may not store; a caller that is neither is
+/// rejected; the modality's report is refused (0124H) and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commitment_report_is_taken_only_from_the_pacs_and_only_for_its_transaction() {
+    use dicom_bridge::commitment::{IMPLICIT_VR_LE, Reference, Report};
+    use dimse::status::Status;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+    let ct = "1.2.840.10008.5.1.4.1.1.2";
+    let mut stored = Vec::new();
+    for uid in [
+        "1.2.826.0.1.3680043.9.7777.5.1",
+        "1.2.826.0.1.3680043.9.7777.5.2",
+    ] {
+        let mut inc = spool.begin().unwrap();
+        inc.write(b"DICM stored at the PACS").unwrap();
+        let meta = dicom_bridge::spool::Meta {
+            sop_class: ct.into(),
+            sop_instance: uid.into(),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            calling_ae: "MODALITY".into(),
+            patient_id: Some("0001234".into()),
+        };
+        let dicom_bridge::spool::Committed::Queued(id) = inc.commit(&meta, 100).unwrap() else {
+            panic!()
+        };
+        stored.push((id, uid));
+    }
+    let transaction = dicom_bridge::commitment::new_transaction_uid();
+    for (id, _) in &stored {
+        spool
+            .stored(*id, Some(&transaction), 100, i64::MAX)
+            .unwrap();
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let settings = Arc::new(Settings {
+        ae_title: "TSUNAGI".into(),
+        max_pdu: 16384,
+        timeout: Duration::from_secs(10),
+        max_associations: 8,
+        allowed: Some(vec![("MODALITY".into(), local)]),
+        proxy: None,
+        extra_sop_classes: Vec::new(),
+        header_limit: 1 << 20,
+        commitment_from: Some(("PACS".into(), local)),
+    });
+    tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
+    let reference = |uid: &str| Reference {
+        sop_class: ct.into(),
+        sop_instance: uid.into(),
+    };
+    let good = dicom_bridge::commitment::report(
+        &Report {
+            transaction: transaction.clone(),
+            committed: vec![reference(stored[0].1)],
+            failed: vec![(reference(stored[1].1), 0x0112)],
+        },
+        IMPLICIT_VR_LE,
+    )
+    .unwrap();
+    let awaiting = |spool: &Spool| spool.counts().unwrap().awaiting_commitment;
+
+    // Neither listed nor the PACS: rejected.
+    assert!(reporter(port, "STRANGER").await.is_none());
+    // The modality is listed, but its report is not the PACS's: 0124H, nothing changes.
+    let mut m = reporter(port, "MODALITY").await.unwrap();
+    assert_eq!(
+        report(&mut m, 2, good.clone()).await,
+        Status::NOT_AUTHORIZED
+    );
+    m.release().await.unwrap();
+    assert_eq!(awaiting(&spool), 2);
+
+    // The PACS: associates, may not store, its reports are read.
+    let mut p = reporter(port, "PACS").await.unwrap();
+    assert!(
+        dicom_ul::association::Association::requestor_roles_for(
+            &p,
+            dimse::command::STORAGE_COMMITMENT_PUSH
+        )
+        .scp
+    );
+    let store_pc = p.presentation_contexts()[1].id;
+    let rq = dimse::command::Command::store(1, ct, "1.2.826.0.1.3680043.9.7777.5.9");
+    p.send(&pdata(store_pc, true, true, rq.encode()))
+        .await
+        .unwrap();
+    p.send(&pdata(store_pc, false, true, b"\x08\x00\x18\x00".to_vec()))
+        .await
+        .unwrap();
+    let dicom_ul::Pdu::PData { data } = p.receive().await.unwrap() else {
+        panic!("no response")
+    };
+    assert_eq!(
+        dimse::command::Command::decode(&data[0].data)
+            .unwrap()
+            .status,
+        Some(Status::NOT_AUTHORIZED)
+    );
+    // Garbage, an unknown event type, another transaction: nothing committed.
+    assert_eq!(
+        report(&mut p, 1, b"\x08\x00\x95\x11\xff\xff\xff\x7f".to_vec()).await,
+        Status::MISTYPED_ARGUMENT
+    );
+    assert_eq!(
+        report(&mut p, 9, good.clone()).await,
+        Status::NO_SUCH_EVENT_TYPE
+    );
+    let other = dicom_bridge::commitment::report(
+        &Report {
+            transaction: dicom_bridge::commitment::new_transaction_uid(),
+            committed: vec![reference(stored[0].1), reference(stored[1].1)],
+            failed: Vec::new(),
+        },
+        IMPLICIT_VR_LE,
+    )
+    .unwrap();
+    assert_eq!(report(&mut p, 1, other).await, Status::SUCCESS);
+    assert_eq!(awaiting(&spool), 2);
+    // Its report: the committed one leaves, the failed one is sent again later.
+    assert_eq!(report(&mut p, 2, good).await, Status::SUCCESS);
+    p.release().await.unwrap();
+    let c = spool.counts().unwrap();
+    assert_eq!(
+        (c.awaiting_commitment, c.pending, c.delivered),
+        (0, 1, 1),
+        "{c:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("spool/objects"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec![format!("{}.dcm", stored[1].0)]);
     stop.cancel();
 }

@@ -44,7 +44,11 @@ impl Status {
     /// Unable to process (C-FIND, C-MOVE, C-GET).
     pub const UNABLE_TO_PROCESS: Status = Status(0xC001);
     pub const PROCESSING_FAILURE: Status = Status(0x0110);
+    pub const NO_SUCH_SOP_INSTANCE: Status = Status(0x0112);
+    pub const NO_SUCH_EVENT_TYPE: Status = Status(0x0113);
     pub const NO_SUCH_SOP_CLASS: Status = Status(0x0118);
+    /// Class-instance conflict.
+    pub const CLASS_INSTANCE_CONFLICT: Status = Status(0x0119);
     pub const SOP_CLASS_NOT_SUPPORTED: Status = Status(0x0122);
     pub const NOT_AUTHORIZED: Status = Status(0x0124);
     pub const DUPLICATE_INVOCATION: Status = Status(0x0210);
@@ -88,7 +92,11 @@ impl Status {
             0xA900..=0xA9FF => "error: data set does not match SOP class",
             0xC000..=0xCFFF => "error: cannot understand",
             0x0110 => "processing failure",
+            0x0112 => "no such object instance",
+            0x0113 => "no such event type",
             0x0118 => "no such SOP class",
+            0x0119 => "class/instance conflict",
+            0x0131 => "duplicate transaction UID",
             0x0122 => "SOP class not supported",
             0x0124 => "not authorized",
             0x0210 => "duplicate invocation",

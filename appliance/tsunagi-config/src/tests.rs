@@ -1307,6 +1307,25 @@ fn dicom_section_defaults_and_rules() {
         nine.contains("dicom.forward-associations: must be 1 to 8 (got 9)"),
         "{nine}"
     );
+    // Storage commitment: off by default; the wait for it bounded.
+    assert!(!d.pacs.storage_commitment);
+    assert_eq!(d.pacs.commitment_timeout.get(), Duration::from_secs(3600));
+    let commit = |timeout: &str| {
+        parse(
+            &ssmix2_config(&format!(
+                "{ids}{dicom}storage-commitment = true\ncommitment-timeout = \"{timeout}\"\n"
+            )),
+            file(),
+        )
+    };
+    let on = commit("10m").unwrap().dicom.unwrap().pacs;
+    assert!(on.storage_commitment);
+    assert_eq!(on.commitment_timeout.get(), Duration::from_secs(600));
+    let long = commit("8days").unwrap_err().to_string();
+    assert!(
+        long.contains("dicom.pacs.commitment-timeout: must be 1s to 7 days"),
+        "{long}"
+    );
     // Translating needs the network's domain; as-is does not.
     let missing = parse(&ssmix2_config(dicom), file())
         .unwrap_err()

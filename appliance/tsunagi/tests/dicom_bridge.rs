@@ -1557,3 +1557,115 @@ fn a_retrieve_counts_in_the_spool_quota() {
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// Orthanc's storage commitment jobs (`GET /jobs?expand`): the state of each
+/// (`Success`, `Failure`, ...), one job per N-ACTION-RQ it received.
+fn commitment_jobs(pacs: &Orthanc) -> Vec<String> {
+    let jobs = pacs.get("/jobs?expand").unwrap().json();
+    jobs.as_array()
+        .map(|all| {
+            all.iter()
+                .filter(|j| j["Type"] == "StorageCommitmentScp")
+                .map(|j| j["State"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Issue 15, storage commitment with Orthanc (`storage-commitment = true`): the box sends
+/// 5 instances and asks Orthanc to commit them (N-ACTION-RQ). At first Orthanc has the
+/// box's AE title at a port where nothing listens, so its report (N-EVENT-REPORT) cannot
+/// arrive: the instances stay in the spool although Orthanc stored them, and once the
+/// commitment timeout runs out they are sent and asked for again (a second commitment job
+/// at Orthanc). Once Orthanc has the box's real address, its report arrives and the spool
+/// empties; Orthanc holds each instance once.
+#[test]
+fn with_storage_commitment_an_instance_leaves_the_spool_only_once_orthanc_commits_it() {
+    if skip_unless_root(
+        "with_storage_commitment_an_instance_leaves_the_spool_only_once_orthanc_commits_it",
+    ) {
+        return;
+    }
+    let pacs = Orthanc::start_for_test_with(&hil_tests::orthanc::Options {
+        modalities: vec![hil_tests::orthanc::Modality::local("TSUNAGI-TEST", 11119)],
+        ..hil_tests::orthanc::Options::default()
+    });
+    let (mut h, _) = clinic(&pacs, FAST_SUPERVISOR, "5s");
+    let config = std::fs::read_to_string(&h.config).unwrap();
+    std::fs::write(
+        &h.config,
+        config.replacen(
+            "[dicom.pacs]\n",
+            "[dicom.pacs]\nstorage-commitment = true\ncommitment-timeout = \"6s\"\n",
+            1,
+        ),
+    )
+    .unwrap();
+    start_ready(&mut h, pacs.netns());
+    let files = tempfile::tempdir().unwrap();
+    let base = Ids::new("0001234");
+    let all: Vec<std::path::PathBuf> = (0..5)
+        .map(|_| japanese_ct(files.path(), &base.next_instance()).unwrap())
+        .collect();
+    let all: Vec<&std::path::Path> = all.iter().map(std::path::PathBuf::as_path).collect();
+    store_through_box(&pacs, &all, Duration::from_secs(30));
+    wait_for_instances(&pacs, 5, &h);
+    let status = h.wait_for("the commitment asked for", Duration::from_secs(30), |s| {
+        service(s, "dicom")["metrics"]["spool_awaiting_commitment"] == 5.0
+    });
+    let metrics = &service(&status, "dicom")["metrics"];
+    assert_eq!(metrics["delivered_total"], 0.0, "{status}");
+    assert!(
+        service(&status, "dicom")["summary"].as_str().is_some_and(
+            |t| t.contains("5 stored at the network PACS awaiting its storage commitment")
+        ),
+        "{status}"
+    );
+    // No report: sent and asked for again once the timeout ran out (counted at Orthanc).
+    let start = Instant::now();
+    while commitment_jobs(&pacs).len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "{:?}\n{}",
+            commitment_jobs(&pacs),
+            h.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let status = h.status().unwrap();
+    let metrics = &service(&status, "dicom")["metrics"];
+    assert_eq!(metrics["delivered_total"], 0.0, "{status}");
+    assert_eq!(
+        metrics["spool_awaiting_commitment"].as_f64().unwrap()
+            + metrics["spool_pending"].as_f64().unwrap(),
+        5.0,
+        "nothing left the spool without a commitment: {status}"
+    );
+    // Orthanc learns the box's address: its next report arrives, and the spool empties.
+    let fixed = pacs
+        .rest(
+            "PUT",
+            "/modalities/TSUNAGI-TEST",
+            Some((
+                "application/json",
+                br#"{"AET":"TSUNAGI-TEST","Host":"127.0.0.1","Port":11112}"#,
+            )),
+        )
+        .unwrap();
+    assert_eq!(fixed.status, 200, "{}", fixed.text());
+    let status = h.wait_for("the commitment", Duration::from_secs(40), |s| {
+        let m = &service(s, "dicom")["metrics"];
+        m["delivered_total"] == 5.0 && m["spool_awaiting_commitment"] == 0.0
+    });
+    let metrics = &service(&status, "dicom")["metrics"];
+    assert_eq!(metrics["spool_pending"], 0.0, "{status}");
+    assert_eq!(metrics["spool_bytes"], 0.0, "{status}");
+    assert!(
+        commitment_jobs(&pacs).iter().any(|s| s == "Success"),
+        "{:?}",
+        commitment_jobs(&pacs)
+    );
+    assert_eq!(uids_at(&pacs).len(), 5);
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}

@@ -115,7 +115,7 @@ async fn a_delivered_instance_leaves_a_release_row_referring_to_the_permit_it_wa
     assert_eq!(permitted.len(), 2);
     // The PACS stored one of them; the other is retried.
     let outcomes = vec![(ids[0], Outcome::Delivered(dimse::status::Status::SUCCESS))];
-    assert_eq!(record(&spool, &outcomes, now()).unwrap(), 1);
+    assert_eq!(record(&spool, &outcomes, now(), None).unwrap(), 1);
     assert_eq!(spool.counts().unwrap().releases_waiting, 1);
     // The next round sends the release record first.
     tokio::task::spawn_blocking(round).await.unwrap();
