@@ -272,6 +272,54 @@ for name, line in [
 ]:
     seed("control_request", name, json.dumps(line) + "\n")
 
+# --- Storage commitment reports (N-EVENT-REPORT data sets) ---------------------------------
+
+TRANSACTION = "2.25.123456789012345678901234567890"
+
+
+def item(elements, undefined):
+    body = b"".join(elements)
+    if undefined:
+        return struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + body + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+
+
+def sequence(group, elem, items, is_explicit, undefined):
+    body = b"".join(items)
+    if undefined:
+        body += struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    if is_explicit:
+        return explicit(group, elem, b"SQ", body, undefined)
+    length = 0xFFFFFFFF if undefined else len(body)
+    return struct.pack("<HHI", group, elem, length) + body
+
+
+def commitment(is_explicit, undefined, failed):
+    def el(group, elem, vr, value):
+        return explicit(group, elem, vr, value) if is_explicit else implicit(group, elem, value)
+
+    def ref(instance, reason=None):
+        parts = [el(0x0008, 0x1150, b"UI", pad(CT_IMAGE, b"\0")),
+                 el(0x0008, 0x1155, b"UI", pad(instance, b"\0"))]
+        if reason is not None:
+            parts.append(el(0x0008, 0x1197, b"US", struct.pack("<H", reason)))
+        return item(parts, undefined)
+
+    ds = el(0x0008, 0x1195, b"UI", pad(TRANSACTION, b"\0"))
+    if failed:
+        ds += sequence(0x0008, 0x1198, [ref(INSTANCE + ".9", 0x0112)], is_explicit, undefined)
+    ds += sequence(0x0008, 0x1199, [ref(INSTANCE), ref(INSTANCE + ".2")], is_explicit, undefined)
+    return ds
+
+
+for name, is_explicit, undefined, failed in [
+    ("implicit-committed", False, True, False),
+    ("implicit-failures", False, False, True),
+    ("explicit-committed", True, False, False),
+    ("explicit-failures", True, True, True),
+]:
+    seed("commitment_report", name, bytes([1 if is_explicit else 0]) + commitment(is_explicit, undefined, failed))
+
 for target, files in SEEDS.items():
     d = CORPUS / target
     shutil.rmtree(d, ignore_errors=True)

@@ -3,11 +3,10 @@
 //! (N-EVENT-REPORT-RQ, event type 1 "all committed" or 2 "failures exist"), read and
 //! written with dicom-rs (`dicom-object`).
 //!
-//! The report is untrusted input from the network: it is read only when its structure
-//! holds ([`check_structure`]: every element, item and sequence ends inside what contains
-//! it, nesting at most [`MAX_DEPTH`], at most [`MAX_REPORT`] bytes), so no declared length
-//! can make the reader allocate more than the report's own size; anything else is refused
-//! with a reason and commits nothing.
+//! The report is untrusted input from the network: [`read_report`] reads it strictly, in
+//! one bounded walk of our own (every element, item and sequence must end inside what
+//! contains it; at most [`MAX_REPORT`] bytes, nesting at most [`MAX_DEPTH`]); anything else
+//! is refused with a reason and commits nothing.
 
 use dicom_core::value::{DataSetSequence, PrimitiveValue};
 use dicom_core::{DataElement, Length, Tag, VR};
@@ -64,8 +63,6 @@ pub enum CommitmentError {
     Malformed(usize),
     #[error("the report's sequences nest deeper than {MAX_DEPTH}")]
     TooDeep,
-    #[error("the report cannot be read: {0}")]
-    Read(String),
     #[error("the report has no Transaction UID")]
     NoTransaction,
     #[error("a reference in the report has no SOP class or instance UID")]
@@ -182,90 +179,115 @@ pub fn report(report: &Report, ts: &str) -> Result<Vec<u8>, CommitmentError> {
     Ok(out)
 }
 
-/// Reads an N-EVENT-REPORT-RQ data set in the transfer syntax `ts`.
+/// Reads an N-EVENT-REPORT-RQ data set in the transfer syntax `ts`: strictly, in one
+/// bounded walk ([`Cursor`]). Every element, item and sequence must end inside what
+/// contains it, undefined lengths only on sequences (closed by their delimiters), nesting
+/// at most [`MAX_DEPTH`]; the Transaction UID once at the top level; in each item of the
+/// two sequences, the SOP class and instance UIDs once each (`0-9` and `.`, at most 64
+/// characters) and a Failure Reason (US) at most once. Anything else is refused and
+/// commits nothing.
+///
+/// Not dicom-rs's reader: given a report with a UID of non-ASCII bytes it allocated
+/// 2.4 GB before failing (found by the `commitment_report` fuzz target), so dicom-rs only
+/// writes here (what the box sends).
 pub fn read_report(bytes: &[u8], ts: &str) -> Result<Report, CommitmentError> {
-    let (syntax, explicit) = transfer_syntax(ts)?;
+    let (_, explicit) = transfer_syntax(ts)?;
     if bytes.len() > MAX_REPORT {
         return Err(CommitmentError::TooLarge);
     }
-    check_structure(bytes, explicit)?;
-    let object = InMemDicomObject::read_dataset_with_ts(bytes, &syntax)
-        .map_err(|e| CommitmentError::Read(e.to_string()))?;
-    let uid = |item: &InMemDicomObject, tag: Tag| -> Option<String> {
-        let e = item.element_opt(tag).ok()??;
-        let s = e.to_str().ok()?;
-        let s = s.trim_end_matches(['\0', ' ']).trim_start();
-        (!s.is_empty()).then(|| s.to_owned())
-    };
-    let transaction = uid(&object, TRANSACTION_UID).ok_or(CommitmentError::NoTransaction)?;
-    let refs = |tag: Tag| -> Result<Vec<(Reference, Option<u16>)>, CommitmentError> {
-        let Some(e) = object.element_opt(tag).ok().flatten() else {
-            return Ok(Vec::new());
-        };
-        let items = e.items().ok_or(CommitmentError::BadReference)?;
-        items
-            .iter()
-            .map(|item| {
-                let (Some(sop_class), Some(sop_instance)) = (
-                    uid(item, REFERENCED_SOP_CLASS),
-                    uid(item, REFERENCED_SOP_INSTANCE),
-                ) else {
-                    return Err(CommitmentError::BadReference);
-                };
-                let reason = item
-                    .element_opt(FAILURE_REASON)
-                    .ok()
-                    .flatten()
-                    .and_then(|e| e.to_int::<u16>().ok());
-                Ok((
-                    Reference {
-                        sop_class,
-                        sop_instance,
-                    },
-                    reason,
-                ))
-            })
-            .collect()
-    };
-    Ok(Report {
-        transaction,
-        committed: refs(REFERENCED_SOP_SEQUENCE)?
-            .into_iter()
-            .map(|(r, _)| r)
-            .collect(),
-        // A failure without a reason is a processing failure.
-        failed: refs(FAILED_SOP_SEQUENCE)?
-            .into_iter()
-            .map(|(r, reason)| (r, reason.unwrap_or(0x0110)))
-            .collect(),
-    })
-}
-
-/// Checks that every element of `bytes` (and of every item, at any depth) ends inside
-/// what contains it, that undefined lengths are only on sequences (closed by their
-/// delimiters), and that nesting stays within [`MAX_DEPTH`].
-pub fn check_structure(bytes: &[u8], explicit: bool) -> Result<(), CommitmentError> {
     let mut c = Cursor {
         b: bytes,
         pos: 0,
         explicit,
+        found: Found::default(),
     };
-    c.elements(bytes.len(), 0, false)
+    c.elements(bytes.len(), 0, false, Within::Top)?;
+    let found = c.found;
+    let transaction = found.transaction.ok_or(CommitmentError::NoTransaction)?;
+    let reference = |item: Item| -> Result<(Reference, Option<u16>), CommitmentError> {
+        match (item.sop_class, item.sop_instance) {
+            (Some(sop_class), Some(sop_instance)) => Ok((
+                Reference {
+                    sop_class,
+                    sop_instance,
+                },
+                item.reason,
+            )),
+            _ => Err(CommitmentError::BadReference),
+        }
+    };
+    Ok(Report {
+        transaction,
+        committed: found
+            .committed
+            .into_iter()
+            .map(|i| reference(i).map(|(r, _)| r))
+            .collect::<Result<_, _>>()?,
+        // A failure without a reason is a processing failure.
+        failed: found
+            .failed
+            .into_iter()
+            .map(|i| reference(i).map(|(r, reason)| (r, reason.unwrap_or(0x0110))))
+            .collect::<Result<_, _>>()?,
+    })
 }
 
-/// An element's (group, element), VR (explicit VR only) and value length.
-type Header = ((u16, u16), Option<[u8; 2]>, u32);
+/// The UID of an element's value: trailing NUL and space padding removed; `0-9` and `.`
+/// only, 1 to 64 characters.
+fn uid_value(value: &[u8]) -> Option<String> {
+    let end = value
+        .iter()
+        .rposition(|b| *b != 0 && *b != b' ')
+        .map_or(0, |i| i + 1);
+    let v = &value[..end];
+    (!v.is_empty() && v.len() <= 64 && v.iter().all(|b| b.is_ascii_digit() || *b == b'.'))
+        .then(|| String::from_utf8_lossy(v).into_owned())
+}
+
+/// What the walk found.
+#[derive(Default)]
+struct Found {
+    transaction: Option<String>,
+    committed: Vec<Item>,
+    failed: Vec<Item>,
+}
+
+/// One item of a reference sequence.
+#[derive(Default)]
+struct Item {
+    sop_class: Option<String>,
+    sop_instance: Option<String>,
+    reason: Option<u16>,
+}
+
+/// Where the walk is: at the top level, in an item of one of the two reference
+/// sequences, or anywhere else (walked, not read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Within {
+    Top,
+    Committed,
+    Failed,
+    Other,
+}
 
 struct Cursor<'a> {
     b: &'a [u8],
     pos: usize,
     explicit: bool,
+    found: Found,
 }
+
+/// An element's (group, element), VR (explicit VR only) and value length.
+type Header = ((u16, u16), Option<[u8; 2]>, u32);
 
 const ITEM: (u16, u16) = (0xFFFE, 0xE000);
 const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
 const SEQUENCE_END: (u16, u16) = (0xFFFE, 0xE0DD);
 const UNDEFINED: u32 = 0xFFFF_FFFF;
+
+fn tag_pair(t: Tag) -> (u16, u16) {
+    (t.0, t.1)
+}
 
 impl Cursor<'_> {
     fn malformed(&self) -> CommitmentError {
@@ -273,29 +295,35 @@ impl Cursor<'_> {
     }
 
     fn u16_at(&self, at: usize) -> Option<u16> {
-        Some(u16::from_le_bytes([*self.b.get(at)?, *self.b.get(at + 1)?]))
+        Some(u16::from_le_bytes([
+            *self.b.get(at)?,
+            *self.b.get(at.checked_add(1)?)?,
+        ]))
     }
 
     fn u32_at(&self, at: usize) -> Option<u32> {
-        Some(u32::from_le_bytes(self.b.get(at..at + 4)?.try_into().ok()?))
+        Some(u32::from_le_bytes(
+            self.b.get(at..at.checked_add(4)?)?.try_into().ok()?,
+        ))
     }
 
-    /// The next header: (tag, VR if explicit, length), the cursor moved past it.
+    /// The next header, the cursor moved past it (which must end by `end`).
     fn header(&mut self, end: usize) -> Result<Header, CommitmentError> {
         let p = self.pos;
+        let bad = || CommitmentError::Malformed(p);
         let tag = (
-            self.u16_at(p).ok_or_else(|| self.malformed())?,
-            self.u16_at(p + 2).ok_or_else(|| self.malformed())?,
+            self.u16_at(p).ok_or_else(bad)?,
+            self.u16_at(p + 2).ok_or_else(bad)?,
         );
         let (vr, len, size) = if tag.0 == 0xFFFE || !self.explicit {
-            (None, self.u32_at(p + 4).ok_or_else(|| self.malformed())?, 8)
+            (None, self.u32_at(p + 4).ok_or_else(bad)?, 8)
         } else {
             let vr = [
-                *self.b.get(p + 4).ok_or_else(|| self.malformed())?,
-                *self.b.get(p + 5).ok_or_else(|| self.malformed())?,
+                *self.b.get(p + 4).ok_or_else(bad)?,
+                *self.b.get(p + 5).ok_or_else(bad)?,
             ];
             if !vr.iter().all(u8::is_ascii_uppercase) {
-                return Err(self.malformed());
+                return Err(bad());
             }
             if matches!(
                 &vr,
@@ -313,72 +341,127 @@ impl Cursor<'_> {
                     | b"SV"
                     | b"UV"
             ) {
-                (
-                    Some(vr),
-                    self.u32_at(p + 8).ok_or_else(|| self.malformed())?,
-                    12,
-                )
+                (Some(vr), self.u32_at(p + 8).ok_or_else(bad)?, 12)
             } else {
-                (
-                    Some(vr),
-                    u32::from(self.u16_at(p + 6).ok_or_else(|| self.malformed())?),
-                    8,
-                )
+                (Some(vr), u32::from(self.u16_at(p + 6).ok_or_else(bad)?), 8)
             }
         };
         if p + size > end {
-            return Err(self.malformed());
+            return Err(bad());
         }
         self.pos = p + size;
         Ok((tag, vr, len))
     }
 
-    /// Elements until `end`, or (`delimited`) until an item delimiter.
+    /// Elements until `end`, or (`delimited`) until an item delimiter; what they hold is
+    /// taken where `within` says it matters.
     fn elements(
         &mut self,
         end: usize,
         depth: usize,
         delimited: bool,
+        within: Within,
     ) -> Result<(), CommitmentError> {
         while self.pos < end {
+            let at = self.pos;
             let (tag, vr, len) = self.header(end)?;
             if tag == ITEM_END {
                 return if delimited && len == 0 {
                     Ok(())
                 } else {
-                    Err(self.malformed())
+                    Err(CommitmentError::Malformed(at))
                 };
             }
             if tag.0 == 0xFFFE {
-                return Err(self.malformed());
+                return Err(CommitmentError::Malformed(at));
             }
             let sequence = vr.is_none_or(|v| &v == b"SQ" || &v == b"UN");
+            // The sequence a top-level element opens, if it is one the report is read from.
+            let inner = match within {
+                Within::Top if tag == tag_pair(REFERENCED_SOP_SEQUENCE) => Within::Committed,
+                Within::Top if tag == tag_pair(FAILED_SOP_SEQUENCE) => Within::Failed,
+                _ => Within::Other,
+            };
+            if inner != Within::Other && vr.is_some_and(|v| &v != b"SQ") {
+                return Err(CommitmentError::Malformed(at));
+            }
             if len == UNDEFINED {
                 if !sequence {
-                    return Err(self.malformed());
+                    return Err(CommitmentError::Malformed(at));
                 }
-                self.items(end, None, depth + 1)?;
-            } else {
-                let stop = self
-                    .pos
-                    .checked_add(len as usize)
-                    .filter(|s| *s <= end)
-                    .ok_or_else(|| self.malformed())?;
-                // A defined-length value that starts as an item is read as a sequence by a
-                // reader that knows its tag: check it as one.
-                if sequence
-                    && len >= 8
-                    && self.u16_at(self.pos) == Some(ITEM.0)
-                    && self.u16_at(self.pos + 2) == Some(ITEM.1)
-                {
-                    self.items(stop, Some(stop), depth + 1)?;
-                }
-                self.pos = stop;
+                self.items(end, None, depth + 1, inner)?;
+                continue;
             }
+            let stop = self
+                .pos
+                .checked_add(len as usize)
+                .filter(|s| *s <= end)
+                .ok_or(CommitmentError::Malformed(at))?;
+            let starts_item = len >= 8
+                && self.u16_at(self.pos) == Some(ITEM.0)
+                && self.u16_at(self.pos + 2) == Some(ITEM.1);
+            if inner != Within::Other || (sequence && starts_item) {
+                self.items(stop, Some(stop), depth + 1, inner)?;
+            } else {
+                let value = &self.b[self.pos..stop];
+                self.take(within, tag, vr, value, at)?;
+            }
+            self.pos = stop;
         }
         if delimited {
             return Err(self.malformed());
         }
+        Ok(())
+    }
+
+    /// Takes the value of `tag` where `within` reads it; an element that comes twice, or a
+    /// value that is not what its tag holds, is malformed.
+    fn take(
+        &mut self,
+        within: Within,
+        tag: (u16, u16),
+        vr: Option<[u8; 2]>,
+        value: &[u8],
+        at: usize,
+    ) -> Result<(), CommitmentError> {
+        let bad = CommitmentError::Malformed(at);
+        let vr_is = |want: &[u8; 2]| vr.is_none_or(|v| &v == want);
+        let found = &mut self.found;
+        let item = match within {
+            Within::Top => {
+                if tag == tag_pair(TRANSACTION_UID) {
+                    if found.transaction.is_some() || !vr_is(b"UI") {
+                        return Err(bad);
+                    }
+                    found.transaction =
+                        Some(uid_value(value).ok_or(CommitmentError::NoTransaction)?);
+                }
+                return Ok(());
+            }
+            Within::Other => return Ok(()),
+            Within::Committed => found.committed.last_mut(),
+            Within::Failed => found.failed.last_mut(),
+        };
+        let Some(item) = item else {
+            return Err(bad);
+        };
+        let slot = if tag == tag_pair(REFERENCED_SOP_CLASS) {
+            &mut item.sop_class
+        } else if tag == tag_pair(REFERENCED_SOP_INSTANCE) {
+            &mut item.sop_instance
+        } else {
+            if tag == tag_pair(FAILURE_REASON) {
+                if item.reason.is_some() || !vr_is(b"US") || value.len() != 2 {
+                    return Err(bad);
+                }
+                item.reason = Some(u16::from_le_bytes([value[0], value[1]]));
+            }
+            return Ok(());
+        };
+        if slot.is_some() || !vr_is(b"UI") {
+            return Err(bad);
+        }
+        *slot = Some(uid_value(value).ok_or(CommitmentError::BadReference)?);
         Ok(())
     }
 
@@ -388,6 +471,7 @@ impl Cursor<'_> {
         end: usize,
         defined_end: Option<usize>,
         depth: usize,
+        within: Within,
     ) -> Result<(), CommitmentError> {
         if depth > MAX_DEPTH {
             return Err(CommitmentError::TooDeep);
@@ -396,26 +480,32 @@ impl Cursor<'_> {
             if defined_end.is_some_and(|d| self.pos >= d) {
                 return Ok(());
             }
+            let at = self.pos;
             let (tag, _, len) = self.header(end)?;
             if tag == SEQUENCE_END && defined_end.is_none() {
                 return if len == 0 {
                     Ok(())
                 } else {
-                    Err(self.malformed())
+                    Err(CommitmentError::Malformed(at))
                 };
             }
             if tag != ITEM {
-                return Err(self.malformed());
+                return Err(CommitmentError::Malformed(at));
+            }
+            match within {
+                Within::Committed => self.found.committed.push(Item::default()),
+                Within::Failed => self.found.failed.push(Item::default()),
+                _ => {}
             }
             if len == UNDEFINED {
-                self.elements(end, depth, true)?;
+                self.elements(end, depth, true, within)?;
             } else {
                 let stop = self
                     .pos
                     .checked_add(len as usize)
                     .filter(|s| *s <= end)
-                    .ok_or_else(|| self.malformed())?;
-                self.elements(stop, depth, false)?;
+                    .ok_or(CommitmentError::Malformed(at))?;
+                self.elements(stop, depth, false, within)?;
                 self.pos = stop;
             }
         }
@@ -466,6 +556,35 @@ mod tests {
         assert_eq!(read.transaction, r.transaction);
         assert_eq!(read.committed, r.committed);
         assert!(read.failed.is_empty());
+    }
+
+    /// Found by the `commitment_report` fuzz target: dicom-rs's reader allocated 2.4 GB
+    /// on this report (explicit VR; a Referenced SOP Class UID of non-ASCII bytes) before
+    /// failing. Read strictly, it is refused at once.
+    #[test]
+    fn a_uid_of_other_bytes_is_refused_without_reading_further() {
+        let report = b"\x08\x00\x95\x11\x55\x49\x24\x00\x32\x2e\x32\x35\x2e\x31\x32\x33\x34\x35\x36\x37\x38\x39\
+          \x30\x31\x32\x33\x34\x35\x36\x37\x38\x39\x30\x31\x32\x33\x34\x35\x36\x37\x38\x39\x30\x00\
+          \x08\x00\x98\x11\x53\x51\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\xff\xff\xff\xff\x08\x00\
+          \x50\x11\x55\x49\x1a\x00\x31\x2e\x32\x2e\x38\x34\x30\x2e\x31\x92\x24\x49\x92\x24\x49\x92\
+          \x04\x2e\x34\x2e\x31\x2e\x31\x2e\x32\x00\x08\x00\x55\x11\x55\x49\x1c\x00\x31\x2e\x32\x2e\
+          \x33\x39\x32\x2e\x32\x30\x30\x30\x33\x36\x2e\x39\x39\x39\x39\x2e\x31\x2e\x31\x2e\x31\x2e\
+          \x39\x00\x08\x00\x97\x11\x55\x53\x02\x00\x12\x01\xfe\xff\x0d\xe0\x00\x00\x00\x00\xfe\xff\
+          \xdd\xe0\x00\x00\x00\x00\x08\x00\x99\x11\x53\x51\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\
+          \xff\xff\xff\xff\x08\x00\x50\x11\x55\x49\x1a\x00\x31\x2e\x32\x2e\x38\x34\x30\x2e\x31\x30\
+          \x30\x30\x38\x2e\x35\x2e\x31\x2e\x34\x2e\x31\x2e\x31\x2e\x32\x00\x08\x00\x55\x11\x55\x49\
+          \x1a\x00\x31\x2e\x32\x2e\x33\x39\x32\x2e\x32\x30\x30\x30\x33\x36\x2e\x39\x39\x39\x39\x2e\
+          \x31\x2e\x31\x2e\x31\x00\xfe\xff\x0d\xe0\x00\x00\x00\x00\xfe\xff\x00\xe0\xff\xff\xff\xff\
+          \x08\x00\x50\x11\x55\x49\x1a\x00\x31\x2e\x32\x2e\x38\x34\x30\x2e\x31\x30\x30\x30\x38\x2e\
+          \x35\x2e\x31\x2e\x34\x2e\x31\x2e\x31\x2e\x32\x00\x08\x00\x55\x11\x54\x49\x1c\x00\x31\xd2\
+          \xcd\xd1\xcc\xc6\xcd\xd1\xd5\x30\x30\x30\x33\x36\x2e\x39\x39\x39\x39\x2e\x31\x2e\x31\x2e\
+          \x31\x2e\x32\x00\xfe\xff\x0d\xe0\x00\x00\x00\x00\xfe\xff\xdd\xe0\x00\x00\x00\x00";
+        let started = std::time::Instant::now();
+        assert_eq!(
+            read_report(report, EXPLICIT_VR_LE),
+            Err(CommitmentError::BadReference)
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

@@ -255,6 +255,19 @@ pub struct Work {
     pairs: Vec<(String, String)>,
     /// How many associations are sending (established, taking work).
     sending: tokio::sync::watch::Sender<usize>,
+    /// With a commitment destination: where what is stored is recorded before its
+    /// commitment is asked for.
+    commit: Option<Commit>,
+}
+
+/// Where a commitment destination's stored instances are recorded, before their
+/// commitment is asked for: the PACS's report may arrive before its N-ACTION-RSP is read,
+/// and must find them waiting under their transaction.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    pub spool: Spool,
+    /// How long to wait for the commitment before an instance is sent again.
+    pub resend_after: Duration,
 }
 
 impl Work {
@@ -276,6 +289,7 @@ impl Work {
                 .collect(),
             pairs: pairs_of(batch),
             sending: tokio::sync::watch::Sender::new(0),
+            commit: None,
         }
     }
 
@@ -420,11 +434,16 @@ pub struct Requested {
     /// The transaction the PACS accepted, or why none was asked for (they are sent again
     /// when the commitment timeout runs out).
     pub transaction: Result<String, String>,
+    /// Whether they were recorded in the spool as stored (under the transaction) before it
+    /// was asked for; else [`record`] records them.
+    pub recorded: bool,
 }
 
 /// With a commitment destination: asks the PACS, on the share's association, to commit
-/// what the share delivered (one N-ACTION-RQ). An association that fails doing so is
-/// dropped.
+/// what the share delivered (one N-ACTION-RQ). With the work's [`Commit`], the instances
+/// are first recorded in the spool as stored under the new transaction (one transaction of
+/// the spool's), so that a report arriving at once finds them. An association that fails
+/// while asking is dropped.
 async fn ask_commitment(dest: &Destination, work: &Work, stop: &Stop, share: &mut Share) {
     if !dest.storage_commitment || stop.shutting_down() {
         return;
@@ -442,33 +461,81 @@ async fn ask_commitment(dest: &Destination, work: &Work, stop: &Stop, share: &mu
         .iter()
         .filter_map(|id| work.references.get(id).cloned())
         .collect();
-    let transaction = match share.link.as_mut() {
-        None => Err(match &share.error {
+    let not_asked = |reason: String| Requested {
+        ids: ids.clone(),
+        transaction: Err(reason),
+        recorded: false,
+    };
+    let Some(link) = share.link.as_mut() else {
+        share.commitment = Some(not_asked(match &share.error {
             Some(e) => format!(
                 "the association ended before the commitment was asked for: {}",
                 tsunagi_runtime::child::error_chain(e)
             ),
             None => "the association ended before the commitment was asked for".to_owned(),
-        }),
-        Some(link) => match unless_shutdown(stop, request_commitment(link, &refs)).await {
-            Some(Ok(t)) => Ok(t),
-            Some(Err(why)) => {
-                if why.dropped
-                    && let Some(l) = share.link.take()
-                {
-                    reset(l);
-                }
-                Err(why.reason)
-            }
-            None => {
-                if let Some(l) = share.link.take() {
-                    reset(l);
-                }
-                Err("the service stopped while the commitment was asked for".to_owned())
-            }
-        },
+        }));
+        return;
     };
-    share.commitment = Some(Requested { ids, transaction });
+    let Some((pc_id, ts)) = link.commitment_context() else {
+        share.commitment = Some(not_asked(
+            "the network PACS does not accept storage commitment (Storage Commitment Push Model not accepted)".to_owned(),
+        ));
+        return;
+    };
+    let transaction = crate::commitment::new_transaction_uid();
+    let mut recorded = false;
+    if let Some(commit) = &work.commit {
+        let (spool, tx, ids) = (commit.spool.clone(), transaction.clone(), ids.clone());
+        let now = crate::now();
+        let resend_at =
+            now.saturating_add(i64::try_from(commit.resend_after.as_secs()).unwrap_or(i64::MAX));
+        let saved =
+            tokio::task::spawn_blocking(move || spool.stored(&ids, Some(&tx), now, resend_at))
+                .await;
+        match saved {
+            Ok(Ok(())) => recorded = true,
+            Ok(Err(e)) => {
+                share.commitment = Some(not_asked(format!(
+                    "cannot record the stored instances: {}",
+                    tsunagi_runtime::child::error_chain(&e)
+                )));
+                return;
+            }
+            Err(_) => {
+                share.commitment = Some(not_asked(
+                    "recording the stored instances did not finish".to_owned(),
+                ));
+                return;
+            }
+        }
+    }
+    let asked = unless_shutdown(
+        stop,
+        request_commitment(link, pc_id, &ts, &transaction, &refs),
+    )
+    .await;
+    let result = match asked {
+        Some(Ok(())) => Ok(transaction),
+        Some(Err(why)) => {
+            if why.dropped
+                && let Some(l) = share.link.take()
+            {
+                reset(l);
+            }
+            Err(why.reason)
+        }
+        None => {
+            if let Some(l) = share.link.take() {
+                reset(l);
+            }
+            Err("the service stopped while the commitment was asked for".to_owned())
+        }
+    };
+    share.commitment = Some(Requested {
+        ids,
+        transaction: result,
+        recorded,
+    });
 }
 
 /// Why a commitment request failed, and whether the association is unusable after it.
@@ -480,17 +547,17 @@ struct NotAsked {
 /// The message ID of a commitment request (C-STOREs count up from 1 on each association).
 const COMMITMENT_MESSAGE_ID: u16 = 0xFFFF;
 
-/// Sends the N-ACTION-RQ (Request Storage Commitment) for `refs` and reads its response;
-/// the transaction UID, once the PACS answered success.
-async fn request_commitment(link: &mut Link, refs: &[Reference]) -> Result<String, NotAsked> {
-    let Some((pc_id, ts)) = link.commitment_context() else {
-        return Err(NotAsked {
-            reason: "the network PACS does not accept storage commitment (Storage Commitment Push Model not accepted)".to_owned(),
-            dropped: false,
-        });
-    };
-    let transaction = crate::commitment::new_transaction_uid();
-    let data = crate::commitment::request(&transaction, refs, &ts).map_err(|e| NotAsked {
+/// Sends the N-ACTION-RQ (Request Storage Commitment) of `transaction` for `refs` on the
+/// presentation context `pc_id` (transfer syntax `ts`) and reads its response: `Ok` once
+/// the PACS answered success.
+async fn request_commitment(
+    link: &mut Link,
+    pc_id: u8,
+    ts: &str,
+    transaction: &str,
+    refs: &[Reference],
+) -> Result<(), NotAsked> {
+    let data = crate::commitment::request(transaction, refs, ts).map_err(|e| NotAsked {
         reason: e.to_string(),
         dropped: false,
     })?;
@@ -532,7 +599,7 @@ async fn request_commitment(link: &mut Link, refs: &[Reference]) -> Result<Strin
                 && rsp.responding_to == Some(COMMITMENT_MESSAGE_ID)
                 && matches!(status.class(), Class::Success | Class::Warning) =>
         {
-            Ok(transaction)
+            Ok(())
         }
         Some(status) if rsp.field == CommandField::NActionRsp => Err(NotAsked {
             reason: format!("the network PACS refused the storage commitment request: {status}"),
@@ -796,16 +863,20 @@ pub struct Spread {
 
 /// Sends `batch` over up to `n` associations at once, each taking the next instance when it
 /// is free, reusing the open ones in `links` and keeping them there afterwards, each
-/// watched by `stop`.
+/// watched by `stop`; with a commitment destination, `commit` is where each association
+/// records what it stored before it asks for the commitment.
 pub async fn send_parallel(
     dest: &Destination,
     batch: &[Outgoing],
     n: usize,
     links: &mut Vec<Link>,
     stop: &Stop,
+    commit: Option<&Commit>,
 ) -> Spread {
     let n = n.clamp(1, batch.len().max(1));
-    let work = std::sync::Arc::new(Work::new(batch));
+    let mut work = Work::new(batch);
+    work.commit = commit.cloned();
+    let work = std::sync::Arc::new(work);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..n {
         let dest = dest.clone();
@@ -1052,13 +1123,11 @@ pub fn record(
             Outcome::Delivered(_) => {
                 match committing {
                     None => spool.delivered(*id)?,
+                    // Recorded already, before its commitment was asked for.
+                    Some(c) if c.requested.iter().any(|r| r.recorded && r.ids.contains(id)) => {}
+                    // Stored, but no commitment asked for: sent again at the timeout.
                     Some(c) => {
-                        let transaction = c
-                            .requested
-                            .iter()
-                            .find(|r| r.ids.contains(id))
-                            .and_then(|r| r.transaction.as_deref().ok());
-                        spool.stored(*id, transaction, now, now.saturating_add(c.resend_after))?;
+                        spool.stored(&[*id], None, now, now.saturating_add(c.resend_after))?
                     }
                 }
                 delivered += 1;

@@ -223,6 +223,14 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     let mut opened_total = 0u64;
     let mut failed_total = 0u64;
     let mut parallelism = Parallelism::new(settings.associations);
+    // With storage commitment: where each association records what it stored, before it
+    // asks for the commitment.
+    let commit = settings
+        .commitment_timeout
+        .map(|resend_after| crate::forward::Commit {
+            spool: spool.clone(),
+            resend_after,
+        });
     // Why the last storage commitment request was not made, until one is.
     let mut commitment_error: Option<String> = None;
     loop {
@@ -316,6 +324,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 n,
                 &mut links,
                 &ctx.shutdown,
+                commit.as_ref(),
             )
             .await;
             gate = Some(g);
@@ -492,6 +501,7 @@ async fn send_watched(
     n: usize,
     links: &mut Vec<crate::forward::Link>,
     shutdown: &CancellationToken,
+    commit: Option<&crate::forward::Commit>,
 ) -> (SocketGate, Spread) {
     let (watch, stop) = inflight::channel(inflight::MAX_AGE);
     let stop = stop.with_shutdown(shutdown.clone());
@@ -508,7 +518,7 @@ async fn send_watched(
         // Stopping: nothing went, the instances stay queued.
         Spread::default()
     } else if confirmed == Some(true) {
-        crate::forward::send_parallel(dest, batch, n, links, &stop).await
+        crate::forward::send_parallel(dest, batch, n, links, &stop, commit).await
     } else {
         // Nothing went: the instances stay queued for the next round.
         Spread {

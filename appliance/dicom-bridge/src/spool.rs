@@ -498,37 +498,48 @@ impl Spool {
         Ok(())
     }
 
-    /// The PACS stored it, and its commitment is asked for under `transaction` (`None`: it
-    /// could not be asked for): the release (what left, under which permit) is queued for
-    /// the audit trail, and the instance stays in the spool, sent again at `resend_at` unless
-    /// the PACS commits it first ([`Spool::commitment_report`]). In one transaction.
+    /// The PACS stored these, and their commitment is asked for under `transaction` (`None`:
+    /// it could not be asked for): each release (what left, under which permit) is queued
+    /// for the audit trail, and each instance stays in the spool, sent again at `resend_at`
+    /// unless the PACS commits it first ([`Spool::commitment_report`]). In one transaction.
     pub fn stored(
         &self,
-        id: i64,
+        ids: &[i64],
         transaction: Option<&str>,
         now: i64,
         resend_at: i64,
     ) -> Result<(), SpoolError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("stored"))?;
-        tx.execute(
-            "INSERT INTO releases (patient_id, sop_class, sop_instance, decision, delivered_at)
-             SELECT patient_id, sop_class, sop_instance, decision, ?2 FROM queue
-             WHERE id = ?1 AND patient_id IS NOT NULL",
-            params![id, now],
-        )
-        .map_err(sql("queue a release record"))?;
-        tx.execute(
-            "INSERT OR REPLACE INTO commitments (queue_id, transaction_uid, sop_instance, stored_at)
-             SELECT id, ?2, sop_instance, ?3 FROM queue WHERE id = ?1",
-            params![id, transaction, now],
-        )
-        .map_err(sql("stored"))?;
-        tx.execute(
-            "UPDATE queue SET next_attempt_at = ?2, last_error = NULL WHERE id = ?1",
-            params![id, resend_at],
-        )
-        .map_err(sql("stored"))?;
+        {
+            let mut release = tx
+                .prepare(
+                    "INSERT INTO releases (patient_id, sop_class, sop_instance, decision, delivered_at)
+                     SELECT patient_id, sop_class, sop_instance, decision, ?2 FROM queue
+                     WHERE id = ?1 AND patient_id IS NOT NULL",
+                )
+                .map_err(sql("queue a release record"))?;
+            let mut waiting = tx
+                .prepare(
+                    "INSERT OR REPLACE INTO commitments (queue_id, transaction_uid, sop_instance, stored_at)
+                     SELECT id, ?2, sop_instance, ?3 FROM queue WHERE id = ?1",
+                )
+                .map_err(sql("stored"))?;
+            let mut later = tx
+                .prepare("UPDATE queue SET next_attempt_at = ?2, last_error = NULL WHERE id = ?1")
+                .map_err(sql("stored"))?;
+            for id in ids {
+                release
+                    .execute(params![id, now])
+                    .map_err(sql("queue a release record"))?;
+                waiting
+                    .execute(params![id, transaction, now])
+                    .map_err(sql("stored"))?;
+                later
+                    .execute(params![id, resend_at])
+                    .map_err(sql("stored"))?;
+            }
+        }
         tx.commit().map_err(sql("stored"))
     }
 
@@ -905,7 +916,9 @@ fn entries(conn: &Connection, state: &str, limit: usize) -> Result<Vec<Entry>, S
     let mut stmt = conn
         .prepare(
             "SELECT id, state, sop_class, size, received_at, attempts,
-                    COALESCE(reason, last_error, '')
+                    CASE WHEN state = 'pending' AND EXISTS (SELECT 1 FROM commitments c WHERE c.queue_id = queue.id)
+                         THEN 'stored at the network PACS, awaiting its storage commitment'
+                         ELSE COALESCE(reason, last_error, '') END
              FROM queue WHERE state = ?1 ORDER BY id LIMIT ?2",
         )
         .map_err(sql("list the queue"))?;

@@ -729,7 +729,8 @@ async fn a_pacs_that_serves_one_association_at_a_time_gets_everything_over_one()
     let mut links = Vec::new();
     let started = Instant::now();
     let spread =
-        dicom_bridge::forward::send_parallel(&dest, &first, 4, &mut links, &Stop::never()).await;
+        dicom_bridge::forward::send_parallel(&dest, &first, 4, &mut links, &Stop::never(), None)
+            .await;
     let took = started.elapsed();
     assert!(spread.error.is_none(), "{:?}", spread.error);
     assert_eq!(spread.outcomes.len(), 20);
@@ -756,7 +757,8 @@ async fn a_pacs_that_serves_one_association_at_a_time_gets_everything_over_one()
     let n = parallelism.now();
     assert_eq!(n, 1);
     let spread =
-        dicom_bridge::forward::send_parallel(&dest, &second, n, &mut links, &Stop::never()).await;
+        dicom_bridge::forward::send_parallel(&dest, &second, n, &mut links, &Stop::never(), None)
+            .await;
     assert!(spread.error.is_none(), "{:?}", spread.error);
     assert_eq!((spread.opened, spread.worked, spread.failed), (0, 1, 0));
     assert_eq!(
@@ -792,7 +794,8 @@ async fn a_pacs_that_serves_many_associations_gets_them_all() {
     let dest = pacs_at(port, Duration::from_secs(30));
     let mut links = Vec::new();
     let spread =
-        dicom_bridge::forward::send_parallel(&dest, &batch, 4, &mut links, &Stop::never()).await;
+        dicom_bridge::forward::send_parallel(&dest, &batch, 4, &mut links, &Stop::never(), None)
+            .await;
     assert!(spread.error.is_none(), "{:?}", spread.error);
     assert_eq!((spread.opened, spread.worked, spread.failed), (4, 4, 0));
     assert_eq!(spread.outcomes.len(), 40);
@@ -825,7 +828,8 @@ async fn a_rejected_association_leaves_everything_queued_for_a_retry() {
     let dest = pacs_at(port, Duration::from_secs(5));
     let mut links = Vec::new();
     let spread =
-        dicom_bridge::forward::send_parallel(&dest, &batch, 2, &mut links, &Stop::never()).await;
+        dicom_bridge::forward::send_parallel(&dest, &batch, 2, &mut links, &Stop::never(), None)
+            .await;
     let error = spread.error.expect("the round failed");
     assert!(error.contains("rejected"), "{error}");
     assert!(spread.outcomes.is_empty());
@@ -947,7 +951,8 @@ async fn a_pacs_without_storage_commitment_stores_but_nothing_leaves_the_spool()
     };
     let mut links = Vec::new();
     let spread =
-        dicom_bridge::forward::send_parallel(&dest, &batch, 1, &mut links, &Stop::never()).await;
+        dicom_bridge::forward::send_parallel(&dest, &batch, 1, &mut links, &Stop::never(), None)
+            .await;
     assert!(spread.error.is_none(), "{:?}", spread.error);
     assert_eq!(spread.outcomes.len(), 6);
     assert_eq!(spread.commitments.len(), 1, "{spread:?}");

@@ -638,11 +638,10 @@ async fn a_commitment_report_is_taken_only_from_the_pacs_and_only_for_its_transa
         stored.push((id, uid));
     }
     let transaction = dicom_bridge::commitment::new_transaction_uid();
-    for (id, _) in &stored {
-        spool
-            .stored(*id, Some(&transaction), 100, i64::MAX)
-            .unwrap();
-    }
+    let ids: Vec<i64> = stored.iter().map(|(id, _)| *id).collect();
+    spool
+        .stored(&ids, Some(&transaction), 100, i64::MAX)
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let stop = CancellationToken::new();

@@ -1632,6 +1632,11 @@ fn with_storage_commitment_an_instance_leaves_the_spool_only_once_orthanc_commit
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    assert!(
+        commitment_jobs(&pacs).iter().any(|s| s == "Failure"),
+        "Orthanc could not report the first: {:?}",
+        commitment_jobs(&pacs)
+    );
     let status = h.status().unwrap();
     let metrics = &service(&status, "dicom")["metrics"];
     assert_eq!(metrics["delivered_total"], 0.0, "{status}");

@@ -343,9 +343,7 @@ fn a_stored_instance_stays_until_the_pacs_commits_it_and_survives_reopening() {
         };
         ids.push(id);
     }
-    for id in &ids {
-        spool.stored(*id, Some("2.25.7"), 200, 260).unwrap();
-    }
+    spool.stored(&ids, Some("2.25.7"), 200, 260).unwrap();
     // Released (audited) at the C-STORE, kept until committed, not sent again before 260.
     let c = spool.counts().unwrap();
     assert_eq!((c.pending, c.awaiting_commitment, c.delivered), (0, 3, 0));
@@ -355,6 +353,14 @@ fn a_stored_instance_stays_until_the_pacs_commits_it_and_survives_reopening() {
     drop(spool);
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
     assert_eq!(spool.counts().unwrap().awaiting_commitment, 3);
+    let listed = spool.entries("pending", 10).unwrap();
+    assert_eq!(listed.len(), 3);
+    assert!(
+        listed
+            .iter()
+            .all(|e| e.reason == "stored at the network PACS, awaiting its storage commitment"),
+        "{listed:?}"
+    );
     // A report naming another transaction, a wrong SOP class or an unknown instance
     // changes nothing.
     let other = spool
@@ -412,18 +418,18 @@ fn an_instance_whose_commitment_does_not_come_is_sent_again_under_a_new_transact
     let Committed::Queued(id) = receive(&spool, b"DICM late", &meta("1.2.3.1", "0001")) else {
         panic!()
     };
-    spool.stored(id, Some("2.25.1"), 100, 160).unwrap();
+    spool.stored(&[id], Some("2.25.1"), 100, 160).unwrap();
     assert!(spool.ready(159, 10).unwrap().is_empty());
     assert_eq!(spool.ready(160, 10).unwrap().len(), 1);
     // Sent again, under a new transaction: a late report of the first one is ignored.
-    spool.stored(id, Some("2.25.2"), 160, 220).unwrap();
+    spool.stored(&[id], Some("2.25.2"), 160, 220).unwrap();
     let late = spool
         .commitment_report("2.25.1", &[named("1.2.3.1")], &[], 170)
         .unwrap();
     assert_eq!(late.unknown, 1);
     assert_eq!(spool.counts().unwrap().awaiting_commitment, 1);
     // Stored without a commitment asked for (None): sent again at its time too.
-    spool.stored(id, None, 170, 230).unwrap();
+    spool.stored(&[id], None, 170, 230).unwrap();
     assert_eq!(spool.ready(230, 10).unwrap().len(), 1);
     assert_eq!(spool.counts().unwrap().releases_waiting, 3);
     // A different copy of the same instance replaces it: the old commitment goes with it.
@@ -434,7 +440,7 @@ fn an_instance_whose_commitment_does_not_come_is_sent_again_under_a_new_transact
     };
     let c = spool.counts().unwrap();
     assert_eq!((c.pending, c.awaiting_commitment), (1, 0));
-    spool.stored(newer, Some("2.25.3"), 240, 300).unwrap();
+    spool.stored(&[newer], Some("2.25.3"), 240, 300).unwrap();
     let done = spool
         .commitment_report("2.25.3", &[named("1.2.3.1")], &[], 250)
         .unwrap();
