@@ -885,7 +885,12 @@ fn translated(
     };
     let mut prefix = Vec::new();
     std::fs::File::open(&q.path)
-        .and_then(|f| f.take(t.header_limit).read_to_end(&mut prefix).map(|_| ()))
+        .and_then(|f| {
+            // The data set only (the object's trailer follows it).
+            f.take(t.header_limit.min(q.size))
+                .read_to_end(&mut prefix)
+                .map(|_| ())
+        })
         .map_err(|e| format!("cannot read the spooled instance: {}", e.kind()))?;
     let ids = crate::translate::Identity {
         network_id: network_id.to_owned(),

@@ -1,21 +1,26 @@
 //! The spool: `DIR/objects/N.dcm` (instances being received, and received, acknowledged and
-//! waiting to be forwarded) and `DIR/queue.db` (the queue, `synchronous=FULL`). File names
-//! come from queue ids (taken when an instance starts), never from UIDs.
+//! waiting to be forwarded) and `DIR/queue.db` (the queue). File names come from queue ids
+//! (taken when an instance starts), never from UIDs.
 //!
-//! **Invariants.** The queue row is the commit point: an object with a row is complete and
-//! durable, an object without one was never acknowledged. [`Incoming::commit`] makes the file
-//! durable (its data, size and directory entry) before its row commits, and returns only
-//! after both, so a success status sent after it survives `kill -9` and power loss. An
-//! instance that is not committed (abort, error, crash) leaves nothing: `Incoming` removes
-//! its file on drop, and [`Spool::open`] removes what a crash left (objects without a queue
-//! row, and the `incoming/` folder of earlier versions).
+//! **Invariants.** An object file is the data set as received, then a trailer with what its
+//! queue row holds (SOP class and instance, transfer syntax, calling AE, patient ID, the
+//! BLAKE3 digest, size, when). [`Incoming::commit`] makes the whole file durable (data,
+//! trailer, size, directory entry) and then commits the row, and returns only after both,
+//! so a success status sent after it survives `kill -9` and power loss. The row is written
+//! without a flush of its own (`synchronous=NORMAL` on the ingest connection): should power
+//! take it, [`Spool::open`] queues the object again from its trailer (unless a newer copy
+//! of the instance is queued). An object without a row and without a complete, matching
+//! trailer was never acknowledged (abort, error, crash mid-transfer): `Incoming` removes
+//! its file on drop, and [`Spool::open`] removes what a crash left. Every other change
+//! (delivery with its release record, holds, dead letters, commitments) is written with
+//! `synchronous=FULL` on the other connection, and its files are removed only after.
 //!
 //! **One flush per instance** on ext4 (the appliance's data partition): an instance is
 //! written under its final name from the start (no rename), and ext4 writes a new file's
 //! directory entry with the file's `fdatasync` (with a journal, the entry is in the same or
 //! an earlier transaction, which the flush commits; without one, ext4 syncs the parent of a
 //! new inode itself). On any other file system the folder is fsynced as well. The queue rows
-//! of concurrent associations share one WAL flush ([`Incoming::commit`]'s group commit).
+//! of concurrent associations share one transaction ([`Incoming::commit`]'s group commit).
 //!
 //! **Duplicates** (same SOP Instance UID while an earlier copy is still queued): identical
 //! bytes are stored once; different bytes replace the earlier copy (the newest wins), and the
@@ -147,7 +152,7 @@ enum Landed {
     Replaced(i64),
 }
 
-/// Commits a batch of rows in one transaction (one WAL fsync for all) and answers each.
+/// Commits a batch of rows in one transaction and answers each.
 fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
     let result = (|| -> Result<Vec<Landed>, SpoolError> {
         let tx = conn.transaction().map_err(sql("begin"))?;
@@ -299,7 +304,11 @@ struct Inner {
     next_id: AtomicI64,
     /// Rows waiting for the next group commit.
     pending: Mutex<Vec<Pending>>,
+    /// Every change but ingest (`synchronous=FULL`).
     conn: Mutex<Connection>,
+    /// New queue rows (`synchronous=NORMAL`): an instance is durable through its object
+    /// file and trailer, from which [`Spool::open`] rebuilds a row lost with power.
+    ingest: Mutex<Connection>,
     quota: u64,
     /// Bytes of queued objects plus bytes being received.
     used: AtomicU64,
@@ -330,14 +339,19 @@ impl Spool {
     /// Opens (creating) a spool in `dir` with a quota in bytes, and removes what a crash left.
     pub fn open(dir: &Path, quota: u64) -> Result<Spool, SpoolError> {
         fs::create_dir_all(dir.join("objects")).map_err(SpoolError::Io)?;
-        let conn =
+        let mut conn =
             tsunagi_state::open(&dir.join("queue.db"), Durability::Acknowledging, MIGRATIONS)
                 .map_err(SpoolError::Open)?;
+        let ingest = tsunagi_state::open(&dir.join("queue.db"), Durability::Normal, MIGRATIONS)
+            .map_err(SpoolError::Open)?;
         // Recovery: earlier versions received into incoming/; nothing there was acknowledged.
         let _ = fs::remove_dir_all(dir.join("incoming"));
-        // Objects without a queue row: being received, or whose row's transaction did not
-        // commit, so never acknowledged.
+        // Objects without a queue row: complete with a valid trailer, they may have been
+        // acknowledged (their row, written without a flush, was lost with power): queued
+        // again, unless a newer copy of the instance is queued. Else they were being
+        // received, never acknowledged: removed.
         let mut used = 0u64;
+        let mut recovered = Vec::new();
         for e in fs::read_dir(dir.join("objects")).map_err(SpoolError::Io)? {
             let path = e.map_err(SpoolError::Io)?.path();
             let id = path
@@ -351,11 +365,59 @@ impl Spool {
                     .map_err(sql("recover"))?,
                 None => None,
             };
-            match known {
-                Some(size) => used += u64::try_from(size).unwrap_or(0),
-                None => {
+            match (known, id) {
+                (Some(size), _) => used += u64::try_from(size).unwrap_or(0),
+                (None, Some(id)) => match read_trailer(&path) {
+                    Some(t) => recovered.push((id, t)),
+                    None => {
+                        let _ = fs::remove_file(&path);
+                    }
+                },
+                (None, None) => {
                     let _ = fs::remove_file(&path);
                 }
+            }
+        }
+        recovered.sort_by_key(|(id, _)| *id);
+        for (id, t) in recovered {
+            let newer: Option<i64> = conn
+                .query_row(
+                    "SELECT id FROM queue WHERE sop_instance = ?1 AND id > ?2 LIMIT 1",
+                    params![t.meta.sop_instance, id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql("recover"))?;
+            if newer.is_some() {
+                let _ = fs::remove_file(dir.join("objects").join(format!("{id}.dcm")));
+                continue;
+            }
+            let (reply, landed) = mpsc::sync_channel(1);
+            commit_batch(
+                &mut conn,
+                vec![Pending {
+                    id,
+                    meta: t.meta,
+                    digest: t.digest,
+                    size: i64::try_from(t.size).unwrap_or(i64::MAX),
+                    now: t.received_at,
+                    reply,
+                }],
+            );
+            match landed
+                .recv()
+                .map_err(|_| SpoolError::GroupCommit("no answer".into()))??
+            {
+                Landed::Identical(_) => {
+                    let _ = fs::remove_file(dir.join("objects").join(format!("{id}.dcm")));
+                }
+                Landed::Replaced(old) => {
+                    let old_path = dir.join("objects").join(format!("{old}.dcm"));
+                    used = used.saturating_sub(fs::metadata(&old_path).map_or(0, |m| m.len()));
+                    let _ = fs::remove_file(old_path);
+                    used += t.size;
+                }
+                Landed::Queued => used += t.size,
             }
         }
         let last: i64 = conn
@@ -379,6 +441,7 @@ impl Spool {
                 objects,
                 dir: dir.to_owned(),
                 conn: Mutex::new(conn),
+                ingest: Mutex::new(ingest),
                 quota,
                 used: AtomicU64::new(used),
                 arrived: tokio::sync::Notify::new(),
@@ -862,6 +925,110 @@ impl Spool {
     }
 }
 
+/// The end of an object file's trailer.
+const TRAILER_MAGIC: &[u8; 8] = b"TSUSPL01";
+/// A trailer's length, at most (its fields are UIDs, an AE title, a patient ID, a digest).
+const MAX_TRAILER: u64 = 4096;
+
+/// The trailer written after an instance's data set in its object file: what its queue row
+/// holds. Fields, each a u32 LE length and its bytes: SOP class, SOP instance, transfer
+/// syntax, calling AE, patient ID, digest (BLAKE3 of the data set, hex); a flag byte (1:
+/// the patient ID is present); the data set's size (u64 LE) and when it was received (i64
+/// LE); the trailer's length before this point (u32 LE); [`TRAILER_MAGIC`].
+fn trailer(meta: &Meta, digest: &str, size: u64, received_at: i64) -> Vec<u8> {
+    let mut t = Vec::with_capacity(256);
+    for field in [
+        meta.sop_class.as_str(),
+        meta.sop_instance.as_str(),
+        meta.transfer_syntax.as_str(),
+        meta.calling_ae.as_str(),
+        meta.patient_id.as_deref().unwrap_or_default(),
+        digest,
+    ] {
+        t.extend_from_slice(&u32::try_from(field.len()).unwrap_or(0).to_le_bytes());
+        t.extend_from_slice(field.as_bytes());
+    }
+    t.push(u8::from(meta.patient_id.is_some()));
+    t.extend_from_slice(&size.to_le_bytes());
+    t.extend_from_slice(&received_at.to_le_bytes());
+    let len = u32::try_from(t.len()).unwrap_or(0);
+    t.extend_from_slice(&len.to_le_bytes());
+    t.extend_from_slice(TRAILER_MAGIC);
+    t
+}
+
+/// What an object's trailer says.
+struct Trailer {
+    meta: Meta,
+    digest: String,
+    size: u64,
+    received_at: i64,
+}
+
+/// Reads and checks an object file's trailer: well formed, at the very end, and the data
+/// set before it matching its digest. `None` for anything else (an instance whose receipt
+/// did not finish).
+fn read_trailer(path: &Path) -> Option<Trailer> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    if len < 12 {
+        return None;
+    }
+    let mut end = [0u8; 12];
+    f.seek(SeekFrom::Start(len - 12)).ok()?;
+    f.read_exact(&mut end).ok()?;
+    if &end[4..] != TRAILER_MAGIC {
+        return None;
+    }
+    let tlen = u64::from(u32::from_le_bytes(end[..4].try_into().ok()?));
+    if tlen > MAX_TRAILER || tlen + 12 > len {
+        return None;
+    }
+    let mut t = vec![0u8; usize::try_from(tlen).ok()?];
+    f.seek(SeekFrom::Start(len - 12 - tlen)).ok()?;
+    f.read_exact(&mut t).ok()?;
+    let mut rest = t.as_slice();
+    let mut fields = Vec::with_capacity(6);
+    for _ in 0..6 {
+        let n = usize::try_from(u32::from_le_bytes(rest.get(..4)?.try_into().ok()?)).ok()?;
+        let value = std::str::from_utf8(rest.get(4..4 + n)?).ok()?.to_owned();
+        fields.push(value);
+        rest = &rest[4 + n..];
+    }
+    let (&flag, rest) = rest.split_first()?;
+    if rest.len() != 16 {
+        return None;
+    }
+    let size = u64::from_le_bytes(rest[..8].try_into().ok()?);
+    let received_at = i64::from_le_bytes(rest[8..].try_into().ok()?);
+    if size.checked_add(tlen + 12)? != len {
+        return None;
+    }
+    let mut hash = blake3::Hasher::new();
+    f.seek(SeekFrom::Start(0)).ok()?;
+    io::copy(&mut (&mut f).take(size), &mut hash).ok()?;
+    let mut fields = fields.into_iter();
+    let mut next = || fields.next().unwrap_or_default();
+    let (sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, digest) =
+        (next(), next(), next(), next(), next(), next());
+    if hash.finalize().to_hex().as_str() != digest {
+        return None;
+    }
+    Some(Trailer {
+        meta: Meta {
+            sop_class,
+            sop_instance,
+            transfer_syntax,
+            calling_ae,
+            patient_id: (flag == 1).then_some(patient_id),
+        },
+        digest,
+        size,
+        received_at,
+    })
+}
+
 /// How much of an instance is written before its writeback is started.
 const WRITEBACK_CHUNK: u64 = 8 << 20;
 
@@ -1080,22 +1247,25 @@ impl Incoming {
 
     /// Makes the instance durable and queued; only then may success be answered.
     pub fn commit(mut self, meta: &Meta, now: i64) -> Result<Committed, SpoolError> {
-        let file = self
+        let mut file = self
             .file
             .take()
             .ok_or(SpoolError::Io(io::Error::other("already committed")))?;
-        // Data, size and (on ext4) the directory entry: what reading it back needs. Made
-        // durable before the queue's lock is taken, so that concurrent associations wait
-        // for each other's queue commits only. A crash before the row commits leaves an
-        // object without a row: never acknowledged, and [`Spool::open`] removes it (and the
-        // next id counts from the rows again).
+        let digest = self.hash.finalize().to_hex().to_string();
+        // The trailer (what the queue row holds), then data, trailer, size and (on ext4)
+        // the directory entry made durable: the instance is safe from here on, its row or
+        // not. The row is written without a flush (the ingest connection); should power go
+        // before the WAL reaches the disk, [`Spool::open`] queues the object again from its
+        // trailer. An object whose trailer never became durable was never acknowledged,
+        // and is removed.
+        file.write_all(&trailer(meta, &digest, self.written, now))
+            .map_err(io_or_full)?;
         file.sync_data().map_err(io_or_full)?;
         drop(file);
         let spool = self.spool.clone();
         if spool.inner.sync_folder {
             spool.inner.objects.sync_all().map_err(SpoolError::Io)?;
         }
-        let digest = self.hash.finalize().to_hex().to_string();
         let id = self.id;
         // Group commit: the row joins the pending ones; whoever holds the queue next commits
         // all of them in one transaction (concurrent associations share one WAL fsync).
@@ -1109,7 +1279,7 @@ impl Incoming {
             reply,
         });
         {
-            let mut conn = spool.conn();
+            let mut conn = lock(&spool.inner.ingest);
             let batch = std::mem::take(&mut *lock(&spool.inner.pending));
             if !batch.is_empty() {
                 commit_batch(&mut conn, batch);
@@ -1128,6 +1298,13 @@ impl Incoming {
         self.written = 0;
         self.path = PathBuf::new();
         if let Some(old) = replaced {
+            // The earlier copy's file goes next, so the removal of its row must not be lost
+            // with power: a commit on the flushing connection flushes the WAL, the ingest
+            // connection's rows with it.
+            spool
+                .conn()
+                .execute("UPDATE counters SET delivered = delivered", [])
+                .map_err(sql("flush a replacement"))?;
             let old_path = spool.object_path(old);
             let size = fs::metadata(&old_path).map(|m| m.len()).unwrap_or(0);
             let _ = fs::remove_file(old_path);

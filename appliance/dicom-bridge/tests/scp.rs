@@ -81,7 +81,9 @@ async fn echo_and_store_into_the_spool() {
     assert_eq!(q.meta.calling_ae, "STORESCU");
     // The data set as sent, byte for byte (the Japanese name included).
     let sent = std::fs::read(&file).unwrap();
-    let stored = std::fs::read(&q.path).unwrap();
+    // The data set, then the spool's trailer.
+    let mut stored = std::fs::read(&q.path).unwrap();
+    stored.truncate(usize::try_from(q.size).unwrap());
     assert_eq!(stored, data_set(&sent));
     let name = DicomFile::read(&file)
         .unwrap()

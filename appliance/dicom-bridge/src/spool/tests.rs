@@ -19,6 +19,13 @@ fn files(dir: &Path, sub: &str) -> Vec<String> {
     v
 }
 
+/// A queued instance's data set (its object file without the trailer).
+fn data_of(q: &Queued) -> Vec<u8> {
+    let mut bytes = fs::read(&q.path).unwrap();
+    bytes.truncate(usize::try_from(q.size).unwrap());
+    bytes
+}
+
 fn receive(spool: &Spool, bytes: &[u8], m: &Meta) -> Committed {
     let mut inc = spool.begin().unwrap();
     for chunk in bytes.chunks(7) {
@@ -40,7 +47,7 @@ fn committed_instances_are_queued_durably_and_survive_reopening() {
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
     let ready = spool.ready(100, 10).unwrap();
     assert_eq!(ready.len(), 1);
-    assert_eq!(fs::read(&ready[0].path).unwrap(), b"DICM instance one");
+    assert_eq!(data_of(&ready[0]), b"DICM instance one");
     assert_eq!(ready[0].meta, meta("1.2.3.1", "0001"));
     spool.delivered(id).unwrap();
     assert!(files(dir.path(), "objects").is_empty());
@@ -208,7 +215,7 @@ fn concurrent_commits_share_transactions_and_lose_nothing() {
     assert_eq!(files(dir.path(), "objects").len(), 200);
     // Every row's object holds its own bytes.
     for q in spool.ready(100, 1000).unwrap() {
-        assert_eq!(fs::read(&q.path).unwrap(), q.meta.sop_instance.as_bytes());
+        assert_eq!(data_of(&q), q.meta.sop_instance.as_bytes());
     }
     // The same instance from two threads at once: stored once, the other recorded.
     let twice: Vec<Committed> = std::thread::scope(|scope| {
@@ -447,4 +454,106 @@ fn an_instance_whose_commitment_does_not_come_is_sent_again_under_a_new_transact
     assert_eq!(done.committed, 1);
     assert!(files(dir.path(), "objects").is_empty());
     assert_eq!(spool.counts().unwrap().bytes, 0);
+}
+
+/// Issue 15, ingest without a flush of the queue: a row is written without one, so power
+/// may take it while the object (with its trailer) is on disk, and its success was sent.
+/// Opening the spool queues such an object again from its trailer, as it was received
+/// (patient, SOP class, transfer syntax, calling AE, when); an object whose trailer is
+/// incomplete or whose bytes do not match the digest was never acknowledged, and goes; an
+/// older copy of an instance queued anew goes too.
+#[test]
+fn rows_lost_with_power_are_rebuilt_from_the_objects_trailers() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let mut ids = Vec::new();
+    for (uid, bytes) in [
+        ("1.2.3.1", &b"DICM one"[..]),
+        ("1.2.3.2", b"DICM two"),
+        ("1.2.3.3", b"DICM three"),
+        ("1.2.3.4", b"DICM four"),
+    ] {
+        let Committed::Queued(id) = receive(&spool, bytes, &meta(uid, "0001")) else {
+            panic!()
+        };
+        ids.push(id);
+    }
+    // A newer copy of 1.2.3.4 replaces it; the older copy's file is left as a crash
+    // before its removal would leave it.
+    let object = |id: i64| dir.path().join("objects").join(format!("{id}.dcm"));
+    let older = fs::read(object(ids[3])).unwrap();
+    let Committed::Replaced { id: newer, .. } =
+        receive(&spool, b"DICM four, newer", &meta("1.2.3.4", "0001"))
+    else {
+        panic!()
+    };
+    fs::write(object(ids[3]), older).unwrap();
+    // No patient ID at all.
+    let no_patient = Meta {
+        patient_id: None,
+        ..meta("1.2.3.5", "")
+    };
+    let Committed::Queued(anonymous) = receive(&spool, b"DICM five", &no_patient) else {
+        panic!()
+    };
+    // Power goes: the rows of 1, 2, 3, the older 4 and 5 never reached the disk.
+    {
+        let conn = spool.conn();
+        for id in ids.iter().chain([&anonymous]) {
+            conn.execute("DELETE FROM queue WHERE id = ?1", [id])
+                .unwrap();
+        }
+    }
+    drop(spool);
+    // 2's trailer was cut short (its flush never finished), 3's bytes differ from its digest.
+    let two = fs::read(object(ids[1])).unwrap();
+    fs::write(object(ids[1]), &two[..two.len() - 3]).unwrap();
+    let mut three = fs::read(object(ids[2])).unwrap();
+    three[0] ^= 1;
+    fs::write(object(ids[2]), &three).unwrap();
+
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let ready = spool.ready(1000, 10).unwrap();
+    let uids: Vec<(&str, i64)> = ready
+        .iter()
+        .map(|q| (q.meta.sop_instance.as_str(), q.id))
+        .collect();
+    assert_eq!(
+        uids,
+        vec![
+            ("1.2.3.1", ids[0]),
+            ("1.2.3.4", newer),
+            ("1.2.3.5", anonymous)
+        ],
+        "{ready:?}"
+    );
+    assert_eq!(ready[0].meta, meta("1.2.3.1", "0001"));
+    assert_eq!(data_of(&ready[0]), b"DICM one");
+    assert_eq!(ready[2].meta, no_patient);
+    let received: i64 = spool
+        .conn()
+        .query_row(
+            "SELECT received_at FROM queue WHERE id = ?1",
+            [ids[0]],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(received, 100, "as it was received");
+    assert_eq!(
+        files(dir.path(), "objects"),
+        vec![
+            format!("{}.dcm", ids[0]),
+            format!("{newer}.dcm"),
+            format!("{anonymous}.dcm")
+        ]
+    );
+    assert_eq!(
+        spool.counts().unwrap().bytes,
+        (b"DICM one".len() + b"DICM four, newer".len() + b"DICM five".len()) as u64
+    );
+    // A copy arriving now is the same instance: stored once.
+    assert_eq!(
+        receive(&spool, b"DICM one", &meta("1.2.3.1", "0001")),
+        Committed::Identical(ids[0])
+    );
 }
