@@ -765,6 +765,13 @@ async fn finish(
     match tokio::task::spawn_blocking(move || incoming.commit(&meta, now)).await {
         Ok(Ok(_)) => Status::SUCCESS,
         Ok(Err(SpoolError::OutOfResources)) => Status::OUT_OF_RESOURCES,
-        _ => Status::PROCESSING_FAILURE,
+        Ok(Err(e)) => {
+            tracing::warn!(
+                error = %tsunagi_runtime::child::error_chain(&e),
+                "cannot queue a received instance; refused (0110H)"
+            );
+            Status::PROCESSING_FAILURE
+        }
+        Err(_) => Status::PROCESSING_FAILURE,
     }
 }

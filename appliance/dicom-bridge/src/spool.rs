@@ -155,7 +155,7 @@ enum Landed {
 /// Commits a batch of rows in one transaction and answers each.
 fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
     let result = (|| -> Result<Vec<Landed>, SpoolError> {
-        let tx = conn.transaction().map_err(sql("begin"))?;
+        let tx = write(conn).map_err(sql("begin"))?;
         let mut landed = Vec::with_capacity(batch.len());
         {
             let mut find = tx
@@ -231,6 +231,14 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
             }
         }
     }
+}
+
+/// A write transaction that takes the write lock when it begins (`BEGIN IMMEDIATE`): the
+/// queue has two connections (ingest and the rest, and an operator's command may open a
+/// third), and a transaction that read before it writes could otherwise fail at once with
+/// SQLITE_BUSY (its snapshot is stale) instead of waiting its turn.
+fn write(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
 }
 
 fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> SpoolError {
@@ -534,7 +542,7 @@ impl Spool {
     pub fn delivered(&self, id: i64) -> Result<(), SpoolError> {
         let size: Option<i64> = {
             let mut conn = self.conn();
-            let tx = conn.transaction().map_err(sql("delivered"))?;
+            let tx = write(&mut conn).map_err(sql("delivered"))?;
             let size = tx
                 .query_row("SELECT size FROM queue WHERE id = ?1", [id], |r| r.get(0))
                 .optional()
@@ -573,7 +581,7 @@ impl Spool {
         resend_at: i64,
     ) -> Result<(), SpoolError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(sql("stored"))?;
+        let tx = write(&mut conn).map_err(sql("stored"))?;
         {
             let mut release = tx
                 .prepare(
@@ -621,7 +629,7 @@ impl Spool {
         let mut gone: Vec<(i64, i64)> = Vec::new();
         {
             let mut conn = self.conn();
-            let tx = conn.transaction().map_err(sql("commitment"))?;
+            let tx = write(&mut conn).map_err(sql("commitment"))?;
             {
                 let mut find = tx
                     .prepare(
@@ -700,7 +708,7 @@ impl Spool {
             return Ok(());
         }
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(sql("save decisions"))?;
+        let tx = write(&mut conn).map_err(sql("save decisions"))?;
         {
             let mut stmt = tx
                 .prepare("UPDATE queue SET decision = ?2 WHERE id = ?1")
@@ -739,7 +747,7 @@ impl Spool {
     /// These release records are in the audit trail now.
     pub fn releases_recorded(&self, ids: &[i64]) -> Result<(), SpoolError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(sql("forget release records"))?;
+        let tx = write(&mut conn).map_err(sql("forget release records"))?;
         for id in ids {
             tx.execute("DELETE FROM releases WHERE id = ?1", [id])
                 .map_err(sql("forget release records"))?;
@@ -1144,7 +1152,7 @@ fn requeue(
     ids: Option<&[i64]>,
     now: i64,
 ) -> Result<Vec<Requeued>, SpoolError> {
-    let tx = conn.transaction().map_err(sql("requeue"))?;
+    let tx = write(conn).map_err(sql("requeue"))?;
     let out = dead(&tx, ids)?;
     {
         let mut put = tx

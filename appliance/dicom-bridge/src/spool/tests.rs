@@ -557,3 +557,47 @@ fn rows_lost_with_power_are_rebuilt_from_the_objects_trailers() {
         Committed::Identical(ids[0])
     );
 }
+
+/// Ingest (its own connection) and the forwarder's changes (the other) at the same time:
+/// every commit waits its turn; none fails because the other connection wrote since it
+/// began (a transaction that reads before it writes must take the write lock first).
+#[test]
+fn ingest_and_the_forwarders_changes_at_once_never_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let forwarder = scope.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let ready = spool.ready(i64::MAX, 20).unwrap();
+                let decisions: Vec<(i64, i64)> = ready.iter().map(|q| (q.id, 1)).collect();
+                spool.set_decisions(&decisions).unwrap();
+                if let Some(q) = ready.first() {
+                    spool.delivered(q.id).unwrap();
+                }
+                n += 1;
+            }
+            n
+        });
+        let senders: Vec<_> = (0..4)
+            .map(|t| {
+                let spool = &spool;
+                scope.spawn(move || {
+                    for i in 0..100 {
+                        let uid = format!("1.2.3.{t}.{i}");
+                        receive(spool, uid.as_bytes(), &meta(&uid, "0001"));
+                    }
+                })
+            })
+            .collect();
+        let sent: Vec<_> = senders.into_iter().map(|s| s.join()).collect();
+        stop.store(true, Ordering::Relaxed);
+        assert!(forwarder.join().unwrap() > 0);
+        for s in sent {
+            s.unwrap();
+        }
+    });
+    let c = spool.counts().unwrap();
+    assert_eq!(c.pending + c.delivered, 400, "{c:?}");
+}
