@@ -1,0 +1,221 @@
+//! The provisioning medium (issue 16): what the operator's `tsunagi-provision medium` writes
+//! to a USB stick or a directory, and what the box checks before it applies anything from
+//! it.
+//!
+//! A medium is two files: [`BUNDLE_FILE`], the bundle as JSON ([`Bundle`]: the clinic's
+//! config, the hub's WireGuard key and endpoint, the tunnel address, the hub's CA, a
+//! one-time enrollment token and its expiry, a serial), and [`SIGNATURE_FILE`], the
+//! Ed25519 signature of exactly those bytes by the network's provisioning key, in base64.
+//! No box secret is on it: the box makes its own keys.
+//!
+//! [`verify`] is the box's whole decision, before any field is used: signed by the
+//! network's key (built into the image), then well formed, of a known format, for this box's
+//! clinic (once it has one), not expired, with a serial newer than the last one applied,
+//! and a config that `tsunagi-config` accepts. Each refusal is one line ([`Refused`]).
+#![forbid(unsafe_code)]
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+/// The bundle's file on a medium.
+pub const BUNDLE_FILE: &str = "tsunagi-provisioning.json";
+/// The signature's file on a medium.
+pub const SIGNATURE_FILE: &str = "tsunagi-provisioning.sig";
+/// The bundle format this code writes and reads.
+pub const FORMAT: u32 = 1;
+/// A bundle's size, at most (a config and a CA certificate).
+pub const MAX_BUNDLE: usize = 256 * 1024;
+
+/// What a medium asks of the box.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// Provision the box for the clinic (or re-provision it, with a newer serial).
+    Provision,
+    /// Factory reset: wipe the data partition, back to un-enrolled.
+    Reset,
+}
+
+/// The hub, as the box reaches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Hub {
+    /// The hub's WireGuard public key (base64 of 32 bytes).
+    pub public_key: String,
+    /// `HOST:PORT` of the hub's WireGuard endpoint.
+    pub endpoint: String,
+    /// The box's address inside the tunnel, allocated to the clinic (`10.98.1.2/32`).
+    pub tunnel_address: String,
+    /// The network's CA certificate (PEM), which the box pins for enrollment and TLS.
+    pub ca_pem: String,
+}
+
+/// A one-time enrollment token: used once, bound to the clinic, until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Enrollment {
+    pub token: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// The enrollment server, reached over TLS pinned to `hub.ca-pem`.
+    pub url: String,
+}
+
+/// The signed bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Bundle {
+    pub format: u32,
+    pub kind: Kind,
+    /// Increases with every medium the network issues: a box applies only a serial newer
+    /// than the last one it applied.
+    pub serial: u64,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// The medium is refused from this time on (Unix seconds).
+    pub expires_at: i64,
+    /// The clinic's 医療機関コード.
+    pub facility_code: String,
+    pub clinic_name: String,
+    /// The clinic's `tsunagi.toml` (for `reset`, empty).
+    pub config: String,
+    pub hub: Option<Hub>,
+    pub enrollment: Option<Enrollment>,
+}
+
+/// Why a medium is refused: one line each, for the console, the serial log and the audit
+/// record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the medium is not signed (no {SIGNATURE_FILE})")]
+    Unsigned,
+    #[error(
+        "the medium's signature does not verify against the network's provisioning key (tampered, or signed by another key)"
+    )]
+    BadSignature,
+    #[error("the medium is larger than {MAX_BUNDLE} bytes")]
+    TooLarge,
+    #[error("the medium is signed but cannot be read: {0}")]
+    Malformed(String),
+    #[error("the medium's format {0} is not one this box knows ({FORMAT})")]
+    UnknownFormat(u32),
+    #[error("the medium expired at {expired} (Unix seconds; the box's clock says {now})")]
+    Expired { expired: i64, now: i64 },
+    #[error("the medium is for clinic {medium}, this box belongs to clinic {this_box}")]
+    OtherClinic { medium: String, this_box: String },
+    #[error(
+        "the medium's serial {serial} is not newer than the last one applied ({last}): a medium is applied once"
+    )]
+    NotNewer { serial: u64, last: u64 },
+    #[error("the medium's config is refused: {0}")]
+    Config(String),
+}
+
+/// What the box knows when it checks a medium.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expect<'a> {
+    /// The clinic the box belongs to, once it has applied a medium.
+    pub facility_code: Option<&'a str>,
+    /// The serial of the last medium applied.
+    pub last_serial: Option<u64>,
+    /// Unix seconds.
+    pub now: i64,
+}
+
+/// The Ed25519 signature of `bundle` (the exact bytes of [`BUNDLE_FILE`]) by `key`, as the
+/// text of [`SIGNATURE_FILE`].
+pub fn sign(bundle: &[u8], key: &ring::signature::Ed25519KeyPair) -> String {
+    let mut text = B64.encode(key.sign(bundle).as_ref());
+    text.push('\n');
+    text
+}
+
+/// A public key as the image carries it: base64 of its 32 bytes.
+pub fn public_key_text(key: &ring::signature::Ed25519KeyPair) -> String {
+    use ring::signature::KeyPair as _;
+    B64.encode(key.public_key().as_ref())
+}
+
+/// Checks a medium: `bundle` (the bytes of [`BUNDLE_FILE`]), `signature` (the text of
+/// [`SIGNATURE_FILE`], `None` if absent) against `network_key` (base64 of the network's
+/// provisioning public key) and what the box knows. The bundle, only when every check
+/// holds.
+pub fn verify(
+    bundle: &[u8],
+    signature: Option<&str>,
+    network_key: &str,
+    expect: Expect<'_>,
+) -> Result<Bundle, Refused> {
+    let signature = signature.ok_or(Refused::Unsigned)?;
+    if bundle.len() > MAX_BUNDLE {
+        return Err(Refused::TooLarge);
+    }
+    let key = B64
+        .decode(network_key.trim())
+        .map_err(|_| Refused::BadSignature)?;
+    let signature = B64
+        .decode(signature.trim())
+        .map_err(|_| Refused::BadSignature)?;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
+        .verify(bundle, &signature)
+        .map_err(|_| Refused::BadSignature)?;
+    // Signed: now the bytes may be read.
+    let format: serde_json::Value =
+        serde_json::from_slice(bundle).map_err(|e| Refused::Malformed(e.to_string()))?;
+    match format.get("format").and_then(serde_json::Value::as_u64) {
+        Some(f) if f == u64::from(FORMAT) => {}
+        Some(f) => return Err(Refused::UnknownFormat(u32::try_from(f).unwrap_or(u32::MAX))),
+        None => return Err(Refused::Malformed("no format".to_owned())),
+    }
+    let b: Bundle =
+        serde_json::from_value(format).map_err(|e| Refused::Malformed(e.to_string()))?;
+    if expect.now >= b.expires_at {
+        return Err(Refused::Expired {
+            expired: b.expires_at,
+            now: expect.now,
+        });
+    }
+    if let Some(this_box) = expect.facility_code
+        && this_box != b.facility_code
+    {
+        return Err(Refused::OtherClinic {
+            medium: b.facility_code.clone(),
+            this_box: this_box.to_owned(),
+        });
+    }
+    if let Some(last) = expect.last_serial
+        && b.serial <= last
+    {
+        return Err(Refused::NotNewer {
+            serial: b.serial,
+            last,
+        });
+    }
+    if b.kind == Kind::Provision {
+        let cfg = tsunagi_config::parse(&b.config, std::path::Path::new(BUNDLE_FILE))
+            .map_err(|p| Refused::Config(first_line(&p.to_string())))?;
+        if cfg.site.facility_code.as_str() != b.facility_code {
+            return Err(Refused::Config(format!(
+                "its site.facility-code {} is not the medium's clinic {}",
+                cfg.site.facility_code.as_str(),
+                b.facility_code
+            )));
+        }
+        if b.hub.is_none() {
+            return Err(Refused::Malformed("no hub".to_owned()));
+        }
+    }
+    Ok(b)
+}
+
+fn first_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,343 @@
+//! Issue 16, the operator's side: `tsunagi-provision init`, `clinic add|list|show` and
+//! `medium`, run as the operator runs them; each medium checked with the box's own
+//! verification (`tsunagi_medium::verify`) against the public key `init` printed.
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tsunagi-provision");
+const HUB_KEY: &str = "FqGPA/dw/H+9j+QYoKYEg1ofmejzlvrfqqa+t4OnBy4=";
+
+fn run(dir: &Path, args: &[&str]) -> (String, bool) {
+    let out = Command::new(BIN)
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        out.status.success(),
+    )
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let (text, success) = run(dir, args);
+    assert!(success, "{args:?}: {text}");
+    text
+}
+
+/// An operator directory initialised for a network whose pool is `pool`; the public key.
+fn init(work: &Path, pool: &str) -> (std::path::PathBuf, String) {
+    let ca = work.join("network-ca.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let template = work.join("template.toml");
+    std::fs::write(
+        &template,
+        "version = 1\n\n[site]\nfacility-code = \"0000000000\"\nae-title = \"PLACEHOLDER\"\n\n\
+         [paths]\nstate-dir = \"/var/lib/tsunagi\"\nruntime-dir = \"/run/tsunagi\"\n\n\
+         [tunnel]\nhub-endpoint = \"placeholder:1\"\nhub-public-key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\n\
+         address = \"10.99.0.2/24\"\nhub-subnets = [\"10.98.0.0/24\"]\nhealth-url = \"http://10.98.0.1:8080/health\"\n",
+    )
+    .unwrap();
+    let dir = work.join("operator");
+    let text = ok(
+        &dir,
+        &[
+            "init",
+            "--name",
+            "TOKYO-TEST",
+            "--hub-public-key",
+            HUB_KEY,
+            "--hub-endpoint",
+            "hub.example.test:51820",
+            "--hub-ca",
+            ca.to_str().unwrap(),
+            "--tunnel-pool",
+            pool,
+            "--enrollment-url",
+            "https://10.98.0.1:8443/enroll",
+            "--template",
+            template.to_str().unwrap(),
+        ],
+    );
+    let public = text
+        .lines()
+        .find_map(|l| l.strip_prefix("provisioning public key (build it into the image): "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_owned();
+    (dir, public)
+}
+
+fn read_medium(out: &Path) -> (Vec<u8>, String) {
+    (
+        std::fs::read(out.join(tsunagi_medium::BUNDLE_FILE)).unwrap(),
+        std::fs::read_to_string(out.join(tsunagi_medium::SIGNATURE_FILE)).unwrap(),
+    )
+}
+
+#[test]
+fn an_operator_registers_clinics_and_writes_media_the_box_accepts() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let work = tempfile::tempdir().unwrap();
+    let (dir, public) = init(work.path(), "10.98.1.0/24");
+    // The signing key is the operator's alone; the database names it, never holds it.
+    let key = dir.join("keys/provisioning.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let db = std::fs::read(dir.join("operator.db")).unwrap();
+    let key_text = std::fs::read_to_string(&key).unwrap();
+    assert!(!db.windows(20).any(|w| w == &key_text.as_bytes()[..20]));
+    // Initialised once.
+    let (again, success) = run(
+        &dir,
+        &[
+            "init",
+            "--name",
+            "X",
+            "--hub-public-key",
+            HUB_KEY,
+            "--hub-endpoint",
+            "h:1",
+            "--hub-ca",
+            "x",
+            "--tunnel-pool",
+            "10.0.0.0/24",
+            "--enrollment-url",
+            "u",
+            "--template",
+            "t",
+        ],
+    );
+    assert!(!success && again.contains("already initialised"), "{again}");
+
+    // Clinics: each its own tunnel address from the pool (the first host is the hub's).
+    ok(
+        &dir,
+        &[
+            "clinic",
+            "add",
+            "--code",
+            "1312345678",
+            "--name",
+            "つなぎ内科",
+            "--ae-title",
+            "TSUNAGI_A",
+        ],
+    );
+    ok(
+        &dir,
+        &[
+            "clinic",
+            "add",
+            "--code",
+            "1319999999",
+            "--name",
+            "例クリニック",
+            "--ae-title",
+            "TSUNAGI_B",
+        ],
+    );
+    let (dup, success) = run(
+        &dir,
+        &[
+            "clinic",
+            "add",
+            "--code",
+            "1312345678",
+            "--name",
+            "x",
+            "--ae-title",
+            "X",
+        ],
+    );
+    assert!(!success && dup.contains("already registered"), "{dup}");
+    let (bad, success) = run(
+        &dir,
+        &[
+            "clinic",
+            "add",
+            "--code",
+            "12",
+            "--name",
+            "x",
+            "--ae-title",
+            "X",
+        ],
+    );
+    assert!(!success && bad.contains("医療機関コード 12"), "{bad}");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["clinic", "list", "--json"])).unwrap();
+    let addresses: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["tunnel-address"].as_str().unwrap())
+        .collect();
+    assert_eq!(addresses, ["10.98.1.2/24", "10.98.1.3/24"]);
+    let show: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["clinic", "show", "1319999999", "--json"])).unwrap();
+    assert_eq!(show["name"], "例クリニック");
+
+    // A medium for clinic A: accepted by the box's own check, with the clinic's config.
+    let out = work.path().join("stick");
+    ok(
+        &dir,
+        &[
+            "medium",
+            "--clinic",
+            "1312345678",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let (bundle, sig) = read_medium(&out);
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap();
+    let blank = tsunagi_medium::Expect {
+        facility_code: None,
+        last_serial: None,
+        now,
+    };
+    let b = tsunagi_medium::verify(&bundle, Some(&sig), &public, blank).unwrap();
+    assert_eq!(b.facility_code, "1312345678");
+    assert_eq!(b.serial, 1);
+    let cfg = tsunagi_config::parse(&b.config, Path::new("medium")).unwrap();
+    assert_eq!(cfg.site.ae_title.as_ref(), "TSUNAGI_A");
+    let hub = b.hub.as_ref().unwrap();
+    assert_eq!(hub.tunnel_address, "10.98.1.2/24");
+    assert_eq!(hub.public_key, HUB_KEY);
+    assert!(hub.ca_pem.contains("TEST"));
+    let token = &b.enrollment.as_ref().unwrap().token;
+    assert!(token.len() >= 43, "{token}");
+    // No box secret, and the token itself is not kept by the operator (only its hash).
+    let db = std::fs::read(dir.join("operator.db")).unwrap();
+    assert!(!db.windows(token.len()).any(|w| w == token.as_bytes()));
+    // Expired two weeks on; another clinic's box refuses it.
+    let later = tsunagi_medium::Expect {
+        now: now + 15 * 86_400,
+        ..blank
+    };
+    assert!(tsunagi_medium::verify(&bundle, Some(&sig), &public, later).is_err());
+    let other = tsunagi_medium::Expect {
+        facility_code: Some("1319999999"),
+        ..blank
+    };
+    assert!(tsunagi_medium::verify(&bundle, Some(&sig), &public, other).is_err());
+
+    // The next medium has a newer serial: a box that applied the first takes it.
+    let out2 = work.path().join("stick2");
+    ok(
+        &dir,
+        &[
+            "medium",
+            "--clinic",
+            "1312345678",
+            "--out",
+            out2.to_str().unwrap(),
+            "--valid-for",
+            "1h",
+        ],
+    );
+    let (bundle2, sig2) = read_medium(&out2);
+    let applied = tsunagi_medium::Expect {
+        facility_code: Some("1312345678"),
+        last_serial: Some(1),
+        now,
+    };
+    let b2 = tsunagi_medium::verify(&bundle2, Some(&sig2), &public, applied).unwrap();
+    assert_eq!(b2.serial, 2);
+    assert!(b2.expires_at <= now + 3700);
+    // And the first one, replayed, is refused.
+    assert!(
+        tsunagi_medium::verify(
+            &bundle,
+            Some(&sig),
+            &public,
+            tsunagi_medium::Expect {
+                last_serial: Some(2),
+                ..applied
+            }
+        )
+        .is_err()
+    );
+    // A reset medium carries no config and no token.
+    let out3 = work.path().join("reset");
+    ok(
+        &dir,
+        &[
+            "medium",
+            "--clinic",
+            "1312345678",
+            "--out",
+            out3.to_str().unwrap(),
+            "--reset",
+        ],
+    );
+    let (bundle3, sig3) = read_medium(&out3);
+    let b3 = tsunagi_medium::verify(
+        &bundle3,
+        Some(&sig3),
+        &public,
+        tsunagi_medium::Expect {
+            last_serial: Some(2),
+            ..applied
+        },
+    )
+    .unwrap();
+    assert_eq!(b3.kind, tsunagi_medium::Kind::Reset);
+    assert!(b3.config.is_empty() && b3.enrollment.is_none());
+    // An unknown clinic.
+    let (none, success) = run(&dir, &["medium", "--clinic", "1300000000", "--out", "x"]);
+    assert!(!success && none.contains("no clinic 1300000000"), "{none}");
+}
+
+#[test]
+fn a_full_pool_is_refused_clearly() {
+    let work = tempfile::tempdir().unwrap();
+    // A /30: two hosts, the first the hub's: room for one clinic.
+    let (dir, _) = init(work.path(), "10.98.2.0/30");
+    ok(
+        &dir,
+        &[
+            "clinic",
+            "add",
+            "--code",
+            "1312345678",
+            "--name",
+            "A",
+            "--ae-title",
+            "A",
+        ],
+    );
+    let (full, success) = run(
+        &dir,
+        &[
+            "clinic",
+            "add",
+            "--code",
+            "1319999999",
+            "--name",
+            "B",
+            "--ae-title",
+            "B",
+        ],
+    );
+    assert!(
+        !success && full.contains("10.98.2.0/30 has no free address"),
+        "{full}"
+    );
+    let (none, success) = run(&work.path().join("elsewhere"), &["clinic", "list"]);
+    assert!(!success && none.contains("not initialised"), "{none}");
+}
