@@ -325,22 +325,7 @@ impl Cursor<'_> {
             if !vr.iter().all(u8::is_ascii_uppercase) {
                 return Err(bad());
             }
-            if matches!(
-                &vr,
-                b"OB"
-                    | b"OW"
-                    | b"OF"
-                    | b"SQ"
-                    | b"UT"
-                    | b"UN"
-                    | b"UC"
-                    | b"UR"
-                    | b"OD"
-                    | b"OL"
-                    | b"OV"
-                    | b"SV"
-                    | b"UV"
-            ) {
+            if crate::header::has_long_length(&vr) {
                 (Some(vr), self.u32_at(p + 8).ok_or_else(bad)?, 12)
             } else {
                 (Some(vr), u32::from(self.u16_at(p + 6).ok_or_else(bad)?), 8)

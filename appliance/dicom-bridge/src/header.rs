@@ -36,6 +36,27 @@ pub enum HeaderError {
 }
 
 const MAX_DEPTH: usize = 16;
+
+/// Whether an explicit VR element of this VR has the long header (two reserved bytes and
+/// a 32-bit length, 12 bytes in all; PS3.5 §7.1.2) rather than a 16-bit length (8 bytes).
+pub(crate) fn has_long_length(vr: &[u8; 2]) -> bool {
+    matches!(
+        vr,
+        b"OB"
+            | b"OW"
+            | b"OF"
+            | b"SQ"
+            | b"UT"
+            | b"UN"
+            | b"UC"
+            | b"UR"
+            | b"OD"
+            | b"OL"
+            | b"OV"
+            | b"SV"
+            | b"UV"
+    )
+}
 const LAST: u32 = 0x0020_000D;
 
 fn tag_of(g: u16, e: u16) -> u32 {
@@ -96,23 +117,7 @@ impl<'a> Reader<'a> {
         if !vr.iter().all(u8::is_ascii_uppercase) {
             return Err(HeaderError::Malformed(g, e));
         }
-        let long = matches!(
-            &vr,
-            b"OB"
-                | b"OW"
-                | b"OF"
-                | b"SQ"
-                | b"UT"
-                | b"UN"
-                | b"UC"
-                | b"UR"
-                | b"OD"
-                | b"OL"
-                | b"OV"
-                | b"SV"
-                | b"UV"
-        );
-        if long {
+        if has_long_length(&vr) {
             let len = self.u32(self.pos + 8).ok_or(HeaderError::Incomplete)?;
             Ok(Some((g, e, vr, len, 12)))
         } else {

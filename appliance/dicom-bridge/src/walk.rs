@@ -199,10 +199,10 @@ impl Walker {
         if group == 0xFFFE {
             return 8;
         }
-        match &[self.head[4], self.head[5]] {
-            b"OB" | b"OW" | b"OF" | b"SQ" | b"UT" | b"UN" | b"UC" | b"UR" | b"OD" | b"OL"
-            | b"OV" | b"SV" | b"UV" => 12,
-            _ => 8,
+        if crate::header::has_long_length(&[self.head[4], self.head[5]]) {
+            12
+        } else {
+            8
         }
     }
 
