@@ -52,6 +52,10 @@ pub struct Settings {
     /// whose N-EVENT-REPORT (a commitment report) is taken. It may associate even when it
     /// is not in `allowed`, for that and C-ECHO only.
     pub commitment_from: Option<(String, IpAddr)>,
+    /// Commitment reports refused because they did not come from the network PACS (its AE
+    /// title at its address), for the status: a PACS that reports from elsewhere never
+    /// commits anything.
+    pub refused_reports: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The DICOMDIR's SOP class: a file-set directory, never sent over the network.
@@ -379,6 +383,11 @@ async fn association(
                                 && let Some(r) = reporting.take()
                             {
                                 let status = commitment_report(&r, from_pacs, spool).await;
+                                if !from_pacs && settings.commitment_from.is_some() {
+                                    settings
+                                        .refused_reports
+                                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
                                 if let Some(rsp) = r.command.respond(status) {
                                     send_command(&mut assoc, r.pc_id, &rsp).await?;
                                 }

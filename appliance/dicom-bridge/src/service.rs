@@ -88,6 +88,7 @@ impl Settings {
                     .pacs
                     .storage_commitment
                     .then(|| (d.pacs.ae_title.as_ref().to_owned(), d.pacs.address.ip())),
+                refused_reports: Arc::default(),
                 // tsunagi_config::Config validation makes query/retrieve come with an allowed-callers list.
                 proxy: d.query_retrieve.then(|| {
                     Arc::new(crate::qr::Proxy {
@@ -183,6 +184,7 @@ pub enum ServiceError {
 pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError> {
     let spool = Spool::open(&settings.state_dir.join("spool"), settings.quota)?;
     let mut scp_settings = settings.scp.clone();
+    let refused_reports = scp_settings.refused_reports.clone();
     if let Some(proxy) = &settings.scp.proxy {
         let left = crate::qr::clean_work_dir(&proxy.work_dir);
         if left > 0 {
@@ -410,7 +412,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         }
         let counts = spool.counts().unwrap_or_default();
         let summary = format!(
-            "{} waiting, {}{} held in the clinic, {} dead letters, {} delivered, {} duplicates{}{}{}",
+            "{} waiting, {}{} held in the clinic, {} dead letters, {} delivered, {} duplicates{}{}{}{}",
             counts.pending,
             if settings.commitment_timeout.is_some() {
                 format!(
@@ -440,13 +442,22 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             commitment_error
                 .as_ref()
                 .map(|e| format!("; storage commitment: {e}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            match refused_reports.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => String::new(),
+                n => format!(
+                    "; {n} storage commitment reports refused: not from the network PACS's AE title at its address"
+                ),
+            }
         );
-        let health = if last_error.is_some() || commitment_error.is_some() || counts.dead > 0 {
-            Health::Degraded
-        } else {
-            Health::Ok
-        };
+        let refused = refused_reports.load(std::sync::atomic::Ordering::Relaxed);
+        let health =
+            if last_error.is_some() || commitment_error.is_some() || refused > 0 || counts.dead > 0
+            {
+                Health::Degraded
+            } else {
+                Health::Ok
+            };
         ctx.reporter.status_with_metrics(
             health,
             &summary,
@@ -465,6 +476,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                     "spool_awaiting_commitment",
                     counts.awaiting_commitment as f64,
                 ),
+                ("commitment_reports_refused_total", refused as f64),
             ],
         );
     }

@@ -37,6 +37,7 @@ async fn start(spool: Spool) -> (u16, CancellationToken) {
         extra_sop_classes: Vec::new(),
         header_limit: 1 << 20,
         commitment_from: None,
+        refused_reports: Default::default(),
     });
     tokio::spawn(serve(listener, settings, spool, stop.clone()));
     (port, stop)
@@ -269,6 +270,7 @@ async fn idle_clients_and_oversized_pdus_do_not_hold_the_service() {
         extra_sop_classes: Vec::new(),
         header_limit: 1 << 20,
         commitment_from: None,
+        refused_reports: Default::default(),
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     // An idle client that sends nothing: others are served meanwhile, and it is closed
@@ -359,6 +361,7 @@ async fn an_unknown_sop_class_and_the_association_cap_get_the_right_answers() {
         extra_sop_classes: vec![PRIVATE.into()],
         header_limit: 1 << 20,
         commitment_from: None,
+        refused_reports: Default::default(),
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     let file = generate(dir.path(), "1.2.826.0.1.3680043.9.7777.1.5", "0001234");
@@ -648,6 +651,7 @@ async fn a_commitment_report_is_taken_only_from_the_pacs_and_only_for_its_transa
     let port = listener.local_addr().unwrap().port();
     let stop = CancellationToken::new();
     let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let settings = Arc::new(Settings {
         ae_title: "TSUNAGI".into(),
         max_pdu: 16384,
@@ -658,6 +662,7 @@ async fn a_commitment_report_is_taken_only_from_the_pacs_and_only_for_its_transa
         extra_sop_classes: Vec::new(),
         header_limit: 1 << 20,
         commitment_from: Some(("PACS".into(), local)),
+        refused_reports: refused.clone(),
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     let reference = |uid: &str| Reference {
@@ -685,6 +690,7 @@ async fn a_commitment_report_is_taken_only_from_the_pacs_and_only_for_its_transa
     );
     m.release().await.unwrap();
     assert_eq!(awaiting(&spool), 2);
+    assert_eq!(refused.load(std::sync::atomic::Ordering::Relaxed), 1);
 
     // The PACS: associates, may not store, its reports are read.
     let mut p = reporter(port, "PACS").await.unwrap();

@@ -1665,6 +1665,7 @@ fn with_storage_commitment_an_instance_leaves_the_spool_only_once_orthanc_commit
     let metrics = &service(&status, "dicom")["metrics"];
     assert_eq!(metrics["spool_pending"], 0.0, "{status}");
     assert_eq!(metrics["spool_bytes"], 0.0, "{status}");
+    assert_eq!(metrics["commitment_reports_refused_total"], 0.0, "{status}");
     assert!(
         commitment_jobs(&pacs).iter().any(|s| s == "Success"),
         "{:?}",
