@@ -51,4 +51,6 @@ pub mod exit_code {
     pub const NO_SUPERVISOR: u8 = 4;
     /// A child could not set itself up (inherited socket, privileges, state directory).
     pub const CHILD_SETUP: u8 = 5;
+    /// `tsunagi medium`: the provisioning medium was refused (the line says why).
+    pub const REFUSED: u8 = 6;
 }

@@ -6,7 +6,8 @@
 //! * `tsunagi config check FILE...` — validates config files;
 //! * `tsunagi sysusers` — prints the system users the services run as;
 //! * `tsunagi ssmix2 scan|check ROOT` — inventories an SS-MIX2 storage;
-//! * `tsunagi dicom list|requeue` — the DICOM spool's waiting and dead instances.
+//! * `tsunagi dicom list|requeue` — the DICOM spool's waiting and dead instances;
+//! * `tsunagi medium check|apply DIR` — a signed provisioning medium.
 //!
 //! `main` only wires: arguments → config → logging → runtime → run, and maps the outcome to
 //! an exit code (see `tsunagi_runtime::exit_code` and `docs/operations.md`).
@@ -14,6 +15,7 @@
 
 mod consent_cmd;
 mod dicom_cmd;
+mod medium_cmd;
 mod services;
 mod ssmix2_cmd;
 mod status_cmd;
@@ -95,6 +97,15 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         command: dicom_cmd::DicomCommand,
+    },
+    /// A signed provisioning medium: check it, or apply it (once; a newer serial
+    /// re-provisions).
+    Medium {
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: medium_cmd::MediumCommand,
     },
     /// SS-MIX2 storages: inventory and conformance (reads only; no service needed).
     #[command(subcommand)]
@@ -180,6 +191,7 @@ fn main() -> ExitCode {
             Err(code) => code,
             Ok(cfg) => consent_cmd::audit_verify(&cfg, json),
         },
+        Command::Medium { json, command } => medium_cmd::medium(command, json),
         Command::Ssmix2(command) => ssmix2_cmd::ssmix2(command),
         Command::Sysusers => {
             print!("{}", services::sysusers());

@@ -1,0 +1,219 @@
+//! `tsunagi medium check|apply DIR`: the box's side of a provisioning medium (issue 16).
+//!
+//! `check` says whether the medium in `DIR` would be applied, and why not. `apply` applies
+//! it: [`tsunagi_medium::verify`] against the network's provisioning public key (built into
+//! the image) and what the box applied before, then the clinic's config replaces the
+//! config file, the network's CA and the enrollment token go into
+//! `STATE/provisioning/` (the token readable by root only), and the serial and clinic are
+//! recorded last, so that a medium is applied once and re-provisioning needs a newer
+//! serial. A refusal changes nothing, prints one line and exits with
+//! [`exit_code::REFUSED`]. Every file is written beside and renamed into place, then
+//! flushed with its folder.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use tsunagi_medium::{Bundle, Expect, Kind};
+use tsunagi_runtime::exit_code;
+
+/// Where the image carries the network's provisioning public key (base64 of 32 bytes).
+pub(crate) const DEFAULT_KEY: &str = "/usr/share/tsunagi/provisioning.pub";
+/// The data partition's state directory (a blank box has no config to name it yet).
+pub(crate) const DEFAULT_STATE: &str = "/var/lib/tsunagi";
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct MediumArgs {
+    /// The medium's root (where tsunagi-provisioning.json and .sig are).
+    pub(crate) dir: PathBuf,
+    /// The network's provisioning public key.
+    #[arg(long, default_value = DEFAULT_KEY)]
+    pub(crate) key: PathBuf,
+    /// The state directory, where what was applied is recorded.
+    #[arg(long, default_value = DEFAULT_STATE)]
+    pub(crate) state_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MediumCommand {
+    /// Say whether the medium would be applied, and why not (changes nothing).
+    Check(MediumArgs),
+    /// Apply the medium: the clinic's config, the network's CA, the enrollment token.
+    Apply {
+        #[command(flatten)]
+        args: MediumArgs,
+        /// The config file it replaces.
+        #[arg(long, env = "TSUNAGI_CONFIG", default_value = tsunagi_config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+/// What the box applied last (`STATE/provisioning/applied.json`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Applied {
+    serial: u64,
+    facility_code: String,
+    applied_at: i64,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn applied_path(state: &Path) -> PathBuf {
+    state.join("provisioning").join("applied.json")
+}
+
+/// Reads the medium and checks it; the bundle, or the line that says why not.
+fn checked(args: &MediumArgs) -> Result<Bundle, String> {
+    let key = std::fs::read_to_string(&args.key).map_err(|e| {
+        format!(
+            "cannot read the network's provisioning key {}: {}",
+            args.key.display(),
+            e.kind()
+        )
+    })?;
+    let bundle_path = args.dir.join(tsunagi_medium::BUNDLE_FILE);
+    let bundle = std::fs::read(&bundle_path).map_err(|e| {
+        format!(
+            "no provisioning bundle at {}: {}",
+            bundle_path.display(),
+            e.kind()
+        )
+    })?;
+    let signature = std::fs::read_to_string(args.dir.join(tsunagi_medium::SIGNATURE_FILE)).ok();
+    let applied: Option<Applied> =
+        match std::fs::read(applied_path(&args.state_dir)) {
+            Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
+                format!("the record of the last medium applied cannot be read: {e}")
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(format!(
+                    "the record of the last medium applied cannot be read: {}",
+                    e.kind()
+                ));
+            }
+        };
+    let expect = Expect {
+        facility_code: applied.as_ref().map(|a| a.facility_code.as_str()),
+        last_serial: applied.as_ref().map(|a| a.serial),
+        now: now(),
+    };
+    tsunagi_medium::verify(&bundle, signature.as_deref(), &key, expect).map_err(|e| e.to_string())
+}
+
+/// Writes `bytes` to `path` (mode `mode`): beside it, flushed, renamed into place, and the
+/// folder flushed.
+fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.new"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn apply(args: &MediumArgs, config: &Path, b: &Bundle) -> std::io::Result<()> {
+    let dir = args.state_dir.join("provisioning");
+    std::fs::create_dir_all(&dir)?;
+    replace(config, b.config.as_bytes(), 0o644)?;
+    if let Some(hub) = &b.hub {
+        replace(&dir.join("network-ca.pem"), hub.ca_pem.as_bytes(), 0o644)?;
+    }
+    if let Some(e) = &b.enrollment {
+        let token = serde_json::json!({
+            "token": e.token,
+            "expires-at": e.expires_at,
+            "url": e.url,
+        });
+        replace(
+            &dir.join("enrollment.json"),
+            token.to_string().as_bytes(),
+            0o600,
+        )?;
+    }
+    // Last: the medium counts as applied only once everything is in place.
+    let applied = Applied {
+        serial: b.serial,
+        facility_code: b.facility_code.clone(),
+        applied_at: now(),
+    };
+    let text = serde_json::to_vec(&serde_json::json!({
+        "serial": applied.serial,
+        "facility-code": applied.facility_code,
+        "applied-at": applied.applied_at,
+    }))
+    .map_err(std::io::Error::other)?;
+    replace(&applied_path(&args.state_dir), &text, 0o644)
+}
+
+/// Runs `tsunagi medium ...`; the exit code.
+pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
+    let (args, config) = match &command {
+        MediumCommand::Check(a) => (a, None),
+        MediumCommand::Apply { args, config } => (args, Some(config)),
+    };
+    let say = |verdict: &str, text: &str, serial: Option<u64>| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"verdict": verdict, "reason": text, "serial": serial})
+            );
+        } else {
+            println!("tsunagi medium: {verdict}: {text}");
+        }
+    };
+    let b = match checked(args) {
+        Ok(b) => b,
+        Err(why) => {
+            say("refused", &why, None);
+            return exit_code::REFUSED;
+        }
+    };
+    let what = format!(
+        "{} medium serial {} for clinic {} ({})",
+        match b.kind {
+            Kind::Provision => "provisioning",
+            Kind::Reset => "factory-reset",
+        },
+        b.serial,
+        b.facility_code,
+        b.clinic_name
+    );
+    let Some(config) = config else {
+        say("accepted", &what, Some(b.serial));
+        return exit_code::OK;
+    };
+    if b.kind == Kind::Reset {
+        say(
+            "refused",
+            &format!("{what}: a factory reset is not applied by this version yet; nothing changed"),
+            Some(b.serial),
+        );
+        return exit_code::REFUSED;
+    }
+    match apply(args, config, &b) {
+        Ok(()) => {
+            say("applied", &what, Some(b.serial));
+            exit_code::OK
+        }
+        Err(e) => {
+            say("failed", &format!("{what}: {e}"), Some(b.serial));
+            exit_code::FAILURE
+        }
+    }
+}

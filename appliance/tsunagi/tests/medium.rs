@@ -1,0 +1,218 @@
+//! Issue 16, the box's side of a provisioning medium: `tsunagi medium check|apply DIR`
+//! against a medium signed as the operator's tool signs it. Applied once; a newer serial
+//! re-provisions; every refusal is one line, changes nothing and exits 6.
+
+use std::path::Path;
+use std::process::Command;
+
+use ring::signature::Ed25519KeyPair;
+use tsunagi_medium::{Bundle, Enrollment, FORMAT, Hub, Kind};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tsunagi");
+
+fn key() -> Ed25519KeyPair {
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+}
+
+fn now() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap()
+}
+
+fn bundle(code: &str, serial: u64) -> Bundle {
+    Bundle {
+        format: FORMAT,
+        kind: Kind::Provision,
+        serial,
+        issued_at: now() - 60,
+        expires_at: now() + 86_400,
+        facility_code: code.to_owned(),
+        clinic_name: "つなぎ内科".to_owned(),
+        config: format!(
+            "version = 1\n\n[site]\nfacility-code = \"{code}\"\nae-title = \"TSUNAGI\"\n\n\
+             [paths]\nstate-dir = \"/var/lib/tsunagi\"\nruntime-dir = \"/run/tsunagi\"\n# serial {serial}\n"
+        ),
+        hub: Some(Hub {
+            public_key: "FqGPA/dw/H+9j+QYoKYEg1ofmejzlvrfqqa+t4OnBy4=".to_owned(),
+            endpoint: "hub.example.test:51820".to_owned(),
+            tunnel_address: "10.98.1.2/24".to_owned(),
+            ca_pem: "-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n".to_owned(),
+        }),
+        enrollment: Some(Enrollment {
+            token: format!("token-{serial}"),
+            expires_at: now() + 3600,
+            url: "https://10.98.0.1:8443/enroll".to_owned(),
+        }),
+    }
+}
+
+/// Writes a medium into `dir` (signed with `k`, unless `None`).
+fn write(dir: &Path, b: &Bundle, k: Option<&Ed25519KeyPair>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let bytes = serde_json::to_vec_pretty(b).unwrap();
+    std::fs::write(dir.join(tsunagi_medium::BUNDLE_FILE), &bytes).unwrap();
+    let _ = std::fs::remove_file(dir.join(tsunagi_medium::SIGNATURE_FILE));
+    if let Some(k) = k {
+        std::fs::write(
+            dir.join(tsunagi_medium::SIGNATURE_FILE),
+            tsunagi_medium::sign(&bytes, k),
+        )
+        .unwrap();
+    }
+}
+
+struct Box {
+    dir: tempfile::TempDir,
+}
+
+impl Box {
+    fn new(k: &Ed25519KeyPair) -> Box {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("provisioning.pub"),
+            tsunagi_medium::public_key_text(k),
+        )
+        .unwrap();
+        Box { dir }
+    }
+
+    fn config(&self) -> std::path::PathBuf {
+        self.dir.path().join("etc/tsunagi.toml")
+    }
+
+    /// `tsunagi medium VERB MEDIUM`: its one line and its exit code.
+    fn medium(&self, verb: &str, medium: &Path) -> (String, i32) {
+        let d = self.dir.path();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["medium", verb])
+            .arg(medium)
+            .arg("--key")
+            .arg(d.join("provisioning.pub"))
+            .arg("--state-dir")
+            .arg(d.join("state"))
+            .env_remove("TSUNAGI_CONFIG");
+        if verb == "apply" {
+            cmd.arg("--config").arg(self.config());
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (text, out.status.code().unwrap_or(-1))
+    }
+}
+
+#[test]
+fn a_medium_is_applied_once_and_a_newer_serial_reprovisions() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let k = key();
+    let b = Box::new(&k);
+    let media = tempfile::tempdir().unwrap();
+    let first = media.path().join("first");
+    write(&first, &bundle("1312345678", 3), Some(&k));
+    // check changes nothing.
+    let (text, code) = b.medium("check", &first);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("accepted: provisioning medium serial 3 for clinic 1312345678"),
+        "{text}"
+    );
+    assert!(!b.config().exists());
+    // apply: the config, the CA, the token (root only), the record.
+    let (text, code) = b.medium("apply", &first);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("applied: provisioning medium serial 3"),
+        "{text}"
+    );
+    let config = std::fs::read_to_string(b.config()).unwrap();
+    assert!(config.contains("facility-code = \"1312345678\"") && config.contains("# serial 3"));
+    tsunagi_config::parse(&config, Path::new("applied")).unwrap();
+    let state = b.dir.path().join("state/provisioning");
+    assert!(
+        std::fs::read_to_string(state.join("network-ca.pem"))
+            .unwrap()
+            .contains("TEST")
+    );
+    let token = state.join("enrollment.json");
+    assert_eq!(
+        std::fs::metadata(&token).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(std::fs::read_to_string(&token).unwrap().contains("token-3"));
+    // Applied once: the same medium again is refused, and nothing changes.
+    let (text, code) = b.medium("apply", &first);
+    assert_eq!(code, 6, "{text}");
+    assert!(
+        text.contains("refused: the medium's serial 3 is not newer than the last one applied (3)"),
+        "{text}"
+    );
+    // A newer serial for the same clinic re-provisions.
+    let second = media.path().join("second");
+    write(&second, &bundle("1312345678", 4), Some(&k));
+    let (text, code) = b.medium("apply", &second);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        std::fs::read_to_string(b.config())
+            .unwrap()
+            .contains("# serial 4")
+    );
+    // Another clinic's medium, even newer, is refused: this box belongs to 1312345678.
+    let other = media.path().join("other");
+    write(&other, &bundle("1319999999", 9), Some(&k));
+    let (text, code) = b.medium("apply", &other);
+    assert_eq!(code, 6, "{text}");
+    assert!(
+        text.contains("this box belongs to clinic 1312345678"),
+        "{text}"
+    );
+    assert!(
+        std::fs::read_to_string(b.config())
+            .unwrap()
+            .contains("# serial 4")
+    );
+}
+
+#[test]
+fn unsigned_tampered_and_foreign_media_change_nothing() {
+    let k = key();
+    let b = Box::new(&k);
+    let media = tempfile::tempdir().unwrap();
+    let unsigned = media.path().join("unsigned");
+    write(&unsigned, &bundle("1312345678", 1), None);
+    let foreign = media.path().join("foreign");
+    write(&foreign, &bundle("1312345678", 1), Some(&key()));
+    let tampered = media.path().join("tampered");
+    write(&tampered, &bundle("1312345678", 1), Some(&k));
+    let path = tampered.join(tsunagi_medium::BUNDLE_FILE);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("10.98.1.2/24", "10.98.1.9/24", 1)).unwrap();
+    let mut expired_bundle = bundle("1312345678", 1);
+    expired_bundle.expires_at = now() - 1;
+    let expired = media.path().join("expired");
+    write(&expired, &expired_bundle, Some(&k));
+    for (medium, why) in [
+        (&unsigned, "the medium is not signed"),
+        (
+            &foreign,
+            "does not verify against the network's provisioning key",
+        ),
+        (
+            &tampered,
+            "does not verify against the network's provisioning key",
+        ),
+        (&expired, "the medium expired at"),
+    ] {
+        let (text, code) = b.medium("apply", medium);
+        assert_eq!(code, 6, "{text}");
+        assert_eq!(text.lines().count(), 1, "one line: {text}");
+        assert!(text.contains(why), "{why}: {text}");
+        assert!(!b.config().exists(), "nothing applied");
+        assert!(!b.dir.path().join("state/provisioning").exists());
+    }
+}
