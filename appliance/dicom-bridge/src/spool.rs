@@ -387,6 +387,13 @@ impl Spool {
             }
         }
         recovered.sort_by_key(|(id, _)| *id);
+        if !recovered.is_empty() {
+            // Counts only: which instances is not logged.
+            tracing::warn!(
+                objects = recovered.len(),
+                "complete objects without a queue row (rows lost with power, or a removal cut short): queued again from their trailers unless a newer copy is queued"
+            );
+        }
         for (id, t) in recovered {
             let newer: Option<i64> = conn
                 .query_row(
