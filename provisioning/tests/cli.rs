@@ -27,6 +27,29 @@ fn ok(dir: &Path, args: &[&str]) -> String {
     text
 }
 
+/// `clinic add`: its output and whether it succeeded.
+fn add(dir: &Path, code: &str, name: &str, ae_title: &str) -> (String, bool) {
+    run(
+        dir,
+        &[
+            "clinic",
+            "add",
+            "--code",
+            code,
+            "--name",
+            name,
+            "--ae-title",
+            ae_title,
+        ],
+    )
+}
+
+/// Runs a command that must fail, saying `why`.
+fn refused(dir: &Path, args: &[&str], why: &str) {
+    let (text, success) = run(dir, args);
+    assert!(!success && text.contains(why), "{args:?}: {text}");
+}
+
 /// An operator directory initialised for a network whose pool is `pool`; the public key.
 fn init(work: &Path, pool: &str) -> (std::path::PathBuf, String) {
     let ca = work.join("network-ca.pem");
@@ -118,59 +141,13 @@ fn an_operator_registers_clinics_and_writes_media_the_box_accepts() {
     assert!(!success && again.contains("already initialised"), "{again}");
 
     // Clinics: each its own tunnel address from the pool (the first host is the hub's).
-    ok(
-        &dir,
-        &[
-            "clinic",
-            "add",
-            "--code",
-            "1312345678",
-            "--name",
-            "つなぎ内科",
-            "--ae-title",
-            "TSUNAGI_A",
-        ],
-    );
-    ok(
-        &dir,
-        &[
-            "clinic",
-            "add",
-            "--code",
-            "1319999999",
-            "--name",
-            "例クリニック",
-            "--ae-title",
-            "TSUNAGI_B",
-        ],
-    );
-    let (dup, success) = run(
-        &dir,
-        &[
-            "clinic",
-            "add",
-            "--code",
-            "1312345678",
-            "--name",
-            "x",
-            "--ae-title",
-            "X",
-        ],
-    );
+    let (text, success) = add(&dir, "1312345678", "つなぎ内科", "TSUNAGI_A");
+    assert!(success, "{text}");
+    let (text, success) = add(&dir, "1319999999", "例クリニック", "TSUNAGI_B");
+    assert!(success, "{text}");
+    let (dup, success) = add(&dir, "1312345678", "x", "X");
     assert!(!success && dup.contains("already registered"), "{dup}");
-    let (bad, success) = run(
-        &dir,
-        &[
-            "clinic",
-            "add",
-            "--code",
-            "12",
-            "--name",
-            "x",
-            "--ae-title",
-            "X",
-        ],
-    );
+    let (bad, success) = add(&dir, "12", "x", "X");
     assert!(!success && bad.contains("医療機関コード 12"), "{bad}");
     let list: serde_json::Value =
         serde_json::from_str(&ok(&dir, &["clinic", "list", "--json"])).unwrap();
@@ -299,8 +276,11 @@ fn an_operator_registers_clinics_and_writes_media_the_box_accepts() {
     assert_eq!(b3.kind, tsunagi_medium::Kind::Reset);
     assert!(b3.config.is_empty() && b3.enrollment.is_none());
     // An unknown clinic.
-    let (none, success) = run(&dir, &["medium", "--clinic", "1300000000", "--out", "x"]);
-    assert!(!success && none.contains("no clinic 1300000000"), "{none}");
+    refused(
+        &dir,
+        &["medium", "--clinic", "1300000000", "--out", "x"],
+        "no clinic 1300000000",
+    );
 }
 
 #[test]
@@ -308,36 +288,16 @@ fn a_full_pool_is_refused_clearly() {
     let work = tempfile::tempdir().unwrap();
     // A /30: two hosts, the first the hub's: room for one clinic.
     let (dir, _) = init(work.path(), "10.98.2.0/30");
-    ok(
-        &dir,
-        &[
-            "clinic",
-            "add",
-            "--code",
-            "1312345678",
-            "--name",
-            "A",
-            "--ae-title",
-            "A",
-        ],
-    );
-    let (full, success) = run(
-        &dir,
-        &[
-            "clinic",
-            "add",
-            "--code",
-            "1319999999",
-            "--name",
-            "B",
-            "--ae-title",
-            "B",
-        ],
-    );
+    let (text, success) = add(&dir, "1312345678", "A", "A");
+    assert!(success, "{text}");
+    let (full, success) = add(&dir, "1319999999", "B", "B");
     assert!(
         !success && full.contains("10.98.2.0/30 has no free address"),
         "{full}"
     );
-    let (none, success) = run(&work.path().join("elsewhere"), &["clinic", "list"]);
-    assert!(!success && none.contains("not initialised"), "{none}");
+    refused(
+        &work.path().join("elsewhere"),
+        &["clinic", "list"],
+        "not initialised",
+    );
 }
