@@ -347,8 +347,7 @@ impl Operator {
                 "clinic {facility_code} is revoked"
             )));
         }
-        let (name, key_path, hub_key, endpoint, ca_path, url, template): (
-            String,
+        let (key_path, hub_key, endpoint, ca_path, url, template): (
             String,
             String,
             String,
@@ -356,11 +355,10 @@ impl Operator {
             String,
             String,
         ) = self.conn.query_row(
-            "SELECT name, signing_key, hub_public_key, hub_endpoint, hub_ca, enrollment_url, template FROM network",
+            "SELECT signing_key, hub_public_key, hub_endpoint, hub_ca, enrollment_url, template FROM network",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
         )?;
-        let _ = name;
         let key = read_signing_key(Path::new(&key_path))?;
         let ca_pem = std::fs::read_to_string(&ca_path).map_err(io(Path::new(&ca_path)))?;
         let issued_at = now();
