@@ -17,9 +17,15 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use tsunagi_medium::{Bundle, Enrollment, FORMAT, Hub, Kind};
 use tsunagi_state::{Durability, Migration};
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: "CREATE TABLE network (
+pub mod ca;
+pub mod enroll;
+pub mod hub;
+pub mod serve;
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: "CREATE TABLE network (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             name TEXT NOT NULL,
             signing_key TEXT NOT NULL,
@@ -36,7 +42,21 @@ const MIGRATIONS: &[Migration] = &[Migration {
             kind TEXT NOT NULL, issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
             token_sha256 TEXT, token_expires_at INTEGER, token_used_at INTEGER
           ) STRICT;",
-}];
+    },
+    // The box-identity CA (by reference) and the enrolled boxes, one per clinic.
+    Migration {
+        version: 2,
+        sql: "ALTER TABLE network ADD COLUMN box_ca_cert TEXT;
+              ALTER TABLE network ADD COLUMN box_ca_key TEXT;
+              CREATE UNIQUE INDEX media_token ON media (token_sha256);
+              CREATE TABLE boxes (
+                facility_code TEXT PRIMARY KEY REFERENCES clinics,
+                box_serial TEXT NOT NULL, wireguard_public_key TEXT NOT NULL,
+                cert_serial TEXT NOT NULL UNIQUE, not_after INTEGER NOT NULL,
+                enrolled_at INTEGER NOT NULL, renewed_at INTEGER, revoked_at INTEGER
+              ) STRICT;",
+    },
+];
 
 /// The operator database's file in the operator directory.
 pub const DB_FILE: &str = "operator.db";
@@ -74,7 +94,7 @@ pub enum ProvisionError {
     Random,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
     move |source| ProvisionError::Io {
         path: path.to_owned(),
         source,
@@ -96,6 +116,9 @@ pub struct Init {
     pub template: PathBuf,
     /// An existing signing key (PKCS#8, base64) to use by reference; else one is made.
     pub signing_key: Option<PathBuf>,
+    /// An existing box-identity CA (certificate, key; PEM) to use by reference; else one
+    /// is made.
+    pub box_ca: Option<(PathBuf, PathBuf)>,
 }
 
 /// A registered clinic.
@@ -136,7 +159,8 @@ fn parse_pool(pool: &str) -> Result<(Ipv4Addr, u8), ProvisionError> {
     Ok((addr, len))
 }
 
-fn now() -> i64 {
+/// The time, Unix seconds.
+pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -208,14 +232,31 @@ impl Operator {
             }
         };
         let key = read_signing_key(&signing_key)?;
+        let (box_ca_cert, box_ca_key) = match &init.box_ca {
+            Some((cert, key)) => {
+                ca::BoxCa::load(cert, key)?;
+                (
+                    cert.canonicalize().map_err(io(cert))?,
+                    key.canonicalize().map_err(io(key))?,
+                )
+            }
+            None => {
+                let (cert_pem, key_pem) = ca::make(&init.name, now())?;
+                let cert = dir.join("keys").join("box-ca.pem");
+                let key = dir.join("keys").join("box-ca.key");
+                write_private(&key, key_pem.as_bytes())?;
+                std::fs::write(&cert, cert_pem).map_err(io(&cert))?;
+                (cert, key)
+            }
+        };
         let public = tsunagi_medium::public_key_text(&key);
         let pub_path = dir.join("keys").join("provisioning.pub");
         std::fs::write(&pub_path, format!("{public}\n")).map_err(io(&pub_path))?;
         let conn = tsunagi_state::open(&db, Durability::Acknowledging, MIGRATIONS)
             .map_err(ProvisionError::Open)?;
         conn.execute(
-            "INSERT INTO network (id, name, signing_key, hub_public_key, hub_endpoint, hub_ca, pool, enrollment_url, template)
-             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO network (id, name, signing_key, hub_public_key, hub_endpoint, hub_ca, pool, enrollment_url, template, box_ca_cert, box_ca_key)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 init.name,
                 signing_key.to_string_lossy(),
@@ -225,6 +266,8 @@ impl Operator {
                 init.pool,
                 init.enrollment_url,
                 template.to_string_lossy(),
+                box_ca_cert.to_string_lossy(),
+                box_ca_key.to_string_lossy(),
             ],
         )?;
         Ok(public)
@@ -416,13 +459,7 @@ impl Operator {
         std::fs::write(&bundle_path, &bytes).map_err(io(&bundle_path))?;
         let sig_path = out.join(tsunagi_medium::SIGNATURE_FILE);
         std::fs::write(&sig_path, signature).map_err(io(&sig_path))?;
-        let token_hash = token.map(|t| {
-            ring::digest::digest(&ring::digest::SHA256, t.as_bytes())
-                .as_ref()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        });
+        let token_hash = token.map(|t| enroll::token_hash(&t));
         tx.execute(
             "INSERT INTO media (serial, facility_code, kind, issued_at, expires_at, token_sha256, token_expires_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tsunagi_provision::hub::WgInterface;
 use tsunagi_provision::{Clinic, Init, Operator};
 
 /// The network operator's provisioning tool: keys, clinics, signed provisioning media.
@@ -52,6 +53,37 @@ enum Command {
         /// making one.
         #[arg(long)]
         signing_key: Option<PathBuf>,
+        /// An existing box-identity CA's certificate (PEM), used by reference with
+        /// --box-ca-key instead of making one.
+        #[arg(long, requires = "box_ca_key")]
+        box_ca_cert: Option<PathBuf>,
+        /// That CA's key (PEM).
+        #[arg(long, requires = "box_ca_cert")]
+        box_ca_key: Option<PathBuf>,
+    },
+    /// The enrollment server, at the hub: boxes enroll with their medium's token and renew
+    /// over the tunnel. Runs until SIGTERM or SIGINT.
+    Serve {
+        /// HOST:PORT to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The hub's certificate chain (PEM), from the network CA.
+        #[arg(long)]
+        tls_cert: PathBuf,
+        /// Its key (PEM).
+        #[arg(long)]
+        tls_key: PathBuf,
+        #[command(flatten)]
+        wireguard: WireGuardArgs,
+    },
+    /// Revokes a clinic's box: its WireGuard peer leaves the hub, its certificate is not
+    /// renewed, and no medium is written for the clinic any more.
+    Revoke {
+        /// The clinic's 医療機関コード.
+        #[arg(long)]
+        clinic: String,
+        #[command(flatten)]
+        wireguard: WireGuardArgs,
     },
     /// Clinics.
     Clinic {
@@ -77,6 +109,23 @@ enum Command {
         #[arg(long)]
         reset: bool,
     },
+}
+
+/// The hub's WireGuard interface.
+#[derive(Debug, clap::Args)]
+struct WireGuardArgs {
+    /// Its name.
+    #[arg(long)]
+    wireguard_interface: String,
+    /// wireguard-go's interface (its control socket) instead of the kernel's.
+    #[arg(long)]
+    userspace: bool,
+}
+
+impl WireGuardArgs {
+    fn open(&self) -> anyhow::Result<WgInterface> {
+        WgInterface::open(&self.wireguard_interface, self.userspace).map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +192,8 @@ fn main() -> anyhow::Result<()> {
             enrollment_url,
             template,
             signing_key,
+            box_ca_cert,
+            box_ca_key,
         } => {
             std::fs::create_dir_all(&args.dir)
                 .with_context(|| format!("create {}", args.dir.display()))?;
@@ -157,6 +208,7 @@ fn main() -> anyhow::Result<()> {
                     enrollment_url,
                     template,
                     signing_key,
+                    box_ca: box_ca_cert.zip(box_ca_key),
                 },
             )?;
             println!("initialised {}", args.dir.display());
@@ -193,10 +245,37 @@ fn main() -> anyhow::Result<()> {
                     json: as_json,
                 } => {
                     let c = op.clinic(&code)?;
+                    let b = op.enrolled_box(&code)?;
                     if as_json {
-                        println!("{}", json(&c));
+                        let mut v = json(&c);
+                        v["box"] = b.map_or(serde_json::Value::Null, |b| {
+                            serde_json::json!({
+                                "box-serial": b.box_serial,
+                                "wireguard-public-key": b.wireguard_public_key,
+                                "certificate-serial": b.cert_serial,
+                                "not-after": b.not_after,
+                                "enrolled-at": b.enrolled_at,
+                                "renewed-at": b.renewed_at,
+                                "revoked-at": b.revoked_at,
+                            })
+                        });
+                        println!("{v}");
                     } else {
                         println!("{}", line(&c));
+                        match b {
+                            Some(b) => println!(
+                                "  box {}  wireguard {}  certificate until {}{}",
+                                b.box_serial,
+                                b.wireguard_public_key,
+                                b.not_after,
+                                if b.revoked_at.is_some() {
+                                    "  (revoked)"
+                                } else {
+                                    ""
+                                }
+                            ),
+                            None => println!("  no box enrolled"),
+                        }
                     }
                 }
             }
@@ -228,6 +307,61 @@ fn main() -> anyhow::Result<()> {
                 out.display(),
                 b.expires_at
             );
+        }
+        Command::Serve {
+            listen,
+            tls_cert,
+            tls_key,
+            wireguard,
+        } => {
+            let op = Operator::open(&args.dir)?;
+            let peers = std::sync::Arc::new(wireguard.open()?);
+            let settings = tsunagi_provision::serve::Settings {
+                listen,
+                cert: tls_cert,
+                key: tls_key,
+            };
+            let tls = tsunagi_provision::serve::tls_config(&settings, op.box_ca()?.cert_pem())?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("start the runtime")?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("listen on {listen}"))?;
+                eprintln!("enrollment server listening on https://{listen}");
+                let stop = tokio_util::sync::CancellationToken::new();
+                let signals = stop.clone();
+                tokio::spawn(async move {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    let (Ok(mut term), Ok(mut int)) = (
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::interrupt()),
+                    ) else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    signals.cancel();
+                });
+                tsunagi_provision::serve::serve(op, peers, listener, tls, stop).await?;
+                eprintln!("enrollment server stopped");
+                anyhow::Ok(())
+            })?;
+        }
+        Command::Revoke { clinic, wireguard } => {
+            let mut op = Operator::open(&args.dir)?;
+            let peers = wireguard.open()?;
+            match op.revoke(&clinic, &peers, tsunagi_provision::now())? {
+                Some(b) => println!(
+                    "revoked clinic {clinic}: box {} removed from the hub, its certificate not renewed",
+                    b.box_serial
+                ),
+                None => println!("revoked clinic {clinic} (no box was enrolled)"),
+            }
         }
     }
     Ok(())

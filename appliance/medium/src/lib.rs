@@ -217,5 +217,7 @@ fn first_line(text: &str) -> String {
         .to_owned()
 }
 
+pub mod enroll;
+
 #[cfg(test)]
 mod tests;

@@ -15,6 +15,7 @@
 
 mod consent_cmd;
 mod dicom_cmd;
+mod enroll_cmd;
 mod medium_cmd;
 mod services;
 mod ssmix2_cmd;
@@ -107,6 +108,9 @@ enum Command {
         #[command(subcommand)]
         command: medium_cmd::MediumCommand,
     },
+    /// Enroll the box with the network (after a medium was applied): its own keys, the
+    /// medium's one-time token, a certificate and the hub's WireGuard peer in return.
+    Enroll(enroll_cmd::EnrollArgs),
     /// SS-MIX2 storages: inventory and conformance (reads only; no service needed).
     #[command(subcommand)]
     Ssmix2(ssmix2_cmd::Ssmix2Command),
@@ -192,6 +196,10 @@ fn main() -> ExitCode {
             Ok(cfg) => consent_cmd::audit_verify(&cfg, json),
         },
         Command::Medium { json, command } => medium_cmd::medium(command, json),
+        Command::Enroll(args) => match load(&args.config) {
+            Err(code) => code,
+            Ok(cfg) => enroll_cmd::run(&cfg, &args),
+        },
         Command::Ssmix2(command) => ssmix2_cmd::ssmix2(command),
         Command::Sysusers => {
             print!("{}", services::sysusers());

@@ -1,0 +1,121 @@
+//! The enrollment protocol (issue 16): what a box sends to the network's enrollment server
+//! (`tsunagi-provision serve`, at the hub, over TLS pinned to the network CA) and what it
+//! gets back. JSON over HTTPS, one request each:
+//!
+//! - `POST` [`ENROLL_PATH`]: [`EnrollRequest`] (the medium's one-time token, the box's
+//!   serial, its WireGuard public key, a CSR for its TLS key) → [`Enrolled`]. Neither
+//!   private key ever leaves the box.
+//! - `POST` [`RENEW_PATH`], over the tunnel, authenticated by the box's current client
+//!   certificate: [`RenewRequest`] (a CSR) → [`Enrolled`].
+//!
+//! A refusal is an HTTP error status with [`Refusal`] as its body: one line for the box's
+//! console and status.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a box enrolls.
+pub const ENROLL_PATH: &str = "/v1/enroll";
+/// Where an enrolled box renews its certificate.
+pub const RENEW_PATH: &str = "/v1/renew";
+/// A request's body, at most.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// A response's body, at most (a certificate chain and the tunnel settings).
+pub const MAX_RESPONSE: usize = 64 * 1024;
+
+/// A box enrolls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EnrollRequest {
+    /// The medium's one-time token.
+    pub token: String,
+    /// The clinic the medium was for (the token is bound to it).
+    pub facility_code: String,
+    /// The box's serial ([`valid_box_serial`]).
+    pub box_serial: String,
+    /// The box's WireGuard public key (base64 of 32 bytes).
+    pub wireguard_public_key: String,
+    /// A PKCS#10 request for the box's TLS key (PEM).
+    pub csr_pem: String,
+}
+
+/// An enrolled box renews its certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RenewRequest {
+    /// A PKCS#10 request for the box's TLS key (PEM): the same key or a new one.
+    pub csr_pem: String,
+}
+
+/// The box's tunnel, as the hub has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TunnelSettings {
+    /// The box's address inside the tunnel (`10.98.1.2/24`).
+    pub address: String,
+    /// The hub's WireGuard public key.
+    pub hub_public_key: String,
+    /// `HOST:PORT` of the hub's WireGuard endpoint.
+    pub hub_endpoint: String,
+}
+
+/// What an enrolled (or renewed) box gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Enrolled {
+    /// The box's client certificate (PEM), issued by the box-identity CA.
+    pub certificate_pem: String,
+    /// The box-identity CA's certificate (PEM).
+    pub box_ca_pem: String,
+    /// Unix seconds: the certificate's end.
+    pub not_after: i64,
+    /// The box's identity in the certificate ([`identity`]).
+    pub identity: String,
+    pub tunnel: TunnelSettings,
+}
+
+/// A refusal's body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Refusal {
+    pub error: String,
+}
+
+/// A box serial: 1-64 of `A-Z a-z 0-9 . _ -`, starting with a letter or digit (the
+/// hardware's serial, or the machine ID).
+pub fn valid_box_serial(serial: &str) -> bool {
+    (1..=64).contains(&serial.len())
+        && serial
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && serial
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A box's identity in its certificate (the subject's CN): its clinic's 医療機関コード
+/// and its serial.
+pub fn identity(facility_code: &str, box_serial: &str) -> String {
+    format!("{facility_code}-{box_serial}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn box_serials() {
+        for ok in ["a", "QEMU-0001", "4c4c4544.0042_10", &"x".repeat(64)] {
+            assert!(valid_box_serial(ok), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "a b", "a/b", "ａ", &"x".repeat(65), "a\n"] {
+            assert!(!valid_box_serial(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let r = serde_json::from_str::<RenewRequest>(r#"{"csr-pem":"x","admin":true}"#);
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,322 @@
+//! Issue 16, the enrollment server's decisions (`Operator::enroll`, `renew`, `revoke`),
+//! with the hub's WireGuard peers recorded instead of set (the real interface, the TLS
+//! transport and the box's side: `appliance/tsunagi/tests/enroll.rs`).
+//!
+//! - a token enrolls one box of its clinic once, until it expires; the certificate is for
+//!   the CSR's key only, 30 days, client authentication, identity = code + serial;
+//! - the hub gets the box's WireGuard key allowed the clinic's address only, and a box
+//!   enrolled again replaces the clinic's earlier key;
+//! - nothing changes when a step fails (a hub that cannot be changed leaves the token
+//!   usable);
+//! - renewal only with the clinic's current certificate; revocation removes the peer and
+//!   stops renewal.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tsunagi_medium::enroll::{EnrollRequest, RenewRequest, identity};
+use tsunagi_provision::ca::BoxCa;
+use tsunagi_provision::enroll::Refused;
+use tsunagi_provision::hub::HubPeers;
+use tsunagi_provision::{Init, Operator};
+
+const HUB_KEY: &str = "FqGPA/dw/H+9j+QYoKYEg1ofmejzlvrfqqa+t4OnBy4=";
+const BOX_KEY: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+const OTHER_BOX_KEY: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+const CODE: &str = "1312345678";
+
+/// The hub's peers as the server set them: key → address.
+#[derive(Default)]
+struct Recorded {
+    peers: Mutex<Vec<(String, Ipv4Addr)>>,
+    broken: Mutex<bool>,
+}
+
+impl HubPeers for Recorded {
+    fn set(&self, key: &str, address: Ipv4Addr, previous: Option<&str>) -> Result<(), String> {
+        if *self.broken.lock().unwrap() {
+            return Err("the hub's interface is gone".into());
+        }
+        let mut peers = self.peers.lock().unwrap();
+        if let Some(p) = previous {
+            peers.retain(|(k, _)| k != p);
+        }
+        peers.retain(|(k, _)| k != key);
+        peers.push((key.to_owned(), address));
+        Ok(())
+    }
+    fn remove(&self, key: &str) -> Result<(), String> {
+        self.peers.lock().unwrap().retain(|(k, _)| k != key);
+        Ok(())
+    }
+}
+
+fn operator(work: &Path) -> Operator {
+    let ca = work.join("network-ca.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let template = work.join("template.toml");
+    std::fs::write(
+        &template,
+        "version = 1\n\n[site]\nfacility-code = \"0000000000\"\nae-title = \"PLACEHOLDER\"\n\n\
+         [paths]\nstate-dir = \"/var/lib/tsunagi\"\nruntime-dir = \"/run/tsunagi\"\n\n\
+         [tunnel]\nhub-endpoint = \"placeholder:1\"\nhub-public-key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\n\
+         address = \"10.99.0.2/24\"\nhub-subnets = [\"10.98.0.0/24\"]\nhealth-url = \"http://10.98.0.1:8080/health\"\n",
+    )
+    .unwrap();
+    let dir = work.join("operator");
+    std::fs::create_dir_all(&dir).unwrap();
+    Operator::init(
+        &dir,
+        &Init {
+            name: "TOKYO-TEST".into(),
+            hub_public_key: HUB_KEY.into(),
+            hub_endpoint: "hub.example.test:51820".into(),
+            hub_ca: ca,
+            pool: "10.99.0.0/24".into(),
+            enrollment_url: "https://10.250.0.1:8443".into(),
+            template,
+            signing_key: None,
+            box_ca: None,
+        },
+    )
+    .unwrap();
+    let mut op = Operator::open(&dir).unwrap();
+    op.add_clinic(CODE, "つなぎ内科", "TSUNAGI").unwrap();
+    op.add_clinic("1319999999", "ほかの医院", "OTHER").unwrap();
+    op
+}
+
+/// A medium for `code`; its token.
+fn token(op: &mut Operator, work: &Path, code: &str, valid: Duration) -> String {
+    let out = work.join(format!("medium-{}", fastrand_name()));
+    let b = op
+        .write_medium(
+            code,
+            tsunagi_medium::Kind::Provision,
+            Duration::from_secs(86_400),
+            valid,
+            &out,
+        )
+        .unwrap();
+    b.enrollment.unwrap().token
+}
+
+fn fastrand_name() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A CSR for a new key; (CSR PEM, the key).
+fn csr(cn: &str) -> (String, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+    (pem, key)
+}
+
+fn request(token: &str, code: &str, serial: &str, wg: &str) -> (EnrollRequest, rcgen::KeyPair) {
+    let (csr_pem, key) = csr("anything the box asks for");
+    (
+        EnrollRequest {
+            token: token.to_owned(),
+            facility_code: code.to_owned(),
+            box_serial: serial.to_owned(),
+            wireguard_public_key: wg.to_owned(),
+            csr_pem,
+        },
+        key,
+    )
+}
+
+fn now() -> i64 {
+    tsunagi_provision::now()
+}
+
+#[test]
+fn a_token_enrolls_one_box_of_its_clinic_once_with_a_certificate_for_its_own_key() {
+    let work = tempfile::tempdir().unwrap();
+    let mut op = operator(work.path());
+    let ca: BoxCa = op.box_ca().unwrap();
+    let hub = Recorded::default();
+    let t = token(&mut op, work.path(), CODE, Duration::from_secs(3600));
+
+    // Another clinic's code with this token: refused, nothing set.
+    let (req, _) = request(&t, "1319999999", "QEMU-1", BOX_KEY);
+    let r = op.enroll(&ca, &hub, &req, now()).unwrap_err();
+    assert_eq!(r.status(), 403);
+    assert!(r.to_string().contains("another clinic"), "{r}");
+    // A bad serial, a bad WireGuard key, a CSR whose signature does not verify: 400.
+    for (serial, wg) in [("a b", BOX_KEY), ("QEMU-1", "not a key")] {
+        let (req, _) = request(&t, CODE, serial, wg);
+        assert_eq!(op.enroll(&ca, &hub, &req, now()).unwrap_err().status(), 400);
+    }
+    let (mut req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
+    req.csr_pem = req.csr_pem.replace("MII", "MIJ");
+    assert_eq!(op.enroll(&ca, &hub, &req, now()).unwrap_err().status(), 400);
+    // A hub that cannot be changed: 500, and the token stays usable.
+    *hub.broken.lock().unwrap() = true;
+    let (req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
+    assert_eq!(op.enroll(&ca, &hub, &req, now()).unwrap_err().status(), 500);
+    assert!(op.enrolled_box(CODE).unwrap().is_none());
+    *hub.broken.lock().unwrap() = false;
+    assert!(hub.peers.lock().unwrap().is_empty());
+
+    let (req, key) = request(&t, CODE, "QEMU-1", BOX_KEY);
+    let e = op.enroll(&ca, &hub, &req, now()).unwrap();
+    assert_eq!(e.identity, identity(CODE, "QEMU-1"));
+    assert_eq!(e.tunnel.address, "10.99.0.2/24");
+    assert_eq!(e.tunnel.hub_public_key, HUB_KEY);
+    assert_eq!(
+        *hub.peers.lock().unwrap(),
+        vec![(BOX_KEY.to_owned(), Ipv4Addr::new(10, 99, 0, 2))]
+    );
+    // The certificate: the box's key, our identity and nothing the CSR asked for, 30 days,
+    // client authentication only, issued by the box CA.
+    let der = rustls_pem(&e.certificate_pem);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    use rcgen::PublicKeyData as _;
+    assert_eq!(
+        cert.public_key().subject_public_key.data.as_ref(),
+        key.der_bytes()
+    );
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap();
+    assert_eq!(cn, "1312345678-QEMU-1");
+    assert!(cert.subject_alternative_name().unwrap().is_none());
+    let eku = cert.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.client_auth && !eku.server_auth);
+    assert!(!cert.is_ca());
+    let life = cert.validity().not_after.timestamp() - now();
+    assert!(
+        (30 * 86_400 - 60..=30 * 86_400 + 60).contains(&life),
+        "{life}"
+    );
+    let ca_der = rustls_pem(&e.box_ca_pem);
+    let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+    assert!(cert.verify_signature(Some(ca_cert.public_key())).is_ok());
+
+    // Used once.
+    let (req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
+    let r = op.enroll(&ca, &hub, &req, now()).unwrap_err();
+    assert!(r.to_string().contains("used already"), "{r}");
+    // Unknown and expired tokens.
+    let (req, _) = request("not-a-token", CODE, "QEMU-1", BOX_KEY);
+    assert!(
+        op.enroll(&ca, &hub, &req, now())
+            .unwrap_err()
+            .to_string()
+            .contains("not known")
+    );
+    let short = token(&mut op, work.path(), CODE, Duration::from_secs(60));
+    let (req, _) = request(&short, CODE, "QEMU-1", BOX_KEY);
+    let r = op.enroll(&ca, &hub, &req, now() + 61).unwrap_err();
+    assert!(r.to_string().contains("expired"), "{r}");
+
+    // A replacement box (a new medium): its key replaces the clinic's earlier one.
+    let t2 = token(&mut op, work.path(), CODE, Duration::from_secs(3600));
+    let (req, _) = request(&t2, CODE, "QEMU-2", OTHER_BOX_KEY);
+    op.enroll(&ca, &hub, &req, now()).unwrap();
+    assert_eq!(
+        *hub.peers.lock().unwrap(),
+        vec![(OTHER_BOX_KEY.to_owned(), Ipv4Addr::new(10, 99, 0, 2))]
+    );
+    assert_eq!(op.enrolled_box(CODE).unwrap().unwrap().box_serial, "QEMU-2");
+}
+
+fn rustls_pem(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+fn serial_of(pem: &str) -> String {
+    let der = rustls_pem(pem);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    cert.tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn renewal_needs_the_current_certificate_and_revocation_ends_it() {
+    let work = tempfile::tempdir().unwrap();
+    let mut op = operator(work.path());
+    let ca = op.box_ca().unwrap();
+    let hub = Recorded::default();
+    let t = token(&mut op, work.path(), CODE, Duration::from_secs(3600));
+    let (req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
+    let first = op.enroll(&ca, &hub, &req, now()).unwrap();
+    let serial = serial_of(&first.certificate_pem);
+    let who = identity(CODE, "QEMU-1");
+    let renew = || RenewRequest {
+        csr_pem: csr("x").0,
+    };
+
+    let r = op.renew(&ca, "00ff", &who, &renew(), now()).unwrap_err();
+    assert_eq!(
+        r,
+        Refused::Forbidden(
+            "the certificate is not the current one of any box: enroll again".into()
+        )
+    );
+    let r = op
+        .renew(&ca, &serial, "1312345678-OTHER", &renew(), now())
+        .unwrap_err();
+    assert!(r.to_string().contains("identity"), "{r}");
+    let r = op
+        .renew(&ca, &serial, &who, &renew(), first.not_after)
+        .unwrap_err();
+    assert!(r.to_string().contains("expired"), "{r}");
+
+    let second = op.renew(&ca, &serial, &who, &renew(), now()).unwrap();
+    assert_ne!(serial_of(&second.certificate_pem), serial);
+    // The old certificate renews no more.
+    assert_eq!(
+        op.renew(&ca, &serial, &who, &renew(), now())
+            .unwrap_err()
+            .status(),
+        403
+    );
+
+    let b = op.revoke(CODE, &hub, now()).unwrap().unwrap();
+    assert!(b.revoked_at.is_some());
+    assert!(hub.peers.lock().unwrap().is_empty());
+    let current = serial_of(&second.certificate_pem);
+    let r = op.renew(&ca, &current, &who, &renew(), now()).unwrap_err();
+    assert!(r.to_string().contains("revoked"), "{r}");
+    // No new medium, no new enrollment for a revoked clinic.
+    assert!(
+        op.write_medium(
+            CODE,
+            tsunagi_medium::Kind::Provision,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            &work.path().join("m"),
+        )
+        .is_err()
+    );
+    let (req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
+    assert_eq!(op.enroll(&ca, &hub, &req, now()).unwrap_err().status(), 403);
+}
