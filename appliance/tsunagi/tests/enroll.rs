@@ -1,0 +1,385 @@
+//! Issue 16, a box from sealed carton to connected, in network namespaces: the operator's
+//! `tsunagi-provision` (init, clinic add, medium, serve, revoke) and the box's
+//! `tsunagi medium apply` and `tsunagi enroll`, against the test network's hub
+//! (wireguard-go; the enrollment server behind TLS from a test network CA).
+//!
+//! - the box applies the signed medium, makes its own keys, enrolls over TLS pinned to the
+//!   medium's CA; the hub then has its WireGuard key, allowed the clinic's address only
+//!   (read from `wg show` at the hub), and the tunnel comes up (a handshake at the hub);
+//! - the box's keys never leave it: the operator directory holds neither;
+//! - the token is used once: a second box with a copy of the medium is refused, and a box
+//!   that trusts another CA refuses the server;
+//! - `revoke` removes the peer at the hub, and the box's tunnel goes down;
+//! - the server stops within 2 s of SIGTERM.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "these tests poll real processes from plain threads, not from a tokio runtime"
+)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hil_tests::testnet::{Host, Options, TestNet};
+use nix::sys::signal::Signal;
+
+const CODE: &str = "1312345678";
+const ENROLL_PORT: u16 = 8443;
+
+/// The operator's tool, built beside this test's binary.
+fn provision_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("tsunagi-provision");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("tsunagi-provision is not built beside {}", exe.display());
+}
+
+fn run(command: &mut Command) -> (String, i32) {
+    let out = command.output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+fn operator(dir: &Path, args: &[&str]) -> String {
+    let (text, code) = run(Command::new(provision_bin())
+        .arg("--dir")
+        .arg(dir)
+        .args(args));
+    assert_eq!(code, 0, "tsunagi-provision {args:?}: {text}");
+    text
+}
+
+/// The box's config template: the harness's paths, the test network's tunnel (the site and
+/// tunnel keys are the operator's to fill in).
+fn template(h: &Harness, net: &TestNet) -> String {
+    h.config_text(&format!(
+        r#"{FAST_SUPERVISOR}
+[heartbeat]
+enabled = false
+
+[tunnel]
+interface = "{iface}"
+backend = "userspace"
+hub-endpoint = "placeholder:1"
+hub-public-key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+address = "10.99.0.200/24"
+hub-subnets = ["10.98.0.0/24"]
+health-url = "http://10.98.0.1:8080/health"
+probe-interval = "1s"
+probe-failures = 2
+probe-timeout = "500ms"
+"#,
+        iface = net.id().to_owned() + "b",
+    ))
+}
+
+/// `tsunagi medium apply` and `tsunagi enroll` of a box whose config and state are `h`'s.
+fn apply(h: &Harness, medium: &Path, key: &Path) {
+    let (text, code) = run(Command::new(BIN)
+        .args(["medium", "apply"])
+        .arg(medium)
+        .arg("--key")
+        .arg(key)
+        .arg("--state-dir")
+        .arg(h.state_dir())
+        .arg("--config")
+        .arg(&h.config));
+    assert_eq!(code, 0, "{text}");
+}
+
+fn enroll(net: &TestNet, h: &Harness, serial: &str) -> (String, i32) {
+    let out = net
+        .exec(
+            Host::Box,
+            Command::new(BIN)
+                .args(["enroll", "--box-serial", serial, "--config"])
+                .arg(&h.config),
+        )
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// The hub's peers and their allowed IPs, from `wg show IFACE allowed-ips`.
+fn hub_peers(net: &TestNet) -> String {
+    let out = net
+        .exec(
+            Host::Hub,
+            Command::new("wg").args(["show", &net.plan().hub_wg_iface, "allowed-ips"]),
+        )
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn box_public_key(h: &Harness) -> String {
+    let (text, code) = run(Command::new(BIN)
+        .args(["vpn", "pubkey", "--config"])
+        .arg(&h.config));
+    assert_eq!(code, 0, "{text}");
+    text.trim().to_owned()
+}
+
+fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn tunnel_up(status: &serde_json::Value) -> bool {
+    state_of(status, "tunnel") == "ready"
+        && service(status, "tunnel")["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("up via"))
+}
+
+#[test]
+fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
+    if skip_unless_root("enrollment tests") {
+        return;
+    }
+    let net = TestNet::up(Options::default()).expect("test network");
+    let work = tempfile::tempdir().unwrap();
+    let hub_wan = net.hub_wan_address();
+    let pki = hil_tests::nginx::Pki::generate_for(&work.path().join("pki"), &[hub_wan]).unwrap();
+
+    // The operator: the network, the clinic, a medium.
+    let mut h = Harness::new("");
+    std::fs::write(work.path().join("template.toml"), template(&h, &net)).unwrap();
+    let op = work.path().join("operator");
+    let url = format!("https://{hub_wan}:{ENROLL_PORT}");
+    let text = operator(
+        &op,
+        &[
+            "init",
+            "--name",
+            "TOKYO-TEST",
+            "--hub-public-key",
+            net.hub_public_key(),
+            "--hub-endpoint",
+            &format!("{hub_wan}:51820"),
+            "--hub-ca",
+            pki.ca_cert().to_str().unwrap(),
+            "--tunnel-pool",
+            "10.99.0.0/24",
+            "--enrollment-url",
+            &url,
+            "--template",
+            work.path().join("template.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(text.contains("provisioning public key"), "{text}");
+    operator(
+        &op,
+        &[
+            "clinic",
+            "add",
+            "--code",
+            CODE,
+            "--name",
+            "つなぎ内科",
+            "--ae-title",
+            "TSUNAGI",
+        ],
+    );
+    let medium = work.path().join("medium");
+    operator(
+        &op,
+        &[
+            "medium",
+            "--clinic",
+            CODE,
+            "--out",
+            medium.to_str().unwrap(),
+        ],
+    );
+    let key = op.join("keys/provisioning.pub");
+
+    // The enrollment server at the hub.
+    let mut serve = Command::new(provision_bin());
+    serve
+        .arg("--dir")
+        .arg(&op)
+        .args(["serve", "--listen", &format!("{hub_wan}:{ENROLL_PORT}")])
+        .arg("--tls-cert")
+        .arg(pki.server_cert())
+        .arg("--tls-key")
+        .arg(pki.server_key())
+        .args([
+            "--wireguard-interface",
+            &net.plan().hub_wg_iface,
+            "--userspace",
+        ]);
+    let serve_pid = net.spawn(Host::Hub, &serve).unwrap();
+
+    // The box: apply, enroll.
+    apply(&h, &medium, &key);
+    wait("the enrollment server", Duration::from_secs(20), || {
+        net.exec(
+            Host::Box,
+            Command::new("bash").args(["-c", &format!("exec 3<>/dev/tcp/{hub_wan}/{ENROLL_PORT}")]),
+        )
+        .is_ok_and(|o| o.status.success())
+    });
+    let serve_log = || {
+        net.log_file(serve_pid)
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    };
+    let (text, code) = enroll(&net, &h, "QEMU-0001");
+    assert_eq!(code, 0, "{text}\nthe server's log:\n{}", serve_log());
+    assert!(text.contains("enrolled as 1312345678-QEMU-0001"), "{text}");
+    let public = box_public_key(&h);
+    let peers = hub_peers(&net);
+    assert!(
+        peers
+            .lines()
+            .any(|l| l.starts_with(&public) && l.ends_with("10.99.0.2/32")),
+        "the hub's peers:\n{peers}"
+    );
+    // The box's keys stayed on the box.
+    let identity = h.state_dir().join("identity");
+    let tls_key = std::fs::read_to_string(identity.join("box.key")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(identity.join("box.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let wg_private = std::fs::read_dir(h.state_dir().join("tunnel"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect::<Vec<_>>();
+    for entry in walk(&op) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        let key_body = tls_key.lines().nth(1).unwrap();
+        assert!(
+            !text.contains(key_body),
+            "{} holds the box's TLS key",
+            entry.display()
+        );
+        for wg in &wg_private {
+            assert!(
+                !text.contains(wg.trim()),
+                "{} holds a box key",
+                entry.display()
+            );
+        }
+    }
+    // The token was used and deleted.
+    assert!(!h.state_dir().join("provisioning/enrollment.json").exists());
+    let (text, code) = enroll(&net, &h, "QEMU-0001");
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("already enrolled"), "{text}");
+
+    // (Before the tunnel is up: its egress kill switch lets nothing but WireGuard out by
+    // the WAN, and these boxes share the namespace.)
+    // A second box with a copy of the medium: the token is spent.
+    let other = Harness::new("");
+    apply(&other, &medium, &key);
+    let config = std::fs::read_to_string(&other.config).unwrap();
+    std::fs::write(
+        &other.config,
+        config.replace(
+            &h.dir.path().display().to_string(),
+            &other.dir.path().display().to_string(),
+        ),
+    )
+    .unwrap();
+    let (text, code) = enroll(&net, &other, "QEMU-0002");
+    assert_eq!(code, 6, "{text}");
+    assert!(text.contains("used already"), "{text}");
+    assert!(
+        serve_log().contains("enroll: refused (403)"),
+        "{}",
+        serve_log()
+    );
+    // A box that trusts another CA does not talk to this server at all.
+    let stranger =
+        hil_tests::nginx::Pki::generate_for(&work.path().join("other-pki"), &[hub_wan]).unwrap();
+    std::fs::copy(
+        stranger.ca_cert(),
+        other.state_dir().join("provisioning/network-ca.pem"),
+    )
+    .unwrap();
+    let (text, code) = enroll(&net, &other, "QEMU-0002");
+    assert_eq!(code, 1, "{text}");
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    // The tunnel comes up with the enrolled key.
+    h.start_in_netns(net.ns(Host::Box));
+    h.wait_for("the tunnel up", Duration::from_secs(30), tunnel_up);
+    assert!(net.hub_handshake_age(&public).unwrap().is_some());
+
+    // The clinic's box is still the first.
+    let shown = operator(&op, &["clinic", "show", CODE, "--json"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["box"]["box-serial"], "QEMU-0001");
+    assert_eq!(shown["box"]["wireguard-public-key"], public.as_str());
+
+    // Revoked: the hub forgets the box, and the box's tunnel goes down.
+    let text = operator(
+        &op,
+        &[
+            "revoke",
+            "--clinic",
+            CODE,
+            "--wireguard-interface",
+            &net.plan().hub_wg_iface,
+            "--userspace",
+        ],
+    );
+    assert!(text.contains("revoked clinic 1312345678"), "{text}");
+    assert!(!hub_peers(&net).contains(&public));
+    h.wait_for("the tunnel down", Duration::from_secs(60), |s| {
+        !tunnel_up(s)
+    });
+
+    // The server stops within 2 s of SIGTERM.
+    let stopped = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(serve_pid).unwrap()),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    wait(
+        "the enrollment server to stop",
+        Duration::from_secs(2),
+        || !alive(i32::try_from(serve_pid).unwrap()),
+    );
+    println!(
+        "enrollment: the server stopped {:?} after SIGTERM",
+        stopped.elapsed()
+    );
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
