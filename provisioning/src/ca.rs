@@ -96,15 +96,16 @@ impl BoxCa {
     }
 
     /// A client certificate for `identity` (the subject's CN; organisation `network`) on
-    /// the public key of `csr_pem`, valid from an hour before `now` for
-    /// [`BOX_CERT_LIFETIME`]. Only the key is taken from the CSR (its signature checked):
-    /// its subject, names and extensions are ignored.
+    /// the public key of `csr_pem`, valid from an hour before `now` for `lifetime`
+    /// ([`BOX_CERT_LIFETIME`] unless the operator says otherwise). Only the key is taken
+    /// from the CSR (its signature checked): its subject, names and extensions are ignored.
     pub fn issue(
         &self,
         csr_pem: &str,
         identity: &str,
         network: &str,
         now: i64,
+        lifetime: std::time::Duration,
     ) -> Result<Issued, String> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| format!("the certificate request cannot be used: {e}"))?;
@@ -116,7 +117,7 @@ impl BoxCa {
         ) {
             return Err("the certificate request's key is not ECDSA P-256/P-384 or Ed25519".into());
         }
-        let lifetime = i64::try_from(BOX_CERT_LIFETIME.as_secs()).unwrap_or(i64::MAX);
+        let lifetime = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX);
         let not_after = now.saturating_add(lifetime);
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();

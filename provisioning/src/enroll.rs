@@ -19,6 +19,14 @@ use crate::ca::BoxCa;
 use crate::hub::HubPeers;
 use crate::{Operator, ProvisionError};
 
+/// What the server issues: the certificates' lifetime, and where boxes renew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub lifetime: std::time::Duration,
+    /// `https://` at the hub's address inside the tunnel.
+    pub renew_url: String,
+}
+
 /// Why a request is refused: the HTTP status and one line for the box.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
@@ -148,6 +156,7 @@ impl Operator {
         &mut self,
         ca: &BoxCa,
         peers: &dyn HubPeers,
+        policy: &Policy,
         req: &EnrollRequest,
         now: i64,
     ) -> Result<Enrolled, Refused> {
@@ -207,7 +216,7 @@ impl Operator {
             .optional()?;
         let who = identity(&code, &req.box_serial);
         let issued = ca
-            .issue(&req.csr_pem, &who, &network, now)
+            .issue(&req.csr_pem, &who, &network, now, policy.lifetime)
             .map_err(Refused::BadRequest)?;
         let key = req.wireguard_public_key.trim();
         peers
@@ -237,6 +246,7 @@ impl Operator {
                 hub_public_key,
                 hub_endpoint,
             },
+            renew_url: policy.renew_url.clone(),
         })
     }
 
@@ -247,6 +257,7 @@ impl Operator {
     pub fn renew(
         &mut self,
         ca: &BoxCa,
+        policy: &Policy,
         presented_serial: &str,
         presented_identity: &str,
         req: &RenewRequest,
@@ -282,7 +293,7 @@ impl Operator {
             ));
         }
         let issued = ca
-            .issue(&req.csr_pem, &who, &network, now)
+            .issue(&req.csr_pem, &who, &network, now, policy.lifetime)
             .map_err(Refused::BadRequest)?;
         tx.execute(
             "UPDATE boxes SET cert_serial = ?1, not_after = ?2, renewed_at = ?3 WHERE facility_code = ?4",
@@ -299,6 +310,7 @@ impl Operator {
                 hub_public_key,
                 hub_endpoint,
             },
+            renew_url: policy.renew_url.clone(),
         })
     }
 

@@ -73,6 +73,13 @@ enum Command {
         /// Its key (PEM).
         #[arg(long)]
         tls_key: PathBuf,
+        /// Where boxes renew their certificates: this server at the hub's address inside
+        /// the tunnel (https://HOST:PORT).
+        #[arg(long)]
+        renew_url: String,
+        /// How long a box's certificate is valid.
+        #[arg(long, default_value = "30d")]
+        certificate_lifetime: humantime::Duration,
         #[command(flatten)]
         wireguard: WireGuardArgs,
     },
@@ -312,14 +319,29 @@ fn main() -> anyhow::Result<()> {
             listen,
             tls_cert,
             tls_key,
+            renew_url,
+            certificate_lifetime,
             wireguard,
         } => {
+            anyhow::ensure!(
+                renew_url.starts_with("https://"),
+                "--renew-url must be an https:// URL"
+            );
+            let lifetime = Duration::from(certificate_lifetime);
+            anyhow::ensure!(
+                lifetime >= Duration::from_secs(10),
+                "--certificate-lifetime must be at least 10s"
+            );
             let op = Operator::open(&args.dir)?;
             let peers = std::sync::Arc::new(wireguard.open()?);
             let settings = tsunagi_provision::serve::Settings {
                 listen,
                 cert: tls_cert,
                 key: tls_key,
+                policy: tsunagi_provision::enroll::Policy {
+                    lifetime,
+                    renew_url,
+                },
             };
             let tls = tsunagi_provision::serve::tls_config(&settings, op.box_ca()?.cert_pem())?;
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -347,7 +369,8 @@ fn main() -> anyhow::Result<()> {
                     }
                     signals.cancel();
                 });
-                tsunagi_provision::serve::serve(op, peers, listener, tls, stop).await?;
+                tsunagi_provision::serve::serve(op, settings.policy, peers, listener, tls, stop)
+                    .await?;
                 eprintln!("enrollment server stopped");
                 anyhow::Ok(())
             })?;

@@ -51,6 +51,7 @@ pub struct Settings {
     pub cert: PathBuf,
     /// Its key (PEM).
     pub key: PathBuf,
+    pub policy: crate::enroll::Policy,
 }
 
 fn bad(what: &str, detail: impl std::fmt::Display) -> ProvisionError {
@@ -119,6 +120,7 @@ fn presented(cert: &CertificateDer<'_>) -> Option<(String, String)> {
 struct State {
     operator: Mutex<Operator>,
     ca: BoxCa,
+    policy: crate::enroll::Policy,
     peers: Arc<dyn HubPeers>,
 }
 
@@ -159,9 +161,11 @@ async fn body_json<T: serde::de::DeserializeOwned>(
 
 async fn handle(
     state: Arc<State>,
+    peer: Option<SocketAddr>,
     client: Option<(String, String)>,
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
+    let from = peer.map_or_else(|| "?".to_owned(), |p| p.to_string());
     if request.method() != Method::POST {
         return refusal(&Refused::BadRequest("POST only".into()));
     }
@@ -178,13 +182,15 @@ async fn handle(
                         .operator
                         .lock()
                         .map_err(|_| Refused::Internal("poisoned".into()))?;
-                    op.enroll(&state.ca, state.peers.as_ref(), &req, now)
+                    op.enroll(&state.ca, state.peers.as_ref(), &state.policy, &req, now)
                 })
                 .await
                 .unwrap_or_else(|e| Err(Refused::Internal(e.to_string())));
                 match &outcome {
-                    Ok(e) => eprintln!("enroll: clinic {code}: enrolled {}", e.identity),
-                    Err(r) => eprintln!("enroll: refused ({}): {r}", r.status()),
+                    Ok(e) => {
+                        eprintln!("enroll: clinic {code}: enrolled {} from {from}", e.identity)
+                    }
+                    Err(r) => eprintln!("enroll: refused ({}) from {from}: {r}", r.status()),
                 }
                 outcome
             }
@@ -202,13 +208,13 @@ async fn handle(
                             .operator
                             .lock()
                             .map_err(|_| Refused::Internal("poisoned".into()))?;
-                        op.renew(&state.ca, &serial, &cn, &req, now)
+                        op.renew(&state.ca, &state.policy, &serial, &cn, &req, now)
                     })
                     .await
                     .unwrap_or_else(|e| Err(Refused::Internal(e.to_string())));
                     match &outcome {
-                        Ok(e) => eprintln!("renew: renewed {}", e.identity),
-                        Err(r) => eprintln!("renew: refused ({}): {r}", r.status()),
+                        Ok(e) => eprintln!("renew: renewed {} from {from}", e.identity),
+                        Err(r) => eprintln!("renew: refused ({}) from {from}: {r}", r.status()),
                     }
                     outcome
                 }
@@ -234,6 +240,7 @@ async fn handle(
 /// Serves until `stop` fires.
 pub async fn serve(
     operator: Operator,
+    policy: crate::enroll::Policy,
     peers: Arc<dyn HubPeers>,
     listener: TcpListener,
     tls: rustls::ServerConfig,
@@ -243,6 +250,7 @@ pub async fn serve(
     let state = Arc::new(State {
         operator: Mutex::new(operator),
         ca,
+        policy,
         peers,
     });
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -258,6 +266,7 @@ pub async fn serve(
         let state = state.clone();
         async move {
             let _ = stream.set_nodelay(true);
+            let peer = stream.peer_addr().ok();
             // A client that fails the handshake or goes away is its own problem.
             let Ok(tls) = acceptor.accept(stream).await else {
                 return;
@@ -271,7 +280,7 @@ pub async fn serve(
             let service = service_fn(move |request: Request<Incoming>| {
                 let state = state.clone();
                 let client = client.clone();
-                async move { Ok::<_, Infallible>(handle(state, client, request).await) }
+                async move { Ok::<_, Infallible>(handle(state, peer, client, request).await) }
             });
             let _ = http1::Builder::new()
                 .keep_alive(false)

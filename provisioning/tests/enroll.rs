@@ -143,6 +143,13 @@ fn now() -> i64 {
     tsunagi_provision::now()
 }
 
+fn policy() -> tsunagi_provision::enroll::Policy {
+    tsunagi_provision::enroll::Policy {
+        lifetime: tsunagi_provision::ca::BOX_CERT_LIFETIME,
+        renew_url: "https://10.98.0.1:8443".into(),
+    }
+}
+
 #[test]
 fn a_token_enrolls_one_box_of_its_clinic_once_with_a_certificate_for_its_own_key() {
     let work = tempfile::tempdir().unwrap();
@@ -153,30 +160,46 @@ fn a_token_enrolls_one_box_of_its_clinic_once_with_a_certificate_for_its_own_key
 
     // Another clinic's code with this token: refused, nothing set.
     let (req, _) = request(&t, "1319999999", "QEMU-1", BOX_KEY);
-    let r = op.enroll(&ca, &hub, &req, now()).unwrap_err();
+    let r = op.enroll(&ca, &hub, &policy(), &req, now()).unwrap_err();
     assert_eq!(r.status(), 403);
     assert!(r.to_string().contains("another clinic"), "{r}");
     // A bad serial, a bad WireGuard key, a CSR whose signature does not verify: 400.
     for (serial, wg) in [("a b", BOX_KEY), ("QEMU-1", "not a key")] {
         let (req, _) = request(&t, CODE, serial, wg);
-        assert_eq!(op.enroll(&ca, &hub, &req, now()).unwrap_err().status(), 400);
+        assert_eq!(
+            op.enroll(&ca, &hub, &policy(), &req, now())
+                .unwrap_err()
+                .status(),
+            400
+        );
     }
     let (mut req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
     req.csr_pem = req.csr_pem.replace("MII", "MIJ");
-    assert_eq!(op.enroll(&ca, &hub, &req, now()).unwrap_err().status(), 400);
+    assert_eq!(
+        op.enroll(&ca, &hub, &policy(), &req, now())
+            .unwrap_err()
+            .status(),
+        400
+    );
     // A hub that cannot be changed: 500, and the token stays usable.
     *hub.broken.lock().unwrap() = true;
     let (req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
-    assert_eq!(op.enroll(&ca, &hub, &req, now()).unwrap_err().status(), 500);
+    assert_eq!(
+        op.enroll(&ca, &hub, &policy(), &req, now())
+            .unwrap_err()
+            .status(),
+        500
+    );
     assert!(op.enrolled_box(CODE).unwrap().is_none());
     *hub.broken.lock().unwrap() = false;
     assert!(hub.peers.lock().unwrap().is_empty());
 
     let (req, key) = request(&t, CODE, "QEMU-1", BOX_KEY);
-    let e = op.enroll(&ca, &hub, &req, now()).unwrap();
+    let e = op.enroll(&ca, &hub, &policy(), &req, now()).unwrap();
     assert_eq!(e.identity, identity(CODE, "QEMU-1"));
     assert_eq!(e.tunnel.address, "10.99.0.2/24");
     assert_eq!(e.tunnel.hub_public_key, HUB_KEY);
+    assert_eq!(e.renew_url, "https://10.98.0.1:8443");
     assert_eq!(
         *hub.peers.lock().unwrap(),
         vec![(BOX_KEY.to_owned(), Ipv4Addr::new(10, 99, 0, 2))]
@@ -213,25 +236,27 @@ fn a_token_enrolls_one_box_of_its_clinic_once_with_a_certificate_for_its_own_key
 
     // Used once.
     let (req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
-    let r = op.enroll(&ca, &hub, &req, now()).unwrap_err();
+    let r = op.enroll(&ca, &hub, &policy(), &req, now()).unwrap_err();
     assert!(r.to_string().contains("used already"), "{r}");
     // Unknown and expired tokens.
     let (req, _) = request("not-a-token", CODE, "QEMU-1", BOX_KEY);
     assert!(
-        op.enroll(&ca, &hub, &req, now())
+        op.enroll(&ca, &hub, &policy(), &req, now())
             .unwrap_err()
             .to_string()
             .contains("not known")
     );
     let short = token(&mut op, work.path(), CODE, Duration::from_secs(60));
     let (req, _) = request(&short, CODE, "QEMU-1", BOX_KEY);
-    let r = op.enroll(&ca, &hub, &req, now() + 61).unwrap_err();
+    let r = op
+        .enroll(&ca, &hub, &policy(), &req, now() + 61)
+        .unwrap_err();
     assert!(r.to_string().contains("expired"), "{r}");
 
     // A replacement box (a new medium): its key replaces the clinic's earlier one.
     let t2 = token(&mut op, work.path(), CODE, Duration::from_secs(3600));
     let (req, _) = request(&t2, CODE, "QEMU-2", OTHER_BOX_KEY);
-    op.enroll(&ca, &hub, &req, now()).unwrap();
+    op.enroll(&ca, &hub, &policy(), &req, now()).unwrap();
     assert_eq!(
         *hub.peers.lock().unwrap(),
         vec![(OTHER_BOX_KEY.to_owned(), Ipv4Addr::new(10, 99, 0, 2))]
@@ -267,14 +292,16 @@ fn renewal_needs_the_current_certificate_and_revocation_ends_it() {
     let hub = Recorded::default();
     let t = token(&mut op, work.path(), CODE, Duration::from_secs(3600));
     let (req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
-    let first = op.enroll(&ca, &hub, &req, now()).unwrap();
+    let first = op.enroll(&ca, &hub, &policy(), &req, now()).unwrap();
     let serial = serial_of(&first.certificate_pem);
     let who = identity(CODE, "QEMU-1");
     let renew = || RenewRequest {
         csr_pem: csr("x").0,
     };
 
-    let r = op.renew(&ca, "00ff", &who, &renew(), now()).unwrap_err();
+    let r = op
+        .renew(&ca, &policy(), "00ff", &who, &renew(), now())
+        .unwrap_err();
     assert_eq!(
         r,
         Refused::Forbidden(
@@ -282,19 +309,21 @@ fn renewal_needs_the_current_certificate_and_revocation_ends_it() {
         )
     );
     let r = op
-        .renew(&ca, &serial, "1312345678-OTHER", &renew(), now())
+        .renew(&ca, &policy(), &serial, "1312345678-OTHER", &renew(), now())
         .unwrap_err();
     assert!(r.to_string().contains("identity"), "{r}");
     let r = op
-        .renew(&ca, &serial, &who, &renew(), first.not_after)
+        .renew(&ca, &policy(), &serial, &who, &renew(), first.not_after)
         .unwrap_err();
     assert!(r.to_string().contains("expired"), "{r}");
 
-    let second = op.renew(&ca, &serial, &who, &renew(), now()).unwrap();
+    let second = op
+        .renew(&ca, &policy(), &serial, &who, &renew(), now())
+        .unwrap();
     assert_ne!(serial_of(&second.certificate_pem), serial);
     // The old certificate renews no more.
     assert_eq!(
-        op.renew(&ca, &serial, &who, &renew(), now())
+        op.renew(&ca, &policy(), &serial, &who, &renew(), now())
             .unwrap_err()
             .status(),
         403
@@ -304,7 +333,9 @@ fn renewal_needs_the_current_certificate_and_revocation_ends_it() {
     assert!(b.revoked_at.is_some());
     assert!(hub.peers.lock().unwrap().is_empty());
     let current = serial_of(&second.certificate_pem);
-    let r = op.renew(&ca, &current, &who, &renew(), now()).unwrap_err();
+    let r = op
+        .renew(&ca, &policy(), &current, &who, &renew(), now())
+        .unwrap_err();
     assert!(r.to_string().contains("revoked"), "{r}");
     // No new medium, no new enrollment for a revoked clinic.
     assert!(
@@ -318,5 +349,10 @@ fn renewal_needs_the_current_certificate_and_revocation_ends_it() {
         .is_err()
     );
     let (req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
-    assert_eq!(op.enroll(&ca, &hub, &req, now()).unwrap_err().status(), 403);
+    assert_eq!(
+        op.enroll(&ca, &hub, &policy(), &req, now())
+            .unwrap_err()
+            .status(),
+        403
+    );
 }

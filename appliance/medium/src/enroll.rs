@@ -71,6 +71,8 @@ pub struct Enrolled {
     /// The box's identity in the certificate ([`identity`]).
     pub identity: String,
     pub tunnel: TunnelSettings,
+    /// Where the box renews (`https://`, an address inside the tunnel).
+    pub renew_url: String,
 }
 
 /// A refusal's body.

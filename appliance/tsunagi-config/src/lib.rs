@@ -80,6 +80,10 @@ pub struct Config {
     /// The WireGuard tunnel to the network hub; absent means no tunnel.
     #[serde(default)]
     pub tunnel: Option<Tunnel>,
+    /// The box's network identity (its certificate from enrollment), renewed over the
+    /// tunnel.
+    #[serde(default)]
+    pub identity: Identity,
     /// The consent and patient-identity cache.
     #[serde(default)]
     pub consent: ConsentCache,
@@ -222,6 +226,31 @@ impl Default for Heartbeat {
         Self {
             enabled: true,
             interval: ConfigDuration::secs(10),
+        }
+    }
+}
+
+/// `[identity]`: the box's network identity, the client certificate the enrollment server
+/// issued (`tsunagi enroll`), kept renewed over the tunnel by the `identity` service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Identity {
+    /// Whether the identity service runs; default false.
+    pub enabled: bool,
+    /// Renew when this little of the certificate's life is left (or a third of its
+    /// lifetime, whichever is less); default 10d, at most 30d.
+    pub renew_before: ConfigDuration,
+    /// How often the certificate is looked at, and the longest wait between failed
+    /// renewals; default 1h, 1s to 1d.
+    pub check_interval: ConfigDuration,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            renew_before: ConfigDuration::secs(10 * 86_400),
+            check_interval: ConfigDuration::secs(3600),
         }
     }
 }
@@ -733,6 +762,28 @@ impl Config {
                     self.paths.state_dir, self.paths.runtime_dir
                 ),
                 &both,
+            );
+        }
+
+        if self.identity.renew_before.get() > Duration::from_secs(30 * 86_400)
+            || self.identity.renew_before.get().is_zero()
+        {
+            broken(
+                "identity.renew-before",
+                format!(
+                    "must be more than 0 and at most 30d (got {})",
+                    self.identity.renew_before
+                ),
+                &["identity.renew-before"],
+            );
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(86_400))
+            .contains(&self.identity.check_interval.get())
+        {
+            broken(
+                "identity.check-interval",
+                format!("must be 1s to 1d (got {})", self.identity.check_interval),
+                &["identity.check-interval"],
             );
         }
 

@@ -608,7 +608,7 @@ fn unknown_keys_and_tables() {
             (Some(13), "drill.a.foo"),
         ]
     );
-    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, tunnel, consent, ssmix2, dicom, drill)"), "{}", got[0].2);
+    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, tunnel, identity, consent, ssmix2, dicom, drill)"), "{}", got[0].2);
     assert_eq!(got[1].2, "unknown key `level` (expected one of: filter)");
 }
 
@@ -1405,4 +1405,32 @@ fn query_retrieve_needs_an_allowed_callers_list() {
     )
     .unwrap();
     assert!(cfg.dicom.unwrap().query_retrieve);
+}
+
+#[test]
+fn identity_renewal_settings_are_bounded() {
+    let cfg = parse(MINIMAL, Path::new("t.toml")).unwrap();
+    assert!(!cfg.identity.enabled);
+    assert_eq!(
+        cfg.identity.renew_before.get(),
+        Duration::from_secs(10 * 86_400)
+    );
+    assert_eq!(cfg.identity.check_interval.get(), Duration::from_secs(3600));
+    for (section, key) in [
+        ("renew-before = \"31d\"", "identity.renew-before"),
+        ("renew-before = \"0s\"", "identity.renew-before"),
+        ("check-interval = \"2d\"", "identity.check-interval"),
+        ("check-interval = \"500ms\"", "identity.check-interval"),
+    ] {
+        let got = problems(&format!("{MINIMAL}[identity]\n{section}\n"));
+        assert!(got.iter().any(|(_, k, _)| k == key), "{section}: {got:?}");
+    }
+    let cfg = parse(
+        &format!(
+            "{MINIMAL}[identity]\nenabled = true\nrenew-before = \"5d\"\ncheck-interval = \"1s\"\n"
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    assert!(cfg.identity.enabled);
 }

@@ -40,16 +40,6 @@ pub(crate) struct EnrollArgs {
     pub(crate) json: bool,
 }
 
-/// What `enrolled.json` records.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct EnrolledRecord {
-    pub(crate) identity: String,
-    pub(crate) box_serial: String,
-    pub(crate) not_after: i64,
-    pub(crate) enrolled_at: i64,
-}
-
 enum Outcome {
     Enrolled(String),
     Already(String),
@@ -64,9 +54,9 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// The directory of the box's identity.
-pub(crate) fn identity_dir(state: &Path) -> PathBuf {
-    state.join("identity")
+/// The directory of the box's identity (the identity service's state directory).
+fn identity_dir(state: &Path) -> PathBuf {
+    state.join(identity::NAME)
 }
 
 fn box_serial(given: Option<String>) -> Result<String, String> {
@@ -110,14 +100,42 @@ struct Applied {
     facility_code: String,
 }
 
-/// The TLS key: the existing one, or a new one written with mode 0600.
-fn tls_key(path: &Path) -> Result<rcgen::KeyPair, String> {
+/// The identity service's user, when running as root (None otherwise: development).
+fn service_owner() -> Result<Option<tsunagi_runtime::privilege::Identity>, String> {
+    if !tsunagi_runtime::privilege::is_root() {
+        return Ok(None);
+    }
+    tsunagi_runtime::privilege::ensure_user(identity::SERVICE.user)
+        .map(Some)
+        .map_err(|e| tsunagi_runtime::child::error_chain(&e))
+}
+
+/// Hands files to the identity service's user.
+fn hand_over(
+    paths: &[&Path],
+    owner: Option<tsunagi_runtime::privilege::Identity>,
+) -> std::io::Result<()> {
+    if let Some(id) = owner {
+        for path in paths {
+            nix::unistd::chown(*path, Some(id.uid), Some(id.gid)).map_err(std::io::Error::from)?;
+        }
+    }
+    Ok(())
+}
+
+/// The TLS key: the existing one, or a new one written with mode 0600 for the identity
+/// service's user.
+fn tls_key(
+    path: &Path,
+    owner: Option<tsunagi_runtime::privilege::Identity>,
+) -> Result<rcgen::KeyPair, String> {
     match std::fs::read_to_string(path) {
         Ok(pem) => rcgen::KeyPair::from_pem(&pem).map_err(|e| format!("the box's TLS key: {e}")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
                 .map_err(|e| format!("cannot make the box's TLS key: {e}"))?;
-            crate::medium_cmd::replace(path, key.serialize_pem().as_bytes(), 0o600)
+            identity::replace(path, key.serialize_pem().as_bytes(), 0o600)
+                .and_then(|()| hand_over(&[path], owner))
                 .map_err(|e| format!("cannot write the box's TLS key: {e}"))?;
             Ok(key)
         }
@@ -125,23 +143,11 @@ fn tls_key(path: &Path) -> Result<rcgen::KeyPair, String> {
     }
 }
 
-/// Whether `cert_pem` is a certificate for `key`.
-fn certifies(cert_pem: &str, key: &rcgen::KeyPair) -> bool {
-    use rcgen::PublicKeyData as _;
-    let Some(Ok(der)) = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).next() else {
-        return false;
-    };
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
-        return false;
-    };
-    cert.public_key().subject_public_key.data.as_ref() == key.der_bytes()
-}
-
 fn enroll(cfg: &Config, args: &EnrollArgs) -> Outcome {
     let state = cfg.paths.state_dir.as_path();
     let dir = identity_dir(state);
-    let record = dir.join("enrolled.json");
-    if let Ok(r) = read_json::<EnrolledRecord>(&record, "the enrollment record")
+    let record = dir.join(identity::RECORD_FILE);
+    if let Ok(Some(r)) = identity::read_record(&dir)
         && r.not_after > now()
     {
         return Outcome::Already(format!(
@@ -182,24 +188,23 @@ fn enroll(cfg: &Config, args: &EnrollArgs) -> Outcome {
         Ok(k) => k,
         Err(e) => return Outcome::Failed(format!("the tunnel's key: {e}")),
     };
-    let key = match tls_key(&dir.join("box.key")) {
+    let owner = match service_owner() {
+        Ok(o) => o,
+        Err(e) => return Outcome::Failed(e),
+    };
+    if let Err(e) = tsunagi_runtime::privilege::ensure_private_dir(&dir, owner) {
+        return Outcome::Failed(tsunagi_runtime::child::error_chain(&e));
+    }
+    let key = match tls_key(&dir.join(identity::KEY_FILE), owner) {
         Ok(k) => k,
         Err(e) => return Outcome::Failed(e),
     };
     let who = identity(&applied.facility_code, &serial);
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .and_then(|mut p| {
-            p.distinguished_name = rcgen::DistinguishedName::new();
-            p.distinguished_name
-                .push(rcgen::DnType::CommonName, who.clone());
-            p.serialize_request(&key)
-        })
-        .and_then(|csr| csr.pem());
-    let csr_pem = match csr {
+    let csr_pem = match identity::csr(&key, &who) {
         Ok(p) => p,
-        Err(e) => return Outcome::Failed(format!("cannot make the certificate request: {e}")),
+        Err(e) => return Outcome::Failed(e),
     };
-    let ca_path = provisioning.join("network-ca.pem");
+    let ca_path = state.join(identity::NETWORK_CA);
     let mut roots = rustls::RootCertStore::empty();
     let ca_bytes = std::fs::read(&ca_path).unwrap_or_default();
     for cert in CertificateDer::pem_slice_iter(&ca_bytes).flatten() {
@@ -293,34 +298,37 @@ fn enroll(cfg: &Config, args: &EnrollArgs) -> Outcome {
             String::from(tunnel.hub_public_key.clone())
         ));
     }
-    if enrolled.identity != who || !certifies(&enrolled.certificate_pem, &key) {
+    let Some(not_after) = identity::certifies(&enrolled.certificate_pem, &key, &who)
+        .filter(|_| enrolled.identity == who)
+    else {
         return Outcome::Refused(
             "the enrollment server's certificate is not for this box's key and identity".into(),
         );
+    };
+    if !enrolled.renew_url.starts_with("https://") {
+        return Outcome::Refused(format!(
+            "the enrollment server's renewal URL {} is not https",
+            enrolled.renew_url
+        ));
     }
-    let written = crate::medium_cmd::replace(
-        &dir.join("box.pem"),
-        enrolled.certificate_pem.as_bytes(),
-        0o644,
-    )
-    .and_then(|()| {
-        crate::medium_cmd::replace(
-            &dir.join("box-ca.pem"),
-            enrolled.box_ca_pem.as_bytes(),
-            0o644,
-        )
-    })
-    .and_then(|()| {
-        let r = EnrolledRecord {
-            identity: enrolled.identity.clone(),
-            box_serial: serial,
-            not_after: enrolled.not_after,
-            enrolled_at: now(),
-        };
-        let text = serde_json::to_vec(&r).map_err(std::io::Error::other)?;
-        crate::medium_cmd::replace(&record, &text, 0o644)
-    })
-    .and_then(|()| std::fs::remove_file(provisioning.join("enrollment.json")));
+    let cert = dir.join(identity::CERT_FILE);
+    let ca = dir.join(identity::CA_FILE);
+    let written = identity::replace(&cert, enrolled.certificate_pem.as_bytes(), 0o644)
+        .and_then(|()| identity::replace(&ca, enrolled.box_ca_pem.as_bytes(), 0o644))
+        .and_then(|()| {
+            let r = identity::Record {
+                identity: enrolled.identity.clone(),
+                box_serial: serial,
+                issued_at: now(),
+                not_after,
+                renew_url: enrolled.renew_url.clone(),
+                renewals: 0,
+            };
+            let text = serde_json::to_vec(&r).map_err(std::io::Error::other)?;
+            identity::replace(&record, &text, 0o644)
+        })
+        .and_then(|()| hand_over(&[&cert, &ca, &record], owner))
+        .and_then(|()| std::fs::remove_file(provisioning.join("enrollment.json")));
     if let Err(e) = written {
         return Outcome::Failed(format!("cannot record the enrollment: {e}"));
     }

@@ -110,7 +110,7 @@ fn checked(args: &MediumArgs) -> Result<Bundle, String> {
 
 /// Writes `bytes` to `path` (mode `mode`): beside it, flushed, renamed into place, and the
 /// folder flushed.
-pub(crate) fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();

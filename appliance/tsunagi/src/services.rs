@@ -15,6 +15,7 @@ use tsunagi_runtime::supervisor::{ChildSpec, Plan, Settings};
 /// The built-in services, in start order.
 pub(crate) const SERVICES: &[&Service] = &[
     &tunnel::SERVICE,
+    &identity::SERVICE,
     &consent::SERVICE,
     &ssmix2_sync::SERVICE,
     &dicom_bridge::SERVICE,

@@ -66,6 +66,10 @@ fn template(h: &Harness, net: &TestNet) -> String {
 [heartbeat]
 enabled = false
 
+[identity]
+enabled = true
+check-interval = "1s"
+
 [tunnel]
 interface = "{iface}"
 backend = "userspace"
@@ -153,7 +157,11 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
     let net = TestNet::up(Options::default()).expect("test network");
     let work = tempfile::tempdir().unwrap();
     let hub_wan = net.hub_wan_address();
-    let pki = hil_tests::nginx::Pki::generate_for(&work.path().join("pki"), &[hub_wan]).unwrap();
+    // The hub's certificate names its WAN address (enrollment) and its address inside the
+    // tunnel (renewal).
+    let hub_inside = std::net::Ipv4Addr::new(10, 98, 0, 1);
+    let pki = hil_tests::nginx::Pki::generate_for(&work.path().join("pki"), &[hub_wan, hub_inside])
+        .unwrap();
 
     // The operator: the network, the clinic, a medium.
     let mut h = Harness::new("");
@@ -212,7 +220,13 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
     serve
         .arg("--dir")
         .arg(&op)
-        .args(["serve", "--listen", &format!("{hub_wan}:{ENROLL_PORT}")])
+        .args(["serve", "--listen", &format!("0.0.0.0:{ENROLL_PORT}")])
+        .args([
+            "--renew-url",
+            &format!("https://{hub_inside}:{ENROLL_PORT}"),
+        ])
+        // Short, so that renewal happens while the test watches (at 10 of 15 s).
+        .args(["--certificate-lifetime", "15s"])
         .arg("--tls-cert")
         .arg(pki.server_cert())
         .arg("--tls-key")
@@ -322,9 +336,31 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
     assert_eq!(code, 1, "{text}");
     assert!(text.to_lowercase().contains("certificate"), "{text}");
     // The tunnel comes up with the enrolled key.
+    let enrolled_cert = std::fs::read_to_string(identity.join("box.pem")).unwrap();
     h.start_in_netns(net.ns(Host::Box));
     h.wait_for("the tunnel up", Duration::from_secs(30), tunnel_up);
     assert!(net.hub_handshake_age(&public).unwrap().is_some());
+    // The certificate is renewed over the tunnel before it ends (from the box's tunnel
+    // address, as the server saw it), for the same key.
+    let renewed = h.wait_for("a renewal", Duration::from_secs(30), |s| {
+        service(s, "identity")["summary"]
+            .as_str()
+            .is_some_and(|t| t.contains("renewed 1 times"))
+    });
+    println!("enrollment: {}", service(&renewed, "identity")["summary"]);
+    assert!(
+        serve_log().contains("renew: renewed 1312345678-QEMU-0001 from 10.99.0.2:"),
+        "{}",
+        serve_log()
+    );
+    assert_ne!(
+        std::fs::read_to_string(identity.join("box.pem")).unwrap(),
+        enrolled_cert
+    );
+    assert_eq!(
+        std::fs::read_to_string(identity.join("box.key")).unwrap(),
+        tls_key
+    );
 
     // The clinic's box is still the first.
     let shown = operator(&op, &["clinic", "show", CODE, "--json"]);
@@ -349,6 +385,17 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
     h.wait_for("the tunnel down", Duration::from_secs(60), |s| {
         !tunnel_up(s)
     });
+    // And its next renewal fails: the hub no longer answers it.
+    let failed = h.wait_for("a failed renewal", Duration::from_secs(40), |s| {
+        service(s, "identity")["summary"]
+            .as_str()
+            .is_some_and(|t| t.contains("renewal failed"))
+    });
+    println!(
+        "enrollment: after revocation: {}",
+        service(&failed, "identity")["summary"]
+    );
+    assert_eq!(service(&failed, "identity")["health"], "degraded");
 
     // The server stops within 2 s of SIGTERM.
     let stopped = Instant::now();

@@ -1,0 +1,423 @@
+//! `identity`: the box's network identity (issue 16), the client certificate the network's
+//! enrollment server issued for the box's own key (`tsunagi enroll`), kept renewed over the
+//! tunnel before it ends.
+//!
+//! Files, in the service's state directory (`STATE/identity`, owned by its user):
+//! [`KEY_FILE`] (the TLS key, ECDSA P-256, mode 0600, made on the box and never sent),
+//! [`CERT_FILE`], [`CA_FILE`] (the box-identity CA) and [`RECORD_FILE`] ([`Record`]).
+//!
+//! The service looks at the certificate every `check-interval`. From [`renew_at`] on it
+//! asks the renewal URL the enrollment server gave (an address inside the tunnel, over TLS
+//! verified against the network CA from the medium, presenting the current certificate)
+//! for a new certificate on the same key. A failure is retried with a backoff up to
+//! `check-interval` and shown in the status (degraded) with the certificate's end; an
+//! expired certificate says the box must enroll again. Each file is written beside,
+//! flushed and renamed in; the record last.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tsunagi_medium::enroll::{Enrolled, MAX_RESPONSE, RENEW_PATH, Refusal, RenewRequest};
+use tsunagi_runtime::child::ServiceCtx;
+use tsunagi_runtime::service::{self, Launch, Service};
+use tsunagi_runtime::status::Health;
+
+/// The service's name (and its state directory's).
+pub const NAME: &str = "identity";
+/// The box's TLS key.
+pub const KEY_FILE: &str = "box.key";
+/// The box's certificate.
+pub const CERT_FILE: &str = "box.pem";
+/// The box-identity CA's certificate.
+pub const CA_FILE: &str = "box-ca.pem";
+/// What the box knows of its enrollment ([`Record`]).
+pub const RECORD_FILE: &str = "enrolled.json";
+/// The network CA from the medium, which every link to the hub is verified against
+/// (relative to the state root).
+pub const NETWORK_CA: &str = "provisioning/network-ca.pem";
+
+/// The identity service as the binary lists it.
+pub const SERVICE: Service = Service {
+    name: NAME,
+    user: "tsunagi-identity",
+    description: "tsunagi network identity",
+    capabilities: &[],
+    groups: &[],
+    worker_threads: 1,
+    launch: |cfg| {
+        cfg.identity
+            .enabled
+            .then(|| Launch::reading(cfg, &(&cfg.identity, &cfg.tunnel)))
+    },
+    main: |cfg, ctx| service::boxed(run(ctx, Settings::from_config(cfg))),
+};
+
+/// What `enrolled.json` records.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Record {
+    /// The certificate's subject CN (医療機関コード-serial).
+    pub identity: String,
+    pub box_serial: String,
+    /// Unix seconds: when the current certificate was issued (received).
+    pub issued_at: i64,
+    /// Unix seconds: its end.
+    pub not_after: i64,
+    /// Where it is renewed.
+    pub renew_url: String,
+    /// How many times it was renewed since enrollment.
+    #[serde(default)]
+    pub renewals: u64,
+}
+
+/// Errors of the identity service.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the identity service's worker stopped unexpectedly")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// When to renew: once what is left of the certificate's life is `renew_before` or a third
+/// of its lifetime, whichever is less.
+pub fn renew_at(record: &Record, renew_before: Duration) -> i64 {
+    let lifetime = (record.not_after - record.issued_at).max(0);
+    let before = i64::try_from(renew_before.as_secs())
+        .unwrap_or(i64::MAX)
+        .min(lifetime / 3);
+    record.not_after - before
+}
+
+/// The time, Unix seconds.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A PKCS#10 request (PEM) for `key` with `identity` as its CN.
+pub fn csr(key: &rcgen::KeyPair, identity: &str) -> Result<String, String> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| format!("cannot make the certificate request: {e}"))?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, identity);
+    params
+        .serialize_request(key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| format!("cannot make the certificate request: {e}"))
+}
+
+/// Whether `cert_pem`'s first certificate is for `key` with `identity` as its CN; its end
+/// (Unix seconds) if so.
+pub fn certifies(cert_pem: &str, key: &rcgen::KeyPair, identity: &str) -> Option<i64> {
+    use rcgen::PublicKeyData as _;
+    let der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .next()?
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    (cert.public_key().subject_public_key.data.as_ref() == key.der_bytes() && cn == identity)
+        .then(|| cert.validity().not_after.timestamp())
+}
+
+/// Writes `bytes` to `path` with `mode`: beside it, flushed, renamed in, folder flushed.
+pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.new"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Reads the record, if the box is enrolled.
+pub fn read_record(dir: &Path) -> Result<Option<Record>, IdentityError> {
+    let path = dir.join(RECORD_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| IdentityError::Invalid(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(IdentityError::Io { path, source }),
+    }
+}
+
+/// The service's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub renew_before: Duration,
+    pub check_interval: Duration,
+    /// The state root (the network CA is under it).
+    pub state_root: PathBuf,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &tsunagi_config::Config) -> Settings {
+        Settings {
+            renew_before: cfg.identity.renew_before.get(),
+            check_interval: cfg.identity.check_interval.get(),
+            state_root: cfg.paths.state_dir.as_path().to_owned(),
+        }
+    }
+}
+
+/// One renewal: the new certificate is written, the record updated. The new record.
+async fn renew(dir: &Path, settings: &Settings, record: &Record) -> Result<Record, String> {
+    let read =
+        |name: &str| std::fs::read(dir.join(name)).map_err(|e| format!("{name}: {}", e.kind()));
+    let key_pem = read(KEY_FILE)?;
+    let cert_pem = read(CERT_FILE)?;
+    let key = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&key_pem))
+        .map_err(|e| format!("{KEY_FILE}: {e}"))?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{CERT_FILE}: {e}"))?;
+    let tls_key =
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("{KEY_FILE}: {e}"))?;
+    let ca = std::fs::read(settings.state_root.join(NETWORK_CA))
+        .map_err(|e| format!("the network CA: {}", e.kind()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca).flatten() {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err("no network CA from the medium".into());
+    }
+    if !record.renew_url.starts_with("https://") {
+        return Err(format!("the renewal URL {} is not https", record.renew_url));
+    }
+    let client = tsunagi_runtime::http::client_builder(tsunagi_runtime::http::ClientSettings {
+        roots,
+        identity: Some(tsunagi_runtime::http::ClientIdentity {
+            chain,
+            key: tls_key,
+        }),
+        connect_timeout: Duration::from_secs(10),
+        timeout: Some(Duration::from_secs(30)),
+        keep_idle: None,
+    })
+    .map_err(|e| e.to_string())?
+    .https_only(true)
+    .redirect(reqwest::redirect::Policy::none())
+    .build()
+    .map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(&RenewRequest {
+        csr_pem: csr(&key, &record.identity)?,
+    })
+    .map_err(|e| e.to_string())?;
+    let url = format!("{}{RENEW_PATH}", record.renew_url.trim_end_matches('/'));
+    let mut response = client
+        .post(&url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "the renewal server cannot be reached: {}",
+                tsunagi_runtime::child::error_chain(&e)
+            )
+        })?;
+    let status = response.status();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() > MAX_RESPONSE {
+            return Err(format!(
+                "the renewal server's answer is over {MAX_RESPONSE} bytes"
+            ));
+        }
+    }
+    if !status.is_success() {
+        let why = serde_json::from_slice::<Refusal>(&bytes)
+            .map(|r| r.error)
+            .unwrap_or_else(|_| format!("HTTP {status}"));
+        return Err(format!("the renewal server refused: {why}"));
+    }
+    let enrolled: Enrolled = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("the renewal server's answer cannot be read: {e}"))?;
+    let Some(not_after) = certifies(&enrolled.certificate_pem, &key, &record.identity) else {
+        return Err("the renewed certificate is not for this box's key and identity".into());
+    };
+    replace(
+        &dir.join(CERT_FILE),
+        enrolled.certificate_pem.as_bytes(),
+        0o644,
+    )
+    .and_then(|()| replace(&dir.join(CA_FILE), enrolled.box_ca_pem.as_bytes(), 0o644))
+    .map_err(|e| format!("cannot write the certificate: {e}"))?;
+    let new = Record {
+        issued_at: now(),
+        not_after,
+        renew_url: enrolled.renew_url,
+        renewals: record.renewals + 1,
+        ..record.clone()
+    };
+    let text = serde_json::to_vec(&new).map_err(|e| e.to_string())?;
+    replace(&dir.join(RECORD_FILE), &text, 0o644)
+        .map_err(|e| format!("cannot write the record: {e}"))?;
+    Ok(new)
+}
+
+/// Runs the identity service until shutdown.
+pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), IdentityError> {
+    let dir = ctx.state_dir.clone();
+    ctx.reporter
+        .status(Health::Degraded, "looking at the certificate");
+    ctx.reporter.ready();
+    let mut failures: u32 = 0;
+    loop {
+        let record = read_record(&dir)?;
+        let now = now();
+        let wait = match &record {
+            None => {
+                ctx.reporter.status(
+                    Health::Degraded,
+                    "not enrolled: apply a provisioning medium and run `tsunagi enroll`",
+                );
+                settings.check_interval
+            }
+            Some(r) if now >= r.not_after => {
+                ctx.reporter.status_with_metrics(
+                    Health::Degraded,
+                    &format!(
+                        "the certificate of {} expired at {} (Unix seconds): the box must enroll again with a new medium",
+                        r.identity, r.not_after
+                    ),
+                    &[("identity_certificate_seconds_left", 0.0)],
+                );
+                settings.check_interval
+            }
+            Some(r) => {
+                let at = renew_at(r, settings.renew_before);
+                if now < at {
+                    failures = 0;
+                    let left = (r.not_after - now) as f64;
+                    ctx.reporter.status_with_metrics(
+                        Health::Ok,
+                        &format!(
+                            "{}: certificate until {} (Unix seconds), renewed {} times; renewal from {}",
+                            r.identity, r.not_after, r.renewals, at
+                        ),
+                        &[("identity_certificate_seconds_left", left)],
+                    );
+                    Duration::from_secs(u64::try_from(at - now).unwrap_or(0))
+                        .min(settings.check_interval)
+                        .max(Duration::from_secs(1))
+                } else {
+                    use tracing::Instrument as _;
+                    let span = tracing::info_span!("renew", identity = %r.identity);
+                    let outcome = tokio::select! {
+                        _ = ctx.shutdown.cancelled() => return Ok(()),
+                        outcome = renew(&dir, &settings, r).instrument(span) => outcome,
+                    };
+                    match outcome {
+                        Ok(new) => {
+                            failures = 0;
+                            tracing::info!(
+                                not_after = new.not_after,
+                                renewals = new.renewals,
+                                "certificate renewed"
+                            );
+                            Duration::ZERO
+                        }
+                        Err(why) => {
+                            failures = failures.saturating_add(1);
+                            tracing::warn!(failures, reason = %why, "certificate renewal failed");
+                            let left = (r.not_after - now) as f64;
+                            ctx.reporter.status_with_metrics(
+                                Health::Degraded,
+                                &format!(
+                                    "{}: renewal failed {failures} times ({why}); certificate until {} (Unix seconds)",
+                                    r.identity, r.not_after
+                                ),
+                                &[("identity_certificate_seconds_left", left)],
+                            );
+                            Duration::from_secs(1u64 << failures.min(12))
+                                .min(settings.check_interval)
+                        }
+                    }
+                }
+            }
+        };
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(issued_at: i64, not_after: i64) -> Record {
+        Record {
+            identity: "1312345678-QEMU-1".into(),
+            box_serial: "QEMU-1".into(),
+            issued_at,
+            not_after,
+            renew_url: "https://10.98.0.1:8443".into(),
+            renewals: 0,
+        }
+    }
+
+    #[test]
+    fn renewal_starts_ten_days_or_a_third_of_the_lifetime_before_the_end() {
+        let day = 86_400;
+        let ten_days = Duration::from_secs(10 * 86_400);
+        assert_eq!(renew_at(&record(0, 30 * day), ten_days), 20 * day);
+        assert_eq!(renew_at(&record(0, 90 * day), ten_days), 80 * day);
+        // Short lifetimes (tests): the last third.
+        assert_eq!(renew_at(&record(1000, 1030), ten_days), 1020);
+        // A record with its end before its issue renews at once.
+        assert_eq!(renew_at(&record(1000, 900), ten_days), 900);
+    }
+
+    #[test]
+    fn a_certificate_counts_only_for_its_own_key_and_identity() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "1312345678-QEMU-1");
+        let cert = params.self_signed(&key).unwrap().pem();
+        assert!(certifies(&cert, &key, "1312345678-QEMU-1").is_some());
+        assert!(certifies(&cert, &other, "1312345678-QEMU-1").is_none());
+        assert!(certifies(&cert, &key, "1312345678-QEMU-2").is_none());
+        assert!(certifies("garbage", &key, "1312345678-QEMU-1").is_none());
+        // The CSR is readable and carries the identity.
+        assert!(
+            csr(&key, "1312345678-QEMU-1")
+                .unwrap()
+                .contains("CERTIFICATE REQUEST")
+        );
+    }
+}
