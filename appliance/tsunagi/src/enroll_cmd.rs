@@ -97,7 +97,8 @@ struct Token {
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 struct Applied {
-    facility_code: String,
+    /// None after a factory reset.
+    facility_code: Option<String>,
 }
 
 /// The identity service's user, when running as root (None otherwise: development).
@@ -167,11 +168,21 @@ fn enroll(cfg: &Config, args: &EnrollArgs) -> Outcome {
             ));
         }
     };
-    let applied: Applied = match read_json(&provisioning.join("applied.json"), "the medium record")
-    {
-        Ok(a) => a,
-        Err(e) => return Outcome::Refused(e),
-    };
+    let facility_code =
+        match read_json::<Applied>(&provisioning.join("applied.json"), "the medium record") {
+            Ok(Applied {
+                facility_code: Some(code),
+            }) => code,
+            Ok(Applied {
+                facility_code: None,
+            }) => {
+                return Outcome::Refused(
+                    "the box was reset and belongs to no clinic: apply a provisioning medium"
+                        .into(),
+                );
+            }
+            Err(e) => return Outcome::Refused(e),
+        };
     if now() >= token.expires_at {
         return Outcome::Refused(
             "the enrollment token expired: ask the operator for a new medium".into(),
@@ -199,7 +210,7 @@ fn enroll(cfg: &Config, args: &EnrollArgs) -> Outcome {
         Ok(k) => k,
         Err(e) => return Outcome::Failed(e),
     };
-    let who = identity(&applied.facility_code, &serial);
+    let who = identity(&facility_code, &serial);
     let csr_pem = match identity::csr(&key, &who) {
         Ok(p) => p,
         Err(e) => return Outcome::Failed(e),
@@ -239,7 +250,7 @@ fn enroll(cfg: &Config, args: &EnrollArgs) -> Outcome {
     };
     let request = EnrollRequest {
         token: token.token,
-        facility_code: applied.facility_code.clone(),
+        facility_code: facility_code.clone(),
         box_serial: serial.clone(),
         wireguard_public_key: wg_public.clone(),
         csr_pem,

@@ -20,6 +20,8 @@ use tsunagi_runtime::exit_code;
 
 /// Where the image carries the network's provisioning public key (base64 of 32 bytes).
 pub(crate) const DEFAULT_KEY: &str = "/usr/share/tsunagi/provisioning.pub";
+/// The provisioning audit trail in `STATE/provisioning/`.
+const AUDIT_FILE: &str = "audit.jsonl";
 /// The data partition's state directory (a blank box has no config to name it yet).
 pub(crate) const DEFAULT_STATE: &str = "/var/lib/tsunagi";
 
@@ -49,12 +51,13 @@ pub(crate) enum MediumCommand {
     },
 }
 
-/// What the box applied last (`STATE/provisioning/applied.json`).
+/// What the box applied last (`STATE/provisioning/applied.json`). After a factory reset
+/// the box belongs to no clinic, but the serial stays: older media are still refused.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct Applied {
     serial: u64,
-    facility_code: String,
+    facility_code: Option<String>,
     applied_at: i64,
 }
 
@@ -101,7 +104,7 @@ fn checked(args: &MediumArgs) -> Result<Bundle, String> {
             }
         };
     let expect = Expect {
-        facility_code: applied.as_ref().map(|a| a.facility_code.as_str()),
+        facility_code: applied.as_ref().and_then(|a| a.facility_code.as_deref()),
         last_serial: applied.as_ref().map(|a| a.serial),
         now: now(),
     };
@@ -147,18 +150,96 @@ fn apply(args: &MediumArgs, config: &Path, b: &Bundle) -> std::io::Result<()> {
         )?;
     }
     // Last: the medium counts as applied only once everything is in place.
+    record(&args.state_dir, b.serial, Some(&b.facility_code))
+}
+
+fn record(state: &Path, serial: u64, facility_code: Option<&str>) -> std::io::Result<()> {
     let applied = Applied {
-        serial: b.serial,
-        facility_code: b.facility_code.clone(),
+        serial,
+        facility_code: facility_code.map(str::to_owned),
         applied_at: now(),
     };
-    let text = serde_json::to_vec(&serde_json::json!({
-        "serial": applied.serial,
-        "facility-code": applied.facility_code,
-        "applied-at": applied.applied_at,
-    }))
-    .map_err(std::io::Error::other)?;
-    replace(&applied_path(&args.state_dir), &text, 0o644)
+    let text = serde_json::to_vec(&applied).map_err(std::io::Error::other)?;
+    replace(&applied_path(state), &text, 0o644)
+}
+
+/// A factory reset: everything in the state directory goes (keys, enrollment, consent
+/// cache, spool, replica state), and the config file; only the record of the serial stays,
+/// with no clinic, so the box takes a medium of any clinic but none older than this one.
+/// Run with the services stopped (the image applies media before the supervisor starts).
+fn reset(args: &MediumArgs, config: &Path, b: &Bundle) -> std::io::Result<usize> {
+    let mut removed = 0;
+    match std::fs::read_dir(&args.state_dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry?;
+                let path = entry.path();
+                if entry.file_name() == "provisioning" {
+                    for inner in std::fs::read_dir(&path)? {
+                        let inner = inner?;
+                        if inner.file_name() != "applied.json" && inner.file_name() != AUDIT_FILE {
+                            remove(&inner.path())?;
+                            removed += 1;
+                        }
+                    }
+                } else {
+                    remove(&path)?;
+                    removed += 1;
+                }
+            }
+            std::fs::File::open(&args.state_dir)?.sync_all()?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    match std::fs::remove_file(config) {
+        Ok(()) => {
+            removed += 1;
+            if let Some(dir) = config.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    record(&args.state_dir, b.serial, None)?;
+    Ok(removed)
+}
+
+/// The provisioning audit trail (`STATE/provisioning/audit.jsonl`): one line per medium
+/// the box was asked to apply (applied, refused, failed), with the time, the serial if the
+/// medium could be read, and the reason; appended and flushed, kept through a factory
+/// reset. Issue 17's ATNA forwarder is to send these as security alerts.
+fn audit(state: &Path, verdict: &str, text: &str, serial: Option<u64>) {
+    use std::io::Write as _;
+    let dir = state.join("provisioning");
+    let line = serde_json::json!({
+        "time": now(),
+        "event": "provisioning-medium",
+        "verdict": verdict,
+        "serial": serial,
+        "reason": text,
+    });
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(dir.join(AUDIT_FILE))?;
+        writeln!(f, "{line}")?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        eprintln!("tsunagi medium: cannot write the provisioning audit record: {e}");
+    }
+}
+
+fn remove(path: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    }
 }
 
 /// Runs `tsunagi medium ...`; the exit code.
@@ -167,7 +248,11 @@ pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
         MediumCommand::Check(a) => (a, None),
         MediumCommand::Apply { args, config } => (args, Some(config)),
     };
+    let applying = config.is_some();
     let say = |verdict: &str, text: &str, serial: Option<u64>| {
+        if applying {
+            audit(&args.state_dir, verdict, text, serial);
+        }
         if json {
             println!(
                 "{}",
@@ -199,12 +284,22 @@ pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
         return exit_code::OK;
     };
     if b.kind == Kind::Reset {
-        say(
-            "refused",
-            &format!("{what}: a factory reset is not applied by this version yet; nothing changed"),
-            Some(b.serial),
-        );
-        return exit_code::REFUSED;
+        return match reset(args, config, &b) {
+            Ok(removed) => {
+                say(
+                    "applied",
+                    &format!(
+                        "{what}: {removed} entries of the state and the config removed; the box is un-enrolled"
+                    ),
+                    Some(b.serial),
+                );
+                exit_code::OK
+            }
+            Err(e) => {
+                say("failed", &format!("{what}: {e}"), Some(b.serial));
+                exit_code::FAILURE
+            }
+        };
     }
     match apply(args, config, &b) {
         Ok(()) => {

@@ -213,6 +213,116 @@ fn unsigned_tampered_and_foreign_media_change_nothing() {
         assert_eq!(text.lines().count(), 1, "one line: {text}");
         assert!(text.contains(why), "{why}: {text}");
         assert!(!b.config().exists(), "nothing applied");
-        assert!(!b.dir.path().join("state/provisioning").exists());
+        // Nothing but the audit record of the refusal.
+        let provisioning = b.dir.path().join("state/provisioning");
+        assert_eq!(walk(&provisioning), vec![provisioning.join("audit.jsonl")]);
+        let audit = std::fs::read_to_string(provisioning.join("audit.jsonl")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+        assert_eq!(last["verdict"], "refused");
+        assert!(last["reason"].as_str().unwrap().contains(why), "{last}");
     }
+}
+
+#[test]
+fn a_reset_medium_wipes_the_box_which_then_takes_any_clinic_but_no_older_medium() {
+    let k = key();
+    let b = Box::new(&k);
+    let media = tempfile::tempdir().unwrap();
+    let first = media.path().join("first");
+    write(&first, &bundle("1312345678", 3), Some(&k));
+    assert_eq!(b.medium("apply", &first).1, 0);
+    // What a running box has: keys, an enrollment, a consent cache, a spool.
+    let state = b.dir.path().join("state");
+    for (path, bytes) in [
+        ("tunnel/private.key", "secret"),
+        ("identity/box.key", "secret"),
+        ("consent/consent.db", "db"),
+        ("dicom/spool/objects/x", "dicom"),
+    ] {
+        let p = state.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+    // Another clinic's reset medium is refused, and changes nothing.
+    let mut other = bundle("1319999999", 5);
+    other.kind = Kind::Reset;
+    other.config = String::new();
+    other.hub = None;
+    other.enrollment = None;
+    let foreign = media.path().join("foreign-reset");
+    write(&foreign, &other, Some(&k));
+    let (text, code) = b.medium("apply", &foreign);
+    assert_eq!(code, 6, "{text}");
+    assert!(state.join("tunnel/private.key").exists());
+    // This clinic's reset: everything goes but the record of the serial.
+    let mut r = other.clone();
+    r.facility_code = "1312345678".into();
+    let reset = media.path().join("reset");
+    write(&reset, &r, Some(&k));
+    let (text, code) = b.medium("check", &reset);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("factory-reset medium serial 5"), "{text}");
+    let (text, code) = b.medium("apply", &reset);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("the box is un-enrolled"), "{text}");
+    assert!(!b.config().exists());
+    let left: Vec<_> = walk(&state);
+    assert_eq!(
+        left,
+        vec![
+            state.join("provisioning/applied.json"),
+            state.join("provisioning/audit.jsonl")
+        ],
+        "{left:?}"
+    );
+    // The audit trail kept every attempt to apply: applied, refused (another clinic's
+    // reset), applied (the reset).
+    let audit = std::fs::read_to_string(state.join("provisioning/audit.jsonl")).unwrap();
+    let verdicts: Vec<String> = audit
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["verdict"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(verdicts, ["applied", "refused", "applied"], "{audit}");
+    assert!(
+        audit.contains("this box belongs to clinic 1312345678"),
+        "{audit}"
+    );
+    // Applied once.
+    assert_eq!(b.medium("apply", &reset).1, 6);
+    // The box takes a newer medium of any clinic, but no older one (replay).
+    let (text, code) = b.medium("apply", &first);
+    assert_eq!(code, 6, "{text}");
+    assert!(
+        text.contains("not newer than the last one applied (5)"),
+        "{text}"
+    );
+    let next = media.path().join("next");
+    write(&next, &bundle("1319999999", 6), Some(&k));
+    let (text, code) = b.medium("apply", &next);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        std::fs::read_to_string(b.config())
+            .unwrap()
+            .contains("1319999999")
+    );
+}
+
+/// Every file under `dir`, sorted.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
 }
