@@ -101,6 +101,24 @@ pub struct BoxRecord {
     pub revoked_at: Option<i64>,
 }
 
+/// What the box gets for a certificate issued to `who`.
+fn answer(
+    ca: &BoxCa,
+    policy: &Policy,
+    issued: crate::ca::Issued,
+    who: String,
+    tunnel: TunnelSettings,
+) -> Enrolled {
+    Enrolled {
+        certificate_pem: issued.pem,
+        box_ca_pem: ca.cert_pem().to_owned(),
+        not_after: issued.not_after,
+        identity: who,
+        tunnel,
+        renew_url: policy.renew_url.clone(),
+    }
+}
+
 impl Operator {
     fn network(&self) -> Result<(String, String, String), ProvisionError> {
         Ok(self.conn.query_row(
@@ -236,18 +254,17 @@ impl Operator {
             params![code, req.box_serial, key, issued.serial, issued.not_after, now],
         )?;
         tx.commit()?;
-        Ok(Enrolled {
-            certificate_pem: issued.pem,
-            box_ca_pem: ca.cert_pem().to_owned(),
-            not_after: issued.not_after,
-            identity: who,
-            tunnel: TunnelSettings {
+        Ok(answer(
+            ca,
+            policy,
+            issued,
+            who,
+            TunnelSettings {
                 address,
                 hub_public_key,
                 hub_endpoint,
             },
-            renew_url: policy.renew_url.clone(),
-        })
+        ))
     }
 
     /// An enrolled box renews its certificate. `presented` is the serial (hex) of the
@@ -300,18 +317,17 @@ impl Operator {
             params![issued.serial, issued.not_after, now, code],
         )?;
         tx.commit()?;
-        Ok(Enrolled {
-            certificate_pem: issued.pem,
-            box_ca_pem: ca.cert_pem().to_owned(),
-            not_after: issued.not_after,
-            identity: who,
-            tunnel: TunnelSettings {
+        Ok(answer(
+            ca,
+            policy,
+            issued,
+            who,
+            TunnelSettings {
                 address,
                 hub_public_key,
                 hub_endpoint,
             },
-            renew_url: policy.renew_url.clone(),
-        })
+        ))
     }
 
     /// Revokes a clinic's box: its WireGuard peer leaves the hub, its certificate is no

@@ -30,7 +30,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tsunagi_medium::enroll::{
-    ENROLL_PATH, EnrollRequest, MAX_REQUEST, RENEW_PATH, Refusal, RenewRequest,
+    ENROLL_PATH, EnrollRequest, Enrolled, MAX_REQUEST, RENEW_PATH, Refusal, RenewRequest,
 };
 
 use crate::ca::BoxCa;
@@ -159,6 +159,24 @@ async fn body_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|e| Refused::BadRequest(format!("the request: {e}")))
 }
 
+/// Runs a decision on the operator database, off the async threads (SQLite does file I/O),
+/// one at a time.
+async fn decide<F>(state: &Arc<State>, f: F) -> Result<Enrolled, Refused>
+where
+    F: FnOnce(&mut Operator, &State) -> Result<Enrolled, Refused> + Send + 'static,
+{
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut op = state
+            .operator
+            .lock()
+            .map_err(|_| Refused::Internal("the operator database's lock is poisoned".into()))?;
+        f(&mut op, &state)
+    })
+    .await
+    .unwrap_or_else(|e| Err(Refused::Internal(e.to_string())))
+}
+
 async fn handle(
     state: Arc<State>,
     peer: Option<SocketAddr>,
@@ -176,16 +194,10 @@ async fn handle(
             Err(r) => Err(r),
             Ok(req) => {
                 let code = req.facility_code.clone();
-                let state = state.clone();
-                let outcome = tokio::task::spawn_blocking(move || {
-                    let mut op = state
-                        .operator
-                        .lock()
-                        .map_err(|_| Refused::Internal("poisoned".into()))?;
-                    op.enroll(&state.ca, state.peers.as_ref(), &state.policy, &req, now)
+                let outcome = decide(&state, move |op, s| {
+                    op.enroll(&s.ca, s.peers.as_ref(), &s.policy, &req, now)
                 })
-                .await
-                .unwrap_or_else(|e| Err(Refused::Internal(e.to_string())));
+                .await;
                 match &outcome {
                     Ok(e) => {
                         eprintln!("enroll: clinic {code}: enrolled {} from {from}", e.identity)
@@ -202,16 +214,10 @@ async fn handle(
             Some((serial, cn)) => match body_json::<RenewRequest>(request).await {
                 Err(r) => Err(r),
                 Ok(req) => {
-                    let state = state.clone();
-                    let outcome = tokio::task::spawn_blocking(move || {
-                        let mut op = state
-                            .operator
-                            .lock()
-                            .map_err(|_| Refused::Internal("poisoned".into()))?;
-                        op.renew(&state.ca, &state.policy, &serial, &cn, &req, now)
+                    let outcome = decide(&state, move |op, s| {
+                        op.renew(&s.ca, &s.policy, &serial, &cn, &req, now)
                     })
-                    .await
-                    .unwrap_or_else(|e| Err(Refused::Internal(e.to_string())));
+                    .await;
                     match &outcome {
                         Ok(e) => eprintln!("renew: renewed {} from {from}", e.identity),
                         Err(r) => eprintln!("renew: refused ({}) from {from}: {r}", r.status()),

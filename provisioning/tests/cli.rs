@@ -2,6 +2,8 @@
 //! `medium`, run as the operator runs them; each medium checked with the box's own
 //! verification (`tsunagi_medium::verify`) against the public key `init` printed.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -52,21 +54,7 @@ fn refused(dir: &Path, args: &[&str], why: &str) {
 
 /// An operator directory initialised for a network whose pool is `pool`; the public key.
 fn init(work: &Path, pool: &str) -> (std::path::PathBuf, String) {
-    let ca = work.join("network-ca.pem");
-    std::fs::write(
-        &ca,
-        "-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
-    let template = work.join("template.toml");
-    std::fs::write(
-        &template,
-        "version = 1\n\n[site]\nfacility-code = \"0000000000\"\nae-title = \"PLACEHOLDER\"\n\n\
-         [paths]\nstate-dir = \"/var/lib/tsunagi\"\nruntime-dir = \"/run/tsunagi\"\n\n\
-         [tunnel]\nhub-endpoint = \"placeholder:1\"\nhub-public-key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\n\
-         address = \"10.99.0.2/24\"\nhub-subnets = [\"10.98.0.0/24\"]\nhealth-url = \"http://10.98.0.1:8080/health\"\n",
-    )
-    .unwrap();
+    let (ca, template) = common::inputs(work);
     let dir = work.join("operator");
     let text = ok(
         &dir,

@@ -88,7 +88,28 @@ const MIGRATIONS: &[Migration] = &[
           ) STRICT;
           CREATE INDEX commitments_transaction ON commitments (transaction_uid, sop_instance);",
     },
+    // A queued copy replaced by a newer one (same SOP Instance UID, other content) while it
+    // was being sent: what its release record needs (the old copy's patient, class, UID and
+    // permit), so that a copy that left is audited even though its row is gone. Emptied at
+    // the next round and at opening (nothing is in flight then).
+    Migration {
+        version: 5,
+        sql: "CREATE TABLE superseded (
+            queue_id INTEGER PRIMARY KEY, patient_id TEXT, sop_class TEXT NOT NULL,
+            sop_instance TEXT NOT NULL, decision INTEGER
+          ) STRICT;",
+    },
 ];
+
+/// The release record of queue row `?1` at `?2`: from its row, or, if a newer copy replaced
+/// it while it was being sent, from what [`MIGRATIONS`]' `superseded` kept of it.
+const RELEASE: &str =
+    "INSERT INTO releases (patient_id, sop_class, sop_instance, decision, delivered_at)
+     SELECT patient_id, sop_class, sop_instance, decision, ?2 FROM queue
+     WHERE id = ?1 AND patient_id IS NOT NULL
+     UNION ALL
+     SELECT patient_id, sop_class, sop_instance, decision, ?2 FROM superseded
+     WHERE queue_id = ?1 AND patient_id IS NOT NULL";
 
 /// What a storage commitment report did to the spool ([`Spool::commitment_report`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -200,6 +221,15 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
                             ])
                             .map_err(sql("queue"))?;
                         if let Some((old, _)) = earlier {
+                            // Handed to the forwarder (a permit recorded): it may be leaving
+                            // now, and its release must still be audited.
+                            tx.execute(
+                                "INSERT OR REPLACE INTO superseded
+                                 SELECT id, patient_id, sop_class, sop_instance, decision FROM queue
+                                 WHERE id = ?1 AND decision IS NOT NULL",
+                                [old],
+                            )
+                            .map_err(sql("replace"))?;
                             tx.execute("DELETE FROM queue WHERE id = ?1", [old])
                                 .map_err(sql("replace"))?;
                             tx.execute("DELETE FROM commitments WHERE queue_id = ?1", [old])
@@ -352,6 +382,9 @@ impl Spool {
                 .map_err(SpoolError::Open)?;
         let ingest = tsunagi_state::open(&dir.join("queue.db"), Durability::Normal, MIGRATIONS)
             .map_err(SpoolError::Open)?;
+        // Nothing is in flight after a restart.
+        conn.execute("DELETE FROM superseded", [])
+            .map_err(sql("recover"))?;
         // Recovery: earlier versions received into incoming/; nothing there was acknowledged.
         let _ = fs::remove_dir_all(dir.join("incoming"));
         // Objects without a queue row: complete with a valid trailer, they may have been
@@ -554,14 +587,11 @@ impl Spool {
                 .query_row("SELECT size FROM queue WHERE id = ?1", [id], |r| r.get(0))
                 .optional()
                 .map_err(sql("delivered"))?;
-            tx.execute(
-                "INSERT INTO releases (patient_id, sop_class, sop_instance, decision, delivered_at)
-                 SELECT patient_id, sop_class, sop_instance, decision, ?2 FROM queue
-                 WHERE id = ?1 AND patient_id IS NOT NULL",
-                params![id, crate::now()],
-            )
-            .map_err(sql("queue a release record"))?;
+            tx.execute(RELEASE, params![id, crate::now()])
+                .map_err(sql("queue a release record"))?;
             tx.execute("DELETE FROM queue WHERE id = ?1", [id])
+                .map_err(sql("delivered"))?;
+            tx.execute("DELETE FROM superseded WHERE queue_id = ?1", [id])
                 .map_err(sql("delivered"))?;
             // Asked for a commitment before `storage-commitment` was turned off.
             tx.execute("DELETE FROM commitments WHERE queue_id = ?1", [id])
@@ -590,13 +620,10 @@ impl Spool {
         let mut conn = self.conn();
         let tx = write(&mut conn).map_err(sql("stored"))?;
         {
-            let mut release = tx
-                .prepare(
-                    "INSERT INTO releases (patient_id, sop_class, sop_instance, decision, delivered_at)
-                     SELECT patient_id, sop_class, sop_instance, decision, ?2 FROM queue
-                     WHERE id = ?1 AND patient_id IS NOT NULL",
-                )
-                .map_err(sql("queue a release record"))?;
+            let mut release = tx.prepare(RELEASE).map_err(sql("queue a release record"))?;
+            let mut gone = tx
+                .prepare("DELETE FROM superseded WHERE queue_id = ?1")
+                .map_err(sql("stored"))?;
             let mut waiting = tx
                 .prepare(
                     "INSERT OR REPLACE INTO commitments (queue_id, transaction_uid, sop_instance, stored_at)
@@ -610,6 +637,7 @@ impl Spool {
                 release
                     .execute(params![id, now])
                     .map_err(sql("queue a release record"))?;
+                gone.execute([id]).map_err(sql("stored"))?;
                 waiting
                     .execute(params![id, transaction, now])
                     .map_err(sql("stored"))?;
@@ -716,6 +744,9 @@ impl Spool {
         }
         let mut conn = self.conn();
         let tx = write(&mut conn).map_err(sql("save decisions"))?;
+        // A new round: what earlier rounds sent is recorded, nothing of theirs is in flight.
+        tx.execute("DELETE FROM superseded", [])
+            .map_err(sql("save decisions"))?;
         {
             let mut stmt = tx
                 .prepare("UPDATE queue SET decision = ?2 WHERE id = ?1")

@@ -133,25 +133,8 @@ pub fn certifies(cert_pem: &str, key: &rcgen::KeyPair, identity: &str) -> Option
         .then(|| cert.validity().not_after.timestamp())
 }
 
-/// Writes `bytes` to `path` with `mode`: beside it, flushed, renamed in, folder flushed.
-pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.new"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
+/// Writes `bytes` to `path` with `mode`, durably ([`tsunagi_state::replace_file`]).
+pub use tsunagi_state::replace_file as replace;
 
 /// Reads the record, if the box is enrolled.
 pub fn read_record(dir: &Path) -> Result<Option<Record>, IdentityError> {

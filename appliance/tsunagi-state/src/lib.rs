@@ -38,6 +38,12 @@
 //!
 //! **Invariant:** the `user_version` of a database opened through this crate equals the
 //! number of migrations the opening code knows.
+//!
+//! # Small files
+//!
+//! [`replace_file`] writes a small file (a record, a certificate, a key) so that a power
+//! cut leaves either the old content or the new one: beside it, flushed, renamed in, and the
+//! directory flushed.
 #![forbid(unsafe_code)]
 
 use std::fs::OpenOptions;
@@ -47,6 +53,27 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+/// Replaces `path` with `bytes` (mode `mode` for a new file; the umask may narrow it):
+/// written to `.NAME.new` beside it, flushed, renamed in, and the directory flushed. The
+/// directory is created if missing.
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.new"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
 
 /// How long a connection waits for another connection's lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);

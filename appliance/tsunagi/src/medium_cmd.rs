@@ -10,13 +10,13 @@
 //! [`exit_code::REFUSED`]. Every file is written beside and renamed into place, then
 //! flushed with its folder.
 
-use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use tsunagi_medium::{Bundle, Expect, Kind};
 use tsunagi_runtime::exit_code;
+use tsunagi_state::replace_file as replace;
 
 /// Where the image carries the network's provisioning public key (base64 of 32 bytes).
 pub(crate) const DEFAULT_KEY: &str = "/usr/share/tsunagi/provisioning.pub";
@@ -109,25 +109,6 @@ fn checked(args: &MediumArgs) -> Result<Bundle, String> {
         now: now(),
     };
     tsunagi_medium::verify(&bundle, signature.as_deref(), &key, expect).map_err(|e| e.to_string())
-}
-
-/// Writes `bytes` to `path` (mode `mode`): beside it, flushed, renamed into place, and the
-/// folder flushed.
-fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.new"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 fn apply(args: &MediumArgs, config: &Path, b: &Bundle) -> std::io::Result<()> {

@@ -2,6 +2,9 @@
 //! against a medium signed as the operator's tool signs it. Applied once; a newer serial
 //! re-provisions; every refusal is one line, changes nothing and exits 6.
 
+#[path = "common/files.rs"]
+mod files;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -215,7 +218,10 @@ fn unsigned_tampered_and_foreign_media_change_nothing() {
         assert!(!b.config().exists(), "nothing applied");
         // Nothing but the audit record of the refusal.
         let provisioning = b.dir.path().join("state/provisioning");
-        assert_eq!(walk(&provisioning), vec![provisioning.join("audit.jsonl")]);
+        assert_eq!(
+            files::files_under(&provisioning),
+            vec![provisioning.join("audit.jsonl")]
+        );
         let audit = std::fs::read_to_string(provisioning.join("audit.jsonl")).unwrap();
         let last: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
         assert_eq!(last["verdict"], "refused");
@@ -266,7 +272,7 @@ fn a_reset_medium_wipes_the_box_which_then_takes_any_clinic_but_no_older_medium(
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("the box is un-enrolled"), "{text}");
     assert!(!b.config().exists());
-    let left: Vec<_> = walk(&state);
+    let left = files::files_under(&state);
     assert_eq!(
         left,
         vec![
@@ -310,19 +316,4 @@ fn a_reset_medium_wipes_the_box_which_then_takes_any_clinic_but_no_older_medium(
             .unwrap()
             .contains("1319999999")
     );
-}
-
-/// Every file under `dir`, sorted.
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out.sort();
-    out
 }

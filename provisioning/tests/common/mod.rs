@@ -42,7 +42,9 @@ impl HubPeers for Recorded {
     }
 }
 
-pub fn operator(work: &Path) -> Operator {
+/// What `init` reads: a network CA certificate (a placeholder: the operator's tool only
+/// carries it) and a clinic config template, written into `work`.
+pub fn inputs(work: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let ca = work.join("network-ca.pem");
     std::fs::write(
         &ca,
@@ -58,6 +60,11 @@ pub fn operator(work: &Path) -> Operator {
          address = \"10.99.0.2/24\"\nhub-subnets = [\"10.98.0.0/24\"]\nhealth-url = \"http://10.98.0.1:8080/health\"\n",
     )
     .unwrap();
+    (ca, template)
+}
+
+pub fn operator(work: &Path) -> Operator {
+    let (ca, template) = inputs(work);
     let dir = work.join("operator");
     std::fs::create_dir_all(&dir).unwrap();
     Operator::init(

@@ -601,3 +601,56 @@ fn ingest_and_the_forwarders_changes_at_once_never_fail() {
     let c = spool.counts().unwrap();
     assert_eq!(c.pending + c.delivered, 400, "{c:?}");
 }
+
+/// Found in review: a copy replaced by a newer one (same SOP Instance UID, other content,
+/// here another patient) while it was being sent left without a release record, because
+/// the record was made from its queue row, which the replacement had deleted.
+#[test]
+fn a_copy_replaced_while_it_was_sent_is_still_audited_as_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let Committed::Queued(old) = receive(&spool, b"DICM first copy", &meta("1.2.3.9", "0001"))
+    else {
+        panic!()
+    };
+    // The forwarder takes it under permit 77 and starts sending.
+    spool.set_decisions(&[(old, 77)]).unwrap();
+    // Meanwhile the modality sends a corrected copy (for another patient).
+    let Committed::Replaced { id: new, .. } =
+        receive(&spool, b"DICM second copy", &meta("1.2.3.9", "0002"))
+    else {
+        panic!("a replacement")
+    };
+    assert_ne!(old, new);
+    // The first copy arrived: its release is audited as what it was.
+    spool.delivered(old).unwrap();
+    let releases = spool.pending_releases(10).unwrap();
+    assert_eq!(releases.len(), 1, "{releases:?}");
+    assert_eq!(releases[0].patient_id, "0001");
+    assert_eq!(releases[0].sop_instance, "1.2.3.9");
+    assert_eq!(releases[0].decision, Some(77));
+    // The corrected copy is still to be sent, decided on its own.
+    let ready = spool.ready(1000, 10).unwrap();
+    assert_eq!(ready.len(), 1);
+    assert_eq!(ready[0].id, new);
+    assert_eq!(ready[0].meta.patient_id.as_deref(), Some("0002"));
+    // With storage commitment the same holds.
+    spool.set_decisions(&[(new, 78)]).unwrap();
+    let Committed::Replaced { id: newest, .. } =
+        receive(&spool, b"DICM third copy", &meta("1.2.3.9", "0003"))
+    else {
+        panic!("a replacement")
+    };
+    spool.stored(&[new], Some("2.25.9"), 200, 260).unwrap();
+    let releases = spool.pending_releases(10).unwrap();
+    assert_eq!(releases.len(), 2, "{releases:?}");
+    assert_eq!(releases[1].patient_id, "0002");
+    assert_eq!(releases[1].decision, Some(78));
+    // Nothing of the replaced copies lingers after the next round.
+    spool.set_decisions(&[(newest, 79)]).unwrap();
+    let left: i64 = spool
+        .conn()
+        .query_row("SELECT count(*) FROM superseded", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0);
+}

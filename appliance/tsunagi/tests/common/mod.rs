@@ -14,6 +14,10 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+mod files;
+#[allow(unused_imports)] // Only some test files use it.
+pub use files::files_under;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tsunagi");
 
 /// Timings short enough for tests (the defaults are seconds to minutes).
