@@ -193,7 +193,15 @@ async fn handle(
         ENROLL_PATH => match body_json::<EnrollRequest>(request).await {
             Err(r) => Err(r),
             Ok(req) => {
-                let code = req.facility_code.clone();
+                // Logged only if it is what a 医療機関コード looks like (it comes from the
+                // network, and a log line is no place for whatever a client sends).
+                let code = if req.facility_code.len() == 10
+                    && req.facility_code.bytes().all(|b| b.is_ascii_digit())
+                {
+                    req.facility_code.clone()
+                } else {
+                    "?".to_owned()
+                };
                 let outcome = decide(&state, move |op, s| {
                     op.enroll(&s.ca, s.peers.as_ref(), &s.policy, &req, now)
                 })

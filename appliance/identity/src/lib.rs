@@ -236,7 +236,7 @@ async fn renew(dir: &Path, settings: &Settings, record: &Record) -> Result<Recor
     }
     if !status.is_success() {
         let why = serde_json::from_slice::<Refusal>(&bytes)
-            .map(|r| r.error)
+            .map(|r| r.line())
             .unwrap_or_else(|_| format!("HTTP {status}"));
         return Err(format!("the renewal server refused: {why}"));
     }

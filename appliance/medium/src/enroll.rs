@@ -82,6 +82,18 @@ pub struct Refusal {
     pub error: String,
 }
 
+impl Refusal {
+    /// The reason as one printable line of at most 300 characters (it comes from the
+    /// network and goes to a console and a status).
+    pub fn line(&self) -> String {
+        self.error
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(300)
+            .collect()
+    }
+}
+
 /// A box serial: 1-64 of `A-Z a-z 0-9 . _ -`, starting with a letter or digit (the
 /// hardware's serial, or the machine ID).
 pub fn valid_box_serial(serial: &str) -> bool {
@@ -113,6 +125,17 @@ mod tests {
         for bad in ["", "-a", ".a", "a b", "a/b", "ａ", &"x".repeat(65), "a\n"] {
             assert!(!valid_box_serial(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_refusal_is_one_printable_line() {
+        let r = Refusal {
+            error: format!("bad\nline\x1b[31m{}", "x".repeat(400)),
+        };
+        let line = r.line();
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert_eq!(line.chars().count(), 300);
+        assert!(line.starts_with("bad line "));
     }
 
     #[test]

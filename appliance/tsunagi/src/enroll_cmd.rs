@@ -282,7 +282,7 @@ fn enroll(cfg: &Config, args: &EnrollArgs) -> Outcome {
     };
     if !status.is_success() {
         let why = serde_json::from_slice::<Refusal>(&body)
-            .map(|r| r.error)
+            .map(|r| r.line())
             .unwrap_or_else(|_| format!("HTTP {status}"));
         return if status.is_server_error() {
             Outcome::Failed(format!("the enrollment server failed: {why}"))
