@@ -9,7 +9,9 @@
 #   WORK          scratch directory (rootfs, partition images)
 #   TSUNAGI_BIN   the release `tsunagi` binary to install
 #   KEYS          directory with real keys (db.key/db.crt for UKI signing, ca.cert.pem for
-#                 RAUC); default: test keys generated into $WORK/keys (never committed)
+#                 RAUC, provisioning.pub: the network's provisioning public key that
+#                 `tsunagi-provision init` printed); default: test keys generated into
+#                 $WORK/keys (never committed)
 #   SOURCE_DATE_EPOCH  timestamps of everything built (default: the commit's time, set by
 #                 the caller)
 # The Debian packages come from the build machine's own apt sources: no mirror is named.
@@ -38,6 +40,22 @@ if [ ! -s "$KEYS/db.key" ]; then
       -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
     openssl req -x509 -newkey rsa:2048 -nodes -keyout db.key -out db.crt -days 3650 \
       -subj "$subj/CN=test secure boot db" 2>/dev/null
+  )
+fi
+if [ ! -s "$KEYS/provisioning.pub" ]; then
+  # The network's provisioning key (issue 16): media signed with provisioning.key are the
+  # only ones the box applies. As `tsunagi-provision` keeps keys: base64 of the PKCS#8 DER
+  # (`--signing-key`), and base64 of the 32-byte public key.
+  step "generating a TEST provisioning key into $KEYS (never use it for a real network)"
+  mkdir -p "$KEYS"
+  (
+    cd "$KEYS"; umask 077
+    openssl genpkey -algorithm ed25519 -outform DER -out provisioning.key.der
+    base64 -w0 provisioning.key.der > provisioning.key
+    openssl pkey -inform DER -in provisioning.key.der -pubout -outform DER | tail -c 32 |
+      base64 -w0 > provisioning.pub
+    rm provisioning.key.der
+    chmod 0644 provisioning.pub
   )
 fi
 

@@ -65,6 +65,12 @@ cp "$HERE/rauc/system.conf" "$R/etc/rauc/system.conf"
 install -D -m 0755 "$HERE/rauc/rauc-sdboot-backend" "$R/usr/local/sbin/rauc-sdboot-backend"
 if [ -s "$KEYS/ca.cert.pem" ]; then cp "$KEYS/ca.cert.pem" "$R/etc/rauc/keyring.pem"; fi
 
+# The network's provisioning public key (issue 16): `tsunagi medium` applies only media it
+# signed. Without it every medium is refused.
+if [ -s "$KEYS/provisioning.pub" ]; then
+  install -D -m 0644 "$KEYS/provisioning.pub" "$R/usr/share/tsunagi/provisioning.pub"
+fi
+
 # No way to log in: no getty on any console, no emergency or rescue shell, root locked, no
 # login programs; no package manager at run time.
 for unit in getty@.service serial-getty@.service console-getty.service container-getty@.service \

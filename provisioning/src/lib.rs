@@ -167,14 +167,21 @@ pub fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Reads a signing key file (PKCS#8 in base64).
+/// Reads a signing key file (PKCS#8 v1 or v2 in base64).
 pub fn read_signing_key(path: &Path) -> Result<ring::signature::Ed25519KeyPair, ProvisionError> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     let der = B64
         .decode(text.trim())
         .map_err(|_| ProvisionError::BadKey(path.to_owned()))?;
-    ring::signature::Ed25519KeyPair::from_pkcs8(&der)
-        .map_err(|_| ProvisionError::BadKey(path.to_owned()))
+    // PKCS#8 v2 (with the public key, checked) as ring makes it, or v1 (the private key
+    // only) as OpenSSL and most key stores export it.
+    let v1 = der.get(2..5) == Some(&[0x02, 0x01, 0x00][..]);
+    if v1 {
+        ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+    } else {
+        ring::signature::Ed25519KeyPair::from_pkcs8(&der)
+    }
+    .map_err(|_| ProvisionError::BadKey(path.to_owned()))
 }
 
 /// Writes `bytes` to a new file readable by its owner only.

@@ -289,3 +289,81 @@ fn a_full_pool_is_refused_clearly() {
         "not initialised",
     );
 }
+
+/// The image's build makes its test provisioning key with OpenSSL, as an operator's key
+/// store would export one (PKCS#8 v1, no public key inside; `image/build.sh`): `init` takes
+/// it by reference, prints the same public key the image gets, and the media it signs
+/// verify against that.
+#[test]
+fn a_signing_key_made_by_openssl_is_used_by_reference() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let sh = |script: &str| {
+        let out = Command::new("bash")
+            .args(["-ec", script])
+            .current_dir(w)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh("openssl genpkey -algorithm ed25519 -outform DER -out k.der
+        base64 -w0 k.der > provisioning.key
+        openssl pkey -inform DER -in k.der -pubout -outform DER | tail -c 32 | base64 -w0 > provisioning.pub");
+    let image_key = std::fs::read_to_string(w.join("provisioning.pub")).unwrap();
+    let (ca, template) = common::inputs(w);
+    let dir = w.join("operator");
+    let text = ok(
+        &dir,
+        &[
+            "init",
+            "--name",
+            "TOKYO-TEST",
+            "--hub-public-key",
+            HUB_KEY,
+            "--hub-endpoint",
+            "hub.example.test:51820",
+            "--hub-ca",
+            ca.to_str().unwrap(),
+            "--tunnel-pool",
+            "10.98.1.0/24",
+            "--enrollment-url",
+            "https://10.98.0.1:8443",
+            "--template",
+            template.to_str().unwrap(),
+            "--signing-key",
+            w.join("provisioning.key").to_str().unwrap(),
+        ],
+    );
+    assert!(text.contains(image_key.trim()), "{text}");
+    // Kept by reference: no copy of the key in the operator directory.
+    assert!(!dir.join("keys/provisioning.key").exists());
+    add(&dir, "1312345678", "つなぎ内科", "TSUNAGI_A");
+    let out = w.join("medium");
+    ok(
+        &dir,
+        &[
+            "medium",
+            "--clinic",
+            "1312345678",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let (bundle, sig) = read_medium(&out);
+    let expect = tsunagi_medium::Expect {
+        facility_code: None,
+        last_serial: None,
+        now: i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap(),
+    };
+    tsunagi_medium::verify(&bundle, Some(&sig), image_key.trim(), expect).unwrap();
+}

@@ -46,7 +46,7 @@ pub(crate) fn run(args: &[&str]) -> anyhow::Result<()> {
     // by `KEYS=DIR`, else test keys made once into target/image-keys and kept.
     let keys = std::env::var_os("KEYS").map_or_else(|| target.join("image-keys"), PathBuf::from);
     let work = target.join("image-work");
-    if !keys.join("db.key").exists() {
+    if !keys.join("db.key").exists() || !keys.join("provisioning.pub").exists() {
         let mut make = Command::new(root.join("image/build.sh"));
         make.arg("keys")
             .env("OUT", &out)
@@ -120,11 +120,34 @@ pub(crate) fn run(args: &[&str]) -> anyhow::Result<()> {
         println!(
             "image check: no login program, getty, sshd, shell unit or package manager; every account locked"
         );
+        let built_in = built_in_key(&root, &keys);
         let sandbox = check_sandbox(&root, &dir);
         let _ = fs::remove_dir_all(&dir);
+        println!("image check: the provisioning key built in: {}", built_in?);
         println!("image check: the supervisor's sandbox: {}", sandbox?);
     }
     Ok(())
+}
+
+/// The network's provisioning public key in the root (`usr/share/tsunagi/provisioning.pub`,
+/// where `tsunagi medium` reads it): it must be the one of `KEYS`. Returns it.
+fn built_in_key(root: &Path, keys: &Path) -> anyhow::Result<String> {
+    let want = fs::read_to_string(keys.join("provisioning.pub"))
+        .context("read the provisioning public key of KEYS")?;
+    let got = Command::new("unsquashfs")
+        .arg("-cat")
+        .arg(root)
+        .arg("usr/share/tsunagi/provisioning.pub")
+        .output()
+        .context("run unsquashfs -cat")?;
+    let got = String::from_utf8_lossy(&got.stdout).into_owned();
+    ensure!(
+        !want.trim().is_empty() && got.trim() == want.trim(),
+        "the image's provisioning key ({:?}) is not the one of KEYS ({:?})",
+        got.trim(),
+        want.trim()
+    );
+    Ok(want.trim().to_owned())
 }
 
 /// The highest `systemd-analyze security` exposure the supervisor's unit may have, in its
@@ -212,7 +235,7 @@ fn input_hash(dir: &Path, binary: &Path, keys: &Path) -> anyhow::Result<String> 
         h.update(fs::read(f).with_context(|| format!("read {}", f.display()))?);
     }
     h.update(fs::read(binary).with_context(|| format!("read {}", binary.display()))?);
-    for public in ["db.crt", "ca.cert.pem"] {
+    for public in ["db.crt", "ca.cert.pem", "provisioning.pub"] {
         h.update(fs::read(keys.join(public)).unwrap_or_default());
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
