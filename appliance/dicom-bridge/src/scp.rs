@@ -48,10 +48,11 @@ pub struct Settings {
     /// How far into a data set its patient elements may lie, in bytes
     /// ([`crate::walk::Walker`]).
     pub header_limit: u64,
-    /// With storage commitment: the network PACS's AE title and address, the only caller
-    /// whose N-EVENT-REPORT (a commitment report) is taken. It may associate even when it
-    /// is not in `allowed`, for that and C-ECHO only.
-    pub commitment_from: Option<(String, IpAddr)>,
+    /// With storage commitment: the network PACS's AE titles and addresses (its own, or
+    /// `commitment-reports-from`), the only callers whose N-EVENT-REPORT (a commitment
+    /// report) is taken; empty without storage commitment. They may associate even when
+    /// they are not in `allowed`, for that and C-ECHO only.
+    pub commitment_from: Vec<(String, IpAddr)>,
     /// Commitment reports refused because they did not come from the network PACS (its AE
     /// title at its address), for the status: a PACS that reports from elsewhere never
     /// commits anything.
@@ -87,7 +88,7 @@ const MAX_REJECTING: usize = 8;
 struct Access {
     peer: IpAddr,
     allowed: Option<Vec<(String, IpAddr)>>,
-    commitment_from: Option<(String, IpAddr)>,
+    commitment_from: Vec<(String, IpAddr)>,
 }
 
 /// Whether `calling` from `peer` is in the allow-list (or there is none).
@@ -96,8 +97,8 @@ fn listed(allowed: Option<&[(String, IpAddr)]>, calling: &str, peer: IpAddr) -> 
 }
 
 /// Whether `calling` from `peer` is the network PACS sending commitment reports.
-fn is_pacs(from: Option<&(String, IpAddr)>, calling: &str, peer: IpAddr) -> bool {
-    from.is_some_and(|(ae, ip)| ae == calling && *ip == peer)
+fn is_pacs(from: &[(String, IpAddr)], calling: &str, peer: IpAddr) -> bool {
+    from.iter().any(|(ae, ip)| ae == calling && *ip == peer)
 }
 
 impl AccessControl for Access {
@@ -113,7 +114,7 @@ impl AccessControl for Access {
         }
         let calling = calling_ae_title.trim();
         if listed(self.allowed.as_deref(), calling, self.peer)
-            || is_pacs(self.commitment_from.as_ref(), calling, self.peer)
+            || is_pacs(&self.commitment_from, calling, self.peer)
         {
             Ok(())
         } else {
@@ -250,7 +251,7 @@ async fn association(
     tracing::debug!(calling = %calling, "association established");
     // Admitted only as the network PACS (not in the allow-list): commitment reports and
     // C-ECHO, nothing else.
-    let from_pacs = is_pacs(settings.commitment_from.as_ref(), &calling, peer);
+    let from_pacs = is_pacs(&settings.commitment_from, &calling, peer);
     let pacs_only = !listed(settings.allowed.as_deref(), &calling, peer);
     let mut command_buf = crate::CommandBuf::default();
     let mut receiving: Option<Receiving> = None;
@@ -383,7 +384,7 @@ async fn association(
                                 && let Some(r) = reporting.take()
                             {
                                 let status = commitment_report(&r, from_pacs, spool).await;
-                                if !from_pacs && settings.commitment_from.is_some() {
+                                if !from_pacs && !settings.commitment_from.is_empty() {
                                     settings
                                         .refused_reports
                                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -431,7 +432,7 @@ async fn association(
                                 w.push(&pdv.data);
                             }
                             if let Some(inc) = r.incoming.as_mut()
-                                && let Err(e) = inc.write(&pdv.data)
+                                && let Err(e) = inc.write_owned(pdv.data)
                             {
                                 r.failure = Some(match e {
                                     SpoolError::OutOfResources => Status::OUT_OF_RESOURCES,

@@ -84,10 +84,7 @@ impl Settings {
                     .map(|c| c.as_str().to_owned())
                     .collect(),
                 header_limit: u64::from(d.header_limit_kib) * 1024,
-                commitment_from: d
-                    .pacs
-                    .storage_commitment
-                    .then(|| (d.pacs.ae_title.as_ref().to_owned(), d.pacs.address.ip())),
+                commitment_from: d.pacs.commitment_reporters(),
                 refused_reports: Arc::default(),
                 // tsunagi_config::Config validation makes query/retrieve come with an allowed-callers list.
                 proxy: d.query_retrieve.then(|| {
@@ -446,7 +443,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             match refused_reports.load(std::sync::atomic::Ordering::Relaxed) {
                 0 => String::new(),
                 n => format!(
-                    "; {n} storage commitment reports refused: not from the network PACS's AE title at its address"
+                    "; {n} storage commitment reports refused: not from the network PACS's AE title at its address (or [[dicom.pacs.commitment-reports-from]])"
                 ),
             }
         );

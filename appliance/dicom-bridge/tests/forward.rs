@@ -116,7 +116,7 @@ async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
         proxy: None,
         extra_sop_classes: Vec::new(),
         header_limit: 1 << 20,
-        commitment_from: None,
+        commitment_from: Vec::new(),
         refused_reports: Default::default(),
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));

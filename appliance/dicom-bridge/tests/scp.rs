@@ -36,7 +36,7 @@ async fn start(spool: Spool) -> (u16, CancellationToken) {
         proxy: None,
         extra_sop_classes: Vec::new(),
         header_limit: 1 << 20,
-        commitment_from: None,
+        commitment_from: Vec::new(),
         refused_reports: Default::default(),
     });
     tokio::spawn(serve(listener, settings, spool, stop.clone()));
@@ -269,7 +269,7 @@ async fn idle_clients_and_oversized_pdus_do_not_hold_the_service() {
         proxy: None,
         extra_sop_classes: Vec::new(),
         header_limit: 1 << 20,
-        commitment_from: None,
+        commitment_from: Vec::new(),
         refused_reports: Default::default(),
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
@@ -360,7 +360,7 @@ async fn an_unknown_sop_class_and_the_association_cap_get_the_right_answers() {
         proxy: None,
         extra_sop_classes: vec![PRIVATE.into()],
         header_limit: 1 << 20,
-        commitment_from: None,
+        commitment_from: Vec::new(),
         refused_reports: Default::default(),
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
@@ -612,7 +612,8 @@ async fn report(
 }
 
 /// Issue 15, storage commitment: the N-EVENT-REPORT that takes instances out of the spool
-/// is taken only from the network PACS (its AE title from its address), and only for
+/// is taken only from the network PACS (its AE title from its address, or from an address
+/// `commitment-reports-from` lists; from any other it is a stranger), and only for
 /// instances waiting under the transaction it names. The PACS may associate even though the
 /// allow-list names only the modality, but may not store; a caller that is neither is
 /// rejected; the modality's report is refused (0124H) and changes nothing.
@@ -661,9 +662,28 @@ async fn a_commitment_report_is_taken_only_from_the_pacs_and_only_for_its_transa
         proxy: None,
         extra_sop_classes: Vec::new(),
         header_limit: 1 << 20,
-        commitment_from: Some(("PACS".into(), local)),
+        // The PACS's own address first (nothing reports from it here), then a second one
+        // (`commitment-reports-from`), which is where its reports come from.
+        commitment_from: vec![
+            ("PACS".into(), "127.0.0.3".parse().unwrap()),
+            ("PACS".into(), local),
+        ],
         refused_reports: refused.clone(),
     });
+    // Without the second address, the PACS's AE title from there is a stranger.
+    let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let elsewhere_port = elsewhere.local_addr().unwrap().port();
+    tokio::spawn(serve(
+        elsewhere,
+        Arc::new(Settings {
+            commitment_from: vec![("PACS".into(), "127.0.0.3".parse().unwrap())],
+            refused_reports: Arc::default(),
+            ..(*settings).clone()
+        }),
+        spool.clone(),
+        stop.clone(),
+    ));
+    assert!(reporter(elsewhere_port, "PACS").await.is_none());
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     let reference = |uid: &str| Reference {
         sop_class: ct.into(),

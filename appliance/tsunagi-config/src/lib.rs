@@ -317,6 +317,29 @@ pub struct DicomPacs {
     /// How long to wait for the commitment before sending again, 1s to 7 days; default 1h.
     #[serde(default = "default_commitment_timeout")]
     pub commitment_timeout: ConfigDuration,
+    /// `[[dicom.pacs.commitment-reports-from]]`: the AE titles and addresses the PACS sends
+    /// its commitment reports from, when that is not (only) its own AE title at its own
+    /// address (a second node of a PACS cluster, a separate commitment AE). Replaces that
+    /// default; 1 to 8 entries; only with `storage-commitment = true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commitment_reports_from: Option<Vec<DicomCaller>>,
+}
+
+impl DicomPacs {
+    /// The callers whose storage commitment reports are taken: none without storage
+    /// commitment; else `commitment-reports-from`, or the PACS's AE title at its address.
+    pub fn commitment_reporters(&self) -> Vec<(String, std::net::IpAddr)> {
+        if !self.storage_commitment {
+            return Vec::new();
+        }
+        match &self.commitment_reports_from {
+            Some(list) => list
+                .iter()
+                .map(|c| (c.ae_title.as_ref().to_owned(), c.address))
+                .collect(),
+            None => vec![(self.ae_title.as_ref().to_owned(), self.address.ip())],
+        }
+    }
 }
 
 fn default_commitment_timeout() -> ConfigDuration {
@@ -899,6 +922,23 @@ impl Config {
                 format!("must be 1 to 8 (got {})", d.forward_associations),
                 &["dicom.forward-associations"],
             );
+        }
+        if let Some(d) = &self.dicom
+            && let Some(list) = &d.pacs.commitment_reports_from
+        {
+            if !d.pacs.storage_commitment {
+                broken(
+                    "dicom.pacs.commitment-reports-from",
+                    "is only for storage-commitment = true".into(),
+                    &["dicom.pacs.commitment-reports-from"],
+                );
+            } else if !(1..=8).contains(&list.len()) {
+                broken(
+                    "dicom.pacs.commitment-reports-from",
+                    format!("must list 1 to 8 callers (got {})", list.len()),
+                    &["dicom.pacs.commitment-reports-from"],
+                );
+            }
         }
         if let Some(d) = &self.dicom
             && d.pacs.storage_commitment

@@ -1326,6 +1326,45 @@ fn dicom_section_defaults_and_rules() {
         long.contains("dicom.pacs.commitment-timeout: must be 1s to 7 days"),
         "{long}"
     );
+    // Reports from the PACS's own AE title and address, or from those listed.
+    assert_eq!(d.pacs.commitment_reporters(), Vec::new());
+    let own = on.commitment_reporters();
+    assert_eq!(own.len(), 1);
+    assert_eq!(own[0].1, on.address.ip());
+    let second =
+        "[[dicom.pacs.commitment-reports-from]]\nae-title = \"PACS2\"\naddress = \"10.98.0.7\"\n";
+    let listed = parse(
+        &ssmix2_config(&format!("{ids}{dicom}storage-commitment = true\n{second}")),
+        file(),
+    )
+    .unwrap()
+    .dicom
+    .unwrap()
+    .pacs;
+    assert_eq!(
+        listed.commitment_reporters(),
+        vec![("PACS2".to_owned(), "10.98.0.7".parse().unwrap())]
+    );
+    let without = parse(&ssmix2_config(&format!("{ids}{dicom}{second}")), file())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        without
+            .contains("dicom.pacs.commitment-reports-from: is only for storage-commitment = true"),
+        "{without}"
+    );
+    let none = parse(
+        &ssmix2_config(&format!(
+            "{ids}{dicom}storage-commitment = true\ncommitment-reports-from = []\n"
+        )),
+        file(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        none.contains("dicom.pacs.commitment-reports-from: must list 1 to 8 callers (got 0)"),
+        "{none}"
+    );
     // Translating needs the network's domain; as-is does not.
     let missing = parse(&ssmix2_config(dicom), file())
         .unwrap_err()

@@ -654,3 +654,33 @@ fn a_copy_replaced_while_it_was_sent_is_still_audited_as_released() {
         .unwrap();
     assert_eq!(left, 0);
 }
+
+/// A large instance is hashed beside the receiver past its first MiB: the digest in its
+/// trailer is still the whole data set's (the trailer check reads it back), whether the
+/// fragments came owned or borrowed; one aborted midway leaves nothing.
+#[test]
+fn a_large_instance_hashed_beside_the_receiver_has_the_whole_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut inc = spool.begin().unwrap();
+    for (n, fragment) in data.chunks(16_372).enumerate() {
+        if n % 2 == 0 {
+            inc.write_owned(fragment.to_vec()).unwrap();
+        } else {
+            inc.write(fragment).unwrap();
+        }
+    }
+    let Committed::Queued(id) = inc.commit(&meta("1.2.3.4.5.1", "P1"), 100).unwrap() else {
+        panic!("not queued")
+    };
+    let t = read_trailer(&spool.object_path(id)).expect("a trailer that matches the data");
+    assert_eq!(t.digest, blake3::hash(&data).to_hex().to_string());
+    assert_eq!(t.size, 3_000_000);
+    let mut aborted = spool.begin().unwrap();
+    for fragment in data.chunks(65_536) {
+        aborted.write_owned(fragment.to_vec()).unwrap();
+    }
+    drop(aborted);
+    assert_eq!(files(dir.path(), "objects").len(), 1);
+}
