@@ -56,6 +56,14 @@ const MIGRATIONS: &[Migration] = &[
                 enrolled_at INTEGER NOT NULL, renewed_at INTEGER, revoked_at INTEGER
               ) STRICT;",
     },
+    // A clinic's own addresses on the box's ports, where they differ from the template's.
+    Migration {
+        version: 3,
+        sql: "ALTER TABLE clinics ADD COLUMN lan_address TEXT;
+              ALTER TABLE clinics ADD COLUMN wan_address TEXT;
+              ALTER TABLE clinics ADD COLUMN wan_gateway TEXT;
+              ALTER TABLE clinics ADD COLUMN wan_dns TEXT;",
+    },
 ];
 
 /// The operator database's file in the operator directory.
@@ -128,8 +136,54 @@ pub struct Clinic {
     pub name: String,
     pub ae_title: String,
     pub tunnel_address: String,
+    pub network: ClinicNetwork,
     pub added_at: i64,
     pub revoked_at: Option<i64>,
+}
+
+/// A clinic's own addresses on the box's two ports, set over the template's
+/// `[network.wan]` and `[network.lan]` (which name the ports: the box's hardware is the
+/// network's, the addresses are the clinic's). `None`: the template's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClinicNetwork {
+    /// The LAN's fixed address with its prefix length, e.g. `192.168.1.250/24`.
+    pub lan_address: Option<String>,
+    /// `dhcp` or a fixed address with its prefix length.
+    pub wan_address: Option<String>,
+    /// With a fixed WAN address: its gateway.
+    pub wan_gateway: Option<String>,
+    /// With a fixed WAN address: DNS resolvers (empty: the template's).
+    pub wan_dns: Vec<String>,
+}
+
+impl ClinicNetwork {
+    fn is_empty(&self) -> bool {
+        *self == ClinicNetwork::default()
+    }
+
+    /// Each value checked on its own (the config check then checks them together).
+    fn check(&self) -> Result<(), ProvisionError> {
+        let bad =
+            |what: &str, e: &dyn std::fmt::Display| ProvisionError::Invalid(format!("{what}: {e}"));
+        if let Some(a) = &self.lan_address {
+            tsunagi_config::LinkAddress::try_from(a.clone())
+                .map_err(|e| bad("--lan-address", &e))?;
+        }
+        if let Some(a) = &self.wan_address {
+            tsunagi_config::LinkAddress::try_from(a.clone())
+                .map_err(|e| bad("--wan-address", &e))?;
+        }
+        for (what, ip) in self
+            .wan_gateway
+            .iter()
+            .map(|g| ("--wan-gateway", g))
+            .chain(self.wan_dns.iter().map(|d| ("--wan-dns", d)))
+        {
+            ip.parse::<Ipv4Addr>()
+                .map_err(|_| bad(what, &format!("{ip:?} is not an IPv4 address")))?;
+        }
+        Ok(())
+    }
 }
 
 /// The operator directory, opened.
@@ -300,7 +354,9 @@ impl Operator {
         facility_code: &str,
         name: &str,
         ae_title: &str,
+        network: &ClinicNetwork,
     ) -> Result<Clinic, ProvisionError> {
+        network.check()?;
         tsunagi_config::FacilityCode::try_from(facility_code.to_owned())
             .map_err(|e| ProvisionError::Invalid(format!("医療機関コード {facility_code}: {e}")))?;
         tsunagi_config::AeTitle::try_from(ae_title.to_owned())
@@ -336,17 +392,32 @@ impl Operator {
             name: name.trim().to_owned(),
             ae_title: ae_title.to_owned(),
             tunnel_address: free,
+            network: network.clone(),
             added_at: now(),
             revoked_at: None,
         };
+        // The clinic's config must hold together now, not first when its medium is written.
+        let (template, hub_key, endpoint): (String, String, String) = tx.query_row(
+            "SELECT template, hub_public_key, hub_endpoint FROM network",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let template = std::fs::read_to_string(&template).map_err(io(Path::new(&template)))?;
+        clinic_config(&template, &clinic, &hub_key, &endpoint)?;
+        let dns = (!network.wan_dns.is_empty()).then(|| network.wan_dns.join(","));
         tx.execute(
-            "INSERT INTO clinics (facility_code, name, ae_title, tunnel_address, added_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO clinics (facility_code, name, ae_title, tunnel_address, added_at, lan_address, wan_address, wan_gateway, wan_dns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 clinic.facility_code,
                 clinic.name,
                 clinic.ae_title,
                 clinic.tunnel_address,
-                clinic.added_at
+                clinic.added_at,
+                network.lan_address,
+                network.wan_address,
+                network.wan_gateway,
+                dns,
             ],
         )?;
         tx.commit()?;
@@ -356,14 +427,24 @@ impl Operator {
     /// Every registered clinic, by 医療機関コード.
     pub fn clinics(&self) -> Result<Vec<Clinic>, ProvisionError> {
         let mut stmt = self.conn.prepare(
-            "SELECT facility_code, name, ae_title, tunnel_address, added_at, revoked_at FROM clinics ORDER BY facility_code",
+            "SELECT facility_code, name, ae_title, tunnel_address, added_at, revoked_at,
+                    lan_address, wan_address, wan_gateway, wan_dns FROM clinics ORDER BY facility_code",
         )?;
         let rows = stmt.query_map([], |r| {
+            let dns: Option<String> = r.get(9)?;
             Ok(Clinic {
                 facility_code: r.get(0)?,
                 name: r.get(1)?,
                 ae_title: r.get(2)?,
                 tunnel_address: r.get(3)?,
+                network: ClinicNetwork {
+                    lan_address: r.get(6)?,
+                    wan_address: r.get(7)?,
+                    wan_gateway: r.get(8)?,
+                    wan_dns: dns
+                        .map(|d| d.split(',').map(str::to_owned).collect())
+                        .unwrap_or_default(),
+                },
                 added_at: r.get(4)?,
                 revoked_at: r.get(5)?,
             })
@@ -510,6 +591,43 @@ pub fn clinic_config(
     doc["tunnel"]["address"] = toml_edit::value(clinic.tunnel_address.as_str());
     doc["tunnel"]["hub-public-key"] = toml_edit::value(hub_public_key);
     doc["tunnel"]["hub-endpoint"] = toml_edit::value(hub_endpoint);
+    let n = &clinic.network;
+    if !n.is_empty() {
+        let has = |role: &str| {
+            doc.get("network")
+                .and_then(|t| t.get(role))
+                .is_some_and(toml_edit::Item::is_table_like)
+        };
+        if !has("wan") || !has("lan") {
+            return Err(ProvisionError::Config(
+                "the clinic has addresses of its own, but the template has no [network.wan] and [network.lan] naming the box's ports".into(),
+            ));
+        }
+        if let Some(a) = &n.lan_address {
+            doc["network"]["lan"]["address"] = toml_edit::value(a.as_str());
+        }
+        if let Some(a) = &n.wan_address {
+            doc["network"]["wan"]["address"] = toml_edit::value(a.as_str());
+            if a == "dhcp" {
+                // With DHCP, the router gives both: the template's fixed ones go.
+                if let Some(wan) = doc["network"]["wan"].as_table_like_mut() {
+                    wan.remove("gateway");
+                    wan.remove("dns");
+                }
+            }
+        }
+        if let Some(g) = &n.wan_gateway {
+            doc["network"]["wan"]["gateway"] = toml_edit::value(g.as_str());
+        }
+        if !n.wan_dns.is_empty() {
+            doc["network"]["wan"]["dns"] = toml_edit::value(
+                n.wan_dns
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<toml_edit::Array>(),
+            );
+        }
+    }
     let text = doc.to_string();
     tsunagi_config::parse(&text, Path::new("clinic config"))
         .map_err(|p| ProvisionError::Config(p.to_string().trim().to_owned()))?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tsunagi_provision::hub::WgInterface;
-use tsunagi_provision::{Clinic, Init, Operator};
+use tsunagi_provision::{Clinic, ClinicNetwork, Init, Operator};
 
 /// The network operator's provisioning tool: keys, clinics, signed provisioning media.
 #[derive(Debug, Parser)]
@@ -147,6 +147,20 @@ enum ClinicCommand {
         /// The box's AE title at the clinic.
         #[arg(long)]
         ae_title: String,
+        /// The box's LAN address at the clinic, e.g. 192.168.1.250/24 (default: the
+        /// template's [network.lan]).
+        #[arg(long)]
+        lan_address: Option<String>,
+        /// The box's WAN address: `dhcp`, or a fixed one with its prefix length (default:
+        /// the template's [network.wan]).
+        #[arg(long)]
+        wan_address: Option<String>,
+        /// With a fixed WAN address: its gateway.
+        #[arg(long)]
+        wan_gateway: Option<String>,
+        /// With a fixed WAN address: a DNS resolver (repeatable).
+        #[arg(long)]
+        wan_dns: Vec<String>,
     },
     /// Every clinic.
     List {
@@ -167,6 +181,10 @@ fn json(c: &Clinic) -> serde_json::Value {
         "name": c.name,
         "ae-title": c.ae_title,
         "tunnel-address": c.tunnel_address,
+        "lan-address": c.network.lan_address,
+        "wan-address": c.network.wan_address,
+        "wan-gateway": c.network.wan_gateway,
+        "wan-dns": c.network.wan_dns,
         "added-at": c.added_at,
         "revoked-at": c.revoked_at,
     })
@@ -228,8 +246,18 @@ fn main() -> anyhow::Result<()> {
                     code,
                     name,
                     ae_title,
+                    lan_address,
+                    wan_address,
+                    wan_gateway,
+                    wan_dns,
                 } => {
-                    let c = op.add_clinic(&code, &name, &ae_title)?;
+                    let network = ClinicNetwork {
+                        lan_address,
+                        wan_address,
+                        wan_gateway,
+                        wan_dns,
+                    };
+                    let c = op.add_clinic(&code, &name, &ae_title, &network)?;
                     println!("registered {}", line(&c));
                 }
                 ClinicCommand::List { json: as_json } => {

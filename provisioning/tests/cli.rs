@@ -367,3 +367,114 @@ fn a_signing_key_made_by_openssl_is_used_by_reference() {
     };
     tsunagi_medium::verify(&bundle, Some(&sig), image_key.trim(), expect).unwrap();
 }
+
+/// The clinic's own addresses on the box's ports (`clinic add --lan-address ...`) go over
+/// the template's `[network]`, which names the ports; a clinic whose addresses do not hold
+/// together with its config is refused when it is added, not when its medium is written.
+#[test]
+fn a_clinics_own_addresses_go_into_its_medium() {
+    let work = tempfile::tempdir().unwrap();
+    let (dir, public) = init(work.path(), "10.98.1.0/24");
+    let own = [
+        "--lan-address",
+        "192.168.1.250/24",
+        "--wan-address",
+        "192.0.2.10/24",
+        "--wan-gateway",
+        "192.0.2.1",
+        "--wan-dns",
+        "192.0.2.53",
+    ];
+    let add_with = |code: &str, extra: &[&str]| {
+        let mut args = vec![
+            "clinic",
+            "add",
+            "--code",
+            code,
+            "--name",
+            "アドレス医院",
+            "--ae-title",
+            "TSUNAGI",
+        ];
+        args.extend_from_slice(extra);
+        run(&dir, &args)
+    };
+    // The template does not name the ports yet.
+    let (text, success) = add_with("1312345678", &own);
+    assert!(
+        !success && text.contains("the template has no [network.wan] and [network.lan]"),
+        "{text}"
+    );
+    let template = dir.join("clinic-template.toml");
+    let mut t = std::fs::read_to_string(&template).unwrap();
+    t.push_str(
+        "\n[network.wan]\ninterface = \"enp1s0\"\naddress = \"dhcp\"\n\n\
+         [network.lan]\ninterface = \"enp2s0\"\naddress = \"192.168.50.1/24\"\n",
+    );
+    std::fs::write(&template, t).unwrap();
+    let (text, success) = add_with("1312345678", &own);
+    assert!(success, "{text}");
+    let (text, success) = add_with("1319999999", &[]);
+    assert!(success, "{text}");
+    // Refused, and not registered: a value that is no address, a LAN inside the tunnel's
+    // subnet, a gateway for a WAN on DHCP.
+    for (extra, why) in [
+        (
+            &["--lan-address", "192.168.1.0/24"][..],
+            "network or broadcast address",
+        ),
+        (
+            &["--lan-address", "10.98.7.1/16"][..],
+            "overlaps the tunnel's",
+        ),
+        (
+            &["--wan-gateway", "192.0.2.1"][..],
+            "with dhcp they come from the router",
+        ),
+        (&["--wan-dns", "dns.example"][..], "is not an IPv4 address"),
+    ] {
+        let (text, success) = add_with("1310000001", extra);
+        assert!(!success && text.contains(why), "{extra:?}: {text}");
+    }
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["clinic", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list[0]["lan-address"], "192.168.1.250/24");
+    assert_eq!(list[0]["wan-dns"][0], "192.0.2.53");
+
+    let network_of = |code: &str| {
+        let out = work.path().join(code);
+        ok(
+            &dir,
+            &["medium", "--clinic", code, "--out", out.to_str().unwrap()],
+        );
+        let (bundle, sig) = read_medium(&out);
+        let b = tsunagi_medium::verify(
+            &bundle,
+            Some(&sig),
+            &public,
+            tsunagi_medium::Expect {
+                facility_code: None,
+                last_serial: None,
+                now: 0,
+            },
+        )
+        .unwrap();
+        tsunagi_config::parse(&b.config, Path::new("medium"))
+            .unwrap()
+            .network
+            .unwrap()
+    };
+    let a = network_of("1312345678");
+    assert_eq!(a.lan.address.to_string(), "192.168.1.250/24");
+    assert_eq!(a.lan.interface.as_ref().unwrap().as_str(), "enp2s0");
+    assert_eq!(a.wan.address.to_string(), "192.0.2.10/24");
+    assert_eq!(a.wan.gateway, Some("192.0.2.1".parse().unwrap()));
+    assert_eq!(
+        a.wan.dns,
+        ["192.0.2.53".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+    let b = network_of("1319999999");
+    assert_eq!(b.lan.address.to_string(), "192.168.50.1/24");
+    assert_eq!(b.wan.address.to_string(), "dhcp");
+}

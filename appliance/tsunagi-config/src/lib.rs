@@ -42,8 +42,8 @@ mod types;
 pub use load::{LoadError, Problem, Problems, check_secret_files, load, parse};
 pub use types::{
     AbsPath, AeTitle, Capability, ConfigDuration, Endpoint, FacilityCode, HealthUrl, IfaceName,
-    Ipv4Cidr, IssuerName, LogFilter, Oid, Port, ReplicaUrl, SecretFile, ServiceName, ValueError,
-    WgPublicKey,
+    Ipv4Cidr, IssuerName, LinkAddress, LogFilter, MacAddr, Oid, Port, ReplicaUrl, SecretFile,
+    ServiceName, ValueError, WgPublicKey,
 };
 
 /// The config file format version this software reads.
@@ -77,6 +77,10 @@ pub struct Config {
     /// The built-in diagnostic heartbeat service.
     #[serde(default)]
     pub heartbeat: Heartbeat,
+    /// The box's own links (its WAN and LAN ports), written as systemd-networkd files when
+    /// a provisioning medium is applied; absent means the image's own network files stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
     /// The WireGuard tunnel to the network hub; absent means no tunnel.
     #[serde(default)]
     pub tunnel: Option<Tunnel>,
@@ -601,6 +605,88 @@ pub struct Tunnel {
     pub firewall: Firewall,
 }
 
+/// `[network]`: the box's two ports (issue 16). `tsunagi medium apply` writes them as
+/// systemd-networkd files ([`Network::networkd_files`]); a box in a clinic then needs no
+/// console to get its addresses. Both come from the signed medium, like the rest of the
+/// config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Network {
+    /// The port to the clinic's router and the internet: the tunnel leaves here.
+    pub wan: Link,
+    /// The port to the clinic's devices (modalities, viewers, the console): a fixed
+    /// address, which the devices are configured with.
+    pub lan: Link,
+}
+
+/// `[network.wan]`, `[network.lan]`: one port and its address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Link {
+    /// The port by its MAC address (stable across kernels and slots) ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    /// ... or by its interface name; one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<IfaceName>,
+    /// `dhcp` (WAN only), or a fixed address with its prefix length.
+    pub address: LinkAddress,
+    /// With a fixed WAN address: the default route's gateway, inside its subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// With a fixed WAN address: DNS resolvers (with DHCP they come from the router).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
+
+/// The names of the networkd files [`Network::networkd_files`] writes; a directory holding
+/// a file of this prefix that is no longer written has it removed.
+pub const NETWORKD_PREFIX: &str = "tsunagi-";
+
+impl Network {
+    /// The systemd-networkd `.network` files for the two ports: `(file name, content)`.
+    /// The LAN keeps its address without a carrier (a modality switched off must not take
+    /// the DICOM listener's address away) and does not hold up `network-online.target`.
+    pub fn networkd_files(&self) -> Vec<(String, String)> {
+        [("10", "wan", &self.wan), ("20", "lan", &self.lan)]
+            .into_iter()
+            .map(|(order, role, link)| {
+                let mut text = format!(
+                    "# Written by `tsunagi medium apply` from [network.{role}] of the clinic's config.\n\
+                     # Replaced by the next medium; do not edit.\n[Match]\n"
+                );
+                if let Some(mac) = &link.mac {
+                    text.push_str(&format!("MACAddress={mac}\n"));
+                }
+                if let Some(name) = &link.interface {
+                    text.push_str(&format!("Name={name}\n"));
+                }
+                if role == "lan" {
+                    text.push_str("\n[Link]\nRequiredForOnline=no\n");
+                }
+                text.push_str("\n[Network]\n");
+                match link.address {
+                    LinkAddress::Dhcp => text.push_str("DHCP=ipv4\n"),
+                    LinkAddress::Fixed(cidr) => text.push_str(&format!("Address={cidr}\n")),
+                }
+                if let Some(gw) = link.gateway {
+                    text.push_str(&format!("Gateway={gw}\n"));
+                }
+                for dns in &link.dns {
+                    text.push_str(&format!("DNS={dns}\n"));
+                }
+                text.push_str("LinkLocalAddressing=no\nIPv6AcceptRA=no\n");
+                if role == "lan" {
+                    text.push_str("ConfigureWithoutCarrier=yes\nIgnoreCarrierLoss=yes\n");
+                } else {
+                    text.push_str("\n[DHCPv4]\nUseDomains=no\n");
+                }
+                (format!("{order}-{NETWORKD_PREFIX}{role}.network"), text)
+            })
+            .collect()
+    }
+}
+
 /// `[tunnel.firewall]`: what may reach the box, and what the box may send. Inbound is
 /// dropped unless listed here; the box never forwards (clinic devices reach the network only
 /// through the box's services). Outbound, the hub subnets are reached only through the
@@ -738,6 +824,107 @@ impl Config {
                 reason: rule.reason,
             })
             .collect()
+    }
+
+    /// `[network]`: each port named once, addresses that fit together, the DICOM listener on
+    /// the LAN.
+    fn network_rules(&self, n: &Network, broken: &mut impl FnMut(&str, String, &[&str])) {
+        for (role, link) in [("wan", &n.wan), ("lan", &n.lan)] {
+            let key = |field: &str| format!("network.{role}.{field}");
+            if link.mac.is_some() == link.interface.is_some() {
+                broken(
+                    &format!("network.{role}"),
+                    "names its port by `mac` or by `interface`, one of the two".into(),
+                    &[&key("mac"), &key("interface")],
+                );
+            }
+            match link.address {
+                LinkAddress::Dhcp => {
+                    if role == "lan" {
+                        broken(
+                            &key("address"),
+                            "the LAN needs a fixed address (its devices are configured with it), not dhcp".into(),
+                            &[&key("address")],
+                        );
+                    }
+                    if link.gateway.is_some() || !link.dns.is_empty() {
+                        broken(
+                            &key("gateway"),
+                            "a gateway and DNS servers go with a fixed address; with dhcp they come from the router".into(),
+                            &[&key("gateway"), &key("dns")],
+                        );
+                    }
+                }
+                LinkAddress::Fixed(cidr) => {
+                    if let Some(gw) = link.gateway {
+                        if role == "lan" {
+                            broken(
+                                &key("gateway"),
+                                "the LAN has no gateway: the box routes nothing to the clinic's devices".into(),
+                                &[&key("gateway")],
+                            );
+                        } else if !cidr.contains(gw) || gw == cidr.addr() {
+                            broken(
+                                &key("gateway"),
+                                format!("{gw} is not another host of {cidr}"),
+                                &[&key("gateway"), &key("address")],
+                            );
+                        }
+                    }
+                    if role == "lan" && !link.dns.is_empty() {
+                        broken(
+                            &key("dns"),
+                            "DNS servers belong to the WAN".into(),
+                            &[&key("dns")],
+                        );
+                    }
+                }
+            }
+        }
+        if (n.wan.mac.is_some() && n.wan.mac == n.lan.mac)
+            || (n.wan.interface.is_some() && n.wan.interface == n.lan.interface)
+        {
+            broken(
+                "network.lan",
+                "names the same port as network.wan".into(),
+                &["network.wan", "network.lan"],
+            );
+        }
+        let LinkAddress::Fixed(lan) = n.lan.address else {
+            return;
+        };
+        if let LinkAddress::Fixed(wan) = n.wan.address
+            && wan.overlaps(&lan)
+        {
+            broken(
+                "network.lan.address",
+                format!("{lan} overlaps the WAN's {wan}"),
+                &["network.lan.address", "network.wan.address"],
+            );
+        }
+        if let Some(t) = &self.tunnel
+            && t.address.overlaps(&lan)
+        {
+            broken(
+                "network.lan.address",
+                format!("{lan} overlaps the tunnel's {}", t.address),
+                &["network.lan.address", "tunnel.address"],
+            );
+        }
+        if let Some(d) = &self.dicom
+            && !d.listen.ip().is_unspecified()
+            && d.listen.ip() != std::net::IpAddr::V4(lan.addr())
+        {
+            broken(
+                "dicom.listen",
+                format!(
+                    "listens on {}, which is not the LAN's address {} (network.lan.address) nor 0.0.0.0",
+                    d.listen.ip(),
+                    lan.addr()
+                ),
+                &["dicom.listen", "network.lan.address"],
+            );
+        }
     }
 
     pub(crate) fn rules(&self) -> Vec<Rule> {
@@ -1051,6 +1238,10 @@ impl Config {
                     &["dicom.listen", "dicom.pacs.address"],
                 );
             }
+        }
+
+        if let Some(n) = &self.network {
+            self.network_rules(n, &mut broken);
         }
 
         let sup = &self.supervisor;

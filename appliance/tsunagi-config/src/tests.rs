@@ -608,7 +608,7 @@ fn unknown_keys_and_tables() {
             (Some(13), "drill.a.foo"),
         ]
     );
-    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, tunnel, identity, consent, ssmix2, dicom, drill)"), "{}", got[0].2);
+    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, network, tunnel, identity, consent, ssmix2, dicom, drill)"), "{}", got[0].2);
     assert_eq!(got[1].2, "unknown key `level` (expected one of: filter)");
 }
 
@@ -1472,4 +1472,198 @@ fn identity_renewal_settings_are_bounded() {
     )
     .unwrap();
     assert!(cfg.identity.enabled);
+}
+
+// ---------------------------------------------------------------------------------------
+// [network]
+
+fn network_config(wan: &str, lan: &str, extra: &str) -> String {
+    tunnel_section(&format!(
+        "[network.wan]\n{wan}\n[network.lan]\n{lan}\n{extra}"
+    ))
+}
+
+#[test]
+fn network_ports_become_networkd_files() {
+    let cfg = parse(
+        &network_config(
+            "mac = \"52:54:00:74:73:01\"\naddress = \"dhcp\"",
+            "interface = \"enp0s17\"\naddress = \"192.168.50.1/24\"",
+            "",
+        ),
+        file(),
+    )
+    .unwrap();
+    let files = cfg.network.unwrap().networkd_files();
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["10-tsunagi-wan.network", "20-tsunagi-lan.network"]);
+    let wan = &files[0].1;
+    assert!(
+        wan.contains("[Match]\nMACAddress=52:54:00:74:73:01\n"),
+        "{wan}"
+    );
+    assert!(wan.contains("[Network]\nDHCP=ipv4\n"), "{wan}");
+    let lan = &files[1].1;
+    assert!(lan.contains("[Match]\nName=enp0s17\n"), "{lan}");
+    assert!(lan.contains("RequiredForOnline=no"), "{lan}");
+    assert!(lan.contains("Address=192.168.50.1/24\n"), "{lan}");
+    assert!(lan.contains("ConfigureWithoutCarrier=yes"), "{lan}");
+    assert!(!lan.contains("DHCP"), "{lan}");
+    // A fixed WAN, its gateway and resolvers; a MAC in capitals is kept in lower case.
+    let fixed = parse(
+        &network_config(
+            "mac = \"52:54:00:AB:73:01\"\naddress = \"192.0.2.10/24\"\ngateway = \"192.0.2.1\"\ndns = [\"192.0.2.53\"]",
+            "mac = \"52:54:00:74:73:02\"\naddress = \"192.168.50.1/24\"",
+            "",
+        ),
+        file(),
+    )
+    .unwrap()
+    .network
+    .unwrap()
+    .networkd_files();
+    let wan = &fixed[0].1;
+    for line in [
+        "MACAddress=52:54:00:ab:73:01",
+        "Address=192.0.2.10/24",
+        "Gateway=192.0.2.1",
+        "DNS=192.0.2.53",
+    ] {
+        assert!(wan.contains(line), "{line} in {wan}");
+    }
+    assert!(parse(MINIMAL, file()).unwrap().network.is_none());
+}
+
+#[test]
+fn network_ports_that_do_not_fit_together_are_refused() {
+    let lan = "mac = \"52:54:00:74:73:02\"\naddress = \"192.168.50.1/24\"";
+    let wan = "mac = \"52:54:00:74:73:01\"\naddress = \"dhcp\"";
+    let cases = [
+        // Values.
+        (
+            network_config("mac = \"52:54:00:74:73\"\naddress = \"dhcp\"", lan, ""),
+            "network.wan.mac",
+            "expected a MAC address",
+        ),
+        (
+            network_config("mac = \"01:00:5e:00:00:01\"\naddress = \"dhcp\"", lan, ""),
+            "network.wan.mac",
+            "multicast",
+        ),
+        (
+            network_config(
+                wan,
+                "mac = \"52:54:00:74:73:02\"\naddress = \"192.168.50.0/24\"",
+                "",
+            ),
+            "network.lan.address",
+            "network or broadcast",
+        ),
+        (
+            network_config(
+                wan,
+                "mac = \"52:54:00:74:73:02\"\naddress = \"192.168.50.1/31\"",
+                "",
+            ),
+            "network.lan.address",
+            "prefix length is 8 to 30",
+        ),
+        (
+            network_config(wan, "mac = \"52:54:00:74:73:02\"\naddress = \"auto\"", ""),
+            "network.lan.address",
+            "expected `dhcp` or",
+        ),
+        // One port each, named once.
+        (
+            network_config("address = \"dhcp\"", lan, ""),
+            "network.wan",
+            "by `mac` or by `interface`",
+        ),
+        (
+            network_config(
+                "mac = \"52:54:00:74:73:01\"\ninterface = \"eth0\"\naddress = \"dhcp\"",
+                lan,
+                "",
+            ),
+            "network.wan",
+            "one of the two",
+        ),
+        (
+            network_config("mac = \"52:54:00:74:73:02\"\naddress = \"dhcp\"", lan, ""),
+            "network.lan",
+            "the same port as network.wan",
+        ),
+        // Addresses.
+        (
+            network_config(wan, "mac = \"52:54:00:74:73:02\"\naddress = \"dhcp\"", ""),
+            "network.lan.address",
+            "needs a fixed address",
+        ),
+        (
+            network_config(
+                "mac = \"52:54:00:74:73:01\"\naddress = \"dhcp\"\ngateway = \"192.0.2.1\"",
+                lan,
+                "",
+            ),
+            "network.wan.gateway",
+            "with dhcp they come from the router",
+        ),
+        (
+            network_config(
+                "mac = \"52:54:00:74:73:01\"\naddress = \"192.0.2.10/24\"\ngateway = \"198.51.100.1\"",
+                lan,
+                "",
+            ),
+            "network.wan.gateway",
+            "not another host of 192.0.2.10/24",
+        ),
+        (
+            network_config(wan, &format!("{lan}\ngateway = \"192.168.50.254\""), ""),
+            "network.lan.gateway",
+            "the LAN has no gateway",
+        ),
+        (
+            network_config(
+                "mac = \"52:54:00:74:73:01\"\naddress = \"192.168.50.7/16\"",
+                lan,
+                "",
+            ),
+            "network.lan.address",
+            "overlaps the WAN's",
+        ),
+        (
+            network_config(
+                wan,
+                "mac = \"52:54:00:74:73:02\"\naddress = \"10.99.0.1/16\"",
+                "",
+            ),
+            "network.lan.address",
+            "overlaps the tunnel's",
+        ),
+        // The DICOM listener is on the LAN.
+        (
+            network_config(
+                wan,
+                lan,
+                "[dicom]\nlisten = \"192.168.60.1:11112\"\npatient-ids = \"as-is\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n",
+            ),
+            "dicom.listen",
+            "not the LAN's address 192.168.50.1",
+        ),
+    ];
+    for (text, key, why) in cases {
+        let found = problems(&text);
+        assert!(
+            found.iter().any(|(_, k, r)| k == key && r.contains(why)),
+            "{key}: {why}: {found:?}"
+        );
+    }
+    // The LAN's own address, or any, is fine for the listener.
+    for listen in ["192.168.50.1", "0.0.0.0"] {
+        parse(
+            &network_config(wan, lan, &format!("[dicom]\nlisten = \"{listen}:11112\"\npatient-ids = \"as-is\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n")),
+            file(),
+        )
+        .unwrap();
+    }
 }

@@ -1033,6 +1033,16 @@ impl Ipv4Cidr {
             .unwrap_or(0)
     }
 
+    /// The subnet mask, e.g. 255.255.255.0 for /24.
+    pub fn network_mask(&self) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::from(self.mask())
+    }
+
+    /// Whether the two subnets share an address.
+    pub fn overlaps(&self, other: &Ipv4Cidr) -> bool {
+        self.contains(other.network()) || other.contains(self.network())
+    }
+
     /// The network address (host bits cleared).
     pub fn network(&self) -> std::net::Ipv4Addr {
         std::net::Ipv4Addr::from(u32::from(self.addr) & self.mask())
@@ -1216,5 +1226,98 @@ impl fmt::Display for ReplicaUrl {
 impl From<ReplicaUrl> for String {
     fn from(value: ReplicaUrl) -> String {
         value.0
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The box's own links (`[network]`)
+
+/// An Ethernet MAC address, `52:54:00:74:73:01` (six pairs of hex digits, `:` between;
+/// kept in lower case). A unicast address: the low bit of the first octet is clear.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(String);
+
+impl TryFrom<String> for MacAddr {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        let shape = || {
+            ValueError::new(format!(
+                "expected a MAC address, six pairs of hex digits with `:` between, e.g. 52:54:00:74:73:01 (got {})",
+                quoted(&value)
+            ))
+        };
+        let pairs: Vec<&str> = value.split(':').collect();
+        if pairs.len() != 6
+            || pairs
+                .iter()
+                .any(|p| p.len() != 2 || !p.chars().all(|c| c.is_ascii_hexdigit()))
+        {
+            return Err(shape());
+        }
+        let first = u8::from_str_radix(pairs[0], 16).map_err(|_| shape())?;
+        if first & 1 == 1 {
+            return Err(ValueError::new(format!(
+                "{} is a multicast address, not a port's",
+                quoted(&value)
+            )));
+        }
+        Ok(Self(value.to_ascii_lowercase()))
+    }
+}
+
+string_newtype!(MacAddr);
+
+/// How a link gets its address: `dhcp`, or a fixed IPv4 address with its prefix length
+/// (`192.168.50.1/24`; prefix 8 to 30, neither the subnet's network nor its broadcast
+/// address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum LinkAddress {
+    Dhcp,
+    Fixed(Ipv4Cidr),
+}
+
+impl TryFrom<String> for LinkAddress {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        if value == "dhcp" {
+            return Ok(Self::Dhcp);
+        }
+        let cidr = Ipv4Cidr::try_from(value.clone()).map_err(|_| {
+            ValueError::new(format!(
+                "expected `dhcp` or an IPv4 address with its prefix length, e.g. 192.168.50.1/24 (got {})",
+                quoted(&value)
+            ))
+        })?;
+        if !(8..=30).contains(&cidr.prefix()) {
+            return Err(ValueError::new(format!(
+                "a link's prefix length is 8 to 30 (got {})",
+                cidr.prefix()
+            )));
+        }
+        let host = u32::from(cidr.addr()) & !u32::from(cidr.network_mask());
+        if host == 0 || host == !u32::from(cidr.network_mask()) {
+            return Err(ValueError::new(format!(
+                "{} is the subnet's network or broadcast address, not a host's",
+                quoted(&value)
+            )));
+        }
+        Ok(Self::Fixed(cidr))
+    }
+}
+
+impl fmt::Display for LinkAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Dhcp => f.write_str("dhcp"),
+            Self::Fixed(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+impl From<LinkAddress> for String {
+    fn from(value: LinkAddress) -> String {
+        value.to_string()
     }
 }

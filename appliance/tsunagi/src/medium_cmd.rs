@@ -3,7 +3,8 @@
 //! `check` says whether the medium in `DIR` would be applied, and why not. `apply` applies
 //! it: [`tsunagi_medium::verify`] against the network's provisioning public key (built into
 //! the image) and what the box applied before, then the clinic's config replaces the
-//! config file, the network's CA and the enrollment token go into
+//! config file, its `[network]` (if any) replaces the networkd files an earlier medium
+//! wrote, the network's CA and the enrollment token go into
 //! `STATE/provisioning/` (the token readable by root only), and the serial and clinic are
 //! recorded last, so that a medium is applied once and re-provisioning needs a newer
 //! serial. A refusal changes nothing, prints one line and exits with
@@ -48,7 +49,46 @@ pub(crate) enum MediumCommand {
         /// The config file it replaces.
         #[arg(long, env = "TSUNAGI_CONFIG", default_value = tsunagi_config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// Where the config's `[network]` goes, as systemd-networkd files.
+        #[arg(long, default_value = DEFAULT_NETWORK_DIR)]
+        network_dir: PathBuf,
     },
+}
+
+/// systemd-networkd's configuration directory (on the image, a link to the data partition's
+/// `/var/etc/systemd/network`).
+const DEFAULT_NETWORK_DIR: &str = "/etc/systemd/network";
+
+/// Writes the config's `[network]` as networkd files into `dir` and removes the ones an
+/// earlier medium wrote that are not written now (all of them for `None`, the reset). The
+/// files of others (the image's) are left alone.
+fn write_network(dir: &Path, network: Option<&tsunagi_config::Network>) -> std::io::Result<()> {
+    let files = network
+        .map(tsunagi_config::Network::networkd_files)
+        .unwrap_or_default();
+    for (name, text) in &files {
+        replace(&dir.join(name), text.as_bytes(), 0o644)?;
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut removed = false;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name.ends_with(".network")
+            && name.contains(&format!("-{}", tsunagi_config::NETWORKD_PREFIX));
+        if ours && !files.iter().any(|(n, _)| *n == name) {
+            std::fs::remove_file(entry.path())?;
+            removed = true;
+        }
+    }
+    if removed {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// What the box applied last (`STATE/provisioning/applied.json`). After a factory reset
@@ -111,10 +151,18 @@ fn checked(args: &MediumArgs) -> Result<Bundle, String> {
     tsunagi_medium::verify(&bundle, signature.as_deref(), &key, expect).map_err(|e| e.to_string())
 }
 
-fn apply(args: &MediumArgs, config: &Path, b: &Bundle) -> std::io::Result<()> {
+fn apply(args: &MediumArgs, config: &Path, network_dir: &Path, b: &Bundle) -> std::io::Result<()> {
     let dir = args.state_dir.join("provisioning");
     std::fs::create_dir_all(&dir)?;
+    // `verify` has checked the config; read again for its `[network]`.
+    let parsed = tsunagi_config::parse(&b.config, config)
+        .map_err(|e| std::io::Error::other(format!("the medium's config: {e}")))?;
     replace(config, b.config.as_bytes(), 0o644)?;
+    // Only a config with `[network]` changes the network files: without one, the image's
+    // (or an earlier medium's) stay.
+    if let Some(n) = &parsed.network {
+        write_network(network_dir, Some(n))?;
+    }
     if let Some(hub) = &b.hub {
         replace(&dir.join("network-ca.pem"), hub.ca_pem.as_bytes(), 0o644)?;
     }
@@ -145,11 +193,17 @@ fn record(state: &Path, serial: u64, facility_code: Option<&str>) -> std::io::Re
 }
 
 /// A factory reset: everything in the state directory goes (keys, enrollment, consent
-/// cache, spool, replica state), and the config file; only the record of the serial stays,
+/// cache, spool, replica state), the network files a medium wrote, and the config file; only the record of the serial stays,
 /// with no clinic, so the box takes a medium of any clinic but none older than this one.
 /// Run with the services stopped (the image applies media before the supervisor starts).
-fn reset(args: &MediumArgs, config: &Path, b: &Bundle) -> std::io::Result<usize> {
+fn reset(
+    args: &MediumArgs,
+    config: &Path,
+    network_dir: &Path,
+    b: &Bundle,
+) -> std::io::Result<usize> {
     let mut removed = 0;
+    write_network(network_dir, None)?;
     match std::fs::read_dir(&args.state_dir) {
         Ok(entries) => {
             for entry in entries {
@@ -225,9 +279,13 @@ fn remove(path: &Path) -> std::io::Result<()> {
 
 /// Runs `tsunagi medium ...`; the exit code.
 pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
-    let (args, config) = match &command {
-        MediumCommand::Check(a) => (a, None),
-        MediumCommand::Apply { args, config } => (args, Some(config)),
+    let (args, config, network_dir) = match &command {
+        MediumCommand::Check(a) => (a, None, Path::new(DEFAULT_NETWORK_DIR)),
+        MediumCommand::Apply {
+            args,
+            config,
+            network_dir,
+        } => (args, Some(config), network_dir.as_path()),
     };
     let applying = config.is_some();
     let say = |verdict: &str, text: &str, serial: Option<u64>| {
@@ -265,7 +323,7 @@ pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
         return exit_code::OK;
     };
     if b.kind == Kind::Reset {
-        return match reset(args, config, &b) {
+        return match reset(args, config, network_dir, &b) {
             Ok(removed) => {
                 say(
                     "applied",
@@ -282,7 +340,7 @@ pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
             }
         };
     }
-    match apply(args, config, &b) {
+    match apply(args, config, network_dir, &b) {
         Ok(()) => {
             say("applied", &what, Some(b.serial));
             exit_code::OK

@@ -89,6 +89,22 @@ impl Box {
         self.dir.path().join("etc/tsunagi.toml")
     }
 
+    fn network_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("etc/systemd/network")
+    }
+
+    /// The network files there, by name.
+    fn network_files(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.network_dir())
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
     /// `tsunagi medium VERB MEDIUM`: its one line and its exit code.
     fn medium(&self, verb: &str, medium: &Path) -> (String, i32) {
         let d = self.dir.path();
@@ -101,7 +117,10 @@ impl Box {
             .arg(d.join("state"))
             .env_remove("TSUNAGI_CONFIG");
         if verb == "apply" {
-            cmd.arg("--config").arg(self.config());
+            cmd.arg("--config")
+                .arg(self.config())
+                .arg("--network-dir")
+                .arg(self.network_dir());
         }
         let out = cmd.output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
@@ -316,4 +335,68 @@ fn a_reset_medium_wipes_the_box_which_then_takes_any_clinic_but_no_older_medium(
             .unwrap()
             .contains("1319999999")
     );
+}
+
+/// A medium's `[network]` becomes the box's networkd files (the WAN and LAN ports, as the
+/// operator set them): a newer medium with other addresses replaces them, one without
+/// `[network]` leaves them, the image's own files are never touched, and a factory reset
+/// removes only what media wrote.
+#[test]
+fn a_mediums_network_becomes_the_boxs_networkd_files() {
+    let k = key();
+    let b = Box::new(&k);
+    let media = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(b.network_dir()).unwrap();
+    std::fs::write(b.network_dir().join("99-image.network"), "[Match]\n").unwrap();
+    let with_network = |serial: u64, lan: &str| {
+        let mut m = bundle("1312345678", serial);
+        m.config.push_str(&format!(
+            "[network.wan]\nmac = \"52:54:00:74:73:01\"\naddress = \"dhcp\"\n\
+             [network.lan]\nmac = \"52:54:00:74:73:02\"\naddress = \"{lan}\"\n"
+        ));
+        m
+    };
+    let first = media.path().join("first");
+    write(&first, &with_network(3, "192.168.50.1/24"), Some(&k));
+    let (text, code) = b.medium("apply", &first);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        b.network_files(),
+        [
+            "10-tsunagi-wan.network",
+            "20-tsunagi-lan.network",
+            "99-image.network"
+        ]
+    );
+    let lan = || std::fs::read_to_string(b.network_dir().join("20-tsunagi-lan.network")).unwrap();
+    assert!(
+        lan().contains("MACAddress=52:54:00:74:73:02\n"),
+        "{}",
+        lan()
+    );
+    assert!(lan().contains("Address=192.168.50.1/24\n"), "{}", lan());
+    // A newer medium moves the LAN; one without [network] leaves the files as they are.
+    let second = media.path().join("second");
+    write(&second, &with_network(4, "192.168.77.1/24"), Some(&k));
+    assert_eq!(b.medium("apply", &second).1, 0);
+    assert!(lan().contains("Address=192.168.77.1/24\n"), "{}", lan());
+    let third = media.path().join("third");
+    write(&third, &bundle("1312345678", 5), Some(&k));
+    assert_eq!(b.medium("apply", &third).1, 0);
+    assert!(lan().contains("Address=192.168.77.1/24\n"), "{}", lan());
+    // A medium whose [network] does not hold together is refused, and changes nothing.
+    let broken = media.path().join("broken");
+    write(&broken, &with_network(6, "192.168.77.0/24"), Some(&k));
+    let (text, code) = b.medium("apply", &broken);
+    assert_eq!(code, 6, "{text}");
+    assert!(text.contains("network.lan.address"), "{text}");
+    assert!(lan().contains("Address=192.168.77.1/24\n"), "{}", lan());
+    // The reset removes what media wrote, and only that.
+    let mut reset = bundle("1312345678", 7);
+    reset.kind = Kind::Reset;
+    let reset_dir = media.path().join("reset");
+    write(&reset_dir, &reset, Some(&k));
+    let (text, code) = b.medium("apply", &reset_dir);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(b.network_files(), ["99-image.network"]);
 }

@@ -83,8 +83,10 @@ pub fn operator(work: &Path) -> Operator {
     )
     .unwrap();
     let mut op = Operator::open(&dir).unwrap();
-    op.add_clinic(CODE, "つなぎ内科", "TSUNAGI").unwrap();
-    op.add_clinic("1319999999", "ほかの医院", "OTHER").unwrap();
+    op.add_clinic(CODE, "つなぎ内科", "TSUNAGI", &Default::default())
+        .unwrap();
+    op.add_clinic("1319999999", "ほかの医院", "OTHER", &Default::default())
+        .unwrap();
     op
 }
 
