@@ -1,6 +1,7 @@
 //! `identity`: the box's network identity (issue 16), the client certificate the network's
-//! enrollment server issued for the box's own key (`tsunagi enroll`), kept renewed over the
-//! tunnel before it ends.
+//! enrollment server issued for the box's own key, kept renewed over the tunnel before it
+//! ends. Once a medium was applied the service enrolls the box by itself ([`enroll`]; the
+//! same as `tsunagi enroll` by hand).
 //!
 //! Files, in the service's state directory (`STATE/identity`, owned by its user):
 //! [`KEY_FILE`] (the TLS key, ECDSA P-256, mode 0600, made on the box and never sent),
@@ -24,6 +25,8 @@ use tsunagi_medium::enroll::{Enrolled, MAX_RESPONSE, RENEW_PATH, Refusal, RenewR
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::service::{self, Launch, Service};
 use tsunagi_runtime::status::Health;
+
+pub mod enroll;
 
 /// The service's name (and its state directory's).
 pub const NAME: &str = "identity";
@@ -155,6 +158,9 @@ pub struct Settings {
     pub check_interval: Duration,
     /// The state root (the network CA is under it).
     pub state_root: PathBuf,
+    /// The tunnel an enrollment's answer must name (the config's); `None`: no tunnel, no
+    /// enrollment.
+    pub tunnel: Option<enroll::Expect>,
 }
 
 impl Settings {
@@ -163,6 +169,10 @@ impl Settings {
             renew_before: cfg.identity.renew_before.get(),
             check_interval: cfg.identity.check_interval.get(),
             state_root: cfg.paths.state_dir.as_path().to_owned(),
+            tunnel: cfg.tunnel.as_ref().map(|t| enroll::Expect {
+                tunnel_address: t.address.to_string(),
+                hub_public_key: String::from(t.hub_public_key.clone()),
+            }),
         }
     }
 }
@@ -272,16 +282,62 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), IdentityErro
         .status(Health::Degraded, "looking at the certificate");
     ctx.reporter.ready();
     let mut failures: u32 = 0;
+    // The token a refusal was for: not sent again until a new medium brings another.
+    let mut refused: Option<Vec<u8>> = None;
     loop {
         let record = read_record(&dir)?;
         let now = now();
         let wait = match &record {
             None => {
-                ctx.reporter.status(
-                    Health::Degraded,
-                    "not enrolled: apply a provisioning medium and run `tsunagi enroll`",
-                );
-                settings.check_interval
+                let token = std::fs::read(dir.join(enroll::TOKEN_FILE)).ok();
+                match (&settings.tunnel, token) {
+                    (Some(expect), Some(token)) if refused.as_ref() != Some(&token) => {
+                        use tracing::Instrument as _;
+                        let outcome = tokio::select! {
+                            _ = ctx.shutdown.cancelled() => return Ok(()),
+                            outcome = enroll::enroll(&settings.state_root, &dir, expect)
+                                .instrument(tracing::info_span!("enroll")) => outcome,
+                        };
+                        match outcome {
+                            enroll::Outcome::Enrolled { identity, .. } => {
+                                failures = 0;
+                                tracing::info!(%identity, "enrolled");
+                                Duration::ZERO
+                            }
+                            enroll::Outcome::Already(_) => Duration::ZERO,
+                            enroll::Outcome::Refused(why) => {
+                                tracing::warn!(reason = %why, "enrollment refused");
+                                ctx.reporter
+                                    .status(Health::Degraded, &format!("not enrolled: {why}"));
+                                refused = Some(token);
+                                settings.check_interval
+                            }
+                            enroll::Outcome::Failed(why) => {
+                                failures = failures.saturating_add(1);
+                                tracing::warn!(failures, reason = %why, "enrollment failed");
+                                ctx.reporter.status(
+                                    Health::Degraded,
+                                    &format!(
+                                        "not enrolled: enrollment failed {failures} times ({why})"
+                                    ),
+                                );
+                                Duration::from_secs(1u64 << failures.min(12))
+                                    .min(settings.check_interval)
+                            }
+                        }
+                    }
+                    (_, Some(_)) if settings.tunnel.is_some() => {
+                        // Refused before: kept in the status set then.
+                        settings.check_interval.min(Duration::from_secs(60))
+                    }
+                    _ => {
+                        ctx.reporter.status(
+                            Health::Degraded,
+                            "not enrolled: apply a provisioning medium (the box then enrolls by itself)",
+                        );
+                        settings.check_interval.min(Duration::from_secs(60))
+                    }
+                }
             }
             Some(r) if now >= r.not_after => {
                 ctx.reporter.status_with_metrics(

@@ -52,6 +52,9 @@ pub(crate) enum MediumCommand {
         /// Where the config's `[network]` goes, as systemd-networkd files.
         #[arg(long, default_value = DEFAULT_NETWORK_DIR)]
         network_dir: PathBuf,
+        /// The box's serial, for enrollment (default: the firmware's, else the machine ID).
+        #[arg(long)]
+        box_serial: Option<String>,
     },
 }
 
@@ -99,6 +102,10 @@ struct Applied {
     serial: u64,
     facility_code: Option<String>,
     applied_at: i64,
+    /// The enrollment server of the medium (not secret): the tunnel's firewall lets the
+    /// identity service's user reach it on the WAN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enrollment_url: Option<String>,
 }
 
 fn now() -> i64 {
@@ -151,7 +158,13 @@ fn checked(args: &MediumArgs) -> Result<Bundle, String> {
     tsunagi_medium::verify(&bundle, signature.as_deref(), &key, expect).map_err(|e| e.to_string())
 }
 
-fn apply(args: &MediumArgs, config: &Path, network_dir: &Path, b: &Bundle) -> std::io::Result<()> {
+fn apply(
+    args: &MediumArgs,
+    config: &Path,
+    network_dir: &Path,
+    box_serial: Option<String>,
+    b: &Bundle,
+) -> std::io::Result<()> {
     let dir = args.state_dir.join("provisioning");
     std::fs::create_dir_all(&dir)?;
     // `verify` has checked the config; read again for its `[network]`.
@@ -167,26 +180,58 @@ fn apply(args: &MediumArgs, config: &Path, network_dir: &Path, b: &Bundle) -> st
         replace(&dir.join("network-ca.pem"), hub.ca_pem.as_bytes(), 0o644)?;
     }
     if let Some(e) = &b.enrollment {
-        let token = serde_json::json!({
-            "token": e.token,
-            "expires-at": e.expires_at,
-            "url": e.url,
-        });
-        replace(
-            &dir.join("enrollment.json"),
-            token.to_string().as_bytes(),
-            0o600,
-        )?;
+        // The token is the identity service's (which enrolls with it), 0600 in its own
+        // directory; the box's serial and WireGuard key are public facts beside it.
+        let owner = if tsunagi_runtime::privilege::is_root() {
+            Some(
+                tsunagi_runtime::privilege::ensure_user(identity::SERVICE.user)
+                    .map_err(|e| std::io::Error::other(tsunagi_runtime::child::error_chain(&e)))?,
+            )
+        } else {
+            None
+        };
+        let identity_dir = args.state_dir.join(identity::NAME);
+        tsunagi_runtime::privilege::ensure_private_dir(&identity_dir, owner)
+            .map_err(|e| std::io::Error::other(tsunagi_runtime::child::error_chain(&e)))?;
+        let token = identity::enroll::Token {
+            token: e.token.clone(),
+            expires_at: e.expires_at,
+            url: e.url.clone(),
+        };
+        let path = identity_dir.join(identity::enroll::TOKEN_FILE);
+        let text = serde_json::to_vec(&token).map_err(std::io::Error::other)?;
+        replace(&path, &text, 0o600)?;
+        if let Some(id) = owner {
+            nix::unistd::chown(&path, Some(id.uid), Some(id.gid)).map_err(std::io::Error::from)?;
+        }
+        if parsed.tunnel.is_some() {
+            let mut here = parsed.clone();
+            here.paths.state_dir =
+                tsunagi_config::AbsPath::try_from(args.state_dir.to_string_lossy().into_owned())
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            crate::enroll_cmd::record_box(&here, box_serial).map_err(std::io::Error::other)?;
+        }
     }
     // Last: the medium counts as applied only once everything is in place.
-    record(&args.state_dir, b.serial, Some(&b.facility_code))
+    record(
+        &args.state_dir,
+        b.serial,
+        Some(&b.facility_code),
+        b.enrollment.as_ref().map(|e| e.url.clone()),
+    )
 }
 
-fn record(state: &Path, serial: u64, facility_code: Option<&str>) -> std::io::Result<()> {
+fn record(
+    state: &Path,
+    serial: u64,
+    facility_code: Option<&str>,
+    enrollment_url: Option<String>,
+) -> std::io::Result<()> {
     let applied = Applied {
         serial,
         facility_code: facility_code.map(str::to_owned),
         applied_at: now(),
+        enrollment_url,
     };
     let text = serde_json::to_vec(&applied).map_err(std::io::Error::other)?;
     replace(&applied_path(state), &text, 0o644)
@@ -237,7 +282,7 @@ fn reset(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    record(&args.state_dir, b.serial, None)?;
+    record(&args.state_dir, b.serial, None, None)?;
     Ok(removed)
 }
 
@@ -285,7 +330,12 @@ pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
             args,
             config,
             network_dir,
+            ..
         } => (args, Some(config), network_dir.as_path()),
+    };
+    let box_serial = match &command {
+        MediumCommand::Apply { box_serial, .. } => box_serial.clone(),
+        MediumCommand::Check(_) => None,
     };
     let applying = config.is_some();
     let say = |verdict: &str, text: &str, serial: Option<u64>| {
@@ -340,7 +390,7 @@ pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
             }
         };
     }
-    match apply(args, config, network_dir, &b) {
+    match apply(args, config, network_dir, box_serial, &b) {
         Ok(()) => {
             say("applied", &what, Some(b.serial));
             exit_code::OK

@@ -211,3 +211,13 @@ pub(crate) fn run_child(cfg: &Config, name: &str) -> Result<(), ServiceCmdError>
     child::run_service(prepared, 1, |ctx| heartbeat::run(ctx, behaviour))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The tunnel's firewall lets the identity service's user reach the enrollment server:
+    /// it names that user itself (it does not depend on the identity crate).
+    #[test]
+    fn the_firewall_names_the_identity_services_user() {
+        assert_eq!(tunnel::firewall::ENROLLING_USER, identity::SERVICE.user);
+    }
+}

@@ -3,8 +3,10 @@
 //! `tsunagi medium apply` and `tsunagi enroll`, against the test network's hub
 //! (wireguard-go; the enrollment server behind TLS from a test network CA).
 //!
-//! - the box applies the signed medium, makes its own keys, enrolls over TLS pinned to the
-//!   medium's CA; the hub then has its WireGuard key, allowed the clinic's address only
+//! - the box applies the signed medium and starts: with no manual step its identity service
+//!   makes the TLS key and enrolls over TLS pinned to the medium's CA, through the tunnel's
+//!   firewall (which lets that service's user, and no one else, reach the enrollment server
+//!   on the WAN); the hub then has its WireGuard key, allowed the clinic's address only
 //!   (read from `wg show` at the hub), and the tunnel comes up (a handshake at the hub);
 //! - the box's keys never leave it: the operator directory holds neither;
 //! - the token is used once: a second box with a copy of the medium is refused, and a box
@@ -86,8 +88,9 @@ probe-timeout = "500ms"
     ))
 }
 
-/// `tsunagi medium apply` and `tsunagi enroll` of a box whose config and state are `h`'s.
-fn apply(h: &Harness, medium: &Path, key: &Path) {
+/// `tsunagi medium apply` of a box whose config and state are `h`'s, and whose serial is
+/// `serial`.
+fn apply(h: &Harness, medium: &Path, key: &Path, serial: &str) {
     let (text, code) = run(Command::new(BIN)
         .args(["medium", "apply"])
         .arg(medium)
@@ -96,14 +99,18 @@ fn apply(h: &Harness, medium: &Path, key: &Path) {
         .arg("--state-dir")
         .arg(h.state_dir())
         .arg("--config")
-        .arg(&h.config));
+        .arg(&h.config)
+        .args(["--network-dir"])
+        .arg(h.dir.path().join("network"))
+        .args(["--box-serial", serial]));
     assert_eq!(code, 0, "{text}");
 }
 
-fn enroll(net: &TestNet, h: &Harness, serial: &str) -> (String, i32) {
+/// `tsunagi enroll` by hand, in `host`'s namespace.
+fn enroll(net: &TestNet, host: Host, h: &Harness, serial: &str) -> (String, i32) {
     let out = net
         .exec(
-            Host::Box,
+            host,
             Command::new(BIN)
                 .args(["enroll", "--box-serial", serial, "--config"])
                 .arg(&h.config),
@@ -238,8 +245,10 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
         ]);
     let serve_pid = net.spawn(Host::Hub, &serve).unwrap();
 
-    // The box: apply, enroll.
-    apply(&h, &medium, &key);
+    // The box: the medium applied, then started; nothing else.
+    apply(&h, &medium, &key, "QEMU-0001");
+    let box_json = std::fs::read_to_string(h.state_dir().join("provisioning/box.json")).unwrap();
+    assert!(box_json.contains("QEMU-0001"), "{box_json}");
     wait("the enrollment server", Duration::from_secs(20), || {
         net.exec(
             Host::Box,
@@ -252,10 +261,31 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
             .and_then(|p| std::fs::read_to_string(p).ok())
             .unwrap_or_default()
     };
-    let (text, code) = enroll(&net, &h, "QEMU-0001");
-    assert_eq!(code, 0, "{text}\nthe server's log:\n{}", serve_log());
-    assert!(text.contains("enrolled as 1312345678-QEMU-0001"), "{text}");
+    let started = Instant::now();
+    h.start_in_netns(net.ns(Host::Box));
+    let enrolled = h.wait_for("the box enrolled", Duration::from_secs(60), |s| {
+        service(s, "identity")["summary"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("1312345678-QEMU-0001: certificate until"))
+    });
+    println!(
+        "enrollment: enrolled by the identity service {:?} after start: {}",
+        started.elapsed(),
+        service(&enrolled, "identity")["summary"]
+    );
+    assert!(
+        serve_log().contains("enrolled 1312345678-QEMU-0001 from"),
+        "{}",
+        serve_log()
+    );
+    h.wait_for("the tunnel up", Duration::from_secs(90), tunnel_up);
+    println!(
+        "enrollment: the tunnel up {:?} after start",
+        started.elapsed()
+    );
     let public = box_public_key(&h);
+    assert!(box_json.contains(&public), "{box_json}");
+    assert!(net.hub_handshake_age(&public).unwrap().is_some());
     let peers = hub_peers(&net);
     assert!(
         peers
@@ -263,16 +293,15 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
             .any(|l| l.starts_with(&public) && l.ends_with("10.99.0.2/32")),
         "the hub's peers:\n{peers}"
     );
-    // The box's keys stayed on the box.
+    // The box's keys stayed on the box, the TLS key the identity service's alone.
     let identity = h.state_dir().join("identity");
     let tls_key = std::fs::read_to_string(identity.join("box.key")).unwrap();
     {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(identity.join("box.key"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let meta = std::fs::metadata(identity.join("box.key")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let owner = tsunagi_runtime::privilege::ensure_user("tsunagi-identity").unwrap();
+        assert_eq!(meta.uid(), owner.uid.as_raw());
     }
     let wg_private = std::fs::read_dir(h.state_dir().join("tunnel"))
         .unwrap()
@@ -296,17 +325,59 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
             );
         }
     }
-    // The token was used and deleted.
-    assert!(!h.state_dir().join("provisioning/enrollment.json").exists());
-    let (text, code) = enroll(&net, &h, "QEMU-0001");
+    // The token was used and deleted; by hand, the box is enrolled already.
+    assert!(!identity.join("enrollment.json").exists());
+    let (text, code) = enroll(&net, Host::Box, &h, "QEMU-0001");
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("already enrolled"), "{text}");
+    // Nothing but the identity service's user gets to the enrollment server by the WAN:
+    // root cannot.
+    let root = net
+        .exec(
+            Host::Box,
+            Command::new("bash").args([
+                "-c",
+                &format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{hub_wan}/{ENROLL_PORT}'"),
+            ]),
+        )
+        .unwrap();
+    assert!(!root.status.success(), "root reached the enrollment server");
+    let as_identity = net
+        .exec(
+            Host::Box,
+            Command::new("setpriv").args([
+                "--reuid=tsunagi-identity",
+                "--regid=tsunagi-identity",
+                "--clear-groups",
+                "bash",
+                "-c",
+                &format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{hub_wan}/{ENROLL_PORT}'"),
+            ]),
+        )
+        .unwrap();
+    assert!(
+        as_identity.status.success(),
+        "the identity service's user cannot reach the enrollment server: {}",
+        String::from_utf8_lossy(&as_identity.stderr)
+    );
+    let ruleset = net
+        .exec(
+            Host::Box,
+            Command::new("nft").args(["list", "table", "inet", "tsunagi"]),
+        )
+        .unwrap();
+    let ruleset = String::from_utf8_lossy(&ruleset.stdout);
+    assert!(
+        ruleset.contains(&format!(
+            "ip daddr {hub_wan} tcp dport {ENROLL_PORT} meta skuid"
+        )),
+        "{ruleset}"
+    );
 
-    // (Before the tunnel is up: its egress kill switch lets nothing but WireGuard out by
-    // the WAN, and these boxes share the namespace.)
-    // A second box with a copy of the medium: the token is spent.
+    // A second box with a copy of the medium: the token is spent. (By hand, from the hub's
+    // namespace: the first box's firewall holds the box namespace.)
     let other = Harness::new("");
-    apply(&other, &medium, &key);
+    apply(&other, &medium, &key, "QEMU-0002");
     let config = std::fs::read_to_string(&other.config).unwrap();
     std::fs::write(
         &other.config,
@@ -316,7 +387,7 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
         ),
     )
     .unwrap();
-    let (text, code) = enroll(&net, &other, "QEMU-0002");
+    let (text, code) = enroll(&net, Host::Hub, &other, "QEMU-0002");
     assert_eq!(code, 6, "{text}");
     assert!(text.contains("used already"), "{text}");
     assert!(
@@ -332,14 +403,10 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
         other.state_dir().join("provisioning/network-ca.pem"),
     )
     .unwrap();
-    let (text, code) = enroll(&net, &other, "QEMU-0002");
+    let (text, code) = enroll(&net, Host::Hub, &other, "QEMU-0002");
     assert_eq!(code, 1, "{text}");
     assert!(text.to_lowercase().contains("certificate"), "{text}");
-    // The tunnel comes up with the enrolled key.
     let enrolled_cert = std::fs::read_to_string(identity.join("box.pem")).unwrap();
-    h.start_in_netns(net.ns(Host::Box));
-    h.wait_for("the tunnel up", Duration::from_secs(30), tunnel_up);
-    assert!(net.hub_handshake_age(&public).unwrap().is_some());
     // The certificate is renewed over the tunnel before it ends (from the box's tunnel
     // address, as the server saw it), for the same key.
     let renewed = h.wait_for("a renewal", Duration::from_secs(30), |s| {

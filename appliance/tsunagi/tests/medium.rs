@@ -145,7 +145,7 @@ fn a_medium_is_applied_once_and_a_newer_serial_reprovisions() {
         "{text}"
     );
     assert!(!b.config().exists());
-    // apply: the config, the CA, the token (root only), the record.
+    // apply: the config, the CA, the token (the identity service's only), the record.
     let (text, code) = b.medium("apply", &first);
     assert_eq!(code, 0, "{text}");
     assert!(
@@ -161,11 +161,17 @@ fn a_medium_is_applied_once_and_a_newer_serial_reprovisions() {
             .unwrap()
             .contains("TEST")
     );
-    let token = state.join("enrollment.json");
+    // The token is the identity service's, which enrolls with it: 0600 in its directory.
+    let token = b.dir.path().join("state/identity/enrollment.json");
     assert_eq!(
         std::fs::metadata(&token).unwrap().permissions().mode() & 0o777,
         0o600
     );
+    if tsunagi_runtime::privilege::is_root() {
+        use std::os::unix::fs::MetadataExt as _;
+        let owner = tsunagi_runtime::privilege::ensure_user("tsunagi-identity").unwrap();
+        assert_eq!(std::fs::metadata(&token).unwrap().uid(), owner.uid.as_raw());
+    }
     assert!(std::fs::read_to_string(&token).unwrap().contains("token-3"));
     // Applied once: the same medium again is refused, and nothing changes.
     let (text, code) = b.medium("apply", &first);

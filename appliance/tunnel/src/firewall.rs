@@ -29,6 +29,11 @@
 //! - DNS to `dns-servers`, or, when none are listed and an endpoint is a DNS name, DNS to any
 //!   address (the box must resolve its hub; resolvers usually come from DHCP). NTP only to
 //!   `ntp-servers`.
+//! - Enrollment (issue 16): once a provisioning medium named an enrollment server, TCP to
+//!   that server's address and port, from the identity service's user only ([`Enrollment`],
+//!   `meta skuid`): the box enrolls over the WAN before its tunnel can carry anything, and
+//!   renews through the tunnel afterwards. A server named by DNS is allowed at that port at
+//!   any address (and DNS with it), still only for that user.
 //! - Replies within connections already accepted (the hub answering from another address,
 //!   after a roaming handshake that came in on the WireGuard port).
 //!
@@ -76,8 +81,53 @@ fn cidrs(nets: &[Ipv4Cidr]) -> String {
     set(&nets, false)
 }
 
-/// Renders the ruleset for a tunnel configuration.
-pub fn render(tunnel: &Tunnel) -> String {
+/// The user the identity service runs as: the only one that may reach the enrollment server
+/// on the WAN.
+pub const ENROLLING_USER: &str = "tsunagi-identity";
+
+/// The enrollment server the box may reach on the WAN, and who may.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrollment {
+    /// An address, or a DNS name (allowed at any address then).
+    pub host: EnrollmentHost,
+    pub port: u16,
+    /// The identity service's user.
+    pub uid: u32,
+}
+
+/// Where the enrollment server is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollmentHost {
+    Address(IpAddr),
+    Name(String),
+}
+
+impl Enrollment {
+    /// From the enrollment URL the last medium recorded (`STATE/provisioning/applied.json`,
+    /// `enrollment-url`) and the identity service's user; `None` without either.
+    pub fn recorded(state_root: &std::path::Path) -> Option<Enrollment> {
+        let bytes = std::fs::read(state_root.join("provisioning/applied.json")).ok()?;
+        let applied: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        let url = reqwest::Url::parse(applied.get("enrollment-url")?.as_str()?).ok()?;
+        if url.scheme() != "https" {
+            return None;
+        }
+        let uid = nix::unistd::User::from_name(ENROLLING_USER).ok()??.uid;
+        let host = url.host_str()?;
+        let host = match host.trim_start_matches('[').trim_end_matches(']').parse() {
+            Ok(ip) => EnrollmentHost::Address(ip),
+            Err(_) => EnrollmentHost::Name(host.to_owned()),
+        };
+        Some(Enrollment {
+            host,
+            port: url.port_or_known_default()?,
+            uid: uid.as_raw(),
+        })
+    }
+}
+
+/// Renders the ruleset for a tunnel configuration (and the enrollment server, if any).
+pub fn render(tunnel: &Tunnel, enrollment: Option<&Enrollment>) -> String {
     let fw: &Firewall = &tunnel.firewall;
     let iface = tunnel.interface.as_str();
     let mut out = String::new();
@@ -92,7 +142,7 @@ pub fn render(tunnel: &Tunnel) -> String {
         "    type filter hook forward priority filter; policy drop;"
     );
     let _ = writeln!(out, "  }}");
-    output(&mut out, tunnel, fw, iface);
+    output(&mut out, tunnel, fw, iface, enrollment);
     let _ = writeln!(out, "}}");
     out
 }
@@ -166,7 +216,13 @@ fn daddr(addrs: &[IpAddr]) -> Vec<String> {
     out
 }
 
-fn output(out: &mut String, tunnel: &Tunnel, fw: &Firewall, iface: &str) {
+fn output(
+    out: &mut String,
+    tunnel: &Tunnel,
+    fw: &Firewall,
+    iface: &str,
+    enrollment: Option<&Enrollment>,
+) {
     let wg = tunnel.listen_port;
     let _ = writeln!(out, "  chain output {{");
     let _ = writeln!(
@@ -228,6 +284,26 @@ fn output(out: &mut String, tunnel: &Tunnel, fw: &Firewall, iface: &str) {
     }
     for rule in rendered {
         let _ = writeln!(out, "{rule}");
+    }
+    if let Some(e) = enrollment {
+        let _ = writeln!(
+            out,
+            "    # enrollment: the identity service's user to the enrollment server only"
+        );
+        let to = match &e.host {
+            EnrollmentHost::Address(IpAddr::V4(ip)) => format!("ip daddr {ip} "),
+            EnrollmentHost::Address(IpAddr::V6(ip)) => format!("ip6 daddr {ip} "),
+            EnrollmentHost::Name(name) => {
+                any_name = true;
+                let _ = writeln!(out, "    # {name}: any address, it is resolved at run time");
+                String::new()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "    {to}tcp dport {} meta skuid {} accept",
+            e.port, e.uid
+        );
     }
     let _ = writeln!(out, "    # DHCP and DHCPv6 clients");
     let _ = writeln!(out, "    udp sport 68 udp dport 67 accept");
@@ -305,6 +381,68 @@ pub async fn load(ruleset: &str) -> Result<(), FirewallError> {
 mod tests {
     use super::*;
 
+    fn render_plain(tunnel: &Tunnel) -> String {
+        render(tunnel, None)
+    }
+
+    /// Issue 16: the enrollment server, by address or by name, for the identity service's
+    /// user only; nothing else opens.
+    #[test]
+    fn the_enrollment_server_is_open_to_the_identity_user_only() {
+        let by_address = Enrollment {
+            host: EnrollmentHost::Address("192.0.2.7".parse().unwrap()),
+            port: 8443,
+            uid: 990,
+        };
+        let plain = render_plain(&tunnel(""));
+        let rules = render(&tunnel(""), Some(&by_address));
+        let added: Vec<&str> = rules
+            .lines()
+            .filter(|l| !plain.lines().any(|p| p == *l))
+            .collect();
+        assert_eq!(
+            added,
+            [
+                "    # enrollment: the identity service's user to the enrollment server only",
+                "    ip daddr 192.0.2.7 tcp dport 8443 meta skuid 990 accept",
+            ]
+        );
+        let by_name = Enrollment {
+            host: EnrollmentHost::Name("hub.example.jp".into()),
+            ..by_address
+        };
+        let rules = render(&tunnel(""), Some(&by_name));
+        assert!(
+            rules.contains("    tcp dport 8443 meta skuid 990 accept"),
+            "{rules}"
+        );
+        assert!(
+            rules.contains("    meta l4proto { udp, tcp } th dport 53 accept"),
+            "{rules}"
+        );
+        // Recorded by a medium: read back from applied.json.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("provisioning")).unwrap();
+        assert_eq!(Enrollment::recorded(dir.path()), None);
+        if nix::unistd::User::from_name(ENROLLING_USER)
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            std::fs::write(
+                dir.path().join("provisioning/applied.json"),
+                r#"{"serial":3,"facility-code":"1312345678","applied-at":1,"enrollment-url":"https://[2001:db8::7]:8443"}"#,
+            )
+            .unwrap();
+            let e = Enrollment::recorded(dir.path()).unwrap();
+            assert_eq!(
+                e.host,
+                EnrollmentHost::Address("2001:db8::7".parse().unwrap())
+            );
+            assert_eq!(e.port, 8443);
+        }
+    }
+
     fn tunnel(extra: &str) -> Tunnel {
         tunnel_at("10.250.0.1:51820", extra)
     }
@@ -321,7 +459,7 @@ mod tests {
 
     #[test]
     fn default_ruleset_opens_only_wireguard_and_never_forwards() {
-        let rules = render(&tunnel(""));
+        let rules = render_plain(&tunnel(""));
         assert!(rules.starts_with("table inet tsunagi\ndelete table inet tsunagi\n"));
         assert!(rules.contains("policy drop;\n    ct state established,related accept"));
         assert!(rules.contains("iifname != \"wg9\" udp dport 51820 accept"));
@@ -333,7 +471,7 @@ mod tests {
 
     #[test]
     fn listed_ports_open_on_their_side_only() {
-        let rules = render(&tunnel(
+        let rules = render_plain(&tunnel(
             "[tunnel.firewall]\nlan-interfaces = [\"eth1\"]\nlan-tcp-ports = [104, 11112]\ntunnel-tcp-ports = [8443]\n",
         ));
         assert!(
@@ -363,7 +501,7 @@ mod tests {
 
     #[test]
     fn hub_subnets_leave_only_by_the_tunnel_before_any_established_accept() {
-        let rules = render(&tunnel("[tunnel.firewall]\nlan-interfaces = [\"eth1\"]\n"));
+        let rules = render_plain(&tunnel("[tunnel.firewall]\nlan-interfaces = [\"eth1\"]\n"));
         assert!(
             rules.contains(
                 "chain output {\n    type filter hook output priority filter; policy drop;\n"
@@ -394,7 +532,7 @@ mod tests {
 
     #[test]
     fn the_wan_gets_only_wireguard_dhcp_and_icmp_by_default() {
-        let rules = render(&tunnel(""));
+        let rules = render_plain(&tunnel(""));
         assert_eq!(
             chain(&rules, "output"),
             [
@@ -416,7 +554,7 @@ mod tests {
 
     #[test]
     fn a_dns_name_endpoint_is_allowed_by_port_from_the_wireguard_port_with_dns() {
-        let rules = render(&tunnel(
+        let rules = render_plain(&tunnel(
             "alternative-endpoints = [\"hub.example.jp:443\", \"[2001:db8::1]:51820\", \"10.250.0.1:51820\"]\n",
         ));
         let output = chain(&rules, "output");
@@ -443,7 +581,7 @@ mod tests {
 
     #[test]
     fn listed_dns_and_ntp_servers_are_the_only_ones() {
-        let rules = render(&tunnel_at(
+        let rules = render_plain(&tunnel_at(
             "hub.example.jp:51820",
             "[tunnel.firewall]\ndns-servers = [\"192.0.2.53\", \"2001:db8::53\"]\nntp-servers = [\"192.0.2.123\"]\n",
         ));
@@ -487,7 +625,7 @@ mod tests {
             ),
         ];
         for shape in &shapes {
-            let rules = render(shape);
+            let rules = render(shape, None);
             let mut child = std::process::Command::new("unshare")
                 .args(["--net", "nft", "-f", "-"])
                 .stdin(Stdio::piped())

@@ -290,7 +290,11 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
         current: None,
     };
     if cfg.firewall.enabled {
-        firewall::load(&firewall::render(&cfg)).await?;
+        let enrollment = ctx
+            .state_dir
+            .parent()
+            .and_then(firewall::Enrollment::recorded);
+        firewall::load(&firewall::render(&cfg, enrollment.as_ref())).await?;
         tracing::info!(table = firewall::TABLE, "firewall loaded");
     }
     tracing::info!(iface = %cfg.interface, backend = ?backend, "bringing the tunnel up");
