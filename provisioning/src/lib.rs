@@ -574,8 +574,9 @@ impl Operator {
     }
 }
 
-/// The clinic's config: the network's template with the clinic's keys set (site, tunnel),
-/// checked as the box will check it.
+/// The clinic's config: the network's template with the clinic's keys set (site, tunnel,
+/// its own addresses; the identity service on, which enrolls the box), checked as the box
+/// will check it.
 pub fn clinic_config(
     template: &str,
     clinic: &Clinic,
@@ -591,6 +592,17 @@ pub fn clinic_config(
     doc["tunnel"]["address"] = toml_edit::value(clinic.tunnel_address.as_str());
     doc["tunnel"]["hub-public-key"] = toml_edit::value(hub_public_key);
     doc["tunnel"]["hub-endpoint"] = toml_edit::value(hub_endpoint);
+    // The box enrolls with the medium's token by its identity service: on unless the
+    // template turned it off, which would leave a box that never enrolls.
+    match doc.get("identity").and_then(|t| t.get("enabled")) {
+        None => doc["identity"]["enabled"] = toml_edit::value(true),
+        Some(v) if v.as_bool() == Some(true) => {}
+        Some(_) => {
+            return Err(ProvisionError::Config(
+                "the template turns [identity] off: the box enrolls with its medium's token by the identity service, so it must be on".into(),
+            ));
+        }
+    }
     let n = &clinic.network;
     if !n.is_empty() {
         let has = |role: &str| {

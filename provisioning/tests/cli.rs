@@ -180,6 +180,8 @@ fn an_operator_registers_clinics_and_writes_media_the_box_accepts() {
     assert_eq!(b.serial, 1);
     let cfg = tsunagi_config::parse(&b.config, Path::new("medium")).unwrap();
     assert_eq!(cfg.site.ae_title.as_ref(), "TSUNAGI_A");
+    // The box enrolls by its identity service, which the template did not mention.
+    assert!(cfg.identity.enabled);
     let hub = b.hub.as_ref().unwrap();
     assert_eq!(hub.tunnel_address, "10.98.1.2/24");
     assert_eq!(hub.public_key, HUB_KEY);
@@ -477,4 +479,13 @@ fn a_clinics_own_addresses_go_into_its_medium() {
     let b = network_of("1319999999");
     assert_eq!(b.lan.address.to_string(), "192.168.50.1/24");
     assert_eq!(b.wan.address.to_string(), "dhcp");
+    // A template that turns the identity service off would make boxes that never enroll.
+    let mut t = std::fs::read_to_string(&template).unwrap();
+    t.push_str("\n[identity]\nenabled = false\n");
+    std::fs::write(&template, t).unwrap();
+    refused(
+        &dir,
+        &["medium", "--clinic", "1312345678", "--out", "x"],
+        "the template turns [identity] off",
+    );
 }
