@@ -319,3 +319,98 @@ pub async fn enroll(state: &Path, dir: &Path, expect: &Expect) -> Outcome {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expect() -> Expect {
+        Expect {
+            tunnel_address: "10.99.0.2/24".into(),
+            hub_public_key: "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=".into(),
+        }
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// Each thing a medium leaves missing or spent is a refusal with its reason, decided
+    /// before anything is sent (no server here) and before a key is made.
+    #[tokio::test]
+    async fn what_the_medium_left_is_checked_before_anything_is_sent() {
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path().join(crate::NAME);
+        let refused = |o: Outcome| match o {
+            Outcome::Refused(why) => why,
+            other => panic!("not refused: {other:?}"),
+        };
+        let why = refused(enroll(state.path(), &dir, &expect()).await);
+        assert!(
+            why.starts_with("no enrollment token: apply a provisioning medium first"),
+            "{why}"
+        );
+        let token = |expires_at: i64, url: &str| {
+            serde_json::to_string(&Token {
+                token: "t".into(),
+                expires_at,
+                url: url.into(),
+            })
+            .unwrap()
+        };
+        let later = crate::now() + 3600;
+        write(
+            &dir.join(TOKEN_FILE),
+            &token(later, "https://192.0.2.7:8443"),
+        );
+        let why = refused(enroll(state.path(), &dir, &expect()).await);
+        assert!(why.contains("the medium record"), "{why}");
+        write(
+            &state.path().join(APPLIED_FILE),
+            r#"{"serial":2,"facility-code":null,"applied-at":1}"#,
+        );
+        let why = refused(enroll(state.path(), &dir, &expect()).await);
+        assert!(
+            why.contains("the box was reset and belongs to no clinic"),
+            "{why}"
+        );
+        write(
+            &state.path().join(APPLIED_FILE),
+            r#"{"serial":3,"facility-code":"1312345678","applied-at":1}"#,
+        );
+        let why = refused(enroll(state.path(), &dir, &expect()).await);
+        assert!(why.contains("apply the provisioning medium again"), "{why}");
+        write(
+            &state.path().join(BOX_FILE),
+            r#"{"box-serial":"QEMU-1","wireguard-public-key":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="}"#,
+        );
+        write(
+            &dir.join(TOKEN_FILE),
+            &token(crate::now() - 1, "https://192.0.2.7:8443"),
+        );
+        let why = refused(enroll(state.path(), &dir, &expect()).await);
+        assert!(why.contains("the enrollment token expired"), "{why}");
+        write(
+            &dir.join(TOKEN_FILE),
+            &token(later, "http://192.0.2.7:8443"),
+        );
+        let why = refused(enroll(state.path(), &dir, &expect()).await);
+        assert!(why.contains("is not https"), "{why}");
+        assert!(!dir.join(KEY_FILE).exists());
+        // With everything but the network CA: the key is made (0600), nothing is sent.
+        write(
+            &dir.join(TOKEN_FILE),
+            &token(later, "https://192.0.2.7:8443"),
+        );
+        let why = refused(enroll(state.path(), &dir, &expect()).await);
+        assert!(why.contains("no network CA"), "{why}");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(dir.join(TOKEN_FILE).exists());
+    }
+}
