@@ -54,34 +54,39 @@ fn refused(dir: &Path, args: &[&str], why: &str) {
 
 /// An operator directory initialised for a network whose pool is `pool`; the public key.
 fn init(work: &Path, pool: &str) -> (std::path::PathBuf, String) {
-    let (ca, template) = common::inputs(work);
-    let dir = work.join("operator");
-    let text = ok(
-        &dir,
-        &[
-            "init",
-            "--name",
-            "TOKYO-TEST",
-            "--hub-public-key",
-            HUB_KEY,
-            "--hub-endpoint",
-            "hub.example.test:51820",
-            "--hub-ca",
-            ca.to_str().unwrap(),
-            "--tunnel-pool",
-            pool,
-            "--enrollment-url",
-            "https://10.98.0.1:8443/enroll",
-            "--template",
-            template.to_str().unwrap(),
-        ],
-    );
+    let (dir, text) = init_with(work, pool, &[]);
     let public = text
         .lines()
         .find_map(|l| l.strip_prefix("provisioning public key (build it into the image): "))
         .unwrap_or_else(|| panic!("{text}"))
         .to_owned();
     (dir, public)
+}
+
+/// `init` in `work/operator` with the common inputs and `extra` arguments; what it printed.
+fn init_with(work: &Path, pool: &str, extra: &[&str]) -> (std::path::PathBuf, String) {
+    let (ca, template) = common::inputs(work);
+    let dir = work.join("operator");
+    let mut args = vec![
+        "init",
+        "--name",
+        "TOKYO-TEST",
+        "--hub-public-key",
+        HUB_KEY,
+        "--hub-endpoint",
+        "hub.example.test:51820",
+        "--hub-ca",
+        ca.to_str().unwrap(),
+        "--tunnel-pool",
+        pool,
+        "--enrollment-url",
+        "https://10.98.0.1:8443/enroll",
+        "--template",
+        template.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let text = ok(&dir, &args);
+    (dir, text)
 }
 
 fn read_medium(out: &Path) -> (Vec<u8>, String) {
@@ -316,30 +321,8 @@ fn a_signing_key_made_by_openssl_is_used_by_reference() {
         base64 -w0 k.der > provisioning.key
         openssl pkey -inform DER -in k.der -pubout -outform DER | tail -c 32 | base64 -w0 > provisioning.pub");
     let image_key = std::fs::read_to_string(w.join("provisioning.pub")).unwrap();
-    let (ca, template) = common::inputs(w);
-    let dir = w.join("operator");
-    let text = ok(
-        &dir,
-        &[
-            "init",
-            "--name",
-            "TOKYO-TEST",
-            "--hub-public-key",
-            HUB_KEY,
-            "--hub-endpoint",
-            "hub.example.test:51820",
-            "--hub-ca",
-            ca.to_str().unwrap(),
-            "--tunnel-pool",
-            "10.98.1.0/24",
-            "--enrollment-url",
-            "https://10.98.0.1:8443",
-            "--template",
-            template.to_str().unwrap(),
-            "--signing-key",
-            w.join("provisioning.key").to_str().unwrap(),
-        ],
-    );
+    let key = w.join("provisioning.key");
+    let (dir, text) = init_with(w, "10.98.1.0/24", &["--signing-key", key.to_str().unwrap()]);
     assert!(text.contains(image_key.trim()), "{text}");
     // Kept by reference: no copy of the key in the operator directory.
     assert!(!dir.join("keys/provisioning.key").exists());
