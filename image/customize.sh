@@ -10,7 +10,7 @@ install -m 0755 "$TSUNAGI_BIN" "$R/usr/bin/tsunagi"
 cp -a "$HERE/overlay/." "$R/"
 # Users at build time (static ids, the same on every box of a version): /etc is read-only.
 chroot "$R" systemd-sysusers
-chroot "$R" systemctl enable tsunagi.service tsunagi-provision.service tsunagi-check.service \
+chroot "$R" systemctl enable tsunagi.service tsunagi-provision.service tsunagi-check.service tsunagi-share.service \
   systemd-networkd.service nftables.service chrony.service
 
 # Identity comes at first boot: the machine-id is generated then, into the data partition

@@ -38,4 +38,5 @@ pub mod health;
 pub mod nginx;
 pub mod orthanc;
 pub mod qemu;
+pub mod samba;
 pub mod testnet;

@@ -4,8 +4,11 @@
 //! - `the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_cuts`:
 //!   the image boots with its NICs on the test network (WAN bridged to the hub, LAN to the
 //!   clinic device) and a provisioning medium (config, networkd files, the box's key and
-//!   certificate, the clinic desk's consent record for patient 0001234, and an SS-MIX2
-//!   storage). `tsunagi` becomes ready on a verity-protected root and the tunnel comes up
+//!   certificate). The box restores the clinic's patient 0001234, with the network ID and
+//!   the consent, from the hub's FHIR server (a new box recovers its clinic's patients,
+//!   issue 16). The SS-MIX2
+//!   storage is the clinic EMR's SMB share (Samba in the clinic namespace), which the box
+//!   mounts with the kernel's SMB client (`tsunagi-share.service`). `tsunagi` becomes ready on a verity-protected root and the tunnel comes up
 //!   (kernel WireGuard in the guest, wireguard-go at the hub); it prints boot-to-ready,
 //!   boot-to-tunnel-up and whether QEMU ran under TCG or KVM.
 //!   - Issue 14, power cuts: the power is cut at random moments while a modality sends
@@ -44,6 +47,7 @@ use hil_tests::dicom_files::{DicomFile, Ids, japanese_ct, new_uid};
 use hil_tests::nginx::{Nginx, Options as NginxOptions};
 use hil_tests::orthanc::{self, Orthanc};
 use hil_tests::qemu::{Nic, Spec, Vm, partition, provisioning_disk};
+use hil_tests::samba::{Options as SambaOptions, Samba};
 use hil_tests::testnet::{Host, Options, TestNet, VmLinks};
 use ssmix2::build::{Patient, Record, Storage};
 use ssmix2::datatype::DUMMY_ORDER_NO;
@@ -159,7 +163,7 @@ fn run_ok(command: &mut Command) -> String {
 
 /// The provisioning medium's tree (`dir/medium`): the guest's config (with `extra`, more
 /// sections, appended) and networkd files, plus the state the desk tools made on the host
-/// (the box's key; the consent record). Returns the box's public key.
+/// (the box's key). Returns the box's public key.
 fn provisioning_tree(net: &TestNet, bin: &Path, dir: &Path, extra: &str) -> String {
     let desk = dir.join("desk");
     let state = desk.join("state");
@@ -180,25 +184,6 @@ fn provisioning_tree(net: &TestNet, bin: &Path, dir: &Path, extra: &str) -> Stri
             .args(["vpn", "pubkey", "--config"])
             .arg(&desk_config),
     );
-    let form = desk.join("form.pdf");
-    fs::write(&form, b"%PDF-1.4 consent form").unwrap();
-    run_ok(
-        Command::new(bin)
-            .args(["consent", "register", PATIENT, "--family", "山田"])
-            .args(["--given", "太郎", "--family-kana", "ヤマダ"])
-            .args(["--given-kana", "タロウ", "--birth-date", "1950-04-01"])
-            .args(["--sex", "male", "--recorded-by", "desk-1", "--evidence"])
-            .arg(&form)
-            .args(["--scope", "all", "--categories", "all"])
-            .arg("--config")
-            .arg(&desk_config),
-    );
-    run_ok(
-        Command::new(bin)
-            .args(["consent", "network-id", PATIENT, NETWORK_ID, "--config"])
-            .arg(&desk_config),
-    );
-
     let tree = dir.join("medium");
     let etc = tree.join("etc");
     fs::create_dir_all(etc.join("tsunagi")).unwrap();
@@ -241,6 +226,86 @@ fn start_hub_services(net: &TestNet) -> Orthanc {
         netns: Some(net.ns(Host::Hub).to_owned()),
         ..orthanc::Options::default()
     })
+}
+
+/// The network's record of the test patient, on the hub's FHIR server before the box first
+/// boots: this clinic's Patient with the network ID, and a Consent to every participant
+/// for every category. The box has no record of its own: it restores both (a new box
+/// recovers its clinic's patients, `docs/consent.md`).
+fn seed_network_consent(net: &TestNet) {
+    const EN: &str = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation";
+    let categories: Vec<serde_json::Value> = [
+        "demographics",
+        "problems",
+        "allergies",
+        "prescriptions",
+        "injections",
+        "lab-results",
+        "orders",
+        "images",
+        "documents",
+    ]
+    .iter()
+    .map(|c| serde_json::json!({"coding": [{"system": "urn:tsunagi:data-category", "code": c}]}))
+    .collect();
+    let patient = "urn:uuid:00000000-0000-4000-8000-000000001234";
+    let bundle = serde_json::json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": patient,
+                "request": {"method": "POST", "url": "Patient"},
+                "resource": {
+                    "resourceType": "Patient",
+                    "identifier": [
+                        {"use": "usual", "system": "urn:oid:1.2.392.100495.20.3.51.11312345678", "value": PATIENT},
+                        {"system": "urn:oid:2.999.392.1", "value": NETWORK_ID},
+                    ],
+                    "name": [
+                        {"extension": [{"url": EN, "valueCode": "IDE"}], "use": "official", "family": "山田", "given": ["太郎"]},
+                        {"extension": [{"url": EN, "valueCode": "SYL"}], "use": "official", "family": "ヤマダ", "given": ["タロウ"]},
+                    ],
+                    "gender": "male",
+                    "birthDate": "1950-04-01",
+                },
+            },
+            {
+                "fullUrl": "urn:uuid:00000000-0000-4000-9000-000000001234",
+                "request": {"method": "POST", "url": "Consent"},
+                "resource": {
+                    "resourceType": "Consent",
+                    "identifier": [{"system": "urn:tsunagi:consent-id", "value": "qemu-clinic-1"}],
+                    "status": "active",
+                    "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+                    "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+                    "patient": {"reference": patient},
+                    "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+                    "provision": {"type": "permit", "period": {"start": "2020-01-01"}, "code": categories},
+                },
+            },
+        ],
+    });
+    let body = bundle.to_string();
+    let fhir: std::net::SocketAddr = "10.98.0.1:8081".parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = net
+            .in_namespace(Host::Hub, || {
+                hil_tests::fhir::http::request(fhir, "POST", "/fhir", Some(body.as_bytes()))
+            })
+            .unwrap();
+        match answer {
+            Ok(r) if r.status == 200 => return,
+            Ok(r) => panic!(
+                "the hub's FHIR server refused the seed: {} {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            ),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => panic!("the hub's FHIR server did not answer: {e}"),
+        }
+    }
 }
 
 /// The box on the test network: the image, the medium, QEMU in the box namespace with the
@@ -529,37 +594,46 @@ const CUT_WINDOW_END: u64 = 7_000;
 
 /// Issue 14, the patient who never consented: their SS-MIX2 files stay in the clinic.
 const NOT_CONSENTED: &str = "0005678";
-/// The guest's SS-MIX2 storage: the tree the provisioning medium brings at every boot
-/// (`etc/tsunagi/ssmix2` on the medium, copied to `/var/etc/tsunagi/ssmix2`).
-const GUEST_STORAGE: &str = "/etc/tsunagi/ssmix2";
+/// Where the guest mounts the clinic EMR's SMB share (Samba in the clinic namespace), its
+/// SS-MIX2 storage: `tsunagi-share.service`, issue 16.
+const GUEST_STORAGE: &str = "/run/tsunagi-shares/ssmix2";
+/// The share's password file on the guest (root's, 0600; from the medium's config tree).
+const GUEST_SHARE_PASSWORD: &str = "/etc/tsunagi/secrets/ssmix2-share.password";
 /// New SS-MIX2 files of the consented patient at every boot.
 /// Enough that the sync is still publishing them when the cut comes: the box publishes
 /// 7-15 files a second under TCG here, so 90 take 6-13 s, mostly longer than the cut window
 /// (at most 7 s after ready). With 56, 11 of 20 cuts came after the last one was published.
 const SSMIX2_PER_BOOT: u32 = 90;
 /// New SS-MIX2 files of the patient without consent at every boot: enough to show that
-/// none leaves, few because the whole storage is copied from the medium at every boot
-/// (about 7 ms a file under TCG, and it only grows).
+/// none leaves.
 const SSMIX2_NOT_CONSENTED_PER_BOOT: u32 = 8;
 /// Instances per study the modality sends.
 const STUDY_SIZE: usize = 30;
 
-/// The `[ssmix2]` section: the storage from the medium, the hub's WebDAV replica, the
-/// box's certificate in the sync's own state directory (seeded by the medium, so that its
-/// user may read the key).
-fn ssmix2_section(hub: &Nginx) -> String {
+/// The `[ssmix2]` section: the storage on the clinic's SMB share, the hub's WebDAV
+/// replica, the box's certificate in the sync's own state directory (seeded by the medium,
+/// so that its user may read the key).
+fn ssmix2_section(hub: &Nginx, share: &Samba) -> String {
     format!(
         r#"[ssmix2]
 storage = "{GUEST_STORAGE}"
 scan-interval = "5s"
 settle = "1s"
+[ssmix2.share]
+address = "{address}"
+share = "{name}"
+username = "{user}"
+password-file = "{GUEST_SHARE_PASSWORD}"
 [ssmix2.replica]
-url = "{}"
+url = "{url}"
 ca-file = "/var/lib/tsunagi/ssmix2/tls/hub-ca.pem"
 client-cert-file = "/var/lib/tsunagi/ssmix2/tls/box.pem"
 client-key-file = "/var/lib/tsunagi/ssmix2/tls/box.key"
 "#,
-        hub.base_url()
+        url = hub.base_url(),
+        address = share.address().ip(),
+        name = share.share_name(),
+        user = share.username(),
     )
 }
 
@@ -645,6 +719,7 @@ const MILESTONES: &[(&str, &str)] = &[
     ("networkd", "Started systemd-networkd.service"),
     ("network online", "Reached target network-online.target"),
     ("supervisor starts", "Starting tsunagi.service"),
+    ("SS-MIX2 share mounted", "tsunagi: SS-MIX2 share "),
     ("ready", "Started tsunagi.service"),
 ];
 
@@ -875,9 +950,22 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
         netns: Some(net.ns(Host::Hub).to_owned()),
         ..NginxOptions::default()
     });
-    let public = provisioning_tree(&net, &bin, work.path(), &ssmix2_section(&hub));
+    // The clinic's EMR server: its SS-MIX2 storage on an SMB share, on the clinic LAN.
+    let share = Samba::start(&SambaOptions {
+        netns: Some(net.ns(Host::Clinic).to_owned()),
+        listen: Some(net.plan().lan_clinic_addr.addr),
+        ..SambaOptions::default()
+    })
+    .unwrap();
+    let public = provisioning_tree(&net, &bin, work.path(), &ssmix2_section(&hub, &share));
     net.hub_add_peer(&public, &["10.99.0.2/32"]).unwrap();
     let tree = work.path().join("medium");
+    let secrets = tree.join("etc/tsunagi/secrets");
+    fs::create_dir_all(&secrets).unwrap();
+    fs::set_permissions(&secrets, fs::Permissions::from_mode(0o700)).unwrap();
+    let password = tree.join(GUEST_SHARE_PASSWORD.trim_start_matches('/'));
+    fs::write(&password, format!("{}\n", share.password())).unwrap();
+    fs::set_permissions(&password, fs::Permissions::from_mode(0o600)).unwrap();
     let tls = tree.join("state/ssmix2/tls");
     fs::create_dir_all(&tls).unwrap();
     for (from, name) in [
@@ -888,11 +976,12 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
         fs::copy(from, tls.join(name)).unwrap();
     }
     fs::set_permissions(tls.join("box.key"), fs::Permissions::from_mode(0o600)).unwrap();
-    let storage_root = tree.join("etc/tsunagi/ssmix2");
+    let storage_root = share.share_dir().to_owned();
     let mut storage = Storage::create(&storage_root).unwrap();
     let expected = |root: &Path| expected_replica(root, |id| id == PATIENT).unwrap();
     let medium = work.path().join("medium.img");
     let pacs = start_hub_services(&net);
+    seed_network_consent(&net);
     let studies = work.path().join("studies");
 
     let mut boot_times = Vec::new();

@@ -91,6 +91,14 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
         why: "hil-tests nginx guard: `openssl req`/`x509` make the test CA, server and client certificates",
     },
     SystemPackage {
+        name: "samba",
+        why: "hil-tests Samba guard: the clinic EMR's SMB share that the booted image mounts (kernel CIFS) for the SS-MIX2 storage (issue 16)",
+    },
+    SystemPackage {
+        name: "smbclient",
+        why: "hil-tests Samba guard: its own test reads the share back",
+    },
+    SystemPackage {
         name: "orthanc",
         why: "hil-tests Orthanc guard: the real PACS (in a network namespace of its own) of the DICOM bridge tests",
     },

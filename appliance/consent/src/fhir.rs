@@ -244,6 +244,108 @@ pub fn local_patient_id(facility: &FacilityCode, patient: &Value) -> Option<Pati
         .and_then(|v| v.parse().ok())
 }
 
+/// A local patient restored from this clinic's Patient on the network (a new or reset box
+/// recovering the clinic's patients, whose consents then apply). The demographics are only
+/// for people to recognise the patient: the kanji name (`IDE`, or a name without a
+/// representation), the kana (`SYL`), `gender` and `birthDate` (kept when it is a full
+/// date); what is absent stays empty (unknown). What the box cannot read as R4 says (a
+/// `modifierExtension`, `implicitRules`, a gender or a date that is not one) is an error:
+/// the patient is not restored, so every decision about them denies. The network ID is set
+/// by the caller.
+pub fn patient_from_resource(id: PatientId, r: &Value) -> Result<Patient, FhirError> {
+    const WHAT: &str = "Patient";
+    if r["resourceType"] != "Patient" {
+        return Err(bad(WHAT, "not a Patient"));
+    }
+    if r.get("modifierExtension").is_some() || r.get("implicitRules").is_some() {
+        return Err(bad(WHAT, "modifierExtension or implicitRules"));
+    }
+    let names = match r.get("name") {
+        None => &[][..],
+        Some(v) => v
+            .as_array()
+            .map(Vec::as_slice)
+            .ok_or_else(|| bad(WHAT, "name is not a list"))?,
+    };
+    if names.iter().any(|n| n.get("modifierExtension").is_some()) {
+        return Err(bad(WHAT, "a name with a modifierExtension"));
+    }
+    let representation = |n: &Value| -> Option<String> {
+        n["extension"]
+            .as_array()?
+            .iter()
+            .find(|e| e["url"] == EN_REPRESENTATION)
+            .and_then(|e| e["valueCode"].as_str())
+            .map(str::to_owned)
+    };
+    let parts = |n: Option<&Value>| -> (String, String) {
+        let Some(n) = n else {
+            return (String::new(), String::new());
+        };
+        let family = n["family"].as_str().unwrap_or_default().trim().to_owned();
+        let given = n["given"]
+            .as_array()
+            .and_then(|g| g.first())
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        (family, given)
+    };
+    let kanji = parts(
+        names
+            .iter()
+            .find(|n| representation(n).as_deref() == Some("IDE"))
+            .or_else(|| names.iter().find(|n| representation(n).is_none())),
+    );
+    let kana = parts(
+        names
+            .iter()
+            .find(|n| representation(n).as_deref() == Some("SYL")),
+    );
+    let sex = match r.get("gender") {
+        None => Sex::Unknown,
+        Some(g) => g
+            .as_str()
+            .and_then(|g| g.parse().ok())
+            .ok_or_else(|| bad(WHAT, "gender is not an R4 administrative gender"))?,
+    };
+    let birth_date = match r.get("birthDate") {
+        None => String::new(),
+        Some(d) => {
+            let d = d
+                .as_str()
+                .ok_or_else(|| bad(WHAT, "birthDate is not a date"))?;
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            let shape: Vec<&str> = d.split('-').collect();
+            match shape.as_slice() {
+                [y, m, day]
+                    if y.len() == 4
+                        && m.len() == 2
+                        && day.len() == 2
+                        && shape.iter().all(|p| digits(p)) =>
+                {
+                    d.to_owned()
+                }
+                // A year, or a year and month: valid R4, not a date of birth to show.
+                [y] if y.len() == 4 && digits(y) => String::new(),
+                [y, m] if y.len() == 4 && m.len() == 2 && digits(y) && digits(m) => String::new(),
+                _ => return Err(bad(WHAT, "birthDate is not an R4 date")),
+            }
+        }
+    };
+    Ok(Patient {
+        id,
+        family_kanji: kanji.0,
+        given_kanji: kanji.1,
+        family_kana: kana.0,
+        given_kana: kana.1,
+        birth_date,
+        sex,
+        network_id: None,
+    })
+}
+
 /// The value of the identifier with this system in a Patient resource.
 pub fn identifier(patient: &Value, system: &str) -> Option<String> {
     patient["identifier"]

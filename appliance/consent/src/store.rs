@@ -467,6 +467,24 @@ impl Store {
         tx.commit().map_err(sql("commit"))
     }
 
+    /// Restores a patient from the network (a box recovering this clinic's patients): like
+    /// [`Store::upsert_patient`] for a patient not known here, without queueing a push (the
+    /// network has it already). A patient known here is left as it is. True when restored.
+    pub fn restore_patient(&mut self, p: &Patient, now: Timestamp) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "INSERT INTO patient (id, family_kanji, given_kanji, family_kana, given_kana, birth_date, sex, network_id, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8) ON CONFLICT (id) DO NOTHING",
+                params![
+                    p.id.as_str(), p.family_kanji, p.given_kanji, p.family_kana, p.given_kana,
+                    p.birth_date, serde_json::to_string(&p.sex).unwrap_or_default(), now
+                ],
+            )
+            .map_err(sql("restore patient"))?;
+        Ok(n == 1)
+    }
+
     /// A patient, if registered.
     pub fn patient(&self, id: &PatientId) -> Result<Option<Patient>, StoreError> {
         self.conn

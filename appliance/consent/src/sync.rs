@@ -717,6 +717,9 @@ async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), S
     let mut known: HashMap<String, Option<PatientId>> = HashMap::new();
     let mut pulled = 0;
     let mut changed = 0;
+    // Patients restored only now that a readable version came: their consents' pages went
+    // by while they could not be restored.
+    let mut recovered: Vec<String> = Vec::new();
 
     let cursor = lock(store)?.pull_cursor("Patient")?;
     let mut pager = Pager::start(
@@ -737,7 +740,40 @@ async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), S
             };
             let mut s = lock(store)?;
             if s.patient(&pid)?.is_none() {
-                continue;
+                // This clinic's patient, not known here: a new or reset box recovers the
+                // clinic's patients from the network, and then their consents apply.
+                match fhir::patient_from_resource(pid.clone(), p) {
+                    Ok(patient) => {
+                        if s.restore_patient(&patient, now)? {
+                            changed += 1;
+                        }
+                        if s.clear_unreadable(&found.reference)? {
+                            // Its consents went by in earlier pulls, unapplied: read them again.
+                            recovered.push(found.reference.clone());
+                            changed += 1;
+                        }
+                    }
+                    Err(e) => {
+                        // Not restored: the patient's consents do not apply, so every
+                        // decision about them denies (fail closed), and status shows an
+                        // unreadable resource until a readable version arrives.
+                        tracing::warn!(
+                            error = &e as &dyn std::error::Error,
+                            "a patient of this clinic on the network could not be understood and is not restored; nothing about them is released until a readable version arrives"
+                        );
+                        let unreadable = Unreadable {
+                            resource: found.reference.clone(),
+                            patient: pid,
+                            version_id: Some(found.version_id.clone()),
+                            last_updated: Some(found.last_updated.clone()),
+                            why: e.why,
+                        };
+                        if s.record_unreadable(&unreadable, now)? {
+                            changed += 1;
+                        }
+                        continue;
+                    }
+                }
             }
             for (system, value) in fhir::other_identifiers(&facility, p) {
                 if s.add_network_link(&pid, &system, &value, now)? {
@@ -783,6 +819,24 @@ async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), S
             }
         }
         pager.save(store)?;
+    }
+    // Every consent of a patient restored late, whatever the cursor (applying one again is
+    // idempotent); this search keeps no cursor.
+    for reference in recovered {
+        let mut pager = Pager::start(
+            "Consent",
+            &format!("patient={}", encode(&reference)),
+            PullCursor::default(),
+            client.page_size,
+        )?;
+        while let Some(page) = pager.page(client).await? {
+            pulled += page.len();
+            for found in &page {
+                if apply_consent(store, client, &facility, &mut known, found).await? {
+                    changed += 1;
+                }
+            }
+        }
     }
     lock(store)?.set_last_pull(time::now())?;
     Ok((pulled, changed))

@@ -281,6 +281,135 @@ async fn the_network_id_is_learned_from_the_network_and_kept_in_pushes() {
     assert_eq!(values, ["NET-0000042"], "{again}");
 }
 
+/// A consent cache of clinic 1312345678 with nothing in it: a new or reset box.
+fn empty_box(dir: &std::path::Path) -> std::sync::Arc<consent::service::Shared> {
+    let key = AuditKey::load_or_create(&dir.join("audit.key")).unwrap();
+    let store = Store::open(&dir.join("consent.db"), fac("1312345678"), key).unwrap();
+    consent::service::Shared::new(
+        store,
+        consent::service::Settings {
+            freshness_bound: DAY,
+            runtime_dir: dir.to_owned(),
+            fhir: None,
+            pull_interval: Duration::from_secs(60),
+        },
+    )
+}
+
+/// Issue 16: a new or reset box (an empty cache) recovers the clinic's patients from the
+/// network, with their network IDs and consents, and decides on them; it pushes nothing
+/// back. A Patient it cannot read as R4 says is not restored: every decision about that
+/// patient denies, and status shows it, until a readable version arrives.
+#[tokio::test]
+async fn a_new_box_restores_the_clinics_patients_and_their_consents_from_the_network() {
+    const SYSTEM: &str = "urn:oid:2.999.392.1";
+    const EN: &str = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation";
+    let addr = strict_server();
+    let mut patient = network_patient(PATIENT_SYSTEM, "0001234");
+    patient["identifier"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"system": SYSTEM, "value": "NET-0001234"}));
+    patient["name"] = json!([
+        {"extension": [{"url": EN, "valueCode": "IDE"}], "use": "official", "family": "山田", "given": ["太郎"]},
+        {"extension": [{"url": EN, "valueCode": "SYL"}], "use": "official", "family": "ヤマダ", "given": ["タロウ"]},
+    ]);
+    patient["gender"] = json!("male");
+    patient["birthDate"] = json!("1950-04-01");
+    // Another with nothing but the identifier and a birth year: valid R4, restored with
+    // what there is.
+    let mut other = network_patient(PATIENT_SYSTEM, "0005678");
+    other["birthDate"] = json!("1950");
+    let mut entries = Vec::new();
+    for (i, p) in [patient, other].into_iter().enumerate() {
+        let url = format!("urn:uuid:00000000-0000-4000-8000-00000000000{i}");
+        entries.push(create_entry(&url, p));
+        entries.push(create_entry(
+            &format!("urn:uuid:00000000-0000-4000-9000-00000000000{i}"),
+            network_consent(&url, &format!("net-{i}")),
+        ));
+    }
+    let created = transaction(addr, entries);
+    let other_ref = created["entry"][2]["response"]["location"]
+        .as_str()
+        .unwrap()
+        .split("/_history")
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(other_ref.starts_with("Patient/"), "{other_ref}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let shared = empty_box(dir.path());
+    let store = shared.store();
+    let c = client(addr, "/fhir").with_network_id_system(SYSTEM);
+    let r = round(store, &c).await.unwrap();
+    assert!(r.changed >= 4, "{r:?}");
+    let pid: consent::model::PatientId = "0001234".parse().unwrap();
+    let restored = store.lock().unwrap().patient(&pid).unwrap().unwrap();
+    assert_eq!(
+        (
+            restored.family_kanji.as_str(),
+            restored.given_kana.as_str(),
+            restored.birth_date.as_str(),
+            restored.network_id.as_deref()
+        ),
+        ("山田", "タロウ", "1950-04-01", Some("NET-0001234"))
+    );
+    assert_eq!(decide(store, &pid, "1312345679", DAY), Decision::Permit);
+    let oid: consent::model::PatientId = "0005678".parse().unwrap();
+    let o = store.lock().unwrap().patient(&oid).unwrap().unwrap();
+    assert_eq!((o.family_kanji.as_str(), o.birth_date.as_str()), ("", ""));
+    assert_eq!(decide(store, &oid, "1312345679", DAY), Decision::Permit);
+    let pending: i64 = store
+        .lock()
+        .unwrap()
+        .connection()
+        .query_row(
+            "SELECT COUNT(*) FROM outbox WHERE done_at IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(pending, 0, "nothing restored is pushed back");
+    assert!(shared.report().0, "fresh");
+
+    // The network's copy of the second patient gets something the box cannot read (a
+    // modifierExtension): another new box does not restore that patient, denies them, and
+    // says so in status.
+    let mut unreadable = get(addr, &format!("/fhir/{other_ref}"));
+    unreadable.as_object_mut().unwrap().remove("meta");
+    unreadable["modifierExtension"] = json!([{"url": "urn:example:unknown", "valueBoolean": true}]);
+    put(addr, &format!("/fhir/{other_ref}"), &unreadable);
+    let dir2 = tempfile::tempdir().unwrap();
+    let shared2 = empty_box(dir2.path());
+    let store2 = shared2.store();
+    round(store2, &c).await.unwrap();
+    assert_eq!(decide(store2, &pid, "1312345679", DAY), Decision::Permit);
+    assert!(store2.lock().unwrap().patient(&oid).unwrap().is_none());
+    assert_ne!(decide(store2, &oid, "1312345679", DAY), Decision::Permit);
+    let (fresh, summary, metrics) = shared2.report();
+    assert!(!fresh, "degraded: someone has to look ({summary})");
+    assert!(summary.contains("1 patients denied"), "{summary}");
+    assert!(
+        !summary.contains("0005678"),
+        "no patient IDs in status: {summary}"
+    );
+    assert!(metrics.contains(&("unreadable_network_consent_patients", 1.0)));
+
+    // A readable version restores the patient and clears the status.
+    unreadable
+        .as_object_mut()
+        .unwrap()
+        .remove("modifierExtension");
+    put(addr, &format!("/fhir/{other_ref}"), &unreadable);
+    round(store2, &c).await.unwrap();
+    assert!(store2.lock().unwrap().patient(&oid).unwrap().is_some());
+    assert_eq!(decide(store2, &oid, "1312345679", DAY), Decision::Permit);
+    let (fresh, summary, _) = shared2.report();
+    assert!(fresh && !summary.contains("patients denied"), "{summary}");
+}
+
 // Issue 13, item 2: every way the network can say "no" is a deny on the box.
 
 /// The clinic's consent, pushed and pulled once; the server's copy (without `meta`) and id.

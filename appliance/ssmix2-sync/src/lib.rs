@@ -8,6 +8,8 @@
 //!   relative paths, and the local/mounted directory transport.
 //! * [`webdav`]: the HTTPS WebDAV transport (rustls, client certificate).
 //! * [`sync`]: one sync cycle (index → revocations → publications → deletions → outbox).
+//! * [`share`]: the storage on the EMR server's SMB share: the mount (run by the image's
+//!   own unit, not by this service) and the check that it is there.
 //! * [`watcher`]: inotify on local storages (a trigger; the rescan is the backstop).
 //! * [`service`]: the service loop, status and metrics.
 //!
@@ -16,6 +18,7 @@
 
 pub mod replica;
 pub mod service;
+pub mod share;
 pub mod sync;
 pub mod watcher;
 pub mod webdav;

@@ -82,12 +82,19 @@ impl Settings {
                     .transaction_storage
                     .as_ref()
                     .map(|p| p.as_path().to_owned()),
+                share: x.share.is_some(),
             },
             state_dir: cfg.paths.state_dir.as_path().join(crate::NAME),
             consent_socket: consent::service::socket_path(cfg),
             target,
             scan_interval: x.scan_interval.get(),
-            watch: x.watch,
+            // A share delivers no inotify events, and before it is mounted inotify would
+            // watch the empty mount point.
+            watch: if x.share.is_some() {
+                WatchMode::Poll
+            } else {
+                x.watch
+            },
         }
     }
 }

@@ -143,6 +143,8 @@ pub enum SyncError {
     Replica(#[from] ReplicaError),
     #[error("the service is stopping; the rest of the outbox waits for the next cycle")]
     Stopped,
+    #[error("the SS-MIX2 share is not mounted at {0} yet; nothing is read until it is")]
+    ShareNotMounted(String),
 }
 
 fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> SyncError {
@@ -161,6 +163,10 @@ pub struct Settings {
     pub facility: String,
     /// The transaction storage (`TR_*.DAT`): the change feed, when configured.
     pub transaction_storage: Option<PathBuf>,
+    /// The storage is an SMB share mounted at `storage`: a cycle reads nothing while it is
+    /// not mounted ([`crate::share::mounted`]), so the empty mount point is never taken for
+    /// an emptied storage.
+    pub share: bool,
 }
 
 /// What one cycle did.
@@ -322,6 +328,11 @@ impl Syncer {
         gate: &mut dyn Gate,
         replica: &mut dyn Replica,
     ) -> Result<CycleReport, SyncError> {
+        if self.settings.share && !crate::share::mounted(&self.settings.storage) {
+            return Err(SyncError::ShareNotMounted(
+                self.settings.storage.display().to_string(),
+            ));
+        }
         let mut report = CycleReport::default();
         let (cycles, tr_file, tr_offset): (i64, String, i64) = self
             .conn

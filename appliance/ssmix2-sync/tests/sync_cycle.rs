@@ -42,6 +42,7 @@ fn world_with(adjust: impl FnOnce(&mut Settings)) -> World {
         withdrawal: WithdrawalPolicy::Delete,
         facility: "1311234567".into(),
         transaction_storage: None,
+        share: false,
     };
     adjust(&mut settings);
     World {
@@ -698,4 +699,44 @@ fn an_upload_cut_short_whose_source_is_gone_at_the_retry_is_removed_at_the_hub()
         tree(&w.replica_root),
         expected(w.storage.root(), &gate.permitted)
     );
+}
+
+/// `[ssmix2.share]`: while nothing is mounted at the storage path, a cycle reads nothing and
+/// withdraws nothing: an unmounted share is not an emptied storage.
+#[test]
+fn a_share_that_is_not_mounted_is_not_an_empty_storage() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.published, 3, "{report:?}");
+    let published = tree(&w.replica_root);
+
+    // The same storage path, now configured as a share that is not mounted (a local
+    // directory), and emptied as a mount point without its share would be.
+    let state = w._dir.path().join("state");
+    let settings = Settings {
+        storage: w.storage.root().to_owned(),
+        settle: Duration::ZERO,
+        confirm_deletion: Duration::ZERO,
+        recheck: Duration::from_secs(3600),
+        withdrawal: WithdrawalPolicy::Delete,
+        facility: "1311234567".into(),
+        transaction_storage: None,
+        share: true,
+    };
+    drop(w.syncer);
+    std::fs::remove_dir_all(w.storage.root()).unwrap();
+    std::fs::create_dir_all(w.storage.root()).unwrap();
+    let mut syncer = Syncer::open(&state, settings).unwrap();
+    for _ in 0..2 {
+        let e = syncer.cycle(&mut gate, &mut w.replica).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the SS-MIX2 share is not mounted at"),
+            "{e}"
+        );
+    }
+    assert_eq!(tree(&w.replica_root), published, "nothing withdrawn");
 }

@@ -43,7 +43,7 @@ pub use load::{LoadError, Problem, Problems, check_secret_files, load, parse};
 pub use types::{
     AbsPath, AeTitle, Capability, ConfigDuration, Endpoint, FacilityCode, HealthUrl, IfaceName,
     Ipv4Cidr, IssuerName, LinkAddress, LogFilter, MacAddr, Oid, Port, ReplicaUrl, SecretFile,
-    ServiceName, ValueError, WgPublicKey,
+    ServiceName, SmbName, ValueError, WgPublicKey,
 };
 
 /// The config file format version this software reads.
@@ -513,7 +513,71 @@ pub struct Ssmix2Sync {
     /// `delete` (default) or `tombstone`.
     #[serde(default)]
     pub withdrawal: WithdrawalPolicy,
+    /// The storage is an SMB share of the clinic's EMR server, mounted read-only at
+    /// `storage` (by `tsunagi ssmix2 mount`); absent: `storage` is a local directory.
+    #[serde(default)]
+    pub share: Option<Ssmix2Share>,
     pub replica: Ssmix2Replica,
+}
+
+/// The SMB dialect of `[ssmix2.share]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SmbVersion {
+    /// SMB 3.0 or newer, the newest both sides speak (default).
+    #[default]
+    #[serde(rename = "3")]
+    V3,
+    /// SMB 3.1.1 only (Windows Server 2016 and later, Samba 4.3 and later).
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// SMB 3.0 only (Windows Server 2012).
+    #[serde(rename = "3.0")]
+    V30,
+    /// SMB 2.1 (Windows Server 2008 R2): no encryption; only for an EMR server that speaks
+    /// nothing newer.
+    #[serde(rename = "2.1")]
+    V21,
+}
+
+impl SmbVersion {
+    /// The kernel client's `vers=` value.
+    pub fn mount_option(self) -> &'static str {
+        match self {
+            SmbVersion::V3 => "3",
+            SmbVersion::V311 => "3.1.1",
+            SmbVersion::V30 => "3.0",
+            SmbVersion::V21 => "2.1",
+        }
+    }
+}
+
+/// `[ssmix2.share]`: the clinic's SS-MIX2 storage on the EMR server's SMB share (a Windows
+/// or Samba server on the clinic LAN). It is mounted read-only, owned by the sync's user,
+/// at `ssmix2.storage`; the sync refuses to read that path while nothing is mounted there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Ssmix2Share {
+    /// The server's IP address (the kernel's SMB client resolves no names by itself).
+    pub address: std::net::IpAddr,
+    /// The share's name: `//ADDRESS/SHARE`.
+    pub share: SmbName,
+    /// The account the box reads the share with (read-only rights are enough).
+    pub username: SmbName,
+    /// Its domain or workgroup, if the server wants one.
+    #[serde(default)]
+    pub domain: Option<SmbName>,
+    /// The file holding the account's password (mode 0600; a trailing newline is ignored).
+    pub password_file: SecretFile,
+    /// `3` (default: 3.0 or newer), `3.1.1`, `3.0` or `2.1`.
+    #[serde(default)]
+    pub version: SmbVersion,
+}
+
+impl Ssmix2Share {
+    /// The share's UNC path as the kernel takes it: `//ADDRESS/SHARE`.
+    pub fn unc(&self) -> String {
+        format!("//{}/{}", self.address, self.share)
+    }
 }
 
 fn default_minute() -> ConfigDuration {
@@ -1200,6 +1264,13 @@ impl Config {
                     }
                 }
             }
+            if x.share.is_some() && x.watch == WatchMode::Inotify {
+                broken(
+                    "ssmix2.watch",
+                    "an SMB share delivers no inotify events; use auto or poll".into(),
+                    &["ssmix2.watch", "ssmix2.share"],
+                );
+            }
             if x.scan_interval.get() < Duration::from_secs(1) {
                 broken(
                     "ssmix2.scan-interval",
@@ -1299,6 +1370,9 @@ impl Config {
             .and_then(|x| x.replica.client_key_file.as_ref())
         {
             out.push(("ssmix2.replica.client-key-file", file));
+        }
+        if let Some(share) = self.ssmix2.as_ref().and_then(|x| x.share.as_ref()) {
+            out.push(("ssmix2.share.password-file", &share.password_file));
         }
         if let Some(tunnel) = &self.tunnel {
             if let Some(file) = &tunnel.preshared_key_file {

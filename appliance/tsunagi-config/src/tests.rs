@@ -1221,6 +1221,87 @@ fn ssmix2_example_and_defaults() {
 }
 
 #[test]
+fn ssmix2_share_section() {
+    let share = example("ssmix2.toml")
+        .replace("# [ssmix2.share]", "[ssmix2.share]")
+        .replace("# address", "address")
+        .replace("# share", "share")
+        .replace("# username", "username")
+        .replace("# domain", "domain")
+        .replace("# password-file", "password-file")
+        .replace("# version", "version");
+    let cfg = parse(&share, file()).unwrap();
+    let x = cfg.ssmix2.as_ref().unwrap().share.as_ref().unwrap();
+    assert_eq!(x.unc(), "//192.168.50.10/SS-MIX2");
+    assert_eq!(x.version, SmbVersion::V3);
+    assert_eq!(x.version.mount_option(), "3");
+    assert_eq!(x.domain.as_ref().map(SmbName::as_str), Some("CLINIC"));
+    assert!(
+        cfg.secret_files()
+            .iter()
+            .any(|(key, f)| *key == "ssmix2.share.password-file"
+                && f.as_str() == "/etc/tsunagi/secrets/ssmix2-share.password")
+    );
+    let v6 = "[ssmix2]\nstorage = \"/run/s\"\n[ssmix2.share]\naddress = \"fd00::5\"\nshare = \"s\"\nusername = \"u\"\npassword-file = \"/p\"\nversion = \"2.1\"\n[ssmix2.replica]\ndirectory = \"/srv/r\"\n";
+    let x = parse(&ssmix2_config(v6), file())
+        .unwrap()
+        .ssmix2
+        .unwrap()
+        .share
+        .unwrap();
+    assert_eq!(
+        (x.unc().as_str(), x.version.mount_option()),
+        ("//fd00::5/s", "2.1")
+    );
+
+    let problems = |section: &str| match parse(&ssmix2_config(section), file()) {
+        Ok(_) => String::new(),
+        Err(p) => p.to_string(),
+    };
+    let with = |share: &str, extra: &str| {
+        format!(
+            "[ssmix2]\nstorage = \"/run/s\"\n{extra}[ssmix2.share]\naddress = \"192.168.50.10\"\n{share}password-file = \"/p\"\n[ssmix2.replica]\ndirectory = \"/srv/r\"\n"
+        )
+    };
+    let inotify = problems(&with(
+        "share = \"s\"\nusername = \"u\"\n",
+        "watch = \"inotify\"\n",
+    ));
+    assert!(
+        inotify.contains("ssmix2.watch: an SMB share delivers no inotify events"),
+        "{inotify}"
+    );
+    // A comma would end the kernel's option early and smuggle in another option.
+    let comma = problems(&with("share = \"s\"\nusername = \"u,uid=0\"\n", ""));
+    assert!(comma.contains("must not contain `,`"), "{comma}");
+    let slash = problems(&with("share = \"a/b\"\nusername = \"u\"\n", ""));
+    assert!(slash.contains("must not contain `/`"), "{slash}");
+    let empty = problems(&with("share = \"\"\nusername = \"u\"\n", ""));
+    assert!(empty.contains("1 to 64 characters"), "{empty}");
+    let inline = problems(
+        &with("share = \"s\"\nusername = \"u\"\n", "")
+            .replace("password-file = \"/p\"", "password-file = \"hunter2\""),
+    );
+    assert!(
+        inline.contains("inline secrets are not accepted") && !inline.contains("hunter2"),
+        "{inline}"
+    );
+    let version = problems(&with(
+        "share = \"s\"\nusername = \"u\"\nversion = \"1.0\"\n",
+        "",
+    ));
+    assert!(version.contains("ssmix2.share.version"), "{version}");
+    let unknown = problems(&with(
+        "share = \"s\"\nusername = \"u\"\npassword = \"x\"\n",
+        "",
+    ));
+    assert!(
+        unknown.contains("ssmix2.share.password: inline secrets are not accepted"),
+        "{unknown}"
+    );
+}
+
+#[test]
 fn ssmix2_replica_rules() {
     let problems = |section: &str| match parse(&ssmix2_config(section), file()) {
         Ok(_) => String::new(),

@@ -356,6 +356,54 @@ impl TryFrom<String> for ServiceName {
 string_newtype!(ServiceName);
 
 // ---------------------------------------------------------------------------------------
+// SmbName
+
+/// A name in an SMB mount: a share, a user or a domain. 1 to 64 characters, printable,
+/// none of `, = / \ " : ; * ? < > |` (the kernel client's option list is comma-separated,
+/// and Windows forbids the rest in share and account names), no leading or trailing space.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SmbName(String);
+
+impl SmbName {
+    /// The longest name, in characters.
+    pub const MAX_LEN: usize = 64;
+}
+
+impl TryFrom<String> for SmbName {
+    type Error = ValueError;
+
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        let count = value.chars().count();
+        if count == 0 || count > Self::MAX_LEN {
+            return Err(ValueError::new(format!(
+                "an SMB share, user or domain name is 1 to {} characters (got {count})",
+                Self::MAX_LEN
+            )));
+        }
+        if let Some(c) = value
+            .chars()
+            .find(|c| c.is_control() || ",=/\\\":;*?<>|".contains(*c))
+        {
+            return Err(ValueError::new(format!(
+                "SMB name {} must not contain {}",
+                quoted(&value),
+                quoted(&c.to_string())
+            )));
+        }
+        if value.trim() != value {
+            return Err(ValueError::new(format!(
+                "SMB name {} must not start or end with a space",
+                quoted(&value)
+            )));
+        }
+        Ok(Self(value))
+    }
+}
+
+string_newtype!(SmbName);
+
+// ---------------------------------------------------------------------------------------
 // AbsPath
 
 /// An absolute filesystem path: valid UTF-8, not empty, no NUL byte, no `..` component.

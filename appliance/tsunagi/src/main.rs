@@ -5,7 +5,8 @@
 //! * `tsunagi status` — asks the running supervisor;
 //! * `tsunagi config check FILE...` — validates config files;
 //! * `tsunagi sysusers` — prints the system users the services run as;
-//! * `tsunagi ssmix2 scan|check ROOT` — inventories an SS-MIX2 storage;
+//! * `tsunagi ssmix2 scan|check ROOT` — inventories an SS-MIX2 storage (`ssmix2 mount`:
+//!   mounts its SMB share);
 //! * `tsunagi dicom list|requeue` — the DICOM spool's waiting and dead instances;
 //! * `tsunagi medium check|apply DIR` — a signed provisioning medium.
 //!

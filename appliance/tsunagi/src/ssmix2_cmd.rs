@@ -1,5 +1,7 @@
 //! `tsunagi ssmix2 scan ROOT` and `tsunagi ssmix2 check ROOT`: inventory and conformance of
 //! an SS-MIX2 storage, without any service running. The storage is only read.
+//! `tsunagi ssmix2 mount`: the storage's SMB share, mounted for the sync (exit 0 mounted or
+//! nothing to mount, 1 not mounted, 3 invalid config).
 //!
 //! `scan --json` is a contract for scripts: one JSON object per file, in path order, then a
 //! last line `{"summary": {...}}` (see `docs/ssmix2.md`). Exit codes: 0 the scan ran
@@ -34,6 +36,14 @@ pub(crate) enum Ssmix2Command {
         #[arg(long)]
         extended: bool,
     },
+    /// Mounts `[ssmix2.share]` (the EMR server's SMB share) read-only at `ssmix2.storage`
+    /// for the sync's user; nothing to do without one. Needs CAP_SYS_ADMIN: the image's
+    /// `tsunagi-share.service` runs it, and again until it succeeds.
+    Mount {
+        /// The configuration file.
+        #[arg(long, env = "TSUNAGI_CONFIG", default_value = tsunagi_config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
 }
 
 pub(crate) fn ssmix2(command: Ssmix2Command) -> u8 {
@@ -44,6 +54,75 @@ pub(crate) fn ssmix2(command: Ssmix2Command) -> u8 {
             extended,
         } => scan_cmd(&root, json, options(extended)),
         Ssmix2Command::Check { root, extended } => check_cmd(&root, options(extended)),
+        Ssmix2Command::Mount { config } => match parse_only(&config) {
+            Err(code) => code,
+            Ok(cfg) => mount_cmd(&cfg),
+        },
+    }
+}
+
+/// The config, validated, without checking the other services' secret files: the mount
+/// runs as root without CAP_DAC_OVERRIDE, so it cannot even look into their state
+/// directories. It checks its own password file when it reads it.
+fn parse_only(path: &Path) -> Result<tsunagi_config::Config, u8> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        eprintln!("tsunagi: cannot read {}: {e}", path.display());
+        exit_code::CONFIG
+    })?;
+    tsunagi_config::parse(&text, path).map_err(|problems| {
+        let text = problems.to_string();
+        eprintln!("{}", text.trim_end());
+        exit_code::CONFIG
+    })
+}
+
+/// `tsunagi ssmix2 mount`: one line on stdout or stderr (the journal), never the password.
+fn mount_cmd(cfg: &tsunagi_config::Config) -> u8 {
+    let Some((x, share)) = cfg
+        .ssmix2
+        .as_ref()
+        .filter(|x| x.enabled)
+        .and_then(|x| Some((x, x.share.as_ref()?)))
+    else {
+        println!("tsunagi: no SS-MIX2 share configured; nothing to mount");
+        return exit_code::OK;
+    };
+    let user = match nix::unistd::User::from_name(ssmix2_sync::USER) {
+        Ok(Some(user)) => user,
+        Ok(None) => {
+            eprintln!(
+                "tsunagi: the sync's user {} does not exist yet (systemd-sysusers makes it)",
+                ssmix2_sync::USER
+            );
+            return exit_code::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("tsunagi: cannot look up {}: {e}", ssmix2_sync::USER);
+            return exit_code::FAILURE;
+        }
+    };
+    let storage = x.storage.as_path();
+    match ssmix2_sync::share::mount(share, storage, user.uid.as_raw(), user.gid.as_raw()) {
+        Ok(how) => {
+            let what = match how {
+                ssmix2_sync::share::Mounted::Now => "mounted",
+                ssmix2_sync::share::Mounted::Already => "already mounted",
+                ssmix2_sync::share::Mounted::Again => {
+                    "mounted again (the old mount no longer answered)"
+                }
+            };
+            println!(
+                "tsunagi: SS-MIX2 share {} {what} at {} (read-only, SMB {})",
+                share.unc(),
+                storage.display(),
+                share.version.mount_option()
+            );
+            exit_code::OK
+        }
+        Err(e) => {
+            eprintln!("tsunagi: {}", tsunagi_runtime::child::error_chain(&e));
+            exit_code::FAILURE
+        }
     }
 }
 

@@ -471,6 +471,7 @@ fn run(ops: &[Op]) -> (Vec<String>, u64, u64) {
             withdrawal: WithdrawalPolicy::Delete,
             facility: FACILITY.into(),
             transaction_storage: None,
+            share: false,
         },
     )
     .unwrap();

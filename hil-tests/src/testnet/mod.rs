@@ -585,6 +585,27 @@ impl TestNet {
         cmd::output_with_timeout(&mut wrapped, None, timeout)
     }
 
+    /// Runs `f` on a short-lived thread that joined `host`'s network namespace (`setns`
+    /// with `CLONE_NEWNET` moves only that thread, and it ends with `f`): a client in the
+    /// test process that talks to a server in the namespace.
+    pub fn in_namespace<T: Send>(
+        &self,
+        host: Host,
+        f: impl FnOnce() -> T + Send,
+    ) -> std::io::Result<T> {
+        let file = File::open(Path::new(stale::NETNS_DIR).join(self.ns(host)))?;
+        let joined = thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)?;
+                    Ok(f())
+                })
+                .join()
+        });
+        joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
     /// Starts `command` in `host`'s namespace and returns its pid. The process is tracked:
     /// teardown sends it SIGTERM, then SIGKILL after 3 s. Its stdout and stderr go to
     /// [`TestNet::log_file`]; stdin is empty; the environment is clean (module docs).
