@@ -13,7 +13,9 @@
 //! for a new certificate on the same key. A failure is retried with a backoff up to
 //! `check-interval` and shown in the status (degraded) with the certificate's end; an
 //! expired certificate says the box must enroll again. Each file is written beside,
-//! flushed and renamed in; the record last.
+//! flushed and renamed in; the record last. The current certificate and key are published
+//! for the services that present the box's identity ([`client_dir`], group
+//! [`CLIENT_GROUP`]).
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -41,6 +43,45 @@ pub const RECORD_FILE: &str = "enrolled.json";
 /// The network CA from the medium, which every link to the hub is verified against
 /// (relative to the state root).
 pub const NETWORK_CA: &str = "provisioning/network-ca.pem";
+/// The group whose members may read the box's client certificate and key
+/// ([`client_dir`]): the services that present the box's identity to the hub.
+pub const CLIENT_GROUP: &str = "tsunagi-box-cert";
+
+/// Where the service publishes the box's current client certificate ([`CERT_FILE`]) and
+/// key ([`KEY_FILE`]) for [`CLIENT_GROUP`] (`STATE/identity-client`: this service's, mode
+/// 2750 of that group; the files 0640). Its own state directory stays private.
+pub fn client_dir(state_root: &Path) -> PathBuf {
+    state_root.join("identity-client")
+}
+
+/// Publishes the current certificate and key in [`client_dir`] when they differ from what
+/// is there (at start, after enrollment, after each renewal). The certificate first, then
+/// the key: a reader that sees a new certificate before its key fails one handshake at
+/// most, and the key does not change at renewal.
+pub fn publish(own: &Path, state_root: &Path) -> Result<bool, IdentityError> {
+    let dir = client_dir(state_root);
+    let mut changed = false;
+    for name in [CERT_FILE, KEY_FILE] {
+        let from = own.join(name);
+        let bytes = std::fs::read(&from).map_err(|source| IdentityError::Io {
+            path: from.clone(),
+            source,
+        })?;
+        let to = dir.join(name);
+        if std::fs::read(&to).is_ok_and(|there| there == bytes) {
+            continue;
+        }
+        // The service's umask may narrow the mode `replace` creates the file with.
+        replace(&to, &bytes, 0o640)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o640))
+            })
+            .map_err(|source| IdentityError::Io { path: to, source })?;
+        changed = true;
+    }
+    Ok(changed)
+}
 
 /// The identity service as the binary lists it.
 pub const SERVICE: Service = Service {
@@ -51,9 +92,14 @@ pub const SERVICE: Service = Service {
     groups: &[],
     worker_threads: 1,
     launch: |cfg| {
-        cfg.identity
-            .enabled
-            .then(|| Launch::reading(cfg, &(&cfg.identity, &cfg.tunnel)))
+        cfg.identity.enabled.then(|| Launch {
+            // The box's client certificate and key for the services that present them.
+            shared_dirs: vec![(
+                client_dir(cfg.paths.state_dir.as_path()),
+                CLIENT_GROUP.to_owned(),
+            )],
+            ..Launch::reading(cfg, &(&cfg.identity, &cfg.tunnel))
+        })
     },
     main: |cfg, ctx| service::boxed(run(ctx, Settings::from_config(cfg))),
 };
@@ -351,6 +397,14 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), IdentityErro
                 settings.check_interval
             }
             Some(r) => {
+                match publish(&dir, &settings.state_root) {
+                    Ok(true) => tracing::info!("the box's certificate published for its services"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "cannot publish the box's certificate for its services"
+                    ),
+                }
                 let at = renew_at(r, settings.renew_before);
                 if now < at {
                     failures = 0;

@@ -36,8 +36,8 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
     description: "tsunagi SS-MIX2 sync",
     // Reads the storage (a share readable by this user) and writes the replica.
     capabilities: &[],
-    // Asks the consent service for decisions.
-    groups: &[consent::CLIENT_GROUP],
+    // Asks the consent service for decisions; may present the box's certificate to the hub.
+    groups: &[consent::CLIENT_GROUP, identity::CLIENT_GROUP],
     worker_threads: 2,
     launch: |cfg| {
         let x = cfg.ssmix2.as_ref().filter(|x| x.enabled)?;

@@ -49,6 +49,19 @@ impl Settings {
         let r = &x.replica;
         let target = match (&r.directory, &r.url) {
             (Some(dir), _) => Target::Directory(dir.as_path().to_owned()),
+            (None, Some(url)) if r.client_identity => {
+                let dir = identity::client_dir(cfg.paths.state_dir.as_path());
+                Target::WebDav {
+                    url: url.as_str().to_owned(),
+                    ca_file: r
+                        .ca_file
+                        .as_ref()
+                        .map(|p| p.as_path().to_owned())
+                        .unwrap_or_default(),
+                    client_cert_file: dir.join(identity::CERT_FILE),
+                    client_key_file: dir.join(identity::KEY_FILE),
+                }
+            }
             (None, Some(url)) => Target::WebDav {
                 url: url.as_str().to_owned(),
                 ca_file: r
@@ -142,20 +155,8 @@ fn open_replica(target: &Target) -> Result<Box<dyn Replica>, ServiceError> {
 /// Runs the service until shutdown.
 pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError> {
     let mut syncer = Syncer::open(&settings.state_dir, settings.sync.clone())?;
-    // Blocking (reqwest's blocking client starts its thread): not on the async task.
-    let target = settings.target.clone();
-    let replica = tokio::task::spawn_blocking(move || open_replica(&target))
-        .await
-        .map_err(|e| {
-            let why = match e.try_into_panic() {
-                Ok(payload) => tsunagi_runtime::tasks::panicked(&*payload),
-                Err(_) => "was cancelled".to_owned(),
-            };
-            ServiceError::Worker(TaskEnded {
-                task: "ssmix2-replica-setup",
-                why,
-            })
-        })??;
+    // The replica is set up by the worker (blocking: reqwest's blocking client starts its
+    // own thread), and again whenever the client certificate changes (a renewal).
     let shared = Arc::new(Mutex::new(Shared::default()));
     let changed = Arc::new(Notify::new());
     let (trigger_tx, trigger_rx) = mpsc::channel::<()>();
@@ -176,17 +177,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         );
         std::thread::Builder::new()
             .name("ssmix2-sync".into())
-            .spawn(move || {
-                worker(
-                    syncer,
-                    replica,
-                    &settings,
-                    &trigger_rx,
-                    &shared,
-                    &changed,
-                    &stop,
-                )
-            })
+            .spawn(move || worker(syncer, &settings, &trigger_rx, &shared, &changed, &stop))
             .map_err(ServiceError::WorkerStart)?
     };
     ctx.reporter.ready();
@@ -234,9 +225,24 @@ const WORKER_STOP: Duration = Duration::from_secs(1);
 /// How often the idle worker looks whether the service is stopping.
 const STOP_POLL: Duration = Duration::from_millis(100);
 
+type CertStamp = Option<(u64, std::time::SystemTime)>;
+
+/// What identifies the client certificate a WebDAV replica was set up with (its length and
+/// modification time): when it changes (the identity service renewed it), the replica is
+/// set up again. `None` for a directory replica, or a certificate not there (yet).
+fn certificate_stamp(target: &Target) -> CertStamp {
+    match target {
+        Target::Directory(_) => None,
+        Target::WebDav {
+            client_cert_file, ..
+        } => std::fs::metadata(client_cert_file)
+            .ok()
+            .and_then(|m| Some((m.len(), m.modified().ok()?))),
+    }
+}
+
 fn worker(
     mut syncer: Syncer,
-    mut replica: Box<dyn Replica>,
     settings: &Settings,
     triggers: &mpsc::Receiver<()>,
     shared: &Mutex<Shared>,
@@ -245,11 +251,48 @@ fn worker(
 ) {
     let mut gate = SocketGate::new(&settings.consent_socket);
     let mut failures: u32 = 0;
+    let mut replica: Option<(Box<dyn Replica>, CertStamp)> = None;
     loop {
         let span = tracing::info_span!("cycle");
         let _enter = span.enter();
         let started = Instant::now();
-        let result = syncer.cycle(&mut gate, replica.as_mut());
+        let stamp = certificate_stamp(&settings.target);
+        if replica.as_ref().is_none_or(|(_, was)| *was != stamp) {
+            if replica.is_some() {
+                tracing::info!("the client certificate changed; setting up the replica again");
+            }
+            replica = match open_replica(&settings.target) {
+                Ok(r) => Some((r, stamp)),
+                Err(e) => {
+                    // Not enrolled yet (no certificate), a bad CA file: shown, and retried.
+                    failures = failures.saturating_add(1);
+                    let why = format!(
+                        "cannot set up the replica: {}",
+                        tsunagi_runtime::child::error_chain(&e)
+                    );
+                    tracing::warn!(reason = %why, "retrying");
+                    if let Ok(mut s) = shared.lock() {
+                        s.last = Some(Err(why));
+                    }
+                    changed.notify_one();
+                    drop(_enter);
+                    let wait = Duration::from_secs(2u64.saturating_pow(failures.min(6)))
+                        .min(settings.scan_interval);
+                    let deadline = Instant::now() + wait;
+                    while Instant::now() < deadline {
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            return;
+                        }
+                        std::thread::park_timeout(STOP_POLL);
+                    }
+                    continue;
+                }
+            };
+        }
+        let Some((replica_now, _)) = replica.as_mut() else {
+            continue;
+        };
+        let result = syncer.cycle(&mut gate, replica_now.as_mut());
         let state = syncer.state().unwrap_or_default();
         match &result {
             Ok(r) => {

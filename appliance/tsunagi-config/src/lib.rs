@@ -473,12 +473,16 @@ pub struct Ssmix2Replica {
     /// The CA that signed the hub's server certificate (PEM); required with `url`.
     #[serde(default)]
     pub ca_file: Option<AbsPath>,
-    /// The box's client certificate (PEM); required with `url`.
+    /// The box's client certificate (PEM); required with `url` unless `client-identity`.
     #[serde(default)]
     pub client_cert_file: Option<AbsPath>,
-    /// The box's client key (PEM, mode 0600); required with `url`.
+    /// The box's client key (PEM, mode 0600); required with `url` unless `client-identity`.
     #[serde(default)]
     pub client_key_file: Option<SecretFile>,
+    /// Present the box's own identity from enrollment (`[identity]`, renewed by the
+    /// identity service) instead of `client-cert-file` and `client-key-file`.
+    #[serde(default)]
+    pub client_identity: bool,
 }
 
 /// `[ssmix2]`: the SS-MIX2 sync. The storage is only ever read.
@@ -1231,6 +1235,42 @@ impl Config {
                     "set exactly one of directory and url".into(),
                     &["ssmix2.replica.directory", "ssmix2.replica.url"],
                 ),
+                (None, Some(_)) if r.client_identity => {
+                    if r.ca_file.is_none() {
+                        broken(
+                            "ssmix2.replica.ca-file",
+                            "required with ssmix2.replica.url".into(),
+                            &["ssmix2.replica.ca-file", "ssmix2.replica.url"],
+                        );
+                    }
+                    for (key, given) in [
+                        (
+                            "ssmix2.replica.client-cert-file",
+                            r.client_cert_file.is_some(),
+                        ),
+                        (
+                            "ssmix2.replica.client-key-file",
+                            r.client_key_file.is_some(),
+                        ),
+                    ] {
+                        if given {
+                            broken(
+                                key,
+                                "not with client-identity (the box's own certificate is used)"
+                                    .into(),
+                                &[key, "ssmix2.replica.client-identity"],
+                            );
+                        }
+                    }
+                    if !self.identity.enabled {
+                        broken(
+                            "ssmix2.replica.client-identity",
+                            "needs [identity] enabled (the box's certificate comes from enrollment)"
+                                .into(),
+                            &["ssmix2.replica.client-identity", "identity.enabled"],
+                        );
+                    }
+                }
                 (None, Some(_)) => {
                     for (key, missing) in [
                         ("ssmix2.replica.ca-file", r.ca_file.is_none()),
@@ -1246,13 +1286,21 @@ impl Config {
                         if missing {
                             broken(
                                 key,
-                                "required with ssmix2.replica.url".into(),
+                                "required with ssmix2.replica.url (or client-identity = true)"
+                                    .into(),
                                 &[key, "ssmix2.replica.url"],
                             );
                         }
                     }
                 }
                 (Some(dir), None) => {
+                    if r.client_identity {
+                        broken(
+                            "ssmix2.replica.client-identity",
+                            "only with ssmix2.replica.url (a directory replica has no TLS)".into(),
+                            &["ssmix2.replica.client-identity", "ssmix2.replica.directory"],
+                        );
+                    }
                     if dir.as_path().starts_with(x.storage.as_path())
                         || x.storage.as_path().starts_with(dir.as_path())
                     {

@@ -1302,6 +1302,46 @@ fn ssmix2_share_section() {
 }
 
 #[test]
+fn ssmix2_replica_with_the_boxs_own_identity() {
+    let problems = |section: &str| match parse(&ssmix2_config(section), file()) {
+        Ok(_) => String::new(),
+        Err(p) => p.to_string(),
+    };
+    let url = "[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\nurl = \"https://10.98.0.1:8443/x/\"\nca-file = \"/a\"\nclient-identity = true\n";
+    let ok = parse(
+        &ssmix2_config(&format!("[identity]\nenabled = true\n{url}")),
+        file(),
+    )
+    .unwrap();
+    assert!(ok.ssmix2.unwrap().replica.client_identity);
+    let off = problems(url);
+    assert!(
+        off.contains("ssmix2.replica.client-identity: needs [identity] enabled"),
+        "{off}"
+    );
+    let both = problems(&format!(
+        "[identity]\nenabled = true\n{url}client-cert-file = \"/b\"\nclient-key-file = \"/c\"\n"
+    ));
+    assert!(
+        both.contains("ssmix2.replica.client-cert-file: not with client-identity")
+            && both.contains("ssmix2.replica.client-key-file: not with client-identity"),
+        "{both}"
+    );
+    let no_ca = problems(&format!(
+        "[identity]\nenabled = true\n{}",
+        url.replace("ca-file = \"/a\"\n", "")
+    ));
+    assert!(
+        no_ca.contains("ssmix2.replica.ca-file: required"),
+        "{no_ca}"
+    );
+    let dir = problems(
+        "[identity]\nenabled = true\n[ssmix2]\nstorage = \"/srv/s\"\n[ssmix2.replica]\ndirectory = \"/srv/r\"\nclient-identity = true\n",
+    );
+    assert!(dir.contains("only with ssmix2.replica.url"), "{dir}");
+}
+
+#[test]
 fn ssmix2_replica_rules() {
     let problems = |section: &str| match parse(&ssmix2_config(section), file()) {
         Ok(_) => String::new(),

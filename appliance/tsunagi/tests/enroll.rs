@@ -303,6 +303,30 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
         let owner = tsunagi_runtime::privilege::ensure_user("tsunagi-identity").unwrap();
         assert_eq!(meta.uid(), owner.uid.as_raw());
     }
+    // Published for the services that present the box's identity (group tsunagi-box-cert):
+    // the directory 2750, the files 0640, the same certificate and key.
+    let client = h.state_dir().join("identity-client");
+    let published = |name: &str| {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let group = nix::unistd::Group::from_name(identity::CLIENT_GROUP)
+            .unwrap()
+            .expect("the group exists");
+        let dir = std::fs::metadata(&client).unwrap();
+        assert_eq!(dir.permissions().mode() & 0o7777, 0o2750);
+        assert_eq!(dir.gid(), group.gid.as_raw());
+        let meta = std::fs::metadata(client.join(name)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640, "{name}");
+        assert_eq!(meta.gid(), group.gid.as_raw(), "{name}");
+        std::fs::read_to_string(client.join(name)).unwrap()
+    };
+    h.wait_for("the certificate published", Duration::from_secs(10), |_| {
+        client.join("box.key").exists()
+    });
+    assert_eq!(published("box.key"), tls_key);
+    assert_eq!(
+        published("box.pem"),
+        std::fs::read_to_string(identity.join("box.pem")).unwrap()
+    );
     let wg_private = std::fs::read_dir(h.state_dir().join("tunnel"))
         .unwrap()
         .filter_map(Result::ok)
@@ -427,6 +451,13 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
     assert_eq!(
         std::fs::read_to_string(identity.join("box.key")).unwrap(),
         tls_key
+    );
+    // The renewed certificate is published too.
+    let renewed_cert = std::fs::read_to_string(identity.join("box.pem")).unwrap();
+    h.wait_for(
+        "the renewed certificate published",
+        Duration::from_secs(10),
+        |_| std::fs::read_to_string(client.join("box.pem")).is_ok_and(|c| c == renewed_cert),
     );
 
     // The clinic's box is still the first.

@@ -513,3 +513,84 @@ fn a_withdrawal_recorded_while_the_cache_is_stale_removes_the_files_at_nginx() {
     c.h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// Issue 16: `client-identity = true`: the sync presents the box's own certificate, which
+/// the identity service publishes in `STATE/identity-client` (group tsunagi-box-cert). Before
+/// the box is enrolled there is none: the sync says so and keeps trying, without a restart.
+/// Once it is there the files reach nginx; when it changes (a renewal), the sync sets up its
+/// client again and goes on.
+#[test]
+fn the_boxs_own_certificate_is_presented_and_taken_up_again_when_renewed() {
+    if !is_root() {
+        eprintln!("skipped: needs root (the services' users and groups)");
+        return;
+    }
+    let mut c = Clinic::new(FAST_SUPERVISOR);
+    let text = std::fs::read_to_string(&c.h.config).unwrap();
+    let start = text.find("client-cert-file").unwrap();
+    let text = format!(
+        "{}client-identity = true\n\n[identity]\nenabled = true\ncheck-interval = \"1s\"\n",
+        &text[..start]
+    );
+    std::fs::write(&c.h.config, text).unwrap();
+    let a = Patient::sample("0000000001");
+    records(&mut c.storage, &a);
+    c.register(&a.id);
+    c.synced();
+    let permitted: BTreeSet<String> = [a.id.clone()].into();
+    c.h.start();
+    let waiting =
+        c.h.wait_for("no certificate yet", Duration::from_secs(30), |s| {
+            service(s, "ssmix2")["summary"]
+                .as_str()
+                .is_some_and(|t| t.contains("cannot set up the replica"))
+        });
+    assert_eq!(service(&waiting, "ssmix2")["restarts"], 0, "{waiting}");
+    assert!(c.hub().is_empty());
+
+    // What the identity service publishes once the box is enrolled.
+    let client = c.h.state_dir().join("identity-client");
+    let group = nix::unistd::Group::from_name(identity::CLIENT_GROUP)
+        .unwrap()
+        .expect("the group exists");
+    let publish = |from: &Path, name: &str| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = client.join(format!(".{name}.new"));
+        std::fs::copy(from, &tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640)).unwrap();
+        nix::unistd::chown(&tmp, None, Some(group.gid)).unwrap();
+        std::fs::rename(&tmp, client.join(name)).unwrap();
+    };
+    publish(&c.nginx.client_key_file(), "box.key");
+    publish(&c.nginx.client_cert_file(), "box.pem");
+    c.wait_for_hub(
+        "with the box's certificate",
+        &expected(c.storage.root(), &permitted),
+        Duration::from_secs(60),
+    );
+
+    // Renewed: the sync sets its client up again, and goes on.
+    std::thread::sleep(Duration::from_millis(1100));
+    publish(&c.nginx.client_cert_file(), "box.pem");
+    c.storage
+        .put(
+            &a,
+            &Record::new("OMP-01", "20261121", "000000000000009", "20261121103000000"),
+        )
+        .unwrap();
+    c.wait_for_hub(
+        "after the renewal",
+        &expected(c.storage.root(), &permitted),
+        Duration::from_secs(60),
+    );
+    assert!(
+        c.h.log_text()
+            .contains("the client certificate changed; setting up the replica again"),
+        "{}",
+        c.h.log_text()
+    );
+    let status = c.h.status().unwrap();
+    assert_eq!(service(&status, "ssmix2")["restarts"], 0, "{status}");
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
