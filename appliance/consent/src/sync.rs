@@ -803,30 +803,25 @@ async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), S
         pager.save(store)?;
     }
 
-    // Chained search: the consents whose patient has an identifier of this clinic.
-    let cursor = lock(store)?.pull_cursor("Consent")?;
-    let mut pager = Pager::start(
-        "Consent",
-        &format!("patient:Patient.identifier={ours}"),
-        cursor,
-        client.page_size,
-    )?;
-    while let Some(page) = pager.page(client).await? {
-        pulled += page.len();
-        for found in &page {
-            if apply_consent(store, client, &facility, &mut known, found).await? {
-                changed += 1;
-            }
-        }
-        pager.save(store)?;
-    }
-    // Every consent of a patient restored late, whatever the cursor (applying one again is
-    // idempotent); this search keeps no cursor.
-    for reference in recovered {
+    // The consents whose patient has an identifier of this clinic (the standard chained
+    // search, from the cursor); then every consent of each patient restored late, whatever
+    // the cursor, since their pages went by (applying one again is idempotent; these
+    // searches keep no cursor).
+    let mut searches = vec![(
+        format!("patient:Patient.identifier={ours}"),
+        Some(lock(store)?.pull_cursor("Consent")?),
+    )];
+    searches.extend(
+        recovered
+            .iter()
+            .map(|reference| (format!("patient={}", encode(reference)), None)),
+    );
+    for (criteria, cursor) in searches {
+        let keeps_cursor = cursor.is_some();
         let mut pager = Pager::start(
             "Consent",
-            &format!("patient={}", encode(&reference)),
-            PullCursor::default(),
+            &criteria,
+            cursor.unwrap_or_default(),
             client.page_size,
         )?;
         while let Some(page) = pager.page(client).await? {
@@ -835,6 +830,9 @@ async fn pull(store: &Mutex<Store>, client: &Client) -> Result<(usize, usize), S
                 if apply_consent(store, client, &facility, &mut known, found).await? {
                     changed += 1;
                 }
+            }
+            if keeps_cursor {
+                pager.save(store)?;
             }
         }
     }

@@ -49,8 +49,24 @@ impl Settings {
         let r = &x.replica;
         let target = match (&r.directory, &r.url) {
             (Some(dir), _) => Target::Directory(dir.as_path().to_owned()),
-            (None, Some(url)) if r.client_identity => {
-                let dir = identity::client_dir(cfg.paths.state_dir.as_path());
+            (None, Some(url)) => {
+                // The box's own certificate, as the identity service publishes it, or the
+                // configured files.
+                let (client_cert_file, client_key_file) = if r.client_identity {
+                    let dir = identity::client_dir(cfg.paths.state_dir.as_path());
+                    (dir.join(identity::CERT_FILE), dir.join(identity::KEY_FILE))
+                } else {
+                    (
+                        r.client_cert_file
+                            .as_ref()
+                            .map(|p| p.as_path().to_owned())
+                            .unwrap_or_default(),
+                        r.client_key_file
+                            .as_ref()
+                            .map(|p| p.as_ref().to_owned())
+                            .unwrap_or_default(),
+                    )
+                };
                 Target::WebDav {
                     url: url.as_str().to_owned(),
                     ca_file: r
@@ -58,28 +74,10 @@ impl Settings {
                         .as_ref()
                         .map(|p| p.as_path().to_owned())
                         .unwrap_or_default(),
-                    client_cert_file: dir.join(identity::CERT_FILE),
-                    client_key_file: dir.join(identity::KEY_FILE),
+                    client_cert_file,
+                    client_key_file,
                 }
             }
-            (None, Some(url)) => Target::WebDav {
-                url: url.as_str().to_owned(),
-                ca_file: r
-                    .ca_file
-                    .as_ref()
-                    .map(|p| p.as_path().to_owned())
-                    .unwrap_or_default(),
-                client_cert_file: r
-                    .client_cert_file
-                    .as_ref()
-                    .map(|p| p.as_path().to_owned())
-                    .unwrap_or_default(),
-                client_key_file: r
-                    .client_key_file
-                    .as_ref()
-                    .map(|p| p.as_ref().to_owned())
-                    .unwrap_or_default(),
-            },
             // The config's rules require one of the two.
             (None, None) => Target::Directory(PathBuf::new()),
         };
