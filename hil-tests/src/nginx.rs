@@ -143,7 +143,7 @@ pub enum NginxError {
 }
 
 /// A test PKI in a directory: a CA and two certificates it signed (PEM files).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pki {
     dir: PathBuf,
 }
@@ -315,6 +315,14 @@ pub struct Options {
     /// check (and the free-port probe) run inside it too. `None` (the default): the
     /// current namespace.
     pub netns: Option<String>,
+    /// The PKI whose server certificate nginx presents (it must name the listen address),
+    /// and whose CA it trusts for clients: a network's own, shared with its other servers.
+    /// `None` (the default): a new one in nginx's directory.
+    pub pki: Option<Pki>,
+    /// Another CA (PEM file) whose client certificates nginx accepts too, beside the
+    /// PKI's: e.g. the network's box-identity CA, for boxes that present the certificate
+    /// they enrolled for.
+    pub extra_client_ca: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -323,6 +331,8 @@ impl Default for Options {
             create_full_put_path: true,
             listen: None,
             netns: None,
+            pki: None,
+            extra_client_ca: None,
         }
     }
 }
@@ -378,7 +388,17 @@ impl Nginx {
             .filter(|ip| !ip.is_unspecified())
             .into_iter()
             .collect();
-        let pki = Pki::generate_for(&path.join("pki"), &server_ips)?;
+        let pki = match &options.pki {
+            Some(pki) => pki.clone(),
+            None => Pki::generate_for(&path.join("pki"), &server_ips)?,
+        };
+        // The client CAs nginx trusts: the PKI's, and the extra one.
+        let client_cas = path.join("client-cas.pem");
+        let mut cas = fs::read(pki.ca_cert()).map_err(io_err("the PKI's CA", &pki.ca_cert()))?;
+        if let Some(extra) = &options.extra_client_ca {
+            cas.extend(fs::read(extra).map_err(io_err("the extra client CA", extra))?);
+        }
+        fs::write(&client_cas, cas).map_err(io_err("the client CAs", &client_cas))?;
         let data_root = path.join("www").join(LOCATION.trim_matches('/'));
         for sub in [data_root.clone(), path.join("tmp")] {
             fs::create_dir_all(&sub).map_err(io_err("a directory for nginx", &sub))?;
@@ -805,7 +825,7 @@ http {{
 ",
         server_cert = pki.server_cert().display(),
         server_key = pki.server_key().display(),
-        ca = pki.ca_cert().display(),
+        ca = dir.join("client-cas.pem").display(),
     )
 }
 

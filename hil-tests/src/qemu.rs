@@ -92,6 +92,9 @@ pub struct Spec {
     pub nics: Vec<Nic>,
     /// Where the serial log is copied when the guest goes.
     pub keep_log: Option<PathBuf>,
+    /// The machine's serial number in its firmware (SMBIOS type 1), as a box's maker sets
+    /// it: the box serial it enrolls with.
+    pub serial_number: Option<String>,
 }
 
 /// A running guest. Killed on drop.
@@ -224,14 +227,14 @@ pub fn partition(raw: &Path, name: &str) -> Result<(u64, u64), QemuError> {
     }
 }
 
-/// Makes a provisioning medium: an ext4 image at `out`, labelled `TSUNAGI-PROV`, holding
+/// Makes a provisioning medium: an ext4 image at `out`, labelled `TSUNAGI-PRV`, holding
 /// the tree `dir` (layout: `image/overlay/usr/lib/tsunagi/provision`). The image applies it
 /// at boot.
 pub fn provisioning_disk(dir: &Path, out: &Path) -> Result<(), QemuError> {
     let mkfs =
         find_in_clean_path("mkfs.ext4").ok_or_else(|| QemuError::Missing("mkfs.ext4".into()))?;
     let output = Command::new(mkfs)
-        .args(["-q", "-F", "-L", "TSUNAGI-PROV", "-d"])
+        .args(["-q", "-F", "-L", "TSUNAGI-PRV", "-d"])
         .arg(dir)
         .arg(out)
         .arg("16M")
@@ -320,6 +323,9 @@ impl Vm {
         } else {
             cmd.args(["-accel", "kvm", "-cpu", "host"]);
         }
+        if let Some(serial) = &spec.serial_number {
+            cmd.arg("-smbios").arg(format!("type=1,serial={serial}"));
+        }
         if let Some(medium) = &spec.provisioning {
             cmd.arg("-drive").arg(format!(
                 "if=virtio,format=raw,readonly=on,file={}",
@@ -353,11 +359,15 @@ impl Vm {
                 "unix:{},server=on,wait=off",
                 dir.join("qmp.sock").display()
             ))
+            // The box's own disk boots first (bootindex 0): the firmware would otherwise
+            // try a FAT medium attached before it for a removable-media boot loader, fail,
+            // and go on to network boot.
             .arg("-drive")
             .arg(format!(
-                "if=virtio,format=raw,file={},cache=unsafe",
+                "if=none,id=system,format=raw,file={},cache=unsafe",
                 copy.display()
             ))
+            .args(["-device", "virtio-blk-pci,drive=system,bootindex=0"])
             .args(["-device", "virtio-rng-pci"]);
         firmware_args(&mut cmd, dir);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(

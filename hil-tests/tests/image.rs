@@ -2,15 +2,25 @@
 //! so the scenarios share boots (the CI budget; `docs/image.md`).
 //!
 //! - `the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_cuts`:
-//!   the image boots with its NICs on the test network (WAN bridged to the hub, LAN to the
-//!   clinic device) and a provisioning medium (config, networkd files, the box's key and
-//!   certificate). The box restores the clinic's patient 0001234, with the network ID and
-//!   the consent, from the hub's FHIR server (a new box recovers its clinic's patients,
-//!   issue 16). The SS-MIX2
-//!   storage is the clinic EMR's SMB share (Samba in the clinic namespace), which the box
-//!   mounts with the kernel's SMB client (`tsunagi-share.service`). `tsunagi` becomes ready on a verity-protected root and the tunnel comes up
-//!   (kernel WireGuard in the guest, wireguard-go at the hub); it prints boot-to-ready,
-//!   boot-to-tunnel-up and whether QEMU ran under TCG or KVM.
+//!   a blank image boots with its NICs on the test network (WAN bridged to the hub, LAN to
+//!   the clinic device). Issue 16: the network operator (`tsunagi-provision init`, `clinic
+//!   add`, `medium`, with the image's provisioning key) writes the clinic's signed medium,
+//!   and the enrollment server (`tsunagi-provision serve`) runs at the hub. First the box
+//!   boots with refused media (a tampered byte, another network's key, an expired
+//!   enrollment token): each is one line on its console, and the hub has no peer. Then,
+//!   with the clinic's medium (a FAT stick as the operator's tool writes it) and no other
+//!   step, the box applies it, enrolls (the server
+//!   adds its WireGuard peer), brings the tunnel up, restores the clinic's patient 0001234
+//!   with the network ID and the consent from the hub's FHIR server, and delivers the
+//!   modality's first study to the hub's Orthanc: it prints power-on-to-first-study. Later
+//!   boots refuse a replayed older medium and another clinic's, and the provisioning audit
+//!   trail lists every verdict in order. The SS-MIX2 storage is the clinic EMR's SMB share
+//!   (Samba in the clinic namespace; its password from the medium), which the box mounts
+//!   with the kernel's SMB client (`tsunagi-share.service`); the replica at the hub accepts
+//!   the certificate the box enrolled for. `tsunagi` becomes ready on a verity-protected
+//!   root and the tunnel comes up (kernel WireGuard in the guest, wireguard-go at the
+//!   hub); it prints boot-to-ready, boot-to-enrolled, boot-to-tunnel-up and whether QEMU
+//!   ran under TCG or KVM.
 //!   - Issue 14, power cuts: the power is cut at random moments while a modality sends
 //!     studies and the sync publishes to a WebDAV replica at the hub; nothing acknowledged
 //!     is lost, the replica converges to exactly the consented set, every boot reaches
@@ -36,7 +46,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -44,7 +54,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hil_tests::dicom_files::{DicomFile, Ids, japanese_ct, new_uid};
-use hil_tests::nginx::{Nginx, Options as NginxOptions};
+use hil_tests::nginx::{Nginx, Options as NginxOptions, Pki};
 use hil_tests::orthanc::{self, Orthanc};
 use hil_tests::qemu::{Nic, Spec, Vm, partition, provisioning_disk};
 use hil_tests::samba::{Options as SambaOptions, Samba};
@@ -60,6 +70,14 @@ const LAN_MAC: &str = "52:54:00:74:73:02";
 const WAN_IFACE: &str = "enp0s16";
 const LAN_IFACE: &str = "enp0s17";
 const PATIENT: &str = "0001234";
+/// The clinic's 医療機関コード, and another clinic's.
+const FACILITY: &str = "1312345678";
+const OTHER_FACILITY: &str = "1319999999";
+/// The box's serial in its firmware: with the clinic's code, its identity.
+const BOX_SERIAL: &str = "QEMU-0001";
+/// The enrollment server's port at the hub (on its WAN address; inside the tunnel for
+/// renewal).
+const ENROLL_PORT: u16 = 9443;
 const NETWORK_ID: &str = "NET-0001234";
 
 /// The image and the binary inside it, or `None` (after saying why) outside CI.
@@ -161,56 +179,80 @@ fn run_ok(command: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// The provisioning medium's tree (`dir/medium`): the guest's config (with `extra`, more
-/// sections, appended) and networkd files, plus the state the desk tools made on the host
-/// (the box's key). Returns the box's public key.
-fn provisioning_tree(net: &TestNet, bin: &Path, dir: &Path, extra: &str) -> String {
-    let desk = dir.join("desk");
-    let state = desk.join("state");
-    fs::create_dir_all(&state).unwrap();
-    fs::create_dir_all(desk.join("run")).unwrap();
-    let desk_config = desk.join("tsunagi.toml");
-    fs::write(
-        &desk_config,
-        config(
-            net,
-            state.to_str().unwrap(),
-            desk.join("run").to_str().unwrap(),
-        ),
+/// The clinic's config template the operator keeps: the guest's config (the operator fills
+/// in the site and the tunnel for each clinic), the identity service that enrolls the box,
+/// its two ports by MAC, and `extra` (more sections).
+fn template(net: &TestNet, extra: &str) -> String {
+    config(net, "/var/lib/tsunagi", "/run/tsunagi")
+        + &format!(
+            r#"[identity]
+enabled = true
+[network.wan]
+mac = "{WAN_MAC}"
+address = "{wan}"
+[network.lan]
+mac = "{LAN_MAC}"
+address = "{lan}"
+"#,
+            wan = net.plan().wan_box_addr,
+            lan = net.plan().lan_box_addr,
+        )
+        + extra
+}
+
+/// `tsunagi-provision`, the network operator's tool: `TSUNAGI_PROVISION_BIN`, else the one
+/// cargo built beside this test (the workspace's binaries are built with its tests).
+fn provision_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TSUNAGI_PROVISION_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("tsunagi-provision"))
+        .find(|c| c.is_file())
+        .unwrap_or_else(|| panic!("tsunagi-provision is not built beside {}", exe.display()))
+}
+
+/// The network's provisioning signing key whose public half the image carries
+/// (`TSUNAGI_PROVISIONING_KEY`; `cargo xtask test` passes the test key `cargo xtask image`
+/// made).
+fn provisioning_key() -> PathBuf {
+    std::env::var_os("TSUNAGI_PROVISIONING_KEY")
+        .map(PathBuf::from)
+        .expect("TSUNAGI_PROVISIONING_KEY: the signing key of the image's provisioning key (cargo xtask test sets it)")
+}
+
+/// `tsunagi-provision --dir DIR ARGS...`; its output.
+fn operator(dir: &Path, args: &[&str]) -> String {
+    run_ok(
+        Command::new(provision_bin())
+            .arg("--dir")
+            .arg(dir)
+            .args(args),
     )
-    .unwrap();
-    let public = run_ok(
-        Command::new(bin)
-            .args(["vpn", "pubkey", "--config"])
-            .arg(&desk_config),
-    );
-    let tree = dir.join("medium");
-    let etc = tree.join("etc");
-    fs::create_dir_all(etc.join("tsunagi")).unwrap();
-    fs::create_dir_all(etc.join("systemd/network")).unwrap();
-    fs::write(
-        etc.join("tsunagi/tsunagi.toml"),
-        config(net, "/var/lib/tsunagi", "/run/tsunagi") + extra,
-    )
-    .unwrap();
-    for (name, mac, addr) in [
-        ("10-wan.network", WAN_MAC, net.plan().wan_box_addr),
-        ("20-lan.network", LAN_MAC, net.plan().lan_box_addr),
-    ] {
-        fs::write(
-            etc.join("systemd/network").join(name),
-            format!("[Match]\nMACAddress={mac}\n\n[Network]\nAddress={addr}\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n"),
+}
+
+/// Puts `medium` (a directory: into an ext4 disk; a FAT image the operator's tool wrote:
+/// as it is) where the box's second disk is read from at its next boot.
+fn attach(medium: &Path, disk: &Path) {
+    if medium.is_dir() {
+        provisioning_disk(medium, disk).unwrap();
+    } else {
+        fs::copy(medium, disk).unwrap();
+    }
+}
+
+/// The hub's WireGuard peers, `KEY ALLOWED-IPS` per line (`wg show IFACE allowed-ips`).
+fn hub_peers(net: &TestNet) -> String {
+    let out = net
+        .exec(
+            Host::Hub,
+            Command::new("wg").args(["show", &net.plan().hub_wg_iface, "allowed-ips"]),
         )
         .unwrap();
-    }
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(&state)
-        .arg(tree.join("state"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    public
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The network's services in the hub: its FHIR server (the consent sync's peer) and its
@@ -326,6 +368,7 @@ fn box_spec(net: &TestNet, links: &VmLinks, image: PathBuf, medium: PathBuf, log
             },
         ],
         keep_log: Some(log_path(log)),
+        serial_number: Some(BOX_SERIAL.into()),
         ..Spec::default()
     }
 }
@@ -578,8 +621,8 @@ fn a_tampered_root_does_not_boot() {
 const CUTS: u32 = 20;
 /// The cuts a run makes whatever the time.
 const MIN_CUTS: u32 = 6;
-/// How long a run may spend cutting: a boot is cut only while the time since the test
-/// started, plus the longest cut cycle so far and the longest wait for a cut, stays within
+/// How long a run may spend cutting: a boot is cut only while the time since the cutting
+/// started (after the set-up and issue 16's refused media), plus the longest cut cycle so far and the longest wait for a cut, stays within
 /// it; otherwise that boot is the last, without a cut. A cut cycle (boot to ready, a cut
 /// 1-7 s later) takes 40-60 s under TCG on this kind of machine (20 cuts and the last boot
 /// took 1123 s), and up to twice that on slower ones, where the budget ends the cutting
@@ -611,10 +654,10 @@ const SSMIX2_NOT_CONSENTED_PER_BOOT: u32 = 8;
 /// Instances per study the modality sends.
 const STUDY_SIZE: usize = 30;
 
-/// The `[ssmix2]` section: the storage on the clinic's SMB share, the hub's WebDAV
-/// replica, the box's certificate in the sync's own state directory (seeded by the medium,
-/// so that its user may read the key).
-fn ssmix2_section(hub: &Nginx, share: &Samba) -> String {
+/// The `[ssmix2]` section: the storage on the clinic's SMB share (its password from the
+/// medium), the hub's WebDAV replica at `replica`, verified against the network's CA from
+/// the medium, with the certificate the box enrolled for.
+fn ssmix2_section(replica: &str, share: &Samba) -> String {
     format!(
         r#"[ssmix2]
 storage = "{GUEST_STORAGE}"
@@ -626,12 +669,10 @@ share = "{name}"
 username = "{user}"
 password-file = "{GUEST_SHARE_PASSWORD}"
 [ssmix2.replica]
-url = "{url}"
-ca-file = "/var/lib/tsunagi/ssmix2/tls/hub-ca.pem"
-client-cert-file = "/var/lib/tsunagi/ssmix2/tls/box.pem"
-client-key-file = "/var/lib/tsunagi/ssmix2/tls/box.key"
+url = "{replica}"
+ca-file = "/var/lib/tsunagi/provisioning/network-ca.pem"
+client-identity = true
 "#,
-        url = hub.base_url(),
         address = share.address().ip(),
         name = share.share_name(),
         user = share.username(),
@@ -945,11 +986,11 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
 
     let links = net.box_to_vm().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let hub = Nginx::start_for_test_with(&NginxOptions {
-        listen: Some("10.98.0.1:8443".parse().unwrap()),
-        netns: Some(net.ns(Host::Hub).to_owned()),
-        ..NginxOptions::default()
-    });
+    // The network's CA: the hub's certificate names its WAN address (enrollment) and its
+    // address inside the tunnel (renewal, the WebDAV replica).
+    let hub_wan = net.hub_wan_address();
+    let hub_inside = std::net::Ipv4Addr::new(10, 98, 0, 1);
+    let pki = Pki::generate_for(&work.path().join("pki"), &[hub_wan, hub_inside]).unwrap();
     // The clinic's EMR server: its SS-MIX2 storage on an SMB share, on the clinic LAN.
     let share = Samba::start(&SambaOptions {
         netns: Some(net.ns(Host::Clinic).to_owned()),
@@ -957,47 +998,167 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
         ..SambaOptions::default()
     })
     .unwrap();
-    let public = provisioning_tree(&net, &bin, work.path(), &ssmix2_section(&hub, &share));
-    net.hub_add_peer(&public, &["10.99.0.2/32"]).unwrap();
-    let tree = work.path().join("medium");
-    let secrets = tree.join("etc/tsunagi/secrets");
-    fs::create_dir_all(&secrets).unwrap();
-    fs::set_permissions(&secrets, fs::Permissions::from_mode(0o700)).unwrap();
-    let password = tree.join(GUEST_SHARE_PASSWORD.trim_start_matches('/'));
+
+    // Issue 16: the network operator provisions the clinic with `tsunagi-provision`, and
+    // signs with the key whose public half the image carries.
+    let op = work.path().join("operator");
+    let replica_url = format!("https://{hub_inside}:8443{}", hil_tests::nginx::LOCATION);
+    let template_file = work.path().join("template.toml");
+    fs::write(
+        &template_file,
+        template(&net, &ssmix2_section(&replica_url, &share)),
+    )
+    .unwrap();
+    let enrollment_url = format!("https://{hub_wan}:{ENROLL_PORT}");
+    let init = |dir: &Path, key: Option<&Path>| {
+        let mut args = vec![
+            "init".to_owned(),
+            "--name".into(),
+            "TOKYO-TEST".into(),
+            "--hub-public-key".into(),
+            net.hub_public_key().to_owned(),
+            "--hub-endpoint".into(),
+            net.plan().hub_endpoint().to_string(),
+            "--hub-ca".into(),
+            pki.ca_cert().display().to_string(),
+            "--tunnel-pool".into(),
+            "10.99.0.0/24".into(),
+            "--enrollment-url".into(),
+            enrollment_url.clone(),
+            "--template".into(),
+            template_file.display().to_string(),
+        ];
+        if let Some(key) = key {
+            args.extend(["--signing-key".into(), key.display().to_string()]);
+        }
+        operator(dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        for (code, name, ae) in [
+            (FACILITY, "QEMU clinic", "TSUNAGI"),
+            (OTHER_FACILITY, "隣の診療所", "OTHER"),
+        ] {
+            operator(
+                dir,
+                &[
+                    "clinic",
+                    "add",
+                    "--code",
+                    code,
+                    "--name",
+                    name,
+                    "--ae-title",
+                    ae,
+                ],
+            );
+        }
+    };
+    init(&op, Some(&provisioning_key()));
+    // The hub's WebDAV replica: the network's server certificate; the boxes' certificates
+    // from the box-identity CA `init` made.
+    let hub = Nginx::start_for_test_with(&NginxOptions {
+        listen: Some(std::net::SocketAddrV4::new(hub_inside, 8443)),
+        netns: Some(net.ns(Host::Hub).to_owned()),
+        pki: Some(pki.clone()),
+        extra_client_ca: Some(op.join("keys/box-ca.pem")),
+        ..NginxOptions::default()
+    });
+    assert_eq!(hub.base_url(), replica_url);
+    // The media: the clinic's EMR password travels signed in the bundle.
+    let password = work.path().join("emr-share.password");
     fs::write(&password, format!("{}\n", share.password())).unwrap();
-    fs::set_permissions(&password, fs::Permissions::from_mode(0o600)).unwrap();
-    let tls = tree.join("state/ssmix2/tls");
-    fs::create_dir_all(&tls).unwrap();
-    for (from, name) in [
-        (hub.ca_file(), "hub-ca.pem"),
-        (hub.client_cert_file(), "box.pem"),
-        (hub.client_key_file(), "box.key"),
-    ] {
-        fs::copy(from, tls.join(name)).unwrap();
+    let secret = format!("ssmix2.share.password-file={}", password.display());
+    let media = work.path().join("media");
+    // A medium as a directory (for an ext4 disk), or with `.img` as the FAT stick the
+    // operator's tool writes itself.
+    let write_medium = |dir: &Path, name: &str, code: &str, extra: &[&str]| {
+        let out = media.join(name);
+        let out_text = out.display().to_string();
+        let to = if name.ends_with(".img") {
+            "--image"
+        } else {
+            "--out"
+        };
+        let mut args = vec![
+            "medium", "--clinic", code, to, &out_text, "--secret", &secret,
+        ];
+        args.extend(extra);
+        operator(dir, &args);
+        out
+    };
+    fs::create_dir_all(&media).unwrap();
+    // Serials 1, 2, 3, 4, in this order.
+    let expired_token = write_medium(&op, "expired-token", FACILITY, &["--token-valid-for", "1s"]);
+    let older = write_medium(&op, "older", FACILITY, &[]);
+    let good = write_medium(&op, "good.img", FACILITY, &[]);
+    let other_clinic = write_medium(&op, "other-clinic", OTHER_FACILITY, &[]);
+    // One byte of a genuine one changed.
+    let tampered = media.join("tampered");
+    fs::create_dir_all(&tampered).unwrap();
+    for name in [tsunagi_medium::BUNDLE_FILE, tsunagi_medium::SIGNATURE_FILE] {
+        fs::copy(older.join(name), tampered.join(name)).unwrap();
     }
-    fs::set_permissions(tls.join("box.key"), fs::Permissions::from_mode(0o600)).unwrap();
+    let bundle = tampered.join(tsunagi_medium::BUNDLE_FILE);
+    let text = fs::read_to_string(&bundle).unwrap();
+    fs::write(&bundle, text.replacen("QEMU clinic", "QEMU clinik", 1)).unwrap();
+    // Another network's operator, with a key of its own.
+    let foreign_op = work.path().join("operator-foreign");
+    init(&foreign_op, None);
+    let foreign = write_medium(&foreign_op, "foreign", FACILITY, &[]);
+
+    // The enrollment server at the hub; it adds the box's WireGuard peer.
+    let mut serve = Command::new(provision_bin());
+    serve
+        .arg("--dir")
+        .arg(&op)
+        .args(["serve", "--listen", &format!("0.0.0.0:{ENROLL_PORT}")])
+        .args([
+            "--renew-url",
+            &format!("https://{hub_inside}:{ENROLL_PORT}"),
+        ])
+        .arg("--tls-cert")
+        .arg(pki.server_cert())
+        .arg("--tls-key")
+        .arg(pki.server_key())
+        .args([
+            "--wireguard-interface",
+            &net.plan().hub_wg_iface,
+            "--userspace",
+        ]);
+    let serve_pid = net.spawn(Host::Hub, &serve).unwrap();
+    let serve_log = || {
+        net.log_file(serve_pid)
+            .and_then(|p| fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    };
+
     let storage_root = share.share_dir().to_owned();
     let mut storage = Storage::create(&storage_root).unwrap();
     let expected = |root: &Path| expected_replica(root, |id| id == PATIENT).unwrap();
     let medium = work.path().join("medium.img");
     let pacs = start_hub_services(&net);
     seed_network_consent(&net);
-    let studies = work.path().join("studies");
 
-    let mut boot_times = Vec::new();
-    let mut profiles = Vec::new();
-    let mut acked: BTreeSet<String> = BTreeSet::new();
-    let (mut offered, mut studies_sent, mut cuts_mid_study, mut cuts_publishing) = (0, 0, 0, 0);
-    let mut settled_after_reboot = Vec::new();
+    // Issue 16, refused media: a blank box with each of these stays un-enrolled and says
+    // why, one line on its console.
     let mut machine: Option<Vm> = None;
-    let (mut cuts, mut longest_cycle) = (0, Duration::ZERO);
-    for boot in 0.. {
-        let cycle_started = Instant::now();
-        // What earlier cuts owe: the replica at least as far as the storage was before
-        // this boot's new files.
-        let owed_files = expected(&storage_root);
-        add_ssmix2_records(&mut storage, boot);
-        provisioning_disk(&tree, &medium).unwrap();
+    let mut audited = vec![];
+    for (what, tree, why) in [
+        (
+            "a tampered byte",
+            &tampered,
+            "does not verify against the network's provisioning key",
+        ),
+        (
+            "another network's key",
+            &foreign,
+            "does not verify against the network's provisioning key",
+        ),
+        (
+            "an expired enrollment token",
+            &expired_token,
+            "enrollment token expired",
+        ),
+    ] {
+        attach(tree, &medium);
         match machine.as_mut() {
             None => {
                 machine = Some(
@@ -1014,12 +1175,87 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
             Some(vm) => vm.boot_again().unwrap(),
         }
         let vm = machine.as_mut().unwrap();
+        vm.wait_for("tsunagi-provision: done", Duration::from_secs(300))
+            .unwrap();
+        let serial = vm.serial();
+        let line = serial
+            .lines()
+            .find_map(|l| l.find("tsunagi medium: refused: ").map(|i| &l[i..]))
+            .unwrap_or_else(|| panic!("no refusal for {what}:\n{}", vm.serial_tail()));
+        assert!(line.contains(why), "{what}: {line}");
+        println!(
+            "refused medium on a blank box ({what}): {:.1} s after power-on: {line}",
+            vm.elapsed().as_secs_f64()
+        );
+        audited.push("refused");
+    }
+    assert_eq!(
+        hub_peers(&net).trim(),
+        "",
+        "a refused medium enrolled the box"
+    );
+    assert!(!serve_log().contains("enrolled"), "{}", serve_log());
+    // The cut budget counts from here: the refused media are issue 16's, not the cuts'.
+    let cutting_started = Instant::now();
+    let studies = work.path().join("studies");
+
+    let mut boot_times = Vec::new();
+    let mut profiles = Vec::new();
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+    let (mut offered, mut studies_sent, mut cuts_mid_study, mut cuts_publishing) = (0, 0, 0, 0);
+    let mut settled_after_reboot = Vec::new();
+    let (mut cuts, mut longest_cycle) = (0, Duration::ZERO);
+    for boot in 0.. {
+        let cycle_started = Instant::now();
+        // What earlier cuts owe: the replica at least as far as the storage was before
+        // this boot's new files.
+        let owed_files = expected(&storage_root);
+        add_ssmix2_records(&mut storage, boot);
+        // Boot 0: the clinic's medium, applied. Boots 1 and 2: a replayed older medium and
+        // another clinic's, refused (the box keeps its own). Then the clinic's medium left
+        // attached: nothing to do.
+        let (tree, provisioning) = match boot {
+            0 => (
+                &good,
+                "tsunagi medium: applied: provisioning medium serial 3 for clinic",
+            ),
+            1 => (&older, "older than the last one applied (3)"),
+            2 => (&other_clinic, "this box belongs to clinic 1312345678"),
+            _ => (&good, "tsunagi medium: already applied: serial 3"),
+        };
+        attach(tree, &medium);
+        let vm = machine.as_mut().unwrap();
+        vm.boot_again().unwrap();
         let profile = boot_profile(vm, Duration::from_secs(300));
         let ready = profile[MILESTONES.len() - 1].unwrap_or_default();
         if boot == 0 {
             let accel = if vm.tcg { "TCG" } else { "KVM" };
             println!("{}", image_figures(&image));
             println!("boot-to-ready: {:.1} s ({accel})", ready.as_secs_f64());
+            // Enrolled by the box's identity service: the server added its peer, with the
+            // clinic's tunnel address alone.
+            let public = wait_until(
+                "the box enrolled (its WireGuard peer at the hub)",
+                Duration::from_secs(300),
+                vm,
+                || {
+                    hub_peers(&net).lines().find_map(|l| {
+                        match l.split_whitespace().collect::<Vec<_>>()[..] {
+                            [key, "10.99.0.2/32"] => Some(key.to_owned()),
+                            _ => None,
+                        }
+                    })
+                },
+            );
+            println!(
+                "boot-to-enrolled: {:.1} s ({accel}; its WireGuard peer at the hub, polled from ready on)",
+                vm.elapsed().as_secs_f64()
+            );
+            assert!(
+                serve_log().contains(&format!("enrolled {FACILITY}-{BOX_SERIAL} from")),
+                "{}",
+                serve_log()
+            );
             let tunnel = wait_until("the tunnel up", Duration::from_secs(300), vm, || {
                 net.hub_latest_handshake(&public)
                     .ok()
@@ -1067,18 +1303,38 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
         boot_times.push(ready);
         let serial = vm.serial();
         assert!(
-            !serial.contains("Kernel panic") && serial.contains("tsunagi-provision: done"),
-            "boot {boot}:\n{}",
+            !serial.contains("Kernel panic")
+                && serial.contains("tsunagi-provision: done")
+                && serial.contains(provisioning),
+            "boot {boot}: no \"{provisioning}\":\n{}",
             vm.serial_tail()
         );
+        match boot {
+            0 => audited.push("applied"),
+            1 | 2 => audited.push("refused"),
+            _ => {}
+        }
         // And every instance acknowledged before the cut at the PACS.
         let owed_acked = acked.clone();
         let want = expected(&storage_root);
         // The last boot: no cut.
         let window = Duration::from_millis(CUT_WINDOW_END);
         let last = cuts == planned
-            || (cuts >= MIN_CUTS && test_started.elapsed() + window + longest_cycle > budget);
+            || (cuts >= MIN_CUTS && cutting_started.elapsed() + window + longest_cycle > budget);
         let modality = Modality::start(&net, &studies, last.then_some(1));
+        if boot == 0 {
+            let first = wait_until(
+                "the first study at the hub's PACS",
+                Duration::from_secs(300),
+                vm,
+                || (!orthanc_sop_uids(&pacs).is_empty()).then(|| vm.elapsed()),
+            );
+            println!(
+                "power-on-to-first-study-delivered: {:.1} s ({}; a blank box with the clinic's signed medium: applied, enrolled, tunnel up, the patient and consent restored, the modality's first instance at the hub's Orthanc)",
+                first.as_secs_f64(),
+                if vm.tcg { "TCG" } else { "KVM" }
+            );
+        }
         let ready_at = Instant::now();
         let cut_at = ready_at + rng.millis(1000, CUT_WINDOW_END);
         let mut settled = None;
@@ -1226,6 +1482,20 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
     );
     let verdict: serde_json::Value = serde_json::from_str(&verdict).unwrap();
     assert_eq!(verdict["intact"], true, "{verdict}");
+    // The provisioning audit trail: every medium refused or applied, in order; a medium
+    // left attached is not a refusal.
+    let trail = fs::read_to_string(state.join("tsunagi/provisioning/audit.jsonl")).unwrap();
+    let verdicts: Vec<String> = trail
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["verdict"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(verdicts, audited, "{trail}");
+    println!("provisioning audit trail: {}", verdicts.join(", "));
 
     let met = settled_after_reboot.iter().flatten().count();
     println!(

@@ -470,6 +470,7 @@ impl Operator {
         kind: Kind,
         valid_for: std::time::Duration,
         token_valid_for: std::time::Duration,
+        secrets: &[(String, PathBuf)],
         out: &Path,
     ) -> Result<Bundle, ProvisionError> {
         let clinic = self.clinic(facility_code)?;
@@ -538,10 +539,31 @@ impl Operator {
             config,
             hub,
             enrollment,
+            secrets: secrets
+                .iter()
+                .map(|(name, path)| {
+                    std::fs::read_to_string(path)
+                        .map(|text| (name.clone(), text))
+                        .map_err(io(path))
+                })
+                .collect::<Result<_, _>>()?,
         };
         let bytes = serde_json::to_vec_pretty(&bundle)
             .map_err(|e| ProvisionError::Invalid(e.to_string()))?;
         let signature = tsunagi_medium::sign(&bytes, &key);
+        // Checked as a blank box will check it, before anything is written.
+        let blank = tsunagi_medium::Expect {
+            facility_code: None,
+            last_serial: None,
+            now: issued_at,
+        };
+        tsunagi_medium::verify(
+            &bytes,
+            Some(&signature),
+            &tsunagi_medium::public_key_text(&key),
+            blank,
+        )
+        .map_err(|e| ProvisionError::Invalid(format!("a box would refuse this medium: {e}")))?;
         std::fs::create_dir_all(out).map_err(io(out))?;
         let bundle_path = out.join(tsunagi_medium::BUNDLE_FILE);
         std::fs::write(&bundle_path, &bytes).map_err(io(&bundle_path))?;
@@ -572,6 +594,50 @@ impl Operator {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// A FAT image's size when `write_fat_image` makes a file (a block device keeps its own).
+pub const FAT_IMAGE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Writes the medium in `dir` (the two files `write_medium` wrote there) as a FAT file
+/// system labelled [`tsunagi_medium::LABEL`] into `image`: a file, made or replaced at
+/// [`FAT_IMAGE_BYTES`] (to copy onto a stick, or to attach to a VM), or a block device (a
+/// stick, formatted as a whole, with no partition table). Flushed before it returns.
+pub fn write_fat_image(dir: &Path, image: &Path) -> Result<(), ProvisionError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::FileTypeExt as _;
+    let device = std::fs::metadata(image).is_ok_and(|m| m.file_type().is_block_device());
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(!device)
+        .truncate(!device)
+        .open(image)
+        .map_err(io(image))?;
+    if !device {
+        file.set_len(FAT_IMAGE_BYTES).map_err(io(image))?;
+    }
+    let mut label = [b' '; 11];
+    label[..tsunagi_medium::LABEL.len()].copy_from_slice(tsunagi_medium::LABEL.as_bytes());
+    fatfs::format_volume(
+        &mut file,
+        fatfs::FormatVolumeOptions::new().volume_label(label),
+    )
+    .map_err(io(image))?;
+    std::io::Seek::rewind(&mut file).map_err(io(image))?;
+    {
+        let fs = fatfs::FileSystem::new(&mut file, fatfs::FsOptions::new()).map_err(io(image))?;
+        for name in [tsunagi_medium::BUNDLE_FILE, tsunagi_medium::SIGNATURE_FILE] {
+            let from = dir.join(name);
+            let bytes = std::fs::read(&from).map_err(io(&from))?;
+            let mut f = fs.root_dir().create_file(name).map_err(io(image))?;
+            f.truncate().map_err(io(image))?;
+            f.write_all(&bytes).map_err(io(image))?;
+            f.flush().map_err(io(image))?;
+        }
+        fs.unmount().map_err(io(image))?;
+    }
+    file.sync_all().map_err(io(image))
 }
 
 /// The clinic's config: the network's template with the clinic's keys set (site, tunnel,

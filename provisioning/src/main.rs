@@ -103,9 +103,14 @@ enum Command {
         /// The clinic's 医療機関コード.
         #[arg(long)]
         clinic: String,
-        /// Where to write it.
+        /// Where to write it: a directory (the root of a mounted stick, or a folder to
+        /// copy there).
+        #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+        out: Option<PathBuf>,
+        /// Or a FAT file system labelled TSUNAGI-PRV: an image file (4 MiB, to write onto a
+        /// stick) or the stick's block device itself.
         #[arg(long)]
-        out: PathBuf,
+        image: Option<PathBuf>,
         /// How long the medium may be applied, e.g. 14d.
         #[arg(long, default_value = "14d")]
         valid_for: humantime::Duration,
@@ -115,7 +120,33 @@ enum Command {
         /// A factory-reset medium instead.
         #[arg(long)]
         reset: bool,
+        /// A clinic secret the config names, KEY=FILE (e.g.
+        /// `ssmix2.share.password-file=emr.password`: the EMR server's read-only account);
+        /// the file's content goes into the signed bundle, never into the database.
+        #[arg(long = "secret", value_parser = parse_secret)]
+        secrets: Vec<(String, PathBuf)>,
     },
+}
+
+/// `KEY=FILE` of `medium --secret`.
+fn parse_secret(text: &str) -> Result<(String, PathBuf), String> {
+    let (key, file) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=FILE"))?;
+    if !tsunagi_medium::MEDIUM_SECRETS
+        .iter()
+        .any(|(k, _)| *k == key)
+    {
+        let known: Vec<&str> = tsunagi_medium::MEDIUM_SECRETS
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        return Err(format!(
+            "a medium may carry only these secrets: {}",
+            known.join(", ")
+        ));
+    }
+    Ok((key.to_owned(), PathBuf::from(file)))
 }
 
 /// The hub's WireGuard interface.
@@ -321,6 +352,8 @@ fn main() -> anyhow::Result<()> {
             valid_for,
             token_valid_for,
             reset,
+            secrets,
+            image,
         } => {
             let mut op = Operator::open(&args.dir)?;
             let kind = if reset {
@@ -328,18 +361,38 @@ fn main() -> anyhow::Result<()> {
             } else {
                 tsunagi_medium::Kind::Provision
             };
+            // For an image: the two files beside the database first (private), then
+            // packed into it.
+            let staging = match &image {
+                Some(_) => Some(
+                    tempfile::Builder::new()
+                        .prefix(".medium-")
+                        .tempdir_in(&args.dir)
+                        .context("a staging directory in the operator directory")?,
+                ),
+                None => None,
+            };
+            let dir = match (&out, &staging) {
+                (Some(out), _) => out.clone(),
+                (None, Some(staging)) => staging.path().to_owned(),
+                (None, None) => anyhow::bail!("give --out DIR or --image FILE"),
+            };
             let b = op.write_medium(
                 &clinic,
                 kind,
                 Duration::from(valid_for),
                 Duration::from(token_valid_for),
-                &out,
+                &secrets,
+                &dir,
             )?;
+            if let Some(image) = &image {
+                tsunagi_provision::write_fat_image(&dir, image)?;
+            }
             println!(
                 "wrote medium serial {} for clinic {} into {} (valid until {} Unix seconds)",
                 b.serial,
                 b.facility_code,
-                out.display(),
+                image.as_ref().unwrap_or(&dir).display(),
                 b.expires_at
             );
         }

@@ -52,6 +52,21 @@ fn refused(dir: &Path, args: &[&str], why: &str) {
     assert!(!success && text.contains(why), "{args:?}: {text}");
 }
 
+/// What a blank box knows when it checks a medium: no clinic, no serial, the time now.
+fn blank_box() -> tsunagi_medium::Expect<'static> {
+    tsunagi_medium::Expect {
+        facility_code: None,
+        last_serial: None,
+        now: i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap(),
+    }
+}
+
 /// An operator directory initialised for a network whose pool is `pool`; the public key.
 fn init(work: &Path, pool: &str) -> (std::path::PathBuf, String) {
     let (dir, text) = init_with(work, pool, &[]);
@@ -168,18 +183,8 @@ fn an_operator_registers_clinics_and_writes_media_the_box_accepts() {
         ],
     );
     let (bundle, sig) = read_medium(&out);
-    let now = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-    )
-    .unwrap();
-    let blank = tsunagi_medium::Expect {
-        facility_code: None,
-        last_serial: None,
-        now,
-    };
+    let blank = blank_box();
+    let now = blank.now;
     let b = tsunagi_medium::verify(&bundle, Some(&sig), &public, blank).unwrap();
     assert_eq!(b.facility_code, "1312345678");
     assert_eq!(b.serial, 1);
@@ -276,6 +281,35 @@ fn an_operator_registers_clinics_and_writes_media_the_box_accepts() {
         &["medium", "--clinic", "1300000000", "--out", "x"],
         "no clinic 1300000000",
     );
+    // A secret the clinic's config does not name, or that a medium may not carry: no
+    // medium is written.
+    let secret = work.path().join("emr.password");
+    std::fs::write(&secret, "emr-read-only\n").unwrap();
+    let out4 = work.path().join("with-secret");
+    let out4_text = out4.to_str().unwrap();
+    for (key, why) in [
+        (
+            "ssmix2.share.password-file",
+            "a box would refuse this medium: the medium carries a secret for ssmix2.share.password-file",
+        ),
+        (
+            "tunnel.private-key-file",
+            "a medium may carry only these secrets",
+        ),
+    ] {
+        let secret_arg = format!("{key}={}", secret.display());
+        let args = [
+            "medium",
+            "--clinic",
+            "1312345678",
+            "--out",
+            out4_text,
+            "--secret",
+            &secret_arg,
+        ];
+        refused(&dir, &args, why);
+    }
+    assert!(!out4.exists());
 }
 
 #[test]
@@ -339,18 +373,7 @@ fn a_signing_key_made_by_openssl_is_used_by_reference() {
         ],
     );
     let (bundle, sig) = read_medium(&out);
-    let expect = tsunagi_medium::Expect {
-        facility_code: None,
-        last_serial: None,
-        now: i64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs(),
-        )
-        .unwrap(),
-    };
-    tsunagi_medium::verify(&bundle, Some(&sig), image_key.trim(), expect).unwrap();
+    tsunagi_medium::verify(&bundle, Some(&sig), image_key.trim(), blank_box()).unwrap();
 }
 
 /// The clinic's own addresses on the box's ports (`clinic add --lan-address ...`) go over
@@ -471,4 +494,64 @@ fn a_clinics_own_addresses_go_into_its_medium() {
         &["medium", "--clinic", "1312345678", "--out", "x"],
         "the template turns [identity] off",
     );
+}
+
+#[test]
+fn a_medium_written_as_a_fat_image_is_what_a_stick_carries() {
+    use std::io::Read as _;
+    let work = tempfile::tempdir().unwrap();
+    let (dir, public) = init(work.path(), "10.98.1.0/24");
+    let (text, success) = add(&dir, "1312345678", "つなぎ内科", "TSUNAGI");
+    assert!(success, "{text}");
+    let image = work.path().join("stick.img");
+    let text = ok(
+        &dir,
+        &[
+            "medium",
+            "--clinic",
+            "1312345678",
+            "--image",
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(text.contains("stick.img"), "{text}");
+    assert_eq!(
+        std::fs::metadata(&image).unwrap().len(),
+        tsunagi_provision::FAT_IMAGE_BYTES
+    );
+    // The label the box looks for, as blkid (which the box uses) reads it.
+    let blkid = Command::new("blkid")
+        .args(["-c", "/dev/null", "-o", "value", "-s", "LABEL"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&blkid.stdout).trim(),
+        tsunagi_medium::LABEL
+    );
+    // The two files, as a FAT reader finds them; the box accepts them.
+    let file = std::fs::File::open(&image).unwrap();
+    let fs = fatfs::FileSystem::new(file, fatfs::FsOptions::new()).unwrap();
+    let read = |name: &str| {
+        let mut bytes = Vec::new();
+        fs.root_dir()
+            .open_file(name)
+            .unwrap()
+            .read_to_end(&mut bytes)
+            .unwrap();
+        bytes
+    };
+    let bundle = read(tsunagi_medium::BUNDLE_FILE);
+    let sig = String::from_utf8(read(tsunagi_medium::SIGNATURE_FILE)).unwrap();
+    let b = tsunagi_medium::verify(&bundle, Some(&sig), &public, blank_box()).unwrap();
+    assert_eq!(b.serial, 1);
+    // Nothing of it stays in the operator directory but the database's record.
+    assert!(std::fs::read_dir(&dir).unwrap().all(|e| {
+        !e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".medium-")
+    }));
+    // --out or --image, one of them.
+    refused(&dir, &["medium", "--clinic", "1312345678"], "--out");
 }

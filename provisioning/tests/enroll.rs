@@ -195,6 +195,7 @@ fn renewal_needs_the_current_certificate_and_revocation_ends_it() {
             tsunagi_medium::Kind::Provision,
             Duration::from_secs(60),
             Duration::from_secs(60),
+            &[],
             &work.path().join("m"),
         )
         .is_err()

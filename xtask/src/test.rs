@@ -375,6 +375,15 @@ fn image_tests() -> Step {
     nextest
         .env("TSUNAGI_IMAGE", target.join("image").join("tsunagi.raw"))
         .env("TSUNAGI_IMAGE_BIN", target.join("release").join("tsunagi"))
+        // The signing half of the provisioning key the image carries: the power-cut test
+        // provisions the box as an operator does (`cargo xtask image` made the test key;
+        // real keys of `KEYS=DIR` have no private half there, and the test says so).
+        .env(
+            "TSUNAGI_PROVISIONING_KEY",
+            std::env::var_os("KEYS")
+                .map_or_else(|| target.join("image-keys"), std::path::PathBuf::from)
+                .join("provisioning.key"),
+        )
         .args([
             "nextest",
             "run",

@@ -18,6 +18,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
+/// The label of a medium's file system, which the box looks for (a FAT label has 11
+/// characters at most, so that a USB stick as it comes, FAT-formatted, can carry it).
+pub const LABEL: &str = "TSUNAGI-PRV";
 /// The bundle's file on a medium.
 pub const BUNDLE_FILE: &str = "tsunagi-provisioning.json";
 /// The signature's file on a medium.
@@ -82,7 +85,24 @@ pub struct Bundle {
     pub config: String,
     pub hub: Option<Hub>,
     pub enrollment: Option<Enrollment>,
+    /// The clinic's own secrets the config names (not the box's: it makes those itself),
+    /// by the config's dotted key (`ssmix2.share.password-file`: the EMR server's
+    /// read-only account). Only the keys of [`MEDIUM_SECRETS`]; each lands at the path the
+    /// config gives, 0600, for the service that reads it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub secrets: std::collections::BTreeMap<String, String>,
 }
+
+/// The secret files a medium may carry, by the config's dotted key, with the user of the
+/// service that reads each one (`None`: root, e.g. the share's mount). The box's own keys
+/// (the tunnel's private key, the TLS key) are never among them: the box makes them.
+pub const MEDIUM_SECRETS: &[(&str, Option<&str>)] = &[
+    ("ssmix2.share.password-file", None),
+    ("tunnel.preshared-key-file", Some("tsunagi-tunnel")),
+];
+
+/// A secret's size, at most.
+pub const MAX_SECRET: usize = 4096;
 
 /// Why a medium is refused: one line each, for the console, the serial log and the audit
 /// record.
@@ -105,11 +125,23 @@ pub enum Refused {
     #[error("the medium is for clinic {medium}, this box belongs to clinic {this_box}")]
     OtherClinic { medium: String, this_box: String },
     #[error(
-        "the medium's serial {serial} is not newer than the last one applied ({last}): a medium is applied once"
+        "the medium's serial {serial} is older than the last one applied ({last}): a medium is applied once"
     )]
     NotNewer { serial: u64, last: u64 },
+    /// Not a refusal to report: the medium applied last, still attached (authentic, for
+    /// this clinic, the same serial). Nothing to do.
+    #[error("the medium's serial {0} is the one applied last: nothing to do")]
+    AlreadyApplied(u64),
     #[error("the medium's config is refused: {0}")]
     Config(String),
+    #[error(
+        "the medium's enrollment token expired at {expired} (Unix seconds; the box's clock says {now}): ask the network operator for a new medium"
+    )]
+    TokenExpired { expired: i64, now: i64 },
+    #[error(
+        "the medium carries a secret for {0}, which a medium may not set or the config does not name"
+    )]
+    Secret(String),
 }
 
 /// What the box knows when it checks a medium.
@@ -170,12 +202,6 @@ pub fn verify(
     }
     let b: Bundle =
         serde_json::from_value(format).map_err(|e| Refused::Malformed(e.to_string()))?;
-    if expect.now >= b.expires_at {
-        return Err(Refused::Expired {
-            expired: b.expires_at,
-            now: expect.now,
-        });
-    }
     if let Some(this_box) = expect.facility_code
         && this_box != b.facility_code
     {
@@ -184,12 +210,22 @@ pub fn verify(
             this_box: this_box.to_owned(),
         });
     }
-    if let Some(last) = expect.last_serial
-        && b.serial <= last
-    {
-        return Err(Refused::NotNewer {
-            serial: b.serial,
-            last,
+    // Before the expiry: a medium left attached after it was applied is that, whatever
+    // its age.
+    match expect.last_serial {
+        Some(last) if b.serial == last => return Err(Refused::AlreadyApplied(b.serial)),
+        Some(last) if b.serial < last => {
+            return Err(Refused::NotNewer {
+                serial: b.serial,
+                last,
+            });
+        }
+        _ => {}
+    }
+    if expect.now >= b.expires_at {
+        return Err(Refused::Expired {
+            expired: b.expires_at,
+            now: expect.now,
         });
     }
     if b.kind == Kind::Provision {
@@ -205,6 +241,25 @@ pub fn verify(
         if b.hub.is_none() {
             return Err(Refused::Malformed("no hub".to_owned()));
         }
+        let named = cfg.secret_files();
+        for (key, value) in &b.secrets {
+            let allowed = MEDIUM_SECRETS.iter().any(|(k, _)| k == key);
+            if !allowed || !named.iter().any(|(k, _)| k == key) || value.len() > MAX_SECRET {
+                return Err(Refused::Secret(key.clone()));
+            }
+        }
+        if let Some(e) = &b.enrollment
+            && expect.now >= e.expires_at
+        {
+            return Err(Refused::TokenExpired {
+                expired: e.expires_at,
+                now: expect.now,
+            });
+        }
+    } else if !b.secrets.is_empty() {
+        return Err(Refused::Malformed(
+            "a reset medium carries secrets".to_owned(),
+        ));
     }
     Ok(b)
 }

@@ -36,6 +36,7 @@ fn bundle(code: &str, serial: u64) -> Bundle {
             expires_at: NOW + 86_400,
             url: "https://10.98.0.1:8443/enroll".to_owned(),
         }),
+        secrets: std::collections::BTreeMap::new(),
     }
 }
 
@@ -122,17 +123,63 @@ fn every_refusal_is_one_clear_line() {
         refused.to_string(),
         "the medium is for clinic 1312345678, this box belongs to clinic 1319999999"
     );
-    // Replayed: the same serial, or an older one.
-    for last in [7, 9] {
-        let applied = Expect {
-            facility_code: Some("1312345678"),
-            last_serial: Some(last),
-            now: NOW,
-        };
-        assert!(matches!(
-            check(&bytes, Some(&sig), applied),
-            Refused::NotNewer { serial: 7, .. }
-        ));
+    // Replayed: an older serial. The same serial is the medium applied last, left
+    // attached: nothing to do, even once it expired.
+    let applied = |last, now| Expect {
+        facility_code: Some("1312345678"),
+        last_serial: Some(last),
+        now,
+    };
+    assert!(matches!(
+        check(&bytes, Some(&sig), applied(9, NOW)),
+        Refused::NotNewer { serial: 7, last: 9 }
+    ));
+    for now in [NOW, NOW + 30 * 86_400] {
+        assert_eq!(
+            check(&bytes, Some(&sig), applied(7, now)),
+            Refused::AlreadyApplied(7)
+        );
+    }
+    // The enrollment token expired (the medium has not).
+    let mut b = bundle("1312345678", 7);
+    b.enrollment.as_mut().unwrap().expires_at = NOW - 1;
+    let (bytes, sig) = medium(&b, &k);
+    assert!(matches!(
+        check(&bytes, Some(&sig), fresh()),
+        Refused::TokenExpired { .. }
+    ));
+}
+
+#[test]
+fn a_medium_carries_only_the_clinic_secrets_its_config_names() {
+    let k = key();
+    let network = public_key_text(&k);
+    let with_share = |secret: &str| {
+        let mut b = bundle("1312345678", 1);
+        b.config.push_str(
+            "\n[ssmix2]\nstorage = \"/run/tsunagi-shares/ssmix2\"\n\
+             [ssmix2.replica]\nurl = \"https://10.98.0.1:8443/ssmix2/\"\nca-file = \"/var/lib/tsunagi/provisioning/network-ca.pem\"\nclient-identity = true\n[identity]\nenabled = true\n\
+             [ssmix2.share]\naddress = \"192.168.50.10\"\nshare = \"ssmix2\"\nusername = \"tsunagi\"\n\
+             password-file = \"/etc/tsunagi/secrets/share.password\"\n",
+        );
+        b.secrets
+            .insert(secret.to_owned(), "emr-read-only\n".to_owned());
+        b
+    };
+    let good = with_share("ssmix2.share.password-file");
+    let (bytes, sig) = medium(&good, &k);
+    assert_eq!(verify(&bytes, Some(&sig), &network, fresh()), Ok(good));
+    // Not named by the config, or the box's own key: refused.
+    for key_name in [
+        "tunnel.preshared-key-file",
+        "tunnel.private-key-file",
+        "anything",
+    ] {
+        let (bytes, sig) = medium(&with_share(key_name), &k);
+        assert_eq!(
+            verify(&bytes, Some(&sig), &network, fresh()),
+            Err(Refused::Secret(key_name.to_owned()))
+        );
     }
 }
 

@@ -11,7 +11,7 @@
 //! [`exit_code::REFUSED`]. Every file is written beside and renamed into place, then
 //! flushed with its folder.
 
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
@@ -119,8 +119,22 @@ fn applied_path(state: &Path) -> PathBuf {
     state.join("provisioning").join("applied.json")
 }
 
-/// Reads the medium and checks it; the bundle, or the line that says why not.
-fn checked(args: &MediumArgs) -> Result<Bundle, String> {
+/// Why [`checked`] gives no bundle.
+enum Checked {
+    /// The medium applied last (its serial): nothing to do.
+    AlreadyApplied(u64),
+    /// The line that says why not.
+    Refused(String),
+}
+
+impl From<String> for Checked {
+    fn from(line: String) -> Checked {
+        Checked::Refused(line)
+    }
+}
+
+/// Reads the medium and checks it; the bundle, or why not.
+fn checked(args: &MediumArgs) -> Result<Bundle, Checked> {
     let key = std::fs::read_to_string(&args.key).map_err(|e| {
         format!(
             "cannot read the network's provisioning key {}: {}",
@@ -144,10 +158,10 @@ fn checked(args: &MediumArgs) -> Result<Bundle, String> {
             })?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
-                return Err(format!(
+                return Err(Checked::Refused(format!(
                     "the record of the last medium applied cannot be read: {}",
                     e.kind()
-                ));
+                )));
             }
         };
     let expect = Expect {
@@ -155,7 +169,10 @@ fn checked(args: &MediumArgs) -> Result<Bundle, String> {
         last_serial: applied.as_ref().map(|a| a.serial),
         now: now(),
     };
-    tsunagi_medium::verify(&bundle, signature.as_deref(), &key, expect).map_err(|e| e.to_string())
+    tsunagi_medium::verify(&bundle, signature.as_deref(), &key, expect).map_err(|e| match e {
+        tsunagi_medium::Refused::AlreadyApplied(serial) => Checked::AlreadyApplied(serial),
+        e => Checked::Refused(e.to_string()),
+    })
 }
 
 fn apply(
@@ -170,6 +187,7 @@ fn apply(
     // `verify` has checked the config; read again for its `[network]`.
     let parsed = tsunagi_config::parse(&b.config, config)
         .map_err(|e| std::io::Error::other(format!("the medium's config: {e}")))?;
+    write_secrets(&parsed, b)?;
     replace(config, b.config.as_bytes(), 0o644)?;
     // Only a config with `[network]` changes the network files: without one, the image's
     // (or an earlier medium's) stay.
@@ -219,6 +237,42 @@ fn apply(
         Some(&b.facility_code),
         b.enrollment.as_ref().map(|e| e.url.clone()),
     )
+}
+
+/// The clinic's secrets the medium carries, each where the config names it: 0600, for the
+/// user of the service that reads it (root for the share's mount), its folder made 0755 if
+/// missing (the folder names no secret).
+fn write_secrets(cfg: &tsunagi_config::Config, b: &Bundle) -> std::io::Result<()> {
+    let named = cfg.secret_files();
+    for (key, text) in &b.secrets {
+        // `verify` has checked both lists; a key in neither is not written.
+        let (Some((_, file)), Some((_, user))) = (
+            named.iter().find(|(k, _)| k == key),
+            tsunagi_medium::MEDIUM_SECRETS
+                .iter()
+                .find(|(k, _)| k == key),
+        ) else {
+            continue;
+        };
+        let path = file.as_path();
+        if let Some(dir) = path.parent()
+            && !dir.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)?;
+        }
+        replace(path, text.as_bytes(), 0o600)?;
+        if let Some(user) = user
+            && tsunagi_runtime::privilege::is_root()
+        {
+            let id = tsunagi_runtime::privilege::ensure_user(user)
+                .map_err(|e| std::io::Error::other(tsunagi_runtime::child::error_chain(&e)))?;
+            nix::unistd::chown(path, Some(id.uid), Some(id.gid)).map_err(std::io::Error::from)?;
+        }
+    }
+    Ok(())
 }
 
 fn record(
@@ -301,13 +355,22 @@ fn audit(state: &Path, verdict: &str, text: &str, serial: Option<u64>) {
         "reason": text,
     });
     let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        let path = dir.join(AUDIT_FILE);
+        let new = !path.exists();
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o640)
-            .open(dir.join(AUDIT_FILE))?;
+            .open(&path)?;
         writeln!(f, "{line}")?;
-        f.sync_all()
+        f.sync_all()?;
+        // A new trail: its name (and its folder's) flushed too, or a power cut right after
+        // a refusal at boot could lose the record.
+        if new {
+            std::fs::File::open(&dir)?.sync_all()?;
+            std::fs::File::open(state)?.sync_all()?;
+        }
+        Ok(())
     });
     if let Err(e) = written {
         eprintln!("tsunagi medium: cannot write the provisioning audit record: {e}");
@@ -353,7 +416,20 @@ pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
     };
     let b = match checked(args) {
         Ok(b) => b,
-        Err(why) => {
+        // The medium applied last, left attached: said, not audited, not a refusal.
+        Err(Checked::AlreadyApplied(serial)) => {
+            let text = format!("serial {serial}, applied before; nothing to do");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"verdict": "already-applied", "reason": text, "serial": serial})
+                );
+            } else {
+                println!("tsunagi medium: already applied: {text}");
+            }
+            return exit_code::OK;
+        }
+        Err(Checked::Refused(why)) => {
             say("refused", &why, None);
             return exit_code::REFUSED;
         }

@@ -52,6 +52,7 @@ fn bundle(code: &str, serial: u64) -> Bundle {
             expires_at: now() + 3600,
             url: "https://10.98.0.1:8443/enroll".to_owned(),
         }),
+        secrets: std::collections::BTreeMap::new(),
     }
 }
 
@@ -173,13 +174,22 @@ fn a_medium_is_applied_once_and_a_newer_serial_reprovisions() {
         assert_eq!(std::fs::metadata(&token).unwrap().uid(), owner.uid.as_raw());
     }
     assert!(std::fs::read_to_string(&token).unwrap().contains("token-3"));
-    // Applied once: the same medium again is refused, and nothing changes.
+    // Applied once: the same medium again (left attached) is nothing to do, and is not
+    // audited as a refusal.
+    let audit = || std::fs::read_to_string(state.join("audit.jsonl")).unwrap();
+    let before = audit();
+    std::fs::write(b.config(), "changed by hand\n").unwrap();
     let (text, code) = b.medium("apply", &first);
-    assert_eq!(code, 6, "{text}");
-    assert!(
-        text.contains("refused: the medium's serial 3 is not newer than the last one applied (3)"),
-        "{text}"
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        text.trim(),
+        "tsunagi medium: already applied: serial 3, applied before; nothing to do"
     );
+    assert_eq!(
+        std::fs::read_to_string(b.config()).unwrap(),
+        "changed by hand\n"
+    );
+    assert_eq!(audit(), before);
     // A newer serial for the same clinic re-provisions.
     let second = media.path().join("second");
     write(&second, &bundle("1312345678", 4), Some(&k));
@@ -323,13 +333,15 @@ fn a_reset_medium_wipes_the_box_which_then_takes_any_clinic_but_no_older_medium(
         audit.contains("this box belongs to clinic 1312345678"),
         "{audit}"
     );
-    // Applied once.
-    assert_eq!(b.medium("apply", &reset).1, 6);
+    // Applied once: left attached, it wipes nothing again.
+    let (text, code) = b.medium("apply", &reset);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("already applied: serial 5"), "{text}");
     // The box takes a newer medium of any clinic, but no older one (replay).
     let (text, code) = b.medium("apply", &first);
     assert_eq!(code, 6, "{text}");
     assert!(
-        text.contains("not newer than the last one applied (5)"),
+        text.contains("older than the last one applied (5)"),
         "{text}"
     );
     let next = media.path().join("next");
@@ -405,4 +417,40 @@ fn a_mediums_network_becomes_the_boxs_networkd_files() {
     let (text, code) = b.medium("apply", &reset_dir);
     assert_eq!(code, 0, "{text}");
     assert_eq!(b.network_files(), ["99-image.network"]);
+}
+
+#[test]
+fn the_clinics_share_password_lands_where_the_config_names_it_for_root_alone() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let k = key();
+    let b = Box::new(&k);
+    let media = tempfile::tempdir().unwrap();
+    let password = b.dir.path().join("etc/secrets/share.password");
+    let mut with_share = bundle("1312345678", 1);
+    with_share.config.push_str(&format!(
+        "\n[ssmix2]\nstorage = \"/run/tsunagi-shares/ssmix2\"\n\
+         [ssmix2.replica]\nurl = \"https://10.98.0.1:8443/ssmix2/\"\nca-file = \"/var/lib/tsunagi/provisioning/network-ca.pem\"\nclient-identity = true\n[identity]\nenabled = true\n\
+         [ssmix2.share]\naddress = \"192.168.50.10\"\nshare = \"ssmix2\"\nusername = \"tsunagi\"\n\
+         password-file = \"{}\"\n",
+        password.display()
+    ));
+    with_share.secrets.insert(
+        "ssmix2.share.password-file".into(),
+        "emr-read-only\n".into(),
+    );
+    let medium = media.path().join("share");
+    write(&medium, &with_share, Some(&k));
+    let (text, code) = b.medium("apply", &medium);
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains("emr-read-only"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(&password).unwrap(),
+        "emr-read-only\n"
+    );
+    assert_eq!(
+        std::fs::metadata(&password).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The applied config then loads: its secret file is private.
+    tsunagi_config::load(&b.config()).unwrap();
 }

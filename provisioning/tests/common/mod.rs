@@ -99,6 +99,7 @@ pub fn token(op: &mut Operator, work: &Path, code: &str, valid: Duration) -> Str
             tsunagi_medium::Kind::Provision,
             Duration::from_secs(86_400),
             valid,
+            &[],
             &out,
         )
         .unwrap();
