@@ -401,32 +401,28 @@ pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
         MediumCommand::Check(_) => None,
     };
     let applying = config.is_some();
-    let say = |verdict: &str, text: &str, serial: Option<u64>| {
-        if applying {
-            audit(&args.state_dir, verdict, text, serial);
-        }
+    let print = |verdict: &str, text: &str, serial: Option<u64>| {
         if json {
             println!(
                 "{}",
                 serde_json::json!({"verdict": verdict, "reason": text, "serial": serial})
             );
         } else {
-            println!("tsunagi medium: {verdict}: {text}");
+            println!("tsunagi medium: {}: {text}", verdict.replace('-', " "));
         }
+    };
+    let say = |verdict: &str, text: &str, serial: Option<u64>| {
+        if applying {
+            audit(&args.state_dir, verdict, text, serial);
+        }
+        print(verdict, text, serial);
     };
     let b = match checked(args) {
         Ok(b) => b,
         // The medium applied last, left attached: said, not audited, not a refusal.
         Err(Checked::AlreadyApplied(serial)) => {
             let text = format!("serial {serial}, applied before; nothing to do");
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"verdict": "already-applied", "reason": text, "serial": serial})
-                );
-            } else {
-                println!("tsunagi medium: already applied: {text}");
-            }
+            print("already-applied", &text, Some(serial));
             return exit_code::OK;
         }
         Err(Checked::Refused(why)) => {
