@@ -244,17 +244,6 @@ fn attach(medium: &Path, disk: &Path) {
     }
 }
 
-/// The hub's WireGuard peers, `KEY ALLOWED-IPS` per line (`wg show IFACE allowed-ips`).
-fn hub_peers(net: &TestNet) -> String {
-    let out = net
-        .exec(
-            Host::Hub,
-            Command::new("wg").args(["show", &net.plan().hub_wg_iface, "allowed-ips"]),
-        )
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The network's services in the hub: its FHIR server (the consent sync's peer) and its
 /// PACS (Orthanc).
 fn start_hub_services(net: &TestNet) -> Orthanc {
@@ -1190,7 +1179,7 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
         audited.push("refused");
     }
     assert_eq!(
-        hub_peers(&net).trim(),
+        net.hub_peers().unwrap().trim(),
         "",
         "a refused medium enrolled the box"
     );
@@ -1239,7 +1228,7 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
                 Duration::from_secs(300),
                 vm,
                 || {
-                    hub_peers(&net).lines().find_map(|l| {
+                    net.hub_peers().unwrap().lines().find_map(|l| {
                         match l.split_whitespace().collect::<Vec<_>>()[..] {
                             [key, "10.99.0.2/32"] => Some(key.to_owned()),
                             _ => None,

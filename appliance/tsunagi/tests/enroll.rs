@@ -122,17 +122,6 @@ fn enroll(net: &TestNet, host: Host, h: &Harness, serial: &str) -> (String, i32)
     )
 }
 
-/// The hub's peers and their allowed IPs, from `wg show IFACE allowed-ips`.
-fn hub_peers(net: &TestNet) -> String {
-    let out = net
-        .exec(
-            Host::Hub,
-            Command::new("wg").args(["show", &net.plan().hub_wg_iface, "allowed-ips"]),
-        )
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn box_public_key(h: &Harness) -> String {
     let (text, code) = run(Command::new(BIN)
         .args(["vpn", "pubkey", "--config"])
@@ -286,7 +275,7 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
     let public = box_public_key(&h);
     assert!(box_json.contains(&public), "{box_json}");
     assert!(net.hub_handshake_age(&public).unwrap().is_some());
-    let peers = hub_peers(&net);
+    let peers = net.hub_peers().unwrap();
     assert!(
         peers
             .lines()
@@ -479,7 +468,7 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
         ],
     );
     assert!(text.contains("revoked clinic 1312345678"), "{text}");
-    assert!(!hub_peers(&net).contains(&public));
+    assert!(!net.hub_peers().unwrap().contains(&public));
     h.wait_for("the tunnel down", Duration::from_secs(60), |s| {
         !tunnel_up(s)
     });

@@ -432,6 +432,18 @@ impl TestNet {
         Ok(())
     }
 
+    /// The hub's WireGuard peers and what each may send from: `wg show IFACE allowed-ips`,
+    /// one `KEY<TAB>CIDR...` line per peer (empty without peers).
+    pub fn hub_peers(&self) -> Result<String, TestNetError> {
+        let iface = &self.plan.hub_wg_iface;
+        self.tool(
+            Host::Hub,
+            "wg",
+            &["show", iface.as_str(), "allowed-ips"],
+            None,
+        )
+    }
+
     /// When the hub last completed a handshake with `public_key` (whole seconds, from `wg
     /// show IFACE latest-handshakes`); `None` if never (since the last hub restart).
     pub fn hub_latest_handshake(
