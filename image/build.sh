@@ -94,7 +94,9 @@ mmdebstrap \
 
 KVER=$(ls "$R/lib/modules" | sort -V | tail -1)
 cp "$R/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
-cp "$R/boot/initrd.img-$KVER" "$WORK/initrd.img"
+# The initrd comes uncompressed from dracut (image/dracut/90-tsunagi.conf); zstd at
+# dracut's own level.
+zstd -15 -q -f --no-progress "$R/boot/initrd.img-$KVER" -o "$WORK/initrd.img"
 sed -i '/^IMAGE_ID=/d; /^IMAGE_VERSION=/d' "$R/usr/lib/os-release"
 printf 'IMAGE_ID=tsunagi\nIMAGE_VERSION=%s\n' "$VERSION" >> "$R/usr/lib/os-release"
 
@@ -106,7 +108,7 @@ find "$R" -newermt "@$SOURCE_DATE_EPOCH" -print0 | xargs -0r touch -h -d "@$SOUR
 # /var is only a mount point in the root: the data partition is mounted there.
 step "root: squashfs (timestamps from SOURCE_DATE_EPOCH) and dm-verity"
 rm -f "$WORK/root.img"
-mksquashfs "$R" "$WORK/root.img" -comp zstd -b 128K -noappend -no-progress \
+mksquashfs "$R" "$WORK/root.img" -comp lz4 -Xhc -b 128K -noappend -no-progress \
   -wildcards -e 'boot/*' -e 'var/*' -processors "$(nproc)" >/dev/null
 SALT=$(printf 'tsunagi-%s' "$VERSION" | sha256sum | cut -c1-64)
 VUUID=$(printf 'tsunagi-verity-%s' "$VERSION" | sha256sum | sed -E 's/^(.{8})(.{4})(.{4})(.{4})(.{12}).*/\1-\2-\3-\4-\5/')

@@ -52,7 +52,8 @@ for d in sound drivers/gpu drivers/media drivers/infiniband drivers/iio drivers/
          fs/xfs fs/ocfs2 fs/nfs fs/nfsd fs/btrfs fs/gfs2 fs/f2fs fs/ceph fs/zonefs fs/jfs \
          fs/reiserfs fs/nilfs2 fs/ubifs fs/orangefs fs/afs fs/coda fs/9p fs/ntfs3 fs/hfs \
          fs/hfsplus fs/ufs fs/minix fs/omfs fs/qnx4 fs/qnx6 fs/befs fs/efs fs/hpfs fs/sysv \
-         fs/adfs fs/affs fs/freevxfs fs/jffs2 fs/dlm fs/lockd fs/nfs_common fs/cramfs fs/romfs; do
+         fs/adfs fs/affs fs/freevxfs fs/jffs2 fs/dlm fs/lockd fs/nfs_common fs/cramfs fs/romfs \
+         arch/x86/kvm drivers/input/misc/pcspkr.ko; do
   rm -rf "${MODS:?}/$d"
 done
 chroot "$R" depmod "$KVER"
@@ -70,6 +71,23 @@ if [ -s "$KEYS/ca.cert.pem" ]; then cp "$KEYS/ca.cert.pem" "$R/etc/rauc/keyring.
 if [ -s "$KEYS/provisioning.pub" ]; then
   install -D -m 0644 "$KEYS/provisioning.pub" "$R/usr/share/tsunagi/provisioning.pub"
 fi
+
+# The generators the box has no use for are masked: each is a process systemd runs at the
+# switch to the root and at every reload, and under emulation that is seconds of the boot.
+# Kept: fstab (/var, /tmp), veritysetup (the root's verity device), gpt-auto (the ESP's
+# automount, where systemd-bless-boot marks the boot good) and bless-boot (boot counting).
+# Masked: SysV scripts (every service here has a unit), getty (no login),
+# cryptsetup and integritysetup (no such volumes yet),
+# hibernation, rc.local, offline updates (RAUC updates the other slot), and the kernel
+# command line's debug and run= switches.
+mkdir -p "$R/etc/systemd/system-generators"
+for gen in systemd-sysv-generator systemd-getty-generator \
+           systemd-cryptsetup-generator systemd-integritysetup-generator \
+           systemd-hibernate-resume-generator systemd-rc-local-generator \
+           systemd-system-update-generator systemd-debug-generator systemd-run-generator; do
+  test -e "$R/usr/lib/systemd/system-generators/$gen"
+  ln -sf /dev/null "$R/etc/systemd/system-generators/$gen"
+done
 
 # No way to log in: no getty on any console, no emergency or rescue shell, root locked, no
 # login programs; no package manager at run time.

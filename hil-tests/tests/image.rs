@@ -798,6 +798,91 @@ fn profile_medians(profiles: &[Vec<Option<Duration>>]) -> String {
         .join("\n")
 }
 
+/// systemd's catalogue IDs of a job starting and of a job done.
+const JOB_START: &str = "7d4958e842da4a758f6c1cdc7b36dcc5";
+const JOB_DONE: &str = "39f53479d3a045ac8e11786248231fbf";
+
+/// Where the last boot's time went, read from its persistent journal on the data partition
+/// (`data`, an image of it) with the host's `journalctl`: the switch to the root, and the
+/// unit jobs that took longest, in seconds since the kernel started. A diagnostic for the
+/// boot time the cut count depends on (docs/image.md); `None` if the journal cannot be read.
+fn journal_profile(data: &Path, work: &Path) -> Option<String> {
+    let dir = work.join("journal");
+    fs::create_dir_all(&dir).ok()?;
+    let ok = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump /log/journal {}", dir.display()))
+        .arg(data)
+        .output()
+        .ok()?
+        .status
+        .success();
+    if !ok {
+        return None;
+    }
+    let out = Command::new("journalctl")
+        .arg("-D")
+        .arg(dir.join("journal"))
+        .args(["-b", "0", "-o", "json", "--no-pager"])
+        .output()
+        .ok()?;
+    let mut started: BTreeMap<String, f64> = BTreeMap::new();
+    let mut jobs: Vec<(f64, f64, String)> = Vec::new();
+    let (mut switching, mut switched) = (None, None);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let field = |k: &str| e.get(k).and_then(serde_json::Value::as_str);
+        let Some(t) = field("__MONOTONIC_TIMESTAMP").and_then(|t| t.parse::<f64>().ok()) else {
+            continue;
+        };
+        let t = t / 1e6;
+        let message = field("MESSAGE").unwrap_or_default();
+        if field("SYSLOG_IDENTIFIER") == Some("systemd") {
+            if message == "Switching root." {
+                switching = Some(t);
+            } else if switching.is_some()
+                && switched.is_none()
+                && message.contains("running in system mode")
+            {
+                switched = Some(t);
+            }
+        }
+        let Some(unit) = field("UNIT") else { continue };
+        match field("MESSAGE_ID") {
+            Some(JOB_START) => {
+                started.insert(unit.to_owned(), t);
+            }
+            Some(JOB_DONE) => {
+                let from = started.remove(unit).unwrap_or(t);
+                jobs.push((from, t, unit.to_owned()));
+            }
+            _ => {}
+        }
+    }
+    if jobs.is_empty() {
+        return None;
+    }
+    let mut lines = Vec::new();
+    if let (Some(a), Some(b)) = (switching, switched) {
+        lines.push(format!(
+            "  {a:5.1} s to {b:5.1} s ({:4.1} s)  the switch to the root (systemd again, its generators, the units)",
+            b - a
+        ));
+    }
+    jobs.sort_by(|a, b| (b.1 - b.0).total_cmp(&(a.1 - a.0)));
+    jobs.truncate(10);
+    jobs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (from, to, unit) in jobs {
+        lines.push(format!(
+            "  {from:5.1} s to {to:5.1} s ({:4.1} s)  {unit}",
+            to - from
+        ));
+    }
+    Some(lines.join("\n"))
+}
+
 /// A tiny xorshift generator: the cut moments, reproducible from the printed seed.
 struct Rng(u64);
 
@@ -1514,6 +1599,11 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
         "boot profile (median time since QEMU started at which the console shows):\n{}",
         profile_medians(&profiles)
     );
+    if let Some(profile) = journal_profile(&data, work.path()) {
+        println!(
+            "the last boot's journal (seconds since the kernel started; the longest unit jobs):\n{profile}"
+        );
+    }
     println!(
         "power cuts: the test took {:.0} s",
         test_started.elapsed().as_secs_f64()

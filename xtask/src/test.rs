@@ -123,6 +123,10 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
         why: "cargo xtask image: filling the ESP without a loop device (mmd, mcopy)",
     },
     SystemPackage {
+        name: "zstd",
+        why: "cargo xtask image: compresses the initrd (the image's root has no zstd)",
+    },
+    SystemPackage {
         name: "fdisk",
         why: "cargo xtask image: the GPT (sfdisk)",
     },
