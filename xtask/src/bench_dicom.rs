@@ -648,8 +648,7 @@ fn run_ours(ns: &Netns, tsunagi: &Path, w: &Workload, work: &Path) -> anyhow::Re
         wait_for_echo(ns, OUR_AE, OUR_PORT, &mut child, "tsunagi")?;
         let pid = dicom_pid(tsunagi, &config)?;
         let secs = send(ns, OUR_AE, OUR_PORT, w)?;
-        let objects = dir.join("state/dicom/spool/objects");
-        let stored = count_files(&objects);
+        let stored = queued(tsunagi, &config)?;
         ensure!(
             stored == w.files,
             "the box spooled {stored} of {} files",
@@ -677,6 +676,29 @@ fn run_ours(ns: &Netns, tsunagi: &Path, w: &Workload, work: &Path) -> anyhow::Re
     });
     let _ = fs::remove_dir_all(&dir);
     outcome
+}
+
+/// How many instances the box's spool holds, from `tsunagi dicom list` (small instances
+/// are records in spool segments, not files of their own).
+fn queued(tsunagi: &Path, config: &Path) -> anyhow::Result<usize> {
+    let mut cmd = Command::new(tsunagi);
+    cmd.args(["dicom", "--json", "--config"])
+        .arg(config)
+        .args(["list", "--state", "pending", "--limit", "1000000"]);
+    let out = cmd
+        .output()
+        .with_context(|| format!("run {}", display(&cmd)))?;
+    ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        display(&cmd),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{} printed no JSON", display(&cmd)))?;
+    list.as_array()
+        .map(Vec::len)
+        .context("`tsunagi dicom list --json` printed no list")
 }
 
 /// The DICOM service's pid, from `tsunagi status --json`.

@@ -1001,9 +1001,10 @@ where
         }
         None => (&[], 0),
     };
-    if from > 0 {
+    // In a segment, the data set starts at its record's offset.
+    if q.offset + from > 0 {
         use tokio::io::AsyncSeekExt as _;
-        file.seek(std::io::SeekFrom::Start(from))
+        file.seek(std::io::SeekFrom::Start(q.offset + from))
             .await
             .map_err(ForwardError::Read)?;
     }

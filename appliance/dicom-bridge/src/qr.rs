@@ -848,6 +848,7 @@ fn outgoing_for(
         queued: crate::spool::Queued {
             id: i64::try_from(n).unwrap_or(i64::MAX),
             path: path.to_owned(),
+            offset: 0,
             meta: crate::spool::Meta {
                 sop_class: w
                     .arrived

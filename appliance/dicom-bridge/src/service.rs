@@ -894,8 +894,11 @@ fn translated(
     };
     let mut prefix = Vec::new();
     std::fs::File::open(&q.path)
-        .and_then(|f| {
-            // The data set only (the object's trailer follows it).
+        .and_then(|mut f| {
+            use std::io::Seek as _;
+            // The data set only (in a segment from its record's offset; the object's
+            // trailer, or the next record, follows it).
+            f.seek(std::io::SeekFrom::Start(q.offset))?;
             f.take(t.header_limit.min(q.size))
                 .read_to_end(&mut prefix)
                 .map(|_| ())

@@ -1,6 +1,18 @@
-//! The spool: `DIR/objects/N.dcm` (instances being received, and received, acknowledged and
-//! waiting to be forwarded) and `DIR/queue.db` (the queue). File names come from queue ids
-//! (taken when an instance starts), never from UIDs.
+//! The spool: `DIR/segments/SLOT.seg` (small instances, received, acknowledged and waiting
+//! to be forwarded: see [`segments`]), `DIR/objects/N.dcm` (instances larger than a segment
+//! record, and those held or dead, moved out of the segments) and `DIR/queue.db` (the
+//! queue). File names come from queue ids (taken when an instance starts) or segment slots,
+//! never from UIDs.
+//!
+//! **Small instances** are received into memory (up to [`SEGMENT_RECORD_MAX`]; one that
+//! grows past it continues in a file of its own) and appended to the current segment at
+//! commit: one record (the data set and what its row holds), flushed together with the
+//! records of the other associations committing at the same time, then the row. A record
+//! whose row power took is queued again from the segment when the spool opens, as an
+//! object's trailer is below; records that left the queue are listed in `gone` until their
+//! segment is reused. A segment is reused once its records have all left; readers never see
+//! that happen, because a record's departure is applied only at the forwarder's next
+//! [`Spool::ready`], when nothing of its earlier round is in flight.
 //!
 //! **Invariants.** An object file is the data set as received, then a trailer with what its
 //! queue row holds (SOP class and instance, transfer syntax, calling AE, patient ID, the
@@ -26,6 +38,9 @@
 //! bytes are stored once; different bytes replace the earlier copy (the newest wins), and the
 //! event is recorded in the `duplicates` table. Never silent.
 
+mod segments;
+
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
@@ -33,7 +48,13 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use rusqlite::{Connection, OptionalExtension as _, params};
+use segments::{Location, Segments};
 use tsunagi_state::{Durability, Migration, StateError};
+
+/// Instances up to this size are appended to a segment; larger ones get a file of their own
+/// (one flush per hundreds of MB is nothing, and memory stays bounded: an instance being
+/// received holds at most this much).
+pub const SEGMENT_RECORD_MAX: usize = 1 << 20;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -99,6 +120,19 @@ const MIGRATIONS: &[Migration] = &[
             sop_instance TEXT NOT NULL, decision INTEGER
           ) STRICT;",
     },
+    // Spool segments: where a row's data set is (`segment` NULL: in `objects/ID.dcm`), and
+    // the records of a segment's generation that left the queue (so that the scan when the
+    // spool opens never takes them for rows lost with power).
+    Migration {
+        version: 6,
+        sql: "ALTER TABLE queue ADD COLUMN segment INTEGER;
+          ALTER TABLE queue ADD COLUMN generation INTEGER;
+          ALTER TABLE queue ADD COLUMN offset INTEGER;
+          CREATE TABLE gone (
+            segment INTEGER NOT NULL, generation INTEGER NOT NULL, offset INTEGER NOT NULL,
+            PRIMARY KEY (segment, generation, offset)
+          ) STRICT, WITHOUT ROWID;",
+    },
 ];
 
 /// The release record of queue row `?1` at `?2`: from its row, or, if a newer copy replaced
@@ -110,6 +144,10 @@ const RELEASE: &str =
      UNION ALL
      SELECT patient_id, sop_class, sop_instance, decision, ?2 FROM superseded
      WHERE queue_id = ?1 AND patient_id IS NOT NULL";
+
+/// Before a row leaves the queue: its segment record, if it has one, is listed as gone.
+const GONE: &str = "INSERT OR IGNORE INTO gone SELECT segment, generation, offset FROM queue
+     WHERE id = ?1 AND segment IS NOT NULL";
 
 /// What a storage commitment report did to the spool ([`Spool::commitment_report`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -162,6 +200,8 @@ struct Pending {
     digest: String,
     size: i64,
     now: i64,
+    /// Its segment record, if it is in one.
+    location: Option<Location>,
     reply: mpsc::SyncSender<Result<Landed, SpoolError>>,
 }
 
@@ -170,7 +210,8 @@ struct Pending {
 enum Landed {
     Queued,
     Identical(i64),
-    Replaced(i64),
+    /// The earlier copy's row, its segment slot if it was in one, and its size.
+    Replaced(i64, Option<i64>, i64),
 }
 
 /// Commits a batch of rows in one transaction and answers each.
@@ -186,12 +227,15 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
                 .map_err(sql("find duplicates"))?;
             let mut insert = tx
                 .prepare(
-                    "INSERT INTO queue (id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, digest, state, received_at, next_attempt_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0)",
+                    "INSERT INTO queue (id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, digest, state, received_at, next_attempt_at, segment, generation, offset)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0, ?10, ?11, ?12)",
                 )
                 .map_err(sql("queue"))?;
             let mut duplicate = tx
                 .prepare("INSERT INTO duplicates VALUES (?1, ?2, ?3, ?4, ?5)")
+                .map_err(sql("record a duplicate"))?;
+            let mut gone_record = tx
+                .prepare("INSERT OR IGNORE INTO gone VALUES (?1, ?2, ?3)")
                 .map_err(sql("record a duplicate"))?;
             for p in &batch {
                 let m = &p.meta;
@@ -204,6 +248,15 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
                         duplicate
                             .execute(params![p.now, m.sop_instance, old, None::<i64>, 1])
                             .map_err(sql("record a duplicate"))?;
+                        if let Some(l) = p.location {
+                            gone_record
+                                .execute(params![
+                                    l.slot,
+                                    l.generation,
+                                    i64::try_from(l.offset).unwrap_or(i64::MAX)
+                                ])
+                                .map_err(sql("record a duplicate"))?;
+                        }
                         landed.push(Landed::Identical(old));
                     }
                     earlier => {
@@ -217,7 +270,11 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
                                 m.patient_id,
                                 p.size,
                                 p.digest,
-                                p.now
+                                p.now,
+                                p.location.map(|l| l.slot),
+                                p.location.map(|l| l.generation),
+                                p.location
+                                    .map(|l| i64::try_from(l.offset).unwrap_or(i64::MAX))
                             ])
                             .map_err(sql("queue"))?;
                         if let Some((old, _)) = earlier {
@@ -230,6 +287,14 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
                                 [old],
                             )
                             .map_err(sql("replace"))?;
+                            let (old_slot, old_size): (Option<i64>, i64) = tx
+                                .query_row(
+                                    "SELECT segment, size FROM queue WHERE id = ?1",
+                                    [old],
+                                    |r| Ok((r.get(0)?, r.get(1)?)),
+                                )
+                                .map_err(sql("replace"))?;
+                            tx.execute(GONE, [old]).map_err(sql("replace"))?;
                             tx.execute("DELETE FROM queue WHERE id = ?1", [old])
                                 .map_err(sql("replace"))?;
                             tx.execute("DELETE FROM commitments WHERE queue_id = ?1", [old])
@@ -237,7 +302,7 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
                             duplicate
                                 .execute(params![p.now, m.sop_instance, p.id, old, 0])
                                 .map_err(sql("record a duplicate"))?;
-                            landed.push(Landed::Replaced(old));
+                            landed.push(Landed::Replaced(old, old_slot, old_size));
                         } else {
                             landed.push(Landed::Queued);
                         }
@@ -310,7 +375,10 @@ pub enum Committed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
     pub id: i64,
+    /// Its object file, or its segment.
     pub path: PathBuf,
+    /// Where its data set starts in `path` (0 in an object file).
+    pub offset: u64,
     pub meta: Meta,
     pub size: u64,
     pub attempts: u32,
@@ -352,6 +420,10 @@ struct Inner {
     used: AtomicU64,
     /// Told when an instance is queued ([`Spool::arrived`]).
     arrived: tokio::sync::Notify,
+    segments: Arc<Segments>,
+    /// Segment slots of records that left the queue, applied at the next [`Spool::ready`]
+    /// (a reader of the forwarder's round may still be reading them until then).
+    departed: Mutex<Vec<i64>>,
 }
 
 /// The spool (cheap to clone: shared by every association).
@@ -376,6 +448,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Spool {
     /// Opens (creating) a spool in `dir` with a quota in bytes, and removes what a crash left.
     pub fn open(dir: &Path, quota: u64) -> Result<Spool, SpoolError> {
+        Spool::open_with(dir, quota, SEGMENT_RECORD_MAX)
+    }
+
+    /// [`Spool::open`] with instances up to `segment_record_max` bytes appended to segments
+    /// (0: every instance in a file of its own).
+    pub fn open_with(
+        dir: &Path,
+        quota: u64,
+        segment_record_max: usize,
+    ) -> Result<Spool, SpoolError> {
         fs::create_dir_all(dir.join("objects")).map_err(SpoolError::Io)?;
         let mut conn =
             tsunagi_state::open(&dir.join("queue.db"), Durability::Acknowledging, MIGRATIONS)
@@ -391,25 +473,33 @@ impl Spool {
         // acknowledged (their row, written without a flush, was lost with power): queued
         // again, unless a newer copy of the instance is queued. Else they were being
         // received, never acknowledged: removed.
-        let mut used = 0u64;
-        let mut recovered = Vec::new();
+        let mut recovered: Vec<(i64, Trailer, Option<Location>)> = Vec::new();
         for e in fs::read_dir(dir.join("objects")).map_err(SpoolError::Io)? {
             let path = e.map_err(SpoolError::Io)?.path();
             let id = path
                 .file_stem()
                 .and_then(|s| s.to_str())
                 .and_then(|s| s.parse::<i64>().ok());
-            let known: Option<i64> = match id {
+            // `Some(false)`: the row's data set is in a segment, and this is the copy of a
+            // move out of it that did not commit.
+            let known: Option<bool> = match id {
                 Some(id) => conn
-                    .query_row("SELECT size FROM queue WHERE id = ?1", [id], |r| r.get(0))
+                    .query_row(
+                        "SELECT segment IS NULL FROM queue WHERE id = ?1",
+                        [id],
+                        |r| r.get(0),
+                    )
                     .optional()
                     .map_err(sql("recover"))?,
                 None => None,
             };
             match (known, id) {
-                (Some(size), _) => used += u64::try_from(size).unwrap_or(0),
+                (Some(true), _) => {}
+                (Some(false), _) => {
+                    let _ = fs::remove_file(&path);
+                }
                 (None, Some(id)) => match read_trailer(&path) {
-                    Some(t) => recovered.push((id, t)),
+                    Some(t) => recovered.push((id, t, None)),
                     None => {
                         let _ = fs::remove_file(&path);
                     }
@@ -419,15 +509,68 @@ impl Spool {
                 }
             }
         }
-        recovered.sort_by_key(|(id, _)| *id);
+        // Segment records without a queue row and not gone: the same (see [`segments`]).
+        let found = segments::existing(&dir.join("segments")).map_err(SpoolError::Io)?;
+        for seg in &found {
+            let Some(generation) = seg.generation else {
+                continue;
+            };
+            let mut lost = Vec::new();
+            let scanned = segments::scan(
+                &seg.file,
+                seg.slot,
+                |id, l| {
+                    let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = conn
+                        .query_row(
+                            "SELECT segment, generation, offset FROM queue WHERE id = ?1",
+                            [id],
+                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                        )
+                        .optional()
+                        .unwrap_or(None);
+                    let offset = i64::try_from(l.offset).unwrap_or(i64::MAX);
+                    if row == Some((Some(l.slot), Some(l.generation), Some(offset))) {
+                        return false;
+                    }
+                    let gone = conn
+                        .query_row(
+                            "SELECT 1 FROM gone WHERE segment = ?1 AND generation = ?2 AND offset = ?3",
+                            params![l.slot, l.generation, offset],
+                            |_| Ok(()),
+                        )
+                        .optional()
+                        .unwrap_or(None)
+                        .is_some();
+                    if row.is_none() && !gone {
+                        lost.push(id);
+                        return true;
+                    }
+                    false
+                },
+                |meta| parse_trailer_body(meta).map(|t| t.digest),
+            );
+            let Some((_, records)) = scanned else {
+                continue;
+            };
+            for r in records {
+                if !lost.contains(&r.id) {
+                    continue;
+                }
+                if let Some(t) = parse_trailer_body(&r.meta).filter(|t| t.size == r.size) {
+                    debug_assert_eq!(r.location.generation, generation);
+                    recovered.push((r.id, t, Some(r.location)));
+                }
+            }
+        }
+        recovered.sort_by_key(|(id, _, _)| *id);
         if !recovered.is_empty() {
             // Counts only: which instances is not logged.
             tracing::warn!(
                 objects = recovered.len(),
-                "complete objects without a queue row (rows lost with power, or a removal cut short): queued again from their trailers unless a newer copy is queued"
+                "complete instances without a queue row (rows lost with power, or a removal cut short): queued again from their trailers unless a newer copy is queued"
             );
         }
-        for (id, t) in recovered {
+        for (id, t, location) in recovered {
             let newer: Option<i64> = conn
                 .query_row(
                     "SELECT id FROM queue WHERE sop_instance = ?1 AND id > ?2 LIMIT 1",
@@ -437,7 +580,22 @@ impl Spool {
                 .optional()
                 .map_err(sql("recover"))?;
             if newer.is_some() {
-                let _ = fs::remove_file(dir.join("objects").join(format!("{id}.dcm")));
+                match location {
+                    None => {
+                        let _ = fs::remove_file(dir.join("objects").join(format!("{id}.dcm")));
+                    }
+                    Some(l) => {
+                        conn.execute(
+                            "INSERT OR IGNORE INTO gone VALUES (?1, ?2, ?3)",
+                            params![
+                                l.slot,
+                                l.generation,
+                                i64::try_from(l.offset).unwrap_or(i64::MAX)
+                            ],
+                        )
+                        .map_err(sql("recover"))?;
+                    }
+                }
                 continue;
             }
             let (reply, landed) = mpsc::sync_channel(1);
@@ -449,25 +607,75 @@ impl Spool {
                     digest: t.digest,
                     size: i64::try_from(t.size).unwrap_or(i64::MAX),
                     now: t.received_at,
+                    location,
                     reply,
                 }],
             );
-            match landed
+            let landed = landed
                 .recv()
-                .map_err(|_| SpoolError::GroupCommit("no answer".into()))??
-            {
-                Landed::Identical(_) => {
-                    let _ = fs::remove_file(dir.join("objects").join(format!("{id}.dcm")));
+                .map_err(|_| SpoolError::GroupCommit("no answer".into()))??;
+            let copy = |id: i64| dir.join("objects").join(format!("{id}.dcm"));
+            match landed {
+                Landed::Identical(_) if location.is_none() => {
+                    let _ = fs::remove_file(copy(id));
                 }
-                Landed::Replaced(old) => {
-                    let old_path = dir.join("objects").join(format!("{old}.dcm"));
-                    used = used.saturating_sub(fs::metadata(&old_path).map_or(0, |m| m.len()));
-                    let _ = fs::remove_file(old_path);
-                    used += t.size;
+                Landed::Replaced(old, None, _) => {
+                    let _ = fs::remove_file(copy(old));
                 }
-                Landed::Queued => used += t.size,
+                _ => {}
             }
         }
+        // Which segments hold live records (the others are reused or removed), and the
+        // `gone` rows of generations that ended.
+        let mut live: HashMap<i64, (i64, u64)> = HashMap::new();
+        {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT segment, generation, count(*) FROM queue WHERE segment IS NOT NULL
+                     GROUP BY segment, generation",
+                )
+                .map_err(sql("recover"))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(sql("recover"))?;
+            for row in rows {
+                let (slot, generation, n) = row.map_err(sql("recover"))?;
+                live.insert(slot, (generation, u64::try_from(n).unwrap_or(0)));
+            }
+        }
+        let ended: Vec<(i64, i64)> = {
+            let mut stmt = conn
+                .prepare("SELECT DISTINCT segment, generation FROM gone")
+                .map_err(sql("recover"))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(sql("recover"))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(sql("recover"))?
+                .into_iter()
+                .filter(|(slot, g)| live.get(slot).is_none_or(|(lg, _)| lg != g))
+                .collect()
+        };
+        let segments = Segments::open(&dir.join("segments"), segment_record_max, found, live)
+            .map_err(SpoolError::Io)?;
+        let segments = Arc::new(segments);
+        segments.prepare()?;
+        for (slot, generation) in ended {
+            conn.execute(
+                "DELETE FROM gone WHERE segment = ?1 AND generation = ?2",
+                [slot, generation],
+            )
+            .map_err(sql("recover"))?;
+        }
+        let used: i64 = conn
+            .query_row("SELECT COALESCE(sum(size), 0) FROM queue", [], |r| r.get(0))
+            .map_err(sql("recover"))?;
         let last: i64 = conn
             .query_row("SELECT COALESCE(MAX(id), 0) FROM queue", [], |r| r.get(0))
             .map_err(sql("recover"))?;
@@ -491,10 +699,99 @@ impl Spool {
                 conn: Mutex::new(conn),
                 ingest: Mutex::new(ingest),
                 quota,
-                used: AtomicU64::new(used),
+                used: AtomicU64::new(u64::try_from(used).unwrap_or(0)),
                 arrived: tokio::sync::Notify::new(),
+                segments,
+                departed: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// A segment record left the queue (its `gone` row committed): applied at the next
+    /// [`Spool::ready`].
+    fn depart(&self, slot: i64) {
+        lock(&self.inner.departed).push(slot);
+    }
+
+    /// Applies the departures: a segment whose records have all left is reused, and its
+    /// generation's `gone` rows go.
+    fn apply_departures(&self) {
+        let departed = std::mem::take(&mut *lock(&self.inner.departed));
+        for slot in departed {
+            if let Some((slot, generation)) = self.inner.segments.forget(slot) {
+                // Best effort: rows of an ended generation never match a record again, and
+                // the next opening removes them.
+                let _ = self.conn().execute(
+                    "DELETE FROM gone WHERE segment = ?1 AND generation = ?2",
+                    [slot, generation],
+                );
+            }
+        }
+    }
+
+    /// Moves an instance's data set out of its segment into `objects/ID.dcm` (with its
+    /// trailer, flushed), so that an instance that waits for long (held, dead) keeps no
+    /// segment in use. Nothing to do for one in a file already.
+    fn move_out(&self, id: i64) -> Result<(), SpoolError> {
+        use std::os::unix::fs::FileExt as _;
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT segment, offset, sop_class, sop_instance, transfer_syntax, calling_ae,
+                        patient_id, digest, size, received_at
+                 FROM queue WHERE id = ?1 AND segment IS NOT NULL",
+                [id],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        Meta {
+                            sop_class: r.get(2)?,
+                            sop_instance: r.get(3)?,
+                            transfer_syntax: r.get(4)?,
+                            calling_ae: r.get(5)?,
+                            patient_id: r.get(6)?,
+                        },
+                        r.get::<_, String>(7)?,
+                        r.get::<_, i64>(8)?,
+                        r.get::<_, i64>(9)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql("move out of a segment"))?;
+        let Some((slot, offset, meta, digest, size, received_at)) = row else {
+            return Ok(());
+        };
+        let size = u64::try_from(size).unwrap_or(0);
+        let mut data = vec![0u8; usize::try_from(size).unwrap_or(0)];
+        File::open(self.inner.segments.path(slot))
+            .and_then(|f| f.read_exact_at(&mut data, u64::try_from(offset).unwrap_or(0)))
+            .map_err(SpoolError::Io)?;
+        let path = self.object_path(id);
+        // A copy left by a move that did not commit is overwritten.
+        let mut file = File::create(&path).map_err(io_or_full)?;
+        file.write_all(&data)
+            .and_then(|()| file.write_all(&trailer(&meta, &digest, size, received_at)))
+            .and_then(|()| file.sync_data())
+            .map_err(io_or_full)?;
+        if self.inner.sync_folder {
+            self.inner.objects.sync_all().map_err(SpoolError::Io)?;
+        }
+        {
+            let mut conn = self.conn();
+            let tx = write(&mut conn).map_err(sql("move out of a segment"))?;
+            tx.execute(GONE, [id])
+                .map_err(sql("move out of a segment"))?;
+            tx.execute(
+                "UPDATE queue SET segment = NULL, generation = NULL, offset = NULL WHERE id = ?1",
+                [id],
+            )
+            .map_err(sql("move out of a segment"))?;
+            tx.commit().map_err(sql("move out of a segment"))?;
+        }
+        self.depart(slot);
+        Ok(())
     }
 
     /// Resolves when an instance was queued since the last call returned (for the one
@@ -518,6 +815,19 @@ impl Spool {
     /// Starts receiving an instance, under its final name (see [`Incoming::commit`]).
     pub fn begin(&self) -> Result<Incoming, SpoolError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
+        if self.inner.segments.record_max > 0 {
+            // Small until shown otherwise: received into memory, for a segment.
+            return Ok(Incoming {
+                spool: self.clone(),
+                id,
+                path: PathBuf::new(),
+                file: None,
+                buffer: Some(Vec::new()),
+                written: 0,
+                hash: Some(Digest::Inline(Box::default())),
+                flushed: 0,
+            });
+        }
         let path = self.object_path(id);
         let file = fs::OpenOptions::new()
             .write(true)
@@ -529,6 +839,7 @@ impl Spool {
             id,
             path,
             file: Some(file),
+            buffer: None,
             written: 0,
             hash: Some(Digest::Inline(Box::default())),
             flushed: 0,
@@ -537,10 +848,11 @@ impl Spool {
 
     /// Instances ready to forward at `now` (Unix seconds), oldest first.
     pub fn ready(&self, now: i64, limit: usize) -> Result<Vec<Queued>, SpoolError> {
+        self.apply_departures();
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
-                "SELECT id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, attempts FROM queue
+                "SELECT id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, attempts, segment, offset FROM queue
                  WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY id LIMIT ?2",
             )
             .map_err(sql("read the queue"))?;
@@ -559,16 +871,26 @@ impl Spool {
                         },
                         r.get::<_, i64>(6)?,
                         r.get::<_, i64>(7)?,
+                        r.get::<_, Option<i64>>(8)?,
+                        r.get::<_, Option<i64>>(9)?,
                     ))
                 },
             )
             .map_err(sql("read the queue"))?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, meta, size, attempts) = row.map_err(sql("read the queue"))?;
+            let (id, meta, size, attempts, slot, offset) = row.map_err(sql("read the queue"))?;
+            let (path, offset) = match (slot, offset) {
+                (Some(slot), Some(offset)) => (
+                    self.inner.segments.path(slot),
+                    u64::try_from(offset).unwrap_or(0),
+                ),
+                _ => (self.object_path(id), 0),
+            };
             out.push(Queued {
                 id,
-                path: self.object_path(id),
+                path,
+                offset,
                 meta,
                 size: u64::try_from(size).unwrap_or(0),
                 attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
@@ -580,7 +902,7 @@ impl Spool {
     /// The network acknowledged it: the object leaves the spool, and its release record
     /// (what left, under which permit) is queued for the audit trail, in one transaction.
     pub fn delivered(&self, id: i64) -> Result<(), SpoolError> {
-        let size: Option<i64> = {
+        let size: (Option<i64>, Option<i64>) = {
             let mut conn = self.conn();
             let tx = write(&mut conn).map_err(sql("delivered"))?;
             let size = tx
@@ -589,6 +911,14 @@ impl Spool {
                 .map_err(sql("delivered"))?;
             tx.execute(RELEASE, params![id, crate::now()])
                 .map_err(sql("queue a release record"))?;
+            let slot: Option<i64> = tx
+                .query_row("SELECT segment FROM queue WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(sql("delivered"))?
+                .flatten();
+            tx.execute(GONE, [id]).map_err(sql("delivered"))?;
             tx.execute("DELETE FROM queue WHERE id = ?1", [id])
                 .map_err(sql("delivered"))?;
             tx.execute("DELETE FROM superseded WHERE queue_id = ?1", [id])
@@ -599,9 +929,15 @@ impl Spool {
             tx.execute("UPDATE counters SET delivered = delivered + 1", [])
                 .map_err(sql("count"))?;
             tx.commit().map_err(sql("delivered"))?;
-            size
+            (size, slot)
         };
-        let _ = fs::remove_file(self.object_path(id));
+        let (size, slot) = size;
+        match slot {
+            Some(slot) => self.depart(slot),
+            None => {
+                let _ = fs::remove_file(self.object_path(id));
+            }
+        }
         self.release(size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0));
         Ok(())
     }
@@ -661,14 +997,14 @@ impl Spool {
         now: i64,
     ) -> Result<CommitmentApplied, SpoolError> {
         let mut applied = CommitmentApplied::default();
-        let mut gone: Vec<(i64, i64)> = Vec::new();
+        let mut gone: Vec<(i64, (i64, Option<i64>))> = Vec::new();
         {
             let mut conn = self.conn();
             let tx = write(&mut conn).map_err(sql("commitment"))?;
             {
                 let mut find = tx
                     .prepare(
-                        "SELECT q.id, q.size, q.sop_class FROM commitments c JOIN queue q ON q.id = c.queue_id
+                        "SELECT q.id, q.size, q.sop_class, q.segment FROM commitments c JOIN queue q ON q.id = c.queue_id
                          WHERE c.transaction_uid = ?1 AND c.sop_instance = ?2 AND q.state = 'pending'",
                     )
                     .map_err(sql("commitment"))?;
@@ -676,7 +1012,7 @@ impl Spool {
                     find.query_row(params![transaction, instance], |r| {
                         Ok((
                             r.get::<_, i64>(0)?,
-                            r.get::<_, i64>(1)?,
+                            (r.get::<_, i64>(1)?, r.get::<_, Option<i64>>(3)?),
                             r.get::<_, String>(2)?,
                         ))
                     })
@@ -702,6 +1038,7 @@ impl Spool {
                     }
                 }
                 for (id, size) in found {
+                    tx.execute(GONE, [id]).map_err(sql("commitment"))?;
                     tx.execute("DELETE FROM queue WHERE id = ?1", [id])
                         .map_err(sql("commitment"))?;
                     tx.execute("DELETE FROM commitments WHERE queue_id = ?1", [id])
@@ -729,8 +1066,13 @@ impl Spool {
             }
             tx.commit().map_err(sql("commitment"))?;
         }
-        for (id, size) in gone {
-            let _ = fs::remove_file(self.object_path(id));
+        for (id, (size, slot)) in gone {
+            match slot {
+                Some(slot) => self.depart(slot),
+                None => {
+                    let _ = fs::remove_file(self.object_path(id));
+                }
+            }
             self.release(u64::try_from(size).unwrap_or(0));
         }
         Ok(applied)
@@ -852,6 +1194,7 @@ impl Spool {
 
     /// Held in the clinic (e.g. the consent denies it), with the reason; never sent while held.
     pub fn hold(&self, id: i64, reason: &str) -> Result<(), SpoolError> {
+        self.move_out(id)?;
         self.conn()
             .execute(
                 "UPDATE queue SET state = 'held', reason = ?1 WHERE id = ?2",
@@ -889,6 +1232,7 @@ impl Spool {
     /// The network refused it for good (e.g. A9xxH, C0xxH, SOP class not supported): it
     /// stays in the clinic, visible, with the reason, until an operator resubmits it.
     pub fn fail(&self, id: i64, reason: &str) -> Result<(), SpoolError> {
+        self.move_out(id)?;
         self.conn()
             .execute(
                 "UPDATE queue SET state = 'dead', reason = ?1 WHERE id = ?2",
@@ -905,6 +1249,22 @@ impl Spool {
 
     /// Pending instances received before `before` become dead letters (with an alert).
     pub fn dead_letters(&self, before: i64) -> Result<u64, SpoolError> {
+        let moving: Vec<i64> = {
+            let conn = self.conn();
+            let mut stmt = conn
+                .prepare(
+                    "SELECT id FROM queue WHERE state = 'pending' AND received_at < ?1 AND segment IS NOT NULL",
+                )
+                .map_err(sql("dead letters"))?;
+            let rows = stmt
+                .query_map([before], |r| r.get(0))
+                .map_err(sql("dead letters"))?;
+            rows.collect::<Result<_, _>>()
+                .map_err(sql("dead letters"))?
+        };
+        for id in moving {
+            self.move_out(id)?;
+        }
         let n = self
             .conn()
             .execute(
@@ -977,11 +1337,20 @@ const TRAILER_MAGIC: &[u8; 8] = b"TSUSPL01";
 const MAX_TRAILER: u64 = 4096;
 
 /// The trailer written after an instance's data set in its object file: what its queue row
-/// holds. Fields, each a u32 LE length and its bytes: SOP class, SOP instance, transfer
-/// syntax, calling AE, patient ID, digest (BLAKE3 of the data set, hex); a flag byte (1:
-/// the patient ID is present); the data set's size (u64 LE) and when it was received (i64
-/// LE); the trailer's length before this point (u32 LE); [`TRAILER_MAGIC`].
+/// holds ([`trailer_body`]), the body's length (u32 LE) and [`TRAILER_MAGIC`].
 fn trailer(meta: &Meta, digest: &str, size: u64, received_at: i64) -> Vec<u8> {
+    let mut t = trailer_body(meta, digest, size, received_at);
+    let len = u32::try_from(t.len()).unwrap_or(0);
+    t.extend_from_slice(&len.to_le_bytes());
+    t.extend_from_slice(TRAILER_MAGIC);
+    t
+}
+
+/// What a queue row holds, as an object's trailer and a segment record carry it. Fields,
+/// each a u32 LE length and its bytes: SOP class, SOP instance, transfer syntax, calling
+/// AE, patient ID, digest (BLAKE3 of the data set, hex); a flag byte (1: the patient ID is
+/// present); the data set's size (u64 LE) and when it was received (i64 LE).
+fn trailer_body(meta: &Meta, digest: &str, size: u64, received_at: i64) -> Vec<u8> {
     let mut t = Vec::with_capacity(256);
     for field in [
         meta.sop_class.as_str(),
@@ -997,18 +1366,51 @@ fn trailer(meta: &Meta, digest: &str, size: u64, received_at: i64) -> Vec<u8> {
     t.push(u8::from(meta.patient_id.is_some()));
     t.extend_from_slice(&size.to_le_bytes());
     t.extend_from_slice(&received_at.to_le_bytes());
-    let len = u32::try_from(t.len()).unwrap_or(0);
-    t.extend_from_slice(&len.to_le_bytes());
-    t.extend_from_slice(TRAILER_MAGIC);
     t
 }
 
-/// What an object's trailer says.
+/// What an object's trailer (or a segment record's metadata) says.
 struct Trailer {
     meta: Meta,
     digest: String,
     size: u64,
     received_at: i64,
+}
+
+/// Parses a [`trailer_body`]; `None` unless it is exactly one.
+fn parse_trailer_body(body: &[u8]) -> Option<Trailer> {
+    let mut rest = body;
+    let mut fields = Vec::with_capacity(6);
+    for _ in 0..6 {
+        let n = usize::try_from(u32::from_le_bytes(rest.get(..4)?.try_into().ok()?)).ok()?;
+        let value = std::str::from_utf8(rest.get(4..4usize.checked_add(n)?)?)
+            .ok()?
+            .to_owned();
+        fields.push(value);
+        rest = &rest[4 + n..];
+    }
+    let (&flag, rest) = rest.split_first()?;
+    if rest.len() != 16 || flag > 1 {
+        return None;
+    }
+    let size = u64::from_le_bytes(rest[..8].try_into().ok()?);
+    let received_at = i64::from_le_bytes(rest[8..].try_into().ok()?);
+    let mut fields = fields.into_iter();
+    let mut next = || fields.next().unwrap_or_default();
+    let (sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, digest) =
+        (next(), next(), next(), next(), next(), next());
+    Some(Trailer {
+        meta: Meta {
+            sop_class,
+            sop_instance,
+            transfer_syntax,
+            calling_ae,
+            patient_id: (flag == 1).then_some(patient_id),
+        },
+        digest,
+        size,
+        received_at,
+    })
 }
 
 /// Reads and checks an object file's trailer: well formed, at the very end, and the data
@@ -1034,45 +1436,14 @@ fn read_trailer(path: &Path) -> Option<Trailer> {
     let mut t = vec![0u8; usize::try_from(tlen).ok()?];
     f.seek(SeekFrom::Start(len - 12 - tlen)).ok()?;
     f.read_exact(&mut t).ok()?;
-    let mut rest = t.as_slice();
-    let mut fields = Vec::with_capacity(6);
-    for _ in 0..6 {
-        let n = usize::try_from(u32::from_le_bytes(rest.get(..4)?.try_into().ok()?)).ok()?;
-        let value = std::str::from_utf8(rest.get(4..4 + n)?).ok()?.to_owned();
-        fields.push(value);
-        rest = &rest[4 + n..];
-    }
-    let (&flag, rest) = rest.split_first()?;
-    if rest.len() != 16 {
-        return None;
-    }
-    let size = u64::from_le_bytes(rest[..8].try_into().ok()?);
-    let received_at = i64::from_le_bytes(rest[8..].try_into().ok()?);
-    if size.checked_add(tlen + 12)? != len {
+    let trailer = parse_trailer_body(&t)?;
+    if trailer.size.checked_add(tlen + 12)? != len {
         return None;
     }
     let mut hash = blake3::Hasher::new();
     f.seek(SeekFrom::Start(0)).ok()?;
-    io::copy(&mut (&mut f).take(size), &mut hash).ok()?;
-    let mut fields = fields.into_iter();
-    let mut next = || fields.next().unwrap_or_default();
-    let (sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, digest) =
-        (next(), next(), next(), next(), next(), next());
-    if hash.finalize().to_hex().as_str() != digest {
-        return None;
-    }
-    Some(Trailer {
-        meta: Meta {
-            sop_class,
-            sop_instance,
-            transfer_syntax,
-            calling_ae,
-            patient_id: (flag == 1).then_some(patient_id),
-        },
-        digest,
-        size,
-        received_at,
-    })
+    io::copy(&mut (&mut f).take(trailer.size), &mut hash).ok()?;
+    (hash.finalize().to_hex().as_str() == trailer.digest).then_some(trailer)
 }
 
 /// How much of an instance is written before its writeback is started.
@@ -1303,9 +1674,12 @@ pub struct Incoming {
     spool: Spool,
     /// Its queue id, and the name of its object.
     id: i64,
-    /// Its object; empty once committed (the queue's then).
+    /// Its object; empty once committed (the queue's then), or while it is small.
     path: PathBuf,
     file: Option<File>,
+    /// A small instance's bytes so far, for a segment; `None` once it outgrew
+    /// [`Segments::record_max`] (it continues in `file`), or without segments.
+    buffer: Option<Vec<u8>>,
     written: u64,
     /// `None` once finished (at commit).
     hash: Option<Digest>,
@@ -1340,6 +1714,26 @@ impl Incoming {
         }
         let hashed = self.written;
         self.written += n;
+        if let Some(buffer) = self.buffer.as_mut() {
+            if self.written <= self.spool.inner.segments.record_max as u64 {
+                buffer.extend_from_slice(&bytes);
+                if let Some(h) = self.hash.as_mut() {
+                    h.update(bytes, hashed);
+                }
+                return Ok(());
+            }
+            // Too large for a segment: it continues in a file of its own.
+            let path = self.spool.object_path(self.id);
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io_or_full)?;
+            self.path = path;
+            file.write_all(buffer).map_err(io_or_full)?;
+            self.buffer = None;
+            self.file = Some(file);
+        }
         let file = self
             .file
             .as_mut()
@@ -1375,29 +1769,62 @@ impl Incoming {
 
     /// Makes the instance durable and queued; only then may success be answered.
     pub fn commit(mut self, meta: &Meta, now: i64) -> Result<Committed, SpoolError> {
-        let mut file = self
-            .file
-            .take()
-            .ok_or(SpoolError::Io(io::Error::other("already committed")))?;
         let digest = self
             .hash
             .take()
             .ok_or(SpoolError::Io(io::Error::other("already committed")))?
             .finish()?;
+        let location = match self.buffer.take() {
+            // A small instance: one record in the current segment, durable (the flush
+            // shared with the associations committing meanwhile) before its row is written.
+            Some(buffer) => Some(self.spool.inner.segments.append(
+                self.id,
+                &trailer_body(meta, &digest, self.written, now),
+                &buffer,
+            )?),
+            None => None,
+        };
+        if location.is_none() {
+            self.flush_file(meta, &digest, now)?;
+        }
+        self.queue(meta, digest, now, location)
+    }
+
+    /// Makes a file of its own durable: data, trailer, size and (on ext4) its entry.
+    fn flush_file(&mut self, meta: &Meta, digest: &str, now: i64) -> Result<(), SpoolError> {
+        let mut file = self
+            .file
+            .take()
+            .ok_or(SpoolError::Io(io::Error::other("already committed")))?;
         // The trailer (what the queue row holds), then data, trailer, size and (on ext4)
         // the directory entry made durable: the instance is safe from here on, its row or
         // not. The row is written without a flush (the ingest connection); should power go
         // before the WAL reaches the disk, [`Spool::open`] queues the object again from its
         // trailer. An object whose trailer never became durable was never acknowledged,
         // and is removed.
-        file.write_all(&trailer(meta, &digest, self.written, now))
+        file.write_all(&trailer(meta, digest, self.written, now))
             .map_err(io_or_full)?;
         file.sync_data().map_err(io_or_full)?;
         drop(file);
-        let spool = self.spool.clone();
-        if spool.inner.sync_folder {
-            spool.inner.objects.sync_all().map_err(SpoolError::Io)?;
+        if self.spool.inner.sync_folder {
+            self.spool
+                .inner
+                .objects
+                .sync_all()
+                .map_err(SpoolError::Io)?;
         }
+        Ok(())
+    }
+
+    /// Writes the row of a durable instance (a group commit) and answers what it came to.
+    fn queue(
+        mut self,
+        meta: &Meta,
+        digest: String,
+        now: i64,
+        location: Option<Location>,
+    ) -> Result<Committed, SpoolError> {
+        let spool = self.spool.clone();
         let id = self.id;
         // Group commit: the row joins the pending ones; whoever holds the queue next commits
         // all of them in one transaction (concurrent associations share one WAL fsync).
@@ -1408,6 +1835,7 @@ impl Incoming {
             digest,
             size: i64::try_from(self.written).unwrap_or(i64::MAX),
             now,
+            location,
             reply,
         });
         {
@@ -1419,17 +1847,43 @@ impl Incoming {
         }
         let landed = landed
             .recv()
-            .map_err(|_| SpoolError::GroupCommit("no answer".into()))??;
+            .map_err(|_| SpoolError::GroupCommit("no answer".into()))
+            .and_then(|l| l);
+        let landed = match (landed, location) {
+            (Ok(l), _) => l,
+            (Err(e), None) => return Err(e),
+            (Err(e), Some(l)) => {
+                // Its record stays in the segment without a row: listed as gone (best
+                // effort: a record found again when the spool opens is sent once more,
+                // which the PACS stores once).
+                let _ = spool.conn().execute(
+                    "INSERT OR IGNORE INTO gone VALUES (?1, ?2, ?3)",
+                    params![
+                        l.slot,
+                        l.generation,
+                        i64::try_from(l.offset).unwrap_or(i64::MAX)
+                    ],
+                );
+                spool.depart(l.slot);
+                return Err(e);
+            }
+        };
         let replaced = match landed {
-            // Stored once: this copy goes (Drop removes the file and releases its bytes).
-            Landed::Identical(earlier) => return Ok(Committed::Identical(earlier)),
-            Landed::Replaced(old) => Some(old),
+            // Stored once: this copy goes (Drop removes the file and releases its bytes;
+            // a record is gone already, listed in the same transaction).
+            Landed::Identical(earlier) => {
+                if let Some(l) = location {
+                    spool.depart(l.slot);
+                }
+                return Ok(Committed::Identical(earlier));
+            }
+            Landed::Replaced(old, slot, size) => Some((old, slot, size)),
             Landed::Queued => None,
         };
         // Committed: the file is the queue's now; its bytes stay counted.
         self.written = 0;
         self.path = PathBuf::new();
-        if let Some(old) = replaced {
+        if let Some((old, slot, size)) = replaced {
             // The earlier copy's file goes next, so the removal of its row must not be lost
             // with power: a commit on the flushing connection flushes the WAL, the ingest
             // connection's rows with it.
@@ -1437,10 +1891,13 @@ impl Incoming {
                 .conn()
                 .execute("UPDATE counters SET delivered = delivered", [])
                 .map_err(sql("flush a replacement"))?;
-            let old_path = spool.object_path(old);
-            let size = fs::metadata(&old_path).map(|m| m.len()).unwrap_or(0);
-            let _ = fs::remove_file(old_path);
-            spool.release(size);
+            match slot {
+                Some(slot) => spool.depart(slot),
+                None => {
+                    let _ = fs::remove_file(spool.object_path(old));
+                }
+            }
+            spool.release(u64::try_from(size).unwrap_or(0));
             spool.inner.arrived.notify_one();
             return Ok(Committed::Replaced { id, replaced: old });
         }

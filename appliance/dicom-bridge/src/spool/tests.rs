@@ -19,10 +19,20 @@ fn files(dir: &Path, sub: &str) -> Vec<String> {
     v
 }
 
-/// A queued instance's data set (its object file without the trailer).
+/// A spool whose instances each get a file of their own (the layout of large instances,
+/// and of every instance before segments).
+fn open_files(dir: &Path, quota: u64) -> Result<Spool, SpoolError> {
+    Spool::open_with(dir, quota, 0)
+}
+
+/// A queued instance's data set (in its object file before the trailer, or in its segment).
 fn data_of(q: &Queued) -> Vec<u8> {
-    let mut bytes = fs::read(&q.path).unwrap();
-    bytes.truncate(usize::try_from(q.size).unwrap());
+    use std::os::unix::fs::FileExt as _;
+    let mut bytes = vec![0u8; usize::try_from(q.size).unwrap()];
+    File::open(&q.path)
+        .unwrap()
+        .read_exact_at(&mut bytes, q.offset)
+        .unwrap();
     bytes
 }
 
@@ -37,14 +47,14 @@ fn receive(spool: &Spool, bytes: &[u8], m: &Meta) -> Committed {
 #[test]
 fn committed_instances_are_queued_durably_and_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let Committed::Queued(id) = receive(&spool, b"DICM instance one", &meta("1.2.3.1", "0001"))
     else {
         panic!()
     };
     assert_eq!(files(dir.path(), "objects"), vec![format!("{id}.dcm")]);
     drop(spool);
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let ready = spool.ready(100, 10).unwrap();
     assert_eq!(ready.len(), 1);
     assert_eq!(data_of(&ready[0]), b"DICM instance one");
@@ -57,7 +67,7 @@ fn committed_instances_are_queued_durably_and_survive_reopening() {
 #[test]
 fn an_aborted_transfer_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let mut inc = spool.begin().unwrap();
     inc.write(b"half an instance").unwrap();
     assert_eq!(files(dir.path(), "objects").len(), 1);
@@ -69,7 +79,7 @@ fn an_aborted_transfer_leaves_nothing() {
 #[test]
 fn the_quota_answers_out_of_resources_and_frees_up_again() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 20).unwrap();
+    let spool = open_files(dir.path(), 20).unwrap();
     receive(&spool, b"0123456789", &meta("1.2.3.1", "0001"));
     let mut inc = spool.begin().unwrap();
     inc.write(b"0123456789").unwrap();
@@ -91,7 +101,7 @@ fn the_quota_answers_out_of_resources_and_frees_up_again() {
 #[test]
 fn duplicates_follow_the_policy() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let Committed::Queued(first) = receive(&spool, b"version one", &meta("1.2.3.1", "0001")) else {
         panic!()
     };
@@ -116,7 +126,7 @@ fn duplicates_follow_the_policy() {
 #[test]
 fn held_instances_are_never_ready_until_released() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let Committed::Queued(a) = receive(&spool, b"a", &meta("1.2.3.1", "0001")) else {
         panic!()
     };
@@ -145,7 +155,7 @@ fn held_instances_are_never_ready_until_released() {
 #[test]
 fn opening_removes_what_a_crash_left() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let Committed::Queued(id) = receive(&spool, b"kept", &meta("1.2.3.1", "0001")) else {
         panic!()
     };
@@ -156,7 +166,7 @@ fn opening_removes_what_a_crash_left() {
     fs::write(dir.path().join("objects").join("999.dcm"), b"orphan").unwrap();
     fs::create_dir_all(dir.path().join("incoming")).unwrap();
     fs::write(dir.path().join("incoming").join("deadbeef.part"), b"half").unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     assert!(!dir.path().join("incoming").exists());
     assert_eq!(files(dir.path(), "objects"), vec![format!("{id}.dcm")]);
     assert_eq!(spool.counts().unwrap().bytes, 4);
@@ -167,7 +177,7 @@ fn opening_removes_what_a_crash_left() {
     assert!(next > id);
     spool.delivered(next).unwrap();
     drop(spool);
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let Committed::Queued(after) = receive(&spool, b"after", &meta("1.2.3.3", "0001")) else {
         panic!()
     };
@@ -180,8 +190,19 @@ fn opening_removes_what_a_crash_left() {
 
 #[test]
 fn concurrent_commits_share_transactions_and_lose_nothing() {
+    concurrent_commits(0);
+}
+
+/// The same with segments: the associations share the segment's flushes as well.
+#[test]
+fn concurrent_commits_into_segments_share_flushes_and_lose_nothing() {
+    concurrent_commits(SEGMENT_RECORD_MAX);
+}
+
+fn concurrent_commits(segment_record_max: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let spool = Spool::open_with(dir.path(), 1 << 30, segment_record_max).unwrap();
+    let in_files = if segment_record_max == 0 { 200 } else { 0 };
     let results: Vec<Committed> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..8)
             .map(|t| {
@@ -212,7 +233,7 @@ fn concurrent_commits_share_transactions_and_lose_nothing() {
     ids.dedup();
     assert_eq!(ids.len(), 200);
     assert_eq!(spool.counts().unwrap().pending, 200);
-    assert_eq!(files(dir.path(), "objects").len(), 200);
+    assert_eq!(files(dir.path(), "objects").len(), in_files);
     // Every row's object holds its own bytes.
     for q in spool.ready(100, 1000).unwrap() {
         assert_eq!(data_of(&q), q.meta.sop_instance.as_bytes());
@@ -232,13 +253,29 @@ fn concurrent_commits_share_transactions_and_lose_nothing() {
         "{twice:?}"
     );
     assert_eq!(spool.counts().unwrap().pending, 201);
-    assert_eq!(files(dir.path(), "objects").len(), 201);
+    assert_eq!(
+        files(dir.path(), "objects").len(),
+        in_files + in_files / 200
+    );
+    // Reopened, every instance is there once, with its own bytes.
+    drop(spool);
+    let spool = Spool::open_with(dir.path(), 1 << 30, segment_record_max).unwrap();
+    let ready = spool.ready(100, 1000).unwrap();
+    assert_eq!(ready.len(), 201);
+    for q in &ready {
+        let want = if q.meta.sop_instance == "1.2.3.99" {
+            b"same bytes".to_vec()
+        } else {
+            q.meta.sop_instance.as_bytes().to_vec()
+        };
+        assert_eq!(data_of(q), want);
+    }
 }
 
 #[test]
 fn a_busy_pacs_backs_each_instance_off_on_its_own_up_to_an_hour() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let Committed::Queued(id) = receive(&spool, b"DICM busy", &meta("1.2.3.9", "0001")) else {
         panic!()
     };
@@ -267,7 +304,7 @@ fn a_busy_pacs_backs_each_instance_off_on_its_own_up_to_an_hour() {
 #[test]
 fn dead_letters_are_listed_and_requeued_with_a_fresh_clock() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let mut ids = Vec::new();
     for (i, uid) in ["1.2.3.21", "1.2.3.22", "1.2.3.23"].iter().enumerate() {
         let Committed::Queued(id) =
@@ -324,7 +361,7 @@ fn the_admin_view_needs_a_spool_and_removes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let err = Admin::open(dir.path()).unwrap_err();
     assert!(err.to_string().contains("spool"), "{err}");
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     // An instance being received (no queue row yet) survives an operator's command.
     let mut inc = spool.begin().unwrap();
     inc.write(b"half").unwrap();
@@ -342,7 +379,7 @@ fn named(uid: &str) -> (String, String) {
 #[test]
 fn a_stored_instance_stays_until_the_pacs_commits_it_and_survives_reopening() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let mut ids = Vec::new();
     for uid in ["1.2.3.1", "1.2.3.2", "1.2.3.3"] {
         let Committed::Queued(id) = receive(&spool, b"DICM stored", &meta(uid, "0001")) else {
@@ -358,7 +395,7 @@ fn a_stored_instance_stays_until_the_pacs_commits_it_and_survives_reopening() {
     assert!(spool.ready(259, 10).unwrap().is_empty());
     assert_eq!(files(dir.path(), "objects").len(), 3);
     drop(spool);
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     assert_eq!(spool.counts().unwrap().awaiting_commitment, 3);
     let listed = spool.entries("pending", 10).unwrap();
     assert_eq!(listed.len(), 3);
@@ -421,7 +458,7 @@ fn a_stored_instance_stays_until_the_pacs_commits_it_and_survives_reopening() {
 #[test]
 fn an_instance_whose_commitment_does_not_come_is_sent_again_under_a_new_transaction() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let Committed::Queued(id) = receive(&spool, b"DICM late", &meta("1.2.3.1", "0001")) else {
         panic!()
     };
@@ -465,7 +502,7 @@ fn an_instance_whose_commitment_does_not_come_is_sent_again_under_a_new_transact
 #[test]
 fn rows_lost_with_power_are_rebuilt_from_the_objects_trailers() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let mut ids = Vec::new();
     for (uid, bytes) in [
         ("1.2.3.1", &b"DICM one"[..]),
@@ -512,7 +549,7 @@ fn rows_lost_with_power_are_rebuilt_from_the_objects_trailers() {
     three[0] ^= 1;
     fs::write(object(ids[2]), &three).unwrap();
 
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let ready = spool.ready(1000, 10).unwrap();
     let uids: Vec<(&str, i64)> = ready
         .iter()
@@ -564,7 +601,7 @@ fn rows_lost_with_power_are_rebuilt_from_the_objects_trailers() {
 #[test]
 fn ingest_and_the_forwarders_changes_at_once_never_fail() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let spool = open_files(dir.path(), 1 << 30).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         let forwarder = scope.spawn(|| {
@@ -608,7 +645,7 @@ fn ingest_and_the_forwarders_changes_at_once_never_fail() {
 #[test]
 fn a_copy_replaced_while_it_was_sent_is_still_audited_as_released() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let spool = open_files(dir.path(), 1 << 20).unwrap();
     let Committed::Queued(old) = receive(&spool, b"DICM first copy", &meta("1.2.3.9", "0001"))
     else {
         panic!()
@@ -661,7 +698,7 @@ fn a_copy_replaced_while_it_was_sent_is_still_audited_as_released() {
 #[test]
 fn a_large_instance_hashed_beside_the_receiver_has_the_whole_digest() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let spool = open_files(dir.path(), 1 << 30).unwrap();
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let mut inc = spool.begin().unwrap();
     for (n, fragment) in data.chunks(16_372).enumerate() {
@@ -683,4 +720,264 @@ fn a_large_instance_hashed_beside_the_receiver_has_the_whole_digest() {
     }
     drop(aborted);
     assert_eq!(files(dir.path(), "objects").len(), 1);
+}
+
+// Segments (issue 15): small instances appended to preallocated segment files.
+
+fn segments_of(dir: &Path) -> Vec<String> {
+    files(dir, "segments")
+}
+
+/// The queue's rows, as power would leave them: `ids` never reached the disk.
+fn lose_rows(spool: &Spool, ids: &[i64]) {
+    let conn = spool.conn();
+    for id in ids {
+        conn.execute("DELETE FROM queue WHERE id = ?1", [id])
+            .unwrap();
+    }
+}
+
+#[test]
+fn small_instances_go_into_a_segment_large_ones_into_files_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let Committed::Queued(small) = receive(&spool, b"DICM small", &meta("1.2.3.1", "0001")) else {
+        panic!()
+    };
+    let large_bytes: Vec<u8> = (0..SEGMENT_RECORD_MAX + 10)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
+    let mut inc = spool.begin().unwrap();
+    for chunk in large_bytes.chunks(16 << 10) {
+        inc.write(chunk).unwrap();
+    }
+    let Committed::Queued(large) = inc.commit(&meta("1.2.3.2", "0001"), 100).unwrap() else {
+        panic!()
+    };
+    assert_eq!(files(dir.path(), "objects"), vec![format!("{large}.dcm")]);
+    assert_eq!(
+        segments_of(dir.path()).len(),
+        2,
+        "the current one and a spare"
+    );
+    let ready = spool.ready(100, 10).unwrap();
+    assert_eq!(ready[0].id, small);
+    assert!(ready[0].path.starts_with(dir.path().join("segments")));
+    assert!(ready[0].offset > 0);
+    assert_eq!(data_of(&ready[0]), b"DICM small");
+    assert_eq!(spool.counts().unwrap().bytes, 10 + large_bytes.len() as u64);
+    assert_eq!((ready[1].offset, data_of(&ready[1])), (0, large_bytes));
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let ready = spool.ready(100, 10).unwrap();
+    assert_eq!(ready.len(), 2);
+    assert_eq!(data_of(&ready[0]), b"DICM small");
+    spool.delivered(small).unwrap();
+    spool.delivered(large).unwrap();
+    assert!(files(dir.path(), "objects").is_empty());
+    // Delivered records never come back.
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    assert!(spool.ready(100, 10).unwrap().is_empty());
+    assert_eq!(spool.counts().unwrap().delivered, 2);
+}
+
+/// Issue 15: a record whose row power took (written without a flush) is queued again from
+/// its segment; records that left (delivered, an identical copy stored once, replaced) are
+/// not; a record that does not check ends the scan.
+#[test]
+fn rows_lost_with_power_are_rebuilt_from_the_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let mut ids = Vec::new();
+    for (uid, bytes) in [
+        ("1.2.3.1", &b"DICM one"[..]),
+        ("1.2.3.2", b"DICM two"),
+        ("1.2.3.3", b"DICM three"),
+        ("1.2.3.4", b"DICM four"),
+    ] {
+        let Committed::Queued(id) = receive(&spool, bytes, &meta(uid, "0001")) else {
+            panic!()
+        };
+        ids.push(id);
+    }
+    // 2 is delivered, a copy of 1 is stored once, 3 is replaced by a newer copy.
+    spool.delivered(ids[1]).unwrap();
+    assert_eq!(
+        receive(&spool, b"DICM one", &meta("1.2.3.1", "0001")),
+        Committed::Identical(ids[0])
+    );
+    let Committed::Replaced { id: newer, .. } =
+        receive(&spool, b"DICM three, newer", &meta("1.2.3.3", "0001"))
+    else {
+        panic!()
+    };
+    // Power goes: the rows of 1 and 4 never reached the disk.
+    lose_rows(&spool, &[ids[0], ids[3]]);
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let ready = spool.ready(1000, 10).unwrap();
+    let got: Vec<(&str, i64, Vec<u8>)> = ready
+        .iter()
+        .map(|q| (q.meta.sop_instance.as_str(), q.id, data_of(q)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("1.2.3.1", ids[0], b"DICM one".to_vec()),
+            ("1.2.3.4", ids[3], b"DICM four".to_vec()),
+            ("1.2.3.3", newer, b"DICM three, newer".to_vec()),
+        ]
+    );
+    assert_eq!(ready[0].meta, meta("1.2.3.1", "0001"));
+    assert_eq!(
+        spool.counts().unwrap().bytes,
+        (b"DICM one".len() + b"DICM four".len() + b"DICM three, newer".len()) as u64
+    );
+    // A record whose bytes do not match its digest ends the scan: 4's row is lost again
+    // and its data changed on disk (a torn write); it is not queued, nor anything after it.
+    let four = ready[1].clone();
+    lose_rows(&spool, &[four.id, newer]);
+    drop(spool);
+    {
+        use std::os::unix::fs::FileExt as _;
+        let f = File::options().write(true).open(&four.path).unwrap();
+        f.write_all_at(b"X", four.offset).unwrap();
+    }
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let uids: Vec<String> = spool
+        .ready(1000, 10)
+        .unwrap()
+        .into_iter()
+        .map(|q| q.meta.sop_instance)
+        .collect();
+    assert_eq!(uids, vec!["1.2.3.1"]);
+}
+
+/// A segment is reused once its records have all left, under a new generation: its old
+/// records never come back, even without their `gone` rows.
+#[test]
+fn a_segment_whose_records_all_left_is_reused_and_its_old_records_never_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let bytes = vec![7u8; 900 << 10];
+    let mut first = Vec::new();
+    // Enough to fill the first segment and go on in the next.
+    let per_segment = (segments::SEGMENT_SIZE / (900 << 10)) as usize;
+    for i in 0..per_segment + 2 {
+        let uid = format!("1.2.3.{i}");
+        let Committed::Queued(id) = receive(&spool, &bytes, &meta(&uid, "0001")) else {
+            panic!()
+        };
+        first.push(id);
+    }
+    let slots: Vec<PathBuf> = spool
+        .ready(100, 1000)
+        .unwrap()
+        .iter()
+        .map(|q| q.path.clone())
+        .collect();
+    let first_slot = slots[0].clone();
+    assert_ne!(first_slot, *slots.last().unwrap());
+    // Everything in the first segment is delivered; the forwarder's next round reuses it.
+    for (id, path) in first.iter().zip(&slots) {
+        if *path == first_slot {
+            spool.delivered(*id).unwrap();
+        }
+    }
+    let left = spool.ready(100, 1000).unwrap();
+    assert_eq!(left.len(), 2);
+    // The `gone` rows of its old generation went with it.
+    let gone: i64 = spool
+        .conn()
+        .query_row("SELECT count(*) FROM gone", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(gone, 0);
+    // Filling the current segment moves to the reused one.
+    let mut more = Vec::new();
+    for i in 0..per_segment {
+        let uid = format!("1.2.4.{i}");
+        let Committed::Queued(id) = receive(&spool, &bytes, &meta(&uid, "0001")) else {
+            panic!()
+        };
+        more.push(id);
+    }
+    let ready = spool.ready(100, 1000).unwrap();
+    assert!(ready.iter().any(|q| q.path == first_slot), "reused");
+    let pending = ready.len();
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let ready = spool.ready(100, 1000).unwrap();
+    assert_eq!(ready.len(), pending, "no old record came back");
+    for q in &ready {
+        assert_eq!(data_of(q), bytes);
+    }
+    assert!(
+        segments_of(dir.path()).len() <= 4,
+        "{:?}",
+        segments_of(dir.path())
+    );
+}
+
+/// An instance held (no consent yet) or dead may wait for long: it moves out of its
+/// segment into a file of its own, so that no segment stays in use for it.
+#[test]
+fn held_and_dead_instances_move_out_of_their_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let Committed::Queued(a) = receive(&spool, b"DICM held", &meta("1.2.3.1", "0001")) else {
+        panic!()
+    };
+    let Committed::Queued(b) = receive(&spool, b"DICM dead", &meta("1.2.3.2", "0002")) else {
+        panic!()
+    };
+    spool.hold(a, "no-consent").unwrap();
+    spool.fail(b, "refused by the network PACS: 0122H").unwrap();
+    assert_eq!(
+        files(dir.path(), "objects"),
+        vec![format!("{a}.dcm"), format!("{b}.dcm")]
+    );
+    assert_eq!(spool.release_patient("0001").unwrap(), 1);
+    let ready = spool.ready(100, 10).unwrap();
+    assert_eq!((ready[0].id, ready[0].offset), (a, 0));
+    assert_eq!(data_of(&ready[0]), b"DICM held");
+    // The moved copy is a complete object: its row lost with power comes back from it.
+    lose_rows(&spool, &[a]);
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let ready = spool.ready(100, 10).unwrap();
+    assert_eq!(ready.len(), 1);
+    assert_eq!(data_of(&ready[0]), b"DICM held");
+    assert_eq!(spool.counts().unwrap().dead, 1);
+    // A move cut short (its copy written, its row not changed) leaves the segment's record.
+    let Committed::Queued(c) = receive(&spool, b"DICM three", &meta("1.2.3.3", "0003")) else {
+        panic!()
+    };
+    drop(spool);
+    fs::write(
+        dir.path().join("objects").join(format!("{c}.dcm")),
+        b"half a move",
+    )
+    .unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    assert!(!dir.path().join("objects").join(format!("{c}.dcm")).exists());
+    let ready = spool.ready(100, 10).unwrap();
+    let three = ready.iter().find(|q| q.id == c).unwrap();
+    assert_eq!(data_of(three), b"DICM three");
+}
+
+/// Dead letters by age move out of their segment too.
+#[test]
+fn dead_letters_by_age_move_out_of_their_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let Committed::Queued(a) = receive(&spool, b"DICM old", &meta("1.2.3.1", "0001")) else {
+        panic!()
+    };
+    assert_eq!(spool.dead_letters(101).unwrap(), 1);
+    assert_eq!(files(dir.path(), "objects"), vec![format!("{a}.dcm")]);
+    let mut admin = Admin::open(dir.path()).unwrap();
+    assert_eq!(admin.requeue(None, 200).unwrap().len(), 1);
+    let ready = spool.ready(200, 10).unwrap();
+    assert_eq!(data_of(&ready[0]), b"DICM old");
 }
