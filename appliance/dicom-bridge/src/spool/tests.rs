@@ -36,6 +36,24 @@ fn data_of(q: &Queued) -> Vec<u8> {
     bytes
 }
 
+/// Instances 1.2.3.1 to 1.2.3.4 ("DICM one" to "DICM four"), queued: their ids.
+fn receive_four(spool: &Spool) -> Vec<i64> {
+    [
+        ("1.2.3.1", &b"DICM one"[..]),
+        ("1.2.3.2", b"DICM two"),
+        ("1.2.3.3", b"DICM three"),
+        ("1.2.3.4", b"DICM four"),
+    ]
+    .into_iter()
+    .map(
+        |(uid, bytes)| match receive(spool, bytes, &meta(uid, "0001")) {
+            Committed::Queued(id) => id,
+            other => panic!("{other:?}"),
+        },
+    )
+    .collect()
+}
+
 fn receive(spool: &Spool, bytes: &[u8], m: &Meta) -> Committed {
     let mut inc = spool.begin().unwrap();
     for chunk in bytes.chunks(7) {
@@ -503,18 +521,7 @@ fn an_instance_whose_commitment_does_not_come_is_sent_again_under_a_new_transact
 fn rows_lost_with_power_are_rebuilt_from_the_objects_trailers() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open_files(dir.path(), 1 << 20).unwrap();
-    let mut ids = Vec::new();
-    for (uid, bytes) in [
-        ("1.2.3.1", &b"DICM one"[..]),
-        ("1.2.3.2", b"DICM two"),
-        ("1.2.3.3", b"DICM three"),
-        ("1.2.3.4", b"DICM four"),
-    ] {
-        let Committed::Queued(id) = receive(&spool, bytes, &meta(uid, "0001")) else {
-            panic!()
-        };
-        ids.push(id);
-    }
+    let ids = receive_four(&spool);
     // A newer copy of 1.2.3.4 replaces it; the older copy's file is left as a crash
     // before its removal would leave it.
     let object = |id: i64| dir.path().join("objects").join(format!("{id}.dcm"));
@@ -789,18 +796,7 @@ fn small_instances_go_into_a_segment_large_ones_into_files_of_their_own() {
 fn rows_lost_with_power_are_rebuilt_from_the_segment() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), 1 << 30).unwrap();
-    let mut ids = Vec::new();
-    for (uid, bytes) in [
-        ("1.2.3.1", &b"DICM one"[..]),
-        ("1.2.3.2", b"DICM two"),
-        ("1.2.3.3", b"DICM three"),
-        ("1.2.3.4", b"DICM four"),
-    ] {
-        let Committed::Queued(id) = receive(&spool, bytes, &meta(uid, "0001")) else {
-            panic!()
-        };
-        ids.push(id);
-    }
+    let ids = receive_four(&spool);
     // 2 is delivered, a copy of 1 is stored once, 3 is replaced by a newer copy.
     spool.delivered(ids[1]).unwrap();
     assert_eq!(
