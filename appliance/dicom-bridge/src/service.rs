@@ -180,6 +180,7 @@ pub enum ServiceError {
 /// Runs the service until shutdown.
 pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError> {
     let spool = Spool::open(&settings.state_dir.join("spool"), settings.quota)?;
+    spool.prepare()?;
     let mut scp_settings = settings.scp.clone();
     let refused_reports = scp_settings.refused_reports.clone();
     if let Some(proxy) = &settings.scp.proxy {

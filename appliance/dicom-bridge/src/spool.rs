@@ -665,7 +665,6 @@ impl Spool {
         let segments = Segments::open(&dir.join("segments"), segment_record_max, found, live)
             .map_err(SpoolError::Io)?;
         let segments = Arc::new(segments);
-        segments.prepare()?;
         for (slot, generation) in ended {
             conn.execute(
                 "DELETE FROM gone WHERE segment = ?1 AND generation = ?2",
@@ -792,6 +791,13 @@ impl Spool {
         }
         self.depart(slot);
         Ok(())
+    }
+
+    /// Makes the segment the first small instance goes into, and a spare, now: the service
+    /// calls it before it takes associations, so that no association waits while a segment
+    /// is made (16 MiB written). Without it, the first instance makes one.
+    pub fn prepare(&self) -> Result<(), SpoolError> {
+        self.inner.segments.prepare()
     }
 
     /// Resolves when an instance was queued since the last call returned (for the one

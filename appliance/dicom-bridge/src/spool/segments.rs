@@ -324,8 +324,8 @@ impl Segments {
     }
 
     /// Makes the segment the first instance goes into, and a spare, ready now (when the
-    /// spool opens, not while an association waits for its first instance's flush: making
-    /// a segment writes [`SEGMENT_SIZE`] bytes).
+    /// service starts, not while an association waits for its first instance's flush:
+    /// making a segment writes [`SEGMENT_SIZE`] bytes).
     pub(super) fn prepare(self: &Arc<Self>) -> Result<(), SpoolError> {
         if self.record_max == 0 {
             return Ok(());

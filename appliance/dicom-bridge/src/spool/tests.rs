@@ -748,6 +748,7 @@ fn lose_rows(spool: &Spool, ids: &[i64]) {
 fn small_instances_go_into_a_segment_large_ones_into_files_of_their_own() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    spool.prepare().unwrap();
     let Committed::Queued(small) = receive(&spool, b"DICM small", &meta("1.2.3.1", "0001")) else {
         panic!()
     };
