@@ -40,7 +40,7 @@
 
 mod segments;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
@@ -221,21 +221,21 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
         let mut landed = Vec::with_capacity(batch.len());
         {
             let mut find = tx
-                .prepare(
+                .prepare_cached(
                     "SELECT id, digest FROM queue WHERE sop_instance = ?1 ORDER BY id DESC LIMIT 1",
                 )
                 .map_err(sql("find duplicates"))?;
             let mut insert = tx
-                .prepare(
+                .prepare_cached(
                     "INSERT INTO queue (id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, digest, state, received_at, next_attempt_at, segment, generation, offset)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0, ?10, ?11, ?12)",
                 )
                 .map_err(sql("queue"))?;
             let mut duplicate = tx
-                .prepare("INSERT INTO duplicates VALUES (?1, ?2, ?3, ?4, ?5)")
+                .prepare_cached("INSERT INTO duplicates VALUES (?1, ?2, ?3, ?4, ?5)")
                 .map_err(sql("record a duplicate"))?;
             let mut gone_record = tx
-                .prepare("INSERT OR IGNORE INTO gone VALUES (?1, ?2, ?3)")
+                .prepare_cached("INSERT OR IGNORE INTO gone VALUES (?1, ?2, ?3)")
                 .map_err(sql("record a duplicate"))?;
             for p in &batch {
                 let m = &p.meta;
@@ -332,8 +332,48 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
 /// queue has two connections (ingest and the rest, and an operator's command may open a
 /// third), and a transaction that read before it writes could otherwise fail at once with
 /// SQLITE_BUSY (its snapshot is stale) instead of waiting its turn.
-fn write(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
-    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+///
+/// `BEGIN IMMEDIATE` and `COMMIT` come from the connection's statement cache: a group commit
+/// and each delivery run them, and parsing them each time (as `rusqlite::Transaction` does)
+/// was a tenth of the CPU the service spent per small instance. Dropped without
+/// [`Immediate::commit`], the transaction rolls back.
+fn write(conn: &Connection) -> rusqlite::Result<Immediate<'_>> {
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    Ok(Immediate {
+        conn,
+        committed: false,
+    })
+}
+
+/// A transaction begun by [`write`].
+struct Immediate<'c> {
+    conn: &'c Connection,
+    committed: bool,
+}
+
+impl Immediate<'_> {
+    fn commit(mut self) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Immediate<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+impl Drop for Immediate<'_> {
+    fn drop(&mut self) {
+        // A failed statement or a failed COMMIT (busy) leaves the transaction open.
+        if !self.committed && !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
 }
 
 fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> SpoolError {
@@ -511,44 +551,48 @@ impl Spool {
         }
         // Segment records without a queue row and not gone: the same (see [`segments`]).
         let found = segments::existing(&dir.join("segments")).map_err(SpoolError::Io)?;
+        let mut in_segments = segment_rows(&conn)?;
         for seg in &found {
             let Some(generation) = seg.generation else {
                 continue;
             };
-            let mut lost = Vec::new();
+            // This segment generation's rows and `gone` entries, read once: the records
+            // found are looked up here; only a record in neither (moved out, or lost) costs
+            // a query of its own.
+            let rows = in_segments
+                .remove(&(seg.slot, generation))
+                .unwrap_or_default();
+            let gone = gone_offsets(&conn, seg.slot, generation)?;
+            let mut lost = HashSet::new();
+            let mut failed = None;
             let scanned = segments::scan(
                 &seg.file,
                 seg.slot,
                 |id, l| {
-                    let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = conn
-                        .query_row(
-                            "SELECT segment, generation, offset FROM queue WHERE id = ?1",
-                            [id],
-                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                        )
-                        .optional()
-                        .unwrap_or(None);
                     let offset = i64::try_from(l.offset).unwrap_or(i64::MAX);
-                    if row == Some((Some(l.slot), Some(l.generation), Some(offset))) {
+                    if rows.get(&id) == Some(&offset) || gone.contains(&offset) {
                         return false;
                     }
-                    let gone = conn
-                        .query_row(
-                            "SELECT 1 FROM gone WHERE segment = ?1 AND generation = ?2 AND offset = ?3",
-                            params![l.slot, l.generation, offset],
-                            |_| Ok(()),
-                        )
+                    match conn
+                        .query_row("SELECT 1 FROM queue WHERE id = ?1", [id], |_| Ok(()))
                         .optional()
-                        .unwrap_or(None)
-                        .is_some();
-                    if row.is_none() && !gone {
-                        lost.push(id);
-                        return true;
+                    {
+                        Ok(Some(())) => false,
+                        Ok(None) => {
+                            lost.insert(id);
+                            true
+                        }
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                            false
+                        }
                     }
-                    false
                 },
                 |meta| parse_trailer_body(meta).map(|t| t.digest),
             );
+            if let Some(e) = failed {
+                return Err(sql("recover")(e));
+            }
             let Some((_, records)) = scanned else {
                 continue;
             };
@@ -778,8 +822,8 @@ impl Spool {
             self.inner.objects.sync_all().map_err(SpoolError::Io)?;
         }
         {
-            let mut conn = self.conn();
-            let tx = write(&mut conn).map_err(sql("move out of a segment"))?;
+            let conn = self.conn();
+            let tx = write(&conn).map_err(sql("move out of a segment"))?;
             tx.execute(GONE, [id])
                 .map_err(sql("move out of a segment"))?;
             tx.execute(
@@ -908,22 +952,17 @@ impl Spool {
     /// The network acknowledged it: the object leaves the spool, and its release record
     /// (what left, under which permit) is queued for the audit trail, in one transaction.
     pub fn delivered(&self, id: i64) -> Result<(), SpoolError> {
-        let size: (Option<i64>, Option<i64>) = {
-            let mut conn = self.conn();
-            let tx = write(&mut conn).map_err(sql("delivered"))?;
-            let size = tx
-                .query_row("SELECT size FROM queue WHERE id = ?1", [id], |r| r.get(0))
+        let (size, slot) = {
+            let conn = self.conn();
+            let tx = write(&conn).map_err(sql("delivered"))?;
+            let row: Option<(i64, Option<i64>)> = tx
+                .query_row("SELECT size, segment FROM queue WHERE id = ?1", [id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
                 .optional()
                 .map_err(sql("delivered"))?;
             tx.execute(RELEASE, params![id, crate::now()])
                 .map_err(sql("queue a release record"))?;
-            let slot: Option<i64> = tx
-                .query_row("SELECT segment FROM queue WHERE id = ?1", [id], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .map_err(sql("delivered"))?
-                .flatten();
             tx.execute(GONE, [id]).map_err(sql("delivered"))?;
             tx.execute("DELETE FROM queue WHERE id = ?1", [id])
                 .map_err(sql("delivered"))?;
@@ -935,9 +974,8 @@ impl Spool {
             tx.execute("UPDATE counters SET delivered = delivered + 1", [])
                 .map_err(sql("count"))?;
             tx.commit().map_err(sql("delivered"))?;
-            (size, slot)
+            (row.map(|r| r.0), row.and_then(|r| r.1))
         };
-        let (size, slot) = size;
         match slot {
             Some(slot) => self.depart(slot),
             None => {
@@ -959,8 +997,8 @@ impl Spool {
         now: i64,
         resend_at: i64,
     ) -> Result<(), SpoolError> {
-        let mut conn = self.conn();
-        let tx = write(&mut conn).map_err(sql("stored"))?;
+        let conn = self.conn();
+        let tx = write(&conn).map_err(sql("stored"))?;
         {
             let mut release = tx.prepare(RELEASE).map_err(sql("queue a release record"))?;
             let mut gone = tx
@@ -1005,8 +1043,8 @@ impl Spool {
         let mut applied = CommitmentApplied::default();
         let mut gone: Vec<(i64, (i64, Option<i64>))> = Vec::new();
         {
-            let mut conn = self.conn();
-            let tx = write(&mut conn).map_err(sql("commitment"))?;
+            let conn = self.conn();
+            let tx = write(&conn).map_err(sql("commitment"))?;
             {
                 let mut find = tx
                     .prepare(
@@ -1090,8 +1128,8 @@ impl Spool {
         if decisions.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn();
-        let tx = write(&mut conn).map_err(sql("save decisions"))?;
+        let conn = self.conn();
+        let tx = write(&conn).map_err(sql("save decisions"))?;
         // A new round: what earlier rounds sent is recorded, nothing of theirs is in flight.
         tx.execute("DELETE FROM superseded", [])
             .map_err(sql("save decisions"))?;
@@ -1132,8 +1170,8 @@ impl Spool {
 
     /// These release records are in the audit trail now.
     pub fn releases_recorded(&self, ids: &[i64]) -> Result<(), SpoolError> {
-        let mut conn = self.conn();
-        let tx = write(&mut conn).map_err(sql("forget release records"))?;
+        let conn = self.conn();
+        let tx = write(&conn).map_err(sql("forget release records"))?;
         for id in ids {
             tx.execute("DELETE FROM releases WHERE id = ?1", [id])
                 .map_err(sql("forget release records"))?;
@@ -1422,6 +1460,44 @@ fn parse_trailer_body(body: &[u8]) -> Option<Trailer> {
 /// Reads and checks an object file's trailer: well formed, at the very end, and the data
 /// set before it matching its digest. `None` for anything else (an instance whose receipt
 /// did not finish).
+/// The queue rows whose data sets are in segments, by segment and generation: id to data
+/// offset. One pass over the queue (it has no index by segment; its rows in segments are the
+/// small instances waiting).
+type SegmentRows = HashMap<(i64, i64), HashMap<i64, i64>>;
+
+fn segment_rows(conn: &Connection) -> Result<SegmentRows, SpoolError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT segment, generation, id, offset FROM queue
+             WHERE segment IS NOT NULL AND generation IS NOT NULL AND offset IS NOT NULL",
+        )
+        .map_err(sql("recover"))?;
+    let mut rows = stmt.query([]).map_err(sql("recover"))?;
+    let mut all = SegmentRows::new();
+    while let Some(r) = rows.next().map_err(sql("recover"))? {
+        let key = (
+            r.get(0).map_err(sql("recover"))?,
+            r.get(1).map_err(sql("recover"))?,
+        );
+        all.entry(key).or_default().insert(
+            r.get(2).map_err(sql("recover"))?,
+            r.get(3).map_err(sql("recover"))?,
+        );
+    }
+    Ok(all)
+}
+
+/// The data offsets in segment `slot`'s generation `generation` whose records left.
+fn gone_offsets(conn: &Connection, slot: i64, generation: i64) -> Result<HashSet<i64>, SpoolError> {
+    let mut stmt = conn
+        .prepare("SELECT offset FROM gone WHERE segment = ?1 AND generation = ?2")
+        .map_err(sql("recover"))?;
+    let rows = stmt
+        .query_map([slot, generation], |r| r.get(0))
+        .map_err(sql("recover"))?;
+    rows.collect::<Result<_, _>>().map_err(sql("recover"))
+}
+
 fn read_trailer(path: &Path) -> Option<Trailer> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     let mut f = File::open(path).ok()?;
@@ -1455,72 +1531,117 @@ fn read_trailer(path: &Path) -> Option<Trailer> {
 /// How much of an instance is written before its writeback is started.
 const WRITEBACK_CHUNK: u64 = 8 << 20;
 
-/// How much of an instance is hashed on the receiving thread; the rest is hashed on a thread
-/// of its own, beside the socket and the page-cache copy (BLAKE3 was a fifth of the box's
-/// CPU on large instances, `docs/dicom-ingest-profile.md`). Small instances never pay for
-/// the thread.
+/// How much of an instance is written and hashed on the receiving thread; the rest is
+/// written to its file and hashed on a thread of its own, beside the socket (BLAKE3 was a
+/// fifth of the box's CPU on large instances, and the page-cache copy a quarter of the
+/// receiving thread's, `docs/dicom-ingest-profile.md`). Small instances never pay for the
+/// thread.
 const HASH_INLINE: u64 = 1 << 20;
 
-/// Fragments queued for the hashing thread before the receiver waits for it (a bound on
+/// Fragments queued for the writing thread before the receiver waits for it (a bound on
 /// the memory an instance holds: 8 fragments of at most the negotiated PDU size).
 const HASH_QUEUE: usize = 8;
 
-/// The BLAKE3 digest of an instance as it arrives ([`HASH_INLINE`]).
+/// What the writing thread hands back: the digest so far and the file, with everything
+/// queued written to it (not flushed), or the first write error.
+type Written = Result<(blake3::Hasher, Option<File>), io::Error>;
+
+/// The BLAKE3 digest of an instance as it arrives, and who writes its file
+/// ([`HASH_INLINE`]).
 enum Digest {
     Inline(Box<blake3::Hasher>),
     Beside {
         fragments: mpsc::SyncSender<Vec<u8>>,
-        hasher: std::thread::JoinHandle<blake3::Hasher>,
+        writer: std::thread::JoinHandle<Written>,
     },
 }
 
 impl Digest {
-    fn update(&mut self, bytes: std::borrow::Cow<'_, [u8]>, hashed: u64) {
+    /// Takes bytes `hashed..` of the instance. Past [`HASH_INLINE`], and given the
+    /// instance's `file`, they go to the writing thread with it, which writes and hashes
+    /// them there (`Ok(None)`). Otherwise they are hashed here and handed back for the
+    /// caller to keep.
+    fn update<'b>(
+        &mut self,
+        bytes: std::borrow::Cow<'b, [u8]>,
+        hashed: u64,
+        file: &mut Option<File>,
+    ) -> Result<Option<std::borrow::Cow<'b, [u8]>>, SpoolError> {
         if let Digest::Inline(h) = self
             && hashed >= HASH_INLINE
+            && file.is_some()
         {
             let (fragments, queue) = mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE);
             let mut moved = std::mem::take(&mut **h);
-            // A thread that cannot be started: hashing stays here.
-            if let Ok(hasher) =
-                std::thread::Builder::new()
-                    .name("spool-hash".into())
-                    .spawn(move || {
-                        for fragment in queue {
-                            moved.update(&fragment);
+            let mut out = file.take();
+            let writer = std::thread::Builder::new()
+                .name("spool-write".into())
+                .spawn(move || -> Written {
+                    let (mut written, mut flushed) = (hashed, hashed);
+                    for fragment in queue {
+                        if let Some(f) = out.as_mut() {
+                            f.write_all(&fragment)?;
+                            written += fragment.len() as u64;
+                            if written - flushed >= WRITEBACK_CHUNK {
+                                start_writeback(f, flushed, written);
+                                flushed = written;
+                            }
                         }
-                        moved
-                    })
-            {
-                *self = Digest::Beside { fragments, hasher };
-            } else {
-                tracing::debug!("no hashing thread; hashing on the receiving one");
-            }
+                        moved.update(&fragment);
+                    }
+                    Ok((moved, out))
+                })
+                // No thread (out of processes): the instance fails (0110H); its file
+                // went with the closure and is removed with the `Incoming`.
+                .map_err(SpoolError::Io)?;
+            *self = Digest::Beside { fragments, writer };
         }
         match self {
             Digest::Inline(h) => {
                 h.update(&bytes);
+                Ok(Some(bytes))
             }
             Digest::Beside { fragments, .. } => {
-                // A hasher that is gone shows at `finish`.
-                let _ = fragments.send(bytes.into_owned());
+                if fragments.send(bytes.into_owned()).is_err() {
+                    // The writer stopped on an error: take it.
+                    let gone = std::mem::replace(self, Digest::Inline(Box::default()));
+                    return Err(match gone.finish() {
+                        Err(e) => e,
+                        Ok(_) => SpoolError::Io(io::Error::other("the writing thread stopped")),
+                    });
+                }
+                Ok(None)
             }
         }
     }
 
-    fn finish(self) -> Result<String, SpoolError> {
-        let hash = match self {
-            Digest::Inline(h) => h.finalize(),
-            Digest::Beside { fragments, hasher } => {
+    /// The digest, and the file back from the writing thread (everything written).
+    fn finish(self) -> Result<(String, Option<File>), SpoolError> {
+        let (hash, file) = match self {
+            Digest::Inline(h) => (h.finalize(), None),
+            Digest::Beside { fragments, writer } => {
                 drop(fragments);
-                hasher
+                let (h, file) = writer
                     .join()
-                    .map_err(|_| SpoolError::Io(io::Error::other("the hashing thread failed")))?
-                    .finalize()
+                    .map_err(|_| SpoolError::Io(io::Error::other("the writing thread failed")))?
+                    .map_err(io_or_full)?;
+                (h.finalize(), file)
             }
         };
-        Ok(hash.to_hex().to_string())
+        Ok((hash.to_hex().to_string(), file))
     }
+}
+
+/// Starts the writeback of bytes `from..to` of `file`, so that the fsync before the success
+/// status waits for the tail only: Linux starts the writeback of a range given DONTNEED (and
+/// keeps its pages while they are dirty). A hint: errors show at that fsync.
+fn start_writeback(file: &File, from: u64, to: u64) {
+    let _ = nix::fcntl::posix_fadvise(
+        file,
+        i64::try_from(from).unwrap_or(0),
+        i64::try_from(to - from).unwrap_or(0),
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
 }
 
 /// The spool's queue opened by an operator's command while the service may be running
@@ -1724,7 +1845,8 @@ impl Incoming {
             if self.written <= self.spool.inner.segments.record_max as u64 {
                 buffer.extend_from_slice(&bytes);
                 if let Some(h) = self.hash.as_mut() {
-                    h.update(bytes, hashed);
+                    // No file yet: hashed here.
+                    h.update(bytes, hashed, &mut None)?;
                 }
                 return Ok(());
             }
@@ -1740,25 +1862,21 @@ impl Incoming {
             self.buffer = None;
             self.file = Some(file);
         }
+        let hash = self
+            .hash
+            .as_mut()
+            .ok_or(SpoolError::Io(io::Error::other("already committed")))?;
+        let Some(bytes) = hash.update(bytes, hashed, &mut self.file)? else {
+            // The writing thread has them.
+            return Ok(());
+        };
         let file = self
             .file
             .as_mut()
             .ok_or(SpoolError::Io(io::Error::other("already committed")))?;
         file.write_all(&bytes).map_err(io_or_full)?;
-        if let Some(h) = self.hash.as_mut() {
-            h.update(bytes, hashed);
-        }
         if self.written - self.flushed >= WRITEBACK_CHUNK {
-            // Start writing back what is complete, so that the fsync before the success
-            // status waits for the tail only: Linux starts the writeback of a range given
-            // DONTNEED (and keeps its pages while they are dirty). A hint: errors show at
-            // that fsync.
-            let _ = nix::fcntl::posix_fadvise(
-                &*file,
-                i64::try_from(self.flushed).unwrap_or(0),
-                i64::try_from(self.written - self.flushed).unwrap_or(0),
-                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-            );
+            start_writeback(file, self.flushed, self.written);
             self.flushed = self.written;
         }
         Ok(())
@@ -1775,11 +1893,15 @@ impl Incoming {
 
     /// Makes the instance durable and queued; only then may success be answered.
     pub fn commit(mut self, meta: &Meta, now: i64) -> Result<Committed, SpoolError> {
-        let digest = self
+        let (digest, file) = self
             .hash
             .take()
             .ok_or(SpoolError::Io(io::Error::other("already committed")))?
             .finish()?;
+        if file.is_some() {
+            // Back from the writing thread, everything written.
+            self.file = file;
+        }
         let location = match self.buffer.take() {
             // A small instance: one record in the current segment, durable (the flush
             // shared with the associations committing meanwhile) before its row is written.

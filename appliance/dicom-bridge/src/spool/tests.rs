@@ -729,6 +729,45 @@ fn a_large_instance_hashed_beside_the_receiver_has_the_whole_digest() {
     assert_eq!(files(dir.path(), "objects").len(), 1);
 }
 
+/// Past its first MiB a large instance is written by a thread of its own: a write that
+/// fails there (here: a file opened read-only) reaches the receiver, at a later fragment or
+/// at the end, and never passes for a complete instance.
+#[test]
+fn a_write_that_fails_on_the_writing_thread_fails_the_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("object");
+    fs::write(&path, b"").unwrap();
+    let read_only = Some(File::open(&path).unwrap());
+    let fragment = vec![7u8; 65_536];
+    // Before HASH_INLINE: hashed here, handed back to be written by the caller.
+    let mut digest = Digest::Inline(Box::default());
+    let mut file = read_only;
+    let back = digest
+        .update(std::borrow::Cow::Borrowed(&fragment), 0, &mut file)
+        .unwrap();
+    assert!(back.is_some() && file.is_some());
+    // From HASH_INLINE on: the writing thread takes the file and the fragments.
+    let mut failed = None;
+    for n in 0..64u64 {
+        match digest.update(
+            std::borrow::Cow::Owned(fragment.clone()),
+            HASH_INLINE + n * 65_536,
+            &mut file,
+        ) {
+            Ok(back) => assert!(back.is_none() && file.is_none()),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let error = match failed {
+        Some(e) => e,
+        None => digest.finish().expect_err("a write that failed"),
+    };
+    assert!(matches!(error, SpoolError::Io(_)), "{error:?}");
+}
+
 // Segments (issue 15): small instances appended to preallocated segment files.
 
 fn segments_of(dir: &Path) -> Vec<String> {
