@@ -71,6 +71,14 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
         why: "hil-tests test network: UDP port redirects and blocks on the hub",
     },
     SystemPackage {
+        name: "chrony",
+        why: "hil-tests test network: the hub's NTP server (chronyd -x, serving only) that the tunnel service's clock check asks (issue 17)",
+    },
+    SystemPackage {
+        name: "faketime",
+        why: "libfaketime: the hub's chronyd serving a clock 10 minutes ahead, the clock check's bad case (issue 17)",
+    },
+    SystemPackage {
         name: "iperf3",
         why: "hil-tests test network: throughput through the tunnel (vpn.md §3.3), and the connection through it that the egress kill-switch test keeps open",
     },

@@ -668,6 +668,15 @@ pub struct Tunnel {
     /// Deadline of every WireGuard control call; default 2s.
     #[serde(default = "default_short")]
     pub control_timeout: ConfigDuration,
+    /// The hub's NTP server as `address:port` inside `hub-subnets` (IHE Consistent Time).
+    /// The tunnel service asks it (SNTP) every `time-check-interval`: the box's clock more
+    /// than 1 s off the hub's, or no answer for 3 checks in a row, shows in status and
+    /// metrics. The box's clock itself is kept by chrony. Default: no check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_server: Option<SocketAddr>,
+    /// Time between clock checks; default 64s (chrony's shortest poll).
+    #[serde(default = "default_time_check_interval")]
+    pub time_check_interval: ConfigDuration,
     /// The box's firewall, loaded by the tunnel service.
     #[serde(default)]
     pub firewall: Firewall,
@@ -819,6 +828,10 @@ fn default_mtu() -> u32 {
 
 fn default_probe_interval() -> ConfigDuration {
     ConfigDuration::secs(5)
+}
+
+fn default_time_check_interval() -> ConfigDuration {
+    ConfigDuration::secs(64)
 }
 
 fn default_probe_failures() -> u32 {
@@ -1095,6 +1108,29 @@ impl Config {
                         "{probe} is not in any of tunnel.hub-subnets, so it would not be probed through the tunnel"
                     ),
                     &["tunnel.health-url", "tunnel.hub-subnets"],
+                );
+            }
+            if let Some(server) = t.time_server {
+                let inside = match server.ip() {
+                    std::net::IpAddr::V4(ip) => t.hub_subnets.iter().any(|net| net.contains(ip)),
+                    std::net::IpAddr::V6(_) => false,
+                };
+                if !inside {
+                    broken(
+                        "tunnel.time-server",
+                        format!(
+                            "{} is not in any of tunnel.hub-subnets, so it would not be asked through the tunnel",
+                            server.ip()
+                        ),
+                        &["tunnel.time-server", "tunnel.hub-subnets"],
+                    );
+                }
+            }
+            if t.time_check_interval.get() < Duration::from_secs(1) {
+                broken(
+                    "tunnel.time-check-interval",
+                    "must be at least 1s".into(),
+                    &["tunnel.time-check-interval"],
                 );
             }
             if t.userspace_implementation.trim().is_empty()

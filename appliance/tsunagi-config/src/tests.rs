@@ -991,6 +991,34 @@ fn tunnel_cross_field_rules() {
     );
 }
 
+#[test]
+fn the_time_server_is_asked_through_the_tunnel_or_refused() {
+    let t = parse(&tunnel_section(""), file()).unwrap().tunnel.unwrap();
+    assert_eq!(t.time_server, None);
+    assert_eq!(t.time_check_interval.get(), Duration::from_secs(64));
+    let t = parse(
+        &tunnel_section("time-server = \"10.98.0.1:123\"\ntime-check-interval = \"5s\"\n"),
+        file(),
+    )
+    .unwrap()
+    .tunnel
+    .unwrap();
+    assert_eq!(t.time_server, Some("10.98.0.1:123".parse().unwrap()));
+    assert_eq!(t.time_check_interval.get(), Duration::from_secs(5));
+    let got = problems(&tunnel_section(
+        "time-server = \"192.0.2.123:123\"\ntime-check-interval = \"100ms\"\n",
+    ));
+    let keys: Vec<&str> = got.iter().map(|(_, k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["tunnel.time-server", "tunnel.time-check-interval"]);
+    assert!(
+        got[0].2.contains("not in any of tunnel.hub-subnets"),
+        "{}",
+        got[0].2
+    );
+    // An address without its port is no `address:port`.
+    assert!(!problems(&tunnel_section("time-server = \"10.98.0.1\"\n")).is_empty());
+}
+
 /// Sections that send to the network: the consent sync, the DICOM bridge's PACS and the
 /// SS-MIX2 WebDAV replica, at `fhir`, `pacs` and `replica` (hosts or addresses).
 fn senders(fhir: &str, pacs: &str, replica: &str) -> String {

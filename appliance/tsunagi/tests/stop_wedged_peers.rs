@@ -2,9 +2,9 @@
 //! whatever it waits for: the DICOM forwarder on an A-ASSOCIATE the PACS never answers (and
 //! the query proxy on a viewer's C-FIND), the consent sync on a FHIR server that never
 //! answers, the SS-MIX2 sync in a TLS handshake with a WebDAV replica that never answers, the
-//! tunnel on a health probe that never gets an answer (and on a DNS server that never
-//! answers, while it comes up). The peer is a listener that takes connections (or queries)
-//! and never sends a byte.
+//! tunnel on a health probe that never gets an answer (on a time server that never answers
+//! its clock check, and on a DNS server that never answers, while it comes up). The peer is
+//! a listener that takes connections (or queries) and never sends a byte.
 //!
 //! Each test measures from the SIGTERM to the disappearance of the service's process (the
 //! supervisor's stop deadline is 5 s, so the bound is the service's, not the deadline's) and
@@ -69,6 +69,21 @@ fn wait_wedged(accepted: &AtomicUsize, h: &Harness, what: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
+}
+
+/// A UDP server on `addr` (in the caller's namespace) that takes every query and answers
+/// none; counts the queries.
+fn silent_udp(addr: &str) -> Arc<AtomicUsize> {
+    let socket = std::net::UdpSocket::bind(addr).unwrap();
+    let queries = Arc::new(AtomicUsize::new(0));
+    let seen = queries.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while socket.recv_from(&mut buf).is_ok() {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    queries
 }
 
 /// SIGTERM to the supervisor; how long `name`'s process took to exit. Asserts the supervisor
@@ -307,6 +322,11 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
 /// A box whose tunnel probes `health-url` with `probe-timeout` 30 s, its key registered at
 /// the hub; not started.
 fn tunnel_box(net: &hil_tests::testnet::TestNet, health_url: &str) -> Harness {
+    tunnel_box_with(net, health_url, "")
+}
+
+/// [`tunnel_box`] with more `[tunnel]` keys.
+fn tunnel_box_with(net: &hil_tests::testnet::TestNet, health_url: &str, extra: &str) -> Harness {
     let h = Harness::new(&format!(
         r#"{}
 [heartbeat]
@@ -323,6 +343,7 @@ health-url = "{health_url}"
 probe-interval = "1s"
 probe-failures = 2
 probe-timeout = "30s"
+{extra}
 "#,
         supervisor(),
         net.id(),
@@ -368,6 +389,32 @@ fn tunnel_stops_within_2_s_while_the_health_probe_gets_no_answer() {
     assert!(took < STOP_BOUND, "tunnel took {took:?}\n{}", h.log_text());
 }
 
+/// Root only: the tunnel stops while its clock check waits on a time server that takes the
+/// SNTP query and never answers (the check's deadline is the probe's, 30 s here).
+#[test]
+fn tunnel_stops_within_2_s_while_the_time_server_never_answers() {
+    if skip_unless_root("tunnel_stops_within_2_s_while_the_time_server_never_answers") {
+        return;
+    }
+    use hil_tests::testnet::{Host, Options, TestNet};
+    let net = TestNet::up(Options::default()).expect("test network");
+    let queries = in_netns(net.ns(Host::Hub), || silent_udp("10.98.0.1:123"));
+    let box_ns = net.ns(Host::Box).to_owned();
+    let _etc = NetnsEtc::new(&box_ns, Some("10.250.0.1"), None);
+    let mut h = tunnel_box_with(
+        &net,
+        "http://10.98.0.1:8080/health",
+        "time-server = \"10.98.0.1:123\"\ntime-check-interval = \"1s\"",
+    );
+    h.start_in_netns(&box_ns);
+    h.wait_for("tunnel ready", Duration::from_secs(30), |s| {
+        state_of(s, "tunnel") == "ready"
+    });
+    wait_wedged(&queries, &h, "tunnel asking the time server");
+    let took = stop_measuring(&mut h, "tunnel");
+    assert!(took < STOP_BOUND, "tunnel took {took:?}\n{}", h.log_text());
+}
+
 /// Root only: the tunnel stops while it resolves the hub's name with a DNS server that never
 /// answers (getaddrinfo cannot be cancelled: it must not hold the stop).
 #[test]
@@ -379,18 +426,7 @@ fn tunnel_stops_within_2_s_while_the_dns_server_never_answers() {
     let net = TestNet::up(Options::default()).expect("test network");
     let box_ns = net.ns(Host::Box).to_owned();
     // The box's DNS server: takes every query, answers none.
-    let queries = in_netns(&box_ns, || {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:53").unwrap();
-        let queries = Arc::new(AtomicUsize::new(0));
-        let seen = queries.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while socket.recv_from(&mut buf).is_ok() {
-                seen.fetch_add(1, Ordering::SeqCst);
-            }
-        });
-        queries
-    });
+    let queries = in_netns(&box_ns, || silent_udp("127.0.0.1:53"));
     let _etc = NetnsEtc::new(
         &box_ns,
         None,

@@ -9,6 +9,9 @@
 //! 5. a wrong hub key: no handshake, a clear reason, no crash loop; a private key file
 //!    readable by others is refused.
 //!
+//! Issue 17, consistent time: the box's clock checked against the hub's NTP server (chronyd in
+//! the hub's namespace) through the tunnel: in step, the sync lost, and 10 minutes off.
+//!
 //! Issue 13, the egress kill switch: with the tunnel interface gone (and a default route on
 //! the WAN), no packet for a hub subnet leaves by the WAN veth while the services keep
 //! trying, connections established through the tunnel included.
@@ -206,6 +209,132 @@ fn tunnel_comes_up_and_the_hub_answers_through_it() {
     assert!(s.h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
 
+/// chronyd serving time in the hub's namespace on 10.98.0.1:123 and setting no clock (`-x`),
+/// `ahead` seconds ahead of the real clock (libfaketime: as if the box's clock were that
+/// far behind; network namespaces share one clock). Returns its pid (tracked by the test
+/// network too).
+fn hub_time_server(net: &TestNet, ahead: u32) -> u32 {
+    let dir = net.state_dir().join(format!("chrony-{ahead}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("chrony.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "local stratum 8\nallow\nbindaddress 10.98.0.1\nport 123\ncmdport 0\npidfile {}\n",
+            dir.join("chronyd.pid").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("/usr/bin/env");
+    if ahead > 0 {
+        let lib = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+            .iter()
+            .map(|arch| PathBuf::from(format!("/usr/lib/{arch}/faketime/libfaketime.so.1")))
+            .find(|p| p.exists())
+            .expect("libfaketime (Debian package faketime, installed by cargo xtask test)");
+        cmd.arg(format!("LD_PRELOAD={}", lib.display()))
+            .arg(format!("FAKETIME=+{ahead}"));
+    }
+    cmd.args(["/usr/sbin/chronyd", "-x", "-d", "-u", "root", "-f"])
+        .arg(&conf);
+    net.spawn(Host::Hub, &cmd)
+        .expect("chronyd in the hub's namespace")
+}
+
+fn stop_pid(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+    let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nix::sys::signal::kill(pid, None).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The box's metrics endpoint, as a scraper in the box's namespace reads it.
+fn scrape_metrics(s: &Setup) -> String {
+    let bin = hil_tests::testnet::testnet_binary().unwrap();
+    let mut get = std::process::Command::new(bin);
+    get.args([
+        "get",
+        &format!("http://127.0.0.1:{}/metrics", s.metrics_port),
+    ]);
+    let scraped = s.net.exec(Host::Box, &get).unwrap();
+    String::from_utf8_lossy(&scraped.stdout).into_owned()
+}
+
+fn metric(status: &serde_json::Value, name: &str) -> Option<f64> {
+    service(status, "tunnel")["metrics"][name].as_f64()
+}
+
+#[test]
+fn the_clock_is_checked_against_the_hubs_time_server() {
+    if skip() {
+        return;
+    }
+    let mut s = setup(
+        Options::default(),
+        "time-server = \"10.98.0.1:123\"\ntime-check-interval = \"1s\"\n",
+        false,
+        true,
+    );
+    let in_step = hub_time_server(&s.net, 0);
+    s.h.start_in_netns(s.net.ns(Host::Box));
+    wait_up(&s.h, "tunnel up", Duration::from_secs(30));
+    let status =
+        s.h.wait_for("the clock in step", Duration::from_secs(30), |st| {
+            summary(st).contains("clock in step with the hub's")
+        });
+    println!("clock: {}", summary(&status));
+    assert_eq!(service(&status, "tunnel")["health"], "ok");
+    assert_eq!(metric(&status, "clock_in_step"), Some(1.0));
+    assert!(metric(&status, "clock_offset_seconds").unwrap().abs() < 1.0);
+
+    // The time server gone: after 3 checks without an answer the sync counts as lost.
+    stop_pid(in_step);
+    let status =
+        s.h.wait_for("the clock sync lost", Duration::from_secs(30), |st| {
+            summary(st).contains("clock sync lost")
+        });
+    println!("clock: {}", summary(&status));
+    assert_eq!(service(&status, "tunnel")["health"], "degraded");
+    assert_eq!(metric(&status, "clock_sync_lost"), Some(1.0));
+    // The link itself is still up: only the clock is wrong.
+    assert!(
+        summary(&status).starts_with("up via"),
+        "{}",
+        summary(&status)
+    );
+
+    // A time server 10 minutes ahead: the box's clock is reported 600 s behind.
+    let ahead = hub_time_server(&s.net, 600);
+    let status =
+        s.h.wait_for("the clock reported off", Duration::from_secs(30), |st| {
+            summary(st).contains("beyond 1 s")
+        });
+    let text = summary(&status);
+    println!("clock: {text}");
+    assert!(text.contains("behind the hub's"), "{text}");
+    assert_eq!(service(&status, "tunnel")["health"], "degraded");
+    assert_eq!(metric(&status, "clock_in_step"), Some(0.0));
+    let offset = metric(&status, "clock_offset_seconds").unwrap();
+    assert!((offset - 600.0).abs() < 5.0, "{offset}");
+    // And on the metrics endpoint.
+    let scraped = scrape_metrics(&s);
+    assert!(
+        scraped.contains("tsunagi_tunnel_clock_in_step 0\n"),
+        "{scraped}"
+    );
+    let scraped_offset: f64 = scraped
+        .lines()
+        .find_map(|l| l.strip_prefix("tsunagi_tunnel_clock_offset_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no clock offset in {scraped}"));
+    assert!((scraped_offset - 600.0).abs() < 5.0, "{scraped}");
+    stop_pid(ahead);
+    s.h.signal(Signal::SIGTERM);
+    assert!(s.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
 #[test]
 fn the_box_reconnects_after_a_hub_restart_and_a_hub_address_change() {
     if skip() {
@@ -276,14 +405,7 @@ fn blocked_udp_51820_switches_to_the_alternative_endpoint() {
         metrics["recovery_switch_endpoint_total"].as_f64().unwrap() >= 1.0,
         "{metrics}"
     );
-    let bin = hil_tests::testnet::testnet_binary().unwrap();
-    let mut get = std::process::Command::new(bin);
-    get.args([
-        "get",
-        &format!("http://127.0.0.1:{}/metrics", s.metrics_port),
-    ]);
-    let scraped = s.net.exec(Host::Box, &get).unwrap();
-    let scraped = String::from_utf8_lossy(&scraped.stdout);
+    let scraped = scrape_metrics(&s);
     assert!(
         scraped.contains("tsunagi_tunnel_endpoint_index 1\n"),
         "{scraped}"

@@ -4,12 +4,14 @@
 //! it. The service brings the interface up ([`plane`] for WireGuard, [`netlink`] for the
 //! address, MTU, link state and routes), then probes the hub's health address through the
 //! tunnel every `probe-interval` and climbs the recovery [`ladder`] when probes fail. The
-//! private key is generated on the box when absent and never leaves it ([`key`]).
+//! private key is generated on the box when absent and never leaves it ([`key`]). With a
+//! `time-server`, it also checks the box's clock against the hub's (`clock`).
 //!
 //! Needs `CAP_NET_ADMIN` (declared in the service registry); the userspace daemon inherits it
 //! as an ambient capability.
 #![forbid(unsafe_code)]
 
+mod clock;
 pub mod firewall;
 pub mod key;
 pub mod ladder;
@@ -323,6 +325,13 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
         tracing::info!(ms = took.as_millis(), "first handshake with the hub");
     }
 
+    let mut clock = cfg.time_server.map(|server| {
+        clock::Clock::new(
+            server,
+            cfg.time_check_interval.get(),
+            cfg.probe_timeout.get(),
+        )
+    });
     let mut last_step: Option<(Step, Instant)> = None;
     let mut steps = StepCounts::default();
     let mut link = Link::Down;
@@ -362,6 +371,12 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
             _ = ctx.shutdown.cancelled() => break,
             ok = probe::health(&cfg.health_url, cfg.probe_timeout.get()) => ok,
         };
+        if let Some(clock) = clock.as_mut() {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                () = clock.check_if_due() => {}
+            }
+        }
         let now = Instant::now();
         let (state, step) = ladder.observe(
             Observation {
@@ -407,7 +422,11 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
             last_step,
             probe_ok,
         );
-        let health = if link == Link::Up {
+        let summary = match clock.as_ref() {
+            Some(clock) => format!("{summary}; {}", clock.describe()),
+            None => summary,
+        };
+        let health = if link == Link::Up && !clock.as_ref().is_some_and(clock::Clock::is_bad) {
             Health::Ok
         } else {
             Health::Degraded
@@ -429,6 +448,9 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
         }
         if let Some(took) = first_handshake {
             metrics.push(("first_handshake_seconds", took.as_secs_f64()));
+        }
+        if let Some(clock) = clock.as_ref() {
+            metrics.extend(clock.metrics());
         }
         ctx.reporter.status_with_metrics(health, &summary, &metrics);
     }
