@@ -234,6 +234,76 @@ impl Pki {
         Ok(pki)
     }
 
+    /// Issues another server certificate from this CA, `NAME.pem`/`NAME.key` in the PKI's
+    /// directory, naming only `ips` (SAN). `expired`: valid for a day that ended 29 days
+    /// ago (openssl runs under libfaketime, Debian package `faketime`). For the refusal
+    /// tests: a certificate for another address, or an expired one.
+    pub fn issue_server(
+        &self,
+        name: &str,
+        ips: &[Ipv4Addr],
+        expired: bool,
+    ) -> Result<(PathBuf, PathBuf), NginxError> {
+        let openssl = find_tool("openssl", "openssl")?;
+        let san = ips
+            .iter()
+            .map(|ip| format!("IP:{ip}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cnf = self.dir.join(format!("{name}.cnf"));
+        fs::write(&cnf, OPENSSL_CNF.replace("@SAN@", &san))
+            .map_err(io_err("the OpenSSL configuration", &cnf))?;
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        let cnf_name = format!("{name}.cnf");
+        let mut req = Command::new(&openssl);
+        req.args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-config",
+            &cnf_name,
+            "-subj",
+            "/CN=tsunagi test server",
+        ])
+        .args(["-keyout", &key, "-out", &csr]);
+        let mut sign = if expired {
+            let mut c = Command::new(find_tool("faketime", "faketime")?);
+            c.arg("30 days ago").arg(&openssl);
+            c
+        } else {
+            Command::new(&openssl)
+        };
+        sign.args([
+            "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key",
+        ])
+        .args([
+            "-set_serial",
+            "0x5e12",
+            "-days",
+            if expired { "1" } else { "7" },
+        ])
+        .args(["-extfile", &cnf_name, "-extensions", "server", "-out", &pem]);
+        for command in [&mut req, &mut sign] {
+            command
+                .env_clear()
+                .env("PATH", TOOL_PATH)
+                .env("OPENSSL_CONF", &cnf)
+                .current_dir(&self.dir);
+            run_quietly(command)?;
+        }
+        Ok((self.dir.join(pem), self.dir.join(key)))
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -323,6 +393,15 @@ pub struct Options {
     /// PKI's: e.g. the network's box-identity CA, for boxes that present the certificate
     /// they enrolled for.
     pub extra_client_ca: Option<PathBuf>,
+    /// A TLS front for a plain HTTP server instead of WebDAV: every request goes to this
+    /// upstream (`proxy_pass`, HTTP/1.1, with the client's `Host` and
+    /// `X-Forwarded-Proto: https`), after the same client-certificate check. E.g. the test
+    /// network's FHIR server.
+    pub proxy_to: Option<SocketAddr>,
+    /// A server certificate and key (PEM files) presented instead of the PKI's: a bad one
+    /// (expired, for another name, from another CA) for the refusal tests. The readiness
+    /// check then waits for the port only.
+    pub server_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for Options {
@@ -333,6 +412,8 @@ impl Default for Options {
             netns: None,
             pki: None,
             extra_client_ca: None,
+            proxy_to: None,
+            server_cert: None,
         }
     }
 }
@@ -428,8 +509,9 @@ impl Nginx {
             let log = path.join("error.log");
             fs::write(&log, "").map_err(io_err("nginx's error log", &log))?;
             let mut child = spawn_nginx(&nginx, &path, &conf, netns.as_ref())?;
+            let client = options.server_cert.is_none().then_some(&client);
             let ready = in_netns(netns.as_ref(), || {
-                wait_ready(&mut child, &path, addr, &client)
+                wait_ready(&mut child, &path, addr, client)
             })
             .and_then(|ready| ready);
             match ready {
@@ -648,12 +730,13 @@ fn in_netns<T: Send>(netns: Option<&Netns>, f: impl FnOnce() -> T + Send) -> Res
 }
 
 /// Polls until a TLS handshake (with the client certificate, checking the server
-/// certificate for `addr`'s IP) succeeds.
+/// certificate for `addr`'s IP) succeeds; without a client (a deliberately bad server
+/// certificate), until a TCP connection is accepted.
 fn wait_ready(
     child: &mut Child,
     dir: &Path,
     addr: SocketAddrV4,
-    client: &Arc<rustls::ClientConfig>,
+    client: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<(), NginxError> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
@@ -663,7 +746,13 @@ fn wait_ready(
                 log: crate::testnet::cmd::tail(&startup_log(dir), LOG_IN_ERROR),
             });
         }
-        let last = match handshake(addr, client) {
+        let attempt = match client {
+            Some(client) => handshake(addr, client),
+            None => {
+                TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(1)).map(drop)
+            }
+        };
+        let last = match attempt {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
@@ -774,6 +863,28 @@ fn render_conf(dir: &Path, pki: &Pki, listen: SocketAddrV4, options: &Options) -
     } else {
         "off"
     };
+    let (server_cert, server_key) = options
+        .server_cert
+        .clone()
+        .unwrap_or_else(|| (pki.server_cert(), pki.server_key()));
+    let location = match options.proxy_to {
+        Some(upstream) => format!(
+            "        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-Proto https;
+        }}"
+        ),
+        None => format!(
+            "        location {LOCATION} {{
+            dav_methods PUT DELETE MKCOL COPY MOVE;
+            create_full_put_path {full_path};
+            dav_access user:rw;
+        }}"
+        ),
+    };
     // As root, nginx's workers would run as `nobody`, who cannot enter the 0700 directory.
     let user = if geteuid().is_root() {
         "user root root;\n"
@@ -815,16 +926,12 @@ http {{
 
         root {d}/www;
 
-        location {LOCATION} {{
-            dav_methods PUT DELETE MKCOL COPY MOVE;
-            create_full_put_path {full_path};
-            dav_access user:rw;
-        }}
+{location}
     }}
 }}
 ",
-        server_cert = pki.server_cert().display(),
-        server_key = pki.server_key().display(),
+        server_cert = server_cert.display(),
+        server_key = server_key.display(),
         ca = dir.join("client-cas.pem").display(),
     )
 }

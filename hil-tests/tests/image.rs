@@ -155,7 +155,9 @@ lan-interfaces = ["{LAN_IFACE}"]
 lan-tcp-ports = [11112]
 [consent]
 enabled = true
-fhir-url = "http://10.98.0.1:8081/fhir"
+fhir-url = "https://10.98.0.1:{FHIR_TLS_PORT}/fhir"
+ca-file = "/var/lib/tsunagi/provisioning/network-ca.pem"
+client-identity = true
 pull-interval = "5s"
 [dicom]
 listen = "192.168.50.1:11112"
@@ -246,17 +248,39 @@ fn attach(medium: &Path, disk: &Path) {
 
 /// The network's services in the hub: its FHIR server (the consent sync's peer) and its
 /// PACS (Orthanc).
-fn start_hub_services(net: &TestNet) -> Orthanc {
+/// The hub's FHIR server, only on the hub's own loopback: the box reaches it through the
+/// TLS front ([`start_hub_services`]) only.
+const HUB_FHIR: &str = "127.0.0.1:8081";
+
+/// The port of the hub's TLS front of its FHIR server, on 10.98.0.1 (issue 17).
+const FHIR_TLS_PORT: u16 = 8444;
+
+/// The hub's services: the strict FHIR server on the hub's loopback behind nginx (TLS with
+/// the network's server certificate, requiring a box certificate from the box-identity
+/// CA `box_ca`), and Orthanc. Keep the nginx guard as long as the test network.
+fn start_hub_services(net: &TestNet, pki: &Pki, box_ca: &Path) -> (Orthanc, Nginx) {
     let mut serve = Command::new(hil_tests::testnet::testnet_binary().unwrap());
-    serve.args(["fhir-serve", "10.98.0.1:8081"]);
+    serve.args(["fhir-serve", HUB_FHIR]);
     if let Ok(schema) = hil_tests::fhir::schema_path() {
         serve.arg("--schema").arg(schema);
     }
     net.spawn(Host::Hub, &serve).unwrap();
-    Orthanc::start_for_test_with(&orthanc::Options {
+    let front = Nginx::start_for_test_with(&NginxOptions {
+        listen: Some(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::new(10, 98, 0, 1),
+            FHIR_TLS_PORT,
+        )),
+        netns: Some(net.ns(Host::Hub).to_owned()),
+        pki: Some(pki.clone()),
+        extra_client_ca: Some(box_ca.to_owned()),
+        proxy_to: Some(HUB_FHIR.parse().unwrap()),
+        ..NginxOptions::default()
+    });
+    let pacs = Orthanc::start_for_test_with(&orthanc::Options {
         netns: Some(net.ns(Host::Hub).to_owned()),
         ..orthanc::Options::default()
-    })
+    });
+    (pacs, front)
 }
 
 /// The network's record of the test patient, on the hub's FHIR server before the box first
@@ -318,7 +342,7 @@ fn seed_network_consent(net: &TestNet) {
         ],
     });
     let body = bundle.to_string();
-    let fhir: std::net::SocketAddr = "10.98.0.1:8081".parse().unwrap();
+    let fhir: std::net::SocketAddr = HUB_FHIR.parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let answer = net
@@ -1208,7 +1232,7 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
     let mut storage = Storage::create(&storage_root).unwrap();
     let expected = |root: &Path| expected_replica(root, |id| id == PATIENT).unwrap();
     let medium = work.path().join("medium.img");
-    let pacs = start_hub_services(&net);
+    let (pacs, fhir_front) = start_hub_services(&net, &pki, &op.join("keys/box-ca.pem"));
     seed_network_consent(&net);
 
     // Issue 16, refused media: a blank box with each of these stays un-enrolled and says
@@ -1608,8 +1632,18 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
         "power cuts: the test took {:.0} s",
         test_started.elapsed().as_secs_f64()
     );
+    // Issue 17: the box synced with the network's FHIR server over mutual TLS only (the
+    // server listens on the hub's loopback); nginx saw its box certificate's requests.
+    let fhir_log = fhir_front.access_log();
+    let synced = fhir_log
+        .lines()
+        .filter(|l| l.contains("GET /fhir/Consent?") && l.contains("\" 200 "))
+        .count();
+    assert!(synced > 0, "no consent pull over TLS: {fhir_log}");
+    println!("FHIR over mutual TLS: {synced} consent pages pulled through the hub's TLS front");
     drop(pacs);
     drop(vm);
     drop(hub);
+    drop(fhir_front);
     net.teardown().unwrap();
 }

@@ -35,7 +35,8 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
     user: USER,
     description: "tsunagi consent cache",
     capabilities: &[],
-    groups: &[],
+    // May present the box's certificate to the network's FHIR server.
+    groups: &[identity::CLIENT_GROUP],
     worker_threads: 2,
     launch: |cfg| {
         cfg.consent

@@ -85,11 +85,44 @@ impl Settings {
             freshness_bound: cfg.consent.freshness_bound.get(),
             runtime_dir: cfg.paths.runtime_dir.as_path().join(crate::NAME),
             fhir: cfg.consent.fhir_url.as_ref().map(|url| {
-                let client = crate::sync::Client::new(
-                    std::net::SocketAddr::V4(url.addr()),
-                    url.path(),
-                    Duration::from_secs(10),
-                );
+                let addr = std::net::SocketAddr::V4(url.addr());
+                let timeout = Duration::from_secs(10);
+                let c = &cfg.consent;
+                let client = if url.is_tls() {
+                    // The box's own certificate, as the identity service publishes it, or
+                    // the configured files (the config's rules require one of the two).
+                    let (cert_file, key_file) = if c.client_identity {
+                        identity::client_files(cfg.paths.state_dir.as_path())
+                    } else {
+                        (
+                            c.client_cert_file
+                                .as_ref()
+                                .map(|p| p.as_path().to_owned())
+                                .unwrap_or_default(),
+                            c.client_key_file
+                                .as_ref()
+                                .map(|p| p.as_ref().to_owned())
+                                .unwrap_or_default(),
+                        )
+                    };
+                    let ca_file = c
+                        .ca_file
+                        .as_ref()
+                        .map(|p| p.as_path().to_owned())
+                        .unwrap_or_default();
+                    crate::sync::Client::tls(
+                        addr,
+                        url.path(),
+                        timeout,
+                        crate::sync::TlsFiles {
+                            ca_file,
+                            cert_file,
+                            key_file,
+                        },
+                    )
+                } else {
+                    crate::sync::Client::new(addr, url.path(), timeout)
+                };
                 match &cfg.site.network_ids {
                     Some(n) => client.with_network_id_system(format!("urn:oid:{}", n.oid)),
                     None => client,

@@ -17,17 +17,22 @@
 //! clinic's patients are recorded as links. Only a pull that read every page and applied or
 //! recorded every resource refreshes the cache (see `decide::Freshness`).
 //!
-//! The client speaks plain HTTP/1.1 to an address inside the hub subnet: the WireGuard
-//! tunnel is the transport security (TLS to the FHIR server is a later step). The transport
-//! is the appliance's one HTTP stack ([`tsunagi_runtime::http`], reqwest on hyper).
+//! The client speaks HTTP/1.1 to an address inside the hub subnet, through the WireGuard
+//! tunnel: over mutual TLS ([`TlsFiles`]: the server verified against the network CA,
+//! its certificate naming the address; the box's certificate presented, reloaded when the
+//! identity service renews it), or plain where the operator configured `http`. The
+//! transport is the appliance's one HTTP stack ([`tsunagi_runtime::http`], reqwest on
+//! hyper, its one TLS policy); a refused handshake is [`SyncError::Tls`] with the reason.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use tsunagi_runtime::http::ClientError;
+use tsunagi_runtime::http::{ClientError, TlsFileError};
 
 use crate::fhir::{self, CONSENT_ID_SYSTEM};
 use crate::model::{PatientId, patient_id_system};
@@ -59,6 +64,11 @@ pub enum SyncError {
     },
     #[error("cannot set up the FHIR client")]
     Client(#[source] Arc<ClientError>),
+    #[error("cannot set up TLS to the FHIR server")]
+    TlsFiles(#[source] Arc<TlsFileError>),
+    /// The TLS handshake was refused (by the box or by the server), with the reason.
+    #[error("TLS with the FHIR server at {addr} failed: {reason}")]
+    Tls { addr: SocketAddr, reason: String },
     #[error("bad answer from the FHIR server to {what}: {why}")]
     Protocol { what: String, why: String },
     #[error("the FHIR server refused {what} with status {status}: {diagnostics}")]
@@ -77,14 +87,46 @@ pub enum SyncError {
     Poisoned,
 }
 
-/// A FHIR server reached over plain HTTP.
-#[derive(Debug, Clone)]
+/// The files of mutual TLS with the FHIR server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The network CA (PEM): the only roots.
+    pub ca_file: PathBuf,
+    /// The box's certificate (PEM, the leaf first) and its key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl TlsFiles {
+    /// What the files are now (modification time and size of each), to see a renewal.
+    fn stamp(&self) -> Vec<Option<(SystemTime, u64)>> {
+        [&self.ca_file, &self.cert_file, &self.key_file]
+            .into_iter()
+            .map(|path| {
+                let meta = std::fs::metadata(path).ok()?;
+                Some((meta.modified().ok()?, meta.len()))
+            })
+            .collect()
+    }
+}
+
+/// The HTTP client as last built, and from which files.
+struct Built {
+    stamp: Vec<Option<(SystemTime, u64)>>,
+    http: Result<reqwest::Client, SyncError>,
+}
+
+/// A FHIR server reached over HTTP/1.1, with TLS or without. Clones share one HTTP client.
+#[derive(Clone)]
 pub struct Client {
     addr: SocketAddr,
     base: String,
     timeout: Duration,
-    /// Built once (connections are reused between requests); an error is reported by `call`.
-    http: Result<reqwest::Client, Arc<ClientError>>,
+    /// `Some`: `https` with these files.
+    tls: Option<TlsFiles>,
+    /// Built when first needed and again when the TLS files change (connections are reused
+    /// between requests); an error is reported by `call`.
+    http: Arc<Mutex<Option<Built>>>,
     /// The FHIR identifier system of the network's patient IDs (`urn:oid:OID`), if any.
     network_id_system: Option<String>,
     /// `_count` of the pull's searches.
@@ -125,27 +167,97 @@ fn encode(value: &str) -> String {
         .collect()
 }
 
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .field("base", &self.base)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Client {
-    /// `base` is the path of the FHIR base, e.g. `/fhir`.
+    /// Plain HTTP. `base` is the path of the FHIR base, e.g. `/fhir`.
     pub fn new(addr: SocketAddr, base: &str, timeout: Duration) -> Client {
-        let http = tsunagi_runtime::http::client(tsunagi_runtime::http::ClientSettings {
-            // Plain HTTP inside the tunnel for now: no CA, so no https.
-            roots: rustls::RootCertStore::empty(),
-            identity: None,
-            connect_timeout: timeout,
-            timeout: None,
-            keep_idle: Some(IDLE_CONNECTION),
-        })
-        .map_err(Arc::new);
         Client {
             addr,
             base: base.trim_end_matches('/').to_owned(),
             timeout,
-            http,
+            tls: None,
+            http: Arc::new(Mutex::new(None)),
             network_id_system: None,
             page_size: PAGE_SIZE,
             max_pages: MAX_PAGES,
         }
+    }
+
+    /// HTTPS with mutual TLS: the server's certificate must chain to `files.ca_file` and
+    /// name `addr`'s IP; the box presents its certificate. The files are read when the
+    /// first request is made, and again whenever one of them changed.
+    pub fn tls(addr: SocketAddr, base: &str, timeout: Duration, files: TlsFiles) -> Client {
+        Client {
+            tls: Some(files),
+            ..Client::new(addr, base, timeout)
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// The HTTP client, built (again) if the TLS files changed since.
+    fn http(&self) -> Result<reqwest::Client, SyncError> {
+        let stamp = self.tls.as_ref().map(TlsFiles::stamp).unwrap_or_default();
+        let mut built = self.http.lock().map_err(|_| SyncError::Poisoned)?;
+        if built.as_ref().is_none_or(|b| b.stamp != stamp) {
+            *built = Some(Built {
+                stamp,
+                http: self.build(),
+            });
+        }
+        match built.as_ref().map(|b| &b.http) {
+            Some(Ok(http)) => Ok(http.clone()),
+            Some(Err(SyncError::Client(e))) => Err(SyncError::Client(e.clone())),
+            Some(Err(SyncError::TlsFiles(e))) => Err(SyncError::TlsFiles(e.clone())),
+            _ => Err(SyncError::Poisoned),
+        }
+    }
+
+    fn build(&self) -> Result<reqwest::Client, SyncError> {
+        let files = |e| SyncError::TlsFiles(Arc::new(e));
+        let (roots, identity) = match &self.tls {
+            // Plain HTTP: no roots, so no https.
+            None => (rustls::RootCertStore::empty(), None),
+            Some(f) => (
+                tsunagi_runtime::http::load_roots(&f.ca_file).map_err(files)?,
+                Some(
+                    tsunagi_runtime::http::load_identity(&f.cert_file, &f.key_file)
+                        .map_err(files)?,
+                ),
+            ),
+        };
+        let builder =
+            tsunagi_runtime::http::client_builder(tsunagi_runtime::http::ClientSettings {
+                roots,
+                identity,
+                connect_timeout: self.timeout,
+                timeout: None,
+                keep_idle: Some(IDLE_CONNECTION),
+            })
+            .map_err(|e| match (e, &self.tls) {
+                (ClientError::ClientAuth(source), Some(f)) => files(TlsFileError::ClientAuth {
+                    cert: f.cert_file.clone(),
+                    key: f.key_file.clone(),
+                    source,
+                }),
+                (e, _) => SyncError::Client(Arc::new(e)),
+            })?;
+        builder
+            .https_only(self.tls.is_some())
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| SyncError::Client(Arc::new(ClientError::Build(e))))
     }
 
     /// The pull's `_count` (at least 1).
@@ -168,11 +280,13 @@ impl Client {
             what: "a URL from the server".into(),
             why: why.to_owned(),
         };
-        let path = if let Some(rest) = url.strip_prefix("http://") {
+        let prefix = format!("{}://", self.scheme());
+        let path = if let Some(rest) = url.strip_prefix(&prefix) {
             let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
             let ours = self.addr.to_string();
+            let port = if self.tls.is_some() { ":443" } else { ":80" };
             let default_port =
-                self.addr.port() == 80 && authority == ours.strip_suffix(":80").unwrap_or_default();
+                ours.ends_with(port) && authority == ours.strip_suffix(port).unwrap_or_default();
             if authority != ours && !default_port {
                 return Err(refuse("not on the configured FHIR server"));
             }
@@ -215,10 +329,7 @@ impl Client {
     ) -> Result<(u16, Value), SyncError> {
         // Errors name the method and path only: a query may carry a patient's identifier.
         let what = format!("{method} {}", target.split('?').next().unwrap_or(""));
-        let http = self
-            .http
-            .as_ref()
-            .map_err(|e| SyncError::Client(e.clone()))?;
+        let http = self.http()?;
         let method =
             reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| SyncError::Protocol {
                 what: what.clone(),
@@ -227,7 +338,7 @@ impl Client {
         let mut request = http
             .request(
                 method,
-                format!("http://{}{}/{target}", self.addr, self.base),
+                format!("{}://{}{}/{target}", self.scheme(), self.addr, self.base),
             )
             .header(reqwest::header::ACCEPT, "application/fhir+json");
         if let Some(body) = body {
@@ -243,7 +354,12 @@ impl Client {
         };
         let exchange = async {
             let mut response = request.send().await.map_err(|source| {
-                if source.is_connect() {
+                if let Some(reason) = tsunagi_runtime::http::tls_refusal(&source) {
+                    SyncError::Tls {
+                        addr: self.addr,
+                        reason,
+                    }
+                } else if source.is_connect() {
                     SyncError::Connect {
                         addr: self.addr,
                         source: source.without_url(),
@@ -998,6 +1114,23 @@ mod tests {
         ] {
             assert!(c.target_of(bad).is_err(), "{bad}");
         }
+        // Over TLS only https links of the same server are followed.
+        let tls = Client::tls(
+            "10.0.0.5:8443".parse().unwrap(),
+            "/fhir",
+            Duration::from_secs(1),
+            TlsFiles {
+                ca_file: "/nonexistent/ca.pem".into(),
+                cert_file: "/nonexistent/box.pem".into(),
+                key_file: "/nonexistent/box.key".into(),
+            },
+        );
+        assert_eq!(
+            tls.target_of("https://10.0.0.5:8443/fhir/Consent?_continue=1_a")
+                .unwrap(),
+            "Consent?_continue=1_a"
+        );
+        assert!(tls.target_of("http://10.0.0.5:8443/fhir/Consent").is_err());
         let root = Client::new("10.0.0.5:80".parse().unwrap(), "", Duration::from_secs(1));
         assert_eq!(
             root.target_of("http://10.0.0.5/Consent?a").unwrap(),

@@ -54,6 +54,13 @@ pub fn client_dir(state_root: &Path) -> PathBuf {
     state_root.join("identity-client")
 }
 
+/// The box's published certificate and key ([`client_dir`]): what a service that presents
+/// the box's identity (`client-identity = true`) loads.
+pub fn client_files(state_root: &Path) -> (PathBuf, PathBuf) {
+    let dir = client_dir(state_root);
+    (dir.join(CERT_FILE), dir.join(KEY_FILE))
+}
+
 /// Publishes the current certificate and key in [`client_dir`] when they differ from what
 /// is there (at start, after enrollment, after each renewal). The certificate first, then
 /// the key: a reader that sees a new certificate before its key fails one handshake at

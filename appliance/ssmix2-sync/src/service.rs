@@ -53,8 +53,7 @@ impl Settings {
                 // The box's own certificate, as the identity service publishes it, or the
                 // configured files.
                 let (client_cert_file, client_key_file) = if r.client_identity {
-                    let dir = identity::client_dir(cfg.paths.state_dir.as_path());
-                    (dir.join(identity::CERT_FILE), dir.join(identity::KEY_FILE))
+                    identity::client_files(cfg.paths.state_dir.as_path())
                 } else {
                     (
                         r.client_cert_file

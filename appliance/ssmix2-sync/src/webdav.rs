@@ -24,16 +24,13 @@
 //! through the `log` crate, which the appliance does not forward.
 
 use std::fmt;
-use std::fs;
 use std::io::{self, Read as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::{Method, header};
-use rustls::RootCertStore;
-use rustls::pki_types::pem::{self, PemObject as _};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tsunagi_runtime::http::{ClientError, ClientIdentity, ClientSettings};
+pub use tsunagi_runtime::http::TlsFileError;
+use tsunagi_runtime::http::{ClientError, ClientSettings, load_identity, load_roots};
 
 use crate::replica::{RelPath, Replica, ReplicaError};
 
@@ -115,39 +112,6 @@ pub struct WebDavSettings {
     pub timeout: Duration,
 }
 
-/// A certificate or key file that cannot be used; the source of [`ReplicaError::Tls`].
-#[derive(Debug, thiserror::Error)]
-pub enum TlsFileError {
-    #[error("cannot read the {what} file {path}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("the {what} file {path} holds no usable PEM {item}")]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        item: &'static str,
-        #[source]
-        source: pem::Error,
-    },
-    #[error("the CA file {path} holds a certificate that is not a valid trust anchor")]
-    Anchor {
-        path: PathBuf,
-        #[source]
-        source: rustls::Error,
-    },
-    #[error("the client certificate {cert} and key {key} cannot be used together")]
-    ClientAuth {
-        cert: PathBuf,
-        key: PathBuf,
-        #[source]
-        source: rustls::Error,
-    },
-}
-
 impl From<TlsFileError> for ReplicaError {
     fn from(e: TlsFileError) -> ReplicaError {
         ReplicaError::Tls(Box::new(e))
@@ -216,19 +180,11 @@ impl WebDavReplica {
     /// Does not connect: the first request does. Blocking, like the requests: not to be
     /// called inside an async task (see [`tsunagi_runtime::http::blocking_client_builder`]).
     pub fn new(settings: &WebDavSettings) -> Result<WebDavReplica, ReplicaError> {
-        let roots = load_certs("CA", &settings.ca_file)?;
-        let chain = load_certs("client certificate", &settings.client_cert_file)?;
-        let key = load_key(&settings.client_key_file)?;
-        let mut store = RootCertStore::empty();
-        for cert in roots {
-            store.add(cert).map_err(|source| TlsFileError::Anchor {
-                path: settings.ca_file.clone(),
-                source,
-            })?;
-        }
+        let roots = load_roots(&settings.ca_file)?;
+        let identity = load_identity(&settings.client_cert_file, &settings.client_key_file)?;
         let builder = tsunagi_runtime::http::blocking_client_builder(ClientSettings {
-            roots: store,
-            identity: Some(ClientIdentity { chain, key }),
+            roots,
+            identity: Some(identity),
             connect_timeout: settings.timeout,
             timeout: Some(settings.timeout),
             keep_idle: Some(KEEP_IDLE),
@@ -436,53 +392,10 @@ fn push_encoded(url: &mut String, path: &str) {
     }
 }
 
-fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsFileError> {
-    fs::read(path).map_err(|source| TlsFileError::Read {
-        what,
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// Every certificate in a PEM file (at least one).
-fn load_certs(
-    what: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
-    let bad = |source| TlsFileError::Pem {
-        what,
-        path: path.to_owned(),
-        item: "certificate",
-        source,
-    };
-    let bytes = read_file(what, path)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(bad)?;
-    if certs.is_empty() {
-        return Err(bad(pem::Error::NoItemsFound));
-    }
-    Ok(certs)
-}
-
-/// The first private key in a PEM file.
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
-    let what = "client key";
-    let mut bytes = read_file(what, path)?;
-    let key = PrivateKeyDer::from_pem_slice(&bytes);
-    // The file's copy of the key does not outlive the parse.
-    bytes.fill(0);
-    key.map_err(|source| TlsFileError::Pem {
-        what,
-        path: path.to_owned(),
-        item: "private key",
-        source,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn components_are_percent_encoded_as_utf8() {

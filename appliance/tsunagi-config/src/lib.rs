@@ -41,9 +41,9 @@ mod types;
 
 pub use load::{LoadError, Problem, Problems, check_secret_files, load, parse};
 pub use types::{
-    AbsPath, AeTitle, Capability, ConfigDuration, Endpoint, FacilityCode, HealthUrl, IfaceName,
-    Ipv4Cidr, IssuerName, LinkAddress, LogFilter, MacAddr, Oid, Port, ReplicaUrl, SecretFile,
-    ServiceName, SmbName, ValueError, WgPublicKey,
+    AbsPath, AeTitle, Capability, ConfigDuration, Endpoint, FacilityCode, FhirUrl, HealthUrl,
+    IfaceName, Ipv4Cidr, IssuerName, LinkAddress, LogFilter, MacAddr, Oid, Port, ReplicaUrl,
+    SecretFile, ServiceName, SmbName, ValueError, WgPublicKey,
 };
 
 /// The config file format version this software reads.
@@ -269,10 +269,21 @@ pub struct ConsentCache {
     /// How old the last successful pull from the network may be before every decision for
     /// a recipient outside the clinic is denied as stale (fail closed); default 24h.
     pub freshness_bound: ConfigDuration,
-    /// The network's FHIR R4 base, plain HTTP on an address in the hub subnet (reached
-    /// through the tunnel), e.g. `http://10.98.0.1:8081/fhir`. Absent: no sync, so every
+    /// The network's FHIR R4 base on an address in the hub subnet (reached through the
+    /// tunnel): `https://10.98.0.1:8443/fhir` (mutual TLS: `ca-file` and the box's
+    /// certificate), or plain `http://` inside the tunnel. Absent: no sync, so every
     /// decision for a recipient outside the clinic is denied as stale.
-    pub fhir_url: Option<HealthUrl>,
+    pub fhir_url: Option<FhirUrl>,
+    /// The network CA the FHIR server's certificate must chain to (PEM); required with an
+    /// `https` `fhir-url`.
+    pub ca_file: Option<AbsPath>,
+    /// The box's client certificate (PEM); with `https`, unless `client-identity`.
+    pub client_cert_file: Option<AbsPath>,
+    /// The box's client key (PEM, mode 0600); with `https`, unless `client-identity`.
+    pub client_key_file: Option<SecretFile>,
+    /// Present the box's own identity from enrollment (`[identity]`, renewed by the
+    /// identity service) instead of `client-cert-file` and `client-key-file`.
+    pub client_identity: bool,
     /// Time between sync rounds (push, then pull); default 60s.
     pub pull_interval: ConfigDuration,
 }
@@ -283,6 +294,10 @@ impl Default for ConsentCache {
             enabled: false,
             freshness_bound: ConfigDuration::secs(24 * 3600),
             fhir_url: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            client_identity: false,
             pull_interval: ConfigDuration::secs(60),
         }
     }
@@ -1263,6 +1278,31 @@ impl Config {
             );
         }
 
+        {
+            let c = &self.consent;
+            let files = TlsClient {
+                section: "consent",
+                url_key: "consent.fhir-url",
+                ca_file: c.ca_file.is_some(),
+                cert_file: c.client_cert_file.is_some(),
+                key_file: c.client_key_file.is_some(),
+                identity: c.client_identity,
+            };
+            if c.fhir_url.as_ref().is_some_and(FhirUrl::is_tls) {
+                tls_client_rules(&files, self.identity.enabled, &mut broken);
+            } else {
+                for (key, given) in files.given() {
+                    if given {
+                        broken(
+                            &key,
+                            "only with an https consent.fhir-url (plain http has no TLS)".into(),
+                            &[&key, "consent.fhir-url"],
+                        );
+                    }
+                }
+            }
+        }
+
         if let Some(x) = &self.ssmix2 {
             let r = &x.replica;
             match (&r.directory, &r.url) {
@@ -1271,64 +1311,18 @@ impl Config {
                     "set exactly one of directory and url".into(),
                     &["ssmix2.replica.directory", "ssmix2.replica.url"],
                 ),
-                (None, Some(_)) if r.client_identity => {
-                    if r.ca_file.is_none() {
-                        broken(
-                            "ssmix2.replica.ca-file",
-                            "required with ssmix2.replica.url".into(),
-                            &["ssmix2.replica.ca-file", "ssmix2.replica.url"],
-                        );
-                    }
-                    for (key, given) in [
-                        (
-                            "ssmix2.replica.client-cert-file",
-                            r.client_cert_file.is_some(),
-                        ),
-                        (
-                            "ssmix2.replica.client-key-file",
-                            r.client_key_file.is_some(),
-                        ),
-                    ] {
-                        if given {
-                            broken(
-                                key,
-                                "not with client-identity (the box's own certificate is used)"
-                                    .into(),
-                                &[key, "ssmix2.replica.client-identity"],
-                            );
-                        }
-                    }
-                    if !self.identity.enabled {
-                        broken(
-                            "ssmix2.replica.client-identity",
-                            "needs [identity] enabled (the box's certificate comes from enrollment)"
-                                .into(),
-                            &["ssmix2.replica.client-identity", "identity.enabled"],
-                        );
-                    }
-                }
-                (None, Some(_)) => {
-                    for (key, missing) in [
-                        ("ssmix2.replica.ca-file", r.ca_file.is_none()),
-                        (
-                            "ssmix2.replica.client-cert-file",
-                            r.client_cert_file.is_none(),
-                        ),
-                        (
-                            "ssmix2.replica.client-key-file",
-                            r.client_key_file.is_none(),
-                        ),
-                    ] {
-                        if missing {
-                            broken(
-                                key,
-                                "required with ssmix2.replica.url (or client-identity = true)"
-                                    .into(),
-                                &[key, "ssmix2.replica.url"],
-                            );
-                        }
-                    }
-                }
+                (None, Some(_)) => tls_client_rules(
+                    &TlsClient {
+                        section: "ssmix2.replica",
+                        url_key: "ssmix2.replica.url",
+                        ca_file: r.ca_file.is_some(),
+                        cert_file: r.client_cert_file.is_some(),
+                        key_file: r.client_key_file.is_some(),
+                        identity: r.client_identity,
+                    },
+                    self.identity.enabled,
+                    &mut broken,
+                ),
                 (Some(dir), None) => {
                     if r.client_identity {
                         broken(
@@ -1448,6 +1442,9 @@ impl Config {
         if let Some(file) = &self.privacy.id_hash_key_file {
             out.push(("privacy.id-hash-key-file", file));
         }
+        if let Some(file) = &self.consent.client_key_file {
+            out.push(("consent.client-key-file", file));
+        }
         if let Some(file) = self
             .ssmix2
             .as_ref()
@@ -1467,6 +1464,76 @@ impl Config {
             }
         }
         out
+    }
+}
+
+/// Which of a TLS client's settings a section gives (`[consent]`, `[ssmix2.replica]`).
+struct TlsClient {
+    section: &'static str,
+    url_key: &'static str,
+    ca_file: bool,
+    cert_file: bool,
+    key_file: bool,
+    identity: bool,
+}
+
+impl TlsClient {
+    /// Each setting's full key and whether it is given.
+    fn given(&self) -> [(String, bool); 4] {
+        let key = |name: &str| format!("{}.{name}", self.section);
+        [
+            (key("ca-file"), self.ca_file),
+            (key("client-cert-file"), self.cert_file),
+            (key("client-key-file"), self.key_file),
+            (key("client-identity"), self.identity),
+        ]
+    }
+}
+
+/// The rules of a link with mutual TLS: the CA always; then either the box's identity from
+/// enrollment (`client-identity`, which needs `[identity]`) or both a certificate and a key
+/// file, never both ways.
+fn tls_client_rules(
+    c: &TlsClient,
+    identity_enabled: bool,
+    broken: &mut impl FnMut(&str, String, &[&str]),
+) {
+    let [ca, cert, key, identity] = c.given();
+    if !c.ca_file {
+        let why = if c.identity {
+            format!("required with {}", c.url_key)
+        } else {
+            format!("required with {} (or client-identity = true)", c.url_key)
+        };
+        broken(&ca.0, why, &[&ca.0, c.url_key]);
+    }
+    if c.identity {
+        for (k, given) in [&cert, &key] {
+            if *given {
+                broken(
+                    k,
+                    "not with client-identity (the box's own certificate is used)".into(),
+                    &[k, &identity.0],
+                );
+            }
+        }
+        if !identity_enabled {
+            broken(
+                &identity.0,
+                "needs [identity] enabled (the box's certificate comes from enrollment)".into(),
+                &[&identity.0, "identity.enabled"],
+            );
+        }
+    } else {
+        for (k, given) in [&cert, &key] {
+            if !*given {
+                broken(
+                    k,
+                    format!("required with {} (or client-identity = true)", c.url_key),
+                    &[k, c.url_key],
+                );
+            }
+        }
     }
 }
 

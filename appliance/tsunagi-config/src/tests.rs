@@ -1816,3 +1816,68 @@ fn network_ports_that_do_not_fit_together_are_refused() {
         .unwrap();
     }
 }
+
+#[test]
+fn consent_fhir_over_https_needs_the_ca_and_the_boxs_certificate() {
+    let problems = |section: &str| match parse(&ssmix2_config(section), file()) {
+        Ok(_) => String::new(),
+        Err(p) => p.to_string(),
+    };
+    let https = "[consent]\nenabled = true\nfhir-url = \"https://10.98.0.1:8443/fhir\"\n";
+    let files = "ca-file = \"/a\"\nclient-cert-file = \"/b\"\nclient-key-file = \"/c\"\n";
+    let cfg = parse(&ssmix2_config(&format!("{https}{files}")), file()).unwrap();
+    let url = cfg.consent.fhir_url.unwrap();
+    assert!(url.is_tls());
+    assert_eq!(url.addr().to_string(), "10.98.0.1:8443");
+    assert_eq!(url.path(), "/fhir");
+    assert_eq!(url.to_string(), "https://10.98.0.1:8443/fhir");
+
+    let bare = problems(https);
+    for key in ["ca-file", "client-cert-file", "client-key-file"] {
+        assert!(
+            bare.contains(&format!(
+                "consent.{key}: required with consent.fhir-url (or client-identity = true)"
+            )),
+            "{bare}"
+        );
+    }
+    let identity = "ca-file = \"/a\"\nclient-identity = true\n";
+    let off = problems(&format!("{https}{identity}"));
+    assert!(
+        off.contains("consent.client-identity: needs [identity] enabled"),
+        "{off}"
+    );
+    let on = parse(
+        &ssmix2_config(&format!("[identity]\nenabled = true\n{https}{identity}")),
+        file(),
+    )
+    .unwrap();
+    assert!(on.consent.client_identity);
+    let both = problems(&format!(
+        "[identity]\nenabled = true\n{https}{identity}client-cert-file = \"/b\"\n"
+    ));
+    assert!(
+        both.contains("consent.client-cert-file: not with client-identity"),
+        "{both}"
+    );
+    // Plain http inside the tunnel takes none of them.
+    let plain = problems(&format!(
+        "[consent]\nenabled = true\nfhir-url = \"http://10.98.0.1:8081/fhir\"\n{files}"
+    ));
+    assert!(
+        plain.contains("consent.ca-file: only with an https consent.fhir-url"),
+        "{plain}"
+    );
+    for bad in [
+        "https://fhir.example:8443/fhir",
+        "https://10.98.0.1/fhir",
+        "ftp://10.98.0.1:21/fhir",
+        "https://10.98.0.1:8443/fhir?x=1",
+    ] {
+        let p = problems(&format!("[consent]\nfhir-url = \"{bad}\"\n"));
+        assert!(
+            p.contains("consent.fhir-url: expected https://IPV4:PORT/PATH"),
+            "{bad}: {p}"
+        );
+    }
+}

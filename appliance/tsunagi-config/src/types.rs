@@ -1209,6 +1209,91 @@ impl From<HealthUrl> for String {
     }
 }
 
+/// The network FHIR server's base, `http://IPV4:PORT/PATH` or `https://IPV4:PORT/PATH`: an
+/// address literal (checked against the hub subnets), a port, a path. With `https` the
+/// server's certificate must name that address (an IP SAN).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FhirUrl {
+    tls: bool,
+    addr: std::net::SocketAddrV4,
+    path: String,
+}
+
+impl FhirUrl {
+    /// Whether the server is spoken to over TLS (`https`).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Where to connect.
+    pub fn addr(&self) -> std::net::SocketAddrV4 {
+        self.addr
+    }
+
+    /// The base path, starting with `/`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl TryFrom<String> for FhirUrl {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        let shape = || {
+            ValueError::new(format!(
+                "expected https://IPV4:PORT/PATH (or http:// inside the tunnel), e.g. https://10.98.0.1:8443/fhir (got {})",
+                quoted(&value)
+            ))
+        };
+        let (tls, rest) = match (
+            value.strip_prefix("https://"),
+            value.strip_prefix("http://"),
+        ) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            (None, None) => return Err(shape()),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let addr: std::net::SocketAddrV4 = authority.parse().map_err(|_| shape())?;
+        if addr.port() == 0
+            || path
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+        {
+            return Err(shape());
+        }
+        Ok(Self {
+            tls,
+            addr,
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl TryFrom<&str> for FhirUrl {
+    type Error = ValueError;
+    fn try_from(value: &str) -> Result<Self, ValueError> {
+        Self::try_from(value.to_owned())
+    }
+}
+
+impl fmt::Display for FhirUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.addr, self.path)
+    }
+}
+
+impl From<FhirUrl> for String {
+    fn from(value: FhirUrl) -> String {
+        value.to_string()
+    }
+}
+
 /// An HTTPS URL of a WebDAV collection, e.g. `https://10.98.0.1:8443/ssmix2/1311234567/`:
 /// `https://` only, a host (IPv4 literal or DNS name) and port, a path ending in `/`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -4,17 +4,28 @@
 //! proxy and timeout settings.
 //!
 //! A client trusts only the roots it is given, through rustls with the ring provider: no
-//! built-in or system root store, so with none given it speaks plain HTTP only (the FHIR
-//! server and the tunnel's health address are inside the WireGuard tunnel today) and any
-//! `https` URL fails closed. It presents a client certificate only when given one (mutual
-//! TLS: the SS-MIX2 WebDAV replica). Proxies from the environment are ignored. An async
-//! call is cancelled by dropping it (a service stopping); a blocking call is bounded by
-//! [`ClientSettings::timeout`].
+//! built-in or system root store, so with none given it speaks plain HTTP only (the
+//! tunnel's health address is inside the WireGuard tunnel) and any `https` URL fails
+//! closed. It presents a client certificate only when given one (mutual TLS: the FHIR
+//! server and the SS-MIX2 WebDAV replica, with the network CA and the box's certificate,
+//! loaded from PEM files by [`load_roots`] and [`load_identity`]).
+//!
+//! One TLS policy for every link ([`TLS_POLICY`]): TLS 1.3, or TLS 1.2 with ECDHE key
+//! exchange and AEAD ciphers only (rustls offers nothing else with the ring provider; a
+//! test keeps it so); the server's certificate must chain to the given roots and name the
+//! host connected to (an IP address in its SAN for an address). [`tls_refusal`] turns a
+//! refused handshake into a reason an operator can act on.
+//!
+//! Proxies from the environment are ignored. An async call is cancelled by dropping it (a
+//! service stopping); a blocking call is bounded by [`ClientSettings::timeout`].
 
 use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::pem::{self, PemObject as _};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The `User-Agent` of every client.
@@ -72,8 +83,12 @@ pub struct ClientSettings {
     pub keep_idle: Option<Duration>,
 }
 
-/// The rustls configuration of every client: the ring provider, rustls' safe default
-/// protocol versions, the given roots only, the given client certificate if any.
+/// The TLS policy of every link, in words (status, docs): what [`tls`] configures.
+pub const TLS_POLICY: &str = "TLS 1.3, or TLS 1.2 with ECDHE and AEAD ciphers only; the server verified against the network CA, name included";
+
+/// The rustls configuration of every client: the ring provider (its cipher suites are
+/// exactly [`TLS_POLICY`]'s), TLS 1.3 and 1.2, the given roots only, the given client
+/// certificate if any.
 fn tls(
     roots: rustls::RootCertStore,
     identity: Option<ClientIdentity>,
@@ -120,6 +135,161 @@ macro_rules! configure {
     }};
 }
 
+/// A certificate or key file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFileError {
+    #[error("cannot read the {what} file {path}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the {what} file {path} holds no usable PEM {item}")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        item: &'static str,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("the CA file {path} holds a certificate that is not a valid trust anchor")]
+    Anchor {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("the client certificate {cert} and key {key} cannot be used together")]
+    ClientAuth {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    std::fs::read(path).map_err(|source| TlsFileError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Every certificate in a PEM file (at least one).
+pub fn load_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
+    let bad = |source| TlsFileError::Pem {
+        what,
+        path: path.to_owned(),
+        item: "certificate",
+        source,
+    };
+    let bytes = read_file(what, path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad)?;
+    if certs.is_empty() {
+        return Err(bad(pem::Error::NoItemsFound));
+    }
+    Ok(certs)
+}
+
+/// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
+    let what = "client key";
+    let mut bytes = read_file(what, path)?;
+    let key = PrivateKeyDer::from_pem_slice(&bytes);
+    // The file's copy of the key does not outlive the parse.
+    bytes.fill(0);
+    key.map_err(|source| TlsFileError::Pem {
+        what,
+        path: path.to_owned(),
+        item: "private key",
+        source,
+    })
+}
+
+/// The CA certificates of a PEM file as the only roots (the network CA).
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsFileError> {
+    let mut store = rustls::RootCertStore::empty();
+    for cert in load_certs("CA", path)? {
+        store.add(cert).map_err(|source| TlsFileError::Anchor {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    Ok(store)
+}
+
+/// A client certificate (the leaf first) and its key from PEM files. Whether the two
+/// belong together is checked when the client is built ([`ClientError::ClientAuth`]).
+pub fn load_identity(cert: &Path, key: &Path) -> Result<ClientIdentity, TlsFileError> {
+    Ok(ClientIdentity {
+        chain: load_certs("client certificate", cert)?,
+        key: load_key(key)?,
+    })
+}
+
+/// Why a TLS handshake somewhere in `error`'s chain was refused, in words an operator can
+/// act on (`None`: not a TLS refusal). rustls' error is looked for at every level, inside
+/// `io::Error`s too (whose `source` skips the error they wrap).
+pub fn tls_refusal(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(describe(tls));
+        }
+        next = match e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+            Some(inner) => Some(inner),
+            None => e.source(),
+        };
+    }
+    None
+}
+
+/// [`tls_refusal`]'s words for one rustls error.
+fn describe(error: &rustls::Error) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    match error {
+        E::InvalidCertificate(cert) => match cert {
+            C::UnknownIssuer | C::BadSignature | C::UnhandledCriticalExtension => {
+                "the server's certificate is not from the network CA (refused)".to_owned()
+            }
+            C::Expired | C::ExpiredContext { .. } => {
+                "the server's certificate has expired (refused)".to_owned()
+            }
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                "the server's certificate is not valid yet (refused; is the box's clock right?)"
+                    .to_owned()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "the server's certificate is not for the address connected to (refused)".to_owned()
+            }
+            C::Revoked => "the server's certificate is revoked (refused)".to_owned(),
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+                "the server's certificate is not for a TLS server (refused)".to_owned()
+            }
+            other => format!("the server's certificate is refused: {other:?}"),
+        },
+        E::AlertReceived(A::CertificateRequired | A::BadCertificate | A::UnknownCA) => {
+            "the server refused the box's certificate".to_owned()
+        }
+        E::AlertReceived(A::CertificateExpired) => {
+            "the server refused the box's certificate as expired".to_owned()
+        }
+        E::AlertReceived(A::HandshakeFailure | A::ProtocolVersion | A::InsufficientSecurity) => {
+            format!("the server offers no TLS the box accepts ({TLS_POLICY})")
+        }
+        E::PeerIncompatible(_) => {
+            format!("the server offers no TLS the box accepts ({TLS_POLICY})")
+        }
+        other => format!("TLS failed: {other}"),
+    }
+}
+
 /// An async HTTP/1.1 client as described in the module docs.
 pub fn client(settings: ClientSettings) -> Result<reqwest::Client, ClientError> {
     client_builder(settings)?
@@ -144,6 +314,34 @@ pub fn blocking_client_builder(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ciphers_offered_are_the_policys() {
+        let provider = rustls::crypto::ring::default_provider();
+        assert!(!provider.cipher_suites.is_empty());
+        for suite in &provider.cipher_suites {
+            let name = format!("{:?}", suite.suite());
+            let aead = name.contains("_GCM_") || name.contains("CHACHA20_POLY1305");
+            let ok = match suite {
+                rustls::SupportedCipherSuite::Tls13(_) => name.starts_with("TLS13_") && aead,
+                rustls::SupportedCipherSuite::Tls12(_) => name.starts_with("TLS_ECDHE_") && aead,
+            };
+            assert!(ok, "{name} is outside the policy: {TLS_POLICY}");
+        }
+    }
+
+    #[test]
+    fn a_refused_handshake_is_named_inside_io_errors() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        // As hyper hands it on: an io::Error around the one tokio-rustls made.
+        let io = io::Error::other(io::Error::new(io::ErrorKind::InvalidData, tls));
+        assert_eq!(
+            tls_refusal(&io).as_deref(),
+            Some("the server's certificate is not from the network CA (refused)")
+        );
+        let plain = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(tls_refusal(&plain), None);
+    }
 
     #[tokio::test]
     async fn https_without_roots_fails_closed_and_plain_http_is_spoken() {

@@ -118,3 +118,98 @@ fn sigterm_during_a_hanging_pull_stops_the_consent_service_within_2_s() {
     let log = h.log.lock().unwrap();
     assert!(!log.contains("did not stop in time"), "{log}");
 }
+
+/// Issue 17: the consent service syncs over mutual TLS with files it reads after dropping
+/// privileges, and a FHIR server whose certificate has expired is named in status as the
+/// reason the sync fails; the service keeps running and retrying.
+#[test]
+fn the_consent_sync_over_tls_names_a_refused_server_in_status() {
+    use hil_tests::nginx::{Nginx, Options, Pki};
+    // An empty network: every search answers an empty searchset.
+    let port = raw_server(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 65\r\nConnection: close\r\n\r\n\
+          {\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"total\":0,\"entry\":[]}",
+    );
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let dir = tempfile::tempdir().unwrap();
+    let network = Pki::generate(&dir.path().join("network")).unwrap();
+    let expired = network
+        .issue_server("expired", &[std::net::Ipv4Addr::LOCALHOST], true)
+        .unwrap();
+    let front = |server_cert| {
+        Nginx::start_for_test_with(&Options {
+            pki: Some(network.clone()),
+            proxy_to: Some(upstream),
+            server_cert,
+            ..Options::default()
+        })
+    };
+    let (good, bad) = (front(None), front(Some(expired)));
+
+    let mut h = Harness::new("");
+    // The network CA and the box's certificate and key, the key readable by the consent
+    // service's user only.
+    let tls = h.dir.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    for (from, name) in [
+        (network.ca_cert(), "network-ca.pem"),
+        (network.client_cert(), "box.pem"),
+        (network.client_key(), "box.key"),
+    ] {
+        std::fs::copy(&from, tls.join(name)).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(tls.join("box.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    if is_root() {
+        let id = tsunagi_runtime::privilege::ensure_user(consent::USER).unwrap();
+        for name in ["network-ca.pem", "box.pem", "box.key"] {
+            nix::unistd::chown(&tls.join(name), Some(id.uid), Some(id.gid)).unwrap();
+        }
+    }
+    let config = |front: &Nginx| {
+        format!(
+            "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"https://{}/fhir\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\npull-interval = \"1s\"\n",
+            front.addr(),
+            tls.join("network-ca.pem").display(),
+            tls.join("box.pem").display(),
+            tls.join("box.key").display(),
+        )
+    };
+    h.write_config(&config(&bad));
+    h.start();
+    let refused = format!(
+        "last sync failed: TLS with the FHIR server at {} failed: the server's certificate has expired (refused)",
+        bad.addr()
+    );
+    let status = h.wait_for(
+        "the refused server in status",
+        Duration::from_secs(30),
+        |s| {
+            service(s, "consent")["summary"]
+                .as_str()
+                .is_some_and(|t| t.contains(&refused))
+        },
+    );
+    let consent = service(&status, "consent");
+    assert_eq!(consent["health"], "degraded", "{consent:#}");
+    assert_eq!(consent["restarts"], 0, "{consent:#}");
+    assert!(bad.access_log().trim().is_empty(), "{}", bad.access_log());
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+
+    // The same box with the network's own server: the pull goes through (the cache is
+    // fresh; the raw server's answer is no AuditEvent, so the round's checkpoint fails
+    // after it).
+    h.write_config(&config(&good));
+    h.start();
+    h.wait_for("a pull over TLS", Duration::from_secs(30), |s| {
+        service(s, "consent")["metrics"]["last_pull_age_seconds"].is_number()
+    });
+    assert!(
+        good.access_log().contains("GET /fhir/Patient?"),
+        "{}",
+        good.access_log()
+    );
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}

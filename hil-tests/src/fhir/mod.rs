@@ -294,7 +294,12 @@ impl Server {
                             "AuditEvent: read and update by id only",
                         )
                     }
-                    ("GET", [], q) => self.search(ty, q.unwrap_or(""), request.header("host")),
+                    ("GET", [], q) => self.search(
+                        ty,
+                        q.unwrap_or(""),
+                        request.header("host"),
+                        request.header("x-forwarded-proto") == Some("https"),
+                    ),
                     ("POST", [], None) => self.create(ty, &request.body),
                     ("PUT", [], Some(q)) => self.conditional_update(ty, q, &request.body),
                     ("GET", [id], None) => self.read(ty, id, None),
@@ -390,8 +395,9 @@ impl Server {
     /// id), and a `next` link while more remain. The link repeats the query with
     /// `_continue=<lastUpdated µs>_<id>` of the page's last entry (a keyset continuation: a
     /// resource updated meanwhile moves to the end and is still found); it is absolute
-    /// (`http://HOST/fhir/...`) when the request named its `Host`.
-    fn search(&self, ty: ResourceType, query: &str, host: Option<&str>) -> Reply {
+    /// (`http://HOST/fhir/...`) when the request named its `Host`; `https://` behind a TLS
+    /// proxy that says so (`X-Forwarded-Proto: https`, as nginx is told to).
+    fn search(&self, ty: ResourceType, query: &str, host: Option<&str>, https: bool) -> Reply {
         let (criteria, count) = match parse_search(ty, query) {
             Ok(parsed) => parsed,
             Err(reply) => return reply,
@@ -417,7 +423,8 @@ impl Server {
                 })
             })
             .collect();
-        let prefix = host.map_or_else(String::new, |h| format!("http://{h}"));
+        let scheme = if https { "https" } else { "http" };
+        let prefix = host.map_or_else(String::new, |h| format!("{scheme}://{h}"));
         let self_url = if query.is_empty() {
             format!("{prefix}/fhir/{}", ty.as_str())
         } else {
