@@ -14,6 +14,8 @@
 //!   HTTPS with client certificates (a test PKI of its own) on a loopback port, or on a
 //!   given address inside a network namespace (the demo's hub; root), for the SS-MIX2
 //!   replica's WebDAV transport; needs `nginx` and `openssl`.
+//! - [`testssl`]: testssl.sh against a TLS endpoint the box connects to, and the
+//!   appliance's TLS policy checked on its findings; needs `testssl.sh`.
 //! - [`orthanc`]: [`Orthanc`](orthanc::Orthanc), a guard running a real Orthanc PACS in a
 //!   network namespace of its own (root), with a REST helper and commands for dcmtk's
 //!   tools as modality or viewer inside it, for the DICOM bridge; needs `orthanc`, `dcmtk`.
@@ -40,3 +42,4 @@ pub mod orthanc;
 pub mod qemu;
 pub mod samba;
 pub mod testnet;
+pub mod testssl;

@@ -57,6 +57,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::testnet::error_chain;
 
+/// The protocols the test network's TLS servers offer: the appliance's policy (TLS 1.3, or
+/// 1.2 with ECDHE and AEAD ciphers only), which `hil_tests::testssl` checks.
+pub const POLICY_PROTOCOLS: &str = "TLSv1.2 TLSv1.3";
+/// The TLS 1.2 ciphers they offer (TLS 1.3's are all AEAD).
+pub const POLICY_CIPHERS: &str = "ECDHE+AESGCM:ECDHE+CHACHA20";
+
 /// The URL path under which nginx serves WebDAV.
 pub const LOCATION: &str = "/ssmix2/";
 
@@ -398,6 +404,11 @@ pub struct Options {
     /// `X-Forwarded-Proto: https`), after the same client-certificate check. E.g. the test
     /// network's FHIR server.
     pub proxy_to: Option<SocketAddr>,
+    /// What TLS nginx offers, `(ssl_protocols, ssl_ciphers)` in nginx's words. `None` (the
+    /// default): the appliance's policy, [`POLICY_PROTOCOLS`] and [`POLICY_CIPHERS`]. A
+    /// weaker offer is for the refusal tests (the readiness check then waits for the port
+    /// only).
+    pub tls_offer: Option<(String, String)>,
     /// A server certificate and key (PEM files) presented instead of the PKI's: a bad one
     /// (expired, for another name, from another CA) for the refusal tests. The readiness
     /// check then waits for the port only.
@@ -413,6 +424,7 @@ impl Default for Options {
             pki: None,
             extra_client_ca: None,
             proxy_to: None,
+            tls_offer: None,
             server_cert: None,
         }
     }
@@ -509,7 +521,9 @@ impl Nginx {
             let log = path.join("error.log");
             fs::write(&log, "").map_err(io_err("nginx's error log", &log))?;
             let mut child = spawn_nginx(&nginx, &path, &conf, netns.as_ref())?;
-            let client = options.server_cert.is_none().then_some(&client);
+            // A deliberately bad certificate or offer fails the rustls handshake: the port.
+            let client =
+                (options.server_cert.is_none() && options.tls_offer.is_none()).then_some(&client);
             let ready = in_netns(netns.as_ref(), || {
                 wait_ready(&mut child, &path, addr, client)
             })
@@ -867,6 +881,10 @@ fn render_conf(dir: &Path, pki: &Pki, listen: SocketAddrV4, options: &Options) -
         .server_cert
         .clone()
         .unwrap_or_else(|| (pki.server_cert(), pki.server_key()));
+    let (protocols, ciphers) = options
+        .tls_offer
+        .clone()
+        .unwrap_or_else(|| (POLICY_PROTOCOLS.to_owned(), POLICY_CIPHERS.to_owned()));
     let location = match options.proxy_to {
         Some(upstream) => format!(
             "        location / {{
@@ -922,7 +940,9 @@ http {{
         ssl_client_certificate {ca};
         ssl_verify_client on;
         ssl_verify_depth 2;
-        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_protocols {protocols};
+        ssl_ciphers {ciphers};
+        ssl_ecdh_curve X25519:prime256v1:secp384r1;
 
         root {d}/www;
 

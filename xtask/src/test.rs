@@ -159,6 +159,10 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
         why: "hil-tests QEMU harness: boots the appliance image (TCG)",
     },
     SystemPackage {
+        name: "testssl.sh",
+        why: "hil-tests tls_policy: testssl.sh shows what the test network's TLS fronts offer (issue 17's one TLS policy)",
+    },
+    SystemPackage {
         name: "nmap",
         why: "hil-tests image stage: scans every TCP port of the booted box from the hub and the clinic",
     },

@@ -170,7 +170,18 @@ async fn a_server_the_box_cannot_trust_is_refused_with_the_reason_and_gets_nothi
         .issue_server("misnamed", &[Ipv4Addr::new(127, 0, 0, 9)], false)
         .unwrap();
     let (store, pid, _) = clinic(dir.path());
+    let weak = Options {
+        pki: Some(network.clone()),
+        proxy_to: Some(fhir),
+        tls_offer: Some(("TLSv1.2".into(), "ECDHE-ECDSA-AES128-SHA".into())),
+        ..Options::default()
+    };
     let cases = [
+        (
+            "TLS 1.2 with a CBC cipher only",
+            Nginx::start_for_test_with(&weak),
+            "the server offers no TLS the box accepts (TLS 1.3, or TLS 1.2 with ECDHE and AEAD ciphers only; the server verified against the network CA, name included)",
+        ),
         (
             "another CA",
             // nginx takes the box's certificate (so only the box's check can refuse).

@@ -245,6 +245,13 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
         )
         .is_ok_and(|o| o.status.success())
     });
+    // Issue 17: the enrollment server offers only the one TLS policy, as testssl.sh sees
+    // it from the box's side of the WAN.
+    let offer =
+        hil_tests::testssl::scan(&format!("{hub_wan}:{ENROLL_PORT}"), Some(net.ns(Host::Box)))
+            .unwrap();
+    println!("{offer}");
+    assert_eq!(offer.policy_violations(), Vec::<String>::new(), "{offer}");
     let serve_log = || {
         net.log_file(serve_pid)
             .and_then(|p| std::fs::read_to_string(p).ok())
