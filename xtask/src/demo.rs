@@ -82,13 +82,17 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     let config = write_config(&demo_dir, port, network.as_ref())?;
     // The hub's WebDAV server for the SS-MIX2 replica; stops when the demo ends.
     let mut hub_webdav = None;
+    // The TLS front of the hub's FHIR server; stops when the demo ends.
+    let mut _hub_fhir = None;
     // The network PACS in the hub; stops when the demo ends.
     let mut hub_pacs = None;
     if let Some(net) = &network {
         register_box(net, &binary, &config)?;
         start_fhir_server(net)?;
         register_sample_patient(&binary, &config, &demo_dir)?;
-        hub_webdav = Some(start_ssmix2(net, &config, &demo_dir)?);
+        let webdav = start_ssmix2(net, &config, &demo_dir)?;
+        _hub_fhir = Some(start_fhir_front(net, &config, &demo_dir, webdav.pki())?);
+        hub_webdav = Some(webdav);
         hub_pacs = Some(
             hil_tests::orthanc::Orthanc::start_with(&hil_tests::orthanc::Options {
                 netns: Some(net.ns(Host::Hub).to_owned()),
@@ -629,6 +633,70 @@ fn start_ssmix2(
         hub.base_url()
     );
     Ok(hub)
+}
+
+/// The port of the hub's TLS front of its FHIR server (issue 17).
+const FHIR_TLS_PORT: u16 = 8444;
+
+/// Puts nginx in front of the hub's FHIR server (TLS with the network's server certificate
+/// of `pki`, the box's client certificate required, as the network runs it), gives the
+/// consent service its own copy of the box's certificate and key, and points `[consent]`
+/// at the front.
+fn start_fhir_front(
+    net: &TestNet,
+    config: &Path,
+    demo_dir: &Path,
+    pki: &hil_tests::nginx::Pki,
+) -> anyhow::Result<hil_tests::nginx::Nginx> {
+    let front = hil_tests::nginx::Nginx::start_with(&hil_tests::nginx::Options {
+        listen: Some(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::new(10, 98, 0, 1),
+            FHIR_TLS_PORT,
+        )),
+        netns: Some(net.ns(Host::Hub).to_owned()),
+        pki: Some(pki.clone()),
+        proxy_to: Some("10.98.0.1:8081".parse()?),
+        ..hil_tests::nginx::Options::default()
+    })
+    .context("cannot start the TLS front of the hub's FHIR server (nginx)")?;
+    let tls = demo_dir.join("tls");
+    fs::create_dir_all(&tls)?;
+    for (from, name) in [
+        (pki.ca_cert(), "network-ca.pem"),
+        (pki.client_cert(), "consent-box.pem"),
+        (pki.client_key(), "consent-box.key"),
+    ] {
+        fs::copy(&from, tls.join(name))
+            .with_context(|| format!("cannot copy {}", from.display()))?;
+    }
+    fs::set_permissions(
+        tls.join("consent-box.key"),
+        fs::Permissions::from_mode(0o600),
+    )?;
+    if geteuid().is_root() {
+        let id = tsunagi_runtime::privilege::ensure_user(consent::USER)?;
+        for name in ["consent-box.pem", "consent-box.key"] {
+            nix::unistd::chown(&tls.join(name), Some(id.uid), Some(id.gid))?;
+        }
+    }
+    let text = fs::read_to_string(config)?;
+    let plain = "fhir-url = \"http://10.98.0.1:8081/fhir\"\n";
+    anyhow::ensure!(
+        text.contains(plain),
+        "the demo config has no plain fhir-url"
+    );
+    let url = format!("https://10.98.0.1:{FHIR_TLS_PORT}/fhir");
+    let tls_lines = format!(
+        "fhir-url = \"{url}\"\nca-file = {}\nclient-cert-file = {}\nclient-key-file = {}\n",
+        toml_string(&tls.join("network-ca.pem"))?,
+        toml_string(&tls.join("consent-box.pem"))?,
+        toml_string(&tls.join("consent-box.key"))?,
+    );
+    fs::write(config, text.replacen(plain, &tls_lines, 1))?;
+    println!(
+        "demo: the box syncs consent with the network's FHIR server over mutual TLS at {url} (nginx in front of it, the box's certificate required)"
+    );
+    Ok(front)
 }
 
 /// Waits for the consented part of the storage to appear on the hub's disk and says what is
