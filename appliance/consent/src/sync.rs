@@ -110,10 +110,26 @@ impl TlsFiles {
     }
 }
 
+/// Why the HTTP client could not be built (kept with the files it was tried with).
+#[derive(Debug, Clone)]
+enum Setup {
+    Client(Arc<ClientError>),
+    Files(Arc<TlsFileError>),
+}
+
+impl From<Setup> for SyncError {
+    fn from(e: Setup) -> SyncError {
+        match e {
+            Setup::Client(e) => SyncError::Client(e),
+            Setup::Files(e) => SyncError::TlsFiles(e),
+        }
+    }
+}
+
 /// The HTTP client as last built, and from which files.
 struct Built {
     stamp: Vec<Option<(SystemTime, u64)>>,
-    http: Result<reqwest::Client, SyncError>,
+    http: Result<reqwest::Client, Setup>,
 }
 
 /// A FHIR server reached over HTTP/1.1, with TLS or without. Clones share one HTTP client.
@@ -206,26 +222,27 @@ impl Client {
         if self.tls.is_some() { "https" } else { "http" }
     }
 
-    /// The HTTP client, built (again) if the TLS files changed since.
+    /// The HTTP client, built (again) if the TLS files changed since (a stat of each per
+    /// request; the client itself is a cheap handle).
     fn http(&self) -> Result<reqwest::Client, SyncError> {
         let stamp = self.tls.as_ref().map(TlsFiles::stamp).unwrap_or_default();
-        let mut built = self.http.lock().map_err(|_| SyncError::Poisoned)?;
-        if built.as_ref().is_none_or(|b| b.stamp != stamp) {
-            *built = Some(Built {
+        // Only a cache: a panic elsewhere while it was held leaves nothing half-done.
+        let mut built = self
+            .http
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let built = match &mut *built {
+            Some(b) if b.stamp == stamp => b,
+            slot => slot.insert(Built {
                 stamp,
                 http: self.build(),
-            });
-        }
-        match built.as_ref().map(|b| &b.http) {
-            Some(Ok(http)) => Ok(http.clone()),
-            Some(Err(SyncError::Client(e))) => Err(SyncError::Client(e.clone())),
-            Some(Err(SyncError::TlsFiles(e))) => Err(SyncError::TlsFiles(e.clone())),
-            _ => Err(SyncError::Poisoned),
-        }
+            }),
+        };
+        built.http.clone().map_err(SyncError::from)
     }
 
-    fn build(&self) -> Result<reqwest::Client, SyncError> {
-        let files = |e| SyncError::TlsFiles(Arc::new(e));
+    fn build(&self) -> Result<reqwest::Client, Setup> {
+        let files = |e| Setup::Files(Arc::new(e));
         let (roots, identity) = match &self.tls {
             // Plain HTTP: no roots, so no https.
             None => (rustls::RootCertStore::empty(), None),
@@ -251,13 +268,13 @@ impl Client {
                     key: f.key_file.clone(),
                     source,
                 }),
-                (e, _) => SyncError::Client(Arc::new(e)),
+                (e, _) => Setup::Client(Arc::new(e)),
             })?;
         builder
             .https_only(self.tls.is_some())
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| SyncError::Client(Arc::new(ClientError::Build(e))))
+            .map_err(|e| Setup::Client(Arc::new(ClientError::Build(e))))
     }
 
     /// The pull's `_count` (at least 1).
