@@ -1565,12 +1565,13 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
     let verify_config = work.path().join("verify.toml");
     fs::write(
         &verify_config,
-        // debugfs dumped `/lib/tsunagi` as `state/tsunagi`.
+        // debugfs dumped `/lib/tsunagi` as `state/tsunagi`. The box's own config has
+        // [identity] (its consent sync presents the enrolled certificate).
         config(
             &net,
             state.join("tsunagi").to_str().unwrap(),
             run.to_str().unwrap(),
-        ),
+        ) + "[identity]\nenabled = true\n",
     )
     .unwrap();
     let verdict = run_ok(

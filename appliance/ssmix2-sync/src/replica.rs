@@ -118,6 +118,9 @@ pub enum ReplicaError {
     },
     #[error("cannot reach the replica server")]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The TLS handshake was refused (by the box or by the server), with the reason.
+    #[error("TLS with the replica server failed: {0}")]
+    TlsRefused(String),
     #[error("replica TLS setup failed")]
     Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

@@ -240,6 +240,9 @@ impl WebDavReplica {
             Ok(response) => response,
             Err(e) => {
                 tracing::debug!(method = dav.name(), "webdav request failed");
+                if let Some(reason) = tsunagi_runtime::http::tls_refusal(&e) {
+                    return Err(ReplicaError::TlsRefused(reason));
+                }
                 // reqwest's errors name the URL, which holds patient IDs.
                 return Err(ReplicaError::Connect(Box::new(e.without_url())));
             }

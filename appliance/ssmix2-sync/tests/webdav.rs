@@ -310,9 +310,46 @@ fn a_server_certificate_from_another_ca_is_refused_by_our_client() {
         r.stat(&rel("a/b")),
     ] {
         let err = result.unwrap_err();
-        assert!(matches!(err, ReplicaError::Connect(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "TLS with the replica server failed: the server's certificate is not from the network CA (refused)",
+            "{err:?}"
+        );
     }
     assert_eq!(files(nginx.data_root()), Vec::<String>::new());
+}
+
+/// Issue 17: an expired server certificate, or one for another address, is refused with
+/// the reason, and nothing is written.
+#[test]
+fn an_expired_or_misnamed_server_certificate_is_refused_with_the_reason() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(pki_dir.path()).unwrap();
+    let expired = pki
+        .issue_server("expired", &[std::net::Ipv4Addr::LOCALHOST], true)
+        .unwrap();
+    let misnamed = pki
+        .issue_server("misnamed", &[std::net::Ipv4Addr::new(127, 0, 0, 9)], false)
+        .unwrap();
+    for (cert, reason) in [
+        (expired, "the server's certificate has expired (refused)"),
+        (
+            misnamed,
+            "the server's certificate is not for the address connected to (refused)",
+        ),
+    ] {
+        let nginx = Nginx::start_for_test_with(&Options {
+            pki: Some(pki.clone()),
+            server_cert: Some(cert),
+            ..Options::default()
+        });
+        let err = replica(&nginx).put(&rel("a/b"), b"data").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("TLS with the replica server failed: {reason}")
+        );
+        assert_eq!(files(nginx.data_root()), Vec::<String>::new());
+    }
 }
 
 #[test]
