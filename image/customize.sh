@@ -34,6 +34,20 @@ ln -s ../var/etc/tsunagi "$R/etc/tsunagi"
 ln -s ../../var/etc/systemd/network "$R/etc/systemd/network"
 cp -a "$R/usr/share/tsunagi/factory/tsunagi" "$R/var/etc/tsunagi"
 cp -a "$R/usr/share/tsunagi/factory/network" "$R/var/etc/systemd/network"
+# Time (IHE Consistent Time): chrony's only source is the network hub's NTP server, through
+# the tunnel, which `tsunagi medium apply` writes into sources.d from the clinic's config
+# ([tunnel] time-server); no public pool.
+mkdir -p "$R/var/etc/chrony/sources.d"
+rm -rf "$R/etc/chrony/sources.d"
+ln -s ../../var/etc/chrony/sources.d "$R/etc/chrony/sources.d"
+cat > "$R/etc/chrony/chrony.conf" <<'CHRONY'
+# tsunagi: the network hub's time server only (sources.d, written from the clinic's config).
+sourcedir /etc/chrony/sources.d
+driftfile /var/lib/chrony/chrony.drift
+# A clock more than 1 s off is stepped in the first three updates, slewed afterwards.
+makestep 1 3
+rtcsync
+CHRONY
 
 KVER=$(ls "$R/lib/modules" | sort -V | tail -1)
 # Lean: kernel modules for hardware and protocols a clinic box does not have or speak

@@ -150,6 +150,8 @@ address = "10.99.0.2/24"
 hub-subnets = ["10.98.0.0/24"]
 health-url = "{health}"
 probe-interval = "2s"
+time-server = "10.98.0.1:123"
+time-check-interval = "5s"
 [tunnel.firewall]
 lan-interfaces = ["{LAN_IFACE}"]
 lan-tcp-ports = [11112]
@@ -1233,6 +1235,8 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
     let expected = |root: &Path| expected_replica(root, |id| id == PATIENT).unwrap();
     let medium = work.path().join("medium.img");
     let (pacs, fhir_front) = start_hub_services(&net, &pki, &op.join("keys/box-ca.pem"));
+    // The hub's NTP server, the box's only time source (issue 17).
+    net.serve_time(0).unwrap();
     seed_network_consent(&net);
 
     // Issue 16, refused media: a blank box with each of these stays un-enrolled and says
@@ -1546,6 +1550,21 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
     assert!(
         stop.iter().any(|l| l == "machine-id: persistent"),
         "the machine-id was not committed to the data partition:\n{}",
+        stop.join("\n")
+    );
+    // Issue 17, consistent time: chrony on the box follows the hub's NTP server through the
+    // tunnel, and the tunnel service's own check finds the clock in step with it.
+    assert!(
+        stop.iter()
+            .any(|l| l.starts_with("clock: source 10.98.0.1, ")),
+        "chrony does not follow the hub's time server:\n{}",
+        stop.join("\n")
+    );
+    assert!(
+        stop.iter().any(|l| l.starts_with("status: ")
+            && l.contains("tunnel")
+            && l.contains("clock in step with the hub's")),
+        "the tunnel service does not find the clock in step:\n{}",
         stop.join("\n")
     );
     let serial = vm.serial();

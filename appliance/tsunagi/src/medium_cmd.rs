@@ -52,6 +52,9 @@ pub(crate) enum MediumCommand {
         /// Where the config's `[network]` goes, as systemd-networkd files.
         #[arg(long, default_value = DEFAULT_NETWORK_DIR)]
         network_dir: PathBuf,
+        /// Where the hub's time server (`[tunnel] time-server`) goes, as chrony's sources.
+        #[arg(long, default_value = DEFAULT_TIME_DIR)]
+        time_dir: PathBuf,
         /// The box's serial, for enrollment (default: the firmware's, else the machine ID).
         #[arg(long)]
         box_serial: Option<String>,
@@ -61,6 +64,36 @@ pub(crate) enum MediumCommand {
 /// systemd-networkd's configuration directory (on the image, a link to the data partition's
 /// `/var/etc/systemd/network`).
 const DEFAULT_NETWORK_DIR: &str = "/etc/systemd/network";
+
+/// chrony's directory of sources (on the image, a link to the data partition's
+/// `/var/etc/chrony/sources.d`; the image's chrony.conf names no other source).
+const DEFAULT_TIME_DIR: &str = "/etc/chrony/sources.d";
+
+/// The file of [`DEFAULT_TIME_DIR`] that media write.
+const TIME_SOURCES: &str = "tsunagi.sources";
+
+/// Makes the hub's NTP server (reached through the tunnel) chrony's source: `TIME_SOURCES`
+/// in `dir`, or no such file without one (IHE Consistent Time). chrony reads it when it
+/// starts, which on the image is after media are applied.
+fn write_time_sources(dir: &Path, server: Option<std::net::SocketAddr>) -> std::io::Result<()> {
+    let path = dir.join(TIME_SOURCES);
+    match server {
+        Some(server) => {
+            std::fs::create_dir_all(dir)?;
+            // Polled every 16 to 64 s: the tunnel may come up after chrony starts.
+            let line = format!(
+                "# Written by tsunagi medium apply: the network hub's time server, through the tunnel.\nserver {} port {} iburst minpoll 4 maxpoll 6\n",
+                server.ip(),
+                server.port()
+            );
+            replace(&path, line.as_bytes(), 0o644)
+        }
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+}
 
 /// Writes the config's `[network]` as networkd files into `dir` and removes the ones an
 /// earlier medium wrote that are not written now (all of them for `None`, the reset). The
@@ -178,7 +211,7 @@ fn checked(args: &MediumArgs) -> Result<Bundle, Checked> {
 fn apply(
     args: &MediumArgs,
     config: &Path,
-    network_dir: &Path,
+    (network_dir, time_dir): (&Path, &Path),
     box_serial: Option<String>,
     b: &Bundle,
 ) -> std::io::Result<()> {
@@ -194,6 +227,7 @@ fn apply(
     if let Some(n) = &parsed.network {
         write_network(network_dir, Some(n))?;
     }
+    write_time_sources(time_dir, parsed.tunnel.as_ref().and_then(|t| t.time_server))?;
     if let Some(hub) = &b.hub {
         replace(&dir.join("network-ca.pem"), hub.ca_pem.as_bytes(), 0o644)?;
     }
@@ -298,11 +332,12 @@ fn record(
 fn reset(
     args: &MediumArgs,
     config: &Path,
-    network_dir: &Path,
+    (network_dir, time_dir): (&Path, &Path),
     b: &Bundle,
 ) -> std::io::Result<usize> {
     let mut removed = 0;
     write_network(network_dir, None)?;
+    write_time_sources(time_dir, None)?;
     match std::fs::read_dir(&args.state_dir) {
         Ok(entries) => {
             for entry in entries {
@@ -387,14 +422,23 @@ fn remove(path: &Path) -> std::io::Result<()> {
 
 /// Runs `tsunagi medium ...`; the exit code.
 pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
-    let (args, config, network_dir) = match &command {
-        MediumCommand::Check(a) => (a, None, Path::new(DEFAULT_NETWORK_DIR)),
+    let (args, config, dirs) = match &command {
+        MediumCommand::Check(a) => (
+            a,
+            None,
+            (Path::new(DEFAULT_NETWORK_DIR), Path::new(DEFAULT_TIME_DIR)),
+        ),
         MediumCommand::Apply {
             args,
             config,
             network_dir,
+            time_dir,
             ..
-        } => (args, Some(config), network_dir.as_path()),
+        } => (
+            args,
+            Some(config),
+            (network_dir.as_path(), time_dir.as_path()),
+        ),
     };
     let box_serial = match &command {
         MediumCommand::Apply { box_serial, .. } => box_serial.clone(),
@@ -445,7 +489,7 @@ pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
         return exit_code::OK;
     };
     if b.kind == Kind::Reset {
-        return match reset(args, config, network_dir, &b) {
+        return match reset(args, config, dirs, &b) {
             Ok(removed) => {
                 say(
                     "applied",
@@ -462,7 +506,7 @@ pub(crate) fn medium(command: MediumCommand, json: bool) -> u8 {
             }
         };
     }
-    match apply(args, config, network_dir, box_serial, &b) {
+    match apply(args, config, dirs, box_serial, &b) {
         Ok(()) => {
             say("applied", &what, Some(b.serial));
             exit_code::OK

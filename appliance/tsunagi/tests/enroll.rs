@@ -102,6 +102,8 @@ fn apply(h: &Harness, medium: &Path, key: &Path, serial: &str) {
         .arg(&h.config)
         .args(["--network-dir"])
         .arg(h.dir.path().join("network"))
+        .args(["--time-dir"])
+        .arg(h.dir.path().join("chrony"))
         .args(["--box-serial", serial]));
     assert_eq!(code, 0, "{text}");
 }

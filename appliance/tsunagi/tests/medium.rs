@@ -94,6 +94,10 @@ impl Box {
         self.dir.path().join("etc/systemd/network")
     }
 
+    fn time_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("etc/chrony/sources.d")
+    }
+
     /// The network files there, by name.
     fn network_files(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(self.network_dir())
@@ -121,7 +125,9 @@ impl Box {
             cmd.arg("--config")
                 .arg(self.config())
                 .arg("--network-dir")
-                .arg(self.network_dir());
+                .arg(self.network_dir())
+                .arg("--time-dir")
+                .arg(self.time_dir());
         }
         let out = cmd.output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
@@ -417,6 +423,60 @@ fn a_mediums_network_becomes_the_boxs_networkd_files() {
     let (text, code) = b.medium("apply", &reset_dir);
     assert_eq!(code, 0, "{text}");
     assert_eq!(b.network_files(), ["99-image.network"]);
+}
+
+/// Issue 17, consistent time: the hub's time server of the config becomes chrony's one
+/// source (the image's chrony.conf reads only that directory); a medium without one, and a
+/// reset, leave chrony none of ours.
+#[test]
+fn a_mediums_time_server_becomes_chronys_source() {
+    let k = key();
+    let b = Box::new(&k);
+    let media = tempfile::tempdir().unwrap();
+    let with_time = |serial: u64, server: Option<&str>| {
+        let mut m = bundle("1312345678", serial);
+        m.enrollment = None;
+        m.config.push_str(
+            "[tunnel]
+interface = \"tsunagi0\"
+hub-endpoint = \"192.0.2.1:51820\"
+             hub-public-key = \"FqGPA/dw/H+9j+QYoKYEg1ofmejzlvrfqqa+t4OnBy4=\"
+             address = \"10.99.0.2/24\"
+hub-subnets = [\"10.98.0.0/24\"]
+             health-url = \"http://10.98.0.1:8080/health\"
+",
+        );
+        if let Some(server) = server {
+            m.config.push_str(&format!("time-server = \"{server}\"\n"));
+        }
+        m
+    };
+    let sources = || std::fs::read_to_string(b.time_dir().join("tsunagi.sources"));
+    let first = media.path().join("first");
+    write(&first, &with_time(3, Some("10.98.0.1:123")), Some(&k));
+    let (text, code) = b.medium("apply", &first);
+    assert_eq!(code, 0, "{text}");
+    let written = sources().unwrap();
+    assert!(
+        written.contains("\nserver 10.98.0.1 port 123 iburst minpoll 4 maxpoll 6\n"),
+        "{written}"
+    );
+    let second = media.path().join("second");
+    write(&second, &with_time(4, None), Some(&k));
+    let (text, code) = b.medium("apply", &second);
+    assert_eq!(code, 0, "{text}");
+    assert!(sources().is_err(), "no time server, no source of ours");
+    let third = media.path().join("third");
+    write(&third, &with_time(5, Some("10.98.0.1:1123")), Some(&k));
+    assert_eq!(b.medium("apply", &third).1, 0);
+    assert!(sources().unwrap().contains("server 10.98.0.1 port 1123 "));
+    let mut reset = bundle("1312345678", 6);
+    reset.kind = Kind::Reset;
+    let reset_dir = media.path().join("reset");
+    write(&reset_dir, &reset, Some(&k));
+    let (text, code) = b.medium("apply", &reset_dir);
+    assert_eq!(code, 0, "{text}");
+    assert!(sources().is_err(), "the reset removes it");
 }
 
 #[test]

@@ -209,38 +209,6 @@ fn tunnel_comes_up_and_the_hub_answers_through_it() {
     assert!(s.h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
 
-/// chronyd serving time in the hub's namespace on 10.98.0.1:123 and setting no clock (`-x`),
-/// `ahead` seconds ahead of the real clock (libfaketime: as if the box's clock were that
-/// far behind; network namespaces share one clock). Returns its pid (tracked by the test
-/// network too).
-fn hub_time_server(net: &TestNet, ahead: u32) -> u32 {
-    let dir = net.state_dir().join(format!("chrony-{ahead}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("chrony.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "local stratum 8\nallow\nbindaddress 10.98.0.1\nport 123\ncmdport 0\npidfile {}\n",
-            dir.join("chronyd.pid").display()
-        ),
-    )
-    .unwrap();
-    let mut cmd = std::process::Command::new("/usr/bin/env");
-    if ahead > 0 {
-        let lib = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
-            .iter()
-            .map(|arch| PathBuf::from(format!("/usr/lib/{arch}/faketime/libfaketime.so.1")))
-            .find(|p| p.exists())
-            .expect("libfaketime (Debian package faketime, installed by cargo xtask test)");
-        cmd.arg(format!("LD_PRELOAD={}", lib.display()))
-            .arg(format!("FAKETIME=+{ahead}"));
-    }
-    cmd.args(["/usr/sbin/chronyd", "-x", "-d", "-u", "root", "-f"])
-        .arg(&conf);
-    net.spawn(Host::Hub, &cmd)
-        .expect("chronyd in the hub's namespace")
-}
-
 fn stop_pid(pid: u32) {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
     let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
@@ -277,7 +245,7 @@ fn the_clock_is_checked_against_the_hubs_time_server() {
         false,
         true,
     );
-    let in_step = hub_time_server(&s.net, 0);
+    let in_step = s.net.serve_time(0).unwrap();
     s.h.start_in_netns(s.net.ns(Host::Box));
     wait_up(&s.h, "tunnel up", Duration::from_secs(30));
     let status =
@@ -306,7 +274,7 @@ fn the_clock_is_checked_against_the_hubs_time_server() {
     );
 
     // A time server 10 minutes ahead: the box's clock is reported 600 s behind.
-    let ahead = hub_time_server(&s.net, 600);
+    let ahead = s.net.serve_time(600).unwrap();
     let status =
         s.h.wait_for("the clock reported off", Duration::from_secs(30), |st| {
             summary(st).contains("beyond 1 s")

@@ -626,6 +626,47 @@ impl TestNet {
         self.spawn_locked(&mut inner, host, command)
     }
 
+    /// The hub's NTP server (issue 17): chronyd in the hub's namespace on
+    /// `10.98.0.1:123`, serving time and setting no clock (`-x`), `ahead` seconds ahead of
+    /// the real clock (libfaketime, Debian package `faketime`: as if the box's clock were
+    /// that far behind; network namespaces share one clock). Tracked like [`TestNet::spawn`];
+    /// returns its pid.
+    pub fn serve_time(&self, ahead: u32) -> Result<u32, TestNetError> {
+        let dir = self.state_dir().join(format!("chrony-{ahead}"));
+        let io = |source| TestNetError::Io {
+            action: "write the time server's configuration in",
+            path: dir.clone(),
+            source,
+        };
+        fs::create_dir_all(&dir).map_err(io)?;
+        let conf = dir.join("chrony.conf");
+        fs::write(
+            &conf,
+            format!(
+                "local stratum 8\nallow\nbindaddress 10.98.0.1\nport 123\ncmdport 0\npidfile {}\n",
+                dir.join("chronyd.pid").display()
+            ),
+        )
+        .map_err(io)?;
+        let mut cmd = Command::new("/usr/bin/env");
+        if ahead > 0 {
+            let lib = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+                .iter()
+                .map(|arch| PathBuf::from(format!("/usr/lib/{arch}/faketime/libfaketime.so.1")))
+                .find(|p| p.exists())
+                .ok_or_else(|| TestNetError::InvalidArgument {
+                    what: "libfaketime",
+                    value: "/usr/lib/*/faketime/libfaketime.so.1".to_owned(),
+                    reason: "not installed (Debian package faketime; cargo xtask test installs it)",
+                })?;
+            cmd.arg(format!("LD_PRELOAD={}", lib.display()))
+                .arg(format!("FAKETIME=+{ahead}"));
+        }
+        cmd.args(["/usr/sbin/chronyd", "-x", "-d", "-u", "root", "-f"])
+            .arg(&conf);
+        self.spawn(Host::Hub, &cmd)
+    }
+
     /// Starts a tracked `wireguard-go -f IFACE` in `host`'s namespace (clean environment,
     /// foreground) and waits until its control socket accepts connections, so `wg set`
     /// can follow. For a test that stands in for the product on the box.
