@@ -146,8 +146,13 @@ mcopy -i "$WORK/esp.img" "$WORK/loader.conf" ::/loader/loader.conf
 mcopy -i "$WORK/esp.img" "$WORK/uki-A.efi" "::/EFI/Linux/tsunagi-A+3.efi"
 
 # --- data partition: the image's /var (machine-id, keys, logs and state live here) -------
+# 4 KiB blocks, not the 1 KiB that mke2fs picks for a file system this small: SQLite
+# allocates a WAL index (its -shm file, mapped into memory) by writing the last byte of
+# each 4 KiB page, which with 1 KiB blocks leaves three blocks of the page unallocated; on
+# a full disk a store into them is SIGBUS, not an error (a boot in CI saw the DICOM
+# service killed so, four times).
 rm -f "$WORK/data.img"
-E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mkfs.ext4 -q -L data -U 74737567-6e61-4769-8264-617461000001 \
+E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mkfs.ext4 -q -b 4096 -i 8192 -L data -U 74737567-6e61-4769-8264-617461000001 \
   -E root_owner=0:0,hash_seed=74737567-6e61-4769-8264-617461000002 -d "$R/var" "$WORK/data.img" 256M
 
 # --- the GPT disk ------------------------------------------------------------------------

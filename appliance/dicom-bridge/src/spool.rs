@@ -380,6 +380,24 @@ fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> SpoolError {
     move |source| SpoolError::Sql { op, source }
 }
 
+/// The free space that new instances leave on a file system of `size` bytes: an eighth of
+/// it, at most 64 MiB. The consent database, its audit trail, the SS-MIX2 index and the
+/// journal share the data partition with the spool; a disk filled with images must not
+/// stop them (SQLite answers "database or disk is full", and a WAL index it cannot extend
+/// is SIGBUS).
+pub fn disk_reserve(size: u64) -> u64 {
+    (size / 8).min(64 << 20)
+}
+
+/// Free space for unprivileged writers, and the size, of the file system holding `dir`.
+#[allow(clippy::useless_conversion)] // u64 on some targets, not on all
+fn free_space(dir: &Path) -> io::Result<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(io::Error::from)?;
+    let unit = u64::from(st.fragment_size());
+    let (free, blocks) = (u64::from(st.blocks_available()), u64::from(st.blocks()));
+    Ok((free.saturating_mul(unit), blocks.saturating_mul(unit)))
+}
+
 fn io_or_full(e: io::Error) -> SpoolError {
     // ENOSPC and EDQUOT: out of resources, not a failure of the spool.
     if matches!(e.raw_os_error(), Some(28) | Some(122)) {
@@ -456,6 +474,9 @@ struct Inner {
     /// file and trailer, from which [`Spool::open`] rebuilds a row lost with power.
     ingest: Mutex<Connection>,
     quota: u64,
+    /// Free space on the spool's file system that new instances leave to the others
+    /// (see [`disk_reserve`]); below it an instance is refused as `OutOfResources`.
+    disk_reserve: AtomicU64,
     /// Bytes of queued objects plus bytes being received.
     used: AtomicU64,
     /// Told when an instance is queued ([`Spool::arrived`]).
@@ -742,6 +763,9 @@ impl Spool {
                 conn: Mutex::new(conn),
                 ingest: Mutex::new(ingest),
                 quota,
+                disk_reserve: AtomicU64::new(
+                    free_space(dir).map_or(0, |(_, size)| disk_reserve(size)),
+                ),
                 used: AtomicU64::new(u64::try_from(used).unwrap_or(0)),
                 arrived: tokio::sync::Notify::new(),
                 segments,
@@ -862,8 +886,27 @@ impl Spool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// `OutOfResources` when the spool's file system has less free space than the reserve
+    /// left to the box's other state (see [`disk_reserve`]).
+    fn room_on_disk(&self) -> Result<(), SpoolError> {
+        let reserve = self.inner.disk_reserve.load(Ordering::Relaxed);
+        match free_space(&self.inner.dir) {
+            Ok((free, _)) if free < reserve => Err(SpoolError::OutOfResources),
+            Ok(_) => Ok(()),
+            Err(e) => Err(SpoolError::Io(e)),
+        }
+    }
+
+    /// Sets the free space new instances leave on the spool's file system (tests).
+    #[cfg(test)]
+    fn set_disk_reserve(&self, bytes: u64) {
+        self.inner.disk_reserve.store(bytes, Ordering::Relaxed);
+    }
+
     /// Starts receiving an instance, under its final name (see [`Incoming::commit`]).
+    /// `OutOfResources` while the disk is down to its reserve.
     pub fn begin(&self) -> Result<Incoming, SpoolError> {
+        self.room_on_disk()?;
         let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
         if self.inner.segments.record_max > 0 {
             // Small until shown otherwise: received into memory, for a segment.
@@ -1841,6 +1884,10 @@ impl Incoming {
         }
         let hashed = self.written;
         self.written += n;
+        if hashed / WRITEBACK_CHUNK != self.written / WRITEBACK_CHUNK {
+            // A large instance stops at the disk's reserve too, not only at its start.
+            self.spool.room_on_disk()?;
+        }
         if let Some(buffer) = self.buffer.as_mut() {
             if self.written <= self.spool.inner.segments.record_max as u64 {
                 buffer.extend_from_slice(&bytes);

@@ -117,6 +117,34 @@ fn the_quota_answers_out_of_resources_and_frees_up_again() {
 }
 
 #[test]
+fn an_instance_is_refused_while_the_disk_is_down_to_its_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 40).unwrap();
+    // The reserve of a small data partition (256 MiB) and of a large disk.
+    assert_eq!(disk_reserve(256 << 20), 32 << 20);
+    assert_eq!(disk_reserve(1 << 40), 64 << 20);
+    // More free space wanted than any disk has: refused at the start, nothing written.
+    spool.set_disk_reserve(u64::MAX);
+    assert!(matches!(spool.begin(), Err(SpoolError::OutOfResources)));
+    // A large instance that started in time stops at the reserve (checked every 8 MiB).
+    spool.set_disk_reserve(0);
+    let mut inc = spool.begin().unwrap();
+    inc.write(&vec![0; 2 << 20]).unwrap();
+    spool.set_disk_reserve(u64::MAX);
+    let refused = (0..8).find_map(|_| inc.write(&vec![0; 2 << 20]).err());
+    assert!(
+        matches!(refused, Some(SpoolError::OutOfResources)),
+        "{refused:?}"
+    );
+    drop(inc);
+    assert!(files(dir.path(), "objects").is_empty(), "no partial file");
+    // With room again, instances are taken.
+    spool.set_disk_reserve(0);
+    receive(&spool, b"0123456789", &meta("1.2.3.1", "0001"));
+    assert_eq!(spool.counts().unwrap().pending, 1);
+}
+
+#[test]
 fn duplicates_follow_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open_files(dir.path(), 1 << 20).unwrap();
