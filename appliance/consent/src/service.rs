@@ -89,36 +89,17 @@ impl Settings {
                 let timeout = Duration::from_secs(10);
                 let c = &cfg.consent;
                 let client = if url.is_tls() {
-                    // The box's own certificate, as the identity service publishes it, or
-                    // the configured files (the config's rules require one of the two).
-                    let (cert_file, key_file) = if c.client_identity {
-                        identity::client_files(cfg.paths.state_dir.as_path())
-                    } else {
-                        (
-                            c.client_cert_file
-                                .as_ref()
-                                .map(|p| p.as_path().to_owned())
-                                .unwrap_or_default(),
-                            c.client_key_file
-                                .as_ref()
-                                .map(|p| p.as_ref().to_owned())
-                                .unwrap_or_default(),
-                        )
-                    };
-                    let ca_file = c
-                        .ca_file
-                        .as_ref()
-                        .map(|p| p.as_path().to_owned())
-                        .unwrap_or_default();
                     crate::sync::Client::tls(
                         addr,
                         url.path(),
                         timeout,
-                        crate::sync::TlsFiles {
-                            ca_file,
-                            cert_file,
-                            key_file,
-                        },
+                        identity::tls_files(
+                            cfg.paths.state_dir.as_path(),
+                            c.ca_file.as_ref(),
+                            c.client_identity,
+                            c.client_cert_file.as_ref(),
+                            c.client_key_file.as_ref(),
+                        ),
                     )
                 } else {
                     crate::sync::Client::new(addr, url.path(), timeout)

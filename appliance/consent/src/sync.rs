@@ -27,9 +27,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::Value;
 use tsunagi_runtime::http::{ClientError, TlsFileError};
@@ -88,27 +87,7 @@ pub enum SyncError {
 }
 
 /// The files of mutual TLS with the FHIR server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// The network CA (PEM): the only roots.
-    pub ca_file: PathBuf,
-    /// The box's certificate (PEM, the leaf first) and its key.
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-}
-
-impl TlsFiles {
-    /// What the files are now (modification time and size of each), to see a renewal.
-    fn stamp(&self) -> Vec<Option<(SystemTime, u64)>> {
-        [&self.ca_file, &self.cert_file, &self.key_file]
-            .into_iter()
-            .map(|path| {
-                let meta = std::fs::metadata(path).ok()?;
-                Some((meta.modified().ok()?, meta.len()))
-            })
-            .collect()
-    }
-}
+pub use tsunagi_runtime::http::TlsFiles;
 
 /// Why the HTTP client could not be built (kept with the files it was tried with).
 #[derive(Debug, Clone)]
@@ -128,7 +107,7 @@ impl From<Setup> for SyncError {
 
 /// The HTTP client as last built, and from which files.
 struct Built {
-    stamp: Vec<Option<(SystemTime, u64)>>,
+    stamp: tsunagi_runtime::http::Stamp,
     http: Result<reqwest::Client, Setup>,
 }
 

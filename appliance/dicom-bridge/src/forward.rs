@@ -35,17 +35,16 @@ use std::time::Duration;
 
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::Pdu;
-use dicom_ul::association::{Association, AsyncAssociation, AsyncClientAssociation};
 use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
 use dimse::command::{
     Command, CommandField, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE,
 };
 use dimse::status::{Class, Status};
 use tokio::io::AsyncReadExt as _;
-use tokio::net::TcpStream;
 
 use crate::commitment::Reference;
 use crate::inflight::Stop;
+use crate::pacs::{EstablishError, PacsAssociation, Peer};
 use crate::spool::{Queued, Spool};
 
 /// The network PACS.
@@ -60,6 +59,8 @@ pub struct Destination {
     /// association also proposes the Storage Commitment Push Model, and sends one
     /// N-ACTION-RQ for its share once it has sent it.
     pub storage_commitment: bool,
+    /// DICOM TLS ([`crate::pacs`]); `None`: plain TCP.
+    pub tls: Option<tsunagi_runtime::http::ReloadingTls>,
 }
 
 /// An instance to send: as spooled, or with a rewritten start ([`crate::translate`]).
@@ -107,6 +108,11 @@ pub enum ForwardError {
     Busy(Status),
     #[error("the network PACS did not accept the association within {0:?}")]
     AssociateTimeout(Duration),
+    /// The TLS handshake was refused (the reason in words).
+    #[error("DICOM TLS with the network PACS at {addr} failed: {reason}")]
+    TlsRefused { addr: SocketAddr, reason: String },
+    #[error("the DICOM TLS files cannot be used")]
+    TlsFiles(#[source] std::sync::Arc<tsunagi_runtime::http::TlsFileError>),
     #[error("the network PACS did not answer a C-STORE within {0:?}")]
     ResponseTimeout(Duration),
 }
@@ -125,7 +131,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// An open association to the network PACS, kept between rounds for reuse.
 pub struct Link {
-    assoc: AsyncClientAssociation<TcpStream>,
+    assoc: PacsAssociation,
     /// The destination's timeout.
     timeout: Duration,
     /// The (SOP class, transfer syntax) pairs it proposed.
@@ -199,11 +205,16 @@ async fn open(dest: &Destination, pairs: Vec<(String, String)>) -> Result<Link, 
     }
     // The connect within the timeout, then the A-ASSOCIATE-AC within the timeout.
     let within = dest.timeout * 2;
-    let mut assoc = tokio::time::timeout(within, options.establish_async(dest.addr))
+    let assoc = crate::pacs::establish(options, dest.addr, dest.tls.as_ref(), within)
         .await
-        .map_err(|_| ForwardError::AssociateTimeout(within))?
-        .map_err(ForwardError::Associate)?;
-    let _ = assoc.inner_stream().set_nodelay(true);
+        .map_err(|e| match e {
+            EstablishError::Associate(e) => ForwardError::Associate(e),
+            EstablishError::Timeout(t) => ForwardError::AssociateTimeout(t),
+            EstablishError::TlsRefused { addr, reason } => {
+                ForwardError::TlsRefused { addr, reason }
+            }
+            EstablishError::TlsFiles(e) => ForwardError::TlsFiles(e),
+        })?;
     Ok(Link {
         assoc,
         timeout: dest.timeout,
@@ -612,9 +623,9 @@ async fn request_commitment(
 /// Sends `data` as one message's data set, in P-DATA fragments of the peer's maximum length.
 async fn send_fragments<A>(assoc: &mut A, pc_id: u8, data: &[u8]) -> Result<(), ForwardError>
 where
-    A: AsyncAssociation<TcpStream> + Association + Send,
+    A: Peer,
 {
-    let chunk = fragment_size(Association::peer_max_pdu_length(assoc));
+    let chunk = fragment_size(assoc.peer_max_pdu());
     let mut pieces = data.chunks(chunk).peekable();
     if pieces.peek().is_none() {
         return send(assoc, pc_id, PDataValueType::Data, true, Vec::new())
@@ -711,7 +722,7 @@ async fn unless_shutdown<F: Future>(stop: &Stop, work: F) -> Option<F::Output> {
 /// whose write could wait on a peer that reads nothing). A partial instance is discarded by
 /// the PACS with the association.
 fn reset(mut link: Link) {
-    let _ = link.assoc.inner_stream().set_zero_linger();
+    let _ = link.assoc.tcp().set_zero_linger();
     drop(link);
 }
 
@@ -810,7 +821,7 @@ async fn send_all(
                 // In the middle of a PDU: no other PDU may follow (its bytes could complete
                 // this one). A reset ends the connection without another byte.
                 outcomes.push((q.id, Outcome::Stopped));
-                let _ = link.assoc.inner_stream().set_zero_linger();
+                let _ = link.assoc.tcp().set_zero_linger();
                 drop(link);
                 return (outcomes, None, None, None);
             }
@@ -945,7 +956,7 @@ pub async fn store_one<A>(
     out: &Outgoing,
 ) -> Result<Status, ForwardError>
 where
-    A: AsyncAssociation<TcpStream> + Association + Send,
+    A: Peer,
 {
     send_instance(assoc, pc_id, message_id, out, None).await?;
     read_status(assoc).await
@@ -974,7 +985,7 @@ async fn send_instance<A>(
     watch: Option<(&Stop, &str)>,
 ) -> Result<Progress, ForwardError>
 where
-    A: AsyncAssociation<TcpStream> + Association + Send,
+    A: Peer,
 {
     let q = &out.queued;
     let rq = Command::store(message_id, &q.meta.sop_class, &q.meta.sop_instance);
@@ -987,7 +998,7 @@ where
         },
         None => command.await.map_err(ForwardError::Association)?,
     }
-    let chunk = fragment_size(Association::peer_max_pdu_length(assoc));
+    let chunk = fragment_size(assoc.peer_max_pdu());
     let mut file = tokio::fs::File::open(&q.path)
         .await
         .map_err(ForwardError::Read)?;
@@ -1055,7 +1066,7 @@ where
 /// Reads a C-STORE response; its status.
 async fn read_status<A>(assoc: &mut A) -> Result<Status, ForwardError>
 where
-    A: AsyncAssociation<TcpStream> + Association + Send,
+    A: Peer,
 {
     let rsp = read_response(assoc).await?;
     rsp.status.ok_or(ForwardError::Protocol)
@@ -1064,12 +1075,13 @@ where
 /// Reads a response command (without a data set).
 async fn read_response<A>(assoc: &mut A) -> Result<Command, ForwardError>
 where
-    A: AsyncAssociation<TcpStream> + Association + Send,
+    A: Peer,
 {
     // The response (its command may come in fragments).
     let mut command = crate::CommandBuf::default();
     loop {
-        match AsyncAssociation::receive(assoc)
+        match assoc
+            .receive_pdu()
             .await
             .map_err(ForwardError::Association)?
         {
@@ -1091,14 +1103,14 @@ where
     }
 }
 
-pub(crate) async fn send<A: AsyncAssociation<TcpStream> + Send>(
+pub(crate) async fn send<A: Peer>(
     assoc: &mut A,
     pc_id: u8,
     kind: PDataValueType,
     last: bool,
     data: Vec<u8>,
 ) -> Result<(), dicom_ul::association::Error> {
-    AsyncAssociation::send(assoc, &crate::pdata(pc_id, kind, last, data)).await
+    assoc.send_pdu(&crate::pdata(pc_id, kind, last, data)).await
 }
 
 /// With storage commitment: the commitments asked for, and how long to wait for one

@@ -36,8 +36,9 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
     description: "tsunagi DICOM bridge",
     // The standard DICOM port is 104.
     capabilities: &[tsunagi_runtime::service::Capability::CAP_NET_BIND_SERVICE],
-    // Asks the consent service for decisions.
-    groups: &[consent::CLIENT_GROUP],
+    // Asks the consent service for decisions; presents the box's certificate from
+    // enrollment with DICOM TLS and `client-identity`.
+    groups: &[consent::CLIENT_GROUP, identity::CLIENT_GROUP],
     worker_threads: 2,
     launch: |cfg| {
         let d = cfg.dicom.as_ref().filter(|d| d.enabled)?;
@@ -59,6 +60,7 @@ pub mod commitment;
 pub mod forward;
 pub mod header;
 pub mod inflight;
+pub mod pacs;
 pub mod qr;
 pub mod scp;
 pub mod service;

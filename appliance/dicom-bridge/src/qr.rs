@@ -25,14 +25,13 @@ use std::sync::Arc;
 use consent::client::{Category, Identities as _, Recipient, SocketGate};
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::Pdu;
-use dicom_ul::association::AsyncClientAssociation;
 use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
 use dimse::command::{Command, CommandField};
 use dimse::status::Status;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::forward::Destination;
+use crate::pacs::{PacsAssociation, Peer as _};
 use crate::translate::{self, TranslateError};
 
 const PATIENT_ID: u32 = 0x0010_0020;
@@ -108,7 +107,7 @@ impl Reply {
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     #[error("cannot associate with the network PACS")]
-    Associate(#[source] dicom_ul::association::Error),
+    Associate(#[source] crate::pacs::EstablishError),
     #[error("the association with the network PACS failed")]
     Association(#[source] dicom_ul::association::Error),
     #[error("the network PACS accepts no presentation context for this query")]
@@ -335,17 +334,12 @@ async fn find_inner(
     .map_err(QueryError::Identifier)?;
 
     let sop_class = command.affected_sop_class.clone().unwrap_or_default();
-    let mut assoc = ClientAssociationOptions::new()
-        .calling_ae_title(proxy.pacs.calling_ae.clone())
-        .called_ae_title(proxy.pacs.ae_title.clone())
-        .read_timeout(proxy.pacs.timeout)
-        .write_timeout(proxy.pacs.timeout)
-        .connection_timeout(proxy.pacs.timeout)
-        .with_presentation_context(sop_class.clone(), vec![transfer_syntax.to_owned()])
-        .establish_async(proxy.pacs.addr)
-        .await
-        .map_err(QueryError::Associate)?;
-    let _ = assoc.inner_stream().set_nodelay(true);
+    let mut assoc = associate(
+        proxy,
+        vec![(sop_class.clone(), vec![transfer_syntax.to_owned()])],
+        &[],
+    )
+    .await?;
     let pc_id = assoc
         .presentation_contexts()
         .iter()
@@ -417,7 +411,7 @@ async fn find_inner(
 }
 
 async fn send(
-    assoc: &mut AsyncClientAssociation<TcpStream>,
+    assoc: &mut PacsAssociation,
     pc_id: u8,
     kind: PDataValueType,
     data: Vec<u8>,
@@ -429,14 +423,15 @@ async fn send(
 
 /// One response: its command and, when it has one, its data set.
 async fn receive(
-    assoc: &mut AsyncClientAssociation<TcpStream>,
+    assoc: &mut PacsAssociation,
     expected: CommandField,
 ) -> Result<(Command, Option<Vec<u8>>), QueryError> {
     let mut command_buf = crate::CommandBuf::default();
     let mut command: Option<Command> = None;
     let mut data = Vec::new();
     loop {
-        let Pdu::PData { data: pdvs } = assoc.receive().await.map_err(QueryError::Association)?
+        let Pdu::PData { data: pdvs } =
+            assoc.receive_pdu().await.map_err(QueryError::Association)?
         else {
             return Err(QueryError::Protocol);
         };
@@ -616,6 +611,7 @@ async fn retrieve_inner(
         calling_ae: proxy.pacs.calling_ae.clone(),
         timeout: proxy.pacs.timeout,
         storage_commitment: false,
+        tls: None,
     };
     let (outcomes, relay_error) = crate::forward::send_batch(&dest, &retrieved.outgoing).await;
     let completed = outcomes
@@ -870,7 +866,7 @@ async fn associate(
     proxy: &Proxy,
     contexts: Vec<(String, Vec<String>)>,
     scp_roles: &[String],
-) -> Result<AsyncClientAssociation<TcpStream>, QueryError> {
+) -> Result<PacsAssociation, QueryError> {
     let mut options = ClientAssociationOptions::new()
         .calling_ae_title(proxy.pacs.calling_ae.clone())
         .called_ae_title(proxy.pacs.ae_title.clone())
@@ -883,12 +879,14 @@ async fn associate(
     for class in scp_roles {
         options = options.with_role_selection(class.clone(), false, true);
     }
-    let mut assoc = options
-        .establish_async(proxy.pacs.addr)
-        .await
-        .map_err(QueryError::Associate)?;
-    let _ = assoc.inner_stream().set_nodelay(true);
-    Ok(assoc)
+    crate::pacs::establish(
+        options,
+        proxy.pacs.addr,
+        proxy.pacs.tls.as_ref(),
+        proxy.pacs.timeout * 2,
+    )
+    .await
+    .map_err(QueryError::Associate)
 }
 
 /// Every answer of a C-FIND at the network (at most [`MAX_INSTANCES`]).
@@ -928,15 +926,11 @@ async fn query_all(
     }
 }
 
-fn accepted(assoc: &AsyncClientAssociation<TcpStream>, class: &str) -> Option<u8> {
+fn accepted(assoc: &PacsAssociation, class: &str) -> Option<u8> {
     accepted_with(assoc, class, None)
 }
 
-fn accepted_with(
-    assoc: &AsyncClientAssociation<TcpStream>,
-    class: &str,
-    ts: Option<&str>,
-) -> Option<u8> {
+fn accepted_with(assoc: &PacsAssociation, class: &str, ts: Option<&str>) -> Option<u8> {
     assoc
         .presentation_contexts()
         .iter()
@@ -1021,7 +1015,7 @@ async fn get_all(
 
 /// Receives the C-STOREs of one C-GET, until its final C-GET-RSP.
 async fn receive_stores(
-    assoc: &mut AsyncClientAssociation<TcpStream>,
+    assoc: &mut PacsAssociation,
     proxy: &Proxy,
     w: &Wanted,
     got: &mut Got,
@@ -1030,7 +1024,8 @@ async fn receive_stores(
     let mut command_buf = crate::CommandBuf::default();
     let mut storing: Option<(Command, u8, std::fs::File, WorkFile)> = None;
     loop {
-        let Pdu::PData { data: pdvs } = assoc.receive().await.map_err(QueryError::Association)?
+        let Pdu::PData { data: pdvs } =
+            assoc.receive_pdu().await.map_err(QueryError::Association)?
         else {
             return Err(QueryError::Protocol);
         };

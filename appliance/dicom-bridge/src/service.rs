@@ -65,6 +65,15 @@ impl Settings {
             calling_ae: ae.clone(),
             timeout: d.timeout.get(),
             storage_commitment: d.pacs.storage_commitment,
+            tls: d.pacs.tls.then(|| {
+                tsunagi_runtime::http::ReloadingTls::new(identity::tls_files(
+                    cfg.paths.state_dir.as_path(),
+                    d.pacs.ca_file.as_ref(),
+                    d.pacs.client_identity,
+                    d.pacs.client_cert_file.as_ref(),
+                    d.pacs.client_key_file.as_ref(),
+                ))
+            }),
         };
         let consent_socket = consent::service::socket_path(cfg);
         Settings {

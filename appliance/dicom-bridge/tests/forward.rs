@@ -152,6 +152,7 @@ async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(5),
         storage_commitment: false,
+        tls: None,
     };
     let batch = spool.ready(i64::MAX, 10).unwrap();
     let (outcomes, error) = send_batch(
@@ -238,6 +239,7 @@ async fn a_kept_association_is_reused_and_replaced_when_the_pacs_dropped_it() {
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(5),
         storage_commitment: false,
+        tls: None,
     };
     let received = dir.path().join("received");
     let log = dir.path().join("storescp.log");
@@ -349,6 +351,7 @@ async fn instances_of_a_changed_patient_are_skipped_and_the_others_still_go() {
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(5),
         storage_commitment: false,
+        tls: None,
     };
     let (watch, stop, done) = watched();
     watch.confirm(vec!["0001".to_owned()], Instant::now());
@@ -436,6 +439,7 @@ async fn a_change_during_an_instances_transfer_aborts_the_association_and_the_pa
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(20),
         storage_commitment: false,
+        tls: None,
     };
     let (watch, stop, done) = watched();
     let sending = tokio::spawn({
@@ -543,6 +547,7 @@ async fn a_stop_ends_a_forward_waiting_for_a_silent_pacs_to_associate() {
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(30),
         storage_commitment: false,
+        tls: None,
     };
     let shutdown = CancellationToken::new();
     let stop = Stop::never().with_shutdown(shutdown.clone());
@@ -600,6 +605,7 @@ async fn a_stop_ends_a_forward_waiting_for_a_c_store_response() {
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(30),
         storage_commitment: false,
+        tls: None,
     };
     let shutdown = CancellationToken::new();
     let stop = Stop::never().with_shutdown(shutdown.clone());
@@ -662,6 +668,7 @@ async fn a_stop_ends_a_forward_waiting_for_its_connect() {
         calling_ae: "TSUNAGI".into(),
         timeout: Duration::from_secs(30),
         storage_commitment: false,
+        tls: None,
     };
     let shutdown = CancellationToken::new();
     let stop = Stop::never().with_shutdown(shutdown.clone());
@@ -708,6 +715,7 @@ fn pacs_at(port: u16, timeout: Duration) -> Destination {
         calling_ae: "TSUNAGI".into(),
         timeout,
         storage_commitment: false,
+        tls: None,
     }
 }
 
@@ -948,6 +956,7 @@ async fn a_pacs_without_storage_commitment_stores_but_nothing_leaves_the_spool()
     let _pacs = storescp(port, &out);
     let dest = Destination {
         storage_commitment: true,
+        tls: None,
         ..pacs_at(port, Duration::from_secs(10))
     };
     let mut links = Vec::new();

@@ -61,6 +61,34 @@ pub fn client_files(state_root: &Path) -> (PathBuf, PathBuf) {
     (dir.join(CERT_FILE), dir.join(KEY_FILE))
 }
 
+/// The files of a mutual-TLS link as a section configures them (`ca-file`, and
+/// `client-identity` or `client-cert-file` and `client-key-file`; the config's rules require
+/// the CA and one of the two): with `client-identity`, the box's own certificate as this
+/// service publishes it ([`client_files`]).
+pub fn tls_files(
+    state_root: &Path,
+    ca_file: Option<&tsunagi_config::AbsPath>,
+    client_identity: bool,
+    cert_file: Option<&tsunagi_config::AbsPath>,
+    key_file: Option<&tsunagi_config::SecretFile>,
+) -> tsunagi_runtime::http::TlsFiles {
+    let (cert_file, key_file) = if client_identity {
+        client_files(state_root)
+    } else {
+        (
+            cert_file
+                .map(|p| p.as_path().to_owned())
+                .unwrap_or_default(),
+            key_file.map(|p| p.as_ref().to_owned()).unwrap_or_default(),
+        )
+    };
+    tsunagi_runtime::http::TlsFiles {
+        ca_file: ca_file.map(|p| p.as_path().to_owned()).unwrap_or_default(),
+        cert_file,
+        key_file,
+    }
+}
+
 /// Publishes the current certificate and key in [`client_dir`] when they differ from what
 /// is there (at start, after enrollment, after each renewal). The certificate first, then
 /// the key: a reader that sees a new certificate before its key fails one handshake at

@@ -52,29 +52,18 @@ impl Settings {
             (None, Some(url)) => {
                 // The box's own certificate, as the identity service publishes it, or the
                 // configured files.
-                let (client_cert_file, client_key_file) = if r.client_identity {
-                    identity::client_files(cfg.paths.state_dir.as_path())
-                } else {
-                    (
-                        r.client_cert_file
-                            .as_ref()
-                            .map(|p| p.as_path().to_owned())
-                            .unwrap_or_default(),
-                        r.client_key_file
-                            .as_ref()
-                            .map(|p| p.as_ref().to_owned())
-                            .unwrap_or_default(),
-                    )
-                };
+                let files = identity::tls_files(
+                    cfg.paths.state_dir.as_path(),
+                    r.ca_file.as_ref(),
+                    r.client_identity,
+                    r.client_cert_file.as_ref(),
+                    r.client_key_file.as_ref(),
+                );
                 Target::WebDav {
                     url: url.as_str().to_owned(),
-                    ca_file: r
-                        .ca_file
-                        .as_ref()
-                        .map(|p| p.as_path().to_owned())
-                        .unwrap_or_default(),
-                    client_cert_file,
-                    client_key_file,
+                    ca_file: files.ca_file,
+                    client_cert_file: files.cert_file,
+                    client_key_file: files.key_file,
                 }
             }
             // The config's rules require one of the two.

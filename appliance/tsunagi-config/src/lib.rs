@@ -342,6 +342,25 @@ pub struct DicomPacs {
     /// default; 1 to 8 entries; only with `storage-commitment = true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commitment_reports_from: Option<Vec<DicomCaller>>,
+    /// DICOM TLS to the PACS (PS3.15 Annex B, the Basic TLS Secure Transport Connection
+    /// Profile, under the one TLS policy): its certificate must chain to `ca-file` and name
+    /// `address`'s IP; the box presents its certificate. For the forwarder's C-STORE and
+    /// storage commitment and the query/retrieve proxy. Default false.
+    #[serde(default)]
+    pub tls: bool,
+    /// The network CA the PACS's certificate must chain to (PEM); required with `tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<AbsPath>,
+    /// The box's client certificate (PEM); with `tls`, unless `client-identity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<AbsPath>,
+    /// The box's client key (PEM, mode 0600); with `tls`, unless `client-identity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<SecretFile>,
+    /// Present the box's own identity from enrollment (`[identity]`) instead of
+    /// `client-cert-file` and `client-key-file`.
+    #[serde(default)]
+    pub client_identity: bool,
 }
 
 impl DicomPacs {
@@ -1297,6 +1316,30 @@ impl Config {
                             &key,
                             "only with an https consent.fhir-url (plain http has no TLS)".into(),
                             &[&key, "consent.fhir-url"],
+                        );
+                    }
+                }
+            }
+        }
+
+        if let Some(p) = self.dicom.as_ref().map(|d| &d.pacs) {
+            let files = TlsClient {
+                section: "dicom.pacs",
+                url_key: "dicom.pacs.tls",
+                ca_file: p.ca_file.is_some(),
+                cert_file: p.client_cert_file.is_some(),
+                key_file: p.client_key_file.is_some(),
+                identity: p.client_identity,
+            };
+            if p.tls {
+                tls_client_rules(&files, self.identity.enabled, &mut broken);
+            } else {
+                for (key, given) in files.given() {
+                    if given {
+                        broken(
+                            &key,
+                            "only with dicom.pacs.tls = true".into(),
+                            &[&key, "dicom.pacs.tls"],
                         );
                     }
                 }

@@ -1881,3 +1881,41 @@ fn consent_fhir_over_https_needs_the_ca_and_the_boxs_certificate() {
         );
     }
 }
+
+#[test]
+fn dicom_tls_to_the_pacs_needs_the_ca_and_the_boxs_certificate() {
+    let dicom = |extra: &str| {
+        ssmix2_config(&format!(
+            "[dicom]\nlisten = \"0.0.0.0:104\"\npatient-ids = \"as-is\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:2762\"\n{extra}"
+        ))
+    };
+    let problems = |extra: &str| match parse(&dicom(extra), file()) {
+        Ok(_) => String::new(),
+        Err(p) => p.to_string(),
+    };
+    let bare = problems("tls = true\n");
+    for key in ["ca-file", "client-cert-file", "client-key-file"] {
+        assert!(
+            bare.contains(&format!(
+                "dicom.pacs.{key}: required with dicom.pacs.tls (or client-identity = true)"
+            )),
+            "{bare}"
+        );
+    }
+    let files = "ca-file = \"/a\"\nclient-cert-file = \"/b\"\nclient-key-file = \"/c\"\n";
+    let cfg = parse(&dicom(&format!("tls = true\n{files}")), file()).unwrap();
+    let pacs = cfg.dicom.unwrap().pacs;
+    assert!(pacs.tls);
+    assert_eq!(pacs.ca_file.unwrap().as_path(), Path::new("/a"));
+    let off = problems("tls = true\nca-file = \"/a\"\nclient-identity = true\n");
+    assert!(
+        off.contains("dicom.pacs.client-identity: needs [identity] enabled"),
+        "{off}"
+    );
+    // Without tls, none of the files.
+    let plain = problems(files);
+    assert!(
+        plain.contains("dicom.pacs.ca-file: only with dicom.pacs.tls = true"),
+        "{plain}"
+    );
+}

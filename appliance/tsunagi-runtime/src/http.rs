@@ -233,6 +233,92 @@ pub fn load_identity(cert: &Path, key: &Path) -> Result<ClientIdentity, TlsFileE
     })
 }
 
+/// The files of a mutual-TLS link: the network CA and the box's certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The network CA (PEM): the only roots.
+    pub ca_file: PathBuf,
+    /// The box's certificate (PEM, the leaf first) and its key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// What a set of files is now (modification time and size of each), to see a renewal.
+pub type Stamp = Vec<Option<(std::time::SystemTime, u64)>>;
+
+impl TlsFiles {
+    /// What the files are now (a stat of each).
+    pub fn stamp(&self) -> Stamp {
+        [&self.ca_file, &self.cert_file, &self.key_file]
+            .into_iter()
+            .map(|path| {
+                let meta = std::fs::metadata(path).ok()?;
+                Some((meta.modified().ok()?, meta.len()))
+            })
+            .collect()
+    }
+
+    /// The rustls configuration of a client with these files, under [`TLS_POLICY`] (for a
+    /// link that is not HTTP: DICOM TLS).
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsFileError> {
+        let roots = load_roots(&self.ca_file)?;
+        let identity = load_identity(&self.cert_file, &self.key_file)?;
+        tls(roots, Some(identity)).map_err(|e| {
+            let source = match e {
+                ClientError::Tls(e) | ClientError::ClientAuth(e) => e,
+                ClientError::Build(e) => rustls::Error::General(e.to_string()),
+            };
+            TlsFileError::ClientAuth {
+                cert: self.cert_file.clone(),
+                key: self.key_file.clone(),
+                source,
+            }
+        })
+    }
+}
+
+/// A client configuration from [`TlsFiles`], built again when one of them changed (a
+/// renewal): a stat of each file per use. Clones share the cache.
+#[derive(Debug, Clone)]
+pub struct ReloadingTls {
+    files: TlsFiles,
+    built: Arc<std::sync::Mutex<Option<(Stamp, ReloadedConfig)>>>,
+}
+
+/// A configuration as built, or why it could not be.
+pub type ReloadedConfig = Result<Arc<rustls::ClientConfig>, Arc<TlsFileError>>;
+
+impl ReloadingTls {
+    pub fn new(files: TlsFiles) -> ReloadingTls {
+        ReloadingTls {
+            files,
+            built: Arc::default(),
+        }
+    }
+
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    /// The configuration for the files as they are now.
+    pub fn current(&self) -> ReloadedConfig {
+        let stamp = self.files.stamp();
+        // Only a cache: a panic elsewhere while it was held leaves nothing half-done.
+        let mut built = self
+            .built
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*built {
+            Some((was, config)) if *was == stamp => config.clone(),
+            _ => {
+                let config = self.files.client_config().map(Arc::new).map_err(Arc::new);
+                *built = Some((stamp, config.clone()));
+                config
+            }
+        }
+    }
+}
+
 /// Why a TLS handshake somewhere in `error`'s chain was refused, in words an operator can
 /// act on (`None`: not a TLS refusal). rustls' error is looked for at every level, inside
 /// `io::Error`s too (whose `source` skips the error they wrap).

@@ -29,8 +29,19 @@ fn clinic_with(
     timeout: &str,
     dicom: &str,
 ) -> (Harness, std::path::PathBuf) {
+    clinic_with_pacs(pacs, supervisor, timeout, dicom, "")
+}
+
+/// [`clinic_with`] with more `[dicom.pacs]` settings (`pacs_lines`).
+fn clinic_with_pacs(
+    pacs: &Orthanc,
+    supervisor: &str,
+    timeout: &str,
+    dicom: &str,
+    pacs_lines: &str,
+) -> (Harness, std::path::PathBuf) {
     let h = Harness::new(&format!(
-        "{supervisor}\n[site.network-ids]\nissuer = \"{NETWORK_ISSUER}\"\noid = \"{NETWORK_OID}\"\n\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"{timeout}\"\n{dicom}[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n[[dicom.move-destinations]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1:{VIEWER_PORT}\"\n",
+        "{supervisor}\n[site.network-ids]\nissuer = \"{NETWORK_ISSUER}\"\noid = \"{NETWORK_OID}\"\n\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[dicom]\nlisten = \"127.0.0.1:11112\"\ntimeout = \"{timeout}\"\n{dicom}[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n{pacs_lines}[[dicom.move-destinations]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1:{VIEWER_PORT}\"\n",
         pacs.ae_title(),
         pacs.dicom_addr()
     ));
@@ -1674,4 +1685,229 @@ fn with_storage_commitment_an_instance_leaves_the_spool_only_once_orthanc_commit
     assert_eq!(uids_at(&pacs).len(), 5);
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// Orthanc with DICOM TLS only (`DicomTlsEnabled`), its certificate and key, clients'
+/// certificates verified against `client_ca` and required.
+fn orthanc_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: &std::path::Path,
+) -> Orthanc {
+    let mut options = hil_tests::orthanc::Options::default();
+    for (k, v) in [
+        ("DicomTlsEnabled", serde_json::json!(true)),
+        ("DicomTlsCertificate", serde_json::json!(cert)),
+        ("DicomTlsPrivateKey", serde_json::json!(key)),
+        ("DicomTlsTrustedCertificates", serde_json::json!(client_ca)),
+        ("DicomTlsRemoteCertificateRequired", serde_json::json!(true)),
+    ] {
+        options.extra.insert(k.into(), v);
+    }
+    Orthanc::start_for_test_with(&options)
+}
+
+/// `storescu` straight to Orthanc with `tls` options (dcmtk's: `+tls KEY CERT`, `+tla`,
+/// `+cf CA`); whether Orthanc stored the file, and storescu's output.
+fn store_at_orthanc(
+    pacs: &Orthanc,
+    tls: &[&std::ffi::OsStr],
+    file: &std::path::Path,
+) -> (bool, String) {
+    let mut storescu = pacs.command("storescu");
+    storescu
+        .args(tls)
+        .args(["-aec", pacs.ae_title(), "127.0.0.1"])
+        .arg(pacs.dicom_addr().port().to_string())
+        .arg(file);
+    let out = pacs.output(&mut storescu, Duration::from_secs(30)).unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Issue 17: DICOM TLS to the network PACS (PS3.15 Annex B). Orthanc speaks DICOM over
+/// TLS only and requires a client certificate from the network CA. The box forwards a
+/// consented instance over TLS with its certificate (counted at Orthanc), and its viewer
+/// finds and retrieves it through the box's query/retrieve proxy, over TLS too. dcmtk's own
+/// storescu shows what Orthanc requires: without TLS, without a certificate, or with a
+/// certificate of another CA it is refused; with the network's it stores.
+#[test]
+fn dicom_tls_to_orthanc_carries_stores_queries_and_retrieves_and_refuses_strangers() {
+    use hil_tests::nginx::Pki;
+    use std::ffi::OsStr;
+    if skip_unless_root(
+        "dicom_tls_to_orthanc_carries_stores_queries_and_retrieves_and_refuses_strangers",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let network = Pki::generate(&dir.path().join("network")).unwrap();
+    let stranger = Pki::generate(&dir.path().join("stranger")).unwrap();
+    let pacs = orthanc_tls(
+        &network.server_cert(),
+        &network.server_key(),
+        &network.ca_cert(),
+    );
+
+    // What Orthanc requires, shown with dcmtk.
+    let files = tempfile::tempdir().unwrap();
+    let probe = japanese_ct(files.path(), &Ids::new("NET-PROBE")).unwrap();
+    let ca = network.ca_cert();
+    let plain = store_at_orthanc(&pacs, &[], &probe);
+    assert!(!plain.0, "plain TCP stored: {}", plain.1);
+    let anonymous = store_at_orthanc(
+        &pacs,
+        &[OsStr::new("+tla"), OsStr::new("+cf"), ca.as_os_str()],
+        &probe,
+    );
+    assert!(
+        !anonymous.0,
+        "TLS without a certificate stored: {}",
+        anonymous.1
+    );
+    let (sk, sc) = (stranger.client_key(), stranger.client_cert());
+    let strange = store_at_orthanc(
+        &pacs,
+        &[
+            OsStr::new("+tls"),
+            sk.as_os_str(),
+            sc.as_os_str(),
+            OsStr::new("+cf"),
+            ca.as_os_str(),
+        ],
+        &probe,
+    );
+    assert!(
+        !strange.0,
+        "a certificate of another CA stored: {}",
+        strange.1
+    );
+    assert!(pacs.instances().unwrap().is_empty());
+    let (nk, nc) = (network.client_key(), network.client_cert());
+    let good = store_at_orthanc(
+        &pacs,
+        &[
+            OsStr::new("+tls"),
+            nk.as_os_str(),
+            nc.as_os_str(),
+            OsStr::new("+cf"),
+            ca.as_os_str(),
+        ],
+        &probe,
+    );
+    assert!(good.0, "the network's certificate: {}", good.1);
+    assert_eq!(pacs.instances().unwrap().len(), 1);
+
+    // The box, with the network CA and its certificate, read by the DICOM service's user.
+    let tls = dir.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    for (from, name) in [
+        (network.ca_cert(), "network-ca.pem"),
+        (network.client_cert(), "box.pem"),
+        (network.client_key(), "box.key"),
+    ] {
+        std::fs::copy(&from, tls.join(name)).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    for d in [dir.path(), tls.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(tls.join("box.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let user = tsunagi_runtime::privilege::ensure_user(dicom_bridge::USER).unwrap();
+    for name in ["network-ca.pem", "box.pem", "box.key"] {
+        nix::unistd::chown(&tls.join(name), Some(user.uid), Some(user.gid)).unwrap();
+    }
+    let pacs_tls = format!(
+        "tls = true\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\n",
+        tls.join("network-ca.pem").display(),
+        tls.join("box.pem").display(),
+        tls.join("box.key").display(),
+    );
+    let (mut h, _form) = clinic_with_pacs(
+        &pacs,
+        FAST_SUPERVISOR,
+        "10s",
+        "query-retrieve = true\n[[dicom.allowed-callers]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1\"\n[[dicom.allowed-callers]]\nae-title = \"STORESCU\"\naddress = \"127.0.0.1\"\n",
+        &pacs_tls,
+    );
+    start_ready(&mut h, pacs.netns());
+
+    // C-STORE over TLS: counted at Orthanc, under the network ID.
+    let ids = Ids::new("0001234");
+    let consented = japanese_ct(files.path(), &ids).unwrap();
+    store_through_box(&pacs, &[&consented], Duration::from_secs(30));
+    wait_for_instances(&pacs, 2, &h);
+    let stored = pacs
+        .instances()
+        .unwrap()
+        .iter()
+        .filter_map(|i| {
+            let f = DicomFile::parse(pacs.instance_file(i).unwrap()).unwrap();
+            f.string(0x0010, 0x0020)
+        })
+        .collect::<BTreeSet<_>>();
+    assert!(stored.contains(&network_id("0001234")), "{stored:?}");
+
+    // C-FIND and C-GET through the box's proxy, over TLS to Orthanc.
+    let found = find_through_box(
+        &pacs,
+        &[
+            "QueryRetrieveLevel=STUDY",
+            "PatientID=0001234",
+            "StudyInstanceUID",
+        ],
+    );
+    assert_eq!(
+        found,
+        BTreeSet::from([("0001234".to_owned(), ids.study_instance_uid.clone())]),
+        "{}",
+        h.log_text()
+    );
+    let (got, text) = get_through_box(&pacs, &ids.study_instance_uid);
+    assert_eq!(got.len(), 1, "{text}\n{}", h.log_text());
+    assert_eq!(
+        got[0].string(0x0008, 0x0018).as_deref(),
+        Some(ids.sop_instance_uid.as_str())
+    );
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+    drop(pacs);
+
+    // A PACS whose certificate is of another CA, then one whose certificate names another
+    // address: refused, the reason in status, nothing stored there.
+    for (cert, key, reason) in [
+        (
+            stranger.server_cert(),
+            stranger.server_key(),
+            "the server's certificate is not from the network CA (refused)",
+        ),
+        {
+            let (c, k) = network
+                .issue_server("elsewhere", &[std::net::Ipv4Addr::new(10, 1, 2, 3)], false)
+                .unwrap();
+            (
+                c,
+                k,
+                "the server's certificate is not for the address connected to (refused)",
+            )
+        },
+    ] {
+        let pacs = orthanc_tls(&cert, &key, &network.ca_cert());
+        start_ready(&mut h, pacs.netns());
+        let another = japanese_ct(files.path(), &Ids::new("0001234")).unwrap();
+        store_through_box(&pacs, &[&another], Duration::from_secs(30));
+        let refused = format!(
+            "DICOM TLS with the network PACS at {} failed: {reason}",
+            pacs.dicom_addr()
+        );
+        h.wait_for("the refused PACS in status", Duration::from_secs(30), |s| {
+            service(s, "dicom")["summary"]
+                .as_str()
+                .is_some_and(|t| t.contains(&refused))
+        });
+        assert!(pacs.instances().unwrap().is_empty());
+        h.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+    }
 }
