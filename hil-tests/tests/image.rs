@@ -27,7 +27,7 @@
 //!     ready, and the audit trail verifies (`docs/image.md`, power cuts).
 //!   - Then, on the last boot, issue 7's scenario: a storescu in the clinic namespace sends
 //!     a study to the box, and it arrives in the hub's Orthanc under the patient's network
-//!     ID. From the hub the box answers on no TCP port, to no ping and on no UDP port
+//!     ID (Orthanc speaks DICOM over TLS only and requires the box's certificate: issue 17). From the hub the box answers on no TCP port, to no ping and on no UDP port
 //!     (WireGuard, UDP 51820, answers only its peer, and the tunnel is up); from the
 //!     clinic, only on the DICOM port the config enables (nmap, every TCP port). The
 //!     self-check unit reports no failed unit at the end of the boot and again at a clean
@@ -166,6 +166,9 @@ listen = "192.168.50.1:11112"
 [dicom.pacs]
 ae-title = "ORTHANC"
 address = "10.98.0.1:4242"
+tls = true
+ca-file = "/var/lib/tsunagi/provisioning/network-ca.pem"
+client-identity = true
 "#,
         endpoint = net.plan().hub_endpoint(),
         hub = net.hub_public_key(),
@@ -278,8 +281,21 @@ fn start_hub_services(net: &TestNet, pki: &Pki, box_ca: &Path) -> (Orthanc, Ngin
         proxy_to: Some(HUB_FHIR.parse().unwrap()),
         ..NginxOptions::default()
     });
+    // The network PACS speaks DICOM over TLS only (issue 17): its certificate from the
+    // network CA, a box certificate from the box-identity CA required.
+    let mut extra = serde_json::Map::new();
+    for (key, value) in [
+        ("DicomTlsEnabled", serde_json::json!(true)),
+        ("DicomTlsCertificate", serde_json::json!(pki.server_cert())),
+        ("DicomTlsPrivateKey", serde_json::json!(pki.server_key())),
+        ("DicomTlsTrustedCertificates", serde_json::json!(box_ca)),
+        ("DicomTlsRemoteCertificateRequired", serde_json::json!(true)),
+    ] {
+        extra.insert(key.to_owned(), value);
+    }
     let pacs = Orthanc::start_for_test_with(&orthanc::Options {
         netns: Some(net.ns(Host::Hub).to_owned()),
+        extra,
         ..orthanc::Options::default()
     });
     (pacs, front)
@@ -1661,6 +1677,12 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
         .count();
     assert!(synced > 0, "no consent pull over TLS: {fhir_log}");
     println!("FHIR over mutual TLS: {synced} consent pages pulled through the hub's TLS front");
+    // The hub's Orthanc takes DICOM over TLS only, with a box certificate: everything it
+    // holds came over DICOM TLS.
+    println!(
+        "DICOM TLS: {} instances at the hub's Orthanc, which speaks DICOM over TLS only and requires the box's certificate",
+        orthanc_sop_uids(&pacs).len()
+    );
     drop(pacs);
     drop(vm);
     drop(hub);
