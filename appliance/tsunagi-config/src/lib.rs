@@ -1307,19 +1307,13 @@ impl Config {
                 key_file: c.client_key_file.is_some(),
                 identity: c.client_identity,
             };
-            if c.fhir_url.as_ref().is_some_and(FhirUrl::is_tls) {
-                tls_client_rules(&files, self.identity.enabled, &mut broken);
-            } else {
-                for (key, given) in files.given() {
-                    if given {
-                        broken(
-                            &key,
-                            "only with an https consent.fhir-url (plain http has no TLS)".into(),
-                            &[&key, "consent.fhir-url"],
-                        );
-                    }
-                }
-            }
+            tls_link_rules(
+                &files,
+                c.fhir_url.as_ref().is_some_and(FhirUrl::is_tls),
+                "only with an https consent.fhir-url (plain http has no TLS)",
+                self.identity.enabled,
+                &mut broken,
+            );
         }
 
         if let Some(p) = self.dicom.as_ref().map(|d| &d.pacs) {
@@ -1331,19 +1325,13 @@ impl Config {
                 key_file: p.client_key_file.is_some(),
                 identity: p.client_identity,
             };
-            if p.tls {
-                tls_client_rules(&files, self.identity.enabled, &mut broken);
-            } else {
-                for (key, given) in files.given() {
-                    if given {
-                        broken(
-                            &key,
-                            "only with dicom.pacs.tls = true".into(),
-                            &[&key, "dicom.pacs.tls"],
-                        );
-                    }
-                }
-            }
+            tls_link_rules(
+                &files,
+                p.tls,
+                "only with dicom.pacs.tls = true",
+                self.identity.enabled,
+                &mut broken,
+            );
         }
 
         if let Some(x) = &self.ssmix2 {
@@ -1530,6 +1518,26 @@ impl TlsClient {
             (key("client-key-file"), self.key_file),
             (key("client-identity"), self.identity),
         ]
+    }
+}
+
+/// The rules of a link that may run over TLS: with `tls`, [`tls_client_rules`]; without,
+/// none of the TLS settings (each one given is `without_tls`).
+fn tls_link_rules(
+    c: &TlsClient,
+    tls: bool,
+    without_tls: &str,
+    identity_enabled: bool,
+    broken: &mut impl FnMut(&str, String, &[&str]),
+) {
+    if tls {
+        tls_client_rules(c, identity_enabled, broken);
+        return;
+    }
+    for (key, given) in c.given() {
+        if given {
+            broken(&key, without_tls.to_owned(), &[&key, c.url_key]);
+        }
     }
 }
 

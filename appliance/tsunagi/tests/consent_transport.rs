@@ -149,30 +149,20 @@ fn the_consent_sync_over_tls_names_a_refused_server_in_status() {
     let mut h = Harness::new("");
     // The network CA and the box's certificate and key, the key readable by the consent
     // service's user only.
-    let tls = h.dir.path().join("tls");
-    std::fs::create_dir_all(&tls).unwrap();
-    for (from, name) in [
-        (network.ca_cert(), "network-ca.pem"),
-        (network.client_cert(), "box.pem"),
-        (network.client_key(), "box.key"),
-    ] {
-        std::fs::copy(&from, tls.join(name)).unwrap();
-    }
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(tls.join("box.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    if is_root() {
-        let id = tsunagi_runtime::privilege::ensure_user(consent::USER).unwrap();
-        for name in ["network-ca.pem", "box.pem", "box.key"] {
-            nix::unistd::chown(&tls.join(name), Some(id.uid), Some(id.gid)).unwrap();
-        }
-    }
+    let (ca, cert, key) = service_tls_files(
+        &h.dir.path().join("tls"),
+        consent::USER,
+        &network.ca_cert(),
+        &network.client_cert(),
+        &network.client_key(),
+    );
     let config = |front: &Nginx| {
         format!(
             "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"https://{}/fhir\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\npull-interval = \"1s\"\n",
             front.addr(),
-            tls.join("network-ca.pem").display(),
-            tls.join("box.pem").display(),
-            tls.join("box.key").display(),
+            ca.display(),
+            cert.display(),
+            key.display(),
         )
     };
     h.write_config(&config(&bad));

@@ -1803,29 +1803,20 @@ fn dicom_tls_to_orthanc_carries_stores_queries_and_retrieves_and_refuses_strange
     assert_eq!(pacs.instances().unwrap().len(), 1);
 
     // The box, with the network CA and its certificate, read by the DICOM service's user.
-    let tls = dir.path().join("tls");
-    std::fs::create_dir_all(&tls).unwrap();
-    for (from, name) in [
-        (network.ca_cert(), "network-ca.pem"),
-        (network.client_cert(), "box.pem"),
-        (network.client_key(), "box.key"),
-    ] {
-        std::fs::copy(&from, tls.join(name)).unwrap();
-    }
     use std::os::unix::fs::PermissionsExt as _;
-    for d in [dir.path(), tls.as_path()] {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::set_permissions(tls.join("box.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let user = tsunagi_runtime::privilege::ensure_user(dicom_bridge::USER).unwrap();
-    for name in ["network-ca.pem", "box.pem", "box.key"] {
-        nix::unistd::chown(&tls.join(name), Some(user.uid), Some(user.gid)).unwrap();
-    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ca_file, cert_file, key_file) = service_tls_files(
+        &dir.path().join("tls"),
+        dicom_bridge::USER,
+        &network.ca_cert(),
+        &network.client_cert(),
+        &network.client_key(),
+    );
     let pacs_tls = format!(
         "tls = true\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\n",
-        tls.join("network-ca.pem").display(),
-        tls.join("box.pem").display(),
-        tls.join("box.key").display(),
+        ca_file.display(),
+        cert_file.display(),
+        key_file.display(),
     );
     let (mut h, _form) = clinic_with_pacs(
         &pacs,

@@ -53,31 +53,20 @@ impl Clinic {
         let h = Harness::new("");
         let storage = Storage::create(&h.dir.path().join("ssmix2").join("1312345678")).unwrap();
         // The box's client certificate and key, readable by the sync service's user only.
-        let tls = h.dir.path().join("tls");
-        std::fs::create_dir_all(&tls).unwrap();
-        for (from, name) in [
-            (nginx.ca_file(), "hub-ca.pem"),
-            (nginx.client_cert_file(), "box.pem"),
-            (nginx.client_key_file(), "box.key"),
-        ] {
-            std::fs::copy(&from, tls.join(name)).unwrap();
-        }
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(tls.join("box.key"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
-        if is_root() {
-            let id = tsunagi_runtime::privilege::ensure_user(ssmix2_sync::USER).unwrap();
-            for name in ["hub-ca.pem", "box.pem", "box.key"] {
-                nix::unistd::chown(&tls.join(name), Some(id.uid), Some(id.gid)).unwrap();
-            }
-        }
+        let (ca, cert, key) = service_tls_files(
+            &h.dir.path().join("tls"),
+            ssmix2_sync::USER,
+            &nginx.ca_file(),
+            &nginx.client_cert_file(),
+            &nginx.client_key_file(),
+        );
         let config = format!(
             "{supervisor}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n\n[ssmix2]\nstorage = \"{}\"\nwatch = \"{watch}\"\nscan-interval = \"{scan_interval}\"\nsettle = \"1s\"\nconfirm-deletion = \"1s\"\n\n[ssmix2.replica]\nurl = \"{}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\n",
             storage.root().display(),
             nginx.base_url(),
-            tls.join("hub-ca.pem").display(),
-            tls.join("box.pem").display(),
-            tls.join("box.key").display(),
+            ca.display(),
+            cert.display(),
+            key.display(),
         );
         h.write_config(&config);
         let form = h.dir.path().join("consent-form.pdf");

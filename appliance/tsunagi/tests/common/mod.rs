@@ -355,3 +355,30 @@ pub fn register_consent(h: &Harness, form: &Path, patient: &str, extra: &[&str])
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// TLS files for a service that reads them after dropping privileges: the CA, the box's
+/// certificate and its key copied into `dir` (created, mode 0755) as `ca.pem`, `box.pem`
+/// and `box.key` (mode 0600), owned by the service's user `user` when run as root. The
+/// paths of the three copies.
+pub fn service_tls_files(
+    dir: &Path,
+    user: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> (PathBuf, PathBuf, PathBuf) {
+    fs::create_dir_all(dir).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let copies = (dir.join("ca.pem"), dir.join("box.pem"), dir.join("box.key"));
+    for (from, to) in [(ca, &copies.0), (cert, &copies.1), (key, &copies.2)] {
+        fs::copy(from, to).unwrap();
+    }
+    fs::set_permissions(&copies.2, fs::Permissions::from_mode(0o600)).unwrap();
+    if is_root() {
+        let id = tsunagi_runtime::privilege::ensure_user(user).unwrap();
+        for path in [&copies.0, &copies.1, &copies.2] {
+            nix::unistd::chown(path, Some(id.uid), Some(id.gid)).unwrap();
+        }
+    }
+    copies
+}
