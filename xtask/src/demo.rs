@@ -599,30 +599,18 @@ fn start_ssmix2(
     })
     .context("cannot start the hub's WebDAV server (nginx)")?;
     // The box's certificate and key, readable by the sync service's user only.
-    let tls = demo_dir.join("tls");
-    fs::create_dir_all(&tls)?;
-    for (from, name) in [
-        (hub.ca_file(), "hub-ca.pem"),
-        (hub.client_cert_file(), "box.pem"),
-        (hub.client_key_file(), "box.key"),
-    ] {
-        fs::copy(&from, tls.join(name))
-            .with_context(|| format!("cannot copy {}", from.display()))?;
-    }
-    fs::set_permissions(tls.join("box.key"), fs::Permissions::from_mode(0o600))?;
-    if geteuid().is_root() {
-        let id = tsunagi_runtime::privilege::ensure_user(ssmix2_sync::USER)?;
-        for name in ["hub-ca.pem", "box.pem", "box.key"] {
-            nix::unistd::chown(&tls.join(name), Some(id.uid), Some(id.gid))?;
-        }
-    }
+    let (ca, cert, key) = service_tls_files(
+        &demo_dir.join("tls").join("ssmix2"),
+        ssmix2_sync::USER,
+        [hub.ca_file(), hub.client_cert_file(), hub.client_key_file()],
+    )?;
     let section = format!(
         "[ssmix2]\nstorage = {}\nwatch = \"auto\"\nscan-interval = \"5s\"\nsettle = \"1s\"\n[ssmix2.replica]\nurl = \"{}\"\nca-file = {}\nclient-cert-file = {}\nclient-key-file = {}\n",
         toml_string(&root)?,
         hub.base_url(),
-        toml_string(&tls.join("hub-ca.pem"))?,
-        toml_string(&tls.join("box.pem"))?,
-        toml_string(&tls.join("box.key"))?,
+        toml_string(&ca)?,
+        toml_string(&cert)?,
+        toml_string(&key)?,
     );
     let mut text = fs::read_to_string(config)?;
     text.push_str(&section);
@@ -633,6 +621,31 @@ fn start_ssmix2(
         hub.base_url()
     );
     Ok(hub)
+}
+
+/// A service's copy of the network CA and the box's certificate and key (`from`, in that
+/// order) in `dir`, as `ca.pem`, `box.pem` and `box.key` (mode 0600), owned by the
+/// service's user `user` when run as root (the service reads them after dropping
+/// privileges). The paths of the copies.
+fn service_tls_files(
+    dir: &Path,
+    user: &str,
+    from: [PathBuf; 3],
+) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    fs::create_dir_all(dir)?;
+    let to = [dir.join("ca.pem"), dir.join("box.pem"), dir.join("box.key")];
+    for (from, to) in from.iter().zip(&to) {
+        fs::copy(from, to).with_context(|| format!("cannot copy {}", from.display()))?;
+    }
+    fs::set_permissions(&to[2], fs::Permissions::from_mode(0o600))?;
+    if geteuid().is_root() {
+        let id = tsunagi_runtime::privilege::ensure_user(user)?;
+        for path in &to {
+            nix::unistd::chown(path, Some(id.uid), Some(id.gid))?;
+        }
+    }
+    let [ca, cert, key] = to;
+    Ok((ca, cert, key))
 }
 
 /// The port of the hub's TLS front of its FHIR server (issue 17).
@@ -659,26 +672,11 @@ fn start_fhir_front(
         ..hil_tests::nginx::Options::default()
     })
     .context("cannot start the TLS front of the hub's FHIR server (nginx)")?;
-    let tls = demo_dir.join("tls");
-    fs::create_dir_all(&tls)?;
-    for (from, name) in [
-        (pki.ca_cert(), "network-ca.pem"),
-        (pki.client_cert(), "consent-box.pem"),
-        (pki.client_key(), "consent-box.key"),
-    ] {
-        fs::copy(&from, tls.join(name))
-            .with_context(|| format!("cannot copy {}", from.display()))?;
-    }
-    fs::set_permissions(
-        tls.join("consent-box.key"),
-        fs::Permissions::from_mode(0o600),
+    let (ca, cert, key) = service_tls_files(
+        &demo_dir.join("tls").join("consent"),
+        consent::USER,
+        [pki.ca_cert(), pki.client_cert(), pki.client_key()],
     )?;
-    if geteuid().is_root() {
-        let id = tsunagi_runtime::privilege::ensure_user(consent::USER)?;
-        for name in ["consent-box.pem", "consent-box.key"] {
-            nix::unistd::chown(&tls.join(name), Some(id.uid), Some(id.gid))?;
-        }
-    }
     let text = fs::read_to_string(config)?;
     let plain = "fhir-url = \"http://10.98.0.1:8081/fhir\"\n";
     anyhow::ensure!(
@@ -688,9 +686,9 @@ fn start_fhir_front(
     let url = format!("https://10.98.0.1:{FHIR_TLS_PORT}/fhir");
     let tls_lines = format!(
         "fhir-url = \"{url}\"\nca-file = {}\nclient-cert-file = {}\nclient-key-file = {}\n",
-        toml_string(&tls.join("network-ca.pem"))?,
-        toml_string(&tls.join("consent-box.pem"))?,
-        toml_string(&tls.join("consent-box.key"))?,
+        toml_string(&ca)?,
+        toml_string(&cert)?,
+        toml_string(&key)?,
     );
     fs::write(config, text.replacen(plain, &tls_lines, 1))?;
     println!(
