@@ -514,6 +514,64 @@ fn wait_until<T>(what: &str, timeout: Duration, vm: &Vm, mut f: impl FnMut() -> 
     }
 }
 
+/// What the hub and the box's namespace see of the tunnel and the TCP links to the hub's
+/// services, for a failure's message: the sockets on the PACS, FHIR and WebDAV ports (queues,
+/// retransmissions), the hub's WireGuard peer (handshake, transfer) and the links' counters.
+fn network_view(net: &TestNet, when: &str) -> String {
+    let run = |host: Host, args: &[&str]| -> String {
+        let mut command = Command::new(args[0]);
+        command.args(&args[1..]);
+        match net.exec(host, &command) {
+            // (`ss -e` says it for every socket: the namespace has no cgroup2 mount.)
+            Ok(out) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .filter(|l| !l.contains("cgroup2"))
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>()
+            ),
+            Err(e) => format!("({e})\n"),
+        }
+    };
+    let wg = net.plan().hub_wg_iface.clone();
+    format!(
+        "---- network view, {when}\n\
+         hub sockets (PACS 4242, FHIR {FHIR_TLS_PORT}, WebDAV 8443):\n{}\
+         hub WireGuard:\n{}\
+         hub TCP counters:\n{}\
+         hub links:\n{}\
+         box-namespace links:\n{}",
+        run(
+            Host::Hub,
+            &[
+                "ss",
+                "-tnoie",
+                "state",
+                "all",
+                &format!("( sport = :4242 or sport = :{FHIR_TLS_PORT} or sport = :8443 )"),
+            ]
+        ),
+        run(Host::Hub, &["wg", "show", &wg]),
+        run(
+            Host::Hub,
+            &[
+                "nstat",
+                "-asz",
+                "TcpExtListenOverflows",
+                "TcpExtListenDrops",
+                "TcpRetransSegs",
+                "TcpExtTCPTimeouts",
+                "IpReasmFails",
+                "IpFragFails"
+            ]
+        ),
+        run(Host::Hub, &["ip", "-s", "link"]),
+        run(Host::Box, &["ip", "-s", "link"]),
+    )
+}
+
 /// The check unit's lines of `phase` once it printed them all; the test fails if it
 /// reports a failed unit.
 fn check_report(vm: &mut Vm, phase: &str) -> Vec<String> {
@@ -1537,15 +1595,32 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
     // The last boot: no cut. Everything owed arrives.
     let want = expected(&storage_root);
     let started = Instant::now();
-    wait_until(
-        "every acknowledged instance at the PACS and the replica converged",
-        Duration::from_secs(300),
-        &vm,
-        || {
-            let set: BTreeSet<String> = orthanc_sop_uids(&pacs).into_iter().collect();
-            (acked.is_subset(&set) && replica_files(&hub) == want).then_some(())
-        },
-    );
+    let converged = || {
+        let set: BTreeSet<String> = orthanc_sop_uids(&pacs).into_iter().collect();
+        acked.is_subset(&set) && replica_files(&hub) == want
+    };
+    let mut views = Vec::new();
+    while !converged() {
+        let waited = started.elapsed();
+        if views.len() < 2 && waited > Duration::from_secs(120 * (views.len() as u64 + 1)) {
+            views.push(network_view(&net, &format!("{} s", waited.as_secs())));
+        }
+        if waited > Duration::from_secs(300) {
+            views.push(network_view(&net, "at the deadline"));
+            let at_pacs: BTreeSet<String> = orthanc_sop_uids(&pacs).into_iter().collect();
+            let missing = acked.iter().filter(|u| !at_pacs.contains(*u)).count();
+            // The box's own view: its stop report (status of every service).
+            let stopped = vm.power_down(Duration::from_secs(120));
+            panic!(
+                "every acknowledged instance at the PACS and the replica converged: not within 300 s \
+                 ({missing} of {} acknowledged instances missing at the PACS); power-down: {stopped:?}\n{}\n{}",
+                acked.len(),
+                views.join("\n"),
+                vm.serial_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
     println!(
         "last boot: everything owed arrived {:.1} s after it was sent for",
         started.elapsed().as_secs_f64()

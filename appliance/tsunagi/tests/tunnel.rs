@@ -444,6 +444,31 @@ fn reachable(net: &TestNet, host: Host, url: &str) -> bool {
     net.exec(host, &cmd).unwrap().status.success()
 }
 
+/// What the box sends back on `box_iface` (seen with tcpdump there) when `host` sends two
+/// TCP segments with `flags` from `source` to port 4242 of `addr` with nping (nmap's packet
+/// generator): the captured resets, empty when none.
+fn resets_from_the_box(
+    net: &TestNet,
+    box_iface: &str,
+    host: Host,
+    (source, addr): (&str, &str),
+    flags: &str,
+) -> Vec<String> {
+    let capture = Capture::start(net.ns(Host::Box), box_iface);
+    let mut nping = std::process::Command::new("nping");
+    nping.args([
+        "--tcp", "--flags", flags, "-S", source, "-p", "4242", "-c", "2", "--delay", "300ms", addr,
+    ]);
+    let out = net.exec(host, &nping).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("Raw packets sent: 2"), "nping: {text}");
+    capture
+        .stop()
+        .into_iter()
+        .filter(|l| l.contains(&format!("{addr}.4242 >")) && l.contains("Flags [R"))
+        .collect()
+}
+
 #[test]
 fn firewall_lets_clinic_devices_reach_only_the_box_and_the_wan_only_wireguard() {
     if skip() {
@@ -497,6 +522,24 @@ fn firewall_lets_clinic_devices_reach_only_the_box_and_the_wan_only_wireguard() 
     ));
     // And the box itself still reaches the hub through the tunnel.
     assert!(reachable(&s.net, Host::Box, "http://10.98.0.1:8080/health"));
+    // A segment of a connection the box does not know (as after a power cut: the hub or a
+    // modality still holds the connection) is reset through the tunnel and on the LAN, so
+    // the peer gives it up at once; a SYN to a closed port, and anything on the WAN, stays
+    // unanswered.
+    let tunnel = s.net.id().to_owned() + "b";
+    let wan = s.net.plan().wan_box_iface.clone();
+    // (The hub network's address: the only source the box's WireGuard takes from the hub.)
+    let hub_to_box = ("10.98.0.1", "10.99.0.2");
+    let through_tunnel = resets_from_the_box(&s.net, &tunnel, Host::Hub, hub_to_box, "ack");
+    assert_eq!(through_tunnel.len(), 2, "{through_tunnel:?}");
+    let clinic_to_box = ("192.168.50.10", "192.168.50.1");
+    let on_lan = resets_from_the_box(&s.net, &lan, Host::Clinic, clinic_to_box, "psh,ack");
+    assert_eq!(on_lan.len(), 2, "{on_lan:?}");
+    let syn = resets_from_the_box(&s.net, &tunnel, Host::Hub, hub_to_box, "syn");
+    assert!(syn.is_empty(), "{syn:?}");
+    let wan_to_box = ("10.250.0.1", "10.250.0.2");
+    let on_wan = resets_from_the_box(&s.net, &wan, Host::Hub, wan_to_box, "ack");
+    assert!(on_wan.is_empty(), "{on_wan:?}");
     let rules = s
         .net
         .exec(

@@ -8,8 +8,10 @@
 //! Inbound is dropped except established traffic, loopback, the WireGuard port (from
 //! anywhere but the tunnel), ICMP errors (path MTU discovery) and IPv6 neighbour discovery,
 //! the listed LAN ports on the LAN interfaces, and the listed tunnel ports from the hub
-//! subnets. Forwarding is dropped: the box is never a router between the clinic and the
-//! network.
+//! subnets. On the tunnel and LAN interfaces, a TCP segment of a connection the box does not
+//! know (it restarted since) is answered with a reset rather than dropped, so that the peer
+//! learns at once that the connection is gone; a SYN to a closed port stays unanswered.
+//! Forwarding is dropped: the box is never a router between the clinic and the network.
 //!
 //! Outbound is the egress kill switch (issue 13). The first rule drops every packet to a hub
 //! subnet that would leave by any interface but the tunnel (or loopback), before any
@@ -200,6 +202,24 @@ fn input(out: &mut String, tunnel: &Tunnel) {
             set(&fw.tunnel_tcp_ports, false)
         );
     }
+    // Last, on the links the box holds TCP conversations on: a segment that is neither a SYN
+    // nor a reset and was not accepted above belongs to no connection the box knows (it
+    // restarted, or lost power, since). It is answered with a reset, as any TCP host does,
+    // so that the peer gives that connection up at once instead of retransmitting into
+    // silence. A PACS that takes its associations one at a time (Orthanc with DICOM TLS)
+    // would otherwise stall on a dead one for a minute per connection the box left behind.
+    // A SYN to a closed port is still dropped without an answer.
+    let mut links = vec![iface.to_owned()];
+    links.extend(fw.lan_interfaces.iter().map(ToString::to_string));
+    let _ = writeln!(
+        out,
+        "    # a connection the box no longer knows (it restarted): reset, not silence"
+    );
+    let _ = writeln!(
+        out,
+        "    iifname {} tcp flags & (syn | rst) == 0 reject with tcp reset",
+        set(&links, true)
+    );
     let _ = writeln!(out, "  }}");
 }
 
@@ -467,6 +487,30 @@ mod tests {
             "chain forward {\n    type filter hook forward priority filter; policy drop;\n  }"
         ));
         assert!(!rules.contains("tcp dport"), "{rules}");
+    }
+
+    #[test]
+    fn segments_of_unknown_connections_are_reset_on_the_tunnel_and_the_lan_only() {
+        let rules = render_plain(&tunnel(
+            "[tunnel.firewall]\nlan-interfaces = [\"eth1\"]\nlan-tcp-ports = [11112]\n",
+        ));
+        let input = chain(&rules, "input");
+        // The last rule: after every accept, and never for a SYN (closed ports stay silent)
+        // or a reset (never answered).
+        assert_eq!(
+            input.last().copied(),
+            Some(
+                "iifname { \"wg9\", \"eth1\" } tcp flags & (syn | rst) == 0 reject with tcp reset"
+            ),
+            "{rules}"
+        );
+        assert_eq!(rules.matches("reject").count(), 1, "{rules}");
+        let without_lan = render_plain(&tunnel(""));
+        assert!(
+            without_lan
+                .contains("iifname { \"wg9\" } tcp flags & (syn | rst) == 0 reject with tcp reset"),
+            "{without_lan}"
+        );
     }
 
     #[test]
