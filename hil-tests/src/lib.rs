@@ -40,6 +40,7 @@ pub mod health;
 pub mod nginx;
 pub mod orthanc;
 pub mod qemu;
+pub mod rsyslog;
 pub mod samba;
 pub mod testnet;
 pub mod testssl;

@@ -179,6 +179,14 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
         why: "hil-tests DICOM tests: encodes the H.264 stream of a Video Endoscopic Image (issue 15)",
     },
     SystemPackage {
+        name: "rsyslog",
+        why: "hil-tests rsyslog guard: the ATNA audit repository (issue 17), receiving the box's audit messages",
+    },
+    SystemPackage {
+        name: "rsyslog-gnutls",
+        why: "hil-tests rsyslog guard: syslog over TLS (RFC 5425) with x509 client authentication",
+    },
+    SystemPackage {
         name: "tcpdump",
         why: "tunnel tests: captures the box's WAN veth to prove no hub-subnet packet leaves outside the tunnel (issue 13, egress kill switch)",
     },

@@ -1,0 +1,10 @@
+//! The ATNA audit trail (IHE ITI-20, issue 17).
+//!
+//! [`syslog`]: the transport to the network's audit repository: each audit message is an
+//! RFC 5424 syslog message (formatted by the `fasyslog` crate when it is recorded, so that
+//! its timestamp is the event's), sent over TLS with RFC 5425's octet-counting framing under
+//! the box's one TLS policy (the repository verified against the network CA, the box's
+//! certificate presented).
+#![forbid(unsafe_code)]
+
+pub mod syslog;
