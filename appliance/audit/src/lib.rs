@@ -1,5 +1,7 @@
 //! The ATNA audit trail (IHE ITI-20, issue 17).
 //!
+//! [`message`]: the DICOM audit messages (PS3.15 A.5) of the events issue 17 lists.
+//!
 //! [`syslog`]: the transport to the network's audit repository: each audit message is an
 //! RFC 5424 syslog message (formatted by the `fasyslog` crate when it is recorded, so that
 //! its timestamp is the event's), sent over TLS with RFC 5425's octet-counting framing under
@@ -7,4 +9,5 @@
 //! certificate presented).
 #![forbid(unsafe_code)]
 
+pub mod message;
 pub mod syslog;

@@ -74,10 +74,22 @@ fn messages_arrive_in_order_and_the_close_confirms_them() {
     let network = Pki::generate(&dir.path().join("network")).unwrap();
     let rsyslog = start(&network, &network);
     let repo = repository(&rsyslog, &network, &network);
+    // The first: a real DICOM audit message (the box starting).
+    let node = audit::message::Node {
+        facility: "1312345678".to_owned(),
+        serial: "1312345678-TEST-0001".to_owned(),
+        address: Some("10.99.0.2".to_owned()),
+    };
+    let start =
+        audit::message::application_activity(&node, true, std::time::SystemTime::now()).to_xml();
     runtime().block_on(async {
         let mut conn = Connection::open(&repo).await.unwrap();
         for seq in 1..=100 {
-            let xml = format!("<AuditMessage><EventIdentification n=\"{seq}\"/></AuditMessage>");
+            let xml = if seq == 1 {
+                start.clone()
+            } else {
+                format!("<AuditMessage><EventIdentification n=\"{seq}\"/></AuditMessage>")
+            };
             conn.send(&format("1312345678-TEST-0001", seq, &xml).unwrap())
                 .await
                 .unwrap();
@@ -90,7 +102,7 @@ fn messages_arrive_in_order_and_the_close_confirms_them() {
         first.starts_with("<85>1 ")
             && first.contains(" 1312345678-TEST-0001 tsunagi ")
             && first.contains(" IHE+RFC-3881 [meta sequenceId=\"1\"] ")
-            && first.ends_with("<AuditMessage><EventIdentification n=\"1\"/></AuditMessage>"),
+            && first.ends_with(&start),
         "{first}"
     );
 }
