@@ -2,6 +2,8 @@
 //!
 //! [`message`]: the DICOM audit messages (PS3.15 A.5) of the events issue 17 lists.
 //!
+//! [`outbox`]: the durable, ordered queue (store and forward) and its drain.
+//!
 //! [`syslog`]: the transport to the network's audit repository: each audit message is an
 //! RFC 5424 syslog message (formatted by the `fasyslog` crate when it is recorded, so that
 //! its timestamp is the event's), sent over TLS with RFC 5425's octet-counting framing under
@@ -10,4 +12,5 @@
 #![forbid(unsafe_code)]
 
 pub mod message;
+pub mod outbox;
 pub mod syslog;

@@ -186,3 +186,83 @@ fn after_an_outage_the_unconfirmed_are_sent_again_and_each_arrives_once_in_order
     );
     assert_eq!(received(&rsyslog, 100), (1..=100).collect::<Vec<_>>());
 }
+
+#[test]
+fn the_queue_survives_a_repository_outage_and_arrives_whole_and_in_order() {
+    use audit::outbox::{Outbox, Round, backoff, send_pending};
+    let dir = tempfile::tempdir().unwrap();
+    let network = Pki::generate(&dir.path().join("network")).unwrap();
+    let mut rsyslog = start(&network, &network);
+    let repo = repository(&rsyslog, &network, &network);
+    let db = dir.path().join("audit.db");
+    let mut outbox = Outbox::open(&db, "1312345678-TEST-0001").unwrap();
+    let rt = runtime();
+    let (mut failures, mut rounds) = (0u32, 0u32);
+    let mut errors = Vec::new();
+    // 100 events recorded while the drain runs; the repository stops after the first 30
+    // and is back 3 s later.
+    let mut recorded = 0;
+    let mut stopped_at = None;
+    loop {
+        if recorded < 100 {
+            for _ in 0..7 {
+                if recorded < 100 {
+                    recorded += 1;
+                    outbox
+                        .record(&format!("<AuditMessage n=\"{recorded}\"/>"))
+                        .unwrap();
+                }
+            }
+        }
+        if recorded >= 30 && stopped_at.is_none() {
+            rsyslog.stop().unwrap();
+            stopped_at = Some(Instant::now());
+        }
+        match rt.block_on(send_pending(&mut outbox, &repo)) {
+            Ok(Round::Idle) if recorded == 100 => break,
+            Ok(_) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                errors.push(e.to_string());
+                assert!(errors.len() < 20, "{errors:?}");
+                std::thread::sleep(backoff(failures).min(Duration::from_secs(1)));
+            }
+        }
+        if let Some(at) = stopped_at
+            && at.elapsed() > Duration::from_secs(3)
+            && !errors.is_empty()
+        {
+            rsyslog.start_again().unwrap();
+            stopped_at = Some(Instant::now() + Duration::from_secs(3600));
+        }
+        rounds += 1;
+        assert!(rounds < 200);
+    }
+    // Reopened (as after a reboot), nothing waits.
+    drop(outbox);
+    assert!(
+        Outbox::open(&db, "1312345678-TEST-0001")
+            .unwrap()
+            .is_empty()
+            .unwrap()
+    );
+    let seqs = received(&rsyslog, 100);
+    let mut first = Vec::new();
+    for s in &seqs {
+        if !first.contains(s) {
+            first.push(*s);
+        }
+    }
+    assert_eq!(first, (1..=100).collect::<Vec<_>>(), "{seqs:?}");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("cannot reach the audit repository")),
+        "{errors:?}"
+    );
+    println!(
+        "outage: {} attempts refused while the repository was down; {} of 100 received twice",
+        errors.len(),
+        seqs.len() - 100
+    );
+}
