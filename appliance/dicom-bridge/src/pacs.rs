@@ -69,11 +69,6 @@ impl PacsAssociation {
     pub async fn abort(self) -> Result<(), UlError> {
         either!(self, a => a.abort().await)
     }
-
-    /// Whether the association runs over TLS.
-    pub fn is_tls(&self) -> bool {
-        matches!(self, PacsAssociation::Tls(_))
-    }
 }
 
 impl Peer for PacsAssociation {

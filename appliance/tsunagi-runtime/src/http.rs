@@ -296,10 +296,6 @@ impl ReloadingTls {
         }
     }
 
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
-    }
-
     /// The configuration for the files as they are now.
     pub fn current(&self) -> ReloadedConfig {
         let stamp = self.files.stamp();
