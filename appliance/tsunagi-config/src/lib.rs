@@ -97,6 +97,9 @@ pub struct Config {
     /// The DICOM bridge; absent means no bridge.
     #[serde(default)]
     pub dicom: Option<DicomBridge>,
+    /// The ATNA audit trail to the network's audit repository; off unless enabled.
+    #[serde(default)]
+    pub audit: Audit,
     /// Fault drills, by name (`[drill.crashy]` runs as service `drill-crashy`).
     #[serde(default)]
     pub drill: BTreeMap<ServiceName, Drill>,
@@ -299,6 +302,46 @@ impl Default for ConsentCache {
             client_key_file: None,
             client_identity: false,
             pull_interval: ConfigDuration::secs(60),
+        }
+    }
+}
+
+/// `[audit]`: the ATNA audit trail (IHE ITI-20): the box's audit messages (DICOM PS3.15
+/// A.5) to the network's audit repository, syslog over TLS (RFC 5425) under the one TLS
+/// policy, kept in a durable queue until the repository has them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Audit {
+    pub enabled: bool,
+    /// `IPV4:PORT` of the audit repository (RFC 5425's port is 6514); required when
+    /// enabled, inside `tunnel.hub-subnets` with a tunnel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository: Option<SocketAddr>,
+    /// The network CA the repository's certificate must chain to (PEM); required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<AbsPath>,
+    /// The box's client certificate (PEM), unless `client-identity`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<AbsPath>,
+    /// The box's client key (PEM, mode 0600), unless `client-identity`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<SecretFile>,
+    /// Present the box's own identity from enrollment (`[identity]`).
+    pub client_identity: bool,
+    /// For the connection, the handshake, each message and the close; 1s to 5m; default 10s.
+    pub timeout: ConfigDuration,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            repository: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            client_identity: false,
+            timeout: ConfigDuration::secs(10),
         }
     }
 }
@@ -1219,6 +1262,19 @@ impl Config {
                     );
                 }
             }
+            if let Some(addr) = self.audit.repository.filter(|_| self.audit.enabled) {
+                let inside = match addr.ip() {
+                    std::net::IpAddr::V4(v4) => in_hub(v4),
+                    std::net::IpAddr::V6(_) => false,
+                };
+                if !inside {
+                    broken(
+                        "audit.repository",
+                        outside(&addr.ip().to_string()),
+                        &["audit.repository", "tunnel.hub-subnets"],
+                    );
+                }
+            }
             if let Some(url) = self.ssmix2.as_ref().and_then(|x| x.replica.url.as_ref()) {
                 let host = url.host();
                 match host.parse::<std::net::Ipv4Addr>() {
@@ -1332,6 +1388,33 @@ impl Config {
                 self.identity.enabled,
                 &mut broken,
             );
+        }
+
+        if self.audit.enabled {
+            let a = &self.audit;
+            if a.repository.is_none() {
+                broken(
+                    "audit.repository",
+                    "required with audit.enabled = true".into(),
+                    &["audit.repository", "audit.enabled"],
+                );
+            }
+            let files = TlsClient {
+                section: "audit",
+                url_key: "audit.repository",
+                ca_file: a.ca_file.is_some(),
+                cert_file: a.client_cert_file.is_some(),
+                key_file: a.client_key_file.is_some(),
+                identity: a.client_identity,
+            };
+            tls_client_rules(&files, self.identity.enabled, &mut broken);
+            if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&a.timeout.get()) {
+                broken(
+                    "audit.timeout",
+                    "must be between 1s and 5m".into(),
+                    &["audit.timeout"],
+                );
+            }
         }
 
         if let Some(x) = &self.ssmix2 {

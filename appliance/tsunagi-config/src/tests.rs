@@ -1919,3 +1919,42 @@ fn dicom_tls_to_the_pacs_needs_the_ca_and_the_boxs_certificate() {
         "{plain}"
     );
 }
+
+#[test]
+fn the_audit_trail_needs_a_repository_the_ca_and_the_boxs_certificate() {
+    let problems = |section: &str| match parse(&ssmix2_config(section), file()) {
+        Ok(_) => String::new(),
+        Err(p) => p.to_string(),
+    };
+    // Off by default, and nothing is asked of it then.
+    let cfg = parse(&ssmix2_config(""), file()).unwrap();
+    assert!(!cfg.audit.enabled);
+    assert_eq!(problems("[audit]\nrepository = \"10.98.0.1:6514\"\n"), "");
+    let bare = problems("[audit]\nenabled = true\n");
+    assert!(
+        bare.contains("audit.repository: required with audit.enabled = true"),
+        "{bare}"
+    );
+    for key in ["ca-file", "client-cert-file", "client-key-file"] {
+        assert!(
+            bare.contains(&format!(
+                "audit.{key}: required with audit.repository (or client-identity = true)"
+            )),
+            "{bare}"
+        );
+    }
+    let good = "[audit]\nenabled = true\nrepository = \"10.98.0.1:6514\"\nca-file = \"/a\"\nclient-cert-file = \"/b\"\nclient-key-file = \"/c\"\n";
+    let cfg = parse(&ssmix2_config(good), file()).unwrap();
+    assert_eq!(
+        cfg.audit.repository,
+        Some("10.98.0.1:6514".parse().unwrap())
+    );
+    assert_eq!(cfg.audit.timeout.get(), Duration::from_secs(10));
+    let slow = problems(&format!("{good}timeout = \"10m\"\n"));
+    assert!(
+        slow.contains("audit.timeout: must be between 1s and 5m"),
+        "{slow}"
+    );
+    let unknown = problems(&format!("{good}port = 6514\n"));
+    assert!(unknown.contains("port"), "{unknown}");
+}
