@@ -13,4 +13,6 @@
 
 pub mod message;
 pub mod outbox;
+pub mod protocol;
+pub mod service;
 pub mod syslog;

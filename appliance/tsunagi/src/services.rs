@@ -16,6 +16,7 @@ use tsunagi_runtime::supervisor::{ChildSpec, Plan, Settings};
 pub(crate) const SERVICES: &[&Service] = &[
     &tunnel::SERVICE,
     &identity::SERVICE,
+    &audit::service::SERVICE,
     &consent::SERVICE,
     &ssmix2_sync::SERVICE,
     &dicom_bridge::SERVICE,

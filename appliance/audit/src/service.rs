@@ -1,0 +1,380 @@
+//! The `audit` service: owns the queue (`audit.db`), records what the other services hand it
+//! over its socket, and drains the queue to the network's audit repository.
+//!
+//! Socket: `RUNTIME-DIR/audit/record.sock` (directory 0750, group [`CLIENT_GROUP`]; socket
+//! 0660), one JSON line each way ([`crate::protocol`]). An event is answered `recorded`
+//! only once its message is committed. The service records its own Application Start when it
+//! is ready and Application Stop when it stops.
+//!
+//! The drain sends the queue in order (as [`crate::outbox::send_pending`] does, the queue
+//! locked only to read a batch and to confirm it), with a backoff of
+//! 1 s doubling to 60 s after failures, and status says how many messages wait, the last
+//! confirmed sequence number, and the last failure (degraded while messages wait and the
+//! repository fails).
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tsunagi_runtime::child::ServiceCtx;
+use tsunagi_runtime::listen::{self, Limits, STOP_DRAIN, ServeError};
+use tsunagi_runtime::status::Health;
+use tsunagi_runtime::tasks::{TaskEnded, Tasks};
+
+use crate::message::{self, Node};
+use crate::outbox::{BATCH, DrainError, Outbox, OutboxError, Round, backoff};
+use crate::protocol::{Answer, Request};
+use crate::syslog::{Connection, Repository};
+
+/// The service name (its state and runtime directories).
+pub const NAME: &str = "audit";
+/// Its system user.
+pub const USER: &str = "tsunagi-audit";
+/// The group whose members may record events (connect to the socket).
+pub const CLIENT_GROUP: &str = "tsunagi-audit-write";
+/// The socket's file name in the service's runtime directory.
+pub const SOCKET_NAME: &str = "record.sock";
+/// The longest request line.
+const MAX_REQUEST: usize = 64 * 1024;
+const MAX_CLIENTS: usize = 32;
+const IDLE: Duration = Duration::from_secs(60);
+const STOP_TASKS: Duration = Duration::from_secs(1);
+
+/// The audit service as the binary lists it.
+pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service::Service {
+    name: NAME,
+    user: USER,
+    description: "tsunagi ATNA audit trail",
+    capabilities: &[],
+    // Presents the box's certificate to the audit repository.
+    groups: &[identity::CLIENT_GROUP],
+    worker_threads: 1,
+    launch: |cfg| {
+        cfg.audit.enabled.then(|| tsunagi_runtime::service::Launch {
+            shared_dirs: vec![(
+                cfg.paths.runtime_dir.as_path().join(NAME),
+                CLIENT_GROUP.to_owned(),
+            )],
+            ..tsunagi_runtime::service::Launch::reading(cfg, &cfg.audit)
+        })
+    },
+    main: |cfg, ctx| tsunagi_runtime::service::boxed(main(cfg, ctx)),
+};
+
+/// Errors that stop the service.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("[audit] has no repository")]
+    NoRepository,
+    #[error("the database task failed")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("the audit service cannot go on")]
+    Background(#[source] TaskEnded),
+}
+
+/// The socket's path for a config (what the other services connect to).
+pub fn socket_path(cfg: &tsunagi_config::Config) -> PathBuf {
+    cfg.paths.runtime_dir.as_path().join(NAME).join(SOCKET_NAME)
+}
+
+/// The box's name in every message: the machine's host name, or the facility code.
+fn host_name(cfg: &tsunagi_config::Config) -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| (33..=126).contains(&b)))
+        .unwrap_or_else(|| cfg.site.facility_code.to_string())
+}
+
+struct Shared {
+    outbox: Mutex<Outbox>,
+    node: Node,
+    /// Woken when an event is recorded, so the drain need not poll.
+    recorded: Notify,
+    last_failure: Mutex<Option<String>>,
+    last_confirmed: Mutex<Option<(u64, SystemTime)>>,
+}
+
+impl Shared {
+    fn record(&self, event: &crate::protocol::Event) -> Answer {
+        let xml = event.message(&self.node, SystemTime::now()).to_xml();
+        let result = match self.outbox.lock() {
+            Ok(mut outbox) => outbox.record(&xml),
+            Err(_) => return Answer::Error("internal error".into()),
+        };
+        match result {
+            Ok(seq) => {
+                self.recorded.notify_one();
+                Answer::Recorded { seq }
+            }
+            Err(e) => Answer::Error(tsunagi_runtime::child::error_chain(&e)),
+        }
+    }
+
+    fn record_own(&self, start: bool) -> Result<u64, OutboxError> {
+        let xml = message::application_activity(&self.node, start, SystemTime::now()).to_xml();
+        let mut outbox = self
+            .outbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let seq = outbox.record(&xml)?;
+        self.recorded.notify_one();
+        Ok(seq)
+    }
+
+    fn report(&self) -> (Health, String, Vec<(&'static str, f64)>) {
+        let waiting = self
+            .outbox
+            .lock()
+            .ok()
+            .and_then(|o| o.len().ok())
+            .unwrap_or(0);
+        let failure = self.last_failure.lock().ok().and_then(|f| f.clone());
+        let confirmed = self.last_confirmed.lock().ok().and_then(|c| *c);
+        let mut summary = format!("{waiting} audit messages waiting");
+        if let Some((seq, at)) = confirmed {
+            let ago = at.elapsed().map_or(0, |d| d.as_secs());
+            summary.push_str(&format!("; repository has up to {seq} ({ago}s ago)"));
+        }
+        let health = match &failure {
+            Some(f) if waiting > 0 => {
+                summary.push_str(&format!("; last send failed: {f}"));
+                Health::Degraded
+            }
+            _ => Health::Ok,
+        };
+        #[expect(clippy::cast_precision_loss, reason = "a gauge")]
+        let metrics = vec![("tsunagi_audit_waiting", waiting as f64)];
+        (health, summary, metrics)
+    }
+}
+
+/// The service's run in its child process.
+pub(crate) async fn main(
+    cfg: &tsunagi_config::Config,
+    ctx: ServiceCtx,
+) -> Result<(), ServiceError> {
+    let a = &cfg.audit;
+    let repository = Repository {
+        addr: a.repository.ok_or(ServiceError::NoRepository)?,
+        server_name: rustls::pki_types::ServerName::IpAddress(
+            a.repository.ok_or(ServiceError::NoRepository)?.ip().into(),
+        ),
+        tls: tsunagi_runtime::http::ReloadingTls::new(identity::tls_files(
+            cfg.paths.state_dir.as_path(),
+            a.ca_file.as_ref(),
+            a.client_identity,
+            a.client_cert_file.as_ref(),
+            a.client_key_file.as_ref(),
+        )),
+        timeout: a.timeout.get(),
+    };
+    let node = Node {
+        facility: cfg.site.facility_code.to_string(),
+        serial: host_name(cfg),
+        address: cfg.tunnel.as_ref().map(|t| t.address.addr().to_string()),
+    };
+    let db = ctx.state_dir.join("audit.db");
+    let host = node.serial.clone();
+    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&db, &host))
+        .await
+        .map_err(ServiceError::Task)??;
+    let runtime_dir = cfg.paths.runtime_dir.as_path().join(NAME);
+    run(ctx, outbox, node, repository, runtime_dir).await
+}
+
+/// Runs the audit service until shutdown.
+pub async fn run(
+    ctx: ServiceCtx,
+    outbox: Outbox,
+    node: Node,
+    repository: Repository,
+    runtime_dir: PathBuf,
+) -> Result<(), ServiceError> {
+    let path = runtime_dir.join(SOCKET_NAME);
+    let _ = std::fs::remove_file(&path);
+    let listen_err = |source| ServiceError::Listen {
+        path: path.clone(),
+        source,
+    };
+    let listener = UnixListener::bind(&path).map_err(listen_err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(listen_err)?;
+    let shared = Arc::new(Shared {
+        outbox: Mutex::new(outbox),
+        node,
+        recorded: Notify::new(),
+        last_failure: Mutex::new(None),
+        last_confirmed: Mutex::new(None),
+    });
+    shared.record_own(true)?;
+    let mut tasks = Tasks::new(ctx.shutdown.clone());
+    tasks.spawn_fallible(
+        "record-socket",
+        serve(listener, shared.clone(), ctx.shutdown.clone()),
+    );
+    tasks.spawn(
+        "drain",
+        drain(shared.clone(), repository.clone(), ctx.shutdown.clone()),
+    );
+    ctx.reporter.ready();
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            ended = tasks.failed() => return Err(ServiceError::Background(ended)),
+            _ = ticker.tick() => {}
+        }
+        let (health, summary, metrics) = shared.report();
+        ctx.reporter.status_with_metrics(health, &summary, &metrics);
+    }
+    tasks.join(STOP_TASKS).await;
+    // The stop is recorded; it is sent at the next start (the repository may be far).
+    shared.record_own(false)?;
+    Ok(())
+}
+
+/// One round of the drain: the first batch waiting, read under the lock, sent without it
+/// (recording never waits for the network), removed once confirmed.
+async fn round(shared: &Shared, repository: &Repository) -> Result<Round, DrainError> {
+    let batch = {
+        let outbox = shared
+            .outbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        outbox.pending(BATCH)?
+    };
+    let Some(&(last, _)) = batch.last() else {
+        return Ok(Round::Idle);
+    };
+    let mut conn = Connection::open(repository).await?;
+    for (_, text) in &batch {
+        conn.send(text).await?;
+    }
+    conn.close().await?;
+    shared
+        .outbox
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .confirm(last)?;
+    Ok(Round::Confirmed(last))
+}
+
+async fn drain(shared: Arc<Shared>, repository: Repository, stop: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let round = round(&shared, &repository).await;
+        let wait = match round {
+            Ok(Round::Confirmed(seq)) => {
+                failures = 0;
+                if let Ok(mut c) = shared.last_confirmed.lock() {
+                    *c = Some((seq, SystemTime::now()));
+                }
+                if let Ok(mut f) = shared.last_failure.lock() {
+                    *f = None;
+                }
+                Duration::ZERO
+            }
+            Ok(Round::Idle) => {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = shared.recorded.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+                Duration::ZERO
+            }
+            Err(e) => {
+                failures += 1;
+                let reason = tsunagi_runtime::child::error_chain(&e);
+                tracing::warn!(error = %reason, "audit messages not sent; retrying");
+                if let Ok(mut f) = shared.last_failure.lock() {
+                    *f = Some(reason);
+                }
+                backoff(failures)
+            }
+        };
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+    }
+}
+
+async fn serve(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Result<(), ServeError> {
+    let limits = Limits {
+        max_connections: MAX_CLIENTS,
+        max_overflow: 0,
+        per_connection: None,
+        drain: STOP_DRAIN,
+    };
+    let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
+    listen::serve(accept, limits, stop, |stream, _| {
+        let shared = shared.clone();
+        async move {
+            let _ = client(stream, shared).await;
+        }
+    })
+    .await
+}
+
+async fn client(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = match tokio::time::timeout(
+            IDLE,
+            (&mut reader)
+                .take(MAX_REQUEST as u64 + 1)
+                .read_line(&mut line),
+        )
+        .await
+        {
+            Err(_) | Ok(Err(_)) | Ok(Ok(0)) => return Ok(()),
+            Ok(Ok(n)) => n,
+        };
+        let too_long = n > MAX_REQUEST || !line.ends_with('\n');
+        let answer = if too_long {
+            Answer::Error(format!("request longer than {MAX_REQUEST} bytes"))
+        } else {
+            match serde_json::from_str::<Request>(line.trim_end()) {
+                Err(e) => Answer::Error(format!("bad request: {e}")),
+                Ok(Request::Record(event)) => {
+                    let shared = shared.clone();
+                    match tokio::task::spawn_blocking(move || shared.record(&event)).await {
+                        Ok(a) => a,
+                        Err(_) => Answer::Error("internal error".into()),
+                    }
+                }
+            }
+        };
+        let mut out = serde_json::to_string(&answer).unwrap_or_default();
+        out.push('\n');
+        write.write_all(out.as_bytes()).await?;
+        if too_long {
+            return Ok(());
+        }
+    }
+}

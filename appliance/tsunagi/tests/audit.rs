@@ -1,0 +1,141 @@
+//! The `audit` service under the supervisor (issue 17): its start is recorded and reaches a
+//! real rsyslog with gnutls over syslog-TLS; an event handed over its socket arrives after
+//! it, in order; an rsyslog outage delays but loses nothing; its stop is recorded and sent
+//! at the next start.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "these tests poll real processes from plain threads, not from a tokio runtime"
+)]
+
+mod common;
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hil_tests::nginx::Pki;
+use hil_tests::rsyslog::{Options, Rsyslog, Tls};
+use nix::sys::signal::Signal;
+
+/// The `sequenceId`s and MSGs rsyslog wrote, once `n` lines are there (at most 30 s).
+fn received(rsyslog: &Rsyslog, n: usize, h: &Harness) -> Vec<(u64, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = rsyslog.messages();
+        if lines.len() >= n {
+            return lines
+                .iter()
+                .map(|l| {
+                    let at = l.find("sequenceId=\"").expect(l) + "sequenceId=\"".len();
+                    let seq = l[at..].split('"').next().unwrap().parse().unwrap();
+                    (seq, l.clone())
+                })
+                .collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} messages at rsyslog\n{}\n{}",
+            lines.len(),
+            rsyslog.log(),
+            h.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn record(h: &Harness, line: &str) -> String {
+    let path = h.runtime_dir().join("audit").join("record.sock");
+    let mut stream = UnixStream::connect(&path).unwrap();
+    stream.write_all(line.as_bytes()).unwrap();
+    stream.write_all(b"\n").unwrap();
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn the_audit_service_sends_its_start_and_what_it_is_handed_and_keeps_them_through_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let network = Pki::generate(&dir.path().join("network")).unwrap();
+    let mut rsyslog = Rsyslog::start(
+        &Tls {
+            cert: network.server_cert(),
+            key: network.server_key(),
+            client_ca: network.ca_cert(),
+        },
+        &Options::default(),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ca, cert, key) = service_tls_files(
+        &dir.path().join("tls"),
+        audit::service::USER,
+        &network.ca_cert(),
+        &network.client_cert(),
+        &network.client_key(),
+    );
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[audit]\nenabled = true\nrepository = \"{}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\ntimeout = \"5s\"\n",
+        rsyslog.addr(),
+        ca.display(),
+        cert.display(),
+        key.display(),
+    ));
+    h.start();
+    h.wait_for("the audit service", Duration::from_secs(30), |s| {
+        state_of(s, "audit") == "ready"
+    });
+    // Its own start, sent at once.
+    let first = received(&rsyslog, 1, &h);
+    assert!(first[0].1.contains("csd-code=\"110120\""), "{}", first[0].1);
+    // An event handed over the socket: recorded (committed), then sent.
+    let answer = record(
+        &h,
+        r#"{"record":{"instances-transferred":{"sent":true,"peer-ae":"ORTHANC","peer-address":"10.98.0.1","result":"success","patient-network-id":"TSUNAGI-NET-0042","study-uid":"1.2.392.1","sop-classes":[["1.2.840.10008.5.1.4.1.1.2",3]]}}}"#,
+    );
+    assert!(answer.starts_with(r#"{"recorded":{"seq":2}}"#), "{answer}");
+    let two = received(&rsyslog, 2, &h);
+    assert!(two[1].1.contains("TSUNAGI-NET-0042"), "{}", two[1].1);
+    // Not XML, not an event: refused, nothing recorded.
+    let bad = record(&h, r#"{"record":{"xml":"<AuditMessage/>"}}"#);
+    assert!(bad.starts_with(r#"{"error":"#), "{bad}");
+    // An outage: 20 events recorded while rsyslog is down, all there once it is back.
+    rsyslog.stop().unwrap();
+    for i in 0..20 {
+        let answer = record(
+            &h,
+            &format!(
+                r#"{{"record":{{"patient-record":{{"action":"U","patient-network-id":"TSUNAGI-NET-{i:04}","what":"consent"}}}}}}"#
+            ),
+        );
+        assert!(answer.starts_with(r#"{"recorded":"#), "{answer}");
+    }
+    h.wait_for("the audit service degraded", Duration::from_secs(30), |s| {
+        service(s, "audit")["summary"]
+            .as_str()
+            .is_some_and(|t| t.contains("last send failed"))
+    });
+    rsyslog.start_again().unwrap();
+    let all = received(&rsyslog, 22, &h);
+    let seqs: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=22).collect::<Vec<_>>());
+    // The stop is recorded, and sent at the next start (after the next start's own).
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+    h.start();
+    let after = received(&rsyslog, 24, &h);
+    assert!(
+        after[22].1.contains("csd-code=\"110121\""),
+        "{}",
+        after[22].1
+    );
+    assert!(
+        after[23].1.contains("csd-code=\"110120\""),
+        "{}",
+        after[23].1
+    );
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
