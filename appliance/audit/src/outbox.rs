@@ -11,6 +11,7 @@
 //! `sequenceId` (RFC 5425 has no acknowledgement; see the `syslog` module).
 
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, params};
@@ -124,12 +125,14 @@ pub enum Round {
 }
 
 /// Sends the first batch waiting, and removes it once the repository confirmed it. An error
-/// leaves it queued (to be sent again, whole).
+/// leaves it queued (to be sent again, whole). The queue is locked only to read the batch
+/// and to confirm it, so recording never waits for the network.
 pub async fn send_pending(
-    outbox: &mut Outbox,
+    outbox: &Mutex<Outbox>,
     repository: &Repository,
 ) -> Result<Round, DrainError> {
-    let batch = outbox.pending(BATCH)?;
+    let lock = || outbox.lock().unwrap_or_else(PoisonError::into_inner);
+    let batch = lock().pending(BATCH)?;
     let Some(&(last, _)) = batch.last() else {
         return Ok(Round::Idle);
     };
@@ -138,7 +141,7 @@ pub async fn send_pending(
         conn.send(message).await?;
     }
     conn.close().await?;
-    outbox.confirm(last)?;
+    lock().confirm(last)?;
     Ok(Round::Confirmed(last))
 }
 

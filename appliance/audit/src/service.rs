@@ -6,8 +6,8 @@
 //! only once its message is committed. The service records its own Application Start when it
 //! is ready and Application Stop when it stops.
 //!
-//! The drain sends the queue in order (as [`crate::outbox::send_pending`] does, the queue
-//! locked only to read a batch and to confirm it), with a backoff of
+//! The drain sends the queue in order ([`crate::outbox::send_pending`], the queue locked only
+//! to read a batch and to confirm it), with a backoff of
 //! 1 s doubling to 60 s after failures, and status says how many messages wait, the last
 //! confirmed sequence number, and the last failure (degraded while messages wait and the
 //! repository fails).
@@ -27,9 +27,9 @@ use tsunagi_runtime::status::Health;
 use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 
 use crate::message::{self, Node};
-use crate::outbox::{BATCH, DrainError, Outbox, OutboxError, Round, backoff};
+use crate::outbox::{Outbox, OutboxError, Round, backoff, send_pending};
 use crate::protocol::{Answer, Request};
-use crate::syslog::{Connection, Repository};
+use crate::syslog::Repository;
 
 /// The service name (its state and runtime directories).
 pub const NAME: &str = "audit";
@@ -246,36 +246,10 @@ pub async fn run(
     Ok(())
 }
 
-/// One round of the drain: the first batch waiting, read under the lock, sent without it
-/// (recording never waits for the network), removed once confirmed.
-async fn round(shared: &Shared, repository: &Repository) -> Result<Round, DrainError> {
-    let batch = {
-        let outbox = shared
-            .outbox
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        outbox.pending(BATCH)?
-    };
-    let Some(&(last, _)) = batch.last() else {
-        return Ok(Round::Idle);
-    };
-    let mut conn = Connection::open(repository).await?;
-    for (_, text) in &batch {
-        conn.send(text).await?;
-    }
-    conn.close().await?;
-    shared
-        .outbox
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .confirm(last)?;
-    Ok(Round::Confirmed(last))
-}
-
 async fn drain(shared: Arc<Shared>, repository: Repository, stop: CancellationToken) {
     let mut failures = 0u32;
     loop {
-        let round = round(&shared, &repository).await;
+        let round = send_pending(&shared.outbox, &repository).await;
         let wait = match round {
             Ok(Round::Confirmed(seq)) => {
                 failures = 0;

@@ -195,7 +195,7 @@ fn the_queue_survives_a_repository_outage_and_arrives_whole_and_in_order() {
     let mut rsyslog = start(&network, &network);
     let repo = repository(&rsyslog, &network, &network);
     let db = dir.path().join("audit.db");
-    let mut outbox = Outbox::open(&db, "1312345678-TEST-0001").unwrap();
+    let outbox = std::sync::Mutex::new(Outbox::open(&db, "1312345678-TEST-0001").unwrap());
     let rt = runtime();
     let (mut failures, mut rounds) = (0u32, 0u32);
     let mut errors = Vec::new();
@@ -209,6 +209,8 @@ fn the_queue_survives_a_repository_outage_and_arrives_whole_and_in_order() {
                 if recorded < 100 {
                     recorded += 1;
                     outbox
+                        .lock()
+                        .unwrap()
                         .record(&format!("<AuditMessage n=\"{recorded}\"/>"))
                         .unwrap();
                 }
@@ -218,7 +220,7 @@ fn the_queue_survives_a_repository_outage_and_arrives_whole_and_in_order() {
             rsyslog.stop().unwrap();
             stopped_at = Some(Instant::now());
         }
-        match rt.block_on(send_pending(&mut outbox, &repo)) {
+        match rt.block_on(send_pending(&outbox, &repo)) {
             Ok(Round::Idle) if recorded == 100 => break,
             Ok(_) => failures = 0,
             Err(e) => {
