@@ -130,26 +130,19 @@ impl Connection {
         let addr = repository.addr;
         let within = repository.timeout;
         let config = repository.tls.current().map_err(SyslogError::TlsFiles)?;
-        let tcp = tokio::time::timeout(within, TcpStream::connect(addr))
-            .await
-            .map_err(|_| SyslogError::Timeout {
-                addr,
-                what: "accept the connection",
-                within,
-            })?
-            .map_err(|source| SyslogError::Connect { addr, source })?;
-        let _ = tcp.set_nodelay(true);
-        let stream = tokio::time::timeout(
-            within,
-            TlsConnector::from(config).connect(repository.server_name.clone(), tcp),
-        )
-        .await
-        .map_err(|_| SyslogError::Timeout {
+        let tcp = bounded(
             addr,
-            what: "complete the TLS handshake",
             within,
-        })?
-        .map_err(|e| io_error(addr, e))?;
+            "accept the connection",
+            TcpStream::connect(addr),
+        )
+        .await?
+        .map_err(|source| SyslogError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let handshake = TlsConnector::from(config).connect(repository.server_name.clone(), tcp);
+        let stream = bounded(addr, within, "complete the TLS handshake", handshake)
+            .await?
+            .map_err(|e| io_error(addr, e))?;
         Ok(Connection {
             stream,
             addr,
@@ -160,14 +153,14 @@ impl Connection {
     /// Writes one message, framed (RFC 5425). Written is not received: see [`Connection::close`].
     pub async fn send(&mut self, message: &str) -> Result<(), SyslogError> {
         let (addr, within) = (self.addr, self.timeout);
-        tokio::time::timeout(within, self.stream.write_all(&frame(message)))
-            .await
-            .map_err(|_| SyslogError::Timeout {
-                addr,
-                what: "take a message",
-                within,
-            })?
-            .map_err(|e| io_error(addr, e))
+        bounded(
+            addr,
+            within,
+            "take a message",
+            self.stream.write_all(&frame(message)),
+        )
+        .await?
+        .map_err(|e| io_error(addr, e))
     }
 
     /// Ends the connection and waits for the repository to end its side (module docs): on
@@ -199,6 +192,18 @@ impl Connection {
             Ok(Ok(true)) => Ok(()),
         }
     }
+}
+
+/// `step` within `within`, or [`SyslogError::Timeout`] saying what the repository did not do.
+async fn bounded<T>(
+    addr: SocketAddr,
+    within: Duration,
+    what: &'static str,
+    step: impl Future<Output = T>,
+) -> Result<T, SyslogError> {
+    tokio::time::timeout(within, step)
+        .await
+        .map_err(|_| SyslogError::Timeout { addr, what, within })
 }
 
 /// An I/O error of the connection, with a TLS refusal named as such.
