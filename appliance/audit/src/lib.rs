@@ -1,5 +1,8 @@
 //! The ATNA audit trail (IHE ITI-20, issue 17).
 //!
+//! [`protocol`] and [`client`]: how the other services hand the `audit` service ([`service`])
+//! their events.
+//!
 //! [`message`]: the DICOM audit messages (PS3.15 A.5) of the events issue 17 lists.
 //!
 //! [`outbox`]: the durable, ordered queue (store and forward) and its drain.
@@ -11,6 +14,7 @@
 //! certificate presented).
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod message;
 pub mod outbox;
 pub mod protocol;

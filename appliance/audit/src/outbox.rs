@@ -20,13 +20,24 @@ use tsunagi_state::{Durability, Migration, StateError};
 use crate::syslog::{self, Repository, SyslogError};
 
 /// The schema of `audit.db`.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: "CREATE TABLE outbox (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: "CREATE TABLE outbox (
               seq INTEGER PRIMARY KEY AUTOINCREMENT,
               message TEXT NOT NULL
           );",
-}];
+    },
+    // The box's secret for the pseudonyms of local patient IDs
+    // ([`crate::protocol::Patient::audit_id`]); written once, at the first open.
+    Migration {
+        version: 2,
+        sql: "CREATE TABLE pseudonym_key (
+              id INTEGER PRIMARY KEY CHECK (id = 1),
+              key BLOB NOT NULL CHECK (length(key) = 32)
+          ) STRICT;",
+    },
+];
 
 /// Messages sent per connection (each connection is one confirmed batch).
 pub const BATCH: usize = 50;
@@ -39,12 +50,15 @@ pub enum OutboxError {
     Sql(#[from] rusqlite::Error),
     #[error(transparent)]
     Format(#[from] SyslogError),
+    #[error("no randomness for the pseudonym key: {0}")]
+    Random(String),
 }
 
 /// The queue in `audit.db`.
 pub struct Outbox {
     db: Connection,
     host: String,
+    key: [u8; 32],
 }
 
 impl Outbox {
@@ -53,25 +67,45 @@ impl Outbox {
         let db = tsunagi_state::open(path, Durability::Acknowledging, MIGRATIONS)?;
         // Check the name now rather than at the first event.
         syslog::format(host, 0, "")?;
+        let key = pseudonym_key(&db)?;
         Ok(Outbox {
             db,
             host: host.to_owned(),
+            key,
         })
+    }
+
+    /// The box's secret for pseudonyms of local patient IDs.
+    pub fn pseudonym_key(&self) -> &[u8; 32] {
+        &self.key
     }
 
     /// Records one audit message (its XML): formatted with the next sequence number and
     /// committed before this returns. Returns the sequence number.
     pub fn record(&mut self, xml: &str) -> Result<u64, OutboxError> {
+        self.record_all(&[xml]).map(|(first, _)| first)
+    }
+
+    /// Records messages in one transaction (all or none), numbered in their order. Returns
+    /// the first and the last sequence number.
+    pub fn record_all<S: AsRef<str>>(&mut self, xmls: &[S]) -> Result<(u64, u64), OutboxError> {
         let tx = self.db.transaction()?;
-        tx.execute("INSERT INTO outbox (message) VALUES ('')", [])?;
-        let seq = u64::try_from(tx.last_insert_rowid()).unwrap_or(0);
-        let message = syslog::format(&self.host, seq, xml)?;
-        tx.execute(
-            "UPDATE outbox SET message = ?1 WHERE seq = ?2",
-            params![message, i64::try_from(seq).unwrap_or(i64::MAX)],
-        )?;
+        let mut seqs = (0, 0);
+        for (i, xml) in xmls.iter().enumerate() {
+            tx.execute("INSERT INTO outbox (message) VALUES ('')", [])?;
+            let seq = u64::try_from(tx.last_insert_rowid()).unwrap_or(0);
+            let message = syslog::format(&self.host, seq, xml.as_ref())?;
+            tx.execute(
+                "UPDATE outbox SET message = ?1 WHERE seq = ?2",
+                params![message, i64::try_from(seq).unwrap_or(i64::MAX)],
+            )?;
+            if i == 0 {
+                seqs.0 = seq;
+            }
+            seqs.1 = seq;
+        }
         tx.commit()?;
-        Ok(seq)
+        Ok(seqs)
     }
 
     /// The first `limit` messages waiting, in order.
@@ -113,6 +147,27 @@ impl Outbox {
         )?;
         Ok(())
     }
+}
+
+/// The pseudonym key in `db`, made (32 random bytes from the kernel) if there is none.
+fn pseudonym_key(db: &Connection) -> Result<[u8; 32], OutboxError> {
+    let read = || {
+        db.query_row("SELECT key FROM pseudonym_key WHERE id = 1", [], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })
+        .optional()
+    };
+    if read()?.is_none() {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| OutboxError::Random(e.to_string()))?;
+        db.execute(
+            "INSERT OR IGNORE INTO pseudonym_key (id, key) VALUES (1, ?1)",
+            [&key[..]],
+        )?;
+    }
+    let key = read()?.unwrap_or_default();
+    key.try_into()
+        .map_err(|_| OutboxError::Sql(rusqlite::Error::InvalidQuery))
 }
 
 /// What one [`send_pending`] came to.
@@ -193,6 +248,25 @@ mod tests {
         outbox.confirm(3).unwrap();
         assert!(outbox.is_empty().unwrap());
         assert_eq!(outbox.record("<AuditMessage/>").unwrap(), 4);
+    }
+
+    #[test]
+    fn a_batch_is_numbered_in_order_and_the_pseudonym_key_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let mut outbox = Outbox::open(&path, "box").unwrap();
+        let key = *outbox.pseudonym_key();
+        assert_ne!(key, [0; 32]);
+        assert_eq!(outbox.record("<a/>").unwrap(), 1);
+        assert_eq!(
+            outbox.record_all(&["<b/>", "<c/>", "<d/>"]).unwrap(),
+            (2, 4)
+        );
+        drop(outbox);
+        let outbox = Outbox::open(&path, "box").unwrap();
+        assert_eq!(*outbox.pseudonym_key(), key);
+        let other = Outbox::open(&dir.path().join("other.db"), "box").unwrap();
+        assert_ne!(*other.pseudonym_key(), key);
     }
 
     #[test]

@@ -3,6 +3,13 @@
 //!
 //! - `{"record":{"instances-transferred":{...}}}` → `{"recorded":{"seq":42}}` once the
 //!   message is committed to the queue, or `{"error":"..."}`.
+//! - `{"record-all":[{...},{...}]}` (1 to [`MAX_BATCH`] events) → `{"recorded-all":{"first":
+//!   43,"last":44}}` once all are committed, in one transaction (or none is, and the answer
+//!   is an error).
+//!
+//! A patient is named by the network ID when the network gave one (`{"network":"..."}`),
+//! else by the clinic's ID (`{"local":"..."}`), which never leaves the box: the message
+//! carries a pseudonym that only this box can resolve ([`Patient::audit_id`]).
 //!
 //! Clients send typed events, never XML: the audit service builds every message itself
 //! ([`crate::message`]), so the vocabulary is in one place and no client can put anything
@@ -17,6 +24,36 @@ use crate::message::{self, Action, Alert, AuditMessage, Direction, Node, Outcome
 #[serde(rename_all = "kebab-case")]
 pub enum Request {
     Record(Event),
+    RecordAll(Vec<Event>),
+}
+
+/// The most events one `record-all` carries.
+pub const MAX_BATCH: usize = 100;
+
+/// A patient, as an event names them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Patient {
+    /// The network ID (名寄せ): what the repository may see.
+    Network(String),
+    /// The clinic's ID of a patient the network has no ID for yet.
+    Local(String),
+}
+
+impl Patient {
+    /// The ID in the audit message: the network ID, or for a local ID a keyed pseudonym
+    /// (`local-` and 32 hex digits of BLAKE3 keyed with `key`, the box's own secret in
+    /// `audit.db`): the same patient always gets the same one, the repository cannot invert
+    /// it, and the box can (`tsunagi audit` hashes the clinic's IDs with the same key).
+    pub fn audit_id(&self, key: &[u8; 32]) -> String {
+        match self {
+            Patient::Network(id) => id.clone(),
+            Patient::Local(id) => {
+                let hash = blake3::keyed_hash(key, id.as_bytes());
+                format!("local-{}", &hash.to_hex()[..32])
+            }
+        }
+    }
 }
 
 /// An answer.
@@ -24,6 +61,7 @@ pub enum Request {
 #[serde(rename_all = "kebab-case")]
 pub enum Answer {
     Recorded { seq: u64 },
+    RecordedAll { first: u64, last: u64 },
     Error(String),
 }
 
@@ -57,7 +95,7 @@ pub enum Event {
         peer_ae: String,
         peer_address: String,
         result: Result,
-        patient_network_id: String,
+        patient: Patient,
         study_uid: String,
         sop_classes: Vec<(String, u32)>,
     },
@@ -72,13 +110,13 @@ pub enum Event {
         deleted: bool,
         replica: String,
         path: String,
-        patient_network_id: String,
+        patient: Patient,
         result: Result,
     },
     PatientRecord {
         /// "C", "U" or "D".
         action: String,
-        patient_network_id: String,
+        patient: Patient,
         what: String,
     },
     RefusedMedium {
@@ -98,15 +136,16 @@ pub enum Event {
 }
 
 impl Event {
-    /// The audit message of this event, from `node`, at `at`.
-    pub fn message(&self, node: &Node, at: std::time::SystemTime) -> AuditMessage {
+    /// The audit message of this event, from `node`, at `at`; `key` makes the pseudonyms of
+    /// local patient IDs ([`Patient::audit_id`]).
+    pub fn message(&self, node: &Node, key: &[u8; 32], at: std::time::SystemTime) -> AuditMessage {
         match self {
             Event::InstancesTransferred {
                 sent,
                 peer_ae,
                 peer_address,
                 result,
-                patient_network_id,
+                patient,
                 study_uid,
                 sop_classes,
             } => message::instances_transferred(
@@ -121,7 +160,7 @@ impl Event {
                     address: peer_address.clone(),
                 },
                 (*result).into(),
-                patient_network_id,
+                &patient.audit_id(key),
                 study_uid,
                 sop_classes,
                 at,
@@ -147,20 +186,20 @@ impl Event {
                 deleted,
                 replica,
                 path,
-                patient_network_id,
+                patient,
                 result,
             } => message::ssmix2_file(
                 node,
                 *deleted,
                 replica,
                 path,
-                patient_network_id,
+                &patient.audit_id(key),
                 (*result).into(),
                 at,
             ),
             Event::PatientRecord {
                 action,
-                patient_network_id,
+                patient,
                 what,
             } => {
                 let action = match action.as_str() {
@@ -168,7 +207,7 @@ impl Event {
                     "D" => Action::Delete,
                     _ => Action::Update,
                 };
-                message::patient_record(node, action, patient_network_id, what, at)
+                message::patient_record(node, action, &patient.audit_id(key), what, at)
             }
             Event::RefusedMedium { reason } => {
                 message::security_alert(node, Alert::RefusedMedium, reason, None, at)
@@ -181,5 +220,46 @@ impl Event {
             }
             Event::FailedLogin { user, from } => message::failed_login(node, user, from, at),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_local_patient_id_becomes_a_keyed_pseudonym_and_a_network_id_stays() {
+        let key = [7u8; 32];
+        let local = Patient::Local("0001234".into());
+        let pseudonym = local.audit_id(&key);
+        assert!(pseudonym.starts_with("local-"), "{pseudonym}");
+        assert_eq!(pseudonym.len(), "local-".len() + 32);
+        assert!(!pseudonym.contains("0001234"));
+        assert_eq!(local.audit_id(&key), pseudonym);
+        assert_ne!(Patient::Local("0001235".into()).audit_id(&key), pseudonym);
+        assert_ne!(local.audit_id(&[8u8; 32]), pseudonym);
+        assert_eq!(Patient::Network("NET-1".into()).audit_id(&key), "NET-1");
+    }
+
+    #[test]
+    fn requests_and_answers_on_the_wire() {
+        let event = Event::PatientRecord {
+            action: "U".into(),
+            patient: Patient::Local("0001234".into()),
+            what: "consent".into(),
+        };
+        let line = serde_json::to_string(&Request::RecordAll(vec![event.clone()])).unwrap();
+        assert_eq!(
+            line,
+            r#"{"record-all":[{"patient-record":{"action":"U","patient":{"local":"0001234"},"what":"consent"}}]}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(&line).unwrap(),
+            Request::RecordAll(vec![event])
+        );
+        assert_eq!(
+            serde_json::to_string(&Answer::RecordedAll { first: 3, last: 4 }).unwrap(),
+            r#"{"recorded-all":{"first":3,"last":4}}"#
+        );
     }
 }

@@ -109,16 +109,32 @@ struct Shared {
 }
 
 impl Shared {
-    fn record(&self, event: &crate::protocol::Event) -> Answer {
-        let xml = event.message(&self.node, SystemTime::now()).to_xml();
-        let result = match self.outbox.lock() {
-            Ok(mut outbox) => outbox.record(&xml),
-            Err(_) => return Answer::Error("internal error".into()),
+    /// Records events in one transaction; `Recorded` for one, `RecordedAll` for a batch.
+    fn record(&self, events: &[crate::protocol::Event], batch: bool) -> Answer {
+        if events.is_empty() || events.len() > crate::protocol::MAX_BATCH {
+            return Answer::Error(format!(
+                "a batch holds 1 to {} events",
+                crate::protocol::MAX_BATCH
+            ));
+        }
+        let Ok(mut outbox) = self.outbox.lock() else {
+            return Answer::Error("internal error".into());
         };
-        match result {
-            Ok(seq) => {
+        let now = SystemTime::now();
+        let key = *outbox.pseudonym_key();
+        let xmls: Vec<String> = events
+            .iter()
+            .map(|e| e.message(&self.node, &key, now).to_xml())
+            .collect();
+        match outbox.record_all(&xmls) {
+            Ok((first, last)) => {
+                drop(outbox);
                 self.recorded.notify_one();
-                Answer::Recorded { seq }
+                if batch {
+                    Answer::RecordedAll { first, last }
+                } else {
+                    Answer::Recorded { seq: first }
+                }
             }
             Err(e) => Answer::Error(tsunagi_runtime::child::error_chain(&e)),
         }
@@ -335,9 +351,13 @@ async fn client(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> 
         } else {
             match serde_json::from_str::<Request>(line.trim_end()) {
                 Err(e) => Answer::Error(format!("bad request: {e}")),
-                Ok(Request::Record(event)) => {
+                Ok(request) => {
+                    let (events, batch) = match request {
+                        Request::Record(event) => (vec![event], false),
+                        Request::RecordAll(events) => (events, true),
+                    };
                     let shared = shared.clone();
-                    match tokio::task::spawn_blocking(move || shared.record(&event)).await {
+                    match tokio::task::spawn_blocking(move || shared.record(&events, batch)).await {
                         Ok(a) => a,
                         Err(_) => Answer::Error("internal error".into()),
                     }

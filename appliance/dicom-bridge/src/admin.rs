@@ -82,6 +82,7 @@ mod tests {
             transfer_syntax: "1.2.840.10008.1.2.1".into(),
             calling_ae: "CT".into(),
             patient_id: Some(patient.into()),
+            study_uid: None,
         };
         let Committed::Queued(id) = inc.commit(&meta, 100).unwrap() else {
             panic!()

@@ -1,6 +1,7 @@
 //! `dicom-bridge`: the DICOM bridge between the clinic's modalities and viewers and the
 //! network PACS (issue 6).
 //!
+//! * [`audit_trail`]: each instance received and sent, handed to the `audit` service (ATNA).
 //! * [`admin`]: what an operator does with the spool (requeue dead letters), audited.
 //! * [`forward`]: C-STORE of queued instances to the network PACS (bytes as received, or
 //!   with a rewritten start), on associations kept for reuse.
@@ -17,10 +18,10 @@
 //! * [`scp`]: the clinic-side SCP (C-ECHO; C-STORE of the storage SOP classes into the spool;
 //!   C-FIND, C-MOVE and C-GET through the proxy).
 //! * [`service`]: the `dicom` service: the SCP, and the consent-gated forwarder.
-//! * [`spool`]: the durable spool and store-and-forward queue. An instance is streamed into
-//!   a temporary file, fsynced, renamed into place and recorded in the queue **before** its
-//!   C-STORE success is sent; a quota or a full disk is `OutOfResources` (A700) with nothing
-//!   left behind; duplicates of a SOP Instance UID follow a stated policy.
+//! * [`spool`]: the durable spool and store-and-forward queue. An instance is durable (in a
+//!   segment or a file of its own) and recorded in the queue **before** its C-STORE success
+//!   is sent; a quota or a full disk is `OutOfResources` (A700) with nothing left behind;
+//!   duplicates of a SOP Instance UID follow a stated policy.
 #![forbid(unsafe_code)]
 
 /// The service name (its state directory, user `tsunagi-dicom`).
@@ -37,8 +38,12 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
     // The standard DICOM port is 104.
     capabilities: &[tsunagi_runtime::service::Capability::CAP_NET_BIND_SERVICE],
     // Asks the consent service for decisions; presents the box's certificate from
-    // enrollment with DICOM TLS and `client-identity`.
-    groups: &[consent::CLIENT_GROUP, identity::CLIENT_GROUP],
+    // enrollment with DICOM TLS and `client-identity`; records transfers in the audit trail.
+    groups: &[
+        consent::CLIENT_GROUP,
+        identity::CLIENT_GROUP,
+        audit::service::CLIENT_GROUP,
+    ],
     worker_threads: 2,
     launch: |cfg| {
         let d = cfg.dicom.as_ref().filter(|d| d.enabled)?;
@@ -56,6 +61,7 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
 };
 
 pub mod admin;
+pub mod audit_trail;
 pub mod commitment;
 pub mod forward;
 pub mod header;

@@ -854,6 +854,7 @@ fn outgoing_for(
                 transfer_syntax: ts.to_owned(),
                 calling_ae: String::new(),
                 patient_id: Some(w.local_id.clone()),
+                study_uid: None,
             },
             size,
             attempts: 0,

@@ -310,7 +310,10 @@ async fn association(
                                         (None, Some(Status::SOP_CLASS_NOT_SUPPORTED))
                                     } else {
                                         match spool.begin() {
-                                            Ok(i) => (Some(i), None),
+                                            Ok(mut i) => {
+                                                i.set_peer(&peer.to_string());
+                                                (Some(i), None)
+                                            }
                                             Err(SpoolError::OutOfResources) => {
                                                 (None, Some(Status::OUT_OF_RESOURCES))
                                             }
@@ -768,6 +771,10 @@ async fn finish(
         sop_instance,
         transfer_syntax: transfer_syntax.to_owned(),
         calling_ae: calling.to_owned(),
+        study_uid: head
+            .as_ref()
+            .and_then(|h| h.study_instance.clone())
+            .filter(|s| !s.is_empty()),
         patient_id: head.and_then(|h| h.patient_id).filter(|p| !p.is_empty()),
     };
     let now = crate::now();

@@ -53,6 +53,8 @@ pub struct Settings {
     /// With storage commitment: how long to wait for the PACS to commit an instance before
     /// it is sent again.
     pub commitment_timeout: Option<Duration>,
+    /// Where each transfer is audited (ATNA).
+    pub audit: crate::audit_trail::Settings,
 }
 
 impl Settings {
@@ -76,7 +78,14 @@ impl Settings {
             }),
         };
         let consent_socket = consent::service::socket_path(cfg);
+        let audit = crate::audit_trail::Settings {
+            audit_socket: cfg.audit.enabled.then(|| audit::service::socket_path(cfg)),
+            consent_socket: consent_socket.clone(),
+            pacs_ae: pacs.ae_title.clone(),
+            pacs_address: pacs.addr.to_string(),
+        };
         Settings {
+            audit,
             scp: scp::Settings {
                 ae_title: ae.clone(),
                 max_pdu: d.max_pdu,
@@ -218,6 +227,16 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             listener,
             Arc::new(scp_settings),
             spool.clone(),
+            ctx.shutdown.clone(),
+        ),
+    );
+    let audit_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    tasks.spawn(
+        "audit-trail",
+        crate::audit_trail::run(
+            spool.clone(),
+            settings.audit.clone(),
+            audit_error.clone(),
             ctx.shutdown.clone(),
         ),
     );
@@ -419,7 +438,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         }
         let counts = spool.counts().unwrap_or_default();
         let summary = format!(
-            "{} waiting, {}{} held in the clinic, {} dead letters, {} delivered, {} duplicates{}{}{}{}",
+            "{} waiting, {}{} held in the clinic, {} dead letters, {} delivered, {} duplicates{}{}{}{}{}",
             counts.pending,
             if settings.commitment_timeout.is_some() {
                 format!(
@@ -455,16 +474,27 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 n => format!(
                     "; {n} storage commitment reports refused: not from the network PACS's AE title at its address (or [[dicom.pacs.commitment-reports-from]])"
                 ),
+            },
+            match audit_error.lock().ok().and_then(|e| e.clone()) {
+                Some(e) => format!(
+                    "; {} transfers not yet in the audit trail: {e}",
+                    counts.transfers_waiting
+                ),
+                None => String::new(),
             }
         );
+        let audit_failing = audit_error.lock().is_ok_and(|e| e.is_some());
         let refused = refused_reports.load(std::sync::atomic::Ordering::Relaxed);
-        let health =
-            if last_error.is_some() || commitment_error.is_some() || refused > 0 || counts.dead > 0
-            {
-                Health::Degraded
-            } else {
-                Health::Ok
-            };
+        let health = if last_error.is_some()
+            || commitment_error.is_some()
+            || refused > 0
+            || counts.dead > 0
+            || audit_failing
+        {
+            Health::Degraded
+        } else {
+            Health::Ok
+        };
         ctx.reporter.status_with_metrics(
             health,
             &summary,
@@ -479,6 +509,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 ("associations_failed_total", failed_total as f64),
                 ("associations_parallel", parallelism.now() as f64),
                 ("release_records_waiting", counts.releases_waiting as f64),
+                ("transfer_records_waiting", counts.transfers_waiting as f64),
                 (
                     "spool_awaiting_commitment",
                     counts.awaiting_commitment as f64,

@@ -133,6 +133,22 @@ const MIGRATIONS: &[Migration] = &[
             PRIMARY KEY (segment, generation, offset)
           ) STRICT, WITHOUT ROWID;",
     },
+    // The ATNA audit trail (issue 17): an instance's study, and the transfers (received:
+    // written with its queue row; sent: with its release record) waiting to be handed to
+    // the `audit` service. `peer_address` of a receipt: the association's peer ('' when
+    // the row was rebuilt from a trailer); of a send: '' (the network PACS).
+    Migration {
+        version: 7,
+        sql: "ALTER TABLE queue ADD COLUMN study_uid TEXT;
+          ALTER TABLE superseded ADD COLUMN study_uid TEXT;
+          CREATE TABLE transfers (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            sent INTEGER NOT NULL CHECK (sent IN (0, 1)),
+            peer_ae TEXT NOT NULL, peer_address TEXT NOT NULL,
+            patient_id TEXT, study_uid TEXT, sop_class TEXT NOT NULL, sop_instance TEXT NOT NULL,
+            at INTEGER NOT NULL
+          ) STRICT;",
+    },
 ];
 
 /// The release record of queue row `?1` at `?2`: from its row, or, if a newer copy replaced
@@ -144,6 +160,16 @@ const RELEASE: &str =
      UNION ALL
      SELECT patient_id, sop_class, sop_instance, decision, ?2 FROM superseded
      WHERE queue_id = ?1 AND patient_id IS NOT NULL";
+
+/// The sent transfer of queue row `?1` at `?2`, for the ATNA audit trail: from its row or
+/// from `superseded`, like [`RELEASE`].
+const TRANSFER_SENT: &str = "INSERT INTO transfers
+       (sent, peer_ae, peer_address, patient_id, study_uid, sop_class, sop_instance, at)
+     SELECT 1, '', '', patient_id, study_uid, sop_class, sop_instance, ?2 FROM queue
+     WHERE id = ?1
+     UNION ALL
+     SELECT 1, '', '', patient_id, study_uid, sop_class, sop_instance, ?2 FROM superseded
+     WHERE queue_id = ?1";
 
 /// Before a row leaves the queue: its segment record, if it has one, is listed as gone.
 const GONE: &str = "INSERT OR IGNORE INTO gone SELECT segment, generation, offset FROM queue
@@ -159,6 +185,22 @@ pub struct CommitmentApplied {
     /// Named in the report but not waiting under its transaction (already committed, sent
     /// again under a newer transaction since, or never asked for): nothing changed.
     pub unknown: u64,
+}
+
+/// An instance received or sent, not yet handed to the `audit` service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingTransfer {
+    pub id: i64,
+    pub sent: bool,
+    /// A receipt's calling AE ('' for a send: the network PACS).
+    pub peer_ae: String,
+    /// A receipt's peer address ('' if unknown, or for a send).
+    pub peer_address: String,
+    pub patient_id: Option<String>,
+    pub study_uid: Option<String>,
+    pub sop_class: String,
+    pub sop_instance: String,
+    pub at: i64,
 }
 
 /// A delivered instance whose release is not yet in the audit trail.
@@ -202,6 +244,8 @@ struct Pending {
     now: i64,
     /// Its segment record, if it is in one.
     location: Option<Location>,
+    /// Where it came from (the association's peer), for the audit trail.
+    peer: String,
     reply: mpsc::SyncSender<Result<Landed, SpoolError>>,
 }
 
@@ -227,10 +271,17 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
                 .map_err(sql("find duplicates"))?;
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO queue (id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, digest, state, received_at, next_attempt_at, segment, generation, offset)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0, ?10, ?11, ?12)",
+                    "INSERT INTO queue (id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, digest, state, received_at, next_attempt_at, segment, generation, offset, study_uid)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0, ?10, ?11, ?12, ?13)",
                 )
                 .map_err(sql("queue"))?;
+            let mut received = tx
+                .prepare_cached(
+                    "INSERT INTO transfers
+                       (sent, peer_ae, peer_address, patient_id, study_uid, sop_class, sop_instance, at)
+                     VALUES (0, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(sql("queue a transfer record"))?;
             let mut duplicate = tx
                 .prepare_cached("INSERT INTO duplicates VALUES (?1, ?2, ?3, ?4, ?5)")
                 .map_err(sql("record a duplicate"))?;
@@ -239,6 +290,18 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
                 .map_err(sql("record a duplicate"))?;
             for p in &batch {
                 let m = &p.meta;
+                // Every copy received is a receipt in the audit trail, stored once or not.
+                received
+                    .execute(params![
+                        m.calling_ae,
+                        p.peer,
+                        m.patient_id,
+                        m.study_uid,
+                        m.sop_class,
+                        m.sop_instance,
+                        p.now
+                    ])
+                    .map_err(sql("queue a transfer record"))?;
                 let earlier: Option<(i64, String)> = find
                     .query_row([&m.sop_instance], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
@@ -274,7 +337,8 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
                                 p.location.map(|l| l.slot),
                                 p.location.map(|l| l.generation),
                                 p.location
-                                    .map(|l| i64::try_from(l.offset).unwrap_or(i64::MAX))
+                                    .map(|l| i64::try_from(l.offset).unwrap_or(i64::MAX)),
+                                m.study_uid
                             ])
                             .map_err(sql("queue"))?;
                         if let Some((old, _)) = earlier {
@@ -282,8 +346,9 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
                             // now, and its release must still be audited.
                             tx.execute(
                                 "INSERT OR REPLACE INTO superseded
-                                 SELECT id, patient_id, sop_class, sop_instance, decision FROM queue
-                                 WHERE id = ?1 AND decision IS NOT NULL",
+                                   (queue_id, patient_id, sop_class, sop_instance, decision, study_uid)
+                                 SELECT id, patient_id, sop_class, sop_instance, decision, study_uid
+                                 FROM queue WHERE id = ?1 AND decision IS NOT NULL",
                                 [old],
                             )
                             .map_err(sql("replace"))?;
@@ -416,6 +481,8 @@ pub struct Meta {
     pub calling_ae: String,
     /// (0010,0020), for the consent gate; `None` if the data set has none.
     pub patient_id: Option<String>,
+    /// (0020,000D), for the audit trail; `None` if the data set has none.
+    pub study_uid: Option<String>,
 }
 
 /// What a commit did.
@@ -453,6 +520,8 @@ pub struct Counts {
     pub duplicates: u64,
     /// Delivered instances whose release is not yet in the audit trail.
     pub releases_waiting: u64,
+    /// Transfers not yet handed to the `audit` service.
+    pub transfers_waiting: u64,
     /// Stored at the PACS, waiting for its storage commitment (not in `pending`).
     pub awaiting_commitment: u64,
 }
@@ -673,6 +742,8 @@ impl Spool {
                     size: i64::try_from(t.size).unwrap_or(i64::MAX),
                     now: t.received_at,
                     location,
+                    // Not in the trailer: the receipt's peer is unknown.
+                    peer: String::new(),
                     reply,
                 }],
             );
@@ -805,7 +876,7 @@ impl Spool {
             .conn()
             .query_row(
                 "SELECT segment, offset, sop_class, sop_instance, transfer_syntax, calling_ae,
-                        patient_id, digest, size, received_at
+                        patient_id, digest, size, received_at, study_uid
                  FROM queue WHERE id = ?1 AND segment IS NOT NULL",
                 [id],
                 |r| {
@@ -818,6 +889,7 @@ impl Spool {
                             transfer_syntax: r.get(4)?,
                             calling_ae: r.get(5)?,
                             patient_id: r.get(6)?,
+                            study_uid: r.get(10)?,
                         },
                         r.get::<_, String>(7)?,
                         r.get::<_, i64>(8)?,
@@ -919,6 +991,7 @@ impl Spool {
                 written: 0,
                 hash: Some(Digest::Inline(Box::default())),
                 flushed: 0,
+                peer: String::new(),
             });
         }
         let path = self.object_path(id);
@@ -936,6 +1009,7 @@ impl Spool {
             written: 0,
             hash: Some(Digest::Inline(Box::default())),
             flushed: 0,
+            peer: String::new(),
         })
     }
 
@@ -945,7 +1019,7 @@ impl Spool {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
-                "SELECT id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, attempts, segment, offset FROM queue
+                "SELECT id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, attempts, segment, offset, study_uid FROM queue
                  WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY id LIMIT ?2",
             )
             .map_err(sql("read the queue"))?;
@@ -961,6 +1035,7 @@ impl Spool {
                             transfer_syntax: r.get(3)?,
                             calling_ae: r.get(4)?,
                             patient_id: r.get(5)?,
+                            study_uid: r.get(10)?,
                         },
                         r.get::<_, i64>(6)?,
                         r.get::<_, i64>(7)?,
@@ -1006,6 +1081,8 @@ impl Spool {
                 .map_err(sql("delivered"))?;
             tx.execute(RELEASE, params![id, crate::now()])
                 .map_err(sql("queue a release record"))?;
+            tx.execute(TRANSFER_SENT, params![id, crate::now()])
+                .map_err(sql("queue a transfer record"))?;
             tx.execute(GONE, [id]).map_err(sql("delivered"))?;
             tx.execute("DELETE FROM queue WHERE id = ?1", [id])
                 .map_err(sql("delivered"))?;
@@ -1044,6 +1121,9 @@ impl Spool {
         let tx = write(&conn).map_err(sql("stored"))?;
         {
             let mut release = tx.prepare(RELEASE).map_err(sql("queue a release record"))?;
+            let mut transfer = tx
+                .prepare(TRANSFER_SENT)
+                .map_err(sql("queue a transfer record"))?;
             let mut gone = tx
                 .prepare("DELETE FROM superseded WHERE queue_id = ?1")
                 .map_err(sql("stored"))?;
@@ -1060,6 +1140,9 @@ impl Spool {
                 release
                     .execute(params![id, now])
                     .map_err(sql("queue a release record"))?;
+                transfer
+                    .execute(params![id, now])
+                    .map_err(sql("queue a transfer record"))?;
                 gone.execute([id]).map_err(sql("stored"))?;
                 waiting
                     .execute(params![id, transaction, now])
@@ -1186,6 +1269,43 @@ impl Spool {
             }
         }
         tx.commit().map_err(sql("save decisions"))
+    }
+
+    /// Transfers (received, sent) not yet handed to the `audit` service, oldest first.
+    pub fn pending_transfers(&self, limit: usize) -> Result<Vec<PendingTransfer>, SpoolError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, sent, peer_ae, peer_address, patient_id, study_uid, sop_class, sop_instance, at
+                 FROM transfers ORDER BY id LIMIT ?1",
+            )
+            .map_err(sql("read transfer records"))?;
+        let rows = stmt
+            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                Ok(PendingTransfer {
+                    id: r.get(0)?,
+                    sent: r.get::<_, i64>(1)? == 1,
+                    peer_ae: r.get(2)?,
+                    peer_address: r.get(3)?,
+                    patient_id: r.get(4)?,
+                    study_uid: r.get(5)?,
+                    sop_class: r.get(6)?,
+                    sop_instance: r.get(7)?,
+                    at: r.get(8)?,
+                })
+            })
+            .map_err(sql("read transfer records"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("read transfer records"))
+    }
+
+    /// Transfer records up to `last` (their ids) are in the audit queue now.
+    pub fn transfers_recorded(&self, last: i64) -> Result<(), SpoolError> {
+        let conn = self.conn();
+        conn.prepare_cached("DELETE FROM transfers WHERE id <= ?1")
+            .and_then(|mut stmt| stmt.execute([last]))
+            .map_err(sql("forget transfer records"))?;
+        Ok(())
     }
 
     /// Release records of delivered instances not yet in the audit trail, oldest first.
@@ -1399,6 +1519,11 @@ impl Spool {
             .map_err(sql("count"))?
             .try_into()
             .unwrap_or(0);
+        c.transfers_waiting = conn
+            .query_row("SELECT count(*) FROM transfers", [], |r| r.get::<_, i64>(0))
+            .map_err(sql("count"))?
+            .try_into()
+            .unwrap_or(0);
         c.releases_waiting = conn
             .query_row("SELECT count(*) FROM releases", [], |r| r.get::<_, i64>(0))
             .map_err(sql("count"))?
@@ -1436,7 +1561,9 @@ fn trailer(meta: &Meta, digest: &str, size: u64, received_at: i64) -> Vec<u8> {
 /// What a queue row holds, as an object's trailer and a segment record carry it. Fields,
 /// each a u32 LE length and its bytes: SOP class, SOP instance, transfer syntax, calling
 /// AE, patient ID, digest (BLAKE3 of the data set, hex); a flag byte (1: the patient ID is
-/// present); the data set's size (u64 LE) and when it was received (i64 LE).
+/// present); the data set's size (u64 LE) and when it was received (i64 LE); then, if the
+/// data set has a Study Instance UID, that as one more field (a trailer written before it
+/// was kept ends without it).
 fn trailer_body(meta: &Meta, digest: &str, size: u64, received_at: i64) -> Vec<u8> {
     let mut t = Vec::with_capacity(256);
     for field in [
@@ -1453,6 +1580,10 @@ fn trailer_body(meta: &Meta, digest: &str, size: u64, received_at: i64) -> Vec<u
     t.push(u8::from(meta.patient_id.is_some()));
     t.extend_from_slice(&size.to_le_bytes());
     t.extend_from_slice(&received_at.to_le_bytes());
+    if let Some(study) = &meta.study_uid {
+        t.extend_from_slice(&u32::try_from(study.len()).unwrap_or(0).to_le_bytes());
+        t.extend_from_slice(study.as_bytes());
+    }
     t
 }
 
@@ -1477,11 +1608,21 @@ fn parse_trailer_body(body: &[u8]) -> Option<Trailer> {
         rest = &rest[4 + n..];
     }
     let (&flag, rest) = rest.split_first()?;
-    if rest.len() != 16 || flag > 1 {
+    if rest.len() < 16 || flag > 1 {
         return None;
     }
     let size = u64::from_le_bytes(rest[..8].try_into().ok()?);
-    let received_at = i64::from_le_bytes(rest[8..].try_into().ok()?);
+    let received_at = i64::from_le_bytes(rest[8..16].try_into().ok()?);
+    let study_uid = match &rest[16..] {
+        [] => None,
+        study => {
+            let n = usize::try_from(u32::from_le_bytes(study.get(..4)?.try_into().ok()?)).ok()?;
+            if study.len() != n.checked_add(4)? {
+                return None;
+            }
+            Some(std::str::from_utf8(&study[4..]).ok()?.to_owned())
+        }
+    };
     let mut fields = fields.into_iter();
     let mut next = || fields.next().unwrap_or_default();
     let (sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, digest) =
@@ -1493,6 +1634,7 @@ fn parse_trailer_body(body: &[u8]) -> Option<Trailer> {
             transfer_syntax,
             calling_ae,
             patient_id: (flag == 1).then_some(patient_id),
+            study_uid,
         },
         digest,
         size,
@@ -1855,9 +1997,17 @@ pub struct Incoming {
     hash: Option<Digest>,
     /// Bytes handed to the kernel's writeback so far (see [`WRITEBACK_CHUNK`]).
     flushed: u64,
+    /// Where it comes from (the association's peer address), for the audit trail.
+    peer: String,
 }
 
 impl Incoming {
+    /// Where the instance comes from (the association's peer address): its receipt in the
+    /// audit trail names it.
+    pub fn set_peer(&mut self, peer: &str) {
+        peer.clone_into(&mut self.peer);
+    }
+
     /// Appends bytes (a P-DATA fragment). `OutOfResources` when the quota or the disk is
     /// full: drop this `Incoming` and answer A700.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
@@ -2011,6 +2161,7 @@ impl Incoming {
             size: i64::try_from(self.written).unwrap_or(i64::MAX),
             now,
             location,
+            peer: std::mem::take(&mut self.peer),
             reply,
         });
         {

@@ -221,6 +221,7 @@ async fn a_kept_association_is_reused_and_replaced_when_the_pacs_dropped_it() {
                 transfer_syntax: "1.2.840.10008.1.2.1".into(),
                 calling_ae: "CT".into(),
                 patient_id: Some("0001234".into()),
+                study_uid: None,
             },
             1,
         )
@@ -287,6 +288,7 @@ fn spool_ct(spool: &Spool, dir: &Path, uid: &str, patient: &str, padding: u32) -
             transfer_syntax: "1.2.840.10008.1.2.1".into(),
             calling_ae: "CT".into(),
             patient_id: Some(patient.into()),
+            study_uid: None,
         },
         1,
     )

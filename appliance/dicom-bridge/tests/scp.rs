@@ -642,6 +642,7 @@ async fn a_commitment_report_is_taken_only_from_the_pacs_and_only_for_its_transa
             transfer_syntax: "1.2.840.10008.1.2.1".into(),
             calling_ae: "MODALITY".into(),
             patient_id: Some("0001234".into()),
+            study_uid: None,
         };
         let dicom_bridge::spool::Committed::Queued(id) = inc.commit(&meta, 100).unwrap() else {
             panic!()

@@ -93,7 +93,7 @@ fn the_audit_service_sends_its_start_and_what_it_is_handed_and_keeps_them_throug
     // An event handed over the socket: recorded (committed), then sent.
     let answer = record(
         &h,
-        r#"{"record":{"instances-transferred":{"sent":true,"peer-ae":"ORTHANC","peer-address":"10.98.0.1","result":"success","patient-network-id":"TSUNAGI-NET-0042","study-uid":"1.2.392.1","sop-classes":[["1.2.840.10008.5.1.4.1.1.2",3]]}}}"#,
+        r#"{"record":{"instances-transferred":{"sent":true,"peer-ae":"ORTHANC","peer-address":"10.98.0.1","result":"success","patient":{"network":"TSUNAGI-NET-0042"},"study-uid":"1.2.392.1","sop-classes":[["1.2.840.10008.5.1.4.1.1.2",3]]}}}"#,
     );
     assert!(answer.starts_with(r#"{"recorded":{"seq":2}}"#), "{answer}");
     let two = received(&rsyslog, 2, &h);
@@ -107,7 +107,7 @@ fn the_audit_service_sends_its_start_and_what_it_is_handed_and_keeps_them_throug
         let answer = record(
             &h,
             &format!(
-                r#"{{"record":{{"patient-record":{{"action":"U","patient-network-id":"TSUNAGI-NET-{i:04}","what":"consent"}}}}}}"#
+                r#"{{"record":{{"patient-record":{{"action":"U","patient":{{"network":"TSUNAGI-NET-{i:04}"}},"what":"consent"}}}}}}"#
             ),
         );
         assert!(answer.starts_with(r#"{"recorded":"#), "{answer}");

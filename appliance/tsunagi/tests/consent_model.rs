@@ -573,6 +573,7 @@ fn run(ops: &[Op]) -> (Vec<String>, u64, u64) {
                     transfer_syntax: "1.2.840.10008.1.2.1".to_owned(),
                     calling_ae: "CT".to_owned(),
                     patient_id: Some(PATIENTS[*patient].to_owned()),
+                    study_uid: None,
                 };
                 incoming.commit(&meta, now).unwrap();
             }

@@ -1905,3 +1905,156 @@ fn dicom_tls_to_orthanc_carries_stores_queries_and_retrieves_and_refuses_strange
         assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
     }
 }
+
+/// Issue 17, acceptance: the audit repository (a real rsyslog with gnutls) is stopped while
+/// 100 instances flow from a modality through the box to Orthanc; once it is back, the 100
+/// receipts and the 100 sends arrive as DICOM Instances Transferred messages, each once, in
+/// order (their sequence numbers 2 to 201, after the audit service's own start), the patient
+/// under the network ID.
+#[test]
+fn rsyslog_stopped_while_100_instances_flow_then_every_transfer_arrives_once_in_order() {
+    use hil_tests::nginx::Pki;
+    use hil_tests::rsyslog::{Options, Rsyslog, Tls};
+    if skip_unless_root(
+        "rsyslog_stopped_while_100_instances_flow_then_every_transfer_arrives_once_in_order",
+    ) {
+        return;
+    }
+    let pacs = Orthanc::start_for_test();
+    let pki_dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(pki_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let network = Pki::generate(&pki_dir.path().join("network")).unwrap();
+    let mut rsyslog = Rsyslog::start(
+        &Tls {
+            cert: network.server_cert(),
+            key: network.server_key(),
+            client_ca: network.ca_cert(),
+        },
+        &Options {
+            netns: Some(pacs.netns().to_owned()),
+            listen: None,
+        },
+    )
+    .unwrap();
+    let (ca, cert, key) = service_tls_files(
+        &pki_dir.path().join("tls"),
+        audit::service::USER,
+        &network.ca_cert(),
+        &network.client_cert(),
+        &network.client_key(),
+    );
+    let audit = format!(
+        "{FAST_SUPERVISOR}\n[audit]\nenabled = true\nrepository = \"{}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\ntimeout = \"5s\"\n",
+        rsyslog.addr(),
+        ca.display(),
+        cert.display(),
+        key.display(),
+    );
+    let (mut h, _) = clinic(&pacs, &audit, "10s");
+    start_ready(&mut h, pacs.netns());
+    h.wait_for("the audit service", Duration::from_secs(30), |s| {
+        state_of(s, "audit") == "ready"
+    });
+    // The audit service's start reached the repository; then the repository goes.
+    let start = Instant::now();
+    while rsyslog.messages().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            rsyslog.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    rsyslog.stop().unwrap();
+
+    let files = tempfile::tempdir().unwrap();
+    let base = Ids::new("0001234");
+    let all: Vec<std::path::PathBuf> = (0..100)
+        .map(|_| japanese_ct(files.path(), &base.next_instance()).unwrap())
+        .collect();
+    let all: Vec<&std::path::Path> = all.iter().map(std::path::PathBuf::as_path).collect();
+    store_through_box(&pacs, &all, Duration::from_secs(120));
+    // Delivered, and every transfer is in the audit service's queue, waiting.
+    h.wait_for(
+        "delivery and the transfers recorded",
+        Duration::from_secs(120),
+        |s| {
+            service(s, "dicom")["metrics"]["delivered_total"] == 100.0
+                && service(s, "dicom")["metrics"]["transfer_records_waiting"] == 0.0
+                && service(s, "audit")["metrics"]["tsunagi_audit_waiting"] == 200.0
+        },
+    );
+    assert_eq!(uids_at(&pacs).len(), 100);
+    assert_eq!(rsyslog.messages().len(), 1);
+
+    rsyslog.start_again().unwrap();
+    let start = Instant::now();
+    let lines = loop {
+        let lines = rsyslog.messages();
+        if lines.len() >= 201 {
+            break lines;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{} of 201 messages at rsyslog\n{}\n{}",
+            lines.len(),
+            rsyslog.log(),
+            h.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Nothing more comes (no message twice).
+    std::thread::sleep(Duration::from_secs(2));
+    let lines_after = rsyslog.messages();
+    assert_eq!(lines_after.len(), 201);
+    let seqs: Vec<u64> = lines
+        .iter()
+        .map(|l| {
+            let at = l.find("sequenceId=\"").expect(l) + "sequenceId=\"".len();
+            l[at..].split('"').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (1..=201).collect::<Vec<_>>());
+    let transfers = &lines[1..];
+    // DICOM Instances Transferred (110104): a receipt is Create, a send Read.
+    assert!(transfers.iter().all(|l| l.contains("csd-code=\"110104\"")));
+    let received = transfers
+        .iter()
+        .filter(|l| l.contains("EventActionCode=\"C\""))
+        .count();
+    let sent = transfers
+        .iter()
+        .filter(|l| l.contains("EventActionCode=\"R\""))
+        .count();
+    assert_eq!((received, sent), (100, 100));
+    // The patient under the network ID, never the clinic's; the peers are the modality
+    // (storescu's own AE title, its default) and Orthanc.
+    let net = network_id("0001234");
+    assert!(
+        transfers.iter().all(|l| l.contains(&net)),
+        "{}",
+        transfers[0]
+    );
+    assert!(
+        transfers
+            .iter()
+            .all(|l| !l.contains("ParticipantObjectID=\"0001234\""))
+    );
+    assert!(
+        transfers
+            .iter()
+            .filter(|l| l.contains("EventActionCode=\"C\""))
+            .all(|l| l.contains("UserID=\"STORESCU\""))
+    );
+    assert!(
+        transfers
+            .iter()
+            .filter(|l| l.contains("EventActionCode=\"R\""))
+            .all(|l| l.contains(&format!("UserID=\"{}\"", pacs.ae_title())))
+    );
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}

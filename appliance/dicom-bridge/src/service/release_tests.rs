@@ -62,6 +62,7 @@ fn receive(spool: &Spool, uid: &str) -> i64 {
         transfer_syntax: "1.2.840.10008.1.2.1".into(),
         calling_ae: "MODALITY".into(),
         patient_id: Some("0001234".into()),
+        study_uid: None,
     };
     match incoming.commit(&meta, 0).unwrap() {
         Committed::Queued(id) => id,

@@ -119,6 +119,7 @@ fn queue(spool: &Spool, class: &str, patient: Option<&str>) -> i64 {
         transfer_syntax: "1.2.840.10008.1.2.1".to_owned(),
         calling_ae: "CT".to_owned(),
         patient_id: patient.map(str::to_owned),
+        study_uid: None,
     };
     match incoming.commit(&meta, NOW).unwrap() {
         Committed::Queued(id) => id,

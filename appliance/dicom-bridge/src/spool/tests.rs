@@ -7,6 +7,7 @@ fn meta(uid: &str, patient: &str) -> Meta {
         transfer_syntax: "1.2.840.10008.1.2.1".into(),
         calling_ae: "MODALITY".into(),
         patient_id: Some(patient.into()),
+        study_uid: Some("1.2.392.9".into()),
     }
 }
 
@@ -563,6 +564,7 @@ fn rows_lost_with_power_are_rebuilt_from_the_objects_trailers() {
     // No patient ID at all.
     let no_patient = Meta {
         patient_id: None,
+        study_uid: None,
         ..meta("1.2.3.5", "")
     };
     let Committed::Queued(anonymous) = receive(&spool, b"DICM five", &no_patient) else {
@@ -1044,4 +1046,102 @@ fn dead_letters_by_age_move_out_of_their_segment() {
     assert_eq!(admin.requeue(None, 200).unwrap().len(), 1);
     let ready = spool.ready(200, 10).unwrap();
     assert_eq!(data_of(&ready[0]), b"DICM old");
+}
+
+/// Issue 17: each copy received (with its peer and study) and each send is a transfer
+/// record, written with the change that makes it true, until the audit trail has it; a
+/// receipt whose row power took comes back from the trailer (its peer unknown).
+#[test]
+fn each_receipt_and_each_send_is_a_transfer_record_until_the_audit_trail_has_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let from_ct = |bytes: &[u8], m: &Meta| {
+        let mut inc = spool.begin().unwrap();
+        inc.set_peer("192.168.10.5");
+        inc.write(bytes).unwrap();
+        inc.commit(m, 100).unwrap()
+    };
+    let Committed::Queued(one) = from_ct(b"DICM one", &meta("1.2.3.1", "0001")) else {
+        panic!()
+    };
+    let Committed::Queued(two) = from_ct(b"DICM two", &meta("1.2.3.2", "0002")) else {
+        panic!()
+    };
+    // The same copy again: stored once, received twice.
+    assert_eq!(
+        from_ct(b"DICM one", &meta("1.2.3.1", "0001")),
+        Committed::Identical(one)
+    );
+    spool.delivered(one).unwrap();
+    spool.stored(&[two], Some("2.25.1"), 200, 260).unwrap();
+    let pending = spool.pending_transfers(10).unwrap();
+    let seen: Vec<(bool, &str, &str, Option<&str>, &str)> = pending
+        .iter()
+        .map(|t| {
+            (
+                t.sent,
+                t.peer_ae.as_str(),
+                t.peer_address.as_str(),
+                t.patient_id.as_deref(),
+                t.sop_instance.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (false, "MODALITY", "192.168.10.5", Some("0001"), "1.2.3.1"),
+            (false, "MODALITY", "192.168.10.5", Some("0002"), "1.2.3.2"),
+            (false, "MODALITY", "192.168.10.5", Some("0001"), "1.2.3.1"),
+            (true, "", "", Some("0001"), "1.2.3.1"),
+            (true, "", "", Some("0002"), "1.2.3.2"),
+        ]
+    );
+    assert!(
+        pending
+            .iter()
+            .all(|t| t.study_uid.as_deref() == Some("1.2.392.9"))
+    );
+    assert_eq!(spool.counts().unwrap().transfers_waiting, 5);
+    spool.transfers_recorded(pending[2].id).unwrap();
+    assert_eq!(spool.pending_transfers(10).unwrap(), pending[3..]);
+
+    // Power takes a row and its receipt (one transaction): both come back from the record.
+    let Committed::Queued(three) = from_ct(b"DICM three", &meta("1.2.3.3", "0003")) else {
+        panic!()
+    };
+    spool.transfers_recorded(i64::MAX).unwrap();
+    lose_rows(&spool, &[three]);
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let back = spool.pending_transfers(10).unwrap();
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(
+        (
+            back[0].sent,
+            back[0].peer_address.as_str(),
+            back[0].sop_instance.as_str(),
+            back[0].study_uid.as_deref()
+        ),
+        (false, "", "1.2.3.3", Some("1.2.392.9"))
+    );
+}
+
+/// A trailer written before studies were kept (no study field) still reads; one with a
+/// study field of the wrong length does not.
+#[test]
+fn trailers_with_and_without_the_study_read_back() {
+    let with = meta("1.2.3.1", "0001");
+    let without = Meta {
+        study_uid: None,
+        ..with.clone()
+    };
+    for m in [&with, &without] {
+        let t = parse_trailer_body(&trailer_body(m, "abc", 8, 100)).unwrap();
+        assert_eq!(&t.meta, m);
+        assert_eq!((t.digest.as_str(), t.size, t.received_at), ("abc", 8, 100));
+    }
+    let mut bad = trailer_body(&with, "abc", 8, 100);
+    bad.push(b'x');
+    assert!(parse_trailer_body(&bad).is_none());
 }
