@@ -95,3 +95,158 @@ impl Client {
         serde_json::from_str(answer.trim_end()).map_err(|_| ClientError::Protocol)
     }
 }
+
+/// Where a service keeps the events it owes the audit trail: durable, written with the
+/// change each records, and forgotten only once the audit service has them.
+pub trait Source: Send + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Up to `limit` events not yet recorded, oldest first, each with its id (increasing).
+    fn pending(&mut self, limit: usize) -> Result<Vec<(i64, Event)>, Self::Error>;
+    /// The events up to id `last` are in the audit trail (or the trail is off): forget them.
+    fn recorded(&mut self, last: i64) -> Result<(), Self::Error>;
+}
+
+/// Why a round of [`hand_over`] did not finish (the events stay in their source).
+#[derive(Debug, thiserror::Error)]
+pub enum HandOverError<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Source(E),
+    #[error(transparent)]
+    Audit(#[from] ClientError),
+}
+
+/// How often a source is looked at when nothing waits.
+const POLL: Duration = Duration::from_secs(1);
+/// The longest wait after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// One round: a batch read, recorded, forgotten. Returns how many. `client` `None`: the
+/// audit trail is off, and the events are forgotten.
+pub fn hand_over_once<S: Source>(
+    source: &mut S,
+    client: Option<&mut Client>,
+) -> Result<usize, HandOverError<S::Error>> {
+    let batch = source.pending(MAX_BATCH).map_err(HandOverError::Source)?;
+    let Some(&(last, _)) = batch.last() else {
+        return Ok(0);
+    };
+    if let Some(client) = client {
+        let events: Vec<Event> = batch.iter().map(|(_, e)| e.clone()).collect();
+        client.record_all(&events)?;
+    }
+    source.recorded(last).map_err(HandOverError::Source)?;
+    Ok(batch.len())
+}
+
+/// Hands `source`'s events to the audit service at `socket` (`None`: the trail is off)
+/// until `stop`, oldest first, in batches; after a failure it tries again with a backoff
+/// (1 s doubling to 30 s), keeping the reason in `last_error` for the service's status.
+pub async fn hand_over<S: Source>(
+    source: S,
+    socket: Option<PathBuf>,
+    last_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let set = |value: Option<String>| {
+        if let Ok(mut e) = last_error.lock() {
+            *e = value;
+        }
+    };
+    let mut state = Some((source, socket.as_deref().map(Client::new)));
+    let mut failures = 0u32;
+    loop {
+        let Some((mut source, mut client)) = state.take() else {
+            return;
+        };
+        let Ok((source, client, result)) = tokio::task::spawn_blocking(move || {
+            let r = hand_over_once(&mut source, client.as_mut())
+                .map_err(|e| tsunagi_runtime::child::error_chain(&e));
+            (source, client, r)
+        })
+        .await
+        else {
+            // A panic is a bug: the events stay in their source for the next start.
+            set(Some("the audit hand-over failed".into()));
+            return;
+        };
+        state = Some((source, client));
+        let wait = match result {
+            Ok(n) => {
+                failures = 0;
+                set(None);
+                if n == 0 { POLL } else { Duration::ZERO }
+            }
+            Err(reason) => {
+                failures += 1;
+                tracing::warn!(error = %reason, "events not handed to the audit trail; retrying");
+                set(Some(reason));
+                (POLL * 2u32.saturating_pow(failures.min(5))).min(MAX_BACKOFF)
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Listed {
+        events: Vec<(i64, Event)>,
+        forgotten: Vec<i64>,
+    }
+
+    impl Source for Listed {
+        type Error = std::io::Error;
+
+        fn pending(&mut self, limit: usize) -> Result<Vec<(i64, Event)>, std::io::Error> {
+            Ok(self.events.iter().take(limit).cloned().collect())
+        }
+
+        fn recorded(&mut self, last: i64) -> Result<(), std::io::Error> {
+            self.forgotten.push(last);
+            self.events.retain(|(id, _)| *id > last);
+            Ok(())
+        }
+    }
+
+    fn alerts(n: i64) -> Listed {
+        Listed {
+            events: (1..=n)
+                .map(|i| {
+                    (
+                        i,
+                        Event::FailedAuditVerify {
+                            reason: format!("row {i}"),
+                        },
+                    )
+                })
+                .collect(),
+            forgotten: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn events_are_forgotten_only_once_recorded_or_with_the_trail_off() {
+        // The audit service cannot be reached: nothing is forgotten.
+        let dir = tempfile::tempdir().unwrap();
+        let mut client = Client::new(&dir.path().join("record.sock"));
+        let mut source = alerts(3);
+        assert!(matches!(
+            hand_over_once(&mut source, Some(&mut client)),
+            Err(HandOverError::Audit(ClientError::Connect { .. }))
+        ));
+        assert_eq!(source.events.len(), 3);
+        assert!(source.forgotten.is_empty());
+        // The trail is off: forgotten a batch at a time.
+        let mut source = alerts(150);
+        assert_eq!(hand_over_once(&mut source, None).unwrap(), MAX_BATCH);
+        assert_eq!(hand_over_once(&mut source, None).unwrap(), 50);
+        assert_eq!(hand_over_once(&mut source, None).unwrap(), 0);
+        assert_eq!(source.forgotten, [100, 150]);
+    }
+}

@@ -35,8 +35,9 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
     user: USER,
     description: "tsunagi consent cache",
     capabilities: &[],
-    // May present the box's certificate to the network's FHIR server.
-    groups: &[identity::CLIENT_GROUP],
+    // May present the box's certificate to the network's FHIR server; records consent and
+    // identity changes in the ATNA audit trail.
+    groups: &[identity::CLIENT_GROUP, audit::service::CLIENT_GROUP],
     worker_threads: 2,
     launch: |cfg| {
         cfg.consent

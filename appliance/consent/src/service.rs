@@ -76,6 +76,9 @@ pub struct Settings {
     /// The network's FHIR server, if sync is configured.
     pub fhir: Option<crate::sync::Client>,
     pub pull_interval: Duration,
+    /// The `audit` service's socket, for the ATNA audit trail of consent and identity
+    /// changes; `None`: the trail is off.
+    pub audit_socket: Option<PathBuf>,
 }
 
 impl Settings {
@@ -110,6 +113,7 @@ impl Settings {
                 }
             }),
             pull_interval: cfg.consent.pull_interval.get(),
+            audit_socket: cfg.audit.enabled.then(|| audit::service::socket_path(cfg)),
         }
     }
 }
@@ -140,6 +144,8 @@ pub struct Shared {
     counts: Mutex<Counts>,
     settings: Settings,
     last_sync_error: Mutex<Option<String>>,
+    /// Why the last hand-over of changes to the ATNA audit trail failed (`None`: it did not).
+    audit_error: Arc<Mutex<Option<String>>>,
 }
 
 impl Shared {
@@ -149,6 +155,7 @@ impl Shared {
             counts: Mutex::new(Counts::default()),
             settings,
             last_sync_error: Mutex::new(None),
+            audit_error: Arc::default(),
         })
     }
 
@@ -392,7 +399,17 @@ impl Shared {
         if let Some(e) = sync_error {
             summary.push_str(&format!("; last sync failed: {e}"));
         }
+        let audit_error = self.audit_error.lock().ok().and_then(|e| e.clone());
+        if let Some(e) = &audit_error {
+            summary.push_str(&format!(
+                "; consent and identity changes not yet in the ATNA audit trail: {e}"
+            ));
+        }
         let mut metrics = vec![
+            (
+                "atna_handover_failing",
+                f64::from(u8::from(audit_error.is_some())),
+            ),
             ("decisions_permit_total", counts.permits as f64),
             ("decisions_deny_total", counts.denies as f64),
             ("decision_errors_total", counts.errors as f64),
@@ -523,6 +540,15 @@ pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<()
         "decision-socket",
         serve(listener, shared.clone(), ctx.shutdown.clone()),
     );
+    tasks.spawn(
+        "audit-trail",
+        audit::client::hand_over(
+            PendingChanges(shared.clone()),
+            shared.settings.audit_socket.clone(),
+            shared.audit_error.clone(),
+            ctx.shutdown.clone(),
+        ),
+    );
     ctx.reporter.ready();
     tracing::info!("consent decisions served");
     if let Some(client) = shared.settings.fhir.clone() {
@@ -547,6 +573,47 @@ pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<()
     }
     tasks.join(STOP_TASKS).await;
     Ok(())
+}
+
+/// The consent and identity changes the ATNA audit trail is owed (from `consent.db`).
+struct PendingChanges(Arc<Shared>);
+
+impl audit::client::Source for PendingChanges {
+    type Error = StoreError;
+
+    fn pending(&mut self, limit: usize) -> Result<Vec<(i64, audit::protocol::Event)>, StoreError> {
+        let changes = self
+            .0
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pending_changes(limit)?;
+        Ok(changes
+            .into_iter()
+            .map(|c| {
+                let patient = match c.network_id {
+                    Some(n) => audit::protocol::Patient::Network(n),
+                    None => audit::protocol::Patient::Local(c.patient),
+                };
+                (
+                    c.id,
+                    audit::protocol::Event::PatientRecord {
+                        action: c.action,
+                        patient,
+                        what: c.what,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn recorded(&mut self, last: i64) -> Result<(), StoreError> {
+        self.0
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .changes_recorded(last)
+    }
 }
 
 /// How long the service waits for its tasks to finish after a stop.

@@ -146,7 +146,81 @@ pub const MIGRATIONS: &[Migration] = &[
         );
     ",
     },
+    Migration {
+        version: 4,
+        // The ATNA audit trail (issue 17): every consent and identity change, written by
+        // triggers in the transaction that makes it (whoever makes it: the service's sync,
+        // `tsunagi consent`, the console), until the service hands it to the `audit`
+        // service. `what` names the change, never patient data.
+        sql: "
+        CREATE TABLE atna_pending (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            action TEXT NOT NULL CHECK (action IN ('C', 'U', 'D')),
+            patient_id TEXT NOT NULL,
+            what TEXT NOT NULL
+        );
+        CREATE TRIGGER atna_patient_registered AFTER INSERT ON patient
+        BEGIN
+            INSERT INTO atna_pending (action, patient_id, what)
+            VALUES ('C', NEW.id, 'patient registered');
+        END;
+        CREATE TRIGGER atna_demographics AFTER UPDATE ON patient
+        WHEN OLD.family_kanji IS NOT NEW.family_kanji OR OLD.given_kanji IS NOT NEW.given_kanji
+          OR OLD.family_kana IS NOT NEW.family_kana OR OLD.given_kana IS NOT NEW.given_kana
+          OR OLD.birth_date IS NOT NEW.birth_date OR OLD.sex IS NOT NEW.sex
+        BEGIN
+            INSERT INTO atna_pending (action, patient_id, what)
+            VALUES ('U', NEW.id, 'demographics updated');
+        END;
+        CREATE TRIGGER atna_network_id AFTER UPDATE ON patient
+        WHEN OLD.network_id IS NOT NEW.network_id
+        BEGIN
+            INSERT INTO atna_pending (action, patient_id, what)
+            VALUES ('U', NEW.id, CASE WHEN NEW.network_id IS NULL THEN 'network ID removed'
+                                      ELSE 'network ID assigned' END);
+        END;
+        CREATE TRIGGER atna_link AFTER INSERT ON patient_link
+        BEGIN
+            INSERT INTO atna_pending (action, patient_id, what)
+            VALUES ('U', NEW.patient_id, 'identity linked: ' || NEW.system);
+        END;
+        CREATE TRIGGER atna_unlink AFTER DELETE ON patient_link
+        BEGIN
+            INSERT INTO atna_pending (action, patient_id, what)
+            VALUES ('U', OLD.patient_id, 'identity link removed: ' || OLD.system);
+        END;
+        CREATE TRIGGER atna_consent AFTER INSERT ON consent
+        BEGIN
+            INSERT INTO atna_pending (action, patient_id, what)
+            VALUES (CASE WHEN NEW.version = 1 THEN 'C' ELSE 'U' END, NEW.patient_id,
+                    'consent ' || COALESCE(json_extract(NEW.body, '$.status'), 'recorded')
+                    || ' (version ' || NEW.version || ')');
+        END;
+        CREATE TRIGGER atna_unreadable AFTER INSERT ON unreadable
+        BEGIN
+            INSERT INTO atna_pending (action, patient_id, what)
+            VALUES ('U', NEW.patient_id, 'a network consent is unreadable: denied');
+        END;
+        CREATE TRIGGER atna_readable AFTER DELETE ON unreadable
+        BEGIN
+            INSERT INTO atna_pending (action, patient_id, what)
+            VALUES ('U', OLD.patient_id, 'an unreadable network consent was replaced');
+        END;
+    ",
+    },
 ];
+
+/// A consent or identity change not yet handed to the `audit` service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingChange {
+    pub id: i64,
+    /// "C" or "U".
+    pub action: String,
+    pub patient: String,
+    /// The patient's network ID now, if any.
+    pub network_id: Option<String>,
+    pub what: String,
+}
 
 /// The head of the audit trail: the last row's sequence number and MAC.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -564,6 +638,39 @@ impl Store {
             .map_err(sql("save the network ID"))?;
         tx.commit().map_err(sql("commit"))?;
         Ok(n > 0)
+    }
+
+    /// Consent and identity changes not yet in the ATNA audit trail, oldest first.
+    pub fn pending_changes(&self, limit: usize) -> Result<Vec<PendingChange>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT a.id, a.action, a.patient_id, p.network_id, a.what
+                 FROM atna_pending a LEFT JOIN patient p ON p.id = a.patient_id
+                 ORDER BY a.id LIMIT ?1",
+            )
+            .map_err(sql("read pending changes"))?;
+        let rows = stmt
+            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                Ok(PendingChange {
+                    id: r.get(0)?,
+                    action: r.get(1)?,
+                    patient: r.get(2)?,
+                    network_id: r.get(3)?,
+                    what: r.get(4)?,
+                })
+            })
+            .map_err(sql("read pending changes"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("read pending changes"))
+    }
+
+    /// The changes up to `last` are in the ATNA audit trail.
+    pub fn changes_recorded(&mut self, last: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM atna_pending WHERE id <= ?1", [last])
+            .map_err(sql("forget pending changes"))?;
+        Ok(())
     }
 
     /// The patient's network ID, if known.

@@ -292,6 +292,7 @@ fn empty_box(dir: &std::path::Path) -> std::sync::Arc<consent::service::Shared> 
             runtime_dir: dir.to_owned(),
             fhir: None,
             pull_interval: Duration::from_secs(60),
+            audit_socket: None,
         },
     )
 }
@@ -613,6 +614,7 @@ async fn an_unreadable_network_consent_denies_its_patient_in_status_and_feed_unt
             runtime_dir: dir.path().to_owned(),
             fhir: None,
             pull_interval: Duration::from_secs(60),
+            audit_socket: None,
         },
     );
     let store = shared.store();
@@ -999,6 +1001,7 @@ async fn deleting_the_whole_audit_trail_is_detected_once_the_network_has_a_check
             runtime_dir: dir.path().to_owned(),
             fhir: None,
             pull_interval: Duration::from_secs(60),
+            audit_socket: None,
         },
     );
     let (healthy, summary, metrics) = shared.report();

@@ -5,29 +5,19 @@
 //! queue row, a send with its release record: [`crate::spool::Spool::pending_transfers`]),
 //! so none is lost with power, and this task hands them, oldest first, to the `audit`
 //! service, which answers once they are in its durable queue; only then do they leave the
-//! spool. The patient is named by the network ID (asked of the consent service's identity
+//! spool ([`audit::client::hand_over`]). The patient is named by the network ID (asked of the consent service's identity
 //! cache) or, without one, by the clinic's ID, which the audit service turns into a
 //! pseudonym that never leaves the box. With the audit trail off (`[audit] enabled =
 //! false`), the records are dropped.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+use audit::client::Source;
 use audit::protocol::{Event, Patient, Result as Outcome};
 use consent::client::{GateError, Identities, SocketGate};
-use tokio_util::sync::CancellationToken;
 
 use crate::spool::{PendingTransfer, Spool};
-
-/// Transfers handed over per request.
-const BATCH: usize = audit::protocol::MAX_BATCH;
-/// How often the spool is looked at when nothing waits (a receipt or a send lands there
-/// first; a second is soon enough for an audit trail and costs one indexed query).
-const POLL: Duration = Duration::from_secs(1);
-/// The longest wait after failures.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Where the audit trail goes.
 #[derive(Debug, Clone)]
@@ -40,125 +30,70 @@ pub struct Settings {
     pub pacs_address: String,
 }
 
-/// Why transfers were not handed over (they stay in the spool).
+/// Why transfers were not read or named (they stay in the spool).
 #[derive(Debug, thiserror::Error)]
 pub enum TrailError {
     #[error(transparent)]
     Spool(#[from] crate::spool::SpoolError),
-    #[error(transparent)]
-    Audit(#[from] audit::client::ClientError),
     #[error("cannot ask the patient's network ID")]
     Identity(#[source] GateError),
 }
 
-/// Hands the spool's transfer records to the audit service until `stop`; the last failure
-/// (or `None`) is kept in `last_error` for status.
-pub async fn run(
-    spool: Spool,
-    settings: Settings,
-    last_error: Arc<Mutex<Option<String>>>,
-    stop: CancellationToken,
-) {
-    let mut clients = Some(Clients {
-        audit: settings
-            .audit_socket
-            .as_deref()
-            .map(audit::client::Client::new),
-        consent: SocketGate::new(&settings.consent_socket),
-    });
-    let mut failures = 0u32;
-    loop {
-        let Some(mut c) = clients.take() else {
-            return;
-        };
-        let (spool2, settings2) = (spool.clone(), settings.clone());
-        let Ok((c, result)) = tokio::task::spawn_blocking(move || {
-            let r = hand_over(&mut c, &spool2, &settings2);
-            (c, r)
-        })
-        .await
-        else {
-            // A panic is a bug: the records stay; the next start tries again.
-            return;
-        };
-        clients = Some(c);
-        let wait = match result {
-            Ok(0) => {
-                failures = 0;
-                set(&last_error, None);
-                POLL
-            }
-            Ok(_) => {
-                failures = 0;
-                set(&last_error, None);
-                Duration::ZERO
-            }
-            Err(e) => {
-                failures += 1;
-                let reason = tsunagi_runtime::child::error_chain(&e);
-                tracing::warn!(error = %reason, "transfers not handed to the audit trail; retrying");
-                set(&last_error, Some(reason));
-                (POLL * 2u32.saturating_pow(failures.min(5))).min(MAX_BACKOFF)
-            }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+/// The spool's transfer records, as events for the audit trail.
+pub struct Transfers {
+    pub spool: Spool,
+    pub settings: Settings,
+    consent: SocketGate,
+}
+
+impl Transfers {
+    pub fn new(spool: Spool, settings: Settings) -> Transfers {
+        let consent = SocketGate::new(&settings.consent_socket);
+        Transfers {
+            spool,
+            settings,
+            consent,
         }
     }
 }
 
-fn set(slot: &Mutex<Option<String>>, value: Option<String>) {
-    if let Ok(mut s) = slot.lock() {
-        *s = value;
-    }
-}
+impl Source for Transfers {
+    type Error = TrailError;
 
-struct Clients {
-    audit: Option<audit::client::Client>,
-    consent: SocketGate,
-}
-
-/// One batch: read, named, recorded, forgotten. Returns how many were handed over.
-fn hand_over(c: &mut Clients, spool: &Spool, settings: &Settings) -> Result<usize, TrailError> {
-    let batch = spool.pending_transfers(BATCH)?;
-    let Some(last) = batch.last().map(|t| t.id) else {
-        return Ok(0);
-    };
-    let Some(audit) = c.audit.as_mut() else {
-        spool.transfers_recorded(last)?;
-        return Ok(batch.len());
-    };
-    let mut network_ids: HashMap<String, Option<String>> = HashMap::new();
-    let mut events = Vec::with_capacity(batch.len());
-    for t in &batch {
-        let local = t.patient_id.clone().unwrap_or_default();
-        let network = match network_ids.get(&local) {
-            Some(n) => n.clone(),
-            None => {
-                let n = if local.is_empty() {
-                    None
-                } else {
-                    match c.consent.network_id(&local) {
-                        Ok(n) => n,
-                        // An ID the identity cache will not look up has no network ID.
-                        Err(GateError::Refused(_)) => None,
-                        Err(e) => return Err(TrailError::Identity(e)),
-                    }
-                };
-                network_ids.insert(local.clone(), n.clone());
-                n
-            }
-        };
-        events.push(event(
-            t,
-            network.map_or(Patient::Local(local), Patient::Network),
-            settings,
-        ));
+    fn pending(&mut self, limit: usize) -> Result<Vec<(i64, Event)>, TrailError> {
+        let batch = self.spool.pending_transfers(limit)?;
+        let named = self.settings.audit_socket.is_some();
+        let mut network_ids: HashMap<String, Option<String>> = HashMap::new();
+        let mut events = Vec::with_capacity(batch.len());
+        for t in &batch {
+            let local = t.patient_id.clone().unwrap_or_default();
+            let network = match network_ids.get(&local) {
+                Some(n) => n.clone(),
+                None => {
+                    // With the trail off the events are only forgotten: nothing to ask.
+                    let n = if local.is_empty() || !named {
+                        None
+                    } else {
+                        match self.consent.network_id(&local) {
+                            Ok(n) => n,
+                            // An ID the identity cache will not look up has no network ID.
+                            Err(GateError::Refused(_)) => None,
+                            Err(e) => return Err(TrailError::Identity(e)),
+                        }
+                    };
+                    network_ids.insert(local.clone(), n.clone());
+                    n
+                }
+            };
+            let patient = network.map_or(Patient::Local(local), Patient::Network);
+            events.push((t.id, event(t, patient, &self.settings)));
+        }
+        Ok(events)
     }
-    audit.record_all(&events)?;
-    spool.transfers_recorded(last)?;
-    Ok(batch.len())
+
+    fn recorded(&mut self, last: i64) -> Result<(), TrailError> {
+        Ok(self.spool.transfers_recorded(last)?)
+    }
 }
 
 /// The audit event of one transfer.

@@ -233,9 +233,9 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     let audit_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     tasks.spawn(
         "audit-trail",
-        crate::audit_trail::run(
-            spool.clone(),
-            settings.audit.clone(),
+        audit::client::hand_over(
+            crate::audit_trail::Transfers::new(spool.clone(), settings.audit.clone()),
+            settings.audit.audit_socket.clone(),
             audit_error.clone(),
             ctx.shutdown.clone(),
         ),

@@ -608,7 +608,7 @@ fn unknown_keys_and_tables() {
             (Some(13), "drill.a.foo"),
         ]
     );
-    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, network, tunnel, identity, consent, ssmix2, dicom, drill)"), "{}", got[0].2);
+    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, network, tunnel, identity, consent, ssmix2, dicom, audit, drill)"), "{}", got[0].2);
     assert_eq!(got[1].2, "unknown key `level` (expected one of: filter)");
 }
 

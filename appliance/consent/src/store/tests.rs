@@ -546,3 +546,65 @@ fn deleting_the_whole_trail_and_head_is_found_against_the_acknowledged_checkpoin
         }
     );
 }
+
+/// Issue 17: every consent and identity change is owed to the ATNA audit trail, written with
+/// the change itself, whoever makes it; a change names what changed, never patient data.
+#[test]
+fn every_consent_and_identity_change_waits_for_the_atna_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(dir.path());
+    let id: PatientId = "0001234".parse().unwrap();
+    s.upsert_patient(&patient("0001234"), T0).unwrap();
+    // The same demographics again: no change.
+    s.upsert_patient(&patient("0001234"), T0 + 1).unwrap();
+    s.upsert_patient(
+        &Patient {
+            birth_date: "1950-04-02".into(),
+            ..patient("0001234")
+        },
+        T0 + 1,
+    )
+    .unwrap();
+    s.record_consent(new_consent("0001234"), T0).unwrap();
+    s.set_network_id(&id, "NET-0001234", T0).unwrap();
+    s.add_link(&id, &fac("1312345679"), "K-77", T0).unwrap();
+    s.withdraw(&id, "staff-1", T0 + 2).unwrap();
+    s.record_unreadable(&unreadable("Consent/n-1", "0001234", "1"), T0 + 3)
+        .unwrap();
+    s.clear_unreadable("Consent/n-1").unwrap();
+    let pending = s.pending_changes(100).unwrap();
+    let seen: Vec<(&str, &str)> = pending
+        .iter()
+        .map(|c| (c.action.as_str(), c.what.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("C", "patient registered"),
+            ("U", "demographics updated"),
+            ("C", "consent active (version 1)"),
+            ("U", "network ID assigned"),
+            (
+                "U",
+                "identity linked: urn:oid:1.2.392.100495.20.3.51.11312345679"
+            ),
+            ("U", "consent withdrawn (version 2)"),
+            ("U", "a network consent is unreadable: denied"),
+            ("U", "an unreadable network consent was replaced"),
+        ]
+    );
+    // Each names the patient under the network ID they have now.
+    assert!(
+        pending
+            .iter()
+            .all(|c| c.patient == "0001234" && c.network_id.as_deref() == Some("NET-0001234"))
+    );
+    // None carries the name or the birth date.
+    assert!(
+        pending
+            .iter()
+            .all(|c| !c.what.contains("山田") && !c.what.contains("1950"))
+    );
+    s.changes_recorded(pending[5].id).unwrap();
+    assert_eq!(s.pending_changes(100).unwrap(), pending[6..]);
+}
