@@ -106,10 +106,13 @@ pub enum Event {
         sop_class_uid: String,
         keys: Vec<u8>,
     },
+    /// An SS-MIX2 file put at (or deleted from) the hub's replica, by its data type and
+    /// content (SHA-256, hex): never its path, which holds the clinic's patient ID.
     Ssmix2File {
         deleted: bool,
         replica: String,
-        path: String,
+        data_type: String,
+        sha256: String,
         patient: Patient,
         result: Result,
     },
@@ -133,6 +136,26 @@ pub enum Event {
         user: String,
         from: String,
     },
+}
+
+/// A file's content as a URI: RFC 6920's `ni:///sha-256;` and the digest in base64url (a
+/// digest that is not 64 hex digits is kept as it came, after `sha256:`).
+pub fn content_uri(sha256_hex: &str) -> String {
+    use base64::Engine as _;
+    let bytes: Option<Vec<u8>> = (sha256_hex.len() == 64)
+        .then(|| {
+            (0..32)
+                .map(|i| u8::from_str_radix(sha256_hex.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect()
+        })
+        .flatten();
+    match bytes {
+        Some(b) => format!(
+            "ni:///sha-256;{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+        ),
+        None => format!("sha256:{sha256_hex}"),
+    }
 }
 
 impl Event {
@@ -185,18 +208,26 @@ impl Event {
             Event::Ssmix2File {
                 deleted,
                 replica,
-                path,
+                data_type,
+                sha256,
                 patient,
                 result,
-            } => message::ssmix2_file(
-                node,
-                *deleted,
-                replica,
-                path,
-                &patient.audit_id(key),
-                (*result).into(),
-                at,
-            ),
+            } => {
+                let mut m = message::ssmix2_file(
+                    node,
+                    *deleted,
+                    replica,
+                    &content_uri(sha256),
+                    &patient.audit_id(key),
+                    (*result).into(),
+                    at,
+                );
+                if let Some(file) = m.objects.last_mut() {
+                    file.details
+                        .push(("data-type".to_owned(), data_type.clone()));
+                }
+                m
+            }
             Event::PatientRecord {
                 action,
                 patient,
@@ -239,6 +270,16 @@ mod tests {
         assert_ne!(Patient::Local("0001235".into()).audit_id(&key), pseudonym);
         assert_ne!(local.audit_id(&[8u8; 32]), pseudonym);
         assert_eq!(Patient::Network("NET-1".into()).audit_id(&key), "NET-1");
+    }
+
+    #[test]
+    fn a_files_content_is_a_named_information_uri() {
+        // RFC 6920 section 3's example: the SHA-256 of "Hello World!".
+        assert_eq!(
+            content_uri("7f83b1657ff1fc53b92dc18148a1d65dfc2d4b1fa3d677284addd200126d9069"),
+            "ni:///sha-256;f4OxZX_x_FO5LcGBSKHWXfwtSx-j1ncoSt3SABJtkGk"
+        );
+        assert_eq!(content_uri("abc"), "sha256:abc");
     }
 
     #[test]

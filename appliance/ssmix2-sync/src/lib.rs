@@ -16,6 +16,7 @@
 //! The consent service is asked through [`consent::client`] (decisions and its change feed).
 #![forbid(unsafe_code)]
 
+pub mod audit_trail;
 pub mod replica;
 pub mod service;
 pub mod share;
@@ -36,8 +37,13 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
     description: "tsunagi SS-MIX2 sync",
     // Reads the storage (a share readable by this user) and writes the replica.
     capabilities: &[],
-    // Asks the consent service for decisions; may present the box's certificate to the hub.
-    groups: &[consent::CLIENT_GROUP, identity::CLIENT_GROUP],
+    // Asks the consent service for decisions; may present the box's certificate to the hub;
+    // records exports and deletions in the ATNA audit trail.
+    groups: &[
+        consent::CLIENT_GROUP,
+        identity::CLIENT_GROUP,
+        audit::service::CLIENT_GROUP,
+    ],
     worker_threads: 2,
     launch: |cfg| {
         let x = cfg.ssmix2.as_ref().filter(|x| x.enabled)?;

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tsunagi_config::WatchMode;
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::status::Health;
-use tsunagi_runtime::tasks::TaskEnded;
+use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 
 use crate::replica::{DirReplica, Replica, ReplicaError};
 use crate::sync::{CycleReport, State, SyncError, Syncer};
@@ -32,6 +32,16 @@ pub enum Target {
     },
 }
 
+impl Target {
+    /// The replica as the audit trail names it: its URL, or its directory.
+    pub fn name(&self) -> String {
+        match self {
+            Target::Directory(dir) => dir.display().to_string(),
+            Target::WebDav { url, .. } => url.clone(),
+        }
+    }
+}
+
 /// What the service needs.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -41,6 +51,8 @@ pub struct Settings {
     pub target: Target,
     pub scan_interval: Duration,
     pub watch: WatchMode,
+    /// The `audit` service's socket (ATNA); `None`: the audit trail is off.
+    pub audit_socket: Option<PathBuf>,
 }
 
 impl Settings {
@@ -85,6 +97,7 @@ impl Settings {
             },
             state_dir: cfg.paths.state_dir.as_path().join(crate::NAME),
             consent_socket: consent::service::socket_path(cfg),
+            audit_socket: cfg.audit.enabled.then(|| audit::service::socket_path(cfg)),
             target,
             scan_interval: x.scan_interval.get(),
             // A share delivers no inotify events, and before it is mounted inotify would
@@ -111,6 +124,10 @@ pub enum ServiceError {
     Worker(#[source] TaskEnded),
     #[error(transparent)]
     Url(#[from] crate::webdav::BadBaseUrl),
+    #[error("cannot read the audit records")]
+    Audit(#[from] crate::audit_trail::TrailError),
+    #[error("the SS-MIX2 sync cannot go on")]
+    Background(#[source] TaskEnded),
 }
 
 #[derive(Debug, Default)]
@@ -166,12 +183,31 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             .spawn(move || worker(syncer, &settings, &trigger_rx, &shared, &changed, &stop))
             .map_err(ServiceError::WorkerStart)?
     };
+    // The exports and deletions owed to the ATNA audit trail.
+    let exports = crate::audit_trail::Exports::open(
+        &settings.state_dir,
+        SocketGate::new(&settings.consent_socket),
+        &settings.target.name(),
+        settings.audit_socket.is_some(),
+    )?;
+    let audit_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let mut tasks = Tasks::new(ctx.shutdown.clone());
+    tasks.spawn(
+        "audit-trail",
+        audit::client::hand_over(
+            exports,
+            settings.audit_socket.clone(),
+            audit_error.clone(),
+            ctx.shutdown.clone(),
+        ),
+    );
     ctx.reporter.ready();
     tracing::info!("SS-MIX2 sync started");
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
+            ended = tasks.failed() => return Err(ServiceError::Background(ended)),
             _ = ticker.tick() => {}
             _ = changed.notified() => {}
         }
@@ -183,12 +219,21 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             let task = "ssmix2-sync";
             return Err(ServiceError::Worker(TaskEnded { task, why }));
         }
-        let (health, summary, metrics) = report(&shared);
+        let (mut health, mut summary, metrics) = report(&shared);
+        if let Some(e) = audit_error.lock().ok().and_then(|e| e.clone()) {
+            summary.push_str(&format!(
+                "; exports and deletions not yet in the ATNA audit trail: {e}"
+            ));
+            if health == Health::Ok {
+                health = Health::Degraded;
+            }
+        }
         let metrics: Vec<(&str, f64)> = metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         ctx.reporter.status_with_metrics(health, &summary, &metrics);
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     drop(trigger_tx);
+    tasks.join(WORKER_STOP / 2).await;
     // The worker finishes the operation under way and starts no other. A replica operation
     // blocks up to its timeout (a hub that does not answer, a TLS handshake that hangs), so
     // the service waits for it only briefly: one left unfinished is in the outbox and is

@@ -99,7 +99,33 @@ const MIGRATIONS: &[Migration] = &[
         // may have been and the removal are recorded.
         sql: "ALTER TABLE outbox ADD COLUMN started INTEGER;",
     },
+    Migration {
+        version: 5,
+        // The ATNA audit trail (issue 17): each release (a file put at the hub, or deleted
+        // there) is also owed to the `audit` service, written by a trigger with the release
+        // record, until the service hands it over (`crate::audit_trail`).
+        sql: "CREATE TABLE atna_pending (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            deleted INTEGER NOT NULL CHECK (deleted IN (0, 1)),
+            patient_id TEXT NOT NULL, data_type TEXT NOT NULL, sha256 TEXT NOT NULL
+          ) STRICT;
+          CREATE TRIGGER atna_release AFTER INSERT ON releases
+          BEGIN
+            INSERT INTO atna_pending (deleted, patient_id, data_type, sha256)
+            VALUES (NEW.kind = 'deleted', NEW.patient_id, NEW.data_type, NEW.sha256);
+          END;",
+    },
 ];
+
+/// Opens `sync.db` in `state_dir` (creating or migrating it) on a connection of its own.
+pub fn open_db(state_dir: &Path) -> Result<Connection, SyncError> {
+    tsunagi_state::open(
+        &state_dir.join("sync.db"),
+        Durability::Acknowledging,
+        MIGRATIONS,
+    )
+    .map_err(SyncError::Open)
+}
 
 /// The most release records sent to the consent service per drain (the rest next time).
 const RELEASES_PER_FLUSH: i64 = 2000;
@@ -263,12 +289,7 @@ impl Syncer {
     pub fn open(state_dir: &Path, settings: Settings) -> Result<Syncer, SyncError> {
         let index_path = state_dir.join("index.db");
         let index = Index::open(&index_path)?;
-        let conn = tsunagi_state::open(
-            &state_dir.join("sync.db"),
-            Durability::Acknowledging,
-            MIGRATIONS,
-        )
-        .map_err(SyncError::Open)?;
+        let conn = open_db(state_dir)?;
         conn.execute("ATTACH DATABASE ?1 AS idx", [index_path.to_string_lossy()])
             .map_err(sql("attach the index"))?;
         Ok(Syncer {

@@ -161,9 +161,48 @@ fn records(s: &mut Storage, p: &Patient) {
     .unwrap();
 }
 
+/// An audit repository (a real rsyslog with gnutls, its own test PKI) and the `[audit]`
+/// section that sends to it; the directory holding its files.
+fn audit_repository() -> (hil_tests::rsyslog::Rsyslog, String, tempfile::TempDir) {
+    use hil_tests::nginx::Pki;
+    use hil_tests::rsyslog::{Options, Rsyslog, Tls};
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
+    let rsyslog = Rsyslog::start(
+        &Tls {
+            cert: pki.server_cert(),
+            key: pki.server_key(),
+            client_ca: pki.ca_cert(),
+        },
+        &Options::default(),
+    )
+    .unwrap();
+    let (ca, cert, key) = service_tls_files(
+        &dir.path().join("tls"),
+        audit::service::USER,
+        &pki.ca_cert(),
+        &pki.client_cert(),
+        &pki.client_key(),
+    );
+    let section = format!(
+        "\n[audit]\nenabled = true\nrepository = \"{}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\n",
+        rsyslog.addr(),
+        ca.display(),
+        cert.display(),
+        key.display(),
+    );
+    (rsyslog, section, dir)
+}
+
+/// Also issue 17: every file put at nginx is an Export message at the audit repository, and
+/// every deletion a Patient Record (D), the file named by its content (RFC 6920), never by
+/// its path, and the patient (without a network ID here) by the box's pseudonym.
 #[test]
 fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
-    let mut c = Clinic::new(FAST_SUPERVISOR);
+    let (rsyslog, audit, _audit_files) = audit_repository();
+    let mut c = Clinic::new(&format!("{FAST_SUPERVISOR}{audit}"));
     let (a, b, cc) = (
         Patient::sample("0000000001"),
         Patient::sample("0000000002"),
@@ -285,6 +324,45 @@ fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
             assert!(rows("deleted", sha) >= 1, "no deletion row for {path}");
         }
     }
+    // The same at the audit repository (ATNA): sent before the stop, or at the next start.
+    c.h.start();
+    let has = |messages: &[String], event: &str, action: &str, sha: &str| {
+        let uri = audit::protocol::content_uri(sha);
+        messages.iter().any(|m| {
+            m.contains(&format!("csd-code=\"{event}\""))
+                && m.contains(&format!("EventActionCode=\"{action}\""))
+                && m.contains(&format!("ParticipantObjectID=\"{uri}\""))
+        })
+    };
+    let start = Instant::now();
+    loop {
+        let messages = rsyslog.messages();
+        let missing: Vec<&String> = first
+            .iter()
+            .filter(|(path, sha)| {
+                !has(&messages, "110106", "R", sha)
+                    || (patient_of(path) == Some(a.id.as_str())
+                        && !has(&messages, "110110", "D", sha))
+            })
+            .map(|(path, _)| path)
+            .collect();
+        if missing.is_empty() {
+            for m in &messages {
+                for p in [&a, &b, &cc] {
+                    assert!(!m.contains(&p.id), "a clinic's patient ID in {m}");
+                }
+            }
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not at the audit repository: {missing:?}\n{}",
+            c.h.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
     let leaked: i64 = db
         .query_row(
             "SELECT count(*) FROM audit WHERE object LIKE ?1",
