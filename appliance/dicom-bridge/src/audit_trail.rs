@@ -96,10 +96,43 @@ impl Source for Transfers {
     }
 }
 
+/// The spool's other audit events (a viewer's queries), kept as JSON.
+pub struct Events {
+    pub spool: Spool,
+}
+
+impl Source for Events {
+    type Error = TrailError;
+
+    fn pending(&mut self, limit: usize) -> Result<Vec<(i64, Event)>, TrailError> {
+        Ok(self
+            .spool
+            .pending_events(limit)?
+            .into_iter()
+            .map(|(id, json)| {
+                // Our own record, unreadable (a bug, a damaged disk): the trail says so
+                // rather than losing it silently.
+                let event =
+                    serde_json::from_str(&json).unwrap_or_else(|_| Event::FailedAuditVerify {
+                        reason: "an audit event kept by the DICOM bridge could not be read"
+                            .to_owned(),
+                    });
+                (id, event)
+            })
+            .collect())
+    }
+
+    fn recorded(&mut self, last: i64) -> Result<(), TrailError> {
+        Ok(self.spool.events_recorded(last)?)
+    }
+}
+
 /// The audit event of one transfer.
 fn event(t: &PendingTransfer, patient: Patient, settings: &Settings) -> Event {
     let clean = |s: &str| s.trim_end_matches(['\0', ' ']).to_owned();
-    let (peer_ae, peer_address) = if t.sent {
+    // A send without a peer of its own went to the network PACS; one with went to a
+    // clinic's viewer (a retrieve through the box).
+    let (peer_ae, peer_address) = if t.sent && t.peer_ae.is_empty() {
         (settings.pacs_ae.clone(), settings.pacs_address.clone())
     } else {
         (t.peer_ae.clone(), t.peer_address.clone())
@@ -123,8 +156,9 @@ mod tests {
         PendingTransfer {
             id: 1,
             sent,
-            peer_ae: "CT1".into(),
-            peer_address: "192.168.10.5".into(),
+            // A send to the network PACS has no peer of its own.
+            peer_ae: if sent { "" } else { "CT1" }.into(),
+            peer_address: if sent { "" } else { "192.168.10.5" }.into(),
             patient_id: Some("0001234".into()),
             study_uid: Some("1.2.392.9\0".into()),
             sop_class: "1.2.840.10008.5.1.4.1.1.2\0".into(),
@@ -187,5 +221,23 @@ mod tests {
             ("HUBPACS", "10.98.0.1:4242")
         );
         assert_eq!(patient, Patient::Network("NET-1".into()));
+        // A retrieve's send to a clinic's viewer names the viewer.
+        let to_viewer = PendingTransfer {
+            peer_ae: "VIEWER".into(),
+            peer_address: "192.168.10.7".into(),
+            ..transfer(true)
+        };
+        let Event::InstancesTransferred {
+            peer_ae,
+            peer_address,
+            ..
+        } = event(&to_viewer, Patient::Network("NET-1".into()), &settings())
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (peer_ae.as_str(), peer_address.as_str()),
+            ("VIEWER", "192.168.10.7")
+        );
     }
 }

@@ -36,6 +36,7 @@ use crate::translate::{self, TranslateError};
 
 const PATIENT_ID: u32 = 0x0010_0020;
 const ISSUER: u32 = 0x0010_0021;
+const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
 /// The largest identifier a viewer or the network may send (they are a few hundred bytes).
 pub const MAX_IDENTIFIER: usize = 1 << 20;
 
@@ -52,6 +53,48 @@ pub fn clean_work_dir(dir: &std::path::Path) -> usize {
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// Who asks: the viewer's AE title and address (for the audit trail).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requestor {
+    pub ae_title: String,
+    pub address: String,
+}
+
+/// Keeps an audit event in the spool until the audit trail has it (a failure is logged: the
+/// answer to the viewer has gone or is going).
+async fn keep_event(proxy: &Proxy, event: &audit::protocol::Event) {
+    let (Some(spool), Ok(json)) = (proxy.spool.clone(), serde_json::to_string(event)) else {
+        return;
+    };
+    match tokio::task::spawn_blocking(move || spool.record_event(&json)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %tsunagi_runtime::child::error_chain(&e), "cannot keep a query's audit event");
+        }
+        Err(_) => tracing::warn!("cannot keep a query's audit event"),
+    }
+}
+
+/// The instances a retrieve sent to one of the clinic's viewers (or its move destination),
+/// as transfers in the audit trail.
+pub async fn audit_sent(proxy: &Proxy, to: &Requestor, sent: Vec<crate::spool::Meta>) {
+    let Some(spool) = proxy.spool.clone() else {
+        return;
+    };
+    if sent.is_empty() {
+        return;
+    }
+    let to = to.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let metas: Vec<&crate::spool::Meta> = sent.iter().collect();
+        spool.record_sent_to_clinic(&to.ae_title, &to.address, &metas, crate::now())
+    })
+    .await;
+    if !matches!(result, Ok(Ok(()))) {
+        tracing::warn!("cannot keep a retrieve's transfers for the audit trail");
+    }
 }
 
 /// What the proxy needs.
@@ -221,9 +264,19 @@ pub async fn find(
     command: Command,
     transfer_syntax: String,
     identifier: Vec<u8>,
+    requestor: Requestor,
     replies: mpsc::Sender<Reply>,
 ) {
-    let last = match find_inner(&proxy, &command, &transfer_syntax, &identifier, &replies).await {
+    let last = match find_inner(
+        &proxy,
+        &command,
+        &transfer_syntax,
+        &identifier,
+        &requestor,
+        &replies,
+    )
+    .await
+    {
         Ok(status) => Reply::last(status, None),
         Err(e @ QueryError::NoPatientId) => {
             tracing::info!("a C-FIND without a patient ID was refused");
@@ -297,11 +350,15 @@ async fn viewer_key(
     }))
 }
 
+/// A query the network was asked is audited once it ends (a Query message: the viewer, the
+/// SOP class and the keys as the network got them, under the network ID); one that never
+/// reached the network is not.
 async fn find_inner(
     proxy: &Proxy,
     command: &Command,
     transfer_syntax: &str,
     identifier: &[u8],
+    requestor: &Requestor,
     replies: &mpsc::Sender<Reply>,
 ) -> Result<Status, QueryError> {
     // A query names one patient: searches by name or by wildcard would show the viewer the
@@ -351,13 +408,43 @@ async fn find_inner(
     rq.message_id = Some(1);
     rq.priority = Some(command.priority.unwrap_or(0));
     rq.has_dataset = true;
-    send(&mut assoc, pc_id, PDataValueType::Command, rq.encode()).await?;
-    send(&mut assoc, pc_id, PDataValueType::Data, query).await?;
+    let audited = |ok: bool| audit::protocol::Event::Query {
+        peer_ae: requestor.ae_title.clone(),
+        peer_address: requestor.address.clone(),
+        result: if ok {
+            audit::protocol::Result::Success
+        } else {
+            audit::protocol::Result::MinorFailure
+        },
+        sop_class_uid: rq.affected_sop_class.clone().unwrap_or_default(),
+        keys: query.clone(),
+    };
+    let asked = async {
+        send(&mut assoc, pc_id, PDataValueType::Command, rq.encode()).await?;
+        send(&mut assoc, pc_id, PDataValueType::Data, query.clone()).await?;
+        Ok::<(), QueryError>(())
+    }
+    .await;
+    if let Err(e) = asked {
+        keep_event(proxy, &audited(false)).await;
+        return Err(e);
+    }
     loop {
-        let (rsp, data) = receive(&mut assoc, CommandField::CFindRsp).await?;
+        let (rsp, data) = match receive(&mut assoc, CommandField::CFindRsp).await {
+            Ok(r) => r,
+            Err(e) => {
+                keep_event(proxy, &audited(false)).await;
+                return Err(e);
+            }
+        };
         let status = rsp.status.ok_or(QueryError::Protocol)?;
         if status.class() != dimse::status::Class::Pending {
             let _ = assoc.release().await;
+            keep_event(
+                proxy,
+                &audited(status.class() == dimse::status::Class::Success),
+            )
+            .await;
             return Ok(status);
         }
         let Some(data) = data else {
@@ -614,10 +701,27 @@ async fn retrieve_inner(
         tls: None,
     };
     let (outcomes, relay_error) = crate::forward::send_batch(&dest, &retrieved.outgoing).await;
-    let completed = outcomes
+    let delivered: Vec<crate::spool::Meta> = outcomes
         .iter()
         .filter(|(_, o)| matches!(o, crate::forward::Outcome::Delivered(_)))
-        .count();
+        .filter_map(|(id, _)| {
+            retrieved
+                .outgoing
+                .iter()
+                .find(|o| o.queued.id == *id)
+                .map(|o| o.queued.meta.clone())
+        })
+        .collect();
+    let completed = delivered.len();
+    audit_sent(
+        proxy,
+        &Requestor {
+            ae_title: dest.ae_title.clone(),
+            address: dest.addr.to_string(),
+        },
+        delivered,
+    )
+    .await;
     let completed = u16::try_from(completed).unwrap_or(u16::MAX);
     let failed = u16::try_from(retrieved.outgoing.len())
         .unwrap_or(u16::MAX)
@@ -854,7 +958,10 @@ fn outgoing_for(
                 transfer_syntax: ts.to_owned(),
                 calling_ae: String::new(),
                 patient_id: Some(w.local_id.clone()),
-                study_uid: None,
+                // For the audit trail only: none if it cannot be read from the start.
+                study_uid: translate::text_value(&prefix, explicit, STUDY_INSTANCE_UID)
+                    .ok()
+                    .flatten(),
             },
             size,
             attempts: 0,

@@ -192,6 +192,8 @@ struct Querying {
     command: Command,
     transfer_syntax: String,
     identifier: Vec<u8>,
+    /// Who asks (for the audit trail).
+    requestor: crate::qr::Requestor,
 }
 
 /// The data set being received for a C-STORE.
@@ -349,6 +351,10 @@ async fn association(
                                         command,
                                         transfer_syntax,
                                         identifier: Vec::new(),
+                                        requestor: crate::qr::Requestor {
+                                            ae_title: calling.clone(),
+                                            address: peer.to_string(),
+                                        },
                                     });
                                 }
                                 CommandField::NEventReportRq if command.has_dataset => {
@@ -357,6 +363,10 @@ async fn association(
                                         command,
                                         transfer_syntax,
                                         identifier: Vec::new(),
+                                        requestor: crate::qr::Requestor {
+                                            ae_title: calling.clone(),
+                                            address: peer.to_string(),
+                                        },
                                     });
                                 }
                                 _ if command.field.is_response() => {}
@@ -572,6 +582,7 @@ async fn answer_query(
             q.command.clone(),
             q.transfer_syntax.clone(),
             q.identifier,
+            q.requestor.clone(),
             tx,
         ))
     });
@@ -644,6 +655,8 @@ async fn answer_get(
         Ok(Err(reply)) => reply,
         Ok(Ok(retrieved)) => {
             let (mut completed, mut failed) = (0u16, retrieved.failed);
+            // What reached the viewer, for the audit trail.
+            let mut sent: Vec<Meta> = Vec::new();
             for (i, out) in retrieved.outgoing.iter().enumerate() {
                 let meta = &out.queued.meta;
                 let pc = assoc
@@ -668,6 +681,7 @@ async fn answer_get(
                         ) =>
                     {
                         completed = completed.saturating_add(1);
+                        sent.push(meta.clone());
                     }
                     Ok(_) => failed = failed.saturating_add(1),
                     Err(e) => {
@@ -676,6 +690,7 @@ async fn answer_get(
                     }
                 }
             }
+            crate::qr::audit_sent(&proxy, &q.requestor, sent).await;
             crate::qr::retrieve_done(completed, failed)
         }
     };

@@ -240,6 +240,18 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             ctx.shutdown.clone(),
         ),
     );
+    let events_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    tasks.spawn(
+        "audit-events",
+        audit::client::hand_over(
+            crate::audit_trail::Events {
+                spool: spool.clone(),
+            },
+            settings.audit.audit_socket.clone(),
+            events_error.clone(),
+            ctx.shutdown.clone(),
+        ),
+    );
     ctx.reporter.ready();
     tracing::info!(listen = %settings.listen, "DICOM bridge listening");
     let mut gate = Some(SocketGate::new(&settings.consent_socket));
@@ -475,7 +487,12 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                     "; {n} storage commitment reports refused: not from the network PACS's AE title at its address (or [[dicom.pacs.commitment-reports-from]])"
                 ),
             },
-            match audit_error.lock().ok().and_then(|e| e.clone()) {
+            match audit_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .or_else(|| events_error.lock().ok().and_then(|e| e.clone()))
+            {
                 Some(e) => format!(
                     "; {} transfers not yet in the audit trail: {e}",
                     counts.transfers_waiting
@@ -483,7 +500,8 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 None => String::new(),
             }
         );
-        let audit_failing = audit_error.lock().is_ok_and(|e| e.is_some());
+        let audit_failing = audit_error.lock().is_ok_and(|e| e.is_some())
+            || events_error.lock().is_ok_and(|e| e.is_some());
         let refused = refused_reports.load(std::sync::atomic::Ordering::Relaxed);
         let health = if last_error.is_some()
             || commitment_error.is_some()

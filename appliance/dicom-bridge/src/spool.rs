@@ -149,6 +149,15 @@ const MIGRATIONS: &[Migration] = &[
             at INTEGER NOT NULL
           ) STRICT;",
     },
+    // Other audit events (a viewer's query through the box: `audit::protocol::Event` as
+    // JSON), waiting to be handed to the `audit` service.
+    Migration {
+        version: 8,
+        sql: "CREATE TABLE atna_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            event TEXT NOT NULL
+          ) STRICT;",
+    },
 ];
 
 /// The release record of queue row `?1` at `?2`: from its row, or, if a newer copy replaced
@@ -1305,6 +1314,73 @@ impl Spool {
         conn.prepare_cached("DELETE FROM transfers WHERE id <= ?1")
             .and_then(|mut stmt| stmt.execute([last]))
             .map_err(sql("forget transfer records"))?;
+        Ok(())
+    }
+
+    /// Instances sent to one of the clinic's viewers (a retrieve through the box): transfer
+    /// records for the audit trail, in one transaction.
+    pub fn record_sent_to_clinic(
+        &self,
+        peer_ae: &str,
+        peer_address: &str,
+        sent: &[&Meta],
+        at: i64,
+    ) -> Result<(), SpoolError> {
+        let conn = self.conn();
+        let tx = write(&conn).map_err(sql("queue a transfer record"))?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO transfers
+                       (sent, peer_ae, peer_address, patient_id, study_uid, sop_class, sop_instance, at)
+                     VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(sql("queue a transfer record"))?;
+            for m in sent {
+                insert
+                    .execute(params![
+                        peer_ae,
+                        peer_address,
+                        m.patient_id,
+                        m.study_uid,
+                        m.sop_class,
+                        m.sop_instance,
+                        at
+                    ])
+                    .map_err(sql("queue a transfer record"))?;
+            }
+        }
+        tx.commit().map_err(sql("queue a transfer record"))
+    }
+
+    /// Keeps an audit event (JSON) until the audit trail has it.
+    pub fn record_event(&self, event: &str) -> Result<(), SpoolError> {
+        self.conn()
+            .execute("INSERT INTO atna_events (event) VALUES (?1)", [event])
+            .map_err(sql("queue an audit event"))?;
+        Ok(())
+    }
+
+    /// Audit events not yet handed over, oldest first.
+    pub fn pending_events(&self, limit: usize) -> Result<Vec<(i64, String)>, SpoolError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT id, event FROM atna_events ORDER BY id LIMIT ?1")
+            .map_err(sql("read audit events"))?;
+        let rows = stmt
+            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(sql("read audit events"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("read audit events"))
+    }
+
+    /// The audit events up to `last` are in the audit trail.
+    pub fn events_recorded(&self, last: i64) -> Result<(), SpoolError> {
+        self.conn()
+            .execute("DELETE FROM atna_events WHERE id <= ?1", [last])
+            .map_err(sql("forget audit events"))?;
         Ok(())
     }
 

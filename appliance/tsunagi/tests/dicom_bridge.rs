@@ -757,10 +757,12 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
         .extra
         .insert("MaximumStorageCacheSize".into(), serde_json::json!(0));
     let pacs = Orthanc::start_for_test_with(&options);
+    // Issue 17: queries and retrieves are audited, at a real rsyslog.
+    let (rsyslog, audit, _audit_files) = audit_repository(Some(pacs.netns()));
     // Query/retrieve is on, for the listed viewer.
     let (mut h, form) = clinic_with(
         &pacs,
-        FAST_SUPERVISOR,
+        &format!("{FAST_SUPERVISOR}{audit}"),
         "10s",
         "query-retrieve = true\n[[dicom.allowed-callers]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1\"\n",
     );
@@ -902,6 +904,58 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
         got.is_empty(),
         "another patient's instance reached the viewer: {text}"
     );
+    // The audit trail (issue 17): each query the network was asked is a Query message, the
+    // viewer its requestor and the keys as the network got them (the network ID, never the
+    // clinic's); each instance a retrieve gave the viewer (a C-MOVE to it, a C-GET on its
+    // association) is a transfer to VIEWER, the patient under the network ID.
+    let query_keys = |m: &String| -> Vec<u8> {
+        use base64::Engine as _;
+        let at = m.find("<ParticipantObjectQuery>").unwrap() + "<ParticipantObjectQuery>".len();
+        let end = m[at..].find('<').unwrap();
+        base64::engine::general_purpose::STANDARD
+            .decode(&m[at..at + end])
+            .unwrap()
+    };
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let ours_net = network_id("0001234");
+    let messages = audit_messages_until(
+        &rsyslog,
+        "queries and retrieves",
+        Duration::from_secs(30),
+        |ms| {
+            let queries = ms
+                .iter()
+                .filter(|m| m.contains("csd-code=\"110112\""))
+                .filter(|m| contains(&query_keys(m), ours_net.as_bytes()))
+                .count();
+            let to_viewer = ms
+                .iter()
+                .filter(|m| {
+                    m.contains("csd-code=\"110104\"")
+                        && m.contains("EventActionCode=\"R\"")
+                        && m.contains("UserID=\"VIEWER\"")
+                        && m.contains(&format!("ParticipantObjectID=\"{ours_net}\""))
+                })
+                .count();
+            queries >= 1 && to_viewer >= 2
+        },
+    );
+    for m in messages
+        .iter()
+        .filter(|m| m.contains("csd-code=\"110112\""))
+    {
+        assert!(m.contains("UserID=\"VIEWER\""), "{m}");
+        let keys = query_keys(m);
+        assert!(contains(&keys, b"NET-"), "{m}");
+    }
+    for m in &messages {
+        for local in ["0001234", "0005678", "0004321"] {
+            assert!(
+                !m.contains(&format!("\"{local}\"")),
+                "a clinic's patient ID in {m}"
+            );
+        }
+    }
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
@@ -1913,46 +1967,14 @@ fn dicom_tls_to_orthanc_carries_stores_queries_and_retrieves_and_refuses_strange
 /// under the network ID; so do the consent and identity changes made before the start.
 #[test]
 fn rsyslog_stopped_while_100_instances_flow_then_every_transfer_arrives_once_in_order() {
-    use hil_tests::nginx::Pki;
-    use hil_tests::rsyslog::{Options, Rsyslog, Tls};
     if skip_unless_root(
         "rsyslog_stopped_while_100_instances_flow_then_every_transfer_arrives_once_in_order",
     ) {
         return;
     }
     let pacs = Orthanc::start_for_test();
-    let pki_dir = tempfile::tempdir().unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(pki_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let network = Pki::generate(&pki_dir.path().join("network")).unwrap();
-    let mut rsyslog = Rsyslog::start(
-        &Tls {
-            cert: network.server_cert(),
-            key: network.server_key(),
-            client_ca: network.ca_cert(),
-        },
-        &Options {
-            netns: Some(pacs.netns().to_owned()),
-            listen: None,
-        },
-    )
-    .unwrap();
-    let (ca, cert, key) = service_tls_files(
-        &pki_dir.path().join("tls"),
-        audit::service::USER,
-        &network.ca_cert(),
-        &network.client_cert(),
-        &network.client_key(),
-    );
-    let audit = format!(
-        "{FAST_SUPERVISOR}\n[audit]\nenabled = true\nrepository = \"{}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\ntimeout = \"5s\"\n",
-        rsyslog.addr(),
-        ca.display(),
-        cert.display(),
-        key.display(),
-    );
+    let (mut rsyslog, audit, _audit_files) = audit_repository(Some(pacs.netns()));
+    let audit = format!("{FAST_SUPERVISOR}{audit}");
     let (mut h, _) = clinic(&pacs, &audit, "10s");
     start_ready(&mut h, pacs.netns());
     h.wait_for("the audit service", Duration::from_secs(30), |s| {

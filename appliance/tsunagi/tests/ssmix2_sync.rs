@@ -161,47 +161,12 @@ fn records(s: &mut Storage, p: &Patient) {
     .unwrap();
 }
 
-/// An audit repository (a real rsyslog with gnutls, its own test PKI) and the `[audit]`
-/// section that sends to it; the directory holding its files.
-fn audit_repository() -> (hil_tests::rsyslog::Rsyslog, String, tempfile::TempDir) {
-    use hil_tests::nginx::Pki;
-    use hil_tests::rsyslog::{Options, Rsyslog, Tls};
-    use std::os::unix::fs::PermissionsExt as _;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
-    let rsyslog = Rsyslog::start(
-        &Tls {
-            cert: pki.server_cert(),
-            key: pki.server_key(),
-            client_ca: pki.ca_cert(),
-        },
-        &Options::default(),
-    )
-    .unwrap();
-    let (ca, cert, key) = service_tls_files(
-        &dir.path().join("tls"),
-        audit::service::USER,
-        &pki.ca_cert(),
-        &pki.client_cert(),
-        &pki.client_key(),
-    );
-    let section = format!(
-        "\n[audit]\nenabled = true\nrepository = \"{}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\n",
-        rsyslog.addr(),
-        ca.display(),
-        cert.display(),
-        key.display(),
-    );
-    (rsyslog, section, dir)
-}
-
 /// Also issue 17: every file put at nginx is an Export message at the audit repository, and
 /// every deletion a Patient Record (D), the file named by its content (RFC 6920), never by
 /// its path, and the patient (without a network ID here) by the box's pseudonym.
 #[test]
 fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
-    let (rsyslog, audit, _audit_files) = audit_repository();
+    let (rsyslog, audit, _audit_files) = audit_repository(None);
     let mut c = Clinic::new(&format!("{FAST_SUPERVISOR}{audit}"));
     let (a, b, cc) = (
         Patient::sample("0000000001"),

@@ -382,3 +382,68 @@ pub fn service_tls_files(
     }
     copies
 }
+
+/// An ATNA audit repository (a real rsyslog with gnutls and a test PKI of its own), in
+/// network namespace `netns` (the machine's own when `None`), and the `[audit]` section that
+/// sends to it (append it to a config); the directory holding its files (keep it).
+pub fn audit_repository(
+    netns: Option<&str>,
+) -> (hil_tests::rsyslog::Rsyslog, String, tempfile::TempDir) {
+    use hil_tests::nginx::Pki;
+    use hil_tests::rsyslog::{Options, Rsyslog, Tls};
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
+    let rsyslog = Rsyslog::start(
+        &Tls {
+            cert: pki.server_cert(),
+            key: pki.server_key(),
+            client_ca: pki.ca_cert(),
+        },
+        &Options {
+            netns: netns.map(str::to_owned),
+            listen: None,
+        },
+    )
+    .unwrap();
+    let (ca, cert, key) = service_tls_files(
+        &dir.path().join("tls"),
+        audit::service::USER,
+        &pki.ca_cert(),
+        &pki.client_cert(),
+        &pki.client_key(),
+    );
+    let section = format!(
+        "\n[audit]\nenabled = true\nrepository = \"{}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\ntimeout = \"5s\"\n",
+        rsyslog.addr(),
+        ca.display(),
+        cert.display(),
+        key.display(),
+    );
+    (rsyslog, section, dir)
+}
+
+/// The audit messages at `rsyslog` once `done` holds for them (at most `timeout`); fails
+/// with what arrived.
+pub fn audit_messages_until(
+    rsyslog: &hil_tests::rsyslog::Rsyslog,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let messages = rsyslog.messages();
+        if done(&messages) {
+            return messages;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not at the audit repository within {timeout:?}; {} messages there:\n{}\n{}",
+            messages.len(),
+            messages.join("\n"),
+            rsyslog.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
