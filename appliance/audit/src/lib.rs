@@ -1,7 +1,7 @@
 //! The ATNA audit trail (IHE ITI-20, issue 17).
 //!
 //! [`protocol`] and [`client`]: how the other services hand the `audit` service ([`service`])
-//! their events.
+//! their events; [`pending`]: where a service keeps them until then.
 //!
 //! [`message`]: the DICOM audit messages (PS3.15 A.5) of the events issue 17 lists.
 //!
@@ -17,6 +17,7 @@
 pub mod client;
 pub mod message;
 pub mod outbox;
+pub mod pending;
 pub mod protocol;
 pub mod service;
 pub mod syslog;

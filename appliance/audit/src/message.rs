@@ -49,7 +49,7 @@ pub mod codes {
     pub const LOGIN: Code = dcm("110122", "Login");
     pub const NODE_AUTHENTICATION: Code = dcm("110126", "Node Authentication");
     pub const SECURITY_CONFIGURATION: Code = dcm("110129", "Security Configuration");
-    pub const AUDIT_RECORDING_STOPPED: Code = dcm("110139", "Audit Recording Stopped");
+    pub const AUDIT_RECORDING_STOPPED: Code = dcm("110133", "Audit Recording Stopped");
 
     pub const ROLE_APPLICATION: Code = dcm("110150", "Application");
     pub const ROLE_DESTINATION: Code = dcm("110152", "Destination Role ID");
@@ -576,6 +576,9 @@ pub enum Alert {
     RefusedTlsPeer,
     /// The local audit trail failed its verification.
     FailedAuditVerify,
+    /// The box's clock is off the network's time, or its sync is lost (IHE CT), or back in
+    /// step (a success).
+    Clock,
 }
 
 /// Security Alert (A.5.3.11), a failure (minor) with the reason in words.
@@ -590,6 +593,8 @@ pub fn security_alert(
         Alert::RefusedMedium => codes::SECURITY_CONFIGURATION,
         Alert::RefusedTlsPeer => codes::NODE_AUTHENTICATION,
         Alert::FailedAuditVerify => codes::AUDIT_RECORDING_STOPPED,
+        // The time every record carries is part of the security configuration.
+        Alert::Clock => codes::SECURITY_CONFIGURATION,
     };
     AuditMessage {
         event: codes::SECURITY_ALERT,

@@ -136,6 +136,14 @@ pub enum Event {
         user: String,
         from: String,
     },
+    /// The box's clock against the network's time server changed state: `off` (beyond
+    /// 1 s), `lost` (no answer), or `in-step` again.
+    Clock {
+        state: String,
+        server: String,
+        /// The hub's clock minus the box's, in milliseconds, when known.
+        offset_ms: Option<i64>,
+    },
 }
 
 /// A file's content as a URI: RFC 6920's `ni:///sha-256;` and the digest in base64url (a
@@ -250,6 +258,26 @@ impl Event {
                 message::security_alert(node, Alert::FailedAuditVerify, reason, None, at)
             }
             Event::FailedLogin { user, from } => message::failed_login(node, user, from, at),
+            Event::Clock {
+                state,
+                server,
+                offset_ms,
+            } => {
+                let offset = offset_ms
+                    .map(|ms| format!(", offset {:+.3} s", ms as f64 / 1000.0))
+                    .unwrap_or_default();
+                let mut m = message::security_alert(
+                    node,
+                    Alert::Clock,
+                    &format!("clock {state} against the network's time server{offset}"),
+                    Some(server),
+                    at,
+                );
+                if state == "in-step" {
+                    m.outcome = Outcome::Success;
+                }
+                m
+            }
         }
     }
 }

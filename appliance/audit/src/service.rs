@@ -29,7 +29,7 @@ use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 use crate::message::{self, Node};
 use crate::outbox::{Outbox, OutboxError, Round, backoff, send_pending};
 use crate::protocol::{Answer, Request};
-use crate::syslog::Repository;
+use crate::syslog::{Repository, SyslogError};
 
 /// The service name (its state and runtime directories).
 pub const NAME: &str = "audit";
@@ -264,11 +264,14 @@ pub async fn run(
 
 async fn drain(shared: Arc<Shared>, repository: Repository, stop: CancellationToken) {
     let mut failures = 0u32;
+    // The TLS refusal last put in the trail (once per streak, not once per retry).
+    let mut alerted: Option<String> = None;
     loop {
         let round = send_pending(&shared.outbox, &repository).await;
         let wait = match round {
             Ok(Round::Confirmed(seq)) => {
                 failures = 0;
+                alerted = None;
                 if let Ok(mut c) = shared.last_confirmed.lock() {
                     *c = Some((seq, SystemTime::now()));
                 }
@@ -287,6 +290,23 @@ async fn drain(shared: Arc<Shared>, repository: Repository, stop: CancellationTo
             }
             Err(e) => {
                 failures += 1;
+                // A refused TLS peer (the repository's certificate, or the repository
+                // refusing the box's) is a security alert in the trail itself.
+                if let crate::outbox::DrainError::Send(SyslogError::TlsRefused { addr, reason }) =
+                    &e
+                    && alerted.as_deref() != Some(reason.as_str())
+                {
+                    let event = crate::protocol::Event::RefusedTlsPeer {
+                        reason: format!("the audit repository: {reason}"),
+                        peer: addr.to_string(),
+                    };
+                    let shared = shared.clone();
+                    if let Ok(Answer::Recorded { .. }) =
+                        tokio::task::spawn_blocking(move || shared.record(&[event], false)).await
+                    {
+                        alerted = Some(reason.clone());
+                    }
+                }
                 let reason = tsunagi_runtime::child::error_chain(&e);
                 tracing::warn!(error = %reason, "audit messages not sent; retrying");
                 if let Ok(mut f) = shared.last_failure.lock() {

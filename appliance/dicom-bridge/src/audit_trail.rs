@@ -96,7 +96,7 @@ impl Source for Transfers {
     }
 }
 
-/// The spool's other audit events (a viewer's queries), kept as JSON.
+/// The spool's other audit events (a viewer's queries: [`audit::pending`]).
 pub struct Events {
     pub spool: Spool,
 }
@@ -105,21 +105,7 @@ impl Source for Events {
     type Error = TrailError;
 
     fn pending(&mut self, limit: usize) -> Result<Vec<(i64, Event)>, TrailError> {
-        Ok(self
-            .spool
-            .pending_events(limit)?
-            .into_iter()
-            .map(|(id, json)| {
-                // Our own record, unreadable (a bug, a damaged disk): the trail says so
-                // rather than losing it silently.
-                let event =
-                    serde_json::from_str(&json).unwrap_or_else(|_| Event::FailedAuditVerify {
-                        reason: "an audit event kept by the DICOM bridge could not be read"
-                            .to_owned(),
-                    });
-                (id, event)
-            })
-            .collect())
+        Ok(self.spool.pending_events(limit)?)
     }
 
     fn recorded(&mut self, last: i64) -> Result<(), TrailError> {

@@ -47,7 +47,13 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
     worker_threads: 2,
     launch: |cfg| {
         let d = cfg.dicom.as_ref().filter(|d| d.enabled)?;
-        Some(tsunagi_runtime::service::Launch::reading(cfg, d))
+        Some(tsunagi_runtime::service::Launch {
+            // Two malloc arenas, not eight per core: the forwarder, the SCP's commits and
+            // the audit hand-over each run on blocking threads, and an arena per thread was
+            // 1.8 MiB of the service's peak RSS with a 2 GiB instance (issue 15: ≤ 32 MiB).
+            env: vec![("MALLOC_ARENA_MAX".to_owned(), "2".to_owned())],
+            ..tsunagi_runtime::service::Launch::reading(cfg, d)
+        })
     },
     main: |cfg, ctx| match &cfg.dicom {
         Some(d) => tsunagi_runtime::service::boxed(service::run(

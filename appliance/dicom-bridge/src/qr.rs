@@ -65,10 +65,11 @@ pub struct Requestor {
 /// Keeps an audit event in the spool until the audit trail has it (a failure is logged: the
 /// answer to the viewer has gone or is going).
 async fn keep_event(proxy: &Proxy, event: &audit::protocol::Event) {
-    let (Some(spool), Ok(json)) = (proxy.spool.clone(), serde_json::to_string(event)) else {
+    let Some(spool) = proxy.spool.clone() else {
         return;
     };
-    match tokio::task::spawn_blocking(move || spool.record_event(&json)).await {
+    let event = event.clone();
+    match tokio::task::spawn_blocking(move || spool.record_event(&event)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(error = %tsunagi_runtime::child::error_chain(&e), "cannot keep a query's audit event");

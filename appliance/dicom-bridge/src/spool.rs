@@ -149,14 +149,11 @@ const MIGRATIONS: &[Migration] = &[
             at INTEGER NOT NULL
           ) STRICT;",
     },
-    // Other audit events (a viewer's query through the box: `audit::protocol::Event` as
-    // JSON), waiting to be handed to the `audit` service.
+    // Other audit events (a viewer's query through the box), waiting to be handed to the
+    // `audit` service: `audit::pending::TABLE`.
     Migration {
         version: 8,
-        sql: "CREATE TABLE atna_events (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            event TEXT NOT NULL
-          ) STRICT;",
+        sql: audit::pending::TABLE,
     },
 ];
 
@@ -1353,35 +1350,22 @@ impl Spool {
         tx.commit().map_err(sql("queue a transfer record"))
     }
 
-    /// Keeps an audit event (JSON) until the audit trail has it.
-    pub fn record_event(&self, event: &str) -> Result<(), SpoolError> {
-        self.conn()
-            .execute("INSERT INTO atna_events (event) VALUES (?1)", [event])
-            .map_err(sql("queue an audit event"))?;
-        Ok(())
+    /// Keeps an audit event until the audit trail has it ([`audit::pending`]).
+    pub fn record_event(&self, event: &audit::protocol::Event) -> Result<(), SpoolError> {
+        audit::pending::record(&self.conn(), event).map_err(sql("queue an audit event"))
     }
 
     /// Audit events not yet handed over, oldest first.
-    pub fn pending_events(&self, limit: usize) -> Result<Vec<(i64, String)>, SpoolError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached("SELECT id, event FROM atna_events ORDER BY id LIMIT ?1")
-            .map_err(sql("read audit events"))?;
-        let rows = stmt
-            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .map_err(sql("read audit events"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(sql("read audit events"))
+    pub fn pending_events(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(i64, audit::protocol::Event)>, SpoolError> {
+        audit::pending::pending(&self.conn(), limit).map_err(sql("read audit events"))
     }
 
     /// The audit events up to `last` are in the audit trail.
     pub fn events_recorded(&self, last: i64) -> Result<(), SpoolError> {
-        self.conn()
-            .execute("DELETE FROM atna_events WHERE id <= ?1", [last])
-            .map_err(sql("forget audit events"))?;
-        Ok(())
+        audit::pending::forget(&self.conn(), last).map_err(sql("forget audit events"))
     }
 
     /// Release records of delivered instances not yet in the audit trail, oldest first.

@@ -139,3 +139,78 @@ fn the_audit_service_sends_its_start_and_what_it_is_handed_and_keeps_them_throug
     h.signal(Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// A repository whose certificate the box cannot verify (another CA) is refused, and the
+/// refusal is a Security Alert (Node Authentication) in the trail itself, recorded once and
+/// sent once the repository can be verified (the network CA put in place: taken up without
+/// a restart).
+#[test]
+fn a_repository_the_box_cannot_verify_is_refused_and_the_refusal_is_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let network = Pki::generate(&dir.path().join("network")).unwrap();
+    let other = Pki::generate(&dir.path().join("other")).unwrap();
+    let rsyslog = Rsyslog::start(
+        &Tls {
+            cert: network.server_cert(),
+            key: network.server_key(),
+            client_ca: network.ca_cert(),
+        },
+        &Options::default(),
+    )
+    .unwrap();
+    // The box trusts another CA than the one that signed the repository's certificate.
+    let (ca, cert, key) = service_tls_files(
+        &dir.path().join("tls"),
+        audit::service::USER,
+        &other.ca_cert(),
+        &network.client_cert(),
+        &network.client_key(),
+    );
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[audit]\nenabled = true\nrepository = \"{}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\ntimeout = \"5s\"\n",
+        rsyslog.addr(),
+        ca.display(),
+        cert.display(),
+        key.display(),
+    ));
+    h.start();
+    let status = h.wait_for("the refusal", Duration::from_secs(30), |s| {
+        service(s, "audit")["summary"]
+            .as_str()
+            .is_some_and(|t| t.contains("last send failed") && t.contains("refused"))
+    });
+    println!("{}", service(&status, "audit")["summary"]);
+    assert!(rsyslog.messages().is_empty());
+    // Several retries later, the network's CA is put in place.
+    std::thread::sleep(Duration::from_secs(4));
+    let mut ca_pem = std::fs::read(network.ca_cert()).unwrap();
+    ca_pem.extend_from_slice(b"\n");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let messages = received(&rsyslog, 2, &h);
+    assert!(
+        messages[0].1.contains("csd-code=\"110120\""),
+        "{}",
+        messages[0].1
+    );
+    let alert = &messages[1].1;
+    assert!(alert.contains("csd-code=\"110113\""), "{alert}");
+    assert!(alert.contains("csd-code=\"110126\""), "{alert}");
+    assert!(
+        alert.contains(&format!("ParticipantObjectID=\"{}\"", rsyslog.addr())),
+        "{alert}"
+    );
+    // Once, however many retries it took.
+    std::thread::sleep(Duration::from_secs(2));
+    let all = rsyslog.messages();
+    assert_eq!(
+        all.iter()
+            .filter(|m| m.contains("csd-code=\"110126\""))
+            .count(),
+        1,
+        "{all:?}"
+    );
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}

@@ -758,7 +758,7 @@ fn findscu_and_movescu_through_the_box_see_local_ids_and_only_what_consent_allow
         .insert("MaximumStorageCacheSize".into(), serde_json::json!(0));
     let pacs = Orthanc::start_for_test_with(&options);
     // Issue 17: queries and retrieves are audited, at a real rsyslog.
-    let (rsyslog, audit, _audit_files) = audit_repository(Some(pacs.netns()));
+    let (rsyslog, audit, _audit_files) = audit_repository(Some(pacs.netns()), None);
     // Query/retrieve is on, for the listed viewer.
     let (mut h, form) = clinic_with(
         &pacs,
@@ -1973,7 +1973,7 @@ fn rsyslog_stopped_while_100_instances_flow_then_every_transfer_arrives_once_in_
         return;
     }
     let pacs = Orthanc::start_for_test();
-    let (mut rsyslog, audit, _audit_files) = audit_repository(Some(pacs.netns()));
+    let (mut rsyslog, audit, _audit_files) = audit_repository(Some(pacs.netns()), None);
     let audit = format!("{FAST_SUPERVISOR}{audit}");
     let (mut h, _) = clinic(&pacs, &audit, "10s");
     start_ready(&mut h, pacs.netns());

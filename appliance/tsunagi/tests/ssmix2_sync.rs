@@ -166,7 +166,7 @@ fn records(s: &mut Storage, p: &Patient) {
 /// its path, and the patient (without a network ID here) by the box's pseudonym.
 #[test]
 fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
-    let (rsyslog, audit, _audit_files) = audit_repository(None);
+    let (rsyslog, audit, _audit_files) = audit_repository(None, None);
     let mut c = Clinic::new(&format!("{FAST_SUPERVISOR}{audit}"));
     let (a, b, cc) = (
         Patient::sample("0000000001"),

@@ -245,6 +245,13 @@ fn the_clock_is_checked_against_the_hubs_time_server() {
         false,
         true,
     );
+    // Issue 17: the clock's changes are audited, at a real rsyslog in the hub's network.
+    let (rsyslog, audit, _audit_files) = audit_repository(
+        Some(s.net.ns(Host::Hub)),
+        Some("10.98.0.1:6514".parse().unwrap()),
+    );
+    let config = std::fs::read_to_string(&s.h.config).unwrap();
+    std::fs::write(&s.h.config, format!("{config}{audit}")).unwrap();
     let in_step = s.net.serve_time(0).unwrap();
     s.h.start_in_netns(s.net.ns(Host::Box));
     wait_up(&s.h, "tunnel up", Duration::from_secs(30));
@@ -298,6 +305,27 @@ fn the_clock_is_checked_against_the_hubs_time_server() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no clock offset in {scraped}"));
     assert!((scraped_offset - 600.0).abs() < 5.0, "{scraped}");
+    // Audited (Security Alert, Security Configuration): the sync lost, then 10 minutes off,
+    // the time server named; none for the first check in step.
+    let alert = |m: &String, state: &str| {
+        m.contains("csd-code=\"110113\"")
+            && m.contains("csd-code=\"110129\"")
+            && m.contains(&format!(
+                "clock {state} against the network&apos;s time server"
+            ))
+            && m.contains("ParticipantObjectID=\"10.98.0.1:123\"")
+    };
+    let messages = audit_messages_until(
+        &rsyslog,
+        "the clock's changes",
+        Duration::from_secs(30),
+        |ms| ms.iter().any(|m| alert(m, "lost")) && ms.iter().any(|m| alert(m, "off")),
+    );
+    let lost = messages.iter().position(|m| alert(m, "lost")).unwrap();
+    let off = messages.iter().position(|m| alert(m, "off")).unwrap();
+    assert!(lost < off);
+    assert!(messages[off].contains("offset +600."), "{}", messages[off]);
+    assert!(!messages.iter().any(|m| alert(m, "in-step")));
     stop_pid(ahead);
     s.h.signal(Signal::SIGTERM);
     assert!(s.h.wait_exit(Duration::from_secs(15)).unwrap().success());

@@ -115,6 +115,27 @@ impl Clock {
     }
 
     /// Whether the health should be degraded for the clock.
+    /// The time server asked.
+    pub(crate) fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// The state as the audit trail names it (`in-step`, `off`, `lost`), with the offset in
+    /// milliseconds when known; `None` before the first answer.
+    pub(crate) fn audit_state(&self) -> Option<(&'static str, Option<i64>)> {
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "milliseconds of a clock offset"
+        )]
+        let ms = |s: f64| Some((s * 1000.0).round() as i64);
+        match self.state {
+            State::Unknown => None,
+            State::InStep(o) => Some(("in-step", ms(o))),
+            State::Off(o) => Some(("off", ms(o))),
+            State::Lost => Some(("lost", None)),
+        }
+    }
+
     pub(crate) fn is_bad(&self) -> bool {
         matches!(self.state, State::Off(_) | State::Lost)
     }

@@ -44,7 +44,8 @@ pub const SERVICE: Service = Service {
     description: "tsunagi WireGuard tunnel",
     // Interface, addresses, routes and firewall; the userspace daemon inherits it.
     capabilities: &[Capability::CAP_NET_ADMIN],
-    groups: &[],
+    // Records the clock's changes in the ATNA audit trail.
+    groups: &[audit::service::CLIENT_GROUP],
     worker_threads: 2,
     launch: |cfg| {
         let t = cfg.tunnel.as_ref().filter(|t| t.enabled)?;
@@ -62,7 +63,11 @@ pub const SERVICE: Service = Service {
         })
     },
     main: |cfg, ctx| match cfg.tunnel.clone() {
-        Some(t) => service::boxed(run(ctx, t)),
+        Some(t) => service::boxed(run(
+            ctx,
+            t,
+            cfg.audit.enabled.then(|| audit::service::socket_path(cfg)),
+        )),
         None => service::boxed(std::future::ready(Err(NotEnabled { service: NAME }))),
     },
 };
@@ -72,6 +77,10 @@ pub const SERVICE: Service = Service {
 pub enum TunnelError {
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    AuditEvents(#[from] audit::pending::PendingError),
+    #[error("the tunnel service cannot go on")]
+    Background(#[source] tsunagi_runtime::tasks::TaskEnded),
     #[error("cannot read the preshared key file {path}")]
     Psk {
         path: PathBuf,
@@ -250,8 +259,26 @@ fn bytes(n: u64) -> String {
 }
 
 /// Runs the tunnel service until shutdown.
-pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
+pub async fn run(
+    ctx: ServiceCtx,
+    cfg: Tunnel,
+    audit_socket: Option<PathBuf>,
+) -> Result<(), TunnelError> {
     let started = Instant::now();
+    // The clock's changes, kept until the ATNA audit trail has them.
+    let pending = audit::pending::Store::open(&ctx.state_dir.join("audit-pending.db"))?;
+    let mut tasks = tsunagi_runtime::tasks::Tasks::new(ctx.shutdown.clone());
+    let audit_error: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
+    let keep = audit::pending::Store::open(&ctx.state_dir.join("audit-pending.db"))?;
+    tasks.spawn(
+        "audit-trail",
+        audit::client::hand_over(
+            pending,
+            audit_socket,
+            audit_error.clone(),
+            ctx.shutdown.clone(),
+        ),
+    );
     let key_path = private_key_path(&cfg, &ctx.state_dir);
     let (key, origin) = key::load_or_generate(&key_path)?;
     tracing::info!(
@@ -332,6 +359,8 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
             cfg.probe_timeout.get(),
         )
     });
+    // The clock state last put in the audit trail.
+    let mut audited_clock: Option<&'static str> = None;
     let mut last_step: Option<(Step, Instant)> = None;
     let mut steps = StepCounts::default();
     let mut link = Link::Down;
@@ -340,6 +369,10 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
+            ended = tasks.failed() => {
+                tun.plane.stop().await;
+                return Err(TunnelError::Background(ended));
+            }
             _ = ticker.tick() => {}
         }
         // Every step below may wait on the hub or the data plane: a stop cancels it where it
@@ -375,6 +408,24 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => break,
                 () = clock.check_if_due() => {}
+            }
+            // A change to off or lost is audited, and the return to in step after one.
+            if let Some((state, offset_ms)) = clock.audit_state()
+                && audited_clock != Some(state)
+                && (state != "in-step" || audited_clock.is_some())
+            {
+                let event = audit::protocol::Event::Clock {
+                    state: state.to_owned(),
+                    server: clock.server().to_string(),
+                    offset_ms,
+                };
+                match keep.record(&event) {
+                    Ok(()) => audited_clock = Some(state),
+                    Err(e) => tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "cannot keep the clock's change for the audit trail; trying again"
+                    ),
+                }
             }
         }
         let now = Instant::now();
@@ -456,6 +507,7 @@ pub async fn run(ctx: ServiceCtx, cfg: Tunnel) -> Result<(), TunnelError> {
     }
     tracing::info!("stopping the tunnel");
     tun.plane.stop().await;
+    tasks.join(Duration::from_millis(300)).await;
     Ok(())
 }
 

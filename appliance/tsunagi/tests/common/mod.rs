@@ -384,16 +384,20 @@ pub fn service_tls_files(
 }
 
 /// An ATNA audit repository (a real rsyslog with gnutls and a test PKI of its own), in
-/// network namespace `netns` (the machine's own when `None`), and the `[audit]` section that
-/// sends to it (append it to a config); the directory holding its files (keep it).
+/// network namespace `netns` (the machine's own when `None`) on `listen` (a free port of
+/// 127.0.0.1 when `None`), and the `[audit]` section that sends to it (append it to a
+/// config); the directory holding its files (keep it).
 pub fn audit_repository(
     netns: Option<&str>,
+    listen: Option<std::net::SocketAddrV4>,
 ) -> (hil_tests::rsyslog::Rsyslog, String, tempfile::TempDir) {
     use hil_tests::nginx::Pki;
     use hil_tests::rsyslog::{Options, Rsyslog, Tls};
     let dir = tempfile::tempdir().unwrap();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let pki = Pki::generate(&dir.path().join("pki")).unwrap();
+    // The repository's certificate names the address it listens on.
+    let ips: Vec<std::net::Ipv4Addr> = listen.iter().map(|a| *a.ip()).collect();
+    let pki = Pki::generate_for(&dir.path().join("pki"), &ips).unwrap();
     let rsyslog = Rsyslog::start(
         &Tls {
             cert: pki.server_cert(),
@@ -402,7 +406,7 @@ pub fn audit_repository(
         },
         &Options {
             netns: netns.map(str::to_owned),
-            listen: None,
+            listen,
         },
     )
     .unwrap();
