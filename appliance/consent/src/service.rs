@@ -146,6 +146,8 @@ pub struct Shared {
     last_sync_error: Mutex<Option<String>>,
     /// Why the last hand-over of changes to the ATNA audit trail failed (`None`: it did not).
     audit_error: Arc<Mutex<Option<String>>>,
+    /// The same for the other events (alerts).
+    alerts_error: Arc<Mutex<Option<String>>>,
 }
 
 impl Shared {
@@ -156,6 +158,7 @@ impl Shared {
             settings,
             last_sync_error: Mutex::new(None),
             audit_error: Arc::default(),
+            alerts_error: Arc::default(),
         })
     }
 
@@ -399,7 +402,12 @@ impl Shared {
         if let Some(e) = sync_error {
             summary.push_str(&format!("; last sync failed: {e}"));
         }
-        let audit_error = self.audit_error.lock().ok().and_then(|e| e.clone());
+        let audit_error = self
+            .audit_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .or_else(|| self.alerts_error.lock().ok().and_then(|e| e.clone()));
         if let Some(e) = &audit_error {
             summary.push_str(&format!(
                 "; consent and identity changes not yet in the ATNA audit trail: {e}"
@@ -549,6 +557,15 @@ pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<()
             ctx.shutdown.clone(),
         ),
     );
+    tasks.spawn(
+        "audit-alerts",
+        audit::client::hand_over(
+            PendingEvents(shared.clone()),
+            shared.settings.audit_socket.clone(),
+            shared.alerts_error.clone(),
+            ctx.shutdown.clone(),
+        ),
+    );
     ctx.reporter.ready();
     tracing::info!("consent decisions served");
     if let Some(client) = shared.settings.fhir.clone() {
@@ -613,6 +630,29 @@ impl audit::client::Source for PendingChanges {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .changes_recorded(last)
+    }
+}
+
+/// The other events the ATNA audit trail is owed (`consent.db`'s `atna_events`).
+struct PendingEvents(Arc<Shared>);
+
+impl audit::client::Source for PendingEvents {
+    type Error = StoreError;
+
+    fn pending(&mut self, limit: usize) -> Result<Vec<(i64, audit::protocol::Event)>, StoreError> {
+        self.0
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pending_events(limit)
+    }
+
+    fn recorded(&mut self, last: i64) -> Result<(), StoreError> {
+        self.0
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .events_recorded(last)
     }
 }
 

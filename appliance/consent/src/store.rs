@@ -208,6 +208,30 @@ pub const MIGRATIONS: &[Migration] = &[
         END;
     ",
     },
+    Migration {
+        version: 5,
+        // The ATNA audit trail's other events (`audit::pending::TABLE`): a failed
+        // verification of the local trail (by `tsunagi audit verify`, or a reset found
+        // against the network's checkpoint, written here by triggers), as Security Alerts.
+        sql: "
+        CREATE TABLE atna_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            event TEXT NOT NULL
+        ) STRICT;
+        CREATE TRIGGER atna_trail_reset AFTER UPDATE OF reset ON audit_anchor
+        WHEN NEW.reset IS NOT NULL AND OLD.reset IS NULL
+        BEGIN
+            INSERT INTO atna_events (event) VALUES (json_object('failed-audit-verify',
+                json_object('reason', 'the consent audit trail does not continue the network''s checkpoint: ' || NEW.reset)));
+        END;
+        CREATE TRIGGER atna_trail_reset_first AFTER INSERT ON audit_anchor
+        WHEN NEW.reset IS NOT NULL
+        BEGIN
+            INSERT INTO atna_events (event) VALUES (json_object('failed-audit-verify',
+                json_object('reason', 'the consent audit trail does not continue the network''s checkpoint: ' || NEW.reset)));
+        END;
+    ",
+    },
 ];
 
 /// A consent or identity change not yet handed to the `audit` service.
@@ -663,6 +687,31 @@ impl Store {
             .map_err(sql("read pending changes"))?;
         rows.collect::<Result<_, _>>()
             .map_err(sql("read pending changes"))
+    }
+
+    /// The trail failed its verification (`tsunagi audit verify`): a Security Alert owed to
+    /// the ATNA audit trail.
+    pub fn record_failed_verify(&self, row: i64, problem: &str) -> Result<(), StoreError> {
+        audit::pending::record(
+            &self.conn,
+            &audit::protocol::Event::FailedAuditVerify {
+                reason: format!("the consent audit trail is broken at row {row}: {problem}"),
+            },
+        )
+        .map_err(sql("record a failed verification"))
+    }
+
+    /// The other ATNA events owed (`atna_events`), oldest first.
+    pub fn pending_events(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(i64, audit::protocol::Event)>, StoreError> {
+        audit::pending::pending(&self.conn, limit).map_err(sql("read pending events"))
+    }
+
+    /// The other ATNA events up to `last` are in the trail.
+    pub fn events_recorded(&self, last: i64) -> Result<(), StoreError> {
+        audit::pending::forget(&self.conn, last).map_err(sql("forget pending events"))
     }
 
     /// The changes up to `last` are in the ATNA audit trail.

@@ -531,6 +531,13 @@ pub(crate) fn audit_verify(cfg: &Config, json: bool) -> u8 {
             exit_code::OK
         }
         Ok(AuditCheck::Broken { row, problem }) => {
+            // A Security Alert for the ATNA audit trail (the consent service hands it over).
+            if let Err(e) = store.record_failed_verify(row, &problem) {
+                eprintln!(
+                    "tsunagi: cannot record the failed verification for the audit trail: {}",
+                    crate::error_chain(&e)
+                );
+            }
             if json {
                 print_json(&serde_json::json!({ "intact": false, "row": row, "problem": problem }));
             } else {

@@ -214,3 +214,49 @@ fn a_repository_the_box_cannot_verify_is_refused_and_the_refusal_is_audited() {
     h.signal(Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// A failed `tsunagi audit verify` (a row of the consent trail altered) is a Security Alert
+/// (Audit Recording Stopped) at the repository, handed over by the consent service.
+#[test]
+fn a_failed_audit_verify_reaches_the_repository_as_a_security_alert() {
+    let (rsyslog, audit, _audit_files) = audit_repository(None, None);
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\n{audit}"
+    ));
+    let form = h.dir.path().join("form.pdf");
+    std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
+    register_consent(&h, &form, "0001234", &[]);
+    let decide = std::process::Command::new(BIN)
+        .args(["consent", "decide", "0001234", "hub", "images", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(decide.status.success(), "{decide:?}");
+    rusqlite::Connection::open(h.state_dir().join("consent").join("consent.db"))
+        .unwrap()
+        .execute("UPDATE audit SET reason = 'altered' WHERE seq = 1", [])
+        .unwrap();
+    let verify = std::process::Command::new(BIN)
+        .args(["audit", "verify", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert_eq!(verify.status.code(), Some(1), "{verify:?}");
+    h.start();
+    let messages = audit_messages_until(
+        &rsyslog,
+        "the failed verification",
+        Duration::from_secs(30),
+        |ms| {
+            ms.iter()
+                .any(|m| m.contains("csd-code=\"110113\"") && m.contains("csd-code=\"110133\""))
+        },
+    );
+    let alert = messages
+        .iter()
+        .find(|m| m.contains("csd-code=\"110133\""))
+        .unwrap();
+    assert!(alert.contains("broken at row 1"), "{alert}");
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}

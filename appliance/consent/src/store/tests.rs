@@ -542,9 +542,34 @@ fn deleting_the_whole_trail_and_head_is_found_against_the_acknowledged_checkpoin
         s.verify_audit().unwrap(),
         AuditCheck::Broken {
             row: 5,
-            problem: why
+            problem: why.clone()
         }
     );
+    // Issue 17: the reset is a Security Alert owed to the ATNA audit trail, once (the
+    // anchor that followed did not add another), and so is a failed `audit verify`.
+    s.record_failed_verify(5, &why).unwrap();
+    let events = s.pending_events(10).unwrap();
+    let reasons: Vec<&str> = events
+        .iter()
+        .map(|(_, e)| match e {
+            audit::protocol::Event::FailedAuditVerify { reason } => reason.as_str(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0]
+            .starts_with("the consent audit trail does not continue the network's checkpoint: "),
+        "{}",
+        reasons[0]
+    );
+    assert!(
+        reasons[1].starts_with("the consent audit trail is broken at row 5"),
+        "{}",
+        reasons[1]
+    );
+    s.events_recorded(events[1].0).unwrap();
+    assert!(s.pending_events(10).unwrap().is_empty());
 }
 
 /// Issue 17: every consent and identity change is owed to the ATNA audit trail, written with
