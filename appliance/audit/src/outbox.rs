@@ -37,6 +37,15 @@ pub const MIGRATIONS: &[Migration] = &[
               key BLOB NOT NULL CHECK (length(key) = 32)
           ) STRICT;",
     },
+    // How far the provisioning trail (`STATE/provisioning/audit.jsonl`) was recorded.
+    Migration {
+        version: 3,
+        sql: "CREATE TABLE provisioning_cursor (
+              id INTEGER PRIMARY KEY CHECK (id = 1),
+              offset INTEGER NOT NULL
+          ) STRICT;
+          INSERT INTO provisioning_cursor VALUES (1, 0);",
+    },
 ];
 
 /// Messages sent per connection (each connection is one confirmed batch).
@@ -86,10 +95,44 @@ impl Outbox {
         self.record_all(&[xml]).map(|(first, _)| first)
     }
 
+    /// How far the provisioning trail was recorded (bytes).
+    pub fn provisioning_offset(&self) -> Result<u64, OutboxError> {
+        let n: i64 = self.db.query_row(
+            "SELECT offset FROM provisioning_cursor WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Records the messages of the provisioning trail up to `offset`, and the offset, in one
+    /// transaction.
+    pub fn record_provisioning<S: AsRef<str>>(
+        &mut self,
+        xmls: &[S],
+        offset: u64,
+    ) -> Result<(), OutboxError> {
+        self.record_in(xmls, Some(offset)).map(|_| ())
+    }
+
     /// Records messages in one transaction (all or none), numbered in their order. Returns
     /// the first and the last sequence number.
     pub fn record_all<S: AsRef<str>>(&mut self, xmls: &[S]) -> Result<(u64, u64), OutboxError> {
+        self.record_in(xmls, None)
+    }
+
+    fn record_in<S: AsRef<str>>(
+        &mut self,
+        xmls: &[S],
+        provisioning_offset: Option<u64>,
+    ) -> Result<(u64, u64), OutboxError> {
         let tx = self.db.transaction()?;
+        if let Some(offset) = provisioning_offset {
+            tx.execute(
+                "UPDATE provisioning_cursor SET offset = ?1 WHERE id = 1",
+                [i64::try_from(offset).unwrap_or(i64::MAX)],
+            )?;
+        }
         let mut seqs = (0, 0);
         for (i, xml) in xmls.iter().enumerate() {
             tx.execute("INSERT INTO outbox (message) VALUES ('')", [])?;

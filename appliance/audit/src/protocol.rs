@@ -136,6 +136,12 @@ pub enum Event {
         user: String,
         from: String,
     },
+    /// A provisioning medium was applied, or applying it failed (`tsunagi medium apply`; a
+    /// refusal is [`Event::RefusedMedium`]).
+    Medium {
+        applied: bool,
+        reason: String,
+    },
     /// The box's clock against the network's time server changed state: `off` (beyond
     /// 1 s), `lost` (no answer), or `in-step` again.
     Clock {
@@ -144,6 +150,32 @@ pub enum Event {
         /// The hub's clock minus the box's, in milliseconds, when known.
         offset_ms: Option<i64>,
     },
+}
+
+/// A line of the provisioning trail (`STATE/provisioning/audit.jsonl`, written by
+/// `tsunagi medium apply`) as an event; `None` for a line that is not one.
+pub fn provisioning_event(line: &str) -> Option<Event> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v.get("event")?.as_str()? != "provisioning-medium" {
+        return None;
+    }
+    let reason = v.get("reason")?.as_str()?.to_owned();
+    let serial = v
+        .get("serial")
+        .and_then(serde_json::Value::as_u64)
+        .map(|s| format!(" (serial {s})"))
+        .unwrap_or_default();
+    Some(match v.get("verdict")?.as_str()? {
+        "refused" => Event::RefusedMedium { reason },
+        "applied" => Event::Medium {
+            applied: true,
+            reason: format!("provisioning medium applied{serial}: {reason}"),
+        },
+        _ => Event::Medium {
+            applied: false,
+            reason: format!("provisioning medium failed{serial}: {reason}"),
+        },
+    })
 }
 
 /// A file's content as a URI: RFC 6920's `ni:///sha-256;` and the digest in base64url (a
@@ -258,6 +290,15 @@ impl Event {
                 message::security_alert(node, Alert::FailedAuditVerify, reason, None, at)
             }
             Event::FailedLogin { user, from } => message::failed_login(node, user, from, at),
+            Event::Medium { applied, reason } => {
+                let mut m = message::security_alert(node, Alert::RefusedMedium, reason, None, at);
+                m.outcome = if *applied {
+                    Outcome::Success
+                } else {
+                    Outcome::SeriousFailure
+                };
+                m
+            }
             Event::Clock {
                 state,
                 server,
@@ -298,6 +339,34 @@ mod tests {
         assert_ne!(Patient::Local("0001235".into()).audit_id(&key), pseudonym);
         assert_ne!(local.audit_id(&[8u8; 32]), pseudonym);
         assert_eq!(Patient::Network("NET-1".into()).audit_id(&key), "NET-1");
+    }
+
+    #[test]
+    fn the_provisioning_trail_s_lines_become_events() {
+        let line = |verdict: &str| {
+            format!(
+                r#"{{"time":1,"event":"provisioning-medium","verdict":"{verdict}","serial":7,"reason":"why"}}"#
+            )
+        };
+        assert_eq!(
+            provisioning_event(&line("refused")),
+            Some(Event::RefusedMedium {
+                reason: "why".into()
+            })
+        );
+        assert_eq!(
+            provisioning_event(&line("applied")),
+            Some(Event::Medium {
+                applied: true,
+                reason: "provisioning medium applied (serial 7): why".into()
+            })
+        );
+        assert!(matches!(
+            provisioning_event(&line("failed")),
+            Some(Event::Medium { applied: false, .. })
+        ));
+        assert_eq!(provisioning_event("not json"), None);
+        assert_eq!(provisioning_event(r#"{"event":"other"}"#), None);
     }
 
     #[test]

@@ -140,6 +140,54 @@ impl Shared {
         }
     }
 
+    /// Records the provisioning trail's complete lines after the saved offset (a trail
+    /// shorter than the offset was replaced: read from its start). Returns how many events.
+    fn take_provisioning(&self, path: &std::path::Path) -> Result<usize, String> {
+        use std::io::{Read as _, Seek as _};
+        let mut file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut outbox = self
+            .outbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut offset = outbox.provisioning_offset().map_err(|e| e.to_string())?;
+        if len < offset {
+            offset = 0;
+        }
+        if len == offset {
+            return Ok(0);
+        }
+        file.seek(std::io::SeekFrom::Start(offset))
+            .map_err(|e| e.to_string())?;
+        let mut bytes = Vec::new();
+        file.take(PROVISIONING_READ)
+            .read_to_end(&mut bytes)
+            .map_err(|e| e.to_string())?;
+        // Complete lines only: one being written is read next time.
+        let Some(end) = bytes.iter().rposition(|&b| b == b'\n') else {
+            return Ok(0);
+        };
+        let key = *outbox.pseudonym_key();
+        let now = SystemTime::now();
+        let xmls: Vec<String> = String::from_utf8_lossy(&bytes[..=end])
+            .lines()
+            .filter_map(crate::protocol::provisioning_event)
+            .map(|e| e.message(&self.node, &key, now).to_xml())
+            .collect();
+        outbox
+            .record_provisioning(&xmls, offset + end as u64 + 1)
+            .map_err(|e| tsunagi_runtime::child::error_chain(&e))?;
+        drop(outbox);
+        if !xmls.is_empty() {
+            self.recorded.notify_one();
+        }
+        Ok(xmls.len())
+    }
+
     fn record_own(&self, start: bool) -> Result<u64, OutboxError> {
         let xml = message::application_activity(&self.node, start, SystemTime::now()).to_xml();
         let mut outbox = self
@@ -209,8 +257,22 @@ pub(crate) async fn main(
         .await
         .map_err(ServiceError::Task)??;
     let runtime_dir = cfg.paths.runtime_dir.as_path().join(NAME);
-    run(ctx, outbox, node, repository, runtime_dir).await
+    let provisioning = cfg
+        .paths
+        .state_dir
+        .as_path()
+        .join("provisioning")
+        .join(PROVISIONING_TRAIL);
+    run(ctx, outbox, node, repository, runtime_dir, provisioning).await
 }
+
+/// The provisioning trail's file name (in `STATE/provisioning/`, written by `tsunagi medium
+/// apply`: one JSON line per medium applied, refused or failed).
+pub const PROVISIONING_TRAIL: &str = "audit.jsonl";
+/// The most of the provisioning trail read per look.
+const PROVISIONING_READ: u64 = 1 << 20;
+/// How often the provisioning trail is looked at.
+const PROVISIONING_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs the audit service until shutdown.
 pub async fn run(
@@ -219,6 +281,7 @@ pub async fn run(
     node: Node,
     repository: Repository,
     runtime_dir: PathBuf,
+    provisioning: PathBuf,
 ) -> Result<(), ServiceError> {
     let path = runtime_dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&path);
@@ -245,6 +308,10 @@ pub async fn run(
         "drain",
         drain(shared.clone(), repository.clone(), ctx.shutdown.clone()),
     );
+    tasks.spawn(
+        "provisioning-trail",
+        provisioning_trail(shared.clone(), provisioning, ctx.shutdown.clone()),
+    );
     ctx.reporter.ready();
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -260,6 +327,27 @@ pub async fn run(
     // The stop is recorded; it is sent at the next start (the repository may be far).
     shared.record_own(false)?;
     Ok(())
+}
+
+/// Records what the provisioning trail gained since the last look, every
+/// [`PROVISIONING_EVERY`] (a medium is applied before the services start; one applied while
+/// they run is seen within the interval).
+async fn provisioning_trail(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken) {
+    loop {
+        let (s, p) = (shared.clone(), path.clone());
+        match tokio::task::spawn_blocking(move || s.take_provisioning(&p)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(
+                error = %e,
+                "cannot record the provisioning trail; trying again"
+            ),
+            Err(_) => return,
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PROVISIONING_EVERY) => {}
+        }
+    }
 }
 
 async fn drain(shared: Arc<Shared>, repository: Repository, stop: CancellationToken) {

@@ -378,7 +378,8 @@ fn reset(
 /// The provisioning audit trail (`STATE/provisioning/audit.jsonl`): one line per medium
 /// the box was asked to apply (applied, refused, failed), with the time, the serial if the
 /// medium could be read, and the reason; appended and flushed, kept through a factory
-/// reset. Issue 17's ATNA forwarder is to send these as security alerts.
+/// reset. Readable by the `audit` service's group, which sends each line on to the ATNA
+/// audit trail (a refusal as a Security Alert).
 fn audit(state: &Path, verdict: &str, text: &str, serial: Option<u64>) {
     use std::io::Write as _;
     let dir = state.join("provisioning");
@@ -409,6 +410,12 @@ fn audit(state: &Path, verdict: &str, text: &str, serial: Option<u64>) {
     });
     if let Err(e) = written {
         eprintln!("tsunagi medium: cannot write the provisioning audit record: {e}");
+    }
+    // The `audit` service reads it (its group), to send it on to the ATNA audit trail.
+    if tsunagi_runtime::privilege::is_root()
+        && let Ok(id) = tsunagi_runtime::privilege::ensure_user(audit::service::USER)
+    {
+        let _ = nix::unistd::chown(&dir.join(AUDIT_FILE), None, Some(id.gid));
     }
 }
 

@@ -260,3 +260,71 @@ fn a_failed_audit_verify_reaches_the_repository_as_a_security_alert() {
     h.signal(Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// Issue 17: each medium `apply` refused (or applied) is sent on to the ATNA audit trail by
+/// the `audit` service from the provisioning trail: a refusal is a Security Alert (Security
+/// Configuration) with its reason, at a real rsyslog.
+#[test]
+fn a_refused_medium_reaches_the_audit_repository_as_a_security_alert() {
+    let k = ring::signature::Ed25519KeyPair::from_pkcs8(
+        ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .unwrap()
+            .as_ref(),
+    )
+    .unwrap();
+    // A medium without a signature (nothing of it is read before one verifies).
+    let media = tempfile::tempdir().unwrap();
+    let unsigned = media.path().join("unsigned");
+    std::fs::create_dir_all(&unsigned).unwrap();
+    std::fs::write(unsigned.join(tsunagi_medium::BUNDLE_FILE), b"{}").unwrap();
+    let (rsyslog, audit, _audit_files) = audit_repository(None, None);
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n{audit}"
+    ));
+    let keys = tempfile::tempdir().unwrap();
+    let public = keys.path().join("provisioning.pub");
+    std::fs::write(&public, tsunagi_medium::public_key_text(&k)).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["medium", "apply"])
+        .arg(&unsigned)
+        .arg("--key")
+        .arg(&public)
+        .arg("--state-dir")
+        .arg(h.state_dir())
+        .arg("--config")
+        .arg(keys.path().join("not-written.toml"))
+        .arg("--network-dir")
+        .arg(keys.path().join("network"))
+        .arg("--time-dir")
+        .arg(keys.path().join("time"))
+        .env_remove("TSUNAGI_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    h.start();
+    let messages = audit_messages_until(
+        &rsyslog,
+        "the refused medium",
+        Duration::from_secs(30),
+        |ms| ms.iter().any(|m| m.contains("the medium is not signed")),
+    );
+    let alert = messages
+        .iter()
+        .find(|m| m.contains("the medium is not signed"))
+        .unwrap();
+    assert!(alert.contains("csd-code=\"110113\""), "{alert}");
+    assert!(alert.contains("csd-code=\"110129\""), "{alert}");
+    assert!(alert.contains("EventOutcomeIndicator=\"4\""), "{alert}");
+    // Once: the trail is not read again from its start.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        rsyslog
+            .messages()
+            .iter()
+            .filter(|m| m.contains("the medium is not signed"))
+            .count(),
+        1
+    );
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
