@@ -96,6 +96,34 @@ impl Client {
     }
 }
 
+/// A link's TLS refusals (a peer the box cannot verify, or one that refuses the box), for
+/// the trail once per streak: the same refusal again, retry after retry, is not a new
+/// event; a success ends the streak.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    last: Option<String>,
+}
+
+impl Refusals {
+    /// What the last attempt came to (`Some((peer, reason))`: refused): the event to keep
+    /// when the refusal is new.
+    pub fn observe(&mut self, refused: Option<(String, String)>) -> Option<Event> {
+        match refused {
+            None => {
+                self.last = None;
+                None
+            }
+            Some((peer, reason)) => {
+                if self.last.as_deref() == Some(reason.as_str()) {
+                    return None;
+                }
+                self.last = Some(reason.clone());
+                Some(Event::RefusedTlsPeer { reason, peer })
+            }
+        }
+    }
+}
+
 /// Where a service keeps the events it owes the audit trail: durable, written with the
 /// change each records, and forgotten only once the audit service has them.
 pub trait Source: Send + 'static {
@@ -228,6 +256,20 @@ mod tests {
                 .collect(),
             forgotten: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_refusal_is_an_event_once_per_streak() {
+        let mut r = Refusals::default();
+        let refused = |why: &str| Some(("10.98.0.1:443".to_owned(), why.to_owned()));
+        assert!(matches!(
+            r.observe(refused("expired")),
+            Some(Event::RefusedTlsPeer { .. })
+        ));
+        assert_eq!(r.observe(refused("expired")), None);
+        assert!(r.observe(refused("another CA")).is_some());
+        assert_eq!(r.observe(None), None);
+        assert!(r.observe(refused("another CA")).is_some());
     }
 
     #[test]

@@ -660,6 +660,8 @@ impl audit::client::Source for PendingEvents {
 const STOP_TASKS: Duration = Duration::from_secs(1);
 
 async fn sync_loop(shared: Arc<Shared>, client: crate::sync::Client, stop: CancellationToken) {
+    // A FHIR server refused over TLS: a Security Alert in the ATNA trail, once per streak.
+    let mut refusals = audit::client::Refusals::default();
     let mut ticker = tokio::time::interval(shared.settings.pull_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -696,6 +698,27 @@ async fn sync_loop(shared: Arc<Shared>, client: crate::sync::Client, stop: Cance
                 Some(tsunagi_runtime::child::error_chain(e))
             }
         };
+        let refused = match &result {
+            Err(crate::sync::SyncError::Tls { addr, reason }) => Some((
+                addr.to_string(),
+                format!("the network's FHIR server: {reason}"),
+            )),
+            _ => None,
+        };
+        if let Some(event) = refusals.observe(refused) {
+            let shared = shared.clone();
+            let kept = tokio::task::spawn_blocking(move || {
+                shared
+                    .store
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .record_event(&event)
+            })
+            .await;
+            if !matches!(kept, Ok(Ok(()))) {
+                tracing::warn!("cannot keep a refused TLS peer for the audit trail");
+            }
+        }
         if let Ok(mut last) = shared.last_sync_error.lock() {
             *last = message;
         }

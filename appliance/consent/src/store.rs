@@ -701,6 +701,11 @@ impl Store {
         .map_err(sql("record a failed verification"))
     }
 
+    /// Keeps an event owed to the ATNA audit trail (`atna_events`).
+    pub fn record_event(&self, event: &audit::protocol::Event) -> Result<(), StoreError> {
+        audit::pending::record(&self.conn, event).map_err(sql("record an audit event"))
+    }
+
     /// The other ATNA events owed (`atna_events`), oldest first.
     pub fn pending_events(
         &self,

@@ -119,6 +119,31 @@ impl<I: Identities + Send + 'static> Source for Exports<I> {
     }
 }
 
+/// The sync's other events (`sync.db`'s `atna_events`: a replica refused over TLS).
+pub struct Alerts {
+    conn: Connection,
+}
+
+impl Alerts {
+    pub fn open(state_dir: &Path) -> Result<Alerts, TrailError> {
+        Ok(Alerts {
+            conn: crate::sync::open_db(state_dir)?,
+        })
+    }
+}
+
+impl Source for Alerts {
+    type Error = TrailError;
+
+    fn pending(&mut self, limit: usize) -> Result<Vec<(i64, Event)>, TrailError> {
+        Ok(audit::pending::pending(&self.conn, limit)?)
+    }
+
+    fn recorded(&mut self, last: i64) -> Result<(), TrailError> {
+        Ok(audit::pending::forget(&self.conn, last)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

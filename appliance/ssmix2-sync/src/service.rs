@@ -201,6 +201,16 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             ctx.shutdown.clone(),
         ),
     );
+    let alerts_error: Arc<Mutex<Option<String>>> = Arc::default();
+    tasks.spawn(
+        "audit-alerts",
+        audit::client::hand_over(
+            crate::audit_trail::Alerts::open(&settings.state_dir)?,
+            settings.audit_socket.clone(),
+            alerts_error.clone(),
+            ctx.shutdown.clone(),
+        ),
+    );
     ctx.reporter.ready();
     tracing::info!("SS-MIX2 sync started");
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
@@ -220,7 +230,12 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             return Err(ServiceError::Worker(TaskEnded { task, why }));
         }
         let (mut health, mut summary, metrics) = report(&shared);
-        if let Some(e) = audit_error.lock().ok().and_then(|e| e.clone()) {
+        if let Some(e) = audit_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .or_else(|| alerts_error.lock().ok().and_then(|e| e.clone()))
+        {
             summary.push_str(&format!(
                 "; exports and deletions not yet in the ATNA audit trail: {e}"
             ));
@@ -256,19 +271,27 @@ const WORKER_STOP: Duration = Duration::from_secs(1);
 /// How often the idle worker looks whether the service is stopping.
 const STOP_POLL: Duration = Duration::from_millis(100);
 
-type CertStamp = Option<(u64, std::time::SystemTime)>;
+type CertStamp = Option<Vec<(u64, std::time::SystemTime)>>;
 
-/// What identifies the client certificate a WebDAV replica was set up with (its length and
-/// modification time): when it changes (the identity service renewed it), the replica is
-/// set up again. `None` for a directory replica, or a certificate not there (yet).
+/// What identifies the TLS files a WebDAV replica was set up with (each one's length and
+/// modification time: the CA, the client certificate): when one changes (the identity
+/// service renewed the certificate, the network's CA was replaced), the replica is set up
+/// again. `None` for a directory replica, or a file not there (yet).
 fn certificate_stamp(target: &Target) -> CertStamp {
     match target {
         Target::Directory(_) => None,
         Target::WebDav {
-            client_cert_file, ..
-        } => std::fs::metadata(client_cert_file)
-            .ok()
-            .and_then(|m| Some((m.len(), m.modified().ok()?))),
+            ca_file,
+            client_cert_file,
+            ..
+        } => [ca_file, client_cert_file]
+            .iter()
+            .map(|f| {
+                std::fs::metadata(f)
+                    .ok()
+                    .and_then(|m| Some((m.len(), m.modified().ok()?)))
+            })
+            .collect(),
     }
 }
 
@@ -281,6 +304,7 @@ fn worker(
     stop: &std::sync::atomic::AtomicBool,
 ) {
     let mut gate = SocketGate::new(&settings.consent_socket);
+    let mut refusals = audit::client::Refusals::default();
     let mut failures: u32 = 0;
     let mut replica: Option<(Box<dyn Replica>, CertStamp)> = None;
     loop {
@@ -290,7 +314,7 @@ fn worker(
         let stamp = certificate_stamp(&settings.target);
         if replica.as_ref().is_none_or(|(_, was)| *was != stamp) {
             if replica.is_some() {
-                tracing::info!("the client certificate changed; setting up the replica again");
+                tracing::info!("the TLS files changed; setting up the replica again");
             }
             replica = match open_replica(&settings.target) {
                 Ok(r) => Some((r, stamp)),
@@ -325,6 +349,22 @@ fn worker(
         };
         let result = syncer.cycle(&mut gate, replica_now.as_mut());
         let state = syncer.state().unwrap_or_default();
+        // The hub's replica refused over TLS: a Security Alert, once per streak.
+        let refused = match &result {
+            Err(SyncError::Replica(ReplicaError::TlsRefused(reason))) => Some((
+                settings.target.name(),
+                format!("the hub's SS-MIX2 replica: {reason}"),
+            )),
+            _ => None,
+        };
+        if let Some(event) = refusals.observe(refused)
+            && let Err(e) = syncer.record_event(&event)
+        {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "cannot keep a refused TLS peer for the audit trail"
+            );
+        }
         match &result {
             Ok(r) => {
                 failures = 0;

@@ -115,6 +115,12 @@ const MIGRATIONS: &[Migration] = &[
             VALUES (NEW.kind = 'deleted', NEW.patient_id, NEW.data_type, NEW.sha256);
           END;",
     },
+    // The sync's other events for the audit trail (a replica refused over TLS):
+    // `audit::pending::TABLE`.
+    Migration {
+        version: 6,
+        sql: audit::pending::TABLE,
+    },
 ];
 
 /// Opens `sync.db` in `state_dir` (creating or migrating it) on a connection of its own.
@@ -298,6 +304,11 @@ impl Syncer {
             settings,
             stop: None,
         })
+    }
+
+    /// Keeps an event owed to the ATNA audit trail (`atna_events`).
+    pub fn record_event(&self, event: &audit::protocol::Event) -> Result<(), SyncError> {
+        audit::pending::record(&self.conn, event).map_err(sql("record an audit event"))
     }
 
     /// Once `stop` is set, a cycle carries out no further outbox operation: the one under way

@@ -291,6 +291,9 @@ fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
     }
     // The same at the audit repository (ATNA): sent before the stop, or at the next start.
     c.h.start();
+    c.h.wait_for("the restart", Duration::from_secs(30), |s| {
+        state_of(s, "audit") == "ready" && state_of(s, "ssmix2") == "ready"
+    });
     let has = |messages: &[String], event: &str, action: &str, sha: &str| {
         let uri = audit::protocol::content_uri(sha);
         messages.iter().any(|m| {
@@ -617,12 +620,58 @@ fn the_boxs_own_certificate_is_presented_and_taken_up_again_when_renewed() {
     );
     assert!(
         c.h.log_text()
-            .contains("the client certificate changed; setting up the replica again"),
+            .contains("the TLS files changed; setting up the replica again"),
         "{}",
         c.h.log_text()
     );
     let status = c.h.status().unwrap();
     assert_eq!(service(&status, "ssmix2")["restarts"], 0, "{status}");
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// Issue 17: a hub replica the box cannot verify (its certificate from another CA) is
+/// refused, nothing reaches it, and the refusal is a Security Alert (Node Authentication) at
+/// the audit repository, once however many cycles retry; with the network CA back in place
+/// the files go.
+#[test]
+fn a_replica_the_box_cannot_verify_is_refused_and_the_refusal_is_audited() {
+    let (rsyslog, audit, _audit_files) = audit_repository(None, None);
+    let mut c = Clinic::new(&format!("{FAST_SUPERVISOR}{audit}"));
+    let a = Patient::sample("0000000001");
+    records(&mut c.storage, &a);
+    c.register(&a.id);
+    c.synced();
+    // The box trusts another CA than the one that signed nginx's certificate.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = hil_tests::nginx::Pki::generate(other_dir.path()).unwrap();
+    let ca = c.h.dir.path().join("tls").join("ca.pem");
+    let network_ca = std::fs::read(&ca).unwrap();
+    std::fs::write(&ca, std::fs::read(other.ca_cert()).unwrap()).unwrap();
+    c.h.start();
+    let alert = |m: &String| {
+        m.contains("csd-code=\"110113\"")
+            && m.contains("csd-code=\"110126\"")
+            && m.contains("the hub&apos;s SS-MIX2 replica")
+    };
+    audit_messages_until(
+        &rsyslog,
+        "the refused replica",
+        Duration::from_secs(60),
+        |ms| ms.iter().any(alert),
+    );
+    assert!(c.hub().is_empty());
+    // Several cycles later: still one alert.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(rsyslog.messages().iter().filter(|m| alert(m)).count(), 1);
+    // The network CA back: the files go.
+    std::fs::write(&ca, network_ca).unwrap();
+    let permitted: BTreeSet<String> = [a.id.clone()].into();
+    c.wait_for_hub(
+        "after the CA is fixed",
+        &expected(c.storage.root(), &permitted),
+        Duration::from_secs(60),
+    );
     c.h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
