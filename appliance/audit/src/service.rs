@@ -17,12 +17,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tsunagi_runtime::child::ServiceCtx;
-use tsunagi_runtime::listen::{self, Limits, STOP_DRAIN, ServeError};
+use tsunagi_runtime::listen::{self, Line, LineLimits, ServeError};
 use tsunagi_runtime::status::Health;
 use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 
@@ -415,68 +414,40 @@ async fn drain(shared: Arc<Shared>, repository: Repository, stop: CancellationTo
     }
 }
 
+/// Serves record requests until `stop` fires (the runtime's line server).
 async fn serve(
     listener: UnixListener,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
-    let limits = Limits {
+    let limits = LineLimits {
         max_connections: MAX_CLIENTS,
-        max_overflow: 0,
-        per_connection: None,
-        drain: STOP_DRAIN,
+        max_line: MAX_REQUEST,
+        idle: IDLE,
     };
-    let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
-    listen::serve(accept, limits, stop, |stream, _| {
+    listen::serve_lines(listener, limits, stop, move |line| {
         let shared = shared.clone();
         async move {
-            let _ = client(stream, shared).await;
+            let answer = match line {
+                Line::TooLong => Answer::Error(format!("request longer than {MAX_REQUEST} bytes")),
+                Line::Request(line) => match serde_json::from_str::<Request>(&line) {
+                    Err(e) => Answer::Error(format!("bad request: {e}")),
+                    Ok(request) => {
+                        let (events, batch) = match request {
+                            Request::Record(event) => (vec![event], false),
+                            Request::RecordAll(events) => (events, true),
+                        };
+                        match tokio::task::spawn_blocking(move || shared.record(&events, batch))
+                            .await
+                        {
+                            Ok(a) => a,
+                            Err(_) => Answer::Error("internal error".into()),
+                        }
+                    }
+                },
+            };
+            serde_json::to_string(&answer).unwrap_or_default()
         }
     })
     .await
-}
-
-async fn client(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = match tokio::time::timeout(
-            IDLE,
-            (&mut reader)
-                .take(MAX_REQUEST as u64 + 1)
-                .read_line(&mut line),
-        )
-        .await
-        {
-            Err(_) | Ok(Err(_)) | Ok(Ok(0)) => return Ok(()),
-            Ok(Ok(n)) => n,
-        };
-        let too_long = n > MAX_REQUEST || !line.ends_with('\n');
-        let answer = if too_long {
-            Answer::Error(format!("request longer than {MAX_REQUEST} bytes"))
-        } else {
-            match serde_json::from_str::<Request>(line.trim_end()) {
-                Err(e) => Answer::Error(format!("bad request: {e}")),
-                Ok(request) => {
-                    let (events, batch) = match request {
-                        Request::Record(event) => (vec![event], false),
-                        Request::RecordAll(events) => (events, true),
-                    };
-                    let shared = shared.clone();
-                    match tokio::task::spawn_blocking(move || shared.record(&events, batch)).await {
-                        Ok(a) => a,
-                        Err(_) => Answer::Error("internal error".into()),
-                    }
-                }
-            }
-        };
-        let mut out = serde_json::to_string(&answer).unwrap_or_default();
-        out.push('\n');
-        write.write_all(out.as_bytes()).await?;
-        if too_long {
-            return Ok(());
-        }
-    }
 }

@@ -21,11 +21,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tsunagi_runtime::child::ServiceCtx;
-use tsunagi_runtime::listen::{self, Limits, STOP_DRAIN, ServeError};
+use tsunagi_runtime::listen::{self, Line, LineLimits, ServeError};
 use tsunagi_runtime::status::Health;
 use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 
@@ -460,72 +459,40 @@ pub fn bind(settings: &Settings) -> Result<UnixListener, ServiceError> {
     Ok(listener)
 }
 
-/// Serves decision requests until `stop` fires (the runtime's one accept loop: bounded,
-/// backing off on accept errors, connections owned and ended at stop).
+/// Serves decision requests until `stop` fires (the runtime's line server on its one accept
+/// loop: bounded, backing off on accept errors, connections owned and ended at stop).
 pub async fn serve(
     listener: UnixListener,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
-    let limits = Limits {
+    let limits = LineLimits {
         max_connections: MAX_CLIENTS,
-        max_overflow: 0,
-        // Each connection has its idle bound; a client may keep asking.
-        per_connection: None,
-        drain: STOP_DRAIN,
+        max_line: MAX_REQUEST,
+        idle: IDLE,
     };
-    let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
-    listen::serve(accept, limits, stop, |stream, _| {
+    listen::serve_lines(listener, limits, stop, move |line| {
         let shared = shared.clone();
         async move {
-            let _ = client(stream, shared).await;
+            let answer = match line {
+                Line::TooLong => error(format!("request longer than {MAX_REQUEST} bytes")),
+                Line::Request(line) => match consent_protocol::from_line::<Request>(&line) {
+                    Err(e) => error(format!(
+                        "bad request: {}",
+                        tsunagi_runtime::child::error_chain(&e)
+                    )),
+                    Ok(req) => {
+                        match tokio::task::spawn_blocking(move || shared.answer(&req)).await {
+                            Ok(a) => a,
+                            Err(_) => error("internal error".into()),
+                        }
+                    }
+                },
+            };
+            consent_protocol::to_line(&answer).trim_end().to_owned()
         }
     })
     .await
-}
-
-async fn client(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = match tokio::time::timeout(
-            IDLE,
-            (&mut reader)
-                .take(MAX_REQUEST as u64 + 1)
-                .read_line(&mut line),
-        )
-        .await
-        {
-            Err(_) | Ok(Err(_)) | Ok(Ok(0)) => return Ok(()),
-            Ok(Ok(n)) => n,
-        };
-        let too_long = n > MAX_REQUEST || !line.ends_with('\n');
-        let answer = if too_long {
-            error(format!("request longer than {MAX_REQUEST} bytes"))
-        } else {
-            match consent_protocol::from_line::<Request>(&line) {
-                Err(e) => error(format!(
-                    "bad request: {}",
-                    tsunagi_runtime::child::error_chain(&e)
-                )),
-                Ok(req) => {
-                    let shared = shared.clone();
-                    match tokio::task::spawn_blocking(move || shared.answer(&req)).await {
-                        Ok(a) => a,
-                        Err(_) => error("internal error".into()),
-                    }
-                }
-            }
-        };
-        write
-            .write_all(consent_protocol::to_line(&answer).as_bytes())
-            .await?;
-        if too_long {
-            return Ok(());
-        }
-    }
 }
 
 /// The service's run in its child process: opens its database, then [`run`].

@@ -12,6 +12,10 @@
 //! [`ServeError::ConnectionPanicked`], so that the service ends with the reason rather than
 //! carrying on with a bug nobody sees. At stop, connections get [`Limits::drain`] to end
 //! (each sees the same stop token) and are then aborted.
+//!
+//! [`serve_lines`] is the box's local protocols on it (the consent service's decisions, the
+//! audit service's records): one request line, one answer line, a bounded line length and
+//! an idle bound per connection.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -152,6 +156,98 @@ where
         connections.shutdown().await;
     }
     result
+}
+
+/// What a line server's handler is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// One request line (its newline removed).
+    Request(String),
+    /// A line longer than the bound: the handler's answer is sent, then the connection is
+    /// closed.
+    TooLong,
+}
+
+/// Bounds of a line server.
+#[derive(Debug, Clone, Copy)]
+pub struct LineLimits {
+    /// Connections served at once (the rest are closed at once).
+    pub max_connections: usize,
+    /// The longest request line, in bytes.
+    pub max_line: usize,
+    /// A connection that sends nothing this long is closed.
+    pub idle: Duration,
+}
+
+/// A Unix socket server of one request line, one answer line (the box's local protocols:
+/// the consent service's decisions, the audit service's records), on [`serve`]'s accept
+/// loop. `answer` turns each [`Line`] into its answer (without the newline).
+pub async fn serve_lines<H, HFut>(
+    listener: tokio::net::UnixListener,
+    limits: LineLimits,
+    stop: CancellationToken,
+    answer: H,
+) -> Result<(), ServeError>
+where
+    H: Fn(Line) -> HFut + Clone + Send + Sync + 'static,
+    HFut: Future<Output = String> + Send + 'static,
+{
+    let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
+    let bounds = Limits {
+        max_connections: limits.max_connections,
+        max_overflow: 0,
+        // Each connection has its idle bound; a client may keep asking.
+        per_connection: None,
+        drain: STOP_DRAIN,
+    };
+    serve(accept, bounds, stop, move |stream, _| {
+        let answer = answer.clone();
+        async move {
+            let _ = lines(stream, limits, answer).await;
+        }
+    })
+    .await
+}
+
+async fn lines<H, HFut>(
+    stream: tokio::net::UnixStream,
+    limits: LineLimits,
+    answer: H,
+) -> std::io::Result<()>
+where
+    H: Fn(Line) -> HFut,
+    HFut: Future<Output = String>,
+{
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    let (read, mut write) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = match tokio::time::timeout(
+            limits.idle,
+            (&mut reader)
+                .take(limits.max_line as u64 + 1)
+                .read_line(&mut line),
+        )
+        .await
+        {
+            Err(_) | Ok(Err(_)) | Ok(Ok(0)) => return Ok(()),
+            Ok(Ok(n)) => n,
+        };
+        let too_long = n > limits.max_line || !line.ends_with('\n');
+        let mut out = answer(if too_long {
+            Line::TooLong
+        } else {
+            Line::Request(line.trim_end_matches(['\n', '\r']).to_owned())
+        })
+        .await;
+        out.push('\n');
+        write.write_all(out.as_bytes()).await?;
+        if too_long {
+            return Ok(());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -308,5 +404,48 @@ mod tests {
         server.await.unwrap().unwrap();
         assert!(asked.elapsed() < Duration::from_secs(1));
         assert_eq!(dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_line_server_answers_each_line_and_closes_after_one_too_long() {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let stop = CancellationToken::new();
+        let limits = LineLimits {
+            max_connections: 4,
+            max_line: 16,
+            idle: Duration::from_secs(5),
+        };
+        let server = tokio::spawn(serve_lines(
+            listener,
+            limits,
+            stop.clone(),
+            |line| async move {
+                match line {
+                    Line::Request(text) => format!("ok {text}"),
+                    Line::TooLong => "too long".to_owned(),
+                }
+            },
+        ));
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut read = tokio::io::BufReader::new(read);
+        let mut answer = String::new();
+        write.write_all(b"one\r\ntwo\n").await.unwrap();
+        for want in ["ok one\n", "ok two\n"] {
+            answer.clear();
+            read.read_line(&mut answer).await.unwrap();
+            assert_eq!(answer, want);
+        }
+        write.write_all(&[b'x'; 40]).await.unwrap();
+        answer.clear();
+        read.read_line(&mut answer).await.unwrap();
+        assert_eq!(answer, "too long\n");
+        answer.clear();
+        assert_eq!(read.read_line(&mut answer).await.unwrap(), 0, "closed");
+        stop.cancel();
+        assert_eq!(server.await.unwrap(), Ok(()));
     }
 }
