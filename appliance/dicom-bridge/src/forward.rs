@@ -870,6 +870,16 @@ pub struct Spread {
     pub panicked: Option<String>,
     /// The storage commitments asked for (or not), one per association that delivered.
     pub commitments: Vec<Requested>,
+    /// The PACS refused over DICOM TLS (its address, why), for the audit trail.
+    pub refused: Option<(String, String)>,
+}
+
+/// A TLS refusal in `error`, as (the peer's address, why).
+fn refusal(error: &ForwardError) -> Option<(String, String)> {
+    match error {
+        ForwardError::TlsRefused { addr, reason } => Some((addr.to_string(), reason.clone())),
+        _ => None,
+    }
 }
 
 /// Sends `batch` over up to `n` associations at once, each taking the next instance when it
@@ -908,6 +918,7 @@ pub async fn send_parallel(
                     Opening::Reused | Opening::Opened => spread.worked += 1,
                     Opening::Failed => {
                         if let Some(e) = share.error {
+                            spread.refused = spread.refused.take().or_else(|| refusal(&e));
                             open_errors.push(e);
                         }
                         spread.failed += 1;
@@ -918,6 +929,9 @@ pub async fn send_parallel(
                         continue;
                     }
                     Opening::Stopped => {}
+                }
+                if let Some(e) = &share.error {
+                    spread.refused = spread.refused.take().or_else(|| refusal(e));
                 }
                 if spread.error.is_none() {
                     spread.error = share.error.map(|e| tsunagi_runtime::child::error_chain(&e));

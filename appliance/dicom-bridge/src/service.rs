@@ -271,6 +271,8 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             spool: spool.clone(),
             resend_after,
         });
+    // The network PACS's TLS refusals, for the audit trail.
+    let mut refusals = audit::client::Refusals::default();
     // Why the last storage commitment request was not made, until one is.
     let mut commitment_error: Option<String> = None;
     loop {
@@ -368,6 +370,18 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             )
             .await;
             gate = Some(g);
+            // The PACS refused over DICOM TLS: a Security Alert, once per streak.
+            let refused = sent
+                .refused
+                .clone()
+                .map(|(peer, why)| (peer, format!("the network PACS: {why}")));
+            if let Some(event) = refusals.observe(refused) {
+                let spool = spool.clone();
+                let kept = tokio::task::spawn_blocking(move || spool.record_event(&event)).await;
+                if !matches!(kept, Ok(Ok(()))) {
+                    tracing::warn!("cannot keep a refused TLS peer for the audit trail");
+                }
+            }
             if let Some(why) = sent.panicked {
                 // What the panicked share sent is not recorded: end the service (its restart
                 // sends those instances again, which the PACS stores once) rather than go on.

@@ -1872,9 +1872,40 @@ fn dicom_tls_to_orthanc_carries_stores_queries_and_retrieves_and_refuses_strange
         cert_file.display(),
         key_file.display(),
     );
+    // Issue 17: an audit repository (rsyslog, the network's PKI) beside each PACS, at the
+    // same address in each PACS's namespace, for the refusals' Security Alerts.
+    let repository: std::net::SocketAddrV4 = "127.0.0.1:16514".parse().unwrap();
+    let repository_tls = hil_tests::rsyslog::Tls {
+        cert: network.server_cert(),
+        key: network.server_key(),
+        client_ca: network.ca_cert(),
+    };
+    let beside = |pacs: &Orthanc| {
+        hil_tests::rsyslog::Rsyslog::start(
+            &repository_tls,
+            &hil_tests::rsyslog::Options {
+                netns: Some(pacs.netns().to_owned()),
+                listen: Some(repository),
+            },
+        )
+        .unwrap()
+    };
+    let (audit_ca, audit_cert, audit_key) = service_tls_files(
+        &dir.path().join("audit-tls"),
+        audit::service::USER,
+        &network.ca_cert(),
+        &network.client_cert(),
+        &network.client_key(),
+    );
+    let _first_repository = beside(&pacs);
     let (mut h, _form) = clinic_with_pacs(
         &pacs,
-        FAST_SUPERVISOR,
+        &format!(
+            "{FAST_SUPERVISOR}\n[audit]\nenabled = true\nrepository = \"{repository}\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\ntimeout = \"5s\"\n",
+            audit_ca.display(),
+            audit_cert.display(),
+            audit_key.display()
+        ),
         "10s",
         "query-retrieve = true\n[[dicom.allowed-callers]]\nae-title = \"VIEWER\"\naddress = \"127.0.0.1\"\n[[dicom.allowed-callers]]\nae-title = \"STORESCU\"\naddress = \"127.0.0.1\"\n",
         &pacs_tls,
@@ -1942,6 +1973,7 @@ fn dicom_tls_to_orthanc_carries_stores_queries_and_retrieves_and_refuses_strange
         },
     ] {
         let pacs = orthanc_tls(&cert, &key, &network.ca_cert());
+        let rsyslog = beside(&pacs);
         start_ready(&mut h, pacs.netns());
         let another = japanese_ct(files.path(), &Ids::new("0001234")).unwrap();
         store_through_box(&pacs, &[&another], Duration::from_secs(30));
@@ -1955,6 +1987,21 @@ fn dicom_tls_to_orthanc_carries_stores_queries_and_retrieves_and_refuses_strange
                 .is_some_and(|t| t.contains(&refused))
         });
         assert!(pacs.instances().unwrap().is_empty());
+        // The refusal is a Security Alert (Node Authentication) at the repository.
+        let distinct = reason.split(": ").last().unwrap().replace('\'', "&apos;");
+        let distinct = distinct.trim_end_matches(" (refused)").to_owned();
+        audit_messages_until(
+            &rsyslog,
+            "the refused PACS",
+            Duration::from_secs(30),
+            |ms| {
+                ms.iter().any(|m| {
+                    m.contains("csd-code=\"110126\"")
+                        && m.contains("the network PACS")
+                        && m.contains(&distinct)
+                })
+            },
+        );
         h.signal(nix::sys::signal::Signal::SIGTERM);
         assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
     }
