@@ -5,13 +5,20 @@
 #
 # Run by `cargo xtask image` (which installs the host packages, builds the release binary
 # and caches the result by input hash); needs root. Environment:
-#   OUT           output directory: tsunagi.raw, tsunagi.qcow2, roothash, build.json
+#   OUT           output directory: tsunagi.raw, tsunagi.qcow2, roothash, build.json, and
+#                 tsunagi.raucb (the same version as a signed RAUC bundle, for updates)
 #   WORK          scratch directory (rootfs, partition images)
 #   TSUNAGI_BIN   the release `tsunagi` binary to install
 #   KEYS          directory with real keys (db.key/db.crt for UKI signing, ca.cert.pem for
-#                 RAUC, provisioning.pub: the network's provisioning public key that
+#                 RAUC's keyring and update.key.pem/update.cert.pem to sign bundles,
+#                 update-root.json: the update channel's TUF root (optional),
+#                 provisioning.pub: the network's provisioning public key that
 #                 `tsunagi-provision init` printed); default: test keys generated into
 #                 $WORK/keys (never committed)
+#   VERSION       the image's version (IMAGE_VERSION in os-release; the bundle's); default 1
+#   FAULT         TESTS ONLY: a fault built into the image, for the update tests' rollback
+#                 (`cargo xtask release VERSION --fault never-ready`): `never-ready`, a
+#                 supervisor that never tells systemd it is ready; default none
 #   SOURCE_DATE_EPOCH  timestamps of everything built (default: the commit's time, set by
 #                 the caller)
 # The Debian packages come from the build machine's own apt sources: no mirror is named.
@@ -21,6 +28,11 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 : "${OUT:?OUT must be set}" "${WORK:?WORK must be set}" "${TSUNAGI_BIN:?TSUNAGI_BIN must be set}"
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1767225600}
 VERSION=${VERSION:-1}
+FAULT=${FAULT:-}
+case "$FAULT" in
+  ''|never-ready) ;;
+  *) echo "build.sh: unknown FAULT '$FAULT' (only never-ready)" >&2; exit 2 ;;
+esac
 mkdir -p "$OUT" "$WORK"
 step() { printf 'image: %s\n' "$*" >&2; }
 
@@ -40,6 +52,20 @@ if [ ! -s "$KEYS/db.key" ]; then
       -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
     openssl req -x509 -newkey rsa:2048 -nodes -keyout db.key -out db.crt -days 3650 \
       -subj "$subj/CN=test secure boot db" 2>/dev/null
+  )
+fi
+if [ ! -s "$KEYS/update.key.pem" ]; then
+  # The update signing key (issue 18): RAUC bundles are signed with it, and a box installs
+  # only bundles whose signer chains to the update CA in its keyring (/etc/rauc/keyring.pem).
+  step "generating a TEST update signing key into $KEYS (never use it for a real fleet)"
+  (
+    cd "$KEYS"; umask 077
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -keyout update.key.pem -out update.csr -subj "/O=tsunagi-TEST-ONLY/CN=test update signing" 2>/dev/null
+    printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n' > update.ext
+    openssl x509 -req -in update.csr -CA ca.cert.pem -CAkey ca.key.pem -set_serial 2 \
+      -days 3650 -extfile update.ext -out update.cert.pem 2>/dev/null
+    rm update.csr update.ext
   )
 fi
 if [ ! -s "$KEYS/provisioning.pub" ]; then
@@ -99,6 +125,15 @@ cp "$R/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
 zstd -15 -q -f --no-progress "$R/boot/initrd.img-$KVER" -o "$WORK/initrd.img"
 sed -i '/^IMAGE_ID=/d; /^IMAGE_VERSION=/d' "$R/usr/lib/os-release"
 printf 'IMAGE_ID=tsunagi\nIMAGE_VERSION=%s\n' "$VERSION" >> "$R/usr/lib/os-release"
+if [ "$FAULT" = never-ready ]; then
+  step "TEST FAULT: the supervisor never becomes ready (a test release, never for a fleet)"
+  mkdir -p "$R/usr/lib/systemd/system/tsunagi.service.d"
+  printf '%s\n' \
+    '# TEST FAULT (cargo xtask release VERSION --fault never-ready): the supervisor is never' \
+    '# ready, for the health gate and the rollback the update tests prove. Never for a fleet.' \
+    '[Service]' 'ExecStart=' 'ExecStart=/usr/bin/sleep infinity' \
+    > "$R/usr/lib/systemd/system/tsunagi.service.d/90-test-fault.conf"
+fi
 
 # Nothing in the image is newer than SOURCE_DATE_EPOCH (dpkg, ldconfig, the certificate
 # links and every directory carry the build's own time otherwise).
@@ -134,6 +169,26 @@ for SLOT in a b; do
   sbsign --key "$KEYS/db.key" --cert "$KEYS/db.crt" --output "$WORK/uki-$S.efi" \
     "$WORK/uki-$S.unsigned.efi" 2>/dev/null
 done
+
+# --- the same version as a RAUC bundle (verity format), signed with the update key -----
+# What `cargo xtask release` publishes: the root and its hash tree for the other slot's
+# partitions, and both UKIs (the hook puts the one of the slot written on the ESP).
+if [ -s "$KEYS/update.key.pem" ]; then
+  step "bundle: RAUC (verity format), version $VERSION, signed"
+  B=$WORK/bundle
+  rm -rf "$B"; mkdir -p "$B"
+  ln "$WORK/root.img" "$B/root.img"
+  # RAUC 1.8 writes a raw slot only from an image it recognises by its name (*.img).
+  ln "$WORK/root.verity" "$B/root-verity.img"
+  cp "$WORK/uki-A.efi" "$WORK/uki-B.efi" "$B/"
+  install -m 0755 "$HERE/rauc/bundle-hook" "$B/hook"
+  printf '[update]\ncompatible=tsunagi\nversion=%s\n\n[bundle]\nformat=verity\n\n[hooks]\nfilename=hook\n\n[image.rootfs]\nfilename=root.img\nhooks=post-install\n\n[image.verity]\nfilename=root-verity.img\n' \
+    "$VERSION" > "$B/manifest.raucm"
+  rm -f "$OUT/tsunagi.raucb"
+  rauc bundle --cert="$KEYS/update.cert.pem" --key="$KEYS/update.key.pem" "$B" "$OUT/tsunagi.raucb" >&2
+  rauc info --keyring="$KEYS/ca.cert.pem" "$OUT/tsunagi.raucb" >/dev/null
+  rm -rf "$B"
+fi
 
 # --- ESP: systemd-boot, slot A's UKI with boot counting ---------------------------------
 rm -f "$WORK/esp.img"

@@ -10,7 +10,8 @@ install -m 0755 "$TSUNAGI_BIN" "$R/usr/bin/tsunagi"
 cp -a "$HERE/overlay/." "$R/"
 # Users at build time (static ids, the same on every box of a version): /etc is read-only.
 chroot "$R" systemd-sysusers
-chroot "$R" systemctl enable tsunagi.service tsunagi-provision.service tsunagi-check.service tsunagi-share.service \
+chroot "$R" systemctl enable tsunagi.service tsunagi-provision.service tsunagi-check.service tsunagi-share.service tsunagi-grow-data.service \
+  tsunagi-update-install.path tsunagi-health-gate.service \
   systemd-networkd.service nftables.service chrony.service
 
 # Identity comes at first boot: the machine-id is generated then, into the data partition
@@ -79,11 +80,23 @@ mkdir -p "$R/etc/rauc"
 cp "$HERE/rauc/system.conf" "$R/etc/rauc/system.conf"
 install -D -m 0755 "$HERE/rauc/rauc-sdboot-backend" "$R/usr/local/sbin/rauc-sdboot-backend"
 if [ -s "$KEYS/ca.cert.pem" ]; then cp "$KEYS/ca.cert.pem" "$R/etc/rauc/keyring.pem"; fi
+# Slot A is written at build time and good; slot B stays empty until the first update
+# writes it, so it is marked bad: neither RAUC nor the boot loader ever picks it. The boot
+# backend keeps these states on the data partition.
+mkdir -p "$R/var/lib/rauc/sdboot"
+echo good > "$R/var/lib/rauc/sdboot/state-A"
+echo bad > "$R/var/lib/rauc/sdboot/state-B"
 
 # The network's provisioning public key (issue 16): `tsunagi medium` applies only media it
 # signed. Without it every medium is refused.
 if [ -s "$KEYS/provisioning.pub" ]; then
   install -D -m 0644 "$KEYS/provisioning.pub" "$R/usr/share/tsunagi/provisioning.pub"
+fi
+
+# The update channel's root of trust (issue 18): the `update` service trusts only TUF
+# metadata that chains to it. Without it the service cannot start (and is off by default).
+if [ -s "$KEYS/update-root.json" ]; then
+  install -D -m 0644 "$KEYS/update-root.json" "$R/usr/share/tsunagi/update-root.json"
 fi
 
 # The generators the box has no use for are masked: each is a process systemd runs at the

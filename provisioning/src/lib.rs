@@ -20,6 +20,7 @@ use tsunagi_state::{Durability, Migration};
 pub mod ca;
 pub mod enroll;
 pub mod hub;
+pub mod release;
 pub mod serve;
 
 const MIGRATIONS: &[Migration] = &[

@@ -80,10 +80,7 @@ fn a_token_enrolls_one_box_of_its_clinic_once_with_a_certificate_for_its_own_key
     let der = rustls_pem(&e.certificate_pem);
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     use rcgen::PublicKeyData as _;
-    assert_eq!(
-        cert.public_key().subject_public_key.data.as_ref(),
-        key.der_bytes()
-    );
+    assert_eq!(&*cert.public_key().subject_public_key.data, key.der_bytes());
     let cn = cert
         .subject()
         .iter_common_name()

@@ -33,59 +33,10 @@ pub(crate) fn run(args: &[&str]) -> anyhow::Result<()> {
         ["--check"] => true,
         _ => bail!("usage: cargo xtask image [--check]"),
     };
-    ensure!(
-        nix::unistd::geteuid().is_root(),
-        "building the image needs root (mmdebstrap, chroot)"
-    );
-    crate::test::ensure_packages_for("cargo xtask image")?;
-    let (tsunagi, target, _) = crate::bench::build_tsunagi(false)?;
-    let root = workspace_root();
+    let (target, keys) = prepare()?;
     let out = target.join("image");
-    fs::create_dir_all(&out)?;
-    // The signing keys are an input (the update CA's certificate is in the root): real ones
-    // by `KEYS=DIR`, else test keys made once into target/image-keys and kept.
-    let keys = std::env::var_os("KEYS").map_or_else(|| target.join("image-keys"), PathBuf::from);
-    let work = target.join("image-work");
-    if !keys.join("db.key").exists() || !keys.join("provisioning.pub").exists() {
-        let mut make = Command::new(root.join("image/build.sh"));
-        make.arg("keys")
-            .env("OUT", &out)
-            .env("WORK", &work)
-            .env("KEYS", &keys)
-            .env("TSUNAGI_BIN", &tsunagi);
-        if !status(&mut make)?.success() {
-            bail!("`{}` failed", display(&make));
-        }
-    }
-    let hash = input_hash(&root.join("image"), &tsunagi, &keys)?;
+    build(&out, &keys, "1", None)?;
     let raw = out.join("tsunagi.raw");
-    let recorded = fs::read_to_string(out.join("input-hash")).unwrap_or_default();
-    if recorded.trim() == hash && raw.exists() {
-        println!("image: reused {} (inputs unchanged, {hash})", raw.display());
-    } else {
-        let _ = fs::remove_file(out.join("input-hash"));
-        let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
-            Ok(v) => v,
-            Err(_) => commit_time(&root)?,
-        };
-        let mut build = Command::new(root.join("image/build.sh"));
-        build
-            .env("OUT", &out)
-            .env("WORK", &work)
-            .env("KEYS", &keys)
-            .env("TSUNAGI_BIN", &tsunagi)
-            .env("SOURCE_DATE_EPOCH", epoch);
-        let start = Instant::now();
-        if !status(&mut build)?.success() {
-            bail!("`{}` failed", display(&build));
-        }
-        let _ = fs::remove_dir_all(&work);
-        fs::write(out.join("input-hash"), format!("{hash}\n"))?;
-        let secs = start.elapsed().as_secs_f64();
-        // For the image stage's figures (hil-tests `image` prints it beside the boot times).
-        fs::write(out.join("build-seconds"), format!("{secs:.0}\n"))?;
-        println!("image: built in {secs:.0} s ({hash})");
-    }
     let used = Command::new("du")
         .args(["-B1", "--"])
         .arg(&raw)
@@ -121,16 +72,151 @@ pub(crate) fn run(args: &[&str]) -> anyhow::Result<()> {
             "image check: no login program, getty, sshd, shell unit or package manager; every account locked"
         );
         let built_in = built_in_key(&root, &keys);
+        let channel_root = built_in_file(&root, &keys, "update-root.json");
+        let bundle = check_bundle(&out.join("tsunagi.raucb"), &keys, "1");
         let sandbox = check_sandbox(&root, &dir, "tsunagi.service");
         let share = check_sandbox(&root, &dir, "tsunagi-share.service");
         let _ = fs::remove_dir_all(&dir);
         println!("image check: the provisioning key built in: {}", built_in?);
+        channel_root?;
+        println!(
+            "image check: the update channel's root of trust built in (KEYS/update-root.json)"
+        );
+        println!("image check: the update bundle: {}", bundle?);
         println!("image check: the supervisor's sandbox: {}", sandbox?);
         println!("image check: the SS-MIX2 share mount's sandbox: {}", share?);
     }
     Ok(())
 }
 
+/// Root, the packages, and the keys: real ones by `KEYS=DIR`, else test keys made once
+/// into target/image-keys and kept (the update CA's certificate and the channel's root are
+/// in the image, so the keys are an input). Returns the target directory and the keys.
+pub(crate) fn prepare() -> anyhow::Result<(PathBuf, PathBuf)> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "building the image needs root (mmdebstrap, chroot)"
+    );
+    crate::test::ensure_packages_for("cargo xtask image")?;
+    let (_, target) = crate::bench::target_dir();
+    let keys = std::env::var_os("KEYS").map_or_else(|| target.join("image-keys"), PathBuf::from);
+    Ok((target, keys))
+}
+
+/// A fault built into a test release (`image/build.sh`'s `FAULT`), for the update tests'
+/// rollback. Never for a fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// The supervisor never tells systemd it is ready: the health gate fails.
+    NeverReady,
+}
+
+impl Fault {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Fault::NeverReady => "never-ready",
+        }
+    }
+}
+
+/// Builds the image of `version` into `out` (reused when its inputs are unchanged): the
+/// disk, and the same version as a signed RAUC bundle (`tsunagi.raucb`); with `fault`
+/// built in, for a test release.
+pub(crate) fn build(
+    out: &Path,
+    keys: &Path,
+    version: &str,
+    fault: Option<Fault>,
+) -> anyhow::Result<()> {
+    let (tsunagi, target, _) = crate::bench::build_tsunagi(false)?;
+    let root = workspace_root();
+    fs::create_dir_all(out)?;
+    let work = target.join("image-work");
+    if !keys.join("db.key").exists()
+        || !keys.join("provisioning.pub").exists()
+        || !keys.join("update.key.pem").exists()
+    {
+        let mut make = Command::new(root.join("image/build.sh"));
+        make.arg("keys")
+            .env("OUT", out)
+            .env("WORK", &work)
+            .env("KEYS", keys)
+            .env("TSUNAGI_BIN", &tsunagi);
+        if !status(&mut make)?.success() {
+            bail!("`{}` failed", display(&make));
+        }
+    }
+    channel_root(keys)?;
+    let fault = fault.map_or("", Fault::name);
+    let hash = input_hash(
+        &root.join("image"),
+        &tsunagi,
+        keys,
+        &format!("{version}{fault}"),
+    )?;
+    let raw = out.join("tsunagi.raw");
+    let recorded = fs::read_to_string(out.join("input-hash")).unwrap_or_default();
+    if recorded.trim() == hash && raw.exists() {
+        println!("image: reused {} (inputs unchanged, {hash})", raw.display());
+    } else {
+        let _ = fs::remove_file(out.join("input-hash"));
+        let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) => v,
+            Err(_) => commit_time(&root)?,
+        };
+        let mut build = Command::new(root.join("image/build.sh"));
+        build
+            .env("OUT", out)
+            .env("WORK", &work)
+            .env("KEYS", keys)
+            .env("TSUNAGI_BIN", &tsunagi)
+            .env("VERSION", version)
+            .env("FAULT", fault)
+            .env("SOURCE_DATE_EPOCH", epoch);
+        let start = Instant::now();
+        if !status(&mut build)?.success() {
+            bail!("`{}` failed", display(&build));
+        }
+        let _ = fs::remove_dir_all(&work);
+        fs::write(out.join("input-hash"), format!("{hash}\n"))?;
+        let secs = start.elapsed().as_secs_f64();
+        // For the image stage's figures (hil-tests `image` prints it beside the boot times).
+        fs::write(out.join("build-seconds"), format!("{secs:.0}\n"))?;
+        println!("image: built in {secs:.0} s ({hash})");
+    }
+    Ok(())
+}
+
+/// The update channel's TUF keys (`KEYS/channel/`) and the signed root built into the
+/// image (`KEYS/update-root.json`), made once when missing (test keys; an operator passes
+/// real ones in `KEYS`).
+fn channel_root(keys: &Path) -> anyhow::Result<()> {
+    let root = keys.join("update-root.json");
+    if root.exists() {
+        return Ok(());
+    }
+    ensure!(
+        std::env::var_os("KEYS").is_none(),
+        "KEYS has no update-root.json, the update channel's TUF root the image must carry (tsunagi_provision::release::root makes it from the channel's keys)"
+    );
+    let dir = keys.join("channel");
+    println!(
+        "image: generating TEST update channel keys into {} (never use them for a real fleet)",
+        dir.display()
+    );
+    let channel = tsunagi_provision::release::ChannelKeys::generate(&dir)?;
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(5 * 365 * 24);
+    let signed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(tsunagi_provision::release::root(
+            &channel,
+            std::num::NonZeroU64::MIN,
+            expires,
+        ))?;
+    fs::write(&root, signed)?;
+    Ok(())
+}
 /// The network's provisioning public key in the root (`usr/share/tsunagi/provisioning.pub`,
 /// where `tsunagi medium` reads it): it must be the one of `KEYS`. Returns it.
 fn built_in_key(root: &Path, keys: &Path) -> anyhow::Result<String> {
@@ -150,6 +236,76 @@ fn built_in_key(root: &Path, keys: &Path) -> anyhow::Result<String> {
         want.trim()
     );
     Ok(want.trim().to_owned())
+}
+
+/// The file `usr/share/tsunagi/NAME` in the root must be `KEYS/NAME`.
+fn built_in_file(root: &Path, keys: &Path, name: &str) -> anyhow::Result<()> {
+    let want = fs::read(keys.join(name)).with_context(|| format!("read KEYS/{name}"))?;
+    let got = Command::new("unsquashfs")
+        .arg("-cat")
+        .arg(root)
+        .arg(format!("usr/share/tsunagi/{name}"))
+        .output()
+        .context("run unsquashfs -cat")?;
+    ensure!(
+        !want.is_empty() && got.stdout == want,
+        "the image's usr/share/tsunagi/{name} is not KEYS/{name}"
+    );
+    Ok(())
+}
+
+/// The image's RAUC bundle verifies against the update CA (`rauc info --keyring`), for
+/// compatible `tsunagi` and `version`; a copy with one byte changed does not. Returns what
+/// `rauc info` said of it.
+pub(crate) fn check_bundle(bundle: &Path, keys: &Path, version: &str) -> anyhow::Result<String> {
+    let info = |path: &Path| {
+        Command::new("rauc")
+            .arg("info")
+            .arg(format!("--keyring={}", keys.join("ca.cert.pem").display()))
+            .arg("--output-format=shell")
+            .arg(path)
+            .output()
+            .context("run rauc info")
+    };
+    let out = info(bundle)?;
+    ensure!(
+        out.status.success(),
+        "rauc info refused {}: {}",
+        bundle.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for (key, want) in [
+        ("RAUC_MF_COMPATIBLE", "tsunagi"),
+        ("RAUC_MF_VERSION", version),
+        ("RAUC_IMAGE_CLASS_0", "rootfs"),
+        ("RAUC_IMAGE_HOOKS_0", "post-install"),
+        ("RAUC_IMAGE_CLASS_1", "verity"),
+    ] {
+        ensure!(
+            text.lines()
+                .any(|l| l == format!("{key}='{want}'") || l == format!("{key}={want}")),
+            "the bundle's {key} is not {want}: {text}"
+        );
+    }
+    // The same bundle with one byte of its signature changed is refused (the payload is
+    // checked block by block by dm-verity when installed, against the signed root hash).
+    let dir = tempfile::tempdir()?;
+    let tampered = dir.path().join("tampered.raucb");
+    let mut bytes = fs::read(bundle)?;
+    let at = bytes.len().saturating_sub(64);
+    bytes[at] ^= 0x01;
+    fs::write(&tampered, &bytes)?;
+    let refused = info(&tampered)?;
+    ensure!(
+        !refused.status.success(),
+        "rauc info took a bundle whose signature was changed"
+    );
+    Ok(format!(
+        "{} ({:.0} MiB): signed by the update key, compatible tsunagi, version {version}, the root (with the hook that puts its UKI on the ESP) and its hash tree; a changed signature is refused",
+        bundle.display(),
+        fs::metadata(bundle)?.len() as f64 / 1048576.0
+    ))
 }
 
 /// The highest `systemd-analyze security` exposure a unit of ours may have, in its tenths
@@ -210,7 +366,7 @@ fn rate_unit(path: &Path) -> anyhow::Result<String> {
 
 /// SHA-256 over the generator's name, every file under `dir` (path and content, in path
 /// order), the binary and the public halves of the keys.
-fn input_hash(dir: &Path, binary: &Path, keys: &Path) -> anyhow::Result<String> {
+fn input_hash(dir: &Path, binary: &Path, keys: &Path, version: &str) -> anyhow::Result<String> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -238,9 +394,16 @@ fn input_hash(dir: &Path, binary: &Path, keys: &Path) -> anyhow::Result<String> 
         h.update(fs::read(f).with_context(|| format!("read {}", f.display()))?);
     }
     h.update(fs::read(binary).with_context(|| format!("read {}", binary.display()))?);
-    for public in ["db.crt", "ca.cert.pem", "provisioning.pub"] {
+    for public in [
+        "db.crt",
+        "ca.cert.pem",
+        "update.cert.pem",
+        "provisioning.pub",
+        "update-root.json",
+    ] {
         h.update(fs::read(keys.join(public)).unwrap_or_default());
     }
+    h.update(version.as_bytes());
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 

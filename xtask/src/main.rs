@@ -28,6 +28,7 @@ mod fhir_server;
 mod fuzz;
 mod image;
 mod process;
+mod release;
 mod test;
 
 use std::path::PathBuf;
@@ -43,6 +44,9 @@ commands:
   bench [NAME]  run the benchmark NAME; without NAME, list the benchmarks
   fhir-server   build helios-hfs into a cache (over an hour) for the FHIR interop stage
   image [--check]  build the appliance image into target/image (cached by input hash)
+  release VERSION [--fault never-ready]  build the image of VERSION and publish its signed
+                update bundle into the update channel (target/channel, a TUF repository of
+                static files); with --fault, a test release whose supervisor is never ready
   fuzz [NAME] [--time DURATION]  build the fuzz targets and run each (or NAME) for 30s
                 (or DURATION: 10m, 1h), two at a time; fails on a crash
   help          print this text
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         ["fhir-server"] => fhir_server::run(),
         ["bench", rest @ ..] => bench::run(rest),
         ["image", rest @ ..] => image::run(rest).map(|()| ExitCode::SUCCESS),
+        ["release", rest @ ..] => release::run(rest).map(|()| ExitCode::SUCCESS),
         ["fuzz", rest @ ..] => fuzz::run(rest),
         ["help" | "--help" | "-h"] => {
             print!("{USAGE}");

@@ -9,10 +9,17 @@ use crate::workspace_root;
 
 /// The cargo that runs us (`$CARGO`, set by `cargo run`), so nested commands use the same
 /// toolchain; plain `cargo` otherwise.
+///
+/// Without incremental compilation unless the caller's environment asks for it: xtask's
+/// builds are whole-workspace runs (CI's among them), where the incremental caches only
+/// cost disk (3.7 GiB of a CI run's 9 GiB `target/debug`, enough to fill a small CI disk).
 pub(crate) fn cargo() -> Command {
     let program = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut command = Command::new(program);
     command.current_dir(workspace_root());
+    if std::env::var_os("CARGO_INCREMENTAL").is_none() {
+        command.env("CARGO_INCREMENTAL", "0");
+    }
     command
 }
 

@@ -13,7 +13,10 @@
 //!    (`cargo xtask fuzz`); a crash fails the run. This runs beside step 6, its output
 //!    printed as one block afterwards.
 //! 6. Builds the appliance image (or reuses it while its inputs are unchanged) and checks it
-//!    (`cargo xtask image --check`).
+//!    (`cargo xtask image --check`), then version 2 of it, published alone into the update
+//!    channel (`cargo xtask release 2`, for the update test), then version 3 beside it, with
+//!    a supervisor that is never ready (`cargo xtask release 3 --fault never-ready`, for the
+//!    rollback test).
 //! 7. The image stage: the tests that boot the image in QEMU (hil-tests `image`, with
 //!    `TSUNAGI_IMAGE` and `TSUNAGI_IMAGE_BIN`), in a nextest run of their own after the
 //!    others. `cargo xtask test --stage image` runs only this stage (and what it needs:
@@ -185,6 +188,10 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
     SystemPackage {
         name: "rsyslog-gnutls",
         why: "hil-tests rsyslog guard: syslog over TLS (RFC 5425) with x509 client authentication",
+    },
+    SystemPackage {
+        name: "rauc",
+        why: "cargo xtask image: `rauc bundle` makes the image's signed update bundle (issue 18), `rauc info` checks it",
     },
     SystemPackage {
         name: "tcpdump",
@@ -382,12 +389,40 @@ fn image_stage() -> Step {
     build_image()?.map_or_else(|failed| Ok(Err(failed)), |()| image_tests())
 }
 
-/// Builds (or reuses) and checks the appliance image.
+/// The version the image stage's update test takes the box to (the image is version 1).
+const UPDATE_TO: &str = "2";
+/// The version after it, built with a supervisor that is never ready: the rollback test.
+const UPDATE_FAULTY: &str = "3";
+
+/// Builds (or reuses) and checks the appliance image, then the releases of the update
+/// tests: [`UPDATE_TO`] and [`UPDATE_FAULTY`] (`target/releases/`; the test publishes them
+/// itself, as the operator does).
 fn build_image() -> Step {
     let mut image = Command::new("/proc/self/exe");
     image.args(["image", "--check"]);
     if !step(&mut image)? {
         return Ok(Err(display(&image)));
+    }
+    // `cargo xtask release` also publishes every release built into target/channel: this
+    // run's alone.
+    let (_, target) = crate::bench::target_dir();
+    for dir in ["channel", "channel-bundles"] {
+        match std::fs::remove_dir_all(target.join(dir)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("remove target/{dir}"));
+            }
+            _ => {}
+        }
+    }
+    for args in [
+        &["release", UPDATE_TO][..],
+        &["release", UPDATE_FAULTY, "--fault", "never-ready"],
+    ] {
+        let mut release = Command::new("/proc/self/exe");
+        release.args(args);
+        if !step(&mut release)? {
+            return Ok(Err(display(&release)));
+        }
     }
     Ok(Ok(()))
 }
@@ -395,19 +430,32 @@ fn build_image() -> Step {
 /// The tests that boot the image (built by [`build_image`]).
 fn image_tests() -> Step {
     let (_, target) = crate::bench::target_dir();
+    // The keys the image was built with: the test keys `cargo xtask image` made, or real
+    // ones (`KEYS=DIR`), whose private halves are not there (the tests say so).
+    let keys = std::env::var_os("KEYS")
+        .map_or_else(|| target.join("image-keys"), std::path::PathBuf::from);
+    let releases = target.join("releases");
     let mut nextest = cargo();
     nextest
         .env("TSUNAGI_IMAGE", target.join("image").join("tsunagi.raw"))
         .env("TSUNAGI_IMAGE_BIN", target.join("release").join("tsunagi"))
-        // The signing half of the provisioning key the image carries: the power-cut test
-        // provisions the box as an operator does (`cargo xtask image` made the test key;
-        // real keys of `KEYS=DIR` have no private half there, and the test says so).
+        // Issue 18: the releases the update tests publish, and the keys they sign with.
         .env(
-            "TSUNAGI_PROVISIONING_KEY",
-            std::env::var_os("KEYS")
-                .map_or_else(|| target.join("image-keys"), std::path::PathBuf::from)
-                .join("provisioning.key"),
+            "TSUNAGI_RELEASE_NEXT",
+            releases.join(UPDATE_TO).join("tsunagi.raucb"),
         )
+        .env("TSUNAGI_RELEASE_NEXT_VERSION", UPDATE_TO)
+        .env(
+            "TSUNAGI_RELEASE_FAULTY",
+            releases
+                .join(format!("{UPDATE_FAULTY}-fault"))
+                .join("tsunagi.raucb"),
+        )
+        .env("TSUNAGI_RELEASE_FAULTY_VERSION", UPDATE_FAULTY)
+        .env("TSUNAGI_IMAGE_KEYS", &keys)
+        // The signing half of the provisioning key the image carries: the power-cut test
+        // provisions the box as an operator does.
+        .env("TSUNAGI_PROVISIONING_KEY", keys.join("provisioning.key"))
         .args([
             "nextest",
             "run",

@@ -166,11 +166,55 @@ pub fn hand_over_once<S: Source>(
     Ok(batch.len())
 }
 
-/// Hands `source`'s events to the audit service at `socket` (`None`: the trail is off)
+/// One round of a [`Source`], its error told as text, so that one loop serves several.
+trait Round: Send {
+    fn round(&mut self, client: Option<&mut Client>) -> Result<usize, String>;
+}
+
+impl<S: Source> Round for S {
+    fn round(&mut self, client: Option<&mut Client>) -> Result<usize, String> {
+        hand_over_once(self, client).map_err(|e| tsunagi_runtime::child::error_chain(&e))
+    }
+}
+
+/// The sources one service hands over, in one loop on one blocking thread (each source
+/// keeps its own order; there is no order between them).
+#[derive(Default)]
+pub struct Sources(Vec<Box<dyn Round>>);
+
+impl Sources {
+    /// No source yet.
+    pub fn new() -> Sources {
+        Sources::default()
+    }
+
+    /// `source` too.
+    #[must_use]
+    pub fn with<S: Source>(mut self, source: S) -> Sources {
+        self.0.push(Box::new(source));
+        self
+    }
+
+    /// One round of each source; how many were handed over, and the reasons of those
+    /// that failed (the others still went).
+    fn round(&mut self, mut client: Option<&mut Client>) -> (usize, Option<String>) {
+        let mut moved = 0;
+        let mut reasons = Vec::new();
+        for source in &mut self.0 {
+            match source.round(client.as_deref_mut()) {
+                Ok(n) => moved += n,
+                Err(reason) => reasons.push(reason),
+            }
+        }
+        (moved, (!reasons.is_empty()).then(|| reasons.join("; ")))
+    }
+}
+
+/// Hands the `sources`' events to the audit service at `socket` (`None`: the trail is off)
 /// until `stop`, oldest first, in batches; after a failure it tries again with a backoff
 /// (1 s doubling to 30 s), keeping the reason in `last_error` for the service's status.
-pub async fn hand_over<S: Source>(
-    source: S,
+pub async fn hand_over(
+    sources: Sources,
     socket: Option<PathBuf>,
     last_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     stop: tokio_util::sync::CancellationToken,
@@ -180,16 +224,15 @@ pub async fn hand_over<S: Source>(
             *e = value;
         }
     };
-    let mut state = Some((source, socket.as_deref().map(Client::new)));
+    let mut state = Some((sources, socket.as_deref().map(Client::new)));
     let mut failures = 0u32;
     loop {
-        let Some((mut source, mut client)) = state.take() else {
+        let Some((mut sources, mut client)) = state.take() else {
             return;
         };
-        let Ok((source, client, result)) = tokio::task::spawn_blocking(move || {
-            let r = hand_over_once(&mut source, client.as_mut())
-                .map_err(|e| tsunagi_runtime::child::error_chain(&e));
-            (source, client, r)
+        let Ok((sources, client, (moved, failed))) = tokio::task::spawn_blocking(move || {
+            let r = sources.round(client.as_mut());
+            (sources, client, r)
         })
         .await
         else {
@@ -197,18 +240,22 @@ pub async fn hand_over<S: Source>(
             set(Some("the audit hand-over failed".into()));
             return;
         };
-        state = Some((source, client));
-        let wait = match result {
-            Ok(n) => {
+        state = Some((sources, client));
+        let wait = match failed {
+            None => {
                 failures = 0;
                 set(None);
-                if n == 0 { POLL } else { Duration::ZERO }
+                if moved == 0 { POLL } else { Duration::ZERO }
             }
-            Err(reason) => {
+            Some(reason) => {
                 failures += 1;
                 tracing::warn!(error = %reason, "events not handed to the audit trail; retrying");
                 set(Some(reason));
-                (POLL * 2u32.saturating_pow(failures.min(5))).min(MAX_BACKOFF)
+                if moved == 0 {
+                    (POLL * 2u32.saturating_pow(failures.min(5))).min(MAX_BACKOFF)
+                } else {
+                    POLL
+                }
             }
         };
         tokio::select! {
@@ -270,6 +317,32 @@ mod tests {
         assert!(r.observe(refused("another CA")).is_some());
         assert_eq!(r.observe(None), None);
         assert!(r.observe(refused("another CA")).is_some());
+    }
+
+    struct Broken;
+
+    impl Source for Broken {
+        type Error = std::io::Error;
+
+        fn pending(&mut self, _: usize) -> Result<Vec<(i64, Event)>, std::io::Error> {
+            Err(std::io::Error::other("the table cannot be read"))
+        }
+
+        fn recorded(&mut self, _: i64) -> Result<(), std::io::Error> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn one_loop_serves_several_sources_and_a_failing_one_does_not_hold_the_others() {
+        let mut sources = Sources::new().with(Broken).with(alerts(3));
+        let (moved, failed) = sources.round(None);
+        assert_eq!(moved, 3);
+        assert_eq!(failed.as_deref(), Some("the table cannot be read"));
+        assert_eq!(
+            sources.round(None),
+            (0, Some("the table cannot be read".into()))
+        );
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub mod codes {
     pub const LOGIN: Code = dcm("110122", "Login");
     pub const NODE_AUTHENTICATION: Code = dcm("110126", "Node Authentication");
     pub const SECURITY_CONFIGURATION: Code = dcm("110129", "Security Configuration");
+    pub const SOFTWARE_CONFIGURATION: Code = dcm("110131", "Software Configuration");
     pub const AUDIT_RECORDING_STOPPED: Code = dcm("110133", "Audit Recording Stopped");
 
     pub const ROLE_APPLICATION: Code = dcm("110150", "Application");
@@ -576,6 +577,11 @@ pub enum Alert {
     RefusedTlsPeer,
     /// The local audit trail failed its verification.
     FailedAuditVerify,
+    /// Something of the update channel refused (expired or untrusted metadata, an older
+    /// release, a bundle that is not the one signed).
+    RefusedUpdate,
+    /// An update installed, or its first boot judged (kept, or rolled back).
+    Update,
     /// The box's clock is off the network's time, or its sync is lost (IHE CT), or back in
     /// step (a success).
     Clock,
@@ -593,6 +599,7 @@ pub fn security_alert(
         Alert::RefusedMedium => codes::SECURITY_CONFIGURATION,
         Alert::RefusedTlsPeer => codes::NODE_AUTHENTICATION,
         Alert::FailedAuditVerify => codes::AUDIT_RECORDING_STOPPED,
+        Alert::RefusedUpdate | Alert::Update => codes::SOFTWARE_CONFIGURATION,
         // The time every record carries is part of the security configuration.
         Alert::Clock => codes::SECURITY_CONFIGURATION,
     };

@@ -5,6 +5,7 @@
 //! one without opens [`Store`] in its state directory.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 use tsunagi_state::{Durability, Migration, StateError};
@@ -56,9 +57,10 @@ pub fn forget(conn: &Connection, last: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// A database of its own (`PATH`, `synchronous=FULL`) for a service that has none.
+/// A database of its own (`PATH`, `synchronous=FULL`) for a service that has none: one
+/// connection, shared (`Arc<Store>`) by the task that records and the hand-over.
 pub struct Store {
-    conn: Connection,
+    conn: Mutex<Connection>,
 }
 
 /// Why the store failed.
@@ -68,30 +70,40 @@ pub enum PendingError {
     State(#[from] StateError),
     #[error("the audit events kept for the audit trail")]
     Sql(#[from] rusqlite::Error),
+    #[error("the audit events kept for the audit trail: a writer panicked")]
+    Poisoned,
 }
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, PendingError> {
         Ok(Store {
-            conn: tsunagi_state::open(path, Durability::Acknowledging, MIGRATIONS)?,
+            conn: Mutex::new(tsunagi_state::open(
+                path,
+                Durability::Acknowledging,
+                MIGRATIONS,
+            )?),
         })
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, PendingError> {
+        self.conn.lock().map_err(|_| PendingError::Poisoned)
     }
 
     /// Keeps `event` (committed before this returns).
     pub fn record(&self, event: &Event) -> Result<(), PendingError> {
-        Ok(record(&self.conn, event)?)
+        Ok(record(&*self.conn()?, event)?)
     }
 }
 
-impl crate::client::Source for Store {
+impl crate::client::Source for Arc<Store> {
     type Error = PendingError;
 
     fn pending(&mut self, limit: usize) -> Result<Vec<(i64, Event)>, PendingError> {
-        Ok(pending(&self.conn, limit)?)
+        Ok(pending(&*self.conn()?, limit)?)
     }
 
     fn recorded(&mut self, last: i64) -> Result<(), PendingError> {
-        Ok(forget(&self.conn, last)?)
+        Ok(forget(&*self.conn()?, last)?)
     }
 }
 
@@ -104,7 +116,7 @@ mod tests {
     fn events_are_kept_in_order_until_forgotten_and_a_damaged_one_becomes_an_alert() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pending.db");
-        let store = Store::open(&path).unwrap();
+        let store = Arc::new(Store::open(&path).unwrap());
         for i in 0..3 {
             store
                 .record(&Event::RefusedTlsPeer {
@@ -114,11 +126,12 @@ mod tests {
                 .unwrap();
         }
         store
-            .conn
+            .conn()
+            .unwrap()
             .execute("INSERT INTO atna_events (event) VALUES ('{not json')", [])
             .unwrap();
         drop(store);
-        let mut store = Store::open(&path).unwrap();
+        let mut store = Arc::new(Store::open(&path).unwrap());
         let kept = store.pending(10).unwrap();
         assert_eq!(kept.len(), 4);
         assert_eq!(

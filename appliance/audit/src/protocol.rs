@@ -132,6 +132,19 @@ pub enum Event {
     FailedAuditVerify {
         reason: String,
     },
+    /// The update channel refused (issue 18): the reason, and the channel (its URL).
+    RefusedUpdate {
+        reason: String,
+        channel: String,
+    },
+    /// What became of an update (issue 18): `version` installed into the other slot, or
+    /// its first boot judged by the health gate (good; unhealthy, the box back on the old
+    /// slot), or the install failed; `reason` in words when it did not go well.
+    Update {
+        version: String,
+        verdict: UpdateVerdict,
+        reason: Option<String>,
+    },
     FailedLogin {
         user: String,
         from: String,
@@ -150,6 +163,16 @@ pub enum Event {
         /// The hub's clock minus the box's, in milliseconds, when known.
         offset_ms: Option<i64>,
     },
+}
+
+/// What became of an update, for [`Event::Update`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateVerdict {
+    Installed,
+    Good,
+    Failed,
+    Unhealthy,
 }
 
 /// A line of the provisioning trail (`STATE/provisioning/audit.jsonl`, written by
@@ -289,6 +312,37 @@ impl Event {
             Event::FailedAuditVerify { reason } => {
                 message::security_alert(node, Alert::FailedAuditVerify, reason, None, at)
             }
+            Event::RefusedUpdate { reason, channel } => {
+                message::security_alert(node, Alert::RefusedUpdate, reason, Some(channel), at)
+            }
+            Event::Update {
+                version,
+                verdict,
+                reason,
+            } => {
+                let (words, outcome) = match verdict {
+                    UpdateVerdict::Installed => ("installed in the other slot", Outcome::Success),
+                    UpdateVerdict::Good => ("its first boot is healthy: kept", Outcome::Success),
+                    UpdateVerdict::Failed => ("failed to install", Outcome::SeriousFailure),
+                    UpdateVerdict::Unhealthy => (
+                        "failed its health gate: back on the old slot",
+                        Outcome::SeriousFailure,
+                    ),
+                };
+                let why = reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default();
+                let mut m = message::security_alert(
+                    node,
+                    Alert::Update,
+                    &format!("update to {version}: {words}{why}"),
+                    None,
+                    at,
+                );
+                m.outcome = outcome;
+                m
+            }
             Event::FailedLogin { user, from } => message::failed_login(node, user, from, at),
             Event::Medium { applied, reason } => {
                 let mut m = message::security_alert(node, Alert::RefusedMedium, reason, None, at);
@@ -367,6 +421,50 @@ mod tests {
         ));
         assert_eq!(provisioning_event("not json"), None);
         assert_eq!(provisioning_event(r#"{"event":"other"}"#), None);
+    }
+
+    #[test]
+    fn an_update_s_outcome_is_a_software_configuration_alert_that_fails_only_when_it_failed() {
+        let node = Node {
+            facility: "1312345678".to_owned(),
+            serial: "TSU-1".to_owned(),
+            address: None,
+        };
+        let at = std::time::SystemTime::now();
+        let update = |verdict, reason: Option<&str>| {
+            Event::Update {
+                version: "3".into(),
+                verdict,
+                reason: reason.map(str::to_owned),
+            }
+            .message(&node, &[0; 32], at)
+        };
+        let good = update(UpdateVerdict::Good, None);
+        assert_eq!(
+            good.event_types,
+            vec![message::codes::SOFTWARE_CONFIGURATION]
+        );
+        assert_eq!(good.outcome, Outcome::Success);
+        assert_eq!(
+            good.outcome_description.as_deref(),
+            Some("update to 3: its first boot is healthy: kept")
+        );
+        let bad = update(UpdateVerdict::Unhealthy, Some("not ready: dicom"));
+        assert_eq!(bad.outcome, Outcome::SeriousFailure);
+        assert_eq!(
+            bad.outcome_description.as_deref(),
+            Some("update to 3: failed its health gate: back on the old slot: not ready: dicom")
+        );
+        let line = serde_json::to_string(&Event::Update {
+            version: "3".into(),
+            verdict: UpdateVerdict::Failed,
+            reason: None,
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"update":{"version":"3","verdict":"failed","reason":null}}"#
+        );
     }
 
     #[test]

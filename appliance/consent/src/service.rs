@@ -143,10 +143,9 @@ pub struct Shared {
     counts: Mutex<Counts>,
     settings: Settings,
     last_sync_error: Mutex<Option<String>>,
-    /// Why the last hand-over of changes to the ATNA audit trail failed (`None`: it did not).
+    /// Why the last hand-over of changes and alerts to the ATNA audit trail failed (`None`:
+    /// it did not).
     audit_error: Arc<Mutex<Option<String>>>,
-    /// The same for the other events (alerts).
-    alerts_error: Arc<Mutex<Option<String>>>,
 }
 
 impl Shared {
@@ -157,7 +156,6 @@ impl Shared {
             settings,
             last_sync_error: Mutex::new(None),
             audit_error: Arc::default(),
-            alerts_error: Arc::default(),
         })
     }
 
@@ -401,12 +399,7 @@ impl Shared {
         if let Some(e) = sync_error {
             summary.push_str(&format!("; last sync failed: {e}"));
         }
-        let audit_error = self
-            .audit_error
-            .lock()
-            .ok()
-            .and_then(|e| e.clone())
-            .or_else(|| self.alerts_error.lock().ok().and_then(|e| e.clone()));
+        let audit_error = self.audit_error.lock().ok().and_then(|e| e.clone());
         if let Some(e) = &audit_error {
             summary.push_str(&format!(
                 "; consent and identity changes not yet in the ATNA audit trail: {e}"
@@ -518,18 +511,11 @@ pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<()
     tasks.spawn(
         "audit-trail",
         audit::client::hand_over(
-            PendingChanges(shared.clone()),
+            audit::client::Sources::new()
+                .with(PendingChanges(shared.clone()))
+                .with(PendingEvents(shared.clone())),
             shared.settings.audit_socket.clone(),
             shared.audit_error.clone(),
-            ctx.shutdown.clone(),
-        ),
-    );
-    tasks.spawn(
-        "audit-alerts",
-        audit::client::hand_over(
-            PendingEvents(shared.clone()),
-            shared.settings.audit_socket.clone(),
-            shared.alerts_error.clone(),
             ctx.shutdown.clone(),
         ),
     );

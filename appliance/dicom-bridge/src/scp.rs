@@ -57,6 +57,25 @@ pub struct Settings {
     /// title at its address), for the status: a PACS that reports from elsewhere never
     /// commits anything.
     pub refused_reports: Arc<std::sync::atomic::AtomicU64>,
+    /// Associations from the clinic being served now (status: `associations_inbound_active`;
+    /// the update installer reboots the box only when there are none).
+    pub active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one association in [`Settings::active`] while it lives.
+struct Active(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Active {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Active {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Active(count.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The DICOMDIR's SOP class: a file-set directory, never sent over the network.
@@ -152,6 +171,7 @@ pub async fn serve(
                     let _ = tokio::time::timeout(timeout, reject(socket)).await;
                 }
                 Admission::Admitted => {
+                    let _active = Active::new(&settings.active);
                     let span = tracing::info_span!("association", peer = %peer.ip());
                     let _ = tracing::Instrument::instrument(
                         association(socket, peer.ip(), &settings, &spool, &stop),

@@ -104,6 +104,7 @@ impl Settings {
                 header_limit: u64::from(d.header_limit_kib) * 1024,
                 commitment_from: d.pacs.commitment_reporters(),
                 refused_reports: Arc::default(),
+                active: Arc::default(),
                 // tsunagi_config::Config validation makes query/retrieve come with an allowed-callers list.
                 proxy: d.query_retrieve.then(|| {
                     Arc::new(crate::qr::Proxy {
@@ -201,6 +202,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     spool.prepare()?;
     let mut scp_settings = settings.scp.clone();
     let refused_reports = scp_settings.refused_reports.clone();
+    let active = scp_settings.active.clone();
     if let Some(proxy) = &settings.scp.proxy {
         let left = crate::qr::clean_work_dir(&proxy.work_dir);
         if left > 0 {
@@ -234,21 +236,16 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     tasks.spawn(
         "audit-trail",
         audit::client::hand_over(
-            crate::audit_trail::Transfers::new(spool.clone(), settings.audit.clone()),
+            audit::client::Sources::new()
+                .with(crate::audit_trail::Transfers::new(
+                    spool.clone(),
+                    settings.audit.clone(),
+                ))
+                .with(crate::audit_trail::Events {
+                    spool: spool.clone(),
+                }),
             settings.audit.audit_socket.clone(),
             audit_error.clone(),
-            ctx.shutdown.clone(),
-        ),
-    );
-    let events_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-    tasks.spawn(
-        "audit-events",
-        audit::client::hand_over(
-            crate::audit_trail::Events {
-                spool: spool.clone(),
-            },
-            settings.audit.audit_socket.clone(),
-            events_error.clone(),
             ctx.shutdown.clone(),
         ),
     );
@@ -501,12 +498,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                     "; {n} storage commitment reports refused: not from the network PACS's AE title at its address (or [[dicom.pacs.commitment-reports-from]])"
                 ),
             },
-            match audit_error
-                .lock()
-                .ok()
-                .and_then(|e| e.clone())
-                .or_else(|| events_error.lock().ok().and_then(|e| e.clone()))
-            {
+            match audit_error.lock().ok().and_then(|e| e.clone()) {
                 Some(e) => format!(
                     "; {} transfers not yet in the audit trail: {e}",
                     counts.transfers_waiting
@@ -514,8 +506,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                 None => String::new(),
             }
         );
-        let audit_failing = audit_error.lock().is_ok_and(|e| e.is_some())
-            || events_error.lock().is_ok_and(|e| e.is_some());
+        let audit_failing = audit_error.lock().is_ok_and(|e| e.is_some());
         let refused = refused_reports.load(std::sync::atomic::Ordering::Relaxed);
         let health = if last_error.is_some()
             || commitment_error.is_some()
@@ -547,6 +538,10 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                     counts.awaiting_commitment as f64,
                 ),
                 ("commitment_reports_refused_total", refused as f64),
+                (
+                    "associations_inbound_active",
+                    active.load(std::sync::atomic::Ordering::SeqCst) as f64,
+                ),
             ],
         );
     }

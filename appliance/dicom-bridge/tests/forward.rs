@@ -118,6 +118,7 @@ async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
         header_limit: 1 << 20,
         commitment_from: Vec::new(),
         refused_reports: Default::default(),
+        active: Default::default(),
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     let files: Vec<PathBuf> = (1..=3)

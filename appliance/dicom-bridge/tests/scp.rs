@@ -38,6 +38,7 @@ async fn start(spool: Spool) -> (u16, CancellationToken) {
         header_limit: 1 << 20,
         commitment_from: Vec::new(),
         refused_reports: Default::default(),
+        active: Default::default(),
     });
     tokio::spawn(serve(listener, settings, spool, stop.clone()));
     (port, stop)
@@ -276,6 +277,7 @@ async fn idle_clients_and_oversized_pdus_do_not_hold_the_service() {
         header_limit: 1 << 20,
         commitment_from: Vec::new(),
         refused_reports: Default::default(),
+        active: Default::default(),
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     // An idle client that sends nothing: others are served meanwhile, and it is closed
@@ -367,6 +369,7 @@ async fn an_unknown_sop_class_and_the_association_cap_get_the_right_answers() {
         header_limit: 1 << 20,
         commitment_from: Vec::new(),
         refused_reports: Default::default(),
+        active: Default::default(),
     });
     tokio::spawn(serve(listener, settings, spool.clone(), stop.clone()));
     let file = generate(dir.path(), "1.2.826.0.1.3680043.9.7777.1.5", "0001234");
@@ -675,6 +678,7 @@ async fn a_commitment_report_is_taken_only_from_the_pacs_and_only_for_its_transa
             ("PACS".into(), local),
         ],
         refused_reports: refused.clone(),
+        active: Default::default(),
     });
     // Without the second address, the PACS's AE title from there is a stranger.
     let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -135,6 +135,9 @@ struct Shared {
     last: Option<Result<CycleReport, String>>,
     state: State,
     watching: Option<usize>,
+    /// A cycle is under way (status: `cycle_running`; the update installer reboots the box
+    /// only between cycles).
+    cycling: bool,
 }
 
 fn open_replica(target: &Target) -> Result<Box<dyn Replica>, ServiceError> {
@@ -195,19 +198,11 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     tasks.spawn(
         "audit-trail",
         audit::client::hand_over(
-            exports,
+            audit::client::Sources::new()
+                .with(exports)
+                .with(crate::audit_trail::Alerts::open(&settings.state_dir)?),
             settings.audit_socket.clone(),
             audit_error.clone(),
-            ctx.shutdown.clone(),
-        ),
-    );
-    let alerts_error: Arc<Mutex<Option<String>>> = Arc::default();
-    tasks.spawn(
-        "audit-alerts",
-        audit::client::hand_over(
-            crate::audit_trail::Alerts::open(&settings.state_dir)?,
-            settings.audit_socket.clone(),
-            alerts_error.clone(),
             ctx.shutdown.clone(),
         ),
     );
@@ -230,12 +225,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             return Err(ServiceError::Worker(TaskEnded { task, why }));
         }
         let (mut health, mut summary, metrics) = report(&shared);
-        if let Some(e) = audit_error
-            .lock()
-            .ok()
-            .and_then(|e| e.clone())
-            .or_else(|| alerts_error.lock().ok().and_then(|e| e.clone()))
-        {
+        if let Some(e) = audit_error.lock().ok().and_then(|e| e.clone()) {
             summary.push_str(&format!(
                 "; exports and deletions not yet in the ATNA audit trail: {e}"
             ));
@@ -347,7 +337,14 @@ fn worker(
         let Some((replica_now, _)) = replica.as_mut() else {
             continue;
         };
+        if let Ok(mut s) = shared.lock() {
+            s.cycling = true;
+        }
+        changed.notify_one();
         let result = syncer.cycle(&mut gate, replica_now.as_mut());
+        if let Ok(mut s) = shared.lock() {
+            s.cycling = false;
+        }
         let state = syncer.state().unwrap_or_default();
         // The hub's replica refused over TLS: a Security Alert, once per streak.
         let refused = match &result {
@@ -469,6 +466,7 @@ fn report(shared: &Mutex<Shared>) -> (Health, String, Vec<(String, f64)>) {
             st.oldest_pending_age.unwrap_or(0) as f64,
         ),
         ("release_records_waiting".into(), st.releases_waiting as f64),
+        ("cycle_running".into(), f64::from(u8::from(s.cycling))),
     ];
     if let Some(t) = st.last_success {
         metrics.push(("last_success_timestamp_seconds".into(), t as f64));

@@ -41,9 +41,10 @@ mod types;
 
 pub use load::{LoadError, Problem, Problems, check_secret_files, load, parse};
 pub use types::{
-    AbsPath, AeTitle, Capability, ConfigDuration, Endpoint, FacilityCode, FhirUrl, HealthUrl,
-    IfaceName, Ipv4Cidr, IssuerName, LinkAddress, LogFilter, MacAddr, Oid, Port, ReplicaUrl,
-    SecretFile, ServiceName, SmbName, ValueError, WgPublicKey,
+    AbsPath, AeTitle, Capability, ChannelUrl, ConfigDuration, DailyWindow, Endpoint, FacilityCode,
+    FhirUrl, HealthUrl, IfaceName, Ipv4Cidr, IssuerName, LinkAddress, LogFilter, MacAddr, Oid,
+    Port, ReplicaUrl, SecretFile, ServiceName, SmbName, UtcOffset, ValueError, Weekday,
+    WgPublicKey,
 };
 
 /// The config file format version this software reads.
@@ -51,6 +52,11 @@ pub const CURRENT_VERSION: u32 = 1;
 
 /// Where the appliance looks for its config file unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tsunagi/tsunagi.toml";
+
+/// What the data partition keeps beside the DICOM spool's quota, in MiB: the journal (48
+/// MiB), an update bundle and its download (about 150 MiB each), the services' databases
+/// and the SS-MIX2 sync's work. See [`Config::capacity_problems`].
+pub const DATA_RESERVE_MIB: u64 = 512;
 
 /// The whole config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,6 +106,9 @@ pub struct Config {
     /// The ATNA audit trail to the network's audit repository; off unless enabled.
     #[serde(default)]
     pub audit: Audit,
+    /// Fleet updates from the network operator's update channel; off unless enabled.
+    #[serde(default)]
+    pub update: Update,
     /// Fault drills, by name (`[drill.crashy]` runs as service `drill-crashy`).
     #[serde(default)]
     pub drill: BTreeMap<ServiceName, Drill>,
@@ -343,6 +352,102 @@ impl Default for Audit {
             client_identity: false,
             timeout: ConfigDuration::secs(10),
         }
+    }
+}
+
+/// `[update]`: fleet updates (issue 18) from the network operator's update channel, a TUF
+/// repository read over mutual TLS through the tunnel: a newer release for this box's
+/// compatible is downloaded in the box's wave and installed in the clinic's maintenance
+/// window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Update {
+    pub enabled: bool,
+    /// The repository's base, `https://HOST:PORT/PATH/` (`metadata/` and `targets/` below
+    /// it); required when enabled, an IPv4 address in `tunnel.hub-subnets` with a tunnel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_url: Option<ChannelUrl>,
+    /// The channel's root of trust (TUF `root.json`), built into the image.
+    pub root_file: AbsPath,
+    /// The network CA the server's certificate must chain to (PEM); required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<AbsPath>,
+    /// The box's client certificate (PEM), unless `client-identity`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<AbsPath>,
+    /// The box's client key (PEM, mode 0600), unless `client-identity`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<SecretFile>,
+    /// Present the box's own identity from enrollment (`[identity]`).
+    pub client_identity: bool,
+    /// RAUC's `compatible` of this box: only bundles for it are taken; default "tsunagi".
+    pub compatible: String,
+    /// Where the running version is read (`IMAGE_VERSION=`, os-release(5)).
+    pub os_release: AbsPath,
+    /// How often the channel is looked at; 1m to 1d; default 1h.
+    pub check_interval: ConfigDuration,
+    /// How long the first boot of an update has to become healthy (the supervisor and
+    /// every service ready, the tunnel up) before the health gate sends the box back to
+    /// the old slot; 1m to 1h; default 10m.
+    pub health_limit: ConfigDuration,
+    /// When an update may be installed (the box restarts into it).
+    pub window: MaintenanceWindow,
+}
+
+impl Default for Update {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            channel_url: None,
+            root_file: AbsPath::try_from("/usr/share/tsunagi/update-root.json")
+                .unwrap_or_else(|_| unreachable!("a literal absolute path")),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            client_identity: false,
+            compatible: "tsunagi".to_owned(),
+            os_release: AbsPath::try_from("/usr/lib/os-release")
+                .unwrap_or_else(|_| unreachable!("a literal absolute path")),
+            check_interval: ConfigDuration::secs(3600),
+            health_limit: ConfigDuration::secs(600),
+            window: MaintenanceWindow::default(),
+        }
+    }
+}
+
+/// `[update.window]`: the clinic's maintenance window, in its local time. Default: nights
+/// from 01:00 to 05:00 and all of Sunday, at +09:00.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct MaintenanceWindow {
+    /// Every night (or day), `HH:MM-HH:MM`; may pass midnight.
+    pub nightly: DailyWindow,
+    /// Whole days.
+    pub all_day: Vec<Weekday>,
+    /// The clinic's offset from UTC (Japan has no daylight saving time).
+    pub utc_offset: UtcOffset,
+}
+
+impl Default for MaintenanceWindow {
+    fn default() -> Self {
+        Self {
+            nightly: DailyWindow::minutes(60, 5 * 60),
+            all_day: vec![Weekday::Sun],
+            utc_offset: UtcOffset::seconds(9 * 3600),
+        }
+    }
+}
+
+impl MaintenanceWindow {
+    /// Whether `unix` (seconds since the epoch, UTC) is inside the window.
+    pub fn contains(&self, unix: i64) -> bool {
+        let local = unix + i64::from(self.utc_offset.get());
+        let day = local.div_euclid(86_400);
+        let minute = u16::try_from(local.rem_euclid(86_400) / 60).unwrap_or(0);
+        // 1970-01-01 was a Thursday (3, counting from Monday).
+        let weekday =
+            |d: i64| Weekday::from_monday(u8::try_from((d + 3).rem_euclid(7)).unwrap_or(0));
+        self.all_day.contains(&weekday(day)) || self.nightly.contains(minute).is_some()
     }
 }
 
@@ -1085,6 +1190,30 @@ impl Config {
         }
     }
 
+    /// The rule that needs the size of the file system `paths.state-dir` is on (the data
+    /// partition of a box), `data_mib`: the DICOM spool's quota must fit on it beside
+    /// [`DATA_RESERVE_MIB`]. `tsunagi config check` and a provisioning medium apply it;
+    /// the pure rules of [`Config::validate`] cannot, as they see no disk.
+    pub fn capacity_problems(&self, data_mib: u64) -> Vec<Problem> {
+        let Some(dicom) = self.dicom.as_ref().filter(|d| d.enabled) else {
+            return Vec::new();
+        };
+        let room = data_mib.saturating_sub(DATA_RESERVE_MIB);
+        if dicom.spool_quota_mib <= room {
+            return Vec::new();
+        }
+        vec![Problem {
+            line: None,
+            key: "dicom.spool-quota-mib".into(),
+            reason: format!(
+                "a spool quota of {} MiB does not fit on the {data_mib} MiB file system of \
+                 state-dir {} beside the {DATA_RESERVE_MIB} MiB kept for the journal, the \
+                 services' databases and updates; at most {room} MiB",
+                dicom.spool_quota_mib, self.paths.state_dir
+            ),
+        }]
+    }
+
     pub(crate) fn rules(&self) -> Vec<Rule> {
         let mut out = Vec::new();
         let mut broken = |key: &str, reason: String, involves: &[&str]| {
@@ -1275,6 +1404,29 @@ impl Config {
                     );
                 }
             }
+            if let Some(url) = self
+                .update
+                .channel_url
+                .as_ref()
+                .filter(|_| self.update.enabled)
+            {
+                let host = url.host();
+                match host.parse::<std::net::Ipv4Addr>() {
+                    Ok(ip) if in_hub(ip) => {}
+                    Ok(ip) => broken(
+                        "update.channel-url",
+                        outside(&ip.to_string()),
+                        &["update.channel-url", "tunnel.hub-subnets"],
+                    ),
+                    Err(_) => broken(
+                        "update.channel-url",
+                        format!(
+                            "{host} is a DNS name: with a tunnel, the channel must be an IPv4 address in tunnel.hub-subnets (a name could resolve outside the tunnel)"
+                        ),
+                        &["update.channel-url", "tunnel.hub-subnets"],
+                    ),
+                }
+            }
             if let Some(url) = self.ssmix2.as_ref().and_then(|x| x.replica.url.as_ref()) {
                 let host = url.host();
                 match host.parse::<std::net::Ipv4Addr>() {
@@ -1413,6 +1565,55 @@ impl Config {
                     "audit.timeout",
                     "must be between 1s and 5m".into(),
                     &["audit.timeout"],
+                );
+            }
+        }
+
+        if self.update.enabled {
+            let u = &self.update;
+            if u.channel_url.is_none() {
+                broken(
+                    "update.channel-url",
+                    "required with update.enabled = true".into(),
+                    &["update.channel-url", "update.enabled"],
+                );
+            }
+            let files = TlsClient {
+                section: "update",
+                url_key: "update.channel-url",
+                ca_file: u.ca_file.is_some(),
+                cert_file: u.client_cert_file.is_some(),
+                key_file: u.client_key_file.is_some(),
+                identity: u.client_identity,
+            };
+            tls_client_rules(&files, self.identity.enabled, &mut broken);
+            if u.compatible.is_empty()
+                || u.compatible.len() > 64
+                || !u.compatible.bytes().all(|b| b.is_ascii_graphic())
+            {
+                broken(
+                    "update.compatible",
+                    "must be 1 to 64 printable ASCII characters without spaces (RAUC's compatible)"
+                        .into(),
+                    &["update.compatible"],
+                );
+            }
+            if !(Duration::from_secs(60)..=Duration::from_secs(86_400))
+                .contains(&u.check_interval.get())
+            {
+                broken(
+                    "update.check-interval",
+                    "must be between 1m and 1d".into(),
+                    &["update.check-interval"],
+                );
+            }
+            if !(Duration::from_secs(60)..=Duration::from_secs(3600))
+                .contains(&u.health_limit.get())
+            {
+                broken(
+                    "update.health-limit",
+                    "must be between 1m and 1h".into(),
+                    &["update.health-limit"],
                 );
             }
         }

@@ -608,7 +608,7 @@ fn unknown_keys_and_tables() {
             (Some(13), "drill.a.foo"),
         ]
     );
-    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, network, tunnel, identity, consent, ssmix2, dicom, audit, drill)"), "{}", got[0].2);
+    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, network, tunnel, identity, consent, ssmix2, dicom, audit, update, drill)"), "{}", got[0].2);
     assert_eq!(got[1].2, "unknown key `level` (expected one of: filter)");
 }
 
@@ -1416,6 +1416,48 @@ fn ssmix2_replica_rules() {
 // [dicom]
 
 #[test]
+fn the_spool_quota_must_fit_on_the_data_partition_beside_the_reserve() {
+    let ids = "[site.network-ids]\nissuer = \"TOKYO-NET\"\noid = \"1.2.392.999.1\"\n";
+    let dicom = |extra: &str| {
+        let text = format!(
+            "{ids}[dicom]\nlisten = \"0.0.0.0:104\"\n{extra}[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n"
+        );
+        parse(&ssmix2_config(&text), file()).unwrap()
+    };
+    // The default quota (10 GiB) on the image's own 256 MiB data partition, and on a disk
+    // the partition has grown to fill.
+    let default = dicom("");
+    let refused = default.capacity_problems(256);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].key, "dicom.spool-quota-mib");
+    assert!(
+        refused[0].reason.contains("10240 MiB") && refused[0].reason.contains("at most 0 MiB"),
+        "{}",
+        refused[0].reason
+    );
+    assert!(
+        default
+            .capacity_problems(10240 + DATA_RESERVE_MIB)
+            .is_empty()
+    );
+    let over = default.capacity_problems(10240 + DATA_RESERVE_MIB - 1);
+    assert!(over[0].reason.contains("at most 10239 MiB"), "{over:?}");
+    // A quota set for a small disk; no DICOM bridge, or one turned off: nothing to fit.
+    assert!(
+        dicom("spool-quota-mib = 1024\n")
+            .capacity_problems(2048)
+            .is_empty()
+    );
+    assert!(dicom("enabled = false\n").capacity_problems(1).is_empty());
+    assert!(
+        parse(MINIMAL, file())
+            .unwrap()
+            .capacity_problems(1)
+            .is_empty()
+    );
+}
+
+#[test]
 fn dicom_section_defaults_and_rules() {
     let dicom = "[dicom]\nlisten = \"0.0.0.0:104\"\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n";
     let ids = "[site.network-ids]\nissuer = \"TOKYO-NET\"\noid = \"1.2.392.999.1\"\n";
@@ -1957,4 +1999,73 @@ fn the_audit_trail_needs_a_repository_the_ca_and_the_boxs_certificate() {
     );
     let unknown = problems(&format!("{good}port = 6514\n"));
     assert!(unknown.contains("port"), "{unknown}");
+}
+
+#[test]
+fn updates_need_a_channel_the_ca_and_the_boxs_certificate() {
+    let problems = |section: &str| match parse(&ssmix2_config(section), file()) {
+        Ok(_) => String::new(),
+        Err(p) => p.to_string(),
+    };
+    let cfg = parse(&ssmix2_config(""), file()).unwrap();
+    assert!(!cfg.update.enabled);
+    assert_eq!(cfg.update.compatible, "tsunagi");
+    assert_eq!(
+        cfg.update.root_file.as_str(),
+        "/usr/share/tsunagi/update-root.json"
+    );
+    let bare = problems("[update]\nenabled = true\n");
+    assert!(
+        bare.contains("update.channel-url: required with update.enabled = true"),
+        "{bare}"
+    );
+    assert!(bare.contains("update.ca-file"), "{bare}");
+    let good = "[update]\nenabled = true\nchannel-url = \"https://10.98.0.1:8443/updates/\"\nca-file = \"/a\"\nclient-cert-file = \"/b\"\nclient-key-file = \"/c\"\n";
+    let cfg = parse(&ssmix2_config(good), file()).unwrap();
+    assert_eq!(cfg.update.check_interval.get(), Duration::from_secs(3600));
+    for (extra, why) in [
+        (
+            "check-interval = \"10s\"\n",
+            "update.check-interval: must be between 1m and 1d",
+        ),
+        ("compatible = \"two words\"\n", "update.compatible"),
+        (
+            "[update.window]\nnightly = \"25:00-05:00\"\n",
+            "expected HH:MM-HH:MM",
+        ),
+        (
+            "[update.window]\nnightly = \"01:00-01:00\"\n",
+            "expected HH:MM-HH:MM",
+        ),
+        (
+            "[update.window]\nutc-offset = \"09:00\"\n",
+            "expected +HH:MM",
+        ),
+        ("[update.window]\nall-day = [\"sunday\"]\n", "sunday"),
+    ] {
+        let p = problems(&format!("{good}{extra}"));
+        assert!(p.contains(why), "{extra}: {p}");
+    }
+}
+
+#[test]
+fn the_maintenance_window_is_in_the_clinics_local_time() {
+    let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap().as_second();
+    let w = MaintenanceWindow::default();
+    // 2026-12-07 is a Monday. 01:30 JST is 16:30 UTC the day before.
+    assert!(w.contains(at("2026-12-06T16:30:00Z")));
+    assert!(!w.contains(at("2026-12-06T20:30:00Z"))); // Monday 05:30 JST
+    assert!(!w.contains(at("2026-12-07T03:00:00Z"))); // Monday 12:00 JST
+    assert!(w.contains(at("2026-12-06T03:00:00Z"))); // Sunday 12:00 JST
+    assert!(!w.contains(at("2026-12-05T03:00:00Z"))); // Saturday 12:00 JST
+    let late = MaintenanceWindow {
+        nightly: "22:00-02:00".to_owned().try_into().unwrap(),
+        all_day: vec![],
+        utc_offset: "+00:00".to_owned().try_into().unwrap(),
+    };
+    assert!(late.contains(at("2026-12-07T23:00:00Z")));
+    assert!(late.contains(at("2026-12-07T01:59:00Z")));
+    assert!(!late.contains(at("2026-12-07T02:00:00Z")));
+    assert_eq!(late.nightly.to_string(), "22:00-02:00");
+    assert_eq!(w.utc_offset.to_string(), "+09:00");
 }

@@ -1454,3 +1454,168 @@ impl From<LinkAddress> for String {
         value.to_string()
     }
 }
+
+/// The update channel's base, `https://HOST:PORT/PATH/` (the same shape as a WebDAV
+/// replica's): `metadata/` and `targets/` of the TUF repository are below it.
+pub type ChannelUrl = ReplicaUrl;
+
+/// A time of day in minutes since midnight, written `HH:MM`.
+fn parse_hhmm(s: &str) -> Option<u16> {
+    let (h, m) = s.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+    (h <= 24 && m < 60 && (h < 24 || m == 0)).then_some(h * 60 + m)
+}
+
+/// A window of each day, local time, `HH:MM-HH:MM` (`22:00-05:00` passes midnight;
+/// `00:00-24:00` is the whole day). Start and end differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DailyWindow {
+    start: u16,
+    end: u16,
+}
+
+impl DailyWindow {
+    /// Built from minutes since midnight (a default of this crate).
+    pub(crate) const fn minutes(start: u16, end: u16) -> DailyWindow {
+        DailyWindow { start, end }
+    }
+
+    /// Whether minute `m` of a day (0..1440) is inside, and if it is because the window
+    /// began the day before (it passes midnight).
+    pub fn contains(&self, m: u16) -> Option<bool> {
+        if self.start < self.end {
+            (self.start..self.end).contains(&m).then_some(false)
+        } else if m >= self.start {
+            Some(false)
+        } else if m < self.end {
+            Some(true)
+        } else {
+            None
+        }
+    }
+}
+
+impl TryFrom<String> for DailyWindow {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        let shape = || {
+            ValueError::new(format!(
+                "expected HH:MM-HH:MM (local time, e.g. 01:00-05:00; 22:00-05:00 passes midnight) (got {})",
+                quoted(&value)
+            ))
+        };
+        let (a, b) = value.split_once('-').ok_or_else(shape)?;
+        let (start, end) = (
+            parse_hhmm(a).ok_or_else(shape)?,
+            parse_hhmm(b).ok_or_else(shape)?,
+        );
+        if start == end || start == 24 * 60 {
+            return Err(shape());
+        }
+        Ok(DailyWindow { start, end })
+    }
+}
+
+impl fmt::Display for DailyWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:02}:{:02}-{:02}:{:02}",
+            self.start / 60,
+            self.start % 60,
+            self.end / 60,
+            self.end % 60
+        )
+    }
+}
+
+impl From<DailyWindow> for String {
+    fn from(value: DailyWindow) -> String {
+        value.to_string()
+    }
+}
+
+/// A day of the week, `mon` … `sun`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+impl Weekday {
+    /// Monday is 0.
+    pub fn from_monday(n: u8) -> Weekday {
+        match n % 7 {
+            0 => Weekday::Mon,
+            1 => Weekday::Tue,
+            2 => Weekday::Wed,
+            3 => Weekday::Thu,
+            4 => Weekday::Fri,
+            5 => Weekday::Sat,
+            _ => Weekday::Sun,
+        }
+    }
+}
+
+/// An offset from UTC, `+HH:MM` or `-HH:MM` (at most 14 hours).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UtcOffset(i32);
+
+impl UtcOffset {
+    /// Built from seconds (a default of this crate).
+    pub(crate) const fn seconds(s: i32) -> UtcOffset {
+        UtcOffset(s)
+    }
+
+    /// The offset in seconds (east of UTC positive).
+    pub fn get(&self) -> i32 {
+        self.0
+    }
+}
+
+impl TryFrom<String> for UtcOffset {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
+        let shape = || {
+            ValueError::new(format!(
+                "expected +HH:MM or -HH:MM, e.g. +09:00 (got {})",
+                quoted(&value)
+            ))
+        };
+        let (sign, rest) = match value.as_bytes().first() {
+            Some(b'+') => (1, &value[1..]),
+            Some(b'-') => (-1, &value[1..]),
+            _ => return Err(shape()),
+        };
+        let minutes = parse_hhmm(rest).ok_or_else(shape)?;
+        if minutes > 14 * 60 {
+            return Err(shape());
+        }
+        Ok(UtcOffset(sign * i32::from(minutes) * 60))
+    }
+}
+
+impl fmt::Display for UtcOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.0 < 0 { '-' } else { '+' };
+        let m = self.0.unsigned_abs() / 60;
+        write!(f, "{sign}{:02}:{:02}", m / 60, m % 60)
+    }
+}
+
+impl From<UtcOffset> for String {
+    fn from(value: UtcOffset) -> String {
+        value.to_string()
+    }
+}

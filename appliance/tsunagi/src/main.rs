@@ -8,7 +8,8 @@
 //! * `tsunagi ssmix2 scan|check ROOT` — inventories an SS-MIX2 storage (`ssmix2 mount`:
 //!   mounts its SMB share);
 //! * `tsunagi dicom list|requeue` — the DICOM spool's waiting and dead instances;
-//! * `tsunagi medium check|apply DIR` — a signed provisioning medium.
+//! * `tsunagi medium check|apply DIR` — a signed provisioning medium;
+//! * `tsunagi update install|health-gate` — an update's steps as root (systemd units).
 //!
 //! `main` only wires: arguments → config → logging → runtime → run, and maps the outcome to
 //! an exit code (see `tsunagi_runtime::exit_code` and `docs/operations.md`).
@@ -21,6 +22,7 @@ mod medium_cmd;
 mod services;
 mod ssmix2_cmd;
 mod status_cmd;
+mod update_cmd;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -115,6 +117,13 @@ enum Command {
     /// SS-MIX2 storages: inventory and conformance (reads only; no service needed).
     #[command(subcommand)]
     Ssmix2(ssmix2_cmd::Ssmix2Command),
+    /// Fleet updates: the steps that need root (each run by its own systemd unit).
+    Update {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        command: update_cmd::UpdateCommand,
+    },
     /// The audit trail of consent decisions.
     Audit {
         #[command(flatten)]
@@ -187,6 +196,10 @@ fn main() -> ExitCode {
         } => match load(&config.config) {
             Err(code) => code,
             Ok(cfg) => dicom_cmd::dicom(&cfg, command, json),
+        },
+        Command::Update { config, command } => match load(&config.config) {
+            Err(code) => code,
+            Ok(cfg) => update_cmd::update(&cfg, command),
         },
         Command::Audit {
             config,
@@ -330,7 +343,21 @@ fn config_check(files: &[PathBuf]) -> u8 {
     let mut worst = exit_code::OK;
     for file in files {
         match tsunagi_config::load(file) {
-            Ok(_) => println!("{}: ok", file.display()),
+            Ok(cfg) => match capacity_problems(&cfg) {
+                Ok(problems) if problems.is_empty() => println!("{}: ok", file.display()),
+                Ok(problems) => {
+                    let problems = tsunagi_config::Problems {
+                        file: file.clone(),
+                        problems,
+                    };
+                    eprint!("{}", with_newline(&problems.to_string()));
+                    worst = exit_code::CONFIG;
+                }
+                Err(e) => {
+                    eprintln!("tsunagi: {e}");
+                    worst = exit_code::CONFIG;
+                }
+            },
             Err(e) => {
                 report_load_error(&e);
                 worst = exit_code::CONFIG;
@@ -338,6 +365,27 @@ fn config_check(files: &[PathBuf]) -> u8 {
         }
     }
     worst
+}
+
+/// The rules of `cfg` that need the size of the file system its state directory is on
+/// (the box's data partition): its nearest existing ancestor's, on a machine where the
+/// directory is not made yet. The size counts what the services (not root) can fill.
+pub(crate) fn capacity_problems(cfg: &Config) -> Result<Vec<tsunagi_config::Problem>, String> {
+    let state_dir = cfg.paths.state_dir.as_path();
+    let existing = state_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let st = nix::sys::statvfs::statvfs(existing).map_err(|e| {
+        format!(
+            "cannot read the size of the file system of state-dir {} ({}): {e}",
+            state_dir.display(),
+            existing.display()
+        )
+    })?;
+    let reserved_for_root = st.blocks_free().saturating_sub(st.blocks_available());
+    let usable = st.blocks().saturating_sub(reserved_for_root) * st.fragment_size();
+    Ok(cfg.capacity_problems(usable / (1024 * 1024)))
 }
 
 #[cfg(test)]

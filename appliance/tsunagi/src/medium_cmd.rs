@@ -202,10 +202,28 @@ fn checked(args: &MediumArgs) -> Result<Bundle, Checked> {
         last_serial: applied.as_ref().map(|a| a.serial),
         now: now(),
     };
-    tsunagi_medium::verify(&bundle, signature.as_deref(), &key, expect).map_err(|e| match e {
-        tsunagi_medium::Refused::AlreadyApplied(serial) => Checked::AlreadyApplied(serial),
-        e => Checked::Refused(e.to_string()),
-    })
+    let bundle = tsunagi_medium::verify(&bundle, signature.as_deref(), &key, expect).map_err(
+        |e| match e {
+            tsunagi_medium::Refused::AlreadyApplied(serial) => Checked::AlreadyApplied(serial),
+            e => Checked::Refused(e.to_string()),
+        },
+    )?;
+    // What only the box can check: the config's spool fits this box's data partition.
+    if bundle.kind != Kind::Provision {
+        return Ok(bundle);
+    }
+    let mut cfg = tsunagi_config::parse(&bundle.config, Path::new(tsunagi_medium::BUNDLE_FILE))
+        .map_err(|e| format!("the medium's config: {e}"))?;
+    cfg.paths.state_dir =
+        tsunagi_config::AbsPath::try_from(args.state_dir.to_string_lossy().into_owned())
+            .map_err(|e| format!("state directory {}: {e}", args.state_dir.display()))?;
+    let problems = crate::capacity_problems(&cfg)?;
+    if let Some(p) = problems.first() {
+        return Err(Checked::Refused(format!(
+            "the medium's config does not fit this box: {p}"
+        )));
+    }
+    Ok(bundle)
 }
 
 fn apply(

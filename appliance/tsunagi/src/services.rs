@@ -20,6 +20,7 @@ pub(crate) const SERVICES: &[&Service] = &[
     &consent::SERVICE,
     &ssmix2_sync::SERVICE,
     &dicom_bridge::SERVICE,
+    &update::SERVICE,
     &heartbeat::SERVICE,
 ];
 

@@ -173,3 +173,33 @@ fn a_missing_file_is_a_config_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_spool_quota_larger_than_the_state_directory_s_file_system_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |quota_mib: u64| {
+        format!(
+            "version = 1\n[site]\nfacility-code = \"1312345678\"\nae-title = \"TSUNAGI\"\n[site.network-ids]\nissuer = \"TOKYO-NET\"\noid = \"1.2.392.999.1\"\n[paths]\nstate-dir = \"{}\"\nruntime-dir = \"/run/tsunagi\"\n[dicom]\nlisten = \"0.0.0.0:104\"\nspool-quota-mib = {quota_mib}\n[dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n",
+            dir.path().join("state").display()
+        )
+    };
+    let file = dir.path().join("dicom.toml");
+    // A pebibyte: no file system this test runs on holds it.
+    std::fs::write(&file, config(1 << 30)).unwrap();
+    let (code, _, stderr) = check(&[&file]);
+    assert_eq!(code, Some(3), "{stderr}");
+    let prefix = format!("{}: dicom.spool-quota-mib: ", file.display());
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` in:\n{stderr}"));
+    assert!(
+        line.contains("does not fit") && line.contains("at most"),
+        "{line}"
+    );
+
+    std::fs::write(&file, config(16)).unwrap();
+    let (code, stdout, stderr) = check(&[&file]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(": ok"), "{stdout}");
+}

@@ -121,7 +121,8 @@ fn sigterm_during_a_hanging_pull_stops_the_consent_service_within_2_s() {
 
 /// Issue 17: the consent service syncs over mutual TLS with files it reads after dropping
 /// privileges, and a FHIR server whose certificate has expired is named in status as the
-/// reason the sync fails; the service keeps running and retrying.
+/// reason the sync fails; the service keeps running and retrying, and the refusal reaches
+/// a real rsyslog as one Security Alert (Node Authentication), however many retries.
 #[test]
 fn the_consent_sync_over_tls_names_a_refused_server_in_status() {
     use hil_tests::nginx::{Nginx, Options, Pki};
@@ -146,6 +147,7 @@ fn the_consent_sync_over_tls_names_a_refused_server_in_status() {
     };
     let (good, bad) = (front(None), front(Some(expired)));
 
+    let (rsyslog, audit, _audit_files) = audit_repository(None, None);
     let mut h = Harness::new("");
     // The network CA and the box's certificate and key, the key readable by the consent
     // service's user only.
@@ -158,7 +160,7 @@ fn the_consent_sync_over_tls_names_a_refused_server_in_status() {
     );
     let config = |front: &Nginx| {
         format!(
-            "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"https://{}/fhir\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\npull-interval = \"1s\"\n",
+            "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"https://{}/fhir\"\nca-file = \"{}\"\nclient-cert-file = \"{}\"\nclient-key-file = \"{}\"\npull-interval = \"1s\"\n{audit}",
             front.addr(),
             ca.display(),
             cert.display(),
@@ -184,6 +186,22 @@ fn the_consent_sync_over_tls_names_a_refused_server_in_status() {
     assert_eq!(consent["health"], "degraded", "{consent:#}");
     assert_eq!(consent["restarts"], 0, "{consent:#}");
     assert!(bad.access_log().trim().is_empty(), "{}", bad.access_log());
+    // The refusal at the repository: a Security Alert (110113) of Node Authentication
+    // (110126) naming the server, once however many pulls were refused.
+    let peer = format!("ParticipantObjectID=\"{}\"", bad.addr());
+    let alert = |m: &String| m.contains("csd-code=\"110126\"") && m.contains(&peer);
+    let messages = audit_messages_until(
+        &rsyslog,
+        "the refused FHIR server",
+        Duration::from_secs(30),
+        |ms| ms.iter().any(alert),
+    );
+    let message = messages.iter().find(|m| alert(m)).unwrap();
+    assert!(message.contains("csd-code=\"110113\""), "{message}");
+    assert!(message.contains("expired"), "{message}");
+    // Several more pulls (one a second), each refused.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(rsyslog.messages().iter().filter(|m| alert(m)).count(), 1);
     h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 

@@ -240,7 +240,20 @@ fn unsigned_tampered_and_foreign_media_change_nothing() {
     expired_bundle.expires_at = now() - 1;
     let expired = media.path().join("expired");
     write(&expired, &expired_bundle, Some(&k));
+    // Signed and current, but its DICOM spool (a pebibyte) does not fit the box's disk.
+    let mut oversized_bundle = bundle("1312345678", 1);
+    oversized_bundle.config = oversized_bundle.config.replace(
+        "[paths]",
+        "[site.network-ids]\nissuer = \"TOKYO-NET\"\noid = \"1.2.392.999.1\"\n[paths]",
+    ) + "[dicom]\nlisten = \"0.0.0.0:104\"\nspool-quota-mib = 1073741824\n\
+         [dicom.pacs]\nae-title = \"PACS\"\naddress = \"10.98.0.1:4242\"\n";
+    let oversized = media.path().join("oversized");
+    write(&oversized, &oversized_bundle, Some(&k));
     for (medium, why) in [
+        (
+            &oversized,
+            "does not fit this box: dicom.spool-quota-mib: a spool quota of 1073741824 MiB",
+        ),
         (&unsigned, "the medium is not signed"),
         (
             &foreign,

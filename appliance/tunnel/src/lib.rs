@@ -266,14 +266,15 @@ pub async fn run(
 ) -> Result<(), TunnelError> {
     let started = Instant::now();
     // The clock's changes, kept until the ATNA audit trail has them.
-    let pending = audit::pending::Store::open(&ctx.state_dir.join("audit-pending.db"))?;
+    let keep = std::sync::Arc::new(audit::pending::Store::open(
+        &ctx.state_dir.join("audit-pending.db"),
+    )?);
     let mut tasks = tsunagi_runtime::tasks::Tasks::new(ctx.shutdown.clone());
     let audit_error: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
-    let keep = audit::pending::Store::open(&ctx.state_dir.join("audit-pending.db"))?;
     tasks.spawn(
         "audit-trail",
         audit::client::hand_over(
-            pending,
+            audit::client::Sources::new().with(keep.clone()),
             audit_socket,
             audit_error.clone(),
             ctx.shutdown.clone(),
