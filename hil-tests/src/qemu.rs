@@ -95,6 +95,9 @@ pub struct Spec {
     /// The machine's serial number in its firmware (SMBIOS type 1), as a box's maker sets
     /// it: the box serial it enrolls with.
     pub serial_number: Option<String>,
+    /// The size of the guest's disk in bytes, when larger than the image: the copy is
+    /// extended (sparse), as a box's disk is larger than the image written to it.
+    pub disk_size: Option<u64>,
 }
 
 /// A running guest. Killed on drop.
@@ -270,6 +273,16 @@ impl Vm {
                 what: format!("copy {}", spec.disk.display()),
                 source: std::io::Error::other(status.to_string()),
             });
+        }
+        if let Some(size) = spec.disk_size {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&copy)
+                .map_err(io("open the disk copy"))?;
+            let now = f.metadata().map_err(io("stat the disk copy"))?.len();
+            if size > now {
+                f.set_len(size).map_err(io("extend the disk copy"))?;
+            }
         }
         if !spec.flip.is_empty() {
             let mut f = fs::OpenOptions::new()
