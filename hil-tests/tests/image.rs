@@ -805,9 +805,10 @@ const MIN_CUTS: u32 = 6;
 /// cuts, the suite having grown), hence 850 s (13 cuts). The SS-MIX2 storage is no longer
 /// on the medium (it is the clinic's SMB share), and an unchanged medium is no longer
 /// applied again at every boot. The update of issue 18 (a download, an install and two
-/// boots) runs after the cutting in the same test, hence 600 s (about 9 cuts).
-/// `TSUNAGI_POWER_CUT_BUDGET` (seconds) sets another.
-const CUT_BUDGET: Duration = Duration::from_secs(600);
+/// boots) runs after the cutting in the same test, hence 600 s (about 9 cuts); with its own
+/// 10 power cuts (test 3) and the rollback and refusals, 420 s (6 to 7 cuts here; the box
+/// is cut 16 times or more in all). `TSUNAGI_POWER_CUT_BUDGET` (seconds) sets another.
+const CUT_BUDGET: Duration = Duration::from_secs(420);
 /// The latest moment of a cut, after ready (the earliest is 1 s after): within the SS-MIX2
 /// files' publication (see [`SSMIX2_PER_BOOT`]), and short, since every cut cycle waits for it.
 const CUT_WINDOW_END: u64 = 7_000;
@@ -1082,7 +1083,12 @@ impl Rng {
     }
 
     fn millis(&mut self, from: u64, to: u64) -> Duration {
-        Duration::from_millis(from + self.next() % (to - from))
+        Duration::from_millis(self.between(from, to))
+    }
+
+    /// A number from `from` up to (not including) `to`, which is above `from`.
+    fn between(&mut self, from: u64, to: u64) -> u64 {
+        from + self.next() % (to - from)
     }
 }
 
@@ -1718,8 +1724,9 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
     let at_pacs = orthanc_sop_uids(&pacs);
     let unique: BTreeSet<&String> = at_pacs.iter().collect();
     assert!(acked.iter().all(|uid| unique.contains(uid)));
-    // Issue 18: the update to the next version, the rollback from a faulty one, then the
-    // refusals; the rest runs on the next version.
+    // Issue 18: the update to the next version through power cuts (tests 3 and 1), the
+    // rollback from a faulty one (test 2), then the refusals (test 4); the rest runs on the
+    // next version.
     let updated = fleet::releases(&image).map(|releases| {
         let channel = fleet::Channel::start(
             &net,
@@ -1728,7 +1735,11 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
             &work.path().join("channel"),
             &releases.keys,
         );
-        fleet::update_to_next(&mut vm, &net, &channel, &releases);
+        let update_cuts = std::env::var("TSUNAGI_UPDATE_CUTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(fleet::UPDATE_CUTS);
+        fleet::update_through_power_cuts(&mut vm, &net, &channel, &releases, &mut rng, update_cuts);
         fleet::roll_back_from_faulty(&mut vm, &channel, &releases);
         fleet::refusals(&mut vm, &channel, &audit_repository, &releases);
         (channel, releases)

@@ -127,7 +127,9 @@ fn install_asked(
                 compatible: cfg.update.compatible.clone(),
                 running,
             }
-            .install(request);
+            .install(request, &mut |step| {
+                println!("tsunagi update: installing {}: {step}", request.version);
+            });
             install::write_outcome(dir, &outcome).map_err(|e| crate::error_chain(&e))?;
             outcome
         }

@@ -10,6 +10,10 @@ use reqwest::StatusCode;
 use crate::channel::{Channel, Refusal};
 use crate::release::Release;
 
+/// What arrives is made durable every this many bytes: a power cut loses at most this much
+/// of a download, and the next try resumes from there.
+const SYNC_EVERY: u64 = 8 << 20;
+
 /// Why a download did not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
@@ -155,6 +159,9 @@ async fn download(
                 .into());
             }
             file.write_all(&chunk).map_err(disk(partial))?;
+            if have / SYNC_EVERY != (have - chunk.len() as u64) / SYNC_EVERY {
+                file.sync_data().map_err(disk(partial))?;
+            }
         }
         file.sync_all().map_err(disk(partial))?;
     }

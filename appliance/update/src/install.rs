@@ -173,8 +173,9 @@ pub struct Installer {
 
 impl Installer {
     /// Installs what `request` names (steps 1–3 of the module's list), and returns what
-    /// became of it. The copy is removed whatever happens.
-    pub fn install(&self, request: &Request) -> Outcome {
+    /// became of it; `progress` hears each step done and each line of RAUC's progress
+    /// (`NN% what`), for the console. The copy is removed whatever happens.
+    pub fn install(&self, request: &Request, progress: &mut dyn FnMut(&str)) -> Outcome {
         let outcome = |verdict, reason: Option<String>| Outcome {
             version: request.version.clone(),
             verdict,
@@ -198,6 +199,7 @@ impl Installer {
             .join(format!("{sha}.raucb"));
         let copy = self.incoming.join(format!("{sha}.raucb"));
         let result = self.copy_checked(&source, &copy, &sha).and_then(|()| {
+            progress("the bundle copied and its SHA-256 checked");
             let (compatible, version) = self.info(&copy)?;
             if compatible != self.compatible {
                 return Err(Step::Refused(format!(
@@ -211,7 +213,8 @@ impl Installer {
                     request.version
                 )));
             }
-            self.rauc_install(&copy)
+            progress("RAUC accepts its signature, compatible and version");
+            self.rauc_install(&copy, progress)
         });
         let _ = std::fs::remove_file(&copy);
         match result {
@@ -287,21 +290,54 @@ impl Installer {
         Ok((compatible, version))
     }
 
-    fn rauc_install(&self, bundle: &Path) -> Result<(), Step> {
-        let out = std::process::Command::new(&self.rauc)
+    /// `rauc install`, its progress lines passed on as they come.
+    fn rauc_install(&self, bundle: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), Step> {
+        let cannot =
+            |e: std::io::Error| Step::Failed(format!("cannot run {}: {e}", self.rauc.display()));
+        let mut child = std::process::Command::new(&self.rauc)
             .arg("install")
             .arg(bundle)
-            .output()
-            .map_err(|e| Step::Failed(format!("cannot run {}: {e}", self.rauc.display())))?;
-        if out.status.success() {
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(cannot)?;
+        // Its error output is read beside, so that neither pipe fills while the other is read.
+        let errors = child.stderr.take().map(|mut stderr| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = stderr.read_to_end(&mut bytes);
+                bytes
+            })
+        });
+        if let Some(stdout) = child.stdout.take() {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let Ok(line) = line else { break };
+                if let Some(step) = rauc_progress(&line) {
+                    progress(&format!("rauc: {step}"));
+                }
+            }
+        }
+        let status = child.wait().map_err(cannot)?;
+        let stderr = errors.and_then(|t| t.join().ok()).unwrap_or_default();
+        if status.success() {
             Ok(())
         } else {
             Err(Step::Failed(format!(
                 "rauc install failed: {}",
-                last_line(&out.stderr)
+                last_line(&stderr)
             )))
         }
     }
+}
+
+/// A line of `rauc install`'s progress (`NN% what`, RAUC's own words), trimmed; `None` for
+/// anything else it prints.
+pub fn rauc_progress(line: &str) -> Option<&str> {
+    let line = line.trim();
+    let (percent, what) = line.split_once('%')?;
+    let percent: u8 = percent.trim().parse().ok()?;
+    (percent <= 100 && !what.trim().is_empty()).then_some(line)
 }
 
 /// How a step of [`Installer::install`] went wrong.
@@ -515,6 +551,27 @@ mod tests {
     }
 
     #[test]
+    fn raucs_progress_lines_are_told_from_the_rest() {
+        assert_eq!(
+            rauc_progress(" 80% Copying image to rootfs.1"),
+            Some("80% Copying image to rootfs.1")
+        );
+        assert_eq!(
+            rauc_progress("100% Installing done."),
+            Some("100% Installing done.")
+        );
+        for other in [
+            "installing",
+            "idle",
+            "Installing `/x.raucb` succeeded",
+            "50%",
+            "x% y",
+        ] {
+            assert_eq!(rauc_progress(other), None, "{other}");
+        }
+    }
+
+    #[test]
     fn the_installer_refuses_what_is_not_newer_or_not_the_verified_download() {
         let dir = tempfile::tempdir().unwrap();
         let installer = Installer {
@@ -526,10 +583,13 @@ mod tests {
             running: "2".parse().unwrap(),
         };
         let ask = |version: &str, sha256: String| {
-            installer.install(&Request {
-                version: version.parse().unwrap(),
-                sha256,
-            })
+            installer.install(
+                &Request {
+                    version: version.parse().unwrap(),
+                    sha256,
+                },
+                &mut |_| {},
+            )
         };
         let older = ask("1.9", "ab".repeat(32));
         assert_eq!(older.verdict, Verdict::Refused);

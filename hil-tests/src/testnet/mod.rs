@@ -444,6 +444,29 @@ impl TestNet {
         )
     }
 
+    /// The bytes the hub's WireGuard interface has sent to all its peers together (`wg show
+    /// IFACE transfer`, since the hub started): what crossed the tunnel towards the boxes.
+    pub fn hub_sent(&self) -> Result<u64, TestNetError> {
+        let iface = &self.plan.hub_wg_iface;
+        let args = ["show", iface.as_str(), "transfer"];
+        let text = self.tool(Host::Hub, "wg", &args, None)?;
+        let mut sent = 0u64;
+        for line in text.lines() {
+            let tx = line
+                .split_whitespace()
+                .nth(2)
+                .and_then(|t| t.parse::<u64>().ok());
+            let Some(tx) = tx else {
+                return Err(TestNetError::BadOutput {
+                    command: format!("wg {}", args.join(" ")),
+                    detail: format!("line `{line}`"),
+                });
+            };
+            sent += tx;
+        }
+        Ok(sent)
+    }
+
     /// When the hub last completed a handshake with `public_key` (whole seconds, from `wg
     /// show IFACE latest-handshakes`); `None` if never (since the last hub restart).
     pub fn hub_latest_handshake(

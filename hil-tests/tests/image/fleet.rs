@@ -1,9 +1,10 @@
 //! Issue 18 on the booted image: the hub's update channel, published as the operator does
 //! (`tsunagi_provision::release`, with the channel keys the image stage made), the audit
-//! repository the box's refusals reach (a real rsyslog, ATNA), and the three scenarios run
-//! one after the other on the same box: the update to the next version (test 1), the
-//! rollback from a version whose supervisor is never ready (test 2), and the refusals,
-//! each leaving the running slot untouched with an audit record saying why (test 4).
+//! repository the box's refusals reach (a real rsyslog, ATNA), and the scenarios run one
+//! after the other on the same box: the update to the next version through power cuts
+//! during its download and install (tests 3 and 1), the rollback from a version whose
+//! supervisor is never ready (test 2), and the refusals, each leaving the running slot
+//! untouched with an audit record saying why (test 4).
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -406,17 +407,6 @@ impl Drop for HeldAssociation {
 /// Publishes `bundles`, then waits for the box to install the newest and reboot into it,
 /// and boots it. Returns the time from the publication to the reboot.
 fn install_and_reboot(vm: &mut Vm, channel: &Channel, bundles: &[&Bundle]) -> Duration {
-    install_and_reboot_after(vm, channel, bundles, |_| {})
-}
-
-/// [`install_and_reboot`], with `installed` run once the box says it installed the newest
-/// (before it reboots).
-fn install_and_reboot_after(
-    vm: &mut Vm,
-    channel: &Channel,
-    bundles: &[&Bundle],
-    installed: impl FnOnce(&mut Vm),
-) -> Duration {
     channel.publish(bundles, false, None);
     let published = Instant::now();
     let version = &bundles.last().unwrap().custom.version;
@@ -425,7 +415,6 @@ fn install_and_reboot_after(
         Duration::from_secs(900),
     )
     .unwrap_or_else(|e| panic!("{version} was not installed: {e}"));
-    installed(vm);
     vm.wait_for(
         &format!("tsunagi update: rebooting into {version}"),
         Duration::from_secs(900),
@@ -437,32 +426,199 @@ fn install_and_reboot_after(
     installed
 }
 
-/// Test 1: the operator publishes the next version. The box (on version 1, slot A)
-/// downloads it through the tunnel and installs it into slot B while the clinic's modality
-/// holds an association open; it reboots into B only once the association is released
-/// (the activity gate), passes the health gate and keeps B.
-pub(crate) fn update_to_next(vm: &mut Vm, net: &TestNet, channel: &Channel, releases: &Releases) {
+/// The power cuts of test 3, unless `TSUNAGI_UPDATE_CUTS` says otherwise.
+pub(crate) const UPDATE_CUTS: u32 = 10;
+/// Of those, the first ones are made while the box downloads; the rest while it installs.
+const DOWNLOAD_CUTS: u32 = 5;
+const MIB: u64 = 1 << 20;
+
+/// Where in the install a cut comes (test 3).
+#[derive(Clone, Copy)]
+enum InstallCut {
+    /// The installer's copy of the bundle and RAUC's check of it: up to 2 s after it began.
+    Early,
+    /// After RAUC's first progress step at or above this percentage (below 80).
+    Step(u8),
+    /// RAUC writing the slot: up to 1.5 s after it begins to copy the image (its first
+    /// step that says so, or at 85 % or more).
+    Writing,
+}
+
+/// The moment of an install cut, once the serial console (of this boot) allows to say it:
+/// when, and words for it.
+fn install_cut_at(
+    kind: InstallCut,
+    serial: &str,
+    started: Instant,
+    delay: Duration,
+) -> Option<(Instant, String)> {
+    // RAUC's steps (`NN% what`) as the installer passes them on, each with its percentage.
+    let mut steps = serial.lines().filter_map(|l| {
+        let step = l.split_once(": rauc: ")?.1.trim();
+        let percent: u8 = step.split_once('%')?.0.trim().parse().ok()?;
+        Some((percent, step.to_owned()))
+    });
+    match kind {
+        InstallCut::Early => Some((
+            started + delay,
+            format!(
+                "while installing, {:.1} s after it began (the copy, RAUC's check)",
+                delay.as_secs_f64()
+            ),
+        )),
+        InstallCut::Step(_) | InstallCut::Writing => {
+            let step = match kind {
+                InstallCut::Step(at_least) => steps.find(|(p, _)| *p >= at_least)?.1,
+                _ => {
+                    steps
+                        .find(|(p, step)| step.contains("Copying") || (85..100).contains(p))?
+                        .1
+                }
+            };
+            Some((
+                Instant::now() + delay,
+                format!(
+                    "while installing, {:.1} s after RAUC's \"{step}\"",
+                    delay.as_secs_f64()
+                ),
+            ))
+        }
+    }
+}
+
+/// Test 3, then test 1. The operator publishes the next version. While the box (on version
+/// 1, slot A) downloads it through the tunnel and installs it into slot B, its power is cut
+/// `cuts` times at random points: the first [`DOWNLOAD_CUTS`] once a random share of what
+/// is left of the bundle has crossed the tunnel in that boot (counted at the hub), the rest
+/// at a random moment of the install (the copy and RAUC's check, a random step of RAUC's
+/// progress, or RAUC writing the slot). Every boot comes up on slot A, good, and the box
+/// goes on from where it was: the download resumes (the channel serves ranges), the install
+/// starts again. Then, uncut, it finishes while the clinic's modality holds an association
+/// open: the reboot waits for it (the activity gate), and once it is released the box
+/// reboots into B, passes the health gate and keeps B.
+pub(crate) fn update_through_power_cuts(
+    vm: &mut Vm,
+    net: &TestNet,
+    channel: &Channel,
+    releases: &Releases,
+    rng: &mut super::Rng,
+    cuts: u32,
+) {
     let (path, version) = &releases.next;
     let next = channel.bundle(path, version);
-    let held = HeldAssociation::open(net);
-    let installed = install_and_reboot_after(vm, channel, &[&next], |vm| {
-        vm.wait_for(
-            "tsunagi update: the reboot waits for 1 DICOM association(s) from the clinic",
-            Duration::from_secs(120),
-        )
-        .unwrap_or_else(|e| panic!("the reboot did not wait for the clinic's association: {e}"));
-        // It keeps waiting while the association lasts.
-        std::thread::sleep(Duration::from_secs(30));
-        assert!(
-            vm.running() && !vm.serial().contains("tsunagi update: rebooting into"),
-            "the box rebooted during the clinic's association:\n{}",
-            vm.serial_tail()
-        );
-        let echoes = held.release();
+    let length = fs::metadata(&next.path).unwrap().len();
+    let good = "tsunagi update: slot A (1) is good";
+    let installing = format!("tsunagi update: installing {version}");
+    let installed = format!("tsunagi update: {version} installed in the other slot");
+    channel.publish(&[&next], false, None);
+    let published = Instant::now();
+    // What crossed the tunnel in the boots cut while downloading: about what the box has.
+    let mut downloaded = 0u64;
+    let (mut download_cuts, mut install_cuts) = (0u32, 0u32);
+    let rotation = rng.next();
+    for cut in 1..=cuts {
+        vm.wait_for(good, Duration::from_secs(300))
+            .unwrap_or_else(|e| panic!("update cut {cut}: the box is not on slot A, good: {e}"));
+        let sent_before = net.hub_sent().unwrap();
+        let left = length.saturating_sub(downloaded);
+        let threshold = (download_cuts < DOWNLOAD_CUTS)
+            .then(|| rng.between(12 * MIB, (left * 7 / 10).max(16 * MIB)));
+        let kind = match (rotation + u64::from(install_cuts)) % 3 {
+            0 => InstallCut::Early,
+            1 => InstallCut::Step(u8::try_from(rng.between(0, 80)).unwrap_or(0)),
+            _ => InstallCut::Writing,
+        };
+        let delay = match kind {
+            InstallCut::Early => rng.millis(200, 2000),
+            InstallCut::Step(_) => rng.millis(0, 500),
+            InstallCut::Writing => rng.millis(0, 1500),
+        };
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut install_started = None;
+        let mut plan: Option<(Instant, String)> = None;
+        let mut sent = 0;
+        let what = loop {
+            let serial = vm.serial();
+            assert!(
+                !serial.contains(&installed),
+                "update cut {cut}: the install finished before the cut ({}):\n{}",
+                match kind {
+                    InstallCut::Early => "early".to_owned(),
+                    InstallCut::Step(p) => format!("after RAUC's {p} %"),
+                    InstallCut::Writing => "RAUC writing".to_owned(),
+                },
+                vm.serial_tail()
+            );
+            assert!(
+                Instant::now() < deadline && vm.running(),
+                "update cut {cut}: neither {} MiB across the tunnel nor the install within 600 s:\n{}",
+                threshold.unwrap_or_default() / MIB,
+                vm.serial_tail()
+            );
+            match &plan {
+                Some((at, what)) if Instant::now() >= *at => break what.clone(),
+                Some(_) => {}
+                None if serial.contains(&installing) => {
+                    let started = *install_started.get_or_insert_with(Instant::now);
+                    plan = install_cut_at(kind, &serial, started, delay);
+                }
+                None => {
+                    sent = net.hub_sent().unwrap().saturating_sub(sent_before);
+                    if threshold.is_some_and(|t| sent >= t) {
+                        break format!(
+                            "while downloading, {} MiB across the tunnel in this boot",
+                            sent / MIB
+                        );
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        vm.power_cut();
+        if install_started.is_some() {
+            install_cuts += 1;
+        } else {
+            download_cuts += 1;
+            downloaded += sent;
+        }
         println!(
-            "activity gate: the reboot into {version} waited for the clinic's association ({echoes} C-ECHOs), then went on"
+            "update cut {cut}: {what}; {:.1} s after power-on",
+            vm.elapsed().as_secs_f64()
         );
-    });
+        vm.boot_again().unwrap();
+    }
+    // Uncut now: the box finishes, and its reboot waits for the clinic's association.
+    vm.wait_for(good, Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("after the update's cuts: the box is not on slot A, good: {e}"));
+    let held = HeldAssociation::open(net);
+    let last_boot = Instant::now();
+    vm.wait_for(&installed, Duration::from_secs(900))
+        .unwrap_or_else(|e| panic!("{version} was not installed after the cuts: {e}"));
+    vm.wait_for(
+        "tsunagi update: the reboot waits for 1 DICOM association(s) from the clinic",
+        Duration::from_secs(120),
+    )
+    .unwrap_or_else(|e| panic!("the reboot did not wait for the clinic's association: {e}"));
+    // It keeps waiting while the association lasts.
+    std::thread::sleep(Duration::from_secs(30));
+    assert!(
+        vm.running() && !vm.serial().contains("tsunagi update: rebooting into"),
+        "the box rebooted during the clinic's association:\n{}",
+        vm.serial_tail()
+    );
+    let echoes = held.release();
+    vm.wait_for(
+        &format!("tsunagi update: rebooting into {version}"),
+        Duration::from_secs(120),
+    )
+    .unwrap_or_else(|e| panic!("no reboot into {version} once the association ended: {e}"));
+    println!(
+        "activity gate: the reboot into {version} waited for the clinic's association ({echoes} C-ECHOs), then went on"
+    );
+    let finished = published.elapsed();
+    let after_cuts = last_boot.elapsed();
+    wait_for_reboot(vm, &format!("into {version}"));
+    vm.boot_again().unwrap();
     let good = vm
         .wait_for(
             &format!("tsunagi update: {version} is healthy after"),
@@ -475,9 +631,22 @@ pub(crate) fn update_to_next(vm: &mut Vm, net: &TestNet, channel: &Channel, rele
         "slots after the update:\n{}",
         boot.join("\n")
     );
+    // The download went on from where a cut left it: the channel served a range.
+    let name = format!(".tsunagi-{version}.raucb");
+    let log = channel.server.access_log();
+    let ranges = log
+        .lines()
+        .filter(|l| l.contains(&name) && l.contains("\" 206 "))
+        .count();
+    assert!(
+        download_cuts == 0 || ranges > 0,
+        "no download of {version} resumed after {download_cuts} cuts while downloading:\n{log}"
+    );
+    assert_eq!(download_cuts + install_cuts, cuts);
     println!(
-        "update 1 -> {version}: download and install {:.1} s (from its publication to the reboot); reboot-to-good {:.1} s (TCG: {})",
-        installed.as_secs_f64(),
+        "update 1 -> {version} through {cuts} power cuts ({download_cuts} while downloading, {install_cuts} while installing): every boot on slot A, good; {ranges} downloads resumed (HTTP 206 at the channel); done {:.1} s after its publication, {:.1} s after the last cut's boot was on slot A (with the 30 s wait for the association); reboot-to-good {:.1} s (TCG: {})",
+        finished.as_secs_f64(),
+        after_cuts.as_secs_f64(),
         good.as_secs_f64(),
         vm.tcg
     );
@@ -513,7 +682,7 @@ pub(crate) fn roll_back_from_faulty(vm: &mut Vm, channel: &Channel, releases: &R
     // with the refusals: at the end of this boot the update service may not have looked
     // at the channel yet.
     println!(
-        "update {running} -> {version} (never ready): download and install {:.1} s; the trial boot failed its health gate {:.1} s after power-on; back on {running}, checked {:.1} s after power-on (TCG: {})",
+        "update {running} -> {version} (never ready): download and install {:.1} s (uncut, from its publication to the reboot); the trial boot failed its health gate {:.1} s after power-on; back on {running}, checked {:.1} s after power-on (TCG: {})",
         installed.as_secs_f64(),
         failed.as_secs_f64(),
         back.as_secs_f64(),
