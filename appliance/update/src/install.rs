@@ -471,6 +471,10 @@ pub fn healthy(report: &StatusReport) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use tsunagi_runtime::status::ServiceStatus;
+
     use super::*;
 
     #[test]
@@ -519,6 +523,58 @@ mod tests {
         let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (_server, _) = listener.accept().unwrap();
         assert_eq!(established_on(port).unwrap(), before + 1);
+    }
+
+    /// A status report whose `ssmix2` service reports `cycle_running` as `cycling`.
+    fn report_with_ssmix2(cycling: Option<f64>) -> StatusReport {
+        let service = |name: &str, metrics: BTreeMap<String, f64>| ServiceStatus {
+            name: name.to_owned(),
+            state: ServiceState::Ready,
+            health: Health::Ok,
+            pid: Some(2),
+            restarts: 0,
+            last_error: None,
+            uptime_secs: Some(60),
+            summary: String::new(),
+            user: None,
+            metrics,
+        };
+        StatusReport {
+            supervisor: tsunagi_runtime::status::SupervisorStatus {
+                pid: 1,
+                version: "0".into(),
+                privileged: true,
+                ready: true,
+                uptime_secs: 60,
+                config: String::new(),
+            },
+            services: vec![
+                service("dicom", BTreeMap::new()),
+                service(
+                    "ssmix2",
+                    cycling
+                        .map(|v| BTreeMap::from([("cycle_running".to_owned(), v)]))
+                        .unwrap_or_default(),
+                ),
+            ],
+        }
+    }
+
+    #[test]
+    fn the_box_is_busy_with_a_clinic_association_or_an_unfinished_ssmix2_cycle() {
+        assert!(busy(&report_with_ssmix2(Some(0.0)), 0).is_empty());
+        assert!(busy(&report_with_ssmix2(None), 0).is_empty());
+        assert_eq!(
+            busy(&report_with_ssmix2(Some(1.0)), 0),
+            vec!["an SS-MIX2 sync cycle".to_owned()]
+        );
+        assert_eq!(
+            busy(&report_with_ssmix2(Some(1.0)), 2),
+            vec![
+                "2 DICOM association(s) from the clinic".to_owned(),
+                "an SS-MIX2 sync cycle".to_owned()
+            ]
+        );
     }
 
     #[test]
