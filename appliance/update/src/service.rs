@@ -430,11 +430,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         ctx.reporter.status_with_metrics(
             health,
             &summary,
-            &[
-                ("update_staged", f64::from(u8::from(staged))),
-                ("update_refusals_total", refusals_total as f64),
-                ("update_check_failing", f64::from(u8::from(failures > 0))),
-            ],
+            &metrics(staged, refusals_total, failures),
         );
         // Until the next round, an outcome the installer records (a refusal takes it
         // seconds) reaches the audit trail within OUTCOME_POLL.
@@ -457,11 +453,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
                     ctx.reporter.status_with_metrics(
                         health,
                         &format!("running {running}; {words}"),
-                        &[
-                            ("update_staged", f64::from(u8::from(staged))),
-                            ("update_refusals_total", refusals_total as f64),
-                            ("update_check_failing", f64::from(u8::from(failures > 0))),
-                        ],
+                        &metrics(staged, refusals_total, failures),
                     );
                 }
                 break;
@@ -473,6 +465,15 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     }
     tasks.join(Duration::from_millis(300)).await;
     Ok(())
+}
+
+/// The service's metrics: a release staged, refusals so far, the channel check failing.
+fn metrics(staged: bool, refusals_total: u64, failures: u32) -> [(&'static str, f64); 3] {
+    [
+        ("update_staged", f64::from(u8::from(staged))),
+        ("update_refusals_total", refusals_total as f64),
+        ("update_check_failing", f64::from(u8::from(failures > 0))),
+    ]
 }
 
 /// For a staged `version` (downloaded and verified at `bundle`): asks the installer for it
