@@ -675,3 +675,186 @@ fn a_replica_the_box_cannot_verify_is_refused_and_the_refusal_is_audited() {
     c.h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// The nginx master `pid` and its workers (ours: the test started the master).
+fn nginx_processes(pid: u32) -> Vec<nix::unistd::Pid> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid)
+        .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+        .map(|p: u32| nix::unistd::Pid::from_raw(i32::try_from(p).unwrap()))
+        .collect()
+}
+
+/// Issue 18: the installer reboots the box into an update only between SS-MIX2 cycles. A
+/// cycle is held under way (the hub's nginx stopped while a new file is put); `tsunagi
+/// update install` installs (RAUC stands in) and then waits, saying why, past several of
+/// its polls; once nginx goes on, the cycle ends and only then does the box reboot
+/// (`systemctl` stands in: it records what the hub held at that moment, which must
+/// include the file the held cycle brought).
+#[test]
+fn the_reboot_into_an_update_waits_for_an_unfinished_ssmix2_cycle() {
+    let tools = tempfile::tempdir().unwrap();
+    let os_release = tools.path().join("os-release");
+    std::fs::write(&os_release, "ID=tsunagi\nIMAGE_VERSION=1.0.0\n").unwrap();
+    let update = format!(
+        "\n[update]\nos-release = \"{}\"\n\n[update.window]\nall-day = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\n",
+        os_release.display()
+    );
+    let mut c = Clinic::with(&format!("{FAST_SUPERVISOR}{update}"), "inotify", "1h");
+    let a = Patient::sample("0000000001");
+    records(&mut c.storage, &a);
+    c.register(&a.id);
+    c.synced();
+    let permitted: BTreeSet<String> = [a.id.clone()].into();
+    c.h.start();
+    c.wait_for_hub(
+        "first sync",
+        &expected(c.storage.root(), &permitted),
+        Duration::from_secs(60),
+    );
+
+    // A verified download and the update service's request for it.
+    let bundle = b"a bundle RAUC stands in for".to_vec();
+    let sha = sha256_hex(&bundle);
+    let update_dir = c.h.state_dir().join("update");
+    std::fs::create_dir_all(update_dir.join("downloads")).unwrap();
+    std::fs::write(
+        update_dir.join("downloads").join(format!("{sha}.raucb")),
+        &bundle,
+    )
+    .unwrap();
+    update::install::write_request(
+        &update_dir.join(update::install::INSTALL_DIR),
+        &update::install::Request {
+            version: "1.1.0".parse().unwrap(),
+            sha256: sha,
+        },
+    )
+    .unwrap();
+    let script = |name: &str, text: String| {
+        let path = tools.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        path
+    };
+    let rauc = script(
+        "rauc",
+        "#!/bin/sh\ncase \"$1\" in\ninfo) printf \"RAUC_MF_COMPATIBLE='tsunagi'\\nRAUC_MF_VERSION='1.1.0'\\n\" ;;\ninstall) echo '100% Installing done.' ;;\n*) exit 1 ;;\nesac\n".into(),
+    );
+    let rebooted = tools.path().join("rebooted");
+    let bin = tools.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    script(
+        "bin/systemctl",
+        format!(
+            "#!/bin/sh\n[ \"$1\" = reboot ] || exit 1\ncd '{}' && find . -type f | sort > '{}'\n",
+            c.nginx.data_root().display(),
+            rebooted.display()
+        ),
+    );
+
+    // The hub stops answering while the clinic's system writes a new file: a cycle begins
+    // and cannot end.
+    let nginx = nginx_processes(c.nginx.pid().unwrap());
+    for p in &nginx {
+        nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    }
+    let resume = || {
+        for p in &nginx {
+            let _ = nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGCONT);
+        }
+    };
+    c.storage
+        .put(
+            &a,
+            &Record::new("OMP-01", "20261121", "000000000000007", "20261121103000000"),
+        )
+        .unwrap();
+    let want = expected(c.storage.root(), &permitted);
+    let cycling = |s: &serde_json::Value| service(s, "ssmix2")["metrics"]["cycle_running"] == 1.0;
+    c.h.wait_for("a cycle under way", Duration::from_secs(20), cycling);
+
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut installer = Command::new(BIN)
+        .args(["update", "install", "--rauc"])
+        .arg(&rauc)
+        .arg("--incoming")
+        .arg(tools.path().join("incoming"))
+        .arg("--config")
+        .arg(&c.h.config)
+        .env("PATH", path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let said = Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (said, stdout) = (said.clone(), installer.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let Ok(line) = line else { break };
+                let mut s = said.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        })
+    };
+    let waiting = "tsunagi update: the reboot waits for an SS-MIX2 sync cycle";
+    let start = Instant::now();
+    while !said.lock().unwrap().contains(waiting) {
+        if start.elapsed() > Duration::from_secs(20) {
+            resume();
+            panic!("the installer does not wait:\n{}", said.lock().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Past two of its polls (5 s each), the cycle still under way: no reboot.
+    std::thread::sleep(Duration::from_secs(11));
+    let held = c.h.status().is_some_and(|s| cycling(&s));
+    resume();
+    assert!(held, "the cycle ended while nginx was stopped");
+    assert!(
+        !rebooted.exists() && installer.try_wait().unwrap().is_none(),
+        "the box rebooted during an SS-MIX2 cycle:\n{}",
+        said.lock().unwrap()
+    );
+
+    // The hub answers again: the cycle ends, then the box reboots.
+    let status = (0..400)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            installer.try_wait().unwrap()
+        })
+        .unwrap_or_else(|| panic!("no reboot after the cycle:\n{}", said.lock().unwrap()));
+    reader.join().unwrap();
+    let said = said.lock().unwrap().clone();
+    assert!(status.success(), "{said}");
+    assert!(
+        said.contains("tsunagi update: rebooting into 1.1.0"),
+        "{said}"
+    );
+    let at_reboot = std::fs::read_to_string(&rebooted).unwrap();
+    for file in want.keys() {
+        assert!(
+            at_reboot.lines().any(|l| l.ends_with(file.as_str())),
+            "{file} was not at the hub when the box rebooted:\n{at_reboot}"
+        );
+    }
+    c.h.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// The SHA-256 of `bytes`, in hex.
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

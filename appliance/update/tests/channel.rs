@@ -227,20 +227,46 @@ fn a_newer_release_is_offered_in_its_wave_and_downloaded_resumed_and_verified() 
     }
     assert_eq!(b.check("1.1.0", 10).unwrap(), Offer::UpToDate);
 
-    // A download that stopped after 1 MiB goes on from there.
+    // A download that stopped after 2 MiB, of which a flush made 1 MiB durable before a
+    // power cut: the rest reads as zeros (ext4 committed the length before the data). It
+    // goes on from the durable 1 MiB.
     let downloads = b.downloads();
     let bytes = std::fs::read(&new.path).unwrap();
-    let partial = downloads.join(format!("{}.partial", hex::encode(release.sha256)));
-    std::fs::write(&partial, &bytes[..1 << 20]).unwrap();
+    let name = hex::encode(release.sha256);
+    let partial = downloads.join(format!("{name}.partial"));
+    let mark = downloads.join(format!("{name}.durable"));
+    let mut cut = bytes[..2 << 20].to_vec();
+    cut[1 << 20..].fill(0);
+    std::fs::write(&partial, &cut).unwrap();
+    std::fs::write(&mark, format!("{}\n", 1 << 20)).unwrap();
+    let requests = |status: &str| {
+        nginx
+            .access_log()
+            .lines()
+            .filter(|l| l.contains(&release.file_name()) && l.contains(&format!("\" {status} ")))
+            .count()
+    };
     let fetched = block(download::fetch(&b.client, &b.channel, &release, &downloads)).unwrap();
     assert_eq!(fetched.resumed_from, 1 << 20);
     assert_eq!(std::fs::read(&fetched.path).unwrap(), bytes);
-    assert!(!partial.exists());
-    let log = nginx.access_log();
-    assert!(
-        log.lines()
-            .any(|l| l.contains(&release.file_name()) && l.contains("\" 206 ")),
-        "{log}"
+    assert!(!partial.exists() && !mark.exists());
+    assert_eq!(
+        (requests("206"), requests("200")),
+        (1, 0),
+        "{}",
+        nginx.access_log()
+    );
+    // A partial download without its mark: nothing of it is known to be durable.
+    std::fs::remove_file(&fetched.path).unwrap();
+    std::fs::write(&partial, &bytes[..1 << 20]).unwrap();
+    let fetched = block(download::fetch(&b.client, &b.channel, &release, &downloads)).unwrap();
+    assert_eq!(fetched.resumed_from, 0);
+    assert_eq!(std::fs::read(&fetched.path).unwrap(), bytes);
+    assert_eq!(
+        (requests("206"), requests("200")),
+        (1, 1),
+        "{}",
+        nginx.access_log()
     );
     // Fetched again: the verified file, nothing downloaded.
     let again = block(download::fetch(&b.client, &b.channel, &release, &downloads)).unwrap();
@@ -252,23 +278,22 @@ fn a_newer_release_is_offered_in_its_wave_and_downloaded_resumed_and_verified() 
     let mut spoilt = bytes[..1 << 20].to_vec();
     spoilt[(1 << 20) - 4096..].fill(0);
     std::fs::write(&partial, &spoilt).unwrap();
-    let whole = nginx
-        .access_log()
-        .lines()
-        .filter(|l| l.contains(&release.file_name()) && l.contains("\" 200 "))
-        .count();
+    std::fs::write(&mark, format!("{}\n", 1 << 20)).unwrap();
     let fetched = block(download::fetch(&b.client, &b.channel, &release, &downloads)).unwrap();
     assert_eq!(fetched.resumed_from, 0);
     assert_eq!(std::fs::read(&fetched.path).unwrap(), bytes);
-    assert!(!partial.exists());
-    let log = nginx.access_log();
     assert_eq!(
-        log.lines()
-            .filter(|l| l.contains(&release.file_name()) && l.contains("\" 200 "))
-            .count(),
-        whole + 1,
-        "{log}"
+        (requests("206"), requests("200")),
+        (2, 2),
+        "{}",
+        nginx.access_log()
     );
+    // Nothing but the verified bundle is left: no partial, mark or spoilt copy.
+    let left: Vec<_> = std::fs::read_dir(&downloads)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![fetched.path.file_name().unwrap().to_owned()]);
 }
 
 #[test]
@@ -352,8 +377,10 @@ fn an_older_release_and_a_tampered_bundle_are_refused() {
     }
     assert_eq!(std::fs::read_dir(&downloads).unwrap().count(), 0);
     // Resumed from the tampered bytes: fetched again from the start, and refused then.
-    let partial = downloads.join(format!("{}.partial", hex::encode(release.sha256)));
+    let name = hex::encode(release.sha256);
+    let partial = downloads.join(format!("{name}.partial"));
     std::fs::write(&partial, &bytes[..4096]).unwrap();
+    std::fs::write(downloads.join(format!("{name}.durable")), "4096\n").unwrap();
     match block(download::fetch(&b.client, &b.channel, &release, &downloads)) {
         Err(DownloadError::Refused(Refusal::Tampered(why))) => {
             assert!(why.contains("SHA-256"), "{why}")
