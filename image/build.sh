@@ -19,6 +19,9 @@
 #   FAULT         TESTS ONLY: a fault built into the image, for the update tests' rollback
 #                 (`cargo xtask release VERSION --fault never-ready`): `never-ready`, a
 #                 supervisor that never tells systemd it is ready; default none
+#   ROOTFS_CACHE  optional: a directory that keeps the root filesystem as mmdebstrap and
+#                 customize.sh made it, for the next build whose only differences are
+#                 VERSION and FAULT (`cargo xtask` names it by a hash of every other input)
 #   SOURCE_DATE_EPOCH  timestamps of everything built (default: the commit's time, set by
 #                 the caller)
 # The Debian packages come from the build machine's own apt sources: no mirror is named.
@@ -105,18 +108,31 @@ PKGS=(
 )
 R=$WORK/rootfs
 rm -rf "$R"
-step "rootfs: mmdebstrap (the machine's own apt sources)"
-mmdebstrap \
-  --mode=root --variant=essential --components=main \
-  --include="$(IFS=,; echo "${PKGS[*]}")" \
-  --dpkgopt='path-exclude=/usr/share/doc/*' \
-  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-  --dpkgopt='path-exclude=/usr/share/man/*' \
-  --dpkgopt='path-exclude=/usr/share/locale/*' \
-  --dpkgopt='path-exclude=/usr/share/info/*' \
-  --essential-hook="mkdir -p \"\$1/etc/dracut.conf.d\" && cp $HERE/dracut/90-tsunagi.conf \"\$1/etc/dracut.conf.d/\"" \
-  --customize-hook="KEYS=$KEYS TSUNAGI_BIN=$TSUNAGI_BIN $HERE/customize.sh \"\$1\"" \
-  bookworm "$R" "$SOURCES" >&2
+if [ -n "${ROOTFS_CACHE:-}" ] && [ -f "$ROOTFS_CACHE/complete" ]; then
+  # The same packages, overlay, binary and keys as the last build: only the version (and a
+  # test fault) differ, and they are written below.
+  step "rootfs: reused from $ROOTFS_CACHE (mmdebstrap's and customize.sh's, same inputs)"
+  cp -a "$ROOTFS_CACHE/rootfs" "$R"
+else
+  step "rootfs: mmdebstrap (the machine's own apt sources)"
+  mmdebstrap \
+    --mode=root --variant=essential --components=main \
+    --include="$(IFS=,; echo "${PKGS[*]}")" \
+    --dpkgopt='path-exclude=/usr/share/doc/*' \
+    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+    --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --dpkgopt='path-exclude=/usr/share/info/*' \
+    --essential-hook="mkdir -p \"\$1/etc/dracut.conf.d\" && cp $HERE/dracut/90-tsunagi.conf \"\$1/etc/dracut.conf.d/\"" \
+    --customize-hook="KEYS=$KEYS TSUNAGI_BIN=$TSUNAGI_BIN $HERE/customize.sh \"\$1\"" \
+    bookworm "$R" "$SOURCES" >&2
+  if [ -n "${ROOTFS_CACHE:-}" ]; then
+    rm -rf "$ROOTFS_CACHE"
+    mkdir -p "$ROOTFS_CACHE"
+    cp -a "$R" "$ROOTFS_CACHE/rootfs"
+    touch "$ROOTFS_CACHE/complete"
+  fi
+fi
 
 KVER=$(ls "$R/lib/modules" | sort -V | tail -1)
 cp "$R/boot/vmlinuz-$KVER" "$WORK/vmlinuz"

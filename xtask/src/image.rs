@@ -6,6 +6,8 @@
 //! `build.json`. The result is cached by input hash (every file under `image/` and the
 //! release binary): `target/image/input-hash` names the inputs of the image there, and an
 //! unchanged hash reuses it. Prints the build time (or that it was reused) and the size.
+//! The root filesystem mmdebstrap made is kept too (`target/image-rootfs/HASH`, by every
+//! input but the version), so that the releases built after the image skip mmdebstrap.
 //! `SOURCE_DATE_EPOCH` is the commit's time unless set.
 //!
 //! `--check` then checks the built image itself (acceptance 4 of issue 7): its root
@@ -164,12 +166,25 @@ pub(crate) fn build(
             Ok(v) => v,
             Err(_) => commit_time(&root)?,
         };
+        // The root filesystem before its version is written: kept for the releases built
+        // from the same inputs (`cargo xtask release`), which then skip mmdebstrap. Only
+        // the one for the current inputs is kept.
+        let rootfs_hash = input_hash(&root.join("image"), &tsunagi, keys, "rootfs")?;
+        let rootfs_caches = target.join("image-rootfs");
+        if let Ok(entries) = fs::read_dir(&rootfs_caches) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy() != rootfs_hash {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         let mut build = Command::new(root.join("image/build.sh"));
         build
             .env("OUT", out)
             .env("WORK", &work)
             .env("KEYS", keys)
             .env("TSUNAGI_BIN", &tsunagi)
+            .env("ROOTFS_CACHE", rootfs_caches.join(&rootfs_hash))
             .env("VERSION", version)
             .env("FAULT", fault)
             .env("SOURCE_DATE_EPOCH", epoch);

@@ -10,8 +10,9 @@
 //!    advisory database is reachable) and the nextest `ci` profile, stopping at the first
 //!    failure, with a `==> command` banner before each and a one-line verdict at the end.
 //! 5. Fuzzes: builds the fuzz targets in `fuzz/` and runs each for 30 s, two at a time
-//!    (`cargo xtask fuzz`); a crash fails the run. This runs beside step 6, its output
-//!    printed as one block afterwards.
+//!    (`cargo xtask fuzz`); a crash fails the run. This runs beside step 7 at idle CPU
+//!    and I/O priority (`chrt --idle`, `ionice -c 3`), its output printed as one block
+//!    afterwards.
 //! 6. Builds the appliance image (or reuses it while its inputs are unchanged) and checks it
 //!    (`cargo xtask image --check`), then version 2 of it, published alone into the update
 //!    channel (`cargo xtask release 2`, for the update test), then version 3 beside it, with
@@ -52,6 +53,10 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
     SystemPackage {
         name: "passwd",
         why: "useradd, for the per-service users the supervisor creates when run as root",
+    },
+    SystemPackage {
+        name: "util-linux",
+        why: "chrt and ionice: cargo xtask test fuzzes beside the image tests at idle priority",
     },
     SystemPackage {
         name: "coreutils",
@@ -324,16 +329,23 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
     if !step(&mut nextest)? {
         return Ok(verdict_failed(&display(&nextest)));
     }
+    let built = build_image()?;
+    if let Err(failed) = built {
+        return Ok(verdict_failed(&failed));
+    }
     // Every parser of untrusted bytes, fuzzed briefly from the committed corpus (the long
     // runs are manual: `cargo xtask fuzz NAME --time 1h`). Each target's run is time-boxed,
-    // so the fuzzing goes beside the image build (much of which waits on mmdebstrap's
-    // downloads and dpkg) instead of before it: about four minutes less. Its output goes to
-    // a file and is printed as one block once both have ended, so the log stays readable.
+    // so the fuzzing goes beside the image tests, which keep one core busy with QEMU (TCG)
+    // for half an hour and leave the other mostly idle, at idle CPU and I/O priority, so
+    // that it takes nothing the booted box and the test network need. Its output goes to a
+    // file and is printed as one block once both have ended, so the log stays readable.
     let fuzz_log = crate::bench::target_dir().1.join("xtask-test-fuzz.log");
-    let mut fuzz = Command::new("/proc/self/exe");
-    fuzz.arg("fuzz");
+    // `/proc/PID/exe` of this process: `/proc/self/exe` would be chrt's own.
+    let myself = format!("/proc/{}/exe", std::process::id());
+    let mut fuzz = Command::new("chrt");
+    fuzz.args(["--idle", "0", "ionice", "-c", "3", &myself, "fuzz"]);
     banner(&format!(
-        "{} (beside the image build; its output follows when both are done)",
+        "{} (beside the image tests; its output follows when both are done)",
         display(&fuzz)
     ));
     let log = std::fs::File::create(&fuzz_log)
@@ -344,18 +356,15 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
         .stderr(log)
         .spawn()
         .with_context(|| format!("failed to run `{}`", display(&fuzz)))?;
-    let built = build_image();
+    let tested = image_tests();
     let fuzzed = fuzzing.wait().context("wait for the fuzz run")?;
     banner(&format!("{} (its output)", display(&fuzz)));
     io::stdout().write_all(&std::fs::read(&fuzz_log).unwrap_or_default())?;
-    if let Err(failed) = built? {
+    if let Err(failed) = tested? {
         return Ok(verdict_failed(&failed));
     }
     if !fuzzed.success() {
         return Ok(verdict_failed(&display(&fuzz)));
-    }
-    if let Err(failed) = image_tests()? {
-        return Ok(verdict_failed(&failed));
     }
 
     // Every benchmark once, briefly: a smoke run proving it still measures (its figures on
