@@ -47,6 +47,7 @@ pub mod codes {
     pub const APPLICATION_START: Code = dcm("110120", "Application Start");
     pub const APPLICATION_STOP: Code = dcm("110121", "Application Stop");
     pub const LOGIN: Code = dcm("110122", "Login");
+    pub const LOGOUT: Code = dcm("110123", "Logout");
     pub const NODE_AUTHENTICATION: Code = dcm("110126", "Node Authentication");
     pub const SECURITY_CONFIGURATION: Code = dcm("110129", "Security Configuration");
     pub const SOFTWARE_CONFIGURATION: Code = dcm("110131", "Software Configuration");
@@ -629,12 +630,29 @@ pub fn security_alert(
 
 /// A failed login at the console (User Authentication, Login, a minor failure).
 pub fn failed_login(node: &Node, user: &str, from: &str, at: SystemTime) -> AuditMessage {
+    user_authentication(node, user, from, false, false, at)
+}
+
+/// User Authentication (DICOM PS3.15 A.5.3.20): a login (or a `logout`) of `user` from the
+/// address `from`, which succeeded or not.
+pub fn user_authentication(
+    node: &Node,
+    user: &str,
+    from: &str,
+    logout: bool,
+    success: bool,
+    at: SystemTime,
+) -> AuditMessage {
     AuditMessage {
         event: codes::USER_AUTHENTICATION,
-        event_types: vec![codes::LOGIN],
+        event_types: vec![if logout { codes::LOGOUT } else { codes::LOGIN }],
         action: Action::Execute,
         at,
-        outcome: Outcome::MinorFailure,
+        outcome: if success {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        },
         outcome_description: None,
         participants: vec![
             Participant {
@@ -810,6 +828,29 @@ mod tests {
     }
 
     #[test]
+    fn a_console_login_and_logout_are_user_authentication_with_their_outcome() {
+        let n = node();
+        let now = SystemTime::now();
+        for (logout, success, kind, outcome) in [
+            (false, true, "110122", "0"),
+            (false, false, "110122", "4"),
+            (true, true, "110123", "0"),
+        ] {
+            let xml =
+                user_authentication(&n, "desk1", "192.168.50.20", logout, success, now).to_xml();
+            let el = elements(&xml);
+            assert_eq!(attribute(&el, "EventID", "csd-code"), ["110114"], "{xml}");
+            assert_eq!(attribute(&el, "EventTypeCode", "csd-code"), [kind], "{xml}");
+            assert_eq!(
+                attribute(&el, "EventIdentification", "EventOutcomeIndicator"),
+                [outcome],
+                "{xml}"
+            );
+            assert!(attribute(&el, "ActiveParticipant", "UserID").contains(&"desk1"));
+        }
+    }
+
+    #[test]
     fn every_event_kind_is_well_formed() {
         let n = node();
         let peer = Peer {
@@ -883,6 +924,10 @@ mod tests {
                 "110113",
             ),
             (failed_login(&n, "desk1", "192.168.50.20", now), "110114"),
+            (
+                user_authentication(&n, "desk1", "192.168.50.20", true, true, now),
+                "110114",
+            ),
         ] {
             let xml = message.to_xml();
             let el = elements(&xml);

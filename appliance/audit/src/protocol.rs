@@ -149,6 +149,15 @@ pub enum Event {
         user: String,
         from: String,
     },
+    /// A login or a logout at the clinic console (issue 19), by the account's name, from
+    /// an address on the clinic LAN; `success: false` for a refused login (a wrong
+    /// password or second factor, or a locked account).
+    UserAuthentication {
+        user: String,
+        from: String,
+        logout: bool,
+        success: bool,
+    },
     /// A provisioning medium was applied, or applying it failed (`tsunagi medium apply`; a
     /// refusal is [`Event::RefusedMedium`]).
     Medium {
@@ -344,6 +353,12 @@ impl Event {
                 m
             }
             Event::FailedLogin { user, from } => message::failed_login(node, user, from, at),
+            Event::UserAuthentication {
+                user,
+                from,
+                logout,
+                success,
+            } => message::user_authentication(node, user, from, *logout, *success, at),
             Event::Medium { applied, reason } => {
                 let mut m = message::security_alert(node, Alert::RefusedMedium, reason, None, at);
                 m.outcome = if *applied {

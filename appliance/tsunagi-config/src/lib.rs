@@ -109,6 +109,9 @@ pub struct Config {
     /// Fleet updates from the network operator's update channel; off unless enabled.
     #[serde(default)]
     pub update: Update,
+    /// The clinic console: the staff's web page on the clinic LAN; off unless enabled.
+    #[serde(default)]
+    pub console: Console,
     /// Fault drills, by name (`[drill.crashy]` runs as service `drill-crashy`).
     #[serde(default)]
     pub drill: BTreeMap<ServiceName, Drill>,
@@ -411,6 +414,45 @@ impl Default for Update {
             check_interval: ConfigDuration::secs(3600),
             health_limit: ConfigDuration::secs(600),
             window: MaintenanceWindow::default(),
+        }
+    }
+}
+
+/// `[console]`: the clinic console (issue 19), HTTPS on the clinic LAN for the staff: local
+/// accounts with a password and a TOTP second factor, the box's state in Japanese.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Console {
+    pub enabled: bool,
+    /// The address on the clinic LAN it answers on (never the WAN); default
+    /// `192.168.50.1:443`, the image's LAN address.
+    pub listen: SocketAddr,
+    /// A session unused this long ends; 1m to 8h; default 15m.
+    pub idle_timeout: ConfigDuration,
+    /// An account is locked after this many failed logins in a row; 3 to 20; default 5.
+    pub lockout_after: u32,
+    /// For this long; 1m to 24h; default 15m.
+    pub lockout_for: ConfigDuration,
+    /// The server certificate (PEM) the network CA issued for the console; without it
+    /// the console makes a self-signed one at its first start, whose SHA-256 fingerprint
+    /// `tsunagi console fingerprint` prints for the provisioning sheet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<AbsPath>,
+    /// Its key (PEM, mode 0600); with `cert-file` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<SecretFile>,
+}
+
+impl Default for Console {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([192, 168, 50, 1], 443)),
+            idle_timeout: ConfigDuration::secs(15 * 60),
+            lockout_after: 5,
+            lockout_for: ConfigDuration::secs(15 * 60),
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -1614,6 +1656,43 @@ impl Config {
                     "update.health-limit",
                     "must be between 1m and 1h".into(),
                     &["update.health-limit"],
+                );
+            }
+        }
+
+        if self.console.enabled {
+            let c = &self.console;
+            if !(Duration::from_secs(60)..=Duration::from_secs(8 * 3600))
+                .contains(&c.idle_timeout.get())
+            {
+                broken(
+                    "console.idle-timeout",
+                    "must be between 1m and 8h".into(),
+                    &["console.idle-timeout"],
+                );
+            }
+            if !(3..=20).contains(&c.lockout_after) {
+                broken(
+                    "console.lockout-after",
+                    "must be between 3 and 20 failed logins".into(),
+                    &["console.lockout-after"],
+                );
+            }
+            if !(Duration::from_secs(60)..=Duration::from_secs(86_400))
+                .contains(&c.lockout_for.get())
+            {
+                broken(
+                    "console.lockout-for",
+                    "must be between 1m and 24h".into(),
+                    &["console.lockout-for"],
+                );
+            }
+            if c.cert_file.is_some() != c.key_file.is_some() {
+                broken(
+                    "console.cert-file",
+                    "set both cert-file and key-file, or neither (a self-signed certificate)"
+                        .into(),
+                    &["console.cert-file", "console.key-file"],
                 );
             }
         }

@@ -608,7 +608,7 @@ fn unknown_keys_and_tables() {
             (Some(13), "drill.a.foo"),
         ]
     );
-    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, network, tunnel, identity, consent, ssmix2, dicom, audit, update, drill)"), "{}", got[0].2);
+    assert!(got[0].2.starts_with("unknown key `sitee` (expected one of: version, site, paths, log, privacy, supervisor, metrics, heartbeat, network, tunnel, identity, consent, ssmix2, dicom, audit, update, console, drill)"), "{}", got[0].2);
     assert_eq!(got[1].2, "unknown key `level` (expected one of: filter)");
 }
 
@@ -1663,6 +1663,34 @@ fn identity_renewal_settings_are_bounded() {
     )
     .unwrap();
     assert!(cfg.identity.enabled);
+}
+
+#[test]
+fn the_console_is_off_by_default_on_the_lan_and_its_bounds_are_checked() {
+    let cfg = parse(MINIMAL, Path::new("t.toml")).unwrap();
+    assert!(!cfg.console.enabled);
+    assert_eq!(cfg.console.listen.to_string(), "192.168.50.1:443");
+    assert_eq!(cfg.console.lockout_after, 5);
+    for (section, key) in [
+        ("idle-timeout = \"30s\"", "console.idle-timeout"),
+        ("idle-timeout = \"9h\"", "console.idle-timeout"),
+        ("lockout-after = 2", "console.lockout-after"),
+        ("lockout-after = 21", "console.lockout-after"),
+        ("lockout-for = \"2d\"", "console.lockout-for"),
+        ("cert-file = \"/etc/console.pem\"", "console.cert-file"),
+    ] {
+        let got = problems(&format!("{MINIMAL}[console]\nenabled = true\n{section}\n"));
+        assert!(got.iter().any(|(_, k, _)| k == key), "{section}: {got:?}");
+    }
+    let cfg = parse(
+        &format!(
+            "{MINIMAL}[console]\nenabled = true\nlisten = \"127.0.0.1:8443\"\nidle-timeout = \"5m\"\nlockout-after = 3\n"
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    assert!(cfg.console.enabled);
+    assert_eq!(cfg.console.idle_timeout.get(), Duration::from_secs(300));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 //! The control socket: `tsunagi status` asks the running supervisor over a Unix socket.
 //!
-//! The socket lives at `RUNTIME_DIR/control.sock`, mode 0600, owned by the supervisor's user
-//! (root on the appliance). The protocol is one JSON request line, one JSON response line:
+//! The socket lives at `RUNTIME_DIR/control.sock`, owned by the supervisor's user (root on
+//! the appliance), mode 0660 with group [`STATUS_GROUP`] (the clinic console's) when the
+//! supervisor runs as root, else 0600. The protocol is one JSON request line, one JSON response line:
 //! `{"request":"status"}` → `{"ok":true,"status":{...}}` or `{"ok":false,"error":"..."}`.
 
 use std::io::{BufRead, BufReader, Write};
@@ -21,6 +22,9 @@ use crate::supervisor::Snapshot;
 
 /// The socket's file name inside the runtime directory.
 pub const SOCKET_NAME: &str = "control.sock";
+/// The group that may read the status over the socket (the clinic console's): it answers
+/// nothing but status.
+pub const STATUS_GROUP: &str = "tsunagi-status";
 const MAX_REQUEST: u64 = 4096;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CLIENTS: usize = 8;
@@ -72,8 +76,9 @@ pub enum ControlError {
     Refused { message: String },
 }
 
-/// Binds the control socket, replacing a stale one left by a crashed supervisor.
-pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+/// Binds the control socket, replacing a stale one left by a crashed supervisor; mode
+/// 0600, or 0660 with `group` ([`STATUS_GROUP`]'s id, when the supervisor runs as root).
+pub fn bind(path: &Path, group: Option<nix::unistd::Gid>) -> Result<UnixListener, ControlError> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ControlError::InUse {
@@ -88,12 +93,15 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     })?;
     // The runtime directory is not writable by others, so nobody can swap the socket
     // between bind and chmod.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        ControlError::Bind {
-            path: path.to_owned(),
-            source,
-        }
-    })?;
+    let bind_err = |source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(gid)).map_err(|e| bind_err(e.into()))?;
+    }
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
     Ok(listener)
 }
 

@@ -293,7 +293,15 @@ pub async fn run(launch: Launch) -> Result<(), SupervisorError> {
     }
     privilege::ensure_shared_dir(&plan.settings.state_dir, privileged)?;
     privilege::ensure_shared_dir(&plan.settings.runtime_dir, false)?;
-    let listener = control::bind(&plan.settings.runtime_dir.join(control::SOCKET_NAME))?;
+    let status_group = if privileged {
+        Some(privilege::ensure_group(control::STATUS_GROUP)?)
+    } else {
+        None
+    };
+    let listener = control::bind(
+        &plan.settings.runtime_dir.join(control::SOCKET_NAME),
+        status_group,
+    )?;
 
     let signal = |kind, name| {
         tokio::signal::unix::signal(kind).map_err(|source| SupervisorError::Signal {

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod consent_cmd;
+mod console_cmd;
 mod dicom_cmd;
 mod enroll_cmd;
 mod medium_cmd;
@@ -124,6 +125,14 @@ enum Command {
         #[command(subcommand)]
         command: update_cmd::UpdateCommand,
     },
+    /// The clinic console: the first administrator's setup code, the certificate's
+    /// fingerprint.
+    Console {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        command: console_cmd::ConsoleCommand,
+    },
     /// The audit trail of consent decisions.
     Audit {
         #[command(flatten)]
@@ -200,6 +209,10 @@ fn main() -> ExitCode {
         Command::Update { config, command } => match load(&config.config) {
             Err(code) => code,
             Ok(cfg) => update_cmd::update(&cfg, command),
+        },
+        Command::Console { config, command } => match load(&config.config) {
+            Err(code) => code,
+            Ok(cfg) => console_cmd::console(&cfg, command),
         },
         Command::Audit {
             config,

@@ -21,6 +21,7 @@ pub(crate) const SERVICES: &[&Service] = &[
     &ssmix2_sync::SERVICE,
     &dicom_bridge::SERVICE,
     &update::SERVICE,
+    &console::SERVICE,
     &heartbeat::SERVICE,
 ];
 

@@ -1,0 +1,45 @@
+//! `console`: the clinic console (issue 19), the staff's Japanese web page on the clinic
+//! LAN. HTTPS only, on the LAN address alone (`CAP_NET_BIND_SERVICE` for port 443 and
+//! nothing else). Local staff accounts with a password (Argon2id) and a TOTP second factor
+//! (MHLW's guideline 6.0 asks for two factors); the first administrator comes with a
+//! one-time setup code. Every login, failed login and logout goes to the ATNA trail.
+//!
+//! - [`accounts`]: `console.db`, the accounts, sessions and the setup code.
+//! - [`web`]: the pages and forms.
+//! - [`tls`]: the server certificate (the network CA's, or a self-signed one).
+//! - [`service`]: the service that serves them.
+#![forbid(unsafe_code)]
+
+pub mod accounts;
+pub mod service;
+pub mod tls;
+pub mod web;
+
+use tsunagi_runtime::service::{Capability, Launch, Service};
+
+/// The service's name.
+pub const NAME: &str = "console";
+/// The service's user.
+pub const USER: &str = "tsunagi-console";
+
+/// The console as the binary lists it.
+pub const SERVICE: Service = Service {
+    name: NAME,
+    user: USER,
+    description: "tsunagi clinic console",
+    capabilities: &[Capability::CAP_NET_BIND_SERVICE],
+    // Reads the supervisor's status; hands its events to the audit trail.
+    groups: &[
+        tsunagi_runtime::control::STATUS_GROUP,
+        audit::service::CLIENT_GROUP,
+    ],
+    worker_threads: 1,
+    launch: |cfg| {
+        cfg.console
+            .enabled
+            .then(|| Launch::reading(cfg, &(&cfg.console, &cfg.audit.enabled)))
+    },
+    main: |cfg, ctx| {
+        tsunagi_runtime::service::boxed(service::run(ctx, service::Settings::from_config(cfg)))
+    },
+};

@@ -1,0 +1,214 @@
+//! The `console` service: HTTPS on the clinic LAN ([`crate::web`] over hyper and rustls),
+//! one accept loop with bounded connections (`tsunagi_runtime::listen`), the ATNA events
+//! handed to the audit service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tsunagi_runtime::child::ServiceCtx;
+use tsunagi_runtime::status::Health;
+use tsunagi_runtime::tasks::{TaskEnded, Tasks};
+
+use crate::accounts::{Accounts, AccountsError, Policy};
+use crate::tls::{self, TlsError};
+use crate::web::{self, App, Peer};
+
+/// The accounts' database, in the state directory.
+pub const DB_FILE: &str = "console.db";
+/// Connections served at once (a clinic has a few browsers).
+const MAX_CONNECTIONS: usize = 32;
+/// A connection that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's head must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection (keep-alive included) lasts at most this.
+const CONNECTION_LIMIT: Duration = Duration::from_secs(300);
+/// How often the summary is refreshed.
+const REPORT_EVERY: Duration = Duration::from_secs(30);
+
+/// What the service needs of the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub policy: Policy,
+    pub cert: Option<(PathBuf, PathBuf)>,
+    pub facility: String,
+    pub status_socket: PathBuf,
+    pub audit_socket: Option<PathBuf>,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &tsunagi_config::Config) -> Settings {
+        let c = &cfg.console;
+        Settings {
+            listen: c.listen,
+            policy: Policy {
+                lockout_after: c.lockout_after,
+                lockout_for_secs: secs(c.lockout_for.get()),
+                idle_timeout_secs: secs(c.idle_timeout.get()),
+            },
+            cert: c
+                .cert_file
+                .as_ref()
+                .zip(c.key_file.as_ref())
+                .map(|(cert, key)| (cert.as_path().to_owned(), key.as_path().to_owned())),
+            facility: cfg.site.facility_code.to_string(),
+            status_socket: cfg
+                .paths
+                .runtime_dir
+                .as_path()
+                .join(tsunagi_runtime::control::SOCKET_NAME),
+            audit_socket: cfg.audit.enabled.then(|| audit::service::socket_path(cfg)),
+        }
+    }
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Why the console stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error(transparent)]
+    Accounts(#[from] AccountsError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pending(#[from] audit::pending::PendingError),
+    #[error("the console's accept loop ended: {0}")]
+    Serve(#[from] tsunagi_runtime::listen::ServeError),
+    #[error("the console cannot go on")]
+    Background(#[source] TaskEnded),
+}
+
+/// The certificate the console serves: the configured one, or the self-signed one in
+/// `state_dir` (made if missing).
+pub fn certificate(
+    state_dir: &std::path::Path,
+    settings: &Settings,
+) -> Result<tls::ServerTls, TlsError> {
+    match &settings.cert {
+        Some((cert, key)) => tls::server(cert, key, false),
+        None => {
+            let names = vec![settings.listen.ip().to_string()];
+            let (cert, key) = tls::ensure_self_signed(state_dir, &names)?;
+            tls::server(&cert, &key, true)
+        }
+    }
+}
+
+/// Runs the service until shutdown.
+pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ConsoleError> {
+    let accounts = Accounts::open(&ctx.state_dir.join(DB_FILE))?;
+    let server = certificate(&ctx.state_dir, &settings)?;
+    let listener =
+        TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| ConsoleError::Listen {
+                addr: settings.listen,
+                source,
+            })?;
+    let pending = Arc::new(audit::pending::Store::open(
+        &ctx.state_dir.join("audit-pending.db"),
+    )?);
+    let mut tasks = Tasks::new(ctx.shutdown.clone());
+    let audit_error: Arc<Mutex<Option<String>>> = Arc::default();
+    tasks.spawn(
+        "audit-trail",
+        audit::client::hand_over(
+            audit::client::Sources::new().with(pending.clone()),
+            settings.audit_socket.clone(),
+            audit_error.clone(),
+            ctx.shutdown.clone(),
+        ),
+    );
+    let app = Arc::new(App {
+        accounts: Mutex::new(accounts),
+        policy: settings.policy,
+        facility: settings.facility.clone(),
+        status_socket: settings.status_socket.clone(),
+        pending: Some(pending),
+    });
+    let router = web::router(app.clone());
+    let acceptor = tokio_rustls::TlsAcceptor::from(server.config.clone());
+    let limits = tsunagi_runtime::listen::Limits {
+        max_connections: MAX_CONNECTIONS,
+        max_overflow: 0,
+        per_connection: Some(CONNECTION_LIMIT),
+        drain: tsunagi_runtime::listen::STOP_DRAIN,
+    };
+    let accept = || async { listener.accept().await };
+    let serve = tsunagi_runtime::listen::serve(
+        accept,
+        limits,
+        ctx.shutdown.clone(),
+        move |(stream, peer): (tokio::net::TcpStream, SocketAddr), _| {
+            let (acceptor, router) = (acceptor.clone(), router.clone());
+            async move {
+                let _ = stream.set_nodelay(true);
+                let Ok(Ok(tls)) =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                else {
+                    return;
+                };
+                let service = TowerToHyperService::new(router.layer(axum::Extension(Peer(peer))));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            }
+        },
+    );
+    tracing::info!(listen = %settings.listen, fingerprint = %server.fingerprint, self_signed = server.self_signed, "console started");
+    ctx.reporter.ready();
+    let report = |app: &App| {
+        let accounts = app
+            .accounts
+            .lock()
+            .map(|a| a.count().unwrap_or(0))
+            .unwrap_or(0);
+        let audit = audit_error.lock().map(|e| e.clone()).unwrap_or_default();
+        let (health, trail) = match audit {
+            Some(why) => (Health::Degraded, format!("; the audit trail: {why}")),
+            None => (Health::Ok, String::new()),
+        };
+        let summary = format!(
+            "HTTPS on {} ({}certificate SHA-256 {}); {accounts} account(s){trail}",
+            settings.listen,
+            if server.self_signed {
+                "self-signed "
+            } else {
+                ""
+            },
+            server.fingerprint
+        );
+        ctx.reporter
+            .status_with_metrics(health, &summary, &[("accounts", accounts as f64)]);
+    };
+    report(&app);
+    tokio::pin!(serve);
+    loop {
+        tokio::select! {
+            served = &mut serve => {
+                tasks.join(Duration::from_millis(300)).await;
+                return served.map_err(ConsoleError::from);
+            }
+            ended = tasks.failed() => return Err(ConsoleError::Background(ended)),
+            () = tokio::time::sleep(REPORT_EVERY) => report(&app),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The console's server certificate: the one the network CA issued (`[console] cert-file`,
+//! `key-file`), or else a self-signed one made at the first start and kept in the state
+//! directory, whose SHA-256 fingerprint goes on the provisioning sheet so that the staff
+//! can tell the box's page from another.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+
+/// The self-signed certificate and its key, in the state directory.
+pub const SELF_SIGNED_CERT: &str = "console-cert.pem";
+pub const SELF_SIGNED_KEY: &str = "console-key.pem";
+
+/// Why the console has no certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path} cannot be read")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} cannot be written")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no {what} in PEM")]
+    Pem { path: PathBuf, what: &'static str },
+    #[error("cannot make a self-signed certificate: {0}")]
+    Generate(String),
+    #[error("the certificate and the key do not make a TLS server: {0}")]
+    Server(#[source] rustls::Error),
+}
+
+/// The server's TLS configuration and its certificate's fingerprint.
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// SHA-256 of the leaf certificate (DER), `AB:CD:…`.
+    pub fingerprint: String,
+    /// Whether it is the self-signed one.
+    pub self_signed: bool,
+}
+
+/// The SHA-256 fingerprint of a certificate, as browsers show it.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The certificate chain of a PEM file.
+pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_owned(),
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+/// Makes the self-signed certificate in `dir` for `names` (IP addresses or host names),
+/// unless it is there.
+pub fn ensure_self_signed(dir: &Path, names: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+    let (cert, key) = (dir.join(SELF_SIGNED_CERT), dir.join(SELF_SIGNED_KEY));
+    if cert.exists() && key.exists() {
+        return Ok((cert, key));
+    }
+    let made = rcgen::generate_simple_self_signed(names.to_vec())
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let write = |path: &Path, text: String, mode| {
+        tsunagi_state::replace_file(path, text.as_bytes(), mode).map_err(|source| TlsError::Write {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    write(&key, made.signing_key.serialize_pem(), 0o600)?;
+    write(&cert, made.cert.pem(), 0o644)?;
+    Ok((cert, key))
+}
+
+/// The server configuration from `cert` and `key` (PEM): TLS 1.3 or 1.2 with the ring
+/// provider's suites (ECDHE, AEAD), HTTP/1.1.
+pub fn server(cert: &Path, key: &Path, self_signed: bool) -> Result<ServerTls, TlsError> {
+    let chain = certs(cert)?;
+    let mut key_bytes = read(key)?;
+    let parsed = PrivateKeyDer::from_pem_slice(&key_bytes);
+    key_bytes.fill(0);
+    let key = parsed.map_err(|_| TlsError::Pem {
+        path: key.to_owned(),
+        what: "private key",
+    })?;
+    let fingerprint = fingerprint(&chain[0]);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Server)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(TlsError::Server)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(ServerTls {
+        config: Arc::new(config),
+        fingerprint,
+        self_signed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_self_signed_certificate_is_made_once_and_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["127.0.0.1".to_owned()];
+        let (cert, key) = ensure_self_signed(dir.path(), &names).unwrap();
+        let first = std::fs::read(&cert).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        ensure_self_signed(dir.path(), &names).unwrap();
+        assert_eq!(std::fs::read(&cert).unwrap(), first);
+        let tls = server(&cert, &key, true).unwrap();
+        assert_eq!(tls.fingerprint.len(), 32 * 3 - 1);
+        assert_eq!(tls.fingerprint, fingerprint(&certs(&cert).unwrap()[0]));
+    }
+}

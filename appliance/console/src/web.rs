@@ -1,0 +1,695 @@
+//! The console's pages and forms (axum, server-rendered with maud; no JavaScript).
+//!
+//! - Cookies are `__Host-` prefixed, `Secure`, `HttpOnly`, `SameSite=Strict`, `Path=/`.
+//! - Every form that changes something carries a token: the session's own once logged in,
+//!   a per-browser one (the same value in a cookie and the form) before. A POST whose
+//!   token does not match, or whose `Origin` or `Sec-Fetch-Site` says it came from another
+//!   site, is refused (403) before anything is done.
+//! - No patient data and no account secret ever goes into a URL or a log line.
+//! - Every answer forbids caching, framing and scripts (`Content-Security-Policy`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{Extension, Form, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{AppendHeaders, Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use maud::{DOCTYPE, Markup, html};
+use serde::Deserialize;
+use tsunagi_runtime::status::{Health, ServiceState, StatusReport};
+
+use crate::accounts::{self, Accounts, Policy, Refused, Session};
+
+/// The session cookie.
+pub const SESSION_COOKIE: &str = "__Host-tsunagi-session";
+/// The per-browser form token before login.
+pub const FORM_COOKIE: &str = "__Host-tsunagi-form";
+
+/// What every request shares.
+pub struct App {
+    pub accounts: Mutex<Accounts>,
+    pub policy: Policy,
+    /// The clinic's facility code (titles, the authenticator's issuer).
+    pub facility: String,
+    /// The supervisor's control socket (read-only: status).
+    pub status_socket: PathBuf,
+    /// Events for the ATNA trail.
+    pub pending: Option<Arc<audit::pending::Store>>,
+}
+
+/// The peer of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+type Shared = Arc<App>;
+
+/// The console's routes over `app`.
+pub fn router(app: Shared) -> Router {
+    Router::new()
+        .route("/", get(home))
+        .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
+        .route("/setup", get(setup_form).post(setup))
+        .fallback(not_found)
+        .layer(middleware::from_fn(guard))
+        .with_state(app)
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Refuses a cross-site request that changes something, and sets the headers every answer
+/// carries.
+async fn guard(request: axum::extract::Request, next: Next) -> Response {
+    let cross_site = request.method() != Method::GET
+        && request.method() != Method::HEAD
+        && !same_origin(request.headers());
+    let mut response = if cross_site {
+        refused_cross_site()
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'self' 'unsafe-inline'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Whether a request that changes something came from this site: `Sec-Fetch-Site` (if the
+/// browser sends it) is `same-origin`, and `Origin` (if sent) is this host over HTTPS.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if let Some(site) = text("sec-fetch-site")
+        && site != "same-origin"
+    {
+        return false;
+    }
+    match (text("origin"), text("host")) {
+        (None, _) => true,
+        (Some(origin), Some(host)) => origin == format!("https://{host}"),
+        (Some(_), None) => false,
+    }
+}
+
+fn refused_cross_site() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        page(
+            "拒否しました",
+            None,
+            html! { p { "このページの外から送られた操作は受け付けません。" } },
+        ),
+    )
+        .into_response()
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+fn set_cookie(name: &str, value: &str, max_age: Option<i64>) -> HeaderValue {
+    let age = max_age.map_or(String::new(), |a| format!("; Max-Age={a}"));
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Secure; HttpOnly; SameSite=Strict; Path=/{age}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Runs `f` on the accounts on a blocking thread.
+async fn with_accounts<T: Send + 'static>(
+    app: &Shared,
+    f: impl FnOnce(&mut Accounts) -> Result<T, accounts::AccountsError> + Send + 'static,
+) -> Result<T, Trouble> {
+    let app = app.clone();
+    match tokio::task::spawn_blocking(move || {
+        let mut accounts = app
+            .accounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut accounts)
+    })
+    .await
+    {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => {
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "the console's accounts"
+            );
+            Err(Trouble)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the console's accounts task");
+            Err(Trouble)
+        }
+    }
+}
+
+/// Something went wrong on the box's side (logged where it happened).
+#[derive(Debug, Clone, Copy)]
+struct Trouble;
+
+impl IntoResponse for Trouble {
+    fn into_response(self) -> Response {
+        trouble()
+    }
+}
+
+fn trouble() -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        page(
+            "エラー",
+            None,
+            html! { p { "処理できませんでした。しばらくしてからもう一度お試しください。" } },
+        ),
+    )
+        .into_response()
+}
+
+/// The session of the request's cookie, if it is a live one.
+async fn session(app: &Shared, headers: &HeaderMap) -> Result<Option<(String, Session)>, Trouble> {
+    let Some(token) = cookie(headers, SESSION_COOKIE) else {
+        return Ok(None);
+    };
+    let policy = app.policy;
+    let t = token.clone();
+    let found = with_accounts(app, move |a| a.session(&t, now(), &policy)).await?;
+    Ok(found.map(|s| (token, s)))
+}
+
+fn audit(app: &App, event: audit::protocol::Event) {
+    if let Some(pending) = &app.pending
+        && let Err(e) = pending.record(&event)
+    {
+        tracing::warn!(
+            error = &e as &dyn std::error::Error,
+            "cannot keep a console event for the audit trail"
+        );
+    }
+}
+
+fn page(title: &str, who: Option<&Session>, body: Markup) -> Html<String> {
+    Html(
+        html! {
+            (DOCTYPE)
+            html lang="ja" {
+                head {
+                    meta charset="utf-8";
+                    meta name="viewport" content="width=device-width, initial-scale=1";
+                    title { (title) " — つなぎ 院内コンソール" }
+                    style { (STYLE) }
+                }
+                body {
+                    header {
+                        span.brand { "つなぎ 院内コンソール" }
+                        @if let Some(s) = who {
+                            nav aria-label="アカウント" {
+                                span { (s.account) "（" (s.role.japanese()) "）" }
+                                form method="post" action="/logout" {
+                                    input type="hidden" name="csrf" value=(s.csrf);
+                                    button type="submit" { "ログアウト" }
+                                }
+                            }
+                        }
+                    }
+                    main {
+                        h1 { (title) }
+                        (body)
+                    }
+                }
+            }
+        }
+        .into_string(),
+    )
+}
+
+const STYLE: &str = "body{font-family:sans-serif;margin:0;color:#1a1a1a;background:#fff}\
+header{display:flex;justify-content:space-between;align-items:center;padding:.5rem 1rem;background:#0b3d66;color:#fff}\
+header form{display:inline;margin-left:1rem}main{padding:1rem;max-width:60rem}\
+label{display:block;margin-top:.75rem}input{font-size:1rem;padding:.3rem}\
+button{font-size:1rem;padding:.3rem 1rem;margin-top:1rem}table{border-collapse:collapse}\
+th,td{border:1px solid #767676;padding:.3rem .6rem;text-align:left}\
+.ok{color:#0a6b0a}.warn{color:#8a4b00}.bad{color:#b00020}.msg{border:2px solid #b00020;padding:.5rem}\
+code{font-size:1.1rem}";
+
+#[derive(Deserialize)]
+struct LoginForm {
+    name: String,
+    password: String,
+    code: String,
+    csrf: String,
+}
+
+fn login_page(token: &str, setup: bool, message: Option<&str>) -> Html<String> {
+    page(
+        "ログイン",
+        None,
+        html! {
+            @if let Some(m) = message {
+                p.msg role="alert" { (m) }
+            }
+            form method="post" action="/login" {
+                input type="hidden" name="csrf" value=(token);
+                label for="name" { "アカウント名" }
+                input id="name" name="name" autocomplete="username" required;
+                label for="password" { "パスワード" }
+                input id="password" name="password" type="password" autocomplete="current-password" required;
+                label for="code" { "確認コード（認証アプリの6桁）" }
+                input id="code" name="code" inputmode="numeric" autocomplete="one-time-code" pattern="[0-9]{6}" required;
+                button type="submit" { "ログイン" }
+            }
+            @if setup {
+                p { a href="/setup" { "最初の管理者を登録する（初期設定コードが必要です）" } }
+            }
+        },
+    )
+}
+
+/// A fresh per-browser form token, set as its cookie.
+fn form_token() -> Result<(String, HeaderValue), Trouble> {
+    let token = accounts::random_token().map_err(|_| Trouble)?;
+    let cookie = set_cookie(FORM_COOKIE, &token, Some(3600));
+    Ok((token, cookie))
+}
+
+async fn setup_offered(app: &Shared) -> Result<bool, Trouble> {
+    with_accounts(app, |a| Ok(a.count()? == 0 && a.setup_pending(now())?)).await
+}
+
+async fn login_form(State(app): State<Shared>, headers: HeaderMap) -> Response {
+    match session(&app, &headers).await {
+        Ok(Some(_)) => return Redirect::to("/").into_response(),
+        Ok(None) => {}
+        Err(t) => return t.into_response(),
+    }
+    let setup = match setup_offered(&app).await {
+        Ok(s) => s,
+        Err(t) => return t.into_response(),
+    };
+    match form_token() {
+        Ok((token, cookie)) => (
+            [(header::SET_COOKIE, cookie)],
+            login_page(&token, setup, None),
+        )
+            .into_response(),
+        Err(t) => t.into_response(),
+    }
+}
+
+/// The form token of a request before login matches its cookie.
+fn form_token_ok(headers: &HeaderMap, submitted: &str) -> bool {
+    cookie(headers, FORM_COOKIE)
+        .is_some_and(|c| !c.is_empty() && accounts::same(c.as_bytes(), submitted.as_bytes()))
+}
+
+async fn login(
+    State(app): State<Shared>,
+    Extension(Peer(peer)): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    if !form_token_ok(&headers, &form.csrf) {
+        return refused_cross_site();
+    }
+    let policy = app.policy;
+    let name = form.name.trim().to_owned();
+    let attempt = name.clone();
+    let result = match with_accounts(&app, move |a| {
+        a.login(&attempt, &form.password, &form.code, now(), &policy)
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(t) => return t.into_response(),
+    };
+    let from = peer.ip().to_string();
+    match result {
+        Ok(new) => {
+            audit(
+                &app,
+                audit::protocol::Event::UserAuthentication {
+                    user: name.clone(),
+                    from,
+                    logout: false,
+                    success: true,
+                },
+            );
+            tracing::info!(peer = %peer.ip(), "a console login");
+            (
+                // Appended: a header array would keep only the last cookie.
+                AppendHeaders([
+                    (
+                        header::SET_COOKIE,
+                        set_cookie(SESSION_COOKIE, &new.token, None),
+                    ),
+                    (header::SET_COOKIE, set_cookie(FORM_COOKIE, "", Some(0))),
+                ]),
+                Redirect::to("/"),
+            )
+                .into_response()
+        }
+        Err(refused) => {
+            // The name typed is kept for the trail only when it is a well-formed one.
+            let user = if accounts::valid_name(&name).is_ok() {
+                name
+            } else {
+                "(invalid)".to_owned()
+            };
+            audit(
+                &app,
+                audit::protocol::Event::UserAuthentication {
+                    user,
+                    from,
+                    logout: false,
+                    success: false,
+                },
+            );
+            tracing::info!(peer = %peer.ip(), locked = matches!(refused, Refused::Locked { .. }), "a console login refused");
+            let message = match refused {
+                Refused::Locked { until, .. } => format!(
+                    "ログインの失敗が続いたため、このアカウントはロックされています。約{}分後にもう一度お試しください。",
+                    ((until - now()).max(60) + 59) / 60
+                ),
+                _ => "ログインできませんでした。アカウント名・パスワード・確認コードを確かめてください。"
+                    .to_owned(),
+            };
+            let setup = setup_offered(&app).await.unwrap_or(false);
+            match form_token() {
+                Ok((token, cookie)) => (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::SET_COOKIE, cookie)],
+                    login_page(&token, setup, Some(&message)),
+                )
+                    .into_response(),
+                Err(t) => t.into_response(),
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct LogoutForm {
+    csrf: String,
+}
+
+async fn logout(
+    State(app): State<Shared>,
+    Extension(Peer(peer)): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<LogoutForm>,
+) -> Response {
+    let (token, s) = match session(&app, &headers).await {
+        Ok(Some(found)) => found,
+        Ok(None) => return Redirect::to("/login").into_response(),
+        Err(t) => return t.into_response(),
+    };
+    if !accounts::same(s.csrf.as_bytes(), form.csrf.as_bytes()) {
+        return refused_cross_site();
+    }
+    if let Err(t) = with_accounts(&app, move |a| a.logout(&token)).await {
+        return t.into_response();
+    }
+    audit(
+        &app,
+        audit::protocol::Event::UserAuthentication {
+            user: s.account,
+            from: peer.ip().to_string(),
+            logout: true,
+            success: true,
+        },
+    );
+    (
+        [(header::SET_COOKIE, set_cookie(SESSION_COOKIE, "", Some(0)))],
+        Redirect::to("/login"),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        page(
+            "ページがありません",
+            None,
+            html! { p { a href="/" { "接続状態へ" } } },
+        ),
+    )
+        .into_response()
+}
+
+/// A service's name as the staff know it.
+fn service_name(name: &str) -> &str {
+    match name {
+        "tunnel" => "ネットワーク接続（VPN）",
+        "identity" => "証明書",
+        "consent" => "同意・名寄せ",
+        "ssmix2" => "SS-MIX2 同期",
+        "dicom" => "DICOM 中継",
+        "audit" => "監査証跡",
+        "update" => "更新",
+        "console" => "院内コンソール",
+        "heartbeat" => "死活監視",
+        other => other,
+    }
+}
+
+fn state_words(state: ServiceState, health: Health) -> (&'static str, &'static str) {
+    match (state, health) {
+        (ServiceState::Ready, Health::Ok) => ("正常", "ok"),
+        (ServiceState::Ready, Health::Degraded) => ("要確認", "warn"),
+        (ServiceState::Ready, Health::Unknown) | (ServiceState::Starting, _) => ("起動中", "warn"),
+        (ServiceState::Backoff, _) => ("再起動待ち", "bad"),
+        (ServiceState::Failed, _) => ("停止（障害）", "bad"),
+        (ServiceState::Stopping | ServiceState::Stopped, _) => ("停止", "bad"),
+    }
+}
+
+/// 接続状態: whether the box is linked to the network, since when, and each part.
+fn status_page(who: &Session, report: Option<&StatusReport>) -> Html<String> {
+    let body = match report {
+        None => html! {
+            p.bad role="alert" { "装置の状態を読み取れません。装置の電源とケーブルを確かめてください。" }
+        },
+        Some(r) => {
+            let tunnel = r.services.iter().find(|s| s.name == "tunnel");
+            let connected =
+                tunnel.is_some_and(|t| t.state == ServiceState::Ready && t.health == Health::Ok);
+            html! {
+                @if connected {
+                    p.ok { strong { "ネットワークに接続しています。" } }
+                } @else {
+                    p.bad role="alert" { strong { "ネットワークに接続していません。" } }
+                }
+                @if let Some(t) = tunnel.and_then(|t| t.uptime_secs) {
+                    p { "接続サービスの稼働時間: " (duration_words(t)) }
+                }
+                table {
+                    caption { "各機能の状態" }
+                    thead { tr { th scope="col" { "機能" } th scope="col" { "状態" } th scope="col" { "詳細" } } }
+                    tbody {
+                        @for s in &r.services {
+                            @let (words, class) = state_words(s.state, s.health);
+                            tr {
+                                th scope="row" { (service_name(&s.name)) }
+                                td class=(class) { (words) }
+                                td { (s.summary) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    page("接続状態", Some(who), body)
+}
+
+fn duration_words(secs: u64) -> String {
+    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+    if d > 0 {
+        format!("{d}日{h}時間")
+    } else if h > 0 {
+        format!("{h}時間{m}分")
+    } else {
+        format!("{m}分")
+    }
+}
+
+async fn home(State(app): State<Shared>, headers: HeaderMap) -> Response {
+    let who = match session(&app, &headers).await {
+        Ok(Some((_, s))) => s,
+        Ok(None) => return Redirect::to("/login").into_response(),
+        Err(t) => return t.into_response(),
+    };
+    let socket = app.status_socket.clone();
+    let report =
+        tokio::task::spawn_blocking(move || tsunagi_runtime::control::query_status(&socket))
+            .await
+            .ok()
+            .and_then(|r| {
+                r.map_err(|e| tracing::warn!(error = &e as &dyn std::error::Error, "no status"))
+                    .ok()
+            });
+    status_page(&who, report.as_ref()).into_response()
+}
+
+#[derive(Deserialize)]
+struct SetupForm {
+    setup_code: String,
+    name: String,
+    password: String,
+    password_again: String,
+    secret: String,
+    code: String,
+    csrf: String,
+}
+
+fn setup_page(app: &App, token: &str, secret: &[u8], message: Option<&str>) -> Html<String> {
+    let base32 = accounts::totp_base32(secret);
+    let issuer = format!("tsunagi {}", app.facility);
+    page(
+        "最初の管理者の登録",
+        None,
+        html! {
+            @if let Some(m) = message {
+                p.msg role="alert" { (m) }
+            }
+            p { "ネットワーク運用者から届いた初期設定コードで、この装置の最初の管理者を登録します。" }
+            form method="post" action="/setup" {
+                input type="hidden" name="csrf" value=(token);
+                input type="hidden" name="secret" value=(base32);
+                label for="setup_code" { "初期設定コード" }
+                input id="setup_code" name="setup_code" autocomplete="off" required;
+                label for="name" { "アカウント名（英小文字・数字）" }
+                input id="name" name="name" autocomplete="username" required;
+                label for="password" { "パスワード（" (accounts::MIN_PASSWORD_CHARS) "文字以上）" }
+                input id="password" name="password" type="password" autocomplete="new-password" required;
+                label for="password_again" { "パスワード（確認）" }
+                input id="password_again" name="password_again" type="password" autocomplete="new-password" required;
+                p { "認証アプリにこの鍵を登録してください（種類: 時間ベース）。" }
+                p { code { (base32) } }
+                p { a href=(accounts::otpauth_uri(secret, &issuer, "admin")) { "この端末の認証アプリで開く" } }
+                label for="code" { "認証アプリに表示された6桁の確認コード" }
+                input id="code" name="code" inputmode="numeric" autocomplete="one-time-code" pattern="[0-9]{6}" required;
+                button type="submit" { "登録" }
+            }
+        },
+    )
+}
+
+async fn setup_form(State(app): State<Shared>) -> Response {
+    match setup_offered(&app).await {
+        Ok(true) => {}
+        Ok(false) => return not_found().await,
+        Err(t) => return t.into_response(),
+    }
+    let secret = match accounts::random(accounts::TOTP_SECRET_LEN) {
+        Ok(s) => s,
+        Err(_) => return Trouble.into_response(),
+    };
+    match form_token() {
+        Ok((token, cookie)) => (
+            [(header::SET_COOKIE, cookie)],
+            setup_page(&app, &token, &secret, None),
+        )
+            .into_response(),
+        Err(t) => t.into_response(),
+    }
+}
+
+async fn setup(
+    State(app): State<Shared>,
+    Extension(Peer(peer)): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<SetupForm>,
+) -> Response {
+    if !form_token_ok(&headers, &form.csrf) {
+        return refused_cross_site();
+    }
+    let secret = totp_rs::Secret::Encoded(form.secret.trim().to_owned())
+        .to_bytes()
+        .unwrap_or_default();
+    let again = |app: &App, secret: &[u8], message: &str| match form_token() {
+        Ok((token, cookie)) => (
+            StatusCode::BAD_REQUEST,
+            [(header::SET_COOKIE, cookie)],
+            setup_page(app, &token, secret, Some(message)),
+        )
+            .into_response(),
+        Err(t) => t.into_response(),
+    };
+    if form.password != form.password_again {
+        return again(&app, &secret, "パスワードが一致しません");
+    }
+    let name = form.name.trim().to_owned();
+    let (n, s) = (name.clone(), secret.clone());
+    let result = match with_accounts(&app, move |a| {
+        a.setup_admin(&form.setup_code, &n, &form.password, &s, &form.code, now())
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(t) => return t.into_response(),
+    };
+    match result {
+        Ok(()) => {
+            tracing::info!(peer = %peer.ip(), "the console's first administrator registered");
+            page(
+                "登録しました",
+                None,
+                html! {
+                    p { "最初の管理者を登録しました。初期設定コードはもう使えません。" }
+                    p { a href="/login" { "ログインへ" } }
+                },
+            )
+            .into_response()
+        }
+        Err(Refused::SetupCode) => {
+            audit(
+                &app,
+                audit::protocol::Event::UserAuthentication {
+                    user: "(setup)".to_owned(),
+                    from: peer.ip().to_string(),
+                    logout: false,
+                    success: false,
+                },
+            );
+            again(
+                &app,
+                &secret,
+                "初期設定コードが違うか、使用済みか、期限切れです",
+            )
+        }
+        Err(other) => again(&app, &secret, &other.to_string()),
+    }
+}

@@ -1,0 +1,339 @@
+//! Issue 19, the clinic console over HTTPS as a browser uses it (the browser tests in a
+//! real Chromium are still to come): the first administrator registered with the one-time
+//! setup code and a TOTP secret; a login with password and TOTP; the 接続状態 page from
+//! the supervisor's status; and what must be refused: a wrong TOTP code, a session cookie
+//! replayed after logout, a cross-site form post, a login to a locked account. Each login,
+//! failure and logout reaches a real rsyslog as an ATNA User Authentication message.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a plain test thread drives the console and polls the audit repository"
+)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+use reqwest::blocking::{Client, Response};
+use reqwest::header::{COOKIE, ORIGIN, SET_COOKIE};
+
+/// A browser of the clinic LAN: it trusts the console's self-signed certificate (as the
+/// fingerprint on the provisioning sheet lets the staff do) and keeps its cookies.
+struct Browser {
+    client: Client,
+    base: String,
+    cookies: Vec<(String, String)>,
+}
+
+impl Browser {
+    fn new(base: &str, cert: &std::path::Path) -> Browser {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in console::tls::certs(cert).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let client = Client::builder()
+            .use_preconfigured_tls(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        Browser {
+            client,
+            base: base.to_owned(),
+            cookies: Vec::new(),
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn keep(&mut self, response: &Response) {
+        for set in response.headers().get_all(SET_COOKIE) {
+            let set = set.to_str().unwrap();
+            for attribute in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+                assert!(set.contains(attribute), "{set}");
+            }
+            let (name, value) = set.split(';').next().unwrap().split_once('=').unwrap();
+            self.cookies.retain(|(n, _)| n != name);
+            if !value.is_empty() {
+                self.cookies.push((name.to_owned(), value.to_owned()));
+            }
+        }
+    }
+
+    fn get(&mut self, path: &str) -> (u16, String) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header(COOKIE, self.cookie_header())
+            .send()
+            .unwrap();
+        self.keep(&response);
+        let status = response.status().as_u16();
+        let location = location(&response);
+        (status, location.unwrap_or_else(|| response.text().unwrap()))
+    }
+
+    fn post(&mut self, path: &str, form: &[(&str, &str)]) -> (u16, String) {
+        let origin = self.base.clone();
+        self.post_from(path, form, &origin)
+    }
+
+    fn post_from(&mut self, path: &str, form: &[(&str, &str)], origin: &str) -> (u16, String) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header(COOKIE, self.cookie_header())
+            .header(ORIGIN, origin)
+            .form(form)
+            .send()
+            .unwrap();
+        self.keep(&response);
+        let status = response.status().as_u16();
+        let location = location(&response);
+        (status, location.unwrap_or_else(|| response.text().unwrap()))
+    }
+
+    fn cookie(&self, name: &str) -> Option<String> {
+        self.cookies
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+/// A redirect's target, as "→ PATH".
+fn location(response: &Response) -> Option<String> {
+    response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .map(|l| format!("→ {}", l.to_str().unwrap()))
+}
+
+/// The value of hidden input `name` in a page.
+fn hidden(page: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = page
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no {name} in:\n{page}"))
+        + marker.len();
+    page[start..start + page[start..].find('"').unwrap()].to_owned()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn totp(secret: &[u8], step: u64) -> String {
+    console::accounts::totp_code(secret, step)
+}
+
+fn base32_decode(text: &str) -> Vec<u8> {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut bits = 0u64;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in text.bytes() {
+        let v = alphabet.iter().position(|a| *a == c).unwrap() as u64;
+        bits = (bits << 5) | v;
+        n += 5;
+        if n >= 8 {
+            n -= 8;
+            out.push(u8::try_from((bits >> n) & 0xff).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn the_staff_set_up_log_in_see_the_box_and_every_misuse_is_refused_and_audited() {
+    let (rsyslog, audit, _audit_files) = audit_repository(None, None);
+    let port = free_port();
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = true\n\n[console]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\nlockout-after = 3\n{audit}"
+    ));
+    // The operator's one-time code for the first administrator.
+    let out = std::process::Command::new(BIN)
+        .args(["console", "setup-code", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let setup_code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    h.start();
+    h.wait_for("the console ready", Duration::from_secs(30), |s| {
+        state_of(s, "console") == "ready"
+    });
+    // The fingerprint the operator prints is the certificate the console serves.
+    let out = std::process::Command::new(BIN)
+        .args(["console", "fingerprint", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cert = h
+        .state_dir()
+        .join("console")
+        .join(console::tls::SELF_SIGNED_CERT);
+    let fingerprint = console::tls::fingerprint(&console::tls::certs(&cert).unwrap()[0]);
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), fingerprint);
+    let base = format!("https://127.0.0.1:{port}");
+    let mut b = Browser::new(&base, &cert);
+
+    // Not logged in: the status page sends to the login page, which offers the setup.
+    assert_eq!(b.get("/"), (303, "→ /login".to_owned()));
+    let (status, page) = b.get("/login");
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<html lang=\"ja\">") && page.contains("ログイン"),
+        "{page}"
+    );
+    assert!(page.contains("href=\"/setup\""), "{page}");
+
+    // The setup: a wrong code is refused; the right one with the TOTP secret's code works.
+    let (status, page) = b.get("/setup");
+    assert_eq!(status, 200, "{page}");
+    let secret_text = hidden(&page, "secret");
+    let secret = base32_decode(&secret_text);
+    assert_eq!(secret.len(), console::accounts::TOTP_SECRET_LEN);
+    let step = unix_now() / console::accounts::TOTP_STEP;
+    let password = "correct horse battery staple";
+    let setup = |b: &mut Browser, code: &str, page: &str| {
+        b.post(
+            "/setup",
+            &[
+                ("csrf", &hidden(page, "csrf")),
+                ("secret", &hidden(page, "secret")),
+                ("setup_code", code),
+                ("name", "admin"),
+                ("password", password),
+                ("password_again", password),
+                ("code", &totp(&base32_decode(&hidden(page, "secret")), step)),
+            ],
+        )
+    };
+    let (status, page) = setup(&mut b, "AAAA-BBBB-CCCC-DDDD", &page);
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("初期設定コードが違う"), "{page}");
+    assert_eq!(hidden(&page, "secret"), secret_text);
+    let (status, done) = setup(&mut b, &setup_code.to_lowercase(), &page);
+    assert_eq!(status, 200, "{done}");
+    assert!(done.contains("最初の管理者を登録しました"), "{done}");
+    // Once only.
+    assert_eq!(b.get("/setup").0, 404);
+
+    // A login: a wrong code is refused; the password with the next code logs in (the setup
+    // used this step's).
+    let (_, page) = b.get("/login");
+    let login = |b: &mut Browser, page: &str, code: &str| {
+        b.post(
+            "/login",
+            &[
+                ("csrf", &hidden(page, "csrf")),
+                ("name", "admin"),
+                ("password", password),
+                ("code", code),
+            ],
+        )
+    };
+    let wrong = if totp(&secret, step + 1) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    let (status, page) = login(&mut b, &page, wrong);
+    assert_eq!(status, 401, "{page}");
+    assert!(page.contains("ログインできませんでした"), "{page}");
+    assert!(b.cookie(console::web::SESSION_COOKIE).is_none());
+    let (status, to) = login(&mut b, &page, &totp(&secret, step + 1));
+    assert_eq!((status, to.as_str()), (303, "→ /"));
+    let session = b.cookie(console::web::SESSION_COOKIE).unwrap();
+
+    // 接続状態, from the supervisor's status.
+    let (status, page) = b.get("/");
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<h1>接続状態</h1>"), "{page}");
+    assert!(
+        page.contains("院内コンソール") && page.contains("死活監視"),
+        "{page}"
+    );
+    assert!(page.contains("admin（管理者）"), "{page}");
+
+    // A form posted from another site is refused, and changes nothing.
+    let csrf = hidden(&page, "csrf");
+    let (status, page) = b.post_from("/logout", &[("csrf", &csrf)], "https://evil.example");
+    assert_eq!(status, 403, "{page}");
+    let (status, page) = b.post("/logout", &[("csrf", "not the token")]);
+    assert_eq!(status, 403, "{page}");
+    assert_eq!(b.get("/").0, 200);
+
+    // Logout; the old cookie is worth nothing after.
+    let (status, to) = b.post("/logout", &[("csrf", &csrf)]);
+    assert_eq!((status, to.as_str()), (303, "→ /login"));
+    assert!(b.cookie(console::web::SESSION_COOKIE).is_none());
+    b.cookies
+        .push((console::web::SESSION_COOKIE.to_owned(), session.clone()));
+    assert_eq!(b.get("/"), (303, "→ /login".to_owned()));
+
+    // Three failures in a row lock the account (lockout-after = 3): the first above, and
+    // two more; then the page says it is locked.
+    let mut page = b.get("/login").1;
+    for _ in 0..2 {
+        let (status, next) = login(&mut b, &page, wrong);
+        assert_eq!(status, 401, "{next}");
+        page = next;
+    }
+    let (status, page) = login(&mut b, &page, wrong);
+    assert_eq!(status, 401, "{page}");
+    assert!(page.contains("ロックされています"), "{page}");
+
+    // The ATNA trail: User Authentication (110114), a Login (110122) that succeeded, the
+    // failed ones, and a Logout (110123).
+    let of = |ms: &[String], kind: &str, outcome: &str| {
+        ms.iter()
+            .filter(|m| {
+                m.contains("csd-code=\"110114\"")
+                    && m.contains(&format!("csd-code=\"{kind}\""))
+                    && m.contains(&format!("EventOutcomeIndicator=\"{outcome}\""))
+                    && m.contains("UserID=\"admin\"")
+            })
+            .count()
+    };
+    let messages = audit_messages_until(
+        &rsyslog,
+        "the console's logins",
+        Duration::from_secs(30),
+        |ms| of(ms, "110122", "0") == 1 && of(ms, "110122", "4") >= 4 && of(ms, "110123", "0") == 1,
+    );
+    assert!(
+        messages.iter().all(|m| !m.contains(password)),
+        "a password in the trail"
+    );
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
