@@ -52,6 +52,9 @@ pub mod codes {
     pub const SECURITY_CONFIGURATION: Code = dcm("110129", "Security Configuration");
     pub const SOFTWARE_CONFIGURATION: Code = dcm("110131", "Software Configuration");
     pub const AUDIT_RECORDING_STOPPED: Code = dcm("110133", "Audit Recording Stopped");
+    pub const SECURITY_ROLES_CHANGED: Code = dcm("110136", "Security Roles Changed");
+    pub const USER_SECURITY_ATTRIBUTES_CHANGED: Code =
+        dcm("110137", "User Security Attributes Changed");
 
     pub const ROLE_APPLICATION: Code = dcm("110150", "Application");
     pub const ROLE_DESTINATION: Code = dcm("110152", "Destination Role ID");
@@ -69,6 +72,11 @@ pub mod codes {
         code: "12",
         system: "RFC-3881",
         text: "URI",
+    };
+    pub const USER_IDENTIFIER: Code = Code {
+        code: "11",
+        system: "RFC-3881",
+        text: "User Identifier",
     };
 }
 
@@ -628,6 +636,53 @@ pub fn security_alert(
     }
 }
 
+/// A change to a console account by an administrator (Security Alert, a success): its
+/// role (Security Roles Changed), or the account added, removed or unlocked (User
+/// Security Attributes Changed); `what` says which, in words.
+pub fn account_change(
+    node: &Node,
+    admin: &str,
+    from: &str,
+    account: &str,
+    role_changed: bool,
+    what: &str,
+    at: SystemTime,
+) -> AuditMessage {
+    AuditMessage {
+        event: codes::SECURITY_ALERT,
+        event_types: vec![if role_changed {
+            codes::SECURITY_ROLES_CHANGED
+        } else {
+            codes::USER_SECURITY_ATTRIBUTES_CHANGED
+        }],
+        action: Action::Update,
+        at,
+        outcome: Outcome::Success,
+        outcome_description: Some(what.to_owned()),
+        participants: vec![
+            Participant {
+                user_id: admin.to_owned(),
+                alternative_user_id: None,
+                is_requestor: true,
+                network_access_point: Some(from.to_owned()),
+                role: None,
+            },
+            this_box(node, false, codes::ROLE_APPLICATION),
+        ],
+        source: node.clone(),
+        objects: vec![Object {
+            id: account.to_owned(),
+            // A person, as a security user entity.
+            type_code: 1,
+            role: 11,
+            id_type: codes::USER_IDENTIFIER,
+            query: None,
+            details: Vec::new(),
+            sop_classes: Vec::new(),
+        }],
+    }
+}
+
 /// A failed login at the console (User Authentication, Login, a minor failure).
 pub fn failed_login(node: &Node, user: &str, from: &str, at: SystemTime) -> AuditMessage {
     user_authentication(node, user, from, false, false, at)
@@ -927,6 +982,10 @@ mod tests {
             (
                 user_authentication(&n, "desk1", "192.168.50.20", true, true, now),
                 "110114",
+            ),
+            (
+                account_change(&n, "admin", "192.168.50.20", "desk1", true, "role", now),
+                "110113",
             ),
         ] {
             let xml = message.to_xml();

@@ -158,6 +158,15 @@ pub enum Event {
         logout: bool,
         success: bool,
     },
+    /// An administrator changed a console account (issue 19): `account`'s role
+    /// (`role_changed`), or it was added, removed or unlocked; `what` in words.
+    AccountChange {
+        admin: String,
+        from: String,
+        account: String,
+        role_changed: bool,
+        what: String,
+    },
     /// A provisioning medium was applied, or applying it failed (`tsunagi medium apply`; a
     /// refusal is [`Event::RefusedMedium`]).
     Medium {
@@ -359,6 +368,13 @@ impl Event {
                 logout,
                 success,
             } => message::user_authentication(node, user, from, *logout, *success, at),
+            Event::AccountChange {
+                admin,
+                from,
+                account,
+                role_changed,
+                what,
+            } => message::account_change(node, admin, from, account, *role_changed, what, at),
             Event::Medium { applied, reason } => {
                 let mut m = message::security_alert(node, Alert::RefusedMedium, reason, None, at);
                 m.outcome = if *applied {

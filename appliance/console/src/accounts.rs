@@ -90,7 +90,11 @@ impl Role {
         }
     }
 
-    fn parse(text: &str) -> Option<Role> {
+    /// Every role, as the administrator picks one.
+    pub const ALL: [Role; 3] = [Role::Desk, Role::Physician, Role::Admin];
+
+    /// A role by its stored name.
+    pub fn parse(text: &str) -> Option<Role> {
         match text {
             "desk" => Some(Role::Desk),
             "physician" => Some(Role::Physician),
@@ -613,6 +617,149 @@ impl Accounts {
     }
 }
 
+/// An account as the administrator's list shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountInfo {
+    pub name: String,
+    pub role: Role,
+    /// Locked until then (Unix seconds), if locked now.
+    pub locked_until: Option<i64>,
+    pub created_at: i64,
+}
+
+impl Accounts {
+    /// Every account, by name.
+    pub fn list(&self, now: i64) -> Result<Vec<AccountInfo>, AccountsError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT name, role, locked_until, created_at FROM account ORDER BY name")
+            .map_err(self.db("list accounts"))?;
+        let rows = statement
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .map_err(self.db("list accounts"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(name, role, locked_until, created_at)| {
+                Some(AccountInfo {
+                    name,
+                    role: Role::parse(&role)?,
+                    locked_until: (locked_until > now).then_some(locked_until),
+                    created_at,
+                })
+            })
+            .collect())
+    }
+
+    /// Adds an account with `role`, an initial `password` and the TOTP `secret` the
+    /// administrator hands to its owner.
+    pub fn add(
+        &self,
+        name: &str,
+        role: Role,
+        password: &str,
+        secret: &[u8],
+        now: i64,
+    ) -> Result<Result<(), Refused>, AccountsError> {
+        if let Err(r) = valid_name(name).and_then(|()| valid_password(password)) {
+            return Ok(Err(r));
+        }
+        if secret.len() != TOTP_SECRET_LEN {
+            return Ok(Err(Refused::Invalid(
+                "二要素認証の鍵が正しくありません".into(),
+            )));
+        }
+        let hash = hash_secret(password)?;
+        let added = self
+            .conn
+            .execute(
+                "INSERT INTO account (name, role, password, totp_secret, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO NOTHING",
+                params![name, role.as_str(), hash, secret, now],
+            )
+            .map_err(self.db("add an account"))?;
+        Ok(if added == 1 {
+            Ok(())
+        } else {
+            Err(Refused::Invalid("そのアカウント名は使われています".into()))
+        })
+    }
+
+    /// The administrators but `except`.
+    fn other_admins(&self, except: &str) -> Result<i64, AccountsError> {
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM account WHERE role = 'admin' AND name != ?1",
+                [except],
+                |r| r.get(0),
+            )
+            .map_err(self.db("count administrators"))
+    }
+
+    /// Gives `name` the role `role`; its sessions end (they carried the old role). The last
+    /// administrator stays one.
+    pub fn set_role(&self, name: &str, role: Role) -> Result<Result<(), Refused>, AccountsError> {
+        if role != Role::Admin && self.other_admins(name)? == 0 {
+            return Ok(Err(Refused::Invalid(
+                "最後の管理者の役割は変えられません".into(),
+            )));
+        }
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE account SET role = ?2 WHERE name = ?1",
+                params![name, role.as_str()],
+            )
+            .map_err(self.db("change a role"))?;
+        if changed == 0 {
+            return Ok(Err(Refused::Invalid("そのアカウントはありません".into())));
+        }
+        self.conn
+            .execute("DELETE FROM session WHERE account = ?1", [name])
+            .map_err(self.db("end the sessions"))?;
+        Ok(Ok(()))
+    }
+
+    /// Lifts `name`'s lockout.
+    pub fn unlock(&self, name: &str) -> Result<Result<(), Refused>, AccountsError> {
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE account SET failures = 0, locked_until = 0 WHERE name = ?1",
+                [name],
+            )
+            .map_err(self.db("unlock an account"))?;
+        Ok(if changed == 1 {
+            Ok(())
+        } else {
+            Err(Refused::Invalid("そのアカウントはありません".into()))
+        })
+    }
+
+    /// Removes `name` and its sessions; never the last administrator.
+    pub fn remove(&self, name: &str) -> Result<Result<(), Refused>, AccountsError> {
+        if self.other_admins(name)? == 0 {
+            return Ok(Err(Refused::Invalid("最後の管理者は削除できません".into())));
+        }
+        let removed = self
+            .conn
+            .execute("DELETE FROM account WHERE name = ?1", [name])
+            .map_err(self.db("remove an account"))?;
+        Ok(if removed == 1 {
+            Ok(())
+        } else {
+            Err(Refused::Invalid("そのアカウントはありません".into()))
+        })
+    }
+}
+
 /// A setup code as typed: upper case, without the dashes and spaces.
 fn normalize_code(code: &str) -> String {
     code.chars()
@@ -812,6 +959,74 @@ mod tests {
                 .unwrap()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn the_administrator_adds_changes_unlocks_and_removes_accounts_but_never_the_last_admin() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, _) = admin(dir.path());
+        let secret = random(TOTP_SECRET_LEN).unwrap();
+        let pw = "a desk password";
+        a.add("desk1", Role::Desk, pw, &secret, T0)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            a.add("desk1", Role::Desk, pw, &secret, T0).unwrap(),
+            Err(Refused::Invalid(_))
+        ));
+        assert!(matches!(
+            a.add("desk2", Role::Desk, "short", &secret, T0).unwrap(),
+            Err(Refused::Invalid(_))
+        ));
+        let names: Vec<(String, Role)> = a
+            .list(T0)
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.name, i.role))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("admin".to_owned(), Role::Admin),
+                ("desk1".to_owned(), Role::Desk)
+            ]
+        );
+        // The new account logs in with its own secret; a role change ends its session.
+        let t = T0 + 300;
+        let s = a
+            .login("desk1", pw, &code_at(&secret, t), t, &POLICY)
+            .unwrap()
+            .unwrap();
+        a.set_role("desk1", Role::Physician).unwrap().unwrap();
+        assert!(a.session(&s.token, t + 1, &POLICY).unwrap().is_none());
+        // The last administrator stays one, and stays.
+        assert!(matches!(
+            a.set_role("admin", Role::Desk).unwrap(),
+            Err(Refused::Invalid(_))
+        ));
+        assert!(matches!(
+            a.remove("admin").unwrap(),
+            Err(Refused::Invalid(_))
+        ));
+        // A locked account is unlocked by the administrator.
+        for i in 0..3 {
+            let _ = a.login("desk1", "wrong password!", "000000", t + 60 + i, &POLICY);
+        }
+        assert!(a.list(t + 70).unwrap()[1].locked_until.is_some());
+        a.unlock("desk1").unwrap().unwrap();
+        assert!(a.list(t + 70).unwrap()[1].locked_until.is_none());
+        let t = t + 90;
+        assert!(
+            a.login("desk1", pw, &code_at(&secret, t), t, &POLICY)
+                .unwrap()
+                .is_ok()
+        );
+        a.remove("desk1").unwrap().unwrap();
+        assert_eq!(a.count().unwrap(), 1);
+        assert!(matches!(
+            a.unlock("desk1").unwrap(),
+            Err(Refused::Invalid(_))
+        ));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
 use tsunagi_runtime::status::{Health, ServiceState, StatusReport};
 
-use crate::accounts::{self, Accounts, Policy, Refused, Session};
+use crate::accounts::{self, AccountInfo, Accounts, Policy, Refused, Role, Session};
 
 /// The session cookie.
 pub const SESSION_COOKIE: &str = "__Host-tsunagi-session";
@@ -54,6 +54,9 @@ pub fn router(app: Shared) -> Router {
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
         .route("/setup", get(setup_form).post(setup))
+        .route("/accounts", get(accounts_page))
+        .route("/accounts/add", post(account_add))
+        .route("/accounts/change", post(account_change))
         .fallback(not_found)
         .layer(middleware::from_fn(guard))
         .with_state(app)
@@ -234,7 +237,13 @@ fn page(title: &str, who: Option<&Session>, body: Markup) -> Html<String> {
                     header {
                         span.brand { "つなぎ 院内コンソール" }
                         @if let Some(s) = who {
-                            nav aria-label="アカウント" {
+                            nav aria-label="メニュー" {
+                                a href="/" { "接続状態" }
+                                @if s.role == Role::Admin {
+                                    " " a href="/accounts" { "アカウント" }
+                                }
+                            }
+                            div {
                                 span { (s.account) "（" (s.role.japanese()) "）" }
                                 form method="post" action="/logout" {
                                     input type="hidden" name="csrf" value=(s.csrf);
@@ -256,7 +265,7 @@ fn page(title: &str, who: Option<&Session>, body: Markup) -> Html<String> {
 
 const STYLE: &str = "body{font-family:sans-serif;margin:0;color:#1a1a1a;background:#fff}\
 header{display:flex;justify-content:space-between;align-items:center;padding:.5rem 1rem;background:#0b3d66;color:#fff}\
-header form{display:inline;margin-left:1rem}main{padding:1rem;max-width:60rem}\
+header form{display:inline;margin-left:1rem}header a{color:#fff;margin-right:1rem}main{padding:1rem;max-width:60rem}\
 label{display:block;margin-top:.75rem}input{font-size:1rem;padding:.3rem}\
 button{font-size:1rem;padding:.3rem 1rem;margin-top:1rem}table{border-collapse:collapse}\
 th,td{border:1px solid #767676;padding:.3rem .6rem;text-align:left}\
@@ -691,5 +700,266 @@ async fn setup(
             )
         }
         Err(other) => again(&app, &secret, &other.to_string()),
+    }
+}
+
+/// The session of a request that only an administrator may make, with its form token
+/// checked for a POST (`csrf`); otherwise the answer to give.
+async fn admin(app: &Shared, headers: &HeaderMap, csrf: Option<&str>) -> Result<Session, Response> {
+    let s = match session(app, headers).await {
+        Ok(Some((_, s))) => s,
+        Ok(None) => return Err(Redirect::to("/login").into_response()),
+        Err(t) => return Err(t.into_response()),
+    };
+    if let Some(token) = csrf
+        && !accounts::same(s.csrf.as_bytes(), token.as_bytes())
+    {
+        return Err(refused_cross_site());
+    }
+    if s.role != Role::Admin {
+        return Err((
+            StatusCode::FORBIDDEN,
+            page(
+                "権限がありません",
+                Some(&s),
+                html! { p { "この操作は管理者だけができます。" } },
+            ),
+        )
+            .into_response());
+    }
+    Ok(s)
+}
+
+fn accounts_view(who: &Session, list: &[AccountInfo], message: Option<&str>) -> Html<String> {
+    page(
+        "アカウント",
+        Some(who),
+        html! {
+            @if let Some(m) = message {
+                p.msg role="status" { (m) }
+            }
+            table {
+                caption { "スタッフのアカウント" }
+                thead { tr {
+                    th scope="col" { "アカウント名" } th scope="col" { "役割" }
+                    th scope="col" { "状態" } th scope="col" { "操作" }
+                } }
+                tbody {
+                    @for a in list {
+                        tr {
+                            th scope="row" { (a.name) }
+                            td {
+                                form method="post" action="/accounts/change" {
+                                    input type="hidden" name="csrf" value=(who.csrf);
+                                    input type="hidden" name="name" value=(a.name);
+                                    input type="hidden" name="action" value="role";
+                                    label for=(format!("role-{}", a.name)) { "役割" }
+                                    select id=(format!("role-{}", a.name)) name="role" {
+                                        @for r in Role::ALL {
+                                            option value=(r.as_str()) selected[r == a.role] { (r.japanese()) }
+                                        }
+                                    }
+                                    button type="submit" { "変更" }
+                                }
+                            }
+                            td {
+                                @if a.locked_until.is_some() { span.bad { "ロック中" } } @else { "利用可" }
+                            }
+                            td {
+                                @if a.locked_until.is_some() {
+                                    form method="post" action="/accounts/change" {
+                                        input type="hidden" name="csrf" value=(who.csrf);
+                                        input type="hidden" name="name" value=(a.name);
+                                        input type="hidden" name="action" value="unlock";
+                                        button type="submit" { "ロック解除" }
+                                    }
+                                }
+                                form method="post" action="/accounts/change" {
+                                    input type="hidden" name="csrf" value=(who.csrf);
+                                    input type="hidden" name="name" value=(a.name);
+                                    input type="hidden" name="action" value="remove";
+                                    button type="submit" { "削除" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "アカウントの追加" }
+            form method="post" action="/accounts/add" {
+                input type="hidden" name="csrf" value=(who.csrf);
+                label for="name" { "アカウント名（英小文字・数字）" }
+                input id="name" name="name" autocomplete="off" required;
+                label for="role" { "役割" }
+                select id="role" name="role" {
+                    @for r in Role::ALL { option value=(r.as_str()) { (r.japanese()) } }
+                }
+                label for="password" { "初期パスワード（" (accounts::MIN_PASSWORD_CHARS) "文字以上）" }
+                input id="password" name="password" type="password" autocomplete="new-password" required;
+                button type="submit" { "追加" }
+            }
+        },
+    )
+}
+
+async fn accounts_list(app: &Shared) -> Result<Vec<AccountInfo>, Response> {
+    with_accounts(app, |a| a.list(now()))
+        .await
+        .map_err(IntoResponse::into_response)
+}
+
+async fn accounts_page(State(app): State<Shared>, headers: HeaderMap) -> Response {
+    let who = match admin(&app, &headers, None).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match accounts_list(&app).await {
+        Ok(list) => accounts_view(&who, &list, None).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct AddForm {
+    csrf: String,
+    name: String,
+    role: String,
+    password: String,
+}
+
+async fn account_add(
+    State(app): State<Shared>,
+    Extension(Peer(peer)): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<AddForm>,
+) -> Response {
+    let who = match admin(&app, &headers, Some(&form.csrf)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Some(role) = Role::parse(&form.role) else {
+        return (StatusCode::BAD_REQUEST, "unknown role").into_response();
+    };
+    let secret = match accounts::random(accounts::TOTP_SECRET_LEN) {
+        Ok(s) => s,
+        Err(_) => return Trouble.into_response(),
+    };
+    let name = form.name.trim().to_owned();
+    let (n, s) = (name.clone(), secret.clone());
+    let added = match with_accounts(&app, move |a| a.add(&n, role, &form.password, &s, now())).await
+    {
+        Ok(r) => r,
+        Err(t) => return t.into_response(),
+    };
+    if let Err(refused) = added {
+        return match accounts_list(&app).await {
+            Ok(list) => (
+                StatusCode::BAD_REQUEST,
+                accounts_view(&who, &list, Some(&refused.to_string())),
+            )
+                .into_response(),
+            Err(r) => r,
+        };
+    }
+    audit(
+        &app,
+        audit::protocol::Event::AccountChange {
+            admin: who.account.clone(),
+            from: peer.ip().to_string(),
+            account: name.clone(),
+            role_changed: true,
+            what: format!("account added with the role {}", role.as_str()),
+        },
+    );
+    let issuer = format!("tsunagi {}", app.facility);
+    page(
+        "アカウントを追加しました",
+        Some(&who),
+        html! {
+            p { (name) "（" (role.japanese()) "）を追加しました。" }
+            p { "本人の認証アプリにこの鍵を登録してもらってください（種類: 時間ベース）。この鍵はこの画面でしか表示されません。" }
+            p { code { (accounts::totp_base32(&secret)) } }
+            p { a href=(accounts::otpauth_uri(&secret, &issuer, &name)) { "認証アプリで開く" } }
+            p { a href="/accounts" { "アカウント一覧へ" } }
+        },
+    )
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct ChangeForm {
+    csrf: String,
+    name: String,
+    action: String,
+    #[serde(default)]
+    role: Option<String>,
+}
+
+async fn account_change(
+    State(app): State<Shared>,
+    Extension(Peer(peer)): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<ChangeForm>,
+) -> Response {
+    let who = match admin(&app, &headers, Some(&form.csrf)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let name = form.name.clone();
+    let (role_changed, what, done) = match form.action.as_str() {
+        "role" => {
+            let Some(role) = form.role.as_deref().and_then(Role::parse) else {
+                return (StatusCode::BAD_REQUEST, "unknown role").into_response();
+            };
+            let n = name.clone();
+            (
+                true,
+                format!("role changed to {}", role.as_str()),
+                with_accounts(&app, move |a| a.set_role(&n, role)).await,
+            )
+        }
+        "unlock" => {
+            let n = name.clone();
+            (
+                false,
+                "unlocked".to_owned(),
+                with_accounts(&app, move |a| a.unlock(&n)).await,
+            )
+        }
+        "remove" => {
+            let n = name.clone();
+            (
+                false,
+                "removed".to_owned(),
+                with_accounts(&app, move |a| a.remove(&n)).await,
+            )
+        }
+        _ => return (StatusCode::BAD_REQUEST, "unknown action").into_response(),
+    };
+    let message = match done {
+        Err(t) => return t.into_response(),
+        Ok(Err(refused)) => refused.to_string(),
+        Ok(Ok(())) => {
+            audit(
+                &app,
+                audit::protocol::Event::AccountChange {
+                    admin: who.account.clone(),
+                    from: peer.ip().to_string(),
+                    account: name.clone(),
+                    role_changed,
+                    what,
+                },
+            );
+            format!("{name} を変更しました")
+        }
+    };
+    // The administrator may have changed their own role: the page follows the session.
+    match session(&app, &headers).await {
+        Ok(Some((_, s))) if s.role == Role::Admin => match accounts_list(&app).await {
+            Ok(list) => accounts_view(&s, &list, Some(&message)).into_response(),
+            Err(r) => r,
+        },
+        Ok(_) => Redirect::to("/login").into_response(),
+        Err(t) => t.into_response(),
     }
 }

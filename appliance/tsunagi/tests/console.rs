@@ -284,6 +284,80 @@ fn the_staff_set_up_log_in_see_the_box_and_every_misuse_is_refused_and_audited()
     );
     assert!(page.contains("admin（管理者）"), "{page}");
 
+    // The administrator adds a desk account; its owner logs in with the secret shown once.
+    let (status, page) = b.get("/accounts");
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<h1>アカウント</h1>"), "{page}");
+    let admin_csrf = hidden(&page, "csrf");
+    let desk_password = "the desk's own password";
+    let (status, page) = b.post(
+        "/accounts/add",
+        &[
+            ("csrf", &admin_csrf),
+            ("name", "desk1"),
+            ("role", "desk"),
+            ("password", desk_password),
+        ],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("desk1（事務）を追加しました"), "{page}");
+    let start = page.find("<code>").unwrap() + "<code>".len();
+    let desk_secret = base32_decode(&page[start..start + page[start..].find('<').unwrap()]);
+    let mut desk = Browser::new(&base, &cert);
+    let (_, page) = desk.get("/login");
+    let (status, to) = desk.post(
+        "/login",
+        &[
+            ("csrf", &hidden(&page, "csrf")),
+            ("name", "desk1"),
+            ("password", desk_password),
+            (
+                "code",
+                &totp(&desk_secret, unix_now() / console::accounts::TOTP_STEP),
+            ),
+        ],
+    );
+    assert_eq!((status, to.as_str()), (303, "→ /"));
+    let (status, page) = desk.get("/");
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("desk1（事務）") && !page.contains("href=\"/accounts\""),
+        "{page}"
+    );
+    // Only an administrator manages accounts.
+    assert_eq!(desk.get("/accounts").0, 403);
+    let (status, _) = desk.post(
+        "/accounts/add",
+        &[
+            ("csrf", &hidden(&page, "csrf")),
+            ("name", "desk2"),
+            ("role", "admin"),
+            ("password", desk_password),
+        ],
+    );
+    assert_eq!(status, 403);
+    // A role change ends the account's sessions; the last administrator stays one.
+    let (status, page) = b.post(
+        "/accounts/change",
+        &[
+            ("csrf", &admin_csrf),
+            ("name", "desk1"),
+            ("action", "role"),
+            ("role", "physician"),
+        ],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(desk.get("/"), (303, "→ /login".to_owned()));
+    let (_, page) = b.post(
+        "/accounts/change",
+        &[
+            ("csrf", &admin_csrf),
+            ("name", "admin"),
+            ("action", "remove"),
+        ],
+    );
+    assert!(page.contains("最後の管理者は削除できません"), "{page}");
+
     // A form posted from another site is refused, and changes nothing.
     let csrf = hidden(&page, "csrf");
     let (status, page) = b.post_from("/logout", &[("csrf", &csrf)], "https://evil.example");
@@ -324,11 +398,27 @@ fn the_staff_set_up_log_in_see_the_box_and_every_misuse_is_refused_and_audited()
             })
             .count()
     };
+    // And the administrator's changes: Security Roles Changed (110136), the account added
+    // and its role changed.
+    let roles = |ms: &[String]| {
+        ms.iter()
+            .filter(|m| {
+                m.contains("csd-code=\"110113\"")
+                    && m.contains("csd-code=\"110136\"")
+                    && m.contains("ParticipantObjectID=\"desk1\"")
+            })
+            .count()
+    };
     let messages = audit_messages_until(
         &rsyslog,
         "the console's logins",
         Duration::from_secs(30),
-        |ms| of(ms, "110122", "0") == 1 && of(ms, "110122", "4") >= 4 && of(ms, "110123", "0") == 1,
+        |ms| {
+            of(ms, "110122", "0") == 1
+                && of(ms, "110122", "4") >= 4
+                && of(ms, "110123", "0") == 1
+                && roles(ms) == 2
+        },
     );
     assert!(
         messages.iter().all(|m| !m.contains(password)),
