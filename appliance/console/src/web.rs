@@ -398,12 +398,28 @@ async fn login(
             audit(
                 &app,
                 audit::protocol::Event::UserAuthentication {
-                    user,
-                    from,
+                    user: user.clone(),
+                    from: from.clone(),
                     logout: false,
                     success: false,
                 },
             );
+            // The failure that locked the account: the lockout is a change to it.
+            if let Refused::Locked { now: true, .. } = refused {
+                audit(
+                    &app,
+                    audit::protocol::Event::AccountChange {
+                        admin: "(console)".to_owned(),
+                        from,
+                        account: user,
+                        role_changed: false,
+                        what: format!(
+                            "locked after {} failed logins in a row",
+                            app.policy.lockout_after
+                        ),
+                    },
+                );
+            }
             tracing::info!(peer = %peer.ip(), locked = matches!(refused, Refused::Locked { .. }), "a console login refused");
             let message = match refused {
                 Refused::Locked { until, .. } => format!(

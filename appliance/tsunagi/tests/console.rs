@@ -418,6 +418,11 @@ fn the_staff_set_up_log_in_see_the_box_and_every_misuse_is_refused_and_audited()
                 && of(ms, "110122", "4") >= 4
                 && of(ms, "110123", "0") == 1
                 && roles(ms) == 2
+                && ms.iter().any(|m| {
+                    m.contains("csd-code=\"110137\"")
+                        && m.contains("ParticipantObjectID=\"admin\"")
+                        && m.contains("locked after 3 failed logins")
+                })
         },
     );
     assert!(
