@@ -114,8 +114,21 @@ fn install_asked(
         );
         return Ok(exit_code::OK);
     }
-    // Installed already, the reboot having waited past a window: only the reboot is left.
     let previous = install::read_outcome(dir).ok().flatten();
+    // A version that failed its health gate is never installed again, whoever asks: the
+    // update service may ask for it once more at the boot that came back from it, before
+    // this boot's health gate has recorded the failure (this unit runs after the gate).
+    if let Some(o) = &previous
+        && o.version == request.version
+        && o.verdict == Verdict::Unhealthy
+    {
+        println!(
+            "tsunagi update: {} failed its health gate: not installed again",
+            request.version
+        );
+        return Ok(exit_code::OK);
+    }
+    // Installed already, the reboot having waited past a window: only the reboot is left.
     let outcome = match previous {
         Some(o) if o.version == request.version && o.verdict == Verdict::Installed => o,
         _ => {

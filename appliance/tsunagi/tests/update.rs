@@ -183,3 +183,94 @@ fn an_expired_channel_is_refused_and_audited_then_the_newer_release_is_staged() 
     h.signal(Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
+
+/// The installer never installs again a version that failed its health gate, even when it
+/// is asked to: at the boot that came back from the failed version, the update service may
+/// ask for it once more before the health gate (which the installer runs after) has
+/// recorded the failure. RAUC (stood in by a script that records every call) is not run.
+#[test]
+fn a_version_that_failed_its_health_gate_is_not_installed_again_when_asked() {
+    let h = Harness::new("");
+    let tools = tempfile::tempdir().unwrap();
+    let os_release = tools.path().join("os-release");
+    std::fs::write(&os_release, "ID=tsunagi\nIMAGE_VERSION=2\n").unwrap();
+    h.write_config(&format!(
+        "[update]\nos-release = \"{}\"\n\n[update.window]\nall-day = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\n",
+        os_release.display()
+    ));
+    let calls = tools.path().join("rauc-calls");
+    let rauc = tools.path().join("rauc");
+    std::fs::write(
+        &rauc,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\ncase \"$1\" in\ninfo) printf \"RAUC_MF_COMPATIBLE='tsunagi'\\nRAUC_MF_VERSION='3'\\n\" ;;\ninstall) echo '100% Installing done.' ;;\nesac\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&rauc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bundle = b"version 3, never ready".to_vec();
+    let sha: String = ring::digest::digest(&ring::digest::SHA256, &bundle)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let update_dir = h.state_dir().join("update");
+    let install_dir = update_dir.join(update::install::INSTALL_DIR);
+    std::fs::create_dir_all(update_dir.join("downloads")).unwrap();
+    std::fs::create_dir_all(&install_dir).unwrap();
+    std::fs::write(
+        update_dir.join("downloads").join(format!("{sha}.raucb")),
+        &bundle,
+    )
+    .unwrap();
+    let failed = update::install::Outcome {
+        version: "3".parse().unwrap(),
+        verdict: update::install::Verdict::Unhealthy,
+        reason: Some("not healthy within 60 s of its first boot".into()),
+        at: 1_800_000_000,
+    };
+    update::install::write_outcome(&install_dir, &failed).unwrap();
+    update::install::write_request(
+        &install_dir,
+        &update::install::Request {
+            version: "3".parse().unwrap(),
+            sha256: sha,
+        },
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["update", "install", "--no-reboot", "--rauc"])
+        .arg(&rauc)
+        .arg("--incoming")
+        .arg(tools.path().join("incoming"))
+        .arg("--config")
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("3 failed its health gate: not installed again"),
+        "{said}"
+    );
+    assert!(
+        !calls.exists(),
+        "RAUC was run: {:?}",
+        std::fs::read_to_string(&calls)
+    );
+    // The request is gone, and the outcome still says why.
+    assert!(
+        update::install::read_request(&install_dir)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        update::install::read_outcome(&install_dir).unwrap(),
+        Some(failed)
+    );
+}
