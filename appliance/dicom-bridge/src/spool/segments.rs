@@ -443,9 +443,12 @@ impl Segments {
     }
 
     /// Moves to the next segment: a ready one, else one made now (and a spare made beside).
+    /// Of the ready ones, the lowest slot: a renewed segment goes before a spare made
+    /// later, whichever became ready first (the spare is made on a thread of its own).
     fn switch(self: &Arc<Self>, st: &mut State) -> Result<(), SpoolError> {
         self.seal(st);
-        let ready = match st.free.pop() {
+        let lowest = (0..st.free.len()).min_by_key(|&i| st.free[i].slot);
+        let ready = match lowest.map(|i| st.free.swap_remove(i)) {
             Some(r) => r,
             None => {
                 let (slot, generation) = (st.next_slot, st.next_generation);
