@@ -560,10 +560,23 @@ pub fn patient_record(
     action: Action,
     patient_network_id: &str,
     what: &str,
+    user: Option<(&str, &str)>,
     at: SystemTime,
 ) -> AuditMessage {
     let mut object = patient(patient_network_id);
     object.details.push(("change".to_owned(), what.to_owned()));
+    // A change at the console: the staff member asked for it, the box made it.
+    let mut participants: Vec<Participant> = user
+        .map(|(user, from)| Participant {
+            user_id: user.to_owned(),
+            alternative_user_id: None,
+            is_requestor: true,
+            network_access_point: (!from.is_empty()).then(|| from.to_owned()),
+            role: None,
+        })
+        .into_iter()
+        .collect();
+    participants.push(this_box(node, user.is_none(), codes::ROLE_APPLICATION));
     AuditMessage {
         event: codes::PATIENT_RECORD,
         event_types: Vec::new(),
@@ -571,7 +584,7 @@ pub fn patient_record(
         at,
         outcome: Outcome::Success,
         outcome_description: None,
-        participants: vec![this_box(node, true, codes::ROLE_APPLICATION)],
+        participants,
         source: node.clone(),
         objects: vec![object],
     }
@@ -906,6 +919,40 @@ mod tests {
     }
 
     #[test]
+    fn a_change_at_the_console_names_the_staff_member_as_the_requestor() {
+        let n = node();
+        let now = SystemTime::now();
+        let xml = patient_record(
+            &n,
+            Action::Update,
+            "N-1",
+            "consent withdrawn (version 3)",
+            Some(("uketsuke1", "192.168.50.20")),
+            now,
+        )
+        .to_xml();
+        let el = elements(&xml);
+        assert_eq!(attribute(&el, "EventID", "csd-code"), ["110110"], "{xml}");
+        let users = attribute(&el, "ActiveParticipant", "UserID");
+        let requestors = attribute(&el, "ActiveParticipant", "UserIsRequestor");
+        assert_eq!(users.first(), Some(&"uketsuke1"), "{xml}");
+        assert_eq!(requestors, ["true", "false"], "{xml}");
+        assert_eq!(
+            attribute(&el, "ActiveParticipant", "NetworkAccessPointID").first(),
+            Some(&"192.168.50.20"),
+            "{xml}"
+        );
+        // Without one (the sync, the command line), the box is the requestor.
+        let xml = patient_record(&n, Action::Update, "N-1", "consent", None, now).to_xml();
+        let el = elements(&xml);
+        assert_eq!(
+            attribute(&el, "ActiveParticipant", "UserIsRequestor"),
+            ["true"],
+            "{xml}"
+        );
+    }
+
+    #[test]
     fn every_event_kind_is_well_formed() {
         let n = node();
         let peer = Peer {
@@ -957,7 +1004,7 @@ mod tests {
                 "110110",
             ),
             (
-                patient_record(&n, Action::Update, "N-1", "公開設定", now),
+                patient_record(&n, Action::Update, "N-1", "公開設定", None, now),
                 "110110",
             ),
             (

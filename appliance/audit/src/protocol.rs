@@ -121,6 +121,12 @@ pub enum Event {
         action: String,
         patient: Patient,
         what: String,
+        /// The console account that made the change (issue 19), and the address it came
+        /// from; none for the sync and the command line.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
     },
     RefusedMedium {
         reason: String,
@@ -313,13 +319,18 @@ impl Event {
                 action,
                 patient,
                 what,
+                user,
+                from,
             } => {
                 let action = match action.as_str() {
                     "C" => Action::Create,
                     "D" => Action::Delete,
                     _ => Action::Update,
                 };
-                message::patient_record(node, action, &patient.audit_id(key), what, at)
+                let user = user
+                    .as_deref()
+                    .map(|u| (u, from.as_deref().unwrap_or_default()));
+                message::patient_record(node, action, &patient.audit_id(key), what, user, at)
             }
             Event::RefusedMedium { reason } => {
                 message::security_alert(node, Alert::RefusedMedium, reason, None, at)
@@ -514,6 +525,8 @@ mod tests {
             action: "U".into(),
             patient: Patient::Local("0001234".into()),
             what: "consent".into(),
+            user: None,
+            from: None,
         };
         let line = serde_json::to_string(&Request::RecordAll(vec![event.clone()])).unwrap();
         assert_eq!(

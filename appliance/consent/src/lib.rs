@@ -13,6 +13,7 @@ pub mod client;
 /// The typed protocol of the decision socket (the `consent-protocol` crate).
 pub use consent_protocol as protocol;
 pub mod decide;
+pub mod desk;
 pub mod fhir;
 pub mod model;
 pub mod service;
@@ -45,10 +46,17 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
             .then(|| tsunagi_runtime::service::Launch {
                 // The decision socket's directory: this service owns it; the services that ask
                 // for decisions are members of its group.
-                shared_dirs: vec![(
-                    cfg.paths.runtime_dir.as_path().join(NAME),
-                    CLIENT_GROUP.to_owned(),
-                )],
+                // The desk socket's: the console changes consents through it.
+                shared_dirs: vec![
+                    (
+                        cfg.paths.runtime_dir.as_path().join(NAME),
+                        CLIENT_GROUP.to_owned(),
+                    ),
+                    (
+                        cfg.paths.runtime_dir.as_path().join(desk::DIR),
+                        desk::GROUP.to_owned(),
+                    ),
+                ],
                 ..tsunagi_runtime::service::Launch::reading(cfg, &cfg.consent)
             })
     },

@@ -196,3 +196,15 @@ pub struct Link {
     pub value: String,
     pub recorded_at: Timestamp,
 }
+
+/// A name as typed into a search: hiragana become katakana (ぁ..ゖ → ァ..ヶ), and spaces
+/// (ASCII and ideographic) are dropped; anything else stays as typed.
+pub fn search_kana(text: &str) -> String {
+    text.chars()
+        .filter(|c| *c != ' ' && *c != '\u{3000}')
+        .map(|c| match c {
+            '\u{3041}'..='\u{3096}' => char::from_u32(c as u32 + 0x60).unwrap_or(c),
+            _ => c,
+        })
+        .collect()
+}

@@ -78,6 +78,9 @@ pub struct Settings {
     /// The `audit` service's socket, for the ATNA audit trail of consent and identity
     /// changes; `None`: the trail is off.
     pub audit_socket: Option<PathBuf>,
+    /// The desk socket's directory (prepared by the supervisor, group
+    /// [`crate::desk::GROUP`]); `None`: no desk (tests of the decisions alone).
+    pub desk_dir: Option<PathBuf>,
 }
 
 impl Settings {
@@ -113,6 +116,7 @@ impl Settings {
             }),
             pull_interval: cfg.consent.pull_interval.get(),
             audit_socket: cfg.audit.enabled.then(|| audit::service::socket_path(cfg)),
+            desk_dir: Some(cfg.paths.runtime_dir.as_path().join(crate::desk::DIR)),
         }
     }
 }
@@ -441,7 +445,10 @@ impl Shared {
 
 /// Binds the decision socket (replacing a stale one).
 pub fn bind(settings: &Settings) -> Result<UnixListener, ServiceError> {
-    let path = settings.runtime_dir.join(SOCKET_NAME);
+    bind_at(settings.runtime_dir.join(SOCKET_NAME))
+}
+
+fn bind_at(path: PathBuf) -> Result<UnixListener, ServiceError> {
     let _ = std::fs::remove_file(&path);
     let listen_err = |source| ServiceError::Listen {
         path: path.clone(),
@@ -488,6 +495,55 @@ pub async fn serve(
     .await
 }
 
+/// Serves the console's desk requests ([`crate::desk`]) until `stop` fires: each one on the
+/// store, under its lock, as the command line would make it.
+pub async fn serve_desk(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Result<(), ServeError> {
+    let limits = LineLimits {
+        max_connections: MAX_CLIENTS,
+        max_line: MAX_REQUEST,
+        idle: IDLE,
+    };
+    listen::serve_lines(listener, limits, stop, move |line| {
+        let shared = shared.clone();
+        async move {
+            use crate::desk::Answer as DeskAnswer;
+            let answer = match line {
+                Line::TooLong => {
+                    DeskAnswer::Error(format!("request longer than {MAX_REQUEST} bytes"))
+                }
+                Line::Request(line) => match serde_json::from_str::<crate::desk::Request>(&line) {
+                    Err(e) => DeskAnswer::Error(format!("bad request: {e}")),
+                    Ok(req) => match tokio::task::spawn_blocking(move || {
+                        let mut store = shared
+                            .store
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        crate::desk::answer(&mut store, req, time::now())
+                    })
+                    .await
+                    {
+                        Ok(Ok(a)) => a,
+                        Ok(Err(e)) => {
+                            tracing::error!(
+                                error = &e as &dyn std::error::Error,
+                                "a desk request failed"
+                            );
+                            DeskAnswer::Error("the consent store failed".into())
+                        }
+                        Err(_) => DeskAnswer::Error("internal error".into()),
+                    },
+                },
+            };
+            consent_protocol::to_line(&answer).trim_end().to_owned()
+        }
+    })
+    .await
+}
+
 /// The service's run in its child process: opens its database, then [`run`].
 pub(crate) async fn main(
     cfg: &tsunagi_config::Config,
@@ -500,6 +556,10 @@ pub(crate) async fn main(
 /// Runs the consent service until shutdown.
 pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<(), ServiceError> {
     let listener = bind(&settings)?;
+    let desk = match &settings.desk_dir {
+        Some(dir) => Some(bind_at(dir.join(crate::desk::SOCKET_NAME))?),
+        None => None,
+    };
     let shared = Shared::new(store, settings);
     // A task that ends or panics ends the service with the reason (status shows it, the
     // supervisor restarts it): decisions must not go unanswered, nor the cache stale, silently.
@@ -508,6 +568,12 @@ pub async fn run(ctx: ServiceCtx, store: Store, settings: Settings) -> Result<()
         "decision-socket",
         serve(listener, shared.clone(), ctx.shutdown.clone()),
     );
+    if let Some(desk) = desk {
+        tasks.spawn_fallible(
+            "desk-socket",
+            serve_desk(desk, shared.clone(), ctx.shutdown.clone()),
+        );
+    }
     tasks.spawn(
         "audit-trail",
         audit::client::hand_over(
@@ -571,6 +637,8 @@ impl audit::client::Source for PendingChanges {
                         action: c.action,
                         patient,
                         what: c.what,
+                        user: c.by.as_ref().map(|(user, _)| user.clone()),
+                        from: c.by.map(|(_, from)| from),
                     },
                 )
             })

@@ -232,6 +232,17 @@ pub const MIGRATIONS: &[Migration] = &[
         END;
     ",
     },
+    Migration {
+        version: 6,
+        // Who made a change at the clinic console (issue 19): the staff account and the
+        // address it came from, for the ATNA Patient Record event's human participant. Set
+        // by [`Store::attribute_changes`] under the same lock as the change; empty for the
+        // sync and the command line.
+        sql: "
+        ALTER TABLE atna_pending ADD COLUMN by_user TEXT;
+        ALTER TABLE atna_pending ADD COLUMN by_from TEXT;
+    ",
+    },
 ];
 
 /// A consent or identity change not yet handed to the `audit` service.
@@ -244,6 +255,8 @@ pub struct PendingChange {
     /// The patient's network ID now, if any.
     pub network_id: Option<String>,
     pub what: String,
+    /// The console account that made it, and the address it came from.
+    pub by: Option<(String, String)>,
 }
 
 /// The head of the audit trail: the last row's sequence number and MAC.
@@ -669,7 +682,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT a.id, a.action, a.patient_id, p.network_id, a.what
+                "SELECT a.id, a.action, a.patient_id, p.network_id, a.what, a.by_user, a.by_from
                  FROM atna_pending a LEFT JOIN patient p ON p.id = a.patient_id
                  ORDER BY a.id LIMIT ?1",
             )
@@ -682,11 +695,77 @@ impl Store {
                     patient: r.get(2)?,
                     network_id: r.get(3)?,
                     what: r.get(4)?,
+                    by: match (
+                        r.get::<_, Option<String>>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                    ) {
+                        (Some(user), from) => Some((user, from.unwrap_or_default())),
+                        _ => None,
+                    },
                 })
             })
             .map_err(sql("read pending changes"))?;
         rows.collect::<Result<_, _>>()
             .map_err(sql("read pending changes"))
+    }
+
+    /// The last change owed to the ATNA trail so far (0 when none): what
+    /// [`Store::attribute_changes`] counts from.
+    pub fn last_change(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM atna_pending", [], |r| {
+                r.get(0)
+            })
+            .map_err(sql("read the last change"))
+    }
+
+    /// The changes after `after` (from [`Store::last_change`]) were made by the console
+    /// account `user` from `from`. Called with the store held since `after` was read, so
+    /// that they are this account's changes and not yet handed to the ATNA trail.
+    pub fn attribute_changes(&self, after: i64, user: &str, from: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE atna_pending SET by_user = ?2, by_from = ?3 WHERE id > ?1 AND by_user IS NULL",
+                params![after, user, from],
+            )
+            .map_err(sql("attribute changes"))?;
+        Ok(())
+    }
+
+    /// Patients whose local ID is `query`, or whose name in katakana (family then given,
+    /// spaces ignored) begins with it (hiragana typed is taken as katakana); at most `limit`,
+    /// by kana.
+    pub fn find_patients(&self, query: &str, limit: usize) -> Result<Vec<Patient>, StoreError> {
+        let kana = crate::model::search_kana(query);
+        if kana.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id FROM patient
+                 WHERE id = ?1 OR instr(replace(replace(family_kana || given_kana, ' ', ''), '　', ''), ?2) = 1
+                 ORDER BY id = ?1 DESC, family_kana, given_kana, id LIMIT ?3",
+            )
+            .map_err(sql("find patients"))?;
+        let ids = stmt
+            .query_map(
+                params![query.trim(), kana, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| r.get::<_, String>(0),
+            )
+            .map_err(sql("find patients"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql("find patients"))?;
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Ok(pid) = id.parse::<PatientId>() else {
+                continue;
+            };
+            if let Some(p) = self.patient(&pid)? {
+                found.push(p);
+            }
+        }
+        Ok(found)
     }
 
     /// The trail failed its verification (`tsunagi audit verify`): a Security Alert owed to

@@ -293,6 +293,7 @@ fn empty_box(dir: &std::path::Path) -> std::sync::Arc<consent::service::Shared> 
             fhir: None,
             pull_interval: Duration::from_secs(60),
             audit_socket: None,
+            desk_dir: None,
         },
     )
 }
@@ -615,6 +616,7 @@ async fn an_unreadable_network_consent_denies_its_patient_in_status_and_feed_unt
             fhir: None,
             pull_interval: Duration::from_secs(60),
             audit_socket: None,
+            desk_dir: None,
         },
     );
     let store = shared.store();
@@ -1002,6 +1004,7 @@ async fn deleting_the_whole_audit_trail_is_detected_once_the_network_has_a_check
             fhir: None,
             pull_interval: Duration::from_secs(60),
             audit_socket: None,
+            desk_dir: None,
         },
     );
     let (healthy, summary, metrics) = shared.report();

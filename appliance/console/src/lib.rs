@@ -6,11 +6,13 @@
 //!
 //! - [`accounts`]: `console.db`, the accounts, sessions and the setup code.
 //! - [`web`]: the pages and forms.
+//! - [`patients`]: the consent desk's pages, over the consent service's desk socket.
 //! - [`tls`]: the server certificate (the network CA's, or a self-signed one).
 //! - [`service`]: the service that serves them.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod patients;
 pub mod service;
 pub mod tls;
 pub mod web;
@@ -28,16 +30,21 @@ pub const SERVICE: Service = Service {
     user: USER,
     description: "tsunagi clinic console",
     capabilities: &[Capability::CAP_NET_BIND_SERVICE],
-    // Reads the supervisor's status; hands its events to the audit trail.
+    // Reads the supervisor's status; hands its events to the audit trail; asks the consent
+    // service's desk.
     groups: &[
         tsunagi_runtime::control::STATUS_GROUP,
         audit::service::CLIENT_GROUP,
+        consent::desk::GROUP,
     ],
     worker_threads: 1,
     launch: |cfg| {
-        cfg.console
-            .enabled
-            .then(|| Launch::reading(cfg, &(&cfg.console, &cfg.audit.enabled)))
+        cfg.console.enabled.then(|| {
+            Launch::reading(
+                cfg,
+                &(&cfg.console, &cfg.audit.enabled, &cfg.consent.enabled),
+            )
+        })
     },
     main: |cfg, ctx| {
         tsunagi_runtime::service::boxed(service::run(ctx, service::Settings::from_config(cfg)))

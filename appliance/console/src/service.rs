@@ -40,6 +40,8 @@ pub struct Settings {
     pub facility: String,
     pub status_socket: PathBuf,
     pub audit_socket: Option<PathBuf>,
+    /// The consent service's desk socket, when consent is enabled.
+    pub desk_socket: Option<PathBuf>,
 }
 
 impl Settings {
@@ -64,6 +66,7 @@ impl Settings {
                 .as_path()
                 .join(tsunagi_runtime::control::SOCKET_NAME),
             audit_socket: cfg.audit.enabled.then(|| audit::service::socket_path(cfg)),
+            desk_socket: cfg.consent.enabled.then(|| consent::desk::socket_path(cfg)),
         }
     }
 }
@@ -140,6 +143,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ConsoleError
         facility: settings.facility.clone(),
         status_socket: settings.status_socket.clone(),
         pending: Some(pending),
+        desk_socket: settings.desk_socket.clone(),
     });
     let router = web::router(app.clone());
     let acceptor = tokio_rustls::TlsAcceptor::from(server.config.clone());

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::{Extension, Form, State};
+use axum::extract::{DefaultBodyLimit, Extension, Form, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{AppendHeaders, Html, IntoResponse, Redirect, Response};
@@ -23,6 +23,7 @@ use serde::Deserialize;
 use tsunagi_runtime::status::{Health, ServiceState, StatusReport};
 
 use crate::accounts::{self, AccountInfo, Accounts, Policy, Refused, Role, Session};
+use crate::patients;
 
 /// The session cookie.
 pub const SESSION_COOKIE: &str = "__Host-tsunagi-session";
@@ -39,13 +40,16 @@ pub struct App {
     pub status_socket: PathBuf,
     /// Events for the ATNA trail.
     pub pending: Option<Arc<audit::pending::Store>>,
+    /// The consent service's desk socket (`None`: consent is not enabled; the patient pages
+    /// say the desk cannot be reached).
+    pub desk_socket: Option<PathBuf>,
 }
 
 /// The peer of a connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
-type Shared = Arc<App>;
+pub(crate) type Shared = Arc<App>;
 
 /// The console's routes over `app`.
 pub fn router(app: Shared) -> Router {
@@ -57,6 +61,22 @@ pub fn router(app: Shared) -> Router {
         .route("/accounts", get(accounts_page))
         .route("/accounts/add", post(account_add))
         .route("/accounts/change", post(account_change))
+        .route(
+            "/patients",
+            get(patients::search_page).post(patients::search),
+        )
+        .route(
+            "/patients/new",
+            get(patients::registration_form)
+                .post(patients::register)
+                .layer(DefaultBodyLimit::max(patients::MAX_FORM_BYTES + 64 * 1024)),
+        )
+        .route("/patient", post(patients::show))
+        .route("/patient/disclose", post(patients::disclose))
+        .route("/patient/undisclose", post(patients::undisclose))
+        .route("/patient/link", post(patients::link))
+        .route("/patient/withdraw", post(patients::withdraw))
+        .route("/patient/receipt", post(patients::receipt))
         .fallback(not_found)
         .layer(middleware::from_fn(guard))
         .with_state(app)
@@ -117,7 +137,7 @@ fn same_origin(headers: &HeaderMap) -> bool {
     }
 }
 
-fn refused_cross_site() -> Response {
+pub(crate) fn refused_cross_site() -> Response {
     (
         StatusCode::FORBIDDEN,
         page(
@@ -180,7 +200,7 @@ async fn with_accounts<T: Send + 'static>(
 
 /// Something went wrong on the box's side (logged where it happened).
 #[derive(Debug, Clone, Copy)]
-struct Trouble;
+pub(crate) struct Trouble;
 
 impl IntoResponse for Trouble {
     fn into_response(self) -> Response {
@@ -201,7 +221,10 @@ fn trouble() -> Response {
 }
 
 /// The session of the request's cookie, if it is a live one.
-async fn session(app: &Shared, headers: &HeaderMap) -> Result<Option<(String, Session)>, Trouble> {
+pub(crate) async fn session(
+    app: &Shared,
+    headers: &HeaderMap,
+) -> Result<Option<(String, Session)>, Trouble> {
     let Some(token) = cookie(headers, SESSION_COOKIE) else {
         return Ok(None);
     };
@@ -222,7 +245,7 @@ fn audit(app: &App, event: audit::protocol::Event) {
     }
 }
 
-fn page(title: &str, who: Option<&Session>, body: Markup) -> Html<String> {
+pub(crate) fn page(title: &str, who: Option<&Session>, body: Markup) -> Html<String> {
     Html(
         html! {
             (DOCTYPE)
@@ -239,6 +262,7 @@ fn page(title: &str, who: Option<&Session>, body: Markup) -> Html<String> {
                         @if let Some(s) = who {
                             nav aria-label="メニュー" {
                                 a href="/" { "接続状態" }
+                                " " a href="/patients" { "患者" }
                                 @if s.role == Role::Admin {
                                     " " a href="/accounts" { "アカウント" }
                                 }
@@ -270,7 +294,10 @@ label{display:block;margin-top:.75rem}input{font-size:1rem;padding:.3rem}\
 button{font-size:1rem;padding:.3rem 1rem;margin-top:1rem}table{border-collapse:collapse}\
 th,td{border:1px solid #767676;padding:.3rem .6rem;text-align:left}\
 .ok{color:#0a6b0a}.warn{color:#8a4b00}.bad{color:#b00020}.msg{border:2px solid #b00020;padding:.5rem}\
-code{font-size:1.1rem}";
+code{font-size:1.1rem;overflow-wrap:anywhere}form.inline{display:inline}form.inline button{margin-top:0}\
+fieldset{margin-top:.75rem}fieldset label{display:inline-block;margin-right:1rem}\
+.receipt{border:1px solid #767676;padding:1rem;max-width:40rem}\
+@media print{header,.noprint,form{display:none}}";
 
 #[derive(Deserialize)]
 struct LoginForm {

@@ -4,6 +4,12 @@
 //! the supervisor's status; and what must be refused: a wrong TOTP code, a session cookie
 //! replayed after logout, a cross-site form post, a login to a locked account. Each login,
 //! failure and logout reaches a real rsyslog as an ATNA User Authentication message.
+//!
+//! The consent desk (患者): a participation consent registered with its scanned form (whose
+//! SHA-256 the consent service records), found by kana, changed facility by facility,
+//! linked to another facility's ID, withdrawn after a confirmation, with a receipt; a
+//! physician may look but not change; each change reaches rsyslog as a Patient Record event
+//! naming the desk account.
 #![expect(
     clippy::disallowed_methods,
     reason = "a plain test thread drives the console and polls the audit repository"
@@ -428,6 +434,428 @@ fn the_staff_set_up_log_in_see_the_box_and_every_misuse_is_refused_and_audited()
     assert!(
         messages.iter().all(|m| !m.contains(password)),
         "a password in the trail"
+    );
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+impl Browser {
+    /// A `multipart/form-data` POST (a form with a file), as a browser sends one.
+    fn post_multipart(
+        &mut self,
+        path: &str,
+        fields: &[(&str, &str)],
+        file: (&str, &str, &[u8]),
+    ) -> (u16, String) {
+        let boundary = "----tsunagi-test-boundary-7f3a";
+        let mut body = Vec::new();
+        for (name, value) in fields {
+            body.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                    .as_bytes(),
+            );
+        }
+        let (name, filename, bytes) = file;
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: application/pdf\r\n\r\n")
+                .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header(COOKIE, self.cookie_header())
+            .header(ORIGIN, self.base.clone())
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(body)
+            .send()
+            .unwrap();
+        self.keep(&response);
+        let status = response.status().as_u16();
+        let location = location(&response);
+        (status, location.unwrap_or_else(|| response.text().unwrap()))
+    }
+}
+
+/// The first administrator, set up with the operator's code, logged in.
+fn administrator(h: &Harness, base: &str, cert: &std::path::Path, setup_code: &str) -> Browser {
+    let mut b = Browser::new(base, cert);
+    let (_, page) = b.get("/setup");
+    let secret = base32_decode(&hidden(&page, "secret"));
+    let step = unix_now() / console::accounts::TOTP_STEP;
+    let password = "correct horse battery staple";
+    let (status, done) = b.post(
+        "/setup",
+        &[
+            ("csrf", &hidden(&page, "csrf")),
+            ("secret", &hidden(&page, "secret")),
+            ("setup_code", setup_code),
+            ("name", "admin"),
+            ("password", password),
+            ("password_again", password),
+            ("code", &totp(&secret, step)),
+        ],
+    );
+    assert_eq!(status, 200, "{done}");
+    let (_, page) = b.get("/login");
+    let (status, to) = b.post(
+        "/login",
+        &[
+            ("csrf", &hidden(&page, "csrf")),
+            ("name", "admin"),
+            ("password", password),
+            ("code", &totp(&secret, step + 1)),
+        ],
+    );
+    assert_eq!((status, to.as_str()), (303, "→ /"), "{}", h.log_text());
+    b
+}
+
+/// An account the administrator adds with `role`, logged in in a browser of its own.
+fn staff_member(
+    admin: &mut Browser,
+    base: &str,
+    cert: &std::path::Path,
+    name: &str,
+    role: &str,
+) -> Browser {
+    let (_, page) = admin.get("/accounts");
+    let password = "a staff member's password";
+    let (status, page) = admin.post(
+        "/accounts/add",
+        &[
+            ("csrf", &hidden(&page, "csrf")),
+            ("name", name),
+            ("role", role),
+            ("password", password),
+        ],
+    );
+    assert_eq!(status, 200, "{page}");
+    let start = page.find("<code>").unwrap() + "<code>".len();
+    let secret = base32_decode(&page[start..start + page[start..].find('<').unwrap()]);
+    let mut b = Browser::new(base, cert);
+    let (_, page) = b.get("/login");
+    let (status, to) = b.post(
+        "/login",
+        &[
+            ("csrf", &hidden(&page, "csrf")),
+            ("name", name),
+            ("password", password),
+            (
+                "code",
+                &totp(&secret, unix_now() / console::accounts::TOTP_STEP),
+            ),
+        ],
+    );
+    assert_eq!((status, to.as_str()), (303, "→ /"));
+    b
+}
+
+fn consent_json(h: &Harness, patient: &str) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .args(["consent", "show", patient, "--json", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names_who_did() {
+    use hil_tests::fhir::{Server, Validator, http, schema_path};
+    let (rsyslog, audit, _audit_files) = audit_repository(None, None);
+    // The network's FHIR server (strict: every resource pushed must validate): the desk's
+    // consent goes there like the command line's, and its pulls keep the cache fresh.
+    let validator = Validator::load(&schema_path().unwrap()).unwrap();
+    let fhir = Server::new(validator)
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    let port = free_port();
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"http://{fhir}/fhir\"\npull-interval = \"1s\"\n\n[console]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{audit}"
+    ));
+    let out = std::process::Command::new(BIN)
+        .args(["console", "setup-code", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let setup_code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    h.start();
+    h.wait_for(
+        "the console and consent ready",
+        Duration::from_secs(30),
+        |s| state_of(s, "console") == "ready" && state_of(s, "consent") == "ready",
+    );
+    let cert = h
+        .state_dir()
+        .join("console")
+        .join(console::tls::SELF_SIGNED_CERT);
+    let base = format!("https://127.0.0.1:{port}");
+    let mut admin = administrator(&h, &base, &cert, &setup_code);
+    let mut desk = staff_member(&mut admin, &base, &cert, "uketsuke1", "desk");
+    let mut doctor = staff_member(&mut admin, &base, &cert, "ishi1", "physician");
+
+    // Nobody yet: the search finds no one.
+    let (status, page) = desk.get("/patients");
+    assert_eq!(status, 200, "{page}");
+    let csrf = hidden(&page, "csrf");
+    let (status, page) = desk.post("/patients", &[("csrf", &csrf), ("query", "やまだ")]);
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("該当する患者はいません"), "{page}");
+
+    // The registration, with the scanned form: its SHA-256 is what the box records.
+    let scan = b"%PDF-1.4 the signed consent form of patient 0001234\n%%EOF\n";
+    let digest: String = ring::digest::digest(&ring::digest::SHA256, scan)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let form = |csrf: &str, id: &str| -> Vec<(String, String)> {
+        [
+            ("csrf", csrf),
+            ("patient", id),
+            ("family_kanji", "山田"),
+            ("given_kanji", "花子"),
+            ("family_kana", "やまだ"),
+            ("given_kana", "ハナコ"),
+            ("birth_date", "1950-04-01"),
+            ("sex", "female"),
+            ("scope", "facilities"),
+            ("facilities", "1312345679、1312345670"),
+            ("category", "images"),
+            ("category", "lab-results"),
+        ]
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect()
+    };
+    let post_registration = |b: &mut Browser, f: Vec<(String, String)>, scan: &[u8]| {
+        let pairs: Vec<(&str, &str)> = f.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        b.post_multipart("/patients/new", &pairs, ("form", "scan.pdf", scan))
+    };
+    let (status, page) = desk.get("/patients/new");
+    assert_eq!(status, 200, "{page}");
+    let csrf = hidden(&page, "csrf");
+    // Without the scan: refused, nothing written.
+    let (status, page) = post_registration(&mut desk, form(&csrf, "0001234"), b"");
+    assert_eq!(status, 400, "{page}");
+    assert!(
+        page.contains("同意書のスキャンを添付してください"),
+        "{page}"
+    );
+    // A physician may not register.
+    let (_, dpage) = doctor.get("/patients");
+    let dcsrf = hidden(&dpage, "csrf");
+    let (status, _) = post_registration(&mut doctor, form(&dcsrf, "0001234"), scan);
+    assert_eq!(status, 403);
+    // Another session's token: refused.
+    let (status, _) = post_registration(&mut desk, form(&dcsrf, "0001234"), scan);
+    assert_eq!(status, 403);
+    let (status, page) = post_registration(&mut desk, form(&csrf, "0001234"), scan);
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("参加同意を登録しました") && page.contains("参加中"),
+        "{page}"
+    );
+    assert!(page.contains(&digest), "{page}");
+    let shown = consent_json(&h, "0001234");
+    let consent = &shown["effective"]["consent"];
+    assert_eq!(consent["evidence"]["sha256"], digest.as_str(), "{shown}");
+    assert_eq!(consent["evidence"]["recorded_by"], "uketsuke1", "{shown}");
+    assert_eq!(shown["patient"]["family_kana"], "ヤマダ", "{shown}");
+    assert_eq!(
+        consent["categories"],
+        serde_json::json!(["lab-results", "images"]),
+        "{shown}"
+    );
+    // The same patient again: refused while the consent is in force.
+    let (status, page) = post_registration(&mut desk, form(&csrf, "0001234"), scan);
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("すでに有効です"), "{page}");
+
+    // Search by hiragana; the patient's page is a POST (no ID in a URL).
+    let (status, page) = desk.post("/patients", &[("csrf", &csrf), ("query", "やまだ はな")]);
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("0001234") && page.contains("参加中"),
+        "{page}"
+    );
+    let (status, page) = desk.post("/patient", &[("csrf", &csrf), ("patient", "0001234")]);
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("1312345679、1312345670") || page.contains("1312345670、1312345679"),
+        "{page}"
+    );
+    assert!(page.contains("未発行"), "{page}");
+
+    // 公開設定: one more facility, one less; 名寄せ.
+    let decide = |to: &str| {
+        let out = std::process::Command::new(BIN)
+            .args([
+                "consent", "decide", "0001234", to, "images", "--json", "--config",
+            ])
+            .arg(&h.config)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        format!(
+            "{} {}",
+            v["decision"].as_str().unwrap(),
+            v["reason"].as_str().unwrap_or("")
+        )
+    };
+    let (status, page) = desk.post(
+        "/patient/disclose",
+        &[
+            ("csrf", &csrf),
+            ("patient", "0001234"),
+            ("facility", "1312345671"),
+        ],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("1312345671 に公開しました") && page.contains("第2版"),
+        "{page}"
+    );
+    let (status, page) = desk.post(
+        "/patient/undisclose",
+        &[
+            ("csrf", &csrf),
+            ("patient", "0001234"),
+            ("facility", "1312345679"),
+        ],
+    );
+    assert_eq!(status, 200, "{page}");
+    let (status, page) = desk.post(
+        "/patient/link",
+        &[
+            ("csrf", &csrf),
+            ("patient", "0001234"),
+            ("facility", "1312345679"),
+            ("id", "H-77"),
+        ],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("H-77"), "{page}");
+    let shown = consent_json(&h, "0001234");
+    assert_eq!(shown["links"][0]["value"], "H-77", "{shown}");
+    assert_eq!(shown["effective"]["consent"]["version"], 3, "{shown}");
+    let (status, page) = desk.post(
+        "/patient/disclose",
+        &[
+            ("csrf", &csrf),
+            ("patient", "0001234"),
+            ("facility", "13123"),
+        ],
+    );
+    assert_eq!(status, 400, "{page}");
+    // The physician sees the patient but changes nothing.
+    let (status, page) = doctor.post("/patient", &[("csrf", &dcsrf), ("patient", "0001234")]);
+    assert_eq!(status, 200, "{page}");
+    assert!(!page.contains("/patient/withdraw"), "{page}");
+    let (status, _) = doctor.post(
+        "/patient/withdraw",
+        &[("csrf", &dcsrf), ("patient", "0001234"), ("confirm", "yes")],
+    );
+    assert_eq!(status, 403);
+
+    // The receipt for the patient.
+    let (status, page) = desk.post(
+        "/patient/receipt",
+        &[("csrf", &csrf), ("patient", "0001234")],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("参加同意を受け付けました") && page.contains("山田 花子"),
+        "{page}"
+    );
+
+    // 撤回: a confirmation first; nothing changes until it is confirmed.
+    let (status, page) = desk.post(
+        "/patient/withdraw",
+        &[("csrf", &csrf), ("patient", "0001234")],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("同意の撤回の確認"), "{page}");
+    // At the network: the consent pushed (one logical resource, its latest version).
+    h.wait_for("the push", Duration::from_secs(30), |_| {
+        let r = http::request(fhir, "GET", "/fhir/Consent?_count=100", None).unwrap();
+        r.json()["total"] == 1
+    });
+    let fresh = |h: &Harness| {
+        h.wait_for("a fresh cache", Duration::from_secs(30), |_| {
+            decide("1312345670") != "deny cache-stale"
+        });
+    };
+    fresh(&h);
+    assert_eq!(decide("1312345670"), "permit ");
+    let (status, page) = desk.post(
+        "/patient/withdraw",
+        &[("csrf", &csrf), ("patient", "0001234"), ("confirm", "yes")],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("同意を撤回しました") && page.contains("撤回済み"),
+        "{page}"
+    );
+    assert_eq!(decide("1312345670"), "deny withdrawn");
+    // The network has the withdrawal too.
+    h.wait_for("the withdrawal pushed", Duration::from_secs(30), |_| {
+        let r = http::request(fhir, "GET", "/fhir/Consent?_count=100", None).unwrap();
+        let bundle = r.json();
+        bundle["total"] == 1 && bundle["entry"][0]["resource"]["status"] != "active"
+    });
+    let (status, page) = desk.post(
+        "/patient/receipt",
+        &[("csrf", &csrf), ("patient", "0001234")],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("撤回を受け付けました"), "{page}");
+
+    // The ATNA trail: each change a Patient Record (110110) that names the desk account and
+    // its address as the one who asked; the patient under a pseudonym, never the local ID.
+    let by_desk = |ms: &[String]| {
+        ms.iter()
+            .filter(|m| {
+                m.contains("csd-code=\"110110\"")
+                    && m.contains("UserID=\"uketsuke1\"")
+                    && m.contains("NetworkAccessPointID=\"127.0.0.1\"")
+            })
+            .count()
+    };
+    let messages = audit_messages_until(
+        &rsyslog,
+        "the desk's changes",
+        Duration::from_secs(30),
+        // Registered, consent 1, versions 2 and 3, the link, the withdrawal.
+        |ms| by_desk(ms) >= 6,
+    );
+    assert!(
+        messages
+            .iter()
+            .all(|m| !m.contains("0001234") && !m.contains("山田")),
+        "patient data in the trail"
+    );
+    // The consent trail verifies.
+    let out = std::process::Command::new(BIN)
+        .args(["audit", "verify", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
     h.signal(Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());

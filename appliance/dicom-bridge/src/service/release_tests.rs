@@ -82,6 +82,7 @@ async fn a_delivered_instance_leaves_a_release_row_referring_to_the_permit_it_wa
         fhir: None,
         pull_interval: Duration::from_secs(60),
         audit_socket: None,
+        desk_dir: None,
     };
     let listener = consent::service::bind(&settings).unwrap();
     let shared = consent::service::Shared::new(consent_store(dir.path()), settings);

@@ -1,0 +1,870 @@
+//! 患者: the consent desk's pages (参加同意, 公開設定, 名寄せ, 撤回, 受付票), over the consent
+//! service's desk socket ([`consent::desk`]): the same store calls as `tsunagi consent`, the
+//! same audit trail, with the account and its address recorded as who asked.
+//!
+//! No patient data in a URL: a search, and every page about one patient, is a POST whose
+//! body names them. Every role may look; only 事務 and 管理者 may change.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use axum::extract::{Extension, Form, Multipart, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use consent::desk::{self, Answer, Participation, Refusal, Registration, Request, Staff, View};
+use consent::model::{Category, Patient, PatientId, Scope, Sex};
+use maud::{Markup, html};
+use serde::Deserialize;
+use tsunagi_config::FacilityCode;
+
+use crate::accounts::{self, Role, Session};
+use crate::web::{Peer, Shared, Trouble, page, refused_cross_site, session};
+
+/// How long a desk request may take.
+const DESK_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest scanned form accepted (a multi-page PDF or photo).
+pub const MAX_FORM_BYTES: usize = 32 * 1024 * 1024;
+
+/// A data category as the staff know it.
+pub fn category_words(c: Category) -> &'static str {
+    match c {
+        Category::Demographics => "基本情報",
+        Category::Problems => "病名",
+        Category::Allergies => "アレルギー",
+        Category::Prescriptions => "処方",
+        Category::Injections => "注射",
+        Category::LabResults => "検査結果",
+        Category::Orders => "オーダ",
+        Category::Images => "画像",
+        Category::Documents => "文書",
+    }
+}
+
+fn sex_words(s: Sex) -> &'static str {
+    match s {
+        Sex::Male => "男",
+        Sex::Female => "女",
+        Sex::Other => "その他",
+        Sex::Unknown => "不明",
+    }
+}
+
+fn participation_words(p: Participation) -> (&'static str, &'static str) {
+    match p {
+        Participation::None => ("同意なし", "warn"),
+        Participation::Active => ("参加中", "ok"),
+        Participation::Withdrawn => ("撤回済み", "bad"),
+    }
+}
+
+fn refusal_words(r: &Refusal) -> String {
+    match r {
+        Refusal::UnknownPatient => "この患者は登録されていません。".to_owned(),
+        Refusal::AlreadyRegistered => {
+            "この患者の同意はすでに有効です。公開設定の変更か、撤回をしてください。".to_owned()
+        }
+        Refusal::NoConsent => "この患者には同意が登録されていません。".to_owned(),
+        Refusal::AlreadyWithdrawn => {
+            "同意は撤回済みです。再度参加する場合は、新しい同意書で登録してください。".to_owned()
+        }
+        Refusal::IdentityTaken => "このIDはすでに別の患者に使われています。".to_owned(),
+        Refusal::Invalid(why) => format!("入力を確かめてください（{why}）。"),
+    }
+}
+
+/// The session of a request any account may make, with the form token checked.
+async fn staff_session(app: &Shared, headers: &HeaderMap, csrf: &str) -> Result<Session, Response> {
+    match session(app, headers).await {
+        Ok(Some((_, s))) if accounts::same(s.csrf.as_bytes(), csrf.as_bytes()) => Ok(s),
+        Ok(Some(_)) => Err(refused_cross_site()),
+        Ok(None) => Err(Redirect::to("/login").into_response()),
+        Err(t) => Err(t.into_response()),
+    }
+}
+
+fn may_change(s: &Session) -> bool {
+    matches!(s.role, Role::Desk | Role::Admin)
+}
+
+fn not_allowed(s: &Session) -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        page(
+            "権限がありません",
+            Some(s),
+            html! { p { "同意の登録と変更は、事務と管理者の役割のアカウントだけができます。" } },
+        ),
+    )
+        .into_response()
+}
+
+/// Asks the consent service's desk.
+async fn ask(app: &Shared, request: Request) -> Result<Answer, Trouble> {
+    let Some(socket) = app.desk_socket.clone() else {
+        return Err(Trouble);
+    };
+    match tokio::task::spawn_blocking(move || desk::ask(&socket, &request, DESK_TIMEOUT)).await {
+        Ok(Ok(Answer::Error(why))) => {
+            tracing::error!(%why, "the consent desk failed");
+            Err(Trouble)
+        }
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => {
+            tracing::error!(error = &e as &dyn std::error::Error, "the consent desk");
+            Err(Trouble)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the consent desk task");
+            Err(Trouble)
+        }
+    }
+}
+
+fn staff(s: &Session, peer: &Peer) -> Staff {
+    Staff {
+        account: s.account.clone(),
+        from: peer.0.ip().to_string(),
+    }
+}
+
+fn search_form(who: &Session, query: &str) -> Markup {
+    html! {
+        form method="post" action="/patients" role="search" {
+            input type="hidden" name="csrf" value=(who.csrf);
+            label for="query" { "患者ID、またはカナ氏名（先頭から）" }
+            input id="query" name="query" value=(query) maxlength=(desk::MAX_QUERY) autocomplete="off" required;
+            button type="submit" { "検索" }
+        }
+        @if may_change(who) {
+            p { a href="/patients/new" { "新しい患者の参加同意を登録する" } }
+        }
+    }
+}
+
+/// GET `/patients`: the search form.
+pub async fn search_page(State(app): State<Shared>, headers: HeaderMap) -> Response {
+    match session(&app, &headers).await {
+        Ok(Some((_, who))) => page("患者", Some(&who), search_form(&who, "")).into_response(),
+        Ok(None) => Redirect::to("/login").into_response(),
+        Err(t) => t.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct SearchForm {
+    csrf: String,
+    query: String,
+}
+
+fn patient_button(who: &Session, id: &PatientId, action: &str, label: &str) -> Markup {
+    html! {
+        form method="post" action=(action) class="inline" {
+            input type="hidden" name="csrf" value=(who.csrf);
+            input type="hidden" name="patient" value=(id.as_str());
+            button type="submit" { (label) }
+        }
+    }
+}
+
+/// POST `/patients`: the patients found.
+pub async fn search(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Form(form): Form<SearchForm>,
+) -> Response {
+    let who = match staff_session(&app, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let query = form.query.trim().to_owned();
+    let found = match ask(
+        &app,
+        Request::Find {
+            query: query.clone(),
+        },
+    )
+    .await
+    {
+        Ok(Answer::Found(f)) => f,
+        Ok(Answer::Refused(r)) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                page(
+                    "患者",
+                    Some(&who),
+                    html! { p.msg role="alert" { (refusal_words(&r)) } (search_form(&who, &query)) },
+                ),
+            )
+                .into_response();
+        }
+        Ok(_) | Err(_) => return Trouble.into_response(),
+    };
+    page(
+        "患者",
+        Some(&who),
+        html! {
+            (search_form(&who, &query))
+            @if found.is_empty() {
+                p role="status" { "該当する患者はいません。" }
+            } @else {
+                table {
+                    caption { "検索結果（" (found.len()) "件）" }
+                    thead { tr {
+                        th scope="col" { "患者ID" } th scope="col" { "氏名" } th scope="col" { "カナ" }
+                        th scope="col" { "生年月日" } th scope="col" { "参加" } th scope="col" { "" }
+                    } }
+                    tbody {
+                        @for f in &found {
+                            @let (words, class) = participation_words(f.participation);
+                            tr {
+                                th scope="row" { (f.patient.id.as_str()) }
+                                td { (f.patient.family_kanji) " " (f.patient.given_kanji) }
+                                td { (f.patient.family_kana) " " (f.patient.given_kana) }
+                                td { (f.patient.birth_date) }
+                                td class=(class) { (words) }
+                                td { (patient_button(&who, &f.patient.id, "/patient", "開く")) }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+    .into_response()
+}
+
+fn facility_list(list: impl IntoIterator<Item = String>) -> String {
+    let v: Vec<String> = list.into_iter().collect();
+    if v.is_empty() {
+        "なし".to_owned()
+    } else {
+        v.join("、")
+    }
+}
+
+fn scope_words(scope: &Scope) -> String {
+    match scope {
+        Scope::AllParticipants => "ネットワークのすべての参加施設".to_owned(),
+        Scope::Facilities(list) => facility_list(list.iter().map(|f| f.to_string())),
+    }
+}
+
+fn time_words(t: i64) -> String {
+    consent::time::format(t)
+        .get(..16)
+        .map(|s| s.replace('T', " "))
+        .unwrap_or_default()
+}
+
+/// The page of one patient.
+fn patient_view(who: &Session, v: &View, message: Option<&str>) -> Html<String> {
+    let p = &v.patient;
+    let (words, class) = participation_words(v.participation);
+    let active = v.participation == Participation::Active;
+    let hidden = html! {
+        input type="hidden" name="csrf" value=(who.csrf);
+        input type="hidden" name="patient" value=(p.id.as_str());
+    };
+    page(
+        "患者の同意",
+        Some(who),
+        html! {
+            @if let Some(m) = message { p.msg role="status" { (m) } }
+            @if v.unreadable {
+                p.bad role="alert" { "ネットワークから届いたこの患者の同意を読み取れませんでした。読み取れる同意が届くまで、この患者の情報は外に出ません。ネットワーク運用者に連絡してください。" }
+            }
+            table {
+                caption { "基本情報" }
+                tbody {
+                    tr { th scope="row" { "患者ID" } td { (p.id.as_str()) } }
+                    tr { th scope="row" { "氏名" } td { (p.family_kanji) " " (p.given_kanji) } }
+                    tr { th scope="row" { "カナ" } td { (p.family_kana) " " (p.given_kana) } }
+                    tr { th scope="row" { "生年月日" } td { (p.birth_date) } }
+                    tr { th scope="row" { "性別" } td { (sex_words(p.sex)) } }
+                    tr { th scope="row" { "ネットワークID" } td {
+                        @if let Some(n) = &p.network_id { (n) } @else { span.warn { "未発行（同期で届きます）" } }
+                    } }
+                    tr { th scope="row" { "参加" } td class=(class) { (words) } }
+                }
+            }
+            @if let Some(c) = &v.consent {
+                h2 { "同意の内容" }
+                table {
+                    tbody {
+                        tr { th scope="row" { "同意番号" } td { (c.id) "（第" (c.version) "版）" } }
+                        tr { th scope="row" { "公開先" } td { (scope_words(&c.scope)) } }
+                        tr { th scope="row" { "公開しない施設" } td { (facility_list(c.excluded.iter().map(|f| f.to_string()))) } }
+                        tr { th scope="row" { "情報の種類" } td { (c.categories.iter().map(|k| category_words(*k)).collect::<Vec<_>>().join("、")) } }
+                        tr { th scope="row" { "有効期間" } td { (time_words(c.valid_from)) " から " (c.valid_until.map_or("期限なし".to_owned(), time_words)) } }
+                        @if let Some(e) = &c.evidence {
+                            tr { th scope="row" { "記録" } td { (e.recorded_by) "（" (time_words(e.recorded_at)) "）" } }
+                            @if !e.sha256.is_empty() {
+                                tr { th scope="row" { "同意書の指紋（SHA-256）" } td { code { (e.sha256) } } }
+                            }
+                        }
+                    }
+                }
+            }
+            @if !v.links.is_empty() {
+                h2 { "他施設のID（名寄せ）" }
+                ul { @for l in &v.links { li { (l.system.rsplit('.').next().unwrap_or(&l.system)) ": " (l.value) } } }
+            }
+            @if may_change(who) && active {
+                h2 { "公開設定" }
+                form method="post" action="/patient/disclose" {
+                    (hidden)
+                    label for="facility-add" { "公開する施設（医療機関コード10桁）" }
+                    input id="facility-add" name="facility" inputmode="numeric" pattern="[0-9]{10}" required;
+                    button type="submit" { "公開する" }
+                }
+                form method="post" action="/patient/undisclose" {
+                    (hidden)
+                    label for="facility-remove" { "公開をやめる施設（医療機関コード10桁）" }
+                    input id="facility-remove" name="facility" inputmode="numeric" pattern="[0-9]{10}" required;
+                    button type="submit" { "公開をやめる" }
+                }
+                h2 { "名寄せ" }
+                form method="post" action="/patient/link" {
+                    (hidden)
+                    label for="link-facility" { "施設（医療機関コード10桁）" }
+                    input id="link-facility" name="facility" inputmode="numeric" pattern="[0-9]{10}" required;
+                    label for="link-id" { "その施設での患者ID" }
+                    input id="link-id" name="id" maxlength="64" autocomplete="off" required;
+                    button type="submit" { "IDをつなぐ" }
+                }
+                h2 { "撤回" }
+                form method="post" action="/patient/withdraw" {
+                    (hidden)
+                    button type="submit" { "同意を撤回する…" }
+                }
+            }
+            @if v.consent.is_some() {
+                p { (patient_button(who, &p.id, "/patient/receipt", "受付票を印刷する")) }
+            }
+            @if may_change(who) && !active {
+                p { a href="/patients/new" { "新しい同意書で参加を登録する" } }
+            }
+            p { a href="/patients" { "患者の検索へ" } }
+        },
+    )
+}
+
+/// An answer about one patient as the page to show.
+fn answered(who: &Session, answer: Result<Answer, Trouble>, done: &str) -> Response {
+    match answer {
+        Ok(Answer::Patient(v)) => patient_view(who, &v, Some(done)).into_response(),
+        Ok(Answer::Refused(r)) => (
+            StatusCode::BAD_REQUEST,
+            page(
+                "できませんでした",
+                Some(who),
+                html! { p.msg role="alert" { (refusal_words(&r)) } p { a href="/patients" { "患者の検索へ" } } },
+            ),
+        )
+            .into_response(),
+        Ok(_) | Err(_) => Trouble.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct PatientForm {
+    csrf: String,
+    patient: String,
+    #[serde(default)]
+    confirm: Option<String>,
+}
+
+fn bad_input(who: &Session, what: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        page(
+            "入力を確かめてください",
+            Some(who),
+            html! { p.msg role="alert" { (what) } p { a href="/patients" { "患者の検索へ" } } },
+        ),
+    )
+        .into_response()
+}
+
+/// POST `/patient`: one patient.
+pub async fn show(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Form(form): Form<PatientForm>,
+) -> Response {
+    let who = match staff_session(&app, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Ok(patient) = form.patient.parse::<PatientId>() else {
+        return bad_input(&who, "患者IDの形式が正しくありません。");
+    };
+    match ask(&app, Request::Show { patient }).await {
+        Ok(Answer::Patient(v)) => patient_view(&who, &v, None).into_response(),
+        other => answered(&who, other, ""),
+    }
+}
+
+/// A receipt for the patient (受付票), to print.
+pub async fn receipt(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Form(form): Form<PatientForm>,
+) -> Response {
+    let who = match staff_session(&app, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Ok(patient) = form.patient.parse::<PatientId>() else {
+        return bad_input(&who, "患者IDの形式が正しくありません。");
+    };
+    let v = match ask(&app, Request::Show { patient }).await {
+        Ok(Answer::Patient(v)) => v,
+        other => return answered(&who, other, ""),
+    };
+    let Some(c) = &v.consent else {
+        return answered(&who, Ok(Answer::Refused(Refusal::NoConsent)), "");
+    };
+    let p = &v.patient;
+    let withdrawn = v.participation == Participation::Withdrawn;
+    page(
+        "受付票",
+        Some(&who),
+        html! {
+            div.receipt {
+                p { "医療機関コード " (app.facility) }
+                p { strong { (p.family_kanji) " " (p.given_kanji) } " 様（" (p.family_kana) " " (p.given_kana) "）" }
+                @if withdrawn {
+                    p { "地域医療連携ネットワークへの参加同意の撤回を受け付けました。" (time_words(c.recorded_at)) "から、あなたの情報はネットワークに公開されません。" }
+                } @else {
+                    p { "地域医療連携ネットワークへの参加同意を受け付けました。" }
+                    table {
+                        tbody {
+                            tr { th scope="row" { "公開先" } td { (scope_words(&c.scope)) } }
+                            @if !c.excluded.is_empty() {
+                                tr { th scope="row" { "公開しない施設" } td { (facility_list(c.excluded.iter().map(|f| f.to_string()))) } }
+                            }
+                            tr { th scope="row" { "情報の種類" } td { (c.categories.iter().map(|k| category_words(*k)).collect::<Vec<_>>().join("、")) } }
+                            tr { th scope="row" { "有効期間" } td { (time_words(c.valid_from)) " から " (c.valid_until.map_or("期限なし".to_owned(), time_words)) } }
+                        }
+                    }
+                    p { "同意はいつでも撤回できます。受付にお申し出ください。撤回はその時点からすぐに効力を持ちます。" }
+                }
+                p { "同意番号 " (c.id) "（第" (c.version) "版） 受付 " (time_words(c.recorded_at)) }
+            }
+            p.noprint { "ブラウザの印刷機能で印刷してください。" }
+        },
+    )
+    .into_response()
+}
+
+#[derive(Deserialize)]
+pub struct FacilityForm {
+    csrf: String,
+    patient: String,
+    facility: String,
+}
+
+async fn facility_change(
+    app: Shared,
+    peer: Peer,
+    headers: HeaderMap,
+    form: FacilityForm,
+    disclose: bool,
+) -> Response {
+    let who = match staff_session(&app, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if !may_change(&who) {
+        return not_allowed(&who);
+    }
+    let (Ok(patient), Ok(facility)) = (
+        form.patient.parse::<PatientId>(),
+        FacilityCode::try_from(form.facility.trim()),
+    ) else {
+        return bad_input(&who, "医療機関コードは10桁の数字です。");
+    };
+    let code = facility.to_string();
+    let staff = staff(&who, &peer);
+    let (request, done) = if disclose {
+        (
+            Request::Disclose {
+                staff,
+                patient,
+                facility,
+            },
+            format!("{code} に公開しました。"),
+        )
+    } else {
+        (
+            Request::Undisclose {
+                staff,
+                patient,
+                facility,
+            },
+            format!("{code} への公開をやめました。"),
+        )
+    };
+    answered(&who, ask(&app, request).await, &done)
+}
+
+/// POST `/patient/disclose`.
+pub async fn disclose(
+    State(app): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<FacilityForm>,
+) -> Response {
+    facility_change(app, peer, headers, form, true).await
+}
+
+/// POST `/patient/undisclose`.
+pub async fn undisclose(
+    State(app): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<FacilityForm>,
+) -> Response {
+    facility_change(app, peer, headers, form, false).await
+}
+
+#[derive(Deserialize)]
+pub struct LinkForm {
+    csrf: String,
+    patient: String,
+    facility: String,
+    id: String,
+}
+
+/// POST `/patient/link`: another facility's ID for the patient (名寄せ).
+pub async fn link(
+    State(app): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<LinkForm>,
+) -> Response {
+    let who = match staff_session(&app, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if !may_change(&who) {
+        return not_allowed(&who);
+    }
+    let (Ok(patient), Ok(facility)) = (
+        form.patient.parse::<PatientId>(),
+        FacilityCode::try_from(form.facility.trim()),
+    ) else {
+        return bad_input(&who, "医療機関コードは10桁の数字です。");
+    };
+    let request = Request::Link {
+        staff: staff(&who, &peer),
+        patient,
+        facility,
+        id: form.id,
+    };
+    answered(&who, ask(&app, request).await, "他施設のIDをつなぎました。")
+}
+
+/// POST `/patient/withdraw`: without `confirm`, the question; with it, the withdrawal.
+pub async fn withdraw(
+    State(app): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<PatientForm>,
+) -> Response {
+    let who = match staff_session(&app, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if !may_change(&who) {
+        return not_allowed(&who);
+    }
+    let Ok(patient) = form.patient.parse::<PatientId>() else {
+        return bad_input(&who, "患者IDの形式が正しくありません。");
+    };
+    if form.confirm.as_deref() != Some("yes") {
+        let v = match ask(
+            &app,
+            Request::Show {
+                patient: patient.clone(),
+            },
+        )
+        .await
+        {
+            Ok(Answer::Patient(v)) => v,
+            other => return answered(&who, other, ""),
+        };
+        let p = &v.patient;
+        return page(
+            "同意の撤回の確認",
+            Some(&who),
+            html! {
+                p role="alert" {
+                    strong { (p.family_kanji) " " (p.given_kanji) "（" (p.id.as_str()) "）" }
+                    " の参加同意を撤回します。撤回すると、この患者の情報はすぐにネットワークへ出なくなります。元に戻すには新しい同意書が必要です。"
+                }
+                form method="post" action="/patient/withdraw" {
+                    input type="hidden" name="csrf" value=(who.csrf);
+                    input type="hidden" name="patient" value=(p.id.as_str());
+                    input type="hidden" name="confirm" value="yes";
+                    button type="submit" { "撤回する" }
+                }
+                (patient_button(&who, &p.id, "/patient", "やめる（患者の画面へ戻る）"))
+            },
+        )
+        .into_response();
+    }
+    let request = Request::Withdraw {
+        staff: staff(&who, &peer),
+        patient,
+    };
+    answered(&who, ask(&app, request).await, "同意を撤回しました。")
+}
+
+fn registration_page(who: &Session, message: Option<&str>) -> Html<String> {
+    page(
+        "参加同意の登録",
+        Some(who),
+        html! {
+            @if let Some(m) = message { p.msg role="alert" { (m) } }
+            p { "患者が署名した参加同意書のとおりに入力し、同意書のスキャンを添付してください。同意書そのものは装置に保存されず、その指紋（SHA-256）が記録されます。" }
+            form method="post" action="/patients/new" enctype="multipart/form-data" {
+                input type="hidden" name="csrf" value=(who.csrf);
+                label for="patient" { "患者ID（電子カルテのID）" }
+                input id="patient" name="patient" maxlength="64" autocomplete="off" required;
+                label for="family_kanji" { "姓" }
+                input id="family_kanji" name="family_kanji" maxlength="64" autocomplete="off" required;
+                label for="given_kanji" { "名" }
+                input id="given_kanji" name="given_kanji" maxlength="64" autocomplete="off" required;
+                label for="family_kana" { "姓（カナ）" }
+                input id="family_kana" name="family_kana" maxlength="64" autocomplete="off" required;
+                label for="given_kana" { "名（カナ）" }
+                input id="given_kana" name="given_kana" maxlength="64" autocomplete="off" required;
+                label for="birth_date" { "生年月日" }
+                input id="birth_date" name="birth_date" type="date" required;
+                fieldset {
+                    legend { "性別" }
+                    @for (value, words) in [("female", "女"), ("male", "男"), ("other", "その他"), ("unknown", "不明")] {
+                        label { input type="radio" name="sex" value=(value) required; " " (words) }
+                    }
+                }
+                fieldset {
+                    legend { "公開先（同意書のとおり）" }
+                    label { input type="radio" name="scope" value="all" required; " ネットワークのすべての参加施設" }
+                    label { input type="radio" name="scope" value="facilities"; " 次の施設だけ" }
+                    label for="facilities" { "公開する施設の医療機関コード（10桁、読点かカンマで区切る）" }
+                    input id="facilities" name="facilities" autocomplete="off";
+                    label for="excluded" { "公開しない施設の医療機関コード（あれば）" }
+                    input id="excluded" name="excluded" autocomplete="off";
+                }
+                fieldset {
+                    legend { "公開する情報の種類（同意書のとおり）" }
+                    @for c in Category::ALL {
+                        label { input type="checkbox" name="category" value=(c.as_str()); " " (category_words(c)) }
+                    }
+                }
+                label for="valid_until" { "有効期限（あれば。その日まで有効）" }
+                input id="valid_until" name="valid_until" type="date";
+                label for="form" { "署名された同意書のスキャン（PDFまたは画像）" }
+                input id="form" name="form" type="file" accept="application/pdf,image/*" required;
+                button type="submit" { "登録する" }
+            }
+        },
+    )
+}
+
+/// GET `/patients/new`: the registration form.
+pub async fn registration_form(State(app): State<Shared>, headers: HeaderMap) -> Response {
+    match session(&app, &headers).await {
+        Ok(Some((_, who))) if may_change(&who) => registration_page(&who, None).into_response(),
+        Ok(Some((_, who))) => not_allowed(&who),
+        Ok(None) => Redirect::to("/login").into_response(),
+        Err(t) => t.into_response(),
+    }
+}
+
+/// The registration form's fields as they came.
+#[derive(Default)]
+struct Fields {
+    text: std::collections::BTreeMap<String, String>,
+    categories: Vec<String>,
+    form_sha256: Option<String>,
+    form_bytes: usize,
+}
+
+/// Reads the multipart form, hashing the scanned form as it streams.
+async fn read_fields(mut multipart: Multipart) -> Result<Fields, String> {
+    let mut fields = Fields::default();
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| format!("the form could not be read: {e}"))?
+    {
+        let name = field.name().unwrap_or_default().to_owned();
+        if name == "form" {
+            let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+            while let Some(chunk) = field
+                .chunk()
+                .await
+                .map_err(|e| format!("the scanned form could not be read: {e}"))?
+            {
+                fields.form_bytes += chunk.len();
+                digest.update(&chunk);
+            }
+            fields.form_sha256 = Some(
+                digest
+                    .finish()
+                    .as_ref()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            );
+            continue;
+        }
+        let value = field
+            .text()
+            .await
+            .map_err(|e| format!("the form could not be read: {e}"))?;
+        if value.len() > 1024 || fields.text.len() > 32 || fields.categories.len() > 16 {
+            return Err("the form is too large".to_owned());
+        }
+        if name == "category" {
+            fields.categories.push(value);
+        } else {
+            fields.text.insert(name, value);
+        }
+    }
+    Ok(fields)
+}
+
+fn facility_codes(text: &str) -> Result<BTreeSet<FacilityCode>, ()> {
+    text.split([',', '、', '，', ' ', '　'])
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| FacilityCode::try_from(c).map_err(|_| ()))
+        .collect()
+}
+
+/// The registration the fields make, or what to tell the staff.
+fn registration(f: &Fields) -> Result<Registration, &'static str> {
+    let get = |name: &str| f.text.get(name).map(|s| s.trim()).unwrap_or_default();
+    let id = get("patient")
+        .parse::<PatientId>()
+        .map_err(|_| "患者IDは1〜64文字の半角英数字・記号です。")?;
+    let sex = get("sex")
+        .parse::<Sex>()
+        .map_err(|_| "性別を選んでください。")?;
+    let scope = match get("scope") {
+        "all" => Scope::AllParticipants,
+        "facilities" => Scope::Facilities(
+            facility_codes(get("facilities"))
+                .map_err(|()| "公開する施設の医療機関コードは10桁の数字です。")?,
+        ),
+        _ => return Err("公開先を選んでください。"),
+    };
+    if matches!(&scope, Scope::Facilities(l) if l.is_empty()) {
+        return Err("公開する施設を1つ以上入力してください。");
+    }
+    let excluded = facility_codes(get("excluded"))
+        .map_err(|()| "公開しない施設の医療機関コードは10桁の数字です。")?;
+    let categories = f
+        .categories
+        .iter()
+        .map(|c| c.parse::<Category>())
+        .collect::<Result<BTreeSet<_>, _>>()
+        .map_err(|_| "情報の種類が正しくありません。")?;
+    if categories.is_empty() {
+        return Err("公開する情報の種類を1つ以上選んでください。");
+    }
+    let valid_until = match get("valid_until") {
+        "" => None,
+        // The last day it is valid: the end (exclusive) is the next day's start.
+        d => Some(
+            consent::time::parse(d).map_err(|_| "有効期限の日付が正しくありません。")? + 86_400,
+        ),
+    };
+    let (Some(sha256), true) = (f.form_sha256.clone(), f.form_bytes > 0) else {
+        return Err("署名された同意書のスキャンを添付してください。");
+    };
+    Ok(Registration {
+        patient: Patient {
+            id,
+            family_kanji: get("family_kanji").to_owned(),
+            given_kanji: get("given_kanji").to_owned(),
+            family_kana: consent::model::search_kana(get("family_kana")),
+            given_kana: consent::model::search_kana(get("given_kana")),
+            birth_date: get("birth_date").to_owned(),
+            sex,
+            network_id: None,
+        },
+        scope,
+        excluded,
+        categories,
+        valid_from: None,
+        valid_until,
+        form_sha256: sha256,
+    })
+}
+
+/// POST `/patients/new`: registers the patient's participation consent.
+pub async fn register(
+    State(app): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    multipart: Multipart,
+) -> Response {
+    let who = match session(&app, &headers).await {
+        Ok(Some((_, s))) => s,
+        Ok(None) => return Redirect::to("/login").into_response(),
+        Err(t) => return t.into_response(),
+    };
+    let fields = match read_fields(multipart).await {
+        Ok(f) => f,
+        Err(why) => {
+            tracing::info!(%why, "a registration form refused");
+            return (
+                StatusCode::BAD_REQUEST,
+                registration_page(&who, Some("送信された内容を読み取れませんでした。同意書のファイルが大きすぎないか確かめてください。")),
+            )
+                .into_response();
+        }
+    };
+    let csrf = fields
+        .text
+        .get("csrf")
+        .map(String::as_str)
+        .unwrap_or_default();
+    if !accounts::same(who.csrf.as_bytes(), csrf.as_bytes()) {
+        return refused_cross_site();
+    }
+    if !may_change(&who) {
+        return not_allowed(&who);
+    }
+    let registration = match registration(&fields) {
+        Ok(r) => r,
+        Err(words) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                registration_page(&who, Some(words)),
+            )
+                .into_response();
+        }
+    };
+    let request = Request::Register {
+        staff: staff(&who, &peer),
+        registration: Box::new(registration),
+    };
+    match ask(&app, request).await {
+        Ok(Answer::Refused(r)) => (
+            StatusCode::BAD_REQUEST,
+            registration_page(&who, Some(&refusal_words(&r))),
+        )
+            .into_response(),
+        other => answered(
+            &who,
+            other,
+            "参加同意を登録しました。受付票を印刷して患者に渡してください。",
+        ),
+    }
+}
