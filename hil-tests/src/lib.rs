@@ -23,6 +23,9 @@
 //!   the repository) and instances generated with dcmtk (a Japanese `\ISO 2022 IR 87`
 //!   CT, a multi-frame instance of a requested size), and a reader of raw element bytes.
 //!
+//! - [`browser`]: [`Browser`](browser::Browser), Debian's Chromium headless under
+//!   chromedriver (WebDriver), with axe-core's check and screenshots, for the console.
+//!
 //! Everything here is test support: it needs root and `/dev/net/tun`, and it runs `ip`,
 //! `nft`, `wg` and `wireguard-go`. See `hil-tests/README.md`.
 
@@ -34,6 +37,7 @@
     reason = "test harness: waits on processes from plain threads, no async runtime"
 )]
 
+pub mod browser;
 pub mod dicom_files;
 pub mod fhir;
 pub mod health;

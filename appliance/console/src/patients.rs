@@ -211,7 +211,7 @@ pub async fn search(
                     caption { "検索結果（" (found.len()) "件）" }
                     thead { tr {
                         th scope="col" { "患者ID" } th scope="col" { "氏名" } th scope="col" { "カナ" }
-                        th scope="col" { "生年月日" } th scope="col" { "参加" } th scope="col" { "" }
+                        th scope="col" { "生年月日" } th scope="col" { "参加" } th scope="col" { "操作" }
                     } }
                     tbody {
                         @for f in &found {
@@ -269,7 +269,7 @@ fn patient_view(who: &Session, v: &View, message: Option<&str>) -> Html<String> 
         "患者の同意",
         Some(who),
         html! {
-            @if let Some(m) = message { p.msg role="status" { (m) } }
+            @if let Some(m) = message { p.done role="status" { (m) } }
             @if v.unreadable {
                 p.bad role="alert" { "ネットワークから届いたこの患者の同意を読み取れませんでした。読み取れる同意が届くまで、この患者の情報は外に出ません。ネットワーク運用者に連絡してください。" }
             }
@@ -646,13 +646,13 @@ fn registration_page(who: &Session, message: Option<&str>) -> Html<String> {
                 fieldset {
                     legend { "性別" }
                     @for (value, words) in [("female", "女"), ("male", "男"), ("other", "その他"), ("unknown", "不明")] {
-                        label { input type="radio" name="sex" value=(value) required; " " (words) }
+                        label.choice { input type="radio" name="sex" value=(value) required; " " (words) }
                     }
                 }
                 fieldset {
                     legend { "公開先（同意書のとおり）" }
-                    label { input type="radio" name="scope" value="all" required; " ネットワークのすべての参加施設" }
-                    label { input type="radio" name="scope" value="facilities"; " 次の施設だけ" }
+                    label.choice { input type="radio" name="scope" value="all" required; " ネットワークのすべての参加施設" }
+                    label.choice { input type="radio" name="scope" value="facilities"; " 次の施設だけ" }
                     label for="facilities" { "公開する施設の医療機関コード（10桁、読点かカンマで区切る）" }
                     input id="facilities" name="facilities" autocomplete="off";
                     label for="excluded" { "公開しない施設の医療機関コード（あれば）" }
@@ -661,7 +661,7 @@ fn registration_page(who: &Session, message: Option<&str>) -> Html<String> {
                 fieldset {
                     legend { "公開する情報の種類（同意書のとおり）" }
                     @for c in Category::ALL {
-                        label { input type="checkbox" name="category" value=(c.as_str()); " " (category_words(c)) }
+                        label.choice { input type="checkbox" name="category" value=(c.as_str()); " " (category_words(c)) }
                     }
                 }
                 label for="valid_until" { "有効期限（あれば。その日まで有効）" }

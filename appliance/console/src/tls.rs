@@ -54,6 +54,16 @@ pub fn fingerprint(der: &[u8]) -> String {
         .join(":")
 }
 
+/// The SHA-256 of a certificate's SubjectPublicKeyInfo, in base64: the pin a browser
+/// takes (Chromium's `--ignore-certificate-errors-spki-list`, HPKP's form); `None` for
+/// what is not an X.509 certificate.
+pub fn spki_sha256(der: &[u8]) -> Option<String> {
+    use base64::Engine as _;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+    Some(base64::engine::general_purpose::STANDARD.encode(digest.as_ref()))
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),

@@ -108,7 +108,10 @@ async fn guard(request: axum::extract::Request, next: Next) -> Response {
         ),
         (header::CACHE_CONTROL, "no-store"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // Not `no-referrer`: under it a browser sends `Origin: null` even with a form posted
+        // to its own site (the Fetch standard's origin serialisation), which the guard above
+        // must refuse. `same-origin` sends nothing to another site and the real origin here.
+        (header::REFERRER_POLICY, "same-origin"),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"),
     ] {
@@ -293,9 +296,9 @@ header form{display:inline;margin-left:1rem}header a{color:#fff;margin-right:1re
 label{display:block;margin-top:.75rem}input{font-size:1rem;padding:.3rem}\
 button{font-size:1rem;padding:.3rem 1rem;margin-top:1rem}table{border-collapse:collapse}\
 th,td{border:1px solid #767676;padding:.3rem .6rem;text-align:left}\
-.ok{color:#0a6b0a}.warn{color:#8a4b00}.bad{color:#b00020}.msg{border:2px solid #b00020;padding:.5rem}\
+.ok{color:#0a6b0a}.warn{color:#8a4b00}.bad{color:#b00020}.msg{border:2px solid #b00020;padding:.5rem}.done{border:2px solid #0a6b0a;padding:.5rem}\
 code{font-size:1.1rem;overflow-wrap:anywhere}form.inline{display:inline}form.inline button{margin-top:0}\
-fieldset{margin-top:.75rem}fieldset label{display:inline-block;margin-right:1rem}\
+fieldset{margin-top:.75rem}label.choice{display:inline-block;margin-right:1rem}\
 .receipt{border:1px solid #767676;padding:1rem;max-width:40rem}\
 @media print{header,.noprint,form{display:none}}";
 
@@ -688,9 +691,7 @@ async fn setup(
     if !form_token_ok(&headers, &form.csrf) {
         return refused_cross_site();
     }
-    let secret = totp_rs::Secret::Encoded(form.secret.trim().to_owned())
-        .to_bytes()
-        .unwrap_or_default();
+    let secret = accounts::totp_secret(&form.secret).unwrap_or_default();
     let again = |app: &App, secret: &[u8], message: &str| match form_token() {
         Ok((token, cookie)) => (
             StatusCode::BAD_REQUEST,
@@ -779,7 +780,7 @@ fn accounts_view(who: &Session, list: &[AccountInfo], message: Option<&str>) -> 
         Some(who),
         html! {
             @if let Some(m) = message {
-                p.msg role="status" { (m) }
+                p.done role="status" { (m) }
             }
             table {
                 caption { "スタッフのアカウント" }

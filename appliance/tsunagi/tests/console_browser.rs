@@ -1,0 +1,239 @@
+//! Issue 19 in a real browser: Debian's Chromium, headless, under chromedriver, against
+//! the console of a running supervisor (with the consent service, its network FHIR server
+//! and the ATNA repository). The first administrator sets up, a desk account logs in with
+//! password and TOTP, registers a patient's consent with the scanned form, opens the
+//! patient, withdraws after the confirmation; a wrong TOTP code, the session cookie
+//! replayed after logout and a form posted from another page are refused. axe-core runs in
+//! every page (no serious or critical violation), and every page is kept as a screenshot
+//! in `target/console-screenshots/`.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a plain test thread drives the browser and polls"
+)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use hil_tests::browser::Browser;
+use nix::sys::signal::Signal;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn code(secret: &[u8], step: u64) -> String {
+    console::accounts::totp_code(secret, step)
+}
+
+fn base32(text: &str) -> Vec<u8> {
+    console::accounts::totp_secret(text).unwrap()
+}
+
+/// Where the screenshots go: `target/console-screenshots` (beside the test binaries).
+fn shots() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/THIS → target
+    let target = exe.ancestors().nth(3).unwrap().to_owned();
+    target.join("console-screenshots")
+}
+
+/// The page's accessibility, checked, and its screenshot kept.
+fn look(b: &mut Browser, name: &str, checked: &mut Vec<String>) {
+    let violations = b.axe().unwrap();
+    let serious: Vec<_> = violations.iter().filter(|v| v.is_serious()).collect();
+    assert!(
+        serious.is_empty(),
+        "{name}: axe-core found serious or critical violations: {serious:#?}"
+    );
+    let shot = b.screenshot(name).unwrap();
+    checked.push(format!(
+        "{name}: {} minor or moderate{} ({})",
+        violations.len(),
+        violations
+            .iter()
+            .map(|v| format!(" {}", v.id))
+            .collect::<String>(),
+        shot.display()
+    ));
+}
+
+#[test]
+fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
+    use hil_tests::fhir::{Server, Validator, schema_path};
+    let (_rsyslog, audit, _audit_files) = audit_repository(None, None);
+    let validator = Validator::load(&schema_path().unwrap()).unwrap();
+    let fhir = Server::new(validator)
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    let port = free_port();
+    let mut h = Harness::new(&format!(
+        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = true\n\n[consent]\nenabled = true\nfhir-url = \"http://{fhir}/fhir\"\npull-interval = \"1s\"\n\n[console]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{audit}"
+    ));
+    let out = std::process::Command::new(BIN)
+        .args(["console", "setup-code", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let setup_code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    h.start();
+    h.wait_for(
+        "the console and consent ready",
+        Duration::from_secs(30),
+        |s| state_of(s, "console") == "ready" && state_of(s, "consent") == "ready",
+    );
+    let cert = h
+        .state_dir()
+        .join("console")
+        .join(console::tls::SELF_SIGNED_CERT);
+    let der = console::tls::certs(&cert).unwrap().remove(0);
+    let pin = console::tls::spki_sha256(&der).unwrap();
+    let base = format!("https://127.0.0.1:{port}");
+    let mut b = Browser::start(&pin, &shots()).unwrap();
+    let mut checked = Vec::new();
+
+    // Not logged in: the login page, which offers the first administrator's setup.
+    b.goto(&format!("{base}/")).unwrap();
+    b.wait_for_url("/login").unwrap();
+    look(&mut b, "login", &mut checked);
+    b.click("a[href='/setup']").unwrap();
+    look(&mut b, "setup", &mut checked);
+    let secret = base32(&b.text("main code").unwrap());
+    let step = unix_now() / console::accounts::TOTP_STEP;
+    let password = "correct horse battery staple";
+    b.fill("#setup_code", &setup_code).unwrap();
+    b.fill("#name", "admin").unwrap();
+    b.fill("#password", password).unwrap();
+    b.fill("#password_again", password).unwrap();
+    b.fill("#code", &code(&secret, step)).unwrap();
+    b.press("登録").unwrap();
+    b.wait_for("最初の管理者を登録しました").unwrap();
+    look(&mut b, "setup-done", &mut checked);
+
+    // A wrong TOTP code is refused; the right one (the next step: the setup used this one)
+    // logs in.
+    let login = |b: &Browser, name: &str, password: &str, code: &str| {
+        b.goto(&format!("{base}/login")).unwrap();
+        b.fill("#name", name).unwrap();
+        b.fill("#password", password).unwrap();
+        b.fill("#code", code).unwrap();
+        b.press("ログイン").unwrap();
+    };
+    let wrong = if code(&secret, step + 1) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    login(&b, "admin", password, wrong);
+    b.wait_for("ログインできませんでした").unwrap();
+    look(&mut b, "login-refused", &mut checked);
+    login(&b, "admin", password, &code(&secret, step + 1));
+    b.wait_for_url("/").unwrap();
+    b.wait_for("<h1>接続状態</h1>").unwrap();
+    look(&mut b, "status", &mut checked);
+
+    // The administrator adds a desk account.
+    b.click("a[href='/accounts']").unwrap();
+    look(&mut b, "accounts", &mut checked);
+    let desk_password = "the desk's own password";
+    b.fill("#name", "uketsuke1").unwrap();
+    b.fill("#password", desk_password).unwrap();
+    b.press("追加").unwrap();
+    b.wait_for("uketsuke1（事務）を追加しました").unwrap();
+    let desk_secret = base32(&b.text("main code").unwrap());
+    look(&mut b, "account-added", &mut checked);
+    b.press("ログアウト").unwrap();
+
+    // The desk account logs in.
+    login(
+        &b,
+        "uketsuke1",
+        desk_password,
+        &code(&desk_secret, unix_now() / console::accounts::TOTP_STEP),
+    );
+    b.wait_for("uketsuke1（事務）").unwrap();
+    let session = b.cookie(console::web::SESSION_COOKIE).unwrap().unwrap();
+
+    // 患者: the search finds nobody; the registration with the scanned form.
+    b.click("a[href='/patients']").unwrap();
+    look(&mut b, "patients", &mut checked);
+    b.fill("#query", "やまだ").unwrap();
+    b.press("検索").unwrap();
+    b.wait_for("該当する患者はいません").unwrap();
+    b.click("a[href='/patients/new']").unwrap();
+    look(&mut b, "registration", &mut checked);
+    let scan_dir = tempfile::tempdir().unwrap();
+    let scan = scan_dir.path().join("consent-form.pdf");
+    std::fs::write(&scan, b"%PDF-1.4 the signed consent form\n%%EOF\n").unwrap();
+    for (field, value) in [
+        ("#patient", "0001234"),
+        ("#family_kanji", "山田"),
+        ("#given_kanji", "花子"),
+        ("#family_kana", "ヤマダ"),
+        ("#given_kana", "ハナコ"),
+        ("#facilities", "1312345679"),
+    ] {
+        b.fill(field, value).unwrap();
+    }
+    b.set_value("#birth_date", "1950-04-01").unwrap();
+    b.click("input[name='sex'][value='female']").unwrap();
+    b.click("input[name='scope'][value='facilities']").unwrap();
+    b.click("input[name='category'][value='images']").unwrap();
+    b.fill("#form", scan.to_str().unwrap()).unwrap();
+    b.press("登録する").unwrap();
+    let page = b.wait_for("参加同意を登録しました").unwrap();
+    assert!(page.contains("参加中"), "{page}");
+    assert!(page.contains("1950-04-01"), "{page}");
+    look(&mut b, "patient-registered", &mut checked);
+    b.press("受付票を印刷する").unwrap();
+    b.wait_for("参加同意を受け付けました").unwrap();
+    look(&mut b, "receipt", &mut checked);
+
+    // Found by kana; withdrawn after the confirmation.
+    b.click("a[href='/patients']").unwrap();
+    b.fill("#query", "やまだ").unwrap();
+    b.press("検索").unwrap();
+    look(&mut b, "patients-found", &mut checked);
+    b.press("開く").unwrap();
+    b.press("同意を撤回する…").unwrap();
+    b.wait_for("同意の撤回の確認").unwrap();
+    look(&mut b, "withdraw-confirm", &mut checked);
+    b.press("撤回する").unwrap();
+    let page = b.wait_for("同意を撤回しました").unwrap();
+    assert!(page.contains("撤回済み"), "{page}");
+    look(&mut b, "patient-withdrawn", &mut checked);
+
+    // A form posted from another page (here a page of its own, not the console's): refused.
+    let evil = format!(
+        "data:text/html;charset=utf-8,<form method=post action='{base}/logout'><input name=csrf value=x><button>go</button></form>"
+    );
+    b.goto(&evil).unwrap();
+    b.press("go").unwrap();
+    b.wait_for("このページの外から送られた操作は受け付けません")
+        .unwrap();
+    // Still logged in: the refused post changed nothing.
+    b.goto(&format!("{base}/")).unwrap();
+    b.wait_for("uketsuke1（事務）").unwrap();
+
+    // Logout; the old session cookie, put back by hand, opens nothing.
+    b.press("ログアウト").unwrap();
+    b.wait_for_url("/login").unwrap();
+    b.set_cookie(console::web::SESSION_COOKIE, &session)
+        .unwrap();
+    b.goto(&format!("{base}/patients")).unwrap();
+    assert!(
+        b.url().unwrap().ends_with("/login"),
+        "a replayed session cookie opened {}",
+        b.url().unwrap()
+    );
+    drop(b);
+    println!("axe-core, page by page:\n  {}", checked.join("\n  "));
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
