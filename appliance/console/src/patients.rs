@@ -82,6 +82,24 @@ async fn staff_session(app: &Shared, headers: &HeaderMap, csrf: &str) -> Result<
     }
 }
 
+/// The session and patient of a request that changes a patient: the form token checked,
+/// the role allowed to change, the patient ID well-formed; otherwise the answer to give.
+async fn changer(
+    app: &Shared,
+    headers: &HeaderMap,
+    csrf: &str,
+    patient: &str,
+) -> Result<(Session, PatientId), Response> {
+    let who = staff_session(app, headers, csrf).await?;
+    if !may_change(&who) {
+        return Err(not_allowed(&who));
+    }
+    match patient.parse::<PatientId>() {
+        Ok(id) => Ok((who, id)),
+        Err(_) => Err(bad_input(&who, "患者IDの形式が正しくありません。")),
+    }
+}
+
 fn may_change(s: &Session) -> bool {
     matches!(s.role, Role::Desk | Role::Admin)
 }
@@ -386,18 +404,28 @@ fn bad_input(who: &Session, what: &str) -> Response {
         .into_response()
 }
 
+/// The session and patient of a request that looks at a patient (any role).
+async fn viewer(
+    app: &Shared,
+    headers: &HeaderMap,
+    form: &PatientForm,
+) -> Result<(Session, PatientId), Response> {
+    let who = staff_session(app, headers, &form.csrf).await?;
+    match form.patient.parse::<PatientId>() {
+        Ok(id) => Ok((who, id)),
+        Err(_) => Err(bad_input(&who, "患者IDの形式が正しくありません。")),
+    }
+}
+
 /// POST `/patient`: one patient.
 pub async fn show(
     State(app): State<Shared>,
     headers: HeaderMap,
     Form(form): Form<PatientForm>,
 ) -> Response {
-    let who = match staff_session(&app, &headers, &form.csrf).await {
-        Ok(s) => s,
+    let (who, patient) = match viewer(&app, &headers, &form).await {
+        Ok(found) => found,
         Err(r) => return r,
-    };
-    let Ok(patient) = form.patient.parse::<PatientId>() else {
-        return bad_input(&who, "患者IDの形式が正しくありません。");
     };
     match ask(&app, Request::Show { patient }).await {
         Ok(Answer::Patient(v)) => patient_view(&who, &v, None).into_response(),
@@ -411,12 +439,9 @@ pub async fn receipt(
     headers: HeaderMap,
     Form(form): Form<PatientForm>,
 ) -> Response {
-    let who = match staff_session(&app, &headers, &form.csrf).await {
-        Ok(s) => s,
+    let (who, patient) = match viewer(&app, &headers, &form).await {
+        Ok(found) => found,
         Err(r) => return r,
-    };
-    let Ok(patient) = form.patient.parse::<PatientId>() else {
-        return bad_input(&who, "患者IDの形式が正しくありません。");
     };
     let v = match ask(&app, Request::Show { patient }).await {
         Ok(Answer::Patient(v)) => v,
@@ -472,17 +497,11 @@ async fn facility_change(
     form: FacilityForm,
     disclose: bool,
 ) -> Response {
-    let who = match staff_session(&app, &headers, &form.csrf).await {
-        Ok(s) => s,
+    let (who, patient) = match changer(&app, &headers, &form.csrf, &form.patient).await {
+        Ok(found) => found,
         Err(r) => return r,
     };
-    if !may_change(&who) {
-        return not_allowed(&who);
-    }
-    let (Ok(patient), Ok(facility)) = (
-        form.patient.parse::<PatientId>(),
-        FacilityCode::try_from(form.facility.trim()),
-    ) else {
+    let Ok(facility) = FacilityCode::try_from(form.facility.trim()) else {
         return bad_input(&who, "医療機関コードは10桁の数字です。");
     };
     let code = facility.to_string();
@@ -544,17 +563,11 @@ pub async fn link(
     headers: HeaderMap,
     Form(form): Form<LinkForm>,
 ) -> Response {
-    let who = match staff_session(&app, &headers, &form.csrf).await {
-        Ok(s) => s,
+    let (who, patient) = match changer(&app, &headers, &form.csrf, &form.patient).await {
+        Ok(found) => found,
         Err(r) => return r,
     };
-    if !may_change(&who) {
-        return not_allowed(&who);
-    }
-    let (Ok(patient), Ok(facility)) = (
-        form.patient.parse::<PatientId>(),
-        FacilityCode::try_from(form.facility.trim()),
-    ) else {
+    let Ok(facility) = FacilityCode::try_from(form.facility.trim()) else {
         return bad_input(&who, "医療機関コードは10桁の数字です。");
     };
     let request = Request::Link {
@@ -573,15 +586,9 @@ pub async fn withdraw(
     headers: HeaderMap,
     Form(form): Form<PatientForm>,
 ) -> Response {
-    let who = match staff_session(&app, &headers, &form.csrf).await {
-        Ok(s) => s,
+    let (who, patient) = match changer(&app, &headers, &form.csrf, &form.patient).await {
+        Ok(found) => found,
         Err(r) => return r,
-    };
-    if !may_change(&who) {
-        return not_allowed(&who);
-    }
-    let Ok(patient) = form.patient.parse::<PatientId>() else {
-        return bad_input(&who, "患者IDの形式が正しくありません。");
     };
     if form.confirm.as_deref() != Some("yes") {
         let v = match ask(
