@@ -6,6 +6,9 @@
 //! box namespace with the tunnel service, waits for the tunnel and sends one request through
 //! it, and prints what happened. Without root (or with `TSUNAGI_DEMO_NO_NETWORK`), it runs
 //! the supervisor and heartbeat only, and says so. The namespaces go when the demo stops.
+//! Either way the clinic console runs (on the clinic LAN, or on 127.0.0.1:8443), and the
+//! demo prints its URL and a login made for the demo only (`tsunagi console add-account`:
+//! a name, a password and a TOTP secret).
 //!
 //! Everything lives under `target/demo/`: the config (`tsunagi.toml`), the state directory
 //! (`state/`) and the runtime directory (`run/`). Environment overrides, for tests:
@@ -55,6 +58,8 @@ const BIN_ENV: &str = "TSUNAGI_DEMO_BIN";
 const DIR_ENV: &str = "TSUNAGI_DEMO_DIR";
 /// Run without the test network even as root.
 const NO_NETWORK_ENV: &str = "TSUNAGI_DEMO_NO_NETWORK";
+/// The console's port without the test network (no root: not 443).
+const DEMO_CONSOLE_PORT: u16 = 8443;
 
 /// `si_code` of a signal sent by the kernel itself, which is how the terminal driver sends
 /// SIGINT on Ctrl-C to the whole foreground process group (the supervisor included). A
@@ -80,6 +85,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     let demo_dir = env_path(DIR_ENV)?.unwrap_or_else(|| target.join("demo"));
     let network = network()?;
     let config = write_config(&demo_dir, port, network.as_ref())?;
+    let login = console_login(&binary, &config)?;
     // The hub's WebDAV server for the SS-MIX2 replica; stops when the demo ends.
     let mut hub_webdav = None;
     // The TLS front of the hub's FHIR server; stops when the demo ends.
@@ -156,6 +162,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
     }
     print!("{}", instructions(&binary, &config, port, network.as_ref()));
+    print!("{}", console_instructions(&login, network.as_ref()));
     println!("demo: running (pid {pid})");
 
     let (tx, rx) = mpsc::channel();
@@ -297,6 +304,12 @@ fn write_config(demo_dir: &Path, port: u16, network: Option<&TestNet>) -> anyhow
     if let Some(net) = network {
         text.push_str(&tunnel_section(net));
     }
+    // The clinic console: on the clinic LAN in the test network; on loopback without it.
+    let _ = write!(
+        text,
+        "[console]\nenabled = true\nlisten = \"{}\"\n",
+        console_listen(network)
+    );
     fs::write(&config, text).with_context(|| format!("failed to write {}", config.display()))?;
     Ok(config)
 }
@@ -325,6 +338,54 @@ interval = "2s"
     ))
 }
 
+/// Where the demo's console listens.
+fn console_listen(network: Option<&TestNet>) -> String {
+    match network {
+        Some(net) => format!("{}:443", net.plan().lan_box_addr.addr),
+        None => format!("127.0.0.1:{DEMO_CONSOLE_PORT}"),
+    }
+}
+
+/// The demo's console login, made by `tsunagi console add-account` before the start.
+struct ConsoleLogin {
+    name: String,
+    password: String,
+    secret: String,
+    fingerprint: String,
+}
+
+/// Adds the demo's administrator to the console (root's `tsunagi console add-account`, as
+/// an operator would when no administrator can) and reads the certificate's fingerprint.
+fn console_login(binary: &Path, config: &Path) -> anyhow::Result<ConsoleLogin> {
+    let run = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(binary)
+            .args(["console"])
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .output()
+            .context("cannot run tsunagi console")?;
+        if !out.status.success() {
+            bail!(
+                "tsunagi console {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let account: serde_json::Value =
+        serde_json::from_str(&run(&["add-account", "demo", "--role", "admin", "--json"])?)
+            .context("tsunagi console add-account printed no JSON")?;
+    let field = |k: &str| account[k].as_str().unwrap_or_default().to_owned();
+    Ok(ConsoleLogin {
+        name: field("name"),
+        password: field("password"),
+        secret: field("totp-secret"),
+        fingerprint: run(&["fingerprint"])?,
+    })
+}
+
 /// `path` as a TOML basic string.
 fn toml_string(path: &Path) -> anyhow::Result<String> {
     let Some(text) = path.to_str() else {
@@ -344,6 +405,32 @@ fn toml_string(path: &Path) -> anyhow::Result<String> {
     }
     out.push('"');
     Ok(out)
+}
+
+/// How to reach the console, and the demo's login (for the demo only: a real box's first
+/// administrator comes with a one-time setup code).
+fn console_instructions(login: &ConsoleLogin, network: Option<&TestNet>) -> String {
+    let url = match network {
+        Some(net) => format!("https://{}/", net.plan().lan_box_addr.addr),
+        None => format!("https://127.0.0.1:{DEMO_CONSOLE_PORT}/"),
+    };
+    let mut out = format!(
+        "demo: the clinic console: {url} (self-signed certificate, SHA-256 {})\n",
+        login.fingerprint
+    );
+    if let Some(net) = network {
+        let _ = writeln!(
+            out,
+            "  it is on the clinic LAN: ip netns exec {} curl -sk {url}login   # or a browser started there",
+            net.ns(Host::Clinic)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "demo: console login (demo only): {} / {}, TOTP secret {} (any authenticator app)",
+        login.name, login.password, login.secret
+    );
+    out
 }
 
 fn instructions(binary: &Path, config: &Path, port: u16, network: Option<&TestNet>) -> String {
@@ -424,7 +511,7 @@ health-url = "http://10.98.0.1:8080/health"
 probe-interval = "2s"
 [tunnel.firewall]
 lan-interfaces = ["{lan}"]
-lan-tcp-ports = [11112]
+lan-tcp-ports = [11112, 443]
 [consent]
 enabled = true
 fhir-url = "http://10.98.0.1:8081/fhir"

@@ -20,6 +20,9 @@ use crate::web::{self, App, Peer};
 
 /// The accounts' database, in the state directory.
 pub const DB_FILE: &str = "console.db";
+/// The console's events waiting for the ATNA trail (`tsunagi console add-account` adds
+/// its own), in the state directory.
+pub const PENDING_FILE: &str = "audit-pending.db";
 /// Connections served at once (a clinic has a few browsers).
 const MAX_CONNECTIONS: usize = 32;
 /// A connection that has not finished its TLS handshake by then is dropped.
@@ -124,7 +127,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ConsoleError
                 source,
             })?;
     let pending = Arc::new(audit::pending::Store::open(
-        &ctx.state_dir.join("audit-pending.db"),
+        &ctx.state_dir.join(PENDING_FILE),
     )?);
     let mut tasks = Tasks::new(ctx.shutdown.clone());
     let audit_error: Arc<Mutex<Option<String>>> = Arc::default();

@@ -150,6 +150,15 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
                 text.contains(r#"the consent service answers {"decision":"permit"}"#),
                 "{text}"
             );
+            // Issue 19: the demo's console login works from the clinic LAN.
+            let clinic = text
+                .lines()
+                .find_map(|l| l.strip_prefix("demo: test network up: "))
+                .and_then(|l| l.split(", clinic ").nth(1))
+                .and_then(|l| l.split(' ').next())
+                .unwrap()
+                .to_owned();
+            log_in_to_the_demo_console(&clinic, &text);
             let testnet = hil_tests::testnet::testnet_binary().unwrap();
             let out = Command::new("ip")
                 .args(["netns", "exec", ns])
@@ -300,4 +309,87 @@ fn kill_demo(script: Pid) {
         }
     }
     let _ = killpg(script, Signal::SIGKILL);
+}
+
+/// Logs in to the demo's console from the clinic LAN (curl in the clinic's namespace) with
+/// the login the demo printed and a TOTP code of its secret.
+fn log_in_to_the_demo_console(clinic: &str, text: &str) {
+    let url = text
+        .lines()
+        .find_map(|l| l.strip_prefix("demo: the clinic console: "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("no console URL:\n{text}"))
+        .to_owned();
+    let login = text
+        .lines()
+        .find_map(|l| l.strip_prefix("demo: console login (demo only): "))
+        .unwrap_or_else(|| panic!("no console login:\n{text}"));
+    let (name, rest) = login.split_once(" / ").unwrap();
+    let (password, rest) = rest.split_once(", TOTP secret ").unwrap();
+    let secret = console::accounts::totp_secret(rest.split(' ').next().unwrap()).unwrap();
+    let jar = tempfile::NamedTempFile::new().unwrap();
+    let curl = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                clinic,
+                "curl",
+                "-sk",
+                "--max-time",
+                "20",
+                "-c",
+            ])
+            .arg(jar.path())
+            .arg("-b")
+            .arg(jar.path())
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The console may still be starting when the demo says it runs.
+    let start = Instant::now();
+    let page = loop {
+        let page = curl(&[&format!("{url}login")]);
+        if page.contains("name=\"csrf\"") || start.elapsed() > Duration::from_secs(60) {
+            break page;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let marker = "name=\"csrf\" value=\"";
+    let at = page
+        .find(marker)
+        .unwrap_or_else(|| panic!("no login page: {page}"))
+        + marker.len();
+    let csrf = &page[at..at + page[at..].find('"').unwrap()];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let code = console::accounts::totp_code(&secret, now / console::accounts::TOTP_STEP);
+    let origin = url.trim_end_matches('/');
+    let answer = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        "-H",
+        &format!("Origin: {origin}"),
+        "--data-urlencode",
+        &format!("csrf={csrf}"),
+        "--data-urlencode",
+        &format!("name={name}"),
+        "--data-urlencode",
+        &format!("password={password}"),
+        "--data-urlencode",
+        &format!("code={code}"),
+        &format!("{url}login"),
+    ]);
+    assert!(
+        answer.starts_with("303 https://") && answer.ends_with('/'),
+        "the demo's console login: {answer}"
+    );
+    let page = curl(&[&url]);
+    assert!(page.contains("<h1>接続状態</h1>"), "{page}");
 }
