@@ -466,31 +466,8 @@ pub async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
-    let limits = LineLimits {
-        max_connections: MAX_CLIENTS,
-        max_line: MAX_REQUEST,
-        idle: IDLE,
-    };
-    listen::serve_lines(listener, limits, stop, move |line| {
-        let shared = shared.clone();
-        async move {
-            let answer = match line {
-                Line::TooLong => error(format!("request longer than {MAX_REQUEST} bytes")),
-                Line::Request(line) => match consent_protocol::from_line::<Request>(&line) {
-                    Err(e) => error(format!(
-                        "bad request: {}",
-                        tsunagi_runtime::child::error_chain(&e)
-                    )),
-                    Ok(req) => {
-                        match tokio::task::spawn_blocking(move || shared.answer(&req)).await {
-                            Ok(a) => a,
-                            Err(_) => error("internal error".into()),
-                        }
-                    }
-                },
-            };
-            consent_protocol::to_line(&answer).trim_end().to_owned()
-        }
+    serve_json(listener, stop, error, move |req: Request| {
+        shared.answer(&req)
     })
     .await
 }
@@ -502,43 +479,57 @@ pub async fn serve_desk(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
+    use crate::desk::Answer as DeskAnswer;
+    serve_json(listener, stop, DeskAnswer::Error, move |req| {
+        let mut store = shared
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::desk::answer(&mut store, req, time::now()).unwrap_or_else(|e| {
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "a desk request failed"
+            );
+            DeskAnswer::Error("the consent store failed".into())
+        })
+    })
+    .await
+}
+
+/// One JSON request per line and one answer per line, on the runtime's line server: a line
+/// too long or not understood is answered with `error`, the others by `answer` on a
+/// blocking thread (it may use the store).
+async fn serve_json<Req, Ans>(
+    listener: UnixListener,
+    stop: CancellationToken,
+    error: fn(String) -> Ans,
+    answer: impl Fn(Req) -> Ans + Clone + Send + Sync + 'static,
+) -> Result<(), ServeError>
+where
+    Req: serde::de::DeserializeOwned + Send + 'static,
+    Ans: serde::Serialize + Send + 'static,
+{
     let limits = LineLimits {
         max_connections: MAX_CLIENTS,
         max_line: MAX_REQUEST,
         idle: IDLE,
     };
     listen::serve_lines(listener, limits, stop, move |line| {
-        let shared = shared.clone();
+        let answer = answer.clone();
         async move {
-            use crate::desk::Answer as DeskAnswer;
-            let answer = match line {
-                Line::TooLong => {
-                    DeskAnswer::Error(format!("request longer than {MAX_REQUEST} bytes"))
-                }
-                Line::Request(line) => match serde_json::from_str::<crate::desk::Request>(&line) {
-                    Err(e) => DeskAnswer::Error(format!("bad request: {e}")),
-                    Ok(req) => match tokio::task::spawn_blocking(move || {
-                        let mut store = shared
-                            .store
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        crate::desk::answer(&mut store, req, time::now())
-                    })
-                    .await
-                    {
-                        Ok(Ok(a)) => a,
-                        Ok(Err(e)) => {
-                            tracing::error!(
-                                error = &e as &dyn std::error::Error,
-                                "a desk request failed"
-                            );
-                            DeskAnswer::Error("the consent store failed".into())
-                        }
-                        Err(_) => DeskAnswer::Error("internal error".into()),
-                    },
+            let reply = match line {
+                Line::TooLong => error(format!("request longer than {MAX_REQUEST} bytes")),
+                Line::Request(line) => match consent_protocol::from_line::<Req>(&line) {
+                    Err(e) => error(format!(
+                        "bad request: {}",
+                        tsunagi_runtime::child::error_chain(&e)
+                    )),
+                    Ok(req) => tokio::task::spawn_blocking(move || answer(req))
+                        .await
+                        .unwrap_or_else(|_| error("internal error".into())),
                 },
             };
-            consent_protocol::to_line(&answer).trim_end().to_owned()
+            consent_protocol::to_line(&reply).trim_end().to_owned()
         }
     })
     .await

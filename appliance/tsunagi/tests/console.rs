@@ -558,37 +558,16 @@ fn consent_json(h: &Harness, patient: &str) -> serde_json::Value {
 
 #[test]
 fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names_who_did() {
-    use hil_tests::fhir::{Server, Validator, http, schema_path};
-    let (rsyslog, audit, _audit_files) = audit_repository(None, None);
-    // The network's FHIR server (strict: every resource pushed must validate): the desk's
-    // consent goes there like the command line's, and its pulls keep the cache fresh.
-    let validator = Validator::load(&schema_path().unwrap()).unwrap();
-    let fhir = Server::new(validator)
-        .spawn("127.0.0.1:0".parse().unwrap())
-        .unwrap();
-    let port = free_port();
-    let mut h = Harness::new(&format!(
-        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = false\n\n[consent]\nenabled = true\nfhir-url = \"http://{fhir}/fhir\"\npull-interval = \"1s\"\n\n[console]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{audit}"
-    ));
-    let out = std::process::Command::new(BIN)
-        .args(["console", "setup-code", "--config"])
-        .arg(&h.config)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let setup_code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    h.start();
-    h.wait_for(
-        "the console and consent ready",
-        Duration::from_secs(30),
-        |s| state_of(s, "console") == "ready" && state_of(s, "consent") == "ready",
-    );
-    let cert = h
-        .state_dir()
-        .join("console")
-        .join(console::tls::SELF_SIGNED_CERT);
-    let base = format!("https://127.0.0.1:{port}");
-    let mut admin = administrator(&h, &base, &cert, &setup_code);
+    use hil_tests::fhir::http;
+    // Kept whole to the end: its rsyslog and audit files live as long as it.
+    let mut clinic = ConsoleClinic::start();
+    let h = &mut clinic.h;
+    let rsyslog = &clinic.rsyslog;
+    let fhir = clinic.fhir;
+    let setup_code = clinic.setup_code.clone();
+    let cert = clinic.cert.clone();
+    let base = clinic.base.clone();
+    let mut admin = administrator(h, &base, &cert, &setup_code);
     let mut desk = staff_member(&mut admin, &base, &cert, "uketsuke1", "desk");
     let mut doctor = staff_member(&mut admin, &base, &cert, "ishi1", "physician");
 
@@ -655,7 +634,7 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
         "{page}"
     );
     assert!(page.contains(&digest), "{page}");
-    let shown = consent_json(&h, "0001234");
+    let shown = consent_json(h, "0001234");
     let consent = &shown["effective"]["consent"];
     assert_eq!(consent["evidence"]["sha256"], digest.as_str(), "{shown}");
     assert_eq!(consent["evidence"]["recorded_by"], "uketsuke1", "{shown}");
@@ -734,7 +713,7 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
     );
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("H-77"), "{page}");
-    let shown = consent_json(&h, "0001234");
+    let shown = consent_json(h, "0001234");
     assert_eq!(shown["links"][0]["value"], "H-77", "{shown}");
     assert_eq!(shown["effective"]["consent"]["version"], 3, "{shown}");
     let (status, page) = desk.post(
@@ -784,7 +763,7 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
             decide("1312345670") != "deny cache-stale"
         });
     };
-    fresh(&h);
+    fresh(h);
     assert_eq!(decide("1312345670"), "permit ");
     let (status, page) = desk.post(
         "/patient/withdraw",
@@ -821,7 +800,7 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
             .count()
     };
     let messages = audit_messages_until(
-        &rsyslog,
+        rsyslog,
         "the desk's changes",
         Duration::from_secs(30),
         // Registered, consent 1, versions 2 and 3, the link, the withdrawal.

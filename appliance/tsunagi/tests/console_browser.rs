@@ -65,36 +65,14 @@ fn look(b: &mut Browser, name: &str, checked: &mut Vec<String>) {
 
 #[test]
 fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
-    use hil_tests::fhir::{Server, Validator, schema_path};
-    let (_rsyslog, audit, _audit_files) = audit_repository(None, None);
-    let validator = Validator::load(&schema_path().unwrap()).unwrap();
-    let fhir = Server::new(validator)
-        .spawn("127.0.0.1:0".parse().unwrap())
-        .unwrap();
-    let port = free_port();
-    let mut h = Harness::new(&format!(
-        "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = true\n\n[consent]\nenabled = true\nfhir-url = \"http://{fhir}/fhir\"\npull-interval = \"1s\"\n\n[console]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{audit}"
-    ));
-    let out = std::process::Command::new(BIN)
-        .args(["console", "setup-code", "--config"])
-        .arg(&h.config)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let setup_code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    h.start();
-    h.wait_for(
-        "the console and consent ready",
-        Duration::from_secs(30),
-        |s| state_of(s, "console") == "ready" && state_of(s, "consent") == "ready",
-    );
-    let cert = h
-        .state_dir()
-        .join("console")
-        .join(console::tls::SELF_SIGNED_CERT);
+    // Kept whole to the end: its rsyslog and audit files live as long as it.
+    let mut clinic = ConsoleClinic::start();
+    let h = &mut clinic.h;
+    let setup_code = clinic.setup_code.clone();
+    let cert = clinic.cert.clone();
+    let base = clinic.base.clone();
     let der = console::tls::certs(&cert).unwrap().remove(0);
     let pin = console::tls::spki_sha256(&der).unwrap();
-    let base = format!("https://127.0.0.1:{port}");
     let mut b = Browser::start(&pin, &shots()).unwrap();
     let mut checked = Vec::new();
 

@@ -451,3 +451,65 @@ pub fn audit_messages_until(
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A clinic for the console's tests (issue 19): a supervisor with the console on a loopback
+/// port, the consent service syncing with the strict FHIR server, and the audit trail to a
+/// real rsyslog; started, with the first administrator's one-time setup code made.
+pub struct ConsoleClinic {
+    pub h: Harness,
+    pub rsyslog: hil_tests::rsyslog::Rsyslog,
+    _audit_files: tempfile::TempDir,
+    /// The network's FHIR server.
+    pub fhir: std::net::SocketAddr,
+    pub setup_code: String,
+    /// The console's self-signed certificate (PEM).
+    pub cert: PathBuf,
+    /// `https://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl ConsoleClinic {
+    pub fn start() -> ConsoleClinic {
+        use hil_tests::fhir::{Server, Validator, schema_path};
+        let (rsyslog, audit, audit_files) = audit_repository(None, None);
+        // Strict: every resource pushed must validate; its pulls keep the cache fresh.
+        let validator = Validator::load(&schema_path().unwrap()).unwrap();
+        let fhir = Server::new(validator)
+            .spawn("127.0.0.1:0".parse().unwrap())
+            .unwrap();
+        let port = free_port();
+        let mut h = Harness::new(&format!(
+            "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = true\n\n[consent]\nenabled = true\nfhir-url = \"http://{fhir}/fhir\"\npull-interval = \"1s\"\n\n[console]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{audit}"
+        ));
+        let out = Command::new(BIN)
+            .args(["console", "setup-code", "--config"])
+            .arg(&h.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let setup_code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        h.start();
+        h.wait_for(
+            "the console and consent ready",
+            Duration::from_secs(30),
+            |s| state_of(s, "console") == "ready" && state_of(s, "consent") == "ready",
+        );
+        let cert = h
+            .state_dir()
+            .join("console")
+            .join(console::tls::SELF_SIGNED_CERT);
+        ConsoleClinic {
+            h,
+            rsyslog,
+            _audit_files: audit_files,
+            fhir,
+            setup_code,
+            cert,
+            base: format!("https://127.0.0.1:{port}"),
+        }
+    }
+}
