@@ -436,6 +436,9 @@ impl Shared {
         if let Some(a) = age {
             metrics.push(("last_pull_age_seconds", a as f64));
         }
+        if let Some(t) = freshness.and_then(|f| f.last_pull) {
+            metrics.push(("last_pull_timestamp_seconds", t as f64));
+        }
         // Patients denied for an unreadable consent, or a trail reset, need someone to look:
         // degraded.
         let reset = anchor.is_some_and(|a| a.reset.is_some());

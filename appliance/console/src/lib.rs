@@ -6,12 +6,14 @@
 //!
 //! - [`accounts`]: `console.db`, the accounts, sessions and the setup code.
 //! - [`web`]: the pages and forms.
+//! - [`overview`]: 接続状態's facts, from the services' metrics.
 //! - [`patients`]: the consent desk's pages, over the consent service's desk socket.
 //! - [`tls`]: the server certificate (the network CA's, or a self-signed one).
 //! - [`service`]: the service that serves them.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod overview;
 pub mod patients;
 pub mod service;
 pub mod tls;

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use tsunagi_config::FacilityCode;
 
 use crate::accounts::{self, Role, Session};
+use crate::overview::time_words;
 use crate::web::{Peer, Shared, Trouble, page, refused_cross_site, session};
 
 /// How long a desk request may take.
@@ -265,13 +266,6 @@ fn scope_words(scope: &Scope) -> String {
         Scope::AllParticipants => "ネットワークのすべての参加施設".to_owned(),
         Scope::Facilities(list) => facility_list(list.iter().map(|f| f.to_string())),
     }
-}
-
-fn time_words(t: i64) -> String {
-    consent::time::format(t)
-        .get(..16)
-        .map(|s| s.replace('T', " "))
-        .unwrap_or_default()
 }
 
 /// The page of one patient.

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use tsunagi_runtime::status::{Health, ServiceState, StatusReport};
 
 use crate::accounts::{self, AccountInfo, Accounts, Policy, Refused, Role, Session};
+use crate::overview::Overview;
 use crate::patients;
 
 /// The session cookie.
@@ -566,9 +567,7 @@ fn status_page(who: &Session, report: Option<&StatusReport>) -> Html<String> {
                 } @else {
                     p.bad role="alert" { strong { "ネットワークに接続していません。" } }
                 }
-                @if let Some(t) = tunnel.and_then(|t| t.uptime_secs) {
-                    p { "接続サービスの稼働時間: " (duration_words(t)) }
-                }
+                (Overview::of(r).render(consent::time::now()))
                 table {
                     caption { "各機能の状態" }
                     thead { tr { th scope="col" { "機能" } th scope="col" { "状態" } th scope="col" { "詳細" } } }
@@ -587,17 +586,6 @@ fn status_page(who: &Session, report: Option<&StatusReport>) -> Html<String> {
         }
     };
     page("接続状態", Some(who), body)
-}
-
-fn duration_words(secs: u64) -> String {
-    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
-    if d > 0 {
-        format!("{d}日{h}時間")
-    } else if h > 0 {
-        format!("{h}時間{m}分")
-    } else {
-        format!("{m}分")
-    }
 }
 
 async fn home(State(app): State<Shared>, headers: HeaderMap) -> Response {

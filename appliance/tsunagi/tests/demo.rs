@@ -392,4 +392,29 @@ fn log_in_to_the_demo_console(clinic: &str, text: &str) {
     );
     let page = curl(&[&url]);
     assert!(page.contains("<h1>接続状態</h1>"), "{page}");
+    // The overview's facts, from the services' own metrics: linked since a time, the
+    // consent cache pulled from the network's FHIR server, the queues of the DICOM bridge and
+    // SS-MIX2 (the sample study delivered: nothing given up on), the version, the clock.
+    let row = |what: &str| -> (String, String) {
+        let head = format!("<th scope=\"row\">{what}</th><td class=\"");
+        let at = page
+            .find(&head)
+            .unwrap_or_else(|| panic!("no {what} in the overview: {page}"))
+            + head.len();
+        let (class, rest) = page[at..].split_once("\">").unwrap();
+        let words = rest.split("</td>").next().unwrap();
+        (class.to_owned(), words.to_owned())
+    };
+    let (class, words) = row("ネットワーク");
+    assert!(class == "ok" && words.starts_with("接続中（20"), "{words}");
+    let (class, words) = row("同意情報の最終同期");
+    assert!(class == "ok" && words.starts_with("20"), "{words}");
+    let (_, words) = row("DICOM 画像");
+    assert!(words.ends_with("送信不能 0 件"), "{words}");
+    let (_, words) = row("SS-MIX2");
+    assert!(words.starts_with("送信待ち "), "{words}");
+    let (_, words) = row("ソフトウェア");
+    assert!(words.starts_with(&format!("版 {}", env!("CARGO_PKG_VERSION"))), "{words}");
+    let (_, words) = row("時刻");
+    assert!(!words.is_empty(), "{words}");
 }

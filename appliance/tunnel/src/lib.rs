@@ -365,6 +365,9 @@ pub async fn run(
     let mut last_step: Option<(Step, Instant)> = None;
     let mut steps = StepCounts::default();
     let mut link = Link::Down;
+    // When the link entered its state (down from the start), for status: the console's
+    // "connected since".
+    let mut link_since = std::time::SystemTime::now();
     let mut ticker = tokio::time::interval(cfg.probe_interval.get());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -444,6 +447,7 @@ pub async fn run(
                 Link::Down => tracing::warn!("tunnel down"),
             }
             link = state;
+            link_since = std::time::SystemTime::now();
         }
         if let Some(step) = step {
             tracing::info!(step = %step.describe(), "tunnel recovery step");
@@ -495,6 +499,9 @@ pub async fn run(
             ("recovery_restart_total", steps.restart as f64),
             ("recovery_switch_endpoint_total", steps.switch as f64),
         ];
+        if let Ok(since) = link_since.duration_since(std::time::UNIX_EPOCH) {
+            metrics.push(("link_since_timestamp_seconds", since.as_secs_f64().floor()));
+        }
         if let Some(age) = age {
             metrics.push(("handshake_age_seconds", age.as_secs_f64()));
         }
