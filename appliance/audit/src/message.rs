@@ -37,6 +37,7 @@ pub mod codes {
     use super::{Code, dcm};
 
     pub const APPLICATION_ACTIVITY: Code = dcm("110100", "Application Activity");
+    pub const AUDIT_LOG_USED: Code = dcm("110101", "Audit Log Used");
     pub const INSTANCES_TRANSFERRED: Code = dcm("110104", "DICOM Instances Transferred");
     pub const EXPORT: Code = dcm("110106", "Export");
     pub const PATIENT_RECORD: Code = dcm("110110", "Patient Record");
@@ -696,6 +697,50 @@ pub fn account_change(
     }
 }
 
+/// The URI that names the consent service's decision trail (the 監査 page's) as an audit
+/// log.
+pub const CONSENT_TRAIL_URI: &str = "urn:tsunagi:audit:consent-decisions";
+
+/// Audit Log Used (DICOM PS3.15 A.5.3.2): `user`, from the address `from`, read the audit
+/// log named by the URI `log`.
+pub fn audit_log_used(
+    node: &Node,
+    user: &str,
+    from: &str,
+    log: &str,
+    at: SystemTime,
+) -> AuditMessage {
+    AuditMessage {
+        event: codes::AUDIT_LOG_USED,
+        event_types: Vec::new(),
+        action: Action::Read,
+        at,
+        outcome: Outcome::Success,
+        outcome_description: None,
+        participants: vec![
+            Participant {
+                user_id: user.to_owned(),
+                alternative_user_id: None,
+                is_requestor: true,
+                network_access_point: Some(from.to_owned()),
+                role: None,
+            },
+            this_box(node, false, codes::ROLE_APPLICATION),
+        ],
+        source: node.clone(),
+        objects: vec![Object {
+            id: log.to_owned(),
+            // A system object, a security resource, named by its URI.
+            type_code: 2,
+            role: 13,
+            id_type: codes::URI,
+            query: None,
+            details: Vec::new(),
+            sop_classes: Vec::new(),
+        }],
+    }
+}
+
 /// A failed login at the console (User Authentication, Login, a minor failure).
 pub fn failed_login(node: &Node, user: &str, from: &str, at: SystemTime) -> AuditMessage {
     user_authentication(node, user, from, false, false, at)
@@ -896,6 +941,38 @@ mod tests {
     }
 
     #[test]
+    fn reading_the_audit_trail_is_audit_log_used_by_the_staff_member() {
+        let xml = audit_log_used(
+            &node(),
+            "admin",
+            "192.168.50.20",
+            CONSENT_TRAIL_URI,
+            SystemTime::now(),
+        )
+        .to_xml();
+        let el = elements(&xml);
+        assert_eq!(attribute(&el, "EventID", "csd-code"), ["110101"], "{xml}");
+        assert_eq!(
+            attribute(&el, "EventIdentification", "EventActionCode"),
+            ["R"],
+            "{xml}"
+        );
+        assert!(attribute(&el, "ActiveParticipant", "UserID").contains(&"admin"));
+        assert_eq!(
+            attribute(
+                &el,
+                "ParticipantObjectIdentification",
+                "ParticipantObjectID"
+            ),
+            [CONSENT_TRAIL_URI]
+        );
+        assert_eq!(
+            attribute(&el, "ParticipantObjectIDTypeCode", "csd-code"),
+            ["12"]
+        );
+    }
+
+    #[test]
     fn a_console_login_and_logout_are_user_authentication_with_their_outcome() {
         let n = node();
         let now = SystemTime::now();
@@ -1026,6 +1103,10 @@ mod tests {
                 "110113",
             ),
             (failed_login(&n, "desk1", "192.168.50.20", now), "110114"),
+            (
+                audit_log_used(&n, "admin", "192.168.50.20", "urn:x", now),
+                "110101",
+            ),
             (
                 user_authentication(&n, "desk1", "192.168.50.20", true, true, now),
                 "110114",

@@ -173,6 +173,12 @@ pub enum Event {
         role_changed: bool,
         what: String,
     },
+    /// A console administrator read the consent service's decision trail (監査), from an
+    /// address on the clinic LAN.
+    AuditLogUsed {
+        user: String,
+        from: String,
+    },
     /// A provisioning medium was applied, or applying it failed (`tsunagi medium apply`; a
     /// refusal is [`Event::RefusedMedium`]).
     Medium {
@@ -386,6 +392,9 @@ impl Event {
                 role_changed,
                 what,
             } => message::account_change(node, admin, from, account, *role_changed, what, at),
+            Event::AuditLogUsed { user, from } => {
+                message::audit_log_used(node, user, from, message::CONSENT_TRAIL_URI, at)
+            }
             Event::Medium { applied, reason } => {
                 let mut m = message::security_alert(node, Alert::RefusedMedium, reason, None, at);
                 m.outcome = if *applied {

@@ -22,7 +22,7 @@ use tsunagi_config::FacilityCode;
 
 use crate::decide::effective;
 use crate::model::{Category, Consent, Evidence, Link, Patient, PatientId, Scope, Status};
-use crate::store::{NewConsent, Store, StoreError};
+use crate::store::{AuditCheck, AuditEntry, NewConsent, Store, StoreError};
 use crate::time::Timestamp;
 
 /// The socket's directory inside the runtime directory.
@@ -105,6 +105,29 @@ pub enum Request {
         staff: Staff,
         patient: PatientId,
     },
+    /// The audit trail (監査), newest first, older than `before`, and its verification.
+    /// Reading it is an Audit Log Used event naming `staff`; a trail that does not verify is
+    /// also a Security Alert, as with `tsunagi audit verify`. The console lets only
+    /// administrators ask.
+    Trail {
+        staff: Staff,
+        before: Option<i64>,
+    },
+}
+
+/// The most audit rows one [`Request::Trail`] answers.
+pub const TRAIL_PAGE: usize = 50;
+
+/// The audit trail as the console shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trail {
+    /// At most [`TRAIL_PAGE`] rows, newest first.
+    pub rows: Vec<AuditEntry>,
+    /// The whole trail's verification.
+    pub check: AuditCheck,
+    /// The last row the network acknowledged holding (its checkpoint), if any.
+    pub checkpoint: Option<i64>,
 }
 
 /// Where a patient's participation stands.
@@ -163,6 +186,7 @@ pub enum Answer {
     /// The patient after the request (shown, or changed).
     Patient(Box<View>),
     Refused(Refusal),
+    Trail(Box<Trail>),
     /// The service could not answer (never patient data).
     Error(String),
 }
@@ -190,6 +214,24 @@ fn view(store: &Store, id: &PatientId) -> Result<Answer, StoreError> {
         links,
         unreadable: store.is_unreadable(id)?,
         patient,
+    })))
+}
+
+/// The trail's page and its verification. Reading it is itself audited (Audit Log Used,
+/// naming the staff member), and a trail that does not verify is a Security Alert.
+fn trail(store: &Store, staff: &Staff, before: Option<i64>) -> Result<Answer, StoreError> {
+    store.record_event(&audit::protocol::Event::AuditLogUsed {
+        user: staff.account.clone(),
+        from: staff.from.clone(),
+    })?;
+    let check = store.verify_audit()?;
+    if let AuditCheck::Broken { row, problem } = &check {
+        store.record_failed_verify(*row, problem)?;
+    }
+    Ok(Answer::Trail(Box::new(Trail {
+        rows: store.audit_rows(before, TRAIL_PAGE)?,
+        check,
+        checkpoint: store.audit_anchor()?.map(|a| a.seq),
     })))
 }
 
@@ -267,6 +309,12 @@ pub fn answer(store: &mut Store, request: Request, now: Timestamp) -> Result<Ans
             return Ok(Answer::Found(out));
         }
         Request::Show { patient } => return view(store, patient),
+        Request::Trail { staff, before } => {
+            if !crate::model::is_dicom_id(&staff.account) || staff.from.len() > 64 {
+                return Ok(invalid("the staff account"));
+            }
+            return trail(store, staff, *before);
+        }
         Request::Register { staff, .. }
         | Request::Disclose { staff, .. }
         | Request::Undisclose { staff, .. }
@@ -293,7 +341,9 @@ fn change(
     now: Timestamp,
 ) -> Result<Answer, StoreError> {
     let id = match request {
-        Request::Find { .. } => return Ok(invalid("a search changes nothing")),
+        Request::Find { .. } | Request::Trail { .. } => {
+            return Ok(invalid("a search changes nothing"));
+        }
         Request::Show { patient } => patient,
         Request::Register { registration, .. } => {
             let r = *registration;
@@ -663,6 +713,102 @@ mod tests {
             "{changes:?}"
         );
         assert!(store.verify_audit().is_ok());
+    }
+
+    #[test]
+    fn the_trail_is_read_a_page_at_a_time_its_reading_is_audited_and_a_tampered_row_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = AuditKey::load_or_create(&dir.path().join("audit.key")).unwrap();
+        let db = dir.path().join("consent.db");
+        let mut store = Store::open(&db, fac("1312345678"), key).unwrap();
+        let id: PatientId = "0001234".parse().unwrap();
+        let ask = |store: &mut Store, r: Request| answer(store, r, T0).unwrap();
+        shown(ask(
+            &mut store,
+            Request::Register {
+                staff: staff(),
+                registration: Box::new(registration("0001234", "ヤマダ")),
+            },
+        ));
+        for _ in 0..60 {
+            store
+                .decide(
+                    &id,
+                    &Recipient::Hub,
+                    Category::Images,
+                    T0,
+                    T0,
+                    Duration::from_secs(86_400),
+                )
+                .unwrap();
+        }
+        let trail = |store: &mut Store, before| match ask(
+            store,
+            Request::Trail {
+                staff: staff(),
+                before,
+            },
+        ) {
+            Answer::Trail(t) => *t,
+            other => panic!("{other:?}"),
+        };
+        let first = trail(&mut store, None);
+        assert_eq!(first.rows.len(), TRAIL_PAGE);
+        assert_eq!(first.check, AuditCheck::Intact { rows: 60 });
+        assert_eq!(first.rows[0].seq, 60);
+        assert_eq!(first.rows[0].recipient, Recipient::Hub.to_string());
+        assert_eq!(first.rows[0].category, "images");
+        // The patient is there only as the trail's pseudonym.
+        assert!(!first.rows[0].patient_hash.contains("0001234"));
+        let rest = trail(&mut store, Some(first.rows[TRAIL_PAGE - 1].seq));
+        let seqs: Vec<i64> = rest.rows.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=10).rev().collect::<Vec<_>>());
+        // Each reading is an Audit Log Used event naming the staff member.
+        let events = store.pending_events(10).unwrap();
+        assert_eq!(
+            events
+                .iter()
+                .filter(
+                    |(_, e)| matches!(e, audit::protocol::Event::AuditLogUsed { user, from }
+                    if user == "uketsuke1" && from == "192.168.50.20")
+                )
+                .count(),
+            2,
+            "{events:?}"
+        );
+        // A row altered behind the store's back: the page says where, and a Security Alert
+        // is owed.
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute("UPDATE audit SET reason = 'tampered' WHERE seq = 7", [])
+            .unwrap();
+        let broken = trail(&mut store, None);
+        assert!(
+            matches!(&broken.check, AuditCheck::Broken { row: 7, problem } if problem.contains("altered")),
+            "{:?}",
+            broken.check
+        );
+        assert!(
+            store
+                .pending_events(10)
+                .unwrap()
+                .iter()
+                .any(|(_, e)| matches!(e, audit::protocol::Event::FailedAuditVerify { .. }))
+        );
+        // A staff account that is no account is refused, and nothing is read.
+        let a = answer(
+            &mut store,
+            Request::Trail {
+                staff: Staff {
+                    account: "a\\b".into(),
+                    from: "x".into(),
+                },
+                before: None,
+            },
+            T0,
+        )
+        .unwrap();
+        assert!(matches!(a, Answer::Refused(Refusal::Invalid(_))), "{a:?}");
     }
 
     #[test]

@@ -470,12 +470,29 @@ pub struct Pending {
 }
 
 /// The result of verifying the audit trail.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum AuditCheck {
     /// Every row is present and unchanged.
     Intact { rows: i64 },
     /// The first problem found.
     Broken { row: i64, problem: String },
+}
+
+/// One row of the audit trail as an administrator reads it (監査): the patient only as the
+/// trail's keyed pseudonym; what left (a release row's object) is not shown.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditEntry {
+    pub seq: i64,
+    /// As recorded: `YYYY-MM-DDTHH:MM:SS+09:00`.
+    pub at: String,
+    pub patient_hash: String,
+    pub recipient: String,
+    pub category: String,
+    /// `permit`, `deny`, `sent`, `deleted`, `requeued`.
+    pub decision: String,
+    pub reason: String,
 }
 
 /// What applying a consent from the network did.
@@ -1727,6 +1744,43 @@ impl Store {
                 checkpoint.seq
             ))),
         }
+    }
+
+    /// At most `limit` rows of the audit trail, newest first, older than `before` (from the
+    /// newest when `None`).
+    pub fn audit_rows(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT seq, at, patient_hash, recipient, category, decision, reason FROM audit
+                 WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+            )
+            .map_err(sql("read audit"))?;
+        let rows = stmt
+            .query_map(
+                params![
+                    before.unwrap_or(i64::MAX),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |r| {
+                    Ok(AuditEntry {
+                        seq: r.get(0)?,
+                        at: r.get(1)?,
+                        patient_hash: r.get(2)?,
+                        recipient: r.get(3)?,
+                        category: r.get(4)?,
+                        decision: r.get(5)?,
+                        reason: r.get(6)?,
+                    })
+                },
+            )
+            .map_err(sql("read audit"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(sql("read audit"))
     }
 
     /// Checks the whole audit trail.

@@ -8,6 +8,7 @@
 //! - [`web`]: the pages and forms.
 //! - [`overview`]: 接続状態's facts, from the services' metrics.
 //! - [`patients`]: the consent desk's pages, over the consent service's desk socket.
+//! - [`trail`]: 監査, the consent service's decision trail and its verification.
 //! - [`tls`]: the server certificate (the network CA's, or a self-signed one).
 //! - [`service`]: the service that serves them.
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@ pub mod overview;
 pub mod patients;
 pub mod service;
 pub mod tls;
+pub mod trail;
 pub mod web;
 
 use tsunagi_runtime::service::{Capability, Launch, Service};

@@ -118,7 +118,7 @@ fn not_allowed(s: &Session) -> Response {
 }
 
 /// Asks the consent service's desk.
-async fn ask(app: &Shared, request: Request) -> Result<Answer, Trouble> {
+pub(crate) async fn ask(app: &Shared, request: Request) -> Result<Answer, Trouble> {
     let Some(socket) = app.desk_socket.clone() else {
         return Err(Trouble);
     };

@@ -24,7 +24,7 @@ use tsunagi_runtime::status::{Health, ServiceState, StatusReport};
 
 use crate::accounts::{self, AccountInfo, Accounts, Policy, Refused, Role, Session};
 use crate::overview::Overview;
-use crate::patients;
+use crate::{patients, trail};
 
 /// The session cookie.
 pub const SESSION_COOKIE: &str = "__Host-tsunagi-session";
@@ -78,6 +78,7 @@ pub fn router(app: Shared) -> Router {
         .route("/patient/link", post(patients::link))
         .route("/patient/withdraw", post(patients::withdraw))
         .route("/patient/receipt", post(patients::receipt))
+        .route("/audit", get(trail::newest).post(trail::older))
         .fallback(not_found)
         .layer(middleware::from_fn(guard))
         .with_state(app)
@@ -269,6 +270,7 @@ pub(crate) fn page(title: &str, who: Option<&Session>, body: Markup) -> Html<Str
                                 " " a href="/patients" { "患者" }
                                 @if s.role == Role::Admin {
                                     " " a href="/accounts" { "アカウント" }
+                                    " " a href="/audit" { "監査" }
                                 }
                             }
                             div {
@@ -296,7 +298,8 @@ header{display:flex;justify-content:space-between;align-items:center;padding:.5r
 header form{display:inline;margin-left:1rem}header a{color:#fff;margin-right:1rem}main{padding:1rem;max-width:60rem}\
 label{display:block;margin-top:.75rem}input{font-size:1rem;padding:.3rem}\
 button{font-size:1rem;padding:.3rem 1rem;margin-top:1rem}table{border-collapse:collapse}\
-th,td{border:1px solid #767676;padding:.3rem .6rem;text-align:left}\
+th,td{border:1px solid #767676;padding:.3rem .6rem;text-align:left}th[scope=row],td.state{white-space:nowrap}\
+table+table{margin-top:1rem}\
 .ok{color:#0a6b0a}.warn{color:#8a4b00}.bad{color:#b00020}.msg{border:2px solid #b00020;padding:.5rem}.done{border:2px solid #0a6b0a;padding:.5rem}\
 code{font-size:1.1rem;overflow-wrap:anywhere}form.inline{display:inline}form.inline button{margin-top:0}\
 fieldset{margin-top:.75rem}label.choice{display:inline-block;margin-right:1rem}\
@@ -576,7 +579,7 @@ fn status_page(who: &Session, report: Option<&StatusReport>) -> Html<String> {
                             @let (words, class) = state_words(s.state, s.health);
                             tr {
                                 th scope="row" { (service_name(&s.name)) }
-                                td class=(class) { (words) }
+                                td class=(format!("{class} state")) { (words) }
                                 td { (s.summary) }
                             }
                         }

@@ -823,6 +823,53 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // 監査: administrators only. The decision trail with `tsunagi consent decide`'s rows (the
+    // withdrawal's denial in Japanese), verified; patients only as pseudonyms.
+    let (status, page) = desk.get("/audit");
+    assert_eq!(status, 403, "{page}");
+    let (status, page) = doctor.get("/audit");
+    assert_eq!(status, 403, "{page}");
+    let (status, page) = admin.get("/audit");
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<h1>監査</h1>"), "{page}");
+    assert!(page.contains("改ざんは見つかりませんでした"), "{page}");
+    assert!(
+        page.contains("同意が撤回されています") && page.contains("施設 1312345670"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("0001234") && !page.contains("山田"),
+        "patient data on the audit page: {page}"
+    );
+    // A row altered behind the consent service's back is found, and said where.
+    rusqlite::Connection::open(h.state_dir().join("consent").join("consent.db"))
+        .unwrap()
+        .execute("UPDATE audit SET reason = 'tampered' WHERE seq = 1", [])
+        .unwrap();
+    let (status, page) = admin.get("/audit");
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("監査証跡の 1 件目に問題があります"), "{page}");
+    // At rsyslog: each reading an Audit Log Used (110101) naming the administrator, and the
+    // broken trail a Security Alert (Audit Recording Stopped, 110133).
+    audit_messages_until(
+        rsyslog,
+        "the audit page's events",
+        Duration::from_secs(30),
+        |ms| {
+            ms.iter()
+                .filter(|m| {
+                    m.contains("csd-code=\"110101\"")
+                        && m.contains("UserID=\"admin\"")
+                        && m.contains("urn:tsunagi:audit:consent-decisions")
+                })
+                .count()
+                >= 2
+                && ms.iter().any(|m| {
+                    m.contains("csd-code=\"110133\"") && m.contains("broken at row 1")
+                })
+        },
+    );
     h.signal(Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }

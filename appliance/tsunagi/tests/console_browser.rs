@@ -115,6 +115,10 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     b.wait_for_url("/").unwrap();
     b.wait_for("<h1>接続状態</h1>").unwrap();
     look(&mut b, "status", &mut checked);
+    // 監査: the decision trail, empty yet, verified.
+    b.click("a[href='/audit']").unwrap();
+    b.wait_for("改ざんは見つかりませんでした").unwrap();
+    look(&mut b, "audit", &mut checked);
 
     // The administrator adds a desk account.
     b.click("a[href='/accounts']").unwrap();

@@ -414,7 +414,10 @@ fn log_in_to_the_demo_console(clinic: &str, text: &str) {
     let (_, words) = row("SS-MIX2");
     assert!(words.starts_with("送信待ち "), "{words}");
     let (_, words) = row("ソフトウェア");
-    assert!(words.starts_with(&format!("版 {}", env!("CARGO_PKG_VERSION"))), "{words}");
+    assert!(
+        words.starts_with(&format!("版 {}", env!("CARGO_PKG_VERSION"))),
+        "{words}"
+    );
     let (_, words) = row("時刻");
     assert!(!words.is_empty(), "{words}");
 }
