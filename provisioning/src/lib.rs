@@ -464,7 +464,9 @@ impl Operator {
     /// Writes a signed medium for the clinic's box into `out` (a directory, created):
     /// [`tsunagi_medium::BUNDLE_FILE`] and [`tsunagi_medium::SIGNATURE_FILE`]. Valid for
     /// `valid_for`, its enrollment token for `token_valid_for`; the next serial. The
-    /// bundle.
+    /// bundle, and, when the clinic's config enables the console, the one-time code of its
+    /// first administrator for the provisioning sheet: the medium carries only its hash,
+    /// valid 7 days beyond the medium.
     pub fn write_medium(
         &mut self,
         facility_code: &str,
@@ -473,7 +475,7 @@ impl Operator {
         token_valid_for: std::time::Duration,
         secrets: &[(String, PathBuf)],
         out: &Path,
-    ) -> Result<Bundle, ProvisionError> {
+    ) -> Result<(Bundle, Option<String>), ProvisionError> {
         let clinic = self.clinic(facility_code)?;
         if clinic.revoked_at.is_some() {
             return Err(ProvisionError::Invalid(format!(
@@ -523,6 +525,23 @@ impl Operator {
                 )
             }
         };
+        let expires_at = issued_at.saturating_add(secs(valid_for));
+        let console = kind == Kind::Provision
+            && tsunagi_config::parse(&config, Path::new(tsunagi_medium::BUNDLE_FILE))
+                .is_ok_and(|c| c.console.enabled);
+        let (setup_code, console_setup) = if console {
+            let (code, code_hash) = tsunagi_medium::setup_code::generate()
+                .map_err(|e| ProvisionError::Invalid(e.to_string()))?;
+            (
+                Some(code),
+                Some(tsunagi_medium::ConsoleSetup {
+                    code_hash,
+                    expires_at: expires_at.saturating_add(SETUP_CODE_GRACE_SECS),
+                }),
+            )
+        } else {
+            (None, None)
+        };
         let tx = self.conn.transaction()?;
         let serial: i64 = tx.query_row(
             "UPDATE network SET last_serial = last_serial + 1 RETURNING last_serial",
@@ -534,7 +553,7 @@ impl Operator {
             kind,
             serial: u64::try_from(serial).unwrap_or(0),
             issued_at,
-            expires_at: issued_at.saturating_add(secs(valid_for)),
+            expires_at,
             facility_code: clinic.facility_code.clone(),
             clinic_name: clinic.name.clone(),
             config,
@@ -548,6 +567,7 @@ impl Operator {
                         .map_err(io(path))
                 })
                 .collect::<Result<_, _>>()?,
+            console_setup,
         };
         let bytes = serde_json::to_vec_pretty(&bundle)
             .map_err(|e| ProvisionError::Invalid(e.to_string()))?;
@@ -588,7 +608,7 @@ impl Operator {
             ],
         )?;
         tx.commit()?;
-        Ok(bundle)
+        Ok((bundle, setup_code))
     }
 
     /// The operator directory.
@@ -596,6 +616,10 @@ impl Operator {
         &self.dir
     }
 }
+
+/// How long a medium's console setup code stays valid after the medium itself expires (a
+/// box provisioned on the medium's last day still has a week to set up its console).
+pub const SETUP_CODE_GRACE_SECS: i64 = 7 * 24 * 3600;
 
 /// A FAT image's size when `write_fat_image` makes a file (a block device keeps its own).
 pub const FAT_IMAGE_BYTES: u64 = 4 * 1024 * 1024;

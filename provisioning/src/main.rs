@@ -377,7 +377,7 @@ fn main() -> anyhow::Result<()> {
                 (None, Some(staging)) => staging.path().to_owned(),
                 (None, None) => anyhow::bail!("give --out DIR or --image FILE"),
             };
-            let b = op.write_medium(
+            let (b, setup_code) = op.write_medium(
                 &clinic,
                 kind,
                 Duration::from(valid_for),
@@ -395,6 +395,13 @@ fn main() -> anyhow::Result<()> {
                 image.as_ref().unwrap_or(&dir).display(),
                 b.expires_at
             );
+            if let (Some(code), Some(setup)) = (setup_code, &b.console_setup) {
+                // For the provisioning sheet only: the medium carries its hash.
+                println!(
+                    "console setup code (for the provisioning sheet; not on the medium; valid until {} Unix seconds): {code}",
+                    setup.expires_at
+                );
+            }
         }
         Command::Serve {
             listen,

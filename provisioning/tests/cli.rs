@@ -555,3 +555,61 @@ fn a_medium_written_as_a_fat_image_is_what_a_stick_carries() {
     // --out or --image, one of them.
     refused(&dir, &["medium", "--clinic", "1312345678"], "--out");
 }
+
+/// Issue 19: a clinic whose config enables the console gets its first administrator's
+/// one-time code on the provisioning sheet (the command's output); the medium carries only
+/// its Argon2id hash, which the box's own check accepts. Without the console, no code.
+#[test]
+fn the_consoles_setup_code_is_on_the_sheet_and_only_its_hash_on_the_medium() {
+    let work = tempfile::tempdir().unwrap();
+    let (dir, public) = init(work.path(), "10.98.1.0/24");
+    let (text, success) = add(&dir, "1312345678", "つなぎ内科", "TSUNAGI_A");
+    assert!(success, "{text}");
+    let medium = |name: &str| {
+        let out = work.path().join(name);
+        let text = ok(
+            &dir,
+            &[
+                "medium",
+                "--clinic",
+                "1312345678",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        (out, text)
+    };
+    let (out, text) = medium("without");
+    assert!(!text.contains("console setup code"), "{text}");
+    let (bundle, sig) = read_medium(&out);
+    let b = tsunagi_medium::verify(&bundle, Some(&sig), &public, blank_box()).unwrap();
+    assert_eq!(b.console_setup, None);
+
+    // The operator's copy of the template, as `init` made it.
+    let template = dir.join("clinic-template.toml");
+    let mut t = std::fs::read_to_string(&template).unwrap();
+    t.push_str("\n[console]\nenabled = true\n");
+    std::fs::write(&template, t).unwrap();
+    let (out, text) = medium("with");
+    let code = text
+        .lines()
+        .find_map(|l| l.split_once("console setup code (").map(|(_, rest)| rest))
+        .and_then(|rest| rest.rsplit_once("): "))
+        .map(|(_, code)| code.trim().to_owned())
+        .unwrap_or_else(|| panic!("no setup code: {text}"));
+    assert_eq!(code.len(), 19, "{code}");
+    let (bundle, sig) = read_medium(&out);
+    let on_medium = String::from_utf8(bundle.clone()).unwrap();
+    assert!(
+        !on_medium.contains(&tsunagi_medium::setup_code::normalize(&code))
+            && !on_medium.contains(&code),
+        "the code itself is on the medium"
+    );
+    let b = tsunagi_medium::verify(&bundle, Some(&sig), &public, blank_box()).unwrap();
+    let setup = b.console_setup.unwrap();
+    assert!(tsunagi_medium::setup_code::verify(&code, &setup.code_hash));
+    assert_eq!(
+        setup.expires_at,
+        b.expires_at + tsunagi_provision::SETUP_CODE_GRACE_SECS
+    );
+}

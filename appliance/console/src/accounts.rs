@@ -357,14 +357,27 @@ impl Accounts {
     /// Makes a new one-time setup code, valid until `expires_at`, replacing any earlier
     /// one, and returns it (`XXXX-XXXX-XXXX-XXXX`, base32: read aloud or typed).
     pub fn new_setup_code(&self, expires_at: i64) -> Result<String, AccountsError> {
-        let raw = totp_base32(&random(10)?);
-        let code = raw
-            .as_bytes()
-            .chunks(4)
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .collect::<Vec<_>>()
-            .join("-");
-        let hash = hash_secret(&normalize_code(&code))?;
+        let (code, hash) = tsunagi_medium::setup_code::generate()
+            .map_err(|e| AccountsError::Hash(e.to_string()))?;
+        self.keep_setup_code(&hash, expires_at)?;
+        Ok(code)
+    }
+
+    /// Keeps the hash of a setup code made elsewhere (the operator's, for the provisioning
+    /// sheet, whose medium carries only the hash), valid until `expires_at`, replacing any
+    /// earlier one. Only while the console has no account: returns whether it was kept.
+    pub fn install_setup_code(&self, hash: &str, expires_at: i64) -> Result<bool, AccountsError> {
+        if self.count()? > 0 {
+            return Ok(false);
+        }
+        if !hash.starts_with("$argon2id$") || PasswordHash::new(hash).is_err() {
+            return Err(AccountsError::Hash("not an Argon2id hash".into()));
+        }
+        self.keep_setup_code(hash, expires_at)?;
+        Ok(true)
+    }
+
+    fn keep_setup_code(&self, hash: &str, expires_at: i64) -> Result<(), AccountsError> {
         self.conn
             .execute(
                 "INSERT INTO setup_code (id, code_hash, expires_at) VALUES (1, ?1, ?2)
@@ -372,7 +385,7 @@ impl Accounts {
                 params![hash, expires_at],
             )
             .map_err(self.db("write the setup code"))?;
-        Ok(code)
+        Ok(())
     }
 
     /// Makes the first administrator with the setup code: `name`, `password`, and the TOTP
@@ -398,7 +411,7 @@ impl Accounts {
         let Some((hash, expires_at)) = stored else {
             return Ok(Err(Refused::SetupCode));
         };
-        if expires_at <= now || !verify_secret(&normalize_code(setup_code), &hash) {
+        if expires_at <= now || !tsunagi_medium::setup_code::verify(setup_code, &hash) {
             return Ok(Err(Refused::SetupCode));
         }
         if let Err(r) = valid_name(name).and_then(|()| valid_password(password)) {
@@ -769,14 +782,6 @@ impl Accounts {
             Err(Refused::Invalid("そのアカウントはありません".into()))
         })
     }
-}
-
-/// A setup code as typed: upper case, without the dashes and spaces.
-fn normalize_code(code: &str) -> String {
-    code.chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_uppercase())
-        .collect()
 }
 
 #[cfg(test)]

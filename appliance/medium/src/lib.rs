@@ -4,7 +4,9 @@
 //!
 //! A medium is two files: [`BUNDLE_FILE`], the bundle as JSON ([`Bundle`]: the clinic's
 //! config, the hub's WireGuard key and endpoint, the tunnel address, the hub's CA, a
-//! one-time enrollment token and its expiry, a serial), and [`SIGNATURE_FILE`], the
+//! one-time enrollment token and its expiry, a serial, and, for a clinic whose config
+//! enables the console, the hash of its first administrator's setup code), and
+//! [`SIGNATURE_FILE`], the
 //! Ed25519 signature of exactly those bytes by the network's provisioning key, in base64.
 //! No box secret is on it: the box makes its own keys.
 //!
@@ -65,6 +67,22 @@ pub struct Enrollment {
     pub url: String,
 }
 
+/// The clinic console's first administrator (issue 19): the hash of the one-time setup
+/// code. The code itself is never on the medium: the operator hands it to the clinic on the
+/// provisioning sheet, so that a lost stick does not open the console. Carried only when
+/// the medium's config enables the console.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConsoleSetup {
+    /// Argon2id, as a PHC string (`$argon2id$v=19$m=...`).
+    pub code_hash: String,
+    /// Until when the code may be used (Unix seconds).
+    pub expires_at: i64,
+}
+
+/// A [`ConsoleSetup::code_hash`]'s length, at most.
+pub const MAX_CODE_HASH: usize = 256;
+
 /// The signed bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -91,6 +109,9 @@ pub struct Bundle {
     /// config gives, 0600, for the service that reads it.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub secrets: std::collections::BTreeMap<String, String>,
+    /// The console's first administrator's setup code, hashed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_setup: Option<ConsoleSetup>,
 }
 
 /// The secret files a medium may carry, by the config's dotted key, with the user of the
@@ -142,6 +163,8 @@ pub enum Refused {
         "the medium carries a secret for {0}, which a medium may not set or the config does not name"
     )]
     Secret(String),
+    #[error("the medium's console setup code is refused: {0}")]
+    ConsoleSetup(String),
 }
 
 /// What the box knows when it checks a medium.
@@ -256,9 +279,25 @@ pub fn verify(
                 now: expect.now,
             });
         }
-    } else if !b.secrets.is_empty() {
+        if let Some(c) = &b.console_setup {
+            if !cfg.console.enabled {
+                return Err(Refused::ConsoleSetup(
+                    "the medium's config does not enable the console".to_owned(),
+                ));
+            }
+            if !c.code_hash.starts_with("$argon2id$") || c.code_hash.len() > MAX_CODE_HASH {
+                return Err(Refused::ConsoleSetup("not an Argon2id hash".to_owned()));
+            }
+            if expect.now >= c.expires_at {
+                return Err(Refused::ConsoleSetup(format!(
+                    "it expired at {} (Unix seconds; the box's clock says {})",
+                    c.expires_at, expect.now
+                )));
+            }
+        }
+    } else if !b.secrets.is_empty() || b.console_setup.is_some() {
         return Err(Refused::Malformed(
-            "a reset medium carries secrets".to_owned(),
+            "a reset medium carries secrets or a console setup code".to_owned(),
         ));
     }
     Ok(b)
@@ -273,6 +312,7 @@ fn first_line(text: &str) -> String {
 }
 
 pub mod enroll;
+pub mod setup_code;
 
 #[cfg(test)]
 mod tests;

@@ -37,6 +37,7 @@ fn bundle(code: &str, serial: u64) -> Bundle {
             url: "https://10.98.0.1:8443/enroll".to_owned(),
         }),
         secrets: std::collections::BTreeMap::new(),
+        console_setup: None,
     }
 }
 
@@ -220,4 +221,59 @@ fn a_signed_bundle_is_still_checked_before_use() {
             "{refused:?}"
         );
     }
+}
+
+#[test]
+fn a_console_setup_code_travels_only_as_its_hash_and_only_for_a_console_the_config_enables() {
+    let k = key();
+    let (code, hash) = setup_code::generate().unwrap();
+    let mut b = bundle("1312345678", 7);
+    b.config.push_str("\n[console]\nenabled = true\n");
+    b.console_setup = Some(ConsoleSetup {
+        code_hash: hash.clone(),
+        expires_at: NOW + 86_400,
+    });
+    let (bytes, sig) = medium(&b, &k);
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    assert!(!text.contains(&setup_code::normalize(&code)), "{text}");
+    let got = verify(&bytes, Some(&sig), &public_key_text(&k), fresh()).unwrap();
+    assert!(setup_code::verify(
+        &code,
+        &got.console_setup.unwrap().code_hash
+    ));
+    let refused = |b: &Bundle| {
+        let (bytes, sig) = medium(b, &k);
+        verify(&bytes, Some(&sig), &public_key_text(&k), fresh())
+            .unwrap_err()
+            .to_string()
+    };
+    // Not a hash; expired; for a console the config does not enable; on a reset medium.
+    let mut plain = b.clone();
+    plain.console_setup = Some(ConsoleSetup {
+        code_hash: code.clone(),
+        expires_at: NOW + 86_400,
+    });
+    assert_eq!(
+        refused(&plain),
+        "the medium's console setup code is refused: not an Argon2id hash"
+    );
+    let mut old = b.clone();
+    old.console_setup.as_mut().unwrap().expires_at = NOW;
+    assert!(refused(&old).contains("it expired at"), "{}", refused(&old));
+    let mut off = b.clone();
+    off.config = config("1312345678");
+    assert_eq!(
+        refused(&off),
+        "the medium's console setup code is refused: the medium's config does not enable the console"
+    );
+    let mut reset = b.clone();
+    reset.kind = Kind::Reset;
+    reset.config = String::new();
+    reset.hub = None;
+    reset.enrollment = None;
+    assert!(
+        refused(&reset).contains("console setup code"),
+        "{}",
+        refused(&reset)
+    );
 }

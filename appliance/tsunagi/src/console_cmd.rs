@@ -43,25 +43,49 @@ pub(crate) fn console(cfg: &Config, command: ConsoleCommand) -> u8 {
     }
 }
 
-fn run(cfg: &Config, command: ConsoleCommand) -> Result<(), String> {
-    let dir = cfg.paths.state_dir.as_path().join(console::NAME);
+/// The console's state directory under `state_dir`, made if missing (the console's user's
+/// when run as root), and a function that gives the files root made there back to that user.
+fn console_dir(
+    state_dir: &std::path::Path,
+) -> Result<(std::path::PathBuf, impl Fn(&[&str])), String> {
+    let dir = state_dir.join(console::NAME);
     let identity = if privilege::is_root() {
         Some(privilege::ensure_user(console::USER).map_err(|e| crate::error_chain(&e))?)
     } else {
         None
     };
     privilege::ensure_private_dir(&dir, identity).map_err(|e| crate::error_chain(&e))?;
-    // Files made here by root go back to the console's user.
-    let give_back = |names: &[&str]| {
+    let at = dir.clone();
+    let give_back = move |names: &[&str]| {
         if let Some(id) = identity {
             for name in names {
-                let path = dir.join(name);
+                let path = at.join(name);
                 if path.exists() {
                     let _ = nix::unistd::chown(&path, Some(id.uid), Some(id.gid));
                 }
             }
         }
     };
+    Ok((dir, give_back))
+}
+
+/// Keeps a provisioning medium's setup code hash (`tsunagi medium apply`) for the console
+/// under `state_dir`, while it has no account: returns whether it was kept.
+pub(crate) fn install_setup_code(
+    state_dir: &std::path::Path,
+    setup: &tsunagi_medium::ConsoleSetup,
+) -> Result<bool, String> {
+    let (dir, give_back) = console_dir(state_dir)?;
+    let db = console::service::DB_FILE;
+    let result = console::accounts::Accounts::open(&dir.join(db))
+        .and_then(|a| a.install_setup_code(&setup.code_hash, setup.expires_at))
+        .map_err(|e| crate::error_chain(&e));
+    give_back(&[db, &format!("{db}-wal"), &format!("{db}-shm")]);
+    result
+}
+
+fn run(cfg: &Config, command: ConsoleCommand) -> Result<(), String> {
+    let (dir, give_back) = console_dir(cfg.paths.state_dir.as_path())?;
     match command {
         ConsoleCommand::SetupCode => {
             let db = console::service::DB_FILE;

@@ -282,6 +282,17 @@ fn apply(
             crate::enroll_cmd::record_box(&here, box_serial).map_err(std::io::Error::other)?;
         }
     }
+    // The console's first administrator's code, as its hash (the code is on the
+    // provisioning sheet): only while the console has no account.
+    if let Some(setup) = &b.console_setup {
+        let kept = crate::console_cmd::install_setup_code(&args.state_dir, setup)
+            .map_err(|e| std::io::Error::other(format!("the console's setup code: {e}")))?;
+        if !kept {
+            eprintln!(
+                "tsunagi medium: the console has accounts already: the medium's setup code is not needed and was not kept"
+            );
+        }
+    }
     // Last: the medium counts as applied only once everything is in place.
     record(
         &args.state_dir,

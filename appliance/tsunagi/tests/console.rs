@@ -865,9 +865,9 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
                 })
                 .count()
                 >= 2
-                && ms.iter().any(|m| {
-                    m.contains("csd-code=\"110133\"") && m.contains("broken at row 1")
-                })
+                && ms
+                    .iter()
+                    .any(|m| m.contains("csd-code=\"110133\"") && m.contains("broken at row 1"))
         },
     );
     h.signal(Signal::SIGTERM);

@@ -53,6 +53,7 @@ fn bundle(code: &str, serial: u64) -> Bundle {
             url: "https://10.98.0.1:8443/enroll".to_owned(),
         }),
         secrets: std::collections::BTreeMap::new(),
+        console_setup: None,
     }
 }
 
@@ -526,4 +527,88 @@ fn the_clinics_share_password_lands_where_the_config_names_it_for_root_alone() {
     );
     // The applied config then loads: its secret file is private.
     tsunagi_config::load(&b.config()).unwrap();
+}
+
+/// Issue 19: the console's first administrator registers with the setup code from the
+/// provisioning sheet; the medium carries only its hash, which the box keeps for the
+/// console while it has no account.
+#[test]
+fn the_sheets_setup_code_opens_the_console_once_and_only_its_hash_travels() {
+    let k = key();
+    let b = Box::new(&k);
+    let media = tempfile::tempdir().unwrap();
+    let (code, hash) = tsunagi_medium::setup_code::generate().unwrap();
+    let mut with_console = bundle("1312345678", 1);
+    with_console
+        .config
+        .push_str("\n[console]\nenabled = true\n");
+    with_console.console_setup = Some(tsunagi_medium::ConsoleSetup {
+        code_hash: hash,
+        expires_at: now() + 86_400,
+    });
+    let medium = media.path().join("console");
+    write(&medium, &with_console, Some(&k));
+    let on_medium = std::fs::read_to_string(medium.join(tsunagi_medium::BUNDLE_FILE)).unwrap();
+    assert!(!on_medium.contains(&tsunagi_medium::setup_code::normalize(&code)));
+    let (text, exit) = b.medium("apply", &medium);
+    assert_eq!(exit, 0, "{text}");
+    let db = b
+        .dir
+        .path()
+        .join("state/console")
+        .join(console::service::DB_FILE);
+    let mut accounts = console::accounts::Accounts::open(&db).unwrap();
+    assert!(accounts.setup_pending(now()).unwrap());
+    // A wrong code is refused; the sheet's code, as typed in lower case, makes the first
+    // administrator; then it is gone.
+    let secret = console::accounts::random(console::accounts::TOTP_SECRET_LEN).unwrap();
+    let totp = |step: i64| {
+        console::accounts::totp_code(
+            &secret,
+            u64::try_from(step).unwrap() / console::accounts::TOTP_STEP,
+        )
+    };
+    let password = "correct horse battery staple";
+    let t = now();
+    assert!(
+        accounts
+            .setup_admin(
+                "AAAA-BBBB-CCCC-DDDD",
+                "admin",
+                password,
+                &secret,
+                &totp(t),
+                t
+            )
+            .unwrap()
+            .is_err()
+    );
+    accounts
+        .setup_admin(
+            &code.to_lowercase(),
+            "admin",
+            password,
+            &secret,
+            &totp(t),
+            t,
+        )
+        .unwrap()
+        .unwrap();
+    assert!(!accounts.setup_pending(now()).unwrap());
+    drop(accounts);
+    // A newer medium with another code: the console has its administrator, so the code is
+    // not kept.
+    let (_, hash) = tsunagi_medium::setup_code::generate().unwrap();
+    let mut again = with_console.clone();
+    again.serial = 2;
+    again.console_setup = Some(tsunagi_medium::ConsoleSetup {
+        code_hash: hash,
+        expires_at: now() + 86_400,
+    });
+    write(&medium, &again, Some(&k));
+    let (text, exit) = b.medium("apply", &medium);
+    assert_eq!(exit, 0, "{text}");
+    assert!(text.contains("the console has accounts already"), "{text}");
+    let accounts = console::accounts::Accounts::open(&db).unwrap();
+    assert!(!accounts.setup_pending(now()).unwrap());
 }

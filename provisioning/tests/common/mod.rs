@@ -93,7 +93,7 @@ pub fn operator(work: &Path) -> Operator {
 /// A medium for `code`; its token.
 pub fn token(op: &mut Operator, work: &Path, code: &str, valid: Duration) -> String {
     let out = work.join(format!("medium-{}", fastrand_name()));
-    let b = op
+    let (b, _) = op
         .write_medium(
             code,
             tsunagi_medium::Kind::Provision,
