@@ -8,12 +8,14 @@
 //! - [`web`]: the pages and forms.
 //! - [`overview`]: 接続状態's facts, from the services' metrics.
 //! - [`patients`]: the consent desk's pages, over the consent service's desk socket.
+//! - [`inspection`]: SS-MIX2 の点検, the storage's conformance report the sync keeps.
 //! - [`trail`]: 監査, the consent service's decision trail and its verification.
 //! - [`tls`]: the server certificate (the network CA's, or a self-signed one).
 //! - [`service`]: the service that serves them.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod inspection;
 pub mod overview;
 pub mod patients;
 pub mod service;

@@ -45,6 +45,8 @@ pub struct Settings {
     pub audit_socket: Option<PathBuf>,
     /// The consent service's desk socket, when consent is enabled.
     pub desk_socket: Option<PathBuf>,
+    /// The SS-MIX2 sync's conformance report, when the sync is enabled.
+    pub ssmix2_report: Option<PathBuf>,
 }
 
 impl Settings {
@@ -70,6 +72,11 @@ impl Settings {
                 .join(tsunagi_runtime::control::SOCKET_NAME),
             audit_socket: cfg.audit.enabled.then(|| audit::service::socket_path(cfg)),
             desk_socket: cfg.consent.enabled.then(|| consent::desk::socket_path(cfg)),
+            ssmix2_report: cfg
+                .ssmix2
+                .as_ref()
+                .is_some_and(|x| x.enabled)
+                .then(|| ssmix2_sync::report_path(cfg)),
         }
     }
 }
@@ -147,6 +154,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ConsoleError
         status_socket: settings.status_socket.clone(),
         pending: Some(pending),
         desk_socket: settings.desk_socket.clone(),
+        ssmix2_report: settings.ssmix2_report.clone(),
     });
     let router = web::router(app.clone());
     let acceptor = tokio_rustls::TlsAcceptor::from(server.config.clone());

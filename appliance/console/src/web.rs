@@ -24,7 +24,7 @@ use tsunagi_runtime::status::{Health, ServiceState, StatusReport};
 
 use crate::accounts::{self, AccountInfo, Accounts, Policy, Refused, Role, Session};
 use crate::overview::Overview;
-use crate::{patients, trail};
+use crate::{inspection, patients, trail};
 
 /// The session cookie.
 pub const SESSION_COOKIE: &str = "__Host-tsunagi-session";
@@ -44,6 +44,8 @@ pub struct App {
     /// The consent service's desk socket (`None`: consent is not enabled; the patient pages
     /// say the desk cannot be reached).
     pub desk_socket: Option<PathBuf>,
+    /// The SS-MIX2 sync's conformance report (`None`: the sync is not enabled).
+    pub ssmix2_report: Option<PathBuf>,
 }
 
 /// The peer of a connection.
@@ -79,6 +81,7 @@ pub fn router(app: Shared) -> Router {
         .route("/patient/withdraw", post(patients::withdraw))
         .route("/patient/receipt", post(patients::receipt))
         .route("/audit", get(trail::newest).post(trail::older))
+        .route("/ssmix2", get(inspection::page_of))
         .fallback(not_found)
         .layer(middleware::from_fn(guard))
         .with_state(app)
@@ -268,6 +271,7 @@ pub(crate) fn page(title: &str, who: Option<&Session>, body: Markup) -> Html<Str
                             nav aria-label="メニュー" {
                                 a href="/" { "接続状態" }
                                 " " a href="/patients" { "患者" }
+                                " " a href="/ssmix2" { "SS-MIX2 の点検" }
                                 @if s.role == Role::Admin {
                                     " " a href="/accounts" { "アカウント" }
                                     " " a href="/audit" { "監査" }

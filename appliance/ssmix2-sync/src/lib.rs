@@ -30,6 +30,22 @@ pub const NAME: &str = "ssmix2";
 /// The service's system user.
 pub const USER: &str = "tsunagi-ssmix2";
 
+/// The directory, inside the runtime directory, of the storage's conformance report
+/// (SS-MIX2 の点検): the service's, group `tsunagi-desk` (the console), mode 2750.
+pub const REPORT_DIR: &str = "ssmix2-report";
+/// The report ([`ssmix2::conformance::Conformance`] as JSON, 0640), replaced after each
+/// cycle.
+pub const REPORT_FILE: &str = "conformance.json";
+
+/// The conformance report's path for a config.
+pub fn report_path(cfg: &tsunagi_config::Config) -> std::path::PathBuf {
+    cfg.paths
+        .runtime_dir
+        .as_path()
+        .join(REPORT_DIR)
+        .join(REPORT_FILE)
+}
+
 /// The SS-MIX2 sync as the binary lists it.
 pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service::Service {
     name: NAME,
@@ -47,7 +63,14 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
     worker_threads: 2,
     launch: |cfg| {
         let x = cfg.ssmix2.as_ref().filter(|x| x.enabled)?;
-        Some(tsunagi_runtime::service::Launch::reading(cfg, x))
+        Some(tsunagi_runtime::service::Launch {
+            // The conformance report's directory: the console (group `tsunagi-desk`) reads it.
+            shared_dirs: vec![(
+                cfg.paths.runtime_dir.as_path().join(REPORT_DIR),
+                consent::desk::GROUP.to_owned(),
+            )],
+            ..tsunagi_runtime::service::Launch::reading(cfg, x)
+        })
     },
     main: |cfg, ctx| match &cfg.ssmix2 {
         Some(x) => tsunagi_runtime::service::boxed(service::run(

@@ -53,6 +53,8 @@ pub struct Settings {
     pub watch: WatchMode,
     /// The `audit` service's socket (ATNA); `None`: the audit trail is off.
     pub audit_socket: Option<PathBuf>,
+    /// Where the conformance report goes after each cycle (`None`: nowhere).
+    pub report: Option<PathBuf>,
 }
 
 impl Settings {
@@ -98,6 +100,7 @@ impl Settings {
             state_dir: cfg.paths.state_dir.as_path().join(crate::NAME),
             consent_socket: consent::service::socket_path(cfg),
             audit_socket: cfg.audit.enabled.then(|| audit::service::socket_path(cfg)),
+            report: Some(crate::report_path(cfg)),
             target,
             scan_interval: x.scan_interval.get(),
             // A share delivers no inotify events, and before it is mounted inotify would
@@ -362,6 +365,11 @@ fn worker(
                 "cannot keep a refused TLS peer for the audit trail"
             );
         }
+        if result.is_ok()
+            && let Some(path) = &settings.report
+        {
+            keep_report(&syncer, path);
+        }
         match &result {
             Ok(r) => {
                 failures = 0;
@@ -451,6 +459,26 @@ fn result_unsettled(shared: &Mutex<Shared>) -> bool {
     shared
         .lock()
         .is_ok_and(|s| matches!(&s.last, Some(Ok(r)) if r.unsettled > 0))
+}
+
+/// Replaces the conformance report at `path` (0640: the console's group reads it). A
+/// report that cannot be kept is logged and tried again after the next cycle: the sync
+/// itself goes on.
+fn keep_report(syncer: &Syncer, path: &std::path::Path) {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let kept = syncer
+        .conformance(at)
+        .map_err(|e| tsunagi_runtime::child::error_chain(&e))
+        .and_then(|report| serde_json::to_vec(&report).map_err(|e| e.to_string()))
+        .and_then(|bytes| {
+            tsunagi_state::replace_file(path, &bytes, 0o640).map_err(|e| e.to_string())
+        });
+    if let Err(why) = kept {
+        tracing::warn!(%why, "cannot keep the conformance report");
+    }
 }
 
 fn report(shared: &Mutex<Shared>) -> (Health, String, Vec<(String, f64)>) {

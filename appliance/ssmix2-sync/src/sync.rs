@@ -355,6 +355,11 @@ impl Syncer {
     }
 
     /// Runs one cycle (blocking).
+    /// The storage's conformance report (SS-MIX2 の点検) as the index holds it, at `at`.
+    pub fn conformance(&self, at: i64) -> Result<ssmix2::conformance::Conformance, SyncError> {
+        Ok(ssmix2::conformance::Conformance::of(&self.index, at)?)
+    }
+
     pub fn cycle(
         &mut self,
         gate: &mut dyn Gate,

@@ -294,6 +294,18 @@ impl Index {
         Ok(s)
     }
 
+    /// At most `limit` paths whose reason is `code`, in path order.
+    pub fn with_reason(&self, code: &str, limit: usize) -> Result<Vec<String>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT path FROM files WHERE reason = ?1 ORDER BY path LIMIT ?2")?;
+        let rows = stmt.query_map(
+            rusqlite::params![code, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| r.get::<_, String>(0),
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Number of rows.
     pub fn len(&self) -> Result<u64, IndexError> {
         let n: i64 = self

@@ -12,6 +12,7 @@
 //! With I/O, and never writing to the storage:
 //! * [`scan`]: the streaming inventory (memory bounded by one folder, not the tree).
 //! * [`index`]: the inventory's SQLite index.
+//! * [`conformance`]: the storage's conformance report (SS-MIX2 の点検) from the index.
 //! * [`build`]: the test-data builder (writes storages, as an EMR would).
 //! * [`encode`]: the ISO-2022-JP writer rules (E-20), used by the builder.
 //! * [`watch`]: when a file is settled (E-01), when a deletion is confirmed (E-03).
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod conformance;
 pub mod datatype;
 pub mod decode;
 pub mod encode;

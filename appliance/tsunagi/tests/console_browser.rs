@@ -119,6 +119,10 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     b.click("a[href='/audit']").unwrap();
     b.wait_for("改ざんは見つかりませんでした").unwrap();
     look(&mut b, "audit", &mut checked);
+    // SS-MIX2 の点検: this box does not sync SS-MIX2, and says so.
+    b.click("a[href='/ssmix2']").unwrap();
+    b.wait_for("SS-MIX2 の同期を使用していません").unwrap();
+    look(&mut b, "ssmix2", &mut checked);
 
     // The administrator adds a desk account.
     b.click("a[href='/accounts']").unwrap();

@@ -420,4 +420,12 @@ fn log_in_to_the_demo_console(clinic: &str, text: &str) {
     );
     let (_, words) = row("時刻");
     assert!(!words.is_empty(), "{words}");
+    // SS-MIX2 の点検: the demo's storage as the sync last inspected it.
+    let page = curl(&[&format!("{url}ssmix2")]);
+    assert!(
+        page.contains("<h1>SS-MIX2 の点検</h1>")
+            && page.contains("最終点検: 20")
+            && page.contains("<th scope=\"row\">合計</th>"),
+        "{page}"
+    );
 }

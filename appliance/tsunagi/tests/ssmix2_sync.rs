@@ -268,6 +268,56 @@ fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
     c.h.wait_for("the release records", Duration::from_secs(30), |s| {
         service(s, "ssmix2")["metrics"]["release_records_waiting"] == 0.0
     });
+    // SS-MIX2 の点検 (issue 19): a file that breaks the naming convention is quarantined,
+    // never sent, and the conformance report the console reads names it; the report is the
+    // console's group's to read, and no one else's.
+    let beside = tree(c.storage.root())
+        .into_keys()
+        .find(|k| patient_of(k) == Some(cc.id.as_str()))
+        .unwrap();
+    let bad = Path::new(&beside)
+        .parent()
+        .unwrap()
+        .join("not-an-ssmix2-name.txt")
+        .to_string_lossy()
+        .into_owned();
+    std::fs::write(c.storage.root().join(&bad), "x").unwrap();
+    let report_file =
+        c.h.runtime_dir()
+            .join(ssmix2_sync::REPORT_DIR)
+            .join(ssmix2_sync::REPORT_FILE);
+    let read_report = || -> Option<ssmix2::conformance::Conformance> {
+        serde_json::from_slice(&std::fs::read(&report_file).ok()?).ok()
+    };
+    c.h.wait_for(
+        "the bad file in the conformance report",
+        Duration::from_secs(60),
+        |_| {
+            read_report().is_some_and(|r| {
+                r.problems
+                    .iter()
+                    .any(|p| p.severity == "quarantine" && p.examples.contains(&bad))
+            })
+        },
+    );
+    let report = read_report().unwrap();
+    assert!(report.status("quarantined") >= 1, "{report:?}");
+    assert!(report.status("current") >= 6, "{report:?}");
+    assert!(
+        !c.hub().contains_key(&bad),
+        "a quarantined file reached the hub"
+    );
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(&report_file).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o640);
+        if c.h.status().unwrap()["supervisor"]["privileged"] == true {
+            let desk = nix::unistd::Group::from_name(consent::desk::GROUP)
+                .unwrap()
+                .unwrap();
+            assert_eq!(meta.gid(), desk.gid.as_raw(), "the report's group");
+        }
+    }
     c.h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
     let db =

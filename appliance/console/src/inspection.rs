@@ -1,0 +1,171 @@
+//! SS-MIX2 の点検: the conformance report of the clinic's SS-MIX2 storage, as the sync
+//! service keeps it after each cycle (`ssmix2_sync::report_path`: a file in a directory of
+//! group `tsunagi-desk`, which only the console is in). The files by status, then each
+//! problem, the worst first, in Japanese, with a few of its files. Every role may look: the
+//! staff fix the files at the EMR.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use maud::{Markup, html};
+use ssmix2::conformance::Conformance;
+
+use crate::overview::time_words;
+use crate::web::{Shared, page, session};
+
+/// What the console knows of the report.
+#[derive(Debug)]
+pub enum Report {
+    /// The sync is not enabled.
+    NotUsed,
+    /// Enabled, no report yet (its first cycle runs, or it cannot run).
+    NotYet,
+    Unreadable(String),
+    Kept(Box<Conformance>),
+}
+
+/// Reads the report the sync keeps at `path` (`None`: the sync is not enabled).
+pub fn read(path: Option<&std::path::Path>) -> Report {
+    let Some(path) = path else {
+        return Report::NotUsed;
+    };
+    match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Report::NotYet,
+        Err(e) => Report::Unreadable(e.to_string()),
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(c) => Report::Kept(Box::new(c)),
+            Err(e) => Report::Unreadable(e.to_string()),
+        },
+    }
+}
+
+fn severity_words(severity: &str) -> (&'static str, &'static str) {
+    match severity {
+        "quarantine" => ("隔離（ネットワークに送りません）", "bad"),
+        "anomaly" => ("異常（送りますが確認が必要です）", "warn"),
+        _ => ("注意", "warn"),
+    }
+}
+
+/// The page's body.
+pub fn body(report: &Report) -> Markup {
+    match report {
+        Report::NotUsed => html! { p { "この装置では SS-MIX2 の同期を使用していません。" } },
+        Report::NotYet => html! {
+            p.warn role="status" { "まだ点検の結果がありません。SS-MIX2 同期の最初の点検中か、同期が動いていません（接続状態で確かめてください）。" }
+        },
+        Report::Unreadable(why) => {
+            tracing::warn!(%why, "the SS-MIX2 conformance report cannot be read");
+            html! { p.bad role="alert" { "点検の結果を読み取れません。運用者に連絡してください。" } }
+        }
+        Report::Kept(c) => html! {
+            p { "最終点検: " (time_words(c.at)) }
+            table {
+                caption { "ファイル数" }
+                tbody {
+                    tr { th scope="row" { "合計" } td { (c.files) } }
+                    tr { th scope="row" { "最新版" } td { (c.status("current")) } }
+                    tr { th scope="row" { "更新前の版" } td { (c.status("superseded")) } }
+                    tr { th scope="row" { "削除" } td { (c.status("deleted")) } }
+                    tr { th scope="row" { "隔離" } td class=(if c.status("quarantined") > 0 { "bad" } else { "ok" }) { (c.status("quarantined")) } }
+                }
+            }
+            @if c.problems.is_empty() {
+                p.ok { strong { "問題はありません。" } }
+            } @else {
+                h2 { "見つかった問題（重いものから）" }
+                @for p in &c.problems {
+                    @let (words, class) = severity_words(&p.severity);
+                    section {
+                        h3 { span class=(class) { (words) } " " (p.japanese) "（" (p.count) " 件）" }
+                        p { small lang="en" { (p.english) " [" (p.code) "]" } }
+                        ul {
+                            @for path in &p.examples { li { code { (path) } } }
+                            @if p.count > p.examples.len() as u64 {
+                                li { "ほか " (p.count - p.examples.len() as u64) " 件" }
+                            }
+                        }
+                    }
+                }
+                p { "隔離されたファイルはネットワークに送られません。電子カルテの側でファイルを直すと、次の点検で送られます。" }
+            }
+        },
+    }
+}
+
+/// GET `/ssmix2`.
+pub async fn page_of(State(app): State<Shared>, headers: HeaderMap) -> Response {
+    let who = match session(&app, &headers).await {
+        Ok(Some((_, s))) => s,
+        Ok(None) => return Redirect::to("/login").into_response(),
+        Err(t) => return t.into_response(),
+    };
+    let path = app.ssmix2_report.clone();
+    let report = tokio::task::spawn_blocking(move || read(path.as_deref()))
+        .await
+        .unwrap_or_else(|e| Report::Unreadable(e.to_string()));
+    let status = if matches!(report, Report::Unreadable(_)) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, page("SS-MIX2 の点検", Some(&who), body(&report))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Conformance {
+        Conformance {
+            at: 1_796_544_000,
+            files: 12,
+            by_status: [("current".to_owned(), 9), ("quarantined".to_owned(), 3)].into(),
+            problems: vec![ssmix2::conformance::Problem {
+                code: "BAD_NAME".into(),
+                severity: "quarantine".into(),
+                count: 7,
+                japanese: "ファイル名またはフォルダ名がSS-MIX2の命名規約に従っていません".into(),
+                english: "the file or folder name does not follow the SS-MIX2 naming convention"
+                    .into(),
+                examples: vec!["000/000/0000000001/20261120/OMP-01/bad".into()],
+            }],
+        }
+    }
+
+    #[test]
+    fn the_report_reads_in_japanese_with_its_counts_problems_and_files() {
+        let html = body(&Report::Kept(Box::new(report()))).into_string();
+        for words in [
+            "最終点検: 2026-12-06 17:00",
+            "<th scope=\"row\">合計</th><td>12</td>",
+            "<td class=\"bad\">3</td>",
+            "隔離（ネットワークに送りません）",
+            "命名規約に従っていません（7 件）",
+            "<code>000/000/0000000001/20261120/OMP-01/bad</code>",
+            "ほか 6 件",
+        ] {
+            assert!(html.contains(words), "{words}: {html}");
+        }
+        let mut clean = report();
+        clean.problems.clear();
+        clean.by_status.remove("quarantined");
+        assert!(
+            body(&Report::Kept(Box::new(clean)))
+                .into_string()
+                .contains("問題はありません")
+        );
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_report_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("conformance.json");
+        assert!(matches!(read(None), Report::NotUsed));
+        assert!(matches!(read(Some(&path)), Report::NotYet));
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(matches!(read(Some(&path)), Report::Unreadable(_)));
+        std::fs::write(&path, serde_json::to_vec(&report()).unwrap()).unwrap();
+        assert!(matches!(read(Some(&path)), Report::Kept(_)));
+    }
+}
