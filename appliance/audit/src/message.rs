@@ -347,6 +347,17 @@ fn this_box(node: &Node, requestor: bool, role: Code) -> Participant {
     }
 }
 
+/// A console account at an address on the clinic LAN, as the one who asked.
+fn staff(account: &str, from: &str) -> Participant {
+    Participant {
+        user_id: account.to_owned(),
+        alternative_user_id: None,
+        is_requestor: true,
+        network_access_point: Some(from.to_owned()),
+        role: None,
+    }
+}
+
 /// The patient, under the network ID.
 pub fn patient(network_id: &str) -> Object {
     Object {
@@ -674,13 +685,7 @@ pub fn account_change(
         outcome: Outcome::Success,
         outcome_description: Some(what.to_owned()),
         participants: vec![
-            Participant {
-                user_id: admin.to_owned(),
-                alternative_user_id: None,
-                is_requestor: true,
-                network_access_point: Some(from.to_owned()),
-                role: None,
-            },
+            staff(admin, from),
             this_box(node, false, codes::ROLE_APPLICATION),
         ],
         source: node.clone(),
@@ -718,13 +723,7 @@ pub fn audit_log_used(
         outcome: Outcome::Success,
         outcome_description: None,
         participants: vec![
-            Participant {
-                user_id: user.to_owned(),
-                alternative_user_id: None,
-                is_requestor: true,
-                network_access_point: Some(from.to_owned()),
-                role: None,
-            },
+            staff(user, from),
             this_box(node, false, codes::ROLE_APPLICATION),
         ],
         source: node.clone(),
@@ -768,13 +767,7 @@ pub fn user_authentication(
         },
         outcome_description: None,
         participants: vec![
-            Participant {
-                user_id: user.to_owned(),
-                alternative_user_id: None,
-                is_requestor: true,
-                network_access_point: Some(from.to_owned()),
-                role: None,
-            },
+            staff(user, from),
             this_box(node, false, codes::ROLE_APPLICATION),
         ],
         source: node.clone(),
