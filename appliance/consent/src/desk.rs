@@ -245,6 +245,11 @@ fn refusal(e: StoreError) -> Result<Answer, StoreError> {
     }
 }
 
+/// Whether the staff member is named as the trail may record them.
+fn valid(staff: &Staff) -> bool {
+    crate::model::is_dicom_id(&staff.account) && staff.from.len() <= 64
+}
+
 fn invalid(why: &str) -> Answer {
     Answer::Refused(Refusal::Invalid(why.to_owned()))
 }
@@ -310,7 +315,7 @@ pub fn answer(store: &mut Store, request: Request, now: Timestamp) -> Result<Ans
         }
         Request::Show { patient } => return view(store, patient),
         Request::Trail { staff, before } => {
-            if !crate::model::is_dicom_id(&staff.account) || staff.from.len() > 64 {
+            if !valid(staff) {
                 return Ok(invalid("the staff account"));
             }
             return trail(store, staff, *before);
@@ -321,7 +326,7 @@ pub fn answer(store: &mut Store, request: Request, now: Timestamp) -> Result<Ans
         | Request::Link { staff, .. }
         | Request::Withdraw { staff, .. } => staff.clone(),
     };
-    if !crate::model::is_dicom_id(&staff.account) || staff.from.len() > 64 {
+    if !valid(&staff) {
         return Ok(invalid("the staff account"));
     }
     let before = store.last_change()?;

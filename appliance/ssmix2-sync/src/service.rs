@@ -365,10 +365,8 @@ fn worker(
                 "cannot keep a refused TLS peer for the audit trail"
             );
         }
-        if result.is_ok()
-            && let Some(path) = &settings.report
-        {
-            keep_report(&syncer, path);
+        if let (Ok(cycle), Some(path)) = (&result, &settings.report) {
+            keep_report(&syncer, cycle, path);
         }
         match &result {
             Ok(r) => {
@@ -464,13 +462,13 @@ fn result_unsettled(shared: &Mutex<Shared>) -> bool {
 /// Replaces the conformance report at `path` (0640: the console's group reads it). A
 /// report that cannot be kept is logged and tried again after the next cycle: the sync
 /// itself goes on.
-fn keep_report(syncer: &Syncer, path: &std::path::Path) {
+fn keep_report(syncer: &Syncer, cycle: &CycleReport, path: &std::path::Path) {
     let at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0);
     let kept = syncer
-        .conformance(at)
+        .conformance(cycle, at)
         .map_err(|e| tsunagi_runtime::child::error_chain(&e))
         .and_then(|report| serde_json::to_vec(&report).map_err(|e| e.to_string()))
         .and_then(|bytes| {

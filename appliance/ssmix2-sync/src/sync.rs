@@ -355,9 +355,18 @@ impl Syncer {
     }
 
     /// Runs one cycle (blocking).
-    /// The storage's conformance report (SS-MIX2 の点検) as the index holds it, at `at`.
-    pub fn conformance(&self, at: i64) -> Result<ssmix2::conformance::Conformance, SyncError> {
-        Ok(ssmix2::conformance::Conformance::of(&self.index, at)?)
+    /// The storage's conformance report (SS-MIX2 の点検) after a cycle that reported
+    /// `cycle`, at `at`.
+    pub fn conformance(
+        &self,
+        cycle: &CycleReport,
+        at: i64,
+    ) -> Result<ssmix2::conformance::Conformance, SyncError> {
+        Ok(ssmix2::conformance::Conformance::of(
+            &self.index,
+            &cycle.scanned,
+            at,
+        )?)
     }
 
     pub fn cycle(

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::index::{Index, IndexError};
 use crate::reason::{Reason, Severity};
+use crate::scan::Summary;
 
 /// How many files of each problem the report names.
 pub const EXAMPLES: usize = 5;
@@ -53,9 +54,9 @@ fn severity_word(s: Severity) -> &'static str {
 }
 
 impl Conformance {
-    /// The report of what `index` holds, at `at`.
-    pub fn of(index: &Index, at: i64) -> Result<Conformance, IndexError> {
-        let summary = index.summary()?;
+    /// The report of what `index` holds, whose [`Index::summary`] is `summary` (a cycle
+    /// has just made it), at `at`.
+    pub fn of(index: &Index, summary: &Summary, at: i64) -> Result<Conformance, IndexError> {
         let mut problems = Vec::new();
         for (code, count) in &summary.by_reason {
             let Some(reason) = Reason::from_code(code) else {

@@ -163,17 +163,7 @@ fn the_staff_set_up_log_in_see_the_box_and_every_misuse_is_refused_and_audited()
         "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = true\n\n[console]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\nlockout-after = 3\n{audit}"
     ));
     // The operator's one-time code for the first administrator.
-    let out = std::process::Command::new(BIN)
-        .args(["console", "setup-code", "--config"])
-        .arg(&h.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let setup_code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let setup_code = h.cli(&["console", "setup-code"]);
     h.start();
     h.wait_for("the console ready", Duration::from_secs(30), |s| {
         state_of(s, "console") == "ready"
@@ -813,16 +803,7 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
         "patient data in the trail"
     );
     // The consent trail verifies.
-    let out = std::process::Command::new(BIN)
-        .args(["audit", "verify", "--config"])
-        .arg(&h.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    h.cli(&["audit", "verify"]);
 
     // 監査: administrators only. The decision trail with `tsunagi consent decide`'s rows (the
     // withdrawal's denial in Japanese), verified; patients only as pseudonyms.

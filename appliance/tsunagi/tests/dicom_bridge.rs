@@ -209,16 +209,7 @@ fn consented_instances_reach_orthanc_byte_for_byte_and_others_wait_for_consent()
             .unwrap();
         assert_eq!(permit, "permit");
     }
-    let out = std::process::Command::new(BIN)
-        .args(["audit", "verify", "--config"])
-        .arg(&h.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    h.cli(&["audit", "verify"]);
 }
 
 #[test]

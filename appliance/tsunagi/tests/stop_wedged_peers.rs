@@ -349,17 +349,7 @@ probe-timeout = "30s"
         net.id(),
         net.hub_public_key(),
     ));
-    let out = std::process::Command::new(BIN)
-        .args(["vpn", "pubkey", "--config"])
-        .arg(&h.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let public = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let public = h.cli(&["vpn", "pubkey"]);
     net.hub_add_peer(&public, &["10.99.0.2/32"]).unwrap();
     h
 }

@@ -122,17 +122,7 @@ fn setup(opts: Options, extra: &str, wrong_hub_key: bool, register: bool) -> Set
         tunnel_config(&net, &hub_key, extra)
     ));
     if register {
-        let out = std::process::Command::new(BIN)
-            .args(["vpn", "pubkey", "--config"])
-            .arg(&h.config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let public = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let public = h.cli(&["vpn", "pubkey"]);
         net.hub_add_peer(&public, &["10.99.0.2/32"]).unwrap();
     }
     Setup {

@@ -77,6 +77,23 @@ impl Harness {
         h
     }
 
+    /// `tsunagi ARGS --config CONFIG`, which must succeed: its standard output, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tsunagi {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
@@ -304,18 +321,7 @@ pub fn set_network_id(h: &Harness, patient: &str, id: &str) {
 
 /// `tsunagi consent ARGS --config ...`, which must succeed.
 pub fn consent_ok(h: &Harness, args: &[&str]) {
-    let out = Command::new(BIN)
-        .arg("consent")
-        .args(args)
-        .arg("--config")
-        .arg(&h.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "consent {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    h.cli(&[&["consent"], args].concat());
 }
 
 /// `tsunagi consent withdraw PATIENT` (recorded at the desk).
@@ -481,17 +487,7 @@ impl ConsoleClinic {
         let mut h = Harness::new(&format!(
             "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = true\n\n[consent]\nenabled = true\nfhir-url = \"http://{fhir}/fhir\"\npull-interval = \"1s\"\n\n[console]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{audit}"
         ));
-        let out = Command::new(BIN)
-            .args(["console", "setup-code", "--config"])
-            .arg(&h.config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let setup_code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let setup_code = h.cli(&["console", "setup-code"]);
         h.start();
         h.wait_for(
             "the console and consent ready",
