@@ -13,7 +13,7 @@
 //! 5. Fuzzes: builds the fuzz targets in `fuzz/` and runs each for 30 s, two at a time
 //!    (`cargo xtask fuzz`); a crash fails the run. This runs beside step 7 at idle CPU
 //!    and I/O priority (`chrt --idle`, `ionice -c 3`), its output printed as one block
-//!    afterwards.
+//!    afterwards, without its build's progress lines.
 //! 6. Builds the appliance image (or reuses it while its inputs are unchanged) and checks it
 //!    (`cargo xtask image --check`), then version 2 of it, published alone into the update
 //!    channel (`cargo xtask release 2`, for the update test), then version 3 beside it, with
@@ -21,7 +21,8 @@
 //!    rollback test).
 //! 7. The image stage: the tests that boot the image in QEMU (hil-tests `image`, with
 //!    `TSUNAGI_IMAGE` and `TSUNAGI_IMAGE_BIN`), in a nextest run of their own after the
-//!    others. `cargo xtask test --stage image` runs only this stage (and what it needs:
+//!    others; when it fails, its panics are printed again at the end of the log, after the
+//!    fuzz run's block. `cargo xtask test --stage image` runs only this stage (and what it needs:
 //!    packages, the FHIR schema, pydicom, the image); long scenarios such as the A/B update
 //!    cycle go here.
 //! 8. Runs every benchmark once, briefly (`TSUNAGI_BENCH_SECS=2`), as a smoke test.
@@ -378,8 +379,20 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
     let tested = image_tests();
     let fuzzed = fuzzing.wait().context("wait for the fuzz run")?;
     banner(&format!("{} (its output)", display(&fuzz)));
-    io::stdout().write_all(&std::fs::read(&fuzz_log).unwrap_or_default())?;
+    let fuzz_text =
+        String::from_utf8_lossy(&std::fs::read(&fuzz_log).unwrap_or_default()).into_owned();
+    if fuzzed.success() {
+        // Its build's hundreds of lines would push the image stage's verdict out of the
+        // tail of the log, which is all a CI summary shows: the full text stays in the file.
+        println!("(its build's progress left out: {})", fuzz_log.display());
+        print!("{}", without_build_progress(&fuzz_text));
+    } else {
+        print!("{fuzz_text}");
+    }
     if let Err(failed) = tested? {
+        // The image stage's failures again, after the fuzz block, so that the tail of the
+        // log says why the run failed.
+        repeat_failures(&image_log());
         return Ok(verdict_failed(&failed));
     }
     if !fuzzed.success() {
@@ -493,10 +506,129 @@ fn image_tests() -> Step {
             "ci",
         ])
         .args(["-E", IMAGE_STAGE]);
-    if !step(&mut nextest)? {
+    if !step_teed(&mut nextest, &image_log())? {
         return Ok(Err(display(&nextest)));
     }
     Ok(Ok(()))
+}
+
+/// Where the image stage's nextest output is also kept (`target/xtask-test-image.log`).
+fn image_log() -> std::path::PathBuf {
+    crate::bench::target_dir().1.join("xtask-test-image.log")
+}
+
+/// Like [`step`], but the child's output is also copied into `log` (replaced).
+fn step_teed(command: &mut Command, log: &Path) -> anyhow::Result<bool> {
+    use std::sync::{Arc, Mutex};
+    banner(&display(command));
+    let file = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let file = Arc::new(Mutex::new(file));
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to run `{}`", display(command)))?;
+    let copy = |from: Box<dyn Read + Send>, to_stdout: bool, file: Arc<Mutex<std::fs::File>>| {
+        thread::spawn(move || {
+            let mut reader = BufReader::new(from);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                if to_stdout {
+                    let mut out = io::stdout().lock();
+                    let _ = out.write_all(&line);
+                    let _ = out.flush();
+                } else {
+                    let _ = io::stderr().lock().write_all(&line);
+                }
+                if let Ok(mut file) = file.lock() {
+                    let _ = file.write_all(&line);
+                }
+                line.clear();
+            }
+        })
+    };
+    let stdout = child.stdout.take().context("the child's stdout")?;
+    let stderr = child.stderr.take().context("the child's stderr")?;
+    let copies = [
+        copy(Box::new(stdout), true, Arc::clone(&file)),
+        copy(Box::new(stderr), false, file),
+    ];
+    let status = child
+        .wait()
+        .with_context(|| format!("wait for `{}`", display(command)))?;
+    for copying in copies {
+        let _ = copying.join();
+    }
+    Ok(status.success())
+}
+
+/// Prints what `log` (a nextest run's output) says of its failures: each panic with the
+/// lines after it, and the run's last lines (its summary).
+fn repeat_failures(log: &Path) {
+    let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+    banner(&format!(
+        "the image stage's failures again (its whole output is above, and in {})",
+        log.display()
+    ));
+    print!("{}", failures_of(&text));
+    let _ = io::stdout().flush();
+}
+
+/// Lines after a panic's first line that [`failures_of`] repeats.
+const PANIC_LINES: usize = 60;
+/// The last lines of a run that [`failures_of`] repeats.
+const LAST_LINES: usize = 25;
+
+/// The text of each distinct panic in `text` (its first line and up to [`PANIC_LINES`] after
+/// it; nextest shows a failure's output twice), then `text`'s last [`LAST_LINES`] lines.
+fn failures_of(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = String::new();
+    let panics: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].contains("panicked at"))
+        .collect();
+    for (n, &i) in panics.iter().enumerate() {
+        // A panic's text runs to the next panic, or for PANIC_LINES lines.
+        let next = panics.get(n + 1).copied().unwrap_or(lines.len());
+        let end = (i + 1 + PANIC_LINES).min(next);
+        // The same panic (its place and first line) shown again is left out.
+        if !seen.insert(lines[i..(i + 2).min(end)].join("\n")) {
+            continue;
+        }
+        for line in &lines[i..end] {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if end < next {
+            out.push_str("[...]\n");
+        }
+    }
+    if out.is_empty() {
+        out.push_str("(no panic in its output)\n");
+    }
+    out.push_str("[its last lines]\n");
+    for line in &lines[lines.len().saturating_sub(LAST_LINES)..] {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// `text` without cargo's build progress (`Compiling`, `Downloaded`, ... lines).
+fn without_build_progress(text: &str) -> String {
+    const PROGRESS: [&str; 6] = [
+        "Compiling ",
+        "Downloaded ",
+        "Downloading ",
+        "Blocking waiting",
+        "Adding ",
+        "Locking ",
+    ];
+    text.lines()
+        .filter(|l| !PROGRESS.iter().any(|p| l.trim_start().starts_with(p)))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 fn banner(text: &str) {
@@ -915,6 +1047,40 @@ fn join_output(handle: Option<JoinHandle<String>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeats_each_panic_once_and_the_summary() {
+        let mut text = String::from("    START hil-tests::image a\n");
+        for _ in 0..2 {
+            text.push_str("thread 'a' panicked at hil-tests/tests/image.rs:561:9:\n");
+            text.push_str("nmap from hub did not scan\n");
+        }
+        text.push_str("     Summary [ 10s] 1 test run: 0 passed, 1 failed\n");
+        let out = failures_of(&text);
+        let (panics, last) = out.split_once("[its last lines]\n").unwrap();
+        assert_eq!(panics.matches("panicked at").count(), 1, "{out}");
+        assert_eq!(last.lines().count(), 6, "{out}");
+        assert!(out.contains("nmap from hub did not scan"), "{out}");
+        assert!(out.ends_with("1 failed\n"), "{out}");
+        assert!(failures_of("ok\n").starts_with("(no panic in its output)"));
+        let long: String = (0..200).map(|i| format!("line {i}\n")).collect();
+        let out = failures_of(&format!("x panicked at y\n{long}"));
+        assert!(
+            out.contains("line 59\n[...]") && !out.contains("line 60\n[..."),
+            "{out}"
+        );
+        assert!(out.ends_with("line 199\n"), "{out}");
+    }
+
+    #[test]
+    fn build_progress_is_left_out() {
+        let text =
+            "   Compiling a v1\n  Downloaded b v2\n    Finished ok\nxtask fuzz: no crashes\n";
+        assert_eq!(
+            without_build_progress(text),
+            "    Finished ok\nxtask fuzz: no crashes\n"
+        );
+    }
 
     #[test]
     fn package_list_is_well_formed() {
