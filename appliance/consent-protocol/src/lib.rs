@@ -383,6 +383,26 @@ impl ReleaseKind {
     }
 }
 
+/// What clinic staff did with objects held in the clinic (the console's 保留中).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Handling {
+    /// Put back in the way out: each is decided again (consent, identity) before it is sent.
+    Requeued,
+    /// Removed from the clinic's queue, never sent.
+    Discarded,
+}
+
+impl Handling {
+    /// The audit trail's decision word: `requeued`, `discarded-held`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handling::Requeued => "requeued",
+            Handling::Discarded => "discarded-held",
+        }
+    }
+}
+
 /// What left, named without patient data: never a path or a name that carries a patient ID.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -471,6 +491,19 @@ pub enum Request {
         objects: Vec<Object>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         decision: Option<i64>,
+    },
+    /// Staff requeued or discarded objects of the patient's data of this category that were
+    /// held in the clinic on their way to `recipient`: one audit row each, reason `by:BY`,
+    /// made before the objects change (what cannot be audited is not done). `patient` is
+    /// the ID the object carries (none: it carries none). At most [`MAX_RELEASE_OBJECTS`].
+    Handled {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        patient: Option<String>,
+        recipient: Recipient,
+        category: Category,
+        handling: Handling,
+        objects: Vec<Object>,
+        by: String,
     },
 }
 
@@ -639,6 +672,20 @@ mod tests {
             "{\"released\":{\"patient\":\"0001234\",\"recipient\":\"hub\",\"category\":\"images\",\"kind\":\"sent\",\"objects\":[{\"dicom-instance\":\"1.2.3\"}],\"decision\":41}}\n"
         );
         assert_eq!(from_line::<Request>(&to_line(&released)).unwrap(), released);
+        let handled = Request::Handled {
+            patient: Some("0005678".into()),
+            recipient: Recipient::Hub,
+            category: Category::Images,
+            handling: Handling::Discarded,
+            objects: vec![Object::DicomInstance("1.2.3".into())],
+            by: "uketsuke1 (192.168.50.20)".into(),
+        };
+        assert_eq!(
+            to_line(&handled),
+            "{\"handled\":{\"patient\":\"0005678\",\"recipient\":\"hub\",\"category\":\"images\",\"handling\":\"discarded\",\"objects\":[{\"dicom-instance\":\"1.2.3\"}],\"by\":\"uketsuke1 (192.168.50.20)\"}}\n"
+        );
+        assert_eq!(from_line::<Request>(&to_line(&handled)).unwrap(), handled);
+        assert_eq!(Handling::Discarded.as_str(), "discarded-held");
         assert_eq!(
             to_line(&Answer::Recorded { audit: 43 }),
             "{\"recorded\":{\"audit\":43}}\n"

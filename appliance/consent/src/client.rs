@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use consent_protocol::{Answer, Request};
 pub use consent_protocol::{
-    Category, Decided, Decision, DenyReason, MAX_RELEASE_OBJECTS, Object, Recipient, ReleaseKind,
+    Category, Decided, Decision, DenyReason, Handling, MAX_RELEASE_OBJECTS, Object, Recipient,
+    ReleaseKind,
 };
 
 /// Patients whose consent changed since a sequence number.
@@ -215,6 +216,42 @@ impl SocketGate {
                 other => {
                     return Err(GateError::Mismatch {
                         asked: "release record",
+                        got: kind(&other),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SocketGate {
+    /// Records that staff requeued or discarded `objects` of `patient`'s `category` data,
+    /// held in the clinic on their way to `recipient` ([`Request::Handled`]). Call it before
+    /// the objects change: what cannot be audited is not done.
+    #[allow(clippy::too_many_arguments)] // each is one field of the request
+    pub fn handled(
+        &mut self,
+        patient: Option<&str>,
+        recipient: Recipient,
+        category: Category,
+        handling: Handling,
+        objects: &[Object],
+        by: &str,
+    ) -> Result<(), GateError> {
+        for objects in objects.chunks(MAX_RELEASE_OBJECTS) {
+            match self.ask(&Request::Handled {
+                patient: patient.map(str::to_owned),
+                recipient: recipient.clone(),
+                category,
+                handling,
+                objects: objects.to_vec(),
+                by: by.to_owned(),
+            })? {
+                Answer::Recorded { .. } => {}
+                other => {
+                    return Err(GateError::Mismatch {
+                        asked: "handling record",
                         got: kind(&other),
                     });
                 }

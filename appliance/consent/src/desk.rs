@@ -12,8 +12,7 @@
 //! ([`Staff`]) are recorded as who asked for it ([`Store::attribute_changes`]).
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -246,7 +245,7 @@ fn refusal(e: StoreError) -> Result<Answer, StoreError> {
 }
 
 /// Whether the staff member is named as the trail may record them.
-fn valid(staff: &Staff) -> bool {
+pub fn valid(staff: &Staff) -> bool {
     crate::model::is_dicom_id(&staff.account) && staff.from.len() <= 64
 }
 
@@ -441,42 +440,17 @@ fn change(
     view(store, &id)
 }
 
-/// Why the console could not get an answer.
-#[derive(Debug, thiserror::Error)]
-pub enum DeskError {
-    #[error("cannot reach the consent desk at {path}")]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the consent desk did not answer")]
-    Io(#[source] std::io::Error),
-    #[error("the consent desk's answer cannot be read")]
-    Answer(#[source] serde_json::Error),
-}
+/// Why the console could not get an answer from the desk.
+pub type DeskError = tsunagi_runtime::listen::AskError;
 
 /// Asks the desk at `socket` (blocking; at most `timeout` for each read and write).
 pub fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Answer, DeskError> {
-    let stream = UnixStream::connect(socket).map_err(|source| DeskError::Connect {
-        path: socket.to_owned(),
-        source,
-    })?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(DeskError::Io)?;
-    let mut line = serde_json::to_string(request).map_err(DeskError::Answer)?;
-    line.push('\n');
-    (&stream)
-        .write_all(line.as_bytes())
-        .map_err(DeskError::Io)?;
-    let mut answer = String::new();
-    BufReader::new(&stream)
-        .take(consent_protocol::MAX_LINE as u64 * 4)
-        .read_line(&mut answer)
-        .map_err(DeskError::Io)?;
-    serde_json::from_str(answer.trim()).map_err(DeskError::Answer)
+    tsunagi_runtime::listen::ask_line(
+        socket,
+        request,
+        timeout,
+        consent_protocol::MAX_LINE as u64 * 4,
+    )
 }
 
 #[cfg(test)]

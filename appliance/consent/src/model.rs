@@ -88,7 +88,7 @@ impl From<PatientId> for String {
     }
 }
 
-pub use consent_protocol::{Category, Recipient};
+pub use consent_protocol::{Category, Handling, Recipient};
 
 /// To whom a consent discloses data (公開設定).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -242,19 +242,9 @@ impl Shared {
             Ok(p) => p,
             Err(e) => return error(format!("patient: {e}")),
         };
-        if objects.is_empty() || objects.len() > consent_protocol::MAX_RELEASE_OBJECTS {
-            return error(format!(
-                "a release names 1 to {} objects",
-                consent_protocol::MAX_RELEASE_OBJECTS
-            ));
-        }
-        let texts = match objects
-            .iter()
-            .map(consent_protocol::Object::audit_text)
-            .collect::<Result<Vec<_>, _>>()
-        {
+        let texts = match audit_texts(objects, "a release") {
             Ok(t) => t,
-            Err(e) => return error(format!("objects: {e}")),
+            Err(answer) => return answer,
         };
         let Ok(mut store) = self.store.lock() else {
             return error("internal error: the store lock is poisoned".into());
@@ -278,9 +268,67 @@ impl Shared {
         }
     }
 
+    /// Staff requeued or discarded held objects ([`Request::Handled`]): recorded before
+    /// the objects change.
+    fn handled(&self, handled: Handled<'_>) -> Answer {
+        let Handled {
+            patient,
+            recipient,
+            category,
+            handling,
+            objects,
+            by,
+        } = handled;
+        // The ID the object carries, hashed like every other: printable, as DICOM LO allows.
+        if patient.is_some_and(|p| {
+            p.is_empty() || p.chars().count() > 64 || p.chars().any(char::is_control)
+        }) {
+            return error("patient: 1 to 64 printable characters".into());
+        }
+        if by.trim().is_empty() || by.chars().count() > 64 || by.chars().any(char::is_control) {
+            return error("by: who did it, 1 to 64 printable characters".into());
+        }
+        let texts = match audit_texts(objects, "a handling") {
+            Ok(t) => t,
+            Err(answer) => return answer,
+        };
+        let Ok(mut store) = self.store.lock() else {
+            return error("internal error: the store lock is poisoned".into());
+        };
+        match store.record_handling(
+            patient,
+            recipient,
+            category,
+            handling,
+            &texts,
+            by,
+            time::now(),
+        ) {
+            Ok(audit) => Answer::Recorded { audit },
+            Err(e) => error(format!("recording the handling failed: {e}")),
+        }
+    }
+
     /// Answers one request (blocking: SQLite).
     pub fn answer(&self, req: &Request) -> Answer {
         let (patient, question, at) = match req {
+            Request::Handled {
+                patient,
+                recipient,
+                category,
+                handling,
+                objects,
+                by,
+            } => {
+                return self.handled(Handled {
+                    patient: patient.as_deref(),
+                    recipient,
+                    category: *category,
+                    handling: *handling,
+                    objects,
+                    by,
+                });
+            }
             Request::Released {
                 patient,
                 recipient,
@@ -444,6 +492,32 @@ impl Shared {
         let reset = anchor.is_some_and(|a| a.reset.is_some());
         (!stale && unreadable == 0 && !reset, summary, metrics)
     }
+}
+
+/// The objects of a release or a handling (`what`) as the trail records them: 1 to
+/// [`consent_protocol::MAX_RELEASE_OBJECTS`], each an identifier; or the error answer.
+fn audit_texts(objects: &[consent_protocol::Object], what: &str) -> Result<Vec<String>, Answer> {
+    if objects.is_empty() || objects.len() > consent_protocol::MAX_RELEASE_OBJECTS {
+        return Err(error(format!(
+            "{what} names 1 to {} objects",
+            consent_protocol::MAX_RELEASE_OBJECTS
+        )));
+    }
+    objects
+        .iter()
+        .map(consent_protocol::Object::audit_text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(format!("objects: {e}")))
+}
+
+/// A [`Request::Handled`], borrowed.
+struct Handled<'a> {
+    patient: Option<&'a str>,
+    recipient: &'a consent_protocol::Recipient,
+    category: consent_protocol::Category,
+    handling: consent_protocol::Handling,
+    objects: &'a [consent_protocol::Object],
+    by: &'a str,
 }
 
 /// Binds the decision socket (replacing a stale one).

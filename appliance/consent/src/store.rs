@@ -490,7 +490,7 @@ pub struct AuditEntry {
     pub patient_hash: String,
     pub recipient: String,
     pub category: String,
-    /// `permit`, `deny`, `sent`, `deleted`, `requeued`.
+    /// `permit`, `deny`, `sent`, `deleted`, `requeued`, `discarded-held`.
     pub decision: String,
     pub reason: String,
 }
@@ -1603,16 +1603,20 @@ impl Store {
     }
 
     /// Records that an operator put objects held in the clinic back in the way out (e.g.
-    /// `tsunagi dicom requeue` of dead letters): one audit row per object, decision
-    /// `requeued`, reason `by:WHO` (WHO is the operator's name as given, up to 64 printable
-    /// characters). `patient` is the spool's raw patient ID (hashed like every other row; an
-    /// instance without one is recorded under an empty hash). Returns the last row's sequence
-    /// number. Nothing leaves by this: each object is decided again before it is sent.
-    pub fn record_requeue(
+    /// `tsunagi dicom requeue` of dead letters, or the console's 保留中), or discarded them:
+    /// one audit row per object, decision [`crate::model::Handling::as_str`] (`requeued`,
+    /// `discarded-held`), reason `by:WHO` (WHO is the operator's name as given, up to 64
+    /// printable characters). `patient` is the spool's raw patient ID (hashed like every
+    /// other row; an instance without one is recorded under an empty hash). Returns the last
+    /// row's sequence number. Nothing leaves by this: a requeued object is decided again
+    /// before it is sent.
+    #[allow(clippy::too_many_arguments)] // each is one column of the rows
+    pub fn record_handling(
         &mut self,
         patient: Option<&str>,
         recipient: &Recipient,
         category: Category,
+        handling: crate::model::Handling,
         objects: &[String],
         by: &str,
         now: Timestamp,
@@ -1635,7 +1639,7 @@ impl Store {
                 patient_hash: &hash,
                 recipient: &recipient,
                 category: category.as_str(),
-                decision: "requeued",
+                decision: handling.as_str(),
                 reason: &reason,
                 object,
                 decision_seq: None,

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod held;
 pub mod inspection;
 pub mod overview;
 pub mod patients;

@@ -47,6 +47,8 @@ pub struct Settings {
     pub desk_socket: Option<PathBuf>,
     /// The SS-MIX2 sync's conformance report, when the sync is enabled.
     pub ssmix2_report: Option<PathBuf>,
+    /// The DICOM service's desk socket, when DICOM is enabled.
+    pub dicom_desk: Option<PathBuf>,
 }
 
 impl Settings {
@@ -77,6 +79,11 @@ impl Settings {
                 .as_ref()
                 .is_some_and(|x| x.enabled)
                 .then(|| ssmix2_sync::report_path(cfg)),
+            dicom_desk: cfg
+                .dicom
+                .as_ref()
+                .is_some_and(|d| d.enabled)
+                .then(|| dicom_bridge::desk::socket_path(cfg)),
         }
     }
 }
@@ -155,6 +162,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ConsoleError
         pending: Some(pending),
         desk_socket: settings.desk_socket.clone(),
         ssmix2_report: settings.ssmix2_report.clone(),
+        dicom_desk: settings.dicom_desk.clone(),
     });
     let router = web::router(app.clone());
     let acceptor = tokio_rustls::TlsAcceptor::from(server.config.clone());

@@ -24,7 +24,7 @@ use tsunagi_runtime::status::{Health, ServiceState, StatusReport};
 
 use crate::accounts::{self, AccountInfo, Accounts, Policy, Refused, Role, Session};
 use crate::overview::Overview;
-use crate::{inspection, patients, trail};
+use crate::{held, inspection, patients, trail};
 
 /// The session cookie.
 pub const SESSION_COOKIE: &str = "__Host-tsunagi-session";
@@ -46,6 +46,9 @@ pub struct App {
     pub desk_socket: Option<PathBuf>,
     /// The SS-MIX2 sync's conformance report (`None`: the sync is not enabled).
     pub ssmix2_report: Option<PathBuf>,
+    /// The DICOM service's desk socket (`None`: DICOM is not enabled; 保留中 says the
+    /// service cannot be reached).
+    pub dicom_desk: Option<PathBuf>,
 }
 
 /// The peer of a connection.
@@ -82,6 +85,9 @@ pub fn router(app: Shared) -> Router {
         .route("/patient/receipt", post(patients::receipt))
         .route("/audit", get(trail::newest).post(trail::older))
         .route("/ssmix2", get(inspection::page_of))
+        .route("/held", get(held::page_of))
+        .route("/held/requeue", post(held::requeue))
+        .route("/held/discard", post(held::discard))
         .fallback(not_found)
         .layer(middleware::from_fn(guard))
         .with_state(app)
@@ -271,6 +277,7 @@ pub(crate) fn page(title: &str, who: Option<&Session>, body: Markup) -> Html<Str
                             nav aria-label="メニュー" {
                                 a href="/" { "接続状態" }
                                 " " a href="/patients" { "患者" }
+                                " " a href="/held" { "保留中" }
                                 " " a href="/ssmix2" { "SS-MIX2 の点検" }
                                 @if s.role == Role::Admin {
                                     " " a href="/accounts" { "アカウント" }
@@ -305,7 +312,7 @@ button{font-size:1rem;padding:.3rem 1rem;margin-top:1rem}table{border-collapse:c
 th,td{border:1px solid #767676;padding:.3rem .6rem;text-align:left}th[scope=row],td.state{white-space:nowrap}\
 table+table{margin-top:1rem}\
 .ok{color:#0a6b0a}.warn{color:#8a4b00}.bad{color:#b00020}.msg{border:2px solid #b00020;padding:.5rem}.done{border:2px solid #0a6b0a;padding:.5rem}\
-code{font-size:1.1rem;overflow-wrap:anywhere}form.inline{display:inline}form.inline button{margin-top:0}\
+code{font-size:1.1rem;overflow-wrap:anywhere}.nowrap{white-space:nowrap}form.inline{display:inline}form.inline button{margin-top:0}\
 fieldset{margin-top:.75rem}label.choice{display:inline-block;margin-right:1rem}\
 .receipt{border:1px solid #767676;padding:1rem;max-width:40rem}\
 @media print{header,.noprint,form{display:none}}";

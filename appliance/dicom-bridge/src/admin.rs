@@ -52,10 +52,11 @@ pub fn requeue(
     }
     for ((patient, category), objects) in &groups {
         store
-            .record_requeue(
+            .record_handling(
                 patient.as_deref(),
                 &Recipient::Hub,
                 *category,
+                consent::model::Handling::Requeued,
                 objects,
                 by,
                 now,

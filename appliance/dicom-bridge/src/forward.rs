@@ -1160,17 +1160,12 @@ pub fn record(
                 delivered += 1;
             }
             Outcome::Refused(status) => {
-                spool.fail(*id, &format!("refused by the network PACS: {status}"))?
+                spool.fail(*id, &format!("{}{status}", crate::desk::PACS_REFUSED))?
             }
-            Outcome::Busy(status) => spool.retry_backoff(
-                *id,
-                &format!("the network PACS cannot store it now: {status}"),
-                now,
-            )?,
-            Outcome::NotAccepted => spool.fail(
-                *id,
-                "the network PACS accepts neither this SOP class nor its transfer syntax",
-            )?,
+            Outcome::Busy(status) => {
+                spool.retry_backoff(*id, &format!("{}{status}", crate::desk::PACS_BUSY), now)?
+            }
+            Outcome::NotAccepted => spool.fail(*id, crate::desk::NOT_ACCEPTED)?,
             // Still queued as it was: the next round decides it again.
             Outcome::Stopped => {}
         }

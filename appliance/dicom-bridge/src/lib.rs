@@ -52,6 +52,12 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
             // the audit hand-over each run on blocking threads, and an arena per thread was
             // 1.8 MiB of the service's peak RSS with a 2 GiB instance (issue 15: ≤ 32 MiB).
             env: vec![("MALLOC_ARENA_MAX".to_owned(), "2".to_owned())],
+            // The desk socket's directory: the console lists, requeues and discards the
+            // instances waiting in the clinic through it (保留中).
+            shared_dirs: vec![(
+                cfg.paths.runtime_dir.as_path().join(desk::DIR),
+                consent::desk::GROUP.to_owned(),
+            )],
             ..tsunagi_runtime::service::Launch::reading(cfg, d)
         })
     },
@@ -69,6 +75,7 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
 pub mod admin;
 pub mod audit_trail;
 pub mod commitment;
+pub mod desk;
 pub mod forward;
 pub mod header;
 pub mod inflight;

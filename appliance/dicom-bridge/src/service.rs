@@ -55,6 +55,9 @@ pub struct Settings {
     pub commitment_timeout: Option<Duration>,
     /// Where each transfer is audited (ATNA).
     pub audit: crate::audit_trail::Settings,
+    /// The console's desk socket's directory ([`crate::desk`]; prepared by the supervisor,
+    /// group `tsunagi-desk`); `None`: no desk.
+    pub desk_dir: Option<PathBuf>,
 }
 
 impl Settings {
@@ -86,6 +89,7 @@ impl Settings {
         };
         Settings {
             audit,
+            desk_dir: Some(cfg.paths.runtime_dir.as_path().join(crate::desk::DIR)),
             scp: scp::Settings {
                 ae_title: ae.clone(),
                 max_pdu: d.max_pdu,
@@ -192,6 +196,12 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot serve the console's desk at {path}")]
+    Desk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the DICOM bridge cannot go on")]
     Background(#[source] TaskEnded),
 }
@@ -232,6 +242,23 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             ctx.shutdown.clone(),
         ),
     );
+    if let Some(dir) = &settings.desk_dir {
+        let listener = std::fs::create_dir_all(dir)
+            .and_then(|()| crate::desk::bind(dir))
+            .map_err(|source| ServiceError::Desk {
+                path: dir.join(crate::desk::SOCKET_NAME),
+                source,
+            })?;
+        tasks.spawn_fallible(
+            "dicom-desk",
+            crate::desk::serve(
+                listener,
+                spool.clone(),
+                settings.consent_socket.clone(),
+                ctx.shutdown.clone(),
+            ),
+        );
+    }
     let audit_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     tasks.spawn(
         "audit-trail",
@@ -762,14 +789,14 @@ pub fn gate_round(
     let mut identities: Vec<(String, Result<Option<String>, String>)> = Vec::new();
     for q in spool.ready(now, limit)? {
         let Some(patient) = q.meta.patient_id.clone() else {
-            spool.hold(q.id, "no PatientID in the data set")?;
+            spool.hold(q.id, crate::desk::NO_PATIENT_ID)?;
             continue;
         };
         // The question is asked with the category of this exact object: a structured report
         // or an encapsulated PDF is a document, not an image. A class no category covers is
         // held, never sent.
         let Some(category) = Category::for_dicom_sop_class(&q.meta.sop_class) else {
-            spool.hold(q.id, "no data category covers this SOP class")?;
+            spool.hold(q.id, crate::desk::NO_CATEGORY)?;
             continue;
         };
         let key = (patient.clone(), category);
@@ -815,11 +842,7 @@ pub fn gate_round(
                 };
                 let Some(network_id) = network_id else {
                     // Every instance of the patient goes under the same ID: wait for it.
-                    spool.retry_later(
-                        q.id,
-                        "waiting for the patient's network ID",
-                        now + IDENTITY_RETRY,
-                    )?;
+                    spool.retry_later(q.id, crate::desk::NO_NETWORK_ID, now + IDENTITY_RETRY)?;
                     continue;
                 };
                 match translated(&q, t, &patient, &network_id) {
@@ -833,7 +856,10 @@ pub fn gate_round(
             Decision::Deny(reason) if reason.is_transient() => {
                 spool.retry_later(
                     q.id,
-                    &format!("the consent service answered {reason}; asked again later"),
+                    &format!(
+                        "{}{reason}; asked again later",
+                        crate::desk::CONSENT_FOR_NOW
+                    ),
                     now + TRANSIENT_RETRY,
                 )?;
             }
@@ -855,9 +881,9 @@ fn refused_or<T>(
 ) -> Result<Result<T, String>, RoundError> {
     match answer {
         Ok(v) => Ok(Ok(v)),
-        Err(consent::client::GateError::Refused(why)) => Ok(Err(format!(
-            "the consent service refused the question: {why}"
-        ))),
+        Err(consent::client::GateError::Refused(why)) => {
+            Ok(Err(format!("{}{why}", crate::desk::CONSENT_REFUSED)))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -1509,6 +1509,144 @@ impl Spool {
         Ok(())
     }
 
+    /// The instances waiting in the clinic, oldest first, at most `limit` (the console's
+    /// 保留中): held (a consent, an identity or the instance itself in the way), dead
+    /// letters (refused by the network PACS for good, or waiting too long), and pending ones
+    /// that failed at least once (the PACS unreachable or busy, the network ID not there
+    /// yet). Not those stored at the PACS that wait for its storage commitment.
+    pub fn waiting(&self, limit: usize) -> Result<Vec<Waiting>, SpoolError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, state, patient_id, sop_class, sop_instance, size, received_at,
+                        attempts, COALESCE(reason, last_error, ''), next_attempt_at
+                 FROM queue
+                 WHERE state IN ('held', 'dead')
+                    OR (state = 'pending' AND last_error IS NOT NULL
+                        AND NOT EXISTS (SELECT 1 FROM commitments c WHERE c.queue_id = queue.id))
+                 ORDER BY id LIMIT ?1",
+            )
+            .map_err(sql("list the waiting instances"))?;
+        let rows = stmt
+            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                Ok(Waiting {
+                    id: r.get(0)?,
+                    state: r.get(1)?,
+                    patient_id: r.get(2)?,
+                    sop_class: r.get(3)?,
+                    sop_instance: r.get(4)?,
+                    size: u64::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
+                    received_at: r.get(6)?,
+                    attempts: u32::try_from(r.get::<_, i64>(7)?).unwrap_or(u32::MAX),
+                    reason: r.get(8)?,
+                    next_attempt_at: r.get(9)?,
+                })
+            })
+            .map_err(sql("list the waiting instances"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("list the waiting instances"))
+    }
+
+    /// Which of `ids` [`Spool::requeue_waiting`] would put back (`discard == false`) or
+    /// [`Spool::discard`] would remove (`true`): waiting instances ([`Spool::waiting`]);
+    /// only held ones and dead letters may be discarded (a pending one may be on its way
+    /// out at this moment). Nothing changes.
+    pub fn pick_waiting(&self, ids: &[i64], discard: bool) -> Result<Vec<Requeued>, SpoolError> {
+        let conn = self.conn();
+        let mut pick = conn
+            .prepare(
+                "SELECT id, patient_id, sop_class, sop_instance FROM queue
+                 WHERE id = ?1 AND (state IN ('held', 'dead')
+                   OR (?2 = 0 AND state = 'pending' AND last_error IS NOT NULL
+                       AND NOT EXISTS (SELECT 1 FROM commitments c WHERE c.queue_id = queue.id)))",
+            )
+            .map_err(sql("read the waiting instances"))?;
+        let mut out = Vec::new();
+        for id in ids {
+            let row = pick
+                .query_row(params![id, i64::from(discard)], |r| {
+                    Ok(Requeued {
+                        id: r.get(0)?,
+                        patient_id: r.get(1)?,
+                        sop_class: r.get(2)?,
+                        sop_instance: r.get(3)?,
+                    })
+                })
+                .optional()
+                .map_err(sql("read the waiting instances"))?;
+            out.extend(row);
+        }
+        Ok(out)
+    }
+
+    /// Puts waiting instances (`ids`, see [`Spool::pick_waiting`]) back in the way out, now:
+    /// held ones and dead letters pending again with their attempts reset (a dead letter's
+    /// clock restarted at `now`), pending ones without their backoff. Each is decided again
+    /// (consent, identity) before it is sent. Returns those put back.
+    pub fn requeue_waiting(&self, ids: &[i64], now: i64) -> Result<Vec<Requeued>, SpoolError> {
+        let picked = self.pick_waiting(ids, false)?;
+        {
+            let conn = self.conn();
+            let tx = write(&conn).map_err(sql("requeue"))?;
+            for r in &picked {
+                tx.execute(
+                    "UPDATE queue SET
+                       received_at = CASE WHEN state = 'dead' THEN ?2 ELSE received_at END,
+                       attempts = CASE WHEN state = 'pending' THEN attempts ELSE 0 END,
+                       state = 'pending', reason = NULL, last_error = NULL, next_attempt_at = 0
+                     WHERE id = ?1",
+                    params![r.id, now],
+                )
+                .map_err(sql("requeue"))?;
+            }
+            tx.commit().map_err(sql("requeue"))?;
+        }
+        self.inner.arrived.notify_one();
+        Ok(picked)
+    }
+
+    /// Removes held instances and dead letters (`ids`, see [`Spool::pick_waiting`]) from
+    /// the spool, never sent: their rows, and their data. Returns those removed.
+    pub fn discard(&self, ids: &[i64]) -> Result<Vec<Requeued>, SpoolError> {
+        let picked = self.pick_waiting(ids, true)?;
+        for r in &picked {
+            let (size, slot) = {
+                let conn = self.conn();
+                let tx = write(&conn).map_err(sql("discard"))?;
+                let row: Option<(i64, Option<i64>)> = tx
+                    .query_row(
+                        "SELECT size, segment FROM queue WHERE id = ?1 AND state IN ('held', 'dead')",
+                        [r.id],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(sql("discard"))?;
+                if row.is_none() {
+                    continue;
+                }
+                tx.execute(GONE, [r.id]).map_err(sql("discard"))?;
+                for table in [
+                    "queue WHERE id",
+                    "superseded WHERE queue_id",
+                    "commitments WHERE queue_id",
+                ] {
+                    tx.execute(&format!("DELETE FROM {table} = ?1"), [r.id])
+                        .map_err(sql("discard"))?;
+                }
+                tx.commit().map_err(sql("discard"))?;
+                (row.map(|r| r.0), row.and_then(|r| r.1))
+            };
+            match slot {
+                Some(slot) => self.depart(slot),
+                None => {
+                    let _ = fs::remove_file(self.object_path(r.id));
+                }
+            }
+            self.release(size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0));
+        }
+        Ok(picked)
+    }
+
     /// The queue's entries in `state` (see [`Admin::entries`]).
     pub fn entries(&self, state: &str, limit: usize) -> Result<Vec<Entry>, SpoolError> {
         entries(&self.conn(), state, limit)
@@ -2030,6 +2168,26 @@ pub struct Entry {
     pub attempts: u32,
     /// Why it is held or dead, or the last forwarding error.
     pub reason: String,
+}
+
+/// An instance waiting in the clinic ([`Spool::waiting`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub id: i64,
+    /// `held`, `dead` or `pending`.
+    pub state: String,
+    /// As the instance carries it (none: it carries none).
+    pub patient_id: Option<String>,
+    pub sop_class: String,
+    pub sop_instance: String,
+    pub size: u64,
+    /// Unix seconds (when the dead-letter clock started).
+    pub received_at: i64,
+    pub attempts: u32,
+    /// Why it is held or dead, or the last forwarding error.
+    pub reason: String,
+    /// Unix seconds: when a pending one is tried again.
+    pub next_attempt_at: i64,
 }
 
 /// A dead letter put back in the queue ([`Spool::requeue`]).

@@ -179,6 +179,55 @@ pub struct LineLimits {
     pub idle: Duration,
 }
 
+/// Why [`ask_line`] got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("cannot reach {path}")]
+    Connect {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no answer")]
+    Io(#[source] std::io::Error),
+    #[error("the answer cannot be read")]
+    Answer(#[source] serde_json::Error),
+}
+
+/// Asks a [`serve_lines`] server at `socket` one JSON request and reads its one-line JSON
+/// answer (at most `max_answer` bytes), blocking, at most `timeout` for each read and write.
+/// The client of the box's local line protocols (the console's desks).
+pub fn ask_line<Req, Ans>(
+    socket: &std::path::Path,
+    request: &Req,
+    timeout: Duration,
+    max_answer: u64,
+) -> Result<Ans, AskError>
+where
+    Req: serde::Serialize,
+    Ans: serde::de::DeserializeOwned,
+{
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let stream =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|source| AskError::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(AskError::Io)?;
+    let mut line = serde_json::to_string(request).map_err(AskError::Answer)?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(AskError::Io)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream)
+        .take(max_answer)
+        .read_line(&mut answer)
+        .map_err(AskError::Io)?;
+    serde_json::from_str(answer.trim()).map_err(AskError::Answer)
+}
+
 /// A Unix socket server of one request line, one answer line (the box's local protocols:
 /// the consent service's decisions, the audit service's records), on [`serve`]'s accept
 /// loop. `answer` turns each [`Line`] into its answer (without the newline).

@@ -17,8 +17,11 @@
 
 mod common;
 
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
+
+use hil_tests::dicom_files::{Ids, japanese_ct};
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -169,7 +172,7 @@ fn the_staff_set_up_log_in_see_the_box_and_every_misuse_is_refused_and_audited()
         state_of(s, "console") == "ready"
     });
     // The fingerprint the operator prints is the certificate the console serves.
-    let out = std::process::Command::new(BIN)
+    let out = Command::new(BIN)
         .args(["console", "fingerprint", "--config"])
         .arg(&h.config)
         .output()
@@ -533,7 +536,7 @@ fn staff_member(
 }
 
 fn consent_json(h: &Harness, patient: &str) -> serde_json::Value {
-    let out = std::process::Command::new(BIN)
+    let out = Command::new(BIN)
         .args(["consent", "show", patient, "--json", "--config"])
         .arg(&h.config)
         .output()
@@ -656,7 +659,7 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
 
     // 公開設定: one more facility, one less; 名寄せ.
     let decide = |to: &str| {
-        let out = std::process::Command::new(BIN)
+        let out = Command::new(BIN)
             .args([
                 "consent", "decide", "0001234", to, "images", "--json", "--config",
             ])
@@ -853,4 +856,187 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
     );
     h.signal(Signal::SIGTERM);
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// The queue IDs of the instances the 保留中 page lists (its forms' hidden `id` fields).
+fn held_ids(page: &str) -> Vec<String> {
+    let mut ids: Vec<String> = page
+        .match_indices("name=\"id\" value=\"")
+        .map(|(at, m)| {
+            let rest = &page[at + m.len()..];
+            rest[..rest.find('"').unwrap()].to_owned()
+        })
+        .collect();
+    ids.dedup();
+    ids
+}
+
+/// The consent trail's rows of staff handling: (decision, reason, object).
+fn handling_rows(h: &Harness) -> Vec<(String, String, String)> {
+    let db = h.state_dir().join("consent").join("consent.db");
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT decision, reason, object FROM audit
+             WHERE decision IN ('requeued', 'discarded-held') ORDER BY seq",
+        )
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// 保留中: two CT instances sent by dcmtk's storescu for a patient without a consent are
+/// held, and listed with why in Japanese; a physician sees them but may not act; the desk
+/// discards one after a confirmation (its data leaves the spool), requeues the other (decided
+/// again: held again), and once the patient's consent is registered it is on its way out,
+/// waiting for the network PACS (unreachable here). Each requeue and discard is in the
+/// consent trail, naming the account and its address.
+#[test]
+fn the_desk_sees_the_held_images_with_why_and_requeues_or_discards_them_audited() {
+    if skip_unless_root(
+        "the_desk_sees_the_held_images_with_why_and_requeues_or_discards_them_audited",
+    ) {
+        return;
+    }
+    let (dicom_port, pacs_port) = (free_port(), free_port());
+    let mut clinic = ConsoleClinic::start_with(
+        &format!(
+            "[dicom]\nlisten = \"127.0.0.1:{dicom_port}\"\npatient-ids = \"as-is\"\n[dicom.pacs]\nae-title = \"NETPACS\"\naddress = \"127.0.0.1:{pacs_port}\"\n"
+        ),
+        &["dicom"],
+    );
+    let h = &mut clinic.h;
+    let (cert, base, setup_code) = (
+        clinic.cert.clone(),
+        clinic.base.clone(),
+        clinic.setup_code.clone(),
+    );
+    let mut admin = administrator(h, &base, &cert, &setup_code);
+    let mut desk = staff_member(&mut admin, &base, &cert, "uketsuke1", "desk");
+    let mut doctor = staff_member(&mut admin, &base, &cert, "ishi1", "physician");
+    let (status, page) = desk.get("/held");
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("止まっている画像はありません"), "{page}");
+
+    let files = tempfile::tempdir().unwrap();
+    let sent: Vec<_> = (0..2)
+        .map(|_| japanese_ct(files.path(), &Ids::new("0005678")).unwrap())
+        .collect();
+    let out = Command::new("storescu")
+        .args([
+            "-v",
+            "-aec",
+            "TSUNAGI-TEST",
+            "127.0.0.1",
+            &dicom_port.to_string(),
+        ])
+        .args(&sent)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        text.matches("Received Store Response (Success)").count(),
+        2,
+        "{text}"
+    );
+
+    let page = wait_for_page(&mut desk, "/held", "both held for want of a consent", |p| {
+        p.matches("同意がありません").count() == 2
+    });
+    assert_eq!(page.matches(">保留<").count(), 2, "{page}");
+    assert!(page.contains("0005678"), "{page}");
+    let ids = held_ids(&page);
+    assert_eq!(ids.len(), 2, "{page}");
+    let csrf = hidden(&page, "csrf");
+
+    // A physician sees them, without the buttons, and may not act.
+    let (status, dpage) = doctor.get("/held");
+    assert_eq!(status, 200, "{dpage}");
+    assert!(
+        dpage.contains("同意がありません") && !dpage.contains("/held/requeue"),
+        "{dpage}"
+    );
+    let dcsrf = hidden(&dpage, "csrf");
+    let (status, _) = doctor.post("/held/requeue", &[("csrf", &dcsrf), ("id", &ids[0])]);
+    assert_eq!(status, 403);
+    // Another session's token: refused.
+    let (status, _) = desk.post("/held/requeue", &[("csrf", &dcsrf), ("id", &ids[0])]);
+    assert_eq!(status, 403);
+
+    // Discard: the question first, then the discard.
+    let (status, page) = desk.post("/held/discard", &[("csrf", &csrf), ("id", &ids[0])]);
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("元に戻せません"), "{page}");
+    assert!(handling_rows(h).is_empty());
+    let (status, page) = desk.post(
+        "/held/discard",
+        &[("csrf", &csrf), ("id", &ids[0]), ("confirm", "yes")],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("画像を破棄しました"), "{page}");
+    assert_eq!(held_ids(&page), [ids[1].clone()], "{page}");
+    let object = |id: &str| {
+        h.state_dir()
+            .join("dicom")
+            .join("spool")
+            .join("objects")
+            .join(format!("{id}.dcm"))
+    };
+    assert!(!object(&ids[0]).exists());
+    assert!(object(&ids[1]).exists());
+
+    // Requeue: decided again, and held again without a consent.
+    let (status, page) = desk.post("/held/requeue", &[("csrf", &csrf), ("id", &ids[1])]);
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("再送を指示しました"), "{page}");
+    let rows = handling_rows(h);
+    let by = "by:uketsuke1 (127.0.0.1)";
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1.as_str()),
+        ("discarded-held", by)
+    );
+    assert_eq!((rows[1].0.as_str(), rows[1].1.as_str()), ("requeued", by));
+    assert!(rows.iter().all(|r| r.2.starts_with("dicom:")), "{rows:?}");
+    assert_ne!(rows[0].2, rows[1].2);
+    wait_for_page(&mut desk, "/held", "held again", |p| {
+        p.contains("同意がありません") && held_ids(p) == [ids[1].clone()]
+    });
+
+    // The consent registered: released, and waiting for the network PACS.
+    let form = h.dir.path().join("form.pdf");
+    std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
+    register_consent(h, &form, "0005678", &[]);
+    let page = wait_for_page(
+        &mut desk,
+        "/held",
+        "on its way out, the PACS unreachable",
+        |p| p.contains("ネットワークの画像サーバーに接続できません"),
+    );
+    assert!(
+        page.contains("再試行待ち") && !page.contains(">破棄する<"),
+        "{page}"
+    );
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// GETs `path` until `ok` says its page is as wanted (at most 60 s).
+fn wait_for_page(b: &mut Browser, path: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, page) = b.get(path);
+        if status == 200 && ok(&page) {
+            return page;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {status} {page}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }

@@ -1,8 +1,11 @@
 //! Issue 19 in a real browser: Debian's Chromium, headless, under chromedriver, against
-//! the console of a running supervisor (with the consent service, its network FHIR server
-//! and the ATNA repository). The first administrator sets up, a desk account logs in with
-//! password and TOTP, registers a patient's consent with the scanned form, opens the
-//! patient, withdraws after the confirmation; a wrong TOTP code, the session cookie
+//! the console of a running supervisor (with the consent service, its network FHIR server,
+//! the DICOM bridge and the ATNA repository). The first administrator sets up, a desk
+//! account logs in with password and TOTP, sees two CT studies sent by dcmtk's storescu held
+//! for want of a consent on 保留中 and discards one after the confirmation, registers the
+//! other patient's consent with the scanned form and sees their study released (waiting for
+//! the network PACS, which does not answer here), opens the patient, withdraws after the
+//! confirmation; a wrong TOTP code, the session cookie
 //! replayed after logout and a form posted from another page are refused. axe-core runs in
 //! every page (no serious or critical violation), and every page is kept as a screenshot
 //! in `target/console-screenshots/`.
@@ -18,6 +21,7 @@ use std::time::Duration;
 
 use common::*;
 use hil_tests::browser::Browser;
+use hil_tests::dicom_files::{Ids, japanese_ct};
 use nix::sys::signal::Signal;
 
 fn unix_now() -> u64 {
@@ -63,10 +67,32 @@ fn look(b: &mut Browser, name: &str, checked: &mut Vec<String>) {
     ));
 }
 
+/// Opens `url` again until `ok` says its page is as wanted (at most 60 s); the page.
+fn reload_until(b: &Browser, url: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        b.goto(url).unwrap();
+        let page = b.source().unwrap();
+        if ok(&page) {
+            return page;
+        }
+        assert!(std::time::Instant::now() < deadline, "{url}: {page}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 #[test]
 fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     // Kept whole to the end: its rsyslog and audit files live as long as it.
-    let mut clinic = ConsoleClinic::start();
+    // With the DICOM bridge, whose network PACS does not answer here: what it holds and
+    // what waits for the PACS show on 保留中.
+    let (dicom_port, pacs_port) = (free_port(), free_port());
+    let mut clinic = ConsoleClinic::start_with(
+        &format!(
+            "[dicom]\nlisten = \"127.0.0.1:{dicom_port}\"\npatient-ids = \"as-is\"\n[dicom.pacs]\nae-title = \"NETPACS\"\naddress = \"127.0.0.1:{pacs_port}\"\n"
+        ),
+        &["dicom"],
+    );
     let h = &mut clinic.h;
     let setup_code = clinic.setup_code.clone();
     let cert = clinic.cert.clone();
@@ -146,6 +172,40 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     b.wait_for("uketsuke1（事務）").unwrap();
     let session = b.cookie(console::web::SESSION_COOKIE).unwrap().unwrap();
 
+    // A CT study of 0001234 (one instance) and one of 0005678, from dcmtk's storescu as a
+    // modality sends them: held, neither patient has a consent. The desk discards the
+    // second after the confirmation.
+    let files = tempfile::tempdir().unwrap();
+    let sent: Vec<_> = ["0001234", "0005678"]
+        .iter()
+        .map(|p| japanese_ct(files.path(), &Ids::new(p)).unwrap())
+        .collect();
+    let out = std::process::Command::new("storescu")
+        .args(["-aec", "TSUNAGI-TEST", "127.0.0.1", &dicom_port.to_string()])
+        .args(&sent)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let held = reload_until(&b, &format!("{base}/held"), |p| {
+        p.matches("同意がありません").count() == 2
+    });
+    assert!(
+        held.contains("0001234") && held.contains("0005678"),
+        "{held}"
+    );
+    look(&mut b, "held", &mut checked);
+    b.click("tbody tr:nth-child(2) form[action='/held/discard'] button")
+        .unwrap();
+    b.wait_for("画像の破棄の確認").unwrap();
+    look(&mut b, "discard-confirm", &mut checked);
+    b.press("破棄する").unwrap();
+    let page = b.wait_for("画像を破棄しました").unwrap();
+    assert!(!page.contains("0005678"), "{page}");
+
     // 患者: the search finds nobody; the registration with the scanned form.
     b.click("a[href='/patients']").unwrap();
     look(&mut b, "patients", &mut checked);
@@ -180,6 +240,11 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     b.press("受付票を印刷する").unwrap();
     b.wait_for("参加同意を受け付けました").unwrap();
     look(&mut b, "receipt", &mut checked);
+    // The held study is released at once, and waits for the network PACS.
+    reload_until(&b, &format!("{base}/held"), |p| {
+        p.contains("ネットワークの画像サーバーに接続できません")
+    });
+    look(&mut b, "held-released", &mut checked);
 
     // Found by kana; withdrawn after the confirmation.
     b.click("a[href='/patients']").unwrap();

@@ -476,6 +476,12 @@ pub struct ConsoleClinic {
 
 impl ConsoleClinic {
     pub fn start() -> ConsoleClinic {
+        ConsoleClinic::start_with("", &[])
+    }
+
+    /// [`ConsoleClinic::start`] with more of the config (`extra`, appended) and more
+    /// services that must be ready.
+    pub fn start_with(extra: &str, ready: &[&str]) -> ConsoleClinic {
         use hil_tests::fhir::{Server, Validator, schema_path};
         let (rsyslog, audit, audit_files) = audit_repository(None, None);
         // Strict: every resource pushed must validate; its pulls keep the cache fresh.
@@ -485,14 +491,19 @@ impl ConsoleClinic {
             .unwrap();
         let port = free_port();
         let mut h = Harness::new(&format!(
-            "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = true\n\n[consent]\nenabled = true\nfhir-url = \"http://{fhir}/fhir\"\npull-interval = \"1s\"\n\n[console]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{audit}"
+            "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = true\n\n[consent]\nenabled = true\nfhir-url = \"http://{fhir}/fhir\"\npull-interval = \"1s\"\n\n[console]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{audit}\n{extra}"
         ));
         let setup_code = h.cli(&["console", "setup-code"]);
         h.start();
         h.wait_for(
             "the console and consent ready",
             Duration::from_secs(30),
-            |s| state_of(s, "console") == "ready" && state_of(s, "consent") == "ready",
+            |s| {
+                ["console", "consent"]
+                    .iter()
+                    .chain(ready)
+                    .all(|name| state_of(s, name) == "ready")
+            },
         );
         let cert = h
             .state_dir()

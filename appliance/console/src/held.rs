@@ -1,0 +1,350 @@
+//! 保留中: the DICOM instances that wait in the clinic (held for a consent or an identity,
+//! refused by the network PACS, or tried again later), each with why in plain Japanese,
+//! over the DICOM service's desk socket ([`dicom_bridge::desk`]). Every role may look; the
+//! desk and administrator roles may requeue one (it is decided again before it is sent) or
+//! discard a held one or a dead letter (after a confirmation). Both are recorded in the
+//! consent service's audit trail first, naming the account and its address.
+
+use std::time::Duration;
+
+use axum::extract::{Extension, Form, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use consent::desk::Staff;
+use dicom_bridge::desk::{self, Answer, Item, Request, State as Held, Why};
+use maud::{Markup, html};
+use serde::Deserialize;
+
+use crate::accounts::{self, Role, Session};
+use crate::overview::time_words;
+use crate::patients::category_words;
+use crate::trail::deny_words;
+use crate::web::{Peer, Shared, Trouble, page, refused_cross_site, session};
+
+const DESK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why an instance waits, as the staff read it.
+pub fn why_words(why: &Why) -> String {
+    match why {
+        Why::Consent(r) => format!(
+            "{}（同意が登録・変更されると自動で送ります）",
+            deny_words(*r)
+        ),
+        Why::ConsentForNow => {
+            "同意情報をネットワークと確かめられないため、あとで自動で確かめ直します".to_owned()
+        }
+        Why::ConsentRefused => {
+            "この患者IDを同意の仕組みで扱えません（運用者に連絡してください）".to_owned()
+        }
+        Why::NoPatientId => {
+            "画像に患者IDがありません（検査機器の設定を確かめてください）".to_owned()
+        }
+        Why::NoCategory => "ネットワークに送る種類の画像ではありません".to_owned(),
+        Why::NoNetworkId => "ネットワークの患者ID（名寄せ）を待っています".to_owned(),
+        Why::PacsUnreachable => {
+            "ネットワークの画像サーバーに接続できません（自動で再試行します）".to_owned()
+        }
+        Why::PacsBusy => {
+            "ネットワークの画像サーバーが受け取れない状態です（自動で再試行します）".to_owned()
+        }
+        Why::PacsRefused(status) => {
+            format!("ネットワークの画像サーバーが受け取りを拒否しました（状態 {status}）")
+        }
+        Why::NotAccepted => "ネットワークの画像サーバーがこの種類の画像を受け付けません".to_owned(),
+        Why::TooLong => "長い間送れなかったため、送信を止めています".to_owned(),
+        Why::Other => "その他の理由です（運用者に連絡してください）".to_owned(),
+    }
+}
+
+/// The state's words and the cell's class.
+pub fn state_words(state: Held) -> (&'static str, &'static str) {
+    match state {
+        Held::Held => ("保留", "warn"),
+        Held::Dead => ("送信不能", "bad"),
+        Held::Pending => ("再試行待ち", "warn"),
+    }
+}
+
+fn may_change(s: &Session) -> bool {
+    matches!(s.role, Role::Desk | Role::Admin)
+}
+
+/// Asks the DICOM service's desk.
+async fn ask(app: &Shared, request: Request) -> Result<Answer, Trouble> {
+    let Some(socket) = app.dicom_desk.clone() else {
+        return Err(Trouble);
+    };
+    match tokio::task::spawn_blocking(move || desk::ask(&socket, &request, DESK_TIMEOUT)).await {
+        Ok(Ok(Answer::Error(why))) => {
+            tracing::error!(%why, "the DICOM desk failed");
+            Err(Trouble)
+        }
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => {
+            tracing::error!(error = &e as &dyn std::error::Error, "the DICOM desk");
+            Err(Trouble)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the DICOM desk task");
+            Err(Trouble)
+        }
+    }
+}
+
+fn kind_words(item: &Item) -> &'static str {
+    match item.category {
+        Some(c) => category_words(c),
+        None => "区分なし",
+    }
+}
+
+fn row(who: &Session, item: &Item) -> Markup {
+    let (state, class) = state_words(item.state);
+    html! {
+        tr {
+            td.nowrap { (time_words(item.received_at)) }
+            td.nowrap { (item.patient.as_deref().unwrap_or("（なし）")) }
+            td.nowrap { (kind_words(item)) }
+            td class=(format!("nowrap {class}")) { (state) }
+            td { (why_words(&item.why)) }
+            td.nowrap { (item.attempts) }
+            @if may_change(who) {
+                td.nowrap {
+                    form.inline method="post" action="/held/requeue" {
+                        input type="hidden" name="csrf" value=(who.csrf);
+                        input type="hidden" name="id" value=(item.id);
+                        button type="submit" { "再送する" }
+                    }
+                    @if item.state != Held::Pending {
+                        " "
+                        form.inline method="post" action="/held/discard" {
+                            input type="hidden" name="csrf" value=(who.csrf);
+                            input type="hidden" name="id" value=(item.id);
+                            button type="submit" { "破棄する" }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The page's body for the desk's answer.
+pub fn body(who: &Session, items: &[Item], more: bool, message: Option<&str>) -> Markup {
+    html! {
+        @if let Some(m) = message { p.msg role="status" { (m) } }
+        p { "院内で止まっている DICOM 画像です。同意や名寄せを待つものは、登録されると自動で送られます。「再送する」は、同意と名寄せを確かめ直してから送ります（確かめられなければ、また保留になります）。" }
+        @if items.is_empty() {
+            p.ok { strong { "止まっている画像はありません。" } }
+        } @else {
+            table {
+                caption { "DICOM 画像（" (items.len()) " 件" @if more { "、古いものから表示" } "）" }
+                thead {
+                    tr.nowrap {
+                        th scope="col" { "受信" }
+                        th scope="col" { "患者ID" }
+                        th scope="col" { "種類" }
+                        th scope="col" { "状態" }
+                        th scope="col" { "理由" }
+                        th scope="col" { "試行" }
+                        @if may_change(who) { th scope="col" { "操作" } }
+                    }
+                }
+                tbody {
+                    @for item in items { (row(who, item)) }
+                }
+            }
+            @if more {
+                p.warn { "ほかにもあります。表示されたものを片付けると、続きが表示されます。" }
+            }
+        }
+        p { "SS-MIX2 のファイルで送られていないものの数は「接続状態」にあります。" }
+    }
+}
+
+fn unavailable(who: &Session) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        page(
+            "保留中",
+            Some(who),
+            html! { p.bad role="alert" { "DICOM の送信サービスに接続できません。この装置で DICOM を使っていないか、サービスが止まっています（接続状態で確かめてください）。" } },
+        ),
+    )
+        .into_response()
+}
+
+async fn show(app: &Shared, who: &Session, message: Option<&str>) -> Response {
+    match ask(app, Request::List).await {
+        Ok(Answer::Waiting { items, more }) => {
+            page("保留中", Some(who), body(who, &items, more, message)).into_response()
+        }
+        Ok(_) | Err(_) => unavailable(who),
+    }
+}
+
+/// GET `/held`.
+pub async fn page_of(State(app): State<Shared>, headers: HeaderMap) -> Response {
+    match session(&app, &headers).await {
+        Ok(Some((_, who))) => show(&app, &who, None).await,
+        Ok(None) => Redirect::to("/login").into_response(),
+        Err(t) => t.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct HeldForm {
+    csrf: String,
+    id: i64,
+    #[serde(default)]
+    confirm: Option<String>,
+}
+
+/// The session of a change: the form token checked and the role allowed.
+async fn changer(app: &Shared, headers: &HeaderMap, csrf: &str) -> Result<Session, Response> {
+    let who = match session(app, headers).await {
+        Ok(Some((_, s))) if accounts::same(s.csrf.as_bytes(), csrf.as_bytes()) => s,
+        Ok(Some(_)) => return Err(refused_cross_site()),
+        Ok(None) => return Err(Redirect::to("/login").into_response()),
+        Err(t) => return Err(t.into_response()),
+    };
+    if !may_change(&who) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            page(
+                "権限がありません",
+                Some(&who),
+                html! { p { "再送と破棄は、事務と管理者の役割のアカウントだけができます。" } },
+            ),
+        )
+            .into_response());
+    }
+    Ok(who)
+}
+
+fn staff(who: &Session, peer: &Peer) -> Staff {
+    Staff {
+        account: who.account.clone(),
+        from: peer.0.ip().to_string(),
+    }
+}
+
+async fn done(app: &Shared, who: &Session, answer: Result<Answer, Trouble>, did: &str) -> Response {
+    let message = match answer {
+        Ok(Answer::Done { count: 0 }) => {
+            "この画像はもう止まっていません（送られたか、状態が変わりました）。".to_owned()
+        }
+        Ok(Answer::Done { .. }) => did.to_owned(),
+        Ok(Answer::Refused(why)) => format!("受け付けられませんでした（{why}）。"),
+        Ok(_) | Err(_) => return unavailable(who),
+    };
+    show(app, who, Some(&message)).await
+}
+
+/// POST `/held/requeue`.
+pub async fn requeue(
+    State(app): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<HeldForm>,
+) -> Response {
+    let who = match changer(&app, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let answer = ask(
+        &app,
+        Request::Requeue {
+            staff: staff(&who, &peer),
+            ids: vec![form.id],
+        },
+    )
+    .await;
+    done(
+        &app,
+        &who,
+        answer,
+        "再送を指示しました。同意と名寄せを確かめてから送ります。",
+    )
+    .await
+}
+
+/// POST `/held/discard`: without `confirm`, the question; with it, the discard.
+pub async fn discard(
+    State(app): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<HeldForm>,
+) -> Response {
+    let who = match changer(&app, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if form.confirm.as_deref() != Some("yes") {
+        let item = match ask(&app, Request::List).await {
+            Ok(Answer::Waiting { items, .. }) => items.into_iter().find(|i| i.id == form.id),
+            _ => return unavailable(&who),
+        };
+        let Some(item) = item else {
+            return done(&app, &who, Ok(Answer::Done { count: 0 }), "").await;
+        };
+        return page(
+            "画像の破棄の確認",
+            Some(&who),
+            html! {
+                p role="alert" {
+                    "患者ID " strong { (item.patient.as_deref().unwrap_or("（なし）")) } " の "
+                    (kind_words(&item)) "（" (time_words(item.received_at)) " 受信）を破棄します。"
+                    "破棄した画像はネットワークに送られず、この装置からも消えます。元に戻せません。検査機器から送り直すことはできます。"
+                }
+                form method="post" action="/held/discard" {
+                    input type="hidden" name="csrf" value=(who.csrf);
+                    input type="hidden" name="id" value=(item.id);
+                    input type="hidden" name="confirm" value="yes";
+                    button type="submit" { "破棄する" }
+                }
+                p { a href="/held" { "やめる（保留中へ戻る）" } }
+            },
+        )
+        .into_response();
+    }
+    let answer = ask(
+        &app,
+        Request::Discard {
+            staff: staff(&who, &peer),
+            ids: vec![form.id],
+        },
+    )
+    .await;
+    done(&app, &who, answer, "画像を破棄しました。").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use consent::client::DenyReason;
+
+    #[test]
+    fn every_reason_has_japanese_words() {
+        let whys = [
+            Why::Consent(DenyReason::Withdrawn),
+            Why::ConsentForNow,
+            Why::ConsentRefused,
+            Why::NoPatientId,
+            Why::NoCategory,
+            Why::NoNetworkId,
+            Why::PacsUnreachable,
+            Why::PacsBusy,
+            Why::PacsRefused("0122H".into()),
+            Why::NotAccepted,
+            Why::TooLong,
+            Why::Other,
+        ];
+        for why in &whys {
+            let words = why_words(why);
+            assert!(!words.is_ascii(), "{why:?}: {words}");
+        }
+        assert!(why_words(&Why::PacsRefused("0122H".into())).contains("0122H"));
+        assert!(why_words(&Why::Consent(DenyReason::Withdrawn)).starts_with("同意が撤回"));
+    }
+}
