@@ -428,4 +428,12 @@ fn log_in_to_the_demo_console(clinic: &str, text: &str) {
             && page.contains("<th scope=\"row\">合計</th>"),
         "{page}"
     );
+    // 保留中: the DICOM bridge's desk answers the console (the sample study was delivered).
+    let page = curl(&[&format!("{url}held")]);
+    assert!(
+        page.contains("<h1>保留中</h1>")
+            && (page.contains("止まっている画像はありません")
+                || page.contains("<caption>DICOM 画像")),
+        "{page}"
+    );
 }
