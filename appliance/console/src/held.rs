@@ -346,5 +346,12 @@ mod tests {
         }
         assert!(why_words(&Why::PacsRefused("0122H".into())).contains("0122H"));
         assert!(why_words(&Why::Consent(DenyReason::Withdrawn)).starts_with("同意が撤回"));
+        // What the staff did is named on 監査 too.
+        for handling in [
+            consent::model::Handling::Requeued,
+            consent::model::Handling::Discarded,
+        ] {
+            assert!(!crate::trail::decision_words(handling.as_str()).is_ascii());
+        }
     }
 }

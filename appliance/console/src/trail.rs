@@ -34,13 +34,14 @@ pub fn deny_words(r: DenyReason) -> &'static str {
     }
 }
 
-fn decision_words(decision: &str) -> &str {
+pub fn decision_words(decision: &str) -> &str {
     match decision {
         "permit" => "許可",
         "deny" => "拒否",
         "sent" => "送信",
         "deleted" => "ネットワークから削除",
         "requeued" => "再送の指示",
+        "discarded-held" => "保留中の破棄",
         other => other,
     }
 }
