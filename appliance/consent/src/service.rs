@@ -279,13 +279,13 @@ impl Shared {
             objects,
             by,
         } = handled;
-        // The ID the object carries, hashed like every other: printable, as DICOM LO allows.
-        if patient.is_some_and(|p| {
-            p.is_empty() || p.chars().count() > 64 || p.chars().any(char::is_control)
-        }) {
+        // 1 to 64 printable characters: the ID the object carries (hashed like every other),
+        // as DICOM LO allows; who did it.
+        let printable = |s: &str| s.chars().count() <= 64 && !s.chars().any(char::is_control);
+        if patient.is_some_and(|p| p.is_empty() || !printable(p)) {
             return error("patient: 1 to 64 printable characters".into());
         }
-        if by.trim().is_empty() || by.chars().count() > 64 || by.chars().any(char::is_control) {
+        if by.trim().is_empty() || !printable(by) {
             return error("by: who did it, 1 to 64 printable characters".into());
         }
         let texts = match audit_texts(objects, "a handling") {

@@ -19,7 +19,7 @@ use crate::accounts::{self, Role, Session};
 use crate::overview::time_words;
 use crate::patients::category_words;
 use crate::trail::deny_words;
-use crate::web::{Peer, Shared, Trouble, page, refused_cross_site, session};
+use crate::web::{Peer, Shared, Trouble, ask_desk, page, refused_cross_site, session};
 
 const DESK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -71,24 +71,16 @@ fn may_change(s: &Session) -> bool {
 
 /// Asks the DICOM service's desk.
 async fn ask(app: &Shared, request: Request) -> Result<Answer, Trouble> {
-    let Some(socket) = app.dicom_desk.clone() else {
-        return Err(Trouble);
-    };
-    match tokio::task::spawn_blocking(move || desk::ask(&socket, &request, DESK_TIMEOUT)).await {
-        Ok(Ok(Answer::Error(why))) => {
-            tracing::error!(%why, "the DICOM desk failed");
-            Err(Trouble)
-        }
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(e)) => {
-            tracing::error!(error = &e as &dyn std::error::Error, "the DICOM desk");
-            Err(Trouble)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "the DICOM desk task");
-            Err(Trouble)
+    fn failed(a: &Answer) -> Option<&str> {
+        match a {
+            Answer::Error(why) => Some(why),
+            _ => None,
         }
     }
+    ask_desk(app.dicom_desk.as_deref(), "dicom", failed, move |socket| {
+        desk::ask(socket, &request, DESK_TIMEOUT)
+    })
+    .await
 }
 
 fn kind_words(item: &Item) -> &'static str {

@@ -19,7 +19,7 @@ use tsunagi_config::FacilityCode;
 
 use crate::accounts::{self, Role, Session};
 use crate::overview::time_words;
-use crate::web::{Peer, Shared, Trouble, page, refused_cross_site, session};
+use crate::web::{Peer, Shared, Trouble, ask_desk, page, refused_cross_site, session};
 
 /// How long a desk request may take.
 const DESK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,24 +119,19 @@ fn not_allowed(s: &Session) -> Response {
 
 /// Asks the consent service's desk.
 pub(crate) async fn ask(app: &Shared, request: Request) -> Result<Answer, Trouble> {
-    let Some(socket) = app.desk_socket.clone() else {
-        return Err(Trouble);
-    };
-    match tokio::task::spawn_blocking(move || desk::ask(&socket, &request, DESK_TIMEOUT)).await {
-        Ok(Ok(Answer::Error(why))) => {
-            tracing::error!(%why, "the consent desk failed");
-            Err(Trouble)
-        }
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(e)) => {
-            tracing::error!(error = &e as &dyn std::error::Error, "the consent desk");
-            Err(Trouble)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "the consent desk task");
-            Err(Trouble)
+    fn failed(a: &Answer) -> Option<&str> {
+        match a {
+            Answer::Error(why) => Some(why),
+            _ => None,
         }
     }
+    ask_desk(
+        app.desk_socket.as_deref(),
+        "consent",
+        failed,
+        move |socket| desk::ask(socket, &request, DESK_TIMEOUT),
+    )
+    .await
 }
 
 fn staff(s: &Session, peer: &Peer) -> Staff {

@@ -234,6 +234,43 @@ fn trouble() -> Response {
         .into_response()
 }
 
+/// Calls one of the box's desks (`call`, on a blocking thread, with its socket): no socket
+/// (the service is not enabled), no answer, or an answer `failed` says is the service's
+/// error is [`Trouble`], logged as `what`'s.
+pub(crate) async fn ask_desk<Ans: Send + 'static>(
+    socket: Option<&std::path::Path>,
+    what: &'static str,
+    failed: fn(&Ans) -> Option<&str>,
+    call: impl FnOnce(&std::path::Path) -> Result<Ans, tsunagi_runtime::listen::AskError>
+    + Send
+    + 'static,
+) -> Result<Ans, Trouble> {
+    let Some(socket) = socket.map(std::path::Path::to_owned) else {
+        return Err(Trouble);
+    };
+    match tokio::task::spawn_blocking(move || call(&socket)).await {
+        Ok(Ok(answer)) => match failed(&answer) {
+            Some(why) => {
+                tracing::error!(%why, desk = what, "the desk failed");
+                Err(Trouble)
+            }
+            None => Ok(answer),
+        },
+        Ok(Err(e)) => {
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                desk = what,
+                "the desk"
+            );
+            Err(Trouble)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, desk = what, "the desk task");
+            Err(Trouble)
+        }
+    }
+}
+
 /// The session of the request's cookie, if it is a live one.
 pub(crate) async fn session(
     app: &Shared,

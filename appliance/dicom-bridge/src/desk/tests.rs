@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use consent::store::{AuditCheck, AuditKey, Store};
-use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::spool::{Committed, Meta};
@@ -50,26 +49,10 @@ fn rows(store: &Store) -> Vec<(String, String, String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_instances_are_listed_with_why_and_requeued_or_discarded_audited_first() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = consent::service::Settings {
-        freshness_bound: Duration::from_secs(86_400),
-        runtime_dir: dir.path().to_owned(),
-        fhir: None,
-        pull_interval: Duration::from_secs(60),
-        audit_socket: None,
-        desk_dir: None,
-    };
-    let listener = consent::service::bind(&settings).unwrap();
     let key = AuditKey::load_or_create(&dir.path().join("audit.key")).unwrap();
     let facility = tsunagi_config::FacilityCode::try_from("1312345678").unwrap();
     let store = Store::open(&dir.path().join("consent.db"), facility, key).unwrap();
-    let shared = consent::service::Shared::new(store, settings);
-    let stop = CancellationToken::new();
-    tokio::spawn(consent::service::serve(
-        listener,
-        shared.clone(),
-        stop.clone(),
-    ));
-    let consent_socket = dir.path().join(consent::service::SOCKET_NAME);
+    let (shared, stop, consent_socket) = crate::testdata::consent_service(dir.path(), store);
     let spool = Spool::open(&dir.path().join("spool"), 1 << 20).unwrap();
     let held = receive(&spool, "1.2.3.1", CT, Some("0001234"));
     spool.hold(held, "no-consent").unwrap();

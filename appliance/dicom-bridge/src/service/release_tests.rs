@@ -1,11 +1,9 @@
 //! The forwarder's gate round against the real consent service on a Unix socket (no root).
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use consent::model::{Category as ConsentCategory, Patient, PatientId, Scope, Sex};
 use consent::store::{AuditCheck, AuditKey, NewConsent, Store};
-use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::forward::Outcome;
@@ -76,23 +74,8 @@ fn receive(spool: &Spool, uid: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivered_instance_leaves_a_release_row_referring_to_the_permit_it_was_sent_under() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = consent::service::Settings {
-        freshness_bound: Duration::from_secs(86_400),
-        runtime_dir: dir.path().to_owned(),
-        fhir: None,
-        pull_interval: Duration::from_secs(60),
-        audit_socket: None,
-        desk_dir: None,
-    };
-    let listener = consent::service::bind(&settings).unwrap();
-    let shared = consent::service::Shared::new(consent_store(dir.path()), settings);
-    let stop = CancellationToken::new();
-    tokio::spawn(consent::service::serve(
-        listener,
-        shared.clone(),
-        stop.clone(),
-    ));
-    let socket = dir.path().join(consent::service::SOCKET_NAME);
+    let (shared, stop, socket) =
+        crate::testdata::consent_service(dir.path(), consent_store(dir.path()));
     let spool = Spool::open(&dir.path().join("spool"), 1 << 20).unwrap();
     let ids = [receive(&spool, "1.2.3.1"), receive(&spool, "1.2.3.2")];
 
