@@ -270,6 +270,28 @@ impl Browser {
         })?)
     }
 
+    /// Picks the option whose text is `label` in the select matching CSS `selector`, as a
+    /// person reads it.
+    pub fn select(&self, selector: &str, label: &str) -> Result<(), BrowserError> {
+        let c = self.client();
+        Ok(self.rt.block_on(async {
+            c.find(Locator::Css(selector))
+                .await?
+                .select_by_label(label)
+                .await
+        })?)
+    }
+
+    /// Clicks the checkbox or radio inside the label whose text is `label`, as a person
+    /// picks it.
+    pub fn check(&self, label: &str) -> Result<(), BrowserError> {
+        let c = self.client();
+        let xpath = format!("//label[normalize-space(.)='{label}']/input");
+        Ok(self
+            .rt
+            .block_on(async { c.find(Locator::XPath(&xpath)).await?.click().await })?)
+    }
+
     /// Clicks the element matching CSS `selector` (a radio, a checkbox, a button).
     pub fn click(&self, selector: &str) -> Result<(), BrowserError> {
         let c = self.client();

@@ -21,7 +21,7 @@ use tsunagi_config::FacilityCode;
 
 use crate::decide::effective;
 use crate::model::{Category, Consent, Evidence, Link, Patient, PatientId, Scope, Status};
-use crate::store::{AuditCheck, AuditEntry, NewConsent, Store, StoreError};
+use crate::store::{AuditCheck, AuditEntry, Directory, NewConsent, Store, StoreError};
 use crate::time::Timestamp;
 
 /// The socket's directory inside the runtime directory.
@@ -112,6 +112,8 @@ pub enum Request {
         staff: Staff,
         before: Option<i64>,
     },
+    /// The network's facility directory, to pick recipients by name.
+    Facilities,
 }
 
 /// The most audit rows one [`Request::Trail`] answers.
@@ -186,6 +188,7 @@ pub enum Answer {
     Patient(Box<View>),
     Refused(Refusal),
     Trail(Box<Trail>),
+    Facilities(Box<Directory>),
     /// The service could not answer (never patient data).
     Error(String),
 }
@@ -313,6 +316,7 @@ pub fn answer(store: &mut Store, request: Request, now: Timestamp) -> Result<Ans
             return Ok(Answer::Found(out));
         }
         Request::Show { patient } => return view(store, patient),
+        Request::Facilities => return Ok(Answer::Facilities(Box::new(store.directory()?))),
         Request::Trail { staff, before } => {
             if !valid(staff) {
                 return Ok(invalid("the staff account"));
@@ -345,7 +349,7 @@ fn change(
     now: Timestamp,
 ) -> Result<Answer, StoreError> {
     let id = match request {
-        Request::Find { .. } | Request::Trail { .. } => {
+        Request::Find { .. } | Request::Trail { .. } | Request::Facilities => {
             return Ok(invalid("a search changes nothing"));
         }
         Request::Show { patient } => patient,

@@ -20,8 +20,8 @@ use serde_json::{Value, json};
 use tsunagi_config::FacilityCode;
 
 use crate::model::{
-    Category, Consent, Link, PATIENT_ID_SYSTEM_PREFIX, Patient, PatientId, Scope, Sex, Source,
-    Status, patient_id_system,
+    Category, Consent, Facility, Link, MAX_FACILITY_NAME, PATIENT_ID_SYSTEM_PREFIX, Patient,
+    PatientId, Scope, Sex, Source, Status, patient_id_system,
 };
 use crate::time::{self, Timestamp};
 
@@ -354,6 +354,60 @@ pub fn identifier(patient: &Value, system: &str) -> Option<String> {
         .find(|i| i["system"] == system)
         .and_then(|i| i["value"].as_str())
         .map(str::to_owned)
+}
+
+/// A facility of the network's directory from its `Organization` (JP Core): the one
+/// 医療機関コード under [`INSTITUTION_SYSTEM`], `name` (1 to [`MAX_FACILITY_NAME`] characters,
+/// no control character), and `active` (absent: active). Anything the box cannot read as R4
+/// says (a `modifierExtension` anywhere, `implicitRules`, no code or two, a code that is not
+/// 10 digits, no usable name) is an error: the facility is not offered by name. Its code is
+/// returned with the error when it could be read.
+pub fn facility_from_resource(r: &Value) -> Result<Facility, (Option<FacilityCode>, FhirError)> {
+    const WHAT: &str = "Organization";
+    let codes: Vec<&Value> = r["identifier"]
+        .as_array()
+        .map(|ids| {
+            ids.iter()
+                .filter(|i| i["system"] == INSTITUTION_SYSTEM)
+                .collect()
+        })
+        .unwrap_or_default();
+    let code = match codes.as_slice() {
+        [one] => one["value"]
+            .as_str()
+            .and_then(|v| FacilityCode::try_from(v).ok()),
+        _ => None,
+    };
+    let fail = |why: &str| Err((code.clone(), bad(WHAT, why)));
+    if r["resourceType"] != "Organization" {
+        return fail("not an Organization");
+    }
+    if has_modifier_extension(r) || r.get("implicitRules").is_some() {
+        return fail("a modifierExtension or implicitRules");
+    }
+    if codes.len() != 1 {
+        return fail("not exactly one 医療機関コード identifier");
+    }
+    let Some(code) = code.clone() else {
+        return fail("the 医療機関コード is not 10 digits");
+    };
+    let active = match r.get("active") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return fail("active is not a boolean"),
+    };
+    let name = r["name"].as_str().map(str::trim).unwrap_or_default();
+    if name.is_empty()
+        || name.chars().count() > MAX_FACILITY_NAME
+        || name.chars().any(char::is_control)
+    {
+        return fail("no name, or a name that is too long or has control characters");
+    }
+    Ok(Facility {
+        code,
+        name: name.to_owned(),
+        active,
+    })
 }
 
 /// Whether a network ID can be carried as a DICOM PatientID (LO): 1–64 printable ASCII
@@ -1071,6 +1125,54 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_facility_is_read_from_its_organization_and_anything_else_is_refused_with_its_code() {
+        let org = |change: fn(&mut Value)| {
+            let mut r = json!({
+                "resourceType": "Organization",
+                "identifier": [
+                    { "system": "urn:other", "value": "x" },
+                    { "system": INSTITUTION_SYSTEM, "value": "1312345670" }
+                ],
+                "name": " 東京第一病院 ",
+            });
+            change(&mut r);
+            facility_from_resource(&r)
+        };
+        assert_eq!(
+            org(|_| {}).unwrap(),
+            Facility {
+                code: fac("1312345670"),
+                name: "東京第一病院".into(),
+                active: true
+            }
+        );
+        assert!(!org(|r| r["active"] = json!(false)).unwrap().active);
+        let refused: [fn(&mut Value); 7] = [
+            |r| r["active"] = json!("no"),
+            |r| r["name"] = json!(""),
+            |r| r["name"] = json!("改行\nのある名前"),
+            |r| r["name"] = json!("長".repeat(MAX_FACILITY_NAME + 1)),
+            |r| r["implicitRules"] = json!("urn:x"),
+            |r| {
+                r["contact"] =
+                    json!([{ "modifierExtension": [{ "url": "urn:x", "valueBoolean": true }] }])
+            },
+            |r| r["resourceType"] = json!("Patient"),
+        ];
+        for change in refused {
+            let (code, _) = org(change).unwrap_err();
+            assert_eq!(code, Some(fac("1312345670")), "the code is still named");
+        }
+        let (code, _) = org(|r| r["identifier"][1]["value"] = json!("131234567")).unwrap_err();
+        assert_eq!(code, None);
+        let (code, _) = org(|r| {
+            r["identifier"][0] = json!({ "system": INSTITUTION_SYSTEM, "value": "1312345671" })
+        })
+        .unwrap_err();
+        assert_eq!(code, None, "two codes: neither is the facility's");
     }
 
     fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {

@@ -18,6 +18,20 @@ pub fn patient_id_system(facility: &FacilityCode) -> String {
     format!("{PATIENT_ID_SYSTEM_PREFIX}{facility}")
 }
 
+/// A facility of the network as its directory names it (FHIR `Organization`, JP Core): for
+/// staff to pick recipients by name. Decisions use only the code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Facility {
+    pub code: FacilityCode,
+    pub name: String,
+    /// `Organization.active` (absent: active). An inactive facility is not offered.
+    pub active: bool,
+}
+
+/// The longest facility name kept.
+pub const MAX_FACILITY_NAME: usize = 200;
+
 /// Why a value was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]

@@ -402,15 +402,16 @@ impl Shared {
     /// the checkpoint the network holds.
     pub fn report(&self) -> (bool, String, Vec<(&'static str, f64)>) {
         let counts = self.counts();
-        let (pending, freshness, unreadable, head, anchor) = match self.store.lock() {
+        let (pending, freshness, unreadable, head, anchor, directory) = match self.store.lock() {
             Ok(store) => (
                 store.pending().map(|p| p.len()).unwrap_or(0),
                 store.freshness(self.settings.freshness_bound).ok(),
                 store.unreadable_patients().unwrap_or(0),
                 store.audit_head().ok().flatten(),
                 store.audit_anchor().ok().flatten(),
+                store.directory().ok(),
             ),
-            Err(_) => (0, None, 0, None, None),
+            Err(_) => (0, None, 0, None, None, None),
         };
         let now = time::now();
         let age = freshness
@@ -432,6 +433,14 @@ impl Shared {
         if unreadable > 0 {
             summary.push_str(&format!(
                 "; {unreadable} patients denied: a consent from the network could not be understood (unreadable-network-consent)"
+            ));
+        }
+        if let Some(d) = &directory
+            && d.unreadable > 0
+        {
+            summary.push_str(&format!(
+                "; {} entries of the network's facility directory could not be understood and are not offered by name",
+                d.unreadable
             ));
         }
         match &head {
@@ -480,6 +489,13 @@ impl Shared {
         ];
         if let Some(a) = &anchor {
             metrics.push(("audit_checkpoint_seq", a.seq as f64));
+        }
+        if let Some(d) = &directory {
+            metrics.push(("directory_facilities", d.facilities.len() as f64));
+            metrics.push(("directory_unreadable", d.unreadable as f64));
+            if let Some(at) = d.refreshed_at {
+                metrics.push(("directory_refreshed_timestamp_seconds", at as f64));
+            }
         }
         if let Some(a) = age {
             metrics.push(("last_pull_age_seconds", a as f64));

@@ -20,7 +20,8 @@
 //! its patient (`unreadable-network-consent`) until a readable version of the same resource
 //! replaces it. The change feed ([`Store::changes_since`]) is the `changes` table: every new
 //! consent version (a trigger) and every unreadable consent recorded or lifted. The pull's
-//! cursors ([`PullCursor`]) are in `pull_cursor`.
+//! cursors ([`PullCursor`]) are in `pull_cursor`. The network's facility directory, for
+//! picking recipients by name, is in `facility` ([`Store::directory`]).
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -241,6 +242,26 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: "
         ALTER TABLE atna_pending ADD COLUMN by_user TEXT;
         ALTER TABLE atna_pending ADD COLUMN by_from TEXT;
+    ",
+    },
+    Migration {
+        version: 7,
+        // The network's facility directory (its `Organization`s), for the console to offer
+        // recipients by name (issue 19). Replaced whole at each refresh: one row per
+        // resource, `why` set when it could not be understood (then not offered, and with it
+        // any other row of the same code). Never used by a decision.
+        sql: "
+        CREATE TABLE facility (
+            resource TEXT PRIMARY KEY,
+            code TEXT,
+            name TEXT,
+            active INTEGER,
+            why TEXT
+        ) STRICT;
+        CREATE TABLE facility_refresh (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            at INTEGER NOT NULL
+        ) STRICT;
     ",
     },
 ];
@@ -1959,5 +1980,7 @@ fn queue(
     Ok(())
 }
 
+mod facilities;
+pub use facilities::{Directory, DirectoryEntry};
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,10 @@
 //! clinic's patients are recorded as links. Only a pull that read every page and applied or
 //! recorded every resource refreshes the cache (see `decide::Freshness`).
 //!
+//! Directory: every [`DIRECTORY_REFRESH`], the network's `Organization`s with a 医療機関コード
+//! (`Organization?identifier=SYSTEM|`), read whole and kept for the console to offer
+//! recipients by name ([`refresh_directory`]). No decision reads it.
+//!
 //! The client speaks HTTP/1.1 to an address inside the hub subnet, through the WireGuard
 //! tunnel: over mutual TLS ([`TlsFiles`]: the server verified against the network CA,
 //! its certificate naming the address; the box's certificate presented, reloaded when the
@@ -35,7 +39,7 @@ use tsunagi_runtime::http::{ClientError, TlsFileError};
 
 use crate::fhir::{self, CONSENT_ID_SYSTEM};
 use crate::model::{PatientId, patient_id_system};
-use crate::store::{Applied, PullCursor, Store, StoreError, Unreadable};
+use crate::store::{Applied, DirectoryEntry, PullCursor, Store, StoreError, Unreadable};
 use crate::time;
 
 const MAX_RESPONSE: usize = 8 * 1024 * 1024;
@@ -436,6 +440,9 @@ pub struct Round {
     pub changed: usize,
     /// The audit checkpoint the network holds after the round.
     pub checkpoint: Checkpoint,
+    /// The facilities the network's directory listed, when the round refreshed it
+    /// ([`DIRECTORY_REFRESH`]).
+    pub directory: Option<usize>,
 }
 
 /// What the round's audit checkpoint came to.
@@ -457,17 +464,70 @@ fn lock(store: &Mutex<Store>) -> Result<std::sync::MutexGuard<'_, Store>, SyncEr
 
 /// Pushes every pending change, then pulls (recording a successful pull), then anchors
 /// the audit trail at the network ([`checkpoint`]), whether or not the pull succeeded.
+/// When due, it also reads the network's facility directory ([`refresh_directory`]); a
+/// failure there fails the round after the pull was recorded, so the cache stays fresh.
 pub async fn round(store: &Mutex<Store>, client: &Client) -> Result<Round, SyncError> {
     let pushed = push(store, client).await?;
     let pulled = pull(store, client).await;
     let checkpoint = checkpoint(store, client).await;
     let (pulled, changed) = pulled?;
+    let checkpoint = checkpoint?;
+    let due = lock(store)?.directory_refreshed_at()?.is_none_or(|at| {
+        let age = time::now().saturating_sub(at);
+        !(0..i64::try_from(DIRECTORY_REFRESH.as_secs()).unwrap_or(i64::MAX)).contains(&age)
+    });
+    let directory = if due {
+        Some(refresh_directory(store, client).await?)
+    } else {
+        None
+    };
     Ok(Round {
         pushed,
         pulled,
         changed,
-        checkpoint: checkpoint?,
+        checkpoint,
+        directory,
     })
+}
+
+/// How often the network's facility directory is read again.
+pub const DIRECTORY_REFRESH: Duration = Duration::from_secs(3600);
+
+/// Reads the network's facility directory whole (every `Organization` with a 医療機関コード,
+/// every page) and replaces the box's copy ([`Store::replace_directory`]); returns how many
+/// entries it read. A page that cannot be read leaves the copy as it was. An Organization the
+/// box cannot understand ([`fhir::facility_from_resource`]) is kept as unreadable: not
+/// offered by name (nor any other entry with its code), and counted in status. The directory
+/// only names facilities for the staff: no decision reads it.
+pub async fn refresh_directory(store: &Mutex<Store>, client: &Client) -> Result<usize, SyncError> {
+    let criteria = format!(
+        "identifier={}",
+        encode(&format!("{}|", token_escape(fhir::INSTITUTION_SYSTEM)))
+    );
+    let mut pager = Pager::start(
+        "Organization",
+        &criteria,
+        PullCursor::default(),
+        client.page_size,
+    )?;
+    let mut entries = Vec::new();
+    while let Some(page) = pager.page(client).await? {
+        for found in page {
+            let read = fhir::facility_from_resource(&found.resource).map_err(|(code, e)| {
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "a facility in the network's directory could not be understood; it is not offered by name"
+                );
+                (code, e.why)
+            });
+            entries.push(DirectoryEntry {
+                resource: found.reference,
+                read,
+            });
+        }
+    }
+    lock(store)?.replace_directory(&entries, time::now())?;
+    Ok(entries.len())
 }
 
 /// Anchors the audit trail outside the box. Reads the box's checkpoint at the network

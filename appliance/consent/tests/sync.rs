@@ -1074,3 +1074,103 @@ fn the_strict_server_serves_audit_events_by_id_only() {
     .unwrap();
     assert_eq!(r.status, 400, "type, agent and source are required in R4");
 }
+
+/// Issue 19: the network's facility directory, for the console to offer recipients by name:
+/// read whole, every page, at the first round and then once per [`DIRECTORY_REFRESH`];
+/// an Organization the box cannot understand, and every entry sharing its code, is not
+/// offered; an inactive one only names its facility. Decisions never read it.
+#[tokio::test]
+async fn the_networks_facility_directory_is_read_whole_and_what_is_not_understood_is_not_offered() {
+    use hil_tests::fhir::organization;
+    assert_eq!(
+        consent::fhir::INSTITUTION_SYSTEM,
+        hil_tests::fhir::INSTITUTION_SYSTEM
+    );
+    let addr = strict_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pid, _) = clinic(dir.path());
+    put(
+        addr,
+        "/fhir/Organization/a",
+        &organization("a", "1312345670", "東京第一病院"),
+    );
+    let mut closed = organization("b", "1312345671", "港区クリニック");
+    closed["active"] = json!(false);
+    put(addr, "/fhir/Organization/b", &closed);
+    let mut odd = organization("c", "1312345672", "新宿医院");
+    odd["modifierExtension"] = json!([{ "url": "urn:x", "valueBoolean": true }]);
+    put(addr, "/fhir/Organization/c", &odd);
+    put(
+        addr,
+        "/fhir/Organization/d1",
+        &organization("d1", "1312345673", "渋谷病院"),
+    );
+    put(
+        addr,
+        "/fhir/Organization/d2",
+        &organization("d2", "1312345673", "渋谷第二病院"),
+    );
+    // Not a facility with a 医療機関コード: not in the directory's search at all.
+    put(
+        addr,
+        "/fhir/Organization/e",
+        &json!({ "resourceType": "Organization", "id": "e", "name": "東京都" }),
+    );
+
+    let client = client(addr, "/fhir").with_page_size(2);
+    let r = round(&store, &client).await.unwrap();
+    assert_eq!(r.directory, Some(5), "every page read");
+    let d = store.lock().unwrap().directory().unwrap();
+    let listed: Vec<(&str, &str, bool)> = d
+        .facilities
+        .iter()
+        .map(|f| (f.code.as_str(), f.name.as_str(), f.active))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("1312345670", "東京第一病院", true),
+            ("1312345671", "港区クリニック", false),
+        ],
+        "by name; the unreadable one and both entries of the shared code are not offered"
+    );
+    assert_eq!(d.unreadable, 3);
+    assert!(d.refreshed_at.is_some());
+    assert_eq!(d.name_of(&fac("1312345670")), Some("東京第一病院"));
+    assert_eq!(d.name_of(&fac("1312345672")), None);
+
+    // Within the hour, a round leaves the directory alone.
+    put(
+        addr,
+        "/fhir/Organization/c",
+        &organization("c", "1312345672", "新宿医院"),
+    );
+    assert_eq!(round(&store, &client).await.unwrap().directory, None);
+    assert_eq!(store.lock().unwrap().directory().unwrap().unreadable, 3);
+    // A refresh reads the readable version.
+    assert_eq!(
+        consent::sync::refresh_directory(&store, &client)
+            .await
+            .unwrap(),
+        5
+    );
+    let d = store.lock().unwrap().directory().unwrap();
+    assert_eq!(d.unreadable, 2);
+    assert_eq!(d.name_of(&fac("1312345672")), Some("新宿医院"));
+
+    // A directory that cannot be read whole leaves the copy as it was, and the consent
+    // cache fresh: the directory never decides.
+    let stopped = consent::sync::refresh_directory(
+        &store,
+        &common::client("127.0.0.1:9".parse().unwrap(), "/fhir"),
+    )
+    .await;
+    assert!(stopped.is_err());
+    assert_eq!(store.lock().unwrap().directory().unwrap(), d);
+    assert_eq!(decide(&store, &pid, "1312345679", DAY), Decision::Permit);
+    assert_eq!(
+        decide(&store, &pid, "1312345670", DAY),
+        Decision::Deny(DenyReason::RecipientNotDisclosed),
+        "named in the directory, not in the consent"
+    );
+}

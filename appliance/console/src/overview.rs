@@ -4,6 +4,8 @@
 //!
 //! - connected or not, and since when: the tunnel's `up` and `link_since_timestamp_seconds`;
 //! - the last consent sync: the consent service's `last_pull_timestamp_seconds` and `stale`;
+//! - the network's facility directory: the consent service's `directory_facilities`,
+//!   `directory_unreadable` and `directory_refreshed_timestamp_seconds`;
 //! - the queues: the DICOM bridge's `spool_pending|held|dead`, SS-MIX2's `outbox_depth` and
 //!   `held_files`;
 //! - the update: the running version, and the update service's `update_staged` and
@@ -36,6 +38,17 @@ pub enum Sync {
     Never,
     /// The consent service does not run, or has not reported.
     Unknown,
+}
+
+/// The network's facility directory, as the consent service keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Directory {
+    /// Facilities offered by name (inactive ones included).
+    pub listed: u64,
+    /// Entries not understood, or sharing a code: not offered.
+    pub unreadable: u64,
+    /// When it was last read whole (never: `None`).
+    pub at: Option<i64>,
 }
 
 /// One queue of what waits to leave.
@@ -89,6 +102,8 @@ pub enum Clock {
 pub struct Overview {
     pub link: Link,
     pub sync: Sync,
+    /// `None`: the consent service does not run, or has not reported.
+    pub directory: Option<Directory>,
     /// `None`: the service does not run.
     pub dicom: Option<Queue>,
     pub ssmix2: Option<Queue>,
@@ -149,6 +164,11 @@ impl Overview {
                 None => Sync::Never,
             },
         };
+        let directory = reporting(report, "consent").map(|c| Directory {
+            listed: count(c, "directory_facilities"),
+            unreadable: count(c, "directory_unreadable"),
+            at: unix(c, "directory_refreshed_timestamp_seconds"),
+        });
         let dicom = reporting(report, "dicom").map(|d| Queue {
             pending: count(d, "spool_pending"),
             held: count(d, "spool_held"),
@@ -190,6 +210,7 @@ impl Overview {
         Overview {
             link,
             sync,
+            directory,
             dicom,
             ssmix2,
             update,
@@ -242,6 +263,29 @@ impl Overview {
                 "warn",
             ),
             Sync::Unknown => ("同意サービスが動いていません".to_owned(), "bad"),
+        };
+        let directory = match self.directory {
+            None => ("同意サービスが動いていません".to_owned(), "bad"),
+            Some(Directory { at: None, .. }) => (
+                "まだ届いていません。施設は医療機関コードで入力します。".to_owned(),
+                "warn",
+            ),
+            Some(Directory {
+                listed,
+                unreadable: 0,
+                at: Some(at),
+            }) => (format!("{listed} 施設（{} 更新）", time_words(at)), "ok"),
+            Some(Directory {
+                listed,
+                unreadable,
+                at: Some(at),
+            }) => (
+                format!(
+                    "{listed} 施設（{} 更新）。読み取れない {unreadable} 件は選べません。",
+                    time_words(at)
+                ),
+                "warn",
+            ),
         };
         let queue = |q: Option<Queue>, dead: bool| match q {
             None => ("使用していません".to_owned(), "ok"),
@@ -296,6 +340,7 @@ impl Overview {
         vec![
             ("ネットワーク", link.0, link.1),
             ("同意情報の最終同期", sync.0, sync.1),
+            ("施設一覧", directory.0, directory.1),
             ("DICOM 画像", dicom.0, dicom.1),
             ("SS-MIX2", ssmix2.0, ssmix2.1),
             ("ソフトウェア", update.0, update.1),
@@ -390,6 +435,9 @@ mod tests {
                 &[
                     ("last_pull_timestamp_seconds", (T + 60) as f64),
                     ("stale", 0.0),
+                    ("directory_facilities", 3.0),
+                    ("directory_unreadable", 0.0),
+                    ("directory_refreshed_timestamp_seconds", T as f64),
                 ],
             ),
             service(
@@ -419,6 +467,10 @@ mod tests {
             ("2026-12-06 17:01（5分前）".into(), "ok")
         );
         assert_eq!(
+            w["施設一覧"],
+            ("3 施設（2026-12-06 17:00 更新）".into(), "ok")
+        );
+        assert_eq!(
             w["DICOM 画像"],
             ("送信待ち 3 件、保留 0 件、送信不能 0 件".into(), "ok")
         );
@@ -445,7 +497,13 @@ mod tests {
             ),
             service(
                 "consent",
-                &[("last_pull_timestamp_seconds", T as f64), ("stale", 1.0)],
+                &[
+                    ("last_pull_timestamp_seconds", T as f64),
+                    ("stale", 1.0),
+                    ("directory_facilities", 3.0),
+                    ("directory_unreadable", 2.0),
+                    ("directory_refreshed_timestamp_seconds", T as f64),
+                ],
             ),
             service(
                 "dicom",
@@ -475,6 +533,13 @@ mod tests {
         assert_eq!(
             w["DICOM 画像"],
             ("送信待ち 0 件、保留 1 件、送信不能 2 件".into(), "warn")
+        );
+        assert_eq!(
+            w["施設一覧"],
+            (
+                "3 施設（2026-12-06 17:00 更新）。読み取れない 2 件は選べません。".into(),
+                "warn"
+            )
         );
         assert_eq!(w["SS-MIX2"], ("使用していません".into(), "ok"));
         assert_eq!(

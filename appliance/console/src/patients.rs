@@ -12,7 +12,8 @@ use axum::extract::{Extension, Form, Multipart, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use consent::desk::{self, Answer, Participation, Refusal, Registration, Request, Staff, View};
-use consent::model::{Category, Patient, PatientId, Scope, Sex};
+use consent::model::{Category, Facility, Patient, PatientId, Scope, Sex};
+use consent::store::Directory;
 use maud::{Markup, html};
 use serde::Deserialize;
 use tsunagi_config::FacilityCode;
@@ -247,8 +248,28 @@ pub async fn search(
     .into_response()
 }
 
-fn facility_list(list: impl IntoIterator<Item = String>) -> String {
-    let v: Vec<String> = list.into_iter().collect();
+/// The network's facility directory, to name facilities and offer them by name; `None` when
+/// the consent service cannot say (then codes are typed, as before the first sync).
+async fn directory(app: &Shared) -> Option<Directory> {
+    match ask(app, Request::Facilities).await {
+        Ok(Answer::Facilities(d)) => Some(*d),
+        _ => None,
+    }
+}
+
+/// A facility as the staff know it: its name from the directory, and its code.
+fn facility_words(dir: Option<&Directory>, code: &FacilityCode) -> String {
+    match dir.and_then(|d| d.name_of(code)) {
+        Some(name) => format!("{name}（{code}）"),
+        None => code.to_string(),
+    }
+}
+
+fn facility_list<'a>(
+    dir: Option<&Directory>,
+    list: impl IntoIterator<Item = &'a FacilityCode>,
+) -> String {
+    let v: Vec<String> = list.into_iter().map(|c| facility_words(dir, c)).collect();
     if v.is_empty() {
         "なし".to_owned()
     } else {
@@ -256,16 +277,80 @@ fn facility_list(list: impl IntoIterator<Item = String>) -> String {
     }
 }
 
-fn scope_words(scope: &Scope) -> String {
+fn scope_words(dir: Option<&Directory>, scope: &Scope) -> String {
     match scope {
         Scope::AllParticipants => "ネットワークのすべての参加施設".to_owned(),
-        Scope::Facilities(list) => facility_list(list.iter().map(|f| f.to_string())),
+        Scope::Facilities(list) => facility_list(dir, list),
     }
 }
 
+/// The facilities to offer by name: the directory's other facilities (`inactive` too, or
+/// only active ones), by name.
+fn offered(dir: Option<&Directory>, own: &str, inactive: bool) -> Vec<Facility> {
+    dir.map(|d| {
+        d.facilities
+            .iter()
+            .filter(|f| f.code.as_str() != own && (inactive || f.active))
+            .cloned()
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// A field naming one facility (`name="facility"`): picked by name from the directory, or,
+/// when it offers none, typed as a code.
+fn facility_field(id: &str, label: &str, choices: &[Facility]) -> Markup {
+    html! {
+        @if choices.is_empty() {
+            label for=(id) { (label) "（医療機関コード10桁）" }
+            input id=(id) name="facility" inputmode="numeric" pattern="[0-9]{10}" required;
+        } @else {
+            label for=(id) { (label) }
+            select id=(id) name="facility" required {
+                option value="" { "施設を選んでください" }
+                @for f in choices {
+                    option value=(f.code) {
+                        (f.name) "（" (f.code) "）" @if !f.active { " 休止中" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Checkboxes naming facilities (`name=NAME`), for the registration's lists.
+fn facility_checks(name: &str, legend: &str, choices: &[Facility]) -> Markup {
+    html! {
+        @if !choices.is_empty() {
+            fieldset.picklist {
+                legend { (legend) }
+                @for f in choices {
+                    label.choice { input type="checkbox" name=(name) value=(f.code); " " (f.name) "（" (f.code) "）" }
+                }
+            }
+        }
+    }
+}
+
+/// A linked identifier's facility, named (its system is the facility's patient-ID system).
+fn link_words(dir: Option<&Directory>, system: &str) -> String {
+    system
+        .strip_prefix(consent::model::PATIENT_ID_SYSTEM_PREFIX)
+        .and_then(|code| FacilityCode::try_from(code).ok())
+        .map_or_else(|| system.to_owned(), |code| facility_words(dir, &code))
+}
+
 /// The page of one patient.
-fn patient_view(who: &Session, v: &View, message: Option<&str>) -> Html<String> {
+fn patient_view(
+    who: &Session,
+    v: &View,
+    message: Option<&str>,
+    dir: Option<&Directory>,
+    own: &str,
+) -> Html<String> {
     let p = &v.patient;
+    let to_disclose = offered(dir, own, false);
+    let to_name = offered(dir, own, true);
     let (words, class) = participation_words(v.participation);
     let active = v.participation == Participation::Active;
     let hidden = html! {
@@ -299,8 +384,8 @@ fn patient_view(who: &Session, v: &View, message: Option<&str>) -> Html<String> 
                 table {
                     tbody {
                         tr { th scope="row" { "同意番号" } td { (c.id) "（第" (c.version) "版）" } }
-                        tr { th scope="row" { "公開先" } td { (scope_words(&c.scope)) } }
-                        tr { th scope="row" { "公開しない施設" } td { (facility_list(c.excluded.iter().map(|f| f.to_string()))) } }
+                        tr { th scope="row" { "公開先" } td { (scope_words(dir, &c.scope)) } }
+                        tr { th scope="row" { "公開しない施設" } td { (facility_list(dir, &c.excluded)) } }
                         tr { th scope="row" { "情報の種類" } td { (c.categories.iter().map(|k| category_words(*k)).collect::<Vec<_>>().join("、")) } }
                         tr { th scope="row" { "有効期間" } td { (time_words(c.valid_from)) " から " (c.valid_until.map_or("期限なし".to_owned(), time_words)) } }
                         @if let Some(e) = &c.evidence {
@@ -314,27 +399,24 @@ fn patient_view(who: &Session, v: &View, message: Option<&str>) -> Html<String> 
             }
             @if !v.links.is_empty() {
                 h2 { "他施設のID（名寄せ）" }
-                ul { @for l in &v.links { li { (l.system.rsplit('.').next().unwrap_or(&l.system)) ": " (l.value) } } }
+                ul { @for l in &v.links { li { (link_words(dir, &l.system)) ": " (l.value) } } }
             }
             @if may_change(who) && active {
                 h2 { "公開設定" }
                 form method="post" action="/patient/disclose" {
                     (hidden)
-                    label for="facility-add" { "公開する施設（医療機関コード10桁）" }
-                    input id="facility-add" name="facility" inputmode="numeric" pattern="[0-9]{10}" required;
+                    (facility_field("facility-add", "公開する施設", &to_disclose))
                     button type="submit" { "公開する" }
                 }
                 form method="post" action="/patient/undisclose" {
                     (hidden)
-                    label for="facility-remove" { "公開をやめる施設（医療機関コード10桁）" }
-                    input id="facility-remove" name="facility" inputmode="numeric" pattern="[0-9]{10}" required;
+                    (facility_field("facility-remove", "公開をやめる施設", &to_name))
                     button type="submit" { "公開をやめる" }
                 }
                 h2 { "名寄せ" }
                 form method="post" action="/patient/link" {
                     (hidden)
-                    label for="link-facility" { "施設（医療機関コード10桁）" }
-                    input id="link-facility" name="facility" inputmode="numeric" pattern="[0-9]{10}" required;
+                    (facility_field("link-facility", "施設", &to_name))
                     label for="link-id" { "その施設での患者ID" }
                     input id="link-id" name="id" maxlength="64" autocomplete="off" required;
                     button type="submit" { "IDをつなぐ" }
@@ -356,10 +438,18 @@ fn patient_view(who: &Session, v: &View, message: Option<&str>) -> Html<String> 
     )
 }
 
-/// An answer about one patient as the page to show.
-fn answered(who: &Session, answer: Result<Answer, Trouble>, done: &str) -> Response {
+/// An answer about one patient as the page to show (`done`: what was done, if anything).
+async fn answered(
+    app: &Shared,
+    who: &Session,
+    answer: Result<Answer, Trouble>,
+    done: Option<&str>,
+) -> Response {
     match answer {
-        Ok(Answer::Patient(v)) => patient_view(who, &v, Some(done)).into_response(),
+        Ok(Answer::Patient(v)) => {
+            let dir = directory(app).await;
+            patient_view(who, &v, done, dir.as_ref(), &app.facility).into_response()
+        }
         Ok(Answer::Refused(r)) => (
             StatusCode::BAD_REQUEST,
             page(
@@ -416,10 +506,7 @@ pub async fn show(
         Ok(found) => found,
         Err(r) => return r,
     };
-    match ask(&app, Request::Show { patient }).await {
-        Ok(Answer::Patient(v)) => patient_view(&who, &v, None).into_response(),
-        other => answered(&who, other, ""),
-    }
+    answered(&app, &who, ask(&app, Request::Show { patient }).await, None).await
 }
 
 /// A receipt for the patient (受付票), to print.
@@ -434,11 +521,13 @@ pub async fn receipt(
     };
     let v = match ask(&app, Request::Show { patient }).await {
         Ok(Answer::Patient(v)) => v,
-        other => return answered(&who, other, ""),
+        other => return answered(&app, &who, other, None).await,
     };
     let Some(c) = &v.consent else {
-        return answered(&who, Ok(Answer::Refused(Refusal::NoConsent)), "");
+        return answered(&app, &who, Ok(Answer::Refused(Refusal::NoConsent)), None).await;
     };
+    let dir = directory(&app).await;
+    let dir = dir.as_ref();
     let p = &v.patient;
     let withdrawn = v.participation == Participation::Withdrawn;
     page(
@@ -454,9 +543,9 @@ pub async fn receipt(
                     p { "地域医療連携ネットワークへの参加同意を受け付けました。" }
                     table {
                         tbody {
-                            tr { th scope="row" { "公開先" } td { (scope_words(&c.scope)) } }
+                            tr { th scope="row" { "公開先" } td { (scope_words(dir, &c.scope)) } }
                             @if !c.excluded.is_empty() {
-                                tr { th scope="row" { "公開しない施設" } td { (facility_list(c.excluded.iter().map(|f| f.to_string()))) } }
+                                tr { th scope="row" { "公開しない施設" } td { (facility_list(dir, &c.excluded)) } }
                             }
                             tr { th scope="row" { "情報の種類" } td { (c.categories.iter().map(|k| category_words(*k)).collect::<Vec<_>>().join("、")) } }
                             tr { th scope="row" { "有効期間" } td { (time_words(c.valid_from)) " から " (c.valid_until.map_or("期限なし".to_owned(), time_words)) } }
@@ -493,7 +582,7 @@ async fn facility_change(
     let Ok(facility) = FacilityCode::try_from(form.facility.trim()) else {
         return bad_input(&who, "医療機関コードは10桁の数字です。");
     };
-    let code = facility.to_string();
+    let named = facility_words(directory(&app).await.as_ref(), &facility);
     let staff = staff(&who, &peer);
     let (request, done) = if disclose {
         (
@@ -502,7 +591,7 @@ async fn facility_change(
                 patient,
                 facility,
             },
-            format!("{code} に公開しました。"),
+            format!("{named} に公開しました。"),
         )
     } else {
         (
@@ -511,10 +600,10 @@ async fn facility_change(
                 patient,
                 facility,
             },
-            format!("{code} への公開をやめました。"),
+            format!("{named} への公開をやめました。"),
         )
     };
-    answered(&who, ask(&app, request).await, &done)
+    answered(&app, &who, ask(&app, request).await, Some(&done)).await
 }
 
 /// POST `/patient/disclose`.
@@ -565,7 +654,13 @@ pub async fn link(
         facility,
         id: form.id,
     };
-    answered(&who, ask(&app, request).await, "他施設のIDをつなぎました。")
+    answered(
+        &app,
+        &who,
+        ask(&app, request).await,
+        Some("他施設のIDをつなぎました。"),
+    )
+    .await
 }
 
 /// POST `/patient/withdraw`: without `confirm`, the question; with it, the withdrawal.
@@ -589,7 +684,7 @@ pub async fn withdraw(
         .await
         {
             Ok(Answer::Patient(v)) => v,
-            other => return answered(&who, other, ""),
+            other => return answered(&app, &who, other, None).await,
         };
         let p = &v.patient;
         return page(
@@ -615,10 +710,16 @@ pub async fn withdraw(
         staff: staff(&who, &peer),
         patient,
     };
-    answered(&who, ask(&app, request).await, "同意を撤回しました。")
+    answered(
+        &app,
+        &who,
+        ask(&app, request).await,
+        Some("同意を撤回しました。"),
+    )
+    .await
 }
 
-fn registration_page(who: &Session, message: Option<&str>) -> Html<String> {
+fn registration_page(who: &Session, message: Option<&str>, choices: &[Facility]) -> Html<String> {
     page(
         "参加同意の登録",
         Some(who),
@@ -649,9 +750,17 @@ fn registration_page(who: &Session, message: Option<&str>) -> Html<String> {
                     legend { "公開先（同意書のとおり）" }
                     label.choice { input type="radio" name="scope" value="all" required; " ネットワークのすべての参加施設" }
                     label.choice { input type="radio" name="scope" value="facilities"; " 次の施設だけ" }
-                    label for="facilities" { "公開する施設の医療機関コード（10桁、読点かカンマで区切る）" }
+                    (facility_checks("disclose_to", "公開する施設（「次の施設だけ」のとき）", choices))
+                    label for="facilities" {
+                        @if choices.is_empty() { "公開する施設の医療機関コード（10桁、読点かカンマで区切る）" }
+                        @else { "一覧にない公開する施設の医療機関コード（あれば。読点かカンマで区切る）" }
+                    }
                     input id="facilities" name="facilities" autocomplete="off";
-                    label for="excluded" { "公開しない施設の医療機関コード（あれば）" }
+                    (facility_checks("exclude", "公開しない施設（あれば）", choices))
+                    label for="excluded" {
+                        @if choices.is_empty() { "公開しない施設の医療機関コード（あれば）" }
+                        @else { "一覧にない公開しない施設の医療機関コード（あれば）" }
+                    }
                     input id="excluded" name="excluded" autocomplete="off";
                 }
                 fieldset {
@@ -673,7 +782,10 @@ fn registration_page(who: &Session, message: Option<&str>) -> Html<String> {
 /// GET `/patients/new`: the registration form.
 pub async fn registration_form(State(app): State<Shared>, headers: HeaderMap) -> Response {
     match session(&app, &headers).await {
-        Ok(Some((_, who))) if may_change(&who) => registration_page(&who, None).into_response(),
+        Ok(Some((_, who))) if may_change(&who) => {
+            let choices = offered(directory(&app).await.as_ref(), &app.facility, false);
+            registration_page(&who, None, &choices).into_response()
+        }
         Ok(Some((_, who))) => not_allowed(&who),
         Ok(None) => Redirect::to("/login").into_response(),
         Err(t) => t.into_response(),
@@ -685,6 +797,9 @@ pub async fn registration_form(State(app): State<Shared>, headers: HeaderMap) ->
 struct Fields {
     text: std::collections::BTreeMap<String, String>,
     categories: Vec<String>,
+    /// Facilities picked by name: to disclose to, and to exclude.
+    disclose_to: Vec<String>,
+    exclude: Vec<String>,
     form_sha256: Option<String>,
     form_bytes: usize,
 }
@@ -722,11 +837,19 @@ async fn read_fields(mut multipart: Multipart) -> Result<Fields, String> {
             .text()
             .await
             .map_err(|e| format!("the form could not be read: {e}"))?;
-        if value.len() > 1024 || fields.text.len() > 32 || fields.categories.len() > 16 {
+        if value.len() > 1024
+            || fields.text.len() > 32
+            || fields.categories.len() > 16
+            || fields.disclose_to.len() + fields.exclude.len() > MAX_PICKED
+        {
             return Err("the form is too large".to_owned());
         }
         if name == "category" {
             fields.categories.push(value);
+        } else if name == "disclose_to" {
+            fields.disclose_to.push(value);
+        } else if name == "exclude" {
+            fields.exclude.push(value);
         } else {
             fields.text.insert(name, value);
         }
@@ -734,10 +857,15 @@ async fn read_fields(mut multipart: Multipart) -> Result<Fields, String> {
     Ok(fields)
 }
 
-fn facility_codes(text: &str) -> Result<BTreeSet<FacilityCode>, ()> {
+/// The most facilities one registration may pick by name.
+const MAX_PICKED: usize = 2000;
+
+/// The codes typed (separated by commas, 読点 or spaces) and those picked by name.
+fn facility_codes(text: &str, picked: &[String]) -> Result<BTreeSet<FacilityCode>, ()> {
     text.split([',', '、', '，', ' ', '　'])
         .map(str::trim)
         .filter(|c| !c.is_empty())
+        .chain(picked.iter().map(String::as_str))
         .map(|c| FacilityCode::try_from(c).map_err(|_| ()))
         .collect()
 }
@@ -754,15 +882,15 @@ fn registration(f: &Fields) -> Result<Registration, &'static str> {
     let scope = match get("scope") {
         "all" => Scope::AllParticipants,
         "facilities" => Scope::Facilities(
-            facility_codes(get("facilities"))
+            facility_codes(get("facilities"), &f.disclose_to)
                 .map_err(|()| "公開する施設の医療機関コードは10桁の数字です。")?,
         ),
         _ => return Err("公開先を選んでください。"),
     };
     if matches!(&scope, Scope::Facilities(l) if l.is_empty()) {
-        return Err("公開する施設を1つ以上入力してください。");
+        return Err("公開する施設を1つ以上選ぶか入力してください。");
     }
-    let excluded = facility_codes(get("excluded"))
+    let excluded = facility_codes(get("excluded"), &f.exclude)
         .map_err(|()| "公開しない施設の医療機関コードは10桁の数字です。")?;
     let categories = f
         .categories
@@ -815,15 +943,20 @@ pub async fn register(
         Ok(None) => return Redirect::to("/login").into_response(),
         Err(t) => return t.into_response(),
     };
+    // The form again, with what to fix: its choices as the directory has them now.
+    let again = async |words: &str| {
+        let choices = offered(directory(&app).await.as_ref(), &app.facility, false);
+        (
+            StatusCode::BAD_REQUEST,
+            registration_page(&who, Some(words), &choices),
+        )
+            .into_response()
+    };
     let fields = match read_fields(multipart).await {
         Ok(f) => f,
         Err(why) => {
             tracing::info!(%why, "a registration form refused");
-            return (
-                StatusCode::BAD_REQUEST,
-                registration_page(&who, Some("送信された内容を読み取れませんでした。同意書のファイルが大きすぎないか確かめてください。")),
-            )
-                .into_response();
+            return again("送信された内容を読み取れませんでした。同意書のファイルが大きすぎないか確かめてください。").await;
         }
     };
     let csrf = fields
@@ -839,28 +972,22 @@ pub async fn register(
     }
     let registration = match registration(&fields) {
         Ok(r) => r,
-        Err(words) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                registration_page(&who, Some(words)),
-            )
-                .into_response();
-        }
+        Err(words) => return again(words).await,
     };
     let request = Request::Register {
         staff: staff(&who, &peer),
         registration: Box::new(registration),
     };
     match ask(&app, request).await {
-        Ok(Answer::Refused(r)) => (
-            StatusCode::BAD_REQUEST,
-            registration_page(&who, Some(&refusal_words(&r))),
-        )
-            .into_response(),
-        other => answered(
-            &who,
-            other,
-            "参加同意を登録しました。受付票を印刷して患者に渡してください。",
-        ),
+        Ok(Answer::Refused(r)) => again(&refusal_words(&r)).await,
+        other => {
+            answered(
+                &app,
+                &who,
+                other,
+                Some("参加同意を登録しました。受付票を印刷して患者に渡してください。"),
+            )
+            .await
+        }
     }
 }

@@ -350,7 +350,7 @@ th,td{border:1px solid #767676;padding:.3rem .6rem;text-align:left}th[scope=row]
 table+table{margin-top:1rem}\
 .ok{color:#0a6b0a}.warn{color:#8a4b00}.bad{color:#b00020}.msg{border:2px solid #b00020;padding:.5rem}.done{border:2px solid #0a6b0a;padding:.5rem}\
 code{font-size:1.1rem;overflow-wrap:anywhere}.nowrap{white-space:nowrap}form.inline{display:inline}form.inline button{margin-top:0}\
-fieldset{margin-top:.75rem}label.choice{display:inline-block;margin-right:1rem}\
+fieldset{margin-top:.75rem}fieldset.picklist{max-height:16rem;overflow-y:auto}label.choice{display:inline-block;margin-right:1rem}\
 .receipt{border:1px solid #767676;padding:1rem;max-width:40rem}\
 @media print{header,.noprint,form{display:none}}";
 

@@ -590,7 +590,9 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
             ("birth_date", "1950-04-01"),
             ("sex", "female"),
             ("scope", "facilities"),
-            ("facilities", "1312345679、1312345670"),
+            // One picked by name, one typed.
+            ("disclose_to", "1312345679"),
+            ("facilities", "1312345670"),
             ("category", "images"),
             ("category", "lab-results"),
         ]
@@ -604,6 +606,14 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
     };
     let (status, page) = desk.get("/patients/new");
     assert_eq!(status, 200, "{page}");
+    // The network's facilities by name, but not this clinic.
+    assert!(
+        page.contains(r#"name="disclose_to" value="1312345679""#)
+            && page.contains("新宿総合病院（1312345679）")
+            && page.contains(r#"name="exclude" value="1312345671""#),
+        "{page}"
+    );
+    assert!(!page.contains("つなぎ診療所"), "{page}");
     let csrf = hidden(&page, "csrf");
     // Without the scan: refused, nothing written.
     let (status, page) = post_registration(&mut desk, form(&csrf, "0001234"), b"");
@@ -652,7 +662,13 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
     let (status, page) = desk.post("/patient", &[("csrf", &csrf), ("patient", "0001234")]);
     assert_eq!(status, 200, "{page}");
     assert!(
-        page.contains("1312345679、1312345670") || page.contains("1312345670、1312345679"),
+        page.contains("東京第一病院（1312345670）、新宿総合病院（1312345679）"),
+        "named from the network's directory: {page}"
+    );
+    // 公開設定 offers the facilities by name.
+    assert!(
+        page.contains(r#"<select id="facility-add" name="facility" required>"#)
+            && page.contains(r#"<option value="1312345671">港区クリニック（1312345671）</option>"#),
         "{page}"
     );
     assert!(page.contains("未発行"), "{page}");
@@ -683,7 +699,7 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
     );
     assert_eq!(status, 200, "{page}");
     assert!(
-        page.contains("1312345671 に公開しました") && page.contains("第2版"),
+        page.contains("港区クリニック（1312345671） に公開しました") && page.contains("第2版"),
         "{page}"
     );
     let (status, page) = desk.post(
@@ -705,7 +721,7 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
         ],
     );
     assert_eq!(status, 200, "{page}");
-    assert!(page.contains("H-77"), "{page}");
+    assert!(page.contains("新宿総合病院（1312345679）: H-77"), "{page}");
     let shown = consent_json(h, "0001234");
     assert_eq!(shown["links"][0]["value"], "H-77", "{shown}");
     assert_eq!(shown["effective"]["consent"]["version"], 3, "{shown}");

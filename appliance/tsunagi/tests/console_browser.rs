@@ -223,20 +223,34 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
         ("#given_kanji", "花子"),
         ("#family_kana", "ヤマダ"),
         ("#given_kana", "ハナコ"),
-        ("#facilities", "1312345679"),
     ] {
         b.fill(field, value).unwrap();
     }
     b.set_value("#birth_date", "1950-04-01").unwrap();
     b.click("input[name='sex'][value='female']").unwrap();
     b.click("input[name='scope'][value='facilities']").unwrap();
+    // The facility picked by name from the network's directory.
+    b.check("新宿総合病院（1312345679）").unwrap();
     b.click("input[name='category'][value='images']").unwrap();
     b.fill("#form", scan.to_str().unwrap()).unwrap();
     b.press("登録する").unwrap();
     let page = b.wait_for("参加同意を登録しました").unwrap();
     assert!(page.contains("参加中"), "{page}");
     assert!(page.contains("1950-04-01"), "{page}");
+    assert!(page.contains("新宿総合病院（1312345679）"), "{page}");
     look(&mut b, "patient-registered", &mut checked);
+    // 公開設定: one more facility, picked by name.
+    b.select("#facility-add", "東京第一病院（1312345670）")
+        .unwrap();
+    b.press("公開する").unwrap();
+    let page = b
+        .wait_for("東京第一病院（1312345670） に公開しました")
+        .unwrap();
+    assert!(
+        page.contains("新宿総合病院（1312345679）、東京第一病院（1312345670）")
+            || page.contains("東京第一病院（1312345670）、新宿総合病院（1312345679）"),
+        "{page}"
+    );
     b.press("受付票を印刷する").unwrap();
     b.wait_for("参加同意を受け付けました").unwrap();
     look(&mut b, "receipt", &mut checked);

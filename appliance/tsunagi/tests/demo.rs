@@ -409,6 +409,16 @@ fn log_in_to_the_demo_console(clinic: &str, text: &str) {
     assert!(class == "ok" && words.starts_with("接続中（20"), "{words}");
     let (class, words) = row("同意情報の最終同期");
     assert!(class == "ok" && words.starts_with("20"), "{words}");
+    // The network's facility directory, read from the hub's FHIR server.
+    let (class, words) = row("施設一覧");
+    assert!(
+        class == "ok"
+            && words.starts_with(&format!(
+                "{} 施設（20",
+                hil_tests::fhir::SAMPLE_DIRECTORY.len()
+            )),
+        "{words}"
+    );
     let (_, words) = row("DICOM 画像");
     assert!(words.ends_with("送信不能 0 件"), "{words}");
     let (_, words) = row("SS-MIX2");

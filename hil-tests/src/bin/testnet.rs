@@ -24,7 +24,8 @@ usage: testnet up [--udp-port PORT]...   bring a test network up, print it, wait
                                          first line, then the body
        testnet fhir-serve ADDR [--schema PATH]
                                          run the strict FHIR R4 test server on ADDR (base
-                                         /fhir, state in memory); the schema defaults to
+                                         /fhir, state in memory, starting with the sample
+                                         facility directory); the schema defaults to
                                          $TSUNAGI_FHIR_SCHEMA, else the npm cache
 exit codes: 0 ok; 1 failed; 2 usage error; 3 this machine cannot host a test network
             (not root, or no /dev/net/tun)";
@@ -207,11 +208,19 @@ fn fhir_serve(addr: &str, schema: Option<&str>) -> anyhow::Result<ExitCode> {
     let bound = listener
         .local_addr()
         .context("failed to read the bound address")?;
+    let server = std::sync::Arc::new(fhir::Server::new(validator));
+    let serving = std::thread::spawn({
+        let server = server.clone();
+        move || server.serve(&listener)
+    });
+    // The network's facility directory, before anyone is told the server is up.
+    fhir::seed_directory(bound).context("cannot write the sample facility directory")?;
     // Tests (and the harness) wait for this line; with port 0 it carries the real port.
     println!("{} {bound}", fhir::READY_LINE);
     io::stdout().flush()?;
-    std::sync::Arc::new(fhir::Server::new(validator))
-        .serve(&listener)
+    serving
+        .join()
+        .map_err(|_| anyhow::anyhow!("the FHIR server's thread panicked"))?
         .with_context(|| format!("failed to serve on {bound}"))?;
     Ok(ExitCode::SUCCESS)
 }

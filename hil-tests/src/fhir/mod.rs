@@ -17,6 +17,8 @@
 //! - std-only HTTP/1.1 ([`http`]): bounded reads, a thread per connection (at most
 //!   [`MAX_CONNECTIONS`]), `Connection: close`. State is in memory.
 //! - Logs `method path status` to stderr, never bodies.
+//! - [`SAMPLE_DIRECTORY`]: the test network's facility directory (`Organization`s), which
+//!   `testnet fhir-serve` starts with ([`seed_directory`]).
 
 pub mod http;
 pub mod schema;
@@ -50,6 +52,51 @@ pub const MAX_COUNT: usize = 1000;
 pub const MAX_TRANSACTION_ENTRIES: usize = 100;
 /// What `testnet fhir-serve` prints on stdout once it listens.
 pub const READY_LINE: &str = "fhir: listening on";
+
+/// The identifier system of medical institutions by 医療機関コード (JP Core).
+pub const INSTITUTION_SYSTEM: &str =
+    "http://jpfhir.jp/fhir/core/IdSystem/insurance-medical-institution-no";
+
+/// The test network's facility directory: (`Organization` id, 医療機関コード, name). The
+/// demo's and the tests' clinic is 1312345678; `testnet fhir-serve` starts with these.
+pub const SAMPLE_DIRECTORY: [(&str, &str, &str); 4] = [
+    ("tsunagi-clinic", "1312345678", "つなぎ診療所"),
+    ("daiichi", "1312345670", "東京第一病院"),
+    ("minato", "1312345671", "港区クリニック"),
+    ("shinjuku", "1312345679", "新宿総合病院"),
+];
+
+/// An `Organization` of the network's directory (JP Core: its 医療機関コード as identifier).
+pub fn organization(id: &str, code: &str, name: &str) -> Value {
+    json!({
+        "resourceType": "Organization",
+        "id": id,
+        "identifier": [{ "system": INSTITUTION_SYSTEM, "value": code }],
+        "name": name,
+    })
+}
+
+/// Writes [`SAMPLE_DIRECTORY`] to the FHIR server at `addr` (update-as-create: again is the
+/// same).
+pub fn seed_directory(addr: SocketAddr) -> io::Result<()> {
+    for (id, code, name) in SAMPLE_DIRECTORY {
+        let body = organization(id, code, name).to_string();
+        let r = http::request(
+            addr,
+            "PUT",
+            &format!("/fhir/Organization/{id}"),
+            Some(body.as_bytes()),
+        )?;
+        if !matches!(r.status, 200 | 201) {
+            return Err(io::Error::other(format!(
+                "Organization/{id}: {} {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// The resource types the server supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

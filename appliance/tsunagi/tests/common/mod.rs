@@ -459,7 +459,8 @@ pub fn audit_messages_until(
 }
 
 /// A clinic for the console's tests (issue 19): a supervisor with the console on a loopback
-/// port, the consent service syncing with the strict FHIR server, and the audit trail to a
+/// port, the consent service syncing with the strict FHIR server (its facility directory:
+/// `hil_tests::fhir::SAMPLE_DIRECTORY`), and the audit trail to a
 /// real rsyslog; started, with the first administrator's one-time setup code made.
 pub struct ConsoleClinic {
     pub h: Harness,
@@ -489,6 +490,7 @@ impl ConsoleClinic {
         let fhir = Server::new(validator)
             .spawn("127.0.0.1:0".parse().unwrap())
             .unwrap();
+        hil_tests::fhir::seed_directory(fhir).unwrap();
         let port = free_port();
         let mut h = Harness::new(&format!(
             "{FAST_SUPERVISOR}\n[heartbeat]\nenabled = true\n\n[consent]\nenabled = true\nfhir-url = \"http://{fhir}/fhir\"\npull-interval = \"1s\"\n\n[console]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{audit}\n{extra}"
