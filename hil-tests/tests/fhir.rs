@@ -588,5 +588,18 @@ fn testnet_fhir_serve_runs_the_server() {
         Some(&json!({"resourceType": "Organization", "active": "yes"})),
     );
     assert_outcome(status, &body, 400, "invalid");
-    assert_eq!(search(addr, "/fhir/Organization")["total"], 1);
+    // It started with the test network's facility directory.
+    assert_eq!(
+        search(addr, "/fhir/Organization")["total"],
+        fhir::SAMPLE_DIRECTORY.len() + 1
+    );
+    let (code, name) = (fhir::SAMPLE_DIRECTORY[1].1, fhir::SAMPLE_DIRECTORY[1].2);
+    let found = search(
+        addr,
+        &format!(
+            "/fhir/Organization?{}",
+            identifier_query(fhir::INSTITUTION_SYSTEM, code)
+        ),
+    );
+    assert_eq!(found["entry"][0]["resource"]["name"], name, "{found}");
 }

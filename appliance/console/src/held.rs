@@ -4,6 +4,12 @@
 //! desk and administrator roles may requeue one (it is decided again before it is sent) or
 //! discard a held one or a dead letter (after a confirmation). Both are recorded in the
 //! consent service's audit trail first, naming the account and its address.
+//!
+//! Below them, the SS-MIX2 files that wait, as the sync left them after its last cycle
+//! (`ssmix2_sync::WAITING_FILE`, beside the conformance report): counts by reason, and the
+//! files that wait for something the staff or the network can change, each with why. The
+//! files are the EMR's: they go by themselves once what they wait for changes, and there
+//! is nothing to requeue or discard on the box.
 
 use std::time::Duration;
 
@@ -14,6 +20,7 @@ use consent::desk::Staff;
 use dicom_bridge::desk::{self, Answer, Item, Request, State as Held, Why};
 use maud::{Markup, html};
 use serde::Deserialize;
+use ssmix2_sync::sync::waiting::{self as ssmix2_waiting, Waiting};
 
 use crate::accounts::{self, Role, Session};
 use crate::overview::time_words;
@@ -22,6 +29,8 @@ use crate::trail::deny_words;
 use crate::web::{Peer, Shared, Trouble, ask_desk, page, refused_cross_site, session};
 
 const DESK_TIMEOUT: Duration = Duration::from_secs(10);
+
+const DICOM_UNAVAILABLE: &str = "DICOM の送信サービスに接続できません。サービスが止まっています（接続状態で確かめてください）。";
 
 /// Why an instance waits, as the staff read it.
 pub fn why_words(why: &Why) -> String {
@@ -150,7 +159,122 @@ pub fn body(who: &Session, items: &[Item], more: bool, message: Option<&str>) ->
                 p.warn { "ほかにもあります。表示されたものを片付けると、続きが表示されます。" }
             }
         }
-        p { "SS-MIX2 のファイルで送られていないものの数は「接続状態」にあります。" }
+    }
+}
+
+/// What the console knows of the SS-MIX2 files that wait.
+#[derive(Debug)]
+pub enum Ssmix2 {
+    /// The sync is not enabled.
+    NotUsed,
+    /// Enabled, no list yet (its first cycle runs, or it cannot run).
+    NotYet,
+    Unreadable(String),
+    Kept(Box<Waiting>),
+}
+
+/// Reads what waits from beside the conformance report at `report` (`None`: the sync is
+/// not enabled).
+pub fn read_ssmix2(report: Option<&std::path::Path>) -> Ssmix2 {
+    let Some(report) = report else {
+        return Ssmix2::NotUsed;
+    };
+    match std::fs::read(report.with_file_name(ssmix2_sync::WAITING_FILE)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ssmix2::NotYet,
+        Err(e) => unreadable(e.to_string()),
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(w) => Ssmix2::Kept(Box::new(w)),
+            Err(e) => unreadable(e.to_string()),
+        },
+    }
+}
+
+fn unreadable(why: String) -> Ssmix2 {
+    tracing::warn!(%why, "the SS-MIX2 list of what waits cannot be read");
+    Ssmix2::Unreadable(why)
+}
+
+/// Why an SS-MIX2 file waits, as the staff read it.
+pub fn ssmix2_why_words(why: ssmix2_waiting::Why) -> String {
+    use ssmix2_waiting::Why as W;
+    match why {
+        W::Consent(r) => format!(
+            "{}（同意が登録・変更されると自動で送ります）",
+            deny_words(r)
+        ),
+        W::NotDecided => "同意をまだ確かめていません（自動で確かめます）".to_owned(),
+        W::NoCategory => {
+            "ネットワークに送る種類のデータではありません（データ種別を確かめてください）"
+                .to_owned()
+        }
+        W::BadPath => {
+            "ファイルの名前か場所がネットワークに送れない形です（SS-MIX2 の点検で確かめてください）"
+                .to_owned()
+        }
+        W::Settling => "書き込まれたばかりです（書き込みが終わると送ります）".to_owned(),
+        W::SendFailing => "ネットワークへの送信に失敗しました（自動で再試行します）".to_owned(),
+        W::Queued => "送信待ちです".to_owned(),
+    }
+}
+
+/// The SS-MIX2 part of the page.
+pub fn ssmix2_body(w: &Ssmix2) -> Markup {
+    html! {
+        h2 { "SS-MIX2 のファイル" }
+        @match w {
+            Ssmix2::NotUsed => p { "この装置では SS-MIX2 の同期を使用していません。" },
+            Ssmix2::NotYet => p.warn role="status" { "まだ結果がありません。SS-MIX2 同期の最初の点検中か、同期が動いていません（接続状態で確かめてください）。" },
+            Ssmix2::Unreadable(_) => p.bad role="alert" { "送られていないファイルの一覧を読み取れません。運用者に連絡してください。" },
+            Ssmix2::Kept(w) => {
+                p { "電子カルテの SS-MIX2 ストレージのうち、ネットワークに送られていないファイルです（" (time_words(w.at)) " 時点）。ファイルは電子カルテのもので、待っているもの（同意など）が整うと自動で送られます。同意のない患者と撤回した患者のファイルは、数だけを示します。" }
+                @if w.counts.is_empty() {
+                    p.ok { strong { "止まっているファイルはありません。" } }
+                } @else {
+                    table {
+                        caption { "理由ごとの件数" }
+                        thead { tr { th scope="col" { "理由" } th scope="col" { "件数" } } }
+                        tbody {
+                            @for (why, n) in &w.counts {
+                                tr { td { (ssmix2_why_words(*why)) } td.nowrap { (n) } }
+                            }
+                        }
+                    }
+                }
+                @if !w.files.is_empty() {
+                    table {
+                        caption { "ファイル（" (w.files.len()) " 件" @if w.more > 0 { "、古いものから表示" } "）" }
+                        thead {
+                            tr.nowrap {
+                                th scope="col" { "更新" }
+                                th scope="col" { "患者ID" }
+                                th scope="col" { "種類" }
+                                th scope="col" { "理由" }
+                                th scope="col" { "ファイル" }
+                            }
+                        }
+                        tbody {
+                            @for f in &w.files {
+                                tr {
+                                    td.nowrap { (time_words(f.since)) }
+                                    td.nowrap { (f.patient_id) }
+                                    td.nowrap {
+                                        (f.data_type)
+                                        @if let Some(c) = consent::model::Category::for_ssmix2(&f.data_type) {
+                                            "（" (category_words(c)) "）"
+                                        }
+                                    }
+                                    td { (ssmix2_why_words(f.why)) }
+                                    td { code { (f.path) } }
+                                }
+                            }
+                        }
+                    }
+                    @if w.more > 0 {
+                        p.warn { "ほかに " (w.more) " 件あります。" }
+                    }
+                }
+            },
+        }
     }
 }
 
@@ -160,19 +284,41 @@ fn unavailable(who: &Session) -> Response {
         page(
             "保留中",
             Some(who),
-            html! { p.bad role="alert" { "DICOM の送信サービスに接続できません。この装置で DICOM を使っていないか、サービスが止まっています（接続状態で確かめてください）。" } },
+            html! { p.bad role="alert" { (DICOM_UNAVAILABLE) } },
         ),
     )
         .into_response()
 }
 
 async fn show(app: &Shared, who: &Session, message: Option<&str>) -> Response {
-    match ask(app, Request::List).await {
-        Ok(Answer::Waiting { items, more }) => {
-            page("保留中", Some(who), body(who, &items, more, message)).into_response()
-        }
-        Ok(_) | Err(_) => unavailable(who),
-    }
+    let ssmix2 = ssmix2_body(&read_ssmix2(app.ssmix2_report.as_deref()));
+    let (status, dicom) = match &app.dicom_desk {
+        None => (
+            StatusCode::OK,
+            html! {
+                @if let Some(m) = message { p.msg role="status" { (m) } }
+                p { "この装置では DICOM を使用していません。" }
+            },
+        ),
+        Some(_) => match ask(app, Request::List).await {
+            Ok(Answer::Waiting { items, more }) => {
+                (StatusCode::OK, body(who, &items, more, message))
+            }
+            Ok(_) | Err(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                html! { p.bad role="alert" { (DICOM_UNAVAILABLE) } },
+            ),
+        },
+    };
+    (
+        status,
+        page(
+            "保留中",
+            Some(who),
+            html! { h2 { "DICOM 画像" } (dicom) (ssmix2) },
+        ),
+    )
+        .into_response()
 }
 
 /// GET `/held`.
@@ -345,5 +491,64 @@ mod tests {
         ] {
             assert!(!crate::trail::decision_words(handling.as_str()).is_ascii());
         }
+    }
+
+    #[test]
+    fn the_ssmix2_files_that_wait_show_with_why_and_the_counts() {
+        use ssmix2_waiting::{File, Why as W};
+        for why in [
+            W::Consent(DenyReason::CategoryExcluded),
+            W::NotDecided,
+            W::NoCategory,
+            W::BadPath,
+            W::Settling,
+            W::SendFailing,
+            W::Queued,
+        ] {
+            assert!(!ssmix2_why_words(why).is_ascii(), "{why:?}");
+        }
+        let waiting = Waiting {
+            at: 1_796_000_000,
+            counts: vec![
+                (W::Consent(DenyReason::NoConsent), 120),
+                (W::NoCategory, 1),
+            ],
+            files: vec![File {
+                path: "000/000/0000000001/20261120/OMD/0000000001_20261120_OMD_000000000000009_20261120120000000_01_1".into(),
+                patient_id: "0000000001".into(),
+                data_type: "OMD".into(),
+                since: 1_795_990_000,
+                why: W::NoCategory,
+            }],
+            more: 0,
+        };
+        let page = ssmix2_body(&Ssmix2::Kept(Box::new(waiting))).into_string();
+        assert!(page.contains("<td class=\"nowrap\">120</td>"), "{page}");
+        assert!(
+            page.contains("ネットワークに送る種類のデータではありません") && page.contains("_OMD_"),
+            "{page}"
+        );
+        assert!(page.contains("同意がありません"), "{page}");
+        let none = Waiting {
+            at: 1,
+            counts: Vec::new(),
+            files: Vec::new(),
+            more: 0,
+        };
+        assert!(
+            ssmix2_body(&Ssmix2::Kept(Box::new(none)))
+                .into_string()
+                .contains("止まっているファイルはありません")
+        );
+        assert!(
+            ssmix2_body(&read_ssmix2(None))
+                .into_string()
+                .contains("使用していません")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let report = dir.path().join(ssmix2_sync::REPORT_FILE);
+        assert!(matches!(read_ssmix2(Some(&report)), Ssmix2::NotYet));
+        std::fs::write(report.with_file_name(ssmix2_sync::WAITING_FILE), "{").unwrap();
+        assert!(matches!(read_ssmix2(Some(&report)), Ssmix2::Unreadable(_)));
     }
 }

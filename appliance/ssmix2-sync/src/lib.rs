@@ -31,11 +31,25 @@ pub const NAME: &str = "ssmix2";
 pub const USER: &str = "tsunagi-ssmix2";
 
 /// The directory, inside the runtime directory, of the storage's conformance report
-/// (SS-MIX2 の点検): the service's, group `tsunagi-desk` (the console), mode 2750.
+/// (SS-MIX2 の点検) and of what waits (保留中): the service's, group `tsunagi-desk` (the
+/// console), mode 2750.
 pub const REPORT_DIR: &str = "ssmix2-report";
 /// The report ([`ssmix2::conformance::Conformance`] as JSON, 0640), replaced after each
 /// cycle.
 pub const REPORT_FILE: &str = "conformance.json";
+
+/// What waits at the clinic ([`sync::waiting::Waiting`] as JSON, 0640), in the same
+/// directory, replaced after each cycle: 保留中's SS-MIX2 files.
+pub const WAITING_FILE: &str = "waiting.json";
+
+/// The path of what waits, for a config.
+pub fn waiting_path(cfg: &tsunagi_config::Config) -> std::path::PathBuf {
+    cfg.paths
+        .runtime_dir
+        .as_path()
+        .join(REPORT_DIR)
+        .join(WAITING_FILE)
+}
 
 /// The conformance report's path for a config.
 pub fn report_path(cfg: &tsunagi_config::Config) -> std::path::PathBuf {

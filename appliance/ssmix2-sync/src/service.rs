@@ -459,23 +459,30 @@ fn result_unsettled(shared: &Mutex<Shared>) -> bool {
         .is_ok_and(|s| matches!(&s.last, Some(Ok(r)) if r.unsettled > 0))
 }
 
-/// Replaces the conformance report at `path` (0640: the console's group reads it). A
-/// report that cannot be kept is logged and tried again after the next cycle: the sync
-/// itself goes on.
+/// Replaces the conformance report at `path`, and what waits beside it
+/// ([`crate::WAITING_FILE`]), both 0640: the console's group reads them. A report that
+/// cannot be kept is logged and tried again after the next cycle: the sync itself goes on.
 fn keep_report(syncer: &Syncer, cycle: &CycleReport, path: &std::path::Path) {
     let at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0);
-    let kept = syncer
-        .conformance(cycle, at)
-        .map_err(|e| tsunagi_runtime::child::error_chain(&e))
-        .and_then(|report| serde_json::to_vec(&report).map_err(|e| e.to_string()))
-        .and_then(|bytes| {
-            tsunagi_state::replace_file(path, &bytes, 0o640).map_err(|e| e.to_string())
-        });
-    if let Err(why) = kept {
+    fn keep<T: serde::Serialize>(
+        made: Result<T, SyncError>,
+        path: &std::path::Path,
+    ) -> Result<(), String> {
+        made.map_err(|e| tsunagi_runtime::child::error_chain(&e))
+            .and_then(|report| serde_json::to_vec(&report).map_err(|e| e.to_string()))
+            .and_then(|bytes| {
+                tsunagi_state::replace_file(path, &bytes, 0o640).map_err(|e| e.to_string())
+            })
+    }
+    if let Err(why) = keep(syncer.conformance(cycle, at), path) {
         tracing::warn!(%why, "cannot keep the conformance report");
+    }
+    let waiting = path.with_file_name(crate::WAITING_FILE);
+    if let Err(why) = keep(syncer.waiting(cycle.fresh, at), &waiting) {
+        tracing::warn!(%why, "cannot keep the list of what waits");
     }
 }
 

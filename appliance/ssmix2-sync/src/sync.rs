@@ -36,6 +36,8 @@ use tsunagi_config::WithdrawalPolicy;
 use tsunagi_state::{Durability, Migration, StateError};
 
 use crate::replica::{RelPath, Replica, ReplicaError};
+
+pub mod waiting;
 use consent::client::{
     Category, Decision, DenyReason, Gate, GateError, Object, Release, ReleaseKind,
 };

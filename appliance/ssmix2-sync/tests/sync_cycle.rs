@@ -740,3 +740,77 @@ fn a_share_that_is_not_mounted_is_not_an_empty_storage() {
     }
     assert_eq!(tree(&w.replica_root), published, "nothing withdrawn");
 }
+
+/// Issue 19, 保留中: what waits, with why. Files of a patient without consent (the EMR's
+/// archive, mostly never shared) are counted, not listed; a data type the network does not
+/// take, a stale cache and a send that fails are listed, oldest first.
+#[test]
+fn what_waits_is_listed_with_why_and_files_of_patients_without_consent_only_counted() {
+    use consent::client::DenyReason;
+    use ssmix2_sync::sync::waiting::Why;
+    let mut w = world(WithdrawalPolicy::Delete);
+    let (a, b) = (patient(1), patient(2));
+    records(&mut w.storage, &a);
+    records(&mut w.storage, &b);
+    w.storage
+        .put(
+            &a,
+            &Record::new("OMD", "20261120", "000000000000009", "20261120120000000"),
+        )
+        .unwrap();
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    let waiting = w.syncer.waiting(report.fresh, 1).unwrap();
+    assert_eq!(waiting.at, 1);
+    assert_eq!(
+        waiting.counts,
+        [
+            (Why::Consent(DenyReason::NoConsent), 3),
+            (Why::NoCategory, 1)
+        ]
+    );
+    assert_eq!(waiting.files.len(), 1, "{waiting:?}");
+    let f = &waiting.files[0];
+    assert_eq!(
+        (f.patient_id.as_str(), f.data_type.as_str(), f.why),
+        (a.id.as_str(), "OMD", Why::NoCategory)
+    );
+    assert!(f.path.contains("/OMD/"), "{}", f.path);
+    assert_eq!(waiting.more, 0);
+
+    // A new file while the cache is stale: not decided, listed.
+    gate.fresh = false;
+    w.storage
+        .put(
+            &a,
+            &Record::new("OMP-01", "20261121", "000000000000003", "20261121103000000"),
+        )
+        .unwrap();
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    let waiting = w.syncer.waiting(report.fresh, 2).unwrap();
+    assert!(
+        waiting.counts.contains(&(Why::NotDecided, 1)),
+        "{waiting:?}"
+    );
+    assert!(
+        waiting
+            .files
+            .iter()
+            .any(|f| f.why == Why::NotDecided && f.path.contains("/OMP-01/")),
+        "{waiting:?}"
+    );
+
+    // Permitted, and the hub down: the send that failed is listed, the rest counted.
+    let (w, _, _) = planned_while_the_hub_is_down();
+    let waiting = w.syncer.waiting(true, 3).unwrap();
+    let failing: u64 = waiting
+        .counts
+        .iter()
+        .filter(|(why, _)| *why == Why::SendFailing)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(failing, 1, "{waiting:?}");
+    assert!(waiting.counts.contains(&(Why::Queued, 2)), "{waiting:?}");
+    assert_eq!(waiting.files.len(), 1);
+    assert_eq!(waiting.files[0].why, Why::SendFailing);
+}

@@ -197,6 +197,10 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
         held.contains("0001234") && held.contains("0005678"),
         "{held}"
     );
+    assert!(
+        held.contains("この装置では SS-MIX2 の同期を使用していません"),
+        "{held}"
+    );
     look(&mut b, "held", &mut checked);
     b.click("tbody tr:nth-child(2) form[action='/held/discard'] button")
         .unwrap();

@@ -438,12 +438,20 @@ fn log_in_to_the_demo_console(clinic: &str, text: &str) {
             && page.contains("<th scope=\"row\">合計</th>"),
         "{page}"
     );
-    // 保留中: the DICOM bridge's desk answers the console (the sample study was delivered).
+    // 保留中: the DICOM bridge's desk answers the console (the sample study was delivered),
+    // and the SS-MIX2 sync's list of what waits is there to read (the sample storage's
+    // patients without consent are counted).
     let page = curl(&[&format!("{url}held")]);
     assert!(
         page.contains("<h1>保留中</h1>")
             && (page.contains("止まっている画像はありません")
                 || page.contains("<caption>DICOM 画像")),
+        "{page}"
+    );
+    assert!(
+        page.contains("<h2>SS-MIX2 のファイル</h2>")
+            && (page.contains("<caption>理由ごとの件数</caption>")
+                || page.contains("止まっているファイルはありません")),
         "{page}"
     );
 }

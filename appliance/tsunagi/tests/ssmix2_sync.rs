@@ -318,6 +318,40 @@ fn creates_updates_deletes_and_withdrawals_reach_nginx_and_nothing_else_does() {
             assert_eq!(meta.gid(), desk.gid.as_raw(), "the report's group");
         }
     }
+    // 保留中 (issue 19): what waits, beside the report. The withdrawn patient's files and
+    // those of the patient without consent are counted, not listed: none of theirs is.
+    {
+        use consent::client::DenyReason;
+        use ssmix2_sync::sync::waiting::{Waiting, Why};
+        let waiting_file = report_file.with_file_name(ssmix2_sync::WAITING_FILE);
+        let read_waiting = || -> Option<Waiting> {
+            serde_json::from_slice(&std::fs::read(&waiting_file).ok()?).ok()
+        };
+        let count = |w: &Waiting, why: Why| {
+            w.counts
+                .iter()
+                .find(|(n, _)| *n == why)
+                .map_or(0, |(_, n)| *n)
+        };
+        c.h.wait_for("what waits", Duration::from_secs(60), |_| {
+            read_waiting().is_some_and(|w| {
+                count(&w, Why::Consent(DenyReason::Withdrawn)) >= 3
+                    && count(&w, Why::Consent(DenyReason::NoConsent)) >= 3
+            })
+        });
+        let w = read_waiting().unwrap();
+        assert!(
+            w.files
+                .iter()
+                .all(|f| f.patient_id != a.id && f.patient_id != b.id),
+            "{w:?}"
+        );
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(
+            std::fs::metadata(&waiting_file).unwrap().mode() & 0o777,
+            0o640
+        );
+    }
     c.h.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(c.h.wait_exit(Duration::from_secs(15)).unwrap().success());
     let db =
