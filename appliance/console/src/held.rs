@@ -23,6 +23,7 @@ use serde::Deserialize;
 use ssmix2_sync::sync::waiting::{self as ssmix2_waiting, Waiting};
 
 use crate::accounts::{self, Role, Session};
+use crate::inspection::{Kept, read_kept};
 use crate::overview::time_words;
 use crate::patients::category_words;
 use crate::trail::deny_words;
@@ -163,35 +164,16 @@ pub fn body(who: &Session, items: &[Item], more: bool, message: Option<&str>) ->
 }
 
 /// What the console knows of the SS-MIX2 files that wait.
-#[derive(Debug)]
-pub enum Ssmix2 {
-    /// The sync is not enabled.
-    NotUsed,
-    /// Enabled, no list yet (its first cycle runs, or it cannot run).
-    NotYet,
-    Unreadable(String),
-    Kept(Box<Waiting>),
-}
+pub type Ssmix2 = Kept<Waiting>;
 
 /// Reads what waits from beside the conformance report at `report` (`None`: the sync is
 /// not enabled).
 pub fn read_ssmix2(report: Option<&std::path::Path>) -> Ssmix2 {
-    let Some(report) = report else {
-        return Ssmix2::NotUsed;
-    };
-    match std::fs::read(report.with_file_name(ssmix2_sync::WAITING_FILE)) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ssmix2::NotYet,
-        Err(e) => unreadable(e.to_string()),
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(w) => Ssmix2::Kept(Box::new(w)),
-            Err(e) => unreadable(e.to_string()),
-        },
-    }
-}
-
-fn unreadable(why: String) -> Ssmix2 {
-    tracing::warn!(%why, "the SS-MIX2 list of what waits cannot be read");
-    Ssmix2::Unreadable(why)
+    read_kept(
+        report
+            .map(|r| r.with_file_name(ssmix2_sync::WAITING_FILE))
+            .as_deref(),
+    )
 }
 
 /// Why an SS-MIX2 file waits, as the staff read it.
@@ -222,10 +204,10 @@ pub fn ssmix2_body(w: &Ssmix2) -> Markup {
     html! {
         h2 { "SS-MIX2 のファイル" }
         @match w {
-            Ssmix2::NotUsed => p { "この装置では SS-MIX2 の同期を使用していません。" },
-            Ssmix2::NotYet => p.warn role="status" { "まだ結果がありません。SS-MIX2 同期の最初の点検中か、同期が動いていません（接続状態で確かめてください）。" },
-            Ssmix2::Unreadable(_) => p.bad role="alert" { "送られていないファイルの一覧を読み取れません。運用者に連絡してください。" },
-            Ssmix2::Kept(w) => {
+            Kept::NotUsed => p { "この装置では SS-MIX2 の同期を使用していません。" },
+            Kept::NotYet => p.warn role="status" { "まだ結果がありません。SS-MIX2 同期の最初の点検中か、同期が動いていません（接続状態で確かめてください）。" },
+            Kept::Unreadable(_) => p.bad role="alert" { "送られていないファイルの一覧を読み取れません。運用者に連絡してください。" },
+            Kept::Kept(w) => {
                 p { "電子カルテの SS-MIX2 ストレージのうち、ネットワークに送られていないファイルです（" (time_words(w.at)) " 時点）。ファイルは電子カルテのもので、待っているもの（同意など）が整うと自動で送られます。同意のない患者と撤回した患者のファイルは、数だけを示します。" }
                 @if w.counts.is_empty() {
                     p.ok { strong { "止まっているファイルはありません。" } }
@@ -522,7 +504,7 @@ mod tests {
             }],
             more: 0,
         };
-        let page = ssmix2_body(&Ssmix2::Kept(Box::new(waiting))).into_string();
+        let page = ssmix2_body(&Kept::Kept(Box::new(waiting))).into_string();
         assert!(page.contains("<td class=\"nowrap\">120</td>"), "{page}");
         assert!(
             page.contains("ネットワークに送る種類のデータではありません") && page.contains("_OMD_"),
@@ -536,7 +518,7 @@ mod tests {
             more: 0,
         };
         assert!(
-            ssmix2_body(&Ssmix2::Kept(Box::new(none)))
+            ssmix2_body(&Kept::Kept(Box::new(none)))
                 .into_string()
                 .contains("止まっているファイルはありません")
         );
@@ -547,8 +529,8 @@ mod tests {
         );
         let dir = tempfile::tempdir().unwrap();
         let report = dir.path().join(ssmix2_sync::REPORT_FILE);
-        assert!(matches!(read_ssmix2(Some(&report)), Ssmix2::NotYet));
+        assert!(matches!(read_ssmix2(Some(&report)), Kept::NotYet));
         std::fs::write(report.with_file_name(ssmix2_sync::WAITING_FILE), "{").unwrap();
-        assert!(matches!(read_ssmix2(Some(&report)), Ssmix2::Unreadable(_)));
+        assert!(matches!(read_ssmix2(Some(&report)), Kept::Unreadable(_)));
     }
 }

@@ -13,30 +13,42 @@ use ssmix2::conformance::Conformance;
 use crate::overview::time_words;
 use crate::web::{Shared, page, session};
 
-/// What the console knows of the report.
+/// What the console knows of a report an SS-MIX2 sync keeps for it.
 #[derive(Debug)]
-pub enum Report {
+pub enum Kept<T> {
     /// The sync is not enabled.
     NotUsed,
     /// Enabled, no report yet (its first cycle runs, or it cannot run).
     NotYet,
     Unreadable(String),
-    Kept(Box<Conformance>),
+    Kept(Box<T>),
 }
 
-/// Reads the report the sync keeps at `path` (`None`: the sync is not enabled).
-pub fn read(path: Option<&std::path::Path>) -> Report {
+/// The conformance report as the console knows it.
+pub type Report = Kept<Conformance>;
+
+/// Reads the JSON report the sync keeps at `path` (`None`: the sync is not enabled).
+pub fn read_kept<T: serde::de::DeserializeOwned>(path: Option<&std::path::Path>) -> Kept<T> {
     let Some(path) = path else {
-        return Report::NotUsed;
+        return Kept::NotUsed;
+    };
+    let unreadable = |why: String| {
+        tracing::warn!(%why, path = %path.display(), "a report of the SS-MIX2 sync cannot be read");
+        Kept::Unreadable(why)
     };
     match std::fs::read(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Report::NotYet,
-        Err(e) => Report::Unreadable(e.to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Kept::NotYet,
+        Err(e) => unreadable(e.to_string()),
         Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(c) => Report::Kept(Box::new(c)),
-            Err(e) => Report::Unreadable(e.to_string()),
+            Ok(c) => Kept::Kept(Box::new(c)),
+            Err(e) => unreadable(e.to_string()),
         },
     }
+}
+
+/// Reads the conformance report the sync keeps at `path` (`None`: the sync is not enabled).
+pub fn read(path: Option<&std::path::Path>) -> Report {
+    read_kept(path)
 }
 
 fn severity_words(severity: &str) -> (&'static str, &'static str) {
@@ -50,15 +62,14 @@ fn severity_words(severity: &str) -> (&'static str, &'static str) {
 /// The page's body.
 pub fn body(report: &Report) -> Markup {
     match report {
-        Report::NotUsed => html! { p { "この装置では SS-MIX2 の同期を使用していません。" } },
-        Report::NotYet => html! {
+        Kept::NotUsed => html! { p { "この装置では SS-MIX2 の同期を使用していません。" } },
+        Kept::NotYet => html! {
             p.warn role="status" { "まだ点検の結果がありません。SS-MIX2 同期の最初の点検中か、同期が動いていません（接続状態で確かめてください）。" }
         },
-        Report::Unreadable(why) => {
-            tracing::warn!(%why, "the SS-MIX2 conformance report cannot be read");
+        Kept::Unreadable(_) => {
             html! { p.bad role="alert" { "点検の結果を読み取れません。運用者に連絡してください。" } }
         }
-        Report::Kept(c) => html! {
+        Kept::Kept(c) => html! {
             p { "最終点検: " (time_words(c.at)) }
             table {
                 caption { "ファイル数" }
@@ -103,8 +114,8 @@ pub async fn page_of(State(app): State<Shared>, headers: HeaderMap) -> Response 
     let path = app.ssmix2_report.clone();
     let report = tokio::task::spawn_blocking(move || read(path.as_deref()))
         .await
-        .unwrap_or_else(|e| Report::Unreadable(e.to_string()));
-    let status = if matches!(report, Report::Unreadable(_)) {
+        .unwrap_or_else(|e| Kept::Unreadable(e.to_string()));
+    let status = if matches!(report, Kept::Unreadable(_)) {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
@@ -135,7 +146,7 @@ mod tests {
 
     #[test]
     fn the_report_reads_in_japanese_with_its_counts_problems_and_files() {
-        let html = body(&Report::Kept(Box::new(report()))).into_string();
+        let html = body(&Kept::Kept(Box::new(report()))).into_string();
         for words in [
             "最終点検: 2026-12-06 17:00",
             "<th scope=\"row\">合計</th><td>12</td>",
@@ -151,7 +162,7 @@ mod tests {
         clean.problems.clear();
         clean.by_status.remove("quarantined");
         assert!(
-            body(&Report::Kept(Box::new(clean)))
+            body(&Kept::Kept(Box::new(clean)))
                 .into_string()
                 .contains("問題はありません")
         );
@@ -161,11 +172,11 @@ mod tests {
     fn a_missing_or_unreadable_report_says_so() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("conformance.json");
-        assert!(matches!(read(None), Report::NotUsed));
-        assert!(matches!(read(Some(&path)), Report::NotYet));
+        assert!(matches!(read(None), Kept::NotUsed));
+        assert!(matches!(read(Some(&path)), Kept::NotYet));
         std::fs::write(&path, b"{not json").unwrap();
-        assert!(matches!(read(Some(&path)), Report::Unreadable(_)));
+        assert!(matches!(read(Some(&path)), Kept::Unreadable(_)));
         std::fs::write(&path, serde_json::to_vec(&report()).unwrap()).unwrap();
-        assert!(matches!(read(Some(&path)), Report::Kept(_)));
+        assert!(matches!(read(Some(&path)), Kept::Kept(_)));
     }
 }
