@@ -179,7 +179,10 @@ time-server = "10.98.0.1:123"
 time-check-interval = "5s"
 [tunnel.firewall]
 lan-interfaces = ["{LAN_IFACE}"]
-lan-tcp-ports = [11112]
+lan-tcp-ports = [11112, 443]
+[console]
+enabled = true
+listen = "192.168.50.1:443"
 [consent]
 enabled = true
 fhir-url = "https://10.98.0.1:{FHIR_TLS_PORT}/fhir"
@@ -484,11 +487,11 @@ fn acknowledged(log: &str) -> Vec<PathBuf> {
 /// Every TCP port.
 const ALL_TCP: &[&str] = &["-sS", "-p-"];
 /// UDP ports a box could plausibly answer on: DNS, DHCP, TFTP, NTP and chrony's command
-/// port, NetBIOS, SNMP, IKE, syslog, SSDP, mDNS, DICOM, WireGuard.
+/// port, NetBIOS, SNMP, HTTPS (QUIC), IKE, syslog, SSDP, mDNS, DICOM, WireGuard.
 const SOME_UDP: &[&str] = &[
     "-sU",
     "-p",
-    "53,67,68,69,123,137,161,323,500,514,1900,4500,5353,11112,51820",
+    "53,67,68,69,123,137,161,323,443,500,514,1900,4500,5353,11112,51820",
 ];
 
 /// nmap's timing for a scan of every port: fast, one retry.
@@ -856,6 +859,38 @@ fn end_to_end(vm: &mut Vm, net: &TestNet, pacs: &Orthanc, dir: &Path) -> Vec<Str
     }
     println!("study of 3 instances: clinic → box → tunnel → hub PACS, under the network ID");
 
+    // Issue 19: the clinic console answers on the clinic LAN, over HTTPS (its self-signed
+    // certificate until the network issues one), and offers the first administrator's setup
+    // with the code the provisioning sheet carries (the medium brought only its hash).
+    let login = net
+        .exec(
+            Host::Clinic,
+            Command::new("curl").args([
+                "--silent",
+                "--show-error",
+                "--insecure",
+                "--max-time",
+                "30",
+                "--retry",
+                "5",
+                "--retry-all-errors",
+                "https://192.168.50.1/login",
+            ]),
+        )
+        .unwrap();
+    let page = String::from_utf8_lossy(&login.stdout);
+    assert!(
+        login.status.success()
+            && page.contains("<title>ログイン — つなぎ 院内コンソール</title>")
+            && page.contains("href=\"/setup\""),
+        "the console from the clinic LAN: {page}{}\n{}",
+        String::from_utf8_lossy(&login.stderr),
+        vm.serial_tail()
+    );
+    println!(
+        "console: the login page answers on https://192.168.50.1/ from the clinic, with the first administrator's setup"
+    );
+
     // Issue 7, acceptance 3: what the box answers on.
     let (open, closed, text) = scan(net, Host::Hub, "10.250.0.2", ALL_TCP, FAST);
     assert!(open.is_empty() && closed.is_empty(), "from the hub: {text}");
@@ -869,21 +904,22 @@ fn end_to_end(vm: &mut Vm, net: &TestNet, pacs: &Orthanc, dir: &Path) -> Vec<Str
         .unwrap();
     assert!(!ping.status.success(), "the box answers ping from the hub");
     let (mut open, closed, mut text) = scan(net, Host::Clinic, "192.168.50.1", ALL_TCP, FAST);
-    if !open.contains(&11112) {
+    let lan = BTreeSet::from([443, 11112]);
+    if open != lan {
         // At 4,000 probes a second a guest under emulation, busy, can miss the deadline
-        // of a port that is open (a local run saw every port filtered): that one is asked
+        // of a port that is open (a local run saw every port filtered): those are asked
         // again at nmap's own pace. Nothing else may be open in the fast scan either way.
         let (again, _, again_text) = scan(
             net,
             Host::Clinic,
             "192.168.50.1",
-            &["-sS", "-p", "11112"],
+            &["-sS", "-p", "443,11112"],
             UNHURRIED,
         );
         open.extend(again);
         text.push_str(&again_text);
     }
-    assert_eq!(open, BTreeSet::from([11112]), "from the clinic: {text}");
+    assert_eq!(open, lan, "from the clinic: {text}");
     assert!(closed.is_empty(), "from the clinic: {text}");
     let (open, closed, text) = scan(net, Host::Clinic, "192.168.50.1", SOME_UDP, FAST);
     assert!(
@@ -891,7 +927,7 @@ fn end_to_end(vm: &mut Vm, net: &TestNet, pacs: &Orthanc, dir: &Path) -> Vec<Str
         "from the clinic: {text}"
     );
     println!(
-        "ports: from the hub no TCP port, no ping, and no UDP answer to a stranger (WireGuard on UDP 51820 answers only its peer's handshakes); from the clinic only TCP 11112 and no UDP"
+        "ports: from the hub no TCP port, no ping, and no UDP answer to a stranger (WireGuard on UDP 51820 answers only its peer's handshakes); from the clinic only TCP 443 (the console) and 11112 (DICOM), and no UDP"
     );
     uids.into_values().collect()
 }
