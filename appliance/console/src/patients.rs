@@ -297,16 +297,17 @@ fn offered(dir: Option<&Directory>, own: &str, inactive: bool) -> Vec<Facility> 
     .unwrap_or_default()
 }
 
-/// A field naming one facility (`name="facility"`): picked by name from the directory, or,
-/// when it offers none, typed as a code.
+/// A field naming one facility: picked by name from the directory (`name="facility"`), or
+/// typed as a code (`facility_code`): the only way while the directory offers none, and
+/// for a facility it does not list yet ([`picked`] takes one of the two).
 fn facility_field(id: &str, label: &str, choices: &[Facility]) -> Markup {
     html! {
         @if choices.is_empty() {
             label for=(id) { (label) "（医療機関コード10桁）" }
-            input id=(id) name="facility" inputmode="numeric" pattern="[0-9]{10}" required;
+            input id=(id) name="facility_code" inputmode="numeric" pattern="[0-9]{10}" required;
         } @else {
             label for=(id) { (label) }
-            select id=(id) name="facility" required {
+            select id=(id) name="facility" {
                 option value="" { "施設を選んでください" }
                 @for f in choices {
                     option value=(f.code) {
@@ -314,6 +315,24 @@ fn facility_field(id: &str, label: &str, choices: &[Facility]) -> Markup {
                     }
                 }
             }
+            label for=(format!("{id}-code")) { "一覧にない施設なら、医療機関コード（10桁）" }
+            input id=(format!("{id}-code")) name="facility_code" inputmode="numeric" pattern="[0-9]{10}";
+        }
+    }
+}
+
+/// The facility a form names: the one picked by name, or the code typed; exactly one.
+fn picked(facility: Option<&str>, code: Option<&str>) -> Result<FacilityCode, &'static str> {
+    fn given(v: Option<&str>) -> Option<&str> {
+        v.map(str::trim).filter(|v| !v.is_empty())
+    }
+    match (given(facility), given(code)) {
+        (Some(v), None) | (None, Some(v)) => {
+            FacilityCode::try_from(v).map_err(|_| "医療機関コードは10桁の数字です。")
+        }
+        (None, None) => Err("施設を選ぶか、医療機関コードを入力してください。"),
+        (Some(_), Some(_)) => {
+            Err("施設は一覧から選ぶか、医療機関コードを入力するか、どちらか一つにしてください。")
         }
     }
 }
@@ -565,7 +584,10 @@ pub async fn receipt(
 pub struct FacilityForm {
     csrf: String,
     patient: String,
-    facility: String,
+    #[serde(default)]
+    facility: Option<String>,
+    #[serde(default)]
+    facility_code: Option<String>,
 }
 
 async fn facility_change(
@@ -579,8 +601,9 @@ async fn facility_change(
         Ok(found) => found,
         Err(r) => return r,
     };
-    let Ok(facility) = FacilityCode::try_from(form.facility.trim()) else {
-        return bad_input(&who, "医療機関コードは10桁の数字です。");
+    let facility = match picked(form.facility.as_deref(), form.facility_code.as_deref()) {
+        Ok(f) => f,
+        Err(words) => return bad_input(&who, words),
     };
     let named = facility_words(directory(&app).await.as_ref(), &facility);
     let staff = staff(&who, &peer);
@@ -630,7 +653,10 @@ pub async fn undisclose(
 pub struct LinkForm {
     csrf: String,
     patient: String,
-    facility: String,
+    #[serde(default)]
+    facility: Option<String>,
+    #[serde(default)]
+    facility_code: Option<String>,
     id: String,
 }
 
@@ -645,8 +671,9 @@ pub async fn link(
         Ok(found) => found,
         Err(r) => return r,
     };
-    let Ok(facility) = FacilityCode::try_from(form.facility.trim()) else {
-        return bad_input(&who, "医療機関コードは10桁の数字です。");
+    let facility = match picked(form.facility.as_deref(), form.facility_code.as_deref()) {
+        Ok(f) => f,
+        Err(words) => return bad_input(&who, words),
     };
     let request = Request::Link {
         staff: staff(&who, &peer),

@@ -667,7 +667,7 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
     );
     // 公開設定 offers the facilities by name.
     assert!(
-        page.contains(r#"<select id="facility-add" name="facility" required>"#)
+        page.contains(r#"<select id="facility-add" name="facility">"#)
             && page.contains(r#"<option value="1312345671">港区クリニック（1312345671）</option>"#),
         "{page}"
     );
@@ -734,6 +734,36 @@ fn the_desk_registers_a_consent_with_its_form_changes_and_withdraws_it_and_names
         ],
     );
     assert_eq!(status, 400, "{page}");
+    // A facility the directory does not list yet: its code typed; picked and typed both:
+    // refused, nothing changed.
+    let (status, page) = desk.post(
+        "/patient/disclose",
+        &[
+            ("csrf", &csrf),
+            ("patient", "0001234"),
+            ("facility", "1312345670"),
+            ("facility_code", "1312345680"),
+        ],
+    );
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("どちらか一つ"), "{page}");
+    let (status, page) = desk.post(
+        "/patient/disclose",
+        &[
+            ("csrf", &csrf),
+            ("patient", "0001234"),
+            ("facility_code", "1312345680"),
+        ],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("1312345680 に公開しました") && page.contains("第4版"),
+        "{page}"
+    );
+    assert!(
+        page.contains(r#"<input id="facility-add-code" name="facility_code""#),
+        "{page}"
+    );
     // The physician sees the patient but changes nothing.
     let (status, page) = doctor.post("/patient", &[("csrf", &dcsrf), ("patient", "0001234")]);
     assert_eq!(status, 200, "{page}");

@@ -268,8 +268,11 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     b.click("a[href='/patients']").unwrap();
     b.fill("#query", "やまだ").unwrap();
     b.press("検索").unwrap();
+    b.wait_for("検索結果").unwrap();
     look(&mut b, "patients-found", &mut checked);
     b.press("開く").unwrap();
+    // The patient's page, loaded (a press does not wait for the next page).
+    b.wait_for("同意を撤回する…").unwrap();
     b.press("同意を撤回する…").unwrap();
     b.wait_for("同意の撤回の確認").unwrap();
     look(&mut b, "withdraw-confirm", &mut checked);
