@@ -621,7 +621,7 @@ fn status_page(who: &Session, report: Option<&StatusReport>) -> Html<String> {
                 (Overview::of(r).render(consent::time::now()))
                 table {
                     caption { "各機能の状態" }
-                    thead { tr { th scope="col" { "機能" } th scope="col" { "状態" } th scope="col" { "詳細" } } }
+                    thead { tr { th scope="col" { "機能" } th scope="col" { "状態" } th scope="col" { "詳細（運用者向け、英語）" } } }
                     tbody {
                         @for s in &r.services {
                             @let (words, class) = state_words(s.state, s.health);

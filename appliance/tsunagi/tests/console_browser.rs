@@ -280,6 +280,24 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     let page = b.wait_for("同意を撤回しました").unwrap();
     assert!(page.contains("撤回済み"), "{page}");
     look(&mut b, "patient-withdrawn", &mut checked);
+    // The patient's next study, from the modality after the withdrawal: held, and why (it
+    // is listed beside the released one, which waits for the PACS; a new instance is listed
+    // only once it is held, since its consent is decided before any attempt to send it).
+    let next = japanese_ct(files.path(), &Ids::new("0001234")).unwrap();
+    let out = std::process::Command::new("storescu")
+        .args(["-aec", "TSUNAGI-TEST", "127.0.0.1", &dicom_port.to_string()])
+        .arg(&next)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    reload_until(&b, &format!("{base}/held"), |p| {
+        p.matches(">0001234</td>").count() == 2 && p.contains("同意が撤回されています")
+    });
+    look(&mut b, "held-after-withdrawal", &mut checked);
 
     // A form posted from another page (here a page of its own, not the console's): refused.
     let evil = format!(
