@@ -439,7 +439,7 @@ impl Shared {
             && d.unreadable > 0
         {
             summary.push_str(&format!(
-                "; {} entries of the network's facility directory could not be understood and are not offered by name",
+                "; {} entries of the network's facility directory could not be understood and are not offered by name (`tsunagi consent facilities` lists them)",
                 d.unreadable
             ));
         }

@@ -1981,6 +1981,6 @@ fn queue(
 }
 
 mod facilities;
-pub use facilities::{Directory, DirectoryEntry};
+pub use facilities::{Directory, DirectoryEntry, NotOffered, SHARED_CODE};
 #[cfg(test)]
 mod tests;

@@ -60,6 +60,9 @@ pub(crate) enum ConsentCommand {
     Show { patient: PatientId },
     /// List the changes waiting to be pushed to the network.
     Pending,
+    /// List the network's facility directory as the box last read it (for the console's
+    /// recipients by name), and every entry it does not offer, with why.
+    Facilities,
     /// Decide as the services would: may PATIENT's CATEGORY data go to RECIPIENT?
     Decide {
         patient: PatientId,
@@ -448,6 +451,48 @@ fn run(cfg: &Config, command: ConsentCommand, json: bool) -> Result<(), String> 
                             .map(|e| format!("  last error: {e}"))
                             .unwrap_or_default()
                     );
+                }
+            }
+        }
+        ConsentCommand::Facilities => {
+            let directory = store.directory().map_err(chain)?;
+            let not_offered = store.directory_not_offered().map_err(chain)?;
+            if json {
+                print_json(&serde_json::json!({
+                    "refreshed_at": directory.refreshed_at,
+                    "facilities": directory.facilities,
+                    "not_offered": not_offered,
+                }));
+            } else {
+                match directory.refreshed_at {
+                    None => println!(
+                        "the network's facility directory has not been read yet (the consent service reads it at its first sync, then hourly)"
+                    ),
+                    Some(at) => println!(
+                        "the network's facility directory, read {}: {} offered, {} not offered",
+                        time::format(at),
+                        directory.facilities.len(),
+                        not_offered.len()
+                    ),
+                }
+                for f in &directory.facilities {
+                    println!(
+                        "  {}  {}{}",
+                        f.code,
+                        f.name,
+                        if f.active { "" } else { "  (inactive)" }
+                    );
+                }
+                if !not_offered.is_empty() {
+                    println!("not offered:");
+                    for n in &not_offered {
+                        println!(
+                            "  {}  {}  {}",
+                            n.resource,
+                            n.code.as_deref().unwrap_or("-"),
+                            n.why
+                        );
+                    }
                 }
             }
         }

@@ -678,3 +678,74 @@ fn deleting_the_whole_audit_trail_is_detected_against_the_networks_checkpoint() 
             .success()
     );
 }
+
+/// Issue 19: `tsunagi consent facilities` shows the network's facility directory as the box
+/// last read it, and names each entry it does not offer with why, for the operator to find
+/// what the network published that the box cannot understand.
+#[test]
+fn consent_facilities_lists_the_directory_and_what_it_does_not_offer() {
+    use consent::model::Facility;
+    use consent::store::{DirectoryEntry, SHARED_CODE, Store};
+    let c = Clinic::new();
+    let v = c.json(&["facilities"]);
+    assert_eq!(v["refreshed_at"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["facilities"], serde_json::json!([]), "{v}");
+    assert!(
+        c.ok(&["facilities"]).contains("has not been read yet"),
+        "never read"
+    );
+    let fac = |c: &str| tsunagi_config::FacilityCode::try_from(c).unwrap();
+    let mut store =
+        Store::open_in(&c.h.state_dir().join("consent"), fac("1312345678"), false).unwrap();
+    let entry = |resource: &str, read| DirectoryEntry {
+        resource: resource.into(),
+        read,
+    };
+    store
+        .replace_directory(
+            &[
+                entry(
+                    "Organization/a",
+                    Ok(Facility {
+                        code: fac("1312345670"),
+                        name: "東京第一病院".into(),
+                        active: true,
+                    }),
+                ),
+                entry(
+                    "Organization/b",
+                    Err((Some(fac("1312345672")), "a modifierExtension".into())),
+                ),
+                entry(
+                    "Organization/c",
+                    Ok(Facility {
+                        code: fac("1312345672"),
+                        name: "新宿医院".into(),
+                        active: true,
+                    }),
+                ),
+            ],
+            1_796_000_000,
+        )
+        .unwrap();
+    drop(store);
+    let v = c.json(&["facilities"]);
+    assert_eq!(v["refreshed_at"], 1_796_000_000, "{v}");
+    assert_eq!(v["facilities"][0]["name"], "東京第一病院", "{v}");
+    assert_eq!(v["facilities"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(
+        v["not_offered"],
+        serde_json::json!([
+            { "resource": "Organization/b", "code": "1312345672", "why": "a modifierExtension" },
+            { "resource": "Organization/c", "code": "1312345672", "why": SHARED_CODE },
+        ]),
+        "{v}"
+    );
+    let text = c.ok(&["facilities"]);
+    assert!(
+        text.contains("1 offered, 2 not offered")
+            && text.contains("1312345670  東京第一病院")
+            && text.contains("Organization/b  1312345672  a modifierExtension"),
+        "{text}"
+    );
+}

@@ -42,6 +42,20 @@ impl Directory {
     }
 }
 
+/// An entry of the directory that is not offered, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotOffered {
+    /// `Organization/ID`.
+    pub resource: String,
+    /// Its 医療機関コード, when it could be read.
+    pub code: Option<String>,
+    pub why: String,
+}
+
+/// What a shared code's entries say in [`NotOffered::why`].
+pub const SHARED_CODE: &str = "another entry of the directory has the same 医療機関コード";
+
 /// Rows whose code more than one row claims.
 const SHARED_CODES: &str =
     "SELECT code FROM facility WHERE code IS NOT NULL GROUP BY code HAVING COUNT(*) > 1";
@@ -103,6 +117,29 @@ impl Store {
             })
             .optional()
             .map_err(sql("read the directory"))
+    }
+
+    /// The entries not offered, and why, by resource: for operators to find what the
+    /// network's directory holds that the box cannot understand.
+    pub fn directory_not_offered(&self) -> Result<Vec<NotOffered>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT resource, code, COALESCE(why, ?1) FROM facility
+                 WHERE why IS NOT NULL OR code IN ({SHARED_CODES})
+                 ORDER BY resource"
+            ))
+            .map_err(sql("read the directory"))?;
+        stmt.query_map([SHARED_CODE], |r| {
+            Ok(NotOffered {
+                resource: r.get(0)?,
+                code: r.get(1)?,
+                why: r.get(2)?,
+            })
+        })
+        .map_err(sql("read the directory"))?
+        .collect::<Result<_, _>>()
+        .map_err(sql("read the directory"))
     }
 
     /// The directory as the console offers it.
