@@ -1,11 +1,12 @@
 //! Issue 19 in a real browser: Debian's Chromium, headless, under chromedriver, against
 //! the console of a running supervisor (with the consent service, its network FHIR server,
-//! the DICOM bridge and the ATNA repository). The first administrator sets up, a desk
-//! account logs in with password and TOTP, sees two CT studies sent by dcmtk's storescu held
-//! for want of a consent on 保留中 and discards one after the confirmation, registers the
-//! other patient's consent with the scanned form and sees their study released (waiting for
-//! the network PACS, which does not answer here), opens the patient, withdraws after the
-//! confirmation; a wrong TOTP code, the session cookie
+//! the DICOM bridge with a real Orthanc as the network PACS, and the ATNA repository), all
+//! in Orthanc's network namespace, which the test joins. The first administrator sets up, a
+//! desk account logs in with password and TOTP, sees two CT studies sent by dcmtk's
+//! storescu held for want of a consent on 保留中 and discards one after the confirmation,
+//! registers the other patient's consent with the scanned form, picking a facility by name,
+//! and sees their study released and stored at Orthanc, opens the patient, withdraws after
+//! the confirmation, and sees the patient's next study held; a wrong TOTP code, the session cookie
 //! replayed after logout and a form posted from another page are refused. axe-core runs in
 //! every page (no serious or critical violation), and every page is kept as a screenshot
 //! in `target/console-screenshots/`.
@@ -22,6 +23,7 @@ use std::time::Duration;
 use common::*;
 use hil_tests::browser::Browser;
 use hil_tests::dicom_files::{Ids, japanese_ct};
+use hil_tests::orthanc::Orthanc;
 use nix::sys::signal::Signal;
 
 fn unix_now() -> u64 {
@@ -84,12 +86,19 @@ fn reload_until(b: &Browser, url: &str, ok: impl Fn(&str) -> bool) -> String {
 #[test]
 fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     // Kept whole to the end: its rsyslog and audit files live as long as it.
-    // With the DICOM bridge, whose network PACS does not answer here: what it holds and
-    // what waits for the PACS show on 保留中.
-    let (dicom_port, pacs_port) = (free_port(), free_port());
+    // With the DICOM bridge and a real Orthanc as the network PACS. Orthanc listens on
+    // every address of its own network namespace; this test joins it (this thread, and all
+    // it starts: the clinic, its FHIR server and rsyslog, chromedriver and Chromium), so
+    // nothing of it is reachable from elsewhere.
+    let pacs = Orthanc::start_for_test();
+    let netns = std::fs::File::open(format!("/run/netns/{}", pacs.netns())).unwrap();
+    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    let dicom_port = free_port();
     let mut clinic = ConsoleClinic::start_with(
         &format!(
-            "[dicom]\nlisten = \"127.0.0.1:{dicom_port}\"\npatient-ids = \"as-is\"\n[dicom.pacs]\nae-title = \"NETPACS\"\naddress = \"127.0.0.1:{pacs_port}\"\n"
+            "[dicom]\nlisten = \"127.0.0.1:{dicom_port}\"\npatient-ids = \"as-is\"\n[dicom.pacs]\nae-title = \"{}\"\naddress = \"{}\"\n",
+            pacs.ae_title(),
+            pacs.dicom_addr()
         ),
         &["dicom"],
     );
@@ -258,9 +267,23 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     b.press("受付票を印刷する").unwrap();
     b.wait_for("参加同意を受け付けました").unwrap();
     look(&mut b, "receipt", &mut checked);
-    // The held study is released at once, and waits for the network PACS.
+    // The held study is released at once and stored at the network PACS: counted at
+    // Orthanc, and gone from 保留中.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while pacs.instances().unwrap().len() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the released study never reached Orthanc:\n{}",
+            h.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let stored = pacs.instances().unwrap();
+    let arrived =
+        hil_tests::dicom_files::DicomFile::parse(pacs.instance_file(&stored[0]).unwrap()).unwrap();
+    assert_eq!(arrived.string(0x0010, 0x0020).as_deref(), Some("0001234"));
     reload_until(&b, &format!("{base}/held"), |p| {
-        p.contains("ネットワークの画像サーバーに接続できません")
+        !p.contains(">0001234</td>") && p.contains("止まっている画像はありません")
     });
     look(&mut b, "held-released", &mut checked);
 
@@ -280,9 +303,9 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     let page = b.wait_for("同意を撤回しました").unwrap();
     assert!(page.contains("撤回済み"), "{page}");
     look(&mut b, "patient-withdrawn", &mut checked);
-    // The patient's next study, from the modality after the withdrawal: held, and why (it
-    // is listed beside the released one, which waits for the PACS; a new instance is listed
-    // only once it is held, since its consent is decided before any attempt to send it).
+    // The patient's next study, from the modality after the withdrawal: held, and why (a
+    // new instance is listed only once it is held: its consent is decided before any
+    // attempt to send it); Orthanc still has only the study released before.
     let next = japanese_ct(files.path(), &Ids::new("0001234")).unwrap();
     let out = std::process::Command::new("storescu")
         .args(["-aec", "TSUNAGI-TEST", "127.0.0.1", &dicom_port.to_string()])
@@ -295,8 +318,13 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
         String::from_utf8_lossy(&out.stderr)
     );
     reload_until(&b, &format!("{base}/held"), |p| {
-        p.matches(">0001234</td>").count() == 2 && p.contains("同意が撤回されています")
+        p.matches(">0001234</td>").count() == 1 && p.contains("同意が撤回されています")
     });
+    assert_eq!(
+        pacs.instances().unwrap(),
+        stored,
+        "nothing more at the PACS"
+    );
     look(&mut b, "held-after-withdrawal", &mut checked);
 
     // A form posted from another page (here a page of its own, not the console's): refused.
