@@ -22,6 +22,8 @@ use ring::rand::SecureRandom as _;
 use rusqlite::{Connection, OptionalExtension as _, params};
 use tsunagi_state::{Durability, Migration, StateError};
 
+use crate::lang::{en, t};
+
 /// The schema of `console.db`.
 pub const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
@@ -87,6 +89,15 @@ impl Role {
             Role::Desk => "事務",
             Role::Physician => "医師",
             Role::Admin => "管理者",
+        }
+    }
+
+    /// As the console shows it, in the language of the request.
+    pub fn words(self) -> &'static str {
+        match self {
+            Role::Desk => t("事務", "Desk"),
+            Role::Physician => t("医師", "Physician"),
+            Role::Admin => t("管理者", "Administrator"),
         }
     }
 
@@ -293,9 +304,13 @@ pub fn valid_name(name: &str) -> Result<(), Refused> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
     {
-        return Err(Refused::Invalid(format!(
-            "アカウント名は英小文字・数字・「._-」の1〜{MAX_NAME}文字です"
-        )));
+        return Err(Refused::Invalid(if en() {
+            format!(
+                "An account name is 1 to {MAX_NAME} characters: lowercase letters, digits and \"._-\""
+            )
+        } else {
+            format!("アカウント名は英小文字・数字・「._-」の1〜{MAX_NAME}文字です")
+        }));
     }
     Ok(())
 }
@@ -303,9 +318,11 @@ pub fn valid_name(name: &str) -> Result<(), Refused> {
 /// Checks a new password.
 pub fn valid_password(password: &str) -> Result<(), Refused> {
     if password.chars().count() < MIN_PASSWORD_CHARS {
-        return Err(Refused::Invalid(format!(
-            "パスワードは{MIN_PASSWORD_CHARS}文字以上にしてください"
-        )));
+        return Err(Refused::Invalid(if en() {
+            format!("A password needs at least {MIN_PASSWORD_CHARS} characters")
+        } else {
+            format!("パスワードは{MIN_PASSWORD_CHARS}文字以上にしてください")
+        }));
     }
     Ok(())
 }
@@ -419,12 +436,20 @@ impl Accounts {
         }
         if secret.len() != TOTP_SECRET_LEN {
             return Ok(Err(Refused::Invalid(
-                "二要素認証の鍵が正しくありません".into(),
+                t(
+                    "二要素認証の鍵が正しくありません",
+                    "The two-factor key is not valid",
+                )
+                .into(),
             )));
         }
         let Some(step) = totp_step(secret, code, now) else {
             return Ok(Err(Refused::Invalid(
-                "認証アプリのコードが違います。もう一度入力してください".into(),
+                t(
+                    "認証アプリのコードが違います。もう一度入力してください",
+                    "The code from the authenticator app is wrong. Please enter it again",
+                )
+                .into(),
             )));
         };
         let hash = hash_secret(password)?;
@@ -450,7 +475,11 @@ impl Accounts {
             })?;
         if taken > 0 {
             return Ok(Err(Refused::Invalid(
-                "そのアカウント名は使われています".into(),
+                t(
+                    "そのアカウント名は使われています",
+                    "That account name is already in use",
+                )
+                .into(),
             )));
         }
         let write = |source| AccountsError::Db {
@@ -697,7 +726,11 @@ impl Accounts {
         }
         if secret.len() != TOTP_SECRET_LEN {
             return Ok(Err(Refused::Invalid(
-                "二要素認証の鍵が正しくありません".into(),
+                t(
+                    "二要素認証の鍵が正しくありません",
+                    "The two-factor key is not valid",
+                )
+                .into(),
             )));
         }
         let hash = hash_secret(password)?;
@@ -712,7 +745,13 @@ impl Accounts {
         Ok(if added == 1 {
             Ok(())
         } else {
-            Err(Refused::Invalid("そのアカウント名は使われています".into()))
+            Err(Refused::Invalid(
+                t(
+                    "そのアカウント名は使われています",
+                    "That account name is already in use",
+                )
+                .into(),
+            ))
         })
     }
 
@@ -732,7 +771,11 @@ impl Accounts {
     pub fn set_role(&self, name: &str, role: Role) -> Result<Result<(), Refused>, AccountsError> {
         if role != Role::Admin && self.other_admins(name)? == 0 {
             return Ok(Err(Refused::Invalid(
-                "最後の管理者の役割は変えられません".into(),
+                t(
+                    "最後の管理者の役割は変えられません",
+                    "The last administrator's role cannot be changed",
+                )
+                .into(),
             )));
         }
         let changed = self
@@ -743,7 +786,9 @@ impl Accounts {
             )
             .map_err(self.db("change a role"))?;
         if changed == 0 {
-            return Ok(Err(Refused::Invalid("そのアカウントはありません".into())));
+            return Ok(Err(Refused::Invalid(
+                t("そのアカウントはありません", "There is no such account").into(),
+            )));
         }
         self.conn
             .execute("DELETE FROM session WHERE account = ?1", [name])
@@ -763,14 +808,22 @@ impl Accounts {
         Ok(if changed == 1 {
             Ok(())
         } else {
-            Err(Refused::Invalid("そのアカウントはありません".into()))
+            Err(Refused::Invalid(
+                t("そのアカウントはありません", "There is no such account").into(),
+            ))
         })
     }
 
     /// Removes `name` and its sessions; never the last administrator.
     pub fn remove(&self, name: &str) -> Result<Result<(), Refused>, AccountsError> {
         if self.other_admins(name)? == 0 {
-            return Ok(Err(Refused::Invalid("最後の管理者は削除できません".into())));
+            return Ok(Err(Refused::Invalid(
+                t(
+                    "最後の管理者は削除できません",
+                    "The last administrator cannot be removed",
+                )
+                .into(),
+            )));
         }
         let removed = self
             .conn
@@ -779,7 +832,9 @@ impl Accounts {
         Ok(if removed == 1 {
             Ok(())
         } else {
-            Err(Refused::Invalid("そのアカウントはありません".into()))
+            Err(Refused::Invalid(
+                t("そのアカウントはありません", "There is no such account").into(),
+            ))
         })
     }
 }

@@ -24,6 +24,7 @@ use ssmix2_sync::sync::waiting::{self as ssmix2_waiting, Waiting};
 
 use crate::accounts::{self, Role, Session};
 use crate::inspection::{Kept, read_kept};
+use crate::lang::{en, t};
 use crate::overview::time_words;
 use crate::patients::category_words;
 use crate::trail::deny_words;
@@ -31,47 +32,95 @@ use crate::web::{Peer, Shared, Trouble, ask_desk, page, refused_cross_site, sess
 
 const DESK_TIMEOUT: Duration = Duration::from_secs(10);
 
-const DICOM_UNAVAILABLE: &str = "DICOM の送信サービスに接続できません。サービスが止まっています（接続状態で確かめてください）。";
+fn dicom_unavailable() -> &'static str {
+    t(
+        "DICOM の送信サービスに接続できません。サービスが止まっています（接続状態で確かめてください）。",
+        "Cannot reach the DICOM sending service. The service has stopped (check Status).",
+    )
+}
 
 /// Why an instance waits, as the staff read it.
 pub fn why_words(why: &Why) -> String {
     match why {
-        Why::Consent(r) => format!(
-            "{}（同意が登録・変更されると自動で送ります）",
-            deny_words(*r)
-        ),
-        Why::ConsentForNow => {
-            "同意情報をネットワークと確かめられないため、あとで自動で確かめ直します".to_owned()
+        Why::Consent(r) => {
+            if en() {
+                format!(
+                    "{} (sent automatically once consent is registered or changed)",
+                    deny_words(*r)
+                )
+            } else {
+                format!(
+                    "{}（同意が登録・変更されると自動で送ります）",
+                    deny_words(*r)
+                )
+            }
         }
-        Why::ConsentRefused => {
-            "この患者IDを同意の仕組みで扱えません（運用者に連絡してください）".to_owned()
-        }
-        Why::NoPatientId => {
-            "画像に患者IDがありません（検査機器の設定を確かめてください）".to_owned()
-        }
-        Why::NoCategory => "ネットワークに送る種類の画像ではありません".to_owned(),
-        Why::NoNetworkId => "ネットワークの患者ID（名寄せ）を待っています".to_owned(),
-        Why::PacsUnreachable => {
-            "ネットワークの画像サーバーに接続できません（自動で再試行します）".to_owned()
-        }
-        Why::PacsBusy => {
-            "ネットワークの画像サーバーが受け取れない状態です（自動で再試行します）".to_owned()
-        }
+        Why::ConsentForNow => t(
+            "同意情報をネットワークと確かめられないため、あとで自動で確かめ直します",
+            "Cannot check consent with the network; it will be checked again automatically later",
+        )
+        .to_owned(),
+        Why::ConsentRefused => t(
+            "この患者IDを同意の仕組みで扱えません（運用者に連絡してください）",
+            "The consent system cannot handle this patient ID (contact the operator)",
+        )
+        .to_owned(),
+        Why::NoPatientId => t(
+            "画像に患者IDがありません（検査機器の設定を確かめてください）",
+            "The image has no patient ID (check the settings of the imaging device)",
+        )
+        .to_owned(),
+        Why::NoCategory => t(
+            "ネットワークに送る種類の画像ではありません",
+            "Not a kind of image that is sent to the network",
+        )
+        .to_owned(),
+        Why::NoNetworkId => t(
+            "ネットワークの患者ID（名寄せ）を待っています",
+            "Waiting for the network's patient ID (identity linking)",
+        )
+        .to_owned(),
+        Why::PacsUnreachable => t(
+            "ネットワークの画像サーバーに接続できません（自動で再試行します）",
+            "Cannot reach the network's image server (PACS); it will be retried automatically",
+        )
+        .to_owned(),
+        Why::PacsBusy => t(
+            "ネットワークの画像サーバーが受け取れない状態です（自動で再試行します）",
+            "The network's image server (PACS) cannot accept images now; it will be retried automatically",
+        )
+        .to_owned(),
         Why::PacsRefused(status) => {
-            format!("ネットワークの画像サーバーが受け取りを拒否しました（状態 {status}）")
+            if en() {
+                format!("The network's image server (PACS) refused the image (status {status})")
+            } else {
+                format!("ネットワークの画像サーバーが受け取りを拒否しました（状態 {status}）")
+            }
         }
-        Why::NotAccepted => "ネットワークの画像サーバーがこの種類の画像を受け付けません".to_owned(),
-        Why::TooLong => "長い間送れなかったため、送信を止めています".to_owned(),
-        Why::Other => "その他の理由です（運用者に連絡してください）".to_owned(),
+        Why::NotAccepted => t(
+            "ネットワークの画像サーバーがこの種類の画像を受け付けません",
+            "The network's image server (PACS) does not accept this kind of image",
+        )
+        .to_owned(),
+        Why::TooLong => t(
+            "長い間送れなかったため、送信を止めています",
+            "Sending has stopped because it failed for a long time",
+        )
+        .to_owned(),
+        Why::Other => t(
+            "その他の理由です（運用者に連絡してください）",
+            "Another reason (contact the operator)",
+        )
+        .to_owned(),
     }
 }
 
 /// The state's words and the cell's class.
 pub fn state_words(state: Held) -> (&'static str, &'static str) {
     match state {
-        Held::Held => ("保留", "warn"),
-        Held::Dead => ("送信不能", "bad"),
-        Held::Pending => ("再試行待ち", "warn"),
+        Held::Held => (t("保留", "Held"), "warn"),
+        Held::Dead => (t("送信不能", "Undeliverable"), "bad"),
+        Held::Pending => (t("再試行待ち", "Waiting to retry"), "warn"),
     }
 }
 
@@ -96,7 +145,7 @@ async fn ask(app: &Shared, request: Request) -> Result<Answer, Trouble> {
 fn kind_words(item: &Item) -> &'static str {
     match item.category {
         Some(c) => category_words(c),
-        None => "区分なし",
+        None => t("区分なし", "No category"),
     }
 }
 
@@ -105,7 +154,7 @@ fn row(who: &Session, item: &Item) -> Markup {
     html! {
         tr {
             td.nowrap { (time_words(item.received_at)) }
-            td.nowrap { (item.patient.as_deref().unwrap_or("（なし）")) }
+            td.nowrap { (item.patient.as_deref().unwrap_or(t("（なし）", "(none)"))) }
             td.nowrap { (kind_words(item)) }
             td class=(format!("nowrap {class}")) { (state) }
             td { (why_words(&item.why)) }
@@ -115,14 +164,14 @@ fn row(who: &Session, item: &Item) -> Markup {
                     form.inline method="post" action="/held/requeue" {
                         input type="hidden" name="csrf" value=(who.csrf);
                         input type="hidden" name="id" value=(item.id);
-                        button type="submit" { "再送する" }
+                        button type="submit" { (t("再送する", "Send again")) }
                     }
                     @if item.state != Held::Pending {
                         " "
                         form.inline method="post" action="/held/discard" {
                             input type="hidden" name="csrf" value=(who.csrf);
                             input type="hidden" name="id" value=(item.id);
-                            button type="submit" { "破棄する" }
+                            button type="submit" { (t("破棄する", "Discard")) }
                         }
                     }
                 }
@@ -135,21 +184,27 @@ fn row(who: &Session, item: &Item) -> Markup {
 pub fn body(who: &Session, items: &[Item], more: bool, message: Option<&str>) -> Markup {
     html! {
         @if let Some(m) = message { p.msg role="status" { (m) } }
-        p { "院内で止まっている DICOM 画像です。同意や名寄せを待つものは、登録されると自動で送られます。「再送する」は、同意と名寄せを確かめ直してから送ります（確かめられなければ、また保留になります）。" }
+        p { (t("院内で止まっている DICOM 画像です。同意や名寄せを待つものは、登録されると自動で送られます。「再送する」は、同意と名寄せを確かめ直してから送ります（確かめられなければ、また保留になります）。", "DICOM images that are waiting in the clinic. Those waiting for consent or identity linking are sent automatically once it is registered. “Send again” checks consent and identity linking again before sending (if they cannot be checked, the image is held again).")) }
         @if items.is_empty() {
-            p.ok { strong { "止まっている画像はありません。" } }
+            p.ok { strong { (t("止まっている画像はありません。", "No images are waiting.")) } }
         } @else {
             table {
-                caption { "DICOM 画像（" (items.len()) " 件" @if more { "、古いものから表示" } "）" }
+                caption {
+                    @if en() {
+                        "DICOM images: " (items.len()) @if more { ", oldest first" }
+                    } @else {
+                        "DICOM 画像（" (items.len()) " 件" @if more { "、古いものから表示" } "）"
+                    }
+                }
                 thead {
                     tr.nowrap {
-                        th scope="col" { "受信" }
-                        th scope="col" { "患者ID" }
-                        th scope="col" { "種類" }
-                        th scope="col" { "状態" }
-                        th scope="col" { "理由" }
-                        th scope="col" { "試行" }
-                        @if may_change(who) { th scope="col" { "操作" } }
+                        th scope="col" { (t("受信", "Received")) }
+                        th scope="col" { (t("患者ID", "Patient ID")) }
+                        th scope="col" { (t("種類", "Kind")) }
+                        th scope="col" { (t("状態", "State")) }
+                        th scope="col" { (t("理由", "Reason")) }
+                        th scope="col" { (t("試行", "Attempts")) }
+                        @if may_change(who) { th scope="col" { (t("操作", "Actions")) } }
                     }
                 }
                 tbody {
@@ -157,7 +212,7 @@ pub fn body(who: &Session, items: &[Item], more: bool, message: Option<&str>) ->
                 }
             }
             @if more {
-                p.warn { "ほかにもあります。表示されたものを片付けると、続きが表示されます。" }
+                p.warn { (t("ほかにもあります。表示されたものを片付けると、続きが表示されます。", "There are more. Once the ones shown are dealt with, the rest are shown.")) }
             }
         }
     }
@@ -180,41 +235,70 @@ pub fn read_ssmix2(report: Option<&std::path::Path>) -> Ssmix2 {
 pub fn ssmix2_why_words(why: ssmix2_waiting::Why) -> String {
     use ssmix2_waiting::Why as W;
     match why {
-        W::Consent(r) => format!(
-            "{}（同意が登録・変更されると自動で送ります）",
-            deny_words(r)
-        ),
-        W::NotDecided => "同意をまだ確かめていません（自動で確かめます）".to_owned(),
-        W::NoCategory => {
-            "ネットワークに送る種類のデータではありません（データ種別を確かめてください）"
-                .to_owned()
+        W::Consent(r) => {
+            if en() {
+                format!(
+                    "{} (sent automatically once consent is registered or changed)",
+                    deny_words(r)
+                )
+            } else {
+                format!(
+                    "{}（同意が登録・変更されると自動で送ります）",
+                    deny_words(r)
+                )
+            }
         }
-        W::BadPath => {
-            "ファイルの名前か場所がネットワークに送れない形です（SS-MIX2 の点検で確かめてください）"
-                .to_owned()
-        }
-        W::Settling => "書き込まれたばかりです（書き込みが終わると送ります）".to_owned(),
-        W::SendFailing => "ネットワークへの送信に失敗しました（自動で再試行します）".to_owned(),
-        W::Queued => "送信待ちです".to_owned(),
+        W::NotDecided => t(
+            "同意をまだ確かめていません（自動で確かめます）",
+            "Consent not checked yet (it will be checked automatically)",
+        )
+        .to_owned(),
+        W::NoCategory => t(
+            "ネットワークに送る種類のデータではありません（データ種別を確かめてください）",
+            "Not a kind of data that is sent to the network (check the data type)",
+        )
+        .to_owned(),
+        W::BadPath => t(
+            "ファイルの名前か場所がネットワークに送れない形です（SS-MIX2 の点検で確かめてください）",
+            "The file's name or location cannot be sent to the network (see SS-MIX2 check)",
+        )
+        .to_owned(),
+        W::Settling => t(
+            "書き込まれたばかりです（書き込みが終わると送ります）",
+            "Just written (sent once writing has finished)",
+        )
+        .to_owned(),
+        W::SendFailing => t(
+            "ネットワークへの送信に失敗しました（自動で再試行します）",
+            "Sending to the network failed (it will be retried automatically)",
+        )
+        .to_owned(),
+        W::Queued => t("送信待ちです", "Waiting to be sent").to_owned(),
     }
 }
 
 /// The SS-MIX2 part of the page.
 pub fn ssmix2_body(w: &Ssmix2) -> Markup {
     html! {
-        h2 { "SS-MIX2 のファイル" }
+        h2 { (t("SS-MIX2 のファイル", "SS-MIX2 files")) }
         @match w {
-            Kept::NotUsed => p { "この装置では SS-MIX2 の同期を使用していません。" },
-            Kept::NotYet => p.warn role="status" { "まだ結果がありません。SS-MIX2 同期の最初の点検中か、同期が動いていません（接続状態で確かめてください）。" },
-            Kept::Unreadable(_) => p.bad role="alert" { "送られていないファイルの一覧を読み取れません。運用者に連絡してください。" },
+            Kept::NotUsed => p { (t("この装置では SS-MIX2 の同期を使用していません。", "This box does not use the SS-MIX2 sync.")) },
+            Kept::NotYet => p.warn role="status" { (t("まだ結果がありません。SS-MIX2 同期の最初の点検中か、同期が動いていません（接続状態で確かめてください）。", "No results yet. The SS-MIX2 sync is doing its first check, or it is not running (check Status).")) },
+            Kept::Unreadable(_) => p.bad role="alert" { (t("送られていないファイルの一覧を読み取れません。運用者に連絡してください。", "Cannot read the list of files not sent. Contact the operator.")) },
             Kept::Kept(w) => {
-                p { "電子カルテの SS-MIX2 ストレージのうち、ネットワークに送られていないファイルです（" (time_words(w.at)) " 時点）。ファイルは電子カルテのもので、待っているもの（同意など）が整うと自動で送られます。同意のない患者と撤回した患者のファイルは、数だけを示します。" }
+                p {
+                    @if en() {
+                        "Files in the EMR's SS-MIX2 storage that have not been sent to the network (as of " (time_words(w.at)) "). The files belong to the EMR; they are sent automatically once what they wait for (such as consent) is in place. For patients without consent and patients who withdrew it, only the counts are shown."
+                    } @else {
+                        "電子カルテの SS-MIX2 ストレージのうち、ネットワークに送られていないファイルです（" (time_words(w.at)) " 時点）。ファイルは電子カルテのもので、待っているもの（同意など）が整うと自動で送られます。同意のない患者と撤回した患者のファイルは、数だけを示します。"
+                    }
+                }
                 @if w.counts.is_empty() {
-                    p.ok { strong { "止まっているファイルはありません。" } }
+                    p.ok { strong { (t("止まっているファイルはありません。", "No files are waiting.")) } }
                 } @else {
                     table {
-                        caption { "理由ごとの件数" }
-                        thead { tr { th scope="col" { "理由" } th scope="col" { "件数" } } }
+                        caption { (t("理由ごとの件数", "Files by reason")) }
+                        thead { tr { th scope="col" { (t("理由", "Reason")) } th scope="col" { (t("件数", "Files")) } } }
                         tbody {
                             @for (why, n) in &w.counts {
                                 tr { td { (ssmix2_why_words(*why)) } td.nowrap { (n) } }
@@ -224,14 +308,20 @@ pub fn ssmix2_body(w: &Ssmix2) -> Markup {
                 }
                 @if !w.files.is_empty() {
                     table {
-                        caption { "ファイル（" (w.files.len()) " 件" @if w.more > 0 { "、古いものから表示" } "）" }
+                        caption {
+                            @if en() {
+                                "Files: " (w.files.len()) @if w.more > 0 { ", oldest first" }
+                            } @else {
+                                "ファイル（" (w.files.len()) " 件" @if w.more > 0 { "、古いものから表示" } "）"
+                            }
+                        }
                         thead {
                             tr.nowrap {
-                                th scope="col" { "更新" }
-                                th scope="col" { "患者ID" }
-                                th scope="col" { "種類" }
-                                th scope="col" { "理由" }
-                                th scope="col" { "ファイル" }
+                                th scope="col" { (t("更新", "Modified")) }
+                                th scope="col" { (t("患者ID", "Patient ID")) }
+                                th scope="col" { (t("種類", "Kind")) }
+                                th scope="col" { (t("理由", "Reason")) }
+                                th scope="col" { (t("ファイル", "File")) }
                             }
                         }
                         tbody {
@@ -242,7 +332,11 @@ pub fn ssmix2_body(w: &Ssmix2) -> Markup {
                                     td.nowrap {
                                         (f.data_type)
                                         @if let Some(c) = consent::model::Category::for_ssmix2(&f.data_type) {
-                                            "（" (category_words(c)) "）"
+                                            @if en() {
+                                                " (" (category_words(c)) ")"
+                                            } @else {
+                                                "（" (category_words(c)) "）"
+                                            }
                                         }
                                     }
                                     td { (ssmix2_why_words(f.why)) }
@@ -252,7 +346,13 @@ pub fn ssmix2_body(w: &Ssmix2) -> Markup {
                         }
                     }
                     @if w.more > 0 {
-                        p.warn { "ほかに " (w.more) " 件あります。" }
+                        p.warn {
+                            @if en() {
+                                (w.more) " more files."
+                            } @else {
+                                "ほかに " (w.more) " 件あります。"
+                            }
+                        }
                     }
                 }
             },
@@ -264,9 +364,9 @@ fn unavailable(who: &Session) -> Response {
     (
         StatusCode::SERVICE_UNAVAILABLE,
         page(
-            "保留中",
+            t("保留中", "Held"),
             Some(who),
-            html! { p.bad role="alert" { (DICOM_UNAVAILABLE) } },
+            html! { p.bad role="alert" { (dicom_unavailable()) } },
         ),
     )
         .into_response()
@@ -279,7 +379,7 @@ async fn show(app: &Shared, who: &Session, message: Option<&str>) -> Response {
             StatusCode::OK,
             html! {
                 @if let Some(m) = message { p.msg role="status" { (m) } }
-                p { "この装置では DICOM を使用していません。" }
+                p { (t("この装置では DICOM を使用していません。", "This box does not use DICOM.")) }
             },
         ),
         Some(_) => match ask(app, Request::List).await {
@@ -288,16 +388,16 @@ async fn show(app: &Shared, who: &Session, message: Option<&str>) -> Response {
             }
             Ok(_) | Err(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                html! { p.bad role="alert" { (DICOM_UNAVAILABLE) } },
+                html! { p.bad role="alert" { (dicom_unavailable()) } },
             ),
         },
     };
     (
         status,
         page(
-            "保留中",
+            t("保留中", "Held"),
             Some(who),
-            html! { h2 { "DICOM 画像" } (dicom) (ssmix2) },
+            html! { h2 { (t("DICOM 画像", "DICOM images")) } (dicom) (ssmix2) },
         ),
     )
         .into_response()
@@ -308,7 +408,7 @@ pub async fn page_of(State(app): State<Shared>, headers: HeaderMap) -> Response 
     match session(&app, &headers).await {
         Ok(Some((_, who))) => show(&app, &who, None).await,
         Ok(None) => Redirect::to("/login").into_response(),
-        Err(t) => t.into_response(),
+        Err(trouble) => trouble.into_response(),
     }
 }
 
@@ -326,15 +426,15 @@ async fn changer(app: &Shared, headers: &HeaderMap, csrf: &str) -> Result<Sessio
         Ok(Some((_, s))) if accounts::same(s.csrf.as_bytes(), csrf.as_bytes()) => s,
         Ok(Some(_)) => return Err(refused_cross_site()),
         Ok(None) => return Err(Redirect::to("/login").into_response()),
-        Err(t) => return Err(t.into_response()),
+        Err(trouble) => return Err(trouble.into_response()),
     };
     if !may_change(&who) {
         return Err((
             StatusCode::FORBIDDEN,
             page(
-                "権限がありません",
+                t("権限がありません", "Not allowed"),
                 Some(&who),
-                html! { p { "再送と破棄は、事務と管理者の役割のアカウントだけができます。" } },
+                html! { p { (t("再送と破棄は、事務と管理者の役割のアカウントだけができます。", "Only accounts with the Desk or Administrator role can send again or discard.")) } },
             ),
         )
             .into_response());
@@ -351,11 +451,19 @@ fn staff(who: &Session, peer: &Peer) -> Staff {
 
 async fn done(app: &Shared, who: &Session, answer: Result<Answer, Trouble>, did: &str) -> Response {
     let message = match answer {
-        Ok(Answer::Done { count: 0 }) => {
-            "この画像はもう止まっていません（送られたか、状態が変わりました）。".to_owned()
-        }
+        Ok(Answer::Done { count: 0 }) => t(
+            "この画像はもう止まっていません（送られたか、状態が変わりました）。",
+            "This image is no longer waiting (it was sent, or its state changed).",
+        )
+        .to_owned(),
         Ok(Answer::Done { .. }) => did.to_owned(),
-        Ok(Answer::Refused(why)) => format!("受け付けられませんでした（{why}）。"),
+        Ok(Answer::Refused(why)) => {
+            if en() {
+                format!("Not accepted ({why}).")
+            } else {
+                format!("受け付けられませんでした（{why}）。")
+            }
+        }
         Ok(_) | Err(_) => return unavailable(who),
     };
     show(app, who, Some(&message)).await
@@ -384,7 +492,10 @@ pub async fn requeue(
         &app,
         &who,
         answer,
-        "再送を指示しました。同意と名寄せを確かめてから送ります。",
+        t(
+            "再送を指示しました。同意と名寄せを確かめてから送ります。",
+            "Asked to send again. Consent and identity linking are checked before it is sent.",
+        ),
     )
     .await
 }
@@ -409,21 +520,27 @@ pub async fn discard(
             return done(&app, &who, Ok(Answer::Done { count: 0 }), "").await;
         };
         return page(
-            "画像の破棄の確認",
+            t("画像の破棄の確認", "Confirm discarding the image"),
             Some(&who),
             html! {
                 p role="alert" {
-                    "患者ID " strong { (item.patient.as_deref().unwrap_or("（なし）")) } " の "
-                    (kind_words(&item)) "（" (time_words(item.received_at)) " 受信）を破棄します。"
-                    "破棄した画像はネットワークに送られず、この装置からも消えます。元に戻せません。検査機器から送り直すことはできます。"
+                    @if en() {
+                        "Discard the image of patient ID " strong { (item.patient.as_deref().unwrap_or("(none)")) } " ("
+                        (kind_words(&item)) ", received " (time_words(item.received_at)) "). "
+                        "A discarded image is not sent to the network and is removed from this box. This cannot be undone. The imaging device can send it again."
+                    } @else {
+                        "患者ID " strong { (item.patient.as_deref().unwrap_or("（なし）")) } " の "
+                        (kind_words(&item)) "（" (time_words(item.received_at)) " 受信）を破棄します。"
+                        "破棄した画像はネットワークに送られず、この装置からも消えます。元に戻せません。検査機器から送り直すことはできます。"
+                    }
                 }
                 form method="post" action="/held/discard" {
                     input type="hidden" name="csrf" value=(who.csrf);
                     input type="hidden" name="id" value=(item.id);
                     input type="hidden" name="confirm" value="yes";
-                    button type="submit" { "破棄する" }
+                    button type="submit" { (t("破棄する", "Discard")) }
                 }
-                p { a href="/held" { "やめる（保留中へ戻る）" } }
+                p { a href="/held" { (t("やめる（保留中へ戻る）", "Cancel (back to Held)")) } }
             },
         )
         .into_response();
@@ -436,7 +553,13 @@ pub async fn discard(
         },
     )
     .await;
-    done(&app, &who, answer, "画像を破棄しました。").await
+    done(
+        &app,
+        &who,
+        answer,
+        t("画像を破棄しました。", "The image was discarded."),
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use ssmix2::conformance::Conformance;
 
+use crate::lang::{en, t};
 use crate::overview::time_words;
 use crate::web::{Shared, page, session};
 
@@ -53,52 +54,86 @@ pub fn read(path: Option<&std::path::Path>) -> Report {
 
 fn severity_words(severity: &str) -> (&'static str, &'static str) {
     match severity {
-        "quarantine" => ("隔離（ネットワークに送りません）", "bad"),
-        "anomaly" => ("異常（送りますが確認が必要です）", "warn"),
-        _ => ("注意", "warn"),
+        "quarantine" => (
+            t(
+                "隔離（ネットワークに送りません）",
+                "Quarantined (not sent to the network)",
+            ),
+            "bad",
+        ),
+        "anomaly" => (
+            t(
+                "異常（送りますが確認が必要です）",
+                "Anomaly (sent, but needs checking)",
+            ),
+            "warn",
+        ),
+        _ => (t("注意", "Notice"), "warn"),
     }
 }
 
 /// The page's body.
 pub fn body(report: &Report) -> Markup {
     match report {
-        Kept::NotUsed => html! { p { "この装置では SS-MIX2 の同期を使用していません。" } },
+        Kept::NotUsed => {
+            html! { p { (t("この装置では SS-MIX2 の同期を使用していません。", "This box does not use the SS-MIX2 sync.")) } }
+        }
         Kept::NotYet => html! {
-            p.warn role="status" { "まだ点検の結果がありません。SS-MIX2 同期の最初の点検中か、同期が動いていません（接続状態で確かめてください）。" }
+            p.warn role="status" { (t("まだ点検の結果がありません。SS-MIX2 同期の最初の点検中か、同期が動いていません（接続状態で確かめてください）。", "No check results yet. The SS-MIX2 sync is doing its first check, or it is not running (check Status).")) }
         },
         Kept::Unreadable(_) => {
-            html! { p.bad role="alert" { "点検の結果を読み取れません。運用者に連絡してください。" } }
+            html! { p.bad role="alert" { (t("点検の結果を読み取れません。運用者に連絡してください。", "Cannot read the check results. Contact the operator.")) } }
         }
         Kept::Kept(c) => html! {
-            p { "最終点検: " (time_words(c.at)) }
+            p { (t("最終点検: ", "Last check: ")) (time_words(c.at)) }
             table {
-                caption { "ファイル数" }
+                caption { (t("ファイル数", "Files")) }
                 tbody {
-                    tr { th scope="row" { "合計" } td { (c.files) } }
-                    tr { th scope="row" { "最新版" } td { (c.status("current")) } }
-                    tr { th scope="row" { "更新前の版" } td { (c.status("superseded")) } }
-                    tr { th scope="row" { "削除" } td { (c.status("deleted")) } }
-                    tr { th scope="row" { "隔離" } td class=(if c.status("quarantined") > 0 { "bad" } else { "ok" }) { (c.status("quarantined")) } }
+                    tr { th scope="row" { (t("合計", "Total")) } td { (c.files) } }
+                    tr { th scope="row" { (t("最新版", "Current version")) } td { (c.status("current")) } }
+                    tr { th scope="row" { (t("更新前の版", "Earlier versions")) } td { (c.status("superseded")) } }
+                    tr { th scope="row" { (t("削除", "Deleted")) } td { (c.status("deleted")) } }
+                    tr { th scope="row" { (t("隔離", "Quarantined")) } td class=(if c.status("quarantined") > 0 { "bad" } else { "ok" }) { (c.status("quarantined")) } }
                 }
             }
             @if c.problems.is_empty() {
-                p.ok { strong { "問題はありません。" } }
+                p.ok { strong { (t("問題はありません。", "No problems found.")) } }
             } @else {
-                h2 { "見つかった問題（重いものから）" }
+                h2 { (t("見つかった問題（重いものから）", "Problems found (worst first)")) }
                 @for p in &c.problems {
                     @let (words, class) = severity_words(&p.severity);
                     section {
-                        h3 { span class=(class) { (words) } " " (p.japanese) "（" (p.count) " 件）" }
-                        p { small lang="en" { (p.english) " [" (p.code) "]" } }
+                        h3 {
+                            @if en() {
+                                span class=(class) { (words) } ": " (p.english) " (files: " (p.count) ")"
+                            } @else {
+                                span class=(class) { (words) } " " (p.japanese) "（" (p.count) " 件）"
+                            }
+                        }
+                        p {
+                            small lang="en" {
+                                @if en() {
+                                    "[" (p.code) "]"
+                                } @else {
+                                    (p.english) " [" (p.code) "]"
+                                }
+                            }
+                        }
                         ul {
                             @for path in &p.examples { li { code { (path) } } }
                             @if p.count > p.examples.len() as u64 {
-                                li { "ほか " (p.count - p.examples.len() as u64) " 件" }
+                                li {
+                                    @if en() {
+                                        "and " (p.count - p.examples.len() as u64) " more"
+                                    } @else {
+                                        "ほか " (p.count - p.examples.len() as u64) " 件"
+                                    }
+                                }
                             }
                         }
                     }
                 }
-                p { "隔離されたファイルはネットワークに送られません。電子カルテの側でファイルを直すと、次の点検で送られます。" }
+                p { (t("隔離されたファイルはネットワークに送られません。電子カルテの側でファイルを直すと、次の点検で送られます。", "Quarantined files are not sent to the network. Once a file is fixed in the EMR, it is sent after the next check.")) }
             }
         },
     }
@@ -109,7 +144,7 @@ pub async fn page_of(State(app): State<Shared>, headers: HeaderMap) -> Response 
     let who = match session(&app, &headers).await {
         Ok(Some((_, s))) => s,
         Ok(None) => return Redirect::to("/login").into_response(),
-        Err(t) => return t.into_response(),
+        Err(trouble) => return trouble.into_response(),
     };
     let path = app.ssmix2_report.clone();
     let report = tokio::task::spawn_blocking(move || read(path.as_deref()))
@@ -120,7 +155,15 @@ pub async fn page_of(State(app): State<Shared>, headers: HeaderMap) -> Response 
     } else {
         StatusCode::OK
     };
-    (status, page("SS-MIX2 の点検", Some(&who), body(&report))).into_response()
+    (
+        status,
+        page(
+            t("SS-MIX2 の点検", "SS-MIX2 check"),
+            Some(&who),
+            body(&report),
+        ),
+    )
+        .into_response()
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //!
 //! - [`accounts`]: `console.db`, the accounts, sessions and the setup code.
 //! - [`web`]: the pages and forms.
+//! - [`lang`]: Japanese first, English when the browser chose it.
 //! - [`overview`]: 接続状態's facts, from the services' metrics.
 //! - [`patients`]: the consent desk's pages, over the consent service's desk socket.
 //! - [`inspection`]: SS-MIX2 の点検, the storage's conformance report the sync keeps.
@@ -17,6 +18,7 @@
 pub mod accounts;
 pub mod held;
 pub mod inspection;
+pub mod lang;
 pub mod overview;
 pub mod patients;
 pub mod service;

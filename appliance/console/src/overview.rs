@@ -17,6 +17,8 @@
 use maud::{Markup, html};
 use tsunagi_runtime::status::{ServiceState, ServiceStatus, StatusReport};
 
+use crate::lang::{en, t};
+
 /// The network link.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Link {
@@ -224,7 +226,7 @@ impl Overview {
         let rows = self.rows(now);
         html! {
             table {
-                caption { "概要" }
+                caption { (t("概要", "Overview")) }
                 tbody {
                     @for (what, words, class) in &rows {
                         tr { th scope="row" { (what) } td class=(class) { (words) } }
@@ -237,62 +239,145 @@ impl Overview {
     /// The rows of [`Overview::render`]: (the fact, its words, its class).
     pub fn rows(&self, now: i64) -> Vec<(&'static str, String, &'static str)> {
         let since = |t: Option<i64>| {
-            t.map(|t| format!("（{} から）", time_words(t)))
-                .unwrap_or_default()
+            t.map(|t| {
+                if en() {
+                    format!(" (since {})", time_words(t))
+                } else {
+                    format!("（{} から）", time_words(t))
+                }
+            })
+            .unwrap_or_default()
         };
         let link = match self.link {
-            Link::Up(t) => (format!("接続中{}", since(t)), "ok"),
-            Link::Down(t) => (format!("接続していません{}", since(t)), "bad"),
-            Link::Unknown => ("接続サービスが動いていません".to_owned(), "bad"),
+            Link::Up(t) => (
+                if en() {
+                    format!("Connected{}", since(t))
+                } else {
+                    format!("接続中{}", since(t))
+                },
+                "ok",
+            ),
+            Link::Down(t) => (
+                if en() {
+                    format!("Not connected{}", since(t))
+                } else {
+                    format!("接続していません{}", since(t))
+                },
+                "bad",
+            ),
+            Link::Unknown => (
+                t(
+                    "接続サービスが動いていません",
+                    "The tunnel service is not running",
+                )
+                .to_owned(),
+                "bad",
+            ),
         };
         let sync = match self.sync {
             Sync::At { at, stale: false } => (
-                format!("{}（{}）", time_words(at), ago_words(now - at)),
+                if en() {
+                    format!("{} ({})", time_words(at), ago_words(now - at))
+                } else {
+                    format!("{}（{}）", time_words(at), ago_words(now - at))
+                },
                 "ok",
             ),
             Sync::At { at, stale: true } => (
-                format!(
-                    "{}（{}）: 古くなっています。院外への送信は止めています。",
-                    time_words(at),
-                    ago_words(now - at)
-                ),
+                if en() {
+                    format!(
+                        "{} ({}): out of date. Sending outside the clinic is stopped.",
+                        time_words(at),
+                        ago_words(now - at)
+                    )
+                } else {
+                    format!(
+                        "{}（{}）: 古くなっています。院外への送信は止めています。",
+                        time_words(at),
+                        ago_words(now - at)
+                    )
+                },
                 "warn",
             ),
             Sync::Never => (
-                "まだ同期していません。院外への送信は止めています。".to_owned(),
+                t(
+                    "まだ同期していません。院外への送信は止めています。",
+                    "Not synced yet. Sending outside the clinic is stopped.",
+                )
+                .to_owned(),
                 "warn",
             ),
-            Sync::Unknown => ("同意サービスが動いていません".to_owned(), "bad"),
+            Sync::Unknown => (
+                t(
+                    "同意サービスが動いていません",
+                    "The consent service is not running",
+                )
+                .to_owned(),
+                "bad",
+            ),
         };
         let directory = match self.directory {
-            None => ("同意サービスが動いていません".to_owned(), "bad"),
+            None => (
+                t(
+                    "同意サービスが動いていません",
+                    "The consent service is not running",
+                )
+                .to_owned(),
+                "bad",
+            ),
             Some(Directory { at: None, .. }) => (
-                "まだ届いていません。施設は医療機関コードで入力します。".to_owned(),
+                t(
+                    "まだ届いていません。施設は医療機関コードで入力します。",
+                    "Not received yet. Enter facilities by their medical institution code.",
+                )
+                .to_owned(),
                 "warn",
             ),
             Some(Directory {
                 listed,
                 unreadable: 0,
                 at: Some(at),
-            }) => (format!("{listed} 施設（{} 更新）", time_words(at)), "ok"),
+            }) => (
+                if en() {
+                    format!("{listed} facilities (updated {})", time_words(at))
+                } else {
+                    format!("{listed} 施設（{} 更新）", time_words(at))
+                },
+                "ok",
+            ),
             Some(Directory {
                 listed,
                 unreadable,
                 at: Some(at),
             }) => (
-                format!(
-                    "{listed} 施設（{} 更新）。読み取れない {unreadable} 件は選べません。",
-                    time_words(at)
-                ),
+                if en() {
+                    format!(
+                        "{listed} facilities (updated {}). {unreadable} unreadable entries cannot be chosen.",
+                        time_words(at)
+                    )
+                } else {
+                    format!(
+                        "{listed} 施設（{} 更新）。読み取れない {unreadable} 件は選べません。",
+                        time_words(at)
+                    )
+                },
                 "warn",
             ),
         };
         let queue = |q: Option<Queue>, dead: bool| match q {
-            None => ("使用していません".to_owned(), "ok"),
+            None => (t("使用していません", "Not used").to_owned(), "ok"),
             Some(q) => {
-                let mut words = format!("送信待ち {} 件、保留 {} 件", q.pending, q.held);
+                let mut words = if en() {
+                    format!("{} waiting to send, {} held", q.pending, q.held)
+                } else {
+                    format!("送信待ち {} 件、保留 {} 件", q.pending, q.held)
+                };
                 if dead {
-                    words.push_str(&format!("、送信不能 {} 件", q.dead));
+                    if en() {
+                        words.push_str(&format!(", {} undeliverable", q.dead));
+                    } else {
+                        words.push_str(&format!("、送信不能 {} 件", q.dead));
+                    }
                 }
                 let class = if q.held > 0 || q.dead > 0 {
                     "warn"
@@ -307,44 +392,95 @@ impl Overview {
         let version = &self.update.version;
         let update = match self.update.state {
             None => (
-                format!("版 {version}（更新サービスは動いていません）"),
+                if en() {
+                    format!("Version {version} (the update service is not running)")
+                } else {
+                    format!("版 {version}（更新サービスは動いていません）")
+                },
                 "warn",
             ),
-            Some(UpdateState::Current) => (format!("版 {version}（新しい版はありません）"), "ok"),
+            Some(UpdateState::Current) => (
+                if en() {
+                    format!("Version {version} (no newer version)")
+                } else {
+                    format!("版 {version}（新しい版はありません）")
+                },
+                "ok",
+            ),
             Some(UpdateState::Staged) => (
-                format!("版 {version}（新しい版を準備しました。保守時間帯に更新します）"),
+                if en() {
+                    format!(
+                        "Version {version} (a new version is ready; it will be installed in the maintenance window)"
+                    )
+                } else {
+                    format!("版 {version}（新しい版を準備しました。保守時間帯に更新します）")
+                },
                 "ok",
             ),
             Some(UpdateState::CheckFailing) => (
-                format!("版 {version}（更新の配信元を確認できません）"),
+                if en() {
+                    format!("Version {version} (cannot reach the update source)")
+                } else {
+                    format!("版 {version}（更新の配信元を確認できません）")
+                },
                 "warn",
             ),
         };
         let clock = match self.clock {
-            Clock::InStep(o) => (format!("正確です（ずれ {o:+.3} 秒）"), "ok"),
+            Clock::InStep(o) => (
+                if en() {
+                    format!("Correct (off by {o:+.3} s)")
+                } else {
+                    format!("正確です（ずれ {o:+.3} 秒）")
+                },
+                "ok",
+            ),
             Clock::Off(o) => (
-                format!(
-                    "ネットワークの時計より {:.1} 秒{}います",
-                    o.abs(),
-                    if o > 0.0 { "遅れて" } else { "進んで" }
-                ),
+                if en() {
+                    format!(
+                        "{:.1} s {} the network's clock",
+                        o.abs(),
+                        if o > 0.0 { "behind" } else { "ahead of" }
+                    )
+                } else {
+                    format!(
+                        "ネットワークの時計より {:.1} 秒{}います",
+                        o.abs(),
+                        if o > 0.0 { "遅れて" } else { "進んで" }
+                    )
+                },
                 "bad",
             ),
             Clock::Lost => (
-                "ネットワークの時刻サーバーから応答がありません".to_owned(),
+                t(
+                    "ネットワークの時刻サーバーから応答がありません",
+                    "No answer from the network's time server",
+                )
+                .to_owned(),
                 "bad",
             ),
-            Clock::NotYet => ("確認中です".to_owned(), "warn"),
-            Clock::NotChecked => ("確認していません（設定されていません）".to_owned(), "warn"),
+            Clock::NotYet => (t("確認中です", "Checking").to_owned(), "warn"),
+            Clock::NotChecked => (
+                t(
+                    "確認していません（設定されていません）",
+                    "Not checked (not configured)",
+                )
+                .to_owned(),
+                "warn",
+            ),
         };
         vec![
-            ("ネットワーク", link.0, link.1),
-            ("同意情報の最終同期", sync.0, sync.1),
-            ("施設一覧", directory.0, directory.1),
-            ("DICOM 画像", dicom.0, dicom.1),
-            ("SS-MIX2", ssmix2.0, ssmix2.1),
-            ("ソフトウェア", update.0, update.1),
-            ("時刻", clock.0, clock.1),
+            (t("ネットワーク", "Network"), link.0, link.1),
+            (t("同意情報の最終同期", "Last consent sync"), sync.0, sync.1),
+            (
+                t("施設一覧", "Facility directory"),
+                directory.0,
+                directory.1,
+            ),
+            (t("DICOM 画像", "DICOM images"), dicom.0, dicom.1),
+            (t("SS-MIX2", "SS-MIX2"), ssmix2.0, ssmix2.1),
+            (t("ソフトウェア", "Software"), update.0, update.1),
+            (t("時刻", "Clock"), clock.0, clock.1),
         ]
     }
 }
@@ -359,11 +495,31 @@ pub fn time_words(t: i64) -> String {
 
 /// How long ago, in words: 「1分以内」, 「5分前」, 「3時間前」, 「2日前」.
 fn ago_words(secs: i64) -> String {
+    let english = en();
     match secs.max(0) {
-        s if s < 60 => "1分以内".to_owned(),
-        s if s < 3600 => format!("{}分前", s / 60),
-        s if s < 86_400 => format!("{}時間前", s / 3600),
-        s => format!("{}日前", s / 86_400),
+        s if s < 60 => t("1分以内", "within a minute").to_owned(),
+        s if s < 3600 => {
+            if english {
+                format!("{} min ago", s / 60)
+            } else {
+                format!("{}分前", s / 60)
+            }
+        }
+        s if s < 86_400 => {
+            if english {
+                format!("{} h ago", s / 3600)
+            } else {
+                format!("{}時間前", s / 3600)
+            }
+        }
+        s => {
+            let days = s / 86_400;
+            if english {
+                format!("{days} {} ago", if days == 1 { "day" } else { "days" })
+            } else {
+                format!("{}日前", s / 86_400)
+            }
+        }
     }
 }
 
@@ -611,5 +767,66 @@ mod tests {
         )]);
         assert_eq!(Overview::of(&nan).link, Link::Up(None));
         assert_eq!(words(&Overview::of(&nan), T)["ネットワーク"].0, "接続中");
+    }
+
+    #[test]
+    fn in_english_the_same_facts_are_told_in_english() {
+        let r = report(vec![
+            service(
+                "tunnel",
+                &[
+                    ("up", 1.0),
+                    ("link_since_timestamp_seconds", T as f64),
+                    ("clock_in_step", 0.0),
+                    ("clock_sync_lost", 0.0),
+                    ("clock_offset_seconds", 600.0),
+                ],
+            ),
+            service(
+                "consent",
+                &[
+                    ("last_pull_timestamp_seconds", (T + 60) as f64),
+                    ("stale", 0.0),
+                ],
+            ),
+            service(
+                "dicom",
+                &[
+                    ("spool_pending", 3.0),
+                    ("spool_held", 1.0),
+                    ("spool_dead", 0.0),
+                ],
+            ),
+        ]);
+        let o = Overview::of(&r);
+        let w = crate::lang::Lang::En.sync_scope(|| words(&o, T + 60 + 300));
+        assert_eq!(
+            w["Network"],
+            ("Connected (since 2026-12-06 17:00)".into(), "ok")
+        );
+        assert_eq!(
+            w["Last consent sync"],
+            ("2026-12-06 17:01 (5 min ago)".into(), "ok")
+        );
+        assert_eq!(
+            w["DICOM images"],
+            ("3 waiting to send, 1 held, 0 undeliverable".into(), "warn")
+        );
+        assert_eq!(w["SS-MIX2"], ("Not used".into(), "ok"));
+        assert_eq!(
+            w["Software"],
+            (
+                "Version 1.2.0 (the update service is not running)".into(),
+                "warn"
+            )
+        );
+        assert_eq!(
+            w["Clock"],
+            ("600.0 s behind the network's clock".into(), "bad")
+        );
+        let html = crate::lang::Lang::En.sync_scope(|| o.render(T).into_string());
+        assert!(html.contains("<caption>Overview</caption>"), "{html}");
+        // Outside a request: Japanese, as before.
+        assert_eq!(words(&o, T)["ネットワーク"].1, "ok");
     }
 }

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use tsunagi_config::FacilityCode;
 
 use crate::accounts::{self, Role, Session};
+use crate::lang::{en, t};
 use crate::overview::time_words;
 use crate::web::{Peer, Shared, Trouble, ask_desk, page, refused_cross_site, session};
 
@@ -30,47 +31,69 @@ pub const MAX_FORM_BYTES: usize = 32 * 1024 * 1024;
 /// A data category as the staff know it.
 pub fn category_words(c: Category) -> &'static str {
     match c {
-        Category::Demographics => "基本情報",
-        Category::Problems => "病名",
-        Category::Allergies => "アレルギー",
-        Category::Prescriptions => "処方",
-        Category::Injections => "注射",
-        Category::LabResults => "検査結果",
-        Category::Orders => "オーダ",
-        Category::Images => "画像",
-        Category::Documents => "文書",
+        Category::Demographics => t("基本情報", "Demographics"),
+        Category::Problems => t("病名", "Problems"),
+        Category::Allergies => t("アレルギー", "Allergies"),
+        Category::Prescriptions => t("処方", "Prescriptions"),
+        Category::Injections => t("注射", "Injections"),
+        Category::LabResults => t("検査結果", "Lab results"),
+        Category::Orders => t("オーダ", "Orders"),
+        Category::Images => t("画像", "Images"),
+        Category::Documents => t("文書", "Documents"),
     }
 }
 
 fn sex_words(s: Sex) -> &'static str {
     match s {
-        Sex::Male => "男",
-        Sex::Female => "女",
-        Sex::Other => "その他",
-        Sex::Unknown => "不明",
+        Sex::Male => t("男", "Male"),
+        Sex::Female => t("女", "Female"),
+        Sex::Other => t("その他", "Other"),
+        Sex::Unknown => t("不明", "Unknown"),
     }
 }
 
 fn participation_words(p: Participation) -> (&'static str, &'static str) {
     match p {
-        Participation::None => ("同意なし", "warn"),
-        Participation::Active => ("参加中", "ok"),
-        Participation::Withdrawn => ("撤回済み", "bad"),
+        Participation::None => (t("同意なし", "No consent"), "warn"),
+        Participation::Active => (t("参加中", "Participating"), "ok"),
+        Participation::Withdrawn => (t("撤回済み", "Withdrawn"), "bad"),
     }
 }
 
 fn refusal_words(r: &Refusal) -> String {
     match r {
-        Refusal::UnknownPatient => "この患者は登録されていません。".to_owned(),
-        Refusal::AlreadyRegistered => {
-            "この患者の同意はすでに有効です。公開設定の変更か、撤回をしてください。".to_owned()
+        Refusal::UnknownPatient => t(
+            "この患者は登録されていません。",
+            "This patient is not registered.",
+        )
+        .to_owned(),
+        Refusal::AlreadyRegistered => t(
+            "この患者の同意はすでに有効です。公開設定の変更か、撤回をしてください。",
+            "This patient's consent is already in effect. Change the disclosure, or withdraw it.",
+        )
+        .to_owned(),
+        Refusal::NoConsent => t(
+            "この患者には同意が登録されていません。",
+            "No consent is registered for this patient.",
+        )
+        .to_owned(),
+        Refusal::AlreadyWithdrawn => t(
+            "同意は撤回済みです。再度参加する場合は、新しい同意書で登録してください。",
+            "The consent has been withdrawn. To take part again, register a new consent form.",
+        )
+        .to_owned(),
+        Refusal::IdentityTaken => t(
+            "このIDはすでに別の患者に使われています。",
+            "This ID is already used for another patient.",
+        )
+        .to_owned(),
+        Refusal::Invalid(why) => {
+            if en() {
+                format!("Check what you entered ({why}).")
+            } else {
+                format!("入力を確かめてください（{why}）。")
+            }
         }
-        Refusal::NoConsent => "この患者には同意が登録されていません。".to_owned(),
-        Refusal::AlreadyWithdrawn => {
-            "同意は撤回済みです。再度参加する場合は、新しい同意書で登録してください。".to_owned()
-        }
-        Refusal::IdentityTaken => "このIDはすでに別の患者に使われています。".to_owned(),
-        Refusal::Invalid(why) => format!("入力を確かめてください（{why}）。"),
     }
 }
 
@@ -98,7 +121,13 @@ async fn changer(
     }
     match patient.parse::<PatientId>() {
         Ok(id) => Ok((who, id)),
-        Err(_) => Err(bad_input(&who, "患者IDの形式が正しくありません。")),
+        Err(_) => Err(bad_input(
+            &who,
+            t(
+                "患者IDの形式が正しくありません。",
+                "The patient ID is not in the right form.",
+            ),
+        )),
     }
 }
 
@@ -110,9 +139,9 @@ fn not_allowed(s: &Session) -> Response {
     (
         StatusCode::FORBIDDEN,
         page(
-            "権限がありません",
+            t("権限がありません", "Not allowed"),
             Some(s),
-            html! { p { "同意の登録と変更は、事務と管理者の役割のアカウントだけができます。" } },
+            html! { p { (t("同意の登録と変更は、事務と管理者の役割のアカウントだけができます。", "Only Desk and Administrator accounts can register and change consent.")) } },
         ),
     )
         .into_response()
@@ -146,12 +175,12 @@ fn search_form(who: &Session, query: &str) -> Markup {
     html! {
         form method="post" action="/patients" role="search" {
             input type="hidden" name="csrf" value=(who.csrf);
-            label for="query" { "患者ID、またはカナ氏名（先頭から）" }
+            label for="query" { (t("患者ID、またはカナ氏名（先頭から）", "Patient ID, or name in kana (from the start)")) }
             input id="query" name="query" value=(query) maxlength=(desk::MAX_QUERY) autocomplete="off" required;
-            button type="submit" { "検索" }
+            button type="submit" { (t("検索", "Search")) }
         }
         @if may_change(who) {
-            p { a href="/patients/new" { "新しい患者の参加同意を登録する" } }
+            p { a href="/patients/new" { (t("新しい患者の参加同意を登録する", "Register a new patient's participation consent")) } }
         }
     }
 }
@@ -159,7 +188,9 @@ fn search_form(who: &Session, query: &str) -> Markup {
 /// GET `/patients`: the search form.
 pub async fn search_page(State(app): State<Shared>, headers: HeaderMap) -> Response {
     match session(&app, &headers).await {
-        Ok(Some((_, who))) => page("患者", Some(&who), search_form(&who, "")).into_response(),
+        Ok(Some((_, who))) => {
+            page(t("患者", "Patients"), Some(&who), search_form(&who, "")).into_response()
+        }
         Ok(None) => Redirect::to("/login").into_response(),
         Err(t) => t.into_response(),
     }
@@ -205,7 +236,7 @@ pub async fn search(
             return (
                 StatusCode::BAD_REQUEST,
                 page(
-                    "患者",
+                    t("患者", "Patients"),
                     Some(&who),
                     html! { p.msg role="alert" { (refusal_words(&r)) } (search_form(&who, &query)) },
                 ),
@@ -215,18 +246,20 @@ pub async fn search(
         Ok(_) | Err(_) => return Trouble.into_response(),
     };
     page(
-        "患者",
+        t("患者", "Patients"),
         Some(&who),
         html! {
             (search_form(&who, &query))
             @if found.is_empty() {
-                p role="status" { "該当する患者はいません。" }
+                p role="status" { (t("該当する患者はいません。", "No patients found.")) }
             } @else {
                 table {
-                    caption { "検索結果（" (found.len()) "件）" }
+                    caption {
+                        @if en() { "Results (" (found.len()) ")" } @else { "検索結果（" (found.len()) "件）" }
+                    }
                     thead { tr {
-                        th scope="col" { "患者ID" } th scope="col" { "氏名" } th scope="col" { "カナ" }
-                        th scope="col" { "生年月日" } th scope="col" { "参加" } th scope="col" { "操作" }
+                        th scope="col" { (t("患者ID", "Patient ID")) } th scope="col" { (t("氏名", "Name")) } th scope="col" { (t("カナ", "Kana")) }
+                        th scope="col" { (t("生年月日", "Date of birth")) } th scope="col" { (t("参加", "Participation")) } th scope="col" { (t("操作", "Actions")) }
                     } }
                     tbody {
                         @for f in &found {
@@ -237,7 +270,7 @@ pub async fn search(
                                 td { (f.patient.family_kana) " " (f.patient.given_kana) }
                                 td { (f.patient.birth_date) }
                                 td class=(class) { (words) }
-                                td { (patient_button(&who, &f.patient.id, "/patient", "開く")) }
+                                td { (patient_button(&who, &f.patient.id, "/patient", t("開く", "Open"))) }
                             }
                         }
                     }
@@ -260,7 +293,13 @@ async fn directory(app: &Shared) -> Option<Directory> {
 /// A facility as the staff know it: its name from the directory, and its code.
 fn facility_words(dir: Option<&Directory>, code: &FacilityCode) -> String {
     match dir.and_then(|d| d.name_of(code)) {
-        Some(name) => format!("{name}（{code}）"),
+        Some(name) => {
+            if en() {
+                format!("{name} ({code})")
+            } else {
+                format!("{name}（{code}）")
+            }
+        }
         None => code.to_string(),
     }
 }
@@ -271,15 +310,19 @@ fn facility_list<'a>(
 ) -> String {
     let v: Vec<String> = list.into_iter().map(|c| facility_words(dir, c)).collect();
     if v.is_empty() {
-        "なし".to_owned()
+        t("なし", "None").to_owned()
     } else {
-        v.join("、")
+        v.join(t("、", ", "))
     }
 }
 
 fn scope_words(dir: Option<&Directory>, scope: &Scope) -> String {
     match scope {
-        Scope::AllParticipants => "ネットワークのすべての参加施設".to_owned(),
+        Scope::AllParticipants => t(
+            "ネットワークのすべての参加施設",
+            "All participating facilities in the network",
+        )
+        .to_owned(),
         Scope::Facilities(list) => facility_list(dir, list),
     }
 }
@@ -303,19 +346,20 @@ fn offered(dir: Option<&Directory>, own: &str, inactive: bool) -> Vec<Facility> 
 fn facility_field(id: &str, label: &str, choices: &[Facility]) -> Markup {
     html! {
         @if choices.is_empty() {
-            label for=(id) { (label) "（医療機関コード10桁）" }
+            label for=(id) { (label) (t("（医療機関コード10桁）", " (10-digit facility code)")) }
             input id=(id) name="facility_code" inputmode="numeric" pattern="[0-9]{10}" required;
         } @else {
             label for=(id) { (label) }
             select id=(id) name="facility" {
-                option value="" { "施設を選んでください" }
+                option value="" { (t("施設を選んでください", "Choose a facility")) }
                 @for f in choices {
                     option value=(f.code) {
-                        (f.name) "（" (f.code) "）" @if !f.active { " 休止中" }
+                        @if en() { (f.name) " (" (f.code) ")" } @else { (f.name) "（" (f.code) "）" }
+                        @if !f.active { (t(" 休止中", " (inactive)")) }
                     }
                 }
             }
-            label for=(format!("{id}-code")) { "一覧にない施設なら、医療機関コード（10桁）" }
+            label for=(format!("{id}-code")) { (t("一覧にない施設なら、医療機関コード（10桁）", "Or, for a facility not in the list, its facility code (10 digits)")) }
             input id=(format!("{id}-code")) name="facility_code" inputmode="numeric" pattern="[0-9]{10}";
         }
     }
@@ -327,13 +371,20 @@ fn picked(facility: Option<&str>, code: Option<&str>) -> Result<FacilityCode, &'
         v.map(str::trim).filter(|v| !v.is_empty())
     }
     match (given(facility), given(code)) {
-        (Some(v), None) | (None, Some(v)) => {
-            FacilityCode::try_from(v).map_err(|_| "医療機関コードは10桁の数字です。")
-        }
-        (None, None) => Err("施設を選ぶか、医療機関コードを入力してください。"),
-        (Some(_), Some(_)) => {
-            Err("施設は一覧から選ぶか、医療機関コードを入力するか、どちらか一つにしてください。")
-        }
+        (Some(v), None) | (None, Some(v)) => FacilityCode::try_from(v).map_err(|_| {
+            t(
+                "医療機関コードは10桁の数字です。",
+                "A facility code is 10 digits.",
+            )
+        }),
+        (None, None) => Err(t(
+            "施設を選ぶか、医療機関コードを入力してください。",
+            "Choose a facility, or enter a facility code.",
+        )),
+        (Some(_), Some(_)) => Err(t(
+            "施設は一覧から選ぶか、医療機関コードを入力するか、どちらか一つにしてください。",
+            "Either choose a facility from the list or enter a facility code, not both.",
+        )),
     }
 }
 
@@ -344,7 +395,10 @@ fn facility_checks(name: &str, legend: &str, choices: &[Facility]) -> Markup {
             fieldset.picklist {
                 legend { (legend) }
                 @for f in choices {
-                    label.choice { input type="checkbox" name=(name) value=(f.code); " " (f.name) "（" (f.code) "）" }
+                    label.choice {
+                        input type="checkbox" name=(name) value=(f.code); " "
+                        @if en() { (f.name) " (" (f.code) ")" } @else { (f.name) "（" (f.code) "）" }
+                    }
                 }
             }
         }
@@ -377,82 +431,86 @@ fn patient_view(
         input type="hidden" name="patient" value=(p.id.as_str());
     };
     page(
-        "患者の同意",
+        t("患者の同意", "Patient consent"),
         Some(who),
         html! {
             @if let Some(m) = message { p.done role="status" { (m) } }
             @if v.unreadable {
-                p.bad role="alert" { "ネットワークから届いたこの患者の同意を読み取れませんでした。読み取れる同意が届くまで、この患者の情報は外に出ません。ネットワーク運用者に連絡してください。" }
+                p.bad role="alert" { (t("ネットワークから届いたこの患者の同意を読み取れませんでした。読み取れる同意が届くまで、この患者の情報は外に出ません。ネットワーク運用者に連絡してください。", "This patient's consent, as received from the network, could not be read. Until a readable consent arrives, none of this patient's data leaves the clinic. Contact the network operator.")) }
             }
             table {
-                caption { "基本情報" }
+                caption { (t("基本情報", "Demographics")) }
                 tbody {
-                    tr { th scope="row" { "患者ID" } td { (p.id.as_str()) } }
-                    tr { th scope="row" { "氏名" } td { (p.family_kanji) " " (p.given_kanji) } }
-                    tr { th scope="row" { "カナ" } td { (p.family_kana) " " (p.given_kana) } }
-                    tr { th scope="row" { "生年月日" } td { (p.birth_date) } }
-                    tr { th scope="row" { "性別" } td { (sex_words(p.sex)) } }
-                    tr { th scope="row" { "ネットワークID" } td {
-                        @if let Some(n) = &p.network_id { (n) } @else { span.warn { "未発行（同期で届きます）" } }
+                    tr { th scope="row" { (t("患者ID", "Patient ID")) } td { (p.id.as_str()) } }
+                    tr { th scope="row" { (t("氏名", "Name")) } td { (p.family_kanji) " " (p.given_kanji) } }
+                    tr { th scope="row" { (t("カナ", "Kana")) } td { (p.family_kana) " " (p.given_kana) } }
+                    tr { th scope="row" { (t("生年月日", "Date of birth")) } td { (p.birth_date) } }
+                    tr { th scope="row" { (t("性別", "Sex")) } td { (sex_words(p.sex)) } }
+                    tr { th scope="row" { (t("ネットワークID", "Network ID")) } td {
+                        @if let Some(n) = &p.network_id { (n) } @else { span.warn { (t("未発行（同期で届きます）", "Not issued yet (comes with the sync)")) } }
                     } }
-                    tr { th scope="row" { "参加" } td class=(class) { (words) } }
+                    tr { th scope="row" { (t("参加", "Participation")) } td class=(class) { (words) } }
                 }
             }
             @if let Some(c) = &v.consent {
-                h2 { "同意の内容" }
+                h2 { (t("同意の内容", "The consent")) }
                 table {
                     tbody {
-                        tr { th scope="row" { "同意番号" } td { (c.id) "（第" (c.version) "版）" } }
-                        tr { th scope="row" { "公開先" } td { (scope_words(dir, &c.scope)) } }
-                        tr { th scope="row" { "公開しない施設" } td { (facility_list(dir, &c.excluded)) } }
-                        tr { th scope="row" { "情報の種類" } td { (c.categories.iter().map(|k| category_words(*k)).collect::<Vec<_>>().join("、")) } }
-                        tr { th scope="row" { "有効期間" } td { (time_words(c.valid_from)) " から " (c.valid_until.map_or("期限なし".to_owned(), time_words)) } }
+                        tr { th scope="row" { (t("同意番号", "Consent number")) } td {
+                            @if en() { (c.id) " (version " (c.version) ")" } @else { (c.id) "（第" (c.version) "版）" }
+                        } }
+                        tr { th scope="row" { (t("公開先", "Disclosed to")) } td { (scope_words(dir, &c.scope)) } }
+                        tr { th scope="row" { (t("公開しない施設", "Facilities excluded")) } td { (facility_list(dir, &c.excluded)) } }
+                        tr { th scope="row" { (t("情報の種類", "Kinds of data")) } td { (c.categories.iter().map(|k| category_words(*k)).collect::<Vec<_>>().join(t("、", ", "))) } }
+                        tr { th scope="row" { (t("有効期間", "Valid")) } td { (time_words(c.valid_from)) (t(" から ", " to ")) (c.valid_until.map_or(t("期限なし", "no end").to_owned(), time_words)) } }
                         @if let Some(e) = &c.evidence {
-                            tr { th scope="row" { "記録" } td { (e.recorded_by) "（" (time_words(e.recorded_at)) "）" } }
+                            tr { th scope="row" { (t("記録", "Recorded")) } td {
+                                @if en() { (e.recorded_by) " (" (time_words(e.recorded_at)) ")" } @else { (e.recorded_by) "（" (time_words(e.recorded_at)) "）" }
+                            } }
                             @if !e.sha256.is_empty() {
-                                tr { th scope="row" { "同意書の指紋（SHA-256）" } td { code { (e.sha256) } } }
+                                tr { th scope="row" { (t("同意書の指紋（SHA-256）", "Consent form fingerprint (SHA-256)")) } td { code { (e.sha256) } } }
                             }
                         }
                     }
                 }
             }
             @if !v.links.is_empty() {
-                h2 { "他施設のID（名寄せ）" }
+                h2 { (t("他施設のID（名寄せ）", "Other facilities' IDs (identity linking)")) }
                 ul { @for l in &v.links { li { (link_words(dir, &l.system)) ": " (l.value) } } }
             }
             @if may_change(who) && active {
-                h2 { "公開設定" }
+                h2 { (t("公開設定", "Disclosure")) }
                 form method="post" action="/patient/disclose" {
                     (hidden)
-                    (facility_field("facility-add", "公開する施設", &to_disclose))
-                    button type="submit" { "公開する" }
+                    (facility_field("facility-add", t("公開する施設", "Facility to disclose to"), &to_disclose))
+                    button type="submit" { (t("公開する", "Disclose")) }
                 }
                 form method="post" action="/patient/undisclose" {
                     (hidden)
-                    (facility_field("facility-remove", "公開をやめる施設", &to_name))
-                    button type="submit" { "公開をやめる" }
+                    (facility_field("facility-remove", t("公開をやめる施設", "Facility to stop disclosing to"), &to_name))
+                    button type="submit" { (t("公開をやめる", "Stop disclosing")) }
                 }
-                h2 { "名寄せ" }
+                h2 { (t("名寄せ", "Identity linking")) }
                 form method="post" action="/patient/link" {
                     (hidden)
-                    (facility_field("link-facility", "施設", &to_name))
-                    label for="link-id" { "その施設での患者ID" }
+                    (facility_field("link-facility", t("施設", "Facility"), &to_name))
+                    label for="link-id" { (t("その施設での患者ID", "Patient ID at that facility")) }
                     input id="link-id" name="id" maxlength="64" autocomplete="off" required;
-                    button type="submit" { "IDをつなぐ" }
+                    button type="submit" { (t("IDをつなぐ", "Link the ID")) }
                 }
-                h2 { "撤回" }
+                h2 { (t("撤回", "Withdrawal")) }
                 form method="post" action="/patient/withdraw" {
                     (hidden)
-                    button type="submit" { "同意を撤回する…" }
+                    button type="submit" { (t("同意を撤回する…", "Withdraw consent…")) }
                 }
             }
             @if v.consent.is_some() {
-                p { (patient_button(who, &p.id, "/patient/receipt", "受付票を印刷する")) }
+                p { (patient_button(who, &p.id, "/patient/receipt", t("受付票を印刷する", "Print the receipt"))) }
             }
             @if may_change(who) && !active {
-                p { a href="/patients/new" { "新しい同意書で参加を登録する" } }
+                p { a href="/patients/new" { (t("新しい同意書で参加を登録する", "Register participation with a new consent form")) } }
             }
-            p { a href="/patients" { "患者の検索へ" } }
+            p { a href="/patients" { (t("患者の検索へ", "Back to patient search")) } }
         },
     )
 }
@@ -472,9 +530,9 @@ async fn answered(
         Ok(Answer::Refused(r)) => (
             StatusCode::BAD_REQUEST,
             page(
-                "できませんでした",
+                t("できませんでした", "Could not be done"),
                 Some(who),
-                html! { p.msg role="alert" { (refusal_words(&r)) } p { a href="/patients" { "患者の検索へ" } } },
+                html! { p.msg role="alert" { (refusal_words(&r)) } p { a href="/patients" { (t("患者の検索へ", "Back to patient search")) } } },
             ),
         )
             .into_response(),
@@ -494,9 +552,9 @@ fn bad_input(who: &Session, what: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
         page(
-            "入力を確かめてください",
+            t("入力を確かめてください", "Check your input"),
             Some(who),
-            html! { p.msg role="alert" { (what) } p { a href="/patients" { "患者の検索へ" } } },
+            html! { p.msg role="alert" { (what) } p { a href="/patients" { (t("患者の検索へ", "Back to patient search")) } } },
         ),
     )
         .into_response()
@@ -511,7 +569,13 @@ async fn viewer(
     let who = staff_session(app, headers, &form.csrf).await?;
     match form.patient.parse::<PatientId>() {
         Ok(id) => Ok((who, id)),
-        Err(_) => Err(bad_input(&who, "患者IDの形式が正しくありません。")),
+        Err(_) => Err(bad_input(
+            &who,
+            t(
+                "患者IDの形式が正しくありません。",
+                "The patient ID is not in the right form.",
+            ),
+        )),
     }
 }
 
@@ -550,31 +614,46 @@ pub async fn receipt(
     let p = &v.patient;
     let withdrawn = v.participation == Participation::Withdrawn;
     page(
-        "受付票",
+        t("受付票", "Receipt"),
         Some(&who),
         html! {
             div.receipt {
-                p { "医療機関コード " (app.facility) }
-                p { strong { (p.family_kanji) " " (p.given_kanji) } " 様（" (p.family_kana) " " (p.given_kana) "）" }
+                p { (t("医療機関コード ", "Facility code ")) (app.facility) }
+                p {
+                    strong { (p.family_kanji) " " (p.given_kanji) }
+                    @if en() { " (" (p.family_kana) " " (p.given_kana) ")" } @else { " 様（" (p.family_kana) " " (p.given_kana) "）" }
+                }
                 @if withdrawn {
-                    p { "地域医療連携ネットワークへの参加同意の撤回を受け付けました。" (time_words(c.recorded_at)) "から、あなたの情報はネットワークに公開されません。" }
-                } @else {
-                    p { "地域医療連携ネットワークへの参加同意を受け付けました。" }
-                    table {
-                        tbody {
-                            tr { th scope="row" { "公開先" } td { (scope_words(dir, &c.scope)) } }
-                            @if !c.excluded.is_empty() {
-                                tr { th scope="row" { "公開しない施設" } td { (facility_list(dir, &c.excluded)) } }
-                            }
-                            tr { th scope="row" { "情報の種類" } td { (c.categories.iter().map(|k| category_words(*k)).collect::<Vec<_>>().join("、")) } }
-                            tr { th scope="row" { "有効期間" } td { (time_words(c.valid_from)) " から " (c.valid_until.map_or("期限なし".to_owned(), time_words)) } }
+                    p {
+                        @if en() {
+                            "Your withdrawal of participation consent in the regional healthcare network has been received. From " (time_words(c.recorded_at)) ", your data is not disclosed to the network."
+                        } @else {
+                            "地域医療連携ネットワークへの参加同意の撤回を受け付けました。" (time_words(c.recorded_at)) "から、あなたの情報はネットワークに公開されません。"
                         }
                     }
-                    p { "同意はいつでも撤回できます。受付にお申し出ください。撤回はその時点からすぐに効力を持ちます。" }
+                } @else {
+                    p { (t("地域医療連携ネットワークへの参加同意を受け付けました。", "Your participation consent in the regional healthcare network has been received.")) }
+                    table {
+                        tbody {
+                            tr { th scope="row" { (t("公開先", "Disclosed to")) } td { (scope_words(dir, &c.scope)) } }
+                            @if !c.excluded.is_empty() {
+                                tr { th scope="row" { (t("公開しない施設", "Facilities excluded")) } td { (facility_list(dir, &c.excluded)) } }
+                            }
+                            tr { th scope="row" { (t("情報の種類", "Kinds of data")) } td { (c.categories.iter().map(|k| category_words(*k)).collect::<Vec<_>>().join(t("、", ", "))) } }
+                            tr { th scope="row" { (t("有効期間", "Valid")) } td { (time_words(c.valid_from)) (t(" から ", " to ")) (c.valid_until.map_or(t("期限なし", "no end").to_owned(), time_words)) } }
+                        }
+                    }
+                    p { (t("同意はいつでも撤回できます。受付にお申し出ください。撤回はその時点からすぐに効力を持ちます。", "You can withdraw your consent at any time: ask at the reception desk. A withdrawal takes effect at once.")) }
                 }
-                p { "同意番号 " (c.id) "（第" (c.version) "版） 受付 " (time_words(c.recorded_at)) }
+                p {
+                    @if en() {
+                        "Consent number " (c.id) " (version " (c.version) "), received " (time_words(c.recorded_at))
+                    } @else {
+                        "同意番号 " (c.id) "（第" (c.version) "版） 受付 " (time_words(c.recorded_at))
+                    }
+                }
             }
-            p.noprint { "ブラウザの印刷機能で印刷してください。" }
+            p.noprint { (t("ブラウザの印刷機能で印刷してください。", "Print this page with the browser's print function.")) }
         },
     )
     .into_response()
@@ -614,7 +693,11 @@ async fn facility_change(
                 patient,
                 facility,
             },
-            format!("{named} に公開しました。"),
+            if en() {
+                format!("Disclosed to {named}.")
+            } else {
+                format!("{named} に公開しました。")
+            },
         )
     } else {
         (
@@ -623,7 +706,11 @@ async fn facility_change(
                 patient,
                 facility,
             },
-            format!("{named} への公開をやめました。"),
+            if en() {
+                format!("Stopped disclosing to {named}.")
+            } else {
+                format!("{named} への公開をやめました。")
+            },
         )
     };
     answered(&app, &who, ask(&app, request).await, Some(&done)).await
@@ -685,7 +772,10 @@ pub async fn link(
         &app,
         &who,
         ask(&app, request).await,
-        Some("他施設のIDをつなぎました。"),
+        Some(t(
+            "他施設のIDをつなぎました。",
+            "Linked the other facility's ID.",
+        )),
     )
     .await
 }
@@ -715,20 +805,26 @@ pub async fn withdraw(
         };
         let p = &v.patient;
         return page(
-            "同意の撤回の確認",
+            t("同意の撤回の確認", "Confirm withdrawal of consent"),
             Some(&who),
             html! {
                 p role="alert" {
-                    strong { (p.family_kanji) " " (p.given_kanji) "（" (p.id.as_str()) "）" }
-                    " の参加同意を撤回します。撤回すると、この患者の情報はすぐにネットワークへ出なくなります。元に戻すには新しい同意書が必要です。"
+                    @if en() {
+                        "This withdraws the participation consent of "
+                        strong { (p.family_kanji) " " (p.given_kanji) " (" (p.id.as_str()) ")" }
+                        ". Once it is withdrawn, this patient's data stops going to the network at once. A new consent form is needed to undo this."
+                    } @else {
+                        strong { (p.family_kanji) " " (p.given_kanji) "（" (p.id.as_str()) "）" }
+                        " の参加同意を撤回します。撤回すると、この患者の情報はすぐにネットワークへ出なくなります。元に戻すには新しい同意書が必要です。"
+                    }
                 }
                 form method="post" action="/patient/withdraw" {
                     input type="hidden" name="csrf" value=(who.csrf);
                     input type="hidden" name="patient" value=(p.id.as_str());
                     input type="hidden" name="confirm" value="yes";
-                    button type="submit" { "撤回する" }
+                    button type="submit" { (t("撤回する", "Withdraw")) }
                 }
-                (patient_button(&who, &p.id, "/patient", "やめる（患者の画面へ戻る）"))
+                (patient_button(&who, &p.id, "/patient", t("やめる（患者の画面へ戻る）", "Cancel (back to the patient)")))
             },
         )
         .into_response();
@@ -741,66 +837,66 @@ pub async fn withdraw(
         &app,
         &who,
         ask(&app, request).await,
-        Some("同意を撤回しました。"),
+        Some(t("同意を撤回しました。", "Consent withdrawn.")),
     )
     .await
 }
 
 fn registration_page(who: &Session, message: Option<&str>, choices: &[Facility]) -> Html<String> {
     page(
-        "参加同意の登録",
+        t("参加同意の登録", "Register participation consent"),
         Some(who),
         html! {
             @if let Some(m) = message { p.msg role="alert" { (m) } }
-            p { "患者が署名した参加同意書のとおりに入力し、同意書のスキャンを添付してください。同意書そのものは装置に保存されず、その指紋（SHA-256）が記録されます。" }
+            p { (t("患者が署名した参加同意書のとおりに入力し、同意書のスキャンを添付してください。同意書そのものは装置に保存されず、その指紋（SHA-256）が記録されます。", "Enter what the patient's signed participation consent form says, and attach a scan of the form. The form itself is not kept on the appliance; only its fingerprint (SHA-256) is recorded.")) }
             form method="post" action="/patients/new" enctype="multipart/form-data" {
                 input type="hidden" name="csrf" value=(who.csrf);
-                label for="patient" { "患者ID（電子カルテのID）" }
+                label for="patient" { (t("患者ID（電子カルテのID）", "Patient ID (the ID in the electronic medical record)")) }
                 input id="patient" name="patient" maxlength="64" autocomplete="off" required;
-                label for="family_kanji" { "姓" }
+                label for="family_kanji" { (t("姓", "Family name")) }
                 input id="family_kanji" name="family_kanji" maxlength="64" autocomplete="off" required;
-                label for="given_kanji" { "名" }
+                label for="given_kanji" { (t("名", "Given name")) }
                 input id="given_kanji" name="given_kanji" maxlength="64" autocomplete="off" required;
-                label for="family_kana" { "姓（カナ）" }
+                label for="family_kana" { (t("姓（カナ）", "Family name (kana)")) }
                 input id="family_kana" name="family_kana" maxlength="64" autocomplete="off" required;
-                label for="given_kana" { "名（カナ）" }
+                label for="given_kana" { (t("名（カナ）", "Given name (kana)")) }
                 input id="given_kana" name="given_kana" maxlength="64" autocomplete="off" required;
-                label for="birth_date" { "生年月日" }
+                label for="birth_date" { (t("生年月日", "Date of birth")) }
                 input id="birth_date" name="birth_date" type="date" required;
                 fieldset {
-                    legend { "性別" }
-                    @for (value, words) in [("female", "女"), ("male", "男"), ("other", "その他"), ("unknown", "不明")] {
+                    legend { (t("性別", "Sex")) }
+                    @for (value, words) in [("female", t("女", "Female")), ("male", t("男", "Male")), ("other", t("その他", "Other")), ("unknown", t("不明", "Unknown"))] {
                         label.choice { input type="radio" name="sex" value=(value) required; " " (words) }
                     }
                 }
                 fieldset {
-                    legend { "公開先（同意書のとおり）" }
-                    label.choice { input type="radio" name="scope" value="all" required; " ネットワークのすべての参加施設" }
-                    label.choice { input type="radio" name="scope" value="facilities"; " 次の施設だけ" }
-                    (facility_checks("disclose_to", "公開する施設（「次の施設だけ」のとき）", choices))
+                    legend { (t("公開先（同意書のとおり）", "Disclose to (as on the consent form)")) }
+                    label.choice { input type="radio" name="scope" value="all" required; (t(" ネットワークのすべての参加施設", " All participating facilities in the network")) }
+                    label.choice { input type="radio" name="scope" value="facilities"; (t(" 次の施設だけ", " Only these facilities")) }
+                    (facility_checks("disclose_to", t("公開する施設（「次の施設だけ」のとき）", "Facilities to disclose to (for “Only these facilities”)"), choices))
                     label for="facilities" {
-                        @if choices.is_empty() { "公開する施設の医療機関コード（10桁、読点かカンマで区切る）" }
-                        @else { "一覧にない公開する施設の医療機関コード（あれば。読点かカンマで区切る）" }
+                        @if choices.is_empty() { (t("公開する施設の医療機関コード（10桁、読点かカンマで区切る）", "Facility codes to disclose to (10 digits each, separated by commas)")) }
+                        @else { (t("一覧にない公開する施設の医療機関コード（あれば。読点かカンマで区切る）", "Facility codes to disclose to that are not in the list (if any; separated by commas)")) }
                     }
                     input id="facilities" name="facilities" autocomplete="off";
-                    (facility_checks("exclude", "公開しない施設（あれば）", choices))
+                    (facility_checks("exclude", t("公開しない施設（あれば）", "Facilities excluded (if any)"), choices))
                     label for="excluded" {
-                        @if choices.is_empty() { "公開しない施設の医療機関コード（あれば）" }
-                        @else { "一覧にない公開しない施設の医療機関コード（あれば）" }
+                        @if choices.is_empty() { (t("公開しない施設の医療機関コード（あれば）", "Facility codes excluded (if any)")) }
+                        @else { (t("一覧にない公開しない施設の医療機関コード（あれば）", "Facility codes excluded that are not in the list (if any)")) }
                     }
                     input id="excluded" name="excluded" autocomplete="off";
                 }
                 fieldset {
-                    legend { "公開する情報の種類（同意書のとおり）" }
+                    legend { (t("公開する情報の種類（同意書のとおり）", "Kinds of data to disclose (as on the consent form)")) }
                     @for c in Category::ALL {
                         label.choice { input type="checkbox" name="category" value=(c.as_str()); " " (category_words(c)) }
                     }
                 }
-                label for="valid_until" { "有効期限（あれば。その日まで有効）" }
+                label for="valid_until" { (t("有効期限（あれば。その日まで有効）", "Valid until (if any; valid through that day)")) }
                 input id="valid_until" name="valid_until" type="date";
-                label for="form" { "署名された同意書のスキャン（PDFまたは画像）" }
+                label for="form" { (t("署名された同意書のスキャン（PDFまたは画像）", "Scan of the signed consent form (PDF or image)")) }
                 input id="form" name="form" type="file" accept="application/pdf,image/*" required;
-                button type="submit" { "登録する" }
+                button type="submit" { (t("登録する", "Register")) }
             }
         },
     )
@@ -900,43 +996,73 @@ fn facility_codes(text: &str, picked: &[String]) -> Result<BTreeSet<FacilityCode
 /// The registration the fields make, or what to tell the staff.
 fn registration(f: &Fields) -> Result<Registration, &'static str> {
     let get = |name: &str| f.text.get(name).map(|s| s.trim()).unwrap_or_default();
-    let id = get("patient")
-        .parse::<PatientId>()
-        .map_err(|_| "患者IDは1〜64文字の半角英数字・記号です。")?;
+    let id = get("patient").parse::<PatientId>().map_err(|_| {
+        t(
+            "患者IDは1〜64文字の半角英数字・記号です。",
+            "A patient ID is 1 to 64 ASCII letters, digits or symbols.",
+        )
+    })?;
     let sex = get("sex")
         .parse::<Sex>()
-        .map_err(|_| "性別を選んでください。")?;
+        .map_err(|_| t("性別を選んでください。", "Choose the sex."))?;
     let scope = match get("scope") {
         "all" => Scope::AllParticipants,
         "facilities" => Scope::Facilities(
-            facility_codes(get("facilities"), &f.disclose_to)
-                .map_err(|()| "公開する施設の医療機関コードは10桁の数字です。")?,
+            facility_codes(get("facilities"), &f.disclose_to).map_err(|()| {
+                t(
+                    "公開する施設の医療機関コードは10桁の数字です。",
+                    "Facility codes to disclose to are 10 digits.",
+                )
+            })?,
         ),
-        _ => return Err("公開先を選んでください。"),
+        _ => return Err(t("公開先を選んでください。", "Choose whom to disclose to.")),
     };
     if matches!(&scope, Scope::Facilities(l) if l.is_empty()) {
-        return Err("公開する施設を1つ以上選ぶか入力してください。");
+        return Err(t(
+            "公開する施設を1つ以上選ぶか入力してください。",
+            "Choose or enter at least one facility to disclose to.",
+        ));
     }
-    let excluded = facility_codes(get("excluded"), &f.exclude)
-        .map_err(|()| "公開しない施設の医療機関コードは10桁の数字です。")?;
+    let excluded = facility_codes(get("excluded"), &f.exclude).map_err(|()| {
+        t(
+            "公開しない施設の医療機関コードは10桁の数字です。",
+            "Facility codes excluded are 10 digits.",
+        )
+    })?;
     let categories = f
         .categories
         .iter()
         .map(|c| c.parse::<Category>())
         .collect::<Result<BTreeSet<_>, _>>()
-        .map_err(|_| "情報の種類が正しくありません。")?;
+        .map_err(|_| {
+            t(
+                "情報の種類が正しくありません。",
+                "The kinds of data are not valid.",
+            )
+        })?;
     if categories.is_empty() {
-        return Err("公開する情報の種類を1つ以上選んでください。");
+        return Err(t(
+            "公開する情報の種類を1つ以上選んでください。",
+            "Choose at least one kind of data to disclose.",
+        ));
     }
     let valid_until = match get("valid_until") {
         "" => None,
         // The last day it is valid: the end (exclusive) is the next day's start.
         d => Some(
-            consent::time::parse(d).map_err(|_| "有効期限の日付が正しくありません。")? + 86_400,
+            consent::time::parse(d).map_err(|_| {
+                t(
+                    "有効期限の日付が正しくありません。",
+                    "The valid-until date is not a correct date.",
+                )
+            })? + 86_400,
         ),
     };
     let (Some(sha256), true) = (f.form_sha256.clone(), f.form_bytes > 0) else {
-        return Err("署名された同意書のスキャンを添付してください。");
+        return Err(t(
+            "署名された同意書のスキャンを添付してください。",
+            "Attach a scan of the signed consent form.",
+        ));
     };
     Ok(Registration {
         patient: Patient {
@@ -983,7 +1109,11 @@ pub async fn register(
         Ok(f) => f,
         Err(why) => {
             tracing::info!(%why, "a registration form refused");
-            return again("送信された内容を読み取れませんでした。同意書のファイルが大きすぎないか確かめてください。").await;
+            return again(t(
+                "送信された内容を読み取れませんでした。同意書のファイルが大きすぎないか確かめてください。",
+                "The form sent could not be read. Check that the consent form file is not too large.",
+            ))
+            .await;
         }
     };
     let csrf = fields
@@ -1007,14 +1137,15 @@ pub async fn register(
     };
     match ask(&app, request).await {
         Ok(Answer::Refused(r)) => again(&refusal_words(&r)).await,
-        other => {
-            answered(
-                &app,
-                &who,
-                other,
-                Some("参加同意を登録しました。受付票を印刷して患者に渡してください。"),
-            )
-            .await
-        }
+        other => answered(
+            &app,
+            &who,
+            other,
+            Some(t(
+                "参加同意を登録しました。受付票を印刷して患者に渡してください。",
+                "Participation consent registered. Print the receipt and give it to the patient.",
+            )),
+        )
+        .await,
     }
 }

@@ -23,8 +23,9 @@ use serde::Deserialize;
 use tsunagi_runtime::status::{Health, ServiceState, StatusReport};
 
 use crate::accounts::{self, AccountInfo, Accounts, Policy, Refused, Role, Session};
+use crate::lang::{Lang, en, t};
 use crate::overview::Overview;
-use crate::{held, inspection, patients, trail};
+use crate::{held, inspection, lang, patients, trail};
 
 /// The session cookie.
 pub const SESSION_COOKIE: &str = "__Host-tsunagi-session";
@@ -88,8 +89,10 @@ pub fn router(app: Shared) -> Router {
         .route("/held", get(held::page_of))
         .route("/held/requeue", post(held::requeue))
         .route("/held/discard", post(held::discard))
+        .route("/lang/{code}", get(lang::choose))
         .fallback(not_found)
         .layer(middleware::from_fn(guard))
+        .layer(middleware::from_fn(lang::language))
         .with_state(app)
 }
 
@@ -155,15 +158,15 @@ pub(crate) fn refused_cross_site() -> Response {
     (
         StatusCode::FORBIDDEN,
         page(
-            "拒否しました",
+            t("拒否しました", "Refused"),
             None,
-            html! { p { "このページの外から送られた操作は受け付けません。" } },
+            html! { p { (t("このページの外から送られた操作は受け付けません。", "An action sent from outside these pages is not accepted.")) } },
         ),
     )
         .into_response()
 }
 
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+pub(crate) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -174,7 +177,7 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-fn set_cookie(name: &str, value: &str, max_age: Option<i64>) -> HeaderValue {
+pub(crate) fn set_cookie(name: &str, value: &str, max_age: Option<i64>) -> HeaderValue {
     let age = max_age.map_or(String::new(), |a| format!("; Max-Age={a}"));
     HeaderValue::from_str(&format!(
         "{name}={value}; Secure; HttpOnly; SameSite=Strict; Path=/{age}"
@@ -188,12 +191,14 @@ async fn with_accounts<T: Send + 'static>(
     f: impl FnOnce(&mut Accounts) -> Result<T, accounts::AccountsError> + Send + 'static,
 ) -> Result<T, Trouble> {
     let app = app.clone();
+    // The refusals it words are in the request's language (a task-local: carried over).
+    let lang = Lang::current();
     match tokio::task::spawn_blocking(move || {
         let mut accounts = app
             .accounts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut accounts)
+        lang.sync_scope(|| f(&mut accounts))
     })
     .await
     {
@@ -226,9 +231,9 @@ fn trouble() -> Response {
     (
         StatusCode::INTERNAL_SERVER_ERROR,
         page(
-            "エラー",
+            t("エラー", "Error"),
             None,
-            html! { p { "処理できませんでした。しばらくしてからもう一度お試しください。" } },
+            html! { p { (t("処理できませんでした。しばらくしてからもう一度お試しください。", "This could not be done. Please try again in a moment.")) } },
         ),
     )
         .into_response()
@@ -300,33 +305,43 @@ pub(crate) fn page(title: &str, who: Option<&Session>, body: Markup) -> Html<Str
     Html(
         html! {
             (DOCTYPE)
-            html lang="ja" {
+            html lang=(Lang::current().code()) {
                 head {
                     meta charset="utf-8";
                     meta name="viewport" content="width=device-width, initial-scale=1";
-                    title { (title) " — つなぎ 院内コンソール" }
+                    title { (title) " — " (t("つなぎ 院内コンソール", "tsunagi clinic console")) }
                     style { (STYLE) }
                 }
                 body {
                     header {
-                        span.brand { "つなぎ 院内コンソール" }
+                        span.brand { (t("つなぎ 院内コンソール", "tsunagi clinic console")) }
                         @if let Some(s) = who {
-                            nav aria-label="メニュー" {
-                                a href="/" { "接続状態" }
-                                " " a href="/patients" { "患者" }
-                                " " a href="/held" { "保留中" }
-                                " " a href="/ssmix2" { "SS-MIX2 の点検" }
+                            nav aria-label=(t("メニュー", "Menu")) {
+                                a href="/" { (t("接続状態", "Status")) }
+                                " " a href="/patients" { (t("患者", "Patients")) }
+                                " " a href="/held" { (t("保留中", "Held")) }
+                                " " a href="/ssmix2" { (t("SS-MIX2 の点検", "SS-MIX2 check")) }
                                 @if s.role == Role::Admin {
-                                    " " a href="/accounts" { "アカウント" }
-                                    " " a href="/audit" { "監査" }
+                                    " " a href="/accounts" { (t("アカウント", "Accounts")) }
+                                    " " a href="/audit" { (t("監査", "Audit")) }
                                 }
                             }
-                            div {
-                                span { (s.account) "（" (s.role.japanese()) "）" }
+                        }
+                        div {
+                            @if let Some(s) = who {
+                                span {
+                                    @if en() { (s.account) " (" (s.role.words()) ")" }
+                                    @else { (s.account) "（" (s.role.words()) "）" }
+                                }
                                 form method="post" action="/logout" {
                                     input type="hidden" name="csrf" value=(s.csrf);
-                                    button type="submit" { "ログアウト" }
+                                    button type="submit" { (t("ログアウト", "Log out")) }
                                 }
+                            }
+                            @if en() {
+                                a.lang href="/lang/ja" lang="ja" hreflang="ja" { "日本語" }
+                            } @else {
+                                a.lang href="/lang/en" lang="en" hreflang="en" { "English" }
                             }
                         }
                     }
@@ -343,7 +358,7 @@ pub(crate) fn page(title: &str, who: Option<&Session>, body: Markup) -> Html<Str
 
 const STYLE: &str = "body{font-family:sans-serif;margin:0;color:#1a1a1a;background:#fff}\
 header{display:flex;justify-content:space-between;align-items:center;padding:.5rem 1rem;background:#0b3d66;color:#fff}\
-header form{display:inline;margin-left:1rem}header a{color:#fff;margin-right:1rem}main{padding:1rem;max-width:60rem}\
+header form{display:inline;margin-left:1rem}header a{color:#fff;margin-right:1rem}header a.lang{margin-left:1rem;margin-right:0}main{padding:1rem;max-width:60rem}\
 label{display:block;margin-top:.75rem}input{font-size:1rem;padding:.3rem}\
 button{font-size:1rem;padding:.3rem 1rem;margin-top:1rem}table{border-collapse:collapse}\
 th,td{border:1px solid #767676;padding:.3rem .6rem;text-align:left}th[scope=row],td.state{white-space:nowrap}\
@@ -364,7 +379,7 @@ struct LoginForm {
 
 fn login_page(token: &str, setup: bool, message: Option<&str>) -> Html<String> {
     page(
-        "ログイン",
+        t("ログイン", "Log in"),
         None,
         html! {
             @if let Some(m) = message {
@@ -372,16 +387,16 @@ fn login_page(token: &str, setup: bool, message: Option<&str>) -> Html<String> {
             }
             form method="post" action="/login" {
                 input type="hidden" name="csrf" value=(token);
-                label for="name" { "アカウント名" }
+                label for="name" { (t("アカウント名", "Account")) }
                 input id="name" name="name" autocomplete="username" required;
-                label for="password" { "パスワード" }
+                label for="password" { (t("パスワード", "Password")) }
                 input id="password" name="password" type="password" autocomplete="current-password" required;
-                label for="code" { "確認コード（認証アプリの6桁）" }
+                label for="code" { (t("確認コード（認証アプリの6桁）", "Code (the 6 digits of the authenticator app)")) }
                 input id="code" name="code" inputmode="numeric" autocomplete="one-time-code" pattern="[0-9]{6}" required;
-                button type="submit" { "ログイン" }
+                button type="submit" { (t("ログイン", "Log in")) }
             }
             @if setup {
-                p { a href="/setup" { "最初の管理者を登録する（初期設定コードが必要です）" } }
+                p { a href="/setup" { (t("最初の管理者を登録する（初期設定コードが必要です）", "Set up the first administrator (needs the setup code)")) } }
             }
         },
     )
@@ -504,12 +519,19 @@ async fn login(
             }
             tracing::info!(peer = %peer.ip(), locked = matches!(refused, Refused::Locked { .. }), "a console login refused");
             let message = match refused {
-                Refused::Locked { until, .. } => format!(
-                    "ログインの失敗が続いたため、このアカウントはロックされています。約{}分後にもう一度お試しください。",
-                    ((until - now()).max(60) + 59) / 60
-                ),
-                _ => "ログインできませんでした。アカウント名・パスワード・確認コードを確かめてください。"
-                    .to_owned(),
+                Refused::Locked { until, .. } => {
+                    let minutes = ((until - now()).max(60) + 59) / 60;
+                    if en() {
+                        format!("After repeated failed logins this account is locked. Please try again in about {minutes} min.")
+                    } else {
+                        format!("ログインの失敗が続いたため、このアカウントはロックされています。約{minutes}分後にもう一度お試しください。")
+                    }
+                }
+                _ => t(
+                    "ログインできませんでした。アカウント名・パスワード・確認コードを確かめてください。",
+                    "The login failed. Check the account, the password and the code.",
+                )
+                .to_owned(),
             };
             let setup = setup_offered(&app).await.unwrap_or(false);
             match form_token() {
@@ -567,9 +589,9 @@ async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
         page(
-            "ページがありません",
+            t("ページがありません", "No such page"),
             None,
-            html! { p { a href="/" { "接続状態へ" } } },
+            html! { p { a href="/" { (t("接続状態へ", "To the status page")) } } },
         ),
     )
         .into_response()
@@ -578,27 +600,29 @@ async fn not_found() -> Response {
 /// A service's name as the staff know it.
 fn service_name(name: &str) -> &str {
     match name {
-        "tunnel" => "ネットワーク接続（VPN）",
-        "identity" => "証明書",
-        "consent" => "同意・名寄せ",
-        "ssmix2" => "SS-MIX2 同期",
-        "dicom" => "DICOM 中継",
-        "audit" => "監査証跡",
-        "update" => "更新",
-        "console" => "院内コンソール",
-        "heartbeat" => "死活監視",
+        "tunnel" => t("ネットワーク接続（VPN）", "Network link (VPN)"),
+        "identity" => t("証明書", "Certificate"),
+        "consent" => t("同意・名寄せ", "Consent and identity"),
+        "ssmix2" => t("SS-MIX2 同期", "SS-MIX2 sync"),
+        "dicom" => t("DICOM 中継", "DICOM bridge"),
+        "audit" => t("監査証跡", "Audit trail"),
+        "update" => t("更新", "Updates"),
+        "console" => t("院内コンソール", "Clinic console"),
+        "heartbeat" => t("死活監視", "Heartbeat"),
         other => other,
     }
 }
 
 fn state_words(state: ServiceState, health: Health) -> (&'static str, &'static str) {
     match (state, health) {
-        (ServiceState::Ready, Health::Ok) => ("正常", "ok"),
-        (ServiceState::Ready, Health::Degraded) => ("要確認", "warn"),
-        (ServiceState::Ready, Health::Unknown) | (ServiceState::Starting, _) => ("起動中", "warn"),
-        (ServiceState::Backoff, _) => ("再起動待ち", "bad"),
-        (ServiceState::Failed, _) => ("停止（障害）", "bad"),
-        (ServiceState::Stopping | ServiceState::Stopped, _) => ("停止", "bad"),
+        (ServiceState::Ready, Health::Ok) => (t("正常", "OK"), "ok"),
+        (ServiceState::Ready, Health::Degraded) => (t("要確認", "Needs a look"), "warn"),
+        (ServiceState::Ready, Health::Unknown) | (ServiceState::Starting, _) => {
+            (t("起動中", "Starting"), "warn")
+        }
+        (ServiceState::Backoff, _) => (t("再起動待ち", "Waiting to restart"), "bad"),
+        (ServiceState::Failed, _) => (t("停止（障害）", "Stopped (failed)"), "bad"),
+        (ServiceState::Stopping | ServiceState::Stopped, _) => (t("停止", "Stopped"), "bad"),
     }
 }
 
@@ -606,7 +630,7 @@ fn state_words(state: ServiceState, health: Health) -> (&'static str, &'static s
 fn status_page(who: &Session, report: Option<&StatusReport>) -> Html<String> {
     let body = match report {
         None => html! {
-            p.bad role="alert" { "装置の状態を読み取れません。装置の電源とケーブルを確かめてください。" }
+            p.bad role="alert" { (t("装置の状態を読み取れません。装置の電源とケーブルを確かめてください。", "The box's state cannot be read. Check its power and cables.")) }
         },
         Some(r) => {
             let tunnel = r.services.iter().find(|s| s.name == "tunnel");
@@ -614,14 +638,18 @@ fn status_page(who: &Session, report: Option<&StatusReport>) -> Html<String> {
                 tunnel.is_some_and(|t| t.state == ServiceState::Ready && t.health == Health::Ok);
             html! {
                 @if connected {
-                    p.ok { strong { "ネットワークに接続しています。" } }
+                    p.ok { strong { (t("ネットワークに接続しています。", "Connected to the network.")) } }
                 } @else {
-                    p.bad role="alert" { strong { "ネットワークに接続していません。" } }
+                    p.bad role="alert" { strong { (t("ネットワークに接続していません。", "Not connected to the network.")) } }
                 }
                 (Overview::of(r).render(consent::time::now()))
                 table {
-                    caption { "各機能の状態" }
-                    thead { tr { th scope="col" { "機能" } th scope="col" { "状態" } th scope="col" { "詳細（運用者向け、英語）" } } }
+                    caption { (t("各機能の状態", "Each part of the box")) }
+                    thead { tr {
+                        th scope="col" { (t("機能", "Part")) }
+                        th scope="col" { (t("状態", "State")) }
+                        th scope="col" { (t("詳細（運用者向け、英語）", "Details (for operators)")) }
+                    } }
                     tbody {
                         @for s in &r.services {
                             @let (words, class) = state_words(s.state, s.health);
@@ -636,7 +664,7 @@ fn status_page(who: &Session, report: Option<&StatusReport>) -> Html<String> {
             }
         }
     };
-    page("接続状態", Some(who), body)
+    page(t("接続状態", "Status"), Some(who), body)
 }
 
 async fn home(State(app): State<Shared>, headers: HeaderMap) -> Response {
@@ -672,30 +700,33 @@ fn setup_page(app: &App, token: &str, secret: &[u8], message: Option<&str>) -> H
     let base32 = accounts::totp_base32(secret);
     let issuer = format!("tsunagi {}", app.facility);
     page(
-        "最初の管理者の登録",
+        t("最初の管理者の登録", "Set up the first administrator"),
         None,
         html! {
             @if let Some(m) = message {
                 p.msg role="alert" { (m) }
             }
-            p { "ネットワーク運用者から届いた初期設定コードで、この装置の最初の管理者を登録します。" }
+            p { (t("ネットワーク運用者から届いた初期設定コードで、この装置の最初の管理者を登録します。", "With the setup code from the network operator, register this box's first administrator.")) }
             form method="post" action="/setup" {
                 input type="hidden" name="csrf" value=(token);
                 input type="hidden" name="secret" value=(base32);
-                label for="setup_code" { "初期設定コード" }
+                label for="setup_code" { (t("初期設定コード", "Setup code")) }
                 input id="setup_code" name="setup_code" autocomplete="off" required;
-                label for="name" { "アカウント名（英小文字・数字）" }
+                label for="name" { (t("アカウント名（英小文字・数字）", "Account (lower-case letters and digits)")) }
                 input id="name" name="name" autocomplete="username" required;
-                label for="password" { "パスワード（" (accounts::MIN_PASSWORD_CHARS) "文字以上）" }
+                label for="password" {
+                    @if en() { "Password (at least " (accounts::MIN_PASSWORD_CHARS) " characters)" }
+                    @else { "パスワード（" (accounts::MIN_PASSWORD_CHARS) "文字以上）" }
+                }
                 input id="password" name="password" type="password" autocomplete="new-password" required;
-                label for="password_again" { "パスワード（確認）" }
+                label for="password_again" { (t("パスワード（確認）", "Password (again)")) }
                 input id="password_again" name="password_again" type="password" autocomplete="new-password" required;
-                p { "認証アプリにこの鍵を登録してください（種類: 時間ベース）。" }
+                p { (t("認証アプリにこの鍵を登録してください（種類: 時間ベース）。", "Add this key to an authenticator app (type: time-based).")) }
                 p { code { (base32) } }
-                p { a href=(accounts::otpauth_uri(secret, &issuer, "admin")) { "この端末の認証アプリで開く" } }
-                label for="code" { "認証アプリに表示された6桁の確認コード" }
+                p { a href=(accounts::otpauth_uri(secret, &issuer, "admin")) { (t("この端末の認証アプリで開く", "Open in this device's authenticator app")) } }
+                label for="code" { (t("認証アプリに表示された6桁の確認コード", "The 6-digit code the authenticator app shows")) }
                 input id="code" name="code" inputmode="numeric" autocomplete="one-time-code" pattern="[0-9]{6}" required;
-                button type="submit" { "登録" }
+                button type="submit" { (t("登録", "Register")) }
             }
         },
     )
@@ -741,7 +772,11 @@ async fn setup(
         Err(t) => t.into_response(),
     };
     if form.password != form.password_again {
-        return again(&app, &secret, "パスワードが一致しません");
+        return again(
+            &app,
+            &secret,
+            t("パスワードが一致しません", "The passwords do not match"),
+        );
     }
     let name = form.name.trim().to_owned();
     let (n, s) = (name.clone(), secret.clone());
@@ -757,11 +792,11 @@ async fn setup(
         Ok(()) => {
             tracing::info!(peer = %peer.ip(), "the console's first administrator registered");
             page(
-                "登録しました",
+                t("登録しました", "Registered"),
                 None,
                 html! {
-                    p { "最初の管理者を登録しました。初期設定コードはもう使えません。" }
-                    p { a href="/login" { "ログインへ" } }
+                    p { (t("最初の管理者を登録しました。初期設定コードはもう使えません。", "The first administrator is registered. The setup code cannot be used again.")) }
+                    p { a href="/login" { (t("ログインへ", "To the login")) } }
                 },
             )
             .into_response()
@@ -779,7 +814,10 @@ async fn setup(
             again(
                 &app,
                 &secret,
-                "初期設定コードが違うか、使用済みか、期限切れです",
+                t(
+                    "初期設定コードが違うか、使用済みか、期限切れです",
+                    "The setup code is wrong, used or expired",
+                ),
             )
         }
         Err(other) => again(&app, &secret, &other.to_string()),
@@ -803,9 +841,9 @@ async fn admin(app: &Shared, headers: &HeaderMap, csrf: Option<&str>) -> Result<
         return Err((
             StatusCode::FORBIDDEN,
             page(
-                "権限がありません",
+                t("権限がありません", "Not allowed"),
                 Some(&s),
-                html! { p { "この操作は管理者だけができます。" } },
+                html! { p { (t("この操作は管理者だけができます。", "Only an administrator can do this.")) } },
             ),
         )
             .into_response());
@@ -815,17 +853,17 @@ async fn admin(app: &Shared, headers: &HeaderMap, csrf: Option<&str>) -> Result<
 
 fn accounts_view(who: &Session, list: &[AccountInfo], message: Option<&str>) -> Html<String> {
     page(
-        "アカウント",
+        t("アカウント", "Accounts"),
         Some(who),
         html! {
             @if let Some(m) = message {
                 p.done role="status" { (m) }
             }
             table {
-                caption { "スタッフのアカウント" }
+                caption { (t("スタッフのアカウント", "Staff accounts")) }
                 thead { tr {
-                    th scope="col" { "アカウント名" } th scope="col" { "役割" }
-                    th scope="col" { "状態" } th scope="col" { "操作" }
+                    th scope="col" { (t("アカウント名", "Account")) } th scope="col" { (t("役割", "Role")) }
+                    th scope="col" { (t("状態", "State")) } th scope="col" { (t("操作", "Actions")) }
                 } }
                 tbody {
                     @for a in list {
@@ -836,17 +874,17 @@ fn accounts_view(who: &Session, list: &[AccountInfo], message: Option<&str>) -> 
                                     input type="hidden" name="csrf" value=(who.csrf);
                                     input type="hidden" name="name" value=(a.name);
                                     input type="hidden" name="action" value="role";
-                                    label for=(format!("role-{}", a.name)) { "役割" }
+                                    label for=(format!("role-{}", a.name)) { (t("役割", "Role")) }
                                     select id=(format!("role-{}", a.name)) name="role" {
                                         @for r in Role::ALL {
-                                            option value=(r.as_str()) selected[r == a.role] { (r.japanese()) }
+                                            option value=(r.as_str()) selected[r == a.role] { (r.words()) }
                                         }
                                     }
-                                    button type="submit" { "変更" }
+                                    button type="submit" { (t("変更", "Change")) }
                                 }
                             }
                             td {
-                                @if a.locked_until.is_some() { span.bad { "ロック中" } } @else { "利用可" }
+                                @if a.locked_until.is_some() { span.bad { (t("ロック中", "Locked")) } } @else { (t("利用可", "Usable")) }
                             }
                             td {
                                 @if a.locked_until.is_some() {
@@ -854,32 +892,35 @@ fn accounts_view(who: &Session, list: &[AccountInfo], message: Option<&str>) -> 
                                         input type="hidden" name="csrf" value=(who.csrf);
                                         input type="hidden" name="name" value=(a.name);
                                         input type="hidden" name="action" value="unlock";
-                                        button type="submit" { "ロック解除" }
+                                        button type="submit" { (t("ロック解除", "Unlock")) }
                                     }
                                 }
                                 form method="post" action="/accounts/change" {
                                     input type="hidden" name="csrf" value=(who.csrf);
                                     input type="hidden" name="name" value=(a.name);
                                     input type="hidden" name="action" value="remove";
-                                    button type="submit" { "削除" }
+                                    button type="submit" { (t("削除", "Remove")) }
                                 }
                             }
                         }
                     }
                 }
             }
-            h2 { "アカウントの追加" }
+            h2 { (t("アカウントの追加", "Add an account")) }
             form method="post" action="/accounts/add" {
                 input type="hidden" name="csrf" value=(who.csrf);
-                label for="name" { "アカウント名（英小文字・数字）" }
+                label for="name" { (t("アカウント名（英小文字・数字）", "Account (lower-case letters and digits)")) }
                 input id="name" name="name" autocomplete="off" required;
-                label for="role" { "役割" }
+                label for="role" { (t("役割", "Role")) }
                 select id="role" name="role" {
-                    @for r in Role::ALL { option value=(r.as_str()) { (r.japanese()) } }
+                    @for r in Role::ALL { option value=(r.as_str()) { (r.words()) } }
                 }
-                label for="password" { "初期パスワード（" (accounts::MIN_PASSWORD_CHARS) "文字以上）" }
+                label for="password" {
+                    @if en() { "Initial password (at least " (accounts::MIN_PASSWORD_CHARS) " characters)" }
+                    @else { "初期パスワード（" (accounts::MIN_PASSWORD_CHARS) "文字以上）" }
+                }
                 input id="password" name="password" type="password" autocomplete="new-password" required;
-                button type="submit" { "追加" }
+                button type="submit" { (t("追加", "Add")) }
             }
         },
     )
@@ -956,14 +997,17 @@ async fn account_add(
     );
     let issuer = format!("tsunagi {}", app.facility);
     page(
-        "アカウントを追加しました",
+        t("アカウントを追加しました", "Account added"),
         Some(&who),
         html! {
-            p { (name) "（" (role.japanese()) "）を追加しました。" }
-            p { "本人の認証アプリにこの鍵を登録してもらってください（種類: 時間ベース）。この鍵はこの画面でしか表示されません。" }
+            p {
+                @if en() { (name) " (" (role.words()) ") is added." }
+                @else { (name) "（" (role.words()) "）を追加しました。" }
+            }
+            p { (t("本人の認証アプリにこの鍵を登録してもらってください（種類: 時間ベース）。この鍵はこの画面でしか表示されません。", "Have the account's owner add this key to their authenticator app (type: time-based). The key is shown on this page only.")) }
             p { code { (accounts::totp_base32(&secret)) } }
-            p { a href=(accounts::otpauth_uri(&secret, &issuer, &name)) { "認証アプリで開く" } }
-            p { a href="/accounts" { "アカウント一覧へ" } }
+            p { a href=(accounts::otpauth_uri(&secret, &issuer, &name)) { (t("認証アプリで開く", "Open in the authenticator app")) } }
+            p { a href="/accounts" { (t("アカウント一覧へ", "To the accounts")) } }
         },
     )
     .into_response()
@@ -1033,7 +1077,11 @@ async fn account_change(
                     what,
                 },
             );
-            format!("{name} を変更しました")
+            if en() {
+                format!("{name} is changed")
+            } else {
+                format!("{name} を変更しました")
+            }
         }
     };
     // The administrator may have changed their own role: the page follows the session.

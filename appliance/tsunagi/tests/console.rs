@@ -1086,3 +1086,112 @@ fn wait_for_page(b: &mut Browser, path: &str, what: &str, ok: impl Fn(&str) -> b
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// What is left of a page in English once the data it shows and the link back to Japanese
+/// are taken out: no Japanese may remain (every word of the page was translated).
+fn japanese_left(page: &str) -> Vec<String> {
+    let mut rest = page.replace("日本語", "");
+    for (_, _, name) in hil_tests::fhir::SAMPLE_DIRECTORY {
+        rest = rest.replace(name, "");
+    }
+    let japanese = |c: char| matches!(c, '\u{3000}'..='\u{30ff}' | '\u{4e00}'..='\u{9fff}' | '\u{ff00}'..='\u{ffef}');
+    rest.lines()
+        .filter(|l| l.chars().any(japanese))
+        .map(|l| l.trim().chars().take(160).collect())
+        .collect()
+}
+
+/// Issue 19, "Japanese first, English switchable": the link in every page's header keeps
+/// the choice in a cookie; then every page, the refusals and a form's answer are in English
+/// (`<html lang="en">`, no Japanese words left), and Japanese again after the other link.
+/// The choice changes nothing else: the same session, the same forms.
+#[test]
+fn english_is_one_link_away_and_every_page_is_then_in_english() {
+    let (dicom, pacs) = (free_port(), free_port());
+    let clinic = ConsoleClinic::start_with(
+        &format!(
+            "[dicom]\nlisten = \"127.0.0.1:{dicom}\"\npatient-ids = \"as-is\"\n[dicom.pacs]\nae-title = \"NETPACS\"\naddress = \"127.0.0.1:{pacs}\"\n"
+        ),
+        &["dicom"],
+    );
+    let h = &clinic.h;
+    let mut admin = administrator(h, &clinic.base, &clinic.cert, &clinic.setup_code);
+    let (_, page) = admin.get("/");
+    assert!(
+        page.contains(r#"<html lang="ja">"#)
+            && page
+                .contains(r#"<a class="lang" href="/lang/en" lang="en" hreflang="en">English</a>"#),
+        "{page}"
+    );
+    let (status, to) = admin.get("/lang/en");
+    assert_eq!((status, to.as_str()), (303, "→ /"));
+    assert_eq!(admin.cookie(console::lang::COOKIE).as_deref(), Some("en"));
+    // Wait for the first sync, so that the facility directory is there to offer.
+    h.wait_for("the first sync", Duration::from_secs(30), |s| {
+        service(s, "consent")["metrics"]["directory_facilities"].as_f64() > Some(0.0)
+    });
+    for path in [
+        "/",
+        "/patients",
+        "/patients/new",
+        "/held",
+        "/ssmix2",
+        "/accounts",
+        "/audit",
+        "/no-such-page",
+    ] {
+        let (_, page) = admin.get(path);
+        assert!(page.contains(r#"<html lang="en">"#), "{path}: {page}");
+        assert_eq!(japanese_left(&page), Vec::<String>::new(), "{path}: {page}");
+    }
+    let (_, page) = admin.get("/");
+    assert!(
+        page.contains("<title>Status — tsunagi clinic console</title>")
+            && page.contains("Facility directory"),
+        "{page}"
+    );
+    // A form's answer, a refusal and a cross-site post, in English.
+    let csrf = hidden(&page, "csrf");
+    let (status, page) = admin.post("/patients", &[("csrf", &csrf), ("query", "やまだ")]);
+    assert_eq!(status, 200);
+    assert_eq!(
+        japanese_left(&page.replace("やまだ", "")),
+        Vec::<String>::new(),
+        "{page}"
+    );
+    let (status, page) = admin.post(
+        "/patient/disclose",
+        &[
+            ("csrf", &csrf),
+            ("patient", "0009999"),
+            ("facility", "13123"),
+        ],
+    );
+    assert_eq!(status, 400);
+    assert_eq!(japanese_left(&page), Vec::<String>::new(), "{page}");
+    let (status, page) = admin.post_from(
+        "/patients",
+        &[("csrf", &csrf), ("query", "x")],
+        "https://evil.example",
+    );
+    assert_eq!(status, 403);
+    assert_eq!(japanese_left(&page), Vec::<String>::new(), "{page}");
+    // The login page, for a browser that chose English before logging in.
+    let mut other = Browser::new(&clinic.base, &clinic.cert);
+    other.get("/lang/en");
+    let (_, page) = other.get("/login");
+    assert!(
+        page.contains("<title>Log in — tsunagi clinic console</title>"),
+        "{page}"
+    );
+    assert_eq!(japanese_left(&page), Vec::<String>::new(), "{page}");
+    // Back to Japanese.
+    let (status, _) = admin.get("/lang/ja");
+    assert_eq!(status, 303);
+    let (_, page) = admin.get("/");
+    assert!(
+        page.contains(r#"<html lang="ja">"#)
+            && page.contains("<title>接続状態 — つなぎ 院内コンソール</title>"),
+        "{page}"
+    );
+}

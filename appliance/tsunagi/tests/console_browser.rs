@@ -327,6 +327,24 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     );
     look(&mut b, "held-after-withdrawal", &mut checked);
 
+    // English, one link away; the same pages in English, then Japanese again.
+    b.click("a[href='/lang/en']").unwrap();
+    b.wait_for("<title>Status — tsunagi clinic console</title>")
+        .unwrap();
+    look(&mut b, "status-en", &mut checked);
+    b.click("a[href='/held']").unwrap();
+    b.wait_for("Withdrawn")
+        .unwrap_or_else(|_| b.wait_for("withdrawn").unwrap());
+    look(&mut b, "held-en", &mut checked);
+    b.click("a[href='/patients']").unwrap();
+    b.fill("#query", "やまだ").unwrap();
+    b.press("Search").unwrap();
+    b.wait_for("0001234").unwrap();
+    look(&mut b, "patients-found-en", &mut checked);
+    b.click("a[href='/lang/ja']").unwrap();
+    b.wait_for("<title>接続状態 — つなぎ 院内コンソール</title>")
+        .unwrap();
+
     // A form posted from another page (here a page of its own, not the console's): refused.
     let evil = format!(
         "data:text/html;charset=utf-8,<form method=post action='{base}/logout'><input name=csrf value=x><button>go</button></form>"
