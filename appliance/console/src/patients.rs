@@ -522,10 +522,24 @@ async fn answered(
     answer: Result<Answer, Trouble>,
     done: Option<&str>,
 ) -> Response {
+    let dir = match &answer {
+        Ok(Answer::Patient(_)) => directory(app).await,
+        _ => None,
+    };
+    shown(app, who, answer, done, dir.as_ref())
+}
+
+/// [`answered`] with the facility directory already in hand.
+fn shown(
+    app: &Shared,
+    who: &Session,
+    answer: Result<Answer, Trouble>,
+    done: Option<&str>,
+    dir: Option<&Directory>,
+) -> Response {
     match answer {
         Ok(Answer::Patient(v)) => {
-            let dir = directory(app).await;
-            patient_view(who, &v, done, dir.as_ref(), &app.facility).into_response()
+            patient_view(who, &v, done, dir, &app.facility).into_response()
         }
         Ok(Answer::Refused(r)) => (
             StatusCode::BAD_REQUEST,
@@ -684,7 +698,9 @@ async fn facility_change(
         Ok(f) => f,
         Err(words) => return bad_input(&who, words),
     };
-    let named = facility_words(directory(&app).await.as_ref(), &facility);
+    // One look at the directory: for the message and for the page that shows it.
+    let dir = directory(&app).await;
+    let named = facility_words(dir.as_ref(), &facility);
     let staff = staff(&who, &peer);
     let (request, done) = if disclose {
         (
@@ -713,7 +729,13 @@ async fn facility_change(
             },
         )
     };
-    answered(&app, &who, ask(&app, request).await, Some(&done)).await
+    shown(
+        &app,
+        &who,
+        ask(&app, request).await,
+        Some(&done),
+        dir.as_ref(),
+    )
 }
 
 /// POST `/patient/disclose`.

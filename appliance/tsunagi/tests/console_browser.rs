@@ -83,6 +83,20 @@ fn reload_until(b: &Browser, url: &str, ok: impl Fn(&str) -> bool) -> String {
     }
 }
 
+/// dcmtk's storescu sends `files` to the box's DICOM port, as the clinic's modality does.
+fn storescu(port: u16, files: &[PathBuf]) {
+    let out = std::process::Command::new("storescu")
+        .args(["-aec", "TSUNAGI-TEST", "127.0.0.1", &port.to_string()])
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     // Kept whole to the end: its rsyslog and audit files live as long as it.
@@ -189,16 +203,7 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
         .iter()
         .map(|p| japanese_ct(files.path(), &Ids::new(p)).unwrap())
         .collect();
-    let out = std::process::Command::new("storescu")
-        .args(["-aec", "TSUNAGI-TEST", "127.0.0.1", &dicom_port.to_string()])
-        .args(&sent)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    storescu(dicom_port, &sent);
     let held = reload_until(&b, &format!("{base}/held"), |p| {
         p.matches("同意がありません").count() == 2
     });
@@ -307,16 +312,7 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     // new instance is listed only once it is held: its consent is decided before any
     // attempt to send it); Orthanc still has only the study released before.
     let next = japanese_ct(files.path(), &Ids::new("0001234")).unwrap();
-    let out = std::process::Command::new("storescu")
-        .args(["-aec", "TSUNAGI-TEST", "127.0.0.1", &dicom_port.to_string()])
-        .arg(&next)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    storescu(dicom_port, &[next]);
     reload_until(&b, &format!("{base}/held"), |p| {
         p.matches(">0001234</td>").count() == 1 && p.contains("同意が撤回されています")
     });
