@@ -788,7 +788,13 @@ fn check_report(vm: &mut Vm, phase: &str) -> Vec<String> {
 /// NICs addressed, a study of 3 instances from the clinic's modality stored at the hub's PACS
 /// under the patient's network ID, and the ports the box answers on (nmap from the hub and
 /// the clinic). Returns the study's SOP Instance UIDs (acknowledged by the box).
-fn end_to_end(vm: &mut Vm, net: &TestNet, pacs: &Orthanc, dir: &Path) -> Vec<String> {
+fn end_to_end(
+    vm: &mut Vm,
+    net: &TestNet,
+    pacs: &Orthanc,
+    dir: &Path,
+    box_ca: &Path,
+) -> Vec<String> {
     let boot = check_report(vm, "boot");
     // The supervisor's status table: no service failed.
     let failed: Vec<&String> = boot
@@ -859,23 +865,27 @@ fn end_to_end(vm: &mut Vm, net: &TestNet, pacs: &Orthanc, dir: &Path) -> Vec<Str
     }
     println!("study of 3 instances: clinic → box → tunnel → hub PACS, under the network ID");
 
-    // Issue 19: the clinic console answers on the clinic LAN, over HTTPS (its self-signed
-    // certificate until the network issues one), and offers the first administrator's setup
-    // with the code the provisioning sheet carries (the medium brought only its hash).
+    // Issue 19: the clinic console answers on the clinic LAN, over HTTPS with the
+    // certificate the network issued for its address once the box enrolled (a computer of
+    // the clinic that trusts the box-identity CA verifies it), and offers the first
+    // administrator's setup with the code the provisioning sheet carries (the medium
+    // brought only its hash).
     let login = net
         .exec(
             Host::Clinic,
-            Command::new("curl").args([
-                "--silent",
-                "--show-error",
-                "--insecure",
-                "--max-time",
-                "30",
-                "--retry",
-                "5",
-                "--retry-all-errors",
-                "https://192.168.50.1/login",
-            ]),
+            Command::new("curl")
+                .args([
+                    "--silent",
+                    "--show-error",
+                    "--max-time",
+                    "30",
+                    "--retry",
+                    "5",
+                    "--retry-all-errors",
+                    "--cacert",
+                ])
+                .arg(box_ca)
+                .arg("https://192.168.50.1/login"),
         )
         .unwrap();
     let page = String::from_utf8_lossy(&login.stdout);
@@ -888,7 +898,7 @@ fn end_to_end(vm: &mut Vm, net: &TestNet, pacs: &Orthanc, dir: &Path) -> Vec<Str
         vm.serial_tail()
     );
     println!(
-        "console: the login page answers on https://192.168.50.1/ from the clinic, with the first administrator's setup"
+        "console: the login page answers on https://192.168.50.1/ from the clinic (its certificate the network's, verified against the box-identity CA), with the first administrator's setup"
     );
 
     // Issue 7, acceptance 3: what the box answers on.
@@ -1923,7 +1933,13 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
     // After all the cuts, the box still does the whole of issue 7's scenario.
     let e2e = work.path().join("end-to-end");
     fs::create_dir_all(&e2e).unwrap();
-    acked.extend(end_to_end(&mut vm, &net, &pacs, &e2e));
+    acked.extend(end_to_end(
+        &mut vm,
+        &net,
+        &pacs,
+        &e2e,
+        &op.join("keys/box-ca.pem"),
+    ));
     let at_pacs = orthanc_sop_uids(&pacs);
     let unique: BTreeSet<&String> = at_pacs.iter().collect();
     assert!(acked.iter().all(|uid| unique.contains(uid)));

@@ -107,6 +107,47 @@ impl BoxCa {
         now: i64,
         lifetime: std::time::Duration,
     ) -> Result<Issued, String> {
+        self.sign(
+            csr_pem,
+            identity,
+            network,
+            (now, lifetime),
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &[],
+        )
+    }
+
+    /// A server certificate for a box's clinic console: CN `IDENTITY console`, the
+    /// subject alternative names `addresses` (the caller decided them; nothing is taken
+    /// from the CSR but its key), server authentication only.
+    pub fn issue_console(
+        &self,
+        csr_pem: &str,
+        identity: &str,
+        network: &str,
+        addresses: &[std::net::IpAddr],
+        now: i64,
+        lifetime: std::time::Duration,
+    ) -> Result<Issued, String> {
+        self.sign(
+            csr_pem,
+            &format!("{identity} console"),
+            network,
+            (now, lifetime),
+            ExtendedKeyUsagePurpose::ServerAuth,
+            addresses,
+        )
+    }
+
+    fn sign(
+        &self,
+        csr_pem: &str,
+        common_name: &str,
+        network: &str,
+        (now, lifetime): (i64, std::time::Duration),
+        usage: ExtendedKeyUsagePurpose,
+        addresses: &[std::net::IpAddr],
+    ) -> Result<Issued, String> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| format!("the certificate request cannot be used: {e}"))?;
         if !matches!(
@@ -122,11 +163,15 @@ impl BoxCa {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, network);
-        dn.push(DnType::CommonName, identity);
+        dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![usage];
+        params.subject_alt_names = addresses
+            .iter()
+            .map(|ip| rcgen::SanType::IpAddress(*ip))
+            .collect();
         params.use_authority_key_identifier_extension = true;
         params.not_before = at(now - BACKDATE_SECS).map_err(|e| e.to_string())?;
         params.not_after = at(not_after).map_err(|e| e.to_string())?;

@@ -12,7 +12,8 @@ use std::net::Ipv4Addr;
 
 use rusqlite::{OptionalExtension as _, params};
 use tsunagi_medium::enroll::{
-    EnrollRequest, Enrolled, RenewRequest, TunnelSettings, identity, valid_box_serial,
+    ConsoleIssued, ConsoleRequest, EnrollRequest, Enrolled, RenewRequest, TunnelSettings, identity,
+    valid_box_serial,
 };
 
 use crate::ca::BoxCa;
@@ -328,6 +329,70 @@ impl Operator {
                 hub_endpoint,
             },
         ))
+    }
+
+    /// An enrolled box asks for its clinic console's server certificate, presenting its
+    /// current client certificate as for [`Operator::renew`] (the same checks). The
+    /// certificate names the console's address in the network's config for the clinic
+    /// ([`Operator::console_addresses`]), lives as long as the box's, and is issued by the
+    /// box-identity CA for server authentication only.
+    pub fn console_certificate(
+        &mut self,
+        ca: &BoxCa,
+        policy: &Policy,
+        presented_serial: &str,
+        presented_identity: &str,
+        req: &ConsoleRequest,
+        now: i64,
+    ) -> Result<ConsoleIssued, Refused> {
+        let (network, _, _) = self.network()?;
+        let row: Option<(String, String, i64, Option<i64>)> = self
+            .conn
+            .query_row(
+                "SELECT facility_code, box_serial, not_after, revoked_at FROM boxes WHERE cert_serial = ?1",
+                [presented_serial],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((code, serial, not_after, revoked)) = row else {
+            return Err(Refused::Forbidden(
+                "the certificate is not the current one of any box: enroll again".into(),
+            ));
+        };
+        let who = identity(&code, &serial);
+        if who != presented_identity {
+            return Err(Refused::Forbidden(
+                "the certificate's identity does not match the box's".into(),
+            ));
+        }
+        if revoked.is_some() {
+            return Err(Refused::Forbidden("the box is revoked".into()));
+        }
+        if now >= not_after {
+            return Err(Refused::Forbidden(
+                "the certificate expired: enroll again with a new medium".into(),
+            ));
+        }
+        let addresses = self.console_addresses(&code).map_err(|e| match e {
+            ProvisionError::Invalid(why) | ProvisionError::Config(why) => Refused::Forbidden(why),
+            other => Refused::Internal(other.to_string()),
+        })?;
+        let issued = ca
+            .issue_console(
+                &req.csr_pem,
+                &who,
+                &network,
+                &addresses,
+                now,
+                policy.lifetime,
+            )
+            .map_err(Refused::BadRequest)?;
+        Ok(ConsoleIssued {
+            certificate_pem: issued.pem,
+            box_ca_pem: ca.cert_pem().to_owned(),
+            not_after: issued.not_after,
+            addresses,
+        })
     }
 
     /// Revokes a clinic's box: its WireGuard peer leaves the hub, its certificate is no

@@ -665,6 +665,51 @@ pub fn write_fat_image(dir: &Path, image: &Path) -> Result<(), ProvisionError> {
     file.sync_all().map_err(io(image))
 }
 
+impl Operator {
+    /// The addresses a clinic's console certificate names: the console's `listen` address
+    /// in the config the network gives the clinic (its template with the clinic's keys,
+    /// [`clinic_config`]), which must be a private LAN address outside the tunnel pool.
+    /// Nothing comes from the box. `Err` with one line for the box when there is none to
+    /// certify.
+    pub fn console_addresses(
+        &self,
+        facility_code: &str,
+    ) -> Result<Vec<std::net::IpAddr>, ProvisionError> {
+        let clinic = self.clinic(facility_code)?;
+        let (hub_key, endpoint, template, pool): (String, String, String, String) =
+            self.conn.query_row(
+                "SELECT hub_public_key, hub_endpoint, template, pool FROM network",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )?;
+        let template = std::fs::read_to_string(&template).map_err(io(Path::new(&template)))?;
+        let text = clinic_config(&template, &clinic, &hub_key, &endpoint)?;
+        let config = tsunagi_config::parse(&text, Path::new("clinic config"))
+            .map_err(|p| ProvisionError::Config(p.to_string().trim().to_owned()))?;
+        if !config.console.enabled {
+            return Err(ProvisionError::Invalid(format!(
+                "the network's config for clinic {facility_code} has no console"
+            )));
+        }
+        let ip = config.console.listen.ip();
+        if !tsunagi_medium::enroll::private_lan_address(ip) {
+            return Err(ProvisionError::Invalid(format!(
+                "the console's address {ip} in the network's config for clinic {facility_code} is not a private LAN address: no certificate names it"
+            )));
+        }
+        let (base, len) = parse_pool(&pool)?;
+        if let std::net::IpAddr::V4(v4) = ip {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            if u32::from(v4) & mask == u32::from(base) & mask {
+                return Err(ProvisionError::Invalid(format!(
+                    "the console's address {ip} in the network's config for clinic {facility_code} is inside the tunnel pool {pool}"
+                )));
+            }
+        }
+        Ok(vec![ip])
+    }
+}
+
 /// The clinic's config: the network's template with the clinic's keys set (site, tunnel,
 /// its own addresses; the identity service on, which enrolls the box), checked as the box
 /// will check it.
@@ -708,6 +753,21 @@ pub fn clinic_config(
         }
         if let Some(a) = &n.lan_address {
             doc["network"]["lan"]["address"] = toml_edit::value(a.as_str());
+            // The console answers on the clinic's LAN address (its certificate names it).
+            let console = doc.get("console");
+            if console
+                .and_then(|c| c.get("enabled"))
+                .and_then(toml_edit::Item::as_bool)
+                == Some(true)
+            {
+                let port = console
+                    .and_then(|c| c.get("listen"))
+                    .and_then(toml_edit::Item::as_str)
+                    .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
+                    .map_or(443, |l| l.port());
+                let ip = a.split('/').next().unwrap_or_default();
+                doc["console"]["listen"] = toml_edit::value(format!("{ip}:{port}"));
+            }
         }
         if let Some(a) = &n.wan_address {
             doc["network"]["wan"]["address"] = toml_edit::value(a.as_str());

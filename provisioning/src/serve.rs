@@ -8,6 +8,8 @@
 //!   credential.
 //! - `POST /v1/renew` needs the box's current client certificate, verified by rustls against
 //!   the box-identity CA; its serial and CN are what [`Operator::renew`] checks.
+//! - `POST /v1/console-certificate`, the same way: the box's clinic console's server
+//!   certificate ([`Operator::console_certificate`]).
 //!
 //! Logged per request: the path, the clinic, the outcome. Never the token, a key or a
 //! certificate.
@@ -30,7 +32,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tsunagi_medium::enroll::{
-    ENROLL_PATH, EnrollRequest, Enrolled, MAX_REQUEST, RENEW_PATH, Refusal, RenewRequest,
+    CONSOLE_PATH, ConsoleRequest, ENROLL_PATH, EnrollRequest, MAX_REQUEST, RENEW_PATH, Refusal,
+    RenewRequest,
 };
 
 use crate::ca::BoxCa;
@@ -161,9 +164,10 @@ async fn body_json<T: serde::de::DeserializeOwned>(
 
 /// Runs a decision on the operator database, off the async threads (SQLite does file I/O),
 /// one at a time.
-async fn decide<F>(state: &Arc<State>, f: F) -> Result<Enrolled, Refused>
+async fn decide<T, F>(state: &Arc<State>, f: F) -> Result<T, Refused>
 where
-    F: FnOnce(&mut Operator, &State) -> Result<Enrolled, Refused> + Send + 'static,
+    T: Send + 'static,
+    F: FnOnce(&mut Operator, &State) -> Result<T, Refused> + Send + 'static,
 {
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
@@ -212,7 +216,7 @@ async fn handle(
                     }
                     Err(r) => eprintln!("enroll: refused ({}) from {from}: {r}", r.status()),
                 }
-                outcome
+                outcome.and_then(to_json)
             }
         },
         RENEW_PATH => match client {
@@ -230,7 +234,36 @@ async fn handle(
                         Ok(e) => eprintln!("renew: renewed {} from {from}", e.identity),
                         Err(r) => eprintln!("renew: refused ({}) from {from}: {r}", r.status()),
                     }
-                    outcome
+                    outcome.and_then(to_json)
+                }
+            },
+        },
+        CONSOLE_PATH => match client {
+            None => Err(Refused::Forbidden(
+                "the console's certificate needs the box's current client certificate".into(),
+            )),
+            Some((serial, cn)) => match body_json::<ConsoleRequest>(request).await {
+                Err(r) => Err(r),
+                Ok(req) => {
+                    let who = cn.clone();
+                    let outcome = decide(&state, move |op, s| {
+                        op.console_certificate(&s.ca, &s.policy, &serial, &cn, &req, now)
+                    })
+                    .await;
+                    match &outcome {
+                        Ok(c) => eprintln!(
+                            "console: issued for {who} ({}) from {from}",
+                            c.addresses
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                        Err(r) => {
+                            eprintln!("console: refused ({}) from {from}: {r}", r.status())
+                        }
+                    }
+                    outcome.and_then(to_json)
                 }
             },
         },
@@ -246,9 +279,13 @@ async fn handle(
         }
     };
     match result {
-        Ok(enrolled) => json_response(200, &enrolled),
+        Ok(answer) => json_response(200, &answer),
         Err(r) => refusal(&r),
     }
+}
+
+fn to_json(answer: impl serde::Serialize) -> Result<serde_json::Value, Refused> {
+    serde_json::to_value(answer).map_err(|e| Refused::Internal(e.to_string()))
 }
 
 /// Serves until `stop` fires.

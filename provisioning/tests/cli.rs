@@ -450,7 +450,7 @@ fn a_clinics_own_addresses_go_into_its_medium() {
     assert_eq!(list[0]["lan-address"], "192.168.1.250/24");
     assert_eq!(list[0]["wan-dns"][0], "192.0.2.53");
 
-    let network_of = |code: &str| {
+    let config_of = |code: &str| {
         let out = work.path().join(code);
         ok(
             &dir,
@@ -468,11 +468,9 @@ fn a_clinics_own_addresses_go_into_its_medium() {
             },
         )
         .unwrap();
-        tsunagi_config::parse(&b.config, Path::new("medium"))
-            .unwrap()
-            .network
-            .unwrap()
+        tsunagi_config::parse(&b.config, Path::new("medium")).unwrap()
     };
+    let network_of = |code: &str| config_of(code).network.unwrap();
     let a = network_of("1312345678");
     assert_eq!(a.lan.address.to_string(), "192.168.1.250/24");
     assert_eq!(a.lan.interface.as_ref().unwrap().as_str(), "enp2s0");
@@ -485,6 +483,19 @@ fn a_clinics_own_addresses_go_into_its_medium() {
     let b = network_of("1319999999");
     assert_eq!(b.lan.address.to_string(), "192.168.50.1/24");
     assert_eq!(b.wan.address.to_string(), "dhcp");
+    // With the console on, it answers on the clinic's own LAN address (the port the
+    // template's); a clinic without one keeps the template's.
+    let mut t = std::fs::read_to_string(&template).unwrap();
+    t.push_str("\n[console]\nenabled = true\nlisten = \"192.168.50.1:8443\"\n");
+    std::fs::write(&template, t).unwrap();
+    assert_eq!(
+        config_of("1312345678").console.listen.to_string(),
+        "192.168.1.250:8443"
+    );
+    assert_eq!(
+        config_of("1319999999").console.listen.to_string(),
+        "192.168.50.1:8443"
+    );
     // A template that turns the identity service off would make boxes that never enroll.
     let mut t = std::fs::read_to_string(&template).unwrap();
     t.push_str("\n[identity]\nenabled = false\n");

@@ -9,7 +9,10 @@
 //! - nothing changes when a step fails (a hub that cannot be changed leaves the token
 //!   usable);
 //! - renewal only with the clinic's current certificate; revocation removes the peer and
-//!   stops renewal.
+//!   stops renewal;
+//! - the console's server certificate: for the clinic's current box only, naming the
+//!   console's address from the network's config for the clinic (a private LAN address
+//!   outside the tunnel pool), never a name the box asks for.
 
 mod common;
 
@@ -17,7 +20,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use common::*;
-use tsunagi_medium::enroll::{RenewRequest, identity};
+use tsunagi_medium::enroll::{ConsoleRequest, RenewRequest, identity};
 use tsunagi_provision::ca::BoxCa;
 use tsunagi_provision::enroll::Refused;
 
@@ -204,4 +207,133 @@ fn renewal_needs_the_current_certificate_and_revocation_ends_it() {
             .status(),
         403
     );
+}
+
+#[test]
+fn the_consoles_certificate_names_the_address_the_network_gave_the_clinic_and_nothing_else() {
+    let work = tempfile::tempdir().unwrap();
+    let mut op = operator(work.path());
+    let ca = op.box_ca().unwrap();
+    let hub = Recorded::default();
+    let t = token(&mut op, work.path(), CODE, Duration::from_secs(3600));
+    let (req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
+    let first = op.enroll(&ca, &hub, &policy(), &req, now()).unwrap();
+    let serial = serial_of(&first.certificate_pem);
+    let who = identity(CODE, "QEMU-1");
+    let template = work.path().join("operator/clinic-template.toml");
+    let base = std::fs::read_to_string(&template).unwrap();
+    let with_console = |extra: &str| {
+        std::fs::write(
+            &template,
+            format!("{base}\n[console]\nenabled = true\n{extra}"),
+        )
+        .unwrap();
+    };
+    // The console's key in the CSR; the names it asks for are not taken.
+    let ask = || {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = rcgen::CertificateParams::new(vec![
+            "hub.example.test".to_owned(),
+            "10.98.0.1".to_owned(),
+        ])
+        .unwrap();
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        (ConsoleRequest { csr_pem: csr }, key)
+    };
+
+    // The network's config for the clinic has no console: nothing to certify.
+    let (req, _) = ask();
+    let r = op
+        .console_certificate(&ca, &policy(), &serial, &who, &req, now())
+        .unwrap_err();
+    assert_eq!(r.status(), 403);
+    assert!(r.to_string().contains("has no console"), "{r}");
+
+    // The template's console address (the default 192.168.50.1).
+    with_console("");
+    let (req, key) = ask();
+    let c = op
+        .console_certificate(&ca, &policy(), &serial, &who, &req, now())
+        .unwrap();
+    assert_eq!(
+        c.addresses,
+        vec!["192.168.50.1".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(c.box_ca_pem, first.box_ca_pem);
+    let der = rustls_pem(&c.certificate_pem);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    use rcgen::PublicKeyData as _;
+    assert_eq!(&*cert.public_key().subject_public_key.data, key.der_bytes());
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap();
+    assert_eq!(cn, "1312345678-QEMU-1 console");
+    let names = cert.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        names.value.general_names,
+        vec![x509_parser::extensions::GeneralName::IPAddress(&[
+            192, 168, 50, 1
+        ])]
+    );
+    let eku = cert.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && !eku.client_auth);
+    assert!(!cert.is_ca());
+    let ca_der = rustls_pem(&first.box_ca_pem);
+    let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+    assert!(cert.verify_signature(Some(ca_cert.public_key())).is_ok());
+    // Only for the box's current certificate and identity: after a renewal the old
+    // certificate gets nothing.
+    let renewed = op
+        .renew(
+            &ca,
+            &policy(),
+            &serial,
+            &who,
+            &RenewRequest {
+                csr_pem: csr("x").0,
+            },
+            now(),
+        )
+        .unwrap();
+    let (req, _) = ask();
+    let r = op
+        .console_certificate(&ca, &policy(), &serial, &who, &req, now())
+        .unwrap_err();
+    assert!(r.to_string().contains("not the current one"), "{r}");
+    let current = serial_of(&renewed.certificate_pem);
+    let r = op
+        .console_certificate(&ca, &policy(), &current, "1312345678-OTHER", &req, now())
+        .unwrap_err();
+    assert!(r.to_string().contains("identity"), "{r}");
+    // An address no certificate may name: public, unspecified, inside the tunnel pool.
+    for (listen, why) in [
+        ("8.8.8.8:443", "is not a private LAN address"),
+        ("0.0.0.0:443", "is not a private LAN address"),
+        ("10.99.0.50:443", "inside the tunnel pool 10.99.0.0/24"),
+    ] {
+        with_console(&format!("listen = \"{listen}\"\n"));
+        let r = op
+            .console_certificate(&ca, &policy(), &current, &who, &req, now())
+            .unwrap_err();
+        assert_eq!(r.status(), 403, "{listen}");
+        assert!(r.to_string().contains(why), "{listen}: {r}");
+    }
+    with_console("listen = \"10.1.2.3:8443\"\n");
+    let c = op
+        .console_certificate(&ca, &policy(), &current, &who, &req, now())
+        .unwrap();
+    assert_eq!(
+        c.addresses,
+        vec!["10.1.2.3".parse::<std::net::IpAddr>().unwrap()]
+    );
+    // Revoked: nothing more.
+    op.revoke(CODE, &hub, now()).unwrap();
+    let r = op
+        .console_certificate(&ca, &policy(), &current, &who, &req, now())
+        .unwrap_err();
+    assert!(r.to_string().contains("revoked"), "{r}");
 }

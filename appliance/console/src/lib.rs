@@ -45,13 +45,20 @@ pub const SERVICE: Service = Service {
         tsunagi_runtime::control::STATUS_GROUP,
         audit::service::CLIENT_GROUP,
         consent::desk::GROUP,
+        // Reads the certificate the network issued for it.
+        identity::CONSOLE_GROUP,
     ],
     worker_threads: 1,
     launch: |cfg| {
         cfg.console.enabled.then(|| {
             Launch::reading(
                 cfg,
-                &(&cfg.console, &cfg.audit.enabled, &cfg.consent.enabled),
+                &(
+                    &cfg.console,
+                    &cfg.audit.enabled,
+                    &cfg.consent.enabled,
+                    &cfg.identity.enabled,
+                ),
             )
         })
     },

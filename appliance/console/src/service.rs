@@ -33,6 +33,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECTION_LIMIT: Duration = Duration::from_secs(300);
 /// How often the summary is refreshed.
 const REPORT_EVERY: Duration = Duration::from_secs(30);
+/// How often the console looks for the network's certificate (published or renewed by the
+/// identity service): a file read.
+const CERTIFICATE_CHECK_EVERY: Duration = Duration::from_secs(3);
 
 /// What the service needs of the config.
 #[derive(Debug, Clone)]
@@ -40,6 +43,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub policy: Policy,
     pub cert: Option<(PathBuf, PathBuf)>,
+    /// Where the identity service publishes the certificate the network issued for the
+    /// console, when it keeps one ([`identity::console_address`]).
+    pub network_cert: Option<(PathBuf, PathBuf)>,
     pub facility: String,
     pub status_socket: PathBuf,
     pub audit_socket: Option<PathBuf>,
@@ -66,6 +72,8 @@ impl Settings {
                 .as_ref()
                 .zip(c.key_file.as_ref())
                 .map(|(cert, key)| (cert.as_path().to_owned(), key.as_path().to_owned())),
+            network_cert: (cfg.identity.enabled && identity::console_address(cfg).is_some())
+                .then(|| identity::console_files(cfg.paths.state_dir.as_path())),
             facility: cfg.site.facility_code.to_string(),
             status_socket: cfg
                 .paths
@@ -113,26 +121,82 @@ pub enum ConsoleError {
     Background(#[source] TaskEnded),
 }
 
-/// The certificate the console serves: the configured one, or the self-signed one in
-/// `state_dir` (made if missing).
+/// The certificate the console serves: the configured one; else the network's for the
+/// console, once the identity service published one that has not ended; else the
+/// self-signed one in `state_dir` (made if missing).
 pub fn certificate(
     state_dir: &std::path::Path,
     settings: &Settings,
-) -> Result<tls::ServerTls, TlsError> {
-    match &settings.cert {
-        Some((cert, key)) => tls::server(cert, key, false),
-        None => {
-            let names = vec![settings.listen.ip().to_string()];
-            let (cert, key) = tls::ensure_self_signed(state_dir, &names)?;
-            tls::server(&cert, &key, true)
+) -> Result<tls::Loaded, TlsError> {
+    if let Some((cert, key)) = &settings.cert {
+        return tls::load(cert, key, tls::Source::Configured);
+    }
+    if let Some(loaded) = network_certificate(settings) {
+        return Ok(loaded);
+    }
+    let names = vec![settings.listen.ip().to_string()];
+    let (cert, key) = tls::ensure_self_signed(state_dir, &names)?;
+    tls::load(&cert, &key, tls::Source::SelfSigned)
+}
+
+/// The network's certificate for the console, when one is published, loads, and has not
+/// ended.
+fn network_certificate(settings: &Settings) -> Option<tls::Loaded> {
+    let (cert, key) = settings.network_cert.as_ref()?;
+    if !cert.exists() {
+        return None;
+    }
+    match tls::load(cert, key, tls::Source::Network) {
+        Ok(loaded) if loaded.not_after > identity::now() => Some(loaded),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "the network's certificate for the console cannot be served"
+            );
+            None
         }
+    }
+}
+
+/// Serves the network's certificate once it is published or renewed, and the self-signed
+/// one again if it ended (a box that cannot renew). Nothing with a certificate of the
+/// config's.
+fn keep_certificate(state_dir: &std::path::Path, settings: &Settings, serving: &tls::Serving) {
+    if settings.cert.is_some() || settings.network_cert.is_none() {
+        return;
+    }
+    let current = serving.current();
+    let published = settings
+        .network_cert
+        .as_ref()
+        .and_then(|(cert, _)| std::fs::read(cert).ok());
+    let ended = current.source == tls::Source::Network && current.not_after <= identity::now();
+    if !ended && published.as_ref().is_none_or(|p| *p == current.pem) {
+        return;
+    }
+    match certificate(state_dir, settings) {
+        Ok(next) if next.pem != current.pem => {
+            tracing::info!(
+                source = next.source.words(),
+                fingerprint = %next.fingerprint,
+                not_after = next.not_after,
+                "the console serves another certificate"
+            );
+            serving.replace(next);
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            error = &e as &dyn std::error::Error,
+            "the console keeps its certificate"
+        ),
     }
 }
 
 /// Runs the service until shutdown.
 pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ConsoleError> {
     let accounts = Accounts::open(&ctx.state_dir.join(DB_FILE))?;
-    let server = certificate(&ctx.state_dir, &settings)?;
+    let server = tls::server(certificate(&ctx.state_dir, &settings)?)?;
     let listener =
         TcpListener::bind(settings.listen)
             .await
@@ -196,7 +260,10 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ConsoleError
             }
         },
     );
-    tracing::info!(listen = %settings.listen, fingerprint = %server.fingerprint, self_signed = server.self_signed, "console started");
+    {
+        let served = server.serving.current();
+        tracing::info!(listen = %settings.listen, fingerprint = %served.fingerprint, source = served.source.words(), "console started");
+    }
     ctx.reporter.ready();
     let report = |app: &App| {
         let accounts = app
@@ -209,20 +276,19 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ConsoleError
             Some(why) => (Health::Degraded, format!("; the audit trail: {why}")),
             None => (Health::Ok, String::new()),
         };
+        let served = server.serving.current();
         let summary = format!(
-            "HTTPS on {} ({}certificate SHA-256 {}); {accounts} account(s){trail}",
+            "HTTPS on {} ({} SHA-256 {}, until {}); {accounts} account(s){trail}",
             settings.listen,
-            if server.self_signed {
-                "self-signed "
-            } else {
-                ""
-            },
-            server.fingerprint
+            served.source.words(),
+            served.fingerprint,
+            served.not_after
         );
         ctx.reporter
             .status_with_metrics(health, &summary, &[("accounts", accounts as f64)]);
     };
     report(&app);
+    let mut next_report = tokio::time::Instant::now() + REPORT_EVERY;
     tokio::pin!(serve);
     loop {
         tokio::select! {
@@ -231,7 +297,17 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ConsoleError
                 return served.map_err(ConsoleError::from);
             }
             ended = tasks.failed() => return Err(ConsoleError::Background(ended)),
-            () = tokio::time::sleep(REPORT_EVERY) => report(&app),
+            () = tokio::time::sleep_until(next_report) => {
+                report(&app);
+                next_report = tokio::time::Instant::now() + REPORT_EVERY;
+            }
+            () = tokio::time::sleep(CERTIFICATE_CHECK_EVERY) => {
+                let served = server.serving.current().fingerprint.clone();
+                keep_certificate(&ctx.state_dir, &settings, &server.serving);
+                if server.serving.current().fingerprint != served {
+                    report(&app);
+                }
+            }
         }
     }
 }

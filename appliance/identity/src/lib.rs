@@ -16,6 +16,14 @@
 //! flushed and renamed in; the record last. The current certificate and key are published
 //! for the services that present the box's identity ([`client_dir`], group
 //! [`CLIENT_GROUP`]).
+//!
+//! With the clinic console on and no certificate of its own in the config, the service
+//! also keeps the console's server certificate: a second key made on the box
+//! ([`CONSOLE_KEY_FILE`], 0600), and a certificate the enrollment server issues for it over
+//! the tunnel ([`console_certificate`]), for the console's address as the network's config
+//! for the clinic has it, asked for once the box is enrolled and again once a third of
+//! its life is left; published for the console alone ([`console_dir`], group
+//! [`CONSOLE_GROUP`]), which serves it instead of its self-signed one.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -23,7 +31,10 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tsunagi_medium::enroll::{Enrolled, MAX_RESPONSE, RENEW_PATH, Refusal, RenewRequest};
+use tsunagi_medium::enroll::{
+    CONSOLE_PATH, ConsoleIssued, ConsoleRequest, Enrolled, MAX_RESPONSE, RENEW_PATH, Refusal,
+    RenewRequest,
+};
 use tsunagi_runtime::child::ServiceCtx;
 use tsunagi_runtime::service::{self, Launch, Service};
 use tsunagi_runtime::status::Health;
@@ -46,6 +57,27 @@ pub const NETWORK_CA: &str = "provisioning/network-ca.pem";
 /// The group whose members may read the box's client certificate and key
 /// ([`client_dir`]): the services that present the box's identity to the hub.
 pub const CLIENT_GROUP: &str = "tsunagi-box-cert";
+
+/// The clinic console's TLS key (made on the box, never sent).
+pub const CONSOLE_KEY_FILE: &str = "console.key";
+/// The clinic console's server certificate, from the enrollment server.
+pub const CONSOLE_CERT_FILE: &str = "console.pem";
+/// The group whose members may read the console's certificate and key ([`console_dir`]):
+/// the console alone.
+pub const CONSOLE_GROUP: &str = "tsunagi-console-cert";
+
+/// Where the service publishes the console's certificate ([`CONSOLE_CERT_FILE`]) and key
+/// ([`CONSOLE_KEY_FILE`]) for [`CONSOLE_GROUP`] (`STATE/identity-console`, mode 2750 of
+/// that group; the files 0640).
+pub fn console_dir(state_root: &Path) -> PathBuf {
+    state_root.join("identity-console")
+}
+
+/// The console's published certificate and key ([`console_dir`]).
+pub fn console_files(state_root: &Path) -> (PathBuf, PathBuf) {
+    let dir = console_dir(state_root);
+    (dir.join(CONSOLE_CERT_FILE), dir.join(CONSOLE_KEY_FILE))
+}
 
 /// Where the service publishes the box's current client certificate ([`CERT_FILE`]) and
 /// key ([`KEY_FILE`]) for [`CLIENT_GROUP`] (`STATE/identity-client`: this service's, mode
@@ -94,9 +126,22 @@ pub fn tls_files(
 /// the key: a reader that sees a new certificate before its key fails one handshake at
 /// most, and the key does not change at renewal.
 pub fn publish(own: &Path, state_root: &Path) -> Result<bool, IdentityError> {
-    let dir = client_dir(state_root);
+    publish_files(own, &client_dir(state_root), &[CERT_FILE, KEY_FILE])
+}
+
+/// Publishes the console's certificate and key in [`console_dir`] when they differ from
+/// what is there, the certificate first.
+pub fn publish_console(own: &Path, state_root: &Path) -> Result<bool, IdentityError> {
+    publish_files(
+        own,
+        &console_dir(state_root),
+        &[CONSOLE_CERT_FILE, CONSOLE_KEY_FILE],
+    )
+}
+
+fn publish_files(own: &Path, dir: &Path, names: &[&str]) -> Result<bool, IdentityError> {
     let mut changed = false;
-    for name in [CERT_FILE, KEY_FILE] {
+    for &name in names {
         let from = own.join(name);
         let bytes = std::fs::read(&from).map_err(|source| IdentityError::Io {
             path: from.clone(),
@@ -127,13 +172,18 @@ pub const SERVICE: Service = Service {
     groups: &[],
     worker_threads: 1,
     launch: |cfg| {
-        cfg.identity.enabled.then(|| Launch {
-            // The box's client certificate and key for the services that present them.
-            shared_dirs: vec![(
-                client_dir(cfg.paths.state_dir.as_path()),
-                CLIENT_GROUP.to_owned(),
-            )],
-            ..Launch::reading(cfg, &(&cfg.identity, &cfg.tunnel))
+        cfg.identity.enabled.then(|| {
+            let root = cfg.paths.state_dir.as_path();
+            // The box's client certificate and key for the services that present them;
+            // the console's for the console.
+            let mut shared_dirs = vec![(client_dir(root), CLIENT_GROUP.to_owned())];
+            if console_address(cfg).is_some() {
+                shared_dirs.push((console_dir(root), CONSOLE_GROUP.to_owned()));
+            }
+            Launch {
+                shared_dirs,
+                ..Launch::reading(cfg, &(&cfg.identity, &cfg.tunnel, &console_address(cfg)))
+            }
         })
     },
     main: |cfg, ctx| service::boxed(run(ctx, Settings::from_config(cfg))),
@@ -232,9 +282,19 @@ pub fn read_record(dir: &Path) -> Result<Option<Record>, IdentityError> {
     }
 }
 
+/// The console's address this service gets a certificate for: the console on, with no
+/// certificate of its own in the config, and listening on one address.
+pub fn console_address(cfg: &tsunagi_config::Config) -> Option<std::net::IpAddr> {
+    let c = &cfg.console;
+    (c.enabled && c.cert_file.is_none() && !c.listen.ip().is_unspecified()).then(|| c.listen.ip())
+}
+
 /// The service's settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The console's address, when this service keeps its certificate
+    /// ([`console_address`]).
+    pub console: Option<std::net::IpAddr>,
     pub renew_before: Duration,
     pub check_interval: Duration,
     /// The state root (the network CA is under it).
@@ -247,6 +307,7 @@ pub struct Settings {
 impl Settings {
     pub fn from_config(cfg: &tsunagi_config::Config) -> Settings {
         Settings {
+            console: console_address(cfg),
             renew_before: cfg.identity.renew_before.get(),
             check_interval: cfg.identity.check_interval.get(),
             state_root: cfg.paths.state_dir.as_path().to_owned(),
@@ -258,8 +319,13 @@ impl Settings {
     }
 }
 
-/// One renewal: the new certificate is written, the record updated. The new record.
-async fn renew(dir: &Path, settings: &Settings, record: &Record) -> Result<Record, String> {
+/// An HTTPS client to the hub verified against the network CA only, presenting the box's
+/// current certificate (from `dir`); and the box's TLS key.
+fn hub_client(
+    dir: &Path,
+    settings: &Settings,
+    record: &Record,
+) -> Result<(reqwest::Client, rcgen::KeyPair), String> {
     let read =
         |name: &str| std::fs::read(dir.join(name)).map_err(|e| format!("{name}: {}", e.kind()));
     let key_pem = read(KEY_FILE)?;
@@ -298,11 +364,18 @@ async fn renew(dir: &Path, settings: &Settings, record: &Record) -> Result<Recor
     .redirect(reqwest::redirect::Policy::none())
     .build()
     .map_err(|e| e.to_string())?;
-    let body = serde_json::to_vec(&RenewRequest {
-        csr_pem: csr(&key, &record.identity)?,
-    })
-    .map_err(|e| e.to_string())?;
-    let url = format!("{}{RENEW_PATH}", record.renew_url.trim_end_matches('/'));
+    Ok((client, key))
+}
+
+/// POSTs `body` to `path` at the renewal server; the answer, at most [`MAX_RESPONSE`]
+/// bytes, or the refusal's line.
+async fn post_json<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    record: &Record,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<T, String> {
+    let url = format!("{}{path}", record.renew_url.trim_end_matches('/'));
     let mut response = client
         .post(&url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -331,8 +404,18 @@ async fn renew(dir: &Path, settings: &Settings, record: &Record) -> Result<Recor
             .unwrap_or_else(|_| format!("HTTP {status}"));
         return Err(format!("the renewal server refused: {why}"));
     }
-    let enrolled: Enrolled = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("the renewal server's answer cannot be read: {e}"))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| format!("the renewal server's answer cannot be read: {e}"))
+}
+
+/// One renewal: the new certificate is written, the record updated. The new record.
+async fn renew(dir: &Path, settings: &Settings, record: &Record) -> Result<Record, String> {
+    let (client, key) = hub_client(dir, settings, record)?;
+    let body = serde_json::to_vec(&RenewRequest {
+        csr_pem: csr(&key, &record.identity)?,
+    })
+    .map_err(|e| e.to_string())?;
+    let enrolled: Enrolled = post_json(&client, record, RENEW_PATH, body).await?;
     let Some(not_after) = certifies(&enrolled.certificate_pem, &key, &record.identity) else {
         return Err("the renewed certificate is not for this box's key and identity".into());
     };
@@ -356,6 +439,195 @@ async fn renew(dir: &Path, settings: &Settings, record: &Record) -> Result<Recor
     Ok(new)
 }
 
+/// What `console.json` records of the console's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConsoleRecord {
+    /// Unix seconds: when it was received.
+    pub issued_at: i64,
+    /// Unix seconds: its end.
+    pub not_after: i64,
+    /// The addresses it names.
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// The console certificate's record.
+pub const CONSOLE_RECORD_FILE: &str = "console.json";
+
+/// Whether `cert_pem`'s first certificate is for `key`, names `ip` and is for server
+/// authentication; its end (Unix seconds) if so.
+pub fn certifies_console(
+    cert_pem: &str,
+    key: &rcgen::KeyPair,
+    ip: std::net::IpAddr,
+) -> Option<i64> {
+    use rcgen::PublicKeyData as _;
+    use x509_parser::extensions::GeneralName;
+    let der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .next()?
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let octets = match ip {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let names = cert.subject_alternative_name().ok()??;
+    let named = names
+        .value
+        .general_names
+        .iter()
+        .any(|n| matches!(n, GeneralName::IPAddress(a) if *a == octets.as_slice()));
+    let server = cert
+        .extended_key_usage()
+        .ok()
+        .flatten()
+        .is_some_and(|e| e.value.server_auth);
+    (cert.public_key().subject_public_key.data.as_ref() == key.der_bytes() && named && server)
+        .then(|| cert.validity().not_after.timestamp())
+}
+
+/// When the console's certificate in `dir` is to be asked for again (Unix seconds, as
+/// [`renew_at`] for the box's), or why it must be asked for now: none yet, not for the
+/// console's key, or not for `ip` (the config changed).
+pub fn console_next(
+    dir: &Path,
+    ip: std::net::IpAddr,
+    renew_before: Duration,
+) -> Result<(i64, ConsoleRecord), &'static str> {
+    let record: ConsoleRecord = std::fs::read(dir.join(CONSOLE_RECORD_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or("none yet")?;
+    let key = std::fs::read_to_string(dir.join(CONSOLE_KEY_FILE))
+        .ok()
+        .and_then(|pem| rcgen::KeyPair::from_pem(&pem).ok())
+        .ok_or("none yet")?;
+    let cert = std::fs::read_to_string(dir.join(CONSOLE_CERT_FILE)).map_err(|_| "none yet")?;
+    let not_after = certifies_console(&cert, &key, ip)
+        .ok_or("the one there is not for the console's address")?;
+    let at = renew_at(
+        &Record {
+            identity: String::new(),
+            box_serial: String::new(),
+            issued_at: record.issued_at,
+            not_after,
+            renew_url: String::new(),
+            renewals: 0,
+        },
+        renew_before,
+    );
+    Ok((at, record))
+}
+
+/// Asks the enrollment server (at the renewal URL, presenting the box's certificate) for
+/// the console's server certificate, on the console's key (made if missing), and keeps it
+/// with its record once it names `ip` for that key.
+pub async fn console_certificate(
+    dir: &Path,
+    settings: &Settings,
+    record: &Record,
+    ip: std::net::IpAddr,
+) -> Result<ConsoleRecord, String> {
+    let (client, _) = hub_client(dir, settings, record)?;
+    let (key, _) = enroll::tls_key(&dir.join(CONSOLE_KEY_FILE))?;
+    let body = serde_json::to_vec(&ConsoleRequest {
+        csr_pem: csr(&key, &format!("{} console", record.identity))?,
+    })
+    .map_err(|e| e.to_string())?;
+    let issued: ConsoleIssued = post_json(&client, record, CONSOLE_PATH, body).await?;
+    let Some(not_after) = certifies_console(&issued.certificate_pem, &key, ip) else {
+        return Err(format!(
+            "the certificate the network issued does not name the console's address {ip} for its key (it names {:?})",
+            issued.addresses
+        ));
+    };
+    let new = ConsoleRecord {
+        issued_at: now(),
+        not_after,
+        addresses: issued.addresses,
+    };
+    let text = serde_json::to_vec(&new).map_err(|e| e.to_string())?;
+    replace(
+        &dir.join(CONSOLE_CERT_FILE),
+        issued.certificate_pem.as_bytes(),
+        0o644,
+    )
+    .and_then(|()| replace(&dir.join(CONSOLE_RECORD_FILE), &text, 0o644))
+    .map_err(|e| format!("cannot write the console's certificate: {e}"))?;
+    Ok(new)
+}
+
+/// The console certificate's side of the service's loop: what it adds to the summary,
+/// whether it is healthy, and when to look again.
+#[derive(Debug, Default)]
+struct ConsoleKeeper {
+    failures: u32,
+    retry_at: i64,
+    note: String,
+}
+
+impl ConsoleKeeper {
+    async fn keep(
+        &mut self,
+        dir: &Path,
+        settings: &Settings,
+        record: &Record,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Option<(bool, Duration)> {
+        let ip = settings.console?;
+        let now = now();
+        let due = match console_next(dir, ip, settings.renew_before) {
+            Ok((at, r)) if now < at => {
+                self.failures = 0;
+                if let Err(e) = publish_console(dir, &settings.state_root) {
+                    tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "cannot publish the console's certificate"
+                    );
+                }
+                self.note = format!("; console certificate for {ip} until {}", r.not_after);
+                let wait = Duration::from_secs(u64::try_from(at - now).unwrap_or(0));
+                return Some((true, wait.max(Duration::from_secs(1))));
+            }
+            Ok(_) => "renewal due",
+            Err(why) => why,
+        };
+        if now < self.retry_at {
+            let wait = Duration::from_secs(u64::try_from(self.retry_at - now).unwrap_or(0));
+            return Some((self.failures == 0, wait.max(Duration::from_secs(1))));
+        }
+        use tracing::Instrument as _;
+        let span = tracing::info_span!("console_certificate", %ip);
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return Some((true, Duration::ZERO)),
+            outcome = console_certificate(dir, settings, record, ip).instrument(span) => outcome,
+        };
+        match outcome {
+            Ok(new) => {
+                self.failures = 0;
+                self.retry_at = 0;
+                tracing::info!(
+                    not_after = new.not_after,
+                    "the console's certificate issued"
+                );
+                Some((true, Duration::ZERO))
+            }
+            Err(why) => {
+                self.failures = self.failures.saturating_add(1);
+                let backoff =
+                    Duration::from_secs(1u64 << self.failures.min(12)).min(settings.check_interval);
+                self.retry_at = now + i64::try_from(backoff.as_secs()).unwrap_or(i64::MAX);
+                tracing::warn!(failures = self.failures, reason = %why, "the console's certificate failed");
+                self.note = format!(
+                    "; console certificate ({due}) failed {} times ({why}): the console serves its self-signed one",
+                    self.failures
+                );
+                Some((false, backoff))
+            }
+        }
+    }
+}
+
 /// Runs the identity service until shutdown.
 pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), IdentityError> {
     let dir = ctx.state_dir.clone();
@@ -363,6 +635,7 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), IdentityErro
         .status(Health::Degraded, "looking at the certificate");
     ctx.reporter.ready();
     let mut failures: u32 = 0;
+    let mut console = ConsoleKeeper::default();
     // The token a refusal was for: not sent again until a new medium brings another.
     let mut refused: Option<Vec<u8>> = None;
     loop {
@@ -443,18 +716,27 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), IdentityErro
                 let at = renew_at(r, settings.renew_before);
                 if now < at {
                     failures = 0;
+                    let (console_ok, console_wait) = console
+                        .keep(&dir, &settings, r, &ctx.shutdown)
+                        .await
+                        .unwrap_or((true, Duration::MAX));
                     let left = (r.not_after - now) as f64;
                     ctx.reporter.status_with_metrics(
-                        Health::Ok,
+                        if console_ok { Health::Ok } else { Health::Degraded },
                         &format!(
-                            "{}: certificate until {} (Unix seconds), renewed {} times; renewal from {}",
-                            r.identity, r.not_after, r.renewals, at
+                            "{}: certificate until {} (Unix seconds), renewed {} times; renewal from {}{}",
+                            r.identity, r.not_after, r.renewals, at, console.note
                         ),
                         &[("identity_certificate_seconds_left", left)],
                     );
                     Duration::from_secs(u64::try_from(at - now).unwrap_or(0))
                         .min(settings.check_interval)
-                        .max(Duration::from_secs(1))
+                        .min(console_wait)
+                        .max(if console_wait.is_zero() {
+                            Duration::ZERO
+                        } else {
+                            Duration::from_secs(1)
+                        })
                 } else {
                     use tracing::Instrument as _;
                     let span = tracing::info_span!("renew", identity = %r.identity);
@@ -525,6 +807,86 @@ mod tests {
         assert_eq!(renew_at(&record(1000, 1030), ten_days), 1020);
         // A record with its end before its issue renews at once.
         assert_eq!(renew_at(&record(1000, 900), ten_days), 900);
+    }
+
+    /// A server certificate for `key` naming `names`, with `server` auth or client auth.
+    fn console_cert(key: &rcgen::KeyPair, names: &[&str], server: bool) -> String {
+        let mut params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        params.extended_key_usages = vec![if server {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        params.self_signed(key).unwrap().pem()
+    }
+
+    #[test]
+    fn the_consoles_certificate_counts_only_for_its_key_its_address_and_serving() {
+        let ip: std::net::IpAddr = "192.168.50.1".parse().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        assert!(
+            certifies_console(&console_cert(&key, &["192.168.50.1"], true), &key, ip).is_some()
+        );
+        assert!(
+            certifies_console(&console_cert(&other, &["192.168.50.1"], true), &key, ip).is_none()
+        );
+        assert!(
+            certifies_console(&console_cert(&key, &["192.168.50.2"], true), &key, ip).is_none()
+        );
+        assert!(certifies_console(&console_cert(&key, &["box.example"], true), &key, ip).is_none());
+        assert!(
+            certifies_console(&console_cert(&key, &["192.168.50.1"], false), &key, ip).is_none()
+        );
+        assert!(certifies_console("garbage", &key, ip).is_none());
+
+        // When to ask again: none yet; then a third of its life before the end; and at once
+        // when the config's address is another.
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            console_next(dir.path(), ip, Duration::from_secs(10 * 86_400)),
+            Err("none yet")
+        );
+        std::fs::write(dir.path().join(CONSOLE_KEY_FILE), key.serialize_pem()).unwrap();
+        std::fs::write(
+            dir.path().join(CONSOLE_CERT_FILE),
+            console_cert(&key, &["192.168.50.1"], true),
+        )
+        .unwrap();
+        assert_eq!(
+            console_next(dir.path(), ip, Duration::from_secs(10 * 86_400)),
+            Err("none yet")
+        );
+        let not_after = certifies_console(
+            &std::fs::read_to_string(dir.path().join(CONSOLE_CERT_FILE)).unwrap(),
+            &key,
+            ip,
+        )
+        .unwrap();
+        let record = ConsoleRecord {
+            issued_at: not_after - 30 * 86_400,
+            not_after,
+            addresses: vec![ip],
+        };
+        std::fs::write(
+            dir.path().join(CONSOLE_RECORD_FILE),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+        let (at, read) = console_next(dir.path(), ip, Duration::from_secs(10 * 86_400)).unwrap();
+        assert_eq!(at, not_after - 10 * 86_400);
+        assert_eq!(read, record);
+        assert_eq!(
+            console_next(
+                dir.path(),
+                "192.168.1.250".parse().unwrap(),
+                Duration::from_secs(10 * 86_400)
+            ),
+            Err("the one there is not for the console's address")
+        );
     }
 
     #[test]

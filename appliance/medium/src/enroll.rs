@@ -7,6 +7,10 @@
 //!   private key ever leaves the box.
 //! - `POST` [`RENEW_PATH`], over the tunnel, authenticated by the box's current client
 //!   certificate: [`RenewRequest`] (a CSR) → [`Enrolled`].
+//! - `POST` [`CONSOLE_PATH`], the same way: [`ConsoleRequest`] (a CSR for the clinic
+//!   console's own TLS key) → [`ConsoleIssued`], a server certificate for the console's
+//!   address on the clinic LAN as the network's config for the clinic has it (the server
+//!   takes no name from the box).
 //!
 //! A refusal is an HTTP error status with [`Refusal`] as its body: one line for the box's
 //! console and status.
@@ -17,6 +21,8 @@ use serde::{Deserialize, Serialize};
 pub const ENROLL_PATH: &str = "/v1/enroll";
 /// Where an enrolled box renews its certificate.
 pub const RENEW_PATH: &str = "/v1/renew";
+/// Where an enrolled box gets its clinic console's server certificate.
+pub const CONSOLE_PATH: &str = "/v1/console-certificate";
 /// A request's body, at most.
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// A response's body, at most (a certificate chain and the tunnel settings).
@@ -44,6 +50,38 @@ pub struct EnrollRequest {
 pub struct RenewRequest {
     /// A PKCS#10 request for the box's TLS key (PEM): the same key or a new one.
     pub csr_pem: String,
+}
+
+/// An enrolled box asks for its console's server certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConsoleRequest {
+    /// A PKCS#10 request for the console's TLS key (PEM): its key only is used.
+    pub csr_pem: String,
+}
+
+/// The console's server certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConsoleIssued {
+    /// The certificate (PEM), issued by the box-identity CA for server authentication.
+    pub certificate_pem: String,
+    /// The box-identity CA's certificate (PEM): what the clinic's computers trust.
+    pub box_ca_pem: String,
+    /// Unix seconds: the certificate's end.
+    pub not_after: i64,
+    /// The addresses it names (the console's on the clinic LAN).
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// Whether `ip` may be a clinic console's name in a certificate: a private address
+/// (RFC 1918, or an IPv6 unique local address), never a public, loopback, link-local or
+/// unspecified one.
+pub fn private_lan_address(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_private(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
 }
 
 /// The box's tunnel, as the hub has it.
@@ -136,6 +174,32 @@ mod tests {
         assert!(!line.chars().any(char::is_control), "{line:?}");
         assert_eq!(line.chars().count(), 300);
         assert!(line.starts_with("bad line "));
+    }
+
+    #[test]
+    fn console_names_are_private_lan_addresses_only() {
+        for ok in [
+            "192.168.50.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.254",
+            "fd00::1",
+        ] {
+            assert!(private_lan_address(ok.parse().unwrap()), "{ok}");
+        }
+        for bad in [
+            "8.8.8.8",
+            "172.32.0.1",
+            "127.0.0.1",
+            "0.0.0.0",
+            "169.254.1.1",
+            "::",
+            "::1",
+            "fe80::1",
+            "2001:db8::1",
+        ] {
+            assert!(!private_lan_address(bad.parse().unwrap()), "{bad}");
+        }
     }
 
     #[test]

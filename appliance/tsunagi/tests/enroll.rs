@@ -11,6 +11,10 @@
 //! - the box's keys never leave it: the operator directory holds neither;
 //! - the token is used once: a second box with a copy of the medium is refused, and a box
 //!   that trusts another CA refuses the server;
+//! - the clinic console's server certificate comes from the network once the box is
+//!   enrolled, for the console's LAN address, and is renewed: a computer on the clinic LAN
+//!   that trusts the box-identity CA verifies the console (curl), and sees the renewed
+//!   certificate without a restart (openssl s_client);
 //! - `revoke` removes the peer at the hub, and the box's tunnel goes down;
 //! - the server stops within 2 s of SIGTERM.
 #![expect(
@@ -83,9 +87,60 @@ health-url = "http://10.98.0.1:8080/health"
 probe-interval = "1s"
 probe-failures = 2
 probe-timeout = "500ms"
+
+[tunnel.firewall]
+lan-interfaces = ["{lan}"]
+lan-tcp-ports = [443]
+
+[console]
+enabled = true
+listen = "192.168.50.1:443"
 "#,
         iface = net.id().to_owned() + "b",
+        lan = net.plan().lan_box_iface,
     ))
+}
+
+/// What a computer on the clinic LAN gets from the console at `https://192.168.50.1/`
+/// trusting only `ca`: curl's exit code and its error.
+fn console_from_clinic(net: &TestNet, ca: &Path) -> (i32, String) {
+    let out = net
+        .exec(
+            Host::Clinic,
+            Command::new("curl")
+                .args(["-sS", "-o", "/dev/null", "--max-time", "10", "--cacert"])
+                .arg(ca)
+                .arg("https://192.168.50.1/"),
+        )
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The SHA-256 fingerprint of the certificate the console serves, as openssl on the
+/// clinic LAN sees it (`AB:CD:…`).
+fn served_fingerprint(net: &TestNet) -> String {
+    let out = net
+        .exec(
+            Host::Clinic,
+            Command::new("bash").args([
+                "-c",
+                "openssl s_client -connect 192.168.50.1:443 </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256",
+            ]),
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .split_once('=')
+        .map(|(_, f)| f.to_owned())
+        .unwrap_or_default()
+}
+
+/// The fingerprint of the first certificate of a PEM file.
+fn fingerprint_of(path: &Path) -> String {
+    console::tls::fingerprint(&console::tls::certs(path).unwrap()[0])
 }
 
 /// `tsunagi medium apply` of a box whose config and state are `h`'s, and whose serial is
@@ -458,6 +513,93 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
         |_| std::fs::read_to_string(client.join("box.pem")).is_ok_and(|c| c == renewed_cert),
     );
 
+    // The console's server certificate: asked for by the identity service once enrolled,
+    // published for the console alone (group tsunagi-console-cert), and served. A computer
+    // on the clinic LAN that trusts the box-identity CA verifies it by the console's
+    // address; one that trusts another CA does not.
+    let console_dir = h.state_dir().join("identity-console");
+    let console_cert = console_dir.join("console.pem");
+    let with_console = h.wait_for(
+        "the console's certificate published",
+        Duration::from_secs(30),
+        |s| {
+            console_cert.exists()
+                && service(s, "identity")["summary"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("console certificate for 192.168.50.1 until"))
+        },
+    );
+    println!(
+        "enrollment: {}",
+        service(&with_console, "identity")["summary"]
+    );
+    assert!(
+        serve_log()
+            .contains("console: issued for 1312345678-QEMU-0001 (192.168.50.1) from 10.99.0.2:"),
+        "{}",
+        serve_log()
+    );
+    {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let group = nix::unistd::Group::from_name(identity::CONSOLE_GROUP)
+            .unwrap()
+            .expect("the group exists");
+        let dir = std::fs::metadata(&console_dir).unwrap();
+        assert_eq!(dir.permissions().mode() & 0o7777, 0o2750);
+        assert_eq!(dir.gid(), group.gid.as_raw());
+        for name in ["console.pem", "console.key"] {
+            let meta = std::fs::metadata(console_dir.join(name)).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o640, "{name}");
+            assert_eq!(meta.gid(), group.gid.as_raw(), "{name}");
+        }
+        let own = std::fs::metadata(identity.join("console.key")).unwrap();
+        assert_eq!(own.permissions().mode() & 0o777, 0o600);
+        assert_ne!(
+            std::fs::read(identity.join("console.key")).unwrap(),
+            tls_key.as_bytes(),
+            "the console has a key of its own"
+        );
+    }
+    let box_ca = identity.join("box-ca.pem");
+    h.wait_for(
+        "the console serving the network's certificate",
+        Duration::from_secs(20),
+        |_| console_from_clinic(&net, &box_ca).0 == 0,
+    );
+    let stranger_ca =
+        hil_tests::nginx::Pki::generate_for(&work.path().join("lan-pki"), &[hub_wan]).unwrap();
+    let (code, why) = console_from_clinic(&net, &stranger_ca.ca_cert());
+    assert_eq!(code, 60, "curl trusting another CA: {why}");
+    // What it serves is what was published (the certificate changes every 10 s here).
+    let mut first_served = String::new();
+    wait(
+        "the console serving the published certificate",
+        Duration::from_secs(10),
+        || {
+            first_served = served_fingerprint(&net);
+            first_served == fingerprint_of(&console_cert)
+        },
+    );
+    let console_status = h.wait_for("the console's status", Duration::from_secs(10), |s| {
+        service(s, "console")["summary"]
+            .as_str()
+            .is_some_and(|t| t.contains("the network's certificate"))
+    });
+    println!(
+        "enrollment: {}",
+        service(&console_status, "console")["summary"]
+    );
+    // Renewed with the box's certificate's lifetime (15 s here): the console serves the
+    // new one without a restart.
+    h.wait_for(
+        "the console serving its renewed certificate",
+        Duration::from_secs(40),
+        |_| {
+            let served = served_fingerprint(&net);
+            !served.is_empty() && served != first_served && served == fingerprint_of(&console_cert)
+        },
+    );
+    assert_eq!(console_from_clinic(&net, &box_ca).0, 0);
     // The clinic's box is still the first.
     let shown = operator(&op, &["clinic", "show", CODE, "--json"]);
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
