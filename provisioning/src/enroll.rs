@@ -120,6 +120,46 @@ fn answer(
     }
 }
 
+/// The box whose current client certificate was presented (its serial, hex, and its CN,
+/// as the TLS layer verified them against the box-identity CA): its clinic, identity and
+/// tunnel address; refused unless it is the clinic's current certificate, for that
+/// identity, unexpired and not revoked.
+fn presented(
+    conn: &rusqlite::Connection,
+    presented_serial: &str,
+    presented_identity: &str,
+    now: i64,
+) -> Result<(String, String, String), Refused> {
+    let row: Option<(String, String, i64, Option<i64>, String)> = conn
+        .query_row(
+            "SELECT b.facility_code, b.box_serial, b.not_after, b.revoked_at, c.tunnel_address
+             FROM boxes b JOIN clinics c USING (facility_code) WHERE b.cert_serial = ?1",
+            [presented_serial],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    let Some((code, serial, not_after, revoked, address)) = row else {
+        return Err(Refused::Forbidden(
+            "the certificate is not the current one of any box: enroll again".into(),
+        ));
+    };
+    let who = identity(&code, &serial);
+    if who != presented_identity {
+        return Err(Refused::Forbidden(
+            "the certificate's identity does not match the box's".into(),
+        ));
+    }
+    if revoked.is_some() {
+        return Err(Refused::Forbidden("the box is revoked".into()));
+    }
+    if now >= not_after {
+        return Err(Refused::Forbidden(
+            "the certificate expired: enroll again with a new medium".into(),
+        ));
+    }
+    Ok((code, who, address))
+}
+
 impl Operator {
     fn network(&self) -> Result<(String, String, String), ProvisionError> {
         Ok(self.conn.query_row(
@@ -283,33 +323,7 @@ impl Operator {
     ) -> Result<Enrolled, Refused> {
         let (network, hub_public_key, hub_endpoint) = self.network()?;
         let tx = self.conn.transaction()?;
-        let row: Option<(String, String, i64, Option<i64>, String)> = tx
-            .query_row(
-                "SELECT b.facility_code, b.box_serial, b.not_after, b.revoked_at, c.tunnel_address
-                 FROM boxes b JOIN clinics c USING (facility_code) WHERE b.cert_serial = ?1",
-                [presented_serial],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
-            .optional()?;
-        let Some((code, serial, not_after, revoked, address)) = row else {
-            return Err(Refused::Forbidden(
-                "the certificate is not the current one of any box: enroll again".into(),
-            ));
-        };
-        let who = identity(&code, &serial);
-        if who != presented_identity {
-            return Err(Refused::Forbidden(
-                "the certificate's identity does not match the box's".into(),
-            ));
-        }
-        if revoked.is_some() {
-            return Err(Refused::Forbidden("the box is revoked".into()));
-        }
-        if now >= not_after {
-            return Err(Refused::Forbidden(
-                "the certificate expired: enroll again with a new medium".into(),
-            ));
-        }
+        let (code, who, address) = presented(&tx, presented_serial, presented_identity, now)?;
         let issued = ca
             .issue(&req.csr_pem, &who, &network, now, policy.lifetime)
             .map_err(Refused::BadRequest)?;
@@ -346,33 +360,7 @@ impl Operator {
         now: i64,
     ) -> Result<ConsoleIssued, Refused> {
         let (network, _, _) = self.network()?;
-        let row: Option<(String, String, i64, Option<i64>)> = self
-            .conn
-            .query_row(
-                "SELECT facility_code, box_serial, not_after, revoked_at FROM boxes WHERE cert_serial = ?1",
-                [presented_serial],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()?;
-        let Some((code, serial, not_after, revoked)) = row else {
-            return Err(Refused::Forbidden(
-                "the certificate is not the current one of any box: enroll again".into(),
-            ));
-        };
-        let who = identity(&code, &serial);
-        if who != presented_identity {
-            return Err(Refused::Forbidden(
-                "the certificate's identity does not match the box's".into(),
-            ));
-        }
-        if revoked.is_some() {
-            return Err(Refused::Forbidden("the box is revoked".into()));
-        }
-        if now >= not_after {
-            return Err(Refused::Forbidden(
-                "the certificate expired: enroll again with a new medium".into(),
-            ));
-        }
+        let (code, who, _) = presented(&self.conn, presented_serial, presented_identity, now)?;
         let addresses = self.console_addresses(&code).map_err(|e| match e {
             ProvisionError::Invalid(why) | ProvisionError::Config(why) => Refused::Forbidden(why),
             other => Refused::Internal(other.to_string()),
