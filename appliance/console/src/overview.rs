@@ -99,6 +99,26 @@ pub enum Clock {
     NotChecked,
 }
 
+/// The certificate this page is served with (the console's own report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Certificate {
+    /// Issued by the network at enrollment; its end (Unix seconds).
+    Network(i64),
+    /// The config's own; its end.
+    Configured(i64),
+    /// The box's self-signed one (before enrollment, or the network's ended).
+    SelfSigned,
+}
+
+/// `certificate_source` in the console's metrics.
+pub fn certificate_source(source: crate::tls::Source) -> f64 {
+    match source {
+        crate::tls::Source::SelfSigned => 0.0,
+        crate::tls::Source::Network => 1.0,
+        crate::tls::Source::Configured => 2.0,
+    }
+}
+
 /// What 接続状態 shows above the table of services.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Overview {
@@ -111,6 +131,8 @@ pub struct Overview {
     pub ssmix2: Option<Queue>,
     pub update: Update,
     pub clock: Clock,
+    /// `None`: the console has not reported yet.
+    pub certificate: Option<Certificate>,
 }
 
 fn reporting<'a>(report: &'a StatusReport, name: &str) -> Option<&'a ServiceStatus> {
@@ -209,6 +231,15 @@ impl Overview {
             }
             _ => Clock::NotChecked,
         };
+        let certificate = reporting(report, crate::NAME).and_then(|c| {
+            let until = unix(c, "certificate_not_after_timestamp_seconds").unwrap_or(0);
+            match metric(c, "certificate_source") {
+                Some(0.0) => Some(Certificate::SelfSigned),
+                Some(1.0) => Some(Certificate::Network(until)),
+                Some(2.0) => Some(Certificate::Configured(until)),
+                _ => None,
+            }
+        });
         Overview {
             link,
             sync,
@@ -217,6 +248,7 @@ impl Overview {
             ssmix2,
             update,
             clock,
+            certificate,
         }
     }
 
@@ -469,6 +501,36 @@ impl Overview {
                 "warn",
             ),
         };
+        let until = |at: i64| {
+            if en() {
+                format!(" (until {})", time_words(at))
+            } else {
+                format!("（{} まで）", time_words(at))
+            }
+        };
+        let certificate = match self.certificate {
+            Some(Certificate::Network(at)) => (
+                format!(
+                    "{}{}",
+                    t("ネットワークが発行したもの", "Issued by the network"),
+                    until(at)
+                ),
+                "ok",
+            ),
+            Some(Certificate::Configured(at)) => (
+                format!("{}{}", t("設定されたもの", "The configured one"), until(at)),
+                "ok",
+            ),
+            Some(Certificate::SelfSigned) => (
+                t(
+                    "装置が自分で作ったもの（ネットワークの証明書はまだありません。指紋はプロビジョニングシートのとおりです）",
+                    "The appliance's own (no certificate from the network yet; its fingerprint is the one on the provisioning sheet)",
+                )
+                .to_owned(),
+                "warn",
+            ),
+            None => (t("不明です", "Unknown").to_owned(), "warn"),
+        };
         vec![
             (t("ネットワーク", "Network"), link.0, link.1),
             (t("同意情報の最終同期", "Last consent sync"), sync.0, sync.1),
@@ -481,6 +543,11 @@ impl Overview {
             (t("SS-MIX2", "SS-MIX2"), ssmix2.0, ssmix2.1),
             (t("ソフトウェア", "Software"), update.0, update.1),
             (t("時刻", "Clock"), clock.0, clock.1),
+            (
+                t("この画面の証明書", "This page's certificate"),
+                certificate.0,
+                certificate.1,
+            ),
         ]
     }
 }
@@ -609,9 +676,26 @@ mod tests {
                 "update",
                 &[("update_staged", 0.0), ("update_check_failing", 0.0)],
             ),
+            service(
+                "console",
+                &[
+                    ("certificate_source", 1.0),
+                    (
+                        "certificate_not_after_timestamp_seconds",
+                        (T + 30 * 86_400) as f64,
+                    ),
+                ],
+            ),
         ]);
         let o = Overview::of(&r);
         assert_eq!(o.link, Link::Up(Some(T)));
+        assert_eq!(
+            words(&o, T)["この画面の証明書"],
+            (
+                "ネットワークが発行したもの（2027-01-05 17:00 まで）".into(),
+                "ok"
+            )
+        );
         assert_eq!(o.clock, Clock::InStep(-0.012));
         let w = words(&o, T + 60 + 300);
         assert_eq!(
@@ -673,8 +757,17 @@ mod tests {
                 "update",
                 &[("update_staged", 1.0), ("update_check_failing", 1.0)],
             ),
+            service("console", &[("certificate_source", 0.0)]),
         ]);
         let w = words(&Overview::of(&r), T + 2 * 86_400);
+        assert_eq!(w["この画面の証明書"].1, "warn");
+        assert!(
+            w["この画面の証明書"]
+                .0
+                .starts_with("装置が自分で作ったもの"),
+            "{:?}",
+            w["この画面の証明書"]
+        );
         assert_eq!(
             w["ネットワーク"],
             ("接続していません（2026-12-06 17:00 から）".into(), "bad")
@@ -749,6 +842,7 @@ mod tests {
         assert_eq!(o.clock, Clock::NotChecked);
         assert_eq!(o.sync, Sync::Unknown);
         assert_eq!(o.dicom, None);
+        assert_eq!(o.certificate, None);
         let w = words(&o, T);
         assert_eq!(
             w["ネットワーク"],

@@ -284,8 +284,21 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ConsoleError
             served.fingerprint,
             served.not_after
         );
-        ctx.reporter
-            .status_with_metrics(health, &summary, &[("accounts", accounts as f64)]);
+        ctx.reporter.status_with_metrics(
+            health,
+            &summary,
+            &[
+                ("accounts", accounts as f64),
+                (
+                    "certificate_source",
+                    crate::overview::certificate_source(served.source),
+                ),
+                (
+                    "certificate_not_after_timestamp_seconds",
+                    served.not_after as f64,
+                ),
+            ],
+        );
     };
     report(&app);
     let mut next_report = tokio::time::Instant::now() + REPORT_EVERY;

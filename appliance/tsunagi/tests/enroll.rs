@@ -580,10 +580,12 @@ fn a_box_enrolls_with_its_medium_and_the_tunnel_comes_up_until_it_is_revoked() {
             first_served == fingerprint_of(&console_cert)
         },
     );
-    let console_status = h.wait_for("the console's status", Duration::from_secs(10), |s| {
+    // Its status says so, and its metrics (what 接続状態's 「この画面の証明書」 reads).
+    let console_status = h.wait_for("the console's status", Duration::from_secs(40), |s| {
         service(s, "console")["summary"]
             .as_str()
             .is_some_and(|t| t.contains("the network's certificate"))
+            && service(s, "console")["metrics"]["certificate_source"] == 1.0
     });
     println!(
         "enrollment: {}",
