@@ -639,6 +639,10 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), IdentityErro
     // The token a refusal was for: not sent again until a new medium brings another.
     let mut refused: Option<Vec<u8>> = None;
     loop {
+        // A step cut short by the shutdown asks for no wait: stop here.
+        if ctx.shutdown.is_cancelled() {
+            return Ok(());
+        }
         let record = read_record(&dir)?;
         let now = now();
         let wait = match &record {
