@@ -181,6 +181,29 @@ where
     .unwrap_or_else(|e| Err(Refused::Internal(e.to_string())))
 }
 
+/// An enrolled box's request (`what` it asks for): its current client certificate
+/// required (the serial and CN the TLS layer verified), the body read, then the decision.
+async fn for_box<R, T, F>(
+    state: &Arc<State>,
+    client: Option<(String, String)>,
+    what: &str,
+    request: Request<Incoming>,
+    f: F,
+) -> Result<T, Refused>
+where
+    R: serde::de::DeserializeOwned + Send + 'static,
+    T: Send + 'static,
+    F: FnOnce(&mut Operator, &State, &str, &str, R) -> Result<T, Refused> + Send + 'static,
+{
+    let Some((serial, cn)) = client else {
+        return Err(Refused::Forbidden(format!(
+            "{what} needs the box's current client certificate"
+        )));
+    };
+    let req = body_json::<R>(request).await?;
+    decide(state, move |op, s| f(op, s, &serial, &cn, req)).await
+}
+
 async fn handle(
     state: Arc<State>,
     peer: Option<SocketAddr>,
@@ -219,54 +242,51 @@ async fn handle(
                 outcome.and_then(to_json)
             }
         },
-        RENEW_PATH => match client {
-            None => Err(Refused::Forbidden(
-                "renewal needs the box's current client certificate".into(),
-            )),
-            Some((serial, cn)) => match body_json::<RenewRequest>(request).await {
-                Err(r) => Err(r),
-                Ok(req) => {
-                    let outcome = decide(&state, move |op, s| {
-                        op.renew(&s.ca, &s.policy, &serial, &cn, &req, now)
-                    })
-                    .await;
-                    match &outcome {
-                        Ok(e) => eprintln!("renew: renewed {} from {from}", e.identity),
-                        Err(r) => eprintln!("renew: refused ({}) from {from}: {r}", r.status()),
-                    }
-                    outcome.and_then(to_json)
-                }
-            },
-        },
-        CONSOLE_PATH => match client {
-            None => Err(Refused::Forbidden(
-                "the console's certificate needs the box's current client certificate".into(),
-            )),
-            Some((serial, cn)) => match body_json::<ConsoleRequest>(request).await {
-                Err(r) => Err(r),
-                Ok(req) => {
-                    let who = cn.clone();
-                    let outcome = decide(&state, move |op, s| {
-                        op.console_certificate(&s.ca, &s.policy, &serial, &cn, &req, now)
-                    })
-                    .await;
-                    match &outcome {
-                        Ok(c) => eprintln!(
-                            "console: issued for {who} ({}) from {from}",
-                            c.addresses
-                                .iter()
-                                .map(ToString::to_string)
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                        Err(r) => {
-                            eprintln!("console: refused ({}) from {from}: {r}", r.status())
-                        }
-                    }
-                    outcome.and_then(to_json)
-                }
-            },
-        },
+        RENEW_PATH => {
+            let outcome = for_box(
+                &state,
+                client,
+                "renewal",
+                request,
+                move |op, s, serial, cn, req: RenewRequest| {
+                    op.renew(&s.ca, &s.policy, serial, cn, &req, now)
+                },
+            )
+            .await;
+            match &outcome {
+                Ok(e) => eprintln!("renew: renewed {} from {from}", e.identity),
+                Err(r) => eprintln!("renew: refused ({}) from {from}: {r}", r.status()),
+            }
+            outcome.and_then(to_json)
+        }
+        CONSOLE_PATH => {
+            let who = client
+                .as_ref()
+                .map(|(_, cn)| cn.clone())
+                .unwrap_or_default();
+            let outcome = for_box(
+                &state,
+                client,
+                "the console's certificate",
+                request,
+                move |op, s, serial, cn, req: ConsoleRequest| {
+                    op.console_certificate(&s.ca, &s.policy, serial, cn, &req, now)
+                },
+            )
+            .await;
+            match &outcome {
+                Ok(c) => eprintln!(
+                    "console: issued for {who} ({}) from {from}",
+                    c.addresses
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Err(r) => eprintln!("console: refused ({}) from {from}: {r}", r.status()),
+            }
+            outcome.and_then(to_json)
+        }
         _ => {
             let mut r = json_response(
                 404,

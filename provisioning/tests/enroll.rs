@@ -138,13 +138,14 @@ fn a_token_enrolls_one_box_of_its_clinic_once_with_a_certificate_for_its_own_key
 #[test]
 fn renewal_needs_the_current_certificate_and_revocation_ends_it() {
     let work = tempfile::tempdir().unwrap();
-    let mut op = operator(work.path());
-    let ca = op.box_ca().unwrap();
-    let hub = Recorded::default();
-    let t = token(&mut op, work.path(), CODE, Duration::from_secs(3600));
-    let (req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
-    let first = op.enroll(&ca, &hub, &policy(), &req, now()).unwrap();
-    let serial = serial_of(&first.certificate_pem);
+    let EnrolledBox {
+        mut op,
+        ca,
+        hub,
+        first,
+        serial,
+        token: t,
+    } = enrolled_box(work.path());
     let who = identity(CODE, "QEMU-1");
     let renew = || RenewRequest {
         csr_pem: csr("x").0,
@@ -212,13 +213,14 @@ fn renewal_needs_the_current_certificate_and_revocation_ends_it() {
 #[test]
 fn the_consoles_certificate_names_the_address_the_network_gave_the_clinic_and_nothing_else() {
     let work = tempfile::tempdir().unwrap();
-    let mut op = operator(work.path());
-    let ca = op.box_ca().unwrap();
-    let hub = Recorded::default();
-    let t = token(&mut op, work.path(), CODE, Duration::from_secs(3600));
-    let (req, _) = request(&t, CODE, "QEMU-1", BOX_KEY);
-    let first = op.enroll(&ca, &hub, &policy(), &req, now()).unwrap();
-    let serial = serial_of(&first.certificate_pem);
+    let EnrolledBox {
+        mut op,
+        ca,
+        hub,
+        first,
+        serial,
+        ..
+    } = enrolled_box(work.path());
     let who = identity(CODE, "QEMU-1");
     let template = work.path().join("operator/clinic-template.toml");
     let base = std::fs::read_to_string(&template).unwrap();

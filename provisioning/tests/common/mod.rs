@@ -168,3 +168,34 @@ pub fn serial_of(pem: &str) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// An operator directory whose clinic [`CODE`] has enrolled box QEMU-1 (with [`BOX_KEY`]):
+/// the operator, its box CA, the hub's recorded peers, what the box got, and its
+/// certificate's serial (hex).
+pub struct EnrolledBox {
+    pub op: Operator,
+    pub ca: tsunagi_provision::ca::BoxCa,
+    pub hub: Recorded,
+    pub first: tsunagi_medium::enroll::Enrolled,
+    pub serial: String,
+    /// The token it enrolled with (spent).
+    pub token: String,
+}
+
+pub fn enrolled_box(work: &Path) -> EnrolledBox {
+    let mut op = operator(work);
+    let ca = op.box_ca().unwrap();
+    let hub = Recorded::default();
+    let token = token(&mut op, work, CODE, Duration::from_secs(3600));
+    let (req, _) = request(&token, CODE, "QEMU-1", BOX_KEY);
+    let first = op.enroll(&ca, &hub, &policy(), &req, now()).unwrap();
+    let serial = serial_of(&first.certificate_pem);
+    EnrolledBox {
+        op,
+        ca,
+        hub,
+        first,
+        serial,
+        token,
+    }
+}
