@@ -113,7 +113,20 @@ pub struct Vm {
     earlier: String,
     /// Whether QEMU runs under TCG (else KVM; see [`kvm_works`]).
     pub tcg: bool,
+    /// How many more boots the emulator stalled may be cut and booted again
+    /// ([`Vm::wait_for_past_stall`]): one for the machine's whole life.
+    spare_stall_cuts: u32,
 }
+
+/// What the guest kernel prints when the emulator starved it: its timer interrupts stopped
+/// coming (an RCU stall, seen once 21 s into a boot, before anything of ours had started),
+/// or a virtual CPU stayed in the kernel's soft interrupts for minutes (a soft lockup of
+/// both `ksoftirqd` threads at once, seen once after a boot's RAUC had started). Both under
+/// TCG on a loaded two-core host; a KVM guest is not cut for them.
+pub const EMULATOR_STALLS: &[&str] = &[
+    "rcu: INFO: rcu_preempt detected stalls",
+    "watchdog: BUG: soft lockup",
+];
 
 /// Whether KVM can run an ordinary guest here: OVMF alone, under KVM, must print its boot
 /// manager's first line on the serial console within 10 s (under working KVM it takes
@@ -309,6 +322,7 @@ impl Vm {
             spec: spec.clone(),
             earlier: String::new(),
             tcg,
+            spare_stall_cuts: 1,
         };
         vm.spawn(&qemu)?;
         Ok(vm)
@@ -489,6 +503,51 @@ impl Vm {
                 });
             }
             pause(Duration::from_millis(500));
+        }
+    }
+
+    /// Which of [`EMULATOR_STALLS`] this boot's console shows, under TCG.
+    pub fn stalled(&self) -> Option<&'static str> {
+        if !self.tcg {
+            return None;
+        }
+        let serial = self.serial();
+        EMULATOR_STALLS.iter().copied().find(|s| serial.contains(s))
+    }
+
+    /// Whether a boot that did not get where it should may be cut once more and booted
+    /// again: the emulator stalled it ([`Vm::stalled`]) and the machine has a spare cut
+    /// left (which this takes). Says so on stdout.
+    pub fn take_stall_cut(&mut self, waited: Duration) -> bool {
+        let Some(stall) = self.stalled() else {
+            return false;
+        };
+        if self.spare_stall_cuts == 0 {
+            return false;
+        }
+        self.spare_stall_cuts -= 1;
+        println!(
+            "the emulator stalled this boot (the guest kernel printed \"{stall}\", and nothing \
+             came within {waited:?}): cut once more and booted again"
+        );
+        true
+    }
+
+    /// [`Vm::wait_for`], except that a boot the emulator stalled ([`Vm::take_stall_cut`])
+    /// is cut once more, booted again and waited for again. That is one more power cut, at
+    /// a moment the box must survive anyway, and the caller's later checks cover it too.
+    /// Any other timeout, a second stall, or a stall under KVM is an error as before.
+    pub fn wait_for_past_stall(
+        &mut self,
+        pattern: &str,
+        timeout: Duration,
+    ) -> Result<Duration, QemuError> {
+        match self.wait_for(pattern, timeout) {
+            Err(QemuError::Timeout { .. }) if self.take_stall_cut(timeout) => {
+                self.boot_again()?;
+                self.wait_for(pattern, timeout)
+            }
+            other => other,
         }
     }
 

@@ -1147,29 +1147,14 @@ fn boot_profile(vm: &mut Vm, timeout: Duration) -> Result<Vec<Option<Duration>>,
     }
 }
 
-/// What the guest kernel prints when its timer interrupts stopped coming: under TCG on a
-/// loaded two-core host the emulator can starve a virtual CPU (seen once, 21 s into the
-/// boot after the fifth cut, before anything of ours had started).
-const EMULATOR_STALL: &str = "rcu: INFO: rcu_preempt detected stalls";
-
-/// [`boot_profile`], except that a boot the emulator stalled ([`EMULATOR_STALL`] on its
-/// console and no ready) is cut once more and booted again: one more power cut, at a
-/// moment the box must survive anyway, which the later checks then cover too. Only under
-/// TCG, and at most `spare` such cuts in a run (the count is lowered); a second stall of
-/// the same boot, or any other boot that does not reach ready, fails the test.
-fn boot_profile_past_stalls(
-    vm: &mut Vm,
-    timeout: Duration,
-    spare: &mut u32,
-) -> Vec<Option<Duration>> {
+/// [`boot_profile`], except that a boot the emulator stalled is cut once more and booted
+/// again ([`Vm::take_stall_cut`]): one more power cut, at a moment the box must survive
+/// anyway, which the later checks then cover too. A second stall, or any other boot that
+/// does not reach ready, fails the test.
+fn boot_profile_past_stalls(vm: &mut Vm, timeout: Duration) -> Vec<Option<Duration>> {
     match boot_profile(vm, timeout) {
         Ok(profile) => profile,
-        Err(why) if vm.tcg && why.contains(EMULATOR_STALL) && *spare > 0 => {
-            *spare -= 1;
-            println!(
-                "the emulator stalled this boot (the guest kernel's RCU stall warning, no \
-                 ready within {timeout:?}): cut once more and booted again"
-            );
+        Err(_) if vm.take_stall_cut(timeout) => {
             vm.boot_again().unwrap();
             boot_profile(vm, timeout).unwrap_or_else(|why| panic!("{why}"))
         }
@@ -1685,7 +1670,6 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
     let (mut offered, mut studies_sent, mut cuts_mid_study, mut cuts_publishing) = (0, 0, 0, 0);
     let mut settled_after_reboot = Vec::new();
     let (mut cuts, mut longest_cycle) = (0, Duration::ZERO);
-    let mut spare_cuts = 1;
     for boot in 0.. {
         let cycle_started = Instant::now();
         // What earlier cuts owe: the replica at least as far as the storage was before
@@ -1707,7 +1691,7 @@ fn the_booted_image_links_the_clinic_to_the_hub_and_loses_nothing_through_power_
         attach(tree, &medium);
         let vm = machine.as_mut().unwrap();
         vm.boot_again().unwrap();
-        let profile = boot_profile_past_stalls(vm, Duration::from_secs(300), &mut spare_cuts);
+        let profile = boot_profile_past_stalls(vm, Duration::from_secs(300));
         let ready = profile[MILESTONES.len() - 1].unwrap_or_default();
         if boot == 0 {
             let accel = if vm.tcg { "TCG" } else { "KVM" };

@@ -517,7 +517,7 @@ pub(crate) fn update_through_power_cuts(
     let (mut download_cuts, mut install_cuts) = (0u32, 0u32);
     let rotation = rng.next();
     for cut in 1..=cuts {
-        vm.wait_for(good, Duration::from_secs(300))
+        vm.wait_for_past_stall(good, Duration::from_secs(300))
             .unwrap_or_else(|e| panic!("update cut {cut}: the box is not on slot A, good: {e}"));
         let sent_before = net.hub_sent().unwrap();
         let left = length.saturating_sub(downloaded);
@@ -588,7 +588,7 @@ pub(crate) fn update_through_power_cuts(
         vm.boot_again().unwrap();
     }
     // Uncut now: the box finishes, and its reboot waits for the clinic's association.
-    vm.wait_for(good, Duration::from_secs(300))
+    vm.wait_for_past_stall(good, Duration::from_secs(300))
         .unwrap_or_else(|e| panic!("after the update's cuts: the box is not on slot A, good: {e}"));
     let held = HeldAssociation::open(net);
     let last_boot = Instant::now();
