@@ -409,7 +409,8 @@ impl Handling {
 pub enum Object {
     /// A DICOM instance, by its SOP Instance UID.
     DicomInstance(String),
-    /// An SS-MIX2 file, by the SHA-256 of its bytes (hex) and its data type (e.g. `OMP-01`).
+    /// An SS-MIX2 file, by the SHA-256 of its bytes (hex) and its data type (e.g. `OMP-01`,
+    /// or `OMD`, which has no number).
     Ssmix2File { sha256: String, data_type: String },
 }
 
@@ -437,12 +438,13 @@ impl Object {
                     return Err(ParseError("a SHA-256 is 64 lowercase hex digits".into()));
                 }
                 let t = data_type.as_bytes();
-                let typed = t.len() == 6
+                let typed = (t.len() == 3 || t.len() == 6)
                     && t[..3].iter().all(u8::is_ascii_uppercase)
-                    && t[3] == b'-'
-                    && t[4..].iter().all(u8::is_ascii_digit);
+                    && (t.len() == 3 || (t[3] == b'-' && t[4..].iter().all(u8::is_ascii_digit)));
                 if !typed {
-                    return Err(ParseError("an SS-MIX2 data type is like OMP-01".into()));
+                    return Err(ParseError(
+                        "an SS-MIX2 data type is like OMP-01 or OMD".into(),
+                    ));
                 }
                 Ok(format!("ssmix2:{data_type}:{sha256}"))
             }
@@ -744,6 +746,15 @@ mod tests {
             .unwrap(),
             format!("ssmix2:OMP-01:{sha}")
         );
+        assert_eq!(
+            Object::Ssmix2File {
+                sha256: sha.clone(),
+                data_type: "OMD".into()
+            }
+            .audit_text()
+            .unwrap(),
+            format!("ssmix2:OMD:{sha}")
+        );
         for bad in [
             Object::DicomInstance("0001234/x".into()),
             Object::DicomInstance(String::new()),
@@ -755,6 +766,14 @@ mod tests {
             Object::Ssmix2File {
                 sha256: sha.clone(),
                 data_type: "000/12/0001234_OMP-01".into(),
+            },
+            Object::Ssmix2File {
+                sha256: sha.clone(),
+                data_type: "OMP-".into(),
+            },
+            Object::Ssmix2File {
+                sha256: sha.clone(),
+                data_type: "omd".into(),
             },
         ] {
             assert!(bad.audit_text().is_err(), "{bad:?}");

@@ -8,8 +8,12 @@
 //! Below them, the SS-MIX2 files that wait, as the sync left them after its last cycle
 //! (`ssmix2_sync::WAITING_FILE`, beside the conformance report): counts by reason, and the
 //! files that wait for something the staff or the network can change, each with why. The
-//! files are the EMR's: they go by themselves once what they wait for changes, and there
-//! is nothing to requeue or discard on the box.
+//! files are the EMR's: they go by themselves once what they wait for changes. The desk and
+//! administrator roles may ask again now (送り直す: the cached consent answer forgotten, a
+//! failing send tried again; decided again before it is sent) or keep this version of a
+//! file from the network (送らない, after a confirmation; the file stays in the EMR's
+//! storage, and a changed file is a new version), over the sync's desk socket
+//! ([`ssmix2_sync::desk`]); both are recorded in the consent service's audit trail first.
 
 use std::time::Duration;
 
@@ -20,6 +24,7 @@ use consent::desk::Staff;
 use dicom_bridge::desk::{self, Answer, Item, Request, State as Held, Why};
 use maud::{Markup, html};
 use serde::Deserialize;
+use ssmix2_sync::desk::{self as ssmix2_desk, FileRef};
 use ssmix2_sync::sync::waiting::{self as ssmix2_waiting, Waiting};
 
 use crate::accounts::{self, Role, Session};
@@ -274,11 +279,53 @@ pub fn ssmix2_why_words(why: ssmix2_waiting::Why) -> String {
         )
         .to_owned(),
         W::Queued => t("送信待ちです", "Waiting to be sent").to_owned(),
+        W::Discarded => t(
+            "保留中で「送らない」にしたものです（ファイルが書き換えられると、新しい版として送ります）",
+            "Set to “Do not send” on Held (sent as a new version if the file is rewritten)",
+        )
+        .to_owned(),
+    }
+}
+
+/// Whether asking again may change what a file waits for (a consent answer, a failing
+/// send); the rest wait for the file itself or the network's data types.
+fn ssmix2_requeues(why: ssmix2_waiting::Why) -> bool {
+    use ssmix2_waiting::Why as W;
+    matches!(why, W::Consent(_) | W::NotDecided | W::SendFailing)
+}
+
+fn ssmix2_kind_words(f: &ssmix2_waiting::File) -> String {
+    match consent::model::Category::for_ssmix2(&f.data_type) {
+        Some(c) if en() => format!("{} ({})", f.data_type, category_words(c)),
+        Some(c) => format!("{}（{}）", f.data_type, category_words(c)),
+        None => f.data_type.clone(),
+    }
+}
+
+fn ssmix2_actions(who: &Session, f: &ssmix2_waiting::File) -> Markup {
+    html! {
+        td.nowrap {
+            @if ssmix2_requeues(f.why) {
+                form.inline method="post" action="/held/ssmix2/requeue" {
+                    input type="hidden" name="csrf" value=(who.csrf);
+                    input type="hidden" name="path" value=(f.path);
+                    input type="hidden" name="sha256" value=(f.sha256);
+                    button type="submit" { (t("送り直す", "Ask again")) }
+                }
+                " "
+            }
+            form.inline method="post" action="/held/ssmix2/discard" {
+                input type="hidden" name="csrf" value=(who.csrf);
+                input type="hidden" name="path" value=(f.path);
+                input type="hidden" name="sha256" value=(f.sha256);
+                button type="submit" { (t("送らない", "Do not send")) }
+            }
+        }
     }
 }
 
 /// The SS-MIX2 part of the page.
-pub fn ssmix2_body(w: &Ssmix2) -> Markup {
+pub fn ssmix2_body(who: &Session, w: &Ssmix2) -> Markup {
     html! {
         h2 { (t("SS-MIX2 のファイル", "SS-MIX2 files")) }
         @match w {
@@ -307,6 +354,9 @@ pub fn ssmix2_body(w: &Ssmix2) -> Markup {
                     }
                 }
                 @if !w.files.is_empty() {
+                    @if may_change(who) {
+                        p { (t("「送り直す」は、同意を確かめ直し、失敗している送信をすぐにやり直します（同意がなければ、また止まります）。「送らない」は、そのファイルのこの版をネットワークに送らないことにします（ファイルは電子カルテに残ります）。", "“Ask again” checks consent again and retries a failing send at once (without consent, the file waits again). “Do not send” keeps this version of the file from the network (the file stays in the EMR).")) }
+                    }
                     table {
                         caption {
                             @if en() {
@@ -322,6 +372,7 @@ pub fn ssmix2_body(w: &Ssmix2) -> Markup {
                                 th scope="col" { (t("種類", "Kind")) }
                                 th scope="col" { (t("理由", "Reason")) }
                                 th scope="col" { (t("ファイル", "File")) }
+                                @if may_change(who) { th scope="col" { (t("操作", "Actions")) } }
                             }
                         }
                         tbody {
@@ -329,18 +380,10 @@ pub fn ssmix2_body(w: &Ssmix2) -> Markup {
                                 tr {
                                     td.nowrap { (time_words(f.since)) }
                                     td.nowrap { (f.patient_id) }
-                                    td.nowrap {
-                                        (f.data_type)
-                                        @if let Some(c) = consent::model::Category::for_ssmix2(&f.data_type) {
-                                            @if en() {
-                                                " (" (category_words(c)) ")"
-                                            } @else {
-                                                "（" (category_words(c)) "）"
-                                            }
-                                        }
-                                    }
+                                    td.nowrap { (ssmix2_kind_words(f)) }
                                     td { (ssmix2_why_words(f.why)) }
                                     td { code { (f.path) } }
+                                    @if may_change(who) { (ssmix2_actions(who, f)) }
                                 }
                             }
                         }
@@ -373,7 +416,7 @@ fn unavailable(who: &Session) -> Response {
 }
 
 async fn show(app: &Shared, who: &Session, message: Option<&str>) -> Response {
-    let ssmix2 = ssmix2_body(&read_ssmix2(app.ssmix2_report.as_deref()));
+    let ssmix2 = ssmix2_body(who, &read_ssmix2(app.ssmix2_report.as_deref()));
     let (status, dicom) = match &app.dicom_desk {
         None => (
             StatusCode::OK,
@@ -562,6 +605,192 @@ pub async fn discard(
     .await
 }
 
+fn ssmix2_unavailable() -> &'static str {
+    t(
+        "SS-MIX2 の同期サービスに接続できません。サービスが止まっています（接続状態で確かめてください）。",
+        "Cannot reach the SS-MIX2 sync service. The service has stopped (check Status).",
+    )
+}
+
+#[derive(Deserialize)]
+pub struct Ssmix2Form {
+    csrf: String,
+    path: String,
+    sha256: String,
+    #[serde(default)]
+    confirm: Option<String>,
+}
+
+/// Asks the SS-MIX2 sync's desk (beside its report).
+async fn ask_ssmix2(
+    app: &Shared,
+    request: ssmix2_desk::Request,
+) -> Result<ssmix2_desk::Answer, Trouble> {
+    fn failed(a: &ssmix2_desk::Answer) -> Option<&str> {
+        match a {
+            ssmix2_desk::Answer::Error(why) => Some(why),
+            _ => None,
+        }
+    }
+    let socket = app
+        .ssmix2_report
+        .as_deref()
+        .map(|r| r.with_file_name(ssmix2_desk::SOCKET_NAME));
+    ask_desk(socket.as_deref(), "ssmix2", failed, move |socket| {
+        ssmix2_desk::ask(socket, &request, ssmix2_desk::ANSWER_WITHIN)
+    })
+    .await
+}
+
+async fn ssmix2_done(
+    app: &Shared,
+    who: &Session,
+    answer: Result<ssmix2_desk::Answer, Trouble>,
+    did: &str,
+) -> Response {
+    use ssmix2_desk::Answer as A;
+    let message = match answer {
+        Ok(A::Done { count: 0 }) => t(
+            "このファイルはもう止まっていません（送られたか、書き換えられたか、すでに処理されています）。",
+            "This file is no longer waiting (it was sent, rewritten, or already dealt with).",
+        )
+        .to_owned(),
+        Ok(A::Done { .. }) => did.to_owned(),
+        Ok(A::Busy) => t(
+            "SS-MIX2 の同期が送信の途中です。何も変えていません。少し待ってから、もう一度操作してください。",
+            "The SS-MIX2 sync is in the middle of a send. Nothing was changed. Wait a moment and try again.",
+        )
+        .to_owned(),
+        Ok(A::Refused(why)) => {
+            if en() {
+                format!("Not accepted ({why}).")
+            } else {
+                format!("受け付けられませんでした（{why}）。")
+            }
+        }
+        Ok(A::Error(_)) | Err(_) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                page(
+                    t("保留中", "Held"),
+                    Some(who),
+                    html! { p.bad role="alert" { (ssmix2_unavailable()) } },
+                ),
+            )
+                .into_response();
+        }
+    };
+    show(app, who, Some(&message)).await
+}
+
+fn file_ref(form: &Ssmix2Form) -> FileRef {
+    FileRef {
+        path: form.path.clone(),
+        sha256: form.sha256.clone(),
+    }
+}
+
+/// POST `/held/ssmix2/requeue`.
+pub async fn ssmix2_requeue(
+    State(app): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<Ssmix2Form>,
+) -> Response {
+    let who = match changer(&app, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let answer = ask_ssmix2(
+        &app,
+        ssmix2_desk::Request::Requeue {
+            staff: staff(&who, &peer),
+            files: vec![file_ref(&form)],
+        },
+    )
+    .await;
+    ssmix2_done(
+        &app,
+        &who,
+        answer,
+        t(
+            "送り直しを指示しました。同意を確かめてから送ります。",
+            "Asked again. Consent is checked before it is sent.",
+        ),
+    )
+    .await
+}
+
+/// POST `/held/ssmix2/discard`: without `confirm`, the question; with it, the discard.
+pub async fn ssmix2_discard(
+    State(app): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Form(form): Form<Ssmix2Form>,
+) -> Response {
+    let who = match changer(&app, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if form.confirm.as_deref() != Some("yes") {
+        let file = match read_ssmix2(app.ssmix2_report.as_deref()) {
+            Kept::Kept(w) => w
+                .files
+                .into_iter()
+                .find(|f| f.path == form.path && f.sha256 == form.sha256),
+            _ => None,
+        };
+        let Some(file) = file else {
+            return ssmix2_done(&app, &who, Ok(ssmix2_desk::Answer::Done { count: 0 }), "").await;
+        };
+        return page(
+            t("SS-MIX2 ファイルを送らないことの確認", "Confirm not sending the SS-MIX2 file"),
+            Some(&who),
+            html! {
+                p role="alert" {
+                    @if en() {
+                        "Do not send this version of the file of patient ID " strong { (file.patient_id) } " ("
+                        (ssmix2_kind_words(&file)) ", modified " (time_words(file.since)) ") to the network. "
+                        "If it may have reached the network already, it is removed there. The file stays in the EMR's storage. This cannot be undone here; if the EMR rewrites the file, the new version is sent as usual."
+                    } @else {
+                        "患者ID " strong { (file.patient_id) } " の "
+                        (ssmix2_kind_words(&file)) "（" (time_words(file.since)) " 更新）のこの版を、ネットワークに送らないことにします。"
+                        "すでにネットワークに届いている可能性があれば、そちらから削除します。ファイルは電子カルテのストレージに残ります。ここでは元に戻せません。電子カルテがファイルを書き換えると、新しい版はいつもどおり送られます。"
+                    }
+                }
+                p { code { (file.path) } }
+                form method="post" action="/held/ssmix2/discard" {
+                    input type="hidden" name="csrf" value=(who.csrf);
+                    input type="hidden" name="path" value=(file.path);
+                    input type="hidden" name="sha256" value=(file.sha256);
+                    input type="hidden" name="confirm" value="yes";
+                    button type="submit" { (t("送らない", "Do not send")) }
+                }
+                p { a href="/held" { (t("やめる（保留中へ戻る）", "Cancel (back to Held)")) } }
+            },
+        )
+        .into_response();
+    }
+    let answer = ask_ssmix2(
+        &app,
+        ssmix2_desk::Request::Discard {
+            staff: staff(&who, &peer),
+            files: vec![file_ref(&form)],
+        },
+    )
+    .await;
+    ssmix2_done(
+        &app,
+        &who,
+        answer,
+        t(
+            "このファイルのこの版は、ネットワークに送りません。",
+            "This version of the file will not be sent to the network.",
+        ),
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -609,6 +838,7 @@ mod tests {
             W::Settling,
             W::SendFailing,
             W::Queued,
+            W::Discarded,
         ] {
             assert!(!ssmix2_why_words(why).is_ascii(), "{why:?}");
         }
@@ -620,6 +850,7 @@ mod tests {
             ],
             files: vec![File {
                 path: "000/000/0000000001/20261120/OMD/0000000001_20261120_OMD_000000000000009_20261120120000000_01_1".into(),
+                sha256: "ab".repeat(32),
                 patient_id: "0000000001".into(),
                 data_type: "OMD".into(),
                 since: 1_795_990_000,
@@ -627,7 +858,33 @@ mod tests {
             }],
             more: 0,
         };
-        let page = ssmix2_body(&Kept::Kept(Box::new(waiting))).into_string();
+        let desk = Session {
+            account: "desk1".into(),
+            role: Role::Desk,
+            csrf: "token".into(),
+        };
+        let doctor = Session {
+            role: Role::Physician,
+            ..desk.clone()
+        };
+        // A physician sees it; only the desk and administrators may act on it.
+        let seen = ssmix2_body(&doctor, &Kept::Kept(Box::new(waiting.clone()))).into_string();
+        assert!(!seen.contains("/held/ssmix2/"), "{seen}");
+        let page = ssmix2_body(&desk, &Kept::Kept(Box::new(waiting.clone()))).into_string();
+        // A file waiting for its data type: nothing to ask again, but it may be set aside.
+        assert!(
+            page.contains("action=\"/held/ssmix2/discard\"")
+                && !page.contains("action=\"/held/ssmix2/requeue\"")
+                && page.contains(&"ab".repeat(32)),
+            "{page}"
+        );
+        let mut failing = waiting.clone();
+        failing.files[0].why = W::SendFailing;
+        let page_failing = ssmix2_body(&desk, &Kept::Kept(Box::new(failing))).into_string();
+        assert!(
+            page_failing.contains("action=\"/held/ssmix2/requeue\""),
+            "{page_failing}"
+        );
         assert!(page.contains("<td class=\"nowrap\">120</td>"), "{page}");
         assert!(
             page.contains("ネットワークに送る種類のデータではありません") && page.contains("_OMD_"),
@@ -641,12 +898,12 @@ mod tests {
             more: 0,
         };
         assert!(
-            ssmix2_body(&Kept::Kept(Box::new(none)))
+            ssmix2_body(&desk, &Kept::Kept(Box::new(none)))
                 .into_string()
                 .contains("止まっているファイルはありません")
         );
         assert!(
-            ssmix2_body(&read_ssmix2(None))
+            ssmix2_body(&desk, &read_ssmix2(None))
                 .into_string()
                 .contains("使用していません")
         );

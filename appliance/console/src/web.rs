@@ -89,6 +89,8 @@ pub fn router(app: Shared) -> Router {
         .route("/held", get(held::page_of))
         .route("/held/requeue", post(held::requeue))
         .route("/held/discard", post(held::discard))
+        .route("/held/ssmix2/requeue", post(held::ssmix2_requeue))
+        .route("/held/ssmix2/discard", post(held::ssmix2_discard))
         .route("/lang/{code}", get(lang::choose))
         .fallback(not_found)
         .layer(middleware::from_fn(guard))

@@ -12,11 +12,13 @@
 //!   own unit, not by this service) and the check that it is there.
 //! * [`watcher`]: inotify on local storages (a trigger; the rescan is the backstop).
 //! * [`service`]: the service loop, status and metrics.
+//! * [`desk`]: the console's requeue and discard of the files that wait (保留中).
 //!
 //! The consent service is asked through [`consent::client`] (decisions and its change feed).
 #![forbid(unsafe_code)]
 
 pub mod audit_trail;
+pub mod desk;
 pub mod replica;
 pub mod service;
 pub mod share;
@@ -31,8 +33,9 @@ pub const NAME: &str = "ssmix2";
 pub const USER: &str = "tsunagi-ssmix2";
 
 /// The directory, inside the runtime directory, of the storage's conformance report
-/// (SS-MIX2 の点検) and of what waits (保留中): the service's, group `tsunagi-desk` (the
-/// console), mode 2750.
+/// (SS-MIX2 の点検), of what waits (保留中) and of the desk socket the console requeues
+/// and discards through ([`desk`]): the service's, group `tsunagi-desk` (the console),
+/// mode 2750.
 pub const REPORT_DIR: &str = "ssmix2-report";
 /// The report ([`ssmix2::conformance::Conformance`] as JSON, 0640), replaced after each
 /// cycle.
@@ -78,7 +81,8 @@ pub const SERVICE: tsunagi_runtime::service::Service = tsunagi_runtime::service:
     launch: |cfg| {
         let x = cfg.ssmix2.as_ref().filter(|x| x.enabled)?;
         Some(tsunagi_runtime::service::Launch {
-            // The conformance report's directory: the console (group `tsunagi-desk`) reads it.
+            // The conformance report's directory: the console (group `tsunagi-desk`) reads it,
+            // and asks the desk socket in it.
             shared_dirs: vec![(
                 cfg.paths.runtime_dir.as_path().join(REPORT_DIR),
                 consent::desk::GROUP.to_owned(),

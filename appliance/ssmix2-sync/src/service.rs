@@ -131,6 +131,12 @@ pub enum ServiceError {
     Audit(#[from] crate::audit_trail::TrailError),
     #[error("the SS-MIX2 sync cannot go on")]
     Background(#[source] TaskEnded),
+    #[error("cannot listen on the desk socket {path}")]
+    Desk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +183,28 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     syncer.stop_on(stop.clone());
+    // The console's requeue and discard (保留中), beside the report it reads: carried out by
+    // the worker between two operations.
+    let (jobs, jobs_rx) = mpsc::channel::<crate::desk::Job>();
+    let desk_listener = match settings.report.as_deref().and_then(std::path::Path::parent) {
+        Some(dir) => Some(
+            std::fs::create_dir_all(dir)
+                .and_then(|()| crate::desk::bind(dir))
+                .map_err(|source| ServiceError::Desk {
+                    path: dir.join(crate::desk::SOCKET_NAME),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    syncer.desk_on(crate::sync::handling::Desk {
+        jobs: jobs_rx,
+        recorder: Box::new(SocketGate::new(&settings.consent_socket)),
+        waiting_file: settings
+            .report
+            .as_ref()
+            .map(|r| r.with_file_name(crate::WAITING_FILE)),
+    });
     let worker = {
         let (shared, changed, stop, settings) = (
             shared.clone(),
@@ -198,6 +226,12 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     )?;
     let audit_error: Arc<Mutex<Option<String>>> = Arc::default();
     let mut tasks = Tasks::new(ctx.shutdown.clone());
+    if let Some(listener) = desk_listener {
+        tasks.spawn_fallible(
+            "ssmix2-desk",
+            crate::desk::serve(listener, jobs, ctx.shutdown.clone()),
+        );
+    }
     tasks.spawn(
         "audit-trail",
         audit::client::hand_over(
@@ -331,6 +365,7 @@ fn worker(
                         if stop.load(std::sync::atomic::Ordering::SeqCst) {
                             return;
                         }
+                        syncer.serve_desk();
                         std::thread::park_timeout(STOP_POLL);
                     }
                     continue;
@@ -427,6 +462,11 @@ fn worker(
             if stop.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
+            if syncer.serve_desk() {
+                // A requeue: ask again now, whatever the backoff said.
+                failures = 0;
+                break;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -480,10 +520,7 @@ fn keep_report(syncer: &Syncer, cycle: &CycleReport, path: &std::path::Path) {
     if let Err(why) = keep(syncer.conformance(cycle, at), path) {
         tracing::warn!(%why, "cannot keep the conformance report");
     }
-    let waiting = path.with_file_name(crate::WAITING_FILE);
-    if let Err(why) = keep(syncer.waiting(cycle.fresh, at), &waiting) {
-        tracing::warn!(%why, "cannot keep the list of what waits");
-    }
+    syncer.keep_waiting(&path.with_file_name(crate::WAITING_FILE), at);
 }
 
 fn report(shared: &Mutex<Shared>) -> (Health, String, Vec<(String, f64)>) {

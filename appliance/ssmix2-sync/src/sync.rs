@@ -37,6 +37,7 @@ use tsunagi_state::{Durability, Migration, StateError};
 
 use crate::replica::{RelPath, Replica, ReplicaError};
 
+pub mod handling;
 pub mod waiting;
 use consent::client::{
     Category, Decision, DenyReason, Gate, GateError, Object, Release, ReleaseKind,
@@ -122,6 +123,15 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 6,
         sql: audit::pending::TABLE,
+    },
+    Migration {
+        version: 7,
+        // The versions of files the staff discarded at the console (保留中): never sent
+        // (`handling`).
+        sql: "CREATE TABLE discarded (
+            path TEXT NOT NULL, sha256 TEXT NOT NULL, at INTEGER NOT NULL,
+            PRIMARY KEY (path, sha256)
+          ) STRICT;",
     },
 ];
 
@@ -240,6 +250,10 @@ pub struct Syncer {
     settings: Settings,
     /// Set when the service stops: the outbox is not drained further ([`Syncer::stop_on`]).
     stop: Option<Arc<AtomicBool>>,
+    /// The console's requests, carried out between operations ([`Syncer::serve_desk`]).
+    desk: Option<handling::Desk>,
+    /// Whether the last cycle's consent cache was fresh (for what waits).
+    fresh: bool,
 }
 
 /// One planned operation, as stored in the outbox.
@@ -305,6 +319,8 @@ impl Syncer {
             index,
             settings,
             stop: None,
+            desk: None,
+            fresh: false,
         })
     }
 
@@ -457,6 +473,7 @@ impl Syncer {
             .map_err(sql("read meta"))?;
         let feed = gate.changes(seq)?;
         report.fresh = feed.fresh;
+        self.fresh = feed.fresh;
         self.revocations(gate, &feed.patients, feed.seq, feed.fresh)?;
         self.drain(gate, replica, &mut report)?;
         if feed.fresh {
@@ -465,6 +482,7 @@ impl Syncer {
             report.held = self.count_unpublished()?;
         }
         self.vanished(gate, replica, &deleted_keys, &mut report)?;
+        self.forget_discarded()?;
         self.conn
             .execute(
                 "UPDATE meta SET last_success = ?1, cycles = cycles + 1",
@@ -677,6 +695,7 @@ impl Syncer {
                          WHERE f.status IN ('current','superseded','deleted') AND f.sha256 IS NOT NULL AND f.patient_id IS NOT NULL
                            AND f.path > ?1
                            AND NOT EXISTS (SELECT 1 FROM published p WHERE p.path = f.path AND p.sha256 = f.sha256)
+                           AND NOT EXISTS (SELECT 1 FROM discarded d WHERE d.path = f.path AND d.sha256 = f.sha256)
                          ORDER BY f.path LIMIT ?2",
                     )
                     .map_err(sql("read candidates"))?;
@@ -862,6 +881,9 @@ impl Syncer {
             if self.stopping() {
                 return Err(SyncError::Stopped);
             }
+            // Between two operations: the console's requests (a discard drops or undoes the
+            // operation of that version, below).
+            self.serve_desk();
             let op: Option<Op> = self
                 .conn
                 .query_row("SELECT seq, op, path, dest, sha256, patient_id, category, key, decision, started FROM outbox ORDER BY seq LIMIT 1", [], |r| {
@@ -885,8 +907,18 @@ impl Syncer {
                 return Ok(());
             };
             let releases = matches!(op.op.as_str(), "put" | "rename");
+            // The version the staff discarded is never sent: what was planned for it is
+            // dropped, and what had started is undone at the hub (and recorded).
+            let written = if op.op == "rename" {
+                op.dest.as_deref().unwrap_or_default()
+            } else {
+                &op.path
+            };
+            let discarded = releases && self.discarded(written, op.sha256.as_deref())?;
             // The decision and its audit row, which the release record refers to.
-            let (decision, audit) = if releases {
+            let (decision, audit) = if discarded {
+                (Decision::Permit, None)
+            } else if releases {
                 // A category this version cannot read back is never released.
                 match op.category.parse::<Category>() {
                     Ok(c) => {
@@ -898,7 +930,14 @@ impl Syncer {
             } else {
                 (Decision::Permit, None)
             };
-            let effect = if decision.is_permit() {
+            let effect = if discarded {
+                report.held += 1;
+                if op.started.is_some() {
+                    self.undo(&op, replica)
+                } else {
+                    Ok(Effect::Dropped { forget: None })
+                }
+            } else if decision.is_permit() {
                 if releases && op.started.is_none() {
                     // Durable before anything reaches the hub (see migration 4).
                     self.conn

@@ -814,3 +814,212 @@ fn what_waits_is_listed_with_why_and_files_of_patients_without_consent_only_coun
     assert_eq!(waiting.files.len(), 1);
     assert_eq!(waiting.files[0].why, Why::SendFailing);
 }
+
+/// Records the staff's handling as the consent service would, or fails (unreachable).
+#[derive(Default)]
+struct Recorded {
+    rows: Vec<(
+        String,
+        consent::client::Category,
+        consent::client::Handling,
+        Vec<consent::client::Object>,
+        String,
+    )>,
+    fail: bool,
+}
+
+impl ssmix2_sync::sync::handling::Recorder for Recorded {
+    fn handled(
+        &mut self,
+        patient: &str,
+        category: consent::client::Category,
+        handling: consent::client::Handling,
+        objects: &[consent::client::Object],
+        by: &str,
+    ) -> Result<(), consent::client::GateError> {
+        if self.fail {
+            return Err(consent::client::GateError::Io(std::io::Error::other(
+                "scripted: unreachable",
+            )));
+        }
+        self.rows.push((
+            patient.to_owned(),
+            category,
+            handling,
+            objects.to_vec(),
+            by.to_owned(),
+        ));
+        Ok(())
+    }
+}
+
+fn desk_staff() -> consent::desk::Staff {
+    consent::desk::Staff {
+        account: "desk1".into(),
+        from: "192.168.50.20".into(),
+    }
+}
+
+fn named(f: &ssmix2_sync::sync::waiting::File) -> ssmix2_sync::desk::FileRef {
+    ssmix2_sync::desk::FileRef {
+        path: f.path.clone(),
+        sha256: f.sha256.clone(),
+    }
+}
+
+/// Issue 19, 保留中: the staff discard a file whose send started (the hub got it, its
+/// response was lost) and keeps failing. It is recorded first (nothing changes when it
+/// cannot be); the next cycle undoes it at the hub and records that, sends the rest, and
+/// never sends that version again; it is counted as discarded. A changed file is a new
+/// version and goes its way.
+#[test]
+fn a_discarded_version_is_undone_at_the_hub_never_sent_again_and_recorded_first() {
+    use consent::client::{Handling, Object, ReleaseKind};
+    use ssmix2_sync::desk::{Answer, Request};
+    use ssmix2_sync::sync::waiting::Why;
+    let mut w = world(WithdrawalPolicy::Delete);
+    let a = patient(1);
+    records(&mut w.storage, &a);
+    let mut gate = ScriptedGate::new(&[&a.id]);
+    let mut lost = OnPut {
+        inner: &mut w.replica,
+        put: lost_response,
+    };
+    assert!(w.syncer.cycle(&mut gate, &mut lost).is_err());
+    let at_hub = tree(&w.replica_root);
+    assert_eq!(at_hub.len(), 1, "{at_hub:?}");
+    let waiting = w.syncer.waiting(true, 1).unwrap();
+    assert_eq!(waiting.files.len(), 1, "{waiting:?}");
+    let failing = waiting.files[0].clone();
+    assert_eq!(failing.why, Why::SendFailing);
+    assert!(at_hub.contains_key(&failing.path), "{at_hub:?}");
+    let discard = Request::Discard {
+        staff: desk_staff(),
+        files: vec![named(&failing)],
+    };
+
+    // The audit trail cannot record it: nothing is changed.
+    let mut recorder = Recorded {
+        fail: true,
+        ..Recorded::default()
+    };
+    assert!(matches!(
+        w.syncer.handle(&mut recorder, &discard, 10),
+        Answer::Error(_)
+    ));
+    assert_eq!(
+        w.syncer.waiting(true, 2).unwrap().files,
+        std::slice::from_ref(&failing)
+    );
+
+    recorder.fail = false;
+    assert_eq!(
+        w.syncer.handle(&mut recorder, &discard, 10),
+        Answer::Done { count: 1 }
+    );
+    let [(patient, _, handling, objects, by)] = &recorder.rows[..] else {
+        panic!("{} rows", recorder.rows.len());
+    };
+    assert_eq!(
+        (patient.as_str(), *handling, by.as_str()),
+        (a.id.as_str(), Handling::Discarded, "desk1 (192.168.50.20)")
+    );
+    assert_eq!(
+        objects,
+        &[Object::Ssmix2File {
+            sha256: failing.sha256.clone(),
+            data_type: failing.data_type.clone(),
+        }]
+    );
+    // Discarded already: nothing more to do (and nothing recorded).
+    assert_eq!(
+        w.syncer.handle(&mut recorder, &discard, 11),
+        Answer::Done { count: 0 }
+    );
+    assert_eq!(recorder.rows.len(), 1);
+
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.published, 2, "the others go: {report:?}");
+    let now_at_hub = tree(&w.replica_root);
+    assert!(
+        !now_at_hub.contains_key(&failing.path),
+        "undone at the hub: {now_at_hub:?}"
+    );
+    let mut owed = expected(w.storage.root(), &gate.permitted);
+    owed.remove(&failing.path);
+    assert_eq!(now_at_hub, owed);
+    // What may have left, and its removal, are both recorded.
+    let kinds: Vec<ReleaseKind> = gate
+        .releases
+        .iter()
+        .filter(|r| {
+            r.objects.iter().any(
+                |o| matches!(o, Object::Ssmix2File { sha256, .. } if *sha256 == failing.sha256),
+            )
+        })
+        .map(|r| r.kind)
+        .collect();
+    assert_eq!(kinds, [ReleaseKind::Sent, ReleaseKind::Deleted]);
+    // Never again, and counted (not listed).
+    for _ in 0..2 {
+        let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+        assert_eq!(report.published, 0, "{report:?}");
+    }
+    assert!(!tree(&w.replica_root).contains_key(&failing.path));
+    let waiting = w.syncer.waiting(true, 3).unwrap();
+    assert_eq!(waiting.counts, [(Why::Discarded, 1)], "{waiting:?}");
+    assert!(waiting.files.is_empty());
+
+    // The EMR rewrites the file: a new version, sent.
+    std::fs::write(w.storage.root().join(&failing.path), b"rewritten\r\n").unwrap();
+    w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+}
+
+/// Issue 19, 保留中: a requeue asks again now. A file whose send keeps failing is tried
+/// again with its count reset; a file not decided while the cache was stale has its cached
+/// answer forgotten. Nothing leaves by it: a requeued file of a patient who withdrew is
+/// decided again and held.
+#[test]
+fn a_requeue_asks_again_and_sends_nothing_the_consent_does_not_permit() {
+    use consent::client::Handling;
+    use ssmix2_sync::desk::{Answer, Request};
+    use ssmix2_sync::sync::waiting::Why;
+    let (mut w, a, mut gate) = planned_while_the_hub_is_down();
+    let waiting = w.syncer.waiting(true, 1).unwrap();
+    let failing = waiting.files[0].clone();
+    assert_eq!(failing.why, Why::SendFailing);
+    let mut recorder = Recorded::default();
+    let requeue = Request::Requeue {
+        staff: desk_staff(),
+        files: vec![named(&failing)],
+    };
+    assert_eq!(
+        w.syncer.handle(&mut recorder, &requeue, 10),
+        Answer::Done { count: 1 }
+    );
+    assert_eq!(recorder.rows[0].2, Handling::Requeued);
+    let waiting = w.syncer.waiting(true, 2).unwrap();
+    assert!(waiting.files.is_empty(), "queued again: {waiting:?}");
+    assert!(waiting.counts.contains(&(Why::Queued, 3)), "{waiting:?}");
+    // A version it does not have: nothing.
+    let other = Request::Requeue {
+        staff: desk_staff(),
+        files: vec![ssmix2_sync::desk::FileRef {
+            sha256: "0".repeat(64),
+            ..named(&failing)
+        }],
+    };
+    assert_eq!(
+        w.syncer.handle(&mut recorder, &other, 11),
+        Answer::Done { count: 0 }
+    );
+    // The patient withdraws: the requeued file is decided again, and held.
+    gate.withdraw(&a.id);
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!(report.published, 0, "{report:?}");
+    assert!(tree(&w.replica_root).is_empty());
+}

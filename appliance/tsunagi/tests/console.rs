@@ -1071,6 +1071,202 @@ fn the_desk_sees_the_held_images_with_why_and_requeues_or_discards_them_audited(
     assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
 }
 
+/// The (path, SHA-256) of each SS-MIX2 file a form on `page` posts to `action`.
+fn ssmix2_forms(page: &str, action: &str) -> Vec<(String, String)> {
+    page.split(&format!("action=\"{action}\""))
+        .skip(1)
+        .map(|form| {
+            let form = &form[..form.find("</form>").unwrap()];
+            (hidden(form, "path"), hidden(form, "sha256"))
+        })
+        .collect()
+}
+
+/// 保留中, SS-MIX2 (issue 19): the clinic's storage holds a patient's demographics, a
+/// prescription their consent excludes, and a data type the network does not take. The
+/// desk sees the two that wait, with why; a physician sees them but may not act. The desk
+/// asks again for the prescription (its consent checked again: it waits again, never sent)
+/// and, after a confirmation, stops the other (counted, no longer listed, and never sent;
+/// the file stays in the storage). Each is in the consent trail first, naming the account,
+/// its address and the file by data type and SHA-256; only the demographics reach the hub.
+#[test]
+fn the_desk_asks_again_for_or_stops_the_waiting_ssmix2_files_audited() {
+    use ssmix2::build::{Patient, Record, Storage};
+    use std::os::unix::fs::PermissionsExt as _;
+    let files = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut storage = Storage::create(&files.path().join("ssmix2").join("1312345678")).unwrap();
+    let replica = files.path().join("replica");
+    std::fs::create_dir_all(&replica).unwrap();
+    if is_root() {
+        let id = tsunagi_runtime::privilege::ensure_user(ssmix2_sync::USER).unwrap();
+        nix::unistd::chown(&replica, Some(id.uid), Some(id.gid)).unwrap();
+    }
+    let patient = Patient::sample("0000000011");
+    for record in [
+        Record::new(
+            "ADT-00",
+            "-",
+            ssmix2::datatype::DUMMY_ORDER_NO,
+            "20261120093000000",
+        ),
+        Record::new("OMP-01", "20261120", "000000000000001", "20261120103000000"),
+        Record::new("OMD", "20261120", "000000000000009", "20261120120000000"),
+    ] {
+        storage.put(&patient, &record).unwrap();
+    }
+    let mut clinic = ConsoleClinic::start_with(
+        &format!(
+            "[ssmix2]\nstorage = \"{}\"\nwatch = \"poll\"\nscan-interval = \"1s\"\nsettle = \"1s\"\nconfirm-deletion = \"1s\"\n\n[ssmix2.replica]\ndirectory = \"{}\"\n",
+            storage.root().display(),
+            replica.display()
+        ),
+        &["ssmix2"],
+    );
+    let h = &mut clinic.h;
+    let (cert, base, setup_code) = (
+        clinic.cert.clone(),
+        clinic.base.clone(),
+        clinic.setup_code.clone(),
+    );
+    let form = h.dir.path().join("form.pdf");
+    std::fs::write(&form, b"%PDF-1.4 consent").unwrap();
+    register_consent(h, &form, &patient.id, &["--categories", "demographics"]);
+    let mut admin = administrator(h, &base, &cert, &setup_code);
+    let mut desk = staff_member(&mut admin, &base, &cert, "uketsuke2", "desk");
+    let mut doctor = staff_member(&mut admin, &base, &cert, "ishi2", "physician");
+    let page = wait_for_page(&mut desk, "/held", "the two files that wait", |p| {
+        ssmix2_forms(p, "/held/ssmix2/discard").len() == 2
+    });
+    assert!(page.contains("この種類の情報は同意の対象外です"), "{page}");
+    assert!(
+        page.contains("ネットワークに送る種類のデータではありません"),
+        "{page}"
+    );
+    let requeue = ssmix2_forms(&page, "/held/ssmix2/requeue");
+    assert_eq!(
+        requeue.len(),
+        1,
+        "only the prescription may be asked again: {page}"
+    );
+    let prescription = requeue[0].clone();
+    assert!(prescription.0.contains("/OMP-01/"), "{prescription:?}");
+    let other = ssmix2_forms(&page, "/held/ssmix2/discard")
+        .into_iter()
+        .find(|f| *f != prescription)
+        .unwrap();
+    assert!(other.0.contains("/OMD/"), "{other:?}");
+    let csrf = hidden(&page, "csrf");
+
+    // A physician sees them, without the buttons, and may not act.
+    let (status, dpage) = doctor.get("/held");
+    assert_eq!(status, 200, "{dpage}");
+    assert!(
+        dpage.contains("/OMP-01/") && !dpage.contains("/held/ssmix2/"),
+        "{dpage}"
+    );
+    let dcsrf = hidden(&dpage, "csrf");
+    let post = |f: &(String, String), csrf: &str| {
+        vec![
+            ("csrf".to_owned(), csrf.to_owned()),
+            ("path".to_owned(), f.0.clone()),
+            ("sha256".to_owned(), f.1.clone()),
+        ]
+    };
+    fn fields(v: &[(String, String)]) -> Vec<(&str, &str)> {
+        v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
+    }
+    let (status, _) = doctor.post(
+        "/held/ssmix2/requeue",
+        &fields(&post(&prescription, &dcsrf)),
+    );
+    assert_eq!(status, 403);
+    // Another session's token: refused.
+    let (status, _) = desk.post(
+        "/held/ssmix2/requeue",
+        &fields(&post(&prescription, &dcsrf)),
+    );
+    assert_eq!(status, 403);
+    assert!(handling_rows(h).is_empty());
+
+    // Ask again: recorded, checked again, and it waits again (the consent excludes it).
+    let (status, page) = desk.post("/held/ssmix2/requeue", &fields(&post(&prescription, &csrf)));
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("送り直しを指示しました"), "{page}");
+
+    // Stop the other: the question first, then done.
+    let (status, page) = desk.post("/held/ssmix2/discard", &fields(&post(&other, &csrf)));
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("元に戻せません") && page.contains("/OMD/"),
+        "{page}"
+    );
+    assert_eq!(handling_rows(h).len(), 1);
+    let mut confirmed = post(&other, &csrf);
+    confirmed.push(("confirm".to_owned(), "yes".to_owned()));
+    let (status, page) = desk.post("/held/ssmix2/discard", &fields(&confirmed));
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("ネットワークに送りません"), "{page}");
+    // At once: counted as stopped, no longer listed.
+    assert!(
+        !page.contains(&other.1) && page.contains("「送らない」にしたもの"),
+        "{page}"
+    );
+    let rows = handling_rows(h);
+    let by = "by:uketsuke2 (127.0.0.1)";
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        rows[0],
+        (
+            "requeued".to_owned(),
+            by.to_owned(),
+            format!("ssmix2:OMP-01:{}", prescription.1)
+        )
+    );
+    assert_eq!(
+        rows[1],
+        (
+            "discarded-held".to_owned(),
+            by.to_owned(),
+            format!("ssmix2:OMD:{}", other.1)
+        )
+    );
+    // The prescription waits again, for its consent.
+    wait_for_page(&mut desk, "/held", "the prescription waiting again", |p| {
+        ssmix2_forms(p, "/held/ssmix2/requeue") == [prescription.clone()]
+    });
+    // Only the demographics reached the hub; the storage keeps every file.
+    let at_hub: Vec<String> = walk(&replica);
+    assert_eq!(at_hub.len(), 1, "{at_hub:?}");
+    assert!(at_hub[0].contains("/ADT-00/"), "{at_hub:?}");
+    assert!(storage.root().join(&other.0).exists());
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
+
+/// The files under `root`, relative.
+fn walk(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                out.push(
+                    path.strip_prefix(root)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// GETs `path` until `ok` says its page is as wanted (at most 60 s).
 fn wait_for_page(b: &mut Browser, path: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

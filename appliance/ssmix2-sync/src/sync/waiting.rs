@@ -40,6 +40,8 @@ pub enum Why {
     SendFailing,
     /// Permitted and queued.
     Queued,
+    /// The staff discarded this version at the console: never sent.
+    Discarded,
 }
 
 impl Why {
@@ -50,6 +52,7 @@ impl Why {
             Why::Consent(DenyReason::NoConsent | DenyReason::Withdrawn)
                 | Why::Settling
                 | Why::Queued
+                | Why::Discarded
         )
     }
 }
@@ -60,6 +63,8 @@ impl Why {
 pub struct File {
     /// Relative to the storage's root (it names the patient, the date and the data type).
     pub path: String,
+    /// The SHA-256 of this version (what a requeue or discard names).
+    pub sha256: String,
     pub patient_id: String,
     /// The SS-MIX2 data type (`OMP-01`, …).
     pub data_type: String,
@@ -123,7 +128,9 @@ impl Syncer {
             .prepare(
                 "SELECT f.path, f.patient_id, f.data_type, f.mtime_ns,
                         (SELECT max(o.attempts) FROM outbox o
-                          WHERE (o.op = 'put' AND o.path = f.path) OR (o.op = 'rename' AND o.dest = f.path))
+                          WHERE (o.op = 'put' AND o.path = f.path) OR (o.op = 'rename' AND o.dest = f.path)),
+                        f.sha256,
+                        EXISTS (SELECT 1 FROM discarded d WHERE d.path = f.path AND d.sha256 = f.sha256)
                  FROM idx.files f
                  WHERE f.status IN ('current','superseded','deleted') AND f.sha256 IS NOT NULL AND f.patient_id IS NOT NULL
                    AND NOT EXISTS (SELECT 1 FROM published p WHERE p.path = f.path AND p.sha256 = f.sha256)
@@ -138,6 +145,8 @@ impl Syncer {
                     r.get::<_, String>(2)?,
                     r.get::<_, i64>(3)?,
                     r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, bool>(6)?,
                 ))
             })
             .map_err(sql("read what waits"))?;
@@ -145,10 +154,12 @@ impl Syncer {
         let mut files = Vec::new();
         let mut more = 0;
         for row in rows {
-            let (path, patient_id, data_type, mtime_ns, attempts) =
+            let (path, patient_id, data_type, mtime_ns, attempts, sha256, discarded) =
                 row.map_err(sql("read what waits"))?;
             let category = Category::for_ssmix2(&data_type);
             let why = match (category, attempts) {
+                // Discarded: a started send may still be undone at the hub; never sent.
+                _ if discarded => Why::Discarded,
                 (_, Some(n)) if n > 0 => Why::SendFailing,
                 (_, Some(_)) => Why::Queued,
                 (None, None) => Why::NoCategory,
@@ -174,6 +185,7 @@ impl Syncer {
             if files.len() < MAX_LISTED {
                 files.push(File {
                     path,
+                    sha256,
                     patient_id,
                     data_type,
                     since: mtime_ns.div_euclid(1_000_000_000),
