@@ -12,7 +12,6 @@
 //! confirmed sequence number, and the last failure (degraded while messages wait and the
 //! repository fails).
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -21,7 +20,7 @@ use tokio::net::UnixListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tsunagi_runtime::child::ServiceCtx;
-use tsunagi_runtime::listen::{self, Line, LineLimits, ServeError};
+use tsunagi_runtime::listen::{self, LineLimits, ServeError};
 use tsunagi_runtime::status::Health;
 use tsunagi_runtime::tasks::{TaskEnded, Tasks};
 
@@ -283,13 +282,10 @@ pub async fn run(
     provisioning: PathBuf,
 ) -> Result<(), ServiceError> {
     let path = runtime_dir.join(SOCKET_NAME);
-    let _ = std::fs::remove_file(&path);
-    let listen_err = |source| ServiceError::Listen {
+    let listener = listen::bind_socket(&path).map_err(|source| ServiceError::Listen {
         path: path.clone(),
         source,
-    };
-    let listener = UnixListener::bind(&path).map_err(listen_err)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(listen_err)?;
+    })?;
     let shared = Arc::new(Shared {
         outbox: Mutex::new(outbox),
         node,
@@ -425,28 +421,16 @@ async fn serve(
         max_line: MAX_REQUEST,
         idle: IDLE,
     };
-    listen::serve_lines(listener, limits, stop, move |line| {
+    listen::serve_json(listener, limits, stop, Answer::Error, move |request| {
         let shared = shared.clone();
         async move {
-            let answer = match line {
-                Line::TooLong => Answer::Error(format!("request longer than {MAX_REQUEST} bytes")),
-                Line::Request(line) => match serde_json::from_str::<Request>(&line) {
-                    Err(e) => Answer::Error(format!("bad request: {e}")),
-                    Ok(request) => {
-                        let (events, batch) = match request {
-                            Request::Record(event) => (vec![event], false),
-                            Request::RecordAll(events) => (events, true),
-                        };
-                        match tokio::task::spawn_blocking(move || shared.record(&events, batch))
-                            .await
-                        {
-                            Ok(a) => a,
-                            Err(_) => Answer::Error("internal error".into()),
-                        }
-                    }
-                },
+            let (events, batch) = match request {
+                Request::Record(event) => (vec![event], false),
+                Request::RecordAll(events) => (events, true),
             };
-            serde_json::to_string(&answer).unwrap_or_default()
+            tokio::task::spawn_blocking(move || shared.record(&events, batch))
+                .await
+                .unwrap_or_else(|_| Answer::Error("internal error".into()))
         }
     })
     .await

@@ -16,7 +16,6 @@
 //! patients whose consent changed. Identity (名寄せ): [`Request::NetworkIdOf`] and
 //! [`Request::LocalIdOf`]; the DICOM bridge translates patient IDs with them.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -542,14 +541,7 @@ pub fn bind(settings: &Settings) -> Result<UnixListener, ServiceError> {
 }
 
 fn bind_at(path: PathBuf) -> Result<UnixListener, ServiceError> {
-    let _ = std::fs::remove_file(&path);
-    let listen_err = |source| ServiceError::Listen {
-        path: path.clone(),
-        source,
-    };
-    let listener = UnixListener::bind(&path).map_err(listen_err)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(listen_err)?;
-    Ok(listener)
+    listen::bind_socket(&path).map_err(|source| ServiceError::Listen { path, source })
 }
 
 /// Serves decision requests until `stop` fires (the runtime's line server on its one accept

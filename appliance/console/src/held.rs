@@ -543,6 +543,22 @@ pub async fn requeue(
     .await
 }
 
+/// A confirmation's form (posting `fields` again with `confirm=yes` to `action`) and the
+/// way back.
+fn confirmed(who: &Session, action: &str, fields: &[(&str, &str)], button: &str) -> Markup {
+    html! {
+        form method="post" action=(action) {
+            input type="hidden" name="csrf" value=(who.csrf);
+            @for (name, value) in fields {
+                input type="hidden" name=(name) value=(value);
+            }
+            input type="hidden" name="confirm" value="yes";
+            button type="submit" { (button) }
+        }
+        p { a href="/held" { (t("やめる（保留中へ戻る）", "Cancel (back to Held)")) } }
+    }
+}
+
 /// POST `/held/discard`: without `confirm`, the question; with it, the discard.
 pub async fn discard(
     State(app): State<Shared>,
@@ -577,13 +593,7 @@ pub async fn discard(
                         "破棄した画像はネットワークに送られず、この装置からも消えます。元に戻せません。検査機器から送り直すことはできます。"
                     }
                 }
-                form method="post" action="/held/discard" {
-                    input type="hidden" name="csrf" value=(who.csrf);
-                    input type="hidden" name="id" value=(item.id);
-                    input type="hidden" name="confirm" value="yes";
-                    button type="submit" { (t("破棄する", "Discard")) }
-                }
-                p { a href="/held" { (t("やめる（保留中へ戻る）", "Cancel (back to Held)")) } }
+                (confirmed(&who, "/held/discard", &[("id", &item.id.to_string())], t("破棄する", "Discard")))
             },
         )
         .into_response();
@@ -697,28 +707,7 @@ pub async fn ssmix2_requeue(
     headers: HeaderMap,
     Form(form): Form<Ssmix2Form>,
 ) -> Response {
-    let who = match changer(&app, &headers, &form.csrf).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let answer = ask_ssmix2(
-        &app,
-        ssmix2_desk::Request::Requeue {
-            staff: staff(&who, &peer),
-            files: vec![file_ref(&form)],
-        },
-    )
-    .await;
-    ssmix2_done(
-        &app,
-        &who,
-        answer,
-        t(
-            "送り直しを指示しました。同意を確かめてから送ります。",
-            "Asked again. Consent is checked before it is sent.",
-        ),
-    )
-    .await
+    ssmix2_change(&app, &peer, &headers, &form, false).await
 }
 
 /// POST `/held/ssmix2/discard`: without `confirm`, the question; with it, the discard.
@@ -728,11 +717,21 @@ pub async fn ssmix2_discard(
     headers: HeaderMap,
     Form(form): Form<Ssmix2Form>,
 ) -> Response {
-    let who = match changer(&app, &headers, &form.csrf).await {
+    ssmix2_change(&app, &peer, &headers, &form, true).await
+}
+
+async fn ssmix2_change(
+    app: &Shared,
+    peer: &Peer,
+    headers: &HeaderMap,
+    form: &Ssmix2Form,
+    discard: bool,
+) -> Response {
+    let who = match changer(app, headers, &form.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if form.confirm.as_deref() != Some("yes") {
+    if discard && form.confirm.as_deref() != Some("yes") {
         let file = match read_ssmix2(app.ssmix2_report.as_deref()) {
             Kept::Kept(w) => w
                 .files
@@ -741,7 +740,7 @@ pub async fn ssmix2_discard(
             _ => None,
         };
         let Some(file) = file else {
-            return ssmix2_done(&app, &who, Ok(ssmix2_desk::Answer::Done { count: 0 }), "").await;
+            return ssmix2_done(app, &who, Ok(ssmix2_desk::Answer::Done { count: 0 }), "").await;
         };
         return page(
             t("SS-MIX2 ファイルを送らないことの確認", "Confirm not sending the SS-MIX2 file"),
@@ -759,36 +758,36 @@ pub async fn ssmix2_discard(
                     }
                 }
                 p { code { (file.path) } }
-                form method="post" action="/held/ssmix2/discard" {
-                    input type="hidden" name="csrf" value=(who.csrf);
-                    input type="hidden" name="path" value=(file.path);
-                    input type="hidden" name="sha256" value=(file.sha256);
-                    input type="hidden" name="confirm" value="yes";
-                    button type="submit" { (t("送らない", "Do not send")) }
-                }
-                p { a href="/held" { (t("やめる（保留中へ戻る）", "Cancel (back to Held)")) } }
+                (confirmed(
+                    &who,
+                    "/held/ssmix2/discard",
+                    &[("path", &file.path), ("sha256", &file.sha256)],
+                    t("送らない", "Do not send"),
+                ))
             },
         )
         .into_response();
     }
-    let answer = ask_ssmix2(
-        &app,
-        ssmix2_desk::Request::Discard {
-            staff: staff(&who, &peer),
-            files: vec![file_ref(&form)],
-        },
-    )
-    .await;
-    ssmix2_done(
-        &app,
-        &who,
-        answer,
-        t(
-            "このファイルのこの版は、ネットワークに送りません。",
-            "This version of the file will not be sent to the network.",
-        ),
-    )
-    .await
+    let (staff, files) = (staff(&who, peer), vec![file_ref(form)]);
+    let (request, did) = if discard {
+        (
+            ssmix2_desk::Request::Discard { staff, files },
+            t(
+                "このファイルのこの版は、ネットワークに送りません。",
+                "This version of the file will not be sent to the network.",
+            ),
+        )
+    } else {
+        (
+            ssmix2_desk::Request::Requeue { staff, files },
+            t(
+                "送り直しを指示しました。同意を確かめてから送ります。",
+                "Asked again. Consent is checked before it is sent.",
+            ),
+        )
+    };
+    let answer = ask_ssmix2(app, request).await;
+    ssmix2_done(app, &who, answer, did).await
 }
 
 #[cfg(test)]

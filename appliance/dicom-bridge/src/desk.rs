@@ -22,7 +22,7 @@ use consent::desk::Staff;
 use consent::model::Category;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tsunagi_runtime::listen::{self, Line, LineLimits, ServeError};
+use tsunagi_runtime::listen::{self, LineLimits, ServeError};
 
 use crate::spool::{Requeued, Spool, Waiting};
 
@@ -301,12 +301,7 @@ fn audit(
 
 /// Binds the desk socket in `dir` (replacing a stale one), mode 0660.
 pub fn bind(dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = dir.join(SOCKET_NAME);
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
-    Ok(listener)
+    listen::bind_socket(&dir.join(SOCKET_NAME))
 }
 
 /// Serves the desk until `stop` fires: each request on a blocking thread, one at a time
@@ -323,27 +318,17 @@ pub async fn serve(
         max_line: MAX_REQUEST,
         idle: Duration::from_secs(60),
     };
-    listen::serve_lines(listener, limits, stop, move |line| {
+    listen::serve_json(listener, limits, stop, Answer::Refused, move |request| {
         let (spool, gate) = (spool.clone(), gate.clone());
         async move {
-            let reply = match line {
-                Line::TooLong => {
-                    Answer::Refused(format!("request longer than {MAX_REQUEST} bytes"))
-                }
-                Line::Request(line) => match serde_json::from_str::<Request>(line.trim()) {
-                    Err(e) => Answer::Refused(format!("bad request: {e}")),
-                    Ok(request) => tokio::task::spawn_blocking(move || {
-                        let mut gate = gate
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        answer(&spool, &mut gate, request, crate::now())
-                    })
-                    .await
-                    .unwrap_or_else(|_| Answer::Error("internal error".into())),
-                },
-            };
-            serde_json::to_string(&reply)
-                .unwrap_or_else(|_| "{\"error\":\"internal error\"}".into())
+            tokio::task::spawn_blocking(move || {
+                let mut gate = gate
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                answer(&spool, &mut gate, request, crate::now())
+            })
+            .await
+            .unwrap_or_else(|_| Answer::Error("internal error".into()))
         }
     })
     .await

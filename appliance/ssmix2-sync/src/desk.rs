@@ -34,7 +34,7 @@ use std::time::Duration;
 use consent::desk::Staff;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tsunagi_runtime::listen::{self, Line, LineLimits, ServeError};
+use tsunagi_runtime::listen::{self, LineLimits, ServeError};
 
 /// The socket's file name, in [`crate::REPORT_DIR`].
 pub const SOCKET_NAME: &str = "desk.sock";
@@ -193,12 +193,7 @@ pub fn check(request: &Request) -> Result<(), String> {
 
 /// Binds the desk socket in `dir` (replacing a stale one), mode 0660.
 pub fn bind(dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = dir.join(SOCKET_NAME);
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
-    Ok(listener)
+    listen::bind_socket(&dir.join(SOCKET_NAME))
 }
 
 /// Serves the desk until `stop` fires, handing each acceptable request to the worker
@@ -214,37 +209,23 @@ pub async fn serve(
         idle: Duration::from_secs(60),
     };
     let jobs = Arc::new(std::sync::Mutex::new(jobs));
-    listen::serve_lines(listener, limits, stop, move |line| {
+    listen::serve_json(listener, limits, stop, Answer::Refused, move |request| {
         let jobs = jobs.clone();
         async move {
-            let reply = match line {
-                Line::TooLong => {
-                    Answer::Refused(format!("request longer than {MAX_REQUEST} bytes"))
-                }
-                Line::Request(line) => match serde_json::from_str::<Request>(line.trim()) {
-                    Err(e) => Answer::Refused(format!("bad request: {e}")),
-                    Ok(request) => match check(&request) {
-                        Err(why) => Answer::Refused(why),
-                        Ok(()) => {
-                            let (job, pending) = Job::new(request);
-                            let sent = jobs
-                                .lock()
-                                .map_err(|_| ())
-                                .and_then(|j| j.send(job).map_err(|_| ()));
-                            match sent {
-                                Err(()) => Answer::Error("the sync is not running".into()),
-                                Ok(()) => {
-                                    tokio::task::spawn_blocking(move || pending.wait(TAKE_WITHIN))
-                                        .await
-                                        .unwrap_or_else(|_| Answer::Error("internal error".into()))
-                                }
-                            }
-                        }
-                    },
-                },
-            };
-            serde_json::to_string(&reply)
-                .unwrap_or_else(|_| "{\"error\":\"internal error\"}".into())
+            if let Err(why) = check(&request) {
+                return Answer::Refused(why);
+            }
+            let (job, pending) = Job::new(request);
+            let sent = jobs
+                .lock()
+                .map_err(|_| ())
+                .and_then(|j| j.send(job).map_err(|_| ()));
+            match sent {
+                Err(()) => Answer::Error("the sync is not running".into()),
+                Ok(()) => tokio::task::spawn_blocking(move || pending.wait(TAKE_WITHIN))
+                    .await
+                    .unwrap_or_else(|_| Answer::Error("internal error".into())),
+            }
         }
     })
     .await

@@ -194,6 +194,16 @@ pub enum AskError {
     Answer(#[source] serde_json::Error),
 }
 
+/// Binds a line server's Unix socket at `path`, replacing a stale one, mode 0660: the
+/// group of its directory (a setgid one, where it is shared) may connect.
+pub fn bind_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
 /// Asks a [`serve_lines`] server at `socket` one JSON request and reads its one-line JSON
 /// answer (at most `max_answer` bytes), blocking, at most `timeout` for each read and write.
 /// The client of the box's local line protocols (the console's desks).
@@ -253,6 +263,40 @@ where
         let answer = answer.clone();
         async move {
             let _ = lines(stream, limits, answer).await;
+        }
+    })
+    .await
+}
+
+/// [`serve_lines`] for JSON: each line parsed as a `Req` and answered with the handler's
+/// `Ans`. A line too long, or one that does not parse, is answered `refused(why)` without
+/// the handler; an answer that cannot be written is `{"error":"internal error"}`.
+pub async fn serve_json<Req, Ans, H, HFut>(
+    listener: tokio::net::UnixListener,
+    limits: LineLimits,
+    stop: CancellationToken,
+    refused: fn(String) -> Ans,
+    handler: H,
+) -> Result<(), ServeError>
+where
+    Req: serde::de::DeserializeOwned + Send + 'static,
+    Ans: serde::Serialize + Send + 'static,
+    H: Fn(Req) -> HFut + Clone + Send + Sync + 'static,
+    HFut: Future<Output = Ans> + Send + 'static,
+{
+    let max_line = limits.max_line;
+    serve_lines(listener, limits, stop, move |line| {
+        let handler = handler.clone();
+        async move {
+            let answer = match line {
+                Line::TooLong => refused(format!("request longer than {max_line} bytes")),
+                Line::Request(line) => match serde_json::from_str::<Req>(line.trim()) {
+                    Err(e) => refused(format!("bad request: {e}")),
+                    Ok(request) => handler(request).await,
+                },
+            };
+            serde_json::to_string(&answer)
+                .unwrap_or_else(|_| "{\"error\":\"internal error\"}".into())
         }
     })
     .await
