@@ -60,6 +60,10 @@ pub enum QemuError {
         status: String,
         tail: String,
     },
+    #[error(
+        "the emulator wedged the guest before it printed {pattern:?} (a soft lockup of {WEDGED_AFTER:?} or more); the serial log ends:\n{tail}"
+    )]
+    Wedged { pattern: String, tail: String },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> QemuError {
@@ -114,8 +118,26 @@ pub struct Vm {
     /// Whether QEMU runs under TCG (else KVM; see [`kvm_works`]).
     pub tcg: bool,
     /// How many more boots the emulator stalled may be cut and booted again
-    /// ([`Vm::wait_for_past_stall`]): one for the machine's whole life.
+    /// ([`Vm::wait_for_past_stall`]): two for the machine's whole life.
     spare_stall_cuts: u32,
+}
+
+/// A soft lockup this long means the guest will not come back: in every case seen, the
+/// lockups only grew from there (to 209 s, to 600 s) and the boot never went on.
+pub const WEDGED_AFTER: Duration = Duration::from_secs(120);
+
+/// The longest soft lockup the guest kernel reported on `serial` (`watchdog: BUG: soft
+/// lockup - CPU#0 stuck for 26s!`).
+pub fn longest_soft_lockup(serial: &str) -> Option<Duration> {
+    serial
+        .match_indices("soft lockup - CPU#")
+        .filter_map(|(at, _)| {
+            let rest = &serial[at..];
+            let after = &rest[rest.find("stuck for ")? + "stuck for ".len()..];
+            let secs = &after[..after.find("s!")?];
+            secs.parse::<u64>().ok().map(Duration::from_secs)
+        })
+        .max()
 }
 
 /// What the guest kernel prints when the emulator starved it: its timer interrupts stopped
@@ -322,7 +344,7 @@ impl Vm {
             spec: spec.clone(),
             earlier: String::new(),
             tcg,
-            spare_stall_cuts: 1,
+            spare_stall_cuts: 2,
         };
         vm.spawn(&qemu)?;
         Ok(vm)
@@ -502,8 +524,20 @@ impl Vm {
                     tail: self.serial_tail(),
                 });
             }
+            if self.wedged() {
+                return Err(QemuError::Wedged {
+                    pattern: pattern.into(),
+                    tail: self.serial_tail(),
+                });
+            }
             pause(Duration::from_millis(500));
         }
+    }
+
+    /// Whether the emulator has wedged this boot for good (under TCG: a soft lockup of at
+    /// least [`WEDGED_AFTER`] on its console): a wait need not run to its end.
+    pub fn wedged(&self) -> bool {
+        self.tcg && longest_soft_lockup(&self.serial()).is_some_and(|d| d >= WEDGED_AFTER)
     }
 
     /// Which of [`EMULATOR_STALLS`] this boot's console shows, under TCG.
@@ -518,7 +552,7 @@ impl Vm {
     /// Whether a boot that did not get where it should may be cut once more and booted
     /// again: the emulator stalled it ([`Vm::stalled`]) and the machine has a spare cut
     /// left (which this takes). Says so on stdout.
-    pub fn take_stall_cut(&mut self, waited: Duration) -> bool {
+    pub fn take_stall_cut(&mut self) -> bool {
         let Some(stall) = self.stalled() else {
             return false;
         };
@@ -527,8 +561,8 @@ impl Vm {
         }
         self.spare_stall_cuts -= 1;
         println!(
-            "the emulator stalled this boot (the guest kernel printed \"{stall}\", and nothing \
-             came within {waited:?}): cut once more and booted again"
+            "the emulator stalled this boot {:.1} s after power-on (the guest kernel printed \"{stall}\", and the boot did not go on): cut once more and booted again",
+            self.elapsed().as_secs_f64()
         );
         true
     }
@@ -543,7 +577,7 @@ impl Vm {
         timeout: Duration,
     ) -> Result<Duration, QemuError> {
         match self.wait_for(pattern, timeout) {
-            Err(QemuError::Timeout { .. }) if self.take_stall_cut(timeout) => {
+            Err(QemuError::Timeout { .. } | QemuError::Wedged { .. }) if self.take_stall_cut() => {
                 self.boot_again()?;
                 self.wait_for(pattern, timeout)
             }
@@ -640,16 +674,34 @@ impl Drop for Vm {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_soft_lockup_is_read_from_the_console() {
+        let serial = "[   80.320793] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [ksoftirqd/0:14]\n\
+                      [  452.324664] watchdog: BUG: soft lockup - CPU#0 stuck for 388s! [svc-update:472]\n\
+                      [  460.416668] watchdog: BUG: soft lockup - CPU#1 stuck for 395s! [ksoftirqd/1:21]\n";
+        assert_eq!(longest_soft_lockup(serial), Some(Duration::from_secs(395)));
+        assert_eq!(
+            longest_soft_lockup("rcu: INFO: rcu_preempt detected stalls"),
+            None
+        );
+        assert_eq!(
+            longest_soft_lockup("soft lockup - CPU#0 stuck for xs!"),
+            None
+        );
+    }
+
     #[test]
     fn escapes_and_carriage_returns_go() {
         assert_eq!(
-            super::strip_escapes(
+            strip_escapes(
                 "[\u{1b}[0;32m  OK  \u{1b}[0m] Started \u{1b}[0;1;39mtsunagi.service\u{1b}[0m - x\r\n"
             ),
             "[  OK  ] Started tsunagi.service - x\n"
         );
         assert_eq!(
-            super::strip_escapes("\u{1b}M[ ***  ] Job tsunagi.service/start running\n"),
+            strip_escapes("\u{1b}M[ ***  ] Job tsunagi.service/start running\n"),
             "[ ***  ] Job tsunagi.service/start running\n"
         );
     }

@@ -1137,7 +1137,7 @@ fn boot_profile(vm: &mut Vm, timeout: Duration) -> Result<Vec<Option<Duration>>,
         if seen[MILESTONES.len() - 1].is_some() {
             return Ok(seen);
         }
-        if Instant::now() >= deadline || !vm.running() {
+        if Instant::now() >= deadline || !vm.running() || vm.wedged() {
             return Err(format!(
                 "no ready within {timeout:?}:\n{}",
                 vm.serial_tail()
@@ -1154,7 +1154,7 @@ fn boot_profile(vm: &mut Vm, timeout: Duration) -> Result<Vec<Option<Duration>>,
 fn boot_profile_past_stalls(vm: &mut Vm, timeout: Duration) -> Vec<Option<Duration>> {
     match boot_profile(vm, timeout) {
         Ok(profile) => profile,
-        Err(_) if vm.take_stall_cut(timeout) => {
+        Err(_) if vm.take_stall_cut() => {
             vm.boot_again().unwrap();
             boot_profile(vm, timeout).unwrap_or_else(|why| panic!("{why}"))
         }

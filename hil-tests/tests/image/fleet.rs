@@ -496,6 +496,8 @@ fn install_cut_at(
 /// starts again. Then, uncut, it finishes while the clinic's modality holds an association
 /// open: the reboot waits for it (the activity gate), and once it is released the box
 /// reboots into B, passes the health gate and keeps B.
+/// Under TCG, a boot the emulator stalls (`Vm::take_stall_cut`) is cut once more and that
+/// cut is planned again.
 pub(crate) fn update_through_power_cuts(
     vm: &mut Vm,
     net: &TestNet,
@@ -516,7 +518,8 @@ pub(crate) fn update_through_power_cuts(
     let mut downloaded = 0u64;
     let (mut download_cuts, mut install_cuts) = (0u32, 0u32);
     let rotation = rng.next();
-    for cut in 1..=cuts {
+    let mut cut = 1;
+    while cut <= cuts {
         vm.wait_for_past_stall(good, Duration::from_secs(300))
             .unwrap_or_else(|e| panic!("update cut {cut}: the box is not on slot A, good: {e}"));
         let sent_before = net.hub_sent().unwrap();
@@ -549,14 +552,19 @@ pub(crate) fn update_through_power_cuts(
                 },
                 vm.serial_tail()
             );
+            let stuck = Instant::now() >= deadline || vm.wedged();
+            // A boot the emulator stalled is cut once more, and this cut is planned again.
+            if stuck && vm.running() && vm.take_stall_cut() {
+                break None;
+            }
             assert!(
-                Instant::now() < deadline && vm.running(),
+                !stuck && vm.running(),
                 "update cut {cut}: neither {} MiB across the tunnel nor the install within 600 s:\n{}",
                 threshold.unwrap_or_default() / MIB,
                 vm.serial_tail()
             );
             match &plan {
-                Some((at, what)) if Instant::now() >= *at => break what.clone(),
+                Some((at, what)) if Instant::now() >= *at => break Some(what.clone()),
                 Some(_) => {}
                 None if serial.contains(&installing) => {
                     let started = *install_started.get_or_insert_with(Instant::now);
@@ -565,14 +573,18 @@ pub(crate) fn update_through_power_cuts(
                 None => {
                     sent = net.hub_sent().unwrap().saturating_sub(sent_before);
                     if threshold.is_some_and(|t| sent >= t) {
-                        break format!(
+                        break Some(format!(
                             "while downloading, {} MiB across the tunnel in this boot",
                             sent / MIB
-                        );
+                        ));
                     }
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
+        };
+        let Some(what) = what else {
+            vm.boot_again().unwrap();
+            continue;
         };
         vm.power_cut();
         if install_started.is_some() {
@@ -586,6 +598,7 @@ pub(crate) fn update_through_power_cuts(
             vm.elapsed().as_secs_f64()
         );
         vm.boot_again().unwrap();
+        cut += 1;
     }
     // Uncut now: the box finishes, and its reboot waits for the clinic's association.
     vm.wait_for_past_stall(good, Duration::from_secs(300))
