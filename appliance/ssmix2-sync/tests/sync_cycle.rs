@@ -616,13 +616,14 @@ fn lost_response(inner: &mut DirReplica, path: &RelPath, bytes: &[u8]) -> Result
     })
 }
 
-/// Issue 14: an upload whose outcome is unknown (the hub got the file; the box did not
-/// record it) and that is denied before its retry is undone at the hub, never dropped: the
-/// file does not stay there unrecorded. The release records say what may have left, under
-/// the permit it was started with, and that it was removed, under the withdrawal.
-#[test]
-fn an_upload_cut_short_after_the_hub_got_it_and_then_withdrawn_is_removed_and_recorded() {
-    use consent::client::{Decision, ReleaseKind};
+/// A patient with consent, whose first upload reached the hub and then failed
+/// ([`lost_response`]): the world, the patient, the gate and what the hub has.
+fn cut_short_after_the_hub_got_it() -> (
+    World,
+    Patient,
+    ScriptedGate,
+    std::collections::BTreeMap<String, String>,
+) {
     let mut w = world(WithdrawalPolicy::Delete);
     let a = patient(1);
     records(&mut w.storage, &a);
@@ -633,6 +634,17 @@ fn an_upload_cut_short_after_the_hub_got_it_and_then_withdrawn_is_removed_and_re
     };
     assert!(w.syncer.cycle(&mut gate, &mut lost).is_err());
     let at_hub = tree(&w.replica_root);
+    (w, a, gate, at_hub)
+}
+
+/// Issue 14: an upload whose outcome is unknown (the hub got the file; the box did not
+/// record it) and that is denied before its retry is undone at the hub, never dropped: the
+/// file does not stay there unrecorded. The release records say what may have left, under
+/// the permit it was started with, and that it was removed, under the withdrawal.
+#[test]
+fn an_upload_cut_short_after_the_hub_got_it_and_then_withdrawn_is_removed_and_recorded() {
+    use consent::client::{Decision, ReleaseKind};
+    let (mut w, a, mut gate, at_hub) = cut_short_after_the_hub_got_it();
     assert_eq!(
         at_hub.len(),
         1,
@@ -682,16 +694,7 @@ fn an_upload_cut_short_after_the_hub_got_it_and_then_withdrawn_is_removed_and_re
 /// the storage, does not leave its copy at the hub.
 #[test]
 fn an_upload_cut_short_whose_source_is_gone_at_the_retry_is_removed_at_the_hub() {
-    let mut w = world(WithdrawalPolicy::Delete);
-    let a = patient(1);
-    records(&mut w.storage, &a);
-    let mut gate = ScriptedGate::new(&[&a.id]);
-    let mut lost = OnPut {
-        inner: &mut w.replica,
-        put: lost_response,
-    };
-    assert!(w.syncer.cycle(&mut gate, &mut lost).is_err());
-    let at_hub = tree(&w.replica_root);
+    let (mut w, _, mut gate, at_hub) = cut_short_after_the_hub_got_it();
     assert_eq!(at_hub.len(), 1);
     let path = at_hub.keys().next().unwrap().clone();
     std::fs::remove_file(w.storage.root().join(&path)).unwrap();
@@ -877,16 +880,7 @@ fn a_discarded_version_is_undone_at_the_hub_never_sent_again_and_recorded_first(
     use consent::client::{Handling, Object, ReleaseKind};
     use ssmix2_sync::desk::{Answer, Request};
     use ssmix2_sync::sync::waiting::Why;
-    let mut w = world(WithdrawalPolicy::Delete);
-    let a = patient(1);
-    records(&mut w.storage, &a);
-    let mut gate = ScriptedGate::new(&[&a.id]);
-    let mut lost = OnPut {
-        inner: &mut w.replica,
-        put: lost_response,
-    };
-    assert!(w.syncer.cycle(&mut gate, &mut lost).is_err());
-    let at_hub = tree(&w.replica_root);
+    let (mut w, a, mut gate, at_hub) = cut_short_after_the_hub_got_it();
     assert_eq!(at_hub.len(), 1, "{at_hub:?}");
     let waiting = w.syncer.waiting(true, 1).unwrap();
     assert_eq!(waiting.files.len(), 1, "{waiting:?}");
