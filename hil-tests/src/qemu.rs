@@ -365,12 +365,22 @@ impl Vm {
             }
             None => Command::new(qemu),
         };
-        cmd.args(["-machine", "q35", "-m", "1024", "-smp", "2"])
-            .args(["-display", "none", "-nodefaults", "-no-reboot"]);
+        cmd.args(["-machine", "q35", "-m", "1024"]).args([
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-reboot",
+        ]);
         if self.tcg {
-            cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+            // One virtual CPU under TCG. With two (multi-threaded TCG), four CI runs in a
+            // row had a boot whose kernel wedged with both CPUs stuck at once, each waiting
+            // on the other (ksoftirqd on one, and on the other ksoftirqd, svc-update or
+            // chronyd in the kernel), soft lockups growing to minutes: a cross-CPU wait the
+            // emulator did not complete. One CPU has no such wait, and on a two-core host
+            // that also runs the hub, a second emulated CPU bought little.
+            cmd.args(["-smp", "1", "-accel", "tcg", "-cpu", "max"]);
         } else {
-            cmd.args(["-accel", "kvm", "-cpu", "host"]);
+            cmd.args(["-smp", "2", "-accel", "kvm", "-cpu", "host"]);
         }
         if let Some(serial) = &spec.serial_number {
             cmd.arg("-smbios").arg(format!("type=1,serial={serial}"));

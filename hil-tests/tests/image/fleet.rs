@@ -410,7 +410,9 @@ fn install_and_reboot(vm: &mut Vm, channel: &Channel, bundles: &[&Bundle]) -> Du
     channel.publish(bundles, false, None);
     let published = Instant::now();
     let version = &bundles.last().unwrap().custom.version;
-    vm.wait_for(
+    // A boot the emulator wedges before the install is cut and booted again (at most twice
+    // a machine, [`Vm::wait_for_past_stall`]): the box then goes on with the update itself.
+    vm.wait_for_past_stall(
         &format!("tsunagi update: {version} installed in the other slot"),
         Duration::from_secs(900),
     )
