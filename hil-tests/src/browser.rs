@@ -50,6 +50,17 @@ pub enum BrowserError {
     NotShown { text: String, page: String },
     #[error("axe-core: {0}")]
     Axe(String),
+    #[error("axe-core found serious or critical violations in page {page}: {violations:#?}")]
+    Inaccessible {
+        page: String,
+        violations: Vec<Violation>,
+    },
+    #[error("{url} did not come to show what was waited for within {limit:?}; it shows:\n{page}")]
+    NeverShown {
+        url: String,
+        limit: Duration,
+        page: String,
+    },
     #[error("cannot read or write {path}")]
     File {
         path: PathBuf,
@@ -347,6 +358,60 @@ impl Browser {
             source,
         })?;
         Ok(path)
+    }
+
+    /// Issue 19's look at a page: axe-core run in it (an error for a serious or critical
+    /// violation) and its screenshot kept as `name`. A line for the test's output: how many
+    /// minor or moderate violations, which, and where the screenshot is.
+    pub fn look(&mut self, name: &str) -> Result<String, BrowserError> {
+        let violations = self.axe()?;
+        let serious: Vec<Violation> = violations
+            .iter()
+            .filter(|v| v.is_serious())
+            .cloned()
+            .collect();
+        if !serious.is_empty() {
+            return Err(BrowserError::Inaccessible {
+                page: name.to_owned(),
+                violations: serious,
+            });
+        }
+        let shot = self.screenshot(name)?;
+        Ok(format!(
+            "{name}: {} minor or moderate{} ({})",
+            violations.len(),
+            violations
+                .iter()
+                .map(|v| format!(" {}", v.id))
+                .collect::<String>(),
+            shot.display()
+        ))
+    }
+
+    /// Opens `url` again and again until `ok` says its page is as wanted, for at most
+    /// `limit`; the page.
+    pub fn reload_until(
+        &self,
+        url: &str,
+        limit: Duration,
+        ok: impl Fn(&str) -> bool,
+    ) -> Result<String, BrowserError> {
+        let start = Instant::now();
+        loop {
+            self.goto(url)?;
+            let page = self.source()?;
+            if ok(&page) {
+                return Ok(page);
+            }
+            if start.elapsed() > limit {
+                return Err(BrowserError::NeverShown {
+                    url: url.to_owned(),
+                    limit,
+                    page,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// Runs axe-core in the page; every violation it finds.

@@ -51,36 +51,12 @@ fn shots() -> PathBuf {
 
 /// The page's accessibility, checked, and its screenshot kept.
 fn look(b: &mut Browser, name: &str, checked: &mut Vec<String>) {
-    let violations = b.axe().unwrap();
-    let serious: Vec<_> = violations.iter().filter(|v| v.is_serious()).collect();
-    assert!(
-        serious.is_empty(),
-        "{name}: axe-core found serious or critical violations: {serious:#?}"
-    );
-    let shot = b.screenshot(name).unwrap();
-    checked.push(format!(
-        "{name}: {} minor or moderate{} ({})",
-        violations.len(),
-        violations
-            .iter()
-            .map(|v| format!(" {}", v.id))
-            .collect::<String>(),
-        shot.display()
-    ));
+    checked.push(b.look(name).unwrap());
 }
 
 /// Opens `url` again until `ok` says its page is as wanted (at most 60 s); the page.
 fn reload_until(b: &Browser, url: &str, ok: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        b.goto(url).unwrap();
-        let page = b.source().unwrap();
-        if ok(&page) {
-            return page;
-        }
-        assert!(std::time::Instant::now() < deadline, "{url}: {page}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    b.reload_until(url, Duration::from_secs(60), ok).unwrap()
 }
 
 /// dcmtk's storescu sends `files` to the box's DICOM port, as the clinic's modality does.

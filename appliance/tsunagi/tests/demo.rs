@@ -3,12 +3,16 @@
 //! util-linux `script`), and Ctrl-C is the byte 0x03 typed into it: the terminal driver
 //! sends SIGINT to the whole foreground process group (cargo, xtask and tsunagi), as a
 //! developer's Ctrl-C does. Issue 14: nothing is killed (no service outlives its stop, xtask
-//! does not escalate) and no process of the demo's session is left.
+//! does not escalate) and no process of the demo's session is left. Issue 19: as root, the
+//! demo's console is logged in to from the clinic LAN with the login the demo printed (curl),
+//! then the staff's whole workflow is done in Chromium against it (`demo/chromium.rs`).
 #![expect(
     clippy::disallowed_methods,
     reason = "these tests poll real processes from plain threads, not from a tokio runtime"
 )]
 
+#[path = "demo/chromium.rs"]
+mod chromium;
 mod common;
 
 use std::io::{BufRead, BufReader, Write as _};
@@ -197,6 +201,15 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
             "{noise:?} logged while nothing changed: {:#?}",
             &output[running..]
         );
+    }
+    // The staff's workflow in Chromium, on the clinic LAN (it changes what the box holds,
+    // so after the quiet log).
+    if box_ns.is_some() {
+        chromium::the_staff_work_the_demo_console_in_chromium(&chromium::Demo {
+            text: &text,
+            dir: demo_dir.path(),
+            binary: BIN,
+        });
     }
 
     // Ctrl-C, typed into the demo's terminal.
