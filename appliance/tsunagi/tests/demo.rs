@@ -51,8 +51,11 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
         .process_group(0)
         .spawn()
         .unwrap();
-    let mut terminal = child.stdin.take().unwrap();
     let pgid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let mut terminal = StopOnPanic {
+        terminal: child.stdin.take(),
+        script: pgid,
+    };
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -213,6 +216,7 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
     }
 
     // Ctrl-C, typed into the demo's terminal.
+    let mut terminal = terminal.terminal.take().unwrap();
     terminal.write_all(b"\x03").unwrap();
     terminal.flush().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -256,6 +260,37 @@ fn cargo_xtask_demo_runs_and_stops_on_ctrl_c() {
         let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
         let list = String::from_utf8_lossy(&list.stdout);
         assert!(!list.contains(&ns), "the demo left namespace {ns} behind");
+    }
+}
+
+/// The demo's terminal; if the test fails while the demo runs, a Ctrl-C typed into it, as a
+/// developer would (the demo then removes its network namespaces and stops what it started
+/// in them), and whatever is left of the demo's session killed 30 s later.
+struct StopOnPanic {
+    terminal: Option<std::process::ChildStdin>,
+    script: Pid,
+}
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        let Some(mut terminal) = self.terminal.take() else {
+            return;
+        };
+        if !std::thread::panicking() {
+            return;
+        }
+        let _ = terminal.write_all(b"\x03").and_then(|()| terminal.flush());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // `script` ends (a zombie: nobody waits for it here) once the demo has stopped.
+        while Instant::now() < deadline
+            && std::fs::read_to_string(format!("/proc/{}/stat", self.script)).is_ok_and(|stat| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, f)| !f.starts_with('Z'))
+            })
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        kill_demo(self.script);
     }
 }
 
