@@ -11,7 +11,7 @@
 //!   for [`Options::listen`]); `ssl_verify_client on` against the CA; WebDAV
 //!   (`dav_methods PUT DELETE MKCOL COPY MOVE`, `create_full_put_path on` unless
 //!   [`Options`] say otherwise) under [`LOCATION`], stored in `www/ssmix2/`
-//!   ([`Nginx::data_root`]); `client_max_body_size 64m`. As root, `user root;` lets the
+//!   ([`Nginx::data_root`]); `client_max_body_size 64m` unless [`Options`] says otherwise. As root, `user root;` lets the
 //!   worker write the data root (the directory is mode 0700).
 //!
 //! It then runs `nginx -p DIR -c DIR/nginx.conf -e DIR/error.log` as a child in its own
@@ -413,6 +413,9 @@ pub struct Options {
     /// (expired, for another name, from another CA) for the refusal tests. The readiness
     /// check then waits for the port only.
     pub server_cert: Option<(PathBuf, PathBuf)>,
+    /// `client_max_body_size` in bytes: a larger `PUT` is refused with `413`. `None` (the
+    /// default): 64 MiB.
+    pub max_body_bytes: Option<u64>,
 }
 
 impl Default for Options {
@@ -426,6 +429,7 @@ impl Default for Options {
             proxy_to: None,
             tls_offer: None,
             server_cert: None,
+            max_body_bytes: None,
         }
     }
 }
@@ -903,6 +907,9 @@ fn render_conf(dir: &Path, pki: &Pki, listen: SocketAddrV4, options: &Options) -
         }}"
         ),
     };
+    let max_body = options
+        .max_body_bytes
+        .map_or_else(|| "64m".to_owned(), |b| b.to_string());
     // As root, nginx's workers would run as `nobody`, who cannot enter the 0700 directory.
     let user = if geteuid().is_root() {
         "user root root;\n"
@@ -929,7 +936,7 @@ http {{
     uwsgi_temp_path {d}/tmp/uwsgi;
     scgi_temp_path {d}/tmp/scgi;
     default_type application/octet-stream;
-    client_max_body_size 64m;
+    client_max_body_size {max_body};
 
     server {{
         listen {listen} ssl;

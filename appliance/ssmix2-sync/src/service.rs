@@ -407,6 +407,13 @@ fn worker(
             Ok(r) => {
                 failures = 0;
                 let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                if r.refused > 0 {
+                    tracing::warn!(
+                        refused = r.refused,
+                        last = r.last_refusal.as_deref().unwrap_or_default(),
+                        "the hub refused changes; they stay queued and are tried again every cycle, the others went on"
+                    );
+                }
                 if r.files_read + r.published + r.renamed + r.removed == 0 {
                     // Nothing changed: the log stays quiet (info is for what moved).
                     tracing::debug!(
@@ -582,8 +589,16 @@ fn report(shared: &Mutex<Shared>) -> (Health, String, Vec<(String, f64)>) {
                     st.releases_waiting
                 ));
             }
+            metrics.push(("refused_by_the_hub".into(), r.refused as f64));
+            if r.refused > 0 {
+                summary.push_str(&format!(
+                    "; the hub refused {} of them in the last cycle ({}): tried again every cycle",
+                    r.refused,
+                    r.last_refusal.as_deref().unwrap_or_default()
+                ));
+            }
             (
-                if r.fresh {
+                if r.fresh && r.refused == 0 {
                     Health::Ok
                 } else {
                     Health::Degraded
@@ -593,4 +608,48 @@ fn report(shared: &Mutex<Shared>) -> (Health, String, Vec<(String, f64)>) {
         }
     };
     (health, summary, metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the hub refused shows in status: degraded, how many, why; and a metric.
+    #[test]
+    fn a_refusal_by_the_hub_is_degraded_in_status() {
+        let refused = |n: u64| {
+            Mutex::new(Shared {
+                last: Some(Ok(CycleReport {
+                    fresh: true,
+                    refused: n,
+                    last_refusal: (n > 0).then(|| {
+                        "the replica refused an operation: the replica server answered 413 to PUT"
+                            .to_owned()
+                    }),
+                    ..CycleReport::default()
+                })),
+                state: State {
+                    outbox_depth: n,
+                    ..State::default()
+                },
+                ..Shared::default()
+            })
+        };
+        let (health, summary, metrics) = report(&refused(0));
+        assert_eq!(health, Health::Ok, "{summary}");
+        assert!(!summary.contains("refused"), "{summary}");
+        let (health, summary, metrics_refused) = report(&refused(1));
+        assert_eq!(health, Health::Degraded, "{summary}");
+        assert!(
+            summary.ends_with("; the hub refused 1 of them in the last cycle (the replica refused an operation: the replica server answered 413 to PUT): tried again every cycle"),
+            "{summary}"
+        );
+        let metric = |m: &[(String, f64)]| {
+            m.iter()
+                .find(|(k, _)| k == "refused_by_the_hub")
+                .map(|(_, v)| *v)
+        };
+        assert_eq!(metric(&metrics), Some(0.0));
+        assert_eq!(metric(&metrics_refused), Some(1.0));
+    }
 }

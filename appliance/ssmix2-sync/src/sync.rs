@@ -228,6 +228,12 @@ pub struct CycleReport {
     pub unsettled: u64,
     /// Whether the consent cache was fresh (else the cycle held everything).
     pub fresh: bool,
+    /// Operations the hub refused this cycle (it answered, and refused that file:
+    /// `refused_by_the_hub`). Each stays in the outbox, with its error, and is tried again every cycle;
+    /// the operations behind it on other keys went on.
+    pub refused: u64,
+    /// The last of those refusals, for status (no patient data: the method and status).
+    pub last_refusal: Option<String>,
 }
 
 /// The state the service reports.
@@ -254,6 +260,11 @@ pub struct Syncer {
     desk: Option<handling::Desk>,
     /// Whether the last cycle's consent cache was fresh (for what waits).
     fresh: bool,
+    /// The keys and paths of operations the hub refused in this cycle, and of those behind
+    /// them on the same key or path: skipped, in order, until the next cycle. Operations on
+    /// other keys do not wait for them: a file the hub keeps refusing must not hold back the
+    /// others, nor a withdrawal's removals.
+    blocked: HashSet<String>,
 }
 
 /// One planned operation, as stored in the outbox.
@@ -321,6 +332,7 @@ impl Syncer {
             stop: None,
             desk: None,
             fresh: false,
+            blocked: HashSet::new(),
         })
     }
 
@@ -398,6 +410,7 @@ impl Syncer {
             ));
         }
         let mut report = CycleReport::default();
+        self.blocked.clear();
         let (cycles, tr_file, tr_offset): (i64, String, i64) = self
             .conn
             .query_row("SELECT cycles, tr_file, tr_offset FROM meta", [], |r| {
@@ -696,6 +709,7 @@ impl Syncer {
                            AND f.path > ?1
                            AND NOT EXISTS (SELECT 1 FROM published p WHERE p.path = f.path AND p.sha256 = f.sha256)
                            AND NOT EXISTS (SELECT 1 FROM discarded d WHERE d.path = f.path AND d.sha256 = f.sha256)
+                           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE COALESCE(o.dest, o.path) = f.path AND o.sha256 = f.sha256)
                          ORDER BY f.path LIMIT ?2",
                     )
                     .map_err(sql("read candidates"))?;
@@ -826,6 +840,7 @@ impl Syncer {
                 .prepare(
                     "SELECT p.path, p.vanished_at, p.patient_id, p.category, p.key FROM published p
                      WHERE p.tombstone = 0 AND NOT EXISTS (SELECT 1 FROM idx.files f WHERE f.path = p.path)
+                       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.path = p.path AND o.op = 'delete')
                      ORDER BY p.path",
                 )
                 .map_err(sql("read vanished"))?;
@@ -860,7 +875,8 @@ impl Syncer {
         self.drain(gate, replica, report)
     }
 
-    /// Carries out the outbox in order; stops at the first failure (retried next cycle).
+    /// Carries out the outbox in order, but for what the hub refused in this cycle
+    /// ([`Syncer::blocked`]); stops at the first other failure (retried next cycle).
     ///
     /// What sends a patient's data (a put, or a rename that shows published content under a
     /// new name) is decided again immediately before it is carried out, with the category
@@ -877,6 +893,7 @@ impl Syncer {
         replica: &mut dyn Replica,
         report: &mut CycleReport,
     ) -> Result<(), SyncError> {
+        let mut after = 0i64;
         loop {
             if self.stopping() {
                 return Err(SyncError::Stopped);
@@ -886,7 +903,7 @@ impl Syncer {
             self.serve_desk();
             let op: Option<Op> = self
                 .conn
-                .query_row("SELECT seq, op, path, dest, sha256, patient_id, category, key, decision, started FROM outbox ORDER BY seq LIMIT 1", [], |r| {
+                .query_row("SELECT seq, op, path, dest, sha256, patient_id, category, key, decision, started FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT 1", [after], |r| {
                     Ok(Op {
                         seq: r.get(0)?,
                         op: r.get(1)?,
@@ -906,6 +923,12 @@ impl Syncer {
                 self.flush_releases(gate);
                 return Ok(());
             };
+            after = op.seq;
+            let names = [Some(&op.key), Some(&op.path), op.dest.as_ref()];
+            if names.iter().flatten().any(|n| self.blocked.contains(*n)) {
+                self.blocked.extend(names.into_iter().flatten().cloned());
+                continue;
+            }
             let releases = matches!(op.op.as_str(), "put" | "rename");
             // The version the staff discarded is never sent: what was planned for it is
             // dropped, and what had started is undone at the hub (and recorded).
@@ -984,7 +1007,16 @@ impl Syncer {
                     self.conn
                         .execute("UPDATE outbox SET attempts = attempts + 1, last_error = ?1 WHERE seq = ?2", params![message, op.seq])
                         .map_err(sql("save the failure"))?;
-                    return Err(e);
+                    if !refused_by_the_hub(&e) {
+                        // The hub is not reachable or not answering: the others would fail
+                        // alike; the cycle fails and is retried with backoff.
+                        return Err(e);
+                    }
+                    report.refused += 1;
+                    report.last_refusal = Some(message);
+                    self.blocked
+                        .extend([Some(op.key), Some(op.path), op.dest].into_iter().flatten());
+                    continue;
                 }
             };
             let now = now_secs();
@@ -1259,6 +1291,19 @@ impl Syncer {
             }
         }
     }
+}
+
+/// Whether `e` is the hub refusing this one operation: its server answered with a status
+/// about that file (forbidden there, a conflict, too large, a name too long, a type it does
+/// not take, locked). Anything else (unreachable, a timeout, a server error, a refused
+/// client certificate, which nginx answers with 400, too many requests) concerns every
+/// operation.
+fn refused_by_the_hub(e: &SyncError) -> bool {
+    matches!(
+        e,
+        SyncError::Replica(ReplicaError::Status { status, .. })
+            if matches!(status, 403 | 409 | 412 | 413 | 414 | 415 | 422 | 423 | 424)
+    )
 }
 
 /// The SHA-256 the `published` table records for `path` at the hub, if it has a row.

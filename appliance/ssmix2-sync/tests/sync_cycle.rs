@@ -1017,3 +1017,109 @@ fn a_requeue_asks_again_and_sends_nothing_the_consent_does_not_permit() {
     assert_eq!(report.published, 0, "{report:?}");
     assert!(tree(&w.replica_root).is_empty());
 }
+
+/// A file the hub refuses (its server answers 413 for it: too large) waits in the outbox
+/// with its error and is tried again every cycle, alone: the other files behind it are
+/// published, and another patient's withdrawal removes their files at the hub, in the same
+/// cycles. The cycle says so. Once the hub takes it, it is published.
+#[test]
+fn a_file_the_hub_refuses_waits_alone_and_holds_back_neither_the_others_nor_a_withdrawal() {
+    let mut w = world(WithdrawalPolicy::Delete);
+    let (a, b) = (patient(1), patient(2));
+    records(&mut w.storage, &a);
+    records(&mut w.storage, &b);
+    let mut gate = ScriptedGate::new(&[&a.id, &b.id]);
+    let everything = expected(w.storage.root(), &gate.permitted);
+    // The first of a's files, planned before all of b's.
+    let refused = everything
+        .keys()
+        .find(|p| p.contains(&format!("/{}/", a.id)) && p.contains("/OMP-01/"))
+        .unwrap()
+        .clone();
+    let too_large = |inner: &mut DirReplica, path: &RelPath, bytes: &[u8]| {
+        // a's OMP-01 (a is patient 1).
+        let path_text = path.to_string();
+        if path_text.contains("/0000000001/") && path_text.contains("/OMP-01/") {
+            return Err(ReplicaError::Status {
+                method: "PUT",
+                path: path.to_string(),
+                status: 413,
+            });
+        }
+        inner.put(path, bytes)
+    };
+    let mut hub = OnPut {
+        inner: &mut w.replica,
+        put: too_large,
+    };
+    let report = w.syncer.cycle(&mut gate, &mut hub).unwrap();
+    assert_eq!(report.refused, 1, "{report:?}");
+    assert_eq!(
+        report.last_refusal.as_deref(),
+        Some("the replica refused an operation: the replica server answered 413 to PUT"),
+        "{report:?}"
+    );
+    let mut but_the_refused = everything.clone();
+    but_the_refused.remove(&refused);
+    assert_eq!(tree(&w.replica_root), but_the_refused);
+    assert_eq!(w.syncer.state().unwrap().outbox_depth, 1);
+
+    // b withdraws; the refused file is tried first again, refused again, and b's files are
+    // removed at the hub in the same cycle.
+    gate.withdraw(&b.id);
+    let mut hub = OnPut {
+        inner: &mut w.replica,
+        put: too_large,
+    };
+    let report = w.syncer.cycle(&mut gate, &mut hub).unwrap();
+    assert_eq!(report.refused, 1, "{report:?}");
+    // Planned once, not again every cycle; listed as a send that fails, with its error.
+    assert_eq!(w.syncer.state().unwrap().outbox_depth, 1);
+    let waiting = w.syncer.waiting(report.fresh, 1).unwrap();
+    assert!(
+        waiting
+            .files
+            .iter()
+            .any(|f| f.path == refused && f.why == ssmix2_sync::sync::waiting::Why::SendFailing),
+        "{waiting:?}"
+    );
+    let mut only_a = expected(w.storage.root(), &gate.permitted);
+    only_a.remove(&refused);
+    assert_eq!(tree(&w.replica_root), only_a);
+    let of_b = format!("/{}/", b.id);
+    assert!(only_a.keys().all(|p| !p.contains(&of_b)), "{only_a:?}");
+
+    // The hub takes it now.
+    let report = w.syncer.cycle(&mut gate, &mut w.replica).unwrap();
+    assert_eq!((report.refused, report.published), (0, 1), "{report:?}");
+    assert_eq!(
+        tree(&w.replica_root),
+        expected(w.storage.root(), &gate.permitted)
+    );
+    assert_eq!(w.syncer.state().unwrap().outbox_depth, 0);
+}
+
+/// A server error or a refusal of the box itself is no refusal of one file: the cycle fails
+/// at the first operation and is retried with backoff, as when the hub is unreachable.
+#[test]
+fn a_hub_that_fails_every_request_fails_the_cycle() {
+    for status in [400, 401, 429, 500, 503, 507] {
+        let mut w = world(WithdrawalPolicy::Delete);
+        let a = patient(1);
+        records(&mut w.storage, &a);
+        let mut gate = ScriptedGate::new(&[&a.id]);
+        let mut hub = OnPut {
+            inner: &mut w.replica,
+            put: |_: &mut DirReplica, path: &RelPath, _: &[u8]| {
+                Err(ReplicaError::Status {
+                    method: "PUT",
+                    path: path.to_string(),
+                    status,
+                })
+            },
+        };
+        assert!(w.syncer.cycle(&mut gate, &mut hub).is_err(), "{status}");
+        assert!(tree(&w.replica_root).is_empty());
+        assert_eq!(w.syncer.state().unwrap().outbox_depth, 3, "{status}");
+    }
+}

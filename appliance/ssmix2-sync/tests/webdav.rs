@@ -2,6 +2,8 @@
 //! on nginx's own disk. Needs the Debian packages `nginx` and `openssl` (`cargo xtask test`
 //! installs them); without them these tests fail, they never skip.
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
@@ -385,4 +387,91 @@ fn stop_ends_nginx_and_removes_its_directory() {
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
     let err = r.stat(&rel("a/b")).unwrap_err();
     assert!(matches!(err, ReplicaError::Connect(_)), "{err:?}");
+}
+
+/// A file nginx refuses (larger than its `client_max_body_size`: `413`) waits alone: the sync
+/// publishes every other file, the cycle counts the refusal, the file stays queued, and it
+/// is published once nginx takes it. Counted on nginx's own disk.
+#[test]
+fn a_file_nginx_refuses_waits_alone_and_the_others_arrive() {
+    use ssmix2::build::{Patient, Record, Storage};
+    use ssmix2::datatype::DUMMY_ORDER_NO;
+    use ssmix2::name::Flag;
+    use ssmix2_sync::sync::{Settings, Syncer};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut storage = Storage::create(&dir.path().join("storage")).unwrap();
+    let (a, b) = (Patient::sample("0000000001"), Patient::sample("0000000002"));
+    let omp = Record::new("OMP-01", "20261120", "000000000000001", "20261120103000000");
+    for p in [&a, &b] {
+        storage
+            .put(
+                p,
+                &Record::new("ADT-00", "-", DUMMY_ORDER_NO, "20261120093000000"),
+            )
+            .unwrap();
+        storage.put(p, &omp).unwrap();
+    }
+    // a's prescription, with a long comment: 64 KiB.
+    let mut big = storage.bytes(&a, &omp);
+    if big.last() != Some(&b'\r') {
+        big.push(b'\r');
+    }
+    big.extend_from_slice(b"NTE|1||");
+    big.extend(std::iter::repeat_n(b'x', 64 << 10));
+    big.push(b'\r');
+    let big_path = storage.put_bytes(&a, &omp, Flag::Current, &big).unwrap();
+    let big_rel = big_path
+        .strip_prefix(storage.root())
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let state = dir.path().join("state");
+    fs::create_dir_all(&state).unwrap();
+    let mut syncer = Syncer::open(
+        &state,
+        Settings {
+            storage: storage.root().to_owned(),
+            settle: Duration::ZERO,
+            confirm_deletion: Duration::ZERO,
+            recheck: Duration::from_secs(3600),
+            withdrawal: tsunagi_config::WithdrawalPolicy::Delete,
+            facility: "1311234567".into(),
+            transaction_storage: None,
+            share: false,
+        },
+    )
+    .unwrap();
+    let mut gate = common::ScriptedGate::new(&[&a.id, &b.id]);
+    let everything = common::expected(storage.root(), &gate.permitted);
+    assert_eq!(everything.len(), 4, "{everything:#?}");
+
+    let nginx = Nginx::start_for_test_with(&Options {
+        max_body_bytes: Some(32 << 10),
+        ..Options::default()
+    });
+    let report = syncer.cycle(&mut gate, &mut replica(&nginx)).unwrap();
+    assert_eq!(report.refused, 1, "{report:?}");
+    assert_eq!(
+        report.last_refusal.as_deref(),
+        Some("the replica refused an operation: the replica server answered 413 to PUT")
+    );
+    let mut but_the_big_one: Vec<String> = everything.keys().cloned().collect();
+    but_the_big_one.retain(|p| *p != big_rel);
+    assert_eq!(files(nginx.data_root()), but_the_big_one);
+    assert_eq!(syncer.state().unwrap().outbox_depth, 1);
+    // Again: refused again, planned once.
+    let report = syncer.cycle(&mut gate, &mut replica(&nginx)).unwrap();
+    assert_eq!((report.refused, report.published), (1, 0), "{report:?}");
+    assert_eq!(syncer.state().unwrap().outbox_depth, 1);
+    drop(nginx);
+
+    // A hub that takes larger files (a new nginx: the sync records the other files as
+    // published, so only the refused one goes).
+    let nginx = Nginx::start_for_test();
+    let report = syncer.cycle(&mut gate, &mut replica(&nginx)).unwrap();
+    assert_eq!((report.refused, report.published), (0, 1), "{report:?}");
+    assert_eq!(files(nginx.data_root()), vec![big_rel]);
+    assert_eq!(syncer.state().unwrap().outbox_depth, 0);
 }
