@@ -211,27 +211,17 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     let scan_dir = tempfile::tempdir().unwrap();
     let scan = scan_dir.path().join("consent-form.pdf");
     std::fs::write(&scan, b"%PDF-1.4 the signed consent form\n%%EOF\n").unwrap();
-    for (field, value) in [
-        ("#patient", "0001234"),
-        ("#family_kanji", "山田"),
-        ("#given_kanji", "花子"),
-        ("#family_kana", "ヤマダ"),
-        ("#given_kana", "ハナコ"),
-    ] {
-        b.fill(field, value).unwrap();
-    }
-    b.set_value("#birth_date", "1950-04-01").unwrap();
-    b.click("input[name='sex'][value='female']").unwrap();
-    b.click("input[name='scope'][value='facilities']").unwrap();
-    // The facility picked by name from the network's directory.
-    b.check("新宿総合病院（1312345679）").unwrap();
-    b.click("input[name='category'][value='images']").unwrap();
-    b.fill("#form", scan.to_str().unwrap()).unwrap();
-    b.press("登録する").unwrap();
-    let page = b.wait_for("参加同意を登録しました").unwrap();
-    assert!(page.contains("参加中"), "{page}");
-    assert!(page.contains("1950-04-01"), "{page}");
-    assert!(page.contains("新宿総合病院（1312345679）"), "{page}");
+    staff::register(
+        &b,
+        &staff::Registration {
+            patient: "0001234",
+            names: ["山田", "花子", "ヤマダ", "ハナコ"],
+            birth_date: "1950-04-01",
+            sex: "female",
+            facility: "新宿総合病院（1312345679）",
+            form: &scan,
+        },
+    );
     look(&mut b, "patient-registered", &mut checked);
     // 公開設定: one more facility, picked by name.
     b.select("#facility-add", "東京第一病院（1312345670）")
@@ -318,28 +308,10 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
         .unwrap();
 
     // A form posted from another page (here a page of its own, not the console's): refused.
-    let evil = format!(
-        "data:text/html;charset=utf-8,<form method=post action='{base}/logout'><input name=csrf value=x><button>go</button></form>"
-    );
-    b.goto(&evil).unwrap();
-    b.press("go").unwrap();
-    b.wait_for("このページの外から送られた操作は受け付けません")
-        .unwrap();
-    // Still logged in: the refused post changed nothing.
-    b.goto(&format!("{base}/")).unwrap();
+    staff::a_cross_site_post_is_refused(&b, &base);
     b.wait_for("uketsuke1（事務）").unwrap();
-
     // Logout; the old session cookie, put back by hand, opens nothing.
-    b.press("ログアウト").unwrap();
-    b.wait_for_url("/login").unwrap();
-    b.set_cookie(console::web::SESSION_COOKIE, &session)
-        .unwrap();
-    b.goto(&format!("{base}/patients")).unwrap();
-    assert!(
-        b.url().unwrap().ends_with("/login"),
-        "a replayed session cookie opened {}",
-        b.url().unwrap()
-    );
+    staff::a_replayed_session_cookie_is_refused(&b, &base, &session);
     drop(b);
     println!("axe-core, page by page:\n  {}", checked.join("\n  "));
     h.signal(Signal::SIGTERM);

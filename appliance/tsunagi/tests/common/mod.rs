@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 mod files;
+pub mod staff;
 #[allow(unused_imports)] // Only some test files use it.
 pub use files::files_under;
 

@@ -198,24 +198,17 @@ fn in_the_clinic(text: &str, dir: &Path, binary: &str) {
     look(&mut b, "registration");
     let scan = files.path().join("consent-form.pdf");
     std::fs::write(&scan, b"%PDF-1.4 the signed consent form\n%%EOF\n").unwrap();
-    for (field, value) in [
-        ("#patient", PATIENT),
-        ("#family_kanji", "山田"),
-        ("#given_kanji", "太郎"),
-        ("#family_kana", "ヤマダ"),
-        ("#given_kana", "タロウ"),
-    ] {
-        b.fill(field, value).unwrap();
-    }
-    b.set_value("#birth_date", "1948-11-03").unwrap();
-    b.click("input[name='sex'][value='male']").unwrap();
-    b.click("input[name='scope'][value='facilities']").unwrap();
-    b.check("新宿総合病院（1312345679）").unwrap();
-    b.click("input[name='category'][value='images']").unwrap();
-    b.fill("#form", scan.to_str().unwrap()).unwrap();
-    b.press("登録する").unwrap();
-    let page = b.wait_for("参加同意を登録しました").unwrap();
-    assert!(page.contains("参加中"), "{page}");
+    crate::common::staff::register(
+        &b,
+        &crate::common::staff::Registration {
+            patient: PATIENT,
+            names: ["山田", "太郎", "ヤマダ", "タロウ"],
+            birth_date: "1948-11-03",
+            sex: "male",
+            facility: "新宿総合病院（1312345679）",
+            form: &scan,
+        },
+    );
     look(&mut b, "patient-registered");
 
     // The consent covers the study now; it waits for the network's patient ID (名寄せ).
@@ -285,27 +278,9 @@ fn in_the_clinic(text: &str, dir: &Path, binary: &str) {
     );
 
     // A form posted from another page (not the console's): refused, and nothing changed.
-    let evil = format!(
-        "data:text/html;charset=utf-8,<form method=post action='{base}/logout'><input name=csrf value=x><button>go</button></form>"
-    );
-    b.goto(&evil).unwrap();
-    b.press("go").unwrap();
-    b.wait_for("このページの外から送られた操作は受け付けません")
-        .unwrap();
-    b.goto(&url).unwrap();
-    b.wait_for("<h1>接続状態</h1>").unwrap();
-
+    crate::common::staff::a_cross_site_post_is_refused(&b, &base);
     // Logout; the old session cookie, put back by hand, opens nothing.
-    b.press("ログアウト").unwrap();
-    b.wait_for_url("/login").unwrap();
-    b.set_cookie(console::web::SESSION_COOKIE, &session)
-        .unwrap();
-    b.goto(&format!("{base}/patients")).unwrap();
-    assert!(
-        b.url().unwrap().ends_with("/login"),
-        "a replayed session cookie opened {}",
-        b.url().unwrap()
-    );
+    crate::common::staff::a_replayed_session_cookie_is_refused(&b, &base, &session);
     drop(b);
     println!(
         "the demo's console in Chromium, axe-core page by page:\n  {}",
