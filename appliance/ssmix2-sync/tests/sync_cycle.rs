@@ -25,21 +25,6 @@ fn world(policy: WithdrawalPolicy) -> World {
     world_with(|s| s.withdrawal = policy)
 }
 
-/// The defaults of these tests for `storage`: nothing to settle, deletions confirmed by the
-/// next scan, the delete policy, a local storage.
-fn settings(storage: &std::path::Path) -> Settings {
-    Settings {
-        storage: storage.to_owned(),
-        settle: Duration::ZERO,
-        confirm_deletion: Duration::ZERO,
-        recheck: Duration::from_secs(3600),
-        withdrawal: WithdrawalPolicy::Delete,
-        facility: "1311234567".into(),
-        transaction_storage: None,
-        share: false,
-    }
-}
-
 /// A storage, a directory replica and a syncer whose settings `adjust` may change (from
 /// [`settings`]).
 fn world_with(adjust: impl FnOnce(&mut Settings)) -> World {
@@ -49,7 +34,7 @@ fn world_with(adjust: impl FnOnce(&mut Settings)) -> World {
     std::fs::create_dir_all(&replica_root).unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let mut settings = settings(storage.root());
+    let mut settings = common::sync_settings(storage.root());
     adjust(&mut settings);
     World {
         replica: DirReplica::new(&replica_root).unwrap(),
@@ -727,7 +712,7 @@ fn a_share_that_is_not_mounted_is_not_an_empty_storage() {
     let state = w._dir.path().join("state");
     let settings = Settings {
         share: true,
-        ..settings(w.storage.root())
+        ..common::sync_settings(w.storage.root())
     };
     drop(w.syncer);
     std::fs::remove_dir_all(w.storage.root()).unwrap();

@@ -397,7 +397,7 @@ fn a_file_nginx_refuses_waits_alone_and_the_others_arrive() {
     use ssmix2::build::{Patient, Record, Storage};
     use ssmix2::datatype::DUMMY_ORDER_NO;
     use ssmix2::name::Flag;
-    use ssmix2_sync::sync::{Settings, Syncer};
+    use ssmix2_sync::sync::Syncer;
 
     let dir = tempfile::tempdir().unwrap();
     let mut storage = Storage::create(&dir.path().join("storage")).unwrap();
@@ -429,20 +429,7 @@ fn a_file_nginx_refuses_waits_alone_and_the_others_arrive() {
         .to_owned();
     let state = dir.path().join("state");
     fs::create_dir_all(&state).unwrap();
-    let mut syncer = Syncer::open(
-        &state,
-        Settings {
-            storage: storage.root().to_owned(),
-            settle: Duration::ZERO,
-            confirm_deletion: Duration::ZERO,
-            recheck: Duration::from_secs(3600),
-            withdrawal: tsunagi_config::WithdrawalPolicy::Delete,
-            facility: "1311234567".into(),
-            transaction_storage: None,
-            share: false,
-        },
-    )
-    .unwrap();
+    let mut syncer = Syncer::open(&state, common::sync_settings(storage.root())).unwrap();
     let mut gate = common::ScriptedGate::new(&[&a.id, &b.id]);
     let everything = common::expected(storage.root(), &gate.permitted);
     assert_eq!(everything.len(), 4, "{everything:#?}");

@@ -111,3 +111,18 @@ pub fn tree(root: &Path) -> BTreeMap<String, String> {
 pub fn expected(storage: &Path, permitted: &BTreeSet<String>) -> BTreeMap<String, String> {
     ssmix2_sync::sync::expected_replica(storage, |p| permitted.contains(p)).unwrap()
 }
+
+/// The defaults of the sync tests for `storage`: nothing to settle, deletions confirmed by
+/// the next scan, the delete policy, a local storage.
+pub fn sync_settings(storage: &Path) -> ssmix2_sync::sync::Settings {
+    ssmix2_sync::sync::Settings {
+        storage: storage.to_owned(),
+        settle: std::time::Duration::ZERO,
+        confirm_deletion: std::time::Duration::ZERO,
+        recheck: std::time::Duration::from_secs(3600),
+        withdrawal: tsunagi_config::WithdrawalPolicy::Delete,
+        facility: "1311234567".into(),
+        transaction_storage: None,
+        share: false,
+    }
+}
