@@ -96,3 +96,32 @@ fn tsunagi_sysusers_matches_the_image() {
         "regenerate with: tsunagi sysusers > image/overlay/usr/lib/sysusers.d/tsunagi.conf"
     );
 }
+
+/// Issue 19: the clinic console runs as its own user with `CAP_NET_BIND_SERVICE` (for port
+/// 443) and no other capability, read from the running process.
+#[test]
+fn the_console_holds_cap_net_bind_service_and_nothing_else() {
+    if skip_unless_root("the_console_holds_cap_net_bind_service_and_nothing_else") {
+        return;
+    }
+    let clinic = ConsoleClinic::start();
+    let status = clinic
+        .h
+        .wait_for("the console ready", Duration::from_secs(30), |s| {
+            state_of(s, "console") == "ready"
+        });
+    let pid = pid_of(&status, "console").unwrap();
+    assert_eq!(service(&status, "console")["user"], "tsunagi-console");
+    let uid = uid_of("tsunagi-console");
+    assert_ne!(uid, 0);
+    assert_eq!(
+        proc_status(pid, "Uid"),
+        format!("{uid}\t{uid}\t{uid}\t{uid}")
+    );
+    assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
+    // CAP_NET_BIND_SERVICE is capability 10.
+    for set in ["CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        let value = u64::from_str_radix(&proc_status(pid, set), 16).unwrap();
+        assert_eq!(value, 1 << 10, "console {set} is {value:#x}");
+    }
+}
