@@ -17,7 +17,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
@@ -26,27 +25,12 @@ use hil_tests::dicom_files::{Ids, japanese_ct};
 use hil_tests::orthanc::Orthanc;
 use nix::sys::signal::Signal;
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 fn code(secret: &[u8], step: u64) -> String {
     console::accounts::totp_code(secret, step)
 }
 
 fn base32(text: &str) -> Vec<u8> {
     console::accounts::totp_secret(text).unwrap()
-}
-
-/// Where the screenshots go: `target/console-screenshots` (beside the test binaries).
-fn shots() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/THIS → target
-    let target = exe.ancestors().nth(3).unwrap().to_owned();
-    target.join("console-screenshots")
 }
 
 /// The page's accessibility, checked, and its screenshot kept.
@@ -57,20 +41,6 @@ fn look(b: &mut Browser, name: &str, checked: &mut Vec<String>) {
 /// Opens `url` again until `ok` says its page is as wanted (at most 60 s); the page.
 fn reload_until(b: &Browser, url: &str, ok: impl Fn(&str) -> bool) -> String {
     b.reload_until(url, Duration::from_secs(60), ok).unwrap()
-}
-
-/// dcmtk's storescu sends `files` to the box's DICOM port, as the clinic's modality does.
-fn storescu(port: u16, files: &[PathBuf]) {
-    let out = std::process::Command::new("storescu")
-        .args(["-aec", "TSUNAGI-TEST", "127.0.0.1", &port.to_string()])
-        .args(files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -98,7 +68,7 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     let base = clinic.base.clone();
     let der = console::tls::certs(&cert).unwrap().remove(0);
     let pin = console::tls::spki_sha256(&der).unwrap();
-    let mut b = Browser::start(&pin, &shots()).unwrap();
+    let mut b = Browser::start(&pin, &staff::screenshots()).unwrap();
     let mut checked = Vec::new();
 
     // Not logged in: the login page, which offers the first administrator's setup.
@@ -108,7 +78,7 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     b.click("a[href='/setup']").unwrap();
     look(&mut b, "setup", &mut checked);
     let secret = base32(&b.text("main code").unwrap());
-    let step = unix_now() / console::accounts::TOTP_STEP;
+    let step = staff::totp_step_now();
     let password = "correct horse battery staple";
     b.fill("#setup_code", &setup_code).unwrap();
     b.fill("#name", "admin").unwrap();
@@ -166,7 +136,7 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
         &b,
         "uketsuke1",
         desk_password,
-        &code(&desk_secret, unix_now() / console::accounts::TOTP_STEP),
+        &code(&desk_secret, staff::totp_step_now()),
     );
     b.wait_for("uketsuke1（事務）").unwrap();
     let session = b.cookie(console::web::SESSION_COOKIE).unwrap().unwrap();
@@ -179,7 +149,7 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
         .iter()
         .map(|p| japanese_ct(files.path(), &Ids::new(p)).unwrap())
         .collect();
-    storescu(dicom_port, &sent);
+    staff::storescu("TSUNAGI-TEST", "127.0.0.1", &dicom_port.to_string(), &sent);
     let held = reload_until(&b, &format!("{base}/held"), |p| {
         p.matches("同意がありません").count() == 2
     });
@@ -278,7 +248,12 @@ fn the_staff_work_the_console_in_chromium_and_every_page_is_accessible() {
     // new instance is listed only once it is held: its consent is decided before any
     // attempt to send it); Orthanc still has only the study released before.
     let next = japanese_ct(files.path(), &Ids::new("0001234")).unwrap();
-    storescu(dicom_port, &[next]);
+    staff::storescu(
+        "TSUNAGI-TEST",
+        "127.0.0.1",
+        &dicom_port.to_string(),
+        &[next],
+    );
     reload_until(&b, &format!("{base}/held"), |p| {
         p.matches(">0001234</td>").count() == 1 && p.contains("同意が撤回されています")
     });

@@ -1,7 +1,7 @@
 //! What the staff do in the console in a real browser (issue 19), shared by the browser
 //! tests (`console_browser.rs`, and `demo.rs` against the demo's box).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use hil_tests::browser::Browser;
 
@@ -72,5 +72,37 @@ pub fn a_replayed_session_cookie_is_refused(b: &Browser, base: &str, session: &s
         b.url().unwrap().ends_with("/login"),
         "a replayed session cookie opened {}",
         b.url().unwrap()
+    );
+}
+
+/// The TOTP time step of now.
+pub fn totp_step_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / console::accounts::TOTP_STEP
+}
+
+/// Where the browser tests keep their screenshots: `target/console-screenshots` (beside
+/// the test binaries).
+pub fn screenshots() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/THIS → target
+    exe.ancestors().nth(3).unwrap().join("console-screenshots")
+}
+
+/// dcmtk's storescu sends `files` to `host`:`port` (called AE `ae`), as the clinic's
+/// modality does, from the network namespace of the calling thread.
+pub fn storescu(ae: &str, host: &str, port: &str, files: &[PathBuf]) {
+    let out = std::process::Command::new("storescu")
+        .args(["-aec", ae, host, port])
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "storescu: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

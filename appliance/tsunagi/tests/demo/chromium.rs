@@ -13,10 +13,11 @@
 //! refused. axe-core runs in every page, and every page is kept as a screenshot in
 //! `target/console-screenshots/demo/`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::staff;
 use hil_tests::browser::Browser;
 use hil_tests::dicom_files::{Ids, japanese_ct};
 
@@ -52,39 +53,6 @@ fn namespace(text: &str, host: &str) -> String {
         .and_then(|rest| rest.split(' ').next())
         .unwrap_or_else(|| panic!("no {host} namespace in {line:?}"))
         .to_owned()
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// Where the screenshots go: `target/console-screenshots/demo` (beside the test binaries).
-fn shots() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/THIS → target
-    exe.ancestors()
-        .nth(3)
-        .unwrap()
-        .join("console-screenshots")
-        .join("demo")
-}
-
-/// dcmtk's storescu, as the clinic's modality, sends `file` to the box on the clinic LAN
-/// (this thread is in the clinic's namespace, and so is what it starts).
-fn storescu(box_addr: &str, file: &Path) {
-    let out = Command::new("storescu")
-        .args(["-aec", AE_TITLE, box_addr, DICOM_PORT])
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "storescu from the clinic: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The instances the hub's Orthanc holds under `patient_id`, counted on Orthanc's own side
@@ -145,7 +113,7 @@ fn in_the_clinic(text: &str, dir: &Path, binary: &str) {
     // clinic's LAN from here on.
     let netns = std::fs::File::open(format!("/run/netns/{clinic}")).unwrap();
     nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-    let mut b = Browser::start(&pin, &shots()).unwrap();
+    let mut b = Browser::start(&pin, &staff::screenshots().join("demo")).unwrap();
     let mut checked = Vec::new();
     let mut look = |b: &mut Browser, page: &str| checked.push(b.look(page).unwrap());
 
@@ -163,7 +131,7 @@ fn in_the_clinic(text: &str, dir: &Path, binary: &str) {
         b.press("ログイン").unwrap();
     };
     let code = |step: u64| console::accounts::totp_code(&secret, step);
-    let step = unix_now() / console::accounts::TOTP_STEP + 1;
+    let step = staff::totp_step_now() + 1;
     let wrong = if code(step) == "000000" {
         "111111"
     } else {
@@ -182,7 +150,7 @@ fn in_the_clinic(text: &str, dir: &Path, binary: &str) {
     // A new patient's CT study from the modality: held, no consent.
     let files = tempfile::tempdir().unwrap();
     let first = japanese_ct(files.path(), &Ids::new(PATIENT)).unwrap();
-    storescu(&box_addr, &first);
+    staff::storescu(AE_TITLE, &box_addr, DICOM_PORT, &[first]);
     let held_row = format!(">{PATIENT}</td>");
     b.reload_until(&format!("{base}/held"), Duration::from_secs(60), |p| {
         p.contains(&held_row) && p.contains("同意がありません")
@@ -198,9 +166,9 @@ fn in_the_clinic(text: &str, dir: &Path, binary: &str) {
     look(&mut b, "registration");
     let scan = files.path().join("consent-form.pdf");
     std::fs::write(&scan, b"%PDF-1.4 the signed consent form\n%%EOF\n").unwrap();
-    crate::common::staff::register(
+    staff::register(
         &b,
-        &crate::common::staff::Registration {
+        &staff::Registration {
             patient: PATIENT,
             names: ["山田", "太郎", "ヤマダ", "タロウ"],
             birth_date: "1948-11-03",
@@ -265,7 +233,7 @@ fn in_the_clinic(text: &str, dir: &Path, binary: &str) {
 
     // The patient's next study: held, and why; the hub still has only the first.
     let next = japanese_ct(files.path(), &Ids::new(PATIENT)).unwrap();
-    storescu(&box_addr, &next);
+    staff::storescu(AE_TITLE, &box_addr, DICOM_PORT, &[next]);
     b.reload_until(&format!("{base}/held"), Duration::from_secs(60), |p| {
         p.matches(held_row.as_str()).count() == 1 && p.contains("同意が撤回されています")
     })
@@ -278,9 +246,9 @@ fn in_the_clinic(text: &str, dir: &Path, binary: &str) {
     );
 
     // A form posted from another page (not the console's): refused, and nothing changed.
-    crate::common::staff::a_cross_site_post_is_refused(&b, &base);
+    staff::a_cross_site_post_is_refused(&b, &base);
     // Logout; the old session cookie, put back by hand, opens nothing.
-    crate::common::staff::a_replayed_session_cookie_is_refused(&b, &base, &session);
+    staff::a_replayed_session_cookie_is_refused(&b, &base, &session);
     drop(b);
     println!(
         "the demo's console in Chromium, axe-core page by page:\n  {}",
