@@ -229,8 +229,8 @@ pub struct CycleReport {
     /// Whether the consent cache was fresh (else the cycle held everything).
     pub fresh: bool,
     /// Operations the hub refused this cycle (it answered, and refused that file:
-    /// `refused_by_the_hub`). Each stays in the outbox, with its error, and is tried again every cycle;
-    /// the operations behind it on other keys went on.
+    /// `refused_by_the_hub`). Each stays in the outbox, with its error, and is tried again
+    /// every cycle; the operations behind it on other keys went on.
     pub refused: u64,
     /// The last of those refusals, for status (no patient data: the method and status).
     pub last_refusal: Option<String>,
