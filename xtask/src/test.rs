@@ -355,9 +355,10 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
     }
     // Every parser of untrusted bytes, fuzzed briefly from the committed corpus (the long
     // runs are manual: `cargo xtask fuzz NAME --time 1h`). Each target's run is time-boxed,
-    // so the fuzzing goes beside the image tests, which keep one core busy with QEMU (TCG)
-    // for half an hour and leave the other mostly idle, at idle CPU and I/O priority, so
-    // that it takes nothing the booted box and the test network need. Its output goes to a
+    // so the fuzzing goes beside the image tests (two boxes under QEMU's TCG, one emulated
+    // CPU each, for half an hour; they wait on the network and on each other's disks often
+    // enough to leave time over), at idle CPU and I/O priority, so that it takes nothing
+    // the booted boxes and the test network need. Its output goes to a
     // file and is printed as one block once both have ended, so the log stays readable.
     let fuzz_log = crate::bench::target_dir().1.join("xtask-test-fuzz.log");
     // `/proc/PID/exe` of this process: `/proc/self/exe` would be chrt's own.
@@ -505,6 +506,9 @@ fn image_tests() -> Step {
             "--profile",
             "ci",
         ])
+        // The two long tests boot a box each, at once (one emulated CPU each), whatever
+        // the number of cores; the others run alone (`.config/nextest.toml`).
+        .args(["--test-threads", "2"])
         .args(["-E", IMAGE_STAGE]);
     if !step_teed(&mut nextest, &image_log())? {
         return Ok(Err(display(&nextest)));

@@ -1,11 +1,11 @@
 //! Issue 18 on the booted image: the hub's update channel, published as the operator does
 //! (`tsunagi_provision::release`, with the channel keys the image stage made), the audit
-//! repository the box's refusals reach (a real rsyslog, ATNA), and the scenarios run one
-//! after the other on the same box: the update to the next version through power cuts
-//! during its download and install (tests 3 and 1), the rollback from a version whose
-//! supervisor is never ready (test 2), and the refusals, each leaving the running slot
-//! untouched with an audit record saying why (test 4).
-
+//! repository the box's refusals reach (a real rsyslog, ATNA), and the scenarios. On a box
+//! of their own, one after the other: the update to the next version through power cuts
+//! during its download and install (tests 3 and 1), then the refusals, each leaving the
+//! running slot untouched with an audit record saying why (test 4). On the power cuts'
+//! box, after its cuts: the rollback from a version whose supervisor is never ready
+//! (test 2).
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::num::NonZeroU64;
@@ -696,17 +696,23 @@ fn body_bytes_sent(line: &str) -> Option<u64> {
     after.next()?.parse().ok()
 }
 
-/// Test 2: the operator publishes a version whose supervisor is never ready beside the
-/// one the box runs (slot B). The box installs it into slot A and reboots into it; the
-/// health gate waits `health-limit` for a ready supervisor, marks A bad and reboots; the
-/// boot loader's default is still B, and the box is back on the version it ran by itself,
-/// reporting the one that failed.
-pub(crate) fn roll_back_from_faulty(vm: &mut Vm, channel: &Channel, releases: &Releases) {
-    let (path, running) = &releases.next;
+/// Test 2, on the power cuts' box (version 1 in slot A, slot B empty and marked bad): the
+/// operator publishes a version whose supervisor is never ready beside the one the box
+/// runs. The box installs it into slot B and reboots into it; the health gate waits
+/// `health-limit` for a ready supervisor, marks B bad and reboots; the boot loader's
+/// default is still A, and the box is back on the version it ran by itself. The hub's
+/// audit repository has the version that failed ([`after_rollback`]: what the box reports).
+pub(crate) fn roll_back_from_faulty(
+    vm: &mut Vm,
+    channel: &Channel,
+    rsyslog: &Rsyslog,
+    releases: &Releases,
+) {
+    let running = "1";
     let (faulty_path, version) = &releases.faulty;
-    let next = channel.bundle(path, running);
+    let first = channel.bundle(&releases.first, running);
     let faulty = channel.bundle(faulty_path, version);
-    let installed = install_and_reboot(vm, channel, &[&next, &faulty]);
+    let installed = install_and_reboot(vm, channel, &[&first, &faulty]);
     let failed = vm
         .wait_for(
             &format!("tsunagi update: {version} failed its health gate"),
@@ -718,19 +724,39 @@ pub(crate) fn roll_back_from_faulty(vm: &mut Vm, channel: &Channel, releases: &R
     let boot = check_report(vm, "boot");
     let back = vm.elapsed();
     assert!(
-        boot.iter().any(|l| l == "slots: A bad, B good; booted B"),
+        boot.iter().any(|l| l == "slots: A good, B bad; booted A"),
         "slots after the failed update:\n{}",
         boot.join("\n")
     );
-    // What the box reports of it (its status, the hub's audit repository) is asserted
-    // with the refusals: at the end of this boot the update service may not have looked
-    // at the channel yet.
+    let since = Instant::now();
+    audited(
+        rsyslog,
+        &format!("update to {version}: failed its health gate"),
+        since,
+    );
     println!(
-        "update {running} -> {version} (never ready): download and install {:.1} s (uncut, from its publication to the reboot); the trial boot failed its health gate {:.1} s after power-on; back on {running}, checked {:.1} s after power-on (TCG: {})",
+        "update {running} -> {version} (never ready): download and install {:.1} s (uncut, from its publication to the reboot); the trial boot failed its health gate {:.1} s after power-on; back on {running}, checked {:.1} s after power-on, audited at the hub {:.1} s later (TCG: {})",
         installed.as_secs_f64(),
         failed.as_secs_f64(),
         back.as_secs_f64(),
+        since.elapsed().as_secs_f64(),
         vm.tcg
+    );
+}
+
+/// The stop report after the rollback: the box on version 1 in slot A, slot B bad.
+pub(crate) fn after_rollback(stop: &[String], releases: &Releases) {
+    assert!(
+        stop.iter().any(|l| l == "slots: A good, B bad; booted A"),
+        "slots after the rollback:\n{}",
+        stop.join("\n")
+    );
+    assert!(
+        stop.iter()
+            .any(|l| l.starts_with("status: update ") && l.contains("running 1")),
+        "the update service after the rollback from {}:\n{}",
+        releases.faulty.1,
+        stop.join("\n")
     );
 }
 
@@ -797,14 +823,14 @@ fn audited(rsyslog: &Rsyslog, fragment: &str, since: Instant) -> Duration {
     }
 }
 
-/// Test 4: on the box running the next version (slot B, after the rollback), each refused
+/// Test 4: on the box running the next version (slot B, after the update), each refused
 /// case in turn: the channel's newest release older than the running one (a rollback
 /// attack), expired metadata (a freeze attack), metadata signed by another root's keys, a
 /// bundle whose bytes are not the ones signed, a validly listed bundle RAUC says is for
 /// another compatible, and one signed by a key outside the image's keyring. Each reaches
 /// the hub's audit repository with its reason; the box never reboots, and no slot is
 /// written (the stop report's slots are asserted by the caller). The repository also has
-/// what became of the updates before: the next version kept, the faulty one rolled back.
+/// what became of the update before: the next version kept.
 pub(crate) fn refusals(vm: &mut Vm, channel: &Channel, rsyslog: &Rsyslog, releases: &Releases) {
     let (path, running) = &releases.next;
     let next = channel.bundle(path, running);
@@ -893,14 +919,13 @@ pub(crate) fn refusals(vm: &mut Vm, channel: &Channel, rsyslog: &Rsyslog, releas
             took.as_secs_f64()
         );
     }
-    // The hub's view of the box's updates themselves, from its audit trail: the next
-    // version kept, the faulty one rolled back.
-    for fragment in [
-        format!("update to {running}: its first boot is healthy"),
-        format!("update to {}: failed its health gate", releases.faulty.1),
-    ] {
-        audited(rsyslog, &fragment, Instant::now());
-    }
+    // The hub's view of the box's update itself, from its audit trail: the next version
+    // kept.
+    audited(
+        rsyslog,
+        &format!("update to {running}: its first boot is healthy"),
+        Instant::now(),
+    );
     // No reboot, and nothing of 4 or 5 installed.
     assert!(vm.running(), "the box stopped:\n{}", vm.serial_tail());
     let serial = vm.serial();
@@ -920,11 +945,11 @@ pub(crate) fn refusals(vm: &mut Vm, channel: &Channel, rsyslog: &Rsyslog, releas
 }
 
 /// The stop report after the refusals: the box still on the next version in slot B, good,
-/// slot A as the rollback left it, and the last refusal in the update service's status.
+/// slot A good as the update left it, and the last refusal in the update service's status.
 pub(crate) fn after_refusals(stop: &[String], releases: &Releases) {
     let running = &releases.next.1;
     assert!(
-        stop.iter().any(|l| l == "slots: A bad, B good; booted B"),
+        stop.iter().any(|l| l == "slots: A good, B good; booted B"),
         "slots after the refusals:\n{}",
         stop.join("\n")
     );
