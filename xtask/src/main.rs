@@ -24,6 +24,7 @@ mod bench_dicom_latency;
 mod bench_ssmix2;
 mod bench_tunnel;
 mod demo;
+mod dicom_send;
 mod fhir_server;
 mod fuzz;
 mod image;
