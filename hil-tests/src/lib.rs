@@ -23,6 +23,8 @@
 //!   the repository) and instances generated with dcmtk (a Japanese `\ISO 2022 IR 87`
 //!   CT, a multi-frame instance of a requested size), and a reader of raw element bytes.
 //!
+//! - [`netns`]: work in a named network namespace from the test process, on a thread
+//!   that joins it (`setns`), for every harness here and the DICOM benchmark's sender.
 //! - [`browser`]: [`Browser`](browser::Browser), Debian's Chromium headless under
 //!   chromedriver (WebDriver), with axe-core's check and screenshots, for the console.
 //!
@@ -41,6 +43,7 @@ pub mod browser;
 pub mod dicom_files;
 pub mod fhir;
 pub mod health;
+pub mod netns;
 pub mod nginx;
 pub mod orthanc;
 pub mod qemu;

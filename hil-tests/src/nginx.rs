@@ -50,7 +50,6 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
 use nix::unistd::geteuid;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -698,21 +697,14 @@ struct Netns {
 
 impl Netns {
     fn open(name: &str, ip: PathBuf) -> Result<Netns, NginxError> {
-        let plain = !name.is_empty()
-            && name != "."
-            && name != ".."
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !plain {
+        if !crate::netns::is_plain_name(name) {
             return Err(NginxError::BadOption {
                 option: "netns",
                 value: name.to_owned(),
                 reason: "not a namespace name (letters, digits, `._-`)",
             });
         }
-        let path = Path::new("/run/netns").join(name);
-        let file = File::open(&path).map_err(|source| NginxError::Netns {
+        let file = crate::netns::open(name).map_err(|source| NginxError::Netns {
             name: name.to_owned(),
             source,
         })?;
@@ -724,27 +716,16 @@ impl Netns {
     }
 }
 
-/// Runs `f` here (`netns` is `None`), or on a short-lived thread that first joins the
-/// network namespace (`setns` with `CLONE_NEWNET` moves only that thread, and it ends
-/// with `f`).
+/// Runs `f` here (`netns` is `None`), or on a thread in the network namespace
+/// ([`crate::netns::run_in`]).
 fn in_netns<T: Send>(netns: Option<&Netns>, f: impl FnOnce() -> T + Send) -> Result<T, NginxError> {
     let Some(netns) = netns else {
         return Ok(f());
     };
-    let joined = thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                setns(&netns.file, CloneFlags::CLONE_NEWNET).map_err(|errno| {
-                    NginxError::Netns {
-                        name: netns.name.clone(),
-                        source: io::Error::from(errno),
-                    }
-                })?;
-                Ok(f())
-            })
-            .join()
-    });
-    joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    crate::netns::run_in(&netns.file, f).map_err(|source| NginxError::Netns {
+        name: netns.name.clone(),
+        source,
+    })
 }
 
 /// Polls until a TLS handshake (with the client certificate, checking the server

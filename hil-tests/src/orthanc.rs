@@ -51,7 +51,6 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, geteuid};
 use serde_json::{Value, json};
@@ -77,7 +76,7 @@ pub const REST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where the tools are looked up (and the only `PATH` they get).
 const TOOL_PATH: &str = crate::testnet::cmd::CLEAN_PATH;
 /// Where `ip netns` keeps its named namespaces.
-const NETNS_DIR: &str = "/run/netns";
+use crate::netns::NETNS_DIR;
 /// Deadline of the module's own `ip` calls.
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of Orthanc's log goes into an error (or to stderr when a test panics).
@@ -253,6 +252,8 @@ impl RestResponse {
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// `/run/netns/NAME`, open for [`Netns::run`].
+    file: File,
     ip: PathBuf,
 }
 
@@ -266,11 +267,26 @@ impl Netns {
         let ip = find_tool("ip", "iproute2")?;
         let _ = clean_stale();
         let name = create_netns(&ip)?;
-        Ok(Netns { name, ip })
+        match crate::netns::open(&name) {
+            Ok(file) => Ok(Netns { name, file, ip }),
+            Err(source) => {
+                let _ = delete_netns(&ip, &name);
+                Err(OrthancError::Netns { name, source })
+            }
+        }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Runs `f` on a thread in the namespace ([`crate::netns::run_in`]): a client in the
+    /// test process that talks to a server in it. Threads `f` spawns are in it too.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, OrthancError> {
+        crate::netns::run_in(&self.file, f).map_err(|source| OrthancError::Netns {
+            name: self.name.clone(),
+            source,
+        })
     }
 
     /// `ip netns exec NS PROGRAM` with a clean environment (`PATH`, `TCP_NODELAY=1`), as
@@ -344,7 +360,7 @@ impl Orthanc {
         let mut guard = Orthanc {
             owns_netns: owned,
             child: None,
-            netns_file: match File::open(Path::new(NETNS_DIR).join(&netns)) {
+            netns_file: match crate::netns::open(&netns) {
                 Ok(file) => file,
                 Err(source) => {
                     if owned {
@@ -622,23 +638,12 @@ impl Orthanc {
         problems
     }
 
-    /// Runs `f` on a short-lived thread that joined the namespace (`setns` with
-    /// `CLONE_NEWNET` moves only that thread, and it ends with `f`).
+    /// Runs `f` on a thread in Orthanc's namespace ([`crate::netns::run_in`]).
     fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, OrthancError> {
-        let joined = thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    setns(&self.netns_file, CloneFlags::CLONE_NEWNET).map_err(|errno| {
-                        OrthancError::Netns {
-                            name: self.netns.clone(),
-                            source: io::Error::from(errno),
-                        }
-                    })?;
-                    Ok(f())
-                })
-                .join()
-        });
-        joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        crate::netns::run_in(&self.netns_file, f).map_err(|source| OrthancError::Netns {
+            name: self.netns.clone(),
+            source,
+        })
     }
 
     /// Polls `GET /system` until it answers `200`, or Orthanc exits, or the deadline.

@@ -69,7 +69,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
 use nix::unistd::geteuid;
 
 use crate::testnet::cmd::{self, display, tail};
@@ -762,24 +761,14 @@ struct Netns {
 
 impl Netns {
     fn open(name: &str, ip: PathBuf) -> io::Result<Netns> {
-        let plain = !name.is_empty()
-            && name != "."
-            && name != ".."
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !plain {
+        if !crate::netns::is_plain_name(name) {
             return Err(bad_option(
                 "netns",
                 name,
                 "not a namespace name (letters, digits, `._-`)",
             ));
         }
-        let path = Path::new("/run/netns").join(name);
-        let file = File::open(&path).map_err(context(format!(
-            "cannot open the network namespace {name} ({})",
-            path.display()
-        )))?;
+        let file = crate::netns::open(name)?;
         Ok(Netns {
             name: name.to_owned(),
             file,
@@ -788,26 +777,16 @@ impl Netns {
     }
 }
 
-/// Runs `f` here (`netns` is `None`), or on a short-lived thread that first joins the
-/// network namespace (`setns` with `CLONE_NEWNET` moves only that thread, and it ends
-/// with `f`).
+/// Runs `f` here (`netns` is `None`), or on a thread in the network namespace
+/// ([`crate::netns::run_in`]).
 fn in_netns<T: Send>(netns: Option<&Netns>, f: impl FnOnce() -> T + Send) -> io::Result<T> {
     let Some(netns) = netns else {
         return Ok(f());
     };
-    let joined = thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                setns(&netns.file, CloneFlags::CLONE_NEWNET).map_err(|errno| {
-                    context(format!("cannot enter the network namespace {}", netns.name))(
-                        io::Error::from(errno),
-                    )
-                })?;
-                Ok(f())
-            })
-            .join()
-    });
-    joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    crate::netns::run_in(&netns.file, f).map_err(context(format!(
+        "cannot enter the network namespace {}",
+        netns.name
+    )))
 }
 
 #[cfg(test)]

@@ -281,15 +281,17 @@ fn measure(
     };
     println!("result:");
     println!(
-        "  500 small, 4 associations: {small_fps:.0} files/s; storescp {small_plain_fps:.0} files/s, \
+        "  {} small, 4 associations: {small_fps:.0} files/s; storescp {small_plain_fps:.0} files/s, \
          storescp --fork {small_fork_fps:.0} files/s; against the faster: {small_ratio:.2}x (target ≥ 1.5: {}); \
          the senders' own limit (storescp --fork --ignore, storing nothing): {null4_fps:.0} files/s, {:.2}x the faster",
+        workloads.small.files,
         verdict(small_ratio >= 1.5),
         null4_fps / small_peer_fps
     );
     println!(
-        "  500 small, 1 association: {small1_fps:.0} files/s, storescp {small1_peer_fps:.0} files/s: {small1_ratio:.2}x \
+        "  {} small, 1 association: {small1_fps:.0} files/s, storescp {small1_peer_fps:.0} files/s: {small1_ratio:.2}x \
          (target ≥ 1.0: {}); the sender's own limit (storescp --ignore, storing nothing): {null_fps:.0} files/s, {:.2}x storescp",
+        workloads.small.files,
         verdict(small1_ratio >= 1.0),
         null_fps / small1_peer_fps
     );
@@ -473,32 +475,34 @@ fn ensure_data(cache: &Path, smoke: bool) -> anyhow::Result<Workloads> {
 fn send(ns: &Netns, called: &str, port: u16, w: &Workload) -> anyhow::Result<f64> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let start = Instant::now();
-    let results: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
-        let senders: Vec<_> = w
-            .dirs
-            .iter()
-            .map(|dir| {
-                scope.spawn(move || {
-                    crate::dicom_send::send_folder(
-                        ns.name(),
-                        addr,
-                        "BENCHSCU",
-                        called,
-                        PDU,
-                        dir,
-                        SEND_TIMEOUT,
-                    )
+    // One thread in the namespace; the senders' threads it spawns are in it too.
+    let results: Vec<anyhow::Result<()>> = ns.run(|| {
+        std::thread::scope(|scope| {
+            let senders: Vec<_> = w
+                .dirs
+                .iter()
+                .map(|dir| {
+                    scope.spawn(move || {
+                        crate::dicom_send::send_folder(
+                            addr,
+                            "BENCHSCU",
+                            called,
+                            PDU,
+                            dir,
+                            SEND_TIMEOUT,
+                        )
+                    })
                 })
-            })
-            .collect();
-        senders
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a sender thread panicked")))
-            })
-            .collect()
-    });
+                .collect();
+            senders
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a sender thread panicked")))
+                })
+                .collect()
+        })
+    })?;
     let secs = start.elapsed().as_secs_f64();
     for r in results {
         r?;

@@ -9,8 +9,9 @@
 //!
 //! One association per folder, like `storescu +sd`: one presentation context per SOP class
 //! and transfer syntax of its files (the files' own, nothing converted). Every C-STORE must
-//! be answered with success, or the run fails. Runs on a thread that joined the
-//! benchmark's network namespace (`setns`), so the process stays where it is.
+//! be answered with success, or the run fails. The caller runs it on a thread in the
+//! benchmark's network namespace (`hil_tests::orthanc::Netns::run`), so the process stays
+//! where it is.
 
 use std::fs::File;
 use std::io::{BufReader, Read as _, Seek as _, SeekFrom};
@@ -35,11 +36,10 @@ struct Instance {
     len: u64,
 }
 
-/// Sends every file of `dir` (sorted by name) to `addr` in the network namespace `netns`
-/// (`/run/netns/NAME`) over one association, calling AE `calling`, called AE `called`,
+/// Sends every file of `dir` (sorted by name) to `addr` over one association, from this
+/// thread (in the namespace it is in), calling AE `calling`, called AE `called`,
 /// advertising `max_pdu`. Fails unless every instance was stored with success.
 pub(crate) fn send_folder(
-    netns: &str,
     addr: SocketAddr,
     calling: &str,
     called: &str,
@@ -57,27 +57,14 @@ pub(crate) fn send_folder(
         .iter()
         .map(|p| read_instance(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let ns = File::open(Path::new("/run/netns").join(netns))
-        .with_context(|| format!("open the network namespace {netns}"))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("join the network namespace {netns}"))?;
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .context("a runtime for the sender")?;
-                rt.block_on(async {
-                    tokio::time::timeout(timeout, send(addr, calling, called, max_pdu, &instances))
-                        .await
-                        .unwrap_or_else(|_| {
-                            bail!("sending {} took over {timeout:?}", dir.display())
-                        })
-                })
-            })
-            .join()
-            .unwrap_or_else(|_| bail!("the sender's thread panicked"))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("a runtime for the sender")?;
+    rt.block_on(async {
+        tokio::time::timeout(timeout, send(addr, calling, called, max_pdu, &instances))
+            .await
+            .unwrap_or_else(|_| bail!("sending {} took over {timeout:?}", dir.display()))
     })
 }
 

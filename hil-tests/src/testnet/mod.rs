@@ -620,25 +620,14 @@ impl TestNet {
         cmd::output_with_timeout(&mut wrapped, None, timeout)
     }
 
-    /// Runs `f` on a short-lived thread that joined `host`'s network namespace (`setns`
-    /// with `CLONE_NEWNET` moves only that thread, and it ends with `f`): a client in the
-    /// test process that talks to a server in the namespace.
+    /// Runs `f` on a thread in `host`'s network namespace ([`crate::netns::run_in`]): a
+    /// client in the test process that talks to a server in the namespace.
     pub fn in_namespace<T: Send>(
         &self,
         host: Host,
         f: impl FnOnce() -> T + Send,
     ) -> std::io::Result<T> {
-        let file = File::open(Path::new(stale::NETNS_DIR).join(self.ns(host)))?;
-        let joined = thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)?;
-                    Ok(f())
-                })
-                .join()
-        });
-        joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        crate::netns::run_in(&crate::netns::open(self.ns(host))?, f)
     }
 
     /// Starts `command` in `host`'s namespace and returns its pid. The process is tracked:

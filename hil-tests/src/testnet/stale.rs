@@ -31,7 +31,7 @@ pub(crate) const RUN_DIR: &str = "/run/tsunagi-testnet";
 /// Where wireguard-go puts its control sockets (shared by all namespaces).
 pub(crate) const WG_RUN_DIR: &str = "/var/run/wireguard";
 /// Where `ip netns` keeps its named namespaces.
-pub(crate) const NETNS_DIR: &str = "/run/netns";
+pub(crate) use crate::netns::NETNS_DIR;
 
 /// How long a process gets between SIGTERM and SIGKILL.
 pub(crate) const TERM_GRACE: Duration = Duration::from_secs(3);
