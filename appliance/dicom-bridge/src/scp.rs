@@ -813,17 +813,17 @@ async fn finish(
         patient_id: head.and_then(|h| h.patient_id).filter(|p| !p.is_empty()),
     };
     let now = crate::now();
-    // fsync and SQLite: off the async threads.
-    match tokio::task::spawn_blocking(move || incoming.commit(&meta, now)).await {
-        Ok(Ok(_)) => Status::SUCCESS,
-        Ok(Err(SpoolError::OutOfResources)) => Status::OUT_OF_RESOURCES,
-        Ok(Err(e)) => {
+    // fsync and SQLite: on the spool's committing thread (and a large file's flush on the
+    // blocking pool), off the async threads.
+    match incoming.commit_async(meta, now).await {
+        Ok(_) => Status::SUCCESS,
+        Err(SpoolError::OutOfResources) => Status::OUT_OF_RESOURCES,
+        Err(e) => {
             tracing::warn!(
                 error = %tsunagi_runtime::child::error_chain(&e),
                 "cannot queue a received instance; refused (0110H)"
             );
             Status::PROCESSING_FAILURE
         }
-        Err(_) => Status::PROCESSING_FAILURE,
     }
 }

@@ -7,7 +7,9 @@
 //! **Small instances** are received into memory (up to [`SEGMENT_RECORD_MAX`]; one that
 //! grows past it continues in a file of its own) and appended to the current segment at
 //! commit: one record (the data set and what its row holds), flushed together with the
-//! records of the other associations committing at the same time, then the row. A record
+//! records of the other associations committing at the same time, then the row. One thread
+//! commits (`spool-commit`, [`committer`]): it takes whatever the associations have ready,
+//! writes their records, flushes once, writes their rows in one transaction and answers each. A record
 //! whose row power took is queued again from the segment when the spool opens, as an
 //! object's trailer is below; records that left the queue are listed in `gone` until their
 //! segment is reused. A segment is reused once its records have all left; readers never see
@@ -32,7 +34,7 @@
 //! directory entry with the file's `fdatasync` (with a journal, the entry is in the same or
 //! an earlier transaction, which the flush commits; without one, ext4 syncs the parent of a
 //! new inode itself). On any other file system the folder is fsynced as well. The queue rows
-//! of concurrent associations share one transaction ([`Incoming::commit`]'s group commit).
+//! of concurrent associations share one transaction (the committing thread's round).
 //!
 //! **Duplicates** (same SOP Instance UID while an earlier copy is still queued): identical
 //! bytes are stored once; different bytes replace the earlier copy (the newest wins), and the
@@ -236,23 +238,23 @@ pub enum SpoolError {
         #[source]
         source: rusqlite::Error,
     },
-    /// The group commit this instance was part of failed (the reason is the first error's).
+    /// The committing thread's round this instance was part of failed (the reason is the
+    /// round's), or that thread is gone.
     #[error("the queue commit failed: {0}")]
     GroupCommit(String),
 }
 
-/// A queue row waiting for the next group commit ([`Incoming::commit`]).
-struct Pending {
+/// A queue row of a durable instance, for [`commit_batch`].
+struct Row<'a> {
     id: i64,
-    meta: Meta,
-    digest: String,
+    meta: &'a Meta,
+    digest: &'a str,
     size: i64,
     now: i64,
     /// Its segment record, if it is in one.
     location: Option<Location>,
     /// Where it came from (the association's peer), for the audit trail.
-    peer: String,
-    reply: mpsc::SyncSender<Result<Landed, SpoolError>>,
+    peer: &'a str,
 }
 
 /// What committing one row came to.
@@ -264,9 +266,9 @@ enum Landed {
     Replaced(i64, Option<i64>, i64),
 }
 
-/// Commits a batch of rows in one transaction and answers each.
-fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
-    let result = (|| -> Result<Vec<Landed>, SpoolError> {
+/// Commits a batch of rows in one transaction: what each came to, in order.
+fn commit_batch(conn: &mut Connection, batch: &[Row<'_>]) -> Result<Vec<Landed>, SpoolError> {
+    {
         let tx = write(conn).map_err(sql("begin"))?;
         let mut landed = Vec::with_capacity(batch.len());
         {
@@ -294,8 +296,8 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
             let mut gone_record = tx
                 .prepare_cached("INSERT OR IGNORE INTO gone VALUES (?1, ?2, ?3)")
                 .map_err(sql("record a duplicate"))?;
-            for p in &batch {
-                let m = &p.meta;
+            for p in batch {
+                let m = p.meta;
                 // Every copy received is a receipt in the audit trail, stored once or not.
                 received
                     .execute(params![
@@ -383,19 +385,151 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Pending>) {
         }
         tx.commit().map_err(sql("commit"))?;
         Ok(landed)
-    })();
-    match result {
-        Ok(landed) => {
-            for (p, l) in batch.into_iter().zip(landed) {
-                let _ = p.reply.send(Ok(l));
+    }
+}
+
+/// An instance handed to the committing thread ([`committer`]): durable already if it is in
+/// a file of its own, its record still to be written if it is small.
+struct Job {
+    incoming: Incoming,
+    meta: Meta,
+    digest: String,
+    now: i64,
+    reply: Reply,
+}
+
+/// Where a [`Job`]'s outcome goes.
+enum Reply {
+    /// A caller blocked in [`Incoming::commit`].
+    Blocking(mpsc::SyncSender<Result<Committed, SpoolError>>),
+    /// A task awaiting [`Incoming::commit_async`].
+    Async(tokio::sync::oneshot::Sender<Result<Committed, SpoolError>>),
+}
+
+impl Reply {
+    fn send(self, outcome: Result<Committed, SpoolError>) {
+        // A caller that went away (its association aborted) needs no answer.
+        match self {
+            Reply::Blocking(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Reply::Async(tx) => {
+                let _ = tx.send(outcome);
             }
         }
-        Err(e) => {
-            let reason = e.to_string();
-            for p in batch {
-                let _ = p.reply.send(Err(SpoolError::GroupCommit(reason.clone())));
+    }
+}
+
+/// Instances one round of the committing thread takes at most. Each association has at
+/// most one waiting, so a round is rarely near it.
+const ROUND_MAX: usize = 256;
+
+/// The committing thread (`spool-commit`), the only writer of new queue rows. It takes
+/// every instance that is ready (those that arrived while it committed the round before),
+/// writes the small ones' records to the current segment in order, makes them durable with
+/// one flush, writes all their rows in one transaction and answers each: one wake-up each
+/// way per round, where each instance used to hop to the blocking pool and queue on the
+/// flush's and the transaction's locks in turn. It ends when the spool is dropped (the
+/// sender goes with it).
+fn committer(jobs: mpsc::Receiver<Job>, mut ingest: Connection, segments: Arc<Segments>) {
+    while let Ok(first) = jobs.recv() {
+        let mut round = vec![first];
+        while round.len() < ROUND_MAX {
+            match jobs.try_recv() {
+                Ok(job) => round.push(job),
+                Err(_) => break,
             }
         }
+        commit_round(&mut ingest, &segments, round);
+    }
+}
+
+/// A shared failure, for each instance of a round.
+fn shared(e: &SpoolError) -> SpoolError {
+    match e {
+        SpoolError::OutOfResources => SpoolError::OutOfResources,
+        e => SpoolError::GroupCommit(tsunagi_runtime::child::error_chain(e)),
+    }
+}
+
+/// One round of [`committer`]. Every instance gets its answer; one that fails fails alone
+/// where it can (its record cannot be written), the round together where it cannot (the
+/// flush, the transaction).
+fn commit_round(ingest: &mut Connection, segments: &Arc<Segments>, round: Vec<Job>) {
+    let Some(spool) = round.first().map(|job| job.incoming.spool.clone()) else {
+        return;
+    };
+    // The small instances' records, written in offset order.
+    let mut ticket = None;
+    let mut written = Vec::with_capacity(round.len());
+    for mut job in round {
+        let Some(buffer) = job.incoming.buffer.take() else {
+            // A file of its own, durable already.
+            written.push((job, None));
+            continue;
+        };
+        let body = trailer_body(&job.meta, &job.digest, job.incoming.written, job.now);
+        match segments.write(job.incoming.id, &body, &buffer) {
+            Ok((location, t)) => {
+                ticket = Some(t);
+                written.push((job, Some(location)));
+            }
+            // Dropped, the `Incoming` releases its bytes.
+            Err(e) => job.reply.send(Err(e)),
+        }
+    }
+    // One flush makes them all durable; until then none is the queue's.
+    if let Some(t) = ticket
+        && let Err(e) = segments.sync(t)
+    {
+        let mut durable = Vec::with_capacity(written.len());
+        for (job, location) in written {
+            match location {
+                Some(l) => {
+                    // The record is not the queue's (a scan may still find it).
+                    segments.forget(l.slot);
+                    job.reply.send(Err(shared(&e)));
+                }
+                None => durable.push((job, None)),
+            }
+        }
+        written = durable;
+    }
+    if written.is_empty() {
+        return;
+    }
+    // Their rows, in one transaction.
+    let landed = {
+        let rows: Vec<Row<'_>> = written
+            .iter()
+            .map(|(job, location)| Row {
+                id: job.incoming.id,
+                meta: &job.meta,
+                digest: &job.digest,
+                size: i64::try_from(job.incoming.written).unwrap_or(i64::MAX),
+                now: job.now,
+                location: *location,
+                peer: &job.incoming.peer,
+            })
+            .collect();
+        commit_batch(ingest, &rows)
+    };
+    let mut outcomes: Vec<Result<Landed, SpoolError>> = match landed {
+        Ok(landed) => landed.into_iter().map(Ok).collect(),
+        Err(e) => written.iter().map(|_| Err(shared(&e))).collect(),
+    };
+    let mut arrived = false;
+    for ((job, location), landed) in written.into_iter().zip(outcomes.drain(..)) {
+        let outcome = job.incoming.settle(landed, location);
+        arrived |= matches!(
+            outcome,
+            Ok(Committed::Queued(_) | Committed::Replaced { .. })
+        );
+        job.reply.send(outcome);
+    }
+    if arrived {
+        // One wake-up of the forwarder for the round.
+        spool.inner.arrived.notify_one();
     }
 }
 
@@ -445,6 +579,11 @@ impl Drop for Immediate<'_> {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
     }
+}
+
+/// The committing thread is gone (it ends only with the spool).
+fn committer_gone() -> SpoolError {
+    SpoolError::GroupCommit("the committing thread has stopped".into())
 }
 
 fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> SpoolError {
@@ -541,13 +680,13 @@ struct Inner {
     /// The next queue id: objects are named when they start, before their row exists (see
     /// [`Incoming::commit`]).
     next_id: AtomicI64,
-    /// Rows waiting for the next group commit.
-    pending: Mutex<Vec<Pending>>,
     /// Every change but ingest (`synchronous=FULL`).
     conn: Mutex<Connection>,
-    /// New queue rows (`synchronous=NORMAL`): an instance is durable through its object
-    /// file and trailer, from which [`Spool::open`] rebuilds a row lost with power.
-    ingest: Mutex<Connection>,
+    /// To the committing thread ([`committer`]), which writes new queue rows on a
+    /// connection of its own (`synchronous=NORMAL`: an instance is durable through its
+    /// segment record or its file's trailer, from which [`Spool::open`] rebuilds a row lost
+    /// with power).
+    commits: mpsc::Sender<Job>,
     quota: u64,
     /// Free space on the spool's file system that new instances leave to the others
     /// (see [`disk_reserve`]); below it an instance is refused as `OutOfResources`.
@@ -738,24 +877,21 @@ impl Spool {
                 }
                 continue;
             }
-            let (reply, landed) = mpsc::sync_channel(1);
-            commit_batch(
+            let landed = commit_batch(
                 &mut conn,
-                vec![Pending {
+                &[Row {
                     id,
-                    meta: t.meta,
-                    digest: t.digest,
+                    meta: &t.meta,
+                    digest: &t.digest,
                     size: i64::try_from(t.size).unwrap_or(i64::MAX),
                     now: t.received_at,
                     location,
                     // Not in the trailer: the receipt's peer is unknown.
-                    peer: String::new(),
-                    reply,
+                    peer: "",
                 }],
-            );
-            let landed = landed
-                .recv()
-                .map_err(|_| SpoolError::GroupCommit("no answer".into()))??;
+            )?
+            .pop()
+            .ok_or(SpoolError::GroupCommit("no outcome".into()))?;
             let copy = |id: i64| dir.join("objects").join(format!("{id}.dcm"));
             match landed {
                 Landed::Identical(_) if location.is_none() => {
@@ -828,17 +964,22 @@ impl Spool {
             )
             .map_err(sql("recover"))?;
         let objects = File::open(dir.join("objects")).map_err(SpoolError::Io)?;
+        let (commits, jobs) = mpsc::channel();
+        let committing = Arc::clone(&segments);
+        std::thread::Builder::new()
+            .name("spool-commit".into())
+            .spawn(move || committer(jobs, ingest, committing))
+            .map_err(SpoolError::Io)?;
         let ext4 = nix::sys::statfs::fstatfs(&objects)
             .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC);
         Ok(Spool {
             inner: Arc::new(Inner {
                 sync_folder: !ext4,
                 next_id: AtomicI64::new(last.max(sequence) + 1),
-                pending: Mutex::new(Vec::new()),
                 objects,
                 dir: dir.to_owned(),
                 conn: Mutex::new(conn),
-                ingest: Mutex::new(ingest),
+                commits,
                 quota,
                 disk_reserve: AtomicU64::new(
                     free_space(dir).map_or(0, |(_, size)| disk_reserve(size)),
@@ -2306,8 +2447,32 @@ impl Incoming {
         self.written == 0
     }
 
-    /// Makes the instance durable and queued; only then may success be answered.
-    pub fn commit(mut self, meta: &Meta, now: i64) -> Result<Committed, SpoolError> {
+    /// Makes the instance durable and queued; only then may success be answered. Blocks
+    /// until the committing thread's round with it is done (see [`committer`]).
+    pub fn commit(self, meta: &Meta, now: i64) -> Result<Committed, SpoolError> {
+        let (reply, outcome) = mpsc::sync_channel(1);
+        self.submit(meta.clone(), now, Reply::Blocking(reply))?;
+        outcome.recv().map_err(|_| committer_gone())?
+    }
+
+    /// [`Incoming::commit`] for a task: a small instance goes to the committing thread
+    /// straight from here; a file of its own is flushed on the blocking pool first.
+    pub async fn commit_async(self, meta: Meta, now: i64) -> Result<Committed, SpoolError> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        if self.buffer.is_some() && matches!(self.hash, Some(Digest::Inline(_))) {
+            // Hashed as it came: finishing is no more than the digest's last block.
+            self.submit(meta, now, Reply::Async(reply))?;
+        } else {
+            tokio::task::spawn_blocking(move || self.submit(meta, now, Reply::Async(reply)))
+                .await
+                .map_err(|_| SpoolError::Io(io::Error::other("the flushing task failed")))??;
+        }
+        outcome.await.map_err(|_| committer_gone())?
+    }
+
+    /// Finishes the digest, makes a file of its own durable (a small instance's record is
+    /// the committing thread's to write) and hands the instance to the committing thread.
+    fn submit(mut self, meta: Meta, now: i64, reply: Reply) -> Result<(), SpoolError> {
         let (digest, file) = self
             .hash
             .take()
@@ -2317,20 +2482,22 @@ impl Incoming {
             // Back from the writing thread, everything written.
             self.file = file;
         }
-        let location = match self.buffer.take() {
-            // A small instance: one record in the current segment, durable (the flush
-            // shared with the associations committing meanwhile) before its row is written.
-            Some(buffer) => Some(self.spool.inner.segments.append(
-                self.id,
-                &trailer_body(meta, &digest, self.written, now),
-                &buffer,
-            )?),
-            None => None,
-        };
-        if location.is_none() {
-            self.flush_file(meta, &digest, now)?;
+        if self.buffer.is_none() {
+            self.flush_file(&meta, &digest, now)?;
         }
-        self.queue(meta, digest, now, location)
+        let spool = self.spool.clone();
+        spool
+            .inner
+            .commits
+            .send(Job {
+                incoming: self,
+                meta,
+                digest,
+                now,
+                reply,
+            })
+            // Dropped with the job, the `Incoming` removes its file: never acknowledged.
+            .map_err(|_| committer_gone())
     }
 
     /// Makes a file of its own durable: data, trailer, size and (on ext4) its entry.
@@ -2359,40 +2526,15 @@ impl Incoming {
         Ok(())
     }
 
-    /// Writes the row of a durable instance (a group commit) and answers what it came to.
-    fn queue(
+    /// What the instance's row came to (on the committing thread): the copy kept or let go,
+    /// and an earlier copy replaced. The forwarder is told by the round, once.
+    fn settle(
         mut self,
-        meta: &Meta,
-        digest: String,
-        now: i64,
+        landed: Result<Landed, SpoolError>,
         location: Option<Location>,
     ) -> Result<Committed, SpoolError> {
         let spool = self.spool.clone();
         let id = self.id;
-        // Group commit: the row joins the pending ones; whoever holds the queue next commits
-        // all of them in one transaction (concurrent associations share one WAL fsync).
-        let (reply, landed) = mpsc::sync_channel(1);
-        lock(&spool.inner.pending).push(Pending {
-            id,
-            meta: meta.clone(),
-            digest,
-            size: i64::try_from(self.written).unwrap_or(i64::MAX),
-            now,
-            location,
-            peer: std::mem::take(&mut self.peer),
-            reply,
-        });
-        {
-            let mut conn = lock(&spool.inner.ingest);
-            let batch = std::mem::take(&mut *lock(&spool.inner.pending));
-            if !batch.is_empty() {
-                commit_batch(&mut conn, batch);
-            }
-        }
-        let landed = landed
-            .recv()
-            .map_err(|_| SpoolError::GroupCommit("no answer".into()))
-            .and_then(|l| l);
         let landed = match (landed, location) {
             (Ok(l), _) => l,
             (Err(e), None) => return Err(e),
@@ -2442,10 +2584,8 @@ impl Incoming {
                 }
             }
             spool.release(u64::try_from(size).unwrap_or(0));
-            spool.inner.arrived.notify_one();
             return Ok(Committed::Replaced { id, replaced: old });
         }
-        spool.inner.arrived.notify_one();
         Ok(Committed::Queued(id))
     }
 }

@@ -349,14 +349,15 @@ impl Segments {
         slot_path(&self.dir, slot)
     }
 
-    /// Appends a record and returns once it is durable (a flush shared with the records
-    /// written meanwhile). Counted live until [`Segments::forget`].
-    pub(super) fn append(
+    /// Writes a record to the page cache, in offset order after the ones before it, and
+    /// returns where it is with its ticket for [`Segments::sync`]: it is durable (and the
+    /// queue's) only after that. Counted live until [`Segments::forget`].
+    pub(super) fn write(
         self: &Arc<Self>,
         id: i64,
         meta: &[u8],
         data: &[u8],
-    ) -> Result<Location, SpoolError> {
+    ) -> Result<(Location, u64), SpoolError> {
         let size = data.len() as u64;
         let len = RECORD_HEAD + meta.len() as u64 + size;
         if len > SEGMENT_SIZE - HEADER || meta.len() > META_MAX as usize {
@@ -404,15 +405,11 @@ impl Segments {
             st.written += 1;
             (st.written, location)
         };
-        self.sync(ticket).inspect_err(|_| {
-            // Not durable: the record is not the queue's (a scan may still find it).
-            self.forget(location.slot);
-        })?;
-        Ok(location)
+        Ok((location, ticket))
     }
 
     /// Makes every record up to `ticket` durable, with one flush for all that wait.
-    fn sync(&self, ticket: u64) -> Result<(), SpoolError> {
+    pub(super) fn sync(&self, ticket: u64) -> Result<(), SpoolError> {
         let mut synced = lock(&self.synced);
         if *synced >= ticket {
             return Ok(());
