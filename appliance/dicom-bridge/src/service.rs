@@ -242,6 +242,12 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
             ctx.shutdown.clone(),
         ),
     );
+    // The spool's committing thread stopping (a panic) ends the service the same way: no
+    // instance could be acknowledged after it.
+    let committing = spool.clone();
+    tasks.spawn_fallible("spool-commit", async move {
+        Err::<(), _>(committing.committer_stopped().await)
+    });
     if let Some(dir) = &settings.desk_dir {
         let listener = std::fs::create_dir_all(dir)
             .and_then(|()| crate::desk::bind(dir))

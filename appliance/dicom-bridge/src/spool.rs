@@ -430,17 +430,30 @@ const ROUND_MAX: usize = 256;
 /// one flush, writes all their rows in one transaction and answers each: one wake-up each
 /// way per round, where each instance used to hop to the blocking pool and queue on the
 /// flush's and the transaction's locks in turn. It ends when the spool is dropped (the
-/// sender goes with it).
-fn committer(jobs: mpsc::Receiver<Job>, mut ingest: Connection, segments: Arc<Segments>) {
-    while let Ok(first) = jobs.recv() {
-        let mut round = vec![first];
-        while round.len() < ROUND_MAX {
-            match jobs.try_recv() {
-                Ok(job) => round.push(job),
-                Err(_) => break,
+/// sender goes with it). Should it panic, every instance it holds or is handed later fails
+/// (never answered success), and `stopped` says why, for [`Spool::committer_stopped`].
+fn committer(
+    jobs: mpsc::Receiver<Job>,
+    mut ingest: Connection,
+    segments: Arc<Segments>,
+    stopped: tokio::sync::watch::Sender<Option<String>>,
+) {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        while let Ok(first) = jobs.recv() {
+            let mut round = vec![first];
+            while round.len() < ROUND_MAX {
+                match jobs.try_recv() {
+                    Ok(job) => round.push(job),
+                    Err(_) => break,
+                }
             }
+            commit_round(&mut ingest, &segments, round);
         }
-        commit_round(&mut ingest, &segments, round);
+    }));
+    if let Err(panic) = ran {
+        let why = tsunagi_runtime::tasks::panicked(&*panic);
+        tracing::error!(why, "the spool's committing thread stopped");
+        stopped.send_replace(Some(why));
     }
 }
 
@@ -459,6 +472,13 @@ fn commit_round(ingest: &mut Connection, segments: &Arc<Segments>, round: Vec<Jo
     let Some(spool) = round.first().map(|job| job.incoming.spool.clone()) else {
         return;
     };
+    #[cfg(test)]
+    if round
+        .iter()
+        .any(|job| job.meta.sop_instance == tests::PANIC_IN_COMMIT)
+    {
+        panic!("a test's instance");
+    }
     // The small instances' records, written in offset order.
     let mut ticket = None;
     let mut written = Vec::with_capacity(round.len());
@@ -687,6 +707,8 @@ struct Inner {
     /// segment record or its file's trailer, from which [`Spool::open`] rebuilds a row lost
     /// with power).
     commits: mpsc::Sender<Job>,
+    /// Why the committing thread stopped, should it (see [`committer`]).
+    committer_stopped: tokio::sync::watch::Receiver<Option<String>>,
     quota: u64,
     /// Free space on the spool's file system that new instances leave to the others
     /// (see [`disk_reserve`]); below it an instance is refused as `OutOfResources`.
@@ -965,10 +987,11 @@ impl Spool {
             .map_err(sql("recover"))?;
         let objects = File::open(dir.join("objects")).map_err(SpoolError::Io)?;
         let (commits, jobs) = mpsc::channel();
+        let (stopped, committer_stopped) = tokio::sync::watch::channel(None);
         let committing = Arc::clone(&segments);
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || committer(jobs, ingest, committing))
+            .spawn(move || committer(jobs, ingest, committing, stopped))
             .map_err(SpoolError::Io)?;
         let ext4 = nix::sys::statfs::fstatfs(&objects)
             .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC);
@@ -980,6 +1003,7 @@ impl Spool {
                 dir: dir.to_owned(),
                 conn: Mutex::new(conn),
                 commits,
+                committer_stopped,
                 quota,
                 disk_reserve: AtomicU64::new(
                     free_space(dir).map_or(0, |(_, size)| disk_reserve(size)),
@@ -990,6 +1014,22 @@ impl Spool {
                 departed: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// Resolves if the committing thread stops (it panicked), with why: no instance can be
+    /// queued after that, so the service must end and be restarted. Never resolves while it
+    /// runs. Cancel-safe.
+    pub async fn committer_stopped(&self) -> SpoolError {
+        let mut stopped = self.inner.committer_stopped.clone();
+        loop {
+            if let Some(why) = stopped.borrow_and_update().clone() {
+                return SpoolError::GroupCommit(format!("the committing thread {why}"));
+            }
+            if stopped.changed().await.is_err() {
+                // Gone without a reason: the spool itself is being dropped.
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// A segment record left the queue (its `gone` row committed): applied at the next

@@ -1,5 +1,8 @@
 use super::*;
 
+/// An instance with this SOP Instance UID makes the committing thread panic.
+pub(super) const PANIC_IN_COMMIT: &str = "1.2.3.999.0";
+
 fn meta(uid: &str, patient: &str) -> Meta {
     Meta {
         sop_class: "1.2.840.10008.5.1.4.1.1.2".into(),
@@ -238,6 +241,47 @@ fn opening_removes_what_a_crash_left() {
 #[test]
 fn concurrent_commits_share_transactions_and_lose_nothing() {
     concurrent_commits(0);
+}
+
+/// A committing thread that stops (a panic) answers no success: the instances of its round
+/// and those after it fail, and `committer_stopped` says why, for the service to end on it.
+#[test]
+fn a_committing_thread_that_panics_fails_every_instance_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Running, it has nothing to say.
+    let quiet = rt.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            spool.committer_stopped(),
+        )
+        .await
+    });
+    assert!(quiet.is_err());
+    assert!(matches!(
+        receive(&spool, b"DICM before", &meta("1.2.3.1", "0001")),
+        Committed::Queued(_)
+    ));
+    let fails = |uid: &str| {
+        let mut inc = spool.begin().unwrap();
+        inc.write(b"DICM bytes").unwrap();
+        inc.commit(&meta(uid, "0001"), 100).unwrap_err()
+    };
+    let e = fails(PANIC_IN_COMMIT);
+    assert!(matches!(e, SpoolError::GroupCommit(_)), "{e:?}");
+    let why = rt.block_on(spool.committer_stopped()).to_string();
+    assert!(why.contains("panicked: a test's instance"), "{why}");
+    // Nothing after it is acknowledged either, and nothing is left of the attempts.
+    let e = fails("1.2.3.2");
+    assert!(
+        e.to_string().contains("the committing thread has stopped"),
+        "{e}"
+    );
+    assert_eq!(spool.counts().unwrap().pending, 1);
 }
 
 /// The same with segments: the associations share the segment's flushes as well.
