@@ -268,124 +268,122 @@ enum Landed {
 
 /// Commits a batch of rows in one transaction: what each came to, in order.
 fn commit_batch(conn: &mut Connection, batch: &[Row<'_>]) -> Result<Vec<Landed>, SpoolError> {
+    let tx = write(conn).map_err(sql("begin"))?;
+    let mut landed = Vec::with_capacity(batch.len());
     {
-        let tx = write(conn).map_err(sql("begin"))?;
-        let mut landed = Vec::with_capacity(batch.len());
-        {
-            let mut find = tx
-                .prepare_cached(
-                    "SELECT id, digest FROM queue WHERE sop_instance = ?1 ORDER BY id DESC LIMIT 1",
-                )
-                .map_err(sql("find duplicates"))?;
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO queue (id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, digest, state, received_at, next_attempt_at, segment, generation, offset, study_uid)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0, ?10, ?11, ?12, ?13)",
-                )
-                .map_err(sql("queue"))?;
-            let mut received = tx
-                .prepare_cached(
-                    "INSERT INTO transfers
-                       (sent, peer_ae, peer_address, patient_id, study_uid, sop_class, sop_instance, at)
-                     VALUES (0, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
+        let mut find = tx
+            .prepare_cached(
+                "SELECT id, digest FROM queue WHERE sop_instance = ?1 ORDER BY id DESC LIMIT 1",
+            )
+            .map_err(sql("find duplicates"))?;
+        let mut insert = tx
+            .prepare_cached(
+                "INSERT INTO queue (id, sop_class, sop_instance, transfer_syntax, calling_ae, patient_id, size, digest, state, received_at, next_attempt_at, segment, generation, offset, study_uid)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0, ?10, ?11, ?12, ?13)",
+            )
+            .map_err(sql("queue"))?;
+        let mut received = tx
+            .prepare_cached(
+                "INSERT INTO transfers
+                   (sent, peer_ae, peer_address, patient_id, study_uid, sop_class, sop_instance, at)
+                 VALUES (0, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(sql("queue a transfer record"))?;
+        let mut duplicate = tx
+            .prepare_cached("INSERT INTO duplicates VALUES (?1, ?2, ?3, ?4, ?5)")
+            .map_err(sql("record a duplicate"))?;
+        let mut gone_record = tx
+            .prepare_cached("INSERT OR IGNORE INTO gone VALUES (?1, ?2, ?3)")
+            .map_err(sql("record a duplicate"))?;
+        for p in batch {
+            let m = p.meta;
+            // Every copy received is a receipt in the audit trail, stored once or not.
+            received
+                .execute(params![
+                    m.calling_ae,
+                    p.peer,
+                    m.patient_id,
+                    m.study_uid,
+                    m.sop_class,
+                    m.sop_instance,
+                    p.now
+                ])
                 .map_err(sql("queue a transfer record"))?;
-            let mut duplicate = tx
-                .prepare_cached("INSERT INTO duplicates VALUES (?1, ?2, ?3, ?4, ?5)")
-                .map_err(sql("record a duplicate"))?;
-            let mut gone_record = tx
-                .prepare_cached("INSERT OR IGNORE INTO gone VALUES (?1, ?2, ?3)")
-                .map_err(sql("record a duplicate"))?;
-            for p in batch {
-                let m = p.meta;
-                // Every copy received is a receipt in the audit trail, stored once or not.
-                received
-                    .execute(params![
-                        m.calling_ae,
-                        p.peer,
-                        m.patient_id,
-                        m.study_uid,
-                        m.sop_class,
-                        m.sop_instance,
-                        p.now
-                    ])
-                    .map_err(sql("queue a transfer record"))?;
-                let earlier: Option<(i64, String)> = find
-                    .query_row([&m.sop_instance], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-                    .map_err(sql("find duplicates"))?;
-                match earlier {
-                    Some((old, d)) if d == p.digest => {
-                        duplicate
-                            .execute(params![p.now, m.sop_instance, old, None::<i64>, 1])
-                            .map_err(sql("record a duplicate"))?;
-                        if let Some(l) = p.location {
-                            gone_record
-                                .execute(params![
-                                    l.slot,
-                                    l.generation,
-                                    i64::try_from(l.offset).unwrap_or(i64::MAX)
-                                ])
-                                .map_err(sql("record a duplicate"))?;
-                        }
-                        landed.push(Landed::Identical(old));
-                    }
-                    earlier => {
-                        insert
+            let earlier: Option<(i64, String)> = find
+                .query_row([&m.sop_instance], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(sql("find duplicates"))?;
+            match earlier {
+                Some((old, d)) if d == p.digest => {
+                    duplicate
+                        .execute(params![p.now, m.sop_instance, old, None::<i64>, 1])
+                        .map_err(sql("record a duplicate"))?;
+                    if let Some(l) = p.location {
+                        gone_record
                             .execute(params![
-                                p.id,
-                                m.sop_class,
-                                m.sop_instance,
-                                m.transfer_syntax,
-                                m.calling_ae,
-                                m.patient_id,
-                                p.size,
-                                p.digest,
-                                p.now,
-                                p.location.map(|l| l.slot),
-                                p.location.map(|l| l.generation),
-                                p.location
-                                    .map(|l| i64::try_from(l.offset).unwrap_or(i64::MAX)),
-                                m.study_uid
+                                l.slot,
+                                l.generation,
+                                i64::try_from(l.offset).unwrap_or(i64::MAX)
                             ])
-                            .map_err(sql("queue"))?;
-                        if let Some((old, _)) = earlier {
-                            // Handed to the forwarder (a permit recorded): it may be leaving
-                            // now, and its release must still be audited.
-                            tx.execute(
-                                "INSERT OR REPLACE INTO superseded
-                                   (queue_id, patient_id, sop_class, sop_instance, decision, study_uid)
-                                 SELECT id, patient_id, sop_class, sop_instance, decision, study_uid
-                                 FROM queue WHERE id = ?1 AND decision IS NOT NULL",
+                            .map_err(sql("record a duplicate"))?;
+                    }
+                    landed.push(Landed::Identical(old));
+                }
+                earlier => {
+                    insert
+                        .execute(params![
+                            p.id,
+                            m.sop_class,
+                            m.sop_instance,
+                            m.transfer_syntax,
+                            m.calling_ae,
+                            m.patient_id,
+                            p.size,
+                            p.digest,
+                            p.now,
+                            p.location.map(|l| l.slot),
+                            p.location.map(|l| l.generation),
+                            p.location
+                                .map(|l| i64::try_from(l.offset).unwrap_or(i64::MAX)),
+                            m.study_uid
+                        ])
+                        .map_err(sql("queue"))?;
+                    if let Some((old, _)) = earlier {
+                        // Handed to the forwarder (a permit recorded): it may be leaving
+                        // now, and its release must still be audited.
+                        tx.execute(
+                            "INSERT OR REPLACE INTO superseded
+                               (queue_id, patient_id, sop_class, sop_instance, decision, study_uid)
+                             SELECT id, patient_id, sop_class, sop_instance, decision, study_uid
+                             FROM queue WHERE id = ?1 AND decision IS NOT NULL",
+                            [old],
+                        )
+                        .map_err(sql("replace"))?;
+                        let (old_slot, old_size): (Option<i64>, i64) = tx
+                            .query_row(
+                                "SELECT segment, size FROM queue WHERE id = ?1",
                                 [old],
+                                |r| Ok((r.get(0)?, r.get(1)?)),
                             )
                             .map_err(sql("replace"))?;
-                            let (old_slot, old_size): (Option<i64>, i64) = tx
-                                .query_row(
-                                    "SELECT segment, size FROM queue WHERE id = ?1",
-                                    [old],
-                                    |r| Ok((r.get(0)?, r.get(1)?)),
-                                )
-                                .map_err(sql("replace"))?;
-                            tx.execute(GONE, [old]).map_err(sql("replace"))?;
-                            tx.execute("DELETE FROM queue WHERE id = ?1", [old])
-                                .map_err(sql("replace"))?;
-                            tx.execute("DELETE FROM commitments WHERE queue_id = ?1", [old])
-                                .map_err(sql("replace"))?;
-                            duplicate
-                                .execute(params![p.now, m.sop_instance, p.id, old, 0])
-                                .map_err(sql("record a duplicate"))?;
-                            landed.push(Landed::Replaced(old, old_slot, old_size));
-                        } else {
-                            landed.push(Landed::Queued);
-                        }
+                        tx.execute(GONE, [old]).map_err(sql("replace"))?;
+                        tx.execute("DELETE FROM queue WHERE id = ?1", [old])
+                            .map_err(sql("replace"))?;
+                        tx.execute("DELETE FROM commitments WHERE queue_id = ?1", [old])
+                            .map_err(sql("replace"))?;
+                        duplicate
+                            .execute(params![p.now, m.sop_instance, p.id, old, 0])
+                            .map_err(sql("record a duplicate"))?;
+                        landed.push(Landed::Replaced(old, old_slot, old_size));
+                    } else {
+                        landed.push(Landed::Queued);
                     }
                 }
             }
         }
-        tx.commit().map_err(sql("commit"))?;
-        Ok(landed)
     }
+    tx.commit().map_err(sql("commit"))?;
+    Ok(landed)
 }
 
 /// An instance handed to the committing thread ([`committer`]): durable already if it is in
@@ -534,12 +532,12 @@ fn commit_round(ingest: &mut Connection, segments: &Arc<Segments>, round: Vec<Jo
             .collect();
         commit_batch(ingest, &rows)
     };
-    let mut outcomes: Vec<Result<Landed, SpoolError>> = match landed {
+    let outcomes: Vec<Result<Landed, SpoolError>> = match landed {
         Ok(landed) => landed.into_iter().map(Ok).collect(),
         Err(e) => written.iter().map(|_| Err(shared(&e))).collect(),
     };
     let mut arrived = false;
-    for ((job, location), landed) in written.into_iter().zip(outcomes.drain(..)) {
+    for ((job, location), landed) in written.into_iter().zip(outcomes) {
         let outcome = job.incoming.settle(landed, location);
         arrived |= matches!(
             outcome,
@@ -2535,8 +2533,9 @@ impl Incoming {
     /// straight from here; a file of its own is flushed on the blocking pool first.
     pub async fn commit_async(self, meta: Meta, now: i64) -> Result<Committed, SpoolError> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        if self.buffer.is_some() && matches!(self.hash, Some(Digest::Inline(_))) {
-            // Hashed as it came: finishing is no more than the digest's last block.
+        if self.buffer.is_some() {
+            // Small, so hashed as it came (no writing thread): finishing is no more than
+            // the digest's last block.
             self.submit(meta, now, Reply::Async(reply))?;
         } else {
             tokio::task::spawn_blocking(move || self.submit(meta, now, Reply::Async(reply)))
