@@ -245,8 +245,12 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
     // The spool's committing thread stopping (a panic) ends the service the same way: no
     // instance could be acknowledged after it.
     let committing = spool.clone();
+    let stop = ctx.shutdown.clone();
     tasks.spawn_fallible("spool-commit", async move {
-        Err::<(), _>(committing.committer_stopped().await)
+        tokio::select! {
+            e = committing.committer_stopped() => Err(e),
+            () = stop.cancelled() => Ok(()),
+        }
     });
     if let Some(dir) = &settings.desk_dir {
         let listener = std::fs::create_dir_all(dir)
