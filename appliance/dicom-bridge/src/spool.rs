@@ -7,11 +7,12 @@
 //! **Small instances** are received into memory (up to [`SEGMENT_RECORD_MAX`]; one that
 //! grows past it continues in a file of its own) and appended to the current segment at
 //! commit: one record (the data set and what its row holds), flushed together with the
-//! records of the other associations committing at the same time, then the row. One thread
+//! records of the other associations committing at the same time; then the row. One thread
 //! commits (`spool-commit`, [`committer`]): it takes whatever the associations have ready,
-//! writes their records, flushes once, writes their rows in one transaction and answers each. A record
-//! whose row power took is queued again from the segment when the spool opens, as an
-//! object's trailer is below; records that left the queue are listed in `gone` until their
+//! writes their records, flushes once, tells their tasks (success may be answered: the
+//! record is the commit point), then writes their rows in one transaction. A record whose
+//! row power took, or whose row failed, is queued again from the segment when the spool
+//! opens, as an object's trailer is below; records that left the queue are listed in `gone` until their
 //! segment is reused. A segment is reused once its records have all left; readers never see
 //! that happen, because a record's departure is applied only at the forwarder's next
 //! [`Spool::ready`], when nothing of its earlier round is in flight.
@@ -19,8 +20,9 @@
 //! **Invariants.** An object file is the data set as received, then a trailer with what its
 //! queue row holds (SOP class and instance, transfer syntax, calling AE, patient ID, the
 //! BLAKE3 digest, size, when). [`Incoming::commit`] makes the whole file durable (data,
-//! trailer, size, directory entry) and then commits the row, and returns only after both,
-//! so a success status sent after it survives `kill -9` and power loss. The row is written
+//! trailer, size, directory entry) and then commits the row, and returns only after both;
+//! [`Incoming::commit_async`] (the SCP's) returns once the instance is durable, before its
+//! row. Either way a success status sent after it survives `kill -9` and power loss. The row is written
 //! without a flush of its own (`synchronous=NORMAL` on the ingest connection): should power
 //! take it, [`Spool::open`] queues the object again from its trailer (unless a newer copy
 //! of the instance is queued). An object without a row and without a complete, matching
@@ -266,6 +268,13 @@ enum Landed {
     Replaced(i64, Option<i64>, i64),
 }
 
+/// A transfer record for the audit trail: `sent` (1: sent to a clinic's viewer, 0: received
+/// from a modality), the peer's AE title and address, patient, study, SOP class and
+/// instance, when.
+const TRANSFER: &str = "INSERT INTO transfers
+   (sent, peer_ae, peer_address, patient_id, study_uid, sop_class, sop_instance, at)
+ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
 /// Commits a batch of rows in one transaction: what each came to, in order.
 fn commit_batch(conn: &mut Connection, batch: &[Row<'_>]) -> Result<Vec<Landed>, SpoolError> {
     let tx = write(conn).map_err(sql("begin"))?;
@@ -283,11 +292,7 @@ fn commit_batch(conn: &mut Connection, batch: &[Row<'_>]) -> Result<Vec<Landed>,
             )
             .map_err(sql("queue"))?;
         let mut received = tx
-            .prepare_cached(
-                "INSERT INTO transfers
-                   (sent, peer_ae, peer_address, patient_id, study_uid, sop_class, sop_instance, at)
-                 VALUES (0, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )
+            .prepare_cached(TRANSFER)
             .map_err(sql("queue a transfer record"))?;
         let mut duplicate = tx
             .prepare_cached("INSERT INTO duplicates VALUES (?1, ?2, ?3, ?4, ?5)")
@@ -300,6 +305,7 @@ fn commit_batch(conn: &mut Connection, batch: &[Row<'_>]) -> Result<Vec<Landed>,
             // Every copy received is a receipt in the audit trail, stored once or not.
             received
                 .execute(params![
+                    false,
                     m.calling_ae,
                     p.peer,
                     m.patient_id,
@@ -398,22 +404,42 @@ struct Job {
 
 /// Where a [`Job`]'s outcome goes.
 enum Reply {
-    /// A caller blocked in [`Incoming::commit`].
-    Blocking(mpsc::SyncSender<Result<Committed, SpoolError>>),
-    /// A task awaiting [`Incoming::commit_async`].
-    Async(tokio::sync::oneshot::Sender<Result<Committed, SpoolError>>),
+    /// A caller blocked in [`Incoming::commit`]: the outcome, once the row is written.
+    Outcome(mpsc::SyncSender<Result<Committed, SpoolError>>),
+    /// A task awaiting [`Incoming::commit_async`]: told as soon as the instance is durable
+    /// (its record flushed), before its row is written: the record is the commit point.
+    Durable(tokio::sync::oneshot::Sender<Result<(), SpoolError>>),
+    /// Told already that it is durable: a small instance's task at the flush, or a file of
+    /// its own's caller by [`Incoming::submit`]'s return (flushed before).
+    Told,
+}
+
+impl Job {
+    /// The instance is durable: a task waiting for that is told now (once), and from then
+    /// on its record or file is kept whatever happens (see [`Incoming::acknowledged`]).
+    fn durable(&mut self) {
+        if matches!(self.reply, Reply::Durable(_))
+            && let Reply::Durable(tx) = std::mem::replace(&mut self.reply, Reply::Told)
+        {
+            // Marked before the answer can leave.
+            self.incoming.acknowledged = true;
+            let _ = tx.send(Ok(()));
+        }
+    }
 }
 
 impl Reply {
+    /// The outcome. A caller that went away (its association aborted) needs no answer, and
+    /// one told durable already needs no more.
     fn send(self, outcome: Result<Committed, SpoolError>) {
-        // A caller that went away (its association aborted) needs no answer.
         match self {
-            Reply::Blocking(tx) => {
+            Reply::Outcome(tx) => {
                 let _ = tx.send(outcome);
             }
-            Reply::Async(tx) => {
-                let _ = tx.send(outcome);
+            Reply::Durable(tx) => {
+                let _ = tx.send(outcome.map(|_| ()));
             }
+            Reply::Told => {}
         }
     }
 }
@@ -425,11 +451,15 @@ const ROUND_MAX: usize = 256;
 /// The committing thread (`spool-commit`), the only writer of new queue rows. It takes
 /// every instance that is ready (those that arrived while it committed the round before),
 /// writes the small ones' records to the current segment in order, makes them durable with
-/// one flush, writes all their rows in one transaction and answers each: one wake-up each
-/// way per round, where each instance used to hop to the blocking pool and queue on the
+/// one flush, tells the associations' tasks (they answer success: the record is the commit
+/// point), then writes all their rows in one transaction: one wake-up each way per round, where each instance used to hop to the blocking pool and queue on the
 /// flush's and the transaction's locks in turn. It ends when the spool is dropped (the
-/// sender goes with it). Should it panic, every instance it holds or is handed later fails
-/// (never answered success), and `stopped` says why, for [`Spool::committer_stopped`].
+/// sender goes with it). Should it panic, every instance it holds or is handed later and
+/// has not been told durable fails (never answered success); one told already keeps its
+/// record or file ([`Incoming::acknowledged`]). Should a round's rows fail after its tasks
+/// were told, the thread goes on but says so. Either way `stopped` says why, for
+/// [`Spool::committer_stopped`]: the service ends, and the spool's opening queues what has
+/// no row.
 fn committer(
     jobs: mpsc::Receiver<Job>,
     mut ingest: Connection,
@@ -445,7 +475,17 @@ fn committer(
                     Err(_) => break,
                 }
             }
-            commit_round(&mut ingest, &segments, round);
+            if let Some(e) = commit_round(&mut ingest, &segments, round) {
+                // Acknowledged, durable, but not queued: the service must end, and the
+                // spool's opening queues them again from their records and trailers.
+                let why = format!(
+                    "could not queue instances it had acknowledged (queued again when the \
+                     spool opens): {}",
+                    tsunagi_runtime::child::error_chain(&e)
+                );
+                tracing::error!(why, "the spool's committing thread failed");
+                stopped.send_replace(Some(why));
+            }
         }
     }));
     if let Err(panic) = ran {
@@ -453,6 +493,18 @@ fn committer(
         tracing::error!(why, "the spool's committing thread stopped");
         stopped.send_replace(Some(why));
     }
+}
+
+/// The committing thread's [`commit_batch`] (in tests, made to fail by `tests::FAIL_IN_ROWS`).
+fn commit_rows(ingest: &mut Connection, rows: &[Row<'_>]) -> Result<Vec<Landed>, SpoolError> {
+    #[cfg(test)]
+    if rows
+        .iter()
+        .any(|row| row.meta.sop_instance.starts_with(tests::FAIL_IN_ROWS))
+    {
+        return Err(SpoolError::GroupCommit("a test's instance".into()));
+    }
+    commit_batch(ingest, rows)
 }
 
 /// A shared failure, for each instance of a round.
@@ -465,11 +517,14 @@ fn shared(e: &SpoolError) -> SpoolError {
 
 /// One round of [`committer`]. Every instance gets its answer; one that fails fails alone
 /// where it can (its record cannot be written), the round together where it cannot (the
-/// flush, the transaction).
-fn commit_round(ingest: &mut Connection, segments: &Arc<Segments>, round: Vec<Job>) {
-    let Some(spool) = round.first().map(|job| job.incoming.spool.clone()) else {
-        return;
-    };
+/// flush, the transaction). Returns an error that came after a success was answered (an
+/// instance acknowledged as durable whose row could not be written).
+fn commit_round(
+    ingest: &mut Connection,
+    segments: &Arc<Segments>,
+    round: Vec<Job>,
+) -> Option<SpoolError> {
+    let spool = round.first().map(|job| job.incoming.spool.clone())?;
     #[cfg(test)]
     if round
         .iter()
@@ -513,8 +568,12 @@ fn commit_round(ingest: &mut Connection, segments: &Arc<Segments>, round: Vec<Jo
         }
         written = durable;
     }
+    // Durable: the tasks waiting for that are answered now, before the rows.
+    for (job, _) in &mut written {
+        job.durable();
+    }
     if written.is_empty() {
-        return;
+        return None;
     }
     // Their rows, in one transaction.
     let landed = {
@@ -530,25 +589,31 @@ fn commit_round(ingest: &mut Connection, segments: &Arc<Segments>, round: Vec<Jo
                 peer: &job.incoming.peer,
             })
             .collect();
-        commit_batch(ingest, &rows)
+        commit_rows(ingest, &rows)
     };
     let outcomes: Vec<Result<Landed, SpoolError>> = match landed {
         Ok(landed) => landed.into_iter().map(Ok).collect(),
         Err(e) => written.iter().map(|_| Err(shared(&e))).collect(),
     };
     let mut arrived = false;
+    let mut unqueued = None;
     for ((job, location), landed) in written.into_iter().zip(outcomes) {
+        let told = job.incoming.acknowledged;
         let outcome = job.incoming.settle(landed, location);
         arrived |= matches!(
             outcome,
             Ok(Committed::Queued(_) | Committed::Replaced { .. })
         );
-        job.reply.send(outcome);
+        match outcome {
+            Err(e) if told => unqueued = Some(e),
+            outcome => job.reply.send(outcome),
+        }
     }
     if arrived {
         // One wake-up of the forwarder for the round.
         spool.inner.arrived.notify_one();
     }
+    unqueued
 }
 
 /// A write transaction that takes the write lock when it begins (`BEGIN IMMEDIATE`): the
@@ -1177,6 +1242,7 @@ impl Spool {
                 hash: Some(Digest::Inline(Box::default())),
                 flushed: 0,
                 peer: String::new(),
+                acknowledged: false,
             });
         }
         let path = self.object_path(id);
@@ -1195,6 +1261,7 @@ impl Spool {
             hash: Some(Digest::Inline(Box::default())),
             flushed: 0,
             peer: String::new(),
+            acknowledged: false,
         })
     }
 
@@ -1506,15 +1573,12 @@ impl Spool {
         let tx = write(&conn).map_err(sql("queue a transfer record"))?;
         {
             let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO transfers
-                       (sent, peer_ae, peer_address, patient_id, study_uid, sop_class, sop_instance, at)
-                     VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
+                .prepare_cached(TRANSFER)
                 .map_err(sql("queue a transfer record"))?;
             for m in sent {
                 insert
                     .execute(params![
+                        true,
                         peer_ae,
                         peer_address,
                         m.patient_id,
@@ -2432,6 +2496,10 @@ pub struct Incoming {
     flushed: u64,
     /// Where it comes from (the association's peer address), for the audit trail.
     peer: String,
+    /// Success may have been answered (it is durable, its row may not be written yet): its
+    /// file or record is kept whatever happens to this value, for the spool's opening to
+    /// queue, and its bytes stay counted.
+    acknowledged: bool,
 }
 
 impl Incoming {
@@ -2525,24 +2593,28 @@ impl Incoming {
     /// until the committing thread's round with it is done (see [`committer`]).
     pub fn commit(self, meta: &Meta, now: i64) -> Result<Committed, SpoolError> {
         let (reply, outcome) = mpsc::sync_channel(1);
-        self.submit(meta.clone(), now, Reply::Blocking(reply))?;
+        self.submit(meta.clone(), now, Reply::Outcome(reply))?;
         outcome.recv().map_err(|_| committer_gone())?
     }
 
-    /// [`Incoming::commit`] for a task: a small instance goes to the committing thread
-    /// straight from here; a file of its own is flushed on the blocking pool first.
-    pub async fn commit_async(self, meta: Meta, now: i64) -> Result<Committed, SpoolError> {
-        let (reply, outcome) = tokio::sync::oneshot::channel();
+    /// Makes the instance durable, and returns as soon as it is: success may be answered.
+    /// Its row follows on the committing thread: the instance's segment record or its
+    /// file's trailer is the commit point, from which the spool's opening queues it should
+    /// the row not be written (the service ends then; see [`committer`]). A small instance
+    /// goes to the committing thread straight from here; a file of its own is flushed on
+    /// the blocking pool, and is durable when that returns.
+    pub async fn commit_async(self, meta: Meta, now: i64) -> Result<(), SpoolError> {
         if self.buffer.is_some() {
             // Small, so hashed as it came (no writing thread): finishing is no more than
             // the digest's last block.
-            self.submit(meta, now, Reply::Async(reply))?;
+            let (reply, durable) = tokio::sync::oneshot::channel();
+            self.submit(meta, now, Reply::Durable(reply))?;
+            durable.await.map_err(|_| committer_gone())?
         } else {
-            tokio::task::spawn_blocking(move || self.submit(meta, now, Reply::Async(reply)))
+            tokio::task::spawn_blocking(move || self.submit(meta, now, Reply::Told))
                 .await
-                .map_err(|_| SpoolError::Io(io::Error::other("the flushing task failed")))??;
+                .map_err(|_| SpoolError::Io(io::Error::other("the flushing task failed")))?
         }
-        outcome.await.map_err(|_| committer_gone())?
     }
 
     /// Finishes the digest, makes a file of its own durable (a small instance's record is
@@ -2559,6 +2631,8 @@ impl Incoming {
         }
         if self.buffer.is_none() {
             self.flush_file(&meta, &digest, now)?;
+            // Durable: a caller told so ([`Reply::Told`]) answers success once this returns.
+            self.acknowledged = matches!(reply, Reply::Told);
         }
         let spool = self.spool.clone();
         spool
@@ -2571,8 +2645,11 @@ impl Incoming {
                 now,
                 reply,
             })
-            // Dropped with the job, the `Incoming` removes its file: never acknowledged.
-            .map_err(|_| committer_gone())
+            .map_err(|mpsc::SendError(mut job)| {
+                // Refused after all: dropped with the job, the `Incoming` removes its file.
+                job.incoming.acknowledged = false;
+                committer_gone()
+            })
     }
 
     /// Makes a file of its own durable: data, trailer, size and (on ext4) its entry.
@@ -2603,6 +2680,9 @@ impl Incoming {
 
     /// What the instance's row came to (on the committing thread): the copy kept or let go,
     /// and an earlier copy replaced. The forwarder is told by the round, once.
+    ///
+    /// Should its row have failed after success was answered ([`Incoming::acknowledged`]),
+    /// its record or file stays where it is (and counted), for the spool's opening to queue.
     fn settle(
         mut self,
         landed: Result<Landed, SpoolError>,
@@ -2612,6 +2692,8 @@ impl Incoming {
         let id = self.id;
         let landed = match (landed, location) {
             (Ok(l), _) => l,
+            // Kept by the drop, with its bytes counted, not listed as gone.
+            (Err(e), _) if self.acknowledged => return Err(e),
             (Err(e), None) => return Err(e),
             (Err(e), Some(l)) => {
                 // Its record stays in the segment without a row: listed as gone (best
@@ -2633,6 +2715,7 @@ impl Incoming {
             // Stored once: this copy goes (Drop removes the file and releases its bytes;
             // a record is gone already, listed in the same transaction).
             Landed::Identical(earlier) => {
+                self.acknowledged = false;
                 if let Some(l) = location {
                     spool.depart(l.slot);
                 }
@@ -2667,6 +2750,12 @@ impl Incoming {
 
 impl Drop for Incoming {
     fn drop(&mut self) {
+        if self.acknowledged {
+            // Durable and answered, its row not written: the spool's opening queues it
+            // from its record or trailer (the committing thread's round failed or
+            // panicked). Its bytes stay counted.
+            return;
+        }
         if !self.path.as_os_str().is_empty() {
             self.file.take();
             let _ = fs::remove_file(&self.path);

@@ -2,6 +2,8 @@ use super::*;
 
 /// An instance with this SOP Instance UID makes the committing thread panic.
 pub(super) const PANIC_IN_COMMIT: &str = "1.2.3.999.0";
+/// The rows of a round with an instance whose SOP Instance UID starts so fail.
+pub(super) const FAIL_IN_ROWS: &str = "1.2.3.999.1.";
 
 fn meta(uid: &str, patient: &str) -> Meta {
     Meta {
@@ -282,6 +284,75 @@ fn a_committing_thread_that_panics_fails_every_instance_and_says_why() {
         "{e}"
     );
     assert_eq!(spool.counts().unwrap().pending, 1);
+}
+
+/// A file of its own is acknowledged once flushed, before the committing thread takes it:
+/// should that thread then panic, the file is kept, and the spool's next opening queues it.
+#[test]
+fn a_file_acknowledged_before_the_committing_thread_panics_is_queued_at_the_next_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    {
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let mut large = spool.begin().unwrap();
+        large.write(&vec![7u8; SEGMENT_RECORD_MAX + 10]).unwrap();
+        rt.block_on(large.commit_async(meta(PANIC_IN_COMMIT, "0001"), 100))
+            .unwrap();
+        let why = rt.block_on(spool.committer_stopped()).to_string();
+        assert!(why.contains("panicked: a test's instance"), "{why}");
+        assert_eq!(spool.counts().unwrap().pending, 0);
+    }
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let ready = spool.ready(100, 10).unwrap();
+    let uids: Vec<&str> = ready.iter().map(|q| q.meta.sop_instance.as_str()).collect();
+    assert_eq!(uids, [PANIC_IN_COMMIT]);
+    assert_eq!(
+        ready[0].size,
+        u64::try_from(SEGMENT_RECORD_MAX + 10).unwrap()
+    );
+}
+
+/// A task is answered once its instance is durable, before the row: should the row then
+/// fail, the instance stays (never listed gone), the committing thread says so for the
+/// service to end, and the spool's next opening queues it from its record.
+#[test]
+fn an_instance_acknowledged_before_its_row_is_queued_at_the_next_opening_if_the_row_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    {
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let mut small = spool.begin().unwrap();
+        small.write(b"DICM small").unwrap();
+        let mut large = spool.begin().unwrap();
+        large.write(&vec![7u8; SEGMENT_RECORD_MAX + 10]).unwrap();
+        rt.block_on(async {
+            small
+                .commit_async(meta("1.2.3.999.1.1", "0001"), 100)
+                .await
+                .unwrap();
+            large
+                .commit_async(meta("1.2.3.999.1.2", "0001"), 100)
+                .await
+                .unwrap();
+        });
+        let why = rt.block_on(spool.committer_stopped()).to_string();
+        assert!(
+            why.contains("could not queue instances it had acknowledged"),
+            "{why}"
+        );
+        assert_eq!(spool.counts().unwrap().pending, 0);
+    }
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let ready = spool.ready(100, 10).unwrap();
+    let mut uids: Vec<&str> = ready.iter().map(|q| q.meta.sop_instance.as_str()).collect();
+    uids.sort_unstable();
+    assert_eq!(uids, ["1.2.3.999.1.1", "1.2.3.999.1.2"]);
 }
 
 /// The same with segments: the associations share the segment's flushes as well.
