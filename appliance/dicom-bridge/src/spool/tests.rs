@@ -245,16 +245,34 @@ fn concurrent_commits_share_transactions_and_lose_nothing() {
     concurrent_commits(0);
 }
 
+/// A runtime for a test's tasks (`Incoming::commit_async`, `Spool::committer_stopped`).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The SOP Instance UIDs the spool in `dir` queues when it opens (sorted), and their sizes.
+fn queued_at_opening(dir: &Path) -> Vec<(String, u64)> {
+    let spool = Spool::open(dir, 1 << 30).unwrap();
+    let mut queued: Vec<(String, u64)> = spool
+        .ready(100, 10)
+        .unwrap()
+        .into_iter()
+        .map(|q| (q.meta.sop_instance, q.size))
+        .collect();
+    queued.sort_unstable();
+    queued
+}
+
 /// A committing thread that stops (a panic) answers no success: the instances of its round
 /// and those after it fail, and `committer_stopped` says why, for the service to end on it.
 #[test]
 fn a_committing_thread_that_panics_fails_every_instance_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), 1 << 30).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     // Running, it has nothing to say.
     let quiet = rt.block_on(async {
         tokio::time::timeout(
@@ -291,10 +309,7 @@ fn a_committing_thread_that_panics_fails_every_instance_and_says_why() {
 #[test]
 fn a_file_acknowledged_before_the_committing_thread_panics_is_queued_at_the_next_opening() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     {
         let spool = Spool::open(dir.path(), 1 << 30).unwrap();
         let mut large = spool.begin().unwrap();
@@ -305,13 +320,10 @@ fn a_file_acknowledged_before_the_committing_thread_panics_is_queued_at_the_next
         assert!(why.contains("panicked: a test's instance"), "{why}");
         assert_eq!(spool.counts().unwrap().pending, 0);
     }
-    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
-    let ready = spool.ready(100, 10).unwrap();
-    let uids: Vec<&str> = ready.iter().map(|q| q.meta.sop_instance.as_str()).collect();
-    assert_eq!(uids, [PANIC_IN_COMMIT]);
+    let large = u64::try_from(SEGMENT_RECORD_MAX + 10).unwrap();
     assert_eq!(
-        ready[0].size,
-        u64::try_from(SEGMENT_RECORD_MAX + 10).unwrap()
+        queued_at_opening(dir.path()),
+        [(PANIC_IN_COMMIT.to_owned(), large)]
     );
 }
 
@@ -321,10 +333,7 @@ fn a_file_acknowledged_before_the_committing_thread_panics_is_queued_at_the_next
 #[test]
 fn an_instance_acknowledged_before_its_row_is_queued_at_the_next_opening_if_the_row_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     {
         let spool = Spool::open(dir.path(), 1 << 30).unwrap();
         let mut small = spool.begin().unwrap();
@@ -348,11 +357,14 @@ fn an_instance_acknowledged_before_its_row_is_queued_at_the_next_opening_if_the_
         );
         assert_eq!(spool.counts().unwrap().pending, 0);
     }
-    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
-    let ready = spool.ready(100, 10).unwrap();
-    let mut uids: Vec<&str> = ready.iter().map(|q| q.meta.sop_instance.as_str()).collect();
-    uids.sort_unstable();
-    assert_eq!(uids, ["1.2.3.999.1.1", "1.2.3.999.1.2"]);
+    let large = u64::try_from(SEGMENT_RECORD_MAX + 10).unwrap();
+    assert_eq!(
+        queued_at_opening(dir.path()),
+        [
+            ("1.2.3.999.1.1".to_owned(), 10),
+            ("1.2.3.999.1.2".to_owned(), large)
+        ]
+    );
 }
 
 /// The same with segments: the associations share the segment's flushes as well.
