@@ -7,25 +7,25 @@
 //! **Small instances** are received into memory (up to [`SEGMENT_RECORD_MAX`]; one that
 //! grows past it continues in a file of its own) and appended to the current segment at
 //! commit: one record (the data set and what its row holds), flushed together with the
-//! records of the other associations committing at the same time; then the row. One thread
-//! commits (`spool-commit`, [`committer`]): it takes whatever the associations have ready,
-//! writes their records, flushes once, tells their tasks (success may be answered: the
-//! record is the commit point), then writes their rows in one transaction. A record whose
-//! row power took, or whose row failed, is queued again from the segment when the spool
-//! opens, as an object's trailer is below; records that left the queue are listed in `gone` until their
-//! segment is reused. A segment is reused once its records have all left; readers never see
-//! that happen, because a record's departure is applied only at the forwarder's next
-//! [`Spool::ready`], when nothing of its earlier round is in flight.
+//! records of the other associations committing at the same time; then the row. One
+//! thread commits (`spool-commit`, [`committer`]): it takes whatever the associations have
+//! ready, writes their records, flushes once, tells their tasks (success may be answered:
+//! the record is the commit point), then writes their rows in one transaction. A record
+//! whose row power took, or whose row failed, is queued again from the segment when the
+//! spool opens, as an object's trailer is below; records that left the queue are listed in
+//! `gone` until their segment is reused. A segment is reused once its records have all
+//! left; readers never see that happen, because a record's departure is applied only at the
+//! forwarder's next [`Spool::ready`], when nothing of its earlier round is in flight.
 //!
 //! **Invariants.** An object file is the data set as received, then a trailer with what its
 //! queue row holds (SOP class and instance, transfer syntax, calling AE, patient ID, the
 //! BLAKE3 digest, size, when). [`Incoming::commit`] makes the whole file durable (data,
 //! trailer, size, directory entry) and then commits the row, and returns only after both;
 //! [`Incoming::commit_async`] (the SCP's) returns once the instance is durable, before its
-//! row. Either way a success status sent after it survives `kill -9` and power loss. The row is written
-//! without a flush of its own (`synchronous=NORMAL` on the ingest connection): should power
-//! take it, [`Spool::open`] queues the object again from its trailer (unless a newer copy
-//! of the instance is queued). An object without a row and without a complete, matching
+//! row. Either way a success status sent after it survives `kill -9` and power loss. The
+//! row is written without a flush of its own (`synchronous=NORMAL` on the ingest
+//! connection): should power take it, [`Spool::open`] queues the object again from its
+//! trailer (unless a newer copy of the instance is queued). An object without a row and without a complete, matching
 //! trailer was never acknowledged (abort, error, crash mid-transfer): `Incoming` removes
 //! its file on drop, and [`Spool::open`] removes what a crash left. Every other change
 //! (delivery with its release record, holds, dead letters, commitments) is written with
@@ -452,8 +452,9 @@ const ROUND_MAX: usize = 256;
 /// every instance that is ready (those that arrived while it committed the round before),
 /// writes the small ones' records to the current segment in order, makes them durable with
 /// one flush, tells the associations' tasks (they answer success: the record is the commit
-/// point), then writes all their rows in one transaction: one wake-up each way per round, where each instance used to hop to the blocking pool and queue on the
-/// flush's and the transaction's locks in turn. It ends when the spool is dropped (the
+/// point), then writes all their rows in one transaction: one wake-up each way per round,
+/// where each instance used to hop to the blocking pool and queue on the flush's and the
+/// transaction's locks in turn. It ends when the spool is dropped (the
 /// sender goes with it). Should it panic, every instance it holds or is handed later and
 /// has not been told durable fails (never answered success); one told already keeps its
 /// record or file ([`Incoming::acknowledged`]). Should a round's rows fail after its tasks
@@ -1079,9 +1080,10 @@ impl Spool {
         })
     }
 
-    /// Resolves if the committing thread stops (it panicked), with why: no instance can be
-    /// queued after that, so the service must end and be restarted. Never resolves while it
-    /// runs. Cancel-safe.
+    /// Resolves if the committing thread stops (it panicked), or could not queue instances
+    /// it had acknowledged (their rows failed), with why: the service must end and be
+    /// restarted, and the spool's opening queues what has no row. Never resolves while all
+    /// is well. Cancel-safe.
     pub async fn committer_stopped(&self) -> SpoolError {
         let mut stopped = self.inner.committer_stopped.clone();
         loop {
