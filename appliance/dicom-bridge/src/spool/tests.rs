@@ -266,6 +266,16 @@ fn queued_at_opening(dir: &Path) -> Vec<(String, u64)> {
     queued
 }
 
+/// The size of a test's instance too large for a segment record: a file of its own.
+const LARGE: usize = SEGMENT_RECORD_MAX + 10;
+
+/// An instance of `LARGE` bytes, written and not yet committed.
+fn begin_large(spool: &Spool) -> Incoming {
+    let mut large = spool.begin().unwrap();
+    large.write(&vec![7u8; LARGE]).unwrap();
+    large
+}
+
 /// A committing thread that stops (a panic) answers no success: the instances of its round
 /// and those after it fail, and `committer_stopped` says why, for the service to end on it.
 #[test]
@@ -312,15 +322,14 @@ fn a_file_acknowledged_before_the_committing_thread_panics_is_queued_at_the_next
     let rt = runtime();
     {
         let spool = Spool::open(dir.path(), 1 << 30).unwrap();
-        let mut large = spool.begin().unwrap();
-        large.write(&vec![7u8; SEGMENT_RECORD_MAX + 10]).unwrap();
+        let large = begin_large(&spool);
         rt.block_on(large.commit_async(meta(PANIC_IN_COMMIT, "0001"), 100))
             .unwrap();
         let why = rt.block_on(spool.committer_stopped()).to_string();
         assert!(why.contains("panicked: a test's instance"), "{why}");
         assert_eq!(spool.counts().unwrap().pending, 0);
     }
-    let large = u64::try_from(SEGMENT_RECORD_MAX + 10).unwrap();
+    let large = u64::try_from(LARGE).unwrap();
     assert_eq!(
         queued_at_opening(dir.path()),
         [(PANIC_IN_COMMIT.to_owned(), large)]
@@ -338,8 +347,7 @@ fn an_instance_acknowledged_before_its_row_is_queued_at_the_next_opening_if_the_
         let spool = Spool::open(dir.path(), 1 << 30).unwrap();
         let mut small = spool.begin().unwrap();
         small.write(b"DICM small").unwrap();
-        let mut large = spool.begin().unwrap();
-        large.write(&vec![7u8; SEGMENT_RECORD_MAX + 10]).unwrap();
+        let large = begin_large(&spool);
         rt.block_on(async {
             small
                 .commit_async(meta("1.2.3.999.1.1", "0001"), 100)
@@ -357,7 +365,7 @@ fn an_instance_acknowledged_before_its_row_is_queued_at_the_next_opening_if_the_
         );
         assert_eq!(spool.counts().unwrap().pending, 0);
     }
-    let large = u64::try_from(SEGMENT_RECORD_MAX + 10).unwrap();
+    let large = u64::try_from(LARGE).unwrap();
     assert_eq!(
         queued_at_opening(dir.path()),
         [
