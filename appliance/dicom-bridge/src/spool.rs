@@ -10,7 +10,10 @@
 //! records of the other associations committing at the same time; then the row. One
 //! thread commits (`spool-commit`, [`committer`]): it takes whatever the associations have
 //! ready, writes their records, flushes once, tells their tasks (success may be answered:
-//! the record is the commit point), then writes their rows in one transaction. A record
+//! the record is the commit point), and writes their rows later, in one transaction with
+//! those of the rounds that follow while instances keep coming (within milliseconds; the
+//! forwarder sees an instance once its row is written; [`Spool::caught_up`] waits for the
+//! rows of everything answered). A record
 //! whose row power took, or whose row failed, is queued again from the segment when the
 //! spool opens, as an object's trailer is below; records that left the queue are listed in
 //! `gone` until their segment is reused. A segment is reused once its records have all
@@ -36,7 +39,8 @@
 //! directory entry with the file's `fdatasync` (with a journal, the entry is in the same or
 //! an earlier transaction, which the flush commits; without one, ext4 syncs the parent of a
 //! new inode itself). On any other file system the folder is fsynced as well. The queue rows
-//! of concurrent associations share one transaction (the committing thread's round).
+//! of concurrent associations, and of instances that follow each other closely, share one
+//! transaction.
 //!
 //! **Duplicates** (same SOP Instance UID while an earlier copy is still queued): identical
 //! bytes are stored once; different bytes replace the earlier copy (the newest wins), and the
@@ -50,6 +54,7 @@ use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 use segments::{Location, Segments};
@@ -402,6 +407,13 @@ struct Job {
     reply: Reply,
 }
 
+/// What the committing thread is handed.
+enum Work {
+    Instance(Box<Job>),
+    /// A caller of [`Spool::caught_up`], told once the rows before it are written.
+    CatchUp(mpsc::SyncSender<()>),
+}
+
 /// Where a [`Job`]'s outcome goes.
 enum Reply {
     /// A caller blocked in [`Incoming::commit`]: the outcome, once the row is written.
@@ -448,44 +460,89 @@ impl Reply {
 /// most one waiting, so a round is rarely near it.
 const ROUND_MAX: usize = 256;
 
+/// Durable instances whose rows the committing thread writes together at the most. While
+/// instances keep coming, their rows wait, so that one transaction serves many rounds: for
+/// this many, for a pause of [`ROWS_PAUSE`] without a new one, or for [`ROWS_DELAY`] since
+/// the first of them was durable, whichever comes first.
+const ROWS_MAX: usize = 64;
+
+/// A pause in the flow of instances, after which the committing thread writes the rows.
+const ROWS_PAUSE: Duration = Duration::from_millis(2);
+
+/// The longest a durable instance's row waits for others (the forwarder sees an instance
+/// once its row is written).
+const ROWS_DELAY: Duration = Duration::from_millis(10);
+
 /// The committing thread (`spool-commit`), the only writer of new queue rows. It takes
 /// every instance that is ready (those that arrived while it committed the round before),
 /// writes the small ones' records to the current segment in order, makes them durable with
-/// one flush, tells the associations' tasks (they answer success: the record is the commit
-/// point), then writes all their rows in one transaction: one wake-up each way per round,
-/// where each instance used to hop to the blocking pool and queue on the flush's and the
-/// transaction's locks in turn. It ends when the spool is dropped (the
-/// sender goes with it). Should it panic, every instance it holds or is handed later and
+/// one flush, and tells the associations' tasks (they answer success: the record is the
+/// commit point): one wake-up each way per round. Their rows wait for the rounds that
+/// follow, and are written in one transaction: at [`ROWS_MAX`] instances, a pause of
+/// [`ROWS_PAUSE`], [`ROWS_DELAY`] after the first, for a caller that needs its outcome
+/// ([`Incoming::commit`]) or for [`Spool::caught_up`]. (A transaction per round cost a quarter
+/// of the service's CPU at four associations: each wrote the same table and index pages
+/// again.) It ends when the spool is dropped (the sender goes with it). Should it panic,
+/// every instance it holds or is handed later and
 /// has not been told durable fails (never answered success); one told already keeps its
 /// record or file ([`Incoming::acknowledged`]). Should a round's rows fail after its tasks
 /// were told, the thread goes on but says so. Either way `stopped` says why, for
 /// [`Spool::committer_stopped`]: the service ends, and the spool's opening queues what has
 /// no row.
 fn committer(
-    jobs: mpsc::Receiver<Job>,
+    jobs: mpsc::Receiver<Work>,
     mut ingest: Connection,
     segments: Arc<Segments>,
     stopped: tokio::sync::watch::Sender<Option<String>>,
 ) {
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        while let Ok(first) = jobs.recv() {
-            let mut round = vec![first];
-            while round.len() < ROUND_MAX {
-                match jobs.try_recv() {
-                    Ok(job) => round.push(job),
-                    Err(_) => break,
+        // Durable instances whose rows are still to be written, and the callers waiting
+        // for those rows ([`Spool::caught_up`]).
+        let mut durable: Vec<(Job, Option<Location>)> = Vec::new();
+        let mut waiting = Vec::new();
+        let mut since = Instant::now();
+        loop {
+            let first = if durable.is_empty() {
+                jobs.recv().ok()
+            } else {
+                // Disconnected cannot happen while a job holds the spool.
+                let due = ROWS_DELAY.saturating_sub(since.elapsed());
+                jobs.recv_timeout(ROWS_PAUSE.min(due)).ok()
+            };
+            let mut round = Vec::new();
+            let mut next = first;
+            while let Some(work) = next {
+                match work {
+                    Work::Instance(job) => round.push(*job),
+                    Work::CatchUp(tx) => waiting.push(tx),
                 }
+                next = if round.len() < ROUND_MAX {
+                    jobs.try_recv().ok()
+                } else {
+                    None
+                };
             }
-            if let Some(e) = commit_round(&mut ingest, &segments, round) {
-                // Acknowledged, durable, but not queued: the service must end, and the
-                // spool's opening queues them again from their records and trailers.
-                let why = format!(
-                    "could not queue instances it had acknowledged (queued again when the \
-                     spool opens): {}",
-                    tsunagi_runtime::child::error_chain(&e)
-                );
-                tracing::error!(why, "the spool's committing thread failed");
-                stopped.send_replace(Some(why));
+            let paused = round.is_empty();
+            if paused && durable.is_empty() && waiting.is_empty() {
+                // The spool is gone, and nothing is left to queue.
+                break;
+            }
+            if durable.is_empty() {
+                since = Instant::now();
+            }
+            durable.extend(write_records(&segments, round));
+            if paused
+                || !waiting.is_empty()
+                || durable.len() >= ROWS_MAX
+                || since.elapsed() >= ROWS_DELAY
+                || durable
+                    .iter()
+                    .any(|(job, _)| matches!(job.reply, Reply::Outcome(_)))
+            {
+                rows_or_stop(&mut ingest, std::mem::take(&mut durable), &stopped);
+                for tx in waiting.drain(..) {
+                    let _ = tx.send(());
+                }
             }
         }
     }));
@@ -516,16 +573,30 @@ fn shared(e: &SpoolError) -> SpoolError {
     }
 }
 
-/// One round of [`committer`]. Every instance gets its answer; one that fails fails alone
-/// where it can (its record cannot be written), the round together where it cannot (the
-/// flush, the transaction). Returns an error that came after a success was answered (an
-/// instance acknowledged as durable whose row could not be written).
-fn commit_round(
+/// [`write_rows`], and should they fail after success was answered, `stopped` says so.
+fn rows_or_stop(
     ingest: &mut Connection,
-    segments: &Arc<Segments>,
-    round: Vec<Job>,
-) -> Option<SpoolError> {
-    let spool = round.first().map(|job| job.incoming.spool.clone())?;
+    durable: Vec<(Job, Option<Location>)>,
+    stopped: &tokio::sync::watch::Sender<Option<String>>,
+) {
+    if let Some(e) = write_rows(ingest, durable) {
+        // Acknowledged, durable, but not queued: the service must end, and the spool's
+        // opening queues them again from their records and trailers.
+        let why = format!(
+            "could not queue instances it had acknowledged (queued again when the spool \
+             opens): {}",
+            tsunagi_runtime::child::error_chain(&e)
+        );
+        tracing::error!(why, "the spool's committing thread failed");
+        stopped.send_replace(Some(why));
+    }
+}
+
+/// The records of one round of [`committer`]: the small instances' records written and
+/// flushed together, and every task waiting for its instance to be durable told. Returns
+/// the durable instances, for [`write_rows`]; one that failed has its answer (alone where it
+/// can, its record not written; with the round where it cannot, the flush).
+fn write_records(segments: &Arc<Segments>, round: Vec<Job>) -> Vec<(Job, Option<Location>)> {
     #[cfg(test)]
     if round
         .iter()
@@ -573,9 +644,17 @@ fn commit_round(
     for (job, _) in &mut written {
         job.durable();
     }
-    if written.is_empty() {
-        return None;
-    }
+    written
+}
+
+/// The rows of durable instances, in one transaction, and each instance's outcome. Returns
+/// an error that came after a success was answered (an instance acknowledged as durable
+/// whose row could not be written).
+fn write_rows(
+    ingest: &mut Connection,
+    written: Vec<(Job, Option<Location>)>,
+) -> Option<SpoolError> {
+    let spool = written.first().map(|(job, _)| job.incoming.spool.clone())?;
     // Their rows, in one transaction.
     let landed = {
         let rows: Vec<Row<'_>> = written
@@ -770,7 +849,7 @@ struct Inner {
     /// connection of its own (`synchronous=NORMAL`: an instance is durable through its
     /// segment record or its file's trailer, from which [`Spool::open`] rebuilds a row lost
     /// with power).
-    commits: mpsc::Sender<Job>,
+    commits: mpsc::Sender<Work>,
     /// Why the committing thread stopped, should it (see [`committer`]).
     committer_stopped: tokio::sync::watch::Receiver<Option<String>>,
     quota: u64,
@@ -1078,6 +1157,19 @@ impl Spool {
                 departed: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// Returns once every instance answered so far has its row: what is read from the
+    /// queue after this includes them. (The committing thread writes rows a little after it
+    /// answers, for many instances at a time; see [`committer`].) Blocks for as long as
+    /// that takes, a few milliseconds.
+    pub fn caught_up(&self) -> Result<(), SpoolError> {
+        let (tx, done) = mpsc::sync_channel(1);
+        self.inner
+            .commits
+            .send(Work::CatchUp(tx))
+            .map_err(|_| committer_gone())?;
+        done.recv().map_err(|_| committer_gone())
     }
 
     /// Resolves if the committing thread stops (it panicked), or could not queue instances
@@ -2640,16 +2732,19 @@ impl Incoming {
         spool
             .inner
             .commits
-            .send(Job {
+            .send(Work::Instance(Box::new(Job {
                 incoming: self,
                 meta,
                 digest,
                 now,
                 reply,
-            })
-            .map_err(|mpsc::SendError(mut job)| {
-                // Refused after all: dropped with the job, the `Incoming` removes its file.
-                job.incoming.acknowledged = false;
+            })))
+            .map_err(|mpsc::SendError(work)| {
+                if let Work::Instance(mut job) = work {
+                    // Refused after all: dropped with the job, the `Incoming` removes its
+                    // file.
+                    job.incoming.acknowledged = false;
+                }
                 committer_gone()
             })
     }

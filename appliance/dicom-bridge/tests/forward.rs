@@ -143,6 +143,7 @@ async fn instances_reach_the_pacs_byte_for_byte_and_wait_while_it_is_down() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    spool.caught_up().unwrap();
     assert_eq!(spool.counts().unwrap().pending, 3);
 
     // The PACS is down: nothing is lost, the batch is retried later.

@@ -74,6 +74,7 @@ async fn echo_and_store_into_the_spool() {
         "storescu: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    spool.caught_up().unwrap();
     let ready = spool.ready(i64::MAX, 10).unwrap();
     assert_eq!(ready.len(), 1);
     let q = &ready[0];
@@ -105,6 +106,7 @@ async fn echo_and_store_into_the_spool() {
         .arg(&file))
     .await;
     assert!(out.status.success());
+    spool.caught_up().unwrap();
     assert_eq!(spool.counts().unwrap().pending, 1);
     stop.cancel();
 }
@@ -136,6 +138,7 @@ async fn wrong_called_ae_and_a_full_spool_are_refused_and_service_goes_on() {
         text.contains("a700") || text.contains("A700") || text.contains("OutOfResources"),
         "{text}"
     );
+    spool.caught_up().unwrap();
     assert_eq!(spool.counts().unwrap().pending, 0);
     assert!(
         std::fs::read_dir(dir.path().join("spool/objects"))
@@ -180,6 +183,7 @@ fn pdata(pc: u8, command: bool, last: bool, data: Vec<u8>) -> dicom_ul::Pdu {
 }
 
 fn spool_is_empty(dir: &Path, spool: &Spool) -> bool {
+    spool.caught_up().unwrap();
     spool.counts().unwrap().pending == 0
         && std::fs::read_dir(dir.join("spool/objects"))
             .unwrap()
@@ -444,6 +448,7 @@ async fn an_unknown_sop_class_and_the_association_cap_get_the_right_answers() {
         Some(dimse::status::Status::SUCCESS)
     );
     a.release().await.unwrap();
+    spool.caught_up().unwrap();
     assert_eq!(spool.counts().unwrap().pending, 1);
     // The slot is free again.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -535,6 +540,7 @@ async fn a_late_patient_id_is_found_and_data_sets_read_two_ways_are_refused() {
     .await;
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("Received Store Response (Success)"), "{text}");
+    spool.caught_up().unwrap();
     let ready = spool.ready(i64::MAX, 10).unwrap();
     assert_eq!(ready.len(), 1);
     assert_eq!(ready[0].meta.patient_id.as_deref(), Some("0001234"));
@@ -566,6 +572,7 @@ async fn a_late_patient_id_is_found_and_data_sets_read_two_ways_are_refused() {
         store_raw(port, uid, ds).await,
         dimse::status::Status::SUCCESS
     );
+    spool.caught_up().unwrap();
     assert_eq!(spool.counts().unwrap().pending, 1);
     stop.cancel();
 }

@@ -285,11 +285,7 @@ fn a_committing_thread_that_panics_fails_every_instance_and_says_why() {
     let rt = runtime();
     // Running, it has nothing to say.
     let quiet = rt.block_on(async {
-        tokio::time::timeout(
-            std::time::Duration::from_millis(50),
-            spool.committer_stopped(),
-        )
-        .await
+        tokio::time::timeout(Duration::from_millis(50), spool.committer_stopped()).await
     });
     assert!(quiet.is_err());
     assert!(matches!(
@@ -373,6 +369,50 @@ fn an_instance_acknowledged_before_its_row_is_queued_at_the_next_opening_if_the_
             ("1.2.3.999.1.2".to_owned(), large)
         ]
     );
+}
+
+/// Rows follow the answers: while instances keep coming, their rows wait for each other,
+/// and are written at a pause in the flow (unasked), or at once for `caught_up`.
+#[test]
+fn answered_instances_get_their_rows_at_a_pause_or_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let rt = runtime();
+    // Alone: its row comes at the pause after it.
+    let mut one = spool.begin().unwrap();
+    one.write(b"DICM one").unwrap();
+    rt.block_on(one.commit_async(meta("1.2.3.50", "0001"), 100))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while spool.counts().unwrap().pending == 0 {
+        assert!(Instant::now() < deadline, "no row");
+        rt.block_on(tokio::time::sleep(Duration::from_millis(1)));
+    }
+    // Many, from four tasks at once: every one queued, once, when `caught_up` returns.
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..4)
+            .map(|t| {
+                let spool = spool.clone();
+                tokio::spawn(async move {
+                    for i in 0..50 {
+                        let mut inc = spool.begin().unwrap();
+                        inc.write(format!("DICM {t} {i}").as_bytes()).unwrap();
+                        inc.commit_async(meta(&format!("1.2.3.51.{t}.{i}"), "0001"), 100)
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    spool.caught_up().unwrap();
+    assert_eq!(spool.counts().unwrap().pending, 201);
+    drop(spool);
+    let reopened = Spool::open(dir.path(), 1 << 30).unwrap();
+    assert_eq!(reopened.counts().unwrap().pending, 201);
 }
 
 /// The same with segments: the associations share the segment's flushes as well.
