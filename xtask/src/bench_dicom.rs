@@ -704,7 +704,13 @@ fn run_ours(ns: &Netns, tsunagi: &Path, w: &Workload, work: &Path) -> anyhow::Re
         wait_for_echo(ns, OUR_AE, OUR_PORT, &mut child, "tsunagi")?;
         let pid = dicom_pid(tsunagi, &config)?;
         let secs = send(ns, OUR_AE, OUR_PORT, w)?;
-        let stored = queued(tsunagi, &config)?;
+        // Rows follow the answers by milliseconds (the spool writes them together).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut stored = queued(tsunagi, &config)?;
+        while stored < w.files && Instant::now() < deadline {
+            pause(Duration::from_millis(20));
+            stored = queued(tsunagi, &config)?;
+        }
         ensure!(
             stored == w.files,
             "the box spooled {stored} of {} files",

@@ -243,13 +243,22 @@ pub async fn run(ctx: ServiceCtx, settings: Settings) -> Result<(), ServiceError
         ),
     );
     // The spool's committing thread stopping (a panic) ends the service the same way: no
-    // instance could be acknowledged after it.
+    // instance could be acknowledged after it. At a stop, the rows of what was answered
+    // are written before the service ends (a row the spool's opening has to rebuild loses
+    // its receipt's peer address), unless that takes longer than a stop may (the opening
+    // rebuilds them then).
     let committing = spool.clone();
     let stop = ctx.shutdown.clone();
     tasks.spawn_fallible("spool-commit", async move {
         tokio::select! {
             e = committing.committer_stopped() => Err(e),
-            () = stop.cancelled() => Ok(()),
+            () = stop.cancelled() => {
+                let rows = tokio::task::spawn_blocking(move || committing.caught_up());
+                match tokio::time::timeout(Duration::from_secs(1), rows).await {
+                    Ok(Ok(caught_up)) => caught_up,
+                    Ok(Err(_)) | Err(_) => Ok(()),
+                }
+            }
         }
     });
     if let Some(dir) = &settings.desk_dir {
