@@ -13,12 +13,12 @@
 //! the record is the commit point), and writes their rows later, in one transaction with
 //! those of the rounds that follow while instances keep coming (within milliseconds; the
 //! forwarder sees an instance once its row is written; [`Spool::caught_up`] waits for the
-//! rows of everything answered). A record
-//! whose row power took, or whose row failed, is queued again from the segment when the
-//! spool opens, as an object's trailer is below; records that left the queue are listed in
-//! `gone` until their segment is reused. A segment is reused once its records have all
-//! left; readers never see that happen, because a record's departure is applied only at the
-//! forwarder's next [`Spool::ready`], when nothing of its earlier round is in flight.
+//! rows of everything answered). A record whose row power took, or whose row failed, is
+//! queued again from the segment when the spool opens, as an object's trailer is below;
+//! records that left the queue are listed in `gone` until their segment is reused. A
+//! segment is reused once its records have all left; readers never see that happen,
+//! because a record's departure is applied only at the forwarder's next [`Spool::ready`],
+//! when nothing of its earlier round is in flight.
 //!
 //! **Invariants.** An object file is the data set as received, then a trailer with what its
 //! queue row holds (SOP class and instance, transfer syntax, calling AE, patient ID, the
@@ -480,15 +480,15 @@ const ROWS_DELAY: Duration = Duration::from_millis(10);
 /// commit point): one wake-up each way per round. Their rows wait for the rounds that
 /// follow, and are written in one transaction: at [`ROWS_MAX`] instances, a pause of
 /// [`ROWS_PAUSE`], [`ROWS_DELAY`] after the first, for a caller that needs its outcome
-/// ([`Incoming::commit`]) or for [`Spool::caught_up`]. (A transaction per round cost a quarter
-/// of the service's CPU at four associations: each wrote the same table and index pages
-/// again.) It ends when the spool is dropped (the sender goes with it). Should it panic,
-/// every instance it holds or is handed later and
-/// has not been told durable fails (never answered success); one told already keeps its
-/// record or file ([`Incoming::acknowledged`]). Should a round's rows fail after its tasks
-/// were told, the thread goes on but says so. Either way `stopped` says why, for
-/// [`Spool::committer_stopped`]: the service ends, and the spool's opening queues what has
-/// no row.
+/// ([`Incoming::commit`]) or for [`Spool::caught_up`]. (A transaction per round cost a
+/// quarter of the service's CPU at four associations: each wrote the same table and index
+/// pages again.) It ends when the spool is dropped (the sender goes with it).
+///
+/// Should it panic, every instance it holds or is handed later and has not been told
+/// durable fails (never answered success); one told already keeps its record or file
+/// ([`Incoming::acknowledged`]). Should rows fail after their tasks were told, the thread
+/// goes on but says so. Either way `stopped` says why, for [`Spool::committer_stopped`]:
+/// the service ends, and the spool's opening queues what has no row.
 fn committer(
     jobs: mpsc::Receiver<Work>,
     mut ingest: Connection,
