@@ -63,6 +63,8 @@ fn main() -> ExitCode {
     let result = match args.as_slice() {
         ["test"] => test::run(test::Stages::All),
         ["test", "--stage", "image"] => test::run(test::Stages::Image),
+        // What `test` runs beside its checks and tests (not for a person to call).
+        ["test", "--beside"] => test::beside(),
         ["demo"] => demo::run(),
         ["fhir-server"] => fhir_server::run(),
         ["bench", rest @ ..] => bench::run(rest),

@@ -10,10 +10,12 @@
 //! 4. Runs fmt, clippy, cargo-deny (licenses, bans, sources; then advisories if the
 //!    advisory database is reachable) and the nextest `ci` profile, stopping at the first
 //!    failure, with a `==> command` banner before each and a one-line verdict at the end.
-//! 5. Fuzzes: builds the fuzz targets in `fuzz/` and runs each for 30 s, two at a time
-//!    (`cargo xtask fuzz`); a crash fails the run. This runs beside step 7 at idle CPU
-//!    and I/O priority (`chrt --idle`, `ionice -c 3`), its output printed as one block
-//!    afterwards, without its build's progress lines.
+//! 5. Beside steps 4 to 7, at idle CPU and I/O priority (`chrt --idle`, `ionice -c 3`), so
+//!    that it takes only the time the checks and tests leave over (the tests wait on
+//!    processes, networks and disks for more than half of their run): builds the release
+//!    `tsunagi` that step 6 needs, then fuzzes: builds the fuzz targets in `fuzz/` and runs
+//!    each for 30 s, two at a time (`cargo xtask fuzz`); a crash fails the run. Its output
+//!    is printed as one block after step 7, without its builds' progress lines.
 //! 6. Builds the appliance image (or reuses it while its inputs are unchanged) and checks it
 //!    (`cargo xtask image --check`), then version 2 of it, published alone into the update
 //!    channel (`cargo xtask release 2`, for the update test), then version 3 beside it, with
@@ -271,6 +273,8 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
         println!("xtask test: the image stage passed");
         return Ok(ExitCode::SUCCESS);
     }
+    // Ended (with what it runs) if a step fails before its result is read.
+    let beside = Beside::start()?;
 
     let checks = [
         {
@@ -353,39 +357,16 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
     if let Err(failed) = built {
         return Ok(verdict_failed(&failed));
     }
-    // Every parser of untrusted bytes, fuzzed briefly from the committed corpus (the long
-    // runs are manual: `cargo xtask fuzz NAME --time 1h`). Each target's run is time-boxed,
-    // so the fuzzing goes beside the image tests (two boxes under QEMU's TCG, one emulated
-    // CPU each, for half an hour; they wait on the network and on each other's disks often
-    // enough to leave time over), at idle CPU and I/O priority, so that it takes nothing
-    // the booted boxes and the test network need. Its output goes to a
-    // file and is printed as one block once both have ended, so the log stays readable.
-    let fuzz_log = crate::bench::target_dir().1.join("xtask-test-fuzz.log");
-    // `/proc/PID/exe` of this process: `/proc/self/exe` would be chrt's own.
-    let myself = format!("/proc/{}/exe", std::process::id());
-    let mut fuzz = Command::new("chrt");
-    fuzz.args(["--idle", "0", "ionice", "-c", "3", &myself, "fuzz"]);
-    banner(&format!(
-        "{} (beside the image tests; its output follows when both are done)",
-        display(&fuzz)
-    ));
-    let log = std::fs::File::create(&fuzz_log)
-        .with_context(|| format!("create {}", fuzz_log.display()))?;
-    let mut fuzzing = fuzz
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("failed to run `{}`", display(&fuzz)))?;
     let tested = image_tests();
-    let fuzzed = fuzzing.wait().context("wait for the fuzz run")?;
-    banner(&format!("{} (its output)", display(&fuzz)));
-    let fuzz_text =
-        String::from_utf8_lossy(&std::fs::read(&fuzz_log).unwrap_or_default()).into_owned();
+    let (fuzzed, fuzz_text) = beside.finish()?;
+    banner(&format!("{} (its output)", Beside::DISPLAY));
     if fuzzed.success() {
-        // Its build's hundreds of lines would push the image stage's verdict out of the
+        // Its builds' hundreds of lines would push the image stage's verdict out of the
         // tail of the log, which is all a CI summary shows: the full text stays in the file.
-        println!("(its build's progress left out: {})", fuzz_log.display());
+        println!(
+            "(its builds' progress left out: {})",
+            Beside::log().display()
+        );
         print!("{}", without_build_progress(&fuzz_text));
     } else {
         print!("{fuzz_text}");
@@ -397,7 +378,7 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
         return Ok(verdict_failed(&failed));
     }
     if !fuzzed.success() {
-        return Ok(verdict_failed(&display(&fuzz)));
+        return Ok(verdict_failed(Beside::DISPLAY));
     }
 
     // Every benchmark once, briefly: a smoke run proving it still measures (its figures on
@@ -423,6 +404,104 @@ pub(crate) fn run(stages: Stages) -> anyhow::Result<ExitCode> {
         println!("xtask test: all steps passed");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `cargo xtask test` runs beside its checks and tests, at idle CPU and I/O priority
+/// (`cargo xtask test --beside`, its own process group): the release build of `tsunagi`
+/// that the image's step needs, then the fuzz run.
+///
+/// Every parser of untrusted bytes is fuzzed briefly from the committed corpus (the long
+/// runs are manual: `cargo xtask fuzz NAME --time 1h`). Each target's run is time-boxed,
+/// so it can go beside the tests, taking the time they leave over: the workspace's tests
+/// wait on processes, networks and disks for more than half of their run (measured: the
+/// two cores 42 % busy on average), and the image tests (two boxes under QEMU's TCG, one
+/// emulated CPU each) wait on the network and on each other's disks often enough too.
+/// The release build comes first: the image's step needs it, and blocks on cargo's lock
+/// while it is still running, which then has the machine to itself.
+struct Beside {
+    /// `None` once [`Beside::finish`] has waited for it.
+    child: Option<std::process::Child>,
+}
+
+impl Beside {
+    /// How the log names it.
+    const DISPLAY: &str = "chrt --idle 0 ionice -c 3 xtask test --beside";
+
+    /// Where its output goes (`target/xtask-test-beside.log`).
+    fn log() -> std::path::PathBuf {
+        crate::bench::target_dir().1.join("xtask-test-beside.log")
+    }
+
+    fn start() -> anyhow::Result<Self> {
+        let log = Self::log();
+        let file =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        // `/proc/PID/exe` of this process: `/proc/self/exe` would be chrt's own.
+        let myself = format!("/proc/{}/exe", std::process::id());
+        let mut command = Command::new("chrt");
+        command
+            .args([
+                "--idle", "0", "ionice", "-c", "3", &myself, "test", "--beside",
+            ])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .process_group(0);
+        banner(&format!(
+            "{} (the release build for the image, then the fuzz run, beside the checks and \
+             tests; its output follows the image stage's)",
+            Self::DISPLAY
+        ));
+        let child = command
+            .spawn()
+            .with_context(|| format!("failed to run `{}`", display(&command)))?;
+        Ok(Self { child: Some(child) })
+    }
+
+    /// Waits for it to end: its status and its output.
+    fn finish(mut self) -> anyhow::Result<(ExitStatus, String)> {
+        let mut child = self.child.take().context("waited for twice")?;
+        let status = child.wait().context("wait for the run beside")?;
+        let text =
+            String::from_utf8_lossy(&std::fs::read(Self::log()).unwrap_or_default()).into_owned();
+        Ok((status, text))
+    }
+}
+
+impl Drop for Beside {
+    /// A step failed before its result was read: it ends, with every build and fuzzer it
+    /// started.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take()
+            && let Ok(None) = child.try_wait()
+            && let Ok(pid) = i32::try_from(child.id())
+        {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `cargo xtask test --beside`: see [`Beside`]. Fails only if the fuzz run does: a failed
+/// release build here is built again by the image's step, which says why.
+pub(crate) fn beside() -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    banner("cargo build --locked -p tsunagi --release (for the image's step)");
+    match crate::bench::build_tsunagi(false) {
+        Ok(_) => println!(
+            "xtask test --beside: the release build done after {} s",
+            started.elapsed().as_secs()
+        ),
+        Err(e) => println!(
+            "xtask test --beside: the release build failed ({e:#}); the image's step builds it again"
+        ),
+    }
+    let code = crate::fuzz::run(&[]);
+    println!(
+        "xtask test --beside: the fuzz run done after {} s",
+        started.elapsed().as_secs()
+    );
+    code
 }
 
 /// Builds (or reuses) and checks the appliance image, then runs the tests that boot it.
