@@ -386,7 +386,8 @@ fn answered_instances_get_their_rows_at_a_pause_or_when_asked() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while spool.counts().unwrap().pending == 0 {
         assert!(Instant::now() < deadline, "no row");
-        rt.block_on(tokio::time::sleep(Duration::from_millis(1)));
+        // Made inside the runtime: a timer made outside it has no runtime to find.
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(1)).await });
     }
     // Many, from four tasks at once: every one queued, once, when `caught_up` returns.
     rt.block_on(async {
