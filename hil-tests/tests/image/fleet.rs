@@ -614,8 +614,9 @@ pub(crate) fn update_through_power_cuts(
         Duration::from_secs(120),
     )
     .unwrap_or_else(|e| panic!("the reboot did not wait for the clinic's association: {e}"));
-    // It keeps waiting while the association lasts.
-    std::thread::sleep(Duration::from_secs(30));
+    // It keeps waiting while the association lasts: three of the update unit's 5 s looks
+    // at the box's connections (`IDLE_POLL` in `appliance/tsunagi/src/update_cmd.rs`).
+    std::thread::sleep(Duration::from_secs(15));
     assert!(
         vm.running() && !vm.serial().contains("tsunagi update: rebooting into"),
         "the box rebooted during the clinic's association:\n{}",
