@@ -63,9 +63,14 @@ pub(crate) fn target_dir() -> (std::path::PathBuf, std::path::PathBuf) {
     (root, target)
 }
 
-/// Builds `tsunagi` (`--release`, or the debug build for a smoke run: a debug build's
-/// figures mean nothing, and a smoke run must stay short); returns the binary, the target
-/// directory and the profile's name.
+/// What every debug build of a benchmark names: `tsunagi` and the test network's helpers
+/// (`bench tunnel` runs them). One set of packages is one set of features, so the smoke runs
+/// in `cargo xtask test` build once between them, not once per feature set.
+const DEBUG_BUILD: [&str; 5] = ["-p", "tsunagi", "-p", "hil-tests", "--bins"];
+
+/// Builds `tsunagi` (`--release`, or the debug build for a smoke run or a debug benchmark:
+/// a debug build's figures mean nothing, and a smoke run must stay short); returns the
+/// binary, the target directory and the profile's name.
 pub(crate) fn build_tsunagi(
     smoke: bool,
 ) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, &'static str)> {
@@ -73,9 +78,11 @@ pub(crate) fn build_tsunagi(
     let (_, target) = target_dir();
     let profile = if smoke { "debug" } else { "release" };
     let mut build = cargo();
-    build.args(["build", "--locked", "-p", "tsunagi"]);
-    if !smoke {
-        build.arg("--release");
+    build.args(["build", "--locked"]);
+    if smoke {
+        build.args(DEBUG_BUILD);
+    } else {
+        build.args(["-p", "tsunagi", "--release"]);
     }
     if !status(&mut build)?.success() {
         anyhow::bail!("`{}` failed", display(&build));

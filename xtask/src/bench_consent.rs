@@ -15,9 +15,6 @@ use anyhow::{Context as _, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::process::{cargo, display, status};
-use crate::workspace_root;
-
 fn seconds() -> u64 {
     std::env::var("TSUNAGI_BENCH_SECS")
         .ok()
@@ -28,15 +25,7 @@ fn seconds() -> u64 {
 
 pub(crate) fn run() -> anyhow::Result<()> {
     let secs = seconds();
-    let root = workspace_root();
-    let mut build = cargo();
-    build.args(["build", "--locked", "-p", "tsunagi"]);
-    if !status(&mut build)?.success() {
-        bail!("`{}` failed", display(&build));
-    }
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
-    let tsunagi = target.join("debug").join("tsunagi");
+    let (tsunagi, target, _) = crate::bench::build_tsunagi(true)?;
     let dir = target.join(format!("bench-consent-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;

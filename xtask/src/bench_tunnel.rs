@@ -18,9 +18,6 @@ use hil_tests::testnet::{Host, Options, TestNet};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::process::{cargo, display, status};
-use crate::workspace_root;
-
 const IPERF_PORT: &str = "5201";
 
 fn seconds() -> anyhow::Result<u32> {
@@ -107,23 +104,7 @@ fn tunnel_summary(status: &serde_json::Value) -> String {
 
 pub(crate) fn run() -> anyhow::Result<()> {
     let secs = seconds()?;
-    let root = workspace_root();
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--locked",
-        "-p",
-        "tsunagi",
-        "-p",
-        "hil-tests",
-        "--bins",
-    ]);
-    if !status(&mut build)?.success() {
-        bail!("`{}` failed", display(&build));
-    }
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
-    let tsunagi = target.join("debug").join("tsunagi");
+    let (tsunagi, target, _) = crate::bench::build_tsunagi(true)?;
 
     let net = TestNet::up(Options::default()).context("cannot bring up the test network")?;
     let dir = target.join(format!("bench-tunnel-{}", net.id()));
