@@ -486,6 +486,7 @@ impl Drop for Beside {
 /// release build here is built again by the image's step, which says why.
 pub(crate) fn beside() -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
+    end_with_parent();
     banner("cargo build --locked -p tsunagi --release (for the image's step)");
     match crate::bench::build_tsunagi(false) {
         Ok(_) => println!(
@@ -502,6 +503,28 @@ pub(crate) fn beside() -> anyhow::Result<ExitCode> {
         started.elapsed().as_secs()
     );
     code
+}
+
+/// Ends this run beside, with every build and fuzzer it started (its process group), once
+/// `cargo xtask test` is gone: a Ctrl-C on the terminal ends that one only, since this
+/// group is not the terminal's. Its parent is watched every second: once orphaned, a
+/// process has another one.
+fn end_with_parent() {
+    let parent = nix::unistd::getppid();
+    thread::spawn(move || {
+        loop {
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "a plain thread watches its parent"
+            )]
+            thread::sleep(Duration::from_secs(1));
+            if nix::unistd::getppid() != parent {
+                eprintln!("xtask test --beside: cargo xtask test has ended; so does this run");
+                let _ = killpg(nix::unistd::getpgrp(), Signal::SIGTERM);
+                return;
+            }
+        }
+    });
 }
 
 /// Builds (or reuses) and checks the appliance image, then runs the tests that boot it.
