@@ -5,6 +5,10 @@
 //! speaks to it only over that mutual TLS, verifying nginx against the network CA. helios-hfs
 //! is told its public URL (`HFS_BASE_URL`), so its search pages link to the front.
 //!
+//! What helios-hfs does not take: a write of an AuditEvent (it keeps them immutable), so
+//! the box's audit checkpoint is refused there, and the round says so after doing the rest
+//! ([`round_at_helios`]).
+//!
 //! Building helios-hfs takes over an hour on a CI-sized machine, so `cargo xtask fhir-server`
 //! builds it once into a cache outside the repository, and `cargo xtask test` sets
 //! `TSUNAGI_HELIOS_BIN` and `TSUNAGI_HELIOS_DATA` for this stage only when that binary
@@ -21,7 +25,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use consent::decide::{Decision, DenyReason};
 use consent::fhir::CONSENT_ID_SYSTEM;
-use consent::sync::{Client, TlsFiles, round};
+use consent::sync::{Client, SyncError, TlsFiles, round};
 use hil_tests::fhir::http;
 use hil_tests::nginx::{Nginx, Options, Pki};
 use serde_json::Value;
@@ -121,6 +125,21 @@ fn hfs() -> Option<Hfs> {
     }
 }
 
+/// A round at helios-hfs. helios-hfs keeps AuditEvent immutable: it refuses every write of
+/// one (405), so the box's audit checkpoint (`PUT AuditEvent/tsunagi-audit-CODE`, the head
+/// of its trail) is refused once the trail has a head. That refusal fails the round, visibly,
+/// after the push and the pull were done and recorded: the consent data still flows.
+async fn round_at_helios(store: &Mutex<consent::store::Store>, fhir: &Client) -> Option<usize> {
+    match round(store, fhir).await {
+        Ok(r) => Some(r.pushed),
+        Err(SyncError::Refused { what, status, .. }) if what.starts_with("PUT AuditEvent/") => {
+            assert_eq!(status, 405, "{what}");
+            None
+        }
+        Err(e) => panic!("the round at helios-hfs: {e}"),
+    }
+}
+
 fn entries(bundle: &Value) -> Vec<Value> {
     bundle["entry"]
         .as_array()
@@ -137,8 +156,8 @@ async fn round_trip_with_helios_hfs() {
     // One resource per page: the pulls follow helios-hfs's own `next` links, through the front.
     let fhir = server.client().with_page_size(1);
 
-    let r = round(&store, &fhir).await.unwrap();
-    assert_eq!(r.pushed, 3);
+    // The trail is empty yet: nothing to anchor, and the round succeeds whole.
+    assert_eq!(round_at_helios(&store, &fhir).await, Some(3));
     assert_eq!(decide(&store, &pid, "1312345679", DAY), Decision::Permit);
 
     let patients = entries(&get(
@@ -160,16 +179,31 @@ async fn round_trip_with_helios_hfs() {
     let mut consent = consents[0].clone();
     let id = consent["id"].as_str().unwrap().to_owned();
 
+    // Another of this clinic's patients registered at the network (by another box of the
+    // clinic): the next pull reads two Patients, one a page, following helios-hfs's link.
+    let mut other = patients[0].clone();
+    other.as_object_mut().unwrap().remove("id");
+    other.as_object_mut().unwrap().remove("meta");
+    other["identifier"][0]["value"] = Value::from("0005678");
+    put(
+        addr,
+        &format!(
+            "/Patient?identifier={}",
+            enc(&format!("{PATIENT_SYSTEM}|0005678"))
+        ),
+        &other,
+    );
+
     // Changed on the server: disclosed to one more facility.
     consent = disclosed_to_one_more(&consent, "1312345670");
     put(addr, &format!("/Consent/{id}"), &consent);
-    round(&store, &fhir).await.unwrap();
+    assert_eq!(round_at_helios(&store, &fhir).await, None);
     assert_eq!(decide(&store, &pid, "1312345670", DAY), Decision::Permit);
 
     // Withdrawn on the server.
     consent["status"] = Value::from("inactive");
     put(addr, &format!("/Consent/{id}"), &consent);
-    round(&store, &fhir).await.unwrap();
+    assert_eq!(round_at_helios(&store, &fhir).await, None);
     assert_eq!(
         decide(&store, &pid, "1312345679", DAY),
         Decision::Deny(DenyReason::Withdrawn)
@@ -177,8 +211,27 @@ async fn round_trip_with_helios_hfs() {
 
     // Pushing again creates nothing new.
     replay_outbox(&store);
-    round(&store, &fhir).await.unwrap();
+    assert_eq!(round_at_helios(&store, &fhir).await, None);
     assert_eq!(get(addr, &format!("/Consent/{id}"))["status"], "inactive");
-    assert_eq!(entries(&get(addr, "/Patient?_count=100")).len(), 1);
+    // The box's patient and the one registered at the network: no duplicate.
+    assert_eq!(entries(&get(addr, "/Patient?_count=100")).len(), 2);
     assert_eq!(entries(&get(addr, "/Consent?_count=100")).len(), 1);
+
+    // The box learned the patient registered at the network.
+    let learned: consent::model::PatientId = "0005678".parse().unwrap();
+    assert!(store.lock().unwrap().patient(&learned).unwrap().is_some());
+    // The box spoke to helios-hfs through the front, and followed its next links there (a
+    // `_cursor` helios-hfs made, under the public URL it was given); the checkpoint's refusal
+    // came from helios-hfs itself.
+    let log = server.front.access_log();
+    assert!(
+        log.lines().any(|l| l.contains("GET /Patient?")
+            && l.contains("&_cursor=")
+            && l.contains("\" 200 ")),
+        "{log}"
+    );
+    assert!(
+        log.contains("\"PUT /AuditEvent/tsunagi-audit-1312345678 HTTP/1.1\" 405 "),
+        "{log}"
+    );
 }
